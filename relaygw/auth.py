@@ -1,0 +1,423 @@
+"""
+SMTP AUTH for the gateway: C{twisted.cred} checkers and realm, scrypt
+password hashes in a password file, SASL PLAIN decoding and per-peer failure
+accounting.
+
+The session's identity is an L{IRelayUser} obtained from the portal built by
+L{makePortal}.  On an always-allow listener every login (anonymous or with
+any username and password) yields the user C{anonymous}.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import tempfile
+from collections import deque
+
+from zope.interface import Attribute, Interface, implementer
+
+from twisted.cred import checkers, credentials, error, portal
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+log = Logger()
+
+ANONYMOUS_NAME = "anonymous"
+
+
+class IRelayUser(Interface):
+    """
+    The identity of an authenticated SMTP session.
+    """
+
+    username = Attribute("The user's name (C{str}); C{'anonymous'} for anonymous access.")
+
+
+@implementer(IRelayUser)
+class RelayUser:
+    def __init__(self, username):
+        self.username = username
+
+    def __repr__(self):
+        return "<RelayUser %r>" % (self.username,)
+
+
+@implementer(portal.IRealm)
+class RelayRealm:
+    """
+    Map avatar IDs to L{RelayUser}s; L{checkers.ANONYMOUS} is C{anonymous}.
+    """
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IRelayUser not in interfaces:
+            raise NotImplementedError("RelayRealm only provides IRelayUser")
+        if avatarId is checkers.ANONYMOUS or avatarId == checkers.ANONYMOUS:
+            name = ANONYMOUS_NAME
+        elif isinstance(avatarId, bytes):
+            name = avatarId.decode("utf-8")
+        else:
+            name = avatarId
+        return IRelayUser, RelayUser(name), lambda: None
+
+
+# Password hashes.
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+_MAXMEM = 2**26
+
+
+def _b64encode(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64decode(text):
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _encodePassword(password):
+    if isinstance(password, str):
+        return password.encode("utf-8")
+    return password
+
+
+def hashPassword(password):
+    """
+    Hash a password with scrypt and a random salt.
+
+    @param password: the password (C{str}; C{bytes} are used as they are).
+    @return: C{"$scrypt$n=16384,r=8,p=1$<salt>$<hash>"}, base64 without
+        padding.
+    """
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(_encodePassword(password), salt=salt, dklen=32, maxmem=_MAXMEM, **_SCRYPT)
+    params = ",".join("%s=%d" % (k, v) for k, v in _SCRYPT.items())
+    return "$scrypt$%s$%s$%s" % (params, _b64encode(salt), _b64encode(digest))
+
+
+def verifyPassword(password, encoded):
+    """
+    Check a password against a hash from L{hashPassword}, in constant time.
+
+    @return: C{False} for a wrong password and for anything malformed or of
+        an unknown scheme.
+    """
+    try:
+        empty, scheme, params, salt, digest = encoded.split("$")
+        if empty or scheme != "scrypt":
+            return False
+        values = dict(item.split("=", 1) for item in params.split(","))
+        n, r, p = int(values["n"]), int(values["r"]), int(values["p"])
+        salt, digest = _b64decode(salt), _b64decode(digest)
+        if not 16 <= len(digest) <= 64:
+            return False
+        computed = hashlib.scrypt(
+            _encodePassword(password), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=_MAXMEM
+        )
+    except (ValueError, KeyError, TypeError, MemoryError):
+        return False
+    return hmac.compare_digest(computed, digest)
+
+
+# A well-formed hash nobody's password matches, for unknown users.
+_DUMMY = "$scrypt$n=16384,r=8,p=1$%s$%s" % (_b64encode(b"relaygw-no-user!"), _b64encode(bytes(32)))
+
+
+# The password file.
+
+
+def _checkUsername(user):
+    if not user or user != user.strip() or user.startswith("#") or any(c in user for c in ":\r\n\0"):
+        raise ValueError("invalid user name %r" % (user,))
+
+
+class PasswordFile:
+    """
+    A file of C{username:hash} lines; blank lines and C{#} comments are
+    kept.  Every change rewrites it atomically with mode 0600.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def _lines(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    def _parse(line):
+        """
+        @return: C{(user, hash)}, or C{None} for a blank, comment or
+            malformed line.
+        """
+        if not line.strip() or line.lstrip().startswith("#"):
+            return None
+        user, sep, encoded = line.partition(":")
+        if not sep or not user:
+            return None
+        return user, encoded.strip()
+
+    def users(self):
+        """
+        @return: C{{username: hash}}; empty if the file does not exist.
+        """
+        result = {}
+        for number, line in enumerate(self._lines(), 1):
+            entry = self._parse(line)
+            if entry is None:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    log.warn("{path}:{line}: not user:hash, ignored", path=self.path, line=number)
+                continue
+            result[entry[0]] = entry[1]
+        return result
+
+    def set(self, user, password):
+        """
+        Add C{user} or change its password.
+        """
+        _checkUsername(user)
+        line = "%s:%s" % (user, hashPassword(password))
+        lines, found = [], False
+        for old in self._lines():
+            entry = self._parse(old)
+            if entry is not None and entry[0] == user:
+                if not found:
+                    lines.append(line)
+                found = True
+            else:
+                lines.append(old)
+        if not found:
+            lines.append(line)
+        self._write(lines)
+
+    def remove(self, user):
+        """
+        Remove C{user}.
+
+        @return: C{False} if there was no such user.
+        """
+        lines = self._lines()
+        kept = [line for line in lines if (self._parse(line) or (None,))[0] != user]
+        if len(kept) == len(lines):
+            return False
+        self._write(kept)
+        return True
+
+    def _write(self, lines):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(self.path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        try:
+            dirfd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dirfd)
+        except OSError:
+            pass
+        finally:
+            os.close(dirfd)
+
+
+# Checkers.
+
+
+@implementer(checkers.ICredentialsChecker)
+class HashedPasswordChecker:
+    """
+    Check usernames and passwords against a L{PasswordFile}, hashing in a
+    thread.  The file is read again whenever it changes; a missing file has
+    no users.  The avatar ID is the username (C{str}).
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, path, threadpool=None, reactor=None):
+        """
+        @param threadpool: where to hash; by default the reactor's thread
+            pool (L{threads.deferToThread}).
+        @param reactor: the reactor, needed with C{threadpool}.
+        """
+        self._file = PasswordFile(path)
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self._stamp = None
+        self._users = {}
+
+    def _currentUsers(self):
+        try:
+            st = os.stat(self._file.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            self._users = self._file.users() if stamp is not None else {}
+            self._stamp = stamp
+            log.info("{count} users from {path}", count=len(self._users), path=self._file.path)
+        return self._users
+
+    def _inThread(self, f, *args):
+        if self._threadpool is None:
+            return threads.deferToThread(f, *args)
+        if self._reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            self._reactor = _reactor
+        return threads.deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def requestAvatarId(self, credentials):
+        """
+        @return: a L{Deferred} firing with the username, or failing with
+            L{error.UnauthorizedLogin} (or with another error if the file
+            cannot be read).
+        """
+        try:
+            users = self._currentUsers()
+        except Exception:
+            return defer.fail()
+        username = credentials.username
+        if isinstance(username, bytes):
+            try:
+                username = username.decode("utf-8")
+            except UnicodeDecodeError:
+                username = None
+        encoded = users.get(username) if username is not None else None
+        d = self._inThread(verifyPassword, credentials.password, encoded or _DUMMY)
+
+        def checked(ok):
+            if ok and encoded is not None:
+                return username
+            raise error.UnauthorizedLogin()
+
+        return d.addCallback(checked)
+
+
+@implementer(checkers.ICredentialsChecker)
+class _AnyPasswordIsAnonymous:
+    """
+    For always-allow listeners: any username and password log in as
+    L{checkers.ANONYMOUS}, unless C{checker} accepts them as a real user.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, checker=None):
+        self._checker = checker
+
+    def requestAvatarId(self, credentials):
+        if self._checker is None:
+            return defer.succeed(checkers.ANONYMOUS)
+        d = defer.maybeDeferred(self._checker.requestAvatarId, credentials)
+        d.addErrback(lambda f: f.trap(error.UnauthorizedLogin) and checkers.ANONYMOUS)
+        return d
+
+
+def makePortal(credentialsPath=None, alwaysAllow=False):
+    """
+    Build the portal for a listener.
+
+    @param credentialsPath: a password file for L{HashedPasswordChecker}.
+    @param alwaysAllow: accept L{credentials.IAnonymous}, and any username
+        and password as C{anonymous} (a user of C{credentialsPath} still logs
+        in as itself).
+    @return: a L{portal.Portal} for L{IRelayUser}.
+    """
+    hashed = HashedPasswordChecker(credentialsPath) if credentialsPath is not None else None
+    found = []
+    if alwaysAllow:
+        found = [checkers.AllowAnonymousAccess(), _AnyPasswordIsAnonymous(hashed)]
+    elif hashed is not None:
+        found = [hashed]
+    return portal.Portal(RelayRealm(), found)
+
+
+def decodePlain(response):
+    """
+    Split a SASL PLAIN response (RFC 4616), already base64-decoded.
+
+    @param response: C{authzid NUL authcid NUL passwd}.
+    @return: C{(authzid, authcid, password)} as C{str}; authzid may be
+        empty.
+    @raise ValueError: if the form is wrong or a part is not UTF-8.
+    """
+    parts = response.split(b"\0")
+    if len(parts) != 3:
+        raise ValueError("PLAIN response must have three NUL-separated parts")
+    authzid, authcid, password = (p.decode("utf-8") for p in parts)
+    if not authcid or not password:
+        raise ValueError("PLAIN response has an empty authcid or password")
+    return authzid, authcid, password
+
+
+class FailureTracker:
+    """
+    Per-peer authentication failures within a sliding window.
+
+    After a failed AUTH call L{record}, then wait L{delay} seconds before
+    the C{535} reply; drop the connection when L{tooMany} is true.
+    """
+
+    maxPeers = 10000
+
+    def __init__(self, clock=None, limit=5, window=600.0, baseDelay=0.5, maxDelay=8.0):
+        """
+        @param clock: an L{IReactorTime}; by default the reactor.
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self.limit = limit
+        self.window = window
+        self.baseDelay = baseDelay
+        self.maxDelay = maxDelay
+        self._failures = {}
+
+    def _recent(self, peer):
+        times = self._failures.get(peer)
+        if times is None:
+            return 0
+        horizon = self._clock.seconds() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[peer]
+        return len(times)
+
+    def record(self, peer):
+        """
+        Count a failure for C{peer} now.
+        """
+        if peer not in self._failures and len(self._failures) >= self.maxPeers:
+            for other in list(self._failures):
+                self._recent(other)
+        self._failures.setdefault(peer, deque(maxlen=max(self.limit, 32))).append(self._clock.seconds())
+
+    def delay(self, peer):
+        """
+        @return: seconds to wait before answering the latest failure:
+            0.5 for the first failure in the window, then 1, 2, 4, ...
+            capped at C{maxDelay}.
+        """
+        n = max(self._recent(peer), 1)
+        return min(self.maxDelay, self.baseDelay * 2 ** min(n - 1, 32))
+
+    def tooMany(self, peer):
+        """
+        @return: whether C{peer} has C{limit} or more failures in the window.
+        """
+        return self._recent(peer) >= self.limit

@@ -1,0 +1,156 @@
+"""
+Every SMTP reply the gateway sends: code, enhanced status code (RFC 3463) and text.
+
+The protocol never writes a reply literal of its own; it picks a L{Reply} from
+this table and renders it with L{render}, which is the only place that turns
+reply text into wire lines.  Text is sanitised there, so no value that reaches
+a reply (a client-supplied string, a context value) can inject extra lines.
+"""
+
+import re
+from dataclasses import dataclass, replace
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def escape(text):
+    """
+    Make C{text} safe for one reply line: octets outside 0x20-0x7E become
+    C{+XX} (xtext style), so CR, LF and NUL can never break a reply.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return _UNSAFE.sub(lambda m: "".join("+%02X" % b for b in m.group().encode("utf-8")), str(text))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One SMTP reply.
+
+    @ivar code: the three-digit reply code.
+    @ivar enhanced: the RFC 3463 code (C{None} for greetings, HELO/EHLO and 3xx).
+    @ivar text: the text; may contain C{{name}} fields filled by L{Reply.format}.
+    @ivar close: whether the connection closes after this reply.
+    """
+
+    code: int
+    enhanced: object
+    text: str
+    close: bool = False
+
+    def format(self, **fields):
+        """A copy with the named fields filled into the text (each escaped)."""
+        return replace(self, text=self.text.format(**{k: escape(v) for k, v in fields.items()}))
+
+    def withText(self, text):
+        return replace(self, text=text)
+
+    @property
+    def permanent(self):
+        return self.code >= 500
+
+    @property
+    def positive(self):
+        return self.code < 400
+
+
+def render(code, enhanced, lines, enhancedEnabled=True):
+    """
+    Render a reply as wire bytes: every line gets the code (with C{-} on all
+    but the last), and the enhanced code when there is one and the listener
+    advertises ENHANCEDSTATUSCODES.  Each line is escaped.
+    """
+    if isinstance(lines, str):
+        lines = [lines]
+    lines = list(lines) or [""]
+    prefix = "%s " % (enhanced,) if (enhanced and enhancedEnabled) else ""
+    out = []
+    for i, line in enumerate(lines):
+        sep = "-" if i < len(lines) - 1 else " "
+        out.append("%d%s%s%s\r\n" % (code, sep, prefix, escape(line)))
+    return "".join(out).encode("ascii")
+
+
+def _r(code, enhanced, text, close=False):
+    return Reply(code, enhanced, text, close)
+
+
+# Greeting and session
+GREETING = _r(220, None, "{host} ESMTP relaygw")
+SERVICE_UNAVAILABLE = _r(554, "5.7.1", "{host} service not available", close=True)
+EARLY_TALKER = _r(554, "5.5.0", "protocol synchronization error: input before greeting", close=True)
+BYE = _r(221, "2.0.0", "{host} closing connection", close=True)
+TIMEOUT = _r(421, "4.4.2", "{host} idle timeout, closing connection", close=True)
+TOO_MANY_ERRORS = _r(421, "4.7.0", "{host} too many errors, closing connection", close=True)
+SHUTTING_DOWN = _r(421, "4.3.2", "{host} service shutting down, closing connection", close=True)
+TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "{host} too many connections, try again later", close=True)
+RATE_LIMITED = _r(421, "4.7.0", "{host} connection rate limit exceeded, try again later", close=True)
+BARE_LF_COMMAND = _r(550, "5.5.2", "bare <LF> received in a command", close=True)
+
+# Generic
+OK = _r(250, "2.0.0", "Ok")
+HELP = _r(214, "2.0.0", "See RFC 5321; commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT")
+VRFY_CANNOT = _r(252, "2.0.0", "Cannot VRFY user, but will accept message")
+VRFY_DISABLED = _r(502, "5.5.1", "VRFY command is disabled")
+UNKNOWN_COMMAND = _r(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = _r(500, "5.5.2", "Error: line too long")
+BAD_SEQUENCE = _r(503, "5.5.1", "Error: {what}")
+SYNTAX = _r(501, "5.5.4", "Syntax: {what}")
+NOT_IMPLEMENTED = _r(502, "5.5.1", "Error: command not implemented")
+LOCAL_ERROR = _r(451, "4.3.0", "Error: local error in processing")
+NON_ASCII_ADDRESS = _r(553, "5.6.7", "Error: non-ASCII address not supported (no SMTPUTF8)")
+
+# HELO / EHLO
+HELO_OK = _r(250, None, "{host}")
+HELO_SYNTAX = _r(501, "5.5.4", "Syntax: {verb} hostname")
+
+# MAIL
+SENDER_OK = _r(250, "2.1.0", "Ok")
+NESTED_MAIL = _r(503, "5.5.1", "Error: nested MAIL command")
+BAD_SENDER = _r(501, "5.1.7", "Bad sender address syntax")
+BAD_PARAMETER = _r(555, "5.5.4", "Unsupported option: {param}")
+SIZE_SYNTAX = _r(501, "5.5.4", "Bad SIZE parameter")
+MESSAGE_TOO_BIG_DECLARED = _r(552, "5.3.4", "Message size exceeds fixed limit")
+NO_ROOM = _r(452, "4.3.1", "Insufficient system storage")
+
+# RCPT
+RECIPIENT_OK = _r(250, "2.1.5", "Ok")
+NEED_MAIL = _r(503, "5.5.1", "Error: need MAIL command")
+BAD_RECIPIENT = _r(501, "5.1.3", "Bad recipient address syntax")
+TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Error: too many recipients")
+RELAY_DENIED = _r(554, "5.7.1", "<{rcpt}>: Relay access denied")
+
+# DATA
+START_DATA = _r(354, None, "End data with <CR><LF>.<CR><LF>")
+NO_VALID_RECIPIENTS = _r(554, "5.5.1", "Error: no valid recipients")
+QUEUED = _r(250, "2.0.0", "Ok: queued as {qid}")
+MESSAGE_TOO_BIG = _r(552, "5.3.4", "Error: message too big")
+BARE_LF_DATA = _r(550, "5.5.2", "Error: bare <LF> received in message content")
+
+# STARTTLS (RFC 3207)
+READY_TLS = _r(220, "2.0.0", "Ready to start TLS")
+TLS_UNAVAILABLE = _r(454, "4.7.0", "TLS not available due to temporary reason")
+TLS_ACTIVE = _r(503, "5.5.1", "Error: TLS already active")
+TLS_REQUIRED = _r(530, "5.7.0", "Must issue a STARTTLS command first")
+
+# AUTH (RFC 4954)
+AUTH_OK = _r(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = _r(535, "5.7.8", "Error: authentication failed")
+AUTH_CANCELLED = _r(501, "5.7.0", "Authentication aborted")
+AUTH_BAD_BASE64 = _r(501, "5.5.2", "Cannot decode response")
+AUTH_LINE_TOO_LONG = _r(500, "5.5.6", "Authentication exchange line is too long")
+AUTH_NEEDS_TLS = _r(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_MECHANISM = _r(504, "5.5.4", "Unsupported authentication mechanism")
+AUTH_ALREADY = _r(503, "5.5.1", "Error: already authenticated")
+AUTH_IN_TRANSACTION = _r(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_UNAVAILABLE = _r(454, "4.7.0", "Temporary authentication failure")
+AUTH_TOO_MANY = _r(421, "4.7.0", "{host} too many authentication failures", close=True)
+AUTH_CHALLENGE = _r(334, None, "{challenge}")
+
+# Trusted verbs
+VERB_UNTRUSTED = _r(550, "5.7.0", "Error: insufficient authorization")
+XCLIENT_IN_TRANSACTION = _r(503, "5.5.1", "Error: MAIL transaction in progress")
+POLICY_REFUSED_SESSION = _r(503, "5.7.0", "Error: access denied")
+XDUMP_LINE = _r(250, "2.0.0", "")
+XDUMP_END = "XDUMPCONTEXT complete"

@@ -1,0 +1,117 @@
+"""
+Pure parsers for SMTP command arguments (RFC 5321 section 4.1.2): the
+reverse-path and forward-path of MAIL and RCPT with their ESMTP parameters.
+Each failure carries the reply the protocol should send.
+"""
+
+import re
+
+from relaygw import codes
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_STRING = r"%s(?:\.%s)*" % (_ATOM, _ATOM)
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = r"%s(?:\.%s)*\.?" % (_LABEL, _LABEL)
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX = re.compile(r"^(%s|%s)@(%s|%s)$" % (_DOT_STRING, _QUOTED, _DOMAIN, _LITERAL))
+_SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
+
+
+class CommandError(Exception):
+    """A command argument is refused; C{reply} says how."""
+
+    def __init__(self, reply):
+        Exception.__init__(self, reply.text)
+        self.reply = reply
+
+
+def _split(args, keyword):
+    """Split C{FROM:<path> params} into the path text and parameter words."""
+    if args[: len(keyword)].upper() != keyword:
+        raise CommandError(codes.SYNTAX.format(what="%s<address>" % keyword))
+    rest = args[len(keyword):].lstrip(" ")
+    if rest.startswith("<"):
+        end = rest.find(">")
+        if end == -1:
+            return rest, []
+        path, params = rest[: end + 1], rest[end + 1:]
+        if params and not params.startswith(" "):
+            return rest, []
+        return path, params.split()
+    words = rest.split()
+    if not words:
+        raise CommandError(codes.SYNTAX.format(what="%s<address>" % keyword))
+    return words[0], words[1:]
+
+
+def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
+    """Validate a path and return the bare address (C{""} for C{<>})."""
+    if not path.isascii():
+        raise CommandError(codes.NON_ASCII_ADDRESS)
+    if path.startswith("<") and path.endswith(">"):
+        address = path[1:-1]
+    elif "<" in path or ">" in path:
+        raise CommandError(badReply)
+    else:
+        address = path
+    address = _SOURCE_ROUTE.sub("", address)
+    if address == "":
+        if allowEmpty:
+            return ""
+        raise CommandError(badReply)
+    if allowPostmaster and address.lower() == "postmaster":
+        return address
+    m = _MAILBOX.match(address)
+    if not m or len(address) > 254 or len(m.group(1)) > 64 or len(m.group(2)) > 255:
+        raise CommandError(badReply)
+    return address
+
+
+def parseParams(words):
+    """ESMTP parameters as an ordered dict of uppercased keyword -> value."""
+    params = {}
+    for word in words:
+        if not word.isascii():
+            raise CommandError(codes.NON_ASCII_ADDRESS)
+        m = _PARAM.match(word)
+        if not m:
+            raise CommandError(codes.SYNTAX.format(what="bad parameter %s" % word))
+        params[m.group(1).upper()] = m.group(2)
+    return params
+
+
+def parseMail(args, maxSize):
+    """
+    C{MAIL} arguments -> C{(address, params)}.  Knows SIZE (RFC 1870),
+    BODY (RFC 6152) and AUTH (RFC 4954); anything else is 555 5.5.4.
+    """
+    path, words = _split(args, "FROM:")
+    address = parsePath(path, codes.BAD_SENDER, allowEmpty=True)
+    params = parseParams(words)
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise CommandError(codes.SIZE_SYNTAX)
+            if maxSize and int(value) > maxSize:
+                raise CommandError(codes.MESSAGE_TOO_BIG_DECLARED)
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise CommandError(codes.BAD_PARAMETER.format(param="BODY=%s" % (value,)))
+        elif key == "AUTH":
+            if value is None:
+                raise CommandError(codes.SYNTAX.format(what="AUTH=<mailbox>"))
+        else:
+            raise CommandError(codes.BAD_PARAMETER.format(param=key))
+    return address, params
+
+
+def parseRcpt(args):
+    """C{RCPT} arguments -> C{(address, params)}; no RCPT parameters are offered."""
+    path, words = _split(args, "TO:")
+    address = parsePath(path, codes.BAD_RECIPIENT, allowPostmaster=True)
+    params = parseParams(words)
+    for key in params:
+        raise CommandError(codes.BAD_PARAMETER.format(param=key))
+    return address, params

@@ -1,0 +1,155 @@
+"""
+The validation context: what the gateway knows about a connection and about
+the message in progress.
+
+Policy, logs, the Received header and onward XCLIENT read identity only from
+here, never from the transport.  The gateway owns most keys; a trusted peer
+may add its own keys with XSETCONTEXT, but can never overwrite an owned one.
+"""
+
+import re
+
+#: Connection keys the gateway owns (protocol.md section 14).
+OWNED_CONNECTION_KEYS = frozenset(
+    """
+    ehlo_domain ehlo_string auth_user auth_status auth_name can_relay tls
+    tls_cipher tls_client_cert_subject tls_client_verified
+    connection_message_count connection_rcpt_count remote_ip remote_port
+    remote_name remote_name_status local_ip local_port protocol peer_ip
+    peer_port trusted listener session_id helo_name dest_ip dest_port
+    overridden
+    """.split()
+)
+
+#: Message keys the gateway owns.
+OWNED_MESSAGE_KEYS = frozenset(
+    """
+    mailfrom_string mailfrom_localpart mailfrom_domain rcptto
+    message_rcpt_count size queue_id body
+    """.split()
+)
+
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+#: Limits on client-set keys, so a peer cannot exhaust memory.
+MAX_CLIENT_KEYS = 64
+MAX_VALUE_LENGTH = 1024
+
+
+class ContextError(ValueError):
+    """A client-supplied key or value is not acceptable."""
+
+
+def reservedKey(name):
+    """Whether C{name} is owned by the gateway (or otherwise not settable)."""
+    return (
+        name in OWNED_CONNECTION_KEYS
+        or name in OWNED_MESSAGE_KEYS
+        or name.startswith(("__", "#", "proxy_", "rcptto_"))
+    )
+
+
+class ValidationContext:
+    """
+    A connection-level dictionary plus a message-level dictionary that lives
+    from MAIL to the end of DATA or RSET.
+
+    @ivar connection: the connection keys (owned and client-set).
+    @ivar message: the message keys, or C{None} outside a transaction.
+    @ivar clientKeys: the names set through XSETCONTEXT (they survive resets).
+    """
+
+    def __init__(self, **initial):
+        self.connection = dict(initial)
+        self.message = None
+        self.clientKeys = set()
+
+    def __getitem__(self, key):
+        return self.connection[key]
+
+    def get(self, key, default=None):
+        return self.connection.get(key, default)
+
+    def update(self, **values):
+        """Set gateway-owned connection keys; C{None} removes a key."""
+        for k, v in values.items():
+            if v is None:
+                self.connection.pop(k, None)
+            else:
+                self.connection[k] = v
+
+    def setClientKeys(self, pairs):
+        """
+        Apply client-supplied C{(name, value)} pairs, all or nothing.
+
+        @raise ContextError: a name is malformed or reserved, a value is too
+            long or not printable, or the key limit would be exceeded.
+        """
+        new = set()
+        for name, value in pairs:
+            if not _KEY.match(name):
+                raise ContextError("bad key name")
+            if reservedKey(name):
+                raise ContextError("key %s is owned by the gateway" % (name,))
+            if len(value) > MAX_VALUE_LENGTH:
+                raise ContextError("value too long")
+            if any(c < " " or c > "~" for c in value):
+                raise ContextError("value not printable")
+            new.add(name)
+        if len(self.clientKeys | new) > MAX_CLIENT_KEYS:
+            raise ContextError("too many context keys")
+        for name, value in pairs:
+            self.connection[name] = value
+        self.clientKeys |= new
+
+    def beginMessage(self, mailfrom):
+        local, _, domain = mailfrom.rpartition("@") if "@" in mailfrom else (mailfrom, "", "")
+        self.message = {
+            "mailfrom_string": mailfrom,
+            "mailfrom_localpart": local,
+            "mailfrom_domain": domain,
+            "rcptto": [],
+            "message_rcpt_count": 0,
+        }
+
+    def addRecipient(self, rcpt):
+        self.message["rcptto"].append(rcpt)
+        self.message["message_rcpt_count"] = len(self.message["rcptto"])
+        self.connection["connection_rcpt_count"] = self.connection.get("connection_rcpt_count", 0) + 1
+
+    def endMessage(self):
+        self.message = None
+
+    @property
+    def inTransaction(self):
+        return self.message is not None
+
+    def items(self):
+        """
+        Every key as C{(scope, key, value)}: connection keys sorted, then
+        message keys sorted while a transaction is open.
+        """
+        for k in sorted(self.connection):
+            yield "connection", k, self.connection[k]
+        if self.message is not None:
+            for k in sorted(self.message):
+                yield "message", k, self.message[k]
+
+    def snapshot(self):
+        """A JSON-able copy for the envelope of a spooled message."""
+        return {
+            "connection": {k: v for k, v in self.connection.items()},
+            "message": dict(self.message or {}),
+            "client_keys": sorted(self.clientKeys),
+        }
+
+
+def display(value):
+    """One-line text of a context value, for dumps and logs."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return str(value)

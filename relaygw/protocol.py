@@ -1,0 +1,736 @@
+"""
+The ESMTP session.
+
+It keeps Twisted's dispatch skeleton (C{do_VERB} methods, C{extensions()},
+the cred portal) but owns what C{twisted.mail.smtp.ESMTP} gets wrong: line
+framing with a bounded buffer, DATA scanned in raw buffers until
+C{CRLF.CRLF} whatever the line lengths, one command at a time with input
+paused while a reply is pending (so pipelined replies stay in order), every
+reply rendered from L{relaygw.codes} with enhanced status codes, and the
+STARTTLS injection fix.
+
+Bare LF (protocol.md section 2): in the default C{normalize} mode a bare LF
+ends a line and is stored as CRLF, but never helps form the end of data:
+that is only C{CR LF . CR LF}.  In C{reject} mode a bare LF in a command
+gets 550 5.5.2 and a close, and in content the message is read to its end
+and refused with 550 5.5.2.  A bare CR is data.
+"""
+
+import base64
+import binascii
+import os
+import re
+import time
+
+from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, interfaces
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relaygw import codes, trace
+from relaygw.commands import CommandError, parseMail, parseRcpt
+from relaygw.context import ValidationContext
+from relaygw.trust import canonicalIP
+
+log = Logger(namespace="relaygw.smtp")
+
+COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
+
+_UNSTUFF = re.compile(rb"\n\.(?!\r?\n)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+#: How much input is buffered while a reply is pending before reading pauses.
+_PAUSE_AT = 256 * 1024
+#: In DATA, a line longer than this is written out in pieces.
+_DATA_PIECE = 32 * 1024
+
+
+def newSessionId():
+    return os.urandom(6).hex()
+
+
+@implementer(interfaces.IHandshakeListener)
+class SMTPSession(smtp.ESMTP):
+    """
+    One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
+    carries the listener's config, the spool, the policy, the portal, the
+    trusted verbs and the TLS settings.
+    """
+
+    def __init__(self):
+        smtp.ESMTP.__init__(self)
+        self.mode = COMMAND
+        self.buf = b""
+        self.skipping = False
+        self.waiting = None
+        self.greeted = False
+        self.errors = 0
+        self.helo = None
+        self.mailfrom = None
+        self.mailParams = None
+        self.rcpts = []
+        self.writer = None
+        self.tlsActive = False
+        self.avatar = None
+        self.refusedSession = None
+
+    # -- connection ----------------------------------------------------
+
+    @property
+    def listener(self):
+        return self.factory.listener
+
+    def connectionMade(self):
+        f = self.factory
+        self.hostname = self.listener.hostname
+        self.sessionId = newSessionId()
+        peer = self.transport.getPeer()
+        local = self.transport.getHost()
+        ip = canonicalIP(getattr(peer, "host", "127.0.0.1") or "127.0.0.1")
+        self.ctx = ValidationContext(
+            session_id=self.sessionId,
+            listener=self.listener.name,
+            remote_ip=ip,
+            remote_port=getattr(peer, "port", 0),
+            remote_name="unknown",
+            remote_name_status="perm",
+            local_ip=canonicalIP(getattr(local, "host", "127.0.0.1") or "127.0.0.1"),
+            local_port=getattr(local, "port", 0),
+            peer_ip=ip,
+            peer_port=getattr(peer, "port", 0),
+            protocol="SMTP",
+            connection_message_count=0,
+            connection_rcpt_count=0,
+        )
+        proxied = f.proxyInfo(self.transport)
+        if proxied is not None and proxied.peer is not None:
+            self.ctx.update(proxy_peer_ip=canonicalIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
+        # Trust is decided once, here, from facts the client cannot forge.
+        self.trusted = f.isTrusted(ip, self.transport)
+        self.ctx.update(trusted=self.trusted)
+        f.sessionStarted(self)
+        self.setTimeout(self.listener.idle_timeout)
+        log.info(
+            "[{session}] connect from [{ip}]:{port} on {listener} trusted={trusted}",
+            session=self.sessionId, ip=ip, port=self.ctx["remote_port"],
+            listener=self.listener.name, trusted=self.trusted,
+        )
+        refusal = f.admit(self)
+        if refusal is not None:
+            self.reply(refusal)
+            return
+        if f.portal is not None and self.listener.always_allow:
+            d = self._loginAnonymous()
+            d.addCallback(lambda _: self._ask(f.policy.connect(self.ctx), self._greet))
+            self._wait(d)
+        else:
+            self._wait(self._ask(f.policy.connect(self.ctx), self._greet))
+
+    def _greet(self, refusal):
+        if refusal is not None:
+            # Postfix: the refusal instead of a greeting; then 503 to all but QUIT.
+            self.refusedSession = refusal
+            self.greeted = True
+            self.reply(refusal)
+            return None
+        delay = self.listener.greet_delay
+        if delay:
+            d = defer.Deferred()
+            self._greetTimer = self.factory.reactor.callLater(delay, d.callback, None)
+            d.addCallback(lambda _: self._sendGreeting())
+            return d
+        self._sendGreeting()
+        return None
+
+    def _sendGreeting(self):
+        if self.mode == CLOSED:
+            return
+        self.greeted = True
+        if self.buf:
+            # Input before the greeting: a protocol synchronisation error.
+            self.reply(codes.EARLY_TALKER)
+            return
+        self.reply(codes.GREETING.format(host=self.hostname))
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.mode = CLOSED
+        timer = getattr(self, "_greetTimer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.avatar is not None:
+            self.avatar = None
+        self.factory.sessionEnded(self)
+        log.info("[{session}] disconnect", session=self.sessionId)
+
+    def timeoutConnection(self):
+        log.info("[{session}] idle timeout", session=self.sessionId)
+        self.reply(codes.TIMEOUT.format(host=self.hostname))
+
+    def handshakeCompleted(self):
+        """TLS is up (STARTTLS or implicit): record it in the context."""
+        self.tlsActive = True
+        info = self.factory.tlsInfo(self.transport)
+        self.ctx.update(**info)
+        log.info("[{session}] TLS established {tls} {cipher}", session=self.sessionId,
+                 tls=info.get("tls"), cipher=info.get("tls_cipher"))
+        self.factory.stats("tls_handshakes")
+
+    # -- output --------------------------------------------------------
+
+    def reply(self, r, lines=None):
+        """Send reply C{r} (a L{codes.Reply}); close after it if it says so."""
+        if self.mode == CLOSED:
+            return
+        self.transport.write(codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
+        self.factory.stats("reply", r.code)
+        if r.code >= 400:
+            log.info("[{session}] refused: {code} {enhanced} {text}", session=self.sessionId,
+                     code=r.code, enhanced=r.enhanced, text=r.text)
+        if r.close:
+            self._close()
+        elif r.code >= 400 and self.greeted:
+            self.errors += 1
+            if self.errors >= self.listener.max_errors:
+                self.reply(codes.TOO_MANY_ERRORS.format(host=self.hostname))
+
+    def sendCode(self, code, message=b""):
+        """Twisted's entry point, routed through the reply table's renderer."""
+        if isinstance(message, bytes):
+            message = message.decode("latin-1")
+        self.transport.write(codes.render(code, None, message.splitlines() or [""]))
+
+    def _close(self):
+        self.mode = CLOSED
+        self.setTimeout(None)
+        self.buf = b""
+        self.transport.loseConnection()
+
+    # -- input ---------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self.mode == CLOSED:
+            return
+        self.buf += data
+        if self.waiting is not None:
+            if len(self.buf) > _PAUSE_AT:
+                self.transport.pauseProducing()
+            return
+        self._process()
+
+    def _wait(self, d):
+        """
+        Hold input until Deferred C{d} (a pending reply) has fired.  A
+        Deferred that has already fired holds nothing.
+        """
+        if not isinstance(d, defer.Deferred):
+            return
+        d.addErrback(self._internalError)
+        fired = []
+        d.addBoth(fired.append)
+        if fired:
+            return
+        self.waiting = d
+
+        def resume(_):
+            self.waiting = None
+            if self.mode != CLOSED:
+                self.transport.resumeProducing()
+                self._process()
+
+        d.addBoth(resume)
+
+    def _internalError(self, failure):
+        log.failure("[{session}] internal error", failure, session=self.sessionId)
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.reply(codes.LOCAL_ERROR)
+
+    def _process(self):
+        """Consume buffered input until it runs dry or a reply is pending."""
+        while self.buf and self.waiting is None and self.mode != CLOSED:
+            if not self.greeted:
+                return
+            if self.mode == DATA:
+                if not self._dataChunk():
+                    return
+                continue
+            i = self.buf.find(b"\n")
+            limit = self.listener.max_line_length
+            if i == -1:
+                if len(self.buf) > limit:
+                    if not self.skipping:
+                        self.reply(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
+                    self.skipping = True
+                    self.buf = b""
+                return
+            line, self.buf = self.buf[:i], self.buf[i + 1:]
+            if self.skipping:
+                self.skipping = False
+                continue
+            bare = not line.endswith(b"\r")
+            if not bare:
+                line = line[:-1]
+            if bare and self.listener.bare_lf == "reject":
+                self.reply(codes.BARE_LF_COMMAND)
+                return
+            if len(line) + 2 > limit:
+                self.reply(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
+                continue
+            self.resetTimeout()
+            if self.mode == AUTH:
+                self._wait(self._authStep(line))
+            else:
+                self._wait(self._command(line))
+
+    def _command(self, line):
+        text = line.decode("latin-1")
+        verb, _, args = text.partition(" ")
+        verb = verb.upper()
+        self.factory.stats("command", verb)
+        if self.refusedSession is not None and verb != "QUIT":
+            return self.reply(codes.POLICY_REFUSED_SESSION)
+        handler = getattr(self, "do_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            verbImpl = self.factory.verbs.get(verb)
+            if verbImpl is None:
+                return self.reply(codes.UNKNOWN_COMMAND)
+            if verb.lower() not in self.listener.extensions:
+                return self.reply(codes.NOT_IMPLEMENTED)
+            if not self.trusted:
+                log.warn("[{session}] refused {verb} from untrusted peer [{peer}]",
+                         session=self.sessionId, verb=verb, peer=self.ctx["peer_ip"])
+                self.factory.stats("verb_refused", verb)
+                return self.reply(codes.VERB_UNTRUSTED)
+            self.factory.stats("verb_used", verb)
+            return verbImpl(self, args.strip(" "))
+        return handler(args.strip(" "))
+
+    def _ask(self, result, then):
+        """
+        Run C{then(result)} now if the policy answered synchronously, or
+        when its Deferred fires; returns a Deferred only in the second case.
+        """
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(then)
+        return then(result)
+
+    # -- state ---------------------------------------------------------
+
+    @property
+    def inTransaction(self):
+        return self.mailfrom is not None
+
+    def resetTransaction(self):
+        self.mailfrom = None
+        self.mailParams = None
+        self.rcpts = []
+        self.ctx.endMessage()
+
+    def resetSession(self, keepHelo=False, keepAuth=False):
+        """Forget the transaction, and HELO/EHLO and AUTH unless kept."""
+        self.resetTransaction()
+        if not keepHelo:
+            self.helo = None
+            self.ctx.update(ehlo_domain=None, ehlo_string=None, protocol="SMTP")
+        if not keepAuth:
+            self.avatar = None
+            self.ctx.update(auth_user=None, auth_name=None, auth_status=None)
+            if self.listener.always_allow and self.factory.portal is not None:
+                self._wait(self._loginAnonymous())
+
+    def newSession(self, reason):
+        """A new session id for a new identity, logged against the old one."""
+        old, self.sessionId = self.sessionId, newSessionId()
+        self.ctx.update(session_id=self.sessionId)
+        log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
+
+    def audit(self, verb, changes):
+        """Log an accepted override with the real peer and old/new values."""
+        log.info(
+            "[{session}] {verb} from [{peer}] accepted: {changes}",
+            session=self.sessionId, verb=verb, peer=self.ctx["peer_ip"],
+            changes=", ".join("%s %r -> %r" % (k, old, new) for k, (old, new) in changes.items()),
+        )
+
+    def refuseVerb(self, verb, r, why):
+        log.info("[{session}] {verb} from [{peer}] refused: {why}", session=self.sessionId,
+                 verb=verb, peer=self.ctx["peer_ip"], why=why)
+        self.factory.stats("verb_refused", verb)
+        return self.reply(r)
+
+    def rerunConnectPolicy(self, then):
+        """Re-run the connect policy for a new identity, then C{then(refusal)}."""
+        return self._ask(self.factory.policy.connect(self.ctx), then)
+
+    # -- HELO / EHLO ---------------------------------------------------
+
+    def extensions(self):
+        """The EHLO keywords for this session, in a stable order."""
+        ext = {"PIPELINING": None, "SIZE": str(self.listener.max_message_size)}
+        if self.factory.tls is not None and not self.tlsActive:
+            ext["STARTTLS"] = None
+        if self.factory.portal is not None and not self.listener.always_allow and (
+            self.tlsActive or self.listener.auth_plaintext
+        ):
+            ext["AUTH"] = "PLAIN LOGIN"
+        ext["ENHANCEDSTATUSCODES"] = None
+        ext["8BITMIME"] = None
+        if self.trusted:
+            for name in self.listener.extensions:
+                ext[name.upper()] = self.factory.verbs[name.upper()].keyword
+        return ext
+
+    def do_EHLO(self, args):
+        return self._hello("EHLO", args)
+
+    def do_HELO(self, args):
+        return self._hello("HELO", args)
+
+    def _hello(self, verb, args):
+        if not args:
+            return self.reply(codes.HELO_SYNTAX.format(verb=verb))
+        self.resetTransaction()
+        self.helo = (verb, args)
+        self.ctx.update(
+            ehlo_domain=args.split(" ")[0],
+            ehlo_string="%s %s" % (verb.lower(), args),
+            protocol="ESMTP" if verb == "EHLO" else "SMTP",
+        )
+
+        def answer(refusal):
+            if refusal is not None:
+                self.helo = None
+                return self.reply(refusal)
+            if verb == "HELO":
+                return self.reply(codes.HELO_OK.format(host=self.hostname))
+            lines = [self.hostname]
+            for k, v in self.extensions().items():
+                lines.append(k if not v else "%s %s" % (k, v))
+            return self.reply(codes.HELO_OK, lines)
+
+        return self._ask(self.factory.policy.helo(self.ctx), answer)
+
+    # -- transaction ---------------------------------------------------
+
+    def _needsTLS(self):
+        return self.listener.require_tls and not self.tlsActive
+
+    def do_MAIL(self, args):
+        if self._needsTLS():
+            return self.reply(codes.TLS_REQUIRED)
+        if self.inTransaction:
+            return self.reply(codes.NESTED_MAIL)
+        try:
+            address, params = parseMail(args, self.listener.max_message_size)
+        except CommandError as e:
+            return self.reply(e.reply)
+        self.ctx.beginMessage(address)
+
+        def answer(refusal):
+            if refusal is not None:
+                self.ctx.endMessage()
+                return self.reply(refusal)
+            self.mailfrom, self.mailParams = address, params
+            return self.reply(codes.SENDER_OK)
+
+        return self._ask(self.factory.policy.mail(self.ctx), answer)
+
+    def do_RCPT(self, args):
+        if self._needsTLS():
+            return self.reply(codes.TLS_REQUIRED)
+        if not self.inTransaction:
+            return self.reply(codes.NEED_MAIL)
+        try:
+            address, _ = parseRcpt(args)
+        except CommandError as e:
+            return self.reply(e.reply)
+        if len(self.rcpts) >= self.listener.max_recipients:
+            return self.reply(codes.TOO_MANY_RECIPIENTS)
+
+        def answer(refusal):
+            if refusal is not None:
+                return self.reply(refusal)
+            self.rcpts.append(address)
+            self.ctx.addRecipient(address)
+            return self.reply(codes.RECIPIENT_OK)
+
+        return self._ask(self.factory.policy.rcpt(self.ctx, address), answer)
+
+    def do_DATA(self, args):
+        if self._needsTLS():
+            return self.reply(codes.TLS_REQUIRED)
+        if not self.inTransaction:
+            return self.reply(codes.NEED_MAIL)
+        if not self.rcpts:
+            return self.reply(codes.NO_VALID_RECIPIENTS)
+        if args:
+            return self.reply(codes.SYNTAX.format(what="DATA"))
+        envelope = {
+            "mailfrom": self.mailfrom,
+            "mail_params": self.mailParams,
+            "recipients": list(self.rcpts),
+            "arrival": time.time(),
+            "context": self.ctx.snapshot(),
+        }
+        try:
+            self.writer = self.factory.spool.newMessage(envelope)
+        except OSError as e:
+            log.error("[{session}] cannot open spool file: {e}", session=self.sessionId, e=e)
+            return self.reply(codes.NO_ROOM)
+        self.ctx.message["queue_id"] = self.writer.queueId
+        self.writer.write(trace.receivedHeader(self.ctx, self.hostname, self.writer.queueId, self.rcpts))
+        self.writer.size = 0  # the limit counts the client's octets only
+        self.mode = DATA
+        self.setTimeout(self.listener.data_timeout)
+        self._last2 = b"\r\n"
+        self._overflow = False
+        self._sawBareLF = False
+        self.reply(codes.START_DATA)
+
+    def _dataChunk(self):
+        """
+        Consume DATA input from the buffer.  Returns False when more input
+        is needed.  Complete lines are handled with a few C-speed bytes
+        operations per chunk, never line by line in Python.
+        """
+        buf = self.buf
+        probe = self._last2 + buf
+        end = probe.find(b"\r\n.\r\n")
+        if end != -1:
+            # The "." sits at probe[end + 2], which is buf[end].
+            content, self.buf = buf[:end], buf[end + 3:]
+            self._content(content)
+            self._wait(self._endOfData())
+            return True
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            if len(buf) < _DATA_PIECE:
+                return False
+            # A very long line: pass it on in pieces, never ending on CR.
+            cut = len(buf) - 4
+            if buf[cut - 1:cut] == b"\r":
+                cut -= 1
+        content, self.buf = buf[:cut], buf[cut:]
+        self._content(content)
+        self.resetTimeout()
+        return bool(self.buf)
+
+    def _content(self, chunk):
+        if not chunk:
+            return
+        bol = self._last2[-1:] == b"\n"
+        self._last2 = (self._last2 + chunk)[-2:]
+        probe = (b"\n" + chunk) if bol else chunk
+        if b"\n." in probe:
+            probe = _UNSTUFF.sub(b"\n", probe)
+            chunk = probe[1:] if bol else probe
+        n = chunk.count(b"\n")
+        if n != chunk.count(b"\r\n"):
+            self._sawBareLF = True
+            chunk = _BARE_LF.sub(b"\r\n", chunk)
+        if self._overflow:
+            return
+        limit = self.listener.max_message_size
+        if limit and self.writer.size + len(chunk) > limit:
+            self._overflow = True
+            return
+        self.writer.write(chunk)
+
+    def _endOfData(self):
+        self.mode = COMMAND
+        self.setTimeout(self.listener.idle_timeout)
+        writer, self.writer = self.writer, None
+        if self._overflow:
+            writer.abort()
+            self.resetTransaction()
+            return self.reply(codes.MESSAGE_TOO_BIG)
+        if self._sawBareLF and self.listener.bare_lf == "reject":
+            writer.abort()
+            self.resetTransaction()
+            return self.reply(codes.BARE_LF_DATA)
+        self.ctx.message["size"] = writer.size
+
+        def queue(refusal):
+            if refusal is not None:
+                writer.abort()
+                self.resetTransaction()
+                return self.reply(refusal)
+            started = time.monotonic()
+            d = writer.commit()
+            d.addCallbacks(lambda qid: queued(qid, started), failed)
+            return d
+
+        def queued(qid, started):
+            self.factory.messageQueued(self, qid, writer.size, time.monotonic() - started)
+            log.info(
+                "[{session}] queued {qid} from <{mailfrom}> to {rcpts} size {size}",
+                session=self.sessionId, qid=qid, mailfrom=self.mailfrom,
+                rcpts=",".join("<%s>" % r for r in self.rcpts), size=writer.size,
+            )
+            self.ctx.update(connection_message_count=self.ctx["connection_message_count"] + 1)
+            self.resetTransaction()
+            self.reply(codes.QUEUED.format(qid=qid))
+
+        def failed(failure):
+            log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
+            writer.abort()
+            self.resetTransaction()
+            self.reply(codes.LOCAL_ERROR)
+
+        return self._ask(self.factory.policy.data(self.ctx), queue)
+
+    # -- simple commands -----------------------------------------------
+
+    def do_RSET(self, args):
+        if args:
+            return self.reply(codes.SYNTAX.format(what="RSET"))
+        self.resetTransaction()
+        return self.reply(codes.OK)
+
+    def do_NOOP(self, args):
+        return self.reply(codes.OK)
+
+    def do_VRFY(self, args):
+        if not args:
+            return self.reply(codes.SYNTAX.format(what="VRFY address"))
+        return self.reply(codes.VRFY_CANNOT if self.listener.vrfy else codes.VRFY_DISABLED)
+
+    def do_EXPN(self, args):
+        return self.reply(codes.NOT_IMPLEMENTED)
+
+    def do_HELP(self, args):
+        return self.reply(codes.HELP)
+
+    def do_QUIT(self, args):
+        return self.reply(codes.BYE.format(host=self.hostname))
+
+    # -- STARTTLS (RFC 3207) -------------------------------------------
+
+    def do_STARTTLS(self, args):
+        if args:
+            return self.reply(codes.SYNTAX.format(what="STARTTLS"))
+        if self.tlsActive:
+            return self.reply(codes.TLS_ACTIVE)
+        if self.factory.tls is None:
+            return self.reply(codes.TLS_UNAVAILABLE)
+        self.reply(codes.READY_TLS)
+        # CVE-2011-0411: whatever followed STARTTLS in plaintext is discarded.
+        if self.buf:
+            log.warn("[{session}] discarded {n} octets of plaintext pipelined after STARTTLS",
+                     session=self.sessionId, n=len(self.buf))
+            self.buf = b""
+        self.resetSession()
+        self.transport.startTLS(self.factory.tls.contextFactory())
+
+    # -- AUTH (RFC 4954) -----------------------------------------------
+
+    def do_AUTH(self, args):
+        f = self.factory
+        if f.portal is None:
+            return self.reply(codes.NOT_IMPLEMENTED)
+        if self._needsTLS():
+            return self.reply(codes.TLS_REQUIRED)
+        if self.ctx.get("auth_user"):
+            # Also on ALWAYS-ALLOW listeners: the session is already
+            # authenticated as anonymous (protocol.md section 9).
+            return self.reply(codes.AUTH_ALREADY)
+        if not (self.tlsActive or self.listener.auth_plaintext):
+            return self.reply(codes.AUTH_NEEDS_TLS)
+        if self.inTransaction:
+            return self.reply(codes.AUTH_IN_TRANSACTION)
+        mechanism, _, initial = args.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            return self.reply(codes.SYNTAX.format(what="AUTH mechanism"))
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return self.reply(codes.AUTH_MECHANISM)
+        self.authState = {"mechanism": mechanism}
+        self.mode = AUTH
+        if mechanism == "PLAIN":
+            if initial:
+                return self._authStep(initial.encode("ascii", "replace"))
+            return self.reply(codes.AUTH_CHALLENGE.format(challenge=""))
+        if initial:
+            return self._authStep(initial.encode("ascii", "replace"))
+        return self.reply(codes.AUTH_CHALLENGE.format(challenge="VXNlcm5hbWU6"))
+
+    def _authStep(self, line):
+        state = self.authState
+        if line.strip() == b"*":
+            self.mode = COMMAND
+            return self.reply(codes.AUTH_CANCELLED)
+        try:
+            decoded = b"" if line.strip() == b"=" else base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self.mode = COMMAND
+            return self.reply(codes.AUTH_BAD_BASE64)
+        if state["mechanism"] == "PLAIN":
+            from relaygw.auth import decodePlain
+
+            try:
+                _, user, password = decodePlain(decoded)
+            except ValueError:
+                self.mode = COMMAND
+                return self.reply(codes.AUTH_BAD_BASE64)
+        elif "user" not in state:
+            state["user"] = decoded.decode("utf-8", "replace")
+            return self.reply(codes.AUTH_CHALLENGE.format(challenge="UGFzc3dvcmQ6"))
+        else:
+            user, password = state["user"], decoded.decode("utf-8", "replace")
+        self.mode = COMMAND
+        return self._login(user, password)
+
+    def _login(self, user, password):
+        from relaygw.auth import IRelayUser
+
+        f = self.factory
+        peer = self.ctx["peer_ip"]
+        d = f.portal.login(UsernamePassword(user.encode("utf-8"), password.encode("utf-8")), None, IRelayUser)
+
+        def ok(result):
+            _, avatar, _ = result
+            self._setAuth(avatar.username, "AUTH")
+            f.stats("auth", "success")
+            log.info("[{session}] authenticated as {user}", session=self.sessionId, user=avatar.username)
+            self.reply(codes.AUTH_OK)
+
+        def bad(failure):
+            if not failure.check(UnauthorizedLogin):
+                log.failure("[{session}] auth backend error", failure, session=self.sessionId)
+                self.reply(codes.AUTH_UNAVAILABLE)
+                return
+            f.stats("auth", "failure")
+            f.authFailures.record(peer)
+            log.info("[{session}] authentication failed for {user}", session=self.sessionId, user=user)
+            delay = f.authFailures.delay(peer)
+            d2 = defer.Deferred()
+            f.reactor.callLater(delay, d2.callback, None)
+
+            def answer(_):
+                if f.authFailures.tooMany(peer):
+                    self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
+                else:
+                    self.reply(codes.AUTH_FAILED)
+
+            return d2.addCallback(answer)
+
+        return d.addCallbacks(ok, bad)
+
+    def _loginAnonymous(self):
+        from relaygw.auth import IRelayUser
+
+        d = self.factory.portal.login(Anonymous(), None, IRelayUser)
+        d.addCallback(lambda result: self._setAuth(result[1].username, "ALWAYS-ALLOW"))
+        return d
+
+    def _setAuth(self, user, how):
+        self.avatar = user
+        self.ctx.update(auth_user=user, auth_name=how, auth_status="pass")

@@ -1,0 +1,178 @@
+"""
+Next-hop selection for a recipient domain (RFC 5321 section 5.1).
+
+L{lookupNextHops} turns a domain into an ordered list of C{(ip, 25)} next
+hops: MX records sorted by preference (equal preferences shuffled), each MX
+host's IPv4 then IPv6 addresses (taken from the additional section when the
+server supplied them), or the domain's own addresses when it has no MX
+("implicit MX").  Failures are split into permanent (L{NoSuchDomain},
+L{NullMX}) and temporary (L{TemporaryLookupFailure}) so that the caller can
+bounce or defer.
+"""
+
+import random
+import socket
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.names import dns, error
+from twisted.python.failure import Failure
+
+log = Logger()
+
+SMTP_PORT = 25
+
+
+class NullMX(Exception):
+    """The domain publishes a null MX (RFC 7505): it accepts no mail."""
+
+
+class NoSuchDomain(Exception):
+    """The domain does not exist, or has neither MX nor address records."""
+
+
+class TemporaryLookupFailure(Exception):
+    """The DNS could not give an answer now (timeout, SERVFAIL, refusal...)."""
+
+
+def _name(value):
+    """A DNS name (L{dns.Name}, bytes or str) as lowercase str, no final dot."""
+    if isinstance(value, dns.Name):
+        value = value.name
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value.rstrip(".").lower()
+
+
+def _addresses(records, name=None):
+    """
+    The IPv4 then IPv6 addresses in C{records} (RRHeaders), optionally only
+    those owned by C{name}.
+    """
+    v4, v6 = [], []
+    for rr in records:
+        if name is not None and _name(rr.name) != name:
+            continue
+        if rr.type == dns.A:
+            v4.append(rr.payload.dottedQuad())
+        elif rr.type == dns.AAAA:
+            v6.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+    return v4 + v6
+
+
+def _nxdomain(failure):
+    """
+    Whether C{failure} says the name does not exist: NXDOMAIN from a server,
+    or a local resolver's (authority's) "no such name".  The other
+    L{error.DomainError} subclasses (SERVFAIL, REFUSED...) are temporary.
+    """
+    return failure.check(error.DNSNameError, error.AuthoritativeDomainError) or failure.type is error.DomainError
+
+
+def _classify(failure, what):
+    """
+    Translate a resolver failure into L{NoSuchDomain} (NXDOMAIN) or
+    L{TemporaryLookupFailure} (anything else).
+    """
+    if _nxdomain(failure):
+        raise NoSuchDomain("%s: no such domain" % (what,))
+    reason = failure.getErrorMessage() or failure.type.__name__
+    raise TemporaryLookupFailure("%s: DNS lookup failed: %s" % (what, reason))
+
+
+async def _hostAddresses(resolver, host):
+    """
+    The addresses of C{host} from A and AAAA lookups: a list, or raises
+    L{NoSuchDomain} / L{TemporaryLookupFailure} if both lookups failed.
+    """
+    results = await defer.DeferredList(
+        [resolver.lookupAddress(host), resolver.lookupIPV6Address(host)],
+        consumeErrors=True,
+    )
+    found, failures = [], []
+    for success, result in results:
+        if success:
+            found.extend(_addresses(result[0]))
+        else:
+            failures.append(result)
+    if found or not failures:
+        return found
+    for f in failures:
+        if not _nxdomain(f):
+            _classify(f, host)
+    _classify(failures[0], host)
+
+
+def _sortMX(records):
+    """MX RRHeaders sorted by preference, equal preferences in random order."""
+    return sorted(records, key=lambda rr: (rr.payload.preference, random.random()))
+
+
+async def _lookupNextHops(resolver, domain):
+    domain = _name(domain)
+    try:
+        answers, authority, additional = await resolver.lookupMailExchange(domain)
+    except Exception:
+        _classify(Failure(), domain)
+
+    mxs = [rr for rr in answers if rr.type == dns.MX]
+    if not mxs:
+        # Implicit MX: the domain itself (RFC 5321 section 5.1).
+        try:
+            addresses = await _hostAddresses(resolver, domain)
+        except NoSuchDomain:
+            raise NoSuchDomain("%s: no such domain" % (domain,))
+        if not addresses:
+            raise NoSuchDomain("%s: no MX and no address records" % (domain,))
+        log.debug("{domain}: implicit MX {addresses}", domain=domain, addresses=addresses)
+        return _unique(addresses)
+
+    hosts = [_name(rr.payload.name) for rr in _sortMX(mxs)]
+    if all(host == "" for host in hosts):
+        raise NullMX("%s does not accept mail (null MX)" % (domain,))
+
+    addresses, temporary = [], None
+    for host in hosts:
+        if host == "":
+            continue
+        known = _addresses(additional, host)
+        if known:
+            addresses.extend(known)
+            continue
+        try:
+            addresses.extend(await _hostAddresses(resolver, host))
+        except TemporaryLookupFailure as e:
+            temporary = e
+        except NoSuchDomain:
+            log.info("{domain}: MX host {host} does not exist", domain=domain, host=host)
+    if not addresses:
+        # An MX pointing nowhere is usually a transient misconfiguration:
+        # defer rather than bounce, and let the queue lifetime decide.
+        raise TemporaryLookupFailure(
+            "%s: no address for any MX host%s" % (domain, ": %s" % (temporary,) if temporary else "")
+        )
+    log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
+    return _unique(addresses)
+
+
+def _unique(addresses):
+    """C{(ip, 25)} tuples in order, each address once."""
+    seen, hops = set(), []
+    for ip in addresses:
+        if ip not in seen:
+            seen.add(ip)
+            hops.append((ip, SMTP_PORT))
+    return hops
+
+
+def lookupNextHops(resolver, domain):
+    """
+    Find the next hops for mail to C{domain}.
+
+    @param resolver: a L{twisted.names} L{IResolver<twisted.internet.interfaces.IResolver>}.
+    @param domain: the recipient domain (str).
+    @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples, best
+        first, or failing with L{NullMX}, L{NoSuchDomain} (both permanent) or
+        L{TemporaryLookupFailure}.
+    """
+    return defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))

@@ -1,0 +1,42 @@
+"""The seam between the queue manager and where messages go next."""
+
+from dataclasses import dataclass
+
+from zope.interface import Interface
+
+
+@dataclass(frozen=True)
+class Result:
+    """The next hop's answer for one recipient."""
+
+    code: int
+    enhanced: object
+    text: str
+
+    @property
+    def ok(self):
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self):
+        return self.code >= 500
+
+    def describe(self):
+        return "%d %s%s" % (self.code, (self.enhanced + " ") if self.enhanced else "", self.text)
+
+
+def temporary(text):
+    return Result(451, "4.4.0", text)
+
+
+class INextHop(Interface):
+    def describe():
+        """A short name for logs and metrics."""
+
+    def deliver(messages):
+        """
+        Deliver L{relaygw.spool.SpooledMessage}s (with C{recipients} narrowed
+        to those still pending).  Fires with one C{{recipient: Result}} dict
+        per message, in order.  Failures of the hop itself are temporary
+        results, not errbacks.
+        """

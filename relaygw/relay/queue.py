@@ -1,0 +1,182 @@
+"""
+The queue manager: a service that delivers what the spool holds.
+
+It picks up recovered and newly queued messages, hands them to the next hop
+the router chooses, and records the outcome per recipient: 2xx done, 5xx
+bounced, 4xx retried with exponential backoff until the queue lifetime runs
+out.  Progress is written to disk before anything is forgotten, so a restart
+never re-sends to a recipient that already succeeded.  A message leaves the
+spool only when every recipient is done or bounced.
+"""
+
+import collections
+import time
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relaygw.relay.nexthop import temporary
+
+log = Logger(namespace="relaygw.queue")
+
+DONE, BOUNCED, DEFERRED = "done", "bounced", "deferred"
+
+
+class QueueManager(Service):
+    """
+    @ivar router: C{router(message, recipient) -> INextHop}.
+    @ivar bouncer: called with C{(message, {rcpt: result})} for recipients
+        that failed for good, or C{None}.
+    """
+
+    name = "queue"
+
+    def __init__(self, spool, router, reactor, concurrency=50, retryMin=300, retryMax=4000,
+                 lifetime=5 * 86400, bouncer=None, metrics=None):
+        self.spool = spool
+        self.router = router
+        self.reactor = reactor
+        self.concurrency = concurrency
+        self.retryMin = retryMin
+        self.retryMax = retryMax
+        self.lifetime = lifetime
+        self.bouncer = bouncer
+        self.metrics = metrics
+        self.ready = collections.deque()
+        self.queued = set()
+        self.active = set()
+        self.timers = {}
+        self.recovered = []
+        self._idle = []
+
+    def startService(self):
+        Service.startService(self)
+        for qid in self.recovered:
+            self.enqueue(qid)
+        self.recovered = []
+
+    def stopService(self):
+        Service.stopService(self)
+        for t in self.timers.values():
+            if t.active():
+                t.cancel()
+        self.timers.clear()
+        return self.whenIdle()
+
+    def whenIdle(self):
+        """Fires when no delivery is in progress."""
+        if not self.active:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    def enqueue(self, queueId):
+        """Schedule a delivery attempt for C{queueId} now."""
+        timer = self.timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if queueId in self.queued or queueId in self.active:
+            return
+        self.queued.add(queueId)
+        self.ready.append(queueId)
+        self._pump()
+
+    def flush(self):
+        """Retry everything that waits for a retry (relaygw-queue flush)."""
+        for qid in list(self.timers):
+            self.enqueue(qid)
+        for qid in self.spool.queueIds():
+            self.enqueue(qid)
+
+    def _pump(self):
+        while self.running and self.ready and len(self.active) < self.concurrency:
+            qid = self.ready.popleft()
+            self.queued.discard(qid)
+            self.active.add(qid)
+            d = defer.maybeDeferred(self._attempt, qid)
+            d.addErrback(lambda f, qid=qid: log.failure("delivery of {qid} failed", f, qid=qid))
+            d.addBoth(self._finished, qid)
+
+    def _finished(self, _, qid):
+        self.active.discard(qid)
+        if not self.active:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+        self._pump()
+
+    def _attempt(self, qid):
+        try:
+            message = self.spool.load(qid)
+        except FileNotFoundError:
+            return None  # deleted meanwhile (relaygw-queue delete)
+        if self.spool.isHeld(qid):
+            return None
+        state = self.spool.readState(qid)
+        rcpts = state.setdefault("rcpts", {})
+        pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
+        if not pending:
+            self.spool.remove(qid)
+            return None
+        groups = collections.OrderedDict()
+        for r in pending:
+            groups.setdefault(self.router(message, r), []).append(r)
+        attempts = []
+        for hop, recipients in groups.items():
+            narrowed = message.narrowed(recipients)
+            d = defer.maybeDeferred(hop.deliver, [narrowed])
+            d.addCallback(lambda results: results[0])
+            d.addErrback(self._hopFailed, recipients, hop)
+            d.addCallback(lambda results, hop=hop: (hop, results))
+            attempts.append(d)
+        d = defer.gatherResults(attempts)
+        d.addCallback(self._record, qid, message, state)
+        return d
+
+    def _hopFailed(self, failure, recipients, hop):
+        log.failure("next hop {hop} failed", failure, hop=hop.describe())
+        result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
+        return {r: result for r in recipients}
+
+    def _record(self, outcomes, qid, message, state):
+        now = time.time()
+        rcpts = state["rcpts"]
+        state["attempts"] = state.get("attempts", 0) + 1
+        expired = now - message.envelope.get("arrival", now) >= self.lifetime
+        bounced = {}
+        errors = []
+        for hop, results in outcomes:
+            for r, result in results.items():
+                entry = rcpts.setdefault(r, {})
+                entry["result"] = result.describe()
+                entry["hop"] = hop.describe()
+                if self.metrics:
+                    self.metrics.delivery(hop.describe(), "ok" if result.ok else
+                                          ("bounce" if result.permanent else "defer"))
+                if result.ok:
+                    entry["status"] = DONE
+                    log.info("{qid} to <{rcpt}> via {hop}: {result}", qid=qid, rcpt=r,
+                             hop=hop.describe(), result=result.describe())
+                elif result.permanent or expired:
+                    entry["status"] = BOUNCED
+                    bounced[r] = result
+                    log.info("{qid} to <{rcpt}> bounced: {result}", qid=qid, rcpt=r, result=result.describe())
+                else:
+                    entry["status"] = DEFERRED
+                    errors.append(result.describe())
+                    log.info("{qid} to <{rcpt}> deferred: {result}", qid=qid, rcpt=r, result=result.describe())
+        if bounced and self.bouncer is not None:
+            self.bouncer(message, bounced)
+        pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
+        if not pending:
+            self.spool.remove(qid)
+            return
+        delay = min(self.retryMax, self.retryMin * (2 ** (state["attempts"] - 1)))
+        state["next_attempt"] = now + delay
+        state["last_error"] = errors[-1] if errors else ""
+        self.spool.writeState(qid, state)
+        if self.running:
+            self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)

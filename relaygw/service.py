@@ -1,0 +1,184 @@
+"""
+Builds the gateway: a C{MultiService} of the queue manager, one listening
+service per listener and, when configured, the admin endpoint.
+"""
+
+import collections
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from relaygw import codes, trust
+from relaygw.policy import loadPolicy
+from relaygw.protocol import SMTPSession
+from relaygw.relay.maildir import MaildirNextHop
+from relaygw.relay.queue import QueueManager
+from relaygw.spool import Committer, Spool
+from relaygw.verbs import registry
+
+log = Logger(namespace="relaygw.service")
+
+
+class NullMetrics:
+    """Metrics sink used when no admin endpoint is configured."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
+
+
+class SMTPFactory(ServerFactory):
+    """
+    Everything a session needs from its listener: config, spool, policy,
+    trust, verbs, TLS and the cred portal, plus the session bookkeeping
+    used for limits and draining.
+    """
+
+    protocol = SMTPSession
+
+    def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None):
+        self.listener = listener
+        self.spool = spool
+        self.reactor = reactor
+        self.onQueued = onQueued
+        self.portal = portal
+        self.tls = tls
+        self.metrics = metrics or NullMetrics()
+        self.policy = loadPolicy(listener.policy, listener)
+        self.trustedPeers = trust.Networks(listener.trusted_peers)
+        self.verbs = registry()
+        self.sessions = set()
+        self.perIP = collections.Counter()
+        self.recentConnects = collections.defaultdict(collections.deque)
+        self.draining = False
+        self.authFailures = None
+        if portal is not None:
+            from relaygw.auth import FailureTracker
+
+            self.authFailures = FailureTracker(clock=reactor)
+
+    def isTrusted(self, ip, transport):
+        """Trust for the trusted verbs, from the real peer address."""
+        return ip in self.trustedPeers
+
+    def proxyInfo(self, transport):
+        if not self.listener.proxy_protocol:
+            return None
+        from relaygw.proxy import findProxyInfo
+
+        return findProxyInfo(transport)
+
+    def tlsInfo(self, transport):
+        from relaygw.tls import tlsInfo
+
+        return tlsInfo(transport)
+
+    def admit(self, session):
+        """A refusal (421) when the session is over a limit, else C{None}."""
+        host = self.listener.hostname
+        if self.draining:
+            return codes.SHUTTING_DOWN.format(host=host)
+        if len(self.sessions) > self.listener.max_connections:
+            return codes.TOO_MANY_CONNECTIONS.format(host=host)
+        ip = session.ctx["remote_ip"]
+        if self.listener.max_connections_per_ip and self.perIP[ip] > self.listener.max_connections_per_ip:
+            return codes.TOO_MANY_CONNECTIONS.format(host=host)
+        rate = self.listener.connection_rate_per_ip
+        if rate:
+            now = self.reactor.seconds()
+            recent = self.recentConnects[ip]
+            while recent and recent[0] <= now - 60:
+                recent.popleft()
+            recent.append(now)
+            if len(recent) > rate:
+                return codes.RATE_LIMITED.format(host=host)
+        return None
+
+    def sessionStarted(self, session):
+        self.sessions.add(session)
+        self.perIP[session.ctx["remote_ip"]] += 1
+        self.metrics.connection(self.listener.name, +1)
+
+    def sessionEnded(self, session):
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.ctx["peer_ip"]
+            self.perIP[ip] -= 1
+            if self.perIP[ip] <= 0:
+                del self.perIP[ip]
+            self.metrics.connection(self.listener.name, -1)
+
+    def stats(self, kind, *labels):
+        self.metrics.event(self.listener.name, kind, *labels)
+
+    def messageQueued(self, session, queueId, size, seconds):
+        self.metrics.queued(self.listener.name, size, seconds)
+        if self.onQueued is not None:
+            self.onQueued(queueId)
+
+
+def unsupported(config):
+    """Keys whose behaviour this build does not have yet."""
+    found = []
+    if config.relay.smarthosts:
+        found.append("relay.smarthosts")
+    if config.relay.mx:
+        found.append("relay.mx")
+    if config.admin.endpoint:
+        found.append("admin.endpoint")
+    for i, l in enumerate(config.listeners):
+        for key in ("tls_certificate", "credentials", "tls_client_ca"):
+            if getattr(l, key):
+                found.append("listener[%d].%s" % (i, key))
+        for key in ("always_allow", "proxy_protocol", "implicit_tls"):
+            if getattr(l, key):
+                found.append("listener[%d].%s" % (i, key))
+    return found
+
+
+class GatewayService(MultiService):
+    """The whole gateway; holds the pieces tests and the admin endpoint need."""
+
+    def __init__(self, config, reactor):
+        MultiService.__init__(self)
+        self.config = config
+        self.reactor = reactor
+        self.committer = Committer(reactor, config.spool.fsync)
+        self.spool = Spool(config.spool.directory, self.committer)
+        self.queue = QueueManager(self.spool, self.route, reactor)
+        self.queue.setServiceParent(self)
+        self.maildir = MaildirNextHop(config.relay.maildir, self.committer, reactor)
+        self.factories = []
+        for listener in config.listeners:
+            factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue)
+            self.factories.append(factory)
+            endpoint = serverFromString(reactor, listener.endpoint)
+            svc = StreamServerEndpointService(endpoint, factory)
+            svc._raiseSynchronously = True
+            svc.setName("listener:" + listener.name)
+            svc.setServiceParent(self)
+
+    def route(self, message, recipient):
+        return self.maildir
+
+    def startService(self):
+        # The spool is opened (and what was never acknowledged discarded)
+        # before any listener accepts a connection.
+        self.queue.recovered = self.spool.open()
+        if self.queue.recovered:
+            log.info("recovered {n} queued messages", n=len(self.queue.recovered))
+        MultiService.startService(self)
+
+
+def makeService(config, reactor=None):
+    """The gateway's service tree for a validated config."""
+    if reactor is None:
+        from twisted.internet import reactor
+    missing = unsupported(config)
+    if missing:
+        from relaygw.config import ConfigError
+
+        raise ConfigError("%s: %s: not supported yet" % (config.path, missing[0]))
+    return GatewayService(config, reactor)

@@ -1,0 +1,336 @@
+"""
+The durable spool: accepted means on disk.
+
+Layout under the spool directory::
+
+    tmp/ID      a message being received (never acknowledged; removed at start)
+    queue/ID    a committed message: one JSON envelope line, then the content
+    state/ID    per-recipient delivery progress (written by the queue manager)
+    hold/ID     an empty marker: the message is held (relaygw-queue hold)
+
+A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the
+file joins the L{Committer}'s next batch: one sync covers every message that
+finished in the meantime, then each file is renamed into C{queue/} and the
+directory is synced once.  Only then is the 250 sent.
+"""
+
+import ctypes
+import json
+import os
+import threading
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+_libc = None
+
+
+def _syncfs(fd):
+    """C{syncfs(2)} where the platform has it; returns False otherwise."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.syncfs
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return True
+
+
+def fsyncDirectory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CommitJob:
+    """Make C{tmpPath} durable, then rename it to C{finalPath}."""
+
+    def __init__(self, tmpPath, finalPath, fd=None):
+        self.tmpPath = tmpPath
+        self.finalPath = finalPath
+        self.fd = fd
+
+
+class Committer:
+    """
+    Group commit: every job handed in while a batch is being synced waits
+    for the next batch, so one sync covers all the messages that finished
+    at about the same time.  The syncing runs in a thread of its own.
+
+    @ivar mode: C{"grouped"} syncs the whole file system once per batch with
+        C{syncfs(2)} (falling back to one C{fsync} per file); C{"each"} fsyncs
+        every file.
+    """
+
+    def __init__(self, reactor, mode="grouped"):
+        self.reactor = reactor
+        self.mode = mode
+        self._pending = []
+        self._busy = False
+        self.batches = 0
+        self.jobs = 0
+        self.syncSeconds = 0.0
+
+    def commit(self, job):
+        """Queue C{job}; the Deferred fires once it is durable and renamed."""
+        d = defer.Deferred()
+        self._pending.append((job, d))
+        if not self._busy:
+            self._next()
+        return d
+
+    def _next(self):
+        batch, self._pending = self._pending, []
+        if not batch:
+            self._busy = False
+            return
+        self._busy = True
+        result = {}
+
+        def work():
+            started = time.monotonic()
+            try:
+                self._sync([job for job, _ in batch])
+                result["ok"] = True
+            except BaseException as e:  # reported on the reactor thread
+                result["error"] = e
+            result["seconds"] = time.monotonic() - started
+            self.reactor.callFromThread(done)
+
+        def done():
+            self.batches += 1
+            self.jobs += len(batch)
+            self.syncSeconds += result["seconds"]
+            for _, d in batch:
+                if "error" in result:
+                    d.errback(result["error"])
+                else:
+                    d.callback(None)
+            self._next()
+
+        threading.Thread(target=work, name="relaygw-committer", daemon=True).start()
+
+    def _sync(self, jobs):
+        """Runs in the committer thread: data, renames, then directories."""
+        synced = False
+        if self.mode == "grouped":
+            fd = jobs[0].fd if jobs[0].fd is not None else os.open(os.path.dirname(jobs[0].tmpPath), os.O_RDONLY)
+            try:
+                synced = _syncfs(fd)
+            finally:
+                if jobs[0].fd is None:
+                    os.close(fd)
+        for job in jobs:
+            if job.fd is not None:
+                if not synced:
+                    os.fsync(job.fd)
+                os.close(job.fd)
+                job.fd = None
+            elif not synced:
+                fd = os.open(job.tmpPath, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.rename(job.tmpPath, job.finalPath)
+        for d in sorted({os.path.dirname(job.finalPath) for job in jobs}):
+            fsyncDirectory(d)
+
+    def syncNow(self, paths):
+        """Synchronously make small files durable (start-up and tools)."""
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+_counter = 0
+
+
+def newQueueId():
+    """A unique, sortable, file-name-safe queue id."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFFFFF
+    return "%011X%04X%06X" % (int(time.time() * 1000), os.getpid() & 0xFFFF, _counter)
+
+
+class SpooledMessage:
+    """
+    A committed message as read back from the spool.
+
+    @ivar envelope: the envelope dict (mailfrom, mail_params, recipients,
+        context, arrival, size).
+    @ivar bodyOffset: where the content starts in C{path}.
+    """
+
+    def __init__(self, spool, queueId, envelope, bodyOffset):
+        self.spool = spool
+        self.queueId = queueId
+        self.envelope = envelope
+        self.bodyOffset = bodyOffset
+
+    @property
+    def path(self):
+        return self.spool.path("queue", self.queueId)
+
+    @property
+    def mailfrom(self):
+        return self.envelope["mailfrom"]
+
+    @property
+    def recipients(self):
+        return self._recipients if self._recipients is not None else self.envelope["recipients"]
+
+    _recipients = None
+
+    def narrowed(self, recipients):
+        """A view of this message for only C{recipients}."""
+        m = SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset)
+        m._recipients = list(recipients)
+        return m
+
+    @property
+    def context(self):
+        return self.envelope.get("context", {}).get("connection", {})
+
+
+class MessageWriter:
+    """
+    Streams one incoming message into C{tmp/}: the envelope line first (all
+    of it is known when DATA starts), then the content through L{write}.
+    The content size is the file size past the envelope line.
+    """
+
+    def __init__(self, spool, queueId, envelope):
+        self.spool = spool
+        self.queueId = queueId
+        self.tmpPath = spool.path("tmp", queueId)
+        self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.size = 0
+        self._chunks = [json.dumps(envelope, separators=(",", ":")).encode("utf-8") + b"\n"]
+        self._buffered = len(self._chunks[0])
+
+    def write(self, data):
+        """Append content; small writes are coalesced."""
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.size += len(data)
+        if self._buffered >= 65536:
+            self._flush()
+
+    def _flush(self):
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks, self._buffered = [], 0
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+
+    def commit(self):
+        """Make the message durable and move it into C{queue/}; fires with the queue id."""
+        self._flush()
+        fd, self.fd = self.fd, None
+        d = self.spool.committer.commit(CommitJob(self.tmpPath, self.spool.path("queue", self.queueId), fd))
+        d.addCallback(lambda _: self.queueId)
+        return d
+
+    def abort(self):
+        """Throw the partial message away."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.tmpPath)
+        except OSError:
+            pass
+
+
+class Spool:
+    """The spool directory: new messages, recovery, progress and removal."""
+
+    def __init__(self, directory, committer):
+        self.directory = directory
+        self.committer = committer
+
+    def path(self, area, queueId=None):
+        if queueId is None:
+            return os.path.join(self.directory, area)
+        return os.path.join(self.directory, area, queueId)
+
+    def open(self):
+        """
+        Create the layout and throw away what was never acknowledged.
+        Returns the queue ids of the committed messages, oldest first.
+        """
+        for area in ("tmp", "queue", "state", "hold"):
+            os.makedirs(self.path(area), exist_ok=True)
+        for name in os.listdir(self.path("tmp")):
+            os.unlink(self.path("tmp", name))
+        queued = set(os.listdir(self.path("queue")))
+        for name in os.listdir(self.path("state")):
+            if name.endswith(".tmp") or name not in queued:
+                os.unlink(self.path("state", name))
+        return sorted(queued)
+
+    def newMessage(self, envelope):
+        queueId = newQueueId()
+        envelope = dict(envelope, queue_id=queueId)
+        return MessageWriter(self, queueId, envelope)
+
+    def queueIds(self):
+        return sorted(os.listdir(self.path("queue")))
+
+    def load(self, queueId):
+        """Read a committed message's envelope (L{SpooledMessage})."""
+        with open(self.path("queue", queueId), "rb") as f:
+            line = f.readline()
+        envelope = json.loads(line)
+        envelope["size"] = os.stat(self.path("queue", queueId)).st_size - len(line)
+        return SpooledMessage(self, queueId, envelope, len(line))
+
+    def readState(self, queueId):
+        """The per-recipient progress, C{{}} when there is none yet."""
+        try:
+            with open(self.path("state", queueId), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def writeState(self, queueId, state):
+        """Durably replace the progress record (tmp, fsync, rename, fsync dir)."""
+        final = self.path("state", queueId)
+        tmp = final + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(state, separators=(",", ":")).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsyncDirectory(self.path("state"))
+
+    def isHeld(self, queueId):
+        return os.path.exists(self.path("hold", queueId))
+
+    def remove(self, queueId):
+        """Delivery finished: the message leaves the spool."""
+        for area in ("queue", "state", "hold"):
+            try:
+                os.unlink(self.path(area, queueId))
+            except FileNotFoundError:
+                pass
+
+    def writable(self):
+        return os.access(self.path("tmp"), os.W_OK)

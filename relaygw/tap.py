@@ -1,0 +1,49 @@
+"""
+The twistd plugin's options and service maker (C{twistd relaygw}).
+"""
+
+import sys
+
+from twisted.python import usage
+
+from relaygw import config as _config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--check-config]"
+    longdesc = (
+        "relaygw: a trusted SMTP relay gateway.  Without --config it runs on the "
+        "embedded default config (127.0.0.1:2525, spool var/spool, Maildir var/outbox, "
+        "relative to the current directory)."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML config file (default: the embedded default config)."],
+    ]
+    optFlags = [
+        ["check-config", None, "Validate the config file, print the result and exit (0 if valid)."],
+    ]
+
+    def postOptions(self):
+        try:
+            if self["config"]:
+                self.config = _config.load(self["config"])
+            else:
+                self.config = _config.loadDefault()
+        except _config.ConfigError as e:
+            if self["check-config"]:
+                sys.stderr.write("%s\n" % (e,))
+                raise SystemExit(1)
+            raise usage.UsageError(str(e))
+        if self["check-config"]:
+            sys.stdout.write("%s: ok\n" % (self["config"] or "default config",))
+            raise SystemExit(0)
+
+
+def makeService(options):
+    from relaygw.service import makeService as build
+
+    try:
+        return build(options.config)
+    except _config.ConfigError as e:
+        sys.stderr.write("%s\n" % (e,))
+        raise SystemExit(1)

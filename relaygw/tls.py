@@ -1,0 +1,407 @@
+"""
+TLS for the gateway: server settings per listener (with certificate reload and
+optional client certificates), connection details for the validation context,
+and outbound options for the delivery client.
+
+A listener builds one L{ServerTLS} and passes its C{contextFactory} to
+C{transport.startTLS} (STARTTLS) or to
+L{twisted.protocols.tls.TLSMemoryBIOFactory} (implicit TLS).  That object
+stays the same for the life of the listener; every new connection uses the
+certificate that is current when it is accepted, so L{ServerTLS.reload} takes
+effect without a restart.
+"""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNS_ID
+from zope.interface import implementer
+
+from twisted.internet import ssl
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger
+
+log = Logger()
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _isIP(name):
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def generateSelfSigned(certPath, keyPath, hostname="localhost"):
+    """
+    Create a self-signed certificate and its RSA key, valid for about two
+    years for C{hostname}, C{localhost} and C{127.0.0.1}.
+
+    Nothing is written if either file already exists (an existing key or
+    certificate is never replaced).  Parent directories are created; the key
+    file is created with mode 0600.
+
+    @return: C{True} if the files were created.
+    """
+    if os.path.exists(certPath) or os.path.exists(keyPath):
+        return False
+    for path in (certPath, keyPath):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    names = [x509.DNSName("localhost")]
+    ips = {ipaddress.ip_address("127.0.0.1")}
+    if _isIP(hostname):
+        ips.add(ipaddress.ip_address(hostname))
+    elif hostname != "localhost":
+        names.insert(0, x509.DNSName(hostname))
+    names += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=730))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    keyPEM = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(keyPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(keyPEM)
+    with open(certPath, "xb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    log.info("created a self-signed certificate for {hostname} in {path}", hostname=hostname, path=certPath)
+    return True
+
+
+def _parseIdentity(text):
+    """
+    Parse C{dns:NAME} or C{uri:URI} into C{("dns", DNS_ID)} or
+    C{("uri", str)}; L{ValueError} otherwise.
+    """
+    kind, sep, value = text.partition(":")
+    kind = kind.strip().lower()
+    value = value.strip()
+    if not sep or not value:
+        raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
+    if kind == "dns":
+        return ("dns", DNS_ID(value))
+    if kind == "uri":
+        return ("uri", value)
+    raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
+
+
+def _acceptAnyClientCertificate(connection, certificate, errno, depth, ok):
+    """
+    Never fail the handshake over a client certificate: it is only requested,
+    and L{ServerTLS.clientIdentityVerified} checks it afterwards.
+    """
+    return True
+
+
+def _subject(cert):
+    return cert.subject.rfc4514_string()
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerTLS:
+    """
+    Per-listener server TLS settings whose certificate can be reloaded
+    without a restart.
+
+    @ivar contextFactory: the object to give to C{startTLS} or
+        L{TLSMemoryBIOFactory}.  It is this L{ServerTLS} itself (an
+        L{IOpenSSLServerConnectionCreator} that also has C{getContext}), so
+        it always uses the current settings.
+    @ivar certificate: the current leaf certificate
+        (L{cryptography.x509.Certificate}).
+    """
+
+    def __init__(
+        self,
+        certPath,
+        keyPath,
+        minVersion="1.2",
+        ciphers=None,
+        clientCA=None,
+        clientIdentities=(),
+    ):
+        """
+        @param certPath: PEM certificate, optionally followed by its chain.
+        @param keyPath: PEM private key (unencrypted).
+        @param minVersion: C{"1.2"} or C{"1.3"}.
+        @param ciphers: an OpenSSL cipher string (TLS 1.2 and below), or
+            C{None} for Twisted's defaults.
+        @param clientCA: path of a PEM CA bundle.  If given, a client
+            certificate is requested (never required) and checked against it.
+        @param clientIdentities: allowed client identities, C{"dns:NAME"} or
+            C{"uri:URI"}.
+
+        @raise ValueError: on a bad option.
+        @raise Exception: if the certificate or key cannot be loaded.
+        """
+        if minVersion not in _VERSIONS:
+            raise ValueError("minVersion must be one of %s" % ", ".join(_VERSIONS))
+        self.certPath = certPath
+        self.keyPath = keyPath
+        self.clientCA = clientCA
+        self._minVersion = _VERSIONS[minVersion]
+        self._ciphers = None
+        if ciphers is not None:
+            self._ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)
+        self._identities = [_parseIdentity(i) for i in clientIdentities]
+        self._stamps = self._stat()
+        self._files, self._context, self.certificate, self._caStore = self._load()
+
+    @property
+    def contextFactory(self):
+        return self
+
+    def _paths(self):
+        return [p for p in (self.certPath, self.keyPath, self.clientCA) if p is not None]
+
+    def _stat(self):
+        stamps = []
+        for path in self._paths():
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return stamps
+
+    def _load(self):
+        """
+        Read the files and build a new context.
+
+        @return: C{(file contents, context, leaf certificate, CA store)}.
+        """
+        files = []
+        for path in self._paths():
+            with open(path, "rb") as f:
+                files.append(f.read())
+        certPEM, keyPEM = files[0], files[1]
+        chain = x509.load_pem_x509_certificates(certPEM)
+        key = serialization.load_pem_private_key(keyPEM, password=None)
+        extra = {}
+        if self._ciphers is not None:
+            extra["acceptableCiphers"] = self._ciphers
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            raiseMinimumTo=self._minVersion,
+            **extra,
+        )
+        context = options.getContext()
+        store = None
+        if self.clientCA is not None:
+            cas = x509.load_pem_x509_certificates(files[2])
+            store = crypto.X509Store()
+            for ca in cas:
+                store.add_cert(crypto.X509.from_cryptography(ca))
+                context.add_client_ca(ca)
+            context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _acceptAnyClientCertificate)
+        return files, context, chain[0], store
+
+    def reload(self):
+        """
+        Re-read the certificate, key and client CA files.  New connections use
+        the new settings; on error the old ones stay and the error is logged.
+
+        @return: C{True} if the settings changed.
+        """
+        self._stamps = self._stat()
+        try:
+            loaded = self._load()
+        except Exception as e:
+            log.error(
+                "TLS reload of {cert} failed, keeping the current certificate: {error}",
+                cert=self.certPath,
+                error=repr(e),
+            )
+            return False
+        if loaded[0] == self._files:
+            return False
+        self._files, self._context, self.certificate, self._caStore = loaded
+        log.info(
+            "TLS certificate {cert} reloaded: {subject} serial {serial:x}",
+            cert=self.certPath,
+            subject=_subject(self.certificate),
+            serial=self.certificate.serial_number,
+        )
+        return True
+
+    def checkForChanges(self):
+        """
+        Reload if a file's modification time, size or inode changed.  For a
+        L{TimerService}: never raises.
+        """
+        try:
+            if self._stat() != self._stamps:
+                self.reload()
+        except Exception:
+            log.failure("TLS reload check failed")
+
+    def getContext(self):
+        """
+        @return: the current L{OpenSSL.SSL.Context} (see
+            L{IOpenSSLContextFactory}).
+        """
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        """
+        @see: L{IOpenSSLServerConnectionCreator}
+        """
+        return SSL.Connection(self._context, None)
+
+    def clientIdentityVerified(self, transport):
+        """
+        Check the client certificate of a connection after its handshake.
+
+        @param transport: a TLS transport (with C{getHandle}).
+        @return: C{(True, subject)} if the client presented a certificate that
+            chains to the client CA and whose DNS or URI subjectAltName
+            matches an allowed identity; C{(False, subject or None)}
+            otherwise.  DNS names follow RFC 6125 (a certificate wildcard may
+            match); URIs must be equal.
+        """
+        connection = transport.getHandle()
+        peer = connection.get_peer_certificate()
+        if peer is None:
+            return False, None
+        leaf = peer.to_cryptography()
+        subject = _subject(leaf)
+        store = self._caStore
+        if store is None or not self._identities:
+            return False, subject
+        leafDER = leaf.public_bytes(serialization.Encoding.DER)
+        untrusted = [
+            c
+            for c in connection.get_peer_cert_chain() or []
+            if c.to_cryptography().public_bytes(serialization.Encoding.DER) != leafDER
+        ]
+        try:
+            crypto.X509StoreContext(store, peer, untrusted).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            log.info("client certificate {subject} not verified: {error}", subject=subject, error=e)
+            return False, subject
+        if self._matches(leaf):
+            return True, subject
+        return False, subject
+
+    def _matches(self, cert):
+        patterns = extract_patterns(cert)
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            uris = []
+        else:
+            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        for kind, identity in self._identities:
+            if kind == "dns" and any(identity.verify(p) for p in patterns):
+                return True
+            if kind == "uri" and identity in uris:
+                return True
+        return False
+
+
+def tlsInfo(transport):
+    """
+    TLS details of a connection after its handshake, for the validation
+    context.
+
+    @param transport: a TLS transport (with C{getHandle}).
+    @return: C{{"tls": "TLSv1.3", "tls_cipher": ...}} plus
+        C{"tls_client_cert_subject"} if the client presented a certificate
+        (verified or not).  Empty if there is no TLS yet.
+    """
+    try:
+        connection = transport.getHandle()
+        version = connection.get_protocol_version_name()
+        cipher = connection.get_cipher_name()
+    except (AttributeError, SSL.Error):
+        return {}
+    if cipher is None:
+        return {}
+    info = {"tls": version, "tls_cipher": cipher}
+    peer = connection.get_peer_certificate()
+    if peer is not None:
+        info["tls_client_cert_subject"] = _subject(peer.to_cryptography())
+    return info
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _OpportunisticClientTLS:
+    """
+    Client TLS that does not verify the server (SMTP "may" policy), but sends
+    SNI and uses Twisted's defaults: TLS 1.2 or later, its cipher list.
+    """
+
+    def __init__(self, hostname):
+        self._hostname = hostname
+        self._options = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self._options.getContext(), None)
+        if self._hostname and not _isIP(self._hostname):
+            try:
+                connection.set_tlsext_host_name(self._hostname.encode("idna"))
+            except UnicodeError:
+                pass
+        return connection
+
+
+def clientCreator(hostname, verify, caFile=None):
+    """
+    Outbound TLS options for the delivery client, for C{startTLS}.
+
+    @param hostname: the server's name (SNI, and the name verified).
+    @param verify: C{True} to verify the certificate and the name; C{False}
+        for opportunistic TLS without verification (still TLS 1.2 or later).
+    @param caFile: a PEM bundle of trusted CAs instead of the platform's.
+    @return: an L{IOpenSSLClientConnectionCreator}.
+    """
+    if not verify:
+        return _OpportunisticClientTLS(hostname)
+    trustRoot = None
+    if caFile is not None:
+        with open(caFile, "rb") as f:
+            cas = x509.load_pem_x509_certificates(f.read())
+        trustRoot = ssl.trustRootFromCertificates(
+            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas]
+        )
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=trustRoot,
+        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+    )

@@ -1,0 +1,56 @@
+"""
+The trace header a gateway adds to every accepted message (RFC 5321 section
+4.4, RFC 3848), built from the validation context only.
+"""
+
+from email.utils import formatdate
+
+
+def _clean(value):
+    """Context values are client-influenced: never let one break the header."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(value))
+
+
+def _addressLiteral(ip):
+    return "IPv6:" + ip if ":" in ip else ip
+
+
+def withProtocol(context):
+    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA, as RFC 3848 names them."""
+    proto = context.get("protocol", "ESMTP")
+    if proto == "SMTP" and not (context.get("tls") or context.get("auth_user")):
+        return "SMTP"
+    suffix = ("S" if context.get("tls") else "") + ("A" if context.get("auth_user") else "")
+    return "ESMTP" + suffix
+
+
+def receivedHeader(context, hostname, queueId, recipients, now=None):
+    """
+    The C{Received:} header for a message, folded, ending in CRLF.
+
+    It names the client as the context has it (after XCLIENT/XREMOTEIP or a
+    PROXY header) and, when that identity was overridden, the real peer that
+    vouched for it, so a postmaster can follow the chain.
+    """
+    helo = _clean(context.get("ehlo_domain") or context.get("helo_name") or "unknown")
+    name = _clean(context.get("remote_name") or "unknown")
+    ip = _clean(context.get("remote_ip", "unknown"))
+    lines = ["Received: from %s (%s [%s])" % (helo, name, _addressLiteral(ip))]
+    peer = context.get("peer_ip")
+    if peer and (context.get("overridden") or peer != ip):
+        lines.append("\t(via [%s] port %s)" % (_addressLiteral(_clean(peer)), _clean(context.get("peer_port", ""))))
+    with_ = withProtocol(context)
+    detail = ""
+    if context.get("tls"):
+        detail = " (%s %s)" % (_clean(context.get("tls")), _clean(context.get("tls_cipher", "")))
+    auth = ""
+    if context.get("auth_user"):
+        auth = " (authenticated as %s)" % (_clean(context.get("auth_user")),)
+    lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
+    date = formatdate(now, localtime=False, usegmt=True)
+    if len(recipients) == 1:
+        lines.append("\tfor <%s>; %s" % (_clean(recipients[0]), date))
+    else:
+        lines[-1] += ";"
+        lines.append("\t%s" % (date,))
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")

@@ -1,0 +1,156 @@
+"""
+XCLIENT (Postfix XCLIENT_README): a trusted peer overrides the client
+identity.  Every attribute is validated before any is applied, so a refusal
+changes nothing (protocol.md section 10).
+"""
+
+import ipaddress
+import re
+
+from relaygw import codes, xtext
+from relaygw.verbs import VerbError
+
+ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
+KEYWORD = " ".join(ATTRIBUTES)
+
+UNAVAILABLE = "[UNAVAILABLE]"
+TEMPUNAVAIL = "[TEMPUNAVAIL]"
+
+_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+
+
+def _bad(why):
+    return VerbError(codes.SYNTAX.format(what="XCLIENT: %s" % why), why)
+
+
+def parseAddress(value):
+    """IPv4, or C{IPV6:} + IPv6 (any case), canonical; never bracketed."""
+    try:
+        if value[:5].upper() == "IPV6:":
+            addr = ipaddress.IPv6Address(value[5:])
+            if addr.scope_id:
+                raise ValueError(value)
+            return str(addr.ipv4_mapped or addr)
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise _bad("bad address %s" % (value,))
+
+
+def _hostname(value):
+    if len(value) > 255:
+        raise _bad("bad hostname")
+    labels = value.rstrip(".").split(".")
+    if not all(_LABEL.match(l) for l in labels) or value.replace(".", "").isdigit():
+        raise _bad("bad hostname %s" % (value,))
+    return value
+
+
+def _port(value):
+    if not value.isdigit() or len(value) > 5 or int(value) > 65535:
+        raise _bad("bad port %s" % (value,))
+    return int(value)
+
+
+def _decode(raw):
+    if len(raw) > 255:
+        raise _bad("attribute value too long")
+    try:
+        value = xtext.decode(raw, lenient=True).decode("ascii")
+    except (xtext.XtextError, UnicodeDecodeError):
+        raise _bad("bad attribute value")
+    if any(c < " " or c > "~" for c in value):
+        raise _bad("bad attribute value")
+    return value
+
+
+def parse(args):
+    """
+    Parse C{NAME=value ...} into C{{attribute: value}}, with special values
+    kept as C{UNAVAILABLE}/C{TEMPUNAVAIL} and the rest canonical.  Duplicates:
+    the last wins.
+    """
+    words = args.split()
+    if not words:
+        raise VerbError(codes.SYNTAX.format(what="XCLIENT attribute=value ..."), "no attributes")
+    attrs = {}
+    for word in words:
+        name, eq, raw = word.partition("=")
+        name = name.upper()
+        if not eq or not raw:
+            raise _bad("bad attribute %s" % (word,))
+        if name not in ATTRIBUTES:
+            raise _bad("unknown attribute %s" % (name,))
+        value = _decode(raw)
+        special = value.upper()
+        if special in (UNAVAILABLE, TEMPUNAVAIL):
+            if special == TEMPUNAVAIL and name != "NAME":
+                raise _bad("bad value for %s" % (name,))
+            attrs[name] = special
+            continue
+        if name in ("ADDR", "DESTADDR"):
+            value = parseAddress(value)
+        elif name in ("PORT", "DESTPORT"):
+            value = _port(value)
+        elif name == "NAME":
+            value = _hostname(value)
+        elif name == "PROTO":
+            if special not in ("SMTP", "ESMTP"):
+                raise _bad("bad protocol %s" % (value,))
+            value = special
+        attrs[name] = value
+    return attrs
+
+
+def _identity(attrs):
+    """The context keys the attributes set (C{None} removes a key)."""
+    keys = {}
+    for name, value in attrs.items():
+        unavailable = value in (UNAVAILABLE, TEMPUNAVAIL)
+        if name == "NAME":
+            keys["remote_name"] = "unknown" if unavailable else value
+            keys["remote_name_status"] = {UNAVAILABLE: "perm", TEMPUNAVAIL: "temp"}.get(value, "ok")
+        elif name == "ADDR":
+            keys["remote_ip"] = "unknown" if unavailable else value
+        elif name == "PORT":
+            keys["remote_port"] = 0 if unavailable else value
+        elif name == "DESTADDR":
+            keys["dest_ip"] = None if unavailable else value
+        elif name == "DESTPORT":
+            keys["dest_port"] = None if unavailable else value
+        elif name == "PROTO":
+            keys["protocol"] = value
+        elif name == "HELO":
+            keys["ehlo_domain"] = None if unavailable else value
+            keys["helo_name"] = keys["ehlo_domain"]
+        elif name == "LOGIN":
+            if unavailable:
+                keys.update(auth_user=None, auth_name=None, auth_status=None)
+            else:
+                keys.update(auth_user=value, auth_name="XCLIENT", auth_status="pass")
+    return keys
+
+
+def run(session, args):
+    if session.inTransaction:
+        return session.refuseVerb("XCLIENT", codes.XCLIENT_IN_TRANSACTION, "inside a transaction")
+    try:
+        attrs = parse(args)
+    except VerbError as e:
+        return session.refuseVerb("XCLIENT", e.reply, e.why)
+    keys = _identity(attrs)
+    old = {k: session.ctx.get(k) for k in keys}
+    hasHelo = "HELO" in attrs and attrs["HELO"] not in (UNAVAILABLE,)
+    session.resetSession(keepHelo=False, keepAuth="LOGIN" in attrs)
+    session.ctx.update(overridden=True, **keys)
+    if hasHelo:
+        session.helo = ("HELO", attrs["HELO"])
+    session.audit("XCLIENT", {k: (old[k], keys[k]) for k in keys if k in old})
+    session.newSession("XCLIENT")
+
+    def greet(refusal):
+        if refusal is not None:
+            session.refusedSession = refusal
+            return session.reply(refusal)
+        return session.reply(codes.GREETING.format(host=session.hostname))
+
+    return session.rerunConnectPolicy(greet)

@@ -1,0 +1,166 @@
+"""
+Tests for L{relaygw.relay.mx} against a real L{twisted.names} server on
+127.0.0.1 (UDP and TCP) serving zones built in code.
+"""
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
+from twisted.names import authority, client, common, dns, error, server
+from twisted.trial import unittest
+
+from relaygw.relay.mx import NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops
+
+
+def _zone(origin, records):
+    """An in-memory authority for C{origin} holding C{records}."""
+    zone = authority.FileAuthority(None)
+    zone.soa = (
+        origin,
+        dns.Record_SOA(
+            mname=b"ns." + origin,
+            rname=b"hostmaster." + origin,
+            serial=1,
+            refresh=3600,
+            retry=600,
+            expire=86400,
+            minimum=60,
+            ttl=60,
+        ),
+    )
+    zone.records = {name.lower(): recs for name, recs in records.items()}
+    return zone
+
+
+class _Broken(common.ResolverBase):
+    """Fails (the server answers SERVFAIL) for names under broken.test."""
+
+    def _lookup(self, name, cls, type, timeout):
+        if name.lower().endswith(b"broken.test"):
+            return defer.fail(RuntimeError("backend down"))
+        return defer.fail(error.DomainError(name))
+
+
+class _Recording:
+    """Wraps a resolver and records the address lookups made through it."""
+
+    def __init__(self, resolver):
+        self.resolver = resolver
+        self.addressLookups = []
+
+    def lookupMailExchange(self, name, timeout=None):
+        return self.resolver.lookupMailExchange(name, timeout)
+
+    def lookupAddress(self, name, timeout=None):
+        self.addressLookups.append(("A", name))
+        return self.resolver.lookupAddress(name, timeout)
+
+    def lookupIPV6Address(self, name, timeout=None):
+        self.addressLookups.append(("AAAA", name))
+        return self.resolver.lookupIPV6Address(name, timeout)
+
+
+EXAMPLE_TEST = {
+    b"example.test": [
+        dns.Record_MX(20, b"mx2.example.test"),
+        dns.Record_MX(30, b"mx.example.net"),
+        dns.Record_MX(10, b"mx1.example.test"),
+    ],
+    b"mx1.example.test": [dns.Record_A("192.0.2.1"), dns.Record_AAAA("2001:db8::1")],
+    b"mx2.example.test": [dns.Record_A("192.0.2.2")],
+    b"implicit.example.test": [dns.Record_A("192.0.2.10"), dns.Record_AAAA("2001:db8::10")],
+    b"nullmx.example.test": [dns.Record_MX(0, b"")],
+    b"noaddr.example.test": [dns.Record_TXT(b"no mail here")],
+    b"deadmx.example.test": [dns.Record_MX(10, b"gone.example.test")],
+    b"partial.example.test": [
+        dns.Record_MX(10, b"mx.broken.test"),
+        dns.Record_MX(20, b"mx2.example.test"),
+    ],
+    b"tempmx.example.test": [dns.Record_MX(10, b"mx.broken.test")],
+}
+
+EXAMPLE_NET = {
+    b"mx.example.net": [dns.Record_A("198.51.100.7"), dns.Record_AAAA("2001:db8::7")],
+}
+
+
+class LookupNextHopsTests(unittest.TestCase):
+    def setUp(self):
+        factory = server.DNSServerFactory(
+            authorities=[
+                _zone(b"example.test", EXAMPLE_TEST),
+                _zone(b"example.net", EXAMPLE_NET),
+                _Broken(),
+            ]
+        )
+        for attempt in range(20):
+            tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            port = tcp.getHost().port
+            try:
+                udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+            except CannotListenError:
+                tcp.stopListening()
+                continue
+            break
+        self.addCleanup(tcp.stopListening)
+        self.addCleanup(udp.stopListening)
+        self.resolver = _Recording(client.Resolver(servers=[("127.0.0.1", port)], reactor=reactor))
+
+    @defer.inlineCallbacks
+    def test_mxOrdering(self):
+        """
+        MX hosts come in preference order, each host's IPv4 then IPv6
+        addresses; addresses in the additional section are not looked up
+        again, the out-of-zone host is.
+        """
+        hops = yield lookupNextHops(self.resolver, "Example.Test")
+        self.assertEqual(
+            hops,
+            [
+                ("192.0.2.1", 25),
+                ("2001:db8::1", 25),
+                ("192.0.2.2", 25),
+                ("198.51.100.7", 25),
+                ("2001:db8::7", 25),
+            ],
+        )
+        looked = {name for kind, name in self.resolver.addressLookups}
+        self.assertEqual(looked, {"mx.example.net"})
+
+    @defer.inlineCallbacks
+    def test_implicitMX(self):
+        """A domain without MX records is its own next hop."""
+        hops = yield lookupNextHops(self.resolver, "implicit.example.test")
+        self.assertEqual(hops, [("192.0.2.10", 25), ("2001:db8::10", 25)])
+
+    def test_nullMX(self):
+        """A single MX "." of preference 0 fails with L{NullMX}."""
+        return self.assertFailure(lookupNextHops(self.resolver, "nullmx.example.test"), NullMX)
+
+    def test_nxdomain(self):
+        """A domain that does not exist fails with L{NoSuchDomain}."""
+        return self.assertFailure(lookupNextHops(self.resolver, "nosuch.example.test"), NoSuchDomain)
+
+    def test_noAddress(self):
+        """A domain with neither MX nor address records fails with L{NoSuchDomain}."""
+        return self.assertFailure(lookupNextHops(self.resolver, "noaddr.example.test"), NoSuchDomain)
+
+    @defer.inlineCallbacks
+    def test_servfail(self):
+        """A SERVFAIL for the MX query is a L{TemporaryLookupFailure}."""
+        yield self.assertFailure(lookupNextHops(self.resolver, "broken.test"), TemporaryLookupFailure)
+        self.assertTrue(self.flushLoggedErrors(RuntimeError))
+
+    def test_mxHostMissing(self):
+        """MX hosts that do not exist are a temporary failure, not a bounce."""
+        return self.assertFailure(lookupNextHops(self.resolver, "deadmx.example.test"), TemporaryLookupFailure)
+
+    @defer.inlineCallbacks
+    def test_mxHostTemporaryFailure(self):
+        """
+        An MX host whose addresses cannot be looked up is skipped when
+        another host resolves, and makes the lookup temporary when none does.
+        """
+        hops = yield lookupNextHops(self.resolver, "partial.example.test")
+        self.assertEqual(hops, [("192.0.2.2", 25)])
+        yield self.assertFailure(lookupNextHops(self.resolver, "tempmx.example.test"), TemporaryLookupFailure)
+        self.assertTrue(self.flushLoggedErrors(RuntimeError))

@@ -1,0 +1,347 @@
+"""
+ESMTP conformance over real loopback sockets (protocol.md checklist 1-2,
+12-43): greeting, EHLO, core commands, limits, enhanced codes.
+"""
+
+import re
+import smtplib
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from relaygw.testing import Client, Gateway, inThread
+
+ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+class GatewayTestCase(unittest.TestCase):
+    """Starts a gateway with C{listener} overrides for each test."""
+
+    listener = {}
+    relay = None
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = Gateway(self.mktemp(), listeners=(dict(self.listener),), relay=self.relay)
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    def client(self):
+        c = Client(self.gw.port)
+        self.addCleanup(c.close)
+        return c
+
+    def session(self, f):
+        """Run C{f(client)} in a thread after the greeting was read."""
+
+        def run():
+            c = self.client()
+            code, _ = c.reply()
+            self.assertEqual(code, 220)
+            return f(c)
+
+        return inThread(run)
+
+
+class GreetingTests(GatewayTestCase):
+    def test_greetingHasNoEnhancedCode(self):
+        def check(c):
+            return None
+
+        def run():
+            c = self.client()
+            line = c.line()
+            self.assertTrue(line.startswith("220 relay.test ESMTP"), line)
+            self.assertFalse(ENHANCED.match(line[4:]))
+
+        return inThread(run)
+
+    def test_ehloKeywords(self):
+        def run(c):
+            code, lines = c.cmd("EHLO client.example")
+            self.assertEqual(code, 250)
+            self.assertEqual(lines[0], "relay.test")
+            self.assertEqual(lines[1:], ["PIPELINING", "SIZE 26214400", "ENHANCEDSTATUSCODES", "8BITMIME"])
+            for verb in ("XCLIENT", "XREMOTEIP", "XSETCONTEXT", "XDUMPCONTEXT"):
+                self.assertNotIn(verb, " ".join(lines))
+
+        return self.session(run)
+
+    def test_heloSingleLine(self):
+        def run(c):
+            self.assertEqual(c.cmd("HELO client.example"), (250, ["relay.test"]))
+
+        return self.session(run)
+
+    def test_heloWithoutArgument(self):
+        def run(c):
+            self.assertEqual(c.cmd("EHLO")[0], 501)
+            code, lines = c.cmd("HELO")
+            self.assertEqual(code, 501)
+            self.assertTrue(lines[0].startswith("5.5.4 "))
+
+        return self.session(run)
+
+    def test_verbsCaseInsensitive(self):
+        def run(c):
+            self.assertEqual(c.cmd("ehlo x")[0], 250)
+            self.assertEqual(c.cmd("mail FROM:<a@example.org>"), (250, ["2.1.0 Ok"]))
+            code, lines = c.cmd("rCpT to:<b@example.net>")
+            self.assertEqual((code, lines[0][:6]), (554, "5.7.1 "))
+
+        return self.session(run)
+
+
+class TransactionTests(GatewayTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_mailWithoutHelo(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>"), (250, ["2.1.0 Ok"]))
+
+        return self.session(run)
+
+    def test_nullSenderAndNestedMail(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<>")[0], 250)
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>"), (503, ["5.5.1 Error: nested MAIL command"]))
+
+        return self.session(run)
+
+    def test_spaceAfterColonTolerated(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM: <a@example.org>")[0], 250)
+            self.assertEqual(c.cmd("RCPT TO: <b@example.net>")[0], 250)
+
+        return self.session(run)
+
+    def test_badSenderSyntax(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<a b@example.org>")[1][0][:6], "5.1.7 ")
+            self.assertEqual(c.cmd("MAIL FROM:<a@>")[0], 501)
+            self.assertEqual(c.cmd("MAIL TO:<a@example.org>")[1][0][:6], "5.5.4 ")
+
+        return self.session(run)
+
+    def test_unknownParameters(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> FOO=bar"), (555, ["5.5.4 Unsupported option: FOO"]))
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> AUTH=<>")[0], 250)
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net> NOTIFY=NEVER")[0], 555)
+
+        return self.session(run)
+
+    def test_rcptSequenceAndSyntax(self):
+        def run(c):
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>"), (503, ["5.5.1 Error: need MAIL command"]))
+            c.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual(c.cmd("RCPT TO:<b@@example.net>")[1][0][:6], "5.1.3 ")
+            self.assertEqual(c.cmd("RCPT TO:<postmaster>")[0], 250)
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>"), (250, ["2.1.5 Ok"]))
+
+        return self.session(run)
+
+    def test_dataWithoutRecipients(self):
+        def run(c):
+            self.assertEqual(c.cmd("DATA"), (503, ["5.5.1 Error: need MAIL command"]))
+            c.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual(c.cmd("DATA"), (554, ["5.5.1 Error: no valid recipients"]))
+
+        return self.session(run)
+
+    def test_ehloInsideTransactionResets(self):
+        def run(c):
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("EHLO again")
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 503)
+
+        return self.session(run)
+
+    def test_rsetNoopKeepHelo(self):
+        def run(c):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual(c.cmd("RSET"), (250, ["2.0.0 Ok"]))
+            self.assertEqual(c.cmd("NOOP whatever"), (250, ["2.0.0 Ok"]))
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 503)
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
+
+        return self.session(run)
+
+    def test_vrfyHelpUnknown(self):
+        def run(c):
+            self.assertEqual(c.cmd("VRFY")[1][0][:6], "5.5.4 ")
+            self.assertEqual(c.cmd("VRFY someone")[0], 252)
+            self.assertEqual(c.cmd("HELP")[0], 214)
+            self.assertEqual(c.cmd("FROBNICATE"), (500, ["5.5.2 Error: command not recognized"]))
+            self.assertEqual(c.cmd("NOOP")[0], 250)
+
+        return self.session(run)
+
+    def test_quitClosesAndIgnoresLaterInput(self):
+        def run(c):
+            c.send("QUIT\r\nNOOP\r\n")
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0][:6]), (221, "2.0.0 "))
+            self.assertTrue(c.closed())
+            self.assertEqual(c.buf, b"")
+
+        return self.session(run)
+
+    def test_tooManyRecipients(self):
+        def run(c):
+            c.cmd("MAIL FROM:<a@example.org>")
+            for i in range(100):
+                self.assertEqual(c.cmd("RCPT TO:<r%d@example.net>" % i)[0], 250)
+            self.assertEqual(c.cmd("RCPT TO:<over@example.net>"), (452, ["4.5.3 Error: too many recipients"]))
+
+        return self.session(run)
+
+    def test_nonAsciiAddress(self):
+        def run(c):
+            c.send("MAIL FROM:<j\xf6rg@example.org>\r\n")
+            self.assertEqual(c.reply()[0], 553)
+            c.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<\xfc@example.net>\r\n")
+            self.assertEqual(c.reply()[0], 250)
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0][:6]), (553, "5.6.7 "))
+
+        return self.session(run)
+
+    def test_everyReplyHasEnhancedCode(self):
+        commands = ["EHLO x", "MAIL FROM:<a@example.org>", "MAIL FROM:<a@example.org>", "RCPT TO:<>",
+                    "RCPT TO:<b@example.net>", "VRFY x", "NOOP", "RSET", "HELP", "BOGUS", "DATA", "QUIT"]
+
+        def run(c):
+            for cmd in commands:
+                code, lines = c.cmd(cmd)
+                if cmd.startswith("EHLO"):
+                    continue
+                for line in lines:
+                    self.assertTrue(ENHANCED.match(line), (cmd, line))
+                    self.assertEqual(line[0], str(code)[0], (cmd, line))
+
+        return self.session(run)
+
+
+class SizeTests(GatewayTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"], "max_message_size": 10000}
+
+    def test_declaredSize(self):
+        def run(c):
+            c.cmd("EHLO x")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> SIZE=10001"),
+                             (552, ["5.3.4 Message size exceeds fixed limit"]))
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> SIZE=abc")[1][0][:6], "5.5.4 ")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> SIZE=10000")[0], 250)
+
+        return self.session(run)
+
+    def test_bodyOverLimitReadToEndAndRefused(self):
+        def run(c):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            self.assertEqual(c.cmd("DATA")[0], 354)
+            c.send(("x" * 99 + "\r\n") * 200 + "MAIL FROM:<evil@example.org>\r\n.\r\n")
+            self.assertEqual(c.reply(), (552, ["5.3.4 Error: message too big"]))
+            self.assertEqual(c.cmd("NOOP")[0], 250)
+
+        d = self.session(run)
+        d.addCallback(lambda _: self.assertEqual(self.gw.service.spool.queueIds(), []))
+        return d
+
+    def test_bodyParameters(self):
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY=8BITMIME")[0], 250)
+            c.cmd("RSET")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY=7BIT")[0], 250)
+            c.cmd("RSET")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY=BINARYMIME")[0:1], (555,))
+
+        return self.session(run)
+
+
+class LimitTests(GatewayTestCase):
+    listener = {"max_errors": 5, "idle_timeout": 1}
+
+    def test_overlongCommandOneReplyThenContinue(self):
+        def run(c):
+            c.send("NOOP " + "x" * 5000 + "\r\nNOOP\r\n")
+            self.assertEqual(c.reply(), (500, ["5.5.2 Error: line too long"]))
+            self.assertEqual(c.reply(), (250, ["2.0.0 Ok"]))
+
+        return self.session(run)
+
+    def test_overlongWithoutNewlineBounded(self):
+        def run(c):
+            c.send("x" * 200000)
+            self.assertEqual(c.reply(), (500, ["5.5.2 Error: line too long"]))
+            c.send("\r\nNOOP\r\n")
+            self.assertEqual(c.reply(), (250, ["2.0.0 Ok"]))
+
+        return self.session(run)
+
+    def test_bareLFCommandProcessed(self):
+        def run(c):
+            c.send("NOOP\n")
+            self.assertEqual(c.reply(), (250, ["2.0.0 Ok"]))
+
+        return self.session(run)
+
+    def test_tooManyErrors(self):
+        def run(c):
+            for i in range(4):
+                self.assertEqual(c.cmd("BOGUS")[0], 500)
+            c.send("BOGUS\r\n")
+            self.assertEqual(c.reply()[0], 500)
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0][:6]), (421, "4.7.0 "))
+            self.assertTrue(c.closed())
+
+        return self.session(run)
+
+    def test_idleTimeout(self):
+        def run(c):
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0][:6]), (421, "4.4.2 "))
+            self.assertTrue(c.closed())
+
+        return self.session(run)
+
+
+class EarlyTalkerTests(GatewayTestCase):
+    listener = {"greet_delay": 0.5}
+
+    def test_inputBeforeGreeting(self):
+        def run():
+            c = self.client()
+            c.send("EHLO eager\r\n")
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0][:6]), (554, "5.5.0 "))
+            self.assertTrue(c.closed())
+
+        return inThread(run)
+
+
+class SmtplibTests(GatewayTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_sendmailArrives(self):
+        body = b"Subject: t\r\n\r\n8-bit \xe9\xff body\r\n.leading dot\r\n"
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.gw.port) as s:
+                s.sendmail("a@example.org", ["b@example.net"], body)
+
+        d = inThread(run)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+
+        def check(_):
+            msgs = self.gw.delivered()
+            self.assertEqual(len(msgs), 1)
+            self.assertTrue(msgs[0].endswith(body), msgs[0])
+            self.assertIn(b"Received: from [127.0.0.1] (unknown [127.0.0.1])", msgs[0])
+            self.assertIn(b"by relay.test (relaygw) with ESMTP id", msgs[0])
+
+        return d.addCallback(check)
