@@ -322,9 +322,12 @@ class _AnyPasswordIsAnonymous:
     def requestAvatarId(self, credentials):
         if self._checker is None:
             return defer.succeed(checkers.ANONYMOUS)
-        d = defer.maybeDeferred(self._checker.requestAvatarId, credentials)
-        d.addErrback(lambda f: f.trap(error.UnauthorizedLogin) and checkers.ANONYMOUS)
-        return d
+
+        def anonymous(failure):
+            failure.trap(error.UnauthorizedLogin)
+            return checkers.ANONYMOUS
+
+        return defer.maybeDeferred(self._checker.requestAvatarId, credentials).addErrback(anonymous)
 
 
 def makePortal(credentialsPath=None, alwaysAllow=False):

@@ -184,7 +184,10 @@ def _build(cls, table, where, fname, base):
         if name not in table:
             if f.default is None and cls is ListenerConfig and name in ("name", "endpoint"):
                 raise ConfigError("%s: %s: missing required key" % (fname, key))
-            values[name] = f.default
+            value = f.default
+            if meta["path"] and value is not None:
+                value = os.path.normpath(os.path.join(base, value))
+            values[name] = value
             continue
         value = table[name]
         kind = meta["kind"]

@@ -1,0 +1,239 @@
+"""
+Tests for L{relaygw.auth} and C{relaygw-passwd}.
+"""
+
+import io
+import os
+
+from twisted.cred import checkers, credentials, error
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from relaygw import auth
+from relaygw.scripts import passwd
+
+
+class HashTests(unittest.TestCase):
+    def test_roundTrip(self):
+        """
+        A hash verifies its password and no other; salts differ.
+        """
+        encoded = auth.hashPassword("s3cret \u00e9")
+        self.assertTrue(encoded.startswith("$scrypt$n=16384,r=8,p=1$"))
+        self.assertTrue(auth.verifyPassword("s3cret \u00e9", encoded))
+        self.assertTrue(auth.verifyPassword("s3cret \u00e9".encode(), encoded))
+        self.assertFalse(auth.verifyPassword("s3cret", encoded))
+        self.assertNotEqual(encoded, auth.hashPassword("s3cret \u00e9"))
+
+    def test_malformed(self):
+        """
+        Unknown schemes and malformed hashes never verify.
+        """
+        for encoded in ["", "plain", "$md5$x$y$z", "$scrypt$n=16384$x$y", "$scrypt$n=3,r=8,p=1$AAAA$AAAA"]:
+            self.assertFalse(auth.verifyPassword("", encoded), encoded)
+
+
+class PasswordFileTests(unittest.TestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        self.file = auth.PasswordFile(self.path)
+
+    def test_setRemove(self):
+        """
+        Users can be added, changed and removed; comments stay; the file is
+        private.
+        """
+        self.assertEqual(self.file.users(), {})
+        with open(self.path, "w") as f:
+            f.write("# users\n")
+        self.file.set("alice", "one")
+        self.file.set("bob", "two")
+        self.file.set("alice", "three")
+        users = self.file.users()
+        self.assertEqual(sorted(users), ["alice", "bob"])
+        self.assertTrue(auth.verifyPassword("three", users["alice"]))
+        self.assertTrue(self.file.remove("bob"))
+        self.assertFalse(self.file.remove("bob"))
+        self.assertEqual(list(self.file.users()), ["alice"])
+        with open(self.path) as f:
+            self.assertTrue(f.read().startswith("# users\nalice:$scrypt$"))
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+    def test_atomic(self):
+        """
+        The file is replaced, not rewritten in place, and no temporary file
+        is left behind.
+        """
+        self.file.set("alice", "one")
+        before = os.stat(self.path).st_ino
+        self.file.set("bob", "two")
+        self.assertNotEqual(os.stat(self.path).st_ino, before)
+        self.assertEqual(os.listdir(os.path.dirname(os.path.abspath(self.path))), [os.path.basename(self.path)])
+
+    def test_badUsername(self):
+        """
+        Names that would corrupt the file are refused.
+        """
+        for name in ["", "a:b", "a\nb", "#x", " x"]:
+            self.assertRaises(ValueError, self.file.set, name, "pw")
+        self.assertFalse(os.path.exists(self.path))
+
+
+class PortalTests(unittest.TestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        auth.PasswordFile(self.path).set("alice", "wonder")
+
+    def login(self, portal, creds):
+        d = portal.login(creds, None, auth.IRelayUser)
+        return d.addCallback(lambda result: result[1].username)
+
+    @defer.inlineCallbacks
+    def test_checker(self):
+        """
+        The right password logs in as the user; a wrong one or an unknown
+        user fails.
+        """
+        portal = auth.makePortal(self.path)
+        name = yield self.login(portal, credentials.UsernamePassword(b"alice", b"wonder"))
+        self.assertEqual(name, "alice")
+        yield self.assertFailure(
+            self.login(portal, credentials.UsernamePassword(b"alice", b"wrong")), error.UnauthorizedLogin
+        )
+        yield self.assertFailure(
+            self.login(portal, credentials.UsernamePassword(b"nobody", b"wonder")), error.UnauthorizedLogin
+        )
+        yield self.assertFailure(self.login(portal, credentials.Anonymous()), error.UnhandledCredentials)
+
+    @defer.inlineCallbacks
+    def test_reloads(self):
+        """
+        A change to the file is seen by the next login.
+        """
+        portal = auth.makePortal(self.path)
+        yield self.login(portal, credentials.UsernamePassword(b"alice", b"wonder"))
+        auth.PasswordFile(self.path).set("alice", "new")
+        yield self.assertFailure(
+            self.login(portal, credentials.UsernamePassword(b"alice", b"wonder")), error.UnauthorizedLogin
+        )
+        name = yield self.login(portal, credentials.UsernamePassword(b"alice", b"new"))
+        self.assertEqual(name, "alice")
+
+    @defer.inlineCallbacks
+    def test_alwaysAllow(self):
+        """
+        On an always-allow portal, anonymous access and any username and
+        password are C{anonymous}.
+        """
+        portal = auth.makePortal(alwaysAllow=True)
+        name = yield self.login(portal, credentials.Anonymous())
+        self.assertEqual(name, "anonymous")
+        name = yield self.login(portal, credentials.UsernamePassword(b"mallory", b"x"))
+        self.assertEqual(name, "anonymous")
+
+    @defer.inlineCallbacks
+    def test_alwaysAllowWithCredentials(self):
+        """
+        With a password file too, its users log in as themselves and anyone
+        else as C{anonymous}.
+        """
+        portal = auth.makePortal(self.path, alwaysAllow=True)
+        name = yield self.login(portal, credentials.UsernamePassword(b"alice", b"wonder"))
+        self.assertEqual(name, "alice")
+        name = yield self.login(portal, credentials.UsernamePassword(b"alice", b"wrong"))
+        self.assertEqual(name, "anonymous")
+
+    def test_realm(self):
+        """
+        L{checkers.ANONYMOUS} is C{anonymous}; bytes avatar IDs are decoded.
+        """
+        realm = auth.RelayRealm()
+        iface, user, logout = realm.requestAvatar(checkers.ANONYMOUS, None, auth.IRelayUser)
+        self.assertIs(iface, auth.IRelayUser)
+        self.assertTrue(auth.IRelayUser.providedBy(user))
+        self.assertEqual(user.username, "anonymous")
+        self.assertEqual(realm.requestAvatar(b"bob", None, auth.IRelayUser)[1].username, "bob")
+
+
+class DecodePlainTests(unittest.TestCase):
+    def test_good(self):
+        self.assertEqual(auth.decodePlain(b"\0alice\0pw"), ("", "alice", "pw"))
+        self.assertEqual(auth.decodePlain(b"admin\0alice\0p\xc3\xa9"), ("admin", "alice", "p\u00e9"))
+
+    def test_bad(self):
+        for response in [b"", b"alice\0pw", b"\0\0pw", b"\0alice\0", b"a\0b\0c\0d", b"\0al\xffice\0pw"]:
+            self.assertRaises(ValueError, auth.decodePlain, response)
+
+
+class FailureTrackerTests(unittest.TestCase):
+    def test_delayGrows(self):
+        """
+        The delay doubles from 0.5 up to 8 seconds, per peer.
+        """
+        clock = task.Clock()
+        tracker = auth.FailureTracker(clock, limit=100)
+        delays = []
+        for _ in range(7):
+            tracker.record("192.0.2.1")
+            delays.append(tracker.delay("192.0.2.1"))
+        self.assertEqual(delays, [0.5, 1, 2, 4, 8, 8, 8])
+        tracker.record("192.0.2.2")
+        self.assertEqual(tracker.delay("192.0.2.2"), 0.5)
+
+    def test_tooManyInWindow(self):
+        """
+        L{FailureTracker.tooMany} is true after five failures within ten
+        minutes, and failures older than that are forgotten.
+        """
+        clock = task.Clock()
+        tracker = auth.FailureTracker(clock)
+        for _ in range(4):
+            tracker.record("peer")
+            clock.advance(60)
+        self.assertFalse(tracker.tooMany("peer"))
+        tracker.record("peer")
+        self.assertTrue(tracker.tooMany("peer"))
+        self.assertFalse(tracker.tooMany("other"))
+        clock.advance(600 - 4 * 60 + 1)
+        self.assertFalse(tracker.tooMany("peer"))
+        self.assertEqual(tracker.delay("peer"), 4)
+        clock.advance(600)
+        self.assertEqual(tracker.delay("peer"), 0.5)
+
+
+class PasswdScriptTests(unittest.TestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        self.stderr = io.StringIO()
+        self.patch(passwd.sys, "stderr", self.stderr)
+
+    def runScript(self, *argv, stdin=""):
+        self.patch(passwd.sys, "stdin", io.StringIO(stdin))
+        return passwd.main(list(argv))
+
+    def test_setFromStdin(self):
+        """
+        A piped password is read once and stored; the file is created.
+        """
+        self.assertEqual(self.runScript(self.path, "alice", stdin="secret\n"), 0)
+        users = auth.PasswordFile(self.path).users()
+        self.assertTrue(auth.verifyPassword("secret", users["alice"]))
+
+    def test_delete(self):
+        self.assertEqual(self.runScript(self.path, "alice", stdin="secret\n"), 0)
+        self.assertEqual(self.runScript("--delete", self.path, "alice"), 0)
+        self.assertEqual(auth.PasswordFile(self.path).users(), {})
+        self.assertEqual(self.runScript("--delete", self.path, "alice"), 1)
+        self.assertIn("no user", self.stderr.getvalue())
+
+    def test_errors(self):
+        """
+        An empty password, a bad name or bad usage exit with 1 and a
+        message.
+        """
+        self.assertEqual(self.runScript(self.path, "alice", stdin=""), 1)
+        self.assertEqual(self.runScript(self.path, "a:b", stdin="pw\n"), 1)
+        self.assertEqual(self.runScript(self.path), 1)
+        self.assertEqual(self.runScript(os.path.join(self.path, "missing-dir", "f"), "alice", stdin="pw\n"), 1)
+        self.assertEqual(self.stderr.getvalue().count("relaygw-passwd: "), 4)
+        self.assertFalse(os.path.exists(self.path))

@@ -1,0 +1,133 @@
+"""Configuration validation, --check-config, and the twistd plugin."""
+
+import os
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from relaygw import config
+from relaygw.testing import configText
+
+MINIMAL = '[[listener]]\nname = "in"\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
+
+
+def twistd(*args, cwd=None):
+    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
+    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60)
+    return p.returncode, p.stdout + p.stderr
+
+
+class ParseTests(unittest.TestCase):
+    def assertConfigError(self, text, expected):
+        with self.assertRaises(config.ConfigError) as cm:
+            config.parse(text, "/etc/relaygw/relaygw.toml")
+        self.assertEqual(str(cm.exception), expected)
+
+    def test_defaults(self):
+        c = config.parse(MINIMAL, "/etc/relaygw/relaygw.toml")
+        l = c.listeners[0]
+        self.assertEqual((l.max_message_size, l.max_recipients, l.max_connections, l.idle_timeout),
+                         (26214400, 100, 1000, 300))
+        self.assertEqual(l.extensions, ())
+        self.assertEqual(c.spool.directory, "/etc/relaygw/var/spool")
+
+    def test_unknownKey(self):
+        self.assertConfigError(MINIMAL + "colour = 1\n", "relaygw.toml: listener[0].colour: unknown key")
+        self.assertConfigError("[spool]\nfoo = 1\n" + MINIMAL, "relaygw.toml: spool.foo: unknown key")
+        self.assertConfigError("[bogus]\n" + MINIMAL, "relaygw.toml: bogus: unknown key")
+
+    def test_wrongType(self):
+        self.assertConfigError(MINIMAL + 'max_recipients = "many"\n',
+                               "relaygw.toml: listener[0].max_recipients: wrong type str")
+        self.assertConfigError(MINIMAL + "require_tls = 1\n", "relaygw.toml: listener[0].require_tls: wrong type int")
+        self.assertConfigError(MINIMAL + "max_recipients = true\n",
+                               "relaygw.toml: listener[0].max_recipients: wrong type bool")
+
+    def test_badCIDR(self):
+        with self.assertRaises(config.ConfigError) as cm:
+            config.parse(MINIMAL + 'trusted_peers = ["10.0.0.0/33"]\n', "relaygw.toml")
+        self.assertTrue(str(cm.exception).startswith("relaygw.toml: listener[0].trusted_peers: "))
+
+    def test_badEndpoint(self):
+        with self.assertRaises(config.ConfigError) as cm:
+            config.parse('[[listener]]\nname = "x"\nendpoint = "nosuch:1"\n', "relaygw.toml")
+        self.assertTrue(str(cm.exception).startswith("relaygw.toml: listener[0].endpoint: "))
+
+    def test_badExtension(self):
+        self.assertConfigError(MINIMAL + 'extensions = ["xbogus"]\n',
+                               "relaygw.toml: listener[0].extensions: 'xbogus' is not one of "
+                               "xclient, xremoteip, xsetcontext, xdumpcontext")
+
+    def test_listenerRequired(self):
+        self.assertConfigError("", "relaygw.toml: listener: at least one [[listener]] table is required")
+        self.assertConfigError('[[listener]]\nname = "x"\n', "relaygw.toml: listener[0].endpoint: missing required key")
+
+    def test_duplicateName(self):
+        self.assertConfigError(MINIMAL + MINIMAL, "relaygw.toml: listener[1].name: duplicate listener name 'in'")
+
+    def test_contractKeysAccepted(self):
+        text = MINIMAL + (
+            'hostname = "relaygw.localdomain"\nmax_message_size = 1\nmax_recipients = 1\n'
+            'max_connections = 1\nidle_timeout = 300\ntrusted_peers = ["10.0.0.0/8", "2001:db8::/32"]\n'
+            'extensions = ["xclient"]\nrelay_networks = []\ntls_certificate = "c.pem"\ntls_key = "k.pem"\n'
+            'require_tls = false\nalways_allow = false\ncredentials = "users"\nproxy_protocol = false\n'
+            'proxy_trusted = []\n'
+        )
+        text = '[relay]\nmaildir = "o"\nsmarthosts = ["[127.0.0.1]:2600"]\ntls = "may"\n[admin]\n' \
+               'endpoint = "tcp:8025:interface=127.0.0.1"\n' + text
+        c = config.parse(text, "/x/relaygw.toml")
+        self.assertEqual(c.relay.smarthosts, ("[127.0.0.1]:2600",))
+        self.assertEqual(c.listeners[0].tls_certificate, "/x/c.pem")
+
+    def test_embeddedDefault(self):
+        c = config.loadDefault("/srv")
+        self.assertEqual(c.listeners[0].endpoint, "tcp:2525:interface=127.0.0.1")
+        self.assertEqual(c.spool.directory, "/srv/var/spool")
+        self.assertEqual(c.relay.maildir, "/srv/var/outbox")
+
+    def test_hostPort(self):
+        self.assertEqual(config.parseHostPort("[127.0.0.1]:2600"), ("127.0.0.1", 2600))
+        self.assertEqual(config.parseHostPort("[::1]:25"), ("::1", 25))
+        self.assertEqual(config.parseHostPort("mx.example.net"), ("mx.example.net", 25))
+        self.assertRaises(ValueError, config.parseHostPort, "[::1]:99999")
+
+
+class TwistdTests(unittest.TestCase):
+    """The plugin as the README's set-up installs it."""
+
+    def write(self, text):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_pluginListed(self):
+        code, out = twistd("--help")
+        self.assertEqual(code, 0)
+        self.assertIn("relaygw", out)
+
+    def test_pluginHelpDocumentsOptions(self):
+        code, out = twistd("relaygw", "--help")
+        self.assertEqual(code, 0)
+        self.assertIn("--config", out)
+        self.assertIn("--check-config", out)
+
+    def test_checkConfigGood(self):
+        path = self.write(configText(os.path.abspath(self.mktemp())))
+        code, out = twistd("relaygw", "--config", path, "--check-config")
+        self.assertEqual(code, 0, out)
+        self.assertIn("ok", out)
+
+    def test_checkConfigBad(self):
+        path = self.write(MINIMAL + "max_recipients = -1\n")
+        code, out = twistd("relaygw", "--config", path, "--check-config")
+        self.assertNotEqual(code, 0)
+        self.assertIn("%s: listener[0].max_recipients: must be positive" % os.path.basename(path), out)
+
+    def test_startRefusesBadConfig(self):
+        path = self.write(MINIMAL + 'trusted_peers = ["nonsense"]\n')
+        code, out = twistd("-n", "--pidfile=", "relaygw", "--config", path)
+        self.assertNotEqual(code, 0)
+        self.assertIn("listener[0].trusted_peers", out)
+        self.assertNotIn("Traceback", out)
