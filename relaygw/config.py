@@ -126,6 +126,7 @@ class ListenerConfig:
     tls_ciphers: str = _opt(None, str)
     tls_client_ca: str = _opt(None, str, path=True)
     tls_client_identities: tuple = _opt((), list)
+    tls_self_signed: bool = _opt(False, bool)
     require_tls: bool = _opt(False, bool)
     implicit_tls: bool = _opt(False, bool)
     always_allow: bool = _opt(False, bool)
@@ -235,6 +236,9 @@ def parse(text, path="<config>", base=None):
     for i, l in enumerate(listeners):
         if (l.tls_certificate is None) != (l.tls_key is None):
             raise ConfigError("%s: listener[%d].tls_key: tls_certificate and tls_key go together" % (fname, i))
+        if (l.implicit_tls or l.require_tls) and l.tls_certificate is None:
+            key = "implicit_tls" if l.implicit_tls else "require_tls"
+            raise ConfigError("%s: listener[%d].%s: needs tls_certificate and tls_key" % (fname, i, key))
         if l.proxy_protocol and not l.proxy_trusted:
             raise ConfigError("%s: listener[%d].proxy_trusted: required with proxy_protocol" % (fname, i))
     return Config(path=path, listeners=listeners, **built)

@@ -157,6 +157,11 @@ class SMTPSession(smtp.ESMTP):
 
     def connectionLost(self, reason):
         self.setTimeout(None)
+        from OpenSSL import SSL
+
+        if reason.check(SSL.Error):
+            log.info("[{session}] TLS handshake failed: {why}", session=self.sessionId,
+                     why=reason.getErrorMessage())
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -178,6 +183,12 @@ class SMTPSession(smtp.ESMTP):
         self.tlsActive = True
         info = self.factory.tlsInfo(self.transport)
         self.ctx.update(**info)
+        if not self.trusted and self.factory.trustedByCertificate(self.transport):
+            # A verified client certificate is as good as a trusted address.
+            self.trusted = True
+            self.ctx.update(trusted=True, tls_client_verified=True)
+            log.info("[{session}] trusted by client certificate {subject}", session=self.sessionId,
+                     subject=info.get("tls_client_cert_subject"))
         log.info("[{session}] TLS established {tls} {cipher}", session=self.sessionId,
                  tls=info.get("tls"), cipher=info.get("tls_cipher"))
         self.factory.stats("tls_handshakes")
@@ -628,7 +639,7 @@ class SMTPSession(smtp.ESMTP):
                      session=self.sessionId, n=len(self.buf))
             self.buf = b""
         self.resetSession()
-        self.transport.startTLS(self.factory.tls.contextFactory())
+        self.transport.startTLS(self.factory.tls.contextFactory)
 
     # -- AUTH (RFC 4954) -----------------------------------------------
 

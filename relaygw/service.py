@@ -5,18 +5,21 @@ service per listener and, when configured, the admin endpoint.
 
 import collections
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relaygw import codes, trust
+from relaygw.auth import makePortal
 from relaygw.policy import loadPolicy
 from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.spool import Committer, Spool
+from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 
 log = Logger(namespace="relaygw.service")
@@ -62,6 +65,12 @@ class SMTPFactory(ServerFactory):
     def isTrusted(self, ip, transport):
         """Trust for the trusted verbs, from the real peer address."""
         return ip in self.trustedPeers
+
+    def trustedByCertificate(self, transport):
+        """Trust from a client certificate that chains to the listener's CA with an allowed identity."""
+        if self.tls is None or self.tls.clientCA is None:
+            return False
+        return self.tls.clientIdentityVerified(transport)[0]
 
     def proxyInfo(self, transport):
         if not self.listener.proxy_protocol:
@@ -129,10 +138,7 @@ def unsupported(config):
     if config.admin.endpoint:
         found.append("admin.endpoint")
     for i, l in enumerate(config.listeners):
-        for key in ("tls_certificate", "credentials", "tls_client_ca"):
-            if getattr(l, key):
-                found.append("listener[%d].%s" % (i, key))
-        for key in ("always_allow", "proxy_protocol", "implicit_tls"):
+        for key in ("proxy_protocol",):
             if getattr(l, key):
                 found.append("listener[%d].%s" % (i, key))
     return found
@@ -140,6 +146,8 @@ def unsupported(config):
 
 class GatewayService(MultiService):
     """The whole gateway; holds the pieces tests and the admin endpoint need."""
+
+    installSignals = False
 
     def __init__(self, config, reactor):
         MultiService.__init__(self)
@@ -151,14 +159,45 @@ class GatewayService(MultiService):
         self.queue.setServiceParent(self)
         self.maildir = MaildirNextHop(config.relay.maildir, self.committer, reactor)
         self.factories = []
+        TimerService(5, self._watchCertificates).setServiceParent(self)
+        self.tlsSettings = []
         for listener in config.listeners:
-            factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue)
+            tls = self._serverTLS(listener)
+            portal = None
+            if listener.credentials or listener.always_allow:
+                portal = makePortal(listener.credentials, listener.always_allow)
+            factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue,
+                                  portal=portal, tls=tls)
             self.factories.append(factory)
             endpoint = serverFromString(reactor, listener.endpoint)
-            svc = StreamServerEndpointService(endpoint, factory)
+            wrapped = factory
+            if listener.implicit_tls:
+                wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
+            svc = StreamServerEndpointService(endpoint, wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)
             svc.setServiceParent(self)
+
+    def _serverTLS(self, listener):
+        if not listener.tls_certificate:
+            return None
+        if listener.tls_self_signed and generateSelfSigned(
+                listener.tls_certificate, listener.tls_key, listener.hostname):
+            log.info("generated a self-signed certificate {path}", path=listener.tls_certificate)
+        tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
+                        listener.tls_ciphers, listener.tls_client_ca, listener.tls_client_identities)
+        self.tlsSettings.append(tls)
+        return tls
+
+    def reloadCertificates(self):
+        """SIGHUP: re-read every listener's certificate; new connections use it."""
+        for tls in self.tlsSettings:
+            if tls.reload():
+                log.info("reloaded certificate {path}", path=tls.certPath)
+
+    def _watchCertificates(self):
+        for tls in self.tlsSettings:
+            tls.checkForChanges()
 
     def route(self, message, recipient):
         return self.maildir
@@ -170,6 +209,10 @@ class GatewayService(MultiService):
         if self.queue.recovered:
             log.info("recovered {n} queued messages", n=len(self.queue.recovered))
         MultiService.startService(self)
+        if self.installSignals:
+            import signal
+
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reloadCertificates))
 
 
 def makeService(config, reactor=None):
@@ -181,4 +224,16 @@ def makeService(config, reactor=None):
         from relaygw.config import ConfigError
 
         raise ConfigError("%s: %s: not supported yet" % (config.path, missing[0]))
+    for l in config.listeners:
+        if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
+            log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
+                     name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
     return GatewayService(config, reactor)
+
+
+def _boundLocally(endpoint):
+    """Whether a server endpoint string binds only loopback or private addresses."""
+    for part in endpoint.split(":"):
+        if part.startswith("interface="):
+            return trust.isLocalAddress(part[len("interface="):].replace("\\", ""))
+    return endpoint.startswith("unix:")

@@ -43,7 +43,9 @@ def makeService(options):
     from relaygw.service import makeService as build
 
     try:
-        return build(options.config)
+        service = build(options.config)
+        service.installSignals = True
+        return service
     except _config.ConfigError as e:
         sys.stderr.write("%s\n" % (e,))
         raise SystemExit(1)

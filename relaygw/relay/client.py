@@ -1,0 +1,858 @@
+"""
+The SMTP client that hands messages to a next hop.
+
+L{deliver} opens one connection, negotiates (EHLO/HELO, STARTTLS, AUTH,
+XCLIENT), sends every message on it and returns one result per recipient.
+Every outcome, including a refused connection, a timeout or a TLS failure,
+comes back as a result: the returned L{Deferred} does not fail.  A recipient
+is only ever reported as accepted (2xx) when the next hop acknowledged its
+message with a 2xx reply to the end of data.
+
+The wire protocol is L{_SMTPClientProtocol}: a line receiver that parses
+replies and hands them, in order, to whoever asked for them (so pipelined
+commands are just several requests for replies).  The conversation itself is
+the coroutine L{_Delivery.run}.
+"""
+
+import base64
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from zope.interface import implementer
+
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from relaygw import xtext
+
+log = Logger()
+
+
+@dataclass
+class OutboundMessage:
+    """
+    One message to hand to a next hop.
+
+    @ivar mailfrom: the envelope sender, C{""} for the null sender.
+    @ivar recipients: the envelope recipients.
+    @ivar bodyPath: the file holding the content (headers and body), CRLF
+        line ends, not dot-stuffed.
+    @ivar bodyOffset: the content starts at this byte offset of the file.
+    @ivar context: the original client's connection-level validation context
+        (C{remote_ip}, C{remote_port}, C{remote_name}, C{ehlo_domain},
+        C{protocol}, C{auth_user} are forwarded with XCLIENT/XFORWARD).
+    @ivar size: the content size, or C{None} to take it from the file.
+    """
+
+    mailfrom: str
+    recipients: list
+    bodyPath: str
+    bodyOffset: int = 0
+    context: dict = field(default_factory=dict)
+    size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """
+    The outcome for one recipient: the next hop's reply, or a temporary
+    failure (4xx) made up locally when there was no final reply.
+    """
+
+    code: int
+    enhanced: Optional[str]
+    text: str
+
+    @property
+    def ok(self):
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self):
+        return 500 <= self.code < 600
+
+    @property
+    def temporary(self):
+        return 400 <= self.code < 500
+
+    def __str__(self):
+        return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
+
+
+@dataclass
+class DeliveryOptions:
+    """
+    How to talk to the next hop.
+
+    @ivar heloName: the name to send with EHLO/HELO.
+    @ivar tls: C{"none"}, C{"may"} (STARTTLS when offered, no certificate
+        check) or C{"verify"} (STARTTLS required, certificate verified).
+    @ivar tlsHostname: the name the certificate must match under
+        C{"verify"} (default: the host given to L{deliver}).
+    @ivar caFile: a PEM CA bundle for C{"verify"} (C{None}: platform trust).
+    @ivar auth: C{(user, password)} for AUTH PLAIN (or LOGIN) when offered.
+    @ivar forwardIdentity: pass the original client's identity on with
+        XCLIENT (preferred) or XFORWARD when the next hop offers them.
+    @ivar timeout: seconds to wait for each reply (and for body progress).
+    """
+
+    heloName: str
+    tls: str = "may"
+    tlsHostname: Optional[str] = None
+    caFile: Optional[str] = None
+    auth: Optional[tuple] = None
+    forwardIdentity: bool = False
+    timeout: float = 300
+
+
+def _temporary(text, enhanced="4.4.2", code=451):
+    return RecipientResult(code, enhanced, text)
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One (possibly multi-line) SMTP reply."""
+
+    code: int
+    lines: tuple
+
+    @property
+    def positive(self):
+        return 200 <= self.code < 300
+
+    @property
+    def enhanced(self):
+        m = _ENHANCED.match(self.lines[0])
+        if m and m.group(1) == str(self.code)[0]:
+            return "%s.%s.%s" % m.groups()
+        return None
+
+    @property
+    def text(self):
+        enhanced = self.enhanced
+        lines = self.lines
+        if enhanced:
+            lines = [_ENHANCED.sub("", line, count=1) if _ENHANCED.match(line) else line for line in lines]
+        return " ".join(line.strip() for line in lines).strip()
+
+    def result(self):
+        return RecipientResult(self.code, self.enhanced, self.text)
+
+    def __str__(self):
+        return "%d %s" % (self.code, " / ".join(self.lines))
+
+
+class _ProtocolViolation(Exception):
+    """The next hop broke the protocol; the connection has been aborted."""
+
+
+class _BodyInterrupted(Exception):
+    """The transport stopped the body producer (the connection went away)."""
+
+
+@implementer(IPullProducer)
+class _BodyProducer:
+    """
+    Streams message content from a file to the transport, dot-stuffing it on
+    the fly (line starts may fall anywhere in a chunk), then writes the
+    C{CRLF.CRLF} terminator (adding the final CRLF the content lacks).
+    """
+
+    CHUNK_SIZE = 2**16
+
+    def __init__(self, file, consumer, progress):
+        self.file = file
+        self.consumer = consumer
+        self.progress = progress
+        self.atLineStart = True
+        self.tail = b""
+        self.deferred = Deferred()
+
+    def start(self):
+        """Register with the consumer; the Deferred fires once all is written."""
+        self.consumer.registerProducer(self, False)
+        return self.deferred
+
+    def stuff(self, chunk):
+        out = chunk.replace(b"\n.", b"\n..")
+        if self.atLineStart and out[:1] == b".":
+            out = b"." + out
+        self.atLineStart = chunk.endswith(b"\n")
+        self.tail = (self.tail + chunk)[-2:]
+        return out
+
+    def terminator(self):
+        if self.tail in (b"", b"\r\n"):
+            return b".\r\n"
+        return b"\r\n.\r\n"
+
+    def resumeProducing(self):
+        if self.deferred is None:
+            return
+        try:
+            chunk = self.file.read(self.CHUNK_SIZE)
+        except OSError:
+            # Never terminate a truncated message: fail, and let the caller
+            # abort the connection.
+            self._finish(Failure())
+            return
+        self.progress()
+        if chunk:
+            self.consumer.write(self.stuff(chunk))
+        else:
+            self.consumer.write(self.terminator())
+            self._finish(None)
+
+    def stopProducing(self):
+        if self.deferred is not None:
+            d, self.deferred = self.deferred, None
+            d.errback(_BodyInterrupted("the connection stopped the message body"))
+
+    def _finish(self, result):
+        d, self.deferred = self.deferred, None
+        self.consumer.unregisterProducer()
+        d.callback(result) if result is None else d.errback(result)
+
+
+@implementer(IHandshakeListener)
+class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
+    """
+    SMTP client wire protocol: sends command lines and delivers replies in
+    order through L{reply}.  Knows nothing about the conversation.
+
+    @ivar closed: fires (with C{None}) when the connection is gone.
+    @ivar lostReason: why the connection went away, once it has.
+    @ivar timedOut: whether it went away because a reply took too long.
+    @ivar violation: a description of a protocol violation, if one ended it.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self, timeout, clock, where):
+        self.timeout = timeout
+        self.callLater = clock.callLater
+        self.where = where
+        self.closed = Deferred()
+        self.lostReason = None
+        self.timedOut = False
+        self.violation = None
+        self.tlsStarted = False
+        self.tlsEstablished = False
+        self._replies = deque()
+        self._waiting = deque()
+        self._lines = []
+
+    # Sending
+
+    def send(self, *lines, secret=False):
+        """Write command lines (str) in one write."""
+        for line in lines:
+            if secret:
+                words = line.split(" ")
+                line = " ".join(words[:2] + ["****"]) if words[0].upper() == "AUTH" else "****"
+            log.debug("{where} <<< {line}", where=self.where, line=line)
+        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def command(self, line, secret=False):
+        """Send one command; return a Deferred firing with its reply."""
+        self.send(line, secret=secret)
+        return self.reply()
+
+    def reply(self):
+        """A Deferred firing with the next reply not yet asked for."""
+        if self._replies:
+            return succeed(self._replies.popleft())
+        if self.lostReason is not None:
+            return fail(self.lostReason)
+        d = Deferred()
+        self._waiting.append(d)
+        self.setTimeout(self.timeout)
+        return d
+
+    def sendBody(self, file):
+        """Stream a message body; the Deferred fires once it is all written."""
+        self.setTimeout(self.timeout)
+
+        def written(result):
+            self.setTimeout(None)
+            return result
+
+        return _BodyProducer(file, self.transport, self.resetTimeout).start().addBoth(written)
+
+    def startTLS(self, contextFactory):
+        """
+        Switch to TLS after a 220 to STARTTLS.  Anything already received
+        after that reply was sent in the clear and would be taken as coming
+        over TLS (response injection): that is a protocol violation.
+        """
+        if self.clearLineBuffer() or self._replies or self._lines:
+            self._violate("data pipelined after the STARTTLS reply")
+            raise _ProtocolViolation(self.violation)
+        self.tlsStarted = True
+        self.transport.startTLS(contextFactory)
+
+    def handshakeCompleted(self):
+        self.tlsEstablished = True
+
+    def abort(self):
+        """Drop the connection at once, if it is still there."""
+        if self.lostReason is None and self.transport is not None:
+            self.transport.abortConnection()
+
+    # Receiving
+
+    def lineReceived(self, line):
+        line = line.rstrip(b"\r")
+        code, separator, text = line[:3], line[3:4], line[4:]
+        if (
+            len(code) != 3
+            or not code.isdigit()
+            or code[:1] not in b"12345"
+            or separator not in (b"-", b" ", b"")
+            or (self._lines and code != self._lines[0][0])
+        ):
+            self._violate("malformed reply line %r" % (line[:100],))
+            return
+        self._lines.append((code, text.decode("utf-8", "replace")))
+        if separator == b"-":
+            return
+        reply = _Reply(int(code), tuple(text for _, text in self._lines))
+        self._lines = []
+        log.debug("{where} >>> {reply}", where=self.where, reply=reply)
+        if self._waiting:
+            d = self._waiting.popleft()
+            if self._waiting:
+                self.resetTimeout()
+            else:
+                self.setTimeout(None)
+            d.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def lineLengthExceeded(self, line):
+        self._violate("reply line longer than %d octets" % (self.MAX_LENGTH,))
+
+    def _violate(self, description):
+        if self.violation is None:
+            self.violation = description
+            log.warn("{where}: protocol violation: {what}", where=self.where, what=description)
+        self.abort()
+
+    def timeoutConnection(self):
+        self.timedOut = True
+        log.info("{where}: timeout after {timeout}s", where=self.where, timeout=self.timeout)
+        self.abort()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        self.lostReason = reason
+        waiting, self._waiting = self._waiting, deque()
+        for d in waiting:
+            d.errback(reason)
+        self.closed.callback(None)
+
+
+class _SessionFailure(Exception):
+    """Stop the session: every recipient not yet answered gets C{result}."""
+
+    def __init__(self, result):
+        Exception.__init__(self, result)
+        self.result = result
+
+
+class _MessageFailure(_SessionFailure):
+    """Give up on one message: its unanswered recipients get C{result}."""
+
+
+# XCLIENT/XFORWARD attribute -> context key, in the order sent: NAME and
+# ADDR last, because once ADDR is sent the next hop usually stops
+# authorising XCLIENT (when the line has to be split in two).
+_IDENTITY = (
+    ("HELO", "ehlo_domain"),
+    ("PROTO", "protocol"),
+    ("LOGIN", "auth_user"),
+    ("PORT", "remote_port"),
+    ("NAME", "remote_name"),
+    ("ADDR", "remote_ip"),
+)
+
+_MAX_COMMAND = 510
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def _identityAttributes(context, advertised, xclient):
+    """
+    The C{NAME=value} attributes describing the original client, for the
+    attribute names the next hop advertised, values xtext-encoded.
+    """
+    attributes = []
+    for name, key in _IDENTITY:
+        if name not in advertised:
+            continue
+        value = context.get(key)
+        if value is None or value == "":
+            status = str(context.get("remote_name_status") or "").lower()
+            value = "[TEMPUNAVAIL]" if name == "NAME" and status.startswith("temp") else "[UNAVAILABLE]"
+        else:
+            value = str(value)
+            if name == "ADDR":
+                if value.lower().startswith("::ffff:") and isIPAddress(value[7:]):
+                    value = value[7:]
+                elif isIPv6Address(value):
+                    value = "IPV6:" + value
+            elif name == "PROTO" and xclient:
+                # XCLIENT accepts only these two.
+                value = "ESMTP" if value.upper().startswith(("ESMTP", "LMTP")) else "SMTP"
+            value = xtext.encode(value)
+        attributes.append("%s=%s" % (name, value))
+    return tuple(attributes)
+
+
+def _commandLines(verb, attributes):
+    """C{verb} with C{attributes}, split into lines that fit in 512 octets."""
+    lines, current = [], verb
+    for attribute in attributes:
+        if current != verb and len(current) + 1 + len(attribute) > _MAX_COMMAND:
+            lines.append(current)
+            current = verb
+        current += " " + attribute
+    lines.append(current)
+    return lines
+
+
+def _extensions(reply):
+    """The EHLO keywords as a dict: upper-case keyword -> parameter string."""
+    extensions = {}
+    for line in reply.lines[1:]:
+        words = line.split()
+        if not words:
+            continue
+        keyword, parameters = words[0].upper(), words[1:]
+        if keyword.startswith("AUTH="):
+            # Obsolete "AUTH=LOGIN PLAIN" form.
+            keyword, parameters = "AUTH", [words[0][5:]] + parameters
+        if keyword == "AUTH" and keyword in extensions:
+            parameters = extensions[keyword].split() + parameters
+        extensions[keyword] = " ".join(parameters)
+    return extensions
+
+
+def _outcome(reply, what):
+    """
+    The result a 4xx/5xx (or 2xx, where that is final) reply gives; anything
+    else is not an answer we can report, so it becomes a temporary failure.
+    """
+    if 200 <= reply.code < 600 and reply.code // 100 != 3:
+        return reply.result()
+    return _temporary("unexpected reply to %s: %s" % (what, reply), "4.5.0")
+
+
+class _Delivery:
+    """One connection to one next hop, carrying a list of messages."""
+
+    def __init__(self, reactor, host, port, messages, options):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.messages = messages
+        self.options = options
+        self.where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+        self.results = [{} for _ in messages]
+        self.proto = None
+        self.stage = "connect"
+        self.extensions = {}
+        self.needReset = False
+        self.forwarded = None
+        self.xclientNames = None
+
+    # Results
+
+    def _settle(self, index, recipients, result):
+        for recipient in recipients:
+            if recipient not in self.results[index]:
+                self.results[index][recipient] = result
+                log.info(
+                    "{where}: {mailfrom} -> {rcpt}: {result}",
+                    where=self.where,
+                    mailfrom="<%s>" % (self.messages[index].mailfrom,),
+                    rcpt=recipient,
+                    result=result,
+                )
+
+    def _settleAll(self, result):
+        for index, message in enumerate(self.messages):
+            self._settle(index, message.recipients, result)
+
+    def _refused(self, reply, what, permanentAllowed=False):
+        """
+        The result when the next hop refuses a session-level step.  Only a
+        5xx to HELO stays permanent: refused greetings, STARTTLS, AUTH,
+        XCLIENT... are deferred (soft bounce) so the mail is retried.
+        """
+        text = "%s refused %s: %s" % (self.where, what, reply)
+        if reply.code // 100 == 4 or (permanentAllowed and reply.code // 100 == 5):
+            return RecipientResult(reply.code, reply.enhanced, text)
+        enhanced = reply.enhanced
+        return _temporary(text, "4" + enhanced[1:] if enhanced else "4.0.0")
+
+    async def _describe(self, failure):
+        """A temporary result describing why the session broke down."""
+        if self.proto is None:
+            return _temporary(
+                "connection to %s failed: %s" % (self.where, failure.getErrorMessage()),
+                "4.4.1",
+            )
+        proto = self.proto
+        expected = failure.check(_BodyInterrupted) or (
+            proto.lostReason is not None and failure.value is proto.lostReason.value
+        )
+        if not expected and not proto.timedOut and not proto.violation:
+            log.failure("{where}: unexpected error during {stage}", failure, where=self.where, stage=self.stage)
+        proto.abort()
+        await proto.closed
+        reason = proto.lostReason
+        if proto.timedOut:
+            return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
+        if proto.violation:
+            return _temporary("protocol error from %s: %s" % (self.where, proto.violation), "4.5.0")
+        if (proto.tlsStarted and not proto.tlsEstablished) or reason.check(SSL.Error, VerificationError):
+            return _temporary(
+                "TLS handshake with %s failed: %s" % (self.where, reason.getErrorMessage()),
+                "4.7.5",
+            )
+        return _temporary(
+            "connection to %s lost during %s: %s" % (self.where, self.stage, reason.getErrorMessage()),
+            "4.4.2",
+        )
+
+    # The conversation
+
+    async def run(self):
+        try:
+            try:
+                await self._session()
+            except _SessionFailure as e:
+                self._settleAll(e.result)
+                await self._quit()
+            except Exception:
+                self._settleAll(await self._describe(Failure()))
+        except Exception:
+            log.failure("{where}: delivery failed", where=self.where)
+            self._settleAll(_temporary("local error delivering to %s" % (self.where,), "4.3.0"))
+        self._settleAll(_temporary("no reply from %s" % (self.where,), "4.4.2"))
+        if self.proto is not None:
+            self.proto.abort()
+        return self.results
+
+    def _endpoint(self):
+        timeout = self.options.timeout
+        if isIPAddress(self.host):
+            return TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+        if isIPv6Address(self.host):
+            return TCP6ClientEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+        return HostnameEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+
+    async def _session(self):
+        self.stage = "connect"
+        proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
+        await connectProtocol(self._endpoint(), proto)
+        self.proto = proto
+        log.info("{where}: connected", where=self.where)
+        self.stage = "greeting"
+        greeting = await proto.reply()
+        if not greeting.positive:
+            raise _SessionFailure(self._refused(greeting, "the connection"))
+        await self._hello()
+        await self._startTLS()
+        await self._authenticate()
+        for index, message in enumerate(self.messages):
+            try:
+                await self._transaction(index, message)
+            except _MessageFailure as e:
+                self._settle(index, message.recipients, e.result)
+        await self._quit()
+
+    async def _hello(self):
+        self.stage = "EHLO"
+        reply = await self.proto.command("EHLO " + self.options.heloName)
+        if reply.positive:
+            self.extensions = _extensions(reply)
+            return
+        if reply.code // 100 == 5:
+            self.stage = "HELO"
+            reply = await self.proto.command("HELO " + self.options.heloName)
+            if reply.positive:
+                self.extensions = {}
+                return
+        raise _SessionFailure(self._refused(reply, self.stage, permanentAllowed=True))
+
+    def _tlsOptions(self):
+        if self.options.tls != "verify":
+            return ssl.CertificateOptions()
+        trustRoot = None
+        if self.options.caFile:
+            with open(self.options.caFile, "rb") as f:
+                pems = _PEM_CERTIFICATE.findall(f.read())
+            if not pems:
+                raise ValueError("no certificate in %s" % (self.options.caFile,))
+            trustRoot = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+        return ssl.optionsForClientTLS(self.options.tlsHostname or self.host, trustRoot=trustRoot)
+
+    async def _startTLS(self):
+        policy = self.options.tls
+        if policy == "none":
+            return
+        if "STARTTLS" not in self.extensions:
+            if policy == "verify":
+                raise _SessionFailure(
+                    _temporary("TLS is required but %s does not offer STARTTLS" % (self.where,), "4.7.4")
+                )
+            log.info("{where}: STARTTLS not offered, continuing in plaintext", where=self.where)
+            return
+        try:
+            contextFactory = self._tlsOptions()
+        except Exception as e:
+            log.failure("{where}: cannot set up TLS", where=self.where)
+            raise _SessionFailure(_temporary("cannot set up TLS for %s: %s" % (self.where, e), "4.7.5"))
+        self.stage = "STARTTLS"
+        reply = await self.proto.command("STARTTLS")
+        if not reply.positive:
+            if policy == "verify":
+                raise _SessionFailure(self._refused(reply, "STARTTLS"))
+            log.info("{where}: STARTTLS refused ({reply}), continuing in plaintext", where=self.where, reply=reply)
+            return
+        self.proto.startTLS(contextFactory)
+        await self._hello()
+        log.info("{where}: TLS established ({policy})", where=self.where, policy=policy)
+
+    async def _authenticate(self):
+        if not self.options.auth:
+            return
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user, password = self.options.auth
+
+        def b64(value):
+            return base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+        self.stage = "AUTH"
+        if "PLAIN" in mechanisms:
+            reply = await self.proto.command("AUTH PLAIN " + b64("\0%s\0%s" % (user, password)), secret=True)
+        elif "LOGIN" in mechanisms:
+            reply = await self.proto.command("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await self.proto.command(b64(user), secret=True)
+            if reply.code == 334:
+                reply = await self.proto.command(b64(password), secret=True)
+        else:
+            log.warn(
+                "{where}: AUTH configured but PLAIN/LOGIN not offered ({offered!r}); continuing without",
+                where=self.where,
+                offered=self.extensions.get("AUTH"),
+            )
+            return
+        if reply.code == 334:
+            # An unexpected challenge: cancel the exchange.
+            await self.proto.command("*")
+        if not reply.positive:
+            raise _SessionFailure(self._refused(reply, "AUTH"))
+        log.info("{where}: authenticated as {user}", where=self.where, user=user)
+
+    async def _forwardIdentity(self, message):
+        """XCLIENT when the identity changes, or XFORWARD before each MAIL."""
+        if not self.options.forwardIdentity:
+            return
+        names = self.extensions.get("XCLIENT", "").upper().split() or self.xclientNames
+        if names:
+            attributes = _identityAttributes(message.context, names, xclient=True)
+            if attributes == self.forwarded:
+                return
+            if "XCLIENT" not in self.extensions:
+                # The next hop now takes us for the previous client and no
+                # longer lets us change that: this message needs a
+                # connection of its own.
+                raise _MessageFailure(
+                    _temporary(
+                        "cannot forward another client identity to %s on this connection" % (self.where,),
+                        "4.4.3",
+                    )
+                )
+            self.stage = "XCLIENT"
+            for line in _commandLines("XCLIENT", attributes):
+                reply = await self.proto.command(line)
+                if not reply.positive:
+                    raise _SessionFailure(self._refused(reply, "XCLIENT"))
+            self.forwarded, self.xclientNames = attributes, names
+            await self._hello()
+        elif "XFORWARD" in self.extensions:
+            advertised = self.extensions["XFORWARD"].upper().split()
+            self.stage = "XFORWARD"
+            for line in _commandLines("XFORWARD", _identityAttributes(message.context, advertised, xclient=False)):
+                reply = await self.proto.command(line)
+                if not reply.positive:
+                    raise _MessageFailure(self._refused(reply, "XFORWARD"))
+
+    def _mailCommand(self, message, size):
+        addresses = [message.mailfrom] + list(message.recipients)
+        if any(c in address for address in addresses for c in "\r\n<>"):
+            raise _MessageFailure(RecipientResult(553, "5.1.3", "invalid character in envelope address"))
+        parameters = []
+        if "SIZE" in self.extensions:
+            limit = self.extensions["SIZE"]
+            if limit.isdigit() and int(limit) > 0 and size > int(limit):
+                raise _MessageFailure(
+                    RecipientResult(
+                        552, "5.3.4", "message size %d exceeds the limit %s of %s" % (size, limit, self.where)
+                    )
+                )
+            parameters.append("SIZE=%d" % (size,))
+        if "8BITMIME" in self.extensions:
+            parameters.append("BODY=8BITMIME")
+        if not all(address.isascii() for address in addresses):
+            if "SMTPUTF8" not in self.extensions:
+                raise _MessageFailure(
+                    RecipientResult(553, "5.6.7", "%s does not support SMTPUTF8 addresses" % (self.where,))
+                )
+            parameters.append("SMTPUTF8")
+        return " ".join(["MAIL FROM:<%s>" % (message.mailfrom,)] + parameters)
+
+    async def _transaction(self, index, message):
+        try:
+            body = open(message.bodyPath, "rb")
+            body.seek(message.bodyOffset)
+            size = message.size
+            if size is None:
+                size = max(0, os.fstat(body.fileno()).st_size - message.bodyOffset)
+        except OSError as e:
+            log.error("{where}: cannot read {path}: {e}", where=self.where, path=message.bodyPath, e=e)
+            raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
+        with body:
+            await self._send(index, message, body, size)
+
+    async def _send(self, index, message, body, size):
+        proto = self.proto
+        if self.needReset:
+            self.stage = "RSET"
+            reply = await proto.command("RSET")
+            if not reply.positive:
+                raise _SessionFailure(self._refused(reply, "RSET"))
+            self.needReset = False
+        await self._forwardIdentity(message)
+        mail = self._mailCommand(message, size)
+        rcpts = ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+
+        self.stage = "MAIL"
+        dataReply = None
+        if "PIPELINING" in self.extensions:
+            proto.send(mail, *rcpts, "DATA")
+            mailReply = await proto.reply()
+            self.stage = "RCPT"
+            rcptReplies = [await proto.reply() for _ in rcpts]
+            self.stage = "DATA"
+            dataReply = await proto.reply()
+        else:
+            mailReply = await proto.command(mail)
+            rcptReplies = []
+            if mailReply.positive:
+                self.stage = "RCPT"
+                for rcpt in rcpts:
+                    rcptReplies.append(await proto.command(rcpt))
+
+        if not mailReply.positive:
+            self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
+            if dataReply is not None and dataReply.code == 354:
+                await self._abandonData()
+            return
+
+        accepted = []
+        for recipient, reply in zip(message.recipients, rcptReplies):
+            if reply.positive:
+                accepted.append(recipient)
+            else:
+                self._settle(index, [recipient], _outcome(reply, "RCPT"))
+        if not accepted:
+            # MAIL opened a transaction that will not complete.
+            self.needReset = True
+            if dataReply is not None and dataReply.code == 354:
+                await self._abandonData()
+            return
+
+        if dataReply is None:
+            self.stage = "DATA"
+            dataReply = await proto.command("DATA")
+        if dataReply.code != 354:
+            self.needReset = True
+            result = _outcome(dataReply, "DATA")
+            if result.ok:
+                result = _temporary("unexpected reply to DATA: %s" % (dataReply,), "4.5.0")
+            self._settle(index, accepted, result)
+            return
+
+        self.stage = "message body"
+        await proto.sendBody(body)
+        self.stage = "end of data"
+        final = await proto.reply()
+        self._settle(index, accepted, _outcome(final, "end of data"))
+
+    async def _abandonData(self):
+        """The next hop said 354 with no valid recipient: end an empty DATA."""
+        self.stage = "end of data"
+        self.proto.send(".")
+        await self.proto.reply()
+        self.needReset = True
+
+    async def _quit(self):
+        """Say QUIT (if the connection is still up) and wait for it to close."""
+        proto = self.proto
+        if proto is None:
+            return
+        if proto.lostReason is None:
+            self.stage = "QUIT"
+            try:
+                await proto.command("QUIT")
+            except Exception:
+                pass
+        if proto.lostReason is None:
+            proto.setTimeout(self.options.timeout)
+            proto.transport.loseConnection()
+        await proto.closed
+
+
+def deliver(reactor, host, port, messages, options):
+    """
+    Deliver C{messages} to the SMTP server at C{host}:C{port} over one
+    connection.
+
+    @param reactor: the reactor to connect with.
+    @param host: an IPv4/IPv6 literal or a host name.
+    @param messages: a list of L{OutboundMessage}.
+    @param options: L{DeliveryOptions}.
+    @return: a L{Deferred} firing with one dict per message (same order),
+        mapping each recipient to its L{RecipientResult}.  Failures to
+        connect, time-outs, TLS failures and lost connections are reported as
+        temporary results, not as errbacks.
+    """
+    if not messages:
+        return succeed([])
+    return Deferred.fromCoroutine(_Delivery(reactor, host, port, messages, options).run())

@@ -1,0 +1,74 @@
+"""
+RFC 3464 delivery status notifications for recipients that failed for good.
+"""
+
+import os
+from email.utils import formatdate
+
+
+def _headers(path, offset, limit=65536):
+    """The original message's header section (without the gateway's trace)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(limit)
+    end = data.find(b"\r\n\r\n")
+    return data[: end + 2] if end != -1 else data
+
+
+def _clean(text):
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text))
+
+
+def buildBounce(message, failures, hostname, now=None):
+    """
+    The bounce for C{message}: a C{multipart/report} with a human part, a
+    C{message/delivery-status} part with one block per failed recipient, and
+    the original headers.  C{failures} maps recipient -> result (with
+    C{code}, C{enhanced} and C{describe()}).
+    """
+    boundary = "relaygw-%s-%s" % (message.queueId, os.urandom(4).hex())
+    date = formatdate(now, usegmt=True)
+    arrival = formatdate(message.envelope.get("arrival"), usegmt=True)
+    human = [
+        "This is the mail system at host %s." % hostname,
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "",
+    ]
+    blocks = []
+    for rcpt, result in failures.items():
+        human.append("<%s>: %s" % (_clean(rcpt), _clean(result.describe())))
+        status = result.enhanced if result.enhanced and result.enhanced[0] in "45" else "5.0.0"
+        if status[0] == "4":  # the queue lifetime ran out on a temporary failure
+            status = "5" + status[1:]
+        blocks.append(
+            "Final-Recipient: rfc822; %s\r\nAction: failed\r\nStatus: %s\r\n"
+            "Diagnostic-Code: smtp; %s\r\n" % (_clean(rcpt), status, _clean(result.describe()))
+        )
+    parts = [
+        "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
+        "To: <%s>" % _clean(message.mailfrom),
+        "Subject: Undelivered Mail Returned to Sender",
+        "Date: %s" % date,
+        "Message-ID: <%s.bounce@%s>" % (message.queueId, hostname),
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="%s"' % boundary,
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        "--" + boundary,
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+    ] + human + [
+        "",
+        "--" + boundary,
+        "Content-Type: message/delivery-status",
+        "",
+        "Reporting-MTA: dns; %s\r\nX-Relaygw-Queue-ID: %s\r\nArrival-Date: %s\r\n" % (
+            hostname, message.queueId, arrival),
+    ]
+    text = "\r\n".join(parts)
+    text += "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
+    body = text.encode("ascii") + _headers(message.path, message.bodyOffset)
+    return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")

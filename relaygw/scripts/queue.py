@@ -1,0 +1,110 @@
+"""
+relaygw-queue: inspect and steer a gateway's spool, stopped or running.
+
+Every change is an atomic file operation the gateway expects (a marker
+created or removed, a queue file unlinked), so the tool never corrupts a
+spool the gateway is writing to.  A running gateway notices flush requests
+and released messages within a few seconds.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from relaygw import config as _config
+from relaygw.spool import Spool
+
+FLUSH_MARKER = "flush"
+
+
+def _spool(args):
+    if args.spool:
+        return Spool(os.path.abspath(args.spool), None)
+    cfg = _config.load(args.config) if args.config else _config.loadDefault()
+    return Spool(cfg.spool.directory, None)
+
+
+def _summary(spool, qid, now):
+    m = spool.load(qid)
+    state = spool.readState(qid)
+    rcpts = state.get("rcpts", {})
+    nxt = state.get("next_attempt")
+    return {
+        "id": qid,
+        "age": int(now - m.envelope.get("arrival", now)),
+        "sender": m.mailfrom,
+        "recipients": {r: rcpts.get(r, {}).get("status", "pending") for r in m.recipients},
+        "next_attempt": "held" if spool.isHeld(qid) else (
+            "now" if nxt is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(nxt))),
+        "last_error": state.get("last_error", ""),
+        "size": m.envelope["size"],
+    }
+
+
+def main(argv=None, out=sys.stdout):
+    p = argparse.ArgumentParser(prog="relaygw-queue", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--config", help="the gateway's config file (default: the embedded default config)")
+    p.add_argument("--spool", help="the spool directory (instead of --config)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="queue id, age, sender, recipients, next attempt, last error")
+    for name, what in (("show", "one message: envelope, context and progress"),
+                       ("delete", "remove a message from the queue"),
+                       ("hold", "keep a message from being delivered"),
+                       ("release", "let a held message be delivered again")):
+        sub.add_parser(name, help=what).add_argument("id")
+    sub.add_parser("flush", help="retry every queued message now")
+    args = p.parse_args(argv)
+    try:
+        spool = _spool(args)
+    except _config.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    now = time.time()
+    cmd = args.command
+    if cmd == "list":
+        ids = spool.queueIds() if os.path.isdir(spool.path("queue")) else []
+        for qid in ids:
+            try:
+                s = _summary(spool, qid, now)
+            except (FileNotFoundError, ValueError):
+                continue  # delivered or being written meanwhile
+            rcpts = " ".join("<%s>:%s" % kv for kv in s["recipients"].items())
+            out.write("%s  %6ds  <%s>  %s  next=%s  %s\n" % (
+                qid, s["age"], s["sender"], rcpts, s["next_attempt"], s["last_error"]))
+        out.write("%d message(s)\n" % len(ids))
+        return 0
+    if cmd == "flush":
+        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
+            pass
+        out.write("flush requested\n")
+        return 0
+    qid = args.id
+    if "/" in qid or qid.startswith(".") or not os.path.exists(spool.path("queue", qid)):
+        print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
+        return 1
+    if cmd == "show":
+        m = spool.load(qid)
+        out.write(json.dumps({"summary": _summary(spool, qid, now), "envelope": m.envelope,
+                              "state": spool.readState(qid)}, indent=2, sort_keys=True) + "\n")
+    elif cmd == "delete":
+        spool.remove(qid)
+        out.write("deleted %s\n" % qid)
+    elif cmd == "hold":
+        with open(spool.path("hold", qid), "w"):
+            pass
+        out.write("held %s\n" % qid)
+    elif cmd == "release":
+        try:
+            os.unlink(spool.path("hold", qid))
+        except FileNotFoundError:
+            pass
+        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
+            pass
+        out.write("released %s\n" % qid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

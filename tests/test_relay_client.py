@@ -1,0 +1,750 @@
+"""
+Tests for L{relaygw.relay.client}: deliveries to loopback next hops, either
+L{twisted.mail.smtp} servers or a scripted server giving exact replies.
+"""
+
+import base64
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from zope.interface import implementer
+
+from twisted.internet import defer, protocol, reactor, ssl
+from twisted.mail import smtp
+from twisted.protocols.basic import LineReceiver
+from twisted.trial import unittest
+
+from relaygw.relay import client
+from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
+
+CONTENT = (
+    b"From: sender@example.net\r\n"
+    b"To: rcpt@example.test\r\n"
+    b"Subject: dots and 8 bits\r\n"
+    b"\r\n"
+    b".leading dot\r\n"
+    b"..two leading dots\r\n"
+    b".\r\n"
+    b"a line . with a dot\r\n"
+    b"caf\xc3\xa9 \xff\xfe raw 8-bit\r\n"
+    b"\r\n"
+    b"last line\r\n"
+)
+
+
+def _options(**kw):
+    kw.setdefault("heloName", "relay.example.net")
+    kw.setdefault("timeout", 5)
+    return DeliveryOptions(**kw)
+
+
+class _DeliveryTestCase(unittest.TestCase):
+    def body(self, content=CONTENT, prefix=b""):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(prefix + content)
+        return path
+
+    def message(self, recipients=("rcpt@example.test",), content=CONTENT, **kw):
+        kw.setdefault("mailfrom", "sender@example.net")
+        return OutboundMessage(recipients=list(recipients), bodyPath=self.body(content), **kw)
+
+    def listen(self, factory):
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def assertTemporary(self, result, *words):
+        self.assertIsInstance(result, RecipientResult)
+        self.assertTrue(result.temporary, result)
+        self.assertFalse(result.ok)
+        for word in words:
+            self.assertIn(word, result.text)
+
+
+# A twisted.mail server that keeps what it receives.
+
+
+@implementer(smtp.IMessage)
+class _Message:
+    def __init__(self, mailbox, origin, user):
+        self.mailbox, self.origin, self.user = mailbox, origin, user
+        self.lines = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def eomReceived(self):
+        content = b"".join(line + b"\r\n" for line in self.lines)
+        self.mailbox.messages.append((str(self.origin), str(self.user.dest), content))
+        return defer.succeed(None)
+
+    def connectionLost(self):
+        pass
+
+
+@implementer(smtp.IMessageDelivery)
+class _Mailbox:
+    def __init__(self, replies=None):
+        self.messages = []
+        self.replies = replies or {}
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def validateFrom(self, helo, origin):
+        self.origin = origin
+        return origin
+
+    def validateTo(self, user):
+        reply = self.replies.get(str(user.dest))
+        if reply:
+            raise smtp.SMTPBadRcpt(user, code=reply[0], resp=reply[1])
+        origin = self.origin
+        return lambda: _Message(self, origin, user)
+
+
+class _ESMTPServer(smtp.ESMTP):
+    def extensions(self):
+        ext = smtp.ESMTP.extensions(self)
+        ext[b"8BITMIME"] = None
+        ext[b"PIPELINING"] = None
+        ext[b"SIZE"] = [b"10240000"]
+        return ext
+
+
+class _ServerFactory(protocol.ServerFactory):
+    def __init__(self, mailbox, contextFactory=None):
+        self.mailbox = mailbox
+        self.contextFactory = contextFactory
+        self.connections = []
+
+    def buildProtocol(self, addr):
+        p = _ESMTPServer(contextFactory=self.contextFactory)
+        p.host = b"mx.example.test"
+        p.delivery = self.mailbox
+        p.factory = self
+        p.noisy = False
+        self.connections.append(p)
+        return p
+
+
+# A scripted server for exact control of the replies.
+
+
+class _ScriptedServer(LineReceiver):
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.accepted = 0
+        self.inData = False
+        self.bodyLines = []
+        self.authStep = None
+        self.xclientUsed = False
+        if self.factory.greeting:
+            self.sendLine(self.factory.greeting)
+
+    def dataReceived(self, data):
+        self.factory.chunks.append(data)
+        LineReceiver.dataReceived(self, data)
+
+    def reply(self, text):
+        self.transport.write(text.encode("utf-8").replace(b"\n", b"\r\n") + b"\r\n")
+
+    def lineReceived(self, line):
+        f = self.factory
+        if self.inData:
+            if f.drop == "body":
+                self.transport.abortConnection()
+                return
+            if line == b"." and f.drop == "end":
+                self.transport.loseConnection()
+                return
+            if line == b".":
+                self.inData = False
+                f.messages.append(b"".join(l + b"\r\n" for l in self.bodyLines))
+                self.accepted = 0
+                self.reply(f.endOfData)
+            else:
+                self.bodyLines.append(line[1:] if line.startswith(b".") else line)
+            return
+        text = line.decode("utf-8")
+        f.lines.append(text)
+        if self.authStep is not None:
+            self.authStep += 1
+            self.reply("334 UGFzc3dvcmQ6" if self.authStep == 1 else f.authReply)
+            if self.authStep > 1:
+                self.authStep = None
+            return
+        verb = text.split(" ", 1)[0].upper()
+        if text in f.replies:
+            self.reply(f.replies[text])
+        elif verb == "EHLO":
+            # Like Postfix, XCLIENT is no longer offered once it was used.
+            extensions = [e for e in f.extensions if not (self.xclientUsed and e.startswith("XCLIENT"))]
+            lines = ["250-scripted.example.test"] + ["250-" + e for e in extensions] + ["250 ENHANCEDSTATUSCODES"]
+            self.reply(f.ehloReply or "\n".join(lines))
+        elif verb == "HELO":
+            self.reply("250 scripted.example.test")
+        elif verb == "MAIL":
+            self.accepted = 0
+            self.reply("250 2.1.0 Ok")
+        elif verb == "RCPT":
+            address = text.split("<", 1)[1].rstrip(">")
+            reply = f.rcpt.get(address, "250 2.1.5 Ok")
+            if reply.startswith("2"):
+                self.accepted += 1
+            self.reply(reply)
+        elif verb == "DATA":
+            if not self.accepted:
+                self.reply("503 5.5.1 Error: no valid recipients")
+            else:
+                self.inData = True
+                self.bodyLines = []
+                self.reply("354 End data with <CR><LF>.<CR><LF>")
+        elif verb == "RSET":
+            self.accepted = 0
+            self.reply("250 2.0.0 Ok")
+        elif verb == "QUIT":
+            self.reply("221 2.0.0 Bye")
+            self.transport.loseConnection()
+        elif verb == "AUTH":
+            if text.upper() == "AUTH LOGIN":
+                self.authStep = 0
+                self.reply("334 VXNlcm5hbWU6")
+            else:
+                self.reply(f.authReply)
+        elif verb == "XCLIENT":
+            self.xclientUsed = True
+            self.reply("220 scripted.example.test ESMTP")
+        elif verb == "XFORWARD":
+            self.reply("250 2.0.0 Ok")
+        else:
+            self.reply("502 5.5.2 Error: command not recognized")
+
+
+class _ScriptedFactory(protocol.ServerFactory):
+    protocol = _ScriptedServer
+
+    def __init__(self, extensions=(), rcpt=None, replies=None, **kw):
+        self.extensions = list(extensions)
+        self.rcpt = rcpt or {}
+        self.replies = replies or {}
+        self.greeting = kw.pop("greeting", b"220 scripted.example.test ESMTP")
+        self.ehloReply = kw.pop("ehloReply", None)
+        self.endOfData = kw.pop("endOfData", "250 2.0.0 Ok: queued as 4ABC")
+        self.authReply = kw.pop("authReply", "235 2.7.0 Authentication successful")
+        self.drop = kw.pop("drop", None)
+        assert not kw, kw
+        self.connections = []
+        self.lines = []
+        self.chunks = []
+        self.messages = []
+
+    def verbs(self):
+        return [line.split(" ", 1)[0].upper() for line in self.lines]
+
+
+class DeliveryTests(_DeliveryTestCase):
+    @defer.inlineCallbacks
+    def test_byteForByte(self):
+        """
+        Two messages arrive intact on one connection, dot-stuffing undone by
+        the server, 8-bit octets untouched, the body offset honoured.
+        """
+        mailbox = _Mailbox()
+        factory = _ServerFactory(mailbox)
+        port = self.listen(factory)
+        second = CONTENT.replace(b"last line", b"second message")
+        messages = [
+            self.message(["a@example.test", "b@example.test"]),
+            OutboundMessage(
+                "other@example.net",
+                ["c@example.test"],
+                self.body(second, prefix=b"XXXX\r\n"),
+                bodyOffset=6,
+            ),
+        ]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertEqual(len(results), 2)
+        self.assertEqual(set(results[0]), {"a@example.test", "b@example.test"})
+        for result in list(results[0].values()) + list(results[1].values()):
+            self.assertTrue(result.ok, result)
+            self.assertEqual(result.code, 250)
+        self.assertEqual(len(factory.connections), 1)
+        self.assertEqual(
+            sorted(mailbox.messages),
+            [
+                ("other@example.net", "c@example.test", second),
+                ("sender@example.net", "a@example.test", CONTENT),
+                ("sender@example.net", "b@example.test", CONTENT),
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_dotsAcrossChunks(self):
+        """
+        Dot-stuffing is right wherever line starts fall in the chunks read,
+        and content without a final CRLF gets one.
+        """
+        self.patch(client._BodyProducer, "CHUNK_SIZE", 3)
+        factory = _ScriptedFactory()
+        port = self.listen(factory)
+        content = b"Subject: x\r\n\r\n.a\r\n..\r\nb.\r\n.\r\n.\r\n..c"
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(content=content)], _options())
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.messages, [content + b"\r\n"])
+        self.assertIn(b"\r\n..a\r\n...\r\nb.\r\n..\r\n..\r\n...c\r\n.\r\n", b"".join(factory.chunks))
+
+    @defer.inlineCallbacks
+    def test_mailParameters(self):
+        """
+        SIZE and BODY=8BITMIME are sent when advertised, the null sender as
+        <>, and the enhanced status code is parsed.
+        """
+        factory = _ScriptedFactory(extensions=["SIZE 1000000", "8BITMIME"])
+        port = self.listen(factory)
+        message = self.message(mailfrom="")
+        results = yield deliver(reactor, "127.0.0.1", port, [message], _options())
+        self.assertEqual(
+            factory.lines[1:4],
+            ["MAIL FROM:<> SIZE=%d BODY=8BITMIME" % (len(CONTENT),), "RCPT TO:<rcpt@example.test>", "DATA"],
+        )
+        self.assertEqual(
+            results[0]["rcpt@example.test"], RecipientResult(250, "2.0.0", "Ok: queued as 4ABC")
+        )
+
+    @defer.inlineCallbacks
+    def test_sizeLimit(self):
+        """A message larger than the advertised SIZE is refused locally."""
+        factory = _ScriptedFactory(extensions=["SIZE 10"])
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        result = results[0]["rcpt@example.test"]
+        self.assertEqual((result.code, result.enhanced), (552, "5.3.4"))
+        self.assertNotIn("MAIL", factory.verbs())
+
+    @defer.inlineCallbacks
+    def test_heloFallback(self):
+        """A 5xx to EHLO falls back to HELO, and no ESMTP parameters follow."""
+        factory = _ScriptedFactory(ehloReply="500 5.5.1 what?")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.verbs()[:3], ["EHLO", "HELO", "MAIL"])
+        self.assertEqual(factory.lines[2], "MAIL FROM:<sender@example.net>")
+
+    @defer.inlineCallbacks
+    def test_perRecipientResults(self):
+        """Each recipient gets its RCPT reply when refused, else the end-of-data reply."""
+        mailbox = _Mailbox(
+            {
+                "later@example.test": (451, "4.7.1 greylisted, try later"),
+                "nobody@example.test": (550, "5.1.1 no such user"),
+                "gone@example.test": (550, "5.1.1 gone"),
+            }
+        )
+        port = self.listen(_ServerFactory(mailbox))
+        recipients = ["ok@example.test", "later@example.test", "nobody@example.test", "gone@example.test"]
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(recipients)], _options())
+        r = results[0]
+        self.assertTrue(r["ok@example.test"].ok)
+        self.assertEqual((r["later@example.test"].code, r["later@example.test"].enhanced), (451, "4.7.1"))
+        self.assertTrue(r["later@example.test"].temporary)
+        self.assertEqual(r["later@example.test"].text, "greylisted, try later")
+        for rcpt in ("nobody@example.test", "gone@example.test"):
+            self.assertTrue(r[rcpt].permanent)
+            self.assertEqual((r[rcpt].code, r[rcpt].enhanced), (550, "5.1.1"))
+        self.assertEqual([m[1] for m in mailbox.messages], ["ok@example.test"])
+
+    @defer.inlineCallbacks
+    def test_mailRefused(self):
+        """A refused MAIL applies to every recipient; the next message still goes."""
+        factory = _ScriptedFactory(replies={"MAIL FROM:<spam@example.net>": "554 5.7.1 go away"})
+        port = self.listen(factory)
+        messages = [
+            self.message(["a@example.test", "b@example.test"], mailfrom="spam@example.net"),
+            self.message(["c@example.test"]),
+        ]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertEqual(set(results[0].values()), {RecipientResult(554, "5.7.1", "go away")})
+        self.assertTrue(results[1]["c@example.test"].ok)
+        self.assertNotIn("RSET", factory.verbs())
+
+    @defer.inlineCallbacks
+    def test_noRecipientAccepted(self):
+        """With no recipient accepted, DATA is not sent and RSET precedes the next MAIL."""
+        factory = _ScriptedFactory(rcpt={"x@example.test": "550 5.1.1 unknown"})
+        port = self.listen(factory)
+        messages = [self.message(["x@example.test"]), self.message(["y@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTrue(results[0]["x@example.test"].permanent)
+        self.assertTrue(results[1]["y@example.test"].ok)
+        self.assertEqual(factory.verbs(), ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"])
+        self.assertEqual(len(factory.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_endOfDataRefused(self):
+        """A refusal at end of data applies to every accepted recipient."""
+        factory = _ScriptedFactory(endOfData="552 5.3.4 message too big", rcpt={"b@example.test": "450 4.2.0 busy"})
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test", "b@example.test"])], _options())
+        self.assertEqual(results[0]["a@example.test"], RecipientResult(552, "5.3.4", "message too big"))
+        self.assertEqual(results[0]["b@example.test"], RecipientResult(450, "4.2.0", "busy"))
+
+    @defer.inlineCallbacks
+    def test_droppedMidData(self):
+        """A connection dropped during DATA leaves every recipient temporary."""
+        factory = _ScriptedFactory(drop="body")
+        port = self.listen(factory)
+        content = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+        content *= 4000
+        messages = [self.message(["a@example.test", "b@example.test"], content=content), self.message(["c@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        for result in list(results[0].values()) + list(results[1].values()):
+            self.assertTemporary(result, "127.0.0.1:%d" % (port,))
+        self.assertIn("lost during message body", results[0]["a@example.test"].text)
+        self.assertEqual(factory.messages, [])
+
+    @defer.inlineCallbacks
+    def test_droppedAfterData(self):
+        """A connection closed instead of the end-of-data reply is temporary too."""
+        factory = _ScriptedFactory(drop="end")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "lost during end of data")
+
+    @defer.inlineCallbacks
+    def test_connectionRefused(self):
+        """An unused loopback port gives a temporary failure for everyone."""
+        p = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        port = p.getHost().port
+        yield p.stopListening()
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test", "b@example.test"])], _options())
+        for result in results[0].values():
+            self.assertTemporary(result, "connection to 127.0.0.1:%d failed" % (port,))
+            self.assertEqual(result.enhanced, "4.4.1")
+
+    @defer.inlineCallbacks
+    def test_timeout(self):
+        """A next hop that never replies times out: temporary."""
+        factory = _ScriptedFactory(greeting=None)
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(timeout=0.3))
+        self.assertTemporary(results[0]["rcpt@example.test"], "timeout", "greeting")
+
+    @defer.inlineCallbacks
+    def test_greetingRefused(self):
+        """A 554 greeting defers the mail; the client says QUIT."""
+        factory = _ScriptedFactory(greeting=b"554 5.7.1 no service for you")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "no service for you")
+        self.assertEqual(factory.verbs(), ["QUIT"])
+
+    @defer.inlineCallbacks
+    def test_malformedReply(self):
+        """Garbage instead of a reply is a temporary protocol error."""
+        factory = _ScriptedFactory(greeting=b"HELLO THERE")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
+
+    def test_emptyList(self):
+        """No messages: nothing to do, no connection."""
+        d = deliver(reactor, "127.0.0.1", 1, [], _options())
+        self.assertEqual(self.successResultOf(d), [])
+
+
+class PipeliningTests(_DeliveryTestCase):
+    def transactionChunk(self, factory):
+        return [chunk for chunk in factory.chunks if chunk.startswith(b"MAIL ")]
+
+    @defer.inlineCallbacks
+    def test_pipelined(self):
+        """With PIPELINING, MAIL, every RCPT and DATA go in one write."""
+        factory = _ScriptedFactory(extensions=["PIPELINING"], rcpt={"b@example.test": "550 5.1.1 no"})
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test", "b@example.test"])], _options())
+        self.assertEqual(
+            self.transactionChunk(factory),
+            [b"MAIL FROM:<sender@example.net>\r\nRCPT TO:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"],
+        )
+        self.assertTrue(results[0]["a@example.test"].ok)
+        self.assertTrue(results[0]["b@example.test"].permanent)
+        self.assertEqual(factory.messages, [CONTENT])
+
+    @defer.inlineCallbacks
+    def test_notPipelined(self):
+        """Without PIPELINING, each command waits for the previous reply."""
+        factory = _ScriptedFactory()
+        port = self.listen(factory)
+        yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test", "b@example.test"])], _options())
+        self.assertEqual(self.transactionChunk(factory), [b"MAIL FROM:<sender@example.net>\r\n"])
+        self.assertIn(b"RCPT TO:<b@example.test>\r\n", factory.chunks)
+
+    @defer.inlineCallbacks
+    def test_pipelinedNoRecipient(self):
+        """
+        Pipelined DATA with every recipient refused: the 503 is taken as the
+        DATA reply, no body is sent, and RSET precedes the next message.
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"], rcpt={"x@example.test": "450 4.2.1 slow down"})
+        port = self.listen(factory)
+        messages = [self.message(["x@example.test"]), self.message(["y@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertEqual(results[0]["x@example.test"], RecipientResult(450, "4.2.1", "slow down"))
+        self.assertTrue(results[1]["y@example.test"].ok)
+        self.assertEqual(
+            factory.verbs(), ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+        )
+        self.assertEqual(factory.messages, [CONTENT])
+
+
+class AuthAndForwardingTests(_DeliveryTestCase):
+    @defer.inlineCallbacks
+    def test_authPlain(self):
+        """AUTH PLAIN carries the credentials as the initial response."""
+        factory = _ScriptedFactory(extensions=["AUTH LOGIN PLAIN"])
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "s3cret")))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.lines[1], "AUTH PLAIN " + base64.b64encode(b"\0relay\0s3cret").decode())
+        self.assertEqual(factory.verbs()[2], "MAIL")
+
+    @defer.inlineCallbacks
+    def test_authLogin(self):
+        """AUTH LOGIN is used when PLAIN is not offered."""
+        factory = _ScriptedFactory(extensions=["AUTH LOGIN"])
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "s3cret")))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.lines[1:4], ["AUTH LOGIN", "cmVsYXk=", "czNjcmV0"])
+
+    @defer.inlineCallbacks
+    def test_authRefused(self):
+        """A refused AUTH defers the mail instead of sending it unauthenticated."""
+        factory = _ScriptedFactory(extensions=["AUTH PLAIN"], authReply="535 5.7.8 bad credentials")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "wrong")))
+        result = results[0]["rcpt@example.test"]
+        self.assertTemporary(result, "bad credentials")
+        self.assertEqual(result.enhanced, "4.7.8")
+        self.assertNotIn("MAIL", factory.verbs())
+
+    CONTEXT = {
+        "remote_ip": "2001:db8::5",
+        "remote_port": 54321,
+        "remote_name": "client.example.net",
+        "ehlo_domain": "helo with space+eq=\x7f",
+        "protocol": "ESMTPSA",
+        "auth_user": "jo@example.net",
+    }
+
+    @defer.inlineCallbacks
+    def test_xclient(self):
+        """
+        XCLIENT passes the identity on, xtext-encoded, IPv6 as IPV6:, NAME
+        and ADDR last, then EHLO is sent again.
+        """
+        factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN", "PIPELINING"])
+        port = self.listen(factory)
+        messages = [self.message(context=self.CONTEXT), self.message(context=dict(self.CONTEXT))]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options(forwardIdentity=True))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertTrue(results[1]["rcpt@example.test"].ok)
+        self.assertEqual(
+            factory.lines[1],
+            "XCLIENT HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTP LOGIN=jo@example.net"
+            " PORT=54321 NAME=client.example.net ADDR=IPV6:2001:db8::5",
+        )
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO"] + ["MAIL", "RCPT", "DATA"] * 2 + ["QUIT"])
+
+    @defer.inlineCallbacks
+    def test_xclientOtherIdentity(self):
+        """
+        A message from another client, once the next hop no longer offers
+        XCLIENT, is deferred rather than sent under the wrong identity.
+        """
+        factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR"])
+        port = self.listen(factory)
+        other = dict(self.CONTEXT, remote_ip="192.0.2.7")
+        messages = [self.message(context=self.CONTEXT), self.message(["x@example.test"], context=other)]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options(forwardIdentity=True))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        result = results[1]["x@example.test"]
+        self.assertTemporary(result, "identity")
+        self.assertEqual(result.enhanced, "4.4.3")
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
+
+    @defer.inlineCallbacks
+    def test_xclientAdvertisedOnly(self):
+        """Only the advertised attributes are sent; missing values are [UNAVAILABLE]."""
+        factory = _ScriptedFactory(extensions=["XCLIENT ADDR NAME"])
+        port = self.listen(factory)
+        context = {"remote_ip": "192.0.2.9", "remote_port": 1}
+        yield deliver(reactor, "127.0.0.1", port, [self.message(context=context)], _options(forwardIdentity=True))
+        self.assertEqual(factory.lines[1], "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.9")
+
+    @defer.inlineCallbacks
+    def test_noForwardingUnlessAsked(self):
+        """Without forwardIdentity no XCLIENT is sent."""
+        factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR"])
+        port = self.listen(factory)
+        yield deliver(reactor, "127.0.0.1", port, [self.message(context=self.CONTEXT)], _options())
+        self.assertNotIn("XCLIENT", factory.verbs())
+
+    @defer.inlineCallbacks
+    def test_xforward(self):
+        """XFORWARD (no XCLIENT) goes before each MAIL, without a new EHLO."""
+        factory = _ScriptedFactory(extensions=["XFORWARD NAME ADDR PORT PROTO HELO"])
+        port = self.listen(factory)
+        other = dict(self.CONTEXT, remote_ip="192.0.2.7")
+        messages = [self.message(context=self.CONTEXT), self.message(context=other)]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options(forwardIdentity=True))
+        self.assertTrue(results[1]["rcpt@example.test"].ok)
+        self.assertEqual(
+            factory.verbs(), ["EHLO"] + ["XFORWARD", "MAIL", "RCPT", "DATA"] * 2 + ["QUIT"]
+        )
+        self.assertEqual(
+            factory.lines[1],
+            "XFORWARD HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTPSA PORT=54321"
+            " NAME=client.example.net ADDR=IPV6:2001:db8::5",
+        )
+        self.assertTrue(factory.lines[5].endswith(" ADDR=192.0.2.7"))
+
+
+# TLS
+
+
+def _certificate(subject, issuer, issuerKey, key, ca, names=()):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+    return builder.sign(issuerKey, hashes.SHA256())
+
+
+def _pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _keyPem(key):
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+_pki = {}
+
+
+def _makePKI():
+    """A test CA, a server certificate for mx.example.test it signed, and an unrelated CA."""
+    if not _pki:
+        caKey = ec.generate_private_key(ec.SECP256R1())
+        ca = _certificate("Test CA", "Test CA", caKey, caKey, True)
+        otherKey = ec.generate_private_key(ec.SECP256R1())
+        other = _certificate("Other CA", "Other CA", otherKey, otherKey, True)
+        serverKey = ec.generate_private_key(ec.SECP256R1())
+        server = _certificate("mx.example.test", "Test CA", caKey, serverKey, False, ["mx.example.test"])
+        _pki.update(ca=_pem(ca), other=_pem(other), server=_pem(server) + _keyPem(serverKey))
+    return _pki
+
+
+class STARTTLSTests(_DeliveryTestCase):
+    def setUp(self):
+        pki = _makePKI()
+        self.caFile = self.body(pki["ca"])
+        self.otherCaFile = self.body(pki["other"])
+        self.mailbox = _Mailbox()
+        serverOptions = ssl.PrivateCertificate.loadPEM(pki["server"]).options()
+        self.factory = _ServerFactory(self.mailbox, serverOptions)
+        self.port = self.listen(self.factory)
+
+    def send(self, **kw):
+        return deliver(reactor, "127.0.0.1", self.port, [self.message()], _options(**kw))
+
+    @defer.inlineCallbacks
+    def test_verify(self):
+        """"verify" delivers over TLS against the right name and CA."""
+        content = CONTENT + b"".join(b".%06d %s\r\n" % (i, b"y" * 200) for i in range(2000))
+        message = self.message(content=content)
+        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.caFile)
+        results = yield deliver(reactor, "127.0.0.1", self.port, [message], options)
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertTrue(self.factory.connections[0].startedTLS)
+        self.assertEqual([m[2] for m in self.mailbox.messages], [content])
+
+    @defer.inlineCallbacks
+    def test_verifyWrongName(self):
+        """"verify" against another name fails, temporarily, before MAIL."""
+        results = yield self.send(tls="verify", tlsHostname="wrong.example.test", caFile=self.caFile)
+        result = results[0]["rcpt@example.test"]
+        self.assertTemporary(result, "TLS handshake")
+        self.assertEqual(result.enhanced, "4.7.5")
+        self.assertEqual(self.mailbox.messages, [])
+
+    @defer.inlineCallbacks
+    def test_verifyOtherCA(self):
+        """"verify" with a CA that did not sign the certificate fails, temporarily."""
+        results = yield self.send(tls="verify", tlsHostname="mx.example.test", caFile=self.otherCaFile)
+        self.assertTemporary(results[0]["rcpt@example.test"], "TLS handshake")
+        self.assertEqual(self.mailbox.messages, [])
+
+    @defer.inlineCallbacks
+    def test_may(self):
+        """"may" uses TLS without checking the certificate."""
+        results = yield self.send(tls="may")
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertTrue(self.factory.connections[0].startedTLS)
+
+    @defer.inlineCallbacks
+    def test_none(self):
+        """"none" does not use STARTTLS even when offered."""
+        results = yield self.send(tls="none")
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertFalse(self.factory.connections[0].startedTLS)
+
+    @defer.inlineCallbacks
+    def test_verifyWithoutSTARTTLS(self):
+        """"verify" with a next hop not offering STARTTLS is a temporary failure."""
+        factory = _ServerFactory(self.mailbox)
+        port = self.listen(factory)
+        results = yield deliver(
+            reactor, "127.0.0.1", port, [self.message()],
+            _options(tls="verify", tlsHostname="mx.example.test", caFile=self.caFile),
+        )
+        result = results[0]["rcpt@example.test"]
+        self.assertTemporary(result, "STARTTLS")
+        self.assertEqual(result.enhanced, "4.7.4")
+        self.assertEqual(self.mailbox.messages, [])
+
+    @defer.inlineCallbacks
+    def test_mayWithoutSTARTTLS(self):
+        """"may" with a next hop not offering STARTTLS delivers in plaintext."""
+        factory = _ServerFactory(self.mailbox)
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(tls="may"))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+
+    @defer.inlineCallbacks
+    def test_responseInjection(self):
+        """Data pipelined after the 220 to STARTTLS is refused, not trusted."""
+        factory = _ScriptedFactory(
+            extensions=["STARTTLS"],
+            replies={"STARTTLS": "220 2.0.0 go ahead\n250 injected"},
+        )
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(tls="may"))
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error", "STARTTLS")

@@ -1,0 +1,303 @@
+"""
+STARTTLS and implicit TLS over real loopback sockets (RFC 3207, checklist
+44-50), certificate reload and client-certificate trust.
+"""
+
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+
+from twisted.internet import defer
+from twisted.mail import smtp
+from twisted.trial import unittest
+
+from relaygw.testing import Client, Gateway, inThread
+from relaygw.tls import generateSelfSigned
+from tests.test_smtp import GatewayTestCase
+
+
+def makeCA(directory, name="Test CA"):
+    """A CA and a function to issue leaf certificates from it (with cryptography)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    caCert = (x509.CertificateBuilder().subject_name(caName).issuer_name(caName)
+              .public_key(caKey.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .sign(caKey, hashes.SHA256()))
+    caPath = os.path.join(directory, "ca.pem")
+    with open(caPath, "wb") as f:
+        f.write(caCert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(label, dns):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+                .issuer_name(caName).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+                .sign(caKey, hashes.SHA256()))
+        certPath = os.path.join(directory, label + ".pem")
+        keyPath = os.path.join(directory, label + ".key")
+        with open(certPath, "wb") as f:
+            f.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(keyPath, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        return certPath, keyPath
+
+    return caPath, issue
+
+
+def clientContext(cert=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+class TLSGatewayTestCase(GatewayTestCase):
+    tlsListener = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.tlsdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.tlsdir)
+        self.cert = os.path.join(self.tlsdir, "cert.pem")
+        self.key = os.path.join(self.tlsdir, "key.pem")
+        generateSelfSigned(self.cert, self.key, "relay.test")
+        self.listener = dict(self.tlsListener, tls_certificate=self.cert, tls_key=self.key)
+        yield GatewayTestCase.setUp(self)
+
+    def starttls(self, c, cert=None):
+        """STARTTLS on raw client C{c}; returns the TLS socket wrapped into the client."""
+        self.assertEqual(c.cmd("STARTTLS"), (220, ["2.0.0 Ready to start TLS"]))
+        c.sock = clientContext(cert).wrap_socket(c.sock, server_hostname="relay.test")
+        return c
+
+
+class StartTLSTests(TLSGatewayTestCase):
+    tlsListener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_advertisedAndArgumentRefused(self):
+        def run(c):
+            self.assertIn("STARTTLS", c.cmd("EHLO x")[1])
+            self.assertEqual(c.cmd("STARTTLS now"), (501, ["5.5.4 Syntax: STARTTLS"]))
+
+        return self.session(run)
+
+    def test_afterTLSStateResetAndNoSecondStartTLS(self):
+        def run(c):
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            self.starttls(c)
+            # The transaction is gone (checklist 48) ...
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 503)
+            code, lines = c.cmd("EHLO x")
+            self.assertNotIn("STARTTLS", lines)
+            self.assertEqual(c.cmd("STARTTLS"), (503, ["5.5.1 Error: TLS already active"]))
+
+        return self.session(run)
+
+    def test_plaintextInjectionDiscarded(self):
+        def run(c):
+            c.cmd("EHLO x")
+            c.send("STARTTLS\r\nHELP\r\n")
+            self.assertEqual(c.reply()[0], 220)
+            c.sock = clientContext().wrap_socket(c.sock, server_hostname="relay.test")
+            # The injected HELP must never be answered: the next reply is NOOP's.
+            self.assertEqual(c.cmd("NOOP"), (250, ["2.0.0 Ok"]))
+            c.sock.settimeout(0.5)
+            try:
+                extra = c.sock.recv(100)
+            except (socket.timeout, ssl.SSLError, TimeoutError):
+                extra = b""
+            self.assertEqual(extra, b"")
+
+        return self.session(run)
+
+    def test_smtplibStartTLSDeliversESMTPS(self):
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.gw.port) as s:
+                s.starttls(context=clientContext())
+                s.sendmail("a@example.org", ["b@example.net"], b"Subject: tls\r\n\r\nsecret\r\n")
+
+        d = inThread(run)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+
+        def check(_):
+            [msg] = self.gw.delivered()
+            self.assertRegex(msg.decode(), r"with ESMTPS \(TLSv1\.[23] [A-Z0-9_-]+\)")
+
+        return d.addCallback(check)
+
+    def test_twistedClientRequiringTLS(self):
+        from io import BytesIO
+
+        from twisted.internet import reactor
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        with open(self.cert) as f:
+            trust = Certificate.loadPEM(f.read())
+        d = defer.Deferred()
+        factory = smtp.ESMTPSenderFactory(
+            None, None, "a@example.org", ["b@example.net"], BytesIO(b"Subject: twisted\r\n\r\nvia twisted\r\n"),
+            d, retries=0, contextFactory=optionsForClientTLS("relay.test", trustRoot=trust),
+            requireAuthentication=False, requireTransportSecurity=True)
+        reactor.connectTCP("127.0.0.1", self.gw.port, factory)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+
+        def check(_):
+            [msg] = self.gw.delivered()
+            self.assertIn(b"with ESMTPS", msg)
+            self.assertIn(b"via twisted", msg)
+
+        return d.addCallback(check)
+
+    def test_handshakeFailureDropsCleanly(self):
+        def run(c):
+            c.cmd("EHLO x")
+            c.cmd("STARTTLS")
+            c.send(b"\x16\x03\x01\x00\x05garbage-not-tls\r\n" * 3)
+            self.assertTrue(c.closed())
+            # The gateway still serves new sessions.
+            c2 = self.client()
+            self.assertEqual(c2.reply()[0], 220)
+
+        return self.session(run)
+
+    def test_opensslStartTLS(self):
+        openssl = shutil.which("openssl")
+        self.assertTrue(openssl, "openssl is not installed (make test installs it)")
+        def run():
+            p = subprocess.run([openssl, "s_client", "-starttls", "smtp", "-connect",
+                                "127.0.0.1:%d" % self.gw.port, "-servername", "relay.test", "-quiet"],
+                               input=b"EHLO openssl\r\nQUIT\r\n", capture_output=True, timeout=30)
+            return p
+
+        def check(p):
+            out = p.stdout.decode("latin-1")
+            self.assertIn("250-relay.test", out)
+            self.assertIn("221 2.0.0", out)
+            self.assertIn("CN = relay.test", p.stderr.decode("latin-1"))
+
+        return inThread(run).addCallback(check)
+
+
+class NoCertificateTests(GatewayTestCase):
+    def test_startTLSUnavailable(self):
+        def run(c):
+            self.assertNotIn("STARTTLS", c.cmd("EHLO x")[1])
+            self.assertEqual(c.cmd("STARTTLS"), (454, ["4.7.0 TLS not available due to temporary reason"]))
+
+        return self.session(run)
+
+
+class RequireTLSTests(TLSGatewayTestCase):
+    tlsListener = {"require_tls": True, "trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]}
+
+    def test_mailBeforeTLSRefused(self):
+        def run(c):
+            c.cmd("EHLO x")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>"), (530, ["5.7.0 Must issue a STARTTLS command first"]))
+            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.5")[0], 220)
+            self.starttls(c)
+            c.cmd("EHLO x")
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
+
+        return self.session(run)
+
+
+class ImplicitTLSTests(TLSGatewayTestCase):
+    tlsListener = {"implicit_tls": True, "relay_networks": ["127.0.0.0/8"]}
+
+    def test_greetingInsideTLS(self):
+        def run():
+            raw = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
+            c = Client.__new__(Client)
+            c.sock = clientContext().wrap_socket(raw, server_hostname="relay.test")
+            c.buf = b""
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            code, lines = c.cmd("EHLO x")
+            self.assertNotIn("STARTTLS", lines)
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            c.cmd("DATA")
+            c.send("Subject: implicit\r\n\r\nx\r\n.\r\n")
+            self.assertEqual(c.reply()[0], 250)
+
+        d = inThread(run)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+        d.addCallback(lambda _: self.assertIn(b"with ESMTPS", self.gw.delivered()[0]))
+        return d
+
+
+class ReloadTests(TLSGatewayTestCase):
+    def peerCertificate(self):
+        def run():
+            c = self.client()
+            c.reply()
+            c.cmd("EHLO x")
+            self.starttls(c)
+            return c.sock.getpeercert(binary_form=True)
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def test_reloadServesNewCertificate(self):
+        before = yield self.peerCertificate()
+        os.unlink(self.cert)
+        os.unlink(self.key)
+        generateSelfSigned(self.cert, self.key, "relay.test")
+        self.gw.service.reloadCertificates()
+        after = yield self.peerCertificate()
+        self.assertNotEqual(before, after)
+        with open(self.cert, "rb") as f:
+            self.assertEqual(after, ssl.PEM_cert_to_DER_cert(f.read().decode()))
+
+
+class ClientCertificateTrustTests(TLSGatewayTestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        cadir = os.path.abspath(self.mktemp())
+        self.ca, issue = makeCA(cadir)
+        self.good = issue("lb1", "lb1.example.net")
+        self.other = issue("lb9", "lb9.example.net")
+        _, foreignIssue = makeCA(os.path.join(cadir, "foreign"), "Foreign CA")
+        self.foreign = foreignIssue("lbx", "lb1.example.net")
+        self.tlsListener = {"tls_client_ca": self.ca, "tls_client_identities": ["dns:lb1.example.net"],
+                            "extensions": ["xclient"], "trusted_peers": []}
+        yield TLSGatewayTestCase.setUp(self)
+
+    def trustedWith(self, cert):
+        def run():
+            c = self.client()
+            c.reply()
+            c.cmd("EHLO x")
+            self.starttls(c, cert)
+            lines = c.cmd("EHLO x")[1]
+            return any(l.startswith("XCLIENT") for l in lines), c.cmd("XCLIENT ADDR=192.0.2.9")[0]
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def test_trustOnlyForAllowedIdentityFromTheCA(self):
+        self.assertEqual((yield self.trustedWith(self.good)), (True, 220))
+        self.assertEqual((yield self.trustedWith(self.other)), (False, 550))
+        self.assertEqual((yield self.trustedWith(self.foreign)), (False, 550))
+        self.assertEqual((yield self.trustedWith(None)), (False, 550))
