@@ -144,11 +144,40 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
-class RelayConfig:
-    maildir: str = _opt("var/outbox", str, path=True)
+class NextHopConfig:
+    """Where mail goes and how: shared by [relay] and each [[route]]."""
+
     smarthosts: tuple = _opt((), list, _smarthost)
-    tls: str = _opt("may", str, _choice("none", "may", "verify"))
     mx: bool = _opt(False, bool)
+    tls: str = _opt("may", str, _choice("none", "may", "verify"))
+    tls_ca: str = _opt(None, str, path=True)
+    auth_user: str = _opt(None, str)
+    auth_password: str = _opt(None, str)
+    forward_identity: bool = _opt(False, bool)
+    destination_concurrency: int = _opt(10, int, _positive)
+    command_timeout: float = _opt(300, (int, float), _positive)
+
+
+@dataclass(frozen=True)
+class RelayConfig(NextHopConfig):
+    maildir: str = _opt("var/outbox", str, path=True)
+    helo_name: str = _opt(None, str)
+    resolver: str = _opt(None, str)
+    concurrency: int = _opt(100, int, _positive)
+    retry_min: float = _opt(300, (int, float), _positive)
+    retry_max: float = _opt(4000, (int, float), _positive)
+    max_lifetime: float = _opt(432000, (int, float), _positive)
+    bounce_lifetime: float = _opt(432000, (int, float), _positive)
+
+
+@dataclass(frozen=True)
+class RouteConfig(NextHopConfig):
+    """A route: recipients in C{domains}, or messages whose context has C{context_key} = C{context_value}."""
+
+    name: str = _opt(None, str)
+    domains: tuple = _opt((), list)
+    context_key: str = _opt(None, str)
+    context_value: str = _opt(None, str)
 
 
 @dataclass(frozen=True)
@@ -169,6 +198,7 @@ class Config:
     admin: AdminConfig
     log: LogConfig
     listeners: tuple
+    routes: tuple = ()
 
 
 def _build(cls, table, where, fname, base):
@@ -221,7 +251,7 @@ def parse(text, path="<config>", base=None):
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("%s: %s" % (fname, e))
     sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig}
-    unknown = sorted(set(data) - set(sections) - {"listener"})
+    unknown = sorted(set(data) - set(sections) - {"listener", "route"})
     if unknown:
         raise ConfigError("%s: %s: unknown key" % (fname, unknown[0]))
     built = {name: _build(cls, data.get(name, {}), name, fname, base) for name, cls in sections.items()}
@@ -241,7 +271,28 @@ def parse(text, path="<config>", base=None):
             raise ConfigError("%s: listener[%d].%s: needs tls_certificate and tls_key" % (fname, i, key))
         if l.proxy_protocol and not l.proxy_trusted:
             raise ConfigError("%s: listener[%d].proxy_trusted: required with proxy_protocol" % (fname, i))
-    return Config(path=path, listeners=listeners, **built)
+    rawRoutes = data.get("route", [])
+    if not isinstance(rawRoutes, list):
+        raise ConfigError("%s: route: must be an array of tables ([[route]])" % (fname,))
+    routes = tuple(_build(RouteConfig, t, "route[%d]" % i, fname, base) for i, t in enumerate(rawRoutes))
+    for i, r in enumerate(routes):
+        if not r.domains and not r.context_key:
+            raise ConfigError("%s: route[%d]: needs domains or context_key" % (fname, i))
+        if (r.context_key is None) != (r.context_value is None):
+            raise ConfigError("%s: route[%d].context_value: context_key and context_value go together" % (fname, i))
+        if not r.smarthosts and not r.mx:
+            raise ConfigError("%s: route[%d]: needs smarthosts or mx = true" % (fname, i))
+    for where, hop in [("relay", built["relay"])] + [("route[%d]" % i, r) for i, r in enumerate(routes)]:
+        if hop.smarthosts and hop.mx:
+            raise ConfigError("%s: %s.mx: smarthosts and mx exclude each other" % (fname, where))
+        if (hop.auth_user is None) != (hop.auth_password is None):
+            raise ConfigError("%s: %s.auth_password: auth_user and auth_password go together" % (fname, where))
+    if built["relay"].resolver is not None:
+        try:
+            parseHostPort(built["relay"].resolver, 53)
+        except ValueError as e:
+            raise ConfigError("%s: relay.resolver: %s" % (fname, e))
+    return Config(path=path, listeners=listeners, routes=routes, **built)
 
 
 def load(path):

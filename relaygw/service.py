@@ -18,6 +18,7 @@ from relaygw.policy import loadPolicy
 from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
+from relaygw.relay.router import Router
 from relaygw.spool import Committer, Spool
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
@@ -131,10 +132,6 @@ class SMTPFactory(ServerFactory):
 def unsupported(config):
     """Keys whose behaviour this build does not have yet."""
     found = []
-    if config.relay.smarthosts:
-        found.append("relay.smarthosts")
-    if config.relay.mx:
-        found.append("relay.mx")
     if config.admin.endpoint:
         found.append("admin.endpoint")
     for i, l in enumerate(config.listeners):
@@ -155,9 +152,14 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.committer = Committer(reactor, config.spool.fsync)
         self.spool = Spool(config.spool.directory, self.committer)
-        self.queue = QueueManager(self.spool, self.route, reactor)
+        relay = config.relay
+        self.maildir = MaildirNextHop(relay.maildir, self.committer, reactor)
+        self.router = Router(config, reactor, self.maildir)
+        self.queue = QueueManager(self.spool, self.router, reactor, concurrency=relay.concurrency,
+                                  retryMin=relay.retry_min, retryMax=relay.retry_max,
+                                  lifetime=relay.max_lifetime, bounceLifetime=relay.bounce_lifetime,
+                                  hostname=relay.helo_name or config.listeners[0].hostname)
         self.queue.setServiceParent(self)
-        self.maildir = MaildirNextHop(config.relay.maildir, self.committer, reactor)
         self.factories = []
         TimerService(5, self._watchCertificates).setServiceParent(self)
         self.tlsSettings = []
@@ -198,9 +200,6 @@ class GatewayService(MultiService):
     def _watchCertificates(self):
         for tls in self.tlsSettings:
             tls.checkForChanges()
-
-    def route(self, message, recipient):
-        return self.maildir
 
     def startService(self):
         # The spool is opened (and what was never acknowledged discarded)

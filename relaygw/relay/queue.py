@@ -10,6 +10,7 @@ spool only when every recipient is done or bounced.
 """
 
 import collections
+import os
 import time
 
 from twisted.application.service import Service
@@ -17,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
 
 log = Logger(namespace="relaygw.queue")
@@ -34,7 +36,8 @@ class QueueManager(Service):
     name = "queue"
 
     def __init__(self, spool, router, reactor, concurrency=50, retryMin=300, retryMax=4000,
-                 lifetime=5 * 86400, bouncer=None, metrics=None):
+                 lifetime=5 * 86400, bounceLifetime=5 * 86400, hostname="localhost", metrics=None,
+                 pollInterval=2.0):
         self.spool = spool
         self.router = router
         self.reactor = reactor
@@ -42,8 +45,11 @@ class QueueManager(Service):
         self.retryMin = retryMin
         self.retryMax = retryMax
         self.lifetime = lifetime
-        self.bouncer = bouncer
+        self.bounceLifetime = bounceLifetime
+        self.hostname = hostname
         self.metrics = metrics
+        self.pollInterval = pollInterval
+        self._poller = None
         self.ready = collections.deque()
         self.queued = set()
         self.active = set()
@@ -56,9 +62,25 @@ class QueueManager(Service):
         for qid in self.recovered:
             self.enqueue(qid)
         self.recovered = []
+        self._poller = self.reactor.callLater(self.pollInterval, self._poll)
+
+    def _poll(self):
+        """Pick up requests from relaygw-queue (flush, release); never raises."""
+        try:
+            marker = os.path.join(self.spool.directory, "flush")
+            if os.path.exists(marker):
+                os.unlink(marker)
+                log.info("flush requested")
+                self.flush()
+        except Exception:
+            log.failure("queue poll failed")
+        if self.running:
+            self._poller = self.reactor.callLater(self.pollInterval, self._poll)
 
     def stopService(self):
         Service.stopService(self)
+        if self._poller is not None and self._poller.active():
+            self._poller.cancel()
         for t in self.timers.values():
             if t.active():
                 t.cancel()
@@ -145,7 +167,8 @@ class QueueManager(Service):
         now = time.time()
         rcpts = state["rcpts"]
         state["attempts"] = state.get("attempts", 0) + 1
-        expired = now - message.envelope.get("arrival", now) >= self.lifetime
+        lifetime = self.bounceLifetime if message.mailfrom == "" else self.lifetime
+        expired = now - message.envelope.get("arrival", now) >= lifetime
         bounced = {}
         errors = []
         for hop, results in outcomes:
@@ -168,15 +191,41 @@ class QueueManager(Service):
                     entry["status"] = DEFERRED
                     errors.append(result.describe())
                     log.info("{qid} to <{rcpt}> deferred: {result}", qid=qid, rcpt=r, result=result.describe())
-        if bounced and self.bouncer is not None:
-            self.bouncer(message, bounced)
         pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
+        d = self._bounce(message, bounced) if bounced else defer.succeed(None)
         if not pending:
-            self.spool.remove(qid)
-            return
+            return d.addCallback(lambda _: self.spool.remove(qid))
+        if not os.path.exists(message.path):
+            return d  # deleted with relaygw-queue meanwhile
         delay = min(self.retryMax, self.retryMin * (2 ** (state["attempts"] - 1)))
         state["next_attempt"] = now + delay
         state["last_error"] = errors[-1] if errors else ""
         self.spool.writeState(qid, state)
         if self.running:
             self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
+        return d
+
+    def _bounce(self, message, failures):
+        """
+        Queue an RFC 3464 bounce to the envelope sender.  Fires once it is
+        durable, so the original is never removed before its bounce exists.
+        A message with the null sender never bounces: it is logged and dropped.
+        """
+        if message.mailfrom == "":
+            log.warn("{qid}: undeliverable message with null sender dropped for {rcpts}",
+                     qid=message.queueId, rcpts=", ".join(failures))
+            return defer.succeed(None)
+        body = buildBounce(message, failures, self.hostname)
+        writer = self.spool.newMessage({
+            "mailfrom": "", "mail_params": {}, "recipients": [message.mailfrom], "arrival": time.time(),
+            "context": {"connection": {"bounce_for": message.queueId}, "message": {}},
+        })
+        writer.write(body)
+        d = writer.commit()
+
+        def queued(qid):
+            log.info("{qid}: bounce {bounce} queued to <{sender}>", qid=message.queueId, bounce=qid,
+                     sender=message.mailfrom)
+            self.enqueue(qid)
+
+        return d.addCallback(queued)

@@ -1,0 +1,92 @@
+"""
+Routing: which next hop a recipient of a message goes to.
+
+Routes are tried in order; the first whose recipient domain (or a parent
+domain) or validation-context key matches wins.  Otherwise the [relay]
+next hop applies: smarthosts, MX delivery, or the local Maildir.
+"""
+
+from relaygw import config as _config
+from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
+
+
+def _options(hop, heloName):
+    from relaygw.relay.client import DeliveryOptions
+
+    return DeliveryOptions(
+        heloName=heloName,
+        tls=hop.tls,
+        tlsHostname=None,
+        caFile=hop.tls_ca,
+        auth=(hop.auth_user, hop.auth_password) if hop.auth_user else None,
+        forwardIdentity=hop.forward_identity,
+        timeout=hop.command_timeout,
+    )
+
+
+class HopSpec:
+    """One configured destination: builds (and caches) its next-hop objects."""
+
+    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None):
+        self.name = name
+        self.hop = hop
+        self.reactor = reactor
+        self.heloName = heloName
+        self.resolver = resolver
+        self.fallback = fallback
+        self.cache = {}
+
+    def nextHop(self, domain):
+        hop = self.hop
+        if hop.smarthosts:
+            if None not in self.cache:
+                hosts = [_config.parseHostPort(h) for h in hop.smarthosts]
+                options = _options(hop, self.heloName)
+                # Verify a smarthost's certificate against the name it was configured with.
+                options.tlsHostname = hosts[0][0]
+                self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
+                                               smarthostList(hosts), options, hop.destination_concurrency)
+            return self.cache[None]
+        if hop.mx:
+            if domain not in self.cache:
+                options = _options(hop, self.heloName)
+                options.tlsHostname = domain
+                self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),
+                                                 options, hop.destination_concurrency)
+            return self.cache[domain]
+        return self.fallback
+
+
+class Router:
+    """C{router(message, recipient) -> INextHop}."""
+
+    def __init__(self, config, reactor, maildir):
+        relay = config.relay
+        heloName = relay.helo_name or config.listeners[0].hostname
+        self._resolver = None
+        self.relay = relay
+        self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir)
+        self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver))
+                       for i, r in enumerate(config.routes)]
+
+    def resolver(self):
+        if self._resolver is None:
+            from twisted.names import client
+
+            if self.relay.resolver:
+                self._resolver = client.Resolver(servers=[_config.parseHostPort(self.relay.resolver, 53)])
+            else:
+                self._resolver = client.createResolver()
+        return self._resolver
+
+    def __call__(self, message, recipient):
+        domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        context = message.context
+        for route, spec in self.routes:
+            if route.context_key is not None and context.get(route.context_key) == route.context_value:
+                return spec.nextHop(domain)
+            for d in route.domains:
+                d = d.lower().rstrip(".")
+                if domain == d or domain.endswith("." + d):
+                    return spec.nextHop(domain)
+        return self.default.nextHop(domain)

@@ -1,0 +1,139 @@
+"""
+Onward SMTP next hops: a smarthost list (tried in order with failover) or
+MX delivery for one recipient domain.
+
+Messages handed in while every connection to the destination is busy wait
+and go out together on the next free connection, so under load one
+connection carries many messages (the client pipelines them when the next
+hop offers PIPELINING).  The number of connections per destination is
+capped.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relaygw.relay import client as smtpclient
+from relaygw.relay import mx
+from relaygw.relay.nexthop import INextHop, Result, temporary
+
+log = Logger(namespace="relaygw.relay")
+
+
+def outbound(message):
+    """The delivery client's view of a spooled message."""
+    return smtpclient.OutboundMessage(
+        mailfrom=message.mailfrom,
+        recipients=list(message.recipients),
+        bodyPath=message.path,
+        bodyOffset=message.bodyOffset,
+        context=message.context,
+        size=message.envelope.get("size"),
+    )
+
+
+def _result(r):
+    return Result(r.code, r.enhanced, r.text)
+
+
+@implementer(INextHop)
+class SMTPNextHop:
+    """
+    @ivar hosts: C{hosts() -> Deferred[list[(host, port)]]}, the candidates
+        in order (a fixed smarthost list, or an MX lookup).
+    """
+
+    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deliver=None):
+        self.reactor = reactor
+        self.name = name
+        self.hosts = hosts
+        self.options = options
+        self.maxConnections = maxConnections
+        self.batch = batch
+        self._deliver = deliver or smtpclient.deliver
+        self.waiting = []
+        self.active = 0
+
+    def describe(self):
+        return self.name
+
+    def deliver(self, messages):
+        ds = []
+        for m in messages:
+            d = defer.Deferred()
+            self.waiting.append((m, d))
+            ds.append(d)
+        self._pump()
+        return defer.gatherResults(ds)
+
+    def _pump(self):
+        while self.waiting and self.active < self.maxConnections:
+            batch, self.waiting = self.waiting[: self.batch], self.waiting[self.batch:]
+            self.active += 1
+            d = self._send([m for m, _ in batch])
+            d.addBoth(self._sent, batch)
+
+    def _sent(self, results, batch):
+        self.active -= 1
+        for i, (m, d) in enumerate(batch):
+            if isinstance(results, list):
+                d.callback(results[i])
+            else:
+                log.failure("delivery via {hop} failed", results, hop=self.name)
+                d.callback({r: temporary("delivery failed: %s" % results.getErrorMessage())
+                            for r in m.recipients})
+        self._pump()
+
+    @defer.inlineCallbacks
+    def _send(self, messages):
+        """Try each candidate host in turn for what is still pending."""
+        final = [dict() for _ in messages]
+        try:
+            candidates = yield self.hosts()
+        except mx.NullMX:
+            return [{r: Result(556, "5.1.10", "domain does not accept mail (null MX)") for r in m.recipients}
+                    for m in messages]
+        except mx.NoSuchDomain:
+            return [{r: Result(550, "5.1.2", "recipient domain does not exist") for r in m.recipients}
+                    for m in messages]
+        except Exception as e:
+            return [{r: temporary("next hop lookup failed: %s" % (e,)) for r in m.recipients} for m in messages]
+        last = {}
+        pending = list(enumerate(messages))
+        for host, port in candidates:
+            if not pending:
+                break
+            results = yield self._deliver(self.reactor, host, port, [outbound(m) for _, m in pending],
+                                          self.options)
+            still = []
+            for (index, m), res in zip(pending, results):
+                retry = []
+                for rcpt in m.recipients:
+                    r = res.get(rcpt)
+                    if r is None:
+                        continue
+                    if r.ok or r.permanent:
+                        final[index][rcpt] = _result(r)
+                    else:
+                        last[(index, rcpt)] = _result(r)
+                        retry.append(rcpt)
+                if retry:
+                    still.append((index, m.narrowed(retry)))
+            pending = still
+        out = []
+        for index, m in enumerate(messages):
+            for rcpt in m.recipients:
+                if rcpt not in final[index]:
+                    final[index][rcpt] = last.get((index, rcpt), temporary("no next hop available"))
+            out.append(final[index])
+        return out
+
+
+def smarthostList(hosts):
+    """A C{hosts} provider for a fixed smarthost list."""
+    return lambda: defer.succeed(list(hosts))
+
+
+def mxHosts(resolver, domain):
+    """A C{hosts} provider that looks up the MX hosts of C{domain}."""
+    return lambda: mx.lookupNextHops(resolver, domain)
