@@ -114,6 +114,7 @@ class ListenerConfig:
     max_line_length: int = _opt(2048, int, _atLeast512)
     max_errors: int = _opt(20, int, _positive)
     greet_delay: float = _opt(0, (int, float), _nonNegative)
+    drain_timeout: float = _opt(30, (int, float), _nonNegative)
     bare_lf: str = _opt("normalize", str, _choice("normalize", "reject"))
     vrfy: bool = _opt(True, bool)
     policy: str = _opt("relaygw.policy.RelayAccessPolicy", str)

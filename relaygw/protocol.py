@@ -296,6 +296,9 @@ class SMTPSession(smtp.ESMTP):
                 self.reply(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
                 continue
             self.resetTimeout()
+            if self.factory.draining and not self.inTransaction and self.mode == COMMAND:
+                self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
+                return
             if self.mode == AUTH:
                 self._wait(self._authStep(line))
             else:
@@ -332,6 +335,23 @@ class SMTPSession(smtp.ESMTP):
         if isinstance(result, defer.Deferred):
             return result.addCallback(then)
         return then(result)
+
+    def drain(self):
+        """
+        The gateway is shutting down: an idle session is told 421 4.3.2
+        now; one inside a transaction may finish it first.
+        """
+        if self.mode == COMMAND and not self.inTransaction and self.waiting is None:
+            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
+
+    def shutDown(self):
+        """The drain timeout ran out: 421 4.3.2 and close, whatever the state."""
+        if self.mode != CLOSED:
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+            self.mode = COMMAND
+            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
 
     # -- state ---------------------------------------------------------
 

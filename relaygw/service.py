@@ -7,6 +7,7 @@ import collections
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -200,6 +201,53 @@ class GatewayService(MultiService):
     def _watchCertificates(self):
         for tls in self.tlsSettings:
             tls.checkForChanges()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """
+        Graceful drain, in order: stop accepting, let sessions in a
+        transaction finish until the drain timeout (idle ones get 421 4.3.2
+        at once), close the rest with 421 4.3.2, then stop the queue
+        manager and everything else.  The spool stays intact.
+        """
+        log.info("draining")
+        for f in self.factories:
+            f.draining = True
+        listeners = [svc for svc in self if svc.name and svc.name.startswith("listener:")]
+        yield defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in listeners])
+        for f in self.factories:
+            for session in list(f.sessions):
+                session.drain()
+        timeout = max([l.drain_timeout for l in self.config.listeners] or [0])
+        deadline = self.reactor.seconds() + timeout
+        while any(f.sessions for f in self.factories) and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
+        for f in self.factories:
+            for session in list(f.sessions):
+                session.shutDown()
+        yield MultiService.stopService(self)
+        log.info("stopped; spool intact")
+
+    def health(self):
+        """For /healthz: (ok, reason)."""
+        if any(f.draining for f in self.factories):
+            return False, "draining"
+        if not self.spool.writable():
+            return False, "spool not writable"
+        return True, "ok"
+
+    def setServiceParent(self, parent):
+        # twistd hands us the Application before it starts logging: a JSON
+        # log format is installed as the application's log observer.
+        if self.config.log.format == "json" and hasattr(parent, "setComponent"):
+            import sys
+
+            from twisted.logger import ILogObserver
+
+            from relaygw.logs import jsonLinesObserver
+
+            parent.setComponent(ILogObserver, jsonLinesObserver(sys.stdout))
+        MultiService.setServiceParent(self, parent)
 
     def startService(self):
         # The spool is opened (and what was never acknowledged discarded)

@@ -1,0 +1,170 @@
+"""
+Graceful drain, connection limits, and JSON logs from a real twistd.
+"""
+
+import json
+import os
+import signal
+import socket
+import time
+
+from twisted.internet import defer, reactor, task
+
+from relaygw.testing import Client, configText, freePort, inThread, runTwistd, waitForPort
+from tests.test_smtp import GatewayTestCase
+
+
+class DrainTests(GatewayTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"], "drain_timeout": 5}
+
+    @defer.inlineCallbacks
+    def test_midDataFinishesIdleRefusedNewRefused(self):
+        port = self.gw.port
+        busy = yield inThread(self._startData)
+        idle = yield inThread(self._idle)
+        stopping = self.gw.service.stopService()
+        # Give the drain a moment to close the listener and notify sessions.
+        yield task.deferLater(reactor, 0.3, lambda: None)
+
+        def check():
+            code, lines = idle.reply()
+            self.assertEqual((code, lines[0][:6]), (421, "4.3.2 "))
+            self.assertTrue(idle.closed())
+            with self.assertRaises(OSError):
+                Client(port, timeout=2).reply()
+            busy.send("Subject: drain\r\n\r\nfinished during drain\r\n.\r\n")
+            code, lines = busy.reply()
+            self.assertEqual(code, 250)
+            code, lines = busy.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual((code, lines[0][:6]), (421, "4.3.2 "))
+            return lines
+
+        yield inThread(check)
+        yield stopping
+        self.assertFalse(self.gw.service.health()[0])
+        spool = self.gw.service.spool
+        delivered = len(os.listdir(self.gw.outbox))
+        self.assertEqual(delivered + len(spool.queueIds()), 1)
+        self.gw.stop = lambda: None
+
+    def _startData(self):
+        c = Client(self.gw.port)
+        self.addCleanup(c.close)
+        c.reply()
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        assert c.cmd("DATA")[0] == 354
+        return c
+
+    def _idle(self):
+        c = Client(self.gw.port)
+        self.addCleanup(c.close)
+        c.reply()
+        c.cmd("EHLO idle")
+        return c
+
+    @defer.inlineCallbacks
+    def test_drainTimeoutClosesStragglers(self):
+        # drain_timeout is 5 s here; use a short one:
+        object.__setattr__(self.gw.service.config.listeners[0], "drain_timeout", 0.5)
+        busy = yield inThread(self._startData)
+        started = time.monotonic()
+        yield self.gw.service.stopService()
+        self.assertLess(time.monotonic() - started, 3)
+
+        def check():
+            code, lines = busy.reply()
+            self.assertEqual((code, lines[0][:6]), (421, "4.3.2 "))
+            self.assertTrue(busy.closed())
+
+        yield inThread(check)
+        self.assertEqual(self.gw.service.spool.queueIds(), [])
+        self.gw.stop = lambda: None
+
+
+class LimitTests(GatewayTestCase):
+    listener = {"max_connections_per_ip": 2, "max_connections": 3}
+
+    def test_perIPLimit(self):
+        def run():
+            held = [self.client() for _ in range(2)]
+            for c in held:
+                self.assertEqual(c.reply()[0], 220)
+            extra = self.client()
+            code, lines = extra.reply()
+            self.assertEqual((code, lines[0][:6]), (421, "4.7.0 "))
+            self.assertTrue(extra.closed())
+            held[0].cmd("QUIT")
+            held[0].closed()
+            time.sleep(0.2)
+            again = self.client()
+            self.assertEqual(again.reply()[0], 220)
+
+        return inThread(run)
+
+
+class RateTests(GatewayTestCase):
+    listener = {"connection_rate_per_ip": 3}
+
+    def test_connectionRate(self):
+        def run():
+            replies = []
+            for _ in range(4):
+                c = self.client()
+                replies.append(c.reply()[0])
+                c.close()
+            self.assertEqual(replies, [220, 220, 220, 421])
+
+        return inThread(run)
+
+
+class TwistdLifecycleTests(GatewayTestCase.__bases__[0]):
+    """SIGTERM drains a real twistd process; JSON logs carry the session id."""
+
+    timeout = 60
+
+    def test_sigtermAndJsonLogs(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, log={"format": "json"}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
+                "drain_timeout": 10},)))
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                c = Client(port)
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("MAIL FROM:<a@example.org>")
+                c.cmd("RCPT TO:<b@example.net>")
+                c.cmd("DATA")
+                p.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                c.send("Subject: t\r\n\r\nx\r\n.\r\n")
+                self.assertEqual(c.reply()[0], 250)
+                self.assertEqual(c.cmd("NOOP")[0], 421)
+                # twistd re-raises the signal that stopped it once the drain is done.
+                self.assertIn(p.wait(30), (0, -signal.SIGTERM))
+                out = p.stdout.read().decode()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                p.stdout.close()
+            events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            self.assertTrue(events, out)
+            queued = [e for e in events if " queued " in e["message"]]
+            self.assertEqual(len(queued), 1)
+            self.assertTrue(queued[0]["session"])
+            self.assertIn(queued[0]["session"], queued[0]["message"])
+            self.assertEqual(queued[0]["rcpts"], "<b@example.net>")
+            self.assertEqual(queued[0]["level"], "info")
+            self.assertTrue(any(e["message"] == "stopped; spool intact" for e in events))
+
+        return inThread(run)
