@@ -172,7 +172,7 @@ class SMTPSession(smtp.ESMTP):
         if self.avatar is not None:
             self.avatar = None
         self.factory.sessionEnded(self)
-        log.info("[{session}] disconnect", session=self.sessionId)
+        log.debug("[{session}] disconnect", session=self.sessionId)
 
     def timeoutConnection(self):
         log.info("[{session}] idle timeout", session=self.sessionId)

@@ -30,8 +30,17 @@ log = Logger(namespace="relaygw.service")
 class NullMetrics:
     """Metrics sink used when no admin endpoint is configured."""
 
-    def __getattr__(self, name):
-        return lambda *a, **kw: None
+    def connection(self, listener, delta):
+        pass
+
+    def event(self, listener, kind, *labels):
+        pass
+
+    def queued(self, listener, size, seconds):
+        pass
+
+    def delivery(self, hop, result):
+        pass
 
 
 class SMTPFactory(ServerFactory):

@@ -54,19 +54,49 @@ def fsyncDirectory(path):
 
 
 class CommitJob:
-    """Make C{tmpPath} durable, then rename it to C{finalPath}."""
+    """
+    Make a file durable, then rename it to C{finalPath}.
 
-    def __init__(self, tmpPath, finalPath, fd=None):
+    The file is either already open (C{fd}), or is created in the disk
+    thread from C{data} (bytes, or a callable returning the bytes to write
+    or a list of chunks), so the reactor thread never waits on the journal.
+    """
+
+    def __init__(self, tmpPath, finalPath, fd=None, data=None):
         self.tmpPath = tmpPath
         self.finalPath = finalPath
         self.fd = fd
+        self.data = data
+
+    def prepare(self):
+        """Runs in the disk thread: create and fill the file if needed."""
+        if self.fd is not None or self.data is None:
+            return
+        data = self.data() if callable(self.data) else self.data
+        self.data = None
+        self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        for chunk in [data] if isinstance(data, bytes) else data:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(self.fd, view):]
+
+    def abandon(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.tmpPath)
+        except OSError:
+            pass
 
 
 class Committer:
     """
-    Group commit: every job handed in while a batch is being synced waits
-    for the next batch, so one sync covers all the messages that finished
-    at about the same time.  The syncing runs in a thread of its own.
+    The disk thread, with group commit: every job handed in while a batch
+    is being synced waits for the next batch, so one sync covers all the
+    messages that finished at about the same time.  Files are created,
+    synced, renamed and removed in this one thread, so the reactor thread
+    never blocks on file-system metadata.
 
     @ivar mode: C{"grouped"} syncs the whole file system once per batch with
         C{syncfs(2)} (falling back to one C{fsync} per file); C{"each"} fsyncs
@@ -77,7 +107,10 @@ class Committer:
         self.reactor = reactor
         self.mode = mode
         self._pending = []
+        self._unlinks = []
         self._busy = False
+        self._thread = None
+        self._work = None
         self.batches = 0
         self.jobs = 0
         self.syncSeconds = 0.0
@@ -86,75 +119,81 @@ class Committer:
         """Queue C{job}; the Deferred fires once it is durable and renamed."""
         d = defer.Deferred()
         self._pending.append((job, d))
-        if not self._busy:
-            self._next()
+        self._kick()
         return d
 
-    def _next(self):
+    def unlink(self, paths):
+        """Remove files in the disk thread (no sync needed); fires when done."""
+        d = defer.Deferred()
+        self._unlinks.append((paths, d))
+        self._kick()
+        return d
+
+    def _kick(self):
+        if self._busy:
+            return
         batch, self._pending = self._pending, []
-        if not batch:
-            self._busy = False
+        unlinks, self._unlinks = self._unlinks, []
+        if not batch and not unlinks:
             return
         self._busy = True
-        result = {}
+        if self._thread is None:
+            import queue
 
-        def work():
+            self._work = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="relaygw-disk", daemon=True)
+            self._thread.start()
+        self._work.put((batch, unlinks))
+
+    def _run(self):
+        while True:
+            batch, unlinks = self._work.get()
             started = time.monotonic()
+            results = []
+            for paths, _ in unlinks:
+                for p in paths:
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
             try:
-                self._sync([job for job, _ in batch])
-                result["ok"] = True
+                if batch:
+                    self._sync([job for job, _ in batch])
+                error = None
             except BaseException as e:  # reported on the reactor thread
-                result["error"] = e
-            result["seconds"] = time.monotonic() - started
-            self.reactor.callFromThread(done)
+                error = e
+                for job, _ in batch:
+                    job.abandon()
+            self.reactor.callFromThread(self._done, batch, unlinks, error, time.monotonic() - started)
 
-        def done():
+    def _done(self, batch, unlinks, error, seconds):
+        self._busy = False
+        if batch:
             self.batches += 1
             self.jobs += len(batch)
-            self.syncSeconds += result["seconds"]
-            for _, d in batch:
-                if "error" in result:
-                    d.errback(result["error"])
-                else:
-                    d.callback(None)
-            self._next()
-
-        threading.Thread(target=work, name="relaygw-committer", daemon=True).start()
+            self.syncSeconds += seconds
+        for _, d in unlinks:
+            d.callback(None)
+        for _, d in batch:
+            if error is not None:
+                d.errback(error)
+            else:
+                d.callback(None)
+        self._kick()
 
     def _sync(self, jobs):
-        """Runs in the committer thread: data, renames, then directories."""
-        synced = False
-        if self.mode == "grouped":
-            fd = jobs[0].fd if jobs[0].fd is not None else os.open(os.path.dirname(jobs[0].tmpPath), os.O_RDONLY)
-            try:
-                synced = _syncfs(fd)
-            finally:
-                if jobs[0].fd is None:
-                    os.close(fd)
+        """Runs in the disk thread: create, sync data, rename, sync directories."""
         for job in jobs:
-            if job.fd is not None:
-                if not synced:
-                    os.fsync(job.fd)
-                os.close(job.fd)
-                job.fd = None
-            elif not synced:
-                fd = os.open(job.tmpPath, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            job.prepare()
+        synced = self.mode == "grouped" and _syncfs(jobs[0].fd)
+        for job in jobs:
+            if not synced:
+                os.fsync(job.fd)
+            os.close(job.fd)
+            job.fd = None
             os.rename(job.tmpPath, job.finalPath)
         for d in sorted({os.path.dirname(job.finalPath) for job in jobs}):
             fsyncDirectory(d)
-
-    def syncNow(self, paths):
-        """Synchronously make small files durable (start-up and tools)."""
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 _counter = 0
@@ -209,54 +248,65 @@ class SpooledMessage:
 
 class MessageWriter:
     """
-    Streams one incoming message into C{tmp/}: the envelope line first (all
-    of it is known when DATA starts), then the content through L{write}.
-    The content size is the file size past the envelope line.
+    Receives one incoming message: the envelope line first (all of it is
+    known when DATA starts), then the content through L{write}.  Content
+    stays in memory up to C{SPILL} octets and is written out by the disk
+    thread at commit; a larger message is streamed into C{tmp/ID} as it
+    arrives, so memory stays flat whatever the message size.
     """
+
+    SPILL = 256 * 1024
 
     def __init__(self, spool, queueId, envelope):
         self.spool = spool
         self.queueId = queueId
         self.tmpPath = spool.path("tmp", queueId)
-        self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.fd = None
         self.size = 0
         self._chunks = [json.dumps(envelope, separators=(",", ":")).encode("utf-8") + b"\n"]
         self._buffered = len(self._chunks[0])
 
     def write(self, data):
-        """Append content; small writes are coalesced."""
+        """Append content."""
         self._chunks.append(data)
         self._buffered += len(data)
         self.size += len(data)
-        if self._buffered >= 65536:
+        if self._buffered >= self.SPILL:
+            if self.fd is None:
+                self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             self._flush()
 
     def _flush(self):
-        if self._chunks:
-            data = b"".join(self._chunks)
-            self._chunks, self._buffered = [], 0
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+        data = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
 
     def commit(self):
         """Make the message durable and move it into C{queue/}; fires with the queue id."""
-        self._flush()
-        fd, self.fd = self.fd, None
-        d = self.spool.committer.commit(CommitJob(self.tmpPath, self.spool.path("queue", self.queueId), fd))
+        final = self.spool.path("queue", self.queueId)
+        if self.fd is None:
+            job = CommitJob(self.tmpPath, final, data=self._chunks)
+        else:
+            self._flush()
+            job = CommitJob(self.tmpPath, final, fd=self.fd)
+        self.fd = None
+        self._chunks = []
+        d = self.spool.committer.commit(job)
         d.addCallback(lambda _: self.queueId)
         return d
 
     def abort(self):
         """Throw the partial message away."""
+        self._chunks = []
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        try:
-            os.unlink(self.tmpPath)
-        except OSError:
-            pass
+            try:
+                os.unlink(self.tmpPath)
+            except OSError:
+                pass
 
 
 class Spool:
@@ -325,10 +375,16 @@ class Spool:
         return os.path.exists(self.path("hold", queueId))
 
     def remove(self, queueId):
-        """Delivery finished: the message leaves the spool."""
-        for area in ("queue", "state", "hold"):
+        """
+        Delivery finished: the message leaves the spool.  Through the disk
+        thread when there is one (a Deferred), else at once.
+        """
+        paths = [self.path(area, queueId) for area in ("queue", "state", "hold")]
+        if self.committer is not None:
+            return self.committer.unlink(paths)
+        for p in paths:
             try:
-                os.unlink(self.path(area, queueId))
+                os.unlink(p)
             except FileNotFoundError:
                 pass
 

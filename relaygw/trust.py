@@ -6,9 +6,11 @@ socket peer, the PROXY source from a trusted balancer, a verified client
 certificate) and kept apart from the identity that the trusted verbs rewrite.
 """
 
+import functools
 import ipaddress
 
 
+@functools.lru_cache(maxsize=4096)
 def canonicalIP(text):
     """
     Parse an IP address (optionally C{IPv6:}-prefixed) into its canonical

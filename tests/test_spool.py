@@ -25,7 +25,8 @@ class SpoolTests(unittest.TestCase):
         w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
                                    "context": {"connection": {"remote_ip": "192.0.2.1"}}})
         w.write(b"Subject: x\r\n\r\nbody\r\n")
-        self.assertTrue(os.path.exists(self.spool.path("tmp", w.queueId)))
+        # A small message stays in memory until the disk thread writes it.
+        self.assertFalse(os.path.exists(self.spool.path("tmp", w.queueId)))
         qid = yield w.commit()
         self.assertEqual(self.spool.queueIds(), [qid])
         self.assertFalse(os.path.exists(self.spool.path("tmp", qid)))
@@ -36,6 +37,18 @@ class SpoolTests(unittest.TestCase):
         with open(m.path, "rb") as f:
             f.seek(m.bodyOffset)
             self.assertEqual(f.read(), b"Subject: x\r\n\r\nbody\r\n")
+
+    @defer.inlineCallbacks
+    def test_largeMessageStreamsToDisk(self):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        chunk = b"y" * 65536
+        for _ in range(64):
+            w.write(chunk)
+            # Never more than the spill threshold held in memory.
+            self.assertLess(w._buffered, w.SPILL + len(chunk))
+        qid = yield w.commit()
+        m = self.spool.load(qid)
+        self.assertEqual(m.envelope["size"], 64 * 65536)
 
     @defer.inlineCallbacks
     def test_concurrentCommitsShareSyncs(self):
@@ -52,8 +65,8 @@ class SpoolTests(unittest.TestCase):
 
     def test_openDiscardsUnacknowledged(self):
         w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
-        w.write(b"partial")
-        w._flush()
+        w.write(b"x" * (w.SPILL + 1))  # large: streamed into tmp/ as it arrives
+        self.assertTrue(os.path.exists(self.spool.path("tmp", w.queueId)))
         with open(self.spool.path("state", "orphan"), "w") as f:
             f.write("{}")
         self.assertEqual(Spool(self.dir, self.spool.committer).open(), [])
@@ -67,7 +80,7 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual(self.spool.readState(qid), {})
         self.spool.writeState(qid, {"rcpts": {"r@example.net": {"status": "done"}}})
         self.assertEqual(self.spool.readState(qid)["rcpts"]["r@example.net"]["status"], "done")
-        self.spool.remove(qid)
+        yield self.spool.remove(qid)
         self.assertEqual(self.spool.queueIds(), [])
         self.assertEqual(self.spool.readState(qid), {})
 

@@ -10,7 +10,6 @@ import os
 import socket
 import time
 
-from twisted.internet import threads
 from twisted.internet.defer import gatherResults
 from zope.interface import implementer
 
@@ -37,38 +36,27 @@ class MaildirNextHop:
         _seq += 1
         return "%d.%s_%d.%s" % (time.time(), queueId, _seq, socket.gethostname().replace("/", "_"))
 
-    def _copy(self, message, name):
-        tmp = os.path.join(self.directory, "tmp", name)
+    def _content(self, message):
+        """Runs in the disk thread: the envelope headers, then the message, streamed."""
         head = "Return-Path: <%s>\r\nX-Envelope-To: %s\r\n" % (
             message.mailfrom, ", ".join("<%s>" % r for r in message.recipients))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            os.write(fd, head.encode("utf-8", "replace"))
-            with open(message.path, "rb") as src:
-                src.seek(message.bodyOffset)
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        return CommitJob(tmp, os.path.join(self.directory, "new", name), fd)
+        yield head.encode("utf-8", "replace")
+        with open(message.path, "rb") as src:
+            src.seek(message.bodyOffset)
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                yield chunk
 
     def deliver(self, messages):
         """Deliver each message; results are per recipient, all 250 on success."""
+
         def one(message):
             name = self._uniqueName(message.queueId)
-            if message.envelope.get("size", 0) < (1 << 20):
-                job = self._copy(message, name)
-                d = self.committer.commit(job)
-            else:
-                d = threads.deferToThread(self._copy, message, name)
-                d.addCallback(self.committer.commit)
+            job = CommitJob(os.path.join(self.directory, "tmp", name), os.path.join(self.directory, "new", name),
+                            data=lambda: self._content(message))
+            d = self.committer.commit(job)
             d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name)
                                      for r in message.recipients})
             return d

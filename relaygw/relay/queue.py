@@ -141,8 +141,7 @@ class QueueManager(Service):
         rcpts = state.setdefault("rcpts", {})
         pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
         if not pending:
-            self.spool.remove(qid)
-            return None
+            return self.spool.remove(qid)
         groups = collections.OrderedDict()
         for r in pending:
             groups.setdefault(self.router(message, r), []).append(r)
