@@ -7,6 +7,7 @@ reply text into wire lines.  Text is sanitised there, so no value that reaches
 a reply (a client-supplied string, a context value) can inject extra lines.
 """
 
+import functools
 import re
 from dataclasses import dataclass, replace
 
@@ -41,7 +42,7 @@ class Reply:
 
     def format(self, **fields):
         """A copy with the named fields filled into the text (each escaped)."""
-        return replace(self, text=self.text.format(**{k: escape(v) for k, v in fields.items()}))
+        return _format(self, tuple(fields.items()))
 
     def withText(self, text):
         return replace(self, text=text)
@@ -55,6 +56,11 @@ class Reply:
         return self.code < 400
 
 
+@functools.lru_cache(maxsize=1024)
+def _format(reply, items):
+    return replace(reply, text=reply.text.format(**{k: escape(v) for k, v in items}))
+
+
 def render(code, enhanced, lines, enhancedEnabled=True):
     """
     Render a reply as wire bytes: every line gets the code (with C{-} on all
@@ -62,7 +68,16 @@ def render(code, enhanced, lines, enhancedEnabled=True):
     advertises ENHANCEDSTATUSCODES.  Each line is escaped.
     """
     if isinstance(lines, str):
-        lines = [lines]
+        return _renderOne(code, enhanced, lines, enhancedEnabled)
+    return _render(code, enhanced, lines, enhancedEnabled)
+
+
+@functools.lru_cache(maxsize=1024)
+def _renderOne(code, enhanced, line, enhancedEnabled):
+    return _render(code, enhanced, [line], enhancedEnabled)
+
+
+def _render(code, enhanced, lines, enhancedEnabled=True):
     lines = list(lines) or [""]
     prefix = "%s " % (enhanced,) if (enhanced and enhancedEnabled) else ""
     out = []

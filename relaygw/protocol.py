@@ -600,7 +600,7 @@ class SMTPSession(smtp.ESMTP):
             return d
 
         def queued(qid, started):
-            self.factory.messageQueued(self, qid, writer.size, time.monotonic() - started)
+            self.factory.messageQueued(self, writer.message, time.monotonic() - started)
             log.info(
                 "[{session}] queued {qid} from <{mailfrom}> to {rcpts} size {size}",
                 session=self.sessionId, qid=qid, mailfrom=self.mailfrom,

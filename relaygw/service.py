@@ -133,10 +133,10 @@ class SMTPFactory(ServerFactory):
     def stats(self, kind, *labels):
         self.metrics.event(self.listener.name, kind, *labels)
 
-    def messageQueued(self, session, queueId, size, seconds):
-        self.metrics.queued(self.listener.name, size, seconds)
+    def messageQueued(self, session, message, seconds):
+        self.metrics.queued(self.listener.name, message.envelope["size"], seconds)
         if self.onQueued is not None:
-            self.onQueued(queueId)
+            self.onQueued(message.queueId, message)
 
 
 def unsupported(config):

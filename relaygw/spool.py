@@ -263,8 +263,9 @@ class MessageWriter:
         self.tmpPath = spool.path("tmp", queueId)
         self.fd = None
         self.size = 0
+        self.envelope = envelope
         self._chunks = [json.dumps(envelope, separators=(",", ":")).encode("utf-8") + b"\n"]
-        self._buffered = len(self._chunks[0])
+        self._buffered = self.bodyOffset = len(self._chunks[0])
 
     def write(self, data):
         """Append content."""
@@ -293,9 +294,15 @@ class MessageWriter:
             job = CommitJob(self.tmpPath, final, fd=self.fd)
         self.fd = None
         self._chunks = []
+        self.envelope["size"] = self.size
         d = self.spool.committer.commit(job)
         d.addCallback(lambda _: self.queueId)
         return d
+
+    @property
+    def message(self):
+        """The committed message, without reading it back from disk."""
+        return SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset)
 
     def abort(self):
         """Throw the partial message away."""

@@ -55,6 +55,7 @@ class QueueManager(Service):
         self.active = set()
         self.timers = {}
         self.recovered = []
+        self.fresh = {}
         self._idle = []
 
     def startService(self):
@@ -95,8 +96,13 @@ class QueueManager(Service):
         self._idle.append(d)
         return d
 
-    def enqueue(self, queueId):
-        """Schedule a delivery attempt for C{queueId} now."""
+    def enqueue(self, queueId, message=None):
+        """
+        Schedule a delivery attempt for C{queueId} now.  A message just
+        accepted is handed in as well, so it needn't be read back.
+        """
+        if message is not None:
+            self.fresh[queueId] = message
         timer = self.timers.pop(queueId, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -131,13 +137,17 @@ class QueueManager(Service):
         self._pump()
 
     def _attempt(self, qid):
+        message = self.fresh.pop(qid, None)
         try:
-            message = self.spool.load(qid)
+            if message is None:
+                message = self.spool.load(qid)
+                state = self.spool.readState(qid)
+            else:
+                state = {}  # just accepted: no progress yet
         except FileNotFoundError:
             return None  # deleted meanwhile (relaygw-queue delete)
         if self.spool.isHeld(qid):
             return None
-        state = self.spool.readState(qid)
         rcpts = state.setdefault("rcpts", {})
         pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
         if not pending:
