@@ -187,8 +187,14 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ProcessConfig:
+    workers: int = _opt(1, int, _positive)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = _opt("text", str, _choice("text", "json"))
+    level: str = _opt("info", str, _choice("debug", "info", "warn", "error"))
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,7 @@ class Config:
     relay: RelayConfig
     admin: AdminConfig
     log: LogConfig
+    process: ProcessConfig
     listeners: tuple
     routes: tuple = ()
 
@@ -251,7 +258,8 @@ def parse(text, path="<config>", base=None):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("%s: %s" % (fname, e))
-    sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig}
+    sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig,
+                "process": ProcessConfig}
     unknown = sorted(set(data) - set(sections) - {"listener", "route"})
     if unknown:
         raise ConfigError("%s: %s: unknown key" % (fname, unknown[0]))
@@ -293,6 +301,12 @@ def parse(text, path="<config>", base=None):
             parseHostPort(built["relay"].resolver, 53)
         except ValueError as e:
             raise ConfigError("%s: relay.resolver: %s" % (fname, e))
+    if built["process"].workers > 1:
+        from relaygw.workers import parseTCP
+
+        for i, l in enumerate(listeners):
+            if parseTCP(l.endpoint) is None:
+                raise ConfigError("%s: listener[%d].endpoint: workers > 1 needs a plain tcp: endpoint" % (fname, i))
     return Config(path=path, listeners=listeners, routes=routes, **built)
 
 

@@ -5,11 +5,16 @@ session id among them).
 """
 
 import json
+import time
 
-from twisted.logger import formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
 from zope.interface import provider
-
-from twisted.logger import ILogObserver
 
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -35,3 +40,27 @@ def jsonLinesObserver(outFile):
         outFile.flush()
 
     return observe
+
+
+def textLinesObserver(outFile):
+    """An L{ILogObserver} writing one compact text line per event."""
+
+    @provider(ILogObserver)
+    def observe(event):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
+        level = getattr(event.get("log_level"), "name", "-")
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        outFile.write("%sZ %s [%s] %s\n" % (stamp, level, event.get("log_namespace", "-"), text))
+        outFile.flush()
+
+    return observe
+
+
+def makeObserver(outFile, format="text", level="info"):
+    """The gateway's log observer: text or JSON lines, at C{level} and above."""
+    base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    return FilteringLogObserver(base, [predicate])

@@ -113,7 +113,7 @@ class SMTPSession(smtp.ESMTP):
         self.ctx.update(trusted=self.trusted)
         f.sessionStarted(self)
         self.setTimeout(self.listener.idle_timeout)
-        log.info(
+        log.debug(
             "[{session}] connect from [{ip}]:{port} on {listener} trusted={trusted}",
             session=self.sessionId, ip=ip, port=self.ctx["remote_port"],
             listener=self.listener.name, trusted=self.trusted,
@@ -602,9 +602,10 @@ class SMTPSession(smtp.ESMTP):
         def queued(qid, started):
             self.factory.messageQueued(self, writer.message, time.monotonic() - started)
             log.info(
-                "[{session}] queued {qid} from <{mailfrom}> to {rcpts} size {size}",
+                "[{session}] queued {qid} from <{mailfrom}> to {rcpts} size {size} client {client}[{ip}]",
                 session=self.sessionId, qid=qid, mailfrom=self.mailfrom,
                 rcpts=",".join("<%s>" % r for r in self.rcpts), size=writer.size,
+                client=self.ctx.get("remote_name"), ip=self.ctx.get("remote_ip"),
             )
             self.ctx.update(connection_message_count=self.ctx["connection_message_count"] + 1)
             self.resetTransaction()

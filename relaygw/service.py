@@ -4,6 +4,7 @@ service per listener and, when configured, the admin endpoint.
 """
 
 import collections
+import os
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -23,6 +24,7 @@ from relaygw.relay.router import Router
 from relaygw.spool import Committer, Spool
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
+from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, workerArgv
 
 log = Logger(namespace="relaygw.service")
 
@@ -156,12 +158,17 @@ class GatewayService(MultiService):
 
     installSignals = False
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, worker=0, workerArgv=None):
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self.worker = worker
+        self.workers = config.process.workers
         self.committer = Committer(reactor, config.spool.fsync)
-        self.spool = Spool(config.spool.directory, self.committer)
+        directory = config.spool.directory
+        if self.workers > 1:
+            directory = os.path.join(directory, "w%d" % worker)
+        self.spool = Spool(directory, self.committer)
         relay = config.relay
         self.maildir = MaildirNextHop(relay.maildir, self.committer, reactor)
         self.router = Router(config, reactor, self.maildir)
@@ -172,6 +179,8 @@ class GatewayService(MultiService):
         self.queue.setServiceParent(self)
         self.factories = []
         TimerService(5, self._watchCertificates).setServiceParent(self)
+        if self.workers > 1 and worker == 0 and workerArgv:
+            WorkerSupervisor(reactor, self.workers, workerArgv).setServiceParent(self)
         self.tlsSettings = []
         for listener in config.listeners:
             tls = self._serverTLS(listener)
@@ -181,7 +190,10 @@ class GatewayService(MultiService):
             factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue,
                                   portal=portal, tls=tls)
             self.factories.append(factory)
-            endpoint = serverFromString(reactor, listener.endpoint)
+            if self.workers > 1:
+                endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))
+            else:
+                endpoint = serverFromString(reactor, listener.endpoint)
             wrapped = factory
             if listener.implicit_tls:
                 wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
@@ -246,21 +258,40 @@ class GatewayService(MultiService):
         return True, "ok"
 
     def setServiceParent(self, parent):
-        # twistd hands us the Application before it starts logging: a JSON
-        # log format is installed as the application's log observer.
-        if self.config.log.format == "json" and hasattr(parent, "setComponent"):
+        # twistd hands us the Application before it starts logging: our
+        # observer (text or JSON lines, filtered by level) becomes the
+        # application's log observer.
+        if hasattr(parent, "setComponent"):
             import sys
 
             from twisted.logger import ILogObserver
 
-            from relaygw.logs import jsonLinesObserver
+            from relaygw.logs import makeObserver
 
-            parent.setComponent(ILogObserver, jsonLinesObserver(sys.stdout))
+            parent.setComponent(ILogObserver, makeObserver(sys.stdout, self.config.log.format,
+                                                           self.config.log.level))
         MultiService.setServiceParent(self, parent)
+
+    def _adoptOrphanPartitions(self):
+        """Worker 0 takes over the spool partitions of workers that no longer exist."""
+        base = self.config.spool.directory
+        if not os.path.isdir(base):
+            return
+        for name in os.listdir(base):
+            if name[:1] == "w" and name[1:].isdigit() and int(name[1:]) >= self.workers:
+                for area in ("queue", "state", "hold"):
+                    src = os.path.join(base, name, area)
+                    for entry in os.listdir(src) if os.path.isdir(src) else ():
+                        os.rename(os.path.join(src, entry), self.spool.path(area, entry))
+                log.info("adopted spool partition {name}", name=name)
 
     def startService(self):
         # The spool is opened (and what was never acknowledged discarded)
         # before any listener accepts a connection.
+        if self.workers > 1 and self.worker == 0:
+            os.makedirs(self.spool.directory, exist_ok=True)
+            self.spool.open()
+            self._adoptOrphanPartitions()
         self.queue.recovered = self.spool.open()
         if self.queue.recovered:
             log.info("recovered {n} queued messages", n=len(self.queue.recovered))
@@ -271,7 +302,7 @@ class GatewayService(MultiService):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reloadCertificates))
 
 
-def makeService(config, reactor=None):
+def makeService(config, reactor=None, worker=0, configPath=None):
     """The gateway's service tree for a validated config."""
     if reactor is None:
         from twisted.internet import reactor
@@ -284,7 +315,7 @@ def makeService(config, reactor=None):
         if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
                      name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
-    return GatewayService(config, reactor)
+    return GatewayService(config, reactor, worker, workerArgv(configPath))
 
 
 def _boundLocally(endpoint):

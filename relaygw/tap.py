@@ -18,6 +18,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "The TOML config file (default: the embedded default config)."],
+        ["worker", None, "0", "Internal: the index of this worker process ([process] workers > 1)."],
     ]
     optFlags = [
         ["check-config", None, "Validate the config file, print the result and exit (0 if valid)."],
@@ -43,7 +44,7 @@ def makeService(options):
     from relaygw.service import makeService as build
 
     try:
-        service = build(options.config)
+        service = build(options.config, worker=int(options["worker"]), configPath=options["config"])
         service.installSignals = True
         return service
     except _config.ConfigError as e:
