@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from relaygw import codes, trust
 from relaygw.auth import makePortal
 from relaygw.policy import loadPolicy
+from relaygw.proxy import ProxyProtocolFactory
 from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
@@ -146,10 +147,6 @@ def unsupported(config):
     found = []
     if config.admin.endpoint:
         found.append("admin.endpoint")
-    for i, l in enumerate(config.listeners):
-        for key in ("proxy_protocol",):
-            if getattr(l, key):
-                found.append("listener[%d].%s" % (i, key))
     return found
 
 
@@ -197,6 +194,10 @@ class GatewayService(MultiService):
             wrapped = factory
             if listener.implicit_tls:
                 wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
+            if listener.proxy_protocol:
+                # The PROXY header comes first, then (implicit) TLS, then SMTP.
+                wrapped = ProxyProtocolFactory(wrapped, trust.Networks(listener.proxy_trusted).__contains__,
+                                               listener.proxy_timeout, reactor)
             svc = StreamServerEndpointService(endpoint, wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)

@@ -39,6 +39,9 @@ def receivedHeader(context, hostname, queueId, recipients, now=None):
     peer = context.get("peer_ip")
     if peer and (context.get("overridden") or peer != ip):
         lines.append("\t(via [%s] port %s)" % (_addressLiteral(_clean(peer)), _clean(context.get("peer_port", ""))))
+    balancer = context.get("proxy_peer_ip")
+    if balancer:
+        lines.append("\t(proxied by [%s])" % (_addressLiteral(_clean(balancer)),))
     with_ = withProtocol(context)
     detail = ""
     if context.get("tls"):
