@@ -5,6 +5,7 @@ service per listener and, when configured, the admin endpoint.
 
 import collections
 import os
+import time
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
@@ -142,14 +143,6 @@ class SMTPFactory(ServerFactory):
             self.onQueued(message.queueId, message)
 
 
-def unsupported(config):
-    """Keys whose behaviour this build does not have yet."""
-    found = []
-    if config.admin.endpoint:
-        found.append("admin.endpoint")
-    return found
-
-
 class GatewayService(MultiService):
     """The whole gateway; holds the pieces tests and the admin endpoint need."""
 
@@ -178,6 +171,19 @@ class GatewayService(MultiService):
         TimerService(5, self._watchCertificates).setServiceParent(self)
         if self.workers > 1 and worker == 0 and workerArgv:
             WorkerSupervisor(reactor, self.workers, workerArgv).setServiceParent(self)
+        self.metrics = NullMetrics()
+        if config.admin.endpoint and worker == 0:
+            from relaygw.admin import makeAdminSite
+            from relaygw.metrics import Metrics
+
+            self.metrics = Metrics()
+            self.metrics.setSpoolProbe(self.spoolProbe)
+            adminService = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint),
+                                                       makeAdminSite(self.metrics, self.health))
+            adminService._raiseSynchronously = True
+            adminService.setName("admin")
+            adminService.setServiceParent(self)
+        self.queue.metrics = self.metrics
         self.tlsSettings = []
         for listener in config.listeners:
             tls = self._serverTLS(listener)
@@ -185,7 +191,7 @@ class GatewayService(MultiService):
             if listener.credentials or listener.always_allow:
                 portal = makePortal(listener.credentials, listener.always_allow)
             factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue,
-                                  portal=portal, tls=tls)
+                                  portal=portal, tls=tls, metrics=self.metrics)
             self.factories.append(factory)
             if self.workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))
@@ -250,6 +256,17 @@ class GatewayService(MultiService):
         yield MultiService.stopService(self)
         log.info("stopped; spool intact")
 
+    def spoolProbe(self):
+        """(depth, age of the oldest message in seconds), for /metrics."""
+        ids = self.spool.queueIds()
+        if not ids:
+            return 0, 0.0
+        try:
+            oldest = os.stat(self.spool.path("queue", ids[0])).st_mtime
+        except OSError:
+            return len(ids), 0.0
+        return len(ids), max(0.0, time.time() - oldest)
+
     def health(self):
         """For /healthz: (ok, reason)."""
         if any(f.draining for f in self.factories):
@@ -307,11 +324,6 @@ def makeService(config, reactor=None, worker=0, configPath=None):
     """The gateway's service tree for a validated config."""
     if reactor is None:
         from twisted.internet import reactor
-    missing = unsupported(config)
-    if missing:
-        from relaygw.config import ConfigError
-
-        raise ConfigError("%s: %s: not supported yet" % (config.path, missing[0]))
     for l in config.listeners:
         if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",

@@ -72,7 +72,10 @@ class Gateway:
 
                 waiting.addCallback(record)
                 port = yield got
-                self.ports.append(port.getHost().port)
+                if svc.name == "admin":
+                    self.adminPort = port.getHost().port
+                else:
+                    self.ports.append(port.getHost().port)
         return self
 
     @property
