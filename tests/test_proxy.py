@@ -248,3 +248,37 @@ class NonProxyListenerTests(GatewayTestCase):
             self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)
 
         return self.session(run)
+
+
+class ProxyThenTLSTests(GatewayTestCase):
+    """HAProxy's send-proxy in front of implicit TLS: the header first, then the handshake."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        import os
+
+        from relaygw.tls import generateSelfSigned
+
+        d = os.path.abspath(self.mktemp())
+        generateSelfSigned(os.path.join(d, "c.pem"), os.path.join(d, "k.pem"), "relay.test")
+        self.listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"], "implicit_tls": True,
+                         "tls_certificate": os.path.join(d, "c.pem"), "tls_key": os.path.join(d, "k.pem"),
+                         "trusted_peers": ["192.0.2.0/24"], "extensions": ["xdumpcontext"]}
+        yield GatewayTestCase.setUp(self)
+
+    def test_headerThenTLS(self):
+        from tests.test_starttls import clientContext
+
+        def run():
+            s = rawSession(self.gw.port, v2(src="192.0.2.44", sport=1111))
+            c = Client.__new__(Client)
+            c.sock, c.buf = clientContext().wrap_socket(s, server_hostname="relay.test"), b""
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            code, lines = c.cmd("XDUMPCONTEXT")  # trusted: the PROXY source is in trusted_peers
+            self.assertEqual(code, 250)
+            self.assertIn("2.0.0 [connection] remote_ip 192.0.2.44", lines)
+            self.assertIn("2.0.0 [connection] proxy_peer_ip 127.0.0.1", lines)
+            self.assertTrue(any(l.startswith("2.0.0 [connection] tls TLSv1.") for l in lines), lines)
+
+        return inThread(run)

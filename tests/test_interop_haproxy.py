@@ -1,0 +1,119 @@
+"""
+A real HAProxy (send-proxy and send-proxy-v2) in front of two gateways:
+mail goes through, the client identity survives the balancer, and health
+checks move traffic away from a draining instance.
+"""
+
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import time
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from relaygw.testing import Gateway, freePort, inThread, waitForPort
+
+HAPROXY_CFG = """
+global
+    maxconn 200
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend smtp
+    bind 127.0.0.1:%(front)d
+    default_backend relaygw
+backend relaygw
+    balance roundrobin
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server inter 200ms fall 1 rise 1
+    server gw1 127.0.0.1:%(gw1)d send-proxy-v2 check port %(admin1)d
+    server gw2 127.0.0.1:%(gw2)d send-proxy check port %(admin2)d
+"""
+
+
+def send(port, subject, source="127.0.0.5"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=20, source_address=(source, 0)) as s:
+        s.sendmail("a@example.org", ["b@example.net"], ("Subject: %s\r\n\r\nx\r\n" % subject).encode())
+
+
+class HAProxyTests(unittest.TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(haproxy):
+            raise AssertionError("haproxy is not installed (make test installs it)")
+        listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "relay_networks": ["127.0.0.0/8"],
+                    "drain_timeout": 1}
+        self.gws = []
+        for i in range(2):
+            gw = Gateway(self.mktemp(), listeners=(dict(listener, hostname="gw%d.test" % i),),
+                         admin={"endpoint": "tcp:0:interface=127.0.0.1"})
+            yield gw.start()
+            self.gws.append(gw)
+        self.stopped = set()
+        self.addCleanup(self._stopGateways)
+        self.front = freePort()
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        cfg = os.path.join(self.dir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_CFG % {"front": self.front, "gw1": self.gws[0].port, "gw2": self.gws[1].port,
+                                   "admin1": self.gws[0].adminPort, "admin2": self.gws[1].adminPort})
+        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(self._stopHAProxy)
+        yield inThread(waitForPort, self.front)
+        yield inThread(time.sleep, 1.0)  # first health checks
+
+    @defer.inlineCallbacks
+    def _stopGateways(self):
+        for i, gw in enumerate(self.gws):
+            if i not in self.stopped:
+                yield gw.stop()
+
+    def _stopHAProxy(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    @defer.inlineCallbacks
+    def delivered(self):
+        for gw in self.gws:
+            if self.gws.index(gw) not in self.stopped:
+                yield gw.service.queue.whenIdle()
+        return [gw.delivered() for gw in self.gws]
+
+    @defer.inlineCallbacks
+    def test_identityThroughBothProxyVersions(self):
+        for i in range(4):
+            yield inThread(send, self.front, "m%d" % i)
+        counts = yield self.delivered()
+        self.assertEqual([len(c) for c in counts], [2, 2])  # round robin: v2 to gw1, v1 to gw2
+        for msgs in counts:
+            for m in msgs:
+                self.assertIn(b"(unknown [127.0.0.5])", m)  # the client, not the balancer
+                self.assertIn(b"(proxied by [127.0.0.1])", m)
+
+    @defer.inlineCallbacks
+    def test_drainingInstanceLeavesRotation(self):
+        gw1 = self.gws[0]
+        stopping = gw1.service.stopService()
+        self.stopped.add(0)
+        yield inThread(time.sleep, 1.0)  # /healthz says 503; haproxy marks gw1 down
+        for i in range(4):
+            yield inThread(send, self.front, "after-drain-%d" % i)
+        yield stopping
+        counts = yield self.delivered()
+        self.assertEqual(len(counts[1]), 4)
+        self.assertEqual(len(counts[0]), 0)
