@@ -7,6 +7,7 @@ here, never from the transport.  The gateway owns most keys; a trusted peer
 may add its own keys with XSETCONTEXT, but can never overwrite an owned one.
 """
 
+import copy
 import re
 
 #: Connection keys the gateway owns (protocol.md section 14).
@@ -29,7 +30,7 @@ OWNED_MESSAGE_KEYS = frozenset(
     """.split()
 )
 
-_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 #: Limits on client-set keys, so a peer cannot exhaust memory.
 MAX_CLIENT_KEYS = 64
@@ -87,7 +88,8 @@ class ValidationContext:
         """
         new = set()
         for name, value in pairs:
-            if not _KEY.match(name):
+            # fullmatch: "$" would also match before a trailing newline.
+            if not _KEY.fullmatch(name):
                 raise ContextError("bad key name")
             if reservedKey(name):
                 raise ContextError("key %s is owned by the gateway" % (name,))
@@ -137,9 +139,10 @@ class ValidationContext:
 
     def snapshot(self):
         """A JSON-able copy for the envelope of a spooled message."""
+        # A deep copy: the live message's rcptto list must not leak into it.
         return {
-            "connection": {k: v for k, v in self.connection.items()},
-            "message": dict(self.message or {}),
+            "connection": copy.deepcopy(self.connection),
+            "message": copy.deepcopy(self.message or {}),
             "client_keys": sorted(self.clientKeys),
         }
 

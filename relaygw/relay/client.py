@@ -594,15 +594,16 @@ class _Delivery:
                 self._settle(index, message.recipients, e.result)
         await self._quit()
 
-    async def _hello(self):
+    async def _hello(self, name=None):
+        name = name or self.options.heloName
         self.stage = "EHLO"
-        reply = await self.proto.command("EHLO " + self.options.heloName)
+        reply = await self.proto.command("EHLO " + name)
         if reply.positive:
             self.extensions = _extensions(reply)
             return
         if reply.code // 100 == 5:
             self.stage = "HELO"
-            reply = await self.proto.command("HELO " + self.options.heloName)
+            reply = await self.proto.command("HELO " + name)
             if reply.positive:
                 self.extensions = {}
                 return
@@ -704,7 +705,10 @@ class _Delivery:
                 if not reply.positive:
                     raise _SessionFailure(self._refused(reply, "XCLIENT"))
             self.forwarded, self.xclientNames = attributes, names
-            await self._hello()
+            # Greet again as the original client did (as nginx replays the
+            # client's EHLO), so the next hop's HELO is the client's.
+            helo = message.context.get("ehlo_domain") or ""
+            await self._hello(helo if re.match(r"^[\x21-\x7e]{1,255}$", helo) else None)
         elif "XFORWARD" in self.extensions:
             advertised = self.extensions["XFORWARD"].upper().split()
             self.stage = "XFORWARD"

@@ -78,7 +78,14 @@ class QueueManager(Service):
         if self.running:
             self._poller = self.reactor.callLater(self.pollInterval, self._poll)
 
+    stopTimeout = 10.0
+
     def stopService(self):
+        """
+        Stop scheduling; wait for deliveries in flight, but not for ever:
+        after C{stopTimeout} the spool still holds whatever was not
+        acknowledged, and it is retried after the restart.
+        """
         Service.stopService(self)
         if self._poller is not None and self._poller.active():
             self._poller.cancel()
@@ -86,7 +93,19 @@ class QueueManager(Service):
             if t.active():
                 t.cancel()
         self.timers.clear()
-        return self.whenIdle()
+        idle = self.whenIdle()
+        if idle.called:
+            return idle
+        timer = self.reactor.callLater(self.stopTimeout, idle.callback, None)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            elif self.active:
+                log.warn("stopped with {n} deliveries in flight; they stay queued", n=len(self.active))
+            return result
+
+        return idle.addBoth(done)
 
     def whenIdle(self):
         """Fires when no delivery is in progress."""
@@ -133,7 +152,8 @@ class QueueManager(Service):
         if not self.active:
             waiting, self._idle = self._idle, []
             for d in waiting:
-                d.callback(None)
+                if not d.called:  # a stop may have given up waiting already
+                    d.callback(None)
         self._pump()
 
     def _attempt(self, qid):
