@@ -1,97 +1,166 @@
 """
-Real peers sending XCLIENT: swaks --xclient-* and the nginx mail proxy with
-`xclient on` (checklist 73, 74).  Both are installed from Debian packages by
-`make test` (scripts/install-peers).
+Real peers sending XCLIENT to the gateway (checklist 73, 74): swaks with
+--xclient-*, and the nginx mail proxy with `xclient on`, whose auth_http
+endpoint is served by the test itself.  Both come from Debian packages that
+`make test` installs (scripts/install-peers); a missing binary fails the
+test, it is never skipped.
 """
 
 import os
-import shutil
+import re
 import smtplib
-import subprocess
+import socket
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web import resource, server
 
-from relaygw.testing import freePort, inThread, waitForPort
+from relaygw.testing import freePort, inThread
 from tests.test_smtp import GatewayTestCase
+
+SWAKS = "/usr/bin/swaks"
+NGINX = "/usr/sbin/nginx"
+NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
+TIMEOUT = "/usr/bin/timeout"
 
 
 def need(path):
-    found = shutil.which(path) or (path if os.path.exists(path) else None)
-    if not found:
-        raise AssertionError("%s is not installed (make test installs it)" % path)
-    return found
+    """The path of a peer binary; fails the test clearly when it is missing."""
+    if not os.path.exists(path):
+        raise AssertionError("%s is not installed: run `make test` (scripts/install-peers installs the "
+                             "interop peers from Debian packages)" % (path,))
+    return path
 
 
-class SwaksTests(GatewayTestCase):
+def receivedHeader(message):
+    """The first Received header of C{message} (bytes), folding kept."""
+    start = message.index(b"Received: ")
+    end = start
+    while True:
+        end = message.index(b"\r\n", end) + 2
+        if message[end:end + 1] not in (b"\t", b" "):
+            return message[start:end]
+
+
+class InteropTestCase(GatewayTestCase):
     listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]}
-
-    def swaks(self, *extra):
-        swaks = need("swaks")
-
-        def run():
-            return subprocess.run(
-                [swaks, "--server", "127.0.0.1:%d" % self.gw.port, "--from", "a@example.org",
-                 "--to", "b@example.net", "--header", "Subject: swaks-xclient"] + list(extra),
-                capture_output=True, text=True, timeout=60)
-
-        return inThread(run)
+    timeout = 90
 
     @defer.inlineCallbacks
-    def test_xclientIdentity(self):
-        # swaks EHLOs again after XCLIENT's 220 (as nginx replays the client's
-        # EHLO), and that greeting replaces HELO=, as in Postfix.
-        p = yield self.swaks("--xclient-addr", "192.0.2.7", "--xclient-name", "mail.example.net",
-                             "--xclient-helo", "xclient-helo.example.net", "--xclient-port", "4567",
-                             "--ehlo", "helo.example.net")
-        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        self.assertIn("XCLIENT", p.stdout)
-        yield self.gw.service.queue.whenIdle()
-        [msg] = self.gw.delivered()
-        self.assertIn(b"Received: from helo.example.net (mail.example.net [192.0.2.7])", msg)
-        self.assertIn(b"(via [127.0.0.1] port", msg)
+    def setUp(self):
+        yield GatewayTestCase.setUp(self)
+        # Record each accepted message's envelope (the validation context it
+        # was accepted with) before the queue manager delivers it.
+        self.envelopes = []
+        factory = self.gw.service.factories[0]
+        original = factory.onQueued
+
+        def onQueued(queueId, message):
+            self.envelopes.append(message.envelope)
+            return original(queueId, message)
+
+        factory.onQueued = onQueued
+
+    @defer.inlineCallbacks
+    def delivered(self, timeout=15):
+        """The one delivered message, waiting for the Maildir (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            yield self.gw.service.queue.whenIdle()
+            msgs = self.gw.delivered()
+            if msgs or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(msgs), 1, "expected exactly one delivered message")
+        self.assertEqual(len(self.envelopes), 1)
+        return msgs[0]
+
+
+# -- swaks (checklist 74) -------------------------------------------------------
+
+
+class SwaksTests(InteropTestCase):
+    @defer.inlineCallbacks
+    def swaks(self, *extra):
+        swaks = need(SWAKS)
+        need(TIMEOUT)
+        args = ["-k", "5", "60", swaks, "--server", "127.0.0.1:%d" % self.gw.port, "--timeout", "20",
+                "--to", "b@example.net", "--from", "a@example.org", "--ehlo", "swaks-ehlo.example",
+                "--header", "Subject: swaks-xclient"] + list(extra)
+        out, err, code = yield getProcessOutputAndValue(TIMEOUT, args, env=dict(os.environ), reactor=reactor)
+        transcript = out.decode("utf-8", "replace") + err.decode("utf-8", "replace")
+        self.assertEqual(code, 0, "swaks exited %s:\n%s" % (code, transcript))
+        return transcript
+
+    def sent(self, transcript, verb):
+        """The command lines swaks sent that start with C{verb}."""
+        return [l.split("-> ", 1)[1] for l in transcript.splitlines()
+                if re.match(r"^\s*-> ", l) and l.split("-> ", 1)[1].startswith(verb)]
+
+    @defer.inlineCallbacks
+    def test_xclientAddrNameHeloPort(self):
+        transcript = yield self.swaks("--xclient-addr", "192.0.2.7", "--xclient-name", "mail.example.net",
+                                      "--xclient-helo", "helo.example.net", "--xclient-port", "4567")
+        [xclient] = self.sent(transcript, "XCLIENT ")
+        self.assertEqual(sorted(xclient.split()[1:]), ["ADDR=192.0.2.7", "HELO=helo.example.net",
+                                                       "NAME=mail.example.net", "PORT=4567"])
+        self.assertIn("<-  220 relay.test ESMTP relaygw", transcript)
+        # swaks EHLOs again after XCLIENT's 220 (as every XCLIENT client does).
+        self.assertEqual(self.sent(transcript, "EHLO "), ["EHLO swaks-ehlo.example"] * 2)
+
+        msg = yield self.delivered()
+        header = receivedHeader(msg)
+        # NAME and ADDR are the XCLIENT ones, the real peer is in (via ...).
+        # The HELO name is the one of the EHLO swaks sent after XCLIENT, which
+        # replaces HELO= as in Postfix.
+        self.assertRegex(header, rb"^Received: from swaks-ehlo\.example \(mail\.example\.net \[192\.0\.2\.7\]\)\r\n"
+                                 rb"\t\(via \[127\.0\.0\.1\] port \d+\)\r\n"
+                                 rb"\tby relay\.test \(relaygw\) with ESMTP id \S+\r\n"
+                                 rb"\tfor <b@example\.net>; ")
+        self.assertIn(b"Subject: swaks-xclient", msg)
+        ctx = self.envelopes[0]["context"]["connection"]
+        self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_name_status"], ctx["remote_port"]),
+                         ("192.0.2.7", "mail.example.net", "ok", 4567))
+        self.assertEqual((ctx["helo_name"], ctx["ehlo_domain"]), ("helo.example.net", "swaks-ehlo.example"))
+        self.assertEqual((ctx["peer_ip"], ctx["overridden"], ctx["trusted"]), ("127.0.0.1", True, True))
 
     @defer.inlineCallbacks
     def test_xclientLogin(self):
-        p = yield self.swaks("--xclient-addr", "192.0.2.8", "--xclient-login", "user+tag@example.org")
-        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        yield self.gw.service.queue.whenIdle()
-        [msg] = self.gw.delivered()
-        self.assertIn(b"[192.0.2.8]", msg)
-        self.assertIn(b"with ESMTPA (authenticated as user+tag@example.org)", msg)
+        transcript = yield self.swaks("--xclient-addr", "192.0.2.8", "--xclient-name", "mail.example.net",
+                                      "--xclient-login", "user+tag@example.org")
+        [xclient] = self.sent(transcript, "XCLIENT ")
+        # swaks xtext-encodes the "+".
+        self.assertIn("LOGIN=user+2Btag@example.org", xclient.split())
+        msg = yield self.delivered()
+        header = receivedHeader(msg)
+        self.assertRegex(header, rb"^Received: from swaks-ehlo\.example \(mail\.example\.net \[192\.0\.2\.8\]\)\r\n"
+                                 rb"\t\(via \[127\.0\.0\.1\] port \d+\)\r\n"
+                                 rb"\tby relay\.test \(relaygw\) with ESMTPA \(authenticated as user\+tag@example\.org\) "
+                                 rb"id ")
+        ctx = self.envelopes[0]["context"]["connection"]
+        self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["auth_status"]),
+                         ("user+tag@example.org", "XCLIENT", "pass"))
 
 
-NGINX_CONF = """
-load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+# -- nginx mail proxy (checklist 73) ---------------------------------------------------
+
+
+NGINX_CONF = """\
+load_module %(module)s;
 daemon off;
 master_process off;
 worker_processes 1;
 error_log %(dir)s/error.log info;
 pid %(dir)s/nginx.pid;
 events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path %(dir)s/body;
-    proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fastcgi;
-    uwsgi_temp_path %(dir)s/uwsgi;
-    scgi_temp_path %(dir)s/scgi;
-    server {
-        listen 127.0.0.1:%(auth)d;
-        location = /auth {
-            add_header Auth-Status OK;
-            add_header Auth-Server 127.0.0.1;
-            add_header Auth-Port %(gateway)d;
-            return 200;
-        }
-    }
-}
 mail {
     server_name relay-proxy.test;
     auth_http 127.0.0.1:%(auth)d/auth;
-    proxy on;
     xclient on;
     smtp_auth none;
+    proxy on;
     server {
         listen 127.0.0.1:%(smtp)d;
         protocol smtp;
@@ -100,49 +169,138 @@ mail {
 """
 
 
-class NginxTests(GatewayTestCase):
-    listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]}
-    timeout = 60
+class AuthHTTP(resource.Resource):
+    """
+    nginx's auth_http endpoint: every request is accepted and sent on to
+    the gateway; the request headers are kept for the test.
+    """
 
+    isLeaf = True
+
+    def __init__(self, gatewayPort):
+        resource.Resource.__init__(self)
+        self.gatewayPort = gatewayPort
+        self.requests = []
+
+    def render_GET(self, request):
+        headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1")
+                   for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.requests.append((request.path, headers))
+        request.setHeader(b"Auth-Status", b"OK")
+        request.setHeader(b"Auth-Server", b"127.0.0.1")
+        request.setHeader(b"Auth-Port", str(self.gatewayPort).encode("ascii"))
+        return b""
+
+
+class NginxProcess(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = []
+        self.ended = False
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended = True
+
+
+class NginxTests(InteropTestCase):
     @defer.inlineCallbacks
-    def setUp(self):
-        yield GatewayTestCase.setUp(self)
-        nginx = need("/usr/sbin/nginx")
-        need("/usr/lib/nginx/modules/ngx_mail_module.so")
+    def startNginx(self):
+        nginx = need(NGINX)
+        need(NGINX_MAIL_MODULE)
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.smtpPort, authPort = freePort(), freePort()
+        self.auth = AuthHTTP(self.gw.port)
+        site = server.Site(self.auth)
+        site.noisy = False
+        authPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(authPort.stopListening)
+        self.smtpPort = freePort()
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF % {"dir": self.dir, "auth": authPort, "gateway": self.gw.port, "smtp": self.smtpPort})
-        self.proc = subprocess.Popen([nginx, "-c", conf, "-p", self.dir], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        self.addCleanup(self._stopNginx)
-        yield inThread(waitForPort, self.smtpPort)
+            f.write(NGINX_CONF % {"module": NGINX_MAIL_MODULE, "dir": self.dir, "smtp": self.smtpPort,
+                                  "auth": authPort.getHost().port})
+        self.nginx = NginxProcess()
+        reactor.spawnProcess(self.nginx, nginx, [nginx, "-e", os.path.join(self.dir, "error.log"), "-c", conf,
+                                                 "-p", self.dir + "/"], env=dict(os.environ))
+        self.addCleanup(self.stopNginx)
+        deadline = time.monotonic() + 15
+        while not self.listening(self.smtpPort):
+            if self.nginx.ended or time.monotonic() > deadline:
+                self.fail("nginx did not start listening on 127.0.0.1:%d:\n%s\n%s"
+                          % (self.smtpPort, b"".join(self.nginx.output).decode("utf-8", "replace"),
+                             self.errorLog()))
+            yield task.deferLater(reactor, 0.1, lambda: None)
 
-    def _stopNginx(self):
-        self.proc.terminate()
+    @staticmethod
+    def listening(port):
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def errorLog(self):
+        try:
+            with open(os.path.join(self.dir, "error.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    @defer.inlineCallbacks
+    def stopNginx(self):
+        """Stop the nginx we spawned, by its process, and wait for it (bounded)."""
+        for sig, wait in (("TERM", 10), ("KILL", 5)):
+            if self.nginx.ended:
+                return
+            try:
+                self.nginx.transport.signalProcess(sig)
+            except ProcessExitedAlready:
+                return
+            deadline = time.monotonic() + wait
+            while not self.nginx.ended and time.monotonic() < deadline:
+                yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(self.nginx.ended, "nginx did not exit")
 
     @defer.inlineCallbacks
     def test_xclientOnRelaysWithClientAddress(self):
-        def run():
-            with smtplib.SMTP("127.0.0.1", self.smtpPort, timeout=20) as s:
-                s.ehlo("client-helo.example")
-                s.sendmail("a@example.org", ["b@example.net"], b"Subject: via nginx\r\n\r\nhello\r\n")
+        yield self.startNginx()
 
-        yield inThread(run)
-        yield self.gw.service.queue.whenIdle()
-        deadline = time.monotonic() + 10
-        while not os.listdir(self.gw.outbox) and time.monotonic() < deadline:
-            yield inThread(time.sleep, 0.1)
-        [msg] = self.gw.delivered()
-        # nginx sent XCLIENT ADDR=127.0.0.1 NAME=[UNAVAILABLE], then replayed the client's EHLO.
-        self.assertIn(b"Received: from client-helo.example (unknown [127.0.0.1])", msg)
-        self.assertIn(b"(via [127.0.0.1] port", msg)
-        with open(os.path.join(self.dir, "error.log")) as f:
-            self.assertNotIn("[crit]", f.read())
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.smtpPort, timeout=20) as s:
+                code, _ = s.ehlo("client-helo.example")
+                assert code == 250, code
+                refused = s.sendmail("a@example.org", ["b@example.net"], b"Subject: via nginx\r\n\r\nhello\r\n")
+                assert refused == {}, refused
+
+        yield inThread(send)
+        msg = yield self.delivered()
+
+        # nginx asked its auth endpoint once, about this client.
+        self.assertEqual(len(self.auth.requests), 1)
+        path, headers = self.auth.requests[0]
+        self.assertEqual(path, b"/auth")
+        self.assertEqual((headers["auth-protocol"], headers["auth-method"], headers["client-ip"]),
+                         ("smtp", "none", "127.0.0.1"))
+        self.assertEqual(headers["auth-smtp-helo"], "client-helo.example")
+
+        # nginx sent XCLIENT ADDR=127.0.0.1 NAME=[UNAVAILABLE], then replayed
+        # the client's EHLO: the client address, an unknown name, the real
+        # peer (nginx) in (via ...), which is only written for an override.
+        header = receivedHeader(msg)
+        self.assertRegex(header, rb"^Received: from client-helo\.example \(unknown \[127\.0\.0\.1\]\)\r\n"
+                                 rb"\t\(via \[127\.0\.0\.1\] port \d+\)\r\n"
+                                 rb"\tby relay\.test \(relaygw\) with ESMTP id \S+\r\n"
+                                 rb"\tfor <b@example\.net>; ")
+        self.assertIn(b"Subject: via nginx", msg)
+        ctx = self.envelopes[0]["context"]["connection"]
+        self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_name_status"]),
+                         ("127.0.0.1", "unknown", "perm"))
+        self.assertEqual((ctx["overridden"], ctx["ehlo_domain"], ctx["peer_ip"]),
+                         (True, "client-helo.example", "127.0.0.1"))
+        self.assertNotIn("auth_user", ctx)  # no LOGIN with smtp_auth none
+        self.assertNotIn("[crit]", self.errorLog())
+        self.assertNotIn("[emerg]", self.errorLog())

@@ -24,7 +24,7 @@ from relaygw.policy import AcceptAll, IPolicy, RelayAccessPolicy
 from relaygw.testing import Client, ScriptedSMTPFactory, inThread
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
 from tests.test_smtp import GatewayTestCase
-from tests.test_starttls import TLSGatewayTestCase, clientContext
+from tests.test_starttls import TLSGatewayTestCase
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 TRUSTED = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL}
@@ -1417,3 +1417,65 @@ class XdumpcontextTests(VerbTestCase):
     def test_renderEscapesWhateverItIsGiven(self):
         self.assertEqual(codes.escape("a\r\nb\x00\x7f"), "a+0D+0Ab+00+7F")
         self.assertEqual(codes.render(250, "2.0.0", ["x\ny"]), b"250 2.0.0 x+0Ay\r\n")
+
+
+# -- the Received header from the context (checklist 69, 70) --------------------
+
+
+class ReceivedHeaderTests(unittest.TestCase):
+    """relaygw.trace.receivedHeader, for the identities the verbs produce."""
+
+    def header(self, recipients=("b@example.net",), **ctx):
+        from relaygw.trace import receivedHeader
+
+        return receivedHeader(ValidationContext(**ctx), "relay.test", "QID1", list(recipients), now=0)
+
+    def test_xclientIdentityWithRealPeer(self):
+        self.assertEqual(
+            self.header(ehlo_domain="helo.example.net", remote_name="client.example.net", remote_ip="192.0.2.7",
+                        peer_ip="127.0.0.1", peer_port=4711, overridden=True, protocol="ESMTP"),
+            b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
+            b"\t(via [127.0.0.1] port 4711)\r\n"
+            b"\tby relay.test (relaygw) with ESMTP id QID1\r\n"
+            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 GMT\r\n")
+
+    def test_ipv6Literals(self):
+        h = self.header(remote_ip="2001:db8::11", peer_ip="::1", peer_port=25, overridden=True)
+        self.assertIn(b"(unknown [IPv6:2001:db8::11])\r\n\t(via [IPv6:::1] port 25)\r\n", h)
+
+    def test_noViaWithoutOverride(self):
+        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1)
+        self.assertNotIn(b"via", h)
+        # An override that names the real peer itself (nginx's ADDR) still says so.
+        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1, overridden=True)
+        self.assertIn(b"\t(via [127.0.0.1] port 1)\r\n", h)
+
+    def test_heloFallbacks(self):
+        self.assertTrue(self.header(remote_ip="192.0.2.1").startswith(b"Received: from unknown (unknown [192.0.2.1])"))
+        self.assertTrue(self.header(remote_ip="192.0.2.1", helo_name="h.example").startswith(
+            b"Received: from h.example ("))
+        self.assertTrue(self.header(remote_ip="192.0.2.1", helo_name="h.example", ehlo_domain="e.example")
+                        .startswith(b"Received: from e.example ("))
+
+    def test_protocols(self):
+        def with_(**ctx):
+            return re.search(rb" with (\S+)", self.header(remote_ip="192.0.2.1", **ctx)).group(1)
+
+        self.assertEqual(with_(protocol="SMTP"), b"SMTP")
+        self.assertEqual(with_(protocol="ESMTP"), b"ESMTP")
+        self.assertEqual(with_(protocol="ESMTP", auth_user="u"), b"ESMTPA")
+        self.assertEqual(with_(protocol="ESMTP", tls="TLSv1.3", tls_cipher="X"), b"ESMTPS")
+        self.assertEqual(with_(protocol="ESMTP", tls="TLSv1.3", tls_cipher="X", auth_user="u"), b"ESMTPSA")
+        self.assertIn(b"(authenticated as u@example.org)", self.header(remote_ip="192.0.2.1", auth_user="u@example.org"))
+
+    def test_clientValuesCannotBreakTheHeader(self):
+        h = self.header(ehlo_domain="a\r\nX-Injected: 1", remote_name="n\x00", remote_ip="192.0.2.1",
+                        auth_user="u\nv", recipients=("b\r\n@example.net",))
+        self.assertEqual(h.count(b"\r\n"), 3)
+        self.assertNotIn(b"\nX-Injected", h)
+        self.assertIn(b"from a??X-Injected: 1 (n? [192.0.2.1])", h)
+
+    def test_severalRecipients(self):
+        h = self.header(remote_ip="192.0.2.1", recipients=("b@example.net", "c@example.net"))
+        self.assertTrue(h.endswith(b" id QID1;\r\n\tThu, 01 Jan 1970 00:00:00 GMT\r\n"), h)
+        self.assertNotIn(b"for <", h)

@@ -83,7 +83,8 @@ def parse(args):
         value = _decode(raw)
         special = value.upper()
         if special in (UNAVAILABLE, TEMPUNAVAIL):
-            if special == TEMPUNAVAIL and name != "NAME":
+            # PROTO has no special value; [TEMPUNAVAIL] is for NAME only.
+            if name == "PROTO" or (special == TEMPUNAVAIL and name != "NAME"):
                 raise _bad("bad value for %s" % (name,))
             attrs[name] = special
             continue
@@ -140,8 +141,15 @@ def run(session, args):
     keys = _identity(attrs)
     old = {k: session.ctx.get(k) for k in keys}
     hasHelo = "HELO" in attrs and attrs["HELO"] not in (UNAVAILABLE,)
-    session.resetSession(keepHelo=False, keepAuth="LOGIN" in attrs)
-    session.ctx.update(overridden=True, **keys)
+    # LOGIN=[UNAVAILABLE] authenticates nobody: AUTH is reset as without
+    # LOGIN=, so that ALWAYS-ALLOW re-applies (protocol.md section 1).
+    keepAuth = attrs.get("LOGIN") not in (None, UNAVAILABLE)
+    session.resetSession(keepHelo=False, keepAuth=keepAuth)
+    if "HELO" not in attrs:
+        # resetSession forgets HELO/EHLO, but not a name an earlier HELO= set.
+        session.ctx.update(helo_name=None)
+    applied = {k: v for k, v in keys.items() if keepAuth or not k.startswith("auth_")}
+    session.ctx.update(overridden=True, **applied)
     if hasHelo:
         session.helo = ("HELO", attrs["HELO"])
     session.audit("XCLIENT", {k: (old[k], keys[k]) for k in keys if k in old})

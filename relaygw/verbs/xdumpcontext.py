@@ -15,8 +15,25 @@ from relaygw import codes
 from relaygw.context import display
 
 
+def _octets(text):
+    """
+    C{text} with every octet outside 0x20-0x7E as C{+XX}.  Commands are
+    decoded as Latin-1, so a character up to U+00FF is the one octet the
+    client sent (C{EHLO caf\\xe9} prints C{caf+E9}); others print their
+    UTF-8 octets.
+    """
+    out = []
+    for c in text:
+        if " " <= c <= "~":
+            out.append(c)
+        else:
+            raw = c.encode("latin-1") if ord(c) < 0x100 else c.encode("utf-8", "surrogatepass")
+            out.extend("+%02X" % b for b in raw)
+    return "".join(out)
+
+
 def lines(context):
-    out = ["[%s] %s %s" % (scope, key, display(value)) for scope, key, value in context.items()]
+    out = ["[%s] %s %s" % (scope, _octets(key), _octets(display(value))) for scope, key, value in context.items()]
     out.append(codes.XDUMP_END)
     return out
 
