@@ -169,6 +169,7 @@ class RelayConfig(NextHopConfig):
     retry_max: float = _opt(4000, (int, float), _positive)
     max_lifetime: float = _opt(432000, (int, float), _positive)
     bounce_lifetime: float = _opt(432000, (int, float), _positive)
+    defer_all: bool = _opt(False, bool)   # accept and queue, deliver nothing (maintenance, benchmarks)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,8 @@ class GatewayService(MultiService):
         self.queue = QueueManager(self.spool, self.router, reactor, concurrency=relay.concurrency,
                                   retryMin=relay.retry_min, retryMax=relay.retry_max,
                                   lifetime=relay.max_lifetime, bounceLifetime=relay.bounce_lifetime,
-                                  hostname=relay.helo_name or config.listeners[0].hostname)
+                                  hostname=relay.helo_name or config.listeners[0].hostname,
+                                  deferAll=relay.defer_all)
         self.queue.setServiceParent(self)
         self.factories = []
         TimerService(5, self._watchCertificates).setServiceParent(self)

@@ -37,7 +37,7 @@ class QueueManager(Service):
 
     def __init__(self, spool, router, reactor, concurrency=50, retryMin=300, retryMax=4000,
                  lifetime=5 * 86400, bounceLifetime=5 * 86400, hostname="localhost", metrics=None,
-                 pollInterval=2.0):
+                 pollInterval=2.0, deferAll=False):
         self.spool = spool
         self.router = router
         self.reactor = reactor
@@ -49,6 +49,7 @@ class QueueManager(Service):
         self.hostname = hostname
         self.metrics = metrics
         self.pollInterval = pollInterval
+        self.deferAll = deferAll
         self._poller = None
         self.ready = collections.deque()
         self.queued = set()
@@ -120,7 +121,12 @@ class QueueManager(Service):
         Schedule a delivery attempt for C{queueId} now.  A message just
         accepted is handed in as well, so it needn't be read back.
         """
-        if message is not None:
+        if self.deferAll:
+            return  # [relay] defer_all: everything stays queued
+        if message is not None and queueId not in self.active:
+            # Only for a first attempt: once one is in flight (a flush got
+            # there first) progress is on disk, and the next attempt must
+            # read it rather than start from no progress at all.
             self.fresh[queueId] = message
         timer = self.timers.pop(queueId, None)
         if timer is not None and timer.active():

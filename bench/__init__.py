@@ -1,0 +1,1 @@
+"""relaygw's benchmark harness (python -m bench.run)."""
