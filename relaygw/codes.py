@@ -21,7 +21,13 @@ def escape(text):
     """
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-    return _UNSAFE.sub(lambda m: "".join("+%02X" % b for b in m.group().encode("utf-8")), str(text))
+    return _UNSAFE.sub(lambda m: "".join(_octets(c) for c in m.group()), str(text))
+
+
+def _octets(c):
+    """C{+XX} per octet: a character decoded from a wire octet is that octet."""
+    data = c.encode("latin-1") if ord(c) < 256 else c.encode("utf-8")
+    return "".join("+%02X" % b for b in data)
 
 
 @dataclass(frozen=True)

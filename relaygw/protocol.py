@@ -318,6 +318,10 @@ class SMTPSession(smtp.ESMTP):
                 return self.reply(codes.UNKNOWN_COMMAND)
             if verb.lower() not in self.listener.extensions:
                 return self.reply(codes.NOT_IMPLEMENTED)
+            if verb == "XCLIENT" and not self.trusted and (self.inTransaction or not args.strip(" ")):
+                # Postfix's order: a transaction (503) and missing
+                # attributes (501) are reported before the trust refusal.
+                return verbImpl(self, args.strip(" "))
             if not self.trusted:
                 log.warn("[{session}] refused {verb} from untrusted peer [{peer}]",
                          session=self.sessionId, verb=verb, peer=self.ctx["peer_ip"])
@@ -370,7 +374,7 @@ class SMTPSession(smtp.ESMTP):
         self.resetTransaction()
         if not keepHelo:
             self.helo = None
-            self.ctx.update(ehlo_domain=None, ehlo_string=None, protocol="SMTP")
+            self.ctx.update(ehlo_domain=None, ehlo_string=None, helo_name=None, protocol="SMTP")
         if not keepAuth:
             self.avatar = None
             self.ctx.update(auth_user=None, auth_name=None, auth_status=None)
@@ -429,6 +433,8 @@ class SMTPSession(smtp.ESMTP):
         if not args:
             return self.reply(codes.HELO_SYNTAX.format(verb=verb))
         self.resetTransaction()
+        # Like Postfix, keep no control or 8-bit octets in the client's greeting.
+        args = "".join(c if " " <= c <= "~" else "?" for c in args)
         self.helo = (verb, args)
         self.ctx.update(
             ehlo_domain=args.split(" ")[0],

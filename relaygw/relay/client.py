@@ -412,6 +412,8 @@ def _identityAttributes(context, advertised, xclient):
         if name not in advertised:
             continue
         value = context.get(key)
+        if (name in ("NAME", "ADDR") and value == "unknown") or (name == "PORT" and value in (0, "0")):
+            value = None  # the gateway's "unknown" is XCLIENT's [UNAVAILABLE]
         if value is None or value == "":
             status = str(context.get("remote_name_status") or "").lower()
             value = "[TEMPUNAVAIL]" if name == "NAME" and status.startswith("temp") else "[UNAVAILABLE]"
