@@ -27,7 +27,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw import codes, trace
@@ -81,10 +80,13 @@ class SMTPSession(smtp.ESMTP):
 
     @property
     def listener(self):
-        return self.factory.listener
+        # The listener config as it was when this session connected (a
+        # reload applies to new sessions).
+        return self.__dict__.get("_listener") or self.factory.listener
 
     def connectionMade(self):
         f = self.factory
+        self._listener = f.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
         peer = self.transport.getPeer()

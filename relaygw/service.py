@@ -4,6 +4,7 @@ service per listener and, when configured, the admin endpoint.
 """
 
 import collections
+import dataclasses
 import os
 import time
 
@@ -81,6 +82,12 @@ class SMTPFactory(ServerFactory):
         """Trust for the trusted verbs, from the real peer address."""
         return ip in self.trustedPeers
 
+    def applyListener(self, listener):
+        """A reloaded listener config: new sessions use it."""
+        self.listener = listener
+        self.policy = loadPolicy(listener.policy, listener)
+        self.trustedPeers = trust.Networks(listener.trusted_peers)
+
     def trustedByCertificate(self, transport):
         """Trust from a client certificate that chains to the listener's CA with an allowed identity."""
         if self.tls is None or self.tls.clientCA is None:
@@ -148,9 +155,10 @@ class GatewayService(MultiService):
 
     installSignals = False
 
-    def __init__(self, config, reactor, worker=0, workerArgv=None):
+    def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None):
         MultiService.__init__(self)
         self.config = config
+        self.configPath = configPath
         self.reactor = reactor
         self.worker = worker
         self.workers = config.process.workers
@@ -160,6 +168,9 @@ class GatewayService(MultiService):
             directory = os.path.join(directory, "w%d" % worker)
         self.spool = Spool(directory, self.committer)
         relay = config.relay
+        from relaygw.relay import client
+
+        client.TRACE = config.log.level == "debug"
         self.maildir = MaildirNextHop(relay.maildir, self.committer, reactor)
         self.router = Router(config, reactor, self.maildir)
         self.queue = QueueManager(self.spool, self.router, reactor, concurrency=relay.concurrency,
@@ -220,6 +231,46 @@ class GatewayService(MultiService):
                         listener.tls_ciphers, listener.tls_client_ca, listener.tls_client_identities)
         self.tlsSettings.append(tls)
         return tls
+
+    #: Listener keys a reload cannot change in place (they shape the listening port).
+    RESTART_KEYS = frozenset("""endpoint tls_certificate tls_key tls_min_version tls_ciphers tls_client_ca
+        tls_client_identities tls_self_signed implicit_tls proxy_protocol proxy_trusted proxy_timeout
+        credentials always_allow""".split())
+
+    def reload(self):
+        """
+        SIGHUP: reload certificates, then re-read the config file and apply
+        what can change safely to each listener (limits, trust, extensions,
+        policy, timeouts); new sessions see it.  Logs what changed and what
+        needs a restart.
+        """
+        self.reloadCertificates()
+        if not self.configPath:
+            return
+        from relaygw.config import ConfigError, load
+
+        try:
+            new = load(self.configPath)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: {error}", error=str(e))
+            return
+        fresh = {l.name: l for l in new.listeners}
+        for f in self.factories:
+            old, updated = f.listener, fresh.get(f.listener.name)
+            if updated is None:
+                log.warn("reload: listener {name} is gone from the config; a restart removes it", name=old.name)
+                continue
+            changed = [k for k in old.__dataclass_fields__ if getattr(old, k) != getattr(updated, k)]
+            needRestart = [k for k in changed if k in self.RESTART_KEYS]
+            if needRestart:
+                log.warn("reload: listener {name}: {keys} change only with a restart", name=old.name,
+                         keys=", ".join(needRestart))
+            applied = [k for k in changed if k not in self.RESTART_KEYS]
+            if applied:
+                f.applyListener(dataclasses.replace(updated, **{k: getattr(old, k) for k in needRestart}))
+                log.info("reload: listener {name}: changed {keys}", name=old.name, keys=", ".join(applied))
+        for name in set(fresh) - {f.listener.name for f in self.factories}:
+            log.warn("reload: new listener {name} starts only with a restart", name=name)
 
     def reloadCertificates(self):
         """SIGHUP: re-read every listener's certificate; new connections use it."""
@@ -318,7 +369,7 @@ class GatewayService(MultiService):
         if self.installSignals:
             import signal
 
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reloadCertificates))
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
 
 def makeService(config, reactor=None, worker=0, configPath=None):
@@ -329,7 +380,7 @@ def makeService(config, reactor=None, worker=0, configPath=None):
         if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
                      name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
-    return GatewayService(config, reactor, worker, workerArgv(configPath))
+    return GatewayService(config, reactor, worker, workerArgv(configPath), configPath)
 
 
 def _boundLocally(endpoint):

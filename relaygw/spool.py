@@ -149,7 +149,6 @@ class Committer:
         while True:
             batch, unlinks = self._work.get()
             started = time.monotonic()
-            results = []
             for paths, _ in unlinks:
                 for p in paths:
                     try:

@@ -9,7 +9,6 @@ shutdown tells them to drain (SIGTERM) and waits for them.
 """
 
 import os
-import signal
 import socket
 import sys
 

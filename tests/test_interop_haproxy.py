@@ -7,7 +7,6 @@ checks move traffic away from a draining instance.
 import os
 import shutil
 import smtplib
-import socket
 import subprocess
 import time
 

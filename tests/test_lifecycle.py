@@ -5,7 +5,6 @@ Graceful drain, connection limits, and JSON logs from a real twistd.
 import json
 import os
 import signal
-import socket
 import time
 
 from twisted.internet import defer, reactor, task
@@ -166,5 +165,69 @@ class TwistdLifecycleTests(GatewayTestCase.__bases__[0]):
             self.assertEqual(queued[0]["rcpts"], "<b@example.net>")
             self.assertEqual(queued[0]["level"], "info")
             self.assertTrue(any(e["message"] == "stopped; spool intact" for e in events))
+
+        return inThread(run)
+
+
+class TwistdReloadTests(TwistdLifecycleTests):
+    """SIGHUP: certificates and the safe parts of the config, without a restart."""
+
+    def test_sighupReloadsConfigAndCertificate(self):
+        import ssl
+
+        from relaygw.tls import generateSelfSigned
+        from tests.test_starttls import clientContext
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        generateSelfSigned(cert, key, "relay.test")
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+
+        def write(hostname):
+            with open(conf, "w") as f:
+                f.write(configText(directory, listeners=({
+                    "endpoint": "tcp:%d:interface=127.0.0.1" % port, "hostname": hostname,
+                    "tls_certificate": cert, "tls_key": key},)))
+
+        def peer():
+            c = Client(port)
+            greeting = c.line()
+            c.cmd("EHLO x")
+            c.cmd("STARTTLS")
+            c.sock = clientContext().wrap_socket(c.sock, server_hostname="relay.test")
+            der = c.sock.getpeercert(binary_form=True)
+            c.close()
+            return greeting, der
+
+        def run():
+            write("before.test")
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                greeting, der1 = peer()
+                self.assertTrue(greeting.startswith("220 before.test "), greeting)
+                write("after.test")
+                os.unlink(cert)
+                os.unlink(key)
+                generateSelfSigned(cert, key, "relay.test")
+                p.send_signal(signal.SIGHUP)
+                time.sleep(1)
+                greeting, der2 = peer()
+                self.assertTrue(greeting.startswith("220 after.test "), greeting)
+                self.assertNotEqual(der1, der2)
+                with open(cert) as f:
+                    self.assertEqual(der2, ssl.PEM_cert_to_DER_cert(f.read()))
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+                out = p.stdout.read().decode()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                p.stdout.close()
+            self.assertIn("reload: listener l0: changed hostname", out)
+            self.assertIn("reloaded certificate", out)
 
         return inThread(run)

@@ -14,7 +14,6 @@ from zope.interface import implementer
 
 from twisted.internet import defer, protocol, reactor, ssl
 from twisted.mail import smtp
-from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
 from relaygw.relay import client

@@ -6,7 +6,6 @@ never leave DATA (the Twisted 26.10 hole).  Checklist 27-29, 42.
 
 from twisted.internet import defer
 
-from relaygw.testing import inThread
 from tests.test_smtp import GatewayTestCase
 
 

@@ -12,9 +12,8 @@ import subprocess
 
 from twisted.internet import defer
 from twisted.mail import smtp
-from twisted.trial import unittest
 
-from relaygw.testing import Client, Gateway, inThread
+from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
 from tests.test_smtp import GatewayTestCase
 

@@ -267,7 +267,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     def send(self, *lines, secret=False):
         """Write command lines (str) in one write."""
-        for line in lines:
+        for line in lines if TRACE else ():
             if secret:
                 words = line.split(" ")
                 line = " ".join(words[:2] + ["****"]) if words[0].upper() == "AUTH" else "****"
@@ -339,7 +339,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             return
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
         self._lines = []
-        log.debug("{where} >>> {reply}", where=self.where, reply=reply)
+        if TRACE:
+            log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:
             d = self._waiting.popleft()
             if self._waiting:
@@ -398,6 +399,10 @@ _IDENTITY = (
 )
 
 _MAX_COMMAND = 510
+
+#: Log every line to and from next hops (at debug level).  Off unless the
+#: log level is debug: building the events costs more than the SMTP itself.
+TRACE = False
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
