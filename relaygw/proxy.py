@@ -1,230 +1,364 @@
+# -*- test-case-name: tests.test_proxy -*-
 """
-PROXY protocol v1 and v2 (HAProxy's proxy-protocol.txt) in front of a
-listener, strictly (protocol.md section 16).
+The PROXY protocol (HAProxy, versions 1 and 2) in front of a listener.
 
-Twisted's C{haproxy:} wrapper is not used: it lets the greeting out before
-the header has arrived, has no trusted-source check and no timeout, drops
-headers split across small segments, accepts loose v1 forms, and expects
-the header inside TLS.  This wrapper buffers until a complete, valid header
-from a trusted balancer has arrived, and only then connects the wrapped
-protocol (which may be a TLS layer: the header comes first, then TLS), with
-the PROXY source and destination as its peer and host.
+A load balancer that speaks PROXY sends one header before the client's own
+bytes; the header names the client (source) and the address it connected to
+(destination).  L{ProxyProtocolFactory} wraps a listener's factory so that
+the wrapped protocol is connected only once a complete, valid header has
+arrived from a trusted balancer, and then sees the header's addresses as
+C{transport.getPeer()} and C{transport.getHost()}.
+
+L{parseHeader} is a pure, strict parser.  Twisted's
+C{twisted.protocols.haproxy} is not used: its wrapper starts the wrapped
+protocol before the header, has no trust check or timeout and drops
+fragmented headers, and its parsers accept loose version 1 forms.
 """
 
 import ipaddress
-import re
 import struct
 
+import attr
+from zope.interface import directlyProvides, providedBy
+
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-log = Logger(namespace="relaygw.proxy")
+log = Logger()
 
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V1_MAX = 107
-V2_MAX = 16 + 4096
+V2_SIGNATURE = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # octets, CRLF included
+MAX_HEADER = 4096  # octets; longer version 2 headers are refused
 
-_V1 = re.compile(
-    rb"^PROXY (TCP4|TCP6) ([0-9A-Fa-f.:]+) ([0-9A-Fa-f.:]+) (0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})\r\n$"
-)
+_V1_CHARS = frozenset(b"PROXYTCP46 0123456789abcdefABCDEF.:")
+_V2_COMMANDS = {0: "LOCAL", 1: "PROXY"}
+# (family << 4 | transport) -> (address class, address block length)
+_V2_STREAM = {
+    0x11: (ipaddress.IPv4Address, 4),
+    0x21: (ipaddress.IPv6Address, 16),
+}
 
 
 class ProxyError(Exception):
-    """The bytes can never become a valid PROXY header."""
+    """
+    A PROXY header that is malformed or refused; C{str()} is a short reason
+    fit for a log line.
+    """
 
 
+@attr.s(frozen=True, slots=True)
 class ProxyInfo:
     """
     What a PROXY header said.
 
-    @ivar command: C{"PROXY"} or C{"LOCAL"}.
-    @ivar source: the client (L{IPv4Address} or L{IPv6Address}), C{None} for LOCAL.
-    @ivar destination: the address the client connected to, C{None} for LOCAL.
-    @ivar peer: the real socket peer (the balancer).
+    @ivar command: C{"PROXY"} (addresses are the client's) or C{"LOCAL"}
+        (version 2 only: a balancer's own connection, e.g. a health check;
+        use the real connection's addresses).
+    @ivar version: 1 or 2.
+    @ivar source: the client's address (C{IPv4Address} or C{IPv6Address},
+        type C{"TCP"}, canonical host text), or C{None} for LOCAL.
+    @ivar destination: the address the client connected to, or C{None}.
+    @ivar peer: the real socket peer (the balancer); set by the wrapper,
+        C{None} from L{parseHeader}.
     """
 
-    def __init__(self, command, version, source=None, destination=None, peer=None):
-        self.command = command
-        self.version = version
-        self.source = source
-        self.destination = destination
-        self.peer = peer
-
-    def __repr__(self):
-        return "<ProxyInfo v%d %s %r -> %r>" % (self.version, self.command, self.source, self.destination)
+    command = attr.ib()
+    version = attr.ib()
+    source = attr.ib(default=None)
+    destination = attr.ib(default=None)
+    peer = attr.ib(default=None)
 
 
-def _address(family, text, port):
+def _twistedAddress(addr, port):
+    """
+    A Twisted TCP address for an L{ipaddress} address, IPv4-mapped IPv6
+    turned into IPv4.
+    """
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.version == 4:
+        return IPv4Address("TCP", str(addr), port)
+    return IPv6Address("TCP", str(addr), port)
+
+
+def _v1Port(text):
+    """A version 1 port: decimal, no leading zero, 0-65535."""
+    if not text.isdigit() or len(text) > 5 or (len(text) > 1 and text[0] == "0"):
+        raise ProxyError("v1: bad port")
+    port = int(text)
+    if port > 65535:
+        raise ProxyError("v1: port out of range")
+    return port
+
+
+def _v1Address(text, family):
+    """A version 1 address of the stated family, strictly parsed."""
     try:
-        addr = ipaddress.IPv4Address(text) if family == 4 else ipaddress.IPv6Address(text)
+        return family(text)
     except ValueError:
-        raise ProxyError("bad address %r" % (text,))
-    if family == 6 and addr.ipv4_mapped is not None:
-        return IPv4Address("TCP", str(addr.ipv4_mapped), port)
-    cls = IPv4Address if family == 4 else IPv6Address
-    return cls("TCP", str(addr), port)
+        raise ProxyError("v1: bad address for its protocol") from None
 
 
 def _parseV1(data):
-    end = data.find(b"\r\n")
+    """
+    Parse a version 1 header at the start of C{data} (which starts with a
+    prefix of C{b"PROXY "}).
+    """
+    if not V1_PREFIX.startswith(data[:6]):
+        raise ProxyError("not a PROXY header")
+    end = data.find(b"\r\n", 0, V1_MAX)
+    # The line so far, without its CRLF; a trailing lone CR may be half of it.
+    line = data[:end] if end != -1 else data[:V1_MAX].removesuffix(b"\r")
+    if b"\n" in line:
+        raise ProxyError("v1: line ends in bare LF")
+    if b"\r" in line:
+        raise ProxyError("v1: bare CR")
+    proto = line[6:11]
+    if not (b"TCP4 ".startswith(proto) or b"TCP6 ".startswith(proto)):
+        raise ProxyError("v1: protocol is not TCP4 or TCP6")
+    if any(c not in _V1_CHARS for c in line):
+        raise ProxyError("v1: bad character")
     if end == -1:
-        if len(data) >= V1_MAX or b"\n" in data:
-            raise ProxyError("v1 header without CRLF in %d octets" % V1_MAX)
+        if len(data) >= V1_MAX:
+            raise ProxyError("v1: no CRLF within 107 octets")
         return None, 0
-    line = data[: end + 2]
-    if len(line) > V1_MAX:
-        raise ProxyError("v1 header too long")
-    m = _V1.match(line)
-    if not m:
-        raise ProxyError("malformed v1 header")
-    family = 4 if m.group(1) == b"TCP4" else 6
-    sport, dport = int(m.group(4)), int(m.group(5))
-    if sport > 65535 or dport > 65535:
-        raise ProxyError("bad port")
-    src = _address(family, m.group(2).decode("ascii"), sport)
-    dst = _address(family, m.group(3).decode("ascii"), dport)
-    return ProxyInfo("PROXY", 1, src, dst), len(line)
+    fields = line.decode("ascii").split(" ")
+    if len(fields) != 6 or "" in fields:
+        raise ProxyError("v1: need six fields separated by single spaces")
+    _, proto, src, dst, sport, dport = fields
+    if proto == "TCP4":
+        family = ipaddress.IPv4Address
+    elif proto == "TCP6":
+        family = ipaddress.IPv6Address
+    else:
+        raise ProxyError("v1: protocol is not TCP4 or TCP6")
+    info = ProxyInfo(
+        command="PROXY",
+        version=1,
+        source=_twistedAddress(_v1Address(src, family), _v1Port(sport)),
+        destination=_twistedAddress(_v1Address(dst, family), _v1Port(dport)),
+    )
+    return info, end + 2
 
 
 def _parseV2(data):
+    """
+    Parse a version 2 header at the start of C{data} (which starts with a
+    prefix of the version 2 signature).
+    """
+    if not V2_SIGNATURE.startswith(data[:12]):
+        raise ProxyError("not a PROXY header")
+    if len(data) > 12:
+        if data[12] >> 4 != 2:
+            raise ProxyError("v2: version is not 2")
+        command = _V2_COMMANDS.get(data[12] & 0x0F)
+        if command is None:
+            raise ProxyError("v2: unknown command")
+    if len(data) > 13:
+        family, transport = data[13] >> 4, data[13] & 0x0F
+        if family > 3 or transport > 2:
+            raise ProxyError("v2: unknown address family or transport")
+        if command == "PROXY" and data[13] not in _V2_STREAM:
+            raise ProxyError("v2: PROXY is only accepted over TCP/IPv4 or TCP/IPv6")
     if len(data) < 16:
         return None, 0
-    verCmd, famProto, length = data[12], data[13], struct.unpack("!H", data[14:16])[0]
-    if verCmd >> 4 != 2:
-        raise ProxyError("v2 version %d" % (verCmd >> 4))
-    command = verCmd & 0x0F
-    if command not in (0, 1):
-        raise ProxyError("v2 command %d" % command)
-    if 16 + length > V2_MAX:
-        raise ProxyError("v2 header too long")
-    if len(data) < 16 + length:
+    (length,) = struct.unpack("!H", data[14:16])
+    total = 16 + length
+    if total > MAX_HEADER:
+        raise ProxyError("v2: header longer than %d octets" % (MAX_HEADER,))
+    if command == "PROXY":
+        addrClass, size = _V2_STREAM[data[13]]
+        if length < 2 * size + 4:
+            raise ProxyError("v2: length does not cover the addresses")
+    if len(data) < total:
         return None, 0
-    body = data[16: 16 + length]
-    if command == 0:
-        return ProxyInfo("LOCAL", 2), 16 + length
-    family, transport = famProto >> 4, famProto & 0x0F
-    if transport != 1:
-        raise ProxyError("v2 PROXY over a non-stream transport")
-    if family == 1:
-        if length < 12:
-            raise ProxyError("v2 INET address block truncated")
-        s, d, sp, dp = struct.unpack("!4s4sHH", body[:12])
-        src = _address(4, str(ipaddress.IPv4Address(s)), sp)
-        dst = _address(4, str(ipaddress.IPv4Address(d)), dp)
-    elif family == 2:
-        if length < 36:
-            raise ProxyError("v2 INET6 address block truncated")
-        s, d, sp, dp = struct.unpack("!16s16sHH", body[:36])
-        src = _address(6, str(ipaddress.IPv6Address(s)), sp)
-        dst = _address(6, str(ipaddress.IPv6Address(d)), dp)
-    else:
-        raise ProxyError("v2 PROXY with address family %d" % family)
-    # TLVs after the address block are skipped by the declared length.
-    return ProxyInfo("PROXY", 2, src, dst), 16 + length
+    if command == "LOCAL":
+        return ProxyInfo(command="LOCAL", version=2), total
+    block = data[16:total]
+    src = addrClass(block[:size])
+    dst = addrClass(block[size : 2 * size])
+    sport, dport = struct.unpack("!HH", block[2 * size : 2 * size + 4])
+    # Skip the TLVs (type, 2-octet length, value); they must fill the rest exactly.
+    offset = 2 * size + 4
+    while offset < length:
+        if length - offset < 3:
+            raise ProxyError("v2: truncated TLV")
+        (tlvLength,) = struct.unpack_from("!H", block, offset + 1)
+        offset += 3 + tlvLength
+        if offset > length:
+            raise ProxyError("v2: TLV longer than the header")
+    info = ProxyInfo(
+        command="PROXY",
+        version=2,
+        source=_twistedAddress(src, sport),
+        destination=_twistedAddress(dst, dport),
+    )
+    return info, total
 
 
 def parseHeader(data):
     """
-    Parse a PROXY header at the start of C{data}.
+    Parse the PROXY header at the start of C{data}.
 
-    @return: C{(info, consumed)} for a complete valid header, C{(None, 0)}
-        while the bytes so far are a valid prefix.
-    @raise ProxyError: the bytes can never become a valid header.
+    @param data: the bytes received so far.
+    @type data: L{bytes}
+
+    @return: C{(info, consumed)} with a L{ProxyInfo} and the header's length
+        in octets when C{data} starts with a complete valid header;
+        C{(None, 0)} when C{data} is a valid beginning that needs more bytes.
+
+    @raise ProxyError: when C{data} can never become a valid header.  This is
+        decided as early as the bytes allow.
     """
     if not data:
         return None, 0
-    if data[:1] == b"\r":
-        n = min(len(data), 12)
-        if data[:n] != V2_SIGNATURE[:n]:
-            raise ProxyError("not a PROXY header")
-        if len(data) < 12:
-            return None, 0
-        return _parseV2(data)
-    if data[:1] == b"P":
-        n = min(len(data), 6)
-        if data[:n] != b"PROXY "[:n]:
-            raise ProxyError("not a PROXY header")
+    if data[0:1] == b"P":
         return _parseV1(data)
+    if data[0:1] == b"\r":
+        return _parseV2(data)
     raise ProxyError("not a PROXY header")
 
 
+def findProxyInfo(transport):
+    """
+    The L{ProxyInfo} of the connection under C{transport}, found by walking
+    C{transport}, C{transport.transport}, ... a few levels down (so that a
+    protocol under a TLS layer finds it too), or C{None}.
+    """
+    for _ in range(5):
+        if transport is None:
+            return None
+        info = getattr(transport, "proxyInfo", None)
+        if isinstance(info, ProxyInfo):
+            return info
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 class ProxyProtocolWrapper(ProtocolWrapper):
-    """Buffers until a valid header from a trusted peer, then connects the wrapped protocol."""
+    """
+    Reads the PROXY header, then connects the wrapped protocol and gets out
+    of the way.
+
+    The wrapped protocol is connected only after a complete valid header from
+    a trusted socket peer; it then sees the header's source and destination
+    as C{getPeer()} and C{getHost()} (for LOCAL, the real ones).
+
+    @ivar proxyInfo: the L{ProxyInfo}, with C{peer} set to the socket peer,
+        once the header has been read; C{None} before.
+    """
 
     proxyInfo = None
+    _connected = False
+    _closing = False
+    _timer = None
 
     def makeConnection(self, transport):
-        # Deliberately not ProtocolWrapper.makeConnection: the wrapped
-        # protocol must not see the connection before the header.
-        self.connected = 1
-        self.transport = transport
+        """
+        Take the transport, but leave the wrapped protocol unconnected until
+        the header is read.
+        """
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+
+    def connectionMade(self):
+        """
+        Refuse an untrusted socket peer at once; otherwise wait (a bounded
+        time) for the header.
+        """
         self.factory.registerProtocol(self)
         self._buffer = b""
-        peer = transport.getPeer()
-        self._peer = peer
-        if not self.factory.isTrusted(getattr(peer, "host", "")):
-            log.warn("PROXY header refused from untrusted peer {peer}", peer=getattr(peer, "host", peer))
-            transport.loseConnection()
+        peer = self.transport.getPeer()
+        if not self.factory.isTrusted(getattr(peer, "host", None)):
+            self._refuse("socket peer is not a trusted balancer")
             return
         self._timer = self.factory.clock.callLater(self.factory.timeout, self._timedOut)
 
     def _timedOut(self):
-        log.warn("no PROXY header from {peer} within {t}s", peer=self._peer.host, t=self.factory.timeout)
         self._timer = None
+        self._refuse("no complete header within %gs" % (self.factory.timeout,))
+
+    def _refuse(self, reason):
+        """Log one line and close without writing anything."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        peer = self.transport.getPeer()
+        log.warn(
+            "PROXY protocol: closing connection from [{host}]:{port}: {reason}",
+            host=getattr(peer, "host", "?"),
+            port=getattr(peer, "port", 0),
+            reason=reason,
+        )
         self.transport.loseConnection()
 
     def dataReceived(self, data):
-        if self.proxyInfo is not None:
+        """
+        Before the header: buffer and parse.  After it: pass through.
+        """
+        if self._connected:
             self.wrappedProtocol.dataReceived(data)
             return
-        if getattr(self, "_timer", None) is None:
-            return  # refused or timed out; the connection is closing
+        if self._closing:
+            return
         self._buffer += data
         try:
             info, consumed = parseHeader(self._buffer)
         except ProxyError as e:
-            log.warn("bad PROXY header from {peer}: {why}", peer=self._peer.host, why=str(e))
-            self._timer.cancel()
-            self._timer = None
-            self.transport.loseConnection()
+            self._refuse(str(e))
             return
         if info is None:
+            if len(self._buffer) > MAX_HEADER:  # parseHeader should prevent this
+                self._refuse("header too long")
             return
+        rest, self._buffer = self._buffer[consumed:], b""
         self._timer.cancel()
         self._timer = None
-        info.peer = self._peer
-        self.proxyInfo = info
-        rest, self._buffer = self._buffer[consumed:], b""
+        self.proxyInfo = attr.evolve(info, peer=self.transport.getPeer())
+        self._connected = True
         self.wrappedProtocol.makeConnection(self)
-        if rest:
+        if rest and self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(rest)
 
-    def connectionLost(self, reason):
-        timer = getattr(self, "_timer", None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
-        if self.proxyInfo is not None:
-            ProtocolWrapper.connectionLost(self, reason)
-        else:
-            self.factory.unregisterProtocol(self)
-
     def getPeer(self):
+        """The PROXY source, or the socket peer before the header or for LOCAL."""
         if self.proxyInfo is not None and self.proxyInfo.source is not None:
             return self.proxyInfo.source
         return self.transport.getPeer()
 
     def getHost(self):
+        """The PROXY destination, or the socket's own address."""
         if self.proxyInfo is not None and self.proxyInfo.destination is not None:
             return self.proxyInfo.destination
         return self.transport.getHost()
 
+    def connectionLost(self, reason):
+        """
+        Stop the header timer; tell the wrapped protocol only if it was ever
+        connected.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.factory.unregisterProtocol(self)
+        if self._connected:
+            self.wrappedProtocol.connectionLost(reason)
+        self.wrappedProtocol = None
+
 
 class ProxyProtocolFactory(WrappingFactory):
     """
-    Requires a PROXY header on every connection, from peers that
-    C{isTrusted(ip)} accepts, within C{timeout} seconds.
+    Wraps a listener's factory: connections must start with a PROXY header
+    (version 1 or 2) from a trusted balancer.
+
+    @ivar isTrusted: called with the socket peer's IP text; false means the
+        connection is closed at once, with nothing sent.
+    @ivar timeout: seconds to wait for a complete header.
+    @ivar clock: an L{IReactorTime}; the global reactor when not given.
     """
 
     protocol = ProxyProtocolWrapper
@@ -233,18 +367,13 @@ class ProxyProtocolFactory(WrappingFactory):
         WrappingFactory.__init__(self, wrappedFactory)
         self.isTrusted = isTrusted
         self.timeout = timeout
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+        self._clock = clock
 
+    @property
+    def clock(self):
+        """The clock for header timers (the reactor, imported when first needed)."""
+        if self._clock is None:
+            from twisted.internet import reactor
 
-def findProxyInfo(transport):
-    """The L{ProxyInfo} of a connection, looking through wrapping layers (TLS)."""
-    for _ in range(4):
-        if transport is None:
-            return None
-        info = getattr(transport, "proxyInfo", None)
-        if info is not None:
-            return info
-        transport = getattr(transport, "transport", None)
-    return None
+            self._clock = reactor
+        return self._clock

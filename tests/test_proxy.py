@@ -1,27 +1,53 @@
 """
 PROXY protocol v1/v2 (protocol.md section 16, checklist 3-11): the strict
-parser, and a real listener behind it over loopback.
+parser (examples and properties), the wrapper on a fake transport and clock,
+a bare wrapper on real loopback connections (plain and header-then-TLS), and
+a real gateway listener behind it.
 """
 
+import datetime
+import ipaddress
+import os
 import socket
+import ssl
 import struct
+import subprocess
+import sys
 import time
 
-from twisted.internet import defer, protocol, task
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
-from relaygw.proxy import ProxyError, ProxyProtocolFactory, parseHeader
+from relaygw.proxy import (
+    ProxyError,
+    ProxyInfo,
+    ProxyProtocolFactory,
+    ProxyProtocolWrapper,
+    findProxyInfo,
+    parseHeader,
+)
 from relaygw.testing import Client, inThread
 from tests.test_smtp import GatewayTestCase
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
 
 
 def v2(command=1, family=1, transport=1, src="192.0.2.7", dst="198.51.100.1", sport=4567, dport=25,
        tlvs=b"", version=2):
-    import ipaddress
-
+    """A version 2 header (addresses omitted for LOCAL)."""
     if command == 0:
         body = b""
     elif family == 1:
@@ -34,108 +60,502 @@ def v2(command=1, family=1, transport=1, src="192.0.2.7", dst="198.51.100.1", sp
     return SIG + bytes([(version << 4) | command, (family << 4) | transport]) + struct.pack("!H", len(body)) + body
 
 
+def tlv(kind, value):
+    return bytes([kind]) + struct.pack("!H", len(value)) + value
+
+
 class ParserTests(unittest.TestCase):
     def test_v1TCP4(self):
-        info, n = parseHeader(b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\nEHLO")
-        self.assertEqual((info.command, info.source.host, info.source.port, info.destination.port),
-                         ("PROXY", "192.0.2.7", 4567, 25))
-        self.assertEqual(n, len(b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"))
+        info, n = parseHeader(V1 + b"EHLO")
+        self.assertEqual((info.command, info.version, info.source, info.destination, info.peer),
+                         ("PROXY", 1, IPv4Address("TCP", "192.0.2.7", 4567),
+                          IPv4Address("TCP", "198.51.100.1", 25), None))
+        self.assertEqual(n, len(V1))
 
     def test_v1TCP6Canonical(self):
-        info, _ = parseHeader(b"PROXY TCP6 2001:0db8:0000:0000:0000:0000:0000:0001 2001:db8::2 1 2\r\n")
-        self.assertEqual(info.source.host, "2001:db8::1")
-        self.assertEqual(info.source.type, "TCP")
+        info, _ = parseHeader(b"PROXY TCP6 2001:0DB8:0000:0000:0000:0000:0000:0001 2001:db8::2 1 2\r\n")
+        self.assertEqual(info.source, IPv6Address("TCP", "2001:db8::1", 1))
+        self.assertEqual(info.destination, IPv6Address("TCP", "2001:db8::2", 2))
+
+    def test_v1TCP6MappedIsIPv4(self):
+        info, _ = parseHeader(b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:198.51.100.1 0 65535\r\n")
+        self.assertEqual(info.source, IPv4Address("TCP", "192.0.2.7", 0))
+        self.assertEqual(info.destination, IPv4Address("TCP", "198.51.100.1", 65535))
 
     def test_v2Inet(self):
-        info, n = parseHeader(v2(tlvs=b"\x04\x00\x03abc\x05\x00\x01x") + b"rest")
-        self.assertEqual((info.version, info.source.host, info.source.port), (2, "192.0.2.7", 4567))
-        self.assertEqual(n, len(v2(tlvs=b"\x04\x00\x03abc\x05\x00\x01x")))
+        header = v2(tlvs=tlv(0x04, b"abc") + tlv(0x05, b"x") + tlv(0x20, b""))
+        info, n = parseHeader(header + b"rest")
+        self.assertEqual((info.command, info.version, info.source, info.destination),
+                         ("PROXY", 2, IPv4Address("TCP", "192.0.2.7", 4567), IPv4Address("TCP", "198.51.100.1", 25)))
+        self.assertEqual(n, len(header))
 
-    def test_v2Inet6(self):
-        info, _ = parseHeader(v2(family=2, src="2001:db8::11", dst="2001:db8::1"))
-        self.assertEqual(info.source.host, "2001:db8::11")
+    def test_v2Inet6WithTLVs(self):
+        header = v2(family=2, src="2001:db8:0:0::11", dst="2001:db8::1", sport=1, dport=587,
+                    tlvs=tlv(0x01, b"smtp") + tlv(0xE0, b"\x00" * 300))
+        info, n = parseHeader(header + b"EHLO x\r\n")
+        self.assertEqual(info.source, IPv6Address("TCP", "2001:db8::11", 1))
+        self.assertEqual(info.destination, IPv6Address("TCP", "2001:db8::1", 587))
+        self.assertEqual(n, len(header))
+
+    def test_v2Inet6MappedIsIPv4(self):
+        info, _ = parseHeader(v2(family=2, src="::ffff:192.0.2.7", dst="2001:db8::1"))
+        self.assertEqual(info.source, IPv4Address("TCP", "192.0.2.7", 4567))
 
     def test_v2Local(self):
-        info, _ = parseHeader(v2(command=0))
-        self.assertEqual((info.command, info.source), ("LOCAL", None))
+        info, n = parseHeader(v2(command=0) + b"x")
+        self.assertEqual((info.command, info.version, info.source, info.destination), ("LOCAL", 2, None, None))
+        self.assertEqual(n, 16)
+
+    def test_v2LocalIgnoresAddresses(self):
+        """LOCAL with an address block (and junk after it) still means: use the real connection."""
+        header = bytearray(v2(tlvs=b"\xff"))
+        header[12] = 0x20
+        info, n = parseHeader(bytes(header))
+        self.assertEqual((info.command, info.source, n), ("LOCAL", None, len(header)))
 
     def test_everyPrefixIncomplete(self):
-        for header in (b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n", v2()):
+        headers = (V1, b"PROXY TCP6 2001:db8::1 2001:db8::2 65535 0\r\n", v2(),
+                   v2(family=2, src="2001:db8::1", dst="2001:db8::2", tlvs=tlv(0x04, b"pad")), v2(command=0))
+        for header in headers:
             for i in range(len(header)):
                 self.assertEqual(parseHeader(header[:i]), (None, 0), header[:i])
-            self.assertIsNotNone(parseHeader(header)[0])
+            info, n = parseHeader(header)
+            self.assertIsNotNone(info)
+            self.assertEqual(n, len(header))
 
     def test_refusals(self):
-        bad = [
-            b"GET / HTTP/1.0\r\n", b"EHLO x\r\n", b"\r\n\r\nxx",
-            v2(version=1), v2(command=2), v2(family=0), v2(family=3), v2(transport=2),
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25" + b" " * 80,  # no CRLF in 107
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\n",
-            b"PROXY TCP4 192.0.2.7  198.51.100.1 4567 25\r\n",
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 04567 25\r\n",
-            b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 25\r\n",
-            b"PROXY TCP4 2001:db8::1 198.51.100.1 1 25\r\n",
-            b"PROXY UNKNOWN\r\n",
-            b"PROXY TCP4 192.0.2.007 198.51.100.1 1 25\r\n",
-        ]
-        for data in bad:
+        """Checklist 7-9, and the v2 framing limits."""
+        local = bytearray(v2(command=0))
+        local[13] = 0x41  # family 4 does not exist, even for LOCAL
+        bad = {
+            "garbage": b"GET / HTTP/1.0\r\n",
+            "smtp": b"EHLO x\r\n",
+            "lowercase": b"proxy TCP4 192.0.2.7 198.51.100.1 4567 25\r\n",
+            "v2 bad signature": b"\r\n\r\nxx",
+            "v2 version 1": v2(version=1),
+            "v2 version 3": v2(version=3),
+            "v2 command 2": v2(command=2),
+            "v2 PROXY UNSPEC": v2(family=0, transport=0),
+            "v2 PROXY UNSPEC STREAM": v2(family=0),
+            "v2 PROXY UNIX": v2(family=3),
+            "v2 PROXY DGRAM": v2(transport=2),
+            "v2 PROXY INET6 DGRAM": v2(family=2, transport=2, src="2001:db8::1", dst="2001:db8::2"),
+            "v2 LOCAL unknown family": bytes(local),
+            "v2 length short of INET": SIG + b"\x21\x11\x00\x0b" + b"\x00" * 11,
+            "v2 length short of INET6": SIG + b"\x21\x21\x00\x0c" + b"\x00" * 12,
+            "v2 over 4096": SIG + b"\x21\x11\x10\x00",
+            "v2 truncated TLV": v2(tlvs=b"\x04\x00"),
+            "v2 TLV past the end": v2(tlvs=b"\x04\x00\x05abc"),
+            "v1 no CRLF in 107": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25" + b" " * 80,
+            "v1 108 with CRLF": b"PROXY TCP6 " + b"0" * 95 + b"\r\n",
+            "v1 LF only": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\n",
+            "v1 bare CR": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r25\r\n",
+            "v1 double space": b"PROXY TCP4 192.0.2.7  198.51.100.1 4567 25\r\n",
+            "v1 trailing space": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25 \r\n",
+            "v1 tab": b"PROXY TCP4\t192.0.2.7 198.51.100.1 4567 25\r\n",
+            "v1 missing port": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567\r\n",
+            "v1 extra field": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25 1\r\n",
+            "v1 leading zero port": b"PROXY TCP4 192.0.2.7 198.51.100.1 04567 25\r\n",
+            "v1 port 00": b"PROXY TCP4 192.0.2.7 198.51.100.1 00 25\r\n",
+            "v1 port 65536": b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 25\r\n",
+            "v1 port 99999": b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 99999\r\n",
+            "v1 TCP4 with IPv6": b"PROXY TCP4 2001:db8::1 198.51.100.1 1 25\r\n",
+            "v1 TCP6 with IPv4": b"PROXY TCP6 192.0.2.7 2001:db8::1 1 25\r\n",
+            "v1 leading zero octet": b"PROXY TCP4 192.0.2.007 198.51.100.1 1 25\r\n",
+            "v1 octet 256": b"PROXY TCP4 192.0.2.256 198.51.100.1 1 25\r\n",
+            "v1 scoped IPv6": b"PROXY TCP6 fe80::1%eth0 2001:db8::1 1 25\r\n",
+            "v1 UNKNOWN": b"PROXY UNKNOWN\r\n",
+            "v1 UNKNOWN with addresses": b"PROXY UNKNOWN 192.0.2.7 198.51.100.1 1 25\r\n",
+            "v1 TCP5": b"PROXY TCP5 192.0.2.7 198.51.100.1 1 25\r\n",
+            "v1 no protocol": b"PROXY \r\n",
+        }
+        for name, data in bad.items():
+            try:
+                parseHeader(data)
+            except ProxyError as e:
+                self.assertTrue(str(e), name)
+            else:
+                self.fail("%s: %r accepted" % (name, data))
+
+    def test_decidedEarly(self):
+        """Hopeless prefixes are refused at once, without waiting for more bytes."""
+        for data in (b"E", b"\x00", b"PROXy", b"\r\n\r\n\x00\r\nQ!", SIG + b"\x11", SIG + b"\x22",
+                     SIG + b"\x21\x31", SIG + b"\x21\x12", SIG + b"\x21\x11\xff\xff", SIG + b"\x21\x11\x00\x0b",
+                     b"PROXY UNK", b"PROXY TCP4 192.0.2.7\n", b"PROXY TCP4 192.0.2.7 x"):
             self.assertRaises(ProxyError, parseHeader, data)
 
 
+addressPairs = st.one_of(
+    st.tuples(st.just("TCP4"), st.ip_addresses(v=4), st.ip_addresses(v=4)),
+    st.tuples(st.just("TCP6"), st.ip_addresses(v=6), st.ip_addresses(v=6)),
+)
+ports = st.integers(0, 65535)
+
+
+def canonical(addr):
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class ParserPropertyTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(addressPairs, ports, ports, st.binary(max_size=20))
+    def test_v1RoundTrip(self, pair, sport, dport, rest):
+        proto, src, dst = pair
+        header = ("PROXY %s %s %s %d %d\r\n" % (proto, src.exploded, dst, sport, dport)).encode()
+        info, n = parseHeader(header + rest)
+        self.assertEqual(n, len(header))
+        self.assertEqual((info.source.host, info.source.port), (canonical(src), sport))
+        self.assertEqual((info.destination.host, info.destination.port), (canonical(dst), dport))
+        for i in range(len(header)):
+            self.assertEqual(parseHeader(header[:i]), (None, 0))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.tuples(st.just(1), st.ip_addresses(v=4), st.ip_addresses(v=4)),
+                     st.tuples(st.just(2), st.ip_addresses(v=6), st.ip_addresses(v=6))),
+           ports, ports, st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4))
+    def test_v2RoundTrip(self, triple, sport, dport, tlvs):
+        family, src, dst = triple
+        header = v2(family=family, src=str(src), dst=str(dst), sport=sport, dport=dport,
+                    tlvs=b"".join(tlv(k, v) for k, v in tlvs))
+        info, n = parseHeader(header + b"EHLO")
+        self.assertEqual(n, len(header))
+        self.assertEqual((info.source.host, info.source.port), (canonical(src), sport))
+        self.assertEqual((info.destination.host, info.destination.port), (canonical(dst), dport))
+        for i in range(len(header)):
+            self.assertEqual(parseHeader(header[:i]), (None, 0))
+
+    @settings(max_examples=1000, deadline=None)
+    @given(st.one_of(st.binary(max_size=200),
+                     st.binary(max_size=120).map(lambda b: b"PROXY " + b),
+                     st.binary(max_size=120).map(lambda b: SIG + b)),
+           st.binary(max_size=50))
+    def test_anyBytes(self, data, more):
+        """
+        Arbitrary bytes only ever give a result or L{ProxyError}; a refusal
+        stays a refusal and a result stays the same result whatever follows.
+        """
+        try:
+            info, n = parseHeader(data)
+        except ProxyError:
+            self.assertRaises(ProxyError, parseHeader, data + more)
+            return
+        if info is None:
+            self.assertEqual(n, 0)
+            self.assertLess(len(data), 4096)
+        else:
+            self.assertTrue(0 < n <= len(data))
+            self.assertEqual(parseHeader(data + more), (info, n))
+            self.assertEqual(parseHeader(data[:n]), (info, n))
+
+
 class Greeter(protocol.Protocol):
+    """Greets with the peer it sees (C{220 hello <host> <port>}), then echoes."""
+
     def connectionMade(self):
+        self.factory.connected.append(self)
         peer = self.transport.getPeer()
         self.transport.write(b"220 hello %s %d\r\n" % (peer.host.encode(), peer.port))
 
     def dataReceived(self, data):
         self.factory.received.append(data)
+        self.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.factory.lost.append(self)
+
+
+def greeterFactory():
+    f = protocol.Factory.forProtocol(Greeter)
+    f.connected, f.received, f.lost = [], [], []
+    return f
 
 
 class WrapperTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
-        inner = protocol.Factory.forProtocol(Greeter)
-        inner.received = []
-        self.inner = inner
-        self.factory = ProxyProtocolFactory(inner, lambda ip: ip == "127.0.0.1", 5, self.clock)
+        self.inner = greeterFactory()
+        self.asked = []
+
+        def isTrusted(ip):
+            self.asked.append(ip)
+            return ip == "127.0.0.1"
+
+        self.factory = ProxyProtocolFactory(self.inner, isTrusted, 5, self.clock)
 
     def connect(self, peer="127.0.0.1"):
-        from twisted.internet.address import IPv4Address
-
         p = self.factory.buildProtocol(IPv4Address("TCP", peer, 1234))
-        t = StringTransport(peerAddress=IPv4Address("TCP", peer, 1234))
+        t = StringTransport(peerAddress=IPv4Address("TCP", peer, 1234),
+                            hostAddress=IPv4Address("TCP", "127.0.0.1", 2525))
         p.makeConnection(t)
         return p, t
 
     def test_nothingBeforeHeaderThenGreeting(self):
+        """Checklist 3 and 6: one octet per segment, no greeting until the last."""
         p, t = self.connect()
-        header = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\nEHLO x\r\n"
-        n = len(header) - 8
-        for i in range(n - 1):
-            p.dataReceived(header[i:i + 1])
+        self.assertEqual(self.asked, ["127.0.0.1"])
+        for i in range(len(V1) - 1):
+            p.dataReceived(V1[i:i + 1])
             self.assertEqual(t.value(), b"")
-        p.dataReceived(header[n - 1:])
+            self.assertEqual(self.inner.connected, [])
+            self.assertIsNone(findProxyInfo(p))
+        self.assertEqual(p.getPeer(), IPv4Address("TCP", "127.0.0.1", 1234))
+        p.dataReceived(V1[-1:])
         self.assertEqual(t.value(), b"220 hello 192.0.2.7 4567\r\n")
-        self.assertEqual(b"".join(self.inner.received), b"EHLO x\r\n")
+        self.assertEqual(len(self.inner.connected), 1)
+        self.assertEqual(p.getPeer(), IPv4Address("TCP", "192.0.2.7", 4567))
+        self.assertEqual(p.getHost(), IPv4Address("TCP", "198.51.100.1", 25))
+        self.assertEqual(p.proxyInfo.peer, IPv4Address("TCP", "127.0.0.1", 1234))
+        self.assertIs(findProxyInfo(self.inner.connected[0].transport), p.proxyInfo)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(t.disconnecting)
+
+    def test_bytesAfterHeaderDelivered(self):
+        p, t = self.connect()
+        p.dataReceived(v2() + b"EHLO x\r\n")
+        self.assertEqual(self.inner.received, [b"EHLO x\r\n"])
+        p.dataReceived(b"QUIT\r\n")
+        self.assertEqual(self.inner.received, [b"EHLO x\r\n", b"QUIT\r\n"])
+        self.assertEqual(t.value(), b"220 hello 192.0.2.7 4567\r\nEHLO x\r\nQUIT\r\n")
+
+    def test_localIsRealPeer(self):
+        """Checklist 5: v2 LOCAL gives the real peer and host."""
+        p, t = self.connect()
+        p.dataReceived(v2(command=0))
+        self.assertEqual(t.value(), b"220 hello 127.0.0.1 1234\r\n")
+        self.assertEqual(p.getHost(), IPv4Address("TCP", "127.0.0.1", 2525))
+        self.assertEqual(p.proxyInfo.command, "LOCAL")
 
     def test_timeout(self):
+        """Checklist 10: no header in time, closed, no greeting, one log line."""
         p, t = self.connect()
-        self.clock.advance(5)
+        p.dataReceived(b"PROXY TCP4 192.0.2.7")
+        self.clock.advance(4.9)
+        self.assertFalse(t.disconnecting)
+        with capturedLogs() as events:
+            self.clock.advance(0.1)
         self.assertTrue(t.disconnecting)
         self.assertEqual(t.value(), b"")
+        self.assertEqual(self.inner.connected, [])
+        self.assertEqual(len(events), 1)
+        self.assertIn("127.0.0.1", events[0]["log_format"].format(**events[0]))
+        p.dataReceived(b" 198.51.100.1 4567 25\r\n")  # too late
+        self.assertEqual((t.value(), self.inner.connected), (b"", []))
 
     def test_untrusted(self):
-        p, t = self.connect("192.0.2.99")
+        """Checklist 10: a header from an untrusted socket peer is never read."""
+        with capturedLogs() as events:
+            p, t = self.connect("192.0.2.99")
+        self.assertEqual(self.asked, ["192.0.2.99"])
         self.assertTrue(t.disconnecting)
-        p.dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        p.dataReceived(V1)
         self.assertEqual(t.value(), b"")
+        self.assertEqual(self.inner.connected, [])
+        self.assertIsNone(p.proxyInfo)
+        self.assertEqual(len(events), 1)
+        self.assertIn("192.0.2.99", events[0]["log_format"].format(**events[0]))
 
     def test_malformed(self):
+        """Checklist 7: a bad header closes, logs one line, stops the timer."""
         p, t = self.connect()
-        p.dataReceived(b"HELO x\r\n")
+        with capturedLogs() as events:
+            p.dataReceived(b"HELO x\r\n")
         self.assertTrue(t.disconnecting)
         self.assertEqual(t.value(), b"")
-        self.assertFalse(self.clock.getDelayedCalls())
+        self.assertEqual(self.inner.connected, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(events), 1)
+        p.dataReceived(V1)
+        self.assertEqual((t.value(), self.inner.connected), (b"", []))
+
+    def test_lostBeforeHeader(self):
+        """The wrapped protocol, never connected, is never told of a loss."""
+        p, t = self.connect()
+        p.dataReceived(V1[:10])
+        self.assertEqual(len(self.factory.protocols), 1)
+        p.connectionLost(None)
+        self.assertEqual(self.factory.protocols, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.inner.lost, [])
+
+    def test_lostAfterHeader(self):
+        p, t = self.connect()
+        p.dataReceived(V1)
+        p.connectionLost(None)
+        self.assertEqual(self.inner.lost, self.inner.connected)
+        self.assertEqual(self.factory.protocols, {})
+
+    def test_findProxyInfoWalksLayers(self):
+        info = ProxyInfo("PROXY", 1)
+
+        class Layer:
+            def __init__(self, below):
+                self.transport = below
+
+        bottom = Layer(None)
+        bottom.proxyInfo = info
+        self.assertIs(findProxyInfo(Layer(Layer(bottom))), info)
+        self.assertIsNone(findProxyInfo(Layer(Layer(None))))
+        self.assertIsNone(findProxyInfo(StringTransport()))
+        self.assertIsNone(findProxyInfo(None))
+
+    def test_defaultClockIsReactor(self):
+        f = ProxyProtocolFactory(self.inner, lambda ip: True)
+        self.assertIs(f.clock, reactor)
+
+    def test_importDoesNotInstallReactor(self):
+        code = "import sys, relaygw.proxy; print('twisted.internet.reactor' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.assertEqual(out.stdout.strip(), b"False")
+
+
+class _TrackedWrapper(ProxyProtocolWrapper):
+    """Fires C{factory.closed} when the server side of a connection is gone."""
+
+    def connectionLost(self, reason):
+        ProxyProtocolWrapper.connectionLost(self, reason)
+        self.factory.closed.callback(None)
+
+
+def selfSigned():
+    """A throwaway self-signed certificate for C{localhost}: (PEM cert, PEM key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()),
+    )
+
+
+def readLine(sock):
+    """Read up to and including the first CRLF (or to EOF)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class LoopbackTests(unittest.TestCase):
+    """The bare wrapper on real loopback connections, clients in a thread."""
+
+    timeout = 30
+
+    def listen(self, wrapped, trusted=True):
+        self.inner = wrapped
+        factory = ProxyProtocolFactory(wrapped, lambda ip: trusted and ip == "127.0.0.1", 5, reactor)
+        factory.protocol = _TrackedWrapper
+        factory.closed = defer.Deferred()
+        self.factory = factory
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_greetingOnlyAfterHeader(self):
+        inner = greeterFactory()
+        portNumber = self.listen(inner)
+
+        def client():
+            with socket.create_connection(("127.0.0.1", portNumber), timeout=10) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.settimeout(0.3)
+                self.assertRaises(socket.timeout, s.recv, 100)  # nothing before the header
+                s.sendall(V1[:7])
+                self.assertRaises(socket.timeout, s.recv, 100)
+                s.settimeout(10)
+                s.sendall(V1[7:] + b"ping\r\n")
+                return readLine(s), readLine(s)
+
+        greeting, echo = yield inThread(client)
+        self.assertEqual(greeting, b"220 hello 192.0.2.7 4567\r\n")
+        self.assertEqual(echo, b"ping\r\n")
+        yield self.factory.closed
+        self.assertEqual(len(inner.lost), 1)
+
+    @defer.inlineCallbacks
+    def test_untrustedClosedSilently(self):
+        inner = greeterFactory()
+        portNumber = self.listen(inner, trusted=False)
+
+        def client():
+            with socket.create_connection(("127.0.0.1", portNumber), timeout=10) as s:
+                try:
+                    s.sendall(V1)
+                except OSError:
+                    pass  # already closed: fine
+                try:
+                    return s.recv(100)
+                except ConnectionResetError:
+                    return b""
+
+        self.assertEqual((yield inThread(client)), b"")
+        yield self.factory.closed
+        self.assertEqual(inner.connected, [])
+
+    @defer.inlineCallbacks
+    def test_malformedClosedSilently(self):
+        inner = greeterFactory()
+        portNumber = self.listen(inner)
+
+        def client():
+            with socket.create_connection(("127.0.0.1", portNumber), timeout=10) as s:
+                s.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 04567 25\r\nEHLO x\r\n")
+                try:
+                    return s.recv(100)
+                except ConnectionResetError:
+                    return b""
+
+        self.assertEqual((yield inThread(client)), b"")
+        yield self.factory.closed
+        self.assertEqual(inner.connected, [])
+
+    @defer.inlineCallbacks
+    def test_proxyThenTLS(self):
+        """HAProxy C{send-proxy} before implicit TLS: the header in clear, then the handshake."""
+        certPEM, keyPEM = selfSigned()
+        inner = greeterFactory()
+        tlsFactory = TLSMemoryBIOFactory(PrivateCertificate.loadPEM(certPEM + keyPEM).options(), False, inner)
+        portNumber = self.listen(tlsFactory)
+        context = ssl.create_default_context(cadata=certPEM.decode("ascii"))
+
+        def client():
+            raw = socket.create_connection(("127.0.0.1", portNumber), timeout=10)
+            raw.sendall(v2(family=2, src="2001:db8::7", dst="2001:db8::25", sport=40000, dport=465))
+            with context.wrap_socket(raw, server_hostname="localhost") as s:
+                greeting = readLine(s)
+                s.sendall(b"ping\r\n")
+                return greeting, readLine(s), s.version()
+
+        greeting, echo, version = yield inThread(client)
+        self.assertEqual(greeting, b"220 hello 2001:db8::7 40000\r\n")
+        self.assertEqual(echo, b"ping\r\n")
+        self.assertTrue(version.startswith("TLSv1"))
+        [greeter] = inner.connected
+        info = findProxyInfo(greeter.transport)
+        self.assertEqual(info.source, IPv6Address("TCP", "2001:db8::7", 40000))
+        self.assertEqual(info.peer.host, "127.0.0.1")
+        self.assertEqual(greeter.transport.getHost(), IPv6Address("TCP", "2001:db8::25", 465))
+        yield self.factory.closed
+        self.assertEqual(inner.lost, [greeter])
 
 
 def rawSession(port, header, then=b""):
