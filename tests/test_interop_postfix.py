@@ -5,11 +5,13 @@ next hop: it gets the mail and the client identity forwarded with XCLIENT.
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from relaygw.testing import PostfixInstance, ScriptedSMTPFactory, freePort, inThread
+from relaygw.testing import PostfixInstance, freePort, inThread
 from tests.test_relay import RelayTestCase
 
 
@@ -19,15 +21,43 @@ class PostfixNextHopTests(RelayTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         if not os.path.exists("/usr/sbin/postfix"):
-            raise AssertionError("postfix is not installed (make test installs it)")
+            raise AssertionError("postfix is not installed (/usr/sbin/postfix missing; make test installs it)")
         self.sink, sinkPort = self.hop()
         self.postfixPort = freePort()
         # Postfix's queue holds UNIX sockets: keep the path short (108 octets).
         directory = tempfile.mkdtemp(prefix="relaygw-pf-")
         self.addCleanup(shutil.rmtree, directory, True)
         self.postfix = PostfixInstance(directory, self.postfixPort, "[127.0.0.1]:%d" % sinkPort)
-        yield inThread(self.postfix.start)
-        self.addCleanup(inThread, self.postfix.stop)
+        # Registered before starting, so a half-started instance is stopped too.
+        self.addCleanup(inThread, self._stopPostfix)
+        yield inThread(self._startPostfix)
+
+    def _startPostfix(self):
+        try:
+            self.postfix.start()
+            check = subprocess.run(["/usr/sbin/postfix", "-c", self.postfix.conf, "check"],
+                                   capture_output=True, text=True, timeout=60)
+            assert check.returncode == 0, "postfix check failed: %s" % (check.stdout + check.stderr)
+        except subprocess.CalledProcessError as e:
+            raise AssertionError("cannot start postfix: %s\n%s%s\nmaillog:\n%s" % (
+                e, e.stdout.decode(errors="replace"), e.stderr.decode(errors="replace"), self.postfix.log()))
+        except TimeoutError as e:
+            raise AssertionError("postfix did not listen on port %d: %s\nmaillog:\n%s" % (
+                self.postfixPort, e, self.postfix.log()))
+
+    def _stopPostfix(self):
+        self.postfix.stop()
+        pidfile = os.path.join(self.postfix.settings["queue_directory"], "pid", "master.pid")
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return
+        # Still there after "postfix stop": end our own master (and so its children).
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     @defer.inlineCallbacks
     def test_postfixGetsMailAndForwardedIdentity(self):
@@ -37,13 +67,27 @@ class PostfixNextHopTests(RelayTestCase):
         yield self.send(subject="through-postfix",
                         before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net",
                                 "EHLO helo.example.net"])
+        yield self.send(subject="second-client", rcpts=("c@example.net",),
+                        before=["XCLIENT NAME=other.example.net ADDR=192.0.2.8 PORT=4568 HELO=helo8.example.net",
+                                "EHLO helo8.example.net"])
         yield self.until(self.spoolEmpty, timeout=30)
-        yield self.until(lambda: self.sink.transactions, timeout=60)
-        data = self.sink.transactions[0]["data"].decode()
+        yield self.until(lambda: len(self.sink.transactions) == 2, timeout=60)
+        bySubject = {}
+        for t in self.sink.transactions:
+            data = t["data"].decode()
+            bySubject[data.split("Subject: ", 1)[1].split("\r\n", 1)[0]] = (t, data)
+        t, data = bySubject["through-postfix"]
+        self.assertEqual((t["mailfrom"], t["rcpts"]), ("a@example.org", ["b@example.net"]))
         # Postfix's own Received header names the client relaygw forwarded.
         first = data.split("Received: ", 2)[1]
         self.assertIn("from helo.example.net (client.example.net [192.0.2.7])", first, data)
         self.assertIn("by postfix.test", first)
-        self.assertIn("Subject: through-postfix", data)
+        self.assertTrue(data.endswith("body of through-postfix\r\n"), data)
+        # The second message, from another client, under its own identity.
+        t, data = bySubject["second-client"]
+        self.assertEqual(t["rcpts"], ["c@example.net"])
+        first = data.split("Received: ", 2)[1]
+        self.assertIn("from helo8.example.net (other.example.net [192.0.2.8])", first, data)
         log = self.postfix.log()
         self.assertIn("client.example.net[192.0.2.7]", log)
+        self.assertIn("other.example.net[192.0.2.8]", log)

@@ -4,21 +4,47 @@ scripted loopback next hops (smarthosts, failover, retries, bounces, TLS,
 AUTH, XCLIENT forwarding, routes, MX), and a crash during delivery.
 """
 
+import email
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import PrivateCertificate
 from twisted.trial import unittest
 
+import relaygw
 from relaygw.testing import (
-    Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, runTwistd, waitForPort,
+    Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
 from tests.test_starttls import makeCA
 
 FAST = {"retry_min": 0.3, "retry_max": 0.6}
+
+#: The source tree under test (child processes must run it, not an installed copy).
+SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(relaygw.__file__)))
+
+
+def sourceEnv():
+    """The environment for a child process that imports relaygw from L{SOURCE}."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SOURCE] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def runTwistd(configPath, cwd):
+    """
+    C{twistd -n relaygw} from the source tree as a child process, its
+    output appended to C{cwd}/twistd.log; returns the Popen.
+    """
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    with open(os.path.join(cwd, "twistd.log"), "ab") as log:
+        return subprocess.Popen([twistd, "-n", "--pidfile=", "relaygw", "--config", configPath], cwd=cwd,
+                                env=sourceEnv(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=()):
@@ -41,17 +67,69 @@ def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="r
         c.close()
 
 
+class _TrackingServer(ScriptedSMTPServer):
+    """
+    A scripted next hop that greets its first connection only after
+    C{factory.greetDelay} seconds (so messages pile up behind that busy
+    connection) and notes, for each transaction, the index of its connection
+    and the ADDR that connection was last given with XCLIENT.
+    """
+
+    def connectionMade(self):
+        self.xaddr = None
+        self.greetCall = None
+        ScriptedSMTPServer.connectionMade(self)
+        delay = self.factory.greetDelay if len(self.factory.connections) == 1 else 0
+        self.greetCall = reactor.callLater(delay, self.sendLine, b"220 scripted.example.test ESMTP")
+
+    def connectionLost(self, reason):
+        if self.greetCall is not None and self.greetCall.active():
+            self.greetCall.cancel()
+        ScriptedSMTPServer.connectionLost(self, reason)
+
+    def lineReceived(self, line):
+        if not self.inData and line.upper().startswith(b"XCLIENT "):
+            for word in line.decode().split()[1:]:
+                if word.upper().startswith("ADDR="):
+                    self.xaddr = word[5:]
+        before = len(self.factory.transactions)
+        ScriptedSMTPServer.lineReceived(self, line)
+        if len(self.factory.transactions) > before:
+            self.factory.transactions[-1]["xaddr"] = self.xaddr
+            self.factory.transactions[-1]["connection"] = self.factory.connections.index(self)
+
+
+class _TrackingFactory(ScriptedSMTPFactory):
+    protocol = _TrackingServer
+
+    def __init__(self, greetDelay=0.0, **kw):
+        ScriptedSMTPFactory.__init__(self, greeting=None, **kw)
+        self.greetDelay = greetDelay
+
+
+def deliveryStatus(data):
+    """The blocks (field groups) of the message/delivery-status part of a DSN, parsed."""
+    report = email.message_from_bytes(data)
+    assert report.get_content_type() == "multipart/report", report.get_content_type()
+    assert report.get_param("report-type") == "delivery-status"
+    [status] = [p for p in report.get_payload() if p.get_content_type() == "message/delivery-status"]
+    return [dict(block.items()) for block in status.get_payload()]
+
+
 class RelayTestCase(unittest.TestCase):
     timeout = 60
 
-    def hop(self, **kw):
-        factory = ScriptedSMTPFactory(**kw)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(self._closeHop, port, factory)
-        return factory, port.getHost().port
+    def hop(self, factory=None, interface="127.0.0.1", port=0, **kw):
+        factory = factory or ScriptedSMTPFactory(**kw)
+        listening = reactor.listenTCP(port, factory, interface=interface)
+        self.addCleanup(self._closeHop, listening, factory)
+        return factory, listening.getHost().port
 
     def _closeHop(self, port, factory):
         for c in factory.connections:
+            call = getattr(c, "greetCall", None)
+            if call is not None and call.active():
+                call.cancel()
             c.transport.loseConnection()
         return port.stopListening()
 
@@ -105,6 +183,53 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(hop.recipients(), ["b@example.net"])
 
     @defer.inlineCallbacks
+    def test_handedInAgainWhileInFlight(self):
+        """
+        A message handed to the queue manager again while its first attempt
+        is in flight (a flush that picks up a just-committed message before
+        the session hands it in) does not make a later attempt forget the
+        recipients that already succeeded.
+        """
+        hop = _TrackingFactory(greetDelay=1.0, rcpt={"later@example.net": ["451 4.3.0 not now", "250 2.1.5 Ok"]})
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        qid = yield self.send(rcpts=("now@example.net", "later@example.net"))
+        queue = self.gw.service.queue
+        self.assertIn(qid, queue.active)
+        queue.enqueue(qid, self.gw.service.spool.load(qid))
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(sorted(hop.recipients()), ["later@example.net", "now@example.net"])
+        self.assertEqual(queue.fresh, {})
+
+    @defer.inlineCallbacks
+    def test_exponentialBackoff(self):
+        """Retries wait retry_min, then twice as long each time, up to retry_max."""
+        times = []
+        hop, port = self.hop(rcpt={"b@example.net": ["451 4.3.0 busy"] * 5 + ["250 2.1.5 Ok"]})
+        lineReceived = ScriptedSMTPServer.lineReceived
+
+        def stamp(server, line):
+            if line.startswith(b"RCPT"):
+                times.append(time.monotonic())
+            return lineReceived(server, line)
+
+        self.patch(ScriptedSMTPServer, "lineReceived", stamp)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 0.2, "retry_max": 0.4})
+        qid = yield self.send()
+        seen = []
+        yield self.until(lambda: seen.append((self.gw.service.spool.readState(qid), time.time()))
+                         or seen[-1][0].get("attempts") == 1)
+        state, when = seen[-1]
+        self.assertTrue(0 < state["next_attempt"] - when <= 0.2, state)
+        yield self.until(self.spoolEmpty)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertEqual(len(gaps), 5, gaps)
+        self.assertTrue(0.19 <= gaps[0] < 0.39, gaps)   # retry_min
+        for gap in gaps[1:]:
+            self.assertTrue(0.39 <= gap < 0.75, gaps)   # doubled, then capped at retry_max
+        self.assertEqual(hop.recipients(), ["b@example.net"])
+
+    @defer.inlineCallbacks
     def test_permanentFailuresBounce(self):
         hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 <bad@example.net>: no such user"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
@@ -120,6 +245,59 @@ class SmarthostTests(RelayTestCase):
         self.assertIn("Action: failed", data)
         self.assertIn("Subject: relay", data)  # the original headers
         self.assertNotIn("good@example.net", data.split("message/delivery-status")[1])
+        # RFC 3464: the per-message fields, then one group per recipient,
+        # each separated by a blank line.
+        blocks = deliveryStatus(bounce["data"])
+        self.assertEqual(len(blocks), 2, blocks)
+        self.assertIn("Reporting-MTA", blocks[0])
+        self.assertNotIn("Final-Recipient", blocks[0])
+        self.assertEqual(blocks[1]["Final-Recipient"], "rfc822; bad@example.net")
+        self.assertEqual(blocks[1]["Status"], "5.1.1")
+        self.assertEqual(blocks[1]["Action"], "failed")
+
+    @defer.inlineCallbacks
+    def test_crashBeforeTheBounceIsDurable(self):
+        """
+        A crash while the bounce is being made durable neither re-sends to the
+        recipients that succeeded nor loses the bounce: the "crash" stops the
+        gateway with the bounce's commit held back (nothing of it on disk),
+        and a new gateway on the same spool takes over.
+        """
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        relay = {"smarthosts": ["[127.0.0.1]:%d" % port]}
+        first = yield self.gateway(relay)
+        spool = first.service.spool
+        held = []
+        newMessage = spool.newMessage
+
+        def holdBounces(envelope):
+            writer = newMessage(envelope)
+            if envelope["mailfrom"] == "":
+                writer.commit = lambda: held.append(writer) or defer.Deferred()
+            return writer
+
+        spool.newMessage = holdBounces
+        qid = yield self.send(rcpts=("good@example.net", "bad@example.net"))
+        yield self.until(lambda: held)
+        # The bounce is not durable yet: the progress on disk must say who
+        # got the message, and must not yet count the bounce as sent.
+        state = spool.readState(qid)
+        self.assertEqual(state["rcpts"]["good@example.net"]["status"], "done")
+        self.assertNotEqual(state["rcpts"].get("bad@example.net", {}).get("status"), "bounced")
+        first.service.queue.stopTimeout = 0.2
+        yield first.stop()
+        self.assertEqual(hop.recipients(), ["good@example.net"])
+        self.assertEqual(os.listdir(spool.path("queue")), [qid])
+
+        second = Gateway(first.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                         relay=dict(FAST, **relay))
+        yield second.start()
+        self.addCleanup(second.stop)
+        self.gw = second
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
+        self.assertEqual(hop.lines.count("RCPT TO:<good@example.net>"), 1)
+        self.assertEqual(hop.recipients(), ["good@example.net", "a@example.org"])
+        self.assertIn(b"Final-Recipient: rfc822; bad@example.net", hop.transactions[1]["data"])
 
     @defer.inlineCallbacks
     def test_nullSenderNeverBounces(self):
@@ -130,6 +308,30 @@ class SmarthostTests(RelayTestCase):
         yield task.deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(hop.transactions, [])
         self.assertEqual(self.gw.service.spool.queueIds(), [])
+
+    @defer.inlineCallbacks
+    def test_nullSenderExpiresWithoutBounce(self):
+        hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "bounce_lifetime": 0.5})
+        yield self.send(mailfrom="", rcpts=("slow@example.net",))
+        yield self.until(self.spoolEmpty)
+        self.assertGreaterEqual(hop.lines.count("RCPT TO:<slow@example.net>"), 2)
+        self.assertEqual(hop.transactions, [])  # not delivered, and no bounce to <>
+
+    @defer.inlineCallbacks
+    def test_severalMessagesPerConnection(self):
+        """Messages that wait for a busy next hop go out together on the next connection."""
+        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1})
+        for n in range(4):
+            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        self.assertEqual(len(hop.connections), 2)
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1, 1, 1])
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net", "r2@example.net", "r3@example.net"])
+        for n, t in enumerate(hop.transactions):
+            self.assertTrue(t["data"].endswith(b"body of m%d\r\n" % n))
 
     @defer.inlineCallbacks
     def test_failoverFromRefusedToSecond(self):
@@ -175,17 +377,128 @@ class SmarthostTests(RelayTestCase):
         hop, port = self.hop(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True},
                            listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
-        yield self.send(before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net",
+        yield self.send(before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net"
+                                " LOGIN=alice",
                                 "EHLO helo.example.net"])
         yield self.until(self.spoolEmpty)
         [xclient] = [l for l in hop.lines if l.startswith("XCLIENT ")]
-        self.assertIn("HELO=helo.example.net", xclient)
-        self.assertIn("NAME=client.example.net", xclient)
-        self.assertIn("PORT=4567", xclient)
+        attributes = dict(a.split("=", 1) for a in xclient.split()[1:])
+        self.assertEqual(attributes, {"HELO": "helo.example.net", "PROTO": "ESMTP", "LOGIN": "alice",
+                                      "PORT": "4567", "NAME": "client.example.net", "ADDR": "192.0.2.7"})
         self.assertTrue(xclient.endswith("ADDR=192.0.2.7"), xclient)
+        # After XCLIENT the next hop is greeted again, as the original client did.
         after = hop.lines[hop.lines.index(xclient) + 1]
-        self.assertTrue(after.startswith("EHLO "), after)
-        self.assertIn(b"(client.example.net [192.0.2.7])", hop.transactions[0]["data"])
+        self.assertEqual(after, "EHLO helo.example.net")
+        [t] = hop.transactions
+        received = t["data"].split(b"\r\n\r\n", 1)[0].decode()
+        # The trace names the forwarded identity and the real peer that vouched for it.
+        self.assertIn("Received: from helo.example.net (client.example.net [192.0.2.7])", received)
+        self.assertRegex(received, r"\(via \[127\.0\.0\.1\] port \d+\)")
+        self.assertIn("(authenticated as alice)", received)
+
+    @defer.inlineCallbacks
+    def test_noForwardingWithoutForwardIdentity(self):
+        hop, port = self.hop(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+        yield self.send(before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7", "EHLO helo.example.net"])
+        yield self.until(self.spoolEmpty)
+        self.assertNotIn("XCLIENT", hop.verbs())
+        self.assertEqual(hop.recipients(), ["b@example.net"])
+
+    @defer.inlineCallbacks
+    def test_xclientClientsBatchedTogether(self):
+        """
+        Messages from different original clients that wait for the same busy
+        connection are each sent under their own identity, without waiting
+        for a retry (the next hop stops offering XCLIENT once it was used).
+        """
+        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING", "XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True,
+                            "destination_concurrency": 1, "retry_min": 60, "retry_max": 60},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+        for n in (1, 2, 3, 4):
+            yield self.send(subject="from-%d" % n, rcpts=("r%d@example.net" % n,),
+                            before=["XCLIENT NAME=c%d.example.net ADDR=192.0.2.%d" % (n, n),
+                                    "EHLO helo%d.example.net" % n])
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty(), timeout=20)
+        for t in hop.transactions:
+            n = t["rcpts"][0][1]
+            self.assertIn(b"Subject: from-%s" % n.encode(), t["data"])
+            # Sent after an XCLIENT naming its own client.
+            self.assertEqual(t["xaddr"], "192.0.2.%s" % n)
+        self.assertEqual(sorted(hop.recipients()), ["r1@example.net", "r2@example.net", "r3@example.net",
+                                                    "r4@example.net"])
+
+    @defer.inlineCallbacks
+    def test_dropMidDataFailsOver(self):
+        dropper, dport = self.hop(drop="body", drops=100)
+        good, gport = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % dport, "[127.0.0.1]:%d" % gport]})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertIn("DATA", dropper.verbs())
+        self.assertEqual(dropper.transactions, [])
+        self.assertEqual(good.recipients(), ["b@example.net"])
+        self.assertEqual(len(good.transactions), 1)
+
+    @defer.inlineCallbacks
+    def test_timeoutIsTemporary(self):
+        silent, sport = self.hop(greeting=None)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % sport], "command_timeout": 0.5})
+        qid = yield self.send()
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(state["rcpts"]["b@example.net"]["status"], "deferred")
+        self.assertIn("timeout", state["last_error"])
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])  # no bounce either
+
+    @defer.inlineCallbacks
+    def test_timeoutFailsOver(self):
+        silent, sport = self.hop(greeting=None)
+        good, gport = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % sport, "[127.0.0.1]:%d" % gport],
+                            "command_timeout": 0.5})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(len(silent.connections), 1)
+        self.assertEqual(good.recipients(), ["b@example.net"])
+
+    @defer.inlineCallbacks
+    def test_allRefusedStaysQueued(self):
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % freePort(), "[127.0.0.1]:%d" % freePort()]})
+        qid = yield self.send()
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 2)
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(state["rcpts"]["b@example.net"]["status"], "deferred")
+        self.assertIn("refused", state["last_error"].lower())
+        self.assertGreater(state["next_attempt"], time.time() - 1)
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+
+    @defer.inlineCallbacks
+    def test_authLogin(self):
+        hop, port = self.hop(extensions=["AUTH LOGIN"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none",
+                            "auth_user": "relay", "auth_password": "s3cret"})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        i = hop.lines.index("AUTH LOGIN")
+        self.assertEqual(hop.lines[i + 1:i + 3], ["cmVsYXk=", "czNjcmV0"])
+        self.assertEqual(hop.recipients(), ["b@example.net"])
+
+    @defer.inlineCallbacks
+    def test_authRefusedIsTemporary(self):
+        hop, port = self.hop(extensions=["AUTH PLAIN"], authReply="535 5.7.8 Authentication credentials invalid")
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none",
+                            "auth_user": "relay", "auth_password": "wrong"})
+        qid = yield self.send()
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 2)
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(state["rcpts"]["b@example.net"]["status"], "deferred")
+        self.assertIn("535", state["last_error"])
+        self.assertNotIn("MAIL", hop.verbs())
+        self.assertEqual(hop.transactions, [])  # no mail, and no bounce
 
 
 class TLSTests(RelayTestCase):
@@ -213,7 +526,52 @@ class TLSTests(RelayTestCase):
         qid = yield self.send()
         yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
         self.assertEqual(hop.transactions, [])
-        self.assertEqual(self.gw.service.spool.readState(qid)["rcpts"]["b@example.net"]["status"], "deferred")
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(state["rcpts"]["b@example.net"]["status"], "deferred")
+        self.assertIn("TLS handshake", state["last_error"])
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+
+    @defer.inlineCallbacks
+    def test_verifyAfterFailoverChecksThatHostsName(self):
+        """
+        Each smarthost's certificate is checked against its own configured
+        name, not the first smarthost's.
+        """
+        hop, port = self.hop(tls=self.serverTLS)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % freePort(), "[localhost]:%d" % port],
+                            "tls": "verify", "tls_ca": self.ca})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(hop.recipients(), ["b@example.net"])
+        self.assertTrue(hop.transactions[0]["tls"])
+
+    @defer.inlineCallbacks
+    def test_verifyWithoutSTARTTLSStaysQueued(self):
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[localhost]:%d" % port], "tls": "verify", "tls_ca": self.ca})
+        qid = yield self.send()
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        self.assertIn("STARTTLS", self.gw.service.spool.readState(qid)["last_error"])
+        self.assertNotIn("MAIL", hop.verbs())
+
+    @defer.inlineCallbacks
+    def test_mayUsesTLSWithoutVerifying(self):
+        hop, port = self.hop(tls=self.serverTLS)
+        # Neither the CA nor the name (127.0.0.1) would verify: "may" does not check.
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "may"})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertTrue(hop.transactions[0]["tls"])
+        self.assertEqual(hop.verbs().count("EHLO"), 2)
+
+    @defer.inlineCallbacks
+    def test_noneNeverStartsTLS(self):
+        hop, port = self.hop(tls=self.serverTLS)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none"})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertNotIn("STARTTLS", hop.verbs())
+        self.assertFalse(hop.transactions[0]["tls"])
 
 
 class RouteTests(RelayTestCase):
@@ -234,8 +592,26 @@ class RouteTests(RelayTestCase):
         yield self.until(self.spoolEmpty)
         self.assertEqual(len(default.transactions), 1)
         self.assertIn(b"Subject: normal", default.transactions[0]["data"])
+        self.assertEqual(len(bulk.transactions), 1)
         self.assertIn(b"Subject: bulk", bulk.transactions[0]["data"])
         self.assertEqual(partner.recipients(), ["x@mail.partner.example"])
+
+    @defer.inlineCallbacks
+    def test_domainRouteSplitsOneMessage(self):
+        """One message, recipients in two routes: each next hop gets only its own."""
+        default, dport = self.hop()
+        partner, pport = self.hop(rcpt={"bad@partner.example": "550 5.1.1 unknown"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % dport]},
+                           routes=[{"name": "partner", "domains": ["Partner.Example."],
+                                    "smarthosts": ["[127.0.0.1]:%d" % pport]}])
+        yield self.send(rcpts=("a@other.example", "x@PARTNER.example", "bad@partner.example"))
+        yield self.until(lambda: len(default.transactions) == 2 and self.spoolEmpty())
+        self.assertEqual(partner.recipients(), ["x@PARTNER.example"])
+        self.assertEqual(default.transactions[0]["rcpts"], ["a@other.example"])
+        # The bounce for the partner's refusal goes to the sender by the default path.
+        bounce = default.transactions[1]
+        self.assertEqual((bounce["mailfrom"], bounce["rcpts"]), ("", ["a@example.org"]))
+        self.assertIn(b"Final-Recipient: rfc822; bad@partner.example", bounce["data"])
 
 
 class MXTests(RelayTestCase):
@@ -280,6 +656,74 @@ class MXTests(RelayTestCase):
         self.assertIn("Status: 5.1.2", data)
 
 
+    def port25(self, exclude=()):
+        """
+        A next hop on port 25 of some loopback address (MX delivery always
+        uses port 25), or skip when no such address can be had.
+        """
+        for last in range(77, 97):
+            address = "127.0.0.%d" % last
+            if address in exclude:
+                continue
+            factory = ScriptedSMTPFactory()
+            try:
+                hop, _ = self.hop(factory=factory, interface=address, port=25)
+            except CannotListenError:
+                continue
+            return hop, address
+        raise unittest.SkipTest("cannot listen on port 25 of any 127.0.0.77-96 address")
+
+    def freeAddress(self, exclude):
+        """A loopback address with nothing listening on port 25."""
+        import socket
+
+        for last in range(200, 250):
+            address = "127.0.0.%d" % last
+            if address in exclude:
+                continue
+            try:
+                socket.create_connection((address, 25), timeout=1).close()
+            except ConnectionRefusedError:
+                return address
+        raise unittest.SkipTest("no loopback address without a port 25 listener")
+
+    @defer.inlineCallbacks
+    def test_mxDelivery(self):
+        """
+        MX records in preference order (the best one refuses connections),
+        and implicit MX (no MX record, an A record), both on port 25.
+        """
+        from twisted.names import dns
+
+        hop, address = self.port25()
+        dead = self.freeAddress([address])
+        dnsPort = self.dns([
+            ("relay.example", dns.MX, dns.Record_MX(20, b"mx2.relay.example")),
+            ("relay.example", dns.MX, dns.Record_MX(10, b"mx1.relay.example")),
+            ("mx1.relay.example", dns.A, dns.Record_A(dead)),
+            ("mx2.relay.example", dns.A, dns.Record_A(address)),
+            ("implicit.example", dns.A, dns.Record_A(address)),
+        ])
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
+        yield self.send(rcpts=("x@relay.example", "y@implicit.example"))
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
+        self.assertEqual(sorted(hop.recipients()), ["x@relay.example", "y@implicit.example"])
+        self.assertEqual({t["mailfrom"] for t in hop.transactions}, {"a@example.org"})
+
+    @defer.inlineCallbacks
+    def test_mxHostWithoutAddressIsTemporary(self):
+        """An MX pointing at a name with no address is deferred, not bounced."""
+        from twisted.names import dns
+
+        dnsPort = self.dns([("broken.example", dns.MX, dns.Record_MX(10, b"nowhere.broken.example"))])
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
+        qid = yield self.send(rcpts=("x@broken.example",))
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(state["rcpts"]["x@broken.example"]["status"], "deferred")
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+
+
 class CrashDuringDeliveryTests(RelayTestCase):
     """kill -9 after the first attempt: succeeded recipients are never sent again."""
 
@@ -305,24 +749,29 @@ class CrashDuringDeliveryTests(RelayTestCase):
             waitForPort(port)
             return p
 
+        def waitFor(predicate, timeout, what):
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                if time.monotonic() > deadline:
+                    raise AssertionError("timed out waiting for %s" % (what,))
+                time.sleep(0.05)
+
         def run():
             try:
                 p = start()
                 qid = sendOne(port, rcpts=("now@example.net", "later@example.net"))
                 statePath = os.path.join(directory, "spool", "state", qid)
-                deadline = time.monotonic() + 20
-                while not os.path.exists(statePath) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                waitFor(lambda: os.path.exists(statePath), 20, "the first attempt's progress")
                 with open(statePath) as f:
                     state = json.load(f)
                 assert state["rcpts"]["now@example.net"]["status"] == "done", state
+                assert state["rcpts"]["later@example.net"]["status"] == "deferred", state
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait(10)
                 start()
-                deadline = time.monotonic() + 30
-                while "later@example.net" not in hop.recipients() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                time.sleep(0.5)
+                queued = os.path.join(directory, "spool", "queue", qid)
+                waitFor(lambda: "later@example.net" in hop.recipients() and not os.path.exists(queued), 30,
+                        "delivery after the restart")
                 return qid
             finally:
                 for p in procs:
@@ -330,13 +779,21 @@ class CrashDuringDeliveryTests(RelayTestCase):
                         p.terminate()
                         try:
                             p.wait(20)
-                        except Exception:
+                        except subprocess.TimeoutExpired:
                             p.kill()
-                            p.wait()
-                    p.stdout.close()
+                            p.wait(10)
 
         def check(qid):
+            # Each recipient reached the next hop in a completed transaction
+            # exactly once; the one that succeeded before the crash was not
+            # even offered again.
             self.assertEqual(sorted(hop.recipients()), ["later@example.net", "now@example.net"])
-            self.assertFalse(os.path.exists(os.path.join(directory, "spool", "queue", qid)))
+            self.assertEqual(hop.lines.count("RCPT TO:<now@example.net>"), 1)
+            self.assertEqual(hop.lines.count("RCPT TO:<later@example.net>"), 3)
+            self.assertEqual(len(hop.transactions), 2)
 
-        return inThread(run).addCallback(check)
+        def failed(f):
+            with open(os.path.join(directory, "twistd.log"), errors="replace") as log:
+                raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), log.read()[-5000:]))
+
+        return inThread(run).addCallbacks(check, failed)

@@ -69,6 +69,8 @@ def buildBounce(message, failures, hostname, now=None):
             hostname, message.queueId, arrival),
     ]
     text = "\r\n".join(parts)
-    text += "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
+    # A blank line ends the per-message fields; one more separates each
+    # recipient's group (RFC 3464 section 2.1).
+    text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
     body = text.encode("ascii") + _headers(message.path, message.bodyOffset)
     return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")

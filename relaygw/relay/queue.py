@@ -16,7 +16,6 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
@@ -227,18 +226,32 @@ class QueueManager(Service):
                     errors.append(result.describe())
                     log.info("{qid} to <{rcpt}> deferred: {result}", qid=qid, rcpt=r, result=result.describe())
         pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
-        d = self._bounce(message, bounced) if bounced else defer.succeed(None)
-        if not pending:
-            return d.addCallback(lambda _: self.spool.remove(qid))
-        if not os.path.exists(message.path):
-            return d  # deleted with relaygw-queue meanwhile
         delay = min(self.retryMax, self.retryMin * (2 ** (state["attempts"] - 1)))
         state["next_attempt"] = now + delay
         state["last_error"] = errors[-1] if errors else ""
-        self.spool.writeState(qid, state)
-        if self.running:
-            self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
-        return d
+        d = defer.succeed(None)
+        if bounced and message.mailfrom != "" and os.path.exists(message.path):
+            # Until the bounce is durable a crash must neither re-send to the
+            # recipients that succeeded nor lose the bounce: record the
+            # progress with the bounced recipients still to do (tried again,
+            # and bounced again, after a restart).
+            provisional = dict(state, rcpts={r: dict(e) for r, e in rcpts.items()})
+            for r in bounced:
+                provisional["rcpts"][r]["status"] = DEFERRED
+            self.spool.writeState(qid, provisional)
+        if bounced:
+            d = self._bounce(message, bounced)
+
+        def settle(_):
+            if not pending:
+                return self.spool.remove(qid)
+            if not os.path.exists(message.path):
+                return None  # deleted with relaygw-queue meanwhile
+            self.spool.writeState(qid, state)
+            if self.running:
+                self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
+
+        return d.addCallback(settle)
 
     def _bounce(self, message, failures):
         """

@@ -42,8 +42,9 @@ class HopSpec:
             if None not in self.cache:
                 hosts = [_config.parseHostPort(h) for h in hop.smarthosts]
                 options = _options(hop, self.heloName)
-                # Verify a smarthost's certificate against the name it was configured with.
-                options.tlsHostname = hosts[0][0]
+                # tlsHostname stays None: each smarthost's certificate is
+                # verified against the name that smarthost was configured
+                # with (the host the client connects to), not the first one's.
                 self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
                                                smarthostList(hosts), options, hop.destination_concurrency)
             return self.cache[None]

@@ -32,6 +32,13 @@ def outbound(message):
     )
 
 
+def _identity(message):
+    """What XCLIENT/XFORWARD would say about a message's original client."""
+    context = message.context
+    return tuple(str(context.get(key)) for key in ("remote_ip", "remote_port", "remote_name", "remote_name_status",
+                                                   "ehlo_domain", "protocol", "auth_user"))
+
+
 def _result(r):
     return Result(r.code, r.enhanced, r.text)
 
@@ -66,9 +73,30 @@ class SMTPNextHop:
         self._pump()
         return defer.gatherResults(ds)
 
+    def _take(self):
+        """
+        The next batch of waiting messages for one connection.  When the
+        client identity is forwarded, only messages from the same original
+        client go together: a next hop usually accepts one XCLIENT per
+        connection, and a message from another client would only be
+        deferred (and wait for a retry) on it.
+        """
+        if not self.options.forwardIdentity:
+            batch, self.waiting = self.waiting[: self.batch], self.waiting[self.batch:]
+            return batch
+        key = _identity(self.waiting[0][0])
+        batch, rest = [], []
+        for item in self.waiting:
+            if len(batch) < self.batch and _identity(item[0]) == key:
+                batch.append(item)
+            else:
+                rest.append(item)
+        self.waiting = rest
+        return batch
+
     def _pump(self):
         while self.waiting and self.active < self.maxConnections:
-            batch, self.waiting = self.waiting[: self.batch], self.waiting[self.batch:]
+            batch = self._take()
             self.active += 1
             d = self._send([m for m, _ in batch])
             d.addBoth(self._sent, batch)

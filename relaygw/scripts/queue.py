@@ -10,6 +10,7 @@ and released messages within a few seconds.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -19,11 +20,46 @@ from relaygw.spool import Spool
 FLUSH_MARKER = "flush"
 
 
-def _spool(args):
+_PARTITION = re.compile(r"w[0-9]+")
+_QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _spools(args):
+    """
+    The spool partitions: the spool directory itself, or with
+    C{[process] workers} > 1 each worker's C{wN} partition under it.
+    """
     if args.spool:
-        return Spool(os.path.abspath(args.spool), None)
-    cfg = _config.load(args.config) if args.config else _config.loadDefault()
-    return Spool(cfg.spool.directory, None)
+        directory, workers = os.path.abspath(args.spool), 1
+    else:
+        cfg = _config.load(args.config) if args.config else _config.loadDefault()
+        directory, workers = cfg.spool.directory, cfg.process.workers
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        names = []
+    partitions = sorted((n for n in names if _PARTITION.fullmatch(n) and os.path.isdir(os.path.join(directory, n))),
+                        key=lambda n: int(n[1:]))
+    if workers > 1 or (partitions and "queue" not in names):
+        return [Spool(os.path.join(directory, n), None) for n in partitions]
+    return [Spool(directory, None)]
+
+
+def _find(spools, qid):
+    """The partition holding message C{qid}, or C{None}."""
+    if not _QUEUE_ID.fullmatch(qid):
+        return None
+    for spool in spools:
+        if os.path.isfile(spool.path("queue", qid)):
+            return spool
+    return None
+
+
+def _requestFlush(spools):
+    """Leave the marker each partition's queue manager polls for."""
+    for spool in spools:
+        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
+            pass
 
 
 def _summary(spool, qid, now):
@@ -57,51 +93,63 @@ def main(argv=None, out=sys.stdout):
     sub.add_parser("flush", help="retry every queued message now")
     args = p.parse_args(argv)
     try:
-        spool = _spool(args)
+        spools = _spools(args)
     except _config.ConfigError as e:
         print(e, file=sys.stderr)
         return 1
     now = time.time()
     cmd = args.command
     if cmd == "list":
-        ids = spool.queueIds() if os.path.isdir(spool.path("queue")) else []
-        for qid in ids:
-            try:
-                s = _summary(spool, qid, now)
-            except (FileNotFoundError, ValueError):
-                continue  # delivered or being written meanwhile
-            rcpts = " ".join("<%s>:%s" % kv for kv in s["recipients"].items())
-            out.write("%s  %6ds  <%s>  %s  next=%s  %s\n" % (
-                qid, s["age"], s["sender"], rcpts, s["next_attempt"], s["last_error"]))
-        out.write("%d message(s)\n" % len(ids))
+        count = 0
+        for spool in spools:
+            ids = spool.queueIds() if os.path.isdir(spool.path("queue")) else []
+            count += len(ids)
+            for qid in ids:
+                try:
+                    s = _summary(spool, qid, now)
+                except (FileNotFoundError, ValueError):
+                    continue  # delivered or being written meanwhile
+                rcpts = " ".join("<%s>:%s" % kv for kv in s["recipients"].items())
+                out.write("%s  %6ds  <%s>  %s  next=%s  %s\n" % (
+                    qid, s["age"], s["sender"], rcpts, s["next_attempt"], s["last_error"]))
+        out.write("%d message(s)\n" % count)
         return 0
     if cmd == "flush":
-        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
-            pass
+        _requestFlush(spools)
         out.write("flush requested\n")
         return 0
     qid = args.id
-    if "/" in qid or qid.startswith(".") or not os.path.exists(spool.path("queue", qid)):
+    spool = _find(spools, qid)
+    if spool is None:
         print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
         return 1
     if cmd == "show":
-        m = spool.load(qid)
-        out.write(json.dumps({"summary": _summary(spool, qid, now), "envelope": m.envelope,
-                              "state": spool.readState(qid)}, indent=2, sort_keys=True) + "\n")
+        try:
+            m = spool.load(qid)
+            shown = {"summary": _summary(spool, qid, now), "envelope": m.envelope, "state": spool.readState(qid)}
+        except FileNotFoundError:
+            # Delivered (and removed) since we looked.
+            print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
+            return 1
+        out.write(json.dumps(shown, indent=2, sort_keys=True) + "\n")
     elif cmd == "delete":
         spool.remove(qid)
         out.write("deleted %s\n" % qid)
     elif cmd == "hold":
         with open(spool.path("hold", qid), "w"):
             pass
+        if not os.path.exists(spool.path("queue", qid)):
+            # Delivered meanwhile: leave no stray marker behind.
+            spool.remove(qid)
+            print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
+            return 1
         out.write("held %s\n" % qid)
     elif cmd == "release":
         try:
             os.unlink(spool.path("hold", qid))
         except FileNotFoundError:
             pass
-        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
-            pass
+        _requestFlush([spool])
         out.write("released %s\n" % qid)
     return 0
 
