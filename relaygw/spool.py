@@ -337,9 +337,10 @@ class Spool:
         for name in os.listdir(self.path("tmp")):
             os.unlink(self.path("tmp", name))
         queued = set(os.listdir(self.path("queue")))
-        for name in os.listdir(self.path("state")):
-            if name.endswith(".tmp") or name not in queued:
-                os.unlink(self.path("state", name))
+        for area in ("state", "hold"):
+            for name in os.listdir(self.path(area)):
+                if name.endswith(".tmp") or name not in queued:
+                    os.unlink(self.path(area, name))
         return sorted(queued)
 
     def newMessage(self, envelope):

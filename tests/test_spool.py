@@ -196,3 +196,51 @@ class CrashTests(unittest.TestCase):
             p2.wait(20)
 
         return inThread(run)
+
+
+class AttemptFailureTests(unittest.TestCase):
+    """An attempt that raises is retried later, not forgotten."""
+
+    @defer.inlineCallbacks
+    def test_retriedAfterError(self):
+        from twisted.internet import task as _task
+
+        from relaygw.relay.nexthop import Result
+        from relaygw.relay.queue import QueueManager
+
+        clock = _task.Clock()
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
+                              "context": {"connection": {}}})
+        qid = yield w.commit()
+        calls = []
+
+        class Hop:
+            def describe(self):
+                return "test"
+
+            def deliver(self, messages):
+                calls.append(messages)
+                return [{"b@example.net": Result(250, "2.0.0", "ok")}]
+
+        routed = []
+
+        def router(message, rcpt):
+            routed.append(rcpt)
+            if len(routed) == 1:
+                raise OSError("disk full")  # raised inside the attempt itself
+            return Hop()
+
+        q = QueueManager(spool, router, clock, retryMin=30)
+        q.startService()
+        q.enqueue(qid)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn(qid, spool.queueIds())
+        clock.advance(30)
+        yield q.whenIdle()
+        yield spool.committer.unlink([])  # let the removal reach the disk thread
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(routed), 2)
+        self.assertEqual(spool.queueIds(), [])
+        yield q.stopService()

@@ -149,8 +149,18 @@ class QueueManager(Service):
             self.queued.discard(qid)
             self.active.add(qid)
             d = defer.maybeDeferred(self._attempt, qid)
-            d.addErrback(lambda f, qid=qid: log.failure("delivery of {qid} failed", f, qid=qid))
+            d.addErrback(self._attemptFailed, qid)
             d.addBoth(self._finished, qid)
+
+    def _attemptFailed(self, failure, qid):
+        """
+        An attempt raised (a corrupt queue file, a full disk writing
+        progress): log it and try again later rather than forget it.
+        """
+        log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid,
+                    delay=self.retryMin)
+        if self.running and os.path.exists(self.spool.path("queue", qid)):
+            self.timers[qid] = self.reactor.callLater(self.retryMin, self.enqueue, qid)
 
     def _finished(self, _, qid):
         self.active.discard(qid)
