@@ -45,6 +45,13 @@ def _syncfs(fd):
     return True
 
 
+def writeAll(fd, data):
+    """os.write until every octet of C{data} is written."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsyncDirectory(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -76,9 +83,7 @@ class CommitJob:
         self.data = None
         self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         for chunk in [data] if isinstance(data, bytes) else data:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(self.fd, view):]
+            writeAll(self.fd, chunk)
 
     def abandon(self):
         if self.fd is not None:
@@ -279,9 +284,7 @@ class MessageWriter:
     def _flush(self):
         data = b"".join(self._chunks)
         self._chunks, self._buffered = [], 0
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        writeAll(self.fd, data)
 
     def commit(self):
         """Make the message durable and move it into C{queue/}; fires with the queue id."""

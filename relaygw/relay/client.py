@@ -41,6 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relaygw import xtext
+from relaygw.relay.nexthop import Result
 
 log = Logger()
 
@@ -69,31 +70,8 @@ class OutboundMessage:
     size: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class RecipientResult:
-    """
-    The outcome for one recipient: the next hop's reply, or a temporary
-    failure (4xx) made up locally when there was no final reply.
-    """
-
-    code: int
-    enhanced: Optional[str]
-    text: str
-
-    @property
-    def ok(self):
-        return 200 <= self.code < 300
-
-    @property
-    def permanent(self):
-        return 500 <= self.code < 600
-
-    @property
-    def temporary(self):
-        return 400 <= self.code < 500
-
-    def __str__(self):
-        return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
+#: One recipient's outcome (shared with the queue manager).
+RecipientResult = Result
 
 
 @dataclass

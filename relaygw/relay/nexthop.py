@@ -7,7 +7,10 @@ from zope.interface import Interface
 
 @dataclass(frozen=True)
 class Result:
-    """The next hop's answer for one recipient."""
+    """
+    The outcome for one recipient: the next hop's reply, or a temporary
+    failure (4xx) made up locally when there was no final reply.
+    """
 
     code: int
     enhanced: object
@@ -21,8 +24,14 @@ class Result:
     def permanent(self):
         return self.code >= 500
 
+    @property
+    def temporary(self):
+        return 400 <= self.code < 500
+
     def describe(self):
-        return "%d %s%s" % (self.code, (self.enhanced + " ") if self.enhanced else "", self.text)
+        return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
+
+    __str__ = describe
 
 
 def temporary(text):

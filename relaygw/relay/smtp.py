@@ -39,10 +39,6 @@ def _identity(message):
                                                    "ehlo_domain", "protocol", "auth_user"))
 
 
-def _result(r):
-    return Result(r.code, r.enhanced, r.text)
-
-
 @implementer(INextHop)
 class SMTPNextHop:
     """
@@ -141,9 +137,9 @@ class SMTPNextHop:
                     if r is None:
                         continue
                     if r.ok or r.permanent:
-                        final[index][rcpt] = _result(r)
+                        final[index][rcpt] = r
                     else:
-                        last[(index, rcpt)] = _result(r)
+                        last[(index, rcpt)] = r
                         retry.append(rcpt)
                 if retry:
                     still.append((index, m.narrowed(retry)))
