@@ -127,6 +127,16 @@ class LookupNextHopsTests(unittest.TestCase):
         self.assertEqual(looked, {"mx.example.net"})
 
     @defer.inlineCallbacks
+    def test_namesForTLSVerification(self):
+        """With names, each address carries the host its certificate must match."""
+        hops = yield lookupNextHops(self.resolver, "Example.Test", withNames=True)
+        names = {ip: name for ip, port, name in hops}
+        self.assertEqual(names["198.51.100.7"], "mx.example.net")
+        self.assertNotIn("example.test", names.values())
+        implicit = yield lookupNextHops(self.resolver, "implicit.example.test", withNames=True)
+        self.assertEqual(implicit[0], ("192.0.2.10", 25, "implicit.example.test"))
+
+    @defer.inlineCallbacks
     def test_implicitMX(self):
         """A domain without MX records is its own next hop."""
         hops = yield lookupNextHops(self.resolver, "implicit.example.test")

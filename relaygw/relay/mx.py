@@ -125,7 +125,7 @@ async def _lookupNextHops(resolver, domain):
         if not addresses:
             raise NoSuchDomain("%s: no MX and no address records" % (domain,))
         log.debug("{domain}: implicit MX {addresses}", domain=domain, addresses=addresses)
-        return _unique(addresses)
+        return _unique([(ip, domain) for ip in addresses])
 
     hosts = [_name(rr.payload.name) for rr in _sortMX(mxs)]
     if all(host == "" for host in hosts):
@@ -137,10 +137,10 @@ async def _lookupNextHops(resolver, domain):
             continue
         known = _addresses(additional, host)
         if known:
-            addresses.extend(known)
+            addresses.extend((ip, host) for ip in known)
             continue
         try:
-            addresses.extend(await _hostAddresses(resolver, host))
+            addresses.extend((ip, host) for ip in await _hostAddresses(resolver, host))
         except TemporaryLookupFailure as e:
             temporary = e
         except NoSuchDomain:
@@ -156,23 +156,26 @@ async def _lookupNextHops(resolver, domain):
 
 
 def _unique(addresses):
-    """C{(ip, 25)} tuples in order, each address once."""
+    """C{(ip, 25, name)} tuples in order, each address once."""
     seen, hops = set(), []
-    for ip in addresses:
+    for ip, name in addresses:
         if ip not in seen:
             seen.add(ip)
-            hops.append((ip, SMTP_PORT))
+            hops.append((ip, SMTP_PORT, name))
     return hops
 
 
-def lookupNextHops(resolver, domain):
+def lookupNextHops(resolver, domain, withNames=False):
     """
     Find the next hops for mail to C{domain}.
 
     @param resolver: a L{twisted.names} L{IResolver<twisted.internet.interfaces.IResolver>}.
     @param domain: the recipient domain (str).
-    @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples, best
-        first, or failing with L{NullMX}, L{NoSuchDomain} (both permanent) or
-        L{TemporaryLookupFailure}.
+    @param withNames: also give each address's host name (the MX host, or
+        the domain for an implicit MX), which TLS verification checks.
+    @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples
+        (C{(ip, 25, name)} with C{withNames}), best first, or failing with
+        L{NullMX}, L{NoSuchDomain} (both permanent) or L{TemporaryLookupFailure}.
     """
-    return defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))
+    d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))
+    return d if withNames else d.addCallback(lambda hops: [hop[:2] for hop in hops])

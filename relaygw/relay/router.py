@@ -51,7 +51,7 @@ class HopSpec:
         if hop.mx:
             if domain not in self.cache:
                 options = _options(hop, self.heloName)
-                options.tlsHostname = domain
+                # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),
                                                  options, hop.destination_concurrency)
             return self.cache[domain]

@@ -9,6 +9,8 @@ hop offers PIPELINING).  The number of connections per destination is
 capped.
 """
 
+import dataclasses
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -124,11 +126,14 @@ class SMTPNextHop:
             return [{r: temporary("next hop lookup failed: %s" % (e,)) for r in m.recipients} for m in messages]
         last = {}
         pending = list(enumerate(messages))
-        for host, port in candidates:
+        for candidate in candidates:
             if not pending:
                 break
-            results = yield self._deliver(self.reactor, host, port, [outbound(m) for _, m in pending],
-                                          self.options)
+            host, port = candidate[:2]
+            options = self.options
+            if len(candidate) > 2:  # an MX host: TLS verification checks its name
+                options = dataclasses.replace(options, tlsHostname=candidate[2])
+            results = yield self._deliver(self.reactor, host, port, [outbound(m) for _, m in pending], options)
             still = []
             for (index, m), res in zip(pending, results):
                 retry = []
@@ -160,4 +165,4 @@ def smarthostList(hosts):
 
 def mxHosts(resolver, domain):
     """A C{hosts} provider that looks up the MX hosts of C{domain}."""
-    return lambda: mx.lookupNextHops(resolver, domain)
+    return lambda: mx.lookupNextHops(resolver, domain, withNames=True)
