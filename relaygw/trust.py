@@ -59,4 +59,6 @@ def isLocalAddress(ip):
         addr = ipaddress.ip_address(canonicalIP(ip))
     except ValueError:
         return False
+    if addr.is_unspecified:
+        return False  # 0.0.0.0 and :: bind every interface
     return addr.is_loopback or addr.is_private

@@ -131,3 +131,39 @@ class TwistdTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("listener[0].trusted_peers", out)
         self.assertNotIn("Traceback", out)
+
+
+class ServiceTests(unittest.TestCase):
+    def test_embeddedDefaultGeneratesCertificate(self):
+        from twisted.internet import reactor
+
+        from relaygw.service import makeService
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        svc = makeService(config.loadDefault(base), reactor)
+        self.assertTrue(os.path.exists(os.path.join(base, "var", "tls", "cert.pem")))
+        self.assertTrue(os.path.exists(os.path.join(base, "var", "tls", "key.pem")))
+        self.assertIsNotNone(svc.factories[0].tls)
+
+    def test_warnsAboutTrustOnPublicAddress(self):
+        from twisted.internet import reactor
+        from twisted.logger import globalLogPublisher
+
+        from relaygw.service import makeService
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        d = os.path.abspath(self.mktemp())
+        public = config.parse(configText(d, listeners=({"endpoint": "tcp:2525", "extensions": ["xclient"]},
+                                                       {"name": "aa", "endpoint": "tcp:2526:interface=0.0.0.0",
+                                                        "always_allow": True})), os.path.join(d, "r.toml"))
+        makeService(public, reactor)
+        local = config.parse(configText(d, listeners=({"extensions": ["xclient"]},
+                                                      {"name": "t", "endpoint": "tcp:2527", "extensions": ["xclient"],
+                                                       "trusted_peers": ["10.0.0.0/8"]})),
+                             os.path.join(d, "r.toml"))
+        makeService(local, reactor)
+        warnings = [e for e in events if "without trusted_peers" in e.get("log_format", "")]
+        self.assertEqual(sorted(e["name"] for e in warnings), ["aa", "l0"])
