@@ -32,6 +32,7 @@ from zope.interface import implementer
 from relaygw import codes, trace
 from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
+from relaygw.relay.client import noDelay
 from relaygw.trust import canonicalIP
 
 log = Logger(namespace="relaygw.smtp")
@@ -86,6 +87,7 @@ class SMTPSession(smtp.ESMTP):
 
     def connectionMade(self):
         f = self.factory
+        noDelay(self.transport)
         self._listener = f.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()

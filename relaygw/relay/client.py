@@ -70,6 +70,20 @@ class OutboundMessage:
     size: Optional[int] = None
 
 
+def noDelay(transport):
+    """
+    TCP_NODELAY: SMTP sends whole commands and replies; Nagle's algorithm
+    only holds the next one back until the peer's delayed ACK (tens of ms a
+    round, which STARTTLS's extra records made visible).
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
 #: One recipient's outcome (shared with the queue manager).
 RecipientResult = Result
 
@@ -563,6 +577,7 @@ class _Delivery:
         self.stage = "connect"
         proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
         await connectProtocol(self._endpoint(), proto)
+        noDelay(proto.transport)
         self.proto = proto
         log.info("{where}: connected", where=self.where)
         self.stage = "greeting"
