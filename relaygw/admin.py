@@ -1,29 +1,38 @@
 """
 The admin endpoint (twisted.web, loopback by default): C{/healthz} for load
-balancers and C{/metrics} for Prometheus.
+balancers and C{/metrics} for Prometheus.  Everything else is a 404.
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.logger import Logger
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+log = Logger(namespace="relaygw.admin")
+
 
 class _Health(Resource):
-    isLeaf = True
+    """200 C{ok} while C{health()} says so, else 503 and its reason."""
 
     def __init__(self, health):
         Resource.__init__(self)
         self.health = health
 
     def render_GET(self, request):
-        ok, reason = self.health()
-        request.setResponseCode(200 if ok else 503)
+        try:
+            ok, reason = self.health()
+        except Exception:
+            log.failure("health check failed")
+            ok, reason = False, "health check failed"
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (reason + "\n").encode("utf-8")
+        if ok:
+            return b"ok\n"
+        request.setResponseCode(503)
+        return (" ".join(str(reason).split()) + "\n").encode("utf-8")
 
 
 class _Metrics(Resource):
-    isLeaf = True
+    """The metrics in the Prometheus text format."""
 
     def __init__(self, metrics):
         Resource.__init__(self)
@@ -35,7 +44,7 @@ class _Metrics(Resource):
 
 
 class AdminResource(Resource):
-    """C{/healthz} (200 while accepting, 503 draining or spool not writable) and C{/metrics}."""
+    """Root of the admin site: C{/healthz} and C{/metrics}; any other path is a 404."""
 
     def __init__(self, metrics, health):
         Resource.__init__(self)
@@ -45,9 +54,19 @@ class AdminResource(Resource):
     def getChild(self, path, request):
         return NoResource()
 
+    def render(self, request):
+        return NoResource().render(request)
+
+
+class _QuietSite(Site):
+    """A L{Site} without the per-request access log."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
 
 def makeAdminSite(metrics, health):
-    site = Site(AdminResource(metrics, health))
-    site.noisy = False
-    site.log = lambda request: None  # no access log per health check
-    return site
+    """A L{Site} serving L{AdminResource}."""
+    return _QuietSite(AdminResource(metrics, health))

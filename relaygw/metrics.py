@@ -1,12 +1,17 @@
 """
-Prometheus metrics in a private registry (prometheus_client's own Twisted
-resource is not used: it imports the global reactor at import time).
-Every method swallows its own errors: a metrics bug never breaks SMTP.
+Prometheus metrics in a private registry.
+
+prometheus_client's own Twisted resource is not used: it imports the global
+reactor at import time and renders on the reactor's thread pool.  Every
+public method catches and logs its own errors: a metrics bug must never
+break SMTP.  Label values that come from the network are capped to known
+sets so a client cannot blow up the series count.
 """
 
 import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import Logger
 
 log = Logger(namespace="relaygw.metrics")
@@ -15,73 +20,135 @@ KNOWN_COMMANDS = frozenset(
     "HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH "
     "XCLIENT XREMOTEIP XSETCONTEXT XDUMPCONTEXT".split()
 )
+REPLY_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+AUTH_RESULTS = frozenset(["success", "failure"])
+DELIVERY_RESULTS = frozenset(["ok", "defer", "bounce"])
+FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def _capped(value, known):
+    """C{value} if it is in C{known}, else C{"other"}."""
+    return value if value in known else "other"
 
 
 def _safe(method):
+    """Log and swallow any exception raised by C{method}."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kw):
         try:
-            method(self, *args, **kw)
+            return method(self, *args, **kw)
         except Exception:
-            log.failure("metrics update failed")
+            log.failure("metrics: {method} failed", method=method.__name__)
 
     return wrapper
 
 
+class _SpoolCollector:
+    """Reports the spool probe's answer at scrape time; one probe call per scrape."""
+
+    def __init__(self):
+        self.probe = None
+
+    def describe(self):
+        # Without describe(), register() would call collect() (and the probe) at once.
+        return [
+            GaugeMetricFamily("relaygw_spool_messages", "Messages in the spool"),
+            GaugeMetricFamily("relaygw_spool_oldest_age_seconds", "Age of the oldest spooled message"),
+        ]
+
+    def collect(self):
+        if self.probe is None:
+            return []
+        try:
+            depth, age = self.probe()
+            depth, age = float(depth), float(age)
+        except Exception:
+            log.failure("metrics: spool probe failed")
+            return []
+        return [
+            GaugeMetricFamily("relaygw_spool_messages", "Messages in the spool", value=depth),
+            GaugeMetricFamily("relaygw_spool_oldest_age_seconds", "Age of the oldest spooled message",
+                              value=age),
+        ]
+
+
 class Metrics:
+    """
+    The gateway's counters, gauges and histograms.
+
+    @ivar registry: the L{CollectorRegistry} everything is registered in.
+    """
+
     def __init__(self, registry=None):
-        self.registry = r = registry or CollectorRegistry()
-        self.connectionsOpen = Gauge("relaygw_connections_open", "Open SMTP connections", ["listener"], registry=r)
-        self.connectionsTotal = Counter("relaygw_connections", "SMTP connections accepted", ["listener"], registry=r)
-        self.commands = Counter("relaygw_commands", "SMTP commands received", ["listener", "command"], registry=r)
-        self.replies = Counter("relaygw_replies", "SMTP replies sent by class", ["listener", "class"], registry=r)
-        self.accepted = Counter("relaygw_messages_accepted", "Messages accepted and queued", ["listener"], registry=r)
-        self.bytes = Counter("relaygw_message_bytes", "Octets of accepted messages", ["listener"], registry=r)
-        self.fsync = Histogram("relaygw_fsync_seconds", "End of data to durable in the spool",
-                               buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1), registry=r)
+        self.registry = r = CollectorRegistry() if registry is None else registry
+        self.connectionsOpen = Gauge("relaygw_connections_open", "Open SMTP connections",
+                                     ["listener"], registry=r)
+        self.connectionsTotal = Counter("relaygw_connections", "SMTP connections accepted",
+                                        ["listener"], registry=r)
+        self.commands = Counter("relaygw_commands", "SMTP commands received",
+                                ["listener", "command"], registry=r)
+        self.replies = Counter("relaygw_replies", "SMTP replies sent, by class",
+                               ["listener", "class"], registry=r)
         self.tls = Counter("relaygw_tls_handshakes", "TLS handshakes completed", ["listener"], registry=r)
         self.auth = Counter("relaygw_auth", "AUTH attempts", ["listener", "result"], registry=r)
-        self.verbs = Counter("relaygw_trusted_verbs", "Trusted verb uses and refusals",
+        self.verbs = Counter("relaygw_trusted_verbs", "Trusted verbs used or refused",
                              ["listener", "verb", "result"], registry=r)
+        self.accepted = Counter("relaygw_messages_accepted", "Messages accepted and spooled",
+                                ["listener"], registry=r)
+        self.bytes = Counter("relaygw_message_bytes", "Octets of accepted messages", ["listener"], registry=r)
+        self.fsync = Histogram("relaygw_fsync_seconds", "End of DATA to durable in the spool",
+                               buckets=FSYNC_BUCKETS, registry=r)
         self.deliveries = Counter("relaygw_delivery_attempts", "Delivery results per recipient",
                                   ["nexthop", "result"], registry=r)
-        self.spoolDepth = Gauge("relaygw_spool_messages", "Messages in the spool", registry=r)
-        self.spoolAge = Gauge("relaygw_spool_oldest_age_seconds", "Age of the oldest spooled message", registry=r)
+        self._spool = _SpoolCollector()
+        r.register(self._spool)
 
     @_safe
     def connection(self, listener, delta):
+        """A session opened (C{+1}) or closed (C{-1}) on C{listener}."""
         self.connectionsOpen.labels(listener).inc(delta)
         if delta > 0:
             self.connectionsTotal.labels(listener).inc()
 
     @_safe
     def event(self, listener, kind, *labels):
+        """One SMTP session event; unknown kinds are ignored."""
         if kind == "command":
-            verb = labels[0] if labels[0] in KNOWN_COMMANDS else "other"
-            self.commands.labels(listener, verb).inc()
+            self.commands.labels(listener, _capped(str(labels[0]).upper(), KNOWN_COMMANDS)).inc()
         elif kind == "reply":
-            self.replies.labels(listener, "%dxx" % (labels[0] // 100)).inc()
+            cls = REPLY_CLASSES.get(int(labels[0]) // 100)
+            if cls is not None:
+                self.replies.labels(listener, cls).inc()
         elif kind == "tls_handshakes":
             self.tls.labels(listener).inc()
         elif kind == "auth":
-            self.auth.labels(listener, labels[0]).inc()
+            self.auth.labels(listener, _capped(labels[0], AUTH_RESULTS)).inc()
         elif kind in ("verb_used", "verb_refused"):
-            self.verbs.labels(listener, labels[0], kind[5:]).inc()
+            verb = _capped(str(labels[0]).upper(), KNOWN_COMMANDS)
+            self.verbs.labels(listener, verb, kind[len("verb_"):]).inc()
 
     @_safe
     def queued(self, listener, size, seconds):
+        """A message of C{size} octets became durable C{seconds} after its final dot."""
         self.accepted.labels(listener).inc()
-        self.bytes.labels(listener).inc(size)
+        self.bytes.labels(listener).inc(max(0, size))
         self.fsync.observe(seconds)
 
     @_safe
     def delivery(self, hop, result):
-        self.deliveries.labels(hop, result).inc()
+        """One recipient's delivery attempt via C{hop} ended with C{result}."""
+        self.deliveries.labels(hop, _capped(result, DELIVERY_RESULTS)).inc()
 
+    @_safe
     def setSpoolProbe(self, probe):
-        """C{probe() -> (depth, oldestAgeSeconds)}, evaluated at each scrape."""
-        self.spoolDepth.set_function(lambda: probe()[0])
-        self.spoolAge.set_function(lambda: probe()[1])
+        """C{probe() -> (depth, oldestAgeSeconds)}, called at each scrape."""
+        self._spool.probe = probe
 
     def render(self):
-        return generate_latest(self.registry)
+        """The registry in the Prometheus text format."""
+        try:
+            return generate_latest(self.registry)
+        except Exception:
+            log.failure("metrics: render failed")
+            return b""

@@ -222,11 +222,16 @@ class ScriptedSMTPServer(LineReceiver):
             return rule.pop(0) if len(rule) > 1 else rule[0]
         return rule or "250 2.1.5 Ok"
 
+    dropped = False
+
     def lineReceived(self, line):
         f = self.factory
+        if self.dropped:
+            return  # aborted: lines already buffered are not processed
         if self.inData:
             if f.drop == "body" and f.dropsLeft:
                 f.dropsLeft -= 1
+                self.dropped = True
                 self.transport.abortConnection()
                 return
             if line == b"." and f.drop == "end":

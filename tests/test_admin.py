@@ -1,69 +1,206 @@
-"""The admin endpoint: /healthz and /metrics over real HTTP, moving as traffic says."""
+"""Metrics and the admin endpoint: unit tests, then /healthz and /metrics over real loopback HTTP."""
 
-import re
-import urllib.error
-import urllib.request
-
-from twisted.internet import defer
-
-from relaygw.metrics import Metrics
-from relaygw.testing import Gateway, inThread
-from tests.test_smtp import GatewayTestCase
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+from relaygw.admin import makeAdminSite
+from relaygw.metrics import Metrics
+from relaygw.testing import Gateway
+from tests.test_smtp import GatewayTestCase
 
 
-def fetch(port, path):
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
-            return r.status, r.read().decode(), r.headers.get("content-type")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(), e.headers.get("content-type")
+class MetricsTests(unittest.TestCase):
+    def setUp(self):
+        self.m = Metrics()
 
+    def value(self, name, **labels):
+        return self.m.registry.get_sample_value(name, labels)
 
-def sample(text, name, **labels):
-    want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(?:\{(.*)\})? (\S+)$", line)
-        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
-            return float(m.group(3))
-    return 0.0
+    def test_privateRegistry(self):
+        """Each instance has its own registry, or the second would raise Duplicated timeseries."""
+        other = Metrics()
+        self.assertIsNot(other.registry, self.m.registry)
+        registry = CollectorRegistry()
+        self.assertIs(Metrics(registry).registry, registry)
 
+    def test_connection(self):
+        self.m.connection("in", +1)
+        self.m.connection("in", +1)
+        self.m.connection("in", -1)
+        self.assertEqual(self.value("relaygw_connections_open", listener="in"), 1)
+        self.assertEqual(self.value("relaygw_connections_total", listener="in"), 2)
 
-class MetricsUnitTests(unittest.TestCase):
-    def test_methodsMoveSeries(self):
-        m = Metrics()
-        m.connection("in", +1)
-        m.connection("in", +1)
-        m.connection("in", -1)
-        m.event("in", "command", "MAIL")
-        m.event("in", "command", "FROB")
-        m.event("in", "reply", 554)
-        m.event("in", "verb_refused", "XCLIENT")
-        m.event("in", "no_such_kind", 1)
-        m.queued("in", 100, 0.001)
-        m.delivery("smtp:x", "ok")
-        m.setSpoolProbe(lambda: (7, 42.0))
-        text = m.render().decode()
-        self.assertEqual(sample(text, "relaygw_connections_open", listener="in"), 1)
-        self.assertEqual(sample(text, "relaygw_connections_total", listener="in"), 2)
-        self.assertEqual(sample(text, "relaygw_commands_total", listener="in", command="other"), 1)
-        self.assertEqual(sample(text, "relaygw_replies_total", listener="in", **{"class": "5xx"}), 1)
-        self.assertEqual(sample(text, "relaygw_trusted_verbs_total", listener="in", verb="XCLIENT",
-                                result="refused"), 1)
-        self.assertEqual(sample(text, "relaygw_message_bytes_total", listener="in"), 100)
-        self.assertEqual(sample(text, "relaygw_delivery_attempts_total", nexthop="smtp:x", result="ok"), 1)
-        self.assertEqual(sample(text, "relaygw_spool_messages"), 7)
-        self.assertEqual(sample(text, "relaygw_spool_oldest_age_seconds"), 42)
+    def test_commandsCapped(self):
+        for verb in ("MAIL", "MAIL", "XCLIENT", "FROB", "GET"):
+            self.m.event("in", "command", verb)
+        self.assertEqual(self.value("relaygw_commands_total", listener="in", command="MAIL"), 2)
+        self.assertEqual(self.value("relaygw_commands_total", listener="in", command="XCLIENT"), 1)
+        self.assertEqual(self.value("relaygw_commands_total", listener="in", command="other"), 2)
+        self.assertIsNone(self.value("relaygw_commands_total", listener="in", command="FROB"))
+
+    def test_replyClasses(self):
+        for code in (250, 250, 354, 421, 554, 199):
+            self.m.event("in", "reply", code)
+        for cls, n in (("2xx", 2), ("3xx", 1), ("4xx", 1), ("5xx", 1)):
+            self.assertEqual(self.value("relaygw_replies_total", listener="in", **{"class": cls}), n)
+        self.assertNotIn(b'class="1xx"', self.m.render())
+
+    def test_tlsAuthVerbs(self):
+        self.m.event("in", "tls_handshakes")
+        self.m.event("in", "auth", "success")
+        self.m.event("in", "auth", "failure")
+        self.m.event("in", "auth", "failure")
+        self.m.event("in", "verb_used", "XCLIENT")
+        self.m.event("in", "verb_refused", "XCLIENT")
+        self.m.event("in", "verb_refused", "XSETCONTEXT")
+        self.assertEqual(self.value("relaygw_tls_handshakes_total", listener="in"), 1)
+        self.assertEqual(self.value("relaygw_auth_total", listener="in", result="success"), 1)
+        self.assertEqual(self.value("relaygw_auth_total", listener="in", result="failure"), 2)
+        for verb, result in (("XCLIENT", "used"), ("XCLIENT", "refused"), ("XSETCONTEXT", "refused")):
+            self.assertEqual(self.value("relaygw_trusted_verbs_total", listener="in", verb=verb,
+                                        result=result), 1)
+        self.assertIsNone(self.value("relaygw_trusted_verbs_total", listener="in", verb="XSETCONTEXT",
+                                     result="used"))
+
+    def test_unknownKindIgnored(self):
+        before = self.m.render()
+        self.m.event("in", "no_such_kind", 1, 2)
+        self.m.event("in", "spool_full")
+        self.assertEqual(self.m.render(), before)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_queued(self):
+        self.m.queued("in", 100, 0.003)
+        self.m.queued("in", 50, 0.2)
+        self.assertEqual(self.value("relaygw_messages_accepted_total", listener="in"), 2)
+        self.assertEqual(self.value("relaygw_message_bytes_total", listener="in"), 150)
+        self.assertEqual(self.value("relaygw_fsync_seconds_count"), 2)
+        self.assertAlmostEqual(self.value("relaygw_fsync_seconds_sum"), 0.203)
+        self.assertEqual(self.value("relaygw_fsync_seconds_bucket", le="0.005"), 1)
+
+    def test_delivery(self):
+        self.m.delivery("smtp:mx.example", "ok")
+        self.m.delivery("smtp:mx.example", "defer")
+        self.m.delivery("smtp:mx.example", "defer")
+        self.m.delivery("lmtp:local", "bounce")
+        value = lambda hop, result: self.value("relaygw_delivery_attempts_total", nexthop=hop, result=result)
+        self.assertEqual(value("smtp:mx.example", "ok"), 1)
+        self.assertEqual(value("smtp:mx.example", "defer"), 2)
+        self.assertEqual(value("lmtp:local", "bounce"), 1)
+
+    def test_spoolProbeAtScrape(self):
+        """The probe runs once per scrape, not when it is set."""
+        calls = []
+        state = [(7, 42.5)]
+
+        def probe():
+            calls.append(1)
+            return state[0]
+
+        self.assertNotIn(b"relaygw_spool_messages ", self.m.render())
+        self.m.setSpoolProbe(probe)
+        self.assertEqual(calls, [])
+        text = self.m.render()
+        self.assertIn(b"relaygw_spool_messages 7.0\n", text)
+        self.assertIn(b"relaygw_spool_oldest_age_seconds 42.5\n", text)
+        self.assertEqual(len(calls), 1)
+        state[0] = (0, 0.0)
+        self.assertEqual(self.value("relaygw_spool_messages"), 0)
+        self.assertEqual(self.value("relaygw_spool_oldest_age_seconds"), 0)
+
+    def test_spoolProbeFailure(self):
+        """A failing probe drops the spool series and is logged; the rest still renders."""
+        self.m.connection("in", +1)
+        self.m.setSpoolProbe(lambda: 1 // 0)
+        text = self.m.render()
+        self.assertIn(b'relaygw_connections_open{listener="in"} 1.0', text)
+        self.assertNotIn(b"relaygw_spool_messages ", text)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_neverRaises(self):
-        m = Metrics()
-        m.event("in", "reply", "not-a-number")
-        m.connection(None, "x")
-        # Both were caught and logged, not raised.
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 2)
+        self.m.event("in", "reply", "not-a-number")
+        self.m.event("in", "command")
+        self.m.connection("in", "x")
+        self.m.queued("in", None, 0.1)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError, IndexError, TypeError)), 4)
+        self.assertIsInstance(self.m.render(), bytes)
 
 
-class AdminEndpointTests(GatewayTestCase):
+class Fetcher:
+    """GET over loopback with an Agent whose connections are closed in cleanup."""
+
+    def __init__(self, testCase):
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+        testCase.addCleanup(self.pool.closeCachedConnections)
+
+    @defer.inlineCallbacks
+    def get(self, port, path):
+        response = yield self.agent.request(b"GET", b"http://127.0.0.1:%d%s" % (port, path))
+        body = yield readBody(response)
+        ctype = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        return response.code, body, ctype
+
+
+class AdminSiteTests(unittest.TestCase):
+    """L{makeAdminSite} on a real loopback port."""
+
+    def setUp(self):
+        self.metrics = Metrics()
+        self.healthy = (True, "ok")
+        site = makeAdminSite(self.metrics, lambda: self.healthy)
+        listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+        self.fetcher = Fetcher(self)
+
+    @defer.inlineCallbacks
+    def test_healthz(self):
+        code, body, ctype = yield self.fetcher.get(self.port, b"/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        self.assertTrue(ctype.startswith(b"text/plain"))
+        self.healthy = (False, "spool not writable")
+        code, body, ctype = yield self.fetcher.get(self.port, b"/healthz")
+        self.assertEqual((code, body), (503, b"spool not writable\n"))
+        self.assertTrue(ctype.startswith(b"text/plain"))
+
+    @defer.inlineCallbacks
+    def test_healthzRaising(self):
+        def health():
+            raise RuntimeError("boom")
+
+        site = makeAdminSite(self.metrics, health)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        code, body, _ = yield self.fetcher.get(port.getHost().port, b"/healthz")
+        self.assertEqual((code, body), (503, b"health check failed\n"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
+    def test_metrics(self):
+        self.metrics.event("in", "command", "EHLO")
+        self.metrics.setSpoolProbe(lambda: (3, 1.5))
+        code, body, ctype = yield self.fetcher.get(self.port, b"/metrics")
+        self.assertEqual(code, 200)
+        self.assertEqual(ctype, CONTENT_TYPE_LATEST.encode("ascii"))
+        self.assertIn(b'relaygw_commands_total{command="EHLO",listener="in"} 1.0\n', body)
+        self.assertIn(b"relaygw_spool_messages 3.0\n", body)
+        self.metrics.event("in", "command", "EHLO")
+        code, body, _ = yield self.fetcher.get(self.port, b"/metrics")
+        self.assertIn(b'relaygw_commands_total{command="EHLO",listener="in"} 2.0\n', body)
+
+    @defer.inlineCallbacks
+    def test_otherPathsNotFound(self):
+        for path in (b"/", b"/nothing", b"/metrics/x", b"/healthz/", b"/favicon.ico"):
+            code, _, _ = yield self.fetcher.get(self.port, path)
+            self.assertEqual(code, 404, path)
+
+
+class GatewayAdminTests(GatewayTestCase):
+    """The gateway's own admin endpoint follows real SMTP traffic."""
+
     listener = {"relay_networks": ["127.0.0.0/8"], "trusted_peers": ["192.0.2.0/24"],
                 "extensions": ["xclient"]}
 
@@ -73,15 +210,10 @@ class AdminEndpointTests(GatewayTestCase):
                           admin={"endpoint": "tcp:0:interface=127.0.0.1"})
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
+        self.fetcher = Fetcher(self)
 
     @defer.inlineCallbacks
-    def test_healthzAndMetricsFollowTraffic(self):
-        status, body, _ = yield inThread(fetch, self.gw.adminPort, "/healthz")
-        self.assertEqual((status, body), (200, "ok\n"))
-        status, before, ctype = yield inThread(fetch, self.gw.adminPort, "/metrics")
-        self.assertEqual(status, 200)
-        self.assertTrue(ctype.startswith("text/plain"))
-
+    def test_metricsFollowTraffic(self):
         def traffic(c):
             c.cmd("EHLO x")
             c.cmd("XCLIENT ADDR=192.0.2.1")
@@ -94,23 +226,23 @@ class AdminEndpointTests(GatewayTestCase):
 
         yield self.session(traffic)
         yield self.gw.service.queue.whenIdle()
-        status, after, _ = yield inThread(fetch, self.gw.adminPort, "/metrics")
-        self.assertEqual(sample(after, "relaygw_messages_accepted_total", listener="l0"), 1)
-        self.assertEqual(sample(after, "relaygw_connections_total", listener="l0"), 1)
-        self.assertEqual(sample(after, "relaygw_commands_total", listener="l0", command="MAIL"), 1)
-        self.assertEqual(sample(after, "relaygw_trusted_verbs_total", listener="l0", verb="XCLIENT",
-                                result="refused"), 1)
-        self.assertEqual(sample(after, "relaygw_replies_total", listener="l0", **{"class": "5xx"}), 1)
-        self.assertEqual(sample(after, "relaygw_delivery_attempts_total",
-                                nexthop="maildir:%s/outbox" % self.gw.directory, result="ok"), 1)
-        self.assertGreater(sample(after, "relaygw_message_bytes_total", listener="l0"), 5)
-        self.assertEqual(sample(after, "relaygw_fsync_seconds_count"), 1)
-        status, body, _ = yield inThread(fetch, self.gw.adminPort, "/nothing")
-        self.assertEqual(status, 404)
+        code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/metrics")
+        self.assertEqual(code, 200)
+        for line in (b'relaygw_messages_accepted_total{listener="l0"} 1.0',
+                     b'relaygw_connections_total{listener="l0"} 1.0',
+                     b'relaygw_commands_total{command="MAIL",listener="l0"} 1.0',
+                     b'relaygw_trusted_verbs_total{listener="l0",result="refused",verb="XCLIENT"} 1.0',
+                     b'relaygw_replies_total{class="5xx",listener="l0"} 1.0',
+                     b"relaygw_fsync_seconds_count 1.0",
+                     b'relaygw_delivery_attempts_total{nexthop="maildir:%s/outbox",result="ok"} 1.0'
+                     % self.gw.directory.encode()):
+            self.assertIn(line + b"\n", body)
 
     @defer.inlineCallbacks
     def test_healthz503WhileDraining(self):
+        code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
         for f in self.gw.service.factories:
             f.draining = True
-        status, body, _ = yield inThread(fetch, self.gw.adminPort, "/healthz")
-        self.assertEqual((status, body), (503, "draining\n"))
+        code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/healthz")
+        self.assertEqual((code, body), (503, b"draining\n"))
