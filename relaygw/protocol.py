@@ -25,14 +25,13 @@ import time
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from relaygw import codes, trace
+from relaygw import codes, trace, wire
 from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
-from relaygw.relay.client import noDelay
 from relaygw.trust import canonicalIP
 
 log = Logger(namespace="relaygw.smtp")
@@ -87,7 +86,7 @@ class SMTPSession(smtp.ESMTP):
 
     def connectionMade(self):
         f = self.factory
-        noDelay(self.transport)
+        wire.noDelay(self.transport)
         self._listener = f.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
@@ -203,7 +202,7 @@ class SMTPSession(smtp.ESMTP):
         """Send reply C{r} (a L{codes.Reply}); close after it if it says so."""
         if self.mode == CLOSED:
             return
-        self.transport.write(codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
+        wire.send(self.transport, codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
         self.factory.stats("reply", r.code)
         if r.code >= 400:
             log.info("[{session}] refused: {code} {enhanced} {text}", session=self.sessionId,
@@ -219,7 +218,7 @@ class SMTPSession(smtp.ESMTP):
         """Twisted's entry point, routed through the reply table's renderer."""
         if isinstance(message, bytes):
             message = message.decode("latin-1")
-        self.transport.write(codes.render(code, None, message.splitlines() or [""]))
+        wire.send(self.transport, codes.render(code, None, message.splitlines() or [""]))
 
     def _close(self):
         self.mode = CLOSED

@@ -23,7 +23,7 @@ from zope.interface import directlyProvides, providedBy
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 log = Logger()
@@ -252,6 +252,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     """
 
     proxyInfo = None
+    #: Writes reach the socket unchanged (L{relaygw.wire.send} may bypass us).
+    writesPassThrough = True
     _connected = False
     _closing = False
     _timer = None

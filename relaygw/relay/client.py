@@ -35,12 +35,12 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from relaygw import xtext
+from relaygw import wire, xtext
 from relaygw.relay.nexthop import Result
 
 log = Logger()
@@ -68,20 +68,6 @@ class OutboundMessage:
     bodyOffset: int = 0
     context: dict = field(default_factory=dict)
     size: Optional[int] = None
-
-
-def noDelay(transport):
-    """
-    TCP_NODELAY: SMTP sends whole commands and replies; Nagle's algorithm
-    only holds the next one back until the peer's delayed ACK (tens of ms a
-    round, which STARTTLS's extra records made visible).
-    """
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass
 
 
 #: One recipient's outcome (shared with the queue manager).
@@ -264,7 +250,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
                 words = line.split(" ")
                 line = " ".join(words[:2] + ["****"]) if words[0].upper() == "AUTH" else "****"
             log.debug("{where} <<< {line}", where=self.where, line=line)
-        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        wire.send(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
     def command(self, line, secret=False):
         """Send one command; return a Deferred firing with its reply."""
@@ -577,7 +563,7 @@ class _Delivery:
         self.stage = "connect"
         proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
         await connectProtocol(self._endpoint(), proto)
-        noDelay(proto.transport)
+        wire.noDelay(proto.transport)
         self.proto = proto
         log.info("{where}: connected", where=self.where)
         self.stage = "greeting"

@@ -1,0 +1,68 @@
+"""
+Socket-level tuning shared by the SMTP server and the delivery client.
+
+SMTP is a conversation of short commands and replies, each sent whole.
+Twisted's TCP transport queues every write for the next reactor turn: it
+registers the socket for writing, wakes up, sends, and unregisters again
+(two C{epoll_ctl} calls and a logged-context dispatch per reply).  A reply
+almost always fits into the socket's send buffer, so L{send} writes it
+straight to the socket when nothing is queued before it, and leaves only
+what the kernel did not take to the transport.
+"""
+
+from twisted.internet import tcp
+
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
+def noDelay(transport):
+    """
+    TCP_NODELAY: SMTP sends whole commands and replies; Nagle's algorithm
+    only holds the next one back until the peer's delayed ACK (tens of ms a
+    round, which STARTTLS's extra records made visible).
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
+def _idleSocketTransport(transport):
+    """
+    The plain TCP transport under C{transport} (through wrappers that mark
+    themselves C{writesPassThrough}, such as the PROXY protocol one), if
+    octets written to its socket now would go out in order; else C{None}.
+    """
+    # The class says so, not the instance: ProtocolWrapper (TLS included)
+    # forwards unknown attributes to the transport below it.
+    while getattr(type(transport), "writesPassThrough", False):
+        transport = transport.transport
+    if type(transport) not in _PLAIN_TCP:
+        return None
+    if (
+        transport.TLS
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+    ):
+        return None
+    return transport
+
+
+def send(transport, data):
+    """Write C{data} to C{transport}: at once when safe, else queued as usual."""
+    t = _idleSocketTransport(transport)
+    if t is not None:
+        try:
+            sent = t.socket.send(data)
+        except OSError:
+            # EAGAIN or a dead peer: Twisted's write path reports it in its turn.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

@@ -1,0 +1,108 @@
+"""
+relaygw.wire.send on real loopback connections: straight to the socket when
+nothing is queued, in order behind queued octets, and never around a TLS
+layer or a non-pass-through wrapper.
+"""
+
+import socket
+
+from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.trial import unittest
+
+from relaygw import wire
+from relaygw.proxy import ProxyProtocolWrapper
+
+
+class _PassThrough(ProtocolWrapper):
+    writesPassThrough = True
+
+
+class _Server(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+class SendTests(unittest.TestCase):
+    def connect(self, wrap=None):
+        """A real loopback connection; fires with (server protocol, client socket)."""
+        factory = protocol.Factory.forProtocol(_Server)
+        factory.connected = defer.Deferred()
+        port = reactor.listenTCP(0, wrap(factory) if wrap else factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+
+        def ready(server):
+            self.addCleanup(server.transport.loseConnection)
+            return server, client
+
+        return factory.connected.addCallback(ready)
+
+    def recv(self, client, n):
+        data = b""
+        while len(data) < n:
+            data += client.recv(n - len(data))
+        return data
+
+    @defer.inlineCallbacks
+    def test_idleTransportSendsAtOnce(self):
+        server, client = yield self.connect()
+        wire.send(server.transport, b"220 ready\r\n")
+        # Nothing was left for the reactor: the octets are already on the wire.
+        self.assertEqual(server.transport._tempDataBuffer, [])
+        self.assertEqual(server.transport.dataBuffer, b"")
+        self.assertEqual(self.recv(client, 11), b"220 ready\r\n")
+
+    @defer.inlineCallbacks
+    def test_queuedOctetsKeepTheirPlace(self):
+        server, client = yield self.connect()
+        server.transport.write(b"first\r\n")
+        wire.send(server.transport, b"second\r\n")
+        self.assertEqual(server.transport._tempDataBuffer, [b"first\r\n", b"second\r\n"])
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.recv(client, 15), b"first\r\nsecond\r\n")
+
+    @defer.inlineCallbacks
+    def test_largeWriteIsCompletedByTheTransport(self):
+        server, client = yield self.connect()
+        data = bytes(range(256)) * 40000  # far more than a socket buffer
+        wire.send(server.transport, data)
+        got = yield threads.deferToThread(self.recv, client, len(data))
+        self.assertEqual(got, data)
+
+    @defer.inlineCallbacks
+    def test_passThroughWrapperIsSeenThrough(self):
+        def wrap(f):
+            wf = WrappingFactory(f)
+            wf.protocol = _PassThrough
+            return wf
+
+        server, client = yield self.connect(wrap)
+        wrapper = server.transport
+        wire.send(wrapper, b"250 ok\r\n")
+        self.assertEqual(wrapper.transport._tempDataBuffer, [])
+        self.assertEqual(self.recv(client, 8), b"250 ok\r\n")
+
+    @defer.inlineCallbacks
+    def test_otherWrapperIsNotBypassed(self):
+        server, client = yield self.connect(lambda f: WrappingFactory(f))
+        wire.send(server.transport, b"250 ok\r\n")
+        # An ordinary wrapper may transform writes (TLS does): queued through it.
+        self.assertEqual(server.transport.transport._tempDataBuffer, [b"250 ok\r\n"])
+
+    def test_instanceAttributeForwardingIsNotTrusted(self):
+        """A wrapper forwarding attribute lookups to a pass-through transport is not one itself."""
+        below = ProxyProtocolWrapper.__new__(ProxyProtocolWrapper)
+        below.transport = StringTransport()
+        tls = ProtocolWrapper.__new__(ProtocolWrapper)
+        tls.transport = below
+        self.assertTrue(tls.writesPassThrough)  # forwarded by ProtocolWrapper.__getattr__
+        self.assertIsNone(wire._idleSocketTransport(tls))
+
+    def test_otherTransportsUseWrite(self):
+        t = StringTransport()
+        wire.send(t, b"354 go ahead\r\n")
+        self.assertEqual(t.value(), b"354 go ahead\r\n")
+
