@@ -19,7 +19,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from twisted.cred import checkers, credentials, error, portal
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from relaygw.logs import Logger
 
 log = Logger()
 

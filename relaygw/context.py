@@ -7,7 +7,6 @@ here, never from the transport.  The gateway owns most keys; a trusted peer
 may add its own keys with XSETCONTEXT, but can never overwrite an owned one.
 """
 
-import copy
 import re
 
 #: Connection keys the gateway owns (protocol.md section 14).
@@ -141,10 +140,19 @@ class ValidationContext:
         """A JSON-able copy for the envelope of a spooled message."""
         # A deep copy: the live message's rcptto list must not leak into it.
         return {
-            "connection": copy.deepcopy(self.connection),
-            "message": copy.deepcopy(self.message or {}),
+            "connection": _copyJSON(self.connection),
+            "message": _copyJSON(self.message or {}),
             "client_keys": sorted(self.clientKeys),
         }
+
+
+def _copyJSON(value):
+    """A deep copy of JSON-able data (sequences become lists), without copy.deepcopy's bookkeeping."""
+    if isinstance(value, dict):
+        return {k: _copyJSON(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copyJSON(v) for v in value]
+    return value
 
 
 def display(value):

@@ -1,7 +1,8 @@
 """
-JSON-lines logging for log shippers: one object per event with its time,
-level, namespace, formatted message and the event's own plain fields (the
-session id among them).
+The gateway's logging: text lines, or JSON lines for log shippers (one
+object per event with its time, level, namespace, formatted message and
+the event's own plain fields, the session id among them), and a L{Logger}
+that skips events below the configured level before building them.
 """
 
 import json
@@ -14,9 +15,28 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
 )
+from twisted.logger import Logger as _Logger
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
+
+#: Events below this level are dropped at the source (everything passes
+#: until the gateway's own observer is installed, as in tests).
+_minimum = LogLevel.debug
+
+
+class Logger(_Logger):
+    """
+    L{twisted.logger.Logger}, except that an event below the gateway's log
+    level costs one comparison: the stock C{emit} validates the level, builds
+    and publishes the event, and only the observer then filters it out, a
+    price the SMTP session would pay for every debug line of every message.
+    """
+
+    def emit(self, level, format=None, **kwargs):
+        if level < _minimum:
+            return
+        _Logger.emit(self, level, format, **kwargs)
 
 
 def jsonLinesObserver(outFile):
@@ -60,7 +80,18 @@ def textLinesObserver(outFile):
 
 
 def makeObserver(outFile, format="text", level="info"):
-    """The gateway's log observer: text or JSON lines, at C{level} and above."""
+    """
+    The gateway's log observer: text or JSON lines, at C{level} and above.
+    Installing it for the process (L{install}) also drops lower-level events
+    at their source.
+    """
     base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     return FilteringLogObserver(base, [predicate])
+
+
+def install(application, outFile, format="text", level="info"):
+    """Make our observer C{application}'s log observer, as twistd expects."""
+    global _minimum
+    application.setComponent(ILogObserver, makeObserver(outFile, format, level))
+    _minimum = LogLevel.levelWithName(level)

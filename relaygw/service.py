@@ -13,7 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relaygw import codes, trust
@@ -334,12 +334,9 @@ class GatewayService(MultiService):
         if hasattr(parent, "setComponent"):
             import sys
 
-            from twisted.logger import ILogObserver
+            from relaygw import logs
 
-            from relaygw.logs import makeObserver
-
-            parent.setComponent(ILogObserver, makeObserver(sys.stdout, self.config.log.format,
-                                                           self.config.log.level))
+            logs.install(parent, sys.stdout, self.config.log.format, self.config.log.level)
         MultiService.setServiceParent(self, parent)
 
     def _adoptOrphanPartitions(self):

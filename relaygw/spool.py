@@ -21,7 +21,7 @@ import threading
 import time
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from relaygw.logs import Logger
 
 log = Logger()
 

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.logger import Logger
+from relaygw.logs import Logger
 
 log = Logger()
 

@@ -35,13 +35,26 @@ class Networks:
     IPv4-mapped IPv6 addresses match their IPv4 networks.
     """
 
+    _CACHE_SIZE = 4096
+
     def __init__(self, cidrs=()):
         self.cidrs = tuple(cidrs)
         self._nets = tuple(ipaddress.ip_network(c, strict=False) for c in self.cidrs)
+        self._answers = {}
 
     def __contains__(self, ip):
+        ip = str(ip)
+        answer = self._answers.get(ip)
+        if answer is None:
+            answer = self._lookup(ip)
+            if len(self._answers) >= self._CACHE_SIZE:
+                self._answers.clear()
+            self._answers[ip] = answer
+        return answer
+
+    def _lookup(self, ip):
         try:
-            addr = ipaddress.ip_address(canonicalIP(str(ip)))
+            addr = ipaddress.ip_address(canonicalIP(ip))
         except ValueError:
             return False
         return any(addr.version == n.version and addr in n for n in self._nets)

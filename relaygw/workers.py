@@ -15,7 +15,7 @@ import sys
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from zope.interface import implementer
 
 log = Logger(namespace="relaygw.workers")

@@ -14,7 +14,7 @@ import random
 import socket
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 

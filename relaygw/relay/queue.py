@@ -15,7 +15,7 @@ import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.logger import Logger
+from relaygw.logs import Logger
 
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary

@@ -12,7 +12,7 @@ capped.
 import dataclasses
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from relaygw.logs import Logger
 from zope.interface import implementer
 
 from relaygw.relay import client as smtpclient
