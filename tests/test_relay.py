@@ -21,6 +21,7 @@ import relaygw
 from relaygw.testing import (
     Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
+from relaygw.relay.smtp import SMTPNextHop
 from tests.test_starttls import makeCA
 
 FAST = {"retry_min": 0.3, "retry_max": 0.6}
@@ -320,18 +321,66 @@ class SmarthostTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_severalMessagesPerConnection(self):
-        """Messages that wait for a busy next hop go out together on the next connection."""
+        """
+        Messages that wait for a busy next hop go out together, on the
+        connection kept open from the batch before.
+        """
         hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
         hop, port = self.hop(factory=hop)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1})
         for n in range(4):
             yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
         yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
-        self.assertEqual(len(hop.connections), 2)
-        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1, 1, 1])
+        self.assertEqual(len(hop.connections), 1)
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 0, 0, 0])
+        self.assertEqual(hop.lines.count("RSET"), 0)
         self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net", "r2@example.net", "r3@example.net"])
         for n, t in enumerate(hop.transactions):
             self.assertTrue(t["data"].endswith(b"body of m%d\r\n" % n))
+
+    @defer.inlineCallbacks
+    def test_keptConnectionCarriesTheNextMessage(self):
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("one@example.net",))
+        yield self.until(self.spoolEmpty)
+        yield self.send(rcpts=("two@example.net",))
+        yield self.until(lambda: self.spoolEmpty() and len(hop.transactions) == 2)
+        self.assertEqual(len(hop.connections), 1)
+        self.assertEqual(hop.lines.count("EHLO relay.test"), 1)
+        self.assertEqual(hop.recipients(), ["one@example.net", "two@example.net"])
+
+    @defer.inlineCallbacks
+    def test_keptConnectionIsClosedWhenIdle(self):
+        self.patch(SMTPNextHop, "IDLE_SECONDS", 0.2)
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        yield self.until(lambda: "QUIT" in hop.lines)
+        self.assertEqual(self.gw.service.queue.router.default.smtpHops()[0].idle, [])
+
+    @defer.inlineCallbacks
+    def test_stopClosesKeptConnections(self):
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertNotIn("QUIT", hop.lines)
+        yield self.gw.stop()
+        self.assertIn("QUIT", hop.lines)
+
+    @defer.inlineCallbacks
+    def test_connectionClosedByTheHopIsNotReused(self):
+        hop, port = self.hop(factory=_TrackingFactory())
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("one@example.net",))
+        yield self.until(self.spoolEmpty)
+        hop.connections[0].transport.loseConnection()
+        yield self.until(lambda: not self.gw.service.queue.router.default.smtpHops()[0].idle[0][0].usable)
+        yield self.send(rcpts=("two@example.net",))
+        yield self.until(lambda: self.spoolEmpty() and len(hop.transactions) == 2)
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1])
 
     @defer.inlineCallbacks
     def test_failoverFromRefusedToSecond(self):

@@ -11,7 +11,7 @@ message with a 2xx reply to the end of data.
 The wire protocol is L{_SMTPClientProtocol}: a line receiver that parses
 replies and hands them, in order, to whoever asked for them (so pipelined
 commands are just several requests for replies).  The conversation itself is
-the coroutine L{_Delivery.run}.
+the coroutine L{Connection.carry}.
 """
 
 import base64
@@ -454,17 +454,22 @@ def _outcome(reply, what):
     return _temporary("unexpected reply to %s: %s" % (what, reply), "4.5.0")
 
 
-class _Delivery:
-    """One connection to one next hop, carrying a list of messages."""
+class Connection:
+    """
+    One connection to one next hop.  L{carry} delivers a batch of messages
+    over it, opening it first if needed; a connection that is kept open
+    (C{keepOpen}) carries the next batch without a new handshake, and
+    L{close} says QUIT.
+    """
 
-    def __init__(self, reactor, host, port, messages, options):
+    def __init__(self, reactor, host, port, options):
         self.reactor = reactor
         self.host = host
         self.port = port
-        self.messages = messages
+        self.messages = []
         self.options = options
         self.where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-        self.results = [{} for _ in messages]
+        self.results = []
         self.proto = None
         self.stage = "connect"
         self.extensions = {}
@@ -534,22 +539,57 @@ class _Delivery:
 
     # The conversation
 
-    async def run(self):
+    @property
+    def usable(self):
+        """Whether the connection is open and may carry another batch."""
+        return self.proto is not None and self.proto.lostReason is None and not self.broken
+
+    broken = False
+
+    async def carry(self, messages, keepOpen=False):
+        """
+        Deliver C{messages}; returns one dict per message mapping each
+        recipient to its L{RecipientResult}.  The connection is closed
+        afterwards unless C{keepOpen}, and always after a failure.
+        """
+        self.messages, self.results = messages, [{} for _ in messages]
         try:
             try:
-                await self._session()
+                if self.proto is None:
+                    await self._open()
+                for index, message in enumerate(messages):
+                    try:
+                        await self._transaction(index, message)
+                    except _MessageFailure as e:
+                        self._settle(index, message.recipients, e.result)
+                if not keepOpen:
+                    await self._quit()
             except _SessionFailure as e:
                 self._settleAll(e.result)
+                self.broken = True
                 await self._quit()
             except Exception:
+                self.broken = True
                 self._settleAll(await self._describe(Failure()))
         except Exception:
+            self.broken = True
             log.failure("{where}: delivery failed", where=self.where)
             self._settleAll(_temporary("local error delivering to %s" % (self.where,), "4.3.0"))
         self._settleAll(_temporary("no reply from %s" % (self.where,), "4.4.2"))
-        if self.proto is not None:
+        if self.proto is not None and not (keepOpen and self.usable):
+            self.broken = True
             self.proto.abort()
         return self.results
+
+    async def close(self):
+        """Say QUIT and close (a kept-open connection that is no longer needed)."""
+        self.broken = True
+        try:
+            await self._quit()
+        except Exception:
+            log.failure("{where}: QUIT failed", where=self.where)
+        if self.proto is not None:
+            self.proto.abort()
 
     def _endpoint(self):
         timeout = self.options.timeout
@@ -559,7 +599,7 @@ class _Delivery:
             return TCP6ClientEndpoint(self.reactor, self.host, self.port, timeout=timeout)
         return HostnameEndpoint(self.reactor, self.host, self.port, timeout=timeout)
 
-    async def _session(self):
+    async def _open(self):
         self.stage = "connect"
         proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
         await connectProtocol(self._endpoint(), proto)
@@ -573,12 +613,6 @@ class _Delivery:
         await self._hello()
         await self._startTLS()
         await self._authenticate()
-        for index, message in enumerate(self.messages):
-            try:
-                await self._transaction(index, message)
-            except _MessageFailure as e:
-                self._settle(index, message.recipients, e.result)
-        await self._quit()
 
     async def _hello(self, name=None):
         name = name or self.options.heloName
@@ -845,4 +879,4 @@ def deliver(reactor, host, port, messages, options):
     """
     if not messages:
         return succeed([])
-    return Deferred.fromCoroutine(_Delivery(reactor, host, port, messages, options).run())
+    return Deferred.fromCoroutine(Connection(reactor, host, port, options).carry(messages))

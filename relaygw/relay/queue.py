@@ -94,6 +94,9 @@ class QueueManager(Service):
                 t.cancel()
         self.timers.clear()
         idle = self.whenIdle()
+        closeIdle = getattr(self.router, "closeIdle", None)
+        if closeIdle is not None:
+            idle.addCallback(lambda _: closeIdle())
         if idle.called:
             return idle
         timer = self.reactor.callLater(self.stopTimeout, idle.callback, None)

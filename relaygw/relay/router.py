@@ -6,6 +6,8 @@ domain) or validation-context key matches wins.  Otherwise the [relay]
 next hop applies: smarthosts, MX delivery, or the local Maildir.
 """
 
+from twisted.internet import defer
+
 from relaygw import config as _config
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
 
@@ -57,6 +59,9 @@ class HopSpec:
             return self.cache[domain]
         return self.fallback
 
+    def smtpHops(self):
+        return [hop for hop in self.cache.values() if isinstance(hop, SMTPNextHop)]
+
 
 class Router:
     """C{router(message, recipient) -> INextHop}."""
@@ -79,6 +84,11 @@ class Router:
             else:
                 self._resolver = client.createResolver()
         return self._resolver
+
+    def closeIdle(self):
+        """Close the connections SMTP next hops keep open for reuse; fires when done."""
+        specs = [self.default] + [spec for _, spec in self.routes]
+        return defer.gatherResults([hop.closeIdle() for spec in specs for hop in spec.smtpHops()])
 
     def __call__(self, message, recipient):
         domain = recipient.rpartition("@")[2].lower().rstrip(".")

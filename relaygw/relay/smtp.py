@@ -6,15 +6,17 @@ Messages handed in while every connection to the destination is busy wait
 and go out together on the next free connection, so under load one
 connection carries many messages (the client pipelines them when the next
 hop offers PIPELINING).  The number of connections per destination is
-capped.
+capped.  A connection that finished its batch stays open for a moment
+(C{IDLE_SECONDS}, Postfix's connection cache time) and carries the next
+batch without a new connect, greeting, EHLO and TLS handshake.
 """
 
 import dataclasses
 
 from twisted.internet import defer
-from relaygw.logs import Logger
 from zope.interface import implementer
 
+from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
 from relaygw.relay.nexthop import INextHop, Result, temporary
@@ -48,16 +50,19 @@ class SMTPNextHop:
         in order (a fixed smarthost list, or an MX lookup).
     """
 
-    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deliver=None):
+    #: How long a connection with nothing to carry stays open for reuse.
+    IDLE_SECONDS = 2.0
+
+    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50):
         self.reactor = reactor
         self.name = name
         self.hosts = hosts
         self.options = options
         self.maxConnections = maxConnections
         self.batch = batch
-        self._deliver = deliver or smtpclient.deliver
         self.waiting = []
         self.active = 0
+        self.idle = []  # [(connection, key, timer)], most recently used last
 
     def describe(self):
         return self.name
@@ -71,13 +76,53 @@ class SMTPNextHop:
         self._pump()
         return defer.gatherResults(ds)
 
+    def _key(self, host, port, message):
+        """
+        Which kept-open connections may carry C{message}: when the client
+        identity is forwarded, only one that already speaks for the same
+        original client (a next hop usually accepts one XCLIENT per
+        connection, and a message from another client would be deferred).
+        """
+        return (host, port, _identity(message) if self.options.forwardIdentity else None)
+
+    def _connection(self, key, options):
+        """A kept-open connection for C{key}, or a new one."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            conn, k, timer = self.idle[i]
+            if k == key:
+                del self.idle[i]
+                timer.cancel()
+                if conn.usable:
+                    return conn
+        return smtpclient.Connection(self.reactor, key[0], key[1], options)
+
+    def _park(self, conn, key):
+        """Keep C{conn} open for the next batch, for a moment."""
+        if not conn.usable:
+            return
+        timer = self.reactor.callLater(self.IDLE_SECONDS, self._expire, conn)
+        self.idle.append((conn, key, timer))
+        while len(self.idle) > self.maxConnections:
+            old, _, oldTimer = self.idle.pop(0)
+            oldTimer.cancel()
+            defer.ensureDeferred(old.close())
+
+    def _expire(self, conn):
+        self.idle = [entry for entry in self.idle if entry[0] is not conn]
+        defer.ensureDeferred(conn.close())
+
+    def closeIdle(self):
+        """Close every kept-open connection (on shutdown); fires when they are closed."""
+        idle, self.idle = self.idle, []
+        for _, _, timer in idle:
+            timer.cancel()
+        return defer.gatherResults([defer.ensureDeferred(conn.close()) for conn, _, _ in idle])
+
     def _take(self):
         """
-        The next batch of waiting messages for one connection.  When the
+        The next batch of waiting messages for one connection: when the
         client identity is forwarded, only messages from the same original
-        client go together: a next hop usually accepts one XCLIENT per
-        connection, and a message from another client would only be
-        deferred (and wait for a retry) on it.
+        client (see L{_key}).
         """
         if not self.options.forwardIdentity:
             batch, self.waiting = self.waiting[: self.batch], self.waiting[self.batch:]
@@ -133,7 +178,10 @@ class SMTPNextHop:
             options = self.options
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
                 options = dataclasses.replace(options, tlsHostname=candidate[2])
-            results = yield self._deliver(self.reactor, host, port, [outbound(m) for _, m in pending], options)
+            key = self._key(host, port, pending[0][1])
+            conn = self._connection(key, options)
+            results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True))
+            self._park(conn, key)
             still = []
             for (index, m), res in zip(pending, results):
                 retry = []
