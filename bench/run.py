@@ -33,6 +33,8 @@ PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
 SOURCE = "/usr/sbin/smtp-source"
 SINK = "/usr/sbin/smtp-sink"
+#: relaygw worker processes ([process] workers); --workers sets it.
+WORKERS = 1
 
 sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
@@ -100,7 +102,8 @@ def relaygw(directory, port, variant="plain", sinkPort=None, extra=None):
     relay.update(extra or {})
     conf = os.path.join(directory, "relaygw.toml")
     with open(conf, "w") as f:
-        f.write(configText(directory, listeners=(listener,), relay=relay, log={"level": "warn"}))
+        f.write(configText(directory, listeners=(listener,), relay=relay, log={"level": "warn"},
+                           process={"workers": WORKERS} if WORKERS > 1 else None))
     return Process([TWISTD, "-n", "--pidfile=", "relaygw", "--config", conf], directory, port)
 
 

@@ -26,7 +26,7 @@ def tomlValue(v):
     return '"%s"' % str(v).replace("\\", "\\\\").replace('"', '\\"')
 
 
-def configText(directory, listeners=({},), relay=None, spool=None, admin=None, log=None, routes=()):
+def configText(directory, listeners=({},), relay=None, spool=None, admin=None, log=None, routes=(), process=None):
     """TOML for a test gateway rooted in C{directory} (loopback, port 0)."""
     out = ['[spool]', 'directory = "%s"' % os.path.join(directory, "spool")]
     for k, v in (spool or {}).items():
@@ -34,7 +34,7 @@ def configText(directory, listeners=({},), relay=None, spool=None, admin=None, l
     out += ["", "[relay]", 'maildir = "%s"' % os.path.join(directory, "outbox")]
     for k, v in (relay or {}).items():
         out.append("%s = %s" % (k, tomlValue(v)))
-    for name, table in (("admin", admin), ("log", log)):
+    for name, table in (("admin", admin), ("log", log), ("process", process)):
         if table:
             out += ["", "[%s]" % name] + ["%s = %s" % (k, tomlValue(v)) for k, v in table.items()]
     for route in routes:
