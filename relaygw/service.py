@@ -339,26 +339,37 @@ class GatewayService(MultiService):
             logs.install(parent, sys.stdout, self.config.log.format, self.config.log.level)
         MultiService.setServiceParent(self, parent)
 
-    def _adoptOrphanPartitions(self):
-        """Worker 0 takes over the spool partitions of workers that no longer exist."""
+    def _adoptStrandedMessages(self):
+        """
+        Worker 0 takes over messages left in a spool layout the current
+        C{[process] workers} no longer uses: the partitions of workers that
+        no longer exist, the unpartitioned spool after a switch to several
+        workers, and every partition after a switch back to one process.
+        Progress and hold markers move before the message they belong to.
+        """
         base = self.config.spool.directory
         if not os.path.isdir(base):
             return
-        for name in os.listdir(base):
-            if name[:1] == "w" and name[1:].isdigit() and int(name[1:]) >= self.workers:
-                for area in ("queue", "state", "hold"):
-                    src = os.path.join(base, name, area)
-                    for entry in os.listdir(src) if os.path.isdir(src) else ():
-                        os.rename(os.path.join(src, entry), self.spool.path(area, entry))
-                log.info("adopted spool partition {name}", name=name)
+        sources = [os.path.join(base, n) for n in sorted(os.listdir(base))
+                   if n[:1] == "w" and n[1:].isdigit() and (self.workers == 1 or int(n[1:]) >= self.workers)]
+        if self.workers > 1:
+            sources.append(base)
+        for source in sources:
+            moved = 0
+            for area in ("state", "hold", "queue"):
+                src = os.path.join(source, area)
+                for entry in sorted(os.listdir(src)) if os.path.isdir(src) else ():
+                    os.rename(os.path.join(src, entry), self.spool.path(area, entry))
+                    moved += area == "queue"
+            if moved:
+                log.info("adopted {n} queued messages from {source}", n=moved, source=source)
 
     def startService(self):
         # The spool is opened (and what was never acknowledged discarded)
         # before any listener accepts a connection.
-        if self.workers > 1 and self.worker == 0:
-            os.makedirs(self.spool.directory, exist_ok=True)
+        if self.worker == 0:
             self.spool.open()
-            self._adoptOrphanPartitions()
+            self._adoptStrandedMessages()
         self.queue.recovered = self.spool.open()
         if self.queue.recovered:
             log.info("recovered {n} queued messages", n=len(self.queue.recovered))

@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relaygw.spool import Committer, Spool
-from relaygw.testing import Client, configText, freePort, inThread, runTwistd, waitForPort
+from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
 
 class SpoolTests(unittest.TestCase):
@@ -244,3 +244,52 @@ class AttemptFailureTests(unittest.TestCase):
         self.assertEqual(len(routed), 2)
         self.assertEqual(spool.queueIds(), [])
         yield q.stopService()
+
+
+class WorkerCountChangeTests(unittest.TestCase):
+    """
+    Changing [process] workers strands no message: worker 0 adopts what the
+    layout it no longer uses holds (with its hold marker).
+    """
+
+    @defer.inlineCallbacks
+    def queueOne(self, directory, tag, held=False):
+        spool = Spool(directory, Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "%s@example.org" % tag, "mail_params": {},
+                              "recipients": ["r@example.net"], "arrival": time.time(),
+                              "context": {"connection": {}, "message": {}}})
+        w.write(b"Subject: " + tag.encode() + b"\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        if held:
+            open(spool.path("hold", qid), "w").close()
+        return qid
+
+    @defer.inlineCallbacks
+    def start(self, directory, workers):
+        gw = Gateway(directory, relay={"defer_all": True},
+                     process={"workers": workers} if workers > 1 else None)
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        return gw.service.spool
+
+    @defer.inlineCallbacks
+    def test_toSeveralWorkers(self):
+        directory = os.path.abspath(self.mktemp())
+        qid = yield self.queueOne(os.path.join(directory, "spool"), "single", held=True)
+        spool = yield self.start(directory, 2)
+        self.assertEqual(spool.directory, os.path.join(directory, "spool", "w0"))
+        self.assertEqual(spool.queueIds(), [qid])
+        self.assertTrue(spool.isHeld(qid))
+        self.assertEqual(os.listdir(os.path.join(directory, "spool", "queue")), [])
+
+    @defer.inlineCallbacks
+    def test_backToOneProcess(self):
+        directory = os.path.abspath(self.mktemp())
+        ids = []
+        for worker in (0, 1):
+            qid = yield self.queueOne(os.path.join(directory, "spool", "w%d" % worker), "w%d" % worker, held=True)
+            ids.append(qid)
+        spool = yield self.start(directory, 1)
+        self.assertEqual(spool.queueIds(), sorted(ids))
+        self.assertTrue(all(spool.isHeld(qid) for qid in ids))
