@@ -367,7 +367,9 @@ def main(argv=None):
     p.add_argument("--sizes", default="4096,102400")
     p.add_argument("--concurrency", default="1,10,100")
     p.add_argument("--variants", default="plain,tls,xclient,proxy")
-    p.add_argument("--extras", action="store_true", default=None)
+    p.add_argument("--extras", action="store_true", default=None, help="memory and recovery measurements "
+                   "(the default, except with --quick)")
+    p.add_argument("--no-extras", dest="extras", action="store_false")
     p.add_argument("--latency-all", dest="latencyAll", action="store_true", default=True)
     p.add_argument("--workers", type=int, default=2, help="relaygw worker processes ([process] workers)")
     p.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
