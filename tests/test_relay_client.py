@@ -40,6 +40,28 @@ def _options(**kw):
     return DeliveryOptions(**kw)
 
 
+class _FailingFile:
+    """A body file whose reads fail after C{goodReads} of them."""
+
+    def __init__(self, f, goodReads):
+        self.f, self.left = f, goodReads
+
+    def read(self, size):
+        if self.left <= 0:
+            raise OSError(5, "Input/output error")
+        self.left -= 1
+        return self.f.read(size)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 class _DeliveryTestCase(unittest.TestCase):
     def body(self, content=CONTENT, prefix=b""):
         path = self.mktemp()
@@ -187,6 +209,25 @@ class DeliveryTests(_DeliveryTestCase):
         self.assertTrue(results[0]["rcpt@example.test"].ok)
         self.assertEqual(factory.messages, [content + b"\r\n"])
         self.assertIn(b"\r\n..a\r\n...\r\nb.\r\n..\r\n..\r\n...c\r\n.\r\n", b"".join(factory.chunks))
+
+    @defer.inlineCallbacks
+    def test_unreadableBodyIsNeverTerminated(self):
+        """
+        A read error in the body (on the first chunk, and on a later one)
+        fails the message temporarily; the next hop never gets an end of
+        data for it.
+        """
+        for chunkSize, goodReads in ((65536, 0), (3, 2)):
+            self.patch(client._BodyProducer, "CHUNK_SIZE", chunkSize)
+            client.open = lambda path, mode, n=goodReads: _FailingFile(open(path, mode), n)
+            self.addCleanup(vars(client).pop, "open", None)
+            factory = _ScriptedFactory()
+            port = self.listen(factory)
+            results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+            self.assertTemporary(results[0]["rcpt@example.test"])
+            self.assertEqual(factory.messages, [])
+            self.assertIn(b"DATA", b"".join(factory.chunks))  # the body had begun
+            self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # a disk error is worth a traceback
 
     @defer.inlineCallbacks
     def test_mailParameters(self):

@@ -167,9 +167,39 @@ class _BodyProducer:
         self.deferred = Deferred()
 
     def start(self):
-        """Register with the consumer; the Deferred fires once all is written."""
+        """
+        Write the body; the Deferred fires once all of it is written.  A body
+        that fits in one chunk goes out in one write, with its terminator;
+        a larger one is produced chunk by chunk as the transport drains.
+        """
+        d = self.deferred
+        chunk = self._read()
+        if isinstance(chunk, Failure):
+            self.deferred = None
+            d.errback(chunk)
+            return d
+        if len(chunk) < self.CHUNK_SIZE:  # a short read of a regular file: the end
+            self.deferred = None
+            wire.send(self.consumer, self.stuff(chunk) + self.terminator())
+            d.callback(None)
+            return d
+        self.first = chunk
         self.consumer.registerProducer(self, False)
-        return self.deferred
+        return d
+
+    first = None
+
+    def _read(self):
+        """
+        The next chunk, or a L{Failure}: a message that cannot be read is
+        never terminated, the caller fails and aborts the connection.
+        """
+        try:
+            chunk = self.file.read(self.CHUNK_SIZE)
+        except OSError:
+            return Failure()
+        self.progress()
+        return chunk
 
     def stuff(self, chunk):
         out = chunk.replace(b"\n.", b"\n..")
@@ -187,14 +217,12 @@ class _BodyProducer:
     def resumeProducing(self):
         if self.deferred is None:
             return
-        try:
-            chunk = self.file.read(self.CHUNK_SIZE)
-        except OSError:
-            # Never terminate a truncated message: fail, and let the caller
-            # abort the connection.
-            self._finish(Failure())
+        chunk, self.first = self.first, None
+        if chunk is None:
+            chunk = self._read()
+        if isinstance(chunk, Failure):
+            self._finish(chunk)
             return
-        self.progress()
         if chunk:
             self.consumer.write(self.stuff(chunk))
         else:
