@@ -4,9 +4,10 @@ balancers and C{/metrics} for Prometheus.  Everything else is a 404.
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from relaygw.logs import Logger
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
+
+from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.admin")
 

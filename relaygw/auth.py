@@ -19,6 +19,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from twisted.cred import checkers, credentials, error, portal
 from twisted.internet import defer, threads
+
 from relaygw.logs import Logger
 
 log = Logger()

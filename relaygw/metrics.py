@@ -12,6 +12,7 @@ import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.metrics")

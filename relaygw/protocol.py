@@ -25,13 +25,13 @@ import time
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
-from relaygw.logs import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
 from relaygw import codes, trace, wire
 from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
+from relaygw.logs import Logger
 from relaygw.trust import canonicalIP
 
 log = Logger(namespace="relaygw.smtp")

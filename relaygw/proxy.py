@@ -23,8 +23,9 @@ from zope.interface import directlyProvides, providedBy
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Protocol
-from relaygw.logs import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from relaygw.logs import Logger
 
 log = Logger()
 

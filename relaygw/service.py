@@ -13,11 +13,11 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import ServerFactory
-from relaygw.logs import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relaygw import codes, trust
 from relaygw.auth import makePortal
+from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
 from relaygw.proxy import ProxyProtocolFactory
 from relaygw.protocol import SMTPSession

@@ -21,6 +21,7 @@ import threading
 import time
 
 from twisted.internet import defer
+
 from relaygw.logs import Logger
 
 log = Logger()

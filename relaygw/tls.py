@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
 )
+
 from relaygw.logs import Logger
 
 log = Logger()

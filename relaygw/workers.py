@@ -15,8 +15,9 @@ import sys
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
-from relaygw.logs import Logger
 from zope.interface import implementer
+
+from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.workers")
 

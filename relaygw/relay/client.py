@@ -35,12 +35,12 @@ from twisted.internet.endpoints import (
     connectProtocol,
 )
 from twisted.internet.interfaces import IHandshakeListener, IPullProducer
-from relaygw.logs import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relaygw import wire, xtext
+from relaygw.logs import Logger
 from relaygw.relay.nexthop import Result
 
 log = Logger()

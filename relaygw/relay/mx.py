@@ -14,9 +14,10 @@ import random
 import socket
 
 from twisted.internet import defer
-from relaygw.logs import Logger
 from twisted.names import dns, error
 from twisted.python.failure import Failure
+
+from relaygw.logs import Logger
 
 log = Logger()
 

@@ -15,8 +15,8 @@ import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from relaygw.logs import Logger
 
+from relaygw.logs import Logger
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
 
