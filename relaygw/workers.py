@@ -75,12 +75,6 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.index = index
         self.ended = defer.Deferred()
 
-    def outReceived(self, data):
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-
-    errReceived = outReceived
-
     def processEnded(self, reason):
         self.ended.callback(None)
         self.supervisor.workerEnded(self.index, reason)
@@ -106,8 +100,10 @@ class WorkerSupervisor(Service):
     def spawn(self, index):
         proto = _WorkerProtocol(self, index)
         argv = list(self.argv) + ["--worker", str(index)]
+        # The worker writes its log lines straight to our stdout and stderr
+        # (twistd has replaced sys.stdout with a logging file by now).
         self.children[index] = (proto, self.reactor.spawnProcess(
-            proto, argv[0], argv, env=os.environ.copy(), path=os.getcwd()))
+            proto, argv[0], argv, env=os.environ.copy(), path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}))
         log.info("started worker {index} (pid {pid})", index=index, pid=self.children[index][1].pid)
 
     def workerEnded(self, index, reason):

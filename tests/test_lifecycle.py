@@ -10,6 +10,7 @@ import time
 from twisted.internet import defer, reactor, task
 
 from relaygw.testing import Client, configText, freePort, inThread, runTwistd, waitForPort
+from tests.test_relay import sendOne
 from tests.test_smtp import GatewayTestCase
 
 
@@ -118,10 +119,12 @@ class RateTests(GatewayTestCase):
         return inThread(run)
 
 
-class TwistdLifecycleTests(GatewayTestCase.__bases__[0]):
-    """SIGTERM drains a real twistd process; JSON logs carry the session id."""
-
+class _TwistdTestCase(GatewayTestCase.__bases__[0]):
     timeout = 60
+
+
+class TwistdLifecycleTests(_TwistdTestCase):
+    """SIGTERM drains a real twistd process; JSON logs carry the session id."""
 
     def test_sigtermAndJsonLogs(self):
         directory = os.path.abspath(self.mktemp())
@@ -169,7 +172,45 @@ class TwistdLifecycleTests(GatewayTestCase.__bases__[0]):
         return inThread(run)
 
 
-class TwistdReloadTests(TwistdLifecycleTests):
+class TwistdWorkersTests(_TwistdTestCase):
+    """[process] workers = 2 under a real twistd: both workers serve and log to the same stdout."""
+
+    def test_bothWorkersLogToStdout(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, relay={"defer_all": True}, process={"workers": 2}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        sent = 24
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                time.sleep(1)  # worker 1 joins the port
+                for n in range(sent):
+                    sendOne(port, subject="m%d" % n)
+                p.send_signal(signal.SIGTERM)
+                self.assertIn(p.wait(30), (0, -signal.SIGTERM))
+                out = p.stdout.read().decode()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                p.stdout.close()
+            self.assertNotIn("Traceback", out)
+            self.assertIn("started worker 1", out)
+            self.assertEqual(out.count(" queued "), sent, out)
+            # SO_REUSEPORT spread the connections: both partitions hold mail.
+            for worker in (0, 1):
+                self.assertTrue(os.listdir(os.path.join(directory, "spool", "w%d" % worker, "queue")), worker)
+
+        return inThread(run)
+
+
+class TwistdReloadTests(_TwistdTestCase):
     """SIGHUP: certificates and the safe parts of the config, without a restart."""
 
     def test_sighupReloadsConfigAndCertificate(self):
