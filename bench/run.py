@@ -35,6 +35,8 @@ SOURCE = "/usr/sbin/smtp-source"
 SINK = "/usr/sbin/smtp-sink"
 #: relaygw worker processes ([process] workers); --workers sets it.
 WORKERS = 1
+#: How long the recovery measurement waits for the spool to empty.
+RECOVERY_WAIT = 600
 
 sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
@@ -62,6 +64,17 @@ def processTree(pid):
                 pass
         i += 1
     return pids
+
+
+def settled(pid, timeout=30):
+    """Wait until all of the gateway's worker processes are up and their memory is steady."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        now = (len(processTree(pid)), procStats(pid)[2])
+        if now[0] >= WORKERS and now == last:
+            return
+        last = now
+        time.sleep(0.5)
 
 
 def procStats(pid):
@@ -217,6 +230,8 @@ def cell(kind, server, size, sessions, opts, variant="plain"):
                 postfix = PostfixInstance(work, port, "[127.0.0.1]:%d" % (sink.port if sink else 9), extra)
                 postfix.start()
             pid = proc.pid if proc else None
+            if pid:
+                settled(pid)
             before = procStats(pid) if pid else (0, 0, 0)
             started = time.monotonic()
             if variant == "plain":
@@ -265,7 +280,7 @@ def idleConnections(n, opts):
     proc = relaygw(work, port)
     socks = []
     try:
-        time.sleep(0.5)
+        settled(proc.pid)
         base = procStats(proc.pid)[2]
         deadline = time.monotonic() + 120
         while len(socks) < n and time.monotonic() < deadline:
@@ -295,6 +310,7 @@ def bigMessage(size):
     port = freePort()
     proc = relaygw(work, port, extra={"defer_all": True}, listenerExtra={"max_message_size": 2 * size})
     try:
+        settled(proc.pid)
         before = procStats(proc.pid)[1]
         s = socket.create_connection(("127.0.0.1", port), timeout=120)
         f = s.makefile("rb")
@@ -319,6 +335,13 @@ def bigMessage(size):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def queued(work):
+    """Messages in the spool, in every worker's partition (worker 0 adopts the unpartitioned ones)."""
+    spool = os.path.join(work, "spool")
+    areas = [os.path.join(spool, "queue")] + [os.path.join(spool, d, "queue") for d in os.listdir(spool)]
+    return sum(len(os.listdir(a)) for a in areas if os.path.isdir(a))
+
+
 def recovery(n):
     """Start-up with n queued messages: time until the listener answers, and until all are delivered."""
     from relaygw.spool import newQueueId
@@ -336,14 +359,14 @@ def recovery(n):
     os.sync()
     port = freePort()
     started = time.monotonic()
-    proc = relaygw(work, port, extra={})  # the Maildir next hop
+    proc = relaygw(work, port, extra={"defer_all": False})  # the Maildir next hop
     try:
         ready = time.monotonic() - started
-        deadline = time.monotonic() + 600
-        while os.listdir(queue) and time.monotonic() < deadline:
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while queued(work) and time.monotonic() < deadline:
             time.sleep(0.2)
         return {"messages": n, "listening_s": ready, "all_delivered_s": time.monotonic() - started,
-                "left": len(os.listdir(queue))}
+                "left": queued(work)}
     finally:
         proc.stop()
         shutil.rmtree(work, ignore_errors=True)
