@@ -8,10 +8,11 @@ break SMTP.  Label values that come from the network are capped to known
 sets so a client cannot blow up the series count.
 """
 
+import collections
 import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from relaygw.logs import Logger
 
@@ -74,6 +75,33 @@ class _SpoolCollector:
         ]
 
 
+class _Tally:
+    """
+    The per-command and per-reply counters, a dozen events per message: a
+    dict increment each, where prometheus_client's C{labels().inc()} takes
+    two locks; they become counter families at scrape time (both run on
+    the reactor thread).
+    """
+
+    FAMILIES = {
+        "commands": ("relaygw_commands", "SMTP commands received", ["listener", "command"]),
+        "replies": ("relaygw_replies", "SMTP replies sent, by class", ["listener", "class"]),
+    }
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def describe(self):
+        return [CounterMetricFamily(name, doc, labels=labels) for name, doc, labels in self.FAMILIES.values()]
+
+    def collect(self):
+        families = {kind: CounterMetricFamily(name, doc, labels=labels)
+                    for kind, (name, doc, labels) in self.FAMILIES.items()}
+        for (kind, *labels), n in self.counts.items():
+            families[kind].add_metric(labels, n)
+        return list(families.values())
+
+
 class Metrics:
     """
     The gateway's counters, gauges and histograms.
@@ -87,10 +115,9 @@ class Metrics:
                                      ["listener"], registry=r)
         self.connectionsTotal = Counter("relaygw_connections", "SMTP connections accepted",
                                         ["listener"], registry=r)
-        self.commands = Counter("relaygw_commands", "SMTP commands received",
-                                ["listener", "command"], registry=r)
-        self.replies = Counter("relaygw_replies", "SMTP replies sent, by class",
-                               ["listener", "class"], registry=r)
+        self._tally = _Tally()
+        r.register(self._tally)
+        self._children = {}
         self.tls = Counter("relaygw_tls_handshakes", "TLS handshakes completed", ["listener"], registry=r)
         self.auth = Counter("relaygw_auth", "AUTH attempts", ["listener", "result"], registry=r)
         self.verbs = Counter("relaygw_trusted_verbs", "Trusted verbs used or refused",
@@ -105,41 +132,49 @@ class Metrics:
         self._spool = _SpoolCollector()
         r.register(self._spool)
 
+    def _labelled(self, metric, *values):
+        """C{metric.labels(*values)}, looked up once (it takes a lock each time)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     @_safe
     def connection(self, listener, delta):
         """A session opened (C{+1}) or closed (C{-1}) on C{listener}."""
-        self.connectionsOpen.labels(listener).inc(delta)
+        self._labelled(self.connectionsOpen, listener).inc(delta)
         if delta > 0:
-            self.connectionsTotal.labels(listener).inc()
+            self._labelled(self.connectionsTotal, listener).inc()
 
     @_safe
     def event(self, listener, kind, *labels):
         """One SMTP session event; unknown kinds are ignored."""
         if kind == "command":
-            self.commands.labels(listener, _capped(str(labels[0]).upper(), KNOWN_COMMANDS)).inc()
+            self._tally.counts["commands", listener, _capped(str(labels[0]).upper(), KNOWN_COMMANDS)] += 1
         elif kind == "reply":
             cls = REPLY_CLASSES.get(int(labels[0]) // 100)
             if cls is not None:
-                self.replies.labels(listener, cls).inc()
+                self._tally.counts["replies", listener, cls] += 1
         elif kind == "tls_handshakes":
-            self.tls.labels(listener).inc()
+            self._labelled(self.tls, listener).inc()
         elif kind == "auth":
-            self.auth.labels(listener, _capped(labels[0], AUTH_RESULTS)).inc()
+            self._labelled(self.auth, listener, _capped(labels[0], AUTH_RESULTS)).inc()
         elif kind in ("verb_used", "verb_refused"):
             verb = _capped(str(labels[0]).upper(), KNOWN_COMMANDS)
-            self.verbs.labels(listener, verb, kind[len("verb_"):]).inc()
+            self._labelled(self.verbs, listener, verb, kind[len("verb_"):]).inc()
 
     @_safe
     def queued(self, listener, size, seconds):
         """A message of C{size} octets became durable C{seconds} after its final dot."""
-        self.accepted.labels(listener).inc()
-        self.bytes.labels(listener).inc(max(0, size))
+        self._labelled(self.accepted, listener).inc()
+        self._labelled(self.bytes, listener).inc(max(0, size))
         self.fsync.observe(seconds)
 
     @_safe
     def delivery(self, hop, result):
         """One recipient's delivery attempt via C{hop} ended with C{result}."""
-        self.deliveries.labels(hop, _capped(result, DELIVERY_RESULTS)).inc()
+        self._labelled(self.deliveries, hop, _capped(result, DELIVERY_RESULTS)).inc()
 
     @_safe
     def setSpoolProbe(self, probe):
