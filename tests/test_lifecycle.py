@@ -122,43 +122,58 @@ class RateTests(GatewayTestCase):
 class _TwistdTestCase(GatewayTestCase.__bases__[0]):
     timeout = 60
 
+    def writeConfig(self, listener=None, **kw):
+        """A config with one loopback listener on a free port; returns (directory, port, path)."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        listener = dict({"endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},
+                        **(listener or {}))
+        with open(conf, "w") as f:
+            f.write(configText(directory, listeners=(listener,), **kw))
+        return directory, port, conf
+
+    def runTwistd(self, directory, port, conf, session):
+        """
+        Start twistd, run C{session(process)} once it listens (it ends with
+        a SIGTERM), check that twistd exits after it; returns the output.
+        """
+        p = runTwistd(conf, directory)
+        try:
+            waitForPort(port)
+            session(p)
+            # twistd re-raises the signal that stopped it once the drain is done.
+            self.assertIn(p.wait(30), (0, -signal.SIGTERM))
+            return p.stdout.read().decode()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()
+
 
 class TwistdLifecycleTests(_TwistdTestCase):
     """SIGTERM drains a real twistd process; JSON logs carry the session id."""
 
     def test_sigtermAndJsonLogs(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, log={"format": "json"}, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
-                "drain_timeout": 10},)))
+        directory, port, conf = self.writeConfig({"drain_timeout": 10}, log={"format": "json"})
+
+        def session(p):
+            c = Client(port)
+            c.reply()
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            c.cmd("DATA")
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            c.send("Subject: t\r\n\r\nx\r\n.\r\n")
+            self.assertEqual(c.reply()[0], 250)
+            self.assertEqual(c.cmd("NOOP")[0], 421)
 
         def run():
-            p = runTwistd(conf, directory)
-            try:
-                waitForPort(port)
-                c = Client(port)
-                c.reply()
-                c.cmd("EHLO x")
-                c.cmd("MAIL FROM:<a@example.org>")
-                c.cmd("RCPT TO:<b@example.net>")
-                c.cmd("DATA")
-                p.send_signal(signal.SIGTERM)
-                time.sleep(0.5)
-                c.send("Subject: t\r\n\r\nx\r\n.\r\n")
-                self.assertEqual(c.reply()[0], 250)
-                self.assertEqual(c.cmd("NOOP")[0], 421)
-                # twistd re-raises the signal that stopped it once the drain is done.
-                self.assertIn(p.wait(30), (0, -signal.SIGTERM))
-                out = p.stdout.read().decode()
-            finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                p.stdout.close()
+            out = self.runTwistd(directory, port, conf, session)
             events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             self.assertTrue(events, out)
             queued = [e for e in events if " queued " in e["message"]]
@@ -176,30 +191,17 @@ class TwistdWorkersTests(_TwistdTestCase):
     """[process] workers = 2 under a real twistd: both workers serve and log to the same stdout."""
 
     def test_bothWorkersLogToStdout(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, relay={"defer_all": True}, process={"workers": 2}, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2})
         sent = 24
 
+        def session(p):
+            time.sleep(1)  # worker 1 joins the port
+            for n in range(sent):
+                sendOne(port, subject="m%d" % n)
+            p.send_signal(signal.SIGTERM)
+
         def run():
-            p = runTwistd(conf, directory)
-            try:
-                waitForPort(port)
-                time.sleep(1)  # worker 1 joins the port
-                for n in range(sent):
-                    sendOne(port, subject="m%d" % n)
-                p.send_signal(signal.SIGTERM)
-                self.assertIn(p.wait(30), (0, -signal.SIGTERM))
-                out = p.stdout.read().decode()
-            finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                p.stdout.close()
+            out = self.runTwistd(directory, port, conf, session)
             self.assertNotIn("Traceback", out)
             self.assertIn("started worker 1", out)
             self.assertEqual(out.count(" queued "), sent, out)
