@@ -168,6 +168,16 @@ def runTwistd(configPath, cwd, extra=()):
     )
 
 
+def receivedHeader(message):
+    """The first Received header of C{message} (bytes), folding kept."""
+    start = message.index(b"Received: ")
+    end = start
+    while True:
+        end = message.index(b"\r\n", end) + 2
+        if message[end:end + 1] not in (b"\t", b" "):
+            return message[start:end]
+
+
 def waitForPort(port, host="127.0.0.1", timeout=15.0):
     """Block until something listens on C{port}."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
-from relaygw.testing import freePort, inThread
+from relaygw.testing import freePort, inThread, receivedHeader
 from tests.test_smtp import GatewayTestCase
 
 SWAKS = "/usr/bin/swaks"
@@ -32,16 +32,6 @@ def need(path):
         raise AssertionError("%s is not installed: run `make test` (scripts/install-peers installs the "
                              "interop peers from Debian packages)" % (path,))
     return path
-
-
-def receivedHeader(message):
-    """The first Received header of C{message} (bytes), folding kept."""
-    start = message.index(b"Received: ")
-    end = start
-    while True:
-        end = message.index(b"\r\n", end) + 2
-        if message[end:end + 1] not in (b"\t", b" "):
-            return message[start:end]
 
 
 class InteropTestCase(GatewayTestCase):

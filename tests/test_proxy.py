@@ -492,14 +492,15 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(len(inner.lost), 1)
 
     @defer.inlineCallbacks
-    def test_untrustedClosedSilently(self):
+    def assertClosedSilently(self, data, trusted=True):
+        """After C{data} the connection closes without a byte sent, and the inner protocol never connects."""
         inner = greeterFactory()
-        portNumber = self.listen(inner, trusted=False)
+        portNumber = self.listen(inner, trusted=trusted)
 
         def client():
             with socket.create_connection(("127.0.0.1", portNumber), timeout=10) as s:
                 try:
-                    s.sendall(V1)
+                    s.sendall(data)
                 except OSError:
                     pass  # already closed: fine
                 try:
@@ -511,22 +512,11 @@ class LoopbackTests(unittest.TestCase):
         yield self.factory.closed
         self.assertEqual(inner.connected, [])
 
-    @defer.inlineCallbacks
+    def test_untrustedClosedSilently(self):
+        return self.assertClosedSilently(V1, trusted=False)
+
     def test_malformedClosedSilently(self):
-        inner = greeterFactory()
-        portNumber = self.listen(inner)
-
-        def client():
-            with socket.create_connection(("127.0.0.1", portNumber), timeout=10) as s:
-                s.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 04567 25\r\nEHLO x\r\n")
-                try:
-                    return s.recv(100)
-                except ConnectionResetError:
-                    return b""
-
-        self.assertEqual((yield inThread(client)), b"")
-        yield self.factory.closed
-        self.assertEqual(inner.connected, [])
+        return self.assertClosedSilently(b"PROXY TCP4 192.0.2.7 198.51.100.1 04567 25\r\nEHLO x\r\n")
 
     @defer.inlineCallbacks
     def test_proxyThenTLS(self):

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from relaygw import codes
 from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy, RelayAccessPolicy
-from relaygw.testing import Client, ScriptedSMTPFactory, inThread
+from relaygw.testing import Client, ScriptedSMTPFactory, inThread, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
 from tests.test_smtp import GatewayTestCase
 from tests.test_starttls import TLSGatewayTestCase
@@ -122,16 +122,6 @@ def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verb
     code, lines = c.reply()
     assert code == 250, (code, lines)
     return lines[0].rsplit(" ", 1)[1]
-
-
-def receivedHeader(message):
-    """The first Received header of C{message} (bytes), folding kept."""
-    start = message.index(b"Received: ")
-    end = start
-    while True:
-        end = message.index(b"\r\n", end) + 2
-        if message[end:end + 1] not in (b"\t", b" "):
-            return message[start:end]
 
 
 class LogCapture:
