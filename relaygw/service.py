@@ -24,7 +24,7 @@ from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
-from relaygw.spool import Committer, Spool
+from relaygw.spool import Committer, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, workerArgv
@@ -165,7 +165,7 @@ class GatewayService(MultiService):
         self.committer = Committer(reactor, config.spool.fsync)
         directory = config.spool.directory
         if self.workers > 1:
-            directory = os.path.join(directory, "w%d" % worker)
+            directory = partitionDirectory(directory, worker)
         self.spool = Spool(directory, self.committer)
         relay = config.relay
         from relaygw.relay import client
@@ -348,17 +348,17 @@ class GatewayService(MultiService):
         Progress and hold markers move before the message they belong to.
         """
         base = self.config.spool.directory
-        if not os.path.isdir(base):
-            return
-        sources = [os.path.join(base, n) for n in sorted(os.listdir(base))
-                   if n[:1] == "w" and n[1:].isdigit() and (self.workers == 1 or int(n[1:]) >= self.workers)]
+        sources = [path for index, path in partitions(base).items() if self.workers == 1 or index >= self.workers]
         if self.workers > 1:
             sources.append(base)
         for source in sources:
             moved = 0
             for area in ("state", "hold", "queue"):
                 src = os.path.join(source, area)
-                for entry in sorted(os.listdir(src)) if os.path.isdir(src) else ():
+                entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
+                if entries:
+                    os.makedirs(self.spool.path(area), exist_ok=True)
+                for entry in entries:
                     os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                     moved += area == "queue"
             if moved:
@@ -368,7 +368,6 @@ class GatewayService(MultiService):
         # The spool is opened (and what was never acknowledged discarded)
         # before any listener accepts a connection.
         if self.worker == 0:
-            self.spool.open()
             self._adoptStrandedMessages()
         self.queue.recovered = self.spool.open()
         if self.queue.recovered:

@@ -17,6 +17,7 @@ directory is synced once.  Only then is the 250 sent.
 import ctypes
 import json
 import os
+import re
 import threading
 import time
 
@@ -53,6 +54,25 @@ def writeAll(fd, data):
         view = view[os.write(fd, view):]
 
 
+def removeFiles(paths):
+    """Remove each of C{paths}; one that is already gone is not an error."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _discard(fd, path):
+    """Close C{fd} (if open) and remove the unfinished file C{path}."""
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def fsyncDirectory(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -87,13 +107,8 @@ class CommitJob:
             writeAll(self.fd, chunk)
 
     def abandon(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        try:
-            os.unlink(self.tmpPath)
-        except OSError:
-            pass
+        _discard(self.fd, self.tmpPath)
+        self.fd = None
 
 
 class Committer:
@@ -156,11 +171,7 @@ class Committer:
             batch, unlinks = self._work.get()
             started = time.monotonic()
             for paths, _ in unlinks:
-                for p in paths:
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        pass
+                removeFiles(paths)
             try:
                 if batch:
                     self._sync([job for job, _ in batch])
@@ -199,6 +210,25 @@ class Committer:
             os.rename(job.tmpPath, job.finalPath)
         for d in sorted({os.path.dirname(job.finalPath) for job in jobs}):
             fsyncDirectory(d)
+
+
+_PARTITION = re.compile(r"w[0-9]+")
+
+
+def partitionDirectory(base, worker):
+    """Worker C{worker}'s spool partition under C{base} (with C{[process] workers} > 1)."""
+    return os.path.join(base, "w%d" % worker)
+
+
+def partitions(base):
+    """The partitions under C{base}: C{{worker index: directory}}, in index order."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return {}
+    found = {int(n[1:]): os.path.join(base, n) for n in names
+             if _PARTITION.fullmatch(n) and os.path.isdir(os.path.join(base, n))}
+    return dict(sorted(found.items()))
 
 
 _counter = 0
@@ -310,13 +340,9 @@ class MessageWriter:
     def abort(self):
         """Throw the partial message away."""
         self._chunks = []
-        if self.fd is not None:
-            os.close(self.fd)
+        if self.fd is not None:  # else nothing was written to disk yet
+            _discard(self.fd, self.tmpPath)
             self.fd = None
-            try:
-                os.unlink(self.tmpPath)
-            except OSError:
-                pass
 
 
 class Spool:
@@ -393,11 +419,7 @@ class Spool:
         paths = [self.path(area, queueId) for area in ("queue", "state", "hold")]
         if self.committer is not None:
             return self.committer.unlink(paths)
-        for p in paths:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+        removeFiles(paths)
 
     def writable(self):
         return os.access(self.path("tmp"), os.W_OK)

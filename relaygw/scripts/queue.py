@@ -15,12 +15,11 @@ import sys
 import time
 
 from relaygw import config as _config
-from relaygw.spool import Spool
+from relaygw.spool import Spool, partitions
 
 FLUSH_MARKER = "flush"
 
 
-_PARTITION = re.compile(r"w[0-9]+")
 _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -34,14 +33,9 @@ def _spools(args):
     else:
         cfg = _config.load(args.config) if args.config else _config.loadDefault()
         directory, workers = cfg.spool.directory, cfg.process.workers
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        names = []
-    partitions = sorted((n for n in names if _PARTITION.fullmatch(n) and os.path.isdir(os.path.join(directory, n))),
-                        key=lambda n: int(n[1:]))
-    if workers > 1 or (partitions and "queue" not in names):
-        return [Spool(os.path.join(directory, n), None) for n in partitions]
+    found = list(partitions(directory).values())
+    if workers > 1 or (found and not os.path.isdir(os.path.join(directory, "queue"))):
+        return [Spool(path, None) for path in found]
     return [Spool(directory, None)]
 
 
