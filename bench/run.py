@@ -30,7 +30,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
-TWISTD = os.path.join(os.path.dirname(PY), "twistd")
 SOURCE = "/usr/sbin/smtp-source"
 SINK = "/usr/sbin/smtp-sink"
 #: relaygw worker processes ([process] workers); --workers sets it.
@@ -40,6 +39,7 @@ RECOVERY_WAIT = 600
 
 sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
+from relaygw.workers import twistdArgv  # noqa: E402
 from relaygw.tls import generateSelfSigned  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def relaygw(directory, port, variant="plain", sinkPort=None, extra=None, listene
     with open(conf, "w") as f:
         f.write(configText(directory, listeners=(listener,), relay=relay, log={"level": "warn"},
                            process={"workers": WORKERS} if WORKERS > 1 else None))
-    return Process([TWISTD, "-n", "--pidfile=", "relaygw", "--config", conf], directory, port)
+    return Process(twistdArgv(conf), directory, port)
 
 
 def stockTwisted(directory, port):

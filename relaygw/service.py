@@ -27,7 +27,7 @@ from relaygw.relay.router import Router
 from relaygw.spool import Committer, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
-from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, workerArgv
+from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, twistdArgv
 
 log = Logger(namespace="relaygw.service")
 
@@ -387,7 +387,7 @@ def makeService(config, reactor=None, worker=0, configPath=None):
         if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
                      name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
-    return GatewayService(config, reactor, worker, workerArgv(configPath), configPath)
+    return GatewayService(config, reactor, worker, twistdArgv(configPath), configPath)
 
 
 def _boundLocally(endpoint):

@@ -6,7 +6,6 @@ test's reactor, and talk to it over a real socket from a thread.
 import os
 import socket
 import subprocess
-import sys
 import time
 
 from twisted.internet import defer, protocol, threads
@@ -14,6 +13,7 @@ from twisted.protocols.basic import LineReceiver
 
 from relaygw import config as _config
 from relaygw.service import GatewayService
+from relaygw.workers import twistdArgv
 
 
 def tomlValue(v):
@@ -161,9 +161,8 @@ def inThread(f, *args, **kw):
 
 def runTwistd(configPath, cwd, extra=()):
     """Start C{twistd -n relaygw} as a child process; returns the Popen."""
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     return subprocess.Popen(
-        [twistd, "-n", "--pidfile=", "relaygw", "--config", configPath] + list(extra),
+        twistdArgv(configPath) + list(extra),
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
 

@@ -124,8 +124,8 @@ class WorkerSupervisor(Service):
         return defer.gatherResults(waiting)
 
 
-def workerArgv(configPath):
-    """How to start one more worker like this process."""
+def twistdArgv(configPath):
+    """The command line running relaygw in the foreground under twistd (another worker, a test, the bench)."""
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     argv = [twistd, "--nodaemon", "--pidfile=", "relaygw"]
     if configPath:
