@@ -244,6 +244,7 @@ class ScriptedSMTPServer(LineReceiver):
                 self.transport.abortConnection()
                 return
             if line == b"." and f.drop == "end":
+                self.dropped = True
                 self.transport.loseConnection()  # lost before the end-of-data reply
                 return
             if line == b".":

@@ -434,6 +434,59 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertEqual(factory.messages, [CONTENT])
 
 
+    def aheadOfReply(self, factory):
+        """Whether a MAIL went out in the same write as an end of data."""
+        return any(b".\r\nMAIL FROM:" in chunk for chunk in factory.chunks)
+
+    @defer.inlineCallbacks
+    def test_envelopeBehindEndOfData(self):
+        """
+        The next message's MAIL, RCPT and DATA follow the previous end of
+        data in one write (RFC 2920), and each message still gets its own
+        end-of-data reply, including a refused one.
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"], endOfData="554 5.7.1 refused")
+        port = self.listen(factory)
+        messages = [self.message(["a@example.test"]), self.message(["b@example.test"], mailfrom="second@example.net"),
+                    self.message(["c@example.test"], content=CONTENT.replace(b"last", b"third"))]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTrue(self.aheadOfReply(factory))
+        self.assertEqual(factory.verbs(), ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"])
+        for result, rcpt in zip(results, ["a@example.test", "b@example.test", "c@example.test"]):
+            self.assertEqual(result[rcpt], RecipientResult(554, "5.7.1", "refused"))
+        self.assertEqual(factory.messages, [CONTENT, CONTENT, CONTENT.replace(b"last", b"third")])
+
+    @defer.inlineCallbacks
+    def test_unreadableMessageNotAhead(self):
+        """
+        A next message that cannot be read is not announced ahead of the
+        reply: it fails on its own, and the others go through.
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"])
+        port = self.listen(factory)
+        missing = OutboundMessage("sender@example.net", ["b@example.test"], self.mktemp())
+        messages = [self.message(["a@example.test"]), missing, self.message(["c@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTrue(results[0]["a@example.test"].ok)
+        self.assertTemporary(results[1]["b@example.test"], "cannot read the message")
+        self.assertTrue(results[2]["c@example.test"].ok)
+        self.assertEqual(factory.recipients(), ["a@example.test", "c@example.test"])
+        self.assertFalse(self.aheadOfReply(factory))
+
+    @defer.inlineCallbacks
+    def test_lostWithEnvelopeAhead(self):
+        """
+        The connection going away after an end of data, with the next
+        envelope already sent, defers both messages.
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"], drop="end")
+        port = self.listen(factory)
+        messages = [self.message(["a@example.test"]), self.message(["b@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTemporary(results[0]["a@example.test"], "end of data")
+        self.assertTemporary(results[1]["b@example.test"])
+
+
 class AuthAndForwardingTests(_DeliveryTestCase):
     @defer.inlineCallbacks
     def test_authPlain(self):

@@ -153,15 +153,17 @@ class _BodyProducer:
     """
     Streams message content from a file to the transport, dot-stuffing it on
     the fly (line starts may fall anywhere in a chunk), then writes the
-    C{CRLF.CRLF} terminator (adding the final CRLF the content lacks).
+    C{CRLF.CRLF} terminator (adding the final CRLF the content lacks) and
+    C{after}, the commands pipelined behind it.
     """
 
     CHUNK_SIZE = 2**16
 
-    def __init__(self, file, consumer, progress):
+    def __init__(self, file, consumer, progress, after=b""):
         self.file = file
         self.consumer = consumer
         self.progress = progress
+        self.after = after
         self.atLineStart = True
         self.tail = b""
         self.deferred = Deferred()
@@ -180,7 +182,7 @@ class _BodyProducer:
             return d
         if len(chunk) < self.CHUNK_SIZE:  # a short read of a regular file: the end
             self.deferred = None
-            wire.send(self.consumer, self.stuff(chunk) + self.terminator())
+            wire.send(self.consumer, self.stuff(chunk) + self.terminator() + self.after)
             d.callback(None)
             return d
         self.first = chunk
@@ -226,7 +228,7 @@ class _BodyProducer:
         if chunk:
             self.consumer.write(self.stuff(chunk))
         else:
-            self.consumer.write(self.terminator())
+            self.consumer.write(self.terminator() + self.after)
             self._finish(None)
 
     def stopProducing(self):
@@ -273,12 +275,16 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     def send(self, *lines, secret=False):
         """Write command lines (str) in one write."""
+        wire.send(self.transport, self.encode(*lines, secret=secret))
+
+    def encode(self, *lines, secret=False):
+        """Command lines (str) as they go on the wire (and into the trace)."""
         for line in lines if TRACE else ():
             if secret:
                 words = line.split(" ")
                 line = " ".join(words[:2] + ["****"]) if words[0].upper() == "AUTH" else "****"
             log.debug("{where} <<< {line}", where=self.where, line=line)
-        wire.send(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+        return b"".join(line.encode("utf-8") + b"\r\n" for line in lines)
 
     def command(self, line, secret=False):
         """Send one command; return a Deferred firing with its reply."""
@@ -287,24 +293,57 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     def reply(self):
         """A Deferred firing with the next reply not yet asked for."""
-        if self._replies:
-            return succeed(self._replies.popleft())
+        return self._ask(None)
+
+    def replies(self, count):
+        """
+        A Deferred firing with a list of the next C{count} replies once all
+        of them are in: the answers to pipelined commands, for one wake-up.
+        """
+        return self._ask(count)
+
+    def _ask(self, count):
+        if not self._waiting and len(self._replies) >= (count or 1):
+            if count is None:
+                return succeed(self._replies.popleft())
+            return succeed([self._replies.popleft() for _ in range(count)])
         if self.lostReason is not None:
             return fail(self.lostReason)
         d = Deferred()
-        self._waiting.append(d)
+        self._waiting.append((d, count, []))
         self.setTimeout(self.timeout)
+        while self._replies and self._waiting[0][0] is d:
+            self._answer(self._replies.popleft())
         return d
 
-    def sendBody(self, file):
-        """Stream a message body; the Deferred fires once it is all written."""
+    def _answer(self, reply):
+        """Hand C{reply} to the oldest request for one."""
+        d, count, collected = self._waiting[0]
+        if count is not None:
+            collected.append(reply)
+            if len(collected) < count:
+                self.resetTimeout()
+                return
+            reply = collected
+        self._waiting.popleft()
+        if self._waiting:
+            self.resetTimeout()
+        else:
+            self.setTimeout(None)
+        d.callback(reply)
+
+    def sendBody(self, file, after=b""):
+        """
+        Stream a message body, then C{after} (commands pipelined behind it);
+        the Deferred fires once it is all written.
+        """
         self.setTimeout(self.timeout)
 
         def written(result):
             self.setTimeout(None)
             return result
 
-        return _BodyProducer(file, self.transport, self.resetTimeout).start().addBoth(written)
+        return _BodyProducer(file, self.transport, self.resetTimeout, after).start().addBoth(written)
 
     def startTLS(self, contextFactory):
         """
@@ -348,12 +387,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:
-            d = self._waiting.popleft()
-            if self._waiting:
-                self.resetTimeout()
-            else:
-                self.setTimeout(None)
-            d.callback(reply)
+            self._answer(reply)
         else:
             self._replies.append(reply)
 
@@ -375,7 +409,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self.lostReason = reason
         waiting, self._waiting = self._waiting, deque()
-        for d in waiting:
+        for d, _, _ in waiting:
             d.errback(reason)
         self.closed.callback(None)
 
@@ -504,6 +538,7 @@ class Connection:
         self.needReset = False
         self.forwarded = None
         self.xclientNames = None
+        self.ahead = None  # (file, size) of the next message, its envelope already sent
 
     # Results
 
@@ -603,6 +638,9 @@ class Connection:
             self.broken = True
             log.failure("{where}: delivery failed", where=self.where)
             self._settleAll(_temporary("local error delivering to %s" % (self.where,), "4.3.0"))
+        if self.ahead is not None:
+            self.ahead[0].close()
+            self.ahead = None
         self._settleAll(_temporary("no reply from %s" % (self.where,), "4.4.2"))
         if self.proto is not None and not (keepOpen and self.usable):
             self.broken = True
@@ -728,11 +766,24 @@ class Connection:
             raise _SessionFailure(self._refused(reply, "AUTH"))
         log.info("{where}: authenticated as {user}", where=self.where, user=user)
 
+    def _xclientNames(self):
+        """The XCLIENT attribute names the next hop takes (or took)."""
+        return self.extensions.get("XCLIENT", "").upper().split() or self.xclientNames
+
+    def _identityForwarded(self, message):
+        """Whether C{message} can go out without forwarding an identity first."""
+        if not self.options.forwardIdentity:
+            return True
+        names = self._xclientNames()
+        if not names:
+            return "XFORWARD" not in self.extensions
+        return _identityAttributes(message.context, names, xclient=True) == self.forwarded
+
     async def _forwardIdentity(self, message):
         """XCLIENT when the identity changes, or XFORWARD before each MAIL."""
         if not self.options.forwardIdentity:
             return
-        names = self.extensions.get("XCLIENT", "").upper().split() or self.xclientNames
+        names = self._xclientNames()
         if names:
             attributes = _identityAttributes(message.context, names, xclient=True)
             if attributes == self.forwarded:
@@ -789,40 +840,74 @@ class Connection:
             parameters.append("SMTPUTF8")
         return " ".join(["MAIL FROM:<%s>" % (message.mailfrom,)] + parameters)
 
-    async def _transaction(self, index, message):
+    def _openBody(self, message, report=True):
+        """The content of C{message}: C{(file, size)}; raises L{_MessageFailure}."""
         try:
             body = open(message.bodyPath, "rb")
             body.seek(message.bodyOffset)
             size = message.size
             if size is None:
                 size = max(0, os.fstat(body.fileno()).st_size - message.bodyOffset)
+            return body, size
         except OSError as e:
-            log.error("{where}: cannot read {path}: {e}", where=self.where, path=message.bodyPath, e=e)
+            if report:
+                log.error("{where}: cannot read {path}: {e}", where=self.where, path=message.bodyPath, e=e)
             raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
+
+    async def _transaction(self, index, message):
+        ahead, self.ahead = self.ahead, None
+        body, size = ahead or self._openBody(message)
         with body:
-            await self._send(index, message, body, size)
+            await self._send(index, message, body, size, sent=ahead is not None)
 
-    async def _send(self, index, message, body, size):
+    def _envelopeAhead(self, index):
+        """
+        The envelope of message C{index} (MAIL, RCPT, DATA) as bytes to send
+        right behind the previous message's end of data, which RFC 2920
+        allows, so the next hop answers both in one go; C{b""} when that
+        message must wait for the reply (no PIPELINING, an identity to
+        forward first, a message that cannot go out).
+        """
+        if index >= len(self.messages) or "PIPELINING" not in self.extensions:
+            return b""
+        message = self.messages[index]
+        if not self._identityForwarded(message):
+            return b""
+        try:
+            body, size = self._openBody(message, report=False)
+        except _MessageFailure:
+            return b""  # its own transaction reports it
+        try:
+            mail = self._mailCommand(message, size)
+        except _MessageFailure:
+            body.close()
+            return b""
+        self.ahead = (body, size)
+        return self.proto.encode(mail, *["RCPT TO:<%s>" % (r,) for r in message.recipients], "DATA")
+
+    async def _send(self, index, message, body, size, sent=False):
+        """
+        One transaction.  C{sent}: its envelope already went out behind the
+        previous message (L{_envelopeAhead}).
+        """
         proto = self.proto
-        if self.needReset:
-            self.stage = "RSET"
-            reply = await proto.command("RSET")
-            if not reply.positive:
-                raise _SessionFailure(self._refused(reply, "RSET"))
-            self.needReset = False
-        await self._forwardIdentity(message)
-        mail = self._mailCommand(message, size)
         rcpts = ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
-
+        if not sent:
+            if self.needReset:
+                self.stage = "RSET"
+                reply = await proto.command("RSET")
+                if not reply.positive:
+                    raise _SessionFailure(self._refused(reply, "RSET"))
+                self.needReset = False
+            await self._forwardIdentity(message)
+            mail = self._mailCommand(message, size)
         self.stage = "MAIL"
         dataReply = None
-        if "PIPELINING" in self.extensions:
-            proto.send(mail, *rcpts, "DATA")
-            mailReply = await proto.reply()
-            self.stage = "RCPT"
-            rcptReplies = [await proto.reply() for _ in rcpts]
-            self.stage = "DATA"
-            dataReply = await proto.reply()
+        if sent or "PIPELINING" in self.extensions:
+            if not sent:
+                proto.send(mail, *rcpts, "DATA")
+            replies = await proto.replies(len(rcpts) + 2)
+            mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
         else:
             mailReply = await proto.command(mail)
             rcptReplies = []
@@ -862,7 +947,7 @@ class Connection:
             return
 
         self.stage = "message body"
-        await proto.sendBody(body)
+        await proto.sendBody(body, self._envelopeAhead(index + 1))
         self.stage = "end of data"
         final = await proto.reply()
         self._settle(index, accepted, _outcome(final, "end of data"))
