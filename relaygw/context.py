@@ -146,12 +146,15 @@ class ValidationContext:
         }
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def _copyJSON(value):
     """A deep copy of JSON-able data (sequences become lists), without copy.deepcopy's bookkeeping."""
     if isinstance(value, dict):
-        return {k: _copyJSON(v) for k, v in value.items()}
+        return {k: v if type(v) in _SCALARS else _copyJSON(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_copyJSON(v) for v in value]
+        return [v if type(v) in _SCALARS else _copyJSON(v) for v in value]
     return value
 
 

@@ -78,16 +78,23 @@ class SMTPSession(smtp.ESMTP):
 
     # -- connection ----------------------------------------------------
 
-    @property
-    def listener(self):
-        # The listener config as it was when this session connected (a
-        # reload applies to new sessions).
-        return self.__dict__.get("_listener") or self.factory.listener
+    class _FactoryListener:
+        """
+        C{session.listener}: the factory's, until C{connectionMade} pins
+        the listener config as it was when the session connected (a reload
+        applies to new sessions) in an instance attribute, which takes
+        precedence over this non-data descriptor.
+        """
+
+        def __get__(self, session, owner=None):
+            return self if session is None else session.factory.listener
+
+    listener = _FactoryListener()
 
     def connectionMade(self):
         f = self.factory
         wire.noDelay(self.transport)
-        self._listener = f.listener
+        self.listener = f.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
         peer = self.transport.getPeer()

@@ -8,7 +8,10 @@ from email.utils import formatdate
 
 def _clean(value):
     """Context values are client-influenced: never let one break the header."""
-    return "".join(c if " " <= c <= "~" else "?" for c in str(value))
+    text = str(value)
+    if text.isascii() and text.isprintable():  # printable ASCII: " " to "~"
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def _addressLiteral(ip):
