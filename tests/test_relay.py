@@ -339,6 +339,25 @@ class SmarthostTests(RelayTestCase):
             self.assertTrue(t["data"].endswith(b"body of m%d\r\n" % n))
 
     @defer.inlineCallbacks
+    def test_connectionsFollowTheBacklog(self):
+        """
+        A message that comes while a connection is busy waits for it; a
+        second connection opens only when more messages wait than
+        connections are busy, and a connection that finishes takes what
+        waits.
+        """
+        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 10})
+        for n in range(4):
+            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        self.assertEqual(len(hop.connections), 2)
+        carried = {t["rcpts"][0]: t["connection"] for t in hop.transactions}
+        self.assertEqual(carried, {"r0@example.net": 0, "r1@example.net": 1, "r2@example.net": 1,
+                                   "r3@example.net": 0})
+
+    @defer.inlineCallbacks
     def test_keptConnectionCarriesTheNextMessage(self):
         hop, port = self.hop(extensions=["PIPELINING"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})

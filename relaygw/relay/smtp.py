@@ -137,8 +137,16 @@ class SMTPNextHop:
         self.waiting = rest
         return batch
 
-    def _pump(self):
-        while self.waiting and self.active < self.maxConnections:
+    def _pump(self, freed=False):
+        """
+        Start batches.  A message that comes while connections are busy
+        waits for one of them (its next batch pipelines it behind the
+        others) unless more messages wait than connections are busy; then
+        another connection opens, up to the cap.  A connection that has
+        just C{freed} itself takes what waits at once.
+        """
+        while self.waiting and self.active < self.maxConnections and (freed or len(self.waiting) > self.active):
+            freed = False
             batch = self._take()
             self.active += 1
             d = self._send([m for m, _ in batch])
@@ -153,7 +161,7 @@ class SMTPNextHop:
                 log.failure("delivery via {hop} failed", results, hop=self.name)
                 d.callback({r: temporary("delivery failed: %s" % results.getErrorMessage())
                             for r in m.recipients})
-        self._pump()
+        self._pump(freed=True)
 
     @defer.inlineCallbacks
     def _send(self, messages):
