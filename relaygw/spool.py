@@ -47,8 +47,22 @@ def _syncfs(fd):
     return True
 
 
+_IOV_MAX = 1024  # POSIX's minimum is 16; Linux takes 1024
+
+
 def writeAll(fd, data):
-    """os.write until every octet of C{data} is written."""
+    """os.write until every octet of C{data} (bytes, or an iterable of them) is written."""
+    if not isinstance(data, bytes):
+        data = list(data)
+        if len(data) > _IOV_MAX:
+            data = b"".join(data)
+        else:
+            # One system call for the lot (each one costs the disk thread
+            # a turn at the GIL), unless the kernel takes only part of it.
+            written = os.writev(fd, data) if data else 0
+            if written == sum(map(len, data)):
+                return
+            data = b"".join(data)[written:]
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -103,8 +117,7 @@ class CommitJob:
         data = self.data() if callable(self.data) else self.data
         self.data = None
         self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        for chunk in [data] if isinstance(data, bytes) else data:
-            writeAll(self.fd, chunk)
+        writeAll(self.fd, data)
 
     def abandon(self):
         _discard(self.fd, self.tmpPath)

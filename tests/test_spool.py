@@ -21,6 +21,22 @@ class SpoolTests(unittest.TestCase):
         self.spool.open()
 
     @defer.inlineCallbacks
+    def test_manySmallPieces(self):
+        """
+        Content that came in more pieces than one writev(2) takes (tiny
+        packets) is committed whole, in order.
+        """
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
+        pieces = [b"line %d\r\n" % i for i in range(3000)]
+        for piece in pieces:
+            w.write(piece)
+        qid = yield w.commit()
+        m = self.spool.load(qid)
+        with open(m.path, "rb") as f:
+            f.seek(m.bodyOffset)
+            self.assertEqual(f.read(), b"".join(pieces))
+
+    @defer.inlineCallbacks
     def test_commitWritesEnvelopeAndContent(self):
         w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
                                    "context": {"connection": {"remote_ip": "192.0.2.1"}}})
