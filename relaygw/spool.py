@@ -424,12 +424,15 @@ class Spool:
     def isHeld(self, queueId):
         return os.path.exists(self.path("hold", queueId))
 
-    def remove(self, queueId):
+    def remove(self, queueId, progress=True):
         """
         Delivery finished: the message leaves the spool.  Through the disk
-        thread when there is one (a Deferred), else at once.
+        thread when there is one (a Deferred), else at once.  Without
+        C{progress} (delivered at its first attempt, nothing recorded) only
+        the queue file goes; a hold file that appeared meanwhile is cleared
+        at the next start.
         """
-        paths = [self.path(area, queueId) for area in ("queue", "state", "hold")]
+        paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is not None:
             return self.committer.unlink(paths)
         removeFiles(paths)

@@ -155,7 +155,10 @@ class RelayTestCase(unittest.TestCase):
             yield task.deferLater(reactor, 0.05, lambda: None)
 
     def spoolEmpty(self):
-        return not self.gw.service.spool.queueIds() and not self.gw.service.queue.active
+        """No message queued or in flight, and no progress or hold file left behind."""
+        spool = self.gw.service.spool
+        return (not spool.queueIds() and not self.gw.service.queue.active
+                and not os.listdir(spool.path("state")) and not os.listdir(spool.path("hold")))
 
 
 class SmarthostTests(RelayTestCase):

@@ -219,7 +219,7 @@ class DeliveryTests(_DeliveryTestCase):
         """
         for chunkSize, goodReads in ((65536, 0), (3, 2)):
             self.patch(client._BodyProducer, "CHUNK_SIZE", chunkSize)
-            client.open = lambda path, mode, n=goodReads: _FailingFile(open(path, mode), n)
+            client.open = lambda path, mode, n=goodReads, **kw: _FailingFile(open(path, mode, **kw), n)
             self.addCleanup(vars(client).pop, "open", None)
             factory = _ScriptedFactory()
             port = self.listen(factory)

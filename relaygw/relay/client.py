@@ -843,7 +843,7 @@ class Connection:
     def _openBody(self, message, report=True):
         """The content of C{message}: C{(file, size)}; raises L{_MessageFailure}."""
         try:
-            body = open(message.bodyPath, "rb")
+            body = open(message.bodyPath, "rb", buffering=0)  # reads are 64 KB chunks: no buffer needed
             body.seek(message.bodyOffset)
             size = message.size
             if size is None:

@@ -176,6 +176,7 @@ class QueueManager(Service):
 
     def _attempt(self, qid):
         message = self.fresh.pop(qid, None)
+        fresh = message is not None
         try:
             if message is None:
                 message = self.spool.load(qid)
@@ -202,7 +203,7 @@ class QueueManager(Service):
             d.addCallback(lambda results, hop=hop: (hop, results))
             attempts.append(d)
         d = defer.gatherResults(attempts)
-        d.addCallback(self._record, qid, message, state)
+        d.addCallback(self._record, qid, message, state, fresh)
         return d
 
     def _hopFailed(self, failure, recipients, hop):
@@ -210,7 +211,11 @@ class QueueManager(Service):
         result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
         return {r: result for r in recipients}
 
-    def _record(self, outcomes, qid, message, state):
+    def _record(self, outcomes, qid, message, state, fresh=False):
+        """
+        Write down what C{outcomes} say; C{fresh}: this was the first
+        attempt at a message just accepted, with no progress on disk yet.
+        """
         now = time.time()
         rcpts = state["rcpts"]
         state["attempts"] = state.get("attempts", 0) + 1
@@ -252,12 +257,13 @@ class QueueManager(Service):
             for r in bounced:
                 provisional["rcpts"][r]["status"] = DEFERRED
             self.spool.writeState(qid, provisional)
+            fresh = False
         if bounced:
             d = self._bounce(message, bounced)
 
         def settle(_):
             if not pending:
-                return self.spool.remove(qid)
+                return self.spool.remove(qid, progress=not fresh)
             if not os.path.exists(message.path):
                 return None  # deleted with relaygw-queue meanwhile
             self.spool.writeState(qid, state)
