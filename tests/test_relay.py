@@ -154,6 +154,21 @@ class RelayTestCase(unittest.TestCase):
                 raise AssertionError("timed out waiting for %r" % (predicate,))
             yield task.deferLater(reactor, 0.05, lambda: None)
 
+    @defer.inlineCallbacks
+    def fourBehindSlowHop(self, concurrency):
+        """
+        Send messages m0..m3 (to r0..r3) one after the other to a next hop
+        that greets each connection only after 1.5 s; returns the hop once
+        all four are delivered.
+        """
+        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": concurrency})
+        for n in range(4):
+            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        return hop
+
     def spoolEmpty(self):
         """No message queued or in flight, and no progress or hold file left behind."""
         spool = self.gw.service.spool
@@ -328,12 +343,7 @@ class SmarthostTests(RelayTestCase):
         Messages that wait for a busy next hop go out together, on the
         connection kept open from the batch before.
         """
-        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
-        hop, port = self.hop(factory=hop)
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1})
-        for n in range(4):
-            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
-        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        hop = yield self.fourBehindSlowHop(concurrency=1)
         self.assertEqual(len(hop.connections), 1)
         self.assertEqual([t["connection"] for t in hop.transactions], [0, 0, 0, 0])
         self.assertEqual(hop.lines.count("RSET"), 0)
@@ -349,12 +359,7 @@ class SmarthostTests(RelayTestCase):
         connections are busy, and a connection that finishes takes what
         waits.
         """
-        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
-        hop, port = self.hop(factory=hop)
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 10})
-        for n in range(4):
-            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
-        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        hop = yield self.fourBehindSlowHop(concurrency=10)
         self.assertEqual(len(hop.connections), 2)
         carried = {t["rcpts"][0]: t["connection"] for t in hop.transactions}
         self.assertEqual(carried, {"r0@example.net": 0, "r1@example.net": 1, "r2@example.net": 1,

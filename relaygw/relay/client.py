@@ -489,6 +489,10 @@ def _commandLines(verb, attributes):
     return lines
 
 
+def _rcptCommands(message):
+    return ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+
+
 def _extensions(reply):
     """The EHLO keywords as a dict: upper-case keyword -> parameter string."""
     extensions = {}
@@ -883,7 +887,7 @@ class Connection:
             body.close()
             return b""
         self.ahead = (body, size)
-        return self.proto.encode(mail, *["RCPT TO:<%s>" % (r,) for r in message.recipients], "DATA")
+        return self.proto.encode(mail, *_rcptCommands(message), "DATA")
 
     async def _send(self, index, message, body, size, sent=False):
         """
@@ -891,7 +895,7 @@ class Connection:
         previous message (L{_envelopeAhead}).
         """
         proto = self.proto
-        rcpts = ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+        rcpts = _rcptCommands(message)
         if not sent:
             if self.needReset:
                 self.stage = "RSET"
