@@ -100,6 +100,64 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual(self.spool.queueIds(), [])
         self.assertEqual(self.spool.readState(qid), {})
 
+    @defer.inlineCallbacks
+    def commitContent(self, content):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        w.write(content)
+        qid = yield w.commit()
+        m = self.spool.load(qid)
+        with open(m.path, "rb") as f:
+            f.seek(m.bodyOffset)
+            self.assertEqual(f.read(), content)
+        return qid
+
+    @defer.inlineCallbacks
+    def test_deliveredFileIsReused(self):
+        """
+        A removed message's file waits in spent/ and the next message is
+        written over it: same inode, cut to the new message's length.
+        """
+        first = yield self.commitContent(b"x" * 9000)
+        inode = os.stat(self.spool.path("queue", first)).st_ino
+        yield self.spool.remove(first, progress=False)
+        self.assertEqual(os.listdir(self.spool.path("spent")), [first])
+        second = yield self.commitContent(b"short\r\n")
+        self.assertEqual(os.stat(self.spool.path("queue", second)).st_ino, inode)
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+        self.assertEqual(self.spool.queueIds(), [second])
+
+    @defer.inlineCallbacks
+    def test_spentFileGoneMissing(self):
+        """A spent file removed behind the gateway's back is created afresh."""
+        first = yield self.commitContent(b"one\r\n")
+        yield self.spool.remove(first)
+        os.unlink(self.spool.path("spent", first))
+        second = yield self.commitContent(b"two\r\n")
+        self.assertEqual(self.spool.queueIds(), [second])
+        # And removing a message that has already gone is not an error.
+        os.unlink(self.spool.path("queue", second))
+        yield self.spool.remove(second)
+        self.assertEqual(self.spool.queueIds(), [])
+
+    @defer.inlineCallbacks
+    def test_spentFilesBounded(self):
+        """
+        At most SPENT files are kept; at start, one that is still queued
+        under its own name (a crash mid-removal) is never handed out.
+        """
+        self.patch(Spool, "SPENT", 2)
+        qids = []
+        for i in range(4):
+            qids.append((yield self.commitContent(b"m%d\r\n" % i)))
+        for qid in qids[:3]:
+            yield self.spool.remove(qid)
+        self.assertEqual(len(os.listdir(self.spool.path("spent"))), 2)
+        os.link(self.spool.path("queue", qids[3]), self.spool.path("spent", qids[3]))
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [qids[3]])
+        self.assertEqual(sorted(os.listdir(self.spool.path("spent"))), sorted(qids[:2]))
+        self.assertNotIn(qids[3], reopened._spent)
+
 
 def send(port, subject, finish=True):
     """Send one message; returns the 250 reply text, or None if not finished."""
