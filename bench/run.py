@@ -211,9 +211,9 @@ def cell(kind, server, size, sessions, opts, variant="plain"):
     rates, cpus, hwms, lat50, lat99 = [], [], [], [], []
     # A rough rate, so that a cell lasts about opts.seconds: one session is
     # much slower than many (each message waits for its own fsync).
-    guess = {"relaygw": 500, "postfix": 700, "twisted": 900}[server]
+    guess = {"relaygw": 1200, "postfix": 700, "twisted": 900}[server]
     guess = guess if size < 10000 else guess // 2
-    guess = guess if sessions >= 10 else {"relaygw": 100, "postfix": 400, "twisted": 300}[server]
+    guess = guess if sessions >= 10 else {"relaygw": 300, "postfix": 400, "twisted": 300}[server]
     count = countFor(guess, opts.seconds, opts.cap)
     for _ in range(opts.runs):
         work = tempfile.mkdtemp(prefix="rgb-")
