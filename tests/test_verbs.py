@@ -1389,6 +1389,37 @@ class XdumpcontextTests(VerbTestCase):
         # The trace header stays one clean line per field, too.
         self.assertTrue(header.startswith(b"Received: from a?b?c? (unknown [127.0.0.1])\r\n\tby "), header)
 
+    def test_longValueFoldedWithinReplyLineLimit(self):
+        """
+        RFC 5321 caps a reply line at 512 octets: a long value goes on over
+        the next lines, each repeating its scope and key, and never splits
+        a +XX escape.
+        """
+        value = ("x\n" * 150) + "y" * 700
+        ctx = ValidationContext(k=value, z="ok")
+        lines = xdumpcontext.lines(ctx)
+        folded = [l for l in lines if l.startswith("[connection] k ")]
+        self.assertGreater(len(folded), 2)
+        self.assertEqual(lines[len(folded):], ["[connection] z ok", "XDUMPCONTEXT complete"])
+        text = "".join(l[len("[connection] k "):] for l in folded)
+        self.assertEqual(text, value.replace("\n", "+0A"))
+        for line in codes.render(250, "2.0.0", lines).split(b"\r\n")[:-1]:
+            self.assertLessEqual(len(line) + 2, 512)
+        for l in folded:
+            self.assertRegex(l[len("[connection] k "):], r"^(\+0A|[xy])+$")
+
+    def test_longValueOnTheWire(self):
+        def run(c):
+            c.cmd("XSETCONTEXT note=" + "n" * 1000)
+            lines = self.rawDump(c)
+            self.assertEqual(lines[-1], "250 2.0.0 XDUMPCONTEXT complete")
+            note = [l for l in lines if l.startswith("250-2.0.0 [connection] note ")]
+            self.assertEqual(len(note), 3)
+            self.assertEqual("".join(l.split(" ", 3)[3] for l in note), "n" * 1000)
+            self.assertTrue(all(len(l) <= 510 for l in lines), [len(l) for l in lines])
+
+        return self.session(run)
+
     def test_lineFeedEscapedWhenRendered(self):
         ctx = ValidationContext(k="a\r\n250 injected\x00", z="ok")
         lines = xdumpcontext.lines(ctx)
