@@ -62,6 +62,17 @@ class QueueToolTests(RelayTestCase):
         yield self.until(lambda: self.q1 not in self.gw.service.spool.queueIds())
         self.assertEqual(sorted(self.hop_.recipients()), ["b@example.net", "c@example.net"])
 
+    @defer.inlineCallbacks
+    def test_releaseOnlyThatMessage(self):
+        """release retries the released message now, and nothing else."""
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        self.hop_.rcpt.clear()  # the next hop recovers
+        self.assertEqual(self.run_("release", self.q1)[0], 0)
+        yield self.until(lambda: self.q1 not in self.gw.service.spool.queueIds())
+        self.assertEqual(self.hop_.recipients(), ["b@example.net"])
+        self.assertEqual(self.gw.service.spool.queueIds(), [self.q2])  # waits for its retry time
+        self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("release")], [])
+
     def test_delete(self):
         code, out = self.run_("delete", self.q1)
         self.assertEqual((code, out), (0, "deleted %s\n" % self.q1))

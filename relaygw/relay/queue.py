@@ -20,6 +20,10 @@ from relaygw.logs import Logger
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
 
+#: Files relaygw-queue leaves in a spool directory for its queue manager.
+FLUSH_MARKER = "flush"
+RELEASE_MARKER = "release."
+
 log = Logger(namespace="relaygw.queue")
 
 DONE, BOUNCED, DEFERRED = "done", "bounced", "deferred"
@@ -66,13 +70,20 @@ class QueueManager(Service):
         self._poller = self.reactor.callLater(self.pollInterval, self._poll)
 
     def _poll(self):
-        """Pick up requests from relaygw-queue (flush, release); never raises."""
+        """
+        Pick up requests from relaygw-queue: C{flush} retries everything,
+        C{release.ID} one message; never raises.
+        """
         try:
-            marker = os.path.join(self.spool.directory, "flush")
-            if os.path.exists(marker):
-                os.unlink(marker)
-                log.info("flush requested")
-                self.flush()
+            for name in os.listdir(self.spool.directory):
+                if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
+                    os.unlink(os.path.join(self.spool.directory, name))
+                    qid = name[len(RELEASE_MARKER):]
+                    if name == FLUSH_MARKER:
+                        log.info("flush requested")
+                        self.flush()
+                    elif os.path.exists(self.spool.path("queue", qid)):
+                        self.enqueue(qid)
         except Exception:
             log.failure("queue poll failed")
         if self.running:

@@ -15,10 +15,8 @@ import sys
 import time
 
 from relaygw import config as _config
+from relaygw.relay.queue import FLUSH_MARKER, RELEASE_MARKER
 from relaygw.spool import Spool, partitions
-
-FLUSH_MARKER = "flush"
-
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -49,10 +47,14 @@ def _find(spools, qid):
     return None
 
 
-def _requestFlush(spools):
-    """Leave the marker each partition's queue manager polls for."""
+def _requestFlush(spools, qid=None):
+    """
+    Leave the marker each partition's queue manager polls for: retry
+    everything, or only C{qid}.
+    """
     for spool in spools:
-        with open(os.path.join(spool.directory, FLUSH_MARKER), "w"):
+        marker = FLUSH_MARKER if qid is None else RELEASE_MARKER + qid
+        with open(os.path.join(spool.directory, marker), "w"):
             pass
 
 
@@ -143,7 +145,7 @@ def main(argv=None, out=sys.stdout):
             os.unlink(spool.path("hold", qid))
         except FileNotFoundError:
             pass
-        _requestFlush([spool])
+        _requestFlush([spool], qid)
         out.write("released %s\n" % qid)
     return 0
 
