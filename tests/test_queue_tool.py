@@ -73,6 +73,16 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.gw.service.spool.queueIds(), [self.q2])  # waits for its retry time
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("release")], [])
 
+    @defer.inlineCallbacks
+    def test_strayHoldMarkerCleared(self):
+        """A hold marker whose message has gone (delivered as it was held) is cleared."""
+        spool = self.gw.service.spool
+        with open(spool.path("hold", "0123456789ABCDEF"), "w"):
+            pass
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        yield self.until(lambda: not os.path.exists(spool.path("hold", "0123456789ABCDEF")))
+        self.assertTrue(spool.isHeld(self.q1))  # a message still queued keeps its hold
+
     def test_delete(self):
         code, out = self.run_("delete", self.q1)
         self.assertEqual((code, out), (0, "deleted %s\n" % self.q1))

@@ -72,7 +72,7 @@ class QueueManager(Service):
     def _poll(self):
         """
         Pick up requests from relaygw-queue: C{flush} retries everything,
-        C{release.ID} one message; never raises.
+        C{release.ID} one message; clear stray hold markers.  Never raises.
         """
         try:
             for name in os.listdir(self.spool.directory):
@@ -84,6 +84,11 @@ class QueueManager(Service):
                         self.flush()
                     elif os.path.exists(self.spool.path("queue", qid)):
                         self.enqueue(qid)
+            # A message held just as its first attempt delivered it (which
+            # removes only the queue file) leaves its hold marker behind.
+            for qid in os.listdir(self.spool.path("hold")):
+                if not os.path.exists(self.spool.path("queue", qid)):
+                    os.unlink(self.spool.path("hold", qid))
         except Exception:
             log.failure("queue poll failed")
         if self.running:
