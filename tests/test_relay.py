@@ -690,6 +690,30 @@ class RouteTests(RelayTestCase):
         self.assertIn(b"Final-Recipient: rfc822; bad@partner.example", bounce["data"])
 
 
+class MXHopCacheTests(unittest.TestCase):
+    def test_unusedHopsDropped(self):
+        """
+        One next hop per MX domain is cached; past the limit, those with
+        nothing to do are dropped, and a busy one is kept (and reused).
+        """
+        import types
+
+        from relaygw import config as _config
+        from relaygw.relay.router import HopSpec, Router
+
+        self.patch(HopSpec, "MAX_CACHED", 3)
+        cfg = _config.parse(configText(os.path.abspath(self.mktemp()),
+                                       relay={"mx": True, "resolver": "127.0.0.1:5353"}))
+        router = Router(cfg, reactor, maildir=None)
+        msg = types.SimpleNamespace(context={})
+        hops = [router(msg, "a@d%d.example" % i) for i in range(3)]
+        self.assertIs(router(msg, "b@D1.example"), hops[1])
+        hops[0].waiting.append((msg, defer.Deferred()))  # busy
+        router(msg, "a@d3.example")
+        self.assertEqual(sorted(router.default.cache), ["d0.example", "d3.example"])
+        self.assertIs(router(msg, "a@d0.example"), hops[0])
+
+
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""
 

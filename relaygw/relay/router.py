@@ -27,7 +27,14 @@ def _options(hop, heloName):
 
 
 class HopSpec:
-    """One configured destination: builds (and caches) its next-hop objects."""
+    """
+    One configured destination: builds (and caches) its next-hop objects.
+    With MX delivery there is one per recipient domain; once C{MAX_CACHED}
+    of them exist, those with nothing in flight and no connection kept
+    open are dropped before another is added.
+    """
+
+    MAX_CACHED = 1000
 
     def __init__(self, name, hop, reactor, heloName, resolver, fallback=None):
         self.name = name
@@ -37,6 +44,14 @@ class HopSpec:
         self.resolver = resolver
         self.fallback = fallback
         self.cache = {}
+        self._sweepAt = self.MAX_CACHED
+
+    def _sweep(self):
+        for domain, hop in list(self.cache.items()):
+            if hop.unused:
+                del self.cache[domain]
+        # Everything still busy: don't sweep again at every new domain.
+        self._sweepAt = max(self.MAX_CACHED, 2 * len(self.cache))
 
     def nextHop(self, domain):
         hop = self.hop
@@ -52,6 +67,8 @@ class HopSpec:
             return self.cache[None]
         if hop.mx:
             if domain not in self.cache:
+                if len(self.cache) >= self._sweepAt:
+                    self._sweep()
                 options = _options(hop, self.heloName)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),

@@ -67,6 +67,11 @@ class SMTPNextHop:
     def describe(self):
         return self.name
 
+    @property
+    def unused(self):
+        """Nothing waits, nothing is in flight, no connection is kept open."""
+        return not (self.waiting or self.active or self.idle)
+
     def deliver(self, messages):
         ds = []
         for m in messages:
