@@ -214,6 +214,7 @@ class ScriptedSMTPServer(LineReceiver):
         self.authStep = None
         self.xclientUsed = False
         self.tls = False
+        self.completed = 0
         if self.factory.greeting:
             self.sendLine(self.factory.greeting)
 
@@ -253,6 +254,7 @@ class ScriptedSMTPServer(LineReceiver):
                 f.messages.append(data)
                 f.transactions.append({"mailfrom": self.mailfrom, "rcpts": list(self.accepted), "data": data,
                                        "tls": self.tls})
+                self.completed += 1
                 self.accepted = []
                 self.reply(f.endOfData)
             else:
@@ -282,6 +284,9 @@ class ScriptedSMTPServer(LineReceiver):
             self.reply("220 2.0.0 Ready to start TLS")
             self.transport.startTLS(f.tls)
             self.tls = True
+        elif verb == "MAIL" and f.drop == "reused" and self.completed:
+            self.dropped = True
+            self.transport.loseConnection()  # as if its idle timeout had just struck
         elif verb == "MAIL":
             self.accepted = []
             self.mailfrom = text.split("<", 1)[1].split(">", 1)[0]
@@ -327,7 +332,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
     @param rcpt: recipient -> reply text, or a list of replies used one per
         attempt (the last repeats).
     @param drop: C{"body"} aborts the connection inside DATA (C{drops} times);
-        C{"end"} closes it instead of answering the final dot.
+        C{"end"} closes it instead of answering the final dot; C{"reused"}
+        closes a connection that already carried a message at its next MAIL.
     """
 
     protocol = ScriptedSMTPServer

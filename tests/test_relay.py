@@ -429,6 +429,23 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(hop.recipients(), ["b@example.net"])
 
     @defer.inlineCallbacks
+    def test_keptConnectionClosedByTheNextHop(self):
+        """
+        A kept-open connection that the next hop closes before answering
+        the next MAIL costs that message nothing: it goes out at once over
+        a new connection, with no retry and no progress recorded.
+        """
+        hop, port = self.hop(drop="reused")
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
+        yield self.send(subject="first")
+        yield self.until(lambda: len(hop.transactions) == 1 and self.spoolEmpty())
+        qid = yield self.send(subject="second")  # within the kept-open connection's idle time
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
+        self.assertEqual(len(hop.connections), 2)
+        self.assertIn(b"Subject: second", hop.transactions[1]["data"])
+        self.assertEqual(self.gw.service.spool.readState(qid), {})
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

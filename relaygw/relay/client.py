@@ -270,6 +270,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._replies = deque()
         self._waiting = deque()
         self._lines = []
+        self.replyCount = 0
 
     # Sending
 
@@ -384,6 +385,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             return
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
         self._lines = []
+        self.replyCount += 1
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:
@@ -543,6 +545,7 @@ class Connection:
         self.forwarded = None
         self.xclientNames = None
         self.ahead = None  # (file, size) of the next message, its envelope already sent
+        self.stale = False
 
     # Results
 
@@ -617,9 +620,13 @@ class Connection:
         """
         Deliver C{messages}; returns one dict per message mapping each
         recipient to its L{RecipientResult}.  The connection is closed
-        afterwards unless C{keepOpen}, and always after a failure.
+        afterwards unless C{keepOpen}, and always after a failure.  After
+        a carry that found a kept-open connection closed by the next hop
+        before any reply, C{stale} is true and the results say nothing.
         """
         self.messages, self.results = messages, [{} for _ in messages]
+        kept = self.proto
+        replies = kept.replyCount if kept is not None else 0
         try:
             try:
                 if self.proto is None:
@@ -646,6 +653,10 @@ class Connection:
             self.ahead[0].close()
             self.ahead = None
         self._settleAll(_temporary("no reply from %s" % (self.where,), "4.4.2"))
+        # A kept-open connection the next hop closed (its idle timeout)
+        # before answering anything: no message got as far as its body.
+        self.stale = kept is not None and kept.replyCount == replies and kept.lostReason is not None \
+            and not kept.timedOut and kept.violation is None
         if self.proto is not None and not (keepOpen and self.usable):
             self.broken = True
             self.proto.abort()

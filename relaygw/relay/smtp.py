@@ -192,8 +192,12 @@ class SMTPNextHop:
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
                 options = dataclasses.replace(options, tlsHostname=candidate[2])
             key = self._key(host, port, pending[0][1])
-            conn = self._connection(key, options)
-            results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True))
+            while True:
+                conn = self._connection(key, options)
+                results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True))
+                if not conn.stale:  # (a new connection never is)
+                    break
+                log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
             self._park(conn, key)
             still = []
             for (index, m), res in zip(pending, results):
