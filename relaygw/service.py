@@ -5,6 +5,7 @@ service per listener and, when configured, the admin endpoint.
 
 import collections
 import dataclasses
+import glob
 import os
 import time
 
@@ -24,7 +25,7 @@ from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
-from relaygw.spool import Committer, Spool, partitionDirectory, partitions
+from relaygw.spool import Committer, Spool, partitionDirectory, partitions, removeFiles
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, twistdArgv
@@ -361,6 +362,8 @@ class GatewayService(MultiService):
                 for entry in entries:
                     os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                     moved += area == "queue"
+            # Spent files are only ever overwritten by their own partition.
+            removeFiles(glob.glob(os.path.join(source, "spent", "*")))
             if moved:
                 log.info("adopted {n} queued messages from {source}", n=moved, source=source)
 

@@ -351,7 +351,9 @@ class WorkerCountChangeTests(unittest.TestCase):
     def test_toSeveralWorkers(self):
         directory = os.path.abspath(self.mktemp())
         qid = yield self.queueOne(os.path.join(directory, "spool"), "single", held=True)
+        open(os.path.join(directory, "spool", "spent", "0ABC"), "w").close()  # a delivered message's file
         spool = yield self.start(directory, 2)
+        self.assertEqual(os.listdir(os.path.join(directory, "spool", "spent")), [])
         self.assertEqual(spool.directory, os.path.join(directory, "spool", "w0"))
         self.assertEqual(spool.queueIds(), [qid])
         self.assertTrue(spool.isHeld(qid))
