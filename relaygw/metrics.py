@@ -13,6 +13,8 @@ import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from relaygw.logs import Logger
 
@@ -181,10 +183,62 @@ class Metrics:
         """C{probe() -> (depth, oldestAgeSeconds)}, called at each scrape."""
         self._spool.probe = probe
 
+    #: Other worker processes' snapshots (paths), added in by L{render}.
+    peers = ()
+
     def render(self):
-        """The registry in the Prometheus text format."""
+        """The registry in the Prometheus text format, with the other workers' counts added in."""
         try:
-            return generate_latest(self.registry)
+            if not self.peers:
+                return generate_latest(self.registry)
+            return generate_latest(_Merged(self.registry, self.peers))
         except Exception:
             log.failure("metrics: render failed")
             return b""
+
+
+class _Merged:
+    """
+    A registry's families plus the same families from other workers'
+    snapshots: values of the same sample and labels are added up (the
+    oldest-message age takes the largest); C{_created} samples are this
+    process's own.  A snapshot that can't be read is left out.
+    """
+
+    LARGEST = frozenset(["relaygw_spool_oldest_age_seconds"])
+
+    def __init__(self, registry, peers):
+        self.registry = registry
+        self.peers = peers
+
+    def collect(self):
+        families, values = {}, {}
+
+        def add(family, own):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                if sample.name.endswith("_created") and not own:
+                    continue
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                elif family.name in self.LARGEST:
+                    values[key] = max(values[key], sample.value)
+                else:
+                    values[key] += sample.value
+
+        for family in self.registry.collect():
+            add(family, True)
+        for path in self.peers:
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                add(family, False)
+        for (name, sample, labels), value in values.items():
+            families[name].add_sample(sample, dict(labels), value)
+        return list(families.values())

@@ -185,17 +185,24 @@ class GatewayService(MultiService):
         if self.workers > 1 and worker == 0 and workerArgv:
             WorkerSupervisor(reactor, self.workers, workerArgv).setServiceParent(self)
         self.metrics = NullMetrics()
-        if config.admin.endpoint and worker == 0:
-            from relaygw.admin import makeAdminSite
+        if config.admin.endpoint:
             from relaygw.metrics import Metrics
 
             self.metrics = Metrics()
             self.metrics.setSpoolProbe(self.spoolProbe)
+        if config.admin.endpoint and worker == 0:
+            from relaygw.admin import makeAdminSite
+
+            # The other workers' counts reach /metrics through the
+            # snapshots they write every second.
+            self.metrics.peers = [self._metricsSnapshot(i) for i in range(1, self.workers)]
             adminService = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint),
                                                        makeAdminSite(self.metrics, self.health))
             adminService._raiseSynchronously = True
             adminService.setName("admin")
             adminService.setServiceParent(self)
+        elif config.admin.endpoint:
+            TimerService(1, self._writeMetricsSnapshot).setServiceParent(self)
         self.queue.metrics = self.metrics
         self.tlsSettings = []
         for listener in config.listeners:
@@ -308,6 +315,19 @@ class GatewayService(MultiService):
                 session.shutDown()
         yield MultiService.stopService(self)
         log.info("stopped; spool intact")
+
+    def _metricsSnapshot(self, worker):
+        return os.path.join(partitionDirectory(self.config.spool.directory, worker), "metrics.prom")
+
+    def _writeMetricsSnapshot(self):
+        """This worker's metrics, for worker 0's /metrics (replaced whole; never raises)."""
+        path = self._metricsSnapshot(self.worker)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(self.metrics.render())
+            os.rename(path + ".tmp", path)
+        except OSError as e:
+            log.warn("cannot write {path}: {error}", path=path, error=e)
 
     def spoolProbe(self):
         """(depth, age of the oldest message in seconds), for /metrics."""

@@ -128,6 +128,39 @@ class MetricsTests(unittest.TestCase):
         self.assertIsInstance(self.m.render(), bytes)
 
 
+class WorkerMetricsTests(unittest.TestCase):
+    """With several workers, worker 0's /metrics adds in the others' snapshots."""
+
+    def snapshot(self, metrics):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(metrics.render())
+        return path
+
+    def test_countsAddedUp(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        own, other = Metrics(), Metrics()
+        for m, n in ((own, 2), (other, 3)):
+            for _ in range(n):
+                m.connection("in", +1)
+                m.queued("in", 100, 0.001)
+        other.connection("other", +1)
+        own.setSpoolProbe(lambda: (4, 10.0))
+        other.setSpoolProbe(lambda: (1, 30.0))
+        own.peers = [self.snapshot(other), self.mktemp()]  # the second is missing: left out
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(own.render().decode()) for s in f.samples}
+        self.assertEqual(samples["relaygw_connections_total", (("listener", "in"),)], 5)
+        self.assertEqual(samples["relaygw_connections_total", (("listener", "other"),)], 1)
+        self.assertEqual(samples["relaygw_connections_open", (("listener", "in"),)], 5)
+        self.assertEqual(samples["relaygw_message_bytes_total", (("listener", "in"),)], 500)
+        self.assertEqual(samples["relaygw_fsync_seconds_count", ()], 5)
+        self.assertEqual(samples["relaygw_fsync_seconds_bucket", (("le", "0.002"),)], 5)
+        self.assertEqual(samples["relaygw_spool_messages", ()], 5)
+        self.assertEqual(samples["relaygw_spool_oldest_age_seconds", ()], 30.0)
+
+
 class Fetcher:
     """GET over loopback with an Agent whose connections are closed in cleanup."""
 

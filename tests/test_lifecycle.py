@@ -191,13 +191,27 @@ class TwistdWorkersTests(_TwistdTestCase):
     """[process] workers = 2 under a real twistd: both workers serve and log to the same stdout."""
 
     def test_bothWorkersLogToStdout(self):
-        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2})
+        adminPort = freePort()
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2},
+                                                 admin={"endpoint": "tcp:%d:interface=127.0.0.1" % adminPort})
         sent = 24
+        scraped = []
 
         def session(p):
+            import urllib.request
+
             time.sleep(1)  # worker 1 joins the port
             for n in range(sent):
                 sendOne(port, subject="m%d" % n)
+            # Worker 0's /metrics counts both workers' messages (worker 1's
+            # through the snapshot it writes every second).
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (not scraped or scraped[-1] != sent):
+                time.sleep(0.3)
+                with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % adminPort, timeout=5) as r:
+                    text = r.read().decode()
+                scraped.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                   if line.startswith("relaygw_messages_accepted_total{")))
             p.send_signal(signal.SIGTERM)
 
         def run():
@@ -205,6 +219,7 @@ class TwistdWorkersTests(_TwistdTestCase):
             self.assertNotIn("Traceback", out)
             self.assertIn("started worker 1", out)
             self.assertEqual(out.count(" queued "), sent, out)
+            self.assertEqual(scraped[-1], sent, scraped)
             # SO_REUSEPORT spread the connections: both partitions hold mail.
             for worker in (0, 1):
                 self.assertTrue(os.listdir(os.path.join(directory, "spool", "w%d" % worker, "queue")), worker)
