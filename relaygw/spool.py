@@ -67,7 +67,6 @@ def writeAll(fd, data):
             if written == total:
                 return total
             data = b"".join(data)[written:]
-            total = written + len(data)
     else:
         total = len(data)
     view = memoryview(data)
@@ -465,6 +464,15 @@ class Spool:
             os.fsync(f.fileno())
         os.rename(tmp, final)
         fsyncDirectory(self.path("state"))
+
+    def clearStrayHolds(self):
+        """
+        Remove hold markers whose message has gone: one held just as its
+        first attempt delivered it (which removes only the queue file).
+        """
+        for queueId in os.listdir(self.path("hold")):
+            if not os.path.exists(self.path("queue", queueId)):
+                removeFiles([self.path("hold", queueId)])
 
     def isHeld(self, queueId):
         return os.path.exists(self.path("hold", queueId))

@@ -84,11 +84,7 @@ class QueueManager(Service):
                         self.flush()
                     elif os.path.exists(self.spool.path("queue", qid)):
                         self.enqueue(qid)
-            # A message held just as its first attempt delivered it (which
-            # removes only the queue file) leaves its hold marker behind.
-            for qid in os.listdir(self.spool.path("hold")):
-                if not os.path.exists(self.spool.path("queue", qid)):
-                    os.unlink(self.spool.path("hold", qid))
+            self.spool.clearStrayHolds()
         except Exception:
             log.failure("queue poll failed")
         if self.running:
