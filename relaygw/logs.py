@@ -62,18 +62,47 @@ def jsonLinesObserver(outFile):
     return observe
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escapeChar(c):
+    if c.isprintable():
+        return c
+    named = _ESCAPES.get(c)
+    if named is not None:
+        return named
+    n = ord(c)
+    return "\\x%02x" % n if n < 0x100 else "\\u%04x" % n if n < 0x10000 else "\\U%08x" % n
+
+
+def escape(text):
+    """
+    C{text} with every non-printable character (line breaks, escape
+    sequences, NUL, Unicode separators ...) written as a Python-style escape,
+    so that no value can start a line of its own or drive a terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(map(_escapeChar, text))
+
+
 def textLinesObserver(outFile):
-    """An L{ILogObserver} writing one compact text line per event."""
+    """
+    An L{ILogObserver} writing one compact text line per event.  Every field
+    is escaped (L{escape}): a client-supplied value cannot forge a line.  A
+    traceback follows on lines of its own, each indented, so that none of
+    them can pass for an event either.
+    """
 
     @provider(ILogObserver)
     def observe(event):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
         level = getattr(event.get("log_level"), "name", "-")
-        text = formatEvent(event)
+        text = escape(formatEvent(event))
         failure = event.get("log_failure")
         if failure is not None:
-            text += "\n" + failure.getTraceback()
-        outFile.write("%sZ %s [%s] %s\n" % (stamp, level, event.get("log_namespace", "-"), text))
+            text += "".join("\n    " + escape(line) for line in failure.getTraceback().splitlines())
+        outFile.write("%sZ %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
         outFile.flush()
 
     return observe
