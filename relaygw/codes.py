@@ -24,6 +24,35 @@ def escape(text):
     return _UNSAFE.sub(lambda m: "".join(_octets(c) for c in m.group()), str(text))
 
 
+#: RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+MAX_REPLY_LINE = 512
+#: How much of a client-supplied value a reply echoes (escaped octets).
+EXCERPT = 200
+
+
+def excerpt(text, limit=EXCERPT):
+    """
+    C{text} escaped as by L{escape} and cut to at most C{limit} octets
+    (never inside a C{+XX}), with C{...} when something was left out.
+    """
+    safe = escape(text)
+    if len(safe) <= limit:
+        return safe
+    return _cut(safe, limit - 3) + "..."
+
+
+def _cut(safe, n):
+    """An escaped C{safe} cut to at most C{n} octets, never inside a C{+XX}."""
+    cut = safe[:max(n, 0)]
+    plus = cut.rfind("+", max(len(cut) - 2, 0))
+    if plus != -1 and _UNSAFE_ESCAPE.match(safe, plus) and plus + 3 > len(cut):
+        cut = cut[:plus]
+    return cut
+
+
+_UNSAFE_ESCAPE = re.compile(r"\+[0-9A-F]{2}")
+
+
 def _octets(c):
     """C{+XX} per octet: a character decoded from a wire octet is that octet."""
     data = c.encode("latin-1") if ord(c) < 256 else c.encode("utf-8")
@@ -64,14 +93,15 @@ class Reply:
 
 @functools.lru_cache(maxsize=1024)
 def _format(reply, items):
-    return replace(reply, text=reply.text.format(**{k: escape(v) for k, v in items}))
+    return replace(reply, text=reply.text.format(**{k: excerpt(v) for k, v in items}))
 
 
 def render(code, enhanced, lines, enhancedEnabled=True):
     """
     Render a reply as wire bytes: every line gets the code (with C{-} on all
     but the last), and the enhanced code when there is one and the listener
-    advertises ENHANCEDSTATUSCODES.  Each line is escaped.
+    advertises ENHANCEDSTATUSCODES.  Each line is escaped, and cut (ending
+    in C{...}) so that no line exceeds L{MAX_REPLY_LINE} octets.
     """
     if isinstance(lines, str):
         return _renderOne(code, enhanced, lines, enhancedEnabled)
@@ -89,7 +119,12 @@ def _render(code, enhanced, lines, enhancedEnabled=True):
     out = []
     for i, line in enumerate(lines):
         sep = "-" if i < len(lines) - 1 else " "
-        out.append("%d%s%s%s\r\n" % (code, sep, prefix, escape(line)))
+        head = "%d%s%s" % (code, sep, prefix)
+        text = escape(line)
+        room = MAX_REPLY_LINE - 2 - len(head)
+        if len(text) > room:
+            text = _cut(text, room - 3) + "..."
+        out.append("%s%s\r\n" % (head, text))
     return "".join(out).encode("ascii")
 
 

@@ -4,6 +4,7 @@ reverse-path and forward-path of MAIL and RCPT with their ESMTP parameters.
 Each failure carries the reply the protocol should send.
 """
 
+import ipaddress
 import re
 
 from relaygw import codes
@@ -14,6 +15,9 @@ _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = r"%s(?:\.%s)*\.?" % (_LABEL, _LABEL)
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_IPV4_LITERAL = re.compile(r"^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$")
+#: RFC 5321 General-address-literal: Standardized-tag ":" 1*dcontent.
+_GENERAL_LITERAL = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?):([\x21-\x5a\x5e-\x7e]+)$")
 _MAILBOX = re.compile(r"^(%s|%s)@(%s|%s)$" % (_DOT_STRING, _QUOTED, _DOMAIN, _LITERAL))
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
@@ -25,6 +29,38 @@ class CommandError(Exception):
     def __init__(self, reply):
         Exception.__init__(self, reply.text)
         self.reply = reply
+
+
+def splitWords(text):
+    """
+    Split command arguments on SP only (RFC 5321: C{SP} separates them; a
+    TAB or any other white space is part of a word, and so refused by the
+    word's own grammar).  Runs of SP count as one.
+    """
+    return [w for w in text.split(" ") if w]
+
+
+def validLiteral(literal):
+    """
+    Whether C{literal} (without brackets) is an RFC 5321 address literal:
+    an IPv4 address, C{IPv6:} and an IPv6 address (no zone), or another
+    standardized tag, C{:} and dcontent.
+    """
+    m = _IPV4_LITERAL.match(literal)
+    if m:
+        return all(int(part) <= 255 for part in m.groups())
+    m = _GENERAL_LITERAL.match(literal)
+    if not m:
+        return False
+    tag, rest = m.groups()
+    if tag.upper() == "IPV6":
+        try:
+            return "%" not in rest and bool(ipaddress.IPv6Address(rest))
+        except ValueError:
+            return False
+    # Only IPv6 is registered (RFC 5321 section 4.1.3); other tags keep
+    # to the general grammar, and an all-digit one would be IPv4.
+    return not tag.isdigit()
 
 
 def _split(args, keyword):
@@ -39,8 +75,8 @@ def _split(args, keyword):
         path, params = rest[: end + 1], rest[end + 1:]
         if params and not params.startswith(" "):
             return rest, []
-        return path, params.split()
-    words = rest.split()
+        return path, splitWords(params)
+    words = splitWords(rest)
     if not words:
         raise CommandError(codes.SYNTAX.format(what="%s<address>" % keyword))
     return words[0], words[1:]
@@ -65,6 +101,9 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
         return address
     m = _MAILBOX.match(address)
     if not m or len(address) > 254 or len(m.group(1)) > 64 or len(m.group(2)) > 255:
+        raise CommandError(badReply)
+    domain = m.group(2)
+    if domain.startswith("[") and not validLiteral(domain[1:-1]):
         raise CommandError(badReply)
     return address
 

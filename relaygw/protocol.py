@@ -19,7 +19,6 @@ and refused with 550 5.5.2.  A bare CR is data.
 import base64
 import binascii
 import os
-import re
 import time
 
 from twisted.cred.credentials import Anonymous, UsernamePassword
@@ -31,6 +30,7 @@ from zope.interface import implementer
 from relaygw import codes, trace, wire
 from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
+from relaygw.datareader import DataReader
 from relaygw.logs import Logger
 from relaygw.trust import canonicalIP
 
@@ -38,13 +38,9 @@ log = Logger(namespace="relaygw.smtp")
 
 COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
-_UNSTUFF = re.compile(rb"\n\.(?!\r?\n)")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 #: How much input is buffered while a reply is pending before reading pauses.
 _PAUSE_AT = 256 * 1024
-#: In DATA, a line longer than this is written out in pieces.
-_DATA_PIECE = 32 * 1024
 
 
 def newSessionId():
@@ -280,7 +276,7 @@ class SMTPSession(smtp.ESMTP):
             if not self.greeted:
                 return
             if self.mode == DATA:
-                if not self._dataChunk():
+                if not self._dataInput():
                     return
                 continue
             i = self.buf.find(b"\n")
@@ -537,53 +533,24 @@ class SMTPSession(smtp.ESMTP):
         self.writer.size = 0  # the limit counts the client's octets only
         self.mode = DATA
         self.setTimeout(self.listener.data_timeout)
-        self._last2 = b"\r\n"
+        self.dataReader = DataReader()
         self._overflow = False
-        self._sawBareLF = False
         self.reply(codes.START_DATA)
 
-    def _dataChunk(self):
-        """
-        Consume DATA input from the buffer.  Returns False when more input
-        is needed.  Complete lines are handled with a few C-speed bytes
-        operations per chunk, never line by line in Python.
-        """
-        buf = self.buf
-        probe = self._last2 + buf
-        end = probe.find(b"\r\n.\r\n")
-        if end != -1:
-            # The "." sits at probe[end + 2], which is buf[end].
-            content, self.buf = buf[:end], buf[end + 3:]
-            self._content(content)
-            self._wait(self._endOfData())
-            return True
-        cut = buf.rfind(b"\n") + 1
-        if cut == 0:
-            if len(buf) < _DATA_PIECE:
-                return False
-            # A very long line: pass it on in pieces, never ending on CR.
-            cut = len(buf) - 4
-            if buf[cut - 1:cut] == b"\r":
-                cut -= 1
-        content, self.buf = buf[:cut], buf[cut:]
-        self._content(content)
-        self.resetTimeout()
-        return bool(self.buf)
+    def _dataInput(self):
+        """Hand buffered DATA input to the reader; at its end, finish the message."""
+        body, rest = self.dataReader.feed(self.buf)
+        self.buf = b""
+        self._content(body)
+        if rest is None:
+            self.resetTimeout()
+            return False
+        self.buf = rest
+        self._wait(self._endOfData())
+        return True
 
     def _content(self, chunk):
-        if not chunk:
-            return
-        bol = self._last2[-1:] == b"\n"
-        self._last2 = (self._last2 + chunk)[-2:]
-        probe = (b"\n" + chunk) if bol else chunk
-        if b"\n." in probe:
-            probe = _UNSTUFF.sub(b"\n", probe)
-            chunk = probe[1:] if bol else probe
-        n = chunk.count(b"\n")
-        if n != chunk.count(b"\r\n"):
-            self._sawBareLF = True
-            chunk = _BARE_LF.sub(b"\r\n", chunk)
-        if self._overflow:
+        if not chunk or self._overflow:
             return
         limit = self.listener.max_message_size
         if limit and self.writer.size + len(chunk) > limit:
@@ -599,7 +566,7 @@ class SMTPSession(smtp.ESMTP):
             writer.abort()
             self.resetTransaction()
             return self.reply(codes.MESSAGE_TOO_BIG)
-        if self._sawBareLF and self.listener.bare_lf == "reject":
+        if self.dataReader.sawBareLF and self.listener.bare_lf == "reject":
             writer.abort()
             self.resetTransaction()
             return self.reply(codes.BARE_LF_DATA)

@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from relaygw import codes, xtext
+from relaygw.commands import splitWords
 from relaygw.verbs import VerbError
 
 ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
@@ -69,7 +70,7 @@ def parse(args):
     kept as C{UNAVAILABLE}/C{TEMPUNAVAIL} and the rest canonical.  Duplicates:
     the last wins.
     """
-    words = args.split()
+    words = splitWords(args)
     if not words:
         raise VerbError(codes.SYNTAX.format(what="XCLIENT attribute=value ..."), "no attributes")
     attrs = {}

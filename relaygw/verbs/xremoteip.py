@@ -8,11 +8,12 @@ Inside a transaction it is refused with 503 5.5.1.
 """
 
 from relaygw import codes
+from relaygw.commands import splitWords
 from relaygw.trust import canonicalIP
 
 
 def parse(args):
-    words = args.split()
+    words = splitWords(args)
     if len(words) != 1:
         return None
     try:

@@ -5,6 +5,7 @@ be set (protocol.md sections 12 and 14).
 """
 
 from relaygw import codes, xtext
+from relaygw.commands import splitWords
 from relaygw.context import ContextError
 from relaygw.verbs import VerbError
 
@@ -15,7 +16,7 @@ def _bad(why):
 
 def parse(args):
     """C{name=xtext ...} -> a list of C{(name, decoded value)}."""
-    words = args.split()
+    words = splitWords(args)
     if not words:
         raise _bad("no name=value pairs")
     pairs = []
