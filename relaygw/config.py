@@ -5,8 +5,11 @@ objects.  Every error names the file, the key and the problem
 whole file is valid.
 """
 
+import difflib
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -15,27 +18,69 @@ VERBS = ("xclient", "xremoteip", "xsetcontext", "xdumpcontext")
 
 
 class ConfigError(Exception):
-    """The configuration is not valid; the message is C{file: key: problem}."""
+    """
+    The configuration is not valid.  C{errors} lists every problem found,
+    each as C{file: key: what is wrong (expected ...)}; the message is
+    those lines.
+    """
+
+    def __init__(self, errors):
+        if isinstance(errors, str):
+            errors = [errors]
+        self.errors = list(errors)
+        Exception.__init__(self, "\n".join(self.errors))
+
+
+class Invalid(ValueError):
+    """A value check failed: C{what} is wrong, C{expected} says what would do."""
+
+    def __init__(self, what, expected=None):
+        ValueError.__init__(self, what if expected is None else "%s (expected %s)" % (what, expected))
 
 
 def _cidrs(value):
     for c in value:
-        ipaddress.ip_network(c, strict=False)
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            raise Invalid("%r is not a network" % (c,), "CIDRs such as 192.0.2.0/24 or 2001:db8::/32")
     return tuple(value)
 
 
-def _endpoint(value):
+def endpointPort(description):
+    """
+    The TCP port and interface a server endpoint string listens on, as
+    C{(interface, port)}; C{None} for an endpoint without a TCP port (unix:).
+
+    @raise Invalid: if the string does not parse or the port is out of range.
+    """
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
 
-    serverFromString(MemoryReactor(), value)
+    expected = "a Twisted server endpoint such as tcp:2525:interface=127.0.0.1"
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except Exception:
+        raise Invalid("cannot parse %r" % (description,), expected)
+    while not hasattr(endpoint, "_port") and hasattr(endpoint, "_wrappedEndpoint"):
+        endpoint = endpoint._wrappedEndpoint
+    port = getattr(endpoint, "_port", None)
+    if port is None:
+        return None
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise Invalid("port %s out of range" % (port,), "a port from 0 to 65535")
+    return getattr(endpoint, "_interface", ""), port
+
+
+def _endpoint(value):
+    endpointPort(value)
     return value
 
 
 def _choice(*options):
     def check(value):
         if value not in options:
-            raise ValueError("must be one of %s" % ", ".join(options))
+            raise Invalid("%r is not allowed" % (value,), "one of %s" % ", ".join(options))
         return value
 
     return check
@@ -45,7 +90,7 @@ def _subset(*options):
     def check(value):
         for v in value:
             if v not in options:
-                raise ValueError("%r is not one of %s" % (v, ", ".join(options)))
+                raise Invalid("%r is not allowed" % (v,), "any of %s" % ", ".join(options))
         return tuple(dict.fromkeys(value))
 
     return check
@@ -53,44 +98,121 @@ def _subset(*options):
 
 def _positive(value):
     if value <= 0:
-        raise ValueError("must be positive")
+        raise Invalid("must be positive", "a number above 0")
     return value
 
 
 def _nonNegative(value):
     if value < 0:
-        raise ValueError("must not be negative")
+        raise Invalid("must not be negative", "0 or more")
     return value
 
 
 def _atLeast512(value):
     if value < 512:
-        raise ValueError("must be at least 512 (RFC 5321)")
+        raise Invalid("must be at least 512", "512 or more, RFC 5321")
     return value
+
+
+_LDH = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def checkHostname(value):
+    """
+    A host name the gateway may put on the wire: ASCII letters, digits and
+    hyphens in dot-separated labels (RFC 1123), or an address literal
+    (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}).
+
+    @raise Invalid: otherwise.
+    """
+    expected = "an ASCII host name (letters, digits, hyphens, dots) or an address literal such as [192.0.2.1]"
+    if value.startswith("[") and value.endswith("]"):
+        inner = value[1:-1]
+        try:
+            if inner[:5].upper() == "IPV6:":
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+            return value
+        except ValueError:
+            raise Invalid("%r is not an address literal" % (value,), expected)
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    if len(value) > 253 or not all(_LDH.match(label) for label in labels):
+        raise Invalid("%r is not a valid host name" % (value,), expected)
+    return value
+
+
+def _hostname(value):
+    if value is None:
+        return value
+    return checkHostname(value)
+
+
+def _smarthostHost(host):
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        checkHostname(host)
 
 
 def _smarthost(value):
     for v in value:
-        parseHostPort(v)
+        host, _ = parseHostPort(v)
+        _smarthostHost(host)
     return tuple(value)
 
 
+def _identities(value):
+    from relaygw.tls import _parseIdentity
+
+    for v in value:
+        try:
+            _parseIdentity(v)
+        except Exception:
+            raise Invalid("%r is not a client identity" % (v,), "dns:NAME or uri:URI")
+    return tuple(value)
+
+
+def _ciphers(value):
+    from twisted.internet import ssl
+
+    if not ssl.AcceptableCiphers.fromOpenSSLCipherString(value)._ciphers:
+        raise Invalid("OpenSSL accepts no cipher in %r" % (value,), "an OpenSSL cipher string such as HIGH:!aNULL")
+    return value
+
+
+def _policyName(value):
+    from twisted.python.reflect import namedAny
+
+    try:
+        factory = namedAny(value)
+    except Exception as e:
+        raise Invalid("cannot import %r: %s" % (value, " ".join(str(e).split()) or e.__class__.__name__),
+                      "the dotted name of a class providing relaygw.policy.IPolicy")
+    if not callable(factory):
+        raise Invalid("%r is not a class" % (value,), "the dotted name of a class providing relaygw.policy.IPolicy")
+    return value
+
+
 def parseHostPort(text, defaultPort=25):
-    """C{[host]:port}, C{host:port} or C{host} -> C{(host, port)}."""
+    """C{[host]:port}, C{host:port} or C{host} -> C{(host, port)}; L{Invalid} otherwise."""
+    expected = "[host]:port, host:port or host"
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
         if rest and not rest.startswith(":"):
-            raise ValueError("bad host %r" % (text,))
+            raise Invalid("bad host %r" % (text,), expected)
     elif text.count(":") == 1:
         host, port = text.split(":")
     else:
         host, port = text, ""
     if not host:
-        raise ValueError("empty host in %r" % (text,))
+        raise Invalid("empty host in %r" % (text,), expected)
+    if port and not (port.isascii() and port.isdigit()):
+        raise Invalid("bad port in %r" % (text,), "a port from 1 to 65535")
     port = int(port) if port else defaultPort
     if not 0 < port < 65536:
-        raise ValueError("bad port in %r" % (text,))
+        raise Invalid("bad port in %r" % (text,), "a port from 1 to 65535")
     return host, port
 
 
@@ -103,7 +225,7 @@ def _opt(default, kind, check=None, path=False):
 class ListenerConfig:
     name: str = _opt(None, str)
     endpoint: str = _opt(None, str, _endpoint)
-    hostname: str = _opt("relaygw.localdomain", str)
+    hostname: str = _opt("relaygw.localdomain", str, _hostname)
     max_message_size: int = _opt(26214400, int, _nonNegative)
     max_recipients: int = _opt(100, int, _positive)
     max_connections: int = _opt(1000, int, _positive)
@@ -117,16 +239,16 @@ class ListenerConfig:
     drain_timeout: float = _opt(30, (int, float), _nonNegative)
     bare_lf: str = _opt("normalize", str, _choice("normalize", "reject"))
     vrfy: bool = _opt(True, bool)
-    policy: str = _opt("relaygw.policy.RelayAccessPolicy", str)
+    policy: str = _opt("relaygw.policy.RelayAccessPolicy", str, _policyName)
     trusted_peers: tuple = _opt((), list, _cidrs)
     extensions: tuple = _opt((), list, _subset(*VERBS))
     relay_networks: tuple = _opt((), list, _cidrs)
     tls_certificate: str = _opt(None, str, path=True)
     tls_key: str = _opt(None, str, path=True)
     tls_min_version: str = _opt("1.2", str, _choice("1.2", "1.3"))
-    tls_ciphers: str = _opt(None, str)
+    tls_ciphers: str = _opt(None, str, _ciphers)
     tls_client_ca: str = _opt(None, str, path=True)
-    tls_client_identities: tuple = _opt((), list)
+    tls_client_identities: tuple = _opt((), list, _identities)
     tls_self_signed: bool = _opt(False, bool)
     require_tls: bool = _opt(False, bool)
     implicit_tls: bool = _opt(False, bool)
@@ -162,7 +284,7 @@ class NextHopConfig:
 @dataclass(frozen=True)
 class RelayConfig(NextHopConfig):
     maildir: str = _opt("var/outbox", str, path=True)
-    helo_name: str = _opt(None, str)
+    helo_name: str = _opt(None, str, _hostname)
     resolver: str = _opt(None, str)
     concurrency: int = _opt(100, int, _positive)
     retry_min: float = _opt(300, (int, float), _positive)
@@ -210,118 +332,204 @@ class Config:
     routes: tuple = ()
 
 
-def _build(cls, table, where, fname, base):
-    if not isinstance(table, dict):
-        raise ConfigError("%s: %s: must be a table" % (fname, where))
+_KINDS = {int: "an integer", str: "a string", bool: "true or false", list: "a list of strings"}
+
+
+def _expectedKind(kind):
+    return "a number" if isinstance(kind, tuple) else _KINDS[kind]
+
+
+def _typeName(value):
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "table"}.get(type(value), type(value).__name__)
+
+
+class _Report:
+    """The errors found so far, each C{file: key: what is wrong (expected ...)}."""
+
+    def __init__(self, fname):
+        self.fname = fname
+        self.errors = []
+
+    def add(self, key, what):
+        self.errors.append("%s: %s: %s" % (self.fname, key, what))
+
+
+def _build(cls, table, where, report, base):
+    """
+    Validate C{table} into a C{cls}.  Every problem goes to C{report}, and
+    a key in error takes its default, so that the checks that follow can
+    still look at the rest (every error is reported at once).
+    """
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise ConfigError("%s: %s.%s: unknown key" % (fname, where, unknown[0]))
+    if not isinstance(table, dict):
+        report.add(where, "wrong type %s (expected a table)" % (_typeName(table),))
+        table = {}
+    for name in sorted(set(table) - set(known)):
+        close = difflib.get_close_matches(name, known, 1)
+        report.add("%s.%s" % (where, name), "unknown key (expected %s)" % (
+            "%s?" % close[0] if close else "one of the keys etc/relaygw.toml lists"))
     values = {}
     for name, f in known.items():
         meta = f.metadata
-        key = "%s.%s" % (where, name)
+        value = f.default
         if name not in table:
             if f.default is None and cls is ListenerConfig and name in ("name", "endpoint"):
-                raise ConfigError("%s: %s: missing required key" % (fname, key))
-            value = f.default
-            if meta["path"] and value is not None:
-                value = os.path.normpath(os.path.join(base, value))
-            values[name] = value
-            continue
-        value = table[name]
-        kind = meta["kind"]
-        if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise ConfigError("%s: %s: wrong type %s" % (fname, key, type(value).__name__))
-        if not isinstance(value, kind):
-            raise ConfigError("%s: %s: wrong type %s" % (fname, key, type(value).__name__))
-        if kind is list and not all(isinstance(v, str) for v in value):
-            raise ConfigError("%s: %s: must be a list of strings" % (fname, key))
-        try:
-            if meta["check"] is not None:
-                value = meta["check"](value)
-        except Exception as e:
-            raise ConfigError("%s: %s: %s" % (fname, key, e))
-        if kind is list:
-            value = tuple(value)
+                report.add("%s.%s" % (where, name), "missing required key (expected %s)" % (
+                    _expectedKind(meta["kind"]),))
+        else:
+            value = _value(table[name], meta, "%s.%s" % (where, name), report, f.default)
         if meta["path"] and value is not None:
             value = os.path.normpath(os.path.join(base, value))
         values[name] = value
     return cls(**values)
 
 
-def parse(text, path="<config>", base=None):
-    """Parse and validate TOML C{text}; relative paths resolve against C{base}."""
+def _value(value, meta, key, report, default):
+    """C{value} checked against the key's type and check; on error, reported and C{default}."""
+    kind = meta["kind"]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kind):
+        report.add(key, "wrong type %s (expected %s)" % (_typeName(value), _expectedKind(kind)))
+        return default
+    if kind is list and not all(isinstance(v, str) for v in value):
+        report.add(key, "wrong type (expected a list of strings)")
+        return default
+    if isinstance(value, float) and not math.isfinite(value):
+        report.add(key, "%s is not a finite number (expected a finite number)" % (value,))
+        return default
+    if isinstance(value, str) and any(c in value for c in "\r\n\x00"):
+        report.add(key, "contains a line break or NUL (expected one line of text)")
+        return default
+    try:
+        if meta["check"] is not None:
+            value = meta["check"](value)
+    except Invalid as e:
+        report.add(key, str(e))
+        return default
+    return tuple(value) if kind is list else value
+
+
+def _portsDistinct(report, listeners, admin):
+    """No two listening sockets (listeners, admin) on the same TCP port and address."""
+    seen = []
+    named = [("listener[%d].endpoint" % i, l.endpoint) for i, l in enumerate(listeners) if l.endpoint]
+    if admin.endpoint:
+        named.append(("admin.endpoint", admin.endpoint))
+    for key, endpoint in named:
+        try:
+            bound = endpointPort(endpoint)
+        except Invalid:
+            continue
+        if bound is None or bound[1] == 0:
+            continue
+        interface, port = bound
+        for otherKey, (otherInterface, otherPort) in seen:
+            wildcard = interface in ("", "0.0.0.0", "::") or otherInterface in ("", "0.0.0.0", "::")
+            if port == otherPort and (wildcard or interface == otherInterface):
+                report.add(key, "port %d is also %s's (expected a port of its own)" % (port, otherKey))
+                break
+        seen.append((key, bound))
+
+
+def parse(text, path="<config>", base=None, environment=False):
+    """
+    Parse and validate TOML C{text}; relative paths resolve against C{base}.
+    With C{environment}, also check what start would trip on (files,
+    certificates, policy, spool; L{relaygw.preflight}).  Every error found
+    is reported at once, in one L{ConfigError}.
+    """
     fname = os.path.basename(path)
     if base is None:
         base = os.path.dirname(os.path.abspath(path))
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError("%s: %s" % (fname, e))
+        raise ConfigError("%s: %s (expected TOML)" % (fname, e))
+    report = _Report(fname)
     sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig,
                 "process": ProcessConfig}
-    unknown = sorted(set(data) - set(sections) - {"listener", "route"})
-    if unknown:
-        raise ConfigError("%s: %s: unknown key" % (fname, unknown[0]))
-    built = {name: _build(cls, data.get(name, {}), name, fname, base) for name, cls in sections.items()}
+    for name in sorted(set(data) - set(sections) - {"listener", "route"}):
+        report.add(name, "unknown key (expected one of %s, listener, route)" % ", ".join(sections))
+    built = {name: _build(cls, data.get(name, {}), name, report, base) for name, cls in sections.items()}
     raw = data.get("listener", [])
+    listeners = ()
     if not isinstance(raw, list) or not raw:
-        raise ConfigError("%s: listener: at least one [[listener]] table is required" % (fname,))
-    listeners = tuple(_build(ListenerConfig, t, "listener[%d]" % i, fname, base) for i, t in enumerate(raw))
+        report.add("listener", "at least one [[listener]] table is required (expected [[listener]])")
+    else:
+        listeners = tuple(_build(ListenerConfig, t, "listener[%d]" % i, report, base) for i, t in enumerate(raw))
     names = [l.name for l in listeners]
     for i, n in enumerate(names):
-        if n in names[:i]:
-            raise ConfigError("%s: listener[%d].name: duplicate listener name %r" % (fname, i, n))
+        if n is not None and n in names[:i]:
+            report.add("listener[%d].name" % i, "duplicate listener name %r (expected a name of its own)" % (n,))
     for i, l in enumerate(listeners):
         if (l.tls_certificate is None) != (l.tls_key is None):
-            raise ConfigError("%s: listener[%d].tls_key: tls_certificate and tls_key go together" % (fname, i))
+            report.add("listener[%d].tls_key" % i, "tls_certificate and tls_key go together (expected both or none)")
         if (l.implicit_tls or l.require_tls) and l.tls_certificate is None:
             key = "implicit_tls" if l.implicit_tls else "require_tls"
-            raise ConfigError("%s: listener[%d].%s: needs tls_certificate and tls_key" % (fname, i, key))
+            report.add("listener[%d].%s" % (i, key), "needs tls_certificate and tls_key (expected both set)")
         if l.proxy_protocol and not l.proxy_trusted:
-            raise ConfigError("%s: listener[%d].proxy_trusted: required with proxy_protocol" % (fname, i))
+            report.add("listener[%d].proxy_trusted" % i, "required with proxy_protocol (expected the balancers' CIDRs)")
+        if l.tls_client_identities and l.tls_client_ca is None:
+            report.add("listener[%d].tls_client_identities" % i, "needs tls_client_ca (expected both set)")
+    _portsDistinct(report, listeners, built["admin"])
     rawRoutes = data.get("route", [])
+    routes = ()
     if not isinstance(rawRoutes, list):
-        raise ConfigError("%s: route: must be an array of tables ([[route]])" % (fname,))
-    routes = tuple(_build(RouteConfig, t, "route[%d]" % i, fname, base) for i, t in enumerate(rawRoutes))
+        report.add("route", "wrong type (expected an array of tables, [[route]])")
+    else:
+        routes = tuple(_build(RouteConfig, t, "route[%d]" % i, report, base) for i, t in enumerate(rawRoutes))
     for i, r in enumerate(routes):
         if not r.domains and not r.context_key:
-            raise ConfigError("%s: route[%d]: needs domains or context_key" % (fname, i))
+            report.add("route[%d]" % i, "matches nothing (expected domains or context_key)")
         if (r.context_key is None) != (r.context_value is None):
-            raise ConfigError("%s: route[%d].context_value: context_key and context_value go together" % (fname, i))
+            report.add("route[%d].context_value" % i, "context_key and context_value go together (expected both)")
         if not r.smarthosts and not r.mx:
-            raise ConfigError("%s: route[%d]: needs smarthosts or mx = true" % (fname, i))
-    for where, hop in [("relay", built["relay"])] + [("route[%d]" % i, r) for i, r in enumerate(routes)]:
+            report.add("route[%d]" % i, "goes nowhere (expected smarthosts or mx = true)")
+    hops = [("relay", built["relay"])] + [("route[%d]" % i, r) for i, r in enumerate(routes)]
+    for where, hop in hops:
         if hop.smarthosts and hop.mx:
-            raise ConfigError("%s: %s.mx: smarthosts and mx exclude each other" % (fname, where))
+            report.add("%s.mx" % where, "smarthosts and mx exclude each other (expected one of them)")
         if (hop.auth_user is None) != (hop.auth_password is None):
-            raise ConfigError("%s: %s.auth_password: auth_user and auth_password go together" % (fname, where))
-    if built["relay"].resolver is not None:
+            report.add("%s.auth_password" % where, "auth_user and auth_password go together (expected both)")
+    relay = built["relay"]
+    if relay.resolver is not None:
         try:
-            parseHostPort(built["relay"].resolver, 53)
-        except ValueError as e:
-            raise ConfigError("%s: relay.resolver: %s" % (fname, e))
+            parseHostPort(relay.resolver, 53)
+        except Invalid as e:
+            report.add("relay.resolver", str(e))
+    if relay.retry_min > relay.retry_max:
+        report.add("relay.retry_min", "%s is above retry_max %s (expected retry_min <= retry_max)" % (
+            relay.retry_min, relay.retry_max))
     if built["process"].workers > 1:
         from relaygw.workers import parseTCP
 
         for i, l in enumerate(listeners):
-            if parseTCP(l.endpoint) is None:
-                raise ConfigError("%s: listener[%d].endpoint: workers > 1 needs a plain tcp: endpoint" % (fname, i))
+            if l.endpoint and parseTCP(l.endpoint) is None:
+                report.add("listener[%d].endpoint" % i,
+                           "workers > 1 needs a plain TCP endpoint (expected tcp:PORT[:interface=ADDRESS])")
+    if environment:
+        from relaygw import preflight
+
+        preflight.check(report, built, listeners, routes)
+    if report.errors:
+        raise ConfigError(report.errors)
     return Config(path=path, listeners=listeners, routes=routes, **built)
 
 
-def load(path):
-    """Read and validate the config file at C{path}."""
+def load(path, environment=False):
+    """Read and validate the config file at C{path} (with C{environment}: as start would)."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("%s: %s" % (os.path.basename(path), e))
-    return parse(text, path)
+    except OSError as e:
+        raise ConfigError("%s: cannot read: %s (expected a readable file)" % (os.path.basename(path), e.strerror))
+    except UnicodeDecodeError:
+        raise ConfigError("%s: not UTF-8 (expected a UTF-8 TOML file)" % (os.path.basename(path),))
+    return parse(text, path, environment=environment)
 
 
-def loadDefault(base=None):
+def loadDefault(base=None, environment=False):
     """The embedded default config; its relative paths resolve against C{base} (the cwd)."""
     text = resources.files("relaygw").joinpath("default.toml").read_text()
-    return parse(text, "default.toml", base or os.getcwd())
+    return parse(text, "default.toml", base or os.getcwd(), environment=environment)

@@ -258,9 +258,11 @@ class GatewayService(MultiService):
         from relaygw.config import ConfigError, load
 
         try:
-            new = load(self.configPath)
+            new = load(self.configPath, environment=True)
         except ConfigError as e:
-            log.error("reload refused, keeping the running config: {error}", error=str(e))
+            # The same lines --check-config prints; nothing of the new file applies.
+            for error in e.errors:
+                log.error("reload refused, keeping the running config: {error}", error=error)
             return
         fresh = {l.name: l for l in new.listeners}
         for f in self.factories:

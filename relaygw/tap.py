@@ -25,16 +25,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        # Start and --check-config refuse the same configurations with the
+        # same words: every error, one per line, and no traceback.
         try:
             if self["config"]:
-                self.config = _config.load(self["config"])
+                self.config = _config.load(self["config"], environment=True)
             else:
-                self.config = _config.loadDefault()
+                self.config = _config.loadDefault(environment=True)
         except _config.ConfigError as e:
-            if self["check-config"]:
-                sys.stderr.write("%s\n" % (e,))
-                raise SystemExit(1)
-            raise usage.UsageError(str(e))
+            sys.stderr.write("%s\n" % (e,))
+            raise SystemExit(1)
         if self["check-config"]:
             sys.stdout.write("%s: ok\n" % (self["config"] or "default config",))
             raise SystemExit(0)

@@ -28,11 +28,11 @@ def tomlValue(v):
 
 def configText(directory, listeners=({},), relay=None, spool=None, admin=None, log=None, routes=(), process=None):
     """TOML for a test gateway rooted in C{directory} (loopback, port 0)."""
-    out = ['[spool]', 'directory = "%s"' % os.path.join(directory, "spool")]
-    for k, v in (spool or {}).items():
+    out = ['[spool]']
+    for k, v in dict({"directory": os.path.join(directory, "spool")}, **(spool or {})).items():
         out.append("%s = %s" % (k, tomlValue(v)))
-    out += ["", "[relay]", 'maildir = "%s"' % os.path.join(directory, "outbox")]
-    for k, v in (relay or {}).items():
+    out += ["", "[relay]"]
+    for k, v in dict({"maildir": os.path.join(directory, "outbox")}, **(relay or {})).items():
         out.append("%s = %s" % (k, tomlValue(v)))
     for name, table in (("admin", admin), ("log", log), ("process", process)):
         if table:

@@ -9,6 +9,7 @@ shutdown tells them to drain (SIGTERM) and waits for them.
 """
 
 import os
+import re
 import socket
 import sys
 
@@ -24,22 +25,26 @@ log = Logger(namespace="relaygw.workers")
 
 def parseTCP(description):
     """C{tcp:PORT[:interface=X][:backlog=N]} -> (interface, port, backlog); None if not plain TCP."""
-    parts = description.split(":")
+    # Colons escaped with a backslash (an IPv6 interface) do not split.
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
     if parts[0] != "tcp" or len(parts) < 2:
         return None
     port, interface, backlog = None, "0.0.0.0", 1024
-    for part in parts[1:]:
-        key, eq, value = part.partition("=")
-        if not eq:
-            port = int(key)
-        elif key == "port":
-            port = int(value)
-        elif key == "interface":
-            interface = value.replace("\\", "")
-        elif key == "backlog":
-            backlog = int(value)
-        else:
-            return None
+    try:
+        for part in parts[1:]:
+            key, eq, value = part.partition("=")
+            if not eq:
+                port = int(key)
+            elif key == "port":
+                port = int(value)
+            elif key == "interface":
+                interface = value.replace("\\", "")
+            elif key == "backlog":
+                backlog = int(value)
+            else:
+                return None
+    except ValueError:
+        return None
     return (interface, port, backlog) if port is not None else None
 
 

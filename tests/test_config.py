@@ -33,16 +33,19 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(c.spool.directory, "/etc/relaygw/var/spool")
 
     def test_unknownKey(self):
-        self.assertConfigError(MINIMAL + "colour = 1\n", "relaygw.toml: listener[0].colour: unknown key")
-        self.assertConfigError("[spool]\nfoo = 1\n" + MINIMAL, "relaygw.toml: spool.foo: unknown key")
-        self.assertConfigError("[bogus]\n" + MINIMAL, "relaygw.toml: bogus: unknown key")
+        self.assertConfigError(MINIMAL + "colour = 1\n", "relaygw.toml: listener[0].colour: unknown key "
+                               "(expected one of the keys etc/relaygw.toml lists)")
+        self.assertConfigError("[spool]\nfoo = 1\n" + MINIMAL, "relaygw.toml: spool.foo: unknown key "
+                               "(expected one of the keys etc/relaygw.toml lists)")
+        self.assertConfigError("[bogus]\n" + MINIMAL, "relaygw.toml: bogus: unknown key "
+                               "(expected one of spool, relay, admin, log, process, listener, route)")
 
     def test_wrongType(self):
         self.assertConfigError(MINIMAL + 'max_recipients = "many"\n',
-                               "relaygw.toml: listener[0].max_recipients: wrong type str")
-        self.assertConfigError(MINIMAL + "require_tls = 1\n", "relaygw.toml: listener[0].require_tls: wrong type int")
+                               "relaygw.toml: listener[0].max_recipients: wrong type string (expected an integer)")
+        self.assertConfigError(MINIMAL + "require_tls = 1\n", "relaygw.toml: listener[0].require_tls: wrong type integer (expected true or false)")
         self.assertConfigError(MINIMAL + "max_recipients = true\n",
-                               "relaygw.toml: listener[0].max_recipients: wrong type bool")
+                               "relaygw.toml: listener[0].max_recipients: wrong type boolean (expected an integer)")
 
     def test_badCIDR(self):
         with self.assertRaises(config.ConfigError) as cm:
@@ -56,15 +59,18 @@ class ParseTests(unittest.TestCase):
 
     def test_badExtension(self):
         self.assertConfigError(MINIMAL + 'extensions = ["xbogus"]\n',
-                               "relaygw.toml: listener[0].extensions: 'xbogus' is not one of "
-                               "xclient, xremoteip, xsetcontext, xdumpcontext")
+                               "relaygw.toml: listener[0].extensions: 'xbogus' is not allowed "
+                               "(expected any of xclient, xremoteip, xsetcontext, xdumpcontext)")
 
     def test_listenerRequired(self):
-        self.assertConfigError("", "relaygw.toml: listener: at least one [[listener]] table is required")
-        self.assertConfigError('[[listener]]\nname = "x"\n', "relaygw.toml: listener[0].endpoint: missing required key")
+        self.assertConfigError("", "relaygw.toml: listener: at least one [[listener]] table is required "
+                                   "(expected [[listener]])")
+        self.assertConfigError('[[listener]]\nname = "x"\n', "relaygw.toml: listener[0].endpoint: missing required key (expected a string)")
 
     def test_duplicateName(self):
-        self.assertConfigError(MINIMAL + MINIMAL, "relaygw.toml: listener[1].name: duplicate listener name 'in'")
+        second = MINIMAL.replace("2525", "2526")
+        self.assertConfigError(MINIMAL + second, "relaygw.toml: listener[1].name: duplicate listener name 'in' "
+                                                 "(expected a name of its own)")
 
     def test_contractKeysAccepted(self):
         text = MINIMAL + (

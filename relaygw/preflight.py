@@ -1,0 +1,131 @@
+"""
+What start would trip on beyond the file's own syntax: files that must be
+readable (certificates, keys, CAs, credentials), a key that matches its
+certificate, a policy that imports and provides L{relaygw.policy.IPolicy},
+a spool that can be written and a Maildir that is a directory.
+
+L{relaygw.config.parse} runs these checks with C{environment=True}, which
+C{--check-config}, start and reload all use: the three refuse the same
+configurations with the same words.  Nothing here changes the file system.
+"""
+
+import os
+
+
+def check(report, built, listeners, routes):
+    """Add every problem of the validated sections to C{report}."""
+    _writableDirectory(report, "spool.directory", built["spool"].directory)
+    _writableDirectory(report, "relay.maildir", built["relay"].maildir)
+    _caFile(report, "relay.tls_ca", built["relay"].tls_ca)
+    for i, route in enumerate(routes):
+        _caFile(report, "route[%d].tls_ca" % i, route.tls_ca)
+    for i, listener in enumerate(listeners):
+        _listener(report, "listener[%d]" % i, listener)
+
+
+def _listener(report, where, l):
+    if l.tls_certificate is not None and l.tls_key is not None:
+        _serverTLS(report, where, l)
+    if l.tls_client_ca is not None:
+        _caFile(report, where + ".tls_client_ca", l.tls_client_ca)
+    if l.credentials is not None:
+        _readable(report, where + ".credentials", l.credentials, "a password file (relaygw-passwd)")
+    _policy(report, where + ".policy", l)
+
+
+def _readable(report, key, path, what):
+    """The file's bytes, or C{None} after reporting why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        report.add(key, "%s is a directory (expected %s)" % (path, what))
+    except OSError as e:
+        report.add(key, "cannot read %s: %s (expected %s)" % (path, e.strerror, what))
+    return None
+
+
+def _certificates(report, key, path, what):
+    from cryptography import x509
+
+    data = _readable(report, key, path, what)
+    if data is None:
+        return None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        report.add(key, "%s holds no PEM certificate (expected %s)" % (path, what))
+        return None
+
+
+def _caFile(report, key, path):
+    if path is not None:
+        _certificates(report, key, path, "a readable PEM CA bundle")
+
+
+def _serverTLS(report, where, l):
+    from cryptography.hazmat.primitives import serialization
+
+    if l.tls_self_signed and not os.path.exists(l.tls_certificate) and not os.path.exists(l.tls_key):
+        # Start generates the pair: the directories must take the files.
+        _writableDirectory(report, where + ".tls_certificate", os.path.dirname(l.tls_certificate))
+        _writableDirectory(report, where + ".tls_key", os.path.dirname(l.tls_key))
+        return
+    chain = _certificates(report, where + ".tls_certificate", l.tls_certificate,
+                          "a readable PEM certificate, leaf first")
+    keyPEM = _readable(report, where + ".tls_key", l.tls_key, "a readable PEM private key")
+    if keyPEM is None:
+        return
+    try:
+        key = serialization.load_pem_private_key(keyPEM, password=None)
+    except (ValueError, TypeError):
+        report.add(where + ".tls_key", "%s holds no unencrypted PEM private key (expected one)" % (l.tls_key,))
+        return
+    if chain is None:
+        return
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.DER, public)
+            != chain[0].public_key().public_bytes(serialization.Encoding.DER, public)):
+        report.add(where + ".tls_key", "%s does not match %s (expected the certificate's private key)" % (
+            l.tls_key, l.tls_certificate))
+        return
+    from relaygw.tls import ServerTLS
+
+    try:
+        ServerTLS(l.tls_certificate, l.tls_key, l.tls_min_version, l.tls_ciphers, l.tls_client_ca,
+                  l.tls_client_identities)
+    except Exception as e:
+        report.add(where + ".tls_certificate", "OpenSSL refuses the TLS settings: %s (expected a usable "
+                   "certificate, key and ciphers)" % (_oneLine(e),))
+
+
+def _policy(report, key, l):
+    from relaygw.policy import loadPolicy
+
+    try:
+        loadPolicy(l.policy, l)
+    except Exception as e:
+        report.add(key, "cannot load %r: %s (expected the dotted name of a class providing "
+                   "relaygw.policy.IPolicy)" % (l.policy, _oneLine(e)))
+
+
+def _writableDirectory(report, key, path):
+    """A directory that exists and can be written, or can be created (start creates it)."""
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        report.add(key, "%s is not a directory (expected a directory%s)" % (
+            probe, "" if probe == path else " to create %s in" % (path,)))
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        report.add(key, "%s is not writable (expected a directory the gateway may write%s)" % (
+            probe, "" if probe == path else " to create %s in" % (path,)))
+
+
+def _oneLine(e):
+    text = str(e) or e.__class__.__name__
+    return " ".join(text.split())
+

@@ -1,0 +1,208 @@
+"""
+--check-config catches everything start would refuse, reports every error
+at once as C{file: key: what is wrong (expected ...)}, and start refuses the
+same configurations with the same words and no traceback.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from relaygw import config
+from relaygw.testing import configText
+from relaygw.tls import generateSelfSigned
+
+LINE = re.compile(r"^relaygw\.toml: [\w\[\].]+: .+ \(expected .+\)$")
+
+
+def twistd(*args, cwd=None):
+    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
+    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60)
+    return p.returncode, p.stdout, p.stderr
+
+
+class BrokenConfigTests(unittest.TestCase):
+    """One broken config per row: the check names the key and says what was expected."""
+
+    def setUp(self):
+        self.dir = d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        self.cert, self.key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        generateSelfSigned(self.cert, self.key, "relay.test")
+        self.otherCert, self.otherKey = os.path.join(d, "o-cert.pem"), os.path.join(d, "o-key.pem")
+        generateSelfSigned(self.otherCert, self.otherKey, "other.test")
+        self.afile = os.path.join(d, "a-file")
+        with open(self.afile, "w") as f:
+            f.write("not PEM\n")
+        self.tls = {"tls_certificate": self.cert, "tls_key": self.key}
+
+    def rows(self):
+        """(what, config keyword arguments or raw TOML, key the error names, words it uses)."""
+        d, tls = self.dir, self.tls
+        missing = os.path.join(d, "missing.pem")
+        return [
+            ("missing certificate", {"listeners": (dict(tls, tls_certificate=missing),)},
+             "listener[0].tls_certificate", "cannot read"),
+            ("certificate is a directory", {"listeners": (dict(tls, tls_certificate=d),)},
+             "listener[0].tls_certificate", "is a directory"),
+            ("certificate not PEM", {"listeners": (dict(tls, tls_certificate=self.afile),)},
+             "listener[0].tls_certificate", "holds no PEM certificate"),
+            ("missing key", {"listeners": (dict(tls, tls_key=missing),)}, "listener[0].tls_key", "cannot read"),
+            ("key not PEM", {"listeners": (dict(tls, tls_key=self.afile),)}, "listener[0].tls_key", "no unencrypted"),
+            ("key does not match", {"listeners": (dict(tls, tls_key=self.otherKey),)},
+             "listener[0].tls_key", "does not match"),
+            ("certificate without key", {"listeners": ({"tls_certificate": self.cert},)},
+             "listener[0].tls_key", "go together"),
+            ("missing client CA", {"listeners": (dict(tls, tls_client_ca=missing,
+                                                      tls_client_identities=["dns:lb.example"]),)},
+             "listener[0].tls_client_ca", "cannot read"),
+            ("client CA not PEM", {"listeners": (dict(tls, tls_client_ca=self.afile),)},
+             "listener[0].tls_client_ca", "holds no PEM certificate"),
+            ("bad client identity", {"listeners": (dict(tls, tls_client_ca=self.cert,
+                                                        tls_client_identities=["bogus"]),)},
+             "listener[0].tls_client_identities", "dns:NAME or uri:URI"),
+            ("identities without CA", {"listeners": (dict(tls, tls_client_identities=["dns:a.example"]),)},
+             "listener[0].tls_client_identities", "needs tls_client_ca"),
+            ("bad ciphers", {"listeners": (dict(tls, tls_ciphers="NO-SUCH-CIPHER"),)},
+             "listener[0].tls_ciphers", "accepts no cipher"),
+            ("bad TLS version", {"listeners": (dict(tls, tls_min_version="1.1"),)},
+             "listener[0].tls_min_version", "one of 1.2, 1.3"),
+            ("missing credentials", {"listeners": ({"credentials": missing},)},
+             "listener[0].credentials", "cannot read"),
+            ("missing relay CA", {"relay": {"tls_ca": missing}}, "relay.tls_ca", "cannot read"),
+            ("missing route CA", {"routes": ({"domains": ["x.example"], "smarthosts": ["[127.0.0.1]:25"],
+                                              "tls_ca": missing},)}, "route[0].tls_ca", "cannot read"),
+            ("unknown policy module", {"listeners": ({"policy": "nosuch.module.Policy"},)},
+             "listener[0].policy", "IPolicy"),
+            ("policy without IPolicy", {"listeners": ({"policy": "relaygw.config.Invalid"},)},
+             "listener[0].policy", "does not provide IPolicy"),
+            ("port out of range", {"listeners": ({"endpoint": "tcp:99999"},)},
+             "listener[0].endpoint", "out of range"),
+            ("endpoint does not parse", {"listeners": ({"endpoint": "nosuch:1"},)},
+             "listener[0].endpoint", "cannot parse"),
+            ("port not a number", {"listeners": ({"endpoint": "tcp:abc"},)}, "listener[0].endpoint", "cannot parse"),
+            ("admin port equals a listener's", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1"},),
+                                                "admin": {"endpoint": "tcp:2525:interface=127.0.0.1"}},
+             "admin.endpoint", "port 2525 is also listener[0].endpoint's"),
+            ("two listeners on one port", {"listeners": ({"endpoint": "tcp:2525"},
+                                                         {"endpoint": "tcp:2525:interface=127.0.0.1"})},
+             "listener[1].endpoint", "port 2525"),
+            ("spool under a file", {"spool": {"directory": os.path.join(self.afile, "spool")}},
+             "spool.directory", "is not a directory"),
+            ("spool is a file", {"spool": {"directory": self.afile}}, "spool.directory", "is not a directory"),
+            ("spool read-only", {"spool": {"directory": "/proc/sys/relaygw-spool"}}, "spool.directory", "not writable"),
+            ("maildir is a file", {"relay": {"maildir": self.afile}}, "relay.maildir", "is not a directory"),
+            ("retry_min above retry_max", {"relay": {"retry_min": 5000, "retry_max": 4000}},
+             "relay.retry_min", "retry_min <= retry_max"),
+            ("hostname with spaces", {"listeners": ({"hostname": "bad host name!"},)},
+             "listener[0].hostname", "not a valid host name"),
+            ("non-ASCII hostname", {"listeners": ({"hostname": "relä.example"},)},
+             "listener[0].hostname", "ASCII host name"),
+            ("hostname with CR LF", 'hostname = "relay.example\\r\\nX-Injected: yes"\n',
+             "listener[0].hostname", "line break"),
+            ("bad address literal", {"listeners": ({"hostname": "[300.1.1.1]"},)},
+             "listener[0].hostname", "not an address literal"),
+            ("bad helo_name", {"relay": {"helo_name": "-bad-.example"}}, "relay.helo_name", "not a valid host name"),
+            ("idle_timeout nan", "idle_timeout = nan\n", "listener[0].idle_timeout", "finite"),
+            ("data_timeout inf", "data_timeout = inf\n", "listener[0].data_timeout", "finite"),
+            ("retry_max inf", {"relay": {"retry_max": float("inf")}}, "relay.retry_max", "finite"),
+            ("greet_delay negative", {"listeners": ({"greet_delay": -1},)}, "listener[0].greet_delay", "negative"),
+            ("max_recipients zero", {"listeners": ({"max_recipients": 0},)}, "listener[0].max_recipients", "positive"),
+            ("wrong type", {"listeners": ({"max_recipients": "many"},)}, "listener[0].max_recipients", "an integer"),
+            ("misspelt key", {"listeners": ({"max_recipient": 5},)}, "listener[0].max_recipient", "max_recipients?"),
+            ("bad CIDR", {"listeners": ({"trusted_peers": ["10.0.0.0/33"]},)}, "listener[0].trusted_peers", "CIDRs"),
+            ("smarthost port out of range", {"relay": {"smarthosts": ["[127.0.0.1]:99999"]}},
+             "relay.smarthosts", "a port from 1 to 65535"),
+            ("smarthost port not a number", {"relay": {"smarthosts": ["mx.example:abc"]}},
+             "relay.smarthosts", "bad port"),
+            ("smarthost bad name", {"relay": {"smarthosts": ["bad host"]}}, "relay.smarthosts", "host name"),
+            ("bad resolver", {"relay": {"resolver": "127.0.0.1:0"}}, "relay.resolver", "bad port"),
+            ("workers with a unix endpoint", {"process": {"workers": 2},
+                                              "listeners": ({"endpoint": "unix:%s/s.sock" % d},)},
+             "listener[0].endpoint", "plain TCP"),
+            ("bad fsync", {"spool": {"fsync": "never"}}, "spool.fsync", "one of grouped, each"),
+            ("bad log level", {"log": {"level": "loud"}}, "log.level", "one of debug"),
+        ]
+
+    def text(self, spec):
+        if isinstance(spec, str):
+            key = spec.partition(" ")[0]
+            return "".join(l for l in configText(self.dir).splitlines(True) if not l.startswith(key + " ")) + spec
+        return configText(self.dir, **spec)
+
+    def check(self, spec):
+        """The errors of the config C{spec}; C{[]} if it passed."""
+        path = os.path.join(self.dir, "relaygw.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.text(spec))
+        try:
+            config.load(path, environment=True)
+        except config.ConfigError as e:
+            return e.errors
+        return []
+
+    def test_everyBrokenConfigRefused(self):
+        rows = self.rows()
+        self.assertGreaterEqual(len(rows), 37)
+        wrong = []
+        for what, spec, key, words in rows:
+            errors = self.check(spec)
+            if not any(e.startswith("relaygw.toml: %s: " % key) and words in e for e in errors):
+                wrong.append((what, errors))
+            wrong += [(what, e) for e in errors if not LINE.match(e) or "invalid literal" in e]
+        self.assertEqual(wrong, [])
+
+    def test_goodConfigPasses(self):
+        path = os.path.join(self.dir, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(self.dir, listeners=(dict(self.tls, hostname="[192.0.2.1]"),
+                                                    {"endpoint": r"tcp:0:interface=\:\:1", "hostname": "a-b.example."}),
+                               admin={"endpoint": "tcp:0:interface=127.0.0.1"}, process={"workers": 2}))
+        c = config.load(path, environment=True)
+        self.assertEqual(c.listeners[1].hostname, "a-b.example.")
+
+    def test_everyErrorAtOnce(self):
+        errors = self.check({"listeners": ({"hostname": "bad host", "max_recipients": 0, "policy": "no.such"},),
+                             "relay": {"retry_min": 10, "retry_max": 5},
+                             "spool": {"directory": self.afile}})
+        keys = sorted(e.split(": ")[1] for e in errors)
+        self.assertEqual(keys, ["listener[0].hostname", "listener[0].max_recipients", "listener[0].policy",
+                                "relay.retry_min", "spool.directory"])
+
+
+class CommandLineTests(unittest.TestCase):
+    """twistd relaygw: --check-config and start print the same lines, and no traceback."""
+
+    def write(self, text):
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return d, path
+
+    def test_startRefusesWhatTheCheckRefuses(self):
+        d, path = self.write(configText("/nonexistent-dir-for-test", listeners=(
+            {"tls_certificate": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem", "policy": "no.Such",
+             "endpoint": "tcp:99999"},), relay={"retry_min": 9, "retry_max": 1}) + "idle_timeout = nan\n")
+        code, out, err = twistd("relaygw", "--config", path, "--check-config")
+        self.assertEqual(code, 1)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 6, err)
+        for line in lines:
+            self.assertRegex(line, LINE)
+        startCode, startOut, startErr = twistd("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual(startCode, 1)
+        self.assertEqual(startErr.splitlines(), lines)
+        self.assertNotIn("Traceback", startOut + startErr)
+
+    def test_escapedIPv6WithWorkers(self):
+        d, path = self.write(configText(os.path.abspath(self.mktemp()),
+                                        listeners=({"endpoint": r"tcp:2525:interface=\:\:1"},),
+                                        process={"workers": 2}))
+        code, out, err = twistd("relaygw", "--config", path, "--check-config")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("ok", out)
