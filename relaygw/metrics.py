@@ -48,6 +48,9 @@ def _safe(method):
     return wrapper
 
 
+FREE_DOC = "Octets free on the spool's file system"
+
+
 class _SpoolCollector:
     """Reports the spool probe's answer at scrape time; one probe call per scrape."""
 
@@ -59,22 +62,26 @@ class _SpoolCollector:
         return [
             GaugeMetricFamily("relaygw_spool_messages", "Messages in the spool"),
             GaugeMetricFamily("relaygw_spool_oldest_age_seconds", "Age of the oldest spooled message"),
+            GaugeMetricFamily("relaygw_spool_free_bytes", FREE_DOC),
         ]
 
     def collect(self):
         if self.probe is None:
             return []
         try:
-            depth, age = self.probe()
+            depth, age, *free = self.probe()
             depth, age = float(depth), float(age)
         except Exception:
             log.failure("metrics: spool probe failed")
             return []
-        return [
+        families = [
             GaugeMetricFamily("relaygw_spool_messages", "Messages in the spool", value=depth),
             GaugeMetricFamily("relaygw_spool_oldest_age_seconds", "Age of the oldest spooled message",
                               value=age),
         ]
+        if free:
+            families.append(GaugeMetricFamily("relaygw_spool_free_bytes", FREE_DOC, value=float(free[0])))
+        return families
 
 
 class _Tally:
@@ -131,6 +138,8 @@ class Metrics:
                                buckets=FSYNC_BUCKETS, registry=r)
         self.deliveries = Counter("relaygw_delivery_attempts", "Delivery results per recipient",
                                   ["nexthop", "result"], registry=r)
+        self.corruptFiles = Counter("relaygw_spool_corrupt", "Queue or state files moved to corrupt/",
+                                    registry=r)
         self._spool = _SpoolCollector()
         r.register(self._spool)
 
@@ -179,8 +188,13 @@ class Metrics:
         self._labelled(self.deliveries, hop, _capped(result, DELIVERY_RESULTS)).inc()
 
     @_safe
+    def corrupt(self):
+        """A message was quarantined as corrupt."""
+        self.corruptFiles.inc()
+
+    @_safe
     def setSpoolProbe(self, probe):
-        """C{probe() -> (depth, oldestAgeSeconds)}, called at each scrape."""
+        """C{probe() -> (depth, oldestAgeSeconds[, freeBytes])}, called at each scrape."""
         self._spool.probe = probe
 
     #: Other worker processes' snapshots (paths), added in by L{render}.
@@ -205,7 +219,7 @@ class _Merged:
     process's own.  A snapshot that can't be read is left out.
     """
 
-    LARGEST = frozenset(["relaygw_spool_oldest_age_seconds"])
+    LARGEST = frozenset(["relaygw_spool_oldest_age_seconds", "relaygw_spool_free_bytes"])
 
     def __init__(self, registry, peers):
         self.registry = registry

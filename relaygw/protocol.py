@@ -32,6 +32,7 @@ from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
 from relaygw.logs import Logger
+from relaygw.spoolapi import isStorageError
 from relaygw.trust import canonicalIP
 
 log = Logger(namespace="relaygw.smtp")
@@ -475,6 +476,11 @@ class SMTPSession(smtp.ESMTP):
             address, params = parseMail(args, self.listener.max_message_size)
         except CommandError as e:
             return self.reply(e.reply)
+        declared = int(params.get("SIZE") or 0)
+        if not self.factory.spool.hasRoom(declared):
+            log.warn("[{session}] MAIL refused: the spool is below min_free_space (SIZE={size})",
+                     session=self.sessionId, size=declared)
+            return self.reply(codes.NO_ROOM)
         self.ctx.beginMessage(address)
 
         def answer(refusal):
@@ -530,7 +536,7 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.NO_ROOM)
         self.ctx.message["queue_id"] = self.writer.queueId
         self.writer.write(trace.receivedHeader(self.ctx, self.hostname, self.writer.queueId, self.rcpts))
-        self.writer.size = 0  # the limit counts the client's octets only
+        self._traceOctets = self.writer.size  # the limit counts the client's octets only
         self.mode = DATA
         self.setTimeout(self.listener.data_timeout)
         self.dataReader = DataReader()
@@ -553,7 +559,7 @@ class SMTPSession(smtp.ESMTP):
         if not chunk or self._overflow:
             return
         limit = self.listener.max_message_size
-        if limit and self.writer.size + len(chunk) > limit:
+        if limit and self.writer.size - self._traceOctets + len(chunk) > limit:
             self._overflow = True
             return
         self.writer.write(chunk)
@@ -570,6 +576,13 @@ class SMTPSession(smtp.ESMTP):
             writer.abort()
             self.resetTransaction()
             return self.reply(codes.BARE_LF_DATA)
+        if writer.failed is not None:
+            # The disk filled (or failed) while the content came in: what
+            # was written is gone, and the client may try again later.
+            log.error("[{session}] spool write failed: {error}", session=self.sessionId, error=writer.failed)
+            writer.abort()
+            self.resetTransaction()
+            return self.reply(codes.NO_ROOM)
         self.ctx.message["size"] = writer.size
 
         def queue(refusal):
@@ -595,9 +608,12 @@ class SMTPSession(smtp.ESMTP):
             self.reply(codes.QUEUED.format(qid=qid))
 
         def failed(failure):
-            log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
             writer.abort()
             self.resetTransaction()
+            if isStorageError(failure.value):
+                log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=failure.value)
+                return self.reply(codes.NO_ROOM)
+            log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
             self.reply(codes.LOCAL_ERROR)
 
         return self._ask(self.factory.policy.data(self.ctx), queue)

@@ -5,7 +5,6 @@ service per listener and, when configured, the admin endpoint.
 
 import collections
 import dataclasses
-import glob
 import os
 import time
 
@@ -25,7 +24,7 @@ from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
-from relaygw.spool import Committer, Spool, partitionDirectory, partitions, removeFiles
+from relaygw.spool import Committer, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, twistdArgv
@@ -46,6 +45,9 @@ class NullMetrics:
         pass
 
     def delivery(self, hop, result):
+        pass
+
+    def corrupt(self):
         pass
 
 
@@ -167,7 +169,7 @@ class GatewayService(MultiService):
         directory = config.spool.directory
         if self.workers > 1:
             directory = partitionDirectory(directory, worker)
-        self.spool = Spool(directory, self.committer)
+        self.spool = Spool(directory, self.committer, config.spool.min_free_space)
         relay = config.relay
         from relaygw.relay import client
 
@@ -332,15 +334,13 @@ class GatewayService(MultiService):
             log.warn("cannot write {path}: {error}", path=path, error=e)
 
     def spoolProbe(self):
-        """(depth, age of the oldest message in seconds), for /metrics."""
-        ids = self.spool.queueIds()
-        if not ids:
-            return 0, 0.0
+        """(depth, age of the oldest message in seconds, free octets), for /metrics."""
+        depth, age = self.spool.oldestAge(time.time())
         try:
-            oldest = os.stat(self.spool.path("queue", ids[0])).st_mtime
+            free = self.spool.freeSpace()
         except OSError:
-            return len(ids), 0.0
-        return len(ids), max(0.0, time.time() - oldest)
+            free = 0
+        return depth, age, free
 
     def health(self):
         """For /healthz: (ok, reason)."""
@@ -348,6 +348,12 @@ class GatewayService(MultiService):
             return False, "draining"
         if not self.spool.writable():
             return False, "spool not writable"
+        try:
+            free = self.spool.freeSpace()
+        except OSError as e:
+            return False, "spool file system unreadable: %s" % (e.strerror,)
+        if free < self.spool.minFree:
+            return False, "spool low on space: %d bytes free, min_free_space %d" % (free, self.spool.minFree)
         return True, "ok"
 
     def setServiceParent(self, parent):
@@ -368,24 +374,13 @@ class GatewayService(MultiService):
         C{[process] workers} no longer uses: the partitions of workers that
         no longer exist, the unpartitioned spool after a switch to several
         workers, and every partition after a switch back to one process.
-        Progress and hold markers move before the message they belong to.
         """
         base = self.config.spool.directory
         sources = [path for index, path in partitions(base).items() if self.workers == 1 or index >= self.workers]
         if self.workers > 1:
             sources.append(base)
         for source in sources:
-            moved = 0
-            for area in ("state", "hold", "queue"):
-                src = os.path.join(source, area)
-                entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
-                if entries:
-                    os.makedirs(self.spool.path(area), exist_ok=True)
-                for entry in entries:
-                    os.rename(os.path.join(src, entry), self.spool.path(area, entry))
-                    moved += area == "queue"
-            # Spent files are only ever overwritten by their own partition.
-            removeFiles(glob.glob(os.path.join(source, "spent", "*")))
+            moved = self.spool.adopt(source)
             if moved:
                 log.info("adopted {n} queued messages from {source}", n=moved, source=source)
 

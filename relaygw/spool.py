@@ -1,12 +1,8 @@
 """
 The durable spool: accepted means on disk.
 
-Layout under the spool directory::
-
-    tmp/ID      a message being received (never acknowledged; removed at start)
-    queue/ID    a committed message: one JSON envelope line, then the content
-    state/ID    per-recipient delivery progress (written by the queue manager)
-    hold/ID     an empty marker: the message is held (relaygw-queue hold)
+The layout under the spool directory is L{Spool}'s alone (see there);
+everything else goes through L{relaygw.spoolapi.ISpool}.
 
 A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the
 file joins the L{Committer}'s next batch: one sync covers every message that
@@ -22,8 +18,10 @@ import threading
 import time
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from relaygw.logs import Logger
+from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, isStorageError  # noqa: F401
 
 log = Logger()
 
@@ -280,6 +278,7 @@ def newQueueId():
     return "%011X%04X%06X" % (int(time.time() * 1000), os.getpid() & 0xFFFF, _counter)
 
 
+@implementer(ISpooledMessage)
 class SpooledMessage:
     """
     A committed message as read back from the spool.
@@ -309,6 +308,15 @@ class SpooledMessage:
 
     _recipients = None
 
+    @property
+    def size(self):
+        """Octets of content sent onward (the Received header included)."""
+        return self.envelope["size"]
+
+    @property
+    def arrival(self):
+        return self.envelope.get("arrival", 0.0)
+
     def narrowed(self, recipients):
         """A view of this message for only C{recipients}."""
         m = SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset)
@@ -319,6 +327,20 @@ class SpooledMessage:
     def context(self):
         return self.envelope.get("context", {}).get("connection", {})
 
+    def openBody(self):
+        """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
+        f = open(self.path, "rb", buffering=0)
+        try:
+            f.seek(self.bodyOffset)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+
+#: The envelope line starts with the content's size, written when the
+#: content is complete (padded, so the line keeps its length).
+_SIZE_HEAD = b'{"body_size":%20d,'
 
 class MessageWriter:
     """
@@ -327,6 +349,12 @@ class MessageWriter:
     stays in memory up to C{SPILL} octets and is written out by the disk
     thread at commit; a larger message is streamed into C{tmp/ID} as it
     arrives, so memory stays flat whatever the message size.
+
+    A write that fails (a full disk) does not raise: the partial file is
+    removed, the rest of the content is only counted, and L{failed} holds
+    the error; L{commit} then fails with it.
+
+    @ivar size: octets of content written so far.
     """
 
     SPILL = 256 * 1024
@@ -337,19 +365,30 @@ class MessageWriter:
         self.tmpPath = spool.path("tmp", queueId)
         self.fd = None
         self.size = 0
+        self.failed = None
         self.envelope = envelope
-        self._chunks = [json.dumps(envelope, separators=(",", ":")).encode("utf-8") + b"\n"]
+        line = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+        self._chunks = [(_SIZE_HEAD % 0) + line[1:] + b"\n"]
         self._buffered = self.bodyOffset = len(self._chunks[0])
 
     def write(self, data):
         """Append content."""
+        self.size += len(data)
+        if self.failed is not None:
+            return
         self._chunks.append(data)
         self._buffered += len(data)
-        self.size += len(data)
         if self._buffered >= self.SPILL:
-            if self.fd is None:
-                self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            self._flush()
+            try:
+                if self.fd is None:
+                    self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                self._flush()
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, error):
+        self.failed = error
+        self.abort()
 
     def _flush(self):
         data = b"".join(self._chunks)
@@ -358,12 +397,21 @@ class MessageWriter:
 
     def commit(self):
         """Make the message durable and move it into C{queue/}; fires with the queue id."""
+        if self.failed is not None:
+            return defer.fail(self.failed)
         final = self.spool.path("queue", self.queueId)
+        head = _SIZE_HEAD % self.size
         if self.fd is None:
+            self._chunks[0] = head + self._chunks[0][len(head):]
             spent = self.spool.takeSpent()
             job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None)
         else:
-            self._flush()
+            try:
+                self._flush()
+                os.pwrite(self.fd, head, 0)
+            except OSError as e:
+                self._fail(e)
+                return defer.fail(e)
             job = CommitJob(self.tmpPath, final, fd=self.fd)
         self.fd = None
         self._chunks = []
@@ -385,22 +433,46 @@ class MessageWriter:
             self.fd = None
 
 
+#: Files relaygw-queue leaves in a spool directory for its queue manager.
+FLUSH_MARKER = "flush"
+RELEASE_MARKER = "release."
+
+
+@implementer(ISpool)
 class Spool:
     """
     The spool directory: new messages, recovery, progress and removal.
+
+    Layout (nothing outside this class knows it)::
+
+        tmp/ID        a message being received
+        queue/ID      a committed message: one JSON envelope line (starting
+                      with the content's size), then the content
+        state/ID      per-recipient delivery progress
+        hold/ID       an empty marker: the message is held
+        corrupt/ID    a queue file that could not be read back, with
+                      ID.state (its progress, if any) and ID.reason
+        spent/ID      delivered messages' files, overwritten by new ones
+        flush, release.ID   requests from relaygw-queue
 
     A delivered message's file is not unlinked but moved to C{spent/}, up
     to C{SPENT} of them, and the next message overwrites it: creating a
     file costs the file system an inode allocation, which on ext4 scans
     past every recently freed inode, and that was most of the CPU time
     of a message relayed at full speed.
+
+    @ivar minFree: octets that must stay free on the spool's file system
+        (C{[spool] min_free_space}).
     """
 
     SPENT = 1024
+    MAX_ENVELOPE = 4 << 20
+    AREAS = ("tmp", "queue", "state", "hold", "spent", "corrupt")
 
-    def __init__(self, directory, committer):
+    def __init__(self, directory, committer, minFree=0):
         self.directory = directory
         self.committer = committer
+        self.minFree = minFree
         self._spent = []
 
     def path(self, area, queueId=None):
@@ -413,7 +485,7 @@ class Spool:
         Create the layout and throw away what was never acknowledged.
         Returns the queue ids of the committed messages, oldest first.
         """
-        for area in ("tmp", "queue", "state", "hold", "spent"):
+        for area in self.AREAS:
             os.makedirs(self.path(area), exist_ok=True)
         for name in os.listdir(self.path("tmp")):
             os.unlink(self.path("tmp", name))
@@ -431,28 +503,73 @@ class Spool:
         return sorted(queued)
 
     def newMessage(self, envelope):
+        if isinstance(envelope, Envelope):
+            envelope = {k: v for k, v in envelope.asDict().items() if k not in ("size", "queue_id")}
         queueId = newQueueId()
         envelope = dict(envelope, queue_id=queueId)
         return MessageWriter(self, queueId, envelope)
 
     def queueIds(self):
-        return sorted(os.listdir(self.path("queue")))
+        try:
+            return sorted(os.listdir(self.path("queue")))
+        except FileNotFoundError:
+            return []
+
+    def exists(self, queueId):
+        return os.path.exists(self.path("queue", queueId))
 
     def load(self, queueId):
-        """Read a committed message's envelope (L{SpooledMessage})."""
-        with open(self.path("queue", queueId), "rb") as f:
-            line = f.readline()
-        envelope = json.loads(line)
-        envelope["size"] = os.stat(self.path("queue", queueId)).st_size - len(line)
-        return SpooledMessage(self, queueId, envelope, len(line))
+        """
+        Read a committed message's envelope (L{SpooledMessage}).  Raises
+        L{CorruptMessage} when the file cannot be read back whole:
+        empty, garbled, an envelope without what every message has, or
+        content whose size is not the one recorded before the 250.
+        """
+        path = self.path("queue", queueId)
+        with open(path, "rb") as f:
+            line = f.readline(self.MAX_ENVELOPE)
+            total = os.fstat(f.fileno()).st_size
+        try:
+            if not line:
+                raise CorruptMessage("empty queue file")
+            if not line.endswith(b"\n"):
+                raise CorruptMessage("truncated envelope (%d octets without an end of line)" % len(line))
+            try:
+                stored = json.loads(line)
+            except (ValueError, RecursionError):
+                raise CorruptMessage("garbled envelope")
+            Envelope.fromDict(stored)
+            actual = total - len(line)
+            declared = stored.pop("body_size", None)
+            # (A message queued before the size was recorded has none.)
+            if declared is not None and declared != actual:
+                raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
+        except CorruptMessage as e:
+            e.path = path
+            raise
+        stored["size"] = actual
+        return SpooledMessage(self, queueId, stored, len(line))
 
     def readState(self, queueId):
-        """The per-recipient progress, C{{}} when there is none yet."""
+        """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""
+        path = self.path("state", queueId)
         try:
-            with open(self.path("state", queueId), "rb") as f:
-                return json.load(f)
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return {}
+        try:
+            state = json.loads(data) if data else None
+        except (ValueError, RecursionError):
+            raise CorruptMessage("garbled state file", path)
+        if state is None:
+            raise CorruptMessage("empty state file", path)
+        if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
+                or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())
+                or not isinstance(state.get("attempts", 0), int)
+                or not isinstance(state.get("next_attempt", 0), (int, float, type(None)))):
+            raise CorruptMessage("state file is not a progress record", path)
+        return state
 
     def writeState(self, queueId, state):
         """Durably replace the progress record (tmp, fsync, rename, fsync dir)."""
@@ -465,6 +582,83 @@ class Spool:
         os.rename(tmp, final)
         fsyncDirectory(self.path("state"))
 
+    # -- quarantine ----------------------------------------------------
+
+    def quarantine(self, queueId, reason):
+        """
+        Move the message's files to C{corrupt/} (the queue file as ID, its
+        progress as ID.state) next to ID.reason, so it is never tried
+        again and an operator can look at it.  Never raises.
+        """
+        area = self.path("corrupt")
+        try:
+            os.makedirs(area, exist_ok=True)
+            with open(os.path.join(area, queueId + ".reason"), "w") as f:
+                json.dump({"reason": str(reason), "time": time.time()}, f)
+        except OSError:
+            pass  # the files still move; the reason is then unknown
+        for src, dst in (("state", queueId + ".state"), ("queue", queueId)):
+            try:
+                os.rename(self.path(src, queueId), os.path.join(area, dst))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot quarantine {path}: {error}", path=self.path(src, queueId), error=e)
+        removeFiles([self.path("hold", queueId)])
+
+    def corrupt(self):
+        """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
+        try:
+            names = os.listdir(self.path("corrupt"))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in sorted(names):
+            if "." in name:
+                continue
+            reason, when = "unknown", None
+            try:
+                with open(self.path("corrupt", name + ".reason"), "rb") as f:
+                    recorded = json.loads(f.read())
+                reason, when = str(recorded["reason"]), float(recorded["time"])
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                pass
+            found.append((name, reason, when))
+        return found
+
+    def discardCorrupt(self, queueId):
+        """Remove a quarantined message; False when there is none."""
+        if not os.path.exists(self.path("corrupt", queueId)):
+            return False
+        removeFiles([self.path("corrupt", queueId + suffix) for suffix in ("", ".state", ".reason")])
+        return True
+
+    # -- hold, release and flush requests -----------------------------
+
+    def hold(self, queueId):
+        """Keep C{queueId} from being delivered; False when it is not queued."""
+        if not self.exists(queueId):
+            return False
+        with open(self.path("hold", queueId), "w"):
+            pass
+        if not self.exists(queueId):
+            # Delivered meanwhile: leave no stray marker behind.
+            removeFiles([self.path("hold", queueId)])
+            return False
+        return True
+
+    def release(self, queueId):
+        """Let a held message go and ask for an attempt now; False (and nothing done) when it was not held."""
+        try:
+            os.unlink(self.path("hold", queueId))
+        except FileNotFoundError:
+            return False
+        self.requestFlush(queueId)
+        return True
+
+    def isHeld(self, queueId):
+        return os.path.exists(self.path("hold", queueId))
+
     def clearStrayHolds(self):
         """
         Remove hold markers whose message has gone: one held just as its
@@ -474,8 +668,50 @@ class Spool:
             if not os.path.exists(self.path("queue", queueId)):
                 removeFiles([self.path("hold", queueId)])
 
-    def isHeld(self, queueId):
-        return os.path.exists(self.path("hold", queueId))
+    def requestFlush(self, queueId=None):
+        """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
+        marker = FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId
+        with open(os.path.join(self.directory, marker), "w"):
+            pass
+
+    def takeRequests(self):
+        """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
+        flushAll, ids = False, []
+        for name in os.listdir(self.directory):
+            if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
+                removeFiles([os.path.join(self.directory, name)])
+                if name == FLUSH_MARKER:
+                    flushAll = True
+                else:
+                    ids.append(name[len(RELEASE_MARKER):])
+        return flushAll, ids
+
+    # -- room ------------------------------------------------------------
+
+    def freeSpace(self):
+        """Octets free to unprivileged writers on the spool's file system."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def hasRoom(self, size=0):
+        """Whether C{size} more octets still leave C{minFree} free (True when that cannot be told)."""
+        try:
+            return self.freeSpace() >= self.minFree + size
+        except OSError:
+            return True
+
+    def oldestAge(self, now):
+        """(depth, age of the oldest message in seconds)."""
+        ids = self.queueIds()
+        if not ids:
+            return 0, 0.0
+        try:
+            oldest = os.stat(self.path("queue", ids[0])).st_mtime
+        except OSError:
+            return len(ids), 0.0
+        return len(ids), max(0.0, now - oldest)
+
+    # -- removal and reuse ---------------------------------------------
 
     def remove(self, queueId, progress=True):
         """
@@ -500,3 +736,25 @@ class Spool:
 
     def writable(self):
         return os.access(self.path("tmp"), os.W_OK)
+
+    def adopt(self, source):
+        """
+        Take over the messages of the spool layout at C{source} (a
+        partition no longer used, or the unpartitioned spool): progress
+        and hold markers move before the message they belong to; spent
+        files are only ever overwritten by their own partition, so they
+        go.  Returns how many messages moved.
+        """
+        moved = 0
+        for area in ("state", "hold", "corrupt", "queue"):
+            src = os.path.join(source, area)
+            entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
+            if entries:
+                os.makedirs(self.path(area), exist_ok=True)
+            for entry in entries:
+                os.rename(os.path.join(src, entry), self.path(area, entry))
+                moved += area == "queue"
+        spent = os.path.join(source, "spent")
+        if os.path.isdir(spent):
+            removeFiles([os.path.join(spent, name) for name in os.listdir(spent)])
+        return moved

@@ -6,10 +6,9 @@ import os
 from email.utils import formatdate
 
 
-def _headers(path, offset, limit=65536):
-    """The original message's header section (without the gateway's trace)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
+def _headers(message, limit=65536):
+    """The original message's header section."""
+    with message.openBody() as f:
         data = f.read(limit)
     end = data.find(b"\r\n\r\n")
     return data[: end + 2] if end != -1 else data
@@ -28,7 +27,7 @@ def buildBounce(message, failures, hostname, now=None):
     """
     boundary = "relaygw-%s-%s" % (message.queueId, os.urandom(4).hex())
     date = formatdate(now, usegmt=True)
-    arrival = formatdate(message.envelope.get("arrival"), usegmt=True)
+    arrival = formatdate(message.arrival, usegmt=True)
     human = [
         "This is the mail system at host %s." % hostname,
         "",
@@ -72,5 +71,5 @@ def buildBounce(message, failures, hostname, now=None):
     # A blank line ends the per-message fields; one more separates each
     # recipient's group (RFC 3464 section 2.1).
     text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
-    body = text.encode("ascii") + _headers(message.path, message.bodyOffset)
+    body = text.encode("ascii") + _headers(message)
     return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")

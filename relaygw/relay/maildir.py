@@ -41,8 +41,7 @@ class MaildirNextHop:
         head = "Return-Path: <%s>\r\nX-Envelope-To: %s\r\n" % (
             message.mailfrom, ", ".join("<%s>" % r for r in message.recipients))
         yield head.encode("utf-8", "replace")
-        with open(message.path, "rb") as src:
-            src.seek(message.bodyOffset)
+        with message.openBody() as src:
             while True:
                 chunk = src.read(1 << 20)
                 if not chunk:

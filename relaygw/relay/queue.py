@@ -10,7 +10,6 @@ spool only when every recipient is done or bounced.
 """
 
 import collections
-import os
 import time
 
 from twisted.application.service import Service
@@ -19,10 +18,7 @@ from twisted.internet import defer
 from relaygw.logs import Logger
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
-
-#: Files relaygw-queue leaves in a spool directory for its queue manager.
-FLUSH_MARKER = "flush"
-RELEASE_MARKER = "release."
+from relaygw.spoolapi import CorruptMessage
 
 log = Logger(namespace="relaygw.queue")
 
@@ -60,6 +56,7 @@ class QueueManager(Service):
         self.timers = {}
         self.recovered = []
         self.fresh = {}
+        self.forced = set()
         self._idle = []
 
     def startService(self):
@@ -71,19 +68,17 @@ class QueueManager(Service):
 
     def _poll(self):
         """
-        Pick up requests from relaygw-queue: C{flush} retries everything,
-        C{release.ID} one message; clear stray hold markers.  Never raises.
+        Pick up requests from relaygw-queue: a flush retries everything, a
+        release one message; clear stray hold markers.  Never raises.
         """
         try:
-            for name in os.listdir(self.spool.directory):
-                if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
-                    os.unlink(os.path.join(self.spool.directory, name))
-                    qid = name[len(RELEASE_MARKER):]
-                    if name == FLUSH_MARKER:
-                        log.info("flush requested")
-                        self.flush()
-                    elif os.path.exists(self.spool.path("queue", qid)):
-                        self.enqueue(qid)
+            flushAll, ids = self.spool.takeRequests()
+            if flushAll:
+                log.info("flush requested")
+                self.flush()
+            for qid in ids:
+                if self.spool.exists(qid):
+                    self.enqueue(qid, forced=True)
             self.spool.clearStrayHolds()
         except Exception:
             log.failure("queue poll failed")
@@ -130,13 +125,17 @@ class QueueManager(Service):
         self._idle.append(d)
         return d
 
-    def enqueue(self, queueId, message=None):
+    def enqueue(self, queueId, message=None, forced=False):
         """
         Schedule a delivery attempt for C{queueId} now.  A message just
         accepted is handed in as well, so it needn't be read back.
+        C{forced}: an operator asked for it (flush, release); such an
+        attempt leaves the retry backoff as it was.
         """
         if self.deferAll:
             return  # [relay] defer_all: everything stays queued
+        if forced:
+            self.forced.add(queueId)
         if message is not None and queueId not in self.active:
             # Only for a first attempt: once one is in flight (a flush got
             # there first) progress is on disk, and the next attempt must
@@ -153,10 +152,8 @@ class QueueManager(Service):
 
     def flush(self):
         """Retry everything that waits for a retry (relaygw-queue flush)."""
-        for qid in list(self.timers):
-            self.enqueue(qid)
-        for qid in self.spool.queueIds():
-            self.enqueue(qid)
+        for qid in sorted(set(self.timers) | set(self.spool.queueIds())):
+            self.enqueue(qid, forced=True)
 
     def _pump(self):
         while self.running and self.ready and len(self.active) < self.concurrency:
@@ -174,7 +171,7 @@ class QueueManager(Service):
         """
         log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid,
                     delay=self.retryMin)
-        if self.running and os.path.exists(self.spool.path("queue", qid)):
+        if self.running and self.spool.exists(qid):
             self.timers[qid] = self.reactor.callLater(self.retryMin, self.enqueue, qid)
 
     def _finished(self, _, qid):
@@ -189,6 +186,8 @@ class QueueManager(Service):
     def _attempt(self, qid):
         message = self.fresh.pop(qid, None)
         fresh = message is not None
+        forced = qid in self.forced
+        self.forced.discard(qid)
         try:
             if message is None:
                 message = self.spool.load(qid)
@@ -197,6 +196,8 @@ class QueueManager(Service):
                 state = {}  # just accepted: no progress yet
         except FileNotFoundError:
             return None  # deleted meanwhile (relaygw-queue delete)
+        except CorruptMessage as e:
+            return self._quarantine(qid, e)
         if self.spool.isHeld(qid):
             return None
         rcpts = state.setdefault("rcpts", {})
@@ -215,21 +216,39 @@ class QueueManager(Service):
             d.addCallback(lambda results, hop=hop: (hop, results))
             attempts.append(d)
         d = defer.gatherResults(attempts)
-        d.addCallback(self._record, qid, message, state, fresh)
+        d.addCallback(self._record, qid, message, state, fresh, forced)
         return d
+
+    def _quarantine(self, qid, error):
+        """A queue or state file that can't be read back: set it aside once, never retry it."""
+        log.error("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qid, path=error.path,
+                  reason=error.reason)
+        timer = self.timers.pop(qid, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
+        if self.metrics:
+            self.metrics.corrupt()
 
     def _hopFailed(self, failure, recipients, hop):
         log.failure("next hop {hop} failed", failure, hop=hop.describe())
         result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
         return {r: result for r in recipients}
 
-    def _record(self, outcomes, qid, message, state, fresh=False):
+    def _record(self, outcomes, qid, message, state, fresh=False, forced=False):
         """
         Write down what C{outcomes} say; C{fresh}: this was the first
-        attempt at a message just accepted, with no progress on disk yet.
+        attempt at a message just accepted, with no progress on disk yet;
+        C{forced}: an operator's flush or release, which leaves the
+        backoff (and a retry time still ahead) as it was.
         """
         now = time.time()
         rcpts = state["rcpts"]
+        level = state.get("backoff", state.get("attempts", 0))
+        if not forced or not level:
+            level += 1
+        state["backoff"] = level
+        previous = state.get("next_attempt")
         state["attempts"] = state.get("attempts", 0) + 1
         lifetime = self.bounceLifetime if message.mailfrom == "" else self.lifetime
         expired = now - message.envelope.get("arrival", now) >= lifetime
@@ -256,11 +275,13 @@ class QueueManager(Service):
                     errors.append(result.describe())
                     log.info("{qid} to <{rcpt}> deferred: {result}", qid=qid, rcpt=r, result=result.describe())
         pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
-        delay = min(self.retryMax, self.retryMin * (2 ** (state["attempts"] - 1)))
+        delay = min(self.retryMax, self.retryMin * (2 ** (level - 1)))
+        if forced and previous is not None and previous > now:
+            delay = previous - now
         state["next_attempt"] = now + delay
         state["last_error"] = errors[-1] if errors else ""
         d = defer.succeed(None)
-        if bounced and message.mailfrom != "" and os.path.exists(message.path):
+        if bounced and message.mailfrom != "" and self.spool.exists(qid):
             # Until the bounce is durable a crash must neither re-send to the
             # recipients that succeeded nor lose the bounce: record the
             # progress with the bounced recipients still to do (tried again,
@@ -276,7 +297,7 @@ class QueueManager(Service):
         def settle(_):
             if not pending:
                 return self.spool.remove(qid, progress=not fresh)
-            if not os.path.exists(message.path):
+            if not self.spool.exists(qid):
                 return None  # deleted with relaygw-queue meanwhile
             self.spool.writeState(qid, state)
             if self.running:

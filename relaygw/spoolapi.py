@@ -1,0 +1,162 @@
+"""
+What the rest of the gateway may know about the spool: the envelope of a
+queued message and the spool's operations.  Only L{relaygw.spool} knows
+how messages, progress, hold markers and requests are laid out on disk.
+"""
+
+import dataclasses
+import errno
+
+from zope.interface import Attribute, Interface
+
+
+class CorruptMessage(Exception):
+    """
+    A queue or state file that cannot be read back or does not agree with
+    itself.  C{str()} is the reason, fit for a log line; C{path} names the
+    file when it is known.
+    """
+
+    def __init__(self, reason, path=None):
+        Exception.__init__(self, reason)
+        self.reason = reason
+        self.path = path
+
+
+#: Errors that mean the spool's storage is out of room or failing.
+STORAGE_ERRORS = frozenset([errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
+
+
+def isStorageError(error):
+    """Whether C{error} says the spool's storage is full or failing (a 452 4.3.1, not a crash)."""
+    return isinstance(error, OSError) and error.errno in STORAGE_ERRORS
+
+
+@dataclasses.dataclass
+class Envelope:
+    """
+    A message's envelope as the spool keeps it.
+
+    @ivar size: the content's size in octets as it is sent onward (the
+        Received header included); 0 until the content is complete.
+    """
+
+    mailfrom: str
+    recipients: list
+    mail_params: dict = dataclasses.field(default_factory=dict)
+    arrival: float = 0.0
+    context: dict = dataclasses.field(default_factory=dict)
+    queue_id: str = ""
+    size: int = 0
+
+    #: (key, accepted types, required) of the stored form.
+    _SHAPE = (("mailfrom", (str,), True), ("recipients", (list,), True), ("mail_params", (dict,), False),
+              ("arrival", (int, float), False), ("context", (dict,), False), ("queue_id", (str,), False))
+
+    @classmethod
+    def fromDict(cls, stored):
+        """The envelope from its stored form; raises L{CorruptMessage} naming what is wrong."""
+        if not isinstance(stored, dict):
+            raise CorruptMessage("envelope is not an object")
+        for key, kinds, required in cls._SHAPE:
+            if key not in stored:
+                if required:
+                    raise CorruptMessage("envelope lacks %r" % (key,))
+            elif not isinstance(stored[key], kinds) or isinstance(stored[key], bool):
+                raise CorruptMessage("envelope %r has the wrong type" % (key,))
+        if not stored["recipients"] or not all(isinstance(r, str) for r in stored["recipients"]):
+            raise CorruptMessage("envelope recipients are not a list of addresses")
+        size = stored.get("size", stored.get("body_size", 0))
+        return cls(mailfrom=stored["mailfrom"], recipients=list(stored["recipients"]),
+                   mail_params=dict(stored.get("mail_params", {})), arrival=float(stored.get("arrival", 0.0)),
+                   context=dict(stored.get("context", {})), queue_id=stored.get("queue_id", ""),
+                   size=size if isinstance(size, int) else 0)
+
+    def asDict(self):
+        """The stored form (as C{relaygw-queue show} prints it)."""
+        return dataclasses.asdict(self)
+
+
+class ISpooledMessage(Interface):
+    """A committed message, as next hops and the queue manager see it."""
+
+    queueId = Attribute("the queue id")
+    mailfrom = Attribute("the envelope sender, '' for the null sender")
+    recipients = Attribute("the recipients this view is for")
+    size = Attribute("octets of content sent onward")
+    arrival = Attribute("when it was accepted (seconds since the epoch)")
+    context = Attribute("the connection context recorded at acceptance")
+    envelope = Attribute("the envelope as a dict (read only)")
+
+    def narrowed(recipients):
+        """A view of the same message for only C{recipients}."""
+
+    def openBody():
+        """A binary file positioned at the start of the content; the caller closes it."""
+
+
+class ISpool(Interface):
+    """
+    The spool of one process (or one worker's partition): the one owner
+    of the queue file layout.
+    """
+
+    directory = Attribute("the spool (partition) directory")
+
+    def open():
+        """Create the layout, discard what was never acknowledged; the queued ids, oldest first."""
+
+    def newMessage(envelope):
+        """A writer for a new message (C{write()}, C{commit()}, C{abort()}, C{failed})."""
+
+    def queueIds():
+        """The ids of the queued messages, oldest first."""
+
+    def exists(queueId):
+        """Whether C{queueId} is (still) queued."""
+
+    def load(queueId):
+        """The L{ISpooledMessage}; raises L{CorruptMessage} or C{FileNotFoundError}."""
+
+    def readState(queueId):
+        """The per-recipient progress (C{{}} when none); raises L{CorruptMessage}."""
+
+    def writeState(queueId, state):
+        """Durably replace the progress record."""
+
+    def remove(queueId, progress=True):
+        """The message leaves the spool."""
+
+    def quarantine(queueId, reason):
+        """Move the message's files to the corrupt area, with the reason."""
+
+    def corrupt():
+        """C{[(queueId, reason, when)]} of the quarantined messages."""
+
+    def hold(queueId):
+        """Keep C{queueId} from being delivered; False when it is not queued."""
+
+    def release(queueId):
+        """Let a held message go and ask for an attempt now; False when it was not held."""
+
+    def isHeld(queueId):
+        """Whether C{queueId} is held."""
+
+    def requestFlush(queueId=None):
+        """Ask the running queue manager to retry everything (or C{queueId}) now."""
+
+    def takeRequests():
+        """The requests left since the last call: C{(flushAll, [queueIds])}."""
+
+    def freeSpace():
+        """Octets free for the spool on its file system."""
+
+    def hasRoom(size=0):
+        """Whether C{size} more octets leave at least the configured minimum free."""
+
+    def oldestAge(now):
+        """(depth, age in seconds of the oldest message)."""
+
+    def adopt(directory):
+        """Take over the messages of another spool layout at C{directory}; how many moved."""
+

@@ -1,0 +1,338 @@
+"""
+Disk full is a 4xx, never a crash: min_free_space refuses MAIL, a write
+that fails during DATA or at commit answers 452 4.3.1 after the whole
+content was read, nothing is left half-written, and /healthz says why.
+The fault-injection tests make every spool write path fail in turn; the
+tmpfs test fills a real 2 MB file system.
+"""
+
+import errno
+import os
+import subprocess
+import urllib.error
+import urllib.request
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from relaygw import spool as spoolModule
+from relaygw.scripts import queue as tool
+from relaygw.testing import Client, Gateway, inThread
+from tests.test_relay import RelayTestCase
+
+BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
+SMALL = 20 * 1024  # written by the disk thread at commit
+
+
+def content(size, tag="x"):
+    """A message of about C{size} octets, in 1000-octet lines."""
+    line = (tag * 998)[:998] + "\r\n"
+    return "Subject: %s\r\n\r\n" % tag + line * max(1, size // 1000)
+
+
+def transaction(port, size, tag="x", mailArgs=""):
+    """One message over a raw socket: the replies to MAIL and to the final dot (None if not reached)."""
+    c = Client(port, timeout=20)
+    try:
+        c.reply()
+        c.cmd("EHLO diskfull.test")
+        mail = c.cmd("MAIL FROM:<a@example.org>" + mailArgs)
+        if mail[0] != 250:
+            return mail, None
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send(content(size, tag) + ".\r\n")
+        end = c.reply()
+        # The session goes on: the client may try again later.
+        assert c.cmd("RSET")[0] == 250
+        c.cmd("QUIT")
+        return mail, end
+    finally:
+        c.close()
+
+
+def failing(original, error, calls=None, once=False):
+    """
+    C{original}, except that it raises C{OSError(error)} (and counts the
+    calls) while armed; C{once}: it disarms itself after one failure.
+    """
+
+    def wrapper(*args, **kw):
+        if wrapper.armed:
+            if calls is not None:
+                calls.append(args)
+            wrapper.armed = not once
+            raise OSError(error, os.strerror(error))
+        return original(*args, **kw)
+
+    wrapper.armed = True
+    return wrapper
+
+
+def get(port, path):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class FaultInjectionTests(RelayTestCase):
+    """Each spool write path fails with ENOSPC or EIO in turn."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"defer_all": True}, admin={"endpoint": "tcp:0:interface=127.0.0.1"},
+                          spool={"min_free_space": 0})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        self.spool = self.gw.service.spool
+
+    def leftovers(self):
+        return {area: sorted(os.listdir(self.spool.path(area))) for area in ("tmp", "queue")}
+
+    @defer.inlineCallbacks
+    def check(self, size, name, error, obj=spoolModule):
+        """Inject C{error} into C{obj.name}; a message of C{size} gets 452 4.3.1, then one goes through."""
+        calls = []
+        fault = failing(getattr(obj, name), error, calls)
+        self.patch(obj, name, fault)
+        mail, end = yield inThread(transaction, self.gw.port, size)
+        self.assertEqual(mail[0], 250)
+        self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
+        self.assertTrue(calls, "the fault was never reached")
+        self.assertEqual(self.leftovers(), {"tmp": [], "queue": []})  # nothing half-written
+        fault.armed = False
+        mail, end = yield inThread(transaction, self.gw.port, size, "y")
+        self.assertEqual(end[0], 250, end)
+        [qid] = self.spool.queueIds()
+        self.assertEqual(end[1], ["2.0.0 Ok: queued as %s" % qid])
+        m = self.spool.load(qid)
+        with m.openBody() as f:
+            body = f.read()
+        self.assertEqual(len(body), m.size)
+        self.assertTrue(body.endswith(content(size, "y").encode()))
+        self.assertEqual(self.leftovers()["tmp"], [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)  # logged as one line each, no traceback
+
+    def test_spillWriteENOSPC(self):
+        """A message over 256 KB (which once got no reply at all) while the disk fills as it streams."""
+        return self.check(BIG, "writeAll", errno.ENOSPC)
+
+    def test_spillWriteEIO(self):
+        return self.check(BIG, "writeAll", errno.EIO)
+
+    def test_spillOpenENOSPC(self):
+        """Creating tmp/ID for the streamed content fails."""
+        return self.check(BIG, "open", errno.ENOSPC, obj=spoolModule.os)
+
+    def test_commitHeaderEIO(self):
+        """Writing the content's size into the envelope line at commit fails."""
+        return self.check(BIG, "pwrite", errno.EIO, obj=spoolModule.os)
+
+    def test_commitWriteENOSPC(self):
+        """A small message is written by the disk thread at commit: that fails."""
+        return self.check(SMALL, "writeAll", errno.ENOSPC)
+
+    def test_commitSyncEIO(self):
+        """The sync that makes the batch durable fails."""
+        self.patch(spoolModule, "_syncfs", lambda fd: False)  # one fsync per file
+        return self.check(SMALL, "fsync", errno.EIO, obj=spoolModule.os)
+
+    @defer.inlineCallbacks
+    def test_reusedSpentFileENOSPC(self):
+        """A small message overwriting a spent file fails: the spent file goes, nothing is queued."""
+        spent = self.spool.path("spent", "0000000000000000SPENT")
+        with open(spent, "wb") as f:
+            f.write(b"old content")
+        self.spool._spent.append("0000000000000000SPENT")
+        yield self.check(SMALL, "writeAll", errno.ENOSPC)
+        self.assertFalse(os.path.exists(spent))
+
+    @defer.inlineCallbacks
+    def test_belowMinFreeSpace(self):
+        """
+        MAIL gets 452 4.3.1 below min_free_space, counting SIZE=; /healthz
+        says 503 with the reason; /metrics has the free bytes.
+        """
+        free = 10 * 1024 * 1024
+        self.patch(self.spool, "freeSpace", lambda: free)
+        self.spool.minFree = free - 5000
+        mail, end = yield inThread(transaction, self.gw.port, SMALL, mailArgs=" SIZE=4000")
+        self.assertEqual(mail[0], 250)
+        self.assertEqual(end[0], 250)
+        mail, end = yield inThread(transaction, self.gw.port, SMALL, mailArgs=" SIZE=6000")
+        self.assertEqual((mail, end), ((452, ["4.3.1 Insufficient system storage"]), None))
+        status, body = yield inThread(get, self.gw.adminPort, "/healthz")
+        self.assertEqual((status, body), (200, "ok\n"))
+        status, body = yield inThread(get, self.gw.adminPort, "/metrics")
+        [gauge] = [l for l in body.splitlines() if l.startswith("relaygw_spool_free_bytes ")]
+        self.assertEqual(float(gauge.split()[1]), free)
+        self.spool.minFree = free + 1
+        mail, end = yield inThread(transaction, self.gw.port, SMALL)
+        self.assertEqual((mail, end), ((452, ["4.3.1 Insufficient system storage"]), None))
+        status, body = yield inThread(get, self.gw.adminPort, "/healthz")
+        self.assertEqual((status, body), (503, "spool low on space: %d bytes free, min_free_space %d\n" % (
+            free, free + 1)))
+        self.assertEqual(len(self.spool.queueIds()), 1)
+
+
+class NextHopWriteTests(RelayTestCase):
+    """The write paths behind the queue manager: the Maildir next hop and a bounce."""
+
+    @defer.inlineCallbacks
+    def test_maildirWriteENOSPC(self):
+        """The Maildir can't be written: the message stays queued, deferred, and arrives once later."""
+        yield self.gateway({})
+        fault = failing(spoolModule.writeAll, errno.ENOSPC)
+        self.patch(spoolModule, "writeAll", fault)
+        self.patch(self.gw.service.queue, "retryMin", 0.2)
+        self.patch(self.gw.service.queue, "retryMax", 0.2)
+        # Accepting needs writeAll too: let the message in, then arm the fault.
+        fault.armed = False
+        factory = self.gw.service.factories[0]
+        original = factory.onQueued
+
+        def armThenEnqueue(qid, message):
+            fault.armed = True
+            return original(qid, message)
+
+        self.patch(factory, "onQueued", armThenEnqueue)
+        qid = yield self.send()
+        spool = self.gw.service.spool
+        yield self.until(lambda: spool.readState(qid).get("attempts", 0) >= 1)
+        entry = spool.readState(qid)["rcpts"]["b@example.net"]
+        self.assertEqual(entry["status"], "deferred")
+        self.assertIn("No space left on device", entry["result"])
+        self.assertEqual(os.listdir(os.path.join(self.gw.directory, "outbox", "tmp")), [])  # nothing half-written
+        fault.armed = False
+        yield self.until(lambda: not spool.queueIds())
+        self.assertEqual(len(self.gw.delivered()), 1)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_bounceWriteENOSPC(self):
+        """The bounce can't be queued: the original stays, and bounces once the disk has room."""
+        hop, port = self.hop(rcpt={"b@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        queue = self.gw.service.queue
+        self.patch(queue, "retryMin", 0.3)
+        spool = self.gw.service.spool
+        faults = []
+        fault = failing(spoolModule.writeAll, errno.ENOSPC, faults, once=True)
+        fault.armed = False
+        self.patch(spoolModule, "writeAll", fault)
+        newMessage = spool.newMessage
+
+        def failingBounce(envelope):
+            if envelope["mailfrom"] == "" and not faults:
+                fault.armed = True  # the bounce's commit (in the disk thread) fails once
+            return newMessage(envelope)
+
+        self.patch(spool, "newMessage", failingBounce)
+        qid = yield self.send()
+        yield self.until(lambda: faults)
+        self.assertIn(qid, spool.queueIds())  # kept: its bounce is not durable yet
+        # Retried after retry_min: bounced again, and this time the bounce is queued (and relayed).
+        yield self.until(lambda: not spool.queueIds(), timeout=10)
+        bounces = [t for t in hop.transactions if t["mailfrom"] == ""]
+        self.assertEqual([t["rcpts"] for t in bounces], [["a@example.org"]])
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 2)
+        self.assertEqual(len(faults), 1)
+        self.assertEqual(os.listdir(spool.path("tmp")), [])
+        self.flushLoggedErrors()
+
+
+def isRoot():
+    return os.geteuid() == 0
+
+
+class TmpfsTests(unittest.TestCase):
+    """
+    A real 2 MB tmpfs as the spool: it fills up, every message gets a
+    reply (250 or 452 4.3.1), nothing crashes, and every queued message
+    reads back whole.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        if not isRoot():
+            raise unittest.SkipTest("mounting a tmpfs needs root")
+        self.mount = os.path.abspath(self.mktemp())
+        os.makedirs(self.mount)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", self.mount], check=True, timeout=30)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.mount], timeout=30)
+
+    @defer.inlineCallbacks
+    def gateway(self, minFree):
+        gw = Gateway(self.mount, listeners=({"relay_networks": ["127.0.0.0/8"]},), relay={"defer_all": True},
+                     admin={"endpoint": "tcp:0:interface=127.0.0.1"}, spool={"min_free_space": minFree})
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        return gw
+
+    @defer.inlineCallbacks
+    def fill(self, gw, sizes):
+        """Send messages of C{sizes} in turn (on the reactor's thread pool); the replies."""
+        replies = []
+        for i, size in enumerate(sizes):
+            mail, end = yield inThread(transaction, gw.port, size, "m%d" % i)
+            replies.append((size, mail[0], end and end[0], end and end[1][0]))
+        return replies
+
+    def checkSpool(self, gw, accepted):
+        spool = gw.service.spool
+        ids = spool.queueIds()
+        self.assertEqual(len(ids), accepted)
+        for qid in ids:
+            m = spool.load(qid)  # raises if anything was left half-written
+            with m.openBody() as f:
+                self.assertEqual(len(f.read()), m.size)
+        self.assertEqual(os.listdir(spool.path("tmp")), [])
+        self.assertEqual(os.listdir(spool.path("corrupt")), [])
+
+    @defer.inlineCallbacks
+    def test_fullDuringData(self):
+        """min_free_space = 0: the disk fills during DATA and at commit; 452 4.3.1, never silence."""
+        gw = yield self.gateway(0)
+        sizes = [BIG, SMALL * 4] * 8
+        replies = yield self.fill(gw, sizes)
+        accepted = [r for r in replies if r[2] == 250]
+        refused = [r for r in replies if r[2] == 452]
+        self.assertEqual(len(accepted) + len(refused), len(sizes), replies)
+        self.assertTrue(accepted and refused, replies)
+        # Both the streamed path and the commit path meet the full disk.
+        self.assertEqual({r[0] for r in refused}, {BIG, SMALL * 4}, replies)
+        self.assertEqual({r[3] for r in refused}, {"4.3.1 Insufficient system storage"})
+        self.checkSpool(gw, len(accepted))
+        self.flushLoggedErrors()
+        self.report = ("tmpfs 2 MB, min_free_space 0: %d messages, %d accepted (%d octets), %d refused 452 4.3.1"
+                       % (len(replies), len(accepted), sum(r[0] for r in accepted), len(refused)))
+        print(self.report)
+
+    @defer.inlineCallbacks
+    def test_minFreeRefusesMail(self):
+        """min_free_space = 512 KB: MAIL gets 452 4.3.1 before the disk is full; /healthz turns 503."""
+        gw = yield self.gateway(512 * 1024)
+        replies = yield self.fill(gw, [BIG] * 8)
+        accepted = [r for r in replies if r[2] == 250]
+        refusedAtMail = [r for r in replies if r[1] == 452]
+        self.assertTrue(accepted and refusedAtMail, replies)
+        self.assertEqual(len(accepted) + len(refusedAtMail) + len([r for r in replies if r[2] == 452]), 8)
+        self.assertGreaterEqual(gw.service.spool.freeSpace(), 0)
+        status, body = yield inThread(get, gw.adminPort, "/healthz")
+        self.assertEqual(status, 503)
+        self.assertTrue(body.startswith("spool low on space: "), body)
+        status, body = yield inThread(get, gw.adminPort, "/metrics")
+        self.assertIn("relaygw_spool_free_bytes", body)
+        self.checkSpool(gw, len(accepted))
+        # A message delivered frees room: MAIL is accepted again.
+        spool = gw.service.spool
+        self.assertEqual(tool.main(["--config", gw.path, "delete"] + spool.queueIds()[:2], out=open(os.devnull, "w")), 0)
+        mail, end = yield inThread(transaction, gw.port, SMALL, "again")
+        self.assertEqual((mail[0], end[0]), (250, 250))
+        print("tmpfs 2 MB, min_free_space 512 KB: %s" % ([r[1:3] for r in replies],))
+        self.flushLoggedErrors()
+

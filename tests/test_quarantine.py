@@ -1,0 +1,216 @@
+"""
+Corrupt queue and state files are moved to corrupt/ once, with one error
+log line, a counter and a row in relaygw-queue list; never retried.  The
+envelope records the content's size, so a cut-off body is caught, and
+C{size} is the octets sent onward for fresh and recovered messages alike.
+"""
+
+import io
+import json
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial import unittest
+
+from relaygw.metrics import Metrics
+from relaygw.relay.nexthop import Result
+from relaygw.relay.queue import QueueManager
+from relaygw.scripts import queue as tool
+from relaygw.spool import Committer, MessageWriter, Spool
+from relaygw.spoolapi import CorruptMessage
+from tests.test_relay import RelayTestCase
+
+BODY = b"Subject: q\r\n\r\n" + b"line of the body\r\n" * 40
+
+
+class Hop:
+    def __init__(self):
+        self.calls = []
+
+    def describe(self):
+        return "test"
+
+    def deliver(self, messages):
+        self.calls.append(messages)
+        return [{r: Result(250, "2.0.0", "ok") for r in m.recipients} for m in messages]
+
+
+def cut(path, keep):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(keep(data))
+
+
+def envelopeLine(data):
+    return data.split(b"\n", 1)[0] + b"\n"
+
+
+#: kind -> (area, how the file is damaged, the reason logged)
+KINDS = {
+    "emptyQueueFile": ("queue", lambda d: b"", "empty queue file"),
+    "garbledQueueFile": ("queue", lambda d: b"\x00\xff\x10garbage\n" + d[200:], "garbled envelope"),
+    "emptyObject": ("queue", lambda d: b"{}\n" + d[len(envelopeLine(d)):], "envelope lacks 'mailfrom'"),
+    "truncatedEnvelope": ("queue", lambda d: d[:40], "truncated envelope (40 octets without an end of line)"),
+    "bodyCutMidway": ("queue", lambda d: d[:len(envelopeLine(d)) + 100],
+                      "content is 100 octets, the envelope says %d" % len(BODY)),
+    "wrongType": ("queue", lambda d: b'{"mailfrom":"a@example.org","recipients":"b@example.net"}\n' + BODY,
+                  "envelope 'recipients' has the wrong type"),
+    "emptyStateFile": ("state", lambda d: b"", "empty state file"),
+    "garbledStateFile": ("state", lambda d: b'{"rcpts": [1, 2', "garbled state file"),
+    "stateNotARecord": ("state", lambda d: b'{"rcpts": {"b@example.net": "done"}}', "state file is not a progress record"),
+}
+
+
+class QuarantineTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
+                                   "arrival": 1.7e9, "context": {"connection": {}}})
+        w.write(BODY)
+        self.qid = yield w.commit()
+        self.spool.writeState(self.qid, {"rcpts": {}, "attempts": 1, "next_attempt": 0})
+        self.errors = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.error:
+                self.errors.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def test_sizeRecordedBeforeTheAck(self):
+        """The envelope line starts with the content's size (small and streamed messages)."""
+        with open(self.spool.path("queue", self.qid), "rb") as f:
+            stored = json.loads(f.readline())
+        self.assertEqual(stored["body_size"], len(BODY))
+        self.assertEqual(self.spool.load(self.qid).size, len(BODY))
+
+    @defer.inlineCallbacks
+    def test_sizeRecordedStreamed(self):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        for _ in range(6):
+            w.write(b"y" * 65536)
+        self.assertIsNotNone(w.fd)  # streamed to tmp/
+        qid = yield w.commit()
+        with open(self.spool.path("queue", qid), "rb") as f:
+            line = f.readline()
+            self.assertEqual(json.loads(line)["body_size"], 6 * 65536)
+            self.assertEqual(len(f.read()), 6 * 65536)
+        self.assertEqual(len(line), MessageWriter(self.spool, qid, {"mailfrom": "", "recipients": ["r@example.net"],
+                                                                     "queue_id": qid}).bodyOffset)
+
+    def corrupt(self, kind):
+        area, damage, reason = KINDS[kind]
+        path = self.spool.path(area, self.qid)
+        cut(path, damage)
+        return path, reason
+
+    @defer.inlineCallbacks
+    def quarantined(self, kind):
+        path, reason = self.corrupt(kind)
+        clock = task.Clock()
+        hop = Hop()
+        metrics = Metrics()
+        q = QueueManager(self.spool, lambda m, r: hop, clock, retryMin=30, metrics=metrics)
+        q.recovered = self.spool.open()  # as at a start: the message is recovered
+        self.assertEqual(q.recovered, [self.qid])
+        with self.assertRaises(CorruptMessage) as caught:
+            self.spool.load(self.qid)
+            self.spool.readState(self.qid)
+        self.assertEqual((caught.exception.path, caught.exception.reason), (path, reason))
+        q.startService()
+        yield q.whenIdle()
+        # Moved once, with one line naming the file and the reason, and counted.
+        self.assertEqual(self.spool.queueIds(), [])
+        self.assertTrue(os.path.exists(self.spool.path("corrupt", self.qid)))
+        self.assertFalse(os.path.exists(self.spool.path("state", self.qid)))
+        self.assertEqual(len(self.errors), 1, self.errors)
+        from twisted.logger import formatEvent
+
+        line = formatEvent(self.errors[0])
+        self.assertIn(path, line)
+        self.assertIn(reason, line)
+        self.assertIn(b"relaygw_spool_corrupt_total 1.0", metrics.render())
+        # Never tried again: not at its retry time, not on a flush.
+        clock.advance(100000)
+        q.flush()
+        yield q.whenIdle()
+        self.assertEqual(hop.calls, [])
+        self.assertEqual(len(self.errors), 1)
+        # relaygw-queue lists it, with the reason, and can delete it.
+        out = io.StringIO()
+        self.assertEqual(tool.main(["--spool", self.dir, "list"], out=out), 0)
+        [row] = [l for l in out.getvalue().splitlines() if l.startswith(self.qid)]
+        self.assertTrue(row.startswith(self.qid + "#"), row)
+        self.assertIn("corrupt: %s: %s" % (path, reason), row)
+        self.assertTrue(out.getvalue().endswith("-- 0 messages, 0 bytes: 0 active, 0 deferred, 0 held; 1 corrupt\n"))
+        out = io.StringIO()
+        self.assertEqual(tool.main(["--spool", self.dir, "delete", self.qid], out=out), 0)
+        self.assertEqual(out.getvalue(), "deleted %s (corrupt)\n" % self.qid)
+        self.assertEqual(os.listdir(self.spool.path("corrupt")), [])
+        yield q.stopService()
+
+    def test_emptyQueueFile(self):
+        return self.quarantined("emptyQueueFile")
+
+    def test_garbledQueueFile(self):
+        return self.quarantined("garbledQueueFile")
+
+    def test_emptyObject(self):
+        return self.quarantined("emptyObject")
+
+    def test_truncatedEnvelope(self):
+        return self.quarantined("truncatedEnvelope")
+
+    def test_bodyCutMidway(self):
+        """A queue file cut mid-body is never delivered truncated."""
+        return self.quarantined("bodyCutMidway")
+
+    def test_wrongType(self):
+        return self.quarantined("wrongType")
+
+    def test_emptyStateFile(self):
+        return self.quarantined("emptyStateFile")
+
+    def test_garbledStateFile(self):
+        return self.quarantined("garbledStateFile")
+
+    def test_stateNotARecord(self):
+        return self.quarantined("stateNotARecord")
+
+    @defer.inlineCallbacks
+    def test_intactMessageDelivered(self):
+        """The same path with nothing damaged delivers (the tests above can fail)."""
+        hop = Hop()
+        q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=30)
+        q.recovered = self.spool.open()
+        q.startService()
+        yield q.whenIdle()
+        self.assertEqual(len(hop.calls), 1)
+        self.assertEqual(self.errors, [])
+        yield q.stopService()
+
+
+class SizeTests(RelayTestCase):
+    """size is the octets sent onward, on the first attempt and after a restart alike."""
+
+    @defer.inlineCallbacks
+    def test_sameSizeFreshAndRecovered(self):
+        hop, port = self.hop(extensions=["SIZE 10000000"],
+                             rcpt={"b@example.net": ["451 4.3.0 not yet", "451 4.3.0 not yet", "250 2.1.5 Ok"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 0.3, "retry_max": 0.3})
+        qid = yield self.send()
+        spool = self.gw.service.spool
+        yield self.until(lambda: spool.readState(qid).get("attempts", 0) >= 1)
+        fresh = spool.load(qid).size
+        yield self.until(lambda: not spool.queueIds())
+        sizes = [int(l.split("SIZE=")[1].split()[0]) for l in hop.lines if l.startswith("MAIL")]
+        [data] = [t["data"] for t in hop.transactions]
+        self.assertEqual(sizes, [len(data)] * 3)  # right on the first attempt, and on every retry
+        self.assertEqual(fresh, len(data))
+        self.assertTrue(data.startswith(b"Received: "))
