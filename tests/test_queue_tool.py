@@ -17,6 +17,16 @@ from relaygw.testing import configText, inThread
 from tests.test_relay import RelayTestCase, sourceEnv
 
 
+def block(out, qid):
+    """The lines C{list} prints for C{qid}: its row, then one per recipient."""
+    lines = out.splitlines()
+    [start] = [i for i, l in enumerate(lines) if l.startswith(qid)]
+    end = start + 1
+    while end < len(lines) and lines[end].startswith(" "):
+        end += 1
+    return lines[start:end]
+
+
 class QueueToolTests(RelayTestCase):
     def run_(self, *argv):
         out, self.stderr = io.StringIO(), io.StringIO()
@@ -37,12 +47,14 @@ class QueueToolTests(RelayTestCase):
     def test_listAndShow(self):
         code, out = self.run_("list")
         self.assertEqual(code, 0)
-        line = [l for l in out.splitlines() if l.startswith(self.q1)][0]
-        self.assertIn("<a@example.org>", line)
-        self.assertIn("<b@example.net>:deferred", line)
-        self.assertIn("451 4.3.0 not now", line)
-        self.assertIn("next=20", line)  # a date
-        self.assertIn("2 message(s)", out)
+        row, rcpt = block(out, self.q1)
+        self.assertIn("<a@example.org>", row)
+        self.assertIn("(next attempt 20", row)  # a date
+        self.assertEqual(rcpt.split(), ["<b@example.net>", "deferred", "451", "4.3.0", "not", "now"])
+        size = self.gw.service.spool.load(self.q1).size
+        self.assertEqual(row.split()[3], str(size))
+        self.assertEqual(out.splitlines()[-1],
+                         "-- 2 messages, %d bytes: 0 active, 2 deferred, 0 held; 0 corrupt" % (2 * size))
         code, out = self.run_("show", self.q2)
         shown = json.loads(out)
         self.assertEqual(shown["envelope"]["mailfrom"], "d@example.org")
@@ -51,7 +63,7 @@ class QueueToolTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_holdReleaseFlushDelete(self):
         self.assertEqual(self.run_("hold", self.q1)[0], 0)
-        self.assertIn("next=held", self.run_("list")[1])
+        self.assertEqual(block(self.run_("list")[1], self.q1 + "!")[0].split()[-1], "(held)")
         self.hop_.rcpt.clear()  # the next hop recovers
         self.assertEqual(self.run_("flush")[0], 0)
         yield self.until(lambda: self.q2 not in self.gw.service.spool.queueIds())
@@ -103,7 +115,7 @@ class QueueToolTests(RelayTestCase):
         def check(p):
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertIn(self.q1, p.stdout)
-            self.assertIn("2 message(s)", p.stdout)
+            self.assertIn("-- 2 messages", p.stdout)
 
         return inThread(run).addCallback(check)
 
@@ -121,8 +133,11 @@ class QueueToolTests(RelayTestCase):
                 out, err = io.StringIO(), io.StringIO()
                 with contextlib.redirect_stderr(err):
                     codes.append(tool.main(["--config", self.gw.path, "list"], out=out))
-                    for line in out.getvalue().splitlines()[:-1]:
-                        code = tool.main(["--config", self.gw.path, "show", line.split()[0]], out=io.StringIO())
+                    for line in out.getvalue().splitlines()[1:-1]:
+                        if line.startswith(" "):
+                            continue
+                        code = tool.main(["--config", self.gw.path, "show", line.split()[0].rstrip("*!")],
+                                         out=io.StringIO())
                         # A message may be delivered between list and show, nothing else.
                         codes.append(code if code == 0 or "no such message" in err.getvalue() else code + 100)
             return codes
@@ -179,10 +194,10 @@ class WorkerPartitionTests(unittest.TestCase):
         code, out = self.run_("list")
         self.assertEqual(code, 0)
         for worker, qid in enumerate(self.ids):
-            [line] = [l for l in out.splitlines() if l.startswith(qid)]
-            self.assertIn("<s%d@example.org>" % worker, line)
-            self.assertIn("<r%d@example.net>:pending" % worker, line)
-        self.assertIn("2 message(s)", out)
+            row, rcpt = block(out, qid)
+            self.assertIn("<s%d@example.org>" % worker, row)
+            self.assertEqual(rcpt.split(), ["<r%d@example.net>" % worker, "pending"])
+        self.assertIn("-- 2 messages", out)
 
     def test_commandsFindTheMessageInItsPartition(self):
         qid, spool = self.ids[1], self.spools[1]
@@ -191,7 +206,7 @@ class WorkerPartitionTests(unittest.TestCase):
         self.assertEqual(json.loads(out)["envelope"]["mailfrom"], "s1@example.org")
         self.assertEqual(self.run_("hold", qid)[0], 0)
         self.assertTrue(spool.isHeld(qid))
-        self.assertIn("next=held", self.run_("list")[1])
+        self.assertEqual(block(self.run_("list")[1], qid)[0].split()[-1], "(held)")
         self.assertEqual(self.run_("release", qid)[0], 0)
         self.assertFalse(spool.isHeld(qid))
         self.assertEqual(self.run_("delete", qid)[0], 0)
@@ -203,3 +218,181 @@ class WorkerPartitionTests(unittest.TestCase):
         # Each worker's queue manager polls for the marker in its own partition.
         for spool in self.spools:
             self.assertTrue(os.path.exists(os.path.join(spool.directory, "flush")), spool.directory)
+
+
+def runTool(*argv, stdin=None):
+    """relaygw-queue in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = tool.main(list(argv), out=out)
+    finally:
+        sys.stdin = old
+    return code, out.getvalue(), err.getvalue()
+
+
+class BulkAndRobustnessTests(unittest.TestCase):
+    """Bulk forms, release of a message not held, and no traceback whatever the spool holds."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        self.ids = []
+        for rcpt in ("a@one.example", "b@two.example", "c@Two.Example", "d@three.example"):
+            w = self.spool.newMessage({"mailfrom": "s@example.org", "recipients": [rcpt], "arrival": time.time(),
+                                       "context": {"connection": {}, "message": {}}})
+            w.write(b"Subject: x\r\n\r\nbody\r\n")
+            self.ids.append((yield w.commit()))
+
+    def test_releaseNotHeld(self):
+        """release of a message that is not held says so, exits 1 and changes nothing."""
+        before = sorted(os.listdir(self.dir))
+        code, out, err = runTool("--spool", self.dir, "release", self.ids[0])
+        self.assertEqual((code, out, err), (1, "", "relaygw-queue: %s is not held; nothing changed\n" % self.ids[0]))
+        self.assertEqual(sorted(os.listdir(self.dir)), before)  # no release request left either
+        self.assertEqual(runTool("--spool", self.dir, "hold", self.ids[0])[:2], (0, "held %s\n" % self.ids[0]))
+        self.assertEqual(runTool("--spool", self.dir, "release", self.ids[0])[:2], (0, "released %s\n" % self.ids[0]))
+        self.assertFalse(self.spool.isHeld(self.ids[0]))
+
+    def test_holdAll(self):
+        code, out, _ = runTool("--spool", self.dir, "hold", "ALL")
+        self.assertEqual(code, 0)
+        self.assertEqual(out, "".join("held %s\n" % q for q in self.ids))
+        self.assertTrue(all(self.spool.isHeld(q) for q in self.ids))
+        self.assertTrue(runTool("--spool", self.dir, "list")[1].endswith("0 active, 0 deferred, 4 held; 0 corrupt\n"))
+
+    def test_byDomain(self):
+        """--domain matches a recipient's domain, whatever its case."""
+        code, out, _ = runTool("--spool", self.dir, "delete", "--domain", "two.example")
+        self.assertEqual(code, 0)
+        self.assertEqual(out, "deleted %s\ndeleted %s\n" % (self.ids[1], self.ids[2]))
+        self.assertEqual(self.spool.queueIds(), [self.ids[0], self.ids[3]])
+
+    def test_idsFromStdin(self):
+        code, out, err = runTool("--spool", self.dir, "hold", "-", stdin="%s\n\n%s\nnosuch\n" % (self.ids[0], self.ids[3]))
+        self.assertEqual(code, 1)  # one id was not found; the others were held
+        self.assertEqual(out, "held %s\nheld %s\n" % (self.ids[0], self.ids[3]))
+        self.assertEqual(err, "relaygw-queue: no such message: nosuch\n")
+        self.assertEqual([self.spool.isHeld(q) for q in self.ids], [True, False, False, True])
+
+    def test_flushSome(self):
+        code, out, _ = runTool("--spool", self.dir, "flush", self.ids[2])
+        self.assertEqual((code, out), (0, "flush requested for %s\n" % self.ids[2]))
+        self.assertEqual(self.spool.takeRequests(), (False, [self.ids[2]]))
+
+    def test_anySpoolContent(self):
+        """Garbage in every file and name: every command answers without a traceback."""
+        q = self.ids
+        with open(self.spool.path("queue", q[0]), "wb") as f:
+            f.write(b"\xff\xfe\x00\n")
+        with open(self.spool.path("state", q[1]), "wb") as f:
+            f.write(b"[1, 2, 3]")
+        with open(self.spool.path("queue", q[2]), "wb") as f:
+            f.write(b'{"mailfrom": "x\\u001b[31m\\nforged line", "recipients": ["r\\u0000@x"], "arrival": 1e300,'
+                    b' "body_size": 0}\n')
+        with open(self.spool.path("state", q[3]), "wb") as f:
+            f.write(b'{"rcpts": {}, "next_attempt": 1e300, "last_error": "\\u00e9\\r\\n"}')
+        os.makedirs(self.spool.path("queue", "ADIRECTORY"))
+        with open(os.path.join(self.spool.path("queue"), "na\xefve\nname"), "wb") as f:
+            f.write(b"{}")
+        with open(self.spool.path("corrupt", "BAD"), "wb") as f:
+            f.write(b"")
+        with open(self.spool.path("corrupt", "BAD.reason"), "wb") as f:
+            f.write(b"\x00not json")
+        seen = []
+        for argv in (["list"], ["show", q[0]], ["show", q[1]], ["show", q[2]], ["show", q[3]], ["show", "ADIRECTORY"],
+                     ["hold", "ALL"], ["release", "ALL"], ["flush", "--domain", "x"], ["delete", "--domain", "x"],
+                     ["delete", "BAD"], ["delete", "ALL"]):
+            code, out, err = runTool("--spool", self.dir, *argv)
+            self.assertNotIn("Traceback", out + err, argv)
+            self.assertIn(code, (0, 1), (argv, err))
+            seen.append(out)
+        listing = seen[0]
+        self.assertNotIn("\x1b", listing)
+        self.assertNotIn("\nforged line", listing)
+        self.assertIn("unreadable: garbled envelope", listing)
+        self.assertIn("unreadable: state file is not a progress record", listing)
+        self.assertIn("x\\x1b[31m\\nforged line", listing)
+        self.assertIn("BAD#", listing)
+        self.assertTrue(all(l.isascii() for l in listing.splitlines()))
+
+    @defer.inlineCallbacks
+    def test_listIntoHead(self):
+        """list | head: no BrokenPipeError traceback, however long the listing."""
+        for i in range(600):
+            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"] * 3,
+                                       "context": {}})
+            w.write(b"x\r\n")
+            yield w.commit()
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+
+        def run():
+            return subprocess.run("%s --spool %s list | head -2" % (exe, self.dir), shell=True, capture_output=True,
+                                  text=True, timeout=30, env=sourceEnv())
+
+        p = yield inThread(run)
+        self.assertEqual(p.stderr, "")
+        self.assertEqual(len(p.stdout.splitlines()), 2)
+        self.assertTrue(p.stdout.startswith("QUEUE ID"))
+
+
+class BackoffTests(unittest.TestCase):
+    """A flush or release tries at once and leaves the retry backoff as it was."""
+
+    @defer.inlineCallbacks
+    def test_forcedAttemptKeepsBackoff(self):
+        from twisted.internet import task
+
+        from relaygw.relay.nexthop import Result
+        from relaygw.relay.queue import QueueManager
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"], "arrival": time.time(),
+                              "context": {}})
+        w.write(b"x\r\n")
+        qid = yield w.commit()
+        attempts = []
+
+        class Hop:
+            def describe(self):
+                return "test"
+
+            def deliver(self, messages):
+                attempts.append(time.time())
+                return [{"b@example.net": Result(451, "4.3.0", "not now")}]
+
+        clock = task.Clock()
+        q = QueueManager(spool, lambda m, r: Hop(), clock, retryMin=100, retryMax=10000)
+        q.recovered = spool.open()
+        q.startService()
+        yield q.whenIdle()
+        first = spool.readState(qid)
+        self.assertEqual((first["attempts"], first["backoff"]), (1, 1))
+        for _ in range(3):  # flushes, then a release
+            q.flush()
+            yield q.whenIdle()
+        spool.hold(qid)
+        spool.release(qid)
+        clock.advance(q.pollInterval)
+        yield q.whenIdle()
+        state = spool.readState(qid)
+        self.assertEqual(len(attempts), 5)
+        self.assertEqual((state["attempts"], state["backoff"]), (5, 1))
+        self.assertLess(abs(state["next_attempt"] - first["next_attempt"]), 0.01)
+        # The scheduled retry comes at the first interval, and only then does it double.
+        clock.advance(99)
+        yield q.whenIdle()
+        self.assertEqual(len(attempts), 5)
+        clock.advance(1.5)
+        yield q.whenIdle()
+        self.assertEqual(len(attempts), 6)
+        state = spool.readState(qid)
+        self.assertEqual(state["backoff"], 2)
+        self.assertLess(abs(state["next_attempt"] - time.time() - 200), 2)
+        yield q.stopService()

@@ -4,7 +4,8 @@ relaygw-queue: inspect and steer a gateway's spool, stopped or running.
 Every change is an atomic file operation the gateway expects (a marker
 created or removed, a queue file unlinked), so the tool never corrupts a
 spool the gateway is writing to.  A running gateway notices flush requests
-and released messages within a few seconds.
+and released messages within a few seconds.  Whatever the spool holds, the
+tool answers with a line, never a traceback.
 """
 
 import argparse
@@ -15,10 +16,16 @@ import sys
 import time
 
 from relaygw import config as _config
-from relaygw.relay.queue import FLUSH_MARKER, RELEASE_MARKER
 from relaygw.spool import Spool, partitions
+from relaygw.spoolapi import CorruptMessage
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+EPILOG = """\
+Messages to act on (hold, release, delete, flush): queue ids; ALL for every
+queued message; - to read ids from standard input (one a line, as many as
+given); or --domain example.net for every message with a recipient there.
+"""
 
 
 def _spools(args):
@@ -37,117 +44,253 @@ def _spools(args):
     return [Spool(directory, None)]
 
 
+def _clean(text):
+    """C{text} fit for one line of a terminal: control and non-ASCII characters escaped."""
+    return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in str(text))
+
+
+def _when(t, never="-"):
+    if t is None:
+        return never
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, ValueError, OSError, TypeError):
+        return "?"
+
+
 def _find(spools, qid):
     """The partition holding message C{qid}, or C{None}."""
     if not _QUEUE_ID.fullmatch(qid):
         return None
     for spool in spools:
-        if os.path.isfile(spool.path("queue", qid)):
+        if spool.exists(qid):
             return spool
     return None
 
 
-def _requestFlush(spools, qid=None):
-    """
-    Leave the marker each partition's queue manager polls for: retry
-    everything, or only C{qid}.
-    """
-    for spool in spools:
-        marker = FLUSH_MARKER if qid is None else RELEASE_MARKER + qid
-        with open(os.path.join(spool.directory, marker), "w"):
-            pass
+class _Unreadable(Exception):
+    """A message the tool can't read: shown as a row, not a traceback."""
 
 
 def _summary(spool, qid, now):
-    m = spool.load(qid)
-    state = spool.readState(qid)
+    """
+    One message as C{list} and C{show} print it.  Raises
+    C{FileNotFoundError} when it has gone, L{_Unreadable} when it can't be
+    read back.
+    """
+    try:
+        m = spool.load(qid)
+        state = spool.readState(qid)
+    except CorruptMessage as e:
+        raise _Unreadable(e.reason)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _Unreadable(e.strerror or str(e))
     rcpts = state.get("rcpts", {})
     nxt = state.get("next_attempt")
+    if spool.isHeld(qid):
+        status = "held"
+    elif nxt is not None and nxt > now:
+        status = "deferred"
+    else:
+        status = "active"
     return {
         "id": qid,
-        "age": int(now - m.envelope.get("arrival", now)),
+        "arrival": m.arrival,
+        "size": m.size,
         "sender": m.mailfrom,
-        "recipients": {r: rcpts.get(r, {}).get("status", "pending") for r in m.recipients},
-        "next_attempt": "held" if spool.isHeld(qid) else (
-            "now" if nxt is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(nxt))),
+        "status": status,
+        "recipients": [{"address": r, "status": rcpts.get(r, {}).get("status", "pending"),
+                        "reply": rcpts.get(r, {}).get("result", "")} for r in m.recipients],
+        "next_attempt": nxt,
+        "attempts": state.get("attempts", 0),
         "last_error": state.get("last_error", ""),
-        "size": m.envelope["size"],
     }
 
 
-def main(argv=None, out=sys.stdout):
-    p = argparse.ArgumentParser(prog="relaygw-queue", description=__doc__.strip().splitlines()[0])
+def _list(spools, out, now):
+    """Like C{postqueue -p}: a row per message, a line per recipient, then a summary."""
+    counts = {"active": 0, "deferred": 0, "held": 0, "corrupt": 0}
+    octets = 0
+    out.write("%-24s %-19s %10s  %s\n" % ("QUEUE ID", "ARRIVAL", "SIZE", "SENDER / RECIPIENT  STATE  LAST REPLY"))
+    for spool in spools:
+        for qid in spool.queueIds():
+            try:
+                s = _summary(spool, qid, now)
+            except FileNotFoundError:
+                continue  # delivered meanwhile
+            except _Unreadable as e:
+                counts["corrupt"] += 1
+                out.write("%-24s %-19s %10s  unreadable: %s\n" % (_clean(qid) + "!", "?", "?", _clean(e)))
+                continue
+            counts[s["status"]] += 1
+            octets += s["size"]
+            mark = {"held": "!", "active": "*"}.get(s["status"], " ")
+            tail = {"held": "held", "deferred": "next attempt " + _when(s["next_attempt"]),
+                    "active": "being delivered or due"}[s["status"]]
+            out.write("%-24s %-19s %10d  <%s>  (%s)\n" % (_clean(qid) + mark, _when(s["arrival"]), s["size"],
+                                                         _clean(s["sender"]), tail))
+            for r in s["recipients"]:
+                reply = "  " + _clean(r["reply"]) if r["reply"] else ""
+                out.write("%46s<%s>  %s%s\n" % ("", _clean(r["address"]), r["status"], reply))
+        for qid, reason, when in spool.corrupt():
+            counts["corrupt"] += 1
+            out.write("%-24s %-19s %10s  corrupt: %s\n" % (_clean(qid) + "#", _when(when), "-", _clean(reason)))
+    total = counts["active"] + counts["deferred"] + counts["held"]
+    out.write("-- %d message%s, %d bytes: %d active, %d deferred, %d held; %d corrupt\n" % (
+        total, "" if total == 1 else "s", octets, counts["active"], counts["deferred"], counts["held"],
+        counts["corrupt"]))
+
+
+def _select(spools, args, err):
+    """
+    The messages C{args} name: C{[(spool, qid)]}, and whether every named
+    one was found.
+    """
+    chosen, ok = [], True
+    if args.domain:
+        domain = args.domain.lower().lstrip("@")
+        for spool in spools:
+            for qid in spool.queueIds():
+                try:
+                    m = spool.load(qid)
+                except (OSError, CorruptMessage):
+                    continue
+                if any(r.rpartition("@")[2].lower() == domain for r in m.recipients):
+                    chosen.append((spool, qid))
+        return chosen, ok
+    ids = []
+    for word in args.ids:
+        if word == "ALL":
+            chosen.extend((spool, qid) for spool in spools for qid in spool.queueIds())
+        elif word == "-":
+            ids.extend(line.strip() for line in sys.stdin if line.strip())
+        else:
+            ids.append(word)
+    for qid in ids:
+        spool = _find(spools, qid)
+        if spool is None:
+            err("no such message: %s" % _clean(qid))
+            ok = False
+        else:
+            chosen.append((spool, qid))
+    return chosen, ok
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="relaygw-queue", description=__doc__.strip().splitlines()[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="the gateway's config file (default: the embedded default config)")
     p.add_argument("--spool", help="the spool directory (instead of --config)")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="queue id, age, sender, recipients, next attempt, last error")
-    for name, what in (("show", "one message: envelope, context and progress"),
-                       ("delete", "remove a message from the queue"),
-                       ("hold", "keep a message from being delivered"),
-                       ("release", "let a held message be delivered again")):
-        sub.add_parser(name, help=what).add_argument("id")
-    sub.add_parser("flush", help="retry every queued message now")
-    args = p.parse_args(argv)
+    sub.add_parser("list", help="each message: id, arrival, size, sender, each recipient's state and last reply")
+    sub.add_parser("show", help="one message: envelope, context and progress").add_argument("id")
+    for name, what in (("delete", "remove messages from the queue (or from corrupt/)"),
+                       ("hold", "keep messages from being delivered"),
+                       ("release", "let held messages be delivered again, now"),
+                       ("flush", "try messages now (all of them when none are named)")):
+        s = sub.add_parser(name, help=what, epilog=EPILOG)
+        s.add_argument("ids", nargs="*", metavar="ID")
+        s.add_argument("--domain", help="every message with a recipient in this domain")
+    return p
+
+
+def _run(argv, out):
+    args = _parser().parse_args(argv)
+
+    def err(text):
+        print("relaygw-queue: %s" % text, file=sys.stderr)
+
     try:
         spools = _spools(args)
     except _config.ConfigError as e:
-        print(e, file=sys.stderr)
+        err(e)
         return 1
     now = time.time()
     cmd = args.command
     if cmd == "list":
-        count = 0
-        for spool in spools:
-            ids = spool.queueIds() if os.path.isdir(spool.path("queue")) else []
-            count += len(ids)
-            for qid in ids:
-                try:
-                    s = _summary(spool, qid, now)
-                except (FileNotFoundError, ValueError):
-                    continue  # delivered or being written meanwhile
-                rcpts = " ".join("<%s>:%s" % kv for kv in s["recipients"].items())
-                out.write("%s  %6ds  <%s>  %s  next=%s  %s\n" % (
-                    qid, s["age"], s["sender"], rcpts, s["next_attempt"], s["last_error"]))
-        out.write("%d message(s)\n" % count)
+        _list(spools, out, now)
         return 0
-    if cmd == "flush":
-        _requestFlush(spools)
-        out.write("flush requested\n")
-        return 0
-    qid = args.id
-    spool = _find(spools, qid)
-    if spool is None:
-        print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
-        return 1
     if cmd == "show":
+        spool = _find(spools, args.id)
+        if spool is None:
+            err("no such message: %s" % _clean(args.id))
+            return 1
         try:
-            m = spool.load(qid)
-            shown = {"summary": _summary(spool, qid, now), "envelope": m.envelope, "state": spool.readState(qid)}
-        except FileNotFoundError:
-            # Delivered (and removed) since we looked.
-            print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
+            summary = _summary(spool, args.id, now)
+            m = spool.load(args.id)
+            shown = {"summary": summary, "envelope": m.envelope, "state": spool.readState(args.id)}
+        except FileNotFoundError:  # delivered (and removed) since we looked
+            err("no such message: %s" % args.id)
+            return 1
+        except _Unreadable as e:
+            err("%s is unreadable: %s" % (args.id, _clean(e)))
             return 1
         out.write(json.dumps(shown, indent=2, sort_keys=True) + "\n")
-    elif cmd == "delete":
-        spool.remove(qid)
-        out.write("deleted %s\n" % qid)
-    elif cmd == "hold":
-        with open(spool.path("hold", qid), "w"):
-            pass
-        if not os.path.exists(spool.path("queue", qid)):
-            # Delivered meanwhile: leave no stray marker behind.
+        return 0
+    if cmd == "flush" and not args.ids and not args.domain:
+        for spool in spools:
+            spool.requestFlush()
+        out.write("flush requested\n")
+        return 0
+    if not args.ids and not args.domain:
+        err("%s: name messages (queue ids, ALL, - or --domain)" % cmd)
+        return 2
+    if cmd == "delete":
+        # A quarantined message is named by its id too.
+        corrupt = [w for w in args.ids if _QUEUE_ID.fullmatch(w) and _find(spools, w) is None
+                   and any(s.discardCorrupt(w) for s in spools)]
+        for qid in corrupt:
+            out.write("deleted %s (corrupt)\n" % qid)
+        args.ids = [w for w in args.ids if w not in corrupt]
+        if not args.ids and not args.domain:
+            return 0
+    chosen, ok = _select(spools, args, err)
+    for spool, qid in chosen:
+        if cmd == "delete":
             spool.remove(qid)
-            print("relaygw-queue: no such message: %s" % qid, file=sys.stderr)
-            return 1
-        out.write("held %s\n" % qid)
-    elif cmd == "release":
+            out.write("deleted %s\n" % qid)
+        elif cmd == "hold":
+            if spool.hold(qid):
+                out.write("held %s\n" % qid)
+            else:
+                err("no such message: %s" % qid)
+                ok = False
+        elif cmd == "release":
+            if spool.release(qid):
+                out.write("released %s\n" % qid)
+            else:
+                err("%s is not held; nothing changed" % qid)
+                ok = False
+        elif cmd == "flush":
+            spool.requestFlush(qid)
+            out.write("flush requested for %s\n" % qid)
+    if not chosen and ok:
+        out.write("no messages\n")
+    return 0 if ok else 1
+
+
+def main(argv=None, out=None):
+    out = sys.stdout if out is None else out
+    try:
+        code = _run(argv, out)
+        out.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (list | head): stop quietly, and keep the
+        # interpreter from complaining when it flushes stdout at exit.
         try:
-            os.unlink(spool.path("hold", qid))
-        except FileNotFoundError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
             pass
-        _requestFlush([spool], qid)
-        out.write("released %s\n" % qid)
-    return 0
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # never a traceback, whatever the spool holds
+        print("relaygw-queue: error: %s" % _clean(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
