@@ -21,7 +21,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from relaygw.logs import Logger
-from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, isStorageError  # noqa: F401
+from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, isStorageError
 
 log = Logger()
 
@@ -389,6 +389,8 @@ class MessageWriter:
     def _fail(self, error):
         self.failed = error
         self.abort()
+        if isStorageError(error):
+            self.spool.releaseSpent()
 
     def _flush(self):
         data = b"".join(self._chunks)
@@ -417,8 +419,13 @@ class MessageWriter:
         self._chunks = []
         self.envelope["size"] = self.size
         d = self.spool.committer.commit(job)
-        d.addCallback(lambda _: self.queueId)
+        d.addCallbacks(lambda _: self.queueId, self._commitFailed)
         return d
+
+    def _commitFailed(self, failure):
+        if isStorageError(failure.value):
+            self.spool.releaseSpent()
+        return failure
 
     @property
     def message(self):
@@ -694,11 +701,30 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
     def hasRoom(self, size=0):
-        """Whether C{size} more octets still leave C{minFree} free (True when that cannot be told)."""
+        """
+        Whether C{size} more octets still leave C{minFree} free (True when
+        that cannot be told).  When they don't, the spent files give their
+        blocks back, for the messages that come after.
+        """
         try:
-            return self.freeSpace() >= self.minFree + size
+            if self.freeSpace() >= self.minFree + size:
+                return True
         except OSError:
             return True
+        self.releaseSpent()
+        return False
+
+    def releaseSpent(self):
+        """The file system is short of room: delivered messages' files give their blocks back."""
+        if not self._spent:
+            return
+        paths = [self.path("spent", name) for name in self._spent]
+        self._spent = []
+        log.warn("spool short of room: removing {n} spent files", n=len(paths))
+        if self.committer is None:
+            removeFiles(paths)
+        else:
+            self.committer.unlink(paths)
 
     def oldestAge(self, now):
         """(depth, age of the oldest message in seconds)."""

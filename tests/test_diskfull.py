@@ -336,3 +336,32 @@ class TmpfsTests(unittest.TestCase):
         print("tmpfs 2 MB, min_free_space 512 KB: %s" % ([r[1:3] for r in replies],))
         self.flushLoggedErrors()
 
+
+
+class SpentFilesTests(unittest.TestCase):
+    """Delivered messages' files kept for reuse give their blocks back when room runs short."""
+
+    @defer.inlineCallbacks
+    def test_releasedWhenShort(self):
+        from twisted.internet import reactor
+
+        from relaygw.spool import Committer, Spool
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=1000)
+        spool.open()
+        ids = []
+        for n in range(3):
+            w = spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+            w.write(b"x" * 5000)
+            ids.append((yield w.commit()))
+        for qid in ids:
+            yield spool.remove(qid)
+        self.assertEqual(len(os.listdir(spool.path("spent"))), 3)
+        self.assertTrue(spool.hasRoom(0))
+        self.assertEqual(len(os.listdir(spool.path("spent"))), 3)  # room enough: kept
+        self.patch(spool, "freeSpace", lambda: 999)
+        self.assertFalse(spool.hasRoom(0))
+        yield spool.committer.unlink([])  # the removal goes through the disk thread
+        self.assertEqual(os.listdir(spool.path("spent")), [])
+        self.assertIsNone(spool.takeSpent())
+        self.flushLoggedErrors()

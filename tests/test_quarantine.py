@@ -214,3 +214,27 @@ class SizeTests(RelayTestCase):
         self.assertEqual(sizes, [len(data)] * 3)  # right on the first attempt, and on every retry
         self.assertEqual(fresh, len(data))
         self.assertTrue(data.startswith(b"Received: "))
+
+
+class InterfaceTests(unittest.TestCase):
+    """The spool and its messages provide the interfaces the rest of the gateway uses."""
+
+    @defer.inlineCallbacks
+    def test_provides(self):
+        from zope.interface.verify import verifyObject
+
+        from relaygw.spoolapi import Envelope, ISpool, ISpooledMessage
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        self.assertTrue(verifyObject(ISpool, spool))
+        w = spool.newMessage(Envelope(mailfrom="a@example.org", recipients=["b@example.net"], arrival=5.0))
+        w.write(BODY)
+        qid = yield w.commit()
+        m = spool.load(qid)
+        self.assertTrue(verifyObject(ISpooledMessage, m))
+        env = Envelope.fromDict(m.envelope)
+        self.assertEqual((env.mailfrom, env.recipients, env.arrival, env.queue_id, env.size),
+                         ("a@example.org", ["b@example.net"], 5.0, qid, len(BODY)))
+        with m.narrowed(["b@example.net"]).openBody() as f:
+            self.assertEqual(f.read(), BODY)

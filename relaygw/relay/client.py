@@ -19,7 +19,7 @@ import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -54,8 +54,10 @@ class OutboundMessage:
     @ivar mailfrom: the envelope sender, C{""} for the null sender.
     @ivar recipients: the envelope recipients.
     @ivar bodyPath: the file holding the content (headers and body), CRLF
-        line ends, not dot-stuffed.
+        line ends, not dot-stuffed, unless C{openBody} is given.
     @ivar bodyOffset: the content starts at this byte offset of the file.
+    @ivar openBody: returns the content as a binary file positioned at its
+        start (a spooled message's C{openBody}); used instead of C{bodyPath}.
     @ivar context: the original client's connection-level validation context
         (C{remote_ip}, C{remote_port}, C{remote_name}, C{ehlo_domain},
         C{protocol}, C{auth_user} are forwarded with XCLIENT/XFORWARD).
@@ -64,10 +66,11 @@ class OutboundMessage:
 
     mailfrom: str
     recipients: list
-    bodyPath: str
+    bodyPath: str = ""
     bodyOffset: int = 0
     context: dict = field(default_factory=dict)
     size: Optional[int] = None
+    openBody: Optional[Callable] = None
 
 
 #: One recipient's outcome (shared with the queue manager).
@@ -858,15 +861,18 @@ class Connection:
     def _openBody(self, message, report=True):
         """The content of C{message}: C{(file, size)}; raises L{_MessageFailure}."""
         try:
-            body = open(message.bodyPath, "rb", buffering=0)  # reads are 64 KB chunks: no buffer needed
-            body.seek(message.bodyOffset)
+            if message.openBody is not None:
+                body = message.openBody()
+            else:
+                body = open(message.bodyPath, "rb", buffering=0)  # reads are 64 KB chunks: no buffer needed
+                body.seek(message.bodyOffset)
             size = message.size
             if size is None:
                 size = max(0, os.fstat(body.fileno()).st_size - message.bodyOffset)
             return body, size
         except OSError as e:
             if report:
-                log.error("{where}: cannot read {path}: {e}", where=self.where, path=message.bodyPath, e=e)
+                log.error("{where}: cannot read the message: {e}", where=self.where, e=e)
             raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
 
     async def _transaction(self, index, message):

@@ -29,10 +29,9 @@ def outbound(message):
     return smtpclient.OutboundMessage(
         mailfrom=message.mailfrom,
         recipients=list(message.recipients),
-        bodyPath=message.path,
-        bodyOffset=message.bodyOffset,
+        openBody=message.openBody,
         context=message.context,
-        size=message.envelope.get("size"),
+        size=message.size,
     )
 
 
