@@ -1,14 +1,24 @@
 """
-relaygw's benchmark: the whole matrix in one command, with Postfix and stock
-Twisted measured in the same run as baselines.  Loopback only; every load is
+relaygw's benchmark: relaygw as it ships against a throwaway Postfix doing
+the same work, measured in the same run.  Loopback only; every load is
 bounded by a message count and a time limit.
 
-    .venv/bin/python -m bench.run            # the full matrix (about 20-25 minutes)
-    .venv/bin/python -m bench.run --quick    # 4 KB, c=10 and 100, one run of each
+    .venv/bin/python -m bench.run            # the matrix (about 15-20 minutes)
+    .venv/bin/python -m bench.run --quick    # 4 KB, 100 sessions, one run of each
+    .venv/bin/python -m bench.run --quick --compare /tmp/base:before   # A/B against another source tree
+
+relaygw runs on its shipped defaults plus `[process] workers` = the number
+of cores (and what a cell needs: a smarthost, the trusted peer for XCLIENT,
+the PROXY listener settings, a certificate); Postfix on its defaults plus the
+same.  Each cell's ratio is against Postfix doing the same work (plain,
+XCLIENT, PROXY or STARTTLS) in the same run, the runs of the two
+interleaved.
 
 Needs Postfix's smtp-source and smtp-sink (Debian package postfix; `make
-bench` installs it).  Writes the table to stdout and, with --write,
-to bench/RESULTS.md.
+bench` installs it) and a C compiler with OpenSSL's headers for
+bench/smtpload.c (otherwise bench/loadgen.py, which costs more CPU per
+message than the servers it measures).  Writes the table to stdout and,
+with --write, to bench/RESULTS.md.
 """
 
 import argparse
@@ -32,15 +42,31 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable
 SOURCE = "/usr/sbin/smtp-source"
 SINK = "/usr/sbin/smtp-sink"
-#: relaygw worker processes ([process] workers); --workers sets it.
-WORKERS = 1
+#: relaygw worker processes ([process] workers); --workers sets it (default: one per core).
+WORKERS = os.cpu_count() or 1
 #: How long the recovery measurement waits for the spool to empty.
 RECOVERY_WAIT = 600
+#: The compiled bench/smtpload.c (None: use bench/loadgen.py).
+SMTPLOAD = None
 
 sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
 from relaygw.workers import twistdArgv  # noqa: E402
 from relaygw.tls import generateSelfSigned  # noqa: E402
+
+#: What each cell's configuration adds to the shipped defaults, as RESULTS.md states it.
+RELAYGW_CONFIG = {
+    "plain": "defaults + workers={w}",
+    "xclient": "defaults + workers={w}, trusted_peers, extensions=[xclient]",
+    "proxy": "defaults + workers={w}, proxy_protocol, proxy_trusted",
+    "tls": "defaults + workers={w}, tls_self_signed certificate ({cert})",
+}
+POSTFIX_CONFIG = {
+    "plain": "defaults",
+    "xclient": "smtpd_authorized_xclient_hosts",
+    "proxy": "smtpd_upstream_proxy_protocol=haproxy",
+    "tls": "smtpd_tls_security_level=may, same certificate",
+}
 
 
 def raiseFileLimit():
@@ -84,7 +110,9 @@ def procStats(pid):
         try:
             with open("/proc/%d/stat" % p) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            # utime + stime, plus the children's that have been waited for
+            # (Postfix's short-lived cleanup and smtpd processes).
+            cpu += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
             with open("/proc/%d/status" % p) as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
@@ -99,9 +127,12 @@ def procStats(pid):
 class Process:
     """A server started for one measurement, stopped by pid afterwards."""
 
-    def __init__(self, argv, cwd, port, env=None):
-        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    def __init__(self, argv, cwd, port, env=None, stdout=None):
+        out = open(stdout, "wb") if stdout else subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if stdout else out,
                                      env=env, preexec_fn=raiseFileLimit)
+        if stdout:
+            out.close()
         waitForPort(port, timeout=30)
         self.pid = self.proc.pid
 
@@ -115,28 +146,82 @@ class Process:
                 self.proc.wait()
 
 
-def relaygw(directory, port, variant="plain", sinkPort=None, extra=None, listenerExtra=None):
-    """Start a relaygw twistd process for a scenario; returns the Process."""
+class Certificate:
+    """The bench's certificate: what relaygw's tls_self_signed generates, shared with Postfix."""
+
+    path = key = None
+
+    @classmethod
+    def files(cls):
+        if cls.path is None:
+            d = tempfile.mkdtemp(prefix="rgb-tls-")
+            LEFT.append(d)
+            cls.path, cls.key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+            generateSelfSigned(cls.path, cls.key, "relay.bench")
+        return cls.path, cls.key
+
+    @classmethod
+    def describe(cls):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+        with open(cls.files()[0], "rb") as f:
+            key = x509.load_pem_x509_certificate(f.read()).public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            return "RSA %d" % key.key_size
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            return "ECDSA %s" % {"secp256r1": "P-256", "secp384r1": "P-384"}.get(key.curve.name, key.curve.name)
+        return type(key).__name__
+
+
+def relaygw(directory, port, variant="plain", sinkPort=None, extra=None, listenerExtra=None, tree=ROOT):
+    """
+    Start relaygw as it ships: the embedded defaults, plus workers and what
+    the scenario needs; its log (level info) goes to a file, as it would.
+    """
     os.makedirs(directory, exist_ok=True)
-    listener = {"endpoint": "tcp:%d:interface=127.0.0.1:backlog=1024" % port, "hostname": "relay.bench",
-                "relay_networks": ["127.0.0.0/8", "192.0.2.0/24"], "max_connections": 20000}
+    listener = {"endpoint": "tcp:%d:interface=127.0.0.1" % port, "hostname": "relay.bench",
+                # The default relay_networks plus the documentation clients that XCLIENT and PROXY
+                # announce (Postfix's mynetworks is the same).
+                "relay_networks": ["127.0.0.0/8", "::1/128", "192.0.2.0/24"]}
     listener.update(listenerExtra or {})
     if variant == "tls":
-        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        generateSelfSigned(cert, key, "relay.bench")
-        listener.update(tls_certificate=cert, tls_key=key)
+        cert, key = Certificate.files()
+        listener.update(tls_certificate=cert, tls_key=key, tls_self_signed=True)
     elif variant == "xclient":
         listener.update(trusted_peers=["127.0.0.0/8"], extensions=["xclient"])
     elif variant == "proxy":
         listener.update(proxy_protocol=True, proxy_trusted=["127.0.0.1/32"])
-    relay = {"defer_all": True} if sinkPort is None else {
-        "smarthosts": ["[127.0.0.1]:%d" % sinkPort], "tls": "none", "destination_concurrency": 20}
+    relay = {"defer_all": True} if sinkPort is None else {"smarthosts": ["[127.0.0.1]:%d" % sinkPort]}
     relay.update(extra or {})
     conf = os.path.join(directory, "relaygw.toml")
     with open(conf, "w") as f:
-        f.write(configText(directory, listeners=(listener,), relay=relay, log={"level": "warn"},
+        f.write(configText(directory, listeners=(listener,), relay=relay,
                            process={"workers": WORKERS} if WORKERS > 1 else None))
-    return Process(twistdArgv(conf), directory, port)
+    env = dict(os.environ, PYTHONPATH=tree)
+    return Process(twistdArgv(conf), directory, port, env=env, stdout=os.path.join(directory, "relaygw.log"))
+
+
+def postfix(directory, port, variant, sinkPort, kind):
+    """A throwaway Postfix doing the scenario's work; returns the started PostfixInstance."""
+    extra = {"defer_transports": "smtp"} if kind == "accept" else {}
+    if variant == "proxy":
+        extra["smtpd_upstream_proxy_protocol"] = "haproxy"
+    elif variant == "tls":
+        cert, key = Certificate.files()
+        extra.update(smtpd_tls_security_level="may", smtpd_tls_cert_file=cert, smtpd_tls_key_file=key)
+    # XCLIENT: PostfixInstance already authorizes 127.0.0.0/8 (smtpd_authorized_xclient_hosts).
+    instance = PostfixInstance(directory, port, "[127.0.0.1]:%d" % (sinkPort or 9), extra)
+    instance.start()
+    return instance
+
+
+def postfixMaster(instance):
+    try:
+        with open(os.path.join(instance.settings["queue_directory"], "pid", "master.pid")) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def stockTwisted(directory, port):
@@ -145,20 +230,42 @@ def stockTwisted(directory, port):
 
 
 def smtpSource(port, sessions, count, size):
-    started = time.monotonic()
     subprocess.run([SOURCE, "-s", str(sessions), "-l", str(size), "-m", str(count), "-f", "a@example.org",
                     "-t", "b@example.net", "127.0.0.1:%d" % port], check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - started
+    return count
 
 
-def loadgen(port, sessions, count, size, seconds, variant="plain"):
-    argv = [PY, "-m", "bench.loadgen", "--port", str(port), "--sessions", str(sessions), "--count", str(count),
-            "--size", str(size), "--seconds", str(seconds)]
-    if variant in ("tls", "xclient", "proxy"):
-        argv.append("--" + variant)
+def buildSmtpLoad():
+    """Compile bench/smtpload.c once per run; None if there is no compiler or no OpenSSL headers."""
+    out = os.path.join(tempfile.mkdtemp(prefix="rgb-bin-"), "smtpload")
+    LEFT.append(os.path.dirname(out))
+    try:
+        subprocess.run(["cc", "-O2", "-o", out, os.path.join(HERE, "smtpload.c"), "-lssl", "-lcrypto",
+                        "-lpthread"], check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out
+
+
+def loadgen(port, sessions, count, size, seconds, variant="plain", resume=False):
+    """Our own client (XCLIENT, PROXY, STARTTLS; end-of-DATA latency): a dict with messages, p50_ms, p99_ms."""
+    if SMTPLOAD:
+        argv = [SMTPLOAD, str(port), str(sessions), str(count), str(size), str(seconds)]
+        if variant in ("tls", "xclient", "proxy"):
+            argv.append(variant)
+        if resume:
+            argv.append("resume")
+    else:
+        argv = [PY, "-m", "bench.loadgen", "--port", str(port), "--sessions", str(sessions), "--count", str(count),
+                "--size", str(size), "--seconds", str(seconds)]
+        if variant in ("tls", "xclient", "proxy"):
+            argv.append("--" + variant)
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, check=True)
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    if result["errors"] and not result["messages"]:
+        raise RuntimeError("load failed: %s" % (result["firstError"],))
+    return result
 
 
 class Sink:
@@ -199,6 +306,19 @@ class Sink:
             self.proc.wait()
 
 
+class Spinner:
+    """Another process keeping one core busy for at most C{seconds} (the "busy" cells)."""
+
+    def __init__(self, seconds):
+        self.proc = subprocess.Popen([PY, "-c", "import time\nd = time.monotonic() + %f\n"
+                                      "while time.monotonic() < d:\n    pass\n" % seconds])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 #: Each cell's work directory, removed at the end of the run: on ext4 without
 #: a journal a new file skips every inode freed in the last 30 seconds (the
 #: dirty expiry), one by one, so one cell's clean-up would slow the next.
@@ -210,85 +330,155 @@ def cleanUp():
         shutil.rmtree(LEFT.pop(), ignore_errors=True)
 
 
-def countFor(rate, seconds, cap):
-    return int(max(50, min(cap, rate * seconds)))
+class Server:
+    """One column of a comparison: Postfix, relaygw (from a source tree) or stock Twisted."""
+
+    def __init__(self, kind, label, tree=ROOT):
+        self.kind, self.label, self.tree = kind, label, tree
+        self.rate = {"relaygw": 1500, "postfix": 600, "twisted": 900}[kind]
+
+    def config(self, variant):
+        if self.kind == "relaygw":
+            return RELAYGW_CONFIG[variant].format(w=WORKERS, cert=Certificate.describe() if variant == "tls" else "")
+        if self.kind == "postfix":
+            return "Postfix %s" % POSTFIX_CONFIG[variant]
+        return "stock twisted.mail ESMTP, write + fsync"
 
 
-def cell(kind, server, size, sessions, opts, variant="plain"):
+def measure(server, kind, variant, size, sessions, opts, busy=False):
     """
-    One measurement (median over opts.runs).  kind: accept (queued, no
-    delivery) or e2e (through to an smtp-sink next hop).  Returns a dict.
+    One run of one server: start it (and the sink), send the load, wait for
+    the sink, then measure latency with our client; returns a dict.
     """
-    rates, cpus, hwms, lat50, lat99 = [], [], [], [], []
-    # A rough rate, so that a cell lasts about opts.seconds: one session is
-    # much slower than many (each message waits for its own fsync).
-    guess = {"relaygw": 1200, "postfix": 700, "twisted": 900}[server]
-    guess = guess if size < 10000 else guess // 2
-    guess = guess if sessions >= 10 else {"relaygw": 300, "postfix": 400, "twisted": 300}[server]
-    count = countFor(guess, opts.seconds, opts.cap)
-    for _ in range(opts.runs):
-        work = tempfile.mkdtemp(prefix="rgb-")
-        port, sink, proc, postfix = freePort(), None, None, None
-        try:
-            if kind == "e2e":
-                sink = Sink(count)
-            if server == "relaygw":
-                proc = relaygw(work, port, variant, sink.port if sink else None)
-            elif server == "twisted":
-                proc = stockTwisted(work, port)
-            else:
-                extra = {"defer_transports": "smtp"} if kind == "accept" else {}
-                postfix = PostfixInstance(work, port, "[127.0.0.1]:%d" % (sink.port if sink else 9), extra)
-                postfix.start()
-            pid = proc.pid if proc else None
-            if pid:
-                settled(pid)
-            before = procStats(pid) if pid else (0, 0, 0)
-            started = time.monotonic()
-            if variant == "plain":
-                smtpSource(port, sessions, count, size)
-                sent = count
-            else:
-                result = loadgen(port, sessions, count, size, opts.seconds * 3, variant)
-                sent = result["messages"]
+    guess = server.rate if size < 10000 else server.rate // 3
+    count = int(max(50, min(opts.cap, guess * opts.seconds)))
+    work = tempfile.mkdtemp(prefix="rgb-")
+    port, sink, proc, pf, spinner = freePort(), None, None, None, None
+    try:
+        if busy:
+            spinner = Spinner(opts.seconds * 10 + 120)
+        if kind == "e2e":
+            sink = Sink(count)
+        if server.kind == "relaygw":
+            proc = relaygw(work, port, variant, sink.port if sink else None, tree=server.tree)
+            pid = proc.pid
+            settled(pid)
+        elif server.kind == "twisted":
+            proc = stockTwisted(work, port)
+            pid = proc.pid
+        else:
+            pf = postfix(work, port, variant, sink.port if sink else None, kind)
+            pid = postfixMaster(pf)
+        before = procStats(pid) if pid else (0, 0, 0)
+        started = time.monotonic()
+        if variant == "plain":
+            sent = smtpSource(port, sessions, count, size)
+        else:
+            sent = loadgen(port, sessions, count, size, opts.seconds * 3, variant, opts.resume)["messages"]
+        elapsed = time.monotonic() - started
+        if sink is not None:
+            sink.count = sent  # what was accepted (a time-bounded load may send fewer)
+            if not sink.wait(120):
+                raise RuntimeError("the sink got %d of %d messages" % (sink.received(), sent))
             elapsed = time.monotonic() - started
-            if sink is not None:
-                sink.count = sent  # what was accepted (a time-bounded load may send fewer)
-                if not sink.wait(120):
-                    raise RuntimeError("the sink got %d of %d messages" % (sink.received(), sent))
-                elapsed = time.monotonic() - started
-            rates.append(sent / elapsed)
-            if pid:
-                after = procStats(pid)
-                cpus.append((after[0] - before[0]) / sent * 1000)
-                hwms.append(after[1])
-            # Latency from the end of DATA to the 250, with our own client.
-            lat = loadgen(port, sessions, max(50, min(count // 4, 2000)), size, opts.seconds, variant) \
-                if (server == "relaygw" or opts.latencyAll) and kind == "accept" else None
-            if lat:
-                lat50.append(lat["p50_ms"])
-                lat99.append(lat["p99_ms"])
-        finally:
-            for p in (proc, sink):
-                if p is not None:
-                    p.stop()
-            if postfix is not None:
-                postfix.stop()
-            LEFT.append(work)
-    out = {"rate": statistics.median(rates), "min": min(rates), "max": max(rates)}
-    if cpus:
-        out["cpu_per_1000"] = statistics.median(cpus)
-        out["rss_mb"] = max(hwms) / 1024
-    if lat50:
-        out["p50_ms"] = statistics.median(lat50)
-        out["p99_ms"] = statistics.median(lat99)
+        out = {"rate": sent / elapsed}
+        server.rate = max(50, out["rate"])  # the next run lasts about opts.seconds
+        if pid:
+            after = procStats(pid)
+            out["cpu_ms"] = (after[0] - before[0]) / sent * 1000
+            if server.kind != "postfix":
+                out["rss_mb"] = after[1] / 1024
+        # End of DATA to the 250, with our own client, while the next hop takes the mail.
+        lat = loadgen(port, sessions, max(100, min(int(out["rate"] * opts.seconds / 2), 5000)), size,
+                      opts.seconds, variant, opts.resume)
+        out["p50_ms"], out["p99_ms"] = lat["p50_ms"], lat["p99_ms"]
+        if sink is not None:
+            sink.count = sent + lat["messages"]
+            sink.wait(60)
+        return out
+    finally:
+        for p in (proc, sink, spinner):
+            if p is not None:
+                p.stop()
+        if pf is not None:
+            pf.stop()
+        LEFT.append(work)
+
+
+def group(servers, kind, variant, size, sessions, opts, busy=False):
+    """Every server of a comparison, their runs interleaved; returns {label: summary}."""
+    results = {s.label: [] for s in servers}
+    for _ in range(opts.runs):
+        for s in servers:
+            try:
+                results[s.label].append(measure(s, kind, variant, size, sessions, opts, busy))
+            except Exception as e:  # reported in the table; the matrix goes on
+                print("%s %s %s %d %d failed: %s" % (s.label, kind, variant, size, sessions, e), file=sys.stderr)
+    out = {}
+    for label, runs in results.items():
+        if not runs:
+            out[label] = None
+            continue
+        rates = [r["rate"] for r in runs]
+        summary = {"rate": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(runs)}
+        for k in ("cpu_ms", "p50_ms", "p99_ms"):
+            if all(k in r for r in runs):
+                summary[k] = statistics.median(r[k] for r in runs)
+        if all("rss_mb" in r for r in runs):
+            summary["rss_mb"] = max(r["rss_mb"] for r in runs)
+        out[label] = summary
     return out
 
 
+def fmt(c, base=None):
+    if c is None:
+        return ("failed", "–", "–", "–", "–")
+    s = "%.0f (%.0f–%.0f)" % (c["rate"], c["min"], c["max"])
+    ratio = "**%.2f×**" % (c["rate"] / base["rate"]) if base else "–"
+    lat = "%.1f / %.1f" % (c["p50_ms"], c["p99_ms"]) if "p50_ms" in c else "–"
+    cpu = "%.2f" % c["cpu_ms"] if "cpu_ms" in c else "–"
+    rss = "%.0f" % c["rss_mb"] if "rss_mb" in c else "–"
+    return s, ratio, lat, cpu, rss
+
+
+def matrix(cells, servers, opts):
+    """Every cell, each with Postfix doing the same work; returns the table rows."""
+    rows = []
+    for kind, variant, size, sessions, busy in cells:
+        results = group(servers, kind, variant, size, sessions, opts, busy)
+        base = results.get("Postfix 3.7")
+        for s in servers:
+            r = results[s.label]
+            name = "%s %s%s" % (s.label, "end-to-end" if kind == "e2e" else "accept-only",
+                                "" if variant == "plain" else " + " + {"tls": "STARTTLS", "xclient": "XCLIENT",
+                                                                       "proxy": "PROXY v2"}[variant])
+            if busy:
+                name += ", one core kept busy"
+            row = (name, s.config(variant), size, sessions) + fmt(r, base if s.kind != "postfix" else None)
+            rows.append(row)
+            print(" | ".join(str(x) for x in row), file=sys.stderr)
+    return rows
+
+
+def planCells(opts):
+    sizes = [int(s) for s in opts.sizes.split(",")]
+    conc = [int(c) for c in opts.concurrency.split(",")]
+    cells = []
+    for size in sizes:
+        for c in conc:
+            for v in opts.variants.split(","):
+                for kind in opts.kinds.split(","):
+                    cells.append((kind, v, size, c, False))
+    for v in (opts.busy.split(",") if opts.busy else ()):
+        cells.append(("e2e", v, 4096, 100, True))
+    for spec in (opts.extra_cells.split(";") if opts.extra_cells else ()):
+        kind, v, size, c = spec.split(",")
+        cells.append((kind, v, int(size), int(c), False))
+    return cells
 def idleConnections(n, opts):
     work = tempfile.mkdtemp(prefix="rgb-")
     port = freePort()
-    proc = relaygw(work, port)
+    proc = relaygw(work, port, listenerExtra={"max_connections": 2 * n})
     socks = []
     try:
         settled(proc.pid)
@@ -383,111 +573,98 @@ def recovery(n):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def fmt(c, base=None):
-    s = "%.0f (%.0f–%.0f)" % (c["rate"], c["min"], c["max"])
-    ratio = "%.2f×" % (c["rate"] / base["rate"]) if base else "–"
-    lat = "%.1f / %.1f" % (c["p50_ms"], c["p99_ms"]) if "p50_ms" in c else "–"
-    extra = "%.1f" % c["cpu_per_1000"] if "cpu_per_1000" in c else "–"
-    rss = "%.0f" % c["rss_mb"] if "rss_mb" in c else "–"
-    return s, ratio, lat, rss, extra
-
-
-def matrix(sizes, conc, variants, opts):
-    """Every cell, baselines first within each size and concurrency; returns the table rows."""
-    rows = []
-    for size in sizes:
-        for c in conc:
-            base = {k: cell(k, "postfix", size, c, opts) for k in ("accept", "e2e")}
-            stock = cell("accept", "twisted", size, c, opts)
-            rows.append(("Postfix 3.7 accept+queue", size, c) + fmt(base["accept"]))
-            rows.append(("Postfix 3.7 end-to-end", size, c) + fmt(base["e2e"]))
-            rows.append(("stock Twisted ESMTP, fsync", size, c) + fmt(stock, base["accept"]))
-            for v in variants:
-                for kind in ("accept", "e2e"):
-                    label = "relaygw %s%s" % ("accept-only" if kind == "accept" else "end-to-end",
-                                              "" if v == "plain" else " + " + v)
-                    try:
-                        r = cell(kind, "relaygw", size, c, opts, v)
-                    except Exception as e:  # reported in the table; the matrix goes on
-                        rows.append((label, size, c, "failed: %s" % (e,), "–", "–", "–", "–"))
-                        print("%-40s %6d %4d  failed: %s" % (label, size, c, e), file=sys.stderr)
-                        continue
-                    rows.append((label, size, c) + fmt(r, base[kind]))
-                    print("%-40s %6d %4d  %s  %s" % ((label, size, c) + fmt(r, base[kind])[:2]), file=sys.stderr)
-    return rows
 
 
 def main(argv=None):
+    global WORKERS, SMTPLOAD
     p = argparse.ArgumentParser(description="relaygw benchmark")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="4 KB, 100 sessions, plain and XCLIENT, one run each")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--seconds", type=float, default=3)
     p.add_argument("--cap", type=int, default=20000)
-    p.add_argument("--sizes", default="4096,102400")
-    p.add_argument("--concurrency", default="1,10,100")
-    p.add_argument("--variants", default="plain,tls,xclient,proxy")
-    p.add_argument("--extras", action="store_true", default=None, help="memory and recovery measurements "
-                   "(the default, except with --quick)")
-    p.add_argument("--no-extras", dest="extras", action="store_false")
-    p.add_argument("--latency-all", dest="latencyAll", action="store_true", default=True)
-    p.add_argument("--workers", type=int, default=2, help="relaygw worker processes ([process] workers)")
+    p.add_argument("--sizes", default="4096")
+    p.add_argument("--concurrency", default="10,100")
+    p.add_argument("--variants", default="plain,xclient,proxy,tls")
+    p.add_argument("--kinds", default="e2e", help="e2e (through to the next hop) and/or accept (queue only)")
+    p.add_argument("--busy", default="plain,xclient,proxy",
+                   help="variants measured again (4 KB, 100 sessions) while another process keeps a core busy")
+    p.add_argument("--extra-cells", default="e2e,plain,102400,100",
+                   help="more cells, KIND,VARIANT,SIZE,SESSIONS separated by ';'")
+    p.add_argument("--stock", action="store_true", help="add stock Twisted (plain cells)")
+    p.add_argument("--resume", action="store_true", help="the STARTTLS client resumes TLS sessions")
+    p.add_argument("--compare", action="append", default=[], metavar="TREE[:LABEL]",
+                   help="also run relaygw from another source tree (A/B in the same run)")
+    p.add_argument("--extras", action="store_true", help="memory and recovery measurements")
+    p.add_argument("--workers", type=int, default=WORKERS, help="relaygw worker processes (default: cores)")
     p.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
     opts = p.parse_args(argv)
-    global WORKERS
     WORKERS = opts.workers
     for tool in (SOURCE, SINK, "/usr/sbin/postfix"):
         if not os.path.exists(tool):
             p.error("%s is missing: run `make bench` (or sh scripts/install-peers)" % tool)
     if opts.quick:
-        opts.runs, opts.sizes, opts.concurrency, opts.variants = 1, "4096", "10,100", "plain,xclient"
-    if opts.extras is None:
-        opts.extras = not opts.quick
+        opts.runs, opts.sizes, opts.concurrency, opts.variants = 1, "4096", "100", "plain,xclient"
+        opts.busy, opts.extra_cells = "", ""
     raiseFileLimit()
-    sizes = [int(s) for s in opts.sizes.split(",")]
-    conc = [int(c) for c in opts.concurrency.split(",")]
-    variants = opts.variants.split(",")
     started = time.monotonic()
+    SMTPLOAD = buildSmtpLoad()
+    servers = [Server("postfix", "Postfix 3.7"), Server("relaygw", "relaygw")]
+    for spec in opts.compare:
+        tree, _, label = spec.partition(":")
+        servers.append(Server("relaygw", "relaygw (%s)" % (label or tree), os.path.abspath(tree)))
+    if opts.stock:
+        servers.append(Server("twisted", "stock Twisted"))
     try:
-        rows = matrix(sizes, conc, variants, opts)
+        rows = matrix(planCells(opts), servers, opts)
+        table = tableText(rows)
+        extras = {}
+        if opts.extras:
+            extras["idle"] = idleConnections(10000, opts)
+            extras["big50MB"] = bigMessage(50 * 1024 * 1024)
+            extras["big1MB"] = bigMessage(1024 * 1024)
+            extras["recovery"] = recovery(100000)
+        print(table)
+        if extras:
+            print(json.dumps(extras, indent=2))
+        if opts.write:
+            with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+                f.write(report(table, extras, opts, time.monotonic() - started))
     finally:
         cleanUp()
-    lines = ["| scenario | size | sessions | msgs/s median (min–max) | vs Postfix | p50 / p99 ms | peak RSS MB "
-             "| CPU s / 1000 msgs |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append("| %s | %d KB | %d | %s | %s | %s | %s | %s |" % ((r[0], r[1] // 1024, r[2]) + r[3:]))
-    table = "\n".join(lines)
-    extras = {}
-    if opts.extras:
-        extras["idle"] = idleConnections(10000, opts)
-        extras["big50MB"] = bigMessage(50 * 1024 * 1024)
-        extras["big1MB"] = bigMessage(1024 * 1024)
-        extras["recovery"] = recovery(100000)
-    print(table)
-    if extras:
-        print(json.dumps(extras, indent=2))
-    if opts.write:
-        with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-            f.write(report(table, extras, opts, time.monotonic() - started))
     return 0
+
+
+def tableText(rows):
+    lines = ["| scenario | configuration | size | sessions | msgs/s median (min–max) | vs Postfix, same work "
+             "| p50 / p99 ms | CPU ms / msg | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %d KB | %d | %s | %s | %s | %s | %s |" % ((r[0], r[1], r[2] // 1024, r[3]) + r[4:]))
+    return "\n".join(lines)
 
 
 def report(table, extras, opts, seconds):
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     out = ["# relaygw benchmark results", "",
            "Date: %s. Machine: %d cores, %.0f GiB, Linux %s, Python %s. Loopback only. Runs per cell: %d "
-           "(%.0f s target each); whole run %.0f s." % (
+           "(%.0f s target each, the two servers' runs interleaved); whole run %.0f s." % (
                datetime.date.today().isoformat(), os.cpu_count(), mem, platform.release(),
                platform.python_version(), opts.runs, opts.seconds, seconds), "",
-           "Method: `python -m bench.run --write`. Plain cells use Postfix's smtp-source (one message per "
-           "connection, no PIPELINING); the STARTTLS, XCLIENT and PROXY cells use bench/loadgen.py, which "
-           "does the same with those steps added. Accept-only: every message is spooled and fsynced before "
-           "the 250, with `[relay] defer_all` so nothing is delivered (Postfix: `defer_transports = smtp`). "
-           "End-to-end: through to an smtp-sink next hop, timed until the sink has every message. Latency: "
-           "end of DATA to the 250, measured with loadgen at the same concurrency. Ratios are against Postfix "
-           "measured in the same run. relaygw ran with %d worker process(es) (`[process] workers`); its CPU "
-           "and peak RSS are summed over them. Every cell's files stay until the end of the run (on ext4 "
-           "without a journal a new file skips each inode freed in the last 30 s, so one cell's clean-up "
-           "would slow the next)." % WORKERS, "", table, ""]
+           "Method: `python -m bench.run --write`. relaygw runs on its shipped defaults (log level info, "
+           "text lines to a file, the default backlog, destination_concurrency and every other key as "
+           "`relaygw/default.toml` and `config.py` give them) plus `[process] workers` = %d (the cores), a "
+           "smarthost (the sink) and what the scenario needs; Postfix runs on its defaults plus the same. "
+           "The configuration column says what each adds. Plain cells load both servers with Postfix's "
+           "smtp-source (one message per connection, no PIPELINING); the XCLIENT, PROXY and STARTTLS cells "
+           "with bench/smtpload.c, which does the same with those steps added: XCLIENT ADDR and NAME then a "
+           "new EHLO per session as nginx sends it, a PROXY v2 header as HAProxy's send-proxy-v2 does, "
+           "STARTTLS then a new EHLO%s. End-to-end: through to an smtp-sink next hop, timed until the sink "
+           "has every message. Ratios are against Postfix doing the same work in the same run. Latency: end "
+           "of DATA to the 250, measured with smtpload at the same concurrency right after, the next hop "
+           "still taking the mail. CPU: user + system time per message of all of the server's processes "
+           "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
+           "sync of the message (relaygw's grouped syncfs, Postfix's fsync)." % (
+               WORKERS, " (no session resumption)" if not opts.resume else " (resuming the TLS session)"),
+           "", table, ""]
     if extras:
         out += ["## Memory and recovery", "", "```json", json.dumps(extras, indent=2), "```", ""]
     return "\n".join(out)
