@@ -6,19 +6,19 @@ that skips events below the configured level before building them.
 """
 
 import json
+import string
 import time
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogLevel,
-    LogLevelFilterPredicate,
     formatEvent,
 )
 from twisted.logger import Logger as _Logger
 from zope.interface import provider
 
 _PLAIN = (str, int, float, bool, type(None))
+_LEVELS = frozenset(LogLevel.iterconstants())
 
 #: Events below this level are dropped at the source (everything passes
 #: until the gateway's own observer is installed, as in tests).
@@ -34,9 +34,107 @@ class Logger(_Logger):
     """
 
     def emit(self, level, format=None, **kwargs):
+        if level not in _LEVELS:
+            _Logger.emit(self, level, format, **kwargs)  # it reports the invalid level
+            return
         if level < _minimum:
             return
-        _Logger.emit(self, level, format, **kwargs)
+        # The stock emit, less its check of the level against a fresh
+        # iteration of every LogLevel constant.
+        kwargs.update(log_logger=self, log_level=level, log_namespace=self.namespace,
+                      log_source=self.source, log_format=format, log_time=time.time())
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))
+        self.observer(kwargs)
+
+
+#: Parsed message formats: format -> ((literal, field, conversion, spec), ...),
+#: or None for a format only Twisted's formatter handles (attribute or item
+#: access, calls).  The gateway's formats are literals, so the cache stays
+#: small; it stops growing at _FORMATS_MAX.
+_formats = {}
+_FORMATS_MAX = 2000
+_parser = string.Formatter()
+_STR_IS_FORMAT = frozenset((str, int, float, bool, type(None)))
+
+
+def _parse(fmt):
+    """
+    C{(template, fields)} for C{%}-formatting when every field is plain
+    (no spec, no conversion but C{!r}), else C{(None, parts)}; C{None} if
+    only Twisted's formatter can render C{fmt}.
+    """
+    try:
+        parts = []
+        for literal, field, spec, conversion in _parser.parse(fmt):
+            if field is not None:
+                if not field.isidentifier() or (spec and "{" in spec):
+                    return None
+                if conversion not in (None, "r", "s", "a"):
+                    return None
+            parts.append((literal, field, conversion, spec or ""))
+    except ValueError:
+        return None
+    if all(field is None or (not spec and conversion in (None, "r")) for _, field, conversion, spec in parts):
+        template = "".join(literal.replace("%", "%%") + ("" if field is None else "%r" if conversion else "%s")
+                           for literal, field, conversion, spec in parts)
+        return template, tuple((field, conversion is None) for _, field, conversion, _ in parts if field is not None)
+    return None, tuple(parts)
+
+
+def formatMessage(event):
+    """
+    The event's message, as L{twisted.logger.formatEvent} renders it, from
+    a format parsed once rather than by a C{string.Formatter} per event;
+    anything out of the ordinary (no format, a field missing or failing to
+    render, attribute access) goes to C{formatEvent}.
+    """
+    fmt = event.get("log_format")
+    if fmt.__class__ is not str:
+        return formatEvent(event)
+    parsed = _formats.get(fmt, False)
+    if parsed is False:
+        parsed = _parse(fmt)
+        if len(_formats) < _FORMATS_MAX:
+            _formats[fmt] = parsed
+    if parsed is None:
+        return formatEvent(event)
+    template, fields = parsed
+    try:
+        if template is not None:
+            values = []
+            for field, plain in fields:
+                value = event[field]
+                # %s is str(); format() may differ for a type with its own __format__.
+                values.append(value if not plain or value.__class__ in _STR_IS_FORMAT else format(value, ""))
+            return template % tuple(values)
+        out = []
+        for literal, field, conversion, spec in fields:
+            if literal:
+                out.append(literal)
+            if field is not None:
+                value = event[field]
+                if conversion is not None:
+                    value = repr(value) if conversion == "r" else str(value) if conversion == "s" else ascii(value)
+                out.append(format(value, spec))
+        return "".join(out)
+    except Exception:
+        return formatEvent(event)
+
+
+class _Stamps:
+    """The text line's UTC time stamp, made once a second."""
+
+    second = None
+    text = ""
+
+    @classmethod
+    def of(cls, when):
+        second = int(when)
+        if second != cls.second:
+            cls.text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            cls.second = second
+        return cls.text
 
 
 def jsonLinesObserver(outFile):
@@ -48,7 +146,7 @@ def jsonLinesObserver(outFile):
             "time": event.get("log_time"),
             "level": getattr(event.get("log_level"), "name", None),
             "namespace": event.get("log_namespace"),
-            "message": formatEvent(event),
+            "message": formatMessage(event),
         }
         for k, v in event.items():
             if not k.startswith("log_") and k not in record and isinstance(v, _PLAIN):
@@ -96,13 +194,14 @@ def textLinesObserver(outFile):
 
     @provider(ILogObserver)
     def observe(event):
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
+        stamp = _Stamps.of(event.get("log_time") or time.time())
         level = getattr(event.get("log_level"), "name", "-")
-        text = escape(formatEvent(event))
+        text = escape(formatMessage(event))
         failure = event.get("log_failure")
         if failure is not None:
             text += "".join("\n    " + escape(line) for line in failure.getTraceback().splitlines())
-        outFile.write("%sZ %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
+        # The whole line in one write.
+        outFile.write("%s %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
         outFile.flush()
 
     return observe
@@ -115,8 +214,17 @@ def makeObserver(outFile, format="text", level="info"):
     at their source.
     """
     base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    return FilteringLogObserver(base, [predicate])
+    minimum = LogLevel.levelWithName(level)
+
+    @provider(ILogObserver)
+    def atLevel(event):
+        # What LogLevelFilterPredicate does with no per-namespace levels, less its
+        # walk of the namespace: an event without a level or a namespace is dropped.
+        level = event.get("log_level")
+        if level is not None and level >= minimum and event.get("log_namespace"):
+            base(event)
+
+    return atLevel
 
 
 def install(application, outFile, format="text", level="info"):

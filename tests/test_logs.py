@@ -50,3 +50,93 @@ class LoggerGateTests(unittest.TestCase):
             log.warn("w")
             log.error("e")
         self.assertEqual([e["log_format"] for e in events], ["w", "e"])
+        self.assertEqual(logs.formatMessage(events[0]), "w")
+
+
+class _Custom:
+    def __format__(self, spec):
+        return "formatted" + spec
+
+    def __str__(self):
+        return "str"
+
+    def __repr__(self):
+        return "repr"
+
+
+class FormatMessageTests(unittest.TestCase):
+    """formatMessage renders what Twisted's formatEvent renders, without a string.Formatter per event."""
+
+    CASES = [
+        ("a {x} b", {"x": 1}),
+        ("{x!r} 100%", {"x": "q"}),
+        ("%s {x} %d", {"x": "%(y)s"}),
+        ("{x:>5}|{y!s}", {"x": "a", "y": _Custom()}),
+        ("{serial:x}", {"serial": 255}),
+        ("{{literal}} {x}", {"x": (1, 2)}),
+        ("{x}", {"x": (1,)}),
+        ("{x}", {"x": _Custom()}),
+        ("{x!r}", {"x": _Custom()}),
+        ("{x!a}", {"x": "é"}),
+        ("{x} {y} {z}", {"x": None, "y": 1.5, "z": True}),
+        ("{a.b}", {"a": 1}),
+        ("{f()}", {"f": lambda: 3}),
+        ("{missing}", {}),
+        ("{x", {"x": 1}),
+        ("", {}),
+    ]
+
+    def test_sameTextAsFormatEvent(self):
+        from twisted.logger import formatEvent
+
+        for fmt, fields in self.CASES:
+            event = dict(fields, log_format=fmt)
+            self.assertEqual(logs.formatMessage(event), formatEvent(event), fmt)
+
+    def test_noFormat(self):
+        from twisted.logger import formatEvent
+
+        event = {"log_format": None, "log_text": "legacy"}
+        self.assertEqual(logs.formatMessage(event), formatEvent(event))
+
+
+class _CountingFile(io.StringIO):
+    def __init__(self):
+        io.StringIO.__init__(self)
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        return io.StringIO.write(self, text)
+
+
+class LineTests(unittest.TestCase):
+    def test_oneWritePerLineWithItsTraceback(self):
+        from twisted.python.failure import Failure
+
+        out = _CountingFile()
+        observer = logs.makeObserver(out, "text", "info")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        observer({"log_level": LogLevel.error, "log_namespace": "x", "log_time": 86400.5,
+                  "log_format": "boom {n}", "n": 1, "log_failure": failure})
+        self.assertEqual(out.writes, 1)
+        self.assertTrue(out.getvalue().startswith("1970-01-02T00:00:00Z error [x] boom 1\n"))
+        self.assertIn("ZeroDivisionError", out.getvalue())
+
+    def test_eventsWithoutLevelOrNamespaceAreDropped(self):
+        out = io.StringIO()
+        observer = logs.makeObserver(out, "text", "debug")
+        observer({"log_namespace": "x", "log_time": 0.0, "log_format": "no level"})
+        observer({"log_level": LogLevel.info, "log_time": 0.0, "log_format": "no namespace"})
+        self.assertEqual(out.getvalue(), "")
+
+    def test_invalidLevelIsReported(self):
+        from twisted.logger import InvalidLogLevelError
+
+        with capturedLogs() as events:
+            logs.Logger(namespace="t").emit("loud", "x")
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.critical])
+        self.assertEqual(len(self.flushLoggedErrors(InvalidLogLevelError)), 1)
