@@ -454,7 +454,10 @@ def matrix(cells, servers, opts):
                                                                        "proxy": "PROXY v2"}[variant])
             if busy:
                 name += ", one core kept busy"
-            row = (name, s.config(variant), size, sessions) + fmt(r, base if s.kind != "postfix" else None)
+            ref = base if s.kind != "postfix" else None
+            if ref is None and s is not servers[0] and results.get(servers[0].label):
+                ref = results[servers[0].label]  # an A/B run without Postfix: against the first column
+            row = (name, s.config(variant), size, sessions) + fmt(r, ref)
             rows.append(row)
             print(" | ".join(str(x) for x in row), file=sys.stderr)
     return rows
@@ -594,6 +597,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="the STARTTLS client resumes TLS sessions")
     p.add_argument("--compare", action="append", default=[], metavar="TREE[:LABEL]",
                    help="also run relaygw from another source tree (A/B in the same run)")
+    p.add_argument("--no-postfix", dest="postfix", action="store_false", help="relaygw only (A/B runs)")
     p.add_argument("--extras", action="store_true", help="memory and recovery measurements")
     p.add_argument("--workers", type=int, default=WORKERS, help="relaygw worker processes (default: cores)")
     p.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
@@ -608,7 +612,7 @@ def main(argv=None):
     raiseFileLimit()
     started = time.monotonic()
     SMTPLOAD = buildSmtpLoad()
-    servers = [Server("postfix", "Postfix 3.7"), Server("relaygw", "relaygw")]
+    servers = ([Server("postfix", "Postfix 3.7")] if opts.postfix else []) + [Server("relaygw", "relaygw")]
     for spec in opts.compare:
         tree, _, label = spec.partition(":")
         servers.append(Server("relaygw", "relaygw (%s)" % (label or tree), os.path.abspath(tree)))
