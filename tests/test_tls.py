@@ -266,9 +266,9 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         """
         The cipher string limits TLS 1.2 ciphers.
         """
-        self.listen(tls.ServerTLS(self.cert, self.key, ciphers="ECDHE-RSA-AES128-GCM-SHA256"))
+        self.listen(tls.ServerTLS(self.cert, self.key, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"))
         _, (info, _) = yield self.connect(clientContext(maximum=ssl.TLSVersion.TLSv1_2))
-        self.assertEqual(info["tls_cipher"], "ECDHE-RSA-AES128-GCM-SHA256")
+        self.assertEqual(info["tls_cipher"], "ECDHE-ECDSA-AES128-GCM-SHA256")
 
     def test_badOptions(self):
         """
