@@ -151,6 +151,8 @@ class Certificate:
 
     path = key = None
 
+    rsa = False
+
     @classmethod
     def files(cls):
         if cls.path is None:
@@ -158,7 +160,29 @@ class Certificate:
             LEFT.append(d)
             cls.path, cls.key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
             generateSelfSigned(cls.path, cls.key, "relay.bench")
+            if cls.rsa:  # what relaygw generated before it chose ECDSA P-256, for A/B runs
+                cls._rsa()
         return cls.path, cls.key
+
+    @classmethod
+    def _rsa(cls):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        with open(cls.path, "rb") as f:
+            old = x509.load_pem_x509_certificate(f.read())
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        builder = x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer) \
+            .public_key(key.public_key()).serial_number(old.serial_number) \
+            .not_valid_before(old.not_valid_before_utc).not_valid_after(old.not_valid_after_utc)
+        for ext in old.extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        with open(cls.path, "wb") as f:
+            f.write(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        with open(cls.key, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
 
     @classmethod
     def describe(cls):
@@ -595,6 +619,7 @@ def main(argv=None):
                    help="more cells, KIND,VARIANT,SIZE,SESSIONS separated by ';'")
     p.add_argument("--stock", action="store_true", help="add stock Twisted (plain cells)")
     p.add_argument("--resume", action="store_true", help="the STARTTLS client resumes TLS sessions")
+    p.add_argument("--rsa-cert", action="store_true", help="an RSA 2048 certificate instead of the self-signed default")
     p.add_argument("--compare", action="append", default=[], metavar="TREE[:LABEL]",
                    help="also run relaygw from another source tree (A/B in the same run)")
     p.add_argument("--no-postfix", dest="postfix", action="store_false", help="relaygw only (A/B runs)")
@@ -610,6 +635,7 @@ def main(argv=None):
         opts.runs, opts.sizes, opts.concurrency, opts.variants = 1, "4096", "100", "plain,xclient"
         opts.busy, opts.extra_cells = "", ""
     raiseFileLimit()
+    Certificate.rsa = opts.rsa_cert
     started = time.monotonic()
     SMTPLOAD = buildSmtpLoad()
     servers = ([Server("postfix", "Postfix 3.7")] if opts.postfix else []) + [Server("relaygw", "relaygw")]
