@@ -53,6 +53,11 @@ sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
 from relaygw.workers import twistdArgv  # noqa: E402
 from relaygw.tls import generateSelfSigned  # noqa: E402
+from relaygw import testing as _testing  # noqa: E402
+
+# Postfix's STARTTLS needs its TLS session cache and entropy manager.
+if "tlsmgr" not in _testing.POSTFIX_MASTER_CF:
+    _testing.POSTFIX_MASTER_CF += "tlsmgr    unix  -  -  n  1000? 1  tlsmgr\n"
 
 #: What each cell's configuration adds to the shipped defaults, as RESULTS.md states it.
 RELAYGW_CONFIG = {
