@@ -194,7 +194,8 @@ def textLinesObserver(outFile):
 
     @provider(ILogObserver)
     def observe(event):
-        stamp = _Stamps.of(event.get("log_time") or time.time())
+        when = event.get("log_time")
+        stamp = _Stamps.of(time.time() if when is None else when)
         level = getattr(event.get("log_level"), "name", "-")
         text = escape(formatMessage(event))
         failure = event.get("log_failure")
