@@ -352,9 +352,15 @@ class GatewayService(MultiService):
             free = self.spool.freeSpace()
         except OSError as e:
             return False, "spool file system unreadable: %s" % (e.strerror,)
-        if free < self.spool.minFree:
+        if free < max(1, self.spool.minFree):
             return False, "spool low on space: %d bytes free, min_free_space %d" % (free, self.spool.minFree)
+        failed = self.spool.recentStorageError(self.STORAGE_ERROR_SECONDS)
+        if failed is not None:
+            return False, "spool write failed %ds ago: %s" % (failed[0], failed[1])
         return True, "ok"
+
+    #: How long /healthz reports a failed spool write.
+    STORAGE_ERROR_SECONDS = 30
 
     def setServiceParent(self, parent):
         # twistd hands us the Application before it starts logging: our

@@ -390,7 +390,7 @@ class MessageWriter:
         self.failed = error
         self.abort()
         if isStorageError(error):
-            self.spool.releaseSpent()
+            self.spool.storageFailed(error)
 
     def _flush(self):
         data = b"".join(self._chunks)
@@ -424,7 +424,7 @@ class MessageWriter:
 
     def _commitFailed(self, failure):
         if isStorageError(failure.value):
-            self.spool.releaseSpent()
+            self.spool.storageFailed(failure.value)
         return failure
 
     @property
@@ -480,6 +480,7 @@ class Spool:
         self.directory = directory
         self.committer = committer
         self.minFree = minFree
+        self.lastStorageError = None
         self._spent = []
 
     def path(self, area, queueId=None):
@@ -713,6 +714,18 @@ class Spool:
             return True
         self.releaseSpent()
         return False
+
+    def storageFailed(self, error):
+        """A write failed for want of room (or an I/O error): remembered for /healthz; spent files go."""
+        self.lastStorageError = (time.monotonic(), error)
+        self.releaseSpent()
+
+    def recentStorageError(self, seconds):
+        """C{(secondsAgo, error)} of a storage error within the last C{seconds}, or None."""
+        if self.lastStorageError is None:
+            return None
+        ago = time.monotonic() - self.lastStorageError[0]
+        return (ago, self.lastStorageError[1]) if ago <= seconds else None
 
     def releaseSpent(self):
         """The file system is short of room: delivered messages' files give their blocks back."""

@@ -103,6 +103,11 @@ class FaultInjectionTests(RelayTestCase):
         self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
         self.assertTrue(calls, "the fault was never reached")
         self.assertEqual(self.leftovers(), {"tmp": [], "queue": []})  # nothing half-written
+        status, body = yield inThread(get, self.gw.adminPort, "/healthz")
+        self.assertEqual(status, 503)
+        self.assertTrue(body.startswith("spool write failed 0s ago: [Errno %d] " % error), body)
+        self.spool.lastStorageError = (self.spool.lastStorageError[0] - 31, self.spool.lastStorageError[1])
+        self.assertEqual((yield inThread(get, self.gw.adminPort, "/healthz")), (200, "ok\n"))
         fault.armed = False
         mail, end = yield inThread(transaction, self.gw.port, size, "y")
         self.assertEqual(end[0], 250, end)
@@ -307,7 +312,10 @@ class TmpfsTests(unittest.TestCase):
         self.assertEqual({r[0] for r in refused}, {BIG, SMALL * 4}, replies)
         self.assertEqual({r[3] for r in refused}, {"4.3.1 Insufficient system storage"})
         self.checkSpool(gw, len(accepted))
-        self.flushLoggedErrors()
+        status, body = yield inThread(get, gw.adminPort, "/healthz")
+        self.assertEqual(status, 503)  # min_free_space 0, but a write failed just now
+        self.assertIn("No space left on device", body)
+        self.assertEqual(self.flushLoggedErrors(), [])  # no crash, no traceback
         self.report = ("tmpfs 2 MB, min_free_space 0: %d messages, %d accepted (%d octets), %d refused 452 4.3.1"
                        % (len(replies), len(accepted), sum(r[0] for r in accepted), len(refused)))
         print(self.report)
@@ -334,7 +342,7 @@ class TmpfsTests(unittest.TestCase):
         mail, end = yield inThread(transaction, gw.port, SMALL, "again")
         self.assertEqual((mail[0], end[0]), (250, 250))
         print("tmpfs 2 MB, min_free_space 512 KB: %s" % ([r[1:3] for r in replies],))
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 
