@@ -268,6 +268,18 @@ def partitions(base):
     return dict(sorted(found.items()))
 
 
+def spoolsAt(base, workers):
+    """
+    The spools under C{base} for a tool (no disk thread): C{base} itself,
+    or with several workers (or only partitions found) each C{wN}
+    partition under it.
+    """
+    found = list(partitions(base).values())
+    if workers > 1 or (found and not os.path.isdir(os.path.join(base, "queue"))):
+        return [Spool(path, None) for path in found]
+    return [Spool(base, None)]
+
+
 _counter = 0
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 from relaygw import config as _config
-from relaygw.spool import Spool, partitions
+from relaygw.spool import spoolsAt
 from relaygw.spoolapi import CorruptMessage
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -38,10 +38,7 @@ def _spools(args):
     else:
         cfg = _config.load(args.config) if args.config else _config.loadDefault()
         directory, workers = cfg.spool.directory, cfg.process.workers
-    found = list(partitions(directory).values())
-    if workers > 1 or (found and not os.path.isdir(os.path.join(directory, "queue"))):
-        return [Spool(path, None) for path in found]
-    return [Spool(directory, None)]
+    return spoolsAt(directory, workers)
 
 
 def _clean(text):
