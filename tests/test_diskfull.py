@@ -145,6 +145,10 @@ class FaultInjectionTests(RelayTestCase):
         self.patch(spoolModule, "_syncfs", lambda fd: False)  # one fsync per file
         return self.check(SMALL, "fsync", errno.EIO, obj=spoolModule.os)
 
+    def test_commitRenameEIO(self):
+        """Renaming the durable file into queue/ fails."""
+        return self.check(SMALL, "rename", errno.EIO, obj=spoolModule.os)
+
     @defer.inlineCallbacks
     def test_reusedSpentFileENOSPC(self):
         """A small message overwriting a spent file fails: the spent file goes, nothing is queued."""
