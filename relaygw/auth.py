@@ -248,6 +248,9 @@ class HashedPasswordChecker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
+    #: How many passwords are hashed at once.
+    concurrency = 2
+
     def __init__(self, path, threadpool=None, reactor=None):
         """
         @param threadpool: where to hash; by default the reactor's thread
@@ -255,6 +258,9 @@ class HashedPasswordChecker:
         @param reactor: the reactor, needed with C{threadpool}.
         """
         self._file = PasswordFile(path)
+        # At most this many hashes at once: a flood of guesses waits its
+        # turn instead of taking every thread (and core) from the others.
+        self._hashing = defer.DeferredSemaphore(self.concurrency)
         self._threadpool = threadpool
         self._reactor = reactor
         self._stamp = None
@@ -273,6 +279,9 @@ class HashedPasswordChecker:
         return self._users
 
     def _inThread(self, f, *args):
+        return self._hashing.run(self._toThread, f, *args)
+
+    def _toThread(self, f, *args):
         if self._threadpool is None:
             return threads.deferToThread(f, *args)
         if self._reactor is None:
@@ -370,10 +379,17 @@ def decodePlain(response):
 
 class FailureTracker:
     """
-    Per-peer authentication failures within a sliding window.
+    Failed logins per client address, across connections, within a
+    sliding window: the AUTH brute-force limiter.
 
-    After a failed AUTH call L{record}, then wait L{delay} seconds before
-    the C{535} reply; drop the connection when L{tooMany} is true.
+    The session asks before it verifies anything: L{lockedOut} says
+    whether the address may try at all (failures in the window plus the
+    attempts being verified now reach C{limit}: so no more than C{limit}
+    passwords per window are ever hashed for one address, however many
+    connections it opens).  L{attempt} then reserves a try and says how
+    long to wait before verifying it (0 without recent failures, then 0.5,
+    1, 2 ... up to C{maxDelay} seconds), and L{done} ends it, counting a
+    failure.  L{tooMany} says whether the address is now locked out.
     """
 
     maxPeers = 10000
@@ -390,6 +406,7 @@ class FailureTracker:
         self.baseDelay = baseDelay
         self.maxDelay = maxDelay
         self._failures = {}
+        self._inflight = {}
 
     def _recent(self, peer):
         times = self._failures.get(peer)
@@ -413,11 +430,13 @@ class FailureTracker:
 
     def delay(self, peer):
         """
-        @return: seconds to wait before answering the latest failure:
-            0.5 for the first failure in the window, then 1, 2, 4, ...
-            capped at C{maxDelay}.
+        @return: seconds to wait before verifying the next attempt: 0
+            without a failure in the window, then 0.5 after the first, 1,
+            2, 4, ... capped at C{maxDelay}.
         """
-        n = max(self._recent(peer), 1)
+        n = self._recent(peer)
+        if not n:
+            return 0
         return min(self.maxDelay, self.baseDelay * 2 ** min(n - 1, 32))
 
     def tooMany(self, peer):
@@ -425,3 +444,30 @@ class FailureTracker:
         @return: whether C{peer} has C{limit} or more failures in the window.
         """
         return self._recent(peer) >= self.limit
+
+    def lockedOut(self, peer):
+        """
+        @return: whether C{peer} must not try now: its failures in the
+            window and its attempts being verified reach C{limit}.
+        """
+        return self._recent(peer) + self._inflight.get(peer, 0) >= self.limit
+
+    def attempt(self, peer):
+        """
+        Reserve an attempt for C{peer} (call L{done} when it is decided).
+
+        @return: the seconds to wait before verifying it.
+        """
+        wait = self.delay(peer)
+        self._inflight[peer] = self._inflight.get(peer, 0) + 1
+        return wait
+
+    def done(self, peer, failed):
+        """End an attempt L{attempt} reserved; count it if it C{failed}."""
+        left = self._inflight.get(peer, 0) - 1
+        if left > 0:
+            self._inflight[peer] = left
+        else:
+            self._inflight.pop(peer, None)
+        if failed:
+            self.record(peer)

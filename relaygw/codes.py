@@ -201,6 +201,7 @@ AUTH_MECHANISM = _r(504, "5.5.4", "Unsupported authentication mechanism")
 AUTH_ALREADY = _r(503, "5.5.1", "Error: already authenticated")
 AUTH_IN_TRANSACTION = _r(503, "5.5.1", "Error: MAIL transaction in progress")
 AUTH_UNAVAILABLE = _r(454, "4.7.0", "Temporary authentication failure")
+AUTH_LOCKED = _r(454, "4.7.0", "Too many failed authentications from this address, try again later")
 AUTH_TOO_MANY = _r(421, "4.7.0", "{host} too many authentication failures", close=True)
 AUTH_CHALLENGE = _r(334, None, "{challenge}")
 

@@ -23,7 +23,7 @@ import time
 
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, task
 from twisted.mail import smtp
 from zope.interface import implementer
 
@@ -42,13 +42,19 @@ COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
 
 #: How much input is buffered while a reply is pending before reading pauses.
 _PAUSE_AT = 256 * 1024
+#: How much unanswered input is buffered while replies are backed up.
+_HOLD_WHILE_PAUSED = 4096
+#: After a closing reply: seconds before a peer that has not taken it is cut off.
+CLOSE_TIMEOUT = 3.0
+#: After a closing reply: seconds input is read and discarded before closing.
+LINGER = 1.0
 
 
 def newSessionId():
     return os.urandom(6).hex()
 
 
-@implementer(interfaces.IHandshakeListener)
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
 class SMTPSession(smtp.ESMTP):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
@@ -72,6 +78,9 @@ class SMTPSession(smtp.ESMTP):
         self.tlsActive = False
         self.avatar = None
         self.refusedSession = None
+        self.writePaused = False
+        self._reading = True
+        self._abortTimer = self._lingerTimer = None
 
     # -- connection ----------------------------------------------------
 
@@ -91,6 +100,8 @@ class SMTPSession(smtp.ESMTP):
     def connectionMade(self):
         f = self.factory
         wire.noDelay(self.transport)
+        wire.boundBuffers(self.transport)
+        self.transport.registerProducer(self, True)
         self.listener = f.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
@@ -173,9 +184,9 @@ class SMTPSession(smtp.ESMTP):
             self.writer.abort()
             self.writer = None
         self.mode = CLOSED
-        timer = getattr(self, "_greetTimer", None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        for timer in (getattr(self, "_greetTimer", None), self._abortTimer, self._lingerTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self.avatar is not None:
             self.avatar = None
         self.factory.sessionEnded(self)
@@ -225,10 +236,80 @@ class SMTPSession(smtp.ESMTP):
         wire.send(self.transport, codes.render(code, None, message.splitlines() or [""]))
 
     def _close(self):
+        """
+        After a closing reply: read no more commands, and make sure the
+        client gets the reply.  A lingering close: on plain TCP the write
+        side is shut once the reply is out (the client reads it, then
+        EOF), and input is read and discarded until the client closes, for
+        at most L{LINGER} seconds, so that unread pipelined input does not
+        make the kernel reset the connection over the reply.  Whatever
+        happens, a peer that has not taken the reply within
+        L{CLOSE_TIMEOUT} seconds is cut off.
+        """
+        if self.mode == CLOSED:
+            return
         self.mode = CLOSED
         self.setTimeout(None)
-        self.buf = b""
-        self.transport.loseConnection()
+        pending, self.buf = bool(self.buf), b""
+        self.transport.unregisterProducer()
+        # The session is over: its per-IP and connection slots come back now,
+        # not when a slow or silent peer finally lets the socket go.
+        self.factory.sessionEnded(self)
+        reactor = self.factory.reactor
+        self._abortTimer = reactor.callLater(CLOSE_TIMEOUT, self._abort)
+        tcp = wire.halfCloseable(self.transport)
+        if tcp is not None:
+            tcp.loseWriteConnection()
+        elif not pending:
+            self.transport.loseConnection()
+            return
+        self.transport.resumeProducing()
+        self._lingerTimer = reactor.callLater(LINGER, self.transport.loseConnection)
+
+    def _abort(self):
+        log.info("[{session}] peer did not take the closing reply; connection aborted", session=self.sessionId)
+        self.transport.abortConnection()
+
+    # -- flow control (IPushProducer for the transport) ------------------
+
+    def pauseProducing(self):
+        """
+        The transport holds more than it wants to of our replies (the peer
+        does not read): answer no more commands and read no more input
+        until it has drained.
+        """
+        self.writePaused = True
+        self._updateReading()
+
+    def resumeProducing(self):
+        """The replies drained: read and answer again."""
+        self.writePaused = False
+        self._updateReading()
+        if self.waiting is None:
+            self._process()
+
+    def stopProducing(self):
+        """The connection is going away; C{connectionLost} cleans up."""
+
+    def _updateReading(self):
+        """
+        Read from the transport unless unanswered input piles up: more
+        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up, or
+        L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
+        only replies are backed up: a TLS layer pauses us while its
+        handshake runs, and needs to read to finish it.)
+        """
+        if self.mode == CLOSED:
+            return
+        held = len(self.buf)
+        want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
+                    or (self.waiting is not None and held > _PAUSE_AT))
+        if want != self._reading:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
 
     # -- input ---------------------------------------------------------
 
@@ -236,9 +317,8 @@ class SMTPSession(smtp.ESMTP):
         if self.mode == CLOSED:
             return
         self.buf += data
-        if self.waiting is not None:
-            if len(self.buf) > _PAUSE_AT:
-                self.transport.pauseProducing()
+        if self.waiting is not None or self.writePaused:
+            self._updateReading()
             return
         self._process()
 
@@ -259,7 +339,7 @@ class SMTPSession(smtp.ESMTP):
         def resume(_):
             self.waiting = None
             if self.mode != CLOSED:
-                self.transport.resumeProducing()
+                self._updateReading()
                 self._process()
 
         d.addBoth(resume)
@@ -273,7 +353,7 @@ class SMTPSession(smtp.ESMTP):
 
     def _process(self):
         """Consume buffered input until it runs dry or a reply is pending."""
-        while self.buf and self.waiting is None and self.mode != CLOSED:
+        while self.buf and self.waiting is None and not self.writePaused and self.mode != CLOSED:
             if not self.greeted:
                 return
             if self.mode == DATA:
@@ -285,7 +365,7 @@ class SMTPSession(smtp.ESMTP):
             if i == -1:
                 if len(self.buf) > limit:
                     if not self.skipping:
-                        self.reply(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
+                        self._lineError(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
                     self.skipping = True
                     self.buf = b""
                 return
@@ -300,7 +380,7 @@ class SMTPSession(smtp.ESMTP):
                 self.reply(codes.BARE_LF_COMMAND)
                 return
             if len(line) + 2 > limit:
-                self.reply(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
+                self._lineError(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
                 continue
             self.resetTimeout()
             if self.factory.draining and not self.inTransaction and self.mode == COMMAND:
@@ -310,6 +390,12 @@ class SMTPSession(smtp.ESMTP):
                 self._wait(self._authStep(line))
             else:
                 self._wait(self._command(line))
+
+    def _lineError(self, r):
+        """A line is refused as a line: that also ends an AUTH exchange."""
+        if self.mode == AUTH:
+            self.mode = COMMAND
+        self.reply(r)
 
     def _command(self, line):
         text = line.decode("latin-1")
@@ -677,6 +763,9 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.AUTH_NEEDS_TLS)
         if self.inTransaction:
             return self.reply(codes.AUTH_IN_TRANSACTION)
+        if f.authFailures.lockedOut(self.ctx["remote_ip"]):
+            f.stats("auth", "locked")
+            return self.reply(codes.AUTH_LOCKED)
         mechanism, _, initial = args.partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:
@@ -720,13 +809,31 @@ class SMTPSession(smtp.ESMTP):
         return self._login(user, password)
 
     def _login(self, user, password):
+        """
+        Verify C{user} and C{password} through the portal, unless the
+        claimed client address is locked out for failed logins (then no
+        password is hashed at all); after recent failures the verification
+        waits first.
+        """
         from relaygw.auth import IRelayUser
 
         f = self.factory
-        peer = self.ctx["peer_ip"]
-        d = f.portal.login(UsernamePassword(user.encode("utf-8"), password.encode("utf-8")), None, IRelayUser)
+        tracker = f.authFailures
+        who = self.ctx["remote_ip"]
+        if tracker.lockedOut(who):
+            f.stats("auth", "locked")
+            log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
+                     session=self.sessionId, ip=who)
+            return self.reply(codes.AUTH_LOCKED)
+        wait = tracker.attempt(who)
+        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        if wait:
+            d = task.deferLater(f.reactor, wait, f.portal.login, credentials, None, IRelayUser)
+        else:
+            d = f.portal.login(credentials, None, IRelayUser)
 
         def ok(result):
+            tracker.done(who, failed=False)
             _, avatar, _ = result
             self._setAuth(avatar.username, "AUTH")
             f.stats("auth", "success")
@@ -735,23 +842,17 @@ class SMTPSession(smtp.ESMTP):
 
         def bad(failure):
             if not failure.check(UnauthorizedLogin):
+                tracker.done(who, failed=False)
                 log.failure("[{session}] auth backend error", failure, session=self.sessionId)
                 self.reply(codes.AUTH_UNAVAILABLE)
                 return
+            tracker.done(who, failed=True)
             f.stats("auth", "failure")
-            f.authFailures.record(peer)
             log.info("[{session}] authentication failed for {user}", session=self.sessionId, user=user)
-            delay = f.authFailures.delay(peer)
-            d2 = defer.Deferred()
-            f.reactor.callLater(delay, d2.callback, None)
-
-            def answer(_):
-                if f.authFailures.tooMany(peer):
-                    self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
-                else:
-                    self.reply(codes.AUTH_FAILED)
-
-            return d2.addCallback(answer)
+            if tracker.tooMany(who):
+                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
+            else:
+                self.reply(codes.AUTH_FAILED)
 
         return d.addCallbacks(ok, bad)
 

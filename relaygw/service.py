@@ -16,7 +16,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relaygw import codes, trust
-from relaygw.auth import makePortal
+from relaygw.auth import FailureTracker, makePortal
 from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
 from relaygw.proxy import ProxyProtocolFactory
@@ -60,7 +60,8 @@ class SMTPFactory(ServerFactory):
 
     protocol = SMTPSession
 
-    def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None):
+    def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
+                 authFailures=None):
         self.listener = listener
         self.spool = spool
         self.reactor = reactor
@@ -75,8 +76,8 @@ class SMTPFactory(ServerFactory):
         self.perIP = collections.Counter()
         self.recentConnects = collections.defaultdict(collections.deque)
         self.draining = False
-        self.authFailures = None
-        if portal is not None:
+        self.authFailures = authFailures
+        if portal is not None and authFailures is None:
             from relaygw.auth import FailureTracker
 
             self.authFailures = FailureTracker(clock=reactor)
@@ -207,13 +208,16 @@ class GatewayService(MultiService):
             TimerService(1, self._writeMetricsSnapshot).setServiceParent(self)
         self.queue.metrics = self.metrics
         self.tlsSettings = []
+        # Failed logins count per client address across every listener.
+        self.authFailures = FailureTracker(clock=reactor)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
             if listener.credentials or listener.always_allow:
                 portal = makePortal(listener.credentials, listener.always_allow)
             factory = SMTPFactory(listener, self.spool, reactor, onQueued=self.queue.enqueue,
-                                  portal=portal, tls=tls, metrics=self.metrics)
+                                  portal=portal, tls=tls, metrics=self.metrics,
+                                  authFailures=self.authFailures)
             self.factories.append(factory)
             if self.workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))

@@ -1,6 +1,7 @@
 """
 Public test helpers: start a real gateway on a loopback port inside the
-test's reactor, and talk to it over a real socket from a thread.
+test's reactor, and talk to it over a real socket from a thread; or run
+one session on a StringTransport with a task.Clock (L{SessionHarness}).
 """
 
 import os
@@ -9,6 +10,7 @@ import subprocess
 import time
 
 from twisted.internet import defer, protocol, threads
+from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineReceiver
 
 from relaygw import config as _config
@@ -458,3 +460,124 @@ class PostfixInstance:
                 return f.read()
         except FileNotFoundError:
             return ""
+
+
+class SessionHarness:
+    """
+    SMTP sessions without sockets: each on a L{StringTransport}, with a
+    L{task.Clock} for its timers, built by a listener whose config is given
+    as a dict (the keys of a C{[[listener]]} table).  The spool is real (a
+    temporary directory); its disk thread reports through the real reactor,
+    so a test that sends a message waits for its Deferred.
+
+    Tests swap in their own parts through the factory: C{policy},
+    C{portal}, C{authFailures}.
+    """
+
+    def __init__(self, directory, listener=None, clock=None, **kw):
+        from twisted.internet import reactor, task
+
+        self.clock = clock or task.Clock()
+        self.directory = directory = os.path.abspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "relaygw.toml")
+        with open(self.path, "w") as f:
+            f.write(configText(directory, listeners=(dict(listener or {}),), **kw))
+        self.config = _config.load(self.path)
+        self.service = GatewayService(self.config, reactor)
+        self.service.spool.open()
+        self.factory = self.service.factories[0]
+        self.factory.reactor = self.clock
+        if self.factory.authFailures is not None:
+            from relaygw.auth import FailureTracker
+
+            self.factory.authFailures = FailureTracker(clock=self.clock)
+
+    def connect(self, peer="127.0.0.1", port=40000, local=("127.0.0.1", 25)):
+        """A new session from C{peer}:C{port}; returns its L{SessionClient}."""
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        def address(host, p):
+            return (IPv6Address if ":" in host else IPv4Address)("TCP", host, p)
+
+        peerAddress = address(peer, port)
+        session = self.factory.buildProtocol(peerAddress)
+        session.callLater = self.clock.callLater
+        transport = HarnessTransport(peerAddress=peerAddress, hostAddress=address(*local))
+        session.makeConnection(transport)
+        return SessionClient(session, transport)
+
+
+class HarnessTransport(StringTransport):
+    """A L{StringTransport} that records STARTTLS and aborts."""
+
+    tlsStarted = None
+    aborted = False
+
+    def startTLS(self, contextFactory):
+        self.tlsStarted = contextFactory
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
+
+
+class SessionClient:
+    """The client side of one harness session: send lines, read replies."""
+
+    def __init__(self, session, transport):
+        self.session = session
+        self.transport = transport
+        self._pending = b""
+        self._lost = False
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        self.session.dataReceived(data)
+
+    def take(self):
+        """Everything written since the last call, as bytes."""
+        out = self._pending + self.transport.value()
+        self._pending = b""
+        self.transport.clear()
+        return out
+
+    def replies(self):
+        """Every complete reply written since the last call, as C{(code, [texts])}."""
+        data = self.take()
+        out, lines = [], []
+        while b"\r\n" in data:
+            line, data = data.split(b"\r\n", 1)
+            line = line.decode("latin-1")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                out.append((int(line[:3]), lines))
+                lines = []
+        self._pending = data
+        return out
+
+    def reply(self):
+        """The one reply written since the last call."""
+        got = self.replies()
+        if len(got) != 1:
+            raise AssertionError("expected one reply, got %r" % (got,))
+        return got[0]
+
+    def cmd(self, line):
+        """Send C{line} and return its reply (it must have come at once)."""
+        self.send(line + "\r\n")
+        return self.reply()
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting
+
+    def lose(self):
+        """The client goes away."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        if not self._lost:
+            self._lost = True
+            self.session.connectionLost(Failure(ConnectionDone()))

@@ -10,6 +10,8 @@ straight to the socket when nothing is queued before it, and leaves only
 what the kernel did not take to the transport.
 """
 
+import socket
+
 from twisted.internet import tcp
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
@@ -66,3 +68,41 @@ def send(transport, data):
             return
         data = data[sent:]
     transport.write(data)
+
+
+def halfCloseable(transport):
+    """
+    The plain TCP transport under C{transport} (through pass-through
+    wrappers) when its write side can be shut on its own (no TLS layer
+    above or in it), else C{None}.
+    """
+    while getattr(type(transport), "writesPassThrough", False):
+        transport = transport.transport
+    if type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected or transport.disconnecting:
+        return None
+    return transport
+
+
+#: Per-connection buffering for the SMTP server: the transport reads this
+#: much at a time, and pauses its producer (the session) when this much of
+#: its writes wait for the peer.
+SERVER_BUFFER = 32 * 1024
+
+
+def boundBuffers(transport, size=SERVER_BUFFER):
+    """
+    Set the read size and the write-pause threshold of the plain TCP
+    transport under C{transport} (through pass-through wrappers) to
+    C{size}, so that a peer that sends but never reads holds at most about
+    twice that in the gateway (and a bounded send buffer in the kernel).
+    """
+    while getattr(type(transport), "writesPassThrough", False):
+        transport = transport.transport
+    if type(transport) in _PLAIN_TCP:
+        transport.bufferSize = size
+        # A fixed send buffer (the kernel doubles it) instead of one that
+        # grows to megabytes for a peer that never reads.
+        try:
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * size)
+        except OSError:
+            pass

@@ -198,7 +198,7 @@ class FailureTrackerTests(unittest.TestCase):
         self.assertFalse(tracker.tooMany("peer"))
         self.assertEqual(tracker.delay("peer"), 4)
         clock.advance(600)
-        self.assertEqual(tracker.delay("peer"), 0.5)
+        self.assertEqual(tracker.delay("peer"), 0)
 
 
 class PasswdScriptTests(unittest.TestCase):

@@ -1,0 +1,140 @@
+"""
+Write backpressure and the closing of sessions: a client that pipelines
+commands and never reads holds a bounded amount of the gateway's memory,
+a closing reply is followed by a lingering close, and a peer that does
+not take its closing reply is cut off.  Unit tests on StringTransport with
+a task.Clock, and one bounded load test over real loopback sockets.
+"""
+
+import socket
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from relaygw import protocol
+from relaygw.testing import Gateway, SessionHarness, inThread
+
+
+class FlowControlTests(unittest.TestCase):
+    def setUp(self):
+        self.harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"]})
+        self.client = self.harness.connect()
+        self.addCleanup(self.client.lose)
+        self.assertEqual(self.client.reply()[0], 220)
+
+    def test_registeredAsStreamingProducer(self):
+        self.assertIs(self.client.transport.producer, self.client.session)
+        self.assertTrue(self.client.transport.streaming)
+
+    def test_pausedSessionAnswersNothing(self):
+        session, transport = self.client.session, self.client.transport
+        session.pauseProducing()
+        self.client.send(b"NOOP\r\n" * 10)
+        self.assertEqual(self.client.replies(), [])
+        self.assertEqual(transport.producerState, "producing")
+        # More unanswered input than a little: reading stops too.
+        self.client.send(b"NOOP\r\n" * 1000)
+        self.assertEqual(transport.producerState, "paused")
+        session.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual([code for code, _ in self.client.replies()], [250] * 1010)
+
+    def test_closingReplyAbortsSilentPeer(self):
+        self.assertEqual(self.client.cmd("QUIT")[0], 221)
+        transport = self.client.transport
+        self.assertTrue(transport.disconnecting)
+        # The slot is free at once, not when the peer lets go.
+        self.assertEqual(dict(self.harness.factory.perIP), {})
+        self.assertIsNone(transport.producer)
+        self.harness.clock.advance(protocol.CLOSE_TIMEOUT - 0.1)
+        self.assertFalse(transport.aborted)
+        self.harness.clock.advance(0.1)
+        self.assertTrue(transport.aborted)
+
+    def test_lingerDiscardsPipelinedInput(self):
+        """Input after a closing reply is read and dropped for a moment, then the connection closes."""
+        self.client.send("QUIT\r\nNOOP\r\nNOOP\r\n")
+        self.assertEqual([code for code, _ in self.client.replies()], [221])
+        transport = self.client.transport
+        self.assertFalse(transport.disconnecting)
+        self.client.send("NOOP\r\n" * 100)
+        self.assertEqual(self.client.replies(), [])
+        self.harness.clock.advance(protocol.LINGER)
+        self.assertTrue(transport.disconnecting)
+
+    def test_tooManyErrorsClosesWithLinger(self):
+        self.client.send("BOGUS\r\n" * 25)
+        codes = [code for code, _ in self.client.replies()]
+        self.assertEqual(codes, [500] * 19 + [500, 421])
+        self.harness.clock.advance(protocol.LINGER)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_idleTimeout(self):
+        self.harness.clock.advance(self.harness.config.listeners[0].idle_timeout)
+        self.assertEqual(self.client.reply(), (421, ["4.4.2 relay.test idle timeout, closing connection"]))
+        self.assertTrue(self.client.transport.disconnecting)
+
+
+class NonReadingClientsTests(unittest.TestCase):
+    """Real sockets: clients that pipeline and never read."""
+
+    CLIENTS = 20
+    IDLE = 1
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = Gateway(self.mktemp(), listeners=({"idle_timeout": self.IDLE, "max_connections_per_ip": 100},))
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    @defer.inlineCallbacks
+    def test_boundedAndClosed(self):
+        factory = self.gw.service.factories[0]
+        socks = []
+
+        def flood():
+            for _ in range(self.CLIENTS):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", self.gw.port))
+                s.setblocking(False)
+                socks.append(s)
+            deadline = time.monotonic() + 3
+            line = b"EHLO pipelining.example\r\n" * 2000
+            sent = [0] * len(socks)
+            while time.monotonic() < deadline:
+                progress = False
+                for i, s in enumerate(socks):
+                    if sent[i] > 1 << 20:
+                        continue
+                    try:
+                        sent[i] += s.send(line)
+                        progress = True
+                    except BlockingIOError:
+                        pass
+                if not progress:
+                    break
+                time.sleep(0.001)
+            return sent
+
+        started = reactor.seconds()
+        try:
+            sent = yield inThread(flood)
+            sessions = list(factory.sessions)
+            self.assertEqual(len(sessions), self.CLIENTS)
+            # Each client sent far more than the gateway holds for it.
+            self.assertTrue(all(n > 256 * 1024 for n in sent), sent)
+            for s in sessions:
+                t = s.transport
+                held = len(t.dataBuffer) - t.offset + t._tempDataLen + len(s.buf)
+                self.assertLessEqual(held, 64 * 1024, held)
+            deadline = started + self.IDLE + 5
+            while any(s.transport.connected for s in sessions) and reactor.seconds() < deadline:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+            self.assertFalse([s for s in sessions if s.transport.connected])
+            self.assertEqual(dict(factory.perIP), {})
+            self.assertEqual(factory.sessions, set())
+        finally:
+            for s in socks:
+                s.close()
