@@ -11,6 +11,8 @@ directory is synced once.  Only then is the 250 sent.
 """
 
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import threading
 import time
 
 from twisted.internet import defer
+from twisted.python import failure
 from zope.interface import implementer
 
 from relaygw.logs import Logger
@@ -249,6 +252,57 @@ class Committer:
             fsyncDirectory(d)
 
 
+#: The file whose lock says which process owns a spool partition.
+LOCK_FILE = "lock"
+
+
+class PartitionLocked(Exception):
+    """Another live process owns the spool partition."""
+
+    def __init__(self, directory, owner):
+        Exception.__init__(self, directory, owner)
+        self.directory = directory
+        self.owner = owner
+
+    def __str__(self):
+        return "spool %s is in use by another relaygw process%s" % (
+            self.directory, " (pid %s)" % self.owner if self.owner else "")
+
+
+class PartitionLock:
+    """
+    Exclusive ownership of a spool partition: an C{flock} on its C{lock}
+    file, held until L{release} or until the process ends, however it ends
+    (the kernel drops the lock with the last descriptor).  The file names
+    the owner's pid, for the message another process gets.
+    """
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        path = os.path.join(directory, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                owner = ""
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise PartitionLocked(directory, owner)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # (the lock goes with it)
+            self.fd = None
+
+
 _PARTITION = re.compile(r"w[0-9]+")
 
 
@@ -457,6 +511,14 @@ FLUSH_MARKER = "flush"
 RELEASE_MARKER = "release."
 
 
+class _StateWrite:
+    """A progress write in progress: who waits for it, and the state to write after it."""
+
+    def __init__(self, waiter):
+        self.waiters = [waiter]
+        self.next = None
+
+
 @implementer(ISpool)
 class Spool:
     """
@@ -494,6 +556,22 @@ class Spool:
         self.minFree = minFree
         self.lastStorageError = None
         self._spent = []
+        self._stateWrites = {}
+
+    lock = None
+
+    def acquire(self):
+        """
+        Take exclusive ownership of the partition for this process
+        (L{PartitionLock}); raises L{PartitionLocked} if another has it.
+        """
+        if self.lock is None:
+            self.lock = PartitionLock(self.directory)
+
+    def releaseLock(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def path(self, area, queueId=None):
         if queueId is None:
@@ -592,15 +670,64 @@ class Spool:
         return state
 
     def writeState(self, queueId, state):
-        """Durably replace the progress record (tmp, fsync, rename, fsync dir)."""
+        """
+        Durably replace the progress record.  Through the committer when
+        there is one: the record joins the next grouped commit (one sync
+        for it and every message accepted meanwhile), so the reactor thread
+        never waits on the disk; returns a Deferred firing once it is
+        durable.  Writes for one message go to disk in order, and one that
+        waits behind another is replaced by a newer state handed in
+        meanwhile (only the latest matters).  Without a committer (the
+        relaygw-queue tool) it is written at once.
+        """
+        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        if self.committer is None:
+            return self._writeStateNow(queueId, data)
+        d = defer.Deferred()
+        writing = self._stateWrites.get(queueId)
+        if writing is not None:
+            writing.next = data  # goes to disk once the write in progress is done
+            writing.waiters.append(d)
+        else:
+            writing = self._stateWrites[queueId] = _StateWrite(d)
+            self._startStateWrite(queueId, data, writing)
+        return d
+
+    def _startStateWrite(self, queueId, data, writing):
+        final = self.path("state", queueId)
+        waiters, writing.waiters = writing.waiters, []
+
+        def written(result):
+            if writing.next is not None:  # (tried even when this one failed)
+                data, writing.next = writing.next, None
+                self._startStateWrite(queueId, data, writing)
+            else:
+                del self._stateWrites[queueId]
+                waiters.extend(writing.waiters)
+            for d in waiters:
+                d.errback(result) if isinstance(result, failure.Failure) else d.callback(None)
+
+        self.committer.commit(CommitJob(final + ".tmp", final, data=data)).addBoth(written)
+
+    def whenStateWritten(self, queueId):
+        """Fires once no progress write for C{queueId} is in progress (never fails)."""
+        writing = self._stateWrites.get(queueId)
+        if writing is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        writing.waiters.append(d)
+        return d.addErrback(lambda _: None)
+
+    def _writeStateNow(self, queueId, data):
         final = self.path("state", queueId)
         tmp = final + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(json.dumps(state, separators=(",", ":")).encode("utf-8"))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
         fsyncDirectory(self.path("state"))
+        return defer.succeed(None)
 
     # -- quarantine ----------------------------------------------------
 
@@ -775,6 +902,8 @@ class Spool:
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
             return removeFiles(paths)
+        if queueId in self._stateWrites:  # its progress file must not appear after the removal
+            return self.whenStateWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
         if len(self._spent) >= self.SPENT:
             return self.committer.unlink(paths)
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))

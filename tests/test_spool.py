@@ -94,7 +94,11 @@ class SpoolTests(unittest.TestCase):
         w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
         qid = yield w.commit()
         self.assertEqual(self.spool.readState(qid), {})
-        self.spool.writeState(qid, {"rcpts": {"r@example.net": {"status": "done"}}})
+        batches = self.spool.committer.batches
+        written = self.spool.writeState(qid, {"rcpts": {"r@example.net": {"status": "done"}}})
+        yield written
+        # Through the committer's grouped commit, like a new message.
+        self.assertEqual(self.spool.committer.batches, batches + 1)
         self.assertEqual(self.spool.readState(qid)["rcpts"]["r@example.net"]["status"], "done")
         yield self.spool.remove(qid)
         self.assertEqual(self.spool.queueIds(), [])
