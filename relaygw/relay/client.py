@@ -553,9 +553,10 @@ class Connection:
     # Results
 
     def _settle(self, index, recipients, result):
+        results = self.results[index]
         for recipient in recipients:
-            if recipient not in self.results[index]:
-                self.results[index][recipient] = result
+            if recipient not in results:
+                results[recipient] = result
                 log.info(
                     "{where}: {mailfrom} -> {rcpt}: {result}",
                     where=self.where,
@@ -563,6 +564,15 @@ class Connection:
                     rcpt=recipient,
                     result=result,
                 )
+        if self.settled is not None and index not in self.reported and \
+                len(results) >= len(set(self.messages[index].recipients)):
+            # Every recipient of the message has its outcome: report it
+            # now, while the conversation goes on with the next message.
+            self.reported.add(index)
+            try:
+                self.settled(index, results)
+            except Exception:
+                log.failure("{where}: reporting an outcome failed", where=self.where)
 
     def _settleAll(self, result):
         for index, message in enumerate(self.messages):
@@ -619,15 +629,23 @@ class Connection:
 
     broken = False
 
-    async def carry(self, messages, keepOpen=False):
+    settled = None
+
+    async def carry(self, messages, keepOpen=False, settled=None):
         """
         Deliver C{messages}; returns one dict per message mapping each
         recipient to its L{RecipientResult}.  The connection is closed
         afterwards unless C{keepOpen}, and always after a failure.  After
         a carry that found a kept-open connection closed by the next hop
         before any reply, C{stale} is true and the results say nothing.
+
+        @param settled: called with C{(index, results)} as soon as every
+            recipient of message C{index} has its outcome (typically when
+            the reply to its end of data is read), before the next message
+            is done with.
         """
         self.messages, self.results = messages, [{} for _ in messages]
+        self.settled, self.reported = settled, set()
         kept = self.proto
         replies = kept.replyCount if kept is not None else 0
         try:

@@ -16,13 +16,27 @@ from twisted.application.service import Service
 from twisted.internet import defer
 
 from relaygw.logs import Logger
+from relaygw.relay import outcome
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import temporary
 from relaygw.spoolapi import CorruptMessage
 
 log = Logger(namespace="relaygw.queue")
 
-DONE, BOUNCED, DEFERRED = "done", "bounced", "deferred"
+DONE, BOUNCED, DEFERRED = outcome.DONE, outcome.BOUNCED, outcome.DEFERRED
+
+
+class _Attempt:
+    """One delivery attempt of one message, while its next hops reply."""
+
+    def __init__(self, qid, message, state, fresh, waiting, forced=False):
+        self.qid = qid
+        self.forced = forced
+        self.message = message
+        self.state = state
+        self.fresh = fresh
+        self.waiting = waiting
+        self.outcomes = []
 
 
 class QueueManager(Service):
@@ -57,6 +71,8 @@ class QueueManager(Service):
         self.recovered = []
         self.fresh = {}
         self.forced = set()
+        self.progress = {}  # qid -> progress record not (yet) written to disk
+        self._writeFailures = {}
         self._idle = []
 
     def startService(self):
@@ -191,33 +207,30 @@ class QueueManager(Service):
         try:
             if message is None:
                 message = self.spool.load(qid)
-                state = self.spool.readState(qid)
-            else:
-                state = {}  # just accepted: no progress yet
+            state = self.progress.get(qid)  # newer than the disk when a write failed
+            if state is None:
+                state = {} if fresh else self.spool.readState(qid)  # just accepted: no progress yet
         except FileNotFoundError:
             return None  # deleted meanwhile (relaygw-queue delete)
         except CorruptMessage as e:
             return self._quarantine(qid, e)
         if self.spool.isHeld(qid):
             return None
-        rcpts = state.setdefault("rcpts", {})
-        pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
-        if not pending:
-            return self.spool.remove(qid)
+        todo = outcome.pending(state, message.recipients)
+        if not todo:
+            return self._remove(qid, fresh)
         groups = collections.OrderedDict()
-        for r in pending:
+        for r in todo:
             groups.setdefault(self.router(message, r), []).append(r)
-        attempts = []
+        attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
+        ds = []
         for hop, recipients in groups.items():
-            narrowed = message.narrowed(recipients)
-            d = defer.maybeDeferred(hop.deliver, [narrowed])
+            d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)])
             d.addCallback(lambda results: results[0])
             d.addErrback(self._hopFailed, recipients, hop)
-            d.addCallback(lambda results, hop=hop: (hop, results))
-            attempts.append(d)
-        d = defer.gatherResults(attempts)
-        d.addCallback(self._record, qid, message, state, fresh, forced)
-        return d
+            d.addCallback(self._replied, attempt, hop)
+            ds.append(d)
+        return defer.gatherResults(ds, consumeErrors=True)
 
     def _quarantine(self, qid, error):
         """A queue or state file that can't be read back: set it aside once, never retry it."""
@@ -226,6 +239,7 @@ class QueueManager(Service):
         timer = self.timers.pop(qid, None)
         if timer is not None and timer.active():
             timer.cancel()
+        self.progress.pop(qid, None)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.metrics:
             self.metrics.corrupt()
@@ -235,75 +249,116 @@ class QueueManager(Service):
         result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
         return {r: result for r in recipients}
 
-    def _record(self, outcomes, qid, message, state, fresh=False, forced=False):
+    def _replied(self, results, attempt, hop):
         """
-        Write down what C{outcomes} say; C{fresh}: this was the first
-        attempt at a message just accepted, with no progress on disk yet;
-        C{forced}: an operator's flush or release, which leaves the
-        backoff (and a retry time still ahead) as it was.
+        One next hop's replies for the message, as soon as they are read.
+        While other next hops still work on the message, the successes are
+        made durable at once (a crash then re-sends to none of them); the
+        last one ends the attempt.
         """
-        now = time.time()
-        rcpts = state["rcpts"]
-        level = state.get("backoff", state.get("attempts", 0))
-        if not forced or not level:
-            level += 1
-        state["backoff"] = level
-        previous = state.get("next_attempt")
-        state["attempts"] = state.get("attempts", 0) + 1
-        lifetime = self.bounceLifetime if message.mailfrom == "" else self.lifetime
-        expired = now - message.envelope.get("arrival", now) >= lifetime
-        bounced = {}
-        errors = []
-        for hop, results in outcomes:
-            for r, result in results.items():
-                entry = rcpts.setdefault(r, {})
-                entry["result"] = result.describe()
-                entry["hop"] = hop.describe()
-                if self.metrics:
-                    self.metrics.delivery(hop.describe(), "ok" if result.ok else
-                                          ("bounce" if result.permanent else "defer"))
-                if result.ok:
-                    entry["status"] = DONE
-                    log.info("{qid} to <{rcpt}> via {hop}: {result}", qid=qid, rcpt=r,
-                             hop=hop.describe(), result=result.describe())
-                elif result.permanent or expired:
-                    entry["status"] = BOUNCED
-                    bounced[r] = result
-                    log.info("{qid} to <{rcpt}> bounced: {result}", qid=qid, rcpt=r, result=result.describe())
-                else:
-                    entry["status"] = DEFERRED
-                    errors.append(result.describe())
-                    log.info("{qid} to <{rcpt}> deferred: {result}", qid=qid, rcpt=r, result=result.describe())
-        pending = [r for r in message.recipients if rcpts.get(r, {}).get("status") not in (DONE, BOUNCED)]
-        delay = min(self.retryMax, self.retryMin * (2 ** (level - 1)))
-        if forced and previous is not None and previous > now:
-            delay = previous - now
-        state["next_attempt"] = now + delay
-        state["last_error"] = errors[-1] if errors else ""
+        attempt.outcomes.append((hop.describe(), results))
+        attempt.waiting -= 1
+        if attempt.waiting:
+            recorded = outcome.record(attempt.state, attempt.message.recipients, [(hop.describe(), results)],
+                                      time.time(), self.policy, attempt.message.mailfrom, ended=False)
+            if recorded.events:
+                attempt.state, attempt.fresh = recorded.state, False
+                return self._persist(attempt.qid, recorded.state)
+            return None
+        return self._record(attempt)
+
+    @property
+    def policy(self):
+        return outcome.RetryPolicy(self.retryMin, self.retryMax, self.lifetime, self.bounceLifetime)
+
+    def _record(self, attempt):
+        """The attempt has ended: write down what its replies say."""
+        qid, message = attempt.qid, attempt.message
+        recorded = outcome.record(attempt.state, message.recipients, attempt.outcomes, time.time(), self.policy,
+                                  message.mailfrom, message.envelope.get("arrival"), forced=attempt.forced)
+        for event in recorded.events:
+            if self.metrics:
+                self.metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
+                    event.status, "defer"))
+            if event.status == outcome.DONE:
+                log.info("{qid} to <{rcpt}> via {hop}: {result}", qid=qid, rcpt=event.recipient, hop=event.hop,
+                         result=event.result.describe())
+            else:
+                log.info("{qid} to <{rcpt}> {status}: {result}", qid=qid, rcpt=event.recipient,
+                         status=event.status, result=event.result.describe())
+        fresh = attempt.fresh
         d = defer.succeed(None)
-        if bounced and message.mailfrom != "" and self.spool.exists(qid):
+        if recorded.provisional is not None and self.spool.exists(qid):
             # Until the bounce is durable a crash must neither re-send to the
             # recipients that succeeded nor lose the bounce: record the
             # progress with the bounced recipients still to do (tried again,
             # and bounced again, after a restart).
-            provisional = dict(state, rcpts={r: dict(e) for r, e in rcpts.items()})
-            for r in bounced:
-                provisional["rcpts"][r]["status"] = DEFERRED
-            self.spool.writeState(qid, provisional)
             fresh = False
-        if bounced:
-            d = self._bounce(message, bounced)
+            d = self._persist(qid, recorded.provisional)
+        if recorded.bounces:
+            d.addCallback(lambda written: self._bounce(message, recorded.bounces) if written is not False else None)
 
-        def settle(_):
-            if not pending:
-                return self.spool.remove(qid, progress=not fresh)
+        def settle(written):
+            if written is False:  # the provisional record is not durable: no bounce yet
+                self._retryLater(qid, recorded.nextAttempt or time.time() + self.retryMin)
+                return None
+            if not recorded.pending:
+                return self._remove(qid, fresh)
             if not self.spool.exists(qid):
+                self.progress.pop(qid, None)
                 return None  # deleted with relaygw-queue meanwhile
-            self.spool.writeState(qid, state)
-            if self.running:
-                self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
+            self._retryLater(qid, recorded.nextAttempt)
+            return self._persist(qid, recorded.state)
 
         return d.addCallback(settle)
+
+    def _retryLater(self, qid, when):
+        if self.running:
+            self.timers[qid] = self.reactor.callLater(max(0, when - time.time()), self.enqueue, qid)
+
+    def _remove(self, qid, fresh):
+        """Every recipient is done or bounced: the message leaves the spool."""
+        self.progress.pop(qid, None)
+        self._writeFailures.pop(qid, None)
+        return self.spool.remove(qid, progress=not fresh)
+
+    #: Back-off between attempts to write a progress record that failed (seconds).
+    WRITE_RETRY_MIN = 1.0
+    WRITE_RETRY_MAX = 60.0
+
+    def _persist(self, qid, state):
+        """
+        Make C{state} the progress record of C{qid}.  It is the one used from
+        now on, written or not: when the write fails it stays in memory
+        (the next attempt reads it from there, so no recipient it marks done
+        is sent again) and the write is tried again with a growing back-off.
+        Fires with C{True} once written, C{False} when it failed; never fails.
+        """
+        self.progress[qid] = state
+
+        def written(_):
+            if self.progress.get(qid) is state:
+                del self.progress[qid]
+                if self._writeFailures.pop(qid, None):
+                    log.info("{qid}: delivery progress recorded after all", qid=qid)
+            return True
+
+        def failed(failure):
+            if self.progress.get(qid) is not state:
+                return False  # a newer record replaces it
+            n = self._writeFailures[qid] = self._writeFailures.get(qid, 0) + 1
+            delay = min(self.WRITE_RETRY_MAX, self.WRITE_RETRY_MIN * 2 ** (n - 1))
+            log.error("{qid}: cannot write delivery progress ({error}); kept in memory, trying again in {delay}s",
+                      qid=qid, error=failure.getErrorMessage(), delay=delay)
+            if self.running:
+                self.reactor.callLater(delay, self._rewrite, qid, state)
+            return False
+
+        return self.spool.writeState(qid, state).addCallbacks(written, failed)
+
+    def _rewrite(self, qid, state):
+        if self.progress.get(qid) is state and self.spool.exists(qid):
+            self._persist(qid, state)
 
     def _bounce(self, message, failures):
         """

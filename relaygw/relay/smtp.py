@@ -14,6 +14,7 @@ batch without a new connect, greeting, EHLO and TLS handshake.
 import dataclasses
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw.logs import Logger
@@ -153,14 +154,16 @@ class SMTPNextHop:
             freed = False
             batch = self._take()
             self.active += 1
-            d = self._send([m for m, _ in batch])
+            d = self._send(batch)
             d.addBoth(self._sent, batch)
 
     def _sent(self, results, batch):
         self.active -= 1
-        for i, (m, d) in enumerate(batch):
-            if isinstance(results, list):
-                d.callback(results[i])
+        for m, d in batch:
+            if d.called:
+                continue  # reported as it came
+            if not isinstance(results, Failure):  # (cannot happen: every message is reported)
+                d.callback({r: temporary("no next hop available") for r in m.recipients})
             else:
                 log.failure("delivery via {hop} failed", results, hop=self.name)
                 d.callback({r: temporary("delivery failed: %s" % results.getErrorMessage())
@@ -168,19 +171,37 @@ class SMTPNextHop:
         self._pump(freed=True)
 
     @defer.inlineCallbacks
-    def _send(self, messages):
-        """Try each candidate host in turn for what is still pending."""
+    def _send(self, batch):
+        """
+        Try each candidate host in turn for what is still pending.  A
+        message's Deferred (in C{batch}) fires as soon as its outcome is
+        final: every recipient accepted or refused for good, as the reply
+        is read, or after the last candidate with the last temporary
+        failure.
+        """
+        messages = [m for m, _ in batch]
         final = [dict() for _ in messages]
+
+        def report(index, results):
+            d = batch[index][1]
+            if not d.called:
+                d.callback(results)
+
         try:
             candidates = yield self.hosts()
         except mx.NullMX:
-            return [{r: Result(556, "5.1.10", "domain does not accept mail (null MX)") for r in m.recipients}
-                    for m in messages]
+            result = Result(556, "5.1.10", "domain does not accept mail (null MX)")
+            candidates = None
         except mx.NoSuchDomain:
-            return [{r: Result(550, "5.1.2", "recipient domain does not exist") for r in m.recipients}
-                    for m in messages]
+            result = Result(550, "5.1.2", "recipient domain does not exist")
+            candidates = None
         except Exception as e:
-            return [{r: temporary("next hop lookup failed: %s" % (e,)) for r in m.recipients} for m in messages]
+            result = temporary("next hop lookup failed: %s" % (e,))
+            candidates = None
+        if candidates is None:
+            for index, m in enumerate(messages):
+                report(index, {r: result for r in m.recipients})
+            return
         last = {}
         pending = list(enumerate(messages))
         for candidate in candidates:
@@ -191,15 +212,10 @@ class SMTPNextHop:
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
                 options = dataclasses.replace(options, tlsHostname=candidate[2])
             key = self._key(host, port, pending[0][1])
-            while True:
-                conn = self._connection(key, options)
-                results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True))
-                if not conn.stale:  # (a new connection never is)
-                    break
-                log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
-            self._park(conn, key)
-            still = []
-            for (index, m), res in zip(pending, results):
+            still = {}
+
+            def settled(position, res, pending=pending, still=still):
+                index, m = pending[position]
                 retry = []
                 for rcpt in m.recipients:
                     r = res.get(rcpt)
@@ -211,15 +227,28 @@ class SMTPNextHop:
                         last[(index, rcpt)] = r
                         retry.append(rcpt)
                 if retry:
-                    still.append((index, m.narrowed(retry)))
-            pending = still
-        out = []
+                    still[position] = (index, m.narrowed(retry))
+                else:
+                    report(index, final[index])
+
+            while True:
+                conn = self._connection(key, options)
+                still.clear()
+                results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
+                                                                settled=settled))
+                if not conn.stale:  # (a new connection never is)
+                    break
+                log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
+            self._park(conn, key)
+            for position, res in enumerate(results):  # (every message was settled: this is a safety net)
+                if position not in still and not batch[pending[position][0]][1].called:
+                    settled(position, res)
+            pending = [still[position] for position in sorted(still)]
         for index, m in enumerate(messages):
             for rcpt in m.recipients:
                 if rcpt not in final[index]:
                     final[index][rcpt] = last.get((index, rcpt), temporary("no next hop available"))
-            out.append(final[index])
-        return out
+            report(index, final[index])
 
 
 def smarthostList(hosts):

@@ -1,0 +1,144 @@
+"""
+The state of one message's delivery, and what a next hop's replies do to it.
+
+L{record} is a pure function: from the progress record, the replies that
+came in and the time, it computes the new record, the recipients that
+failed for good (to bounce) and when to try again.  The queue manager owns
+the I/O around it (writing the record through the spool, queueing the
+bounce, setting the timer); nothing here touches a file or a clock.
+
+The progress record (the spool's C{state/ID}) is a JSON object::
+
+    {"rcpts": {rcpt: {"status": "done"|"bounced"|"deferred",
+                      "result": "250 2.0.0 ...", "hop": "smtp:..."}},
+     "attempts": 2, "backoff": 2, "next_attempt": 1700000000.0, "last_error": "451 ..."}
+
+C{backoff} is the back-off level: the attempts, less those an operator
+forced (which must not push the next retry further out).
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+DONE, BOUNCED, DEFERRED = "done", "bounced", "deferred"
+
+#: Statuses after which a recipient is never tried again.
+FINAL = (DONE, BOUNCED)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try again, and when to give up (seconds)."""
+
+    retryMin: float = 300
+    retryMax: float = 4000
+    lifetime: float = 5 * 86400
+    bounceLifetime: float = 5 * 86400
+
+    def delay(self, attempts):
+        """The wait after the C{attempts}-th attempt: doubling from C{retryMin}, capped at C{retryMax}."""
+        return min(self.retryMax, self.retryMin * (2 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recipient's outcome, for the log and the metrics."""
+
+    recipient: str
+    hop: str
+    status: str
+    result: object
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """
+    What L{record} computed.
+
+    @ivar state: the new progress record (a new dict; the old one is untouched).
+    @ivar bounces: C{{recipient: Result}} that failed for good in this record.
+    @ivar pending: the recipients still to deliver, in envelope order.
+    @ivar nextAttempt: when to try the pending ones again (C{None} when
+        none is pending, or the attempt has not ended).
+    @ivar provisional: the record to make durable before a bounce is
+        queued: the bounced recipients still to do, so a crash in between
+        neither loses the bounce nor re-sends to those that succeeded
+        (C{None} when nothing bounces to a real sender).
+    @ivar events: one L{Event} per recipient result.
+    """
+
+    state: dict
+    bounces: dict = field(default_factory=dict)
+    pending: tuple = ()
+    nextAttempt: object = None
+    provisional: object = None
+    events: tuple = ()
+
+
+def pending(state, recipients):
+    """The recipients of C{recipients} that the record C{state} does not mark done or bounced."""
+    rcpts = (state or {}).get("rcpts", {})
+    return [r for r in recipients if rcpts.get(r, {}).get("status") not in FINAL]
+
+
+def record(state, recipients, outcomes, now, policy, mailfrom="", arrival=None, ended=True, forced=False):
+    """
+    Apply next-hop replies to a progress record.
+
+    @param state: the progress record so far (C{{}} for none).
+    @param recipients: the message's envelope recipients.
+    @param outcomes: C{[(hop name, {recipient: Result})]}.
+    @param now: the time of the replies (seconds since the epoch).
+    @param policy: a L{RetryPolicy}.
+    @param mailfrom: the envelope sender (C{""}: the null sender, whose
+        messages have C{bounceLifetime} and never bounce).
+    @param arrival: when the message was accepted (C{None}: now).
+    @param ended: whether the attempt has ended with these replies.  While
+        it goes on (replies from one of several next hops, as they come),
+        only successes are recorded, and the attempt is not counted.
+    @param forced: the attempt was an operator's (flush, release): it
+        leaves the back-off level, and a retry time still ahead, as they were.
+    @return: L{Recorded}.
+    """
+    new = copy.deepcopy(state or {})
+    rcpts = new.setdefault("rcpts", {})
+    lifetime = policy.bounceLifetime if mailfrom == "" else policy.lifetime
+    expired = now - (now if arrival is None else arrival) >= lifetime
+    bounces, errors, events = {}, [], []
+    for hop, results in outcomes:
+        for rcpt, result in results.items():
+            if not ended and not result.ok:
+                continue
+            if result.ok:
+                status = DONE
+            elif result.permanent or expired:
+                status = BOUNCED
+                bounces[rcpt] = result
+            else:
+                status = DEFERRED
+                errors.append(result.describe())
+            if rcpts.get(rcpt, {}).get("status") in FINAL and status != DONE:
+                continue  # (a recipient listed twice: its first final outcome stands)
+            rcpts[rcpt] = {"result": result.describe(), "hop": hop, "status": status}
+            events.append(Event(rcpt, hop, status, result))
+    left = tuple(pending(new, recipients))
+    if not ended:
+        return Recorded(new, pending=left, events=tuple(events))
+    level = new.get("backoff", new.get("attempts", 0))
+    if not forced or not level:
+        level += 1
+    new["backoff"] = level
+    previous = new.get("next_attempt")
+    new["attempts"] = new.get("attempts", 0) + 1
+    delay = policy.delay(level)
+    if forced and previous is not None and previous > now:
+        delay = previous - now
+    new["next_attempt"] = now + delay
+    new["last_error"] = errors[-1] if errors else ""
+    provisional = None
+    if bounces and mailfrom != "":
+        provisional = copy.deepcopy(new)
+        for rcpt in bounces:
+            provisional["rcpts"][rcpt]["status"] = DEFERRED
+    return Recorded(new, bounces=bounces, pending=left, nextAttempt=(now + delay) if left else None,
+                    provisional=provisional, events=tuple(events))
