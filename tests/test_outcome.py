@@ -1,0 +1,216 @@
+"""
+Delivery outcomes: the pure recording function, outcomes reported per
+message as each reply is read, and progress kept in memory when its write
+fails.
+"""
+
+import errno
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from relaygw.relay import outcome
+from relaygw.relay.client import DeliveryOptions
+from relaygw.relay.nexthop import Result
+from relaygw.relay.queue import QueueManager
+from relaygw.relay.smtp import SMTPNextHop, smarthostList
+from relaygw.spool import Committer, Spool
+from relaygw.testing import ScriptedSMTPFactory, ScriptedSMTPServer
+
+OK = Result(250, "2.0.0", "ok")
+LATER = Result(451, "4.4.1", "try later")
+NEVER = Result(550, "5.1.1", "no such user")
+POLICY = outcome.RetryPolicy(retryMin=60, retryMax=1000, lifetime=3600, bounceLifetime=600)
+
+
+class RecordTests(unittest.TestCase):
+    """L{outcome.record}: (state, outcomes, time) -> (new state, bounces, next attempt)."""
+
+    def test_firstAttemptMixed(self):
+        old = {}
+        r = outcome.record(old, ["a", "b", "c"], [("hop1", {"a": OK, "b": LATER, "c": NEVER})], 1000.0, POLICY,
+                           mailfrom="s@example.org", arrival=990.0)
+        self.assertEqual(old, {})  # the input is not touched
+        self.assertEqual(r.state["rcpts"]["a"], {"status": "done", "result": "250 2.0.0 ok", "hop": "hop1"})
+        self.assertEqual(r.state["rcpts"]["b"]["status"], "deferred")
+        self.assertEqual(r.state["rcpts"]["c"]["status"], "bounced")
+        self.assertEqual(r.bounces, {"c": NEVER})
+        self.assertEqual(r.pending, ("b",))
+        self.assertEqual(r.state["attempts"], 1)
+        self.assertEqual(r.nextAttempt, 1060.0)
+        self.assertEqual(r.state["next_attempt"], 1060.0)
+        self.assertEqual(r.state["last_error"], "451 4.4.1 try later")
+        # Durable before the bounce is queued: the bounced one still to do.
+        self.assertEqual(r.provisional["rcpts"]["c"]["status"], "deferred")
+        self.assertEqual(r.provisional["rcpts"]["a"]["status"], "done")
+        self.assertEqual([(e.recipient, e.status) for e in r.events],
+                         [("a", "done"), ("b", "deferred"), ("c", "bounced")])
+
+    def test_backoffDoublesUpToTheCap(self):
+        state, waits = {}, []
+        for n in range(6):
+            r = outcome.record(state, ["b"], [("h", {"b": LATER})], 1000.0, POLICY, "s@example.org", 1000.0)
+            state = r.state
+            waits.append(r.nextAttempt - 1000.0)
+        self.assertEqual(waits, [60, 120, 240, 480, 960, 1000])
+        self.assertEqual(state["attempts"], 6)
+
+    def test_expiredDeferralBounces(self):
+        r = outcome.record({}, ["b"], [("h", {"b": LATER})], 5000.0, POLICY, "s@example.org", arrival=1000.0)
+        self.assertEqual(r.bounces, {"b": LATER})
+        self.assertEqual(r.pending, ())
+        self.assertIsNone(r.nextAttempt)
+
+    def test_nullSenderUsesBounceLifetimeAndNeverBounces(self):
+        r = outcome.record({}, ["b"], [("h", {"b": LATER})], 1700.0, POLICY, "", arrival=1000.0)
+        self.assertEqual(r.state["rcpts"]["b"]["status"], "bounced")
+        self.assertIsNone(r.provisional)  # nobody to send a bounce to
+        r = outcome.record({}, ["b"], [("h", {"b": LATER})], 1500.0, POLICY, "", arrival=1000.0)
+        self.assertEqual(r.pending, ("b",))
+
+    def test_attemptStillGoingRecordsOnlySuccesses(self):
+        r = outcome.record({}, ["a", "b"], [("h1", {"a": OK, "b": LATER})], 1000.0, POLICY, ended=False)
+        self.assertEqual(r.state["rcpts"], {"a": {"status": "done", "result": "250 2.0.0 ok", "hop": "h1"}})
+        self.assertNotIn("attempts", r.state)
+        self.assertIsNone(r.nextAttempt)
+        self.assertEqual(r.pending, ("b",))
+
+    def test_allDone(self):
+        r = outcome.record({"rcpts": {"a": {"status": "done"}}, "attempts": 2}, ["a", "b"],
+                           [("h", {"b": OK})], 1000.0, POLICY, "s@example.org")
+        self.assertEqual(r.pending, ())
+        self.assertIsNone(r.nextAttempt)
+        self.assertEqual(r.state["attempts"], 3)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.sampled_from("abcdef"), st.sampled_from([OK, LATER, NEVER]), min_size=1),
+           st.lists(st.sampled_from(["done", "bounced", "deferred", None]), min_size=6, max_size=6),
+           st.floats(0, 10000))
+    def test_finalStaysFinal(self, results, before, now):
+        """A recipient done or bounced stays so; pending is exactly what is neither."""
+        rcpts = list("abcdef")
+        state = {"rcpts": {r: {"status": s} for r, s in zip(rcpts, before) if s}}
+        r = outcome.record(state, rcpts, [("h", results)], now, POLICY, "s@example.org", arrival=0.0)
+        for rcpt, old in zip(rcpts, before):
+            if old in outcome.FINAL:
+                self.assertIn(r.state["rcpts"][rcpt]["status"], outcome.FINAL)
+        self.assertEqual(list(r.pending), outcome.pending(r.state, rcpts))
+        self.assertEqual(r.nextAttempt is None, not r.pending)
+        self.assertTrue(set(r.bounces) <= set(results))
+
+
+class _SlowSecondServer(ScriptedSMTPServer):
+    """Answers the end of data of every message but the first only when the test says so."""
+
+    def reply(self, text):
+        if text == self.factory.endOfData and self.completed > 1:
+            self.factory.held.append(lambda: ScriptedSMTPServer.reply(self, text))
+            return
+        ScriptedSMTPServer.reply(self, text)
+
+
+class PerMessageTests(unittest.TestCase):
+    """A next hop reports each message's outcome when its reply is read, not at the end of the batch."""
+
+    @defer.inlineCallbacks
+    def test_firstMessageReportedWhileTheSecondWaits(self):
+        factory = ScriptedSMTPFactory(extensions=["PIPELINING"])
+        factory.protocol = _SlowSecondServer
+        factory.held = []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        directory = os.path.abspath(self.mktemp())
+        spool = Spool(directory, Committer(reactor))
+        spool.open()
+        messages = []
+        for n in range(2):
+            w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r%d@example.net" % n],
+                                  "context": {"connection": {}}})
+            w.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
+            yield w.commit()
+            messages.append(w.message)
+        hop = SMTPNextHop(reactor, "test", smarthostList([("127.0.0.1", port.getHost().port)]),
+                          DeliveryOptions(heloName="gw.test", tls="none", timeout=10), maxConnections=1)
+        # Both go out on the one connection, in one batch.
+        first, second = hop.deliver([messages[0]]), hop.deliver([messages[1]])
+        deadline = reactor.seconds() + 10
+        while not factory.held and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(first.called)
+        self.assertEqual(first.result, [{"r0@example.net": Result(250, "2.0.0", "Ok: queued as 4ABC")}])
+        self.assertFalse(second.called)
+        factory.held.pop()()
+        self.assertEqual((yield second), [{"r1@example.net": Result(250, "2.0.0", "Ok: queued as 4ABC")}])
+        while hop.active:
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield hop.closeIdle()
+        for c in factory.connections:
+            c.transport.loseConnection()
+
+
+class _Hop:
+    def __init__(self, replies):
+        self.replies = replies
+        self.calls = []
+
+    def describe(self):
+        return "test"
+
+    def deliver(self, messages):
+        self.calls.append(list(messages[0].recipients))
+        return [{r: self.replies[r] for r in messages[0].recipients}]
+
+    def closeIdle(self):
+        return defer.succeed(None)
+
+
+class FailingWriteSpool(Spool):
+    """A spool whose next C{failures} progress writes fail with ENOSPC (fault injection)."""
+
+    failures = 0
+
+    def writeState(self, queueId, state):
+        if self.failures:
+            self.failures -= 1
+            return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+        return Spool.writeState(self, queueId, state)
+
+
+class ProgressWriteFailureTests(unittest.TestCase):
+    """A progress write that fails: kept in memory, written again with back-off, no recipient re-sent."""
+
+    @defer.inlineCallbacks
+    def test_doneRecipientNeverSentAgain(self):
+        clock = task.Clock()
+        spool = FailingWriteSpool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["ok@example.net", "later@example.net"],
+                              "context": {"connection": {}}, "arrival": 0})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        hop = _Hop({"ok@example.net": OK, "later@example.net": LATER})
+        q = QueueManager(spool, lambda m, r: hop, clock, retryMin=30, retryMax=30, lifetime=10 ** 12)
+        spool.failures = 2
+        q.startService()
+        q.enqueue(qid)
+        yield q.whenIdle()
+        self.assertEqual(hop.calls, [["ok@example.net", "later@example.net"]])
+        self.assertEqual(spool.readState(qid), {})  # nothing on disk...
+        self.assertEqual(q.progress[qid]["rcpts"]["ok@example.net"]["status"], "done")  # ...but in memory
+        # The next attempt reads the progress from memory.
+        clock.advance(30)
+        yield q.whenIdle()
+        self.assertEqual(hop.calls[-1], ["later@example.net"])
+        # The write is tried again after 1 s, then 2 s (the second failure
+        # was the next attempt's own write).
+        clock.advance(2)
+        yield spool.whenStateWritten(qid)
+        self.assertNotIn(qid, q.progress)
+        state = spool.readState(qid)
+        self.assertEqual(state["rcpts"]["ok@example.net"]["status"], "done")
+        self.assertEqual(state["attempts"], 2)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        yield q.stopService()
