@@ -210,8 +210,11 @@ class NextHopWriteTests(RelayTestCase):
         self.patch(factory, "onQueued", armThenEnqueue)
         qid = yield self.send()
         spool = self.gw.service.spool
-        yield self.until(lambda: spool.readState(qid).get("attempts", 0) >= 1)
-        entry = spool.readState(qid)["rcpts"]["b@example.net"]
+        # The progress record can't be written either: the queue manager
+        # keeps it in memory until it can.
+        queue = self.gw.service.queue
+        yield self.until(lambda: queue.progress.get(qid, {}).get("attempts", 0) >= 1)
+        entry = queue.progress[qid]["rcpts"]["b@example.net"]
         self.assertEqual(entry["status"], "deferred")
         self.assertIn("No space left on device", entry["result"])
         self.assertEqual(os.listdir(os.path.join(self.gw.directory, "outbox", "tmp")), [])  # nothing half-written

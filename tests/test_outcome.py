@@ -58,6 +58,17 @@ class RecordTests(unittest.TestCase):
         self.assertEqual(waits, [60, 120, 240, 480, 960, 1000])
         self.assertEqual(state["attempts"], 6)
 
+    def test_forcedAttemptKeepsTheBackoff(self):
+        """An operator's flush or release neither raises the back-off level nor pushes a retry further out."""
+        r = outcome.record({}, ["b"], [("h", {"b": LATER})], 1000.0, POLICY, "s@example.org", 1000.0)
+        r = outcome.record(r.state, ["b"], [("h", {"b": LATER})], 1010.0, POLICY, "s@example.org", 1000.0,
+                           forced=True)
+        self.assertEqual((r.state["attempts"], r.state["backoff"]), (2, 1))
+        self.assertEqual(r.nextAttempt, 1060.0)  # the retry time still ahead stays
+        r = outcome.record(r.state, ["b"], [("h", {"b": LATER})], 1100.0, POLICY, "s@example.org", 1000.0)
+        self.assertEqual((r.state["attempts"], r.state["backoff"]), (3, 2))
+        self.assertEqual(r.nextAttempt, 1220.0)
+
     def test_expiredDeferralBounces(self):
         r = outcome.record({}, ["b"], [("h", {"b": LATER})], 5000.0, POLICY, "s@example.org", arrival=1000.0)
         self.assertEqual(r.bounces, {"b": LATER})

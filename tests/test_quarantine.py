@@ -73,7 +73,7 @@ class QuarantineTests(unittest.TestCase):
                                    "arrival": 1.7e9, "context": {"connection": {}}})
         w.write(BODY)
         self.qid = yield w.commit()
-        self.spool.writeState(self.qid, {"rcpts": {}, "attempts": 1, "next_attempt": 0})
+        yield self.spool.writeState(self.qid, {"rcpts": {}, "attempts": 1, "next_attempt": 0})
         self.errors = []
 
         def observe(event):

@@ -73,6 +73,7 @@ class QueueManager(Service):
         self.forced = set()
         self.progress = {}  # qid -> progress record not (yet) written to disk
         self._writeFailures = {}
+        self._rewrites = {}
         self._idle = []
 
     def startService(self):
@@ -116,6 +117,11 @@ class QueueManager(Service):
             if t.active():
                 t.cancel()
         self.timers.clear()
+        for qid in list(self._rewrites):
+            self._cancelRewrite(qid)
+        if self._writeFailures:
+            log.warn("stopped with the delivery progress of {n} messages not written; their recipients "
+                     "may be sent to again", n=len(self._writeFailures))
         idle = self.whenIdle()
         closeIdle = getattr(self.router, "closeIdle", None)
         if closeIdle is not None:
@@ -319,6 +325,7 @@ class QueueManager(Service):
     def _remove(self, qid, fresh):
         """Every recipient is done or bounced: the message leaves the spool."""
         self.progress.pop(qid, None)
+        self._cancelRewrite(qid)
         self._writeFailures.pop(qid, None)
         return self.spool.remove(qid, progress=not fresh)
 
@@ -335,6 +342,7 @@ class QueueManager(Service):
         Fires with C{True} once written, C{False} when it failed; never fails.
         """
         self.progress[qid] = state
+        self._cancelRewrite(qid)
 
         def written(_):
             if self.progress.get(qid) is state:
@@ -351,14 +359,22 @@ class QueueManager(Service):
             log.error("{qid}: cannot write delivery progress ({error}); kept in memory, trying again in {delay}s",
                       qid=qid, error=failure.getErrorMessage(), delay=delay)
             if self.running:
-                self.reactor.callLater(delay, self._rewrite, qid, state)
+                self._cancelRewrite(qid)
+                self._rewrites[qid] = self.reactor.callLater(delay, self._rewrite, qid)
             return False
 
         return self.spool.writeState(qid, state).addCallbacks(written, failed)
 
-    def _rewrite(self, qid, state):
-        if self.progress.get(qid) is state and self.spool.exists(qid):
+    def _rewrite(self, qid):
+        del self._rewrites[qid]
+        state = self.progress.get(qid)
+        if state is not None and self.spool.exists(qid):
             self._persist(qid, state)
+
+    def _cancelRewrite(self, qid):
+        call = self._rewrites.pop(qid, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _bounce(self, message, failures):
         """
