@@ -80,7 +80,7 @@ class NonReadingClientsTests(unittest.TestCase):
     """Real sockets: clients that pipeline and never read."""
 
     CLIENTS = 20
-    IDLE = 1
+    IDLE = 2
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -92,6 +92,14 @@ class NonReadingClientsTests(unittest.TestCase):
     def test_boundedAndClosed(self):
         factory = self.gw.service.factories[0]
         socks = []
+        sessions = []
+        started = factory.sessionStarted
+
+        def record(session):
+            sessions.append(session)
+            return started(session)
+
+        factory.sessionStarted = record
 
         def flood():
             for _ in range(self.CLIENTS):
@@ -118,10 +126,8 @@ class NonReadingClientsTests(unittest.TestCase):
                 time.sleep(0.001)
             return sent
 
-        started = reactor.seconds()
         try:
             sent = yield inThread(flood)
-            sessions = list(factory.sessions)
             self.assertEqual(len(sessions), self.CLIENTS)
             # Each client sent far more than the gateway holds for it.
             self.assertTrue(all(n > 256 * 1024 for n in sent), sent)
@@ -129,7 +135,8 @@ class NonReadingClientsTests(unittest.TestCase):
                 t = s.transport
                 held = len(t.dataBuffer) - t.offset + t._tempDataLen + len(s.buf)
                 self.assertLessEqual(held, 64 * 1024, held)
-            deadline = started + self.IDLE + 5
+            # The idle timer runs from the last command answered, during the flood.
+            deadline = reactor.seconds() + self.IDLE + 5
             while any(s.transport.connected for s in sessions) and reactor.seconds() < deadline:
                 yield task.deferLater(reactor, 0.1, lambda: None)
             self.assertFalse([s for s in sessions if s.transport.connected])
