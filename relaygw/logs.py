@@ -15,7 +15,7 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.logger import Logger as _Logger
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 _PLAIN = (str, int, float, bool, type(None))
 _LEVELS = frozenset(LogLevel.iterconstants())
@@ -228,8 +228,34 @@ def makeObserver(outFile, format="text", level="info"):
     return atLevel
 
 
+@implementer(ILogObserver)
+class _Switchable:
+    """The process's observer; a reload replaces the format and level behind it."""
+
+    def __init__(self, outFile, format, level):
+        self.outFile = outFile
+        self.configure(format, level)
+
+    def configure(self, format, level):
+        global _minimum
+        self.observer = makeObserver(self.outFile, format, level)
+        _minimum = LogLevel.levelWithName(level)
+
+    def __call__(self, event):
+        self.observer(event)
+
+
+_installed = None
+
+
 def install(application, outFile, format="text", level="info"):
     """Make our observer C{application}'s log observer, as twistd expects."""
-    global _minimum
-    application.setComponent(ILogObserver, makeObserver(outFile, format, level))
-    _minimum = LogLevel.levelWithName(level)
+    global _installed
+    _installed = _Switchable(outFile, format, level)
+    application.setComponent(ILogObserver, _installed)
+
+
+def reconfigure(format, level):
+    """A reloaded C{[log]}: the installed observer (if any) takes the new format and level."""
+    if _installed is not None:
+        _installed.configure(format, level)

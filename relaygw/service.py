@@ -4,7 +4,6 @@ service per listener and, when configured, the admin endpoint.
 """
 
 import collections
-import dataclasses
 import os
 import time
 
@@ -86,11 +85,42 @@ class SMTPFactory(ServerFactory):
         """Trust for the trusted verbs, from the real peer address."""
         return ip in self.trustedPeers
 
-    def applyListener(self, listener):
-        """A reloaded listener config: new sessions use it."""
+    def prepare(self, listener):
+        """
+        Build what a reloaded listener config needs (policy, trust, TLS,
+        portal) without changing anything yet; raises if it can't.
+        """
+        tls = None
+        if listener.tls_certificate:
+            if listener.tls_self_signed:
+                generateSelfSigned(listener.tls_certificate, listener.tls_key, listener.hostname)
+            tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
+                            listener.tls_ciphers, listener.tls_client_ca, listener.tls_client_identities)
+        portal = self.portal
+        old = self.listener
+        if (old.credentials, old.always_allow) != (listener.credentials, listener.always_allow):
+            portal = None
+            if listener.credentials or listener.always_allow:
+                portal = makePortal(listener.credentials, listener.always_allow)
+        return {"policy": loadPolicy(listener.policy, listener), "trustedPeers": trust.Networks(listener.trusted_peers),
+                "tls": tls, "portal": portal}
+
+    def apply(self, listener, prepared):
+        """Swap in a reloaded listener config (from L{prepare}); new sessions use it."""
         self.listener = listener
-        self.policy = loadPolicy(listener.policy, listener)
-        self.trustedPeers = trust.Networks(listener.trusted_peers)
+        self.policy = prepared["policy"]
+        self.trustedPeers = prepared["trustedPeers"]
+        tls = prepared["tls"]
+        if self.tls is not None and tls is not None:
+            # The same object: an implicit-TLS port holds on to it.
+            self.tls.adopt(tls)
+        else:
+            self.tls = tls
+        self.portal = prepared["portal"]
+        if self.portal is not None and self.authFailures is None:
+            from relaygw.auth import FailureTracker
+
+            self.authFailures = FailureTracker(clock=self.reactor)
 
     def trustedByCertificate(self, transport):
         """Trust from a client certificate that chains to the listener's CA with an allowed identity."""
@@ -185,8 +215,10 @@ class GatewayService(MultiService):
         self.queue.setServiceParent(self)
         self.factories = []
         TimerService(5, self._watchCertificates).setServiceParent(self)
+        self.supervisor = None
         if self.workers > 1 and worker == 0 and workerArgv:
-            WorkerSupervisor(reactor, self.workers, workerArgv).setServiceParent(self)
+            self.supervisor = WorkerSupervisor(reactor, self.workers, workerArgv)
+            self.supervisor.setServiceParent(self)
         self.metrics = NullMetrics()
         if config.admin.endpoint:
             from relaygw.metrics import Metrics
@@ -210,6 +242,7 @@ class GatewayService(MultiService):
         self.tlsSettings = []
         # Failed logins count per client address across every listener.
         self.authFailures = FailureTracker(clock=reactor)
+        self.proxyFactories = {}
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -230,6 +263,7 @@ class GatewayService(MultiService):
                 # The PROXY header comes first, then (implicit) TLS, then SMTP.
                 wrapped = ProxyProtocolFactory(wrapped, trust.Networks(listener.proxy_trusted).__contains__,
                                                listener.proxy_timeout, reactor)
+                self.proxyFactories[listener.name] = wrapped
             svc = StreamServerEndpointService(endpoint, wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)
@@ -246,47 +280,46 @@ class GatewayService(MultiService):
         self.tlsSettings.append(tls)
         return tls
 
-    #: Listener keys a reload cannot change in place (they shape the listening port).
-    RESTART_KEYS = frozenset("""endpoint tls_certificate tls_key tls_min_version tls_ciphers tls_client_ca
-        tls_client_identities tls_self_signed implicit_tls proxy_protocol proxy_trusted proxy_timeout
-        credentials always_allow""".split())
-
     def reload(self):
         """
-        SIGHUP: reload certificates, then re-read the config file and apply
-        what can change safely to each listener (limits, trust, extensions,
-        policy, timeouts); new sessions see it.  Logs what changed and what
-        needs a restart.
+        SIGHUP: reload certificates, then the config file (L{reloadConfig}:
+        whole or not at all).  Worker 0 passes an accepted reload on to the
+        other workers.
         """
         self.reloadCertificates()
         if not self.configPath:
             return
-        from relaygw.config import ConfigError, load
+        from relaygw.reload import reloadConfig
 
-        try:
-            new = load(self.configPath, environment=True)
-        except ConfigError as e:
-            # The same lines --check-config prints; nothing of the new file applies.
-            for error in e.errors:
-                log.error("reload refused, keeping the running config: {error}", error=error)
-            return
-        fresh = {l.name: l for l in new.listeners}
-        for f in self.factories:
-            old, updated = f.listener, fresh.get(f.listener.name)
-            if updated is None:
-                log.warn("reload: listener {name} is gone from the config; a restart removes it", name=old.name)
-                continue
-            changed = [k for k in old.__dataclass_fields__ if getattr(old, k) != getattr(updated, k)]
-            needRestart = [k for k in changed if k in self.RESTART_KEYS]
-            if needRestart:
-                log.warn("reload: listener {name}: {keys} change only with a restart", name=old.name,
-                         keys=", ".join(needRestart))
-            applied = [k for k in changed if k not in self.RESTART_KEYS]
-            if applied:
-                f.applyListener(dataclasses.replace(updated, **{k: getattr(old, k) for k in needRestart}))
-                log.info("reload: listener {name}: changed {keys}", name=old.name, keys=", ".join(applied))
-        for name in set(fresh) - {f.listener.name for f in self.factories}:
-            log.warn("reload: new listener {name} starts only with a restart", name=name)
+        if reloadConfig(self, self.configPath) and self.supervisor is not None:
+            self.supervisor.signalWorkers("HUP")
+
+    def prepareRelay(self, config):
+        """The queue manager's settings and router for a reloaded config (nothing changes yet)."""
+        relay = config.relay
+        router = self.router
+        old = self.config
+        if (old.relay, old.routes, old.listeners[0].hostname) != (relay, config.routes, config.listeners[0].hostname):
+            maildir = self.maildir
+            if relay.maildir != old.relay.maildir:
+                maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)
+            router = Router(config, self.reactor, maildir)
+        return {"router": router, "concurrency": relay.concurrency, "retryMin": relay.retry_min,
+                "retryMax": relay.retry_max, "lifetime": relay.max_lifetime,
+                "bounceLifetime": relay.bounce_lifetime, "deferAll": relay.defer_all,
+                "hostname": relay.helo_name or config.listeners[0].hostname, "trace": config.log.level == "debug"}
+
+    def applyRelay(self, settings):
+        """Swap in L{prepareRelay}'s result: new deliveries use it; the old router's idle connections close."""
+        from relaygw.relay import client
+
+        settings = dict(settings)
+        client.TRACE = settings.pop("trace")
+        old, self.router = self.router, settings["router"]
+        if old is not self.router:
+            self.maildir = self.router.default.fallback
+            old.closeIdle()
+        self.queue.reconfigure(**settings)
 
     def reloadCertificates(self):
         """SIGHUP: re-read every listener's certificate; new connections use it."""

@@ -240,6 +240,18 @@ class ServerTLS:
             context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _acceptAnyClientCertificate)
         return files, context, chain[0], store
 
+    def adopt(self, other):
+        """
+        Take the settings of C{other}, a L{ServerTLS} built from a reloaded
+        config (other files, versions, ciphers, client CA or identities):
+        this object stays the one listening ports and sessions hold.
+        """
+        self.certPath, self.keyPath, self.clientCA = other.certPath, other.keyPath, other.clientCA
+        self._minVersion, self._ciphers, self._identities = other._minVersion, other._ciphers, other._identities
+        self._stamps = other._stamps
+        self._files, self._context, self.certificate, self._caStore = (
+            other._files, other._context, other.certificate, other._caStore)
+
     def reload(self):
         """
         Re-read the certificate, key and client CA files.  New connections use

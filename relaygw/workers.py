@@ -117,6 +117,14 @@ class WorkerSupervisor(Service):
             log.warn("worker {index} exited ({why}); restarting", index=index, why=reason.getErrorMessage())
             self.reactor.callLater(self.restartDelay, lambda: self.running and self.spawn(index))
 
+    def signalWorkers(self, signal):
+        """Send C{signal} ("HUP" ...) to every running worker."""
+        for index, (proto, transport) in list(self.children.items()):
+            try:
+                transport.signalProcess(signal)
+            except Exception as e:
+                log.warn("cannot signal worker {index}: {error}", index=index, error=e)
+
     def stopService(self):
         Service.stopService(self)
         waiting = []

@@ -76,6 +76,20 @@ class QueueManager(Service):
         self._rewrites = {}
         self._idle = []
 
+    def reconfigure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname, deferAll):
+        """A reloaded config: the next scheduling decisions and deliveries use it."""
+        self.router = router
+        self.concurrency = concurrency
+        self.retryMin = retryMin
+        self.retryMax = retryMax
+        self.lifetime = lifetime
+        self.bounceLifetime = bounceLifetime
+        self.hostname = hostname
+        wasDeferring, self.deferAll = self.deferAll, deferAll
+        if wasDeferring and not deferAll and self.running:
+            self.flush()
+        self._pump()
+
     def startService(self):
         Service.startService(self)
         for qid in self.recovered:

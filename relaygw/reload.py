@@ -1,0 +1,122 @@
+"""
+SIGHUP: re-read the config file and apply it to the running gateway, whole
+or not at all.
+
+The new file goes through the same checks as C{--check-config} (an invalid
+file is refused with the same lines, and the running config stays).  Then
+everything the new config needs is built (policies, TLS settings, portals,
+the router) before anything running is touched; only if that succeeds is
+it swapped in.  Listener settings, trust, policy, certificates, C{[relay]},
+C{[[route]]} and C{[log]} apply to new sessions and new deliveries; keys
+that shape a listening socket or the spool need a restart, and are named in
+a warning.
+"""
+
+import dataclasses
+
+from relaygw import logs, trust
+from relaygw.config import ConfigError, load
+from relaygw.logs import Logger
+
+log = Logger(namespace="relaygw.reload")
+
+#: Listener keys that shape the listening socket: a restart applies them.
+LISTENER_RESTART_KEYS = ("endpoint", "implicit_tls", "proxy_protocol")
+#: Section keys a restart applies (the spool layout, processes, admin socket).
+SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("process", "workers"), ("admin", "endpoint"))
+
+
+def reloadConfig(service, path):
+    """
+    Re-read C{path} and apply it to C{service} (a L{GatewayService}).
+
+    @return: C{True} if the new config was applied.
+    """
+    try:
+        new = load(path, environment=True)
+    except ConfigError as e:
+        # The same lines --check-config prints; nothing of the new file applies.
+        for error in e.errors:
+            log.error("reload refused, keeping the running config: {error}", error=error)
+        return False
+    old = service.config
+    restart = _restartKeys(old, new)
+    for key in restart:
+        log.warn("reload: {key} changes only with a restart", key=key)
+    kept = {l.name: l for l in old.listeners}
+    listeners = []
+    for l in new.listeners:
+        if l.name in kept:
+            listeners.append(dataclasses.replace(l, **{k: getattr(kept[l.name], k) for k in LISTENER_RESTART_KEYS}))
+    applied = dataclasses.replace(new, listeners=tuple(listeners), spool=old.spool, process=old.process,
+                                  admin=old.admin)
+    try:
+        plan = _Plan(service, applied)
+    except Exception as e:
+        log.error("reload refused, keeping the running config: {error}", error=" ".join(str(e).split()))
+        return False
+    plan.commit()
+    for where, keys in _changedKeys(old, applied):
+        log.info("reload: {where}: changed {keys}", where=where, keys=", ".join(keys))
+    log.info("reload: applied {path}", path=path)
+    return True
+
+
+def _restartKeys(old, new):
+    keys = ["%s.%s" % (section, key) for section, key in SECTION_RESTART_KEYS
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+    fresh = {l.name: l for l in new.listeners}
+    for l in old.listeners:
+        updated = fresh.get(l.name)
+        if updated is None:
+            keys.append("listener %s (removed)" % (l.name,))
+            continue
+        keys += ["listener %s: %s" % (l.name, k) for k in LISTENER_RESTART_KEYS if getattr(l, k) != getattr(updated, k)]
+    known = {l.name for l in old.listeners}
+    keys += ["listener %s (added)" % (l.name,) for l in new.listeners if l.name not in known]
+    return keys
+
+
+def _changedKeys(old, new):
+    """C{[(where, [key, ...])]} for what differs between two configs."""
+    out = []
+    was = {l.name: l for l in old.listeners}
+    for l in new.listeners:
+        before = was.get(l.name)
+        if before is not None:
+            out.append(("listener %s" % (l.name,), _differ(before, l)))
+    out += [("[relay]", _differ(old.relay, new.relay)), ("[log]", _differ(old.log, new.log))]
+    if old.routes != new.routes:
+        out.append(("[[route]]", ["%d routes" % len(new.routes)]))
+    return [(where, keys) for where, keys in out if keys]
+
+
+def _differ(a, b):
+    return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+class _Plan:
+    """Everything a reload swaps in, built up front so that a failure changes nothing."""
+
+    def __init__(self, service, config):
+        self.service = service
+        self.config = config
+        self.listeners = []
+        for factory in service.factories:
+            listener = next((l for l in config.listeners if l.name == factory.listener.name), None)
+            if listener is not None:
+                self.listeners.append((factory, listener, factory.prepare(listener)))
+        self.queueSettings = service.prepareRelay(config)
+
+    def commit(self):
+        service = self.service
+        for factory, listener, prepared in self.listeners:
+            factory.apply(listener, prepared)
+            wrapper = service.proxyFactories.get(listener.name)
+            if wrapper is not None:
+                wrapper.isTrusted = trust.Networks(listener.proxy_trusted).__contains__
+                wrapper.timeout = listener.proxy_timeout
+        service.tlsSettings = [f.tls for f in service.factories if f.tls is not None]
+        service.applyRelay(self.queueSettings)
+        logs.reconfigure(self.config.log.format, self.config.log.level)
+        service.config = self.config

@@ -1,0 +1,221 @@
+"""
+SIGHUP reloads the config in every worker, whole or not at all: listener
+settings, trust, policy, TLS, [relay], [[route]] and [log] apply without a
+restart; restart-only keys are named in a warning; an invalid file is
+refused with --check-config's words and the running config stays.
+"""
+
+import io
+import os
+import signal
+import smtplib
+import time
+
+from twisted.application.service import Application
+from twisted.internet import defer, reactor
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.trial import unittest
+
+from relaygw import config, logs
+from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, runTwistd,
+                             waitForPort)
+from relaygw.tls import generateSelfSigned
+
+
+class ReloadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.hops = []
+        for _ in range(3):
+            hop = ScriptedSMTPFactory()
+            port = reactor.listenTCP(0, hop, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            self.hops.append((hop, "[127.0.0.1]:%d" % port.getHost().port))
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"smarthosts": [self.hops[0][1]], "tls": "none"})
+        self.gw.service.configPath = self.gw.path
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    def rewrite(self, listener=None, relay=None, routes=(), log=None):
+        table = {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:0:interface=127.0.0.1"}
+        table.update(listener or {})
+        hop = {"smarthosts": [self.hops[0][1]], "tls": "none"}
+        hop.update(relay or {})
+        with open(self.gw.path, "w") as f:
+            f.write(configText(self.gw.directory, listeners=(table,), relay=hop, routes=routes, log=log))
+
+    def messages(self, level):
+        return [logs.escape(e["log_format"].format(**e)) for e in self.events
+                if e.get("log_namespace") == "relaygw.reload" and e["log_level"].name == level]
+
+    def recipientsAccepted(self, *rcpts):
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("MAIL FROM:<a@example.org>")
+                return [c.cmd("RCPT TO:<%s>" % r)[0] for r in rcpts]
+            finally:
+                c.close()
+
+        return inThread(run)
+
+    def send(self, rcpt):
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.gw.port) as s:
+                s.sendmail("a@example.org", [rcpt], b"Subject: reload\r\n\r\nx\r\n")
+
+        d = inThread(run)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+        return d
+
+    @defer.inlineCallbacks
+    def test_invalidConfigRefusedWhole(self):
+        """
+        max_recipients = 1, no relay networks and a misspelt policy in one
+        edit: nothing applies, and the log says what --check-config says.
+        """
+        self.rewrite({"max_recipients": 1, "relay_networks": [], "policy": "relaygw.policy.NoSuchPolicy"})
+        self.gw.service.reload()
+        self.assertEqual((yield self.recipientsAccepted("b@example.net", "c@example.net")), [250, 250])
+        with self.assertRaises(config.ConfigError) as cm:
+            config.load(self.gw.path, environment=True)
+        self.assertEqual(self.messages("error"), ["reload refused, keeping the running config: %s" % e
+                                                  for e in cm.exception.errors])
+        self.assertIn("listener[0].policy", cm.exception.errors[0])
+
+    @defer.inlineCallbacks
+    def test_listenerTrustAndPolicySettingsApply(self):
+        self.rewrite({"max_recipients": 1, "relay_networks": ["192.0.2.0/24"]})
+        self.gw.service.reload()
+        self.assertEqual((yield self.recipientsAccepted("b@example.net")), [554])
+        self.rewrite({"max_recipients": 1})
+        self.gw.service.reload()
+        self.assertEqual((yield self.recipientsAccepted("b@example.net", "c@example.net")), [250, 452])
+        self.assertIn("reload: listener l0: changed max_recipients, relay_networks", self.messages("info"))
+
+    @defer.inlineCallbacks
+    def test_relayAndRoutesApply(self):
+        yield self.send("b@example.net")
+        self.assertEqual(self.hops[0][0].recipients(), ["b@example.net"])
+        self.rewrite(relay={"smarthosts": [self.hops[1][1]]},
+                     routes=({"name": "partner", "domains": ["partner.example"], "smarthosts": [self.hops[2][1]],
+                              "tls": "none"},))
+        self.gw.service.reload()
+        yield self.send("c@example.net")
+        yield self.send("d@partner.example")
+        self.assertEqual([h.recipients() for h, _ in self.hops],
+                         [["b@example.net"], ["c@example.net"], ["d@partner.example"]])
+        self.assertIn("reload: [relay]: changed smarthosts", self.messages("info"))
+
+    @defer.inlineCallbacks
+    def test_retriesApply(self):
+        self.rewrite(relay={"retry_min": 7, "retry_max": 70, "concurrency": 3})
+        self.gw.service.reload()
+        q = self.gw.service.queue
+        self.assertEqual((q.retryMin, q.retryMax, q.concurrency), (7, 70, 3))
+        yield self.send("b@example.net")
+
+    def test_logApplies(self):
+        self.patch(logs, "_minimum", logs._minimum)
+        self.patch(logs, "_installed", None)
+        out = io.StringIO()
+        app = Application("t")
+        logs.install(app, out, "text", "info")
+        observer = ILogObserver(app)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        logs.Logger(namespace="t").debug("before {x}", x=1)
+        self.rewrite(log={"format": "json", "level": "debug"})
+        self.gw.service.reload()
+        logs.Logger(namespace="t").debug("after {x}", x=1)
+        self.assertNotIn("before 1", out.getvalue())
+        self.assertIn('"message": "after 1"', out.getvalue())
+
+    @defer.inlineCallbacks
+    def test_tlsCertificateApplies(self):
+        d = os.path.abspath(self.mktemp())
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        generateSelfSigned(cert, key, "relay.test")
+
+        def ehlo():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                return c.cmd("EHLO x")[1]
+            finally:
+                c.close()
+
+        self.assertNotIn("STARTTLS", (yield inThread(ehlo)))
+        self.rewrite({"tls_certificate": cert, "tls_key": key})
+        self.gw.service.reload()
+        self.assertIn("STARTTLS", (yield inThread(ehlo)))
+
+    def test_restartKeysNamed(self):
+        self.rewrite({"endpoint": "tcp:0:interface=127.0.0.2"})
+        with open(self.gw.path, "a") as f:
+            f.write("\n[process]\nworkers = 2\n")
+        self.gw.service.reload()
+        self.assertEqual(self.messages("warn"), ["reload: process.workers changes only with a restart",
+                                                 "reload: listener l0: endpoint changes only with a restart"])
+
+
+class WorkersReloadTests(unittest.TestCase):
+    """SIGHUP to the main process of two workers reaches both."""
+
+    def test_everyWorkerReloads(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+
+        def write(limit):
+            with open(conf, "w") as f:
+                f.write(configText(directory, process={"workers": 2}, listeners=({
+                    "endpoint": "tcp:%d:interface=127.0.0.1" % port, "max_recipients": limit,
+                    "relay_networks": ["127.0.0.0/8"]},)))
+
+        def secondRecipient():
+            c = Client(port)
+            try:
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("MAIL FROM:<a@example.org>")
+                c.cmd("RCPT TO:<b@example.net>")
+                return c.cmd("RCPT TO:<c@example.net>")[0]
+            finally:
+                c.close()
+
+        def run():
+            write(100)
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                deadline = time.monotonic() + 15
+                spool = os.path.join(directory, "spool")
+                while time.monotonic() < deadline and not (os.path.isdir(os.path.join(spool, "w1", "queue"))):
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                before = [secondRecipient() for _ in range(10)]
+                write(1)
+                p.send_signal(signal.SIGHUP)
+                time.sleep(1.5)
+                after = [secondRecipient() for _ in range(10)]
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+                out = p.stdout.read().decode()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                p.stdout.close()
+            self.assertEqual(before, [250] * 10)
+            self.assertEqual(after, [452] * 10)
+            self.assertEqual(out.count("reload: listener l0: changed max_recipients"), 2, out)
+
+        return inThread(run)
