@@ -212,6 +212,12 @@ def _run(argv, out):
     if cmd == "show":
         spool = _find(spools, args.id)
         if spool is None:
+            quarantined = [(qid, reason, when) for s in spools for qid, reason, when in s.corrupt() if qid == args.id]
+            if quarantined:
+                qid, reason, when = quarantined[0]
+                out.write(json.dumps({"id": qid, "corrupt": reason, "quarantined": _when(when)}, indent=2,
+                                     sort_keys=True) + "\n")
+                return 0
             err("no such message: %s" % _clean(args.id))
             return 1
         try:
