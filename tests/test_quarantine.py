@@ -241,3 +241,78 @@ class InterfaceTests(unittest.TestCase):
                          ("a@example.org", ["b@example.net"], 5.0, qid, len(BODY)))
         with m.narrowed(["b@example.net"]).openBody() as f:
             self.assertEqual(f.read(), BODY)
+
+
+class AnyContentTests(unittest.TestCase):
+    """Whatever a queue or state file holds, reading it back is a message, or CorruptMessage: nothing else."""
+
+    def setUp(self):
+        self.spool = Spool(os.path.abspath(self.mktemp()), None)
+        self.spool.open()
+
+    def test_anyBytes(self):
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        line = st.one_of(
+            st.binary(max_size=300),
+            st.dictionaries(st.sampled_from(["mailfrom", "recipients", "arrival", "context", "body_size",
+                                             "mail_params", "queue_id"]),
+                            st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                                         lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+                                             st.text(max_size=5), kids, max_size=3), max_leaves=6),
+                            max_size=7).map(lambda d: json.dumps(d).encode() + b"\n"),
+        )
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(line, st.binary(max_size=100), st.binary(max_size=200))
+        def check(envelope, body, state):
+            with open(self.spool.path("queue", "Q"), "wb") as f:
+                f.write(envelope + body)
+            with open(self.spool.path("state", "Q"), "wb") as f:
+                f.write(state)
+            try:
+                m = self.spool.load("Q")
+            except CorruptMessage:
+                pass
+            else:
+                self.assertIsInstance(m.mailfrom, str)
+                self.assertTrue(all(isinstance(r, str) for r in m.recipients))
+                self.assertEqual(m.size, len(body))
+            try:
+                s = self.spool.readState("Q")
+            except CorruptMessage:
+                pass
+            else:
+                self.assertIsInstance(s, dict)
+            out, err = io.StringIO(), io.StringIO()
+            import contextlib
+
+            with contextlib.redirect_stderr(err):
+                self.assertIn(tool.main(["--spool", self.spool.directory, "list"], out=out), (0, 1))
+                self.assertIn(tool.main(["--spool", self.spool.directory, "show", "Q"], out=out), (0, 1))
+            self.assertNotIn("Traceback", out.getvalue() + err.getvalue())
+            self.assertFalse(err.getvalue().startswith("relaygw-queue: error"), err.getvalue())
+
+        check()
+
+    def test_cutAnywhere(self):
+        """A well-formed message cut at any point reads back only when whole."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=200, deadline=None, database=None)
+        @given(st.binary(min_size=1, max_size=400), st.data())
+        def check(body, data):
+            line = json.dumps({"body_size": len(body), "mailfrom": "a@example.org",
+                               "recipients": ["b@example.net"]}).encode() + b"\n"
+            whole = line + body
+            cut = data.draw(st.integers(min_value=0, max_value=len(whole)))
+            with open(self.spool.path("queue", "Q"), "wb") as f:
+                f.write(whole[:cut])
+            if cut == len(whole):
+                self.assertEqual(self.spool.load("Q").size, len(body))
+            else:
+                self.assertRaises(CorruptMessage, self.spool.load, "Q")
+
+        check()
