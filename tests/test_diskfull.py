@@ -224,6 +224,36 @@ class NextHopWriteTests(RelayTestCase):
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
+    def test_stateWriteENOSPC(self):
+        """A progress record can't be written: no partial file, the message intact, the record written later."""
+        hop, port = self.hop(rcpt={"b@example.net": "451 4.3.0 not now"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
+        calls = []
+        fault = failing(spoolModule.writeAll, errno.ENOSPC, calls)
+        fault.armed = False
+        self.patch(spoolModule, "writeAll", fault)
+        factory = self.gw.service.factories[0]
+        original = factory.onQueued
+
+        def armThenEnqueue(qid, message):
+            fault.armed = True  # accepted; what is written next is the progress record
+            return original(qid, message)
+
+        self.patch(factory, "onQueued", armThenEnqueue)
+        qid = yield self.send()
+        spool = self.gw.service.spool
+        yield self.until(lambda: calls and not self.gw.service.queue.active)
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)
+        self.assertEqual(os.listdir(spool.path("state")), [])  # nothing half-written
+        self.assertEqual(os.listdir(spool.path("tmp")), [])
+        self.assertEqual(spool.load(qid).recipients, ["b@example.net"])
+        fault.armed = False
+        yield self.until(lambda: spool.readState(qid).get("attempts") == 1, timeout=20)
+        self.assertEqual(spool.readState(qid)["rcpts"]["b@example.net"]["status"], "deferred")
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)  # not re-sent meanwhile
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
     def test_bounceWriteENOSPC(self):
         """The bounce can't be queued: the original stays, and bounces once the disk has room."""
         hop, port = self.hop(rcpt={"b@example.net": "550 5.1.1 no such user"})
