@@ -137,6 +137,22 @@ class _Stamps:
         return cls.text
 
 
+_SKIP = object()
+
+
+def _typed(value, depth=0):
+    """C{value} as JSON takes it (plain values, lists, string-keyed dicts), or C{_SKIP}."""
+    if isinstance(value, _PLAIN):
+        return value
+    if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+        items = [_typed(v, depth + 1) for v in value]
+        return _SKIP if _SKIP in items else items
+    if depth < 3 and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _typed(v, depth + 1) for k, v in value.items()}
+        return _SKIP if _SKIP in items.values() else items
+    return _SKIP
+
+
 def jsonLinesObserver(outFile):
     """An L{ILogObserver} writing one JSON object per line to C{outFile}."""
 
@@ -149,8 +165,10 @@ def jsonLinesObserver(outFile):
             "message": formatMessage(event),
         }
         for k, v in event.items():
-            if not k.startswith("log_") and k not in record and isinstance(v, _PLAIN):
-                record[k] = v
+            if not k.startswith("log_") and k not in record:
+                value = _typed(v)
+                if value is not _SKIP:
+                    record[k] = value
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()

@@ -27,7 +27,7 @@ from twisted.internet import defer, interfaces, task
 from twisted.mail import smtp
 from zope.interface import implementer
 
-from relaygw import codes, trace, wire
+from relaygw import codes, maillog, trace, wire
 from relaygw.commands import CommandError, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
@@ -81,6 +81,9 @@ class SMTPSession(smtp.ESMTP):
         self.writePaused = False
         self._reading = True
         self._abortTimer = self._lingerTimer = None
+        self.commandCounts = maillog.CommandCounts()
+        self.lastCommand = (None, None)
+        self.messageIds = None
 
     # -- connection ----------------------------------------------------
 
@@ -131,11 +134,7 @@ class SMTPSession(smtp.ESMTP):
         self.ctx.update(trusted=self.trusted)
         f.sessionStarted(self)
         self.setTimeout(self.listener.idle_timeout)
-        log.debug(
-            "[{session}] connect from [{ip}]:{port} on {listener} trusted={trusted}",
-            session=self.sessionId, ip=ip, port=self.ctx["remote_port"],
-            listener=self.listener.name, trusted=self.trusted,
-        )
+        maillog.connect(self.sessionId, self.ctx, self.listener.name)
         refusal = f.admit(self)
         if refusal is not None:
             self.reply(refusal)
@@ -190,7 +189,7 @@ class SMTPSession(smtp.ESMTP):
         if self.avatar is not None:
             self.avatar = None
         self.factory.sessionEnded(self)
-        log.debug("[{session}] disconnect", session=self.sessionId)
+        maillog.disconnect(self.sessionId, self.ctx, self.commandCounts)
 
     def timeoutConnection(self):
         log.info("[{session}] idle timeout", session=self.sessionId)
@@ -219,9 +218,11 @@ class SMTPSession(smtp.ESMTP):
             return
         wire.send(self.transport, codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
         self.factory.stats("reply", r.code)
+        self.commandCounts.replied(r.code)
         if r.code >= 400:
-            log.info("[{session}] refused: {code} {enhanced} {text}", session=self.sessionId,
-                     code=r.code, enhanced=r.enhanced, text=r.text)
+            verb, args = self.lastCommand
+            maillog.reject(self.sessionId, self.ctx, verb, args, r, self.mailfrom, self.helo,
+                           (self.ctx.message or {}).get("queue_id"))
         if r.close:
             self._close()
         elif r.code >= 400 and self.greeted:
@@ -402,6 +403,8 @@ class SMTPSession(smtp.ESMTP):
         verb, _, args = text.partition(" ")
         verb = verb.upper()
         self.factory.stats("command", verb)
+        self.commandCounts.command(verb)
+        self.lastCommand = (verb, args)
         if self.refusedSession is not None and verb != "QUIT":
             return self.reply(codes.POLICY_REFUSED_SESSION)
         handler = getattr(self, "do_" + verb, None) if verb.isalpha() else None
@@ -627,6 +630,7 @@ class SMTPSession(smtp.ESMTP):
         self.setTimeout(self.listener.data_timeout)
         self.dataReader = DataReader()
         self._overflow = False
+        self.messageIds = maillog.MessageIdScanner()
         self.reply(codes.START_DATA)
 
     def _dataInput(self):
@@ -648,6 +652,7 @@ class SMTPSession(smtp.ESMTP):
         if limit and self.writer.size - self._traceOctets + len(chunk) > limit:
             self._overflow = True
             return
+        self.messageIds.feed(chunk)
         self.writer.write(chunk)
 
     def _endOfData(self):
@@ -683,12 +688,8 @@ class SMTPSession(smtp.ESMTP):
 
         def queued(qid, started):
             self.factory.messageQueued(self, writer.message, time.monotonic() - started)
-            log.info(
-                "[{session}] queued {qid} from <{mailfrom}> to {rcpts} size {size} client {client}[{ip}]",
-                session=self.sessionId, qid=qid, mailfrom=self.mailfrom,
-                rcpts=",".join("<%s>" % r for r in self.rcpts), size=writer.size,
-                client=self.ctx.get("remote_name"), ip=self.ctx.get("remote_ip"),
-            )
+            maillog.queued(self.sessionId, self.ctx, qid, self.mailfrom, self.rcpts, writer.size,
+                           self.messageIds.messageId)
             self.ctx.update(connection_message_count=self.ctx["connection_message_count"] + 1)
             self.resetTransaction()
             self.reply(codes.QUEUED.format(qid=qid))

@@ -11,7 +11,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relaygw import codes, trust
@@ -58,6 +58,7 @@ class SMTPFactory(ServerFactory):
     """
 
     protocol = SMTPSession
+    noisy = False
 
     def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
                  authFailures=None):
@@ -191,6 +192,9 @@ class GatewayService(MultiService):
 
     def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None):
         MultiService.__init__(self)
+        # No "Starting factory ..." / "Stopping factory ..." line for every
+        # outbound connection: the mail log says what happened.
+        Factory.noisy = False
         self.config = config
         self.configPath = configPath
         self.reactor = reactor

@@ -176,11 +176,11 @@ class TwistdLifecycleTests(_TwistdTestCase):
             out = self.runTwistd(directory, port, conf, session)
             events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             self.assertTrue(events, out)
-            queued = [e for e in events if " queued " in e["message"]]
+            queued = [e for e in events if e.get("event") == "queued"]
             self.assertEqual(len(queued), 1)
             self.assertTrue(queued[0]["session"])
             self.assertIn(queued[0]["session"], queued[0]["message"])
-            self.assertEqual(queued[0]["rcpts"], "<b@example.net>")
+            self.assertEqual(queued[0]["recipients"], ["b@example.net"])
             self.assertEqual(queued[0]["level"], "info")
             self.assertTrue(any(e["message"] == "stopped; spool intact" for e in events))
 

@@ -685,8 +685,8 @@ class XclientTests(VerbTestCase):
             return sendMessage(c)
 
         qid = yield self.session(run)
-        [queued] = logs.find("queued {qid}", qid=qid)
-        self.assertEqual((queued["client"], queued["ip"]), ("client.example.net", "192.0.2.7"))
+        [queued] = logs.find("queued from=", event="queued", qid=qid)
+        self.assertEqual((queued["client"], queued["ip"]), ("client.example.net[192.0.2.7]", "192.0.2.7"))
         [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
         self.assertEqual(audit["peer"], "127.0.0.1")
         self.assertIn("remote_ip '127.0.0.1' -> '192.0.2.7'", audit["changes"])

@@ -18,7 +18,7 @@ import base64
 import os
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from OpenSSL import SSL
@@ -549,15 +549,30 @@ class Connection:
         self.xclientNames = None
         self.ahead = None  # (file, size) of the next message, its envelope already sent
         self.stale = False
+        self.peerIP = None
+        self.setupStarted = self.setupTime = None
+        self.sendStarted = {}
 
     # Results
 
+    def _timed(self, index, result):
+        """C{result} with where it came from and how long it took, for the mail log."""
+        now = self.reactor.seconds()
+        setup = self.setupTime
+        if setup is None:
+            setup = now - self.setupStarted if self.setupStarted is not None else 0.0
+        started = self.sendStarted.get(index)
+        relay = "%s[%s]:%d" % (self.host, self.peerIP, self.port) if self.peerIP else None
+        return replace(result, relay=relay, setup=max(0.0, setup),
+                       transmit=max(0.0, now - started) if started is not None else 0.0)
+
     def _settle(self, index, recipients, result):
         results = self.results[index]
+        result = self._timed(index, result)
         for recipient in recipients:
             if recipient not in results:
                 results[recipient] = result
-                log.info(
+                log.debug(
                     "{where}: {mailfrom} -> {rcpt}: {result}",
                     where=self.where,
                     mailfrom="<%s>" % (self.messages[index].mailfrom,),
@@ -647,6 +662,9 @@ class Connection:
         self.messages, self.results = messages, [{} for _ in messages]
         self.settled, self.reported = settled, set()
         kept = self.proto
+        self.sendStarted = {}
+        if kept is not None:
+            self.setupTime = 0.0  # a kept-open connection: nothing to set up
         replies = kept.replyCount if kept is not None else 0
         try:
             try:
@@ -703,11 +721,13 @@ class Connection:
 
     async def _open(self):
         self.stage = "connect"
+        self.setupStarted, self.setupTime = self.reactor.seconds(), None
         proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
         await connectProtocol(self._endpoint(), proto)
         wire.noDelay(proto.transport)
         self.proto = proto
-        log.info("{where}: connected", where=self.where)
+        self.peerIP = getattr(proto.transport.getPeer(), "host", None)
+        log.debug("{where}: connected", where=self.where)
         self.stage = "greeting"
         greeting = await proto.reply()
         if not greeting.positive:
@@ -715,6 +735,7 @@ class Connection:
         await self._hello()
         await self._startTLS()
         await self._authenticate()
+        self.setupTime = self.reactor.seconds() - self.setupStarted
 
     async def _hello(self, name=None):
         name = name or self.options.heloName
@@ -894,6 +915,7 @@ class Connection:
             raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
 
     async def _transaction(self, index, message):
+        self.sendStarted[index] = self.reactor.seconds()
         ahead, self.ahead = self.ahead, None
         body, size = ahead or self._openBody(message)
         with body:

@@ -1,6 +1,6 @@
 """The seam between the queue manager and where messages go next."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zope.interface import Interface
 
@@ -15,6 +15,12 @@ class Result:
     code: int
     enhanced: object
     text: str
+    #: Where and how long, for the mail log (not part of the outcome):
+    #: C{host[ip]:port} of the next hop (C{None}: no connection), the
+    #: seconds spent setting the connection up and sending the message.
+    relay: object = field(default=None, compare=False)
+    setup: float = field(default=0.0, compare=False)
+    transmit: float = field(default=0.0, compare=False)
 
     @property
     def ok(self):

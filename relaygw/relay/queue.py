@@ -15,6 +15,7 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import buildBounce
@@ -71,6 +72,7 @@ class QueueManager(Service):
         self.recovered = []
         self.fresh = {}
         self.forced = set()
+        self.queuedAt = {}  # qid -> when a message accepted by this process was queued (for the mail log)
         self.progress = {}  # qid -> progress record not (yet) written to disk
         self._writeFailures = {}
         self._rewrites = {}
@@ -172,6 +174,8 @@ class QueueManager(Service):
             return  # [relay] defer_all: everything stays queued
         if forced:
             self.forced.add(queueId)
+        if message is not None:
+            self.queuedAt.setdefault(queueId, time.time())
         if message is not None and queueId not in self.active:
             # Only for a first attempt: once one is in flight (a flush got
             # there first) progress is on disk, and the next attempt must
@@ -243,6 +247,7 @@ class QueueManager(Service):
         for r in todo:
             groups.setdefault(self.router(message, r), []).append(r)
         attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
+        attempt.started = time.time()
         ds = []
         for hop, recipients in groups.items():
             d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)])
@@ -260,6 +265,7 @@ class QueueManager(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self.progress.pop(qid, None)
+        self.queuedAt.pop(qid, None)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.metrics:
             self.metrics.corrupt()
@@ -296,16 +302,21 @@ class QueueManager(Service):
         qid, message = attempt.qid, attempt.message
         recorded = outcome.record(attempt.state, message.recipients, attempt.outcomes, time.time(), self.policy,
                                   message.mailfrom, message.envelope.get("arrival"), forced=attempt.forced)
+        now = time.time()
+        arrival = message.envelope.get("arrival") or attempt.started
+        queuedAt = self.queuedAt.get(qid)
+        # Postfix's delays=a/b/c/d: before the queue, in the queue, connection set-up, transmission.
+        beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
+        inQueue = max(0.0, attempt.started - (queuedAt or arrival))
         for event in recorded.events:
+            result = event.result
             if self.metrics:
                 self.metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
                     event.status, "defer"))
-            if event.status == outcome.DONE:
-                log.info("{qid} to <{rcpt}> via {hop}: {result}", qid=qid, rcpt=event.recipient, hop=event.hop,
-                         result=event.result.describe())
-            else:
-                log.info("{qid} to <{rcpt}> {status}: {result}", qid=qid, rcpt=event.recipient,
-                         status=event.status, result=event.result.describe())
+            relay = getattr(result, "relay", None) or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
+            maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
+                             (beforeQueue, inQueue, getattr(result, "setup", 0.0), getattr(result, "transmit", 0.0)),
+                             event.status, result)
         fresh = attempt.fresh
         d = defer.succeed(None)
         if recorded.provisional is not None and self.spool.exists(qid):
@@ -326,6 +337,7 @@ class QueueManager(Service):
                 return self._remove(qid, fresh)
             if not self.spool.exists(qid):
                 self.progress.pop(qid, None)
+                self.queuedAt.pop(qid, None)
                 return None  # deleted with relaygw-queue meanwhile
             self._retryLater(qid, recorded.nextAttempt)
             return self._persist(qid, recorded.state)
@@ -341,6 +353,8 @@ class QueueManager(Service):
         self.progress.pop(qid, None)
         self._cancelRewrite(qid)
         self._writeFailures.pop(qid, None)
+        self.queuedAt.pop(qid, None)
+        maillog.removed(qid)
         return self.spool.remove(qid, progress=not fresh)
 
     #: Back-off between attempts to write a progress record that failed (seconds).
@@ -409,8 +423,7 @@ class QueueManager(Service):
         d = writer.commit()
 
         def queued(qid):
-            log.info("{qid}: bounce {bounce} queued to <{sender}>", qid=message.queueId, bounce=qid,
-                     sender=message.mailfrom)
+            maillog.bounce(message.queueId, qid, message.mailfrom)
             self.enqueue(qid)
 
         return d.addCallback(queued)

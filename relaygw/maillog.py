@@ -1,0 +1,178 @@
+"""
+The mail log: one line per event an operator greps for, modelled on
+Postfix's maillog, each carrying the queue id where there is one.
+
+    connect      [S] connect from NAME[IP]:PORT to LISTENER
+    reject       [S] QID|NOQUEUE: reject: VERB from NAME[IP]: REPLY; from=<..> to=<..> proto=.. helo=<..>
+    queued       [S] QID: queued from=<..>, size=N, nrcpt=N, message-id=<..>, client=NAME[IP]
+    disconnect   [S] disconnect from NAME[IP] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
+    delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
+    bounce       QID: sender non-delivery notification: BOUNCE-QID
+    removed      QID: removed
+
+Every event also carries its fields typed (C{event}, C{qid}, C{recipients}
+as a list, C{delays} as a list of numbers ...), which the JSON log writes
+as they are.
+"""
+
+import re
+
+from relaygw.logs import Logger
+
+smtpd = Logger(namespace="relaygw.smtpd")
+qmgr = Logger(namespace="relaygw.qmgr")
+
+#: Postfix's status words for the outcome of a delivery attempt.
+STATUS = {"done": "sent", "deferred": "deferred", "bounced": "bounced"}
+
+
+def client(ctx):
+    """C{name[ip]} of the (possibly claimed) client in a validation context."""
+    return "%s[%s]" % (ctx.get("remote_name") or "unknown", ctx.get("remote_ip") or "unknown")
+
+
+def connect(session, ctx, listener):
+    smtpd.info("[{session}] connect from {client}:{port} to {listener}", event="connect", session=session,
+               client=client(ctx), ip=ctx.get("remote_ip"), port=ctx.get("remote_port"), listener=listener)
+
+
+def disconnect(session, ctx, counts):
+    summary = counts.summary()
+    smtpd.info("[{session}] disconnect from {client} {summary}", event="disconnect", session=session,
+               client=client(ctx), ip=ctx.get("remote_ip"), summary=summary, commands=counts.asDict())
+
+
+_ADDRESS = re.compile(r"^\s*(?:FROM|TO)\s*:\s*<?([^>\s]*)>?", re.I)
+
+
+def _address(args):
+    m = _ADDRESS.match(args or "")
+    return m.group(1) if m else None
+
+
+def reject(session, ctx, verb, args, reply, sender, helo, qid=None):
+    """A refused command (4xx or 5xx reply), with who, what and why; C{helo}: the name or C{(verb, name)}."""
+    if isinstance(helo, tuple):
+        helo = helo[-1]
+    recipient = _address(args) if verb == "RCPT" else None
+    if verb == "MAIL" and sender is None:
+        sender = _address(args)
+    text = " ".join(str(p) for p in (reply.code, reply.enhanced, reply.text) if p)
+    smtpd.info("[{session}] {qid}: reject: {verb} from {client}: {reply}; from=<{sender}> to=<{recipient}> "
+               "proto={proto} helo=<{helo}>", event="reject", session=session, qid=qid or "NOQUEUE",
+               verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"), reply=text, code=reply.code,
+               enhanced=reply.enhanced, sender=sender if sender is not None else "",
+               recipient=recipient or "", proto=ctx.get("protocol") or "SMTP", helo=helo or "")
+
+
+def queued(session, ctx, qid, sender, recipients, size, messageId):
+    smtpd.info("[{session}] {qid}: queued from=<{sender}>, size={size}, nrcpt={nrcpt}, message-id={message_id}, "
+               "client={client}", event="queued", session=session, qid=qid, sender=sender,
+               recipients=list(recipients), nrcpt=len(recipients), size=size, message_id=messageId or "",
+               client=client(ctx), ip=ctx.get("remote_ip"))
+
+
+def delivery(qid, recipient, relay, delay, delays, status, result):
+    """One recipient's outcome of one delivery attempt."""
+    qmgr.info("{qid}: to=<{to}>, relay={relay}, delay={delay:.2f}, delays={delaysText}, dsn={dsn}, "
+              "status={status} ({reply})", event="delivery", qid=qid, to=recipient, relay=relay,
+              delay=round(delay, 3), delays=[round(d, 3) for d in delays],
+              delaysText="/".join(_seconds(d) for d in delays),
+              dsn=dsnOf(result), status=STATUS.get(status, status), reply=result.describe())
+
+
+def _seconds(d):
+    """Postfix's way: whole seconds from 10 on, else at most two decimals (C{0}, C{0.01}, C{1.5})."""
+    if d >= 10:
+        return "%d" % d
+    return ("%.2f" % d).rstrip("0").rstrip(".") or "0"
+
+
+def dsnOf(result):
+    enhanced = getattr(result, "enhanced", None)
+    if enhanced:
+        return str(enhanced)
+    code = getattr(result, "code", 0)
+    return "%d.0.0" % (code // 100,) if code else "4.0.0"
+
+
+def bounce(qid, bounceId, sender):
+    qmgr.info("{qid}: sender non-delivery notification: {bounce}", event="bounce", qid=qid, bounce=bounceId,
+              sender=sender)
+
+
+def removed(qid):
+    qmgr.info("{qid}: removed", event="removed", qid=qid)
+
+
+class CommandCounts:
+    """
+    Commands per verb and how many succeeded, for the disconnect line:
+    C{ehlo=1 mail=1 rcpt=1/2 ... commands=5/6} (C{ok/total} when some failed).
+    """
+
+    KNOWN = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "etrn",
+             "quit", "xclient", "xforward", "xremoteip", "xsetcontext", "xdumpcontext", "help", "expn")
+
+    def __init__(self):
+        self.counts = {}
+        self.current = None
+        self.code = None
+
+    def command(self, verb):
+        """A command line came in (its reply decides whether it succeeded)."""
+        self._settle()
+        verb = verb.lower()
+        self.current = verb if verb in self.KNOWN else "unknown"
+        self.counts.setdefault(self.current, [0, 0])[1] += 1
+
+    def replied(self, code):
+        if self.current is not None:
+            self.code = code
+
+    def _settle(self):
+        if self.current is not None and self.code is not None and self.code < 400:
+            self.counts[self.current][0] += 1
+        self.current, self.code = None, None
+
+    def asDict(self):
+        self._settle()
+        return {verb: {"ok": ok, "total": total} for verb, (ok, total) in self.counts.items()}
+
+    def summary(self):
+        self._settle()
+
+        def one(ok, total):
+            return "%d" % total if ok == total else "%d/%d" % (ok, total)
+
+        parts = ["%s=%s" % (verb, one(*n)) for verb, n in self.counts.items()]
+        ok = sum(n[0] for n in self.counts.values())
+        total = sum(n[1] for n in self.counts.values())
+        return " ".join(parts + ["commands=%s" % one(ok, total)])
+
+
+class MessageIdScanner:
+    """The Message-ID of a message whose content arrives in chunks; it stops looking at the end of the header."""
+
+    LIMIT = 65536
+    _ID = re.compile(rb"(?:^|\r?\n)Message-ID:[ \t]*(<[^>\r\n]{1,500}>)", re.I)
+
+    def __init__(self):
+        self.buf = b""
+        self.done = False
+        self.messageId = None
+
+    def feed(self, chunk):
+        if self.done:
+            return
+        self.buf += chunk
+        end = self.buf.find(b"\r\n\r\n") if not self.buf.startswith(b"\r\n") else 0
+        if end == -1:
+            end = self.buf.find(b"\n\n")
+        header = self.buf if end == -1 else self.buf[:end]
+        m = self._ID.search(header)
+        if m is not None:
+            self.messageId = m.group(1).decode("latin-1")
+        if m is not None or end != -1 or len(self.buf) > self.LIMIT:
+            self.done = True
+            self.buf = b""

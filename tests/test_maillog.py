@@ -1,0 +1,176 @@
+"""
+The mail log over real sockets: connect, reject (client, sender, recipient,
+HELO, reply), queued (size, message-id, recipient count), each delivery
+attempt once (to=, relay=, delay=, delays=, dsn=, status=), removed and
+disconnect with command counts; the JSON log carries the same events typed.
+"""
+
+import io
+import json
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from relaygw import logs, maillog
+from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
+
+
+class MailLogTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.text, self.json = io.StringIO(), io.StringIO()
+        self.events = []
+        for observer in (logs.textLinesObserver(self.text), logs.jsonLinesObserver(self.json), self.events.append):
+            globalLogPublisher.addObserver(observer)
+            self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.hop = ScriptedSMTPFactory(rcpt={"later@example.net": "451 4.3.0 Try again later"})
+        port = reactor.listenTCP(0, self.hop, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.hopPort = port.getHost().port
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"smarthosts": ["[127.0.0.1]:%d" % self.hopPort], "tls": "none"})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    def session(self, rcpts):
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO client.example")
+                c.cmd("MAIL FROM:<a@example.org>")
+                for r in rcpts:
+                    c.cmd("RCPT TO:<%s>" % r)
+                self.assertEqual(c.cmd("DATA")[0], 354)
+                c.send("Message-ID: <m1@example.org>\r\nSubject: log\r\n\r\nbody\r\n.\r\n")
+                code, lines = c.reply()
+                self.assertEqual(code, 250)
+                c.cmd("QUIT")
+                return lines[0].rsplit(" ", 1)[1]
+            finally:
+                c.close()
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def waitFor(self, event):
+        """Wait (a bounded while) until C{event} was logged: the session ends after the client's QUIT."""
+        for _ in range(150):
+            if any(e.get("event") == event for e in self.events):
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    def lines(self, event):
+        return [logs.escape(formatEvent(e)) for e in self.events if e.get("event") == event]
+
+    @defer.inlineCallbacks
+    def test_aMessageFromConnectToRemoved(self):
+        qid = yield self.session(["b@example.net", "later@example.net"])
+        yield self.gw.service.queue.whenIdle()
+        yield self.waitFor("disconnect")
+        [connect] = self.lines("connect")
+        self.assertRegex(connect, r"^\[\w+\] connect from unknown\[127\.0\.0\.1\]:\d+ to l0$")
+        [queued] = self.lines("queued")
+        self.assertRegex(queued, r"^\[\w+\] %s: queued from=<a@example\.org>, size=\d+, nrcpt=2, "
+                                 r"message-id=<m1@example\.org>, client=unknown\[127\.0\.0\.1\]$" % qid)
+        deliveries = self.lines("delivery")
+        self.assertEqual(len(deliveries), 2, deliveries)
+        relay = r"127\.0\.0\.1\[127\.0\.0\.1\]:%d" % self.hopPort
+        delays = r"delay=\d+\.\d\d, delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+"
+        self.assertRegex(deliveries[0], r"^%s: to=<b@example\.net>, relay=%s, %s, dsn=2\.0\.0, "
+                                        r"status=sent \(250 2\.0\.0 Ok: queued as 4ABC\)$" % (qid, relay, delays))
+        self.assertRegex(deliveries[1], r"^%s: to=<later@example\.net>, relay=%s, %s, dsn=4\.3\.0, "
+                                        r"status=deferred \(451 4\.3\.0 Try again later\)$" % (qid, relay, delays))
+        [disconnect] = self.lines("disconnect")
+        self.assertRegex(disconnect, r"^\[\w+\] disconnect from unknown\[127\.0\.0\.1\] ehlo=1 mail=1 rcpt=2 "
+                                     r"data=1 quit=1 commands=6$")
+        # Each delivery once: no other line names the recipient.
+        self.assertEqual(self.text.getvalue().count("later@example.net"), 1 + 1, self.text.getvalue())
+        ours = [line for line in self.text.getvalue().splitlines() if "ScriptedSMTPFactory" not in line]
+        self.assertFalse([line for line in ours if "ing factory" in line])
+
+    @defer.inlineCallbacks
+    def test_queuedSizeIsTheSpoolsAndRemovedFollows(self):
+        qid = yield self.session(["b@example.net"])
+        [event] = [e for e in self.events if e.get("event") == "queued"]
+        self.assertEqual((event["nrcpt"], event["recipients"], event["message_id"]),
+                         (1, ["b@example.net"], "<m1@example.org>"))
+        yield self.gw.service.queue.whenIdle()
+        yield self.waitFor("removed")
+        self.assertEqual(self.lines("removed"), ["%s: removed" % qid])
+        # The size is the spooled message's, Received header included: what goes onward.
+        [delivered] = self.hop.messages
+        self.assertTrue(delivered.startswith(b"Received: "))
+        self.assertEqual(event["size"], len(delivered))
+
+    @defer.inlineCallbacks
+    def test_rejectNamesClientSenderRecipientHelo(self):
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO client.example")
+                c.cmd("MAIL FROM:<a@example.org>")
+                self.assertEqual(c.cmd("RCPT TO:<bad address>")[0], 501)
+                c.cmd("BOGUS")
+                c.cmd("QUIT")
+            finally:
+                c.close()
+
+        yield inThread(run)
+        yield self.waitFor("disconnect")
+        rejects = self.lines("reject")
+        self.assertRegex(rejects[0], r"^\[\w+\] NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 501 5\.1\.3 .*; "
+                                     r"from=<a@example\.org> to=<bad> proto=ESMTP helo=<client\.example>$")
+        self.assertRegex(rejects[1], r"reject: BOGUS from unknown\[127\.0\.0\.1\]: 50\d ")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith("ehlo=1 mail=1 rcpt=0/1 unknown=0/1 quit=1 commands=3/5"), disconnect)
+
+    @defer.inlineCallbacks
+    def test_jsonCarriesTypedEvents(self):
+        qid = yield self.session(["b@example.net", "later@example.net"])
+        yield self.gw.service.queue.whenIdle()
+        yield self.waitFor("disconnect")
+        records = [json.loads(line) for line in self.json.getvalue().splitlines()]
+        byEvent = {}
+        for r in records:
+            byEvent.setdefault(r.get("event"), []).append(r)
+        [queued] = byEvent["queued"]
+        self.assertEqual((queued["qid"], queued["recipients"], queued["nrcpt"]),
+                         (qid, ["b@example.net", "later@example.net"], 2))
+        self.assertIsInstance(queued["size"], int)
+        sent, deferred = byEvent["delivery"]
+        self.assertEqual((sent["to"], sent["status"], sent["dsn"]), ("b@example.net", "sent", "2.0.0"))
+        self.assertEqual((deferred["status"], deferred["dsn"]), ("deferred", "4.3.0"))
+        self.assertEqual(len(sent["delays"]), 4)
+        self.assertTrue(all(isinstance(d, (int, float)) for d in sent["delays"]))
+        [disconnect] = byEvent["disconnect"]
+        self.assertEqual(disconnect["commands"]["rcpt"], {"ok": 2, "total": 2})
+
+
+class CommandCountTests(unittest.TestCase):
+    def test_postfixStyle(self):
+        counts = maillog.CommandCounts()
+        for verb, code in (("EHLO", 250), ("MAIL", 250), ("RCPT", 554), ("RCPT", 250), ("DATA", 354),
+                           ("QUIT", 221)):
+            counts.command(verb)
+            counts.replied(code)
+        counts.replied(250)  # the end of data's reply belongs to DATA
+        self.assertEqual(counts.summary(), "ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6")
+
+    def test_messageIdAcrossChunks(self):
+        scanner = maillog.MessageIdScanner()
+        for chunk in (b"Subject: x\r\nMessage-", b"Id: <a@b>\r\n", b"\r\nbody Message-ID: <no@no>\r\n"):
+            scanner.feed(chunk)
+        self.assertEqual(scanner.messageId, "<a@b>")
+        none = maillog.MessageIdScanner()
+        none.feed(b"Subject: x\r\n\r\nMessage-ID: <body@x>\r\n")
+        self.assertIsNone(none.messageId)
+
+    def test_dsnAndSeconds(self):
+        from relaygw.relay.nexthop import Result
+
+        self.assertEqual(maillog.dsnOf(Result(451, None, "x")), "4.0.0")
+        self.assertEqual(maillog.dsnOf(Result(550, "5.1.1", "x")), "5.1.1")
+        self.assertEqual([maillog._seconds(d) for d in (0.0004, 0.01, 1.5, 12.7)], ["0", "0.01", "1.5", "12"])
