@@ -154,3 +154,19 @@ def parseRcpt(args):
     for key in params:
         raise CommandError(codes.BAD_PARAMETER.format(param=key))
     return address, params
+
+
+def parseHelo(text):
+    """
+    The client's greeting name, as the EHLO/HELO argument and XCLIENT's
+    C{HELO=} both give it: one function for both, so neither can add a
+    clause to the Received header.  Like Postfix, control and 8-bit octets
+    become C{?}; only the first word names the client.
+
+    @return: C{(name, cleaned text)}: the first word, and the whole argument
+        cleaned (for C{ehlo_string}); C{(None, "")} if there is no word.
+    """
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    words = cleaned.split(" ")
+    name = next((w for w in words if w), None)
+    return name, cleaned

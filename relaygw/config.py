@@ -258,6 +258,8 @@ class ListenerConfig:
     proxy_protocol: bool = _opt(False, bool)
     proxy_trusted: tuple = _opt((), list, _cidrs)
     proxy_timeout: float = _opt(5.0, (int, float), _positive)
+    received_shows_peer: bool = _opt(False, bool)
+    received_shows_login: bool = _opt(False, bool)
 
 
 @dataclass(frozen=True)

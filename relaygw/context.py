@@ -29,6 +29,60 @@ OWNED_MESSAGE_KEYS = frozenset(
     """.split()
 )
 
+#: The client identity: XCLIENT attribute -> context key, in the order
+#: relaygw advertises them (Postfix's).  XCLIENT applies them, the delivery
+#: client forwards them onward (XCLIENT or XFORWARD), and the next hop
+#: groups messages by them: this table is the one place that pairs them.
+IDENTITY_ATTRIBUTES = (
+    ("NAME", "remote_name"),
+    ("ADDR", "remote_ip"),
+    ("PORT", "remote_port"),
+    ("PROTO", "protocol"),
+    ("HELO", "ehlo_domain"),
+    ("LOGIN", "auth_user"),
+    ("DESTADDR", "dest_ip"),
+    ("DESTPORT", "dest_port"),
+)
+
+IDENTITY_KEYS = dict(IDENTITY_ATTRIBUTES)
+
+#: The attributes forwarded onward, in the order sent: NAME and ADDR last,
+#: because once ADDR is sent the next hop usually stops authorising
+#: XCLIENT (when the line has to be split in two).  DESTADDR/DESTPORT
+#: describe this gateway's listener, not the client, and stay here.
+FORWARDED_ATTRIBUTES = ("HELO", "PROTO", "LOGIN", "PORT", "NAME", "ADDR")
+
+#: C{auth_name} of a session that logged in nobody (ALWAYS-ALLOW listeners).
+ANONYMOUS_LOGIN = "ALWAYS-ALLOW"
+
+
+def identityValue(connection, attribute):
+    """
+    What XCLIENT attribute C{attribute} says of the client whose context
+    connection keys are C{connection}: the value, or C{None} when it is not
+    available.  Only a real login (AUTH, XCLIENT C{LOGIN=}) is a LOGIN; an
+    ALWAYS-ALLOW session logged in nobody.
+    """
+    value = connection.get(IDENTITY_KEYS[attribute])
+    if attribute == "LOGIN" and connection.get("auth_name") == ANONYMOUS_LOGIN:
+        return None
+    if (attribute in ("NAME", "ADDR") and value == "unknown") or (attribute in ("PORT", "DESTPORT")
+                                                                   and value in (0, "0")):
+        return None  # the gateway's "unknown" is XCLIENT's [UNAVAILABLE]
+    if value is None or value == "":
+        return None
+    return value
+
+
+def identityOf(connection):
+    """
+    Everything onward XCLIENT/XFORWARD would say about a client, as a
+    hashable tuple: two messages with the same one speak for the same client.
+    """
+    return tuple(identityValue(connection, a) for a in FORWARDED_ATTRIBUTES) + (
+        connection.get("remote_name_status"),)
+
+
 _KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 #: Limits on client-set keys, so a peer cannot exhaust memory.

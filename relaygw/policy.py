@@ -56,10 +56,16 @@ class AcceptAll:
 @implementer(IPolicy)
 class RelayAccessPolicy(AcceptAll):
     """
-    The built-in policy: relaying is allowed for trusted peers, for
-    authenticated sessions (ALWAYS-ALLOW included), and for clients whose
-    (possibly XCLIENT-overridden) address is in the listener's
-    C{relay_networks}.  Everyone else gets 554 5.7.1 at RCPT.
+    The built-in policy, judged on the claimed identity (after XCLIENT,
+    XREMOTEIP or a PROXY header), as Postfix's C{permit_mynetworks} and
+    C{permit_sasl_authenticated} judge it: a recipient is accepted when the
+    client's C{remote_ip} is in the listener's C{relay_networks}, or the
+    session logged in (AUTH, XCLIENT C{LOGIN=}, an ALWAYS-ALLOW listener).
+    Everyone else gets 554 5.7.1 at RCPT.
+
+    Being a trusted peer is not among the reasons: trust grants the
+    trusted verbs only, so a balancer that speaks for a client relays only
+    what that client could.
     """
 
     def __init__(self, listener=None):
@@ -67,11 +73,7 @@ class RelayAccessPolicy(AcceptAll):
         self.relayNetworks = Networks(listener.relay_networks if listener else ())
 
     def canRelay(self, context):
-        return bool(
-            context.get("trusted")
-            or context.get("auth_user")
-            or context.get("remote_ip") in self.relayNetworks
-        )
+        return bool(context.get("auth_user") or context.get("remote_ip") in self.relayNetworks)
 
     def rcpt(self, context, recipient):
         if self.canRelay(context):

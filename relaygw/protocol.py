@@ -28,7 +28,7 @@ from twisted.mail import smtp
 from zope.interface import implementer
 
 from relaygw import codes, maillog, trace, wire
-from relaygw.commands import CommandError, parseMail, parseRcpt
+from relaygw.commands import CommandError, parseHelo, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
 from relaygw.logs import Logger
@@ -58,9 +58,23 @@ def newSessionId():
 class SMTPSession(smtp.ESMTP):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
-    carries the listener's config, the spool, the policy, the portal, the
-    trusted verbs and the TLS settings.
+    carries the spool, the portal, the trusted verbs and the TLS settings;
+    at connect the session pins the factory's current
+    L{relaygw.service.ListenerSettings} (config, policy, trust) whole, so
+    a reload applies to new sessions only.
+
+    @ivar settings: the pinned L{relaygw.service.ListenerSettings}.
+    @ivar listener: C{settings.listener}.
+    @ivar verdict: the L{relaygw.trust.Verdict} for this connection.
+    @ivar countedIP: the client address the per-IP limits count this
+        session against (C{None}: not counted).
     """
+
+    #: Commands a C{require_tls} listener takes before TLS (protocol.md section 8).
+    BEFORE_TLS = frozenset(("EHLO", "HELO", "STARTTLS", "NOOP", "QUIT", "HELP", "XCLIENT"))
+
+    settings = None
+    countedIP = None
 
     def __init__(self):
         smtp.ESMTP.__init__(self)
@@ -87,25 +101,13 @@ class SMTPSession(smtp.ESMTP):
 
     # -- connection ----------------------------------------------------
 
-    class _FactoryListener:
-        """
-        C{session.listener}: the factory's, until C{connectionMade} pins
-        the listener config as it was when the session connected (a reload
-        applies to new sessions) in an instance attribute, which takes
-        precedence over this non-data descriptor.
-        """
-
-        def __get__(self, session, owner=None):
-            return self if session is None else session.factory.listener
-
-    listener = _FactoryListener()
-
     def connectionMade(self):
         f = self.factory
         wire.noDelay(self.transport)
         wire.boundBuffers(self.transport)
         self.transport.registerProducer(self, True)
-        self.listener = f.listener
+        self.settings = f.settings
+        self.listener = self.settings.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
         peer = self.transport.getPeer()
@@ -129,10 +131,15 @@ class SMTPSession(smtp.ESMTP):
         proxied = f.proxyInfo(self.transport)
         if proxied is not None and proxied.peer is not None:
             self.ctx.update(proxy_peer_ip=canonicalIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
-        # Trust is decided once, here, from facts the client cannot forge.
-        self.trusted = f.isTrusted(ip, self.transport)
+        # Trust is decided once, here, from facts the client cannot forge;
+        # it grants the trusted verbs, never relaying.
+        self.verdict = self.settings.trust.forConnection(ip, proxied)
+        self.trusted = self.verdict.trusted
         self.ctx.update(trusted=self.trusted)
-        f.sessionStarted(self)
+        # A trusted peer that may claim client identities (a balancer, as
+        # Postfix exempts $mynetworks) is counted per IP only once it claims one.
+        claims = self.trusted and {"xclient", "xremoteip"} & set(self.listener.extensions)
+        f.sessionStarted(self, None if claims else ip)
         self.setTimeout(self.listener.idle_timeout)
         maillog.connect(self.sessionId, self.ctx, self.listener.name)
         refusal = f.admit(self)
@@ -141,10 +148,10 @@ class SMTPSession(smtp.ESMTP):
             return
         if f.portal is not None and self.listener.always_allow:
             d = self._loginAnonymous()
-            d.addCallback(lambda _: self._ask(f.policy.connect(self.ctx), self._greet))
+            d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.ctx), self._greet))
             self._wait(d)
         else:
-            self._wait(self._ask(f.policy.connect(self.ctx), self._greet))
+            self._wait(self._ask(self.settings.policy.connect(self.ctx), self._greet))
 
     def _greet(self, refusal):
         if refusal is not None:
@@ -200,9 +207,10 @@ class SMTPSession(smtp.ESMTP):
         self.tlsActive = True
         info = self.factory.tlsInfo(self.transport)
         self.ctx.update(**info)
-        if not self.trusted and self.factory.trustedByCertificate(self.transport):
+        verdict = self.settings.trust.afterHandshake(self.transport, self.verdict)
+        if verdict.trusted and not self.trusted:
             # A verified client certificate is as good as a trusted address.
-            self.trusted = True
+            self.verdict, self.trusted = verdict, True
             self.ctx.update(trusted=True, tls_client_verified=True)
             log.info("[{session}] trusted by client certificate {subject}", session=self.sessionId,
                      subject=info.get("tls_client_cert_subject"))
@@ -407,6 +415,8 @@ class SMTPSession(smtp.ESMTP):
         self.lastCommand = (verb, args)
         if self.refusedSession is not None and verb != "QUIT":
             return self.reply(codes.POLICY_REFUSED_SESSION)
+        if verb not in self.BEFORE_TLS and self._needsTLS():
+            return self.reply(codes.TLS_REQUIRED)
         handler = getattr(self, "do_" + verb, None) if verb.isalpha() else None
         if handler is None:
             verbImpl = self.factory.verbs.get(verb)
@@ -498,8 +508,15 @@ class SMTPSession(smtp.ESMTP):
         return self.reply(r)
 
     def rerunConnectPolicy(self, then):
-        """Re-run the connect policy for a new identity, then C{then(refusal)}."""
-        return self._ask(self.factory.policy.connect(self.ctx), then)
+        """
+        A new identity: count the session against the claimed client
+        address (over the per-IP limits: 421 4.7.0 and close), re-run the
+        connect policy, then C{then(refusal)}.
+        """
+        refusal = self.factory.clientClaimed(self)
+        if refusal is not None:
+            return then(refusal)
+        return self._ask(self.settings.policy.connect(self.ctx), then)
 
     # -- HELO / EHLO ---------------------------------------------------
 
@@ -528,12 +545,13 @@ class SMTPSession(smtp.ESMTP):
     def _hello(self, verb, args):
         if not args:
             return self.reply(codes.HELO_SYNTAX.format(verb=verb))
+        name, args = parseHelo(args)
+        if name is None:
+            return self.reply(codes.HELO_SYNTAX.format(verb=verb))
         self.resetTransaction()
-        # Like Postfix, keep no control or 8-bit octets in the client's greeting.
-        args = "".join(c if " " <= c <= "~" else "?" for c in args)
         self.helo = (verb, args)
         self.ctx.update(
-            ehlo_domain=args.split(" ")[0],
+            ehlo_domain=name,
             ehlo_string="%s %s" % (verb.lower(), args),
             protocol="ESMTP" if verb == "EHLO" else "SMTP",
         )
@@ -549,7 +567,7 @@ class SMTPSession(smtp.ESMTP):
                 lines.append(k if not v else "%s %s" % (k, v))
             return self.reply(codes.HELO_OK, lines)
 
-        return self._ask(self.factory.policy.helo(self.ctx), answer)
+        return self._ask(self.settings.policy.helo(self.ctx), answer)
 
     # -- transaction ---------------------------------------------------
 
@@ -557,8 +575,6 @@ class SMTPSession(smtp.ESMTP):
         return self.listener.require_tls and not self.tlsActive
 
     def do_MAIL(self, args):
-        if self._needsTLS():
-            return self.reply(codes.TLS_REQUIRED)
         if self.inTransaction:
             return self.reply(codes.NESTED_MAIL)
         try:
@@ -579,11 +595,9 @@ class SMTPSession(smtp.ESMTP):
             self.mailfrom, self.mailParams = address, params
             return self.reply(codes.SENDER_OK)
 
-        return self._ask(self.factory.policy.mail(self.ctx), answer)
+        return self._ask(self.settings.policy.mail(self.ctx), answer)
 
     def do_RCPT(self, args):
-        if self._needsTLS():
-            return self.reply(codes.TLS_REQUIRED)
         if not self.inTransaction:
             return self.reply(codes.NEED_MAIL)
         try:
@@ -600,11 +614,9 @@ class SMTPSession(smtp.ESMTP):
             self.ctx.addRecipient(address)
             return self.reply(codes.RECIPIENT_OK)
 
-        return self._ask(self.factory.policy.rcpt(self.ctx, address), answer)
+        return self._ask(self.settings.policy.rcpt(self.ctx, address), answer)
 
     def do_DATA(self, args):
-        if self._needsTLS():
-            return self.reply(codes.TLS_REQUIRED)
         if not self.inTransaction:
             return self.reply(codes.NEED_MAIL)
         if not self.rcpts:
@@ -624,7 +636,9 @@ class SMTPSession(smtp.ESMTP):
             log.error("[{session}] cannot open spool file: {e}", session=self.sessionId, e=e)
             return self.reply(codes.NO_ROOM)
         self.ctx.message["queue_id"] = self.writer.queueId
-        self.writer.write(trace.receivedHeader(self.ctx, self.hostname, self.writer.queueId, self.rcpts))
+        self.writer.write(trace.receivedHeader(self.ctx, self.hostname, self.writer.queueId, self.rcpts,
+                                               showPeer=self.listener.received_shows_peer,
+                                               showLogin=self.listener.received_shows_login))
         self._traceOctets = self.writer.size  # the limit counts the client's octets only
         self.mode = DATA
         self.setTimeout(self.listener.data_timeout)
@@ -703,7 +717,7 @@ class SMTPSession(smtp.ESMTP):
             log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
             self.reply(codes.LOCAL_ERROR)
 
-        return self._ask(self.factory.policy.data(self.ctx), queue)
+        return self._ask(self.settings.policy.data(self.ctx), queue)
 
     # -- simple commands -----------------------------------------------
 
@@ -754,8 +768,6 @@ class SMTPSession(smtp.ESMTP):
         f = self.factory
         if f.portal is None:
             return self.reply(codes.NOT_IMPLEMENTED)
-        if self._needsTLS():
-            return self.reply(codes.TLS_REQUIRED)
         if self.ctx.get("auth_user"):
             # Also on ALWAYS-ALLOW listeners: the session is already
             # authenticated as anonymous (protocol.md section 9).
@@ -797,10 +809,15 @@ class SMTPSession(smtp.ESMTP):
             from relaygw.auth import decodePlain
 
             try:
-                _, user, password = decodePlain(decoded)
+                authzid, user, password = decodePlain(decoded)
             except ValueError:
                 self.mode = COMMAND
                 return self.reply(codes.AUTH_BAD_BASE64)
+            if authzid and authzid != user:
+                # RFC 4616: acting for another identity needs an
+                # authorisation no one here has.
+                self.mode = COMMAND
+                return self._refuseAuthzid(user, authzid)
         elif "user" not in state:
             state["user"] = decoded.decode("utf-8", "replace")
             return self.reply(codes.AUTH_CHALLENGE.format(challenge="UGFzc3dvcmQ6"))
@@ -856,6 +873,34 @@ class SMTPSession(smtp.ESMTP):
                 self.reply(codes.AUTH_FAILED)
 
         return d.addCallbacks(ok, bad)
+
+    def _refuseAuthzid(self, user, authzid):
+        """
+        RFC 4616: an authorisation identity other than the authentication
+        identity is refused with 535 5.7.8 like a failed login (counted,
+        after the same wait), without looking at the password.
+        """
+        f = self.factory
+        tracker = f.authFailures
+        who = self.ctx["remote_ip"]
+        log.info("[{session}] AUTH PLAIN as {user} for {authzid} refused", session=self.sessionId,
+                 user=user, authzid=authzid)
+        if tracker.lockedOut(who):
+            f.stats("auth", "locked")
+            return self.reply(codes.AUTH_LOCKED)
+        wait = tracker.attempt(who)
+
+        def decide(_=None):
+            tracker.done(who, failed=True)
+            f.stats("auth", "failure")
+            if tracker.tooMany(who):
+                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
+            else:
+                self.reply(codes.AUTH_FAILED)
+
+        if wait:
+            return task.deferLater(f.reactor, wait, decide)
+        return decide()
 
     def _loginAnonymous(self):
         from relaygw.auth import IRelayUser

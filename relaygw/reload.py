@@ -14,7 +14,7 @@ a warning.
 
 import dataclasses
 
-from relaygw import logs, trust
+from relaygw import logs
 from relaygw.config import ConfigError, load
 from relaygw.logs import Logger
 
@@ -114,7 +114,7 @@ class _Plan:
             factory.apply(listener, prepared)
             wrapper = service.proxyFactories.get(listener.name)
             if wrapper is not None:
-                wrapper.isTrusted = trust.Networks(listener.proxy_trusted).__contains__
+                wrapper.isTrusted = factory.settings.trust.balancer
                 wrapper.timeout = listener.proxy_timeout
         service.tlsSettings = [f.tls for f in service.factories if f.tls is not None]
         service.applyRelay(self.queueSettings)

@@ -4,6 +4,7 @@ service per listener and, when configured, the admin endpoint.
 """
 
 import collections
+import dataclasses
 import os
 import time
 
@@ -50,11 +51,29 @@ class NullMetrics:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class ListenerSettings:
+    """
+    One listener's settings as a session sees them, pinned whole when the
+    session connects: the config, the policy built from it and the trust
+    policy.  A reload makes a new bundle for new sessions; a live session
+    never mixes a new policy with old limits.
+    """
+
+    listener: object
+    policy: object
+    trust: trust.TrustPolicy
+
+    @classmethod
+    def build(cls, listener, tls=None):
+        return cls(listener, loadPolicy(listener.policy, listener), trust.TrustPolicy.fromListener(listener, tls))
+
+
 class SMTPFactory(ServerFactory):
     """
-    Everything a session needs from its listener: config, spool, policy,
-    trust, verbs, TLS and the cred portal, plus the session bookkeeping
-    used for limits and draining.
+    Everything a session needs from its listener: the current
+    L{ListenerSettings}, spool, verbs, TLS and the cred portal, plus the
+    session bookkeeping used for limits and draining.
     """
 
     protocol = SMTPSession
@@ -62,15 +81,13 @@ class SMTPFactory(ServerFactory):
 
     def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
                  authFailures=None):
-        self.listener = listener
         self.spool = spool
         self.reactor = reactor
         self.onQueued = onQueued
         self.portal = portal
         self.tls = tls
         self.metrics = metrics or NullMetrics()
-        self.policy = loadPolicy(listener.policy, listener)
-        self.trustedPeers = trust.Networks(listener.trusted_peers)
+        self.settings = ListenerSettings.build(listener, tls)
         self.verbs = registry()
         self.sessions = set()
         self.perIP = collections.Counter()
@@ -82,35 +99,39 @@ class SMTPFactory(ServerFactory):
 
             self.authFailures = FailureTracker(clock=reactor)
 
-    def isTrusted(self, ip, transport):
-        """Trust for the trusted verbs, from the real peer address."""
-        return ip in self.trustedPeers
+    @property
+    def listener(self):
+        """The current listener config (new sessions pin it)."""
+        return self.settings.listener
+
+    @property
+    def policy(self):
+        """The current policy (new sessions pin it)."""
+        return self.settings.policy
 
     def prepare(self, listener):
         """
         Build what a reloaded listener config needs (policy, trust, TLS,
-        portal) without changing anything yet; raises if it can't.
+        portal) without changing anything yet; raises if it can't.  New
+        sessions get it as one L{ListenerSettings} bundle (L{apply}).
         """
         tls = None
         if listener.tls_certificate:
             if listener.tls_self_signed:
                 generateSelfSigned(listener.tls_certificate, listener.tls_key, listener.hostname)
             tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
-                            listener.tls_ciphers, listener.tls_client_ca, listener.tls_client_identities)
+                            listener.tls_ciphers, listener.tls_client_ca)
         portal = self.portal
         old = self.listener
         if (old.credentials, old.always_allow) != (listener.credentials, listener.always_allow):
             portal = None
             if listener.credentials or listener.always_allow:
                 portal = makePortal(listener.credentials, listener.always_allow)
-        return {"policy": loadPolicy(listener.policy, listener), "trustedPeers": trust.Networks(listener.trusted_peers),
+        return {"policy": loadPolicy(listener.policy, listener), "trust": trust.TrustPolicy.fromListener(listener),
                 "tls": tls, "portal": portal}
 
     def apply(self, listener, prepared):
         """Swap in a reloaded listener config (from L{prepare}); new sessions use it."""
-        self.listener = listener
-        self.policy = prepared["policy"]
-        self.trustedPeers = prepared["trustedPeers"]
         tls = prepared["tls"]
         if self.tls is not None and tls is not None:
             # The same object: an implicit-TLS port holds on to it.
@@ -122,12 +143,14 @@ class SMTPFactory(ServerFactory):
             from relaygw.auth import FailureTracker
 
             self.authFailures = FailureTracker(clock=self.reactor)
+        # The trust policy checks client certificates against the TLS
+        # settings the listener keeps.
+        self.settings = ListenerSettings(listener, prepared["policy"],
+                                         trust.TrustPolicy.fromListener(listener, self.tls))
 
-    def trustedByCertificate(self, transport):
-        """Trust from a client certificate that chains to the listener's CA with an allowed identity."""
-        if self.tls is None or self.tls.clientCA is None:
-            return False
-        return self.tls.clientIdentityVerified(transport)[0]
+    def applyListener(self, listener):
+        """A reloaded listener config, prepared and applied at once."""
+        self.apply(listener, self.prepare(listener))
 
     def proxyInfo(self, transport):
         if not self.listener.proxy_protocol:
@@ -142,16 +165,28 @@ class SMTPFactory(ServerFactory):
         return tlsInfo(transport)
 
     def admit(self, session):
-        """A refusal (421) when the session is over a limit, else C{None}."""
-        host = self.listener.hostname
+        """
+        A refusal (421) when the session is over a limit, else C{None}; a
+        session that is admitted is counted against its client's address
+        (L{sessionStarted}).
+        """
+        listener = session.listener
+        host = listener.hostname
         if self.draining:
             return codes.SHUTTING_DOWN.format(host=host)
-        if len(self.sessions) > self.listener.max_connections:
+        if len(self.sessions) > listener.max_connections:
             return codes.TOO_MANY_CONNECTIONS.format(host=host)
-        ip = session.ctx["remote_ip"]
-        if self.listener.max_connections_per_ip and self.perIP[ip] > self.listener.max_connections_per_ip:
+        return self._perIP(session, session.countedIP)
+
+    def _perIP(self, session, ip):
+        """The per-IP limits for client C{ip} (already counted), or C{None}."""
+        if ip is None:
+            return None
+        listener = session.listener
+        host = listener.hostname
+        if listener.max_connections_per_ip and self.perIP[ip] > listener.max_connections_per_ip:
             return codes.TOO_MANY_CONNECTIONS.format(host=host)
-        rate = self.listener.connection_rate_per_ip
+        rate = listener.connection_rate_per_ip
         if rate:
             now = self.reactor.seconds()
             recent = self.recentConnects[ip]
@@ -162,18 +197,41 @@ class SMTPFactory(ServerFactory):
                 return codes.RATE_LIMITED.format(host=host)
         return None
 
-    def sessionStarted(self, session):
+    def _count(self, session, ip):
+        """Count C{session} against client C{ip} (C{None}: not counted) instead of its previous one."""
+        old = session.countedIP
+        if old is not None:
+            self.perIP[old] -= 1
+            if self.perIP[old] <= 0:
+                del self.perIP[old]
+        session.countedIP = ip
+        if ip is not None:
+            self.perIP[ip] += 1
+
+    def sessionStarted(self, session, ip):
+        """C{session} connected from client C{ip} (C{None}: exempt from the per-IP limits)."""
         self.sessions.add(session)
-        self.perIP[session.ctx["remote_ip"]] += 1
+        self._count(session, ip)
         self.metrics.connection(self.listener.name, +1)
+
+    def clientClaimed(self, session):
+        """
+        XCLIENT or XREMOTEIP changed the session's client address: count it
+        against the claimed one, as if it had connected from there.  Returns
+        the 421 refusal when that address is over its limits.
+        """
+        ip = session.ctx.get("remote_ip")
+        if ip == "unknown":
+            ip = None
+        if ip == session.countedIP:
+            return None
+        self._count(session, ip)
+        return self._perIP(session, ip)
 
     def sessionEnded(self, session):
         if session in self.sessions:
             self.sessions.discard(session)
-            ip = session.ctx["peer_ip"]
-            self.perIP[ip] -= 1
-            if self.perIP[ip] <= 0:
-                del self.perIP[ip]
+            self._count(session, None)
             self.metrics.connection(self.listener.name, -1)
 
     def stats(self, kind, *labels):
@@ -265,7 +323,7 @@ class GatewayService(MultiService):
                 wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
             if listener.proxy_protocol:
                 # The PROXY header comes first, then (implicit) TLS, then SMTP.
-                wrapped = ProxyProtocolFactory(wrapped, trust.Networks(listener.proxy_trusted).__contains__,
+                wrapped = ProxyProtocolFactory(wrapped, factory.settings.trust.balancer,
                                                listener.proxy_timeout, reactor)
                 self.proxyFactories[listener.name] = wrapped
             svc = StreamServerEndpointService(endpoint, wrapped)
@@ -280,7 +338,7 @@ class GatewayService(MultiService):
                 listener.tls_certificate, listener.tls_key, listener.hostname):
             log.info("generated a self-signed certificate {path}", path=listener.tls_certificate)
         tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
-                        listener.tls_ciphers, listener.tls_client_ca, listener.tls_client_identities)
+                        listener.tls_ciphers, listener.tls_client_ca)
         self.tlsSettings.append(tls)
         return tls
 

@@ -20,8 +20,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from service_identity.cryptography import extract_patterns
-from service_identity.hazmat import DNS_ID
 from zope.interface import implementer
 
 from twisted.internet import ssl
@@ -104,27 +102,10 @@ def generateSelfSigned(certPath, keyPath, hostname="localhost"):
     return True
 
 
-def _parseIdentity(text):
-    """
-    Parse C{dns:NAME} or C{uri:URI} into C{("dns", DNS_ID)} or
-    C{("uri", str)}; L{ValueError} otherwise.
-    """
-    kind, sep, value = text.partition(":")
-    kind = kind.strip().lower()
-    value = value.strip()
-    if not sep or not value:
-        raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
-    if kind == "dns":
-        return ("dns", DNS_ID(value))
-    if kind == "uri":
-        return ("uri", value)
-    raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
-
-
 def _acceptAnyClientCertificate(connection, certificate, errno, depth, ok):
     """
     Never fail the handshake over a client certificate: it is only requested,
-    and L{ServerTLS.clientIdentityVerified} checks it afterwards.
+    and L{relaygw.trust.TrustPolicy.afterHandshake} checks it afterwards.
     """
     return True
 
@@ -154,7 +135,6 @@ class ServerTLS:
         minVersion="1.2",
         ciphers=None,
         clientCA=None,
-        clientIdentities=(),
     ):
         """
         @param certPath: PEM certificate, optionally followed by its chain.
@@ -163,9 +143,8 @@ class ServerTLS:
         @param ciphers: an OpenSSL cipher string (TLS 1.2 and below), or
             C{None} for Twisted's defaults.
         @param clientCA: path of a PEM CA bundle.  If given, a client
-            certificate is requested (never required) and checked against it.
-        @param clientIdentities: allowed client identities, C{"dns:NAME"} or
-            C{"uri:URI"}.
+            certificate is requested (never required); the listener's
+            L{relaygw.trust.TrustPolicy} checks it against L{clientCAStore}.
 
         @raise ValueError: on a bad option.
         @raise Exception: if the certificate or key cannot be loaded.
@@ -179,13 +158,17 @@ class ServerTLS:
         self._ciphers = None
         if ciphers is not None:
             self._ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)
-        self._identities = [_parseIdentity(i) for i in clientIdentities]
         self._stamps = self._stat()
         self._files, self._context, self.certificate, self._caStore = self._load()
 
     @property
     def contextFactory(self):
         return self
+
+    @property
+    def clientCAStore(self):
+        """The current client CA store (an L{OpenSSL.crypto.X509Store}), or C{None}."""
+        return self._caStore
 
     def _paths(self):
         return [p for p in (self.certPath, self.keyPath, self.clientCA) if p is not None]
@@ -303,56 +286,6 @@ class ServerTLS:
         @see: L{IOpenSSLServerConnectionCreator}
         """
         return SSL.Connection(self._context, None)
-
-    def clientIdentityVerified(self, transport):
-        """
-        Check the client certificate of a connection after its handshake.
-
-        @param transport: a TLS transport (with C{getHandle}).
-        @return: C{(True, subject)} if the client presented a certificate that
-            chains to the client CA and whose DNS or URI subjectAltName
-            matches an allowed identity; C{(False, subject or None)}
-            otherwise.  DNS names follow RFC 6125 (a certificate wildcard may
-            match); URIs must be equal.
-        """
-        connection = transport.getHandle()
-        peer = connection.get_peer_certificate()
-        if peer is None:
-            return False, None
-        leaf = peer.to_cryptography()
-        subject = _subject(leaf)
-        store = self._caStore
-        if store is None or not self._identities:
-            return False, subject
-        leafDER = leaf.public_bytes(serialization.Encoding.DER)
-        untrusted = [
-            c
-            for c in connection.get_peer_cert_chain() or []
-            if c.to_cryptography().public_bytes(serialization.Encoding.DER) != leafDER
-        ]
-        try:
-            crypto.X509StoreContext(store, peer, untrusted).verify_certificate()
-        except crypto.X509StoreContextError as e:
-            log.info("client certificate {subject} not verified: {error}", subject=subject, error=e)
-            return False, subject
-        if self._matches(leaf):
-            return True, subject
-        return False, subject
-
-    def _matches(self, cert):
-        patterns = extract_patterns(cert)
-        try:
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            uris = []
-        else:
-            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-        for kind, identity in self._identities:
-            if kind == "dns" and any(identity.verify(p) for p in patterns):
-                return True
-            if kind == "uri" and identity in uris:
-                return True
-        return False
 
 
 def tlsInfo(transport):

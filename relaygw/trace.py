@@ -27,30 +27,36 @@ def withProtocol(context):
     return "ESMTP" + suffix
 
 
-def receivedHeader(context, hostname, queueId, recipients, now=None):
+def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=False, showLogin=False):
     """
     The C{Received:} header for a message, folded, ending in CRLF.
 
     It names the client as the context has it (after XCLIENT/XREMOTEIP or a
-    PROXY header) and, when that identity was overridden, the real peer that
-    vouched for it, so a postmaster can follow the chain.
+    PROXY header) and nothing else about the connection, as Postfix does:
+    the real peer that vouched for an overridden identity and the balancer
+    that sent a PROXY header appear only with C{showPeer} (the listener's
+    C{received_shows_peer}), the login name only with C{showLogin}
+    (C{received_shows_login}, Postfix's C{smtpd_sasl_authenticated_header}).
+    Logs and XDUMPCONTEXT always have them.
     """
     helo = _clean(context.get("ehlo_domain") or context.get("helo_name") or "unknown")
     name = _clean(context.get("remote_name") or "unknown")
     ip = _clean(context.get("remote_ip", "unknown"))
     lines = ["Received: from %s (%s [%s])" % (helo, name, _addressLiteral(ip))]
-    peer = context.get("peer_ip")
-    if peer and (context.get("overridden") or peer != ip):
-        lines.append("\t(via [%s] port %s)" % (_addressLiteral(_clean(peer)), _clean(context.get("peer_port", ""))))
-    balancer = context.get("proxy_peer_ip")
-    if balancer:
-        lines.append("\t(proxied by [%s])" % (_addressLiteral(_clean(balancer)),))
+    if showPeer:
+        peer = context.get("peer_ip")
+        if peer and (context.get("overridden") or peer != ip):
+            lines.append("\t(via [%s] port %s)" % (_addressLiteral(_clean(peer)),
+                                                   _clean(context.get("peer_port", ""))))
+        balancer = context.get("proxy_peer_ip")
+        if balancer:
+            lines.append("\t(proxied by [%s])" % (_addressLiteral(_clean(balancer)),))
     with_ = withProtocol(context)
     detail = ""
     if context.get("tls"):
         detail = " (%s %s)" % (_clean(context.get("tls")), _clean(context.get("tls_cipher", "")))
     auth = ""
-    if context.get("auth_user"):
+    if showLogin and context.get("auth_user"):
         auth = " (authenticated as %s)" % (_clean(context.get("auth_user")),)
     lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
     date = formatdate(now, localtime=False, usegmt=True)

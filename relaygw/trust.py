@@ -1,13 +1,27 @@
 """
-Who is trusted: sets of networks (CIDRs, IPv4 and IPv6).
+Trust: who may use the trusted verbs and who may send a PROXY header.
 
-Trust is computed once per connection from facts a client cannot forge (the
-socket peer, the PROXY source from a trusted balancer, a verified client
-certificate) and kept apart from the identity that the trusted verbs rewrite.
+L{TrustPolicy} is the one place that decides it, once per connection from
+facts a client cannot forge (the socket peer, the PROXY source from a
+trusted balancer, a verified client certificate), kept apart from the
+identity that the trusted verbs rewrite.  Trust grants the verbs only:
+whether a client may relay is judged by the policy on the claimed identity
+(protocol.md section 1).
 """
 
+import dataclasses
 import functools
 import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from service_identity.cryptography import extract_patterns
+from service_identity.hazmat import DNS_ID
+
+from relaygw.logs import Logger
+
+log = Logger(namespace="relaygw.trust")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -75,3 +89,141 @@ def isLocalAddress(ip):
     if addr.is_unspecified:
         return False  # 0.0.0.0 and :: bind every interface
     return addr.is_loopback or addr.is_private
+
+
+def parseClientIdentity(text):
+    """
+    Parse C{dns:NAME} or C{uri:URI} into C{("dns", DNS_ID)} or
+    C{("uri", str)}; L{ValueError} otherwise.
+    """
+    kind, sep, value = text.partition(":")
+    kind = kind.strip().lower()
+    value = value.strip()
+    if not sep or not value:
+        raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
+    if kind == "dns":
+        return ("dns", DNS_ID(value))
+    if kind == "uri":
+        return ("uri", value)
+    raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """
+    What trust says about one connection.
+
+    @ivar trusted: the trusted verbs (XCLIENT, ...) are granted.  Nothing
+        else: relaying is judged by the policy on the claimed identity.
+    @ivar why: C{"peer"}, C{"certificate"} or C{None} (untrusted).
+    @ivar subject: the verified client certificate's subject, if any.
+    """
+
+    trusted: bool = False
+    why: str = None
+    subject: str = None
+
+
+UNTRUSTED = Verdict()
+
+
+class TrustPolicy:
+    """
+    The one owner of trust for a listener: who may send a PROXY header
+    (C{proxy_trusted}), and who may use the trusted verbs: a connection
+    whose peer is in C{trusted_peers} (with a PROXY header, the header's
+    source, as Postfix judges C{smtpd_authorized_xclient_hosts} on it), or
+    one that presented a client certificate chaining to C{tls_client_ca}
+    with a name in C{tls_client_identities}.
+
+    Trust grants the verbs only; it never lets a client relay.
+
+    @ivar peers: the C{trusted_peers} L{Networks}.
+    @ivar balancers: the C{proxy_trusted} L{Networks}.
+    """
+
+    def __init__(self, trustedPeers=(), proxyTrusted=(), clientIdentities=(), tls=None):
+        self.peers = Networks(trustedPeers)
+        self.balancers = Networks(proxyTrusted)
+        self.identities = tuple(parseClientIdentity(i) for i in clientIdentities)
+        self.tls = tls
+
+    @classmethod
+    def fromListener(cls, listener, tls=None):
+        return cls(listener.trusted_peers, listener.proxy_trusted, listener.tls_client_identities, tls)
+
+    def balancer(self, ip):
+        """Whether socket peer C{ip} may open a connection with a PROXY header."""
+        return ip in self.balancers
+
+    def forConnection(self, peer, proxied=None):
+        """
+        The L{Verdict} for a new connection.
+
+        @param peer: the client-level peer address: the socket peer, or
+            the PROXY source when a trusted balancer sent a header.
+        @param proxied: the L{relaygw.proxy.ProxyInfo} or C{None}; its
+            balancer gets no trust from having sent the header.
+        """
+        if peer in self.peers:
+            return Verdict(True, "peer")
+        return UNTRUSTED
+
+    def afterHandshake(self, transport, verdict=UNTRUSTED):
+        """
+        The L{Verdict} once TLS is up: a client certificate that chains to
+        the listener's client CA and names an allowed identity makes the
+        connection trusted; otherwise C{verdict} stands.
+        """
+        if verdict.trusted or self.tls is None or self.tls.clientCAStore is None:
+            return verdict
+        ok, subject = self.verifyCertificate(transport)
+        return Verdict(True, "certificate", subject) if ok else verdict
+
+    def verifyCertificate(self, transport):
+        """
+        Check the client certificate of a connection after its handshake.
+
+        @param transport: a TLS transport (with C{getHandle}).
+        @return: C{(True, subject)} if the client presented a certificate that
+            chains to the client CA and whose DNS or URI subjectAltName
+            matches an allowed identity; C{(False, subject or None)}
+            otherwise.  DNS names follow RFC 6125 (a certificate wildcard may
+            match); URIs must be equal.
+        """
+        connection = transport.getHandle()
+        peer = connection.get_peer_certificate()
+        if peer is None:
+            return False, None
+        leaf = peer.to_cryptography()
+        subject = leaf.subject.rfc4514_string()
+        store = self.tls.clientCAStore if self.tls is not None else None
+        if store is None or not self.identities:
+            return False, subject
+        leafDER = leaf.public_bytes(serialization.Encoding.DER)
+        untrusted = [
+            c
+            for c in connection.get_peer_cert_chain() or []
+            if c.to_cryptography().public_bytes(serialization.Encoding.DER) != leafDER
+        ]
+        try:
+            crypto.X509StoreContext(store, peer, untrusted).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            log.info("client certificate {subject} not verified: {error}", subject=subject, error=e)
+            return False, subject
+        return self._matches(leaf), subject
+
+    def _matches(self, cert):
+        patterns = extract_patterns(cert)
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            uris = []
+        else:
+            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        for kind, identity in self.identities:
+            if kind == "dns" and any(identity.verify(p) for p in patterns):
+                return True
+            if kind == "uri" and identity in uris:
+                return True
+        return False

@@ -63,7 +63,8 @@ class PostfixNextHopTests(RelayTestCase):
     def test_postfixGetsMailAndForwardedIdentity(self):
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
                             "forward_identity": True},
-                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
         yield self.send(subject="through-postfix",
                         before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net",
                                 "EHLO helo.example.net"])

@@ -4,6 +4,8 @@ The SMTP session on StringTransport: ordering with an asynchronous policy
 injection fix, without sockets.
 """
 
+import dataclasses
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -70,7 +72,8 @@ class AsyncPolicy:
 class OrderingTests(SessionTestCase):
     def test_pipelinedRepliesStayInOrder(self):
         policy = AsyncPolicy()
-        self.factory.policy = policy
+        # The session pinned its listener's settings at connect.
+        self.session.settings = dataclasses.replace(self.session.settings, policy=policy)
         self.take()
         self.session.dataReceived(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nNOOP\r\n")
         # Nothing may be answered while MAIL's policy check is pending:

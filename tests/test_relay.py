@@ -469,7 +469,8 @@ class SmarthostTests(RelayTestCase):
     def test_xclientForwarding(self):
         hop, port = self.hop(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True},
-                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "received_shows_peer": True, "received_shows_login": True})
         yield self.send(before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net"
                                 " LOGIN=alice",
                                 "EHLO helo.example.net"])
@@ -484,7 +485,8 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(after, "EHLO helo.example.net")
         [t] = hop.transactions
         received = t["data"].split(b"\r\n\r\n", 1)[0].decode()
-        # The trace names the forwarded identity and the real peer that vouched for it.
+        # The trace names the forwarded identity and, on a listener that opts
+        # in, the real peer that vouched for it and the login.
         self.assertIn("Received: from helo.example.net (client.example.net [192.0.2.7])", received)
         self.assertRegex(received, r"\(via \[127\.0\.0\.1\] port \d+\)")
         self.assertIn("(authenticated as alice)", received)
@@ -493,7 +495,8 @@ class SmarthostTests(RelayTestCase):
     def test_noForwardingWithoutForwardIdentity(self):
         hop, port = self.hop(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]},
-                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
         yield self.send(before=["XCLIENT NAME=client.example.net ADDR=192.0.2.7", "EHLO helo.example.net"])
         yield self.until(self.spoolEmpty)
         self.assertNotIn("XCLIENT", hop.verbs())
@@ -510,7 +513,8 @@ class SmarthostTests(RelayTestCase):
         hop, port = self.hop(factory=hop)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True,
                             "destination_concurrency": 1, "retry_min": 60, "retry_max": 60},
-                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]})
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
         for n in (1, 2, 3, 4):
             yield self.send(subject="from-%d" % n, rcpts=("r%d@example.net" % n,),
                             before=["XCLIENT NAME=c%d.example.net ADDR=192.0.2.%d" % (n, n),

@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from relaygw import tls
+from relaygw.trust import TrustPolicy
 
 
 def _name(cn):
@@ -103,7 +104,7 @@ class _Server(Protocol):
     def handshakeCompleted(self):
         self.info = (
             tls.tlsInfo(self.transport),
-            self.factory.serverTLS.clientIdentityVerified(self.transport),
+            self.factory.trust.verifyCertificate(self.transport),
         )
         self.transport.write(b"ok\r\n")
         self.transport.loseConnection()
@@ -195,9 +196,10 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
     def setUp(self):
         self.setUpFiles()
 
-    def listen(self, serverTLS, starttls=False):
+    def listen(self, serverTLS, starttls=False, identities=()):
         factory = Factory.forProtocol(_Server)
         factory.serverTLS = serverTLS
+        factory.trust = TrustPolicy(clientIdentities=identities, tls=serverTLS)
         factory.starttls = starttls
         factory.pending = []
         self.factory = factory
@@ -212,7 +214,7 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         Connect once.
 
         @return: a L{Deferred} firing with C{(client result, server result)}
-            where the server result is C{(tlsInfo, clientIdentityVerified)}.
+            where the server result is C{(tlsInfo, TrustPolicy.verifyCertificate)}.
         """
         if context is None:
             context = clientContext()
@@ -276,9 +278,7 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         """
         self.assertRaises(ValueError, tls.ServerTLS, self.cert, self.key, minVersion="1.1")
         self.assertRaises(ValueError, tls.ServerTLS, self.cert, self.key, ciphers="NOSUCHCIPHER")
-        self.assertRaises(
-            ValueError, tls.ServerTLS, self.cert, self.key, clientCA=self.cert, clientIdentities=["lb1"]
-        )
+        self.assertRaises(ValueError, TrustPolicy, clientIdentities=["lb1"])
 
     def replaceCertificate(self):
         """
@@ -370,7 +370,7 @@ class ClientCertificateTests(_Fixture, unittest.TestCase):
 
     @defer.inlineCallbacks
     def verify(self, identities, certKey, maximum=None):
-        self.listen(tls.ServerTLS(self.cert, self.key, clientCA=self.ca, clientIdentities=identities))
+        self.listen(tls.ServerTLS(self.cert, self.key, clientCA=self.ca), identities=identities)
         _, (info, verified) = yield self.connect(clientContext(certKey, maximum))
         return info, verified
 

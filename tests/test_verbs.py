@@ -20,33 +20,23 @@ from zope.interface import implementer
 
 from relaygw import codes
 from relaygw.context import ValidationContext
-from relaygw.policy import AcceptAll, IPolicy, RelayAccessPolicy
+from relaygw.policy import AcceptAll, IPolicy
 from relaygw.testing import Client, ScriptedSMTPFactory, inThread, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
 from tests.test_smtp import GatewayTestCase
 from tests.test_starttls import TLSGatewayTestCase
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
-TRUSTED = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL}
+#: Trust grants the verbs only: the claimed clients the tests send mail for
+#: relay because their addresses are in relay_networks.
+TRUSTED = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL,
+           "relay_networks": ["127.0.0.0/8", "::1/128", "192.0.2.0/24", "198.51.100.0/24", "2001:db8::/32"]}
 #: Postfix's XCLIENT keyword line (checklist 17).
 XCLIENT_KEYWORD = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
 SYNTAX = "5.5.4 "
 
 
 # -- policies named by listeners below ------------------------------------
-
-
-@implementer(IPolicy)
-class ClaimedIdentityOnly(RelayAccessPolicy):
-    """
-    The built-in relay decision without the "trusted peer" shortcut: relaying
-    depends only on the claimed identity (C{auth_user}, or C{remote_ip} in
-    the listener's C{relay_networks}), so a trusted proxy's XCLIENT/XREMOTEIP
-    visibly changes the outcome.
-    """
-
-    def canRelay(self, context):
-        return bool(context.get("auth_user") or context.get("remote_ip") in self.relayNetworks)
 
 
 @implementer(IPolicy)
@@ -641,7 +631,7 @@ class XclientTests(VerbTestCase):
         yield self.session(run)
         header = yield self.deliveredReceived()
         self.assertTrue(header.startswith(b"Received: from v6-helo.example (v6.example.net [IPv6:2001:db8::11])\r\n"
-                                          b"\t(via [127.0.0.1] port "), header)
+                                          b"\tby relay.test "), header)
 
     @defer.inlineCallbacks
     def test_ipv4MappedAddressStoredAsIPv4(self):
@@ -656,7 +646,7 @@ class XclientTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_identityInReceived(self):
-        """Checklist 70 (Received): NAME, ADDR, HELO; the real peer in (via ...)."""
+        """Checklist 70 (Received): NAME, ADDR, HELO; the real peer is left out (issue 12)."""
         ports = []
 
         def run(c):
@@ -670,8 +660,9 @@ class XclientTests(VerbTestCase):
         header = yield self.deliveredReceived()
         self.assertTrue(header.startswith(
             b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
-            b"\t(via [127.0.0.1] port %d)\r\n"
-            b"\tby relay.test (relaygw) with SMTP id " % ports[0]), header)
+            b"\tby relay.test (relaygw) with SMTP id "), header)
+        self.assertNotIn(b"127.0.0.1", header)
+        self.assertNotIn(b"%d" % ports[0], header)
         self.assertIn(b"\tfor <b@example.net>; ", header)
         self.assertNotIn(b"proxy.example", header)
 
@@ -705,7 +696,9 @@ class XclientTests(VerbTestCase):
 
         yield self.session(run)
         header = yield self.deliveredReceived()
-        self.assertIn(b"with ESMTPA (authenticated as user@example.org) id ", header)
+        # ESMTPA (RFC 3848), but no login name: Postfix's default.
+        self.assertIn(b"with ESMTPA id ", header)
+        self.assertNotIn(b"user@example.org", header)
 
     @defer.inlineCallbacks
     def test_loginUnavailableAuthenticatesNobody(self):
@@ -944,9 +937,12 @@ class XclientAlwaysAllowTests(VerbTestCase):
 
 
 class ClaimedIdentityPolicyTests(VerbTestCase):
-    """Policy judges the claimed identity (checklist 70 policy, 71, 75)."""
+    """
+    The built-in policy judges the claimed identity (checklist 70 policy,
+    71, 75): the trusted peer itself (127.0.0.1) may not relay.
+    """
 
-    listener = dict(TRUSTED, relay_networks=["192.0.2.0/24"], policy="tests.test_verbs.ClaimedIdentityOnly")
+    listener = dict(TRUSTED, relay_networks=["192.0.2.0/24"])
 
     def rcpt(self, c):
         c.cmd("RSET")
@@ -1083,7 +1079,8 @@ class OnwardXclientTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_onwardXclientForUnavailableValues(self):
-        line = yield self.relayed(["XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE]"])
+        # An unknown address relays only with a login.
+        line = yield self.relayed(["XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] LOGIN=u"])
         attrs = dict(a.split("=", 1) for a in line.split()[1:])
         self.assertEqual((attrs["NAME"], attrs["ADDR"]), ("[UNAVAILABLE]", "[UNAVAILABLE]"))
 
@@ -1091,7 +1088,8 @@ class OnwardXclientTests(VerbTestCase):
 
 class IPv6PeerTests(VerbTestCase):
     listener = {"endpoint": "tcp6:0:interface=\\:\\:1", "trusted_peers": ["::1/128"],
-                "extensions": ["xclient", "xdumpcontext"]}
+                "extensions": ["xclient", "xdumpcontext"], "relay_networks": ["192.0.2.0/24"],
+                "received_shows_peer": True}
 
     def v6session(self, f):
         def run():
@@ -1189,7 +1187,7 @@ class XremoteipTests(VerbTestCase):
 
         yield self.session(run)
         header = yield self.deliveredReceived()
-        self.assertTrue(header.startswith(b"Received: from e.example (unknown [192.0.2.7])\r\n\t(via [127.0.0.1] port "),
+        self.assertTrue(header.startswith(b"Received: from e.example (unknown [192.0.2.7])\r\n\tby relay.test "),
                         header)
 
 
@@ -1281,7 +1279,7 @@ class XsetcontextTests(VerbTestCase):
         with open(m.path, "rb") as f:
             f.seek(m.bodyOffset)
             self.assertTrue(f.read().startswith(b"Received: from unknown (unknown [IPv6:2001:db8::11])\r\n"
-                                                b"\t(via [127.0.0.1] port "))
+                                                b"\tby relay.test "))
 
 
 class ContextAcrossStartTLSTests(TLSGatewayTestCase):
@@ -1441,29 +1439,41 @@ class XdumpcontextTests(VerbTestCase):
 class ReceivedHeaderTests(unittest.TestCase):
     """relaygw.trace.receivedHeader, for the identities the verbs produce."""
 
-    def header(self, recipients=("b@example.net",), **ctx):
+    def header(self, recipients=("b@example.net",), showPeer=False, showLogin=False, **ctx):
         from relaygw.trace import receivedHeader
 
-        return receivedHeader(ValidationContext(**ctx), "relay.test", "QID1", list(recipients), now=0)
+        return receivedHeader(ValidationContext(**ctx), "relay.test", "QID1", list(recipients), now=0,
+                              showPeer=showPeer, showLogin=showLogin)
 
     def test_xclientIdentityWithRealPeer(self):
+        ctx = dict(ehlo_domain="helo.example.net", remote_name="client.example.net", remote_ip="192.0.2.7",
+                   peer_ip="127.0.0.1", peer_port=4711, overridden=True, protocol="ESMTP",
+                   proxy_peer_ip="127.0.0.2")
+        # By default only the claimed client, as Postfix writes it.
         self.assertEqual(
-            self.header(ehlo_domain="helo.example.net", remote_name="client.example.net", remote_ip="192.0.2.7",
-                        peer_ip="127.0.0.1", peer_port=4711, overridden=True, protocol="ESMTP"),
+            self.header(**ctx),
+            b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
+            b"\tby relay.test (relaygw) with ESMTP id QID1\r\n"
+            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 GMT\r\n")
+        # received_shows_peer: the real peer and the balancer too.
+        self.assertEqual(
+            self.header(showPeer=True, **ctx),
             b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
             b"\t(via [127.0.0.1] port 4711)\r\n"
+            b"\t(proxied by [127.0.0.2])\r\n"
             b"\tby relay.test (relaygw) with ESMTP id QID1\r\n"
             b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 GMT\r\n")
 
     def test_ipv6Literals(self):
-        h = self.header(remote_ip="2001:db8::11", peer_ip="::1", peer_port=25, overridden=True)
+        h = self.header(remote_ip="2001:db8::11", peer_ip="::1", peer_port=25, overridden=True, showPeer=True)
         self.assertIn(b"(unknown [IPv6:2001:db8::11])\r\n\t(via [IPv6:::1] port 25)\r\n", h)
 
     def test_noViaWithoutOverride(self):
-        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1)
+        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1, showPeer=True)
         self.assertNotIn(b"via", h)
         # An override that names the real peer itself (nginx's ADDR) still says so.
-        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1, overridden=True)
+        h = self.header(ehlo_domain="x", remote_ip="127.0.0.1", peer_ip="127.0.0.1", peer_port=1, overridden=True,
+                        showPeer=True)
         self.assertIn(b"\t(via [127.0.0.1] port 1)\r\n", h)
 
     def test_heloFallbacks(self):
@@ -1482,12 +1492,16 @@ class ReceivedHeaderTests(unittest.TestCase):
         self.assertEqual(with_(protocol="ESMTP", auth_user="u"), b"ESMTPA")
         self.assertEqual(with_(protocol="ESMTP", tls="TLSv1.3", tls_cipher="X"), b"ESMTPS")
         self.assertEqual(with_(protocol="ESMTP", tls="TLSv1.3", tls_cipher="X", auth_user="u"), b"ESMTPSA")
-        self.assertIn(b"(authenticated as u@example.org)", self.header(remote_ip="192.0.2.1", auth_user="u@example.org"))
+        # The login name only on a listener that opts in (received_shows_login).
+        self.assertNotIn(b"u@example.org", self.header(remote_ip="192.0.2.1", auth_user="u@example.org"))
+        self.assertIn(b"with ESMTPA (authenticated as u@example.org) id",
+                      self.header(remote_ip="192.0.2.1", auth_user="u@example.org", protocol="ESMTP", showLogin=True))
 
     def test_clientValuesCannotBreakTheHeader(self):
         h = self.header(ehlo_domain="a\r\nX-Injected: 1", remote_name="n\x00", remote_ip="192.0.2.1",
-                        auth_user="u\nv", recipients=("b\r\n@example.net",))
-        self.assertEqual(h.count(b"\r\n"), 3)
+                        auth_user="u\nv", recipients=("b\r\n@example.net",), peer_ip="127.0.0.1\r\nX: 1",
+                        overridden=True, showPeer=True, showLogin=True)
+        self.assertEqual(h.count(b"\r\n"), 4)
         self.assertNotIn(b"\nX-Injected", h)
         self.assertIn(b"from a??X-Injected: 1 (n? [192.0.2.1])", h)
 

@@ -40,6 +40,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relaygw import wire, xtext
+from relaygw.context import FORWARDED_ATTRIBUTES, identityValue
 from relaygw.logs import Logger
 from relaygw.relay.nexthop import Result
 
@@ -431,18 +432,6 @@ class _MessageFailure(_SessionFailure):
     """Give up on one message: its unanswered recipients get C{result}."""
 
 
-# XCLIENT/XFORWARD attribute -> context key, in the order sent: NAME and
-# ADDR last, because once ADDR is sent the next hop usually stops
-# authorising XCLIENT (when the line has to be split in two).
-_IDENTITY = (
-    ("HELO", "ehlo_domain"),
-    ("PROTO", "protocol"),
-    ("LOGIN", "auth_user"),
-    ("PORT", "remote_port"),
-    ("NAME", "remote_name"),
-    ("ADDR", "remote_ip"),
-)
-
 _MAX_COMMAND = 510
 
 #: Log every line to and from next hops (at debug level).  Off unless the
@@ -455,16 +444,21 @@ _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFIC
 def _identityAttributes(context, advertised, xclient):
     """
     The C{NAME=value} attributes describing the original client, for the
-    attribute names the next hop advertised, values xtext-encoded.
+    attribute names the next hop advertised, values xtext-encoded.  Nothing
+    for a message without a client (a bounce): the gateway itself is its
+    client.  An unknown PROTO is left out of XCLIENT, which takes only
+    SMTP or ESMTP there.
     """
+    if not context.get("remote_ip"):
+        return ()
     attributes = []
-    for name, key in _IDENTITY:
+    for name in FORWARDED_ATTRIBUTES:
         if name not in advertised:
             continue
-        value = context.get(key)
-        if (name in ("NAME", "ADDR") and value == "unknown") or (name == "PORT" and value in (0, "0")):
-            value = None  # the gateway's "unknown" is XCLIENT's [UNAVAILABLE]
-        if value is None or value == "":
+        value = identityValue(context, name)
+        if value is None:
+            if name == "PROTO" and xclient:
+                continue
             status = str(context.get("remote_name_status") or "").lower()
             value = "[TEMPUNAVAIL]" if name == "NAME" and status.startswith("temp") else "[UNAVAILABLE]"
         else:
@@ -829,7 +823,7 @@ class Connection:
 
     def _identityForwarded(self, message):
         """Whether C{message} can go out without forwarding an identity first."""
-        if not self.options.forwardIdentity:
+        if not self.options.forwardIdentity or not message.context.get("remote_ip"):
             return True
         names = self._xclientNames()
         if not names:
@@ -837,8 +831,11 @@ class Connection:
         return _identityAttributes(message.context, names, xclient=True) == self.forwarded
 
     async def _forwardIdentity(self, message):
-        """XCLIENT when the identity changes, or XFORWARD before each MAIL."""
-        if not self.options.forwardIdentity:
+        """
+        XCLIENT when the identity changes, or XFORWARD before each MAIL;
+        nothing for a message without a client (a bounce).
+        """
+        if not self.options.forwardIdentity or not message.context.get("remote_ip"):
             return
         names = self._xclientNames()
         if names:

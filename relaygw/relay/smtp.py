@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
@@ -38,9 +39,7 @@ def outbound(message):
 
 def _identity(message):
     """What XCLIENT/XFORWARD would say about a message's original client."""
-    context = message.context
-    return tuple(str(context.get(key)) for key in ("remote_ip", "remote_port", "remote_name", "remote_name_status",
-                                                   "ehlo_domain", "protocol", "auth_user"))
+    return identityOf(message.context)
 
 
 @implementer(INextHop)

@@ -8,10 +8,11 @@ import ipaddress
 import re
 
 from relaygw import codes, xtext
-from relaygw.commands import splitWords
+from relaygw.commands import parseHelo, splitWords
+from relaygw.context import IDENTITY_ATTRIBUTES, IDENTITY_KEYS
 from relaygw.verbs import VerbError
 
-ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
+ATTRIBUTES = tuple(name for name, _ in IDENTITY_ATTRIBUTES)
 KEYWORD = " ".join(ATTRIBUTES)
 
 UNAVAILABLE = "[UNAVAILABLE]"
@@ -99,6 +100,11 @@ def parse(args):
             if special not in ("SMTP", "ESMTP"):
                 raise _bad("bad protocol %s" % (value,))
             value = special
+        elif name == "HELO":
+            # The same validation as the EHLO argument: the first word only.
+            value, _ = parseHelo(value)
+            if value is None:
+                raise _bad("bad value for HELO")
         attrs[name] = value
     return attrs
 
@@ -108,27 +114,24 @@ def _identity(attrs):
     keys = {}
     for name, value in attrs.items():
         unavailable = value in (UNAVAILABLE, TEMPUNAVAIL)
+        key = IDENTITY_KEYS[name]
         if name == "NAME":
-            keys["remote_name"] = "unknown" if unavailable else value
+            keys[key] = "unknown" if unavailable else value
             keys["remote_name_status"] = {UNAVAILABLE: "perm", TEMPUNAVAIL: "temp"}.get(value, "ok")
         elif name == "ADDR":
-            keys["remote_ip"] = "unknown" if unavailable else value
+            keys[key] = "unknown" if unavailable else value
         elif name == "PORT":
-            keys["remote_port"] = 0 if unavailable else value
-        elif name == "DESTADDR":
-            keys["dest_ip"] = None if unavailable else value
-        elif name == "DESTPORT":
-            keys["dest_port"] = None if unavailable else value
-        elif name == "PROTO":
-            keys["protocol"] = value
+            keys[key] = 0 if unavailable else value
         elif name == "HELO":
-            keys["ehlo_domain"] = None if unavailable else value
-            keys["helo_name"] = keys["ehlo_domain"]
+            keys[key] = None if unavailable else value
+            keys["helo_name"] = keys[key]
         elif name == "LOGIN":
             if unavailable:
                 keys.update(auth_user=None, auth_name=None, auth_status=None)
             else:
                 keys.update(auth_user=value, auth_name="XCLIENT", auth_status="pass")
+        else:  # PROTO, DESTADDR, DESTPORT
+            keys[key] = None if unavailable else value
     return keys
 
 

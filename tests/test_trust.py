@@ -1,0 +1,408 @@
+"""
+Trust says who the client is, never that it may relay (issue 12), over real
+loopback sockets: relaying judged on the claimed identity, per-IP limits on
+the claimed client, the trace header, XCLIENT HELO= validation, AUTH PLAIN
+authzid, require_tls gating and the per-session settings bundle.
+"""
+
+import base64
+import dataclasses
+import os
+import time
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from relaygw import trust
+from relaygw.auth import PasswordFile
+from relaygw.commands import parseHelo
+from relaygw.testing import Client, configText, inThread, receivedHeader
+from relaygw.verbs import xclient
+from tests.test_proxy import rawSession, v2
+from tests.test_smtp import GatewayTestCase
+from tests.test_starttls import TLSGatewayTestCase
+from tests.test_verbs import conn, sendMessage
+
+ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
+DENIED = (554, ["5.7.1 <victim@gmail.example>: Relay access denied"])
+TOO_MANY = (421, ["4.7.0 relay.test too many connections, try again later"])
+NEED_TLS = (530, ["5.7.0 Must issue a STARTTLS command first"])
+
+
+def b64(text):
+    return base64.b64encode(text.encode()).decode()
+
+
+def rcpt(c, to="victim@gmail.example"):
+    c.cmd("RSET")
+    assert c.cmd("MAIL FROM:<spam@spammer.example>")[0] == 250
+    reply = c.cmd("RCPT TO:<%s>" % (to,))
+    c.cmd("RSET")
+    return reply
+
+
+def proxied(port, source):
+    """A raw client behind a PROXY v2 header naming C{source}, greeting read."""
+    c = Client.__new__(Client)
+    c.sock, c.buf = rawSession(port, v2(src=source)), b""
+    return c
+
+
+class RelayOnClaimedIdentityTests(GatewayTestCase):
+    """Item 1: a trusted peer gets the verbs, never relaying."""
+
+    listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["192.0.2.0/24"]}
+
+    def test_issueTranscriptIsRefused(self):
+        def run(c):
+            c.cmd("EHLO relay-proxy.localdomain")
+            self.assertEqual(c.cmd("XCLIENT ADDR=203.0.113.66 NAME=[UNAVAILABLE]")[0], 220)
+            c.cmd("EHLO spammer.example")
+            self.assertEqual(c.cmd("MAIL FROM:<spam@spammer.example>"), (250, ["2.1.0 Ok"]))
+            self.assertEqual(c.cmd("RCPT TO:<victim@gmail.example>"), DENIED)
+            self.assertEqual(conn(c)["trusted"], "yes")  # still trusted: the verbs work
+
+        return self.session(run)
+
+    def test_xremoteipOutsideIsRefused(self):
+        def run(c):
+            self.assertEqual(c.cmd("XREMOTEIP 203.0.113.66")[0], 250)
+            self.assertEqual(rcpt(c), DENIED)
+            self.assertEqual(c.cmd("XREMOTEIP 192.0.2.66")[0], 250)
+            self.assertEqual(rcpt(c)[0], 250)
+
+        return self.session(run)
+
+    def test_trustedPeerItselfIsNotARelayClient(self):
+        def run(c):
+            self.assertEqual(rcpt(c), DENIED)  # 127.0.0.1 is trusted but not in relay_networks
+
+        return self.session(run)
+
+    def test_loginRelaysFromAnyAddress(self):
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT ADDR=203.0.113.66 LOGIN=alice")[0], 220)
+            self.assertEqual(rcpt(c), (250, ["2.1.5 Ok"]))
+
+        return self.session(run)
+
+    @defer.inlineCallbacks
+    def test_insideIsRelayedAndDelivered(self):
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.66 NAME=[UNAVAILABLE]")[0], 220)
+            c.cmd("EHLO inside.example")
+            return sendMessage(c, rcpt="victim@gmail.example", subject="inside")
+
+        yield self.session(run)
+        yield self.gw.service.queue.whenIdle()
+        [msg] = self.gw.delivered()
+        self.assertTrue(receivedHeader(msg).startswith(b"Received: from inside.example (unknown [192.0.2.66])\r\n"
+                                                       b"\tby relay.test (relaygw) with ESMTP id "))
+
+
+class RelayOnProxySourceTests(GatewayTestCase):
+    """Item 1 behind PROXY: a source trusted for the verbs still relays only from relay_networks."""
+
+    listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["203.0.113.0/24"],
+                "extensions": ["xclient", "xdumpcontext"], "relay_networks": ["192.0.2.0/24"]}
+
+    def test_trustedSourceOutsideRelayNetworksIsRefused(self):
+        def run():
+            c = proxied(self.gw.port, "203.0.113.66")
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            self.assertIn("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT", c.cmd("EHLO x")[1])
+            self.assertEqual(rcpt(c), DENIED)
+            c2 = proxied(self.gw.port, "192.0.2.7")
+            self.addCleanup(c2.close)
+            self.assertEqual(c2.reply()[0], 220)
+            self.assertEqual(rcpt(c2), (250, ["2.1.5 Ok"]))
+
+        return inThread(run)
+
+
+class TrustPolicyTests(unittest.TestCase):
+    """Item 9: the one object that answers for trust."""
+
+    def test_connectionVerdicts(self):
+        policy = trust.TrustPolicy(["127.0.0.0/8"], ["10.0.0.1/32"])
+        self.assertEqual(policy.forConnection("127.0.0.5"), trust.Verdict(True, "peer"))
+        self.assertEqual(policy.forConnection("192.0.2.1"), trust.UNTRUSTED)
+        # A balancer may send PROXY headers; that makes it no trusted peer.
+        self.assertTrue(policy.balancer("10.0.0.1"))
+        self.assertFalse(policy.balancer("127.0.0.5"))
+        self.assertEqual(policy.forConnection("10.0.0.1"), trust.UNTRUSTED)
+
+    def test_noCertificateTrustWithoutClientCA(self):
+        policy = trust.TrustPolicy(clientIdentities=["dns:lb1.example.net"])
+        self.assertIs(policy.afterHandshake(object()), trust.UNTRUSTED)
+        self.assertRaises(ValueError, trust.TrustPolicy, clientIdentities=["lb1"])
+
+
+class AuthzidTests(GatewayTestCase):
+    """Item 7: RFC 4616 authzid."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        users = os.path.abspath(self.mktemp())
+        PasswordFile(users).set("alice", "s3cret")
+        PasswordFile(users).set("bob", "b0b")
+        self.listener = {"credentials": users, "auth_plaintext": True}
+        yield GatewayTestCase.setUp(self)
+
+    def test_authzidForAnotherUserIsRefused(self):
+        def run(c):
+            c.cmd("EHLO x")
+            # Bob's right password, acting for alice: refused.
+            self.assertEqual(c.cmd("AUTH PLAIN " + b64("alice\0bob\0b0b")),
+                             (535, ["5.7.8 Error: authentication failed"]))
+            self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
+            self.assertEqual(c.cmd(b64("bob\0alice\0s3cret")), (535, ["5.7.8 Error: authentication failed"]))
+            self.assertEqual(rcpt(c), DENIED)  # nobody logged in
+            # An authzid equal to the authcid is the same user.
+            self.assertEqual(c.cmd("AUTH PLAIN " + b64("alice\0alice\0s3cret")),
+                             (235, ["2.7.0 Authentication successful"]))
+
+        return self.session(run)
+
+
+class RequireTLSTests(TLSGatewayTestCase):
+    """Item 8: protocol.md section 8, before TLS."""
+
+    tlsListener = {"require_tls": True, "trusted_peers": ["127.0.0.0/8"], "extensions": ALL,
+                   "relay_networks": ["127.0.0.0/8"]}
+
+    def test_onlyTheListedCommandsBeforeTLS(self):
+        def run(c):
+            self.assertEqual(c.cmd("EHLO x")[0], 250)
+            self.assertEqual(c.cmd("HELO x")[0], 250)
+            self.assertEqual(c.cmd("NOOP"), (250, ["2.0.0 Ok"]))
+            self.assertEqual(c.cmd("HELP")[0], 214)
+            self.assertEqual(c.cmd("XCLIENT ADDR=127.0.0.7")[0], 220)
+            for command in ("VRFY postmaster", "RSET", "XSETCONTEXT a=b", "XREMOTEIP 192.0.2.1", "XDUMPCONTEXT",
+                            "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA", "EXPN list",
+                            "AUTH PLAIN", "BDAT 10 LAST", "FROBNICATE"):
+                self.assertEqual(c.cmd(command), NEED_TLS, command)
+            self.starttls(c)
+            c.cmd("EHLO x")
+            self.assertEqual(c.cmd("RSET"), (250, ["2.0.0 Ok"]))
+            self.assertEqual(c.cmd("VRFY postmaster")[0], 252)
+            self.assertEqual(c.cmd("XREMOTEIP 127.0.0.8")[0], 250)
+            self.assertEqual(conn(c)["remote_ip"], "127.0.0.8")
+            self.assertEqual(c.cmd("QUIT")[0], 221)
+
+        return self.session(run)
+
+    def test_quitBeforeTLS(self):
+        def run(c):
+            self.assertEqual(c.cmd("QUIT")[0], 221)
+            self.assertTrue(c.closed())
+
+        return self.session(run)
+
+
+class HeloValidationTests(GatewayTestCase):
+    """Item 5: XCLIENT HELO= and the EHLO argument go through one function."""
+
+    listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["127.0.0.0/8"]}
+    FORGED = "fake (trusted.example [10.0.0.1]) by mx.bank.example"
+
+    def test_sameFunction(self):
+        self.assertEqual(parseHelo(self.FORGED), ("fake", self.FORGED))
+        self.assertEqual(parseHelo("  a\tb"), ("a?b", "  a?b"))
+        self.assertEqual(parseHelo("   "), (None, "   "))
+        encoded = self.FORGED.replace(" ", "+20")
+        self.assertEqual(xclient.parse("HELO=" + encoded)["HELO"], parseHelo(self.FORGED)[0])
+
+    @defer.inlineCallbacks
+    def test_xclientHeloCannotAddAClause(self):
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT HELO=" + self.FORGED.replace(" ", "+20"))[0], 220)
+            ctx = conn(c)
+            self.assertEqual((ctx["ehlo_domain"], ctx["helo_name"]), ("fake", "fake"))
+            return sendMessage(c)
+
+        yield self.session(run)
+        yield self.gw.service.queue.whenIdle()
+        [msg] = self.gw.delivered()
+        self.assertTrue(receivedHeader(msg).startswith(b"Received: from fake (unknown [127.0.0.1])\r\n"
+                                                       b"\tby relay.test (relaygw) with SMTP id "), msg)
+        self.assertNotIn(b"bank", msg)
+
+    def test_ehloKeepsOneWordToo(self):
+        def run(c):
+            c.cmd("EHLO " + self.FORGED)
+            ctx = conn(c)
+            self.assertEqual(ctx["ehlo_domain"], "fake")
+            self.assertEqual(ctx["ehlo_string"], "ehlo " + self.FORGED)
+
+        return self.session(run)
+
+
+class PerClaimedIPTests(GatewayTestCase):
+    """Item 3: per-IP limits count the claimed client, not the balancer."""
+
+    listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["192.0.2.0/24"],
+                "max_connections_per_ip": 2}
+
+    def open(self, claim):
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        verb, address = claim
+        return c, c.cmd("%s %s" % (verb, address if verb == "XREMOTEIP" else "ADDR=" + address))
+
+    def test_threeClientsFromThreeAddresses(self):
+        def run():
+            sessions = [self.open(("XCLIENT", "192.0.2.%d" % n)) for n in (1, 2, 3)]
+            for c, reply in sessions:
+                self.assertEqual(reply[0], 220)
+                self.assertEqual(rcpt(c)[0], 250)
+
+        return inThread(run)
+
+    def test_threeClientsFromOneAddress(self):
+        def run():
+            for verb in ("XCLIENT", "XREMOTEIP"):
+                held = [self.open((verb, "192.0.2.9")) for _ in range(2)]
+                self.assertEqual([reply[0] for _, reply in held], [220, 220] if verb == "XCLIENT" else [250, 250])
+                c, reply = self.open((verb, "192.0.2.9"))
+                self.assertEqual(reply, TOO_MANY, verb)
+                self.assertTrue(c.closed())
+                # Closing one frees its place.
+                held[0][0].cmd("QUIT")
+                held[0][0].closed()
+                for _ in range(250):  # bounded: the server notices the close within ms
+                    if self.gw.service.factories[0].perIP.get("192.0.2.9", 0) < 2:
+                        break
+                    time.sleep(0.02)
+                c, reply = self.open((verb, "192.0.2.9"))
+                self.assertEqual(reply[0], 220 if verb == "XCLIENT" else 250)
+                for h, _ in held[1:] + [(c, None)]:
+                    h.cmd("QUIT")
+                    h.closed()
+
+        return inThread(run)
+
+    def test_untrustedPeerIsCountedAtConnect(self):
+        factory = self.gw.service.factories[0]
+        factory.applyListener(dataclasses.replace(factory.listener, trusted_peers=()))
+
+        def run():
+            held = [self.client() for _ in range(2)]
+            for c in held:
+                self.assertEqual(c.reply()[0], 220)
+            c = self.client()
+            self.assertEqual(c.reply(), (421, ["4.7.0 relay.test too many connections, try again later"]))
+
+        return inThread(run)
+
+
+class PerProxySourceTests(GatewayTestCase):
+    """Item 3 behind PROXY: the header's source is counted at connect."""
+
+    listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "max_connections_per_ip": 1,
+                "received_shows_peer": True, "relay_networks": ["192.0.2.0/24"]}
+
+    @defer.inlineCallbacks
+    def test_countedPerSource(self):
+        def run():
+            first = proxied(self.gw.port, "192.0.2.7")
+            self.addCleanup(first.close)
+            self.assertEqual(first.reply()[0], 220)
+            second = proxied(self.gw.port, "192.0.2.7")
+            self.addCleanup(second.close)
+            self.assertEqual(second.reply(), TOO_MANY)
+            other = proxied(self.gw.port, "192.0.2.8")
+            self.addCleanup(other.close)
+            self.assertEqual(other.reply()[0], 220)
+            other.cmd("EHLO other.example")
+            sendMessage(other, subject="shows-peer")
+
+        yield inThread(run)
+        yield self.gw.service.queue.whenIdle()
+        [msg] = self.gw.delivered()
+        # received_shows_peer = true: the balancer is named.
+        self.assertTrue(receivedHeader(msg).startswith(b"Received: from other.example (unknown [192.0.2.8])\r\n"
+                                                       b"\t(proxied by [127.0.0.1])\r\n"), msg)
+
+
+class SettingsBundleTests(GatewayTestCase):
+    """Item 9: a session pins its listener's settings, policy and trust whole at connect."""
+
+    listener = {"relay_networks": ["127.0.0.0/8"], "max_recipients": 5}
+
+    def reload(self, **listener):
+        with open(self.gw.path, "w") as f:
+            f.write(configText(self.gw.directory, listeners=(listener,)))
+        self.gw.service.configPath = self.gw.path  # what SIGHUP re-reads
+        self.gw.service.reload()
+
+    def test_reloadAppliesToNewSessionsOnly(self):
+        factory = self.gw.service.factories[0]
+        before = factory.settings
+
+        def first():
+            c = self.client()
+            self.assertEqual(c.reply()[0], 220)
+            return c
+
+        def check(c):
+            # The live session keeps the old policy and the old limits together.
+            c.cmd("MAIL FROM:<a@example.org>")
+            for n in range(3):
+                self.assertEqual(c.cmd("RCPT TO:<r%d@example.net>" % n), (250, ["2.1.5 Ok"]))
+            c.cmd("RSET")
+            live = [s for s in factory.sessions]
+            self.assertEqual([s.settings for s in live], [before])
+            # A new session gets the new bundle: no relaying, one recipient.
+            c2 = self.client()
+            self.assertEqual(c2.reply()[0], 220)
+            c2.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual(c2.cmd("RCPT TO:<r@example.net>"), (554, ["5.7.1 <r@example.net>: Relay access denied"]))
+            self.assertEqual(c.cmd("QUIT")[0], 221)
+
+        def reloadThenCheck(c):
+            self.reload(relay_networks=[], max_recipients=1)
+            self.assertIsNot(factory.settings, before)
+            self.assertEqual(factory.settings.listener.max_recipients, 1)
+            self.assertRaises(dataclasses.FrozenInstanceError, setattr, before, "policy", None)
+            return inThread(check, c)
+
+        return inThread(first).addCallback(reloadThenCheck)
+
+
+class OnwardAttributesTests(unittest.TestCase):
+    """Item 6 (the table): what relaygw sends in XCLIENT, its own XCLIENT accepts."""
+
+    NAMES = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN"]
+
+    def attributes(self, **connection):
+        from relaygw.relay.client import _identityAttributes
+
+        return _identityAttributes(connection, self.NAMES, xclient=True)
+
+    def test_alwaysAllowIsNoLogin(self):
+        attrs = self.attributes(remote_ip="192.0.2.7", auth_user="anonymous", auth_name="ALWAYS-ALLOW",
+                                protocol="ESMTP")
+        self.assertIn("LOGIN=[UNAVAILABLE]", attrs)
+        attrs = self.attributes(remote_ip="192.0.2.7", auth_user="alice", auth_name="AUTH", protocol="ESMTP")
+        self.assertIn("LOGIN=alice", attrs)
+
+    def test_everythingSentIsAccepted(self):
+        contexts = [
+            {"remote_ip": "192.0.2.7"},  # no protocol, name, port, HELO or login
+            {"remote_ip": "192.0.2.7", "remote_name": "unknown", "remote_name_status": "temp", "remote_port": 0,
+             "protocol": "SMTP", "ehlo_domain": "h.example", "auth_user": "anonymous", "auth_name": "ALWAYS-ALLOW"},
+            {"remote_ip": "2001:db8::1", "remote_name": "c.example", "remote_port": 25, "protocol": "ESMTPSA",
+             "auth_user": "u+x@example.org", "auth_name": "XCLIENT"},
+            {"remote_ip": "unknown", "protocol": "ESMTP"},
+        ]
+        for connection in contexts:
+            attrs = self.attributes(**connection)
+            self.assertTrue(attrs, connection)
+            self.assertNotIn("PROTO=[UNAVAILABLE]", attrs)
+            parsed = xclient.parse(" ".join(attrs))  # raises VerbError if relaygw would refuse it
+            self.assertEqual(set(parsed), {a.split("=", 1)[0] for a in attrs})
+
+    def test_bounceForwardsNothing(self):
+        self.assertEqual(self.attributes(bounce_for="QID"), ())
