@@ -163,11 +163,11 @@ def _smarthost(value):
 
 
 def _identities(value):
-    from relaygw.tls import _parseIdentity
+    from relaygw.trust import parseClientIdentity
 
     for v in value:
         try:
-            _parseIdentity(v)
+            parseClientIdentity(v)
         except Exception:
             raise Invalid("%r is not a client identity" % (v,), "dns:NAME or uri:URI")
     return tuple(value)

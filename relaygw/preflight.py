@@ -92,8 +92,7 @@ def _serverTLS(report, where, l):
     from relaygw.tls import ServerTLS
 
     try:
-        ServerTLS(l.tls_certificate, l.tls_key, l.tls_min_version, l.tls_ciphers, l.tls_client_ca,
-                  l.tls_client_identities)
+        ServerTLS(l.tls_certificate, l.tls_key, l.tls_min_version, l.tls_ciphers, l.tls_client_ca)
     except Exception as e:
         report.add(where + ".tls_certificate", "OpenSSL refuses the TLS settings: %s (expected a usable "
                    "certificate, key and ciphers)" % (_oneLine(e),))
