@@ -136,10 +136,7 @@ class SMTPSession(smtp.ESMTP):
         self.verdict = self.settings.trust.forConnection(ip, proxied)
         self.trusted = self.verdict.trusted
         self.ctx.update(trusted=self.trusted)
-        # A trusted peer that may claim client identities (a balancer, as
-        # Postfix exempts $mynetworks) is counted per IP only once it claims one.
-        claims = self.trusted and {"xclient", "xremoteip"} & set(self.listener.extensions)
-        f.sessionStarted(self, None if claims else ip)
+        f.sessionStarted(self)
         self.setTimeout(self.listener.idle_timeout)
         maillog.connect(self.sessionId, self.ctx, self.listener.name)
         refusal = f.admit(self)

@@ -208,10 +208,16 @@ class SMTPFactory(ServerFactory):
         if ip is not None:
             self.perIP[ip] += 1
 
-    def sessionStarted(self, session, ip):
-        """C{session} connected from client C{ip} (C{None}: exempt from the per-IP limits)."""
+    def sessionStarted(self, session):
+        """
+        C{session} connected: count it against its client's address.  A
+        trusted peer that may claim client identities (a balancer; Postfix
+        exempts C{$mynetworks} from its client limits) is counted only under
+        the addresses it claims (L{clientClaimed}).
+        """
         self.sessions.add(session)
-        self._count(session, ip)
+        claims = session.trusted and {"xclient", "xremoteip"} & set(session.listener.extensions)
+        self._count(session, None if claims else session.ctx["remote_ip"])
         self.metrics.connection(self.listener.name, +1)
 
     def clientClaimed(self, session):

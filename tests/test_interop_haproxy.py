@@ -13,7 +13,7 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from relaygw.testing import Gateway, freePort, inThread, waitForPort
+from relaygw.testing import Gateway, freePort, inThread, receivedHeader, waitForPort
 
 HAPROXY_CFG = """
 global
@@ -116,3 +116,100 @@ class HAProxyTests(unittest.TestCase):
         counts = yield self.delivered()
         self.assertEqual(len(counts[1]), 4)
         self.assertEqual(len(counts[0]), 0)
+
+
+HAPROXY_ONE = """
+global
+    maxconn 200
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend smtp
+    bind 127.0.0.1:%(front)d
+    default_backend relaygw
+backend relaygw
+    server gw1 127.0.0.1:%(gw)d send-proxy-v2
+"""
+
+
+class HAProxyRelayTests(unittest.TestCase):
+    """
+    Issue 12 through a real HAProxy with send-proxy-v2: the PROXY source is
+    the client; being trusted (for the verbs) lets it relay nothing, only
+    relay_networks or a login do, and per-IP limits count it.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(haproxy):
+            raise AssertionError("haproxy is not installed (make test installs it)")
+        # 127.0.0.66 is a trusted peer (XCLIENT) outside relay_networks.
+        listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["127.0.0.64/26"],
+                    "extensions": ["xclient"], "relay_networks": ["127.0.0.0/26"], "max_connections_per_ip": 2}
+        self.gw = Gateway(self.mktemp(), listeners=(listener,))
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        self.front = freePort()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cfg = os.path.join(directory, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_ONE % {"front": self.front, "gw": self.gw.port})
+        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(HAProxyTests._stopHAProxy, self)
+        yield inThread(waitForPort, self.front)
+
+    def client(self, source):
+        s = smtplib.SMTP(timeout=20, source_address=(source, 0))
+        s.connect("127.0.0.1", self.front)
+        return s
+
+    @defer.inlineCallbacks
+    def test_outsideRefusedInsideRelayed(self):
+        def run():
+            with self.client("127.0.0.66") as s:
+                s.ehlo("spammer.example")
+                # Trusted for XCLIENT (its PROXY source is in trusted_peers) ...
+                self.assertIn(b"XCLIENT", s.ehlo_resp)
+                self.assertEqual(s.mail("spam@spammer.example")[0], 250)
+                outside = s.rcpt("victim@gmail.example")
+            with self.client("127.0.0.5") as s:
+                s.ehlo("inside.example")
+                self.assertEqual(s.sendmail("a@example.org", ["victim@gmail.example"],
+                                            b"Subject: inside\r\n\r\nok\r\n"), {})
+            return outside
+
+        outside = yield inThread(run)
+        # ... but it may not relay.
+        self.assertEqual(outside, (554, b"5.7.1 <victim@gmail.example>: Relay access denied"))
+        yield self.gw.service.queue.whenIdle()
+        [msg] = self.gw.delivered()
+        # The client is the PROXY source; the balancer is not named.
+        self.assertTrue(receivedHeader(msg).startswith(b"Received: from inside.example (unknown [127.0.0.5])\r\n"
+                                                       b"\tby relay.test (relaygw) with ESMTP id "), msg)
+
+    def test_perIPLimitCountsTheSource(self):
+        def run():
+            held = [self.client("127.0.0.31") for _ in range(2)]
+            third = smtplib.SMTP(timeout=20, source_address=("127.0.0.31", 0))
+            try:
+                code, text = third.connect("127.0.0.1", self.front)
+            finally:
+                third.close()
+            other = self.client("127.0.0.32")
+            ok = other.noop()
+            for s in held + [other]:
+                s.quit()
+            return (code, text), ok
+
+        def check(result):
+            (refused, ok) = result
+            self.assertEqual(refused, (421, b"4.7.0 relay.test too many connections, try again later"))
+            self.assertEqual(ok[0], 250)
+
+        return inThread(run).addCallback(check)

@@ -151,6 +151,7 @@ mail {
     xclient on;
     smtp_auth none;
     proxy on;
+    proxy_pass_error_message on;
     server {
         listen 127.0.0.1:%(smtp)d;
         protocol smtp;
@@ -293,3 +294,88 @@ class NginxTests(InteropTestCase):
         self.assertNotIn("auth_user", ctx)  # no LOGIN with smtp_auth none
         self.assertNotIn("[crit]", self.errorLog())
         self.assertNotIn("[emerg]", self.errorLog())
+
+
+# -- issue 12: nginx in front is no open relay, and limits count its clients --------------
+
+
+def smtpFrom(source, port, helo="client.example"):
+    """An smtplib client whose socket is bound to loopback address C{source}."""
+    s = smtplib.SMTP(timeout=20, source_address=(source, 0))
+    s.connect("127.0.0.1", port)
+    s.ehlo(helo)
+    return s
+
+
+class NginxRelayTests(NginxTests):
+    """
+    The shipped nginx deployment: nginx (127.0.0.1) is trusted for XCLIENT,
+    and each client relays on its own address (relay_networks), never on
+    nginx's.  Client sockets are bound to loopback addresses so that nginx
+    forwards distinct client addresses.
+    """
+
+    listener = {"trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
+                "relay_networks": ["127.0.0.0/26"], "max_connections_per_ip": 2}
+
+    @defer.inlineCallbacks
+    def test_outsideRefusedInsideRelayed(self):
+        yield self.startNginx()
+
+        def outside():
+            with smtpFrom("127.0.0.66", self.smtpPort, "spammer.example") as s:
+                self.assertEqual(s.mail("spam@spammer.example")[0], 250)
+                return s.rcpt("victim@gmail.example")
+
+        code, text = yield inThread(outside)
+        self.assertEqual((code, text), (554, b"5.7.1 <victim@gmail.example>: Relay access denied"))
+        self.assertEqual(self.envelopes, [])
+
+        def inside():
+            with smtpFrom("127.0.0.5", self.smtpPort, "inside.example") as s:
+                refused = s.sendmail("a@example.org", ["victim@gmail.example"], b"Subject: inside\r\n\r\nok\r\n")
+                assert refused == {}, refused
+
+        yield inThread(inside)
+        msg = yield self.delivered()
+        self.assertTrue(receivedHeader(msg).startswith(b"Received: from inside.example (unknown [127.0.0.5])\r\n"
+                                                       b"\tby relay.test (relaygw) with ESMTP id "), msg)
+        self.assertEqual(self.envelopes[0]["context"]["connection"]["remote_ip"], "127.0.0.5")
+
+    def held(self, sources):
+        """Open one session per source through nginx, up to RCPT, and keep them open."""
+        sessions, replies = [], []
+        for source in sources:
+            s = smtpFrom(source, self.smtpPort)
+            sessions.append(s)
+            s.mail("a@example.org")
+            replies.append(s.rcpt("b@example.net"))
+        return sessions, replies
+
+    @defer.inlineCallbacks
+    def test_perIPLimitCountsTheClients(self):
+        yield self.startNginx()
+
+        def run(sources):
+            sessions, replies = self.held(sources)
+            for s in sessions:
+                try:
+                    s.quit()
+                except smtplib.SMTPException:
+                    s.close()
+            return replies
+
+        # Three clients from three addresses, all at once: nginx itself is not counted.
+        replies = yield inThread(run, ["127.0.0.11", "127.0.0.12", "127.0.0.13"])
+        self.assertEqual([r[0] for r in replies], [250, 250, 250])
+        factory = self.gw.service.factories[0]
+        deadline = time.monotonic() + 10
+        while factory.sessions and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(dict(factory.perIP), {})
+        # Three from one address: the third is refused (421 4.7.0 from relaygw, through nginx).
+        replies = yield inThread(run, ["127.0.0.21"] * 3)
+        self.assertEqual([r[0] for r in replies[:2]], [250, 250])
+        # nginx passes relaygw's refusal on with proxy_pass_error_message on
+        # (without it, nginx says 451 4.3.2 Internal server error).
+        self.assertEqual(replies[2], (421, b"4.7.0 relay.test too many connections, try again later"))
