@@ -226,11 +226,12 @@ class ServerTLS:
     def adopt(self, other):
         """
         Take the settings of C{other}, a L{ServerTLS} built from a reloaded
-        config (other files, versions, ciphers, client CA or identities):
-        this object stays the one listening ports and sessions hold.
+        config (other files, versions, ciphers or client CA): this object
+        stays the one listening ports and sessions hold.  (Allowed client
+        identities belong to the listener's trust policy.)
         """
         self.certPath, self.keyPath, self.clientCA = other.certPath, other.keyPath, other.clientCA
-        self._minVersion, self._ciphers, self._identities = other._minVersion, other._ciphers, other._identities
+        self._minVersion, self._ciphers = other._minVersion, other._ciphers
         self._stamps = other._stamps
         self._files, self._context, self.certificate, self._caStore = (
             other._files, other._context, other.certificate, other._caStore)
