@@ -139,6 +139,10 @@ class SMTPSession(smtp.ESMTP):
         f.sessionStarted(self)
         self.setTimeout(self.listener.idle_timeout)
         maillog.connect(self.sessionId, self.ctx, self.listener.name)
+        if proxied is not None and proxied.peer is not None:
+            # The balancer stays out of Received (unless received_shows_peer), not out of the log.
+            log.info("[{session}] proxied by [{balancer}]:{port}", session=self.sessionId,
+                     balancer=self.ctx["proxy_peer_ip"], port=self.ctx["proxy_peer_port"])
         refusal = f.admit(self)
         if refusal is not None:
             self.reply(refusal)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw import trust
@@ -27,6 +27,10 @@ ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 DENIED = (554, ["5.7.1 <victim@gmail.example>: Relay access denied"])
 TOO_MANY = (421, ["4.7.0 relay.test too many connections, try again later"])
 NEED_TLS = (530, ["5.7.0 Must issue a STARTTLS command first"])
+
+
+def deferLater(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def b64(text):
@@ -406,3 +410,141 @@ class OnwardAttributesTests(unittest.TestCase):
 
     def test_bounceForwardsNothing(self):
         self.assertEqual(self.attributes(bounce_for="QID"), ())
+
+
+class FactsStayInLogsTests(GatewayTestCase):
+    """Item 4: what Received leaves out, the log and XDUMPCONTEXT keep."""
+
+    listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["192.0.2.0/24"],
+                "extensions": ["xclient", "xdumpcontext"], "relay_networks": ["192.0.2.0/24"]}
+
+    def test_balancerPeerAndLogin(self):
+        from tests.test_verbs import LogCapture
+
+        logs = LogCapture(self)
+
+        def run():
+            c = proxied(self.gw.port, "192.0.2.7")
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.99 LOGIN=alice")[0], 220)
+            ctx = conn(c)
+            self.assertEqual((ctx["remote_ip"], ctx["peer_ip"], ctx["proxy_peer_ip"], ctx["auth_user"]),
+                             ("192.0.2.99", "192.0.2.7", "127.0.0.1", "alice"))
+            return sendMessage(c)
+
+        def check(_):
+            [proxiedBy] = logs.find("proxied by")
+            self.assertEqual(proxiedBy["balancer"], "127.0.0.1")
+            [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
+            self.assertEqual(audit["peer"], "192.0.2.7")
+            self.assertIn("auth_user None -> 'alice'", audit["changes"])
+
+        return inThread(run).addCallback(check)
+
+
+class RelaygwToRelaygwTests(unittest.TestCase):
+    """
+    Item 6 through a real next hop, relaygw itself: with forward_identity,
+    whatever the first gateway sends in XCLIENT the second accepts, for a
+    claimed client, an ALWAYS-ALLOW session (no login goes onward) and a
+    bounce (no client: the first gateway is the client).
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from relaygw.testing import Gateway
+
+        # The next hop: XCLIENT from the first gateway; relays for 192.0.2.0/24
+        # and for the first gateway itself (127.0.0.1), not for 198.51.100.0/24.
+        self.hop = Gateway(self.mktemp(), listeners=({
+            "trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
+            "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
+        yield self.hop.start()
+        self.addCleanup(self.hop.stop)
+        self.arrived = []
+        factory = self.hop.service.factories[0]
+        original = factory.onQueued
+
+        def onQueued(queueId, message):
+            self.arrived.append(message.envelope)
+            return original(queueId, message)
+
+        factory.onQueued = onQueued
+        self.gw = Gateway(self.mktemp(), listeners=(
+            {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+             "relay_networks": ["192.0.2.0/24", "198.51.100.0/24"]},
+            {"name": "anon", "always_allow": True}),
+            relay={"smarthosts": ["[127.0.0.1]:%d" % self.hop.port], "forward_identity": True, "tls": "none",
+                   "retry_min": 0.3, "retry_max": 0.6})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    @defer.inlineCallbacks
+    def arrivals(self, n, timeout=20):
+        deadline = time.monotonic() + timeout
+        while len(self.arrived) < n and time.monotonic() < deadline:
+            yield self.gw.service.queue.whenIdle()
+            yield self.hop.service.queue.whenIdle()
+            yield deferLater(0.05)
+        self.assertEqual(len(self.arrived), n, self.arrived)
+        return self.arrived
+
+    def session(self, port, f):
+        def run():
+            c = Client(port)
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            return f(c)
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def test_claimedClientAndAlwaysAllow(self):
+        def claimed(c):
+            self.assertEqual(c.cmd("XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567")[0], 220)
+            c.cmd("EHLO helo.example.net")
+            return sendMessage(c, subject="claimed")
+
+        yield self.session(self.gw.ports[0], claimed)
+        [first] = yield self.arrivals(1)
+        ctx = first["context"]["connection"]
+        self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_port"], ctx["ehlo_domain"]),
+                         ("192.0.2.7", "client.example.net", 4567, "helo.example.net"))
+        self.assertEqual((ctx["peer_ip"], ctx["overridden"]), ("127.0.0.1", True))
+        self.assertNotIn("auth_user", ctx)
+
+        def anonymous(c):
+            c.cmd("EHLO anon.example")
+            return sendMessage(c, subject="anonymous")
+
+        yield self.session(self.gw.ports[1], anonymous)
+        [_, second] = yield self.arrivals(2)
+        ctx = second["context"]["connection"]
+        # ALWAYS-ALLOW logged in nobody: it goes on as LOGIN=[UNAVAILABLE] and
+        # relays at the next hop on its own address (127.0.0.1), not a login.
+        self.assertNotIn("auth_user", ctx)
+        self.assertEqual((ctx["remote_ip"], ctx["ehlo_domain"], ctx["overridden"]),
+                         ("127.0.0.1", "anon.example", True))
+
+    @defer.inlineCallbacks
+    def test_bounceGoesOnAsTheGatewaysOwnMail(self):
+        def refusedOnward(c):
+            # The first gateway relays 198.51.100.7; the next hop does not.
+            self.assertEqual(c.cmd("XCLIENT ADDR=198.51.100.7")[0], 220)
+            c.cmd("EHLO outside.example")
+            return sendMessage(c, mailfrom="sender@example.org", subject="refused-onward")
+
+        yield self.session(self.gw.ports[0], refusedOnward)
+        [bounce] = yield self.arrivals(1)
+        self.assertEqual((bounce["mailfrom"], bounce["recipients"]), ("", ["sender@example.org"]))
+        ctx = bounce["context"]["connection"]
+        # No XCLIENT: the next hop judged the gateway itself.
+        self.assertEqual((ctx["remote_ip"], ctx["peer_ip"]), ("127.0.0.1", "127.0.0.1"))
+        self.assertNotIn("overridden", ctx)
+        yield self.hop.service.queue.whenIdle()
+        [delivered] = self.hop.delivered()
+        self.assertIn(b"5.7.1", delivered)
+        self.assertIn(b"refused-onward", delivered)
