@@ -147,7 +147,7 @@ class SMTPSession(smtp.ESMTP):
         if refusal is not None:
             self.reply(refusal)
             return
-        if f.portal is not None and self.listener.always_allow:
+        if self.settings.portal is not None and self.listener.always_allow:
             d = self._loginAnonymous()
             d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.ctx), self._greet))
             self._wait(d)
@@ -485,7 +485,7 @@ class SMTPSession(smtp.ESMTP):
         if not keepAuth:
             self.avatar = None
             self.ctx.update(auth_user=None, auth_name=None, auth_status=None)
-            if self.listener.always_allow and self.factory.portal is not None:
+            if self.listener.always_allow and self.settings.portal is not None:
                 self._wait(self._loginAnonymous())
 
     def newSession(self, reason):
@@ -524,9 +524,9 @@ class SMTPSession(smtp.ESMTP):
     def extensions(self):
         """The EHLO keywords for this session, in a stable order."""
         ext = {"PIPELINING": None, "SIZE": str(self.listener.max_message_size)}
-        if self.factory.tls is not None and not self.tlsActive:
+        if self.settings.tls is not None and not self.tlsActive:
             ext["STARTTLS"] = None
-        if self.factory.portal is not None and not self.listener.always_allow and (
+        if self.settings.portal is not None and not self.listener.always_allow and (
             self.tlsActive or self.listener.auth_plaintext
         ):
             ext["AUTH"] = "PLAIN LOGIN"
@@ -752,7 +752,7 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.SYNTAX.format(what="STARTTLS"))
         if self.tlsActive:
             return self.reply(codes.TLS_ACTIVE)
-        if self.factory.tls is None:
+        if self.settings.tls is None:
             return self.reply(codes.TLS_UNAVAILABLE)
         self.reply(codes.READY_TLS)
         # CVE-2011-0411: whatever followed STARTTLS in plaintext is discarded.
@@ -761,13 +761,13 @@ class SMTPSession(smtp.ESMTP):
                      session=self.sessionId, n=len(self.buf))
             self.buf = b""
         self.resetSession()
-        self.transport.startTLS(self.factory.tls.contextFactory)
+        self.transport.startTLS(self.settings.tls.contextFactory)
 
     # -- AUTH (RFC 4954) -----------------------------------------------
 
     def do_AUTH(self, args):
         f = self.factory
-        if f.portal is None:
+        if self.settings.portal is None:
             return self.reply(codes.NOT_IMPLEMENTED)
         if self.ctx.get("auth_user"):
             # Also on ALWAYS-ALLOW listeners: the session is already
@@ -847,9 +847,9 @@ class SMTPSession(smtp.ESMTP):
         wait = tracker.attempt(who)
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
         if wait:
-            d = task.deferLater(f.reactor, wait, f.portal.login, credentials, None, IRelayUser)
+            d = task.deferLater(f.reactor, wait, self.settings.portal.login, credentials, None, IRelayUser)
         else:
-            d = f.portal.login(credentials, None, IRelayUser)
+            d = self.settings.portal.login(credentials, None, IRelayUser)
 
         def ok(result):
             tracker.done(who, failed=False)
@@ -906,7 +906,7 @@ class SMTPSession(smtp.ESMTP):
     def _loginAnonymous(self):
         from relaygw.auth import IRelayUser
 
-        d = self.factory.portal.login(Anonymous(), None, IRelayUser)
+        d = self.settings.portal.login(Anonymous(), None, IRelayUser)
         d.addCallback(lambda result: self._setAuth(result[1].username, "ALWAYS-ALLOW"))
         return d
 

@@ -55,18 +55,25 @@ class NullMetrics:
 class ListenerSettings:
     """
     One listener's settings as a session sees them, pinned whole when the
-    session connects: the config, the policy built from it and the trust
-    policy.  A reload makes a new bundle for new sessions; a live session
-    never mixes a new policy with old limits.
+    session connects: the config, the policy built from it, the trust
+    policy, the cred portal and the server TLS settings.  A reload makes a
+    new bundle for new sessions; a live session never mixes a new policy
+    (or portal) with old limits.
     """
 
     listener: object
     policy: object
     trust: trust.TrustPolicy
+    portal: object = None
+    tls: object = None
 
     @classmethod
-    def build(cls, listener, tls=None):
-        return cls(listener, loadPolicy(listener.policy, listener), trust.TrustPolicy.fromListener(listener, tls))
+    def build(cls, listener, tls=None, portal=None, policy=None):
+        if policy is None:
+            policy = loadPolicy(listener.policy, listener)
+        # The trust policy checks client certificates against the TLS
+        # settings the listener keeps.
+        return cls(listener, policy, trust.TrustPolicy.fromListener(listener, tls), portal, tls)
 
 
 class SMTPFactory(ServerFactory):
@@ -84,10 +91,8 @@ class SMTPFactory(ServerFactory):
         self.spool = spool
         self.reactor = reactor
         self.onQueued = onQueued
-        self.portal = portal
-        self.tls = tls
         self.metrics = metrics or NullMetrics()
-        self.settings = ListenerSettings.build(listener, tls)
+        self.settings = ListenerSettings.build(listener, tls, portal)
         self.verbs = registry()
         self.sessions = set()
         self.perIP = collections.Counter()
@@ -108,6 +113,25 @@ class SMTPFactory(ServerFactory):
     def policy(self):
         """The current policy (new sessions pin it)."""
         return self.settings.policy
+
+    @property
+    def portal(self):
+        """The current cred portal or C{None} (new sessions pin it)."""
+        return self.settings.portal
+
+    @portal.setter
+    def portal(self, portal):
+        self.settings = dataclasses.replace(self.settings, portal=portal)
+
+    @property
+    def tls(self):
+        """The current L{ServerTLS} or C{None} (new sessions pin it)."""
+        return self.settings.tls
+
+    @tls.setter
+    def tls(self, tls):
+        s = self.settings
+        self.settings = ListenerSettings.build(s.listener, tls, s.portal, s.policy)
 
     def prepare(self, listener):
         """
@@ -136,17 +160,13 @@ class SMTPFactory(ServerFactory):
         if self.tls is not None and tls is not None:
             # The same object: an implicit-TLS port holds on to it.
             self.tls.adopt(tls)
-        else:
-            self.tls = tls
-        self.portal = prepared["portal"]
-        if self.portal is not None and self.authFailures is None:
+            tls = self.tls
+        portal = prepared["portal"]
+        if portal is not None and self.authFailures is None:
             from relaygw.auth import FailureTracker
 
             self.authFailures = FailureTracker(clock=self.reactor)
-        # The trust policy checks client certificates against the TLS
-        # settings the listener keeps.
-        self.settings = ListenerSettings(listener, prepared["policy"],
-                                         trust.TrustPolicy.fromListener(listener, self.tls))
+        self.settings = ListenerSettings.build(listener, tls, portal, prepared["policy"])
 
     def applyListener(self, listener):
         """A reloaded listener config, prepared and applied at once."""

@@ -109,7 +109,9 @@ class DataTests(SessionTestCase):
 
 class StartTLSInjectionTests(SessionTestCase):
     def test_plaintextAfterStartTLSDiscarded(self):
-        self.factory.tls = type("FakeTLS", (), {"contextFactory": object()})()
+        # The session pinned its listener's settings (TLS included) at connect.
+        self.session.settings = dataclasses.replace(self.session.settings,
+                                                    tls=type("FakeTLS", (), {"contextFactory": object()})())
         self.take()
         self.session.dataReceived(b"EHLO x\r\n")
         self.assertIn(b"250-STARTTLS", self.take())
