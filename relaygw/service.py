@@ -273,6 +273,8 @@ class GatewayService(MultiService):
     """The whole gateway; holds the pieces tests and the admin endpoint need."""
 
     installSignals = False
+    #: Where the log goes once twistd hands us the application (None: standard output).
+    logFile = None
 
     def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None):
         MultiService.__init__(self)
@@ -496,7 +498,7 @@ class GatewayService(MultiService):
 
             from relaygw import logs
 
-            logs.install(parent, sys.stdout, self.config.log.format, self.config.log.level)
+            logs.install(parent, self.logFile or sys.stdout, self.config.log.format, self.config.log.level)
         MultiService.setServiceParent(self, parent)
 
     def _adoptStrandedMessages(self):
@@ -530,15 +532,22 @@ class GatewayService(MultiService):
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
 
 
-def makeService(config, reactor=None, worker=0, configPath=None):
-    """The gateway's service tree for a validated config."""
+def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
+    """
+    The gateway's service tree for a validated config.  C{logFile}: a
+    file opened for appending, or C{None} for standard output; the other
+    workers log to the same file.
+    """
     if reactor is None:
         from twisted.internet import reactor
     for l in config.listeners:
         if (l.always_allow or l.extensions) and not l.trusted_peers and not _boundLocally(l.endpoint):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
                      name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
-    return GatewayService(config, reactor, worker, twistdArgv(configPath), configPath)
+    service = GatewayService(config, reactor, worker, twistdArgv(configPath, getattr(logFile, "name", None)),
+                             configPath)
+    service.logFile = logFile
+    return service
 
 
 def _boundLocally(endpoint):

@@ -2,6 +2,7 @@
 The twistd plugin's options and service maker (C{twistd relaygw}).
 """
 
+import os
 import sys
 
 from twisted.python import usage
@@ -44,12 +45,33 @@ def makeService(options):
     from relaygw.service import makeService as build
 
     try:
-        service = build(options.config, worker=int(options["worker"]), configPath=options["config"])
+        service = build(options.config, worker=int(options["worker"]), configPath=options["config"],
+                        logFile=_logFile(getattr(options, "parent", None)))
         service.installSignals = True
         _tuneCollector()
         return service
     except _config.ConfigError as e:
         sys.stderr.write("%s\n" % (e,))
+        raise SystemExit(1)
+
+
+def _logFile(twistdOptions):
+    """
+    Where twistd's own options say the log goes: C{--logfile=X} (C{-} is
+    standard output), or, when daemonizing without one, twistd's default
+    C{twistd.log}; C{None} for standard output.  Opened now, before
+    twistd detaches from the terminal.
+    """
+    if twistdOptions is None:
+        return None
+    path = twistdOptions.get("logfile")
+    if path == "-" or (not path and twistdOptions.get("nodaemon")):
+        return None
+    path = os.path.abspath(path or "twistd.log")
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    except OSError as e:
+        sys.stderr.write("%s: cannot open the log file: %s\n" % (path, e.strerror))
         raise SystemExit(1)
 
 

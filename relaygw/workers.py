@@ -137,10 +137,13 @@ class WorkerSupervisor(Service):
         return defer.gatherResults(waiting)
 
 
-def twistdArgv(configPath):
-    """The command line running relaygw in the foreground under twistd (another worker, a test, the bench)."""
+def twistdArgv(configPath, logfile=None):
+    """
+    The command line running relaygw in the foreground under twistd (another
+    worker, a test, the bench); with C{logfile}, logging there.
+    """
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    argv = [twistd, "--nodaemon", "--pidfile=", "relaygw"]
+    argv = [twistd, "--nodaemon", "--pidfile="] + (["--logfile=" + logfile] if logfile else []) + ["relaygw"]
     if configPath:
         argv += ["--config", os.path.abspath(configPath)]
     return argv

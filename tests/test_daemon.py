@@ -1,0 +1,103 @@
+"""
+Daemon mode: C{twistd --logfile=X --pidfile=P relaygw} without C{-n}
+detaches, writes its pid file, and logs to X, every worker included.
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+from twisted.trial import unittest
+
+from relaygw.testing import Client, configText, freePort, inThread, waitForPort
+from relaygw.workers import twistdArgv
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class DaemonTests(unittest.TestCase):
+    def daemon(self, workers):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, process={"workers": workers}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        logfile, pidfile = os.path.join(directory, "relaygw.log"), os.path.join(directory, "relaygw.pid")
+        argv = [a for a in twistdArgv(conf) if a not in ("--nodaemon", "--pidfile=")]
+        argv[1:1] = ["--logfile=" + logfile, "--pidfile=" + pidfile]
+        # twistd forks, the parent returns once the daemon is set up.
+        started = subprocess.run(argv, cwd=directory, capture_output=True, text=True, timeout=60)
+        self.assertEqual(started.returncode, 0, started.stdout + started.stderr)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        self.addCleanup(lambda: _alive(pid) and os.kill(pid, signal.SIGKILL))
+        waitForPort(port)
+        return directory, port, logfile, pidfile, pid
+
+    def session(self, port):
+        c = Client(port)
+        try:
+            c.reply()
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            c.cmd("DATA")
+            c.send("Subject: daemon\r\n\r\nx\r\n.\r\n")
+            self.assertEqual(c.reply()[0], 250)
+            c.cmd("QUIT")
+        finally:
+            c.close()
+
+    def stop(self, pid, pidfile):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertFalse(_alive(pid))
+        self.assertFalse(os.path.exists(pidfile))
+
+    def test_daemonLogsToItsLogFile(self):
+        def run():
+            directory, port, logfile, pidfile, pid = self.daemon(1)
+            self.session(port)
+            time.sleep(0.5)
+            self.stop(pid, pidfile)
+            with open(logfile) as f:
+                log = f.read()
+            self.assertRegex(log, r"\] connect from unknown\[127\.0\.0\.1\]")
+            self.assertRegex(log, r": queued from=<a@example\.org>")
+            self.assertRegex(log, r": to=<b@example\.net>, relay=maildir:.*status=sent")
+            self.assertIn("stopped; spool intact", log)
+
+        return inThread(run)
+
+    def test_everyWorkerLogsToTheFile(self):
+        def run():
+            directory, port, logfile, pidfile, pid = self.daemon(2)
+            deadline = time.monotonic() + 15
+            while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            for _ in range(10):
+                self.session(port)
+            time.sleep(0.5)
+            self.stop(pid, pidfile)
+            with open(logfile) as f:
+                log = f.read()
+            self.assertIn("started worker 1", log)
+            self.assertEqual(log.count(": queued from=<a@example.org>"), 10, log)
+            self.assertEqual(log.count("stopped; spool intact"), 2, log)
+
+        return inThread(run)
