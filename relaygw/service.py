@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from relaygw import codes, trust
+from relaygw import codes, sdnotify, trust
 from relaygw.auth import FailureTracker, makePortal
 from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
@@ -430,6 +430,8 @@ class GatewayService(MultiService):
         manager and everything else.  The spool stays intact.
         """
         log.info("draining")
+        if self.installSignals and self.worker == 0:
+            sdnotify.notify("STOPPING=1")
         for f in self.factories:
             f.draining = True
         listeners = [svc for svc in self if svc.name and svc.name.startswith("listener:")]
@@ -530,6 +532,9 @@ class GatewayService(MultiService):
             import signal
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            if self.worker == 0:
+                # Every listener is bound: tell systemd (Type=notify).
+                sdnotify.notify("READY=1\nSTATUS=accepting mail")
 
 
 def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
