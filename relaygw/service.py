@@ -533,8 +533,9 @@ class GatewayService(MultiService):
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
             if self.worker == 0:
-                # Every listener is bound: tell systemd (Type=notify).
-                sdnotify.notify("READY=1\nSTATUS=accepting mail")
+                # Every listener is bound; once the reactor runs (its signal
+                # handlers in place, so a stop drains), tell systemd.
+                self.reactor.callWhenRunning(sdnotify.notify, "READY=1\nSTATUS=accepting mail")
 
 
 def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
