@@ -197,7 +197,9 @@ class NginxProcess(protocol.ProcessProtocol):
         self.ended = True
 
 
-class NginxTests(InteropTestCase):
+class NginxCase(InteropTestCase):
+    """nginx with the mail module in front of the gateway, its auth endpoint served here."""
+
     @defer.inlineCallbacks
     def startNginx(self):
         nginx = need(NGINX)
@@ -256,6 +258,8 @@ class NginxTests(InteropTestCase):
                 yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertTrue(self.nginx.ended, "nginx did not exit")
 
+
+class NginxTests(NginxCase):
     @defer.inlineCallbacks
     def test_xclientOnRelaysWithClientAddress(self):
         yield self.startNginx()
@@ -307,7 +311,7 @@ def smtpFrom(source, port, helo="client.example"):
     return s
 
 
-class NginxRelayTests(NginxTests):
+class NginxRelayTests(NginxCase):
     """
     The shipped nginx deployment: nginx (127.0.0.1) is trusted for XCLIENT,
     and each client relays on its own address (relay_networks), never on
