@@ -502,6 +502,8 @@ def planCells(opts):
     for size in sizes:
         for c in conc:
             for v in opts.variants.split(","):
+                if v == "tls" and c < 100 and not opts.tls_all:
+                    continue  # the STARTTLS target is at 100 sessions
                 for kind in opts.kinds.split(","):
                     cells.append((kind, v, size, c, False))
     for v in (opts.busy.split(",") if opts.busy else ()):
@@ -627,6 +629,7 @@ def main(argv=None):
                    help="more cells, KIND,VARIANT,SIZE,SESSIONS separated by ';'")
     p.add_argument("--stock", action="store_true", help="add stock Twisted (plain cells)")
     p.add_argument("--resume", action="store_true", help="the STARTTLS client resumes TLS sessions")
+    p.add_argument("--tls-all", action="store_true", help="STARTTLS cells at every concurrency, not only 100")
     p.add_argument("--rsa-cert", action="store_true", help="an RSA 2048 certificate instead of the self-signed default")
     p.add_argument("--compare", action="append", default=[], metavar="TREE[:LABEL]",
                    help="also run relaygw from another source tree (A/B in the same run)")
