@@ -105,6 +105,15 @@ def render(code, enhanced, lines, enhancedEnabled=True):
     """
     if isinstance(lines, str):
         return _renderOne(code, enhanced, lines, enhancedEnabled)
+    if isinstance(lines, tuple):
+        # A reply made of values that repeat from session to session (the
+        # EHLO keywords of a listener): rendered once.
+        return _renderMany(code, enhanced, lines, enhancedEnabled)
+    return _render(code, enhanced, lines, enhancedEnabled)
+
+
+@functools.lru_cache(maxsize=256)
+def _renderMany(code, enhanced, lines, enhancedEnabled):
     return _render(code, enhanced, lines, enhancedEnabled)
 
 

@@ -566,7 +566,7 @@ class SMTPSession(smtp.ESMTP):
             lines = [self.hostname]
             for k, v in self.extensions().items():
                 lines.append(k if not v else "%s %s" % (k, v))
-            return self.reply(codes.HELO_OK, lines)
+            return self.reply(codes.HELO_OK, tuple(lines))  # a tuple: rendered once per listener
 
         return self._ask(self.settings.policy.helo(self.ctx), answer)
 

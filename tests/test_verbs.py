@@ -1432,6 +1432,13 @@ class XdumpcontextTests(VerbTestCase):
         self.assertEqual(codes.escape("a\r\nb\x00\x7f"), "a+0D+0Ab+00+7F")
         self.assertEqual(codes.render(250, "2.0.0", ["x\ny"]), b"250 2.0.0 x+0Ay\r\n")
 
+    def test_tupleRendersLikeAList(self):
+        """A tuple of lines (the EHLO reply, rendered once per listener) is escaped and cut the same way."""
+        lines = ["relay.test", "SIZE 10", "x\ny", "z" * 600]
+        self.assertEqual(codes.render(250, None, tuple(lines)), codes.render(250, None, lines))
+        self.assertEqual(codes.render(250, None, tuple(lines)), codes.render(250, None, list(lines)))
+        self.assertIn(b"250-x+0Ay\r\n", codes.render(250, None, tuple(lines)))
+
 
 # -- the Received header from the context (checklist 69, 70) --------------------
 

@@ -60,7 +60,7 @@ def _decode(raw):
         value = xtext.decode(raw, lenient=True).decode("ascii")
     except (xtext.XtextError, UnicodeDecodeError):
         raise _bad("bad attribute value")
-    if any(c < " " or c > "~" for c in value):
+    if not value.isprintable():  # ASCII by now: printable is 0x20-0x7E
         raise _bad("bad attribute value")
     return value
 
