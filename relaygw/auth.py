@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import os
+import stat
 import tempfile
 from collections import deque
 
@@ -207,6 +208,24 @@ class PasswordFile:
         self._write(kept)
         return True
 
+    def _keepAccess(self, tmp):
+        """
+        The new file gets the old one's mode, owner and group (a gateway
+        running as its own user or group keeps its access), or 0600 when
+        there was none.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            os.chmod(tmp, 0o600)
+            return
+        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(tmp, st.st_uid, st.st_gid)
+            except PermissionError:
+                os.chown(tmp, -1, st.st_gid)  # not root: at least the group, or fail rather than lock it out
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+
     def _write(self, lines):
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(self.path))
@@ -215,7 +234,7 @@ class PasswordFile:
                 f.write("".join(line + "\n" for line in lines))
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
+            self._keepAccess(tmp)
             os.replace(tmp, self.path)
         except BaseException:
             try:

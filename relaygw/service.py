@@ -6,6 +6,7 @@ service per listener and, when configured, the admin endpoint.
 import collections
 import dataclasses
 import os
+import re
 import time
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -345,7 +346,7 @@ class GatewayService(MultiService):
             if self.workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))
             else:
-                endpoint = serverFromString(reactor, listener.endpoint)
+                endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
             wrapped = factory
             if listener.implicit_tls:
                 wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
@@ -554,6 +555,19 @@ def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
                              configPath)
     service.logFile = logFile
     return service
+
+
+#: The listen queue a listener gets unless its endpoint string says otherwise
+#: (Twisted's default of 50 drops SYNs under a burst of clients).
+BACKLOG = 1024
+
+
+def withBacklog(description, backlog=BACKLOG):
+    """A server endpoint string with C{backlog=} added when it listens on a queue and names none."""
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] in ("tcp", "tcp6", "ssl", "unix") and not any(p.startswith("backlog=") for p in parts[1:]):
+        return "%s:backlog=%d" % (description, backlog)
+    return description
 
 
 def _boundLocally(endpoint):

@@ -1,9 +1,10 @@
 """
-C{relaygw-passwd [--delete] FILE USER}: add, change or delete a user in a
+relaygw-passwd [--delete] FILE USER: add, change or delete a user in a
 relaygw password file.
 
 The password is read twice from the terminal, or once (one line) from
-standard input when that is not a terminal.  The file is created if missing.
+standard input when that is not a terminal.  The file is created if missing
+(mode 0600); an existing file keeps its mode, owner and group.
 """
 
 import argparse
@@ -40,7 +41,8 @@ def main(argv=None):
 
     @return: the exit code, 0 or 1.
     """
-    parser = _Parser(prog="relaygw-passwd", description=__doc__.strip().splitlines()[0])
+    paragraphs = [" ".join(p.split()) for p in __doc__.strip().split("\n\n")]
+    parser = _Parser(prog="relaygw-passwd", description=paragraphs[0], epilog=paragraphs[1])
     parser.add_argument("--delete", action="store_true", help="delete USER")
     parser.add_argument("file", metavar="FILE")
     parser.add_argument("user", metavar="USER")
