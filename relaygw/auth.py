@@ -210,9 +210,10 @@ class PasswordFile:
 
     def _keepAccess(self, tmp):
         """
-        The new file gets the old one's mode, owner and group (a gateway
-        running as its own user or group keeps its access), or 0600 when
-        there was none.
+        The new file gets the old one's mode (less any access for others:
+        it holds password hashes), owner and group, so that a gateway
+        running as its own user or group keeps its access; 0600 when there
+        was none.
         """
         try:
             st = os.stat(self.path)
@@ -224,7 +225,7 @@ class PasswordFile:
                 os.chown(tmp, st.st_uid, st.st_gid)
             except PermissionError:
                 os.chown(tmp, -1, st.st_gid)  # not root: at least the group, or fail rather than lock it out
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) & ~0o007)
 
     def _write(self, lines):
         directory = os.path.dirname(os.path.abspath(self.path))

@@ -40,12 +40,13 @@ class PasswordFileTests(unittest.TestCase):
 
     def test_setRemove(self):
         """
-        Users can be added, changed and removed; comments stay; the file is
-        private.
+        Users can be added, changed and removed; comments stay; the file
+        keeps its mode, but never readable by others.
         """
         self.assertEqual(self.file.users(), {})
         with open(self.path, "w") as f:
             f.write("# users\n")
+        os.chmod(self.path, 0o644)
         self.file.set("alice", "one")
         self.file.set("bob", "two")
         self.file.set("alice", "three")
@@ -57,7 +58,7 @@ class PasswordFileTests(unittest.TestCase):
         self.assertEqual(list(self.file.users()), ["alice"])
         with open(self.path) as f:
             self.assertTrue(f.read().startswith("# users\nalice:$scrypt$"))
-        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o640)
 
     def test_atomic(self):
         """

@@ -4,7 +4,8 @@ relaygw password file.
 
 The password is read twice from the terminal, or once (one line) from
 standard input when that is not a terminal.  The file is created if missing
-(mode 0600); an existing file keeps its mode, owner and group.
+(mode 0600); an existing file keeps its mode (never readable by others),
+owner and group.
 """
 
 import argparse
