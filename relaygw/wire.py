@@ -86,7 +86,11 @@ def halfCloseable(transport):
 #: Per-connection buffering for the SMTP server: the transport reads this
 #: much at a time, and pauses its producer (the session) when this much of
 #: its writes wait for the peer.
-SERVER_BUFFER = 32 * 1024
+SERVER_BUFFER = 16 * 1024
+#: The kernel's send buffer for an SMTP server connection (Linux doubles
+#: it): replies are small, and a peer that never reads should not get
+#: megabytes of them answered first.
+SERVER_SNDBUF = 8 * 1024
 
 
 def boundBuffers(transport, size=SERVER_BUFFER):
@@ -103,6 +107,6 @@ def boundBuffers(transport, size=SERVER_BUFFER):
         # A fixed send buffer (the kernel doubles it) instead of one that
         # grows to megabytes for a peer that never reads.
         try:
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * size)
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
         except OSError:
             pass
