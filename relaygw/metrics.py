@@ -11,7 +11,7 @@ sets so a client cannot blow up the series count.
 import collections
 import functools
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +28,12 @@ REPLY_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 AUTH_RESULTS = frozenset(["success", "failure"])
 DELIVERY_RESULTS = frozenset(["ok", "defer", "bounce"])
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: Arrival to a recipient's final outcome: seconds to days (the queue lifetime is 5 days).
+QUEUE_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 2 * 86400, 5 * 86400)
+#: One delivery attempt: connection set-up plus transmission.
+ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+QUEUE_STATES = ("active", "deferred", "held", "corrupt")
+FINAL_STATUSES = frozenset(["sent", "bounced"])
 
 
 def _capped(value, known):
@@ -84,6 +90,31 @@ class _SpoolCollector:
         return families
 
 
+class _QueueCollector:
+    """Messages in the queue by state, from the queue probe at scrape time (like relaygw-queue list's summary)."""
+
+    DOC = "Messages in the queue by state: active (due or being delivered), deferred, held, corrupt"
+
+    def __init__(self):
+        self.probe = None
+
+    def describe(self):
+        return [GaugeMetricFamily("relaygw_queue_messages", self.DOC, labels=["state"])]
+
+    def collect(self):
+        if self.probe is None:
+            return []
+        try:
+            counts = self.probe()
+        except Exception:
+            log.failure("metrics: queue probe failed")
+            return []
+        family = GaugeMetricFamily("relaygw_queue_messages", self.DOC, labels=["state"])
+        for state in QUEUE_STATES:
+            family.add_metric([state], float(counts.get(state, 0)))
+        return [family]
+
+
 class _Tally:
     """
     The per-command and per-reply counters, a dozen events per message: a
@@ -95,6 +126,7 @@ class _Tally:
     FAMILIES = {
         "commands": ("relaygw_commands", "SMTP commands received", ["listener", "command"]),
         "replies": ("relaygw_replies", "SMTP replies sent, by class", ["listener", "class"]),
+        "refusals": ("relaygw_refusals", "SMTP refusals (4xx, 5xx) sent, by reply code", ["listener", "code"]),
     }
 
     def __init__(self):
@@ -142,6 +174,16 @@ class Metrics:
                                     registry=r)
         self._spool = _SpoolCollector()
         r.register(self._spool)
+        self.queueSeconds = Histogram("relaygw_delivery_queue_seconds",
+                                      "Arrival to a recipient's final outcome (sent or bounced)", ["status"],
+                                      buckets=QUEUE_BUCKETS, registry=r)
+        self.attemptSeconds = Histogram("relaygw_delivery_attempt_seconds",
+                                        "One recipient's delivery attempt: connection set-up and transmission",
+                                        buckets=ATTEMPT_BUCKETS, registry=r)
+        self._queue = _QueueCollector()
+        r.register(self._queue)
+        if registry is None:
+            ProcessCollector(registry=r)
 
     def _labelled(self, metric, *values):
         """C{metric.labels(*values)}, looked up once (it takes a lock each time)."""
@@ -164,9 +206,13 @@ class Metrics:
         if kind == "command":
             self._tally.counts["commands", listener, _capped(str(labels[0]).upper(), KNOWN_COMMANDS)] += 1
         elif kind == "reply":
-            cls = REPLY_CLASSES.get(int(labels[0]) // 100)
+            code = int(labels[0])
+            cls = REPLY_CLASSES.get(code // 100)
             if cls is not None:
                 self._tally.counts["replies", listener, cls] += 1
+            if 400 <= code < 600:
+                # The gateway's own reply table: a bounded set of codes.
+                self._tally.counts["refusals", listener, str(code)] += 1
         elif kind == "tls_handshakes":
             self._labelled(self.tls, listener).inc()
         elif kind == "auth":
@@ -186,6 +232,22 @@ class Metrics:
     def delivery(self, hop, result):
         """One recipient's delivery attempt via C{hop} ended with C{result}."""
         self._labelled(self.deliveries, hop, _capped(result, DELIVERY_RESULTS)).inc()
+
+    @_safe
+    def deliveryTimes(self, status, inQueue, attempt):
+        """
+        One recipient's attempt ended with C{status} (sent, deferred,
+        bounced) C{inQueue} seconds after the message arrived; the attempt
+        itself took C{attempt} seconds.
+        """
+        self.attemptSeconds.observe(max(0.0, attempt))
+        if status in FINAL_STATUSES:
+            self._labelled(self.queueSeconds, status).observe(max(0.0, inQueue))
+
+    @_safe
+    def setQueueProbe(self, probe):
+        """C{probe() -> {state: count}} for L{QUEUE_STATES}, called at each scrape."""
+        self._queue.probe = probe
 
     @_safe
     def corrupt(self):
@@ -219,7 +281,8 @@ class _Merged:
     process's own.  A snapshot that can't be read is left out.
     """
 
-    LARGEST = frozenset(["relaygw_spool_oldest_age_seconds", "relaygw_spool_free_bytes"])
+    LARGEST = frozenset(["relaygw_spool_oldest_age_seconds", "relaygw_spool_free_bytes",
+                         "process_start_time_seconds", "process_max_fds"])
 
     def __init__(self, registry, peers):
         self.registry = registry

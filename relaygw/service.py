@@ -48,6 +48,9 @@ class NullMetrics:
     def delivery(self, hop, result):
         pass
 
+    def deliveryTimes(self, status, inQueue, attempt):
+        pass
+
     def corrupt(self):
         pass
 
@@ -316,6 +319,7 @@ class GatewayService(MultiService):
 
             self.metrics = Metrics()
             self.metrics.setSpoolProbe(self.spoolProbe)
+            self.metrics.setQueueProbe(self.queueProbe)
         if config.admin.endpoint and worker == 0:
             from relaygw.admin import makeAdminSite
 
@@ -471,6 +475,14 @@ class GatewayService(MultiService):
         except OSError:
             free = 0
         return depth, age, free
+
+    def queueProbe(self):
+        """This worker's messages by state, for /metrics: what relaygw-queue list's summary counts."""
+        ids = self.spool.queueIds()
+        held = sum(1 for qid in ids if self.spool.isHeld(qid))
+        deferred = len(self.queue.waitingForRetry())
+        return {"active": max(0, len(ids) - held - deferred), "deferred": deferred, "held": held,
+                "corrupt": len(self.spool.corrupt())}
 
     def health(self):
         """For /healthz: (ok, reason)."""

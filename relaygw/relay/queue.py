@@ -190,6 +190,10 @@ class QueueManager(Service):
         self.ready.append(queueId)
         self._pump()
 
+    def waitingForRetry(self):
+        """The messages whose next attempt waits for its retry time."""
+        return [qid for qid, timer in self.timers.items() if timer.active()]
+
     def flush(self):
         """Retry everything that waits for a retry (relaygw-queue flush)."""
         for qid in sorted(set(self.timers) | set(self.spool.queueIds())):
@@ -314,9 +318,12 @@ class QueueManager(Service):
                 self.metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
                     event.status, "defer"))
             relay = getattr(result, "relay", None) or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
+            setup, transmit = getattr(result, "setup", 0.0), getattr(result, "transmit", 0.0)
             maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
-                             (beforeQueue, inQueue, getattr(result, "setup", 0.0), getattr(result, "transmit", 0.0)),
-                             event.status, result)
+                             (beforeQueue, inQueue, setup, transmit), event.status, result)
+            if self.metrics:
+                self.metrics.deliveryTimes(maillog.STATUS.get(event.status, event.status), now - arrival,
+                                           setup + transmit)
         fresh = attempt.fresh
         d = defer.succeed(None)
         if recorded.provisional is not None and self.spool.exists(qid):
