@@ -200,7 +200,12 @@ class TwistdWorkersTests(_TwistdTestCase):
         def session(p):
             import urllib.request
 
-            time.sleep(1)  # worker 1 joins the port
+            # Worker 1 joins the port once it has opened its spool partition
+            # (a second or two after worker 0 on a busy machine).
+            deadline = time.monotonic() + 20
+            while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
             for n in range(sent):
                 sendOne(port, subject="m%d" % n)
             # Worker 0's /metrics counts both workers' messages (worker 1's
