@@ -13,6 +13,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -531,6 +532,24 @@ class GatewayService(MultiService):
             moved = self.spool.adopt(source)
             if moved:
                 log.info("adopted {n} queued messages from {source}", n=moved, source=source)
+
+    def privilegedStartService(self):
+        """
+        Bind the listening ports (before twistd drops privileges).  A port
+        that can't be bound (in use, no permission for port 25) ends start
+        with one line naming the key, like the config check, not a traceback.
+        """
+        keys = {"listener:" + l.name: "listener[%d].endpoint" % i for i, l in enumerate(self.config.listeners)}
+        keys["admin"] = "admin.endpoint"
+        for svc in self:
+            try:
+                svc.privilegedStartService()
+            except (CannotListenError, OSError) as e:
+                why = e.socketError if isinstance(e, CannotListenError) else e
+                log.error("{file}: {key}: cannot listen: {why} (expected a free port this user may bind)",
+                          file=os.path.basename(self.configPath or "default.toml"),
+                          key=keys.get(svc.name, svc.name), why=getattr(why, "strerror", None) or why)
+                raise SystemExit(1)
 
     def startService(self):
         # The spool is opened (and what was never acknowledged discarded)

@@ -206,3 +206,18 @@ class CommandLineTests(unittest.TestCase):
         code, out, err = twistd("relaygw", "--config", path, "--check-config")
         self.assertEqual((code, err), (0, ""))
         self.assertIn("ok", out)
+
+    def test_portInUseEndsStartWithOneLine(self):
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        d, path = self.write(configText(os.path.abspath(self.mktemp()),
+                                        listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port},)))
+        code, out, err = twistd("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual(code, 1)
+        self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", out)
+        self.assertNotIn("Traceback", out + err)
