@@ -1,11 +1,11 @@
 """
-The ESMTP session.
-
-It keeps Twisted's dispatch skeleton (C{do_VERB} methods, C{extensions()},
-the cred portal) but owns what C{twisted.mail.smtp.ESMTP} gets wrong: line
-framing with a bounded buffer, DATA scanned in raw buffers until
-C{CRLF.CRLF} whatever the line lengths, one command at a time with input
-paused while a reply is pending (so pipelined replies stay in order), every
+The ESMTP session: a L{Protocol} with L{TimeoutMixin} and its own verb
+table (C{do_VERB} for the verbs in L{SMTPSession.VERBS}, the trusted verbs
+of L{relaygw.verbs}, and C{500 5.5.2} for anything else).  It owns what
+C{twisted.mail.smtp.ESMTP} gets wrong: line framing with a bounded buffer,
+DATA framed by the pure L{relaygw.datareader}, one command at a time with
+input paused while a reply is pending (so pipelined replies stay in order),
+write backpressure (the session is a producer for its transport), every
 reply rendered from L{relaygw.codes} with enhanced status codes, and the
 STARTTLS injection fix.
 
@@ -24,7 +24,8 @@ import time
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, task
-from twisted.mail import smtp
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from relaygw import codes, maillog, trace, wire
@@ -33,7 +34,7 @@ from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
 from relaygw.logs import Logger
 from relaygw.spoolapi import isStorageError
-from relaygw.trust import canonicalIP
+from relaygw.trust import peerIP
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -55,7 +56,7 @@ def newSessionId():
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
-class SMTPSession(smtp.ESMTP):
+class SMTPSession(Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -76,8 +77,16 @@ class SMTPSession(smtp.ESMTP):
     settings = None
     countedIP = None
 
+    @property
+    def ctx(self):
+        """The old name of L{context}."""
+        return self.context
+
+    #: The verbs this session implements, each a C{do_VERB} method.  Any
+    #: other verb is a trusted verb of L{relaygw.verbs} or unknown.
+    VERBS = frozenset("EHLO HELO MAIL RCPT DATA RSET NOOP VRFY EXPN HELP QUIT STARTTLS AUTH".split())
+
     def __init__(self):
-        smtp.ESMTP.__init__(self)
         self.mode = COMMAND
         self.buf = b""
         self.skipping = False
@@ -112,15 +121,15 @@ class SMTPSession(smtp.ESMTP):
         self.sessionId = newSessionId()
         peer = self.transport.getPeer()
         local = self.transport.getHost()
-        ip = canonicalIP(getattr(peer, "host", "127.0.0.1") or "127.0.0.1")
-        self.ctx = ValidationContext(
+        ip = peerIP(getattr(peer, "host", "127.0.0.1") or "127.0.0.1")
+        self.context = ValidationContext(
             session_id=self.sessionId,
             listener=self.listener.name,
             remote_ip=ip,
             remote_port=getattr(peer, "port", 0),
             remote_name="unknown",
             remote_name_status="perm",
-            local_ip=canonicalIP(getattr(local, "host", "127.0.0.1") or "127.0.0.1"),
+            local_ip=peerIP(getattr(local, "host", "127.0.0.1") or "127.0.0.1"),
             local_port=getattr(local, "port", 0),
             peer_ip=ip,
             peer_port=getattr(peer, "port", 0),
@@ -130,29 +139,29 @@ class SMTPSession(smtp.ESMTP):
         )
         proxied = f.proxyInfo(self.transport)
         if proxied is not None and proxied.peer is not None:
-            self.ctx.update(proxy_peer_ip=canonicalIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
+            self.context.update(proxy_peer_ip=peerIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
         # Trust is decided once, here, from facts the client cannot forge;
         # it grants the trusted verbs, never relaying.
         self.verdict = self.settings.trust.forConnection(ip, proxied)
         self.trusted = self.verdict.trusted
-        self.ctx.update(trusted=self.trusted)
+        self.context.update(trusted=self.trusted)
         f.sessionStarted(self)
         self.setTimeout(self.listener.idle_timeout)
-        maillog.connect(self.sessionId, self.ctx, self.listener.name)
+        maillog.connect(self.sessionId, self.context, self.listener.name)
         if proxied is not None and proxied.peer is not None:
             # The balancer stays out of Received (unless received_shows_peer), not out of the log.
             log.info("[{session}] proxied by [{balancer}]:{port}", session=self.sessionId,
-                     balancer=self.ctx["proxy_peer_ip"], port=self.ctx["proxy_peer_port"])
+                     balancer=self.context["proxy_peer_ip"], port=self.context["proxy_peer_port"])
         refusal = f.admit(self)
         if refusal is not None:
             self.reply(refusal)
             return
         if self.settings.portal is not None and self.listener.always_allow:
             d = self._loginAnonymous()
-            d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.ctx), self._greet))
+            d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.context), self._greet))
             self._wait(d)
         else:
-            self._wait(self._ask(self.settings.policy.connect(self.ctx), self._greet))
+            self._wait(self._ask(self.settings.policy.connect(self.context), self._greet))
 
     def _greet(self, refusal):
         if refusal is not None:
@@ -197,7 +206,7 @@ class SMTPSession(smtp.ESMTP):
         if self.avatar is not None:
             self.avatar = None
         self.factory.sessionEnded(self)
-        maillog.disconnect(self.sessionId, self.ctx, self.commandCounts)
+        maillog.disconnect(self.sessionId, self.context, self.commandCounts)
 
     def timeoutConnection(self):
         log.info("[{session}] idle timeout", session=self.sessionId)
@@ -207,12 +216,12 @@ class SMTPSession(smtp.ESMTP):
         """TLS is up (STARTTLS or implicit): record it in the context."""
         self.tlsActive = True
         info = self.factory.tlsInfo(self.transport)
-        self.ctx.update(**info)
+        self.context.update(**info)
         verdict = self.settings.trust.afterHandshake(self.transport, self.verdict)
         if verdict.trusted and not self.trusted:
             # A verified client certificate is as good as a trusted address.
             self.verdict, self.trusted = verdict, True
-            self.ctx.update(trusted=True, tls_client_verified=True)
+            self.context.update(trusted=True, tls_client_verified=True)
             log.info("[{session}] trusted by client certificate {subject}", session=self.sessionId,
                      subject=info.get("tls_client_cert_subject"))
         log.info("[{session}] TLS established {tls} {cipher}", session=self.sessionId,
@@ -230,20 +239,14 @@ class SMTPSession(smtp.ESMTP):
         self.commandCounts.replied(r.code)
         if r.code >= 400:
             verb, args = self.lastCommand
-            maillog.reject(self.sessionId, self.ctx, verb, args, r, self.mailfrom, self.helo,
-                           (self.ctx.message or {}).get("queue_id"))
+            maillog.reject(self.sessionId, self.context, verb, args, r, self.mailfrom, self.helo,
+                           (self.context.message or {}).get("queue_id"))
         if r.close:
             self._close()
         elif r.code >= 400 and self.greeted:
             self.errors += 1
             if self.errors >= self.listener.max_errors:
                 self.reply(codes.TOO_MANY_ERRORS.format(host=self.hostname))
-
-    def sendCode(self, code, message=b""):
-        """Twisted's entry point, routed through the reply table's renderer."""
-        if isinstance(message, bytes):
-            message = message.decode("latin-1")
-        wire.send(self.transport, codes.render(code, None, message.splitlines() or [""]))
 
     def _close(self):
         """
@@ -418,7 +421,7 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.POLICY_REFUSED_SESSION)
         if verb not in self.BEFORE_TLS and self._needsTLS():
             return self.reply(codes.TLS_REQUIRED)
-        handler = getattr(self, "do_" + verb, None) if verb.isalpha() else None
+        handler = getattr(self, "do_" + verb) if verb in self.VERBS else None
         if handler is None:
             verbImpl = self.factory.verbs.get(verb)
             if verbImpl is None:
@@ -431,7 +434,7 @@ class SMTPSession(smtp.ESMTP):
                 return verbImpl(self, args.strip(" "))
             if not self.trusted:
                 log.warn("[{session}] refused {verb} from untrusted peer [{peer}]",
-                         session=self.sessionId, verb=verb, peer=self.ctx["peer_ip"])
+                         session=self.sessionId, verb=verb, peer=self.context["peer_ip"])
                 self.factory.stats("verb_refused", verb)
                 return self.reply(codes.VERB_UNTRUSTED)
             self.factory.stats("verb_used", verb)
@@ -474,37 +477,37 @@ class SMTPSession(smtp.ESMTP):
         self.mailfrom = None
         self.mailParams = None
         self.rcpts = []
-        self.ctx.endMessage()
+        self.context.endMessage()
 
     def resetSession(self, keepHelo=False, keepAuth=False):
         """Forget the transaction, and HELO/EHLO and AUTH unless kept."""
         self.resetTransaction()
         if not keepHelo:
             self.helo = None
-            self.ctx.update(ehlo_domain=None, ehlo_string=None, helo_name=None, protocol="SMTP")
+            self.context.update(ehlo_domain=None, ehlo_string=None, helo_name=None, protocol="SMTP")
         if not keepAuth:
             self.avatar = None
-            self.ctx.update(auth_user=None, auth_name=None, auth_status=None)
+            self.context.update(auth_user=None, auth_name=None, auth_status=None)
             if self.listener.always_allow and self.settings.portal is not None:
                 self._wait(self._loginAnonymous())
 
     def newSession(self, reason):
         """A new session id for a new identity, logged against the old one."""
         old, self.sessionId = self.sessionId, newSessionId()
-        self.ctx.update(session_id=self.sessionId)
+        self.context.update(session_id=self.sessionId)
         log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
 
     def audit(self, verb, changes):
         """Log an accepted override with the real peer and old/new values."""
         log.info(
             "[{session}] {verb} from [{peer}] accepted: {changes}",
-            session=self.sessionId, verb=verb, peer=self.ctx["peer_ip"],
+            session=self.sessionId, verb=verb, peer=self.context["peer_ip"],
             changes=", ".join("%s %r -> %r" % (k, old, new) for k, (old, new) in changes.items()),
         )
 
     def refuseVerb(self, verb, r, why):
         log.info("[{session}] {verb} from [{peer}] refused: {why}", session=self.sessionId,
-                 verb=verb, peer=self.ctx["peer_ip"], why=why)
+                 verb=verb, peer=self.context["peer_ip"], why=why)
         self.factory.stats("verb_refused", verb)
         return self.reply(r)
 
@@ -517,7 +520,7 @@ class SMTPSession(smtp.ESMTP):
         refusal = self.factory.clientClaimed(self)
         if refusal is not None:
             return then(refusal)
-        return self._ask(self.settings.policy.connect(self.ctx), then)
+        return self._ask(self.settings.policy.connect(self.context), then)
 
     # -- HELO / EHLO ---------------------------------------------------
 
@@ -551,7 +554,7 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.HELO_SYNTAX.format(verb=verb))
         self.resetTransaction()
         self.helo = (verb, args)
-        self.ctx.update(
+        self.context.update(
             ehlo_domain=name,
             ehlo_string="%s %s" % (verb.lower(), args),
             protocol="ESMTP" if verb == "EHLO" else "SMTP",
@@ -568,7 +571,7 @@ class SMTPSession(smtp.ESMTP):
                 lines.append(k if not v else "%s %s" % (k, v))
             return self.reply(codes.HELO_OK, tuple(lines))  # a tuple: rendered once per listener
 
-        return self._ask(self.settings.policy.helo(self.ctx), answer)
+        return self._ask(self.settings.policy.helo(self.context), answer)
 
     # -- transaction ---------------------------------------------------
 
@@ -587,16 +590,16 @@ class SMTPSession(smtp.ESMTP):
             log.warn("[{session}] MAIL refused: the spool is below min_free_space (SIZE={size})",
                      session=self.sessionId, size=declared)
             return self.reply(codes.NO_ROOM)
-        self.ctx.beginMessage(address)
+        self.context.beginMessage(address)
 
         def answer(refusal):
             if refusal is not None:
-                self.ctx.endMessage()
+                self.context.endMessage()
                 return self.reply(refusal)
             self.mailfrom, self.mailParams = address, params
             return self.reply(codes.SENDER_OK)
 
-        return self._ask(self.settings.policy.mail(self.ctx), answer)
+        return self._ask(self.settings.policy.mail(self.context), answer)
 
     def do_RCPT(self, args):
         if not self.inTransaction:
@@ -612,10 +615,10 @@ class SMTPSession(smtp.ESMTP):
             if refusal is not None:
                 return self.reply(refusal)
             self.rcpts.append(address)
-            self.ctx.addRecipient(address)
+            self.context.addRecipient(address)
             return self.reply(codes.RECIPIENT_OK)
 
-        return self._ask(self.settings.policy.rcpt(self.ctx, address), answer)
+        return self._ask(self.settings.policy.rcpt(self.context, address), answer)
 
     def do_DATA(self, args):
         if not self.inTransaction:
@@ -629,15 +632,15 @@ class SMTPSession(smtp.ESMTP):
             "mail_params": self.mailParams,
             "recipients": list(self.rcpts),
             "arrival": time.time(),
-            "context": self.ctx.snapshot(),
+            "context": self.context.snapshot(),
         }
         try:
             self.writer = self.factory.spool.newMessage(envelope)
         except OSError as e:
             log.error("[{session}] cannot open spool file: {e}", session=self.sessionId, e=e)
             return self.reply(codes.NO_ROOM)
-        self.ctx.message["queue_id"] = self.writer.queueId
-        self.writer.write(trace.receivedHeader(self.ctx, self.hostname, self.writer.queueId, self.rcpts,
+        self.context.message["queue_id"] = self.writer.queueId
+        self.writer.write(trace.receivedHeader(self.context, self.hostname, self.writer.queueId, self.rcpts,
                                                showPeer=self.listener.received_shows_peer,
                                                showLogin=self.listener.received_shows_login))
         self._traceOctets = self.writer.size  # the limit counts the client's octets only
@@ -689,7 +692,7 @@ class SMTPSession(smtp.ESMTP):
             writer.abort()
             self.resetTransaction()
             return self.reply(codes.NO_ROOM)
-        self.ctx.message["size"] = writer.size
+        self.context.message["size"] = writer.size
 
         def queue(refusal):
             if refusal is not None:
@@ -703,9 +706,9 @@ class SMTPSession(smtp.ESMTP):
 
         def queued(qid, started):
             self.factory.messageQueued(self, writer.message, time.monotonic() - started)
-            maillog.queued(self.sessionId, self.ctx, qid, self.mailfrom, self.rcpts, writer.size,
+            maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
                            self.messageIds.messageId)
-            self.ctx.update(connection_message_count=self.ctx["connection_message_count"] + 1)
+            self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
             self.resetTransaction()
             self.reply(codes.QUEUED.format(qid=qid))
 
@@ -718,7 +721,7 @@ class SMTPSession(smtp.ESMTP):
             log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
             self.reply(codes.LOCAL_ERROR)
 
-        return self._ask(self.settings.policy.data(self.ctx), queue)
+        return self._ask(self.settings.policy.data(self.context), queue)
 
     # -- simple commands -----------------------------------------------
 
@@ -769,7 +772,7 @@ class SMTPSession(smtp.ESMTP):
         f = self.factory
         if self.settings.portal is None:
             return self.reply(codes.NOT_IMPLEMENTED)
-        if self.ctx.get("auth_user"):
+        if self.context.get("auth_user"):
             # Also on ALWAYS-ALLOW listeners: the session is already
             # authenticated as anonymous (protocol.md section 9).
             return self.reply(codes.AUTH_ALREADY)
@@ -777,7 +780,7 @@ class SMTPSession(smtp.ESMTP):
             return self.reply(codes.AUTH_NEEDS_TLS)
         if self.inTransaction:
             return self.reply(codes.AUTH_IN_TRANSACTION)
-        if f.authFailures.lockedOut(self.ctx["remote_ip"]):
+        if f.authFailures.lockedOut(self.context["remote_ip"]):
             f.stats("auth", "locked")
             return self.reply(codes.AUTH_LOCKED)
         mechanism, _, initial = args.partition(" ")
@@ -838,7 +841,7 @@ class SMTPSession(smtp.ESMTP):
 
         f = self.factory
         tracker = f.authFailures
-        who = self.ctx["remote_ip"]
+        who = self.context["remote_ip"]
         if tracker.lockedOut(who):
             f.stats("auth", "locked")
             log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
@@ -883,7 +886,7 @@ class SMTPSession(smtp.ESMTP):
         """
         f = self.factory
         tracker = f.authFailures
-        who = self.ctx["remote_ip"]
+        who = self.context["remote_ip"]
         log.info("[{session}] AUTH PLAIN as {user} for {authzid} refused", session=self.sessionId,
                  user=user, authzid=authzid)
         if tracker.lockedOut(who):
@@ -912,4 +915,4 @@ class SMTPSession(smtp.ESMTP):
 
     def _setAuth(self, user, how):
         self.avatar = user
-        self.ctx.update(auth_user=user, auth_name=how, auth_status="pass")
+        self.context.update(auth_user=user, auth_name=how, auth_status="pass")

@@ -102,6 +102,7 @@ class SMTPFactory(ServerFactory):
         self.sessions = set()
         self.perIP = collections.Counter()
         self.recentConnects = collections.defaultdict(collections.deque)
+        self._prunedAt = 0.0
         self.draining = False
         self.authFailures = authFailures
         if portal is not None and authFailures is None:
@@ -214,6 +215,7 @@ class SMTPFactory(ServerFactory):
         rate = listener.connection_rate_per_ip
         if rate:
             now = self.reactor.seconds()
+            self._pruneRecent(now)
             recent = self.recentConnects[ip]
             while recent and recent[0] <= now - 60:
                 recent.popleft()
@@ -221,6 +223,20 @@ class SMTPFactory(ServerFactory):
             if len(recent) > rate:
                 return codes.RATE_LIMITED.format(host=host)
         return None
+
+    #: Seconds between sweeps of the per-address connection times.
+    PRUNE_EVERY = 60
+
+    def _pruneRecent(self, now):
+        """
+        Forget addresses with no connection in the last minute, once a
+        minute at most, so the rate state holds only recent clients.
+        """
+        if now - self._prunedAt < self.PRUNE_EVERY:
+            return
+        self._prunedAt = now
+        for ip in [ip for ip, recent in self.recentConnects.items() if not recent or recent[-1] <= now - 60]:
+            del self.recentConnects[ip]
 
     def _count(self, session, ip):
         """Count C{session} against client C{ip} (C{None}: not counted) instead of its previous one."""
@@ -242,7 +258,7 @@ class SMTPFactory(ServerFactory):
         """
         self.sessions.add(session)
         claims = session.trusted and {"xclient", "xremoteip"} & set(session.listener.extensions)
-        self._count(session, None if claims else session.ctx["remote_ip"])
+        self._count(session, None if claims else session.context["remote_ip"])
         self.metrics.connection(self.listener.name, +1)
 
     def clientClaimed(self, session):
@@ -251,7 +267,7 @@ class SMTPFactory(ServerFactory):
         against the claimed one, as if it had connected from there.  Returns
         the 421 refusal when that address is over its limits.
         """
-        ip = session.ctx.get("remote_ip")
+        ip = session.context.get("remote_ip")
         if ip == "unknown":
             ip = None
         if ip == session.countedIP:

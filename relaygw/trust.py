@@ -25,6 +25,17 @@ log = Logger(namespace="relaygw.trust")
 
 
 @functools.lru_cache(maxsize=4096)
+def peerIP(text):
+    """
+    The canonical text of a socket's peer or local address.  A scoped
+    (link-local) IPv6 address loses its zone: the zone names an interface
+    of this host, not the client, and no canonical address carries one.
+    """
+    if "%" in text:
+        text = text.split("%", 1)[0]
+    return canonicalIP(text)
+
+
 def canonicalIP(text):
     """
     Parse an IP address (optionally C{IPv6:}-prefixed) into its canonical

@@ -170,7 +170,7 @@ class AlwaysAllowTests(GatewayTestCase):
         def run(c):
             c.cmd("EHLO x")
             self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0mallory\0x")), (503, ["5.5.1 Error: already authenticated"]))
-            self.assertEqual(self.gw.service.factories[0].sessions.copy().pop().ctx["auth_user"], "anonymous")
+            self.assertEqual(self.gw.service.factories[0].sessions.copy().pop().context["auth_user"], "anonymous")
 
         return self.session(run)
 

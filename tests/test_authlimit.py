@@ -132,7 +132,7 @@ class LimiterSessionTests(unittest.TestCase):
         for _ in range(5):
             tracker.record("198.51.100.9")
         client = self.connect("192.0.2.7")
-        client.session.ctx.update(remote_ip="198.51.100.9")
+        client.session.context.update(remote_ip="198.51.100.9")
         self.assertEqual(client.cmd(plain("alice", "s3cret"))[0], 454)
 
     def test_lineErrorEndsExchange(self):

@@ -143,7 +143,7 @@ def run(session, args):
     except VerbError as e:
         return session.refuseVerb("XCLIENT", e.reply, e.why)
     keys = _identity(attrs)
-    old = {k: session.ctx.get(k) for k in keys}
+    old = {k: session.context.get(k) for k in keys}
     hasHelo = "HELO" in attrs and attrs["HELO"] not in (UNAVAILABLE,)
     # LOGIN=[UNAVAILABLE] authenticates nobody: AUTH is reset as without
     # LOGIN=, so that ALWAYS-ALLOW re-applies (protocol.md section 1).
@@ -151,9 +151,9 @@ def run(session, args):
     session.resetSession(keepHelo=False, keepAuth=keepAuth)
     if "HELO" not in attrs:
         # resetSession forgets HELO/EHLO, but not a name an earlier HELO= set.
-        session.ctx.update(helo_name=None)
+        session.context.update(helo_name=None)
     applied = {k: v for k, v in keys.items() if keepAuth or not k.startswith("auth_")}
-    session.ctx.update(overridden=True, **applied)
+    session.context.update(overridden=True, **applied)
     if hasHelo:
         session.helo = ("HELO", attrs["HELO"])
     session.audit("XCLIENT", {k: (old[k], keys[k]) for k in keys if k in old})

@@ -64,4 +64,4 @@ def lines(context):
 def run(session, args):
     if args:
         return session.refuseVerb("XDUMPCONTEXT", codes.SYNTAX.format(what="XDUMPCONTEXT"), "arguments")
-    return session.reply(codes.XDUMP_LINE, lines(session.ctx))
+    return session.reply(codes.XDUMP_LINE, lines(session.context))

@@ -31,8 +31,8 @@ def run(session, args):
         return session.refuseVerb("XREMOTEIP", codes.SYNTAX.format(what="XREMOTEIP address"),
                                   "bad address %r" % (args,))
     keys = {"remote_ip": ip, "remote_name": "unknown", "remote_name_status": "perm", "remote_port": 0}
-    session.audit("XREMOTEIP", {k: (session.ctx.get(k), v) for k, v in keys.items()})
-    session.ctx.update(overridden=True, **keys)
+    session.audit("XREMOTEIP", {k: (session.context.get(k), v) for k, v in keys.items()})
+    session.context.update(overridden=True, **keys)
 
     def answer(refusal):
         if refusal is not None:

@@ -38,8 +38,8 @@ def run(session, args):
                                   "inside a transaction")
     try:
         pairs = parse(args)
-        old = {name: session.ctx.get(name) for name, _ in pairs}
-        session.ctx.setClientKeys(pairs)
+        old = {name: session.context.get(name) for name, _ in pairs}
+        session.context.setClientKeys(pairs)
     except VerbError as e:
         return session.refuseVerb("XSETCONTEXT", e.reply, e.why)
     except ContextError as e:
