@@ -21,6 +21,7 @@ from zope.interface import Attribute, Interface, implementer
 from twisted.cred import checkers, credentials, error, portal
 from twisted.internet import defer, threads
 
+from relaygw import sasl
 from relaygw.logs import Logger
 
 log = Logger()
@@ -379,22 +380,8 @@ def makePortal(credentialsPath=None, alwaysAllow=False):
     return portal.Portal(RelayRealm(), found)
 
 
-def decodePlain(response):
-    """
-    Split a SASL PLAIN response (RFC 4616), already base64-decoded.
-
-    @param response: C{authzid NUL authcid NUL passwd}.
-    @return: C{(authzid, authcid, password)} as C{str}; authzid may be
-        empty.
-    @raise ValueError: if the form is wrong or a part is not UTF-8.
-    """
-    parts = response.split(b"\0")
-    if len(parts) != 3:
-        raise ValueError("PLAIN response must have three NUL-separated parts")
-    authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    if not authcid or not password:
-        raise ValueError("PLAIN response has an empty authcid or password")
-    return authzid, authcid, password
+#: SASL PLAIN's response form lives with the exchange.
+decodePlain = sasl.decodePlain
 
 
 class FailureTracker:

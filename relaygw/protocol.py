@@ -16,8 +16,6 @@ gets 550 5.5.2 and a close, and in content the message is read to its end
 and refused with 550 5.5.2.  A bare CR is data.
 """
 
-import base64
-import binascii
 import os
 import time
 
@@ -28,7 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from relaygw import codes, maillog, trace, wire
+from relaygw import codes, maillog, sasl, trace, wire
 from relaygw.commands import CommandError, parseHelo, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
@@ -101,6 +99,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         self.tlsActive = False
         self.avatar = None
         self.refusedSession = None
+        self.sasl = None
         self.writePaused = False
         self._reading = True
         self._abortTimer = self._lingerTimer = None
@@ -408,6 +407,7 @@ class SMTPSession(Protocol, TimeoutMixin):
         """A line is refused as a line: that also ends an AUTH exchange."""
         if self.mode == AUTH:
             self.mode = COMMAND
+            self.sasl = None
         self.reply(r)
 
     def _command(self, line):
@@ -783,52 +783,29 @@ class SMTPSession(Protocol, TimeoutMixin):
         if f.authFailures.lockedOut(self.context["remote_ip"]):
             f.stats("auth", "locked")
             return self.reply(codes.AUTH_LOCKED)
-        mechanism, _, initial = args.partition(" ")
-        mechanism = mechanism.upper()
-        if not mechanism:
-            return self.reply(codes.SYNTAX.format(what="AUTH mechanism"))
-        if mechanism not in ("PLAIN", "LOGIN"):
-            return self.reply(codes.AUTH_MECHANISM)
-        self.authState = {"mechanism": mechanism}
+        try:
+            self.sasl = sasl.Exchange.begin(args)
+        except sasl.SASLError as e:
+            return self.reply(e.reply)
         self.mode = AUTH
-        if mechanism == "PLAIN":
-            if initial:
-                return self._authStep(initial.encode("ascii", "replace"))
-            return self.reply(codes.AUTH_CHALLENGE.format(challenge=""))
-        if initial:
-            return self._authStep(initial.encode("ascii", "replace"))
-        return self.reply(codes.AUTH_CHALLENGE.format(challenge="VXNlcm5hbWU6"))
+        return self._authOutcome(self.sasl.first())
 
     def _authStep(self, line):
-        state = self.authState
-        if line.strip() == b"*":
-            self.mode = COMMAND
-            return self.reply(codes.AUTH_CANCELLED)
-        try:
-            decoded = b"" if line.strip() == b"=" else base64.b64decode(line.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self.mode = COMMAND
-            return self.reply(codes.AUTH_BAD_BASE64)
-        if state["mechanism"] == "PLAIN":
-            from relaygw.auth import decodePlain
+        return self._authOutcome(self.sasl.respond(line))
 
-            try:
-                authzid, user, password = decodePlain(decoded)
-            except ValueError:
-                self.mode = COMMAND
-                return self.reply(codes.AUTH_BAD_BASE64)
-            if authzid and authzid != user:
-                # RFC 4616: acting for another identity needs an
-                # authorisation no one here has.
-                self.mode = COMMAND
-                return self._refuseAuthzid(user, authzid)
-        elif "user" not in state:
-            state["user"] = decoded.decode("utf-8", "replace")
-            return self.reply(codes.AUTH_CHALLENGE.format(challenge="UGFzc3dvcmQ6"))
-        else:
-            user, password = state["user"], decoded.decode("utf-8", "replace")
+    def _authOutcome(self, outcome):
+        """Apply what the SASL exchange said: challenge, refuse, or verify."""
+        if isinstance(outcome, sasl.Challenge):
+            return self.reply(codes.AUTH_CHALLENGE.format(challenge=outcome.text))
         self.mode = COMMAND
-        return self._login(user, password)
+        self.sasl = None
+        if isinstance(outcome, sasl.Refused):
+            return self.reply(outcome.reply)
+        if outcome.authzid and outcome.authzid != outcome.user:
+            # RFC 4616: acting for another identity needs an
+            # authorisation no one here has.
+            return self._refuseAuthzid(outcome.user, outcome.authzid)
+        return self._login(outcome.user, outcome.password)
 
     def _login(self, user, password):
         """
