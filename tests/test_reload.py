@@ -204,8 +204,13 @@ class WorkersReloadTests(unittest.TestCase):
                 before = [secondRecipient() for _ in range(10)]
                 write(1)
                 p.send_signal(signal.SIGHUP)
-                time.sleep(1.5)
-                after = [secondRecipient() for _ in range(10)]
+                # Both workers reload within moments; sessions then spread over both.
+                deadline = time.monotonic() + 15
+                while True:
+                    time.sleep(0.3)
+                    after = [secondRecipient() for _ in range(10)]
+                    if after == [452] * 10 or time.monotonic() > deadline:
+                        break
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
                 out = p.stdout.read().decode()

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 from twisted.trial import unittest
 
@@ -84,13 +85,19 @@ class UnitTests(unittest.TestCase):
 
 
 class NotifyTests(unittest.TestCase):
-    def listen(self):
-        path = os.path.join(os.path.abspath(self.mktemp()))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def listen(self, abstract=False):
+        """A datagram socket like systemd's: a short path (Unix socket paths are short), or an abstract name."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        s.bind(path)
-        s.settimeout(15)
         self.addCleanup(s.close)
+        s.settimeout(15)
+        if abstract:
+            name = "relaygw-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
+            s.bind("\0" + name)
+            return s, "@" + name
+        directory = tempfile.mkdtemp(prefix="rgw-notify-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "notify")
+        s.bind(path)
         return s, path
 
     def test_oneDatagram(self):
@@ -101,7 +108,7 @@ class NotifyTests(unittest.TestCase):
         self.assertFalse(sdnotify.notify("READY=1", {"NOTIFY_SOCKET": path + ".missing"}))
 
     def test_gatewayReportsReadyThenStopping(self):
-        s, path = self.listen()
+        s, path = self.listen(abstract=True)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         port = freePort()
