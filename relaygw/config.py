@@ -11,8 +11,12 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
+
+#: The default drain_delay when an admin endpoint answers a load balancer's
+#: health checks: time for it to see the 503 and take the instance out.
+DRAIN_DELAY = 5.0
 
 VERBS = ("xclient", "xremoteip", "xsetcontext", "xdumpcontext")
 
@@ -237,6 +241,9 @@ class ListenerConfig:
     max_errors: int = _opt(20, int, _positive)
     greet_delay: float = _opt(0, (int, float), _nonNegative)
     drain_timeout: float = _opt(30, (int, float), _nonNegative)
+    # Seconds the listener keeps accepting after SIGTERM while /healthz says
+    # 503 (None: DRAIN_DELAY with an admin endpoint, else 0).
+    drain_delay: float = _opt(None, (int, float), _nonNegative)
     bare_lf: str = _opt("normalize", str, _choice("normalize", "reject"))
     vrfy: bool = _opt(True, bool)
     policy: str = _opt("relaygw.policy.RelayAccessPolicy", str, _policyName)
@@ -461,6 +468,8 @@ def parse(text, path="<config>", base=None, environment=False):
         report.add("listener", "at least one [[listener]] table is required (expected [[listener]])")
     else:
         listeners = tuple(_build(ListenerConfig, t, "listener[%d]" % i, report, base) for i, t in enumerate(raw))
+    listeners = tuple(l if l.drain_delay is not None else
+                      replace(l, drain_delay=DRAIN_DELAY if built["admin"].endpoint else 0) for l in listeners)
     names = [l.name for l in listeners]
     for i, n in enumerate(names):
         if n is not None and n in names[:i]:

@@ -10,10 +10,13 @@ import re
 import time
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
-from twisted.internet import defer, task
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, error, task, tcp
+from twisted.python import failure
+from zope.interface import implementer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -26,10 +29,12 @@ from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
-from relaygw.spool import Committer, Spool, partitionDirectory, partitions
+from relaygw.spool import Committer, PartitionLock, PartitionLocked, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
-from relaygw.workers import ReusePortEndpoint, WorkerSupervisor, parseTCP, twistdArgv
+from relaygw.workers import (
+    ParentWatch, ReusePortEndpoint, WorkerSupervisor, parentGone, parentPid, parseTCP, twistdArgv,
+)
 
 log = Logger(namespace="relaygw.service")
 
@@ -330,6 +335,11 @@ class GatewayService(MultiService):
         if self.workers > 1 and worker == 0 and workerArgv:
             self.supervisor = WorkerSupervisor(reactor, self.workers, workerArgv)
             self.supervisor.setServiceParent(self)
+        if worker > 0 and parentPid() is not None:
+            ParentWatch(reactor).setServiceParent(self)
+        self.stopping = False
+        self.listeningPorts = []
+        self._locks = []
         self.metrics = NullMetrics()
         if config.admin.endpoint:
             from relaygw.metrics import Metrics
@@ -376,7 +386,7 @@ class GatewayService(MultiService):
                 wrapped = ProxyProtocolFactory(wrapped, factory.settings.trust.balancer,
                                                listener.proxy_timeout, reactor)
                 self.proxyFactories[listener.name] = wrapped
-            svc = StreamServerEndpointService(endpoint, wrapped)
+            svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts), wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)
             svc.setServiceParent(self)
@@ -446,30 +456,69 @@ class GatewayService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         """
-        Graceful drain, in order: stop accepting, let sessions in a
-        transaction finish until the drain timeout (idle ones get 421 4.3.2
-        at once), close the rest with 421 4.3.2, then stop the queue
-        manager and everything else.  The spool stays intact.
+        Graceful drain, in order:
+
+          1. C{/healthz} says 503 at once, and the other workers are told
+             to drain (all drain in parallel);
+          2. the listeners keep accepting for C{drain_delay} seconds, while
+             a load balancer takes the instance out of its rotation (no
+             delay in a worker whose main process has died);
+          3. they stop listening: what the kernel has already queued is
+             accepted and told 421 4.3.2 (never reset), later connection
+             attempts are refused, and idle sessions get 421 4.3.2;
+          4. sessions in a transaction may finish until C{drain_timeout};
+             the rest get 421 4.3.2;
+          5. the queue manager stops (deliveries in flight get a few more
+             seconds), then everything else.
+
+        The spool stays intact and its lock is released last.  The whole
+        drain takes at most C{drain_delay} + C{drain_timeout} + 5 seconds.
         """
         log.info("draining")
         if self.installSignals and self.worker == 0:
             sdnotify.notify("STOPPING=1")
+        self.stopping = True
+        delay = max([l.drain_delay for l in self.config.listeners] or [0])
+        timeout = max([l.drain_timeout for l in self.config.listeners] or [0])
+        children = None
+        if self.supervisor is not None and self.supervisor.running:
+            children = self.supervisor.stopService(timeout=delay + timeout + self.QUEUE_GRACE + 1)
+        if parentGone():
+            log.warn("the main process has gone: this worker stops listening at once")
+            delay = 0
+        if delay:
+            log.info("still accepting for {delay}s (drain_delay)", delay=delay)
+            yield task.deferLater(self.reactor, delay, lambda: None)
         for f in self.factories:
             f.draining = True
+        for port in self.listeningPorts:
+            closeListeningPort(port)
         listeners = [svc for svc in self if svc.name and svc.name.startswith("listener:")]
         yield defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in listeners])
         for f in self.factories:
             for session in list(f.sessions):
                 session.drain()
-        timeout = max([l.drain_timeout for l in self.config.listeners] or [0])
         deadline = self.reactor.seconds() + timeout
         while any(f.sessions for f in self.factories) and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.1, lambda: None)
         for f in self.factories:
             for session in list(f.sessions):
                 session.shutDown()
-        yield MultiService.stopService(self)
+        self.queue.stopTimeout = min(self.queue.stopTimeout, self.QUEUE_GRACE)
+        yield defer.maybeDeferred(self.queue.stopService)
+        if children is not None:
+            yield children
+        Service.stopService(self)
+        yield defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in reversed(list(self))
+                                   if svc.running])
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
+        self.spool.releaseLock()
         log.info("stopped; spool intact")
+
+    #: Seconds the queue manager's deliveries in flight get after the sessions' drain.
+    QUEUE_GRACE = 3.0
 
     def _metricsSnapshot(self, worker):
         return os.path.join(partitionDirectory(self.config.spool.directory, worker), "metrics.prom")
@@ -503,7 +552,7 @@ class GatewayService(MultiService):
 
     def health(self):
         """For /healthz: (ok, reason)."""
-        if any(f.draining for f in self.factories):
+        if self.stopping or any(f.draining for f in self.factories):
             return False, "draining"
         if not self.spool.writable():
             return False, "spool not writable"
@@ -545,7 +594,19 @@ class GatewayService(MultiService):
         if self.workers > 1:
             sources.append(base)
         for source in sources:
-            moved = self.spool.adopt(source)
+            if source != base:  # (the base directory is ours already)
+                try:
+                    lock = PartitionLock(source)
+                except PartitionLocked as e:
+                    log.warn("not adopting the messages in {source}: {error}", source=source, error=str(e))
+                    continue
+            else:
+                lock = None
+            try:
+                moved = self.spool.adopt(source)
+            finally:
+                if lock is not None:
+                    lock.release()
             if moved:
                 log.info("adopted {n} queued messages from {source}", n=moved, source=source)
 
@@ -567,9 +628,31 @@ class GatewayService(MultiService):
                           key=keys.get(svc.name, svc.name), why=getattr(why, "strerror", None) or why)
                 raise SystemExit(1)
 
+    def acquireSpool(self):
+        """
+        Take exclusive ownership of this process's spool partition (and,
+        for worker 0 of several, of the spool directory itself, where the
+        stranded messages it adopts are); raises L{PartitionLocked} when
+        another live process has it.
+        """
+        if self.spool.lock is not None:
+            for lock in self._locks + [self.spool.lock]:
+                lock.claim()  # (a daemon has forked since)
+            return
+        if self.workers > 1 and self.worker == 0:
+            self._locks.append(PartitionLock(self.config.spool.directory))
+        try:
+            self.spool.acquire()
+        except PartitionLocked:
+            for lock in self._locks:
+                lock.release()
+            self._locks = []
+            raise
+
     def startService(self):
-        # The spool is opened (and what was never acknowledged discarded)
-        # before any listener accepts a connection.
+        # The spool is locked and opened (and what was never acknowledged
+        # discarded) before any listener accepts a connection.
+        self.acquireSpool()
         if self.worker == 0:
             self._adoptStrandedMessages()
         self.queue.recovered = self.spool.open()
@@ -584,6 +667,43 @@ class GatewayService(MultiService):
                 # Every listener is bound; once the reactor runs (its signal
                 # handlers in place, so a stop drains), tell systemd.
                 self.reactor.callWhenRunning(sdnotify.notify, "READY=1\nSTATUS=accepting mail")
+
+
+@implementer(IStreamServerEndpoint)
+class _RecordingEndpoint:
+    """A server endpoint that notes the ports it opens (for L{closeListeningPort})."""
+
+    def __init__(self, endpoint, ports):
+        self.endpoint = endpoint
+        self.ports = ports
+
+    def listen(self, factory):
+        return self.endpoint.listen(factory).addCallback(self._opened)
+
+    def _opened(self, port):
+        self.ports.append(port)
+        return port
+
+
+def closeListeningPort(port):
+    """
+    Stop listening without resetting anybody: accept every connection the
+    kernel has already completed (the factory answers each with 421 4.3.2
+    while draining), then close the socket in the same breath, so that
+    later attempts are refused (a balancer retries another server) rather
+    than reset.  Ports that are not plain TCP are left to C{stopListening}.
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return
+    port.stopReading()
+    for _ in range(1000):  # (bounded: a flood cannot keep us here)
+        before = port.sessionno
+        port.numberAccepts = 1000
+        port.doRead()
+        if port.sessionno == before:
+            break
+    port.disconnecting = True
+    port.connectionLost(failure.Failure(error.ConnectionDone()))
 
 
 def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):

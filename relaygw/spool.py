@@ -293,9 +293,13 @@ class PartitionLock:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise PartitionLocked(directory, owner)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         self.fd = fd
+        self.claim()
+
+    def claim(self):
+        """Name this process as the owner (again after a daemon's fork, which keeps the lock)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"%d\n" % os.getpid(), 0)
 
     def release(self):
         if self.fd is not None:

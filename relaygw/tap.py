@@ -44,13 +44,23 @@ class Options(usage.Options):
 def makeService(options):
     from relaygw.service import makeService as build
 
+    from relaygw.spool import PartitionLocked
+    from relaygw.workers import dieWithParent
+
+    worker = int(options["worker"])
+    if worker and not dieWithParent():
+        sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
+        raise SystemExit(1)
     try:
-        service = build(options.config, worker=int(options["worker"]), configPath=options["config"],
+        service = build(options.config, worker=worker, configPath=options["config"],
                         logFile=_logFile(getattr(options, "parent", None)))
+        # Exclusive ownership of the spool partition, for the process's
+        # lifetime: a second gateway on the same spool stops here.
+        service.acquireSpool()
         service.installSignals = True
         _tuneCollector()
         return service
-    except _config.ConfigError as e:
+    except (_config.ConfigError, PartitionLocked) as e:
         sys.stderr.write("%s\n" % (e,))
         raise SystemExit(1)
 

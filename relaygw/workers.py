@@ -3,13 +3,17 @@ Several worker processes sharing each listening port, to use every core.
 
 Every worker binds the listener's address with C{SO_REUSEPORT}, so the
 kernel spreads new connections across them, and owns a spool partition
-(C{<spool>/w<N>}) with its own queue manager.  Worker 0 is the process
-twistd started; it spawns the others, restarts one that dies, and on
-shutdown tells them to drain (SIGTERM) and waits for them.
+(C{<spool>/w<N>}) with its own queue manager, locked for its lifetime.
+Worker 0 is the process twistd started (the main process); it spawns the
+others, restarts one that dies (with back-off), and on shutdown tells them
+to drain (SIGTERM) at once, so that all drain in parallel, and waits for
+them.  A worker dies with the main process: the kernel sends it SIGTERM
+(C{PR_SET_PDEATHSIG}), and it then stops listening at once.
 """
 
 import os
 import re
+import signal
 import socket
 import sys
 
@@ -74,28 +78,107 @@ class ReusePortEndpoint:
             sock.close()
 
 
+#: The environment variable naming the main process to a worker it started.
+PARENT_ENV = "RELAYGW_MAIN_PID"
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parentPid():
+    """In a worker: the pid of the main process that started it (C{None} in the main process)."""
+    value = os.environ.get(PARENT_ENV, "")
+    return int(value) if value.isdigit() else None
+
+
+def parentGone():
+    """Whether this is a worker whose main process has died."""
+    parent = parentPid()
+    return parent is not None and os.getppid() != parent
+
+
+def dieWithParent():
+    """
+    In a worker: have the kernel send SIGTERM when the main process dies
+    (C{PR_SET_PDEATHSIG}), so no worker goes on accepting mail on its own.
+    Returns False (and the caller exits) when the main process is already
+    gone; where C{prctl} is missing, L{ParentWatch} still notices.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    return not parentGone()
+
+
+class ParentWatch(Service):
+    """
+    In a worker: checks every C{interval} seconds that the main process is
+    still there, and stops this one when it is not (a fallback for
+    platforms without C{PR_SET_PDEATHSIG}).
+    """
+
+    name = "parent-watch"
+
+    def __init__(self, reactor, interval=1.0):
+        self.reactor = reactor
+        self.interval = interval
+        self._call = None
+
+    def startService(self):
+        Service.startService(self)
+        self._call = self.reactor.callLater(self.interval, self._check)
+
+    def _check(self):
+        self._call = None
+        if parentGone():
+            log.warn("the main process has gone; this worker stops")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self.running:
+            self._call = self.reactor.callLater(self.interval, self._check)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+
 class _WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor, index):
         self.supervisor = supervisor
         self.index = index
         self.ended = defer.Deferred()
+        self.started = supervisor.reactor.seconds()
 
     def processEnded(self, reason):
         self.ended.callback(None)
-        self.supervisor.workerEnded(self.index, reason)
+        self.supervisor.workerEnded(self, reason)
 
 
 class WorkerSupervisor(Service):
-    """Runs workers 1..N-1 as child processes of worker 0."""
+    """
+    Runs workers 1..N-1 as child processes of worker 0, and restarts one
+    that dies: after C{restartDelay}, then after a delay that doubles (up
+    to C{maxRestartDelay}) while it keeps dying within C{stableAfter}
+    seconds of its start.
+    """
 
     name = "workers"
 
-    def __init__(self, reactor, count, argv, restartDelay=1.0):
+    def __init__(self, reactor, count, argv, restartDelay=1.0, maxRestartDelay=30.0, stableAfter=10.0):
         self.reactor = reactor
         self.count = count
         self.argv = argv
         self.restartDelay = restartDelay
+        self.maxRestartDelay = maxRestartDelay
+        self.stableAfter = stableAfter
         self.children = {}
+        self.delays = {}
+        self.restarts = {}
+        self._stopping = None
 
     def startService(self):
         Service.startService(self)
@@ -103,19 +186,29 @@ class WorkerSupervisor(Service):
             self.spawn(i)
 
     def spawn(self, index):
+        self.restarts.pop(index, None)
         proto = _WorkerProtocol(self, index)
         argv = list(self.argv) + ["--worker", str(index)]
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
         # The worker writes its log lines straight to our stdout and stderr
         # (twistd has replaced sys.stdout with a logging file by now).
         self.children[index] = (proto, self.reactor.spawnProcess(
-            proto, argv[0], argv, env=os.environ.copy(), path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}))
+            proto, argv[0], argv, env=env, path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}))
         log.info("started worker {index} (pid {pid})", index=index, pid=self.children[index][1].pid)
 
-    def workerEnded(self, index, reason):
-        self.children.pop(index, None)
-        if self.running:
-            log.warn("worker {index} exited ({why}); restarting", index=index, why=reason.getErrorMessage())
-            self.reactor.callLater(self.restartDelay, lambda: self.running and self.spawn(index))
+    def workerEnded(self, proto, reason):
+        index = proto.index
+        if self.children.get(index, (None,))[0] is proto:
+            del self.children[index]
+        if not self.running:
+            return
+        if self.reactor.seconds() - proto.started >= self.stableAfter:
+            delay = self.delays[index] = self.restartDelay
+        else:
+            delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, self.restartDelay / 2) * 2)
+        log.warn("worker {index} exited ({why}); restarting it in {delay}s", index=index,
+                 why=reason.getErrorMessage(), delay=delay)
+        self.restarts[index] = self.reactor.callLater(delay, lambda: self.running and self.spawn(index))
 
     def signalWorkers(self, signal):
         """Send C{signal} ("HUP" ...) to every running worker."""
@@ -125,8 +218,18 @@ class WorkerSupervisor(Service):
             except Exception as e:
                 log.warn("cannot signal worker {index}: {error}", index=index, error=e)
 
-    def stopService(self):
+    def stopService(self, timeout=None):
+        """
+        Tell every worker to drain (SIGTERM) and wait until they have gone;
+        one still there after C{timeout} seconds is killed.
+        """
+        if self._stopping is not None:
+            return self._stopping
         Service.stopService(self)
+        for call in self.restarts.values():
+            if call.active():
+                call.cancel()
+        self.restarts.clear()
         waiting = []
         for index, (proto, transport) in list(self.children.items()):
             try:
@@ -134,7 +237,20 @@ class WorkerSupervisor(Service):
             except Exception:
                 pass
             waiting.append(proto.ended)
-        return defer.gatherResults(waiting)
+        done = defer.gatherResults(waiting)
+        if timeout is not None and waiting:
+            killer = self.reactor.callLater(timeout, self._kill)
+            done.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
+        self._stopping = done
+        return done
+
+    def _kill(self):
+        for index, (proto, transport) in list(self.children.items()):
+            log.warn("worker {index} did not stop in time; killing it", index=index)
+            try:
+                transport.signalProcess("KILL")
+            except Exception:
+                pass
 
 
 def twistdArgv(configPath, logfile=None):

@@ -1,0 +1,165 @@
+"""
+The drain on SIGTERM, in order: /healthz 503 at once, still accepting for
+drain_delay, then no longer listening (what the kernel had queued gets
+421 4.3.2, never a reset; later attempts are refused), and the process
+gone within drain_delay + drain_timeout + 5 s, every worker in parallel.
+"""
+
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from relaygw import config
+from relaygw.service import closeListeningPort
+from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
+from tests.test_ownership import _alive, _pids, _refused, _waitFor
+from tests.test_relay import runTwistd
+
+
+def health(port):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % port, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class DrainDelayConfigTests(unittest.TestCase):
+    def test_defaultFollowsTheAdminEndpoint(self):
+        base = "[[listener]]\nname = \"a\"\nendpoint = \"tcp:25\"\n"
+        self.assertEqual(config.parse(base).listeners[0].drain_delay, 0)
+        admin = "[admin]\nendpoint = \"tcp:8081:interface=127.0.0.1\"\n" + base
+        self.assertEqual(config.parse(admin).listeners[0].drain_delay, config.DRAIN_DELAY)
+        self.assertEqual(config.parse(admin + "drain_delay = 1.5\n").listeners[0].drain_delay, 1.5)
+        with self.assertRaises(config.ConfigError) as caught:
+            config.parse(base + "drain_delay = -1\n")
+        self.assertIn("drain_delay", str(caught.exception))
+
+
+class DrainOrderTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_healthFirstThenStopListening(self):
+        adminPort = freePort()
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"], "drain_delay": 1.0,
+                                                "drain_timeout": 1},),
+                     admin={"endpoint": "tcp:%d:interface=127.0.0.1" % adminPort}, relay={"defer_all": True})
+        yield gw.start()
+        port = gw.port
+        self.assertEqual((yield inThread(health, adminPort)), 200)
+        started = time.monotonic()
+        stopping = gw.service.stopService()
+        # At once: the balancer's health check fails...
+        self.assertEqual((yield inThread(health, adminPort)), 503)
+
+        def served():
+            c = Client(port)
+            try:
+                code = c.reply()[0]
+                return code, c.cmd("EHLO x")[0]
+            finally:
+                c.close()
+
+        # ...while a client that still comes is served as usual.
+        self.assertEqual((yield inThread(served)), (220, 250))
+        yield task.deferLater(reactor, 1.3, lambda: None)
+        self.assertTrue((yield inThread(_refused, port)))
+        yield stopping
+        self.assertLess(time.monotonic() - started, 1.0 + 1 + 5)
+
+    @defer.inlineCallbacks
+    def test_queuedConnectionsGet421NotAReset(self):
+        """Connections the kernel completed but nobody accepted yet are answered 421 4.3.2 when the port closes."""
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        [listening] = gw.service.listeningPorts
+        listening.stopReading()  # as if the reactor were busy: connections wait in the backlog
+        gw.service.factories[0].draining = True
+
+        def connect():
+            return [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(5)]
+
+        socks = yield inThread(connect)
+        closeListeningPort(listening)
+
+        def replies():
+            out = []
+            for s in socks:
+                data = b""
+                try:
+                    while not data.endswith(b"\r\n"):
+                        chunk = s.recv(1024)
+                        if not chunk:
+                            break
+                        data += chunk
+                except ConnectionResetError:
+                    data = b"RESET"
+                s.close()
+                out.append(data[:9])
+            return out
+
+        self.assertEqual((yield inThread(replies)), [b"421 4.3.2"] * 5)
+        self.assertTrue((yield inThread(_refused, gw.port)))
+
+
+class TwistdDrainTests(unittest.TestCase):
+    timeout = 60
+
+    def test_workersDrainTogetherWithinTheBound(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port, adminPort = freePort(), freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        delay, timeout = 2.0, 2.0
+        with open(conf, "w") as f:
+            f.write(configText(directory, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
+                "drain_delay": delay, "drain_timeout": timeout},), relay={"defer_all": True},
+                process={"workers": 2}, admin={"endpoint": "tcp:%d:interface=127.0.0.1" % adminPort}))
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                self.assertTrue(_waitFor(lambda: "w1" in _pids(directory), 20))
+                worker = _pids(directory)["w1"]
+                time.sleep(0.5)
+                # A session in a transaction, that never finishes.
+                c = Client(port)
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("MAIL FROM:<a@example.org>")
+                started = time.monotonic()
+                p.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                self.assertEqual(health(adminPort), 503)
+                probe = Client(port)
+                self.assertEqual(probe.reply()[0], 220)  # still accepting within drain_delay
+                probe.close()
+                self.assertTrue(_waitFor(lambda: _refused(port), delay + 2))
+                self.assertGreaterEqual(time.monotonic() - started, delay - 0.2)
+                code, lines = c.reply()  # the drain timeout ran out
+                self.assertEqual((code, lines[0][:5]), (421, "4.3.2"))
+                p.wait(delay + timeout + 5)
+                elapsed = time.monotonic() - started
+                self.assertLess(elapsed, delay + timeout + 5)
+                self.assertTrue(_waitFor(lambda: not _alive(worker), 1))
+                c.close()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            with open(os.path.join(directory, "twistd.log")) as f:
+                out = f.read()
+            self.assertEqual(out.count("still accepting for 2.0s (drain_delay)"), 2, out)  # both workers
+            self.assertEqual(out.count("stopped; spool intact"), 2, out)
+
+        return inThread(run)
