@@ -42,7 +42,10 @@ def configText(directory, listeners=({},), relay=None, spool=None, admin=None, l
     for route in routes:
         out += ["", "[[route]]"] + ["%s = %s" % (k, tomlValue(v)) for k, v in route.items()]
     for i, overrides in enumerate(listeners):
-        table = {"name": "l%d" % i, "endpoint": "tcp:0:interface=127.0.0.1", "hostname": "relay.test"}
+        # No drain delay unless a test asks for one: stopping a test gateway
+        # with an admin endpoint would otherwise take DRAIN_DELAY seconds.
+        table = {"name": "l%d" % i, "endpoint": "tcp:0:interface=127.0.0.1", "hostname": "relay.test",
+                 "drain_delay": 0}
         table.update(overrides)
         out += ["", "[[listener]]"] + ["%s = %s" % (k, tomlValue(v)) for k, v in table.items()]
     return "\n".join(out) + "\n"

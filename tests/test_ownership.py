@@ -137,8 +137,9 @@ class TwistdOwnershipTests(unittest.TestCase):
             return f.read()
 
     def waitForWorkers(self, count):
-        self.assertTrue(_waitFor(lambda: len([n for n in _pids(self.directory) if n.startswith("w")]) >= count,
-                                 20), self.log())
+        """Until C{count} workers own their partitions and listen (so that they log what they do)."""
+        self.assertTrue(_waitFor(lambda: len([n for n in _pids(self.directory) if n.startswith("w")]) >= count
+                                 and self.log().count("Starting factory") >= count, 20), self.log())
 
     def test_secondProcessExits1(self):
         def run():
