@@ -138,8 +138,11 @@ class TwistdOwnershipTests(unittest.TestCase):
 
     def waitForWorkers(self, count):
         """Until C{count} workers own their partitions and listen (so that they log what they do)."""
+        spool = os.path.join(self.directory, "spool")
         self.assertTrue(_waitFor(lambda: len([n for n in _pids(self.directory) if n.startswith("w")]) >= count
-                                 and self.log().count("Starting factory") >= count, 20), self.log())
+                                 and all(os.path.isdir(os.path.join(spool, "w%d" % i, "queue"))
+                                         for i in range(count)), 20), self.log())
+        time.sleep(0.5)  # (the spool is opened just before the reactor runs)
 
     def test_secondProcessExits1(self):
         def run():
