@@ -105,6 +105,7 @@ class SMTPFactory(ServerFactory):
         self.settings = ListenerSettings.build(listener, tls, portal)
         self.verbs = registry()
         self.sessions = set()
+        self.closing = set()
         self.perIP = collections.Counter()
         self.recentConnects = collections.defaultdict(collections.deque)
         self._prunedAt = 0.0
@@ -281,10 +282,19 @@ class SMTPFactory(ServerFactory):
         return self._perIP(session, ip)
 
     def sessionEnded(self, session):
+        """
+        C{session} is over (its closing reply sent), and again once its
+        connection has gone; in between it is C{closing} (a drain waits
+        for those too, a few seconds at most).
+        """
         if session in self.sessions:
             self.sessions.discard(session)
             self._count(session, None)
             self.metrics.connection(self.listener.name, -1)
+            if session.transport is not None and session.transport.connected:
+                self.closing.add(session)
+        else:
+            self.closing.discard(session)
 
     def stats(self, kind, *labels):
         self.metrics.event(self.listener.name, kind, *labels)
@@ -469,7 +479,8 @@ class GatewayService(MultiService):
           4. sessions in a transaction may finish until C{drain_timeout};
              the rest get 421 4.3.2;
           5. the queue manager stops (deliveries in flight get a few more
-             seconds), then everything else.
+             seconds, while closed sessions finish their lingering close),
+             then everything else.
 
         The spool stays intact and its lock is released last.  The whole
         drain takes at most C{drain_delay} + C{drain_timeout} + 5 seconds.
@@ -505,7 +516,13 @@ class GatewayService(MultiService):
             for session in list(f.sessions):
                 session.shutDown()
         self.queue.stopTimeout = min(self.queue.stopTimeout, self.QUEUE_GRACE)
-        yield defer.maybeDeferred(self.queue.stopService)
+        queueStopped = defer.maybeDeferred(self.queue.stopService)
+        # Meanwhile, closed sessions whose peer is still taking the last
+        # reply (a lingering close ends within a few seconds).
+        lingering = self.reactor.seconds() + self.QUEUE_GRACE
+        while any(f.closing for f in self.factories) and self.reactor.seconds() < lingering:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        yield queueStopped
         if children is not None:
             yield children
         Service.stopService(self)
