@@ -26,12 +26,12 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from relaygw import codes, maillog, sasl, trace, wire
+from relaygw import codes, maillog, sasl, wire
 from relaygw.commands import CommandError, parseHelo, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
 from relaygw.logs import Logger
-from relaygw.spoolapi import isStorageError
+from relaygw.spoolapi import Envelope, isStorageError
 from relaygw.trust import peerIP
 
 log = Logger(namespace="relaygw.smtp")
@@ -627,27 +627,18 @@ class SMTPSession(Protocol, TimeoutMixin):
             return self.reply(codes.NO_VALID_RECIPIENTS)
         if args:
             return self.reply(codes.SYNTAX.format(what="DATA"))
-        envelope = {
-            "mailfrom": self.mailfrom,
-            "mail_params": self.mailParams,
-            "recipients": list(self.rcpts),
-            "arrival": time.time(),
-            "context": self.context.snapshot(),
-        }
+        envelope = Envelope(mailfrom=self.mailfrom, recipients=list(self.rcpts),
+                            mail_params=dict(self.mailParams or {}), arrival=time.time(),
+                            context=self.context.snapshot())
         try:
-            self.writer = self.factory.spool.newMessage(envelope)
+            self.writer = self.factory.sink.begin(envelope, self.context, self.listener)
         except OSError as e:
             log.error("[{session}] cannot open spool file: {e}", session=self.sessionId, e=e)
             return self.reply(codes.NO_ROOM)
         self.context.message["queue_id"] = self.writer.queueId
-        self.writer.write(trace.receivedHeader(self.context, self.hostname, self.writer.queueId, self.rcpts,
-                                               showPeer=self.listener.received_shows_peer,
-                                               showLogin=self.listener.received_shows_login))
-        self._traceOctets = self.writer.size  # the limit counts the client's octets only
         self.mode = DATA
         self.setTimeout(self.listener.data_timeout)
         self.dataReader = DataReader()
-        self._overflow = False
         self.messageIds = maillog.MessageIdScanner()
         self.reply(codes.START_DATA)
 
@@ -664,20 +655,17 @@ class SMTPSession(Protocol, TimeoutMixin):
         return True
 
     def _content(self, chunk):
-        if not chunk or self._overflow:
+        if not chunk:
             return
-        limit = self.listener.max_message_size
-        if limit and self.writer.size - self._traceOctets + len(chunk) > limit:
-            self._overflow = True
-            return
-        self.messageIds.feed(chunk)
         self.writer.write(chunk)
+        if not self.writer.tooBig:
+            self.messageIds.feed(chunk)
 
     def _endOfData(self):
         self.mode = COMMAND
         self.setTimeout(self.listener.idle_timeout)
         writer, self.writer = self.writer, None
-        if self._overflow:
+        if writer.tooBig:
             writer.abort()
             self.resetTransaction()
             return self.reply(codes.MESSAGE_TOO_BIG)

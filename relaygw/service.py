@@ -29,6 +29,7 @@ from relaygw.protocol import SMTPSession
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
+from relaygw.sink import SpoolSink
 from relaygw.spool import Committer, PartitionLock, PartitionLocked, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
@@ -99,6 +100,7 @@ class SMTPFactory(ServerFactory):
     def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
                  authFailures=None):
         self.spool = spool
+        self.sink = SpoolSink(spool)
         self.reactor = reactor
         self.onQueued = onQueued
         self.metrics = metrics or NullMetrics()

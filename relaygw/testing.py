@@ -4,6 +4,7 @@ test's reactor, and talk to it over a real socket from a thread; or run
 one session on a StringTransport with a task.Clock (L{SessionHarness}).
 """
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -473,11 +474,13 @@ class SessionHarness:
     temporary directory); its disk thread reports through the real reactor,
     so a test that sends a message waits for its Deferred.
 
-    Tests swap in their own parts through the factory: C{policy},
-    C{portal}, C{authFailures}.
+    @param policy: an L{relaygw.policy.IPolicy} instead of the listener's.
+    @param sink: an L{relaygw.sink.IMessageSink} instead of the spool
+        (L{MemorySink} keeps messages in memory and commits at once).
+    @param portal: a cred portal instead of the listener's.
     """
 
-    def __init__(self, directory, listener=None, clock=None, **kw):
+    def __init__(self, directory, listener=None, clock=None, policy=None, sink=None, portal=None, **kw):
         from twisted.internet import reactor, task
 
         self.clock = clock or task.Clock()
@@ -491,10 +494,18 @@ class SessionHarness:
         self.service.spool.open()
         self.factory = self.service.factories[0]
         self.factory.reactor = self.clock
-        if self.factory.authFailures is not None:
-            from relaygw.auth import FailureTracker
+        if policy is not None:
+            self.factory.settings = dataclasses.replace(self.factory.settings, policy=policy)
+        if portal is not None:
+            self.factory.portal = portal
+        if sink is not None:
+            self.factory.sink = sink
+        from relaygw.auth import FailureTracker
 
-            self.factory.authFailures = FailureTracker(clock=self.clock)
+        self.factory.authFailures = FailureTracker(clock=self.clock)
+        # Queued messages are recorded, not delivered.
+        self.queued = []
+        self.factory.onQueued = lambda queueId, message: self.queued.append(queueId)
 
     def connect(self, peer="127.0.0.1", port=40000, local=("127.0.0.1", 25)):
         """A new session from C{peer}:C{port}; returns its L{SessionClient}."""
@@ -584,3 +595,64 @@ class SessionClient:
         if not self._lost:
             self._lost = True
             self.session.connectionLost(Failure(ConnectionDone()))
+
+
+class MemorySink:
+    """
+    An L{relaygw.sink.IMessageSink} that keeps messages in memory and
+    commits at once (synchronously), for session tests that need no spool.
+
+    @ivar messages: C{[(envelope, content)]} of committed messages.
+    """
+
+    def __init__(self, limit=None):
+        self.messages = []
+        self.limit = limit
+        self._next = 0
+
+    def begin(self, envelope, context, listener):
+        self._next += 1
+        return _MemoryMessage(self, envelope, "M%05d" % self._next,
+                              listener.max_message_size if self.limit is None else self.limit)
+
+
+class _MemoryMessage:
+    failed = None
+    message = None
+
+    def __init__(self, sink, envelope, queueId, limit):
+        self.sink = sink
+        self.envelope = envelope
+        self.queueId = queueId
+        self.limit = limit
+        self.chunks = []
+        self.size = 0
+        self.tooBig = False
+
+    def write(self, chunk):
+        if self.tooBig:
+            return
+        if self.limit and self.size + len(chunk) > self.limit:
+            self.tooBig = True
+            return
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+
+    def commit(self):
+        from relaygw.spoolapi import Envelope
+
+        self.envelope.queue_id = self.queueId
+        self.envelope.size = self.size
+        self.message = _Stored(self.queueId, self.envelope)
+        self.sink.messages.append((self.envelope, b"".join(self.chunks)))
+        assert isinstance(self.envelope, Envelope)
+        return defer.succeed(self.queueId)
+
+    def abort(self):
+        self.chunks = []
+
+
+class _Stored:
+    def __init__(self, queueId, envelope):
+        self.queueId = queueId
+        self.envelope = envelope.asDict()

@@ -1,0 +1,83 @@
+"""
+The message sink on the spool (relaygw.sink.SpoolSink): the Received
+header first, the size limit on the client's octets only, the envelope as
+the spool stores it; and sessions that hand messages to a given sink.
+"""
+
+import os
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from relaygw import config
+from relaygw.context import ValidationContext
+from relaygw.sink import IIncomingMessage, IMessageSink, SpoolSink
+from relaygw.spool import Committer, Spool
+from relaygw.spoolapi import Envelope
+from relaygw.testing import MemorySink, SessionHarness, configText
+
+
+class SpoolSinkTests(unittest.TestCase):
+    def setUp(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(directory, listeners=({"max_message_size": 100},)))
+        self.listener = config.load(path).listeners[0]
+        self.spool = Spool(os.path.join(directory, "spool"), Committer(reactor))
+        self.spool.open()
+        self.sink = SpoolSink(self.spool)
+        self.context = ValidationContext(remote_ip="192.0.2.1", remote_name="client.example",
+                                         ehlo_domain="client.example", protocol="ESMTP")
+
+    def envelope(self):
+        return Envelope(mailfrom="a@example.org", recipients=["b@example.net"], arrival=1.0,
+                        context=self.context.snapshot())
+
+    @defer.inlineCallbacks
+    def test_receivedHeaderSizeAndEnvelope(self):
+        self.assertTrue(verifyObject(IMessageSink, self.sink))
+        incoming = self.sink.begin(self.envelope(), self.context, self.listener)
+        self.assertTrue(verifyObject(IIncomingMessage, incoming))
+        incoming.write(b"Subject: x\r\n\r\n" + b"y" * 80 + b"\r\n")
+        self.assertFalse(incoming.tooBig)
+        qid = yield incoming.commit()
+        self.assertEqual(qid, incoming.queueId)
+        message = self.spool.load(qid)
+        self.assertEqual((message.mailfrom, message.recipients), ("a@example.org", ["b@example.net"]))
+        with message.openBody() as body:
+            content = body.read()
+        self.assertTrue(content.startswith(b"Received: from client.example (client.example [192.0.2.1])\r\n"))
+        self.assertIn(b" id %s\r\n" % qid.encode(), content)
+        self.assertTrue(content.endswith(b"y" * 80 + b"\r\n"))
+        self.assertEqual(message.size, len(content))
+
+    def test_limitCountsClientOctetsOnly(self):
+        incoming = self.sink.begin(self.envelope(), self.context, self.listener)
+        incoming.write(b"x" * 98 + b"\r\n")
+        self.assertFalse(incoming.tooBig)
+        incoming.write(b"z")
+        self.assertTrue(incoming.tooBig)
+        incoming.abort()
+        self.assertEqual(self.spool.queueIds(), [])
+
+
+class SessionSinkTests(unittest.TestCase):
+    def test_messageReachesTheGivenSink(self):
+        sink = MemorySink()
+        harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"]}, sink=sink)
+        c = harness.connect()
+        self.addCleanup(c.lose)
+        c.reply()
+        for line in ("EHLO client.example", "MAIL FROM:<a@example.org> BODY=8BITMIME", "RCPT TO:<b@example.net>"):
+            self.assertEqual(c.cmd(line)[0], 250)
+        self.assertEqual(c.cmd("DATA")[0], 354)
+        self.assertEqual(c.cmd("Subject: s\r\n\r\n..dot\r\n."), (250, ["2.0.0 Ok: queued as M00001"]))
+        [(envelope, content)] = sink.messages
+        self.assertEqual((envelope.mailfrom, envelope.recipients, envelope.mail_params),
+                         ("a@example.org", ["b@example.net"], {"BODY": "8BITMIME"}))
+        self.assertEqual(envelope.context["connection"]["ehlo_domain"], "client.example")
+        self.assertEqual(content, b"Subject: s\r\n\r\n.dot\r\n")
+        self.assertEqual(harness.queued, ["M00001"])
