@@ -4,11 +4,16 @@ The embedded default next hop: a local Maildir (C{new/}, C{cur/}, C{tmp/}).
 Each message is written once, with C{Return-Path} and C{X-Envelope-To}
 headers naming the envelope, made durable through the spool's committer
 (so fsyncs are grouped with everything else) and renamed into C{new/}.
+
+The file name is the message's queue id (unique per accepted message), so
+a delivery repeated after a crash, between the rename and the record of
+the outcome, replaces its own earlier copy in C{new/} instead of adding a
+second one.  The name in C{tmp/} is unique to each attempt, so a file
+that a crash left there never blocks the next.
 """
 
 import os
 import socket
-import time
 
 from twisted.internet.defer import gatherResults
 from zope.interface import implementer
@@ -16,7 +21,7 @@ from zope.interface import implementer
 from relaygw.relay.nexthop import INextHop, Result
 from relaygw.spool import CommitJob
 
-_seq = 0
+_attempts = 0
 
 
 @implementer(INextHop)
@@ -31,10 +36,8 @@ class MaildirNextHop:
     def describe(self):
         return "maildir:%s" % (self.directory,)
 
-    def _uniqueName(self, queueId):
-        global _seq
-        _seq += 1
-        return "%d.%s_%d.%s" % (time.time(), queueId, _seq, socket.gethostname().replace("/", "_"))
+    def _name(self, queueId):
+        return "%s.%s" % (queueId, socket.gethostname().replace("/", "_").replace(":", "_"))
 
     def _content(self, message):
         """Runs in the disk thread: the envelope headers, then the message, streamed."""
@@ -52,8 +55,11 @@ class MaildirNextHop:
         """Deliver each message; results are per recipient, all 250 on success."""
 
         def one(message):
-            name = self._uniqueName(message.queueId)
-            job = CommitJob(os.path.join(self.directory, "tmp", name), os.path.join(self.directory, "new", name),
+            global _attempts
+            _attempts += 1
+            name = self._name(message.queueId)
+            tmp = "%s.%d_%d" % (name, os.getpid(), _attempts)
+            job = CommitJob(os.path.join(self.directory, "tmp", tmp), os.path.join(self.directory, "new", name),
                             data=lambda: self._content(message))
             d = self.committer.commit(job)
             d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name)
