@@ -33,6 +33,7 @@ from relaygw.datareader import DataReader
 from relaygw.logs import Logger
 from relaygw.spoolapi import Envelope, isStorageError
 from relaygw.trust import peerIP
+from relaygw.verbs import IVerbSession
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -53,7 +54,7 @@ def newSessionId():
     return os.urandom(6).hex()
 
 
-@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
 class SMTPSession(Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
@@ -164,10 +165,7 @@ class SMTPSession(Protocol, TimeoutMixin):
 
     def _greet(self, refusal):
         if refusal is not None:
-            # Postfix: the refusal instead of a greeting; then 503 to all but QUIT.
-            self.refusedSession = refusal
-            self.greeted = True
-            self.reply(refusal)
+            self._refuseSession(refusal)
             return None
         delay = self.listener.greet_delay
         if delay:
@@ -431,14 +429,14 @@ class SMTPSession(Protocol, TimeoutMixin):
             if verb == "XCLIENT" and not self.trusted and (self.inTransaction or not args.strip(" ")):
                 # Postfix's order: a transaction (503) and missing
                 # attributes (501) are reported before the trust refusal.
-                return verbImpl(self, args.strip(" "))
+                return self._runVerb(verb, verbImpl, args.strip(" "))
             if not self.trusted:
                 log.warn("[{session}] refused {verb} from untrusted peer [{peer}]",
                          session=self.sessionId, verb=verb, peer=self.context["peer_ip"])
                 self.factory.stats("verb_refused", verb)
                 return self.reply(codes.VERB_UNTRUSTED)
             self.factory.stats("verb_used", verb)
-            return verbImpl(self, args.strip(" "))
+            return self._runVerb(verb, verbImpl, args.strip(" "))
         return handler(args.strip(" "))
 
     def _ask(self, result, then):
@@ -497,30 +495,58 @@ class SMTPSession(Protocol, TimeoutMixin):
         self.context.update(session_id=self.sessionId)
         log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
 
-    def audit(self, verb, changes):
+    # -- the trusted verbs' view (relaygw.verbs.IVerbSession) ------------
+
+    def resetIdentity(self, keepAuth=False, helo=None):
+        self.resetSession(keepHelo=False, keepAuth=keepAuth)
+        if helo is not None:
+            self.helo = ("HELO", helo)
+
+    def audit(self, verb, changes, renew=False):
         """Log an accepted override with the real peer and old/new values."""
         log.info(
             "[{session}] {verb} from [{peer}] accepted: {changes}",
             session=self.sessionId, verb=verb, peer=self.context["peer_ip"],
             changes=", ".join("%s %r -> %r" % (k, old, new) for k, (old, new) in changes.items()),
         )
+        if renew:
+            self.newSession(verb)
 
-    def refuseVerb(self, verb, r, why):
-        log.info("[{session}] {verb} from [{peer}] refused: {why}", session=self.sessionId,
-                 verb=verb, peer=self.context["peer_ip"], why=why)
-        self.factory.stats("verb_refused", verb)
-        return self.reply(r)
-
-    def rerunConnectPolicy(self, then):
+    def rerunConnectPolicy(self):
         """
         A new identity: count the session against the claimed client
-        address (over the per-IP limits: 421 4.7.0 and close), re-run the
-        connect policy, then C{then(refusal)}.
+        address (over the per-IP limits: 421 4.7.0 and close), then the
+        connect policy's refusal or C{None} (or a Deferred of one).
         """
         refusal = self.factory.clientClaimed(self)
         if refusal is not None:
-            return then(refusal)
-        return self._ask(self.settings.policy.connect(self.context), then)
+            return refusal
+        return self.settings.policy.connect(self.context)
+
+    def _runVerb(self, verb, impl, args):
+        result = impl(self, args)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(self._verbOutcome, verb)
+        return self._verbOutcome(result, verb)
+
+    def _verbOutcome(self, outcome, verb):
+        """Apply a trusted verb's L{relaygw.verbs.Outcome}: the one place its refusals are applied."""
+        if outcome.refused is not None:
+            log.info("[{session}] {verb} from [{peer}] refused: {why}", session=self.sessionId,
+                     verb=verb, peer=self.context["peer_ip"], why=outcome.refused)
+            self.factory.stats("verb_refused", verb)
+        if outcome.sessionRefused:
+            return self._refuseSession(outcome.reply)
+        return self.reply(outcome.reply, outcome.lines)
+
+    def _refuseSession(self, refusal):
+        """
+        The connect policy refused the client: this reply instead of a
+        greeting (Postfix), then 503 to all but QUIT.
+        """
+        self.refusedSession = refusal
+        self.greeted = True
+        return self.reply(refusal)
 
     # -- HELO / EHLO ---------------------------------------------------
 

@@ -10,7 +10,7 @@ import re
 from relaygw import codes, xtext
 from relaygw.commands import parseHelo, splitWords
 from relaygw.context import IDENTITY_ATTRIBUTES, IDENTITY_KEYS
-from relaygw.verbs import VerbError
+from relaygw.verbs import VerbError, afterConnectPolicy, refuse
 
 ATTRIBUTES = tuple(name for name, _ in IDENTITY_ATTRIBUTES)
 KEYWORD = " ".join(ATTRIBUTES)
@@ -137,32 +137,22 @@ def _identity(attrs):
 
 def run(session, args):
     if session.inTransaction:
-        return session.refuseVerb("XCLIENT", codes.XCLIENT_IN_TRANSACTION, "inside a transaction")
+        return refuse(codes.XCLIENT_IN_TRANSACTION, "inside a transaction")
     try:
         attrs = parse(args)
     except VerbError as e:
-        return session.refuseVerb("XCLIENT", e.reply, e.why)
+        return refuse(e.reply, e.why)
     keys = _identity(attrs)
     old = {k: session.context.get(k) for k in keys}
     hasHelo = "HELO" in attrs and attrs["HELO"] not in (UNAVAILABLE,)
     # LOGIN=[UNAVAILABLE] authenticates nobody: AUTH is reset as without
     # LOGIN=, so that ALWAYS-ALLOW re-applies (protocol.md section 1).
     keepAuth = attrs.get("LOGIN") not in (None, UNAVAILABLE)
-    session.resetSession(keepHelo=False, keepAuth=keepAuth)
+    session.resetIdentity(keepAuth=keepAuth, helo=attrs["HELO"] if hasHelo else None)
     if "HELO" not in attrs:
-        # resetSession forgets HELO/EHLO, but not a name an earlier HELO= set.
+        # The reset forgets HELO/EHLO, but not a name an earlier HELO= set.
         session.context.update(helo_name=None)
     applied = {k: v for k, v in keys.items() if keepAuth or not k.startswith("auth_")}
     session.context.update(overridden=True, **applied)
-    if hasHelo:
-        session.helo = ("HELO", attrs["HELO"])
-    session.audit("XCLIENT", {k: (old[k], keys[k]) for k in keys if k in old})
-    session.newSession("XCLIENT")
-
-    def greet(refusal):
-        if refusal is not None:
-            session.refusedSession = refusal
-            return session.reply(refusal)
-        return session.reply(codes.GREETING.format(host=session.hostname))
-
-    return session.rerunConnectPolicy(greet)
+    session.audit("XCLIENT", {k: (old[k], keys[k]) for k in keys if k in old}, renew=True)
+    return afterConnectPolicy(session.rerunConnectPolicy(), codes.GREETING.format(host=session.hostname))

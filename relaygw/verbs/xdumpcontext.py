@@ -15,6 +15,7 @@ lines, each starting C{[scope] <key>} again.
 
 from relaygw import codes
 from relaygw.context import display
+from relaygw.verbs import answer, refuse
 
 
 #: Text octets per line: 512 less "250-2.0.0 " and CRLF.
@@ -63,5 +64,5 @@ def lines(context):
 
 def run(session, args):
     if args:
-        return session.refuseVerb("XDUMPCONTEXT", codes.SYNTAX.format(what="XDUMPCONTEXT"), "arguments")
-    return session.reply(codes.XDUMP_LINE, lines(session.context))
+        return refuse(codes.SYNTAX.format(what="XDUMPCONTEXT"), "arguments")
+    return answer(codes.XDUMP_LINE, lines(session.context))

@@ -10,6 +10,7 @@ Inside a transaction it is refused with 503 5.5.1.
 from relaygw import codes
 from relaygw.commands import splitWords
 from relaygw.trust import canonicalIP
+from relaygw.verbs import afterConnectPolicy, refuse
 
 
 def parse(args):
@@ -24,20 +25,11 @@ def parse(args):
 
 def run(session, args):
     if session.inTransaction:
-        return session.refuseVerb("XREMOTEIP", codes.BAD_SEQUENCE.format(what="MAIL transaction in progress"),
-                                  "inside a transaction")
+        return refuse(codes.BAD_SEQUENCE.format(what="MAIL transaction in progress"), "inside a transaction")
     ip = parse(args)
     if ip is None:
-        return session.refuseVerb("XREMOTEIP", codes.SYNTAX.format(what="XREMOTEIP address"),
-                                  "bad address %r" % (args,))
+        return refuse(codes.SYNTAX.format(what="XREMOTEIP address"), "bad address %r" % (args,))
     keys = {"remote_ip": ip, "remote_name": "unknown", "remote_name_status": "perm", "remote_port": 0}
     session.audit("XREMOTEIP", {k: (session.context.get(k), v) for k, v in keys.items()})
     session.context.update(overridden=True, **keys)
-
-    def answer(refusal):
-        if refusal is not None:
-            session.refusedSession = refusal
-            return session.reply(refusal)
-        return session.reply(codes.OK)
-
-    return session.rerunConnectPolicy(answer)
+    return afterConnectPolicy(session.rerunConnectPolicy(), codes.OK)

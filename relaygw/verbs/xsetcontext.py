@@ -7,7 +7,7 @@ be set (protocol.md sections 12 and 14).
 from relaygw import codes, xtext
 from relaygw.commands import splitWords
 from relaygw.context import ContextError
-from relaygw.verbs import VerbError
+from relaygw.verbs import VerbError, answer, refuse
 
 
 def _bad(why):
@@ -34,15 +34,14 @@ def parse(args):
 
 def run(session, args):
     if session.inTransaction:
-        return session.refuseVerb("XSETCONTEXT", codes.BAD_SEQUENCE.format(what="MAIL transaction in progress"),
-                                  "inside a transaction")
+        return refuse(codes.BAD_SEQUENCE.format(what="MAIL transaction in progress"), "inside a transaction")
     try:
         pairs = parse(args)
         old = {name: session.context.get(name) for name, _ in pairs}
         session.context.setClientKeys(pairs)
     except VerbError as e:
-        return session.refuseVerb("XSETCONTEXT", e.reply, e.why)
+        return refuse(e.reply, e.why)
     except ContextError as e:
-        return session.refuseVerb("XSETCONTEXT", codes.SYNTAX.format(what="XSETCONTEXT: %s" % e), str(e))
+        return refuse(codes.SYNTAX.format(what="XSETCONTEXT: %s" % e), str(e))
     session.audit("XSETCONTEXT", {name: (old[name], value) for name, value in pairs})
-    return session.reply(codes.OK)
+    return answer(codes.OK)
