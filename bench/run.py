@@ -496,12 +496,12 @@ def matrix(cells, servers, opts):
 
 
 def planCells(opts):
-    sizes = [int(s) for s in opts.sizes.split(",")]
-    conc = [int(c) for c in opts.concurrency.split(",")]
+    sizes = [int(s) for s in opts.sizes.split(",") if s]
+    conc = [int(c) for c in opts.concurrency.split(",") if c]
     cells = []
     for size in sizes:
         for c in conc:
-            for v in opts.variants.split(","):
+            for v in filter(None, opts.variants.split(",")):
                 if v == "tls" and c < 100 and not opts.tls_all:
                     continue  # the STARTTLS target is at 100 sessions
                 for kind in opts.kinds.split(","):
@@ -635,6 +635,7 @@ def main(argv=None):
                    help="also run relaygw from another source tree (A/B in the same run)")
     p.add_argument("--no-postfix", dest="postfix", action="store_false", help="relaygw only (A/B runs)")
     p.add_argument("--extras", action="store_true", help="memory and recovery measurements")
+    p.add_argument("--recovery", type=int, default=100000, help="queued messages for the recovery measurement")
     p.add_argument("--workers", type=int, default=WORKERS, help="relaygw worker processes (default: cores)")
     p.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
     opts = p.parse_args(argv)
@@ -663,7 +664,7 @@ def main(argv=None):
             extras["idle"] = idleConnections(10000, opts)
             extras["big50MB"] = bigMessage(50 * 1024 * 1024)
             extras["big1MB"] = bigMessage(1024 * 1024)
-            extras["recovery"] = recovery(100000)
+            extras["recovery"] = recovery(opts.recovery)
         print(table)
         if extras:
             print(json.dumps(extras, indent=2))
