@@ -65,12 +65,14 @@ RELAYGW_CONFIG = {
     "xclient": "defaults + workers={w}, trusted_peers, extensions=[xclient]",
     "proxy": "defaults + workers={w}, proxy_protocol, proxy_trusted",
     "tls": "defaults + workers={w}, tls_self_signed certificate ({cert})",
+    "tlsr": "defaults + workers={w}, tls_self_signed certificate ({cert})",
 }
 POSTFIX_CONFIG = {
     "plain": "defaults + smtpd_peername_lookup=no",
     "xclient": "defaults + smtpd_peername_lookup=no, smtpd_authorized_xclient_hosts",
     "proxy": "defaults + smtpd_peername_lookup=no, smtpd_upstream_proxy_protocol=haproxy",
     "tls": "defaults + smtpd_peername_lookup=no, smtpd_tls_security_level=may, the same certificate",
+    "tlsr": "defaults + smtpd_peername_lookup=no, smtpd_tls_security_level=may, the same certificate",
 }
 
 
@@ -214,7 +216,7 @@ def relaygw(directory, port, variant="plain", sinkPort=None, extra=None, listene
                 # announce (Postfix's mynetworks is the same).
                 "relay_networks": ["127.0.0.0/8", "::1/128", "192.0.2.0/24"]}
     listener.update(listenerExtra or {})
-    if variant == "tls":
+    if variant in ("tls", "tlsr"):
         cert, key = Certificate.files()
         listener.update(tls_certificate=cert, tls_key=key, tls_self_signed=True)
     elif variant == "xclient":
@@ -239,7 +241,7 @@ def postfix(directory, port, variant, sinkPort, kind):
     extra["smtpd_peername_lookup"] = "no"
     if variant == "proxy":
         extra["smtpd_upstream_proxy_protocol"] = "haproxy"
-    elif variant == "tls":
+    elif variant in ("tls", "tlsr"):
         cert, key = Certificate.files()
         extra.update(smtpd_tls_security_level="may", smtpd_tls_cert_file=cert, smtpd_tls_key_file=key)
     # XCLIENT: PostfixInstance already authorizes 127.0.0.0/8 (smtpd_authorized_xclient_hosts).
@@ -286,13 +288,15 @@ def loadgen(port, sessions, count, size, seconds, variant="plain", resume=False)
         argv = [SMTPLOAD, str(port), str(sessions), str(count), str(size), str(seconds)]
         if variant in ("tls", "xclient", "proxy"):
             argv.append(variant)
-        if resume:
+        if variant == "tlsr":
+            argv += ["tls", "resume"]
+        elif resume and variant == "tls":
             argv.append("resume")
     else:
         argv = [PY, "-m", "bench.loadgen", "--port", str(port), "--sessions", str(sessions), "--count", str(count),
                 "--size", str(size), "--seconds", str(seconds)]
-        if variant in ("tls", "xclient", "proxy"):
-            argv.append("--" + variant)
+        if variant in ("tls", "xclient", "proxy", "tlsr"):
+            argv.append("--tls" if variant == "tlsr" else "--" + variant)  # (no resumption)
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 120, check=True)
     result = json.loads(out.stdout)
     if result["errors"] and not result["messages"]:
@@ -371,7 +375,7 @@ class Server:
 
     def config(self, variant):
         if self.kind == "relaygw":
-            return RELAYGW_CONFIG[variant].format(w=WORKERS, cert=Certificate.describe() if variant == "tls" else "")
+            return RELAYGW_CONFIG[variant].format(w=WORKERS, cert=Certificate.describe() if variant[:3] == "tls" else "")
         if self.kind == "postfix":
             return "Postfix %s" % POSTFIX_CONFIG[variant]
         return "stock twisted.mail ESMTP, write + fsync"
@@ -406,7 +410,8 @@ def measure(server, kind, variant, size, sessions, opts, busy=False):
         if variant == "plain":
             sent = smtpSource(port, sessions, count, size)
         else:
-            sent = loadgen(port, sessions, count, size, opts.seconds * 3, variant, opts.resume)["messages"]
+            load = loadgen(port, sessions, count, size, opts.seconds * 3, variant, opts.resume)
+            sent = load["messages"]
         elapsed = time.monotonic() - started
         if sink is not None:
             sink.count = sent  # what was accepted (a time-bounded load may send fewer)
@@ -414,6 +419,8 @@ def measure(server, kind, variant, size, sessions, opts, busy=False):
                 raise RuntimeError("the sink got %d of %d messages" % (sink.received(), sent))
             elapsed = time.monotonic() - started
         out = {"rate": sent / elapsed}
+        if variant == "tlsr":
+            out["resumed"] = load.get("resumed", 0) / max(1, sent)
         server.rate = max(50, out["rate"])  # the next run lasts about opts.seconds
         if pid:
             after = procStats(pid)
@@ -453,7 +460,7 @@ def group(servers, kind, variant, size, sessions, opts, busy=False):
             continue
         rates = [r["rate"] for r in runs]
         summary = {"rate": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(runs)}
-        for k in ("cpu_ms", "p50_ms", "p99_ms"):
+        for k in ("cpu_ms", "p50_ms", "p99_ms", "resumed"):
             if all(k in r for r in runs):
                 summary[k] = statistics.median(r[k] for r in runs)
         if all("rss_mb" in r for r in runs):
@@ -483,9 +490,12 @@ def matrix(cells, servers, opts):
             r = results[s.label]
             name = "%s %s%s" % (s.label, "end-to-end" if kind == "e2e" else "accept-only",
                                 "" if variant == "plain" else " + " + {"tls": "STARTTLS", "xclient": "XCLIENT",
-                                                                       "proxy": "PROXY v2"}[variant])
+                                                                       "proxy": "PROXY v2",
+                                                                       "tlsr": "STARTTLS, resuming"}[variant])
             if busy:
                 name += ", one core kept busy"
+            if r is not None and "resumed" in r:
+                name += " (%.0f%% resumed)" % (r["resumed"] * 100)
             ref = base if s.kind != "postfix" else None
             if ref is None and s is not servers[0] and results.get(servers[0].label):
                 ref = results[servers[0].label]  # an A/B run without Postfix: against the first column
@@ -502,7 +512,7 @@ def planCells(opts):
     for size in sizes:
         for c in conc:
             for v in filter(None, opts.variants.split(",")):
-                if v == "tls" and c < 100 and not opts.tls_all:
+                if v[:3] == "tls" and c < 100 and not opts.tls_all:
                     continue  # the STARTTLS target is at 100 sessions
                 for kind in opts.kinds.split(","):
                     cells.append((kind, v, size, c, False))
@@ -621,7 +631,9 @@ def main(argv=None):
     p.add_argument("--cap", type=int, default=20000)
     p.add_argument("--sizes", default="4096")
     p.add_argument("--concurrency", default="10,100")
-    p.add_argument("--variants", default="plain,xclient,proxy,tls")
+    p.add_argument("--variants", default="plain,xclient,proxy,tls,tlsr",
+                   help="plain, xclient, proxy, tls (STARTTLS, every session a full handshake), "
+                        "tlsr (STARTTLS, the client resuming its last session)")
     p.add_argument("--kinds", default="e2e", help="e2e (through to the next hop) and/or accept (queue only)")
     p.add_argument("--busy", default="plain,xclient,proxy",
                    help="variants measured again (4 KB, 100 sessions) while another process keeps a core busy")
@@ -707,7 +719,7 @@ def report(table, extras, opts, seconds):
            "smtp-source (one message per connection, no PIPELINING); the XCLIENT, PROXY and STARTTLS cells "
            "with bench/smtpload.c, which does the same with those steps added: XCLIENT ADDR and NAME then a "
            "new EHLO per session as nginx sends it, a PROXY v2 header as HAProxy's send-proxy-v2 does, "
-           "STARTTLS then a new EHLO%s. End-to-end: through to an smtp-sink next hop, timed until the sink "
+           "STARTTLS then a new EHLO%s; \"resuming\" cells offer each thread's last TLS session again. End-to-end: through to an smtp-sink next hop, timed until the sink "
            "has every message. Ratios are against Postfix doing the same work in the same run. Latency: end "
            "of DATA to the 250, measured with smtpload at the same concurrency right after, the next hop "
            "still taking the mail. CPU: user + system time per message of all of the server's processes "

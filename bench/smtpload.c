@@ -10,7 +10,8 @@
  *
  *   smtpload PORT SESSIONS COUNT SIZE SECONDS [tls] [resume] [xclient] [proxy]
  *
- * Prints one JSON object: messages, errors, seconds, rate, p50_ms, p99_ms.
+ * Prints one JSON object: messages, errors, seconds, rate, p50_ms, p99_ms,
+ * resumed (TLS sessions resumed).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -29,7 +30,7 @@
 
 static int port, sessions, count, size, useTLS, resume, xclient, proxy;
 static double deadline;
-static atomic_int next, done, errors;
+static atomic_int next, done, errors, resumed;
 static char *payload;
 static size_t payloadLen;
 static SSL_CTX *ctx;
@@ -131,6 +132,7 @@ static int session(int n, SSL_SESSION **saved) {
         SSL_set_tlsext_host_name(c.ssl, "relay.bench");
         if (resume && *saved) SSL_set_session(c.ssl, *saved);
         if (SSL_connect(c.ssl) != 1) { fail("handshake"); goto out; }
+        if (SSL_session_reused(c.ssl)) atomic_fetch_add(&resumed, 1);
         c.len = c.off = 0;
         if (cmd(&c, "EHLO loadgen.example\r\n", 250)) { fail("EHLO after STARTTLS"); goto out; }
         if (resume) {  /* TLS 1.3 tickets arrive after the handshake: keep the latest */
@@ -232,7 +234,7 @@ int main(int argc, char **argv) {
     double p50 = n ? lat[(int)(0.50 * n) < n ? (int)(0.50 * n) : n - 1] * 1000 : 0;
     double p99 = n ? lat[(int)(0.99 * n) < n ? (int)(0.99 * n) : n - 1] * 1000 : 0;
     printf("{\"messages\": %d, \"errors\": %d, \"firstError\": [\"%s\"], \"seconds\": %.4f, \"rate\": %.2f, "
-           "\"p50_ms\": %.3f, \"p99_ms\": %.3f}\n",
-           n, atomic_load(&errors), firstError, elapsed, n / elapsed, p50, p99);
+           "\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"resumed\": %d}\n",
+           n, atomic_load(&errors), firstError, elapsed, n / elapsed, p50, p99, atomic_load(&resumed));
     return 0;
 }
