@@ -81,3 +81,39 @@ class SessionSinkTests(unittest.TestCase):
         self.assertEqual(envelope.context["connection"]["ehlo_domain"], "client.example")
         self.assertEqual(content, b"Subject: s\r\n\r\n.dot\r\n")
         self.assertEqual(harness.queued, ["M00001"])
+
+
+class EnvelopeAsDictTests(unittest.TestCase):
+    """Envelope.asDict: the same deep copy dataclasses.asdict makes, made without deepcopy per value."""
+
+    def envelope(self):
+        class Opaque:
+            pass
+
+        context = {"connection": {"remote_ip": "192.0.2.1", "remote_port": 25, "trusted": True, "x": None,
+                                  "pair": (1, ["a"]), "opaque": Opaque()},
+                   "message": {"recipients": ["b@example.net"], "size": 1.5}}
+        return Envelope(mailfrom="a@example.org", recipients=["b@example.net"], mail_params={"SIZE": "10"},
+                        arrival=1.0, context=context, queue_id="Q", size=7)
+
+    def test_equalToDataclassesAsdict(self):
+        import dataclasses
+
+        e = self.envelope()
+        mine, theirs = e.asDict(), dataclasses.asdict(e)
+        opaque = (mine["context"]["connection"].pop("opaque"), theirs["context"]["connection"].pop("opaque"))
+        self.assertEqual(mine, theirs)
+        self.assertEqual(type(opaque[0]), type(opaque[1]))
+        self.assertIsNot(opaque[0], e.context["connection"]["opaque"])
+
+    def test_deepCopy(self):
+        e = self.envelope()
+        d = e.asDict()
+        d["recipients"].append("c@example.net")
+        d["context"]["connection"]["remote_ip"] = "192.0.2.9"
+        d["context"]["connection"]["pair"][1].append("b")
+        d["mail_params"]["SIZE"] = "11"
+        self.assertEqual(e.recipients, ["b@example.net"])
+        self.assertEqual(e.context["connection"]["remote_ip"], "192.0.2.1")
+        self.assertEqual(e.context["connection"]["pair"], (1, ["a"]))
+        self.assertEqual(e.mail_params, {"SIZE": "10"})
