@@ -330,9 +330,9 @@ class GatewayService(MultiService):
             directory = partitionDirectory(directory, worker)
         self.spool = Spool(directory, self.committer, config.spool.min_free_space)
         relay = config.relay
-        from relaygw.relay import client
+        from relaygw.relay import clientwire
 
-        client.TRACE = config.log.level == "debug"
+        clientwire.TRACE = config.log.level == "debug"
         self.maildir = MaildirNextHop(relay.maildir, self.committer, reactor)
         self.router = Router(config, reactor, self.maildir)
         self.queue = QueueManager(self.spool, self.router, reactor, concurrency=relay.concurrency,
@@ -445,10 +445,10 @@ class GatewayService(MultiService):
 
     def applyRelay(self, settings):
         """Swap in L{prepareRelay}'s result: new deliveries use it; the old router's idle connections close."""
-        from relaygw.relay import client
+        from relaygw.relay import clientwire
 
         settings = dict(settings)
-        client.TRACE = settings.pop("trace")
+        clientwire.TRACE = settings.pop("trace")
         old, self.router = self.router, settings["router"]
         if old is not self.router:
             self.maildir = self.router.default.fallback

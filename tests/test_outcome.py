@@ -225,3 +225,42 @@ class ProgressWriteFailureTests(unittest.TestCase):
         self.assertEqual(state["attempts"], 2)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
         yield q.stopService()
+
+
+class NextHopInterfaceTests(unittest.TestCase):
+    """Every next hop and router provides what the queue manager asks of it, declared, not probed."""
+
+    def test_nextHopsProvideINextHop(self):
+        from zope.interface.verify import verifyObject
+
+        from relaygw.relay.maildir import MaildirNextHop
+        from relaygw.relay.nexthop import INextHop
+
+        smtp = SMTPNextHop(reactor, "test", smarthostList([("127.0.0.1", 25)]),
+                           DeliveryOptions(heloName="gw.test"))
+        maildir = MaildirNextHop(os.path.abspath(self.mktemp()), Committer(reactor), reactor)
+        for hop in (smtp, maildir):
+            self.assertTrue(verifyObject(INextHop, hop))
+            self.assertTrue(hop.unused)
+            self.assertTrue(hop.closeIdle().called)
+
+    def test_routersProvideIRouter(self):
+        from zope.interface.verify import verifyObject
+
+        from relaygw import config
+        from relaygw.relay.maildir import MaildirNextHop
+        from relaygw.relay.nexthop import FunctionRouter, IRouter
+        from relaygw.relay.router import Router
+
+        conf = config.parse('[relay]\nsmarthosts = ["127.0.0.1:2525"]\n[[listener]]\nname = "a"\nendpoint = "tcp:25"\n')
+        maildir = MaildirNextHop(os.path.abspath(self.mktemp()), Committer(reactor), reactor)
+        router = Router(conf, reactor, maildir)
+        self.assertTrue(verifyObject(IRouter, router))
+        self.assertTrue(router.closeIdle().called)
+        # The queue manager takes a plain function as a router too.
+        q = QueueManager(None, lambda m, r: maildir, reactor)
+        self.assertIsInstance(q.router, FunctionRouter)
+        self.assertTrue(verifyObject(IRouter, q.router))
+        self.assertIs(q.router(None, "r@example.net"), maildir)
+        q.router = router
+        self.assertIs(q.router, router)

@@ -15,7 +15,7 @@ that a crash left there never blocks the next.
 import os
 import socket
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, succeed
 from zope.interface import implementer
 
 from relaygw.relay.nexthop import INextHop, Result
@@ -35,6 +35,12 @@ class MaildirNextHop:
 
     def describe(self):
         return "maildir:%s" % (self.directory,)
+
+    #: Nothing is kept open between deliveries.
+    unused = True
+
+    def closeIdle(self):
+        return succeed(None)
 
     def _name(self, queueId):
         return "%s.%s" % (queueId, socket.gethostname().replace("/", "_").replace(":", "_"))

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from zope.interface import Interface
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ def temporary(text):
 
 
 class INextHop(Interface):
+    """
+    Where messages go next (an SMTP destination, the local Maildir): what
+    the queue manager and the router may ask of every next hop.
+    """
+
+    unused = Attribute(
+        "True when nothing waits, nothing is in flight and no connection is kept open "
+        "(the router may then forget the next hop).")
+
     def describe():
         """A short name for logs and metrics."""
 
@@ -53,5 +63,34 @@ class INextHop(Interface):
         Deliver L{relaygw.spool.SpooledMessage}s (with C{recipients} narrowed
         to those still pending).  Fires with one C{{recipient: Result}} dict
         per message, in order.  Failures of the hop itself are temporary
-        results, not errbacks.
+        results, not errbacks.  Handed one message, it fires as soon as that
+        message's outcome is final (the reply to its end of data is read),
+        whatever else the same connection still carries.
         """
+
+    def closeIdle():
+        """Close what is kept open for reuse (on shutdown); fires when it is closed."""
+
+
+class IRouter(Interface):
+    """Chooses each recipient's next hop."""
+
+    def __call__(message, recipient):
+        """The L{INextHop} for C{recipient} of C{message}."""
+
+    def closeIdle():
+        """Close what every next hop keeps open for reuse; fires when done."""
+
+
+@implementer(IRouter)
+class FunctionRouter:
+    """An L{IRouter} from a plain C{(message, recipient) -> INextHop} function (tests, simple set-ups)."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, message, recipient):
+        return self.function(message, recipient)
+
+    def closeIdle(self):
+        return defer.succeed(None)

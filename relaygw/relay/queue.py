@@ -19,7 +19,7 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import buildBounce
-from relaygw.relay.nexthop import temporary
+from relaygw.relay.nexthop import FunctionRouter, IRouter, temporary
 from relaygw.spoolapi import CorruptMessage
 
 log = Logger(namespace="relaygw.queue")
@@ -42,7 +42,8 @@ class _Attempt:
 
 class QueueManager(Service):
     """
-    @ivar router: C{router(message, recipient) -> INextHop}.
+    @ivar router: an L{IRouter} (a plain C{(message, recipient) -> INextHop}
+        function is taken as one).
     @ivar bouncer: called with C{(message, {rcpt: result})} for recipients
         that failed for good, or C{None}.
     """
@@ -92,6 +93,14 @@ class QueueManager(Service):
             self.flush()
         self._pump()
 
+    @property
+    def router(self):
+        return self._router
+
+    @router.setter
+    def router(self, router):
+        self._router = router if IRouter.providedBy(router) else FunctionRouter(router)
+
     def startService(self):
         Service.startService(self)
         for qid in self.recovered:
@@ -139,9 +148,7 @@ class QueueManager(Service):
             log.warn("stopped with the delivery progress of {n} messages not written; their recipients "
                      "may be sent to again", n=len(self._writeFailures))
         idle = self.whenIdle()
-        closeIdle = getattr(self.router, "closeIdle", None)
-        if closeIdle is not None:
-            idle.addCallback(lambda _: closeIdle())
+        idle.addCallback(lambda _: self.router.closeIdle())
         if idle.called:
             return idle
         timer = self.reactor.callLater(self.stopTimeout, idle.callback, None)
@@ -317,8 +324,8 @@ class QueueManager(Service):
             if self.metrics:
                 self.metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
                     event.status, "defer"))
-            relay = getattr(result, "relay", None) or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
-            setup, transmit = getattr(result, "setup", 0.0), getattr(result, "transmit", 0.0)
+            relay = result.relay or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
+            setup, transmit = result.setup, result.transmit
             maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
                              (beforeQueue, inQueue, setup, transmit), event.status, result)
             if self.metrics:

@@ -7,8 +7,10 @@ next hop applies: smarthosts, MX delivery, or the local Maildir.
 """
 
 from twisted.internet import defer
+from zope.interface import implementer
 
 from relaygw import config as _config
+from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
 
 
@@ -77,9 +79,11 @@ class HopSpec:
         return self.fallback
 
     def smtpHops(self):
-        return [hop for hop in self.cache.values() if isinstance(hop, SMTPNextHop)]
+        """The next hops built so far (SMTP destinations; the fallback is not cached)."""
+        return list(self.cache.values())
 
 
+@implementer(IRouter)
 class Router:
     """C{router(message, recipient) -> INextHop}."""
 
@@ -105,7 +109,10 @@ class Router:
     def closeIdle(self):
         """Close the connections SMTP next hops keep open for reuse; fires when done."""
         specs = [self.default] + [spec for _, spec in self.routes]
-        return defer.gatherResults([hop.closeIdle() for spec in specs for hop in spec.smtpHops()])
+        hops = [hop for spec in specs for hop in spec.smtpHops()]
+        if self.default.fallback is not None:
+            hops.append(self.default.fallback)
+        return defer.gatherResults([hop.closeIdle() for hop in hops])
 
     def __call__(self, message, recipient):
         domain = recipient.rpartition("@")[2].lower().rstrip(".")

@@ -1,0 +1,290 @@
+"""
+The SMTP client's wire protocol: command lines out, replies in.
+
+L{_SMTPClientProtocol} is a line receiver that parses replies and hands
+them, in order, to whoever asked for them (so pipelined commands are just
+several requests for replies).  It knows nothing about the conversation
+(L{relaygw.relay.client}), only lines, replies, time-outs and protocol
+violations.
+"""
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from relaygw import wire
+from relaygw.logs import Logger
+from relaygw.relay.body import _BodyProducer
+from relaygw.relay.nexthop import Result
+
+log = Logger(namespace="relaygw.relay.client")
+
+#: One recipient's outcome (shared with the queue manager).
+RecipientResult = Result
+
+#: Log every line to and from next hops (at debug level).  Off unless the
+#: log level is debug: building the events costs more than the SMTP itself.
+TRACE = False
+
+
+def _temporary(text, enhanced="4.4.2", code=451):
+    return RecipientResult(code, enhanced, text)
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """One (possibly multi-line) SMTP reply."""
+
+    code: int
+    lines: tuple
+
+    @property
+    def positive(self):
+        return 200 <= self.code < 300
+
+    @property
+    def enhanced(self):
+        m = _ENHANCED.match(self.lines[0])
+        if m and m.group(1) == str(self.code)[0]:
+            return "%s.%s.%s" % m.groups()
+        return None
+
+    @property
+    def text(self):
+        enhanced = self.enhanced
+        lines = self.lines
+        if enhanced:
+            lines = [_ENHANCED.sub("", line, count=1) if _ENHANCED.match(line) else line for line in lines]
+        return " ".join(line.strip() for line in lines).strip()
+
+    def result(self):
+        return RecipientResult(self.code, self.enhanced, self.text)
+
+    def __str__(self):
+        return "%d %s" % (self.code, " / ".join(self.lines))
+
+
+class _ProtocolViolation(Exception):
+    """The next hop broke the protocol; the connection has been aborted."""
+
+
+@implementer(IHandshakeListener)
+class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
+    """
+    SMTP client wire protocol: sends command lines and delivers replies in
+    order through L{reply}.  Knows nothing about the conversation.
+
+    @ivar closed: fires (with C{None}) when the connection is gone.
+    @ivar lostReason: why the connection went away, once it has.
+    @ivar timedOut: whether it went away because a reply took too long.
+    @ivar violation: a description of a protocol violation, if one ended it.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    def __init__(self, timeout, clock, where):
+        self.timeout = timeout
+        self.callLater = clock.callLater
+        self.where = where
+        self.closed = Deferred()
+        self.lostReason = None
+        self.timedOut = False
+        self.violation = None
+        self.tlsStarted = False
+        self.tlsEstablished = False
+        self._replies = deque()
+        self._waiting = deque()
+        self._lines = []
+        self.replyCount = 0
+
+    # Sending
+
+    def send(self, *lines, secret=False):
+        """Write command lines (str) in one write."""
+        wire.send(self.transport, self.encode(*lines, secret=secret))
+
+    def encode(self, *lines, secret=False):
+        """Command lines (str) as they go on the wire (and into the trace)."""
+        for line in lines if TRACE else ():
+            if secret:
+                words = line.split(" ")
+                line = " ".join(words[:2] + ["****"]) if words[0].upper() == "AUTH" else "****"
+            log.debug("{where} <<< {line}", where=self.where, line=line)
+        return b"".join(line.encode("utf-8") + b"\r\n" for line in lines)
+
+    def command(self, line, secret=False):
+        """Send one command; return a Deferred firing with its reply."""
+        self.send(line, secret=secret)
+        return self.reply()
+
+    def reply(self):
+        """A Deferred firing with the next reply not yet asked for."""
+        return self._ask(None)
+
+    def replies(self, count):
+        """
+        A Deferred firing with a list of the next C{count} replies once all
+        of them are in: the answers to pipelined commands, for one wake-up.
+        """
+        return self._ask(count)
+
+    def _ask(self, count):
+        if not self._waiting and len(self._replies) >= (count or 1):
+            if count is None:
+                return succeed(self._replies.popleft())
+            return succeed([self._replies.popleft() for _ in range(count)])
+        if self.lostReason is not None:
+            return fail(self.lostReason)
+        d = Deferred()
+        self._waiting.append((d, count, []))
+        self.setTimeout(self.timeout)
+        while self._replies and self._waiting[0][0] is d:
+            self._answer(self._replies.popleft())
+        return d
+
+    def _answer(self, reply):
+        """Hand C{reply} to the oldest request for one."""
+        d, count, collected = self._waiting[0]
+        if count is not None:
+            collected.append(reply)
+            if len(collected) < count:
+                self.resetTimeout()
+                return
+            reply = collected
+        self._waiting.popleft()
+        if self._waiting:
+            self.resetTimeout()
+        else:
+            self.setTimeout(None)
+        d.callback(reply)
+
+    def sendBody(self, file, after=b""):
+        """
+        Stream a message body, then C{after} (commands pipelined behind it);
+        the Deferred fires once it is all written.
+        """
+        self.setTimeout(self.timeout)
+
+        def written(result):
+            self.setTimeout(None)
+            return result
+
+        return _BodyProducer(file, self.transport, self.resetTimeout, after).start().addBoth(written)
+
+    def startTLS(self, contextFactory):
+        """
+        Switch to TLS after a 220 to STARTTLS.  Anything already received
+        after that reply was sent in the clear and would be taken as coming
+        over TLS (response injection): that is a protocol violation.
+        """
+        if self.clearLineBuffer() or self._replies or self._lines:
+            self._violate("data pipelined after the STARTTLS reply")
+            raise _ProtocolViolation(self.violation)
+        self.tlsStarted = True
+        self.transport.startTLS(contextFactory)
+
+    def handshakeCompleted(self):
+        self.tlsEstablished = True
+
+    def abort(self):
+        """Drop the connection at once, if it is still there."""
+        if self.lostReason is None and self.transport is not None:
+            self.transport.abortConnection()
+
+    # Receiving
+
+    def lineReceived(self, line):
+        line = line.rstrip(b"\r")
+        code, separator, text = line[:3], line[3:4], line[4:]
+        if (
+            len(code) != 3
+            or not code.isdigit()
+            or code[:1] not in b"12345"
+            or separator not in (b"-", b" ", b"")
+            or (self._lines and code != self._lines[0][0])
+        ):
+            self._violate("malformed reply line %r" % (line[:100],))
+            return
+        self._lines.append((code, text.decode("utf-8", "replace")))
+        if separator == b"-":
+            return
+        reply = _Reply(int(code), tuple(text for _, text in self._lines))
+        self._lines = []
+        self.replyCount += 1
+        if TRACE:
+            log.debug("{where} >>> {reply}", where=self.where, reply=reply)
+        if self._waiting:
+            self._answer(reply)
+        else:
+            self._replies.append(reply)
+
+    def lineLengthExceeded(self, line):
+        self._violate("reply line longer than %d octets" % (self.MAX_LENGTH,))
+
+    def _violate(self, description):
+        if self.violation is None:
+            self.violation = description
+            log.warn("{where}: protocol violation: {what}", where=self.where, what=description)
+        self.abort()
+
+    def timeoutConnection(self):
+        self.timedOut = True
+        log.info("{where}: timeout after {timeout}s", where=self.where, timeout=self.timeout)
+        self.abort()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        self.lostReason = reason
+        waiting, self._waiting = self._waiting, deque()
+        for d, _, _ in waiting:
+            d.errback(reason)
+        self.closed.callback(None)
+
+
+class _SessionFailure(Exception):
+    """Stop the session: every recipient not yet answered gets C{result}."""
+
+    def __init__(self, result):
+        Exception.__init__(self, result)
+        self.result = result
+
+
+class _MessageFailure(_SessionFailure):
+    """Give up on one message: its unanswered recipients get C{result}."""
+
+
+def _extensions(reply):
+    """The EHLO keywords as a dict: upper-case keyword -> parameter string."""
+    extensions = {}
+    for line in reply.lines[1:]:
+        words = line.split()
+        if not words:
+            continue
+        keyword, parameters = words[0].upper(), words[1:]
+        if keyword.startswith("AUTH="):
+            # Obsolete "AUTH=LOGIN PLAIN" form.
+            keyword, parameters = "AUTH", [words[0][5:]] + parameters
+        if keyword == "AUTH" and keyword in extensions:
+            parameters = extensions[keyword].split() + parameters
+        extensions[keyword] = " ".join(parameters)
+    return extensions
+
+
+def _outcome(reply, what):
+    """
+    The result a 4xx/5xx (or 2xx, where that is final) reply gives; anything
+    else is not an answer we can report, so it becomes a temporary failure.
+    """
+    if 200 <= reply.code < 600 and reply.code // 100 != 3:
+        return reply.result()
+    return _temporary("unexpected reply to %s: %s" % (what, reply), "4.5.0")

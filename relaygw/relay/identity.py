@@ -1,0 +1,126 @@
+"""
+Identity forwarding: the original client's identity passed on to the next
+hop with XCLIENT (once per identity on a connection) or XFORWARD (before
+each MAIL), when it offers them and C{forward_identity} is set.
+"""
+
+import re
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+from relaygw import xtext
+from relaygw.context import FORWARDED_ATTRIBUTES, identityValue
+from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporary
+
+_MAX_COMMAND = 510
+
+
+def _identityAttributes(context, advertised, xclient):
+    """
+    The C{NAME=value} attributes describing the original client, for the
+    attribute names the next hop advertised, values xtext-encoded.  Nothing
+    for a message without a client (a bounce): the gateway itself is its
+    client.  An unknown PROTO is left out of XCLIENT, which takes only
+    SMTP or ESMTP there.
+    """
+    if not context.get("remote_ip"):
+        return ()
+    attributes = []
+    for name in FORWARDED_ATTRIBUTES:
+        if name not in advertised:
+            continue
+        value = identityValue(context, name)
+        if value is None:
+            if name == "PROTO" and xclient:
+                continue
+            status = str(context.get("remote_name_status") or "").lower()
+            value = "[TEMPUNAVAIL]" if name == "NAME" and status.startswith("temp") else "[UNAVAILABLE]"
+        else:
+            value = str(value)
+            if name == "ADDR":
+                if value.lower().startswith("::ffff:") and isIPAddress(value[7:]):
+                    value = value[7:]
+                elif isIPv6Address(value):
+                    value = "IPV6:" + value
+            elif name == "PROTO" and xclient:
+                # XCLIENT accepts only these two.
+                value = "ESMTP" if value.upper().startswith(("ESMTP", "LMTP")) else "SMTP"
+            value = xtext.encode(value)
+        attributes.append("%s=%s" % (name, value))
+    return tuple(attributes)
+
+
+def _commandLines(verb, attributes):
+    """C{verb} with C{attributes}, split into lines that fit in 512 octets."""
+    lines, current = [], verb
+    for attribute in attributes:
+        if current != verb and len(current) + 1 + len(attribute) > _MAX_COMMAND:
+            lines.append(current)
+            current = verb
+        current += " " + attribute
+    lines.append(current)
+    return lines
+
+
+class IdentityForwarding:
+    """
+    The part of a L{relaygw.relay.client.Connection} that forwards client
+    identities; it keeps C{forwarded} (the attributes last sent with
+    XCLIENT) and C{xclientNames} (the names the next hop took).
+    """
+
+    forwarded = None
+    xclientNames = None
+
+    def _xclientNames(self):
+        """The XCLIENT attribute names the next hop takes (or took)."""
+        return self.extensions.get("XCLIENT", "").upper().split() or self.xclientNames
+
+    def _identityForwarded(self, message):
+        """Whether C{message} can go out without forwarding an identity first."""
+        if not self.options.forwardIdentity or not message.context.get("remote_ip"):
+            return True
+        names = self._xclientNames()
+        if not names:
+            return "XFORWARD" not in self.extensions
+        return _identityAttributes(message.context, names, xclient=True) == self.forwarded
+
+    async def _forwardIdentity(self, message):
+        """
+        XCLIENT when the identity changes, or XFORWARD before each MAIL;
+        nothing for a message without a client (a bounce).
+        """
+        if not self.options.forwardIdentity or not message.context.get("remote_ip"):
+            return
+        names = self._xclientNames()
+        if names:
+            attributes = _identityAttributes(message.context, names, xclient=True)
+            if attributes == self.forwarded:
+                return
+            if "XCLIENT" not in self.extensions:
+                # The next hop now takes us for the previous client and no
+                # longer lets us change that: this message needs a
+                # connection of its own.
+                raise _MessageFailure(
+                    _temporary(
+                        "cannot forward another client identity to %s on this connection" % (self.where,),
+                        "4.4.3",
+                    )
+                )
+            self.stage = "XCLIENT"
+            for line in _commandLines("XCLIENT", attributes):
+                reply = await self.proto.command(line)
+                if not reply.positive:
+                    raise _SessionFailure(self._refused(reply, "XCLIENT"))
+            self.forwarded, self.xclientNames = attributes, names
+            # Greet again as the original client did (as nginx replays the
+            # client's EHLO), so the next hop's HELO is the client's.
+            helo = message.context.get("ehlo_domain") or ""
+            await self._hello(helo if re.match(r"^[\x21-\x7e]{1,255}$", helo) else None)
+        elif "XFORWARD" in self.extensions:
+            advertised = self.extensions["XFORWARD"].upper().split()
+            self.stage = "XFORWARD"
+            for line in _commandLines("XFORWARD", _identityAttributes(message.context, advertised, xclient=False)):
+                reply = await self.proto.command(line)
+                if not reply.positive:
+                    raise _MessageFailure(self._refused(reply, "XFORWARD"))

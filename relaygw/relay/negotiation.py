@@ -1,0 +1,135 @@
+"""
+Opening a session with a next hop: connect, greeting, EHLO/HELO, STARTTLS
+(by the C{tls} policy) and AUTH.
+"""
+
+import base64
+import re
+
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+
+from relaygw import wire
+from relaygw.logs import Logger
+from relaygw.relay.clientwire import _extensions, _SessionFailure, _SMTPClientProtocol, _temporary
+
+log = Logger(namespace="relaygw.relay.client")
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+class Negotiation:
+    """The part of a L{relaygw.relay.client.Connection} that opens the session."""
+
+    def _endpoint(self):
+        timeout = self.options.timeout
+        if isIPAddress(self.host):
+            return TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+        if isIPv6Address(self.host):
+            return TCP6ClientEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+        return HostnameEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+
+    async def _open(self):
+        self.stage = "connect"
+        self.setupStarted, self.setupTime = self.reactor.seconds(), None
+        proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
+        await connectProtocol(self._endpoint(), proto)
+        wire.noDelay(proto.transport)
+        self.proto = proto
+        self.peerIP = getattr(proto.transport.getPeer(), "host", None)
+        log.debug("{where}: connected", where=self.where)
+        self.stage = "greeting"
+        greeting = await proto.reply()
+        if not greeting.positive:
+            raise _SessionFailure(self._refused(greeting, "the connection"))
+        await self._hello()
+        await self._startTLS()
+        await self._authenticate()
+        self.setupTime = self.reactor.seconds() - self.setupStarted
+
+    async def _hello(self, name=None):
+        name = name or self.options.heloName
+        self.stage = "EHLO"
+        reply = await self.proto.command("EHLO " + name)
+        if reply.positive:
+            self.extensions = _extensions(reply)
+            return
+        if reply.code // 100 == 5:
+            self.stage = "HELO"
+            reply = await self.proto.command("HELO " + name)
+            if reply.positive:
+                self.extensions = {}
+                return
+        raise _SessionFailure(self._refused(reply, self.stage, permanentAllowed=True))
+
+    def _tlsOptions(self):
+        if self.options.tls != "verify":
+            return ssl.CertificateOptions()
+        trustRoot = None
+        if self.options.caFile:
+            with open(self.options.caFile, "rb") as f:
+                pems = _PEM_CERTIFICATE.findall(f.read())
+            if not pems:
+                raise ValueError("no certificate in %s" % (self.options.caFile,))
+            trustRoot = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+        return ssl.optionsForClientTLS(self.options.tlsHostname or self.host, trustRoot=trustRoot)
+
+    async def _startTLS(self):
+        policy = self.options.tls
+        if policy == "none":
+            return
+        if "STARTTLS" not in self.extensions:
+            if policy == "verify":
+                raise _SessionFailure(
+                    _temporary("TLS is required but %s does not offer STARTTLS" % (self.where,), "4.7.4")
+                )
+            log.info("{where}: STARTTLS not offered, continuing in plaintext", where=self.where)
+            return
+        try:
+            contextFactory = self._tlsOptions()
+        except Exception as e:
+            log.failure("{where}: cannot set up TLS", where=self.where)
+            raise _SessionFailure(_temporary("cannot set up TLS for %s: %s" % (self.where, e), "4.7.5"))
+        self.stage = "STARTTLS"
+        reply = await self.proto.command("STARTTLS")
+        if not reply.positive:
+            if policy == "verify":
+                raise _SessionFailure(self._refused(reply, "STARTTLS"))
+            log.info("{where}: STARTTLS refused ({reply}), continuing in plaintext", where=self.where, reply=reply)
+            return
+        self.proto.startTLS(contextFactory)
+        await self._hello()
+        log.info("{where}: TLS established ({policy})", where=self.where, policy=policy)
+
+    async def _authenticate(self):
+        if not self.options.auth:
+            return
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user, password = self.options.auth
+
+        def b64(value):
+            return base64.b64encode(value.encode("utf-8")).decode("ascii")
+
+        self.stage = "AUTH"
+        if "PLAIN" in mechanisms:
+            reply = await self.proto.command("AUTH PLAIN " + b64("\0%s\0%s" % (user, password)), secret=True)
+        elif "LOGIN" in mechanisms:
+            reply = await self.proto.command("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await self.proto.command(b64(user), secret=True)
+            if reply.code == 334:
+                reply = await self.proto.command(b64(password), secret=True)
+        else:
+            log.warn(
+                "{where}: AUTH configured but PLAIN/LOGIN not offered ({offered!r}); continuing without",
+                where=self.where,
+                offered=self.extensions.get("AUTH"),
+            )
+            return
+        if reply.code == 334:
+            # An unexpected challenge: cancel the exchange.
+            await self.proto.command("*")
+        if not reply.positive:
+            raise _SessionFailure(self._refused(reply, "AUTH"))
+        log.info("{where}: authenticated as {user}", where=self.where, user=user)
