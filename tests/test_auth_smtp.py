@@ -12,8 +12,7 @@ from twisted.internet import defer
 
 from relaygw.auth import PasswordFile
 from relaygw.testing import inThread
-from tests.test_smtp import GatewayTestCase
-from tests.test_starttls import TLSGatewayTestCase
+from tests.helpers import GatewayTestCase, TLSGatewayTestCase
 
 
 def b64(text):

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from relaygw import spool as spoolModule
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, inThread
-from tests.test_relay import RelayTestCase
+from tests.helpers import RelayTestCase
 
 BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
 SMALL = 20 * 1024  # written by the disk thread at commit

@@ -18,8 +18,7 @@ from twisted.trial import unittest
 from relaygw import config
 from relaygw.service import closeListeningPort
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
-from tests.test_ownership import _alive, _pids, _refused, _waitFor
-from tests.test_relay import runTwistd
+from tests.helpers import portRefused, processAlive, runTwistd, spoolPids, waitUntil
 
 
 def health(port):
@@ -70,7 +69,7 @@ class DrainOrderTests(unittest.TestCase):
         # ...while a client that still comes is served as usual.
         self.assertEqual((yield inThread(served)), (220, 250))
         yield task.deferLater(reactor, 1.3, lambda: None)
-        self.assertTrue((yield inThread(_refused, port)))
+        self.assertTrue((yield inThread(portRefused, port)))
         yield stopping
         self.assertLess(time.monotonic() - started, 1.0 + 1 + 5)
 
@@ -107,7 +106,7 @@ class DrainOrderTests(unittest.TestCase):
             return out
 
         self.assertEqual((yield inThread(replies)), [b"421 4.3.2"] * 5)
-        self.assertTrue((yield inThread(_refused, gw.port)))
+        self.assertTrue((yield inThread(portRefused, gw.port)))
 
 
 class TwistdDrainTests(unittest.TestCase):
@@ -129,8 +128,8 @@ class TwistdDrainTests(unittest.TestCase):
             p = runTwistd(conf, directory)
             try:
                 waitForPort(port)
-                self.assertTrue(_waitFor(lambda: "w1" in _pids(directory), 20))
-                worker = _pids(directory)["w1"]
+                self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
+                worker = spoolPids(directory)["w1"]
                 time.sleep(0.5)
                 # A session in a transaction, that never finishes.
                 c = Client(port)
@@ -144,14 +143,14 @@ class TwistdDrainTests(unittest.TestCase):
                 probe = Client(port)
                 self.assertEqual(probe.reply()[0], 220)  # still accepting within drain_delay
                 probe.close()
-                self.assertTrue(_waitFor(lambda: _refused(port), delay + 2))
+                self.assertTrue(waitUntil(lambda: portRefused(port), delay + 2))
                 self.assertGreaterEqual(time.monotonic() - started, delay - 0.2)
                 code, lines = c.reply()  # the drain timeout ran out
                 self.assertEqual((code, lines[0][:5]), (421, "4.3.2"))
                 p.wait(delay + timeout + 5)
                 elapsed = time.monotonic() - started
                 self.assertLess(elapsed, delay + timeout + 5)
-                self.assertTrue(_waitFor(lambda: not _alive(worker), 1))
+                self.assertTrue(waitUntil(lambda: not processAlive(worker), 1))
                 c.close()
             finally:
                 if p.poll() is None:

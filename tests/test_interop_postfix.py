@@ -12,7 +12,7 @@ import tempfile
 from twisted.internet import defer
 
 from relaygw.testing import PostfixInstance, freePort, inThread
-from tests.test_relay import RelayTestCase
+from tests.helpers import RelayTestCase
 
 
 class PostfixNextHopTests(RelayTestCase):

@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
 from relaygw.testing import freePort, inThread, receivedHeader
-from tests.test_smtp import GatewayTestCase
+from tests.helpers import GatewayTestCase
 
 SWAKS = "/usr/bin/swaks"
 NGINX = "/usr/sbin/nginx"

@@ -10,8 +10,7 @@ import time
 from twisted.internet import defer, reactor, task
 
 from relaygw.testing import Client, configText, freePort, inThread, runTwistd, waitForPort
-from tests.test_relay import sendOne
-from tests.test_smtp import GatewayTestCase
+from tests.helpers import GatewayTestCase, clientContext, sendOne
 
 
 class DrainTests(GatewayTestCase):

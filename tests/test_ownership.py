@@ -5,7 +5,6 @@ die with the main process, and a main process that restarts a dead worker.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.spool import PartitionLock, PartitionLocked
 from relaygw.testing import Gateway, configText, freePort, inThread, waitForPort
-from tests.test_relay import runTwistd, sendOne, sourceEnv
+from tests.helpers import portRefused, processAlive, runTwistd, sendOne, sourceEnv, spoolPids, waitUntil
 
 
 class PartitionLockTests(unittest.TestCase):
@@ -54,49 +53,6 @@ class PartitionLockTests(unittest.TestCase):
         self.assertFalse(second.service.running)
 
 
-def _pids(directory):
-    """The pids named by the spool's lock files: {partition: pid}."""
-    out = {}
-    spool = os.path.join(directory, "spool")
-    for name in sorted(os.listdir(spool)):
-        path = os.path.join(spool, name, "lock")
-        if os.path.exists(path):
-            with open(path) as f:
-                text = f.read().strip()
-            if text.isdigit():
-                out[name] = int(text)
-    return out
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (ended, not reaped yet) is not alive
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _refused(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-def _waitFor(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 class TwistdOwnershipTests(unittest.TestCase):
     """Real twistd processes on a loopback port."""
 
@@ -114,8 +70,8 @@ class TwistdOwnershipTests(unittest.TestCase):
                 p.kill()
                 p.wait()
         # Workers a test left orphaned (they name themselves in the locks).
-        for pid in _pids(self.directory).values():
-            if _alive(pid) and pid != os.getpid():
+        for pid in spoolPids(self.directory).values():
+            if processAlive(pid) and pid != os.getpid():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -139,7 +95,7 @@ class TwistdOwnershipTests(unittest.TestCase):
     def waitForWorkers(self, count):
         """Until C{count} workers own their partitions and listen (so that they log what they do)."""
         spool = os.path.join(self.directory, "spool")
-        self.assertTrue(_waitFor(lambda: len([n for n in _pids(self.directory) if n.startswith("w")]) >= count
+        self.assertTrue(waitUntil(lambda: len([n for n in spoolPids(self.directory) if n.startswith("w")]) >= count
                                  and all(os.path.isdir(os.path.join(spool, "w%d" % i, "queue"))
                                          for i in range(count)), 20), self.log())
         time.sleep(0.5)  # (the spool is opened just before the reactor runs)
@@ -166,21 +122,21 @@ class TwistdOwnershipTests(unittest.TestCase):
             main = self.start(workers=2)
             waitForPort(self.port)
             self.waitForWorkers(2)
-            worker = _pids(self.directory)["w1"]
+            worker = spoolPids(self.directory)["w1"]
             self.assertNotEqual(worker, main.pid)
-            self.assertTrue(_alive(worker))
+            self.assertTrue(processAlive(worker))
             main.kill()
             main.wait()
             started = time.monotonic()
-            self.assertTrue(_waitFor(lambda: not _alive(worker), 10), self.log())
+            self.assertTrue(waitUntil(lambda: not processAlive(worker), 10), self.log())
             self.assertLess(time.monotonic() - started, 10)
-            self.assertTrue(_refused(self.port))
+            self.assertTrue(portRefused(self.port))
             self.assertIn("the main process has gone: this worker stops listening at once", self.log())
             # A new main process takes over both partitions.
             again = self.start(workers=2)
             waitForPort(self.port)
             self.waitForWorkers(2)
-            self.assertTrue(_waitFor(lambda: _pids(self.directory).get("w1") not in (None, worker), 20))
+            self.assertTrue(waitUntil(lambda: spoolPids(self.directory).get("w1") not in (None, worker), 20))
             sendOne(self.port)
             again.send_signal(signal.SIGTERM)
             again.wait(30)
@@ -194,16 +150,16 @@ class TwistdOwnershipTests(unittest.TestCase):
             main = self.start(workers=2)
             waitForPort(self.port)
             self.waitForWorkers(2)
-            worker = _pids(self.directory)["w1"]
+            worker = spoolPids(self.directory)["w1"]
             os.kill(worker, signal.SIGKILL)
-            self.assertTrue(_waitFor(lambda: _pids(self.directory).get("w1") not in (None, worker)
+            self.assertTrue(waitUntil(lambda: spoolPids(self.directory).get("w1") not in (None, worker)
                                      and "started worker 1" in self.log().split("worker 1 exited")[-1], 20),
                             self.log())
             self.assertIn("worker 1 exited (A process has ended with a probable error condition: process ended "
                           "by signal 9.); restarting it in 1.0s", self.log())
-            self.assertTrue(_alive(_pids(self.directory)["w1"]))
+            self.assertTrue(processAlive(spoolPids(self.directory)["w1"]))
             main.send_signal(signal.SIGTERM)
             self.assertIn(main.wait(30), (0, -signal.SIGTERM))
-            self.assertFalse(_alive(_pids(self.directory)["w1"]))
+            self.assertFalse(processAlive(spoolPids(self.directory)["w1"]))
 
         return inThread(run)

@@ -1,7 +1,7 @@
 """RFC 2920 pipelining: replies in order, nothing discarded (checklist 36-38)."""
 
 from relaygw.testing import inThread
-from tests.test_smtp import GatewayTestCase
+from tests.helpers import GatewayTestCase
 
 
 class PipeliningTests(GatewayTestCase):

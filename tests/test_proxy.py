@@ -6,7 +6,6 @@ a real gateway listener behind it.
 """
 
 import datetime
-import ipaddress
 import os
 import socket
 import ssl
@@ -39,25 +38,9 @@ from relaygw.proxy import (
     parseHeader,
 )
 from relaygw.testing import Client, inThread
-from tests.test_smtp import GatewayTestCase
+from tests.helpers import SIG, GatewayTestCase, clientContext, rawSession, v2
 
-SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
-
-
-def v2(command=1, family=1, transport=1, src="192.0.2.7", dst="198.51.100.1", sport=4567, dport=25,
-       tlvs=b"", version=2):
-    """A version 2 header (addresses omitted for LOCAL)."""
-    if command == 0:
-        body = b""
-    elif family == 1:
-        body = ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + struct.pack("!HH", sport, dport)
-    elif family == 2:
-        body = ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + struct.pack("!HH", sport, dport)
-    else:
-        body = b"\x00" * 216
-    body += tlvs
-    return SIG + bytes([(version << 4) | command, (family << 4) | transport]) + struct.pack("!H", len(body)) + body
 
 
 def tlv(kind, value):
@@ -546,12 +529,6 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(greeter.transport.getHost(), IPv6Address("TCP", "2001:db8::25", 465))
         yield self.factory.closed
         self.assertEqual(inner.lost, [greeter])
-
-
-def rawSession(port, header, then=b""):
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(header + then)
-    return s
 
 
 class ProxyListenerTests(GatewayTestCase):

@@ -19,7 +19,7 @@ from relaygw.relay.queue import QueueManager
 from relaygw.scripts import queue as tool
 from relaygw.spool import Committer, MessageWriter, Spool
 from relaygw.spoolapi import CorruptMessage
-from tests.test_relay import RelayTestCase
+from tests.helpers import RelayTestCase
 
 BODY = b"Subject: q\r\n\r\n" + b"line of the body\r\n" * 40
 

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from relaygw.scripts import queue as tool
 from relaygw.spool import Committer, Spool
 from relaygw.testing import configText, inThread
-from tests.test_relay import RelayTestCase, sourceEnv
+from tests.helpers import RelayTestCase, sendOne, sourceEnv
 
 
 def block(out, qid):

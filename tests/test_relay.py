@@ -4,12 +4,10 @@ scripted loopback next hops (smarthosts, failover, retries, bounces, TLS,
 AUTH, XCLIENT forwarding, routes, MX), and a crash during delivery.
 """
 
-import email
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from twisted.internet import defer, reactor, task
@@ -17,163 +15,11 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import PrivateCertificate
 from twisted.trial import unittest
 
-import relaygw
 from relaygw.testing import (
-    Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
+    Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
 from relaygw.relay.smtp import SMTPNextHop
-from tests.test_starttls import makeCA
-
-FAST = {"retry_min": 0.3, "retry_max": 0.6}
-
-#: The source tree under test (child processes must run it, not an installed copy).
-SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(relaygw.__file__)))
-
-
-def sourceEnv():
-    """The environment for a child process that imports relaygw from L{SOURCE}."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([SOURCE] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
-def runTwistd(configPath, cwd):
-    """
-    C{twistd -n relaygw} from the source tree as a child process, its
-    output appended to C{cwd}/twistd.log; returns the Popen.
-    """
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    with open(os.path.join(cwd, "twistd.log"), "ab") as log:
-        return subprocess.Popen([twistd, "-n", "--pidfile=", "relaygw", "--config", configPath], cwd=cwd,
-                                env=sourceEnv(), stdout=log, stderr=subprocess.STDOUT)
-
-
-def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=()):
-    c = Client(port)
-    try:
-        c.reply()
-        c.cmd("EHLO client.example")
-        for line in before:
-            code, lines = c.cmd(line)
-            assert code in (220, 250), (line, code, lines)
-        assert c.cmd("MAIL FROM:<%s>" % mailfrom)[0] == 250
-        for r in rcpts:
-            assert c.cmd("RCPT TO:<%s>" % r)[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send("Subject: %s\r\n\r\nbody of %s\r\n.\r\n" % (subject, subject))
-        code, lines = c.reply()
-        assert code == 250, (code, lines)
-        return lines[0].rsplit(" ", 1)[1]
-    finally:
-        c.close()
-
-
-class _TrackingServer(ScriptedSMTPServer):
-    """
-    A scripted next hop that greets its first connection only after
-    C{factory.greetDelay} seconds (so messages pile up behind that busy
-    connection) and notes, for each transaction, the index of its connection
-    and the ADDR that connection was last given with XCLIENT.
-    """
-
-    def connectionMade(self):
-        self.xaddr = None
-        self.greetCall = None
-        ScriptedSMTPServer.connectionMade(self)
-        delay = self.factory.greetDelay if len(self.factory.connections) == 1 else 0
-        self.greetCall = reactor.callLater(delay, self.sendLine, b"220 scripted.example.test ESMTP")
-
-    def connectionLost(self, reason):
-        if self.greetCall is not None and self.greetCall.active():
-            self.greetCall.cancel()
-        ScriptedSMTPServer.connectionLost(self, reason)
-
-    def lineReceived(self, line):
-        if not self.inData and line.upper().startswith(b"XCLIENT "):
-            for word in line.decode().split()[1:]:
-                if word.upper().startswith("ADDR="):
-                    self.xaddr = word[5:]
-        before = len(self.factory.transactions)
-        ScriptedSMTPServer.lineReceived(self, line)
-        if len(self.factory.transactions) > before:
-            self.factory.transactions[-1]["xaddr"] = self.xaddr
-            self.factory.transactions[-1]["connection"] = self.factory.connections.index(self)
-
-
-class _TrackingFactory(ScriptedSMTPFactory):
-    protocol = _TrackingServer
-
-    def __init__(self, greetDelay=0.0, **kw):
-        ScriptedSMTPFactory.__init__(self, greeting=None, **kw)
-        self.greetDelay = greetDelay
-
-
-def deliveryStatus(data):
-    """The blocks (field groups) of the message/delivery-status part of a DSN, parsed."""
-    report = email.message_from_bytes(data)
-    assert report.get_content_type() == "multipart/report", report.get_content_type()
-    assert report.get_param("report-type") == "delivery-status"
-    [status] = [p for p in report.get_payload() if p.get_content_type() == "message/delivery-status"]
-    return [dict(block.items()) for block in status.get_payload()]
-
-
-class RelayTestCase(unittest.TestCase):
-    timeout = 60
-
-    def hop(self, factory=None, interface="127.0.0.1", port=0, **kw):
-        factory = factory or ScriptedSMTPFactory(**kw)
-        listening = reactor.listenTCP(port, factory, interface=interface)
-        self.addCleanup(self._closeHop, listening, factory)
-        return factory, listening.getHost().port
-
-    def _closeHop(self, port, factory):
-        for c in factory.connections:
-            call = getattr(c, "greetCall", None)
-            if call is not None and call.active():
-                call.cancel()
-            c.transport.loseConnection()
-        return port.stopListening()
-
-    @defer.inlineCallbacks
-    def gateway(self, relay, listener=None, routes=()):
-        listener = dict({"relay_networks": ["127.0.0.0/8"]}, **(listener or {}))
-        gw = Gateway(self.mktemp(), listeners=(listener,), relay=dict(FAST, **relay), routes=routes)
-        yield gw.start()
-        self.addCleanup(gw.stop)
-        self.gw = gw
-        return gw
-
-    def send(self, **kw):
-        return inThread(sendOne, self.gw.port, **kw)
-
-    @defer.inlineCallbacks
-    def until(self, predicate, timeout=15):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for %r" % (predicate,))
-            yield task.deferLater(reactor, 0.05, lambda: None)
-
-    @defer.inlineCallbacks
-    def fourBehindSlowHop(self, concurrency):
-        """
-        Send messages m0..m3 (to r0..r3) one after the other to a next hop
-        that greets each connection only after 1.5 s; returns the hop once
-        all four are delivered.
-        """
-        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING"])
-        hop, port = self.hop(factory=hop)
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": concurrency})
-        for n in range(4):
-            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
-        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
-        return hop
-
-    def spoolEmpty(self):
-        """No message queued or in flight, and no progress or hold file left behind."""
-        spool = self.gw.service.spool
-        return (not spool.queueIds() and not self.gw.service.queue.active
-                and not os.listdir(spool.path("state")) and not os.listdir(spool.path("hold")))
+from tests.helpers import FAST, RelayTestCase, TrackingHopFactory, deliveryStatus, makeCA, runTwistd, sendOne
 
 
 class SmarthostTests(RelayTestCase):
@@ -209,7 +55,7 @@ class SmarthostTests(RelayTestCase):
         the session hands it in) does not make a later attempt forget the
         recipients that already succeeded.
         """
-        hop = _TrackingFactory(greetDelay=1.0, rcpt={"later@example.net": ["451 4.3.0 not now", "250 2.1.5 Ok"]})
+        hop = TrackingHopFactory(greetDelay=1.0, rcpt={"later@example.net": ["451 4.3.0 not now", "250 2.1.5 Ok"]})
         hop, port = self.hop(factory=hop)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         qid = yield self.send(rcpts=("now@example.net", "later@example.net"))
@@ -399,7 +245,7 @@ class SmarthostTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_connectionClosedByTheHopIsNotReused(self):
-        hop, port = self.hop(factory=_TrackingFactory())
+        hop, port = self.hop(factory=TrackingHopFactory())
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         yield self.send(rcpts=("one@example.net",))
         yield self.until(self.spoolEmpty)
@@ -509,7 +355,7 @@ class SmarthostTests(RelayTestCase):
         connection are each sent under their own identity, without waiting
         for a retry (the next hop stops offering XCLIENT once it was used).
         """
-        hop = _TrackingFactory(greetDelay=1.5, extensions=["PIPELINING", "XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
+        hop = TrackingHopFactory(greetDelay=1.5, extensions=["PIPELINING", "XCLIENT NAME ADDR PORT HELO PROTO LOGIN"])
         hop, port = self.hop(factory=hop)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True,
                             "destination_concurrency": 1, "retry_min": 60, "retry_max": 60},

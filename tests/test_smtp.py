@@ -6,41 +6,11 @@ ESMTP conformance over real loopback sockets (protocol.md checklist 1-2,
 import re
 import smtplib
 
-from twisted.internet import defer
-from twisted.trial import unittest
 
-from relaygw.testing import Client, Gateway, inThread
+from relaygw.testing import inThread
+from tests.helpers import GatewayTestCase
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
-
-
-class GatewayTestCase(unittest.TestCase):
-    """Starts a gateway with C{listener} overrides for each test."""
-
-    listener = {}
-    relay = None
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.gw = Gateway(self.mktemp(), listeners=(dict(self.listener),), relay=self.relay)
-        yield self.gw.start()
-        self.addCleanup(self.gw.stop)
-
-    def client(self):
-        c = Client(self.gw.port)
-        self.addCleanup(c.close)
-        return c
-
-    def session(self, f):
-        """Run C{f(client)} in a thread after the greeting was read."""
-
-        def run():
-            c = self.client()
-            code, _ = c.reply()
-            self.assertEqual(code, 220)
-            return f(c)
-
-        return inThread(run)
 
 
 class GreetingTests(GatewayTestCase):

@@ -5,8 +5,8 @@ never leave DATA (the Twisted 26.10 hole).  Checklist 27-29, 42.
 """
 
 from twisted.internet import defer
+from tests.helpers import GatewayTestCase
 
-from tests.test_smtp import GatewayTestCase
 
 
 class SmugglingTests(GatewayTestCase):

@@ -15,78 +15,7 @@ from twisted.mail import smtp
 
 from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
-from tests.test_smtp import GatewayTestCase
-
-
-def makeCA(directory, name="Test CA"):
-    """A CA and a function to issue leaf certificates from it (with cryptography)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    caKey = ec.generate_private_key(ec.SECP256R1())
-    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    caCert = (x509.CertificateBuilder().subject_name(caName).issuer_name(caName)
-              .public_key(caKey.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-              .sign(caKey, hashes.SHA256()))
-    caPath = os.path.join(directory, "ca.pem")
-    with open(caPath, "wb") as f:
-        f.write(caCert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(label, dns):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
-                .issuer_name(caName).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-                .sign(caKey, hashes.SHA256()))
-        certPath = os.path.join(directory, label + ".pem")
-        keyPath = os.path.join(directory, label + ".key")
-        with open(certPath, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(keyPath, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        return certPath, keyPath
-
-    return caPath, issue
-
-
-def clientContext(cert=None):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if cert:
-        ctx.load_cert_chain(*cert)
-    return ctx
-
-
-class TLSGatewayTestCase(GatewayTestCase):
-    tlsListener = {}
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.tlsdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.tlsdir)
-        self.cert = os.path.join(self.tlsdir, "cert.pem")
-        self.key = os.path.join(self.tlsdir, "key.pem")
-        generateSelfSigned(self.cert, self.key, "relay.test")
-        self.listener = dict(self.tlsListener, tls_certificate=self.cert, tls_key=self.key)
-        yield GatewayTestCase.setUp(self)
-
-    def starttls(self, c, cert=None):
-        """STARTTLS on raw client C{c}; returns the TLS socket wrapped into the client."""
-        self.assertEqual(c.cmd("STARTTLS"), (220, ["2.0.0 Ready to start TLS"]))
-        c.sock = clientContext(cert).wrap_socket(c.sock, server_hostname="relay.test")
-        return c
+from tests.helpers import GatewayTestCase, TLSGatewayTestCase, clientContext, makeCA
 
 
 class StartTLSTests(TLSGatewayTestCase):

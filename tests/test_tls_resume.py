@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
-from tests.test_smtp import GatewayTestCase
+from tests.helpers import GatewayTestCase
 
 
 def _context(maximum=None):

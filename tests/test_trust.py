@@ -18,10 +18,7 @@ from relaygw.auth import PasswordFile
 from relaygw.commands import parseHelo
 from relaygw.testing import Client, configText, inThread, receivedHeader
 from relaygw.verbs import xclient
-from tests.test_proxy import rawSession, v2
-from tests.test_smtp import GatewayTestCase
-from tests.test_starttls import TLSGatewayTestCase
-from tests.test_verbs import conn, sendMessage
+from tests.helpers import GatewayTestCase, TLSGatewayTestCase, conn, rawSession, sendMessage, v2
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 DENIED = (554, ["5.7.1 <victim@gmail.example>: Relay access denied"])

@@ -23,8 +23,7 @@ from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
 from relaygw.testing import Client, ScriptedSMTPFactory, inThread, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
-from tests.test_smtp import GatewayTestCase
-from tests.test_starttls import TLSGatewayTestCase
+from tests.helpers import GatewayTestCase, TLSGatewayTestCase, conn, sendMessage
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 #: Trust grants the verbs only: the claimed clients the tests send mail for
@@ -79,39 +78,6 @@ class Recorder(AcceptAll):
 
 
 # -- helpers ----------------------------------------------------------------
-
-
-def dump(c):
-    """XDUMPCONTEXT as C{{(scope, key): value}}, checking the line format."""
-    code, lines = c.cmd("XDUMPCONTEXT")
-    assert code == 250, (code, lines)
-    assert lines[-1] == "2.0.0 XDUMPCONTEXT complete", lines
-    out = {}
-    for line in lines[:-1]:
-        assert line.startswith("2.0.0 ["), line
-        scope, _, rest = line[7:].partition("] ")
-        key, _, value = rest.partition(" ")
-        out[(scope, key)] = value
-    return out
-
-
-def conn(c):
-    """The connection scope of XDUMPCONTEXT as a dict."""
-    return {k: v for (scope, k), v in dump(c).items() if scope == "connection"}
-
-
-def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
-    """MAIL, RCPT, DATA; returns the queue id (asserts every step)."""
-    code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)
-    assert code == 250, (code, lines)
-    code, lines = c.cmd("RCPT TO:<%s>" % rcpt)
-    assert code == 250, (code, lines)
-    code, lines = c.cmd("DATA")
-    assert code == 354, (code, lines)
-    c.send("Subject: %s\r\n\r\nbody\r\n.\r\n" % subject)
-    code, lines = c.reply()
-    assert code == 250, (code, lines)
-    return lines[0].rsplit(" ", 1)[1]
 
 
 class LogCapture:
@@ -366,7 +332,6 @@ class UntrustedTests(VerbTestCase):
             self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.7")[1][0][:6], "5.5.1 ")
 
         return self.session(run)
-
 
 
 class UntrustedRelayTests(VerbTestCase):
@@ -1083,7 +1048,6 @@ class OnwardXclientTests(VerbTestCase):
         line = yield self.relayed(["XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] LOGIN=u"])
         attrs = dict(a.split("=", 1) for a in line.split()[1:])
         self.assertEqual((attrs["NAME"], attrs["ADDR"]), ("[UNAVAILABLE]", "[UNAVAILABLE]"))
-
 
 
 class IPv6PeerTests(VerbTestCase):
