@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import inThread
 from tests.killloop import Gateway, RecordingHop, run, sendTagged
-from tests.test_relay import sourceEnv
+from tests.helpers import sourceEnv
 
 
 class KillLoopTests(unittest.TestCase):
