@@ -237,7 +237,7 @@ def _alive(pid):
 
 
 def run(directory, cycles, workerPlan, seconds=None, clients=4, concurrency=2, hopDelay=0.0,
-        runFor=(0.4, 1.2), env=None, log=None, rate=80.0):
+        runFor=(0.4, 1.2), env=None, log=None, rate=80.0, drainSeconds=120):
     """
     The loop: C{cycles} kills (fewer if C{seconds} run out), the worker
     count of cycle I being C{workerPlan[I % len(workerPlan)]}.  Returns the
@@ -293,7 +293,7 @@ def run(directory, cycles, workerPlan, seconds=None, clients=4, concurrency=2, h
         for t in threads:
             t.join(15)
         # Let the gateway deliver everything it holds.
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + drainSeconds
         while time.monotonic() < deadline and gw.queued():
             time.sleep(0.2)
         time.sleep(1.0)
@@ -342,12 +342,14 @@ def main(argv=None):
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--hop-delay", type=float, default=0.0)
     parser.add_argument("--rate", type=float, default=80.0, help="messages per second, all clients together")
+    parser.add_argument("--drain-seconds", type=float, default=300, help="at most this long to deliver the rest")
     parser.add_argument("--directory", default=None)
     args = parser.parse_args(argv)
     directory = args.directory or tempfile.mkdtemp(prefix="relaygw-killloop-")
     os.makedirs(directory, exist_ok=True)
     figures = run(directory, args.cycles, [int(w) for w in args.workers.split(",")], seconds=args.minutes * 60,
-                  clients=args.clients, concurrency=args.concurrency, hopDelay=args.hop_delay, rate=args.rate)
+                  clients=args.clients, concurrency=args.concurrency, hopDelay=args.hop_delay, rate=args.rate,
+                  drainSeconds=args.drain_seconds)
     figures.pop("extra_per_kill")
     print(json.dumps(figures, indent=1))
     return 0 if figures["lost"] == 0 else 1

@@ -264,3 +264,40 @@ class NextHopInterfaceTests(unittest.TestCase):
         self.assertIs(q.router(None, "r@example.net"), maildir)
         q.router = router
         self.assertIs(q.router, router)
+
+
+class _PendingHop(_Hop):
+    """A next hop whose answer comes when the test gives it."""
+
+    def deliver(self, messages):
+        self.calls.append(list(messages[0].recipients))
+        self.answer = defer.Deferred()
+        return self.answer
+
+
+class SeveralNextHopsTests(unittest.TestCase):
+    """A message split over next hops: what one hop accepted is durable before the others answer."""
+
+    @defer.inlineCallbacks
+    def test_firstHopsSuccessRecordedAtOnce(self):
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
+                              "context": {"connection": {}}, "arrival": 0})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        fast, slow = _Hop({"fast@a.example": OK}), _PendingHop({})
+        q = QueueManager(spool, lambda m, r: fast if r.endswith("a.example") else slow, task.Clock(),
+                         retryMin=30, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid)
+        yield spool.whenStateWritten(qid)
+        self.assertEqual(spool.readState(qid)["rcpts"]["fast@a.example"]["status"], "done")
+        self.assertNotIn("slow@b.example", spool.readState(qid)["rcpts"])
+        self.assertIn(qid, q.active)  # the attempt goes on
+        slow.answer.callback([{"slow@b.example": LATER}])
+        yield q.whenIdle()
+        state = spool.readState(qid)
+        self.assertEqual((state["rcpts"]["fast@a.example"]["status"], state["rcpts"]["slow@b.example"]["status"],
+                          state["attempts"]), ("done", "deferred", 1))
+        yield q.stopService()
