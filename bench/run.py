@@ -672,6 +672,9 @@ def main(argv=None):
         rows = matrix(planCells(opts), servers, opts)
         table = tableText(rows)
         extras = {}
+        if opts.write and opts.extras:  # the table is safe on disk before the longer extras
+            with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+                f.write(report(table, extras, opts, time.monotonic() - started))
         if opts.extras:
             extras["idle"] = idleConnections(10000, opts)
             extras["big50MB"] = bigMessage(50 * 1024 * 1024)
