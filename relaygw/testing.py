@@ -543,6 +543,8 @@ class SessionClient:
         self.session = session
         self.transport = transport
         self._pending = b""
+        self._partial = []
+        self._replies = []
         self._lost = False
 
     def send(self, data):
@@ -557,35 +559,46 @@ class SessionClient:
         self.transport.clear()
         return out
 
-    def replies(self):
-        """Every complete reply written since the last call, as C{(code, [texts])}."""
+    def _parse(self):
         data = self.take()
-        out, lines = [], []
+        lines = self._partial
         while b"\r\n" in data:
             line, data = data.split(b"\r\n", 1)
             line = line.decode("latin-1")
             lines.append(line[4:])
             if line[3:4] != "-":
-                out.append((int(line[:3]), lines))
+                self._replies.append((int(line[:3]), lines))
                 lines = []
+        self._partial = lines
         self._pending = data
+
+    def replies(self):
+        """Every complete reply not read yet, as C{(code, [texts])}."""
+        self._parse()
+        out, self._replies = self._replies, []
         return out
 
     def reply(self):
-        """The one reply written since the last call."""
-        got = self.replies()
-        if len(got) != 1:
-            raise AssertionError("expected one reply, got %r" % (got,))
-        return got[0]
+        """The next reply not read yet (it must have been sent)."""
+        self._parse()
+        if not self._replies:
+            raise AssertionError("no reply was sent")
+        return self._replies.pop(0)
 
     def cmd(self, line):
-        """Send C{line} and return its reply (it must have come at once)."""
+        """Send C{line} and return the next reply (it must have come at once)."""
         self.send(line + "\r\n")
         return self.reply()
 
+    def closed(self, wait=None):
+        """Whether the session has ended (its closing reply sent), like L{Client.closed}."""
+        return self.session.mode == "closed"
+
     @property
-    def closed(self):
-        return self.transport.disconnecting
+    def buf(self):
+        """Octets sent but not yet read as replies (as L{Client.buf})."""
+        self._parse()
+        return self._pending
 
     def lose(self):
         """The client goes away."""

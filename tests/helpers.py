@@ -23,7 +23,9 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 
-from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, inThread
+from relaygw.testing import (
+    Client, Gateway, MemorySink, ScriptedSMTPFactory, ScriptedSMTPServer, SessionHarness, inThread,
+)
 from relaygw.tls import generateSelfSigned
 
 
@@ -379,3 +381,31 @@ def waitUntil(predicate, timeout):
             return True
         time.sleep(0.1)
     return predicate()
+
+
+class SessionTestCase(unittest.TestCase):
+    """
+    One SMTP session per client on a StringTransport with a task.Clock
+    (L{SessionHarness}), no sockets: C{listener} overrides, and accepted
+    messages kept in C{self.sink} (a L{MemorySink}).  C{session(f)} runs
+    C{f(client)} after the greeting, as L{GatewayTestCase.session} does
+    over a socket.
+    """
+
+    listener = {}
+
+    def setUp(self):
+        self.sink = MemorySink()
+        self.harness = SessionHarness(self.mktemp(), dict(self.listener), sink=self.sink)
+        self.clock = self.harness.clock
+
+    def client(self):
+        c = self.harness.connect()
+        self.addCleanup(c.lose)
+        return c
+
+    def session(self, f):
+        c = self.client()
+        code, _ = c.reply()
+        self.assertEqual(code, 220)
+        return f(c)

@@ -82,7 +82,7 @@ class LimiterSessionTests(unittest.TestCase):
         first = self.connect()
         got = [self.fail(first)[0] for _ in range(5)]
         self.assertEqual(got, [535, 535, 535, 535, 421])
-        self.assertTrue(first.closed)
+        self.assertTrue(first.closed())
         self.assertEqual(len(self.checker.calls), 5)
         second = self.connect()
         # The right password now is refused too, and nothing is verified.
@@ -117,7 +117,7 @@ class LimiterSessionTests(unittest.TestCase):
         replies = []
         for _ in range(3):
             for c in clients:
-                if not c.closed:
+                if not c.closed():
                     c.send(plain("alice", "guess") + "\r\n")
             self.harness.clock.advance(10)
             for c in clients:
