@@ -714,7 +714,7 @@ def report(table, extras, opts, seconds):
            "(%.0f s target each, the two servers' runs interleaved); whole run %.0f s." % (
                datetime.date.today().isoformat(), os.cpu_count(), mem, platform.release(),
                platform.python_version(), opts.runs, opts.seconds, seconds), "",
-           "Method: `python -m bench.run --write`. relaygw runs on its shipped defaults (log level info, "
+           "Method: `python -m bench.run %s`. relaygw runs on its shipped defaults (log level info, "
            "text lines to a file, the default backlog, destination_concurrency and every other key as "
            "`relaygw/default.toml` and `config.py` give them) plus `[process] workers` = %d (the cores), a "
            "smarthost (the sink) and what the scenario needs; Postfix runs on its defaults plus the same. "
@@ -728,7 +728,8 @@ def report(table, extras, opts, seconds):
            "still taking the mail. CPU: user + system time per message of all of the server's processes "
            "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
            "sync of the message (relaygw's grouped syncfs, Postfix's fsync)." % (
-               WORKERS, " (no session resumption)" if not opts.resume else " (resuming the TLS session)"),
+               " ".join(sys.argv[1:]), WORKERS,
+               " (no session resumption)" if not opts.resume else " (resuming the TLS session)"),
            "", table, "", "## Configurations", "",
            "relaygw, every cell: the embedded defaults (`relaygw/default.toml`, `config.py`) plus:", "",
            "```toml", "[relay]",
