@@ -202,14 +202,17 @@ class ServerTLS:
             extra["acceptableCiphers"] = self._ciphers
         # Session resumption (a session cache and tickets), as nginx and
         # HAProxy offer it: a client that comes back skips the certificate
-        # signature and the key exchange's public-key work.
+        # signature and the key exchange's public-key work.  Not where client
+        # certificates are requested: a resumed session brings no chain, and
+        # trust by certificate is decided on a full handshake only.
+        resume = self.clientCA is None
         options = ssl.CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(key),
             certificate=crypto.X509.from_cryptography(chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             raiseMinimumTo=self._minVersion,
-            enableSessions=True,
-            enableSessionTickets=True,
+            enableSessions=resume,
+            enableSessionTickets=resume,
             **extra,
         )
         context = options.getContext()

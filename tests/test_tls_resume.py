@@ -28,6 +28,8 @@ def _context(maximum=None):
 
 
 class ResumptionTests(GatewayTestCase):
+    #: Whether a client offering its last session gets it resumed.
+    resumed = True
     @defer.inlineCallbacks
     def setUp(self):
         directory = os.path.abspath(self.mktemp())
@@ -60,14 +62,14 @@ class ResumptionTests(GatewayTestCase):
         return inThread(run)
 
     @defer.inlineCallbacks
-    def test_tls13SessionResumes(self):
+    def test_tls13Session(self):
         first, again, code1, code2 = yield self.resumes(None)
-        self.assertEqual((first, again, code1, code2), (False, True, 250, 250))
+        self.assertEqual((first, again, code1, code2), (False, self.resumed, 250, 250))
 
     @defer.inlineCallbacks
-    def test_tls12SessionResumes(self):
+    def test_tls12Session(self):
         first, again, code1, code2 = yield self.resumes(ssl.TLSVersion.TLSv1_2)
-        self.assertEqual((first, again, code1, code2), (False, True, 250, 250))
+        self.assertEqual((first, again, code1, code2), (False, self.resumed, 250, 250))
 
     def test_selfSignedKeyIsP256(self):
         with open(self.cert, "rb") as f:
@@ -88,3 +90,20 @@ class GeneratedKeyTests(unittest.TestCase):
         self.assertIsInstance(private, ec.EllipticCurvePrivateKey)
         self.assertEqual(private.curve.name, "secp256r1")
         self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
+
+
+class NoResumptionWithClientCertificatesTests(ResumptionTests):
+    """Where client certificates are requested, trust needs a full handshake: nothing resumes."""
+
+    resumed = False
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from tests.test_starttls import makeCA
+
+        directory = os.path.abspath(self.mktemp())
+        self.ca, _ = makeCA(os.path.join(directory, "ca"))
+        self.cert, key = os.path.join(directory, "tls", "cert.pem"), os.path.join(directory, "tls", "key.pem")
+        self.listener = {"tls_certificate": self.cert, "tls_key": key, "tls_self_signed": True,
+                         "tls_client_ca": self.ca}
+        yield GatewayTestCase.setUp(self)
