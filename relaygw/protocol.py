@@ -19,35 +19,25 @@ and refused with 550 5.5.2.  A bare CR is data.
 import os
 import time
 
-from twisted.cred.credentials import Anonymous, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, interfaces, task
+from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from relaygw import codes, maillog, sasl, wire
+from relaygw import codes, maillog, wire
+from relaygw.authcommand import AuthCommand
 from relaygw.commands import CommandError, parseHelo, parseMail, parseRcpt
 from relaygw.context import ValidationContext
 from relaygw.datareader import DataReader
+from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
 from relaygw.logs import Logger
+from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.spoolapi import Envelope, isStorageError
 from relaygw.trust import peerIP
 from relaygw.verbs import IVerbSession
 
 log = Logger(namespace="relaygw.smtp")
 
-COMMAND, DATA, AUTH, CLOSED = "command", "data", "auth", "closed"
-
-
-#: How much input is buffered while a reply is pending before reading pauses.
-_PAUSE_AT = 256 * 1024
-#: How much unanswered input is buffered while replies are backed up.
-_HOLD_WHILE_PAUSED = 4096
-#: After a closing reply: seconds before a peer that has not taken it is cut off.
-CLOSE_TIMEOUT = 3.0
-#: After a closing reply: seconds input is read and discarded before closing.
-LINGER = 1.0
 
 
 def newSessionId():
@@ -55,7 +45,7 @@ def newSessionId():
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
-class SMTPSession(Protocol, TimeoutMixin):
+class SMTPSession(FlowControl, AuthCommand, Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -244,82 +234,6 @@ class SMTPSession(Protocol, TimeoutMixin):
             self.errors += 1
             if self.errors >= self.listener.max_errors:
                 self.reply(codes.TOO_MANY_ERRORS.format(host=self.hostname))
-
-    def _close(self):
-        """
-        After a closing reply: read no more commands, and make sure the
-        client gets the reply.  A lingering close: on plain TCP the write
-        side is shut once the reply is out (the client reads it, then
-        EOF), and input is read and discarded until the client closes, for
-        at most L{LINGER} seconds, so that unread pipelined input does not
-        make the kernel reset the connection over the reply.  Whatever
-        happens, a peer that has not taken the reply within
-        L{CLOSE_TIMEOUT} seconds is cut off.
-        """
-        if self.mode == CLOSED:
-            return
-        self.mode = CLOSED
-        self.setTimeout(None)
-        pending, self.buf = bool(self.buf), b""
-        self.transport.unregisterProducer()
-        # The session is over: its per-IP and connection slots come back now,
-        # not when a slow or silent peer finally lets the socket go.
-        self.factory.sessionEnded(self)
-        reactor = self.factory.reactor
-        self._abortTimer = reactor.callLater(CLOSE_TIMEOUT, self._abort)
-        tcp = wire.halfCloseable(self.transport)
-        if tcp is not None:
-            tcp.loseWriteConnection()
-        elif not pending:
-            self.transport.loseConnection()
-            return
-        self.transport.resumeProducing()
-        self._lingerTimer = reactor.callLater(LINGER, self.transport.loseConnection)
-
-    def _abort(self):
-        log.info("[{session}] peer did not take the closing reply; connection aborted", session=self.sessionId)
-        self.transport.abortConnection()
-
-    # -- flow control (IPushProducer for the transport) ------------------
-
-    def pauseProducing(self):
-        """
-        The transport holds more than it wants to of our replies (the peer
-        does not read): answer no more commands and read no more input
-        until it has drained.
-        """
-        self.writePaused = True
-        self._updateReading()
-
-    def resumeProducing(self):
-        """The replies drained: read and answer again."""
-        self.writePaused = False
-        self._updateReading()
-        if self.waiting is None:
-            self._process()
-
-    def stopProducing(self):
-        """The connection is going away; C{connectionLost} cleans up."""
-
-    def _updateReading(self):
-        """
-        Read from the transport unless unanswered input piles up: more
-        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up, or
-        L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
-        only replies are backed up: a TLS layer pauses us while its
-        handshake runs, and needs to read to finish it.)
-        """
-        if self.mode == CLOSED:
-            return
-        held = len(self.buf)
-        want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
-                    or (self.waiting is not None and held > _PAUSE_AT))
-        if want != self._reading:
-            self._reading = want
-            if want:
-                self.transport.resumeProducing()
-            else:
-                self.transport.pauseProducing()
 
     # -- input ---------------------------------------------------------
 
@@ -779,131 +693,3 @@ class SMTPSession(Protocol, TimeoutMixin):
             self.buf = b""
         self.resetSession()
         self.transport.startTLS(self.settings.tls.contextFactory)
-
-    # -- AUTH (RFC 4954) -----------------------------------------------
-
-    def do_AUTH(self, args):
-        f = self.factory
-        if self.settings.portal is None:
-            return self.reply(codes.NOT_IMPLEMENTED)
-        if self.context.get("auth_user"):
-            # Also on ALWAYS-ALLOW listeners: the session is already
-            # authenticated as anonymous (protocol.md section 9).
-            return self.reply(codes.AUTH_ALREADY)
-        if not (self.tlsActive or self.listener.auth_plaintext):
-            return self.reply(codes.AUTH_NEEDS_TLS)
-        if self.inTransaction:
-            return self.reply(codes.AUTH_IN_TRANSACTION)
-        if f.authFailures.lockedOut(self.context["remote_ip"]):
-            f.stats("auth", "locked")
-            return self.reply(codes.AUTH_LOCKED)
-        try:
-            self.sasl = sasl.Exchange.begin(args)
-        except sasl.SASLError as e:
-            return self.reply(e.reply)
-        self.mode = AUTH
-        return self._authOutcome(self.sasl.first())
-
-    def _authStep(self, line):
-        return self._authOutcome(self.sasl.respond(line))
-
-    def _authOutcome(self, outcome):
-        """Apply what the SASL exchange said: challenge, refuse, or verify."""
-        if isinstance(outcome, sasl.Challenge):
-            return self.reply(codes.AUTH_CHALLENGE.format(challenge=outcome.text))
-        self.mode = COMMAND
-        self.sasl = None
-        if isinstance(outcome, sasl.Refused):
-            return self.reply(outcome.reply)
-        if outcome.authzid and outcome.authzid != outcome.user:
-            # RFC 4616: acting for another identity needs an
-            # authorisation no one here has.
-            return self._refuseAuthzid(outcome.user, outcome.authzid)
-        return self._login(outcome.user, outcome.password)
-
-    def _login(self, user, password):
-        """
-        Verify C{user} and C{password} through the portal, unless the
-        claimed client address is locked out for failed logins (then no
-        password is hashed at all); after recent failures the verification
-        waits first.
-        """
-        from relaygw.auth import IRelayUser
-
-        f = self.factory
-        tracker = f.authFailures
-        who = self.context["remote_ip"]
-        if tracker.lockedOut(who):
-            f.stats("auth", "locked")
-            log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
-                     session=self.sessionId, ip=who)
-            return self.reply(codes.AUTH_LOCKED)
-        wait = tracker.attempt(who)
-        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
-        if wait:
-            d = task.deferLater(f.reactor, wait, self.settings.portal.login, credentials, None, IRelayUser)
-        else:
-            d = self.settings.portal.login(credentials, None, IRelayUser)
-
-        def ok(result):
-            tracker.done(who, failed=False)
-            _, avatar, _ = result
-            self._setAuth(avatar.username, "AUTH")
-            f.stats("auth", "success")
-            log.info("[{session}] authenticated as {user}", session=self.sessionId, user=avatar.username)
-            self.reply(codes.AUTH_OK)
-
-        def bad(failure):
-            if not failure.check(UnauthorizedLogin):
-                tracker.done(who, failed=False)
-                log.failure("[{session}] auth backend error", failure, session=self.sessionId)
-                self.reply(codes.AUTH_UNAVAILABLE)
-                return
-            tracker.done(who, failed=True)
-            f.stats("auth", "failure")
-            log.info("[{session}] authentication failed for {user}", session=self.sessionId, user=user)
-            if tracker.tooMany(who):
-                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
-            else:
-                self.reply(codes.AUTH_FAILED)
-
-        return d.addCallbacks(ok, bad)
-
-    def _refuseAuthzid(self, user, authzid):
-        """
-        RFC 4616: an authorisation identity other than the authentication
-        identity is refused with 535 5.7.8 like a failed login (counted,
-        after the same wait), without looking at the password.
-        """
-        f = self.factory
-        tracker = f.authFailures
-        who = self.context["remote_ip"]
-        log.info("[{session}] AUTH PLAIN as {user} for {authzid} refused", session=self.sessionId,
-                 user=user, authzid=authzid)
-        if tracker.lockedOut(who):
-            f.stats("auth", "locked")
-            return self.reply(codes.AUTH_LOCKED)
-        wait = tracker.attempt(who)
-
-        def decide(_=None):
-            tracker.done(who, failed=True)
-            f.stats("auth", "failure")
-            if tracker.tooMany(who):
-                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
-            else:
-                self.reply(codes.AUTH_FAILED)
-
-        if wait:
-            return task.deferLater(f.reactor, wait, decide)
-        return decide()
-
-    def _loginAnonymous(self):
-        from relaygw.auth import IRelayUser
-
-        d = self.settings.portal.login(Anonymous(), None, IRelayUser)
-        d.addCallback(lambda result: self._setAuth(result[1].username, "ALWAYS-ALLOW"))
-        return d
-
-    def _setAuth(self, user, how):
-        self.avatar = user
-        self.context.update(auth_user=user, auth_name=how, auth_status="pass")

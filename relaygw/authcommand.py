@@ -1,0 +1,148 @@
+"""
+The AUTH command (RFC 4954) of the SMTP session: the SASL exchange
+(L{relaygw.sasl}), the brute-force limiter checked before the portal is
+asked (L{relaygw.auth.FailureTracker}), and the login through the cred
+portal.  A mixin of L{relaygw.protocol.SMTPSession}.
+"""
+
+from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
+
+from relaygw import codes, sasl
+from relaygw.logs import Logger
+from relaygw.modes import AUTH, COMMAND
+
+log = Logger(namespace="relaygw.smtp")
+
+
+class AuthCommand:
+    """C{do_AUTH} and the login it leads to."""
+
+    sasl = None
+
+    def do_AUTH(self, args):
+        f = self.factory
+        if self.settings.portal is None:
+            return self.reply(codes.NOT_IMPLEMENTED)
+        if self.context.get("auth_user"):
+            # Also on ALWAYS-ALLOW listeners: the session is already
+            # authenticated as anonymous (protocol.md section 9).
+            return self.reply(codes.AUTH_ALREADY)
+        if not (self.tlsActive or self.listener.auth_plaintext):
+            return self.reply(codes.AUTH_NEEDS_TLS)
+        if self.inTransaction:
+            return self.reply(codes.AUTH_IN_TRANSACTION)
+        if f.authFailures.lockedOut(self.context["remote_ip"]):
+            f.stats("auth", "locked")
+            return self.reply(codes.AUTH_LOCKED)
+        try:
+            self.sasl = sasl.Exchange.begin(args)
+        except sasl.SASLError as e:
+            return self.reply(e.reply)
+        self.mode = AUTH
+        return self._authOutcome(self.sasl.first())
+
+    def _authStep(self, line):
+        return self._authOutcome(self.sasl.respond(line))
+
+    def _authOutcome(self, outcome):
+        """Apply what the SASL exchange said: challenge, refuse, or verify."""
+        if isinstance(outcome, sasl.Challenge):
+            return self.reply(codes.AUTH_CHALLENGE.format(challenge=outcome.text))
+        self.mode = COMMAND
+        self.sasl = None
+        if isinstance(outcome, sasl.Refused):
+            return self.reply(outcome.reply)
+        if outcome.authzid and outcome.authzid != outcome.user:
+            # RFC 4616: acting for another identity needs an
+            # authorisation no one here has.
+            return self._refuseAuthzid(outcome.user, outcome.authzid)
+        return self._login(outcome.user, outcome.password)
+
+    def _login(self, user, password):
+        """
+        Verify C{user} and C{password} through the portal, unless the
+        claimed client address is locked out for failed logins (then no
+        password is hashed at all); after recent failures the verification
+        waits first.
+        """
+        from relaygw.auth import IRelayUser
+
+        f = self.factory
+        tracker = f.authFailures
+        who = self.context["remote_ip"]
+        if tracker.lockedOut(who):
+            f.stats("auth", "locked")
+            log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
+                     session=self.sessionId, ip=who)
+            return self.reply(codes.AUTH_LOCKED)
+        wait = tracker.attempt(who)
+        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        if wait:
+            d = task.deferLater(f.reactor, wait, self.settings.portal.login, credentials, None, IRelayUser)
+        else:
+            d = self.settings.portal.login(credentials, None, IRelayUser)
+
+        def ok(result):
+            tracker.done(who, failed=False)
+            _, avatar, _ = result
+            self._setAuth(avatar.username, "AUTH")
+            f.stats("auth", "success")
+            log.info("[{session}] authenticated as {user}", session=self.sessionId, user=avatar.username)
+            self.reply(codes.AUTH_OK)
+
+        def bad(failure):
+            if not failure.check(UnauthorizedLogin):
+                tracker.done(who, failed=False)
+                log.failure("[{session}] auth backend error", failure, session=self.sessionId)
+                self.reply(codes.AUTH_UNAVAILABLE)
+                return
+            tracker.done(who, failed=True)
+            f.stats("auth", "failure")
+            log.info("[{session}] authentication failed for {user}", session=self.sessionId, user=user)
+            if tracker.tooMany(who):
+                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
+            else:
+                self.reply(codes.AUTH_FAILED)
+
+        return d.addCallbacks(ok, bad)
+
+    def _refuseAuthzid(self, user, authzid):
+        """
+        RFC 4616: an authorisation identity other than the authentication
+        identity is refused with 535 5.7.8 like a failed login (counted,
+        after the same wait), without looking at the password.
+        """
+        f = self.factory
+        tracker = f.authFailures
+        who = self.context["remote_ip"]
+        log.info("[{session}] AUTH PLAIN as {user} for {authzid} refused", session=self.sessionId,
+                 user=user, authzid=authzid)
+        if tracker.lockedOut(who):
+            f.stats("auth", "locked")
+            return self.reply(codes.AUTH_LOCKED)
+        wait = tracker.attempt(who)
+
+        def decide(_=None):
+            tracker.done(who, failed=True)
+            f.stats("auth", "failure")
+            if tracker.tooMany(who):
+                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
+            else:
+                self.reply(codes.AUTH_FAILED)
+
+        if wait:
+            return task.deferLater(f.reactor, wait, decide)
+        return decide()
+
+    def _loginAnonymous(self):
+        from relaygw.auth import IRelayUser
+
+        d = self.settings.portal.login(Anonymous(), None, IRelayUser)
+        d.addCallback(lambda result: self._setAuth(result[1].username, "ALWAYS-ALLOW"))
+        return d
+
+    def _setAuth(self, user, how):
+        self.avatar = user
+        self.context.update(auth_user=user, auth_name=how, auth_status="pass")

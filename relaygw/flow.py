@@ -1,0 +1,105 @@
+"""
+Flow control and closing for the SMTP session: the session is a streaming
+producer for its transport (it answers nothing more, and soon reads
+nothing more, while a client that does not read has replies backed up),
+and a closing reply is followed by a lingering close with a time bound.
+A mixin of L{relaygw.protocol.SMTPSession}, which keeps C{buf}, C{mode},
+C{waiting} and C{_process}.
+"""
+
+from relaygw import wire
+from relaygw.logs import Logger
+from relaygw.modes import CLOSED
+
+log = Logger(namespace="relaygw.smtp")
+
+#: How much input is buffered while a reply is pending before reading pauses.
+_PAUSE_AT = 256 * 1024
+#: How much unanswered input is buffered while replies are backed up.
+_HOLD_WHILE_PAUSED = 4096
+#: After a closing reply: seconds before a peer that has not taken it is cut off.
+CLOSE_TIMEOUT = 3.0
+#: After a closing reply: seconds input is read and discarded before closing.
+LINGER = 1.0
+
+
+class FlowControl:
+    """C{IPushProducer} for the transport, and the lingering close."""
+
+    writePaused = False
+    _reading = True
+    _abortTimer = _lingerTimer = None
+
+    def _close(self):
+        """
+        After a closing reply: read no more commands, and make sure the
+        client gets the reply.  A lingering close: on plain TCP the write
+        side is shut once the reply is out (the client reads it, then
+        EOF), and input is read and discarded until the client closes, for
+        at most L{LINGER} seconds, so that unread pipelined input does not
+        make the kernel reset the connection over the reply.  Whatever
+        happens, a peer that has not taken the reply within
+        L{CLOSE_TIMEOUT} seconds is cut off.
+        """
+        if self.mode == CLOSED:
+            return
+        self.mode = CLOSED
+        self.setTimeout(None)
+        pending, self.buf = bool(self.buf), b""
+        self.transport.unregisterProducer()
+        # The session is over: its per-IP and connection slots come back now,
+        # not when a slow or silent peer finally lets the socket go.
+        self.factory.sessionEnded(self)
+        reactor = self.factory.reactor
+        self._abortTimer = reactor.callLater(CLOSE_TIMEOUT, self._abort)
+        tcp = wire.halfCloseable(self.transport)
+        if tcp is not None:
+            tcp.loseWriteConnection()
+        elif not pending:
+            self.transport.loseConnection()
+            return
+        self.transport.resumeProducing()
+        self._lingerTimer = reactor.callLater(LINGER, self.transport.loseConnection)
+
+    def _abort(self):
+        log.info("[{session}] peer did not take the closing reply; connection aborted", session=self.sessionId)
+        self.transport.abortConnection()
+
+    def pauseProducing(self):
+        """
+        The transport holds more than it wants to of our replies (the peer
+        does not read): answer no more commands and read no more input
+        until it has drained.
+        """
+        self.writePaused = True
+        self._updateReading()
+
+    def resumeProducing(self):
+        """The replies drained: read and answer again."""
+        self.writePaused = False
+        self._updateReading()
+        if self.waiting is None:
+            self._process()
+
+    def stopProducing(self):
+        """The connection is going away; C{connectionLost} cleans up."""
+
+    def _updateReading(self):
+        """
+        Read from the transport unless unanswered input piles up: more
+        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up, or
+        L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
+        only replies are backed up: a TLS layer pauses us while its
+        handshake runs, and needs to read to finish it.)
+        """
+        if self.mode == CLOSED:
+            return
+        held = len(self.buf)
+        want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
+                    or (self.waiting is not None and held > _PAUSE_AT))
+        if want != self._reading:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
