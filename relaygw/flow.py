@@ -18,7 +18,7 @@ _PAUSE_AT = 256 * 1024
 #: How much unanswered input is buffered while replies are backed up.
 _HOLD_WHILE_PAUSED = 4096
 #: After a closing reply: seconds before a peer that has not taken it is cut off.
-CLOSE_TIMEOUT = 3.0
+CLOSE_TIMEOUT = 2.0
 #: After a closing reply: seconds input is read and discarded before closing.
 LINGER = 1.0
 
