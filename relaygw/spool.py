@@ -201,14 +201,7 @@ class Committer:
         while True:
             batch, unlinks = self._work.get()
             started = time.monotonic()
-            for (paths, keep), _ in unlinks:
-                if keep is not None:
-                    try:
-                        os.rename(paths[0], keep)
-                    except OSError:  # gone already: the next user creates it afresh
-                        pass
-                    paths = paths[1:]
-                removeFiles(paths)
+            unlinks = [(request, d, self._unlinkNow(*request)) for request, d in unlinks]
             try:
                 if batch:
                     self._sync([job for job, _ in batch])
@@ -219,14 +212,32 @@ class Committer:
                     job.abandon()
             self.reactor.callFromThread(self._done, batch, unlinks, error, time.monotonic() - started)
 
+    @staticmethod
+    def _unlinkNow(paths, keep):
+        """Runs in the disk thread: one unlink request; returns the error, if any, for its Deferred."""
+        try:
+            if keep is not None:
+                try:
+                    os.rename(paths[0], keep)
+                except FileNotFoundError:  # gone already: the next user creates it afresh
+                    pass
+                paths = paths[1:]
+            removeFiles(paths)
+        except OSError as e:  # EIO, EROFS...: the caller hears of it; the disk thread goes on
+            return e
+        return None
+
     def _done(self, batch, unlinks, error, seconds):
         self._busy = False
         if batch:
             self.batches += 1
             self.jobs += len(batch)
             self.syncSeconds += seconds
-        for _, d in unlinks:
-            d.callback(None)
+        for _, d, failed in unlinks:
+            if failed is not None:
+                d.errback(failed)
+            else:
+                d.callback(None)
         for _, d in batch:
             if error is not None:
                 d.errback(error)
@@ -880,7 +891,8 @@ class Spool:
         if self.committer is None:
             removeFiles(paths)
         else:
-            self.committer.unlink(paths)
+            self.committer.unlink(paths).addErrback(
+                lambda f: log.failure("could not remove spent files", f))
 
     def oldestAge(self, now):
         """(depth, age of the oldest message in seconds)."""

@@ -144,6 +144,18 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual(self.spool.queueIds(), [])
 
     @defer.inlineCallbacks
+    def test_failedRemovalIsReportedAndTheDiskThreadGoesOn(self):
+        """An unlink that fails (here: a directory) fails its own Deferred; later commits still complete."""
+        committer = self.spool.committer
+        stuck = os.path.join(self.dir, "not-a-file")
+        os.mkdir(stuck)
+        gone = os.path.join(self.dir, "gone-already")
+        yield self.assertFailure(committer.unlink([stuck]), IsADirectoryError)
+        yield committer.unlink([gone])  # a file that is already gone is no error
+        qid = yield self.commitContent(b"after\r\n")
+        self.assertEqual(self.spool.queueIds(), [qid])
+
+    @defer.inlineCallbacks
     def test_spentFilesBounded(self):
         """
         At most SPENT files are kept; at start, one that is still queued
