@@ -125,8 +125,11 @@ class FuzzTests(unittest.TestCase):
         except CommandError as e:
             assertShortLines(self, e.reply)
         else:
-            # What is accepted is a single path: no SP, CR, LF or brackets in it.
-            self.assertFalse(set(address) & set(" \r\n<>"))
+            # What is accepted is one path: no CR, LF or NUL, and no brackets
+            # or SP outside a quoted local part.
+            self.assertFalse(set(address) & set("\r\n\x00"))
+            bare = address.rsplit("@", 1)[-1] if address.startswith('"') else address
+            self.assertFalse(set(bare) & set(" <>"))
 
     @settings(max_examples=300, deadline=None)
     @given(anyText)
