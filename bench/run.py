@@ -662,6 +662,9 @@ def main(argv=None):
     Certificate.rsa = opts.rsa_cert
     started = time.monotonic()
     SMTPLOAD = buildSmtpLoad()
+    if SMTPLOAD is None:
+        print("warning: cannot build bench/smtpload.c (cc and OpenSSL's headers: gcc, libssl-dev); the XCLIENT, "
+              "PROXY and STARTTLS cells use bench/loadgen.py, which costs more CPU per message", file=sys.stderr)
     servers = ([Server("postfix", "Postfix 3.7")] if opts.postfix else []) + [Server("relaygw", "relaygw")]
     for spec in opts.compare:
         tree, _, label = spec.partition(":")
@@ -720,7 +723,7 @@ def report(table, extras, opts, seconds):
            "smarthost (the sink) and what the scenario needs; Postfix runs on its defaults plus the same. "
            "The configuration column says what each adds. Plain cells load both servers with Postfix's "
            "smtp-source (one message per connection, no PIPELINING); the XCLIENT, PROXY and STARTTLS cells "
-           "with bench/smtpload.c, which does the same with those steps added: XCLIENT ADDR and NAME then a "
+           "with %s, which does the same with those steps added: XCLIENT ADDR and NAME then a "
            "new EHLO per session as nginx sends it, a PROXY v2 header as HAProxy's send-proxy-v2 does, "
            "STARTTLS then a new EHLO%s; \"resuming\" cells offer each thread's last TLS session again. End-to-end: through to an smtp-sink next hop, timed until the sink "
            "has every message. Ratios are against Postfix doing the same work in the same run. Latency: end "
@@ -729,6 +732,7 @@ def report(table, extras, opts, seconds):
            "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
            "sync of the message (relaygw's grouped syncfs, Postfix's fsync)." % (
                " ".join(sys.argv[1:]), WORKERS,
+               "bench/smtpload.c" if SMTPLOAD else "bench/loadgen.py (no C compiler here for bench/smtpload.c)",
                " (no session resumption)" if not opts.resume else " (resuming the TLS session)"),
            "", table, "", "## Configurations", "",
            "relaygw, every cell: the embedded defaults (`relaygw/default.toml`, `config.py`) plus:", "",
