@@ -17,7 +17,6 @@ and refused with 550 5.5.2.  A bare CR is data.
 """
 
 import os
-import time
 
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Protocol
@@ -26,13 +25,12 @@ from zope.interface import implementer
 
 from relaygw import codes, maillog, wire
 from relaygw.authcommand import AuthCommand
-from relaygw.commands import CommandError, parseHelo, parseMail, parseRcpt
+from relaygw.commands import parseHelo
 from relaygw.context import ValidationContext
-from relaygw.datareader import DataReader
 from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
-from relaygw.spoolapi import Envelope, isStorageError
+from relaygw.transaction import MailTransaction
 from relaygw.trust import peerIP
 from relaygw.verbs import IVerbSession
 
@@ -45,7 +43,7 @@ def newSessionId():
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
-class SMTPSession(FlowControl, AuthCommand, Protocol, TimeoutMixin):
+class SMTPSession(MailTransaction, FlowControl, AuthCommand, Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -381,16 +379,6 @@ class SMTPSession(FlowControl, AuthCommand, Protocol, TimeoutMixin):
 
     # -- state ---------------------------------------------------------
 
-    @property
-    def inTransaction(self):
-        return self.mailfrom is not None
-
-    def resetTransaction(self):
-        self.mailfrom = None
-        self.mailParams = None
-        self.rcpts = []
-        self.context.endMessage()
-
     def resetSession(self, keepHelo=False, keepAuth=False):
         """Forget the transaction, and HELO/EHLO and AUTH unless kept."""
         self.resetTransaction()
@@ -517,139 +505,6 @@ class SMTPSession(FlowControl, AuthCommand, Protocol, TimeoutMixin):
 
     def _needsTLS(self):
         return self.listener.require_tls and not self.tlsActive
-
-    def do_MAIL(self, args):
-        if self.inTransaction:
-            return self.reply(codes.NESTED_MAIL)
-        try:
-            address, params = parseMail(args, self.listener.max_message_size)
-        except CommandError as e:
-            return self.reply(e.reply)
-        declared = int(params.get("SIZE") or 0)
-        if not self.factory.spool.hasRoom(declared):
-            log.warn("[{session}] MAIL refused: the spool is below min_free_space (SIZE={size})",
-                     session=self.sessionId, size=declared)
-            return self.reply(codes.NO_ROOM)
-        self.context.beginMessage(address)
-
-        def answer(refusal):
-            if refusal is not None:
-                self.context.endMessage()
-                return self.reply(refusal)
-            self.mailfrom, self.mailParams = address, params
-            return self.reply(codes.SENDER_OK)
-
-        return self._ask(self.settings.policy.mail(self.context), answer)
-
-    def do_RCPT(self, args):
-        if not self.inTransaction:
-            return self.reply(codes.NEED_MAIL)
-        try:
-            address, _ = parseRcpt(args)
-        except CommandError as e:
-            return self.reply(e.reply)
-        if len(self.rcpts) >= self.listener.max_recipients:
-            return self.reply(codes.TOO_MANY_RECIPIENTS)
-
-        def answer(refusal):
-            if refusal is not None:
-                return self.reply(refusal)
-            self.rcpts.append(address)
-            self.context.addRecipient(address)
-            return self.reply(codes.RECIPIENT_OK)
-
-        return self._ask(self.settings.policy.rcpt(self.context, address), answer)
-
-    def do_DATA(self, args):
-        if not self.inTransaction:
-            return self.reply(codes.NEED_MAIL)
-        if not self.rcpts:
-            return self.reply(codes.NO_VALID_RECIPIENTS)
-        if args:
-            return self.reply(codes.SYNTAX.format(what="DATA"))
-        envelope = Envelope(mailfrom=self.mailfrom, recipients=list(self.rcpts),
-                            mail_params=dict(self.mailParams or {}), arrival=time.time(),
-                            context=self.context.snapshot())
-        try:
-            self.writer = self.factory.sink.begin(envelope, self.context, self.listener)
-        except OSError as e:
-            log.error("[{session}] cannot open spool file: {e}", session=self.sessionId, e=e)
-            return self.reply(codes.NO_ROOM)
-        self.context.message["queue_id"] = self.writer.queueId
-        self.mode = DATA
-        self.setTimeout(self.listener.data_timeout)
-        self.dataReader = DataReader()
-        self.messageIds = maillog.MessageIdScanner()
-        self.reply(codes.START_DATA)
-
-    def _dataInput(self):
-        """Hand buffered DATA input to the reader; at its end, finish the message."""
-        body, rest = self.dataReader.feed(self.buf)
-        self.buf = b""
-        self._content(body)
-        if rest is None:
-            self.resetTimeout()
-            return False
-        self.buf = rest
-        self._wait(self._endOfData())
-        return True
-
-    def _content(self, chunk):
-        if not chunk:
-            return
-        self.writer.write(chunk)
-        if not self.writer.tooBig:
-            self.messageIds.feed(chunk)
-
-    def _endOfData(self):
-        self.mode = COMMAND
-        self.setTimeout(self.listener.idle_timeout)
-        writer, self.writer = self.writer, None
-        if writer.tooBig:
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.MESSAGE_TOO_BIG)
-        if self.dataReader.sawBareLF and self.listener.bare_lf == "reject":
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.BARE_LF_DATA)
-        if writer.failed is not None:
-            # The disk filled (or failed) while the content came in: what
-            # was written is gone, and the client may try again later.
-            log.error("[{session}] spool write failed: {error}", session=self.sessionId, error=writer.failed)
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.NO_ROOM)
-        self.context.message["size"] = writer.size
-
-        def queue(refusal):
-            if refusal is not None:
-                writer.abort()
-                self.resetTransaction()
-                return self.reply(refusal)
-            started = time.monotonic()
-            d = writer.commit()
-            d.addCallbacks(lambda qid: queued(qid, started), failed)
-            return d
-
-        def queued(qid, started):
-            self.factory.messageQueued(self, writer.message, time.monotonic() - started)
-            maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
-                           self.messageIds.messageId)
-            self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
-            self.resetTransaction()
-            self.reply(codes.QUEUED.format(qid=qid))
-
-        def failed(failure):
-            writer.abort()
-            self.resetTransaction()
-            if isStorageError(failure.value):
-                log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=failure.value)
-                return self.reply(codes.NO_ROOM)
-            log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
-            self.reply(codes.LOCAL_ERROR)
-
-        return self._ask(self.settings.policy.data(self.context), queue)
 
     # -- simple commands -----------------------------------------------
 
