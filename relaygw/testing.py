@@ -142,6 +142,20 @@ class Client:
         self.send(line + "\r\n")
         return self.reply()
 
+    def transaction(self, rcpts, content=None, helo="x", mailfrom="a@example.org"):
+        """
+        The greeting, EHLO, MAIL, each RCPT and, given C{content} (without
+        the final dot), DATA and the content: every reply as C{(code, lines)}.
+        """
+        replies = [self.reply(), self.cmd("EHLO " + helo), self.cmd("MAIL FROM:<%s>" % mailfrom)]
+        replies += [self.cmd("RCPT TO:<%s>" % r) for r in rcpts]
+        if content is not None:
+            replies.append(self.cmd("DATA"))
+            if replies[-1][0] == 354:
+                self.send(content + ".\r\n")
+                replies.append(self.reply())
+        return replies
+
     def closed(self, wait=5):
         """Whether the server closed the connection (reads and drops any data)."""
         self.sock.settimeout(wait)

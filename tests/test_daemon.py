@@ -49,13 +49,7 @@ class DaemonTests(unittest.TestCase):
     def session(self, port):
         c = Client(port)
         try:
-            c.reply()
-            c.cmd("EHLO x")
-            c.cmd("MAIL FROM:<a@example.org>")
-            c.cmd("RCPT TO:<b@example.net>")
-            c.cmd("DATA")
-            c.send("Subject: daemon\r\n\r\nx\r\n.\r\n")
-            self.assertEqual(c.reply()[0], 250)
+            self.assertEqual(c.transaction(["b@example.net"], "Subject: daemon\r\n\r\nx\r\n")[-1][0], 250)
             c.cmd("QUIT")
         finally:
             c.close()

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import Gateway, freePort, inThread, receivedHeader, waitForPort
 
-HAPROXY_CFG = """
+HAPROXY_FRONT = """
 global
     maxconn 200
 defaults
@@ -27,6 +27,9 @@ frontend smtp
     bind 127.0.0.1:%(front)d
     default_backend relaygw
 backend relaygw
+"""
+
+HAPROXY_CFG = HAPROXY_FRONT + """\
     balance roundrobin
     option httpchk GET /healthz
     http-check expect status 200
@@ -118,25 +121,14 @@ class HAProxyTests(unittest.TestCase):
         self.assertEqual(len(counts[0]), 0)
 
 
-HAPROXY_ONE = """
-global
-    maxconn 200
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-frontend smtp
-    bind 127.0.0.1:%(front)d
-    default_backend relaygw
-backend relaygw
+HAPROXY_ONE = HAPROXY_FRONT + """\
     server gw1 127.0.0.1:%(gw)d send-proxy-v2
 """
 
 
 class HAProxyRelayTests(unittest.TestCase):
     """
-    Issue 12 through a real HAProxy with send-proxy-v2: the PROXY source is
+    Through a real HAProxy with send-proxy-v2: the PROXY source is
     the client; being trusted (for the verbs) lets it relay nothing, only
     relay_networks or a login do, and per-IP limits count it.
     """

@@ -300,7 +300,7 @@ class NginxTests(NginxCase):
         self.assertNotIn("[emerg]", self.errorLog())
 
 
-# -- issue 12: nginx in front is no open relay, and limits count its clients --------------
+# -- nginx in front is no open relay, and limits count its clients --------------
 
 
 def smtpFrom(source, port, helo="client.example"):

@@ -1,8 +1,9 @@
 """
 Crash tests with numbers: a bounded kill -9 loop (1 and 2 workers and a
 worker-count change) loses nothing and re-sends no more than was in flight
-at each kill; and the issue's reproduction (one connection, a slow next
-hop, a kill when it has 15) re-sends at most the in-flight messages.
+at each kill; and a reproduction of the old batch-recording fault (one
+connection, a slow next hop, a kill when it has 15) re-sends at most the
+in-flight messages.
 """
 
 import json

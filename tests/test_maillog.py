@@ -37,14 +37,8 @@ class MailLogTests(unittest.TestCase):
         def run():
             c = Client(self.gw.port)
             try:
-                c.reply()
-                c.cmd("EHLO client.example")
-                c.cmd("MAIL FROM:<a@example.org>")
-                for r in rcpts:
-                    c.cmd("RCPT TO:<%s>" % r)
-                self.assertEqual(c.cmd("DATA")[0], 354)
-                c.send("Message-ID: <m1@example.org>\r\nSubject: log\r\n\r\nbody\r\n.\r\n")
-                code, lines = c.reply()
+                *_, (code, lines) = c.transaction(
+                    rcpts, "Message-ID: <m1@example.org>\r\nSubject: log\r\n\r\nbody\r\n", helo="client.example")
                 self.assertEqual(code, 250)
                 c.cmd("QUIT")
                 return lines[0].rsplit(" ", 1)[1]

@@ -39,15 +39,9 @@ class OperatorMetricsTests(unittest.TestCase):
         def run():
             c = Client(self.gw.port)
             try:
-                c.reply()
-                c.cmd("EHLO x")
-                c.cmd("MAIL FROM:<a@example.org>")
-                for r in rcpts:
-                    c.cmd("RCPT TO:<%s>" % r)
+                replies = c.transaction(rcpts, "Subject: m\r\n\r\nx\r\n" if data else None)
                 if data:
-                    c.cmd("DATA")
-                    c.send("Subject: m\r\n\r\nx\r\n.\r\n")
-                    self.assertEqual(c.reply()[0], 250)
+                    self.assertEqual(replies[-1][0], 250)
                 c.cmd("QUIT")
             finally:
                 c.close()

@@ -56,10 +56,7 @@ class ReloadTests(unittest.TestCase):
         def run():
             c = Client(self.gw.port)
             try:
-                c.reply()
-                c.cmd("EHLO x")
-                c.cmd("MAIL FROM:<a@example.org>")
-                return [c.cmd("RCPT TO:<%s>" % r)[0] for r in rcpts]
+                return [code for code, _ in c.transaction(rcpts)[3:]]
             finally:
                 c.close()
 
@@ -183,11 +180,7 @@ class WorkersReloadTests(unittest.TestCase):
         def secondRecipient():
             c = Client(port)
             try:
-                c.reply()
-                c.cmd("EHLO x")
-                c.cmd("MAIL FROM:<a@example.org>")
-                c.cmd("RCPT TO:<b@example.net>")
-                return c.cmd("RCPT TO:<c@example.net>")[0]
+                return c.transaction(["b@example.net", "c@example.net"])[-1][0]
             finally:
                 c.close()
 

@@ -1,5 +1,5 @@
 """
-Trust says who the client is, never that it may relay (issue 12), over real
+Trust says who the client is, never that it may relay, over real
 loopback sockets: relaying judged on the claimed identity, per-IP limits on
 the claimed client, the trace header, XCLIENT HELO= validation, AUTH PLAIN
 authzid, require_tls gating and the per-session settings bundle.

@@ -611,7 +611,7 @@ class XclientTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_identityInReceived(self):
-        """Checklist 70 (Received): NAME, ADDR, HELO; the real peer is left out (issue 12)."""
+        """Checklist 70 (Received): NAME, ADDR, HELO; the real peer is left out."""
         ports = []
 
         def run(c):
