@@ -30,6 +30,7 @@ from relaygw.context import ValidationContext
 from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
+from relaygw.starttls import StartTLS
 from relaygw.transaction import MailTransaction
 from relaygw.trust import peerIP
 from relaygw.verbs import IVerbSession
@@ -43,7 +44,7 @@ def newSessionId():
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
-class SMTPSession(MailTransaction, FlowControl, AuthCommand, Protocol, TimeoutMixin):
+class SMTPSession(MailTransaction, StartTLS, FlowControl, AuthCommand, Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -196,22 +197,6 @@ class SMTPSession(MailTransaction, FlowControl, AuthCommand, Protocol, TimeoutMi
     def timeoutConnection(self):
         log.info("[{session}] idle timeout", session=self.sessionId)
         self.reply(codes.TIMEOUT.format(host=self.hostname))
-
-    def handshakeCompleted(self):
-        """TLS is up (STARTTLS or implicit): record it in the context."""
-        self.tlsActive = True
-        info = self.factory.tlsInfo(self.transport)
-        self.context.update(**info)
-        verdict = self.settings.trust.afterHandshake(self.transport, self.verdict)
-        if verdict.trusted and not self.trusted:
-            # A verified client certificate is as good as a trusted address.
-            self.verdict, self.trusted = verdict, True
-            self.context.update(trusted=True, tls_client_verified=True)
-            log.info("[{session}] trusted by client certificate {subject}", session=self.sessionId,
-                     subject=info.get("tls_client_cert_subject"))
-        log.info("[{session}] TLS established {tls} {cipher}", session=self.sessionId,
-                 tls=info.get("tls"), cipher=info.get("tls_cipher"))
-        self.factory.stats("tls_handshakes")
 
     # -- output --------------------------------------------------------
 
@@ -501,11 +486,6 @@ class SMTPSession(MailTransaction, FlowControl, AuthCommand, Protocol, TimeoutMi
 
         return self._ask(self.settings.policy.helo(self.context), answer)
 
-    # -- transaction ---------------------------------------------------
-
-    def _needsTLS(self):
-        return self.listener.require_tls and not self.tlsActive
-
     # -- simple commands -----------------------------------------------
 
     def do_RSET(self, args):
@@ -530,21 +510,3 @@ class SMTPSession(MailTransaction, FlowControl, AuthCommand, Protocol, TimeoutMi
 
     def do_QUIT(self, args):
         return self.reply(codes.BYE.format(host=self.hostname))
-
-    # -- STARTTLS (RFC 3207) -------------------------------------------
-
-    def do_STARTTLS(self, args):
-        if args:
-            return self.reply(codes.SYNTAX.format(what="STARTTLS"))
-        if self.tlsActive:
-            return self.reply(codes.TLS_ACTIVE)
-        if self.settings.tls is None:
-            return self.reply(codes.TLS_UNAVAILABLE)
-        self.reply(codes.READY_TLS)
-        # CVE-2011-0411: whatever followed STARTTLS in plaintext is discarded.
-        if self.buf:
-            log.warn("[{session}] discarded {n} octets of plaintext pipelined after STARTTLS",
-                     session=self.sessionId, n=len(self.buf))
-            self.buf = b""
-        self.resetSession()
-        self.transport.startTLS(self.settings.tls.contextFactory)
