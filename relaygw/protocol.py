@@ -25,9 +25,9 @@ from zope.interface import implementer
 
 from relaygw import codes, maillog, wire
 from relaygw.authcommand import AuthCommand
-from relaygw.commands import parseHelo
 from relaygw.context import ValidationContext
 from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
+from relaygw.hello import Hello
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.starttls import StartTLS
@@ -44,7 +44,7 @@ def newSessionId():
 
 
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
-class SMTPSession(MailTransaction, StartTLS, FlowControl, AuthCommand, Protocol, TimeoutMixin):
+class SMTPSession(Hello, MailTransaction, StartTLS, FlowControl, AuthCommand, Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -434,57 +434,6 @@ class SMTPSession(MailTransaction, StartTLS, FlowControl, AuthCommand, Protocol,
         self.refusedSession = refusal
         self.greeted = True
         return self.reply(refusal)
-
-    # -- HELO / EHLO ---------------------------------------------------
-
-    def extensions(self):
-        """The EHLO keywords for this session, in a stable order."""
-        ext = {"PIPELINING": None, "SIZE": str(self.listener.max_message_size)}
-        if self.settings.tls is not None and not self.tlsActive:
-            ext["STARTTLS"] = None
-        if self.settings.portal is not None and not self.listener.always_allow and (
-            self.tlsActive or self.listener.auth_plaintext
-        ):
-            ext["AUTH"] = "PLAIN LOGIN"
-        ext["ENHANCEDSTATUSCODES"] = None
-        ext["8BITMIME"] = None
-        if self.trusted:
-            for name in self.listener.extensions:
-                ext[name.upper()] = self.factory.verbs[name.upper()].keyword
-        return ext
-
-    def do_EHLO(self, args):
-        return self._hello("EHLO", args)
-
-    def do_HELO(self, args):
-        return self._hello("HELO", args)
-
-    def _hello(self, verb, args):
-        if not args:
-            return self.reply(codes.HELO_SYNTAX.format(verb=verb))
-        name, args = parseHelo(args)
-        if name is None:
-            return self.reply(codes.HELO_SYNTAX.format(verb=verb))
-        self.resetTransaction()
-        self.helo = (verb, args)
-        self.context.update(
-            ehlo_domain=name,
-            ehlo_string="%s %s" % (verb.lower(), args),
-            protocol="ESMTP" if verb == "EHLO" else "SMTP",
-        )
-
-        def answer(refusal):
-            if refusal is not None:
-                self.helo = None
-                return self.reply(refusal)
-            if verb == "HELO":
-                return self.reply(codes.HELO_OK.format(host=self.hostname))
-            lines = [self.hostname]
-            for k, v in self.extensions().items():
-                lines.append(k if not v else "%s %s" % (k, v))
-            return self.reply(codes.HELO_OK, tuple(lines))  # a tuple: rendered once per listener
-
-        return self._ask(self.settings.policy.helo(self.context), answer)
 
     # -- simple commands -----------------------------------------------
 
