@@ -9,6 +9,8 @@ may add its own keys with XSETCONTEXT, but can never overwrite an owned one.
 
 import re
 
+from relaygw.trust import peerIP
+
 #: Connection keys the gateway owns (protocol.md section 14).
 OWNED_CONNECTION_KEYS = frozenset(
     """
@@ -198,6 +200,35 @@ class ValidationContext:
             "message": _copyJSON(self.message or {}),
             "client_keys": sorted(self.clientKeys),
         }
+
+
+def connectionContext(sessionId, listenerName, peer, local, proxied=None):
+    """
+    The context of a new connection, from facts the client cannot forge:
+    the socket's peer and local addresses (C{getPeer()}/C{getHost()}), and
+    the balancer's address when the connection came through PROXY
+    (C{proxied}: a L{relaygw.proxy} info, or C{None}).  The client
+    identity starts as the real peer; XCLIENT may change it later.
+    """
+    ip = peerIP(getattr(peer, "host", "127.0.0.1") or "127.0.0.1")
+    context = ValidationContext(
+        session_id=sessionId,
+        listener=listenerName,
+        remote_ip=ip,
+        remote_port=getattr(peer, "port", 0),
+        remote_name="unknown",
+        remote_name_status="perm",
+        local_ip=peerIP(getattr(local, "host", "127.0.0.1") or "127.0.0.1"),
+        local_port=getattr(local, "port", 0),
+        peer_ip=ip,
+        peer_port=getattr(peer, "port", 0),
+        protocol="SMTP",
+        connection_message_count=0,
+        connection_rcpt_count=0,
+    )
+    if proxied is not None and proxied.peer is not None:
+        context.update(proxy_peer_ip=peerIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
+    return context
 
 
 _SCALARS = frozenset((str, int, float, bool, type(None)))

@@ -25,14 +25,13 @@ from zope.interface import implementer
 
 from relaygw import codes, maillog, wire
 from relaygw.authcommand import AuthCommand
-from relaygw.context import ValidationContext
+from relaygw.context import connectionContext
 from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
 from relaygw.hello import Hello
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.starttls import StartTLS
 from relaygw.transaction import MailTransaction
-from relaygw.trust import peerIP
 from relaygw.verbs import IVerbSession
 
 log = Logger(namespace="relaygw.smtp")
@@ -108,30 +107,12 @@ class SMTPSession(Hello, MailTransaction, StartTLS, FlowControl, AuthCommand, Pr
         self.listener = self.settings.listener
         self.hostname = self.listener.hostname
         self.sessionId = newSessionId()
-        peer = self.transport.getPeer()
-        local = self.transport.getHost()
-        ip = peerIP(getattr(peer, "host", "127.0.0.1") or "127.0.0.1")
-        self.context = ValidationContext(
-            session_id=self.sessionId,
-            listener=self.listener.name,
-            remote_ip=ip,
-            remote_port=getattr(peer, "port", 0),
-            remote_name="unknown",
-            remote_name_status="perm",
-            local_ip=peerIP(getattr(local, "host", "127.0.0.1") or "127.0.0.1"),
-            local_port=getattr(local, "port", 0),
-            peer_ip=ip,
-            peer_port=getattr(peer, "port", 0),
-            protocol="SMTP",
-            connection_message_count=0,
-            connection_rcpt_count=0,
-        )
         proxied = f.proxyInfo(self.transport)
-        if proxied is not None and proxied.peer is not None:
-            self.context.update(proxy_peer_ip=peerIP(proxied.peer.host), proxy_peer_port=proxied.peer.port)
+        self.context = connectionContext(self.sessionId, self.listener.name, self.transport.getPeer(),
+                                         self.transport.getHost(), proxied)
         # Trust is decided once, here, from facts the client cannot forge;
         # it grants the trusted verbs, never relaying.
-        self.verdict = self.settings.trust.forConnection(ip, proxied)
+        self.verdict = self.settings.trust.forConnection(self.context["peer_ip"], proxied)
         self.trusted = self.verdict.trusted
         self.context.update(trusted=self.trusted)
         f.sessionStarted(self)

@@ -6,10 +6,12 @@ XSETCONTEXT (all or nothing, limited), and the message-level dictionary
 
 import json
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial import unittest
 
 from relaygw import context
 from relaygw.context import ContextError, ValidationContext, display, reservedKey
+from relaygw.proxy import ProxyInfo
 
 #: protocol.md section 14, verbatim (proxy_* and rcptto_* are prefixes).
 DOC_CONNECTION_KEYS = """
@@ -297,3 +299,28 @@ class DisplayTests(unittest.TestCase):
         self.assertEqual(display(0), "0")
         self.assertEqual(display(4567), "4567")
         self.assertEqual(display("x+y"), "x+y")
+
+
+class ConnectionContextTests(unittest.TestCase):
+    """relaygw.context.connectionContext: the context a new connection starts with."""
+
+    def test_fromSocketAddresses(self):
+        ctx = context.connectionContext("abc", "mx", IPv4Address("TCP", "192.0.2.7", 40000),
+                                        IPv4Address("TCP", "198.51.100.1", 25))
+        self.assertEqual(
+            (ctx["session_id"], ctx["listener"], ctx["remote_ip"], ctx["remote_port"], ctx["peer_ip"],
+             ctx["peer_port"], ctx["local_ip"], ctx["local_port"], ctx["remote_name"], ctx["protocol"]),
+            ("abc", "mx", "192.0.2.7", 40000, "192.0.2.7", 40000, "198.51.100.1", 25, "unknown", "SMTP"),
+        )
+        self.assertNotIn("proxy_peer_ip", ctx.connection)
+
+    def test_scopedLinkLocalPeer(self):
+        ctx = context.connectionContext("abc", "mx", IPv6Address("TCP", "fe80::1%eth0", 40000),
+                                        IPv6Address("TCP", "fe80::2%eth0", 25))
+        self.assertEqual((ctx["remote_ip"], ctx["local_ip"]), ("fe80::1", "fe80::2"))
+
+    def test_proxiedRecordsTheBalancer(self):
+        proxied = ProxyInfo("PROXY", 1, peer=IPv4Address("TCP", "10.0.0.5", 5555))
+        ctx = context.connectionContext("abc", "mx", IPv4Address("TCP", "192.0.2.7", 40000),
+                                        IPv4Address("TCP", "10.0.0.9", 25), proxied)
+        self.assertEqual((ctx["proxy_peer_ip"], ctx["proxy_peer_port"]), ("10.0.0.5", 5555))
