@@ -9,6 +9,13 @@ write backpressure (the session is a producer for its transport), every
 reply rendered from L{relaygw.codes} with enhanced status codes, and the
 STARTTLS injection fix.
 
+This module holds the session core: the connection's lifecycle, line
+input and command dispatch, reply output, state reset and the application
+of the trusted verbs' outcomes.  The commands with state of their own are
+mixins: HELO/EHLO (L{relaygw.hello}), the mail transaction
+(L{relaygw.transaction}), STARTTLS (L{relaygw.starttls}), AUTH
+(L{relaygw.authcommand}) and flow control (L{relaygw.flow}).
+
 Bare LF (protocol.md section 2): in the default C{normalize} mode a bare LF
 ends a line and is stored as CRLF, but never helps form the end of data:
 that is only C{CR LF . CR LF}.  In C{reject} mode a bare LF in a command
