@@ -30,7 +30,8 @@ from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
 from relaygw.sink import SpoolSink
-from relaygw.spool import Committer, PartitionLock, PartitionLocked, Spool, partitionDirectory, partitions
+from relaygw.durable import Committer
+from relaygw.spool import PartitionLock, PartitionLocked, Spool, partitionDirectory, partitions
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.workers import (

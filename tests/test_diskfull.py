@@ -15,7 +15,7 @@ import urllib.request
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from relaygw import spool as spoolModule
+from relaygw import durable
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, inThread
 from tests.helpers import RelayTestCase
@@ -93,7 +93,7 @@ class FaultInjectionTests(RelayTestCase):
         return {area: sorted(os.listdir(self.spool.path(area))) for area in ("tmp", "queue")}
 
     @defer.inlineCallbacks
-    def check(self, size, name, error, obj=spoolModule):
+    def check(self, size, name, error, obj=durable):
         """Inject C{error} into C{obj.name}; a message of C{size} gets 452 4.3.1, then one goes through."""
         calls = []
         fault = failing(getattr(obj, name), error, calls)
@@ -130,11 +130,11 @@ class FaultInjectionTests(RelayTestCase):
 
     def test_spillOpenENOSPC(self):
         """Creating tmp/ID for the streamed content fails."""
-        return self.check(BIG, "open", errno.ENOSPC, obj=spoolModule.os)
+        return self.check(BIG, "open", errno.ENOSPC, obj=os)
 
     def test_commitHeaderEIO(self):
         """Writing the content's size into the envelope line at commit fails."""
-        return self.check(BIG, "pwrite", errno.EIO, obj=spoolModule.os)
+        return self.check(BIG, "pwrite", errno.EIO, obj=os)
 
     def test_commitWriteENOSPC(self):
         """A small message is written by the disk thread at commit: that fails."""
@@ -142,12 +142,12 @@ class FaultInjectionTests(RelayTestCase):
 
     def test_commitSyncEIO(self):
         """The sync that makes the batch durable fails."""
-        self.patch(spoolModule, "_syncfs", lambda fd: False)  # one fsync per file
-        return self.check(SMALL, "fsync", errno.EIO, obj=spoolModule.os)
+        self.patch(durable, "_syncfs", lambda fd: False)  # one fsync per file
+        return self.check(SMALL, "fsync", errno.EIO, obj=os)
 
     def test_commitRenameEIO(self):
         """Renaming the durable file into queue/ fails."""
-        return self.check(SMALL, "rename", errno.EIO, obj=spoolModule.os)
+        return self.check(SMALL, "rename", errno.EIO, obj=os)
 
     @defer.inlineCallbacks
     def test_reusedSpentFileENOSPC(self):
@@ -194,8 +194,8 @@ class NextHopWriteTests(RelayTestCase):
     def test_maildirWriteENOSPC(self):
         """The Maildir can't be written: the message stays queued, deferred, and arrives once later."""
         yield self.gateway({})
-        fault = failing(spoolModule.writeAll, errno.ENOSPC)
-        self.patch(spoolModule, "writeAll", fault)
+        fault = failing(durable.writeAll, errno.ENOSPC)
+        self.patch(durable, "writeAll", fault)
         self.patch(self.gw.service.queue, "retryMin", 0.2)
         self.patch(self.gw.service.queue, "retryMax", 0.2)
         # Accepting needs writeAll too: let the message in, then arm the fault.
@@ -229,9 +229,9 @@ class NextHopWriteTests(RelayTestCase):
         hop, port = self.hop(rcpt={"b@example.net": "451 4.3.0 not now"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
         calls = []
-        fault = failing(spoolModule.writeAll, errno.ENOSPC, calls)
+        fault = failing(durable.writeAll, errno.ENOSPC, calls)
         fault.armed = False
-        self.patch(spoolModule, "writeAll", fault)
+        self.patch(durable, "writeAll", fault)
         factory = self.gw.service.factories[0]
         original = factory.onQueued
 
@@ -262,9 +262,9 @@ class NextHopWriteTests(RelayTestCase):
         self.patch(queue, "retryMin", 0.3)
         spool = self.gw.service.spool
         faults = []
-        fault = failing(spoolModule.writeAll, errno.ENOSPC, faults, once=True)
+        fault = failing(durable.writeAll, errno.ENOSPC, faults, once=True)
         fault.armed = False
-        self.patch(spoolModule, "writeAll", fault)
+        self.patch(durable, "writeAll", fault)
         newMessage = spool.newMessage
 
         def failingBounce(envelope):
@@ -390,7 +390,8 @@ class SpentFilesTests(unittest.TestCase):
     def test_releasedWhenShort(self):
         from twisted.internet import reactor
 
-        from relaygw.spool import Committer, Spool
+        from relaygw.durable import Committer
+        from relaygw.spool import Spool
 
         spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=1000)
         spool.open()

@@ -9,7 +9,8 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relaygw.relay.maildir import MaildirNextHop
-from relaygw.spool import Committer, Spool
+from relaygw.durable import Committer
+from relaygw.spool import Spool
 
 BODY = b"Subject: once\r\n\r\nbody\r\n"
 

@@ -17,7 +17,8 @@ from relaygw.relay.client import DeliveryOptions
 from relaygw.relay.nexthop import Result
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.smtp import SMTPNextHop, smarthostList
-from relaygw.spool import Committer, Spool
+from relaygw.durable import Committer
+from relaygw.spool import Spool
 from relaygw.testing import ScriptedSMTPFactory, ScriptedSMTPServer
 
 OK = Result(250, "2.0.0", "ok")

@@ -17,7 +17,8 @@ from relaygw.metrics import Metrics
 from relaygw.relay.nexthop import Result
 from relaygw.relay.queue import QueueManager
 from relaygw.scripts import queue as tool
-from relaygw.spool import Committer, MessageWriter, Spool
+from relaygw.durable import Committer
+from relaygw.spool import MessageWriter, Spool
 from relaygw.spoolapi import CorruptMessage
 from tests.helpers import RelayTestCase
 

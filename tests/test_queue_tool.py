@@ -12,7 +12,8 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relaygw.scripts import queue as tool
-from relaygw.spool import Committer, Spool
+from relaygw.durable import Committer
+from relaygw.spool import Spool
 from relaygw.testing import configText, inThread
 from tests.helpers import RelayTestCase, sendOne, sourceEnv
 

@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor, ssl
 from twisted.mail import smtp
 from twisted.trial import unittest
 
-from relaygw.relay import client
+from relaygw.relay import body, client
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
 
 CONTENT = (
@@ -201,7 +201,7 @@ class DeliveryTests(_DeliveryTestCase):
         Dot-stuffing is right wherever line starts fall in the chunks read,
         and content without a final CRLF gets one.
         """
-        self.patch(client._BodyProducer, "CHUNK_SIZE", 3)
+        self.patch(body._BodyProducer, "CHUNK_SIZE", 3)
         factory = _ScriptedFactory()
         port = self.listen(factory)
         content = b"Subject: x\r\n\r\n.a\r\n..\r\nb.\r\n.\r\n.\r\n..c"
@@ -218,7 +218,7 @@ class DeliveryTests(_DeliveryTestCase):
         data for it.
         """
         for chunkSize, goodReads in ((65536, 0), (3, 2)):
-            self.patch(client._BodyProducer, "CHUNK_SIZE", chunkSize)
+            self.patch(body._BodyProducer, "CHUNK_SIZE", chunkSize)
             client.open = lambda path, mode, n=goodReads, **kw: _FailingFile(open(path, mode, **kw), n)
             self.addCleanup(vars(client).pop, "open", None)
             factory = _ScriptedFactory()

@@ -13,7 +13,8 @@ from zope.interface.verify import verifyObject
 from relaygw import config
 from relaygw.context import ValidationContext
 from relaygw.sink import IIncomingMessage, IMessageSink, SpoolSink
-from relaygw.spool import Committer, Spool
+from relaygw.durable import Committer
+from relaygw.spool import Spool
 from relaygw.spoolapi import Envelope
 from relaygw.testing import MemorySink, SessionHarness, configText
 

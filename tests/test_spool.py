@@ -10,7 +10,8 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from relaygw.spool import Committer, Spool
+from relaygw.durable import Committer
+from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
 

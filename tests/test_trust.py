@@ -378,7 +378,7 @@ class OnwardAttributesTests(unittest.TestCase):
     NAMES = ["NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN"]
 
     def attributes(self, **connection):
-        from relaygw.relay.client import _identityAttributes
+        from relaygw.relay.identity import _identityAttributes
 
         return _identityAttributes(connection, self.NAMES, xclient=True)
 

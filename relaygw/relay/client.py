@@ -27,13 +27,12 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
-from relaygw.relay.body import _BodyInterrupted, _BodyProducer  # noqa: F401 (the body producer, for tests)
-from relaygw.relay.clientwire import (  # noqa: F401
+from relaygw.relay.body import _BodyInterrupted
+from relaygw.relay.clientwire import (
     RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary,
 )
-from relaygw.relay.identity import IdentityForwarding, _identityAttributes  # noqa: F401
+from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
-from relaygw.relay.nexthop import Result  # noqa: F401
 
 log = Logger(namespace="relaygw.relay.client")
 
@@ -63,10 +62,6 @@ class OutboundMessage:
     context: dict = field(default_factory=dict)
     size: Optional[int] = None
     openBody: Optional[Callable] = None
-
-
-#: One recipient's outcome (shared with the queue manager).
-RecipientResult = Result
 
 
 @dataclass

@@ -19,7 +19,7 @@ from twisted.internet.defer import gatherResults, succeed
 from zope.interface import implementer
 
 from relaygw.relay.nexthop import INextHop, Result
-from relaygw.spool import CommitJob
+from relaygw.durable import CommitJob
 
 _attempts = 0
 

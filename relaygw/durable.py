@@ -1,0 +1,250 @@
+"""
+Durable low-level writing for the spool and the Maildir next hop: the disk
+thread with group commit (L{Committer}), the job it runs (L{CommitJob}), and
+the small file helpers they share.  It knows nothing of the queue file's
+layout, which is L{relaygw.spool.Spool}'s alone.
+"""
+
+import ctypes
+import os
+import threading
+import time
+
+from twisted.internet import defer
+
+_libc = None
+
+
+def _syncfs(fd):
+    """C{syncfs(2)} where the platform has it; returns False otherwise."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.syncfs
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc:
+        return False
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return True
+
+
+_IOV_MAX = 1024  # POSIX's minimum is 16; Linux takes 1024
+
+
+def writeAll(fd, data):
+    """
+    os.write until every octet of C{data} (bytes, or an iterable of them)
+    is written; returns how many octets that was.
+    """
+    if not isinstance(data, bytes):
+        data = list(data)
+        total = sum(map(len, data))
+        if len(data) > _IOV_MAX:
+            data = b"".join(data)
+        else:
+            # One system call for the lot (each one costs the disk thread
+            # a turn at the GIL), unless the kernel takes only part of it.
+            written = os.writev(fd, data) if data else 0
+            if written == total:
+                return total
+            data = b"".join(data)[written:]
+    else:
+        total = len(data)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return total
+
+
+def removeFiles(paths):
+    """Remove each of C{paths}; one that is already gone is not an error."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def discardFile(fd, path):
+    """Close C{fd} (if open) and remove the unfinished file C{path}."""
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def fsyncDirectory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CommitJob:
+    """
+    Make a file durable, then rename it to C{finalPath}.
+
+    The file is either already open (C{fd}), or is created in the disk
+    thread from C{data} (bytes, or a callable returning the bytes to write
+    or a list of chunks), so the reactor thread never waits on the journal.
+    With C{reuse}, C{tmpPath} is a spent file that is overwritten and cut
+    to length instead of created: no inode is allocated.
+    """
+
+    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False):
+        self.tmpPath = tmpPath
+        self.finalPath = finalPath
+        self.fd = fd
+        self.data = data
+        self.reuse = reuse
+
+    def prepare(self):
+        """Runs in the disk thread: create (or reuse) and fill the file if needed."""
+        if self.fd is not None or self.data is None:
+            return
+        data = self.data() if callable(self.data) else self.data
+        self.data = None
+        if self.reuse:  # (created after all if it has gone missing)
+            self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT, 0o640)
+            os.ftruncate(self.fd, writeAll(self.fd, data))
+        else:
+            self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            writeAll(self.fd, data)
+
+    def abandon(self):
+        discardFile(self.fd, self.tmpPath)
+        self.fd = None
+
+
+class Committer:
+    """
+    The disk thread, with group commit: every job handed in while a batch
+    is being synced waits for the next batch, so one sync covers all the
+    messages that finished at about the same time.  Files are created,
+    synced, renamed and removed in this one thread, so the reactor thread
+    never blocks on file-system metadata.
+
+    @ivar mode: C{"grouped"} syncs the whole file system once per batch with
+        C{syncfs(2)} (falling back to one C{fsync} per file); C{"each"} fsyncs
+        every file.
+    """
+
+    def __init__(self, reactor, mode="grouped"):
+        self.reactor = reactor
+        self.mode = mode
+        self._pending = []
+        self._unlinks = []
+        self._busy = False
+        self._thread = None
+        self._work = None
+        self.batches = 0
+        self.jobs = 0
+        self.syncSeconds = 0.0
+
+    def commit(self, job):
+        """Queue C{job}; the Deferred fires once it is durable and renamed."""
+        d = defer.Deferred()
+        self._pending.append((job, d))
+        self._kick()
+        return d
+
+    def unlink(self, paths, keep=None):
+        """
+        Remove files in the disk thread (no sync needed); fires when done.
+        With C{keep}, the first of C{paths} is renamed to it instead.
+        """
+        d = defer.Deferred()
+        self._unlinks.append(((paths, keep), d))
+        self._kick()
+        return d
+
+    def _kick(self):
+        if self._busy:
+            return
+        batch, self._pending = self._pending, []
+        unlinks, self._unlinks = self._unlinks, []
+        if not batch and not unlinks:
+            return
+        self._busy = True
+        if self._thread is None:
+            import queue
+
+            self._work = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="relaygw-disk", daemon=True)
+            self._thread.start()
+        self._work.put((batch, unlinks))
+
+    def _run(self):
+        while True:
+            batch, unlinks = self._work.get()
+            started = time.monotonic()
+            unlinks = [(request, d, self._unlinkNow(*request)) for request, d in unlinks]
+            try:
+                if batch:
+                    self._sync([job for job, _ in batch])
+                error = None
+            except BaseException as e:  # reported on the reactor thread
+                error = e
+                for job, _ in batch:
+                    job.abandon()
+            self.reactor.callFromThread(self._done, batch, unlinks, error, time.monotonic() - started)
+
+    @staticmethod
+    def _unlinkNow(paths, keep):
+        """Runs in the disk thread: one unlink request; returns the error, if any, for its Deferred."""
+        try:
+            if keep is not None:
+                try:
+                    os.rename(paths[0], keep)
+                except FileNotFoundError:  # gone already: the next user creates it afresh
+                    pass
+                paths = paths[1:]
+            removeFiles(paths)
+        except OSError as e:  # EIO, EROFS...: the caller hears of it; the disk thread goes on
+            return e
+        return None
+
+    def _done(self, batch, unlinks, error, seconds):
+        self._busy = False
+        if batch:
+            self.batches += 1
+            self.jobs += len(batch)
+            self.syncSeconds += seconds
+        for _, d, failed in unlinks:
+            if failed is not None:
+                d.errback(failed)
+            else:
+                d.callback(None)
+        for _, d in batch:
+            if error is not None:
+                d.errback(error)
+            else:
+                d.callback(None)
+        self._kick()
+
+    def _sync(self, jobs):
+        """Runs in the disk thread: create, sync data, rename, sync directories."""
+        for job in jobs:
+            job.prepare()
+        synced = self.mode == "grouped" and _syncfs(jobs[0].fd)
+        for job in jobs:
+            if not synced:
+                os.fsync(job.fd)
+            os.close(job.fd)
+            job.fd = None
+            os.rename(job.tmpPath, job.finalPath)
+        # A reused file leaves its directory: that must be durable too, or
+        # after a crash the old name could hand a queued file out again.
+        for d in sorted({os.path.dirname(job.finalPath) for job in jobs} |
+                        {os.path.dirname(job.tmpPath) for job in jobs if job.reuse}):
+            fsyncDirectory(d)
+
+
+#: The file whose lock says which process owns a spool partition.
