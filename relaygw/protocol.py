@@ -11,8 +11,9 @@ STARTTLS injection fix.
 
 This module holds the session core: the connection's lifecycle, line
 input and command dispatch, reply output, state reset and the application
-of the trusted verbs' outcomes.  The commands with state of their own are
-mixins: HELO/EHLO (L{relaygw.hello}), the mail transaction
+of a refusal.  The commands with state of their own are mixins: the
+trusted verbs and their view of the session (L{relaygw.verbsession}),
+HELO/EHLO (L{relaygw.hello}), the mail transaction
 (L{relaygw.transaction}), STARTTLS (L{relaygw.starttls}), AUTH
 (L{relaygw.authcommand}) and flow control (L{relaygw.flow}).
 
@@ -33,13 +34,13 @@ from zope.interface import implementer
 from relaygw import codes, maillog, wire
 from relaygw.authcommand import AuthCommand
 from relaygw.context import connectionContext
-from relaygw.flow import CLOSE_TIMEOUT, LINGER, FlowControl  # noqa: F401 (CLOSE_TIMEOUT, LINGER: for tests)
+from relaygw.flow import FlowControl
 from relaygw.hello import Hello
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.starttls import StartTLS
 from relaygw.transaction import MailTransaction
-from relaygw.verbs import IVerbSession
+from relaygw.verbsession import TrustedVerbs
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -49,8 +50,8 @@ def newSessionId():
     return os.urandom(6).hex()
 
 
-@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, IVerbSession)
-class SMTPSession(Hello, MailTransaction, StartTLS, FlowControl, AuthCommand, Protocol, TimeoutMixin):
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
+class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, AuthCommand, Protocol, TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -304,25 +305,9 @@ class SMTPSession(Hello, MailTransaction, StartTLS, FlowControl, AuthCommand, Pr
             return self.reply(codes.POLICY_REFUSED_SESSION)
         if verb not in self.BEFORE_TLS and self._needsTLS():
             return self.reply(codes.TLS_REQUIRED)
-        handler = getattr(self, "do_" + verb) if verb in self.VERBS else None
-        if handler is None:
-            verbImpl = self.factory.verbs.get(verb)
-            if verbImpl is None:
-                return self.reply(codes.UNKNOWN_COMMAND)
-            if verb.lower() not in self.listener.extensions:
-                return self.reply(codes.NOT_IMPLEMENTED)
-            if verb == "XCLIENT" and not self.trusted and (self.inTransaction or not args.strip(" ")):
-                # Postfix's order: a transaction (503) and missing
-                # attributes (501) are reported before the trust refusal.
-                return self._runVerb(verb, verbImpl, args.strip(" "))
-            if not self.trusted:
-                log.warn("[{session}] refused {verb} from untrusted peer [{peer}]",
-                         session=self.sessionId, verb=verb, peer=self.context["peer_ip"])
-                self.factory.stats("verb_refused", verb)
-                return self.reply(codes.VERB_UNTRUSTED)
-            self.factory.stats("verb_used", verb)
-            return self._runVerb(verb, verbImpl, args.strip(" "))
-        return handler(args.strip(" "))
+        if verb not in self.VERBS:
+            return self.trustedVerb(verb, args.strip(" "))
+        return getattr(self, "do_" + verb)(args.strip(" "))
 
     def _ask(self, result, then):
         """
@@ -369,50 +354,6 @@ class SMTPSession(Hello, MailTransaction, StartTLS, FlowControl, AuthCommand, Pr
         old, self.sessionId = self.sessionId, newSessionId()
         self.context.update(session_id=self.sessionId)
         log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
-
-    # -- the trusted verbs' view (relaygw.verbs.IVerbSession) ------------
-
-    def resetIdentity(self, keepAuth=False, helo=None):
-        self.resetSession(keepHelo=False, keepAuth=keepAuth)
-        if helo is not None:
-            self.helo = ("HELO", helo)
-
-    def audit(self, verb, changes, renew=False):
-        """Log an accepted override with the real peer and old/new values."""
-        log.info(
-            "[{session}] {verb} from [{peer}] accepted: {changes}",
-            session=self.sessionId, verb=verb, peer=self.context["peer_ip"],
-            changes=", ".join("%s %r -> %r" % (k, old, new) for k, (old, new) in changes.items()),
-        )
-        if renew:
-            self.newSession(verb)
-
-    def rerunConnectPolicy(self):
-        """
-        A new identity: count the session against the claimed client
-        address (over the per-IP limits: 421 4.7.0 and close), then the
-        connect policy's refusal or C{None} (or a Deferred of one).
-        """
-        refusal = self.factory.clientClaimed(self)
-        if refusal is not None:
-            return refusal
-        return self.settings.policy.connect(self.context)
-
-    def _runVerb(self, verb, impl, args):
-        result = impl(self, args)
-        if isinstance(result, defer.Deferred):
-            return result.addCallback(self._verbOutcome, verb)
-        return self._verbOutcome(result, verb)
-
-    def _verbOutcome(self, outcome, verb):
-        """Apply a trusted verb's L{relaygw.verbs.Outcome}: the one place its refusals are applied."""
-        if outcome.refused is not None:
-            log.info("[{session}] {verb} from [{peer}] refused: {why}", session=self.sessionId,
-                     verb=verb, peer=self.context["peer_ip"], why=outcome.refused)
-            self.factory.stats("verb_refused", verb)
-        if outcome.sessionRefused:
-            return self._refuseSession(outcome.reply)
-        return self.reply(outcome.reply, outcome.lines)
 
     def _refuseSession(self, refusal):
         """

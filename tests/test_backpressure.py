@@ -12,7 +12,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from relaygw import protocol
+from relaygw import flow
 from relaygw.testing import Gateway, SessionHarness, inThread
 
 
@@ -47,7 +47,7 @@ class FlowControlTests(unittest.TestCase):
         # The slot is free at once, not when the peer lets go.
         self.assertEqual(dict(self.harness.factory.perIP), {})
         self.assertIsNone(transport.producer)
-        self.harness.clock.advance(protocol.CLOSE_TIMEOUT - 0.1)
+        self.harness.clock.advance(flow.CLOSE_TIMEOUT - 0.1)
         self.assertFalse(transport.aborted)
         self.harness.clock.advance(0.1)
         self.assertTrue(transport.aborted)
@@ -60,14 +60,14 @@ class FlowControlTests(unittest.TestCase):
         self.assertFalse(transport.disconnecting)
         self.client.send("NOOP\r\n" * 100)
         self.assertEqual(self.client.replies(), [])
-        self.harness.clock.advance(protocol.LINGER)
+        self.harness.clock.advance(flow.LINGER)
         self.assertTrue(transport.disconnecting)
 
     def test_tooManyErrorsClosesWithLinger(self):
         self.client.send("BOGUS\r\n" * 25)
         codes = [code for code, _ in self.client.replies()]
         self.assertEqual(codes, [500] * 19 + [500, 421])
-        self.harness.clock.advance(protocol.LINGER)
+        self.harness.clock.advance(flow.LINGER)
         self.assertTrue(self.client.transport.disconnecting)
 
     def test_idleTimeout(self):
