@@ -54,16 +54,10 @@ class QueueManager(Service):
                  lifetime=5 * 86400, bounceLifetime=5 * 86400, hostname="localhost", metrics=None,
                  pollInterval=2.0, deferAll=False):
         self.spool = spool
-        self.router = router
         self.reactor = reactor
-        self.concurrency = concurrency
-        self.retryMin = retryMin
-        self.retryMax = retryMax
-        self.lifetime = lifetime
-        self.bounceLifetime = bounceLifetime
-        self.hostname = hostname
         self.metrics = metrics
         self.pollInterval = pollInterval
+        self._configure(router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname)
         self.deferAll = deferAll
         self._poller = None
         self.ready = collections.deque()
@@ -79,8 +73,8 @@ class QueueManager(Service):
         self._rewrites = {}
         self._idle = []
 
-    def reconfigure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname, deferAll):
-        """A reloaded config: the next scheduling decisions and deliveries use it."""
+    def _configure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname):
+        """The settings a reload may change (see L{reconfigure})."""
         self.router = router
         self.concurrency = concurrency
         self.retryMin = retryMin
@@ -88,6 +82,10 @@ class QueueManager(Service):
         self.lifetime = lifetime
         self.bounceLifetime = bounceLifetime
         self.hostname = hostname
+
+    def reconfigure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname, deferAll):
+        """A reloaded config: the next scheduling decisions and deliveries use it."""
+        self._configure(router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname)
         wasDeferring, self.deferAll = self.deferAll, deferAll
         if wasDeferring and not deferAll and self.running:
             self.flush()
