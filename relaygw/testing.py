@@ -535,6 +535,17 @@ class SessionHarness:
         session.makeConnection(transport)
         return SessionClient(session, transport)
 
+    def spooled(self, queueId):
+        """
+        A message the sessions queued (see C{queued}), read back through the
+        spool's public API: C{(message, content)}, the
+        L{relaygw.spoolapi.ISpooledMessage} (its C{envelope} as stored) and
+        the content as it goes onward (the Received header first).
+        """
+        message = self.service.spool.load(queueId)
+        with message.openBody() as f:
+            return message, f.read()
+
 
 class HarnessTransport(StringTransport):
     """A L{StringTransport} that records STARTTLS and aborts."""
@@ -603,6 +614,43 @@ class SessionClient:
         """Send C{line} and return the next reply (it must have come at once)."""
         self.send(line + "\r\n")
         return self.reply()
+
+    def whenReply(self, timeout=10.0):
+        """
+        A Deferred firing with the next reply once it is sent: for replies
+        that wait on something outside the session (the spool's disk
+        thread at the end of DATA, password hashing for AUTH).  It fails
+        with an AssertionError after C{timeout} seconds without one.
+        """
+        from twisted.internet import reactor, task
+
+        @defer.inlineCallbacks
+        def wait():
+            deadline = time.monotonic() + timeout
+            while True:
+                self._parse()
+                if self._replies:
+                    return self._replies.pop(0)
+                if time.monotonic() > deadline:
+                    raise AssertionError("no reply within %s s" % (timeout,))
+                yield task.deferLater(reactor, 0.005, lambda: None)
+
+        return wait()
+
+    def line(self):
+        """
+        The next raw line sent (without CRLF), like L{Client.line}: for
+        tests of the reply format itself.  Replies read with L{reply} must
+        have been read whole before.
+        """
+        if self._replies or self._partial:
+            raise AssertionError("a reply was already parsed; read it with reply()")
+        data = self.take()
+        if b"\r\n" not in data:
+            self._pending = data
+            raise AssertionError("no line was sent")
+        line, self._pending = data.split(b"\r\n", 1)
+        return line.decode("latin-1")
 
     def closed(self, wait=None):
         """Whether the session has ended (its closing reply sent), like L{Client.closed}."""

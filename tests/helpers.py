@@ -340,6 +340,24 @@ def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verb
     return lines[0].rsplit(" ", 1)[1]
 
 
+@defer.inlineCallbacks
+def queueMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
+    """
+    L{sendMessage} for a harness session (L{SessionClient}) on the real
+    spool: waits for the end-of-data reply; fires with the queue id.
+    """
+    code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)
+    assert code == 250, (code, lines)
+    code, lines = c.cmd("RCPT TO:<%s>" % rcpt)
+    assert code == 250, (code, lines)
+    code, lines = c.cmd("DATA")
+    assert code == 354, (code, lines)
+    c.send("Subject: %s\r\n\r\nbody\r\n.\r\n" % subject)
+    code, lines = yield c.whenReply()
+    assert code == 250, (code, lines)
+    return lines[0].rsplit(" ", 1)[1]
+
+
 def spoolPids(directory):
     """The pids named by the spool's lock files: {partition: pid}."""
     out = {}
@@ -390,14 +408,25 @@ class SessionTestCase(unittest.TestCase):
     messages kept in C{self.sink} (a L{MemorySink}).  C{session(f)} runs
     C{f(client)} after the greeting, as L{GatewayTestCase.session} does
     over a socket.
+
+    With C{realSpool} set, accepted messages go to the harness's real
+    spool instead (C{self.sink} is None), which adds the Received header:
+    read them back with L{spooled}; the end-of-data reply then waits for
+    the disk thread (L{queueMessage}).
     """
 
     listener = {}
+    realSpool = False
 
     def setUp(self):
-        self.sink = MemorySink()
+        self.sink = None if self.realSpool else MemorySink()
         self.harness = SessionHarness(self.mktemp(), dict(self.listener), sink=self.sink)
         self.clock = self.harness.clock
+
+    def spooled(self, n=1):
+        """The messages queued so far, C{[(message, content)]}, asserting there are C{n}."""
+        self.assertEqual(len(self.harness.queued), n, self.harness.queued)
+        return [self.harness.spooled(queueId) for queueId in self.harness.queued]
 
     def client(self):
         c = self.harness.connect()
