@@ -2,9 +2,12 @@
 The trusted verbs XCLIENT, XREMOTEIP, XSETCONTEXT and XDUMPCONTEXT
 (protocol.md sections 1, 3, 10-14; checklist 17, 18, 56-72, 75-80).
 
-First the pure parsers, then real loopback sessions with the raw client:
-trust, advertisement, every refusal, the claimed identity as policy, logs,
-the spooled envelope, the Received header and onward XCLIENT see it.
+First the pure parsers, then sessions on a StringTransport with a
+task.Clock (L{relaygw.testing.SessionHarness}, no sockets): trust,
+advertisement, every refusal, the claimed identity as policy, logs, the
+spooled envelope and the Received header the spool writes.  What needs a
+real connection stays on a gateway on loopback sockets: context across a
+real TLS handshake, and the onward XCLIENT a next hop receives.
 Checklist 73 and 74 (nginx, swaks) are in test_interop_xclient; the xtext
 codec (81) and the context itself are in test_xtext and test_context.
 """
@@ -21,9 +24,9 @@ from zope.interface import implementer
 from relaygw import codes
 from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
-from relaygw.testing import Client, ScriptedSMTPFactory, inThread, receivedHeader
+from relaygw.testing import ScriptedSMTPFactory, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
-from tests.helpers import GatewayTestCase, TLSGatewayTestCase, conn, sendMessage
+from tests.helpers import GatewayTestCase, SessionTestCase, TLSGatewayTestCase, conn, queueMessage, sendMessage
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 #: Trust grants the verbs only: the claimed clients the tests send mail for
@@ -94,31 +97,19 @@ class LogCapture:
                 if formatPart in (e.get("log_format") or "") and all(e.get(k) == v for k, v in fields.items())]
 
 
-class VerbTestCase(GatewayTestCase):
+class VerbTestCase(SessionTestCase):
+    """
+    Sessions from 127.0.0.1 on the harness, accepted messages in its real
+    spool (which writes the Received header); nothing is delivered.
+    """
+
     listener = TRUSTED
+    realSpool = True
 
-    @defer.inlineCallbacks
-    def delivered(self, n=1, timeout=15):
-        """Wait until C{n} messages reached the outbox; return them."""
-        deadline = time.monotonic() + timeout
-        while True:
-            yield self.gw.service.queue.whenIdle()
-            msgs = self.gw.delivered()
-            if len(msgs) >= n or time.monotonic() > deadline:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(len(msgs), n)
-        return msgs
-
-    @defer.inlineCallbacks
-    def deliveredReceived(self):
-        [msg] = yield self.delivered()
-        return receivedHeader(msg)
-
-    @defer.inlineCallbacks
-    def keepInSpool(self):
-        """Stop the queue manager, so accepted messages stay in the spool."""
-        yield self.gw.service.queue.stopService()
+    def queuedReceived(self):
+        """The Received header of the one message queued, as the spool stored it."""
+        [(message, content)] = self.spooled()
+        return receivedHeader(content)
 
 
 # -- the pure parsers ---------------------------------------------------------
@@ -296,27 +287,25 @@ class UntrustedTests(VerbTestCase):
     @defer.inlineCallbacks
     def test_refusedXclientChangesNothing(self):
         """Checklist 56: the message shows the real peer, no override, no via."""
-        yield self.keepInSpool()
 
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO real.example")
             self.assertEqual(c.cmd("XCLIENT NAME=forged.example ADDR=192.0.2.7 HELO=forged.example LOGIN=root")[0],
                              550)
             self.assertEqual(c.cmd("XREMOTEIP 192.0.2.8")[0], 550)
             self.assertEqual(c.cmd("XSETCONTEXT binding=bulk")[0], 550)
-            return sendMessage(c)
+            return (yield queueMessage(c))
 
         qid = yield self.session(run)
-        m = self.gw.service.spool.load(qid)
+        m, content = self.harness.spooled(qid)
         ctx = m.envelope["context"]["connection"]
         self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["ehlo_domain"]),
                          ("127.0.0.1", "unknown", "real.example"))
         for key in ("overridden", "auth_user", "binding"):
             self.assertNotIn(key, ctx)
         self.assertEqual(m.envelope["context"]["client_keys"], [])
-        with open(m.path, "rb") as f:
-            f.seek(m.bodyOffset)
-            header = receivedHeader(f.read())
+        header = receivedHeader(content)
         self.assertTrue(header.startswith(b"Received: from real.example (unknown [127.0.0.1])\r\n\tby relay.test"),
                         header)
 
@@ -416,6 +405,7 @@ class XclientTests(VerbTestCase):
     def test_afterMailRefusedAndMessageKeepsOldIdentity(self):
         """Checklist 57."""
 
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO proxy.example")
             c.cmd("MAIL FROM:<a@example.org>")
@@ -424,10 +414,10 @@ class XclientTests(VerbTestCase):
             self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)  # the transaction goes on
             self.assertEqual(c.cmd("DATA")[0], 354)
             c.send("Subject: x\r\n\r\nx\r\n.\r\n")
-            self.assertEqual(c.reply()[0], 250)
+            self.assertEqual((yield c.whenReply())[0], 250)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from proxy.example (unknown [127.0.0.1])\r\n\tby "), header)
         self.assertNotIn(b"via", header)
 
@@ -556,13 +546,14 @@ class XclientTests(VerbTestCase):
     def test_nameXtextDecoded(self):
         """Checklist 67."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT NAME=mx+2Dxt.example.net ADDR=192.0.2.7")[0], 220)
             self.assertEqual(conn(c)["remote_name"], "mx-xt.example.net")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"(mx-xt.example.net [192.0.2.7])", header)
 
     def test_loginPlusKeptXsetcontextBadEscapeRefused(self):
@@ -586,27 +577,29 @@ class XclientTests(VerbTestCase):
     def test_ipv6AddressInReceived(self):
         """Checklist 69."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT ADDR=IPV6:2001:DB8:0:0::11")[0], 220)
             self.assertEqual(conn(c)["remote_ip"], "2001:db8::11")
             self.assertEqual(c.cmd("XCLIENT ADDR=ipv6:2001:db8::11 NAME=v6.example.net")[0], 220)
             c.cmd("EHLO v6-helo.example")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from v6-helo.example (v6.example.net [IPv6:2001:db8::11])\r\n"
                                           b"\tby relay.test "), header)
 
     @defer.inlineCallbacks
     def test_ipv4MappedAddressStoredAsIPv4(self):
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT ADDR=IPV6:::ffff:192.0.2.9")[0], 220)
             self.assertEqual(conn(c)["remote_ip"], "192.0.2.9")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"(unknown [192.0.2.9])", header)
 
     @defer.inlineCallbacks
@@ -614,15 +607,16 @@ class XclientTests(VerbTestCase):
         """Checklist 70 (Received): NAME, ADDR, HELO; the real peer is left out."""
         ports = []
 
+        @defer.inlineCallbacks
         def run(c):
-            ports.append(c.sock.getsockname()[1])
+            ports.append(c.transport.getPeer().port)
             c.cmd("EHLO proxy.example")
             self.assertEqual(c.cmd("XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 "
                                    "HELO=helo.example.net")[0], 220)
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(
             b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
             b"\tby relay.test (relaygw) with SMTP id "), header)
@@ -636,9 +630,10 @@ class XclientTests(VerbTestCase):
         """Checklist 70 (logs): the queued line names the claimed client; the audit line the real peer."""
         logs = LogCapture(self)
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT NAME=client.example.net ADDR=192.0.2.7")[0], 220)
-            return sendMessage(c)
+            return (yield queueMessage(c))
 
         qid = yield self.session(run)
         [queued] = logs.find("queued from=", event="queued", qid=qid)
@@ -651,16 +646,17 @@ class XclientTests(VerbTestCase):
     def test_loginAuthenticates(self):
         """Checklist 71: LOGIN=user authenticates as user."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT LOGIN=user@example.org")[0], 220)
             ctx = conn(c)
             self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["auth_status"]),
                              ("user@example.org", "XCLIENT", "pass"))
             c.cmd("EHLO e.example")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         # ESMTPA (RFC 3848), but no login name: Postfix's default.
         self.assertIn(b"with ESMTPA id ", header)
         self.assertNotIn(b"user@example.org", header)
@@ -669,6 +665,7 @@ class XclientTests(VerbTestCase):
     def test_loginUnavailableAuthenticatesNobody(self):
         """Checklist 71: LOGIN=[UNAVAILABLE] authenticates nobody."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT LOGIN=someone")[0], 220)
             self.assertEqual(c.cmd("XCLIENT LOGIN=[UNAVAILABLE]")[0], 220)
@@ -676,10 +673,10 @@ class XclientTests(VerbTestCase):
             for key in ("auth_user", "auth_name", "auth_status"):
                 self.assertNotIn(key, ctx)
             c.cmd("EHLO e.example")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"with ESMTP id ", header)
         self.assertNotIn(b"authenticated", header)
 
@@ -702,53 +699,57 @@ class XclientTests(VerbTestCase):
     def test_heloCountsAsGreeting(self):
         """HELO= stands for the client's HELO: no EHLO needed; Received names it (with SMTP)."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT HELO=helo.example.net ADDR=192.0.2.7")[0], 220)
             ctx = conn(c)
             self.assertEqual((ctx["ehlo_domain"], ctx["protocol"]), ("helo.example.net", "SMTP"))
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from helo.example.net (unknown [192.0.2.7])"), header)
         self.assertIn(b"with SMTP id", header)
 
     @defer.inlineCallbacks
     def test_protoAndHeloTogether(self):
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT PROTO=ESMTP HELO=helo.example.net")[0], 220)
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"from helo.example.net (", header)
         self.assertIn(b"with ESMTP id", header)
 
     @defer.inlineCallbacks
     def test_laterEhloReplacesHelo(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("XCLIENT HELO=helo.example.net")
             c.cmd("EHLO again.example")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from again.example (unknown [127.0.0.1])"), header)
 
     @defer.inlineCallbacks
     def test_xclientWithoutHeloForgetsEarlierHelo(self):
         """protocol.md section 1: XCLIENT resets HELO/EHLO unless HELO= is sent (also one set by HELO=)."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XCLIENT HELO=first.example")[0], 220)
             self.assertEqual(c.cmd("XCLIENT NAME=second.example")[0], 220)
             ctx = conn(c)
             self.assertNotIn("ehlo_domain", ctx)
             self.assertNotIn("helo_name", ctx)
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from unknown (second.example [127.0.0.1])"), header)
 
     def test_unavailableValues(self):
@@ -807,12 +808,13 @@ class XclientTests(VerbTestCase):
     def test_contextKeysSurviveXclientAndResets(self):
         """protocol.md section 1: XSETCONTEXT keys survive XCLIENT, EHLO, RSET, end of DATA."""
 
+        @defer.inlineCallbacks
         def run(c):
             self.assertEqual(c.cmd("XSETCONTEXT binding=bulk")[0], 250)
             c.cmd("XCLIENT ADDR=192.0.2.7 LOGIN=x")
             c.cmd("EHLO x")
             c.cmd("RSET")
-            sendMessage(c)
+            yield queueMessage(c)
             c.cmd("XREMOTEIP 192.0.2.8")
             c.cmd("XCLIENT LOGIN=[UNAVAILABLE]")
             self.assertEqual(conn(c)["binding"], "bulk")
@@ -821,9 +823,11 @@ class XclientTests(VerbTestCase):
 
 
 class XclientAuthTests(VerbTestCase):
-    """Checklist 66: AUTH is reset by XCLIENT unless LOGIN= was sent."""
+    """
+    Checklist 66: AUTH is reset by XCLIENT unless LOGIN= was sent.  The
+    password is hashed in a thread, so AUTH's reply comes later (C{auth}).
+    """
 
-    @defer.inlineCallbacks
     def setUp(self):
         import base64
 
@@ -833,36 +837,44 @@ class XclientAuthTests(VerbTestCase):
         PasswordFile(users).set("alice", "s3cret")
         self.listener = dict(TRUSTED, credentials=users, auth_plaintext=True)
         self.plain = "AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode()
-        yield VerbTestCase.setUp(self)
+        VerbTestCase.setUp(self)
+
+    def auth(self, c):
+        """Send the AUTH PLAIN command; a Deferred firing with its reply."""
+        c.send(self.plain + "\r\n")
+        return c.whenReply()
 
     def test_authResetWithoutLogin(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO x")
-            self.assertEqual(c.cmd(self.plain)[0], 235)
+            self.assertEqual((yield self.auth(c))[0], 235)
             self.assertEqual(conn(c)["auth_user"], "alice")
             self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.7")[0], 220)
             self.assertNotIn("auth_user", conn(c))
             c.cmd("EHLO x")
-            self.assertEqual(c.cmd(self.plain)[0], 235)  # not "already authenticated"
+            self.assertEqual((yield self.auth(c))[0], 235)  # not "already authenticated"
 
         return self.session(run)
 
     def test_loginReplacesAuth(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO x")
-            c.cmd(self.plain)
+            yield self.auth(c)
             self.assertEqual(c.cmd("XCLIENT LOGIN=bob")[0], 220)
             ctx = conn(c)
             self.assertEqual((ctx["auth_user"], ctx["auth_name"]), ("bob", "XCLIENT"))
             c.cmd("EHLO x")
-            self.assertEqual(c.cmd(self.plain), (503, ["5.5.1 Error: already authenticated"]))
+            self.assertEqual((yield self.auth(c)), (503, ["5.5.1 Error: already authenticated"]))
 
         return self.session(run)
 
     def test_loginUnavailableEndsAuth(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO x")
-            c.cmd(self.plain)
+            yield self.auth(c)
             self.assertEqual(c.cmd("XCLIENT LOGIN=[UNAVAILABLE]")[0], 220)
             self.assertNotIn("auth_user", conn(c))
 
@@ -947,13 +959,14 @@ class RecordingPolicyTests(VerbTestCase):
     listener = dict(TRUSTED, policy="tests.test_verbs.Recorder")
 
     def test_policyHooksSeeClaimedIdentity(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO proxy.example")
             c.cmd("XCLIENT NAME=client.example.net ADDR=192.0.2.7 PORT=4567 HELO=helo.example.net LOGIN=u")
-            sendMessage(c)
+            yield queueMessage(c)
 
         def check(_):
-            calls = self.gw.service.factories[0].policy.calls
+            calls = self.harness.factory.policy.calls
             hooks = [h for h, _ in calls]
             self.assertEqual(hooks, ["connect", "helo", "connect", "mail", "rcpt", "data"])
             first, second = calls[0][1], calls[2][1]
@@ -971,12 +984,10 @@ class RecordingPolicyTests(VerbTestCase):
         def run(c):
             c.cmd("XREMOTEIP 192.0.2.9")
 
-        def check(_):
-            calls = self.gw.service.factories[0].policy.calls
-            self.assertEqual([h for h, _ in calls], ["connect", "connect"])
-            self.assertEqual(calls[1][1]["remote_ip"], "192.0.2.9")
-
-        return self.session(run).addCallback(check)
+        self.session(run)
+        calls = self.harness.factory.policy.calls
+        self.assertEqual([h for h, _ in calls], ["connect", "connect"])
+        self.assertEqual(calls[1][1]["remote_ip"], "192.0.2.9")
 
 
 class ConnectPolicyRefusalTests(VerbTestCase):
@@ -1001,8 +1012,14 @@ class ConnectPolicyRefusalTests(VerbTestCase):
         return self.session(run)
 
 
-class OnwardXclientTests(VerbTestCase):
-    """Checklist 70 (onward XCLIENT): the next hop is told the claimed identity."""
+class OnwardXclientTests(GatewayTestCase):
+    """
+    Checklist 70 (onward XCLIENT): the next hop is told the claimed
+    identity.  On sockets: the subject is what the queue manager's
+    delivery client sends to a real (scripted) next hop.
+    """
+
+    listener = TRUSTED
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -1011,7 +1028,7 @@ class OnwardXclientTests(VerbTestCase):
         self.addCleanup(self._closeHop, port)
         self.relay = {"smarthosts": ["[127.0.0.1]:%d" % port.getHost().port], "forward_identity": True,
                       "retry_min": 0.3, "retry_max": 0.6}
-        yield VerbTestCase.setUp(self)
+        yield GatewayTestCase.setUp(self)
 
     def _closeHop(self, port):
         for p in self.hop.connections:
@@ -1056,27 +1073,25 @@ class IPv6PeerTests(VerbTestCase):
                 "received_shows_peer": True}
 
     def v6session(self, f):
-        def run():
-            c = Client(self.gw.port, host="::1")
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-            return f(c)
-
-        return inThread(run)
+        c = self.harness.connect(peer="::1", port=40001, local=("::1", 25))
+        self.addCleanup(c.lose)
+        self.assertEqual(c.reply()[0], 220)
+        return f(c)
 
     @defer.inlineCallbacks
     def test_realIPv6PeerNamedInVia(self):
         ports = []
 
+        @defer.inlineCallbacks
         def run(c):
-            ports.append(c.sock.getsockname()[1])
+            ports.append(c.transport.getPeer().port)
             self.assertIn(XCLIENT_KEYWORD, c.cmd("EHLO x")[1])
             self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.7")[0], 220)
             self.assertEqual(conn(c)["peer_ip"], "::1")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.v6session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"(unknown [192.0.2.7])\r\n\t(via [IPv6:::1] port %d)\r\n" % ports[0], header)
 
 
@@ -1120,17 +1135,18 @@ class XremoteipTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_afterMail503AndMessageKeepsAddress(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("MAIL FROM:<a@example.org>")
             self.assertEqual(c.cmd("XREMOTEIP 192.0.2.9"), (503, ["5.5.1 Error: MAIL transaction in progress"]))
             c.cmd("RCPT TO:<b@example.net>")
             c.cmd("DATA")
             c.send("Subject: x\r\n\r\nx\r\n.\r\n")
-            self.assertEqual(c.reply()[0], 250)
+            self.assertEqual((yield c.whenReply())[0], 250)
             self.assertEqual(c.cmd("XREMOTEIP 192.0.2.9")[0], 250)  # outside a transaction again
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertIn(b"(unknown [127.0.0.1])", header)
         self.assertNotIn(b"192.0.2.9", header)
 
@@ -1144,13 +1160,14 @@ class XremoteipTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_addressInReceived(self):
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("EHLO e.example")
             c.cmd("XREMOTEIP 192.0.2.7")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         self.assertTrue(header.startswith(b"Received: from e.example (unknown [192.0.2.7])\r\n\tby relay.test "),
                         header)
 
@@ -1224,15 +1241,14 @@ class XsetcontextTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_valuesInSpooledEnvelope(self):
-        yield self.keepInSpool()
-
+        @defer.inlineCallbacks
         def run(c):
             c.cmd("XSETCONTEXT binding=bulk tag=a+20b")
             c.cmd("XCLIENT ADDR=IPV6:2001:db8::11 NAME=[UNAVAILABLE] PORT=4567")
-            return sendMessage(c)
+            return (yield queueMessage(c))
 
         qid = yield self.session(run)
-        m = self.gw.service.spool.load(qid)
+        m, content = self.harness.spooled(qid)
         context = m.envelope["context"]
         c = context["connection"]
         self.assertEqual((c["binding"], c["tag"]), ("bulk", "a b"))
@@ -1240,14 +1256,16 @@ class XsetcontextTests(VerbTestCase):
         self.assertEqual((c["remote_ip"], c["remote_port"], c["remote_name"], c["peer_ip"]),
                          ("2001:db8::11", 4567, "unknown", "127.0.0.1"))
         self.assertEqual(context["message"]["rcptto"], ["b@example.net"])
-        with open(m.path, "rb") as f:
-            f.seek(m.bodyOffset)
-            self.assertTrue(f.read().startswith(b"Received: from unknown (unknown [IPv6:2001:db8::11])\r\n"
-                                                b"\tby relay.test "))
+        self.assertTrue(content.startswith(b"Received: from unknown (unknown [IPv6:2001:db8::11])\r\n"
+                                           b"\tby relay.test "))
 
 
 class ContextAcrossStartTLSTests(TLSGatewayTestCase):
-    """protocol.md section 1: XSETCONTEXT keys and the XCLIENT identity survive STARTTLS."""
+    """
+    protocol.md section 1: XSETCONTEXT keys and the XCLIENT identity
+    survive STARTTLS.  On sockets: the context's C{tls} value comes from a
+    real handshake.
+    """
 
     tlsListener = TRUSTED
 
@@ -1334,9 +1352,10 @@ class XdumpcontextTests(VerbTestCase):
         way a client gets them near the context: XCLIENT and XSETCONTEXT
         refuse them) are replaced with "?" as Postfix does, so they can
         never break a reply or a header.  Values that do hold control
-        characters print as +XX: see test_lineFeedEscapedWhenRendered.
+        characters print as +XX: see XdumpcontextRenderTests.
         """
 
+        @defer.inlineCallbacks
         def run(c):
             c.send("EHLO a\rb\x00c\xe9\r\n")
             self.assertEqual(c.reply()[0], 250)
@@ -1344,12 +1363,28 @@ class XdumpcontextTests(VerbTestCase):
             self.assertIn("250-2.0.0 [connection] ehlo_domain a?b?c?", lines)
             self.assertIn("250-2.0.0 [connection] ehlo_string ehlo a?b?c?", lines)
             self.assertEqual(lines[-1], "250 2.0.0 XDUMPCONTEXT complete")
-            sendMessage(c)
+            yield queueMessage(c)
 
         yield self.session(run)
-        header = yield self.deliveredReceived()
+        header = self.queuedReceived()
         # The trace header stays one clean line per field, too.
         self.assertTrue(header.startswith(b"Received: from a?b?c? (unknown [127.0.0.1])\r\n\tby "), header)
+
+    def test_longValueOnTheWire(self):
+        def run(c):
+            c.cmd("XSETCONTEXT note=" + "n" * 1000)
+            lines = self.rawDump(c)
+            self.assertEqual(lines[-1], "250 2.0.0 XDUMPCONTEXT complete")
+            note = [l for l in lines if l.startswith("250-2.0.0 [connection] note ")]
+            self.assertEqual(len(note), 3)
+            self.assertEqual("".join(l.split(" ", 3)[3] for l in note), "n" * 1000)
+            self.assertTrue(all(len(l) <= 510 for l in lines), [len(l) for l in lines])
+
+        return self.session(run)
+
+
+class XdumpcontextRenderTests(unittest.TestCase):
+    """How XDUMPCONTEXT lines are escaped, folded and rendered (no session)."""
 
     def test_longValueFoldedWithinReplyLineLimit(self):
         """
@@ -1369,18 +1404,6 @@ class XdumpcontextTests(VerbTestCase):
             self.assertLessEqual(len(line) + 2, 512)
         for l in folded:
             self.assertRegex(l[len("[connection] k "):], r"^(\+0A|[xy])+$")
-
-    def test_longValueOnTheWire(self):
-        def run(c):
-            c.cmd("XSETCONTEXT note=" + "n" * 1000)
-            lines = self.rawDump(c)
-            self.assertEqual(lines[-1], "250 2.0.0 XDUMPCONTEXT complete")
-            note = [l for l in lines if l.startswith("250-2.0.0 [connection] note ")]
-            self.assertEqual(len(note), 3)
-            self.assertEqual("".join(l.split(" ", 3)[3] for l in note), "n" * 1000)
-            self.assertTrue(all(len(l) <= 510 for l in lines), [len(l) for l in lines])
-
-        return self.session(run)
 
     def test_lineFeedEscapedWhenRendered(self):
         ctx = ValidationContext(k="a\r\n250 injected\x00", z="ok")
