@@ -303,7 +303,7 @@ class SMTPFactory(ServerFactory):
         self.metrics.event(self.listener.name, kind, *labels)
 
     def messageQueued(self, session, message, seconds):
-        self.metrics.queued(self.listener.name, message.envelope["size"], seconds)
+        self.metrics.queued(self.listener.name, message.size, seconds)
         if self.onQueued is not None:
             self.onQueued(message.queueId, message)
 

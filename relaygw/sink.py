@@ -57,8 +57,8 @@ class SpoolSink:
         self.spool = spool
 
     def begin(self, envelope, context, listener):
-        # The stored form; the spool assigns the queue id and the size.
-        writer = self.spool.newMessage({k: v for k, v in envelope.asDict().items() if k not in ("size", "queue_id")})
+        # The spool stores a copy, with the queue id and the size it assigns.
+        writer = self.spool.newMessage(envelope)
         incoming = IncomingMessage(writer, listener.max_message_size)
         writer.write(trace.receivedHeader(context, listener.hostname, writer.queueId, envelope.recipients,
                                           showPeer=listener.received_shows_peer,

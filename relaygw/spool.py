@@ -129,8 +129,7 @@ class SpooledMessage:
     """
     A committed message as read back from the spool.
 
-    @ivar envelope: the envelope dict (mailfrom, mail_params, recipients,
-        context, arrival, size).
+    @ivar envelope: its L{Envelope} (C{size}: the octets of content).
     @ivar bodyOffset: where the content starts in C{path}.
     """
 
@@ -146,22 +145,22 @@ class SpooledMessage:
 
     @property
     def mailfrom(self):
-        return self.envelope["mailfrom"]
+        return self.envelope.mailfrom
 
     @property
     def recipients(self):
-        return self._recipients if self._recipients is not None else self.envelope["recipients"]
+        return self._recipients if self._recipients is not None else self.envelope.recipients
 
     _recipients = None
 
     @property
     def size(self):
         """Octets of content sent onward (the Received header included)."""
-        return self.envelope["size"]
+        return self.envelope.size
 
     @property
     def arrival(self):
-        return self.envelope.get("arrival", 0.0)
+        return self.envelope.arrival
 
     def narrowed(self, recipients):
         """A view of this message for only C{recipients}."""
@@ -171,7 +170,7 @@ class SpooledMessage:
 
     @property
     def context(self):
-        return self.envelope.get("context", {}).get("connection", {})
+        return self.envelope.context.get("connection", {})
 
     def openBody(self):
         """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
@@ -182,6 +181,23 @@ class SpooledMessage:
             f.close()
             raise
         return f
+
+
+def _stored(envelope, queueId):
+    """
+    The stored form of a new message's envelope (an L{Envelope}, or its
+    stored form as a dict) and its L{Envelope}, which shares nothing with
+    the caller's.  The keys keep the order the queue file has always had.
+    """
+    if isinstance(envelope, Envelope):
+        stored = envelope.asDict()  # (a copy)
+        del stored["size"]
+        stored["queue_id"] = queueId
+    else:
+        stored = dict(envelope, queue_id=queueId)
+    return stored, Envelope(mailfrom=stored["mailfrom"], recipients=stored["recipients"],
+                            mail_params=stored.get("mail_params", {}), arrival=stored.get("arrival", 0.0),
+                            context=stored.get("context", {}), queue_id=queueId)
 
 
 #: The envelope line starts with the content's size, written when the
@@ -201,6 +217,7 @@ class MessageWriter:
     the error; L{commit} then fails with it.
 
     @ivar size: octets of content written so far.
+    @ivar envelope: the message's L{Envelope} (its C{size} set at commit).
     """
 
     SPILL = 256 * 1024
@@ -212,8 +229,8 @@ class MessageWriter:
         self.fd = None
         self.size = 0
         self.failed = None
-        self.envelope = envelope
-        line = json.dumps(envelope, separators=(",", ":")).encode("utf-8")
+        stored, self.envelope = _stored(envelope, queueId)
+        line = json.dumps(stored, separators=(",", ":")).encode("utf-8")
         self._chunks = [(_SIZE_HEAD % 0) + line[1:] + b"\n"]
         self._buffered = self.bodyOffset = len(self._chunks[0])
 
@@ -263,7 +280,7 @@ class MessageWriter:
             job = CommitJob(self.tmpPath, final, fd=self.fd)
         self.fd = None
         self._chunks = []
-        self.envelope["size"] = self.size
+        self.envelope.size = self.size
         d = self.spool.committer.commit(job)
         d.addCallbacks(lambda _: self.queueId, self._commitFailed)
         return d
@@ -381,11 +398,8 @@ class Spool:
         return sorted(queued)
 
     def newMessage(self, envelope):
-        if isinstance(envelope, Envelope):
-            envelope = {k: v for k, v in envelope.asDict().items() if k not in ("size", "queue_id")}
-        queueId = newQueueId()
-        envelope = dict(envelope, queue_id=queueId)
-        return MessageWriter(self, queueId, envelope)
+        """A L{MessageWriter} for a new message with C{envelope} (an L{Envelope}, or its stored form)."""
+        return MessageWriter(self, newQueueId(), envelope)
 
     def queueIds(self):
         try:
@@ -416,17 +430,17 @@ class Spool:
                 stored = json.loads(line)
             except (ValueError, RecursionError):
                 raise CorruptMessage("garbled envelope")
-            Envelope.fromDict(stored)
+            envelope = Envelope.fromDict(stored)
             actual = total - len(line)
-            declared = stored.pop("body_size", None)
+            declared = stored.get("body_size")
             # (A message queued before the size was recorded has none.)
             if declared is not None and declared != actual:
                 raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
         except CorruptMessage as e:
             e.path = path
             raise
-        stored["size"] = actual
-        return SpooledMessage(self, queueId, stored, len(line))
+        envelope.size = actual
+        return SpooledMessage(self, queueId, envelope, len(line))
 
     def readState(self, queueId):
         """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""

@@ -108,7 +108,7 @@ class ISpooledMessage(Interface):
     size = Attribute("octets of content sent onward")
     arrival = Attribute("when it was accepted (seconds since the epoch)")
     context = Attribute("the connection context recorded at acceptance")
-    envelope = Attribute("the envelope as a dict (read only)")
+    envelope = Attribute("the L{Envelope} (read only)")
 
     def narrowed(recipients):
         """A view of the same message for only C{recipients}."""
@@ -129,7 +129,11 @@ class ISpool(Interface):
         """Create the layout, discard what was never acknowledged; the queued ids, oldest first."""
 
     def newMessage(envelope):
-        """A writer for a new message (C{write()}, C{commit()}, C{abort()}, C{failed})."""
+        """
+        A writer for a new message (C{write()}, C{commit()}, C{abort()},
+        C{failed}, and C{message} once committed) with a copy of
+        C{envelope}: an L{Envelope}, or its stored form as a dict.
+        """
 
     def queueIds():
         """The ids of the queued messages, oldest first."""

@@ -728,6 +728,9 @@ class _MemoryMessage:
 
 
 class _Stored:
+    """The committed message as the queue manager would get it: its queue id, size and (a copy of) its envelope."""
+
     def __init__(self, queueId, envelope):
         self.queueId = queueId
-        self.envelope = envelope.asDict()
+        self.envelope = type(envelope)(**envelope.asDict())
+        self.size = envelope.size

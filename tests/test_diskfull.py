@@ -268,7 +268,7 @@ class NextHopWriteTests(RelayTestCase):
         newMessage = spool.newMessage
 
         def failingBounce(envelope):
-            if envelope["mailfrom"] == "" and not faults:
+            if envelope.mailfrom == "" and not faults:
                 fault.armed = True  # the bounce's commit (in the disk thread) fails once
             return newMessage(envelope)
 

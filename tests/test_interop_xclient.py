@@ -111,7 +111,7 @@ class SwaksTests(InteropTestCase):
                                  rb"\tby relay\.test \(relaygw\) with ESMTP id \S+\r\n"
                                  rb"\tfor <b@example\.net>; ")
         self.assertIn(b"Subject: swaks-xclient", msg)
-        ctx = self.envelopes[0]["context"]["connection"]
+        ctx = self.envelopes[0].context["connection"]
         self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_name_status"], ctx["remote_port"]),
                          ("192.0.2.7", "mail.example.net", "ok", 4567))
         self.assertEqual((ctx["helo_name"], ctx["ehlo_domain"]), ("helo.example.net", "swaks-ehlo.example"))
@@ -129,7 +129,7 @@ class SwaksTests(InteropTestCase):
         self.assertRegex(header, rb"^Received: from swaks-ehlo\.example \(mail\.example\.net \[192\.0\.2\.8\]\)\r\n"
                                  rb"\tby relay\.test \(relaygw\) with ESMTPA id ")
         self.assertNotIn(b"user+tag", header)  # the login is logged, not written in the trace
-        ctx = self.envelopes[0]["context"]["connection"]
+        ctx = self.envelopes[0].context["connection"]
         self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["auth_status"]),
                          ("user+tag@example.org", "XCLIENT", "pass"))
 
@@ -290,7 +290,7 @@ class NginxTests(NginxCase):
                                  rb"\tby relay\.test \(relaygw\) with ESMTP id \S+\r\n"
                                  rb"\tfor <b@example\.net>; ")
         self.assertIn(b"Subject: via nginx", msg)
-        ctx = self.envelopes[0]["context"]["connection"]
+        ctx = self.envelopes[0].context["connection"]
         self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_name_status"]),
                          ("127.0.0.1", "unknown", "perm"))
         self.assertEqual((ctx["overridden"], ctx["ehlo_domain"], ctx["peer_ip"]),
@@ -344,7 +344,7 @@ class NginxRelayTests(NginxCase):
         msg = yield self.delivered()
         self.assertTrue(receivedHeader(msg).startswith(b"Received: from inside.example (unknown [127.0.0.5])\r\n"
                                                        b"\tby relay.test (relaygw) with ESMTP id "), msg)
-        self.assertEqual(self.envelopes[0]["context"]["connection"]["remote_ip"], "127.0.0.5")
+        self.assertEqual(self.envelopes[0].context["connection"]["remote_ip"], "127.0.0.5")
 
     def held(self, sources):
         """Open one session per source through nginx, up to RCPT, and keep them open."""

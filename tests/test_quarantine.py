@@ -237,7 +237,8 @@ class InterfaceTests(unittest.TestCase):
         qid = yield w.commit()
         m = spool.load(qid)
         self.assertTrue(verifyObject(ISpooledMessage, m))
-        env = Envelope.fromDict(m.envelope)
+        env = m.envelope
+        self.assertIsInstance(env, Envelope)
         self.assertEqual((env.mailfrom, env.recipients, env.arrival, env.queue_id, env.size),
                          ("a@example.org", ["b@example.net"], 5.0, qid, len(BODY)))
         with m.narrowed(["b@example.net"]).openBody() as f:

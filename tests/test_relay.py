@@ -137,7 +137,7 @@ class SmarthostTests(RelayTestCase):
 
         def holdBounces(envelope):
             writer = newMessage(envelope)
-            if envelope["mailfrom"] == "":
+            if envelope.mailfrom == "":
                 writer.commit = lambda: held.append(writer) or defer.Deferred()
             return writer
 

@@ -50,7 +50,7 @@ class SpoolTests(unittest.TestCase):
         m = self.spool.load(qid)
         self.assertEqual(m.recipients, ["b@example.net"])
         self.assertEqual(m.context["remote_ip"], "192.0.2.1")
-        self.assertEqual(m.envelope["size"], 20)
+        self.assertEqual(m.envelope.size, 20)
         with open(m.path, "rb") as f:
             f.seek(m.bodyOffset)
             self.assertEqual(f.read(), b"Subject: x\r\n\r\nbody\r\n")
@@ -65,7 +65,7 @@ class SpoolTests(unittest.TestCase):
             self.assertLess(w._buffered, w.SPILL + len(chunk))
         qid = yield w.commit()
         m = self.spool.load(qid)
-        self.assertEqual(m.envelope["size"], 64 * 65536)
+        self.assertEqual(m.envelope.size, 64 * 65536)
 
     @defer.inlineCallbacks
     def test_concurrentCommitsShareSyncs(self):

@@ -507,7 +507,7 @@ class RelaygwToRelaygwTests(unittest.TestCase):
 
         yield self.session(self.gw.ports[0], claimed)
         [first] = yield self.arrivals(1)
-        ctx = first["context"]["connection"]
+        ctx = first.context["connection"]
         self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["remote_port"], ctx["ehlo_domain"]),
                          ("192.0.2.7", "client.example.net", 4567, "helo.example.net"))
         self.assertEqual((ctx["peer_ip"], ctx["overridden"]), ("127.0.0.1", True))
@@ -519,7 +519,7 @@ class RelaygwToRelaygwTests(unittest.TestCase):
 
         yield self.session(self.gw.ports[1], anonymous)
         [_, second] = yield self.arrivals(2)
-        ctx = second["context"]["connection"]
+        ctx = second.context["connection"]
         # ALWAYS-ALLOW logged in nobody: it goes on as LOGIN=[UNAVAILABLE] and
         # relays at the next hop on its own address (127.0.0.1), not a login.
         self.assertNotIn("auth_user", ctx)
@@ -536,8 +536,8 @@ class RelaygwToRelaygwTests(unittest.TestCase):
 
         yield self.session(self.gw.ports[0], refusedOnward)
         [bounce] = yield self.arrivals(1)
-        self.assertEqual((bounce["mailfrom"], bounce["recipients"]), ("", ["sender@example.org"]))
-        ctx = bounce["context"]["connection"]
+        self.assertEqual((bounce.mailfrom, bounce.recipients), ("", ["sender@example.org"]))
+        ctx = bounce.context["connection"]
         # No XCLIENT: the next hop judged the gateway itself.
         self.assertEqual((ctx["remote_ip"], ctx["peer_ip"]), ("127.0.0.1", "127.0.0.1"))
         self.assertNotIn("overridden", ctx)

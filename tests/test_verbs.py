@@ -299,12 +299,12 @@ class UntrustedTests(VerbTestCase):
 
         qid = yield self.session(run)
         m, content = self.harness.spooled(qid)
-        ctx = m.envelope["context"]["connection"]
+        ctx = m.envelope.context["connection"]
         self.assertEqual((ctx["remote_ip"], ctx["remote_name"], ctx["ehlo_domain"]),
                          ("127.0.0.1", "unknown", "real.example"))
         for key in ("overridden", "auth_user", "binding"):
             self.assertNotIn(key, ctx)
-        self.assertEqual(m.envelope["context"]["client_keys"], [])
+        self.assertEqual(m.envelope.context["client_keys"], [])
         header = receivedHeader(content)
         self.assertTrue(header.startswith(b"Received: from real.example (unknown [127.0.0.1])\r\n\tby relay.test"),
                         header)
@@ -1249,7 +1249,7 @@ class XsetcontextTests(VerbTestCase):
 
         qid = yield self.session(run)
         m, content = self.harness.spooled(qid)
-        context = m.envelope["context"]
+        context = m.envelope.context
         c = context["connection"]
         self.assertEqual((c["binding"], c["tag"]), ("bulk", "a b"))
         self.assertEqual(sorted(context["client_keys"]), ["binding", "tag"])

@@ -20,7 +20,7 @@ from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import FunctionRouter, IRouter, temporary
-from relaygw.spoolapi import CorruptMessage
+from relaygw.spoolapi import CorruptMessage, Envelope
 
 log = Logger(namespace="relaygw.queue")
 
@@ -310,9 +310,9 @@ class QueueManager(Service):
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
         recorded = outcome.record(attempt.state, message.recipients, attempt.outcomes, time.time(), self.policy,
-                                  message.mailfrom, message.envelope.get("arrival"), forced=attempt.forced)
+                                  message.mailfrom, message.arrival or None, forced=attempt.forced)
         now = time.time()
-        arrival = message.envelope.get("arrival") or attempt.started
+        arrival = message.arrival or attempt.started
         queuedAt = self.queuedAt.get(qid)
         # Postfix's delays=a/b/c/d: before the queue, in the queue, connection set-up, transmission.
         beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
@@ -427,10 +427,9 @@ class QueueManager(Service):
                      qid=message.queueId, rcpts=", ".join(failures))
             return defer.succeed(None)
         body = buildBounce(message, failures, self.hostname)
-        writer = self.spool.newMessage({
-            "mailfrom": "", "mail_params": {}, "recipients": [message.mailfrom], "arrival": time.time(),
-            "context": {"connection": {"bounce_for": message.queueId}, "message": {}},
-        })
+        writer = self.spool.newMessage(Envelope(
+            mailfrom="", recipients=[message.mailfrom], arrival=time.time(),
+            context={"connection": {"bounce_for": message.queueId}, "message": {}}))
         writer.write(body)
         d = writer.commit()
 

@@ -223,7 +223,7 @@ def _run(argv, out):
         try:
             summary = _summary(spool, args.id, now)
             m = spool.load(args.id)
-            shown = {"summary": summary, "envelope": m.envelope, "state": spool.readState(args.id)}
+            shown = {"summary": summary, "envelope": m.envelope.asDict(), "state": spool.readState(args.id)}
         except FileNotFoundError:  # delivered (and removed) since we looked
             err("no such message: %s" % args.id)
             return 1
