@@ -308,20 +308,16 @@ FLUSH_MARKER = "flush"
 RELEASE_MARKER = "release."
 
 
-class _StateWrite:
-    """A progress write in progress: who waits for it, and the state to write after it."""
-
-    def __init__(self, waiter):
-        self.waiters = [waiter]
-        self.next = None
-
-
 @implementer(ISpool)
 class Spool:
     """
-    The spool directory: new messages, recovery, progress and removal.
+    The spool directory: new messages, reading them back, progress and
+    removal.  Recovery and quarantine (L{SpoolRecovery}), progress records
+    (L{ProgressRecords}) and the operator's holds and requests
+    (L{OperatorRequests}) each have their own class; this one owns the
+    layout they share and is the L{ISpool} the rest of the gateway sees.
 
-    Layout (nothing outside this class knows it)::
+    Layout (nothing outside this module knows it)::
 
         tmp/ID        a message being received
         queue/ID      a committed message: one JSON envelope line (starting
@@ -353,7 +349,9 @@ class Spool:
         self.minFree = minFree
         self.lastStorageError = None
         self._spent = []
-        self._stateWrites = {}
+        self.recovery = SpoolRecovery(self)
+        self.progress = ProgressRecords(self)
+        self.requests = OperatorRequests(self)
 
     lock = None
 
@@ -380,22 +378,8 @@ class Spool:
         Create the layout and throw away what was never acknowledged.
         Returns the queue ids of the committed messages, oldest first.
         """
-        for area in self.AREAS:
-            os.makedirs(self.path(area), exist_ok=True)
-        for name in os.listdir(self.path("tmp")):
-            os.unlink(self.path("tmp", name))
-        queued = set(os.listdir(self.path("queue")))
-        self._spent = []
-        for name in os.listdir(self.path("spent")):
-            if len(self._spent) < self.SPENT and name not in queued:
-                self._spent.append(name)
-            else:
-                os.unlink(self.path("spent", name))
-        for area in ("state", "hold"):
-            for name in os.listdir(self.path(area)):
-                if name.endswith(".tmp") or name not in queued:
-                    os.unlink(self.path(area, name))
-        return sorted(queued)
+        queued, self._spent = self.recovery.open()
+        return queued
 
     def newMessage(self, envelope):
         """A L{MessageWriter} for a new message with C{envelope} (an L{Envelope}, or its stored form)."""
@@ -442,190 +426,58 @@ class Spool:
         envelope.size = actual
         return SpooledMessage(self, queueId, envelope, len(line))
 
+    # -- progress, recovery and the operator's requests -----------------
+
     def readState(self, queueId):
         """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""
-        path = self.path("state", queueId)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return {}
-        try:
-            state = json.loads(data) if data else None
-        except (ValueError, RecursionError):
-            raise CorruptMessage("garbled state file", path)
-        if state is None:
-            raise CorruptMessage("empty state file", path)
-        if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
-                or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())
-                or not isinstance(state.get("attempts", 0), int)
-                or not isinstance(state.get("next_attempt", 0), (int, float, type(None)))):
-            raise CorruptMessage("state file is not a progress record", path)
-        return state
+        return self.progress.read(queueId)
 
     def writeState(self, queueId, state):
-        """
-        Durably replace the progress record.  Through the committer when
-        there is one: the record joins the next grouped commit (one sync
-        for it and every message accepted meanwhile), so the reactor thread
-        never waits on the disk; returns a Deferred firing once it is
-        durable.  Writes for one message go to disk in order, and one that
-        waits behind another is replaced by a newer state handed in
-        meanwhile (only the latest matters).  Without a committer (the
-        relaygw-queue tool) it is written at once.
-        """
-        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
-        if self.committer is None:
-            return self._writeStateNow(queueId, data)
-        d = defer.Deferred()
-        writing = self._stateWrites.get(queueId)
-        if writing is not None:
-            writing.next = data  # goes to disk once the write in progress is done
-            writing.waiters.append(d)
-        else:
-            writing = self._stateWrites[queueId] = _StateWrite(d)
-            self._startStateWrite(queueId, data, writing)
-        return d
-
-    def _startStateWrite(self, queueId, data, writing):
-        final = self.path("state", queueId)
-        waiters, writing.waiters = writing.waiters, []
-
-        def written(result):
-            if writing.next is not None:  # (tried even when this one failed)
-                data, writing.next = writing.next, None
-                self._startStateWrite(queueId, data, writing)
-            else:
-                del self._stateWrites[queueId]
-                waiters.extend(writing.waiters)
-            for d in waiters:
-                d.errback(result) if isinstance(result, failure.Failure) else d.callback(None)
-
-        self.committer.commit(CommitJob(final + ".tmp", final, data=data)).addBoth(written)
+        """Durably replace the progress record (L{ProgressRecords.write})."""
+        return self.progress.write(queueId, state)
 
     def whenStateWritten(self, queueId):
         """Fires once no progress write for C{queueId} is in progress (never fails)."""
-        writing = self._stateWrites.get(queueId)
-        if writing is None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        writing.waiters.append(d)
-        return d.addErrback(lambda _: None)
-
-    def _writeStateNow(self, queueId, data):
-        final = self.path("state", queueId)
-        tmp = final + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        fsyncDirectory(self.path("state"))
-        return defer.succeed(None)
-
-    # -- quarantine ----------------------------------------------------
+        return self.progress.whenWritten(queueId)
 
     def quarantine(self, queueId, reason):
-        """
-        Move the message's files to C{corrupt/} (the queue file as ID, its
-        progress as ID.state) next to ID.reason, so it is never tried
-        again and an operator can look at it.  Never raises.
-        """
-        area = self.path("corrupt")
-        try:
-            os.makedirs(area, exist_ok=True)
-            with open(os.path.join(area, queueId + ".reason"), "w") as f:
-                json.dump({"reason": str(reason), "time": time.time()}, f)
-        except OSError:
-            pass  # the files still move; the reason is then unknown
-        for src, dst in (("state", queueId + ".state"), ("queue", queueId)):
-            try:
-                os.rename(self.path(src, queueId), os.path.join(area, dst))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.error("cannot quarantine {path}: {error}", path=self.path(src, queueId), error=e)
-        removeFiles([self.path("hold", queueId)])
+        """Set the message aside in C{corrupt/} (L{SpoolRecovery.quarantine}); never raises."""
+        self.recovery.quarantine(queueId, reason)
 
     def corrupt(self):
         """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
-        try:
-            names = os.listdir(self.path("corrupt"))
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in sorted(names):
-            if "." in name:
-                continue
-            reason, when = "unknown", None
-            try:
-                with open(self.path("corrupt", name + ".reason"), "rb") as f:
-                    recorded = json.loads(f.read())
-                reason, when = str(recorded["reason"]), float(recorded["time"])
-            except (OSError, ValueError, KeyError, TypeError, RecursionError):
-                pass
-            found.append((name, reason, when))
-        return found
+        return self.recovery.corrupt()
 
     def discardCorrupt(self, queueId):
         """Remove a quarantined message; False when there is none."""
-        if not os.path.exists(self.path("corrupt", queueId)):
-            return False
-        removeFiles([self.path("corrupt", queueId + suffix) for suffix in ("", ".state", ".reason")])
-        return True
+        return self.recovery.discardCorrupt(queueId)
 
-    # -- hold, release and flush requests -----------------------------
+    def adopt(self, source):
+        """Take over the messages of the spool layout at C{source}; how many moved."""
+        return self.recovery.adopt(source)
 
     def hold(self, queueId):
         """Keep C{queueId} from being delivered; False when it is not queued."""
-        if not self.exists(queueId):
-            return False
-        with open(self.path("hold", queueId), "w"):
-            pass
-        if not self.exists(queueId):
-            # Delivered meanwhile: leave no stray marker behind.
-            removeFiles([self.path("hold", queueId)])
-            return False
-        return True
+        return self.requests.hold(queueId)
 
     def release(self, queueId):
         """Let a held message go and ask for an attempt now; False (and nothing done) when it was not held."""
-        try:
-            os.unlink(self.path("hold", queueId))
-        except FileNotFoundError:
-            return False
-        self.requestFlush(queueId)
-        return True
+        return self.requests.release(queueId)
 
     def isHeld(self, queueId):
-        return os.path.exists(self.path("hold", queueId))
+        return self.requests.isHeld(queueId)
 
     def clearStrayHolds(self):
-        """
-        Remove hold markers whose message has gone: one held just as its
-        first attempt delivered it (which removes only the queue file).
-        """
-        for queueId in os.listdir(self.path("hold")):
-            if not os.path.exists(self.path("queue", queueId)):
-                removeFiles([self.path("hold", queueId)])
+        """Remove hold markers whose message has gone."""
+        self.requests.clearStrayHolds()
 
     def requestFlush(self, queueId=None):
-        """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
-        marker = FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId
-        with open(os.path.join(self.directory, marker), "w"):
-            pass
+        """Ask the running queue manager to retry everything, or only C{queueId}."""
+        self.requests.requestFlush(queueId)
 
     def takeRequests(self):
         """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
-        flushAll, ids = False, []
-        for name in os.listdir(self.directory):
-            if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
-                removeFiles([os.path.join(self.directory, name)])
-                if name == FLUSH_MARKER:
-                    flushAll = True
-                else:
-                    ids.append(name[len(RELEASE_MARKER):])
-        return flushAll, ids
+        return self.requests.take()
 
     # -- room ------------------------------------------------------------
 
@@ -697,8 +549,8 @@ class Spool:
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
             return removeFiles(paths)
-        if queueId in self._stateWrites:  # its progress file must not appear after the removal
-            return self.whenStateWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
+        if self.progress.writing(queueId):  # its progress file must not appear after the removal
+            return self.progress.whenWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
         if len(self._spent) >= self.SPENT:
             return self.committer.unlink(paths)
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))
@@ -711,6 +563,145 @@ class Spool:
 
     def writable(self):
         return os.access(self.path("tmp"), os.W_OK)
+
+
+class _StateWrite:
+    """A progress write in progress: who waits for it, and the state to write after it."""
+
+    def __init__(self, waiter):
+        self.waiters = [waiter]
+        self.next = None
+
+
+class ProgressRecords:
+    """
+    The per-recipient delivery progress of the queued messages
+    (C{state/ID}): read back, and replaced durably, in order.
+    """
+
+    def __init__(self, spool):
+        self.spool = spool
+        self._writes = {}
+
+    def read(self, queueId):
+        """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""
+        path = self.spool.path("state", queueId)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return {}
+        try:
+            state = json.loads(data) if data else None
+        except (ValueError, RecursionError):
+            raise CorruptMessage("garbled state file", path)
+        if state is None:
+            raise CorruptMessage("empty state file", path)
+        if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
+                or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())
+                or not isinstance(state.get("attempts", 0), int)
+                or not isinstance(state.get("next_attempt", 0), (int, float, type(None)))):
+            raise CorruptMessage("state file is not a progress record", path)
+        return state
+
+    def write(self, queueId, state):
+        """
+        Durably replace the progress record.  Through the committer when
+        there is one: the record joins the next grouped commit (one sync
+        for it and every message accepted meanwhile), so the reactor thread
+        never waits on the disk; returns a Deferred firing once it is
+        durable.  Writes for one message go to disk in order, and one that
+        waits behind another is replaced by a newer state handed in
+        meanwhile (only the latest matters).  Without a committer (the
+        relaygw-queue tool) it is written at once.
+        """
+        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        if self.spool.committer is None:
+            return self._writeNow(queueId, data)
+        d = defer.Deferred()
+        writing = self._writes.get(queueId)
+        if writing is not None:
+            writing.next = data  # goes to disk once the write in progress is done
+            writing.waiters.append(d)
+        else:
+            writing = self._writes[queueId] = _StateWrite(d)
+            self._start(queueId, data, writing)
+        return d
+
+    def _start(self, queueId, data, writing):
+        final = self.spool.path("state", queueId)
+        waiters, writing.waiters = writing.waiters, []
+
+        def written(result):
+            if writing.next is not None:  # (tried even when this one failed)
+                data, writing.next = writing.next, None
+                self._start(queueId, data, writing)
+            else:
+                del self._writes[queueId]
+                waiters.extend(writing.waiters)
+            for d in waiters:
+                d.errback(result) if isinstance(result, failure.Failure) else d.callback(None)
+
+        self.spool.committer.commit(CommitJob(final + ".tmp", final, data=data)).addBoth(written)
+
+    def writing(self, queueId):
+        """Whether a progress write for C{queueId} is in progress."""
+        return queueId in self._writes
+
+    def whenWritten(self, queueId):
+        """Fires once no progress write for C{queueId} is in progress (never fails)."""
+        writing = self._writes.get(queueId)
+        if writing is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        writing.waiters.append(d)
+        return d.addErrback(lambda _: None)
+
+    def _writeNow(self, queueId, data):
+        final = self.spool.path("state", queueId)
+        tmp = final + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsyncDirectory(self.spool.path("state"))
+        return defer.succeed(None)
+
+
+class SpoolRecovery:
+    """
+    What is already on disk: the scan at start (what was never
+    acknowledged goes), messages taken over from another spool layout, and
+    the quarantine of files that cannot be read back.
+    """
+
+    def __init__(self, spool):
+        self.spool = spool
+
+    def open(self):
+        """
+        Create the layout, throw away what was never acknowledged and the
+        progress and hold markers of messages that have gone.  Returns the
+        committed queue ids, oldest first, and the spent files to reuse.
+        """
+        spool = self.spool
+        for area in spool.AREAS:
+            os.makedirs(spool.path(area), exist_ok=True)
+        for name in os.listdir(spool.path("tmp")):
+            os.unlink(spool.path("tmp", name))
+        queued = set(os.listdir(spool.path("queue")))
+        spent = []
+        for name in os.listdir(spool.path("spent")):
+            if len(spent) < spool.SPENT and name not in queued:
+                spent.append(name)
+            else:
+                os.unlink(spool.path("spent", name))
+        for area in ("state", "hold"):
+            for name in os.listdir(spool.path(area)):
+                if name.endswith(".tmp") or name not in queued:
+                    os.unlink(spool.path(area, name))
+        return sorted(queued), spent
 
     def adopt(self, source):
         """
@@ -725,11 +716,125 @@ class Spool:
             src = os.path.join(source, area)
             entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
             if entries:
-                os.makedirs(self.path(area), exist_ok=True)
+                os.makedirs(self.spool.path(area), exist_ok=True)
             for entry in entries:
-                os.rename(os.path.join(src, entry), self.path(area, entry))
+                os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                 moved += area == "queue"
         spent = os.path.join(source, "spent")
         if os.path.isdir(spent):
             removeFiles([os.path.join(spent, name) for name in os.listdir(spent)])
         return moved
+
+    def quarantine(self, queueId, reason):
+        """
+        Move the message's files to C{corrupt/} (the queue file as ID, its
+        progress as ID.state) next to ID.reason, so it is never tried
+        again and an operator can look at it.  Never raises.
+        """
+        spool = self.spool
+        area = spool.path("corrupt")
+        try:
+            os.makedirs(area, exist_ok=True)
+            with open(os.path.join(area, queueId + ".reason"), "w") as f:
+                json.dump({"reason": str(reason), "time": time.time()}, f)
+        except OSError:
+            pass  # the files still move; the reason is then unknown
+        for src, dst in (("state", queueId + ".state"), ("queue", queueId)):
+            try:
+                os.rename(spool.path(src, queueId), os.path.join(area, dst))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot quarantine {path}: {error}", path=spool.path(src, queueId), error=e)
+        removeFiles([spool.path("hold", queueId)])
+
+    def corrupt(self):
+        """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
+        try:
+            names = os.listdir(self.spool.path("corrupt"))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in sorted(names):
+            if "." in name:
+                continue
+            reason, when = "unknown", None
+            try:
+                with open(self.spool.path("corrupt", name + ".reason"), "rb") as f:
+                    recorded = json.loads(f.read())
+                reason, when = str(recorded["reason"]), float(recorded["time"])
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                pass
+            found.append((name, reason, when))
+        return found
+
+    def discardCorrupt(self, queueId):
+        """Remove a quarantined message; False when there is none."""
+        if not os.path.exists(self.spool.path("corrupt", queueId)):
+            return False
+        removeFiles([self.spool.path("corrupt", queueId + suffix) for suffix in ("", ".state", ".reason")])
+        return True
+
+
+class OperatorRequests:
+    """
+    What relaygw-queue asks of the running queue manager through the
+    spool directory: hold markers, and flush and release requests.
+    """
+
+    def __init__(self, spool):
+        self.spool = spool
+
+    def hold(self, queueId):
+        """Keep C{queueId} from being delivered; False when it is not queued."""
+        spool = self.spool
+        if not spool.exists(queueId):
+            return False
+        with open(spool.path("hold", queueId), "w"):
+            pass
+        if not spool.exists(queueId):
+            # Delivered meanwhile: leave no stray marker behind.
+            removeFiles([spool.path("hold", queueId)])
+            return False
+        return True
+
+    def release(self, queueId):
+        """Let a held message go and ask for an attempt now; False (and nothing done) when it was not held."""
+        try:
+            os.unlink(self.spool.path("hold", queueId))
+        except FileNotFoundError:
+            return False
+        self.requestFlush(queueId)
+        return True
+
+    def isHeld(self, queueId):
+        return os.path.exists(self.spool.path("hold", queueId))
+
+    def clearStrayHolds(self):
+        """
+        Remove hold markers whose message has gone: one held just as its
+        first attempt delivered it (which removes only the queue file).
+        """
+        spool = self.spool
+        for queueId in os.listdir(spool.path("hold")):
+            if not os.path.exists(spool.path("queue", queueId)):
+                removeFiles([spool.path("hold", queueId)])
+
+    def requestFlush(self, queueId=None):
+        """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
+        marker = FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId
+        with open(os.path.join(self.spool.directory, marker), "w"):
+            pass
+
+    def take(self):
+        """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
+        flushAll, ids = False, []
+        directory = self.spool.directory
+        for name in os.listdir(directory):
+            if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
+                removeFiles([os.path.join(directory, name)])
+                if name == FLUSH_MARKER:
+                    flushAll = True
+                else:
+                    ids.append(name[len(RELEASE_MARKER):])
+        return flushAll, ids
