@@ -438,3 +438,43 @@ class SessionTestCase(unittest.TestCase):
         code, _ = c.reply()
         self.assertEqual(code, 220)
         return f(c)
+
+
+class TLSSessionTestCase(SessionTestCase):
+    """
+    L{SessionTestCase} on a listener with a self-signed certificate for
+    relay.test (C{tlsListener} overrides); C{starttls(c)} runs STARTTLS with
+    a real TLS handshake in memory (L{SessionClient.starttls}).
+    """
+
+    tlsListener = {}
+
+    def setUp(self):
+        self.tlsdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.tlsdir)
+        self.cert = os.path.join(self.tlsdir, "cert.pem")
+        self.key = os.path.join(self.tlsdir, "key.pem")
+        generateSelfSigned(self.cert, self.key, "relay.test")
+        self.listener = dict(self.tlsListener, tls_certificate=self.cert, tls_key=self.key)
+        SessionTestCase.setUp(self)
+
+    def starttls(self, c, cert=None):
+        """STARTTLS on harness client C{c}, then the client's handshake; returns C{c}."""
+        self.assertEqual(c.cmd("STARTTLS"), (220, ["2.0.0 Ready to start TLS"]))
+        c.starttls(clientContext(cert))
+        return c
+
+
+@defer.inlineCallbacks
+def authReply(harness, c, line):
+    """
+    Send an AUTH line (or an AUTH exchange line) on harness client C{c} and
+    wait for its reply: the harness clock runs the wait before verifying
+    that recent failures from the client impose, and the password is hashed
+    in the reactor's threads.
+    """
+    wait = harness.factory.authFailures.delay(c.session.context["remote_ip"])
+    c.send(line + "\r\n")
+    harness.clock.advance(wait)
+    reply = yield c.whenReply()
+    return reply
