@@ -1,6 +1,7 @@
 """
-AUTH over real loopback sockets (RFC 4954, checklist 51-55), ALWAYS-ALLOW,
-and swaks -tls -a as a real client.
+AUTH (RFC 4954, checklist 51-55) and ALWAYS-ALLOW on sessions without
+sockets (after STARTTLS with a real TLS handshake in memory), and swaks
+-tls -a as a real client over a loopback socket.
 """
 
 import base64
@@ -12,107 +13,126 @@ from twisted.internet import defer
 
 from relaygw.auth import PasswordFile
 from relaygw.testing import inThread
-from tests.helpers import GatewayTestCase, TLSGatewayTestCase
+from tests.helpers import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase, authReply
 
 
 def b64(text):
     return base64.b64encode(text.encode()).decode()
 
 
-class AuthTestCase(TLSGatewayTestCase):
+def passwordFile(testcase):
+    users = os.path.abspath(testcase.mktemp())
+    PasswordFile(users).set("alice", "s3cret")
+    return users
+
+
+class AuthTestCase(TLSSessionTestCase):
     extra = {}
 
-    @defer.inlineCallbacks
     def setUp(self):
-        users = os.path.abspath(self.mktemp())
-        PasswordFile(users).set("alice", "s3cret")
-        self.tlsListener = dict({"credentials": users}, **self.extra)
-        yield TLSGatewayTestCase.setUp(self)
+        self.tlsListener = dict({"credentials": passwordFile(self)}, **self.extra)
+        TLSSessionTestCase.setUp(self)
 
-    def tlsSession(self, f):
-        def run(c):
-            c.cmd("EHLO x")
-            self.starttls(c)
-            code, lines = c.cmd("EHLO x")
-            self.assertIn("AUTH PLAIN LOGIN", lines)
-            return f(c)
+    def plainClient(self):
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        return c
 
-        return self.session(run)
+    def tlsClient(self):
+        """A client after EHLO, STARTTLS and EHLO again, AUTH offered."""
+        c = self.plainClient()
+        c.cmd("EHLO x")
+        self.starttls(c)
+        code, lines = c.cmd("EHLO x")
+        self.assertIn("AUTH PLAIN LOGIN", lines)
+        return c
+
+    def auth(self, c, line):
+        return authReply(self.harness, c, line)
 
 
 class AuthTests(AuthTestCase):
+    realSpool = True
+
+    @defer.inlineCallbacks
     def test_plaintextRefused(self):
-        def run(c):
-            self.assertNotIn("AUTH PLAIN LOGIN", c.cmd("EHLO x")[1])
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret")),
-                             (538, ["5.7.11 Encryption required for requested authentication mechanism"]))
+        c = self.plainClient()
+        self.assertNotIn("AUTH PLAIN LOGIN", c.cmd("EHLO x")[1])
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret"))),
+                         (538, ["5.7.11 Encryption required for requested authentication mechanism"]))
 
-        return self.session(run)
-
+    @defer.inlineCallbacks
     def test_plainSuccessAllowsRelay(self):
-        def run(c):
-            c.cmd("MAIL FROM:<a@example.org>")
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)
-            c.cmd("RSET")
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret")), (235, ["2.7.0 Authentication successful"]))
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret")), (503, ["5.5.1 Error: already authenticated"]))
-            c.cmd("MAIL FROM:<a@example.org> AUTH=<>")
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
-            c.cmd("DATA")
-            c.send("Subject: auth\r\n\r\nx\r\n.\r\n")
-            self.assertEqual(c.reply()[0], 250)
-
-        d = self.tlsSession(run)
-        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
-        d.addCallback(lambda _: self.assertRegex(self.gw.delivered()[0].decode(),
-                                                 r"with ESMTPSA \(TLSv1\.[23] \S+\) id "))
+        c = self.tlsClient()
+        c.cmd("MAIL FROM:<a@example.org>")
+        self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)
+        c.cmd("RSET")
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret"))),
+                         (235, ["2.7.0 Authentication successful"]))
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret"))),
+                         (503, ["5.5.1 Error: already authenticated"]))
+        c.cmd("MAIL FROM:<a@example.org> AUTH=<>")
+        self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
+        c.cmd("DATA")
+        c.send("Subject: auth\r\n\r\nx\r\n.\r\n")
+        self.assertEqual((yield c.whenReply())[0], 250)
+        [(_, stored)] = self.spooled()
+        self.assertRegex(stored.decode(), r"with ESMTPSA \(TLSv1\.[23] \S+\) id ")
         # The login stays out of the trace header (received_shows_login = false).
-        d.addCallback(lambda _: self.assertNotIn(b"alice", self.gw.delivered()[0]))
-        return d
+        self.assertNotIn(b"alice", stored)
 
+    @defer.inlineCallbacks
     def test_plainChallengeAndBadPassword(self):
-        def run(c):
-            self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
-            self.assertEqual(c.cmd(b64("\0alice\0wrong")), (535, ["5.7.8 Error: authentication failed"]))
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0nobody\0s3cret"))[0], 535)
+        c = self.tlsClient()
+        self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
+        self.assertEqual((yield self.auth(c, b64("\0alice\0wrong"))), (535, ["5.7.8 Error: authentication failed"]))
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0nobody\0s3cret")))[0], 535)
 
-        return self.tlsSession(run)
-
+    @defer.inlineCallbacks
     def test_loginMechanism(self):
-        def run(c):
-            self.assertEqual(c.cmd("AUTH LOGIN"), (334, ["VXNlcm5hbWU6"]))
-            self.assertEqual(c.cmd(b64("alice")), (334, ["UGFzc3dvcmQ6"]))
-            self.assertEqual(c.cmd(b64("s3cret"))[0], 235)
+        c = self.tlsClient()
+        self.assertEqual(c.cmd("AUTH LOGIN"), (334, ["VXNlcm5hbWU6"]))
+        self.assertEqual(c.cmd(b64("alice")), (334, ["UGFzc3dvcmQ6"]))
+        self.assertEqual((yield self.auth(c, b64("s3cret")))[0], 235)
 
-        return self.tlsSession(run)
-
+    @defer.inlineCallbacks
     def test_refusals(self):
-        def run(c):
-            c.cmd("AUTH LOGIN")
-            self.assertEqual(c.cmd("*"), (501, ["5.7.0 Authentication aborted"]))
-            self.assertEqual(c.cmd("AUTH PLAIN !!!notbase64"), (501, ["5.5.2 Cannot decode response"]))
-            self.assertEqual(c.cmd("AUTH CRAM-MD5"), (504, ["5.5.4 Unsupported authentication mechanism"]))
-            self.assertEqual(c.cmd("AUTH")[1][0][:6], "5.5.4 ")
-            c.cmd("MAIL FROM:<a@example.org>")
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret"))[0], 503)
-
-        return self.tlsSession(run)
+        c = self.tlsClient()
+        c.cmd("AUTH LOGIN")
+        self.assertEqual(c.cmd("*"), (501, ["5.7.0 Authentication aborted"]))
+        self.assertEqual(c.cmd("AUTH PLAIN !!!notbase64"), (501, ["5.5.2 Cannot decode response"]))
+        self.assertEqual(c.cmd("AUTH CRAM-MD5"), (504, ["5.5.4 Unsupported authentication mechanism"]))
+        self.assertEqual(c.cmd("AUTH")[1][0][:6], "5.5.4 ")
+        c.cmd("MAIL FROM:<a@example.org>")
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret")))[0], 503)
 
     def test_longAuthLine(self):
-        def run(c):
-            c.cmd("AUTH PLAIN")
-            self.assertEqual(c.cmd("A" * 5000), (500, ["5.5.6 Authentication exchange line is too long"]))
+        c = self.tlsClient()
+        c.cmd("AUTH PLAIN")
+        self.assertEqual(c.cmd("A" * 5000), (500, ["5.5.6 Authentication exchange line is too long"]))
 
-        return self.tlsSession(run)
-
+    @defer.inlineCallbacks
     def test_manyFailuresDisconnect(self):
-        def run(c):
-            codes = [c.cmd("AUTH PLAIN " + b64("\0alice\0bad%d" % i))[0] for i in range(5)]
-            self.assertEqual(codes[:4], [535] * 4)
-            self.assertEqual(codes[4], 421)
-            self.assertTrue(c.closed())
+        c = self.tlsClient()
+        codes = []
+        for i in range(5):
+            codes.append((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0bad%d" % i)))[0])
+        self.assertEqual(codes[:4], [535] * 4)
+        self.assertEqual(codes[4], 421)
+        self.assertTrue(c.closed())
 
-        return self.tlsSession(run)
+
+class SwaksTests(TLSGatewayTestCase):
+    """
+    swaks, a real client, over a loopback socket: its own STARTTLS (a TLS
+    handshake by Perl's IO::Socket::SSL) and AUTH PLAIN, and the message
+    delivered through the queue manager.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.tlsListener = {"credentials": passwordFile(self)}
+        yield TLSGatewayTestCase.setUp(self)
 
     def test_swaksTLSAuth(self):
         swaks = shutil.which("swaks")
@@ -138,43 +158,43 @@ class AuthTests(AuthTestCase):
 class PlaintextAuthTests(AuthTestCase):
     extra = {"auth_plaintext": True}
 
+    @defer.inlineCallbacks
     def test_authWithoutTLSAllowed(self):
-        def run(c):
-            self.assertIn("AUTH PLAIN LOGIN", c.cmd("EHLO x")[1])
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret"))[0], 235)
-
-        return self.session(run)
+        c = self.plainClient()
+        self.assertIn("AUTH PLAIN LOGIN", c.cmd("EHLO x")[1])
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret")))[0], 235)
 
 
-class AlwaysAllowTests(GatewayTestCase):
+class AlwaysAllowTests(SessionTestCase):
     listener = {"always_allow": True}
+    realSpool = True
 
+    @defer.inlineCallbacks
     def test_anonymousWithoutAuth(self):
-        def run(c):
-            code, lines = c.cmd("EHLO x")
-            self.assertFalse(any(l.startswith("AUTH") for l in lines))
-            c.cmd("MAIL FROM:<a@example.org>")
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
-            c.cmd("DATA")
-            c.send("Subject: anon\r\n\r\nx\r\n.\r\n")
-            self.assertEqual(c.reply()[0], 250)
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        code, lines = c.cmd("EHLO x")
+        self.assertFalse(any(l.startswith("AUTH") for l in lines))
+        c.cmd("MAIL FROM:<a@example.org>")
+        self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
+        c.cmd("DATA")
+        c.send("Subject: anon\r\n\r\nx\r\n.\r\n")
+        self.assertEqual((yield c.whenReply())[0], 250)
+        [(_, stored)] = self.spooled()
+        self.assertIn(b"with ESMTPA id", stored)
+        self.assertNotIn(b"anonymous", stored)
 
-        d = self.session(run)
-        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
-        d.addCallback(lambda _: self.assertIn(b"with ESMTPA id", self.gw.delivered()[0]))
-        d.addCallback(lambda _: self.assertNotIn(b"anonymous", self.gw.delivered()[0]))
-        return d
-
+    @defer.inlineCallbacks
     def test_authCommandStaysAnonymous(self):
-        def run(c):
-            c.cmd("EHLO x")
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("\0mallory\0x")), (503, ["5.5.1 Error: already authenticated"]))
-            self.assertEqual(self.gw.service.factories[0].sessions.copy().pop().context["auth_user"], "anonymous")
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("EHLO x")
+        self.assertEqual((yield authReply(self.harness, c, "AUTH PLAIN " + b64("\0mallory\0x"))),
+                         (503, ["5.5.1 Error: already authenticated"]))
+        self.assertEqual(self.harness.factory.sessions.copy().pop().context["auth_user"], "anonymous")
 
-        return self.session(run)
 
-
-class AlwaysAllowContextTests(GatewayTestCase):
+class AlwaysAllowContextTests(SessionTestCase):
     listener = {"always_allow": True, "trusted_peers": ["127.0.0.0/8"], "extensions": ["xdumpcontext"]}
 
     def test_contextShowsAnonymous(self):
