@@ -1,10 +1,11 @@
 """RFC 2920 pipelining: replies in order, nothing discarded (checklist 36-38)."""
 
-from relaygw.testing import inThread
-from tests.helpers import GatewayTestCase
+from twisted.internet import defer
+
+from tests.helpers import SessionTestCase
 
 
-class PipeliningTests(GatewayTestCase):
+class PipeliningTests(SessionTestCase):
     listener = {"relay_networks": ["127.0.0.0/8"]}
 
     def test_mailRcptRcptDataInOneSegment(self):
@@ -30,26 +31,29 @@ class PipeliningTests(GatewayTestCase):
         return self.session(run)
 
     def test_pipelinedBeforeEhloReply(self):
-        def run():
-            c = self.client()
-            c.send("EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
-            self.assertEqual(c.reply()[0], 220)
-            self.assertEqual(c.reply()[0], 250)
-            self.assertEqual(c.reply()[0], 250)
-            self.assertEqual(c.reply()[0], 250)
+        c = self.client()
+        c.send("EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+        self.assertEqual(c.reply()[0], 220)
+        self.assertEqual(c.reply()[0], 250)
+        self.assertEqual(c.reply()[0], 250)
+        self.assertEqual(c.reply()[0], 250)
 
-        return inThread(run)
 
+class SpooledPipeliningTests(SessionTestCase):
+    """Pipelined messages into the real spool: each end of data waits for its commit."""
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+    realSpool = True
+
+    @defer.inlineCallbacks
     def test_manyMessagesInOneWrite(self):
         one = ("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
                "Subject: m\r\n\r\nbody\r\n.\r\n")
-
-        def run(c):
-            c.send(one * 20 + "QUIT\r\n")
-            codes = [c.reply()[0] for _ in range(81)]
-            self.assertEqual(codes, [250, 250, 354, 250] * 20 + [221])
-
-        d = self.session(run)
-        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
-        d.addCallback(lambda _: self.assertEqual(len(self.gw.delivered()), 20))
-        return d
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.send(one * 20 + "QUIT\r\n")
+        codes = []
+        for _ in range(81):
+            codes.append((yield c.whenReply())[0])
+        self.assertEqual(codes, [250, 250, 354, 250] * 20 + [221])
+        self.assertEqual(len(self.spooled(20)), 20)

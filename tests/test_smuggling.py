@@ -5,34 +5,34 @@ never leave DATA (the Twisted 26.10 hole).  Checklist 27-29, 42.
 """
 
 from twisted.internet import defer
-from tests.helpers import GatewayTestCase
+
+from tests.helpers import SessionTestCase
 
 
-
-class SmugglingTests(GatewayTestCase):
+class SmugglingTests(SessionTestCase):
     listener = {"relay_networks": ["127.0.0.0/8"]}
-
-    def transaction(self, body, expectQueued=True):
-        """Send one message with raw C{body} (everything after the 354)."""
-
-        def run(c):
-            c.cmd("EHLO x")
-            c.cmd("MAIL FROM:<a@example.org>")
-            c.cmd("RCPT TO:<b@example.net>")
-            self.assertEqual(c.cmd("DATA")[0], 354)
-            c.send(body)
-            replies = [c.reply()]
-            # Anything after the first end of data must run as commands.
-            c.send("NOOP\r\n")
-            replies.append(c.reply())
-            return replies
-
-        return self.session(run)
+    realSpool = True
 
     @defer.inlineCallbacks
+    def transaction(self, body, expectQueued=True):
+        """Send one message with raw C{body} (everything after the 354)."""
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        self.assertEqual(c.cmd("DATA")[0], 354)
+        c.send(body)
+        replies = [(yield c.whenReply())]
+        # Anything after the first end of data must run as commands.
+        c.send("NOOP\r\n")
+        replies.append((yield c.whenReply()))
+        return replies
+
     def contents(self):
-        yield self.gw.service.queue.whenIdle()
-        return [m.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in m else m for m in self.gw.delivered()]
+        """The content of every message stored, without its header section."""
+        stored = [content for _, content in self.spooled(len(self.harness.queued))]
+        return [m.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in m else m for m in stored]
 
     @defer.inlineCallbacks
     def test_smugglingProbesDoNotEndData(self):
@@ -44,7 +44,7 @@ class SmugglingTests(GatewayTestCase):
             self.assertTrue(replies[0][1][0].startswith("2.0.0 Ok: queued as"), probe)
             # The NOOP answers next: no 250/250/354 from smuggled commands.
             self.assertEqual(replies[1], (250, ["2.0.0 Ok"]), probe)
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(len(bodies), 5)
         for b in bodies:
             self.assertIn(b"MAIL FROM:<evil@example.org>", b)
@@ -53,19 +53,19 @@ class SmugglingTests(GatewayTestCase):
     @defer.inlineCallbacks
     def test_bareLFNormalised(self):
         yield self.transaction(b"Subject: n\r\n\r\nline1\nline2\r\n.\r\n")
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(bodies, [b"line1\r\nline2\r\n"])
 
     @defer.inlineCallbacks
     def test_bareCRIsData(self):
         yield self.transaction(b"Subject: n\r\n\r\na\rb\r\n.\r\n")
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(bodies, [b"a\rb\r\n"])
 
     @defer.inlineCallbacks
     def test_dotStuffingUndone(self):
         yield self.transaction(b"Subject: d\r\n\r\n..leading\r\n...two\r\n.x\r\nmid.dle\r\n.\r\n")
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(bodies, [b".leading\r\n..two\r\nx\r\nmid.dle\r\n"])
 
     @defer.inlineCallbacks
@@ -75,7 +75,7 @@ class SmugglingTests(GatewayTestCase):
         replies = yield self.transaction(body)
         self.assertEqual(replies[0][0], 250)
         self.assertEqual(replies[1], (250, ["2.0.0 Ok"]))
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(len(bodies), 1)
         self.assertTrue(bodies[0].startswith(b"y" * 100000 + b"\r\nMAIL FROM:<evil@example.org>"))
 
@@ -83,24 +83,21 @@ class SmugglingTests(GatewayTestCase):
     def test_eightBitBodyByteForByte(self):
         payload = bytes(b for b in range(256) if b not in (10, 13)) * 4 + b"\r\n"
         yield self.transaction(b"Subject: 8\r\n\r\n" + payload + b".\r\n")
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(bodies, [payload])
 
     @defer.inlineCallbacks
     def test_endMarkerSplitAcrossSegments(self):
-        def run(c):
-            c.cmd("MAIL FROM:<a@example.org>")
-            c.cmd("RCPT TO:<b@example.net>")
-            c.cmd("DATA")
-            import time
-            for piece in (b"Subject: x\r\n\r\nbody\r", b"\n", b".", b"\r", b"\n"):
-                c.send(piece)
-                time.sleep(0.02)
-            return c.reply()
-
-        reply = yield self.session(run)
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        for piece in (b"Subject: x\r\n\r\nbody\r", b"\n", b".", b"\r", b"\n"):
+            c.send(piece)  # each its own segment
+        reply = yield c.whenReply()
         self.assertEqual(reply[0], 250)
-        bodies = yield self.contents()
+        bodies = self.contents()
         self.assertEqual(bodies, [b"body\r\n"])
 
     @defer.inlineCallbacks
@@ -109,20 +106,20 @@ class SmugglingTests(GatewayTestCase):
         self.assertEqual(replies[0][0], 250)
 
 
-class RejectBareLFTests(GatewayTestCase):
+class RejectBareLFTests(SessionTestCase):
     listener = {"relay_networks": ["127.0.0.0/8"], "bare_lf": "reject"}
+    realSpool = True
 
+    @defer.inlineCallbacks
     def test_bareLFInContentRefused(self):
-        def run(c):
-            c.cmd("MAIL FROM:<a@example.org>")
-            c.cmd("RCPT TO:<b@example.net>")
-            c.cmd("DATA")
-            c.send("Subject: x\r\n\r\nbare\nlf\r\n.\r\n")
-            self.assertEqual(c.reply(), (550, ["5.5.2 Error: bare <LF> received in message content"]))
-
-        d = self.session(run)
-        d.addCallback(lambda _: self.assertEqual(self.gw.service.spool.queueIds(), []))
-        return d
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send("Subject: x\r\n\r\nbare\nlf\r\n.\r\n")
+        self.assertEqual((yield c.whenReply()), (550, ["5.5.2 Error: bare <LF> received in message content"]))
+        self.assertEqual(self.harness.service.spool.queueIds(), [])
 
     def test_bareLFInCommandCloses(self):
         def run(c):
