@@ -7,46 +7,26 @@ injection fix, without sockets.
 import dataclasses
 
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
-from twisted.trial import unittest
 
-from relaygw.testing import Gateway
+from tests.helpers import SessionTestCase
 
 
-class TLSStringTransport(StringTransport):
-    tlsStarted = None
+class UnitTestCase(SessionTestCase):
+    """One session on the harness (the real spool), its replies read as raw octets."""
 
-    def startTLS(self, contextFactory):
-        self.tlsStarted = contextFactory
-
-
-class SessionTestCase(unittest.TestCase):
     listener = {"relay_networks": ["127.0.0.0/8"]}
+    realSpool = True
 
     def setUp(self):
-        self.gw = Gateway(self.mktemp(), listeners=(dict(self.listener),))
-        self.gw.service.spool.open()
-        self.factory = self.gw.service.factories[0]
-        self.session, self.transport = self.connect()
-
-    def connect(self):
-        peer = IPv4Address("TCP", "127.0.0.1", 40000)
-        session = self.factory.buildProtocol(peer)
-        transport = TLSStringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
-        session.makeConnection(transport)
-        self.addCleanup(session.connectionLost, Failure(ConnectionDone()))
-        return session, transport
+        SessionTestCase.setUp(self)
+        self.c = self.client()
+        self.session, self.transport = self.c.session, self.c.transport
 
     def take(self):
-        out = self.transport.value()
-        self.transport.clear()
-        return out
+        return self.c.take()
 
 
-class GreetingTests(SessionTestCase):
+class GreetingTests(UnitTestCase):
     def test_greeting(self):
         self.assertEqual(self.take(), b"220 relay.test ESMTP relaygw\r\n")
 
@@ -69,7 +49,7 @@ class AsyncPolicy:
         return None
 
 
-class OrderingTests(SessionTestCase):
+class OrderingTests(UnitTestCase):
     def test_pipelinedRepliesStayInOrder(self):
         policy = AsyncPolicy()
         # The session pinned its listener's settings at connect.
@@ -83,7 +63,7 @@ class OrderingTests(SessionTestCase):
         self.assertEqual(self.take(), b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
 
 
-class DataTests(SessionTestCase):
+class DataTests(UnitTestCase):
     @defer.inlineCallbacks
     def test_overlongLineStaysInData(self):
         self.take()
@@ -107,7 +87,7 @@ class DataTests(SessionTestCase):
         self.assertEqual(self.take(), b"250 2.0.0 Ok\r\n")
 
 
-class StartTLSInjectionTests(SessionTestCase):
+class StartTLSInjectionTests(UnitTestCase):
     def test_plaintextAfterStartTLSDiscarded(self):
         # The session pinned its listener's settings (TLS included) at connect.
         self.session.settings = dataclasses.replace(self.session.settings,
