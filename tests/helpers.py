@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw.testing import (
@@ -478,3 +479,17 @@ def authReply(harness, c, line):
     harness.clock.advance(wait)
     reply = yield c.whenReply()
     return reply
+
+
+class LogCapture:
+    """Collects every log event while a test runs."""
+
+    def __init__(self, testcase):
+        self.events = []
+        self._observer = self.events.append
+        globalLogPublisher.addObserver(self._observer)
+        testcase.addCleanup(globalLogPublisher.removeObserver, self._observer)
+
+    def find(self, formatPart, **fields):
+        return [e for e in list(self.events)
+                if formatPart in (e.get("log_format") or "") and all(e.get(k) == v for k, v in fields.items())]

@@ -1,8 +1,10 @@
 """
-Trust says who the client is, never that it may relay, over real
-loopback sockets: relaying judged on the claimed identity, per-IP limits on
-the claimed client, the trace header, XCLIENT HELO= validation, AUTH PLAIN
-authzid, require_tls gating and the per-session settings bundle.
+Trust says who the client is, never that it may relay: relaying judged on
+the claimed identity, per-IP limits on the claimed client, the trace
+header, XCLIENT HELO= validation, AUTH PLAIN authzid, require_tls gating
+and the per-session settings bundle.  Sessions run without sockets
+(PROXY headers through the listener's wrapper, TLS in memory); relaygw
+relaying to relaygw runs over loopback sockets.
 """
 
 import base64
@@ -18,7 +20,9 @@ from relaygw.auth import PasswordFile
 from relaygw.commands import parseHelo
 from relaygw.testing import Client, configText, inThread, receivedHeader
 from relaygw.verbs import xclient
-from tests.helpers import GatewayTestCase, TLSGatewayTestCase, conn, rawSession, sendMessage, v2
+from tests.helpers import (
+    LogCapture, SessionTestCase, TLSSessionTestCase, authReply, conn, queueMessage, sendMessage, v2,
+)
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 DENIED = (554, ["5.7.1 <victim@gmail.example>: Relay access denied"])
@@ -42,17 +46,18 @@ def rcpt(c, to="victim@gmail.example"):
     return reply
 
 
-def proxied(port, source):
-    """A raw client behind a PROXY v2 header naming C{source}, greeting read."""
-    c = Client.__new__(Client)
-    c.sock, c.buf = rawSession(port, v2(src=source)), b""
+def proxied(testcase, source):
+    """A harness client from the balancer (127.0.0.1) behind a PROXY v2 header naming C{source}."""
+    c = testcase.harness.connect(proxy=v2(src=source))
+    testcase.addCleanup(c.lose)
     return c
 
 
-class RelayOnClaimedIdentityTests(GatewayTestCase):
+class RelayOnClaimedIdentityTests(SessionTestCase):
     """Item 1: a trusted peer gets the verbs, never relaying."""
 
     listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["192.0.2.0/24"]}
+    realSpool = True
 
     def test_issueTranscriptIsRefused(self):
         def run(c):
@@ -92,34 +97,28 @@ class RelayOnClaimedIdentityTests(GatewayTestCase):
         def run(c):
             self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.66 NAME=[UNAVAILABLE]")[0], 220)
             c.cmd("EHLO inside.example")
-            return sendMessage(c, rcpt="victim@gmail.example", subject="inside")
+            return queueMessage(c, rcpt="victim@gmail.example", subject="inside")
 
         yield self.session(run)
-        yield self.gw.service.queue.whenIdle()
-        [msg] = self.gw.delivered()
+        [(_, msg)] = self.spooled()
         self.assertTrue(receivedHeader(msg).startswith(b"Received: from inside.example (unknown [192.0.2.66])\r\n"
                                                        b"\tby relay.test (relaygw) with ESMTP id "))
 
 
-class RelayOnProxySourceTests(GatewayTestCase):
+class RelayOnProxySourceTests(SessionTestCase):
     """Item 1 behind PROXY: a source trusted for the verbs still relays only from relay_networks."""
 
     listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["203.0.113.0/24"],
                 "extensions": ["xclient", "xdumpcontext"], "relay_networks": ["192.0.2.0/24"]}
 
     def test_trustedSourceOutsideRelayNetworksIsRefused(self):
-        def run():
-            c = proxied(self.gw.port, "203.0.113.66")
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-            self.assertIn("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT", c.cmd("EHLO x")[1])
-            self.assertEqual(rcpt(c), DENIED)
-            c2 = proxied(self.gw.port, "192.0.2.7")
-            self.addCleanup(c2.close)
-            self.assertEqual(c2.reply()[0], 220)
-            self.assertEqual(rcpt(c2), (250, ["2.1.5 Ok"]))
-
-        return inThread(run)
+        c = proxied(self, "203.0.113.66")
+        self.assertEqual(c.reply()[0], 220)
+        self.assertIn("XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT", c.cmd("EHLO x")[1])
+        self.assertEqual(rcpt(c), DENIED)
+        c2 = proxied(self, "192.0.2.7")
+        self.assertEqual(c2.reply()[0], 220)
+        self.assertEqual(rcpt(c2), (250, ["2.1.5 Ok"]))
 
 
 class TrustPolicyTests(unittest.TestCase):
@@ -140,34 +139,34 @@ class TrustPolicyTests(unittest.TestCase):
         self.assertRaises(ValueError, trust.TrustPolicy, clientIdentities=["lb1"])
 
 
-class AuthzidTests(GatewayTestCase):
+class AuthzidTests(SessionTestCase):
     """Item 7: RFC 4616 authzid."""
 
-    @defer.inlineCallbacks
     def setUp(self):
         users = os.path.abspath(self.mktemp())
         PasswordFile(users).set("alice", "s3cret")
         PasswordFile(users).set("bob", "b0b")
         self.listener = {"credentials": users, "auth_plaintext": True}
-        yield GatewayTestCase.setUp(self)
+        SessionTestCase.setUp(self)
 
+    @defer.inlineCallbacks
     def test_authzidForAnotherUserIsRefused(self):
-        def run(c):
-            c.cmd("EHLO x")
-            # Bob's right password, acting for alice: refused.
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("alice\0bob\0b0b")),
-                             (535, ["5.7.8 Error: authentication failed"]))
-            self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
-            self.assertEqual(c.cmd(b64("bob\0alice\0s3cret")), (535, ["5.7.8 Error: authentication failed"]))
-            self.assertEqual(rcpt(c), DENIED)  # nobody logged in
-            # An authzid equal to the authcid is the same user.
-            self.assertEqual(c.cmd("AUTH PLAIN " + b64("alice\0alice\0s3cret")),
-                             (235, ["2.7.0 Authentication successful"]))
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("EHLO x")
+        # Bob's right password, acting for alice: refused.
+        self.assertEqual((yield authReply(self.harness, c, "AUTH PLAIN " + b64("alice\0bob\0b0b"))),
+                         (535, ["5.7.8 Error: authentication failed"]))
+        self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
+        self.assertEqual((yield authReply(self.harness, c, b64("bob\0alice\0s3cret"))),
+                         (535, ["5.7.8 Error: authentication failed"]))
+        self.assertEqual(rcpt(c), DENIED)  # nobody logged in
+        # An authzid equal to the authcid is the same user.
+        self.assertEqual((yield authReply(self.harness, c, "AUTH PLAIN " + b64("alice\0alice\0s3cret"))),
+                         (235, ["2.7.0 Authentication successful"]))
 
-        return self.session(run)
 
-
-class RequireTLSTests(TLSGatewayTestCase):
+class RequireTLSTests(TLSSessionTestCase):
     """Item 8: protocol.md section 8, before TLS."""
 
     tlsListener = {"require_tls": True, "trusted_peers": ["127.0.0.0/8"], "extensions": ALL,
@@ -202,10 +201,11 @@ class RequireTLSTests(TLSGatewayTestCase):
         return self.session(run)
 
 
-class HeloValidationTests(GatewayTestCase):
+class HeloValidationTests(SessionTestCase):
     """Item 5: XCLIENT HELO= and the EHLO argument go through one function."""
 
     listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["127.0.0.0/8"]}
+    realSpool = True
     FORGED = "fake (trusted.example [10.0.0.1]) by mx.bank.example"
 
     def test_sameFunction(self):
@@ -221,11 +221,10 @@ class HeloValidationTests(GatewayTestCase):
             self.assertEqual(c.cmd("XCLIENT HELO=" + self.FORGED.replace(" ", "+20"))[0], 220)
             ctx = conn(c)
             self.assertEqual((ctx["ehlo_domain"], ctx["helo_name"]), ("fake", "fake"))
-            return sendMessage(c)
+            return queueMessage(c)
 
         yield self.session(run)
-        yield self.gw.service.queue.whenIdle()
-        [msg] = self.gw.delivered()
+        [(_, msg)] = self.spooled()
         self.assertTrue(receivedHeader(msg).startswith(b"Received: from fake (unknown [127.0.0.1])\r\n"
                                                        b"\tby relay.test (relaygw) with SMTP id "), msg)
         self.assertNotIn(b"bank", msg)
@@ -240,7 +239,7 @@ class HeloValidationTests(GatewayTestCase):
         return self.session(run)
 
 
-class PerClaimedIPTests(GatewayTestCase):
+class PerClaimedIPTests(SessionTestCase):
     """Item 3: per-IP limits count the claimed client, not the balancer."""
 
     listener = {"trusted_peers": ["127.0.0.0/8"], "extensions": ALL, "relay_networks": ["192.0.2.0/24"],
@@ -252,124 +251,101 @@ class PerClaimedIPTests(GatewayTestCase):
         verb, address = claim
         return c, c.cmd("%s %s" % (verb, address if verb == "XREMOTEIP" else "ADDR=" + address))
 
-    def test_threeClientsFromThreeAddresses(self):
-        def run():
-            sessions = [self.open(("XCLIENT", "192.0.2.%d" % n)) for n in (1, 2, 3)]
-            for c, reply in sessions:
-                self.assertEqual(reply[0], 220)
-                self.assertEqual(rcpt(c)[0], 250)
+    def quit(self, c):
+        """QUIT, and the client goes away once the session has closed."""
+        c.cmd("QUIT")
+        self.assertTrue(c.closed())
+        c.lose()
 
-        return inThread(run)
+    def test_threeClientsFromThreeAddresses(self):
+        sessions = [self.open(("XCLIENT", "192.0.2.%d" % n)) for n in (1, 2, 3)]
+        for c, reply in sessions:
+            self.assertEqual(reply[0], 220)
+            self.assertEqual(rcpt(c)[0], 250)
 
     def test_threeClientsFromOneAddress(self):
-        def run():
-            for verb in ("XCLIENT", "XREMOTEIP"):
-                held = [self.open((verb, "192.0.2.9")) for _ in range(2)]
-                self.assertEqual([reply[0] for _, reply in held], [220, 220] if verb == "XCLIENT" else [250, 250])
-                c, reply = self.open((verb, "192.0.2.9"))
-                self.assertEqual(reply, TOO_MANY, verb)
-                self.assertTrue(c.closed())
-                # Closing one frees its place.
-                held[0][0].cmd("QUIT")
-                held[0][0].closed()
-                for _ in range(250):  # bounded: the server notices the close within ms
-                    if self.gw.service.factories[0].perIP.get("192.0.2.9", 0) < 2:
-                        break
-                    time.sleep(0.02)
-                c, reply = self.open((verb, "192.0.2.9"))
-                self.assertEqual(reply[0], 220 if verb == "XCLIENT" else 250)
-                for h, _ in held[1:] + [(c, None)]:
-                    h.cmd("QUIT")
-                    h.closed()
-
-        return inThread(run)
+        for verb in ("XCLIENT", "XREMOTEIP"):
+            held = [self.open((verb, "192.0.2.9")) for _ in range(2)]
+            self.assertEqual([reply[0] for _, reply in held], [220, 220] if verb == "XCLIENT" else [250, 250])
+            c, reply = self.open((verb, "192.0.2.9"))
+            self.assertEqual(reply, TOO_MANY, verb)
+            self.assertTrue(c.closed())
+            c.lose()
+            # Closing one frees its place.
+            self.quit(held[0][0])
+            self.assertLess(self.harness.factory.perIP.get("192.0.2.9", 0), 2)
+            c, reply = self.open((verb, "192.0.2.9"))
+            self.assertEqual(reply[0], 220 if verb == "XCLIENT" else 250)
+            for h, _ in held[1:] + [(c, None)]:
+                self.quit(h)
 
     def test_untrustedPeerIsCountedAtConnect(self):
-        factory = self.gw.service.factories[0]
+        factory = self.harness.factory
         factory.applyListener(dataclasses.replace(factory.listener, trusted_peers=()))
-
-        def run():
-            held = [self.client() for _ in range(2)]
-            for c in held:
-                self.assertEqual(c.reply()[0], 220)
-            c = self.client()
-            self.assertEqual(c.reply(), (421, ["4.7.0 relay.test too many connections, try again later"]))
-
-        return inThread(run)
+        held = [self.client() for _ in range(2)]
+        for c in held:
+            self.assertEqual(c.reply()[0], 220)
+        c = self.client()
+        self.assertEqual(c.reply(), (421, ["4.7.0 relay.test too many connections, try again later"]))
 
 
-class PerProxySourceTests(GatewayTestCase):
+class PerProxySourceTests(SessionTestCase):
     """Item 3 behind PROXY: the header's source is counted at connect."""
 
     listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "max_connections_per_ip": 1,
                 "received_shows_peer": True, "relay_networks": ["192.0.2.0/24"]}
+    realSpool = True
 
     @defer.inlineCallbacks
     def test_countedPerSource(self):
-        def run():
-            first = proxied(self.gw.port, "192.0.2.7")
-            self.addCleanup(first.close)
-            self.assertEqual(first.reply()[0], 220)
-            second = proxied(self.gw.port, "192.0.2.7")
-            self.addCleanup(second.close)
-            self.assertEqual(second.reply(), TOO_MANY)
-            other = proxied(self.gw.port, "192.0.2.8")
-            self.addCleanup(other.close)
-            self.assertEqual(other.reply()[0], 220)
-            other.cmd("EHLO other.example")
-            sendMessage(other, subject="shows-peer")
-
-        yield inThread(run)
-        yield self.gw.service.queue.whenIdle()
-        [msg] = self.gw.delivered()
+        first = proxied(self, "192.0.2.7")
+        self.assertEqual(first.reply()[0], 220)
+        second = proxied(self, "192.0.2.7")
+        self.assertEqual(second.reply(), TOO_MANY)
+        other = proxied(self, "192.0.2.8")
+        self.assertEqual(other.reply()[0], 220)
+        other.cmd("EHLO other.example")
+        yield queueMessage(other, subject="shows-peer")
+        [(_, msg)] = self.spooled()
         # received_shows_peer = true: the balancer is named.
         self.assertTrue(receivedHeader(msg).startswith(b"Received: from other.example (unknown [192.0.2.8])\r\n"
                                                        b"\t(proxied by [127.0.0.1])\r\n"), msg)
 
 
-class SettingsBundleTests(GatewayTestCase):
+class SettingsBundleTests(SessionTestCase):
     """Item 9: a session pins its listener's settings, policy and trust whole at connect."""
 
     listener = {"relay_networks": ["127.0.0.0/8"], "max_recipients": 5}
 
     def reload(self, **listener):
-        with open(self.gw.path, "w") as f:
-            f.write(configText(self.gw.directory, listeners=(listener,)))
-        self.gw.service.configPath = self.gw.path  # what SIGHUP re-reads
-        self.gw.service.reload()
+        harness = self.harness
+        with open(harness.path, "w") as f:
+            f.write(configText(harness.directory, listeners=(listener,)))
+        harness.service.configPath = harness.path  # what SIGHUP re-reads
+        harness.service.reload()
 
     def test_reloadAppliesToNewSessionsOnly(self):
-        factory = self.gw.service.factories[0]
+        factory = self.harness.factory
         before = factory.settings
-
-        def first():
-            c = self.client()
-            self.assertEqual(c.reply()[0], 220)
-            return c
-
-        def check(c):
-            # The live session keeps the old policy and the old limits together.
-            c.cmd("MAIL FROM:<a@example.org>")
-            for n in range(3):
-                self.assertEqual(c.cmd("RCPT TO:<r%d@example.net>" % n), (250, ["2.1.5 Ok"]))
-            c.cmd("RSET")
-            live = [s for s in factory.sessions]
-            self.assertEqual([s.settings for s in live], [before])
-            # A new session gets the new bundle: no relaying, one recipient.
-            c2 = self.client()
-            self.assertEqual(c2.reply()[0], 220)
-            c2.cmd("MAIL FROM:<a@example.org>")
-            self.assertEqual(c2.cmd("RCPT TO:<r@example.net>"), (554, ["5.7.1 <r@example.net>: Relay access denied"]))
-            self.assertEqual(c.cmd("QUIT")[0], 221)
-
-        def reloadThenCheck(c):
-            self.reload(relay_networks=[], max_recipients=1)
-            self.assertIsNot(factory.settings, before)
-            self.assertEqual(factory.settings.listener.max_recipients, 1)
-            self.assertRaises(dataclasses.FrozenInstanceError, setattr, before, "policy", None)
-            return inThread(check, c)
-
-        return inThread(first).addCallback(reloadThenCheck)
+        c = self.client()
+        self.assertEqual(c.reply()[0], 220)
+        self.reload(relay_networks=[], max_recipients=1)
+        self.assertIsNot(factory.settings, before)
+        self.assertEqual(factory.settings.listener.max_recipients, 1)
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, before, "policy", None)
+        # The live session keeps the old policy and the old limits together.
+        c.cmd("MAIL FROM:<a@example.org>")
+        for n in range(3):
+            self.assertEqual(c.cmd("RCPT TO:<r%d@example.net>" % n), (250, ["2.1.5 Ok"]))
+        c.cmd("RSET")
+        live = [s for s in factory.sessions]
+        self.assertEqual([s.settings for s in live], [before])
+        # A new session gets the new bundle: no relaying, one recipient.
+        c2 = self.client()
+        self.assertEqual(c2.reply()[0], 220)
+        c2.cmd("MAIL FROM:<a@example.org>")
+        self.assertEqual(c2.cmd("RCPT TO:<r@example.net>"), (554, ["5.7.1 <r@example.net>: Relay access denied"]))
+        self.assertEqual(c.cmd("QUIT")[0], 221)
 
 
 class OnwardAttributesTests(unittest.TestCase):
@@ -409,35 +385,28 @@ class OnwardAttributesTests(unittest.TestCase):
         self.assertEqual(self.attributes(bounce_for="QID"), ())
 
 
-class FactsStayInLogsTests(GatewayTestCase):
+class FactsStayInLogsTests(SessionTestCase):
     """Item 4: what Received leaves out, the log and XDUMPCONTEXT keep."""
 
     listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["192.0.2.0/24"],
                 "extensions": ["xclient", "xdumpcontext"], "relay_networks": ["192.0.2.0/24"]}
+    realSpool = True
 
+    @defer.inlineCallbacks
     def test_balancerPeerAndLogin(self):
-        from tests.test_verbs import LogCapture
-
         logs = LogCapture(self)
-
-        def run():
-            c = proxied(self.gw.port, "192.0.2.7")
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.99 LOGIN=alice")[0], 220)
-            ctx = conn(c)
-            self.assertEqual((ctx["remote_ip"], ctx["peer_ip"], ctx["proxy_peer_ip"], ctx["auth_user"]),
-                             ("192.0.2.99", "192.0.2.7", "127.0.0.1", "alice"))
-            return sendMessage(c)
-
-        def check(_):
-            [proxiedBy] = logs.find("proxied by")
-            self.assertEqual(proxiedBy["balancer"], "127.0.0.1")
-            [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
-            self.assertEqual(audit["peer"], "192.0.2.7")
-            self.assertIn("auth_user None -> 'alice'", audit["changes"])
-
-        return inThread(run).addCallback(check)
+        c = proxied(self, "192.0.2.7")
+        self.assertEqual(c.reply()[0], 220)
+        self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.99 LOGIN=alice")[0], 220)
+        ctx = conn(c)
+        self.assertEqual((ctx["remote_ip"], ctx["peer_ip"], ctx["proxy_peer_ip"], ctx["auth_user"]),
+                         ("192.0.2.99", "192.0.2.7", "127.0.0.1", "alice"))
+        yield queueMessage(c)
+        [proxiedBy] = logs.find("proxied by")
+        self.assertEqual(proxiedBy["balancer"], "127.0.0.1")
+        [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
+        self.assertEqual(audit["peer"], "192.0.2.7")
+        self.assertIn("auth_user None -> 'alice'", audit["changes"])
 
 
 class RelaygwToRelaygwTests(unittest.TestCase):
@@ -445,7 +414,9 @@ class RelaygwToRelaygwTests(unittest.TestCase):
     Item 6 through a real next hop, relaygw itself: with forward_identity,
     whatever the first gateway sends in XCLIENT the second accepts, for a
     claimed client, an ALWAYS-ALLOW session (no login goes onward) and a
-    bounce (no client: the first gateway is the client).
+    bounce (no client: the first gateway is the client).  Two gateways on
+    loopback sockets: the messages go through the first one's queue manager
+    and delivery client to the second.
     """
 
     timeout = 60
