@@ -238,7 +238,6 @@ class TwistdReloadTests(_TwistdTestCase):
         import ssl
 
         from relaygw.tls import generateSelfSigned
-        from tests.test_starttls import clientContext
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)

@@ -655,8 +655,6 @@ class ProxyThenTLSTests(GatewayTestCase):
         yield GatewayTestCase.setUp(self)
 
     def test_headerThenTLS(self):
-        from tests.test_starttls import clientContext
-
         def run():
             s = rawSession(self.gw.port, v2(src="192.0.2.44", sport=1111))
             c = Client.__new__(Client)

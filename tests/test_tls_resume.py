@@ -99,7 +99,7 @@ class NoResumptionWithClientCertificatesTests(ResumptionTests):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from tests.test_starttls import makeCA
+        from tests.helpers import makeCA
 
         directory = os.path.abspath(self.mktemp())
         self.ca, _ = makeCA(os.path.join(directory, "ca"))
