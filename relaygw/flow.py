@@ -3,8 +3,8 @@ Flow control and closing for the SMTP session: the session is a streaming
 producer for its transport (it answers nothing more, and soon reads
 nothing more, while a client that does not read has replies backed up),
 and a closing reply is followed by a lingering close with a time bound.
-A mixin of L{relaygw.protocol.SMTPSession}, which keeps C{buf}, C{mode},
-C{waiting} and C{_process}.
+A mixin of L{relaygw.protocol.SMTPSession}, which keeps C{lineReader},
+C{mode}, C{waiting} and C{_process}.
 """
 
 from relaygw import wire
@@ -45,7 +45,7 @@ class FlowControl:
             return
         self.mode = CLOSED
         self.setTimeout(None)
-        pending, self.buf = bool(self.buf), b""
+        pending = bool(self.lineReader.take())
         self.transport.unregisterProducer()
         # The session is over: its per-IP and connection slots come back now,
         # not when a slow or silent peer finally lets the socket go.
@@ -94,7 +94,7 @@ class FlowControl:
         """
         if self.mode == CLOSED:
             return
-        held = len(self.buf)
+        held = self.lineReader.pending
         want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
                     or (self.waiting is not None and held > _PAUSE_AT))
         if want != self._reading:

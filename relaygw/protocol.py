@@ -2,12 +2,12 @@
 The ESMTP session: a L{Protocol} with L{TimeoutMixin} and its own verb
 table (C{do_VERB} for the verbs in L{SMTPSession.VERBS}, the trusted verbs
 of L{relaygw.verbs}, and C{500 5.5.2} for anything else).  It owns what
-C{twisted.mail.smtp.ESMTP} gets wrong: line framing with a bounded buffer,
-DATA framed by the pure L{relaygw.datareader}, one command at a time with
-input paused while a reply is pending (so pipelined replies stay in order),
-write backpressure (the session is a producer for its transport), every
-reply rendered from L{relaygw.codes} with enhanced status codes, and the
-STARTTLS injection fix.
+C{twisted.mail.smtp.ESMTP} gets wrong: bounded line framing (the pure
+L{relaygw.linereader}), DATA framed by the pure L{relaygw.datareader}, one
+command at a time with input paused while a reply is pending (so
+pipelined replies stay in order), write backpressure (the session is a
+producer for its transport), every reply rendered from L{relaygw.codes}
+with enhanced status codes, and the STARTTLS injection fix.
 
 This module holds the session core: the connection's lifecycle, line
 input and command dispatch, reply output, state reset and the application
@@ -18,10 +18,10 @@ HELO/EHLO (L{relaygw.hello}), the mail transaction
 (L{relaygw.authcommand}) and flow control (L{relaygw.flow}).
 
 Bare LF (protocol.md section 2): in the default C{normalize} mode a bare LF
-ends a line and is stored as CRLF, but never helps form the end of data:
-that is only C{CR LF . CR LF}.  In C{reject} mode a bare LF in a command
-gets 550 5.5.2 and a close, and in content the message is read to its end
-and refused with 550 5.5.2.  A bare CR is data.
+ends a line (L{relaygw.linereader}) and in content is stored as CRLF, but
+never helps form the end of data (L{relaygw.datareader}).  In C{reject}
+mode a bare LF in a command gets 550 5.5.2 and a close, and in content the
+message is read to its end and refused with 550 5.5.2.
 """
 
 import os
@@ -36,6 +36,7 @@ from relaygw.authcommand import AuthCommand
 from relaygw.context import connectionContext
 from relaygw.flow import FlowControl
 from relaygw.hello import Hello
+from relaygw.linereader import BARE_LF, LINE_TOO_LONG, LineReader
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.starttls import StartTLS
@@ -64,6 +65,8 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
     @ivar verdict: the L{relaygw.trust.Verdict} for this connection.
     @ivar countedIP: the client address the per-IP limits count this
         session against (C{None}: not counted).
+    @ivar lineReader: the L{relaygw.linereader.LineReader} holding the
+        input not read yet.
     """
 
     #: Commands a C{require_tls} listener takes before TLS (protocol.md section 8).
@@ -77,14 +80,17 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
         """The old name of L{context}."""
         return self.context
 
+    @property
+    def buf(self):
+        """The input not read yet (octets)."""
+        return self.lineReader.unread
+
     #: The verbs this session implements, each a C{do_VERB} method.  Any
     #: other verb is a trusted verb of L{relaygw.verbs} or unknown.
     VERBS = frozenset("EHLO HELO MAIL RCPT DATA RSET NOOP VRFY EXPN HELP QUIT STARTTLS AUTH".split())
 
     def __init__(self):
         self.mode = COMMAND
-        self.buf = b""
-        self.skipping = False
         self.waiting = None
         self.greeted = False
         self.errors = 0
@@ -114,6 +120,7 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
         self.settings = f.settings
         self.listener = self.settings.listener
         self.hostname = self.listener.hostname
+        self.lineReader = LineReader(self.listener.max_line_length, self.listener.bare_lf == "reject")
         self.sessionId = newSessionId()
         proxied = f.proxyInfo(self.transport)
         self.context = connectionContext(self.sessionId, self.listener.name, self.transport.getPeer(),
@@ -158,7 +165,7 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
         if self.mode == CLOSED:
             return
         self.greeted = True
-        if self.buf:
+        if self.lineReader.pending:
             # Input before the greeting: a protocol synchronisation error.
             self.reply(codes.EARLY_TALKER)
             return
@@ -212,7 +219,7 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
     def dataReceived(self, data):
         if self.mode == CLOSED:
             return
-        self.buf += data
+        self.lineReader.feed(data)
         if self.waiting is not None or self.writePaused:
             self._updateReading()
             return
@@ -249,35 +256,21 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
 
     def _process(self):
         """Consume buffered input until it runs dry or a reply is pending."""
-        while self.buf and self.waiting is None and not self.writePaused and self.mode != CLOSED:
-            if not self.greeted:
-                return
+        lines = self.lineReader
+        while self.waiting is None and not self.writePaused and self.mode != CLOSED and self.greeted:
             if self.mode == DATA:
-                if not self._dataInput():
+                if not lines.pending or not self._dataInput():
                     return
                 continue
-            i = self.buf.find(b"\n")
-            limit = self.listener.max_line_length
-            if i == -1:
-                if len(self.buf) > limit:
-                    if not self.skipping:
-                        self._lineError(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
-                    self.skipping = True
-                    self.buf = b""
+            line = lines.next()
+            if line is None:
                 return
-            line, self.buf = self.buf[:i], self.buf[i + 1:]
-            if self.skipping:
-                self.skipping = False
-                continue
-            bare = not line.endswith(b"\r")
-            if not bare:
-                line = line[:-1]
-            if bare and self.listener.bare_lf == "reject":
-                self.reply(codes.BARE_LF_COMMAND)
-                return
-            if len(line) + 2 > limit:
+            if line is LINE_TOO_LONG:
                 self._lineError(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
                 continue
+            if line is BARE_LF:
+                self.reply(codes.BARE_LF_COMMAND)
+                return
             self.resetTimeout()
             if self.factory.draining and not self.inTransaction and self.mode == COMMAND:
                 self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))

@@ -4,7 +4,7 @@ CVE-2011-0411 fix (plaintext pipelined after STARTTLS is discarded), the
 C{require_tls} check the dispatch asks before most commands, and the
 completed handshake (implicit TLS too), which records TLS in the context
 and may make a verified client certificate trusted.  A mixin of
-L{relaygw.protocol.SMTPSession}, which keeps C{buf}, C{tlsActive},
+L{relaygw.protocol.SMTPSession}, which keeps C{lineReader}, C{tlsActive},
 C{verdict} and C{trusted}.
 """
 
@@ -29,10 +29,10 @@ class StartTLS:
             return self.reply(codes.TLS_UNAVAILABLE)
         self.reply(codes.READY_TLS)
         # CVE-2011-0411: whatever followed STARTTLS in plaintext is discarded.
-        if self.buf:
+        discarded = self.lineReader.take()
+        if discarded:
             log.warn("[{session}] discarded {n} octets of plaintext pipelined after STARTTLS",
-                     session=self.sessionId, n=len(self.buf))
-            self.buf = b""
+                     session=self.sessionId, n=len(discarded))
         self.resetSession()
         self.transport.startTLS(self.settings.tls.contextFactory)
 

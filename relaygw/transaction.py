@@ -3,8 +3,8 @@ The mail transaction of the SMTP session: MAIL, RCPT and DATA (RFC 5321
 section 3.3), the envelope they build, and the message content from the
 DATA reader (L{relaygw.datareader}) to the message sink
 (L{relaygw.sink}) and the data policy.  A mixin of
-L{relaygw.protocol.SMTPSession}, which keeps C{buf}, C{mode}, C{writer},
-the line input and the replies.
+L{relaygw.protocol.SMTPSession}, which keeps the input (C{lineReader}),
+C{mode}, C{writer} and the replies.
 """
 
 import time
@@ -98,13 +98,12 @@ class MailTransaction:
 
     def _dataInput(self):
         """Hand buffered DATA input to the reader; at its end, finish the message."""
-        body, rest = self.dataReader.feed(self.buf)
-        self.buf = b""
+        body, rest = self.dataReader.feed(self.lineReader.take())
         self._content(body)
         if rest is None:
             self.resetTimeout()
             return False
-        self.buf = rest
+        self.lineReader.feed(rest)
         self._wait(self._endOfData())
         return True
 
