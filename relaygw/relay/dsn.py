@@ -1,9 +1,18 @@
 """
-RFC 3464 delivery status notifications for recipients that failed for good.
+RFC 3464 delivery status notifications for recipients that failed for good:
+building one, and queueing it for the sender.
 """
 
 import os
+import time
 from email.utils import formatdate
+
+from twisted.internet import defer
+
+from relaygw.logs import Logger
+from relaygw.spoolapi import Envelope
+
+log = Logger(namespace="relaygw.queue")
 
 
 def _headers(message, limit=65536):
@@ -73,3 +82,23 @@ def buildBounce(message, failures, hostname, now=None):
     text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
     body = text.encode("ascii") + _headers(message)
     return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")
+
+
+def queueBounce(spool, message, failures, hostname):
+    """
+    Queue the bounce of C{message} for C{failures} to its envelope sender
+    (through the spool's C{newMessage}).  Fires with the bounce's queue id
+    once it is durable, so the original is never removed before its bounce
+    exists.  A message with the null sender never bounces: that is logged,
+    and the Deferred fires with C{None}.
+    """
+    if message.mailfrom == "":
+        log.warn("{qid}: undeliverable message with null sender dropped for {rcpts}",
+                 qid=message.queueId, rcpts=", ".join(failures))
+        return defer.succeed(None)
+    body = buildBounce(message, failures, hostname)
+    writer = spool.newMessage(Envelope(
+        mailfrom="", recipients=[message.mailfrom], arrival=time.time(),
+        context={"connection": {"bounce_for": message.queueId}, "message": {}}))
+    writer.write(body)
+    return writer.commit()

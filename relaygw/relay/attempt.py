@@ -1,0 +1,203 @@
+"""
+What one delivery attempt of one queued message does, from reading it back
+to its recorded outcome: the router groups the recipients by next hop;
+each next hop's replies are recorded as they come in
+(L{relaygw.relay.outcome}); the mail log and the metrics hear of every
+recipient; failures for good are bounced; then the message leaves the
+spool or waits for its retry, and one that cannot be read back is set
+aside.  The queue manager (L{relaygw.relay.queue}) decides when attempts
+run.
+"""
+
+import collections
+import time
+
+from twisted.internet import defer
+
+from relaygw import maillog
+from relaygw.logs import Logger
+from relaygw.relay import outcome
+from relaygw.relay.dsn import queueBounce
+from relaygw.relay.nexthop import temporary
+from relaygw.relay.progress import ProgressWriter
+from relaygw.spoolapi import CorruptMessage
+
+log = Logger(namespace="relaygw.queue")
+
+
+class _Attempt:
+    """One delivery attempt of one message, while its next hops reply."""
+
+    def __init__(self, qid, message, state, fresh, waiting, forced=False):
+        self.qid = qid
+        self.forced = forced
+        self.message = message
+        self.state = state
+        self.fresh = fresh
+        self.waiting = waiting
+        self.outcomes = []
+
+
+class Attempts:
+    """
+    The delivery attempts of one queue manager (C{manager}), whose settings
+    (router, retry policy, hostname, metrics) they use as they are at the
+    time, and whose timers they ask for a retry.
+
+    @ivar progress: the L{ProgressWriter} of the messages' progress records.
+    @ivar queuedAt: C{{qid: when}} a message accepted by this process was
+        queued (for the mail log's delays).
+    """
+
+    def __init__(self, manager, spool, reactor):
+        self.manager = manager
+        self.spool = spool
+        self.progress = ProgressWriter(spool, reactor)
+        self.queuedAt = {}
+
+    def run(self, qid, message, forced):
+        """
+        Attempt delivery of C{qid}: C{message} when it was just accepted
+        (not read back, no progress yet), else C{None}.  C{forced}: an
+        operator asked for it.  Fires once its outcome is recorded.
+        """
+        fresh = message is not None
+        try:
+            if message is None:
+                message = self.spool.load(qid)
+            state = self.progress.unwritten.get(qid)  # newer than the disk when a write failed
+            if state is None:
+                state = {} if fresh else self.spool.readState(qid)  # just accepted: no progress yet
+        except FileNotFoundError:
+            return None  # deleted meanwhile (relaygw-queue delete)
+        except CorruptMessage as e:
+            return self._quarantine(qid, e)
+        if self.spool.isHeld(qid):
+            return None
+        todo = outcome.pending(state, message.recipients)
+        if not todo:
+            return self._remove(qid, fresh)
+        groups = collections.OrderedDict()
+        router = self.manager.router
+        for r in todo:
+            groups.setdefault(router(message, r), []).append(r)
+        attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
+        attempt.started = time.time()
+        ds = []
+        for hop, recipients in groups.items():
+            d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)])
+            d.addCallback(lambda results: results[0])
+            d.addErrback(self._hopFailed, recipients, hop)
+            d.addCallback(self._replied, attempt, hop)
+            ds.append(d)
+        return defer.gatherResults(ds, consumeErrors=True)
+
+    def _quarantine(self, qid, error):
+        """A queue or state file that can't be read back: set it aside once, never retry it."""
+        log.error("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qid, path=error.path,
+                  reason=error.reason)
+        self.manager.cancelRetry(qid)
+        self.progress.drop(qid)
+        self.queuedAt.pop(qid, None)
+        self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
+        if self.manager.metrics:
+            self.manager.metrics.corrupt()
+
+    def _hopFailed(self, failure, recipients, hop):
+        log.failure("next hop {hop} failed", failure, hop=hop.describe())
+        result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
+        return {r: result for r in recipients}
+
+    def _replied(self, results, attempt, hop):
+        """
+        One next hop's replies for the message, as soon as they are read.
+        While other next hops still work on the message, the successes are
+        made durable at once (a crash then re-sends to none of them); the
+        last one ends the attempt.
+        """
+        attempt.outcomes.append((hop.describe(), results))
+        attempt.waiting -= 1
+        if attempt.waiting:
+            recorded = outcome.record(attempt.state, attempt.message.recipients, [(hop.describe(), results)],
+                                      time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
+            if recorded.events:
+                attempt.state, attempt.fresh = recorded.state, False
+                return self.progress.persist(attempt.qid, recorded.state)
+            return None
+        return self._record(attempt)
+
+    def _record(self, attempt):
+        """The attempt has ended: write down what its replies say."""
+        qid, message = attempt.qid, attempt.message
+        recorded = outcome.record(attempt.state, message.recipients, attempt.outcomes, time.time(),
+                                  self.manager.policy, message.mailfrom, message.arrival or None,
+                                  forced=attempt.forced)
+        self._logged(attempt, recorded.events)
+        fresh = attempt.fresh
+        d = defer.succeed(None)
+        if recorded.provisional is not None and self.spool.exists(qid):
+            # Until the bounce is durable a crash must neither re-send to the
+            # recipients that succeeded nor lose the bounce: record the
+            # progress with the bounced recipients still to do (tried again,
+            # and bounced again, after a restart).
+            fresh = False
+            d = self.progress.persist(qid, recorded.provisional)
+        if recorded.bounces:
+            d.addCallback(lambda written: self._bounce(message, recorded.bounces) if written is not False else None)
+
+        def settle(written):
+            if written is False:  # the provisional record is not durable: no bounce yet
+                self.manager.retryLater(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
+                return None
+            if not recorded.pending:
+                return self._remove(qid, fresh)
+            if not self.spool.exists(qid):
+                self.progress.drop(qid)
+                self.queuedAt.pop(qid, None)
+                return None  # deleted with relaygw-queue meanwhile
+            self.manager.retryLater(qid, recorded.nextAttempt)
+            return self.progress.persist(qid, recorded.state)
+
+        return d.addCallback(settle)
+
+    def _logged(self, attempt, events):
+        """Each recipient's outcome to the mail log and the metrics."""
+        qid, message, metrics = attempt.qid, attempt.message, self.manager.metrics
+        now = time.time()
+        arrival = message.arrival or attempt.started
+        queuedAt = self.queuedAt.get(qid)
+        # Postfix's delays=a/b/c/d: before the queue, in the queue, connection set-up, transmission.
+        beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
+        inQueue = max(0.0, attempt.started - (queuedAt or arrival))
+        for event in events:
+            result = event.result
+            if metrics:
+                metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
+                    event.status, "defer"))
+            relay = result.relay or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
+            setup, transmit = result.setup, result.transmit
+            maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
+                             (beforeQueue, inQueue, setup, transmit), event.status, result)
+            if metrics:
+                metrics.deliveryTimes(maillog.STATUS.get(event.status, event.status), now - arrival,
+                                      setup + transmit)
+
+    def _remove(self, qid, fresh):
+        """Every recipient is done or bounced: the message leaves the spool."""
+        self.progress.finished(qid)
+        self.queuedAt.pop(qid, None)
+        maillog.removed(qid)
+        return self.spool.remove(qid, progress=not fresh)
+
+    def _bounce(self, message, failures):
+        """
+        Queue the bounce (L{queueBounce}) and hand it to the queue manager.
+        Fires once it is durable, so the original is never removed before
+        its bounce exists.
+        """
+        def queued(bounceId):
+            if bounceId is not None:
+                maillog.bounce(message.queueId, bounceId, message.mailfrom)
+                self.manager.enqueue(bounceId)
+
+        return queueBounce(self.spool, message, failures, self.manager.hostname).addCallback(queued)
