@@ -1,8 +1,9 @@
 """
 PROXY protocol v1/v2 (protocol.md section 16, checklist 3-11): the strict
 parser (examples and properties), the wrapper on a fake transport and clock,
-a bare wrapper on real loopback connections (plain and header-then-TLS), and
-a real gateway listener behind it.
+a bare wrapper on real loopback connections (plain and header-then-TLS), a
+gateway listener behind it on the session harness, and a gateway listener
+with PROXY and implicit TLS on a loopback socket.
 """
 
 import datetime
@@ -12,7 +13,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +38,7 @@ from relaygw.proxy import (
     parseHeader,
 )
 from relaygw.testing import Client, inThread
-from tests.helpers import SIG, GatewayTestCase, clientContext, rawSession, v2
+from tests.helpers import SIG, GatewayTestCase, SessionTestCase, clientContext, rawSession, v2
 
 V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
 
@@ -531,9 +531,18 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(inner.lost, [greeter])
 
 
-class ProxyListenerTests(GatewayTestCase):
+class ProxyListenerTests(SessionTestCase):
+    """A listener behind its PROXY wrapper, on the session harness (the header timer on its clock)."""
+
     listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"], "proxy_timeout": 1,
                 "relay_networks": ["192.0.2.0/24"]}
+    realSpool = True
+
+    def connect(self, data):
+        """A connection from the balancer (127.0.0.1) that starts with C{data}."""
+        c = self.harness.connect(proxy=data)
+        self.addCleanup(c.lose)
+        return c
 
     def test_v1SourceBecomesIdentity(self):
         return self._identity(b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n", b"[192.0.2.7]")
@@ -542,92 +551,59 @@ class ProxyListenerTests(GatewayTestCase):
         return self._identity(v2(family=2, src="2001:db8::7", dst="2001:db8::1"), b"[IPv6:2001:db8::7]",
                               relays=False)
 
+    @defer.inlineCallbacks
     def _identity(self, header, expected, relays=True):
-        def run():
-            s = rawSession(self.gw.port, header)
-            c = Client.__new__(Client)
-            c.sock, c.buf = s, b""
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-            c.cmd("EHLO x")
-            c.cmd("MAIL FROM:<a@example.org>")
-            code = c.cmd("RCPT TO:<b@example.net>")[0]
-            self.assertEqual(code, 250 if relays else 554)  # relay_networks judged on the PROXY source
-            if relays:
-                c.cmd("DATA")
-                c.send("Subject: p\r\n\r\nx\r\n.\r\n")
-                self.assertEqual(c.reply()[0], 250)
-
-        d = inThread(run)
+        c = self.connect(header)
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@example.org>")
+        code = c.cmd("RCPT TO:<b@example.net>")[0]
+        self.assertEqual(code, 250 if relays else 554)  # relay_networks judged on the PROXY source
         if relays:
-            d.addCallback(lambda _: self.gw.service.queue.whenIdle())
-            d.addCallback(lambda _: self.assertIn(b"(unknown " + expected + b")", self.gw.delivered()[0]))
+            c.cmd("DATA")
+            c.send("Subject: p\r\n\r\nx\r\n.\r\n")
+            self.assertEqual((yield c.whenReply())[0], 250)
+            [(_, msg)] = self.spooled()
+            self.assertIn(b"(unknown " + expected + b")", msg)
             # The balancer stays out of the trace header (received_shows_peer = false).
-            d.addCallback(lambda _: self.assertNotIn(b"proxied by", self.gw.delivered()[0]))
-        return d
+            self.assertNotIn(b"proxied by", msg)
 
     def test_localIsRealPeer(self):
-        def run():
-            s = rawSession(self.gw.port, v2(command=0))
-            c = Client.__new__(Client)
-            c.sock, c.buf = s, b""
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-            c.cmd("MAIL FROM:<a@example.org>")
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)  # 127.0.0.1 may not relay
-
-        return inThread(run)
+        c = self.connect(v2(command=0))
+        self.assertEqual(c.reply()[0], 220)
+        c.cmd("MAIL FROM:<a@example.org>")
+        self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)  # 127.0.0.1 may not relay
 
     def test_refusedHeadersCloseWithoutGreeting(self):
-        def run():
-            for data in (b"EHLO x\r\n", b"PROXY TCP4 192.0.2.7 198.51.100.1 4567\r\n", v2(version=3),
-                         b"PROXY UNKNOWN\r\n"):
-                s = rawSession(self.gw.port, data)
-                s.settimeout(5)
-                self.assertEqual(s.recv(100), b"", data)
-                s.close()
-
-        return inThread(run)
+        for data in (b"EHLO x\r\n", b"PROXY TCP4 192.0.2.7 198.51.100.1 4567\r\n", v2(version=3),
+                     b"PROXY UNKNOWN\r\n"):
+            c = self.connect(data)
+            self.assertEqual((c.take(), c.closed()), (b"", True), data)
 
     def test_truncatedHeaderTimesOut(self):
-        def run():
-            s = rawSession(self.gw.port, b"PROXY TCP4 192.0.2.7")
-            s.settimeout(5)
-            started = time.monotonic()
-            self.assertEqual(s.recv(100), b"")
-            self.assertLess(time.monotonic() - started, 4)
-            s.close()
-
-        return inThread(run)
+        c = self.connect(b"PROXY TCP4 192.0.2.7")
+        self.clock.advance(0.9)
+        self.assertFalse(c.closed())
+        self.clock.advance(0.1)  # proxy_timeout = 1 s
+        self.assertEqual((c.take(), c.closed()), (b"", True))
 
     def test_oneOctetPerSegment(self):
-        def run():
-            s = socket.create_connection(("127.0.0.1", self.gw.port), timeout=10)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for b in b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n":
-                s.send(bytes([b]))
-                time.sleep(0.002)
-            c = Client.__new__(Client)
-            c.sock, c.buf = s, b""
-            self.addCleanup(c.close)
-            self.assertEqual(c.reply()[0], 220)
-
-        return inThread(run)
+        c = self.connect(b"")
+        for b in b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n":
+            c.send(bytes([b]))
+        self.assertEqual(c.reply()[0], 220)
 
 
-class UntrustedBalancerTests(GatewayTestCase):
+class UntrustedBalancerTests(SessionTestCase):
     listener = {"proxy_protocol": True, "proxy_trusted": ["192.0.2.0/24"]}
 
     def test_untrustedSourceClosed(self):
-        def run():
-            s = rawSession(self.gw.port, b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n")
-            s.settimeout(5)
-            self.assertEqual(s.recv(100), b"")
-
-        return inThread(run)
+        c = self.harness.connect(proxy=b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n")
+        self.addCleanup(c.lose)
+        self.assertEqual((c.take(), c.closed()), (b"", True))
 
 
-class NonProxyListenerTests(GatewayTestCase):
+class NonProxyListenerTests(SessionTestCase):
     def test_headerNeverHonoured(self):
         def run(c):
             code, _ = c.cmd("PROXY TCP4 192.0.2.7 198.51.100.1 4567 25")
@@ -639,7 +615,11 @@ class NonProxyListenerTests(GatewayTestCase):
 
 
 class ProxyThenTLSTests(GatewayTestCase):
-    """HAProxy's send-proxy in front of implicit TLS: the header first, then the handshake."""
+    """
+    HAProxy's send-proxy in front of implicit TLS: the header first, then the
+    handshake, over a loopback socket through the listener's own PROXY and
+    TLS wrappers (the session harness builds no implicit TLS).
+    """
 
     @defer.inlineCallbacks
     def setUp(self):
