@@ -10,6 +10,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from relaygw import durable
 from relaygw.durable import Committer
 from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
@@ -192,6 +193,64 @@ def send(port, subject, finish=True):
     c.close()
     assert code == 250, (code, lines)
     return lines[0]
+
+
+class CommitOrderTests(unittest.TestCase):
+    """
+    What the disk thread does, in order, to make a batch durable: a new
+    queue file takes its name before the one syncfs (a single journal
+    commit for its content and its name, the queue file telling a cut
+    content by its recorded size); a progress record, which replaces a
+    file that must stay whole, is renamed only after the sync, and its
+    directory is synced after that.
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        self.calls = []
+
+        def record(name, real):
+            def call(*args):
+                where = {"rename": lambda: os.path.dirname(args[1]), "fsyncdir": lambda: args[0]}.get(name)
+                self.calls.append((name, os.path.basename(where()) if where else ""))
+                return real(*args)
+            return call
+
+        self.patch(os, "rename", record("rename", os.rename))
+        self.patch(durable, "_syncfsAt", record("syncfs", durable._syncfsAt))
+        self.patch(durable, "fsyncDirectory", record("fsyncdir", durable.fsyncDirectory))
+
+    def message(self):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        return w.commit()
+
+    @defer.inlineCallbacks
+    def test_messageOneCommit(self):
+        qid = yield self.message()
+        self.assertEqual(self.calls, [("rename", "queue"), ("syncfs", "")])
+        self.assertEqual(self.spool.load(qid).size, 20)
+
+    @defer.inlineCallbacks
+    def test_progressRecordRenamedAfterTheSync(self):
+        qid = yield self.message()
+        del self.calls[:]
+        yield self.spool.writeState(qid, {"rcpts": {}, "attempts": 1})
+        self.assertEqual(self.calls, [("syncfs", ""), ("rename", "state"), ("fsyncdir", "state")])
+        self.assertEqual(self.spool.readState(qid)["attempts"], 1)
+
+    @defer.inlineCallbacks
+    def test_failedSyncLeavesNothingQueued(self):
+        """The sync fails after the early rename: the queue file goes again and the commit fails."""
+        def eio(directory):
+            raise OSError(5, "Input/output error")
+
+        self.patch(durable, "_syncfsAt", eio)
+        with self.assertRaises(OSError):
+            yield self.message()
+        self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
 
 
 class CrashTests(unittest.TestCase):
