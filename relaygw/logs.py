@@ -5,6 +5,7 @@ the event's own plain fields, the session id among them), and a L{Logger}
 that skips events below the configured level before building them.
 """
 
+import atexit
 import json
 import string
 import time
@@ -153,8 +154,58 @@ def _typed(value, depth=0):
     return _SKIP
 
 
-def jsonLinesObserver(outFile):
+def _writeLine(outFile):
+    """Write and flush each line at once (the default)."""
+
+    def write(line):
+        outFile.write(line)
+        outFile.flush()
+
+    return write
+
+
+class _TurnBatch:
+    """
+    Collects the lines logged in one reactor turn and writes them in one
+    go when the turn ends: a message logs several lines, and each line in
+    a write(2) of its own cost more than formatting it.  Lines only ever
+    leave whole, so processes appending to one file cannot split them.
+    Outside the reactor thread, or with no reactor running (start-up,
+    shutdown), a line is written at once, after what is pending.
+    """
+
+    def __init__(self, outFile, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.outFile = outFile
+        self.reactor = reactor
+        self.lines = []
+        self._atShutdown = False
+        atexit.register(self.flush)
+
+    def __call__(self, line):
+        from twisted.python.threadable import isInIOThread
+
+        self.lines.append(line)
+        if len(self.lines) == 1:
+            if self.reactor.running and isInIOThread():
+                if not self._atShutdown:
+                    self._atShutdown = True
+                    self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+                self.reactor.callLater(0, self.flush)
+            else:
+                self.flush()
+
+    def flush(self):
+        if self.lines:
+            text, self.lines = "".join(self.lines), []
+            self.outFile.write(text)
+            self.outFile.flush()
+
+
+def jsonLinesObserver(outFile, write=None):
     """An L{ILogObserver} writing one JSON object per line to C{outFile}."""
+    write = write or _writeLine(outFile)
 
     @provider(ILogObserver)
     def observe(event):
@@ -172,8 +223,7 @@ def jsonLinesObserver(outFile):
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        outFile.write(json.dumps(record) + "\n")
-        outFile.flush()
+        write(json.dumps(record) + "\n")
 
     return observe
 
@@ -202,13 +252,14 @@ def escape(text):
     return "".join(map(_escapeChar, text))
 
 
-def textLinesObserver(outFile):
+def textLinesObserver(outFile, write=None):
     """
     An L{ILogObserver} writing one compact text line per event.  Every field
     is escaped (L{escape}): a client-supplied value cannot forge a line.  A
     traceback follows on lines of its own, each indented, so that none of
     them can pass for an event either.
     """
+    write = write or _writeLine(outFile)
 
     @provider(ILogObserver)
     def observe(event):
@@ -219,20 +270,21 @@ def textLinesObserver(outFile):
         failure = event.get("log_failure")
         if failure is not None:
             text += "".join("\n    " + escape(line) for line in failure.getTraceback().splitlines())
-        # The whole line in one write.
-        outFile.write("%s %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
-        outFile.flush()
+        # The whole line (its traceback too) in one piece.
+        write("%s %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
 
     return observe
 
 
-def makeObserver(outFile, format="text", level="info"):
+def makeObserver(outFile, format="text", level="info", write=None):
     """
     The gateway's log observer: text or JSON lines, at C{level} and above.
     Installing it for the process (L{install}) also drops lower-level events
     at their source.
+
+    @param write: how a line is written (by default at once, flushed).
     """
-    base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
+    base = (jsonLinesObserver if format == "json" else textLinesObserver)(outFile, write)
     minimum = LogLevel.levelWithName(level)
 
     @provider(ILogObserver)
@@ -252,11 +304,12 @@ class _Switchable:
 
     def __init__(self, outFile, format, level):
         self.outFile = outFile
+        self.batch = _TurnBatch(outFile)
         self.configure(format, level)
 
     def configure(self, format, level):
         global _minimum
-        self.observer = makeObserver(self.outFile, format, level)
+        self.observer = makeObserver(self.outFile, format, level, self.batch)
         _minimum = LogLevel.levelWithName(level)
 
     def __call__(self, event):
