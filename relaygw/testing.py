@@ -1,7 +1,9 @@
 """
 Public test helpers: start a real gateway on a loopback port inside the
 test's reactor, and talk to it over a real socket from a thread; or run
-one session on a StringTransport with a task.Clock (L{SessionHarness}).
+one session on a StringTransport with a task.Clock (L{SessionHarness}),
+where STARTTLS is a real TLS handshake in memory and a PROXY listener's
+connections start with a header through its wrapper.
 """
 
 import dataclasses
