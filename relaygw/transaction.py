@@ -117,29 +117,24 @@ class MailTransaction:
     def _endOfData(self):
         self.mode = COMMAND
         self.setTimeout(self.listener.idle_timeout)
+        # What the mail log names a refusal now (Postfix's name), under the
+        # message's queue id rather than NOQUEUE.
+        self.lastCommand = ("END-OF-MESSAGE", "")
         writer, self.writer = self.writer, None
         if writer.tooBig:
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.MESSAGE_TOO_BIG)
+            return self._refuseMessage(writer, codes.MESSAGE_TOO_BIG)
         if self.dataReader.sawBareLF and self.listener.bare_lf == "reject":
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.BARE_LF_DATA)
+            return self._refuseMessage(writer, codes.BARE_LF_DATA)
         if writer.failed is not None:
             # The disk filled (or failed) while the content came in: what
             # was written is gone, and the client may try again later.
             log.error("[{session}] spool write failed: {error}", session=self.sessionId, error=writer.failed)
-            writer.abort()
-            self.resetTransaction()
-            return self.reply(codes.NO_ROOM)
+            return self._refuseMessage(writer, codes.NO_ROOM)
         self.context.message["size"] = writer.size
 
         def queue(refusal):
             if refusal is not None:
-                writer.abort()
-                self.resetTransaction()
-                return self.reply(refusal)
+                return self._refuseMessage(writer, refusal)
             started = time.monotonic()
             d = writer.commit()
             d.addCallbacks(lambda qid: queued(qid, started), failed)
@@ -154,12 +149,16 @@ class MailTransaction:
             self.reply(codes.QUEUED.format(qid=qid))
 
         def failed(failure):
-            writer.abort()
-            self.resetTransaction()
             if isStorageError(failure.value):
                 log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=failure.value)
-                return self.reply(codes.NO_ROOM)
+                return self._refuseMessage(writer, codes.NO_ROOM)
             log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
-            self.reply(codes.LOCAL_ERROR)
+            self._refuseMessage(writer, codes.LOCAL_ERROR)
 
         return self._ask(self.settings.policy.data(self.context), queue)
+
+    def _refuseMessage(self, writer, refusal):
+        """The message is refused at its end: its content goes, the reply is logged under its queue id."""
+        writer.abort()
+        self.reply(refusal)
+        self.resetTransaction()

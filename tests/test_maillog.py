@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from relaygw import logs, maillog
 from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
+from tests.helpers import SessionTestCase
 
 
 class MailLogTests(unittest.TestCase):
@@ -168,3 +169,28 @@ class CommandCountTests(unittest.TestCase):
         self.assertEqual(maillog.dsnOf(Result(451, None, "x")), "4.0.0")
         self.assertEqual(maillog.dsnOf(Result(550, "5.1.1", "x")), "5.1.1")
         self.assertEqual([maillog._seconds(d) for d in (0.0004, 0.01, 1.5, 12.7)], ["0", "0.01", "1.5", "12"])
+
+
+class EndOfMessageRejectTests(SessionTestCase):
+    """A message refused at its end is logged under its queue id, as Postfix's END-OF-MESSAGE."""
+
+    listener = {"relay_networks": ["127.0.0.0/8"], "max_message_size": 100}
+
+    def test_tooBig(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def run(c):
+            c.cmd("EHLO client.example")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            self.assertEqual(c.cmd("DATA")[0], 354)
+            self.assertEqual(c.cmd("x" * 200 + "\r\n."), (552, ["5.3.4 Error: message too big"]))
+
+        self.session(run)
+        [reject] = [logs.escape(formatEvent(e)) for e in events if e.get("event") == "reject"]
+        self.assertRegex(reject, r"^\[\w+\] [0-9A-Z]+: reject: END-OF-MESSAGE from unknown\[127\.0\.0\.1\]: "
+                                 r"552 5\.3\.4 Error: message too big; from=<a@example\.org> to=<> "
+                                 r"proto=ESMTP helo=<client\.example>$")
+        self.assertNotIn("NOQUEUE", reject)
