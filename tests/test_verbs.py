@@ -17,7 +17,6 @@ import re
 import time
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -26,7 +25,9 @@ from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
 from relaygw.testing import ScriptedSMTPFactory, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
-from tests.helpers import GatewayTestCase, SessionTestCase, TLSGatewayTestCase, conn, queueMessage, sendMessage
+from tests.helpers import (
+    GatewayTestCase, LogCapture, SessionTestCase, TLSGatewayTestCase, conn, queueMessage, sendMessage,
+)
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 #: Trust grants the verbs only: the claimed clients the tests send mail for
@@ -81,20 +82,6 @@ class Recorder(AcceptAll):
 
 
 # -- helpers ----------------------------------------------------------------
-
-
-class LogCapture:
-    """Collects every log event while a test runs."""
-
-    def __init__(self, testcase):
-        self.events = []
-        self._observer = self.events.append
-        globalLogPublisher.addObserver(self._observer)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self._observer)
-
-    def find(self, formatPart, **fields):
-        return [e for e in list(self.events)
-                if formatPart in (e.get("log_format") or "") and all(e.get(k) == v for k, v in fields.items())]
 
 
 class VerbTestCase(SessionTestCase):
