@@ -61,6 +61,12 @@ class FlowControl:
         self.transport.resumeProducing()
         self._lingerTimer = reactor.callLater(LINGER, self.transport.loseConnection)
 
+    def cancelCloseTimers(self):
+        """The connection is gone: the closing timers have nothing left to do."""
+        for timer in (self._abortTimer, self._lingerTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+
     def _abort(self):
         log.info("[{session}] peer did not take the closing reply; connection aborted", session=self.sessionId)
         self.transport.abortConnection()

@@ -5,26 +5,24 @@ of L{relaygw.verbs}, and C{500 5.5.2} for anything else).  It owns what
 C{twisted.mail.smtp.ESMTP} gets wrong: bounded line framing (the pure
 L{relaygw.linereader}), DATA framed by the pure L{relaygw.datareader}, one
 command at a time with input paused while a reply is pending (so
-pipelined replies stay in order), write backpressure (the session is a
-producer for its transport), every reply rendered from L{relaygw.codes}
-with enhanced status codes, and the STARTTLS injection fix.
+pipelined replies stay in order), every reply rendered from
+L{relaygw.codes} with enhanced status codes, and the STARTTLS injection
+fix.
 
-This module holds the session core: the connection's lifecycle, line
-input and command dispatch, reply output, state reset and the application
-of a refusal.  The commands with state of their own are mixins: the
-trusted verbs and their view of the session (L{relaygw.verbsession}),
+This module holds the session core: input and command dispatch, reply
+output, state reset and the simple commands.  The rest are mixins: the
+connection's start up to the greeting and its end (L{relaygw.lifecycle}),
 HELO/EHLO (L{relaygw.hello}), the mail transaction
 (L{relaygw.transaction}), STARTTLS (L{relaygw.starttls}), AUTH
-(L{relaygw.authcommand}) and flow control (L{relaygw.flow}).
+(L{relaygw.authcommand}), the trusted verbs (L{relaygw.verbsession}) and
+flow control with the closing of the connection (L{relaygw.flow}).
 
-Bare LF (protocol.md section 2): in the default C{normalize} mode a bare LF
-ends a line (L{relaygw.linereader}) and in content is stored as CRLF, but
-never helps form the end of data (L{relaygw.datareader}).  In C{reject}
-mode a bare LF in a command gets 550 5.5.2 and a close, and in content the
-message is read to its end and refused with 550 5.5.2.
+Bare LF (protocol.md section 2): in C{reject} mode a bare LF in a command
+gets 550 5.5.2 and a close, and in content the message is read to its end
+and refused with 550 5.5.2; in the default C{normalize} mode it ends a
+line, and in content is stored as CRLF but never helps form the end of
+data.
 """
-
-import os
 
 from twisted.internet import defer, interfaces
 from twisted.internet.protocol import Protocol
@@ -33,10 +31,10 @@ from zope.interface import implementer
 
 from relaygw import codes, maillog, wire
 from relaygw.authcommand import AuthCommand
-from relaygw.context import connectionContext
 from relaygw.flow import FlowControl
 from relaygw.hello import Hello
-from relaygw.linereader import BARE_LF, LINE_TOO_LONG, LineReader
+from relaygw.lifecycle import Lifecycle, newSessionId
+from relaygw.linereader import BARE_LF, LINE_TOO_LONG
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, CLOSED, COMMAND, DATA
 from relaygw.starttls import StartTLS
@@ -46,13 +44,9 @@ from relaygw.verbsession import TrustedVerbs
 log = Logger(namespace="relaygw.smtp")
 
 
-
-def newSessionId():
-    return os.urandom(6).hex()
-
-
 @implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
-class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, AuthCommand, Protocol, TimeoutMixin):
+class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, AuthCommand, Protocol,
+                  TimeoutMixin):
     """
     One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
@@ -102,97 +96,10 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
         self.tlsActive = False
         self.avatar = None
         self.refusedSession = None
-        self.sasl = None
         self.writePaused = False
-        self._reading = True
-        self._abortTimer = self._lingerTimer = None
         self.commandCounts = maillog.CommandCounts()
         self.lastCommand = (None, None)
         self.messageIds = None
-
-    # -- connection ----------------------------------------------------
-
-    def connectionMade(self):
-        f = self.factory
-        wire.noDelay(self.transport)
-        wire.boundBuffers(self.transport)
-        self.transport.registerProducer(self, True)
-        self.settings = f.settings
-        self.listener = self.settings.listener
-        self.hostname = self.listener.hostname
-        self.lineReader = LineReader(self.listener.max_line_length, self.listener.bare_lf == "reject")
-        self.sessionId = newSessionId()
-        proxied = f.proxyInfo(self.transport)
-        self.context = connectionContext(self.sessionId, self.listener.name, self.transport.getPeer(),
-                                         self.transport.getHost(), proxied)
-        # Trust is decided once, here, from facts the client cannot forge;
-        # it grants the trusted verbs, never relaying.
-        self.verdict = self.settings.trust.forConnection(self.context["peer_ip"], proxied)
-        self.trusted = self.verdict.trusted
-        self.context.update(trusted=self.trusted)
-        f.sessionStarted(self)
-        self.setTimeout(self.listener.idle_timeout)
-        maillog.connect(self.sessionId, self.context, self.listener.name)
-        if proxied is not None and proxied.peer is not None:
-            # The balancer stays out of Received (unless received_shows_peer), not out of the log.
-            log.info("[{session}] proxied by [{balancer}]:{port}", session=self.sessionId,
-                     balancer=self.context["proxy_peer_ip"], port=self.context["proxy_peer_port"])
-        refusal = f.admit(self)
-        if refusal is not None:
-            self.reply(refusal)
-            return
-        if self.settings.portal is not None and self.listener.always_allow:
-            d = self._loginAnonymous()
-            d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.context), self._greet))
-            self._wait(d)
-        else:
-            self._wait(self._ask(self.settings.policy.connect(self.context), self._greet))
-
-    def _greet(self, refusal):
-        if refusal is not None:
-            self._refuseSession(refusal)
-            return None
-        delay = self.listener.greet_delay
-        if delay:
-            d = defer.Deferred()
-            self._greetTimer = self.factory.reactor.callLater(delay, d.callback, None)
-            d.addCallback(lambda _: self._sendGreeting())
-            return d
-        self._sendGreeting()
-        return None
-
-    def _sendGreeting(self):
-        if self.mode == CLOSED:
-            return
-        self.greeted = True
-        if self.lineReader.pending:
-            # Input before the greeting: a protocol synchronisation error.
-            self.reply(codes.EARLY_TALKER)
-            return
-        self.reply(codes.GREETING.format(host=self.hostname))
-
-    def connectionLost(self, reason):
-        self.setTimeout(None)
-        from OpenSSL import SSL
-
-        if reason.check(SSL.Error):
-            log.info("[{session}] TLS handshake failed: {why}", session=self.sessionId,
-                     why=reason.getErrorMessage())
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        self.mode = CLOSED
-        for timer in (getattr(self, "_greetTimer", None), self._abortTimer, self._lingerTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        if self.avatar is not None:
-            self.avatar = None
-        self.factory.sessionEnded(self)
-        maillog.disconnect(self.sessionId, self.context, self.commandCounts)
-
-    def timeoutConnection(self):
-        log.info("[{session}] idle timeout", session=self.sessionId)
-        self.reply(codes.TIMEOUT.format(host=self.hostname))
 
     # -- output --------------------------------------------------------
 
@@ -311,23 +218,6 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
             return result.addCallback(then)
         return then(result)
 
-    def drain(self):
-        """
-        The gateway is shutting down: an idle session is told 421 4.3.2
-        now; one inside a transaction may finish it first.
-        """
-        if self.mode == COMMAND and not self.inTransaction and self.waiting is None:
-            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
-
-    def shutDown(self):
-        """The drain timeout ran out: 421 4.3.2 and close, whatever the state."""
-        if self.mode != CLOSED:
-            if self.writer is not None:
-                self.writer.abort()
-                self.writer = None
-            self.mode = COMMAND
-            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
-
     # -- state ---------------------------------------------------------
 
     def resetSession(self, keepHelo=False, keepAuth=False):
@@ -347,15 +237,6 @@ class SMTPSession(Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, A
         old, self.sessionId = self.sessionId, newSessionId()
         self.context.update(session_id=self.sessionId)
         log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
-
-    def _refuseSession(self, refusal):
-        """
-        The connect policy refused the client: this reply instead of a
-        greeting (Postfix), then 503 to all but QUIT.
-        """
-        self.refusedSession = refusal
-        self.greeted = True
-        return self.reply(refusal)
 
     # -- simple commands -----------------------------------------------
 
