@@ -7,6 +7,7 @@ that skips events below the configured level before building them.
 
 import atexit
 import json
+import os
 import string
 import time
 
@@ -300,7 +301,10 @@ def makeObserver(outFile, format="text", level="info", write=None):
 
 @implementer(ILogObserver)
 class _Switchable:
-    """The process's observer; a reload replaces the format and level behind it."""
+    """
+    The process's observer; a reload replaces the format and level behind
+    it, and opens a log file named by path again (L{reopen}).
+    """
 
     def __init__(self, outFile, format, level):
         self.outFile = outFile
@@ -309,11 +313,28 @@ class _Switchable:
 
     def configure(self, format, level):
         global _minimum
+        self.format, self.level = format, level
         self.observer = makeObserver(self.outFile, format, level, self.batch)
         _minimum = LogLevel.levelWithName(level)
 
+    def reopen(self):
+        path = getattr(self.outFile, "name", None)
+        if not (isinstance(path, str) and os.path.isabs(path)):
+            return  # standard output, or a file object given by the caller
+        fresh = openLogFile(path)
+        self.batch.flush()
+        old, self.outFile = self.outFile, fresh
+        self.batch.outFile = fresh
+        self.configure(self.format, self.level)
+        old.close()
+
     def __call__(self, event):
         self.observer(event)
+
+
+def openLogFile(path):
+    """A log file opened for appending lines (unencodable characters escaped)."""
+    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
 
 
 _installed = None
@@ -324,6 +345,15 @@ def install(application, outFile, format="text", level="info"):
     global _installed
     _installed = _Switchable(outFile, format, level)
     application.setComponent(ILogObserver, _installed)
+
+
+def reopen():
+    """
+    SIGHUP: a log file named by path is opened again, so that one moved
+    away (logrotate without C{copytruncate}) is followed by a new one.
+    """
+    if _installed is not None:
+        _installed.reopen()
 
 
 def reconfigure(format, level):

@@ -417,10 +417,13 @@ class GatewayService(MultiService):
 
     def reload(self):
         """
-        SIGHUP: reload certificates, then the config file (L{reloadConfig}:
-        whole or not at all).  Worker 0 passes an accepted reload on to the
+        SIGHUP: open the log file again, reload certificates, then the
+        config file (L{reloadConfig}: whole or not at all).  Worker 0 passes an accepted reload on to the
         other workers.
         """
+        from relaygw import logs
+
+        logs.reopen()
         self.reloadCertificates()
         if not self.configPath:
             return

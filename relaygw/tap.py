@@ -8,6 +8,7 @@ import sys
 from twisted.python import usage
 
 from relaygw import config as _config
+from relaygw import logs
 
 
 class Options(usage.Options):
@@ -79,7 +80,7 @@ def _logFile(twistdOptions):
         return None
     path = os.path.abspath(path or "twistd.log")
     try:
-        return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        return logs.openLogFile(path)
     except OSError as e:
         sys.stderr.write("%s: cannot open the log file: %s\n" % (path, e.strerror))
         raise SystemExit(1)

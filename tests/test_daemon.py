@@ -95,3 +95,32 @@ class DaemonTests(unittest.TestCase):
             self.assertEqual(log.count("stopped; spool intact"), 2, log)
 
         return inThread(run)
+
+    def test_logFileOpenedAgainOnHangUp(self):
+        """logrotate moves the log away and sends SIGHUP: every worker writes to a new file."""
+
+        def run():
+            directory, port, logfile, pidfile, pid = self.daemon(2)
+            deadline = time.monotonic() + 15
+            while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.session(port)
+            os.rename(logfile, logfile + ".1")
+            os.kill(pid, signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while not os.path.exists(logfile) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # (the other worker reloads after the first)
+            for _ in range(10):
+                self.session(port)
+            time.sleep(0.5)
+            self.stop(pid, pidfile)
+            with open(logfile + ".1") as f:
+                old = f.read()
+            with open(logfile) as f:
+                new = f.read()
+            self.assertEqual(old.count(": queued from=<a@example.org>"), 1, old)
+            self.assertEqual(new.count(": queued from=<a@example.org>"), 10, new)
+            self.assertEqual(new.count("stopped; spool intact"), 2, new)
+
+        return inThread(run)
