@@ -48,13 +48,13 @@ log = Logger(namespace="relaygw.smtp")
 class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, AuthCommand, Protocol,
                   TimeoutMixin):
     """
-    One SMTP connection.  The factory (L{relaygw.service.SMTPFactory})
+    One SMTP connection.  The factory (L{relaygw.listeners.SMTPFactory})
     carries the spool, the portal, the trusted verbs and the TLS settings;
     at connect the session pins the factory's current
-    L{relaygw.service.ListenerSettings} (config, policy, trust) whole, so
+    L{relaygw.listeners.ListenerSettings} (config, policy, trust) whole, so
     a reload applies to new sessions only.
 
-    @ivar settings: the pinned L{relaygw.service.ListenerSettings}.
+    @ivar settings: the pinned L{relaygw.listeners.ListenerSettings}.
     @ivar listener: C{settings.listener}.
     @ivar verdict: the L{relaygw.trust.Verdict} for this connection.
     @ivar countedIP: the client address the per-IP limits count this

@@ -101,22 +101,12 @@ class _Plan:
     def __init__(self, service, config):
         self.service = service
         self.config = config
-        self.listeners = []
-        for factory in service.factories:
-            listener = next((l for l in config.listeners if l.name == factory.listener.name), None)
-            if listener is not None:
-                self.listeners.append((factory, listener, factory.prepare(listener)))
-        self.queueSettings = service.prepareRelay(config)
+        self.listeners = service.listeners.prepare(config)
+        self.queueSettings = service.delivery.prepare(service.config, config)
 
     def commit(self):
         service = self.service
-        for factory, listener, prepared in self.listeners:
-            factory.apply(listener, prepared)
-            wrapper = service.proxyFactories.get(listener.name)
-            if wrapper is not None:
-                wrapper.isTrusted = factory.settings.trust.balancer
-                wrapper.timeout = listener.proxy_timeout
-        service.tlsSettings = [f.tls for f in service.factories if f.tls is not None]
-        service.applyRelay(self.queueSettings)
+        service.listeners.apply(self.listeners)
+        service.delivery.apply(self.queueSettings)
         logs.reconfigure(self.config.log.format, self.config.log.level)
         service.config = self.config

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from relaygw.logs import Logger
+from relaygw.spool import PartitionLock, PartitionLocked, partitionDirectory, partitions
 
 log = Logger(namespace="relaygw.workers")
 
@@ -263,3 +264,113 @@ def twistdArgv(configPath, logfile=None):
     if configPath:
         argv += ["--config", os.path.abspath(configPath)]
     return argv
+
+
+#: The worker role's lines keep the namespace operators know them by.
+_roleLog = Logger(namespace="relaygw.service")
+
+
+class WorkerRole:
+    """
+    This process's place among the workers (C{[process] workers}): the
+    spool partition it owns, locked for its lifetime (worker 0 of several
+    also locks the spool directory itself, where it adopts the messages
+    stranded in a layout no longer used); worker 0's supervisor of the
+    others; the other workers' watch on the main process; and where each
+    worker's metrics snapshot goes for worker 0's C{/metrics}.
+
+    @ivar spoolDirectory: this process's spool (partition) directory.
+    @ivar supervisor: the L{WorkerSupervisor} (worker 0 of several), or None.
+    """
+
+    def __init__(self, config, reactor, worker=0, workerArgv=None):
+        self.base = config.spool.directory
+        self.worker = worker
+        self.workers = config.process.workers
+        self.spoolDirectory = partitionDirectory(self.base, worker) if self.workers > 1 else self.base
+        self.supervisor = None
+        if self.workers > 1 and worker == 0 and workerArgv:
+            self.supervisor = WorkerSupervisor(reactor, self.workers, workerArgv)
+        self.parentWatch = ParentWatch(reactor) if worker > 0 and parentPid() is not None else None
+        self._locks = []
+
+    def services(self):
+        """The services this role runs: the supervisor, or the watch on the main process."""
+        return [svc for svc in (self.supervisor, self.parentWatch) if svc is not None]
+
+    def acquire(self, spool):
+        """
+        Take exclusive ownership of C{spool}, this process's partition (and,
+        for worker 0 of several, of the spool directory itself); raises
+        L{PartitionLocked} when another live process has it.
+        """
+        if spool.lock is not None:
+            for lock in self._locks + [spool.lock]:
+                lock.claim()  # (a daemon has forked since)
+            return
+        if self.workers > 1 and self.worker == 0:
+            self._locks.append(PartitionLock(self.base))
+        try:
+            spool.acquire()
+        except PartitionLocked:
+            self._releaseLocks()
+            raise
+
+    def release(self, spool):
+        """Give up the spool's locks (last, at the end of a drain)."""
+        self._releaseLocks()
+        spool.releaseLock()
+
+    def _releaseLocks(self):
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
+
+    def adoptStranded(self, spool):
+        """
+        Worker 0 takes over into C{spool} the messages left in a spool
+        layout the current C{[process] workers} no longer uses: the
+        partitions of workers that no longer exist, the unpartitioned spool
+        after a switch to several workers, and every partition after a
+        switch back to one process.
+        """
+        if self.worker != 0:
+            return
+        base = self.base
+        sources = [path for index, path in partitions(base).items() if self.workers == 1 or index >= self.workers]
+        if self.workers > 1:
+            sources.append(base)
+        for source in sources:
+            if source != base:  # (the base directory is ours already)
+                try:
+                    lock = PartitionLock(source)
+                except PartitionLocked as e:
+                    _roleLog.warn("not adopting the messages in {source}: {error}", source=source, error=str(e))
+                    continue
+            else:
+                lock = None
+            try:
+                moved = spool.adopt(source)
+            finally:
+                if lock is not None:
+                    lock.release()
+            if moved:
+                _roleLog.info("adopted {n} queued messages from {source}", n=moved, source=source)
+
+    def snapshotPath(self, worker):
+        """Where worker C{worker} writes its metrics for worker 0."""
+        return os.path.join(partitionDirectory(self.base, worker), "metrics.prom")
+
+    def peerSnapshots(self):
+        """The other workers' snapshots, for worker 0's C{/metrics}."""
+        return [self.snapshotPath(i) for i in range(1, self.workers)]
+
+    def writeSnapshot(self, metrics):
+        """This worker's metrics, for worker 0's /metrics (replaced whole; never raises)."""
+        path = self.snapshotPath(self.worker)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(metrics.render())
+            os.rename(path + ".tmp", path)
+        except OSError as e:
+            _roleLog.warn("cannot write {path}: {error}", path=path, error=e)

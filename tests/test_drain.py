@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw import config
-from relaygw.service import closeListeningPort
+from relaygw.listeners import closeListeningPort
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
 from tests.helpers import portRefused, processAlive, runTwistd, spoolPids, waitUntil
 

@@ -1,0 +1,485 @@
+"""
+The listening side of the gateway: one L{SMTPFactory} per configured
+listener (the bookkeeping its sessions share: settings, limits, drain), and
+L{Listeners}, which builds each listener's factory, TLS settings, PROXY
+wrapper and endpoint service, and what a drain and a reload do to them.
+"""
+
+import collections
+import dataclasses
+import re
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, error, tcp
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import failure
+from zope.interface import implementer
+
+from relaygw import codes, trust
+from relaygw.auth import FailureTracker, makePortal
+from relaygw.logs import Logger
+from relaygw.policy import loadPolicy
+from relaygw.protocol import SMTPSession
+from relaygw.proxy import ProxyProtocolFactory
+from relaygw.sink import SpoolSink
+from relaygw.tls import ServerTLS, generateSelfSigned
+from relaygw.verbs import registry
+from relaygw.workers import ReusePortEndpoint, parseTCP
+
+#: (Its lines keep the namespace operators know them by.)
+log = Logger(namespace="relaygw.service")
+
+
+class NullMetrics:
+    """Metrics sink used when no admin endpoint is configured."""
+
+    def connection(self, listener, delta):
+        pass
+
+    def event(self, listener, kind, *labels):
+        pass
+
+    def queued(self, listener, size, seconds):
+        pass
+
+    def delivery(self, hop, result):
+        pass
+
+    def deliveryTimes(self, status, inQueue, attempt):
+        pass
+
+    def corrupt(self):
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerSettings:
+    """
+    One listener's settings as a session sees them, pinned whole when the
+    session connects: the config, the policy built from it, the trust
+    policy, the cred portal and the server TLS settings.  A reload makes a
+    new bundle for new sessions; a live session never mixes a new policy
+    (or portal) with old limits.
+    """
+
+    listener: object
+    policy: object
+    trust: trust.TrustPolicy
+    portal: object = None
+    tls: object = None
+
+    @classmethod
+    def build(cls, listener, tls=None, portal=None, policy=None):
+        if policy is None:
+            policy = loadPolicy(listener.policy, listener)
+        # The trust policy checks client certificates against the TLS
+        # settings the listener keeps.
+        return cls(listener, policy, trust.TrustPolicy.fromListener(listener, tls), portal, tls)
+
+
+class SMTPFactory(ServerFactory):
+    """
+    Everything a session needs from its listener: the current
+    L{ListenerSettings}, spool, verbs, TLS and the cred portal, plus the
+    session bookkeeping used for limits and draining.
+    """
+
+    protocol = SMTPSession
+    noisy = False
+
+    def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
+                 authFailures=None):
+        self.spool = spool
+        self.sink = SpoolSink(spool)
+        self.reactor = reactor
+        self.onQueued = onQueued
+        self.metrics = metrics or NullMetrics()
+        self.settings = ListenerSettings.build(listener, tls, portal)
+        self.verbs = registry()
+        self.sessions = set()
+        self.closing = set()
+        self.perIP = collections.Counter()
+        self.recentConnects = collections.defaultdict(collections.deque)
+        self._prunedAt = 0.0
+        self.draining = False
+        self.authFailures = authFailures
+        if portal is not None and authFailures is None:
+            from relaygw.auth import FailureTracker
+
+            self.authFailures = FailureTracker(clock=reactor)
+
+    @property
+    def listener(self):
+        """The current listener config (new sessions pin it)."""
+        return self.settings.listener
+
+    @property
+    def policy(self):
+        """The current policy (new sessions pin it)."""
+        return self.settings.policy
+
+    @property
+    def portal(self):
+        """The current cred portal or C{None} (new sessions pin it)."""
+        return self.settings.portal
+
+    @portal.setter
+    def portal(self, portal):
+        self.settings = dataclasses.replace(self.settings, portal=portal)
+
+    @property
+    def tls(self):
+        """The current L{ServerTLS} or C{None} (new sessions pin it)."""
+        return self.settings.tls
+
+    @tls.setter
+    def tls(self, tls):
+        s = self.settings
+        self.settings = ListenerSettings.build(s.listener, tls, s.portal, s.policy)
+
+    def prepare(self, listener):
+        """
+        Build what a reloaded listener config needs (policy, trust, TLS,
+        portal) without changing anything yet; raises if it can't.  New
+        sessions get it as one L{ListenerSettings} bundle (L{apply}).
+        """
+        tls = None
+        if listener.tls_certificate:
+            if listener.tls_self_signed:
+                generateSelfSigned(listener.tls_certificate, listener.tls_key, listener.hostname)
+            tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
+                            listener.tls_ciphers, listener.tls_client_ca)
+        portal = self.portal
+        old = self.listener
+        if (old.credentials, old.always_allow) != (listener.credentials, listener.always_allow):
+            portal = None
+            if listener.credentials or listener.always_allow:
+                portal = makePortal(listener.credentials, listener.always_allow)
+        return {"policy": loadPolicy(listener.policy, listener), "trust": trust.TrustPolicy.fromListener(listener),
+                "tls": tls, "portal": portal}
+
+    def apply(self, listener, prepared):
+        """Swap in a reloaded listener config (from L{prepare}); new sessions use it."""
+        tls = prepared["tls"]
+        if self.tls is not None and tls is not None:
+            # The same object: an implicit-TLS port holds on to it.
+            self.tls.adopt(tls)
+            tls = self.tls
+        portal = prepared["portal"]
+        if portal is not None and self.authFailures is None:
+            from relaygw.auth import FailureTracker
+
+            self.authFailures = FailureTracker(clock=self.reactor)
+        self.settings = ListenerSettings.build(listener, tls, portal, prepared["policy"])
+
+    def applyListener(self, listener):
+        """A reloaded listener config, prepared and applied at once."""
+        self.apply(listener, self.prepare(listener))
+
+    def proxyInfo(self, transport):
+        if not self.listener.proxy_protocol:
+            return None
+        from relaygw.proxy import findProxyInfo
+
+        return findProxyInfo(transport)
+
+    def tlsInfo(self, transport):
+        from relaygw.tls import tlsInfo
+
+        return tlsInfo(transport)
+
+    def admit(self, session):
+        """
+        A refusal (421) when the session is over a limit, else C{None}; a
+        session that is admitted is counted against its client's address
+        (L{sessionStarted}).
+        """
+        listener = session.listener
+        host = listener.hostname
+        if self.draining:
+            return codes.SHUTTING_DOWN.format(host=host)
+        if len(self.sessions) > listener.max_connections:
+            return codes.TOO_MANY_CONNECTIONS.format(host=host)
+        return self._perIP(session, session.countedIP)
+
+    def _perIP(self, session, ip):
+        """The per-IP limits for client C{ip} (already counted), or C{None}."""
+        if ip is None:
+            return None
+        listener = session.listener
+        host = listener.hostname
+        if listener.max_connections_per_ip and self.perIP[ip] > listener.max_connections_per_ip:
+            return codes.TOO_MANY_CONNECTIONS.format(host=host)
+        rate = listener.connection_rate_per_ip
+        if rate:
+            now = self.reactor.seconds()
+            self._pruneRecent(now)
+            recent = self.recentConnects[ip]
+            while recent and recent[0] <= now - 60:
+                recent.popleft()
+            recent.append(now)
+            if len(recent) > rate:
+                return codes.RATE_LIMITED.format(host=host)
+        return None
+
+    #: Seconds between sweeps of the per-address connection times.
+    PRUNE_EVERY = 60
+
+    def _pruneRecent(self, now):
+        """
+        Forget addresses with no connection in the last minute, once a
+        minute at most, so the rate state holds only recent clients.
+        """
+        if now - self._prunedAt < self.PRUNE_EVERY:
+            return
+        self._prunedAt = now
+        for ip in [ip for ip, recent in self.recentConnects.items() if not recent or recent[-1] <= now - 60]:
+            del self.recentConnects[ip]
+
+    def _count(self, session, ip):
+        """Count C{session} against client C{ip} (C{None}: not counted) instead of its previous one."""
+        old = session.countedIP
+        if old is not None:
+            self.perIP[old] -= 1
+            if self.perIP[old] <= 0:
+                del self.perIP[old]
+        session.countedIP = ip
+        if ip is not None:
+            self.perIP[ip] += 1
+
+    def sessionStarted(self, session):
+        """
+        C{session} connected: count it against its client's address.  A
+        trusted peer that may claim client identities (a balancer; Postfix
+        exempts C{$mynetworks} from its client limits) is counted only under
+        the addresses it claims (L{clientClaimed}).
+        """
+        self.sessions.add(session)
+        claims = session.trusted and {"xclient", "xremoteip"} & set(session.listener.extensions)
+        self._count(session, None if claims else session.context["remote_ip"])
+        self.metrics.connection(self.listener.name, +1)
+
+    def clientClaimed(self, session):
+        """
+        XCLIENT or XREMOTEIP changed the session's client address: count it
+        against the claimed one, as if it had connected from there.  Returns
+        the 421 refusal when that address is over its limits.
+        """
+        ip = session.context.get("remote_ip")
+        if ip == "unknown":
+            ip = None
+        if ip == session.countedIP:
+            return None
+        self._count(session, ip)
+        return self._perIP(session, ip)
+
+    def sessionEnded(self, session):
+        """
+        C{session} is over (its closing reply sent), and again once its
+        connection has gone; in between it is C{closing} (a drain waits
+        for those too, a few seconds at most).
+        """
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._count(session, None)
+            self.metrics.connection(self.listener.name, -1)
+            if session.transport is not None and session.transport.connected:
+                self.closing.add(session)
+        else:
+            self.closing.discard(session)
+
+    def stats(self, kind, *labels):
+        self.metrics.event(self.listener.name, kind, *labels)
+
+    def messageQueued(self, session, message, seconds):
+        self.metrics.queued(self.listener.name, message.size, seconds)
+        if self.onQueued is not None:
+            self.onQueued(message.queueId, message)
+
+
+class Listeners:
+    """
+    The listeners of one process, built from the config: for each its
+    L{SMTPFactory}, server TLS settings and cred portal, its PROXY wrapper
+    and its endpoint service (a child of C{parent}, named
+    C{listener:NAME}).  Failed logins count per client address across
+    every listener.
+
+    @ivar factories: the L{SMTPFactory} of each listener, in config order.
+    @ivar services: their endpoint services, in the same order.
+    @ivar proxyFactories: C{{listener name: ProxyProtocolFactory}}.
+    @ivar tlsSettings: the L{ServerTLS} of each listener that has one.
+    @ivar listeningPorts: the ports opened (for L{closeListeningPort}).
+    """
+
+    def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1):
+        self.factories = []
+        self.services = []
+        self.proxyFactories = {}
+        self.tlsSettings = []
+        self.listeningPorts = []
+        self.authFailures = FailureTracker(clock=reactor)
+        for listener in config.listeners:
+            tls = self._serverTLS(listener)
+            portal = None
+            if listener.credentials or listener.always_allow:
+                portal = makePortal(listener.credentials, listener.always_allow)
+            factory = SMTPFactory(listener, spool, reactor, onQueued=onQueued, portal=portal, tls=tls,
+                                  metrics=metrics, authFailures=self.authFailures)
+            self.factories.append(factory)
+            if workers > 1:
+                endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))
+            else:
+                endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
+            wrapped = factory
+            if listener.implicit_tls:
+                wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
+            if listener.proxy_protocol:
+                # The PROXY header comes first, then (implicit) TLS, then SMTP.
+                wrapped = ProxyProtocolFactory(wrapped, factory.settings.trust.balancer,
+                                               listener.proxy_timeout, reactor)
+                self.proxyFactories[listener.name] = wrapped
+            svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts), wrapped)
+            svc._raiseSynchronously = True
+            svc.setName("listener:" + listener.name)
+            svc.setServiceParent(parent)
+            self.services.append(svc)
+
+    def _serverTLS(self, listener):
+        if not listener.tls_certificate:
+            return None
+        if listener.tls_self_signed and generateSelfSigned(
+                listener.tls_certificate, listener.tls_key, listener.hostname):
+            log.info("generated a self-signed certificate {path}", path=listener.tls_certificate)
+        tls = ServerTLS(listener.tls_certificate, listener.tls_key, listener.tls_min_version,
+                        listener.tls_ciphers, listener.tls_client_ca)
+        self.tlsSettings.append(tls)
+        return tls
+
+    # -- reload ----------------------------------------------------------
+
+    def prepare(self, config):
+        """
+        What a reloaded C{config} gives each listener it still has (built,
+        nothing changed yet; raises if it can't): C{[(factory, listener,
+        prepared)]} for L{apply}.
+        """
+        prepared = []
+        for factory in self.factories:
+            listener = next((l for l in config.listeners if l.name == factory.listener.name), None)
+            if listener is not None:
+                prepared.append((factory, listener, factory.prepare(listener)))
+        return prepared
+
+    def apply(self, prepared):
+        """Swap in L{prepare}'s result: new sessions use it."""
+        for factory, listener, settings in prepared:
+            factory.apply(listener, settings)
+            wrapper = self.proxyFactories.get(listener.name)
+            if wrapper is not None:
+                wrapper.isTrusted = factory.settings.trust.balancer
+                wrapper.timeout = listener.proxy_timeout
+        self.tlsSettings = [f.tls for f in self.factories if f.tls is not None]
+
+    def reloadCertificates(self):
+        """Re-read every listener's certificate; new connections use it."""
+        for tls in self.tlsSettings:
+            if tls.reload():
+                log.info("reloaded certificate {path}", path=tls.certPath)
+
+    def watchCertificates(self):
+        """Reload a certificate whose files changed."""
+        for tls in self.tlsSettings:
+            tls.checkForChanges()
+
+    # -- drain -----------------------------------------------------------
+
+    @property
+    def draining(self):
+        return any(f.draining for f in self.factories)
+
+    def stopAccepting(self):
+        """
+        Stop listening without resetting anybody (L{closeListeningPort}):
+        what the kernel has already queued is accepted and told 421 4.3.2.
+        Fires once every endpoint service has stopped.
+        """
+        for f in self.factories:
+            f.draining = True
+        for port in self.listeningPorts:
+            closeListeningPort(port)
+        return defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in self.services])
+
+    def drainSessions(self):
+        """Idle sessions get 421 4.3.2; those in a transaction may finish it."""
+        for f in self.factories:
+            for session in list(f.sessions):
+                session.drain()
+
+    def shutDownSessions(self):
+        """The sessions still open get 421 4.3.2 now."""
+        for f in self.factories:
+            for session in list(f.sessions):
+                session.shutDown()
+
+    @property
+    def sessionsOpen(self):
+        return any(f.sessions for f in self.factories)
+
+    @property
+    def sessionsClosing(self):
+        """Whether closed sessions' peers are still taking the last reply (a lingering close)."""
+        return any(f.closing for f in self.factories)
+
+
+@implementer(IStreamServerEndpoint)
+class _RecordingEndpoint:
+    """A server endpoint that notes the ports it opens (for L{closeListeningPort})."""
+
+    def __init__(self, endpoint, ports):
+        self.endpoint = endpoint
+        self.ports = ports
+
+    def listen(self, factory):
+        return self.endpoint.listen(factory).addCallback(self._opened)
+
+    def _opened(self, port):
+        self.ports.append(port)
+        return port
+
+
+def closeListeningPort(port):
+    """
+    Stop listening without resetting anybody: accept every connection the
+    kernel has already completed (the factory answers each with 421 4.3.2
+    while draining), then close the socket in the same breath, so that
+    later attempts are refused (a balancer retries another server) rather
+    than reset.  Ports that are not plain TCP are left to C{stopListening}.
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return
+    port.stopReading()
+    for _ in range(1000):  # (bounded: a flood cannot keep us here)
+        before = port.sessionno
+        port.numberAccepts = 1000
+        port.doRead()
+        if port.sessionno == before:
+            break
+    port.disconnecting = True
+    port.connectionLost(failure.Failure(error.ConnectionDone()))
+
+
+#: The listen queue a listener gets unless its endpoint string says otherwise
+#: (Twisted's default of 50 drops SYNs under a burst of clients).
+BACKLOG = 1024
+
+
+def withBacklog(description, backlog=BACKLOG):
+    """A server endpoint string with C{backlog=} added when it listens on a queue and names none."""
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] in ("tcp", "tcp6", "ssl", "unix") and not any(p.startswith("backlog=") for p in parts[1:]):
+        return "%s:backlog=%d" % (description, backlog)
+    return description
