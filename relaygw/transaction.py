@@ -141,12 +141,15 @@ class MailTransaction:
             return d
 
         def queued(qid, started):
-            self.factory.messageQueued(self, writer.message, time.monotonic() - started)
+            seconds = time.monotonic() - started
             maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
                            self.messageIds.messageId)
             self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
             self.resetTransaction()
             self.reply(codes.QUEUED.format(qid=qid))
+            # The 250 first: the messages of one grouped commit are answered
+            # before any of them starts on its way out.
+            self.factory.messageQueued(self, writer.message, seconds)
 
         def failed(failure):
             if isStorageError(failure.value):

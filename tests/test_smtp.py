@@ -190,6 +190,31 @@ class TransactionTests(SessionTestCase):
         return self.session(run)
 
 
+class QueuedOrderTests(SessionTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_answeredBeforeDelivery(self):
+        """
+        The client has its 250 before the queue manager hears of the
+        message: what one grouped commit made durable is answered before
+        any of it starts on its way out.
+        """
+        seen = []
+
+        def queued(queueId, message):
+            seen.append((queueId, c.transport.value()))
+
+        self.harness.factory.onQueued = queued
+        c = self.client()
+        c.reply()
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send("Subject: x\r\n\r\nbody\r\n.\r\n")
+        [(queueId, written)] = seen
+        self.assertTrue(written.endswith(b"250 2.0.0 Ok: queued as %s\r\n" % queueId.encode()), written)
+
+
 class SizeTests(SessionTestCase):
     listener = {"relay_networks": ["127.0.0.0/8"], "max_message_size": 10000}
 
