@@ -53,11 +53,12 @@ sys.path.insert(0, ROOT)
 from relaygw.testing import PostfixInstance, configText, freePort, waitForPort  # noqa: E402
 from relaygw.workers import twistdArgv  # noqa: E402
 from relaygw.tls import generateSelfSigned  # noqa: E402
-from relaygw import testing as _testing  # noqa: E402
+from relaygw.testing import postfix as _postfix  # noqa: E402
 
-# Postfix's STARTTLS needs its TLS session cache and entropy manager.
-if "tlsmgr" not in _testing.POSTFIX_MASTER_CF:
-    _testing.POSTFIX_MASTER_CF += "tlsmgr    unix  -  -  n  1000? 1  tlsmgr\n"
+# Postfix's STARTTLS needs its TLS session cache and entropy manager
+# (PostfixInstance reads its master.cf template from its own module at each start).
+if "tlsmgr" not in _postfix.POSTFIX_MASTER_CF:
+    _postfix.POSTFIX_MASTER_CF += "tlsmgr    unix  -  -  n  1000? 1  tlsmgr\n"
 
 #: What each cell's configuration adds to the shipped defaults, as RESULTS.md states it.
 RELAYGW_CONFIG = {
