@@ -73,9 +73,13 @@ class PartitionLock:
         self.claim()
 
     def claim(self):
-        """Name this process as the owner (again after a daemon's fork, which keeps the lock)."""
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, b"%d\n" % os.getpid(), 0)
+        """
+        Name this process as the owner (again after a daemon's fork, which
+        keeps the lock).  One fixed-width write: whoever reads the file
+        meanwhile sees one pid or the other, never an empty or mixed file.
+        """
+        os.pwrite(self.fd, b"%20d\n" % os.getpid(), 0)
+        os.ftruncate(self.fd, 21)
 
     def release(self):
         if self.fd is not None:
