@@ -32,15 +32,6 @@ def _syncfs(fd):
     return True
 
 
-def _syncfsAt(directory):
-    """C{syncfs(2)} of the file system holding C{directory}; False where there is none."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return _syncfs(fd)
-    finally:
-        os.close(fd)
-
-
 _IOV_MAX = 1024  # POSIX's minimum is 16; Linux takes 1024
 
 
@@ -88,16 +79,12 @@ def discardFile(fd, path):
         pass
 
 
-def fsyncPath(path, flags=os.O_RDONLY):
-    fd = os.open(path, flags)
+def fsyncDirectory(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def fsyncDirectory(path):
-    fsyncPath(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 class CommitJob:
@@ -107,26 +94,16 @@ class CommitJob:
     The file is either already open (C{fd}), or is created in the disk
     thread from C{data} (bytes, or a callable returning the bytes to write
     or a list of chunks), so the reactor thread never waits on the journal.
-    With C{reuse}, C{tmpPath} is a spent file that is emptied and filled
-    again instead of created: no inode is allocated.
-
-    With C{early}, the file may take its final name before the sync: for a
-    new name whose reader can tell a complete file from a cut one (a queue
-    file records its content's size), so one journal commit makes both the
-    content and the name durable.  The owner's Deferred still fires only
-    after that commit.  Without it (a rename over a file that must stay
-    whole, as a progress record), the name changes after the data is
-    synced, and the directory is synced again.
+    With C{reuse}, C{tmpPath} is a spent file that is overwritten and cut
+    to length instead of created: no inode is allocated.
     """
 
-    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False, early=False):
+    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False):
         self.tmpPath = tmpPath
         self.finalPath = finalPath
         self.fd = fd
         self.data = data
         self.reuse = reuse
-        self.early = early
-        self.renamed = False
 
     def prepare(self):
         """Runs in the disk thread: create (or reuse) and fill the file if needed."""
@@ -134,24 +111,15 @@ class CommitJob:
             return
         data = self.data() if callable(self.data) else self.data
         self.data = None
-        if self.reuse:
-            # Emptied first, never overwritten in place: the new content
-            # gets new blocks, so a crash cannot leave old octets under the
-            # new name (created after all if it has gone missing).
-            self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        if self.reuse:  # (created after all if it has gone missing)
+            self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT, 0o640)
+            os.ftruncate(self.fd, writeAll(self.fd, data))
         else:
             self.fd = os.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        writeAll(self.fd, data)
-
-    def rename(self):
-        os.close(self.fd)
-        self.fd = None
-        os.rename(self.tmpPath, self.finalPath)
-        self.renamed = True
+            writeAll(self.fd, data)
 
     def abandon(self):
-        """The commit failed: no trace of the file under either name."""
-        discardFile(self.fd, self.finalPath if self.renamed else self.tmpPath)
+        discardFile(self.fd, self.tmpPath)
         self.fd = None
 
 
@@ -262,33 +230,20 @@ class Committer:
         self._kick()
 
     def _sync(self, jobs):
-        """
-        Runs in the disk thread: create, sync, rename, sync directories.
-        Grouped, the C{early} jobs are renamed before the one C{syncfs},
-        which makes their content and their new names durable together;
-        only the others need their directories synced after their renames.
-        """
+        """Runs in the disk thread: create, sync data, rename, sync directories."""
         for job in jobs:
             job.prepare()
-        grouped = self.mode == "grouped"
-        early = [job for job in jobs if job.early] if grouped else []
-        for job in early:
-            job.rename()
-        synced = grouped and _syncfsAt(os.path.dirname(jobs[0].finalPath))
-        late = [job for job in jobs if not job.renamed]
-        if early and not synced:  # no syncfs here after all: each file on its own
-            for job in early:
-                fsyncPath(job.finalPath)
-            late += early
-        for job in late:
-            if not synced and job.fd is not None:
+        synced = self.mode == "grouped" and _syncfs(jobs[0].fd)
+        for job in jobs:
+            if not synced:
                 os.fsync(job.fd)
-            if not job.renamed:
-                job.rename()
+            os.close(job.fd)
+            job.fd = None
+            os.rename(job.tmpPath, job.finalPath)
         # A reused file leaves its directory: that must be durable too, or
         # after a crash the old name could hand a queued file out again.
-        for d in sorted({os.path.dirname(job.finalPath) for job in late} |
-                        {os.path.dirname(job.tmpPath) for job in late if job.reuse}):
+        for d in sorted({os.path.dirname(job.finalPath) for job in jobs} |
+                        {os.path.dirname(job.tmpPath) for job in jobs if job.reuse}):
             fsyncDirectory(d)
 
 

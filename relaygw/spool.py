@@ -273,7 +273,7 @@ class MessageWriter:
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
             spent = self.spool.takeSpent()
-            job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None, early=True)
+            job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None)
         else:
             try:
                 self._flush()
@@ -281,7 +281,7 @@ class MessageWriter:
             except OSError as e:
                 self._fail(e)
                 return defer.fail(e)
-            job = CommitJob(self.tmpPath, final, fd=self.fd, early=True)
+            job = CommitJob(self.tmpPath, final, fd=self.fd)
         self.fd = None
         self._chunks = []
         self.envelope.size = self.size

@@ -197,12 +197,10 @@ def send(port, subject, finish=True):
 
 class CommitOrderTests(unittest.TestCase):
     """
-    What the disk thread does, in order, to make a batch durable: a new
-    queue file takes its name before the one syncfs (a single journal
-    commit for its content and its name, the queue file telling a cut
-    content by its recorded size); a progress record, which replaces a
-    file that must stay whole, is renamed only after the sync, and its
-    directory is synced after that.
+    What the disk thread does, in order, to make a batch durable: the
+    content is synced (one syncfs for the batch) before the file takes its
+    name, and the directory is synced after the rename; only then does the
+    commit fire (and the client get its 250).
     """
 
     def setUp(self):
@@ -211,16 +209,15 @@ class CommitOrderTests(unittest.TestCase):
         self.spool.open()
         self.calls = []
 
-        def record(name, real):
+        def record(name, real, where):
             def call(*args):
-                where = {"rename": lambda: os.path.dirname(args[1]), "fsyncdir": lambda: args[0]}.get(name)
-                self.calls.append((name, os.path.basename(where()) if where else ""))
+                self.calls.append((name, where(*args)))
                 return real(*args)
             return call
 
-        self.patch(os, "rename", record("rename", os.rename))
-        self.patch(durable, "_syncfsAt", record("syncfs", durable._syncfsAt))
-        self.patch(durable, "fsyncDirectory", record("fsyncdir", durable.fsyncDirectory))
+        self.patch(os, "rename", record("rename", os.rename, lambda a, b: os.path.basename(os.path.dirname(b))))
+        self.patch(durable, "_syncfs", record("syncfs", durable._syncfs, lambda fd: ""))
+        self.patch(durable, "fsyncDirectory", record("fsyncdir", durable.fsyncDirectory, os.path.basename))
 
     def message(self):
         w = self.spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
@@ -228,13 +225,13 @@ class CommitOrderTests(unittest.TestCase):
         return w.commit()
 
     @defer.inlineCallbacks
-    def test_messageOneCommit(self):
+    def test_messageSyncedThenNamed(self):
         qid = yield self.message()
-        self.assertEqual(self.calls, [("rename", "queue"), ("syncfs", "")])
+        self.assertEqual(self.calls, [("syncfs", ""), ("rename", "queue"), ("fsyncdir", "queue")])
         self.assertEqual(self.spool.load(qid).size, 20)
 
     @defer.inlineCallbacks
-    def test_progressRecordRenamedAfterTheSync(self):
+    def test_progressRecordSyncedThenNamed(self):
         qid = yield self.message()
         del self.calls[:]
         yield self.spool.writeState(qid, {"rcpts": {}, "attempts": 1})
@@ -243,11 +240,10 @@ class CommitOrderTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_failedSyncLeavesNothingQueued(self):
-        """The sync fails after the early rename: the queue file goes again and the commit fails."""
-        def eio(directory):
+        def eio(fd):
             raise OSError(5, "Input/output error")
 
-        self.patch(durable, "_syncfsAt", eio)
+        self.patch(durable, "_syncfs", eio)
         with self.assertRaises(OSError):
             yield self.message()
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
