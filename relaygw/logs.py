@@ -5,7 +5,6 @@ the event's own plain fields, the session id among them), and a L{Logger}
 that skips events below the configured level before building them.
 """
 
-import atexit
 import json
 import os
 import string
@@ -155,58 +154,8 @@ def _typed(value, depth=0):
     return _SKIP
 
 
-def _writeLine(outFile):
-    """Write and flush each line at once (the default)."""
-
-    def write(line):
-        outFile.write(line)
-        outFile.flush()
-
-    return write
-
-
-class _TurnBatch:
-    """
-    Collects the lines logged in one reactor turn and writes them in one
-    go when the turn ends: a message logs several lines, and each line in
-    a write(2) of its own cost more than formatting it.  Lines only ever
-    leave whole, so processes appending to one file cannot split them.
-    Outside the reactor thread, or with no reactor running (start-up,
-    shutdown), a line is written at once, after what is pending.
-    """
-
-    def __init__(self, outFile, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.outFile = outFile
-        self.reactor = reactor
-        self.lines = []
-        self._atShutdown = False
-        atexit.register(self.flush)
-
-    def __call__(self, line):
-        from twisted.python.threadable import isInIOThread
-
-        self.lines.append(line)
-        if len(self.lines) == 1:
-            if self.reactor.running and isInIOThread():
-                if not self._atShutdown:
-                    self._atShutdown = True
-                    self.reactor.addSystemEventTrigger("after", "shutdown", self.flush)
-                self.reactor.callLater(0, self.flush)
-            else:
-                self.flush()
-
-    def flush(self):
-        if self.lines:
-            text, self.lines = "".join(self.lines), []
-            self.outFile.write(text)
-            self.outFile.flush()
-
-
-def jsonLinesObserver(outFile, write=None):
+def jsonLinesObserver(outFile):
     """An L{ILogObserver} writing one JSON object per line to C{outFile}."""
-    write = write or _writeLine(outFile)
 
     @provider(ILogObserver)
     def observe(event):
@@ -224,7 +173,8 @@ def jsonLinesObserver(outFile, write=None):
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        write(json.dumps(record) + "\n")
+        outFile.write(json.dumps(record) + "\n")
+        outFile.flush()
 
     return observe
 
@@ -253,14 +203,13 @@ def escape(text):
     return "".join(map(_escapeChar, text))
 
 
-def textLinesObserver(outFile, write=None):
+def textLinesObserver(outFile):
     """
     An L{ILogObserver} writing one compact text line per event.  Every field
     is escaped (L{escape}): a client-supplied value cannot forge a line.  A
     traceback follows on lines of its own, each indented, so that none of
     them can pass for an event either.
     """
-    write = write or _writeLine(outFile)
 
     @provider(ILogObserver)
     def observe(event):
@@ -271,21 +220,20 @@ def textLinesObserver(outFile, write=None):
         failure = event.get("log_failure")
         if failure is not None:
             text += "".join("\n    " + escape(line) for line in failure.getTraceback().splitlines())
-        # The whole line (its traceback too) in one piece.
-        write("%s %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
+        # The whole line in one write.
+        outFile.write("%s %s [%s] %s\n" % (stamp, level, escape(str(event.get("log_namespace", "-"))), text))
+        outFile.flush()
 
     return observe
 
 
-def makeObserver(outFile, format="text", level="info", write=None):
+def makeObserver(outFile, format="text", level="info"):
     """
     The gateway's log observer: text or JSON lines, at C{level} and above.
     Installing it for the process (L{install}) also drops lower-level events
     at their source.
-
-    @param write: how a line is written (by default at once, flushed).
     """
-    base = (jsonLinesObserver if format == "json" else textLinesObserver)(outFile, write)
+    base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
     minimum = LogLevel.levelWithName(level)
 
     @provider(ILogObserver)
@@ -308,23 +256,19 @@ class _Switchable:
 
     def __init__(self, outFile, format, level):
         self.outFile = outFile
-        self.batch = _TurnBatch(outFile)
         self.configure(format, level)
 
     def configure(self, format, level):
         global _minimum
         self.format, self.level = format, level
-        self.observer = makeObserver(self.outFile, format, level, self.batch)
+        self.observer = makeObserver(self.outFile, format, level)
         _minimum = LogLevel.levelWithName(level)
 
     def reopen(self):
         path = getattr(self.outFile, "name", None)
         if not (isinstance(path, str) and os.path.isabs(path)):
             return  # standard output, or a file object given by the caller
-        fresh = openLogFile(path)
-        self.batch.flush()
-        old, self.outFile = self.outFile, fresh
-        self.batch.outFile = fresh
+        old, self.outFile = self.outFile, openLogFile(path)
         self.configure(self.format, self.level)
         old.close()
 

@@ -7,7 +7,6 @@ import io
 import json
 
 from twisted.application.service import Application
-from twisted.internet import task
 from twisted.logger import ILogObserver, LogLevel, capturedLogs
 from twisted.trial import unittest
 
@@ -142,64 +141,3 @@ class LineTests(unittest.TestCase):
         self.assertEqual([e["log_level"] for e in events], [LogLevel.critical])
         self.assertEqual(len(self.flushLoggedErrors(InvalidLogLevelError)), 1)
 
-
-class TurnBatchTests(unittest.TestCase):
-    """The process's observer writes a reactor turn's lines in one write."""
-
-    class Out:
-        def __init__(self):
-            self.writes = []
-            self.flushes = 0
-
-        def write(self, text):
-            self.writes.append(text)
-
-        def flush(self):
-            self.flushes += 1
-
-    class Reactor(task.Clock):
-        running = True
-
-        def addSystemEventTrigger(self, phase, event, f):
-            self.trigger = (phase, event, f)
-
-    def setUp(self):
-        from twisted.python import threadable
-
-        self.patch(threadable, "isInIOThread", lambda: True)  # (as in twistd's reactor thread)
-        self.out, self.clock = self.Out(), self.Reactor()
-        self.batch = logs._TurnBatch(self.out, self.clock)
-        self.observer = logs.makeObserver(self.out, "text", "info", self.batch)
-
-    def test_oneWritePerTurn(self):
-        for n in range(3):
-            self.observer({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "line {n}", "n": n,
-                           "log_time": 0})
-        self.assertEqual(self.out.writes, [])
-        self.clock.advance(0)
-        [text] = self.out.writes
-        self.assertEqual([line.split("] ", 1)[1] for line in text.splitlines()], ["line 0", "line 1", "line 2"])
-        self.assertEqual(self.out.flushes, 1)
-        self.observer({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "next", "log_time": 0})
-        self.clock.advance(0)
-        self.assertEqual(len(self.out.writes), 2)
-
-    def test_atOnceWhenNotRunning(self):
-        """Start-up and shutdown: nothing waits for a turn that may never come."""
-        self.clock.running = False
-        self.observer({"log_level": LogLevel.warn, "log_namespace": "t", "log_format": "now", "log_time": 0})
-        self.assertEqual(len(self.out.writes), 1)
-
-    def test_flushedAtShutdown(self):
-        self.observer({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "last", "log_time": 0})
-        phase, event, flush = self.clock.trigger
-        self.assertEqual((phase, event), ("after", "shutdown"))
-        flush()
-        self.assertIn("last", self.out.writes[0])
-
-    def test_atOnceFromAnotherThread(self):
-        from twisted.python import threadable
-
-        self.patch(threadable, "isInIOThread", lambda: False)
-        self.observer({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "thread", "log_time": 0})
-        self.assertEqual(len(self.out.writes), 1)
