@@ -10,7 +10,7 @@ import time
 
 from twisted.internet import defer, reactor, task
 
-from relaygw.testing import Client, configText, freePort, inThread, runTwistd, waitForPort
+from relaygw.testing import Client, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.helpers import GatewayTestCase, SessionTestCase, clientContext, sendOne
 
 
@@ -140,18 +140,12 @@ class _TwistdTestCase(GatewayTestCase.__bases__[0]):
         Start twistd, run C{session(process)} once it listens (it ends with
         a SIGTERM), check that twistd exits after it; returns the output.
         """
-        p = runTwistd(conf, directory)
-        try:
+        with twistdRunning(conf, directory) as p:
             waitForPort(port)
             session(p)
             # twistd re-raises the signal that stopped it once the drain is done.
             self.assertIn(p.wait(30), (0, -signal.SIGTERM))
-            return p.stdout.read().decode()
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            p.stdout.close()
+        return p.output
 
 
 class TwistdLifecycleTests(_TwistdTestCase):
@@ -266,8 +260,7 @@ class TwistdReloadTests(_TwistdTestCase):
 
         def run():
             write("before.test")
-            p = runTwistd(conf, directory)
-            try:
+            with twistdRunning(conf, directory) as p:
                 waitForPort(port)
                 greeting, der1 = peer()
                 self.assertTrue(greeting.startswith("220 before.test "), greeting)
@@ -282,14 +275,7 @@ class TwistdReloadTests(_TwistdTestCase):
                 self.assertNotEqual(der1, der2)
                 with open(cert) as f:
                     self.assertEqual(der2, ssl.PEM_cert_to_DER_cert(f.read()))
-                p.send_signal(signal.SIGTERM)
-                p.wait(30)
-                out = p.stdout.read().decode()
-            finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                p.stdout.close()
+            out = p.output
             self.assertIn("reload: listener l0: changed hostname", out)
             self.assertIn("reloaded certificate", out)
 

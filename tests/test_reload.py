@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw import config, logs
-from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, runTwistd,
+from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning,
                              waitForPort)
 from relaygw.tls import generateSelfSigned
 
@@ -186,8 +186,7 @@ class WorkersReloadTests(unittest.TestCase):
 
         def run():
             write(100)
-            p = runTwistd(conf, directory)
-            try:
+            with twistdRunning(conf, directory) as p:
                 waitForPort(port)
                 deadline = time.monotonic() + 15
                 spool = os.path.join(directory, "spool")
@@ -204,14 +203,7 @@ class WorkersReloadTests(unittest.TestCase):
                     after = [secondRecipient() for _ in range(10)]
                     if after == [452] * 10 or time.monotonic() > deadline:
                         break
-                p.send_signal(signal.SIGTERM)
-                p.wait(30)
-                out = p.stdout.read().decode()
-            finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                p.stdout.close()
+            out = p.output
             self.assertEqual(before, [250] * 10)
             self.assertEqual(after, [452] * 10)
             self.assertEqual(out.count("reload: listener l0: changed max_recipients"), 2, out)

@@ -19,7 +19,7 @@ The public names are importable from here.
 """
 
 from relaygw.testing.client import Client, freePort, inThread, waitForPort
-from relaygw.testing.gateway import Gateway, configText, receivedHeader, runTwistd, tomlValue
+from relaygw.testing.gateway import Gateway, configText, receivedHeader, runTwistd, tomlValue, twistdRunning
 from relaygw.testing.harness import HarnessTransport, SessionClient, SessionHarness
 from relaygw.testing.memorysink import MemorySink
 from relaygw.testing.nexthop import ScriptedSMTPFactory, ScriptedSMTPServer
@@ -28,5 +28,5 @@ from relaygw.testing.postfix import PostfixInstance
 __all__ = [
     "Client", "Gateway", "HarnessTransport", "MemorySink", "PostfixInstance", "ScriptedSMTPFactory",
     "ScriptedSMTPServer", "SessionClient", "SessionHarness", "configText", "freePort", "inThread",
-    "receivedHeader", "runTwistd", "tomlValue", "waitForPort",
+    "receivedHeader", "runTwistd", "tomlValue", "twistdRunning", "waitForPort",
 ]

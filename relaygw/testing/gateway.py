@@ -5,7 +5,9 @@ A gateway for tests: the TOML for one rooted in a directory
 Received header of what it delivered (L{receivedHeader}).
 """
 
+import contextlib
 import os
+import signal
 import subprocess
 
 from twisted.internet import defer
@@ -110,6 +112,28 @@ def runTwistd(configPath, cwd, extra=()):
         twistdArgv(configPath) + list(extra),
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+
+
+@contextlib.contextmanager
+def twistdRunning(configPath, cwd, extra=()):
+    """
+    L{runTwistd} for a C{with} block.  At its end the process is stopped
+    if it still runs (SIGTERM, then SIGKILL after 30 s), and what it wrote
+    is kept in C{p.output}.
+    """
+    p = runTwistd(configPath, cwd, extra)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        p.output = p.stdout.read().decode()
+        p.stdout.close()
 
 
 def receivedHeader(message):
