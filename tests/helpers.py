@@ -110,17 +110,26 @@ def clientContext(cert=None):
     return ctx
 
 
+def selfSignedListener(testcase):
+    """
+    A self-signed certificate for relay.test in C{testcase.tlsdir}
+    (C{.cert}, C{.key}), and C{testcase.listener}: its C{tlsListener}
+    with that certificate.
+    """
+    testcase.tlsdir = os.path.abspath(testcase.mktemp())
+    os.makedirs(testcase.tlsdir)
+    testcase.cert = os.path.join(testcase.tlsdir, "cert.pem")
+    testcase.key = os.path.join(testcase.tlsdir, "key.pem")
+    generateSelfSigned(testcase.cert, testcase.key, "relay.test")
+    testcase.listener = dict(testcase.tlsListener, tls_certificate=testcase.cert, tls_key=testcase.key)
+
+
 class TLSGatewayTestCase(GatewayTestCase):
     tlsListener = {}
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tlsdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.tlsdir)
-        self.cert = os.path.join(self.tlsdir, "cert.pem")
-        self.key = os.path.join(self.tlsdir, "key.pem")
-        generateSelfSigned(self.cert, self.key, "relay.test")
-        self.listener = dict(self.tlsListener, tls_certificate=self.cert, tls_key=self.key)
+        selfSignedListener(self)
         yield GatewayTestCase.setUp(self)
 
     def starttls(self, c, cert=None):
@@ -451,12 +460,7 @@ class TLSSessionTestCase(SessionTestCase):
     tlsListener = {}
 
     def setUp(self):
-        self.tlsdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.tlsdir)
-        self.cert = os.path.join(self.tlsdir, "cert.pem")
-        self.key = os.path.join(self.tlsdir, "key.pem")
-        generateSelfSigned(self.cert, self.key, "relay.test")
-        self.listener = dict(self.tlsListener, tls_certificate=self.cert, tls_key=self.key)
+        selfSignedListener(self)
         SessionTestCase.setUp(self)
 
     def starttls(self, c, cert=None):
@@ -493,3 +497,13 @@ class LogCapture:
     def find(self, formatPart, **fields):
         return [e for e in list(self.events)
                 if formatPart in (e.get("log_format") or "") and all(e.get(k) == v for k, v in fields.items())]
+
+
+def chunked(stream, cuts):
+    """C{stream} cut at the offsets C{cuts} (any integers, taken modulo its length + 1), in order."""
+    cuts = sorted({c % (len(stream) + 1) for c in cuts})
+    out, last = [], 0
+    for c in cuts + [len(stream)]:
+        out.append(stream[last:c])
+        last = c
+    return out

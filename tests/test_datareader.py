@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relaygw.datareader import DataReader
+from tests.helpers import chunked
 
 
 def model(stream):
@@ -33,15 +34,6 @@ def model(stream):
         body.append(text + b"\r\n")
         prevCRLF = crlf
         pos = nl + 1
-
-
-def chunked(stream, cuts):
-    cuts = sorted({c % (len(stream) + 1) for c in cuts})
-    out, last = [], 0
-    for c in cuts + [len(stream)]:
-        out.append(stream[last:c])
-        last = c
-    return out
 
 
 def run(stream, cuts=(), piece=8):

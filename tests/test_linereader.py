@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relaygw.linereader import BARE_LF, LINE_TOO_LONG, LineReader
+from tests.helpers import chunked
 
 #: Either event may report an over-long line ended by a bare LF in reject
 #: mode: which one depends on whether its LF arrived before the limit
@@ -45,15 +46,6 @@ def model(stream, limit, reject):
         else:
             events.append(text)
         pos = nl + 1
-
-
-def chunked(stream, cuts):
-    cuts = sorted({c % (len(stream) + 1) for c in cuts})
-    out, last = [], 0
-    for c in cuts + [len(stream)]:
-        out.append(stream[last:c])
-        last = c
-    return out
 
 
 def run(stream, cuts=(), limit=16, reject=False):
