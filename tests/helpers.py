@@ -336,8 +336,8 @@ def conn(c):
     return {k: v for (scope, k), v in dump(c).items() if scope == "connection"}
 
 
-def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
-    """MAIL, RCPT, DATA; returns the queue id (asserts every step)."""
+def _transaction(c, mailfrom, rcpt, subject):
+    """MAIL, RCPT, DATA and the content on client C{c} (asserts every step up to the content)."""
     code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)
     assert code == 250, (code, lines)
     code, lines = c.cmd("RCPT TO:<%s>" % rcpt)
@@ -345,9 +345,18 @@ def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verb
     code, lines = c.cmd("DATA")
     assert code == 354, (code, lines)
     c.send("Subject: %s\r\n\r\nbody\r\n.\r\n" % subject)
-    code, lines = c.reply()
+
+
+def _queueId(reply):
+    code, lines = reply
     assert code == 250, (code, lines)
     return lines[0].rsplit(" ", 1)[1]
+
+
+def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
+    """MAIL, RCPT, DATA; returns the queue id (asserts every step)."""
+    _transaction(c, mailfrom, rcpt, subject)
+    return _queueId(c.reply())
 
 
 @defer.inlineCallbacks
@@ -356,16 +365,8 @@ def queueMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="ver
     L{sendMessage} for a harness session (L{SessionClient}) on the real
     spool: waits for the end-of-data reply; fires with the queue id.
     """
-    code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)
-    assert code == 250, (code, lines)
-    code, lines = c.cmd("RCPT TO:<%s>" % rcpt)
-    assert code == 250, (code, lines)
-    code, lines = c.cmd("DATA")
-    assert code == 354, (code, lines)
-    c.send("Subject: %s\r\n\r\nbody\r\n.\r\n" % subject)
-    code, lines = yield c.whenReply()
-    assert code == 250, (code, lines)
-    return lines[0].rsplit(" ", 1)[1]
+    _transaction(c, mailfrom, rcpt, subject)
+    return _queueId((yield c.whenReply()))
 
 
 def spoolPids(directory):
