@@ -12,8 +12,6 @@ import relaygw
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import time
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +22,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
+from relaygw import testing
 from relaygw.testing import (
     Client, Gateway, MemorySink, ScriptedSMTPFactory, ScriptedSMTPServer, SessionHarness, inThread,
 )
@@ -158,10 +157,8 @@ def runTwistd(configPath, cwd):
     C{twistd -n relaygw} from the source tree as a child process, its
     output appended to C{cwd}/twistd.log; returns the Popen.
     """
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     with open(os.path.join(cwd, "twistd.log"), "ab") as log:
-        return subprocess.Popen([twistd, "-n", "--pidfile=", "relaygw", "--config", configPath], cwd=cwd,
-                                env=sourceEnv(), stdout=log, stderr=subprocess.STDOUT)
+        return testing.runTwistd(configPath, cwd, stdout=log, env=sourceEnv())
 
 
 def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=()):

@@ -106,11 +106,14 @@ class Gateway:
         return out
 
 
-def runTwistd(configPath, cwd, extra=()):
-    """Start C{twistd -n relaygw} as a child process; returns the Popen."""
+def runTwistd(configPath, cwd, extra=(), stdout=subprocess.PIPE, env=None):
+    """
+    Start C{twistd -n relaygw} as a child process; returns the Popen.  Its
+    output (standard error too) goes to a pipe unless C{stdout} says where.
+    """
     return subprocess.Popen(
         twistdArgv(configPath) + list(extra),
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT, env=env,
     )
 
 
