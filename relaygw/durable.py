@@ -144,6 +144,7 @@ class Committer:
         self._busy = False
         self._thread = None
         self._work = None
+        self._stopping = False
         self.batches = 0
         self.jobs = 0
         self.syncSeconds = 0.0
@@ -165,12 +166,24 @@ class Committer:
         self._kick()
         return d
 
+    def stop(self):
+        """
+        Let the disk thread end once everything handed in is done (at
+        shutdown); a commit after that starts a new one.
+        """
+        self._stopping = True
+        self._kick()
+
     def _kick(self):
         if self._busy:
             return
         batch, self._pending = self._pending, []
         unlinks, self._unlinks = self._unlinks, []
         if not batch and not unlinks:
+            if self._stopping and self._thread is not None:
+                self._work.put(None)
+                self._thread = None
+            self._stopping = False
             return
         self._busy = True
         if self._thread is None:
@@ -183,7 +196,10 @@ class Committer:
 
     def _run(self):
         while True:
-            batch, unlinks = self._work.get()
+            work = self._work.get()
+            if work is None:
+                return
+            batch, unlinks = work
             started = time.monotonic()
             unlinks = [(request, d, self._unlinkNow(*request)) for request, d in unlinks]
             try:

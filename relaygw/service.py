@@ -213,6 +213,7 @@ class GatewayService(MultiService):
         yield defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in reversed(list(self))
                                    if svc.running])
         self.role.release(self.spool)
+        self.committer.stop()
         log.info("stopped; spool intact")
 
     #: Seconds the queue manager's deliveries in flight get after the sessions' drain.

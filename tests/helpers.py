@@ -429,6 +429,7 @@ class SessionTestCase(unittest.TestCase):
     def setUp(self):
         self.sink = None if self.realSpool else MemorySink()
         self.harness = SessionHarness(self.mktemp(), dict(self.listener), sink=self.sink)
+        self.addCleanup(self.harness.close)
         self.clock = self.harness.clock
 
     def spooled(self, n=1):

@@ -19,6 +19,7 @@ from relaygw.testing import Gateway, SessionHarness, inThread
 class FlowControlTests(unittest.TestCase):
     def setUp(self):
         self.harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"]})
+        self.addCleanup(self.harness.close)
         self.client = self.harness.connect()
         self.addCleanup(self.client.lose)
         self.assertEqual(self.client.reply()[0], 220)

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw import durable
@@ -247,6 +247,34 @@ class CommitOrderTests(unittest.TestCase):
         with self.assertRaises(OSError):
             yield self.message()
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
+
+
+class CommitterStopTests(unittest.TestCase):
+    """At shutdown the disk thread ends, after the work it was handed."""
+
+    @defer.inlineCallbacks
+    def test_stopAfterPendingWork(self):
+        import threading
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        before = {t for t in threading.enumerate() if t.name == "relaygw-disk"}
+        w = spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        d = w.commit()
+        spool.committer.stop()  # while the commit is under way
+        qid = yield d
+        self.assertEqual(spool.queueIds(), [qid])
+        for _ in range(100):
+            if not {t for t in threading.enumerate() if t.name == "relaygw-disk"} - before:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual({t for t in threading.enumerate() if t.name == "relaygw-disk"} - before, set())
+        # A commit after the stop starts a new thread.
+        w = spool.newMessage({"mailfrom": "", "recipients": ["c@example.net"]})
+        w.write(b"Subject: y\r\n\r\nbody\r\n")
+        self.assertEqual(len((yield w.commit())), len(qid))
+        spool.committer.stop()
 
 
 class CrashTests(unittest.TestCase):

@@ -72,6 +72,10 @@ class SessionHarness:
             self.proxyFactory = ProxyProtocolFactory(self.factory, self.factory.settings.trust.balancer,
                                                      listenerConfig.proxy_timeout, self.clock)
 
+    def close(self):
+        """The test is over: the spool's disk thread ends once its work is done."""
+        self.service.committer.stop()
+
     def connect(self, peer="127.0.0.1", port=40000, local=("127.0.0.1", 25), proxy=None):
         """
         A new session from C{peer}:C{port}; returns its L{SessionClient}.
