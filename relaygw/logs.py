@@ -268,7 +268,12 @@ class _Switchable:
         path = getattr(self.outFile, "name", None)
         if not (isinstance(path, str) and os.path.isabs(path)):
             return  # standard output, or a file object given by the caller
-        old, self.outFile = self.outFile, openLogFile(path)
+        try:
+            fresh = openLogFile(path)
+        except OSError as e:  # the reload goes on, logging where it did
+            Logger(namespace="relaygw.service").error("cannot open the log file again: {error}", error=e)
+            return
+        old, self.outFile = self.outFile, fresh
         self.configure(self.format, self.level)
         old.close()
 

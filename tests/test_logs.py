@@ -141,3 +141,29 @@ class LineTests(unittest.TestCase):
         self.assertEqual([e["log_level"] for e in events], [LogLevel.critical])
         self.assertEqual(len(self.flushLoggedErrors(InvalidLogLevelError)), 1)
 
+
+
+class ReopenTests(unittest.TestCase):
+    def test_unopenableKeepsTheOldFile(self):
+        """SIGHUP while the log file cannot be opened: one error line, logging goes on in the old file."""
+        import os
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "relaygw.log")
+        out = logs.openLogFile(path)
+        switch = logs._Switchable(out, "text", "info")
+        os.rename(path, path + ".1")
+        os.mkdir(path)  # (a directory cannot be opened for appending)
+        with capturedLogs() as events:
+            switch.reopen()
+        self.assertIs(switch.outFile, out)
+        self.assertEqual([e["log_format"] for e in events], ["cannot open the log file again: {error}"])
+        os.rmdir(path)
+        switch.reopen()
+        self.assertIsNot(switch.outFile, out)
+        self.assertTrue(out.closed)
+        switch({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "after", "log_time": 0})
+        with open(path) as f:
+            self.assertIn("after", f.read())
+        switch.outFile.close()
