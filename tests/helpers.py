@@ -506,3 +506,21 @@ def chunked(stream, cuts):
         out.append(stream[last:c])
         last = c
     return out
+
+
+def recordEnvelopes(gateway):
+    """
+    A list that collects the envelope of each message C{gateway} accepts
+    (the validation context it was accepted with), before the queue
+    manager delivers it.
+    """
+    envelopes = []
+    factory = gateway.service.factories[0]
+    original = factory.onQueued
+
+    def onQueued(queueId, message):
+        envelopes.append(message.envelope)
+        return original(queueId, message)
+
+    factory.onQueued = onQueued
+    return envelopes

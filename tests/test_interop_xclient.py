@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
 from relaygw.testing import freePort, inThread, receivedHeader
-from tests.helpers import GatewayTestCase
+from tests.helpers import GatewayTestCase, recordEnvelopes
 
 SWAKS = "/usr/bin/swaks"
 NGINX = "/usr/sbin/nginx"
@@ -43,17 +43,7 @@ class InteropTestCase(GatewayTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         yield GatewayTestCase.setUp(self)
-        # Record each accepted message's envelope (the validation context it
-        # was accepted with) before the queue manager delivers it.
-        self.envelopes = []
-        factory = self.gw.service.factories[0]
-        original = factory.onQueued
-
-        def onQueued(queueId, message):
-            self.envelopes.append(message.envelope)
-            return original(queueId, message)
-
-        factory.onQueued = onQueued
+        self.envelopes = recordEnvelopes(self.gw)
 
     @defer.inlineCallbacks
     def delivered(self, timeout=15):

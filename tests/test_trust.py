@@ -21,7 +21,7 @@ from relaygw.commands import parseHelo
 from relaygw.testing import Client, configText, inThread, receivedHeader
 from relaygw.verbs import xclient
 from tests.helpers import (
-    LogCapture, SessionTestCase, TLSSessionTestCase, authReply, conn, queueMessage, sendMessage, v2,
+    LogCapture, SessionTestCase, TLSSessionTestCase, authReply, conn, queueMessage, recordEnvelopes, sendMessage, v2,
 )
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
@@ -432,15 +432,7 @@ class RelaygwToRelaygwTests(unittest.TestCase):
             "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
         yield self.hop.start()
         self.addCleanup(self.hop.stop)
-        self.arrived = []
-        factory = self.hop.service.factories[0]
-        original = factory.onQueued
-
-        def onQueued(queueId, message):
-            self.arrived.append(message.envelope)
-            return original(queueId, message)
-
-        factory.onQueued = onQueued
+        self.arrived = recordEnvelopes(self.hop)
         self.gw = Gateway(self.mktemp(), listeners=(
             {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
              "relay_networks": ["192.0.2.0/24", "198.51.100.0/24"]},
