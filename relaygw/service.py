@@ -135,18 +135,19 @@ class GatewayService(MultiService):
     def reload(self):
         """
         SIGHUP: open the log file again, reload certificates, then the
-        config file (L{reloadConfig}: whole or not at all).  Worker 0 passes an accepted reload on to the
-        other workers.
+        config file (L{reloadConfig}: whole or not at all).  Worker 0 passes
+        the signal on to the other workers, also when it refused the config:
+        each opens its log file again and judges the file itself.
         """
         from relaygw import logs
 
         logs.reopen()
         self.reloadCertificates()
-        if not self.configPath:
-            return
-        from relaygw.reload import reloadConfig
+        if self.configPath:
+            from relaygw.reload import reloadConfig
 
-        if reloadConfig(self, self.configPath) and self.supervisor is not None:
+            reloadConfig(self, self.configPath)
+        if self.supervisor is not None:
             self.supervisor.signalWorkers("HUP")
 
     def reloadCertificates(self):

@@ -98,12 +98,24 @@ class DaemonTests(unittest.TestCase):
 
     def test_logFileOpenedAgainOnHangUp(self):
         """logrotate moves the log away and sends SIGHUP: every worker writes to a new file."""
+        return self.hangUpAfterRotation(breakConfig=False)
 
+    def test_logFileOpenedAgainWhenTheConfigIsRefused(self):
+        """
+        SIGHUP with a config file that does not load: every worker still
+        opens the log file again, and each says it keeps its running config.
+        """
+        return self.hangUpAfterRotation(breakConfig=True)
+
+    def hangUpAfterRotation(self, breakConfig):
         def run():
             directory, port, logfile, pidfile, pid = self.daemon(2)
             deadline = time.monotonic() + 15
             while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if breakConfig:
+                with open(os.path.join(directory, "relaygw.toml"), "a") as f:
+                    f.write("[process]\nworkers = 2\n")  # a table given twice
             self.session(port)
             os.rename(logfile, logfile + ".1")
             os.kill(pid, signal.SIGHUP)
@@ -122,5 +134,6 @@ class DaemonTests(unittest.TestCase):
             self.assertEqual(old.count(": queued from=<a@example.org>"), 1, old)
             self.assertEqual(new.count(": queued from=<a@example.org>"), 10, new)
             self.assertEqual(new.count("stopped; spool intact"), 2, new)
+            self.assertEqual(new.count("reload refused, keeping the running config"), 2 if breakConfig else 0, new)
 
         return inThread(run)
