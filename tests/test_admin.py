@@ -8,7 +8,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from relaygw.admin import makeAdminSite
 from relaygw.metrics import Metrics
 from relaygw.testing import Gateway
-from tests.helpers import GatewayTestCase
+from tests.sessions import GatewayTestCase
 
 
 class MetricsTests(unittest.TestCase):

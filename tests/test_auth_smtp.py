@@ -4,7 +4,6 @@ sockets (after STARTTLS with a real TLS handshake in memory), and swaks
 -tls -a as a real client over a loopback socket.
 """
 
-import base64
 import os
 import shutil
 import subprocess
@@ -13,11 +12,8 @@ from twisted.internet import defer
 
 from relaygw.auth import PasswordFile
 from relaygw.testing import inThread
-from tests.helpers import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase, authReply
-
-
-def b64(text):
-    return base64.b64encode(text.encode()).decode()
+from tests.authexchange import authReply, b64
+from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
 
 
 def passwordFile(testcase):

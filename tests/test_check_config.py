@@ -6,22 +6,15 @@ same configurations with the same words and no traceback.
 
 import os
 import re
-import subprocess
-import sys
 
 from twisted.trial import unittest
 
 from relaygw import config
 from relaygw.testing import configText
 from relaygw.tls import generateSelfSigned
+from tests.processes import twistdCommand
 
 LINE = re.compile(r"^relaygw\.toml: [\w\[\].]+: .+ \(expected .+\)$")
-
-
-def twistd(*args, cwd=None):
-    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
-    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60)
-    return p.returncode, p.stdout, p.stderr
 
 
 class BrokenConfigTests(unittest.TestCase):
@@ -188,13 +181,13 @@ class CommandLineTests(unittest.TestCase):
         d, path = self.write(configText("/nonexistent-dir-for-test", listeners=(
             {"tls_certificate": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem", "policy": "no.Such",
              "endpoint": "tcp:99999"},), relay={"retry_min": 9, "retry_max": 1}) + "idle_timeout = nan\n")
-        code, out, err = twistd("relaygw", "--config", path, "--check-config")
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config")
         self.assertEqual(code, 1)
         lines = err.splitlines()
         self.assertEqual(len(lines), 6, err)
         for line in lines:
             self.assertRegex(line, LINE)
-        startCode, startOut, startErr = twistd("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual(startCode, 1)
         self.assertEqual(startErr.splitlines(), lines)
         self.assertNotIn("Traceback", startOut + startErr)
@@ -203,7 +196,7 @@ class CommandLineTests(unittest.TestCase):
         d, path = self.write(configText(os.path.abspath(self.mktemp()),
                                         listeners=({"endpoint": r"tcp:2525:interface=\:\:1"},),
                                         process={"workers": 2}))
-        code, out, err = twistd("relaygw", "--config", path, "--check-config")
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config")
         self.assertEqual((code, err), (0, ""))
         self.assertIn("ok", out)
 
@@ -217,7 +210,7 @@ class CommandLineTests(unittest.TestCase):
         port = busy.getsockname()[1]
         d, path = self.write(configText(os.path.abspath(self.mktemp()),
                                         listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port},)))
-        code, out, err = twistd("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual(code, 1)
         self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", out)
         self.assertNotIn("Traceback", out + err)

@@ -1,21 +1,20 @@
 """Configuration validation, --check-config, and the twistd plugin."""
 
 import os
-import subprocess
-import sys
 
 from twisted.trial import unittest
 
 from relaygw import config
 from relaygw.testing import configText
+from tests.processes import twistdCommand
 
 MINIMAL = '[[listener]]\nname = "in"\nendpoint = "tcp:2525:interface=127.0.0.1"\n'
 
 
 def twistd(*args, cwd=None):
-    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
-    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60)
-    return p.returncode, p.stdout + p.stderr
+    """L{twistdCommand} with its standard output and error together."""
+    code, out, err = twistdCommand(*args, cwd=cwd)
+    return code, out + err
 
 
 class ParseTests(unittest.TestCase):

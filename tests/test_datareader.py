@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relaygw.datareader import DataReader
-from tests.helpers import chunked
+from tests.streamcuts import chunked
 
 
 def model(stream):

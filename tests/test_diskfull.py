@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from relaygw import durable
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, inThread
-from tests.helpers import RelayTestCase
+from tests.relaysetup import RelayTestCase
 
 BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
 SMALL = 20 * 1024  # written by the disk thread at commit

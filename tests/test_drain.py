@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from relaygw import config
 from relaygw.listeners import closeListeningPort
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
-from tests.helpers import portRefused, processAlive, runTwistd, spoolPids, waitUntil
+from tests.processes import portRefused, processAlive, runTwistd, spoolPids, waitUntil
 
 
 def health(port):

@@ -12,7 +12,7 @@ import tempfile
 from twisted.internet import defer
 
 from relaygw.testing import PostfixInstance, freePort, inThread
-from tests.helpers import RelayTestCase
+from tests.relaysetup import RelayTestCase
 
 
 class PostfixNextHopTests(RelayTestCase):

@@ -18,7 +18,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
 from relaygw.testing import freePort, inThread, receivedHeader
-from tests.helpers import GatewayTestCase, recordEnvelopes
+from tests.recorders import recordEnvelopes
+from tests.sessions import GatewayTestCase
 
 SWAKS = "/usr/bin/swaks"
 NGINX = "/usr/sbin/nginx"

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import inThread
 from tests.killloop import Gateway, RecordingHop, run, sendTagged
-from tests.helpers import sourceEnv
+from tests.processes import sourceEnv
 
 
 class KillLoopTests(unittest.TestCase):

@@ -11,7 +11,9 @@ import time
 from twisted.internet import defer, reactor, task
 
 from relaygw.testing import Client, configText, freePort, inThread, twistdRunning, waitForPort
-from tests.helpers import GatewayTestCase, SessionTestCase, clientContext, sendOne
+from tests.messages import sendOne
+from tests.sessions import GatewayTestCase, SessionTestCase
+from tests.tlsmaterial import clientContext
 
 
 class DrainTests(GatewayTestCase):

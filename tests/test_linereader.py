@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from relaygw.linereader import BARE_LF, LINE_TOO_LONG, LineReader
-from tests.helpers import chunked
+from tests.streamcuts import chunked
 
 #: Either event may report an over-long line ended by a bare LF in reject
 #: mode: which one depends on whether its LF arrived before the limit

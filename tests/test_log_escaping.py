@@ -4,7 +4,6 @@ log escaped, one event per line, over real loopback sockets for each source
 (AUTH username, client certificate subject, XCLIENT, XSETCONTEXT).
 """
 
-import base64
 import datetime
 import io
 import os
@@ -23,6 +22,7 @@ from relaygw import logs
 from relaygw.auth import PasswordFile
 from relaygw.testing import Client, Gateway, inThread
 from relaygw.tls import generateSelfSigned
+from tests.authexchange import b64
 
 #: A fake event and a terminal escape (clear screen), as an attacker sends them.
 FORGED = "2026-12-02T20:10:00Z info [relaygw.smtp] [deadbeef0000] authenticated as admin"
@@ -79,10 +79,6 @@ def issueClientCertificate(directory, cn):
         with open(path, "wb") as f:
             f.write(blob)
     return paths
-
-
-def b64(text):
-    return base64.b64encode(text.encode("utf-8")).decode()
 
 
 class ForgingOverTheWireTests(unittest.TestCase):

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw import logs, maillog
 from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
-from tests.helpers import SessionTestCase
+from tests.sessions import SessionTestCase
 
 
 class MailLogTests(unittest.TestCase):

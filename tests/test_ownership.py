@@ -14,7 +14,8 @@ from twisted.trial import unittest
 
 from relaygw.spool import PartitionLock, PartitionLocked
 from relaygw.testing import Gateway, configText, freePort, inThread, waitForPort
-from tests.helpers import portRefused, processAlive, runTwistd, sendOne, sourceEnv, spoolPids, waitUntil
+from tests.messages import sendOne
+from tests.processes import portRefused, processAlive, runTwistd, sourceEnv, spoolPids, waitUntil
 
 
 class PartitionLockTests(unittest.TestCase):

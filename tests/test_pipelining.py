@@ -2,7 +2,7 @@
 
 from twisted.internet import defer
 
-from tests.helpers import SessionTestCase
+from tests.sessions import SessionTestCase
 
 
 class PipeliningTests(SessionTestCase):

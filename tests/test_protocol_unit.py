@@ -8,7 +8,7 @@ import dataclasses
 
 from twisted.internet import defer
 
-from tests.helpers import SessionTestCase
+from tests.sessions import SessionTestCase
 
 
 class UnitTestCase(SessionTestCase):

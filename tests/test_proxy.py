@@ -38,7 +38,9 @@ from relaygw.proxy import (
     parseHeader,
 )
 from relaygw.testing import Client, inThread
-from tests.helpers import SIG, GatewayTestCase, SessionTestCase, clientContext, rawSession, v2
+from tests.proxyheaders import SIG, rawSession, v2
+from tests.sessions import GatewayTestCase, SessionTestCase
+from tests.tlsmaterial import clientContext
 
 V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
 

@@ -20,7 +20,7 @@ from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import MessageWriter, Spool
 from relaygw.spoolapi import CorruptMessage
-from tests.helpers import RelayTestCase
+from tests.relaysetup import RelayTestCase
 
 BODY = b"Subject: q\r\n\r\n" + b"line of the body\r\n" * 40
 

@@ -15,7 +15,9 @@ from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import Spool
 from relaygw.testing import configText, inThread
-from tests.helpers import RelayTestCase, sendOne, sourceEnv
+from tests.messages import sendOne
+from tests.processes import sourceEnv
+from tests.relaysetup import RelayTestCase
 
 
 def block(out, qid):
@@ -123,7 +125,7 @@ class QueueToolTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_readingWhileTheGatewayWrites(self):
         """list and show while messages are accepted, delivered and removed: no error, nothing changed."""
-        from tests.helpers import sendOne
+        from tests.messages import sendOne
 
         def senders():
             return [sendOne(self.gw.port, rcpts=("z%d@example.net" % i,)) for i in range(15)]

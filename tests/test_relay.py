@@ -19,7 +19,10 @@ from relaygw.testing import (
     Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
 from relaygw.relay.smtp import SMTPNextHop
-from tests.helpers import FAST, RelayTestCase, TrackingHopFactory, deliveryStatus, makeCA, runTwistd, sendOne
+from tests.messages import sendOne
+from tests.processes import runTwistd
+from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory, deliveryStatus
+from tests.tlsmaterial import makeCA
 
 
 class SmarthostTests(RelayTestCase):

@@ -10,7 +10,7 @@ import smtplib
 
 
 from relaygw.testing import inThread
-from tests.helpers import GatewayTestCase, SessionTestCase
+from tests.sessions import GatewayTestCase, SessionTestCase
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 

@@ -6,7 +6,7 @@ never leave DATA (the Twisted 26.10 hole).  Checklist 27-29, 42.
 
 from twisted.internet import defer
 
-from tests.helpers import SessionTestCase
+from tests.sessions import SessionTestCase
 
 
 class SmugglingTests(SessionTestCase):

@@ -18,7 +18,8 @@ from twisted.mail import smtp
 
 from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
-from tests.helpers import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase, clientContext, makeCA
+from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
+from tests.tlsmaterial import clientContext, makeCA
 
 
 class StartTLSTests(TLSSessionTestCase):

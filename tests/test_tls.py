@@ -24,6 +24,7 @@ from twisted.trial import unittest
 
 from relaygw import tls
 from relaygw.trust import TrustPolicy
+from tests.tlsmaterial import clientContext
 
 
 def _name(cn):
@@ -135,18 +136,6 @@ def _client(port, context, starttls):
                     break
                 data += chunk
     return version, cert, data
-
-
-def clientContext(certKey=None, maximum=None):
-    """A Python client context that does not verify the server."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if maximum is not None:
-        context.maximum_version = maximum
-    if certKey is not None:
-        context.load_cert_chain(*certKey)
-    return context
 
 
 class _Fixture:

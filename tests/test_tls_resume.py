@@ -15,16 +15,8 @@ from twisted.trial import unittest
 
 from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
-from tests.helpers import GatewayTestCase
-
-
-def _context(maximum=None):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if maximum is not None:
-        context.maximum_version = maximum
-    return context
+from tests.sessions import GatewayTestCase
+from tests.tlsmaterial import clientContext, makeCA
 
 
 class ResumptionTests(GatewayTestCase):
@@ -52,7 +44,7 @@ class ResumptionTests(GatewayTestCase):
             c.close()
 
     def resumes(self, maximum):
-        context = _context(maximum)
+        context = clientContext(maximum=maximum)
 
         def run():
             first, session, code1 = self.starttls(context)
@@ -99,8 +91,6 @@ class NoResumptionWithClientCertificatesTests(ResumptionTests):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from tests.helpers import makeCA
-
         directory = os.path.abspath(self.mktemp())
         self.ca, _ = makeCA(os.path.join(directory, "ca"))
         self.cert, key = os.path.join(directory, "tls", "cert.pem"), os.path.join(directory, "tls", "key.pem")

@@ -7,7 +7,6 @@ and the per-session settings bundle.  Sessions run without sockets
 relaying to relaygw runs over loopback sockets.
 """
 
-import base64
 import dataclasses
 import os
 import time
@@ -20,9 +19,12 @@ from relaygw.auth import PasswordFile
 from relaygw.commands import parseHelo
 from relaygw.testing import Client, configText, inThread, receivedHeader
 from relaygw.verbs import xclient
-from tests.helpers import (
-    LogCapture, SessionTestCase, TLSSessionTestCase, authReply, conn, queueMessage, recordEnvelopes, sendMessage, v2,
-)
+from tests.authexchange import authReply, b64
+from tests.contextdump import conn
+from tests.messages import queueMessage, sendMessage
+from tests.proxyheaders import v2
+from tests.recorders import LogCapture, recordEnvelopes
+from tests.sessions import SessionTestCase, TLSSessionTestCase
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 DENIED = (554, ["5.7.1 <victim@gmail.example>: Relay access denied"])
@@ -32,10 +34,6 @@ NEED_TLS = (530, ["5.7.0 Must issue a STARTTLS command first"])
 
 def deferLater(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-def b64(text):
-    return base64.b64encode(text.encode()).decode()
 
 
 def rcpt(c, to="victim@gmail.example"):

@@ -25,9 +25,10 @@ from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
 from relaygw.testing import ScriptedSMTPFactory, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
-from tests.helpers import (
-    GatewayTestCase, LogCapture, SessionTestCase, TLSGatewayTestCase, conn, queueMessage, sendMessage,
-)
+from tests.contextdump import conn
+from tests.messages import queueMessage, sendMessage
+from tests.recorders import LogCapture
+from tests.sessions import GatewayTestCase, SessionTestCase, TLSGatewayTestCase
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
 #: Trust grants the verbs only: the claimed clients the tests send mail for

@@ -1,0 +1,63 @@
+"""
+Sending test messages: a whole session over a socket (L{sendOne}), or one
+transaction on a client that is already past EHLO (L{sendMessage} on a raw
+client, L{queueMessage} on a harness session).
+"""
+
+from twisted.internet import defer
+
+from relaygw.testing import Client
+
+
+def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=()):
+    """One message to the gateway on C{port} after EHLO and the C{before} commands; returns its queue id."""
+    c = Client(port)
+    try:
+        c.reply()
+        c.cmd("EHLO client.example")
+        for line in before:
+            code, lines = c.cmd(line)
+            assert code in (220, 250), (line, code, lines)
+        assert c.cmd("MAIL FROM:<%s>" % mailfrom)[0] == 250
+        for r in rcpts:
+            assert c.cmd("RCPT TO:<%s>" % r)[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send("Subject: %s\r\n\r\nbody of %s\r\n.\r\n" % (subject, subject))
+        code, lines = c.reply()
+        assert code == 250, (code, lines)
+        return lines[0].rsplit(" ", 1)[1]
+    finally:
+        c.close()
+
+
+def _transaction(c, mailfrom, rcpt, subject):
+    """MAIL, RCPT, DATA and the content on client C{c} (asserts every step up to the content)."""
+    code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)
+    assert code == 250, (code, lines)
+    code, lines = c.cmd("RCPT TO:<%s>" % rcpt)
+    assert code == 250, (code, lines)
+    code, lines = c.cmd("DATA")
+    assert code == 354, (code, lines)
+    c.send("Subject: %s\r\n\r\nbody\r\n.\r\n" % subject)
+
+
+def _queueId(reply):
+    code, lines = reply
+    assert code == 250, (code, lines)
+    return lines[0].rsplit(" ", 1)[1]
+
+
+def sendMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
+    """MAIL, RCPT, DATA; returns the queue id (asserts every step)."""
+    _transaction(c, mailfrom, rcpt, subject)
+    return _queueId(c.reply())
+
+
+@defer.inlineCallbacks
+def queueMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="verbs"):
+    """
+    L{sendMessage} for a harness session (L{SessionClient}) on the real
+    spool: waits for the end-of-data reply; fires with the queue id.
+    """
+    _transaction(c, mailfrom, rcpt, subject)
+    return _queueId((yield c.whenReply()))
