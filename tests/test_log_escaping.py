@@ -4,15 +4,11 @@ log escaped, one event per line, over real loopback sockets for each source
 (AUTH username, client certificate subject, XCLIENT, XSETCONTEXT).
 """
 
-import datetime
 import io
 import os
 import ssl
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -23,6 +19,7 @@ from relaygw.auth import PasswordFile
 from relaygw.testing import Client, Gateway, inThread
 from relaygw.tls import generateSelfSigned
 from tests.authexchange import b64
+from tests.tlsmaterial import CA, altNames, certificate, commonName, newKey, writePEM
 
 #: A fake event and a terminal escape (clear screen), as an attacker sends them.
 FORGED = "2026-12-02T20:10:00Z info [relaygw.smtp] [deadbeef0000] authenticated as admin"
@@ -57,27 +54,13 @@ class EscapeTests(unittest.TestCase):
 
 def issueClientCertificate(directory, cn):
     """A CA file, and a client certificate + key it issued with subject CN C{cn} for lb1.example.net."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def build(subject, issuer, key, signer, extension):
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3))
-                .add_extension(extension, critical=extension.__class__ is x509.BasicConstraints)
-                .sign(signer, hashes.SHA256()))
-
-    caKey, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Log CA")])
-    caCert = build(caName, caName, caKey, caKey, x509.BasicConstraints(ca=True, path_length=None))
-    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), caName, key, caKey,
-                 x509.SubjectAlternativeName([x509.DNSName("lb1.example.net")]))
+    caKey, key = newKey(), newKey()
+    caName = commonName("Log CA")
+    caCert = certificate(caName, caName, caKey, caKey, 3, CA)
+    cert = certificate(commonName(cn), caName, key, caKey, 3, altNames(x509.DNSName("lb1.example.net")))
     paths = [os.path.join(directory, n) for n in ("ca.pem", "client.pem", "client.key")]
-    for path, blob in zip(paths, (caCert.public_bytes(serialization.Encoding.PEM),
-                                  cert.public_bytes(serialization.Encoding.PEM),
-                                  key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))):
-        with open(path, "wb") as f:
-            f.write(blob)
+    for path, item in zip(paths, (caCert, cert, key)):
+        writePEM(path, item)
     return paths
 
 

@@ -6,7 +6,6 @@ gateway listener behind it on the session harness, and a gateway listener
 with PROXY and implicit TLS on a loopback socket.
 """
 
-import datetime
 import os
 import socket
 import ssl
@@ -15,9 +14,6 @@ import subprocess
 import sys
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +36,7 @@ from relaygw.proxy import (
 from relaygw.testing import Client, inThread
 from tests.proxyheaders import SIG, rawSession, v2
 from tests.sessions import GatewayTestCase, SessionTestCase
-from tests.tlsmaterial import clientContext
+from tests.tlsmaterial import altNames, certificate, clientContext, commonName, newKey, pem
 
 V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
 
@@ -407,25 +403,10 @@ class _TrackedWrapper(ProxyProtocolWrapper):
 
 def selfSigned():
     """A throwaway self-signed certificate for C{localhost}: (PEM cert, PEM key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption()),
-    )
+    key = newKey()
+    name = commonName("localhost")
+    cert = certificate(name, name, key, key, 1, altNames(x509.DNSName("localhost")))
+    return pem(cert), pem(key)
 
 
 def readLine(sock):

@@ -4,12 +4,8 @@ L{twisted.mail.smtp} servers or a scripted server giving exact replies.
 """
 
 import base64
-import datetime
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from zope.interface import implementer
 
 from twisted.internet import defer, protocol, reactor, ssl
@@ -18,6 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.relay import body, client
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
+from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem
 
 CONTENT = (
     b"From: sender@example.net\r\n"
@@ -604,30 +601,10 @@ class AuthAndForwardingTests(_DeliveryTestCase):
 
 
 def _certificate(subject, issuer, issuerKey, key, ca, names=()):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
+    extensions = [(x509.BasicConstraints(ca=ca, path_length=None), True)]
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-    return builder.sign(issuerKey, hashes.SHA256())
-
-
-def _pem(cert):
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _keyPem(key):
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+        extensions.append(altNames(*[x509.DNSName(n) for n in names]))
+    return certificate(commonName(subject), commonName(issuer), key, issuerKey, 1, *extensions)
 
 
 _pki = {}
@@ -636,13 +613,13 @@ _pki = {}
 def _makePKI():
     """A test CA, a server certificate for mx.example.test it signed, and an unrelated CA."""
     if not _pki:
-        caKey = ec.generate_private_key(ec.SECP256R1())
+        caKey = newKey()
         ca = _certificate("Test CA", "Test CA", caKey, caKey, True)
-        otherKey = ec.generate_private_key(ec.SECP256R1())
+        otherKey = newKey()
         other = _certificate("Other CA", "Other CA", otherKey, otherKey, True)
-        serverKey = ec.generate_private_key(ec.SECP256R1())
+        serverKey = newKey()
         server = _certificate("mx.example.test", "Test CA", caKey, serverKey, False, ["mx.example.test"])
-        _pki.update(ca=_pem(ca), other=_pem(other), server=_pem(server) + _keyPem(serverKey))
+        _pki.update(ca=pem(ca), other=pem(other), server=pem(server) + pem(serverKey))
     return _pki
 
 

@@ -3,16 +3,13 @@ Tests for L{relaygw.tls}: real TLS handshakes on loopback with a Python
 C{ssl} client running in a thread.
 """
 
-import datetime
 import os
 import shutil
 import socket
 import ssl
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes
 from zope.interface import implementer
 
 from twisted.internet import defer, reactor, threads
@@ -24,63 +21,19 @@ from twisted.trial import unittest
 
 from relaygw import tls
 from relaygw.trust import TrustPolicy
-from tests.tlsmaterial import clientContext
-
-
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+from tests.tlsmaterial import CA, altNames, certificate, clientContext, commonName, newKey, writePEM
 
 
 def makeCA(cn):
     """A CA key and self-signed certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    key = newKey()
+    return key, certificate(commonName(cn), commonName(cn), key, key, 10, CA)
 
 
 def makeLeaf(caKey, caCert, cn, *names):
     """A key and certificate for C{names} (x509 GeneralNames) issued by the CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(caCert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=10))
-        .add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
-        .sign(caKey, hashes.SHA256())
-    )
-    return key, cert
-
-
-def writePEM(path, *objects):
-    with open(path, "wb") as f:
-        for o in objects:
-            if isinstance(o, x509.Certificate):
-                f.write(o.public_bytes(serialization.Encoding.PEM))
-            else:
-                f.write(
-                    o.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    )
-                )
-    return path
+    key = newKey()
+    return key, certificate(commonName(cn), caCert.subject, key, caKey, 10, altNames(*names))
 
 
 @implementer(IHandshakeListener)
@@ -301,7 +254,7 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         self.assertTrue(server.reload())
         (_, after, _), _ = yield self.connect()
         self.assertEqual(after.serial_number, serial)
-        self.assertEqual(after.subject, _name("new.example"))
+        self.assertEqual(after.subject, commonName("new.example"))
 
     def test_reloadErrorKeepsCertificate(self):
         """

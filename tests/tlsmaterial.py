@@ -1,7 +1,8 @@
 """
-TLS material for tests: a throwaway CA issuing leaf certificates, a
-self-signed listener certificate, and the Python client context that does
-not verify the server.
+TLS material for tests: certificates built with cryptography and written
+as PEM, a throwaway CA issuing leaf certificates, a self-signed listener
+certificate, and the Python client context that does not verify the
+server.
 """
 
 import datetime
@@ -16,37 +17,72 @@ from cryptography.x509.oid import NameOID
 from relaygw.tls import generateSelfSigned
 
 
-def makeCA(directory, name="Test CA"):
-    """A CA and a function to issue leaf certificates from it (with cryptography)."""
-    os.makedirs(directory, exist_ok=True)
+def commonName(cn):
+    """The x509 name C{CN=cn}."""
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def newKey():
+    """A new ECDSA P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+#: The extension that makes a certificate a CA's: C{(extension, critical)}.
+CA = (x509.BasicConstraints(ca=True, path_length=None), True)
+
+
+def altNames(*names):
+    """The subject alternative names C{names} (x509 GeneralNames): C{(extension, critical)}."""
+    return (x509.SubjectAlternativeName(list(names)), False)
+
+
+def certificate(subject, issuer, key, signer, days, *extensions):
+    """
+    A certificate of the public half of C{key} for C{subject}, issued by
+    C{issuer} (x509 names) and signed with C{signer}, valid from a day ago
+    for C{days} days, with C{extensions} (C{(extension, critical)} pairs).
+    """
     now = datetime.datetime.now(datetime.timezone.utc)
-    caKey = ec.generate_private_key(ec.SECP256R1())
-    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    caCert = (x509.CertificateBuilder().subject_name(caName).issuer_name(caName)
-              .public_key(caKey.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-              .sign(caKey, hashes.SHA256()))
-    caPath = os.path.join(directory, "ca.pem")
-    with open(caPath, "wb") as f:
-        f.write(caCert.public_bytes(serialization.Encoding.PEM))
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=days)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def pem(item):
+    """A certificate, or a private key (PKCS#8, not encrypted), as PEM bytes."""
+    if isinstance(item, x509.Certificate):
+        return item.public_bytes(serialization.Encoding.PEM)
+    return item.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+
+
+def writePEM(path, *items):
+    """Write C{items} (certificates and keys) to C{path} as PEM; returns C{path}."""
+    with open(path, "wb") as f:
+        for item in items:
+            f.write(pem(item))
+    return path
+
+
+def makeCA(directory, name="Test CA"):
+    """
+    A CA in C{directory}: the path of its certificate, and a function
+    C{issue(label, dns)} that issues a leaf certificate for C{dns} from it
+    (written as C{label}.pem and C{label}.key; returns their paths).
+    """
+    os.makedirs(directory, exist_ok=True)
+    caKey = newKey()
+    caName = commonName(name)
+    caPath = writePEM(os.path.join(directory, "ca.pem"), certificate(caName, caName, caKey, caKey, 30, CA))
 
     def issue(label, dns):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
-                .issuer_name(caName).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-                .sign(caKey, hashes.SHA256()))
-        certPath = os.path.join(directory, label + ".pem")
-        keyPath = os.path.join(directory, label + ".key")
-        with open(certPath, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(keyPath, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-        return certPath, keyPath
+        key = newKey()
+        cert = certificate(commonName(dns), caName, key, caKey, 30, altNames(x509.DNSName(dns)))
+        return (writePEM(os.path.join(directory, label + ".pem"), cert),
+                writePEM(os.path.join(directory, label + ".key"), key))
 
     return caPath, issue
 
