@@ -14,25 +14,27 @@ beside it, one concern each (as Haraka's outbound/ does):
   - L{relaygw.relay.clientwire}: the wire protocol (command lines, replies);
   - L{relaygw.relay.body}: the body producer (dot-stuffing, flow control);
   - L{relaygw.relay.negotiation}: connect, EHLO, STARTTLS, AUTH;
-  - L{relaygw.relay.identity}: XCLIENT/XFORWARD identity forwarding.
+  - L{relaygw.relay.identity}: XCLIENT/XFORWARD identity forwarding;
+  - L{relaygw.relay.transaction}: one message's MAIL, RCPT, DATA and body,
+    pipelined, with the next envelope sent behind its end of data;
+  - L{relaygw.relay.settlement}: each recipient's result, timed and
+    reported, and what a refusal or a broken-down session means.
 """
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from OpenSSL import SSL
-from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
-from relaygw.relay.body import _BodyInterrupted
-from relaygw.relay.clientwire import (
-    RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary,
-)
+from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporary
+from relaygw.relay.clientwire import RecipientResult  # noqa: F401 (the results of deliver, named here for its callers)
 from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
+from relaygw.relay.settlement import Settlement
+from relaygw.relay.transaction import Transaction
 
 log = Logger(namespace="relaygw.relay.client")
 
@@ -90,11 +92,7 @@ class DeliveryOptions:
     timeout: float = 300
 
 
-def _rcptCommands(message):
-    return ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
-
-
-class Connection(Negotiation, IdentityForwarding):
+class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     """
     One connection to one next hop.  L{carry} delivers a batch of messages
     over it, opening it first if needed; a connection that is kept open
@@ -121,88 +119,6 @@ class Connection(Negotiation, IdentityForwarding):
         self.peerIP = None
         self.setupStarted = self.setupTime = None
         self.sendStarted = {}
-
-    # Results
-
-    def _timed(self, index, result):
-        """C{result} with where it came from and how long it took, for the mail log."""
-        now = self.reactor.seconds()
-        setup = self.setupTime
-        if setup is None:
-            setup = now - self.setupStarted if self.setupStarted is not None else 0.0
-        started = self.sendStarted.get(index)
-        relay = "%s[%s]:%d" % (self.host, self.peerIP, self.port) if self.peerIP else None
-        return replace(result, relay=relay, setup=max(0.0, setup),
-                       transmit=max(0.0, now - started) if started is not None else 0.0)
-
-    def _settle(self, index, recipients, result):
-        results = self.results[index]
-        result = self._timed(index, result)
-        for recipient in recipients:
-            if recipient not in results:
-                results[recipient] = result
-                log.debug(
-                    "{where}: {mailfrom} -> {rcpt}: {result}",
-                    where=self.where,
-                    mailfrom="<%s>" % (self.messages[index].mailfrom,),
-                    rcpt=recipient,
-                    result=result,
-                )
-        if self.settled is not None and index not in self.reported and \
-                len(results) >= len(set(self.messages[index].recipients)):
-            # Every recipient of the message has its outcome: report it
-            # now, while the conversation goes on with the next message.
-            self.reported.add(index)
-            try:
-                self.settled(index, results)
-            except Exception:
-                log.failure("{where}: reporting an outcome failed", where=self.where)
-
-    def _settleAll(self, result):
-        for index, message in enumerate(self.messages):
-            self._settle(index, message.recipients, result)
-
-    def _refused(self, reply, what, permanentAllowed=False):
-        """
-        The result when the next hop refuses a session-level step.  Only a
-        5xx to HELO stays permanent: refused greetings, STARTTLS, AUTH,
-        XCLIENT... are deferred (soft bounce) so the mail is retried.
-        """
-        text = "%s refused %s: %s" % (self.where, what, reply)
-        if reply.code // 100 == 4 or (permanentAllowed and reply.code // 100 == 5):
-            return RecipientResult(reply.code, reply.enhanced, text)
-        enhanced = reply.enhanced
-        return _temporary(text, "4" + enhanced[1:] if enhanced else "4.0.0")
-
-    async def _describe(self, failure):
-        """A temporary result describing why the session broke down."""
-        if self.proto is None:
-            return _temporary(
-                "connection to %s failed: %s" % (self.where, failure.getErrorMessage()),
-                "4.4.1",
-            )
-        proto = self.proto
-        expected = failure.check(_BodyInterrupted) or (
-            proto.lostReason is not None and failure.value is proto.lostReason.value
-        )
-        if not expected and not proto.timedOut and not proto.violation:
-            log.failure("{where}: unexpected error during {stage}", failure, where=self.where, stage=self.stage)
-        proto.abort()
-        await proto.closed
-        reason = proto.lostReason
-        if proto.timedOut:
-            return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
-        if proto.violation:
-            return _temporary("protocol error from %s: %s" % (self.where, proto.violation), "4.5.0")
-        if (proto.tlsStarted and not proto.tlsEstablished) or reason.check(SSL.Error, VerificationError):
-            return _temporary(
-                "TLS handshake with %s failed: %s" % (self.where, reason.getErrorMessage()),
-                "4.7.5",
-            )
-        return _temporary(
-            "connection to %s lost during %s: %s" % (self.where, self.stage, reason.getErrorMessage()),
-            "4.4.2",
-        )
 
     # The conversation
 
@@ -280,30 +196,6 @@ class Connection(Negotiation, IdentityForwarding):
         if self.proto is not None:
             self.proto.abort()
 
-    def _mailCommand(self, message, size):
-        addresses = [message.mailfrom] + list(message.recipients)
-        if any(c in address for address in addresses for c in "\r\n<>"):
-            raise _MessageFailure(RecipientResult(553, "5.1.3", "invalid character in envelope address"))
-        parameters = []
-        if "SIZE" in self.extensions:
-            limit = self.extensions["SIZE"]
-            if limit.isdigit() and int(limit) > 0 and size > int(limit):
-                raise _MessageFailure(
-                    RecipientResult(
-                        552, "5.3.4", "message size %d exceeds the limit %s of %s" % (size, limit, self.where)
-                    )
-                )
-            parameters.append("SIZE=%d" % (size,))
-        if "8BITMIME" in self.extensions:
-            parameters.append("BODY=8BITMIME")
-        if not all(address.isascii() for address in addresses):
-            if "SMTPUTF8" not in self.extensions:
-                raise _MessageFailure(
-                    RecipientResult(553, "5.6.7", "%s does not support SMTPUTF8 addresses" % (self.where,))
-                )
-            parameters.append("SMTPUTF8")
-        return " ".join(["MAIL FROM:<%s>" % (message.mailfrom,)] + parameters)
-
     def _openBody(self, message, report=True):
         """The content of C{message}: C{(file, size)}; raises L{_MessageFailure}."""
         try:
@@ -327,105 +219,6 @@ class Connection(Negotiation, IdentityForwarding):
         body, size = ahead or self._openBody(message)
         with body:
             await self._send(index, message, body, size, sent=ahead is not None)
-
-    def _envelopeAhead(self, index):
-        """
-        The envelope of message C{index} (MAIL, RCPT, DATA) as bytes to send
-        right behind the previous message's end of data, which RFC 2920
-        allows, so the next hop answers both in one go; C{b""} when that
-        message must wait for the reply (no PIPELINING, an identity to
-        forward first, a message that cannot go out).
-        """
-        if index >= len(self.messages) or "PIPELINING" not in self.extensions:
-            return b""
-        message = self.messages[index]
-        if not self._identityForwarded(message):
-            return b""
-        try:
-            body, size = self._openBody(message, report=False)
-        except _MessageFailure:
-            return b""  # its own transaction reports it
-        try:
-            mail = self._mailCommand(message, size)
-        except _MessageFailure:
-            body.close()
-            return b""
-        self.ahead = (body, size)
-        return self.proto.encode(mail, *_rcptCommands(message), "DATA")
-
-    async def _send(self, index, message, body, size, sent=False):
-        """
-        One transaction.  C{sent}: its envelope already went out behind the
-        previous message (L{_envelopeAhead}).
-        """
-        proto = self.proto
-        rcpts = _rcptCommands(message)
-        if not sent:
-            if self.needReset:
-                self.stage = "RSET"
-                reply = await proto.command("RSET")
-                if not reply.positive:
-                    raise _SessionFailure(self._refused(reply, "RSET"))
-                self.needReset = False
-            await self._forwardIdentity(message)
-            mail = self._mailCommand(message, size)
-        self.stage = "MAIL"
-        dataReply = None
-        if sent or "PIPELINING" in self.extensions:
-            if not sent:
-                proto.send(mail, *rcpts, "DATA")
-            replies = await proto.replies(len(rcpts) + 2)
-            mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
-        else:
-            mailReply = await proto.command(mail)
-            rcptReplies = []
-            if mailReply.positive:
-                self.stage = "RCPT"
-                for rcpt in rcpts:
-                    rcptReplies.append(await proto.command(rcpt))
-
-        if not mailReply.positive:
-            self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
-            if dataReply is not None and dataReply.code == 354:
-                await self._abandonData()
-            return
-
-        accepted = []
-        for recipient, reply in zip(message.recipients, rcptReplies):
-            if reply.positive:
-                accepted.append(recipient)
-            else:
-                self._settle(index, [recipient], _outcome(reply, "RCPT"))
-        if not accepted:
-            # MAIL opened a transaction that will not complete.
-            self.needReset = True
-            if dataReply is not None and dataReply.code == 354:
-                await self._abandonData()
-            return
-
-        if dataReply is None:
-            self.stage = "DATA"
-            dataReply = await proto.command("DATA")
-        if dataReply.code != 354:
-            self.needReset = True
-            result = _outcome(dataReply, "DATA")
-            if result.ok:
-                result = _temporary("unexpected reply to DATA: %s" % (dataReply,), "4.5.0")
-            self._settle(index, accepted, result)
-            return
-
-        self.stage = "message body"
-        await proto.sendBody(body, self._envelopeAhead(index + 1))
-        self.stage = "end of data"
-        final = await proto.reply()
-        self._settle(index, accepted, _outcome(final, "end of data"))
-
-    async def _abandonData(self):
-        """The next hop said 354 with no valid recipient: end an empty DATA."""
-        self.stage = "end of data"
-        self.proto.send(".")
-        await self.proto.reply()
-        self.needReset = True
 
     async def _quit(self):
         """Say QUIT (if the connection is still up) and wait for it to close."""

@@ -1,0 +1,101 @@
+"""
+Settling a delivery's outcomes: each recipient's result, stamped with the
+relay it went to and how long set-up and transmission took, reported as
+soon as a message has them all; and what a refusal or a broken-down
+session means for the recipients (permanent or temporary, which code).
+"""
+
+from dataclasses import replace
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+
+from relaygw.logs import Logger
+from relaygw.relay.body import _BodyInterrupted
+from relaygw.relay.clientwire import RecipientResult, _temporary
+
+log = Logger(namespace="relaygw.relay.client")
+
+
+class Settlement:
+    """The part of a L{relaygw.relay.client.Connection} that settles results."""
+
+    def _timed(self, index, result):
+        """C{result} with where it came from and how long it took, for the mail log."""
+        now = self.reactor.seconds()
+        setup = self.setupTime
+        if setup is None:
+            setup = now - self.setupStarted if self.setupStarted is not None else 0.0
+        started = self.sendStarted.get(index)
+        relay = "%s[%s]:%d" % (self.host, self.peerIP, self.port) if self.peerIP else None
+        return replace(result, relay=relay, setup=max(0.0, setup),
+                       transmit=max(0.0, now - started) if started is not None else 0.0)
+
+    def _settle(self, index, recipients, result):
+        results = self.results[index]
+        result = self._timed(index, result)
+        for recipient in recipients:
+            if recipient not in results:
+                results[recipient] = result
+                log.debug(
+                    "{where}: {mailfrom} -> {rcpt}: {result}",
+                    where=self.where,
+                    mailfrom="<%s>" % (self.messages[index].mailfrom,),
+                    rcpt=recipient,
+                    result=result,
+                )
+        if self.settled is not None and index not in self.reported and \
+                len(results) >= len(set(self.messages[index].recipients)):
+            # Every recipient of the message has its outcome: report it
+            # now, while the conversation goes on with the next message.
+            self.reported.add(index)
+            try:
+                self.settled(index, results)
+            except Exception:
+                log.failure("{where}: reporting an outcome failed", where=self.where)
+
+    def _settleAll(self, result):
+        for index, message in enumerate(self.messages):
+            self._settle(index, message.recipients, result)
+
+    def _refused(self, reply, what, permanentAllowed=False):
+        """
+        The result when the next hop refuses a session-level step.  Only a
+        5xx to HELO stays permanent: refused greetings, STARTTLS, AUTH,
+        XCLIENT... are deferred (soft bounce) so the mail is retried.
+        """
+        text = "%s refused %s: %s" % (self.where, what, reply)
+        if reply.code // 100 == 4 or (permanentAllowed and reply.code // 100 == 5):
+            return RecipientResult(reply.code, reply.enhanced, text)
+        enhanced = reply.enhanced
+        return _temporary(text, "4" + enhanced[1:] if enhanced else "4.0.0")
+
+    async def _describe(self, failure):
+        """A temporary result describing why the session broke down."""
+        if self.proto is None:
+            return _temporary(
+                "connection to %s failed: %s" % (self.where, failure.getErrorMessage()),
+                "4.4.1",
+            )
+        proto = self.proto
+        expected = failure.check(_BodyInterrupted) or (
+            proto.lostReason is not None and failure.value is proto.lostReason.value
+        )
+        if not expected and not proto.timedOut and not proto.violation:
+            log.failure("{where}: unexpected error during {stage}", failure, where=self.where, stage=self.stage)
+        proto.abort()
+        await proto.closed
+        reason = proto.lostReason
+        if proto.timedOut:
+            return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
+        if proto.violation:
+            return _temporary("protocol error from %s: %s" % (self.where, proto.violation), "4.5.0")
+        if (proto.tlsStarted and not proto.tlsEstablished) or reason.check(SSL.Error, VerificationError):
+            return _temporary(
+                "TLS handshake with %s failed: %s" % (self.where, reason.getErrorMessage()),
+                "4.7.5",
+            )
+        return _temporary(
+            "connection to %s lost during %s: %s" % (self.where, self.stage, reason.getErrorMessage()),
+            "4.4.2",
+        )

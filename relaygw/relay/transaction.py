@@ -1,0 +1,138 @@
+"""
+One mail transaction with a next hop: MAIL (with its parameters), RCPT,
+DATA and the body, pipelined when the next hop offers PIPELINING, and the
+next message's envelope sent right behind the end of data.
+"""
+
+from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
+
+
+def _rcptCommands(message):
+    return ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+
+
+class Transaction:
+    """The part of a L{relaygw.relay.client.Connection} that carries one message."""
+
+    def _mailCommand(self, message, size):
+        addresses = [message.mailfrom] + list(message.recipients)
+        if any(c in address for address in addresses for c in "\r\n<>"):
+            raise _MessageFailure(RecipientResult(553, "5.1.3", "invalid character in envelope address"))
+        parameters = []
+        if "SIZE" in self.extensions:
+            limit = self.extensions["SIZE"]
+            if limit.isdigit() and int(limit) > 0 and size > int(limit):
+                raise _MessageFailure(
+                    RecipientResult(
+                        552, "5.3.4", "message size %d exceeds the limit %s of %s" % (size, limit, self.where)
+                    )
+                )
+            parameters.append("SIZE=%d" % (size,))
+        if "8BITMIME" in self.extensions:
+            parameters.append("BODY=8BITMIME")
+        if not all(address.isascii() for address in addresses):
+            if "SMTPUTF8" not in self.extensions:
+                raise _MessageFailure(
+                    RecipientResult(553, "5.6.7", "%s does not support SMTPUTF8 addresses" % (self.where,))
+                )
+            parameters.append("SMTPUTF8")
+        return " ".join(["MAIL FROM:<%s>" % (message.mailfrom,)] + parameters)
+
+    def _envelopeAhead(self, index):
+        """
+        The envelope of message C{index} (MAIL, RCPT, DATA) as bytes to send
+        right behind the previous message's end of data, which RFC 2920
+        allows, so the next hop answers both in one go; C{b""} when that
+        message must wait for the reply (no PIPELINING, an identity to
+        forward first, a message that cannot go out).
+        """
+        if index >= len(self.messages) or "PIPELINING" not in self.extensions:
+            return b""
+        message = self.messages[index]
+        if not self._identityForwarded(message):
+            return b""
+        try:
+            body, size = self._openBody(message, report=False)
+        except _MessageFailure:
+            return b""  # its own transaction reports it
+        try:
+            mail = self._mailCommand(message, size)
+        except _MessageFailure:
+            body.close()
+            return b""
+        self.ahead = (body, size)
+        return self.proto.encode(mail, *_rcptCommands(message), "DATA")
+
+    async def _send(self, index, message, body, size, sent=False):
+        """
+        One transaction.  C{sent}: its envelope already went out behind the
+        previous message (L{_envelopeAhead}).
+        """
+        proto = self.proto
+        rcpts = _rcptCommands(message)
+        if not sent:
+            if self.needReset:
+                self.stage = "RSET"
+                reply = await proto.command("RSET")
+                if not reply.positive:
+                    raise _SessionFailure(self._refused(reply, "RSET"))
+                self.needReset = False
+            await self._forwardIdentity(message)
+            mail = self._mailCommand(message, size)
+        self.stage = "MAIL"
+        dataReply = None
+        if sent or "PIPELINING" in self.extensions:
+            if not sent:
+                proto.send(mail, *rcpts, "DATA")
+            replies = await proto.replies(len(rcpts) + 2)
+            mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
+        else:
+            mailReply = await proto.command(mail)
+            rcptReplies = []
+            if mailReply.positive:
+                self.stage = "RCPT"
+                for rcpt in rcpts:
+                    rcptReplies.append(await proto.command(rcpt))
+
+        if not mailReply.positive:
+            self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
+            if dataReply is not None and dataReply.code == 354:
+                await self._abandonData()
+            return
+
+        accepted = []
+        for recipient, reply in zip(message.recipients, rcptReplies):
+            if reply.positive:
+                accepted.append(recipient)
+            else:
+                self._settle(index, [recipient], _outcome(reply, "RCPT"))
+        if not accepted:
+            # MAIL opened a transaction that will not complete.
+            self.needReset = True
+            if dataReply is not None and dataReply.code == 354:
+                await self._abandonData()
+            return
+
+        if dataReply is None:
+            self.stage = "DATA"
+            dataReply = await proto.command("DATA")
+        if dataReply.code != 354:
+            self.needReset = True
+            result = _outcome(dataReply, "DATA")
+            if result.ok:
+                result = _temporary("unexpected reply to DATA: %s" % (dataReply,), "4.5.0")
+            self._settle(index, accepted, result)
+            return
+
+        self.stage = "message body"
+        await proto.sendBody(body, self._envelopeAhead(index + 1))
+        self.stage = "end of data"
+        final = await proto.reply()
+        self._settle(index, accepted, _outcome(final, "end of data"))
+
+    async def _abandonData(self):
+        """The next hop said 354 with no valid recipient: end an empty DATA."""
+        self.stage = "end of data"
+        self.proto.send(".")
+        await self.proto.reply()
+        self.needReset = True
