@@ -5,13 +5,14 @@ process killed mid-DATA and right after the 250.
 
 import os
 import signal
+import threading
 import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw import durable
-from relaygw.durable import Committer
+from relaygw.durable import CommitJob, Committer
 from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
@@ -275,6 +276,30 @@ class CommitterStopTests(unittest.TestCase):
         w.write(b"Subject: y\r\n\r\nbody\r\n")
         self.assertEqual(len((yield w.commit())), len(qid))
         spool.committer.stop()
+
+
+class DiskThreadSchedulingTests(unittest.TestCase):
+    """The disk thread runs under SCHED_BATCH: its wake-ups do not preempt the reactor thread."""
+
+    @defer.inlineCallbacks
+    def test_diskThreadIsBatchScheduled(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        committer = Committer(reactor)
+        self.addCleanup(committer.stop)
+        seen = []
+
+        def data():  # runs in the disk thread, as it fills the file
+            seen.append((threading.get_ident(), os.sched_getscheduler(0)))
+            return b"queued\n"
+
+        yield committer.commit(CommitJob(os.path.join(directory, "t"), os.path.join(directory, "q"), data=data))
+        self.assertEqual(len(seen), 1)
+        self.assertNotEqual(seen[0][0], threading.get_ident())
+        self.assertEqual(seen[0][1], os.SCHED_BATCH)
+        self.assertEqual(os.sched_getscheduler(0), os.SCHED_OTHER)  # the reactor thread keeps its policy
+        with open(os.path.join(directory, "q"), "rb") as f:
+            self.assertEqual(f.read(), b"queued\n")
 
 
 class CrashTests(unittest.TestCase):
