@@ -727,7 +727,8 @@ def report(table, extras, opts, seconds):
            "STARTTLS then a new EHLO%s; \"resuming\" cells offer each thread's last TLS session again. End-to-end: through to an smtp-sink next hop, timed until the sink "
            "has every message. Ratios are against Postfix doing the same work in the same run. Latency: from the "
            "write carrying the content and its final dot (one write, as smtp-source sends them) to the 250, "
-           "measured with smtpload at the same concurrency right after, the next hop still taking the mail. CPU: user + system time per message of all of the server's processes "
+           "measured with smtpload at the same concurrency right after, the next hop still taking the mail. "
+           "CPU: user + system time per message of all of the server's processes "
            "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
            "sync of the message (relaygw's grouped syncfs, Postfix's fsync)." % (
                " ".join(sys.argv[1:]), WORKERS,
