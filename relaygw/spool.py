@@ -398,6 +398,13 @@ class Spool:
     def exists(self, queueId):
         return os.path.exists(self.path("queue", queueId))
 
+    def committedAt(self, queueId):
+        """When the message was made durable (its queue file's time); None if it is gone."""
+        try:
+            return os.stat(self.path("queue", queueId)).st_mtime
+        except OSError:
+            return None
+
     def load(self, queueId):
         """
         Read a committed message's envelope (L{SpooledMessage}).  Raises

@@ -141,6 +141,9 @@ class ISpool(Interface):
     def exists(queueId):
         """Whether C{queueId} is (still) queued."""
 
+    def committedAt(queueId):
+        """When C{queueId} was made durable (a time stamp), or C{None} if it is gone."""
+
     def load(queueId):
         """The L{ISpooledMessage}; raises L{CorruptMessage} or C{FileNotFoundError}."""
 

@@ -144,6 +144,54 @@ class MailLogTests(unittest.TestCase):
         self.assertEqual(disconnect["commands"]["rcpt"], {"ok": 2, "total": 2})
 
 
+class RecoveredDelaysTests(unittest.TestCase):
+    """
+    A message queued before a restart: C{delays=a} is its time before the
+    queue (arrival to the queue file), C{b} its time in the queue since.
+    """
+
+    @defer.inlineCallbacks
+    def test_delaysOfARecoveredMessage(self):
+        import os
+        import time
+
+        from relaygw.durable import Committer
+        from relaygw.relay.nexthop import Result
+        from relaygw.relay.queue import QueueManager
+        from relaygw.spool import Spool
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        self.addCleanup(spool.committer.stop)
+        now = time.time()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"], "arrival": now - 100,
+                              "context": {}})
+        w.write(b"Subject: recovered\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        os.utime(spool.path("queue", qid), (now - 40, now - 40))  # made durable 60 s after it arrived
+
+        class Hop:
+            def describe(self):
+                return "test"
+
+            def deliver(self, messages):
+                return [{"b@example.net": Result(250, "2.0.0", "ok")}]
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        q = QueueManager(spool, lambda m, r: Hop(), task.Clock())
+        q.recovered = spool.open()  # as after a restart
+        q.startService()
+        yield q.whenIdle()
+        [delivery] = [e for e in events if e.get("event") == "delivery"]
+        a, b, c, d = delivery["delays"]
+        self.assertLess(abs(a - 60), 1, delivery["delays"])
+        self.assertLess(abs(b - 40), 2, delivery["delays"])
+        self.assertLess(abs(delivery["delay"] - 100), 2, delivery["delay"])
+        self.assertEqual(delivery["qid"], qid)
+
+
 class CommandCountTests(unittest.TestCase):
     def test_postfixStyle(self):
         counts = maillog.CommandCounts()

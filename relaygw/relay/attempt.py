@@ -45,8 +45,8 @@ class Attempts:
     time, and whose timers they ask for a retry.
 
     @ivar progress: the L{ProgressWriter} of the messages' progress records.
-    @ivar queuedAt: C{{qid: when}} a message accepted by this process was
-        queued (for the mail log's delays).
+    @ivar queuedAt: C{{qid: when}} a message was queued (for the mail log's
+        delays): when this process accepted it, or its queue file's time.
     """
 
     def __init__(self, manager, spool, reactor):
@@ -166,6 +166,8 @@ class Attempts:
         now = time.time()
         arrival = message.arrival or attempt.started
         queuedAt = self.queuedAt.get(qid)
+        if queuedAt is None:  # queued before a restart: the queue file says when
+            queuedAt = self.queuedAt[qid] = self.spool.committedAt(qid)
         # Postfix's delays=a/b/c/d: before the queue, in the queue, connection set-up, transmission.
         beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
         inQueue = max(0.0, attempt.started - (queuedAt or arrival))
