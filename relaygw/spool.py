@@ -13,6 +13,7 @@ the 250 sent.
 
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -178,6 +179,9 @@ class SpooledMessage:
 
     def openBody(self):
         """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
+        content = self.spool._retained.get(self.queueId)
+        if content is not None and os.path.exists(self.path):  # (relaygw-queue may have deleted it)
+            return io.BytesIO(content)
         f = open(self.path, "rb", buffering=0)
         try:
             f.seek(self.bodyOffset)
@@ -272,6 +276,7 @@ class MessageWriter:
         head = _SIZE_HEAD % self.size
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
+            retain = self._chunks[1:]
             spent = self.spool.takeSpent()
             job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None)
         else:
@@ -282,12 +287,18 @@ class MessageWriter:
                 self._fail(e)
                 return defer.fail(e)
             job = CommitJob(self.tmpPath, final, fd=self.fd)
+            retain = None
         self.fd = None
         self._chunks = []
         self.envelope.size = self.size
         d = self.spool.committer.commit(job)
-        d.addCallbacks(lambda _: self.queueId, self._commitFailed)
+        d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(retain,))
         return d
+
+    def _committed(self, _, retain):
+        if retain is not None:
+            self.spool._retain(self.queueId, retain)
+        return self.queueId
 
     def _commitFailed(self, failure):
         if isStorageError(failure.value):
@@ -344,6 +355,12 @@ class Spool:
     """
 
     SPENT = 1024
+    #: A committed message's content is also kept in memory until it leaves
+    #: the spool (messages up to RETAIN_EACH octets, RETAIN in all), so that
+    #: its delivery need not open and read back what was just written; the
+    #: queue file must still be there (relaygw-queue delete unlinks it).
+    RETAIN_EACH = 64 << 10
+    RETAIN = 8 << 20
     MAX_ENVELOPE = 4 << 20
     AREAS = ("tmp", "queue", "state", "hold", "spent", "corrupt")
 
@@ -353,6 +370,8 @@ class Spool:
         self.minFree = minFree
         self.lastStorageError = None
         self._spent = []
+        self._retained = {}
+        self._retainedSize = 0
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)
         self.requests = OperatorRequests(self)
@@ -453,6 +472,7 @@ class Spool:
 
     def quarantine(self, queueId, reason):
         """Set the message aside in C{corrupt/} (L{SpoolRecovery.quarantine}); never raises."""
+        self._forget(queueId)
         self.recovery.quarantine(queueId, reason)
 
     def corrupt(self):
@@ -557,6 +577,7 @@ class Spool:
         the queue file goes; a hold file that appeared meanwhile is cleared
         at the next start.
         """
+        self._forget(queueId)
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
             return removeFiles(paths)
@@ -567,6 +588,17 @@ class Spool:
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))
         d.addCallback(lambda _: self._spent.append(queueId))
         return d
+
+    def _retain(self, queueId, chunks):
+        size = sum(map(len, chunks))
+        if size <= self.RETAIN_EACH and self._retainedSize + size <= self.RETAIN:
+            self._retained[queueId] = b"".join(chunks)
+            self._retainedSize += size
+
+    def _forget(self, queueId):
+        content = self._retained.pop(queueId, None)
+        if content is not None:
+            self._retainedSize -= len(content)
 
     def takeSpent(self):
         """A spent file's path to overwrite with a new message, or None."""

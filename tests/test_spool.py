@@ -17,11 +17,27 @@ from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
 
-class SpoolTests(unittest.TestCase):
+class SpoolCase(unittest.TestCase):
+    """A spool with its disk thread, and a way to commit content to it."""
+
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         self.spool = Spool(self.dir, Committer(reactor))
         self.spool.open()
+
+    @defer.inlineCallbacks
+    def commitContent(self, content):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        w.write(content)
+        qid = yield w.commit()
+        m = self.spool.load(qid)
+        with open(m.path, "rb") as f:
+            f.seek(m.bodyOffset)
+            self.assertEqual(f.read(), content)
+        return qid
+
+
+class SpoolTests(SpoolCase):
 
     @defer.inlineCallbacks
     def test_manySmallPieces(self):
@@ -108,17 +124,6 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual(self.spool.readState(qid), {})
 
     @defer.inlineCallbacks
-    def commitContent(self, content):
-        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
-        w.write(content)
-        qid = yield w.commit()
-        m = self.spool.load(qid)
-        with open(m.path, "rb") as f:
-            f.seek(m.bodyOffset)
-            self.assertEqual(f.read(), content)
-        return qid
-
-    @defer.inlineCallbacks
     def test_deliveredFileIsReused(self):
         """
         A removed message's file waits in spent/ and the next message is
@@ -176,6 +181,63 @@ class SpoolTests(unittest.TestCase):
         self.assertEqual(reopened.open(), [qids[3]])
         self.assertEqual(sorted(os.listdir(self.spool.path("spent"))), sorted(qids[:2]))
         self.assertNotIn(qids[3], reopened._spent)
+
+
+class RetainedContentTests(SpoolCase):
+    """
+    A committed message's content stays in memory until it leaves the
+    spool, so its delivery does not read back what was just written; the
+    queue file stays the authority on whether the message is still queued.
+    """
+
+    def body(self, qid):
+        with self.spool.load(qid).openBody() as f:
+            return f.read()
+
+    def scribble(self, qid):
+        """Overwrite the queue file's content in place: only a read of the file sees it."""
+        m = self.spool.load(qid)
+        with open(m.path, "r+b") as f:
+            f.seek(m.bodyOffset)
+            f.write(b"#" * m.envelope.size)
+
+    @defer.inlineCallbacks
+    def test_contentComesFromMemory(self):
+        qid = yield self.commitContent(b"Subject: kept\r\n\r\nbody\r\n")
+        self.scribble(qid)
+        self.assertEqual(self.body(qid), b"Subject: kept\r\n\r\nbody\r\n")
+
+    @defer.inlineCallbacks
+    def test_deletedMessageIsNotDelivered(self):
+        """relaygw-queue delete unlinks the queue file: nothing is served from memory then."""
+        qid = yield self.commitContent(b"gone\r\n")
+        message = self.spool.load(qid)
+        os.unlink(message.path)
+        self.assertRaises(FileNotFoundError, message.openBody)
+
+    @defer.inlineCallbacks
+    def test_largeMessageReadFromItsFile(self):
+        self.patch(Spool, "RETAIN_EACH", 100)
+        qid = yield self.commitContent(b"x" * 101)
+        self.scribble(qid)
+        self.assertEqual(self.body(qid), b"#" * 101)
+
+    @defer.inlineCallbacks
+    def test_memoryBoundedAndGivenBackOnRemoval(self):
+        """At most RETAIN octets are kept; a removed or quarantined message gives its share back."""
+        self.patch(Spool, "RETAIN", 150)
+        first = yield self.commitContent(b"a" * 100)
+        second = yield self.commitContent(b"b" * 100)
+        self.scribble(second)
+        self.assertEqual(self.body(second), b"#" * 100)  # over the budget: read from the file
+        yield self.spool.remove(first)
+        third = yield self.commitContent(b"c" * 100)
+        self.scribble(third)
+        self.assertEqual(self.body(third), b"c" * 100)
+        self.spool.quarantine(third, "test")
+        fourth = yield self.commitContent(b"d" * 100)
+        self.scribble(fourth)
+        self.assertEqual(self.body(fourth), b"d" * 100)
 
 
 def send(port, subject, finish=True):
