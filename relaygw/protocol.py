@@ -232,11 +232,11 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
             if self.listener.always_allow and self.settings.portal is not None:
                 self._wait(self._loginAnonymous())
 
-    def newSession(self, reason):
-        """A new session id for a new identity, logged against the old one."""
-        old, self.sessionId = self.sessionId, newSessionId()
+    def newSession(self):
+        """A new session id for a new identity (the caller logs it against the old one); returns it."""
+        self.sessionId = newSessionId()
         self.context.update(session_id=self.sessionId)
-        log.info("[{session}] new session {new} after {reason}", session=old, new=self.sessionId, reason=reason)
+        return self.sessionId
 
     # -- simple commands -----------------------------------------------
 

@@ -46,14 +46,17 @@ class TrustedVerbs:
             self.helo = ("HELO", helo)
 
     def audit(self, verb, changes, renew=False):
-        """Log an accepted override with the real peer and old/new values."""
+        """
+        Log an accepted override with the real peer and old/new values; with
+        C{renew}, the session takes a new id, named on the same line.
+        """
+        session = self.sessionId
+        renewed = self.newSession() if renew else None
         log.info(
-            "[{session}] {verb} from [{peer}] accepted: {changes}",
-            session=self.sessionId, verb=verb, peer=self.context["peer_ip"],
+            "[{session}] {verb} from [{peer}] accepted: {changes}" + ("; new session {renewed}" if renew else ""),
+            session=session, verb=verb, peer=self.context["peer_ip"], renewed=renewed,
             changes=", ".join("%s %r -> %r" % (k, old, new) for k, (old, new) in changes.items()),
         )
-        if renew:
-            self.newSession(verb)
 
     def rerunConnectPolicy(self):
         """

@@ -618,17 +618,25 @@ class XclientTests(VerbTestCase):
         """Checklist 70 (logs): the queued line names the claimed client; the audit line the real peer."""
         logs = LogCapture(self)
 
+        sessions = []
+
         @defer.inlineCallbacks
         def run(c):
+            sessions.append(conn(c)["session_id"])
             self.assertEqual(c.cmd("XCLIENT NAME=client.example.net ADDR=192.0.2.7")[0], 220)
+            sessions.append(conn(c)["session_id"])
             return (yield queueMessage(c))
 
         qid = yield self.session(run)
         [queued] = logs.find("queued from=", event="queued", qid=qid)
         self.assertEqual((queued["client"], queued["ip"]), ("client.example.net[192.0.2.7]", "192.0.2.7"))
+        self.assertEqual(queued["session"], sessions[1])
+        # One line: the real peer, what changed, and the session id that follows.
         [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
         self.assertEqual(audit["peer"], "127.0.0.1")
         self.assertIn("remote_ip '127.0.0.1' -> '192.0.2.7'", audit["changes"])
+        self.assertEqual((audit["session"], audit["renewed"]), tuple(sessions))
+        self.assertIn("; new session {renewed}", audit["log_format"])
 
     @defer.inlineCallbacks
     def test_loginAuthenticates(self):
