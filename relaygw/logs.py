@@ -8,6 +8,7 @@ that skips events below the configured level before building them.
 import json
 import os
 import string
+import threading
 import time
 
 from twisted.logger import (
@@ -16,6 +17,7 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.logger import Logger as _Logger
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer, provider
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -247,22 +249,66 @@ def makeObserver(outFile, format="text", level="info"):
     return atLevel
 
 
+class _Batched:
+    """
+    A log file whose lines, logged on the reactor thread while it runs, are
+    written together once per turn of the reactor: a message relayed at
+    full speed logs five lines or more, and a write(2) each cost a system
+    call and a turn at the GIL.  Lines from other threads, or logged while
+    the reactor is not running, are written at once (with any before them).
+    """
+
+    def __init__(self, outFile):
+        self.outFile = outFile
+        self._lines = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def write(self, line):
+        with self._lock:
+            self._lines.append(line)
+
+    def flush(self):
+        """Write the lines now, or once the reactor's current turn is over."""
+        from twisted.internet import reactor
+
+        if not (getattr(reactor, "running", False) and isInIOThread()):
+            self.writeOut()
+        elif not self._scheduled:
+            self._scheduled = True
+            reactor.callLater(0, self.writeOut)
+
+    def writeOut(self):
+        with self._lock:
+            self._scheduled = False
+            lines, self._lines = self._lines, []
+            if lines:
+                self.outFile.write("".join(lines))
+                self.outFile.flush()
+
+
 @implementer(ILogObserver)
 class _Switchable:
     """
     The process's observer; a reload replaces the format and level behind
-    it, and opens a log file named by path again (L{reopen}).
+    it, and opens a log file named by path again (L{reopen}).  Its lines
+    are written once per turn of the reactor (L{_Batched}).
     """
 
     def __init__(self, outFile, format, level):
         self.outFile = outFile
+        self._batched = _Batched(outFile)
         self.configure(format, level)
 
     def configure(self, format, level):
         global _minimum
         self.format, self.level = format, level
-        self.observer = makeObserver(self.outFile, format, level)
+        self.observer = makeObserver(self._batched, format, level)
         _minimum = LogLevel.levelWithName(level)
+
+    def writeOut(self):
+        """Write the lines waiting for the reactor's turn to end (at shutdown)."""
+        self._batched.writeOut()
 
     def reopen(self):
         path = getattr(self.outFile, "name", None)
@@ -273,7 +319,9 @@ class _Switchable:
         except OSError as e:  # the reload goes on, logging where it did
             Logger(namespace="relaygw.service").error("cannot open the log file again: {error}", error=e)
             return
+        self._batched.writeOut()
         old, self.outFile = self.outFile, fresh
+        self._batched = _Batched(fresh)
         self.configure(self.format, self.level)
         old.close()
 
@@ -291,9 +339,12 @@ _installed = None
 
 def install(application, outFile, format="text", level="info"):
     """Make our observer C{application}'s log observer, as twistd expects."""
+    from twisted.internet import reactor
+
     global _installed
     _installed = _Switchable(outFile, format, level)
     application.setComponent(ILogObserver, _installed)
+    reactor.addSystemEventTrigger("after", "shutdown", _installed.writeOut)
 
 
 def reopen():

@@ -5,8 +5,10 @@ events below the configured level before they are built.
 
 import io
 import json
+import os
 
 from twisted.application.service import Application
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import ILogObserver, LogLevel, capturedLogs
 from twisted.trial import unittest
 
@@ -168,3 +170,74 @@ class ReopenTests(unittest.TestCase):
         with open(path) as f:
             self.assertIn("after", f.read())
         switch.outFile.close()
+
+
+class _Writes(io.StringIO):
+    """A log file that records each write it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _event(text):
+    return {"log_level": LogLevel.info, "log_namespace": "t", "log_format": text, "log_time": 0}
+
+
+class BatchedWriteTests(unittest.TestCase):
+    """The installed observer writes a reactor turn's lines together, after the turn."""
+
+    def setUp(self):
+        self.patch(logs, "_minimum", logs._minimum)
+        self.out = _Writes()
+        self.switch = logs._Switchable(self.out, "text", "info")
+
+    @defer.inlineCallbacks
+    def test_oneWritePerReactorTurn(self):
+        def turn():
+            for text in ("one", "two", "three"):
+                self.switch(_event(text))
+            return self.out.getvalue()
+
+        during = yield task.deferLater(reactor, 0, turn)
+        self.assertEqual(during, "")
+        yield task.deferLater(reactor, 0, lambda: None)
+        [written] = self.out.writes
+        self.assertEqual([line.split(" ", 3)[3] for line in written.splitlines()], ["one", "two", "three"])
+
+    @defer.inlineCallbacks
+    def test_otherThreadsWriteAtOnce(self):
+        """A line logged outside the reactor thread is written before the call returns, with those before it."""
+
+        def turn():
+            self.switch(_event("reactor"))
+            return threads.deferToThread(lambda: (self.switch(_event("thread")), self.out.getvalue())[1])
+
+        seen = yield task.deferLater(reactor, 0, turn)
+        self.assertEqual([line.split(" ", 3)[3] for line in seen.splitlines()], ["reactor", "thread"])
+
+    def test_withoutARunningReactorAtOnce(self):
+        """Before the reactor runs (start-up) or after it stops (shutdown), lines go out as they come."""
+        self.switch(_event("now"))
+        self.assertTrue(self.out.getvalue().endswith(" now\n"))
+
+    @defer.inlineCallbacks
+    def test_pendingLinesWrittenBeforeTheFileIsOpenedAgain(self):
+        path = os.path.abspath(self.mktemp())
+        self.switch = logs._Switchable(logs.openLogFile(path), "text", "info")
+        self.addCleanup(lambda: self.switch.outFile.close())
+
+        def turn():
+            self.switch(_event("before"))
+            os.rename(path, path + ".1")
+            self.switch.reopen()
+            self.switch(_event("after"))
+
+        yield task.deferLater(reactor, 0, turn)
+        yield task.deferLater(reactor, 0, lambda: None)
+        with open(path + ".1") as old, open(path) as new:
+            self.assertEqual((old.read().split(" ", 3)[3], new.read().split(" ", 3)[3]), ("before\n", "after\n"))
