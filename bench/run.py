@@ -446,10 +446,15 @@ def measure(server, kind, variant, size, sessions, opts, busy=False):
 
 
 def group(servers, kind, variant, size, sessions, opts, busy=False):
-    """Every server of a comparison, their runs interleaved; returns {label: summary}."""
+    """
+    Every server of a comparison, their runs interleaved, the order turned
+    round each time (a run that follows another starts while the file
+    system still writes back what the first one wrote, and should not
+    always be the same server's); returns {label: summary}.
+    """
     results = {s.label: [] for s in servers}
-    for _ in range(opts.runs):
-        for s in servers:
+    for i in range(opts.runs):
+        for s in (servers if i % 2 == 0 else servers[::-1]):
             try:
                 results[s.label].append(measure(s, kind, variant, size, sessions, opts, busy))
             except Exception as e:  # reported in the table; the matrix goes on
