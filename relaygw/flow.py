@@ -54,7 +54,7 @@ class FlowControl:
         self._abortTimer = reactor.callLater(CLOSE_TIMEOUT, self._abort)
         tcp = wire.halfCloseable(self.transport)
         if tcp is not None:
-            tcp.loseWriteConnection()
+            wire.shutWrite(tcp)
         elif not pending:
             self.transport.loseConnection()
             return

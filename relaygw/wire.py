@@ -83,6 +83,21 @@ def halfCloseable(transport):
     return transport
 
 
+def shutWrite(tcp):
+    """
+    C{tcp.loseWriteConnection()} (C{tcp} from L{halfCloseable}), done at
+    once when nothing waits to be written: Twisted registers the socket for
+    writing and shuts it only at its next turn, two C{epoll_ctl} calls and
+    a dispatch for every connection that ends.
+    """
+    if tcp.dataBuffer or tcp._tempDataBuffer or tcp.producer is not None:
+        tcp.loseWriteConnection()
+        return
+    # What the transport's doWrite does once its buffer has drained.
+    tcp._writeDisconnecting = tcp._writeDisconnected = True
+    tcp._closeWriteConnection()
+
+
 #: Per-connection buffering for the SMTP server: the transport reads this
 #: much at a time, and pauses its producer (the session) when this much of
 #: its writes wait for the peer.

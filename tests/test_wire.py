@@ -1,7 +1,7 @@
 """
 relaygw.wire.send on real loopback connections: straight to the socket when
 nothing is queued, in order behind queued octets, and never around a TLS
-layer or a non-pass-through wrapper.
+layer or a non-pass-through wrapper; wire.shutWrite likewise.
 """
 
 import socket
@@ -24,7 +24,7 @@ class _Server(protocol.Protocol):
         self.factory.connected.callback(self)
 
 
-class SendTests(unittest.TestCase):
+class _Loopback(unittest.TestCase):
     def connect(self, wrap=None):
         """A real loopback connection; fires with (server protocol, client socket)."""
         factory = protocol.Factory.forProtocol(_Server)
@@ -46,6 +46,8 @@ class SendTests(unittest.TestCase):
             data += client.recv(n - len(data))
         return data
 
+
+class SendTests(_Loopback):
     @defer.inlineCallbacks
     def test_idleTransportSendsAtOnce(self):
         server, client = yield self.connect()
@@ -106,3 +108,39 @@ class SendTests(unittest.TestCase):
         wire.send(t, b"354 go ahead\r\n")
         self.assertEqual(t.value(), b"354 go ahead\r\n")
 
+
+
+class ShutWriteTests(_Loopback):
+    """wire.shutWrite: the write side is shut at once when nothing is queued, else after it."""
+
+    def eof(self, client):
+        data = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    @defer.inlineCallbacks
+    def test_idleTransportShutAtOnce(self):
+        server, client = yield self.connect()
+        wire.send(server.transport, b"221 bye\r\n")
+        wire.shutWrite(wire.halfCloseable(server.transport))
+        # Shut in this turn: never registered for writing.
+        self.assertNotIn(server.transport, reactor.getWriters())
+        self.assertTrue(server.transport._writeDisconnected)
+        self.assertEqual(self.eof(client), b"221 bye\r\n")
+        # The read side still works (a lingering close reads until the client's EOF).
+        client.sendall(b"late\r\n")
+        self.assertIn(server.transport, reactor.getReaders())
+
+    @defer.inlineCallbacks
+    def test_queuedOctetsGoOutFirst(self):
+        server, client = yield self.connect()
+        server.transport.write(b"x" * 100)  # (queued for the reactor's turn)
+        wire.shutWrite(wire.halfCloseable(server.transport))
+        self.assertFalse(server.transport._writeDisconnected)
+        self.assertIn(server.transport, reactor.getWriters())
+        received = yield threads.deferToThread(self.eof, client)
+        self.assertEqual(received, b"x" * 100)
+        self.assertTrue(server.transport._writeDisconnected)
