@@ -718,7 +718,7 @@ def report(table, extras, opts, seconds):
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     out = ["# relaygw benchmark results", "",
            "Date: %s. Machine: %d cores, %.0f GiB, Linux %s, Python %s. Loopback only. Runs per cell: %d "
-           "(%.0f s target each, the two servers' runs interleaved); whole run %.0f s." % (
+           "(%.0f s target each, the two servers' runs interleaved, each first in turn); whole run %.0f s." % (
                datetime.date.today().isoformat(), os.cpu_count(), mem, platform.release(),
                platform.python_version(), opts.runs, opts.seconds, seconds), "",
            "Method: `python -m bench.run %s`. relaygw runs on its shipped defaults (log level info, "
