@@ -261,7 +261,7 @@ class _Batched:
     def __init__(self, outFile):
         self.outFile = outFile
         self._lines = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._scheduled = False
 
     def write(self, line):
@@ -282,9 +282,16 @@ class _Batched:
         with self._lock:
             self._scheduled = False
             lines, self._lines = self._lines, []
-            if lines:
+            if not lines:
+                return
+            try:
                 self.outFile.write("".join(lines))
                 self.outFile.flush()
+            except Exception:
+                # A full disk or a closed stream: these lines are lost, as
+                # they were when each was written from the observer.  Not
+                # logged (that would come back here, every reactor turn).
+                pass
 
 
 @implementer(ILogObserver)

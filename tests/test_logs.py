@@ -3,6 +3,7 @@ relaygw.logs: the text and JSON-lines observers, and the Logger that drops
 events below the configured level before they are built.
 """
 
+import errno
 import io
 import json
 import os
@@ -241,3 +242,37 @@ class BatchedWriteTests(unittest.TestCase):
         yield task.deferLater(reactor, 0, lambda: None)
         with open(path + ".1") as old, open(path) as new:
             self.assertEqual((old.read().split(" ", 3)[3], new.read().split(" ", 3)[3]), ("before\n", "after\n"))
+
+    @defer.inlineCallbacks
+    def test_failedWriteLosesOnlyItsLines(self):
+        """
+        A log file that cannot be written (a full disk) costs the lines of
+        that turn, without an error from the reactor or another turn spent
+        on it; lines are written again once it can take them.
+        """
+        self.out.failing = True
+
+        def write(text):
+            if self.out.failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return _Writes.write(self.out, text)
+
+        self.out.write = write
+        scheduled = []
+        self.patch(reactor, "callLater", _recordingCallLater(reactor.callLater, scheduled))
+        yield task.deferLater(reactor, 0, lambda: self.switch(_event("lost")))
+        yield task.deferLater(reactor, 0, lambda: None)
+        # The one write-out, and none after it.
+        self.assertEqual([f for f in scheduled if f == self.switch._batched.writeOut], [self.switch._batched.writeOut])
+        self.out.failing = False
+        yield task.deferLater(reactor, 0, lambda: self.switch(_event("back")))
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual([line.split(" ", 3)[3] for line in self.out.getvalue().splitlines()], ["back"])
+
+
+def _recordingCallLater(callLater, calls):
+    def recording(delay, f, *args, **kwargs):
+        calls.append(f)
+        return callLater(delay, f, *args, **kwargs)
+
+    return recording
