@@ -259,6 +259,9 @@ class _Batched:
     """
 
     def __init__(self, outFile):
+        from twisted.internet import reactor  # (the one twistd installed by now)
+
+        self.reactor = reactor
         self.outFile = outFile
         self._lines = []
         self._lock = threading.RLock()
@@ -270,13 +273,11 @@ class _Batched:
 
     def flush(self):
         """Write the lines now, or once the reactor's current turn is over."""
-        from twisted.internet import reactor
-
-        if not (getattr(reactor, "running", False) and isInIOThread()):
+        if not (getattr(self.reactor, "running", False) and isInIOThread()):
             self.writeOut()
         elif not self._scheduled:
             self._scheduled = True
-            reactor.callLater(0, self.writeOut)
+            self.reactor.callLater(0, self.writeOut)
 
     def writeOut(self):
         with self._lock:

@@ -297,7 +297,7 @@ class MessageWriter:
 
     def _committed(self, _, retain):
         if retain is not None:
-            self.spool._retain(self.queueId, retain)
+            self.spool._retain(self.queueId, retain, self.size)
         return self.queueId
 
     def _commitFailed(self, failure):
@@ -589,8 +589,7 @@ class Spool:
         d.addCallback(lambda _: self._spent.append(queueId))
         return d
 
-    def _retain(self, queueId, chunks):
-        size = sum(map(len, chunks))
+    def _retain(self, queueId, chunks, size):
         if size <= self.RETAIN_EACH and self._retainedSize + size <= self.RETAIN:
             self._retained[queueId] = b"".join(chunks)
             self._retainedSize += size
