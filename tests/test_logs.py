@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import subprocess
 
 from twisted.application.service import Application
 from twisted.internet import defer, reactor, task, threads
@@ -276,3 +277,46 @@ def _recordingCallLater(callLater, calls):
         return callLater(delay, f, *args, **kwargs)
 
     return recording
+
+
+class FullDiskLogTests(unittest.TestCase):
+    """
+    The log file on a real 1 MB tmpfs that fills up: logging goes on
+    without an error escaping into the reactor or a reactor turn spent on
+    each, and lines are written again once there is room.
+    """
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("mounting a tmpfs needs root")
+        self.patch(logs, "_minimum", logs._minimum)
+        self.mount = os.path.abspath(self.mktemp())
+        os.makedirs(self.mount)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.mount], check=True, timeout=30)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.mount], timeout=30)
+
+    @defer.inlineCallbacks
+    def test_fullAndFreedAgain(self):
+        path = os.path.join(self.mount, "relaygw.log")
+        switch = logs._Switchable(logs.openLogFile(path), "text", "info")
+        self.addCleanup(lambda: switch.outFile.close() if not switch.outFile.closed else None)
+        filler = os.path.join(self.mount, "filler")
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError as e:
+                self.assertEqual(e.errno, errno.ENOSPC)
+        scheduled = []
+        self.patch(reactor, "callLater", _recordingCallLater(reactor.callLater, scheduled))
+        for turn in range(3):
+            yield task.deferLater(reactor, 0, lambda: [switch(_event("full %d" % i)) for i in range(200)])
+        yield task.deferLater(reactor, 0, lambda: None)
+        writeOuts = [f for f in scheduled if f == switch._batched.writeOut]
+        self.assertEqual(len(writeOuts), 3)  # one per turn that logged, none for the failures
+        os.unlink(filler)
+        yield task.deferLater(reactor, 0, lambda: switch(_event("room again")))
+        yield task.deferLater(reactor, 0, lambda: None)
+        with open(path) as f:
+            self.assertEqual(f.read().split(" ", 3)[3], "room again\n")
