@@ -279,6 +279,13 @@ class _Batched:
             self._scheduled = True
             self.reactor.callLater(0, self.writeOut)
 
+    def switchTo(self, outFile):
+        """Write what is pending, then go on in C{outFile}; returns the file left."""
+        with self._lock:
+            self.writeOut()
+            old, self.outFile = self.outFile, outFile
+        return old
+
     def writeOut(self):
         with self._lock:
             self._scheduled = False
@@ -304,9 +311,12 @@ class _Switchable:
     """
 
     def __init__(self, outFile, format, level):
-        self.outFile = outFile
         self._batched = _Batched(outFile)
         self.configure(format, level)
+
+    @property
+    def outFile(self):
+        return self._batched.outFile
 
     def configure(self, format, level):
         global _minimum
@@ -327,11 +337,7 @@ class _Switchable:
         except OSError as e:  # the reload goes on, logging where it did
             Logger(namespace="relaygw.service").error("cannot open the log file again: {error}", error=e)
             return
-        self._batched.writeOut()
-        old, self.outFile = self.outFile, fresh
-        self._batched = _Batched(fresh)
-        self.configure(self.format, self.level)
-        old.close()
+        self._batched.switchTo(fresh).close()
 
     def __call__(self, event):
         self.observer(event)

@@ -180,7 +180,7 @@ class SpooledMessage:
     def openBody(self):
         """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
         content = self.spool._retained.get(self.queueId)
-        if content is not None and os.path.exists(self.path):  # (relaygw-queue may have deleted it)
+        if content is not None and self.spool.exists(self.queueId):  # (relaygw-queue may have deleted it)
             return io.BytesIO(content)
         f = open(self.path, "rb", buffering=0)
         try:
