@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -306,7 +307,12 @@ def loadgen(port, sessions, count, size, seconds, variant="plain", resume=False)
 
 
 class Sink:
-    """smtp-sink as the next hop, counting what arrives (its -c counter)."""
+    """
+    smtp-sink as the next hop, counting what arrives (its -c counter).  Its
+    output is read all along: a pipe left unread fills after about a
+    thousand messages, and smtp-sink then stops reading mail until it is
+    drained (every delivery in the run would wait for the end of the load).
+    """
 
     def __init__(self, count):
         self.port = freePort()
@@ -316,18 +322,27 @@ class Sink:
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.seen = 0
         self.buf = b""
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         waitForPort(self.port)
 
+    def _drain(self):
+        while not self._stopped.wait(0.05):  # well inside the pipe's 64 KB at any rate here
+            self.received()
+
     def received(self):
-        try:
-            data = self.proc.stdout.read() or b""
-        except BlockingIOError:
-            data = b""
-        self.buf = (self.buf + data)[-400:]
-        counts = re.findall(rb"mesg=(\d+)", self.buf)  # smtp-sink -c: "sess=N quit=N mesg=N\r"
-        if counts:
-            self.seen = int(counts[-1])
-        return self.seen
+        with self._lock:
+            try:
+                data = self.proc.stdout.read() or b""
+            except (BlockingIOError, ValueError):  # (ValueError: closed at stop)
+                data = b""
+            self.buf = (self.buf + data)[-400:]
+            counts = re.findall(rb"mesg=(\d+)", self.buf)  # smtp-sink -c: "sess=N quit=N mesg=N\r"
+            if counts:
+                self.seen = int(counts[-1])
+            return self.seen
 
     def wait(self, timeout):
         deadline = time.monotonic() + timeout
@@ -338,6 +353,8 @@ class Sink:
         return False
 
     def stop(self):
+        self._stopped.set()
+        self._reader.join(5)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
