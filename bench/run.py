@@ -329,7 +329,7 @@ class Sink:
         waitForPort(self.port)
 
     def _drain(self):
-        while not self._stopped.wait(0.05):  # well inside the pipe's 64 KB at any rate here
+        while not self._stopped.wait(0.05):  # 50 ms of counter lines is far below the pipe's 64 KB
             self.received()
 
     def received(self):
