@@ -179,8 +179,8 @@ class SpooledMessage:
 
     def openBody(self):
         """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
-        content = self.spool._retained.get(self.queueId)
-        if content is not None and self.spool.exists(self.queueId):  # (relaygw-queue may have deleted it)
+        content = self.spool.retained(self.queueId)
+        if content is not None:
             return io.BytesIO(content)
         f = open(self.path, "rb", buffering=0)
         try:
@@ -593,6 +593,14 @@ class Spool:
         if size <= self.RETAIN_EACH and self._retainedSize + size <= self.RETAIN:
             self._retained[queueId] = b"".join(chunks)
             self._retainedSize += size
+
+    def retained(self, queueId):
+        """
+        The content kept in memory for C{queueId}, or None: none was kept,
+        or the queue file is gone (relaygw-queue delete), so it is not sent.
+        """
+        content = self._retained.get(queueId)
+        return content if content is not None and self.exists(queueId) else None
 
     def _forget(self, queueId):
         content = self._retained.pop(queueId, None)
