@@ -277,8 +277,8 @@ def buildSmtpLoad():
     out = os.path.join(tempfile.mkdtemp(prefix="rgb-bin-"), "smtpload")
     LEFT.append(os.path.dirname(out))
     try:
-        subprocess.run(["cc", "-O2", "-o", out, os.path.join(HERE, "smtpload.c"), "-lssl", "-lcrypto",
-                        "-lpthread"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["cc", "-O2", "-o", out, os.path.join(HERE, "smtpload.c"), "-lssl", "-lcrypto"],
+                       check=True, capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
         return None
     return out
@@ -744,9 +744,10 @@ def report(table, extras, opts, seconds):
            "smarthost (the sink) and what the scenario needs; Postfix runs on its defaults plus the same. "
            "The configuration column says what each adds. Plain cells load both servers with Postfix's "
            "smtp-source (one message per connection, no PIPELINING); the XCLIENT, PROXY and STARTTLS cells "
-           "with %s, which does the same with those steps added: XCLIENT ADDR and NAME then a "
+           "with %s, which does the same (one event loop for every session, as smtp-source) with those "
+           "steps added: XCLIENT ADDR and NAME then a "
            "new EHLO per session as nginx sends it, a PROXY v2 header as HAProxy's send-proxy-v2 does, "
-           "STARTTLS then a new EHLO%s; \"resuming\" cells offer each thread's last TLS session again. "
+           "STARTTLS then a new EHLO%s; \"resuming\" cells offer each session slot's last TLS session again. "
            "End-to-end: through to an smtp-sink next hop (its output read all along, so it never stops "
            "reading mail), timed until the sink "
            "has every message. Ratios are against Postfix doing the same work in the same run. Latency: from the "
