@@ -90,15 +90,14 @@ static void enter(struct conn *c, int step) {
     c->sending = 1;
     switch (step) {
     case S_PROXY: {
-        static unsigned char h[28];
+        unsigned char *h = (unsigned char *)c->line;
         memcpy(h, "\r\n\r\n\0\r\nQUIT\n", 12);
         h[12] = 0x21; h[13] = 0x11; h[14] = 0; h[15] = 12;
         h[16] = 192; h[17] = 0; h[18] = 2; h[19] = c->n % 250 + 1;   /* source 192.0.2.x */
         h[20] = 127; h[21] = 0; h[22] = 0; h[23] = 1;
         int sport = 1024 + c->n % 60000;
         h[24] = sport >> 8; h[25] = sport & 255; h[26] = 0; h[27] = 25;
-        memcpy(c->line, h, sizeof h);
-        c->out = c->line; c->outLen = sizeof h;
+        c->out = c->line; c->outLen = 28;
         break;
     }
     case S_EHLO: case S_EHLO_TLS: c->out = "EHLO loadgen.example\r\n"; break;
