@@ -95,7 +95,11 @@ class CommitJob:
     thread from C{data} (bytes, or a callable returning the bytes to write
     or a list of chunks), so the reactor thread never waits on the journal.
     With C{reuse}, C{tmpPath} is a spent file that is overwritten and cut
-    to length instead of created: no inode is allocated.
+    to length instead of created: no inode is allocated.  Only the new
+    name's directory is synced, so after a crash the file can still have
+    its old name as well; the owner of the reused files must recognise
+    that name before it hands the file out again (the spool does, from
+    the queue id in the content).
     """
 
     def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False):
@@ -264,10 +268,7 @@ class Committer:
             os.close(job.fd)
             job.fd = None
             os.rename(job.tmpPath, job.finalPath)
-        # A reused file leaves its directory: that must be durable too, or
-        # after a crash the old name could hand a queued file out again.
-        for d in sorted({os.path.dirname(job.finalPath) for job in jobs} |
-                        {os.path.dirname(job.tmpPath) for job in jobs if job.reuse}):
+        for d in sorted({os.path.dirname(job.finalPath) for job in jobs}):
             fsyncDirectory(d)
 
 

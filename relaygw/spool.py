@@ -741,9 +741,10 @@ class SpoolRecovery:
         for name in os.listdir(spool.path("tmp")):
             os.unlink(spool.path("tmp", name))
         queued = set(os.listdir(spool.path("queue")))
+        kept = queued.union(os.listdir(spool.path("corrupt")))
         spent = []
         for name in os.listdir(spool.path("spent")):
-            if len(spent) < spool.SPENT and name not in queued:
+            if len(spent) < spool.SPENT and self._reusable(name, kept):
                 spent.append(name)
             else:
                 os.unlink(spool.path("spent", name))
@@ -752,6 +753,25 @@ class SpoolRecovery:
                 if name.endswith(".tmp") or name not in queued:
                     os.unlink(spool.path(area, name))
         return sorted(queued), spent
+
+    def _reusable(self, name, kept):
+        """
+        Whether C{spent/name} may be overwritten: not when a message in
+        C{kept} (queued or quarantined) is still that file.  A crash during
+        its own removal can leave it under both names; a crash after it
+        was reused for a new message can leave its old name here as well
+        as the new one in C{queue/}, as a commit syncs only C{queue/}.
+        The content then names the new message: it was synced before the
+        rename, so a file that is queued holds its own queue id.
+        """
+        if name in kept:
+            return False
+        try:
+            with open(self.spool.path("spent", name), "rb") as f:
+                envelope = json.loads(f.readline(self.spool.MAX_ENVELOPE))
+            return envelope.get("queue_id") not in kept
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return False  # (unreadable: not worth the risk)
 
     def adopt(self, source):
         """

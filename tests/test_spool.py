@@ -183,6 +183,54 @@ class SpoolTests(SpoolCase):
         self.assertNotIn(qids[3], reopened._spent)
 
 
+    @defer.inlineCallbacks
+    def test_reusedFileStillUnderItsOldName(self):
+        """
+        A commit syncs queue/ only, so after a crash a reused file can
+        still have its spent name too.  At start that name goes, and the
+        message the file holds is never written over.
+        """
+        first = yield self.commitContent(b"one\r\n")
+        yield self.spool.remove(first, progress=False)
+        second = yield self.commitContent(b"two\r\n")  # written over spent/first
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+        os.link(self.spool.path("queue", second), self.spool.path("spent", first))  # what the crash left
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [second])
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+        w = reopened.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        w.write(b"three\r\n")
+        third = yield w.commit()
+        self.assertEqual(sorted(reopened.queueIds()), sorted([second, third]))
+        with reopened.load(second).openBody() as f:
+            self.assertEqual(f.read(), b"two\r\n")
+
+    @defer.inlineCallbacks
+    def test_quarantinedFileStillUnderItsOldName(self):
+        """The same for a reused file that has since been quarantined: the evidence is kept."""
+        first = yield self.commitContent(b"one\r\n")
+        yield self.spool.remove(first, progress=False)
+        second = yield self.commitContent(b"two\r\n")
+        self.spool.quarantine(second, "test")
+        os.link(self.spool.path("corrupt", second), self.spool.path("spent", first))
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [])
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+
+    @defer.inlineCallbacks
+    def test_unreadableSpentFileNotReused(self):
+        """A spent file whose envelope cannot be read back (a crash mid-write) is removed, not reused."""
+        first = yield self.commitContent(b"one\r\n")
+        yield self.spool.remove(first, progress=False)
+        with open(self.spool.path("spent", first), "r+b") as f:
+            f.write(b"\0\0\0")
+        with open(self.spool.path("spent", "empty"), "wb"):
+            pass
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [])
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+
+
 class RetainedContentTests(SpoolCase):
     """
     A committed message's content stays in memory until it leaves the
@@ -292,6 +340,17 @@ class CommitOrderTests(unittest.TestCase):
         qid = yield self.message()
         self.assertEqual(self.calls, [("syncfs", ""), ("rename", "queue"), ("fsyncdir", "queue")])
         self.assertEqual(self.spool.load(qid).size, 20)
+
+    @defer.inlineCallbacks
+    def test_reusedFileSyncedThenNamed(self):
+        """Written over a spent file: only queue/ is synced after the rename (the spool knows the old name)."""
+        first = yield self.message()
+        yield self.spool.remove(first, progress=False)
+        del self.calls[:]
+        second = yield self.message()
+        self.assertEqual(self.calls, [("syncfs", ""), ("rename", "queue"), ("fsyncdir", "queue")])
+        self.assertEqual(os.stat(self.spool.path("queue", second)).st_nlink, 1)
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
 
     @defer.inlineCallbacks
     def test_progressRecordSyncedThenNamed(self):
