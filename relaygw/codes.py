@@ -9,7 +9,7 @@ a reply (a client-supplied string, a context value) can inject extra lines.
 
 import functools
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 
@@ -80,7 +80,8 @@ class Reply:
         return _format(self, tuple(fields.items()))
 
     def withText(self, text):
-        return replace(self, text=text)
+        # The constructor, not dataclasses.replace: a queued message's 250 is one of these.
+        return Reply(self.code, self.enhanced, text, self.close)
 
     @property
     def permanent(self):
@@ -93,7 +94,7 @@ class Reply:
 
 @functools.lru_cache(maxsize=1024)
 def _format(reply, items):
-    return replace(reply, text=reply.text.format(**{k: excerpt(v) for k, v in items}))
+    return reply.withText(reply.text.format(**{k: excerpt(v) for k, v in items}))
 
 
 def render(code, enhanced, lines, enhancedEnabled=True):

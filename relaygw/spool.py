@@ -392,9 +392,10 @@ class Spool:
             self.lock = None
 
     def path(self, area, queueId=None):
+        # Concatenation, not os.path.join: several calls per message.
         if queueId is None:
-            return os.path.join(self.directory, area)
-        return os.path.join(self.directory, area, queueId)
+            return self.directory + os.sep + area
+        return self.directory + os.sep + area + os.sep + queueId
 
     def open(self):
         """

@@ -90,10 +90,11 @@ def _copied(value):
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
+    # Immutable values inline, not by a call each (a context has a few dozen).
     if kind is dict:
-        return {k: _copied(v) for k, v in value.items()}
+        return {k: v if type(v) in _IMMUTABLE else _copied(v) for k, v in value.items()}
     if kind is list:
-        return [_copied(v) for v in value]
+        return [v if type(v) in _IMMUTABLE else _copied(v) for v in value]
     if kind is tuple:
         return tuple(_copied(v) for v in value)
     return copy.deepcopy(value)

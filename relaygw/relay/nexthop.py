@@ -38,6 +38,10 @@ class Result:
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
 
+    def located(self, relay, setup, transmit):
+        """This outcome with where it came from and how long it took (no C{dataclasses.replace}: once per reply)."""
+        return Result(self.code, self.enhanced, self.text, relay, setup, transmit)
+
     __str__ = describe
 
 

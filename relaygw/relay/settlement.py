@@ -5,8 +5,6 @@ soon as a message has them all; and what a refusal or a broken-down
 session means for the recipients (permanent or temporary, which code).
 """
 
-from dataclasses import replace
-
 from OpenSSL import SSL
 from service_identity import VerificationError
 
@@ -28,8 +26,7 @@ class Settlement:
             setup = now - self.setupStarted if self.setupStarted is not None else 0.0
         started = self.sendStarted.get(index)
         relay = "%s[%s]:%d" % (self.host, self.peerIP, self.port) if self.peerIP else None
-        return replace(result, relay=relay, setup=max(0.0, setup),
-                       transmit=max(0.0, now - started) if started is not None else 0.0)
+        return result.located(relay, max(0.0, setup), max(0.0, now - started) if started is not None else 0.0)
 
     def _settle(self, index, recipients, result):
         results = self.results[index]
