@@ -709,3 +709,65 @@ class STARTTLSTests(_DeliveryTestCase):
         port = self.listen(factory)
         results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(tls="may"))
         self.assertTemporary(results[0]["rcpt@example.test"], "protocol error", "STARTTLS")
+
+
+class ReplyTimerTests(unittest.TestCase):
+    """
+    The wire protocol's reply timer: it bounds each wait for a reply, the
+    sending of a body and a close, and is left armed (not cancelled) while
+    the connection is idle, when it must not cut the connection off.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from relaygw.relay.clientwire import _SMTPClientProtocol
+
+        self.clock = Clock()
+        self.proto = _SMTPClientProtocol(10, self.clock, "mx.example.test")
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def test_waitForReplyTimesOut(self):
+        """A reply that does not come within the timeout: the connection is cut off."""
+        self.proto.command("NOOP")
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnecting or self.proto.timedOut)
+        self.clock.advance(0.2)
+        self.assertTrue(self.proto.timedOut)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idleIsNotCutOff(self):
+        """Every reply answered: the timer left armed does not cut the kept connection off."""
+        answered = []
+        self.proto.command("NOOP").addCallback(answered.append)
+        self.proto.dataReceived(b"250 2.0.0 ok\r\n")
+        self.assertEqual([r.code for r in answered], [250])
+        self.clock.advance(60)
+        self.assertFalse(self.proto.timedOut)
+        self.assertFalse(self.transport.disconnecting)
+        # The next command gets a whole timeout of its own.
+        self.proto.command("NOOP")
+        self.clock.advance(9.9)
+        self.assertFalse(self.proto.timedOut)
+        self.clock.advance(0.2)
+        self.assertTrue(self.proto.timedOut)
+
+    def test_timerRestartsForTheNextCommand(self):
+        """A command sent just before the previous command's deadline gets the whole timeout."""
+        self.proto.command("NOOP")
+        self.clock.advance(9)
+        self.proto.dataReceived(b"250 2.0.0 ok\r\n")
+        self.proto.command("NOOP")
+        self.clock.advance(9.9)
+        self.assertFalse(self.proto.timedOut)
+        self.clock.advance(0.2)
+        self.assertTrue(self.proto.timedOut)
+
+    def test_closeTimesOut(self):
+        """A next hop that does not close after QUIT is cut off within the timeout."""
+        self.proto.closeWithin(3)
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(3.1)
+        self.assertTrue(self.proto.timedOut)

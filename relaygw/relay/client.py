@@ -232,8 +232,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             except Exception:
                 pass
         if proto.lostReason is None:
-            proto.setTimeout(self.options.timeout)
-            proto.transport.loseConnection()
+            proto.closeWithin(self.options.timeout)
         await proto.closed
 
 

@@ -104,6 +104,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.tlsEstablished = False
         self._replies = deque()
         self._waiting = deque()
+        self._sending = False
+        self._closing = False
         self._lines = []
         self.replyCount = 0
 
@@ -164,8 +166,9 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._waiting.popleft()
         if self._waiting:
             self.resetTimeout()
-        else:
-            self.setTimeout(None)
+        # else the timer stays armed, and is ignored while nothing is
+        # outstanding (L{timeoutConnection}): cancelling it here and arming
+        # a new one for the next command cost two calls per reply.
         d.callback(reply)
 
     def sendBody(self, file, after=b""):
@@ -173,10 +176,11 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         Stream a message body, then C{after} (commands pipelined behind it);
         the Deferred fires once it is all written.
         """
+        self._sending = True
         self.setTimeout(self.timeout)
 
         def written(result):
-            self.setTimeout(None)
+            self._sending = False
             return result
 
         return _BodyProducer(file, self.transport, self.resetTimeout, after).start().addBoth(written)
@@ -237,7 +241,15 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             log.warn("{where}: protocol violation: {what}", where=self.where, what=description)
         self.abort()
 
+    def closeWithin(self, timeout):
+        """Close the connection, cutting it off if it takes longer than C{timeout} seconds."""
+        self._closing = True
+        self.setTimeout(timeout)
+        self.transport.loseConnection()
+
     def timeoutConnection(self):
+        if not (self._waiting or self._sending or self._closing):
+            return  # idle (a kept connection): the timer was left armed
         self.timedOut = True
         log.info("{where}: timeout after {timeout}s", where=self.where, timeout=self.timeout)
         self.abort()
