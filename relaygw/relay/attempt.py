@@ -90,6 +90,8 @@ class Attempts:
             d.addErrback(self._hopFailed, recipients, hop)
             d.addCallback(self._replied, attempt, hop)
             ds.append(d)
+        if len(ds) == 1:
+            return ds[0]  # (the usual case: one next hop, no DeferredList to wait through)
         return defer.gatherResults(ds, consumeErrors=True)
 
     def _quarantine(self, qid, error):

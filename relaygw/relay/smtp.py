@@ -78,6 +78,8 @@ class SMTPNextHop:
             self.waiting.append((m, d))
             ds.append(d)
         self._pump()
+        if len(ds) == 1:  # (every message's Deferred fires with a result, never fails)
+            return ds[0].addCallback(lambda results: [results])
         return defer.gatherResults(ds)
 
     def _key(self, host, port, message):
