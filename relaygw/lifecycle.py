@@ -10,6 +10,7 @@ connection is lost.  A mixin of L{relaygw.protocol.SMTPSession}, which
 keeps C{mode}, C{waiting} and the reply machinery.
 """
 
+import itertools
 import os
 
 from twisted.internet import defer
@@ -23,8 +24,14 @@ from relaygw.modes import CLOSED, COMMAND
 log = Logger(namespace="relaygw.smtp")
 
 
+#: Session ids: 48 bits counted up from a random start in each process, so
+#: that they differ between workers and restarts without a getrandom(2)
+#: call for every connection.
+_sessionIds = itertools.count(int.from_bytes(os.urandom(6), "big"))
+
+
 def newSessionId():
-    return os.urandom(6).hex()
+    return "%012x" % (next(_sessionIds) & 0xFFFFFFFFFFFF)
 
 
 class Lifecycle:

@@ -6,9 +6,15 @@ from a real twistd.
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+import relaygw
+from relaygw.lifecycle import newSessionId
 
 from relaygw.testing import Client, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.messages import sendOne
@@ -282,3 +288,20 @@ class TwistdReloadTests(_TwistdTestCase):
             self.assertIn("reloaded certificate", out)
 
         return inThread(run)
+
+
+class SessionIdTests(unittest.TestCase):
+    """Session ids: 12 hex digits, a new one for every session, and not the same sequence in every process."""
+
+    def test_distinctAndHex(self):
+        ids = [newSessionId() for _ in range(1000)]
+        self.assertEqual(len(set(ids)), 1000)
+        for i in ids:
+            self.assertRegex(i, r"\A[0-9a-f]{12}\Z")
+
+    def test_otherProcessesStartElsewhere(self):
+        root = os.path.dirname(os.path.dirname(relaygw.__file__))
+        code = "from relaygw.lifecycle import newSessionId; print(newSessionId())"
+        starts = {subprocess.check_output([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=root)).strip()
+                  for _ in range(3)}
+        self.assertEqual(len(starts), 3)
