@@ -23,9 +23,16 @@ from zope.interface import implementer, provider
 _PLAIN = (str, int, float, bool, type(None))
 _LEVELS = frozenset(LogLevel.iterconstants())
 
-#: Events below this level are dropped at the source (everything passes
+
+
+def _atOrAbove(minimum):
+    """The levels at or above C{minimum}: a set lookup, where a comparison of two levels is a Python call."""
+    return frozenset(level for level in _LEVELS if level >= minimum)
+
+
+#: Events at other levels are dropped at the source (everything passes
 #: until the gateway's own observer is installed, as in tests).
-_minimum = LogLevel.debug
+_enabled = _LEVELS
 
 
 class Logger(_Logger):
@@ -37,10 +44,9 @@ class Logger(_Logger):
     """
 
     def emit(self, level, format=None, **kwargs):
-        if level not in _LEVELS:
-            _Logger.emit(self, level, format, **kwargs)  # it reports the invalid level
-            return
-        if level < _minimum:
+        if level not in _enabled:
+            if level not in _LEVELS:
+                _Logger.emit(self, level, format, **kwargs)  # it reports the invalid level
             return
         # The stock emit, less its check of the level against a fresh
         # iteration of every LogLevel constant.
@@ -236,14 +242,13 @@ def makeObserver(outFile, format="text", level="info"):
     at their source.
     """
     base = jsonLinesObserver(outFile) if format == "json" else textLinesObserver(outFile)
-    minimum = LogLevel.levelWithName(level)
+    enabled = _atOrAbove(LogLevel.levelWithName(level))
 
     @provider(ILogObserver)
     def atLevel(event):
         # What LogLevelFilterPredicate does with no per-namespace levels, less its
         # walk of the namespace: an event without a level or a namespace is dropped.
-        level = event.get("log_level")
-        if level is not None and level >= minimum and event.get("log_namespace"):
+        if event.get("log_level") in enabled and event.get("log_namespace"):
             base(event)
 
     return atLevel
@@ -319,10 +324,10 @@ class _Switchable:
         return self._batched.outFile
 
     def configure(self, format, level):
-        global _minimum
+        global _enabled
         self.format, self.level = format, level
         self.observer = makeObserver(self._batched, format, level)
-        _minimum = LogLevel.levelWithName(level)
+        _enabled = _atOrAbove(LogLevel.levelWithName(level))
 
     def writeOut(self):
         """Write the lines waiting for the reactor's turn to end (at shutdown)."""

@@ -43,7 +43,7 @@ class LoggerGateTests(unittest.TestCase):
         self.assertEqual([e["log_format"] for e in events], ["d"])
 
     def test_installSetsTheObserverAndTheGate(self):
-        self.patch(logs, "_minimum", logs._minimum)
+        self.patch(logs, "_enabled", logs._enabled)
         app = Application("t")
         logs.install(app, io.StringIO(), "text", "warn")
         self.assertIsNotNone(ILogObserver(app, None))
@@ -152,7 +152,7 @@ class ReopenTests(unittest.TestCase):
         """SIGHUP while the log file cannot be opened: one error line, logging goes on in the old file."""
         import os
 
-        self.patch(logs, "_minimum", logs._minimum)  # (the observer sets the process's level)
+        self.patch(logs, "_enabled", logs._enabled)  # (the observer sets the process's level)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = os.path.join(directory, "relaygw.log")
@@ -194,7 +194,7 @@ class BatchedWriteTests(unittest.TestCase):
     """The installed observer writes a reactor turn's lines together, after the turn."""
 
     def setUp(self):
-        self.patch(logs, "_minimum", logs._minimum)
+        self.patch(logs, "_enabled", logs._enabled)
         self.out = _Writes()
         self.switch = logs._Switchable(self.out, "text", "info")
 
@@ -289,7 +289,7 @@ class FullDiskLogTests(unittest.TestCase):
     def setUp(self):
         if os.geteuid() != 0:
             raise unittest.SkipTest("mounting a tmpfs needs root")
-        self.patch(logs, "_minimum", logs._minimum)
+        self.patch(logs, "_enabled", logs._enabled)
         self.mount = os.path.abspath(self.mktemp())
         os.makedirs(self.mount)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.mount], check=True, timeout=30)

@@ -119,7 +119,7 @@ class ReloadTests(unittest.TestCase):
         yield self.send("b@example.net")
 
     def test_logApplies(self):
-        self.patch(logs, "_minimum", logs._minimum)
+        self.patch(logs, "_enabled", logs._enabled)
         self.patch(logs, "_installed", None)
         out = io.StringIO()
         app = Application("t")
