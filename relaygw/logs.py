@@ -24,7 +24,6 @@ _PLAIN = (str, int, float, bool, type(None))
 _LEVELS = frozenset(LogLevel.iterconstants())
 
 
-
 def _atOrAbove(minimum):
     """The levels at or above C{minimum}: a set lookup, where a comparison of two levels is a Python call."""
     return frozenset(level for level in _LEVELS if level >= minimum)

@@ -729,14 +729,18 @@ class ReplyTimerTests(unittest.TestCase):
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 
-    def test_waitForReplyTimesOut(self):
-        """A reply that does not come within the timeout: the connection is cut off."""
+    def assertCommandTimesOut(self):
+        """A command whose reply does not come: cut off after the whole timeout, not before."""
         self.proto.command("NOOP")
         self.clock.advance(9.9)
         self.assertFalse(self.transport.disconnecting or self.proto.timedOut)
         self.clock.advance(0.2)
         self.assertTrue(self.proto.timedOut)
         self.assertTrue(self.transport.disconnecting)
+
+    def test_waitForReplyTimesOut(self):
+        """A reply that does not come within the timeout: the connection is cut off."""
+        self.assertCommandTimesOut()
 
     def test_idleIsNotCutOff(self):
         """Every reply answered: the timer left armed does not cut the kept connection off."""
@@ -748,22 +752,14 @@ class ReplyTimerTests(unittest.TestCase):
         self.assertFalse(self.proto.timedOut)
         self.assertFalse(self.transport.disconnecting)
         # The next command gets a whole timeout of its own.
-        self.proto.command("NOOP")
-        self.clock.advance(9.9)
-        self.assertFalse(self.proto.timedOut)
-        self.clock.advance(0.2)
-        self.assertTrue(self.proto.timedOut)
+        self.assertCommandTimesOut()
 
     def test_timerRestartsForTheNextCommand(self):
         """A command sent just before the previous command's deadline gets the whole timeout."""
         self.proto.command("NOOP")
         self.clock.advance(9)
         self.proto.dataReceived(b"250 2.0.0 ok\r\n")
-        self.proto.command("NOOP")
-        self.clock.advance(9.9)
-        self.assertFalse(self.proto.timedOut)
-        self.clock.advance(0.2)
-        self.assertTrue(self.proto.timedOut)
+        self.assertCommandTimesOut()
 
     def test_closeTimesOut(self):
         """A next hop that does not close after QUIT is cut off within the timeout."""
