@@ -417,8 +417,9 @@ class CommitterHandInTests(unittest.TestCase):
         """
         Thousands of jobs handed in while the disk thread works, with the
         GIL switching as often as it can: each one's Deferred fires only
-        once its file has its final name.  (A disk thread that took its
-        batches itself once lost jobs handed in as it took one.)
+        once its file has its final name.  (A disk thread that takes its
+        own batches from a list the reactor thread appends to loses jobs
+        this way unless both only touch the list under one lock.)
         """
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-6)
