@@ -8,7 +8,7 @@ L{relaygw.protocol.SMTPSession}, which keeps C{lineReader}, C{tlsActive},
 C{verdict} and C{trusted}.
 """
 
-from relaygw import codes
+from relaygw import codes, wire
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.smtp")
@@ -35,6 +35,7 @@ class StartTLS:
                      session=self.sessionId, n=len(discarded))
         self.resetSession()
         self.transport.startTLS(self.settings.tls.contextFactory)
+        wire.tlsWritesAtOnce(self.transport)
 
     def handshakeCompleted(self):
         """TLS is up (STARTTLS or implicit): record it in the context."""

@@ -7,12 +7,19 @@ registers the socket for writing, wakes up, sends, and unregisters again
 (two C{epoll_ctl} calls and a logged-context dispatch per reply).  A reply
 almost always fits into the socket's send buffer, so L{send} writes it
 straight to the socket when nothing is queued before it, and leaves only
-what the kernel did not take to the transport.
+what the kernel did not take to the transport.  L{tlsWritesAtOnce} does
+the same for a connection after STARTTLS.
 """
 
 import socket
 
 from twisted.internet import tcp
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+
+try:
+    from twisted.internet._newtls import _BypassTLS
+except ImportError:
+    _BypassTLS = None
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -41,33 +48,76 @@ def _idleSocketTransport(transport):
     # forwards unknown attributes to the transport below it.
     while getattr(type(transport), "writesPassThrough", False):
         transport = transport.transport
-    if type(transport) not in _PLAIN_TCP:
-        return None
-    if (
-        transport.TLS
-        or not transport.connected
-        or transport.disconnecting
-        or transport._writeDisconnected
-        or transport.dataBuffer
-        or transport._tempDataBuffer
-    ):
+    if type(transport) not in _PLAIN_TCP or transport.TLS or not _nothingQueued(transport):
         return None
     return transport
+
+
+def _nothingQueued(tcp):
+    """Whether octets written to C{tcp}'s socket now would go out in order (and may go out at all)."""
+    return bool(
+        tcp.connected
+        and not tcp.disconnecting
+        and not tcp._writeDisconnected
+        and not tcp.dataBuffer
+        and not tcp._tempDataBuffer
+    )
+
+
+def _sendNow(tcp, data):
+    """The octets of C{data} the socket of C{tcp} does not take at once (all of them on an error)."""
+    try:
+        sent = tcp.socket.send(data)
+    except OSError:
+        # EAGAIN or a dead peer: Twisted's write path reports it in its turn.
+        sent = 0
+    return data[sent:]
 
 
 def send(transport, data):
     """Write C{data} to C{transport}: at once when safe, else queued as usual."""
     t = _idleSocketTransport(transport)
     if t is not None:
-        try:
-            sent = t.socket.send(data)
-        except OSError:
-            # EAGAIN or a dead peer: Twisted's write path reports it in its turn.
-            sent = 0
-        if sent == len(data):
+        data = _sendNow(t, data)
+        if not data:
             return
-        data = data[sent:]
     transport.write(data)
+
+
+def tlsWritesAtOnce(transport):
+    """
+    After C{startTLS} on the plain TCP transport under C{transport}: what
+    the session writes is encrypted and sent at once, as L{send} does for
+    plain replies.  Twisted's TLS layer holds each write for the reactor's
+    next turn (to gather small writes), then queues the records on the
+    connection for the turn after (registering it for writing, sending,
+    unregistering): a timer, two turns and two C{epoll_ctl} calls for
+    every reply, where SMTP answers one command at a time.
+    """
+    while getattr(type(transport), "writesPassThrough", False):
+        transport = transport.transport
+    if type(transport) not in _PLAIN_TCP or not transport.TLS:
+        return
+    tls = transport.protocol
+    records = getattr(tls, "transport", None)
+    if not (isinstance(tls, BufferingTLSTransport) and _BypassTLS is not None and isinstance(records, _BypassTLS)):
+        return  # (another Twisted: its own write path, as it is)
+    # TLSMemoryBIOProtocol's own write, without BufferingTLSTransport's
+    # aggregation (nothing is held, so the two never reorder).
+    tls.write = TLSMemoryBIOProtocol.write.__get__(tls)
+    tls.writeSequence = lambda data: tls.write(b"".join(data))
+    # The records go through the transport startTLS gave the TLS layer
+    # (Twisted's _BypassTLS), which queues them on the TCP connection.
+    queue = records.write
+
+    def write(data):
+        if _nothingQueued(transport):
+            data = _sendNow(transport, data)
+            if not data:
+                return
+        queue(data)
+
+    records.write = write
 
 
 def halfCloseable(transport):

@@ -110,6 +110,82 @@ class SendTests(_Loopback):
 
 
 
+class TLSWritesTests(_Loopback):
+    """wire.tlsWritesAtOnce: after startTLS, a write is encrypted and on the wire before the reactor turns."""
+
+    @defer.inlineCallbacks
+    def startTLS(self, atOnce):
+        """A loopback connection with TLS started on it; fires with (server protocol, client TLS socket)."""
+        from twisted.internet import ssl as tssl
+
+        from tests.tlsmaterial import certificate, clientContext, commonName, newKey, pem
+
+        key = newKey()
+        cert = certificate(commonName("relay.test"), commonName("relay.test"), key, key, 1)
+        options = tssl.PrivateCertificate.loadPEM(pem(cert) + pem(key)).options()
+        server, client = yield self.connect()
+        server.transport.startTLS(options)
+        if atOnce:
+            wire.tlsWritesAtOnce(server.transport)
+        tls = yield threads.deferToThread(clientContext().wrap_socket, client)
+        self.addCleanup(tls.close)
+        # The server has finished its handshake once it reads application data.
+        pinged = defer.Deferred()
+        server.dataReceived = pinged.callback
+        tls.sendall(b".")
+        self.assertEqual((yield pinged), b".")
+        return server, tls
+
+    @defer.inlineCallbacks
+    def test_writtenAtOnce(self):
+        server, tls = yield self.startTLS(atOnce=True)
+        server.transport.write(b"250 ok\r\n")
+        server.transport.writeSequence([b"250 ", b"again\r\n"])
+        # Read while the reactor waits for this test: it has no turn to send in.
+        tls.settimeout(5)
+        got = b""
+        while len(got) < 19:
+            got += tls.recv(100)
+        self.assertEqual(got, b"250 ok\r\n250 again\r\n")
+        self.assertNotIn(server.transport, reactor.getWriters())
+
+    @defer.inlineCallbacks
+    def test_withoutItAReactorTurnIsNeeded(self):
+        """What it saves: without it the reply waits for the reactor's next turns."""
+        server, tls = yield self.startTLS(atOnce=False)
+        server.transport.write(b"250 ok\r\n")
+        tls.settimeout(0.3)
+        self.assertRaises(socket.timeout, tls.recv, 100)
+        tls.settimeout(5)
+        got = yield threads.deferToThread(tls.recv, 100)
+        self.assertEqual(got, b"250 ok\r\n")
+
+    @defer.inlineCallbacks
+    def test_queuedRecordsKeepTheirPlace(self):
+        """Records the socket did not take are queued, and those after them wait behind them."""
+        server, tls = yield self.startTLS(atOnce=True)
+        wire.boundBuffers(server.transport)  # a small send buffer
+        data = b"x" * 300000  # more than the socket takes at once
+        server.transport.write(data)
+        self.assertIn(server.transport, reactor.getWriters())  # the rest is queued
+        server.transport.write(b"\r\nend\r\n")
+
+        def readAll():
+            got = b""
+            while not got.endswith(b"\r\nend\r\n"):
+                got += tls.recv(65536)
+            return got
+
+        got = yield threads.deferToThread(readAll)
+        self.assertEqual(got, data + b"\r\nend\r\n")
+
+    def test_plainTransportUntouched(self):
+        t = StringTransport()
+        wire.tlsWritesAtOnce(t)
+        t.write(b"x")
+        self.assertEqual(t.value(), b"x")
+
+
 class ShutWriteTests(_Loopback):
     """wire.shutWrite: the write side is shut at once when nothing is queued, else after it."""
 

@@ -196,6 +196,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             raise _ProtocolViolation(self.violation)
         self.tlsStarted = True
         self.transport.startTLS(contextFactory)
+        wire.tlsWritesAtOnce(self.transport)
 
     def handshakeCompleted(self):
         self.tlsEstablished = True
