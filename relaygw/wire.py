@@ -38,19 +38,28 @@ def noDelay(transport):
             pass
 
 
-def _idleSocketTransport(transport):
+def _plainTCP(transport):
     """
     The plain TCP transport under C{transport} (through wrappers that mark
-    themselves C{writesPassThrough}, such as the PROXY protocol one), if
-    octets written to its socket now would go out in order; else C{None}.
+    themselves C{writesPassThrough}, such as the PROXY protocol one), or
+    C{None} when there is none.
     """
     # The class says so, not the instance: ProtocolWrapper (TLS included)
     # forwards unknown attributes to the transport below it.
     while getattr(type(transport), "writesPassThrough", False):
         transport = transport.transport
-    if type(transport) not in _PLAIN_TCP or transport.TLS or not _nothingQueued(transport):
+    return transport if type(transport) in _PLAIN_TCP else None
+
+
+def _idleSocketTransport(transport):
+    """
+    The plain TCP transport under C{transport} (L{_plainTCP}), if octets
+    written to its socket now would go out in order; else C{None}.
+    """
+    tcp = _plainTCP(transport)
+    if tcp is None or tcp.TLS or not _nothingQueued(tcp):
         return None
-    return transport
+    return tcp
 
 
 def _nothingQueued(tcp):
@@ -94,9 +103,8 @@ def tlsWritesAtOnce(transport):
     unregistering): a timer, two turns and two C{epoll_ctl} calls for
     every reply, where SMTP answers one command at a time.
     """
-    while getattr(type(transport), "writesPassThrough", False):
-        transport = transport.transport
-    if type(transport) not in _PLAIN_TCP or not transport.TLS:
+    transport = _plainTCP(transport)
+    if transport is None or not transport.TLS:
         return
     tls = transport.protocol
     records = getattr(tls, "transport", None)
@@ -126,11 +134,10 @@ def halfCloseable(transport):
     wrappers) when its write side can be shut on its own (no TLS layer
     above or in it), else C{None}.
     """
-    while getattr(type(transport), "writesPassThrough", False):
-        transport = transport.transport
-    if type(transport) not in _PLAIN_TCP or transport.TLS or not transport.connected or transport.disconnecting:
+    tcp = _plainTCP(transport)
+    if tcp is None or tcp.TLS or not tcp.connected or tcp.disconnecting:
         return None
-    return transport
+    return tcp
 
 
 def shutWrite(tcp):
@@ -165,9 +172,8 @@ def boundBuffers(transport, size=SERVER_BUFFER):
     C{size}, so that a peer that sends but never reads holds at most about
     twice that in the gateway (and a bounded send buffer in the kernel).
     """
-    while getattr(type(transport), "writesPassThrough", False):
-        transport = transport.transport
-    if type(transport) in _PLAIN_TCP:
+    transport = _plainTCP(transport)
+    if transport is not None:
         transport.bufferSize = size
         # A fixed send buffer (the kernel doubles it) instead of one that
         # grows to megabytes for a peer that never reads.
