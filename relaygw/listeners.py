@@ -27,7 +27,8 @@ from relaygw.proxy import ProxyProtocolFactory
 from relaygw.sink import SpoolSink
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
-from relaygw.workers import ReusePortEndpoint, parseTCP
+from relaygw.sharedports import SharedSockets
+from relaygw.workers import ReusePortEndpoint, parentPid, parseTCP
 
 #: (Its lines keep the namespace operators know them by.)
 log = Logger(namespace="relaygw.service")
@@ -313,6 +314,7 @@ class Listeners:
     @ivar proxyFactories: C{{listener name: ProxyProtocolFactory}}.
     @ivar tlsSettings: the L{ServerTLS} of each listener that has one.
     @ivar listeningPorts: the ports opened (for L{closeListeningPort}).
+    @ivar shared: with several workers, the L{SharedSockets} they accept from.
     """
 
     def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1):
@@ -321,6 +323,7 @@ class Listeners:
         self.proxyFactories = {}
         self.tlsSettings = []
         self.listeningPorts = []
+        self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = FailureTracker(clock=reactor)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
@@ -331,7 +334,7 @@ class Listeners:
                                   metrics=metrics, authFailures=self.authFailures)
             self.factories.append(factory)
             if workers > 1:
-                endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint))
+                endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint), shared=self.shared)
             else:
                 endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
             wrapped = factory

@@ -131,6 +131,8 @@ class GatewayService(MultiService):
                                    self.role.workers)
         self.factories = self.listeners.factories
         self.listeningPorts = self.listeners.listeningPorts
+        if self.supervisor is not None:
+            self.supervisor.shared = self.listeners.shared
 
     def reload(self):
         """
@@ -286,6 +288,8 @@ class GatewayService(MultiService):
                           file=os.path.basename(self.configPath or "default.toml"),
                           key=keys.get(svc.name, svc.name), why=getattr(why, "strerror", None) or why)
                 raise SystemExit(1)
+        if self.listeners.shared is not None:
+            self.listeners.shared.closeUnused()
 
     def acquireSpool(self):
         """

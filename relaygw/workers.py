@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from relaygw.logs import Logger
+from relaygw.sharedports import ENV, SharedSockets, acceptExclusively
 from relaygw.spool import PartitionLock, PartitionLocked, partitionDirectory, partitions
 
 log = Logger(namespace="relaygw.workers")
@@ -55,28 +56,39 @@ def parseTCP(description):
 
 @implementer(IStreamServerEndpoint)
 class ReusePortEndpoint:
-    """A TCP server endpoint whose socket sets C{SO_REUSEPORT}."""
+    """
+    A TCP server endpoint for one of several workers: the listening socket
+    the main process passed on for this address (L{relaygw.sharedports}),
+    else one of its own with C{SO_REUSEPORT}.
+    """
 
-    def __init__(self, reactor, interface, port, backlog=1024):
+    def __init__(self, reactor, interface, port, backlog=1024, shared=None):
         self.reactor = reactor
         self.interface = interface
         self.port = port
         self.backlog = backlog
+        self.shared = shared if shared is not None else SharedSockets({})
 
     def listen(self, factory):
         family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = self.shared.take(self.interface, self.port, family)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((self.interface, self.port))
-            sock.listen(self.backlog)
+            if sock is None:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.interface, self.port))
+                sock.listen(self.backlog)
             sock.setblocking(False)
-            return defer.succeed(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
+            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
         except OSError:
             return defer.fail()
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
+        acceptExclusively(self.reactor, port)
+        self.shared.listening(self.interface, self.port, port)
+        return defer.succeed(port)
 
 
 #: The environment variable naming the main process to a worker it started.
@@ -177,6 +189,8 @@ class WorkerSupervisor(Service):
         self.maxRestartDelay = maxRestartDelay
         self.stableAfter = stableAfter
         self.children = {}
+        #: The main process's L{SharedSockets}, passed on to each worker it starts.
+        self.shared = None
         self.delays = {}
         self.restarts = {}
         self._stopping = None
@@ -191,10 +205,17 @@ class WorkerSupervisor(Service):
         proto = _WorkerProtocol(self, index)
         argv = list(self.argv) + ["--worker", str(index)]
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        env.pop(ENV, None)
         # The worker writes its log lines straight to our stdout and stderr
-        # (twistd has replaced sys.stdout with a logging file by now).
+        # (twistd has replaced sys.stdout with a logging file by now), and
+        # accepts connections from our listening sockets.
+        childFDs = {0: "w", 1: 1, 2: 2}
+        if self.shared is not None:
+            fds, more = self.shared.forChild()
+            childFDs.update(fds)
+            env.update(more)
         self.children[index] = (proto, self.reactor.spawnProcess(
-            proto, argv[0], argv, env=env, path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}))
+            proto, argv[0], argv, env=env, path=os.getcwd(), childFDs=childFDs))
         log.info("started worker {index} (pid {pid})", index=index, pid=self.children[index][1].pid)
 
     def workerEnded(self, proto, reason):

@@ -203,12 +203,7 @@ class TwistdWorkersTests(_TwistdTestCase):
         def session(p):
             import urllib.request
 
-            # Worker 1 joins the port once it has opened its spool partition
-            # (a second or two after worker 0 on a busy machine).
-            deadline = time.monotonic() + 20
-            while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)
+            self.waitForWorker(directory)
             for n in range(sent):
                 sendOne(port, subject="m%d" % n)
             # Worker 0's /metrics counts both workers' messages (worker 1's
@@ -228,11 +223,101 @@ class TwistdWorkersTests(_TwistdTestCase):
             self.assertIn("started worker 1", out)
             self.assertEqual(out.count(" queued "), sent, out)
             self.assertEqual(scraped[-1], sent, scraped)
-            # SO_REUSEPORT spread the connections: both partitions hold mail.
-            for worker in (0, 1):
-                self.assertTrue(os.listdir(os.path.join(directory, "spool", "w%d" % worker, "queue")), worker)
 
         return inThread(run)
+
+    def waitForWorker(self, directory):
+        """Worker 1 listens once it has opened its spool partition (a second or two after worker 0)."""
+        deadline = time.monotonic() + 20
+        while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    def test_oneAcceptQueue(self):
+        """Both workers accept from the one listening socket the main process opened."""
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2})
+        seen = {}
+
+        def session(p):
+            self.waitForWorker(directory)
+            seen["sockets"] = listeningSockets(port)
+            seen["holders"] = {pid: socketInodes(pid) for pid in [p.pid] + childPids(p.pid)}
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            self.runTwistd(directory, port, conf, session)
+            self.assertEqual(len(seen["sockets"]), 1, seen)
+            self.assertEqual(len(seen["holders"]), 2, seen)
+            for pid, inodes in seen["holders"].items():
+                self.assertIn(seen["sockets"][0], inodes, pid)
+
+        return inThread(run)
+
+    def test_stoppedProcessStrandsNoConnection(self):
+        """
+        With the main process stopped (SIGSTOP), every new connection is
+        still served, by worker 1: none waits in a queue of the stopped
+        process, as a connection hashed to its own SO_REUSEPORT socket would.
+        """
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2})
+        served = []
+
+        def session(p):
+            self.waitForWorker(directory)
+            p.send_signal(signal.SIGSTOP)
+            try:
+                # (A process woken for a connection just as it stops holds
+                # that one until another wakes the worker: wait for the stop.)
+                deadline = time.monotonic() + 10
+                while processState(p.pid) != "T" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                for n in range(12):
+                    c = Client(port, timeout=5)
+                    served.append(c.reply()[0])
+                    c.cmd("QUIT")
+                    c.close()
+            finally:
+                p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            self.runTwistd(directory, port, conf, session)
+            self.assertEqual(served, [220] * 12)
+
+        return inThread(run)
+
+
+def processState(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def childPids(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(c) for c in f.read().split()]
+
+
+def socketInodes(pid):
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def listeningSockets(port):
+    """The inodes of the listening TCP sockets on 127.0.0.1:C{port} (/proc/net/tcp)."""
+    inodes = []
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == "0100007F:%04X" % port and fields[3] == "0A":
+                inodes.append(int(fields[9]))
+    return inodes
 
 
 class TwistdReloadTests(_TwistdTestCase):
