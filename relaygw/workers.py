@@ -1,8 +1,8 @@
 """
 Several worker processes sharing each listening port, to use every core.
 
-Every worker binds the listener's address with C{SO_REUSEPORT}, so the
-kernel spreads new connections across them, and owns a spool partition
+Every worker accepts from the listening sockets the main process opened
+and passed on (L{relaygw.sharedports}), and owns a spool partition
 (C{<spool>/w<N>}) with its own queue manager, locked for its lifetime.
 Worker 0 is the process twistd started (the main process); it spawns the
 others, restarts one that dies (with back-off), and on shutdown tells them
