@@ -55,11 +55,13 @@ class SharedSockets:
             return None
         try:
             sock = socket.socket(fileno=fd)
-        except OSError:
+        except OSError:  # not a socket
+            os.close(fd)
             return None
         try:
             if (sock.family == family and sock.type == socket.SOCK_STREAM
-                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and port in (0, sock.getsockname()[1])):
                 return sock
         except OSError:
             pass

@@ -72,6 +72,22 @@ class InheritedSocketTests(unittest.TestCase):
         self.assertIsNone(shared.take("127.0.0.1", 2525, socket.AF_INET))
         self.assertFalse(isOpen(fd))
 
+    def test_socketOnAnotherPortIsRefused(self):
+        listening = listeningSocket()
+        self.addCleanup(listening.close)
+        port = listening.getsockname()[1]
+        fd = self.inherited(listening)
+        shared = SharedSockets({ENV: json.dumps({"127.0.0.1 %d" % (port + 1): fd})})
+        self.assertIsNone(shared.take("127.0.0.1", port + 1, socket.AF_INET))
+        self.assertFalse(isOpen(fd))
+
+    def test_notASocketIsClosedAndRefused(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, w)
+        shared = SharedSockets({ENV: json.dumps({"127.0.0.1 2525": r})})
+        self.assertIsNone(shared.take("127.0.0.1", 2525, socket.AF_INET))
+        self.assertFalse(isOpen(r))
+
     def test_wrongFamilyIsRefused(self):
         listening = listeningSocket()
         self.addCleanup(listening.close)
