@@ -323,6 +323,8 @@ class Listeners:
         self.proxyFactories = {}
         self.tlsSettings = []
         self.listeningPorts = []
+        # A worker takes the sockets the main process passed on (named in
+        # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = FailureTracker(clock=reactor)
         for listener in config.listeners:

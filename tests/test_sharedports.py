@@ -64,37 +64,31 @@ class InheritedSocketTests(unittest.TestCase):
         self.assertIsNone(shared.take("127.0.0.1", port, socket.AF_INET))  # once
         sock.close()
 
+    def assertRefused(self, fd, interface, port, family=socket.AF_INET):
+        """The inherited C{fd} named for this address is not taken, and is closed."""
+        shared = SharedSockets({ENV: json.dumps({"%s %d" % (interface, port): fd})})
+        self.assertIsNone(shared.take(interface, port, family))
+        self.assertFalse(isOpen(fd))
+
     def test_notAListeningSocketIsClosedAndRefused(self):
         connected = socket.socket()
         self.addCleanup(connected.close)
-        fd = self.inherited(connected)
-        shared = SharedSockets({ENV: json.dumps({"127.0.0.1 2525": fd})})
-        self.assertIsNone(shared.take("127.0.0.1", 2525, socket.AF_INET))
-        self.assertFalse(isOpen(fd))
+        self.assertRefused(self.inherited(connected), "127.0.0.1", 2525)
 
     def test_socketOnAnotherPortIsRefused(self):
         listening = listeningSocket()
         self.addCleanup(listening.close)
-        port = listening.getsockname()[1]
-        fd = self.inherited(listening)
-        shared = SharedSockets({ENV: json.dumps({"127.0.0.1 %d" % (port + 1): fd})})
-        self.assertIsNone(shared.take("127.0.0.1", port + 1, socket.AF_INET))
-        self.assertFalse(isOpen(fd))
+        self.assertRefused(self.inherited(listening), "127.0.0.1", listening.getsockname()[1] + 1)
 
     def test_notASocketIsClosedAndRefused(self):
         r, w = os.pipe()
         self.addCleanup(os.close, w)
-        shared = SharedSockets({ENV: json.dumps({"127.0.0.1 2525": r})})
-        self.assertIsNone(shared.take("127.0.0.1", 2525, socket.AF_INET))
-        self.assertFalse(isOpen(r))
+        self.assertRefused(r, "127.0.0.1", 2525)
 
     def test_wrongFamilyIsRefused(self):
         listening = listeningSocket()
         self.addCleanup(listening.close)
-        fd = self.inherited(listening)
-        shared = SharedSockets({ENV: json.dumps({"::1 2525": fd})})
-        self.assertIsNone(shared.take("::1", 2525, socket.AF_INET6))
-        self.assertFalse(isOpen(fd))
+        self.assertRefused(self.inherited(listening), "::1", 2525, socket.AF_INET6)
 
     def test_garbledEnvironmentInheritsNothing(self):
         for value in ("{", "[3]", json.dumps({"127.0.0.1 25": "3"}), json.dumps({"127.0.0.1 25": 1})):
