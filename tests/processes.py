@@ -54,14 +54,19 @@ def spoolPids(directory):
     return out
 
 
+def processState(pid):
+    """The state letter /proc gives for C{pid}: R, S, T (stopped), Z (zombie)..."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def processAlive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     try:  # a zombie (ended, not reaped yet) is not alive
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+        return processState(pid) != "Z"
     except OSError:
         return False
 

@@ -18,6 +18,7 @@ from relaygw.lifecycle import newSessionId
 
 from relaygw.testing import Client, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.messages import sendOne
+from tests.processes import processState, spoolPids, waitUntil
 from tests.sessions import GatewayTestCase, SessionTestCase
 from tests.tlsmaterial import clientContext
 
@@ -228,9 +229,7 @@ class TwistdWorkersTests(_TwistdTestCase):
 
     def waitForWorker(self, directory):
         """Worker 1 listens once it has opened its spool partition (a second or two after worker 0)."""
-        deadline = time.monotonic() + 20
-        while not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        waitUntil(lambda: os.path.isdir(os.path.join(directory, "spool", "w1", "queue")), 20)
         time.sleep(0.5)
 
     def test_oneAcceptQueue(self):
@@ -241,7 +240,7 @@ class TwistdWorkersTests(_TwistdTestCase):
         def session(p):
             self.waitForWorker(directory)
             seen["sockets"] = listeningSockets(port)
-            seen["holders"] = {pid: socketInodes(pid) for pid in [p.pid] + childPids(p.pid)}
+            seen["holders"] = {pid: socketInodes(pid) for pid in spoolPids(directory).values()}
             p.send_signal(signal.SIGTERM)
 
         def run():
@@ -268,9 +267,7 @@ class TwistdWorkersTests(_TwistdTestCase):
             try:
                 # (A process woken for a connection just as it stops holds
                 # that one until another wakes the worker: wait for the stop.)
-                deadline = time.monotonic() + 10
-                while processState(p.pid) != "T" and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                waitUntil(lambda: processState(p.pid) == "T", 10)
                 for n in range(12):
                     c = Client(port, timeout=5)
                     served.append(c.reply()[0])
@@ -285,16 +282,6 @@ class TwistdWorkersTests(_TwistdTestCase):
             self.assertEqual(served, [220] * 12)
 
         return inThread(run)
-
-
-def processState(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def childPids(pid):
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-        return [int(c) for c in f.read().split()]
 
 
 def socketInodes(pid):
