@@ -7,8 +7,8 @@ everything else goes through L{relaygw.spoolapi.ISpool}.
 A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the
 file joins the next batch of the disk thread (L{relaygw.durable.Committer}):
 one sync covers every message that finished in the meantime, then each file
-is renamed into C{queue/} and the directory is synced once.  Only then is
-the 250 sent.
+is renamed into C{queue/}, and the renames are synced in turn (by the next
+batch's sync when one follows at once).  Only then is the 250 sent.
 """
 
 import errno

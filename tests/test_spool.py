@@ -4,8 +4,10 @@ process killed mid-DATA and right after the 250.
 """
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -360,6 +362,75 @@ class CommitOrderTests(unittest.TestCase):
         yield self.spool.writeState(qid, {"rcpts": {}, "attempts": 1})
         self.assertEqual(self.calls, [("syncfs", ""), ("rename", "state"), ("fsyncdir", "state")])
         self.assertEqual(self.spool.readState(qid)["attempts"], 1)
+
+    def held(self, name):
+        """
+        Commit a job whose content, written in the disk thread, waits for
+        C{self.gate}: what is handed in meanwhile makes up the next batch.
+        """
+        self.gate, entered = threading.Event(), threading.Event()
+
+        def data():
+            entered.set()
+            self.gate.wait(10)
+            return b"held\n"
+
+        directory = self.spool.path("queue")
+        d = self.spool.committer.commit(CommitJob(os.path.join(directory, name + ".tmp"),
+                                                  os.path.join(directory, name), data=data))
+        self.assertTrue(entered.wait(10))  # the disk thread has taken it: a batch of its own
+        return d
+
+    def fired(self, _, name):
+        self.calls.append(("fired", name))
+
+    @defer.inlineCallbacks
+    def test_renamesMadeDurableByTheNextBatch(self):
+        """
+        A batch renamed while the next one waits: that batch's syncfs
+        (which starts after the renames) makes them durable, and only then
+        do the first batch's commits fire.  The last batch, with nothing
+        behind it, has its directory synced.
+        """
+        first = self.held("one").addCallback(self.fired, "one")
+        second = self.message().addCallback(self.fired, "two")
+        self.gate.set()
+        yield defer.gatherResults([first, second])
+        disk = [c for c in self.calls if c[0] != "fired"]
+        self.assertEqual(disk, [("syncfs", ""), ("rename", "queue"), ("syncfs", ""), ("rename", "queue"),
+                                ("fsyncdir", "queue")])
+        # (The disk thread goes on while the reactor thread fires.)
+        self.assertGreater(self.calls.index(("fired", "one")), self.calls.index(("syncfs", ""), 1))
+        self.assertGreater(self.calls.index(("fired", "two")), self.calls.index(("fsyncdir", "queue")))
+
+    @defer.inlineCallbacks
+    def test_everyFileSystemOfABatchSynced(self):
+        """
+        One batch writing to two file systems (here the spool's and a
+        tmpfs, as a Maildir next hop on its own mount would be) syncs each
+        of them before anything is renamed.
+        """
+        elsewhere = tempfile.mkdtemp(dir="/dev/shm")
+        self.addCleanup(shutil.rmtree, elsewhere)
+        devices = {os.stat(self.dir).st_dev, os.stat(elsewhere).st_dev}
+        self.assertEqual(len(devices), 2, "/dev/shm is not a file system of its own here")
+        synced = []
+        syncfs = durable._syncfs
+
+        def record(fd):
+            synced.append(os.fstat(fd).st_dev)
+            return syncfs(fd)
+
+        self.patch(durable, "_syncfs", record)
+        ds = [self.held("one"), self.message(), self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
+                                                                data=b"delivered\n"))]
+        del synced[:]
+        self.gate.set()
+        yield defer.gatherResults(ds)
+        self.assertEqual(sorted(synced[-2:]), sorted(devices))
+        self.assertEqual(len(synced), 3)  # the first batch's, then the second's: one per file system
+        with open(os.path.join(elsewhere, "m"), "rb") as f:
+            self.assertEqual(f.read(), b"delivered\n")
 
     @defer.inlineCallbacks
     def test_failedSyncLeavesNothingQueued(self):
