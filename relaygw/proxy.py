@@ -255,6 +255,9 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     proxyInfo = None
     #: Writes reach the socket unchanged (L{relaygw.wire.send} may bypass us).
     writesPassThrough = True
+    #: Once the wrapped protocol is connected, reads reach it unchanged too
+    #: (L{relaygw.wire.readOn} may bypass us).
+    readsPassThrough = True
     _connected = False
     _closing = False
     _timer = None

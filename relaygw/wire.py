@@ -8,7 +8,9 @@ registers the socket for writing, wakes up, sends, and unregisters again
 almost always fits into the socket's send buffer, so L{send} writes it
 straight to the socket when nothing is queued before it, and leaves only
 what the kernel did not take to the transport.  L{tlsWritesAtOnce} does
-the same for a connection after STARTTLS.
+the same for a connection after STARTTLS.  On the way in, L{readOn} lets a
+session read message content on within one reactor turn, where Twisted
+reads once per turn.
 """
 
 import socket
@@ -38,17 +40,34 @@ def noDelay(transport):
             pass
 
 
-def _plainTCP(transport):
+def _plainTCP(transport, passThrough="writesPassThrough"):
     """
-    The plain TCP transport under C{transport} (through wrappers that mark
-    themselves C{writesPassThrough}, such as the PROXY protocol one), or
-    C{None} when there is none.
+    The plain TCP transport under C{transport} (through wrappers whose
+    class says C{writesPassThrough}, or C{readsPassThrough} for reads, such
+    as the PROXY protocol one), or C{None} when there is none.
     """
     # The class says so, not the instance: ProtocolWrapper (TLS included)
     # forwards unknown attributes to the transport below it.
-    while getattr(type(transport), "writesPassThrough", False):
+    while getattr(type(transport), passThrough, False):
         transport = transport.transport
     return transport if type(transport) in _PLAIN_TCP else None
+
+
+def readOn(transport):
+    """
+    One more read (of the transport's read size) from the plain TCP socket
+    under C{transport}, now rather than at the reactor's next turn.  C{b""}
+    when nothing is waiting, at the end of the stream or on an error (the
+    socket stays readable, so the reactor sees those at its next turn), or
+    for any other transport (TLS: its layer reads records itself).
+    """
+    tcp = _plainTCP(transport, "readsPassThrough")
+    if tcp is None or tcp.TLS or not tcp.connected or tcp.disconnecting:
+        return b""
+    try:
+        return tcp.socket.recv(tcp.bufferSize)
+    except OSError:
+        return b""
 
 
 def _idleSocketTransport(transport):

@@ -6,14 +6,16 @@ not take its closing reply is cut off.  Unit tests on StringTransport with
 a task.Clock, and one bounded load test over real loopback sockets.
 """
 
+import os
 import socket
 import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from relaygw import flow
-from relaygw.testing import Gateway, SessionHarness, inThread
+from relaygw import flow, wire
+from relaygw.modes import DATA
+from relaygw.testing import Client, Gateway, SessionHarness, inThread
 
 
 class FlowControlTests(unittest.TestCase):
@@ -154,3 +156,71 @@ class NonReadingClientsTests(unittest.TestCase):
         finally:
             for s in socks:
                 s.close()
+
+
+class ReadOnTests(unittest.TestCase):
+    """
+    Real sockets: message content that keeps coming is read on within a
+    reactor turn, and what waits behind the end of data stays one read.
+    """
+
+    @defer.inlineCallbacks
+    def test_contentReadOnInputAfterItBounded(self):
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        factory = gw.service.factories[0]
+        readOns, unreadAtEnd = [], []
+        readOn = wire.readOn
+
+        def counted(transport):
+            data = readOn(transport)
+            readOns.append(len(data))
+            return data
+
+        self.patch(wire, "readOn", counted)
+        started = factory.sessionStarted
+
+        def record(session):
+            endOfData, readOnTurn = session._endOfData, session._readOn
+
+            def ended():
+                unreadAtEnd.append(session.lineReader.pending)
+                return endOfData()
+
+            def turn():
+                readOnTurn()
+                if session.mode != DATA:  # the turn that read the end of data
+                    unreadAtEnd.append(session.lineReader.pending)
+
+            session._endOfData, session._readOn = ended, turn
+            return started(session)
+
+        factory.sessionStarted = record
+        body = b"".join(b"%06d %s\r\n" % (i, b"x" * 70) for i in range(12000))  # 948,000 octets
+        second = body[:79 * 3800]  # (whole lines)
+
+        def talk():
+            c = Client(gw.port)
+            c.reply()
+            for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
+                c.cmd(line)
+            # The content and its end, then a second message pipelined
+            # behind it (300 KB of it waiting when the first one ends).
+            c.send(body + b".\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"
+                   + second + b".\r\nQUIT\r\n")
+            return [c.reply()[0] for _ in range(6)]
+
+        codes = yield inThread(talk)
+        self.assertEqual(codes, [250, 250, 250, 354, 250, 221])
+        # Some of the content was read on, not a read per reactor turn only.
+        self.assertTrue([n for n in readOns if n], readOns)
+        # Reading on stops at the end of data: behind it, one read at most.
+        self.assertLessEqual(max(unreadAtEnd), wire.SERVER_BUFFER)
+        deadline = reactor.seconds() + 10
+        while len(os.listdir(gw.outbox)) < 2 and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        delivered = sorted(gw.delivered(), key=len)
+        self.assertEqual(len(delivered), 2)
+        self.assertTrue(delivered[0].endswith(second), delivered[0][-200:])
+        self.assertTrue(delivered[1].endswith(body), delivered[1][-200:])

@@ -1,12 +1,14 @@
 """
 relaygw.wire.send on real loopback connections: straight to the socket when
 nothing is queued, in order behind queued octets, and never around a TLS
-layer or a non-pass-through wrapper; wire.shutWrite likewise.
+layer or a non-pass-through wrapper; wire.shutWrite likewise; wire.readOn
+reads one more chunk, around read-pass-through wrappers only.
 """
 
 import socket
+import time
 
-from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.internet import defer, error, protocol, reactor, task, threads
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
@@ -25,9 +27,9 @@ class _Server(protocol.Protocol):
 
 
 class _Loopback(unittest.TestCase):
-    def connect(self, wrap=None):
+    def connect(self, wrap=None, server=None):
         """A real loopback connection; fires with (server protocol, client socket)."""
-        factory = protocol.Factory.forProtocol(_Server)
+        factory = protocol.Factory.forProtocol(server or _Server)
         factory.connected = defer.Deferred()
         port = reactor.listenTCP(0, wrap(factory) if wrap else factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -220,3 +222,86 @@ class ShutWriteTests(_Loopback):
         received = yield threads.deferToThread(self.eof, client)
         self.assertEqual(received, b"x" * 100)
         self.assertTrue(server.transport._writeDisconnected)
+
+
+class _ReadsThrough(ProtocolWrapper):
+    readsPassThrough = True
+
+
+class _Recorder(_Server):
+    def connectionMade(self):
+        self.lost = defer.Deferred()
+        _Server.connectionMade(self)
+
+    def connectionLost(self, reason):
+        self.lost.callback(reason.type)
+
+
+class ReadOnTests(_Loopback):
+    """wire.readOn: one more read now, from a plain TCP socket only; the end of the stream is left to the reactor."""
+
+    @defer.inlineCallbacks
+    def connectPaused(self, wrap=None, server=None):
+        """A connection whose transport the reactor does not read from (the session does, with readOn)."""
+        server, client = yield self.connect(wrap, server)
+        tcp = server.transport
+        while not isinstance(tcp, wire._PLAIN_TCP):
+            tcp = tcp.transport
+        tcp.pauseProducing()
+        tcp.bufferSize = 16384
+        return server, client, tcp
+
+    def waiting(self, tcp, n):
+        """Wait (bounded) until C{n} octets wait on the server's socket."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if len(tcp.socket.recv(n, socket.MSG_PEEK)) >= n:
+                    return
+            except BlockingIOError:
+                pass
+            time.sleep(0.01)
+        self.fail("%d octets never arrived" % n)
+
+    @defer.inlineCallbacks
+    def test_readsWhatWaitsOneReadAtATime(self):
+        server, client, tcp = yield self.connectPaused()
+        data = bytes(range(256)) * 160  # 40960 octets
+        client.sendall(data)
+        self.waiting(tcp, len(data))
+        reads = [wire.readOn(server.transport) for _ in range(4)]
+        self.assertEqual([len(r) for r in reads], [16384, 16384, 8192, 0])
+        self.assertEqual(b"".join(reads), data)
+
+    @defer.inlineCallbacks
+    def test_endOfStreamLeftToTheReactor(self):
+        server, client, tcp = yield self.connectPaused(server=_Recorder)
+        client.shutdown(socket.SHUT_WR)
+        self.assertEqual(wire.readOn(server.transport), b"")
+        self.assertFalse(server.lost.called)
+        tcp.resumeProducing()  # the reactor reads again, and finds the end
+        self.assertIs((yield server.lost), error.ConnectionDone)
+
+    @defer.inlineCallbacks
+    def test_throughReadPassThroughWrappersOnly(self):
+        def wrap(protocolClass):
+            def make(f):
+                wf = WrappingFactory(f)
+                wf.protocol = protocolClass
+                return wf
+            return make
+
+        server, client, tcp = yield self.connectPaused(wrap(_ReadsThrough))
+        client.sendall(b"MAIL FROM:<a@example.com>\r\n")
+        self.waiting(tcp, 27)
+        self.assertEqual(wire.readOn(server.transport), b"MAIL FROM:<a@example.com>\r\n")
+        # A wrapper whose reads may be changed (TLS), or that only says its
+        # writes pass through, is not read around.
+        server, client, tcp = yield self.connectPaused(wrap(_PassThrough))
+        client.sendall(b"x")
+        self.waiting(tcp, 1)
+        self.assertEqual(wire.readOn(server.transport), b"")
+        self.assertTrue(ProxyProtocolWrapper.readsPassThrough)
+
+    def test_otherTransportsReadNothing(self):
+        self.assertEqual(wire.readOn(StringTransport()), b"")
