@@ -422,9 +422,8 @@ class CommitOrderTests(unittest.TestCase):
             return syncfs(fd)
 
         self.patch(durable, "_syncfs", record)
-        ds = [self.held("one"), self.message(), self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
-                                                                data=b"delivered\n"))]
-        del synced[:]
+        maildir = CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"), data=b"delivered\n")
+        ds = [self.held("one"), self.message(), self.spool.committer.commit(maildir)]
         self.gate.set()
         yield defer.gatherResults(ds)
         self.assertEqual(sorted(synced[-2:]), sorted(devices))
