@@ -271,11 +271,11 @@ class Committer:
         for job in jobs:
             job.prepare()
         if self.mode == "grouped":
-            first = {}
+            onePerDevice = {}
             for job in jobs:
-                first.setdefault(self._device(os.path.dirname(job.finalPath)), job.fd)
-            if all(_syncfs(fd) for fd in first.values()):
-                return set(first)
+                onePerDevice.setdefault(self._device(os.path.dirname(job.finalPath)), job.fd)
+            if all(_syncfs(fd) for fd in onePerDevice.values()):
+                return set(onePerDevice)
         for job in jobs:
             os.fsync(job.fd)
         return set()
@@ -296,9 +296,9 @@ class Committer:
         if not renamed:
             return []
         try:
-            for d in sorted({os.path.dirname(job.finalPath) for job, _ in renamed}):
-                if self._device(d) not in synced:
-                    fsyncDirectory(d)
+            for directory in sorted({os.path.dirname(job.finalPath) for job, _ in renamed}):
+                if self._device(directory) not in synced:
+                    fsyncDirectory(directory)
         except OSError as e:
             return [(d, e) for _, d in renamed]
         return [(d, None) for _, d in renamed]
