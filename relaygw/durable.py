@@ -102,12 +102,16 @@ class CommitJob:
     the queue id in the content).
     """
 
-    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False):
+    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False, size=None):
         self.tmpPath = tmpPath
         self.finalPath = finalPath
         self.fd = fd
         self.data = data
         self.reuse = reuse
+        if size is None:  # (unknown for a callable: counted as nothing)
+            size = len(data) if isinstance(data, bytes) else sum(map(len, data)) if isinstance(data, list) else 0
+        #: Octets of content the sync makes durable.
+        self.size = size
 
     def prepare(self):
         """Runs in the disk thread: create (or reuse) and fill the file if needed."""
@@ -208,15 +212,24 @@ class Committer:
             unlinks, self._unlinks = self._unlinks, []
             return batch, unlinks
 
+    #: A batch with this many octets of content or more runs on the normal
+    #: scheduling policy (large messages: at saturation, the 250s waiting
+    #: for it would otherwise wait for a free core, batch after batch).
+    BIG_BATCH = 1 << 20
+
+    @staticmethod
+    def _schedule(policy):
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+
     def _run(self):
         # A disk thread woken by the kernel would preempt the reactor thread
         # only to wait for the GIL that thread holds: two context switches
         # for nothing.  Under SCHED_BATCH (no privilege needed) it waits for
         # a free core instead: fewer switches, a longer wait at saturation.
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except (AttributeError, OSError):
-            pass
+        self._schedule(os.SCHED_BATCH)
         renamed = []  # (job, Deferred): renamed, durable once a sync after the renames is done
         while True:
             work = self._take()
@@ -227,6 +240,9 @@ class Committer:
             unlinks = [(request, d, self._unlinkNow(*request)) for request, d in unlinks]
             settled = []
             synced = set()
+            big = sum(job.size for job, _ in batch) >= self.BIG_BATCH
+            if big:
+                self._schedule(os.SCHED_OTHER)
             if batch:
                 try:
                     synced = self._syncData([job for job, _ in batch])
@@ -247,6 +263,8 @@ class Committer:
                         renamed = batch
                     else:
                         settled += self._settle(batch, set())
+            if big:
+                self._schedule(os.SCHED_BATCH)
             self.reactor.callFromThread(self._done, len(batch), unlinks, settled, time.monotonic() - started)
 
     @staticmethod

@@ -286,7 +286,7 @@ class MessageWriter:
             except OSError as e:
                 self._fail(e)
                 return defer.fail(e)
-            job = CommitJob(self.tmpPath, final, fd=self.fd)
+            job = CommitJob(self.tmpPath, final, fd=self.fd, size=self.size)
             retain = None
         self.fd = None
         self._chunks = []

@@ -532,6 +532,39 @@ class DiskThreadSchedulingTests(unittest.TestCase):
             self.assertEqual(f.read(), b"queued\n")
 
 
+    @defer.inlineCallbacks
+    def test_bigBatchOnTheNormalPolicy(self):
+        """A batch of BIG_BATCH octets or more is synced on the normal policy; the next small one is not."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        committer = Committer(reactor)
+        self.addCleanup(committer.stop)
+        gate, entered, seen = threading.Event(), threading.Event(), []
+
+        def held():
+            entered.set()
+            gate.wait(10)
+            return b"first\n"
+
+        def recorder(name):
+            def data():
+                seen.append((name, os.sched_getscheduler(0)))
+                return b"recorded\n"
+            return CommitJob(os.path.join(directory, name + ".tmp"), os.path.join(directory, name), data=data)
+
+        first = committer.commit(CommitJob(os.path.join(directory, "t"), os.path.join(directory, "first"), data=held))
+        self.assertTrue(entered.wait(10))  # the next two make up one batch
+        big = CommitJob(os.path.join(directory, "b.tmp"), os.path.join(directory, "big"),
+                        data=[b"x" * 65536] * (Committer.BIG_BATCH // 65536))
+        self.assertEqual(big.size, Committer.BIG_BATCH)
+        ds = [first, committer.commit(big), committer.commit(recorder("withBig"))]
+        gate.set()
+        yield defer.gatherResults(ds)
+        yield committer.commit(recorder("alone"))
+        self.assertEqual(seen, [("withBig", os.SCHED_OTHER), ("alone", os.SCHED_BATCH)])
+        self.assertEqual(os.path.getsize(os.path.join(directory, "big")), Committer.BIG_BATCH)
+
+
 class CrashTests(unittest.TestCase):
     """Kill -9 the real gateway and restart it: exactly the acknowledged mail arrives."""
 
