@@ -309,6 +309,25 @@ def send(port, subject, finish=True):
     return lines[0]
 
 
+def commitHeld(case, committer, directory, name):
+    """
+    Commit a job whose content, written in the disk thread, waits for the
+    returned gate (a C{threading.Event}); returns C{(Deferred, gate)} once
+    the disk thread has taken the job, so what is handed in meanwhile
+    makes up the next batch.
+    """
+    gate, entered = threading.Event(), threading.Event()
+
+    def data():
+        entered.set()
+        gate.wait(10)
+        return b"held\n"
+
+    d = committer.commit(CommitJob(os.path.join(directory, name + ".tmp"), os.path.join(directory, name), data=data))
+    case.assertTrue(entered.wait(10))
+    return d, gate
+
+
 class CommitOrderTests(unittest.TestCase):
     """
     What the disk thread does, in order, to make a batch durable: the
@@ -364,21 +383,8 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual(self.spool.readState(qid)["attempts"], 1)
 
     def held(self, name):
-        """
-        Commit a job whose content, written in the disk thread, waits for
-        C{self.gate}: what is handed in meanwhile makes up the next batch.
-        """
-        self.gate, entered = threading.Event(), threading.Event()
-
-        def data():
-            entered.set()
-            self.gate.wait(10)
-            return b"held\n"
-
-        directory = self.spool.path("queue")
-        d = self.spool.committer.commit(CommitJob(os.path.join(directory, name + ".tmp"),
-                                                  os.path.join(directory, name), data=data))
-        self.assertTrue(entered.wait(10))  # the disk thread has taken it: a batch of its own
+        """L{commitHeld} into the spool's C{queue/}; the gate is C{self.gate}."""
+        d, self.gate = commitHeld(self, self.spool.committer, self.spool.path("queue"), name)
         return d
 
     def fired(self, _, name):
@@ -509,14 +515,20 @@ class CommitterHandInTests(unittest.TestCase):
 
 
 class DiskThreadSchedulingTests(unittest.TestCase):
-    """The disk thread runs under SCHED_BATCH: its wake-ups do not preempt the reactor thread."""
+    """
+    The disk thread runs under SCHED_BATCH: its wake-ups do not preempt the
+    reactor thread.  A batch of BIG_BATCH octets or more is the exception.
+    """
+
+    def setUp(self):
+        self.directory = directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.committer = Committer(reactor)
+        self.addCleanup(self.committer.stop)
 
     @defer.inlineCallbacks
     def test_diskThreadIsBatchScheduled(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        committer = Committer(reactor)
-        self.addCleanup(committer.stop)
+        directory, committer = self.directory, self.committer
         seen = []
 
         def data():  # runs in the disk thread, as it fills the file
@@ -531,20 +543,11 @@ class DiskThreadSchedulingTests(unittest.TestCase):
         with open(os.path.join(directory, "q"), "rb") as f:
             self.assertEqual(f.read(), b"queued\n")
 
-
     @defer.inlineCallbacks
     def test_bigBatchOnTheNormalPolicy(self):
         """A batch of BIG_BATCH octets or more is synced on the normal policy; the next small one is not."""
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        committer = Committer(reactor)
-        self.addCleanup(committer.stop)
-        gate, entered, seen = threading.Event(), threading.Event(), []
-
-        def held():
-            entered.set()
-            gate.wait(10)
-            return b"first\n"
+        directory, committer = self.directory, self.committer
+        seen = []
 
         def recorder(name):
             def data():
@@ -552,8 +555,7 @@ class DiskThreadSchedulingTests(unittest.TestCase):
                 return b"recorded\n"
             return CommitJob(os.path.join(directory, name + ".tmp"), os.path.join(directory, name), data=data)
 
-        first = committer.commit(CommitJob(os.path.join(directory, "t"), os.path.join(directory, "first"), data=held))
-        self.assertTrue(entered.wait(10))  # the next two make up one batch
+        first, gate = commitHeld(self, committer, directory, "first")  # the next two make up one batch
         big = CommitJob(os.path.join(directory, "b.tmp"), os.path.join(directory, "big"),
                         data=[b"x" * 65536] * (Committer.BIG_BATCH // 65536))
         self.assertEqual(big.size, Committer.BIG_BATCH)
