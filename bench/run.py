@@ -284,10 +284,16 @@ def buildSmtpLoad():
     return out
 
 
-def loadgen(port, sessions, count, size, seconds, variant="plain", resume=False):
-    """Our own client (XCLIENT, PROXY, STARTTLS; end-of-DATA latency): a dict with messages, p50_ms, p99_ms."""
+def loadgen(port, sessions, count, size, seconds, variant="plain", resume=False, rate=None):
+    """
+    Our own client (XCLIENT, PROXY, STARTTLS; end-of-DATA latency): a dict
+    with messages, p50_ms, p99_ms.  With C{rate}, sessions start at that
+    rate (smtpload only).
+    """
     if SMTPLOAD:
         argv = [SMTPLOAD, str(port), str(sessions), str(count), str(size), str(seconds)]
+        if rate:
+            argv.append("rate=%.0f" % rate)
         if variant in ("tls", "xclient", "proxy"):
             argv.append(variant)
         if variant == "tlsr":
@@ -399,10 +405,11 @@ class Server:
         return "stock twisted.mail ESMTP, write + fsync"
 
 
-def measure(server, kind, variant, size, sessions, opts, busy=False):
+def measure(server, kind, variant, size, sessions, opts, busy=False, equalRate=None):
     """
     One run of one server: start it (and the sink), send the load, wait for
-    the sink, then measure latency with our client; returns a dict.
+    the sink, then measure latency with our client at saturation and, with
+    C{equalRate}, at that many messages a second; returns a dict.
     """
     guess = server.rate if size < 10000 else server.rate // 3
     count = int(max(50, min(opts.cap, guess * opts.seconds)))
@@ -452,6 +459,13 @@ def measure(server, kind, variant, size, sessions, opts, busy=False):
         if sink is not None:
             sink.count = sent + lat["messages"]
             sink.wait(60)
+        if equalRate and SMTPLOAD:
+            eq = loadgen(port, sessions, max(100, int(equalRate * opts.seconds)), size, opts.seconds * 3, variant,
+                         opts.resume, rate=equalRate)
+            out["eq_p50_ms"], out["eq_p99_ms"], out["eq_rate"] = eq["p50_ms"], eq["p99_ms"], equalRate
+            if sink is not None:
+                sink.count += eq["messages"]
+                sink.wait(60)
         return out
     finally:
         for p in (proc, sink, spinner):
@@ -470,10 +484,14 @@ def group(servers, kind, variant, size, sessions, opts, busy=False):
     always be the same server's); returns {label: summary}.
     """
     results = {s.label: [] for s in servers}
+    equalRate = None
     for i in range(opts.runs):
+        if i == 1 and len(servers) > 1 and all(results.values()):
+            # Latency at one load for every server: 80% of the slowest one's first run.
+            equalRate = 0.8 * min(runs[0]["rate"] for runs in results.values())
         for s in (servers if i % 2 == 0 else servers[::-1]):
             try:
-                results[s.label].append(measure(s, kind, variant, size, sessions, opts, busy))
+                results[s.label].append(measure(s, kind, variant, size, sessions, opts, busy, equalRate))
             except Exception as e:  # reported in the table; the matrix goes on
                 print("%s %s %s %d %d failed: %s" % (s.label, kind, variant, size, sessions, e), file=sys.stderr)
     out = {}
@@ -486,6 +504,10 @@ def group(servers, kind, variant, size, sessions, opts, busy=False):
         for k in ("cpu_ms", "p50_ms", "p99_ms", "resumed"):
             if all(k in r for r in runs):
                 summary[k] = statistics.median(r[k] for r in runs)
+        equal = [r for r in runs if "eq_p99_ms" in r]
+        if equal:
+            for k in ("eq_p50_ms", "eq_p99_ms", "eq_rate"):
+                summary[k] = statistics.median(r[k] for r in equal)
         if all("rss_mb" in r for r in runs):
             summary["rss_mb"] = max(r["rss_mb"] for r in runs)
         out[label] = summary
@@ -494,13 +516,14 @@ def group(servers, kind, variant, size, sessions, opts, busy=False):
 
 def fmt(c, base=None):
     if c is None:
-        return ("failed", "–", "–", "–", "–")
+        return ("failed", "–", "–", "–", "–", "–")
     s = "%.0f (%.0f–%.0f)" % (c["rate"], c["min"], c["max"])
     ratio = "**%.2f×**" % (c["rate"] / base["rate"]) if base else "–"
     lat = "%.1f / %.1f" % (c["p50_ms"], c["p99_ms"]) if "p50_ms" in c else "–"
+    eq = "%.1f / %.1f at %.0f/s" % (c["eq_p50_ms"], c["eq_p99_ms"], c["eq_rate"]) if "eq_p99_ms" in c else "–"
     cpu = "%.2f" % c["cpu_ms"] if "cpu_ms" in c else "–"
     rss = "%.0f" % c["rss_mb"] if "rss_mb" in c else "–"
-    return s, ratio, lat, cpu, rss
+    return s, ratio, lat, eq, cpu, rss
 
 
 def matrix(cells, servers, opts):
@@ -717,9 +740,10 @@ def main(argv=None):
 
 def tableText(rows):
     lines = ["| scenario | configuration | size | sessions | msgs/s median (min–max) | vs Postfix, same work "
-             "| p50 / p99 ms | CPU ms / msg | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| p50 / p99 ms | p50 / p99 ms at an equal load | CPU ms / msg | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append("| %s | %s | %d KB | %d | %s | %s | %s | %s | %s |" % ((r[0], r[1], r[2] // 1024, r[3]) + r[4:]))
+        lines.append("| %s | %s | %d KB | %d | %s | %s | %s | %s | %s | %s |" % ((r[0], r[1], r[2] // 1024, r[3]) + r[4:]))
     return "\n".join(lines)
 
 
@@ -752,7 +776,10 @@ def report(table, extras, opts, seconds):
            "reading mail), timed until the sink "
            "has every message. Ratios are against Postfix doing the same work in the same run. Latency: from the "
            "write carrying the content and its final dot (one write, as smtp-source sends them) to the 250, "
-           "measured with smtpload at the same concurrency right after, the next hop still taking the mail. "
+           "measured with smtpload at the same concurrency right after, the next hop still taking the mail: "
+           "at saturation (each session starts its next message at once), where the closed loop puts the "
+           "wait at whichever step is the server's bottleneck; and at an equal load, where sessions start "
+           "at 80%% of the slower server's rate in the cell's first run (the same rate for both, runs 2 on). "
            "CPU: user + system time per message of all of the server's processes "
            "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
            "sync of the message (relaygw's grouped syncfs, Postfix's fsync)." % (

@@ -7,9 +7,11 @@
  * server for the cores), so that it measures the server, not itself.
  *
  * Every session slot starts its next connection when one ends, until the
- * message count or the deadline, whichever comes first.  Loopback only.
+ * message count or the deadline, whichever comes first; with rate=R, no
+ * sooner than its turn in a schedule of R sessions a second (latency at a
+ * given load rather than at saturation).  Loopback only.
  *
- *   smtpload PORT SESSIONS COUNT SIZE SECONDS [tls] [resume] [xclient] [proxy]
+ *   smtpload PORT SESSIONS COUNT SIZE SECONDS [tls] [resume] [xclient] [proxy] [rate=R]
  *
  * Prints one JSON object: messages, errors, seconds, rate, p50_ms, p99_ms,
  * resumed (TLS sessions resumed).
@@ -32,6 +34,9 @@
 static int port, count, size, useTLS, resume, xclient, proxy;
 static int next, done, errors, resumed, epfd, active;
 static double deadline;
+static double rate, nextStart;   /* rate=R: sessions start at most R a second (0: when a slot is free) */
+static struct conn **idle;       /* slots waiting for their start time */
+static int nidle;
 static char *payload;
 static size_t payloadLen;
 static SSL_CTX *ctx;
@@ -221,6 +226,12 @@ static void advance(struct conn *c) {
 /* Start this slot's next session, if the count and the deadline allow one. */
 static void start(struct conn *c) {
     if (next >= count || now() > deadline) return;
+    if (rate) {
+        double t = now();
+        if (t < nextStart) { idle[nidle++] = c; return; }
+        /* On schedule, without making up for more than 10 ms of lost time in a burst. */
+        nextStart = (nextStart > t - 0.01 ? nextStart : t - 0.01) + 1 / rate;
+    }
     c->n = next++;
     c->len = c->off = 0;
     c->events = 0;
@@ -256,7 +267,7 @@ static int cmpd(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 6) {
-        fprintf(stderr, "usage: smtpload PORT SESSIONS COUNT SIZE SECONDS [tls] [resume] [xclient] [proxy]\n");
+        fprintf(stderr, "usage: smtpload PORT SESSIONS COUNT SIZE SECONDS [tls] [resume] [xclient] [proxy] [rate=R]\n");
         return 2;
     }
     port = atoi(argv[1]);
@@ -269,6 +280,7 @@ int main(int argc, char **argv) {
         resume |= !strcmp(argv[i], "resume");
         xclient |= !strcmp(argv[i], "xclient");
         proxy |= !strcmp(argv[i], "proxy");
+        if (!strncmp(argv[i], "rate=", 5)) rate = atof(argv[i] + 5);
     }
     /* The body: headers, then 76-character lines, like bench/loadgen.py. */
     const char *head = "From: <a@example.org>\r\nTo: <b@example.net>\r\nSubject: bench\r\n\r\n";
@@ -289,14 +301,22 @@ int main(int argc, char **argv) {
     }
     lat = calloc(count, sizeof *lat);
     struct conn *slots = calloc(sessions, sizeof *slots);
+    idle = calloc(sessions, sizeof *idle);
     epfd = epoll_create1(0);
     double started = now();
     deadline = started + seconds;
     for (int i = 0; i < sessions; i++) start(&slots[i]);
     struct epoll_event evs[256];
-    while (active) {
-        int n = epoll_wait(epfd, evs, 256, 1000);
+    while (active || nidle) {
+        int wait = 1000;
+        if (nidle) {
+            double ms = (nextStart - now()) * 1000;
+            wait = ms > 0 ? (int)ms + 1 : 0;
+        }
+        int n = epoll_wait(epfd, evs, 256, wait);
         for (int i = 0; i < n; i++) advance(evs[i].data.ptr);
+        if (next >= count || now() > deadline) nidle = 0;
+        while (nidle && now() >= nextStart) start(idle[--nidle]);
     }
     double elapsed = now() - started;
     qsort(lat, done, sizeof *lat, cmpd);
