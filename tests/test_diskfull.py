@@ -138,7 +138,7 @@ class FaultInjectionTests(RelayTestCase):
 
     def test_commitWriteENOSPC(self):
         """A small message is written by the disk thread at commit: that fails."""
-        return self.check(SMALL, "writeAll", errno.ENOSPC)
+        return self.check(SMALL, "write", errno.ENOSPC, obj=durable.quick)
 
     def test_commitSyncEIO(self):
         """The sync that makes the batch durable fails."""
@@ -147,7 +147,7 @@ class FaultInjectionTests(RelayTestCase):
 
     def test_commitRenameEIO(self):
         """Renaming the durable file into queue/ fails."""
-        return self.check(SMALL, "rename", errno.EIO, obj=os)
+        return self.check(SMALL, "rename", errno.EIO, obj=durable.quick)
 
     @defer.inlineCallbacks
     def test_reusedSpentFileENOSPC(self):
@@ -156,7 +156,7 @@ class FaultInjectionTests(RelayTestCase):
         with open(spent, "wb") as f:
             f.write(b"old content")
         self.spool._spent.append("0000000000000000SPENT")
-        yield self.check(SMALL, "writeAll", errno.ENOSPC)
+        yield self.check(SMALL, "write", errno.ENOSPC, obj=durable.quick)
         self.assertFalse(os.path.exists(spent))
 
     @defer.inlineCallbacks
@@ -194,11 +194,11 @@ class NextHopWriteTests(RelayTestCase):
     def test_maildirWriteENOSPC(self):
         """The Maildir can't be written: the message stays queued, deferred, and arrives once later."""
         yield self.gateway({})
-        fault = failing(durable.writeAll, errno.ENOSPC)
-        self.patch(durable, "writeAll", fault)
+        fault = failing(durable.quick.write, errno.ENOSPC)
+        self.patch(durable.quick, "write", fault)
         self.patch(self.gw.service.queue, "retryMin", 0.2)
         self.patch(self.gw.service.queue, "retryMax", 0.2)
-        # Accepting needs writeAll too: let the message in, then arm the fault.
+        # Accepting needs the disk thread's writes too: let the message in, then arm the fault.
         fault.armed = False
         factory = self.gw.service.factories[0]
         original = factory.onQueued
@@ -229,9 +229,9 @@ class NextHopWriteTests(RelayTestCase):
         hop, port = self.hop(rcpt={"b@example.net": "451 4.3.0 not now"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
         calls = []
-        fault = failing(durable.writeAll, errno.ENOSPC, calls)
+        fault = failing(durable.quick.write, errno.ENOSPC, calls)
         fault.armed = False
-        self.patch(durable, "writeAll", fault)
+        self.patch(durable.quick, "write", fault)
         factory = self.gw.service.factories[0]
         original = factory.onQueued
 
@@ -262,9 +262,9 @@ class NextHopWriteTests(RelayTestCase):
         self.patch(queue, "retryMin", 0.3)
         spool = self.gw.service.spool
         faults = []
-        fault = failing(durable.writeAll, errno.ENOSPC, faults, once=True)
+        fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
         fault.armed = False
-        self.patch(durable, "writeAll", fault)
+        self.patch(durable.quick, "write", fault)
         newMessage = spool.newMessage
 
         def failingBounce(envelope):

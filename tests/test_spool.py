@@ -348,7 +348,8 @@ class CommitOrderTests(unittest.TestCase):
                 return real(*args)
             return call
 
-        self.patch(os, "rename", record("rename", os.rename, lambda a, b: os.path.basename(os.path.dirname(b))))
+        self.patch(durable.quick, "rename",
+                   record("rename", durable.quick.rename, lambda a, b: os.path.basename(os.path.dirname(b))))
         self.patch(durable, "_syncfs", record("syncfs", durable._syncfs, lambda fd: ""))
         self.patch(durable, "fsyncDirectory", record("fsyncdir", durable.fsyncDirectory, os.path.basename))
 
@@ -446,6 +447,53 @@ class CommitOrderTests(unittest.TestCase):
         with self.assertRaises(OSError):
             yield self.message()
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
+
+
+class QuickCallsTests(unittest.TestCase):
+    """
+    The disk thread's quick calls (libc with the GIL held, or C{os}'s
+    without libc) do what C{os}'s do, errors included.
+    """
+
+    def check(self, quick):
+        d = self.mktemp()
+        os.mkdir(d)
+        old, new = os.path.join(d, "old"), os.path.join(d, "new")
+        fd = quick.open(old, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.assertEqual(quick.write(fd, b"x" * 70000), 70000)
+        quick.close(fd)
+        fd = quick.open(old, os.O_WRONLY | os.O_CREAT, 0o640)  # reused: written over, then cut
+        quick.ftruncate(fd, quick.write(fd, b"short"))
+        self.assertFalse(os.get_inheritable(fd))
+        quick.close(fd)
+        quick.rename(old, new)
+        with open(new, "rb") as f:
+            self.assertEqual(f.read(), b"short")
+        self.assertEqual(os.stat(new).st_mode & 0o777, 0o640 & ~_umask())
+        with self.assertRaises(FileExistsError) as e:
+            quick.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self.assertEqual(e.exception.filename, new)
+        with self.assertRaises(FileNotFoundError) as e:
+            quick.rename(old, new)
+        self.assertEqual(e.exception.filename, old)
+        with self.assertRaises(OSError):
+            quick.close(fd)  # closed already: EBADF
+
+    def test_libc(self):
+        quick = durable._Quick()
+        self.assertIsNotNone(quick._libc)  # (Linux, glibc)
+        self.check(quick)
+
+    def test_withoutLibc(self):
+        quick = durable._Quick()
+        quick._libc = None
+        self.check(quick)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class CommitterStopTests(unittest.TestCase):
