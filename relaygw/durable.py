@@ -27,10 +27,23 @@ def _syncfs(fd):
             _libc = False
     if not _libc:
         return False
-    if _libc.syncfs(fd) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    _libcCall(_libc.syncfs, fd)
     return True
+
+
+def _libcCall(function, *args, path=None, again=True):
+    """
+    C{function(*args)} from libc (loaded with C{use_errno}): its result, or
+    C{OSError} (its errno's subclass) for -1.  Called again after EINTR,
+    unless C{again} is false (C{close}: the descriptor is gone either way).
+    """
+    while True:
+        result = function(*args)
+        if result != -1:
+            return result
+        e = ctypes.get_errno()
+        if e != errno.EINTR or not again:
+            raise OSError(e, os.strerror(e), path)
 
 
 class _Quick:
@@ -57,46 +70,35 @@ class _Quick:
             libc = None
         self._libc = libc
 
-    @staticmethod
-    def _call(function, *args, path=None):
-        """C{function(*args)}, again after EINTR; C{OSError} (its errno's subclass) on -1."""
-        while True:
-            result = function(*args)
-            if result != -1:
-                return result
-            e = ctypes.get_errno()
-            if e != errno.EINTR:
-                raise OSError(e, os.strerror(e), path)
-
     def open(self, path, flags, mode=0o777):
         if self._libc is None:
             return os.open(path, flags, mode)
-        return self._call(self._libc.open, os.fsencode(path), flags | os.O_CLOEXEC, mode, path=path)
+        return _libcCall(self._libc.open, os.fsencode(path), flags | os.O_CLOEXEC, mode, path=path)
 
     def write(self, fd, data):
         """Write all of C{data} (bytes); returns its length."""
         if self._libc is None:
             return writeAll(fd, data)
-        done = self._call(self._libc.write, fd, data, len(data))
+        done = _libcCall(self._libc.write, fd, data, len(data))
         while done < len(data):  # (a regular file takes it whole unless the disk is full)
             rest = data[done:]
-            done += self._call(self._libc.write, fd, rest, len(rest))
+            done += _libcCall(self._libc.write, fd, rest, len(rest))
         return len(data)
 
     def ftruncate(self, fd, length):
         if self._libc is None:
             return os.ftruncate(fd, length)
-        self._call(self._libc.ftruncate, fd, length)
+        _libcCall(self._libc.ftruncate, fd, length)
 
     def close(self, fd):
         if self._libc is None:
             return os.close(fd)
-        self._call(self._libc.close, fd)
+        _libcCall(self._libc.close, fd, again=False)
 
     def rename(self, source, destination):
         if self._libc is None:
             return os.rename(source, destination)
-        self._call(self._libc.rename, os.fsencode(source), os.fsencode(destination), path=source)
+        _libcCall(self._libc.rename, os.fsencode(source), os.fsencode(destination), path=source)
 
 
 quick = _Quick()
