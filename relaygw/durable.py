@@ -103,32 +103,12 @@ class _Quick:
 
 quick = _Quick()
 
-_IOV_MAX = 1024  # POSIX's minimum is 16; Linux takes 1024
-
-
 def writeAll(fd, data):
-    """
-    os.write until every octet of C{data} (bytes, or an iterable of them)
-    is written; returns how many octets that was.
-    """
-    if not isinstance(data, bytes):
-        data = list(data)
-        total = sum(map(len, data))
-        if len(data) > _IOV_MAX:
-            data = b"".join(data)
-        else:
-            # One system call for the lot (each one costs the disk thread
-            # a turn at the GIL), unless the kernel takes only part of it.
-            written = os.writev(fd, data) if data else 0
-            if written == total:
-                return total
-            data = b"".join(data)[written:]
-    else:
-        total = len(data)
+    """os.write until every octet of C{data} (bytes) is written; returns how many that was."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-    return total
+    return len(data)
 
 
 def removeFiles(paths):
