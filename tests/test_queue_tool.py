@@ -125,7 +125,6 @@ class QueueToolTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_readingWhileTheGatewayWrites(self):
         """list and show while messages are accepted, delivered and removed: no error, nothing changed."""
-        from tests.messages import sendOne
 
         def senders():
             return [sendOne(self.gw.port, rcpts=("z%d@example.net" % i,)) for i in range(15)]
