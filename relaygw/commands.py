@@ -109,7 +109,12 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
 
 
 def parseParams(words):
-    """ESMTP parameters as an ordered dict of uppercased keyword -> value."""
+    """
+    ESMTP parameters as an ordered dict of uppercased keyword -> value.  A
+    keyword given twice is refused: which of its values counts would be a
+    guess, and a hop that guessed the other way (SIZE, BODY) would act on
+    a value this one never checked.
+    """
     params = {}
     for word in words:
         if not word.isascii():
@@ -117,7 +122,10 @@ def parseParams(words):
         m = _PARAM.match(word)
         if not m:
             raise CommandError(codes.SYNTAX.format(what="bad parameter %s" % word))
-        params[m.group(1).upper()] = m.group(2)
+        key = m.group(1).upper()
+        if key in params:
+            raise CommandError(codes.SYNTAX.format(what="%s given twice" % key))
+        params[key] = m.group(2)
     return params
 
 

@@ -228,6 +228,20 @@ class SizeTests(SessionTestCase):
 
         return self.session(run)
 
+    def test_repeatedParameterRefused(self):
+        """A keyword given twice is refused, whichever of its values is the bad one: none is guessed."""
+        def run(c):
+            c.cmd("EHLO x")
+            for args in ("SIZE=abc SIZE=100", "SIZE=100 SIZE=abc", "SIZE=10001 SIZE=100", "size=100 SIZE=100",
+                         "BODY=BINARYMIME BODY=7BIT", "BODY=7BIT SIZE=10 body=8BITMIME"):
+                self.assertEqual(c.cmd("MAIL FROM:<a@example.org> " + args),
+                                 (501, ["5.5.4 Syntax: %s given twice" % args.split()[-1].split("=")[0].upper()]),
+                                 args)
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>"), (503, ["5.5.1 Error: need MAIL command"]))
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> SIZE=100 BODY=7BIT")[0], 250)
+
+        return self.session(run)
+
     def test_bodyOverLimitReadToEndAndRefused(self):
         def run(c):
             c.cmd("EHLO x")
