@@ -380,6 +380,42 @@ class DeliveryTests(_DeliveryTestCase):
         results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
         self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
 
+    @defer.inlineCallbacks
+    def test_endlessMultilineReply(self):
+        """
+        A multi-line reply longer than 64 KB in all (each line short) is a
+        protocol error as soon as it passes the limit, not a reply kept in
+        memory until it ends.
+        """
+        factory = _ScriptedFactory(greeting=b"220-scripted.example.test\r\n" * 4000 + b"220 at last")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
+        self.assertEqual(factory.verbs(), [])
+
+    def test_floodOfRepliesNotAskedFor(self):
+        """
+        Replies nobody asked for (answers to pipelined commands arrive so,
+        a flood too) are kept up to 1 MB in all; past that the connection
+        is cut and what is waiting for a reply hears of it.
+        """
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from relaygw.relay.clientwire import _SMTPClientProtocol
+
+        wire = _SMTPClientProtocol(5, Clock(), "hop")
+        transport = StringTransport()
+        wire.makeConnection(transport)
+        flood = b"250 2.0.0 Ok\r\n" * 4096  # 48 KB of replies a read
+        for _ in range(20):  # 960 KB
+            wire.dataReceived(flood)
+        self.assertIsNone(wire.violation)
+        self.assertEqual(self.successResultOf(wire.replies(3))[2].code, 250)
+        wire.dataReceived(flood * 2)
+        self.assertEqual(wire.violation, "more than 1048576 octets of replies not asked for")
+        self.assertTrue(transport.disconnecting)
+
     def test_emptyList(self):
         """No messages: nothing to do, no connection."""
         d = deliver(reactor, "127.0.0.1", 1, [], _options())

@@ -92,6 +92,14 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
     MAX_LENGTH = 65536
 
+    #: One reply may run to this many octets, its lines together, and the
+    #: replies not asked for yet (answers to pipelined commands) to
+    #: L{MAX_QUEUED}: a next hop that sends more (a multi-line reply that
+    #: never ends, a flood of replies) is cut off, so what it sends cannot
+    #: grow the gateway's memory while the command timeout runs.
+    MAX_REPLY = 65536
+    MAX_QUEUED = 1 << 20
+
     def __init__(self, timeout, clock, where):
         self.timeout = timeout
         self.callLater = clock.callLater
@@ -107,6 +115,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._sending = False
         self._closing = False
         self._lines = []
+        self._lineOctets = 0
+        self._queuedOctets = 0
         self.replyCount = 0
 
     # Sending
@@ -143,16 +153,22 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     def _ask(self, count):
         if not self._waiting and len(self._replies) >= (count or 1):
             if count is None:
-                return succeed(self._replies.popleft())
-            return succeed([self._replies.popleft() for _ in range(count)])
+                return succeed(self._queued())
+            return succeed([self._queued() for _ in range(count)])
         if self.lostReason is not None:
             return fail(self.lostReason)
         d = Deferred()
         self._waiting.append((d, count, []))
         self.setTimeout(self.timeout)
         while self._replies and self._waiting[0][0] is d:
-            self._answer(self._replies.popleft())
+            self._answer(self._queued())
         return d
+
+    def _queued(self):
+        """The oldest reply not asked for yet."""
+        reply, octets = self._replies.popleft()
+        self._queuedOctets -= octets
+        return reply
 
     def _answer(self, reply):
         """Hand C{reply} to the oldest request for one."""
@@ -220,18 +236,26 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         ):
             self._violate("malformed reply line %r" % (line[:100],))
             return
+        self._lineOctets += len(line)
+        if self._lineOctets > self.MAX_REPLY:
+            self._violate("reply longer than %d octets" % (self.MAX_REPLY,))
+            return
         self._lines.append((code, text.decode("utf-8", "replace")))
         if separator == b"-":
             return
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
-        self._lines = []
+        octets, self._lines, self._lineOctets = self._lineOctets, [], 0
         self.replyCount += 1
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:
             self._answer(reply)
-        else:
-            self._replies.append(reply)
+            return
+        self._queuedOctets += octets
+        if self._queuedOctets > self.MAX_QUEUED:
+            self._violate("more than %d octets of replies not asked for" % (self.MAX_QUEUED,))
+            return
+        self._replies.append((reply, octets))
 
     def lineLengthExceeded(self, line):
         self._violate("reply line longer than %d octets" % (self.MAX_LENGTH,))
