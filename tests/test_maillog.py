@@ -178,7 +178,7 @@ class RecoveredDelaysTests(unittest.TestCase):
             def describe(self):
                 return "test"
 
-            def deliver(self, messages):
+            def deliver(self, messages, progress=None):
                 return [{"b@example.net": Result(250, "2.0.0", "ok")}]
 
         events = []

@@ -171,7 +171,7 @@ class _Hop:
     def describe(self):
         return "test"
 
-    def deliver(self, messages):
+    def deliver(self, messages, progress=None):
         self.calls.append(list(messages[0].recipients))
         return [{r: self.replies[r] for r in messages[0].recipients}]
 
@@ -270,7 +270,7 @@ class NextHopInterfaceTests(unittest.TestCase):
 class _PendingHop(_Hop):
     """A next hop whose answer comes when the test gives it."""
 
-    def deliver(self, messages):
+    def deliver(self, messages, progress=None):
         self.calls.append(list(messages[0].recipients))
         self.answer = defer.Deferred()
         return self.answer

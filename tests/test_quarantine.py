@@ -32,7 +32,7 @@ class Hop:
     def describe(self):
         return "test"
 
-    def deliver(self, messages):
+    def deliver(self, messages, progress=None):
         self.calls.append(messages)
         return [{r: Result(250, "2.0.0", "ok") for r in m.recipients} for m in messages]
 

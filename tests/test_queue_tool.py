@@ -365,7 +365,7 @@ class BackoffTests(unittest.TestCase):
             def describe(self):
                 return "test"
 
-            def deliver(self, messages):
+            def deliver(self, messages, progress=None):
                 attempts.append(time.time())
                 return [{"b@example.net": Result(451, "4.3.0", "not now")}]
 

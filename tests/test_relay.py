@@ -393,6 +393,26 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(len(good.transactions), 1)
 
     @defer.inlineCallbacks
+    def test_acceptedRecipientsDurableWhileOthersFailOver(self):
+        """
+        The recipients the first smarthost accepted are in the progress
+        record while the others wait on the second one: a crash then
+        re-sends to none of them.
+        """
+        first, port1 = self.hop(extensions=["PIPELINING"], rcpt={"x@example.net": "450 4.2.0 busy"})
+        silent, port2 = self.hop(greeting=None)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port1, "[127.0.0.1]:%d" % port2],
+                            "command_timeout": 30})
+        qid = yield self.send(rcpts=("x@example.net", "y@example.net"))
+        yield self.until(lambda: len(silent.connections) == 1)
+        spool = self.gw.service.spool
+        yield self.until(lambda: spool.readState(qid).get("rcpts", {}).get("y@example.net", {}).get("status") == "done",
+                         timeout=5)
+        self.assertEqual(first.recipients(), ["y@example.net"])
+        self.assertNotIn("x@example.net", spool.readState(qid)["rcpts"])
+        self.assertEqual(spool.readState(qid).get("attempts"), None)  # the attempt goes on
+
+    @defer.inlineCallbacks
     def test_timeoutIsTemporary(self):
         silent, sport = self.hop(greeting=None)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % sport], "command_timeout": 0.5})

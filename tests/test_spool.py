@@ -732,7 +732,7 @@ class AttemptFailureTests(unittest.TestCase):
             def describe(self):
                 return "test"
 
-            def deliver(self, messages):
+            def deliver(self, messages, progress=None):
                 calls.append(messages)
                 return [{"b@example.net": Result(250, "2.0.0", "ok")}]
 

@@ -85,7 +85,8 @@ class Attempts:
         attempt.started = time.time()
         ds = []
         for hop, recipients in groups.items():
-            d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)])
+            d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)],
+                                    progress=lambda _, results, hop=hop: self._keep(attempt, hop, results))
             d.addCallback(lambda results: results[0])
             d.addErrback(self._hopFailed, recipients, hop)
             d.addCallback(self._replied, attempt, hop)
@@ -112,21 +113,27 @@ class Attempts:
 
     def _replied(self, results, attempt, hop):
         """
-        One next hop's replies for the message, as soon as they are read.
-        While other next hops still work on the message, the successes are
-        made durable at once (a crash then re-sends to none of them); the
-        last one ends the attempt.
+        One next hop's replies for the message, as soon as they are read;
+        the last one ends the attempt.
         """
         attempt.outcomes.append((hop.describe(), results))
         attempt.waiting -= 1
         if attempt.waiting:
-            recorded = outcome.record(attempt.state, attempt.message.recipients, [(hop.describe(), results)],
-                                      time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
-            if recorded.events:
-                attempt.state, attempt.fresh = recorded.state, False
-                return self.progress.persist(attempt.qid, recorded.state)
-            return None
+            return self._keep(attempt, hop, results)
         return self._record(attempt)
+
+    def _keep(self, attempt, hop, results):
+        """
+        Replies read while the attempt goes on (another next hop, or this
+        one's next host, still works on the message): the successes are made
+        durable at once, so that a crash re-sends to none of them.
+        """
+        recorded = outcome.record(attempt.state, attempt.message.recipients, [(hop.describe(), results)],
+                                  time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
+        if recorded.events:
+            attempt.state, attempt.fresh = recorded.state, False
+            return self.progress.persist(attempt.qid, recorded.state)
+        return None
 
     def _record(self, attempt):
         """The attempt has ended: write down what its replies say."""

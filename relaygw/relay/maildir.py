@@ -57,7 +57,7 @@ class MaildirNextHop:
                     break
                 yield chunk
 
-    def deliver(self, messages):
+    def deliver(self, messages, progress=None):
         """Deliver each message; results are per recipient, all 250 on success."""
 
         def one(message):

@@ -62,7 +62,7 @@ class INextHop(Interface):
     def describe():
         """A short name for logs and metrics."""
 
-    def deliver(messages):
+    def deliver(messages, progress=None):
         """
         Deliver L{relaygw.spool.SpooledMessage}s (with C{recipients} narrowed
         to those still pending).  Fires with one C{{recipient: Result}} dict
@@ -70,6 +70,12 @@ class INextHop(Interface):
         results, not errbacks.  Handed one message, it fires as soon as that
         message's outcome is final (the reply to its end of data is read),
         whatever else the same connection still carries.
+
+        @param progress: if given, called as C{progress(index, results)}
+            with the final results (accepted, refused for good) of some of
+            message C{index}'s recipients while the hop goes on with others
+            (another host), so that the caller can make them durable before
+            the message's outcome is complete.  They are in the outcome too.
         """
 
     def closeIdle():

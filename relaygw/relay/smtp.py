@@ -71,11 +71,11 @@ class SMTPNextHop:
         """Nothing waits, nothing is in flight, no connection is kept open."""
         return not (self.waiting or self.active or self.idle)
 
-    def deliver(self, messages):
+    def deliver(self, messages, progress=None):
         ds = []
-        for m in messages:
+        for index, m in enumerate(messages):
             d = defer.Deferred()
-            self.waiting.append((m, d))
+            self.waiting.append((m, d, None if progress is None else (progress, index)))
             ds.append(d)
         self._pump()
         if len(ds) == 1:  # (every message's Deferred fires with a result, never fails)
@@ -160,7 +160,7 @@ class SMTPNextHop:
 
     def _sent(self, results, batch):
         self.active -= 1
-        for m, d in batch:
+        for m, d, _ in batch:
             if d.called:
                 continue  # reported as it came
             if not isinstance(results, Failure):  # (cannot happen: every message is reported)
@@ -180,13 +180,21 @@ class SMTPNextHop:
         is read, or after the last candidate with the last temporary
         failure.
         """
-        messages = [m for m, _ in batch]
+        messages = [m for m, _, _ in batch]
         final = [dict() for _ in messages]
 
         def report(index, results):
             d = batch[index][1]
             if not d.called:
                 d.callback(results)
+
+        def reportSome(index, results):
+            """Final results for some of a message's recipients, the others going on to the next host."""
+            progress = batch[index][2]
+            if progress is not None and results:
+                call, caller = progress
+                defer.maybeDeferred(call, caller, results).addErrback(
+                    lambda f: log.failure("recording progress via {hop}", f, hop=self.name))
 
         try:
             candidates = yield self.hosts()
@@ -217,18 +225,19 @@ class SMTPNextHop:
 
             def settled(position, res, pending=pending, still=still):
                 index, m = pending[position]
-                retry = []
+                retry, now = [], {}
                 for rcpt in m.recipients:
                     r = res.get(rcpt)
                     if r is None:
                         continue
                     if r.ok or r.permanent:
-                        final[index][rcpt] = r
+                        final[index][rcpt] = now[rcpt] = r
                     else:
                         last[(index, rcpt)] = r
                         retry.append(rcpt)
                 if retry:
                     still[position] = (index, m.narrowed(retry))
+                    reportSome(index, now)
                 else:
                     report(index, final[index])
 
