@@ -6,6 +6,7 @@ AUTH, XCLIENT forwarding, routes, MX), and a crash during delivery.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -122,6 +123,29 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(blocks[1]["Final-Recipient"], "rfc822; bad@example.net")
         self.assertEqual(blocks[1]["Status"], "5.1.1")
         self.assertEqual(blocks[1]["Action"], "failed")
+
+    @defer.inlineCallbacks
+    def test_bouncesOfOneMessage(self):
+        """
+        Recipients that fail for good in two attempts give two bounces, each
+        with its own Message-ID, and a 10 KB reply is cut so that no line of
+        a bounce passes 998 octets.
+        """
+        long = "550 5.1.1 " + "x" * 10000
+        hop, port = self.hop(rcpt={"bad1@example.net": long,
+                                   "bad2@example.net": ["450 4.2.0 busy", "550 5.1.1 gone now"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("bad1@example.net", "bad2@example.net"))
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
+        bounces = [t["data"] for t in hop.transactions]
+        ids = [re.search(rb"^Message-ID: (\S+)\r$", b, re.M).group(1) for b in bounces]
+        self.assertNotEqual(ids[0], ids[1])
+        for data in bounces:
+            self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
+        first = bounces[0].decode()
+        self.assertIn("Diagnostic-Code: smtp; 550 5.1.1 " + "x" * 880, first)
+        self.assertIn("x [...]\r\n", first)
+        self.assertIn("gone now", bounces[1].decode())
 
     @defer.inlineCallbacks
     def test_crashBeforeTheBounceIsDurable(self):

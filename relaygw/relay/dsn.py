@@ -27,6 +27,17 @@ def _clean(text):
     return "".join(c if " " <= c <= "~" else "?" for c in str(text))
 
 
+#: A next hop's reply goes into a bounce on one line, cut to this many
+#: characters: RFC 5322 limits a line to 998 octets, and the rest of a
+#: longer reply says nothing a sender needs.
+REPLY_MAX = 900
+
+
+def _reply(result):
+    text = _clean(result.describe())
+    return text if len(text) <= REPLY_MAX else text[:REPLY_MAX] + " [...]"
+
+
 def buildBounce(message, failures, hostname, now=None):
     """
     The bounce for C{message}: a C{multipart/report} with a human part, a
@@ -34,7 +45,10 @@ def buildBounce(message, failures, hostname, now=None):
     the original headers.  C{failures} maps recipient -> result (with
     C{code}, C{enhanced} and C{describe()}).
     """
-    boundary = "relaygw-%s-%s" % (message.queueId, os.urandom(4).hex())
+    # One message can bounce more than once (recipients that fail for good
+    # in different attempts): each bounce has its own Message-ID.
+    token = os.urandom(4).hex()
+    boundary = "relaygw-%s-%s" % (message.queueId, token)
     date = formatdate(now, usegmt=True)
     arrival = formatdate(message.arrival, usegmt=True)
     human = [
@@ -45,20 +59,21 @@ def buildBounce(message, failures, hostname, now=None):
     ]
     blocks = []
     for rcpt, result in failures.items():
-        human.append("<%s>: %s" % (_clean(rcpt), _clean(result.describe())))
+        reply = _reply(result)
+        human.append("<%s>: %s" % (_clean(rcpt), reply))
         status = result.enhanced if result.enhanced and result.enhanced[0] in "45" else "5.0.0"
         if status[0] == "4":  # the queue lifetime ran out on a temporary failure
             status = "5" + status[1:]
         blocks.append(
             "Final-Recipient: rfc822; %s\r\nAction: failed\r\nStatus: %s\r\n"
-            "Diagnostic-Code: smtp; %s\r\n" % (_clean(rcpt), status, _clean(result.describe()))
+            "Diagnostic-Code: smtp; %s\r\n" % (_clean(rcpt), status, reply)
         )
     parts = [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
         "To: <%s>" % _clean(message.mailfrom),
         "Subject: Undelivered Mail Returned to Sender",
         "Date: %s" % date,
-        "Message-ID: <%s.bounce@%s>" % (message.queueId, hostname),
+        "Message-ID: <%s.%s.bounce@%s>" % (message.queueId, token, hostname),
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         'Content-Type: multipart/report; report-type=delivery-status; boundary="%s"' % boundary,
