@@ -448,6 +448,34 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(self.gw.service.spool.queueIds(), [qid])  # no bounce either
 
     @defer.inlineCallbacks
+    def test_brokenOpportunisticTLSRetriedInPlaintext(self):
+        """
+        A next hop that offers STARTTLS but cannot carry TLS gets the
+        message in plaintext on a second connection, as Postfix does at its
+        "may" level.
+        """
+        hop, port = self.hop(extensions=["STARTTLS"], replies={"STARTTLS": "220 2.0.0 Ready to start TLS"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "command_timeout": 1})
+        yield self.send()
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(len(hop.connections), 2)
+        self.assertEqual(hop.recipients(), ["b@example.net"])
+        self.assertEqual(hop.verbs().count("STARTTLS"), 1)
+
+    @defer.inlineCallbacks
+    def test_brokenTLSNotRetriedInPlaintextWithCredentials(self):
+        """With AUTH credentials for the next hop, a failed TLS is not followed by a plaintext try."""
+        hop, port = self.hop(extensions=["STARTTLS", "AUTH PLAIN"],
+                             replies={"STARTTLS": "220 2.0.0 Ready to start TLS"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "command_timeout": 1,
+                            "auth_user": "relay", "auth_password": "secret"})
+        qid = yield self.send()
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        self.assertEqual(len(hop.connections), 1)
+        self.assertNotIn("AUTH", hop.verbs())
+        self.assertEqual(hop.transactions, [])
+
+    @defer.inlineCallbacks
     def test_timeoutFailsOver(self):
         silent, sport = self.hop(greeting=None)
         good, gport = self.hop()

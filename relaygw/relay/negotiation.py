@@ -99,8 +99,19 @@ class Negotiation:
             log.info("{where}: STARTTLS refused ({reply}), continuing in plaintext", where=self.where, reply=reply)
             return
         self.proto.startTLS(contextFactory)
-        await self._hello()
+        try:
+            await self._hello()
+        except BaseException:
+            # Opportunistic TLS that fails (the handshake, or EHLO over it):
+            # like Postfix, the next hop tries this host again without TLS,
+            # unless that would send AUTH credentials in the clear.
+            self.retryPlain = policy == "may" and not self.options.auth
+            raise
         log.info("{where}: TLS established ({policy})", where=self.where, policy=policy)
+
+    #: Whether this connection's opportunistic TLS failed and the host may
+    #: be tried again in plaintext (see L{_startTLS}).
+    retryPlain = False
 
     async def _authenticate(self):
         if not self.options.auth:

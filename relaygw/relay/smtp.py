@@ -246,9 +246,13 @@ class SMTPNextHop:
                 still.clear()
                 results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
                                                                 settled=settled))
-                if not conn.stale:  # (a new connection never is)
+                if conn.stale:  # (a new connection never is)
+                    log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
+                elif conn.retryPlain:
+                    log.info("{where}: opportunistic TLS failed; trying again without TLS", where=conn.where)
+                    options = dataclasses.replace(options, tls="none")
+                else:
                     break
-                log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
             self._park(conn, key)
             for position, res in enumerate(results):  # (every message was settled: this is a safety net)
                 if position not in still and not batch[pending[position][0]][1].called:
