@@ -407,14 +407,41 @@ class DeliveryTests(_DeliveryTestCase):
         wire = _SMTPClientProtocol(5, Clock(), "hop")
         transport = StringTransport()
         wire.makeConnection(transport)
-        flood = b"250 2.0.0 Ok\r\n" * 4096  # 48 KB of replies a read
-        for _ in range(20):  # 960 KB
+        flood = (b"250 " + b"x" * 996 + b"\r\n") * 40  # 40 replies of 1,000 octets (1,256 counted) a read
+        for _ in range(20):  # 1,004,800 counted
             wire.dataReceived(flood)
         self.assertIsNone(wire.violation)
         self.assertEqual(self.successResultOf(wire.replies(3))[2].code, 250)
         wire.dataReceived(flood * 2)
         self.assertEqual(wire.violation, "more than 1048576 octets of replies not asked for")
         self.assertTrue(transport.disconnecting)
+        self.assertNoResult(wire.reply())  # what came before the violation answers nothing
+
+    def test_floodOfTinyRepliesCountsWhatTheyCost(self):
+        """Bare "250" lines are counted with what each costs to keep: 4,000 of them, not 350,000, fill 1 MB."""
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from relaygw.relay.clientwire import _SMTPClientProtocol
+
+        wire = _SMTPClientProtocol(5, Clock(), "hop")
+        wire.makeConnection(StringTransport())
+        wire.dataReceived(b"250\r\n" * 3800)
+        self.assertIsNone(wire.violation)
+        wire.dataReceived(b"250\r\n" * 300)
+        self.assertEqual(wire.violation, "more than 1048576 octets of replies not asked for")
+
+    @defer.inlineCallbacks
+    def test_noReplyBuiltAfterAViolation(self):
+        """
+        A mixed-code reply to the end of data is a violation, and the lines
+        read behind it do not complete a reply: the message is not taken as
+        accepted.
+        """
+        factory = _ScriptedFactory(endOfData="250-first\n451-second\n250 late")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
 
     def test_emptyList(self):
         """No messages: nothing to do, no connection."""

@@ -94,11 +94,13 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     #: One reply may run to this many octets, its lines together, and the
     #: replies not asked for yet (answers to pipelined commands) to
-    #: L{MAX_QUEUED}: a next hop that sends more (a multi-line reply that
-    #: never ends, a flood of replies) is cut off, so what it sends cannot
-    #: grow the gateway's memory while the command timeout runs.
+    #: L{MAX_QUEUED}, each counted with L{REPLY_COST} for the objects that
+    #: hold it: a next hop that sends more (a multi-line reply that never
+    #: ends, a flood of replies) is cut off, so what it sends cannot grow
+    #: the gateway's memory while the command timeout runs.
     MAX_REPLY = 65536
     MAX_QUEUED = 1 << 20
+    REPLY_COST = 256
 
     def __init__(self, timeout, clock, where):
         self.timeout = timeout
@@ -225,6 +227,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     # Receiving
 
     def lineReceived(self, line):
+        if self.violation is not None:
+            return  # lines already read behind a violation are not replies
         line = line.rstrip(b"\r")
         code, separator, text = line[:3], line[3:4], line[4:]
         if (
@@ -244,7 +248,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         if separator == b"-":
             return
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
-        octets, self._lines, self._lineOctets = self._lineOctets, [], 0
+        octets, self._lines, self._lineOctets = self._lineOctets + self.REPLY_COST, [], 0
         self.replyCount += 1
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
@@ -264,7 +268,14 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         if self.violation is None:
             self.violation = description
             log.warn("{where}: protocol violation: {what}", where=self.where, what=description)
+        self._forget()
         self.abort()
+
+    def _forget(self):
+        """After a violation, what was read and not asked for is no reply."""
+        self._lines, self._lineOctets = [], 0
+        self._replies.clear()
+        self._queuedOctets = 0
 
     def closeWithin(self, timeout):
         """Close the connection, cutting it off if it takes longer than C{timeout} seconds."""
