@@ -132,10 +132,10 @@ class SmarthostTests(RelayTestCase):
         a bounce passes 998 octets.
         """
         long = "550 5.1.1 " + "x" * 10000
-        hop, port = self.hop(rcpt={"bad1@example.net": long,
-                                   "bad2@example.net": ["450 4.2.0 busy", "550 5.1.1 gone now"]})
+        bad1 = "b" * 64 + "@" + ".".join(["d" * 60, "d" * 60, "d" * 50]) + ".example.net"  # 249 octets, legal
+        hop, port = self.hop(rcpt={bad1: long, "bad2@example.net": ["450 4.2.0 busy", "550 5.1.1 gone now"]})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
-        yield self.send(rcpts=("bad1@example.net", "bad2@example.net"))
+        yield self.send(rcpts=(bad1, "bad2@example.net"))
         yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
         bounces = [t["data"] for t in hop.transactions]
         ids = [re.search(rb"^Message-ID: (\S+)\r$", b, re.M).group(1) for b in bounces]
@@ -143,7 +143,8 @@ class SmarthostTests(RelayTestCase):
         for data in bounces:
             self.assertLessEqual(max(len(line) for line in data.split(b"\r\n")), 998)
         first = bounces[0].decode()
-        self.assertIn("Diagnostic-Code: smtp; 550 5.1.1 " + "x" * 880, first)
+        self.assertIn("Diagnostic-Code: smtp; 550 5.1.1 " + "x" * 860, first)
+        self.assertIn("<%s>: 550 5.1.1 xxx" % bad1, first)
         self.assertIn("x [...]\r\n", first)
         self.assertIn("gone now", bounces[1].decode())
 

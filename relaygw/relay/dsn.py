@@ -27,15 +27,14 @@ def _clean(text):
     return "".join(c if " " <= c <= "~" else "?" for c in str(text))
 
 
-#: A next hop's reply goes into a bounce on one line, cut to this many
+#: A line of a bounce that quotes a next hop's reply is cut to this many
 #: characters: RFC 5322 limits a line to 998 octets, and the rest of a
 #: longer reply says nothing a sender needs.
-REPLY_MAX = 900
+LINE_MAX = 900
 
 
-def _reply(result):
-    text = _clean(result.describe())
-    return text if len(text) <= REPLY_MAX else text[:REPLY_MAX] + " [...]"
+def _cut(line):
+    return line if len(line) <= LINE_MAX else line[:LINE_MAX] + " [...]"
 
 
 def buildBounce(message, failures, hostname, now=None):
@@ -59,14 +58,14 @@ def buildBounce(message, failures, hostname, now=None):
     ]
     blocks = []
     for rcpt, result in failures.items():
-        reply = _reply(result)
-        human.append("<%s>: %s" % (_clean(rcpt), reply))
+        reply = _clean(result.describe())
+        human.append(_cut("<%s>: %s" % (_clean(rcpt), reply)))
         status = result.enhanced if result.enhanced and result.enhanced[0] in "45" else "5.0.0"
         if status[0] == "4":  # the queue lifetime ran out on a temporary failure
             status = "5" + status[1:]
         blocks.append(
             "Final-Recipient: rfc822; %s\r\nAction: failed\r\nStatus: %s\r\n"
-            "Diagnostic-Code: smtp; %s\r\n" % (_clean(rcpt), status, reply)
+            "%s\r\n" % (_clean(rcpt), status, _cut("Diagnostic-Code: smtp; " + reply))
         )
     parts = [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
