@@ -192,8 +192,8 @@ class SMTPNextHop:
             """Final results for some of a message's recipients, the others going on to the next host."""
             progress = batch[index][2]
             if progress is not None and results:
-                call, caller = progress
-                defer.maybeDeferred(call, caller, results).addErrback(
+                callback, position = progress  # (its position among the messages given to deliver)
+                defer.maybeDeferred(callback, position, results).addErrback(
                     lambda f: log.failure("recording progress via {hop}", f, hop=self.name))
 
         try:
