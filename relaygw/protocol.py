@@ -199,6 +199,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
                 self._lineError(codes.AUTH_LINE_TOO_LONG if self.mode == AUTH else codes.LINE_TOO_LONG)
                 continue
             if line is BARE_LF:
+                self._unknownLine()
                 self.reply(codes.BARE_LF_COMMAND)
                 return
             self.resetTimeout()
@@ -215,7 +216,14 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         if self.mode == AUTH:
             self.mode = COMMAND
             self.sasl = None
+        else:
+            self._unknownLine()
         self.reply(r)
+
+    def _unknownLine(self):
+        """A command line refused before its verb was read: logged and counted as an unknown command."""
+        self.commandCounts.command("UNKNOWN")
+        self.lastCommand = ("UNKNOWN", None)
 
     def _command(self, line):
         text = line.decode("latin-1")

@@ -127,6 +127,26 @@ class MailLogTests(unittest.TestCase):
         self.assertTrue(disconnect.endswith("ehlo=1 mail=1 rcpt=0/1 unknown=0/1 quit=1 commands=3/5"), disconnect)
 
     @defer.inlineCallbacks
+    def test_lineRefusedBeforeItsVerbIsUnknown(self):
+        """A line too long is logged and counted as an unknown command, not as the command before it."""
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("NOOP")
+                self.assertEqual(c.cmd("AUTH PLAIN " + "A" * 3000)[0], 500)
+                c.cmd("QUIT")
+            finally:
+                c.close()
+
+        yield inThread(run)
+        yield self.waitFor("disconnect")
+        [reject] = self.lines("reject")
+        self.assertRegex(reject, r"reject: UNKNOWN from unknown\[127\.0\.0\.1\]: 500 5\.5\.2 ")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith("noop=1 unknown=0/1 quit=1 commands=2/3"), disconnect)
+
+    @defer.inlineCallbacks
     def test_jsonCarriesTypedEvents(self):
         qid = yield self.session(["b@example.net", "later@example.net"])
         yield self.gw.service.queue.whenIdle()
