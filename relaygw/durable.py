@@ -103,6 +103,7 @@ class _Quick:
 
 quick = _Quick()
 
+
 def writeAll(fd, data):
     """os.write until every octet of C{data} (bytes) is written; returns how many that was."""
     view = memoryview(data)
