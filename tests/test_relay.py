@@ -438,6 +438,35 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(spool.readState(qid).get("attempts"), None)  # the attempt goes on
 
     @defer.inlineCallbacks
+    def test_mixedOutcomeFromTheLastHostWrittenOnce(self):
+        """
+        With no other host left to try, a message the next hop accepted for
+        one recipient and deferred for another has its whole outcome in the
+        first progress record written: no record with the success alone
+        comes first (a needless write, and a record that named only part
+        of the outcome).
+        """
+        hop, port = self.hop(extensions=["PIPELINING"], rcpt={"later@example.net": "451 4.3.0 not now"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 60, "retry_max": 60})
+        spool = self.gw.service.spool
+        written = []
+        writeState = spool.writeState
+
+        def recording(qid, state):
+            written.append((qid, json.loads(json.dumps(state))))
+            return writeState(qid, state)
+
+        spool.writeState = recording
+        qid = yield self.send(rcpts=("now@example.net", "later@example.net"))
+        yield self.until(lambda: [q for q, _ in written if q == qid])
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        records = [state for q, state in written if q == qid]
+        self.assertEqual(len(records), 1, records)
+        self.assertEqual(records[0]["rcpts"]["now@example.net"]["status"], "done")
+        self.assertEqual(records[0]["rcpts"]["later@example.net"]["status"], "deferred")
+        self.assertEqual(hop.recipients(), ["now@example.net"])
+
+    @defer.inlineCallbacks
     def test_timeoutIsTemporary(self):
         silent, sport = self.hop(greeting=None)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % sport], "command_timeout": 0.5})

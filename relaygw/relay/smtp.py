@@ -178,7 +178,7 @@ class SMTPNextHop:
         message's Deferred (in C{batch}) fires as soon as its outcome is
         final: every recipient accepted or refused for good, as the reply
         is read, or after the last candidate with the last temporary
-        failure.
+        failure (as the reply is read when that candidate answered).
         """
         messages = [m for m, _, _ in batch]
         final = [dict() for _ in messages]
@@ -213,9 +213,10 @@ class SMTPNextHop:
             return
         last = {}
         pending = list(enumerate(messages))
-        for candidate in candidates:
+        for n, candidate in enumerate(candidates):
             if not pending:
                 break
+            lastCandidate = n == len(candidates) - 1
             host, port = candidate[:2]
             options = self.options
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
@@ -223,7 +224,7 @@ class SMTPNextHop:
             key = self._key(host, port, pending[0][1])
             still = {}
 
-            def settled(position, res, pending=pending, still=still):
+            def settled(position, res, pending=pending, still=still, lastCandidate=lastCandidate):
                 index, m = pending[position]
                 retry, now = [], {}
                 for rcpt in m.recipients:
@@ -235,7 +236,12 @@ class SMTPNextHop:
                     else:
                         last[(index, rcpt)] = r
                         retry.append(rcpt)
-                if retry:
+                if retry and now and lastCandidate:
+                    # The next hop answered, and no other host is left to
+                    # try: the deferred recipients' outcome is final too, so
+                    # the whole outcome goes out now (one progress write).
+                    report(index, {**final[index], **{rcpt: last[(index, rcpt)] for rcpt in retry}})
+                elif retry:
                     still[position] = (index, m.narrowed(retry))
                     reportSome(index, now)
                 else:
