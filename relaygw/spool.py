@@ -26,7 +26,7 @@ from zope.interface import implementer
 from relaygw import durable
 from relaygw.durable import CommitJob, discardFile, fsyncDirectory, removeFiles
 from relaygw.logs import Logger
-from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, isStorageError
+from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, Withdrawn, isStorageError
 
 log = Logger()
 
@@ -178,11 +178,21 @@ class SpooledMessage:
         return self.envelope.context.get("connection", {})
 
     def openBody(self):
-        """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
+        """
+        The content: a binary file positioned at its start (unbuffered; read
+        big chunks).  Raises L{Withdrawn} when the operator has held or
+        deleted the message since its attempt began: the last moment it
+        can be kept from going out.
+        """
+        if self.spool.isHeld(self.queueId):
+            raise Withdrawn("held")
         content = self.spool.retained(self.queueId)
         if content is not None:
             return io.BytesIO(content)
-        f = open(self.path, "rb", buffering=0)
+        try:
+            f = open(self.path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise Withdrawn("deleted")
         try:
             f.seek(self.bodyOffset)
         except BaseException:

@@ -24,6 +24,13 @@ class CorruptMessage(Exception):
         self.path = path
 
 
+class Withdrawn(Exception):
+    """
+    The operator held or deleted a queued message (relaygw-queue) before
+    its content was opened to go out: it is not sent.  C{str()} says which.
+    """
+
+
 #: Errors that mean the spool's storage is out of room or failing.
 STORAGE_ERRORS = frozenset([errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS])
 
@@ -115,7 +122,10 @@ class ISpooledMessage(Interface):
         """A view of the same message for only C{recipients}."""
 
     def openBody():
-        """A binary file positioned at the start of the content; the caller closes it."""
+        """
+        A binary file positioned at the start of the content; the caller
+        closes it.  Raises L{Withdrawn} when the message is held or deleted.
+        """
 
 
 class ISpool(Interface):

@@ -9,6 +9,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from relaygw.relay.maildir import MaildirNextHop
+from relaygw.relay.nexthop import WITHDRAWN
 from relaygw.durable import Committer
 from relaygw.spool import Spool
 
@@ -61,3 +62,15 @@ class MaildirTests(unittest.TestCase):
         [results] = yield self.hop.deliver([self.spool.load(self.qid)])
         self.assertEqual({r.code for r in results.values()}, {250})
         self.assertEqual(list(self.stored()), [name])
+
+    @defer.inlineCallbacks
+    def test_heldMessageNotStored(self):
+        """A message held after its attempt began is withdrawn: nothing is stored, no batch fails."""
+        message = self.spool.load(self.qid)
+        self.spool.hold(self.qid)
+        [results] = yield self.hop.deliver([message])
+        self.assertEqual(set(results.values()), {WITHDRAWN})
+        self.assertEqual(self.stored(), {})
+        self.spool.release(self.qid)
+        [results] = yield self.hop.deliver([message])
+        self.assertEqual({r.code for r in results.values()}, {250})

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from relaygw.scripts import queue as tool
@@ -17,7 +18,8 @@ from relaygw.spool import Spool
 from relaygw.testing import configText, inThread
 from tests.messages import sendOne
 from tests.processes import sourceEnv
-from tests.relaysetup import RelayTestCase
+from tests.recorders import LogCapture
+from tests.relaysetup import RelayTestCase, TrackingHopFactory
 
 
 def block(out, qid):
@@ -398,3 +400,67 @@ class BackoffTests(unittest.TestCase):
         self.assertEqual(state["backoff"], 2)
         self.assertLess(abs(state["next_attempt"] - time.time() - 200), 2)
         yield q.stopService()
+
+
+class WithdrawnTests(RelayTestCase):
+    """
+    A message held or deleted while its attempt waits for a connection to
+    the next hop (behind a busy one) does not go out: the hold or delete is
+    checked again as its content is opened to be sent, as Postfix's
+    delivery agents find a message gone from the active queue.
+    """
+
+    @defer.inlineCallbacks
+    def waitingBehindSlowHop(self):
+        """m0 on the one connection, slow to greet; m1's attempt waits for it."""
+        self.logs = LogCapture(self)
+        self.hop_, port = self.hop(factory=TrackingHopFactory(greetDelay=1.5, extensions=["PIPELINING"]))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 300, "retry_max": 300})
+        self.gw.service.queue.pollInterval = 0.2
+        yield self.send(subject="m0", rcpts=("r0@example.net",))
+        qid = yield self.send(subject="m1", rcpts=("r1@example.net",))
+        self.assertIn(qid, self.gw.service.queue.active)  # its attempt is under way
+        self.assertEqual(self.hop_.transactions, [])
+        return qid
+
+    def runTool(self, *argv):
+        out = io.StringIO()
+        code = tool.main(["--config", self.gw.path] + list(argv), out=out)
+        return code, out.getvalue()
+
+    @defer.inlineCallbacks
+    def test_heldWhileWaiting(self):
+        qid = yield self.waitingBehindSlowHop()
+        self.assertEqual(self.runTool("hold", qid), (0, "held %s\n" % qid))
+        yield self.until(lambda: qid not in self.gw.service.queue.active)
+        self.assertEqual(self.hop_.recipients(), ["r0@example.net"])
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+        self.assertEqual(self.gw.service.spool.readState(qid), {})  # no attempt counted, nothing deferred
+        self.assertEqual(len(self.logs.find("not sent: {why}", qid=qid, why="held")), 1)
+        self.assertEqual(self.logs.find("status=", qid=qid), [])
+        self.assertEqual(self.runTool("release", qid), (0, "released %s\n" % qid))
+        yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 2)
+        self.assertEqual(self.hop_.recipients(), ["r0@example.net", "r1@example.net"])
+
+    @defer.inlineCallbacks
+    def test_deletedWhileWaiting(self):
+        qid = yield self.waitingBehindSlowHop()
+        self.assertEqual(self.runTool("delete", qid), (0, "deleted %s\n" % qid))
+        yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 1)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.hop_.recipients(), ["r0@example.net"])
+        self.assertEqual(len(self.logs.find("not sent: {why}", qid=qid, why="deleted")), 1)
+        self.assertEqual([e for e in self.logs.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
+        self.assertEqual(self.logs.find("status=", qid=qid), [])
+
+    @defer.inlineCallbacks
+    def test_heldAndReleasedWhileWaiting(self):
+        """Released again before its turn came: it goes out then, at once."""
+        qid = yield self.waitingBehindSlowHop()
+        spool = self.gw.service.spool
+        self.assertEqual(self.runTool("hold", qid)[0], 0)
+        self.assertEqual(self.runTool("release", qid)[0], 0)
+        yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 2)
+        self.assertEqual(self.hop_.recipients(), ["r0@example.net", "r1@example.net"])
+        self.assertEqual(os.listdir(spool.path("hold")), [])

@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from relaygw import durable
 from relaygw.durable import CommitJob, Committer
 from relaygw.spool import Spool
+from relaygw.spoolapi import Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
 
@@ -264,7 +265,17 @@ class RetainedContentTests(SpoolCase):
         qid = yield self.commitContent(b"gone\r\n")
         message = self.spool.load(qid)
         os.unlink(message.path)
-        self.assertRaises(FileNotFoundError, message.openBody)
+        self.assertEqual(str(self.assertRaises(Withdrawn, message.openBody)), "deleted")
+
+    @defer.inlineCallbacks
+    def test_heldMessageIsNotDelivered(self):
+        """relaygw-queue hold: nothing is served, from memory or from the file, until the release."""
+        qid = yield self.commitContent(b"held\r\n")
+        message = self.spool.load(qid)
+        self.spool.hold(qid)
+        self.assertEqual(str(self.assertRaises(Withdrawn, message.openBody)), "held")
+        self.spool.release(qid)
+        self.assertEqual(self.body(qid), b"held\r\n")
 
     @defer.inlineCallbacks
     def test_largeMessageReadFromItsFile(self):

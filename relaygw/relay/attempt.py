@@ -72,8 +72,8 @@ class Attempts:
             return None  # deleted meanwhile (relaygw-queue delete)
         except CorruptMessage as e:
             return self._quarantine(qid, e)
-        if self.spool.isHeld(qid):
-            return None
+        if not fresh and self.spool.isHeld(qid):
+            return None  # (a message held as it was accepted: its next hop finds it withdrawn)
         todo = outcome.pending(state, message.recipients)
         if not todo:
             return self._remove(qid, fresh)
@@ -138,7 +138,20 @@ class Attempts:
     def _record(self, attempt):
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
-        recorded = outcome.record(attempt.state, message.recipients, attempt.outcomes, time.time(),
+        # Recipients whose message was withdrawn (held or deleted before it
+        # went out) were not attempted: they stay as they were.
+        outcomes = [(hop, {r: result for r, result in results.items() if not result.withdrawn})
+                    for hop, results in attempt.outcomes]
+        if not any(results for _, results in outcomes):
+            if not self.spool.exists(qid):
+                log.info("{qid}: not sent: {why} before it went out", qid=qid, why="deleted")
+                self._forgetDeleted(qid)
+            elif self.spool.isHeld(qid):
+                log.info("{qid}: not sent: {why} before it went out", qid=qid, why="held")  # its release brings it back
+            else:  # held, and released while this attempt was under way (which kept the release waiting)
+                self.manager.retryLater(qid, time.time())
+            return None
+        recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
         self._logged(attempt, recorded.events)
@@ -161,13 +174,16 @@ class Attempts:
             if not recorded.pending:
                 return self._remove(qid, fresh)
             if not self.spool.exists(qid):
-                self.progress.drop(qid)
-                self.queuedAt.pop(qid, None)
-                return None  # deleted with relaygw-queue meanwhile
+                return self._forgetDeleted(qid)
             self.manager.retryLater(qid, recorded.nextAttempt)
             return self.progress.persist(qid, recorded.state)
 
         return d.addCallback(settle)
+
+    def _forgetDeleted(self, qid):
+        """C{qid} was deleted with relaygw-queue while its attempt went on."""
+        self.progress.drop(qid)
+        self.queuedAt.pop(qid, None)
 
     def _logged(self, attempt, events):
         """Each recipient's outcome to the mail log and the metrics."""

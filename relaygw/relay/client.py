@@ -34,7 +34,9 @@ from relaygw.relay.clientwire import RecipientResult  # noqa: F401 (the results 
 from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
 from relaygw.relay.settlement import Settlement
+from relaygw.relay.nexthop import WITHDRAWN
 from relaygw.relay.transaction import Transaction
+from relaygw.spoolapi import Withdrawn
 
 log = Logger(namespace="relaygw.relay.client")
 
@@ -208,6 +210,8 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             if size is None:
                 size = max(0, os.fstat(body.fileno()).st_size - message.bodyOffset)
             return body, size
+        except Withdrawn:
+            raise _MessageFailure(WITHDRAWN)
         except OSError as e:
             if report:
                 log.error("{where}: cannot read the message: {e}", where=self.where, e=e)

@@ -18,8 +18,9 @@ import socket
 from twisted.internet.defer import gatherResults, succeed
 from zope.interface import implementer
 
-from relaygw.relay.nexthop import INextHop, Result
 from relaygw.durable import CommitJob
+from relaygw.relay.nexthop import WITHDRAWN, INextHop, Result
+from relaygw.spoolapi import Withdrawn
 
 _attempts = 0
 
@@ -45,12 +46,12 @@ class MaildirNextHop:
     def _name(self, queueId):
         return "%s.%s" % (queueId, socket.gethostname().replace("/", "_").replace(":", "_"))
 
-    def _content(self, message):
-        """Runs in the disk thread: the envelope headers, then the message, streamed."""
+    def _content(self, message, src):
+        """Runs in the disk thread: the envelope headers, then the message's content from C{src}, streamed."""
         head = "Return-Path: <%s>\r\nX-Envelope-To: %s\r\n" % (
             message.mailfrom, ", ".join("<%s>" % r for r in message.recipients))
         yield head.encode("utf-8", "replace")
-        with message.openBody() as src:
+        with src:
             while True:
                 chunk = src.read(1 << 20)
                 if not chunk:
@@ -65,9 +66,14 @@ class MaildirNextHop:
             _attempts += 1
             name = self._name(message.queueId)
             tmp = "%s.%d_%d" % (name, os.getpid(), _attempts)
+            try:
+                src = message.openBody()  # (here, not in the disk thread: a withdrawn message fails no batch)
+            except Withdrawn:
+                return succeed({r: WITHDRAWN for r in message.recipients})
             job = CommitJob(os.path.join(self.directory, "tmp", tmp), os.path.join(self.directory, "new", name),
-                            data=lambda: self._content(message))
+                            data=lambda: self._content(message, src))
             d = self.committer.commit(job)
+            d.addBoth(lambda result: (src.close(), result)[1])
             d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name)
                                      for r in message.recipients})
             return d

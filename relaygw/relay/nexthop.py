@@ -35,6 +35,11 @@ class Result:
     def temporary(self):
         return 400 <= self.code < 500
 
+    @property
+    def withdrawn(self):
+        """Not sent: the operator held or deleted the message first (L{WITHDRAWN})."""
+        return self == WITHDRAWN
+
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
 
@@ -47,6 +52,12 @@ class Result:
 
 def temporary(text):
     return Result(451, "4.4.0", text)
+
+
+#: The result for each recipient of a message whose content a next hop
+#: found withdrawn (L{relaygw.spoolapi.Withdrawn}) as it was about to send
+#: it: no attempt was made, on this host or any other.
+WITHDRAWN = Result(451, "4.3.0", "held or deleted before it went out")
 
 
 class INextHop(Interface):

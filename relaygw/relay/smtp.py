@@ -231,7 +231,7 @@ class SMTPNextHop:
                     r = res.get(rcpt)
                     if r is None:
                         continue
-                    if r.ok or r.permanent:
+                    if r.ok or r.permanent or r.withdrawn:
                         final[index][rcpt] = now[rcpt] = r
                     else:
                         last[(index, rcpt)] = r
