@@ -1,11 +1,27 @@
 """
 The admin endpoint (twisted.web, loopback by default): C{/healthz} for load
 balancers and C{/metrics} for Prometheus.  Everything else is a 404.
+
+It shares a worker's reactor with SMTP sessions, so what one client can
+cost it is bounded: one request per connection (C{Connection: close}; a
+client that pipelines requests and never reads the responses cannot make
+it render and buffer them without end), a whole connection's life capped
+at L{LIFETIME} seconds (a client sending its request a byte at a time
+keeps twisted.web's idle timeout from ever striking), and at most
+L{MAX_CONNECTIONS} at once (each holds a file descriptor the SMTP
+listeners need).
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
+
+#: Seconds a connection may last, its request and the response included.
+LIFETIME = 30
+
+#: Connections served at once; more are closed as they come.
+MAX_CONNECTIONS = 64
 
 from relaygw.logs import Logger
 
@@ -59,10 +75,37 @@ class AdminResource(Resource):
         return NoResource().render(request)
 
 
-class _QuietSite(Site):
-    """A L{Site} without the per-request access log."""
+class _OneRequestChannel(HTTPChannel):
+    """An HTTP connection that serves one request, within L{LIFETIME} seconds."""
+
+    def connectionMade(self):
+        HTTPChannel.connectionMade(self)
+        self._expiry = self.callLater(LIFETIME, self.transport.abortConnection)
+
+    def connectionLost(self, reason):
+        if self._expiry.active():
+            self._expiry.cancel()
+        self.site.open -= 1
+        HTTPChannel.connectionLost(self, reason)
+
+    def checkPersistence(self, request, version):
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+
+class _AdminSite(Site):
+    """A L{Site} without the per-request access log, within the limits above."""
 
     noisy = False
+    protocol = _OneRequestChannel
+    #: Connections open now.
+    open = 0
+
+    def buildProtocol(self, addr):
+        if self.open >= MAX_CONNECTIONS:
+            return None  # (closed at once)
+        self.open += 1
+        return Site.buildProtocol(self, addr)
 
     def log(self, request):
         pass
@@ -70,4 +113,4 @@ class _QuietSite(Site):
 
 def makeAdminSite(metrics, health):
     """A L{Site} serving L{AdminResource}."""
-    return _QuietSite(AdminResource(metrics, health))
+    return _AdminSite(AdminResource(metrics, health))

@@ -1,13 +1,18 @@
 """Metrics and the admin endpoint: unit tests, then /healthz and /metrics over real loopback HTTP."""
 
+import socket
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
+from relaygw import admin
 from relaygw.admin import makeAdminSite
 from relaygw.metrics import Metrics
-from relaygw.testing import Gateway
+from relaygw.testing import Gateway, inThread
 from tests.sessions import GatewayTestCase
 
 
@@ -236,6 +241,76 @@ class AdminSiteTests(unittest.TestCase):
         for path in (b"/", b"/nothing", b"/metrics/x", b"/healthz/", b"/favicon.ico"):
             code, _, _ = yield self.fetcher.get(self.port, path)
             self.assertEqual(code, 404, path)
+
+
+def _readAll(port, request, timeout=10, pace=None):
+    """
+    Send C{request} to the admin port (a byte each C{pace} seconds if
+    given) and read until the server closes: (what it sent, seconds taken).
+    """
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            if pace is None:
+                s.sendall(request)
+            else:
+                for octet in request:
+                    s.sendall(bytes([octet]))
+                    time.sleep(pace)
+        except OSError:
+            pass  # closed while still sending
+        received = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return received, time.monotonic() - started
+
+
+class AdminLimitsTests(unittest.TestCase):
+    """What one admin client can cost the worker it shares with SMTP sessions is bounded."""
+
+    def setUp(self):
+        site = makeAdminSite(Metrics(), lambda: (True, "ok"))
+        listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    @defer.inlineCallbacks
+    def test_oneRequestPerConnection(self):
+        """Pipelined requests never read: one response is rendered, then the connection closes."""
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        received, _ = yield inThread(_readAll, self.port, request * 200)
+        self.assertEqual(received.count(b"HTTP/1.1 200 OK\r\n"), 1)
+        self.assertIn(b"\r\nConnection: close\r\n", received)
+        self.assertIn(b"relaygw_", received)
+
+    @defer.inlineCallbacks
+    def test_slowRequestCutAtTheLifetime(self):
+        """A request sent a byte at a time (each resetting the idle timeout) is cut at LIFETIME."""
+        self.patch(admin, "LIFETIME", 1.0)
+        received, took = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\n" + b"X: y\r\n" * 40,
+                                        pace=0.02)
+        self.assertEqual(received, b"")
+        self.assertTrue(0.9 <= took < 5, took)
+
+    @defer.inlineCallbacks
+    def test_connectionsCapped(self):
+        self.patch(admin, "MAX_CONNECTIONS", 3)
+        idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(3)]
+        try:
+            received, _ = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(received, b"")  # a fourth is closed at once
+        finally:
+            for s in idle:
+                s.close()
+        yield deferLater(reactor, 0.2, lambda: None)
+        received, _ = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
 
 
 class GatewayAdminTests(GatewayTestCase):
