@@ -531,14 +531,18 @@ def parse(text, path="<config>", base=None, environment=False):
 
 def load(path, environment=False):
     """Read and validate the config file at C{path} (with C{environment}: as start would)."""
+    return parse(read(path), path, environment=environment)
+
+
+def read(path):
+    """The text of the config file at C{path}; raises L{ConfigError} when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            return f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError("%s: cannot read: %s (expected a readable file)" % (os.path.basename(path), e.strerror))
     except UnicodeDecodeError:
         raise ConfigError("%s: not UTF-8 (expected a UTF-8 TOML file)" % (os.path.basename(path),))
-    return parse(text, path, environment=environment)
 
 
 def loadDefault(base=None, environment=False):

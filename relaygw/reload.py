@@ -15,7 +15,7 @@ a warning.
 import dataclasses
 
 from relaygw import logs
-from relaygw.config import ConfigError, load
+from relaygw.config import ConfigError, parse, read
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.reload")
@@ -26,19 +26,23 @@ LISTENER_RESTART_KEYS = ("endpoint", "implicit_tls", "proxy_protocol")
 SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("process", "workers"), ("admin", "endpoint"))
 
 
-def reloadConfig(service, path):
+def reloadConfig(service, path, text=None):
     """
-    Re-read C{path} and apply it to C{service} (a L{GatewayService}).
+    Re-read C{path} (or take C{text}, its content as another process read
+    it; relative paths still resolve against C{path}'s directory) and apply
+    it to C{service} (a L{GatewayService}).
 
-    @return: C{True} if the new config was applied.
+    @return: the text applied, or C{None} when it was refused.
     """
     try:
-        new = load(path, environment=True)
+        if text is None:
+            text = read(path)
+        new = parse(text, path, environment=True)
     except ConfigError as e:
         # The same lines --check-config prints; nothing of the new file applies.
         for error in e.errors:
             log.error("reload refused, keeping the running config: {error}", error=error)
-        return False
+        return None
     old = service.config
     restart = _restartKeys(old, new)
     for key in restart:
@@ -54,12 +58,12 @@ def reloadConfig(service, path):
         plan = _Plan(service, applied)
     except Exception as e:
         log.error("reload refused, keeping the running config: {error}", error=" ".join(str(e).split()))
-        return False
+        return None
     plan.commit()
     for where, keys in _changedKeys(old, applied):
         log.info("reload: {where}: changed {keys}", where=where, keys=", ".join(keys))
     log.info("reload: applied {path}", path=path)
-    return True
+    return text
 
 
 def _restartKeys(old, new):

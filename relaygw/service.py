@@ -138,8 +138,11 @@ class GatewayService(MultiService):
         """
         SIGHUP: open the log file again, reload certificates, then the
         config file (L{reloadConfig}: whole or not at all).  Worker 0 passes
-        the signal on to the other workers, also when it refused the config:
-        each opens its log file again and judges the file itself.
+        the signal on to the other workers, also when it refused the config
+        (each opens its log file again).  They apply the text worker 0 last
+        applied, not the file as they find it: a file replaced again in
+        between (by an invalid one, say) would leave the workers on
+        different configs.
         """
         from relaygw import logs
 
@@ -148,7 +151,14 @@ class GatewayService(MultiService):
         if self.configPath:
             from relaygw.reload import reloadConfig
 
-            reloadConfig(self, self.configPath)
+            if self.worker == 0:
+                applied = reloadConfig(self, self.configPath)
+                if applied is not None and self.supervisor is not None:
+                    self.role.shareConfig(applied)
+            else:
+                shared = self.role.sharedConfig()
+                if shared is not None:  # (else none was applied since the start: nothing changes)
+                    reloadConfig(self, self.configPath, shared)
         if self.supervisor is not None:
             self.supervisor.signalWorkers("HUP")
 

@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
+from relaygw.durable import removeFiles
 from relaygw.logs import Logger
 from relaygw.sharedports import ENV, SharedSockets, acceptExclusively
 from relaygw.spool import PartitionLock, PartitionLocked, partitionDirectory, partitions
@@ -331,6 +332,8 @@ class WorkerRole:
             return
         if self.workers > 1 and self.worker == 0:
             self._locks.append(PartitionLock(self.base))
+            # The last run's reloads are not this one's: its workers start from the file.
+            removeFiles([self._sharedConfigPath()])
         try:
             spool.acquire()
         except PartitionLocked:
@@ -377,6 +380,27 @@ class WorkerRole:
                     lock.release()
             if moved:
                 _roleLog.info("adopted {n} queued messages from {source}", n=moved, source=source)
+
+    def _sharedConfigPath(self):
+        return os.path.join(self.base, "reload.toml")
+
+    def shareConfig(self, text):
+        """Worker 0: the config text it has just applied on SIGHUP, for the other workers (never raises)."""
+        path = self._sharedConfigPath()
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(text)
+            os.rename(path + ".tmp", path)
+        except OSError as e:
+            _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+
+    def sharedConfig(self):
+        """The config text worker 0 last applied on SIGHUP since it started, or C{None}."""
+        try:
+            with open(self._sharedConfigPath(), encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def snapshotPath(self, worker):
         """Where worker C{worker} writes its metrics for worker 0."""

@@ -209,3 +209,60 @@ class WorkersReloadTests(unittest.TestCase):
             self.assertEqual(out.count("reload: listener l0: changed max_recipients"), 2, out)
 
         return inThread(run)
+
+    def test_workersApplyWhatTheMainProcessApplied(self):
+        """
+        The file replaced by an invalid one after the main process applied
+        it but before a worker read it (that worker held up here with
+        SIGSTOP; a busy one is slow to get to its SIGHUP): the worker
+        applies what the main process applied, rather than refusing the
+        file it finds and staying on the old config for good.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+
+        def replace(text):
+            with open(conf + ".new", "w") as f:
+                f.write(text)
+            os.replace(conf + ".new", conf)  # (as an editor or a deployment tool does)
+
+        def write(limit):
+            replace(configText(directory, process={"workers": 2}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "max_recipients": limit,
+                "relay_networks": ["127.0.0.0/8"]},)))
+
+        def secondRecipient():
+            c = Client(port)
+            try:
+                return c.transaction(["b@example.net", "c@example.net"])[-1][0]
+            finally:
+                c.close()
+
+        def run():
+            write(100)
+            with twistdRunning(conf, directory) as p:
+                waitForPort(port)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")):
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
+                    [worker] = [int(pid) for pid in f.read().split()]
+                os.kill(worker, signal.SIGSTOP)
+                try:
+                    write(1)
+                    p.send_signal(signal.SIGHUP)
+                    time.sleep(1.0)
+                    replace("[[listener]]\nname = 1\n")  # invalid
+                finally:
+                    os.kill(worker, signal.SIGCONT)
+                time.sleep(1.0)
+                codes = [secondRecipient() for _ in range(20)]
+            out = p.output
+            self.assertEqual(out.count("reload: applied"), 2, out)
+            self.assertNotIn("reload refused", out)
+            self.assertEqual(codes, [452] * 20)
+
+        return inThread(run)
