@@ -6,8 +6,10 @@ wrapper and endpoint service, and what a drain and a reload do to them.
 """
 
 import collections
+import ctypes
 import dataclasses
 import re
+import socket
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, error, tcp
@@ -456,17 +458,51 @@ class _RecordingEndpoint:
         return port
 
 
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+#: A classic BPF program of one instruction, C{ret #0}: drop every packet.
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET | BPF_K
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def refuseNewHandshakes(sock):
+    """
+    On Linux, drop every packet a listening socket is handed from now on:
+    no new handshake completes (a client's SYN goes unanswered and is sent
+    again a second later, when the closed port refuses it), while the
+    connections already in its accept queue stay there to be accepted.
+    The filter is the socket's, so it also holds for the other workers
+    sharing it.  Returns whether it was attached.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(_SockFprog(1, _DROP_ALL)))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def closeListeningPort(port):
     """
-    Stop listening without resetting anybody: accept every connection the
+    Stop listening without resetting anybody: first let no new handshake
+    complete (L{refuseNewHandshakes}), then accept every connection the
     kernel has already completed (the factory answers each with 421 4.3.2
     while draining), then close the socket in the same breath, so that
     later attempts are refused (a balancer retries another server) rather
-    than reset.  Ports that are not plain TCP are left to C{stopListening}.
+    than reset: without the first step, a connection completed between the
+    last accept and the close, here or in another worker sharing the
+    socket, was reset.  Ports that are not plain TCP are left to
+    C{stopListening}.
     """
     if not isinstance(port, tcp.Port) or not port.connected:
         return
     port.stopReading()
+    refuseNewHandshakes(port.socket)
     for _ in range(1000):  # (bounded: a flood cannot keep us here)
         before = port.sessionno
         port.numberAccepts = 1000

@@ -5,9 +5,11 @@ drain_delay, then no longer listening (what the kernel had queued gets
 gone within drain_delay + drain_timeout + 5 s, every worker in parallel.
 """
 
+import collections
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +18,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw import config
-from relaygw.listeners import closeListeningPort
+from relaygw.listeners import closeListeningPort, refuseNewHandshakes
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
 from tests.processes import portRefused, processAlive, runTwistd, spoolPids, waitUntil
 
@@ -108,6 +110,34 @@ class DrainOrderTests(unittest.TestCase):
         self.assertEqual((yield inThread(replies)), [b"421 4.3.2"] * 5)
         self.assertTrue((yield inThread(portRefused, gw.port)))
 
+    def test_noHandshakeCompletesOnceClosingStarts(self):
+        """
+        Once a listening socket starts closing, a new client's handshake is
+        left unanswered (it is refused when it tries again) while what was
+        queued before is still accepted: nothing can slip into the queue
+        between the last accept and the close, to be reset by it.
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        queued = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.addCleanup(queued.close)
+        self.assertTrue(refuseNewHandshakes(listening))
+        late = socket.socket()
+        self.addCleanup(late.close)
+        late.settimeout(0.5)
+        self.assertRaises(socket.timeout, late.connect, ("127.0.0.1", port))
+        accepted, _ = listening.accept()
+        accepted.sendall(b"421 4.3.2 closing\r\n")
+        self.assertEqual(queued.recv(100), b"421 4.3.2 closing\r\n")
+        accepted.close()
+        listening.setblocking(False)
+        self.assertRaises(BlockingIOError, listening.accept)  # the late one never got in
+        listening.close()
+        self.assertTrue(portRefused(port))
+
 
 class TwistdDrainTests(unittest.TestCase):
     timeout = 60
@@ -160,5 +190,72 @@ class TwistdDrainTests(unittest.TestCase):
                 out = f.read()
             self.assertEqual(out.count("still accepting for 2.0s (drain_delay)"), 2, out)  # both workers
             self.assertEqual(out.count("stopped; spool intact"), 2, out)
+
+        return inThread(run)
+
+    def test_connectionsDuringTheStopAreNeverReset(self):
+        """
+        Clients connecting in a tight loop while two workers stop
+        listening: each gets a greeting (220 or 421 4.3.2) or is refused,
+        and none is reset (a connection completed between a worker's last
+        accept and the last close of the shared socket was).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
+                "drain_timeout": 1},), relay={"defer_all": True}, process={"workers": 2}))
+
+        def client(stop, seen):
+            while not stop.is_set():
+                s = socket.socket()
+                s.settimeout(10)
+                try:
+                    s.connect(("127.0.0.1", port))
+                    greeting = s.recv(100)
+                    seen[greeting[:3].decode() or "closed"] += 1
+                    if greeting.startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(100)
+                except ConnectionRefusedError:
+                    seen["refused"] += 1
+                    time.sleep(0.01)
+                except ConnectionResetError:
+                    seen["reset"] += 1
+                except OSError as e:
+                    seen[type(e).__name__] += 1
+                finally:
+                    s.close()
+
+        def run():
+            seen = collections.Counter()
+            for _ in range(3):
+                p = runTwistd(conf, directory)
+                try:
+                    waitForPort(port)
+                    self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
+                    time.sleep(0.5)
+                    stop = threading.Event()
+                    threads = [threading.Thread(target=client, args=(stop, seen)) for _ in range(8)]
+                    for t in threads:
+                        t.start()
+                    time.sleep(0.5)
+                    p.send_signal(signal.SIGTERM)
+                    time.sleep(1.5)
+                    stop.set()
+                    for t in threads:
+                        t.join(20)
+                    p.wait(10)
+                finally:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            self.assertEqual(seen["reset"], 0, seen)
+            self.assertEqual(set(seen) - {"220", "421", "refused"}, set(), seen)
+            self.assertGreater(seen["220"], 0, seen)
+            self.assertGreater(seen["refused"], 0, seen)
 
         return inThread(run)
