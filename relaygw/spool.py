@@ -694,6 +694,10 @@ class ProgressRecords:
         waiters, writing.waiters = writing.waiters, []
 
         def written(result):
+            if not isinstance(result, failure.Failure) and not os.path.exists(self.spool.path("queue", queueId)):
+                # relaygw-queue deleted the message while this record was
+                # being written, which put the record back after the delete.
+                removeFiles([final])
             if writing.next is not None:  # (tried even when this one failed)
                 data, writing.next = writing.next, None
                 self._start(queueId, data, writing)

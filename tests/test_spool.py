@@ -113,6 +113,19 @@ class SpoolTests(SpoolCase):
         self.assertEqual(os.listdir(self.spool.path("state")), [])
 
     @defer.inlineCallbacks
+    def test_stateWrittenAfterADeleteDoesNotStay(self):
+        """
+        relaygw-queue deletes a message while its progress record is being
+        written: the write lands after the delete and would leave a record
+        of nothing behind until a restart; it is removed as it lands.
+        """
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        qid = yield w.commit()
+        os.unlink(self.spool.path("queue", qid))  # the tool's delete, before the record lands
+        yield self.spool.writeState(qid, {"rcpts": {"r@example.net": {"status": "deferred"}}})
+        self.assertEqual(os.listdir(self.spool.path("state")), [])
+
+    @defer.inlineCallbacks
     def test_stateRoundTrip(self):
         w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
         qid = yield w.commit()
