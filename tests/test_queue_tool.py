@@ -1,6 +1,7 @@
 """relaygw-queue against the spool of a running gateway."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -78,6 +79,28 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.run_("release", self.q1)[0], 0)
         yield self.until(lambda: self.q1 not in self.gw.service.spool.queueIds())
         self.assertEqual(sorted(self.hop_.recipients()), ["b@example.net", "c@example.net"])
+
+    @defer.inlineCallbacks
+    def test_pollFailingWithOSErrorLogsALine(self):
+        """Out of descriptors for a moment: the poll logs one line (no traceback) and the next one works."""
+        logs = LogCapture(self)
+        spool = self.gw.service.spool
+        take = spool.takeRequests
+        failures = []
+
+        def once():
+            if not failures:
+                failures.append(1)
+                raise OSError(errno.EMFILE, "Too many open files")
+            return take()
+
+        spool.takeRequests = once
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        self.assertEqual(self.run_("release", self.q1)[0], 0)
+        yield self.until(lambda: len(self.hop_.lines) and self.hop_.lines.count("RCPT TO:<b@example.net>") == 2)
+        [line] = logs.find("queue poll failed: {error}")
+        self.assertEqual(line["log_level"], LogLevel.error)
+        self.assertEqual([e for e in logs.events if e.get("log_failure") is not None], [])
 
     @defer.inlineCallbacks
     def test_releaseOnlyThatMessage(self):
@@ -262,6 +285,15 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(runTool("--spool", self.dir, "hold", self.ids[0])[:2], (0, "held %s\n" % self.ids[0]))
         self.assertEqual(runTool("--spool", self.dir, "release", self.ids[0])[:2], (0, "released %s\n" % self.ids[0]))
         self.assertFalse(self.spool.isHeld(self.ids[0]))
+
+    def test_noSpoolThere(self):
+        """A spool directory that does not exist is an error for every command alike, and nothing is created."""
+        missing = os.path.join(self.dir, "nonexistent")
+        for argv in (["list"], ["show", self.ids[0]], ["hold", "ALL"], ["release", "ALL"], ["flush"],
+                     ["delete", "--domain", "example.net"]):
+            self.assertEqual(runTool("--spool", missing, *argv),
+                             (1, "", "relaygw-queue: error: no spool at %s\n" % (missing,)), argv)
+        self.assertFalse(os.path.exists(missing))
 
     def test_holdAll(self):
         code, out, _ = runTool("--spool", self.dir, "hold", "ALL")

@@ -28,6 +28,10 @@ given); or --domain example.net for every message with a recipient there.
 """
 
 
+class _NoSpool(Exception):
+    """The spool directory named does not exist."""
+
+
 def _spools(args):
     """
     The spool partitions: the spool directory itself, or with
@@ -38,6 +42,9 @@ def _spools(args):
     else:
         cfg = _config.load(args.config) if args.config else _config.loadDefault()
         directory, workers = cfg.spool.directory, cfg.process.workers
+    if not os.path.isdir(directory):
+        # (every command alike: list would say "0 messages", flush fail on its marker)
+        raise _NoSpool("no spool at %s" % (directory,))
     return spoolsAt(directory, workers)
 
 
