@@ -114,6 +114,8 @@ class QueueManager(Service):
                 if self.spool.exists(qid):
                     self.enqueue(qid, forced=True)
             self.spool.clearStrayHolds()
+        except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
+            log.error("queue poll failed: {error}", error=e)
         except Exception:
             log.failure("queue poll failed")
         if self.running:
