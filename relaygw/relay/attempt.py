@@ -193,9 +193,10 @@ class Attempts:
         queuedAt = self.queuedAt.get(qid)
         if queuedAt is None:  # queued before a restart: the queue file says when
             queuedAt = self.queuedAt[qid] = self.spool.committedAt(qid)
-        # Postfix's delays=a/b/c/d: before the queue, in the queue, connection set-up, transmission.
+        # Postfix's delays=a/b/c/d: before the queue, in the queue manager
+        # (waiting for the next attempt, and for a connection to the next
+        # hop: the rest of the delay), connection set-up, transmission.
         beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
-        inQueue = max(0.0, attempt.started - (queuedAt or arrival))
         for event in events:
             result = event.result
             if metrics:
@@ -203,6 +204,7 @@ class Attempts:
                     event.status, "defer"))
             relay = result.relay or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
             setup, transmit = result.setup, result.transmit
+            inQueue = max(0.0, now - arrival - beforeQueue - setup - transmit)
             maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
                              (beforeQueue, inQueue, setup, transmit), event.status, result)
             if metrics:
