@@ -165,42 +165,51 @@ class ReloadTests(unittest.TestCase):
 class WorkersReloadTests(unittest.TestCase):
     """SIGHUP to the main process of two workers reaches both."""
 
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.port = freePort()
+        self.conf = os.path.join(self.directory, "relaygw.toml")
+
+    def replace(self, text):
+        with open(self.conf + ".new", "w") as f:
+            f.write(text)
+        os.replace(self.conf + ".new", self.conf)  # (as an editor or a deployment tool does)
+
+    def write(self, limit):
+        """The config of two workers, with C{max_recipients = limit}."""
+        self.replace(configText(self.directory, process={"workers": 2}, listeners=({
+            "endpoint": "tcp:%d:interface=127.0.0.1" % self.port, "max_recipients": limit,
+            "relay_networks": ["127.0.0.0/8"]},)))
+
+    def secondRecipient(self):
+        """The reply to a second RCPT: 452 with C{max_recipients = 1}."""
+        c = Client(self.port)
+        try:
+            return c.transaction(["b@example.net", "c@example.net"])[-1][0]
+        finally:
+            c.close()
+
+    def bothWorkersUp(self):
+        waitForPort(self.port)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not os.path.isdir(os.path.join(self.directory, "spool", "w1", "queue")):
+            time.sleep(0.1)
+        time.sleep(0.5)
+
     def test_everyWorkerReloads(self):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-
-        def write(limit):
-            with open(conf, "w") as f:
-                f.write(configText(directory, process={"workers": 2}, listeners=({
-                    "endpoint": "tcp:%d:interface=127.0.0.1" % port, "max_recipients": limit,
-                    "relay_networks": ["127.0.0.0/8"]},)))
-
-        def secondRecipient():
-            c = Client(port)
-            try:
-                return c.transaction(["b@example.net", "c@example.net"])[-1][0]
-            finally:
-                c.close()
-
         def run():
-            write(100)
-            with twistdRunning(conf, directory) as p:
-                waitForPort(port)
-                deadline = time.monotonic() + 15
-                spool = os.path.join(directory, "spool")
-                while time.monotonic() < deadline and not (os.path.isdir(os.path.join(spool, "w1", "queue"))):
-                    time.sleep(0.1)
-                time.sleep(0.5)
-                before = [secondRecipient() for _ in range(10)]
-                write(1)
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                before = [self.secondRecipient() for _ in range(10)]
+                self.write(1)
                 p.send_signal(signal.SIGHUP)
                 # Both workers reload within moments; sessions then spread over both.
                 deadline = time.monotonic() + 15
                 while True:
                     time.sleep(0.3)
-                    after = [secondRecipient() for _ in range(10)]
+                    after = [self.secondRecipient() for _ in range(10)]
                     if after == [452] * 10 or time.monotonic() > deadline:
                         break
             out = p.output
@@ -218,48 +227,22 @@ class WorkersReloadTests(unittest.TestCase):
         applies what the main process applied, rather than refusing the
         file it finds and staying on the old config for good.
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-
-        def replace(text):
-            with open(conf + ".new", "w") as f:
-                f.write(text)
-            os.replace(conf + ".new", conf)  # (as an editor or a deployment tool does)
-
-        def write(limit):
-            replace(configText(directory, process={"workers": 2}, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "max_recipients": limit,
-                "relay_networks": ["127.0.0.0/8"]},)))
-
-        def secondRecipient():
-            c = Client(port)
-            try:
-                return c.transaction(["b@example.net", "c@example.net"])[-1][0]
-            finally:
-                c.close()
-
         def run():
-            write(100)
-            with twistdRunning(conf, directory) as p:
-                waitForPort(port)
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline and not os.path.isdir(os.path.join(directory, "spool", "w1", "queue")):
-                    time.sleep(0.1)
-                time.sleep(0.5)
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
                 with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
                     [worker] = [int(pid) for pid in f.read().split()]
                 os.kill(worker, signal.SIGSTOP)
                 try:
-                    write(1)
+                    self.write(1)
                     p.send_signal(signal.SIGHUP)
                     time.sleep(1.0)
-                    replace("[[listener]]\nname = 1\n")  # invalid
+                    self.replace("[[listener]]\nname = 1\n")  # invalid
                 finally:
                     os.kill(worker, signal.SIGCONT)
                 time.sleep(1.0)
-                codes = [secondRecipient() for _ in range(20)]
+                codes = [self.secondRecipient() for _ in range(20)]
             out = p.output
             self.assertEqual(out.count("reload: applied"), 2, out)
             self.assertNotIn("reload refused", out)
