@@ -408,16 +408,17 @@ class Listeners:
     def draining(self):
         return any(f.draining for f in self.factories)
 
-    def stopAccepting(self):
+    def stopAccepting(self, refuseNew=True):
         """
         Stop listening without resetting anybody (L{closeListeningPort}):
         what the kernel has already queued is accepted and told 421 4.3.2.
-        Fires once every endpoint service has stopped.
+        Fires once every endpoint service has stopped.  C{refuseNew}: see
+        L{closeListeningPort}.
         """
         for f in self.factories:
             f.draining = True
         for port in self.listeningPorts:
-            closeListeningPort(port)
+            closeListeningPort(port, refuseNew)
         return defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in self.services])
 
     def drainSessions(self):
@@ -487,7 +488,7 @@ def refuseNewHandshakes(sock):
     return True
 
 
-def closeListeningPort(port):
+def closeListeningPort(port, refuseNew=True):
     """
     Stop listening without resetting anybody: first let no new handshake
     complete (L{refuseNewHandshakes}), then accept every connection the
@@ -496,13 +497,16 @@ def closeListeningPort(port):
     later attempts are refused (a balancer retries another server) rather
     than reset: without the first step, a connection completed between the
     last accept and the close, here or in another worker sharing the
-    socket, was reset.  Ports that are not plain TCP are left to
-    C{stopListening}.
+    socket, was reset.  Not with C{refuseNew} false: a worker stopping
+    while the main process that owns the shared socket goes on (and
+    restarts the worker) leaves it open to new clients.  Ports that are
+    not plain TCP are left to C{stopListening}.
     """
     if not isinstance(port, tcp.Port) or not port.connected:
         return
     port.stopReading()
-    refuseNewHandshakes(port.socket)
+    if refuseNew:
+        refuseNewHandshakes(port.socket)
     for _ in range(1000):  # (bounded: a flood cannot keep us here)
         before = port.sessionno
         port.numberAccepts = 1000

@@ -206,7 +206,9 @@ class GatewayService(MultiService):
         if delay:
             log.info("still accepting for {delay}s (drain_delay)", delay=delay)
             yield task.deferLater(self.reactor, delay, lambda: None)
-        yield self.listeners.stopAccepting()
+        # A worker whose main process lives leaves the shared sockets to it:
+        # the main process drains too (or restarts the worker).
+        yield self.listeners.stopAccepting(refuseNew=self.worker == 0 or parentGone())
         self.listeners.drainSessions()
         deadline = self.reactor.seconds() + timeout
         while self.listeners.sessionsOpen and self.reactor.seconds() < deadline:

@@ -259,3 +259,48 @@ class TwistdDrainTests(unittest.TestCase):
             self.assertGreater(seen["refused"], 0, seen)
 
         return inThread(run)
+
+    def test_aWorkerStoppedAloneLeavesTheSocketOpen(self):
+        """
+        One worker told to stop (SIGTERM to it alone) while the main process
+        goes on: the shared listening socket stays open to new clients, for
+        the main process and for the worker it starts again.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
+                "drain_timeout": 1},), relay={"defer_all": True}, process={"workers": 2}))
+
+        def children(pid):
+            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                return [int(child) for child in f.read().split()]
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
+                time.sleep(1.0)  # (listening by now)
+                [worker] = children(p.pid)
+                os.kill(worker, signal.SIGTERM)
+                self.assertTrue(waitUntil(lambda: not processAlive(worker), 15))
+                self.assertTrue(waitUntil(lambda: len(children(p.pid)) == 1, 15))  # started again
+                time.sleep(1.0)
+                greetings = []
+                for _ in range(20):
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                        greetings.append(s.recv(100)[:3])
+                self.assertEqual(greetings, [b"220"] * 20)
+            finally:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except Exception:
+                    p.kill()
+                    p.wait()
+
+        return inThread(run)
