@@ -17,15 +17,15 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+from relaygw.logs import Logger
+
+log = Logger(namespace="relaygw.admin")
+
 #: Seconds a connection may last, its request and the response included.
 LIFETIME = 30
 
 #: Connections served at once; more are closed as they come.
 MAX_CONNECTIONS = 64
-
-from relaygw.logs import Logger
-
-log = Logger(namespace="relaygw.admin")
 
 
 class _Health(Resource):

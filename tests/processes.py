@@ -40,6 +40,12 @@ def twistdCommand(*args, cwd=None):
     return p.returncode, p.stdout, p.stderr
 
 
+def childPids(pid):
+    """The pids of the child processes of C{pid} (Linux's /proc)."""
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return [int(child) for child in f.read().split()]
+
+
 def spoolPids(directory):
     """The pids named by the spool's lock files: {partition: pid}."""
     out = {}

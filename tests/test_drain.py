@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from relaygw import config
 from relaygw.listeners import closeListeningPort, refuseNewHandshakes
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
-from tests.processes import portRefused, processAlive, runTwistd, spoolPids, waitUntil
+from tests.processes import childPids, portRefused, processAlive, runTwistd, spoolPids, waitUntil
 
 
 def health(port):
@@ -193,13 +193,8 @@ class TwistdDrainTests(unittest.TestCase):
 
         return inThread(run)
 
-    def test_connectionsDuringTheStopAreNeverReset(self):
-        """
-        Clients connecting in a tight loop while two workers stop
-        listening: each gets a greeting (220 or 421 4.3.2) or is refused,
-        and none is reset (a connection completed between a worker's last
-        accept and the last close of the shared socket was).
-        """
+    def twoWorkers(self):
+        """A config of two workers, deferring all mail, with a 1 s drain: (directory, port, config path)."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         port = freePort()
@@ -208,6 +203,16 @@ class TwistdDrainTests(unittest.TestCase):
             f.write(configText(directory, listeners=({
                 "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
                 "drain_timeout": 1},), relay={"defer_all": True}, process={"workers": 2}))
+        return directory, port, conf
+
+    def test_connectionsDuringTheStopAreNeverReset(self):
+        """
+        Clients connecting in a tight loop while two workers stop
+        listening: each gets a greeting (220 or 421 4.3.2) or is refused,
+        and none is reset (a connection completed between a worker's last
+        accept and the last close of the shared socket was).
+        """
+        directory, port, conf = self.twoWorkers()
 
         def client(stop, seen):
             while not stop.is_set():
@@ -266,18 +271,7 @@ class TwistdDrainTests(unittest.TestCase):
         goes on: the shared listening socket stays open to new clients, for
         the main process and for the worker it starts again.
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
-                "drain_timeout": 1},), relay={"defer_all": True}, process={"workers": 2}))
-
-        def children(pid):
-            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-                return [int(child) for child in f.read().split()]
+        directory, port, conf = self.twoWorkers()
 
         def run():
             p = runTwistd(conf, directory)
@@ -285,10 +279,10 @@ class TwistdDrainTests(unittest.TestCase):
                 waitForPort(port)
                 self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
                 time.sleep(1.0)  # (listening by now)
-                [worker] = children(p.pid)
+                [worker] = childPids(p.pid)
                 os.kill(worker, signal.SIGTERM)
                 self.assertTrue(waitUntil(lambda: not processAlive(worker), 15))
-                self.assertTrue(waitUntil(lambda: len(children(p.pid)) == 1, 15))  # started again
+                self.assertTrue(waitUntil(lambda: len(childPids(p.pid)) == 1, 15))  # started again
                 time.sleep(1.0)
                 greetings = []
                 for _ in range(20):

@@ -20,6 +20,7 @@ from relaygw import config, logs
 from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning,
                              waitForPort)
 from relaygw.tls import generateSelfSigned
+from tests.processes import childPids
 
 
 class ReloadTests(unittest.TestCase):
@@ -231,8 +232,7 @@ class WorkersReloadTests(unittest.TestCase):
             self.write(100)
             with twistdRunning(self.conf, self.directory) as p:
                 self.bothWorkersUp()
-                with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
-                    [worker] = [int(pid) for pid in f.read().split()]
+                [worker] = childPids(p.pid)
                 os.kill(worker, signal.SIGSTOP)
                 try:
                     self.write(1)

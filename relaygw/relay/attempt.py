@@ -144,12 +144,14 @@ class Attempts:
                     for hop, results in attempt.outcomes]
         if not any(results for _, results in outcomes):
             if not self.spool.exists(qid):
-                log.info("{qid}: not sent: {why} before it went out", qid=qid, why="deleted")
+                why = "deleted"
                 self._forgetDeleted(qid)
             elif self.spool.isHeld(qid):
-                log.info("{qid}: not sent: {why} before it went out", qid=qid, why="held")  # its release brings it back
+                why = "held"  # (its release brings it back)
             else:  # held, and released while this attempt was under way (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())
+                return None
+            log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)
             return None
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,

@@ -33,8 +33,8 @@ from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporar
 from relaygw.relay.clientwire import RecipientResult  # noqa: F401 (the results of deliver, named here for its callers)
 from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
-from relaygw.relay.settlement import Settlement
 from relaygw.relay.nexthop import WITHDRAWN
+from relaygw.relay.settlement import Settlement
 from relaygw.relay.transaction import Transaction
 from relaygw.spoolapi import Withdrawn
 
