@@ -177,22 +177,25 @@ class SpooledMessage:
     def context(self):
         return self.envelope.context.get("connection", {})
 
-    def openBody(self):
+    def openForDelivery(self):
         """
-        The content: a binary file positioned at its start (unbuffered; read
-        big chunks).  Raises L{Withdrawn} when the operator has held or
-        deleted the message since its attempt began: the last moment it
-        can be kept from going out.
+        L{openBody}, for a next hop about to send the message.  Raises
+        L{Withdrawn} when the operator has held or deleted it since its
+        attempt began: the last moment it can be kept from going out.
         """
         if self.spool.isHeld(self.queueId):
             raise Withdrawn("held")
+        try:
+            return self.openBody()
+        except FileNotFoundError:
+            raise Withdrawn("deleted")
+
+    def openBody(self):
+        """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
         content = self.spool.retained(self.queueId)
         if content is not None:
             return io.BytesIO(content)
-        try:
-            f = open(self.path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise Withdrawn("deleted")
+        f = open(self.path, "rb", buffering=0)
         try:
             f.seek(self.bodyOffset)
         except BaseException:

@@ -122,9 +122,12 @@ class ISpooledMessage(Interface):
         """A view of the same message for only C{recipients}."""
 
     def openBody():
+        """A binary file positioned at the start of the content; the caller closes it."""
+
+    def openForDelivery():
         """
-        A binary file positioned at the start of the content; the caller
-        closes it.  Raises L{Withdrawn} when the message is held or deleted.
+        L{openBody} for a next hop about to send the message; raises
+        L{Withdrawn} when it is held or deleted.
         """
 
 

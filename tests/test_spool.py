@@ -16,6 +16,8 @@ from twisted.trial import unittest
 
 from relaygw import durable
 from relaygw.durable import CommitJob, Committer
+from relaygw.relay.dsn import buildBounce
+from relaygw.relay.nexthop import Result
 from relaygw.spool import Spool
 from relaygw.spoolapi import Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
@@ -278,17 +280,25 @@ class RetainedContentTests(SpoolCase):
         qid = yield self.commitContent(b"gone\r\n")
         message = self.spool.load(qid)
         os.unlink(message.path)
-        self.assertEqual(str(self.assertRaises(Withdrawn, message.openBody)), "deleted")
+        self.assertRaises(FileNotFoundError, message.openBody)
+        self.assertEqual(str(self.assertRaises(Withdrawn, message.openForDelivery)), "deleted")
 
     @defer.inlineCallbacks
     def test_heldMessageIsNotDelivered(self):
-        """relaygw-queue hold: nothing is served, from memory or from the file, until the release."""
-        qid = yield self.commitContent(b"held\r\n")
+        """
+        relaygw-queue hold: nothing is served for delivery until the release;
+        the content is still there for a bounce (of the recipients already
+        refused) meanwhile.
+        """
+        qid = yield self.commitContent(b"Subject: held\r\n\r\nbody\r\n")
         message = self.spool.load(qid)
         self.spool.hold(qid)
-        self.assertEqual(str(self.assertRaises(Withdrawn, message.openBody)), "held")
+        self.assertEqual(str(self.assertRaises(Withdrawn, message.openForDelivery)), "held")
+        self.assertIn(b"Subject: held\r\n", buildBounce(message, {"r@example.net": Result(550, "5.1.1", "no")},
+                                                          "relay.test"))
         self.spool.release(qid)
-        self.assertEqual(self.body(qid), b"held\r\n")
+        with message.openForDelivery() as f:
+            self.assertEqual(f.read(), b"Subject: held\r\n\r\nbody\r\n")
 
     @defer.inlineCallbacks
     def test_largeMessageReadFromItsFile(self):

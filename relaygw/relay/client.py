@@ -52,7 +52,8 @@ class OutboundMessage:
         line ends, not dot-stuffed, unless C{openBody} is given.
     @ivar bodyOffset: the content starts at this byte offset of the file.
     @ivar openBody: returns the content as a binary file positioned at its
-        start (a spooled message's C{openBody}); used instead of C{bodyPath}.
+        start (a spooled message's C{openForDelivery}, which may raise
+        L{relaygw.spoolapi.Withdrawn}); used instead of C{bodyPath}.
     @ivar context: the original client's connection-level validation context
         (C{remote_ip}, C{remote_port}, C{remote_name}, C{ehlo_domain},
         C{protocol}, C{auth_user} are forwarded with XCLIENT/XFORWARD).

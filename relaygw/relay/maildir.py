@@ -67,7 +67,7 @@ class MaildirNextHop:
             name = self._name(message.queueId)
             tmp = "%s.%d_%d" % (name, os.getpid(), _attempts)
             try:
-                src = message.openBody()  # (here, not in the disk thread: a withdrawn message fails no batch)
+                src = message.openForDelivery()  # (here, not in the disk thread: a withdrawn message fails no batch)
             except Withdrawn:
                 return succeed({r: WITHDRAWN for r in message.recipients})
             job = CommitJob(os.path.join(self.directory, "tmp", tmp), os.path.join(self.directory, "new", name),

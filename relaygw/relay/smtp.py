@@ -31,7 +31,7 @@ def outbound(message):
     return smtpclient.OutboundMessage(
         mailfrom=message.mailfrom,
         recipients=list(message.recipients),
-        openBody=message.openBody,
+        openBody=message.openForDelivery,
         context=message.context,
         size=message.size,
     )
