@@ -386,13 +386,7 @@ class WorkerRole:
 
     def shareConfig(self, text):
         """Worker 0: the config text it has just applied on SIGHUP, for the other workers (never raises)."""
-        path = self._sharedConfigPath()
-        try:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(text)
-            os.rename(path + ".tmp", path)
-        except OSError as e:
-            _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+        _replaceWhole(self._sharedConfigPath(), text.encode("utf-8"))
 
     def sharedConfig(self):
         """The config text worker 0 last applied on SIGHUP since it started, or C{None}."""
@@ -412,10 +406,14 @@ class WorkerRole:
 
     def writeSnapshot(self, metrics):
         """This worker's metrics, for worker 0's /metrics (replaced whole; never raises)."""
-        path = self.snapshotPath(self.worker)
-        try:
-            with open(path + ".tmp", "wb") as f:
-                f.write(metrics.render())
-            os.rename(path + ".tmp", path)
-        except OSError as e:
-            _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+        _replaceWhole(self.snapshotPath(self.worker), metrics.render())
+
+
+def _replaceWhole(path, data):
+    """Write C{data} to C{path} whole (a new file renamed over it) for another process to read; never raises."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.rename(path + ".tmp", path)
+    except OSError as e:
+        _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
