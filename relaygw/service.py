@@ -185,8 +185,9 @@ class GatewayService(MultiService):
           4. sessions in a transaction may finish until C{drain_timeout};
              the rest get 421 4.3.2;
           5. the queue manager stops (deliveries in flight get a few more
-             seconds, while closed sessions finish their lingering close),
-             then everything else.
+             seconds, while closed sessions finish their lingering close,
+             then are cut short, their messages staying queued as they
+             were), then everything else.
 
         The spool stays intact and its lock is released last.  The whole
         drain takes at most C{drain_delay} + C{drain_timeout} + 5 seconds.

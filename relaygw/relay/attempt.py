@@ -18,7 +18,7 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import queueBounce
-from relaygw.relay.nexthop import temporary
+from relaygw.relay.nexthop import STOPPED, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
 
@@ -139,10 +139,14 @@ class Attempts:
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
         # Recipients whose message was withdrawn (held or deleted before it
-        # went out) were not attempted: they stay as they were.
-        outcomes = [(hop, {r: result for r, result in results.items() if not result.withdrawn})
+        # went out), or whose delivery the gateway's stop cut short, were
+        # not attempted: they stay as they were.
+        outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
         if not any(results for _, results in outcomes):
+            if any(result == STOPPED for _, results in attempt.outcomes for result in results.values()):
+                log.info("{qid}: delivery cut short by the stop; stays queued", qid=qid)
+                return None
             if not self.spool.exists(qid):
                 why = "deleted"
                 self._forgetDeleted(qid)

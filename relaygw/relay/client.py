@@ -134,6 +134,24 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
 
     settled = None
 
+    #: What every recipient not yet settled gets once L{cut} has ended the connection.
+    cutResult = None
+
+    #: The connection attempt under way (L{Negotiation._open}), for L{cut}.
+    connecting = None
+
+    def cut(self, result):
+        """
+        End the connection at once (the gateway is stopping): the batch it
+        carries ends, and each recipient not yet settled gets C{result}.
+        """
+        self.cutResult = result
+        self.broken = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.proto is not None:
+            self.proto.abort()
+
     async def carry(self, messages, keepOpen=False, settled=None):
         """
         Deliver C{messages}; returns one dict per message mapping each
@@ -179,11 +197,11 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         if self.ahead is not None:
             self.ahead[0].close()
             self.ahead = None
-        self._settleAll(_temporary("no reply from %s" % (self.where,), "4.4.2"))
+        self._settleAll(self.cutResult or _temporary("no reply from %s" % (self.where,), "4.4.2"))
         # A kept-open connection the next hop closed (its idle timeout)
         # before answering anything: no message got as far as its body.
         self.stale = kept is not None and kept.replyCount == replies and kept.lostReason is not None \
-            and not kept.timedOut and kept.violation is None
+            and not kept.timedOut and kept.violation is None and self.cutResult is None
         if self.proto is not None and not (keepOpen and self.usable):
             self.broken = True
             self.proto.abort()

@@ -34,7 +34,11 @@ class Negotiation:
         self.stage = "connect"
         self.setupStarted, self.setupTime = self.reactor.seconds(), None
         proto = _SMTPClientProtocol(self.options.timeout, self.reactor, self.where)
-        await connectProtocol(self._endpoint(), proto)
+        self.connecting = connectProtocol(self._endpoint(), proto)
+        try:
+            await self.connecting
+        finally:
+            self.connecting = None
         wire.noDelay(proto.transport)
         self.proto = proto
         self.peerIP = getattr(proto.transport.getPeer(), "host", None)

@@ -36,9 +36,9 @@ class Result:
         return 400 <= self.code < 500
 
     @property
-    def withdrawn(self):
-        """Not sent: the operator held or deleted the message first (L{WITHDRAWN})."""
-        return self == WITHDRAWN
+    def untried(self):
+        """No attempt to count: L{WITHDRAWN}, or cut short by the gateway's stop (L{STOPPED})."""
+        return self == WITHDRAWN or self == STOPPED
 
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
@@ -58,6 +58,11 @@ def temporary(text):
 #: found withdrawn (L{relaygw.spoolapi.Withdrawn}) as it was about to send
 #: it: no attempt was made, on this host or any other.
 WITHDRAWN = Result(451, "4.3.0", "held or deleted before it went out")
+
+#: The result for each recipient whose delivery was still waiting or under
+#: way when the gateway stopped (L{relaygw.relay.smtp.SMTPNextHop.cutShort}):
+#: not an attempt; the message stays queued as it was, for the next start.
+STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop")
 
 
 class INextHop(Interface):
@@ -102,6 +107,12 @@ class IRouter(Interface):
     def closeIdle():
         """Close what every next hop keeps open for reuse; fires when done."""
 
+    def cutShort():
+        """
+        The gateway is stopping: end the deliveries still in flight at once;
+        their recipients get L{STOPPED}.
+        """
+
 
 @implementer(IRouter)
 class FunctionRouter:
@@ -115,3 +126,6 @@ class FunctionRouter:
 
     def closeIdle(self):
         return defer.succeed(None)
+
+    def cutShort(self):
+        pass

@@ -126,8 +126,9 @@ class QueueManager(Service):
     def stopService(self):
         """
         Stop scheduling; wait for deliveries in flight, but not for ever:
-        after C{stopTimeout} the spool still holds whatever was not
-        acknowledged, and it is retried after the restart.
+        after C{stopTimeout} they are cut short (their messages stay queued
+        as they were, and are tried again after the restart), so that
+        nothing they do is logged or written after the stop.
         """
         Service.stopService(self)
         if self._poller is not None and self._poller.active():
@@ -141,16 +142,27 @@ class QueueManager(Service):
         idle.addCallback(lambda _: self.router.closeIdle())
         if idle.called:
             return idle
-        timer = self.reactor.callLater(self.stopTimeout, idle.callback, None)
+        timers = []
+        timers.append(self.reactor.callLater(self.stopTimeout, self._cutShort, idle, timers))
 
         def done(result):
-            if timer.active():
-                timer.cancel()
-            elif self.active:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            if self.active:
                 log.warn("stopped with {n} deliveries in flight; they stay queued", n=len(self.active))
             return result
 
         return idle.addBoth(done)
+
+    #: Seconds deliveries cut short at a stop get to settle.
+    cutGrace = 1.0
+
+    def _cutShort(self, idle, timers):
+        log.warn("stopping: {n} deliveries in flight cut short; their messages stay queued", n=len(self.active))
+        self.router.cutShort()
+        if not idle.called:  # (one still waiting for a name lookup, say)
+            timers.append(self.reactor.callLater(self.cutGrace, idle.callback, None))
 
     def whenIdle(self):
         """Fires when no delivery is in progress."""

@@ -114,6 +114,12 @@ class Router:
             hops.append(self.default.fallback)
         return defer.gatherResults([hop.closeIdle() for hop in hops])
 
+    def cutShort(self):
+        """The gateway is stopping: every SMTP next hop cuts its deliveries short (L{SMTPNextHop.cutShort})."""
+        for spec in [self.default] + [spec for _, spec in self.routes]:
+            for hop in spec.smtpHops():
+                hop.cutShort()
+
     def __call__(self, message, recipient):
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         context = message.context

@@ -69,6 +69,10 @@ class Settlement:
 
     async def _describe(self, failure):
         """A temporary result describing why the session broke down."""
+        if self.cutResult is not None:  # (the connection was cut on purpose: the failure says nothing)
+            if self.proto is not None:
+                await self.proto.closed
+            return self.cutResult
         if self.proto is None:
             return _temporary(
                 "connection to %s failed: %s" % (self.where, failure.getErrorMessage()),

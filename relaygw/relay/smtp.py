@@ -21,7 +21,7 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import INextHop, Result, temporary
+from relaygw.relay.nexthop import STOPPED, INextHop, Result, temporary
 
 log = Logger(namespace="relaygw.relay")
 
@@ -62,6 +62,8 @@ class SMTPNextHop:
         self.waiting = []
         self.active = 0
         self.idle = []  # [(connection, key, timer)], most recently used last
+        self.carrying = set()  # connections carrying a batch now
+        self.stopping = False
 
     def describe(self):
         return self.name
@@ -124,6 +126,19 @@ class SMTPNextHop:
             timer.cancel()
         return defer.gatherResults([defer.ensureDeferred(conn.close()) for conn, _, _ in idle])
 
+    def cutShort(self):
+        """
+        The gateway is stopping: messages waiting for a connection are not
+        sent, and the connections carrying messages are cut; every
+        recipient not yet settled gets L{STOPPED}.
+        """
+        self.stopping = True
+        waiting, self.waiting = self.waiting, []
+        for m, d, _ in waiting:
+            d.callback({r: STOPPED for r in m.recipients})
+        for conn in list(self.carrying):
+            conn.cut(STOPPED)
+
     def _take(self):
         """
         The next batch of waiting messages for one connection: when the
@@ -151,7 +166,7 @@ class SMTPNextHop:
         another connection opens, up to the cap.  A connection that has
         just C{freed} itself takes what waits at once.
         """
-        while self.waiting and self.active < self.maxConnections and (freed or len(self.waiting) > self.active):
+        while not self.stopping and self.waiting and self.active < self.maxConnections and (freed or len(self.waiting) > self.active):
             freed = False
             batch = self._take()
             self.active += 1
@@ -214,7 +229,7 @@ class SMTPNextHop:
         last = {}
         pending = list(enumerate(messages))
         for n, candidate in enumerate(candidates):
-            if not pending:
+            if not pending or self.stopping:
                 break
             lastCandidate = n == len(candidates) - 1
             host, port = candidate[:2]
@@ -231,7 +246,7 @@ class SMTPNextHop:
                     r = res.get(rcpt)
                     if r is None:
                         continue
-                    if r.ok or r.permanent or r.withdrawn:
+                    if r.ok or r.permanent or r.untried:
                         final[index][rcpt] = now[rcpt] = r
                     else:
                         last[(index, rcpt)] = r
@@ -250,8 +265,14 @@ class SMTPNextHop:
             while True:
                 conn = self._connection(key, options)
                 still.clear()
-                results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
-                                                                settled=settled))
+                self.carrying.add(conn)
+                try:
+                    results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
+                                                                    settled=settled))
+                finally:
+                    self.carrying.discard(conn)
+                if self.stopping:
+                    break
                 if conn.stale:  # (a new connection never is)
                     log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
                 elif conn.retryPlain:
@@ -267,7 +288,8 @@ class SMTPNextHop:
         for index, m in enumerate(messages):
             for rcpt in m.recipients:
                 if rcpt not in final[index]:
-                    final[index][rcpt] = last.get((index, rcpt), temporary("no next hop available"))
+                    final[index][rcpt] = last.get((index, rcpt), STOPPED if self.stopping
+                                                  else temporary("no next hop available"))
             report(index, final[index])
 
 

@@ -66,7 +66,8 @@ class ScriptedSMTPServer(LineReceiver):
                                        "tls": self.tls})
                 self.completed += 1
                 self.accepted = []
-                self.reply(f.endOfData)
+                if f.endOfData is not None:  # (None: the whole message, and never a reply)
+                    self.reply(f.endOfData)
             else:
                 self.bodyLines.append(line[1:] if line.startswith(b".") else line)
             return

@@ -1,0 +1,91 @@
+"""
+A stop with deliveries still in flight: after the queue manager's
+C{stopTimeout} they are cut short (the connection attempt, the session
+waiting for a reply, the messages waiting for a connection) and settle
+before the stop ends, so that nothing is logged or written for them once
+the gateway has said it stopped.  Their messages stay queued as they were,
+with no attempt counted, and the next start delivers them.
+"""
+
+import socket
+
+from twisted.internet import defer, reactor, task
+
+from relaygw.testing import Gateway
+from tests.recorders import LogCapture
+from tests.relaysetup import FAST, RelayTestCase
+
+
+class StopCutsShortTests(RelayTestCase):
+    @defer.inlineCallbacks
+    def stopAndCheck(self, qids):
+        """Stop the gateway; check what the stop left of C{qids} (each cut short, queued, untouched)."""
+        self.gw.service.queue.stopTimeout = 0.3
+        yield self.gw.stop()
+        stoppedAt = len(self.logs.events)
+        self.assertEqual(self.gw.service.queue.active, set())  # settled before the stop ended
+        spool = self.gw.service.spool
+        self.assertEqual(sorted(spool.queueIds()), sorted(qids))
+        for qid in qids:
+            self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+            self.assertEqual(self.logs.find("status=", qid=qid), [])
+            self.assertEqual(spool.readState(qid), {})  # no attempt counted
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual([e.get("log_format") for e in self.logs.events[stoppedAt:]
+                          if e.get("log_namespace", "").startswith("relaygw")], [])
+
+    @defer.inlineCallbacks
+    def deliveredAfterRestart(self, rcpts):
+        """A second gateway on the same spool, relaying to a next hop that answers, delivers C{rcpts}."""
+        hop, port = self.hop()
+        second = Gateway(self.gw.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                         relay=dict(FAST, smarthosts=["[127.0.0.1]:%d" % port]))
+        yield second.start()
+        self.addCleanup(second.stop)
+        self.gw = second
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(sorted(hop.recipients()), sorted(rcpts))
+
+    @defer.inlineCallbacks
+    def test_awaitingTheFinalReply(self):
+        """The next hop has the whole message and never answers: the connection is cut at the stop."""
+        self.logs = LogCapture(self)
+        hop, port = self.hop(endOfData=None)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        qid = yield self.send(rcpts=("a@example.net",))
+        yield self.until(lambda: hop.transactions)
+        yield self.stopAndCheck([qid])
+        self.assertEqual(len(self.logs.find("deliveries in flight cut short", n=1)), 1)
+        yield self.until(lambda: all(c.transport.disconnected for c in hop.connections))
+        yield self.deliveredAfterRestart(["a@example.net"])
+
+    @defer.inlineCallbacks
+    def test_waitingForAConnection(self):
+        """A message waiting behind the one busy connection is not sent at all."""
+        self.logs = LogCapture(self)
+        hop, port = self.hop(endOfData=None)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1})
+        first = yield self.send(rcpts=("a@example.net",))
+        yield self.until(lambda: hop.transactions)
+        second = yield self.send(rcpts=("b@example.net",))
+        self.assertIn(second, self.gw.service.queue.active)
+        yield self.stopAndCheck([first, second])
+        self.assertEqual(hop.verbs().count("MAIL"), 1)
+        yield self.deliveredAfterRestart(["a@example.net", "b@example.net"])
+
+    @defer.inlineCallbacks
+    def test_connecting(self):
+        """A connection attempt the next hop never completes (its accept queue full) is cancelled."""
+        self.logs = LogCapture(self)
+        full = socket.socket()
+        self.addCleanup(full.close)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname())  # (takes the one place in the queue)
+        self.addCleanup(filler.close)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % full.getsockname()[1]], "command_timeout": 60})
+        qid = yield self.send(rcpts=("a@example.net",))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertIn(qid, self.gw.service.queue.active)
+        yield self.stopAndCheck([qid])
+        yield self.deliveredAfterRestart(["a@example.net"])
