@@ -47,13 +47,7 @@ def reloadConfig(service, path, text=None):
     restart = _restartKeys(old, new)
     for key in restart:
         log.warn("reload: {key} changes only with a restart", key=key)
-    kept = {l.name: l for l in old.listeners}
-    listeners = []
-    for l in new.listeners:
-        if l.name in kept:
-            listeners.append(dataclasses.replace(l, **{k: getattr(kept[l.name], k) for k in LISTENER_RESTART_KEYS}))
-    applied = dataclasses.replace(new, listeners=tuple(listeners), spool=old.spool, process=old.process,
-                                  admin=old.admin)
+    applied = applicable(old, new)
     try:
         plan = _Plan(service, applied)
     except Exception as e:
@@ -64,6 +58,21 @@ def reloadConfig(service, path, text=None):
         log.info("reload: {where}: changed {keys}", where=where, keys=", ".join(keys))
     log.info("reload: applied {path}", path=path)
     return text
+
+
+def applicable(old, new):
+    """
+    What of config C{new} a reload applies to a gateway running on C{old}:
+    C{new}, with the keys that need a restart (and the listeners it adds
+    or removes) as they are in C{old}.
+    """
+    kept = {l.name: l for l in old.listeners}
+    listeners = []
+    for l in new.listeners:
+        if l.name in kept:
+            listeners.append(dataclasses.replace(l, **{k: getattr(kept[l.name], k) for k in LISTENER_RESTART_KEYS}))
+    return dataclasses.replace(new, listeners=tuple(listeners), spool=old.spool, process=old.process,
+                               admin=old.admin)
 
 
 def _restartKeys(old, new):

@@ -86,7 +86,7 @@ class GatewayService(MultiService):
     #: Where the log goes once twistd hands us the application (None: standard output).
     logFile = None
 
-    def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None):
+    def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None, configText=None):
         MultiService.__init__(self)
         # No "Starting factory ..." / "Stopping factory ..." line for every
         # outbound connection: the mail log says what happened.
@@ -95,7 +95,7 @@ class GatewayService(MultiService):
         self.configPath = configPath
         self.reactor = reactor
         self.worker = worker
-        self.role = WorkerRole(config, reactor, worker, workerArgv)
+        self.role = WorkerRole(config, reactor, worker, workerArgv, configText)
         self.supervisor = self.role.supervisor
         self.committer = Committer(reactor, config.spool.fsync)
         self.spool = Spool(self.role.spoolDirectory, self.committer, config.spool.min_free_space)
@@ -331,11 +331,12 @@ class GatewayService(MultiService):
                 self.reactor.callWhenRunning(sdnotify.notify, "READY=1\nSTATUS=accepting mail")
 
 
-def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
+def makeService(config, reactor=None, worker=0, configPath=None, logFile=None, configText=None):
     """
     The gateway's service tree for a validated config.  C{logFile}: a
     file opened for appending, or C{None} for standard output; the other
-    workers log to the same file.
+    workers log to the same file.  C{configText}: the text C{config} was
+    read from, which the other workers then run on.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -344,7 +345,7 @@ def makeService(config, reactor=None, worker=0, configPath=None, logFile=None):
             log.warn("listener {name}: {what} enabled on a public address without trusted_peers",
                      name=l.name, what="always_allow" if l.always_allow else "trusted verbs")
     service = GatewayService(config, reactor, worker, twistdArgv(configPath, getattr(logFile, "name", None)),
-                             configPath)
+                             configPath, configText)
     service.logFile = logFile
     return service
 

@@ -29,9 +29,13 @@ class Options(usage.Options):
     def postOptions(self):
         # Start and --check-config refuse the same configurations with the
         # same words: every error, one per line, and no traceback.
+        self.configText = None
         try:
             if self["config"]:
-                self.config = _config.load(self["config"], environment=True)
+                self.config = self._workerConfig()
+                if self.config is None:
+                    self.configText = _config.read(self["config"])
+                    self.config = _config.parse(self.configText, self["config"], environment=True)
             else:
                 self.config = _config.loadDefault(environment=True)
         except _config.ConfigError as e:
@@ -40,6 +44,14 @@ class Options(usage.Options):
         if self["check-config"]:
             sys.stdout.write("%s: ok\n" % (self["config"] or "default config",))
             raise SystemExit(0)
+
+    def _workerConfig(self):
+        """A worker the main process started runs on the main process's config, not the file as it is now."""
+        if self["worker"] == "0" or self["check-config"]:
+            return None
+        from relaygw.workers import workerConfig
+
+        return workerConfig(self["config"])
 
 
 def makeService(options):
@@ -54,7 +66,7 @@ def makeService(options):
         raise SystemExit(1)
     try:
         service = build(options.config, worker=worker, configPath=options["config"],
-                        logFile=_logFile(getattr(options, "parent", None)))
+                        logFile=_logFile(getattr(options, "parent", None)), configText=options.configText)
         # Exclusive ownership of the spool partition, for the process's
         # lifetime: a second gateway on the same spool stops here.
         service.acquireSpool()

@@ -195,6 +195,8 @@ class WorkerSupervisor(Service):
         self.delays = {}
         self.restarts = {}
         self._stopping = None
+        #: What each worker it starts finds in its environment besides (L{STARTED_ENV}).
+        self.env = {}
 
     def startService(self):
         Service.startService(self)
@@ -205,7 +207,7 @@ class WorkerSupervisor(Service):
         self.restarts.pop(index, None)
         proto = _WorkerProtocol(self, index)
         argv = list(self.argv) + ["--worker", str(index)]
-        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+        env = dict(os.environ, **{PARENT_ENV: str(os.getpid())}, **self.env)
         env.pop(ENV, None)
         # The worker writes its log lines straight to our stdout and stderr
         # (twistd has replaced sys.stdout with a logging file by now), and
@@ -305,8 +307,9 @@ class WorkerRole:
     @ivar supervisor: the L{WorkerSupervisor} (worker 0 of several), or None.
     """
 
-    def __init__(self, config, reactor, worker=0, workerArgv=None):
+    def __init__(self, config, reactor, worker=0, workerArgv=None, configText=None):
         self.base = config.spool.directory
+        self.configText = configText
         self.worker = worker
         self.workers = config.process.workers
         self.spoolDirectory = partitionDirectory(self.base, worker) if self.workers > 1 else self.base
@@ -332,8 +335,13 @@ class WorkerRole:
             return
         if self.workers > 1 and self.worker == 0:
             self._locks.append(PartitionLock(self.base))
-            # The last run's reloads are not this one's: its workers start from the file.
-            removeFiles([self._sharedConfigPath()])
+            # The last run's reloads are not this one's.  The workers run on
+            # the text this process started on (also one started again while
+            # the file has been edited but not reloaded).
+            removeFiles([_reloadedPath(self.base)])
+            if self.supervisor is not None and self.configText is not None \
+                    and _replaceWhole(_startedPath(self.base), self.configText.encode("utf-8")):
+                self.supervisor.env[STARTED_ENV] = _startedPath(self.base)
         try:
             spool.acquire()
         except PartitionLocked:
@@ -381,20 +389,13 @@ class WorkerRole:
             if moved:
                 _roleLog.info("adopted {n} queued messages from {source}", n=moved, source=source)
 
-    def _sharedConfigPath(self):
-        return os.path.join(self.base, "reload.toml")
-
     def shareConfig(self, text):
         """Worker 0: the config text it has just applied on SIGHUP, for the other workers (never raises)."""
-        _replaceWhole(self._sharedConfigPath(), text.encode("utf-8"))
+        _replaceWhole(_reloadedPath(self.base), text.encode("utf-8"))
 
     def sharedConfig(self):
         """The config text worker 0 last applied on SIGHUP since it started, or C{None}."""
-        try:
-            with open(self._sharedConfigPath(), encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError):
-            return None
+        return _readShared(_reloadedPath(self.base))
 
     def snapshotPath(self, worker):
         """Where worker C{worker} writes its metrics for worker 0."""
@@ -410,10 +411,57 @@ class WorkerRole:
 
 
 def _replaceWhole(path, data):
-    """Write C{data} to C{path} whole (a new file renamed over it) for another process to read; never raises."""
+    """
+    Write C{data} to C{path} whole (a new file renamed over it) for another
+    process to read; never raises.  Returns whether it was written.
+    """
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(data)
         os.rename(path + ".tmp", path)
+        return True
     except OSError as e:
         _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+        return False
+
+
+def _readShared(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+#: Names, for the workers the main process starts, the config text it started on.
+STARTED_ENV = "RELAYGW_STARTED_CONFIG"
+
+
+def _startedPath(base):
+    return os.path.join(base, "started.toml")
+
+
+def _reloadedPath(base):
+    return os.path.join(base, "reload.toml")
+
+
+def workerConfig(path):
+    """
+    In a worker the main process started: the config it runs on, the text
+    the main process started on with what that process has applied on
+    SIGHUP since (keys that need a restart as they started), C{path} the
+    config file's (for relative paths and messages).  C{None} in any other
+    process, or when the main process could not share its text.
+    """
+    started = os.environ.get(STARTED_ENV)
+    text = _readShared(started) if started else None
+    if text is None:
+        return None
+    from relaygw.config import parse
+    from relaygw.reload import applicable
+
+    config = parse(text, path, environment=True)
+    reloaded = _readShared(_reloadedPath(config.spool.directory))
+    if reloaded is None:
+        return config
+    return applicable(config, parse(reloaded, path, environment=True))

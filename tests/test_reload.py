@@ -20,7 +20,7 @@ from relaygw import config, logs
 from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning,
                              waitForPort)
 from relaygw.tls import generateSelfSigned
-from tests.processes import childPids
+from tests.processes import childPids, processState, spoolPids
 
 
 class ReloadTests(unittest.TestCase):
@@ -247,5 +247,60 @@ class WorkersReloadTests(unittest.TestCase):
             self.assertEqual(out.count("reload: applied"), 2, out)
             self.assertNotIn("reload refused", out)
             self.assertEqual(codes, [452] * 20)
+
+        return inThread(run)
+
+    def restartedWorkerAnswers(self, process, edit):
+        """
+        Call C{edit()}, kill worker 1 and wait for the main process to start
+        it again; the replies to a second RCPT (L{secondRecipient}) in ten
+        sessions that the new worker alone takes (the main process held up
+        with SIGSTOP).
+        """
+        [old] = childPids(process.pid)
+        edit()
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and spoolPids(self.directory).get("w1") in (None, old):
+            time.sleep(0.1)
+        [new] = childPids(process.pid)
+        self.assertEqual(spoolPids(self.directory).get("w1"), new)
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            # Stopped for good: one still in epoll_wait would be woken for
+            # the next connection in the other's stead, and strand it.
+            while processState(process.pid) != "T":
+                time.sleep(0.01)
+            return [self.secondRecipient() for _ in range(10)]
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+
+    def test_restartedWorkerRunsOnTheMainConfig(self):
+        """
+        A worker started again after a crash runs on the config the main
+        process started on, not on the file as edited since (and not yet
+        reloaded), as every other process does.
+        """
+        def run():
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                codes = self.restartedWorkerAnswers(p, lambda: self.write(1))
+            self.assertEqual(codes, [250] * 10, p.output)
+
+        return inThread(run)
+
+    def test_restartedWorkerKeepsWhatWasReloaded(self):
+        """... and with what the main process has applied on SIGHUP since."""
+        def run():
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                self.write(1)
+                p.send_signal(signal.SIGHUP)
+                time.sleep(1.5)
+                codes = self.restartedWorkerAnswers(p, lambda: self.write(100))
+            self.assertEqual(p.output.count("reload: applied"), 2, p.output)
+            self.assertEqual(codes, [452] * 10, p.output)
 
         return inThread(run)
