@@ -325,10 +325,40 @@ class GatewayService(MultiService):
             import signal
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            self.reactor.callWhenRunning(self._drainOnce)  # (after the reactor's own handlers are in place)
             if self.worker == 0:
                 # Every listener is bound; once the reactor runs (its signal
                 # handlers in place, so a stop drains), tell systemd.
                 self.reactor.callWhenRunning(sdnotify.notify, "READY=1\nSTATUS=accepting mail")
+
+
+    _stopSignalled = False
+
+    def _drainOnce(self):
+        """
+        The reactor's SIGTERM and SIGINT handlers (which start the drain)
+        for the first stop signal only: another (an impatient operator,
+        C{pkill} reaching the workers the main process also tells to drain,
+        a worker's watch on a main process gone meanwhile) only says so,
+        where the reactor's would stop it again (a critical traceback).
+        """
+        import signal
+
+        def once(handler):
+            def handle(number, frame):
+                if self._stopSignalled or self.stopping:
+                    self.reactor.callFromThread(log.info, "received {signal} while draining; the drain goes on",
+                                                signal=signal.Signals(number).name)
+                    return
+                self._stopSignalled = True
+                handler(number, frame)
+
+            return handle
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, once(handler))
 
 
 def makeService(config, reactor=None, worker=0, configPath=None, logFile=None, configText=None):

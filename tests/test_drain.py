@@ -193,7 +193,7 @@ class TwistdDrainTests(unittest.TestCase):
 
         return inThread(run)
 
-    def twoWorkers(self):
+    def twoWorkers(self, drainDelay=0):
         """A config of two workers, deferring all mail, with a 1 s drain: (directory, port, config path)."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
@@ -202,7 +202,7 @@ class TwistdDrainTests(unittest.TestCase):
         with open(conf, "w") as f:
             f.write(configText(directory, listeners=({
                 "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
-                "drain_timeout": 1},), relay={"defer_all": True}, process={"workers": 2}))
+                "drain_timeout": 1, "drain_delay": drainDelay},), relay={"defer_all": True}, process={"workers": 2}))
         return directory, port, conf
 
     def test_connectionsDuringTheStopAreNeverReset(self):
@@ -262,6 +262,48 @@ class TwistdDrainTests(unittest.TestCase):
             self.assertEqual(set(seen) - {"220", "421", "refused"}, set(), seen)
             self.assertGreater(seen["220"], 0, seen)
             self.assertGreater(seen["refused"], 0, seen)
+
+        return inThread(run)
+
+    def test_anotherStopSignalWhileDraining(self):
+        """
+        SIGTERM again while the drain goes on (to the main process, and
+        straight to a worker, as C{pkill} does): a line says so, and the
+        drain goes on to its end; the reactor's own handler tried to stop
+        it a second time (a critical traceback).
+        """
+        directory, port, conf = self.twoWorkers(drainDelay=2)
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                waitForPort(port)
+                self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
+                time.sleep(1.0)  # (listening by now)
+                [worker] = childPids(p.pid)
+                c = Client(port)  # a session in a transaction, until the drain timeout
+                c.reply()
+                c.cmd("EHLO x")
+                c.cmd("MAIL FROM:<a@example.org>")
+                p.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                p.send_signal(signal.SIGTERM)
+                os.kill(worker, signal.SIGTERM)
+                code, lines = c.reply()
+                self.assertEqual((code, lines[0][:5]), (421, "4.3.2"))
+                c.close()
+                p.wait(15)
+                self.assertEqual(p.returncode, -signal.SIGTERM)  # (twistd ends with the signal that stopped it)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            with open(os.path.join(directory, "twistd.log")) as f:
+                out = f.read()
+            self.assertEqual(out.count("received SIGTERM while draining; the drain goes on"), 2, out)
+            self.assertEqual(out.count("stopped; spool intact"), 2, out)
+            self.assertNotIn("Traceback", out)
+            self.assertNotIn("critical", out)
 
         return inThread(run)
 
