@@ -11,7 +11,7 @@ import socket
 
 from twisted.internet import defer, reactor, task
 
-from relaygw.testing import Gateway
+from relaygw.testing import Gateway, configText
 from tests.recorders import LogCapture
 from tests.relaysetup import FAST, RelayTestCase
 
@@ -87,5 +87,24 @@ class StopCutsShortTests(RelayTestCase):
         qid = yield self.send(rcpts=("a@example.net",))
         yield task.deferLater(reactor, 0.3, lambda: None)
         self.assertIn(qid, self.gw.service.queue.active)
+        yield self.stopAndCheck([qid])
+        yield self.deliveredAfterRestart(["a@example.net"])
+
+    @defer.inlineCallbacks
+    def test_startedBeforeAReload(self):
+        """A delivery that began before a reload replaced the next hops is cut short too."""
+        self.logs = LogCapture(self)
+        hop, port = self.hop(endOfData=None)
+        relay = {"smarthosts": ["[127.0.0.1]:%d" % port]}
+        yield self.gateway(relay)
+        qid = yield self.send(rcpts=("a@example.net",))
+        yield self.until(lambda: hop.transactions)
+        router = self.gw.service.queue.router
+        with open(self.gw.path, "w") as f:
+            f.write(configText(self.gw.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                               relay=dict(FAST, retry_max=0.9, **relay)))
+        self.gw.service.configPath = self.gw.path  # (what SIGHUP reads)
+        self.gw.service.reload()
+        self.assertIsNot(self.gw.service.queue.router, router)
         yield self.stopAndCheck([qid])
         yield self.deliveredAfterRestart(["a@example.net"])

@@ -104,6 +104,8 @@ class IRouter(Interface):
     def __call__(message, recipient):
         """The L{INextHop} for C{recipient} of C{message}."""
 
+    unused = Attribute("True when no next hop has anything waiting or in flight, or a connection kept open.")
+
     def closeIdle():
         """Close what every next hop keeps open for reuse; fires when done."""
 
@@ -123,6 +125,8 @@ class FunctionRouter:
 
     def __call__(self, message, recipient):
         return self.function(message, recipient)
+
+    unused = True  # (its next hops are the function's)
 
     def closeIdle(self):
         return defer.succeed(None)

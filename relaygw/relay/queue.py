@@ -56,6 +56,7 @@ class QueueManager(Service):
         self.fresh = {}
         self.forced = set()
         self._idle = []
+        self._retired = []
 
     def _configure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname):
         """The settings a reload may change (see L{reconfigure})."""
@@ -69,7 +70,12 @@ class QueueManager(Service):
 
     def reconfigure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname, deferAll):
         """A reloaded config: the next scheduling decisions and deliveries use it."""
+        replaced = self._router
         self._configure(router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname)
+        if self._router is not replaced:
+            # Deliveries under way go on through the router they started
+            # with, until they end: a stop cuts those short too.
+            self._retired = [r for r in self._retired + [replaced] if not r.unused]
         wasDeferring, self.deferAll = self.deferAll, deferAll
         if wasDeferring and not deferAll and self.running:
             self.flush()
@@ -160,7 +166,8 @@ class QueueManager(Service):
 
     def _cutShort(self, idle, timers):
         log.warn("stopping: {n} deliveries in flight cut short; their messages stay queued", n=len(self.active))
-        self.router.cutShort()
+        for router in [self.router] + self._retired:
+            router.cutShort()
         if not idle.called:  # (one still waiting for a name lookup, say)
             timers.append(self.reactor.callLater(self.cutGrace, idle.callback, None))
 

@@ -108,17 +108,23 @@ class Router:
 
     def closeIdle(self):
         """Close the connections SMTP next hops keep open for reuse; fires when done."""
-        specs = [self.default] + [spec for _, spec in self.routes]
-        hops = [hop for spec in specs for hop in spec.smtpHops()]
+        hops = self._smtpHops()
         if self.default.fallback is not None:
             hops.append(self.default.fallback)
         return defer.gatherResults([hop.closeIdle() for hop in hops])
 
+    def _smtpHops(self):
+        return [hop for spec in [self.default] + [spec for _, spec in self.routes] for hop in spec.smtpHops()]
+
+    @property
+    def unused(self):
+        """No SMTP next hop has anything waiting or in flight, or a connection kept open."""
+        return all(hop.unused for hop in self._smtpHops())
+
     def cutShort(self):
         """The gateway is stopping: every SMTP next hop cuts its deliveries short (L{SMTPNextHop.cutShort})."""
-        for spec in [self.default] + [spec for _, spec in self.routes]:
-            for hop in spec.smtpHops():
-                hop.cutShort()
+        for hop in self._smtpHops():
+            hop.cutShort()
 
     def __call__(self, message, recipient):
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
