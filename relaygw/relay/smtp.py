@@ -166,7 +166,8 @@ class SMTPNextHop:
         another connection opens, up to the cap.  A connection that has
         just C{freed} itself takes what waits at once.
         """
-        while not self.stopping and self.waiting and self.active < self.maxConnections and (freed or len(self.waiting) > self.active):
+        while self.waiting and not self.stopping and self.active < self.maxConnections \
+                and (freed or len(self.waiting) > self.active):
             freed = False
             batch = self._take()
             self.active += 1
