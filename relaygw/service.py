@@ -200,7 +200,8 @@ class GatewayService(MultiService):
         timeout = max([l.drain_timeout for l in self.config.listeners] or [0])
         children = None
         if self.supervisor is not None and self.supervisor.running:
-            children = self.supervisor.stopService(timeout=delay + timeout + self.QUEUE_GRACE + 1)
+            # (a worker's own drain takes at most its delays, the queue's grace and the cut's)
+            children = self.supervisor.stopService(timeout=delay + timeout + self.QUEUE_GRACE + self.queue.cutGrace + 1)
         if parentGone():
             log.warn("the main process has gone: this worker stops listening at once")
             delay = 0
