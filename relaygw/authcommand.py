@@ -16,6 +16,14 @@ from relaygw.modes import AUTH, COMMAND
 log = Logger(namespace="relaygw.smtp")
 
 
+#: The longest SASL response line (RFC 4954 section 4 counts 12288 octets
+#: enough for deployed mechanisms; Postfix's smtpd_sasl_response_limit),
+#: whatever shorter C{max_line_length} the listener sets for commands.  The
+#: AUTH command line itself, initial response included, keeps that limit
+#: (a client with a longer one sends it after the 334 instead).
+SASL_RESPONSE_LIMIT = 12288
+
+
 class AuthCommand:
     """C{do_AUTH} and the login it leads to."""
 
@@ -41,7 +49,14 @@ class AuthCommand:
         except sasl.SASLError as e:
             return self.reply(e.reply)
         self.mode = AUTH
+        self.lineReader.limit = max(self.listener.max_line_length, SASL_RESPONSE_LIMIT)
         return self._authOutcome(self.sasl.first())
+
+    def endExchange(self):
+        """Back to commands (and their line limit) after a SASL exchange."""
+        self.mode = COMMAND
+        self.sasl = None
+        self.lineReader.limit = self.listener.max_line_length
 
     def _authStep(self, line):
         return self._authOutcome(self.sasl.respond(line))
@@ -50,8 +65,7 @@ class AuthCommand:
         """Apply what the SASL exchange said: challenge, refuse, or verify."""
         if isinstance(outcome, sasl.Challenge):
             return self.reply(codes.AUTH_CHALLENGE.format(challenge=outcome.text))
-        self.mode = COMMAND
-        self.sasl = None
+        self.endExchange()
         if isinstance(outcome, sasl.Refused):
             return self.reply(outcome.reply)
         if outcome.authzid and outcome.authzid != outcome.user:

@@ -214,8 +214,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
     def _lineError(self, r):
         """A line is refused as a line: that also ends an AUTH exchange."""
         if self.mode == AUTH:
-            self.mode = COMMAND
-            self.sasl = None
+            self.endExchange()
         else:
             self._unknownLine()
         self.reply(r)

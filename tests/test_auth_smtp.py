@@ -105,7 +105,7 @@ class AuthTests(AuthTestCase):
     def test_longAuthLine(self):
         c = self.tlsClient()
         c.cmd("AUTH PLAIN")
-        self.assertEqual(c.cmd("A" * 5000), (500, ["5.5.6 Authentication exchange line is too long"]))
+        self.assertEqual(c.cmd("A" * 13000), (500, ["5.5.6 Authentication exchange line is too long"]))
 
     @defer.inlineCallbacks
     def test_manyFailuresDisconnect(self):
@@ -200,3 +200,27 @@ class AlwaysAllowContextTests(SessionTestCase):
             self.assertIn("2.0.0 [connection] auth_name ALWAYS-ALLOW", lines)
 
         return self.session(run)
+
+
+class SASLResponseLimitTests(AuthTestCase):
+    """
+    A SASL response may be up to 12288 octets (RFC 4954 section 4,
+    Postfix's smtpd_sasl_response_limit) on a listener whose commands are
+    limited to 512; the AUTH command line itself keeps the 512.
+    """
+
+    extra = {"max_line_length": 512}
+
+    @defer.inlineCallbacks
+    def test_longResponseRead(self):
+        c = self.tlsClient()
+        response = b64("\0alice\0" + "p" * 700)  # 944 octets
+        self.assertEqual(c.cmd("AUTH PLAIN"), (334, [""]))
+        # Read whole and checked (the password is wrong), not refused as a line.
+        self.assertEqual((yield self.auth(c, response)), (535, ["5.7.8 Error: authentication failed"]))
+        self.assertEqual(c.cmd("AUTH PLAIN " + response), (500, ["5.5.2 Error: line too long"]))
+        self.assertEqual(c.cmd("AUTH LOGIN"), (334, ["VXNlcm5hbWU6"]))
+        self.assertEqual(c.cmd("A" * 13000), (500, ["5.5.6 Authentication exchange line is too long"]))
+        # The exchange over, commands are limited to 512 again.
+        self.assertEqual(c.cmd("NOOP " + "x" * 600), (500, ["5.5.2 Error: line too long"]))
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret")))[0], 235)

@@ -138,7 +138,7 @@ class LimiterSessionTests(unittest.TestCase):
     def test_lineErrorEndsExchange(self):
         client = self.connect()
         self.assertEqual(client.cmd("AUTH PLAIN"), (334, [""]))
-        client.send("A" * 5000 + "\r\n")
+        client.send("A" * 13000 + "\r\n")
         self.assertEqual(client.reply(), (500, ["5.5.6 Authentication exchange line is too long"]))
         self.assertEqual(client.cmd("NOOP"), (250, ["2.0.0 Ok"]))
 
