@@ -201,7 +201,8 @@ class GatewayService(MultiService):
         children = None
         if self.supervisor is not None and self.supervisor.running:
             # (a worker's own drain takes at most its delays, the queue's grace and the cut's)
-            children = self.supervisor.stopService(timeout=delay + timeout + self.QUEUE_GRACE + self.queue.cutGrace + 1)
+            children = self.supervisor.stopService(
+                timeout=delay + timeout + self.QUEUE_GRACE + 2 * self.queue.cutGrace + 1)
         if parentGone():
             log.warn("the main process has gone: this worker stops listening at once")
             delay = 0

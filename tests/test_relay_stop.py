@@ -108,3 +108,42 @@ class StopCutsShortTests(RelayTestCase):
         self.assertIsNot(self.gw.service.queue.router, router)
         yield self.stopAndCheck([qid])
         yield self.deliveredAfterRestart(["a@example.net"])
+
+    @defer.inlineCallbacks
+    def test_quitNeverAnswered(self):
+        """
+        A connection kept open for reuse, its next hop silent at QUIT: the
+        stop cuts it after a moment rather than waiting out the command
+        timeout (which held the drain for 300 s by default).
+        """
+        hop, port = self.hop(replies={"QUIT": None})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "command_timeout": 30})
+        yield self.send(rcpts=("a@example.net",))
+        yield self.until(self.spoolEmpty)
+        started = reactor.seconds()
+        yield self.gw.stop()
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertEqual(hop.verbs().count("QUIT"), 1)
+        yield self.until(lambda: all(c.transport.disconnected for c in hop.connections))
+
+    @defer.inlineCallbacks
+    def test_partlyAttempted(self):
+        """
+        One recipient refused for now at RCPT, the other's delivery cut
+        short: the refusal is recorded (an attempt for it), the other stays
+        to do, and the line says the message's delivery was cut short.
+        """
+        self.logs = LogCapture(self)
+        hop, port = self.hop(endOfData=None, rcpt={"first@example.net": "451 4.3.0 try later"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        qid = yield self.send(rcpts=("first@example.net", "second@example.net"))
+        yield self.until(lambda: hop.transactions)
+        self.gw.service.queue.stopTimeout = 0.3
+        yield self.gw.stop()
+        self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+        [deferred] = self.logs.find("status=", qid=qid)
+        self.assertEqual((deferred["to"], deferred["status"]), ("first@example.net", "deferred"))
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(set(state["rcpts"]), {"first@example.net"})
+        self.assertEqual(state["rcpts"]["first@example.net"]["status"], "deferred")
+        self.assertEqual(state["attempts"], 1)

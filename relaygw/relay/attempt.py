@@ -143,9 +143,11 @@ class Attempts:
         # not attempted: they stay as they were.
         outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
+        stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
+        if stopped:
+            log.info("{qid}: delivery cut short by the stop; stays queued", qid=qid)
         if not any(results for _, results in outcomes):
-            if any(result == STOPPED for _, results in attempt.outcomes for result in results.values()):
-                log.info("{qid}: delivery cut short by the stop; stays queued", qid=qid)
+            if stopped:
                 return None
             if not self.spool.exists(qid):
                 why = "deleted"

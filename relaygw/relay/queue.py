@@ -145,11 +145,10 @@ class QueueManager(Service):
         self.timers.clear()
         self.attempts.progress.stop()
         idle = self.whenIdle()
-        idle.addCallback(lambda _: self.router.closeIdle())
-        if idle.called:
-            return idle
         timers = []
-        timers.append(self.reactor.callLater(self.stopTimeout, self._cutShort, idle, timers))
+        if not idle.called:
+            timers.append(self.reactor.callLater(self.stopTimeout, self._cutShort, idle, timers))
+        idle.addCallback(self._closeIdle, timers)
 
         def done(result):
             for timer in timers:
@@ -161,15 +160,30 @@ class QueueManager(Service):
 
         return idle.addBoth(done)
 
-    #: Seconds deliveries cut short at a stop get to settle.
-    cutGrace = 1.0
+    #: Seconds deliveries cut short at a stop get to settle, and a next hop
+    #: gets to answer the QUIT on a connection kept open: a stop takes at
+    #: most C{stopTimeout} and twice this.
+    cutGrace = 0.5
 
     def _cutShort(self, idle, timers):
         log.warn("stopping: {n} deliveries in flight cut short; their messages stay queued", n=len(self.active))
-        for router in [self.router] + self._retired:
-            router.cutShort()
+        self._cutAll()
         if not idle.called:  # (one still waiting for a name lookup, say)
             timers.append(self.reactor.callLater(self.cutGrace, idle.callback, None))
+
+    def _cutAll(self):
+        for router in [self.router] + self._retired:
+            router.cutShort()
+
+    def _closeIdle(self, _, timers):
+        """
+        Say QUIT on the connections kept open for reuse; those whose next
+        hop has not answered within C{cutGrace} are cut.
+        """
+        closed = self.router.closeIdle()
+        if not closed.called:
+            timers.append(self.reactor.callLater(self.cutGrace, self._cutAll))
+        return closed
 
     def whenIdle(self):
         """Fires when no delivery is in progress."""

@@ -63,6 +63,7 @@ class SMTPNextHop:
         self.active = 0
         self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now
+        self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
         self.stopping = False
 
     def describe(self):
@@ -71,7 +72,7 @@ class SMTPNextHop:
     @property
     def unused(self):
         """Nothing waits, nothing is in flight, no connection is kept open."""
-        return not (self.waiting or self.active or self.idle)
+        return not (self.waiting or self.active or self.idle or self.closing)
 
     def deliver(self, messages, progress=None):
         ds = []
@@ -113,30 +114,37 @@ class SMTPNextHop:
         while len(self.idle) > self.maxConnections:
             old, _, oldTimer = self.idle.pop(0)
             oldTimer.cancel()
-            defer.ensureDeferred(old.close())
+            self._close(old)
 
     def _expire(self, conn):
         self.idle = [entry for entry in self.idle if entry[0] is not conn]
-        defer.ensureDeferred(conn.close())
+        self._close(conn)
+
+    def _close(self, conn):
+        """Say QUIT on C{conn}, which carries nothing now, and close it."""
+        d = self.closing[conn] = defer.ensureDeferred(conn.close())
+        d.addBoth(lambda result: (self.closing.pop(conn, None), result)[1])
 
     def closeIdle(self):
-        """Close every kept-open connection (on shutdown); fires when they are closed."""
+        """Close every kept-open connection (on shutdown); fires when they, and those closing, are closed."""
         idle, self.idle = self.idle, []
-        for _, _, timer in idle:
+        for conn, _, timer in idle:
             timer.cancel()
-        return defer.gatherResults([defer.ensureDeferred(conn.close()) for conn, _, _ in idle])
+            self._close(conn)
+        return defer.gatherResults([_whenDone(d) for d in self.closing.values()])
 
     def cutShort(self):
         """
         The gateway is stopping: messages waiting for a connection are not
-        sent, and the connections carrying messages are cut; every
-        recipient not yet settled gets L{STOPPED}.
+        sent, and the connections carrying messages are cut (every
+        recipient not yet settled gets L{STOPPED}), as are those saying
+        QUIT to a next hop slow to answer.
         """
         self.stopping = True
         waiting, self.waiting = self.waiting, []
         for m, d, _ in waiting:
             d.callback({r: STOPPED for r in m.recipients})
-        for conn in list(self.carrying):
+        for conn in list(self.carrying) + list(self.closing):
             conn.cut(STOPPED)
 
     def _take(self):
@@ -292,6 +300,13 @@ class SMTPNextHop:
                     final[index][rcpt] = last.get((index, rcpt), STOPPED if self.stopping
                                                   else temporary("no next hop available"))
             report(index, final[index])
+
+
+def _whenDone(d):
+    """A Deferred that fires (with C{None}) once C{d} has, C{d}'s own result left alone."""
+    done = defer.Deferred()
+    d.addBoth(lambda result: (done.callback(None), result)[1])
+    return done
 
 
 def smarthostList(hosts):

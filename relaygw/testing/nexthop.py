@@ -33,6 +33,8 @@ class ScriptedSMTPServer(LineReceiver):
         LineReceiver.dataReceived(self, data)
 
     def reply(self, text):
+        if text is None:  # (a scripted silence: the client waits for ever)
+            return
         self.transport.write(text.encode("utf-8").replace(b"\n", b"\r\n") + b"\r\n")
 
     def _rcptReply(self, address):
@@ -156,7 +158,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.tls = tls
         self.greeting = kw.pop("greeting", b"220 scripted.example.test ESMTP")
         self.ehloReply = kw.pop("ehloReply", None)
-        self.endOfData = kw.pop("endOfData", "250 2.0.0 Ok: queued as 4ABC")
+        self.endOfData = kw.pop("endOfData", "250 2.0.0 Ok: queued as 4ABC")  # (None: no reply)
         self.authReply = kw.pop("authReply", "235 2.7.0 Authentication successful")
         self.drop = kw.pop("drop", None)
         self.dropsLeft = drops
