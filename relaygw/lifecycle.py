@@ -108,8 +108,8 @@ class Lifecycle:
         return self.reply(refusal)
 
     def timeoutConnection(self):
-        log.info("[{session}] idle timeout", session=self.sessionId)
-        self.reply(codes.TIMEOUT.format(host=self.hostname))
+        maillog.closed(self.sessionId, self.context, "timeout", self.lastCommand[0])
+        self.reply(codes.TIMEOUT.format(host=self.hostname), unasked=True)
 
     def drain(self):
         """
@@ -117,7 +117,7 @@ class Lifecycle:
         now; one inside a transaction may finish it first.
         """
         if self.mode == COMMAND and not self.inTransaction and self.waiting is None:
-            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
+            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname), unasked=True)
 
     def shutDown(self):
         """The drain timeout ran out: 421 4.3.2 and close, whatever the state."""
@@ -126,7 +126,8 @@ class Lifecycle:
                 self.writer.abort()
                 self.writer = None
             self.mode = COMMAND
-            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
+            maillog.closed(self.sessionId, self.context, "shutting down", self.lastCommand[0])
+            self.reply(codes.SHUTTING_DOWN.format(host=self.hostname), unasked=True)
 
     def connectionLost(self, reason):
         self.setTimeout(None)

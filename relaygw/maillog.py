@@ -6,6 +6,7 @@ Postfix's maillog, each carrying the queue id where there is one.
     reject       [S] QID|NOQUEUE: reject: VERB from NAME[IP]: REPLY; from=<..> to=<..> proto=.. helo=<..>
     queued       [S] QID: queued from=<..>, size=N, nrcpt=N, message-id=<..>, client=NAME[IP]
     disconnect   [S] disconnect from NAME[IP] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
+    closed       [S] timeout|shutting down after VERB from NAME[IP]
     delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
     bounce       QID: sender non-delivery notification: BOUNCE-QID
     removed      QID: removed
@@ -63,6 +64,16 @@ def reject(session, ctx, verb, args, reply, sender, helo, qid=None):
                verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"), reply=text, code=reply.code,
                enhanced=reply.enhanced, sender=sender if sender is not None else "",
                recipient=recipient or "", proto=ctx.get("protocol") or "SMTP", helo=helo or "")
+
+
+def closed(session, ctx, why, verb):
+    """
+    The gateway ends a session unasked (C{why}: an idle timeout, the drain
+    running out), after C{verb}, the last command (Postfix's "timeout after
+    END-OF-MESSAGE"); not a reject of that command.
+    """
+    smtpd.info("[{session}] {why} after {verb} from {client}", event="closed", session=session, why=why,
+               verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"))
 
 
 def queued(session, ctx, qid, sender, recipients, size, messageId):

@@ -103,14 +103,19 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
 
     # -- output --------------------------------------------------------
 
-    def reply(self, r, lines=None):
-        """Send reply C{r} (a L{codes.Reply}); close after it if it says so."""
+    def reply(self, r, lines=None, unasked=False):
+        """
+        Send reply C{r} (a L{codes.Reply}); close after it if it says so.
+        C{unasked}: it answers no command (an idle timeout, a drain), so it
+        is not logged as a reject of the last one.
+        """
         if self.mode == CLOSED:
             return
         wire.send(self.transport, codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
         self.factory.stats("reply", r.code)
-        self.commandCounts.replied(r.code)
-        if r.code >= 400:
+        if not unasked:
+            self.commandCounts.replied(r.code)
+        if r.code >= 400 and not unasked:
             verb, args = self.lastCommand
             maillog.reject(self.sessionId, self.context, verb, args, r, self.mailfrom, self.helo,
                            (self.context.message or {}).get("queue_id"))

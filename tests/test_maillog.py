@@ -147,6 +147,52 @@ class MailLogTests(unittest.TestCase):
         self.assertTrue(disconnect.endswith("noop=1 unknown=0/1 quit=1 commands=2/3"), disconnect)
 
     @defer.inlineCallbacks
+    def test_sessionsEndedUnasked(self):
+        """
+        An idle timeout and the drain end sessions unasked: a line in
+        Postfix's words ("timeout after NOOP"; none for a session idle at
+        the drain), not a reject of the last command, which keeps its count.
+        """
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"], "idle_timeout": 0.5,
+                                                "drain_timeout": 0.5},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+
+        def timedOut():
+            c = Client(gw.port)
+            try:
+                c.reply()
+                c.cmd("NOOP")
+                return c.reply()[0]
+            finally:
+                c.close()
+
+        self.assertEqual((yield inThread(timedOut)), 421)
+        yield self.waitFor("disconnect")
+        [closed] = self.lines("closed")
+        self.assertRegex(closed, r"^\[\w+\] timeout after NOOP from unknown\[127\.0\.0\.1\]$")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith("noop=1 commands=1"), disconnect)
+        del self.events[:]
+
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"], "drain_timeout": 0.5},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        busy, idle = yield inThread(lambda: (Client(gw.port), Client(gw.port)))
+        self.addCleanup(busy.close)
+        self.addCleanup(idle.close)
+        yield inThread(lambda: (busy.reply(), busy.cmd("EHLO x"), busy.cmd("MAIL FROM:<a@example.org>"),
+                                idle.reply(), idle.cmd("NOOP")))
+        yield gw.stop()
+        self.assertEqual((yield inThread(idle.reply))[0], 421)
+        self.assertEqual((yield inThread(busy.reply))[0], 421)
+        [closed] = self.lines("closed")
+        self.assertRegex(closed, r"shutting down after MAIL from unknown\[127\.0\.0\.1\]$")
+        self.assertEqual(self.lines("reject"), [])
+        self.assertEqual(sorted(line.split(" ", 4)[-1] for line in self.lines("disconnect")),
+                         ["ehlo=1 mail=1 commands=2", "noop=1 commands=1"])
+
+    @defer.inlineCallbacks
     def test_jsonCarriesTypedEvents(self):
         qid = yield self.session(["b@example.net", "later@example.net"])
         yield self.gw.service.queue.whenIdle()
