@@ -413,10 +413,12 @@ class WorkerRole:
 def _replaceWhole(path, data):
     """
     Write C{data} to C{path} whole (a new file renamed over it) for another
-    process to read; never raises.  Returns whether it was written.
+    process of this user to read, and no one else (a config's text can hold
+    a smarthost's password); never raises.  Returns whether it was written.
     """
     try:
-        with open(path + ".tmp", "wb") as f:
+        removeFiles([path + ".tmp"])  # (one left by an older version may have other permissions)
+        with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
             f.write(data)
         os.rename(path + ".tmp", path)
         return True

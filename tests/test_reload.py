@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import smtplib
+import stat
 import time
 
 from twisted.application.service import Application
@@ -302,5 +303,8 @@ class WorkersReloadTests(unittest.TestCase):
                 codes = self.restartedWorkerAnswers(p, lambda: self.write(100))
             self.assertEqual(p.output.count("reload: applied"), 2, p.output)
             self.assertEqual(codes, [452] * 10, p.output)
+            # The texts the workers read are the user's alone (a config may hold a smarthost's password).
+            for name in ("started.toml", "reload.toml"):
+                self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.directory, "spool", name)).st_mode), 0o600)
 
         return inThread(run)
