@@ -63,14 +63,17 @@ def reloadConfig(service, path, text=None):
 def applicable(old, new):
     """
     What of config C{new} a reload applies to a gateway running on C{old}:
-    C{new}, with the keys that need a restart (and the listeners it adds
-    or removes) as they are in C{old}.
+    C{new}, with the keys that need a restart as they are in C{old}.  The
+    listeners are C{old}'s, which a restart alone changes: one C{new} adds
+    is not there, one it removes stays as it was (it still listens).
     """
-    kept = {l.name: l for l in old.listeners}
+    fresh = {l.name: l for l in new.listeners}
     listeners = []
-    for l in new.listeners:
-        if l.name in kept:
-            listeners.append(dataclasses.replace(l, **{k: getattr(kept[l.name], k) for k in LISTENER_RESTART_KEYS}))
+    for l in old.listeners:
+        updated = fresh.get(l.name)
+        if updated is not None:
+            l = dataclasses.replace(updated, **{k: getattr(l, k) for k in LISTENER_RESTART_KEYS})
+        listeners.append(l)
     return dataclasses.replace(new, listeners=tuple(listeners), spool=old.spool, process=old.process,
                                admin=old.admin)
 

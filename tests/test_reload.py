@@ -164,6 +164,44 @@ class ReloadTests(unittest.TestCase):
                                                  "reload: listener l0: endpoint changes only with a restart"])
 
 
+class ListenerSetReloadTests(unittest.TestCase):
+    """
+    The listeners are what the gateway started with until a restart: one a
+    reload removes goes on as it was (warned), and given back it takes the
+    settings the file gives it, as any listener does (a worker started
+    again builds its listeners the same way, so it serves them alike).
+    """
+
+    @defer.inlineCallbacks
+    def test_removedThenGivenBack(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        base = {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:0:interface=127.0.0.1"}
+        gw = Gateway(self.mktemp(), listeners=(base, dict(base, hostname="one.test")))
+        gw.service.configPath = gw.path
+        yield gw.start()
+        self.addCleanup(gw.stop)
+
+        def reload(*listeners):
+            with open(gw.path, "w") as f:
+                f.write(configText(gw.directory, listeners=listeners))
+            gw.service.reload()
+            return inThread(greeting)
+
+        def greeting():
+            c = Client(gw.ports[1])
+            try:
+                return c.reply()[1][0]
+            finally:
+                c.close()
+
+        self.assertEqual((yield reload(base)), "one.test ESMTP relaygw")
+        self.assertIn("reload: {key} changes only with a restart", [e.get("log_format") for e in events])
+        self.assertEqual([l.name for l in gw.service.config.listeners], ["l0", "l1"])
+        self.assertEqual((yield reload(base, dict(base, hostname="two.test"))), "two.test ESMTP relaygw")
+
+
 class WorkersReloadTests(unittest.TestCase):
     """SIGHUP to the main process of two workers reaches both."""
 
