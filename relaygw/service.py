@@ -327,6 +327,12 @@ class GatewayService(MultiService):
             import signal
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+            if self.worker > 0 and self.configPath:
+                missed = self.role.missedReload()
+                if missed is not None:
+                    from relaygw.reload import reloadConfig
+
+                    reloadConfig(self, self.configPath, missed)
             self.reactor.callWhenRunning(self._drainOnce)  # (after the reactor's own handlers are in place)
             if self.worker == 0:
                 # Every listener is bound; once the reactor runs (its signal

@@ -207,6 +207,12 @@ class WorkerSupervisor(Service):
         self.restarts.pop(index, None)
         proto = _WorkerProtocol(self, index)
         argv = list(self.argv) + ["--worker", str(index)]
+        if os.path.exists(_SH):
+            # SIGHUP ignored from the start (kept across exec) until the
+            # worker's own handler is in place: its default action would
+            # kill a worker starting up when logrotate signals the main
+            # process.  What such a SIGHUP meant, the worker catches up on.
+            argv = [_SH, "-c", 'trap "" HUP; exec "$@"', "relaygw-worker"] + argv
         env = dict(os.environ, **{PARENT_ENV: str(os.getpid())}, **self.env)
         env.pop(ENV, None)
         # The worker writes its log lines straight to our stdout and stderr
@@ -397,6 +403,15 @@ class WorkerRole:
         """The config text worker 0 last applied on SIGHUP since it started, or C{None}."""
         return _readShared(_reloadedPath(self.base))
 
+    def missedReload(self):
+        """
+        In a worker, once its SIGHUP handler is in place: the config text
+        worker 0 has applied since this worker read its config (a SIGHUP
+        that came meanwhile was ignored), or C{None}.
+        """
+        shared = self.sharedConfig()
+        return shared if shared != _startedWithReload else None
+
     def snapshotPath(self, worker):
         """Where worker C{worker} writes its metrics for worker 0."""
         return os.path.join(partitionDirectory(self.base, worker), "metrics.prom")
@@ -438,6 +453,11 @@ def _readShared(path):
 #: Names, for the workers the main process starts, the config text it started on.
 STARTED_ENV = "RELAYGW_STARTED_CONFIG"
 
+_SH = "/bin/sh"
+
+#: In a worker: the text of the reload it started with (L{workerConfig}).
+_startedWithReload = None
+
 
 def _startedPath(base):
     return os.path.join(base, "started.toml")
@@ -462,8 +482,9 @@ def workerConfig(path):
     from relaygw.config import parse
     from relaygw.reload import applicable
 
+    global _startedWithReload
     config = parse(text, path, environment=True)
-    reloaded = _readShared(_reloadedPath(config.spool.directory))
+    reloaded = _startedWithReload = _readShared(_reloadedPath(config.spool.directory))
     if reloaded is None:
         return config
     return applicable(config, parse(reloaded, path, environment=True))

@@ -314,6 +314,49 @@ class WorkersReloadTests(unittest.TestCase):
         finally:
             os.kill(process.pid, signal.SIGCONT)
 
+    def test_sighupWhileAWorkerStarts(self):
+        """
+        SIGHUP (logrotate's postrotate, say) while a worker the main process
+        started again is still starting: the worker is not killed by it
+        (its default action, until the handler is in place), and catches up
+        on a reload it missed.
+        """
+        def run():
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                [old] = childPids(p.pid)
+                os.kill(old, signal.SIGKILL)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and spoolPids(self.directory).get("w1") in (None, old):
+                    time.sleep(0.005)
+                # Its config read (the lock is taken after it), its handler
+                # most likely not yet in place: hold it there over a reload.
+                [new] = childPids(p.pid)
+                os.kill(new, signal.SIGSTOP)
+                try:
+                    self.write(1)
+                    p.send_signal(signal.SIGHUP)
+                    time.sleep(1.0)
+                finally:
+                    os.kill(new, signal.SIGCONT)
+                for _ in range(10):
+                    p.send_signal(signal.SIGHUP)
+                    time.sleep(0.05)
+                time.sleep(1.0)
+                self.assertEqual(childPids(p.pid), [new])
+                os.kill(p.pid, signal.SIGSTOP)
+                try:
+                    while processState(p.pid) != "T":
+                        time.sleep(0.01)
+                    codes = [self.secondRecipient() for _ in range(5)]
+                finally:
+                    os.kill(p.pid, signal.SIGCONT)
+            self.assertEqual(p.output.count("exited"), 1, p.output)  # (the kill -9)
+            self.assertEqual(codes, [452] * 5, p.output)
+
+        return inThread(run)
+
     def test_restartedWorkerRunsOnTheMainConfig(self):
         """
         A worker started again after a crash runs on the config the main
