@@ -3,11 +3,12 @@ Tests for L{relaygw.relay.mx} against a real L{twisted.names} server on
 127.0.0.1 (UDP and TCP) serving zones built in code.
 """
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.names import authority, client, common, dns, error, server
 from twisted.trial import unittest
 
+from relaygw.relay import mx
 from relaygw.relay.mx import NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops
 
 
@@ -37,6 +38,33 @@ class _Broken(common.ResolverBase):
     def _lookup(self, name, cls, type, timeout):
         if name.lower().endswith(b"broken.test"):
             return defer.fail(RuntimeError("backend down"))
+        return defer.fail(error.DomainError(name))
+
+
+class _Hostile(common.ResolverBase):
+    """
+    Answers the DNS server gives for names under hostile.test: records
+    owned by other names, a CNAME chain, and a name it never answers.
+    """
+
+    def __init__(self):
+        common.ResolverBase.__init__(self)
+        self.hanging = []
+
+    def _lookup(self, name, cls, type, timeout):
+        name = name.lower()
+        rr = lambda owner, payload: dns.RRHeader(owner, payload.TYPE, payload=payload, ttl=60)  # noqa: E731
+        if name == b"wrongowner.hostile.test" and type == dns.MX:
+            return defer.succeed(([rr(b"wrongowner.hostile.test", dns.Record_MX(10, b"mx2.example.test")),
+                                   rr(b"elsewhere.test", dns.Record_MX(5, b"mx.example.net"))], [],
+                                  [rr(b"mx2.example.test", dns.Record_A("192.0.2.66"))]))
+        if name == b"alias.hostile.test" and type == dns.MX:
+            return defer.succeed(([rr(b"alias.hostile.test", dns.Record_CNAME(b"target.hostile.test")),
+                                   rr(b"target.hostile.test", dns.Record_MX(10, b"mx2.example.test"))], [], []))
+        if name == b"hang.hostile.test":
+            d = defer.Deferred()
+            self.hanging.append(d)
+            return d
         return defer.fail(error.DomainError(name))
 
 
@@ -76,6 +104,11 @@ EXAMPLE_TEST = {
         dns.Record_MX(20, b"mx2.example.test"),
     ],
     b"tempmx.example.test": [dns.Record_MX(10, b"mx.broken.test")],
+    b"badname.example.test": [dns.Record_MX(10, b"\xc3\xa9t\xc3\xa9.example.test"),
+                              dns.Record_MX(20, b"mx2.example.test")],
+    b"notnull.example.test": [dns.Record_MX(10, b"")],
+    b"many.example.test": [dns.Record_MX(i, b"m%d.example.test" % i) for i in range(1, 9)],
+    **{b"m%d.example.test" % i: [dns.Record_A("192.0.2.%d" % (100 + i))] for i in range(1, 9)},
 }
 
 EXAMPLE_NET = {
@@ -85,10 +118,12 @@ EXAMPLE_NET = {
 
 class LookupNextHopsTests(unittest.TestCase):
     def setUp(self):
+        self.hostile = _Hostile()
         factory = server.DNSServerFactory(
             authorities=[
                 _zone(b"example.test", EXAMPLE_TEST),
                 _zone(b"example.net", EXAMPLE_NET),
+                self.hostile,
                 _Broken(),
             ]
         )
@@ -174,3 +209,40 @@ class LookupNextHopsTests(unittest.TestCase):
         self.assertEqual(hops, [("192.0.2.2", 25)])
         yield self.assertFailure(lookupNextHops(self.resolver, "tempmx.example.test"), TemporaryLookupFailure)
         self.assertTrue(self.flushLoggedErrors(RuntimeError))
+
+    @defer.inlineCallbacks
+    def test_unencodableMXHostSkipped(self):
+        """An MX host whose name the resolver cannot encode is skipped; the domain's other host still serves."""
+        hops = yield lookupNextHops(self.resolver, "badname.example.test")
+        self.assertEqual(hops, [("192.0.2.2", 25)])
+
+    @defer.inlineCallbacks
+    def test_recordsOfOtherNamesIgnored(self):
+        """
+        MX and address records an answer gives for other names are not
+        used (the additional A record for mx2 is, being mx2's); a CNAME in
+        the answer leads to its target's records.
+        """
+        hops = yield lookupNextHops(self.resolver, "wrongowner.hostile.test", withNames=True)
+        self.assertEqual(hops, [("192.0.2.66", 25, "mx2.example.test")])
+        hops = yield lookupNextHops(self.resolver, "alias.hostile.test")
+        self.assertEqual(hops, [("192.0.2.2", 25)])
+
+    def test_nullMXIsPreferenceZero(self):
+        """An MX "." of another preference is no null MX (RFC 7505): no host, a temporary failure."""
+        return self.assertFailure(lookupNextHops(self.resolver, "notnull.example.test"), TemporaryLookupFailure)
+
+    @defer.inlineCallbacks
+    def test_mxHostsLimited(self):
+        """Of eight MX hosts, the best five are tried, in preference order."""
+        hops = yield lookupNextHops(self.resolver, "many.example.test")
+        self.assertEqual(hops, [("192.0.2.%d" % (100 + i), 25) for i in range(1, 6)])
+
+    @defer.inlineCallbacks
+    def test_lookupTimeBounded(self):
+        """A lookup the DNS never answers ends, a temporary failure, after LOOKUP_SECONDS."""
+        self.patch(mx, "LOOKUP_SECONDS", 0.3)
+        started = reactor.seconds()
+        yield self.assertFailure(lookupNextHops(self.resolver, "hang.hostile.test"), TemporaryLookupFailure)
+        self.assertLess(reactor.seconds() - started, 2)
+        yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)

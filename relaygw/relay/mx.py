@@ -8,6 +8,11 @@ server supplied them), or the domain's own addresses when it has no MX
 ("implicit MX").  Failures are split into permanent (L{NoSuchDomain},
 L{NullMX}) and temporary (L{TemporaryLookupFailure}) so that the caller can
 bounce or defer.
+
+Only records owned by the name asked for (or by a name its CNAME records in
+the same answer lead to) count, so an answer about another name cannot send
+mail elsewhere; at most C{MX_HOST_LIMIT} MX hosts are looked up, together,
+and the whole lookup takes at most C{LOOKUP_SECONDS}.
 """
 
 import random
@@ -22,6 +27,15 @@ from relaygw.logs import Logger
 log = Logger()
 
 SMTP_PORT = 25
+
+#: The best MX hosts tried for a domain (Postfix's smtp_mx_address_limit
+#: counts 5 addresses): a domain publishing hundreds cannot hold a delivery
+#: for hours of address lookups.
+MX_HOST_LIMIT = 5
+
+#: Seconds a whole lookup may take (the MX query, then the hosts'
+#: addresses, each of which the resolver may retry for up to a minute).
+LOOKUP_SECONDS = 60.0
 
 
 class NullMX(Exception):
@@ -45,15 +59,27 @@ def _name(value):
     return value.rstrip(".").lower()
 
 
-def _addresses(records, name=None):
+def _owned(records, name):
     """
-    The IPv4 then IPv6 addresses in C{records} (RRHeaders), optionally only
-    those owned by C{name}.
+    The records in C{records} (RRHeaders) owned by C{name}, or by a name
+    the CNAME records among them lead to from it.
     """
+    names = {name}
+    cnames = [(_name(rr.name), _name(rr.payload.name)) for rr in records if rr.type == dns.CNAME]
+    grown = True
+    while grown:
+        grown = False
+        for owner, target in cnames:
+            if owner in names and target not in names:
+                names.add(target)
+                grown = True
+    return [rr for rr in records if _name(rr.name) in names]
+
+
+def _addresses(records, name):
+    """The IPv4 then IPv6 addresses in C{records} (RRHeaders) owned by C{name} (L{_owned})."""
     v4, v6 = [], []
-    for rr in records:
-        if name is not None and _name(rr.name) != name:
-            continue
+    for rr in _owned(records, name):
         if rr.type == dns.A:
             v4.append(rr.payload.dottedQuad())
         elif rr.type == dns.AAAA:
@@ -93,7 +119,7 @@ async def _hostAddresses(resolver, host):
     found, failures = [], []
     for success, result in results:
         if success:
-            found.extend(_addresses(result[0]))
+            found.extend(_addresses(result[0], host))
         else:
             failures.append(result)
     if found or not failures:
@@ -116,7 +142,7 @@ async def _lookupNextHops(resolver, domain):
     except Exception:
         _classify(Failure(), domain)
 
-    mxs = [rr for rr in answers if rr.type == dns.MX]
+    mxs = [rr for rr in _owned(answers, domain) if rr.type == dns.MX]
     if not mxs:
         # Implicit MX: the domain itself (RFC 5321 section 5.1).
         try:
@@ -129,23 +155,28 @@ async def _lookupNextHops(resolver, domain):
         return _unique([(ip, domain) for ip in addresses])
 
     hosts = [_name(rr.payload.name) for rr in _sortMX(mxs)]
-    if all(host == "" for host in hosts):
+    if len(mxs) == 1 and mxs[0].payload.preference == 0 and hosts == [""]:
         raise NullMX("%s does not accept mail (null MX)" % (domain,))
+    hosts = [host for host in hosts if host][:MX_HOST_LIMIT]  # (a "." among others, or not preference 0: no host)
 
-    addresses, temporary = [], None
-    for host in hosts:
-        if host == "":
-            continue
+    async def resolve(host):
         known = _addresses(additional, host)
         if known:
-            addresses.extend((ip, host) for ip in known)
-            continue
-        try:
-            addresses.extend((ip, host) for ip in await _hostAddresses(resolver, host))
-        except TemporaryLookupFailure as e:
-            temporary = e
-        except NoSuchDomain:
+            return known
+        return await _hostAddresses(resolver, host)
+
+    results = await defer.DeferredList([defer.Deferred.fromCoroutine(resolve(host)) for host in hosts],
+                                       consumeErrors=True)
+    addresses, temporary = [], None
+    for host, (success, result) in zip(hosts, results):
+        if success:
+            addresses.extend((ip, host) for ip in result)
+        elif result.check(NoSuchDomain):
             log.info("{domain}: MX host {host} does not exist", domain=domain, host=host)
+        elif result.check(TemporaryLookupFailure):
+            temporary = result.value
+        else:  # (a name the resolver cannot even encode, say): that host is skipped
+            temporary = TemporaryLookupFailure("%s: %s" % (host, result.getErrorMessage()))
     if not addresses:
         # An MX pointing nowhere is usually a transient misconfiguration:
         # defer rather than bounce, and let the queue lifetime decide.
@@ -166,7 +197,7 @@ def _unique(addresses):
     return hops
 
 
-def lookupNextHops(resolver, domain, withNames=False):
+def lookupNextHops(resolver, domain, withNames=False, clock=None):
     """
     Find the next hops for mail to C{domain}.
 
@@ -176,7 +207,17 @@ def lookupNextHops(resolver, domain, withNames=False):
         the domain for an implicit MX), which TLS verification checks.
     @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples
         (C{(ip, 25, name)} with C{withNames}), best first, or failing with
-        L{NullMX}, L{NoSuchDomain} (both permanent) or L{TemporaryLookupFailure}.
+        L{NullMX}, L{NoSuchDomain} (both permanent) or L{TemporaryLookupFailure}
+        (also after C{LOOKUP_SECONDS}).  Cancelling it ends the lookup.
     """
+    if clock is None:
+        from twisted.internet import reactor as clock
     d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))
+    d.addTimeout(LOOKUP_SECONDS, clock)
+    d.addErrback(_timedOut, domain)
     return d if withNames else d.addCallback(lambda hops: [hop[:2] for hop in hops])
+
+
+def _timedOut(failure, domain):
+    failure.trap(defer.TimeoutError)
+    raise TemporaryLookupFailure("%s: DNS lookup timed out after %ds" % (domain, LOOKUP_SECONDS))
