@@ -147,3 +147,17 @@ class StopCutsShortTests(RelayTestCase):
         self.assertEqual(set(state["rcpts"]), {"first@example.net"})
         self.assertEqual(state["rcpts"]["first@example.net"]["status"], "deferred")
         self.assertEqual(state["attempts"], 1)
+
+    @defer.inlineCallbacks
+    def test_lookingUpTheNextHop(self):
+        """A delivery still waiting for its MX lookup (a resolver that never answers) is cut short too."""
+        self.logs = LogCapture(self)
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % silent.getsockname()[1]})
+        qid = yield self.send(rcpts=("a@example.net",))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertIn(qid, self.gw.service.queue.active)
+        yield self.stopAndCheck([qid])
+        yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)

@@ -64,6 +64,7 @@ class SMTPNextHop:
         self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now
         self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
+        self.lookups = set()  # next-hop lookups under way
         self.stopping = False
 
     def describe(self):
@@ -135,12 +136,15 @@ class SMTPNextHop:
 
     def cutShort(self):
         """
-        The gateway is stopping: messages waiting for a connection are not
-        sent, and the connections carrying messages are cut (every
-        recipient not yet settled gets L{STOPPED}), as are those saying
-        QUIT to a next hop slow to answer.
+        The gateway is stopping: messages waiting for a connection (or for
+        the lookup of the next hop's hosts) are not sent, and the
+        connections carrying messages are cut (every recipient not yet
+        settled gets L{STOPPED}), as are those saying QUIT to a next hop
+        slow to answer.
         """
         self.stopping = True
+        for lookup in list(self.lookups):
+            lookup.cancel()
         waiting, self.waiting = self.waiting, []
         for m, d, _ in waiting:
             d.callback({r: STOPPED for r in m.recipients})
@@ -220,8 +224,10 @@ class SMTPNextHop:
                 defer.maybeDeferred(callback, position, results).addErrback(
                     lambda f: log.failure("recording progress via {hop}", f, hop=self.name))
 
+        lookup = self.hosts()
+        self.lookups.add(lookup)
         try:
-            candidates = yield self.hosts()
+            candidates = yield lookup
         except mx.NullMX:
             result = Result(556, "5.1.10", "domain does not accept mail (null MX)")
             candidates = None
@@ -229,8 +235,10 @@ class SMTPNextHop:
             result = Result(550, "5.1.2", "recipient domain does not exist")
             candidates = None
         except Exception as e:
-            result = temporary("next hop lookup failed: %s" % (e,))
+            result = STOPPED if self.stopping else temporary("next hop lookup failed: %s" % (e,))
             candidates = None
+        finally:
+            self.lookups.discard(lookup)
         if candidates is None:
             for index, m in enumerate(messages):
                 report(index, {r: result for r in m.recipients})
