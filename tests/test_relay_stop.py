@@ -161,3 +161,28 @@ class StopCutsShortTests(RelayTestCase):
         self.assertIn(qid, self.gw.service.queue.active)
         yield self.stopAndCheck([qid])
         yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
+
+    @defer.inlineCallbacks
+    def test_deliveredPartLoggedAtOnce(self):
+        """
+        A message split over two next hops, one of which never answers: the
+        other's delivery is in the mail log as soon as it is made durable,
+        not when the attempt ends (a stop or crash lost it), and once only.
+        """
+        self.logs = LogCapture(self)
+        quick, qport = self.hop()
+        stuck, sport = self.hop(endOfData=None)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % qport]},
+                           routes=[{"name": "stuck", "domains": ["stuck.example"],
+                                    "smarthosts": ["[127.0.0.1]:%d" % sport]}])
+        qid = yield self.send(rcpts=("a@quick.example", "b@stuck.example"))
+        yield self.until(lambda: stuck.transactions and quick.transactions)
+        yield self.until(lambda: self.logs.find("status=", qid=qid))
+        [sent] = self.logs.find("status=", qid=qid)
+        self.assertEqual((sent["to"], sent["status"]), ("a@quick.example", "sent"))
+        self.assertIn(qid, self.gw.service.queue.active)
+        self.gw.service.queue.stopTimeout = 0.3
+        yield self.gw.stop()
+        self.assertEqual(len(self.logs.find("status=", qid=qid)), 1)
+        self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+        yield self.deliveredAfterRestart(["b@stuck.example"])

@@ -36,6 +36,8 @@ class _Attempt:
         self.fresh = fresh
         self.waiting = waiting
         self.outcomes = []
+        #: Recipients whose delivery the mail log has told already (L{Attempts._keep}).
+        self.logged = set()
 
 
 class Attempts:
@@ -126,12 +128,17 @@ class Attempts:
         """
         Replies read while the attempt goes on (another next hop, or this
         one's next host, still works on the message): the successes are made
-        durable at once, so that a crash re-sends to none of them.
+        durable at once, so that a crash re-sends to none of them, and
+        logged at once (a stop or crash before the attempt ends would lose
+        the lines).
         """
         recorded = outcome.record(attempt.state, attempt.message.recipients, [(hop.describe(), results)],
                                   time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
         if recorded.events:
             attempt.state, attempt.fresh = recorded.state, False
+            self._logged(attempt, [event for event in recorded.events
+                               if not (event.status == outcome.DONE and event.recipient in attempt.logged)])
+            attempt.logged.update(event.recipient for event in recorded.events)
             return self.progress.persist(attempt.qid, recorded.state)
         return None
 
@@ -162,7 +169,8 @@ class Attempts:
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
-        self._logged(attempt, recorded.events)
+        self._logged(attempt, [event for event in recorded.events
+                               if not (event.status == outcome.DONE and event.recipient in attempt.logged)])
         fresh = attempt.fresh
         d = defer.succeed(None)
         if recorded.provisional is not None and self.spool.exists(qid):
