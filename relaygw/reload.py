@@ -26,11 +26,13 @@ LISTENER_RESTART_KEYS = ("endpoint", "implicit_tls", "proxy_protocol")
 SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("process", "workers"), ("admin", "endpoint"))
 
 
-def reloadConfig(service, path, text=None):
+def reloadConfig(service, path, text=None, share=None):
     """
     Re-read C{path} (or take C{text}, its content as another process read
     it; relative paths still resolve against C{path}'s directory) and apply
-    it to C{service} (a L{GatewayService}).
+    it to C{service} (a L{GatewayService}).  C{share(text)}, when given,
+    hands the text on to the other workers once everything is built and
+    before anything changes; if it returns false, the reload is refused.
 
     @return: the text applied, or C{None} when it was refused.
     """
@@ -52,6 +54,10 @@ def reloadConfig(service, path, text=None):
         plan = _Plan(service, applied)
     except Exception as e:
         log.error("reload refused, keeping the running config: {error}", error=" ".join(str(e).split()))
+        return None
+    if share is not None and not share(text):
+        log.error("reload refused, keeping the running config: {error}",
+                  error="it could not be handed on to the other workers")
         return None
     plan.commit()
     for where, keys in _changedKeys(old, applied):

@@ -152,12 +152,11 @@ class GatewayService(MultiService):
             from relaygw.reload import reloadConfig
 
             if self.worker == 0:
-                applied = reloadConfig(self, self.configPath)
-                if applied is not None and self.supervisor is not None:
-                    self.role.shareConfig(applied)
+                reloadConfig(self, self.configPath,
+                             share=self.role.shareConfig if self.supervisor is not None else None)
             else:
-                shared = self.role.sharedConfig()
-                if shared is not None:  # (else none was applied since the start: nothing changes)
+                shared = self.role.newReload()
+                if shared is not None:  # (else worker 0 refused the file, or applied nothing new)
                     reloadConfig(self, self.configPath, shared)
         if self.supervisor is not None:
             self.supervisor.signalWorkers("HUP")
@@ -328,7 +327,7 @@ class GatewayService(MultiService):
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
             if self.worker > 0 and self.configPath:
-                missed = self.role.missedReload()
+                missed = self.role.newReload()
                 if missed is not None:
                     from relaygw.reload import reloadConfig
 

@@ -323,6 +323,7 @@ class WorkerRole:
         if self.workers > 1 and worker == 0 and workerArgv:
             self.supervisor = WorkerSupervisor(reactor, self.workers, workerArgv)
         self.parentWatch = ParentWatch(reactor) if worker > 0 and parentPid() is not None else None
+        self._appliedReload = _startedWithReload
         self._locks = []
 
     def services(self):
@@ -396,21 +397,30 @@ class WorkerRole:
                 _roleLog.info("adopted {n} queued messages from {source}", n=moved, source=source)
 
     def shareConfig(self, text):
-        """Worker 0: the config text it has just applied on SIGHUP, for the other workers (never raises)."""
-        _replaceWhole(_reloadedPath(self.base), text.encode("utf-8"))
+        """
+        Worker 0: the config text it is about to apply on SIGHUP, for the
+        other workers; returns whether it could (never raises).
+        """
+        return _replaceWhole(_reloadedPath(self.base), text.encode("utf-8"))
 
     def sharedConfig(self):
         """The config text worker 0 last applied on SIGHUP since it started, or C{None}."""
         return _readShared(_reloadedPath(self.base))
 
-    def missedReload(self):
+    def newReload(self):
         """
-        In a worker, once its SIGHUP handler is in place: the config text
-        worker 0 has applied since this worker read its config (a SIGHUP
-        that came meanwhile was ignored), or C{None}.
+        In a worker: the config text worker 0 has applied on SIGHUP since
+        this worker last applied one or read its config, or C{None} (then
+        nothing changes: worker 0 refused the file, or nothing was
+        reloaded).  Also once the worker's SIGHUP handler is in place, for
+        a SIGHUP that came while it started (and was ignored).  Each text
+        worker 0 applies is a new file, also the same text again.
         """
-        shared = self.sharedConfig()
-        return shared if shared != _startedWithReload else None
+        stamp = _stamp(_reloadedPath(self.base))
+        if stamp is None or stamp == self._appliedReload:
+            return None
+        self._appliedReload = stamp
+        return self.sharedConfig()
 
     def snapshotPath(self, worker):
         """Where worker C{worker} writes its metrics for worker 0."""
@@ -455,8 +465,17 @@ STARTED_ENV = "RELAYGW_STARTED_CONFIG"
 
 _SH = "/bin/sh"
 
-#: In a worker: the text of the reload it started with (L{workerConfig}).
+#: In a worker: which file of reloaded text it started with (L{workerConfig}, L{_stamp}).
 _startedWithReload = None
+
+
+def _stamp(path):
+    """Which file C{path} is now (each write of a shared text is a new one), or C{None}."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _startedPath(base):
@@ -484,7 +503,8 @@ def workerConfig(path):
 
     global _startedWithReload
     config = parse(text, path, environment=True)
-    reloaded = _startedWithReload = _readShared(_reloadedPath(config.spool.directory))
+    _startedWithReload = _stamp(_reloadedPath(config.spool.directory))  # (before the read: a newer one applies later)
+    reloaded = _readShared(_reloadedPath(config.spool.directory))
     if reloaded is None:
         return config
     return applicable(config, parse(reloaded, path, environment=True))

@@ -289,6 +289,55 @@ class WorkersReloadTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_refusedFileReloadsNothingAnywhere(self):
+        """
+        A refused file after an applied one: the workers apply nothing (the
+        text worker 0 last applied is no news), and say nothing.
+        """
+        def run():
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                self.write(1)
+                p.send_signal(signal.SIGHUP)
+                time.sleep(1.0)
+                self.replace("[[listener]]\nname = 1\n")  # invalid
+                p.send_signal(signal.SIGHUP)
+                time.sleep(1.0)
+                codes = [self.secondRecipient() for _ in range(10)]
+            self.assertEqual(p.output.count("reload: applied"), 2, p.output)
+            self.assertEqual(p.output.count("reload refused"), 2, p.output)  # (a line per error, the main process's)
+            self.assertEqual(codes, [452] * 10)
+
+        return inThread(run)
+
+    def test_textThatCannotBeSharedIsRefused(self):
+        """
+        The main process cannot hand the new text on to the workers (its
+        file cannot be written: a full disk, say): the reload is refused in
+        the main process too, so that no two processes differ.
+        """
+        def run():
+            self.write(100)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                os.mkdir(os.path.join(self.directory, "spool", "reload.toml.tmp"))  # (it cannot be written)
+                [worker] = childPids(p.pid)
+                os.kill(worker, signal.SIGSTOP)
+                try:
+                    self.write(1)
+                    p.send_signal(signal.SIGHUP)
+                    time.sleep(1.0)
+                    codes = [self.secondRecipient() for _ in range(5)]  # (the main process's)
+                finally:
+                    os.kill(worker, signal.SIGCONT)
+            self.assertEqual(codes, [250] * 5, p.output)
+            self.assertIn("reload refused, keeping the running config: it could not be handed on to the other workers",
+                          p.output)
+            self.assertNotIn("reload: applied", p.output)
+
+        return inThread(run)
+
     def restartedWorkerAnswers(self, process, edit):
         """
         Call C{edit()}, kill worker 1 and wait for the main process to start
