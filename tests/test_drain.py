@@ -139,6 +139,15 @@ class DrainOrderTests(unittest.TestCase):
         self.assertTrue(portRefused(port))
 
 
+def ended(process, directory):
+    """Kill C{process} if it still runs; what it logged."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    with open(os.path.join(directory, "twistd.log")) as f:
+        return f.read()
+
+
 class TwistdDrainTests(unittest.TestCase):
     timeout = 60
 
@@ -183,11 +192,7 @@ class TwistdDrainTests(unittest.TestCase):
                 self.assertTrue(waitUntil(lambda: not processAlive(worker), 1))
                 c.close()
             finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            with open(os.path.join(directory, "twistd.log")) as f:
-                out = f.read()
+                out = ended(p, directory)
             self.assertEqual(out.count("still accepting for 2.0s (drain_delay)"), 2, out)  # both workers
             self.assertEqual(out.count("stopped; spool intact"), 2, out)
 
@@ -204,6 +209,19 @@ class TwistdDrainTests(unittest.TestCase):
                 "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"],
                 "drain_timeout": 1, "drain_delay": drainDelay},), relay={"defer_all": True}, process={"workers": 2}))
         return directory, port, conf
+
+    def started(self, conf, directory, port):
+        """twistd on C{conf}, both workers listening: (the process, worker 1's pid)."""
+        p = runTwistd(conf, directory)
+        try:
+            waitForPort(port)
+            self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
+            time.sleep(1.0)  # (listening by now)
+            [worker] = childPids(p.pid)
+        except BaseException:
+            ended(p, directory)
+            raise
+        return p, worker
 
     def test_connectionsDuringTheStopAreNeverReset(self):
         """
@@ -275,12 +293,8 @@ class TwistdDrainTests(unittest.TestCase):
         directory, port, conf = self.twoWorkers(drainDelay=2)
 
         def run():
-            p = runTwistd(conf, directory)
+            p, worker = self.started(conf, directory, port)
             try:
-                waitForPort(port)
-                self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
-                time.sleep(1.0)  # (listening by now)
-                [worker] = childPids(p.pid)
                 c = Client(port)  # a session in a transaction, until the drain timeout
                 c.reply()
                 c.cmd("EHLO x")
@@ -295,11 +309,7 @@ class TwistdDrainTests(unittest.TestCase):
                 p.wait(15)
                 self.assertEqual(p.returncode, -signal.SIGTERM)  # (twistd ends with the signal that stopped it)
             finally:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            with open(os.path.join(directory, "twistd.log")) as f:
-                out = f.read()
+                out = ended(p, directory)
             self.assertEqual(out.count("received SIGTERM while draining; the drain goes on"), 2, out)
             self.assertEqual(out.count("stopped; spool intact"), 2, out)
             self.assertNotIn("Traceback", out)
@@ -316,12 +326,8 @@ class TwistdDrainTests(unittest.TestCase):
         directory, port, conf = self.twoWorkers()
 
         def run():
-            p = runTwistd(conf, directory)
+            p, worker = self.started(conf, directory, port)
             try:
-                waitForPort(port)
-                self.assertTrue(waitUntil(lambda: "w1" in spoolPids(directory), 20))
-                time.sleep(1.0)  # (listening by now)
-                [worker] = childPids(p.pid)
                 os.kill(worker, signal.SIGTERM)
                 self.assertTrue(waitUntil(lambda: not processAlive(worker), 15))
                 self.assertTrue(waitUntil(lambda: len(childPids(p.pid)) == 1, 15))  # started again

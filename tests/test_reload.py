@@ -222,6 +222,12 @@ class WorkersReloadTests(unittest.TestCase):
             "endpoint": "tcp:%d:interface=127.0.0.1" % self.port, "max_recipients": limit,
             "relay_networks": ["127.0.0.0/8"]},)))
 
+    def reload(self, process, limit):
+        """Write the config with C{max_recipients = limit}, SIGHUP the main process, and give it a moment."""
+        self.write(limit)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+
     def secondRecipient(self):
         """The reply to a second RCPT: 452 with C{max_recipients = 1}."""
         c = Client(self.port)
@@ -274,9 +280,7 @@ class WorkersReloadTests(unittest.TestCase):
                 [worker] = childPids(p.pid)
                 os.kill(worker, signal.SIGSTOP)
                 try:
-                    self.write(1)
-                    p.send_signal(signal.SIGHUP)
-                    time.sleep(1.0)
+                    self.reload(p, 1)
                     self.replace("[[listener]]\nname = 1\n")  # invalid
                 finally:
                     os.kill(worker, signal.SIGCONT)
@@ -298,9 +302,7 @@ class WorkersReloadTests(unittest.TestCase):
             self.write(100)
             with twistdRunning(self.conf, self.directory) as p:
                 self.bothWorkersUp()
-                self.write(1)
-                p.send_signal(signal.SIGHUP)
-                time.sleep(1.0)
+                self.reload(p, 1)
                 self.replace("[[listener]]\nname = 1\n")  # invalid
                 p.send_signal(signal.SIGHUP)
                 time.sleep(1.0)
@@ -325,9 +327,7 @@ class WorkersReloadTests(unittest.TestCase):
                 [worker] = childPids(p.pid)
                 os.kill(worker, signal.SIGSTOP)
                 try:
-                    self.write(1)
-                    p.send_signal(signal.SIGHUP)
-                    time.sleep(1.0)
+                    self.reload(p, 1)
                     codes = [self.secondRecipient() for _ in range(5)]  # (the main process's)
                 finally:
                     os.kill(worker, signal.SIGCONT)
@@ -384,9 +384,7 @@ class WorkersReloadTests(unittest.TestCase):
                 [new] = childPids(p.pid)
                 os.kill(new, signal.SIGSTOP)
                 try:
-                    self.write(1)
-                    p.send_signal(signal.SIGHUP)
-                    time.sleep(1.0)
+                    self.reload(p, 1)
                 finally:
                     os.kill(new, signal.SIGCONT)
                 for _ in range(10):
@@ -427,9 +425,7 @@ class WorkersReloadTests(unittest.TestCase):
             self.write(100)
             with twistdRunning(self.conf, self.directory) as p:
                 self.bothWorkersUp()
-                self.write(1)
-                p.send_signal(signal.SIGHUP)
-                time.sleep(1.5)
+                self.reload(p, 1)
                 codes = self.restartedWorkerAnswers(p, lambda: self.write(100))
             self.assertEqual(p.output.count("reload: applied"), 2, p.output)
             self.assertEqual(codes, [452] * 10, p.output)
