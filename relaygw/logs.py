@@ -7,6 +7,7 @@ that skips events below the configured level before building them.
 
 import json
 import os
+import re
 import string
 import threading
 import time
@@ -247,10 +248,23 @@ def makeObserver(outFile, format="text", level="info"):
     def atLevel(event):
         # What LogLevelFilterPredicate does with no per-namespace levels, less its
         # walk of the namespace: an event without a level or a namespace is dropped.
-        if event.get("log_level") in enabled and event.get("log_namespace"):
-            base(event)
+        if event.get("log_level") in enabled:
+            namespace = event.get("log_namespace")
+            if namespace and not (namespace == "log_legacy" and _dnsPortChatter(event)):
+                base(event)
 
     return atLevel
+
+
+#: What Twisted's UDP port says for each DNS query (a port of its own, for
+#: a random source port): two lines a query, a dozen a relayed message.
+_DNS_PORT_CHATTER = re.compile(r"\(UDP Port \d+ Closed\)|DNSDatagramProtocol starting on \d+")
+
+
+def _dnsPortChatter(event):
+    message = event.get("message")
+    return bool(message) and len(message) == 1 and isinstance(message[0], str) \
+        and _DNS_PORT_CHATTER.fullmatch(message[0]) is not None
 
 
 class _Batched:

@@ -12,7 +12,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 
 from relaygw import sdnotify, trust
 from relaygw.durable import Committer
@@ -89,8 +89,11 @@ class GatewayService(MultiService):
     def __init__(self, config, reactor, worker=0, workerArgv=None, configPath=None, configText=None):
         MultiService.__init__(self)
         # No "Starting factory ..." / "Stopping factory ..." line for every
-        # outbound connection: the mail log says what happened.
+        # outbound connection (the mail log says what happened), nor a
+        # "Starting protocol ..." / "Stopping protocol ..." pair for every
+        # DNS query of an MX lookup.
         Factory.noisy = False
+        AbstractDatagramProtocol.noisy = False
         self.config = config
         self.configPath = configPath
         self.reactor = reactor

@@ -36,6 +36,25 @@ class ObserverTests(unittest.TestCase):
         self.assertIn("error [x] loud", out.getvalue())
 
 
+    def test_dnsPortChatterDropped(self):
+        """
+        The lines Twisted logs as each DNS query's own UDP port opens and
+        closes are dropped; a listening TCP port's are kept.
+        """
+        from twisted.python import log as legacy
+
+        with capturedLogs() as events:
+            for text in ("DNSDatagramProtocol starting on 40001", "(UDP Port 40001 Closed)",
+                         "SMTPFactory starting on 2525", "(TCP Port 2525 Closed)"):
+                legacy.msg(text)
+        out = io.StringIO()
+        observer = logs.makeObserver(out)
+        for event in events:
+            observer(event)
+        self.assertEqual([line.split("] ", 1)[1] for line in out.getvalue().splitlines()],
+                         ["SMTPFactory starting on 2525", "(TCP Port 2525 Closed)"])
+
+
 class LoggerGateTests(unittest.TestCase):
     def test_everythingPassesByDefault(self):
         with capturedLogs() as events:

@@ -4,6 +4,7 @@ scripted loopback next hops (smarthosts, failover, retries, bounces, TLS,
 AUTH, XCLIENT forwarding, routes, MX), and a crash during delivery.
 """
 
+import io
 import json
 import os
 import re
@@ -16,12 +17,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import PrivateCertificate
 from twisted.trial import unittest
 
+from relaygw.logs import makeObserver
 from relaygw.testing import (
     Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
 from relaygw.relay.smtp import SMTPNextHop
 from tests.messages import sendOne
 from tests.processes import runTwistd
+from tests.recorders import LogCapture
 from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory, deliveryStatus
 from tests.tlsmaterial import makeCA
 
@@ -791,12 +794,22 @@ class MXTests(RelayTestCase):
         from twisted.names import dns
 
         dnsPort = self.dns([("broken.example", dns.MX, dns.Record_MX(10, b"nowhere.broken.example"))])
+        logs = LogCapture(self)
         yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
         qid = yield self.send(rcpts=("x@broken.example",))
         yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
         state = self.gw.service.spool.readState(qid)
         self.assertEqual(state["rcpts"]["x@broken.example"]["status"], "deferred")
         self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+        # Its queries (MX, A, AAAA), each on a UDP port of its own, make no
+        # lines of their own in the gateway's log.
+        out = io.StringIO()
+        observer = makeObserver(out)
+        for event in logs.events:
+            observer(event)
+        self.assertTrue(out.getvalue())
+        self.assertNotIn("UDP", out.getvalue())
+        self.assertNotIn("Datagram", out.getvalue())
 
 
 class CrashDuringDeliveryTests(RelayTestCase):
