@@ -3,7 +3,7 @@ Tests for L{relaygw.relay.mx} against a real L{twisted.names} server on
 127.0.0.1 (UDP and TCP) serving zones built in code.
 """
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.names import authority, client, common, dns, error, server
 from twisted.trial import unittest
@@ -246,3 +246,24 @@ class LookupNextHopsTests(unittest.TestCase):
         yield self.assertFailure(lookupNextHops(self.resolver, "hang.hostile.test"), TemporaryLookupFailure)
         self.assertLess(reactor.seconds() - started, 2)
         yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
+
+
+class _NotAResponse(protocol.DatagramProtocol):
+    """Answers each query with a packet of the same id that is no response (QR clear), saying NXDOMAIN."""
+
+    def datagramReceived(self, data, address):
+        query = dns.Message()
+        query.fromStr(data)
+        reply = dns.Message(id=query.id, answer=0, rCode=dns.ENAME)
+        reply.queries = query.queries
+        self.transport.write(reply.toStr(), address)
+
+
+class StrictResolverTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_notAResponseIsNoAnswer(self):
+        """A packet that is no response is not believed: a temporary failure, not a domain that does not exist."""
+        udp = reactor.listenUDP(0, _NotAResponse(), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        resolver = mx.makeResolver(("127.0.0.1", udp.getHost().port))
+        yield self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)

@@ -19,7 +19,7 @@ import random
 import socket
 
 from twisted.internet import defer
-from twisted.names import dns, error
+from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
@@ -48,6 +48,34 @@ class NoSuchDomain(Exception):
 
 class TemporaryLookupFailure(Exception):
     """The DNS could not give an answer now (timeout, SERVFAIL, refusal...)."""
+
+
+class StrictResolver(client.Resolver):
+    """
+    twisted.names' resolver, refusing a reply that is not a response (its QR
+    bit clear) to a standard query: its RCODE is not a server's word (an
+    NXDOMAIN read from such a packet bounced mail at once).  Refused, the
+    lookup fails as if the server had: a temporary failure.
+    """
+
+    def filterAnswers(self, message):
+        if not message.answer or message.opCode != dns.OP_QUERY:
+            return Failure(error.DNSServerError(message))
+        return client.Resolver.filterAnswers(self, message)
+
+
+def makeResolver(server=None):
+    """
+    The resolver MX delivery uses: the DNS server C{server} (C{(host,
+    port)}) alone, else the system's (the hosts file, a cache, then the
+    servers of resolv.conf, as L{client.createResolver} builds it).
+    """
+    if server is not None:
+        return StrictResolver(servers=[server])
+    from twisted.names import cache, hosts, resolve
+
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(),
+                                  StrictResolver(b"/etc/resolv.conf")])
 
 
 def _name(value):

@@ -10,6 +10,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from relaygw import config as _config
+from relaygw.relay import mx
 from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
 
@@ -98,12 +99,8 @@ class Router:
 
     def resolver(self):
         if self._resolver is None:
-            from twisted.names import client
-
-            if self.relay.resolver:
-                self._resolver = client.Resolver(servers=[_config.parseHostPort(self.relay.resolver, 53)])
-            else:
-                self._resolver = client.createResolver()
+            server = _config.parseHostPort(self.relay.resolver, 53) if self.relay.resolver else None
+            self._resolver = mx.makeResolver(server)
         return self._resolver
 
     def closeIdle(self):
