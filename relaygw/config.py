@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
 #: The default drain_delay when an admin endpoint answers a load balancer's
@@ -468,8 +468,6 @@ def parse(text, path="<config>", base=None, environment=False):
         report.add("listener", "at least one [[listener]] table is required (expected [[listener]])")
     else:
         listeners = tuple(_build(ListenerConfig, t, "listener[%d]" % i, report, base) for i, t in enumerate(raw))
-    listeners = tuple(l if l.drain_delay is not None else
-                      replace(l, drain_delay=DRAIN_DELAY if built["admin"].endpoint else 0) for l in listeners)
     names = [l.name for l in listeners]
     for i, n in enumerate(names):
         if n is not None and n in names[:i]:
@@ -527,6 +525,18 @@ def parse(text, path="<config>", base=None, environment=False):
     if report.errors:
         raise ConfigError(report.errors)
     return Config(path=path, listeners=listeners, routes=routes, **built)
+
+
+def drainDelay(config, listener):
+    """
+    C{listener}'s drain_delay: as set, or by default L{DRAIN_DELAY} when
+    C{config} has an admin endpoint (whose health checks a load balancer
+    reads) and 0 without.  Worked out when used, so that it follows the
+    admin endpoint the gateway runs with (a reload cannot change that).
+    """
+    if listener.drain_delay is not None:
+        return listener.drain_delay
+    return DRAIN_DELAY if config.admin.endpoint else 0
 
 
 def load(path, environment=False):

@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 
 from relaygw import sdnotify, trust
+from relaygw.config import drainDelay
 from relaygw.durable import Committer
 from relaygw.listeners import Listeners, NullMetrics
 from relaygw.logs import Logger
@@ -198,7 +199,7 @@ class GatewayService(MultiService):
         if self.installSignals and self.worker == 0:
             sdnotify.notify("STOPPING=1")
         self.stopping = True
-        delay = max([l.drain_delay for l in self.config.listeners] or [0])
+        delay = max([drainDelay(self.config, l) for l in self.config.listeners] or [0])
         timeout = max([l.drain_timeout for l in self.config.listeners] or [0])
         children = None
         if self.supervisor is not None and self.supervisor.running:

@@ -33,14 +33,32 @@ def health(port):
 
 class DrainDelayConfigTests(unittest.TestCase):
     def test_defaultFollowsTheAdminEndpoint(self):
+        def delay(text):
+            c = config.parse(text)
+            return config.drainDelay(c, c.listeners[0])
+
         base = "[[listener]]\nname = \"a\"\nendpoint = \"tcp:25\"\n"
-        self.assertEqual(config.parse(base).listeners[0].drain_delay, 0)
+        self.assertEqual(delay(base), 0)
         admin = "[admin]\nendpoint = \"tcp:8081:interface=127.0.0.1\"\n" + base
-        self.assertEqual(config.parse(admin).listeners[0].drain_delay, config.DRAIN_DELAY)
-        self.assertEqual(config.parse(admin + "drain_delay = 1.5\n").listeners[0].drain_delay, 1.5)
+        self.assertEqual(delay(admin), config.DRAIN_DELAY)
+        self.assertEqual(delay(admin + "drain_delay = 1.5\n"), 1.5)
         with self.assertRaises(config.ConfigError) as caught:
             config.parse(base + "drain_delay = -1\n")
         self.assertIn("drain_delay", str(caught.exception))
+
+    def test_defaultFollowsTheRunningAdminEndpoint(self):
+        """
+        A reload that removes (or adds) the admin endpoint, which only a
+        restart does, leaves the default drain_delay as it was.
+        """
+        from relaygw.reload import applicable
+
+        base = "[[listener]]\nname = \"a\"\nendpoint = \"tcp:25\"\n"
+        admin = config.parse("[admin]\nendpoint = \"tcp:8081:interface=127.0.0.1\"\n" + base)
+        plain = config.parse(base)
+        for old, new, expected in ((admin, plain, config.DRAIN_DELAY), (plain, admin, 0)):
+            applied = applicable(old, new)
+            self.assertEqual(config.drainDelay(applied, applied.listeners[0]), expected)
 
 
 class DrainOrderTests(unittest.TestCase):
