@@ -159,11 +159,17 @@ class GatewayService(MultiService):
                 reloadConfig(self, self.configPath,
                              share=self.role.shareConfig if self.supervisor is not None else None)
             else:
-                shared = self.role.newReload()
-                if shared is not None:  # (else worker 0 refused the file, or applied nothing new)
-                    reloadConfig(self, self.configPath, shared)
+                self._followMainProcess()
         if self.supervisor is not None:
             self.supervisor.signalWorkers("HUP")
+
+    def _followMainProcess(self):
+        """A worker: apply the text worker 0 has applied since this worker last did (none if it refused a file)."""
+        from relaygw.reload import reloadConfig
+
+        shared = self.role.newReload()
+        if shared is not None:
+            reloadConfig(self, self.configPath, shared)
 
     def reloadCertificates(self):
         """SIGHUP: re-read every listener's certificate; new connections use it."""
@@ -331,11 +337,7 @@ class GatewayService(MultiService):
 
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
             if self.worker > 0 and self.configPath:
-                missed = self.role.newReload()
-                if missed is not None:
-                    from relaygw.reload import reloadConfig
-
-                    reloadConfig(self, self.configPath, missed)
+                self._followMainProcess()  # (a SIGHUP while this worker started was ignored)
             self.reactor.callWhenRunning(self._drainOnce)  # (after the reactor's own handlers are in place)
             if self.worker == 0:
                 # Every listener is bound; once the reactor runs (its signal
