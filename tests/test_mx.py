@@ -243,27 +243,41 @@ class LookupNextHopsTests(unittest.TestCase):
         """A lookup the DNS never answers ends, a temporary failure, after LOOKUP_SECONDS."""
         self.patch(mx, "LOOKUP_SECONDS", 0.3)
         started = reactor.seconds()
-        yield self.assertFailure(lookupNextHops(self.resolver, "hang.hostile.test"), TemporaryLookupFailure)
+        failure = yield self.assertFailure(lookupNextHops(self.resolver, "hang.hostile.test"), TemporaryLookupFailure)
         self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual(str(failure), "hang.hostile.test: DNS lookup timed out after 0.3s")
         yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
 
 
-class _NotAResponse(protocol.DatagramProtocol):
-    """Answers each query with a packet of the same id that is no response (QR clear), saying NXDOMAIN."""
+class _BadReply(protocol.DatagramProtocol):
+    """
+    Answers each query with a packet of the same id saying NXDOMAIN: no
+    response (QR clear), or a response about another name.
+    """
+
+    def __init__(self, answer, otherName):
+        self.answer, self.otherName = answer, otherName
 
     def datagramReceived(self, data, address):
         query = dns.Message()
         query.fromStr(data)
-        reply = dns.Message(id=query.id, answer=0, rCode=dns.ENAME)
-        reply.queries = query.queries
+        reply = dns.Message(id=query.id, answer=self.answer, rCode=dns.ENAME)
+        reply.queries = [dns.Query(b"other.test", q.type, q.cls) for q in query.queries] \
+            if self.otherName else query.queries
         self.transport.write(reply.toStr(), address)
 
 
 class StrictResolverTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_notAResponseIsNoAnswer(self):
-        """A packet that is no response is not believed: a temporary failure, not a domain that does not exist."""
-        udp = reactor.listenUDP(0, _NotAResponse(), interface="127.0.0.1")
+    """A reply that is not the server's word about the name asked is not believed: a temporary failure."""
+
+    def lookup(self, server):
+        udp = reactor.listenUDP(0, server, interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
         resolver = mx.makeResolver(("127.0.0.1", udp.getHost().port))
-        yield self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)
+        return self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)
+
+    def test_notAResponse(self):
+        return self.lookup(_BadReply(answer=0, otherName=False))
+
+    def test_anotherQuestion(self):
+        return self.lookup(_BadReply(answer=1, otherName=True))

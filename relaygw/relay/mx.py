@@ -52,16 +52,27 @@ class TemporaryLookupFailure(Exception):
 
 class StrictResolver(client.Resolver):
     """
-    twisted.names' resolver, refusing a reply that is not a response (its QR
-    bit clear) to a standard query: its RCODE is not a server's word (an
-    NXDOMAIN read from such a packet bounced mail at once).  Refused, the
-    lookup fails as if the server had: a temporary failure.
+    twisted.names' resolver, which matches a reply to its query by id and
+    source alone, refusing a reply that is not a response (its QR bit
+    clear) to a standard query, or whose question is not the one asked
+    (RFC 5452 section 9.1): its RCODE and records are not a server's word
+    about that name (an NXDOMAIN read from such a packet bounced mail at
+    once).  Refused, the lookup fails as if the server had: a temporary
+    failure.
     """
 
-    def filterAnswers(self, message):
-        if not message.answer or message.opCode != dns.OP_QUERY:
-            return Failure(error.DNSServerError(message))
-        return client.Resolver.filterAnswers(self, message)
+    def queryUDP(self, queries, timeout=None):
+        return client.Resolver.queryUDP(self, queries, timeout).addCallback(self._answers, queries)
+
+    def queryTCP(self, queries, timeout=10):
+        return client.Resolver.queryTCP(self, queries, timeout).addCallback(self._answers, queries)
+
+    def _answers(self, message, queries):
+        asked = [(_name(q.name), q.type, q.cls) for q in queries]
+        if not message.answer or message.opCode != dns.OP_QUERY \
+                or [(_name(q.name), q.type, q.cls) for q in message.queries] != asked:
+            raise error.DNSServerError(message)
+        return message
 
 
 def makeResolver(server=None):
@@ -241,11 +252,6 @@ def lookupNextHops(resolver, domain, withNames=False, clock=None):
     if clock is None:
         from twisted.internet import reactor as clock
     d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))
-    d.addTimeout(LOOKUP_SECONDS, clock)
-    d.addErrback(_timedOut, domain)
+    d.addTimeout(LOOKUP_SECONDS, clock, onTimeoutCancel=lambda result, timeout: Failure(
+        TemporaryLookupFailure("%s: DNS lookup timed out after %gs" % (domain, timeout))))
     return d if withNames else d.addCallback(lambda hops: [hop[:2] for hop in hops])
-
-
-def _timedOut(failure, domain):
-    failure.trap(defer.TimeoutError)
-    raise TemporaryLookupFailure("%s: DNS lookup timed out after %ds" % (domain, LOOKUP_SECONDS))
