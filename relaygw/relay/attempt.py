@@ -136,9 +136,7 @@ class Attempts:
                                   time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
         if recorded.events:
             attempt.state, attempt.fresh = recorded.state, False
-            self._logged(attempt, [event for event in recorded.events
-                               if not (event.status == outcome.DONE and event.recipient in attempt.logged)])
-            attempt.logged.update(event.recipient for event in recorded.events)
+            self._logged(attempt, recorded.events)
             return self.progress.persist(attempt.qid, recorded.state)
         return None
 
@@ -169,8 +167,7 @@ class Attempts:
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
-        self._logged(attempt, [event for event in recorded.events
-                               if not (event.status == outcome.DONE and event.recipient in attempt.logged)])
+        self._logged(attempt, recorded.events)
         fresh = attempt.fresh
         d = defer.succeed(None)
         if recorded.provisional is not None and self.spool.exists(qid):
@@ -202,7 +199,12 @@ class Attempts:
         self.queuedAt.pop(qid, None)
 
     def _logged(self, attempt, events):
-        """Each recipient's outcome to the mail log and the metrics."""
+        """
+        Each recipient's outcome to the mail log and the metrics; a delivery
+        already told while the attempt went on (L{_keep}) is not told again.
+        """
+        events = [event for event in events if not (event.status == outcome.DONE and event.recipient in attempt.logged)]
+        attempt.logged.update(event.recipient for event in events if event.status == outcome.DONE)
         qid, message, metrics = attempt.qid, attempt.message, self.manager.metrics
         now = time.time()
         arrival = message.arrival or attempt.started
