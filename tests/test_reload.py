@@ -338,30 +338,38 @@ class WorkersReloadTests(unittest.TestCase):
 
         return inThread(run)
 
-    def restartedWorkerAnswers(self, process, edit):
-        """
-        Call C{edit()}, kill worker 1 and wait for the main process to start
-        it again; the replies to a second RCPT (L{secondRecipient}) in ten
-        sessions that the new worker alone takes (the main process held up
-        with SIGSTOP).
-        """
+    def restartWorker(self, process, edit=lambda: None):
+        """Call C{edit()}, kill worker 1 and wait until the main process has started it again: its pid."""
         [old] = childPids(process.pid)
         edit()
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and spoolPids(self.directory).get("w1") in (None, old):
-            time.sleep(0.1)
+            time.sleep(0.005)
         [new] = childPids(process.pid)
         self.assertEqual(spoolPids(self.directory).get("w1"), new)
+        return new
+
+    def workersAnswer(self, process, sessions):
+        """
+        The replies to a second RCPT (L{secondRecipient}) in C{sessions}
+        sessions the other workers alone take (the main process held up with
+        SIGSTOP).
+        """
         os.kill(process.pid, signal.SIGSTOP)
         try:
             # Stopped for good: one still in epoll_wait would be woken for
             # the next connection in the other's stead, and strand it.
             while processState(process.pid) != "T":
                 time.sleep(0.01)
-            return [self.secondRecipient() for _ in range(10)]
+            return [self.secondRecipient() for _ in range(sessions)]
         finally:
             os.kill(process.pid, signal.SIGCONT)
+
+    def restartedWorkerAnswers(self, process, edit):
+        """L{workersAnswer} in ten sessions once worker 1 is started again after C{edit()}."""
+        self.restartWorker(process, edit)
+        return self.workersAnswer(process, 10)
 
     def test_sighupWhileAWorkerStarts(self):
         """
@@ -374,14 +382,9 @@ class WorkersReloadTests(unittest.TestCase):
             self.write(100)
             with twistdRunning(self.conf, self.directory) as p:
                 self.bothWorkersUp()
-                [old] = childPids(p.pid)
-                os.kill(old, signal.SIGKILL)
-                deadline = time.monotonic() + 15
-                while time.monotonic() < deadline and spoolPids(self.directory).get("w1") in (None, old):
-                    time.sleep(0.005)
+                new = self.restartWorker(p)
                 # Its config read (the lock is taken after it), its handler
                 # most likely not yet in place: hold it there over a reload.
-                [new] = childPids(p.pid)
                 os.kill(new, signal.SIGSTOP)
                 try:
                     self.reload(p, 1)
@@ -392,13 +395,7 @@ class WorkersReloadTests(unittest.TestCase):
                     time.sleep(0.05)
                 time.sleep(1.0)
                 self.assertEqual(childPids(p.pid), [new])
-                os.kill(p.pid, signal.SIGSTOP)
-                try:
-                    while processState(p.pid) != "T":
-                        time.sleep(0.01)
-                    codes = [self.secondRecipient() for _ in range(5)]
-                finally:
-                    os.kill(p.pid, signal.SIGCONT)
+                codes = self.workersAnswer(p, 5)
             self.assertEqual(p.output.count("exited"), 1, p.output)  # (the kill -9)
             self.assertEqual(codes, [452] * 5, p.output)
 
