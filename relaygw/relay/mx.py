@@ -68,11 +68,13 @@ class StrictResolver(client.Resolver):
         return client.Resolver.queryTCP(self, queries, timeout).addCallback(self._answers, queries)
 
     def _answers(self, message, queries):
-        asked = [(_name(q.name), q.type, q.cls) for q in queries]
-        if not message.answer or message.opCode != dns.OP_QUERY \
-                or [(_name(q.name), q.type, q.cls) for q in message.queries] != asked:
+        if not message.answer or message.opCode != dns.OP_QUERY or _questions(message.queries) != _questions(queries):
             raise error.DNSServerError(message)
         return message
+
+
+def _questions(queries):
+    return [(_name(q.name), q.type, q.cls) for q in queries]
 
 
 def makeResolver(server=None):
