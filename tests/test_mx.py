@@ -61,6 +61,9 @@ class _Hostile(common.ResolverBase):
         if name == b"alias.hostile.test" and type == dns.MX:
             return defer.succeed(([rr(b"alias.hostile.test", dns.Record_CNAME(b"target.hostile.test")),
                                    rr(b"target.hostile.test", dns.Record_MX(10, b"mx2.example.test"))], [], []))
+        if name == b"loop.hostile.test":
+            return defer.succeed(([rr(b"loop.hostile.test", dns.Record_CNAME(b"loop2.hostile.test")),
+                                   rr(b"loop2.hostile.test", dns.Record_CNAME(b"loop.hostile.test"))], [], []))
         if name == b"hang.hostile.test":
             d = defer.Deferred()
             self.hanging.append(d)
@@ -247,6 +250,12 @@ class LookupNextHopsTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - started, 2)
         self.assertEqual(str(failure), "hang.hostile.test: DNS lookup timed out after 0.3s")
         yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
+
+
+    def test_cnameLoop(self):
+        """A CNAME loop in a NOERROR answer is a temporary failure (a resolver's SERVFAIL), not "no MX"."""
+        d = self.assertFailure(lookupNextHops(self.resolver, "loop.hostile.test"), TemporaryLookupFailure)
+        return d.addCallback(lambda failure: self.assertEqual(str(failure), "loop.hostile.test: CNAME loop"))
 
 
 class _BadReply(protocol.DatagramProtocol):

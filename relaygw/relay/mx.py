@@ -11,8 +11,9 @@ bounce or defer.
 
 Only records owned by the name asked for (or by a name its CNAME records in
 the same answer lead to) count, so an answer about another name cannot send
-mail elsewhere; at most C{MX_HOST_LIMIT} MX hosts are looked up, together,
-and the whole lookup takes at most C{LOOKUP_SECONDS}.
+mail elsewhere; a CNAME loop is a temporary failure.  At most
+C{MX_HOST_LIMIT} MX hosts are looked up, together, and the whole lookup
+takes at most C{LOOKUP_SECONDS}.
 """
 
 import random
@@ -104,9 +105,12 @@ def _owned(records, name):
     """
     The records in C{records} (RRHeaders) owned by C{name}, or by a name
     the CNAME records among them lead to from it.
+
+    @raise TemporaryLookupFailure: those CNAMEs loop (a resolver answers
+        SERVFAIL for a loop; this reply came without one).
     """
     names = {name}
-    cnames = [(_name(rr.name), _name(rr.payload.name)) for rr in records if rr.type == dns.CNAME]
+    cnames = {(_name(rr.name), _name(rr.payload.name)) for rr in records if rr.type == dns.CNAME}
     grown = True
     while grown:
         grown = False
@@ -114,6 +118,13 @@ def _owned(records, name):
             if owner in names and target not in names:
                 names.add(target)
                 grown = True
+    # A loop is what is left once names with no CNAME onward are peeled off.
+    onward = {(owner, target) for owner, target in cnames if owner in names}
+    while onward:
+        ends = {target for owner, target in onward} - {owner for owner, target in onward}
+        if not ends:
+            raise TemporaryLookupFailure("%s: CNAME loop" % (name,))
+        onward = {(owner, target) for owner, target in onward if target not in ends}
     return [rr for rr in records if _name(rr.name) in names]
 
 
