@@ -110,6 +110,8 @@ EXAMPLE_TEST = {
     b"badname.example.test": [dns.Record_MX(10, b"\xc3\xa9t\xc3\xa9.example.test"),
                               dns.Record_MX(20, b"mx2.example.test")],
     b"notnull.example.test": [dns.Record_MX(10, b"")],
+    b"silentbackup.example.test": [dns.Record_MX(10, b"mx2.example.test"), dns.Record_MX(20, b"hang.hostile.test")],
+    b"silentbest.example.test": [dns.Record_MX(10, b"hang.hostile.test"), dns.Record_MX(20, b"mx2.example.test")],
     b"many.example.test": [dns.Record_MX(i, b"m%d.example.test" % i) for i in range(1, 9)],
     **{b"m%d.example.test" % i: [dns.Record_A("192.0.2.%d" % (100 + i))] for i in range(1, 9)},
 }
@@ -251,6 +253,34 @@ class LookupNextHopsTests(unittest.TestCase):
         self.assertEqual(str(failure), "hang.hostile.test: DNS lookup timed out after 0.3s")
         yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
 
+
+    @defer.inlineCallbacks
+    def test_silentHostLeftOut(self):
+        """
+        Once one MX host has addresses, a host whose DNS never answers gets
+        HOST_GRACE_SECONDS more and is then left out, better or worse
+        (it used to hold the domain's mail for the whole LOOKUP_SECONDS).
+        """
+        self.patch(mx, "HOST_GRACE_SECONDS", 0.3)
+        for domain in ("silentbackup.example.test", "silentbest.example.test"):
+            started = reactor.seconds()
+            hops = yield lookupNextHops(self.resolver, domain)
+            self.assertEqual(hops, [("192.0.2.2", 25)])
+            self.assertLess(reactor.seconds() - started, 2)
+        yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
+
+    @defer.inlineCallbacks
+    def test_answerWithinGraceKept(self):
+        """A better host answering within the grace still comes first."""
+        self.patch(mx, "HOST_GRACE_SECONDS", 5)
+        pending = lookupNextHops(self.resolver, "silentbest.example.test")
+        while len(self.hostile.hanging) < 2:  # (its A and AAAA queries)
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        found = dns.RRHeader(b"hang.hostile.test", dns.A, payload=dns.Record_A("192.0.2.77"), ttl=60)
+        for d in self.hostile.hanging:
+            d.callback(([found] if d is self.hostile.hanging[0] else [], [], []))
+        hops = yield pending
+        self.assertEqual(hops, [("192.0.2.77", 25), ("192.0.2.2", 25)])
 
     def test_cnameLoop(self):
         """A CNAME loop in a NOERROR answer is a temporary failure (a resolver's SERVFAIL), not "no MX"."""

@@ -12,8 +12,9 @@ bounce or defer.
 Only records owned by the name asked for (or by a name its CNAME records in
 the same answer lead to) count, so an answer about another name cannot send
 mail elsewhere; a CNAME loop is a temporary failure.  At most
-C{MX_HOST_LIMIT} MX hosts are looked up, together, and the whole lookup
-takes at most C{LOOKUP_SECONDS}.
+C{MX_HOST_LIMIT} MX hosts are looked up, together; once one has addresses,
+the others get C{HOST_GRACE_SECONDS} more, and the whole lookup takes at
+most C{LOOKUP_SECONDS}.
 """
 
 import random
@@ -37,6 +38,11 @@ MX_HOST_LIMIT = 5
 #: Seconds a whole lookup may take (the MX query, then the hosts'
 #: addresses, each of which the resolver may retry for up to a minute).
 LOOKUP_SECONDS = 60.0
+
+#: Seconds the other MX hosts' lookups may go on once one host has
+#: addresses (a resolver's usual timeout): a host whose DNS never answers
+#: is left out of this attempt rather than holding the domain's mail.
+HOST_GRACE_SECONDS = 5.0
 
 
 class NullMX(Exception):
@@ -187,7 +193,7 @@ def _sortMX(records):
     return sorted(records, key=lambda rr: (rr.payload.preference, random.random()))
 
 
-async def _lookupNextHops(resolver, domain):
+async def _lookupNextHops(resolver, domain, clock):
     domain = _name(domain)
     try:
         answers, authority, additional = await resolver.lookupMailExchange(domain)
@@ -217,10 +223,14 @@ async def _lookupNextHops(resolver, domain):
             return known
         return await _hostAddresses(resolver, host)
 
-    results = await defer.DeferredList([defer.Deferred.fromCoroutine(resolve(host)) for host in hosts],
-                                       consumeErrors=True)
+    results = await _settled([defer.Deferred.fromCoroutine(resolve(host)) for host in hosts], clock)
     addresses, temporary = [], None
-    for host, (success, result) in zip(hosts, results):
+    for host, outcome in zip(hosts, results):
+        if outcome is None:
+            log.info("{domain}: MX host {host} unanswered after {grace}s more; not tried this time",
+                     domain=domain, host=host, grace=HOST_GRACE_SECONDS)
+            continue
+        success, result = outcome
         if success:
             addresses.extend((ip, host) for ip in result)
         elif result.check(NoSuchDomain):
@@ -237,6 +247,51 @@ async def _lookupNextHops(resolver, domain):
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
     return _unique(addresses)
+
+
+def _settled(lookups, clock):
+    """
+    Wait for the host lookups C{lookups}: all of them, or, once one has
+    found addresses, the others for C{HOST_GRACE_SECONDS} more (those still
+    going then are cancelled).
+
+    @return: a L{Deferred} firing with a list, one entry per lookup:
+        C{(success, result)} as L{defer.DeferredList} gives, or C{None} for
+        a lookup cut by the grace.  Cancelling it cancels them all.
+    """
+    results = [None] * len(lookups)
+    left = [len(lookups)]
+    grace, finished = [], []
+
+    def finish(_=None):
+        finished.append(True)
+        for timer in grace:
+            if timer.active():
+                timer.cancel()
+        for i, lookup in enumerate(lookups):
+            if results[i] is None:
+                lookup.cancel()  # (its outcome, a CancelledError, is dropped by settle)
+
+    def cut():
+        finish()
+        done.callback(results)
+
+    def settle(result, i):
+        if finished:
+            return
+        results[i] = (not isinstance(result, Failure), result)
+        left[0] -= 1
+        if not left[0]:
+            cut()
+        elif results[i][0] and result and not grace:
+            grace.append(clock.callLater(HOST_GRACE_SECONDS, cut))
+
+    done = defer.Deferred(finish)
+    for i, lookup in enumerate(lookups):
+        lookup.addBoth(settle, i)
+    if not lookups:
+        done.callback(results)
+    return done
 
 
 def _unique(addresses):
@@ -264,7 +319,7 @@ def lookupNextHops(resolver, domain, withNames=False, clock=None):
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain))
+    d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain, clock))
     d.addTimeout(LOOKUP_SECONDS, clock, onTimeoutCancel=lambda result, timeout: Failure(
         TemporaryLookupFailure("%s: DNS lookup timed out after %gs" % (domain, timeout))))
     return d if withNames else d.addCallback(lambda hops: [hop[:2] for hop in hops])
