@@ -65,7 +65,8 @@ def makeService(options):
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
         raise SystemExit(1)
     try:
-        service = build(options.config, worker=worker, configPath=options["config"],
+        configPath = os.path.abspath(options["config"]) if options["config"] else None  # (as the workers get it)
+        service = build(options.config, worker=worker, configPath=configPath,
                         logFile=_logFile(getattr(options, "parent", None)), configText=options.configText)
         # Exclusive ownership of the spool partition, for the process's
         # lifetime: a second gateway on the same spool stops here.

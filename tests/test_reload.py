@@ -300,14 +300,15 @@ class WorkersReloadTests(unittest.TestCase):
         """
         def run():
             self.write(100)
-            with twistdRunning(self.conf, self.directory) as p:
+            relative = ["--config", os.path.basename(self.conf)]  # (both processes name the file by its full path)
+            with twistdRunning(None, self.directory, relative) as p:
                 self.bothWorkersUp()
                 self.reload(p, 1)
                 self.replace("[[listener]]\nname = 1\n")  # invalid
                 p.send_signal(signal.SIGHUP)
                 time.sleep(1.0)
                 codes = [self.secondRecipient() for _ in range(10)]
-            self.assertEqual(p.output.count("reload: applied"), 2, p.output)
+            self.assertEqual(p.output.count("reload: applied %s\n" % (self.conf,)), 2, p.output)
             self.assertEqual(p.output.count("reload refused"), 2, p.output)  # (a line per error, the main process's)
             self.assertEqual(codes, [452] * 10)
 
