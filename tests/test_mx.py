@@ -306,6 +306,19 @@ class _BadReply(protocol.DatagramProtocol):
         self.transport.write(reply.toStr(), address)
 
 
+class _CutReply(protocol.DatagramProtocol):
+    """Answers each query with one A record, cut off after the question (its header still counts the record)."""
+
+    def datagramReceived(self, data, address):
+        query = dns.Message()
+        query.fromStr(data)
+        reply = dns.Message(id=query.id, answer=1)
+        reply.queries = query.queries
+        whole = len(reply.toStr())
+        reply.answers = [dns.RRHeader(query.queries[0].name.name, payload=dns.Record_A("192.0.2.99"))]
+        self.transport.write(reply.toStr()[:whole], address)
+
+
 class StrictResolverTests(unittest.TestCase):
     """A reply that is not the server's word about the name asked is not believed: a temporary failure."""
 
@@ -320,3 +333,22 @@ class StrictResolverTests(unittest.TestCase):
 
     def test_anotherQuestion(self):
         return self.lookup(_BadReply(answer=1, otherName=True))
+
+    @defer.inlineCallbacks
+    def test_cutReplyAskedOverTCP(self):
+        """
+        A UDP reply missing the records its header counts, without the TC
+        bit, is asked again over TCP: read as it was, "no MX" made the
+        domain's own address (here none: a bounce) its next hop.
+        """
+        udp = reactor.listenUDP(0, _CutReply(), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        tcp = reactor.listenTCP(udp.getHost().port, server.DNSServerFactory(
+            authorities=[_zone(b"example.test", EXAMPLE_TEST)]), interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+        resolver = mx.makeResolver(("127.0.0.1", udp.getHost().port))
+        hops = yield lookupNextHops(resolver, "example.test")
+        self.assertEqual(hops[0], ("192.0.2.1", 25))
+        for connection in resolver.connections:  # (twisted.names keeps them open)
+            connection.transport.loseConnection()
+        yield task.deferLater(reactor, 0.1, lambda: None)

@@ -19,6 +19,7 @@ most C{LOOKUP_SECONDS}.
 
 import random
 import socket
+import struct
 
 from twisted.internet import defer
 from twisted.names import client, dns, error
@@ -65,8 +66,18 @@ class StrictResolver(client.Resolver):
     (RFC 5452 section 9.1): its RCODE and records are not a server's word
     about that name (an NXDOMAIN read from such a packet bounced mail at
     once).  Refused, the lookup fails as if the server had: a temporary
-    failure.
+    failure.  A UDP reply cut short is asked again over TCP.
     """
+
+    def _connectedProtocol(self, interface=""):
+        protocol = client.Resolver._connectedProtocol(self, interface)
+        received = protocol.datagramReceived
+
+        def datagramReceived(data, address):
+            received(_truncatedIfCut(data), address)
+
+        protocol.datagramReceived = datagramReceived
+        return protocol
 
     def queryUDP(self, queries, timeout=None):
         return client.Resolver.queryUDP(self, queries, timeout).addCallback(self._answers, queries)
@@ -78,6 +89,25 @@ class StrictResolver(client.Resolver):
         if not message.answer or message.opCode != dns.OP_QUERY or _questions(message.queries) != _questions(queries):
             raise error.DNSServerError(message)
         return message
+
+
+def _truncatedIfCut(data):
+    """
+    A UDP reply with fewer records than its header counts (cut short on its
+    way, the TC bit not set; twisted.names reads what is there), marked
+    truncated, so that it is asked again over TCP (RFC 2181 section 9):
+    read as it is, its missing MX records made the domain's own address
+    its next hop.
+    """
+    message = dns.Message()
+    try:
+        message.fromStr(data)
+    except (EOFError, ValueError):
+        return data  # (twisted.names drops it)
+    sections = message.queries, message.answers, message.authority, message.additional
+    if struct.unpack("!4H", data[4:12]) == tuple(map(len, sections)):
+        return data
+    return data[:2] + bytes([data[2] | 0x02]) + data[3:]
 
 
 def _questions(queries):
