@@ -326,6 +326,27 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(self.gw.service.spool.readState(qid), {})
 
     @defer.inlineCallbacks
+    def test_messageBehindABrokenSessionNotDeferred(self):
+        """
+        A next hop closing the connection at one message's end of data
+        defers that message alone: the one carried behind it on the same
+        connection was not sent, and goes out at once on a new connection
+        (it was deferred with it, retried with it, and in the end bounced
+        with it).
+        """
+        hop = TrackingHopFactory(greetDelay=1.0, extensions=["PIPELINING"], dropAtEndFor="poison@example.net")
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 300, "retry_max": 300})
+        yield self.send(subject="first", rcpts=("r0@example.net",))  # (its connection's greeting is late)
+        poison = yield self.send(subject="poison", rcpts=("poison@example.net",))
+        yield self.send(subject="behind", rcpts=("r1@example.net",))  # (the same batch, behind the poison)
+        yield self.until(lambda: len(hop.transactions) == 2 and self.gw.service.spool.queueIds() == [poison])
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1])
+        self.assertEqual(self.gw.service.spool.readState(poison).get("attempts"), 1)
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

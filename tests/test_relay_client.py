@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.relay import body, client
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
+from relaygw.relay.nexthop import NOT_SENT
 from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem
 
 CONTENT = (
@@ -324,16 +325,17 @@ class DeliveryTests(_DeliveryTestCase):
 
     @defer.inlineCallbacks
     def test_droppedMidData(self):
-        """A connection dropped during DATA leaves every recipient temporary."""
+        """A connection dropped during DATA leaves its recipients temporary, and the next message not sent."""
         factory = _ScriptedFactory(drop="body")
         port = self.listen(factory)
         content = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
         content *= 4000
         messages = [self.message(["a@example.test", "b@example.test"], content=content), self.message(["c@example.test"])]
         results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
-        for result in list(results[0].values()) + list(results[1].values()):
+        for result in results[0].values():
             self.assertTemporary(result, "127.0.0.1:%d" % (port,))
         self.assertIn("lost during message body", results[0]["a@example.test"].text)
+        self.assertEqual(results[1]["c@example.test"], NOT_SENT)
         self.assertEqual(factory.messages, [])
 
     @defer.inlineCallbacks
@@ -537,14 +539,41 @@ class PipeliningTests(_DeliveryTestCase):
     def test_lostWithEnvelopeAhead(self):
         """
         The connection going away after an end of data, with the next
-        envelope already sent, defers both messages.
+        envelope already sent, defers that message; the messages behind it
+        were not sent (no attempt: L{NOT_SENT}), whether their envelope had
+        gone out ahead or not.
         """
-        factory = _ScriptedFactory(extensions=["PIPELINING"], drop="end")
+        for extensions in (["PIPELINING"], []):
+            factory = _ScriptedFactory(extensions=extensions, drop="end")
+            port = self.listen(factory)
+            messages = [self.message(["a@example.test"]), self.message(["b@example.test"]),
+                        self.message(["c@example.test"])]
+            results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+            self.assertTemporary(results[0]["a@example.test"], "end of data")
+            self.assertFalse(results[0]["a@example.test"].untried)
+            self.assertEqual([results[1]["b@example.test"], results[2]["c@example.test"]], [NOT_SENT] * 2)
+            self.assertTrue(NOT_SENT.untried)
+
+    @defer.inlineCallbacks
+    def test_silentAfterEndOfData(self):
+        """A next hop that never answers an end of data: that message times out, the next one is not sent."""
+        factory = _ScriptedFactory(endOfData=None)
         port = self.listen(factory)
         messages = [self.message(["a@example.test"]), self.message(["b@example.test"])]
-        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
-        self.assertTemporary(results[0]["a@example.test"], "end of data")
-        self.assertTemporary(results[1]["b@example.test"])
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options(timeout=0.3))
+        self.assertTemporary(results[0]["a@example.test"], "timeout waiting for end of data")
+        self.assertEqual(results[1]["b@example.test"], NOT_SENT)
+
+    @defer.inlineCallbacks
+    def test_failedSessionFailsEveryMessage(self):
+        """A session that fails before any message (its greeting refused) is an attempt for each message."""
+        factory = _ScriptedFactory(greeting=b"421 4.3.2 busy")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test"]),
+                                                             self.message(["b@example.test"])], _options())
+        for result, rcpt in zip(results, ["a@example.test", "b@example.test"]):
+            self.assertTemporary(result[rcpt], "busy")
+            self.assertFalse(result[rcpt].untried)
 
 
 class AuthAndForwardingTests(_DeliveryTestCase):

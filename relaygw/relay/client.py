@@ -33,7 +33,7 @@ from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporar
 from relaygw.relay.clientwire import RecipientResult  # noqa: F401 (the results of deliver, named here for its callers)
 from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
-from relaygw.relay.nexthop import WITHDRAWN
+from relaygw.relay.nexthop import NOT_SENT, WITHDRAWN
 from relaygw.relay.settlement import Settlement
 from relaygw.relay.transaction import Transaction
 from relaygw.spoolapi import Withdrawn
@@ -120,6 +120,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         self.ahead = None  # (file, size) of the next message, its envelope already sent
         self.stale = False
         self.peerIP = None
+        self.current = None  # the index of the message under way
         self.setupStarted = self.setupTime = None
         self.sendStarted = {}
 
@@ -167,6 +168,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         """
         self.messages, self.results = messages, [{} for _ in messages]
         self.settled, self.reported = settled, set()
+        self.current = None
         kept = self.proto
         self.sendStarted = {}
         if kept is not None:
@@ -184,12 +186,12 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
                 if not keepOpen:
                     await self._quit()
             except _SessionFailure as e:
-                self._settleAll(e.result)
+                self._brokenDown(e.result)
                 self.broken = True
                 await self._quit()
             except Exception:
                 self.broken = True
-                self._settleAll(await self._describe(Failure()))
+                self._brokenDown(await self._describe(Failure()))
         except Exception:
             self.broken = True
             log.failure("{where}: delivery failed", where=self.where)
@@ -206,6 +208,17 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             self.broken = True
             self.proto.abort()
         return self.results
+
+    def _brokenDown(self, result):
+        """
+        The session broke down: the message under way (and every one before
+        it still open) gets C{result}, each message after it L{NOT_SENT}.
+        All of them get C{result} when none was under way yet (the
+        connection itself failed) or the gateway cut the connection.
+        """
+        for index, message in enumerate(self.messages):
+            reached = self.current is None or index <= self.current or result.untried
+            self._settle(index, message.recipients, result if reached else NOT_SENT)
 
     async def close(self):
         """Say QUIT and close (a kept-open connection that is no longer needed)."""
@@ -237,6 +250,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
 
     async def _transaction(self, index, message):
+        self.current = index
         self.sendStarted[index] = self.reactor.seconds()
         ahead, self.ahead = self.ahead, None
         body, size = ahead or self._openBody(message)

@@ -37,8 +37,11 @@ class Result:
 
     @property
     def untried(self):
-        """No attempt to count: L{WITHDRAWN}, or cut short by the gateway's stop (L{STOPPED})."""
-        return self == WITHDRAWN or self == STOPPED
+        """
+        No attempt to count: L{WITHDRAWN}, cut short by the gateway's stop
+        (L{STOPPED}), or never reached by its connection (L{NOT_SENT}).
+        """
+        return self == WITHDRAWN or self == STOPPED or self == NOT_SENT
 
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
@@ -63,6 +66,14 @@ WITHDRAWN = Result(451, "4.3.0", "held or deleted before it went out")
 #: way when the gateway stopped (L{relaygw.relay.smtp.SMTPNextHop.cutShort}):
 #: not an attempt; the message stays queued as it was, for the next start.
 STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop")
+
+#: The result for each recipient of a message its connection never got to
+#: (at most its envelope went out ahead): the session broke down over an
+#: earlier message, the next hop closing or going silent after that one's
+#: end of data, say.  Not an attempt: the message is tried again at once,
+#: without the one that broke the session, instead of being deferred with
+#: it, retried with it and in the end bounced with it.
+NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an earlier message")
 
 
 class INextHop(Interface):

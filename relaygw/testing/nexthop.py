@@ -56,7 +56,7 @@ class ScriptedSMTPServer(LineReceiver):
                 self.dropped = True
                 self.transport.abortConnection()
                 return
-            if line == b"." and f.drop == "end":
+            if line == b"." and (f.drop == "end" or f.dropAtEndFor in self.accepted):
                 self.dropped = True
                 self.transport.loseConnection()  # lost before the end-of-data reply
                 return
@@ -147,6 +147,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
     @param drop: C{"body"} aborts the connection inside DATA (C{drops} times);
         C{"end"} closes it instead of answering the final dot; C{"reused"}
         closes a connection that already carried a message at its next MAIL.
+    @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
     """
 
     protocol = ScriptedSMTPServer
@@ -161,6 +162,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.endOfData = kw.pop("endOfData", "250 2.0.0 Ok: queued as 4ABC")  # (None: no reply)
         self.authReply = kw.pop("authReply", "235 2.7.0 Authentication successful")
         self.drop = kw.pop("drop", None)
+        self.dropAtEndFor = kw.pop("dropAtEndFor", None)
         self.dropsLeft = drops
         assert not kw, kw
         self.connections = []
