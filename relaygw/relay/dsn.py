@@ -15,12 +15,32 @@ from relaygw.spoolapi import Envelope
 log = Logger(namespace="relaygw.queue")
 
 
+#: RFC 5322's limit on a line's length, its CRLF not counted.
+RFC5322_LINE = 998
+
+
 def _headers(message, limit=65536):
-    """The original message's header section."""
+    """
+    The original message's header section, for the bounce's
+    text/rfc822-headers part: at most C{limit} octets, in whole lines, a
+    line longer than RFC 5322 allows continued on the next (a space first).
+    """
     with message.openBody() as f:
         data = f.read(limit)
     end = data.find(b"\r\n\r\n")
-    return data[: end + 2] if end != -1 else data
+    if end == -1:
+        end = data.rfind(b"\r\n")  # (no end of the headers in the first C{limit} octets)
+    if end != -1:
+        data = data[: end + 2]
+    lines = []
+    for line in data.split(b"\r\n"):
+        while len(line) > RFC5322_LINE:
+            lines.append(line[:RFC5322_LINE])
+            line = b" " + line[RFC5322_LINE:]
+        lines.append(line)
+    if not lines[-1]:
+        lines.pop()
+    return b"".join(line + b"\r\n" for line in lines)
 
 
 def _clean(text):
@@ -93,8 +113,10 @@ def buildBounce(message, failures, hostname, now=None):
     text = "\r\n".join(parts)
     # A blank line ends the per-message fields; one more separates each
     # recipient's group (RFC 3464 section 2.1).
-    text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n" % boundary
-    body = text.encode("ascii") + _headers(message)
+    headers = _headers(message)
+    text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n%s\r\n" % (
+        boundary, "" if headers.isascii() else "Content-Transfer-Encoding: 8bit\r\n")
+    body = text.encode("ascii") + headers
     return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")
 
 
