@@ -449,6 +449,10 @@ def _replaceWhole(path, data):
         return True
     except OSError as e:
         _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+        try:
+            removeFiles([path + ".tmp"])  # (an empty one, on a full disk)
+        except OSError:
+            pass
         return False
 
 

@@ -15,7 +15,7 @@ import urllib.request
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from relaygw import durable
+from relaygw import durable, workers
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, inThread
 from tests.relaysetup import RelayTestCase
@@ -334,6 +334,19 @@ class TmpfsTests(unittest.TestCase):
                 self.assertEqual(len(f.read()), m.size)
         self.assertEqual(os.listdir(spool.path("tmp")), [])
         self.assertEqual(os.listdir(spool.path("corrupt")), [])
+
+    def test_sharedTextNotLeftHalfWritten(self):
+        """The text the main process shares with its workers, on a full disk: refused, and no partial file left."""
+        with open(os.path.join(self.mount, "filler"), "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        path = os.path.join(self.mount, "reload.toml")
+        self.assertFalse(workers._replaceWhole(path, b"# config\n" * 10000))
+        self.assertEqual(sorted(os.listdir(self.mount)), ["filler"])
 
     @defer.inlineCallbacks
     def test_fullDuringData(self):
