@@ -434,6 +434,52 @@ class BackoffTests(unittest.TestCase):
         yield q.stopService()
 
 
+class AttemptsEndingAtOnceTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_manyHeldMessagesWaiting(self):
+        """
+        Attempts that end at once, with no I/O (600 held messages, flushed
+        while the one delivery slot was busy), run one after another once
+        the slot is free, not each inside the last: it took a
+        RecursionError, and the message it hit stayed "in flight" for good.
+        """
+        from relaygw.relay.nexthop import Result
+        from relaygw.relay.queue import QueueManager
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        writers = []
+        for n in range(601):
+            w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
+                                  "arrival": time.time(), "context": {}})
+            w.write(b"m%d\r\n" % n)
+            writers.append(w.commit())
+        first, *held = yield defer.gatherResults(writers)
+        for qid in held:
+            spool.hold(qid)
+        busy = defer.Deferred()
+
+        class Hop:
+            def describe(self):
+                return "test"
+
+            def deliver(self, messages, progress=None):
+                assert messages[0].queueId == first, "a held message went out"
+                return busy
+
+        q = QueueManager(spool, lambda m, r: Hop(), task.Clock(), concurrency=1)
+        q.enqueue(first)
+        q.startService()
+        q.flush()  # (the slot is busy: all wait)
+        self.assertEqual(len(q.ready), 600)
+        busy.callback([{"b@example.net": Result(250, "2.0.0", "ok")}])
+        yield q.whenIdle()
+        yield task.deferLater(reactor, 0, lambda: None)  # (whenIdle fires as the slot frees, before the rest run)
+        self.assertEqual((list(q.ready), q.active), ([], set()))
+        self.assertEqual(self.flushLoggedErrors(RecursionError), [])
+        yield q.stopService()
+
+
 class WithdrawnTests(RelayTestCase):
     """
     A message held or deleted while its attempt waits for a connection to

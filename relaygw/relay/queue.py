@@ -238,14 +238,22 @@ class QueueManager(Service):
         for qid in sorted(set(self.timers) | set(self.spool.queueIds())):
             self.enqueue(qid, forced=True)
 
+    _pumping = False
+
     def _pump(self):
-        while self.running and self.ready and len(self.active) < self.concurrency:
-            qid = self.ready.popleft()
-            self.queued.discard(qid)
-            self.active.add(qid)
-            d = defer.maybeDeferred(self._attempt, qid)
-            d.addErrback(self._attemptFailed, qid)
-            d.addBoth(self._finished, qid)
+        if self._pumping:
+            return  # (an attempt that ended at once, inside the loop below: it goes on)
+        self._pumping = True
+        try:
+            while self.running and self.ready and len(self.active) < self.concurrency:
+                qid = self.ready.popleft()
+                self.queued.discard(qid)
+                self.active.add(qid)
+                d = defer.maybeDeferred(self._attempt, qid)
+                d.addErrback(self._attemptFailed, qid)
+                d.addBoth(self._finished, qid)
+        finally:
+            self._pumping = False
 
     def _attempt(self, qid):
         forced = qid in self.forced
