@@ -7,8 +7,9 @@ and passed on (L{relaygw.sharedports}), and owns a spool partition
 Worker 0 is the process twistd started (the main process); it spawns the
 others, restarts one that dies (with back-off), and on shutdown tells them
 to drain (SIGTERM) at once, so that all drain in parallel, and waits for
-them.  A worker dies with the main process: the kernel sends it SIGTERM
-(C{PR_SET_PDEATHSIG}), and it then stops listening at once.
+them.  A worker dies with the main process: the kernel sends it
+C{PARENT_DEATH_SIGNAL} (C{PR_SET_PDEATHSIG}), and it then stops listening
+at once.
 """
 
 import os
@@ -97,6 +98,15 @@ PARENT_ENV = "RELAYGW_MAIN_PID"
 
 _PR_SET_PDEATHSIG = 1
 
+#: What the kernel sends a worker when the main process dies: a signal of
+#: its own, not the SIGTERM of a drain, because when the main thread dies
+#: first (a kill -9 while its other threads are busy) the worker gets it
+#: while C{getppid()} still names the dying process.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+
+#: Set by the parent-death signal's handler.
+_orphaned = False
+
 
 def parentPid():
     """In a worker: the pid of the main process that started it (C{None} in the main process)."""
@@ -107,21 +117,34 @@ def parentPid():
 def parentGone():
     """Whether this is a worker whose main process has died."""
     parent = parentPid()
-    return parent is not None and os.getppid() != parent
+    return parent is not None and (_orphaned or os.getppid() != parent)
+
+
+def _parentDied(signum, frame):
+    """
+    The main process has died: this worker drains, as on SIGTERM, but stops
+    listening at once.  (The signal comes again when the last of the main
+    process's threads has gone.)
+    """
+    global _orphaned
+    if not _orphaned:
+        _orphaned = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def dieWithParent():
     """
-    In a worker: have the kernel send SIGTERM when the main process dies
-    (C{PR_SET_PDEATHSIG}), so no worker goes on accepting mail on its own.
-    Returns False (and the caller exits) when the main process is already
-    gone; where C{prctl} is missing, L{ParentWatch} still notices.
+    In a worker: have the kernel send L{PARENT_DEATH_SIGNAL} when the main
+    process dies (C{PR_SET_PDEATHSIG}), so no worker goes on accepting mail
+    on its own.  Returns False (and the caller exits) when the main process
+    is already gone; where C{prctl} is missing, L{ParentWatch} still notices.
     """
     try:
         import ctypes
 
+        signal.signal(PARENT_DEATH_SIGNAL, _parentDied)
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     return not parentGone()

@@ -12,6 +12,7 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from relaygw import workers
 from relaygw.spool import PartitionLock, PartitionLocked
 from relaygw.testing import Gateway, configText, freePort, inThread, waitForPort
 from tests.messages import sendOne
@@ -141,6 +142,28 @@ class TwistdOwnershipTests(unittest.TestCase):
             sendOne(self.port)
             again.send_signal(signal.SIGTERM)
             again.wait(30)
+
+        return inThread(run)
+
+    def test_parentDeathSignalStopsListeningAtOnce(self):
+        """
+        The kernel's parent-death signal stops a worker listening at once,
+        without the drain delay, even while getppid() still names the main
+        process: a kill -9 of a busy main process whose main thread died
+        before its others (it took SIGTERM, the drain's signal, for a drain).
+        """
+        def run():
+            main = self.start(workers=2, admin={"endpoint": "tcp:0:interface=127.0.0.1"})  # (drain_delay 5 s)
+            waitForPort(self.port)
+            self.waitForWorkers(2)
+            worker = spoolPids(self.directory)["w1"]
+            started = time.monotonic()
+            os.kill(worker, workers.PARENT_DEATH_SIGNAL)  # (as the kernel sends it; the main process lives on)
+            self.assertTrue(waitUntil(lambda: not processAlive(worker), 10), self.log())
+            self.assertLess(time.monotonic() - started, 4)
+            self.assertIn("the main process has gone: this worker stops listening at once", self.log())
+            main.send_signal(signal.SIGTERM)
+            main.wait(30)
 
         return inThread(run)
 
