@@ -341,10 +341,16 @@ class StrictResolverTests(unittest.TestCase):
         bit, is asked again over TCP: read as it was, "no MX" made the
         domain's own address (here none: a bounce) its next hop.
         """
-        udp = reactor.listenUDP(0, _CutReply(), interface="127.0.0.1")
+        factory = server.DNSServerFactory(authorities=[_zone(b"example.test", EXAMPLE_TEST)])
+        for attempt in range(20):  # (a UDP port whose TCP twin is free)
+            udp = reactor.listenUDP(0, _CutReply(), interface="127.0.0.1")
+            try:
+                tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            break
         self.addCleanup(udp.stopListening)
-        tcp = reactor.listenTCP(udp.getHost().port, server.DNSServerFactory(
-            authorities=[_zone(b"example.test", EXAMPLE_TEST)]), interface="127.0.0.1")
         self.addCleanup(tcp.stopListening)
         resolver = mx.makeResolver(("127.0.0.1", udp.getHost().port))
         hops = yield lookupNextHops(resolver, "example.test")
