@@ -347,6 +347,27 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(self.gw.service.spool.readState(poison).get("attempts"), 1)
 
     @defer.inlineCallbacks
+    def test_messageNotSentGoesFirst(self):
+        """
+        A message its connection never got to (the next hop silent at the
+        end of data of the one before it) goes first on the next connection,
+        ahead of another such message that came meanwhile: it used to wait
+        behind it again, and again time out with it.
+        """
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], silentAtEndFor="poison@example.net")
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "command_timeout": 1.5, "retry_min": 300, "retry_max": 300})
+        yield self.send(subject="first", rcpts=("r0@example.net",))  # (its connection's greeting is late)
+        yield self.send(subject="poison 1", rcpts=("poison@example.net",))
+        yield self.send(subject="behind", rcpts=("r1@example.net",))  # (the same batch, behind the poison)
+        yield self.until(lambda: "RCPT TO:<poison@example.net>" in hop.lines)
+        yield self.send(subject="poison 2", rcpts=("poison@example.net",))  # (waits while the first times out)
+        yield self.until(lambda: len(hop.transactions) == 2)
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1])
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

@@ -21,7 +21,7 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import STOPPED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
 
 log = Logger(namespace="relaygw.relay")
 
@@ -188,9 +188,10 @@ class SMTPNextHop:
 
     def _sent(self, results, batch):
         self.active -= 1
-        for m, d, _ in batch:
-            if d.called:
-                continue  # reported as it came
+        requeued = results if isinstance(results, set) else ()
+        for index, (m, d, _) in enumerate(batch):
+            if d.called or index in requeued:
+                continue  # reported as it came, or waiting again
             if not isinstance(results, Failure):  # (cannot happen: every message is reported)
                 d.callback({r: temporary("no next hop available") for r in m.recipients})
             else:
@@ -206,10 +207,14 @@ class SMTPNextHop:
         message's Deferred (in C{batch}) fires as soon as its outcome is
         final: every recipient accepted or refused for good, as the reply
         is read, or after the last candidate with the last temporary
-        failure (as the reply is read when that candidate answered).
+        failure (as the reply is read when that candidate answered).  A
+        message a connection never got to (L{NOT_SENT}: the session broke
+        down over one before it) waits again, first in line for the next
+        connection; the indexes of those are what this fires with.
         """
         messages = [m for m, _, _ in batch]
         final = [dict() for _ in messages]
+        requeued = set()
 
         def report(index, results):
             d = batch[index][1]
@@ -258,6 +263,9 @@ class SMTPNextHop:
 
             def settled(position, res, pending=pending, still=still, lastCandidate=lastCandidate):
                 index, m = pending[position]
+                if not final[index] and NOT_SENT in res.values():
+                    requeued.add(index)
+                    return
                 retry, now = [], {}
                 for rcpt in m.recipients:
                     r = res.get(rcpt)
@@ -303,11 +311,16 @@ class SMTPNextHop:
                     settled(position, res)
             pending = [still[position] for position in sorted(still)]
         for index, m in enumerate(messages):
+            if index in requeued and not self.stopping:
+                continue
             for rcpt in m.recipients:
                 if rcpt not in final[index]:
                     final[index][rcpt] = last.get((index, rcpt), STOPPED if self.stopping
                                                   else temporary("no next hop available"))
             report(index, final[index])
+        if not self.stopping:
+            self.waiting[:0] = [batch[index] for index in sorted(requeued)]
+            return requeued
 
 
 def _whenDone(d):

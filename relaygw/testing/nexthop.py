@@ -60,6 +60,9 @@ class ScriptedSMTPServer(LineReceiver):
                 self.dropped = True
                 self.transport.loseConnection()  # lost before the end-of-data reply
                 return
+            if line == b"." and f.silentAtEndFor in self.accepted:
+                self.dropped = True  # (never answers again)
+                return
             if line == b".":
                 self.inData = False
                 data = b"".join(l + b"\r\n" for l in self.bodyLines)
@@ -148,6 +151,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         C{"end"} closes it instead of answering the final dot; C{"reused"}
         closes a connection that already carried a message at its next MAIL.
     @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
+    @param silentAtEndFor: a recipient whose messages' end of data is never
+        answered (nor anything after it).
     """
 
     protocol = ScriptedSMTPServer
@@ -163,6 +168,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.authReply = kw.pop("authReply", "235 2.7.0 Authentication successful")
         self.drop = kw.pop("drop", None)
         self.dropAtEndFor = kw.pop("dropAtEndFor", None)
+        self.silentAtEndFor = kw.pop("silentAtEndFor", None)
         self.dropsLeft = drops
         assert not kw, kw
         self.connections = []
