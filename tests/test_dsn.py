@@ -58,9 +58,28 @@ class ReturnedHeadersTests(unittest.TestCase):
         self.assertTrue(bounce.endswith(b"--\r\n"))
 
     def test_eightBitLabelled(self):
-        """8-bit octets in the returned headers are labelled (Content-Transfer-Encoding: 8bit); ASCII is not."""
+        """
+        8-bit octets in the returned headers are labelled (Content-Transfer-
+        Encoding: 8bit), in the part and the whole report; ASCII is not.
+        """
         bounce, part = _returned("Subject: café\r\n\r\nbody\r\n".encode())
         self.assertEqual(part["Content-Transfer-Encoding"], "8bit")
+        self.assertEqual(email.message_from_bytes(bounce)["Content-Transfer-Encoding"], "8bit")
         self.assertIn("Subject: café\r\n".encode(), bounce)
         bounce, part = _returned(b"Subject: cafe\r\n\r\nbody\r\n")
         self.assertIsNone(part["Content-Transfer-Encoding"])
+        self.assertIsNone(email.message_from_bytes(bounce)["Content-Transfer-Encoding"])
+
+    def test_octetsNoPartMayHold(self):
+        """NUL and bare CR, which no 7bit or 8bit part may hold (RFC 2045), are returned as "?"."""
+        bounce, part = _returned(b"X-Nul: a\x00b\r\nX-CR: c\rd\r\n\r\nbody\r\n")
+        self.assertEqual(part.get_payload(decode=True), b"X-Nul: a?b\r\nX-CR: c?d\r\n")
+        self.assertNotIn(b"\x00", bounce)
+
+    def test_longLineKeepsCharactersWhole(self):
+        """A long line continued where a UTF-8 character would be cut in two: before it."""
+        line = b"X-Long: " + b"h" * 989 + "é".encode() * 10  # (the 998th octet is inside an é)
+        bounce, part = _returned(line + b"\r\n\r\nbody\r\n")
+        returned = part.get_payload(decode=True)
+        returned.decode("utf-8")  # (no character cut)
+        self.assertEqual(returned.replace(b"\r\n ", b""), line + b"\r\n")

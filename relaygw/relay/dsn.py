@@ -23,7 +23,9 @@ def _headers(message, limit=65536):
     """
     The original message's header section, for the bounce's
     text/rfc822-headers part: at most C{limit} octets, in whole lines, a
-    line longer than RFC 5322 allows continued on the next (a space first).
+    line longer than RFC 5322 allows continued on the next (a space first,
+    a UTF-8 character kept whole), NUL and bare CR (which no 7bit or 8bit
+    part may hold, RFC 2045) as "?".
     """
     with message.openBody() as f:
         data = f.read(limit)
@@ -34,9 +36,13 @@ def _headers(message, limit=65536):
         data = data[: end + 2]
     lines = []
     for line in data.split(b"\r\n"):
+        line = line.replace(b"\x00", b"?").replace(b"\r", b"?")
         while len(line) > RFC5322_LINE:
-            lines.append(line[:RFC5322_LINE])
-            line = b" " + line[RFC5322_LINE:]
+            cut = RFC5322_LINE
+            while 0x80 <= line[cut] < 0xC0 and cut > RFC5322_LINE - 3:  # (inside a UTF-8 character)
+                cut -= 1
+            lines.append(line[:cut])
+            line = b" " + line[cut:]
         lines.append(line)
     if not lines[-1]:
         lines.pop()
@@ -66,6 +72,7 @@ def buildBounce(message, failures, hostname, now=None):
     """
     # One message can bounce more than once (recipients that fail for good
     # in different attempts): each bounce has its own Message-ID.
+    headers = _headers(message)
     token = os.urandom(4).hex()
     boundary = "relaygw-%s-%s" % (message.queueId, token)
     date = formatdate(now, usegmt=True)
@@ -96,6 +103,7 @@ def buildBounce(message, failures, hostname, now=None):
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         'Content-Type: multipart/report; report-type=delivery-status; boundary="%s"' % boundary,
+    ] + ([] if headers.isascii() else ["Content-Transfer-Encoding: 8bit"]) + [
         "",
         "This is a MIME-encapsulated message.",
         "",
@@ -113,7 +121,6 @@ def buildBounce(message, failures, hostname, now=None):
     text = "\r\n".join(parts)
     # A blank line ends the per-message fields; one more separates each
     # recipient's group (RFC 3464 section 2.1).
-    headers = _headers(message)
     text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n%s\r\n" % (
         boundary, "" if headers.isascii() else "Content-Transfer-Encoding: 8bit\r\n")
     body = text.encode("ascii") + headers
