@@ -341,10 +341,11 @@ class SmarthostTests(RelayTestCase):
         yield self.send(subject="first", rcpts=("r0@example.net",))  # (its connection's greeting is late)
         poison = yield self.send(subject="poison", rcpts=("poison@example.net",))
         yield self.send(subject="behind", rcpts=("r1@example.net",))  # (the same batch, behind the poison)
-        yield self.until(lambda: len(hop.transactions) == 2 and self.gw.service.spool.queueIds() == [poison])
+        spool = self.gw.service.spool
+        yield self.until(lambda: len(hop.transactions) == 2 and spool.readState(poison).get("attempts") == 1)
+        self.assertEqual(spool.queueIds(), [poison])
         self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
         self.assertEqual([t["connection"] for t in hop.transactions], [0, 1])
-        self.assertEqual(self.gw.service.spool.readState(poison).get("attempts"), 1)
 
     @defer.inlineCallbacks
     def test_messageNotSentGoesFirst(self):
@@ -366,6 +367,26 @@ class SmarthostTests(RelayTestCase):
         yield self.until(lambda: len(hop.transactions) == 2)
         self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
         self.assertEqual([t["connection"] for t in hop.transactions], [0, 1])
+
+    @defer.inlineCallbacks
+    def test_keptConnectionClosedUnderABatch(self):
+        """
+        A kept-open connection closed by the next hop under a batch of two:
+        both go out once on a new connection (the second, not reached by
+        the closed one, was put back in line as well, and went out twice).
+        """
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], drop="reused")
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 300, "retry_max": 300})
+        yield self.send(subject="first", rcpts=("r0@example.net",))  # (its connection's greeting is late)
+        yield self.send(subject="second", rcpts=("r1@example.net",))
+        yield self.send(subject="third", rcpts=("r2@example.net",))  # (the same batch as the second)
+        yield self.until(lambda: len(hop.transactions) >= 3 and self.spoolEmpty())
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net", "r2@example.net"])
+        self.assertEqual([t["connection"] for t in hop.transactions], [0, 1, 1])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):

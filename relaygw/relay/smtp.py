@@ -259,12 +259,12 @@ class SMTPNextHop:
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
                 options = dataclasses.replace(options, tlsHostname=candidate[2])
             key = self._key(host, port, pending[0][1])
-            still = {}
+            still, notSent = {}, set()
 
-            def settled(position, res, pending=pending, still=still, lastCandidate=lastCandidate):
+            def settled(position, res, pending=pending, still=still, notSent=notSent, lastCandidate=lastCandidate):
                 index, m = pending[position]
                 if not final[index] and NOT_SENT in res.values():
-                    requeued.add(index)
+                    notSent.add(index)
                     return
                 retry, now = [], {}
                 for rcpt in m.recipients:
@@ -290,6 +290,7 @@ class SMTPNextHop:
             while True:
                 conn = self._connection(key, options)
                 still.clear()
+                notSent.clear()  # (what a carry retried at once said is void)
                 self.carrying.add(conn)
                 try:
                     results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
@@ -309,6 +310,7 @@ class SMTPNextHop:
             for position, res in enumerate(results):  # (every message was settled: this is a safety net)
                 if position not in still and not batch[pending[position][0]][1].called:
                     settled(position, res)
+            requeued.update(notSent)
             pending = [still[position] for position in sorted(still)]
         for index, m in enumerate(messages):
             if index in requeued and not self.stopping:

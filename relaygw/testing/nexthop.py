@@ -100,7 +100,8 @@ class ScriptedSMTPServer(LineReceiver):
             self.reply("220 2.0.0 Ready to start TLS")
             self.transport.startTLS(f.tls)
             self.tls = True
-        elif verb == "MAIL" and f.drop == "reused" and self.completed:
+        elif verb == "MAIL" and f.drop == "reused" and self.completed and f.dropsLeft:
+            f.dropsLeft -= 1
             self.dropped = True
             self.transport.loseConnection()  # as if its idle timeout had just struck
         elif verb == "MAIL":
@@ -149,7 +150,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         attempt (the last repeats).
     @param drop: C{"body"} aborts the connection inside DATA (C{drops} times);
         C{"end"} closes it instead of answering the final dot; C{"reused"}
-        closes a connection that already carried a message at its next MAIL.
+        closes a connection that already carried a message at its next MAIL
+        (C{drops} times).
     @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
     @param silentAtEndFor: a recipient whose messages' end of data is never
         answered (nor anything after it).
