@@ -555,6 +555,22 @@ class PipeliningTests(_DeliveryTestCase):
             self.assertTrue(NOT_SENT.untried)
 
     @defer.inlineCallbacks
+    def test_closedAfterAnEndOfDataReply(self):
+        """
+        A next hop that closes right after its reply to an end of data
+        (one message per connection): the next message, its envelope sent
+        ahead but never answered, was not sent (it was "lost during MAIL",
+        an attempt).
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"], perConnection=1)
+        port = self.listen(factory)
+        messages = [self.message(["a@example.test"]), self.message(["b@example.test"]),
+                    self.message(["c@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTrue(results[0]["a@example.test"].ok)
+        self.assertEqual([results[1]["b@example.test"], results[2]["c@example.test"]], [NOT_SENT] * 2)
+
+    @defer.inlineCallbacks
     def test_silentAfterEndOfData(self):
         """A next hop that never answers an end of data: that message times out, the next one is not sent."""
         factory = _ScriptedFactory(endOfData=None)

@@ -121,6 +121,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         self.stale = False
         self.peerIP = None
         self.current = None  # the index of the message under way
+        self.currentFrom = 0  # the replies read before it
         self.setupStarted = self.setupTime = None
         self.sendStarted = {}
 
@@ -212,12 +213,17 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     def _brokenDown(self, result):
         """
         The session broke down: the message under way (and every one before
-        it still open) gets C{result}, each message after it L{NOT_SENT}.
-        All of them get C{result} when none was under way yet (the
-        connection itself failed) or the gateway cut the connection.
+        it still open) gets C{result}, each message after it L{NOT_SENT}, as
+        does the one under way when nothing of it was answered (its
+        envelope at most went out ahead).  All of them get C{result} when
+        none was reached (the connection itself failed) or the gateway cut
+        the connection.
         """
+        current = self.current
+        if current is not None and self.proto is not None and self.proto.replyCount == self.currentFrom:
+            current = current - 1 if current > 0 else None
         for index, message in enumerate(self.messages):
-            reached = self.current is None or index <= self.current or result.untried
+            reached = current is None or index <= current or result.untried
             self._settle(index, message.recipients, result if reached else NOT_SENT)
 
     async def close(self):
@@ -250,7 +256,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             raise _MessageFailure(_temporary("cannot read the message: %s" % (e.strerror or e,), "4.3.0"))
 
     async def _transaction(self, index, message):
-        self.current = index
+        self.current, self.currentFrom = index, self.proto.replyCount
         self.sendStarted[index] = self.reactor.seconds()
         ahead, self.ahead = self.ahead, None
         body, size = ahead or self._openBody(message)

@@ -73,6 +73,9 @@ class ScriptedSMTPServer(LineReceiver):
                 self.accepted = []
                 if f.endOfData is not None:  # (None: the whole message, and never a reply)
                     self.reply(f.endOfData)
+                if self.completed == f.perConnection:
+                    self.dropped = True
+                    self.transport.loseConnection()  # (what was sent behind that end of data is not read)
             else:
                 self.bodyLines.append(line[1:] if line.startswith(b".") else line)
             return
@@ -155,6 +158,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
     @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
     @param silentAtEndFor: a recipient whose messages' end of data is never
         answered (nor anything after it).
+    @param perConnection: the messages a connection takes; it is closed
+        right after the last one's end-of-data reply.
     """
 
     protocol = ScriptedSMTPServer
@@ -171,6 +176,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.drop = kw.pop("drop", None)
         self.dropAtEndFor = kw.pop("dropAtEndFor", None)
         self.silentAtEndFor = kw.pop("silentAtEndFor", None)
+        self.perConnection = kw.pop("perConnection", None)
         self.dropsLeft = drops
         assert not kw, kw
         self.connections = []
