@@ -389,6 +389,27 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
+    def test_notSentPastTheFirstHostStaysThere(self):
+        """
+        Messages a connection to the second smarthost never got to (it
+        takes one message per connection) go on new connections to that
+        host: the first, which deferred them, is asked once each (they
+        started over from it, the n-th message n times).
+        """
+        first = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"],
+                                   rcpt={"r%d@example.net" % n: "451 4.7.1 greylisted" for n in range(4)})
+        first, firstPort = self.hop(factory=first)
+        second, secondPort = self.hop(extensions=["PIPELINING"], perConnection=1)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % firstPort, "[127.0.0.1]:%d" % secondPort],
+                            "destination_concurrency": 1, "retry_min": 300, "retry_max": 300})
+        for n in range(4):  # (the first alone, its connection's greeting late; the others one batch)
+            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
+        yield self.until(lambda: len(second.transactions) == 4 and self.spoolEmpty())
+        self.assertEqual(sorted(second.recipients()), ["r%d@example.net" % n for n in range(4)])
+        self.assertEqual([first.lines.count("RCPT TO:<r%d@example.net>" % n) for n in range(4)], [1] * 4)
+        self.assertEqual(len(second.connections), 4)
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

@@ -259,11 +259,11 @@ class SMTPNextHop:
             if len(candidate) > 2:  # an MX host: TLS verification checks its name
                 options = dataclasses.replace(options, tlsHostname=candidate[2])
             key = self._key(host, port, pending[0][1])
-            still, notSent = {}, set()
+            still, notSent, carried = {}, set(), [pending]
 
-            def settled(position, res, pending=pending, still=still, notSent=notSent, lastCandidate=lastCandidate):
-                index, m = pending[position]
-                if not final[index] and NOT_SENT in res.values():
+            def settled(position, res, still=still, notSent=notSent, carried=carried, lastCandidate=lastCandidate):
+                index, m = carried[0][position]
+                if NOT_SENT in res.values():
                     notSent.add(index)
                     return
                 retry, now = [], {}
@@ -282,36 +282,45 @@ class SMTPNextHop:
                     # the whole outcome goes out now (one progress write).
                     report(index, {**final[index], **{rcpt: last[(index, rcpt)] for rcpt in retry}})
                 elif retry:
-                    still[position] = (index, m.narrowed(retry))
+                    still[index] = (index, m.narrowed(retry))
                     reportSome(index, now)
                 else:
                     report(index, final[index])
 
             while True:
                 conn = self._connection(key, options)
-                still.clear()
-                notSent.clear()  # (what a carry retried at once said is void)
+                notSent.clear()
                 self.carrying.add(conn)
                 try:
-                    results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in pending], keepOpen=True,
-                                                                    settled=settled))
+                    results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in carried[0]],
+                                                                    keepOpen=True, settled=settled))
                 finally:
                     self.carrying.discard(conn)
                 if self.stopping:
                     break
-                if conn.stale:  # (a new connection never is)
-                    log.info("{where}: kept-open connection closed by the next hop; trying again", where=conn.where)
-                elif conn.retryPlain:
-                    log.info("{where}: opportunistic TLS failed; trying again without TLS", where=conn.where)
-                    options = dataclasses.replace(options, tls="none")
-                else:
+                if conn.stale or conn.retryPlain:  # (what that carry said is void: it goes again)
+                    for index, _ in carried[0]:
+                        still.pop(index, None)
+                    if conn.stale:  # (a new connection never is)
+                        log.info("{where}: kept-open connection closed by the next hop; trying again",
+                                 where=conn.where)
+                    else:
+                        log.info("{where}: opportunistic TLS failed; trying again without TLS", where=conn.where)
+                        options = dataclasses.replace(options, tls="none")
+                    continue
+                self._park(conn, key)
+                for position, res in enumerate(results):  # (every message was settled: this is a safety net)
+                    index = carried[0][position][0]
+                    if index not in still and not batch[index][1].called:
+                        settled(position, res)
+                if not notSent or n == 0:
                     break
-            self._park(conn, key)
-            for position, res in enumerate(results):  # (every message was settled: this is a safety net)
-                if position not in still and not batch[pending[position][0]][1].called:
-                    settled(position, res)
-            requeued.update(notSent)
-            pending = [still[position] for position in sorted(still)]
+                # Past the first host, what the connection never got to goes
+                # on a new connection to the same host, where failover is.
+                carried[0] = [(index, m) for index, m in carried[0] if index in notSent]
+            if n == 0:  # (at the first host, it waits again, first in line)
+                requeued.update(notSent)
+            pending = [still[index] for index in sorted(still)]
         for index, m in enumerate(messages):
             if index in requeued and not self.stopping:
                 continue
