@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, task
 
 from relaygw.testing import Gateway, configText
 from tests.recorders import LogCapture
-from tests.relaysetup import FAST, RelayTestCase
+from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory
 
 
 class StopCutsShortTests(RelayTestCase):
@@ -72,6 +72,32 @@ class StopCutsShortTests(RelayTestCase):
         yield self.stopAndCheck([first, second])
         self.assertEqual(hop.verbs().count("MAIL"), 1)
         yield self.deliveredAfterRestart(["a@example.net", "b@example.net"])
+
+    @defer.inlineCallbacks
+    def test_transactionUnderWayFinishes(self):
+        """
+        At the stop, a connection carrying a batch finishes the transaction
+        under way and begins no other: those behind it stay queued as they
+        were, none cut after its end of data (which sent it twice: once
+        before the stop, once after the restart).
+        """
+        self.logs = LogCapture(self)
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], endOfDataDelay=1.0)
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1})
+        qids = []
+        for n in range(4):  # (the first alone, its connection's greeting late; the others one batch)
+            qids.append((yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))))
+        yield self.until(lambda: "RCPT TO:<r1@example.net>" in hop.lines)
+        self.gw.service.queue.stopTimeout = 2.5  # (time for two more transactions)
+        yield self.gw.stop()
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
+        spool = self.gw.service.spool
+        self.assertEqual(sorted(spool.queueIds()), sorted(qids[2:]))
+        for qid in qids[2:]:
+            self.assertEqual(spool.readState(qid), {})  # no attempt counted
+        self.assertEqual(self.logs.find("deliveries in flight cut short"), [])
+        yield self.deliveredAfterRestart(["r2@example.net", "r3@example.net"])
 
     @defer.inlineCallbacks
     def test_connecting(self):

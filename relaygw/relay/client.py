@@ -33,7 +33,7 @@ from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporar
 from relaygw.relay.clientwire import RecipientResult  # noqa: F401 (the results of deliver, named here for its callers)
 from relaygw.relay.identity import IdentityForwarding
 from relaygw.relay.negotiation import Negotiation
-from relaygw.relay.nexthop import NOT_SENT, WITHDRAWN
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, WITHDRAWN
 from relaygw.relay.settlement import Settlement
 from relaygw.relay.transaction import Transaction
 from relaygw.spoolapi import Withdrawn
@@ -142,6 +142,17 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     #: The connection attempt under way (L{Negotiation._open}), for L{cut}.
     connecting = None
 
+    #: Set by L{wrapUp}: no transaction starts after the one under way.
+    wrappedUp = False
+
+    def wrapUp(self):
+        """
+        The gateway is stopping: finish the transaction under way and start
+        no other; each message not begun gets L{STOPPED}.  The connection
+        is not kept (an envelope may have gone out ahead).
+        """
+        self.wrappedUp = True
+
     def cut(self, result):
         """
         End the connection at once (the gateway is stopping): the batch it
@@ -180,6 +191,9 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
                 if self.proto is None:
                     await self._open()
                 for index, message in enumerate(messages):
+                    if self.wrappedUp:
+                        self.broken = True
+                        break
                     try:
                         await self._transaction(index, message)
                     except _MessageFailure as e:
@@ -200,7 +214,8 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         if self.ahead is not None:
             self.ahead[0].close()
             self.ahead = None
-        self._settleAll(self.cutResult or _temporary("no reply from %s" % (self.where,), "4.4.2"))
+        self._settleAll(self.cutResult or (STOPPED if self.wrappedUp else
+                                           _temporary("no reply from %s" % (self.where,), "4.4.2")))
         # A kept-open connection the next hop closed (its idle timeout)
         # before answering anything: no message got as far as its body.
         self.stale = kept is not None and kept.replyCount == replies and kept.lostReason is not None \

@@ -120,6 +120,13 @@ class IRouter(Interface):
     def closeIdle():
         """Close what every next hop keeps open for reuse; fires when done."""
 
+    def wrapUp():
+        """
+        The gateway is stopping: begin nothing new.  Messages waiting for a
+        connection get L{STOPPED}; a connection finishes the transaction
+        under way and starts no other (those behind it get L{STOPPED}).
+        """
+
     def cutShort():
         """
         The gateway is stopping: end the deliveries still in flight at once;
@@ -141,6 +148,9 @@ class FunctionRouter:
 
     def closeIdle(self):
         return defer.succeed(None)
+
+    def wrapUp(self):
+        pass
 
     def cutShort(self):
         pass

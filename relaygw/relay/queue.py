@@ -131,10 +131,12 @@ class QueueManager(Service):
 
     def stopService(self):
         """
-        Stop scheduling; wait for deliveries in flight, but not for ever:
-        after C{stopTimeout} they are cut short (their messages stay queued
-        as they were, and are tried again after the restart), so that
-        nothing they do is logged or written after the stop.
+        Stop scheduling, and have the next hops begin nothing new (each
+        connection finishes the transaction under way); wait for those in
+        flight, but not for ever: after C{stopTimeout} they are cut short
+        (their messages stay queued as they were, and are tried again
+        after the restart), so that nothing they do is logged or written
+        after the stop.
         """
         Service.stopService(self)
         if self._poller is not None and self._poller.active():
@@ -144,6 +146,8 @@ class QueueManager(Service):
                 t.cancel()
         self.timers.clear()
         self.attempts.progress.stop()
+        for router in [self.router] + self._retired:
+            router.wrapUp()
         idle = self.whenIdle()
         timers = []
         if not idle.called:

@@ -118,6 +118,11 @@ class Router:
         """No SMTP next hop has anything waiting or in flight, or a connection kept open."""
         return all(hop.unused for hop in self._smtpHops())
 
+    def wrapUp(self):
+        """The gateway is stopping: no SMTP next hop begins anything new (L{SMTPNextHop.wrapUp})."""
+        for hop in self._smtpHops():
+            hop.wrapUp()
+
     def cutShort(self):
         """The gateway is stopping: every SMTP next hop cuts its deliveries short (L{SMTPNextHop.cutShort})."""
         for hop in self._smtpHops():

@@ -134,20 +134,32 @@ class SMTPNextHop:
             self._close(conn)
         return defer.gatherResults([_whenDone(d) for d in self.closing.values()])
 
-    def cutShort(self):
+    def wrapUp(self):
         """
-        The gateway is stopping: messages waiting for a connection (or for
-        the lookup of the next hop's hosts) are not sent, and the
-        connections carrying messages are cut (every recipient not yet
-        settled gets L{STOPPED}), as are those saying QUIT to a next hop
-        slow to answer.
+        The gateway is stopping: messages waiting for a connection are not
+        sent, and each connection carrying a batch finishes the transaction
+        under way and starts no other (a new transaction begun in the last
+        moments would be cut after its end of data, and sent again after
+        the restart).
         """
         self.stopping = True
-        for lookup in list(self.lookups):
-            lookup.cancel()
         waiting, self.waiting = self.waiting, []
         for m, d, _ in waiting:
             d.callback({r: STOPPED for r in m.recipients})
+        for conn in self.carrying:
+            conn.wrapUp()
+
+    def cutShort(self):
+        """
+        The gateway is stopping, and the deliveries still in flight had
+        their time: messages waiting for the lookup of the next hop's hosts
+        are not sent, and the connections carrying messages are cut (every
+        recipient not yet settled gets L{STOPPED}), as are those saying QUIT
+        to a next hop slow to answer.
+        """
+        self.wrapUp()
+        for lookup in list(self.lookups):
+            lookup.cancel()
         for conn in list(self.carrying) + list(self.closing):
             conn.cut(STOPPED)
 

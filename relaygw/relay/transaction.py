@@ -46,7 +46,7 @@ class Transaction:
         message must wait for the reply (no PIPELINING, an identity to
         forward first, a message that cannot go out).
         """
-        if index >= len(self.messages) or "PIPELINING" not in self.extensions:
+        if index >= len(self.messages) or "PIPELINING" not in self.extensions or self.wrappedUp:
             return b""
         message = self.messages[index]
         if not self._identityForwarded(message):

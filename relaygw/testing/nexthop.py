@@ -3,7 +3,7 @@ A scripted SMTP next hop: a server with exactly the replies a test asks
 for (L{ScriptedSMTPFactory}), recording every line and transaction.
 """
 
-from twisted.internet import protocol
+from twisted.internet import protocol, reactor
 from twisted.protocols.basic import LineReceiver
 
 
@@ -31,6 +31,16 @@ class ScriptedSMTPServer(LineReceiver):
     def dataReceived(self, data):
         self.factory.chunks.append(data)
         LineReceiver.dataReceived(self, data)
+
+    delayed = None
+
+    def _replyLate(self, text):
+        self.reply(text)
+        self.resumeProducing()
+
+    def connectionLost(self, reason):
+        if self.delayed is not None and self.delayed.active():
+            self.delayed.cancel()
 
     def reply(self, text):
         if text is None:  # (a scripted silence: the client waits for ever)
@@ -71,7 +81,10 @@ class ScriptedSMTPServer(LineReceiver):
                                        "tls": self.tls})
                 self.completed += 1
                 self.accepted = []
-                if f.endOfData is not None:  # (None: the whole message, and never a reply)
+                if f.endOfData is not None and f.endOfDataDelay:
+                    self.pauseProducing()  # (what came behind the end of data waits for its reply)
+                    self.delayed = reactor.callLater(f.endOfDataDelay, self._replyLate, f.endOfData)
+                elif f.endOfData is not None:  # (None: the whole message, and never a reply)
                     self.reply(f.endOfData)
                 if self.completed == f.perConnection:
                     self.dropped = True
@@ -160,6 +173,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         answered (nor anything after it).
     @param perConnection: the messages a connection takes; it is closed
         right after the last one's end-of-data reply.
+    @param endOfDataDelay: seconds before each end-of-data reply.
     """
 
     protocol = ScriptedSMTPServer
@@ -177,6 +191,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.dropAtEndFor = kw.pop("dropAtEndFor", None)
         self.silentAtEndFor = kw.pop("silentAtEndFor", None)
         self.perConnection = kw.pop("perConnection", None)
+        self.endOfDataDelay = kw.pop("endOfDataDelay", 0)
         self.dropsLeft = drops
         assert not kw, kw
         self.connections = []
