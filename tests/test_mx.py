@@ -71,6 +71,21 @@ class _Hostile(common.ResolverBase):
         return defer.fail(error.DomainError(name))
 
 
+def _listenDNS(case, factory, datagrams):
+    """A DNS server on 127.0.0.1, TCP C{factory} and UDP C{datagrams} on one port (stopped at C{case}'s end): the port."""
+    for attempt in range(20):  # (a TCP port whose UDP twin is free)
+        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        try:
+            udp = reactor.listenUDP(tcp.getHost().port, datagrams, interface="127.0.0.1")
+        except CannotListenError:
+            tcp.stopListening()
+            continue
+        break
+    case.addCleanup(tcp.stopListening)
+    case.addCleanup(udp.stopListening)
+    return tcp.getHost().port
+
+
 class _Recording:
     """Wraps a resolver and records the address lookups made through it."""
 
@@ -132,17 +147,7 @@ class LookupNextHopsTests(unittest.TestCase):
                 _Broken(),
             ]
         )
-        for attempt in range(20):
-            tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
-            port = tcp.getHost().port
-            try:
-                udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-            except CannotListenError:
-                tcp.stopListening()
-                continue
-            break
-        self.addCleanup(tcp.stopListening)
-        self.addCleanup(udp.stopListening)
+        port = _listenDNS(self, factory, dns.DNSDatagramProtocol(factory))
         self.resolver = _Recording(client.Resolver(servers=[("127.0.0.1", port)], reactor=reactor))
 
     @defer.inlineCallbacks
@@ -342,17 +347,7 @@ class StrictResolverTests(unittest.TestCase):
         domain's own address (here none: a bounce) its next hop.
         """
         factory = server.DNSServerFactory(authorities=[_zone(b"example.test", EXAMPLE_TEST)])
-        for attempt in range(20):  # (a UDP port whose TCP twin is free)
-            udp = reactor.listenUDP(0, _CutReply(), interface="127.0.0.1")
-            try:
-                tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
-            except CannotListenError:
-                udp.stopListening()
-                continue
-            break
-        self.addCleanup(udp.stopListening)
-        self.addCleanup(tcp.stopListening)
-        resolver = mx.makeResolver(("127.0.0.1", udp.getHost().port))
+        resolver = mx.makeResolver(("127.0.0.1", _listenDNS(self, factory, _CutReply())))
         hops = yield lookupNextHops(resolver, "example.test")
         self.assertEqual(hops[0], ("192.0.2.1", 25))
         for connection in resolver.connections:  # (twisted.names keeps them open)
