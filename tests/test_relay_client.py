@@ -8,13 +8,13 @@ import base64
 from cryptography import x509
 from zope.interface import implementer
 
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.mail import smtp
 from twisted.trial import unittest
 
 from relaygw.relay import body, client
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
-from relaygw.relay.nexthop import NOT_SENT
+from relaygw.relay.nexthop import NOT_SENT, STOPPED
 from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem
 
 CONTENT = (
@@ -569,6 +569,29 @@ class PipeliningTests(_DeliveryTestCase):
         results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
         self.assertTrue(results[0]["a@example.test"].ok)
         self.assertEqual([results[1]["b@example.test"], results[2]["c@example.test"]], [NOT_SENT] * 2)
+
+    @defer.inlineCallbacks
+    def test_wrappedUp(self):
+        """
+        A connection wrapped up (the gateway stopping) finishes the
+        transaction under way, begins no other (L{STOPPED}), and is closed
+        rather than kept, even when that transaction was its batch's last.
+        """
+        for count in (1, 2):
+            factory = _ScriptedFactory(extensions=["PIPELINING"], endOfDataDelay=0.3)
+            port = self.listen(factory)
+            conn = client.Connection(reactor, "127.0.0.1", port, _options())
+            messages = [self.message(["m%d@example.test" % n]) for n in range(count)]
+            carried = defer.ensureDeferred(conn.carry(messages, keepOpen=True))
+            while "DATA" not in factory.verbs():
+                yield task.deferLater(reactor, 0.01, lambda: None)
+            conn.wrapUp()
+            results = yield carried
+            self.assertTrue(results[0]["m0@example.test"].ok)
+            self.assertEqual([r["m%d@example.test" % n] for n, r in enumerate(results)][1:], [STOPPED] * (count - 1))
+            self.assertFalse(conn.usable)
+            yield conn.proto.closed
+            self.assertEqual(len(factory.transactions), 1)
 
     @defer.inlineCallbacks
     def test_silentAfterEndOfData(self):

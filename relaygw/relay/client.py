@@ -149,9 +149,11 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         """
         The gateway is stopping: finish the transaction under way and start
         no other; each message not begun gets L{STOPPED}.  The connection
-        is not kept (an envelope may have gone out ahead).
+        is not kept (an envelope may have gone out ahead): it is closed once
+        its batch has ended.
         """
         self.wrappedUp = True
+        self.broken = True
 
     def cut(self, result):
         """
@@ -192,7 +194,6 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
                     await self._open()
                 for index, message in enumerate(messages):
                     if self.wrappedUp:
-                        self.broken = True
                         break
                     try:
                         await self._transaction(index, message)
