@@ -410,6 +410,22 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(len(second.connections), 4)
 
     @defer.inlineCallbacks
+    def test_limitOfMessagesPerConnection(self):
+        """
+        A next hop that takes one message per connection and says 421 to
+        the next MAIL: every message goes out at once, each on a connection
+        of its own, none deferred (retry_min was its wait).
+        """
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], mailLimit=1)
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 300, "retry_max": 300})
+        for n in range(4):  # (the first alone, its connection's greeting late; the others one batch)
+            yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % n for n in range(4)])
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

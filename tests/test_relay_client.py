@@ -594,6 +594,26 @@ class PipeliningTests(_DeliveryTestCase):
             self.assertEqual(len(factory.transactions), 1)
 
     @defer.inlineCallbacks
+    def test_421AtMailOnAUsedConnection(self):
+        """
+        A 421 to MAIL on a connection that has carried a message (the next
+        hop's limit per connection) is not the message's doing: it and
+        those behind it were not sent.  On a fresh connection, a 421 to
+        the first MAIL is an attempt.
+        """
+        for extensions in (["PIPELINING"], []):
+            factory = _ScriptedFactory(extensions=extensions, mailLimit=1)
+            port = self.listen(factory)
+            messages = [self.message(["m%d@example.test" % n]) for n in range(3)]
+            results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+            self.assertTrue(results[0]["m0@example.test"].ok)
+            self.assertEqual([results[1]["m1@example.test"], results[2]["m2@example.test"]], [NOT_SENT] * 2)
+        factory = _ScriptedFactory(mailLimit=0)
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(["a@example.test"])], _options())
+        self.assertEqual(results[0]["a@example.test"].code, 421)
+
+    @defer.inlineCallbacks
     def test_silentAfterEndOfData(self):
         """A next hop that never answers an end of data: that message times out, the next one is not sent."""
         factory = _ScriptedFactory(endOfData=None)

@@ -231,13 +231,18 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         The session broke down: the message under way (and every one before
         it still open) gets C{result}, each message after it L{NOT_SENT}, as
         does the one under way when nothing of it was answered (its
-        envelope at most went out ahead).  All of them get C{result} when
+        envelope at most went out ahead) or only a 421 on a connection
+        that carried a message before.  All of them get C{result} when
         none was reached (the connection itself failed) or the gateway cut
         the connection.
         """
-        current = self.current
-        if current is not None and self.proto is not None and self.proto.replyCount == self.currentFrom:
-            current = current - 1 if current > 0 else None
+        current, proto = self.current, self.proto
+        if current is not None and proto is not None:
+            answered = proto.replyCount - self.currentFrom
+            if answered == 1 and proto.lastCode == 421 and self.transactions:
+                current -= 1  # (-1: a used connection that reached none)
+            elif not answered:
+                current = current - 1 if current > 0 else None
         for index, message in enumerate(self.messages):
             reached = current is None or index <= current or result.untried
             self._settle(index, message.recipients, result if reached else NOT_SENT)

@@ -120,6 +120,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._lineOctets = 0
         self._queuedOctets = 0
         self.replyCount = 0
+        self.lastCode = None
 
     # Sending
 
@@ -250,6 +251,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
         octets, self._lines, self._lineOctets = self._lineOctets + self.REPLY_COST, [], 0
         self.replyCount += 1
+        self.lastCode = reply.code
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:

@@ -5,6 +5,7 @@ next message's envelope sent right behind the end of data.
 """
 
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
+from relaygw.relay.nexthop import NOT_SENT
 
 
 def _rcptCommands(message):
@@ -13,6 +14,9 @@ def _rcptCommands(message):
 
 class Transaction:
     """The part of a L{relaygw.relay.client.Connection} that carries one message."""
+
+    #: Transactions the connection has completed (their end of data answered).
+    transactions = 0
 
     def _mailCommand(self, message, size):
         addresses = [message.mailfrom] + list(message.recipients)
@@ -94,6 +98,10 @@ class Transaction:
                 for rcpt in rcpts:
                     rcptReplies.append(await proto.command(rcpt))
 
+        if mailReply.code == 421 and self.transactions:
+            # A connection the next hop will carry no more on (its limit
+            # of messages per connection, say): not this message's doing.
+            raise _SessionFailure(NOT_SENT)
         if not mailReply.positive:
             self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
             if dataReply is not None and dataReply.code == 354:
@@ -128,6 +136,7 @@ class Transaction:
         await proto.sendBody(body, self._envelopeAhead(index + 1))
         self.stage = "end of data"
         final = await proto.reply()
+        self.transactions += 1
         self._settle(index, accepted, _outcome(final, "end of data"))
 
     async def _abandonData(self):

@@ -116,6 +116,10 @@ class ScriptedSMTPServer(LineReceiver):
             self.reply("220 2.0.0 Ready to start TLS")
             self.transport.startTLS(f.tls)
             self.tls = True
+        elif verb == "MAIL" and f.mailLimit is not None and self.completed >= f.mailLimit:
+            self.reply("421 4.7.0 too many messages on this connection")
+            self.dropped = True
+            self.transport.loseConnection()
         elif verb == "MAIL" and f.drop == "reused" and self.completed and f.dropsLeft:
             f.dropsLeft -= 1
             self.dropped = True
@@ -174,6 +178,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
     @param perConnection: the messages a connection takes; it is closed
         right after the last one's end-of-data reply.
     @param endOfDataDelay: seconds before each end-of-data reply.
+    @param mailLimit: the messages a connection takes; the next MAIL gets
+        421 and the connection is closed.
     """
 
     protocol = ScriptedSMTPServer
@@ -192,6 +198,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.silentAtEndFor = kw.pop("silentAtEndFor", None)
         self.perConnection = kw.pop("perConnection", None)
         self.endOfDataDelay = kw.pop("endOfDataDelay", 0)
+        self.mailLimit = kw.pop("mailLimit", None)
         self.dropsLeft = drops
         assert not kw, kw
         self.connections = []
