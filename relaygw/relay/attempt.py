@@ -144,9 +144,8 @@ class Attempts:
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
         # Recipients whose message was withdrawn (held or deleted before it
-        # went out), whose delivery the gateway's stop cut short, or whose
-        # connection broke down before it got to them were not attempted:
-        # they stay as they were.
+        # went out), or whose delivery the gateway's stop cut short, were
+        # not attempted: they stay as they were.
         outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
         stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
@@ -160,8 +159,7 @@ class Attempts:
                 self._forgetDeleted(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
-            else:  # held and released while this attempt was under way (which kept the release waiting),
-                # or not sent: its connection broke down over another message
+            else:  # held, and released while this attempt was under way (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())
                 return None
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)
