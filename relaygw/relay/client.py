@@ -239,7 +239,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         current, proto = self.current, self.proto
         if current is not None and proto is not None:
             answered = proto.replyCount - self.currentFrom
-            if answered == 1 and proto.lastCode == 421 and self.transactions:
+            if answered == 1 and self._doneCarrying(proto.lastCode):  # (with the envelope sent ahead)
                 current -= 1  # (-1: a used connection that reached none)
             elif not answered:
                 current = current - 1 if current > 0 else None

@@ -18,6 +18,14 @@ class Transaction:
     #: Transactions the connection has completed (their end of data answered).
     transactions = 0
 
+    def _doneCarrying(self, code):
+        """
+        Whether reply C{code} to a MAIL says the next hop will carry no more
+        on this connection (a 421 after a completed transaction: its limit
+        of messages per connection, say), which is not the message's doing.
+        """
+        return code == 421 and self.transactions > 0
+
     def _mailCommand(self, message, size):
         addresses = [message.mailfrom] + list(message.recipients)
         if any(c in address for address in addresses for c in "\r\n<>"):
@@ -98,9 +106,7 @@ class Transaction:
                 for rcpt in rcpts:
                     rcptReplies.append(await proto.command(rcpt))
 
-        if mailReply.code == 421 and self.transactions:
-            # A connection the next hop will carry no more on (its limit
-            # of messages per connection, say): not this message's doing.
+        if self._doneCarrying(mailReply.code):
             raise _SessionFailure(NOT_SENT)
         if not mailReply.positive:
             self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
