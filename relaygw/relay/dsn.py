@@ -73,6 +73,7 @@ def buildBounce(message, failures, hostname, now=None):
     # One message can bounce more than once (recipients that fail for good
     # in different attempts): each bounce has its own Message-ID.
     headers = _headers(message)
+    encoding = [] if headers.isascii() else ["Content-Transfer-Encoding: 8bit"]  # (the report's and the part's)
     token = os.urandom(4).hex()
     boundary = "relaygw-%s-%s" % (message.queueId, token)
     date = formatdate(now, usegmt=True)
@@ -103,7 +104,7 @@ def buildBounce(message, failures, hostname, now=None):
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         'Content-Type: multipart/report; report-type=delivery-status; boundary="%s"' % boundary,
-    ] + ([] if headers.isascii() else ["Content-Transfer-Encoding: 8bit"]) + [
+    ] + encoding + [
         "",
         "This is a MIME-encapsulated message.",
         "",
@@ -122,7 +123,7 @@ def buildBounce(message, failures, hostname, now=None):
     # A blank line ends the per-message fields; one more separates each
     # recipient's group (RFC 3464 section 2.1).
     text += "\r\n" + "\r\n".join(blocks) + "\r\n--%s\r\nContent-Type: text/rfc822-headers\r\n%s\r\n" % (
-        boundary, "" if headers.isascii() else "Content-Transfer-Encoding: 8bit\r\n")
+        boundary, "".join(line + "\r\n" for line in encoding))
     body = text.encode("ascii") + headers
     return body + ("\r\n--%s--\r\n" % boundary).encode("ascii")
 
