@@ -425,6 +425,105 @@ class SmarthostTests(RelayTestCase):
         yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
         self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % n for n in range(4)])
 
+    def lastErrors(self, qids):
+        spool = self.gw.service.spool
+        return [spool.readState(qid).get("last_error", "") for qid in qids]
+
+    def attempted(self, qids):
+        return lambda: all(self.gw.service.spool.readState(qid).get("attempts") == 1 for qid in qids)
+
+    @defer.inlineCallbacks
+    def test_deadDestinationDefersAtOnce(self):
+        """
+        A next hop that answers 421 to every MAIL is dead after three
+        connections, as Postfix throttles one: the messages waiting behind
+        them, and those that come meanwhile, are deferred at once with its
+        reason instead of each opening a connection of its own.  The
+        operator's flush tries it again.
+        """
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], mailLimit=0)
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 60, "retry_max": 60})
+        qids = []
+        for n in range(6):  # (the first alone, its connection's greeting late; the others wait for it)
+            qids.append((yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))))
+        yield self.until(self.attempted(qids))
+        qids.append((yield self.send(subject="m6", rcpts=("r6@example.net",))))  # (while it is dead)
+        yield self.until(self.attempted(qids[6:]))
+        self.assertEqual(SMTPNextHop.DEAD_AFTER, 3)
+        self.assertEqual(len(hop.connections), 3)
+        self.assertEqual(hop.verbs().count("MAIL"), 3)
+        errors = self.lastErrors(qids)
+        for error in errors[:3]:  # (a 421, or the connection closed after it)
+            self.assertIn("during MAIL" if "lost" in error else "421", error)
+            self.assertNotIn("suspended", error)
+        for error in errors[3:]:
+            self.assertEqual(error, "451 4.4.2 delivery temporarily suspended: " + errors[2].split(" ", 2)[2])
+        hop.mailLimit = None
+        self.gw.service.spool.requestFlush(qids[6])  # (relaygw-queue flush ID)
+        yield self.until(lambda: hop.transactions)
+        self.assertEqual(hop.recipients(), ["r6@example.net"])
+        self.gw.service.queue.flush()
+        yield self.until(lambda: len(hop.transactions) == 7 and self.spoolEmpty())
+        self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % n for n in range(7)])
+
+    @defer.inlineCallbacks
+    def test_silentDestinationCostsThreeTimeouts(self):
+        """
+        A next hop that never answers an end of data costs three command
+        timeouts, not one per message: the messages the connections never
+        got to are deferred at once once it is found dead.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"], silentAtEndFor="silent@example.net")
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 60, "retry_max": 60, "command_timeout": 0.5})
+        self.gw.service.queue.deferAll = True  # (they go out in one batch)
+        qids = []
+        for n in range(6):
+            qids.append((yield self.send(subject="m%d" % n, rcpts=("silent@example.net",))))
+        self.gw.service.queue.deferAll = False
+        started = time.monotonic()
+        self.gw.service.queue.flush()
+        yield self.until(self.attempted(qids))
+        self.assertLess(time.monotonic() - started, 3.5)
+        self.assertEqual(len(hop.connections), 3)
+        errors = sorted(self.lastErrors(qids), key=lambda e: "suspended" in e)
+        for error in errors[:3]:
+            self.assertIn("timeout", error)
+            self.assertNotIn("suspended", error)
+        for error in errors[3:]:
+            self.assertIn("delivery temporarily suspended: ", error)
+
+    @defer.inlineCallbacks
+    def test_refusedRecipientsLeaveTheDestinationAlive(self):
+        """A next hop that answers, if only with 4xx to every RCPT (greylisting), is tried for each message."""
+        hop, port = self.hop(extensions=["PIPELINING"], rcpt={"r%d@example.net" % n: "450 4.7.1 greylisted"
+                                                              for n in range(4)})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 60, "retry_max": 60})
+        qids = []
+        for n in range(4):
+            qids.append((yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))))
+            yield self.until(self.attempted(qids))
+        self.assertEqual(hop.verbs().count("MAIL"), 4)
+        self.assertEqual([e.count("450 4.7.1") for e in self.lastErrors(qids)], [1] * 4)
+
+    @defer.inlineCallbacks
+    def test_deadDestinationTriedAgainAfterRetryMin(self):
+        """A dead destination is tried again after retry_min, Postfix's minimal_backoff_time."""
+        hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], mailLimit=0)
+        hop, port = self.hop(factory=hop)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
+                            "retry_min": 1, "retry_max": 1})
+        qids = []
+        for n in range(4):
+            qids.append((yield self.send(subject="m%d" % n, rcpts=("r%d@example.net" % n,))))
+        yield self.until(self.attempted(qids))
+        self.assertIn("suspended", self.lastErrors(qids)[3])
+        hop.mailLimit = None
+        yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
+        self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % n for n in range(4)])
+
     @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})

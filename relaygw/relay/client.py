@@ -119,6 +119,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         self.xclientNames = None
         self.ahead = None  # (file, size) of the next message, its envelope already sent
         self.stale = False
+        self.brokeDown = False  # (the last carry's session broke down: see L{_brokenDown})
         self.peerIP = None
         self.current = None  # the index of the message under way
         self.currentFrom = 0  # the replies read before it
@@ -182,6 +183,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         """
         self.messages, self.results = messages, [{} for _ in messages]
         self.settled, self.reported = settled, set()
+        self.brokeDown = False
         self.current = None
         kept = self.proto
         self.sendStarted = {}
@@ -236,6 +238,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         none was reached (the connection itself failed) or the gateway cut
         the connection.
         """
+        self.brokeDown = True
         current, proto = self.current, self.proto
         if current is not None and proto is not None:
             answered = proto.replyCount - self.currentFrom

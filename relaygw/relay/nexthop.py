@@ -133,6 +133,12 @@ class IRouter(Interface):
         their recipients get L{STOPPED}.
         """
 
+    def revive():
+        """
+        An operator asked for delivery now: destinations found dead (whose
+        messages are deferred at once for a while) are tried again.
+        """
+
 
 @implementer(IRouter)
 class FunctionRouter:
@@ -153,4 +159,7 @@ class FunctionRouter:
         pass
 
     def cutShort(self):
+        pass
+
+    def revive(self):
         pass

@@ -113,6 +113,8 @@ class QueueManager(Service):
         """
         try:
             flushAll, ids = self.spool.takeRequests()
+            if ids:
+                self.router.revive()  # (a flush does too)
             if flushAll:
                 log.info("flush requested")
                 self.flush()
@@ -238,7 +240,8 @@ class QueueManager(Service):
         return [qid for qid, timer in self.timers.items() if timer.active()]
 
     def flush(self):
-        """Retry everything that waits for a retry (relaygw-queue flush)."""
+        """Retry everything that waits for a retry (relaygw-queue flush), dead destinations too."""
+        self.router.revive()
         for qid in sorted(set(self.timers) | set(self.spool.queueIds())):
             self.enqueue(qid, forced=True)
 

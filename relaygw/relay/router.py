@@ -39,8 +39,9 @@ class HopSpec:
 
     MAX_CACHED = 1000
 
-    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None):
+    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300):
         self.name = name
+        self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
         self.hop = hop
         self.reactor = reactor
         self.heloName = heloName
@@ -66,7 +67,8 @@ class HopSpec:
                 # verified against the name that smarthost was configured
                 # with (the host the client connects to), not the first one's.
                 self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
-                                               smarthostList(hosts), options, hop.destination_concurrency)
+                                               smarthostList(hosts), options, hop.destination_concurrency,
+                                               deadFor=self.deadFor)
             return self.cache[None]
         if hop.mx:
             if domain not in self.cache:
@@ -75,7 +77,7 @@ class HopSpec:
                 options = _options(hop, self.heloName)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),
-                                                 options, hop.destination_concurrency)
+                                                 options, hop.destination_concurrency, deadFor=self.deadFor)
             return self.cache[domain]
         return self.fallback
 
@@ -93,8 +95,10 @@ class Router:
         heloName = relay.helo_name or config.listeners[0].hostname
         self._resolver = None
         self.relay = relay
-        self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir)
-        self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver))
+        self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
+                               deadFor=relay.retry_min)
+        self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
+                                   deadFor=relay.retry_min))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):
@@ -122,6 +126,11 @@ class Router:
         """The gateway is stopping: no SMTP next hop begins anything new (L{SMTPNextHop.wrapUp})."""
         for hop in self._smtpHops():
             hop.wrapUp()
+
+    def revive(self):
+        """Every SMTP next hop found dead is tried again (L{SMTPNextHop.revive})."""
+        for hop in self._smtpHops():
+            hop.revive()
 
     def cutShort(self):
         """The gateway is stopping: every SMTP next hop cuts its deliveries short (L{SMTPNextHop.cutShort})."""

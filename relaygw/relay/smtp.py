@@ -9,6 +9,16 @@ hop offers PIPELINING).  The number of connections per destination is
 capped.  A connection that finished its batch stays open for a moment
 (C{IDLE_SECONDS}, Postfix's connection cache time) and carries the next
 batch without a new connect, greeting, EHLO and TLS handshake.
+
+A destination is dead for C{deadFor} seconds once C{DEAD_AFTER} batches in
+a row found every host failing before it answered any of their messages
+(no connection, a refused greeting, a 421, silence), as Postfix throttles
+one: what waits for it, and what comes meanwhile, is deferred at once with
+the reason ("delivery temporarily suspended: ...") instead of each message
+trying a connection and waiting for a timeout of its own.  A message it
+answers, or an operator's flush (L{revive}), ends that.  One message that
+breaks its session (a content filter dropping the connection) does not:
+the messages behind it go on.
 """
 
 import dataclasses
@@ -52,7 +62,10 @@ class SMTPNextHop:
     #: How long a connection with nothing to carry stays open for reuse.
     IDLE_SECONDS = 2.0
 
-    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50):
+    #: Batches in a row failed on every host, answering nothing, that make the destination dead.
+    DEAD_AFTER = 3
+
+    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
         self.reactor = reactor
         self.name = name
         self.hosts = hosts
@@ -66,6 +79,10 @@ class SMTPNextHop:
         self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
+        self.deadFor = deadFor
+        self.deadUntil = None  # while in the future, the destination is dead: see L{_failed}
+        self.deadResult = None
+        self.failures = 0  # batches failed in a row
 
     def describe(self):
         return self.name
@@ -163,6 +180,34 @@ class SMTPNextHop:
         for conn in list(self.carrying) + list(self.closing):
             conn.cut(STOPPED)
 
+    def revive(self):
+        """Forget that the destination was found dead (an operator's flush): the next message tries it."""
+        self.deadUntil, self.failures = None, 0
+
+    def _suspended(self):
+        """The result for each recipient while the destination is dead; None when it is not."""
+        if self.deadUntil is not None and self.reactor.seconds() >= self.deadUntil:
+            self.deadUntil = None
+        return None if self.deadUntil is None else self.deadResult
+
+    def _failed(self, reason):
+        """Every host failed a batch's session before answering anything: C{reason}, the last failure."""
+        self.failures += 1
+        if self.failures < self.DEAD_AFTER:
+            return
+        if self.deadUntil is None:
+            log.warn("{hop}: {reason}; deliveries suspended for {seconds:g}s", hop=self.name, reason=reason,
+                     seconds=self.deadFor)
+        self.deadUntil = self.reactor.seconds() + self.deadFor
+        self.deadResult = Result(reason.code, reason.enhanced, "delivery temporarily suspended: %s" % reason.text)
+
+    def _answered(self):
+        """A connection got answers to a message: the destination lives."""
+        self.failures = 0
+        if self.deadUntil is not None:
+            log.info("{hop}: answering again; deliveries resumed", hop=self.name)
+            self.deadUntil = None
+
     def _take(self):
         """
         The next batch of waiting messages for one connection: when the
@@ -190,6 +235,12 @@ class SMTPNextHop:
         another connection opens, up to the cap.  A connection that has
         just C{freed} itself takes what waits at once.
         """
+        suspended = self._suspended() if self.waiting and not self.stopping else None
+        if suspended is not None:
+            waiting, self.waiting = self.waiting, []
+            for m, d, _ in waiting:
+                d.callback({r: suspended for r in m.recipients})
+            return
         while self.waiting and not self.stopping and self.active < self.maxConnections \
                 and (freed or len(self.waiting) > self.active):
             freed = False
@@ -261,6 +312,7 @@ class SMTPNextHop:
                 report(index, {r: result for r in m.recipients})
             return
         last = {}
+        failure, answered = None, False  # (the last session failure that answered nothing; whether a carry answered)
         pending = list(enumerate(messages))
         for n, candidate in enumerate(candidates):
             if not pending or self.stopping:
@@ -321,6 +373,12 @@ class SMTPNextHop:
                         options = dataclasses.replace(options, tls="none")
                     continue
                 self._park(conn, key)
+                said = _verdict(conn, results)
+                if said is True:
+                    answered = True
+                    self._answered()
+                elif said is not None:
+                    failure = said
                 for position, res in enumerate(results):  # (every message was settled: this is a safety net)
                     index = carried[0][position][0]
                     if index not in still and not batch[index][1].called:
@@ -342,8 +400,29 @@ class SMTPNextHop:
                                                   else temporary("no next hop available"))
             report(index, final[index])
         if not self.stopping:
+            if failure is not None and not answered:
+                self._failed(failure)
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
+
+
+def _verdict(conn, results):
+    """
+    What C{conn}'s carry (C{results}) says about the destination: C{True}
+    when it answered (a final reply to a message, or a session that did
+    not break down); the reason when the session broke down before any
+    final reply (no connection, a refused greeting, a 421, silence); None
+    when it reached no message (a kept-open connection's 421 to the next
+    MAIL: its messages go on another connection).
+    """
+    reason = None
+    for res in results:
+        for r in res.values():
+            if r.ok or r.permanent:
+                return True
+            if reason is None and not r.untried:
+                reason = r
+    return True if not conn.brokeDown else reason
 
 
 def _whenDone(d):
