@@ -51,16 +51,23 @@ def _address(args):
     return m.group(1) if m else None
 
 
-def reject(session, ctx, verb, args, reply, sender, helo, qid=None):
-    """A refused command (4xx or 5xx reply), with who, what and why; C{helo}: the name or C{(verb, name)}."""
+def reject(session, ctx, verb, args, reply, sender, helo, qid=None, recipients=()):
+    """
+    A refused command (4xx or 5xx reply), with who, what and why; C{helo}:
+    the name or C{(verb, name)}; C{recipients}: those accepted so far.  As
+    Postfix, the line names the sender, the recipient (the refused one, or
+    the last accepted) and the HELO name only when there is one.
+    """
     if isinstance(helo, tuple):
         helo = helo[-1]
-    recipient = _address(args) if verb == "RCPT" else None
+    recipient = _address(args) if verb == "RCPT" else (recipients[-1] if recipients else None)
     if verb == "MAIL" and sender is None:
         sender = _address(args)
     text = " ".join(str(p) for p in (reply.code, reply.enhanced, reply.text) if p)
-    smtpd.info("[{session}] {qid}: reject: {verb} from {client}: {reply}; from=<{sender}> to=<{recipient}> "
-               "proto={proto} helo=<{helo}>", event="reject", session=session, qid=qid or "NOQUEUE",
+    smtpd.info("[{session}] {qid}: reject: {verb} from {client}: {reply};"
+               + (" from=<{sender}>" if sender is not None else "") + (" to=<{recipient}>" if recipient else "")
+               + " proto={proto}" + (" helo=<{helo}>" if helo else ""), event="reject", session=session,
+               qid=qid or "NOQUEUE",
                verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"), reply=text, code=reply.code,
                enhanced=reply.enhanced, sender=sender if sender is not None else "",
                recipient=recipient or "", proto=ctx.get("protocol") or "SMTP", helo=helo or "")

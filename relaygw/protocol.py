@@ -118,7 +118,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         if r.code >= 400 and not unasked:
             verb, args = self.lastCommand
             maillog.reject(self.sessionId, self.context, verb, args, r, self.mailfrom, self.helo,
-                           (self.context.message or {}).get("queue_id"))
+                           (self.context.message or {}).get("queue_id"), self.rcpts)
         if r.close:
             self._close()
         elif r.code >= 400 and self.greeted:

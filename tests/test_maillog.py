@@ -122,7 +122,8 @@ class MailLogTests(unittest.TestCase):
         rejects = self.lines("reject")
         self.assertRegex(rejects[0], r"^\[\w+\] NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 501 5\.1\.3 .*; "
                                      r"from=<a@example\.org> to=<bad> proto=ESMTP helo=<client\.example>$")
-        self.assertRegex(rejects[1], r"reject: BOGUS from unknown\[127\.0\.0\.1\]: 50\d ")
+        self.assertRegex(rejects[1], r"reject: BOGUS from unknown\[127\.0\.0\.1\]: 50\d .*; "
+                                     r"from=<a@example\.org> proto=ESMTP helo=<client\.example>$")
         [disconnect] = self.lines("disconnect")
         self.assertTrue(disconnect.endswith("ehlo=1 mail=1 rcpt=0/1 unknown=0/1 quit=1 commands=3/5"), disconnect)
 
@@ -142,7 +143,7 @@ class MailLogTests(unittest.TestCase):
         yield inThread(run)
         yield self.waitFor("disconnect")
         [reject] = self.lines("reject")
-        self.assertRegex(reject, r"reject: UNKNOWN from unknown\[127\.0\.0\.1\]: 500 5\.5\.2 ")
+        self.assertRegex(reject, r"reject: UNKNOWN from unknown\[127\.0\.0\.1\]: 500 5\.5\.2 [^;]*; proto=SMTP$")
         [disconnect] = self.lines("disconnect")
         self.assertTrue(disconnect.endswith("noop=1 unknown=0/1 quit=1 commands=2/3"), disconnect)
 
@@ -354,6 +355,6 @@ class EndOfMessageRejectTests(SessionTestCase):
         self.session(run)
         [reject] = [logs.escape(formatEvent(e)) for e in events if e.get("event") == "reject"]
         self.assertRegex(reject, r"^\[\w+\] [0-9A-Z]+: reject: END-OF-MESSAGE from unknown\[127\.0\.0\.1\]: "
-                                 r"552 5\.3\.4 Error: message too big; from=<a@example\.org> to=<> "
+                                 r"552 5\.3\.4 Error: message too big; from=<a@example\.org> to=<b@example\.net> "
                                  r"proto=ESMTP helo=<client\.example>$")
         self.assertNotIn("NOQUEUE", reject)
