@@ -27,7 +27,7 @@ class StopCutsShortTests(RelayTestCase):
         spool = self.gw.service.spool
         self.assertEqual(sorted(spool.queueIds()), sorted(qids))
         for qid in qids:
-            self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+            self.assertEqual(len(self.logs.find("not delivered before the stop", qid=qid)), 1)
             self.assertEqual(self.logs.find("status=", qid=qid), [])
             self.assertEqual(spool.readState(qid), {})  # no attempt counted
         yield task.deferLater(reactor, 0.5, lambda: None)
@@ -157,7 +157,7 @@ class StopCutsShortTests(RelayTestCase):
         """
         One recipient refused for now at RCPT, the other's delivery cut
         short: the refusal is recorded (an attempt for it), the other stays
-        to do, and the line says the message's delivery was cut short.
+        to do, and the line says the message was not delivered before the stop.
         """
         self.logs = LogCapture(self)
         hop, port = self.hop(endOfData=None, rcpt={"first@example.net": "451 4.3.0 try later"})
@@ -166,7 +166,7 @@ class StopCutsShortTests(RelayTestCase):
         yield self.until(lambda: hop.transactions)
         self.gw.service.queue.stopTimeout = 0.3
         yield self.gw.stop()
-        self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+        self.assertEqual(len(self.logs.find("not delivered before the stop", qid=qid)), 1)
         [deferred] = self.logs.find("status=", qid=qid)
         self.assertEqual((deferred["to"], deferred["status"]), ("first@example.net", "deferred"))
         state = self.gw.service.spool.readState(qid)
@@ -210,5 +210,5 @@ class StopCutsShortTests(RelayTestCase):
         self.gw.service.queue.stopTimeout = 0.3
         yield self.gw.stop()
         self.assertEqual(len(self.logs.find("status=", qid=qid)), 1)
-        self.assertEqual(len(self.logs.find("cut short by the stop", qid=qid)), 1)
+        self.assertEqual(len(self.logs.find("not delivered before the stop", qid=qid)), 1)
         yield self.deliveredAfterRestart(["b@stuck.example"])

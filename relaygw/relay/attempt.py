@@ -150,7 +150,7 @@ class Attempts:
                     for hop, results in attempt.outcomes]
         stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
         if stopped:
-            log.info("{qid}: delivery cut short by the stop; stays queued", qid=qid)
+            log.info("{qid}: not delivered before the stop; stays queued", qid=qid)
         if not any(results for _, results in outcomes):
             if stopped:
                 return None
