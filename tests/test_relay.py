@@ -510,7 +510,11 @@ class SmarthostTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_deadDestinationTriedAgainAfterRetryMin(self):
-        """A dead destination is tried again after retry_min, Postfix's minimal_backoff_time."""
+        """
+        A dead destination is tried again after retry_min, Postfix's
+        minimal_backoff_time; its first answer then is logged, as its death was.
+        """
+        logs = LogCapture(self)
         hop = TrackingHopFactory(greetDelay=0.5, extensions=["PIPELINING"], mailLimit=0)
         hop, port = self.hop(factory=hop)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
@@ -523,6 +527,7 @@ class SmarthostTests(RelayTestCase):
         hop.mailLimit = None
         yield self.until(lambda: len(hop.transactions) == 4 and self.spoolEmpty())
         self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % n for n in range(4)])
+        self.assertEqual([len(logs.find(text)) for text in ("deliveries suspended", "deliveries resumed")], [1, 1])
 
     @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):

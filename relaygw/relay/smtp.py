@@ -80,7 +80,7 @@ class SMTPNextHop:
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
         self.deadFor = deadFor
-        self.deadUntil = None  # while in the future, the destination is dead: see L{_failed}
+        self.deadUntil = None  # while in the future, the destination is dead: see L{_failed}; None once answered
         self.deadResult = None
         self.failures = 0  # batches failed in a row
 
@@ -182,20 +182,22 @@ class SMTPNextHop:
 
     def revive(self):
         """Forget that the destination was found dead (an operator's flush): the next message tries it."""
+        if self.deadUntil is not None:
+            log.info("{hop}: flush requested; deliveries resumed", hop=self.name)
         self.deadUntil, self.failures = None, 0
 
     def _suspended(self):
         """The result for each recipient while the destination is dead; None when it is not."""
-        if self.deadUntil is not None and self.reactor.seconds() >= self.deadUntil:
-            self.deadUntil = None
-        return None if self.deadUntil is None else self.deadResult
+        if self.deadUntil is None or self.reactor.seconds() >= self.deadUntil:
+            return None
+        return self.deadResult
 
     def _failed(self, reason):
         """Every host failed a batch's session before answering anything: C{reason}, the last failure."""
         self.failures += 1
         if self.failures < self.DEAD_AFTER:
             return
-        if self.deadUntil is None:
+        if self._suspended() is None:  # (newly dead, or again once its time ran out)
             log.warn("{hop}: {reason}; deliveries suspended for {seconds:g}s", hop=self.name, reason=reason,
                      seconds=self.deadFor)
         self.deadUntil = self.reactor.seconds() + self.deadFor
