@@ -306,7 +306,14 @@ class RelayConfig(NextHopConfig):
 
 @dataclass(frozen=True)
 class RouteConfig(NextHopConfig):
-    """A route: recipients in C{domains}, or messages whose context has C{context_key} = C{context_value}."""
+    """
+    A route: recipients in C{domains}, or messages whose context has
+    C{context_key} = C{context_value}.  What it does not set of
+    L{INHERITED} it takes from [relay], as a Postfix transport takes
+    main.cf's settings; never the smarthosts or credentials.
+    """
+
+    INHERITED = ("tls", "tls_ca", "forward_identity", "destination_concurrency", "command_timeout")
 
     name: str = _opt(None, str)
     domains: tuple = _opt((), list)
@@ -365,12 +372,14 @@ class _Report:
         self.errors.append("%s: %s: %s" % (self.fname, key, what))
 
 
-def _build(cls, table, where, report, base):
+def _build(cls, table, where, report, base, defaults=None):
     """
     Validate C{table} into a C{cls}.  Every problem goes to C{report}, and
-    a key in error takes its default, so that the checks that follow can
-    still look at the rest (every error is reported at once).
+    a key in error takes its default (from C{defaults}, else the field's),
+    so that the checks that follow can still look at the rest (every
+    error is reported at once).
     """
+    defaults = defaults or {}
     known = {f.name: f for f in fields(cls)}
     if not isinstance(table, dict):
         report.add(where, "wrong type %s (expected a table)" % (_typeName(table),))
@@ -382,13 +391,13 @@ def _build(cls, table, where, report, base):
     values = {}
     for name, f in known.items():
         meta = f.metadata
-        value = f.default
+        value = defaults.get(name, f.default)
         if name not in table:
             if f.default is None and cls is ListenerConfig and name in ("name", "endpoint"):
                 report.add("%s.%s" % (where, name), "missing required key (expected %s)" % (
                     _expectedKind(meta["kind"]),))
         else:
-            value = _value(table[name], meta, "%s.%s" % (where, name), report, f.default)
+            value = _value(table[name], meta, "%s.%s" % (where, name), report, value)
         if meta["path"] and value is not None:
             value = os.path.normpath(os.path.join(base, value))
         values[name] = value
@@ -488,7 +497,9 @@ def parse(text, path="<config>", base=None, environment=False):
     if not isinstance(rawRoutes, list):
         report.add("route", "wrong type (expected an array of tables, [[route]])")
     else:
-        routes = tuple(_build(RouteConfig, t, "route[%d]" % i, report, base) for i, t in enumerate(rawRoutes))
+        inherited = {name: getattr(built["relay"], name) for name in RouteConfig.INHERITED}
+        routes = tuple(_build(RouteConfig, t, "route[%d]" % i, report, base, inherited)
+                       for i, t in enumerate(rawRoutes))
     for i, r in enumerate(routes):
         if not r.domains and not r.context_key:
             report.add("route[%d]" % i, "matches nothing (expected domains or context_key)")

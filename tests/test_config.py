@@ -31,6 +31,20 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(l.extensions, ())
         self.assertEqual(c.spool.directory, "/etc/relaygw/var/spool")
 
+    def test_routeTakesRelaySettings(self):
+        """
+        A route takes what it does not set of [relay]'s delivery settings, as
+        a Postfix transport takes main.cf's; never the smarthosts or the
+        credentials.
+        """
+        c = config.parse('[relay]\nsmarthosts = ["[127.0.0.1]:2700"]\ncommand_timeout = 20\ntls = "none"\n'
+                         'destination_concurrency = 3\nauth_user = "u"\nauth_password = "p"\n'
+                         '[[route]]\ndomains = ["a.example"]\nmx = true\ndestination_concurrency = 5\n'
+                         + MINIMAL, "/etc/relaygw/relaygw.toml")
+        [route] = c.routes
+        self.assertEqual((route.command_timeout, route.tls, route.destination_concurrency), (20, "none", 5))
+        self.assertEqual((route.smarthosts, route.auth_user, route.auth_password), ((), None, None))
+
     def test_unknownKey(self):
         self.assertConfigError(MINIMAL + "colour = 1\n", "relaygw.toml: listener[0].colour: unknown key "
                                "(expected one of the keys etc/relaygw.toml lists)")
