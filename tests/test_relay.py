@@ -530,6 +530,34 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual([len(logs.find(text)) for text in ("deliveries suspended", "deliveries resumed")], [1, 1])
 
     @defer.inlineCallbacks
+    def test_stuckDestinationLeavesSlotsToOthers(self):
+        """
+        Messages waiting for a connection to a destination whose every
+        connection is stuck (silent at an end of data) go back to the
+        queue manager after WAIT_SECONDS, untried: they held its delivery
+        slots, and a message for another destination waited for the stuck
+        one's command timeout.
+        """
+        self.patch(SMTPNextHop, "WAIT_SECONDS", 0.5)
+        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4, "command_timeout": 30},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                    "destination_concurrency": 1}])
+        slow = []
+        for n in range(4):
+            slow.append((yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))))
+        yield self.until(lambda: stuck.messages or "DATA" in stuck.verbs())
+        started = time.monotonic()
+        yield self.send(subject="other", rcpts=("b@example.net",))
+        yield self.until(lambda: good.transactions)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(good.recipients(), ["b@example.net"])
+        self.assertEqual(len(stuck.connections), 1)
+        spool = self.gw.service.spool
+        self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 4)  # no attempt counted
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

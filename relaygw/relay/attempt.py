@@ -159,7 +159,8 @@ class Attempts:
                 self._forgetDeleted(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
-            else:  # held, and released while this attempt was under way (which kept the release waiting)
+            else:  # waited in vain for a connection (back in line), or held and released meanwhile
+                # (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())
                 return None
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)

@@ -39,9 +39,10 @@ class Result:
     def untried(self):
         """
         No attempt to count: L{WITHDRAWN}, cut short by the gateway's stop
-        (L{STOPPED}), or never reached by its connection (L{NOT_SENT}).
+        (L{STOPPED}), never reached by its connection (L{NOT_SENT}), or
+        never given one (L{WAITED}).
         """
-        return self == WITHDRAWN or self == STOPPED or self == NOT_SENT
+        return self == WITHDRAWN or self == STOPPED or self == NOT_SENT or self == WAITED
 
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
@@ -74,6 +75,12 @@ STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop")
 #: without the one that broke the session, instead of being deferred with
 #: it, retried with it and in the end bounced with it.
 NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an earlier message")
+
+
+#: The result for each recipient of a message that waited too long for a
+#: connection to its next hop (every one busy, or stuck): not an attempt;
+#: the queue manager puts it back in line, behind what came meanwhile.
+WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time")
 
 
 class INextHop(Interface):

@@ -19,6 +19,12 @@ trying a connection and waiting for a timeout of its own.  A message it
 answers, or an operator's flush (L{revive}), ends that.  One message that
 breaks its session (a content filter dropping the connection) does not:
 the messages behind it go on.
+
+A message that has waited C{WAIT_SECONDS} for a connection (every one the
+destination may have is busy, or stuck) goes back to the queue manager
+untried (L{WAITED}), to the end of its line: waiting, it held one of the
+queue manager's delivery slots, and enough of them held by one slow
+destination kept every other from getting any.
 """
 
 import dataclasses
@@ -31,7 +37,7 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, INextHop, Result, temporary
 
 log = Logger(namespace="relaygw.relay")
 
@@ -65,6 +71,9 @@ class SMTPNextHop:
     #: Batches in a row failed on every host, answering nothing, that make the destination dead.
     DEAD_AFTER = 3
 
+    #: How long a message waits for a connection before it goes back to the queue manager.
+    WAIT_SECONDS = 5.0
+
     def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
         self.reactor = reactor
         self.name = name
@@ -83,6 +92,7 @@ class SMTPNextHop:
         self.deadUntil = None  # while in the future, the destination is dead: see L{_failed}; None once answered
         self.deadResult = None
         self.failures = 0  # batches failed in a row
+        self.handBack = None  # the timer of L{_handBack}
 
     def describe(self):
         return self.name
@@ -96,7 +106,7 @@ class SMTPNextHop:
         ds = []
         for index, m in enumerate(messages):
             d = defer.Deferred()
-            self.waiting.append((m, d, None if progress is None else (progress, index)))
+            self.waiting.append((m, d, None if progress is None else (progress, index), self.reactor.seconds()))
             ds.append(d)
         self._pump()
         if len(ds) == 1:  # (every message's Deferred fires with a result, never fails)
@@ -161,8 +171,7 @@ class SMTPNextHop:
         """
         self.stopping = True
         waiting, self.waiting = self.waiting, []
-        for m, d, _ in waiting:
-            d.callback({r: STOPPED for r in m.recipients})
+        _answer(waiting, STOPPED)
         for conn in self.carrying:
             conn.wrapUp()
 
@@ -240,8 +249,7 @@ class SMTPNextHop:
         suspended = self._suspended() if self.waiting and not self.stopping else None
         if suspended is not None:
             waiting, self.waiting = self.waiting, []
-            for m, d, _ in waiting:
-                d.callback({r: suspended for r in m.recipients})
+            _answer(waiting, suspended)
             return
         while self.waiting and not self.stopping and self.active < self.maxConnections \
                 and (freed or len(self.waiting) > self.active):
@@ -250,11 +258,30 @@ class SMTPNextHop:
             self.active += 1
             d = self._send(batch)
             d.addBoth(self._sent, batch)
+        if self.waiting and not self.stopping:
+            if self.handBack is None:
+                delay = self.waiting[0][3] + self.WAIT_SECONDS - self.reactor.seconds()
+                self.handBack = self.reactor.callLater(max(0, delay), self._handBack)
+        elif self.handBack is not None:
+            self.handBack.cancel()
+            self.handBack = None
+
+    def _handBack(self):
+        """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager (L{WAITED})."""
+        self.handBack = None
+        since = self.reactor.seconds() - self.WAIT_SECONDS
+        waited = [item for item in self.waiting if item[3] <= since]
+        if waited:
+            self.waiting = [item for item in self.waiting if item[3] > since]
+            log.info("{hop}: {n} messages waited {seconds:g}s for a connection; back in the queue", hop=self.name,
+                     n=len(waited), seconds=self.WAIT_SECONDS)
+        _answer(waited, WAITED)
+        self._pump()
 
     def _sent(self, results, batch):
         self.active -= 1
         requeued = results if isinstance(results, set) else ()
-        for index, (m, d, _) in enumerate(batch):
+        for index, (m, d, *_) in enumerate(batch):
             if d.called or index in requeued:
                 continue  # reported as it came, or waiting again
             if not isinstance(results, Failure):  # (cannot happen: every message is reported)
@@ -277,7 +304,7 @@ class SMTPNextHop:
         down over one before it) waits again, first in line for the next
         connection; the indexes of those are what this fires with.
         """
-        messages = [m for m, _, _ in batch]
+        messages = [item[0] for item in batch]
         final = [dict() for _ in messages]
         requeued = set()
 
@@ -406,6 +433,12 @@ class SMTPNextHop:
                 self._failed(failure)
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
+
+
+def _answer(waiting, result):
+    """Each message of C{waiting} (entries of L{SMTPNextHop.waiting}) gets C{result} for every recipient."""
+    for m, d, *_ in waiting:
+        d.callback({r: result for r in m.recipients})
 
 
 def _verdict(conn, results):
