@@ -21,7 +21,7 @@ from relaygw.logs import makeObserver
 from relaygw.testing import (
     Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
-from relaygw.relay.smtp import SMTPNextHop
+from relaygw.relay.smtp import Health, SMTPNextHop
 from tests.messages import sendOne
 from tests.processes import runTwistd
 from tests.recorders import LogCapture
@@ -451,7 +451,7 @@ class SmarthostTests(RelayTestCase):
         yield self.until(self.attempted(qids))
         qids.append((yield self.send(subject="m6", rcpts=("r6@example.net",))))  # (while it is dead)
         yield self.until(self.attempted(qids[6:]))
-        self.assertEqual(SMTPNextHop.DEAD_AFTER, 3)
+        self.assertEqual(Health.DEAD_AFTER, 3)
         self.assertEqual(len(hop.connections), 3)
         self.assertEqual(hop.verbs().count("MAIL"), 3)
         errors = self.lastErrors(qids)

@@ -10,15 +10,10 @@ capped.  A connection that finished its batch stays open for a moment
 (C{IDLE_SECONDS}, Postfix's connection cache time) and carries the next
 batch without a new connect, greeting, EHLO and TLS handshake.
 
-A destination is dead for C{deadFor} seconds once C{DEAD_AFTER} batches in
-a row found every host failing before it answered any of their messages
-(no connection, a refused greeting, a 421, silence), as Postfix throttles
-one: what waits for it, and what comes meanwhile, is deferred at once with
-the reason ("delivery temporarily suspended: ...") instead of each message
-trying a connection and waiting for a timeout of its own.  A message it
-answers, or an operator's flush (L{revive}), ends that.  One message that
-breaks its session (a content filter dropping the connection) does not:
-the messages behind it go on.
+A destination found dead (L{Health}) has what waits for it, and what comes
+meanwhile, deferred at once with the reason ("delivery temporarily
+suspended: ...") instead of each message trying a connection and waiting
+for a timeout of its own.
 
 A message that has waited C{WAIT_SECONDS} for a connection (every one the
 destination may have is busy, or stuck) goes back to the queue manager
@@ -68,9 +63,6 @@ class SMTPNextHop:
     #: How long a connection with nothing to carry stays open for reuse.
     IDLE_SECONDS = 2.0
 
-    #: Batches in a row failed on every host, answering nothing, that make the destination dead.
-    DEAD_AFTER = 3
-
     #: How long a message waits for a connection before it goes back to the queue manager.
     WAIT_SECONDS = 5.0
 
@@ -88,10 +80,7 @@ class SMTPNextHop:
         self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
-        self.deadFor = deadFor
-        self.deadUntil = None  # while in the future, the destination is dead: see L{_failed}; None once answered
-        self.deadResult = None
-        self.failures = 0  # batches failed in a row
+        self.health = Health(reactor, name, deadFor)
         self.handBack = None  # the timer of L{_handBack}
 
     def describe(self):
@@ -170,6 +159,9 @@ class SMTPNextHop:
         the restart).
         """
         self.stopping = True
+        if self.handBack is not None:
+            self.handBack.cancel()
+            self.handBack = None
         waiting, self.waiting = self.waiting, []
         _answer(waiting, STOPPED)
         for conn in self.carrying:
@@ -190,34 +182,8 @@ class SMTPNextHop:
             conn.cut(STOPPED)
 
     def revive(self):
-        """Forget that the destination was found dead (an operator's flush): the next message tries it."""
-        if self.deadUntil is not None:
-            log.info("{hop}: flush requested; deliveries resumed", hop=self.name)
-        self.deadUntil, self.failures = None, 0
-
-    def _suspended(self):
-        """The result for each recipient while the destination is dead; None when it is not."""
-        if self.deadUntil is None or self.reactor.seconds() >= self.deadUntil:
-            return None
-        return self.deadResult
-
-    def _failed(self, reason):
-        """Every host failed a batch's session before answering anything: C{reason}, the last failure."""
-        self.failures += 1
-        if self.failures < self.DEAD_AFTER:
-            return
-        if self._suspended() is None:  # (newly dead, or again once its time ran out)
-            log.warn("{hop}: {reason}; deliveries suspended for {seconds:g}s", hop=self.name, reason=reason,
-                     seconds=self.deadFor)
-        self.deadUntil = self.reactor.seconds() + self.deadFor
-        self.deadResult = Result(reason.code, reason.enhanced, "delivery temporarily suspended: %s" % reason.text)
-
-    def _answered(self):
-        """A connection got answers to a message: the destination lives."""
-        self.failures = 0
-        if self.deadUntil is not None:
-            log.info("{hop}: answering again; deliveries resumed", hop=self.name)
-            self.deadUntil = None
+        """An operator's flush: a destination found dead is tried again with the next message."""
+        self.health.revive()
 
     def _take(self):
         """
@@ -246,7 +212,7 @@ class SMTPNextHop:
         another connection opens, up to the cap.  A connection that has
         just C{freed} itself takes what waits at once.
         """
-        suspended = self._suspended() if self.waiting and not self.stopping else None
+        suspended = self.health.suspended() if self.waiting and not self.stopping else None
         if suspended is not None:
             waiting, self.waiting = self.waiting, []
             _answer(waiting, suspended)
@@ -405,7 +371,7 @@ class SMTPNextHop:
                 said = _verdict(conn, results)
                 if said is True:
                     answered = True
-                    self._answered()
+                    self.health.answered()
                 elif said is not None:
                     failure = said
                 for position, res in enumerate(results):  # (every message was settled: this is a safety net)
@@ -430,9 +396,62 @@ class SMTPNextHop:
             report(index, final[index])
         if not self.stopping:
             if failure is not None and not answered:
-                self._failed(failure)
+                self.health.failed(failure)
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
+
+
+class Health:
+    """
+    Whether a destination is dead, as Postfix throttles one: once
+    C{DEAD_AFTER} batches in a row found every host failing before it
+    answered any of their messages (no connection, a refused greeting, a
+    421, silence), for C{deadFor} seconds ([relay] retry_min, Postfix's
+    minimal_backoff_time).  A message it answers, or an operator's flush
+    (L{revive}), ends that.  One message that breaks its session (a
+    content filter dropping the connection) does not: the batches around
+    it are answered.
+    """
+
+    #: Batches in a row failed on every host, answering nothing, that make the destination dead.
+    DEAD_AFTER = 3
+
+    def __init__(self, reactor, name, deadFor):
+        self.reactor = reactor
+        self.name = name
+        self.deadFor = deadFor
+        self.failures = 0  # batches failed in a row
+        self.deadUntil = None  # set when found dead; None again once it answers
+        self.result = None
+
+    def suspended(self):
+        """The result for each recipient while the destination is dead; None when it is not."""
+        if self.deadUntil is None or self.reactor.seconds() >= self.deadUntil:
+            return None
+        return self.result
+
+    def failed(self, reason):
+        """Every host failed a batch's session before answering anything: C{reason}, the last failure."""
+        self.failures += 1
+        if self.failures < self.DEAD_AFTER:
+            return
+        if self.suspended() is None:  # (newly dead, or again once its time ran out)
+            log.warn("{hop}: {reason}; deliveries suspended for {seconds:g}s", hop=self.name, reason=reason,
+                     seconds=self.deadFor)
+        self.deadUntil = self.reactor.seconds() + self.deadFor
+        self.result = Result(reason.code, reason.enhanced, "delivery temporarily suspended: %s" % reason.text)
+
+    def answered(self):
+        """A connection got answers to a message: the destination lives."""
+        self.failures = 0
+        if self.deadUntil is not None:
+            log.info("{hop}: answering again; deliveries resumed", hop=self.name)
+            self.deadUntil = None
+
+    def revive(self):
+        if self.deadUntil is not None:
+            log.info("{hop}: flush requested; deliveries resumed", hop=self.name)
+        self.deadUntil, self.failures = None, 0
 
 
 def _answer(waiting, result):
