@@ -924,6 +924,30 @@ class MXHopCacheTests(unittest.TestCase):
         self.assertIs(router(msg, "a@d0.example"), hops[0])
 
 
+class WaitingOrderTests(unittest.TestCase):
+    def test_messagesWaitInTheOrderTheyWereAccepted(self):
+        """
+        A message that comes back to a next hop (it waited too long for a
+        connection before) waits ahead of those accepted after it, not
+        behind them: handed back again and again, it could be overtaken
+        for ever.
+        """
+        import types
+
+        clock = task.Clock()
+        options = types.SimpleNamespace(forwardIdentity=False)
+        hop = SMTPNextHop(clock, "smtp:test", lambda: defer.Deferred(), options, maxConnections=1)
+
+        def message(name, arrival):
+            return types.SimpleNamespace(name=name, arrival=arrival, recipients=["%s@example.net" % name],
+                                         context={})
+
+        for name, arrival in (("busy", 1.0), ("b", 3.0), ("c", 4.0), ("a", 2.0), ("d", 5.0)):
+            hop.deliver([message(name, arrival)])
+        self.assertEqual([entry[0].name for entry in hop.waiting], ["a", "b", "c", "d"])
+        hop.wrapUp()
+
+
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""
 

@@ -19,8 +19,12 @@ A message that has waited C{WAIT_SECONDS} for a connection (every one the
 destination may have is busy, or stuck) goes back to the queue manager
 untried (L{WAITED}), to the end of its line: waiting, it held one of the
 queue manager's delivery slots, and enough of them held by one slow
-destination kept every other from getting any.
+destination kept every other from getting any.  Messages wait in the order
+they were accepted, so one that comes back is not overtaken by those that
+came after it.
 """
+
+import bisect
 
 import dataclasses
 
@@ -93,9 +97,14 @@ class SMTPNextHop:
 
     def deliver(self, messages, progress=None):
         ds = []
+        now = self.reactor.seconds()
         for index, m in enumerate(messages):
             d = defer.Deferred()
-            self.waiting.append((m, d, None if progress is None else (progress, index), self.reactor.seconds()))
+            entry = (m, d, None if progress is None else (progress, index), now)
+            if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
+                bisect.insort(self.waiting, entry, key=_accepted)  # (back from the queue manager, say)
+            else:
+                self.waiting.append(entry)
             ds.append(d)
         self._pump()
         if len(ds) == 1:  # (every message's Deferred fires with a result, never fails)
@@ -226,7 +235,7 @@ class SMTPNextHop:
             d.addBoth(self._sent, batch)
         if self.waiting and not self.stopping:
             if self.handBack is None:
-                delay = self.waiting[0][3] + self.WAIT_SECONDS - self.reactor.seconds()
+                delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - self.reactor.seconds()
                 self.handBack = self.reactor.callLater(max(0, delay), self._handBack)
         elif self.handBack is not None:
             self.handBack.cancel()
@@ -452,6 +461,11 @@ class Health:
         if self.deadUntil is not None:
             log.info("{hop}: flush requested; deliveries resumed", hop=self.name)
         self.deadUntil, self.failures = None, 0
+
+
+def _accepted(entry):
+    """When the message of a L{SMTPNextHop.waiting} entry was accepted: the order messages wait in."""
+    return getattr(entry[0], "arrival", 0) or 0
 
 
 def _answer(waiting, result):
