@@ -558,6 +558,31 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 4)  # no attempt counted
 
     @defer.inlineCallbacks
+    def test_congestedDestinationCarriesOneAtATime(self):
+        """
+        Once messages had to go back from a destination whose connection is
+        stuck, the connection freed by a timeout takes one message, not
+        the whole line behind it: stuck behind its first message, the rest
+        of such a batch held the delivery slots for another timeout.
+        """
+        self.patch(SMTPNextHop, "WAIT_SECONDS", 0.3)
+        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4, "command_timeout": 1.5},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                    "destination_concurrency": 1}])
+        for n in range(8):
+            yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))
+        yield self.until(lambda: len(stuck.connections) == 2)  # (the first timed out)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        [routeHop] = self.gw.service.queue.router.routes[0][1].smtpHops()
+        self.assertEqual([len(conn.messages) for conn in routeHop.carrying], [1])
+        started = time.monotonic()
+        yield self.send(subject="other", rcpts=("b@example.net",))
+        yield self.until(lambda: good.transactions)
+        self.assertLess(time.monotonic() - started, 1.2)
+
+    @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})

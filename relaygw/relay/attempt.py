@@ -18,7 +18,7 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import queueBounce
-from relaygw.relay.nexthop import STOPPED, temporary
+from relaygw.relay.nexthop import STOPPED, WAITED, WAITED_RETRY, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
 
@@ -159,8 +159,10 @@ class Attempts:
                 self._forgetDeleted(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
-            else:  # waited in vain for a connection (back in line), or held and released meanwhile
-                # (which kept the release waiting)
+            elif any(result == WAITED for _, results in attempt.outcomes for result in results.values()):
+                self.manager.retryLater(qid, time.time() + WAITED_RETRY)  # (no connection came free)
+                return None
+            else:  # held, and released while this attempt was under way (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())
                 return None
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)

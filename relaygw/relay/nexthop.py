@@ -79,8 +79,11 @@ NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an ear
 
 #: The result for each recipient of a message that waited too long for a
 #: connection to its next hop (every one busy, or stuck): not an attempt;
-#: the queue manager puts it back in line, behind what came meanwhile.
+#: the queue manager tries it again after L{WAITED_RETRY}.
 WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time")
+
+#: Seconds before a message handed back with L{WAITED} is tried again.
+WAITED_RETRY = 2.0
 
 
 class INextHop(Interface):

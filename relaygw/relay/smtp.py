@@ -17,11 +17,14 @@ for a timeout of its own.
 
 A message that has waited C{WAIT_SECONDS} for a connection (every one the
 destination may have is busy, or stuck) goes back to the queue manager
-untried (L{WAITED}), to the end of its line: waiting, it held one of the
-queue manager's delivery slots, and enough of them held by one slow
-destination kept every other from getting any.  Messages wait in the order
-they were accepted, so one that comes back is not overtaken by those that
-came after it.
+untried (L{WAITED}), which tries it again a little later: waiting, it held
+one of the queue manager's delivery slots, and enough of them held by one
+slow destination kept every other from getting any.  The destination is
+then congested for C{WAIT_SECONDS}: a connection carries one message at a
+time (a batch behind a message the next hop never answers would hold the
+slots of all of it), and a message that cannot start at once goes back at
+once.  Messages wait in the order they were accepted, so one that comes
+back is not overtaken by those that came after it.
 """
 
 import bisect
@@ -86,6 +89,7 @@ class SMTPNextHop:
         self.stopping = False
         self.health = Health(reactor, name, deadFor)
         self.handBack = None  # the timer of L{_handBack}
+        self.congestedUntil = 0.0  # (see L{_giveBack})
 
     def describe(self):
         return self.name
@@ -200,13 +204,14 @@ class SMTPNextHop:
         client identity is forwarded, only messages from the same original
         client (see L{_key}).
         """
+        size = 1 if self.reactor.seconds() < self.congestedUntil else self.batch
         if not self.options.forwardIdentity:
-            batch, self.waiting = self.waiting[: self.batch], self.waiting[self.batch:]
+            batch, self.waiting = self.waiting[:size], self.waiting[size:]
             return batch
         key = _identity(self.waiting[0][0])
         batch, rest = [], []
         for item in self.waiting:
-            if len(batch) < self.batch and _identity(item[0]) == key:
+            if len(batch) < size and _identity(item[0]) == key:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -233,25 +238,35 @@ class SMTPNextHop:
             self.active += 1
             d = self._send(batch)
             d.addBoth(self._sent, batch)
+        now = self.reactor.seconds()
+        if self.waiting and not self.stopping and now < self.congestedUntil:
+            waiting, self.waiting = self.waiting, []
+            self._giveBack(waiting)
         if self.waiting and not self.stopping:
             if self.handBack is None:
-                delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - self.reactor.seconds()
+                delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
                 self.handBack = self.reactor.callLater(max(0, delay), self._handBack)
         elif self.handBack is not None:
             self.handBack.cancel()
             self.handBack = None
 
     def _handBack(self):
-        """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager (L{WAITED})."""
+        """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager."""
         self.handBack = None
         since = self.reactor.seconds() - self.WAIT_SECONDS
         waited = [item for item in self.waiting if item[3] <= since]
         if waited:
             self.waiting = [item for item in self.waiting if item[3] > since]
-            log.info("{hop}: {n} messages waited {seconds:g}s for a connection; back in the queue", hop=self.name,
-                     n=len(waited), seconds=self.WAIT_SECONDS)
-        _answer(waited, WAITED)
+            log.info("{hop}: {n} messages waited {seconds:g}s for a connection; back in the queue, and the next "
+                     "ones at once while every connection is busy", hop=self.name, n=len(waited),
+                     seconds=self.WAIT_SECONDS)
+            self._giveBack(waited)
         self._pump()
+
+    def _giveBack(self, waiting):
+        """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
+        self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
+        _answer(waiting, WAITED)
 
     def _sent(self, results, batch):
         self.active -= 1
