@@ -530,6 +530,23 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual([len(logs.find(text)) for text in ("deliveries suspended", "deliveries resumed")], [1, 1])
 
     @defer.inlineCallbacks
+    def stuckRoute(self, waitSeconds, commandTimeout):
+        """
+        A gateway with 4 delivery slots, a smarthost that accepts, and a
+        route for slow.example to a next hop (one connection) that never
+        answers the end of data of s@slow.example's messages: that hop and
+        the smarthost.
+        """
+        self.patch(SMTPNextHop, "WAIT_SECONDS", waitSeconds)
+        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4,
+                            "command_timeout": commandTimeout},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                    "destination_concurrency": 1}])
+        return stuck, good
+
+    @defer.inlineCallbacks
     def test_stuckDestinationLeavesSlotsToOthers(self):
         """
         Messages waiting for a connection to a destination whose every
@@ -538,12 +555,7 @@ class SmarthostTests(RelayTestCase):
         slots, and a message for another destination waited for the stuck
         one's command timeout.
         """
-        self.patch(SMTPNextHop, "WAIT_SECONDS", 0.5)
-        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
-        good, gport = self.hop(extensions=["PIPELINING"])
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4, "command_timeout": 30},
-                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
-                                    "destination_concurrency": 1}])
+        stuck, good = yield self.stuckRoute(waitSeconds=0.5, commandTimeout=30)
         slow = []
         for n in range(4):
             slow.append((yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))))
@@ -565,12 +577,7 @@ class SmarthostTests(RelayTestCase):
         the whole line behind it: stuck behind its first message, the rest
         of such a batch held the delivery slots for another timeout.
         """
-        self.patch(SMTPNextHop, "WAIT_SECONDS", 0.3)
-        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
-        good, gport = self.hop(extensions=["PIPELINING"])
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4, "command_timeout": 1.5},
-                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
-                                    "destination_concurrency": 1}])
+        stuck, good = yield self.stuckRoute(waitSeconds=0.3, commandTimeout=1.5)
         for n in range(8):
             yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))
         yield self.until(lambda: len(stuck.connections) == 2)  # (the first timed out)
