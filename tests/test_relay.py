@@ -530,7 +530,7 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual([len(logs.find(text)) for text in ("deliveries suspended", "deliveries resumed")], [1, 1])
 
     @defer.inlineCallbacks
-    def stuckRoute(self, waitSeconds, commandTimeout):
+    def stuckRoute(self, waitSeconds, commandTimeout, retryMin=60):
         """
         A gateway with 4 delivery slots, a smarthost that accepts, and a
         route for slow.example to a next hop (one connection) that never
@@ -541,7 +541,7 @@ class SmarthostTests(RelayTestCase):
         stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
         good, gport = self.hop(extensions=["PIPELINING"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4,
-                            "command_timeout": commandTimeout},
+                            "command_timeout": commandTimeout, "retry_min": retryMin, "retry_max": 60},
                            routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
                                     "destination_concurrency": 1}])
         return stuck, good
@@ -568,6 +568,26 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(len(stuck.connections), 1)
         spool = self.gw.service.spool
         self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 4)  # no attempt counted
+
+    @defer.inlineCallbacks
+    def test_handedBackForRetryMinIsDeferred(self):
+        """
+        A message its next hop keeps handing back untried (no connection
+        comes free) is deferred once that has gone on for retry_min: an
+        attempt counted, the usual backoff and, in the end, its lifetime.
+        Newer messages could take each connection freed before it came
+        back, without end.
+        """
+        stuck, good = yield self.stuckRoute(waitSeconds=0.3, commandTimeout=30, retryMin=1)
+        qids = []
+        for n in range(3):
+            qids.append((yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))))
+        spool = self.gw.service.spool
+        yield self.until(lambda: [spool.readState(qid).get("attempts") for qid in qids[1:]] == [1, 1])
+        for qid in qids[1:]:
+            self.assertIn("451 4.4.5 no connection to the next hop came free in ", spool.readState(qid)["last_error"])
+        self.assertEqual(spool.readState(qids[0]), {})  # (the one the connection is stuck on)
+        self.assertEqual(len(stuck.connections), 1)
 
     @defer.inlineCallbacks
     def test_congestedDestinationCarriesOneAtATime(self):

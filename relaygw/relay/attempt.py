@@ -18,7 +18,7 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import queueBounce
-from relaygw.relay.nexthop import STOPPED, WAITED, WAITED_RETRY, temporary
+from relaygw.relay.nexthop import STOPPED, WAITED, WAITED_RETRY, Result, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
 
@@ -56,6 +56,7 @@ class Attempts:
         self.spool = spool
         self.progress = ProgressWriter(spool, reactor)
         self.queuedAt = {}
+        self.waitedSince = {}  # qid: when its next hop first handed it back untried (WAITED), since its last outcome
 
     def run(self, qid, message, forced):
         """
@@ -104,6 +105,7 @@ class Attempts:
         self.manager.cancelRetry(qid)
         self.progress.drop(qid)
         self.queuedAt.pop(qid, None)
+        self.waitedSince.pop(qid, None)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.manager.metrics:
             self.manager.metrics.corrupt()
@@ -146,6 +148,7 @@ class Attempts:
         # Recipients whose message was withdrawn (held or deleted before it
         # went out), or whose delivery the gateway's stop cut short, were
         # not attempted: they stay as they were.
+        self._waitedTooLong(attempt)
         outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
         stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
@@ -160,13 +163,16 @@ class Attempts:
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
             elif any(result == WAITED for _, results in attempt.outcomes for result in results.values()):
+                self.waitedSince.setdefault(qid, time.time())
                 self.manager.retryLater(qid, time.time() + WAITED_RETRY)  # (no connection came free)
                 return None
             else:  # held, and released while this attempt was under way (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())
                 return None
+            self.waitedSince.pop(qid, None)
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)
             return None
+        self.waitedSince.pop(qid, None)
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
@@ -196,9 +202,26 @@ class Attempts:
 
         return d.addCallback(settle)
 
+    def _waitedTooLong(self, attempt):
+        """
+        A message its next hop has handed back untried (L{WAITED}: no
+        connection came free, the destination congested) for C{retryMin}
+        is deferred like any other: an attempt counted, the usual backoff,
+        and in the end its lifetime, rather than handed back without end
+        while newer messages get the connections.
+        """
+        since = self.waitedSince.get(attempt.qid)
+        if since is None or time.time() - since < self.manager.retryMin:
+            return
+        deferral = Result(WAITED.code, WAITED.enhanced, "no connection to the next hop came free in %ds"
+                          % (time.time() - since,))
+        attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
+                            for hop, results in attempt.outcomes]
+
     def _forgetDeleted(self, qid):
         """C{qid} was deleted with relaygw-queue while its attempt went on."""
         self.progress.drop(qid)
+        self.waitedSince.pop(qid, None)
         self.queuedAt.pop(qid, None)
 
     def _logged(self, attempt, events):
