@@ -213,8 +213,7 @@ class Attempts:
         since = self.waitedSince.get(attempt.qid)
         if since is None or time.time() - since < self.manager.retryMin:
             return
-        deferral = Result(WAITED.code, WAITED.enhanced, "no connection to the next hop came free in %ds"
-                          % (time.time() - since,))
+        deferral = Result(WAITED.code, WAITED.enhanced, "no connection to the next hop came free")
         attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
                             for hop, results in attempt.outcomes]
 
