@@ -13,21 +13,9 @@ batch without a new connect, greeting, EHLO and TLS handshake.
 A destination found dead (L{Health}) has what waits for it, and what comes
 meanwhile, deferred at once with the reason ("delivery temporarily
 suspended: ...") instead of each message trying a connection and waiting
-for a timeout of its own.
-
-A message that has waited C{WAIT_SECONDS} for a connection (every one the
-destination may have is busy, or stuck) goes back to the queue manager
-untried (L{WAITED}), which tries it again a little later: waiting, it held
-one of the queue manager's delivery slots, and enough of them held by one
-slow destination kept every other from getting any.  The destination is
-then congested for C{WAIT_SECONDS}: a connection carries one message at a
-time (a batch behind a message the next hop never answers would hold the
-slots of all of it), and a message that cannot start at once goes back at
-once.  Messages wait in the order they were accepted, so one that comes
-back is not overtaken by those that came after it.
+for a timeout of its own.  How messages wait for a connection, and when
+they go back to the queue manager instead, is L{WaitingLine}'s.
 """
-
-import bisect
 
 import dataclasses
 
@@ -39,7 +27,8 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
+from relaygw.relay.waitingline import WaitingLine
 
 log = Logger(namespace="relaygw.relay")
 
@@ -61,7 +50,7 @@ def _identity(message):
 
 
 @implementer(INextHop)
-class SMTPNextHop:
+class SMTPNextHop(WaitingLine):
     """
     @ivar hosts: C{hosts() -> Deferred[list[(host, port)]]}, the candidates
         in order (a fixed smarthost list, or an MX lookup).
@@ -69,9 +58,6 @@ class SMTPNextHop:
 
     #: How long a connection with nothing to carry stays open for reuse.
     IDLE_SECONDS = 2.0
-
-    #: How long a message waits for a connection before it goes back to the queue manager.
-    WAIT_SECONDS = 5.0
 
     def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
         self.reactor = reactor
@@ -88,8 +74,6 @@ class SMTPNextHop:
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
         self.health = Health(reactor, name, deadFor)
-        self.handBack = None  # the timer of L{_handBack}
-        self.congestedUntil = 0.0  # (see L{_giveBack})
 
     def describe(self):
         return self.name
@@ -100,16 +84,7 @@ class SMTPNextHop:
         return not (self.waiting or self.active or self.idle or self.closing)
 
     def deliver(self, messages, progress=None):
-        ds = []
-        now = self.reactor.seconds()
-        for index, m in enumerate(messages):
-            d = defer.Deferred()
-            entry = (m, d, None if progress is None else (progress, index), now)
-            if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
-                bisect.insort(self.waiting, entry, key=_accepted)  # (back from the queue manager, say)
-            else:
-                self.waiting.append(entry)
-            ds.append(d)
+        ds = self._join(messages, progress)
         self._pump()
         if len(ds) == 1:  # (every message's Deferred fires with a result, never fails)
             return ds[0].addCallback(lambda results: [results])
@@ -172,11 +147,7 @@ class SMTPNextHop:
         the restart).
         """
         self.stopping = True
-        if self.handBack is not None:
-            self.handBack.cancel()
-            self.handBack = None
-        waiting, self.waiting = self.waiting, []
-        _answer(waiting, STOPPED)
+        self._empty(STOPPED)
         for conn in self.carrying:
             conn.wrapUp()
 
@@ -198,26 +169,6 @@ class SMTPNextHop:
         """An operator's flush: a destination found dead is tried again with the next message."""
         self.health.revive()
 
-    def _take(self):
-        """
-        The next batch of waiting messages for one connection: when the
-        client identity is forwarded, only messages from the same original
-        client (see L{_key}).
-        """
-        size = 1 if self.reactor.seconds() < self.congestedUntil else self.batch
-        if not self.options.forwardIdentity:
-            batch, self.waiting = self.waiting[:size], self.waiting[size:]
-            return batch
-        key = _identity(self.waiting[0][0])
-        batch, rest = [], []
-        for item in self.waiting:
-            if len(batch) < size and _identity(item[0]) == key:
-                batch.append(item)
-            else:
-                rest.append(item)
-        self.waiting = rest
-        return batch
-
     def _pump(self, freed=False):
         """
         Start batches.  A message that comes while connections are busy
@@ -228,8 +179,7 @@ class SMTPNextHop:
         """
         suspended = self.health.suspended() if self.waiting and not self.stopping else None
         if suspended is not None:
-            waiting, self.waiting = self.waiting, []
-            _answer(waiting, suspended)
+            self._empty(suspended)
             return
         while self.waiting and not self.stopping and self.active < self.maxConnections \
                 and (freed or len(self.waiting) > self.active):
@@ -238,35 +188,7 @@ class SMTPNextHop:
             self.active += 1
             d = self._send(batch)
             d.addBoth(self._sent, batch)
-        now = self.reactor.seconds()
-        if self.waiting and not self.stopping and now < self.congestedUntil:
-            waiting, self.waiting = self.waiting, []
-            self._giveBack(waiting)
-        if self.waiting and not self.stopping:
-            if self.handBack is None:
-                delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
-                self.handBack = self.reactor.callLater(max(0, delay), self._handBack)
-        elif self.handBack is not None:
-            self.handBack.cancel()
-            self.handBack = None
-
-    def _handBack(self):
-        """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager."""
-        self.handBack = None
-        since = self.reactor.seconds() - self.WAIT_SECONDS
-        waited = [item for item in self.waiting if item[3] <= since]
-        if waited:
-            self.waiting = [item for item in self.waiting if item[3] > since]
-            log.info("{hop}: {n} messages waited {seconds:g}s for a connection; back in the queue, and the next "
-                     "ones at once while every connection is busy", hop=self.name, n=len(waited),
-                     seconds=self.WAIT_SECONDS)
-            self._giveBack(waited)
-        self._pump()
-
-    def _giveBack(self, waiting):
-        """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
-        self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
-        _answer(waiting, WAITED)
+        self._watch()
 
     def _sent(self, results, batch):
         self.active -= 1
@@ -476,17 +398,6 @@ class Health:
         if self.deadUntil is not None:
             log.info("{hop}: flush requested; deliveries resumed", hop=self.name)
         self.deadUntil, self.failures = None, 0
-
-
-def _accepted(entry):
-    """When the message of a L{SMTPNextHop.waiting} entry was accepted: the order messages wait in."""
-    return getattr(entry[0], "arrival", 0) or 0
-
-
-def _answer(waiting, result):
-    """Each message of C{waiting} (entries of L{SMTPNextHop.waiting}) gets C{result} for every recipient."""
-    for m, d, *_ in waiting:
-        d.callback({r: result for r in m.recipients})
 
 
 def _verdict(conn, results):

@@ -1,0 +1,128 @@
+"""
+The line of messages waiting for a connection to one SMTP next hop: the
+order they wait in, the batch a connection takes, and the messages that
+go back to the queue manager when no connection comes free in time.
+
+A message that has waited C{WAIT_SECONDS} for a connection (every one the
+destination may have is busy, or stuck) goes back to the queue manager
+untried (L{WAITED}), which tries it again a little later: waiting, it held
+one of the queue manager's delivery slots, and enough of them held by one
+slow destination kept every other from getting any.  The destination is
+then congested for C{WAIT_SECONDS}: a connection carries one message at a
+time (a batch behind a message the next hop never answers would hold the
+slots of all of it), and a message that cannot start at once goes back at
+once.  Messages wait in the order they were accepted, so one that comes
+back is not overtaken by those that came after it.
+"""
+
+import bisect
+
+from twisted.internet import defer
+
+from relaygw.context import identityOf
+from relaygw.logs import Logger
+from relaygw.relay.nexthop import WAITED
+
+log = Logger(namespace="relaygw.relay")
+
+
+class WaitingLine:
+    """
+    The waiting line of L{relaygw.relay.smtp.SMTPNextHop}, which provides
+    C{reactor}, C{name}, C{options}, C{batch}, C{stopping} and C{_pump}.
+
+    @ivar waiting: C{(message, Deferred, progress, since)} for each message
+        waiting for a connection, in the order the messages were accepted.
+    """
+
+    #: How long a message waits for a connection before it goes back to the queue manager.
+    WAIT_SECONDS = 5.0
+
+    handBack = None  # the timer of L{_handBack}
+    congestedUntil = 0.0  # (see L{_giveBack})
+
+    def _join(self, messages, progress):
+        """C{messages} join the line; one Deferred each, fired with its results."""
+        ds = []
+        now = self.reactor.seconds()
+        for index, m in enumerate(messages):
+            d = defer.Deferred()
+            entry = (m, d, None if progress is None else (progress, index), now)
+            if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
+                bisect.insort(self.waiting, entry, key=_accepted)  # (back from the queue manager, say)
+            else:
+                self.waiting.append(entry)
+            ds.append(d)
+        return ds
+
+    def _take(self):
+        """
+        The next batch of waiting messages for one connection: one while
+        the destination is congested; when the client identity is
+        forwarded, only messages from the same original client (see
+        L{relaygw.relay.smtp.SMTPNextHop._key}).
+        """
+        size = 1 if self.reactor.seconds() < self.congestedUntil else self.batch
+        if not self.options.forwardIdentity:
+            batch, self.waiting = self.waiting[:size], self.waiting[size:]
+            return batch
+        key = identityOf(self.waiting[0][0].context)
+        batch, rest = [], []
+        for item in self.waiting:
+            if len(batch) < size and identityOf(item[0].context) == key:
+                batch.append(item)
+            else:
+                rest.append(item)
+        self.waiting = rest
+        return batch
+
+    def _watch(self):
+        """
+        After the batches that could start have: while the destination is
+        congested, what still waits goes back at once; otherwise the timer
+        of L{_handBack} runs while anything waits.
+        """
+        now = self.reactor.seconds()
+        if self.waiting and not self.stopping and now < self.congestedUntil:
+            waiting, self.waiting = self.waiting, []
+            self._giveBack(waiting)
+        if self.waiting and not self.stopping:
+            if self.handBack is None:
+                delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
+                self.handBack = self.reactor.callLater(max(0, delay), self._handBack)
+        elif self.handBack is not None:
+            self.handBack.cancel()
+            self.handBack = None
+
+    def _empty(self, result):
+        """Every message of the line gets C{result}, and nothing waits any more."""
+        if self.handBack is not None:
+            self.handBack.cancel()
+            self.handBack = None
+        waiting, self.waiting = self.waiting, []
+        for m, d, *_ in waiting:
+            d.callback({r: result for r in m.recipients})
+
+    def _handBack(self):
+        """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager."""
+        self.handBack = None
+        since = self.reactor.seconds() - self.WAIT_SECONDS
+        waited = [item for item in self.waiting if item[3] <= since]
+        if waited:
+            self.waiting = [item for item in self.waiting if item[3] > since]
+            log.info("{hop}: {n} messages waited {seconds:g}s for a connection; back in the queue, and the next "
+                     "ones at once while every connection is busy", hop=self.name, n=len(waited),
+                     seconds=self.WAIT_SECONDS)
+            self._giveBack(waited)
+        self._pump()
+
+    def _giveBack(self, waiting):
+        """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
+        self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
+        for m, d, *_ in waiting:
+            d.callback({r: WAITED for r in m.recipients})
+
+
+def _accepted(entry):
+    """When the message of a waiting entry was accepted: the order messages wait in."""
+    return getattr(entry[0], "arrival", 0) or 0
