@@ -100,8 +100,7 @@ class WaitingLine:
             self.handBack.cancel()
             self.handBack = None
         waiting, self.waiting = self.waiting, []
-        for m, d, *_ in waiting:
-            d.callback({r: result for r in m.recipients})
+        _answer(waiting, result)
 
     def _handBack(self):
         """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager."""
@@ -119,8 +118,13 @@ class WaitingLine:
     def _giveBack(self, waiting):
         """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
         self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
-        for m, d, *_ in waiting:
-            d.callback({r: WAITED for r in m.recipients})
+        _answer(waiting, WAITED)
+
+
+def _answer(waiting, result):
+    """Each message of C{waiting} (entries of the line) gets C{result} for every recipient."""
+    for m, d, *_ in waiting:
+        d.callback({r: result for r in m.recipients})
 
 
 def _accepted(entry):
