@@ -39,6 +39,10 @@ class _Attempt:
         #: Recipients whose delivery the mail log has told already (L{Attempts._keep}).
         self.logged = set()
 
+    def got(self, result):
+        """Whether some next hop answered some recipient with C{result} (L{STOPPED}, L{WAITED})."""
+        return any(r == result for _, results in self.outcomes for r in results.values())
+
 
 class Attempts:
     """
@@ -103,9 +107,7 @@ class Attempts:
         log.error("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qid, path=error.path,
                   reason=error.reason)
         self.manager.cancelRetry(qid)
-        self.progress.drop(qid)
-        self.queuedAt.pop(qid, None)
-        self.waitedSince.pop(qid, None)
+        self._forget(qid)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.manager.metrics:
             self.manager.metrics.corrupt()
@@ -145,13 +147,13 @@ class Attempts:
     def _record(self, attempt):
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
+        self._waitedTooLong(attempt)
         # Recipients whose message was withdrawn (held or deleted before it
         # went out), or whose delivery the gateway's stop cut short, were
         # not attempted: they stay as they were.
-        self._waitedTooLong(attempt)
         outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
-        stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
+        stopped = attempt.got(STOPPED)
         if stopped:
             log.info("{qid}: not delivered before the stop; stays queued", qid=qid)
         if not any(results for _, results in outcomes):
@@ -159,10 +161,10 @@ class Attempts:
                 return None
             if not self.spool.exists(qid):
                 why = "deleted"
-                self._forgetDeleted(qid)
+                self._forget(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
-            elif any(result == WAITED for _, results in attempt.outcomes for result in results.values()):
+            elif attempt.got(WAITED):
                 self.waitedSince.setdefault(qid, time.time())
                 self.manager.retryLater(qid, time.time() + WAITED_RETRY)  # (no connection came free)
                 return None
@@ -196,7 +198,7 @@ class Attempts:
             if not recorded.pending:
                 return self._remove(qid, fresh)
             if not self.spool.exists(qid):
-                return self._forgetDeleted(qid)
+                return self._forget(qid)
             self.manager.retryLater(qid, recorded.nextAttempt)
             return self.progress.persist(qid, recorded.state)
 
@@ -217,8 +219,8 @@ class Attempts:
         attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
                             for hop, results in attempt.outcomes]
 
-    def _forgetDeleted(self, qid):
-        """C{qid} was deleted with relaygw-queue while its attempt went on."""
+    def _forget(self, qid):
+        """C{qid} has gone (deleted with relaygw-queue while its attempt went on, or quarantined)."""
         self.progress.drop(qid)
         self.waitedSince.pop(qid, None)
         self.queuedAt.pop(qid, None)
