@@ -21,6 +21,7 @@ from relaygw.logs import makeObserver
 from relaygw.testing import (
     Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
+from relaygw.relay.nexthop import WAITED, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
 from tests.messages import sendOne
 from tests.processes import runTwistd
@@ -540,10 +541,10 @@ class SmarthostTests(RelayTestCase):
         self.patch(SMTPNextHop, "WAIT_SECONDS", waitSeconds)
         stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
         good, gport = self.hop(extensions=["PIPELINING"])
-        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4,
-                            "command_timeout": commandTimeout, "retry_min": retryMin, "retry_max": 60},
-                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
-                                    "destination_concurrency": 1}])
+        self.relay = {"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 4,
+                      "command_timeout": commandTimeout, "retry_min": retryMin, "retry_max": 60}
+        yield self.gateway(self.relay, routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                                "destination_concurrency": 1}])
         return stuck, good
 
     @defer.inlineCallbacks
@@ -588,6 +589,71 @@ class SmarthostTests(RelayTestCase):
             self.assertEqual(spool.readState(qid)["last_error"], "451 4.4.5 no connection to the next hop came free")
         self.assertEqual(spool.readState(qids[0]), {})  # (the one the connection is stuck on)
         self.assertEqual(len(stuck.connections), 1)
+        [routeHop] = self.gw.service.queue.router.routes[0][1].smtpHops()
+        self.assertEqual(routeHop.parked, [])  # (nothing left waiting for room that would try them again)
+
+    @defer.inlineCallbacks
+    def fourParked(self, waitSeconds, commandTimeout):
+        """
+        Messages from s0..s3 to the stuck route: s0 stuck on its connection,
+        the others handed back and parked.  Returns the stuck hop, the
+        route's next hop and the senders of what it is handed from then on.
+        """
+        stuck, good = yield self.stuckRoute(waitSeconds=waitSeconds, commandTimeout=commandTimeout)
+        for n in range(4):
+            yield self.send(mailfrom="s%d@example.org" % n, rcpts=("s@slow.example",))
+        [routeHop] = self.gw.service.queue.router.routes[0][1].smtpHops()
+        yield self.until(lambda: len(routeHop.parked) == 3)
+        handed = []
+        deliver = routeHop.deliver
+        self.patch(routeHop, "deliver", lambda messages, **kw: (handed.append(messages[0].mailfrom),
+                                                                 deliver(messages, **kw))[1])
+        self.good = good
+        return stuck, routeHop, handed
+
+    @defer.inlineCallbacks
+    def test_handedBackMessagesAreParkedNotPolled(self):
+        """
+        Messages handed back by a destination whose connection is stuck are
+        not read and tried again every few seconds while it stays stuck.
+        """
+        stuck, routeHop, handed = yield self.fourParked(waitSeconds=0.3, commandTimeout=30)
+        yield task.deferLater(reactor, 3, lambda: None)
+        self.assertEqual(handed, [])  # (a retry every 2 s read each of the 3 again, and it went back again)
+        self.assertEqual(len(routeHop.parked), 3)
+
+    @defer.inlineCallbacks
+    def test_parkedMessagesGoAgainAfterAReload(self):
+        """
+        A reload that sends the stuck route elsewhere sends its parked
+        messages there at once: the old next hop would have held them until
+        its connection came free.
+        """
+        stuck, routeHop, handed = yield self.fourParked(waitSeconds=0.3, commandTimeout=30)
+        with open(self.gw.path, "w") as f:
+            f.write(configText(self.gw.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                               relay=dict(FAST, **self.relay),
+                               routes=[{"domains": ["slow.example"], "smarthosts": self.relay["smarthosts"]}]))
+        self.gw.service.configPath = self.gw.path  # (what SIGHUP reads)
+        self.gw.service.reload()
+        yield self.until(lambda: len(self.good.transactions) == 3, timeout=5)
+        self.assertEqual(sorted(t["mailfrom"] for t in self.good.transactions),
+                         ["s1@example.org", "s2@example.org", "s3@example.org"])
+        self.assertEqual(routeHop.parked, [])
+
+    @defer.inlineCallbacks
+    def test_parkedMessagesGoOldestFirst(self):
+        """
+        When the stuck connection times out, the oldest parked message takes
+        the connection that came free, and only it: the destination is
+        still congested.
+        """
+        stuck, routeHop, handed = yield self.fourParked(waitSeconds=2, commandTimeout=3)
+        yield self.until(lambda: len(stuck.connections) == 2)  # (the first timed out)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(handed, ["s1@example.org"])
+        mails = [line.split()[1] for line in stuck.lines if line.startswith("MAIL")]
+        self.assertEqual(mails, ["FROM:<s0@example.org>", "FROM:<s1@example.org>"])
 
     @defer.inlineCallbacks
     def test_congestedDestinationCarriesOneAtATime(self):
@@ -976,6 +1042,13 @@ class MXHopCacheTests(unittest.TestCase):
         self.assertIs(router(msg, "a@d0.example"), hops[0])
 
 
+def _message(name, arrival):
+    import types
+
+    return types.SimpleNamespace(name=name, queueId=name, arrival=arrival, recipients=["%s@example.net" % name],
+                                 context={})
+
+
 class WaitingOrderTests(unittest.TestCase):
     def test_messagesWaitInTheOrderTheyWereAccepted(self):
         """
@@ -989,15 +1062,102 @@ class WaitingOrderTests(unittest.TestCase):
         clock = task.Clock()
         options = types.SimpleNamespace(forwardIdentity=False)
         hop = SMTPNextHop(clock, "smtp:test", lambda: defer.Deferred(), options, maxConnections=1)
-
-        def message(name, arrival):
-            return types.SimpleNamespace(name=name, arrival=arrival, recipients=["%s@example.net" % name],
-                                         context={})
-
         for name, arrival in (("busy", 1.0), ("b", 3.0), ("c", 4.0), ("a", 2.0), ("d", 5.0)):
-            hop.deliver([message(name, arrival)])
+            hop.deliver([_message(name, arrival)])
         self.assertEqual([entry[0].name for entry in hop.waiting], ["a", "b", "c", "d"])
         hop.wrapUp()
+
+
+class ParkingTests(unittest.TestCase):
+    """
+    Messages a congested next hop handed back are parked (L{SMTPNextHop.whenRoom})
+    and told there is room as connections come free, oldest first.
+    """
+
+    def setUp(self):
+        import types
+
+        self.clock = task.Clock()
+        self.lookups = []
+
+        def hosts():
+            self.lookups.append(defer.Deferred())
+            return self.lookups[-1]
+
+        self.hop = SMTPNextHop(self.clock, "smtp:test", hosts, types.SimpleNamespace(forwardIdentity=False),
+                               maxConnections=1)
+        self.results = {}
+        self.deliver(_message("busy", 1.0))  # (its connection never gets its hosts: stuck)
+        for name, arrival in (("b", 3.0), ("c", 4.0)):
+            self.deliver(_message(name, arrival))
+        self.clock.advance(self.hop.WAIT_SECONDS)  # b and c go back untried; the destination is congested
+        self.assertEqual(self.handedBack(), ["b", "c"])
+
+    def deliver(self, m):
+        self.hop.deliver([m]).addCallback(lambda results: self.results.__setitem__(m.name, results[0]))
+
+    def handedBack(self):
+        return sorted(name for name, results in self.results.items() if WAITED in results.values())
+
+    def park(self, *names):
+        told = []
+        for name, arrival in names:
+            self.hop.whenRoom(_message(name, arrival)).addCallback(lambda _, name=name: told.append(name))
+        self.clock.advance(0)
+        return told
+
+    def test_toldWhenAConnectionFrees(self):
+        """
+        Parked messages hear nothing while every connection is busy; when
+        one comes free, the oldest is told (one connection: one message),
+        and a newer message that comes meanwhile does not take its room.
+        """
+        told = self.park(("c", 4.0), ("b", 3.0))
+        self.clock.advance(self.hop.WAIT_SECONDS - 1)  # (still congested)
+        self.assertEqual(told, [])
+        self.assertFalse(self.hop.unused)
+        self.lookups[0].errback(RuntimeError("no DNS"))  # the stuck connection is freed
+        self.clock.advance(0)
+        self.assertEqual(told, ["b"])
+        self.results.clear()
+        self.deliver(_message("e", 5.0))  # newer: the room is b's
+        self.assertEqual(self.results.get("e", {}).get("e@example.net"), WAITED)
+        self.deliver(_message("b", 3.0))  # b is back: it goes out
+        self.assertEqual(len(self.lookups), 2)
+        self.assertNotIn("b", self.results)
+        self.hop.wrapUp()
+
+    def test_cancelledWhenTheQueueManagerGivesUp(self):
+        d = self.hop.whenRoom(_message("b", 3.0))
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        d.cancel()
+        self.assertEqual(self.hop.parked, [])
+        self.lookups[0].errback(RuntimeError("no DNS"))
+        self.clock.advance(0)  # (nothing fires twice)
+        self.hop.wrapUp()
+
+    def test_allToldOnceTheCongestionIsOver(self):
+        """
+        With the congestion over (no message had to go back for WAIT_SECONDS),
+        every parked message is told at once when the hop is next pumped.
+        """
+        told = self.park(("b", 3.0), ("c", 4.0))
+        self.clock.advance(self.hop.WAIT_SECONDS)
+        self.lookups[0].errback(RuntimeError("no DNS"))
+        self.clock.advance(0)
+        self.assertEqual(told, ["b", "c"])
+        self.hop.wrapUp()
+
+    def test_allToldWhenTheDestinationIsDead(self):
+        """A destination found dead tells every parked message: each is then deferred at once."""
+        told = self.park(("b", 3.0), ("c", 4.0))
+        self.hop.health.failures = self.hop.health.DEAD_AFTER - 1
+        self.hop.health.failed(Result(421, "4.4.2", "no greeting"))
+        self.deliver(_message("d", 5.0))
+        self.clock.advance(0)
+        self.assertEqual(told, ["b", "c"])
+        self.assertIn("suspended", str(self.results["d"]["d@example.net"]))
+        self.hop.wrapUp()
 
 
 class MXTests(RelayTestCase):

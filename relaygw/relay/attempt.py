@@ -18,7 +18,7 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import queueBounce
-from relaygw.relay.nexthop import STOPPED, WAITED, WAITED_RETRY, Result, temporary
+from relaygw.relay.nexthop import STOPPED, WAITED, Result, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
 
@@ -38,6 +38,8 @@ class _Attempt:
         self.outcomes = []
         #: Recipients whose delivery the mail log has told already (L{Attempts._keep}).
         self.logged = set()
+        #: The (first) next hop that handed the message back untried (L{WAITED}).
+        self.waitedOn = None
 
     def got(self, result):
         """Whether some next hop answered some recipient with C{result} (L{STOPPED}, L{WAITED})."""
@@ -123,6 +125,8 @@ class Attempts:
         the last one ends the attempt.
         """
         attempt.outcomes.append((hop.describe(), results))
+        if attempt.waitedOn is None and WAITED in results.values():
+            attempt.waitedOn = hop
         attempt.waiting -= 1
         if attempt.waiting:
             return self._keep(attempt, hop, results)
@@ -164,9 +168,9 @@ class Attempts:
                 self._forget(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
-            elif attempt.got(WAITED):
-                self.waitedSince.setdefault(qid, time.time())
-                self.manager.retryLater(qid, time.time() + WAITED_RETRY)  # (no connection came free)
+            elif attempt.waitedOn is not None:  # (no connection came free: parked until one does)
+                since = self.waitedSince.setdefault(qid, time.time())
+                self.manager.retryWhen(qid, attempt.waitedOn.whenRoom(message), since + self.manager.retryMin)
                 return None
             else:  # held, and released while this attempt was under way (which kept the release waiting)
                 self.manager.retryLater(qid, time.time())

@@ -43,6 +43,9 @@ class MaildirNextHop:
     def closeIdle(self):
         return succeed(None)
 
+    def whenRoom(self, message):
+        return succeed(None)  # (it never hands a message back)
+
     def _name(self, queueId):
         return "%s.%s" % (queueId, socket.gethostname().replace("/", "_").replace(":", "_"))
 

@@ -79,11 +79,9 @@ NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an ear
 
 #: The result for each recipient of a message that waited too long for a
 #: connection to its next hop (every one busy, or stuck): not an attempt;
-#: the queue manager tries it again after L{WAITED_RETRY}.
+#: the queue manager tries it again once that next hop has room for it
+#: (L{INextHop.whenRoom}).
 WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time")
-
-#: Seconds before a message handed back with L{WAITED} is tried again.
-WAITED_RETRY = 2.0
 
 
 class INextHop(Interface):
@@ -117,6 +115,12 @@ class INextHop(Interface):
 
     def closeIdle():
         """Close what is kept open for reuse (on shutdown); fires when it is closed."""
+
+    def whenRoom(message):
+        """
+        A cancellable Deferred that fires when the next hop has room for
+        C{message}, which it handed back untried (L{WAITED}).
+        """
 
 
 class IRouter(Interface):

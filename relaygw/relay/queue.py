@@ -74,8 +74,11 @@ class QueueManager(Service):
         self._configure(router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname)
         if self._router is not replaced:
             # Deliveries under way go on through the router they started
-            # with, until they end: a stop cuts those short too.
+            # with, until they end: a stop cuts those short too.  Messages
+            # parked with its next hops go again at once, through the new one.
             self._retired = [r for r in self._retired + [replaced] if not r.unused]
+            for qid in [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]:
+                self.enqueue(qid)
         wasDeferring, self.deferAll = self.deferAll, deferAll
         if wasDeferring and not deferAll and self.running:
             self.flush()
@@ -229,6 +232,19 @@ class QueueManager(Service):
         if self.running:
             self.timers[queueId] = self.reactor.callLater(max(0, when - time.time()), self.enqueue, queueId)
 
+    def retryWhen(self, queueId, ready, latest):
+        """
+        The next attempt for C{queueId} once C{ready} fires (its next hop
+        has room for it: L{relaygw.relay.nexthop.INextHop.whenRoom}), or at
+        C{latest} (seconds since the epoch), whichever comes first.
+        """
+        ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
+        if not self.running:
+            ready.cancel()
+            return
+        self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue, queueId),
+                                       ready)
+
     def cancelRetry(self, queueId):
         """Forget the retry timer of C{queueId}, if any."""
         timer = self.timers.pop(queueId, None)
@@ -285,3 +301,22 @@ class QueueManager(Service):
                 if not d.called:  # a stop may have given up waiting already
                     d.callback(None)
         self._pump()
+
+
+class _Parked:
+    """
+    The retry of a message parked with its next hop (L{QueueManager.retryWhen}):
+    a timer, as far as the queue manager's other retries go.
+    """
+
+    def __init__(self, timer, ready):
+        self.timer = timer
+        self.ready = ready
+
+    def active(self):
+        return self.timer.active() or not self.ready.called
+
+    def cancel(self):
+        if self.timer.active():
+            self.timer.cancel()
+        self.ready.cancel()  # (the next hop forgets it; nothing once it has fired)

@@ -67,6 +67,8 @@ class SMTPNextHop(WaitingLine):
         self.maxConnections = maxConnections
         self.batch = batch
         self.waiting = []
+        self.parked = []
+        self.released = {}
         self.active = 0
         self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now
@@ -80,8 +82,8 @@ class SMTPNextHop(WaitingLine):
 
     @property
     def unused(self):
-        """Nothing waits, nothing is in flight, no connection is kept open."""
-        return not (self.waiting or self.active or self.idle or self.closing)
+        """Nothing waits (or is parked), nothing is in flight, no connection is kept open."""
+        return not (self.waiting or self.parked or self.active or self.idle or self.closing)
 
     def deliver(self, messages, progress=None):
         ds = self._join(messages, progress)
@@ -175,14 +177,18 @@ class SMTPNextHop(WaitingLine):
         waits for one of them (its next batch pipelines it behind the
         others) unless more messages wait than connections are busy; then
         another connection opens, up to the cap.  A connection that has
-        just C{freed} itself takes what waits at once.
+        just C{freed} itself takes what waits at once.  While the
+        destination is congested a message starts on a connection of its
+        own, or not at all (L{WaitingLine._startsNext}).
         """
-        suspended = self.health.suspended() if self.waiting and not self.stopping else None
+        suspended = self.health.suspended() if (self.waiting or self.parked) and not self.stopping else None
         if suspended is not None:
             self._empty(suspended)
+            self._watch(dead=True)
             return
+        congested = self._congested()
         while self.waiting and not self.stopping and self.active < self.maxConnections \
-                and (freed or len(self.waiting) > self.active):
+                and (freed or congested or len(self.waiting) > self.active) and self._startsNext():
             freed = False
             batch = self._take()
             self.active += 1

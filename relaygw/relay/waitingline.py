@@ -10,12 +10,19 @@ one of the queue manager's delivery slots, and enough of them held by one
 slow destination kept every other from getting any.  The destination is
 then congested for C{WAIT_SECONDS}: a connection carries one message at a
 time (a batch behind a message the next hop never answers would hold the
-slots of all of it), and a message that cannot start at once goes back at
-once.  Messages wait in the order they were accepted, so one that comes
-back is not overtaken by those that came after it.
+slots of all of it), a message that cannot start at once goes back at
+once, and one goes out on a connection of its own, up to the cap.
+
+A message that went back is parked with the queue manager (L{whenRoom})
+until the destination has room for it: no read of its queue file, no
+attempt, until a connection comes free.  Messages wait and are parked in
+the order they were accepted, and while older ones are parked a newer one
+does not take the room they wait for, as Postfix's queue manager serves a
+destination first come, first served.
 """
 
 import bisect
+import itertools
 
 from twisted.internet import defer
 
@@ -33,6 +40,11 @@ class WaitingLine:
 
     @ivar waiting: C{(message, Deferred, progress, since)} for each message
         waiting for a connection, in the order the messages were accepted.
+    @ivar parked: C{(accepted, n, queue ID, Deferred)} for each message gone
+        back to the queue manager until there is room (L{whenRoom}), in the
+        order the messages were accepted.
+    @ivar released: C{{queue ID: when}} of parked messages told there is room,
+        until they are back (the room is theirs meanwhile).
     """
 
     #: How long a message waits for a connection before it goes back to the queue manager.
@@ -40,12 +52,53 @@ class WaitingLine:
 
     handBack = None  # the timer of L{_handBack}
     congestedUntil = 0.0  # (see L{_giveBack})
+    _order = itertools.count()  # (ties between parked messages accepted at the same time)
+
+    def whenRoom(self, message):
+        """
+        A Deferred that fires when C{message}, handed back untried
+        (L{WAITED}), may go again: a connection has come free for it, the
+        congestion is over, or the destination is found dead (its messages
+        are then deferred at once).  Cancel it to give up waiting.
+        """
+        entry = (_accepted((message,)), next(self._order), message.queueId, defer.Deferred(self._unpark))
+        bisect.insort(self.parked, entry)
+        self.reactor.callLater(0, self._pump)  # (room may have come meanwhile; never from within a hand-back)
+        return entry[3]
+
+    def _unpark(self, d):
+        self.parked = [entry for entry in self.parked if entry[3] is not d]
+
+    def _congested(self):
+        return self.reactor.seconds() < self.congestedUntil
+
+    def _promised(self):
+        """How many parked messages were told there is room and are not back yet."""
+        now = self.reactor.seconds()
+        for qid, when in list(self.released.items()):
+            if now - when > self.WAIT_SECONDS:
+                del self.released[qid]  # (deleted meanwhile, or the queue manager busy: the room is not kept)
+        return len(self.released)
+
+    def _startsNext(self):
+        """
+        Whether the first waiting message may have a connection now.  While
+        the destination is congested it takes a connection of its own, but
+        not one promised to a parked message, nor before parked messages
+        accepted earlier.
+        """
+        if not self._congested():
+            return True
+        if self.parked and self.parked[0][0] < _accepted(self.waiting[0]):
+            return False
+        return self.active + self._promised() < self.maxConnections
 
     def _join(self, messages, progress):
         """C{messages} join the line; one Deferred each, fired with its results."""
         ds = []
         now = self.reactor.seconds()
         for index, m in enumerate(messages):
+            self.released.pop(m.queueId, None)
             d = defer.Deferred()
             entry = (m, d, None if progress is None else (progress, index), now)
             if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
@@ -62,7 +115,7 @@ class WaitingLine:
         forwarded, only messages from the same original client (see
         L{relaygw.relay.smtp.SMTPNextHop._key}).
         """
-        size = 1 if self.reactor.seconds() < self.congestedUntil else self.batch
+        size = 1 if self._congested() else self.batch
         if not self.options.forwardIdentity:
             batch, self.waiting = self.waiting[:size], self.waiting[size:]
             return batch
@@ -76,16 +129,25 @@ class WaitingLine:
         self.waiting = rest
         return batch
 
-    def _watch(self):
+    def _watch(self, dead=False):
         """
         After the batches that could start have: while the destination is
         congested, what still waits goes back at once; otherwise the timer
-        of L{_handBack} runs while anything waits.
+        of L{_handBack} runs while anything waits.  Parked messages are told
+        there is room: as many as there is room for while the destination
+        is congested, all of them otherwise (and when it is C{dead}).
         """
         now = self.reactor.seconds()
-        if self.waiting and not self.stopping and now < self.congestedUntil:
+        if self.waiting and not self.stopping and self._congested():
             waiting, self.waiting = self.waiting, []
             self._giveBack(waiting)
+        if self.parked and not self.stopping:
+            n = len(self.parked) if dead or not self._congested() else \
+                self.maxConnections - self.active - len(self.waiting) - self._promised()
+            released, self.parked = self.parked[:max(0, n)], self.parked[max(0, n):]
+            for _, _, qid, d in released:
+                self.released[qid] = now
+                self.reactor.callLater(0, _fire, d)  # (the queue manager reads it again: never from within here)
         if self.waiting and not self.stopping:
             if self.handBack is None:
                 delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
@@ -119,6 +181,11 @@ class WaitingLine:
         """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
         self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
         _answer(waiting, WAITED)
+
+
+def _fire(d):
+    if not d.called:  # (unless cancelled meanwhile)
+        d.callback(None)
 
 
 def _answer(waiting, result):
