@@ -1146,6 +1146,9 @@ class ParkingTests(unittest.TestCase):
         self.lookups[0].errback(RuntimeError("no DNS"))
         self.clock.advance(0)
         self.assertEqual(told, ["b", "c"])
+        # No connection is kept for them: were the destination congested
+        # again before they are back, they would not keep each other out.
+        self.assertEqual(self.hop.released, {})
         self.hop.wrapUp()
 
     def test_allToldWhenTheDestinationIsDead(self):

@@ -238,12 +238,12 @@ class QueueManager(Service):
         has room for it: L{relaygw.relay.nexthop.INextHop.whenRoom}), or at
         C{latest} (seconds since the epoch), whichever comes first.
         """
+        if self.running:
+            self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue,
+                                                                  queueId), ready)
         ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
         if not self.running:
             ready.cancel()
-            return
-        self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue, queueId),
-                                       ready)
 
     def cancelRetry(self, queueId):
         """Forget the retry timer of C{queueId}, if any."""

@@ -43,8 +43,9 @@ class WaitingLine:
     @ivar parked: C{(accepted, n, queue ID, Deferred)} for each message gone
         back to the queue manager until there is room (L{whenRoom}), in the
         order the messages were accepted.
-    @ivar released: C{{queue ID: when}} of parked messages told there is room,
-        until they are back (the room is theirs meanwhile).
+    @ivar released: C{{queue ID: when}} of parked messages told there is a
+        connection for them while the destination is congested, until they
+        are back (the connection is theirs meanwhile).
     """
 
     #: How long a message waits for a connection before it goes back to the queue manager.
@@ -142,11 +143,13 @@ class WaitingLine:
             waiting, self.waiting = self.waiting, []
             self._giveBack(waiting)
         if self.parked and not self.stopping:
-            n = len(self.parked) if dead or not self._congested() else \
-                self.maxConnections - self.active - len(self.waiting) - self._promised()
+            promise = self._congested() and not dead  # (each told keeps its connection until it is back)
+            n = self.maxConnections - self.active - len(self.waiting) - self._promised() if promise \
+                else len(self.parked)
             released, self.parked = self.parked[:max(0, n)], self.parked[max(0, n):]
             for _, _, qid, d in released:
-                self.released[qid] = now
+                if promise:
+                    self.released[qid] = now
                 self.reactor.callLater(0, _fire, d)  # (the queue manager reads it again: never from within here)
         if self.waiting and not self.stopping:
             if self.handBack is None:
