@@ -1136,6 +1136,25 @@ class ParkingTests(unittest.TestCase):
         self.clock.advance(0)  # (nothing fires twice)
         self.hop.wrapUp()
 
+    def test_notToldWhileEveryConnectionIsBusy(self):
+        """
+        With the congestion over but the one connection still stuck, a new
+        message does not bring the parked ones back only to wait and go
+        back again; they are told when the connection comes free.
+        """
+        told = self.park(("b", 3.0), ("c", 4.0))
+        self.clock.advance(self.hop.WAIT_SECONDS)
+        self.deliver(_message("e", 5.0))
+        self.clock.advance(0)
+        self.assertEqual(told, [])
+        self.lookups[0].errback(RuntimeError("no DNS"))  # (e takes the connection that came free)
+        self.clock.advance(0)
+        self.assertEqual(told, [])
+        self.lookups[1].errback(RuntimeError("no DNS"))
+        self.clock.advance(0)
+        self.assertEqual(told, ["b", "c"])
+        self.hop.wrapUp()
+
     def test_allToldOnceTheCongestionIsOver(self):
         """
         With the congestion over (no message had to go back for WAIT_SECONDS),

@@ -135,14 +135,16 @@ class WaitingLine:
         After the batches that could start have: while the destination is
         congested, what still waits goes back at once; otherwise the timer
         of L{_handBack} runs while anything waits.  Parked messages are told
-        there is room: as many as there is room for while the destination
-        is congested, all of them otherwise (and when it is C{dead}).
+        there is room once a connection is free: as many as there are free
+        connections while the destination is congested, all of them
+        otherwise (and at once when it is C{dead}).  Were they told while
+        every connection is busy, they would only wait and go back again.
         """
         now = self.reactor.seconds()
         if self.waiting and not self.stopping and self._congested():
             waiting, self.waiting = self.waiting, []
             self._giveBack(waiting)
-        if self.parked and not self.stopping:
+        if self.parked and not self.stopping and (dead or self.active < self.maxConnections):
             promise = self._congested() and not dead  # (each told keeps its connection until it is back)
             n = self.maxConnections - self.active - len(self.waiting) - self._promised() if promise \
                 else len(self.parked)
