@@ -642,6 +642,25 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(routeHop.parked, [])
 
     @defer.inlineCallbacks
+    def test_timeHeldIsNotTimeWaited(self):
+        """
+        A parked message held past retry_min and then released is parked
+        again, not deferred at once as one that no connection came free
+        for: while held it did not wait for one.
+        """
+        stuck, good = yield self.stuckRoute(waitSeconds=0.3, commandTimeout=30, retryMin=2)
+        yield self.send(mailfrom="s0@example.org", rcpts=("s@slow.example",))
+        qid = yield self.send(mailfrom="s1@example.org", rcpts=("s@slow.example",))
+        [routeHop] = self.gw.service.queue.router.routes[0][1].smtpHops()
+        yield self.until(lambda: routeHop.parked)
+        spool = self.gw.service.spool
+        self.assertTrue(spool.hold(qid))
+        yield self.until(lambda: not routeHop.parked)  # (retry_min ran out: the attempt found it held)
+        spool.release(qid)
+        yield self.until(lambda: routeHop.parked or spool.readState(qid).get("attempts"))
+        self.assertEqual(spool.readState(qid), {})
+
+    @defer.inlineCallbacks
     def test_parkedMessagesGoOldestFirst(self):
         """
         When the stuck connection times out, the oldest parked message takes
@@ -1099,10 +1118,20 @@ class ParkingTests(unittest.TestCase):
     def handedBack(self):
         return sorted(name for name, results in self.results.items() if WAITED in results.values())
 
-    def park(self, *names):
+    def park(self, *names, held=()):
+        """
+        Park messages (name, accepted); each, once told, comes straight back
+        as the queue manager sends it, unless it is C{held}.
+        """
         told = []
+
+        def comeBack(_, name, arrival):
+            told.append(name)
+            if name not in held:
+                self.deliver(_message(name, arrival))
+
         for name, arrival in names:
-            self.hop.whenRoom(_message(name, arrival)).addCallback(lambda _, name=name: told.append(name))
+            self.hop.whenRoom(_message(name, arrival)).addCallback(comeBack, name, arrival)
         self.clock.advance(0)
         return told
 
@@ -1116,15 +1145,28 @@ class ParkingTests(unittest.TestCase):
         self.clock.advance(self.hop.WAIT_SECONDS - 1)  # (still congested)
         self.assertEqual(told, [])
         self.assertFalse(self.hop.unused)
-        self.lookups[0].errback(RuntimeError("no DNS"))  # the stuck connection is freed
+        self.results.clear()
+        self.lookups[0].errback(RuntimeError("no DNS"))  # the stuck connection is freed: b is told
+        self.deliver(_message("e", 5.0))  # newer, before b is back: the connection is b's
+        self.assertEqual(self.results.get("e", {}).get("e@example.net"), WAITED)
         self.clock.advance(0)
         self.assertEqual(told, ["b"])
-        self.results.clear()
-        self.deliver(_message("e", 5.0))  # newer: the room is b's
-        self.assertEqual(self.results.get("e", {}).get("e@example.net"), WAITED)
-        self.deliver(_message("b", 3.0))  # b is back: it goes out
-        self.assertEqual(len(self.lookups), 2)
+        self.assertEqual(len(self.lookups), 2)  # b is back, and went out
         self.assertNotIn("b", self.results)
+        self.hop.wrapUp()
+
+    def test_heldMessageGivesItsConnectionUp(self):
+        """
+        A parked message told of a free connection that does not come back
+        (held, or deleted) leaves it to the next one at once; it kept that
+        connection idle for seconds, and the destination's mail waiting.
+        """
+        told = self.park(("b", 3.0), ("c", 4.0), held=("b",))
+        self.lookups[0].errback(RuntimeError("no DNS"))
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.assertEqual(told, ["b", "c"])
+        self.assertEqual(len(self.lookups), 2)  # c went out
         self.hop.wrapUp()
 
     def test_cancelledWhenTheQueueManagerGivesUp(self):
@@ -1165,9 +1207,7 @@ class ParkingTests(unittest.TestCase):
         self.lookups[0].errback(RuntimeError("no DNS"))
         self.clock.advance(0)
         self.assertEqual(told, ["b", "c"])
-        # No connection is kept for them: were the destination congested
-        # again before they are back, they would not keep each other out.
-        self.assertEqual(self.hop.released, {})
+        self.assertEqual(len(self.lookups), 2)  # (both back: the first on a connection, the other waiting)
         self.hop.wrapUp()
 
     def test_allToldWhenTheDestinationIsDead(self):
@@ -1178,7 +1218,8 @@ class ParkingTests(unittest.TestCase):
         self.deliver(_message("d", 5.0))
         self.clock.advance(0)
         self.assertEqual(told, ["b", "c"])
-        self.assertIn("suspended", str(self.results["d"]["d@example.net"]))
+        for name in "bcd":
+            self.assertIn("suspended", str(self.results[name]["%s@example.net" % name]))
         self.hop.wrapUp()
 
 

@@ -82,6 +82,7 @@ class Attempts:
         except CorruptMessage as e:
             return self._quarantine(qid, e)
         if not fresh and self.spool.isHeld(qid):
+            self.waitedSince.pop(qid, None)  # (held, it waits for no connection)
             return None  # (a message held as it was accepted: its next hop finds it withdrawn)
         todo = outcome.pending(state, message.recipients)
         if not todo:

@@ -68,7 +68,7 @@ class SMTPNextHop(WaitingLine):
         self.batch = batch
         self.waiting = []
         self.parked = []
-        self.released = {}
+        self.released = set()
         self.active = 0
         self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now

@@ -43,9 +43,10 @@ class WaitingLine:
     @ivar parked: C{(accepted, n, queue ID, Deferred)} for each message gone
         back to the queue manager until there is room (L{whenRoom}), in the
         order the messages were accepted.
-    @ivar released: C{{queue ID: when}} of parked messages told there is a
+    @ivar released: the queue IDs of parked messages told there is a
         connection for them while the destination is congested, until they
-        are back (the connection is theirs meanwhile).
+        are back (the connection is theirs meanwhile), which is at once
+        unless they are held or deleted, or wait for a delivery slot.
     """
 
     #: How long a message waits for a connection before it goes back to the queue manager.
@@ -73,14 +74,6 @@ class WaitingLine:
     def _congested(self):
         return self.reactor.seconds() < self.congestedUntil
 
-    def _promised(self):
-        """How many parked messages were told there is room and are not back yet."""
-        now = self.reactor.seconds()
-        for qid, when in list(self.released.items()):
-            if now - when > self.WAIT_SECONDS:
-                del self.released[qid]  # (deleted meanwhile, or the queue manager busy: the room is not kept)
-        return len(self.released)
-
     def _startsNext(self):
         """
         Whether the first waiting message may have a connection now.  While
@@ -92,14 +85,14 @@ class WaitingLine:
             return True
         if self.parked and self.parked[0][0] < _accepted(self.waiting[0]):
             return False
-        return self.active + self._promised() < self.maxConnections
+        return self.active + len(self.released) < self.maxConnections
 
     def _join(self, messages, progress):
         """C{messages} join the line; one Deferred each, fired with its results."""
         ds = []
         now = self.reactor.seconds()
         for index, m in enumerate(messages):
-            self.released.pop(m.queueId, None)
+            self.released.discard(m.queueId)
             d = defer.Deferred()
             entry = (m, d, None if progress is None else (progress, index), now)
             if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
@@ -146,13 +139,13 @@ class WaitingLine:
             self._giveBack(waiting)
         if self.parked and not self.stopping and (dead or self.active < self.maxConnections):
             promise = self._congested() and not dead  # (each told keeps its connection until it is back)
-            n = self.maxConnections - self.active - len(self.waiting) - self._promised() if promise \
+            n = self.maxConnections - self.active - len(self.waiting) - len(self.released) if promise \
                 else len(self.parked)
             released, self.parked = self.parked[:max(0, n)], self.parked[max(0, n):]
             for _, _, qid, d in released:
                 if promise:
-                    self.released[qid] = now
-                self.reactor.callLater(0, _fire, d)  # (the queue manager reads it again: never from within here)
+                    self.released.add(qid)
+                self.reactor.callLater(0, self._tell, qid, d)  # (the queue manager reads it again: never from here)
         if self.waiting and not self.stopping:
             if self.handBack is None:
                 delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
@@ -182,15 +175,23 @@ class WaitingLine:
             self._giveBack(waited)
         self._pump()
 
+    def _tell(self, qid, d):
+        """
+        Tell parked message C{qid} (C{d}: L{whenRoom}'s) there is room.  If
+        it does not come back at once (held or deleted, or waiting for one
+        of the queue manager's delivery slots), the connection kept for it
+        goes to the next: a held message kept it for nothing.
+        """
+        if not d.called:  # (unless cancelled meanwhile)
+            d.callback(None)
+        if qid in self.released:
+            self.released.discard(qid)
+            self._pump()
+
     def _giveBack(self, waiting):
         """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
         self.congestedUntil = self.reactor.seconds() + self.WAIT_SECONDS
         _answer(waiting, WAITED)
-
-
-def _fire(d):
-    if not d.called:  # (unless cancelled meanwhile)
-        d.callback(None)
 
 
 def _answer(waiting, result):
