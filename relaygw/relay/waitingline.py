@@ -59,11 +59,11 @@ class WaitingLine:
     def whenRoom(self, message):
         """
         A Deferred that fires when C{message}, handed back untried
-        (L{WAITED}), may go again: a connection has come free for it, the
-        congestion is over, or the destination is found dead (its messages
-        are then deferred at once).  Cancel it to give up waiting.
+        (L{WAITED}), may go again: a connection has come free for it (see
+        L{_watch}), or the destination is found dead (its messages are then
+        deferred at once).  Cancel it to give up waiting.
         """
-        entry = (_accepted((message,)), next(self._order), message.queueId, defer.Deferred(self._unpark))
+        entry = (_arrival(message), next(self._order), message.queueId, defer.Deferred(self._unpark))
         bisect.insort(self.parked, entry)
         self.reactor.callLater(0, self._pump)  # (room may have come meanwhile; never from within a hand-back)
         return entry[3]
@@ -200,6 +200,11 @@ def _answer(waiting, result):
         d.callback({r: result for r in m.recipients})
 
 
+def _arrival(message):
+    """When C{message} was accepted: the order messages wait and are parked in."""
+    return getattr(message, "arrival", 0) or 0
+
+
 def _accepted(entry):
-    """When the message of a waiting entry was accepted: the order messages wait in."""
-    return getattr(entry[0], "arrival", 0) or 0
+    """When the message of a waiting entry was accepted."""
+    return _arrival(entry[0])
