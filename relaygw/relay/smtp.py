@@ -188,7 +188,7 @@ class SMTPNextHop(WaitingLine):
             return
         congested = self._congested()
         while self.waiting and not self.stopping and self.active < self.maxConnections \
-                and (freed or congested or len(self.waiting) > self.active) and self._startsNext():
+                and (freed or congested or len(self.waiting) > self.active) and self._startsNext(congested):
             freed = False
             batch = self._take()
             self.active += 1

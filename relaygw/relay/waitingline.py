@@ -74,14 +74,14 @@ class WaitingLine:
     def _congested(self):
         return self.reactor.seconds() < self.congestedUntil
 
-    def _startsNext(self):
+    def _startsNext(self, congested):
         """
         Whether the first waiting message may have a connection now.  While
-        the destination is congested it takes a connection of its own, but
-        not one promised to a parked message, nor before parked messages
+        the destination is C{congested} it takes a connection of its own,
+        but not one promised to a parked message, nor before parked messages
         accepted earlier.
         """
-        if not self._congested():
+        if not congested:
             return True
         if self.parked and self.parked[0][0] < _accepted(self.waiting[0]):
             return False
@@ -134,11 +134,12 @@ class WaitingLine:
         every connection is busy, they would only wait and go back again.
         """
         now = self.reactor.seconds()
-        if self.waiting and not self.stopping and self._congested():
+        congested = self._congested()
+        if self.waiting and not self.stopping and congested:
             waiting, self.waiting = self.waiting, []
             self._giveBack(waiting)
         if self.parked and not self.stopping and (dead or self.active < self.maxConnections):
-            promise = self._congested() and not dead  # (each told keeps its connection until it is back)
+            promise = congested and not dead  # (each told keeps its connection until it is back)
             n = self.maxConnections - self.active - len(self.waiting) - len(self.released) if promise \
                 else len(self.parked)
             released, self.parked = self.parked[:max(0, n)], self.parked[max(0, n):]
