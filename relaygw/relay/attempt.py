@@ -41,10 +41,6 @@ class _Attempt:
         #: The (first) next hop that handed the message back untried (L{WAITED}).
         self.waitedOn = None
 
-    def got(self, result):
-        """Whether some next hop answered some recipient with C{result} (L{STOPPED}, L{WAITED})."""
-        return any(r == result for _, results in self.outcomes for r in results.values())
-
 
 class Attempts:
     """
@@ -158,7 +154,7 @@ class Attempts:
         # not attempted: they stay as they were.
         outcomes = [(hop, {r: result for r, result in results.items() if not result.untried})
                     for hop, results in attempt.outcomes]
-        stopped = attempt.got(STOPPED)
+        stopped = any(result == STOPPED for _, results in attempt.outcomes for result in results.values())
         if stopped:
             log.info("{qid}: not delivered before the stop; stays queued", qid=qid)
         if not any(results for _, results in outcomes):

@@ -60,15 +60,13 @@ class SMTPNextHop(WaitingLine):
     IDLE_SECONDS = 2.0
 
     def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
+        WaitingLine.__init__(self)
         self.reactor = reactor
         self.name = name
         self.hosts = hosts
         self.options = options
         self.maxConnections = maxConnections
         self.batch = batch
-        self.waiting = []
-        self.parked = []
-        self.released = set()
         self.active = 0
         self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now

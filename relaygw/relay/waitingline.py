@@ -36,7 +36,8 @@ log = Logger(namespace="relaygw.relay")
 class WaitingLine:
     """
     The waiting line of L{relaygw.relay.smtp.SMTPNextHop}, which provides
-    C{reactor}, C{name}, C{options}, C{batch}, C{stopping} and C{_pump}.
+    C{reactor}, C{name}, C{options}, C{batch}, C{maxConnections}, C{active}
+    (connections carrying a batch), C{stopping} and C{_pump}.
 
     @ivar waiting: C{(message, Deferred, progress, since)} for each message
         waiting for a connection, in the order the messages were accepted.
@@ -55,6 +56,11 @@ class WaitingLine:
     handBack = None  # the timer of L{_handBack}
     congestedUntil = 0.0  # (see L{_giveBack})
     _order = itertools.count()  # (ties between parked messages accepted at the same time)
+
+    def __init__(self):
+        self.waiting = []
+        self.parked = []
+        self.released = set()
 
     def whenRoom(self, message):
         """
