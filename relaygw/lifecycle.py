@@ -64,16 +64,16 @@ class Lifecycle:
             # The balancer stays out of Received (unless received_shows_peer), not out of the log.
             log.info("[{session}] proxied by [{balancer}]:{port}", session=self.sessionId,
                      balancer=self.context["proxy_peer_ip"], port=self.context["proxy_peer_port"])
-        refusal = f.admit(self)
+        self._wait(self._ask(f.admit(self), self._admitted))
+
+    def _admitted(self, refusal):
         if refusal is not None:
             self.reply(refusal)
-            return
+            return None
         if self.settings.portal is not None and self.listener.always_allow:
             d = self._loginAnonymous()
-            d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.context), self._greet))
-            self._wait(d)
-        else:
-            self._wait(self._ask(self.settings.policy.connect(self.context), self._greet))
+            return d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.context), self._greet))
+        return self._ask(self.settings.policy.connect(self.context), self._greet)
 
     def _greet(self, refusal):
         if refusal is not None:

@@ -5,7 +5,6 @@ L{Listeners}, which builds each listener's factory, TLS settings, PROXY
 wrapper and endpoint service, and what a drain and a reload do to them.
 """
 
-import collections
 import ctypes
 import dataclasses
 import re
@@ -20,7 +19,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import failure
 from zope.interface import implementer
 
-from relaygw import codes, trust
+from relaygw import anvil, codes, trust
+from relaygw.anvil import ClientCounts
 from relaygw.auth import FailureTracker, makePortal
 from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
@@ -94,7 +94,7 @@ class SMTPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
-                 authFailures=None):
+                 authFailures=None, clients=None):
         self.spool = spool
         self.sink = SpoolSink(spool)
         self.reactor = reactor
@@ -104,9 +104,8 @@ class SMTPFactory(ServerFactory):
         self.verbs = registry()
         self.sessions = set()
         self.closing = set()
-        self.perIP = collections.Counter()
-        self.recentConnects = collections.defaultdict(collections.deque)
-        self._prunedAt = 0.0
+        #: The per-address counts of this listener's clients (L{relaygw.anvil}).
+        self.clients = clients if clients is not None else ClientCounts(reactor)
         self.draining = False
         self.authFailures = authFailures
         if portal is not None and authFailures is None:
@@ -196,9 +195,11 @@ class SMTPFactory(ServerFactory):
 
     def admit(self, session):
         """
-        A refusal (421) when the session is over a limit, else C{None}; a
-        session that is admitted is counted against its client's address
-        (L{sessionStarted}).
+        A refusal (421) when the session is over a limit, else C{None} (or
+        a Deferred of one, when another worker keeps the per-IP counts).  A
+        trusted peer that may claim client identities (a balancer; Postfix
+        exempts C{$mynetworks} from its client limits) is counted only under
+        the addresses it claims (L{clientClaimed}).
         """
         listener = session.listener
         host = listener.hostname
@@ -206,78 +207,54 @@ class SMTPFactory(ServerFactory):
             return codes.SHUTTING_DOWN.format(host=host)
         if len(self.sessions) > listener.max_connections:
             return codes.TOO_MANY_CONNECTIONS.format(host=host)
-        return self._perIP(session, session.countedIP)
-
-    def _perIP(self, session, ip):
-        """The per-IP limits for client C{ip} (already counted), or C{None}."""
-        if ip is None:
-            return None
-        listener = session.listener
-        host = listener.hostname
-        if listener.max_connections_per_ip and self.perIP[ip] > listener.max_connections_per_ip:
-            return codes.TOO_MANY_CONNECTIONS.format(host=host)
-        rate = listener.connection_rate_per_ip
-        if rate:
-            now = self.reactor.seconds()
-            self._pruneRecent(now)
-            recent = self.recentConnects[ip]
-            while recent and recent[0] <= now - 60:
-                recent.popleft()
-            recent.append(now)
-            if len(recent) > rate:
-                return codes.RATE_LIMITED.format(host=host)
-        return None
-
-    #: Seconds between sweeps of the per-address connection times.
-    PRUNE_EVERY = 60
-
-    def _pruneRecent(self, now):
-        """
-        Forget addresses with no connection in the last minute, once a
-        minute at most, so the rate state holds only recent clients.
-        """
-        if now - self._prunedAt < self.PRUNE_EVERY:
-            return
-        self._prunedAt = now
-        for ip in [ip for ip, recent in self.recentConnects.items() if not recent or recent[-1] <= now - 60]:
-            del self.recentConnects[ip]
+        claims = session.trusted and {"xclient", "xremoteip"} & set(listener.extensions)
+        return self._count(session, None if claims else session.context["remote_ip"])
 
     def _count(self, session, ip):
-        """Count C{session} against client C{ip} (C{None}: not counted) instead of its previous one."""
-        old = session.countedIP
-        if old is not None:
-            self.perIP[old] -= 1
-            if self.perIP[old] <= 0:
-                del self.perIP[old]
+        """
+        Count C{session} against client C{ip} instead of its previous one
+        (C{None}: not counted), when its listener limits clients per
+        address; the refusal when C{ip} is over a limit.
+        """
+        if session.countedIP is not None:
+            self.clients.release(session.countedIP)
+            session.countedIP = None
+        listener = session.listener
+        limit, rate = listener.max_connections_per_ip, listener.connection_rate_per_ip
+        if ip is None or not (limit or rate):
+            return None
         session.countedIP = ip
-        if ip is not None:
-            self.perIP[ip] += 1
+        verdict = self.clients.acquire(ip, limit, rate)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._refusal, listener.hostname)
+        return self._refusal(verdict, listener.hostname)
+
+    @staticmethod
+    def _refusal(verdict, host):
+        if verdict == anvil.TOO_MANY:
+            return codes.TOO_MANY_CONNECTIONS.format(host=host)
+        if verdict == anvil.TOO_FAST:
+            return codes.RATE_LIMITED.format(host=host)
+        return None
 
     def sessionStarted(self, session):
-        """
-        C{session} connected: count it against its client's address.  A
-        trusted peer that may claim client identities (a balancer; Postfix
-        exempts C{$mynetworks} from its client limits) is counted only under
-        the addresses it claims (L{clientClaimed}).
-        """
+        """C{session} connected (L{admit} counts it against its client's address)."""
         self.sessions.add(session)
-        claims = session.trusted and {"xclient", "xremoteip"} & set(session.listener.extensions)
-        self._count(session, None if claims else session.context["remote_ip"])
         self.metrics.connection(self.listener.name, +1)
 
     def clientClaimed(self, session):
         """
         XCLIENT or XREMOTEIP changed the session's client address: count it
         against the claimed one, as if it had connected from there.  Returns
-        the 421 refusal when that address is over its limits.
+        the 421 refusal when that address is over its limits (or a Deferred
+        of it, or of C{None}).
         """
         ip = session.context.get("remote_ip")
         if ip == "unknown":
             ip = None
-        if ip == session.countedIP:
+        if ip is not None and ip == session.countedIP:
             return None
-        self._count(session, ip)
-        return self._perIP(session, ip)
+        return self._count(session, ip)
 
     def sessionEnded(self, session):
         """
@@ -317,9 +294,13 @@ class Listeners:
     @ivar tlsSettings: the L{ServerTLS} of each listener that has one.
     @ivar listeningPorts: the ports opened (for L{closeListeningPort}).
     @ivar shared: with several workers, the L{SharedSockets} they accept from.
+
+    With several workers, C{clients} (an L{relaygw.anvil.Anvil} or
+    L{relaygw.anvil.AnvilClient}) keeps each listener's per-IP counts for
+    the whole gateway.
     """
 
-    def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1):
+    def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1, clients=None):
         self.factories = []
         self.services = []
         self.proxyFactories = {}
@@ -335,7 +316,8 @@ class Listeners:
             if listener.credentials or listener.always_allow:
                 portal = makePortal(listener.credentials, listener.always_allow)
             factory = SMTPFactory(listener, spool, reactor, onQueued=onQueued, portal=portal, tls=tls,
-                                  metrics=metrics, authFailures=self.authFailures)
+                                  metrics=metrics, authFailures=self.authFailures,
+                                  clients=clients.countsFor(listener.name) if clients is not None else None)
             self.factories.append(factory)
             if workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint), shared=self.shared)

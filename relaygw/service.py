@@ -132,7 +132,7 @@ class GatewayService(MultiService):
             TimerService(1, self.role.writeSnapshot, self.metrics).setServiceParent(self)
         self.queue.metrics = self.metrics
         self.listeners = Listeners(config, reactor, self, self.spool, self.queue.enqueue, self.metrics,
-                                   self.role.workers)
+                                   self.role.workers, self.role.clientCounts(reactor))
         self.factories = self.listeners.factories
         self.listeningPorts = self.listeners.listeningPorts
         if self.supervisor is not None:

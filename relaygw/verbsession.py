@@ -64,10 +64,10 @@ class TrustedVerbs:
         address (over the per-IP limits: 421 4.7.0 and close), then the
         connect policy's refusal or C{None} (or a Deferred of one).
         """
-        refusal = self.factory.clientClaimed(self)
-        if refusal is not None:
-            return refusal
-        return self.settings.policy.connect(self.context)
+        def then(refusal):
+            return refusal if refusal is not None else self.settings.policy.connect(self.context)
+
+        return self._ask(self.factory.clientClaimed(self), then)
 
     def _runVerb(self, verb, impl, args):
         result = impl(self, args)

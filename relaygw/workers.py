@@ -23,6 +23,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
+from relaygw import anvil
 from relaygw.durable import removeFiles
 from relaygw.logs import Logger
 from relaygw.sharedports import ENV, SharedSockets, acceptExclusively
@@ -220,6 +221,8 @@ class WorkerSupervisor(Service):
         self._stopping = None
         #: What each worker it starts finds in its environment besides (L{STARTED_ENV}).
         self.env = {}
+        #: The L{Anvil} each worker it starts gets a channel to.
+        self.anvil = None
 
     def startService(self):
         Service.startService(self)
@@ -246,8 +249,19 @@ class WorkerSupervisor(Service):
             fds, more = self.shared.forChild()
             childFDs.update(fds)
             env.update(more)
-        self.children[index] = (proto, self.reactor.spawnProcess(
-            proto, argv[0], argv, env=env, path=os.getcwd(), childFDs=childFDs))
+        channel = None
+        if self.anvil is not None:
+            channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            childFDs[max(childFDs) + 1] = channel[1].fileno()
+            env[anvil.ENV] = str(max(childFDs))
+        try:
+            self.children[index] = (proto, self.reactor.spawnProcess(
+                proto, argv[0], argv, env=env, path=os.getcwd(), childFDs=childFDs))
+            if channel is not None:
+                self.anvil.attach(self.reactor, channel[0])
+        finally:
+            for end in channel or ():
+                end.close()
         log.info("started worker {index} (pid {pid})", index=index, pid=self.children[index][1].pid)
 
     def workerEnded(self, proto, reason):
@@ -348,6 +362,22 @@ class WorkerRole:
         self.parentWatch = ParentWatch(reactor) if worker > 0 and parentPid() is not None else None
         self._appliedReload = _startedWithReload
         self._locks = []
+
+    def clientCounts(self, reactor):
+        """
+        Where this process counts clients per address (L{relaygw.anvil}):
+        worker 0 of several keeps the counts and hands each worker it starts
+        a channel to them; another worker asks over that channel.  C{None}
+        for a single process (each listener counts its own).
+        """
+        if self.workers == 1:
+            return None
+        if self.worker > 0:
+            return anvil.AnvilClient.fromEnvironment(reactor)
+        counts = anvil.Anvil(reactor)
+        if self.supervisor is not None:
+            self.supervisor.anvil = counts
+        return counts
 
     def services(self):
         """The services this role runs: the supervisor, or the watch on the main process."""

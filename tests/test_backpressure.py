@@ -48,7 +48,7 @@ class FlowControlTests(unittest.TestCase):
         transport = self.client.transport
         self.assertTrue(transport.disconnecting)
         # The slot is free at once, not when the peer lets go.
-        self.assertEqual(dict(self.harness.factory.perIP), {})
+        self.assertEqual(dict(self.harness.factory.clients.perIP), {})
         self.assertIsNone(transport.producer)
         self.harness.clock.advance(flow.CLOSE_TIMEOUT - 0.1)
         self.assertFalse(transport.aborted)
@@ -151,7 +151,7 @@ class NonReadingClientsTests(unittest.TestCase):
             while any(s.transport.connected for s in sessions) and reactor.seconds() < deadline:
                 yield task.deferLater(reactor, 0.1, lambda: None)
             self.assertFalse([s for s in sessions if s.transport.connected])
-            self.assertEqual(dict(factory.perIP), {})
+            self.assertEqual(dict(factory.clients.perIP), {})
             self.assertEqual(factory.sessions, set())
         finally:
             for s in socks:

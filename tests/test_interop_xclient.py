@@ -367,7 +367,7 @@ class NginxRelayTests(NginxCase):
         deadline = time.monotonic() + 10
         while factory.sessions and time.monotonic() < deadline:
             yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(dict(factory.perIP), {})
+        self.assertEqual(dict(factory.clients.perIP), {})
         # Three from one address: the third is refused (421 4.7.0 from relaygw, through nginx).
         replies = yield inThread(run, ["127.0.0.21"] * 3)
         self.assertEqual([r[0] for r in replies[:2]], [250, 250])

@@ -5,9 +5,11 @@ from a real twistd.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from twisted.internet import defer, reactor, task
@@ -252,6 +254,78 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    def test_perIPLimitCountsEveryWorker(self):
+        """
+        A client's connections count together whichever worker takes each:
+        of 40 at once from one address, the 2 of C{max_connections_per_ip}
+        are greeted (each worker counting its own let up to 4 in), and once
+        they have gone 2 more are.
+        """
+        directory, port, conf = self.writeConfig(listener={"max_connections_per_ip": 2},
+                                                 relay={"defer_all": True}, process={"workers": 2})
+        got = {}
+
+        def session(p):
+            self.waitForWorker(directory)
+            got["first"] = burst(port, 40)
+            got["again"] = burst(port, 40)
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertNotIn("Traceback", out)
+            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
+            self.assertEqual((got["first"].count(220), got["first"].count(421)), (2, 38), got)
+            self.assertEqual(got["again"].count(220), 2, got)
+
+        return inThread(run)
+
+    def test_connectionRateCountsEveryWorker(self):
+        """
+        C{connection_rate_per_ip} 4 a minute: of 30 connections at once
+        from one address, 3 are greeted (the first was the check that the
+        port listens).
+        """
+        directory, port, conf = self.writeConfig(listener={"connection_rate_per_ip": 4},
+                                                 relay={"defer_all": True}, process={"workers": 2})
+        got = {}
+
+        def session(p):
+            self.waitForWorker(directory)
+            got["burst"] = burst(port, 30)
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
+            self.assertEqual((got["burst"].count(220), got["burst"].count(421)), (3, 27), got)
+
+        return inThread(run)
+
+    def test_claimedClientsCountEveryWorker(self):
+        """
+        XCLIENT from a balancer both workers trust: the claimed address is
+        what counts, across the workers.  Of 20 sessions at once claiming
+        one address, 1 goes on; the others are told 421 4.7.0.
+        """
+        directory, port, conf = self.writeConfig(
+            listener={"max_connections_per_ip": 1, "trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]},
+            relay={"defer_all": True}, process={"workers": 2})
+        got = {}
+
+        def session(p):
+            self.waitForWorker(directory)
+            got["burst"] = burst(port, 20, "XCLIENT ADDR=192.0.2.9")
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertNotIn("Traceback", out)
+            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
+            self.assertEqual((got["burst"].count(220), got["burst"].count(421)), (1, 19), got)
+
+        return inThread(run)
+
     def test_stoppedProcessStrandsNoConnection(self):
         """
         With the main process stopped (SIGSTOP), every new connection is
@@ -282,6 +356,46 @@ class TwistdWorkersTests(_TwistdTestCase):
             self.assertEqual(served, [220] * 12)
 
         return inThread(run)
+
+
+def burst(port, n, command=None):
+    """
+    C{n} connections at once, held until every one has its first reply (or,
+    given C{command}, the reply to it after the greeting); those replies' codes.
+    """
+    codes, ready = [], threading.Barrier(n + 1, timeout=30)
+
+    def one():
+        try:
+            c = Client(port, timeout=15)
+        except OSError as e:
+            codes.append(str(e))
+            ready.wait()
+            return
+        try:
+            code = c.reply()[0]
+            codes.append(c.cmd(command)[0] if command and code == 220 else code)
+        except (OSError, EOFError) as e:
+            codes.append(str(e))
+        ready.wait()
+        c.close()
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    for t in threads:
+        t.join()
+    return codes
+
+
+def sessionProcesses(out):
+    """
+    How many processes served the sessions in twistd's output C{out}: each
+    counts its session ids up from a random start of its own.
+    """
+    ids = sorted({int(i, 16) for i in re.findall(r"\[([0-9a-f]{12})\] (?:connect from|NOQUEUE)", out)})
+    return [i for n, i in enumerate(ids) if n == 0 or i - ids[n - 1] > 100000]
 
 
 def socketInodes(pid):

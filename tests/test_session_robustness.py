@@ -33,12 +33,12 @@ class RateStatePruningTests(unittest.TestCase):
         for n in range(50):
             c = harness.connect("192.0.2.%d" % n)
             c.lose()
-        self.assertEqual(len(factory.recentConnects), 50)
+        self.assertEqual(len(factory.clients.recentConnects), 50)
         harness.clock.advance(61)
         c = harness.connect("198.51.100.1")
         self.addCleanup(c.lose)
         self.assertEqual(c.reply()[0], 220)
-        self.assertEqual(list(factory.recentConnects), ["198.51.100.1"])
+        self.assertEqual(list(factory.clients.recentConnects), ["198.51.100.1"])
 
     def test_rateStillLimited(self):
         harness = SessionHarness(self.mktemp(), {"connection_rate_per_ip": 2})

@@ -271,7 +271,7 @@ class PerClaimedIPTests(SessionTestCase):
             c.lose()
             # Closing one frees its place.
             self.quit(held[0][0])
-            self.assertLess(self.harness.factory.perIP.get("192.0.2.9", 0), 2)
+            self.assertLess(self.harness.factory.clients.perIP.get("192.0.2.9", 0), 2)
             c, reply = self.open((verb, "192.0.2.9"))
             self.assertEqual(reply[0], 220 if verb == "XCLIENT" else 250)
             for h, _ in held[1:] + [(c, None)]:

@@ -51,6 +51,7 @@ class SessionHarness:
         self.service.spool.open()
         self.factory = self.service.factories[0]
         self.factory.reactor = self.clock
+        self.factory.clients.clock = self.clock
         if policy is not None:
             self.factory.settings = dataclasses.replace(self.factory.settings, policy=policy)
         if portal is not None:

@@ -1,0 +1,154 @@
+"""
+Client counts per address for the whole gateway (relaygw.anvil): the
+counts themselves on a clock, and worker 0's anvil asked by other workers
+over real socket pairs.
+"""
+
+import socket
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from relaygw import anvil
+from relaygw.anvil import TOO_FAST, TOO_MANY, Anvil, AnvilClient, ClientCounts
+
+
+class ClientCountsTests(unittest.TestCase):
+    def test_limitAtOnce(self):
+        counts = ClientCounts(task.Clock())
+        self.assertEqual([counts.acquire("192.0.2.1", 2, 0) for _ in range(3)], [None, None, TOO_MANY])
+        self.assertIsNone(counts.acquire("192.0.2.2", 2, 0))
+        counts.release("192.0.2.1")
+        counts.release("192.0.2.1")
+        self.assertIsNone(counts.acquire("192.0.2.1", 2, 0))
+        counts.release("192.0.2.1")
+        counts.release("192.0.2.1")
+        counts.release("192.0.2.2")
+        self.assertEqual(dict(counts.perIP), {})
+
+    def test_ratePerMinute(self):
+        clock = task.Clock()
+        counts = ClientCounts(clock)
+        got = []
+        for _ in range(4):
+            got.append(counts.acquire("192.0.2.1", 0, 3))
+            counts.release("192.0.2.1")
+        self.assertEqual(got, [None, None, None, TOO_FAST])
+        clock.advance(61)
+        self.assertIsNone(counts.acquire("192.0.2.1", 0, 3))
+
+
+class _Workers:
+    """An anvil and C{n} clients, each over a socket pair of its own, in this reactor."""
+
+    def __init__(self, case, n, timeout=None):
+        self.anvil = Anvil(reactor)
+        self.clients = []
+        case.addCleanup(settle)  # (last: worker 0's ends see the clients' go)
+        for _ in range(n):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.anvil.attach(reactor, ours)
+            ours.close()
+            client = AnvilClient.fromEnvironment(reactor, {anvil.ENV: str(theirs.detach())})
+            if timeout is not None:
+                client.TIMEOUT = timeout
+            case.addCleanup(client.transport.loseConnection)
+            self.clients.append(client)
+
+    def counts(self, name="inbound"):
+        return dict(self.anvil.countsFor(name).perIP)
+
+
+def settle():
+    """A few reactor turns, for the lines in flight to be read."""
+    return task.deferLater(reactor, 0.05, lambda: None)
+
+
+class AnvilTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_limitCountsEveryWorker(self):
+        """Two workers' connections from one address count together."""
+        w = _Workers(self, 2)
+        a, b = (c.countsFor("inbound") for c in w.clients)
+        local = w.anvil.countsFor("inbound")
+        got = [(yield a.acquire("192.0.2.1", 3, 0)), (yield b.acquire("192.0.2.1", 3, 0)),
+               local.acquire("192.0.2.1", 3, 0), (yield b.acquire("192.0.2.1", 3, 0))]
+        self.assertEqual(got, [None, None, None, TOO_MANY])
+        # Another listener's limit is its own.
+        self.assertIsNone((yield w.clients[0].countsFor("submission").acquire("192.0.2.1", 1, 0)))
+        for counts in (a, b, b):
+            counts.release("192.0.2.1")
+        yield settle()
+        self.assertEqual(w.counts(), {"192.0.2.1": 1})  # worker 0's own
+        local.release("192.0.2.1")
+        self.assertEqual(w.counts(), {})
+
+    @defer.inlineCallbacks
+    def test_rateCountsEveryWorker(self):
+        w = _Workers(self, 2)
+        a, b = (c.countsFor("inbound") for c in w.clients)
+        got = []
+        for counts in (a, b, a, b):
+            got.append((yield counts.acquire("192.0.2.1", 0, 3)))
+            counts.release("192.0.2.1")
+        self.assertEqual(got, [None, None, None, TOO_FAST])
+
+    @defer.inlineCallbacks
+    def test_aWorkerGoneReleasesItsCounts(self):
+        """A worker that dies (its channel closes) no longer holds its clients' places."""
+        w = _Workers(self, 2)
+        a, b = (c.countsFor("inbound") for c in w.clients)
+        for _ in range(2):
+            self.assertIsNone((yield a.acquire("192.0.2.1", 3, 0)))
+        self.assertIsNone((yield b.acquire("192.0.2.1", 3, 0)))
+        self.assertEqual(w.counts(), {"192.0.2.1": 3})
+        w.clients[0].transport.loseConnection()
+        yield settle()
+        self.assertEqual(w.counts(), {"192.0.2.1": 1})
+        self.assertIsNone((yield b.acquire("192.0.2.1", 3, 0)))
+
+    @defer.inlineCallbacks
+    def test_noChannelLetsIn(self):
+        """With worker 0 gone, a worker lets connections in (and says so once)."""
+        w = _Workers(self, 1)
+        client = w.clients[0]
+        counts = client.countsFor("inbound")
+        self.assertIsNone((yield counts.acquire("192.0.2.1", 1, 0)))
+        client.transport.loseConnection()
+        yield settle()
+        self.assertEqual([counts.acquire("192.0.2.1", 1, 0) for _ in range(3)], [None] * 3)
+
+    @defer.inlineCallbacks
+    def test_noAnswerLetsIn(self):
+        """Worker 0 that does not answer (stopped, say) holds a connection up for C{TIMEOUT} at most."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        client = AnvilClient.fromEnvironment(reactor, {anvil.ENV: str(theirs.detach())})
+        self.addCleanup(client.transport.loseConnection)
+        client.TIMEOUT = 0.2
+        d = client.countsFor("inbound").acquire("192.0.2.1", 1, 0)
+        self.assertFalse(d.called)
+        self.assertIsNone((yield d))
+        # Its late answer is not taken for the next request's.
+        ours.sendall(b'"count"\n')
+        later = client.countsFor("inbound").acquire("192.0.2.1", 1, 0)
+        yield settle()
+        ours.sendall(b"null\n")
+        self.assertIsNone((yield later))
+
+    @defer.inlineCallbacks
+    def test_badRequestDropsTheChannel(self):
+        """A garbled line drops that worker's channel, and what it counted, and nothing else."""
+        w = _Workers(self, 2)
+        a, b = (c.countsFor("inbound") for c in w.clients)
+        self.assertIsNone((yield a.acquire("192.0.2.1", 3, 0)))
+        self.assertIsNone((yield b.acquire("192.0.2.1", 3, 0)))
+        w.clients[0].sendLine(b'["acquire", "inbound"]')
+        yield settle()
+        self.assertFalse(w.clients[0].connected)
+        self.assertTrue(w.clients[1].connected)
+        self.assertEqual(w.counts(), {"192.0.2.1": 1})
+
+    def test_noChannelInTheEnvironment(self):
+        self.assertIsNone(AnvilClient.fromEnvironment(reactor, {}))
+        self.assertIsNone(AnvilClient.fromEnvironment(reactor, {anvil.ENV: "not a number"}))
