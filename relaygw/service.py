@@ -34,15 +34,16 @@ class Delivery:
     router and the queue manager, and what a reload changes in them.
     """
 
-    def __init__(self, config, reactor, spool, committer):
+    def __init__(self, config, reactor, spool, committer, share=None):
         self.reactor = reactor
         self.committer = committer
+        self.share = share
         relay = config.relay
         from relaygw.relay import clientwire
 
         clientwire.TRACE = config.log.level == "debug"
         self.maildir = MaildirNextHop(relay.maildir, committer, reactor)
-        self.router = Router(config, reactor, self.maildir)
+        self.router = Router(config, reactor, self.maildir, share)
         self.queue = QueueManager(spool, self.router, reactor, concurrency=relay.concurrency,
                                   retryMin=relay.retry_min, retryMax=relay.retry_max,
                                   lifetime=relay.max_lifetime, bounceLifetime=relay.bounce_lifetime,
@@ -57,7 +58,7 @@ class Delivery:
             maildir = self.maildir
             if relay.maildir != old.relay.maildir:
                 maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)
-            router = Router(config, self.reactor, maildir)
+            router = Router(config, self.reactor, maildir, self.share)
         return {"router": router, "concurrency": relay.concurrency, "retryMin": relay.retry_min,
                 "retryMax": relay.retry_max, "lifetime": relay.max_lifetime,
                 "bounceLifetime": relay.bounce_lifetime, "deferAll": relay.defer_all,
@@ -103,7 +104,7 @@ class GatewayService(MultiService):
         self.supervisor = self.role.supervisor
         self.committer = Committer(reactor, config.spool.fsync)
         self.spool = Spool(self.role.spoolDirectory, self.committer, config.spool.min_free_space)
-        self.delivery = Delivery(config, reactor, self.spool, self.committer)
+        self.delivery = Delivery(config, reactor, self.spool, self.committer, self.role.share)
         self.queue = self.delivery.queue
         self.queue.setServiceParent(self)
         TimerService(5, self._watchCertificates).setServiceParent(self)

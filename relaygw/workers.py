@@ -363,6 +363,14 @@ class WorkerRole:
         self._appliedReload = _startedWithReload
         self._locks = []
 
+    def share(self, total):
+        """
+        This worker's part of a limit the config sets for the whole gateway
+        (C{destination_concurrency}): the parts of all workers add up to
+        C{total}, each at least 1.
+        """
+        return max(1, total // self.workers + (self.worker < total % self.workers))
+
     def clientCounts(self, reactor):
         """
         Where this process counts clients per address (L{relaygw.anvil}):

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 import relaygw
 from relaygw.lifecycle import newSessionId
 
-from relaygw.testing import Client, configText, freePort, inThread, twistdRunning, waitForPort
+from relaygw.testing import Client, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.messages import sendOne
 from tests.processes import processState, spoolPids, waitUntil
 from tests.sessions import GatewayTestCase, SessionTestCase
@@ -326,6 +326,48 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    @defer.inlineCallbacks
+    def test_destinationConcurrencyIsTheGatewaysWhole(self):
+        """
+        C{destination_concurrency} 2 with two workers: at most 2 connections
+        to the next hop at once, one a worker (each opened 2, 4 in all),
+        while 24 messages from both workers go through a next hop that takes
+        0.3 s a message.
+        """
+        hop = ScriptedSMTPFactory(endOfDataDelay=0.3)
+        listening = reactor.listenTCP(0, hop, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        directory, port, conf = self.writeConfig(
+            relay={"smarthosts": ["[127.0.0.1]:%d" % listening.getHost().port], "tls": "none",
+                   "destination_concurrency": 2},
+            process={"workers": 2})
+        peak = []
+
+        def sample():
+            peak.append(sum(1 for c in hop.connections if c.transport.connected))
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.02)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        sent = 24
+
+        def session(p):
+            self.waitForWorker(directory)
+            threads = [threading.Thread(target=sendOne, args=(port,), kwargs={"subject": "c%d" % n})
+                       for n in range(sent)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            waitUntil(lambda: len(hop.transactions) >= sent, 20)
+            p.send_signal(signal.SIGTERM)
+
+        out = yield inThread(self.runTwistd, directory, port, conf, session)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(len(hop.transactions), sent)
+        self.assertEqual(len(sessionProcesses(out)), 2, "one worker took every message")
+        self.assertEqual(max(peak), 2, peak)
+
     def test_stoppedProcessStrandsNoConnection(self):
         """
         With the main process stopped (SIGSTOP), every new connection is
@@ -419,6 +461,24 @@ def listeningSockets(port):
             if fields[1] == "0100007F:%04X" % port and fields[3] == "0A":
                 inodes.append(int(fields[9]))
     return inodes
+
+
+class WorkerShareTests(unittest.TestCase):
+    def test_partsAddUpToTheWhole(self):
+        """A gateway-wide limit split over the workers: the parts add up to it, each at least 1."""
+        from types import SimpleNamespace
+
+        from relaygw.workers import WorkerRole
+
+        def parts(total, workers):
+            config = SimpleNamespace(spool=SimpleNamespace(directory=self.mktemp()),
+                                     process=SimpleNamespace(workers=workers))
+            return [WorkerRole(config, reactor, worker).share(total) for worker in range(workers)]
+
+        self.assertEqual(parts(10, 1), [10])
+        self.assertEqual(parts(10, 2), [5, 5])
+        self.assertEqual(parts(10, 3), [4, 3, 3])
+        self.assertEqual(parts(2, 4), [1, 1, 1, 1])
 
 
 class TwistdReloadTests(_TwistdTestCase):

@@ -39,8 +39,10 @@ class HopSpec:
 
     MAX_CACHED = 1000
 
-    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300):
+    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None):
         self.name = name
+        #: Connections to each of its next hops this process may open (its share of destination_concurrency).
+        self.connections = hop.destination_concurrency if connections is None else connections
         self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
         self.hop = hop
         self.reactor = reactor
@@ -67,7 +69,7 @@ class HopSpec:
                 # verified against the name that smarthost was configured
                 # with (the host the client connects to), not the first one's.
                 self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
-                                               smarthostList(hosts), options, hop.destination_concurrency,
+                                               smarthostList(hosts), options, self.connections,
                                                deadFor=self.deadFor)
             return self.cache[None]
         if hop.mx:
@@ -77,7 +79,7 @@ class HopSpec:
                 options = _options(hop, self.heloName)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),
-                                                 options, hop.destination_concurrency, deadFor=self.deadFor)
+                                                 options, self.connections, deadFor=self.deadFor)
             return self.cache[domain]
         return self.fallback
 
@@ -90,15 +92,20 @@ class HopSpec:
 class Router:
     """C{router(message, recipient) -> INextHop}."""
 
-    def __init__(self, config, reactor, maildir):
+    def __init__(self, config, reactor, maildir, share=None):
+        """
+        @param share: this process's part of a gateway-wide limit
+            (L{relaygw.workers.WorkerRole.share}); by default all of it.
+        """
+        share = share or (lambda total: total)
         relay = config.relay
         heloName = relay.helo_name or config.listeners[0].hostname
         self._resolver = None
         self.relay = relay
         self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
-                               deadFor=relay.retry_min)
+                               deadFor=relay.retry_min, connections=share(relay.destination_concurrency))
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
-                                   deadFor=relay.retry_min))
+                                   deadFor=relay.retry_min, connections=share(r.destination_concurrency)))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):
