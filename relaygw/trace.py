@@ -3,6 +3,7 @@ The trace header a gateway adds to every accepted message (RFC 5321 section
 4.4, RFC 3848), built from the validation context only.
 """
 
+import re
 from email.utils import formatdate
 
 
@@ -12,6 +13,23 @@ def _clean(value):
     if text.isascii() and text.isprintable():  # printable ASCII: " " to "~"
         return text
     return "".join(c if " " <= c <= "~" else "?" for c in text)
+
+
+_LITERAL = re.compile(r"\[[^][()\\;]*\]\Z")
+_DELIMITERS = str.maketrans({c: "?" for c in "()[];\\"})
+
+
+def _heloName(value):
+    """
+    The client's greeting name for Received: an address literal as it is,
+    and otherwise no parenthesis, bracket or semicolon, so that no greeting
+    can pass for a comment naming another host (C{(mx.example [192.0.2.1])})
+    or for the header's date.
+    """
+    text = _clean(value)
+    if _LITERAL.match(text):
+        return text
+    return text.translate(_DELIMITERS)
 
 
 def _addressLiteral(ip):
@@ -39,7 +57,7 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
     (C{received_shows_login}, Postfix's C{smtpd_sasl_authenticated_header}).
     Logs and XDUMPCONTEXT always have them.
     """
-    helo = _clean(context.get("ehlo_domain") or context.get("helo_name") or "unknown")
+    helo = _heloName(context.get("ehlo_domain") or context.get("helo_name") or "unknown")
     name = _clean(context.get("remote_name") or "unknown")
     ip = _clean(context.get("remote_ip", "unknown"))
     lines = ["Received: from %s (%s [%s])" % (helo, name, _addressLiteral(ip))]

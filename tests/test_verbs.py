@@ -614,6 +614,38 @@ class XclientTests(VerbTestCase):
         self.assertNotIn(b"proxy.example", header)
 
     @defer.inlineCallbacks
+    def test_noGreetingPassesForAComment(self):
+        """
+        A greeting name in parentheses or brackets (EHLO, or XCLIENT
+        C{HELO=}) cannot pass in Received for a comment naming another host:
+        its delimiters become C{?}; an address literal stays as it is.
+        """
+        greetings = [("EHLO (mx.bank.example[203.0.113.5])", None),
+                     ("EHLO x", "HELO=(mx.bank.example[203.0.113.5])"),
+                     ("EHLO [1.2.3", None),
+                     ("EHLO a;b", None),
+                     ("EHLO [192.0.2.44]", None)]
+        headers = []
+        for n, (ehlo, helo) in enumerate(greetings, 1):
+            @defer.inlineCallbacks
+            def run(c, ehlo=ehlo, helo=helo):
+                c.cmd(ehlo)
+                if helo is not None:
+                    self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.7 " + helo)[0], 220)
+                yield queueMessage(c)
+
+            yield self.session(run)
+            [(_, content)] = self.spooled(n)[-1:]
+            headers.append(receivedHeader(content).split(b"\r\n")[0])
+        self.assertEqual(headers, [
+            b"Received: from ?mx.bank.example?203.0.113.5?? (unknown [127.0.0.1])",
+            b"Received: from ?mx.bank.example?203.0.113.5?? (unknown [192.0.2.7])",
+            b"Received: from ?1.2.3 (unknown [127.0.0.1])",
+            b"Received: from a?b (unknown [127.0.0.1])",
+            b"Received: from [192.0.2.44] (unknown [127.0.0.1])",
+        ])
+
+    @defer.inlineCallbacks
     def test_identityInLogs(self):
         """Checklist 70 (logs): the queued line names the claimed client; the audit line the real peer."""
         logs = LogCapture(self)
