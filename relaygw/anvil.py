@@ -1,16 +1,18 @@
 """
 Client connection counts and rates per address (a listener's
-C{max_connections_per_ip} and C{connection_rate_per_ip}), kept in one
-place for the whole gateway, as Postfix's anvil keeps them for every
-smtpd process.
+C{max_connections_per_ip} and C{connection_rate_per_ip}) and failed
+logins per address (the AUTH limiter, L{relaygw.auth.FailureTracker}),
+kept in one place for the whole gateway, as Postfix's anvil keeps them
+for every smtpd process.
 
 With one process the counts are that process's (L{Anvil}).  With several
 workers, worker 0 keeps them and every other worker asks it over a
 socket pair the supervisor hands it at its start (L{AnvilClient}): a
 client's connections count the same whichever worker the kernel gives
-them to.  Only a listener with a limit asks; when worker 0 cannot be
-asked (the channel has gone, or no answer came in time) the connection
-is let in, as smtpd does when anvil does not answer.
+them to.  Only a listener with a limit asks, and AUTH; when worker 0
+cannot be asked (the channel has gone, or no answer came in time) the
+connection is let in and the login tried, as smtpd does when anvil does
+not answer.
 """
 
 import collections
@@ -88,11 +90,17 @@ class ClientCounts:
 
 
 class Anvil:
-    """The counts of every listener of the gateway (in worker 0, or the only process)."""
+    """
+    The counts of every listener of the gateway, and its failed logins per
+    address (L{relaygw.auth.FailureTracker}): in worker 0 of several.
+    """
 
     def __init__(self, clock):
+        from relaygw.auth import FailureTracker
+
         self.clock = clock
         self.listeners = {}
+        self.authFailures = FailureTracker(clock)
 
     def countsFor(self, name):
         """Listener C{name}'s L{ClientCounts}."""
@@ -112,37 +120,71 @@ class Anvil:
 
 
 class _Channel(LineOnlyReceiver):
-    """Worker 0's end of another worker's channel: one JSON array a line each way."""
+    """
+    Worker 0's end of another worker's channel: one JSON array a line each
+    way, a request's answer (if it has one) in the order asked.  What the
+    worker holds (connections counted, logins being verified) is released
+    when the channel goes.
+    """
 
     delimiter = b"\n"
 
     def __init__(self, anvil):
         self.anvil = anvil
         self.held = collections.Counter()
+        self.logins = collections.Counter()
 
     def lineReceived(self, line):
         try:
-            op, name, ip, *limits = json.loads(line)
-            counts = self.anvil.countsFor(name)
-            if op == "acquire":
-                limit, rate = limits
-                verdict = counts.acquire(ip, limit, rate)
-                self.held[(name, ip)] += 1
-                self.sendLine(json.dumps(verdict).encode())
-            elif op == "release" and self.held[(name, ip)] > 0:
-                self.held[(name, ip)] -= 1
-                counts.release(ip)
-        except (ValueError, TypeError) as e:
+            op, *args = json.loads(line)
+            answer = getattr(self, "op_" + op.replace("-", "_"))(*args)
+        except (ValueError, TypeError, AttributeError) as e:
             log.warn("dropping a worker's client-count channel: bad request {line!r} ({error})",
                      line=line[:200], error=e)
             self.transport.loseConnection()
+            return
+        if answer is not _NOTHING:
+            self.sendLine(json.dumps(answer).encode())
+
+    def op_acquire(self, name, ip, limit, rate):
+        self.held[(name, ip)] += 1
+        return self.anvil.countsFor(name).acquire(ip, limit, rate)
+
+    def op_release(self, name, ip):
+        if self.held[(name, ip)] > 0:
+            self.held[(name, ip)] -= 1
+            self.anvil.countsFor(name).release(ip)
+        return _NOTHING
+
+    def op_auth_locked(self, ip):
+        return self.anvil.authFailures.lockedOut(ip)
+
+    def op_auth_begin(self, ip):
+        wait = self.anvil.authFailures.begin(ip)
+        if wait is not None:
+            self.logins[ip] += 1
+        return wait
+
+    def op_auth_end(self, ip, failed):
+        if self.logins[ip] <= 0:
+            return self.anvil.authFailures.tooMany(ip)
+        self.logins[ip] -= 1
+        return self.anvil.authFailures.end(ip, bool(failed))
 
     def connectionLost(self, reason):
         for (name, ip), n in self.held.items():
             counts = self.anvil.countsFor(name)
             for _ in range(n):
                 counts.release(ip)
+        for ip, n in self.logins.items():
+            for _ in range(n):
+                self.anvil.authFailures.done(ip, failed=False)
         self.held.clear()
+        self.logins.clear()
+
+
+#: (A request without an answer.)
+_NOTHING = object()
 
 
 class AnvilClient(LineOnlyReceiver):
@@ -185,37 +227,45 @@ class AnvilClient(LineOnlyReceiver):
     def countsFor(self, name):
         return _RemoteCounts(self, name)
 
-    def acquire(self, name, ip, limit, rate):
+    @property
+    def authFailures(self):
+        return _RemoteFailures(self)
+
+    def ask(self, otherwise, *request):
+        """
+        Worker 0's answer to C{request} (a Deferred), or C{otherwise} when
+        it cannot be asked or does not answer in time.
+        """
         if not self.connected:
             if not self.warned:  # (said when it matters: not at a shutdown, which also ends the channel)
                 self.warned = True
                 log.warn("no client-count channel to worker 0: per-IP limits count this worker's clients only")
-            return None
+            return otherwise
         d = defer.Deferred()
         self.waiting.append(d)
-        self.sendLine(json.dumps(["acquire", name, ip, limit, rate]).encode())
-        return d.addTimeout(self.TIMEOUT, self.reactor).addErrback(self._unanswered)
+        self.tell(*request)
+        return d.addTimeout(self.TIMEOUT, self.reactor).addErrback(self._unanswered, otherwise)
 
-    def release(self, name, ip):
+    def tell(self, *request):
+        """Send worker 0 C{request}, which has no answer."""
         if self.connected:
-            self.sendLine(json.dumps(["release", name, ip]).encode())
+            self.sendLine(json.dumps(request).encode())
 
     @staticmethod
-    def _unanswered(failure):
+    def _unanswered(failure, otherwise):
         failure.trap(defer.TimeoutError, defer.CancelledError)
-        log.warn("worker 0 did not answer a client-count request in time: the connection is let in")
-        return None
+        log.warn("worker 0 did not answer a client-count request in time: going on without it")
+        return otherwise
 
     def lineReceived(self, line):
         if not self.waiting:
             return
         d = self.waiting.popleft()
-        if not d.called:  # (not already let in after a timeout)
+        if not d.called:  # (not already given up on after a timeout)
             try:
-                verdict = json.loads(line)
+                d.callback(json.loads(line))
             except ValueError:
-                verdict = None
-            d.callback(verdict if verdict in (TOO_MANY, TOO_FAST) else None)
+                d.errback(defer.TimeoutError())
 
     def connectionLost(self, reason):
         self.connected = False
@@ -234,7 +284,30 @@ class _RemoteCounts:
 
     def acquire(self, ip, limit, rate):
         """As L{ClientCounts.acquire}, but a Deferred (or C{None} when worker 0 cannot be asked)."""
-        return self.client.acquire(self.name, ip, limit, rate)
+        d = self.client.ask(None, "acquire", self.name, ip, limit, rate)
+        if isinstance(d, defer.Deferred):
+            d.addCallback(lambda verdict: verdict if verdict in (TOO_MANY, TOO_FAST) else None)
+        return d
 
     def release(self, ip):
-        self.client.release(self.name, ip)
+        self.client.tell("release", self.name, ip)
+
+
+class _RemoteFailures:
+    """
+    Failed logins per address as another worker sees them: the calls of
+    L{relaygw.auth.FailureTracker} that AUTH makes, each a Deferred of
+    worker 0's answer (or what lets the client try, when it cannot be asked).
+    """
+
+    def __init__(self, client):
+        self.client = client
+
+    def lockedOut(self, peer):
+        return self.client.ask(False, "auth-locked", peer)
+
+    def begin(self, peer):
+        return self.client.ask(0, "auth-begin", peer)
+
+    def end(self, peer, failed):
+        return self.client.ask(False, "auth-end", peer, failed)

@@ -469,6 +469,21 @@ class FailureTracker:
         self._inflight[peer] = self._inflight.get(peer, 0) + 1
         return wait
 
+    def begin(self, peer):
+        """
+        C{None} when C{peer} is locked out (L{lockedOut}); otherwise reserve
+        an attempt (L{attempt}, ended with L{end}) and return the seconds to
+        wait before verifying it.
+        """
+        if self.lockedOut(peer):
+            return None
+        return self.attempt(peer)
+
+    def end(self, peer, failed):
+        """End an attempt L{begin} reserved (L{done}); whether C{peer} now has too many failures."""
+        self.done(peer, failed)
+        return self.tooMany(peer)
+
     def done(self, peer, failed):
         """End an attempt L{attempt} reserved; count it if it C{failed}."""
         left = self._inflight.get(peer, 0) - 1

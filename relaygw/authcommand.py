@@ -41,8 +41,11 @@ class AuthCommand:
             return self.reply(codes.AUTH_NEEDS_TLS)
         if self.inTransaction:
             return self.reply(codes.AUTH_IN_TRANSACTION)
-        if f.authFailures.lockedOut(self.context["remote_ip"]):
-            f.stats("auth", "locked")
+        return self._ask(f.authFailures.lockedOut(self.context["remote_ip"]), lambda locked: self._begin(args, locked))
+
+    def _begin(self, args, locked):
+        if locked:
+            self.factory.stats("auth", "locked")
             return self.reply(codes.AUTH_LOCKED)
         try:
             self.sasl = sasl.Exchange.begin(args)
@@ -86,20 +89,22 @@ class AuthCommand:
         f = self.factory
         tracker = f.authFailures
         who = self.context["remote_ip"]
-        if tracker.lockedOut(who):
-            f.stats("auth", "locked")
-            log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
-                     session=self.sessionId, ip=who)
-            return self.reply(codes.AUTH_LOCKED)
-        wait = tracker.attempt(who)
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
-        if wait:
-            d = task.deferLater(f.reactor, wait, self.settings.portal.login, credentials, None, IRelayUser)
-        else:
-            d = self.settings.portal.login(credentials, None, IRelayUser)
+
+        def verify(wait):
+            if wait is None:
+                f.stats("auth", "locked")
+                log.info("[{session}] AUTH refused: [{ip}] is locked out after failed logins",
+                         session=self.sessionId, ip=who)
+                return self.reply(codes.AUTH_LOCKED)
+            if wait:
+                d = task.deferLater(f.reactor, wait, self.settings.portal.login, credentials, None, IRelayUser)
+            else:
+                d = self.settings.portal.login(credentials, None, IRelayUser)
+            return d.addCallbacks(ok, bad)
 
         def ok(result):
-            tracker.done(who, failed=False)
+            tracker.end(who, failed=False)
             _, avatar, _ = result
             self._setAuth(avatar.username, "AUTH")
             f.stats("auth", "success")
@@ -108,19 +113,22 @@ class AuthCommand:
 
         def bad(failure):
             if not failure.check(UnauthorizedLogin):
-                tracker.done(who, failed=False)
+                tracker.end(who, failed=False)
                 log.failure("[{session}] auth backend error", failure, session=self.sessionId)
                 self.reply(codes.AUTH_UNAVAILABLE)
-                return
-            tracker.done(who, failed=True)
+                return None
             f.stats("auth", "failure")
             log.info("[{session}] authentication failed for {user}", session=self.sessionId, user=user)
-            if tracker.tooMany(who):
-                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
-            else:
-                self.reply(codes.AUTH_FAILED)
+            return self._failed(who)
 
-        return d.addCallbacks(ok, bad)
+        return self._ask(tracker.begin(who), verify)
+
+    def _failed(self, who):
+        """A failed attempt of C{who}'s: counted, then 535 5.7.8, or 421 once it has too many."""
+        def reply(tooMany):
+            self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname) if tooMany else codes.AUTH_FAILED)
+
+        return self._ask(self.factory.authFailures.end(who, failed=True), reply)
 
     def _refuseAuthzid(self, user, authzid):
         """
@@ -129,26 +137,24 @@ class AuthCommand:
         after the same wait), without looking at the password.
         """
         f = self.factory
-        tracker = f.authFailures
         who = self.context["remote_ip"]
         log.info("[{session}] AUTH PLAIN as {user} for {authzid} refused", session=self.sessionId,
                  user=user, authzid=authzid)
-        if tracker.lockedOut(who):
-            f.stats("auth", "locked")
-            return self.reply(codes.AUTH_LOCKED)
-        wait = tracker.attempt(who)
 
-        def decide(_=None):
-            tracker.done(who, failed=True)
-            f.stats("auth", "failure")
-            if tracker.tooMany(who):
-                self.reply(codes.AUTH_TOO_MANY.format(host=self.hostname))
-            else:
-                self.reply(codes.AUTH_FAILED)
+        def decide(wait):
+            if wait is None:
+                f.stats("auth", "locked")
+                return self.reply(codes.AUTH_LOCKED)
 
-        if wait:
-            return task.deferLater(f.reactor, wait, decide)
-        return decide()
+            def counted(_=None):
+                f.stats("auth", "failure")
+                return self._failed(who)
+
+            if wait:
+                return task.deferLater(f.reactor, wait, counted)
+            return counted()
+
+        return self._ask(f.authFailures.begin(who), decide)
 
     def _loginAnonymous(self):
         from relaygw.auth import IRelayUser

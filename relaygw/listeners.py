@@ -296,8 +296,8 @@ class Listeners:
     @ivar shared: with several workers, the L{SharedSockets} they accept from.
 
     With several workers, C{clients} (an L{relaygw.anvil.Anvil} or
-    L{relaygw.anvil.AnvilClient}) keeps each listener's per-IP counts for
-    the whole gateway.
+    L{relaygw.anvil.AnvilClient}) keeps each listener's per-IP counts and
+    the failed logins for the whole gateway.
     """
 
     def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1, clients=None):
@@ -309,7 +309,7 @@ class Listeners:
         # A worker takes the sockets the main process passed on (named in
         # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
-        self.authFailures = FailureTracker(clock=reactor)
+        self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None

@@ -152,3 +152,52 @@ class AnvilTests(unittest.TestCase):
     def test_noChannelInTheEnvironment(self):
         self.assertIsNone(AnvilClient.fromEnvironment(reactor, {}))
         self.assertIsNone(AnvilClient.fromEnvironment(reactor, {anvil.ENV: "not a number"}))
+
+
+class FailedLoginTests(unittest.TestCase):
+    """The AUTH limiter (relaygw.auth.FailureTracker) kept by worker 0 for every worker."""
+
+    @defer.inlineCallbacks
+    def fail(self, failures, n):
+        wait = yield failures.begin("192.0.2.1")
+        self.assertIsNotNone(wait, "locked out after %d failures" % n)
+        return (yield failures.end("192.0.2.1", True))
+
+    @defer.inlineCallbacks
+    def test_failuresCountEveryWorker(self):
+        """Five failures in all, whichever worker saw each, lock the address out for every worker."""
+        w = _Workers(self, 2)
+        a, b = (c.authFailures for c in w.clients)
+        tooMany = []
+        for n, failures in enumerate((a, b, a, b, w.anvil.authFailures)):
+            tooMany.append((yield self.fail(failures, n)))
+        self.assertEqual(tooMany, [False] * 4 + [True])
+        for failures in (a, b):
+            self.assertTrue((yield failures.lockedOut("192.0.2.1")))
+            self.assertIsNone((yield failures.begin("192.0.2.1")))
+        self.assertFalse((yield a.lockedOut("192.0.2.2")))
+
+    @defer.inlineCallbacks
+    def test_loginsBeingVerifiedCount(self):
+        """Attempts in flight on other workers count towards the limit: no more than 5 are ever verified."""
+        w = _Workers(self, 2)
+        a, b = (c.authFailures for c in w.clients)
+        waits = []
+        for failures in (a, b, a, b, a, b):
+            waits.append((yield failures.begin("192.0.2.1")))
+        self.assertEqual(waits[:5], [0] * 5)
+        self.assertIsNone(waits[5])
+        # The first worker dies with three attempts in flight: they are given back.
+        w.clients[0].transport.loseConnection()
+        yield settle()
+        self.assertEqual(w.anvil.authFailures._inflight, {"192.0.2.1": 2})
+        self.assertEqual((yield b.begin("192.0.2.1")), 0)
+
+    @defer.inlineCallbacks
+    def test_noChannelLetsTheLoginBeTried(self):
+        w = _Workers(self, 1)
+        failures = w.clients[0].authFailures
+        w.clients[0].transport.loseConnection()
+        yield settle()
+        self.assertEqual((failures.lockedOut("192.0.2.1"), failures.begin("192.0.2.1"),
+                          failures.end("192.0.2.1", True)), (False, 0, False))

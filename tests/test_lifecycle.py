@@ -326,6 +326,35 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    def test_failedLoginsCountEveryWorker(self):
+        """
+        12 wrong passwords at once from one address: 5 are verified (535, or
+        421 for the fifth), the others refused unverified (454 4.7.0), whichever worker has
+        each (each worker counting its own verified up to 10).
+        """
+        from tests.authexchange import b64
+        from tests.test_auth_smtp import passwordFile
+
+        directory, port, conf = self.writeConfig(
+            listener={"credentials": passwordFile(self), "auth_plaintext": True}, relay={"defer_all": True},
+            process={"workers": 2})
+        got = {}
+
+        def session(p):
+            self.waitForWorker(directory)
+            got["burst"] = burst(port, 12, "AUTH PLAIN " + b64("\0alice\0wrong"))
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertNotIn("Traceback", out)
+            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
+            # (The failure that reaches the limit is told 421 4.7.0 and closed.)
+            verified = got["burst"].count(535) + got["burst"].count(421)
+            self.assertEqual((verified, got["burst"].count(454)), (5, 7), got)
+
+        return inThread(run)
+
     @defer.inlineCallbacks
     def test_destinationConcurrencyIsTheGatewaysWhole(self):
         """
