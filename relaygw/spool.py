@@ -78,9 +78,22 @@ class PartitionLock:
         Name this process as the owner (again after a daemon's fork, which
         keeps the lock).  One fixed-width write: whoever reads the file
         meanwhile sees one pid or the other, never an empty or mixed file.
+        On a full file system a new lock file cannot take the pid: the lock
+        holds all the same, and the gateway starts (its queued mail going
+        out is what frees the room).
         """
-        os.pwrite(self.fd, b"%20d\n" % os.getpid(), 0)
-        os.ftruncate(self.fd, 21)
+        try:
+            os.pwrite(self.fd, b"%20d\n" % os.getpid(), 0)
+            os.ftruncate(self.fd, 21)
+        except OSError as e:
+            if not isStorageError(e):
+                raise
+            if not self.unnamed:
+                log.warn("spool {directory} is full: its lock file does not name this process ({error})",
+                         directory=self.directory, error=e.strerror)
+            self.unnamed = True
+
+    unnamed = False
 
     def release(self):
         if self.fd is not None:

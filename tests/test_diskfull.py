@@ -8,6 +8,7 @@ tmpfs test fills a real 2 MB file system.
 
 import errno
 import os
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,7 +18,8 @@ from twisted.trial import unittest
 
 from relaygw import durable, workers
 from relaygw.scripts import queue as tool
-from relaygw.testing import Client, Gateway, inThread
+from relaygw.testing import Client, Gateway, configText, freePort, inThread, twistdRunning, waitForPort
+from tests.processes import waitUntil
 from tests.relaysetup import RelayTestCase
 
 BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
@@ -334,6 +336,50 @@ class TmpfsTests(unittest.TestCase):
                 self.assertEqual(len(f.read()), m.size)
         self.assertEqual(os.listdir(spool.path("tmp")), [])
         self.assertEqual(os.listdir(spool.path("corrupt")), [])
+
+    def fillUp(self):
+        with open(os.path.join(self.mount, "filler"), "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"x" * 4096)
+            except OSError:
+                pass
+
+    def test_startsOnAFullDisk(self):
+        """
+        A gateway started on a full spool (its lock files new and empty, as
+        after a kill -9 during a first start) starts and answers the end of
+        data with 452 4.3.1, in both of two workers, instead of ending in a
+        traceback at the lock file's pid.
+        """
+        port = freePort()
+        conf = os.path.join(self.mktemp() + ".toml")
+        with open(conf, "w") as f:
+            f.write(configText(self.mount, listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port,
+                                                       "relay_networks": ["127.0.0.0/8"]},),
+                               relay={"defer_all": True}, spool={"min_free_space": 0}, process={"workers": 2}))
+        for partition in ("spool", "spool/w0", "spool/w1"):
+            os.makedirs(os.path.join(self.mount, partition))
+            open(os.path.join(self.mount, partition, "lock"), "w").close()
+        self.fillUp()
+
+        def run():
+            with twistdRunning(conf, os.path.dirname(conf)) as p:
+                waitForPort(port)
+                waitUntil(lambda: os.path.isdir(os.path.join(self.mount, "spool", "w1", "queue")), 20)
+                replies = [transaction(port, 2000, "full%d" % n)[1][0] for n in range(6)]
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+            return replies, p.output
+
+        def check(result):
+            replies, out = result
+            self.assertEqual(replies, [452] * 6, out)
+            self.assertNotIn("Traceback", out)
+            self.assertIn("is full: its lock file does not name this process", out)
+            self.assertIn("started worker 1", out)
+
+        return inThread(run).addCallback(check)
 
     def test_sharedTextNotLeftHalfWritten(self):
         """The text the main process shares with its workers, on a full disk: refused, and no partial file left."""
