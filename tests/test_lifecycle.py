@@ -254,6 +254,31 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    def bursts(self, listener, *sizes, command=None):
+        """
+        Bursts of connections at once from one address to two workers with
+        C{listener}'s settings, one after another (L{burst}): a Deferred of
+        each burst's reply codes, once both workers are seen to have taken
+        some of them.
+        """
+        directory, port, conf = self.writeConfig(listener=listener, relay={"defer_all": True},
+                                                 process={"workers": 2})
+        got = []
+
+        def session(p):
+            self.waitForWorker(directory)
+            got.extend(burst(port, n, command) for n in sizes)
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertNotIn("Traceback", out)
+            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
+            return got
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
     def test_perIPLimitCountsEveryWorker(self):
         """
         A client's connections count together whichever worker takes each:
@@ -261,71 +286,32 @@ class TwistdWorkersTests(_TwistdTestCase):
         are greeted (each worker counting its own let up to 4 in), and once
         they have gone 2 more are.
         """
-        directory, port, conf = self.writeConfig(listener={"max_connections_per_ip": 2},
-                                                 relay={"defer_all": True}, process={"workers": 2})
-        got = {}
+        first, again = yield self.bursts({"max_connections_per_ip": 2}, 40, 40)
+        self.assertEqual((first.count(220), first.count(421)), (2, 38), first)
+        self.assertEqual(again.count(220), 2, again)
 
-        def session(p):
-            self.waitForWorker(directory)
-            got["first"] = burst(port, 40)
-            got["again"] = burst(port, 40)
-            p.send_signal(signal.SIGTERM)
-
-        def run():
-            out = self.runTwistd(directory, port, conf, session)
-            self.assertNotIn("Traceback", out)
-            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
-            self.assertEqual((got["first"].count(220), got["first"].count(421)), (2, 38), got)
-            self.assertEqual(got["again"].count(220), 2, got)
-
-        return inThread(run)
-
+    @defer.inlineCallbacks
     def test_connectionRateCountsEveryWorker(self):
         """
         C{connection_rate_per_ip} 4 a minute: of 30 connections at once
         from one address, 3 are greeted (the first was the check that the
         port listens).
         """
-        directory, port, conf = self.writeConfig(listener={"connection_rate_per_ip": 4},
-                                                 relay={"defer_all": True}, process={"workers": 2})
-        got = {}
+        [codes] = yield self.bursts({"connection_rate_per_ip": 4}, 30)
+        self.assertEqual((codes.count(220), codes.count(421)), (3, 27), codes)
 
-        def session(p):
-            self.waitForWorker(directory)
-            got["burst"] = burst(port, 30)
-            p.send_signal(signal.SIGTERM)
-
-        def run():
-            out = self.runTwistd(directory, port, conf, session)
-            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
-            self.assertEqual((got["burst"].count(220), got["burst"].count(421)), (3, 27), got)
-
-        return inThread(run)
-
+    @defer.inlineCallbacks
     def test_claimedClientsCountEveryWorker(self):
         """
         XCLIENT from a balancer both workers trust: the claimed address is
         what counts, across the workers.  Of 20 sessions at once claiming
         one address, 1 goes on; the others are told 421 4.7.0.
         """
-        directory, port, conf = self.writeConfig(
-            listener={"max_connections_per_ip": 1, "trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"]},
-            relay={"defer_all": True}, process={"workers": 2})
-        got = {}
+        [codes] = yield self.bursts({"max_connections_per_ip": 1, "trusted_peers": ["127.0.0.0/8"],
+                                     "extensions": ["xclient"]}, 20, command="XCLIENT ADDR=192.0.2.9")
+        self.assertEqual((codes.count(220), codes.count(421)), (1, 19), codes)
 
-        def session(p):
-            self.waitForWorker(directory)
-            got["burst"] = burst(port, 20, "XCLIENT ADDR=192.0.2.9")
-            p.send_signal(signal.SIGTERM)
-
-        def run():
-            out = self.runTwistd(directory, port, conf, session)
-            self.assertNotIn("Traceback", out)
-            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
-            self.assertEqual((got["burst"].count(220), got["burst"].count(421)), (1, 19), got)
-
-        return inThread(run)
-
+    @defer.inlineCallbacks
     def test_failedLoginsCountEveryWorker(self):
         """
         12 wrong passwords at once from one address: 5 are verified (535, or
@@ -335,25 +321,10 @@ class TwistdWorkersTests(_TwistdTestCase):
         from tests.authexchange import b64
         from tests.test_auth_smtp import passwordFile
 
-        directory, port, conf = self.writeConfig(
-            listener={"credentials": passwordFile(self), "auth_plaintext": True}, relay={"defer_all": True},
-            process={"workers": 2})
-        got = {}
-
-        def session(p):
-            self.waitForWorker(directory)
-            got["burst"] = burst(port, 12, "AUTH PLAIN " + b64("\0alice\0wrong"))
-            p.send_signal(signal.SIGTERM)
-
-        def run():
-            out = self.runTwistd(directory, port, conf, session)
-            self.assertNotIn("Traceback", out)
-            self.assertGreaterEqual(len(sessionProcesses(out)), 2, "one worker took every connection")
-            # (The failure that reaches the limit is told 421 4.7.0 and closed.)
-            verified = got["burst"].count(535) + got["burst"].count(421)
-            self.assertEqual((verified, got["burst"].count(454)), (5, 7), got)
-
-        return inThread(run)
+        [codes] = yield self.bursts({"credentials": passwordFile(self), "auth_plaintext": True}, 12,
+                                    command="AUTH PLAIN " + b64("\0alice\0wrong"))
+        # (The failure that reaches the limit is told 421 4.7.0 and closed.)
+        self.assertEqual((codes.count(535) + codes.count(421), codes.count(454)), (5, 7), codes)
 
     @defer.inlineCallbacks
     def test_destinationConcurrencyIsTheGatewaysWhole(self):
