@@ -396,6 +396,9 @@ class Spool:
         self.minFree = minFree
         self.lastStorageError = None
         self._spent = []
+        #: Room ran short (a MAIL found too little, or a write failed) and has
+        #: not been found enough since: delivered files are not kept then.
+        self._short = False
         self._retained = {}
         self._retainedSize = 0
         self.recovery = SpoolRecovery(self)
@@ -552,15 +555,18 @@ class Spool:
         """
         try:
             if self.freeSpace() >= self.minFree + size:
+                self._short = False
                 return True
         except OSError:
             return True
+        self._short = True
         self.releaseSpent()
         return False
 
     def storageFailed(self, error):
         """A write failed for want of room (or an I/O error): remembered for /healthz; spent files go."""
         self.lastStorageError = (time.monotonic(), error)
+        self._short = True
         self.releaseSpent()
 
     def recentStorageError(self, seconds):
@@ -610,7 +616,7 @@ class Spool:
             return removeFiles(paths)
         if self.progress.writing(queueId):  # its progress file must not appear after the removal
             return self.progress.whenWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
-        if len(self._spent) >= self.SPENT:
+        if self._short or len(self._spent) >= self.SPENT:
             return self.committer.unlink(paths)
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))
         d.addCallback(lambda _: self._spent.append(queueId))

@@ -470,3 +470,36 @@ class SpentFilesTests(unittest.TestCase):
         self.assertEqual(os.listdir(spool.path("spent")), [])
         self.assertIsNone(spool.takeSpent())
         self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_notKeptWhileShort(self):
+        """
+        While room is short, a delivered message's file goes at once instead
+        of to spent/ (where the next refused MAIL would have to remove it
+        again, a warning each time); once there is room again, it is kept.
+        """
+        from twisted.internet import reactor
+
+        from relaygw.durable import Committer
+        from relaygw.spool import Spool
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=1000)
+        spool.open()
+
+        @defer.inlineCallbacks
+        def delivered():
+            w = spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+            w.write(b"x" * 5000)
+            yield spool.remove((yield w.commit()))
+            return sorted(os.listdir(spool.path("spent")))
+
+        free = [10 ** 9]
+        self.patch(spool, "freeSpace", lambda: free[0])
+        free[0] = 999
+        self.assertFalse(spool.hasRoom(0))
+        self.assertEqual((yield delivered()), [])
+        spool.storageFailed(OSError(errno.ENOSPC, "No space left on device"))
+        self.assertEqual((yield delivered()), [])
+        free[0] = 10 ** 9
+        self.assertTrue(spool.hasRoom(0))
+        self.assertEqual(len((yield delivered())), 1)
