@@ -23,6 +23,7 @@ import socket
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import Interface, implementer
 
 from relaygw.logs import Logger
 
@@ -36,6 +37,22 @@ TOO_MANY = "count"
 TOO_FAST = "rate"
 
 
+class IClientCounts(Interface):
+    """One listener's clients per address, as a session's factory counts them."""
+
+    def acquire(ip, limit, rate):
+        """
+        Count a connection from C{ip}; L{TOO_MANY} or L{TOO_FAST} when it is
+        over C{limit} connections at once or C{rate} a minute (0: none), else
+        C{None}, or a Deferred of one of those.  It is counted either way,
+        until L{release}.
+        """
+
+    def release(ip):
+        """A connection counted against C{ip} is over."""
+
+
+@implementer(IClientCounts)
 class ClientCounts:
     """
     One listener's clients: how many connections each address holds, and
@@ -52,11 +69,6 @@ class ClientCounts:
         self._prunedAt = 0.0
 
     def acquire(self, ip, limit, rate):
-        """
-        Count a connection from C{ip}; L{TOO_MANY} or L{TOO_FAST} when it is
-        over C{limit} connections at once or C{rate} a minute (0: none), else
-        C{None}.  It is counted either way, until L{release}.
-        """
         self.perIP[ip] += 1
         if limit and self.perIP[ip] > limit:
             return TOO_MANY
@@ -72,7 +84,6 @@ class ClientCounts:
         return None
 
     def release(self, ip):
-        """A connection counted against C{ip} is over."""
         self.perIP[ip] -= 1
         if self.perIP[ip] <= 0:
             del self.perIP[ip]
@@ -275,6 +286,7 @@ class AnvilClient(LineOnlyReceiver):
                 d.callback(None)
 
 
+@implementer(IClientCounts)
 class _RemoteCounts:
     """One listener's counts as another worker sees them: through its L{AnvilClient}."""
 
@@ -283,7 +295,7 @@ class _RemoteCounts:
         self.name = name
 
     def acquire(self, ip, limit, rate):
-        """As L{ClientCounts.acquire}, but a Deferred (or C{None} when worker 0 cannot be asked)."""
+        """A Deferred of worker 0's verdict (or C{None} when it cannot be asked)."""
         d = self.client.ask(None, "acquire", self.name, ip, limit, rate)
         if isinstance(d, defer.Deferred):
             d.addCallback(lambda verdict: verdict if verdict in (TOO_MANY, TOO_FAST) else None)

@@ -104,7 +104,7 @@ class SMTPFactory(ServerFactory):
         self.verbs = registry()
         self.sessions = set()
         self.closing = set()
-        #: The per-address counts of this listener's clients (L{relaygw.anvil}).
+        #: The per-address counts of this listener's clients (an L{relaygw.anvil.IClientCounts}).
         self.clients = clients if clients is not None else ClientCounts(reactor)
         self.draining = False
         self.authFailures = authFailures

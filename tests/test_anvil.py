@@ -14,6 +14,14 @@ from relaygw.anvil import TOO_FAST, TOO_MANY, Anvil, AnvilClient, ClientCounts
 
 
 class ClientCountsTests(unittest.TestCase):
+    def test_interface(self):
+        from zope.interface.verify import verifyObject
+
+        from relaygw.anvil import IClientCounts, _RemoteCounts
+
+        verifyObject(IClientCounts, ClientCounts(task.Clock()))
+        verifyObject(IClientCounts, _RemoteCounts(AnvilClient(reactor), "inbound"))
+
     def test_limitAtOnce(self):
         counts = ClientCounts(task.Clock())
         self.assertEqual([counts.acquire("192.0.2.1", 2, 0) for _ in range(3)], [None, None, TOO_MANY])
