@@ -32,6 +32,9 @@ log = Logger(namespace="relaygw.anvil")
 #: The environment variable naming the descriptor of a worker's channel.
 ENV = "RELAYGW_ANVIL_FD"
 
+#: Said once by a worker that cannot ask worker 0.
+_ALONE = "no client-count channel to worker 0: per-IP limits and failed logins count this worker's clients only"
+
 #: What L{ClientCounts.acquire} says of a connection over a limit.
 TOO_MANY = "count"
 TOO_FAST = "rate"
@@ -222,8 +225,7 @@ class AnvilClient(LineOnlyReceiver):
             fd = int(value)
             os.set_blocking(fd, False)
         except (ValueError, OSError) as e:
-            log.warn("no client-count channel to worker 0 ({error}): per-IP limits count this worker's clients only",
-                     error=e)
+            log.warn(_ALONE + " ({error})", error=e)
             return None
         client = cls(reactor)
         try:
@@ -250,7 +252,7 @@ class AnvilClient(LineOnlyReceiver):
         if not self.connected:
             if not self.warned:  # (said when it matters: not at a shutdown, which also ends the channel)
                 self.warned = True
-                log.warn("no client-count channel to worker 0: per-IP limits count this worker's clients only")
+                log.warn(_ALONE)
             return otherwise
         d = defer.Deferred()
         self.waiting.append(d)
@@ -264,8 +266,8 @@ class AnvilClient(LineOnlyReceiver):
 
     @staticmethod
     def _unanswered(failure, otherwise):
-        failure.trap(defer.TimeoutError, defer.CancelledError)
-        log.warn("worker 0 did not answer a client-count request in time: going on without it")
+        failure.trap(defer.TimeoutError, defer.CancelledError, ValueError)
+        log.warn("no usable answer from worker 0 to a client-count request in time: going on without it")
         return otherwise
 
     def lineReceived(self, line):
@@ -276,7 +278,7 @@ class AnvilClient(LineOnlyReceiver):
             try:
                 d.callback(json.loads(line))
             except ValueError:
-                d.errback(defer.TimeoutError())
+                d.errback()
 
     def connectionLost(self, reason):
         self.connected = False

@@ -145,6 +145,18 @@ class AnvilTests(unittest.TestCase):
         self.assertIsNone((yield later))
 
     @defer.inlineCallbacks
+    def test_garbledAnswerLetsIn(self):
+        """An answer that is not JSON counts as none: the connection is let in, the login tried."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        client = AnvilClient.fromEnvironment(reactor, {anvil.ENV: str(theirs.detach())})
+        self.addCleanup(client.transport.loseConnection)
+        acquired = client.countsFor("inbound").acquire("192.0.2.1", 1, 0)
+        begun = client.authFailures.begin("192.0.2.1")
+        ours.sendall(b"count\n{\n")
+        self.assertEqual(((yield acquired), (yield begun)), (None, 0))
+
+    @defer.inlineCallbacks
     def test_badRequestDropsTheChannel(self):
         """A garbled line drops that worker's channel, and what it counted, and nothing else."""
         w = _Workers(self, 2)
