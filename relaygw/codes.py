@@ -148,6 +148,7 @@ SERVICE_UNAVAILABLE = _r(554, "5.7.1", "{host} service not available", close=Tru
 EARLY_TALKER = _r(554, "5.5.0", "protocol synchronization error: input before greeting", close=True)
 BYE = _r(221, "2.0.0", "{host} closing connection", close=True)
 TIMEOUT = _r(421, "4.4.2", "{host} idle timeout, closing connection", close=True)
+DATA_TIMEOUT = _r(421, "4.4.2", "{host} timeout receiving message content, closing connection", close=True)
 TOO_MANY_ERRORS = _r(421, "4.7.0", "{host} too many errors, closing connection", close=True)
 SHUTTING_DOWN = _r(421, "4.3.2", "{host} service shutting down, closing connection", close=True)
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "{host} too many connections, try again later", close=True)

@@ -237,6 +237,7 @@ class ListenerConfig:
     connection_rate_per_ip: int = _opt(0, int, _nonNegative)
     idle_timeout: float = _opt(300, (int, float), _positive)
     data_timeout: float = _opt(600, (int, float), _positive)
+    min_data_rate: int = _opt(500, int, _nonNegative)
     max_line_length: int = _opt(2048, int, _atLeast512)
     max_errors: int = _opt(20, int, _positive)
     greet_delay: float = _opt(0, (int, float), _nonNegative)

@@ -19,7 +19,7 @@ from relaygw import codes, maillog, wire
 from relaygw.context import connectionContext
 from relaygw.linereader import LineReader
 from relaygw.logs import Logger
-from relaygw.modes import CLOSED, COMMAND
+from relaygw.modes import CLOSED, COMMAND, DATA
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -109,7 +109,8 @@ class Lifecycle:
 
     def timeoutConnection(self):
         maillog.closed(self.sessionId, self.context, "timeout", self.lastCommand[0])
-        self.reply(codes.TIMEOUT.format(host=self.hostname), unasked=True)
+        timeout = codes.DATA_TIMEOUT if self.mode == DATA else codes.TIMEOUT
+        self.reply(timeout.format(host=self.hostname), unasked=True)
 
     def drain(self):
         """

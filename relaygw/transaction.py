@@ -92,20 +92,38 @@ class MailTransaction:
         self.context.message["queue_id"] = self.writer.queueId
         self.mode = DATA
         self.setTimeout(self.listener.data_timeout)
+        self._dataDeadline = self.factory.reactor.seconds() + self.listener.data_timeout
         self.dataReader = DataReader()
         self.messageIds = maillog.MessageIdScanner()
         self.reply(codes.START_DATA)
 
     def _dataInput(self):
         """Hand buffered DATA input to the reader; at its end, finish the message."""
-        body, rest = self.dataReader.feed(self.lineReader.take())
+        data = self.lineReader.take()
+        body, rest = self.dataReader.feed(data)
         self._content(body)
         if rest is None:
-            self.resetTimeout()
+            self._extendDeadline(len(data))
             return False
         self.lineReader.feed(rest)
         self._wait(self._endOfData())
         return True
+
+    def _extendDeadline(self, octets):
+        """
+        Content keeps DATA alive only at C{min_data_rate}: each read adds
+        C{octets / min_data_rate} seconds to what is left of the deadline,
+        never beyond C{data_timeout} from now (Postfix's
+        C{smtpd_min_data_rate}).  A client trickling its content slower runs
+        out of time; one sending nothing times out after C{data_timeout} as
+        before.
+        """
+        rate = self.listener.min_data_rate
+        if not rate:
+            return self.resetTimeout()
+        now = self.factory.reactor.seconds()
+        self._dataDeadline = min(self._dataDeadline + octets / rate, now + self.listener.data_timeout)
+        self.setTimeout(max(self._dataDeadline - now, 0))
 
     def _content(self, chunk):
         if not chunk:

@@ -224,3 +224,97 @@ class ReadOnTests(unittest.TestCase):
         self.assertEqual(len(delivered), 2)
         self.assertTrue(delivered[0].endswith(second), delivered[0][-200:])
         self.assertTrue(delivered[1].endswith(body), delivered[1][-200:])
+
+
+class DataDeadlineTests(unittest.TestCase):
+    """
+    Message content earns time only at C{min_data_rate} (Postfix's
+    C{smtpd_min_data_rate}): a client trickling its content cannot hold a
+    session, a spool file and a connection slot for ever.
+    """
+
+    def open(self, **listener):
+        harness = SessionHarness(self.mktemp(), dict({"relay_networks": ["127.0.0.0/8"]}, **listener))
+        self.addCleanup(harness.close)
+        client = harness.connect()
+        self.addCleanup(client.lose)
+        self.assertEqual(client.reply()[0], 220)
+        for line in ("EHLO trickle.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
+            self.assertEqual(client.cmd(line)[0], 250)
+        self.assertEqual(client.cmd("DATA")[0], 354)
+        return harness, client
+
+    def trickle(self, harness, client, octets, seconds):
+        """Send C{octets} a second for up to C{seconds}; the seconds it took to be told 421, or None."""
+        for second in range(1, seconds + 1):
+            client.send(b"x" * octets)
+            harness.clock.advance(1)
+            replies = client.replies()
+            if replies:
+                self.assertEqual(replies, [(421, ["4.4.2 relay.test timeout receiving message content, "
+                                                  "closing connection"])])
+                self.assertTrue(client.transport.disconnecting)
+                return second
+        return None
+
+    def test_tricklingClientTimesOut(self):
+        harness, client = self.open()
+        # One octet a second earns 1/500 s a second: the 600 s last about 601 s.
+        took = self.trickle(harness, client, 1, 1200)
+        self.assertIsNotNone(took)
+        self.assertTrue(600 <= took <= 603, took)
+
+    @defer.inlineCallbacks
+    def test_clientAtTheRateNeverTimesOut(self):
+        harness, client = self.open()
+        self.assertIsNone(self.trickle(harness, client, 500, 1500))
+        client.send(b"\r\n.\r\n")
+        code, lines = yield client.whenReply()
+        self.assertEqual((code, lines[0][:6]), (250, "2.0.0 "))
+
+    def test_earnedTimeIsCappedAtDataTimeout(self):
+        harness, client = self.open(data_timeout=60)
+        # 1 MB at once would earn 2,000 s: it earns at most 60 from now.
+        client.send(b"x" * (1 << 20))
+        harness.clock.advance(59.9)
+        self.assertEqual(client.replies(), [])
+        harness.clock.advance(0.2)
+        self.assertEqual(client.replies()[0][0], 421)
+
+    def test_rateZeroResetsOnAnyContent(self):
+        harness, client = self.open(min_data_rate=0, data_timeout=60)
+        self.assertIsNone(self.trickle(harness, client, 1, 300))
+        harness.clock.advance(60)
+        self.assertEqual(client.replies()[0][0], 421)
+
+    @defer.inlineCallbacks
+    def test_tricklingClientOverASocket(self):
+        gw = Gateway(self.mktemp(), listeners=({"data_timeout": 1, "relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+
+        def run():
+            c = Client(gw.port)
+            try:
+                c.reply()
+                for line in ("EHLO trickle.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>",
+                             "DATA"):
+                    c.cmd(line)
+                started = time.monotonic()
+                c.sock.settimeout(0.1)
+                while time.monotonic() - started < 5:
+                    c.sock.sendall(b"x")
+                    try:
+                        got = c.sock.recv(4096)
+                    except socket.timeout:
+                        continue
+                    return time.monotonic() - started, got
+                return None, b""
+            finally:
+                c.close()
+
+        took, got = yield inThread(run)
+        self.assertEqual(got, b"421 4.4.2 relay.test timeout receiving message content, "
+                              b"closing connection\r\n")
+        self.assertTrue(0.9 <= took <= 2.0, took)
+        self.assertEqual(os.listdir(gw.outbox), [])
