@@ -240,6 +240,7 @@ class ListenerConfig:
     min_data_rate: int = _opt(500, int, _nonNegative)
     max_line_length: int = _opt(2048, int, _atLeast512)
     max_errors: int = _opt(20, int, _positive)
+    junk_command_limit: int = _opt(100, int, _nonNegative)
     greet_delay: float = _opt(0, (int, float), _nonNegative)
     drain_timeout: float = _opt(30, (int, float), _nonNegative)
     # Seconds the listener keeps accepting after SIGTERM while /healthz says

@@ -88,6 +88,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         self.waiting = None
         self.greeted = False
         self.errors = 0
+        self.junkCommands = 0
         self.helo = None
         self.mailfrom = None
         self.mailParams = None
@@ -122,9 +123,24 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         if r.close:
             self._close()
         elif r.code >= 400 and self.greeted:
-            self.errors += 1
-            if self.errors >= self.listener.max_errors:
-                self.reply(codes.TOO_MANY_ERRORS.format(host=self.hostname))
+            self._countError()
+
+    def _countError(self):
+        self.errors += 1
+        if self.errors >= self.listener.max_errors:
+            self.reply(codes.TOO_MANY_ERRORS.format(host=self.hostname))
+
+    def _junkReply(self, r):
+        """
+        Answer NOOP, RSET or VRFY: past C{junk_command_limit} of them since
+        the session's last accepted message, each counts as an error too
+        (Postfix's C{smtpd_junk_command_limit}), so a client cannot keep a
+        session busy or open with them for ever.
+        """
+        self.reply(r)
+        self.junkCommands += 1
+        if r.code < 400 and self.junkCommands > self.listener.junk_command_limit:
+            self._countError()
 
     # -- input ---------------------------------------------------------
 
@@ -279,15 +295,15 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         if args:
             return self.reply(codes.SYNTAX.format(what="RSET"))
         self.resetTransaction()
-        return self.reply(codes.OK)
+        return self._junkReply(codes.OK)
 
     def do_NOOP(self, args):
-        return self.reply(codes.OK)
+        return self._junkReply(codes.OK)
 
     def do_VRFY(self, args):
         if not args:
             return self.reply(codes.SYNTAX.format(what="VRFY address"))
-        return self.reply(codes.VRFY_CANNOT if self.listener.vrfy else codes.VRFY_DISABLED)
+        return self._junkReply(codes.VRFY_CANNOT if self.listener.vrfy else codes.VRFY_DISABLED)
 
     def do_EXPN(self, args):
         return self.reply(codes.NOT_IMPLEMENTED)

@@ -163,6 +163,7 @@ class MailTransaction:
             maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
                            self.messageIds.messageId)
             self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
+            self.junkCommands = 0
             self.resetTransaction()
             self.reply(codes.QUEUED.format(qid=qid))
             # The 250 first: the messages of one grouped commit are answered

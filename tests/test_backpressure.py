@@ -20,7 +20,9 @@ from relaygw.testing import Client, Gateway, SessionHarness, inThread
 
 class FlowControlTests(unittest.TestCase):
     def setUp(self):
-        self.harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"]})
+        # (These sessions pipeline thousands of NOOPs: no junk command limit.)
+        self.harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"],
+                                                      "junk_command_limit": 100000})
         self.addCleanup(self.harness.close)
         self.client = self.harness.connect()
         self.addCleanup(self.client.lose)
@@ -318,3 +320,67 @@ class DataDeadlineTests(unittest.TestCase):
                               b"closing connection\r\n")
         self.assertTrue(0.9 <= took <= 2.0, took)
         self.assertEqual(os.listdir(gw.outbox), [])
+
+
+class JunkCommandTests(unittest.TestCase):
+    """
+    NOOP, RSET and VRFY past C{junk_command_limit} (100) since the last
+    accepted message count as errors (Postfix's C{smtpd_junk_command_limit}):
+    with C{max_errors} (20), the 120th closes the session.
+    """
+
+    def setUp(self):
+        self.harness = SessionHarness(self.mktemp(), {"relay_networks": ["127.0.0.0/8"]})
+        self.addCleanup(self.harness.close)
+        self.client = self.harness.connect()
+        self.addCleanup(self.client.lose)
+        self.assertEqual(self.client.reply()[0], 220)
+        self.assertEqual(self.client.cmd("EHLO junk.example")[0], 250)
+
+    def test_noopsPastTheLimitCountAsErrors(self):
+        self.client.send(b"NOOP\r\n" * 130)
+        replies = self.client.replies()
+        self.assertEqual([code for code, _ in replies], [250] * 120 + [421])
+        self.assertEqual(replies[-1][1], ["4.7.0 relay.test too many errors, closing connection"])
+        self.harness.clock.advance(flow.LINGER)
+        self.assertTrue(self.client.transport.disconnecting)
+
+    def test_rsetAndVrfyCountToo(self):
+        self.client.send(b"RSET\r\nVRFY postmaster\r\nNOOP\r\nHELP\r\n" * 40)
+        codes = [code for code, _ in self.client.replies()]
+        # HELP is not junk: 3 junk commands in every 4, the 120th is the 40th round's NOOP.
+        self.assertEqual(codes[-1], 421)
+        self.assertEqual(len(codes), 40 * 4 - 1 + 1)
+        self.assertEqual(codes.count(252), 40)
+
+    @defer.inlineCallbacks
+    def test_anAcceptedMessageStartsTheCountAgain(self):
+        self.client.send(b"NOOP\r\n" * 100)
+        self.assertEqual([code for code, _ in self.client.replies()], [250] * 100)
+        for line in ("MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
+            self.assertEqual(self.client.cmd(line)[0], 250)
+        self.assertEqual(self.client.cmd("DATA")[0], 354)
+        self.client.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        self.assertEqual((yield self.client.whenReply())[0], 250)
+        self.client.send(b"NOOP\r\n" * 110)
+        self.assertEqual([code for code, _ in self.client.replies()], [250] * 110)
+
+    @defer.inlineCallbacks
+    def test_overASocket(self):
+        gw = Gateway(self.mktemp())
+        yield gw.start()
+        self.addCleanup(gw.stop)
+
+        def run():
+            c = Client(gw.port)
+            try:
+                c.reply()
+                replies = [c.cmd("NOOP") for _ in range(120)]
+                return replies, c.closed()
+            finally:
+                c.close()
+
+        replies, closed = yield inThread(run)
+        self.assertEqual([code for code, _ in replies[:119]], [250] * 119)
+        self.assertEqual(replies[-1][0], 250)
+        self.assertTrue(closed)
