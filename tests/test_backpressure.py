@@ -291,36 +291,47 @@ class DataDeadlineTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_tricklingClientOverASocket(self):
-        gw = Gateway(self.mktemp(), listeners=({"data_timeout": 1, "relay_networks": ["127.0.0.0/8"]},))
-        yield gw.start()
-        self.addCleanup(gw.stop)
+        def talk(c):
+            for line in ("EHLO trickle.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
+                c.cmd(line)
+            started = time.monotonic()
+            c.sock.settimeout(0.1)
+            while time.monotonic() - started < 5:
+                c.sock.sendall(b"x")
+                try:
+                    got = c.sock.recv(4096)
+                except socket.timeout:
+                    continue
+                return time.monotonic() - started, got
+            return None, b""
 
-        def run():
-            c = Client(gw.port)
-            try:
-                c.reply()
-                for line in ("EHLO trickle.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>",
-                             "DATA"):
-                    c.cmd(line)
-                started = time.monotonic()
-                c.sock.settimeout(0.1)
-                while time.monotonic() - started < 5:
-                    c.sock.sendall(b"x")
-                    try:
-                        got = c.sock.recv(4096)
-                    except socket.timeout:
-                        continue
-                    return time.monotonic() - started, got
-                return None, b""
-            finally:
-                c.close()
-
-        took, got = yield inThread(run)
+        (took, got), gw = yield overASocket(self, talk, data_timeout=1, relay_networks=["127.0.0.0/8"])
         self.assertEqual(got, b"421 4.4.2 relay.test timeout receiving message content, "
                               b"closing connection\r\n")
         self.assertTrue(0.9 <= took <= 2.0, took)
         self.assertEqual(os.listdir(gw.outbox), [])
 
+
+@defer.inlineCallbacks
+def overASocket(test, talk, **listener):
+    """
+    Start a gateway with C{listener}'s settings and run C{talk(client)}
+    in a thread once the client has its greeting: C{(its result, the
+    gateway)}.
+    """
+    gw = Gateway(test.mktemp(), listeners=(listener,))
+    yield gw.start()
+    test.addCleanup(gw.stop)
+
+    def run():
+        c = Client(gw.port)
+        try:
+            c.reply()
+            return talk(c)
+        finally:
+            c.close()
+
+    return (yield inThread(run)), gw
 
 class JunkCommandTests(unittest.TestCase):
     """
@@ -367,20 +378,10 @@ class JunkCommandTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_overASocket(self):
-        gw = Gateway(self.mktemp())
-        yield gw.start()
-        self.addCleanup(gw.stop)
+        def talk(c):
+            return [c.cmd("NOOP") for _ in range(120)] + [c.reply()], c.closed()
 
-        def run():
-            c = Client(gw.port)
-            try:
-                c.reply()
-                replies = [c.cmd("NOOP") for _ in range(120)]
-                return replies, c.closed()
-            finally:
-                c.close()
-
-        replies, closed = yield inThread(run)
-        self.assertEqual([code for code, _ in replies[:119]], [250] * 119)
-        self.assertEqual(replies[-1][0], 250)
+        (replies, closed), _ = yield overASocket(self, talk)
+        self.assertEqual([code for code, _ in replies], [250] * 120 + [421])
+        self.assertEqual(replies[-1][1], ["4.7.0 relay.test too many errors, closing connection"])
         self.assertTrue(closed)
