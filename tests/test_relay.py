@@ -988,6 +988,40 @@ class TLSTests(RelayTestCase):
         self.assertEqual(hop.verbs().count("EHLO"), 2)
 
     @defer.inlineCallbacks
+    def test_plaintextFallbackIsNotReused(self):
+        """
+        A connection that went on in plaintext after a failed opportunistic
+        handshake carries its batch and closes: the next message tries TLS
+        again (kept open, it carried every later message in plaintext).
+        """
+        hop, port = self.hop(tls=self.serverTLS, failHandshakes=1)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "may"})
+        yield self.send(subject="first")
+        yield self.until(self.spoolEmpty)
+        self.assertEqual([t["tls"] for t in hop.transactions], [False])
+        yield self.send(subject="second")
+        yield self.until(self.spoolEmpty)
+        self.assertEqual([t["tls"] for t in hop.transactions], [False, True])
+        self.assertIn(b"Subject: second", hop.transactions[1]["data"])
+
+    @defer.inlineCallbacks
+    def test_connectionReusedOnlyForAWhile(self):
+        """A kept-open connection carries no batch once C{REUSE_SECONDS} have passed since it opened."""
+        self.patch(SMTPNextHop, "IDLE_SECONDS", 10.0)
+        self.patch(SMTPNextHop, "REUSE_SECONDS", 1.5)
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        for n in range(2):
+            yield self.send(subject="m%d" % n)
+            yield self.until(lambda: len(hop.transactions) == n + 1)
+        self.assertEqual(len(hop.connections), 1)
+        yield task.deferLater(reactor, 1.6, lambda: None)
+        # Still open (idle for less than IDLE_SECONDS), but too old to carry another.
+        yield self.send(subject="m2")
+        yield self.until(lambda: len(hop.transactions) == 3)
+        self.assertEqual(len(hop.connections), 2)
+
+    @defer.inlineCallbacks
     def test_noneNeverStartsTLS(self):
         hop, port = self.hop(tls=self.serverTLS)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none"})

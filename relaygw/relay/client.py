@@ -107,6 +107,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         self.reactor = reactor
         self.host = host
         self.port = port
+        self.opened = reactor.seconds()
         self.messages = []
         self.options = options
         self.where = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)

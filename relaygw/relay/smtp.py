@@ -8,7 +8,10 @@ connection carries many messages (the client pipelines them when the next
 hop offers PIPELINING).  The number of connections per destination is
 capped.  A connection that finished its batch stays open for a moment
 (C{IDLE_SECONDS}, Postfix's connection cache time) and carries the next
-batch without a new connect, greeting, EHLO and TLS handshake.
+batch without a new connect, greeting, EHLO and TLS handshake, for up to
+C{REUSE_SECONDS} after it opened.  One that fell back to plaintext after a
+failed opportunistic handshake is never kept: the next batch tries TLS
+again.
 
 A destination found dead (L{Health}) has what waits for it, and what comes
 meanwhile, deferred at once with the reason ("delivery temporarily
@@ -58,6 +61,9 @@ class SMTPNextHop(WaitingLine):
 
     #: How long a connection with nothing to carry stays open for reuse.
     IDLE_SECONDS = 2.0
+    #: How long after it opened a connection may still be reused (Postfix's
+    #: C{smtp_connection_reuse_time_limit}).
+    REUSE_SECONDS = 300.0
 
     def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
         WaitingLine.__init__(self)
@@ -106,13 +112,27 @@ class SMTPNextHop(WaitingLine):
             if k == key:
                 del self.idle[i]
                 timer.cancel()
-                if conn.usable:
+                if self._reusable(conn):
                     return conn
+                if conn.usable:
+                    self._close(conn)
         return smtpclient.Connection(self.reactor, key[0], key[1], options)
 
+    def _reusable(self, conn):
+        """
+        Whether C{conn} may carry another batch: open, younger than
+        C{REUSE_SECONDS}, and not one that gave up the TLS the next hop's
+        policy asks for (reused, one failed handshake would send all later
+        mail in plaintext for as long as mail kept coming).
+        """
+        return conn.usable and conn.options.tls == self.options.tls \
+            and self.reactor.seconds() - conn.opened < self.REUSE_SECONDS
+
     def _park(self, conn, key):
-        """Keep C{conn} open for the next batch, for a moment."""
-        if not conn.usable:
+        """Keep C{conn} open for the next batch, for a moment (if it may carry one)."""
+        if not self._reusable(conn):
+            if conn.usable:
+                self._close(conn)
             return
         timer = self.reactor.callLater(self.IDLE_SECONDS, self._expire, conn)
         self.idle.append((conn, key, timer))

@@ -30,7 +30,12 @@ class ScriptedSMTPServer(LineReceiver):
 
     def dataReceived(self, data):
         self.factory.chunks.append(data)
+        if self.failHandshake:  # (the client's handshake: cut it off)
+            self.transport.abortConnection()
+            return
         LineReceiver.dataReceived(self, data)
+
+    failHandshake = False
 
     delayed = None
 
@@ -112,6 +117,10 @@ class ScriptedSMTPServer(LineReceiver):
             self.reply(f.ehloReply or "\n".join(lines))
         elif verb == "HELO":
             self.reply("250 scripted.example.test")
+        elif verb == "STARTTLS" and f.failHandshakes:
+            f.failHandshakes -= 1
+            self.reply("220 2.0.0 Ready to start TLS")
+            self.failHandshake = True
         elif verb == "STARTTLS" and f.tls is not None:
             self.reply("220 2.0.0 Ready to start TLS")
             self.transport.startTLS(f.tls)
@@ -175,6 +184,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
     @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
     @param silentAtEndFor: a recipient whose messages' end of data is never
         answered (nor anything after it).
+    @param failHandshakes: how many STARTTLS (the first ones) are answered
+        220 and then the connection reset when the client's handshake starts.
     @param perConnection: the messages a connection takes; it is closed
         right after the last one's end-of-data reply.
     @param endOfDataDelay: seconds before each end-of-data reply.
@@ -197,6 +208,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.dropAtEndFor = kw.pop("dropAtEndFor", None)
         self.silentAtEndFor = kw.pop("silentAtEndFor", None)
         self.perConnection = kw.pop("perConnection", None)
+        self.failHandshakes = kw.pop("failHandshakes", 0)
         self.endOfDataDelay = kw.pop("endOfDataDelay", 0)
         self.mailLimit = kw.pop("mailLimit", None)
         self.dropsLeft = drops
