@@ -135,8 +135,8 @@ class Lifecycle:
         from OpenSSL import SSL
 
         if reason.check(SSL.Error):
-            log.info("[{session}] TLS handshake failed: {why}", session=self.sessionId,
-                     why=reason.getErrorMessage())
+            log.info("[{session}] " + ("TLS error: {why}" if self.tlsActive else "TLS handshake failed: {why}"),
+                     session=self.sessionId, why=reason.getErrorMessage())
         if self.writer is not None:
             self.writer.abort()
             self.writer = None

@@ -18,6 +18,7 @@ from twisted.mail import smtp
 
 from relaygw.testing import Client, inThread
 from relaygw.tls import generateSelfSigned
+from tests.recorders import LogCapture
 from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
 from tests.tlsmaterial import clientContext, makeCA
 
@@ -118,6 +119,31 @@ class StartTLSClientTests(TLSGatewayTestCase):
             self.assertEqual(c2.reply()[0], 220)
 
         return self.session(run)
+
+    def test_errorAfterTheHandshakeIsNoHandshakeFailure(self):
+        log = LogCapture(self)
+
+        def run(c):
+            c.cmd("EHLO x")
+            c.cmd("STARTTLS")
+            tls = clientContext().wrap_socket(c.sock, server_hostname="relay.test")
+            tls.sendall(b"NOOP\r\n")
+            self.assertEqual(tls.recv(100)[:3], b"250")
+            # A record the session keys cannot have made: the connection ends.
+            raw = socket.socket(fileno=os.dup(tls.fileno()))
+            raw.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+            raw.settimeout(5)
+            while raw.recv(4096):
+                pass
+            raw.close()
+            tls.close()
+
+        def check(_):
+            self.assertEqual(log.find("TLS handshake failed"), [])
+            [event] = log.find("TLS error")
+            self.assertIn("bad record mac", event["why"].lower())
+
+        return self.session(run).addCallback(check)
 
     def test_opensslStartTLS(self):
         openssl = shutil.which("openssl")
