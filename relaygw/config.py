@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 
 #: The default drain_delay when an admin endpoint answers a load balancer's
@@ -431,6 +431,19 @@ def _value(value, meta, key, report, default):
     return tuple(value) if kind is list else value
 
 
+def _sharedSelfSigned(listeners):
+    """
+    A listener naming the certificate and key another listener's
+    C{tls_self_signed} generates (an implicit TLS port and a STARTTLS port
+    sharing one pair) has them generated too, whichever listener comes
+    first: the files need not exist yet, at the check or at start.
+    """
+    generated = {(l.tls_certificate, l.tls_key) for l in listeners if l.tls_self_signed and l.tls_certificate}
+    return tuple(replace(l, tls_self_signed=True)
+                 if not l.tls_self_signed and (l.tls_certificate, l.tls_key) in generated else l
+                 for l in listeners)
+
+
 def _portsDistinct(report, listeners, admin):
     """No two listening sockets (listeners, admin) on the same TCP port and address."""
     seen = []
@@ -494,6 +507,7 @@ def parse(text, path="<config>", base=None, environment=False):
         if l.tls_client_identities and l.tls_client_ca is None:
             report.add("listener[%d].tls_client_identities" % i, "needs tls_client_ca (expected both set)")
     _portsDistinct(report, listeners, built["admin"])
+    listeners = _sharedSelfSigned(listeners)
     rawRoutes = data.get("route", [])
     routes = ()
     if not isinstance(rawRoutes, list):

@@ -14,9 +14,11 @@ import ssl
 import subprocess
 
 from twisted.internet import defer
+from twisted.trial import unittest
 from twisted.mail import smtp
 
-from relaygw.testing import Client, inThread
+from relaygw.config import load as loadConfig
+from relaygw.testing import Client, Gateway, configText, inThread
 from relaygw.tls import generateSelfSigned
 from tests.recorders import LogCapture
 from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
@@ -216,6 +218,44 @@ class ImplicitTLSTests(TLSGatewayTestCase):
         d.addCallback(lambda _: self.gw.service.queue.whenIdle())
         d.addCallback(lambda _: self.assertIn(b"with ESMTPS", self.gw.delivered()[0]))
         return d
+
+
+class SharedSelfSignedTests(unittest.TestCase):
+    """
+    An implicit TLS port and a STARTTLS port sharing one generated pair:
+    the listener naming the files without C{tls_self_signed} comes first,
+    and the pair does not exist yet.
+    """
+
+    @defer.inlineCallbacks
+    def test_generatedOnceForBoth(self):
+        directory = os.path.abspath(self.mktemp())
+        pair = {"tls_certificate": os.path.join(directory, "tls", "cert.pem"),
+                "tls_key": os.path.join(directory, "tls", "key.pem")}
+        config = configText(directory, listeners=(dict(pair), dict(pair, tls_self_signed=True, implicit_tls=True)))
+        os.makedirs(directory)
+        path = os.path.join(directory, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        # The check that start and --check-config run (before: "cannot read .../cert.pem").
+        self.assertTrue(all(l.tls_self_signed for l in loadConfig(path, environment=True).listeners))
+        gw = Gateway(directory, listeners=(dict(pair), dict(pair, tls_self_signed=True, implicit_tls=True)))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+
+        def run():
+            with smtplib.SMTP("127.0.0.1", gw.ports[0]) as s:
+                s.starttls(context=clientContext())
+                starttls = s.sock.getpeercert(binary_form=True)
+            with socket.create_connection(("127.0.0.1", gw.ports[1])) as raw:
+                with clientContext().wrap_socket(raw) as tls:
+                    return starttls, tls.getpeercert(binary_form=True), tls.recv(100)
+
+        starttls, implicit, greeting = yield inThread(run)
+        with open(pair["tls_certificate"]) as f:
+            self.assertEqual(starttls, ssl.PEM_cert_to_DER_cert(f.read()))
+        self.assertEqual(implicit, starttls)
+        self.assertEqual(greeting[:4], b"220 ")
 
 
 class ReloadTests(TLSGatewayTestCase):
