@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import Client, configText, freePort, inThread, waitForPort
 from relaygw.workers import twistdArgv
+from tests.processes import childPids
 
 
 def _alive(pid):
@@ -137,5 +138,58 @@ class DaemonTests(unittest.TestCase):
             self.assertEqual(new.count(": queued from=<a@example.org>"), 10, new)
             self.assertEqual(new.count("stopped; spool intact"), 2, new)
             self.assertEqual(new.count("reload refused, keeping the running config"), 1 if breakConfig else 0, new)
+
+        return inThread(run)
+
+
+class FileLimitTests(unittest.TestCase):
+    """The gateway raises its soft limit on open files to the hard one, and says when even that is too low."""
+
+    def start(self, soft, hard, workers=1):
+        import resource
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, process={"workers": workers}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        self.addCleanup(p.stdout.close)
+        waitForPort(port)
+        return p
+
+    @staticmethod
+    def softLimit(pid):
+        with open("/proc/%d/limits" % pid) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+
+    def stopped(self, p):
+        p.send_signal(signal.SIGTERM)
+        return p.communicate(timeout=30)[0].decode()
+
+    def test_softRaisedToHard(self):
+        def run():
+            p = self.start(256, 4096, workers=2)
+            deadline = time.monotonic() + 15
+            while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual([self.softLimit(pid) for pid in [p.pid] + childPids(p.pid)], [4096, 4096])
+            self.assertNotIn("open-file limit", self.stopped(p))
+
+        return inThread(run)
+
+    def test_warnsWhenTheHardLimitIsTooLow(self):
+        def run():
+            p = self.start(512, 512)
+            self.assertEqual(self.softLimit(p.pid), 512)
+            output = self.stopped(p)
+            # 1,000 sessions (the default max_connections) twice over, 100 deliveries, 64 more.
+            self.assertIn("the open-file limit is 512, and this process may need about 2164 descriptors", output)
 
         return inThread(run)
