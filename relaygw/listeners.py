@@ -22,6 +22,7 @@ from zope.interface import implementer
 from relaygw import anvil, codes, trust
 from relaygw.anvil import ClientCounts
 from relaygw.auth import FailureTracker, makePortal
+from relaygw.descriptors import SessionBudget
 from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
 from relaygw.protocol import SMTPSession
@@ -94,7 +95,7 @@ class SMTPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, listener, spool, reactor, onQueued=None, portal=None, tls=None, metrics=None,
-                 authFailures=None, clients=None):
+                 authFailures=None, clients=None, descriptors=None):
         self.spool = spool
         self.sink = SpoolSink(spool)
         self.reactor = reactor
@@ -107,6 +108,10 @@ class SMTPFactory(ServerFactory):
         #: The per-address counts of this listener's clients (an L{relaygw.anvil.IClientCounts}).
         self.clients = clients if clients is not None else ClientCounts(reactor)
         self.draining = False
+        #: The process's L{relaygw.descriptors.SessionBudget}, shared by its listeners (or C{None}).
+        self.descriptors = descriptors
+        if descriptors is not None:
+            descriptors.factories.append(self)
         self.authFailures = authFailures
         if portal is not None and authFailures is None:
             from relaygw.auth import FailureTracker
@@ -205,7 +210,7 @@ class SMTPFactory(ServerFactory):
         host = listener.hostname
         if self.draining:
             return codes.SHUTTING_DOWN.format(host=host)
-        if len(self.sessions) > listener.max_connections:
+        if len(self.sessions) > listener.max_connections or (self.descriptors and self.descriptors.full()):
             return codes.TOO_MANY_CONNECTIONS.format(host=host)
         claims = session.trusted and {"xclient", "xremoteip"} & set(listener.extensions)
         return self._count(session, None if claims else session.context["remote_ip"])
@@ -310,6 +315,7 @@ class Listeners:
         # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
+        budget = SessionBudget(config.listeners, config.relay.concurrency)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -317,7 +323,8 @@ class Listeners:
                 portal = makePortal(listener.credentials, listener.always_allow)
             factory = SMTPFactory(listener, spool, reactor, onQueued=onQueued, portal=portal, tls=tls,
                                   metrics=metrics, authFailures=self.authFailures,
-                                  clients=clients.countsFor(listener.name) if clients is not None else None)
+                                  clients=clients.countsFor(listener.name) if clients is not None else None,
+                                  descriptors=budget)
             self.factories.append(factory)
             if workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint), shared=self.shared)

@@ -8,7 +8,7 @@ import sys
 from twisted.python import usage
 
 from relaygw import config as _config
-from relaygw import logs
+from relaygw import descriptors, logs
 
 
 class Options(usage.Options):
@@ -64,6 +64,7 @@ def makeService(options):
     if worker and not dieWithParent():
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
         raise SystemExit(1)
+    descriptors.raiseLimit()  # (before the listeners size themselves to it)
     try:
         configPath = os.path.abspath(options["config"]) if options["config"] else None  # (as the workers get it)
         service = build(options.config, worker=worker, configPath=configPath,
@@ -73,7 +74,6 @@ def makeService(options):
         service.acquireSpool()
         service.installSignals = True
         _tuneCollector()
-        _raiseFileLimit(service.config)
         return service
     except (_config.ConfigError, PartitionLocked) as e:
         sys.stderr.write("%s\n" % (e,))
@@ -113,32 +113,3 @@ def _tuneCollector():
     gc.freeze()
     gc.set_threshold(10000, 20, 20)
 
-
-def _raiseFileLimit(config):
-    """
-    Raise this process's soft limit on open files to its hard limit, as
-    Postfix's master does: each session takes a descriptor, and its spool
-    file another, so a usual soft limit of 1,024 is below the default
-    C{max_connections} alone.  Warn when what the configuration allows at
-    once may still not fit (new connections would then be reset, and
-    sessions refused their spool files).
-    """
-    import resource
-
-    from relaygw.logs import Logger
-
-    log = Logger(namespace="relaygw.service")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        for target in ((hard,) if hard != resource.RLIM_INFINITY else (1 << 20, 1 << 16)):
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            except (ValueError, OSError):
-                continue
-            soft = target
-            break
-    need = 2 * sum(l.max_connections for l in config.listeners) + config.relay.concurrency + 64
-    if soft < need:
-        log.warn("the open-file limit is {limit}, and this process may need about {need} descriptors at once "
-                 "(each listener's max_connections twice over, the relay's concurrency and a few more): "
-                 "raise the hard limit (LimitNOFILE=) or lower max_connections", limit=soft, need=need)

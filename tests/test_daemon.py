@@ -160,6 +160,7 @@ class FileLimitTests(unittest.TestCase):
         self.addCleanup(lambda: p.poll() is None and p.kill())
         self.addCleanup(p.stdout.close)
         waitForPort(port)
+        self.port = port
         return p
 
     @staticmethod
@@ -189,7 +190,45 @@ class FileLimitTests(unittest.TestCase):
             p = self.start(512, 512)
             self.assertEqual(self.softLimit(p.pid), 512)
             output = self.stopped(p)
-            # 1,000 sessions (the default max_connections) twice over, 100 deliveries, 64 more.
-            self.assertIn("the open-file limit is 512, and this process may need about 2164 descriptors", output)
+            # (512 - 100 deliveries - 64) / 2 descriptors a session, against the default max_connections.
+            self.assertIn("the open-file limit is 512: this process can hold 174 sessions at once, fewer than "
+                          "max_connections allows (1000)", output)
+
+        return inThread(run)
+
+    def test_sessionsPastTheLimitRefusedAtOnce(self):
+        """
+        Within a hard limit of 200, 18 sessions fit: the 19th is told 421
+        4.7.0 rather than reset, and the sessions held still get their
+        spool files (before: 451 at the end of data, with a traceback).
+        """
+        def run():
+            p = self.start(200, 200)
+            port = self.port
+            time.sleep(0.5)  # (the probe of the port has gone)
+            held = [Client(port) for _ in range(18)]
+            try:
+                self.assertEqual([c.reply()[0] for c in held], [220] * 18)
+                extra = Client(port)
+                self.assertEqual(extra.reply(), (421, ["4.7.0 relay.test too many connections, "
+                                                       "try again later"]))
+                extra.close()
+                c = held[0]
+                for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
+                    self.assertEqual(c.cmd(line)[0], 250)
+                self.assertEqual(c.cmd("DATA")[0], 354)
+                c.send("Subject: fits\r\n\r\nx\r\n.\r\n")
+                self.assertEqual(c.reply()[0], 250)
+                held.pop(0).close()
+                time.sleep(0.5)
+                late = Client(port)
+                held.append(late)
+                self.assertEqual(late.reply()[0], 220)
+            finally:
+                for c in held:
+                    c.close()
+            output = self.stopped(p)
+            self.assertNotIn("Traceback", output)
+            self.assertNotIn("EMFILE", output)
 
         return inThread(run)
