@@ -112,4 +112,3 @@ def _tuneCollector():
     gc.collect()
     gc.freeze()
     gc.set_threshold(10000, 20, 20)
-
