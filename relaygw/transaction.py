@@ -7,6 +7,7 @@ L{relaygw.protocol.SMTPSession}, which keeps the input (C{lineReader}),
 C{mode}, C{writer} and the replies.
 """
 
+import errno
 import time
 
 from relaygw import codes, maillog
@@ -15,6 +16,9 @@ from relaygw.datareader import DataReader
 from relaygw.logs import Logger
 from relaygw.modes import COMMAND, DATA
 from relaygw.spoolapi import Envelope, isStorageError
+
+#: Errors of a process out of descriptors or memory (451 4.3.0, as any local error, but no traceback).
+_OUT_OF_RESOURCES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM])
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -171,9 +175,11 @@ class MailTransaction:
             self.factory.messageQueued(self, writer.message, seconds)
 
         def failed(failure):
-            if isStorageError(failure.value):
-                log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=failure.value)
-                return self._refuseMessage(writer, codes.NO_ROOM)
+            error = failure.value
+            if isStorageError(error) or isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES:
+                # The disk, or the process's descriptors or memory: one line, no traceback.
+                log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=error)
+                return self._refuseMessage(writer, codes.NO_ROOM if isStorageError(error) else codes.LOCAL_ERROR)
             log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
             self._refuseMessage(writer, codes.LOCAL_ERROR)
 

@@ -152,6 +152,25 @@ class FaultInjectionTests(RelayTestCase):
         return self.check(SMALL, "rename", errno.EIO, obj=durable.quick)
 
     @defer.inlineCallbacks
+    def test_commitOutOfDescriptors(self):
+        """
+        The process is out of descriptors when its disk thread opens the
+        file at commit: 451 4.3.0 with one error line (no critical
+        traceback), nothing left behind, and the next message goes through.
+        """
+        calls = []
+        fault = failing(durable.quick.open, errno.EMFILE, calls)
+        self.patch(durable.quick, "open", fault)
+        mail, end = yield inThread(transaction, self.gw.port, SMALL)
+        self.assertEqual(end, (451, ["4.3.0 Error: local error in processing"]))
+        self.assertTrue(calls)
+        self.assertEqual(self.leftovers(), {"tmp": [], "queue": []})
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        fault.armed = False
+        mail, end = yield inThread(transaction, self.gw.port, SMALL, "y")
+        self.assertEqual(end[0], 250, end)
+
+    @defer.inlineCallbacks
     def test_reusedSpentFileENOSPC(self):
         """A small message overwriting a spent file fails: the spent file goes, nothing is queued."""
         spent = self.spool.path("spent", "0000000000000000SPENT")
