@@ -367,8 +367,13 @@ class WorkerRole:
         """
         This worker's part of a limit the config sets for the whole gateway
         (C{destination_concurrency}): the parts of all workers add up to
-        C{total}, each at least 1.
+        C{total}, each at least 1, so a C{total} below the number of
+        workers is exceeded (worker 0 says so).
         """
+        if total < self.workers and self.worker == 0:
+            _roleLog.warn("destination_concurrency = {total} is below workers = {workers}: each worker opens at "
+                          "least one connection to a destination, so the gateway may hold {workers} at once",
+                          total=total, workers=self.workers)
         return max(1, total // self.workers + (self.worker < total % self.workers))
 
     def clientCounts(self, reactor):

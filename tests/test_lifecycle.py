@@ -480,6 +480,21 @@ class WorkerShareTests(unittest.TestCase):
         self.assertEqual(parts(10, 3), [4, 3, 3])
         self.assertEqual(parts(2, 4), [1, 1, 1, 1])
 
+    def test_aLimitBelowTheWorkersIsNamed(self):
+        """Worker 0 says when the parts exceed the whole (each worker opens at least one connection)."""
+        from types import SimpleNamespace
+
+        from relaygw.workers import WorkerRole
+        from tests.recorders import LogCapture
+
+        log = LogCapture(self)
+        config = SimpleNamespace(spool=SimpleNamespace(directory=self.mktemp()), process=SimpleNamespace(workers=3))
+        for worker in range(3):
+            WorkerRole(config, reactor, worker).share(2)
+            WorkerRole(config, reactor, worker).share(3)
+        [warning] = log.find("is below workers")
+        self.assertEqual((warning["total"], warning["workers"]), (2, 3))
+
 
 class TwistdReloadTests(_TwistdTestCase):
     """SIGHUP: certificates and the safe parts of the config, without a restart."""
