@@ -23,15 +23,21 @@ def _alive(pid):
     return True
 
 
+def _gatewayConfig(test, workers):
+    """A directory with a config of C{workers} workers listening on a free loopback port: (directory, port, config path)."""
+    directory = os.path.abspath(test.mktemp())
+    os.makedirs(directory)
+    port = freePort()
+    conf = os.path.join(directory, "relaygw.toml")
+    with open(conf, "w") as f:
+        f.write(configText(directory, process={"workers": workers}, listeners=({
+            "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+    return directory, port, conf
+
+
 class DaemonTests(unittest.TestCase):
     def daemon(self, workers):
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, process={"workers": workers}, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        directory, port, conf = _gatewayConfig(self, workers)
         logfile, pidfile = os.path.join(directory, "relaygw.log"), os.path.join(directory, "relaygw.pid")
         argv = [a for a in twistdArgv(conf) if a not in ("--nodaemon", "--pidfile=")]
         argv[1:1] = ["--logfile=" + logfile, "--pidfile=" + pidfile]
@@ -148,13 +154,7 @@ class FileLimitTests(unittest.TestCase):
     def start(self, soft, hard, workers=1):
         import resource
 
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, process={"workers": workers}, listeners=({
-                "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        directory, port, conf = _gatewayConfig(self, workers)
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
         self.addCleanup(lambda: p.poll() is None and p.kill())
