@@ -93,6 +93,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         self.mailfrom = None
         self.mailParams = None
         self.rcpts = []
+        self.excessRecipients = 0
         self.writer = None
         self.tlsActive = False
         self.avatar = None
@@ -104,11 +105,12 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
 
     # -- output --------------------------------------------------------
 
-    def reply(self, r, lines=None, unasked=False):
+    def reply(self, r, lines=None, unasked=False, counted=True):
         """
         Send reply C{r} (a L{codes.Reply}); close after it if it says so.
         C{unasked}: it answers no command (an idle timeout, a drain), so it
-        is not logged as a reject of the last one.
+        is not logged as a reject of the last one.  A 4xx or 5xx counts
+        toward C{max_errors} unless not C{counted}.
         """
         if self.mode == CLOSED:
             return
@@ -122,7 +124,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
                            (self.context.message or {}).get("queue_id"), self.rcpts)
         if r.close:
             self._close()
-        elif r.code >= 400 and self.greeted:
+        elif r.code >= 400 and self.greeted and counted:
             self._countError()
 
     def _countError(self):

@@ -34,7 +34,14 @@ class MailTransaction:
         self.mailfrom = None
         self.mailParams = None
         self.rcpts = []
+        self.excessRecipients = 0
         self.context.endMessage()
+
+    #: Recipients past C{max_recipients} refused 452 4.5.3 in one
+    #: transaction before each counts as an error (Postfix's
+    #: C{smtpd_recipient_overshoot_limit}): a client that pipelines all its
+    #: recipients is told which to send again, not cut off at C{max_errors}.
+    RECIPIENT_OVERSHOOT = 1000
 
     def do_MAIL(self, args):
         if self.inTransaction:
@@ -67,7 +74,9 @@ class MailTransaction:
         except CommandError as e:
             return self.reply(e.reply)
         if len(self.rcpts) >= self.listener.max_recipients:
-            return self.reply(codes.TOO_MANY_RECIPIENTS)
+            self.excessRecipients += 1
+            overshoot = self.excessRecipients > self.RECIPIENT_OVERSHOOT
+            return self.reply(codes.TOO_MANY_RECIPIENTS, counted=overshoot)
 
         def answer(refusal):
             if refusal is not None:

@@ -2,7 +2,7 @@
 
 from twisted.internet import defer
 
-from tests.sessions import SessionTestCase
+from tests.sessions import GatewayTestCase, SessionTestCase
 
 
 class PipeliningTests(SessionTestCase):
@@ -57,3 +57,50 @@ class SpooledPipeliningTests(SessionTestCase):
             codes.append((yield c.whenReply())[0])
         self.assertEqual(codes, [250, 250, 354, 250] * 20 + [221])
         self.assertEqual(len(self.spooled(20)), 20)
+
+
+class RecipientOvershootTests(GatewayTestCase):
+    """
+    Recipients past C{max_recipients} get 452 4.5.3 without counting as
+    errors (up to 1,000 of them, Postfix's C{smtpd_recipient_overshoot_limit}):
+    a client that pipelines all its recipients is told which to send again,
+    and its message still goes, over a real socket.
+    """
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_pipelinedPastTheLimit(self):
+        def run(c):
+            c.cmd("EHLO many.example")
+            rcpts = ["RCPT TO:<r%d@example.net>" % i for i in range(150)]
+            c.send("\r\n".join(["MAIL FROM:<a@example.org>"] + rcpts + ["DATA"]) + "\r\n")
+            replies = [c.reply() for _ in range(152)]
+            c.send("Subject: many\r\n\r\nx\r\n.\r\n")
+            return replies, c.reply()
+
+        def check(result):
+            replies, end = result
+            self.assertEqual([code for code, _ in replies], [250] * 101 + [452] * 50 + [354])
+            self.assertEqual(replies[101][1], ["4.5.3 Error: too many recipients"])
+            self.assertEqual(end[0], 250)
+            return self.gw.service.queue.whenIdle()
+
+        def delivered(_):
+            [message] = self.gw.delivered()
+            self.assertIn(b"Subject: many", message)
+
+        return self.session(run).addCallback(check).addCallback(delivered)
+
+
+class RecipientOvershootLimitTests(SessionTestCase):
+    listener = {"relay_networks": ["127.0.0.0/8"], "max_recipients": 2}
+
+    def test_pastTheOvershootEachCounts(self):
+        def run(c):
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.send("".join("RCPT TO:<r%d@example.net>\r\n" % i for i in range(2 + 1000 + 20)))
+            codes = [code for code, _ in c.replies()]
+            # 2 accepted, 1,000 refused uncounted, then 20 counted: the 20th error closes.
+            self.assertEqual(codes, [250] * 2 + [452] * 1020 + [421])
+
+        return self.session(run)
