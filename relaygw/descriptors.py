@@ -6,9 +6,11 @@ below the default C{max_connections} alone, and past the limit Twisted
 resets each new connection and sessions are refused their spool files.
 
 So, as Postfix's master, the gateway raises its soft limit to the hard one
-at start (L{raiseLimit}; workers inherit it), and a session past what the
-limit can hold is refused C{421 4.7.0} at once (L{SessionBudget}), which a
-client retries, instead of failing at its end of data.
+at start (L{raiseLimit}; workers inherit it), and stops accepting while its
+listeners hold all the connections the limit allows (L{SessionBudget}), as
+the master stops at its process limit: later clients wait in the kernel's
+listen queue instead of taking descriptors.  A connection accepted past
+the budget anyway (one burst is accepted in a batch) is told C{421 4.7.0}.
 """
 
 import resource
@@ -34,11 +36,15 @@ def raiseLimit():
 
 class SessionBudget:
     """
-    How many sessions this process's listeners may hold at once within its
-    open-file limit: two descriptors each, past a reserve for the relay's
-    deliveries (C{concurrency}) and C{RESERVE} more.
+    How many connections this process's listeners may hold at once within
+    its open-file limit: two descriptors each (the connection, and its
+    spool file while content comes in), past a reserve for the relay's
+    deliveries (C{concurrency}) and C{RESERVE} more.  Every accepted
+    connection counts until it has gone: sessions, those still closing,
+    and those a PROXY listener holds before their header.
 
     @ivar sessions: that number.
+    @ivar ports: the listening ports to pause while it is reached.
     """
 
     RESERVE = 64
@@ -49,11 +55,35 @@ class SessionBudget:
         wanted = sum(l.max_connections for l in listeners)
         fits = self.sessions = max(1, (limit - concurrency - self.RESERVE) // 2)
         self.factories = []
+        self.ports = []
+        self.paused = False
         if fits < wanted:
-            log.warn("the open-file limit is {limit}: this process can hold {fits} sessions at once, fewer than "
-                     "max_connections allows ({wanted}); more are refused 421 4.7.0 (raise the hard limit, "
-                     "LimitNOFILE=, or lower max_connections)", limit=limit, fits=fits, wanted=wanted)
+            log.warn("the open-file limit is {limit}: this process can hold {fits} connections at once, fewer "
+                     "than max_connections allows ({wanted}); past them it stops accepting for a while (raise "
+                     "the hard limit, LimitNOFILE=, or lower max_connections)", limit=limit, fits=fits, wanted=wanted)
+
+    def held(self):
+        """The connections this process's listeners hold now."""
+        return sum(f.connectionsHeld() for f in self.factories)
 
     def full(self):
-        """Whether the sessions open (closing ones too: they hold their descriptors) are past the budget."""
-        return sum(len(f.sessions) + len(f.closing) for f in self.factories) > self.sessions
+        """Whether the connections held are past the budget (the last one accepted must be refused)."""
+        return self.held() > self.sessions
+
+    def changed(self):
+        """A connection came or went: stop accepting at the budget, accept again below it."""
+        full = self.held() >= self.sessions
+        if full == self.paused:
+            return
+        self.paused = full
+        for port in self.ports:
+            if getattr(port, "connected", False) and not port.disconnecting:
+                if full:
+                    port.stopReading()
+                else:
+                    port.startReading()
+        if full:
+            log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
+                     n=self.sessions)
+        else:
+            log.info("accepting connections again")

@@ -246,6 +246,18 @@ class SMTPFactory(ServerFactory):
         """C{session} connected (L{admit} counts it against its client's address)."""
         self.sessions.add(session)
         self.metrics.connection(self.listener.name, +1)
+        self.connectionsChanged()
+
+    #: The PROXY wrapper in front of this listener, if any (its connections before their header count too).
+    proxy = None
+
+    def connectionsHeld(self):
+        """The connections this listener holds: sessions, closing ones, and PROXY ones before their header."""
+        return len(self.sessions) + len(self.closing) + (self.proxy.waiting if self.proxy is not None else 0)
+
+    def connectionsChanged(self):
+        if self.descriptors is not None:
+            self.descriptors.changed()
 
     def clientClaimed(self, session):
         """
@@ -275,6 +287,7 @@ class SMTPFactory(ServerFactory):
                 self.closing.add(session)
         else:
             self.closing.discard(session)
+        self.connectionsChanged()
 
     def stats(self, kind, *labels):
         self.metrics.event(self.listener.name, kind, *labels)
@@ -316,6 +329,7 @@ class Listeners:
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
         budget = SessionBudget(config.listeners, config.relay.concurrency)
+        budget.ports = self.listeningPorts
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -336,7 +350,9 @@ class Listeners:
             if listener.proxy_protocol:
                 # The PROXY header comes first, then (implicit) TLS, then SMTP.
                 wrapped = ProxyProtocolFactory(wrapped, factory.settings.trust.balancer,
-                                               listener.proxy_timeout, reactor)
+                                               listener.proxy_timeout, reactor,
+                                               onChange=factory.connectionsChanged)
+                factory.proxy = wrapped
                 self.proxyFactories[listener.name] = wrapped
             svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts), wrapped)
             svc._raiseSynchronously = True

@@ -276,6 +276,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         time) for the header.
         """
         self.factory.registerProtocol(self)
+        self.factory.waiting += 1
+        self.factory.onChange()
         self._buffer = b""
         peer = self.transport.getPeer()
         if not self.factory.isTrusted(getattr(peer, "host", None)):
@@ -326,6 +328,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._timer = None
         self.proxyInfo = attr.evolve(info, peer=self.transport.getPeer())
         self._connected = True
+        self.factory.waiting -= 1  # (the session counts it from here)
         self.wrappedProtocol.makeConnection(self)
         if rest and self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(rest)
@@ -353,6 +356,9 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.factory.unregisterProtocol(self)
         if self._connected:
             self.wrappedProtocol.connectionLost(reason)
+        else:
+            self.factory.waiting -= 1
+            self.factory.onChange()
         self.wrappedProtocol = None
 
 
@@ -365,15 +371,19 @@ class ProxyProtocolFactory(WrappingFactory):
         connection is closed at once, with nothing sent.
     @ivar timeout: seconds to wait for a complete header.
     @ivar clock: an L{IReactorTime}; the global reactor when not given.
+    @ivar waiting: connections open that have not sent their header yet.
+    @ivar onChange: called when one of those comes or goes.
     """
 
     protocol = ProxyProtocolWrapper
 
-    def __init__(self, wrappedFactory, isTrusted, timeout=5.0, clock=None):
+    def __init__(self, wrappedFactory, isTrusted, timeout=5.0, clock=None, onChange=lambda: None):
         WrappingFactory.__init__(self, wrappedFactory)
         self.isTrusted = isTrusted
         self.timeout = timeout
         self._clock = clock
+        self.waiting = 0
+        self.onChange = onChange
 
     @property
     def clock(self):

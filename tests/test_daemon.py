@@ -5,6 +5,7 @@ detaches, writes its pid file, and logs to X, every worker included.
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -23,15 +24,18 @@ def _alive(pid):
     return True
 
 
-def _gatewayConfig(test, workers):
-    """A directory with a config of C{workers} workers listening on a free loopback port: (directory, port, config path)."""
+def _gatewayConfig(test, workers, listener=None):
+    """
+    A directory with a config of C{workers} workers listening on a free
+    loopback port (with C{listener}'s settings): (directory, port, config path).
+    """
     directory = os.path.abspath(test.mktemp())
     os.makedirs(directory)
     port = freePort()
     conf = os.path.join(directory, "relaygw.toml")
     with open(conf, "w") as f:
-        f.write(configText(directory, process={"workers": workers}, listeners=({
-            "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},)))
+        f.write(configText(directory, process={"workers": workers}, listeners=(dict({
+            "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]}, **(listener or {})),)))
     return directory, port, conf
 
 
@@ -151,10 +155,10 @@ class DaemonTests(unittest.TestCase):
 class FileLimitTests(unittest.TestCase):
     """The gateway raises its soft limit on open files to the hard one, and says when even that is too low."""
 
-    def start(self, soft, hard, workers=1):
+    def start(self, soft, hard, workers=1, listener=None):
         import resource
 
-        directory, port, conf = _gatewayConfig(self, workers)
+        directory, port, conf = _gatewayConfig(self, workers, listener)
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
         self.addCleanup(lambda: p.poll() is None and p.kill())
@@ -191,16 +195,18 @@ class FileLimitTests(unittest.TestCase):
             self.assertEqual(self.softLimit(p.pid), 512)
             output = self.stopped(p)
             # (512 - 100 deliveries - 64) / 2 descriptors a session, against the default max_connections.
-            self.assertIn("the open-file limit is 512: this process can hold 174 sessions at once, fewer than "
-                          "max_connections allows (1000)", output)
+            self.assertIn("the open-file limit is 512: this process can hold 174 connections at once, fewer "
+                          "than max_connections allows (1000)", output)
 
         return inThread(run)
 
-    def test_sessionsPastTheLimitRefusedAtOnce(self):
+    def test_pastTheLimitClientsWait(self):
         """
-        Within a hard limit of 200, 18 sessions fit: the 19th is told 421
-        4.7.0 rather than reset, and the sessions held still get their
-        spool files (before: 451 at the end of data, with a traceback).
+        Within a hard limit of 200, 18 connections fit: then the gateway
+        stops accepting, so the 19th client waits in the listen queue (no
+        descriptor taken, nobody reset), the sessions held still get their
+        spool files (before: 451 at the end of data, with a traceback), and
+        the 19th is greeted as soon as one of them ends.
         """
         def run():
             p = self.start(200, 200)
@@ -209,26 +215,55 @@ class FileLimitTests(unittest.TestCase):
             held = [Client(port) for _ in range(18)]
             try:
                 self.assertEqual([c.reply()[0] for c in held], [220] * 18)
-                extra = Client(port)
-                self.assertEqual(extra.reply(), (421, ["4.7.0 relay.test too many connections, "
-                                                       "try again later"]))
-                extra.close()
+                waiting = Client(port)
+                held.append(waiting)
+                waiting.sock.settimeout(1)
+                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
                 c = held[0]
                 for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
                     self.assertEqual(c.cmd(line)[0], 250)
                 self.assertEqual(c.cmd("DATA")[0], 354)
                 c.send("Subject: fits\r\n\r\nx\r\n.\r\n")
                 self.assertEqual(c.reply()[0], 250)
-                held.pop(0).close()
-                time.sleep(0.5)
-                late = Client(port)
-                held.append(late)
-                self.assertEqual(late.reply()[0], 220)
+                self.assertEqual(c.cmd("QUIT")[0], 221)
+                waiting.sock.settimeout(10)
+                self.assertEqual(waiting.reply()[0], 220)
             finally:
                 for c in held:
                     c.close()
             output = self.stopped(p)
+            self.assertIn("holding 18 connections, all the open-file limit allows", output)
+            self.assertIn("accepting connections again", output)
             self.assertNotIn("Traceback", output)
             self.assertNotIn("EMFILE", output)
+
+        return inThread(run)
+
+    def test_proxyConnectionsBeforeTheirHeaderCount(self):
+        """
+        Connections a PROXY listener holds before their header take
+        descriptors too: 18 of them fill the budget, and a client with its
+        header waits until they have timed out (before: greeted at once,
+        and a burst of such connections ran the process out of descriptors).
+        """
+        def run():
+            p = self.start(200, 200, listener={"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"],
+                                               "proxy_timeout": 2})
+            port = self.port
+            time.sleep(0.5)
+            silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(18)]
+            try:
+                time.sleep(0.3)
+                c = Client(port)
+                c.send("PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
+                c.sock.settimeout(1)
+                self.assertRaises(TimeoutError, c.sock.recv, 100)
+                c.sock.settimeout(10)
+                self.assertEqual(c.reply()[0], 220)  # (once the silent ones were closed, after 2 s)
+                c.close()
+            finally:
+                for s in silent:
+                    s.close()
+            self.assertNotIn("Traceback", self.stopped(p))
 
         return inThread(run)
