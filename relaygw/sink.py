@@ -97,7 +97,10 @@ class IncomingMessage:
         if self.tooBig or not chunk:
             return
         if self.limit and self.writer.size - self.traceOctets + len(chunk) > self.limit:
+            # Refused at its end whatever follows: what was stored goes now,
+            # not when the client has sent the rest.
             self.tooBig = True
+            self.writer.abort()
             return
         self.writer.write(chunk)
 

@@ -5,8 +5,10 @@ StringTransport with a task.Clock (SessionTestCase); smtplib runs over a
 real loopback socket.
 """
 
+import os
 import re
 import smtplib
+import time
 
 
 from relaygw.testing import inThread
@@ -325,6 +327,40 @@ class EarlyTalkerTests(SessionTestCase):
         code, lines = c.reply()
         self.assertEqual((code, lines[0][:6]), (554, "5.5.0 "))
         self.assertTrue(c.closed())
+
+
+class OversizeContentTests(GatewayTestCase):
+    """
+    Content past max_message_size is refused at its end (552 5.3.4): what
+    was stored of it goes from the spool as soon as the limit is passed,
+    not when the client has sent the rest (a client holding back its final
+    dot held the spool's room meanwhile).
+    """
+
+    listener = {"relay_networks": ["127.0.0.0/8"], "max_message_size": 300 * 1024}
+
+    def test_storedContentGoesAtTheLimit(self):
+        tmp = self.gw.service.spool.path("tmp")
+
+        def run(c):
+            c.cmd("EHLO big.example")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            self.assertEqual(c.cmd("DATA")[0], 354)
+            c.send(("x" * 998 + "\r\n") * 400)  # 400 KB, no end yet
+            time.sleep(1)
+            held = os.listdir(tmp)
+            c.send(".\r\n")
+            return held, c.reply()
+
+        def check(result):
+            held, end = result
+            self.assertEqual(held, [])
+            self.assertEqual(end[0], 552)
+            self.assertEqual(end[1][0][:6], "5.3.4 ")
+            self.assertEqual(os.listdir(tmp), [])
+
+        return self.session(run).addCallback(check)
 
 
 class SmtplibTests(GatewayTestCase):
