@@ -7,7 +7,7 @@ resets each new connection and sessions are refused their spool files.
 
 So, as Postfix's master, the gateway raises its soft limit to the hard one
 at start (L{raiseLimit}; workers inherit it), and stops accepting while its
-listeners hold all the connections the limit allows (L{SessionBudget}), as
+listeners hold all the connections the limit allows (L{ConnectionBudget}), as
 the master stops at its process limit: later clients wait in the kernel's
 listen queue instead of taking descriptors.  A connection accepted past
 the budget anyway (one burst is accepted in a batch) is told C{421 4.7.0}.
@@ -34,7 +34,7 @@ def raiseLimit():
     return soft
 
 
-class SessionBudget:
+class ConnectionBudget:
     """
     How many connections this process's listeners may hold at once within
     its open-file limit: two descriptors each (the connection, and its
@@ -43,19 +43,19 @@ class SessionBudget:
     connection counts until it has gone: sessions, those still closing,
     and those a PROXY listener holds before their header.
 
-    @ivar sessions: that number.
+    @ivar connections: that number.
     @ivar ports: the listening ports to pause while it is reached.
     """
 
     RESERVE = 64
 
-    def __init__(self, listeners, concurrency, limit=None):
+    def __init__(self, listeners, concurrency, ports=(), limit=None):
         if limit is None:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         wanted = sum(l.max_connections for l in listeners)
-        fits = self.sessions = max(1, (limit - concurrency - self.RESERVE) // 2)
+        fits = self.connections = max(1, (limit - concurrency - self.RESERVE) // 2)
         self.factories = []
-        self.ports = []
+        self.ports = ports
         self.paused = False
         if fits < wanted:
             log.warn("the open-file limit is {limit}: this process can hold {fits} connections at once, fewer "
@@ -68,11 +68,11 @@ class SessionBudget:
 
     def full(self):
         """Whether the connections held are past the budget (the last one accepted must be refused)."""
-        return self.held() > self.sessions
+        return self.held() > self.connections
 
     def changed(self):
         """A connection came or went: stop accepting at the budget, accept again below it."""
-        full = self.held() >= self.sessions
+        full = self.held() >= self.connections
         if full == self.paused:
             return
         self.paused = full
@@ -84,6 +84,6 @@ class SessionBudget:
                     port.startReading()
         if full:
             log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
-                     n=self.sessions)
+                     n=self.connections)
         else:
             log.info("accepting connections again")

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from relaygw import anvil, codes, trust
 from relaygw.anvil import ClientCounts
 from relaygw.auth import FailureTracker, makePortal
-from relaygw.descriptors import SessionBudget
+from relaygw.descriptors import ConnectionBudget
 from relaygw.logs import Logger
 from relaygw.policy import loadPolicy
 from relaygw.protocol import SMTPSession
@@ -108,7 +108,7 @@ class SMTPFactory(ServerFactory):
         #: The per-address counts of this listener's clients (an L{relaygw.anvil.IClientCounts}).
         self.clients = clients if clients is not None else ClientCounts(reactor)
         self.draining = False
-        #: The process's L{relaygw.descriptors.SessionBudget}, shared by its listeners (or C{None}).
+        #: The process's L{relaygw.descriptors.ConnectionBudget}, shared by its listeners (or C{None}).
         self.descriptors = descriptors
         if descriptors is not None:
             descriptors.factories.append(self)
@@ -328,8 +328,7 @@ class Listeners:
         # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
-        budget = SessionBudget(config.listeners, config.relay.concurrency)
-        budget.ports = self.listeningPorts
+        budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
