@@ -185,12 +185,13 @@ class MailTransaction:
 
         def failed(failure):
             error = failure.value
-            if isStorageError(error) or isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES:
+            storage = isStorageError(error)
+            if storage or isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES:
                 # The disk, or the process's descriptors or memory: one line, no traceback.
                 log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=error)
-                return self._refuseMessage(writer, codes.NO_ROOM if isStorageError(error) else codes.LOCAL_ERROR)
-            log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
-            self._refuseMessage(writer, codes.LOCAL_ERROR)
+            else:
+                log.failure("[{session}] spool commit failed", failure, session=self.sessionId)
+            self._refuseMessage(writer, codes.NO_ROOM if storage else codes.LOCAL_ERROR)
 
         return self._ask(self.settings.policy.data(self.context), queue)
 
