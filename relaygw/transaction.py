@@ -34,7 +34,8 @@ class MailTransaction:
         self.mailfrom = None
         self.mailParams = None
         self.rcpts = []
-        self.excessRecipients = 0
+        if self.excessRecipients:
+            self.excessRecipients = 0
         self.context.endMessage()
 
     #: Recipients past C{max_recipients} refused 452 4.5.3 in one
@@ -176,7 +177,8 @@ class MailTransaction:
             maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
                            self.messageIds.messageId)
             self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
-            self.junkCommands = 0
+            if self.junkCommands:
+                self.junkCommands = 0
             self.resetTransaction()
             self.reply(codes.QUEUED.format(qid=qid))
             # The 250 first: the messages of one grouped commit are answered

@@ -385,3 +385,40 @@ class JunkCommandTests(unittest.TestCase):
         self.assertEqual([code for code, _ in replies], [250] * 120 + [421])
         self.assertEqual(replies[-1][1], ["4.7.0 relay.test too many errors, closing connection"])
         self.assertTrue(closed)
+
+
+class IdleSessionMemoryTests(unittest.TestCase):
+    """
+    What an idle connection costs is mostly its session object: its
+    attributes stay within CPython's shared-key limit for instance dicts
+    (30), past which every session's dict is a table of its own (about
+    1.2 KB more for each idle connection).
+    """
+
+    @defer.inlineCallbacks
+    def test_idleSessionDictIsShared(self):
+        import sys
+
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        factory = gw.service.factories[0]
+
+        def talk():
+            clients = [Client(gw.port) for _ in range(2)]
+            try:
+                for c in clients:
+                    c.reply()
+                c.cmd("EHLO idle.example")
+                time.sleep(0.2)
+                sessions = list(factory.sessions)
+                return [(len(vars(s)), sys.getsizeof(vars(s))) for s in sessions]
+            finally:
+                for c in clients:
+                    c.close()
+
+        sizes = yield inThread(talk)
+        self.assertEqual(len(sizes), 2)  # (one greeted, one after EHLO)
+        for attributes, octets in sizes:
+            self.assertLessEqual(attributes, 30)
+            self.assertLess(octets, 1024)  # (296 shared; 1,584 a table of its own)
