@@ -8,6 +8,7 @@ a task.Clock, and one bounded load test over real loopback sockets.
 
 import os
 import socket
+import sys
 import time
 
 from twisted.internet import defer, reactor, task
@@ -397,28 +398,20 @@ class IdleSessionMemoryTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_idleSessionDictIsShared(self):
-        import sys
-
         gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
         yield gw.start()
         self.addCleanup(gw.stop)
-        factory = gw.service.factories[0]
 
         def talk():
             clients = [Client(gw.port) for _ in range(2)]
-            try:
-                for c in clients:
-                    c.reply()
-                c.cmd("EHLO idle.example")
-                time.sleep(0.2)
-                sessions = list(factory.sessions)
-                return [(len(vars(s)), sys.getsizeof(vars(s))) for s in sessions]
-            finally:
-                for c in clients:
-                    c.close()
+            for c in clients:
+                self.addCleanup(c.close)
+                c.reply()
+            c.cmd("EHLO idle.example")
 
-        sizes = yield inThread(talk)
-        self.assertEqual(len(sizes), 2)  # (one greeted, one after EHLO)
-        for attributes, octets in sizes:
-            self.assertLessEqual(attributes, 30)
-            self.assertLess(octets, 1024)  # (296 shared; 1,584 a table of its own)
+        yield inThread(talk)  # (one session greeted, one after EHLO)
+        sessions = gw.service.factories[0].sessions
+        self.assertEqual(len(sessions), 2)
+        for session in sessions:
+            self.assertLessEqual(len(vars(session)), 30)
+            self.assertLess(sys.getsizeof(vars(session)), 1024)  # (296 shared; 1,584 a table of its own)
