@@ -16,6 +16,7 @@ the budget anyway (one burst is accepted in a batch) is told C{421 4.7.0}.
 import resource
 
 from relaygw.logs import Logger
+from relaygw.sharedports import acceptExclusively
 
 log = Logger(namespace="relaygw.service")
 
@@ -82,6 +83,8 @@ class ConnectionBudget:
                     port.stopReading()
                 else:
                     port.startReading()
+                    # (The reactor registers it afresh, without the flag.)
+                    acceptExclusively(getattr(port, "reactor", None), port)
         if full:
             log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
                      n=self.connections)

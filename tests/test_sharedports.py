@@ -183,3 +183,30 @@ class ExclusiveWakeupTests(unittest.TestCase):
 
         self.assertFalse(acceptExclusively(reactor, NotReading()))
         self.assertIsNone(epollEvents(reactor, listening.fileno()))
+
+    def test_exclusiveAgainOnceTheBudgetResumes(self):
+        """
+        The descriptor budget pauses a full worker's listening port and
+        resumes it later: the reactor registers it afresh, and it waits
+        with EPOLLEXCLUSIVE again (without it, every new connection on the
+        shared socket would wake this worker too).
+        """
+        from types import SimpleNamespace
+
+        from relaygw.descriptors import ConnectionBudget
+
+        endpoint = ReusePortEndpoint(reactor, "127.0.0.1", 0)
+        port = self.successResultOf(endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol)))
+        self.addCleanup(port.stopListening)
+        held = SimpleNamespace(n=0)
+        budget = ConnectionBudget([SimpleNamespace(max_connections=10)], 0, ports=[port], limit=2 * 10 + 64)
+        budget.factories.append(SimpleNamespace(connectionsHeld=lambda: held.n))
+        self.assertEqual(budget.connections, 10)
+        held.n = 10
+        budget.changed()
+        self.assertIsNone(epollEvents(reactor, port.fileno()))  # paused
+        held.n = 9
+        budget.changed()
+        events = epollEvents(reactor, port.fileno())
+        self.assertEqual(events & select.EPOLLEXCLUSIVE, select.EPOLLEXCLUSIVE)
+        self.assertEqual(events & select.EPOLLIN, select.EPOLLIN)
