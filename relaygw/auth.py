@@ -134,6 +134,10 @@ def _checkUsername(user):
         raise ValueError("invalid user name %r" % (user,))
 
 
+class PasswordFileError(Exception):
+    """The password file cannot be read (an operator's problem: no traceback)."""
+
+
 class PasswordFile:
     """
     A file of C{username:hash} lines; blank lines and C{#} comments are
@@ -149,6 +153,10 @@ class PasswordFile:
                 return f.read().splitlines()
         except FileNotFoundError:
             return []
+        except UnicodeDecodeError:
+            raise PasswordFileError("%s is not UTF-8" % (self.path,))
+        except OSError as e:
+            raise PasswordFileError("cannot read %s: %s" % (self.path, e.strerror))
 
     @staticmethod
     def _parse(line):
@@ -293,6 +301,8 @@ class HashedPasswordChecker:
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None
+        except OSError as e:
+            raise PasswordFileError("cannot read %s: %s" % (self._file.path, e.strerror))
         if stamp != self._stamp:
             self._users = self._file.users() if stamp is not None else {}
             self._stamp = stamp

@@ -10,6 +10,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 
 from relaygw import codes, sasl
+from relaygw.auth import PasswordFileError
 from relaygw.logs import Logger
 from relaygw.modes import AUTH, COMMAND
 
@@ -114,7 +115,10 @@ class AuthCommand:
         def bad(failure):
             if not failure.check(UnauthorizedLogin):
                 tracker.end(who, failed=False)
-                log.failure("[{session}] auth backend error", failure, session=self.sessionId)
+                if failure.check(PasswordFileError):
+                    log.error("[{session}] auth backend error: {why}", session=self.sessionId, why=failure.value)
+                else:
+                    log.failure("[{session}] auth backend error", failure, session=self.sessionId)
                 self.reply(codes.AUTH_UNAVAILABLE)
                 return None
             f.stats("auth", "failure")

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from relaygw.auth import PasswordFile
 from relaygw.testing import inThread
 from tests.authexchange import authReply, b64
+from tests.recorders import LogCapture
 from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
 
 
@@ -159,6 +160,24 @@ class PlaintextAuthTests(AuthTestCase):
         c = self.plainClient()
         self.assertIn("AUTH PLAIN LOGIN", c.cmd("EHLO x")[1])
         self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret")))[0], 235)
+
+    @defer.inlineCallbacks
+    def test_unreadablePasswordFile(self):
+        """
+        A password file rewritten with a byte that is not UTF-8 is the
+        server's problem: 454 4.7.0, and one error line naming the file,
+        not a critical traceback.
+        """
+        logs = LogCapture(self)
+        with open(self.tlsListener["credentials"], "ab") as f:
+            f.write(b"j\xf6rg:x\n")
+        c = self.plainClient()
+        c.cmd("EHLO x")
+        self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret"))),
+                         (454, ["4.7.0 Temporary authentication failure"]))
+        [event] = logs.find("auth backend error")
+        self.assertNotIn("log_failure", event)
+        self.assertIn("is not UTF-8", str(event["why"]))
 
 
 class AlwaysAllowTests(SessionTestCase):
