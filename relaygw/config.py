@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -53,8 +54,9 @@ def _cidrs(value):
 
 def endpointPort(description):
     """
-    The TCP port and interface a server endpoint string listens on, as
-    C{(interface, port)}; C{None} for an endpoint without a TCP port (unix:).
+    What a server endpoint string listens on: C{(interface, port)} for a
+    TCP port (the interface as the address it binds, L{_listeningAddress}),
+    C{("unix", absolute path)} for a UNIX socket, C{None} for anything else.
 
     @raise Invalid: if the string does not parse or the port is out of range.
     """
@@ -68,12 +70,49 @@ def endpointPort(description):
         raise Invalid("cannot parse %r" % (description,), expected)
     while not hasattr(endpoint, "_port") and hasattr(endpoint, "_wrappedEndpoint"):
         endpoint = endpoint._wrappedEndpoint
+    backlog = getattr(endpoint, "_backlog", None)
+    if isinstance(backlog, int) and not 0 < backlog <= 65535:
+        raise Invalid("backlog %s out of range" % (backlog,), "a backlog from 1 to 65535")
     port = getattr(endpoint, "_port", None)
     if port is None:
-        return None
+        path = getattr(endpoint, "_address", None)
+        return None if path is None else ("unix", _unixPath(path))
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise Invalid("port %s out of range" % (port,), "a port from 0 to 65535")
-    return getattr(endpoint, "_interface", ""), port
+    interface = getattr(endpoint, "_interface", "")
+    return _listeningAddress(interface), port
+
+
+def _listeningAddress(interface):
+    """
+    The address C{interface} names, as the kernel will bind it (an IPv4
+    address for an IPv4-mapped one); a host name is looked up, as binding
+    would.  C{""} (every address) stays C{""}.
+    """
+    import socket
+
+    if not interface:
+        return ""
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        try:
+            address = ipaddress.ip_address(socket.getaddrinfo(interface, None)[0][4][0])
+        except (OSError, UnicodeError, ValueError):
+            raise Invalid("interface %r is not an address" % (interface,), "an IP address such as 127.0.0.1")
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return str(address)
+
+
+def _unixPath(path):
+    """A UNIX socket endpoint's path, absolute: not empty, in a directory that exists."""
+    if not path:
+        raise Invalid("empty socket path", "unix:PATH")
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise Invalid("%s is not a directory" % (os.path.dirname(path),), "unix:PATH in an existing directory")
+    return path
 
 
 def _endpoint(value):
@@ -103,6 +142,13 @@ def _subset(*options):
 def _positive(value):
     if value <= 0:
         raise Invalid("must be positive", "a number above 0")
+    return value
+
+
+def _workers(value):
+    # (A bound, so that a stray digit cannot fork the machine to its knees.)
+    if not 1 <= value <= 256:
+        raise Invalid("%s workers" % (value,), "1 to 256, about one per core")
     return value
 
 
@@ -166,6 +212,14 @@ def _smarthost(value):
     return tuple(value)
 
 
+def _domains(value):
+    for v in value:
+        if not isinstance(v, str):
+            raise Invalid("%r is not a domain" % (v,), "domain names such as partner.example")
+        checkHostname(v)
+    return tuple(value)
+
+
 def _identities(value):
     from relaygw.trust import parseClientIdentity
 
@@ -180,7 +234,11 @@ def _identities(value):
 def _ciphers(value):
     from twisted.internet import ssl
 
-    if not ssl.AcceptableCiphers.fromOpenSSLCipherString(value)._ciphers:
+    try:
+        ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(value)._ciphers
+    except Exception:  # (OpenSSL.SSL.Error for a string it cannot parse)
+        ciphers = ()
+    if not ciphers:
         raise Invalid("OpenSSL accepts no cipher in %r" % (value,), "an OpenSSL cipher string such as HIGH:!aNULL")
     return value
 
@@ -208,6 +266,8 @@ def parseHostPort(text, defaultPort=25):
             raise Invalid("bad host %r" % (text,), expected)
     elif text.count(":") == 1:
         host, port = text.split(":")
+        if not port:
+            raise Invalid("empty port in %r" % (text,), expected)
     else:
         host, port = text, ""
     if not host:
@@ -318,7 +378,7 @@ class RouteConfig(NextHopConfig):
     INHERITED = ("tls", "tls_ca", "forward_identity", "destination_concurrency", "command_timeout")
 
     name: str = _opt(None, str)
-    domains: tuple = _opt((), list)
+    domains: tuple = _opt((), list, _domains)
     context_key: str = _opt(None, str)
     context_value: str = _opt(None, str)
 
@@ -330,7 +390,7 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class ProcessConfig:
-    workers: int = _opt(1, int, _positive)
+    workers: int = _opt(1, int, _workers)
 
 
 @dataclass(frozen=True)
@@ -461,7 +521,8 @@ def _portsDistinct(report, listeners, admin):
         for otherKey, (otherInterface, otherPort) in seen:
             wildcard = interface in ("", "0.0.0.0", "::") or otherInterface in ("", "0.0.0.0", "::")
             if port == otherPort and (wildcard or interface == otherInterface):
-                report.add(key, "port %d is also %s's (expected a port of its own)" % (port, otherKey))
+                what = "socket %s" % (port,) if interface == "unix" else "port %d" % (port,)
+                report.add(key, "%s is also %s's (expected one of its own)" % (what, otherKey))
                 break
         seen.append((key, bound))
 
@@ -480,6 +541,8 @@ def parse(text, path="<config>", base=None, environment=False):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("%s: %s (expected TOML)" % (fname, e))
+    except RecursionError:
+        raise ConfigError("%s: arrays or tables nested too deeply (expected TOML a few levels deep)" % (fname,))
     report = _Report(fname)
     sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig,
                 "process": ProcessConfig}
@@ -532,7 +595,11 @@ def parse(text, path="<config>", base=None, environment=False):
     relay = built["relay"]
     if relay.resolver is not None:
         try:
-            parseHostPort(relay.resolver, 53)
+            host, _ = parseHostPort(relay.resolver, 53)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise Invalid("%r is not an address" % (host,), "a DNS server's address, such as 127.0.0.1:53")
         except Invalid as e:
             report.add("relay.resolver", str(e))
     if relay.retry_min > relay.retry_max:
@@ -574,7 +641,10 @@ def load(path, environment=False):
 def read(path):
     """The text of the config file at C{path}; raises L{ConfigError} when it cannot be read."""
     try:
-        with open(path, "rb") as f:
+        # (Not a FIFO or a device, which could block the reader for ever.)
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError("%s: not a regular file (expected a TOML file)" % (os.path.basename(path),))
             return f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError("%s: cannot read: %s (expected a readable file)" % (os.path.basename(path), e.strerror))

@@ -4,8 +4,11 @@ the validation context in hand.  Each hook returns C{None} to accept or a
 L{relaygw.codes.Reply} to refuse, directly or through a Deferred.
 """
 
+import inspect
+
 from twisted.python.reflect import namedAny
 from zope.interface import Interface, implementer
+from zope.interface.interface import InterfaceClass
 
 from relaygw import codes
 from relaygw.trust import Networks
@@ -87,7 +90,12 @@ def loadPolicy(dottedName, listener):
     taking the listener config and returning an L{IPolicy} provider.
     """
     factory = namedAny(dottedName)
-    policy = factory(listener)
+    if inspect.isbuiltin(factory) or isinstance(factory, InterfaceClass):
+        raise TypeError("%s is not a policy class" % (dottedName,))
+    try:
+        policy = factory(listener)
+    except SystemExit:  # (sys.exit, say: a mistyped name must not stop the gateway)
+        raise TypeError("%s exited when called" % (dottedName,))
     if not IPolicy.providedBy(policy):
         raise TypeError("%s does not provide IPolicy" % (dottedName,))
     return policy

@@ -29,7 +29,13 @@ def _listener(report, where, l):
     if l.tls_client_ca is not None:
         _caFile(report, where + ".tls_client_ca", l.tls_client_ca)
     if l.credentials is not None:
-        _readable(report, where + ".credentials", l.credentials, "a password file (relaygw-passwd)")
+        what = "a password file (relaygw-passwd)"
+        data = _readable(report, where + ".credentials", l.credentials, what)
+        if data is not None:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                report.add(where + ".credentials", "%s is not UTF-8 (expected %s)" % (l.credentials, what))
     _policy(report, where + ".policy", l)
 
 

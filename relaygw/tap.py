@@ -30,6 +30,8 @@ class Options(usage.Options):
         # Start and --check-config refuse the same configurations with the
         # same words: every error, one per line, and no traceback.
         self.configText = None
+        if not (self["worker"].isascii() and self["worker"].isdigit()):
+            raise usage.UsageError("--worker: %r is not a worker index (expected 0 or more)" % (self["worker"],))
         try:
             if self["config"]:
                 self.config = self._workerConfig()

@@ -31,6 +31,9 @@ class BrokenConfigTests(unittest.TestCase):
         with open(self.afile, "w") as f:
             f.write("not PEM\n")
         self.tls = {"tls_certificate": self.cert, "tls_key": self.key}
+        self.latin1 = os.path.join(d, "passwd-latin1")
+        with open(self.latin1, "wb") as f:
+            f.write(b"j\xf6rg:$scrypt$x\n")
 
     def rows(self):
         """(what, config keyword arguments or raw TOML, key the error names, words it uses)."""
@@ -118,6 +121,40 @@ class BrokenConfigTests(unittest.TestCase):
              "listener[0].endpoint", "plain TCP"),
             ("bad fsync", {"spool": {"fsync": "never"}}, "spool.fsync", "one of grouped, each"),
             ("bad log level", {"log": {"level": "loud"}}, "log.level", "one of debug"),
+            ("ciphers OpenSSL cannot parse", {"listeners": (dict(tls, tls_ciphers="!!!:::"),)},
+             "listener[0].tls_ciphers", "accepts no cipher"),
+            ("backlog out of range", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1:backlog=" + "9" * 20},)},
+             "listener[0].endpoint", "a backlog from 1 to 65535"),
+            ("interface not an address", {"listeners": ({"endpoint": "tcp:2525:interface=not-an-ip"},)},
+             "listener[0].endpoint", "is not an address"),
+            ("interface with a space", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1 "},)},
+             "listener[0].endpoint", "is not an address"),
+            ("socket in a missing directory", {"listeners": ({"endpoint": "unix:/nonexistent-dir-for-test/s"},)},
+             "listener[0].endpoint", "is not a directory"),
+            ("empty socket path", {"listeners": ({"endpoint": "unix:"},)}, "listener[0].endpoint", "empty socket path"),
+            ("one address written two ways", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1"},
+                                                           {"endpoint": "tcp:2525:interface=127.000.000.001"})},
+             "listener[1].endpoint", "port 2525"),
+            ("an IPv4-mapped address", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1"},
+                                                     {"endpoint": r"tcp6:2525:interface=\:\:ffff\:127.0.0.1"})},
+             "listener[1].endpoint", "port 2525"),
+            ("one socket twice", {"listeners": ({"endpoint": "unix:%s/s.sock" % d},
+                                                {"endpoint": "unix:%s/../%s/s.sock" % (d, os.path.basename(d))})},
+             "listener[1].endpoint", "socket %s/s.sock" % d),
+            ("workers past the bound", {"process": {"workers": 1000}}, "process.workers", "1 to 256"),
+            ("credentials not UTF-8", {"listeners": ({"credentials": self.latin1},)},
+             "listener[0].credentials", "is not UTF-8"),
+            ("policy a builtin that exits", {"listeners": ({"policy": "sys.exit"},)},
+             "listener[0].policy", "is not a policy class"),
+            ("policy an object that exits", {"listeners": ({"policy": "builtins.exit"},)},
+             "listener[0].policy", "exited when called"),
+            ("policy the interface", {"listeners": ({"policy": "relaygw.policy.IPolicy"},)},
+             "listener[0].policy", "is not a policy class"),
+            ("resolver a name", {"relay": {"resolver": "dns.example"}}, "relay.resolver", "is not an address"),
+            ("smarthost with an empty port", {"relay": {"smarthosts": ["mx.example:"]}},
+             "relay.smarthosts", "empty port"),
+            ("route domain not a name", {"routes": ({"domains": ["a b"], "smarthosts": ["[127.0.0.1]:25"]},)},
+             "route[0].domains", "not a valid host name"),
         ]
 
     def text(self, spec):
@@ -213,4 +250,27 @@ class CommandLineTests(unittest.TestCase):
         code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual(code, 1)
         self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", out)
+        self.assertNotIn("Traceback", out + err)
+
+    def test_fifoRefusedAtOnce(self):
+        """A FIFO (or a device) for a config file is refused, not read: reading it could wait for ever."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        fifo = os.path.join(d, "relaygw.toml")
+        os.mkfifo(fifo)
+        for args in (("relaygw", "--config", fifo, "--check-config"), ("-n", "--pidfile=", "relaygw", "--config", fifo)):
+            code, out, err = twistdCommand(*args, cwd=d)  # (before: waited for a writer until killed)
+            self.assertEqual((code, err), (1, "relaygw.toml: not a regular file (expected a TOML file)\n"))
+
+    def test_deepNestingIsOneLine(self):
+        d, path = self.write("x = " + "[" * 3000 + "]" * 3000 + "\n")
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config")
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "relaygw.toml: arrays or tables nested too deeply (expected TOML a few levels deep)\n")
+
+    def test_workerIndexNotANumber(self):
+        d, path = self.write(configText(os.path.abspath(self.mktemp())))
+        code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--worker", "abc", "--config", path, cwd=d)
+        self.assertEqual(code, 1)
+        self.assertIn("--worker: 'abc' is not a worker index (expected 0 or more)", out + err)
         self.assertNotIn("Traceback", out + err)
