@@ -174,7 +174,7 @@ class CommitJob:
         if not isinstance(data, bytes):
             data = b"".join(data)
         if self.reuse:  # (created after all if it has gone missing)
-            self.fd = quick.open(self.tmpPath, os.O_WRONLY | os.O_CREAT, 0o640)
+            self.fd = quick.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o640)
             quick.ftruncate(self.fd, quick.write(self.fd, data))
         else:
             self.fd = quick.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)

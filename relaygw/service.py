@@ -320,7 +320,8 @@ class GatewayService(MultiService):
         """
         Take exclusive ownership of this process's spool partition
         (L{WorkerRole.acquire}); raises L{PartitionLocked} when another
-        live process has it.
+        live process has it, L{UnsafeSpool} when an area of its layout is
+        a symbolic link.
         """
         self.role.acquire(self.spool)
 

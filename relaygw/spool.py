@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import stat
 import time
 
 from twisted.internet import defer
@@ -31,6 +32,55 @@ from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, 
 log = Logger()
 
 LOCK_FILE = "lock"
+
+#: How files inside the spool are opened: a symlink is never followed (the
+#: operator's tool runs as root; nothing outside the spool may be touched).
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeSpool(Exception):
+    """
+    Part of the spool's layout is not what it must be (a symbolic link
+    where a directory belongs, say): the spool is not used at all.
+    """
+
+    def __init__(self, path, what):
+        Exception.__init__(self, path, what)
+        self.path = path
+        self.what = what
+
+    def __str__(self):
+        return "spool: %s is %s; refusing to use the spool" % (self.path, self.what)
+
+
+def _openRegular(path, what):
+    """
+    C{path} opened to read (a binary file) and its size.  Raises
+    L{CorruptMessage} naming C{what} when it is not a regular file: a
+    symbolic link (never followed), a directory, a FIFO.
+    """
+    try:
+        fd = os.open(path, _READ)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptMessage("%s is a symbolic link" % what, path)
+        raise
+    f = open(fd, "rb")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise CorruptMessage("%s is %s" % (what, "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"),
+                             path)
+    return f, st.st_size
+
+
+def _isDirectory(path):
+    """Whether C{path} is a real directory (not a symbolic link to one)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class PartitionLocked(Exception):
@@ -58,7 +108,12 @@ class PartitionLock:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         path = os.path.join(directory, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeSpool(path, "a symbolic link, not a lock file")
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -116,7 +171,7 @@ def partitions(base):
     except OSError:
         return {}
     found = {int(n[1:]): os.path.join(base, n) for n in names
-             if _PARTITION.fullmatch(n) and os.path.isdir(os.path.join(base, n))}
+             if _PARTITION.fullmatch(n) and _isDirectory(os.path.join(base, n))}
     return dict(sorted(found.items()))
 
 
@@ -127,7 +182,7 @@ def spoolsAt(base, workers):
     partition under it.
     """
     found = list(partitions(base).values())
-    if workers > 1 or (found and not os.path.isdir(os.path.join(base, "queue"))):
+    if workers > 1 or (found and not _isDirectory(os.path.join(base, "queue"))):
         return [Spool(path, None) for path in found]
     return [Spool(base, None)]
 
@@ -208,7 +263,7 @@ class SpooledMessage:
         content = self.spool.retained(self.queueId)
         if content is not None:
             return io.BytesIO(content)
-        f = open(self.path, "rb", buffering=0)
+        f = open(os.open(self.path, _READ), "rb", buffering=0)
         try:
             f.seek(self.bodyOffset)
         except BaseException:
@@ -414,6 +469,26 @@ class Spool:
         """
         if self.lock is None:
             self.lock = PartitionLock(self.directory)
+            try:
+                self.checkLayout()
+            except UnsafeSpool:
+                self.releaseLock()
+                raise
+
+    def checkLayout(self):
+        """
+        Raise L{UnsafeSpool} unless each area of the layout that exists is
+        a real directory: a symbolic link there would take every file
+        operation outside the spool.  One C{lstat} per area.
+        """
+        for area in self.AREAS:
+            path = self.path(area)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(mode):
+                raise UnsafeSpool(path, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory")
 
     def releaseLock(self):
         if self.lock is not None:
@@ -462,9 +537,9 @@ class Spool:
         content whose size is not the one recorded before the 250.
         """
         path = self.path("queue", queueId)
-        with open(path, "rb") as f:
+        f, total = _openRegular(path, "queue file")
+        with f:
             line = f.readline(self.MAX_ENVELOPE)
-            total = os.fstat(f.fileno()).st_size
         try:
             if not line:
                 raise CorruptMessage("empty queue file")
@@ -670,10 +745,11 @@ class ProgressRecords:
         """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""
         path = self.spool.path("state", queueId)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            f, _ = _openRegular(path, "state file")
         except FileNotFoundError:
             return {}
+        with f:
+            data = f.read()
         try:
             state = json.loads(data) if data else None
         except (ValueError, RecursionError):
@@ -747,7 +823,7 @@ class ProgressRecords:
     def _writeNow(self, queueId, data):
         final = self.spool.path("state", queueId)
         tmp = final + ".tmp"
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, _CREATE | os.O_TRUNC, 0o640), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -773,6 +849,7 @@ class SpoolRecovery:
         committed queue ids, oldest first, and the spent files to reuse.
         """
         spool = self.spool
+        spool.checkLayout()
         for area in spool.AREAS:
             os.makedirs(spool.path(area), exist_ok=True)
         for name in os.listdir(spool.path("tmp")):
@@ -804,10 +881,11 @@ class SpoolRecovery:
         if name in kept:
             return False
         try:
-            with open(self.spool.path("spent", name), "rb") as f:
+            f, _ = _openRegular(self.spool.path("spent", name), "spent file")
+            with f:
                 envelope = json.loads(f.readline(self.spool.MAX_ENVELOPE))
             return envelope.get("queue_id") not in kept
-        except (OSError, ValueError, RecursionError, AttributeError):
+        except (OSError, CorruptMessage, ValueError, RecursionError, AttributeError):
             return False  # (unreadable: not worth the risk)
 
     def adopt(self, source):
@@ -821,6 +899,9 @@ class SpoolRecovery:
         moved = 0
         for area in ("state", "hold", "corrupt", "queue"):
             src = os.path.join(source, area)
+            if os.path.islink(src):
+                log.warn("not adopting {path}: a symbolic link, not a directory", path=src)
+                continue
             entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
             if entries:
                 os.makedirs(self.spool.path(area), exist_ok=True)
@@ -828,7 +909,7 @@ class SpoolRecovery:
                 os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                 moved += area == "queue"
         spent = os.path.join(source, "spent")
-        if os.path.isdir(spent):
+        if _isDirectory(spent):
             removeFiles([os.path.join(spent, name) for name in os.listdir(spent)])
         return moved
 
@@ -842,7 +923,7 @@ class SpoolRecovery:
         area = spool.path("corrupt")
         try:
             os.makedirs(area, exist_ok=True)
-            with open(os.path.join(area, queueId + ".reason"), "w") as f:
+            with open(os.open(os.path.join(area, queueId + ".reason"), _CREATE | os.O_TRUNC, 0o640), "w") as f:
                 json.dump({"reason": str(reason), "time": time.time()}, f)
         except OSError:
             pass  # the files still move; the reason is then unknown
@@ -867,10 +948,11 @@ class SpoolRecovery:
                 continue
             reason, when = "unknown", None
             try:
-                with open(self.spool.path("corrupt", name + ".reason"), "rb") as f:
+                f, _ = _openRegular(self.spool.path("corrupt", name + ".reason"), "reason file")
+                with f:
                     recorded = json.loads(f.read())
                 reason, when = str(recorded["reason"]), float(recorded["time"])
-            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            except (OSError, CorruptMessage, ValueError, KeyError, TypeError, RecursionError):
                 pass
             found.append((name, reason, when))
         return found
@@ -897,8 +979,14 @@ class OperatorRequests:
         spool = self.spool
         if not spool.exists(queueId):
             return False
-        with open(spool.path("hold", queueId), "w"):
-            pass
+        path = spool.path("hold", queueId)
+        try:
+            os.close(os.open(path, _CREATE, 0o640))
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            # Something else is there: not written through, and it holds the message already.
+            log.warn("{path} is not a hold marker: left alone", path=path)
         if not spool.exists(queueId):
             # Delivered meanwhile: leave no stray marker behind.
             removeFiles([spool.path("hold", queueId)])
@@ -915,7 +1003,8 @@ class OperatorRequests:
         return True
 
     def isHeld(self, queueId):
-        return os.path.exists(self.spool.path("hold", queueId))
+        """Whatever is at C{hold/ID} (never followed) holds the message."""
+        return os.path.lexists(self.spool.path("hold", queueId))
 
     def clearStrayHolds(self):
         """
@@ -930,8 +1019,11 @@ class OperatorRequests:
     def requestFlush(self, queueId=None):
         """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
         marker = FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId
-        with open(os.path.join(self.spool.directory, marker), "w"):
-            pass
+        try:
+            os.close(os.open(os.path.join(self.spool.directory, marker), _CREATE, 0o640))
+        except OSError as e:
+            if e.errno != errno.ELOOP:  # (a symbolic link there is a request already, never written through)
+                raise
 
     def take(self):
         """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""

@@ -142,6 +142,9 @@ class ISpool(Interface):
     def open():
         """Create the layout, discard what was never acknowledged; the queued ids, oldest first."""
 
+    def checkLayout():
+        """Raise C{UnsafeSpool} unless every area of the layout that exists is a real directory."""
+
     def newMessage(envelope):
         """
         A writer for a new message (C{write()}, C{commit()}, C{abort()},

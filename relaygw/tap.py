@@ -59,7 +59,7 @@ class Options(usage.Options):
 def makeService(options):
     from relaygw.service import makeService as build
 
-    from relaygw.spool import PartitionLocked
+    from relaygw.spool import PartitionLocked, UnsafeSpool
     from relaygw.workers import dieWithParent
 
     worker = int(options["worker"])
@@ -77,7 +77,7 @@ def makeService(options):
         service.installSignals = True
         _tuneCollector()
         return service
-    except (_config.ConfigError, PartitionLocked) as e:
+    except (_config.ConfigError, PartitionLocked, UnsafeSpool) as e:
         sys.stderr.write("%s\n" % (e,))
         raise SystemExit(1)
 

@@ -27,7 +27,7 @@ from relaygw import anvil
 from relaygw.durable import removeFiles
 from relaygw.logs import Logger
 from relaygw.sharedports import ENV, SharedSockets, acceptExclusively
-from relaygw.spool import PartitionLock, PartitionLocked, partitionDirectory, partitions
+from relaygw.spool import PartitionLock, PartitionLocked, UnsafeSpool, partitionDirectory, partitions
 
 log = Logger(namespace="relaygw.workers")
 
@@ -400,7 +400,8 @@ class WorkerRole:
         """
         Take exclusive ownership of C{spool}, this process's partition (and,
         for worker 0 of several, of the spool directory itself); raises
-        L{PartitionLocked} when another live process has it.
+        L{PartitionLocked} when another live process has it, L{UnsafeSpool}
+        when its layout is not safe to use.
         """
         if spool.lock is not None:
             for lock in self._locks + [spool.lock]:
@@ -417,7 +418,7 @@ class WorkerRole:
                 self.supervisor.env[STARTED_ENV] = _startedPath(self.base)
         try:
             spool.acquire()
-        except PartitionLocked:
+        except (PartitionLocked, UnsafeSpool):
             self._releaseLocks()
             raise
 
@@ -449,7 +450,7 @@ class WorkerRole:
             if source != base:  # (the base directory is ours already)
                 try:
                     lock = PartitionLock(source)
-                except PartitionLocked as e:
+                except (PartitionLocked, UnsafeSpool) as e:
                     _roleLog.warn("not adopting the messages in {source}: {error}", source=source, error=str(e))
                     continue
             else:

@@ -542,3 +542,117 @@ class WithdrawnTests(RelayTestCase):
         yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 2)
         self.assertEqual(self.hop_.recipients(), ["r0@example.net", "r1@example.net"])
         self.assertEqual(os.listdir(spool.path("hold")), [])
+
+
+class SymlinkTests(unittest.TestCase):
+    """
+    Nothing outside the spool is created, truncated, read as a message or
+    removed through a symbolic link planted in it (the tool runs as root).
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        base = os.path.abspath(self.mktemp())
+        self.dir = os.path.join(base, "spool")
+        self.outside = os.path.join(base, "outside")
+        os.makedirs(self.outside)
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        self.ids = []
+        for rcpt in ("a@one.example", "b@two.example"):
+            w = self.spool.newMessage({"mailfrom": "s@example.org", "recipients": [rcpt], "arrival": time.time(),
+                                       "context": {"connection": {}, "message": {}}})
+            w.write(b"Subject: x\r\n\r\nbody\r\n")
+            self.ids.append((yield w.commit()))
+
+    def outsideFile(self, name, content):
+        path = os.path.join(self.outside, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def assertContent(self, path, content):
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def test_holdMarkerNotWrittenThrough(self):
+        """A symbolic link at hold/ID is not written through: it holds the message, and release removes it."""
+        target = self.outsideFile("target", b"precious\n")
+        os.symlink(target, self.spool.path("hold", self.ids[0]))
+        code, out, err = runTool("--spool", self.dir, "hold", self.ids[0])
+        self.assertEqual((code, out), (0, "held %s\n" % self.ids[0]))
+        self.assertEqual(err, "relaygw-queue: warning: %s is not a hold marker: left alone\n"
+                         % self.spool.path("hold", self.ids[0]))
+        self.assertContent(target, b"precious\n")
+        self.assertTrue(self.spool.isHeld(self.ids[0]))
+        self.assertEqual(runTool("--spool", self.dir, "release", self.ids[0])[:2], (0, "released %s\n" % self.ids[0]))
+        self.assertFalse(os.path.lexists(self.spool.path("hold", self.ids[0])))
+        self.assertContent(target, b"precious\n")
+
+    def assertRefused(self, area, *commands):
+        path = self.spool.path(area)
+        for argv in commands:
+            self.assertEqual(runTool("--spool", self.dir, *argv),
+                             (1, "", "relaygw-queue: spool: %s is a symbolic link, not a directory; "
+                                     "refusing to use the spool\n" % (path,)), argv)
+
+    def test_corruptAreaLinkedOutside(self):
+        """corrupt/ a symbolic link: the tool refuses to run, and removes nothing there."""
+        cdir = os.path.join(self.outside, "cdir")
+        os.makedirs(cdir)
+        for name in ("victim", "victim.reason"):
+            with open(os.path.join(cdir, name), "w"):
+                pass
+        os.rmdir(self.spool.path("corrupt"))
+        os.symlink(cdir, self.spool.path("corrupt"))
+        self.assertRefused("corrupt", ["delete", "victim"], ["show", "victim"], ["list"], ["delete", "ALL"])
+        self.assertEqual(sorted(os.listdir(cdir)), ["victim", "victim.reason"])
+        self.assertEqual(self.spool.queueIds(), self.ids)
+
+    def test_holdAreaLinkedOutside(self):
+        """hold/ a symbolic link: nothing is created or removed there."""
+        hdir = os.path.join(self.outside, "hdir")
+        os.makedirs(hdir)
+        self.outsideFile("hdir/" + self.ids[1], b"")
+        os.rmdir(self.spool.path("hold"))
+        os.symlink(hdir, self.spool.path("hold"))
+        self.assertRefused("hold", ["hold", self.ids[0]], ["hold", "ALL"], ["release", "ALL"], ["flush"])
+        self.assertEqual(os.listdir(hdir), [self.ids[1]])
+
+    def test_queueFileLinkedOutside(self):
+        """A symbolic link in queue/ (even to a well-formed message) is not read: it is unreadable."""
+        with open(self.spool.path("queue", self.ids[0]), "rb") as f:
+            message = f.read().replace(b"body", b"SECRET")
+        os.symlink(self.outsideFile("envcopy", message), self.spool.path("queue", "LINKOUT"))
+        code, out, err = runTool("--spool", self.dir, "show", "LINKOUT")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "relaygw-queue: LINKOUT is unreadable: queue file is a symbolic link\n")
+        code, out, err = runTool("--spool", self.dir, "list")
+        self.assertEqual(code, 0)
+        self.assertIn("LINKOUT!", out)
+        self.assertIn("unreadable: queue file is a symbolic link", out)
+
+    def test_stateFileLinkedOutside(self):
+        target = self.outsideFile("state", b'{"rcpts": {}, "attempts": 7, "last_error": "SECRET"}')
+        os.symlink(target, self.spool.path("state", self.ids[1]))
+        code, out, err = runTool("--spool", self.dir, "show", self.ids[1])
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "relaygw-queue: %s is unreadable: state file is a symbolic link\n" % self.ids[1])
+
+    def test_consoleScriptRefusesALinkedArea(self):
+        """The installed relaygw-queue: one line naming the path, exit 1, no traceback."""
+        os.rmdir(self.spool.path("hold"))
+        os.symlink(self.outside, self.spool.path("hold"))
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+
+        def run():
+            return subprocess.run([exe, "--spool", self.dir, "hold", "ALL"], capture_output=True, text=True,
+                                  timeout=30, env=sourceEnv())
+
+        def check(p):
+            self.assertEqual((p.returncode, p.stdout), (1, ""))
+            self.assertEqual(p.stderr, "relaygw-queue: spool: %s is a symbolic link, not a directory; "
+                                       "refusing to use the spool\n" % self.spool.path("hold"))
+            self.assertEqual(os.listdir(self.outside), [])
+
+        return inThread(run).addCallback(check)

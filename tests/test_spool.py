@@ -19,7 +19,7 @@ from relaygw.durable import CommitJob, Committer
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import Result
 from relaygw.spool import Spool
-from relaygw.spoolapi import Withdrawn
+from relaygw.spoolapi import CorruptMessage, Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 
 
@@ -841,3 +841,105 @@ class WorkerCountChangeTests(unittest.TestCase):
         spool = yield self.start(directory, 1)
         self.assertEqual(spool.queueIds(), sorted(ids))
         self.assertTrue(all(spool.isHeld(qid) for qid in ids))
+
+
+class LinkedOutsideTests(SpoolCase):
+    """The gateway never follows a symbolic link planted in the spool."""
+
+    def setUp(self):
+        SpoolCase.setUp(self)
+        self.outside = os.path.abspath(self.mktemp())
+        os.makedirs(self.outside)
+
+    def outsideFile(self, name, content):
+        path = os.path.join(self.outside, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def assertContent(self, path, content):
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    @defer.inlineCallbacks
+    def test_spentLinkNotOverwritten(self):
+        """A symbolic link in spent/ is removed at start, never reused for a new message."""
+        content = b'{"queue_id": "GONE"}\nprecious\n'
+        target = self.outsideFile("target", content)
+        os.symlink(target, self.spool.path("spent", "GONE"))
+        reopened = Spool(self.dir, self.spool.committer)
+        reopened.open()
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+        w = reopened.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+        w.write(b"new\r\n")
+        yield w.commit()
+        self.assertContent(target, content)
+
+    @defer.inlineCallbacks
+    def test_queueAndStateLinksAreCorrupt(self):
+        """A queue or state file that is a symbolic link is corrupt; quarantine moves the link itself."""
+        qid = yield self.commitContent(b"x\r\n")
+        with open(self.spool.path("queue", qid), "rb") as f:
+            message = f.read()
+        target = self.outsideFile("message", message)
+        os.symlink(target, self.spool.path("queue", "LINK"))
+        with self.assertRaises(CorruptMessage) as caught:
+            self.spool.load("LINK")
+        self.assertEqual((caught.exception.reason, caught.exception.path),
+                         ("queue file is a symbolic link", self.spool.path("queue", "LINK")))
+        state = self.outsideFile("state", b'{"rcpts": {}}')
+        os.symlink(state, self.spool.path("state", qid))
+        self.assertRaises(CorruptMessage, self.spool.readState, qid)
+        reason = self.outsideFile("reason", b"precious")
+        os.symlink(reason, self.spool.path("corrupt", "LINK.reason"))
+        self.spool.quarantine("LINK", "a symbolic link")
+        self.assertTrue(os.path.islink(self.spool.path("corrupt", "LINK")))
+        self.assertContent(target, message)
+        self.assertContent(reason, b"precious")
+
+    @defer.inlineCallbacks
+    def test_gatewayQuarantinesALinkedMessage(self):
+        gw = Gateway(self.mktemp())
+        Spool(os.path.join(gw.directory, "spool"), None).open()
+        target = self.outsideFile("message", b'{"mailfrom": "", "recipients": ["r@example.net"]}\nSECRET\r\n')
+        os.symlink(target, os.path.join(gw.directory, "spool", "queue", "LINK"))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        corrupt = os.path.join(gw.directory, "spool", "corrupt", "LINK")
+        for _ in range(100):
+            if os.path.lexists(corrupt):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(os.path.islink(corrupt))
+        self.assertFalse(os.path.isdir(gw.outbox) and os.listdir(gw.outbox))
+        self.assertContent(target, b'{"mailfrom": "", "recipients": ["r@example.net"]}\nSECRET\r\n')
+
+    def test_gatewayRefusesALinkedArea(self):
+        """hold/ a symbolic link: twistd exits 1 with one line naming it, no traceback."""
+        directory = os.path.abspath(self.mktemp())
+        spool = os.path.join(directory, "spool")
+        os.makedirs(spool)
+        os.symlink(self.outside, os.path.join(spool, "hold"))
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory))
+
+        def run():
+            p = runTwistd(conf, directory)
+            try:
+                output = p.communicate(timeout=60)[0].decode()
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            return p.returncode, output
+
+        def check(result):
+            code, output = result
+            self.assertEqual(code, 1, output)
+            self.assertIn("spool: %s is a symbolic link, not a directory; refusing to use the spool\n"
+                          % os.path.join(spool, "hold"), output)
+            self.assertNotIn("Traceback", output)
+            self.assertEqual(os.listdir(self.outside), [])
+
+        return inThread(run).addCallback(check)

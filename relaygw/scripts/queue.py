@@ -15,8 +15,10 @@ import re
 import sys
 import time
 
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
 from relaygw import config as _config
-from relaygw.spool import spoolsAt
+from relaygw.spool import UnsafeSpool, spoolsAt
 from relaygw.spoolapi import CorruptMessage
 
 _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -36,6 +38,7 @@ def _spools(args):
     """
     The spool partitions: the spool directory itself, or with
     C{[process] workers} > 1 each worker's C{wN} partition under it.
+    Raises L{UnsafeSpool} when one's layout is not safe to work on.
     """
     if args.spool:
         directory, workers = os.path.abspath(args.spool), 1
@@ -45,7 +48,10 @@ def _spools(args):
     if not os.path.isdir(directory):
         # (every command alike: list would say "0 messages", flush fail on its marker)
         raise _NoSpool("no spool at %s" % (directory,))
-    return spoolsAt(directory, workers)
+    spools = spoolsAt(directory, workers)
+    for spool in spools:
+        spool.checkLayout()
+    return spools
 
 
 def _clean(text):
@@ -208,7 +214,7 @@ def _run(argv, out):
 
     try:
         spools = _spools(args)
-    except _config.ConfigError as e:
+    except (_config.ConfigError, UnsafeSpool) as e:
         err(e)
         return 1
     now = time.time()
@@ -281,8 +287,15 @@ def _run(argv, out):
     return 0 if ok else 1
 
 
+def _warnings(event):
+    """The spool's warnings (what it leaves alone) as lines on standard error."""
+    if event.get("log_level", LogLevel.info) >= LogLevel.warn:
+        print("relaygw-queue: warning: %s" % _clean(formatEvent(event)), file=sys.stderr)
+
+
 def main(argv=None, out=None):
     out = sys.stdout if out is None else out
+    globalLogPublisher.addObserver(_warnings)
     try:
         code = _run(argv, out)
         out.flush()
@@ -301,6 +314,8 @@ def main(argv=None, out=None):
     except Exception as e:  # never a traceback, whatever the spool holds
         print("relaygw-queue: error: %s" % _clean(e), file=sys.stderr)
         return 1
+    finally:
+        globalLogPublisher.removeObserver(_warnings)
 
 
 if __name__ == "__main__":
