@@ -66,13 +66,12 @@ def _openRegular(path, what):
         if e.errno == errno.ELOOP:
             raise CorruptMessage("%s is a symbolic link" % what, path)
         raise
-    f = open(fd, "rb")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        f.close()
+        os.close(fd)
         raise CorruptMessage("%s is %s" % (what, "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"),
                              path)
-    return f, st.st_size
+    return open(fd, "rb"), st.st_size
 
 
 def _isDirectory(path):
@@ -111,8 +110,9 @@ class PartitionLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafeSpool(path, "a symbolic link, not a lock file")
+            if e.errno in (errno.ELOOP, errno.EISDIR):
+                raise UnsafeSpool(path, "%s, not a lock file" % (
+                    "a symbolic link" if e.errno == errno.ELOOP else "a directory"))
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -456,6 +456,7 @@ class Spool:
         self._short = False
         self._retained = {}
         self._retainedSize = 0
+        self._leftAlone = set()
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)
         self.requests = OperatorRequests(self)
@@ -688,7 +689,9 @@ class Spool:
         self._forget(queueId)
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
-            return removeFiles(paths)
+            removeFiles(paths[:1])  # (a directory there is no message: an error, and nothing goes)
+            self.discard(paths[1:])
+            return None
         if self.progress.writing(queueId):  # its progress file must not appear after the removal
             return self.progress.whenWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
         if self._short or len(self._spent) >= self.SPENT:
@@ -721,6 +724,25 @@ class Spool:
 
     def writable(self):
         return os.access(self.path("tmp"), os.W_OK)
+
+    def discard(self, paths):
+        """
+        Remove the files C{paths}; one already gone is fine.  A directory
+        there is junk: left alone, with a warning the first time.  Returns
+        whether every one has gone.
+        """
+        gone = True
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                gone = False
+                if path not in self._leftAlone:
+                    self._leftAlone.add(path)
+                    log.warn("{path} is a directory, not a spool file: left alone", path=path)
+        return gone
 
 
 class _StateWrite:
@@ -852,8 +874,7 @@ class SpoolRecovery:
         spool.checkLayout()
         for area in spool.AREAS:
             os.makedirs(spool.path(area), exist_ok=True)
-        for name in os.listdir(spool.path("tmp")):
-            os.unlink(spool.path("tmp", name))
+        spool.discard([spool.path("tmp", name) for name in os.listdir(spool.path("tmp"))])
         queued = set(os.listdir(spool.path("queue")))
         kept = queued.union(os.listdir(spool.path("corrupt")))
         spent = []
@@ -861,11 +882,11 @@ class SpoolRecovery:
             if len(spent) < spool.SPENT and self._reusable(name, kept):
                 spent.append(name)
             else:
-                os.unlink(spool.path("spent", name))
+                spool.discard([spool.path("spent", name)])
         for area in ("state", "hold"):
             for name in os.listdir(spool.path(area)):
                 if name.endswith(".tmp") or name not in queued:
-                    os.unlink(spool.path(area, name))
+                    spool.discard([spool.path(area, name)])
         return sorted(queued), spent
 
     def _reusable(self, name, kept):
@@ -910,7 +931,7 @@ class SpoolRecovery:
                 moved += area == "queue"
         spent = os.path.join(source, "spent")
         if _isDirectory(spent):
-            removeFiles([os.path.join(spent, name) for name in os.listdir(spent)])
+            self.spool.discard([os.path.join(spent, name) for name in os.listdir(spent)])
         return moved
 
     def quarantine(self, queueId, reason):
@@ -934,7 +955,7 @@ class SpoolRecovery:
                 pass
             except OSError as e:
                 log.error("cannot quarantine {path}: {error}", path=spool.path(src, queueId), error=e)
-        removeFiles([spool.path("hold", queueId)])
+        spool.discard([spool.path("hold", queueId)])
 
     def corrupt(self):
         """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
@@ -958,10 +979,12 @@ class SpoolRecovery:
         return found
 
     def discardCorrupt(self, queueId):
-        """Remove a quarantined message; False when there is none."""
-        if not os.path.exists(self.spool.path("corrupt", queueId)):
+        """Remove a quarantined message; False when there is none, C{OSError} when it is a directory."""
+        path = self.spool.path("corrupt", queueId)
+        if not os.path.lexists(path):
             return False
-        removeFiles([self.spool.path("corrupt", queueId + suffix) for suffix in ("", ".state", ".reason")])
+        removeFiles([path])
+        self.spool.discard([path + ".state", path + ".reason"])
         return True
 
 
@@ -989,7 +1012,7 @@ class OperatorRequests:
             log.warn("{path} is not a hold marker: left alone", path=path)
         if not spool.exists(queueId):
             # Delivered meanwhile: leave no stray marker behind.
-            removeFiles([spool.path("hold", queueId)])
+            spool.discard([spool.path("hold", queueId)])
             return False
         return True
 
@@ -1014,7 +1037,7 @@ class OperatorRequests:
         spool = self.spool
         for queueId in os.listdir(spool.path("hold")):
             if not os.path.exists(spool.path("queue", queueId)):
-                removeFiles([spool.path("hold", queueId)])
+                spool.discard([spool.path("hold", queueId)])
 
     def requestFlush(self, queueId=None):
         """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
@@ -1030,8 +1053,8 @@ class OperatorRequests:
         flushAll, ids = False, []
         directory = self.spool.directory
         for name in os.listdir(directory):
-            if name == FLUSH_MARKER or name.startswith(RELEASE_MARKER):
-                removeFiles([os.path.join(directory, name)])
+            if (name == FLUSH_MARKER or name.startswith(RELEASE_MARKER)) \
+                    and self.spool.discard([os.path.join(directory, name)]):
                 if name == FLUSH_MARKER:
                     flushAll = True
                 else:

@@ -357,6 +357,33 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertIn("BAD#", listing)
         self.assertTrue(all(l.isascii() for l in listing.splitlines()))
 
+    def test_directoriesWhereFilesBelong(self):
+        """A directory in queue/ or corrupt/ is named and left alone; the other messages go on."""
+        os.makedirs(self.spool.path("queue", "DIRX"))
+        os.makedirs(self.spool.path("corrupt", "CDIR"))
+        code, out, err = runTool("--spool", self.dir, "delete", "CDIR", "DIRX", self.ids[0])
+        self.assertEqual(code, 1)
+        self.assertEqual(out, "deleted %s\n" % self.ids[0])
+        self.assertEqual(err, "relaygw-queue: cannot delete CDIR: %s: Is a directory\n"
+                              "relaygw-queue: cannot delete DIRX: %s: Is a directory\n"
+                         % (self.spool.path("corrupt", "CDIR"), self.spool.path("queue", "DIRX")))
+        self.assertTrue(os.path.isdir(self.spool.path("queue", "DIRX")))
+        self.assertTrue(os.path.isdir(self.spool.path("corrupt", "CDIR")))
+        code, out, err = runTool("--spool", self.dir, "delete", "ALL")
+        self.assertEqual((code, out), (1, "".join("deleted %s\n" % q for q in self.ids[1:])))
+        self.assertEqual(err, "relaygw-queue: cannot delete DIRX: %s: Is a directory\n"
+                         % self.spool.path("queue", "DIRX"))
+        self.assertEqual(self.spool.queueIds(), ["DIRX"])
+
+    def test_deleteByDomainPastADirectory(self):
+        """A directory at state/ID: the message is deleted all the same, the directory named and left alone."""
+        os.makedirs(self.spool.path("state", self.ids[1]))
+        code, out, err = runTool("--spool", self.dir, "delete", "--domain", "two.example")
+        self.assertEqual((code, out), (0, "deleted %s\ndeleted %s\n" % (self.ids[1], self.ids[2])))
+        self.assertEqual(err, "relaygw-queue: warning: %s is a directory, not a spool file: left alone\n"
+                         % self.spool.path("state", self.ids[1]))
+        self.assertEqual(self.spool.queueIds(), [self.ids[0], self.ids[3]])
+
     @defer.inlineCallbacks
     def test_listIntoHead(self):
         """list | head: no BrokenPipeError traceback, however long the listing."""

@@ -12,6 +12,7 @@ import threading
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw import durable
@@ -943,3 +944,49 @@ class LinkedOutsideTests(SpoolCase):
             self.assertEqual(os.listdir(self.outside), [])
 
         return inThread(run).addCallback(check)
+
+
+class JunkDirectoryTests(SpoolCase):
+    """A directory where the spool expects a file never stops the gateway: it is left alone or set aside."""
+
+    def setUp(self):
+        SpoolCase.setUp(self)
+        self.warnings = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.warn:
+                self.warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def test_openLeavesDirectoriesAlone(self):
+        junk = [self.spool.path(area, "JUNK") for area in ("tmp", "spent", "state", "hold")]
+        for path in junk:
+            os.makedirs(path)
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [])
+        self.assertTrue(all(os.path.isdir(path) for path in junk))
+        self.assertEqual(self.warnings, ["%s is a directory, not a spool file: left alone" % path for path in junk])
+        reopened.clearStrayHolds()  # (warned once)
+        self.assertEqual(len(self.warnings), 4)
+
+    @defer.inlineCallbacks
+    def test_gatewayStartsAndSetsADirectoryAside(self):
+        gw = Gateway(self.mktemp())
+        spool = os.path.join(gw.directory, "spool")
+        Spool(spool, None).open()
+        for path in ("hold/HDIR", "state/SDIR", "queue/QDIR"):
+            os.makedirs(os.path.join(spool, path))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        for _ in range(100):
+            if os.path.isdir(os.path.join(spool, "corrupt", "QDIR")):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(gw.service.running)
+        self.assertEqual(os.listdir(os.path.join(spool, "queue")), [])
+        self.assertTrue(os.path.isdir(os.path.join(spool, "corrupt", "QDIR")))
+        self.assertTrue(os.path.isdir(os.path.join(spool, "hold", "HDIR")))
+        self.assertIn("%s is a directory, not a spool file: left alone" % os.path.join(spool, "hold", "HDIR"),
+                      self.warnings)

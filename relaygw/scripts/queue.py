@@ -59,6 +59,11 @@ def _clean(text):
     return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in str(text))
 
 
+def _why(error):
+    """An C{OSError} as a line: the path it names and what is wrong."""
+    return _clean("%s: %s" % (error.filename, error.strerror) if error.filename else error.strerror or error)
+
+
 def _when(t, never="-"):
     if t is None:
         return never
@@ -253,38 +258,56 @@ def _run(argv, out):
     if not args.ids and not args.domain:
         err("%s: name messages (queue ids, ALL, - or --domain)" % cmd)
         return 2
+    failed = False
     if cmd == "delete":
         # A quarantined message is named by its id too.
-        corrupt = [w for w in args.ids if _QUEUE_ID.fullmatch(w) and _find(spools, w) is None
-                   and any(s.discardCorrupt(w) for s in spools)]
-        for qid in corrupt:
-            out.write("deleted %s (corrupt)\n" % qid)
-        args.ids = [w for w in args.ids if w not in corrupt]
+        done = []
+        for w in args.ids:
+            if not _QUEUE_ID.fullmatch(w) or _find(spools, w) is not None:
+                continue
+            try:
+                if any(s.discardCorrupt(w) for s in spools):
+                    out.write("deleted %s (corrupt)\n" % w)
+                    done.append(w)
+            except OSError as e:  # (a directory in corrupt/: left alone)
+                err("cannot delete %s: %s" % (w, _why(e)))
+                done.append(w)
+                failed = True
+        args.ids = [w for w in args.ids if w not in done]
         if not args.ids and not args.domain:
-            return 0
+            return 1 if failed else 0
     chosen, ok = _select(spools, args, err)
+    ok = ok and not failed
     for spool, qid in chosen:
-        if cmd == "delete":
-            spool.remove(qid)
-            out.write("deleted %s\n" % qid)
-        elif cmd == "hold":
-            if spool.hold(qid):
-                out.write("held %s\n" % qid)
-            else:
-                err("no such message: %s" % qid)
-                ok = False
-        elif cmd == "release":
-            if spool.release(qid):
-                out.write("released %s\n" % qid)
-            else:
-                err("%s is not held; nothing changed" % qid)
-                ok = False
-        elif cmd == "flush":
-            spool.requestFlush(qid)
-            out.write("flush requested for %s\n" % qid)
+        try:
+            ok = _act(cmd, spool, qid, out, err) and ok
+        except OSError as e:  # (junk where a message's file belongs: left alone, the others go on)
+            err("cannot %s %s: %s" % (cmd, qid, _why(e)))
+            ok = False
     if not chosen and ok:
         out.write("no messages\n")
     return 0 if ok else 1
+
+
+def _act(cmd, spool, qid, out, err):
+    """Apply C{cmd} to one message; whether it did."""
+    if cmd == "delete":
+        spool.remove(qid)
+        out.write("deleted %s\n" % qid)
+    elif cmd == "hold":
+        if not spool.hold(qid):
+            err("no such message: %s" % qid)
+            return False
+        out.write("held %s\n" % qid)
+    elif cmd == "release":
+        if not spool.release(qid):
+            err("%s is not held; nothing changed" % qid)
+            return False
+        out.write("released %s\n" % qid)
+    elif cmd == "flush":
+        spool.requestFlush(qid)
+        out.write("flush requested for %s\n" % qid)
+    return True
 
 
 def _warnings(event):
