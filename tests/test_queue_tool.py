@@ -18,6 +18,7 @@ from relaygw.durable import Committer
 from relaygw.spool import Spool
 from relaygw.testing import configText, inThread
 from tests.messages import sendOne
+from tests.outside import OutsideFiles
 from tests.processes import sourceEnv
 from tests.recorders import LogCapture
 from tests.relaysetup import RelayTestCase, TrackingHopFactory
@@ -571,7 +572,7 @@ class WithdrawnTests(RelayTestCase):
         self.assertEqual(os.listdir(spool.path("hold")), [])
 
 
-class SymlinkTests(unittest.TestCase):
+class SymlinkTests(OutsideFiles, unittest.TestCase):
     """
     Nothing outside the spool is created, truncated, read as a message or
     removed through a symbolic link planted in it (the tool runs as root).
@@ -591,16 +592,6 @@ class SymlinkTests(unittest.TestCase):
                                        "context": {"connection": {}, "message": {}}})
             w.write(b"Subject: x\r\n\r\nbody\r\n")
             self.ids.append((yield w.commit()))
-
-    def outsideFile(self, name, content):
-        path = os.path.join(self.outside, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        return path
-
-    def assertContent(self, path, content):
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), content)
 
     def test_holdMarkerNotWrittenThrough(self):
         """A symbolic link at hold/ID is not written through: it holds the message, and release removes it."""

@@ -22,6 +22,7 @@ from relaygw.relay.nexthop import Result
 from relaygw.spool import Spool
 from relaygw.spoolapi import CorruptMessage, Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
+from tests.outside import OutsideFiles
 
 
 class SpoolCase(unittest.TestCase):
@@ -844,23 +845,13 @@ class WorkerCountChangeTests(unittest.TestCase):
         self.assertTrue(all(spool.isHeld(qid) for qid in ids))
 
 
-class LinkedOutsideTests(SpoolCase):
+class LinkedOutsideTests(OutsideFiles, SpoolCase):
     """The gateway never follows a symbolic link planted in the spool."""
 
     def setUp(self):
         SpoolCase.setUp(self)
         self.outside = os.path.abspath(self.mktemp())
         os.makedirs(self.outside)
-
-    def outsideFile(self, name, content):
-        path = os.path.join(self.outside, name)
-        with open(path, "wb") as f:
-            f.write(content)
-        return path
-
-    def assertContent(self, path, content):
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), content)
 
     @defer.inlineCallbacks
     def test_spentLinkNotOverwritten(self):
