@@ -417,6 +417,9 @@ class WorkerRole:
                     and _replaceWhole(_startedPath(self.base), self.configText.encode("utf-8")):
                 self.supervisor.env[STARTED_ENV] = _startedPath(self.base)
         try:
+            if self.workers > 1 and os.path.islink(spool.directory):
+                # (The spool directory the config names may be a link; a partition in it may not.)
+                raise UnsafeSpool(spool.directory, "a symbolic link, not a directory")
             spool.acquire()
         except (PartitionLocked, UnsafeSpool):
             self._releaseLocks()

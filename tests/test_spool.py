@@ -906,15 +906,19 @@ class LinkedOutsideTests(OutsideFiles, SpoolCase):
         self.assertFalse(os.path.isdir(gw.outbox) and os.listdir(gw.outbox))
         self.assertContent(target, b'{"mailfrom": "", "recipients": ["r@example.net"]}\nSECRET\r\n')
 
-    def test_gatewayRefusesALinkedArea(self):
-        """hold/ a symbolic link: twistd exits 1 with one line naming it, no traceback."""
+    def refusedToStart(self, linked, **config):
+        """
+        twistd on a spool where C{linked} (a path under C{spool/}) is a
+        symbolic link to the outside directory: it exits 1 with one line
+        naming it, no traceback, and nothing is made outside.
+        """
         directory = os.path.abspath(self.mktemp())
         spool = os.path.join(directory, "spool")
-        os.makedirs(spool)
-        os.symlink(self.outside, os.path.join(spool, "hold"))
+        os.makedirs(os.path.dirname(os.path.join(spool, linked)))
+        os.symlink(self.outside, os.path.join(spool, linked))
         conf = os.path.join(directory, "relaygw.toml")
         with open(conf, "w") as f:
-            f.write(configText(directory))
+            f.write(configText(directory, **config))
 
         def run():
             p = runTwistd(conf, directory)
@@ -930,11 +934,18 @@ class LinkedOutsideTests(OutsideFiles, SpoolCase):
             code, output = result
             self.assertEqual(code, 1, output)
             self.assertIn("spool: %s is a symbolic link, not a directory; refusing to use the spool\n"
-                          % os.path.join(spool, "hold"), output)
+                          % os.path.join(spool, linked), output)
             self.assertNotIn("Traceback", output)
             self.assertEqual(os.listdir(self.outside), [])
 
         return inThread(run).addCallback(check)
+
+    def test_gatewayRefusesALinkedArea(self):
+        return self.refusedToStart("hold")
+
+    def test_gatewayRefusesALinkedPartition(self):
+        """With several workers, a partition (w0/) that is a link is refused too (before: its lock made outside)."""
+        return self.refusedToStart("w0", process={"workers": 2})
 
 
 class JunkDirectoryTests(SpoolCase):
