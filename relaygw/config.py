@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -89,8 +90,6 @@ def _listeningAddress(interface):
     address for an IPv4-mapped one); a host name is looked up, as binding
     would.  C{""} (every address) stays C{""}.
     """
-    import socket
-
     if not interface:
         return ""
     try:
