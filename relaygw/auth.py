@@ -9,6 +9,8 @@ any username and password) yields the user C{anonymous}.
 """
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
@@ -130,8 +132,16 @@ _DUMMY = "$scrypt$n=16384,r=8,p=1$%s$%s" % (_b64encode(b"relaygw-no-user!"), _b6
 
 
 def _checkUsername(user):
-    if not user or user != user.strip() or user.startswith("#") or any(c in user for c in ":\r\n\0"):
+    # (Nothing that is not printable: Python's splitlines also ends a line
+    # at \v, \f, \x1c-\x1e, \x85, U+2028 and U+2029.)
+    if not user or user != user.strip() or user.startswith("#") or ":" in user or not user.isprintable():
         raise ValueError("invalid user name %r" % (user,))
+
+
+def checkPassword(password):
+    """A password a client can send (AUTH PLAIN separates its fields with NUL); raises C{ValueError} otherwise."""
+    if not password or any(c in password for c in "\0\r\n"):
+        raise ValueError("a password must not be empty or hold NUL, CR or LF")
 
 
 class PasswordFileError(Exception):
@@ -149,14 +159,20 @@ class PasswordFile:
 
     def _lines(self):
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return f.read().splitlines()
+            with open(self.path, encoding="utf-8", newline="") as f:
+                text = f.read()
         except FileNotFoundError:
             return []
         except UnicodeDecodeError:
             raise PasswordFileError("%s is not UTF-8" % (self.path,))
         except OSError as e:
             raise PasswordFileError("cannot read %s: %s" % (self.path, e.strerror))
+        # The lines as they are written: each ended by LF (not by whatever
+        # else Python's splitlines takes for a line break), a CR before it dropped.
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        return [line.rstrip("\r") for line in lines]
 
     @staticmethod
     def _parse(line):
@@ -190,7 +206,12 @@ class PasswordFile:
         Add C{user} or change its password.
         """
         _checkUsername(user)
+        checkPassword(password)
         line = "%s:%s" % (user, hashPassword(password))
+        with self._locked():
+            self._set(user, line)
+
+    def _set(self, user, line):
         lines, found = [], False
         for old in self._lines():
             entry = self._parse(old)
@@ -210,12 +231,27 @@ class PasswordFile:
 
         @return: C{False} if there was no such user.
         """
-        lines = self._lines()
-        kept = [line for line in lines if (self._parse(line) or (None,))[0] != user]
-        if len(kept) == len(lines):
-            return False
-        self._write(kept)
-        return True
+        with self._locked():
+            lines = self._lines()
+            kept = [line for line in lines if (self._parse(line) or (None,))[0] != user]
+            if len(kept) == len(lines):
+                return False
+            self._write(kept)
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """
+        One change at a time: an exclusive lock on C{FILE.lock} (the file
+        itself is replaced by each change, so it cannot carry the lock)
+        around the read, the change and the write.
+        """
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _keepAccess(self, tmp):
         """

@@ -69,14 +69,50 @@ class PasswordFileTests(unittest.TestCase):
         before = os.stat(self.path).st_ino
         self.file.set("bob", "two")
         self.assertNotEqual(os.stat(self.path).st_ino, before)
-        self.assertEqual(os.listdir(os.path.dirname(os.path.abspath(self.path))), [os.path.basename(self.path)])
+        name = os.path.basename(self.path)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(os.path.abspath(self.path)))), [name, name + ".lock"])
+
+    def test_concurrentChangesAllKept(self):
+        """
+        Two processes changing the file at once lose nothing: each change
+        reads, changes and writes the file under its lock (before: 6 of
+        100 simultaneous additions were lost, both processes saying done).
+        """
+        import subprocess
+        import sys
+
+        script = ("import sys; from relaygw import auth; f = auth.PasswordFile(sys.argv[1]); "
+                  "[f.set('%s%d' % (sys.argv[2], i), 'pw') for i in range(40)]")
+        procs = [subprocess.Popen([sys.executable, "-c", script, self.path, who]) for who in ("a", "b")]
+        self.assertEqual([p.wait(timeout=120) for p in procs], [0, 0])
+        self.assertEqual(sorted(self.file.users()), sorted("%s%d" % (w, i) for w in "ab" for i in range(40)))
 
     def test_badUsername(self):
         """
         Names that would corrupt the file are refused.
         """
-        for name in ["", "a:b", "a\nb", "#x", " x"]:
+        for name in ["", "a:b", "a\nb", "#x", " x"] + ["x%sadmin" % c for c in "\v\f\x1c\x1d\x1e\x85\u2028\u2029"]:
             self.assertRaises(ValueError, self.file.set, name, "pw")
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_onlyLineFeedsEndLines(self):
+        """
+        A line the file holds ends at LF only: a name with a vertical tab
+        (written by hand; the tool refuses one) is not two users, and
+        cannot change another user's password (before: x\\vadmin:HASH
+        set admin's).
+        """
+        self.file.set("admin", "right")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("x\vadmin:%s\n" % (auth.hashPassword("wrong"),))
+        users = self.file.users()
+        self.assertEqual(sorted(users), ["admin", "x\vadmin"])
+        self.assertTrue(auth.verifyPassword("right", users["admin"]))
+
+    def test_badPassword(self):
+        """A password AUTH could never send (NUL separates AUTH PLAIN's fields) is refused."""
+        for password in ["", "a\0b", "a\nb"]:
+            self.assertRaises(ValueError, self.file.set, "alice", password)
         self.assertFalse(os.path.exists(self.path))
 
 
@@ -238,3 +274,14 @@ class PasswdScriptTests(unittest.TestCase):
         self.assertEqual(self.runScript(os.path.join(self.path, "missing-dir", "f"), "alice", stdin="pw\n"), 1)
         self.assertEqual(self.stderr.getvalue().count("relaygw-passwd: "), 4)
         self.assertFalse(os.path.exists(self.path))
+
+    def test_unreadableFileIsOneLine(self):
+        """A directory, or a file that is not UTF-8, for FILE: exit 1 with one line (before: a traceback)."""
+        os.makedirs(self.path)
+        self.assertEqual(self.runScript(self.path, "alice", stdin="pw\n"), 1)
+        latin1 = self.mktemp()
+        with open(latin1, "wb") as f:
+            f.write(b"j\xf6rg:x\n")
+        self.assertEqual(self.runScript(latin1, "alice", stdin="pw\n"), 1)
+        self.assertEqual(self.stderr.getvalue(), "relaygw-passwd: cannot read %s: Is a directory\n"
+                         "relaygw-passwd: %s is not UTF-8\n" % (self.path, latin1))

@@ -12,7 +12,7 @@ import argparse
 import getpass
 import sys
 
-from relaygw.auth import PasswordFile
+from relaygw.auth import PasswordFile, PasswordFileError, checkPassword
 
 
 class _Usage(Exception):
@@ -31,8 +31,7 @@ def _readPassword():
             raise ValueError("the passwords do not match")
     else:
         password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise ValueError("empty password")
+    checkPassword(password)
     return password
 
 
@@ -55,7 +54,7 @@ def main(argv=None):
                 raise ValueError("no user %r in %s" % (args.user, args.file))
         else:
             passwords.set(args.user, _readPassword())
-    except (_Usage, ValueError, OSError, EOFError, KeyboardInterrupt) as e:
+    except (_Usage, ValueError, OSError, PasswordFileError, EOFError, KeyboardInterrupt) as e:
         print("relaygw-passwd: %s" % (e or type(e).__name__,), file=sys.stderr)
         return 1
     return 0
