@@ -9,13 +9,17 @@ it render and buffer them without end), a whole connection's life capped
 at L{LIFETIME} seconds (a client sending its request a byte at a time
 keeps twisted.web's idle timeout from ever striking), and at most
 L{MAX_CONNECTIONS} at once (each holds a file descriptor the SMTP
-listeners need).
+listeners need), and a request body (which no page reads) kept in memory
+up to L{MAX_BODY} octets, where twisted.web spools a large or chunked one
+to a temporary file without limit.
 """
+
+import io
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from relaygw.logs import Logger
 
@@ -26,6 +30,9 @@ LIFETIME = 30
 
 #: Connections served at once; more are closed as they come.
 MAX_CONNECTIONS = 64
+
+#: Octets of request body read; a connection sending more is cut off.
+MAX_BODY = 64 * 1024
 
 
 class _Health(Resource):
@@ -93,11 +100,27 @@ class _OneRequestChannel(HTTPChannel):
         return False
 
 
+class _BoundedRequest(Request):
+    """A request whose body stays in memory, up to L{MAX_BODY} octets."""
+
+    def gotLength(self, length):
+        self.content = io.BytesIO()
+        self._bodyOctets = 0
+
+    def handleContentChunk(self, data):
+        self._bodyOctets += len(data)
+        if self._bodyOctets > MAX_BODY:
+            self.channel.transport.abortConnection()
+        elif not self.channel.transport.disconnecting:
+            self.content.write(data)
+
+
 class _AdminSite(Site):
     """A L{Site} without the per-request access log, within the limits above."""
 
     noisy = False
     protocol = _OneRequestChannel
+    requestFactory = _BoundedRequest
     #: Connections open now.
     open = 0
 

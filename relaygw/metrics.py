@@ -292,12 +292,12 @@ class _Merged:
         families, values = {}, {}
 
         def add(family, own):
-            merged = families.get(family.name)
-            if merged is None:
-                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-            for sample in family.samples:
-                if sample.name.endswith("_created") and not own:
-                    continue
+            samples = [s for s in family.samples if own or not s.name.endswith("_created")]
+            if family.name not in families and (own or samples):
+                # (Not a family of another worker's _created samples alone, as the text
+                # format parses them: its HELP and TYPE would come twice.)
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in samples:
                 key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
                 if key not in values:
                     values[key] = sample.value

@@ -172,6 +172,22 @@ class WorkerMetricsTests(unittest.TestCase):
         self.assertEqual(samples["relaygw_spool_messages", ()], 5)
         self.assertEqual(samples["relaygw_spool_oldest_age_seconds", ()], 30.0)
 
+    def test_eachFamilyDescribedOnce(self):
+        """
+        One HELP and one TYPE line for each name, as the text format wants
+        (before: a family of the other worker's _created samples came back
+        empty, its HELP and TYPE lines a second time).
+        """
+        own, other = Metrics(), Metrics()
+        for m in (own, other):
+            m.connection("in", +1)
+            m.queued("in", 100, 0.001)
+        own.peers = [self.snapshot(other)]
+        lines = own.render().decode().splitlines()
+        described = [line.split()[2] for line in lines if line.startswith(("# HELP ", "# TYPE "))]
+        self.assertIn("relaygw_connections_created", described)
+        self.assertEqual([n for n in set(described) if described.count(n) != 2], [])
+
 
 class Fetcher:
     """GET over loopback with an Agent whose connections are closed in cleanup."""
@@ -297,6 +313,29 @@ class AdminLimitsTests(unittest.TestCase):
                                         pace=0.02)
         self.assertEqual(received, b"")
         self.assertTrue(0.9 <= took < 5, took)
+
+    @defer.inlineCallbacks
+    def test_bodyCutOffPastTheLimit(self):
+        """
+        A chunked body that never ends is kept in memory and cut off past
+        MAX_BODY (before: twisted.web spooled it to a temporary file, 1.5 GB
+        in 4.5 s, for as long as the connection lasted); a small one is
+        read and answered.
+        """
+        import tempfile
+
+        spooled = []
+        real = tempfile.TemporaryFile
+        self.patch(tempfile, "TemporaryFile", lambda *a, **kw: spooled.append(1) or real(*a, **kw))
+        chunk = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
+        head = b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        received, took = yield inThread(_readAll, self.port, head + chunk * 64)
+        self.assertEqual(received, b"")
+        self.assertLess(took, 5)
+        self.assertEqual(spooled, [])
+        received, _ = yield inThread(_readAll, self.port, head + chunk + b"0\r\n\r\n")
+        self.assertTrue(received.startswith(b"HTTP/1.1 405 "), received[:40])
+        self.assertEqual(spooled, [])
 
     @defer.inlineCallbacks
     def test_connectionsCapped(self):
