@@ -9,9 +9,10 @@ import shutil
 import subprocess
 
 from twisted.internet import defer
+from twisted.trial import unittest
 
 from relaygw.auth import PasswordFile
-from relaygw.testing import inThread
+from relaygw.testing import Client, Gateway, inThread
 from tests.authexchange import authReply, b64
 from tests.recorders import LogCapture
 from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
@@ -178,6 +179,32 @@ class PlaintextAuthTests(AuthTestCase):
         [event] = logs.find("auth backend error")
         self.assertNotIn("log_failure", event)
         self.assertIn("is not UTF-8", str(event["why"]))
+
+
+class UnreadablePasswordFileSocketTests(unittest.TestCase):
+    """The same over a loopback socket, against a gateway in the test's reactor."""
+
+    @defer.inlineCallbacks
+    def test_authAnswered454(self):
+        users = passwordFile(self)
+        with open(users, "ab") as f:
+            f.write(b"j\xf6rg:x\n")
+        gw = Gateway(self.mktemp(), listeners=({"credentials": users, "auth_plaintext": True},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        logs = LogCapture(self)
+
+        def talk():
+            c = Client(gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO x")
+                return c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret"))
+            finally:
+                c.close()
+
+        self.assertEqual((yield inThread(talk)), (454, ["4.7.0 Temporary authentication failure"]))
+        self.assertEqual([e for e in logs.events if "log_failure" in e], [])
 
 
 class AlwaysAllowTests(SessionTestCase):
