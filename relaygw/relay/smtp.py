@@ -112,27 +112,28 @@ class SMTPNextHop(WaitingLine):
             if k == key:
                 del self.idle[i]
                 timer.cancel()
-                if self._reusable(conn):
+                if self._reusableOrClosed(conn):
                     return conn
-                if conn.usable:
-                    self._close(conn)
         return smtpclient.Connection(self.reactor, key[0], key[1], options)
 
-    def _reusable(self, conn):
+    def _reusableOrClosed(self, conn):
         """
         Whether C{conn} may carry another batch: open, younger than
         C{REUSE_SECONDS}, and not one that gave up the TLS the next hop's
         policy asks for (reused, one failed handshake would send all later
-        mail in plaintext for as long as mail kept coming).
+        mail in plaintext for as long as mail kept coming).  One still open
+        that may not is closed.
         """
-        return conn.usable and conn.options.tls == self.options.tls \
-            and self.reactor.seconds() - conn.opened < self.REUSE_SECONDS
+        if conn.usable and conn.options.tls == self.options.tls \
+                and self.reactor.seconds() - conn.opened < self.REUSE_SECONDS:
+            return True
+        if conn.usable:
+            self._close(conn)
+        return False
 
     def _park(self, conn, key):
         """Keep C{conn} open for the next batch, for a moment (if it may carry one)."""
-        if not self._reusable(conn):
-            if conn.usable:
-                self._close(conn)
+        if not self._reusableOrClosed(conn):
             return
         timer = self.reactor.callLater(self.IDLE_SECONDS, self._expire, conn)
         self.idle.append((conn, key, timer))
