@@ -209,21 +209,18 @@ class PasswordFile:
         checkPassword(password)
         line = "%s:%s" % (user, hashPassword(password))
         with self._locked():
-            self._set(user, line)
-
-    def _set(self, user, line):
-        lines, found = [], False
-        for old in self._lines():
-            entry = self._parse(old)
-            if entry is not None and entry[0] == user:
-                if not found:
-                    lines.append(line)
-                found = True
-            else:
-                lines.append(old)
-        if not found:
-            lines.append(line)
-        self._write(lines)
+            lines, found = [], False
+            for old in self._lines():
+                entry = self._parse(old)
+                if entry is not None and entry[0] == user:
+                    if not found:
+                        lines.append(line)
+                    found = True
+                else:
+                    lines.append(old)
+            if not found:
+                lines.append(line)
+            self._write(lines)
 
     def remove(self, user):
         """
