@@ -212,9 +212,7 @@ def _smarthost(value):
 
 
 def _domains(value):
-    for v in value:
-        if not isinstance(v, str):
-            raise Invalid("%r is not a domain" % (v,), "domain names such as partner.example")
+    for v in value:  # (strings: _value checked the list's items)
         checkHostname(v)
     return tuple(value)
 
