@@ -734,9 +734,7 @@ class Spool:
         gone = True
         for path in paths:
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+                removeFiles([path])
             except IsADirectoryError:
                 gone = False
                 if path not in self._leftAlone:
