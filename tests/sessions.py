@@ -2,7 +2,7 @@
 Test cases that give each test a gateway to talk SMTP to: over loopback
 sockets (L{GatewayTestCase}) or one session at a time on a StringTransport
 and task.Clock (L{SessionTestCase}), each also with a self-signed TLS
-listener and STARTTLS.
+listener and STARTTLS; L{overASocket} for one session over a socket.
 """
 
 from twisted.internet import defer
@@ -114,3 +114,25 @@ class TLSSessionTestCase(SessionTestCase):
         self.assertEqual(c.cmd("STARTTLS"), (220, ["2.0.0 Ready to start TLS"]))
         c.starttls(clientContext(cert))
         return c
+
+
+@defer.inlineCallbacks
+def overASocket(test, talk, **listener):
+    """
+    Start a gateway with C{listener}'s settings and run C{talk(client)}
+    in a thread once the client has its greeting: C{(its result, the
+    gateway)}.
+    """
+    gw = Gateway(test.mktemp(), listeners=(listener,))
+    yield gw.start()
+    test.addCleanup(gw.stop)
+
+    def run():
+        c = Client(gw.port)
+        try:
+            c.reply()
+            return talk(c)
+        finally:
+            c.close()
+
+    return (yield inThread(run)), gw

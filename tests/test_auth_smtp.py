@@ -12,10 +12,10 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from relaygw.auth import PasswordFile
-from relaygw.testing import Client, Gateway, inThread
+from relaygw.testing import inThread
 from tests.authexchange import authReply, b64
 from tests.recorders import LogCapture
-from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase
+from tests.sessions import SessionTestCase, TLSGatewayTestCase, TLSSessionTestCase, overASocket
 
 
 def passwordFile(testcase):
@@ -189,21 +189,14 @@ class UnreadablePasswordFileSocketTests(unittest.TestCase):
         users = passwordFile(self)
         with open(users, "ab") as f:
             f.write(b"j\xf6rg:x\n")
-        gw = Gateway(self.mktemp(), listeners=({"credentials": users, "auth_plaintext": True},))
-        yield gw.start()
-        self.addCleanup(gw.stop)
         logs = LogCapture(self)
 
-        def talk():
-            c = Client(gw.port)
-            try:
-                c.reply()
-                c.cmd("EHLO x")
-                return c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret"))
-            finally:
-                c.close()
+        def talk(c):
+            c.cmd("EHLO x")
+            return c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret"))
 
-        self.assertEqual((yield inThread(talk)), (454, ["4.7.0 Temporary authentication failure"]))
+        reply, _ = yield overASocket(self, talk, credentials=users, auth_plaintext=True)
+        self.assertEqual(reply, (454, ["4.7.0 Temporary authentication failure"]))
         self.assertEqual([e for e in logs.events if "log_failure" in e], [])
 
 

@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from relaygw import flow, wire
 from relaygw.modes import DATA
 from relaygw.testing import Client, Gateway, SessionHarness, inThread
+from tests.sessions import overASocket
 
 
 class FlowControlTests(unittest.TestCase):
@@ -312,27 +313,6 @@ class DataDeadlineTests(unittest.TestCase):
         self.assertTrue(0.9 <= took <= 2.0, took)
         self.assertEqual(os.listdir(gw.outbox), [])
 
-
-@defer.inlineCallbacks
-def overASocket(test, talk, **listener):
-    """
-    Start a gateway with C{listener}'s settings and run C{talk(client)}
-    in a thread once the client has its greeting: C{(its result, the
-    gateway)}.
-    """
-    gw = Gateway(test.mktemp(), listeners=(listener,))
-    yield gw.start()
-    test.addCleanup(gw.stop)
-
-    def run():
-        c = Client(gw.port)
-        try:
-            c.reply()
-            return talk(c)
-        finally:
-            c.close()
-
-    return (yield inThread(run)), gw
 
 class JunkCommandTests(unittest.TestCase):
     """

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw import logs, maillog
 from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
-from tests.sessions import SessionTestCase
+from tests.sessions import SessionTestCase, overASocket
 
 
 class MailLogTests(unittest.TestCase):
@@ -154,21 +154,13 @@ class MailLogTests(unittest.TestCase):
         Postfix's words ("timeout after NOOP"; none for a session idle at
         the drain), not a reject of the last command, which keeps its count.
         """
-        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"], "idle_timeout": 0.5,
-                                                "drain_timeout": 0.5},))
-        yield gw.start()
-        self.addCleanup(gw.stop)
+        def timedOut(c):
+            c.cmd("NOOP")
+            return c.reply()[0]
 
-        def timedOut():
-            c = Client(gw.port)
-            try:
-                c.reply()
-                c.cmd("NOOP")
-                return c.reply()[0]
-            finally:
-                c.close()
-
-        self.assertEqual((yield inThread(timedOut)), 421)
+        code, _ = yield overASocket(self, timedOut, relay_networks=["127.0.0.0/8"], idle_timeout=0.5,
+                                    drain_timeout=0.5)
+        self.assertEqual(code, 421)
         yield self.waitFor("disconnect")
         [closed] = self.lines("closed")
         self.assertRegex(closed, r"^\[\w+\] timeout after NOOP from unknown\[127\.0\.0\.1\]$")
