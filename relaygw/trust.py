@@ -54,6 +54,26 @@ def canonicalIP(text):
     return str(addr)
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def isEndpoint(addr):
+    """
+    Whether the C{ipaddress} address C{addr} can be a TCP connection's end:
+    not unspecified (C{0.0.0.0}, C{::}), multicast or the broadcast address.
+    A trusted peer naming such a client is making a mistake, not a claim.
+    """
+    return not (addr.is_unspecified or addr.is_multicast or addr == _BROADCAST)
+
+
+def clientIP(text):
+    """L{canonicalIP}, refusing (C{ValueError}) an address no client connects from (L{isEndpoint})."""
+    ip = canonicalIP(text)
+    if not isEndpoint(ipaddress.ip_address(ip)):
+        raise ValueError("not a client address")
+    return ip
+
+
 class Networks:
     """
     An immutable set of networks; C{ip in networks} tests membership.

@@ -158,7 +158,9 @@ class XclientParseTests(unittest.TestCase):
 
     def test_badAddresses(self):
         for value in ("999.0.2.300", "2001:db8::1", "IPV6:192.0.2.1", "[192.0.2.1]", "192.0.2.1.5", "192.0.2",
-                      "010.0.0.1", "IPV6:fe80::1%eth0", "IPV6:", "unknown", "example.net", "IPV6:[2001:db8::1]"):
+                      "010.0.0.1", "IPV6:fe80::1%eth0", "IPV6:", "unknown", "example.net", "IPV6:[2001:db8::1]",
+                      # No connection comes from (or goes to) these.
+                      "0.0.0.0", "IPV6:::", "224.0.0.1", "IPV6:ff02::1", "255.255.255.255", "IPV6:::ffff:0.0.0.0"):
             self.refused("ADDR=" + value)
             self.refused("DESTADDR=" + value)
 
@@ -201,7 +203,8 @@ class XremoteipParseTests(unittest.TestCase):
 
     def test_refusals(self):
         for bad in ("", " ", "999.1.1.1", "a b", "192.0.2.7 192.0.2.8", "example.net", "[192.0.2.7]",
-                    "IPv6:192.0.2.7", "fe80::1%eth0", "010.0.0.1"):
+                    "IPv6:192.0.2.7", "fe80::1%eth0", "010.0.0.1",
+                    "0.0.0.0", "::", "IPv6:::", "239.1.2.3", "ff02::1", "255.255.255.255", "::ffff:0.0.0.0"):
             self.assertIsNone(xremoteip.parse(bad), bad)
 
 
@@ -456,7 +459,8 @@ class XclientTests(VerbTestCase):
 
         def run(c):
             for args in ("ADDR=999.0.2.300", "ADDR=2001:db8::1", "ADDR=IPV6:192.0.2.1", "ADDR=[192.0.2.1]",
-                         "ADDR=IPV6:[2001:db8::1]", "DESTADDR=999.0.2.300", "NAME=ok.example ADDR=2001:db8::1"):
+                         "ADDR=IPV6:[2001:db8::1]", "DESTADDR=999.0.2.300", "NAME=ok.example ADDR=2001:db8::1",
+                         "ADDR=0.0.0.0", "ADDR=IPV6:::", "ADDR=224.0.0.1", "ADDR=255.255.255.255"):
                 self.refusedChangesNothing(c, args)
             ctx = conn(c)
             self.assertEqual((ctx["remote_ip"], ctx["remote_name"]), ("127.0.0.1", "unknown"))
@@ -1154,7 +1158,8 @@ class XremoteipTests(VerbTestCase):
 
     def test_badAddress501(self):
         def run(c):
-            for args in ("", "999.1.1.1", "192.0.2.7 192.0.2.8", "[192.0.2.7]", "example.net", "IPv6:192.0.2.7"):
+            for args in ("", "999.1.1.1", "192.0.2.7 192.0.2.8", "[192.0.2.7]", "example.net", "IPv6:192.0.2.7",
+                         "0.0.0.0", "::", "224.0.0.1", "255.255.255.255"):
                 code, lines = c.cmd(("XREMOTEIP " + args).strip())
                 self.assertEqual((code, lines[0][:6]), (501, SYNTAX), args)
             self.assertEqual(conn(c)["remote_ip"], "127.0.0.1")

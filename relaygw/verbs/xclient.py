@@ -10,6 +10,7 @@ import re
 from relaygw import codes, xtext
 from relaygw.commands import parseHelo, splitWords
 from relaygw.context import IDENTITY_ATTRIBUTES, IDENTITY_KEYS
+from relaygw.trust import isEndpoint
 from relaygw.verbs import VerbError, afterConnectPolicy, refuse
 
 ATTRIBUTES = tuple(name for name, _ in IDENTITY_ATTRIBUTES)
@@ -26,16 +27,23 @@ def _bad(why):
 
 
 def parseAddress(value):
-    """IPv4, or C{IPV6:} + IPv6 (any case), canonical; never bracketed."""
+    """
+    IPv4, or C{IPV6:} + IPv6 (any case), canonical; never bracketed, and
+    never an address no connection has (L{isEndpoint}).
+    """
     try:
         if value[:5].upper() == "IPV6:":
             addr = ipaddress.IPv6Address(value[5:])
             if addr.scope_id:
                 raise ValueError(value)
-            return str(addr.ipv4_mapped or addr)
-        return str(ipaddress.IPv4Address(value))
+            addr = addr.ipv4_mapped or addr
+        else:
+            addr = ipaddress.IPv4Address(value)
+        if not isEndpoint(addr):
+            raise ValueError(value)
     except ValueError:
         raise _bad("bad address %s" % (value,))
+    return str(addr)
 
 
 def _hostname(value):

@@ -9,7 +9,7 @@ Inside a transaction it is refused with 503 5.5.1.
 
 from relaygw import codes
 from relaygw.commands import splitWords
-from relaygw.trust import canonicalIP
+from relaygw.trust import clientIP
 from relaygw.verbs import afterConnectPolicy, refuse
 
 
@@ -18,7 +18,7 @@ def parse(args):
     if len(words) != 1:
         return None
     try:
-        return canonicalIP(words[0])
+        return clientIP(words[0])
     except ValueError:
         return None
 
