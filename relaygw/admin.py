@@ -9,7 +9,9 @@ it render and buffer them without end), a whole connection's life capped
 at L{LIFETIME} seconds (a client sending its request a byte at a time
 keeps twisted.web's idle timeout from ever striking), and at most
 L{MAX_CONNECTIONS} at once (each holds a file descriptor the SMTP
-listeners need), and a request body (which no page reads) kept in memory
+listeners need; when they are all taken, the oldest one still without a
+whole request gives way to the new one, so idle clients cannot keep a
+load balancer's health check out), and a request body (which no page reads) kept in memory
 up to L{MAX_BODY} octets, where twisted.web spools a large or chunked one
 to a temporary file without limit.
 """
@@ -88,10 +90,16 @@ class _OneRequestChannel(HTTPChannel):
     def connectionMade(self):
         HTTPChannel.connectionMade(self)
         self._expiry = self.callLater(LIFETIME, self.transport.abortConnection)
+        self.site.waiting[self] = None
+
+    def allContentReceived(self):
+        self.site.waiting.pop(self, None)
+        HTTPChannel.allContentReceived(self)
 
     def connectionLost(self, reason):
         if self._expiry.active():
             self._expiry.cancel()
+        self.site.waiting.pop(self, None)
         self.site.open -= 1
         HTTPChannel.connectionLost(self, reason)
 
@@ -124,9 +132,18 @@ class _AdminSite(Site):
     #: Connections open now.
     open = 0
 
+    def __init__(self, resource):
+        Site.__init__(self, resource)
+        #: The channels still waiting for a whole request, oldest first.
+        self.waiting = {}
+
     def buildProtocol(self, addr):
         if self.open >= MAX_CONNECTIONS:
-            return None  # (closed at once)
+            if not self.waiting:
+                return None  # (closed at once)
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.transport.abortConnection()  # (counted out when it is lost)
         self.open += 1
         return Site.buildProtocol(self, addr)
 

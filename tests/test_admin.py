@@ -287,6 +287,14 @@ def _readAll(port, request, timeout=10, pace=None):
     return received, time.monotonic() - started
 
 
+def _closed(s):
+    """Whether the server closed or aborted socket C{s} (waiting for it up to the socket's timeout)."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
 class AdminLimitsTests(unittest.TestCase):
     """What one admin client can cost the worker it shares with SMTP sessions is bounded."""
 
@@ -338,18 +346,41 @@ class AdminLimitsTests(unittest.TestCase):
         self.assertEqual(spooled, [])
 
     @defer.inlineCallbacks
-    def test_connectionsCapped(self):
+    def test_idleConnectionsGiveWay(self):
+        """
+        With every connection taken by clients that sent no whole request,
+        a health check still gets its answer: the oldest idle connection
+        is closed for it (before, they held it out for LIFETIME seconds).
+        """
         self.patch(admin, "MAX_CONNECTIONS", 3)
-        idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(3)]
+        idle = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(3)]
         try:
+            idle[1].sendall(b"GET /healthz HTTP/1.1\r\n")  # a partial request is no request yet
+            yield deferLater(reactor, 0.2, lambda: None)
             received, _ = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            self.assertEqual(received, b"")  # a fourth is closed at once
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+            self.assertTrue((yield inThread(_closed, idle[0])))  # the oldest was cut off
+            idle.append(socket.create_connection(("127.0.0.1", self.port), timeout=5))  # all taken again
+            yield deferLater(reactor, 0.2, lambda: None)
+            received, _ = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+            self.assertTrue((yield inThread(_closed, idle[1])))  # then the next oldest
+            for s in idle[2:]:  # the newer ones are still open
+                s.setblocking(False)
+                self.assertRaises(BlockingIOError, s.recv, 1)
         finally:
             for s in idle:
                 s.close()
-        yield deferLater(reactor, 0.2, lambda: None)
-        received, _ = yield inThread(_readAll, self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+
+    def test_refusedWhenNoneIsIdle(self):
+        """At the cap with every connection past its request, a new one is refused (closed at once)."""
+        self.patch(admin, "MAX_CONNECTIONS", 2)
+        site = makeAdminSite(Metrics(), lambda: (True, "ok"))
+        site.open = 2
+        self.assertIsNone(site.buildProtocol(None))
+        site.open = 1
+        self.assertIsNotNone(site.buildProtocol(None))
+        self.assertEqual(site.open, 2)
 
 
 class GatewayAdminTests(GatewayTestCase):
