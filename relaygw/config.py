@@ -157,6 +157,13 @@ def _nonNegative(value):
     return value
 
 
+def _drainSeconds(value):
+    # (A bound, so that a stray digit cannot keep SIGTERM from ever stopping the gateway.)
+    if not 0 <= value <= 3600:
+        raise Invalid("%s seconds" % (value,), "0 to 3600 seconds")
+    return value
+
+
 def _atLeast512(value):
     if value < 512:
         raise Invalid("must be at least 512", "512 or more, RFC 5321")
@@ -299,10 +306,10 @@ class ListenerConfig:
     max_errors: int = _opt(20, int, _positive)
     junk_command_limit: int = _opt(100, int, _nonNegative)
     greet_delay: float = _opt(0, (int, float), _nonNegative)
-    drain_timeout: float = _opt(30, (int, float), _nonNegative)
+    drain_timeout: float = _opt(30, (int, float), _drainSeconds)
     # Seconds the listener keeps accepting after SIGTERM while /healthz says
     # 503 (None: DRAIN_DELAY with an admin endpoint, else 0).
-    drain_delay: float = _opt(None, (int, float), _nonNegative)
+    drain_delay: float = _opt(None, (int, float), _drainSeconds)
     bare_lf: str = _opt("normalize", str, _choice("normalize", "reject"))
     vrfy: bool = _opt(True, bool)
     policy: str = _opt("relaygw.policy.RelayAccessPolicy", str, _policyName)
