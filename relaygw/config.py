@@ -395,6 +395,7 @@ class AdminConfig:
 @dataclass(frozen=True)
 class ProcessConfig:
     workers: int = _opt(1, int, _workers)
+    cpu_affinity: bool = _opt(True, bool)
 
 
 @dataclass(frozen=True)

@@ -60,13 +60,16 @@ def makeService(options):
     from relaygw.service import makeService as build
 
     from relaygw.spool import PartitionLocked, UnsafeSpool
-    from relaygw.workers import dieWithParent
+    from relaygw.workers import dieWithParent, keepToOneCPU
 
     worker = int(options["worker"])
     if worker and not dieWithParent():
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
         raise SystemExit(1)
     descriptors.raiseLimit()  # (before the listeners size themselves to it)
+    process = options.config.process
+    if process.workers > 1 and process.cpu_affinity:
+        keepToOneCPU(worker)  # (before any thread starts: they run where this one does)
     try:
         configPath = os.path.abspath(options["config"]) if options["config"] else None  # (as the workers get it)
         service = build(options.config, worker=worker, configPath=configPath,

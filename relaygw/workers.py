@@ -151,6 +151,35 @@ def dieWithParent():
     return not parentGone()
 
 
+#: The environment variable listing, for the workers the main process
+#: starts, the CPUs it could run on before it kept itself to one.
+CPUS_ENV = "RELAYGW_CPUS"
+
+
+def keepToOneCPU(index):
+    """
+    Keep worker C{index} (every thread of this process, and those it starts
+    later) on one CPU: the C{index}-th, modulo their number, of those the
+    main process could run on.  Several workers each left to the kernel
+    are moved between cores, and wake on one whose caches another process
+    has taken; kept apart they relay more on the same cores (about 10% at
+    10 sessions, 28% with another process keeping one core busy:
+    bench/RESULTS.md, levers).  Returns the CPU, or C{None} (and says
+    why) where that cannot be done.
+    """
+    try:
+        given = os.environ.get(CPUS_ENV, "")
+        cpus = [int(c) for c in given.split(",")] if given else sorted(os.sched_getaffinity(0))
+        os.environ[CPUS_ENV] = ",".join(map(str, cpus))  # (for the workers this one starts)
+        cpu = cpus[index % len(cpus)]
+        for task in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(task), {cpu})
+    except (AttributeError, OSError, ValueError) as e:
+        log.warn("worker {index} left to run on any CPU: {error}", index=index, error=e)
+        return None
+    return cpu
+
+
 class ParentWatch(Service):
     """
     In a worker: checks every C{interval} seconds that the main process is

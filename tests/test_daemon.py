@@ -4,6 +4,7 @@ detaches, writes its pid file, and logs to X, every worker included.
 """
 
 import os
+import smtplib
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import Client, configText, freePort, inThread, waitForPort
 from relaygw.workers import twistdArgv
-from tests.processes import childPids
+from tests.processes import childPids, spoolPids, waitUntil
 
 
 def _alive(pid):
@@ -24,17 +25,18 @@ def _alive(pid):
     return True
 
 
-def _gatewayConfig(test, workers, listener=None):
+def _gatewayConfig(test, workers, listener=None, process=None):
     """
-    A directory with a config of C{workers} workers listening on a free
-    loopback port (with C{listener}'s settings): (directory, port, config path).
+    A directory with a config of C{workers} workers (and C{process}'s other
+    settings) listening on a free loopback port (with C{listener}'s
+    settings): (directory, port, config path).
     """
     directory = os.path.abspath(test.mktemp())
     os.makedirs(directory)
     port = freePort()
     conf = os.path.join(directory, "relaygw.toml")
     with open(conf, "w") as f:
-        f.write(configText(directory, process={"workers": workers}, listeners=(dict({
+        f.write(configText(directory, process=dict(process or {}, workers=workers), listeners=(dict({
             "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]}, **(listener or {})),)))
     return directory, port, conf
 
@@ -265,5 +267,45 @@ class FileLimitTests(unittest.TestCase):
                 for s in silent:
                     s.close()
             self.assertNotIn("Traceback", self.stopped(p))
+
+        return inThread(run)
+
+
+class CPUAffinityTests(unittest.TestCase):
+    """With several workers each is kept to one CPU, every thread of it; with one, or when told not to, none is."""
+
+    def cpus(self, workers, process=None):
+        """Start the gateway, relay a few messages, and give each process's CPUs: {pid: set per thread}."""
+        directory, port, conf = _gatewayConfig(self, workers, process=process)
+        p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        waitForPort(port)
+        if workers > 1:  # (each worker has kept to its CPU by the time it holds its spool partition)
+            self.assertTrue(waitUntil(lambda: len([n for n in spoolPids(directory) if n.startswith("w")]) == workers,
+                                      20))
+        for _ in range(4):  # (the threads a delivery starts are there too)
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                c.sendmail("a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+        pids = [p.pid] + childPids(p.pid)
+        return pids, {pid: {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/%d/task" % pid)}
+                      for pid in pids}
+
+    def test_eachWorkerOnOneCPU(self):
+        def run():
+            allowed = sorted(os.sched_getaffinity(0))
+            (main, worker), cpus = self.cpus(2)
+            self.assertEqual(cpus[main], {frozenset([allowed[0]])})
+            self.assertEqual(cpus[worker], {frozenset([allowed[1 % len(allowed)]])})
+
+        return inThread(run)
+
+    def test_leftToTheKernel(self):
+        def run():
+            allowed = frozenset(os.sched_getaffinity(0))
+            for workers, process in ((2, {"cpu_affinity": False}), (1, None)):
+                pids, cpus = self.cpus(workers, process)
+                self.assertEqual(len(pids), workers)
+                for pid in pids:
+                    self.assertEqual(cpus[pid], {allowed}, (workers, process))
 
         return inThread(run)
