@@ -162,9 +162,9 @@ def keepToOneCPU(index):
     later) on one CPU: the C{index}-th, modulo their number, of those the
     main process could run on.  Several workers each left to the kernel
     are moved between cores, and wake on one whose caches another process
-    has taken; kept apart they relay more on the same cores (about 10% at
-    10 sessions, 28% with another process keeping one core busy:
-    bench/RESULTS.md, levers).  Returns the CPU, or C{None} (and says
+    has taken; kept apart they relay more on the same cores (7% more at
+    10 sessions, a quarter more with another process keeping one core
+    busy: bench/RESULTS.md, levers).  Returns the CPU, or C{None} (and says
     why) where that cannot be done.
     """
     try:
