@@ -11,9 +11,9 @@ keeps twisted.web's idle timeout from ever striking), and at most
 L{MAX_CONNECTIONS} at once (each holds a file descriptor the SMTP
 listeners need; when they are all taken, the oldest one still without a
 whole request gives way to the new one, so idle clients cannot keep a
-load balancer's health check out), and a request body (which no page reads) kept in memory
-up to L{MAX_BODY} octets, where twisted.web spools a large or chunked one
-to a temporary file without limit.
+load balancer's health check out), and a request body (which no page
+reads) kept in memory up to L{MAX_BODY} octets, where twisted.web spools
+a large or chunked one to a temporary file without limit.
 """
 
 import io

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from relaygw.testing import Client, configText, freePort, inThread, waitForPort
 from relaygw.workers import twistdArgv
 from tests.processes import childPids, spoolPids, waitUntil
+from tests.recorders import LogCapture
 
 
 def _alive(pid):
@@ -309,3 +310,18 @@ class CPUAffinityTests(unittest.TestCase):
                     self.assertEqual(cpus[pid], {allowed}, (workers, process))
 
         return inThread(run)
+
+    def test_cannotKeepToACPU(self):
+        """A CPU that cannot be had leaves the worker to the kernel, with one warning (and it starts all the same)."""
+        from relaygw import workers
+
+        before = os.sched_getaffinity(0)
+        self.addCleanup(os.environ.pop, workers.CPUS_ENV, None)
+        logs = LogCapture(self)
+        for given in ("not-a-list", "99999"):
+            os.environ[workers.CPUS_ENV] = given
+            self.assertIsNone(workers.keepToOneCPU(0))
+            self.assertEqual(os.sched_getaffinity(0), before)
+        warnings = logs.find("left to run on any CPU", index=0)
+        self.assertEqual(len(warnings), 2)
+        self.assertEqual([type(e["error"]) for e in warnings], [ValueError, OSError])
