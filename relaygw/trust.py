@@ -41,17 +41,29 @@ def canonicalIP(text):
     Parse an IP address (optionally C{IPv6:}-prefixed) into its canonical
     text, IPv4-mapped IPv6 as IPv4.  Raises C{ValueError} if it is not one.
     """
+    return str(_address(text))
+
+
+def clientIP(text):
+    """L{canonicalIP}, refusing (C{ValueError}) an address no client connects from (L{isEndpoint})."""
+    addr = _address(text)
+    if not isEndpoint(addr):
+        raise ValueError("not a client address")
+    return str(addr)
+
+
+def _address(text):
+    """The C{ipaddress} address of L{canonicalIP}'s text."""
     if text[:5].lower() == "ipv6:":
-        text = text[5:]
-        addr = ipaddress.IPv6Address(text)
+        addr = ipaddress.IPv6Address(text[5:])
     else:
         addr = ipaddress.ip_address(text)
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
+            return addr.ipv4_mapped
         if addr.scope_id:
             raise ValueError("scoped IPv6 address")
-    return str(addr)
+    return addr
 
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -64,14 +76,6 @@ def isEndpoint(addr):
     A trusted peer naming such a client is making a mistake, not a claim.
     """
     return not (addr.is_unspecified or addr.is_multicast or addr == _BROADCAST)
-
-
-def clientIP(text):
-    """L{canonicalIP}, refusing (C{ValueError}) an address no client connects from (L{isEndpoint})."""
-    ip = canonicalIP(text)
-    if not isEndpoint(ipaddress.ip_address(ip)):
-        raise ValueError("not a client address")
-    return ip
 
 
 class Networks:
@@ -99,7 +103,7 @@ class Networks:
 
     def _lookup(self, ip):
         try:
-            addr = ipaddress.ip_address(canonicalIP(ip))
+            addr = _address(ip)
         except ValueError:
             return False
         return any(addr.version == n.version and addr in n for n in self._nets)
@@ -114,7 +118,7 @@ class Networks:
 def isLocalAddress(ip):
     """Whether C{ip} is loopback or private (used for start-up warnings)."""
     try:
-        addr = ipaddress.ip_address(canonicalIP(ip))
+        addr = _address(ip)
     except ValueError:
         return False
     if addr.is_unspecified:
