@@ -144,6 +144,15 @@ def _positive(value):
     return value
 
 
+def _cpus(value):
+    # true, false, or the CPUs worker N is kept to in turn (as nginx's worker_cpu_affinity lists them)
+    if isinstance(value, bool):
+        return value
+    if not value or not all(type(c) is int and 0 <= c < 4096 for c in value):
+        raise Invalid("%r is not a list of CPU numbers" % (value,), "true, false or CPU numbers such as [0, 1]")
+    return tuple(value)
+
+
 def _workers(value):
     # (A bound, so that a stray digit cannot fork the machine to its knees.)
     if not 1 <= value <= 256:
@@ -395,7 +404,7 @@ class AdminConfig:
 @dataclass(frozen=True)
 class ProcessConfig:
     workers: int = _opt(1, int, _workers)
-    cpu_affinity: bool = _opt(True, bool)
+    cpu_affinity: object = _opt(True, (bool, list), _cpus)
 
 
 @dataclass(frozen=True)
@@ -420,7 +429,9 @@ _KINDS = {int: "an integer", str: "a string", bool: "true or false", list: "a li
 
 
 def _expectedKind(kind):
-    return "a number" if isinstance(kind, tuple) else _KINDS[kind]
+    if isinstance(kind, tuple):
+        return "true, false or a list" if bool in kind else "a number"
+    return _KINDS[kind]
 
 
 def _typeName(value):

@@ -156,22 +156,32 @@ def dieWithParent():
 CPUS_ENV = "RELAYGW_CPUS"
 
 
-def keepToOneCPU(index):
+def keepToOneCPU(index, workers, listed=True):
     """
-    Keep worker C{index} (every thread of this process, and those it starts
-    later) on one CPU: the C{index}-th, modulo their number, of those the
-    main process could run on.  Several workers each left to the kernel
-    are moved between cores, and wake on one whose caches another process
-    has taken; kept apart they relay more on the same cores (7% more at
-    10 sessions, a quarter more with another process keeping one core
-    busy: bench/RESULTS.md, levers).  Returns the CPU, or C{None} (and says
-    why) where that cannot be done.
+    Keep worker C{index} of C{workers} (every thread of this process, and
+    those it starts later) on one CPU: C{listed[index]}, modulo their
+    number, when C{listed} is a list, else the C{index}-th of those the
+    main process could run on, but only when the workers are at least as
+    many as those CPUs.  Several workers each left to the kernel are
+    moved between cores, and wake on one whose caches another process has
+    taken; kept apart they relay more on the same cores (7% more at 10
+    sessions, a quarter more with another process keeping one core busy:
+    bench/RESULTS.md, levers).  Fewer workers than CPUs means the gateway
+    shares the host, and the first CPUs of a wide set (a CPU quota without
+    a cpuset) may be where everything else runs: those are left to the
+    kernel.  Returns the CPU, or C{None} (and says why) where none is kept.
     """
     try:
         given = os.environ.get(CPUS_ENV, "")
         cpus = [int(c) for c in given.split(",")] if given else sorted(os.sched_getaffinity(0))
         os.environ[CPUS_ENV] = ",".join(map(str, cpus))  # (for the workers this one starts)
-        cpu = cpus[index % len(cpus)]
+        if listed is True and workers < len(cpus):
+            if index == 0:
+                log.info("workers left to run on any CPU: {workers} workers for {cpus} CPUs (cpu_affinity lists "
+                         "the CPUs to keep them to)", workers=workers, cpus=len(cpus))
+            return None
+        chosen = cpus if listed is True else listed
+        cpu = chosen[index % len(chosen)]
         for task in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(task), {cpu})
     except (AttributeError, OSError, ValueError) as e:

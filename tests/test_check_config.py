@@ -142,6 +142,14 @@ class BrokenConfigTests(unittest.TestCase):
                                                 {"endpoint": "unix:%s/../%s/s.sock" % (d, os.path.basename(d))})},
              "listener[1].endpoint", "socket %s/s.sock" % d),
             ("workers past the bound", {"process": {"workers": 1000}}, "process.workers", "1 to 256"),
+            ("cpu_affinity a word", {"process": {"cpu_affinity": "auto"}}, "process.cpu_affinity",
+             "true, false or a list"),
+            ("cpu_affinity an empty list", {"process": {"cpu_affinity": []}}, "process.cpu_affinity",
+             "CPU numbers such as [0, 1]"),
+            ("cpu_affinity a negative CPU", {"process": {"cpu_affinity": [0, -1]}}, "process.cpu_affinity",
+             "CPU numbers such as [0, 1]"),
+            ("cpu_affinity CPUs as strings", {"process": {"cpu_affinity": ["0"]}}, "process.cpu_affinity",
+             "CPU numbers such as [0, 1]"),
             ("drain_delay past the bound", {"listeners": ({"drain_delay": 1e9},)},
              "listener[0].drain_delay", "0 to 3600 seconds"),
             ("drain_timeout negative", {"listeners": ({"drain_timeout": -1},)},
@@ -194,9 +202,11 @@ class BrokenConfigTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write(configText(self.dir, listeners=(dict(self.tls, hostname="[192.0.2.1]"),
                                                     {"endpoint": r"tcp:0:interface=\:\:1", "hostname": "a-b.example."}),
-                               admin={"endpoint": "tcp:0:interface=127.0.0.1"}, process={"workers": 2}))
+                               admin={"endpoint": "tcp:0:interface=127.0.0.1"},
+                               process={"workers": 2, "cpu_affinity": [1, 0]}))
         c = config.load(path, environment=True)
         self.assertEqual(c.listeners[1].hostname, "a-b.example.")
+        self.assertEqual(c.process.cpu_affinity, (1, 0))
 
     def test_everyErrorAtOnce(self):
         errors = self.check({"listeners": ({"hostname": "bad host", "max_recipients": 0, "policy": "no.such"},),

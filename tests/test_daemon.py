@@ -273,12 +273,22 @@ class FileLimitTests(unittest.TestCase):
 
 
 class CPUAffinityTests(unittest.TestCase):
-    """With several workers each is kept to one CPU, every thread of it; with one, or when told not to, none is."""
+    """
+    With at least one worker per CPU (or the CPUs listed) each worker is
+    kept to one CPU, every thread of it; with fewer workers, one, or when
+    told not to, none is.  The CPUs the gateway may use are given as the
+    main process passes them on to its workers (C{workers.CPUS_ENV}), so
+    that the tests hold on a machine of any size.
+    """
 
-    def cpus(self, workers, process=None):
+    def cpus(self, workers, process=None, given=None):
         """Start the gateway, relay a few messages, and give each process's CPUs: {pid: set per thread}."""
+        from relaygw.workers import CPUS_ENV
+
         directory, port, conf = _gatewayConfig(self, workers, process=process)
-        p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, **({CPUS_ENV: ",".join(map(str, given))} if given else {}))
+        p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=env)
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
         waitForPort(port)
         if workers > 1:  # (each worker has kept to its CPU by the time it holds its spool partition)
@@ -292,22 +302,37 @@ class CPUAffinityTests(unittest.TestCase):
                       for pid in pids}
 
     def test_eachWorkerOnOneCPU(self):
+        """Two workers for (at most) two CPUs: worker N on the Nth."""
         def run():
-            allowed = sorted(os.sched_getaffinity(0))
-            (main, worker), cpus = self.cpus(2)
+            allowed = sorted(os.sched_getaffinity(0))[:2]
+            (main, worker), cpus = self.cpus(2, given=allowed)
             self.assertEqual(cpus[main], {frozenset([allowed[0]])})
             self.assertEqual(cpus[worker], {frozenset([allowed[1 % len(allowed)]])})
+
+        return inThread(run)
+
+    def test_listed(self):
+        """Listed CPUs: worker N on the Nth listed, however many CPUs the gateway may use."""
+        def run():
+            allowed = sorted(os.sched_getaffinity(0))
+            listed = [allowed[-1], allowed[0]]
+            (main, worker), cpus = self.cpus(2, {"cpu_affinity": listed}, given=allowed + [max(allowed) + 1])
+            self.assertEqual(cpus[main], {frozenset([listed[0]])})
+            self.assertEqual(cpus[worker], {frozenset([listed[1]])})
 
         return inThread(run)
 
     def test_leftToTheKernel(self):
         def run():
             allowed = frozenset(os.sched_getaffinity(0))
-            for workers, process in ((2, {"cpu_affinity": False}), (1, None)):
-                pids, cpus = self.cpus(workers, process)
+            # (the third CPU given need not exist: with fewer workers than CPUs none is kept)
+            wide = sorted(allowed)[:2] + [max(allowed) + 1]
+            for workers, process, given in ((2, {"cpu_affinity": False}, sorted(allowed)[:2]), (1, None, None),
+                                            (2, None, wide)):
+                pids, cpus = self.cpus(workers, process, given)
                 self.assertEqual(len(pids), workers)
                 for pid in pids:
-                    self.assertEqual(cpus[pid], {allowed}, (workers, process))
+                    self.assertEqual(cpus[pid], {allowed}, (workers, process, given))
 
         return inThread(run)
 
@@ -318,10 +343,24 @@ class CPUAffinityTests(unittest.TestCase):
         before = os.sched_getaffinity(0)
         self.addCleanup(os.environ.pop, workers.CPUS_ENV, None)
         logs = LogCapture(self)
-        for given in ("not-a-list", "99999"):
+        for given, listed in (("not-a-list", True), ("99999", True), ("0", [99999])):
             os.environ[workers.CPUS_ENV] = given
-            self.assertIsNone(workers.keepToOneCPU(0))
+            self.assertIsNone(workers.keepToOneCPU(0, 2, listed))
             self.assertEqual(os.sched_getaffinity(0), before)
         warnings = logs.find("left to run on any CPU", index=0)
-        self.assertEqual(len(warnings), 2)
-        self.assertEqual([type(e["error"]) for e in warnings], [ValueError, OSError])
+        self.assertEqual(len(warnings), 3)
+        self.assertEqual([type(e["error"]) for e in warnings], [ValueError, OSError, OSError])
+
+    def test_fewerWorkersThanCPUs(self):
+        """Fewer workers than CPUs: none kept, and the main process says so, once."""
+        from relaygw import workers
+
+        before = os.sched_getaffinity(0)
+        self.addCleanup(os.environ.pop, workers.CPUS_ENV, None)
+        logs = LogCapture(self)
+        os.environ[workers.CPUS_ENV] = "0,1,2,3"
+        self.assertIsNone(workers.keepToOneCPU(0, 3))
+        self.assertIsNone(workers.keepToOneCPU(1, 3))
+        self.assertEqual(os.sched_getaffinity(0), before)
+        said = logs.find("workers left to run on any CPU")
+        self.assertEqual([(e["workers"], e["cpus"]) for e in said], [(3, 4)])
