@@ -69,7 +69,8 @@ def makeService(options):
     descriptors.raiseLimit()  # (before the listeners size themselves to it)
     process = options.config.process
     if process.workers > 1 and process.cpu_affinity:
-        keepToOneCPU(worker, process.workers, process.cpu_affinity)  # (before any thread starts: they run where this one does)
+        # (before any thread starts: they run where this one does)
+        keepToOneCPU(worker, process.workers, process.cpu_affinity)
     try:
         configPath = os.path.abspath(options["config"]) if options["config"] else None  # (as the workers get it)
         service = build(options.config, worker=worker, configPath=configPath,
