@@ -364,3 +364,62 @@ class CPUAffinityTests(unittest.TestCase):
         self.assertEqual(os.sched_getaffinity(0), before)
         said = logs.find("workers left to run on any CPU")
         self.assertEqual([(e["workers"], e["cpus"]) for e in said], [(3, 4)])
+
+
+class ClockStepTests(unittest.TestCase):
+    """
+    A step of the wall clock (NTP's first sync, an administrator's C{date})
+    moves no timer: the reactor's run on the monotonic clock.  The gateway
+    runs under twistd with a shim that steps its C{time.time} on request.
+    """
+
+    def gateway(self):
+        directory, port, conf = _gatewayConfig(self, 1, listener={"idle_timeout": 3})
+        self.stepFile = os.path.join(directory, "clock-step")
+        shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clockstep")
+        env = dict(os.environ, RELAYGW_TEST_CLOCK_STEP=self.stepFile,
+                   PYTHONPATH=os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")])))
+        p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=env)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        waitForPort(port)
+        c = Client(port, timeout=20)
+        self.addCleanup(c.close)
+        self.assertEqual(c.reply()[0], 220)
+        self.assertEqual(c.cmd("EHLO x")[0], 250)
+        return c
+
+    def step(self, seconds):
+        with open(self.stepFile + ".new", "w") as f:
+            f.write(repr(seconds))
+        os.rename(self.stepFile + ".new", self.stepFile)
+
+    def test_backward(self):
+        """An hour back: the idle session is still closed after its 3 s (before: not for an hour)."""
+        def run():
+            c = self.gateway()
+            self.step(-3600)
+            started = time.monotonic()
+            code, lines = c.reply()
+            self.assertEqual((code, lines[0].split()[0]), (421, "4.4.2"))
+            self.assertIn("idle timeout", lines[0])
+            self.assertLess(time.monotonic() - started, 10)
+
+        return inThread(run)
+
+    def test_forward(self):
+        """An hour on: no timer fires early (before: the next reactor turn, here for a new connection, closed it)."""
+        def run():
+            c = self.gateway()
+            self.step(3600)
+            time.sleep(0.5)
+            other = Client(c.sock.getpeername()[1])
+            self.addCleanup(other.close)
+            self.assertEqual(other.reply()[0], 220)
+            time.sleep(0.5)
+            self.assertEqual(c.cmd("NOOP")[0], 250)
+            started = time.monotonic()
+            self.assertEqual(c.reply()[0], 421)  # (the idle timeout, in its own time)
+            self.assertGreater(time.monotonic() - started, 2)
+
+        return inThread(run)
