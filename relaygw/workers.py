@@ -172,16 +172,16 @@ def keepToOneCPU(index, workers, listed=True):
     kernel.  Returns the CPU, or C{None} (and says why) where none is kept.
     """
     try:
-        given = os.environ.get(CPUS_ENV, "")
-        cpus = [int(c) for c in given.split(",")] if given else sorted(os.sched_getaffinity(0))
-        os.environ[CPUS_ENV] = ",".join(map(str, cpus))  # (for the workers this one starts)
-        if listed is True and workers < len(cpus):
-            if index == 0:
-                log.info("workers left to run on any CPU: {workers} workers for {cpus} CPUs (cpu_affinity lists "
-                         "the CPUs to keep them to)", workers=workers, cpus=len(cpus))
-            return None
-        chosen = cpus if listed is True else listed
-        cpu = chosen[index % len(chosen)]
+        if listed is True:
+            given = os.environ.get(CPUS_ENV, "")
+            listed = [int(c) for c in given.split(",")] if given else sorted(os.sched_getaffinity(0))
+            os.environ[CPUS_ENV] = ",".join(map(str, listed))  # (for the workers this one starts)
+            if workers < len(listed):
+                if index == 0:
+                    log.info("workers left to run on any CPU: {workers} workers for {cpus} CPUs (cpu_affinity "
+                             "lists the CPUs to keep them to)", workers=workers, cpus=len(listed))
+                return None
+        cpu = listed[index % len(listed)]
         for task in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(task), {cpu})
     except (AttributeError, OSError, ValueError) as e:
