@@ -71,7 +71,11 @@ def makeService(options):
     if process.workers > 1 and process.cpu_affinity:
         # (before any thread starts: they run where this one does)
         keepToOneCPU(worker, process.workers, process.cpu_affinity)
-    _timersOnMonotonicClock()
+    from twisted.internet import reactor
+
+    from relaygw import eventloop
+
+    eventloop.tune(reactor)
     try:
         configPath = os.path.abspath(options["config"]) if options["config"] else None  # (as the workers get it)
         service = build(options.config, worker=worker, configPath=configPath,
@@ -85,29 +89,6 @@ def makeService(options):
     except (_config.ConfigError, PartitionLocked, UnsafeSpool) as e:
         sys.stderr.write("%s\n" % (e,))
         raise SystemExit(1)
-
-
-def _timersOnMonotonicClock():
-    """
-    Run the reactor's timers on the monotonic clock, not on the wall clock
-    Twisted gives them.  On the wall clock a step of the system time (a
-    first NTP sync, an administrator's C{date}) fires every idle, data and
-    retry timer at once when it goes forward, and when it goes back holds
-    each for the length of the step: sessions idle for ever, a queue that
-    retries nothing for an hour (what Postfix's C{sane_time} guards
-    against).  Every use of C{reactor.seconds()} here is a difference of
-    two; log lines and queue files keep the wall clock.  Timers already
-    set move over with their remaining delay.
-    """
-    import time
-
-    from twisted.internet import reactor
-
-    shift = time.monotonic() - reactor.seconds()
-    for call in reactor.getDelayedCalls():
-        call.time += shift
-        call.seconds = time.monotonic
-    reactor.seconds = time.monotonic
 
 
 def _logFile(twistdOptions):

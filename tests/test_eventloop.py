@@ -1,0 +1,121 @@
+"""The gateway's changes to its reactor (L{relaygw.eventloop}), on reactors of their own."""
+
+import socket
+import time
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.selectreactor import SelectReactor
+from twisted.logger import globalLogPublisher
+from twisted.python import context
+from twisted.python import log as legacyLog
+from twisted.trial import unittest
+
+from relaygw import eventloop
+
+
+class _Reader:
+    """A readable end of a socket pair, as the reactor sees a connection."""
+
+    def __init__(self, sock, failing=False):
+        self.sock = sock
+        self.failing = failing
+        self.read = b""
+        self.systems = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "reader-%d" % (self.fileno(),)
+
+    def doRead(self):
+        self.systems.append(context.get(legacyLog.ILogContext)["system"])
+        self.read += self.sock.recv(100)
+        if self.failing:
+            raise ValueError("the connection's read failed")
+
+    def connectionLost(self, reason):
+        if self.failing:
+            raise KeyError("and so did its clean-up")
+
+
+class DispatchTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = EPollReactor()
+        self.addCleanup(self._close, self.reactor)
+
+    @staticmethod
+    def _close(reactor):
+        reactor._poller.close()
+        reactor.waker.connectionLost(None)
+
+    def _pair(self, failing=False):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        reader = _Reader(ours, failing)
+        self.reactor.addReader(reader)
+        self.addCleanup(lambda: reader in self.reactor.getReaders() and self.reactor.removeReader(reader))
+        theirs.send(b"x")
+        return reader
+
+    def test_eventsGoStraightToTheConnection(self):
+        """
+        A read event reaches the connection with no legacy log context
+        around it (the stock reactor sets C{system} to the connection's log
+        prefix for each event).
+        """
+        self.assertTrue(eventloop.dispatchDirectly(self.reactor))
+        reader = self._pair()
+        self.reactor.doIteration(1.0)
+        self.assertEqual(reader.read, b"x")
+        self.assertEqual(reader.systems, ["-"])
+
+    def test_stockDispatchSetsTheContext(self):
+        """What L{test_eventsGoStraightToTheConnection} takes away: the stock reactor's per-event context."""
+        reader = self._pair()
+        self.reactor.doIteration(1.0)
+        self.assertEqual(reader.systems, [reader.logPrefix()])
+
+    def test_escapedErrorLoggedAndTheLoopGoesOn(self):
+        """
+        An error that escapes the reactor's own handling of a connection
+        (its clean-up raising after its read did) is logged once, and the
+        other connections' events of the same poll are still handled.
+        """
+        eventloop.dispatchDirectly(self.reactor)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        failing, healthy = self._pair(failing=True), self._pair()
+        self.reactor.doIteration(1.0)
+        self.assertEqual((failing.read, healthy.read), (b"x", b"x"))
+        escaped = [e for e in events if e.get("log_namespace") == "relaygw.eventloop"]
+        self.assertEqual(len(escaped), 1)
+        self.assertIsInstance(escaped[0]["log_failure"].value, KeyError)
+        self.assertIs(escaped[0]["selectable"], failing)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # (the reactor's own log of the read)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertNotIn(failing, self.reactor.getReaders())
+        self.assertIn(healthy, self.reactor.getReaders())
+
+    def test_otherReactorsLeftAsTheyAre(self):
+        """A reactor that is not epoll's keeps its own dispatch."""
+        other = SelectReactor()
+        self.addCleanup(other.waker.connectionLost, None)
+        before = other.doIteration
+        self.assertFalse(eventloop.dispatchDirectly(other))
+        self.assertEqual(other.doIteration, before)
+
+
+class MonotonicClockTests(unittest.TestCase):
+    def test_timersMoveOverWithTheirDelay(self):
+        """Afterwards the reactor's clock is the monotonic one, and a timer set before still has its delay ahead."""
+        reactor = EPollReactor()
+        self.addCleanup(DispatchTests._close, reactor)
+        call = reactor.callLater(100, lambda: None)
+        eventloop.onMonotonicClock(reactor)
+        self.assertIs(reactor.seconds, time.monotonic)
+        self.assertLess(abs(call.getTime() - time.monotonic() - 100), 1)
+        later = reactor.callLater(50, lambda: None)
+        self.assertLess(abs(later.getTime() - time.monotonic() - 50), 1)
