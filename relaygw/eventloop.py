@@ -4,7 +4,6 @@ services: its timers on the monotonic clock, and its I/O events handed to
 the connections without Twisted's legacy log context around each one.
 """
 
-import errno
 import time
 import types
 
@@ -66,12 +65,8 @@ def _doPoll(reactor, timeout):
     """L{EPollReactor.doPoll} without the log context around each event."""
     try:
         events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
-    except InterruptedError:
+    except InterruptedError:  # (EINTR, as Twisted's poll step takes it)
         return
-    except OSError as e:
-        if e.errno == errno.EINTR:
-            return
-        raise
     selectables, handle = reactor._selectables, reactor._doReadOrWrite
     for fd, event in events:
         selectable = selectables.get(fd)
