@@ -190,20 +190,21 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         """
         if not isinstance(d, defer.Deferred):
             return
-        d.addErrback(self._internalError)
-        fired = []
-        d.addBoth(fired.append)
-        if fired:
+        if d.called and not d.paused:  # (fired: its callbacks run now)
+            d.addErrback(self._internalError)
             return
         self.waiting = d
+        d.addCallbacks(self._resume, self._resumeAfterError)
 
-        def resume(_):
-            self.waiting = None
-            if self.mode != CLOSED:
-                self._updateReading()
-                self._process()
+    def _resume(self, _):
+        self.waiting = None
+        if self.mode != CLOSED:
+            self._updateReading()
+            self._process()
 
-        d.addBoth(resume)
+    def _resumeAfterError(self, failure):
+        self._internalError(failure)
+        self._resume(None)
 
     def _internalError(self, failure):
         log.failure("[{session}] internal error", failure, session=self.sessionId)

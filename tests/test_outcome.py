@@ -302,3 +302,66 @@ class SeveralNextHopsTests(unittest.TestCase):
         self.assertEqual((state["rcpts"]["fast@a.example"]["status"], state["rcpts"]["slow@b.example"]["status"],
                           state["attempts"]), ("done", "deferred", 1))
         yield q.stopService()
+
+
+class _BrokenHop(_Hop):
+    """A next hop whose C{deliver} raises (a bug in it, say)."""
+
+    def deliver(self, messages, progress=None):
+        raise RuntimeError("next hop bug")
+
+
+class FailedAttemptTests(unittest.TestCase):
+    """What goes wrong outside any next hop's replies is logged, deferred, and frees the attempt's slot."""
+
+    def setUp(self):
+        self.spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        self.spool.open()
+
+    @defer.inlineCallbacks
+    def _queued(self):
+        w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
+                                   "context": {"connection": {}}, "arrival": 0})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        return qid
+
+    @defer.inlineCallbacks
+    def test_nextHopThatRaisesDefersTheRecipients(self):
+        qid = yield self._queued()
+        clock = task.Clock()
+        q = QueueManager(self.spool, lambda m, r: _BrokenHop({}), clock, retryMin=30, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid)
+        yield q.whenIdle()
+        yield self.spool.whenStateWritten(qid)
+        rcpt = self.spool.readState(qid)["rcpts"]["r@example.net"]
+        self.assertEqual(rcpt["status"], "deferred")
+        self.assertIn("next hop failure: next hop bug", rcpt["result"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(q.active, set())
+        self.assertIn(qid, q.timers)
+        yield q.stopService()
+
+    @defer.inlineCallbacks
+    def test_attemptThatRaisesIsRetriedAndFreesItsSlot(self):
+        qid = yield self._queued()
+        clock = task.Clock()
+        q = QueueManager(self.spool, lambda m, r: _Hop({"r@example.net": OK}), clock, retryMin=30,
+                         lifetime=10 ** 12)
+        broken = []
+
+        def load(queueId):
+            broken.append(queueId)
+            raise RuntimeError("cannot read it back")
+
+        self.patch(self.spool, "load", load)
+        q.startService()
+        q.enqueue(qid)
+        yield q.whenIdle()
+        self.assertEqual(broken, [qid])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(q.active, set())
+        self.assertTrue(q.timers[qid].active())
+        self.assertEqual(q.timers[qid].getTime(), 30)
+        yield q.stopService()

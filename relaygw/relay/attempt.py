@@ -93,10 +93,8 @@ class Attempts:
         for hop, recipients in groups.items():
             d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)],
                                     progress=lambda _, results, hop=hop: self._keep(attempt, hop, results))
-            d.addCallback(lambda results: results[0])
-            d.addErrback(self._hopFailed, recipients, hop)
-            d.addCallback(self._replied, attempt, hop)
-            ds.append(d)
+            ds.append(d.addCallbacks(self._replied, self._hopFailed, callbackArgs=(attempt, hop),
+                                     errbackArgs=(attempt, recipients, hop)))
         if len(ds) == 1:
             return ds[0]  # (the usual case: one next hop, no DeferredList to wait through)
         return defer.gatherResults(ds, consumeErrors=True)
@@ -111,16 +109,18 @@ class Attempts:
         if self.manager.metrics:
             self.manager.metrics.corrupt()
 
-    def _hopFailed(self, failure, recipients, hop):
+    def _hopFailed(self, failure, attempt, recipients, hop):
         log.failure("next hop {hop} failed", failure, hop=hop.describe())
         result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
-        return {r: result for r in recipients}
+        return self._replied([{r: result for r in recipients}], attempt, hop)
 
     def _replied(self, results, attempt, hop):
         """
-        One next hop's replies for the message, as soon as they are read;
-        the last one ends the attempt.
+        One next hop's replies for the message (C{results}: what its
+        C{deliver} gives, a list of one), as soon as they are read; the
+        last one ends the attempt.
         """
+        results = results[0]
         attempt.outcomes.append((hop.describe(), results))
         if attempt.waitedOn is None and WAITED in results.values():
             attempt.waitedOn = hop
@@ -181,7 +181,7 @@ class Attempts:
                                   forced=attempt.forced)
         self._logged(attempt, recorded.events)
         fresh = attempt.fresh
-        d = defer.succeed(None)
+        d = None
         if recorded.provisional is not None and self.spool.exists(qid):
             # Until the bounce is durable a crash must neither re-send to the
             # recipients that succeeded nor lose the bounce: record the
@@ -190,6 +190,8 @@ class Attempts:
             fresh = False
             d = self.progress.persist(qid, recorded.provisional)
         if recorded.bounces:
+            if d is None:
+                d = defer.succeed(None)
             d.addCallback(lambda written: self._bounce(message, recorded.bounces) if written is not False else None)
 
         def settle(written):
@@ -203,6 +205,8 @@ class Attempts:
             self.manager.retryLater(qid, recorded.nextAttempt)
             return self.progress.persist(qid, recorded.state)
 
+        if d is None:  # (the usual case: nothing to make durable first)
+            return settle(None)
         return d.addCallback(settle)
 
     def _waitedTooLong(self, attempt):

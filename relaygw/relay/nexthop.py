@@ -42,7 +42,7 @@ class Result:
         (L{STOPPED}), never reached by its connection (L{NOT_SENT}), or
         never given one (L{WAITED}).
         """
-        return self == WITHDRAWN or self == STOPPED or self == NOT_SENT or self == WAITED
+        return self.code in _UNTRIED_CODES and self in _UNTRIED
 
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
@@ -82,6 +82,9 @@ NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an ear
 #: the queue manager tries it again once that next hop has room for it
 #: (L{INextHop.whenRoom}).
 WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time")
+
+_UNTRIED = (WITHDRAWN, STOPPED, NOT_SENT, WAITED)
+_UNTRIED_CODES = frozenset(result.code for result in _UNTRIED)  # (a delivered message's 250 is none of them)
 
 
 class INextHop(Interface):

@@ -273,8 +273,7 @@ class QueueManager(Service):
                 self.queued.discard(qid)
                 self.active.add(qid)
                 d = defer.maybeDeferred(self._attempt, qid)
-                d.addErrback(self._attemptFailed, qid)
-                d.addBoth(self._finished, qid)
+                d.addCallbacks(self._finished, self._attemptFailed, callbackArgs=(qid,), errbackArgs=(qid,))
         finally:
             self._pumping = False
 
@@ -288,10 +287,13 @@ class QueueManager(Service):
         An attempt raised (a corrupt queue file, a full disk writing
         progress): log it and try again later rather than forget it.
         """
-        log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid,
-                    delay=self.retryMin)
-        if self.running and self.spool.exists(qid):
-            self.timers[qid] = self.reactor.callLater(self.retryMin, self.enqueue, qid)
+        try:
+            log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid,
+                        delay=self.retryMin)
+            if self.running and self.spool.exists(qid):
+                self.timers[qid] = self.reactor.callLater(self.retryMin, self.enqueue, qid)
+        finally:
+            self._finished(None, qid)
 
     def _finished(self, _, qid):
         self.active.discard(qid)
