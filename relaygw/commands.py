@@ -174,7 +174,10 @@ def parseHelo(text):
     @return: C{(name, cleaned text)}: the first word, and the whole argument
         cleaned (for C{ehlo_string}); C{(None, "")} if there is no word.
     """
-    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    if text.isascii() and text.isprintable():  # (the usual name: nothing to clean, no call a character)
+        cleaned = text
+    else:
+        cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
     words = cleaned.split(" ")
     name = next((w for w in words if w), None)
     return name, cleaned

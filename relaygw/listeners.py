@@ -59,6 +59,10 @@ class NullMetrics:
         pass
 
 
+def _uncounted(kind, *labels):
+    """L{SMTPFactory.stats} without metrics."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ListenerSettings:
     """
@@ -101,6 +105,9 @@ class SMTPFactory(ServerFactory):
         self.reactor = reactor
         self.onQueued = onQueued
         self.metrics = metrics or NullMetrics()
+        if metrics is None:
+            # Nothing reads the session's events: one call a command and a reply, not three.
+            self.stats = _uncounted
         self.settings = ListenerSettings.build(listener, tls, portal)
         self.verbs = registry()
         self.sessions = set()

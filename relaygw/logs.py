@@ -18,7 +18,7 @@ from twisted.logger import (
     formatEvent,
 )
 from twisted.logger import Logger as _Logger
-from twisted.python.threadable import isInIOThread
+from twisted.python import threadable
 from zope.interface import implementer, provider
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -291,7 +291,8 @@ class _Batched:
 
     def flush(self):
         """Write the lines now, or once the reactor's current turn is over."""
-        if not (getattr(self.reactor, "running", False) and isInIOThread()):
+        # (isInIOThread, less its two calls a line)
+        if not (getattr(self.reactor, "running", False) and threading.get_ident() == threadable.ioThread):
             self.writeOut()
         elif not self._scheduled:
             self._scheduled = True

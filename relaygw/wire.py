@@ -70,17 +70,6 @@ def readOn(transport):
         return b""
 
 
-def _idleSocketTransport(transport):
-    """
-    The plain TCP transport under C{transport} (L{_plainTCP}), if octets
-    written to its socket now would go out in order; else C{None}.
-    """
-    tcp = _plainTCP(transport)
-    if tcp is None or tcp.TLS or not _nothingQueued(tcp):
-        return None
-    return tcp
-
-
 def _nothingQueued(tcp):
     """Whether octets written to C{tcp}'s socket now would go out in order (and may go out at all)."""
     return bool(
@@ -104,9 +93,9 @@ def _sendNow(tcp, data):
 
 def send(transport, data):
     """Write C{data} to C{transport}: at once when safe, else queued as usual."""
-    t = _idleSocketTransport(transport)
-    if t is not None:
-        data = _sendNow(t, data)
+    tcp = _plainTCP(transport)
+    if tcp is not None and not tcp.TLS and _nothingQueued(tcp):
+        data = _sendNow(tcp, data)
         if not data:
             return
     transport.write(data)

@@ -103,7 +103,7 @@ class SendTests(_Loopback):
         tls = ProtocolWrapper.__new__(ProtocolWrapper)
         tls.transport = below
         self.assertTrue(tls.writesPassThrough)  # forwarded by ProtocolWrapper.__getattr__
-        self.assertIsNone(wire._idleSocketTransport(tls))
+        self.assertIsNone(wire._plainTCP(tls))
 
     def test_otherTransportsUseWrite(self):
         t = StringTransport()
