@@ -8,6 +8,7 @@ layout, which is L{relaygw.spool.Spool}'s alone.
 import ctypes
 import errno
 import os
+import sys
 import threading
 import time
 
@@ -49,8 +50,9 @@ def _libcCall(function, *args, path=None, again=True):
 class _Quick:
     """
     The disk thread's quick system calls (opening, writing into the page
-    cache, cutting, closing, renaming) made through libc without letting
-    the GIL go, where C{os}'s let it go and take it back.  At saturation
+    cache, cutting, closing, renaming), and the reactor thread's checks that
+    a queue file or a hold marker is there, made through libc without
+    letting the GIL go, where C{os}'s let it go and take it back.  At saturation
     the reactor thread holds the GIL, so each take-back was a wait for it
     (and, under C{SCHED_BATCH}, for a core): a batch's 250s waited for
     dozens of them.  The calls that wait for the device (C{syncfs},
@@ -66,6 +68,7 @@ class _Quick:
             libc.ftruncate.argtypes = [ctypes.c_int, ctypes.c_int64]
             libc.rename.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
             libc.close.argtypes = [ctypes.c_int]
+            libc.faccessat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             libc = None
         self._libc = libc
@@ -100,6 +103,22 @@ class _Quick:
             return os.rename(source, destination)
         _libcCall(self._libc.rename, os.fsencode(source), os.fsencode(destination), path=source)
 
+    def exists(self, path, follow=True):
+        """
+        C{os.path.exists} (C{os.path.lexists} unless C{follow}): a lookup
+        of a name in a directory the kernel has cached, a microsecond or two,
+        for which C{os.stat} let the GIL go and the reactor thread then
+        waited for the disk thread to give it back.
+        """
+        if self._libc is None or not _LINUX:
+            return os.path.exists(path) if follow else os.path.lexists(path)
+        flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
+        return self._libc.faccessat(_AT_FDCWD, os.fsencode(path), os.F_OK, flags) == 0
+
+
+#: C{faccessat}'s constants, as <fcntl.h> has them on Linux.
+_LINUX = sys.platform.startswith("linux")
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
 
 quick = _Quick()
 

@@ -521,7 +521,7 @@ class Spool:
             return []
 
     def exists(self, queueId):
-        return os.path.exists(self.path("queue", queueId))
+        return durable.quick.exists(self.path("queue", queueId))
 
     def committedAt(self, queueId):
         """When the message was made durable (its queue file's time); None if it is gone."""
@@ -1025,7 +1025,7 @@ class OperatorRequests:
 
     def isHeld(self, queueId):
         """Whatever is at C{hold/ID} (never followed) holds the message."""
-        return os.path.lexists(self.spool.path("hold", queueId))
+        return durable.quick.exists(self.spool.path("hold", queueId), follow=False)
 
     def clearStrayHolds(self):
         """

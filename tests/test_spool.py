@@ -506,6 +506,11 @@ class QuickCallsTests(unittest.TestCase):
         with open(new, "rb") as f:
             self.assertEqual(f.read(), b"short")
         self.assertEqual(os.stat(new).st_mode & 0o777, 0o640 & ~_umask())
+        link = os.path.join(d, "link")
+        os.symlink(old, link)  # (dangling: old is renamed)
+        for path, follow, found in ((new, True, True), (d, True, True), (old, True, False), (link, True, False),
+                                    (link, False, True), (old, False, False), (os.path.join(new, "x"), True, False)):
+            self.assertIs(quick.exists(path, follow=follow), found, (path, follow))
         with self.assertRaises(FileExistsError) as e:
             quick.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.assertEqual(e.exception.filename, new)
