@@ -414,14 +414,16 @@ class Committer:
             self.batches += 1
             self.jobs += count
             self.syncSeconds += seconds
-        for _, d, failed in unlinks:
-            if failed is not None:
-                d.errback(failed)
-            else:
-                d.callback(None)
+        # The commits first: their clients wait for a 250, where a removal
+        # only lets the queue manager go on to its next attempt.
         for d, error in settled:
             if error is not None:
                 d.errback(error)
+            else:
+                d.callback(None)
+        for _, d, failed in unlinks:
+            if failed is not None:
+                d.errback(failed)
             else:
                 d.callback(None)
 

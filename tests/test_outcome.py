@@ -311,8 +311,8 @@ class _BrokenHop(_Hop):
         raise RuntimeError("next hop bug")
 
 
-class FailedAttemptTests(unittest.TestCase):
-    """What goes wrong outside any next hop's replies is logged, deferred, and frees the attempt's slot."""
+class _SpoolMixin:
+    """A spool of its own, and a message for r@example.net committed to it."""
 
     def setUp(self):
         self.spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
@@ -325,6 +325,10 @@ class FailedAttemptTests(unittest.TestCase):
         w.write(b"Subject: x\r\n\r\nbody\r\n")
         qid = yield w.commit()
         return qid
+
+
+class FailedAttemptTests(_SpoolMixin, unittest.TestCase):
+    """What goes wrong outside any next hop's replies is logged, deferred, and frees the attempt's slot."""
 
     @defer.inlineCallbacks
     def test_nextHopThatRaisesDefersTheRecipients(self):
@@ -365,3 +369,56 @@ class FailedAttemptTests(unittest.TestCase):
         self.assertTrue(q.timers[qid].active())
         self.assertEqual(q.timers[qid].getTime(), 30)
         yield q.stopService()
+
+
+class JustAcceptedTests(_SpoolMixin, unittest.TestCase):
+    """
+    Messages handed in as they are accepted (the commits of one batch)
+    start on their way together, once the reactor's turn is over: every
+    one of them has its 250 first.
+    """
+
+    def setUp(self):
+        _SpoolMixin.setUp(self)
+        self.clock = task.Clock()
+        self.hop = _Hop({"r@example.net": OK})
+        self.q = QueueManager(self.spool, lambda m, r: self.hop, self.clock, retryMin=30, lifetime=10 ** 12)
+        self.q.startService()
+
+    def atOnce(self):
+        return [c for c in self.clock.getDelayedCalls() if c.getTime() == self.clock.seconds()]
+
+    @defer.inlineCallbacks
+    def test_attemptsStartAfterTheTurn(self):
+        first = yield self._queued()
+        second = yield self._queued()
+        self.q.enqueue(first, self.spool.load(first))
+        self.q.enqueue(second, self.spool.load(second))
+        self.assertEqual((self.hop.calls, self.q.active), ([], set()))
+        self.assertEqual(len(self.atOnce()), 1)  # one call for the batch
+        self.clock.advance(0)
+        self.assertEqual(self.hop.calls, [["r@example.net"], ["r@example.net"]])
+        yield self.q.whenIdle()
+        yield self.q.stopService()
+        self.assertEqual(self.atOnce(), [])
+
+    @defer.inlineCallbacks
+    def test_queuedAgainStartsAtOnce(self):
+        """A message handed in without its content (a retry, a flush) is not held for the turn."""
+        qid = yield self._queued()
+        self.q.enqueue(qid)
+        self.assertEqual(self.hop.calls, [["r@example.net"]])
+        self.assertEqual(self.atOnce(), [])
+        yield self.q.whenIdle()
+        yield self.q.stopService()
+
+    @defer.inlineCallbacks
+    def test_stopBeforeTheTurnEnds(self):
+        """Stopped before the turn is over: nothing goes out, the message stays queued."""
+        qid = yield self._queued()
+        self.q.enqueue(qid, self.spool.load(qid))
+        yield self.q.stopService()
+        self.assertEqual(self.atOnce(), [])
+        self.clock.advance(0)
+        self.assertEqual(self.hop.calls, [])
+        self.assertTrue(self.spool.exists(qid))

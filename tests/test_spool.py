@@ -602,6 +602,37 @@ class CommitterHandInTests(unittest.TestCase):
         self.assertEqual(missing, [])
         self.assertEqual(len([n for n in os.listdir(self.directory) if not n.endswith(".tmp")]), 3000)
 
+    @defer.inlineCallbacks
+    def test_commitsBeforeRemovals(self):
+        """
+        A batch's commits are answered before its removals' Deferreds fire:
+        a client waits for its 250, where a removal only lets the queue
+        manager go on.
+        """
+        inside, gate = threading.Event(), threading.Event()
+
+        def held():  # runs in the disk thread, in the first batch
+            inside.set()
+            gate.wait(10)
+            return b"x\n"
+
+        first = self.committer.commit(CommitJob(os.path.join(self.directory, "a.tmp"),
+                                                os.path.join(self.directory, "a"), data=held))
+        for _ in range(500):
+            if inside.is_set():
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(inside.is_set())
+        gone = os.path.join(self.directory, "gone")
+        open(gone, "wb").close()
+        order = []
+        removal = self.committer.unlink([gone]).addCallback(lambda _: order.append("removal"))
+        commit = self.committer.commit(self.job("b")).addCallback(lambda _: order.append("commit"))
+        gate.set()
+        yield defer.gatherResults([first, removal, commit])
+        self.assertEqual(order, ["commit", "removal"])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["a", "b"])
+
 
 class DiskThreadSchedulingTests(unittest.TestCase):
     """

@@ -144,8 +144,10 @@ class QueueManager(Service):
         after the stop.
         """
         Service.stopService(self)
-        if self._poller is not None and self._poller.active():
-            self._poller.cancel()
+        for call in (self._poller, self._pumpCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._pumpCall = None
         for t in self.timers.values():
             if t.active():
                 t.cancel()
@@ -205,7 +207,8 @@ class QueueManager(Service):
     def enqueue(self, queueId, message=None, forced=False):
         """
         Schedule a delivery attempt for C{queueId} now.  A message just
-        accepted is handed in as well, so it needn't be read back.
+        accepted is handed in as well, so it needn't be read back (its
+        attempt starts at the end of the reactor's turn).
         C{forced}: an operator asked for it (flush, release); such an
         attempt leaves the retry backoff as it was.
         """
@@ -225,6 +228,19 @@ class QueueManager(Service):
             return
         self.queued.add(queueId)
         self.ready.append(queueId)
+        if message is None:
+            self._pump()
+        elif self._pumpCall is None:
+            # Just accepted: its attempt starts once the reactor's current
+            # turn is over (still before its next poll), so that every
+            # message of one grouped commit has its 250 before the first of
+            # them starts on its way out.
+            self._pumpCall = self.reactor.callLater(0, self._pumpNow)
+
+    _pumpCall = None
+
+    def _pumpNow(self):
+        self._pumpCall = None
         self._pump()
 
     def retryLater(self, queueId, when):
