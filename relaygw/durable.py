@@ -105,10 +105,10 @@ class _Quick:
 
     def exists(self, path, follow=True):
         """
-        C{os.path.exists} (C{os.path.lexists} unless C{follow}): a lookup
-        of a name in a directory the kernel has cached, a microsecond or two,
-        for which C{os.stat} let the GIL go and the reactor thread then
-        waited for the disk thread to give it back.
+        C{os.path.exists} (C{os.path.lexists} unless C{follow}) with the
+        GIL held: the kernel answers the lookup from its caches in a few
+        microseconds, and around C{os.stat} the reactor thread then waited
+        for the disk thread to give the GIL back.
         """
         if self._libc is None or not _LINUX:
             return os.path.exists(path) if follow else os.path.lexists(path)
