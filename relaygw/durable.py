@@ -221,11 +221,17 @@ class Committer:
     @ivar mode: C{"grouped"} syncs each file system a batch writes to once
         with C{syncfs(2)} (falling back to one C{fsync} per file); C{"each"}
         fsyncs every file.
+    @ivar cpus: the CPUs the disk thread runs on, or C{None} for those of
+        the thread that starts it.  A worker kept to one CPU gives its disk
+        thread all of the workers' CPUs: under C{SCHED_BATCH} it never
+        preempts, so kept to a CPU that another process keeps busy it
+        waited a whole time slice at each wake-up (bench/RESULTS.md).
     """
 
-    def __init__(self, reactor, mode="grouped"):
+    def __init__(self, reactor, mode="grouped", cpus=None):
         self.reactor = reactor
         self.mode = mode
+        self.cpus = cpus
         self._wake = threading.Condition(threading.Lock())
         self._pending = []
         self._unlinks = []
@@ -303,6 +309,11 @@ class Committer:
         # for nothing.  Under SCHED_BATCH (no privilege needed) it waits for
         # a free core instead: fewer switches, a longer wait at saturation.
         self._schedule(os.SCHED_BATCH)
+        if self.cpus:
+            try:
+                os.sched_setaffinity(0, self.cpus)
+            except (AttributeError, OSError):
+                pass  # (where it was started, then)
         renamed = []  # (job, Deferred): renamed, durable once a sync after the renames is done
         while True:
             work = self._take()

@@ -23,7 +23,7 @@ from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
 from relaygw.spool import Spool
-from relaygw.workers import WorkerRole, parentGone, twistdArgv
+from relaygw.workers import WorkerRole, parentGone, sharedCPUs, twistdArgv
 
 log = Logger(namespace="relaygw.service")
 
@@ -102,7 +102,7 @@ class GatewayService(MultiService):
         self.worker = worker
         self.role = WorkerRole(config, reactor, worker, workerArgv, configText)
         self.supervisor = self.role.supervisor
-        self.committer = Committer(reactor, config.spool.fsync)
+        self.committer = Committer(reactor, config.spool.fsync, cpus=sharedCPUs())
         self.spool = Spool(self.role.spoolDirectory, self.committer, config.spool.min_free_space)
         self.delivery = Delivery(config, reactor, self.spool, self.committer, self.role.share)
         self.queue = self.delivery.queue

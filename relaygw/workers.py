@@ -156,13 +156,27 @@ def dieWithParent():
 CPUS_ENV = "RELAYGW_CPUS"
 
 
+#: The CPUs the workers share, once this worker has kept to one of them.
+_shared = None
+
+
+def sharedCPUs():
+    """
+    The CPUs every worker may run on, once L{keepToOneCPU} has kept this
+    one to one of them (a frozenset), else C{None}: where the worker's disk
+    thread runs (L{relaygw.durable.Committer}).
+    """
+    return _shared
+
+
 def keepToOneCPU(index, workers, listed=True):
     """
     Keep worker C{index} of C{workers} (every thread of this process, and
-    those it starts later) on one CPU: C{listed[index]}, modulo their
-    number, when C{listed} is a list, else the C{index}-th of those the
-    main process could run on, but only when the workers are at least as
-    many as those CPUs.  Several workers each left to the kernel are
+    those it starts later but for its disk thread, which L{sharedCPUs}
+    gives) on one CPU: C{listed[index]}, modulo their number, when
+    C{listed} is a list, else the C{index}-th of those the main process
+    could run on, but only when the workers are at least as many as those
+    CPUs.  Several workers each left to the kernel are
     moved between cores, and wake on one whose caches another process has
     taken; kept apart they relay more on the same cores (7% more at 10
     sessions, a quarter more with another process keeping one core busy:
@@ -187,6 +201,8 @@ def keepToOneCPU(index, workers, listed=True):
     except (AttributeError, OSError, ValueError) as e:
         log.warn("worker {index} left to run on any CPU: {error}", index=index, error=e)
         return None
+    global _shared
+    _shared = frozenset(listed)
     return cpu
 
 

@@ -565,6 +565,33 @@ class CommitterStopTests(unittest.TestCase):
         spool.committer.stop()
 
 
+class CommitterCPUsTests(unittest.TestCase):
+    """The disk thread runs on the CPUs it is given, whatever those of the thread that starts it."""
+
+    @defer.inlineCallbacks
+    def test_cpus(self):
+        allowed = frozenset(os.sched_getaffinity(0))
+        self.addCleanup(os.sched_setaffinity, 0, allowed)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        one = frozenset([max(allowed)])
+        # (started by this thread, kept to one CPU for the last case as a worker's reactor thread is)
+        for name, cpus, starter, expected in (("given one", one, allowed, one), ("given", None, allowed, allowed),
+                                              ("given all", allowed, frozenset([min(allowed)]), allowed)):
+            os.sched_setaffinity(0, starter)
+            committer = Committer(reactor, cpus=cpus)
+            self.addCleanup(committer.stop)
+            seen = []
+
+            def data():
+                seen.append(frozenset(os.sched_getaffinity(0)))  # (in the disk thread)
+                return b"x\n"
+
+            path = os.path.join(directory, name)
+            yield committer.commit(CommitJob(path + ".tmp", path, data=data))
+            self.assertEqual(seen, [expected], name)
+
+
 class CommitterHandInTests(unittest.TestCase):
     """Work handed to the disk thread while it syncs a batch is never acknowledged before it is done."""
 
