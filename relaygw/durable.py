@@ -427,14 +427,9 @@ class Committer:
             self.syncSeconds += seconds
         # The commits first: their clients wait for a 250, where a removal
         # only lets the queue manager go on to its next attempt.
-        for d, error in settled:
+        for d, error in settled + [(d, failed) for _, d, failed in unlinks]:
             if error is not None:
                 d.errback(error)
-            else:
-                d.callback(None)
-        for _, d, failed in unlinks:
-            if failed is not None:
-                d.errback(failed)
             else:
                 d.callback(None)
 

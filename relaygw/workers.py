@@ -176,10 +176,10 @@ def keepToOneCPU(index, workers, listed=True):
     gives) on one CPU: C{listed[index]}, modulo their number, when
     C{listed} is a list, else the C{index}-th of those the main process
     could run on, but only when the workers are at least as many as those
-    CPUs.  Several workers each left to the kernel are
-    moved between cores, and wake on one whose caches another process has
-    taken; kept apart they relay more on the same cores (7% more at 10
-    sessions, a quarter more with another process keeping one core busy:
+    CPUs.  Several workers each left to the kernel are moved between
+    cores, and wake on one whose caches another process has taken; kept
+    apart they relay more on the same cores (7% more at 10 sessions, a
+    quarter more with another process keeping one core busy:
     bench/RESULTS.md, levers).  Fewer workers than CPUs means the gateway
     shares the host, and the first CPUs of a wide set (a CPU quota without
     a cpuset) may be where everything else runs: those are left to the
