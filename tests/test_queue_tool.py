@@ -526,7 +526,7 @@ class WithdrawnTests(RelayTestCase):
         self.gw.service.queue.pollInterval = 0.2
         yield self.send(subject="m0", rcpts=("r0@example.net",))
         qid = yield self.send(subject="m1", rcpts=("r1@example.net",))
-        self.assertIn(qid, self.gw.service.queue.active)  # its attempt is under way
+        yield self.until(lambda: qid in self.gw.service.queue.active)  # its attempt is under way
         self.assertEqual(self.hop_.transactions, [])
         return qid
 

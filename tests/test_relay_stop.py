@@ -7,10 +7,16 @@ the gateway has said it stopped.  Their messages stay queued as they were,
 with no attempt counted, and the next start delivers them.
 """
 
+import os
 import socket
 
 from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
 
+from relaygw.durable import Committer
+from relaygw.relay.nexthop import Result
+from relaygw.relay.queue import QueueManager
+from relaygw.spool import Spool
 from relaygw.testing import Gateway, configText
 from tests.recorders import LogCapture
 from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory
@@ -212,3 +218,41 @@ class StopCutsShortTests(RelayTestCase):
         self.assertEqual(len(self.logs.find("status=", qid=qid)), 1)
         self.assertEqual(len(self.logs.find("not delivered before the stop", qid=qid)), 1)
         yield self.deliveredAfterRestart(["b@stuck.example"])
+
+
+class IdleTests(unittest.TestCase):
+    """L{QueueManager.whenIdle}, which a stop waits on."""
+
+    @defer.inlineCallbacks
+    def test_justAcceptedMessageCounts(self):
+        """
+        A message just accepted starts on its way at the end of the reactor's
+        turn: until then the queue is not idle (a stop, or a test, waiting
+        for it would not wait for that delivery).
+        """
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        self.addCleanup(spool.committer.stop)
+        w = spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
+        w.write(b"Subject: x\r\n\r\nx\r\n")
+        qid = yield w.commit()
+        delivered = []
+
+        class Hop:
+            def describe(self):
+                return "test"
+
+            def deliver(self, messages, progress=None):
+                delivered.extend(m.queueId for m in messages)
+                return [{"b@example.net": Result(250, "2.0.0", "ok")}]
+
+        clock = task.Clock()
+        q = QueueManager(spool, lambda m, r: Hop(), clock)
+        q.startService()
+        self.addCleanup(q.stopService)
+        q.enqueue(qid, w.message)
+        idle = q.whenIdle()
+        self.assertFalse(idle.called)
+        clock.advance(0)
+        yield idle
+        self.assertEqual(delivered, [qid])

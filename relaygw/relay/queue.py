@@ -188,17 +188,18 @@ class QueueManager(Service):
 
     def _closeIdle(self, _, timers):
         """
-        Say QUIT on the connections kept open for reuse; those whose next
-        hop has not answered within C{cutGrace} are cut.
+        Say QUIT on the connections kept open for reuse (a router a reload
+        replaced keeps its own); those whose next hop has not answered
+        within C{cutGrace} are cut.
         """
-        closed = self.router.closeIdle()
+        closed = defer.gatherResults([router.closeIdle() for router in [self.router] + self._retired])
         if not closed.called:
             timers.append(self.reactor.callLater(self.cutGrace, self._cutAll))
         return closed
 
     def whenIdle(self):
-        """Fires when no delivery is in progress."""
-        if not self.active:
+        """Fires when no delivery is in progress, nor about to start for a message just accepted."""
+        if not self.active and self._pumpCall is None:
             return defer.succeed(None)
         d = defer.Deferred()
         self._idle.append(d)
@@ -242,6 +243,7 @@ class QueueManager(Service):
     def _pumpNow(self):
         self._pumpCall = None
         self._pump()
+        self._idleNow()
 
     def retryLater(self, queueId, when):
         """The next attempt for C{queueId} at C{when} (seconds since the epoch), while running."""
@@ -313,12 +315,16 @@ class QueueManager(Service):
 
     def _finished(self, _, qid):
         self.active.discard(qid)
-        if not self.active:
+        self._idleNow()
+        self._pump()
+
+    def _idleNow(self):
+        """Fire L{whenIdle}'s Deferreds if nothing is in progress."""
+        if not self.active and self._pumpCall is None:
             waiting, self._idle = self._idle, []
             for d in waiting:
                 if not d.called:  # a stop may have given up waiting already
                     d.callback(None)
-        self._pump()
 
 
 class _Parked:
