@@ -348,6 +348,7 @@ class ListenerConfig:
 class SpoolConfig:
     directory: str = _opt("var/spool", str, path=True)
     fsync: str = _opt("grouped", str, _choice("grouped", "each"))
+    io_uring: bool = _opt(True, bool)
     min_free_space: int = _opt(64 * 1024 * 1024, int, _nonNegative)
 
 

@@ -16,12 +16,12 @@ from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 
 from relaygw import sdnotify, trust
 from relaygw.config import drainDelay
-from relaygw.durable import Committer
 from relaygw.listeners import Listeners, NullMetrics
 from relaygw.logs import Logger
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.router import Router
+from relaygw.ringcommit import committer
 from relaygw.spool import Spool
 from relaygw.workers import WorkerRole, parentGone, sharedCPUs, twistdArgv
 
@@ -102,7 +102,7 @@ class GatewayService(MultiService):
         self.worker = worker
         self.role = WorkerRole(config, reactor, worker, workerArgv, configText)
         self.supervisor = self.role.supervisor
-        self.committer = Committer(reactor, config.spool.fsync, cpus=sharedCPUs())
+        self.committer = committer(reactor, config.spool.fsync, config.spool.io_uring, cpus=sharedCPUs())
         self.spool = Spool(self.role.spoolDirectory, self.committer, config.spool.min_free_space)
         self.delivery = Delivery(config, reactor, self.spool, self.committer, self.role.share)
         self.queue = self.delivery.queue

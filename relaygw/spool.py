@@ -5,10 +5,10 @@ The layout under the spool directory is L{Spool}'s alone (see there);
 everything else goes through L{relaygw.spoolapi.ISpool}.
 
 A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the
-file joins the next batch of the disk thread (L{relaygw.durable.Committer}):
-one sync covers every message that finished in the meantime, then each file
-is renamed into C{queue/}, and the renames are synced in turn (by the next
-batch's sync when one follows at once).  Only then is the 250 sent.
+file joins the committer's next batch (L{relaygw.ringcommit.committer}:
+through io_uring, or the disk thread): every message that finished in the
+meantime is synced together, then each file is renamed into C{queue/}, and
+the renames are synced in turn.  Only then is the 250 sent.
 """
 
 import errno

@@ -26,18 +26,22 @@ def _alive(pid):
     return True
 
 
-def _gatewayConfig(test, workers, listener=None, process=None):
+#: The spool synced by a disk thread rather than through io_uring.
+DISK_THREAD = {"io_uring": False}
+
+
+def _gatewayConfig(test, workers, listener=None, process=None, spool=None):
     """
     A directory with a config of C{workers} workers (and C{process}'s other
-    settings) listening on a free loopback port (with C{listener}'s
-    settings): (directory, port, config path).
+    settings, and C{spool}'s) listening on a free loopback port (with
+    C{listener}'s settings): (directory, port, config path).
     """
     directory = os.path.abspath(test.mktemp())
     os.makedirs(directory)
     port = freePort()
     conf = os.path.join(directory, "relaygw.toml")
     with open(conf, "w") as f:
-        f.write(configText(directory, process=dict(process or {}, workers=workers), listeners=(dict({
+        f.write(configText(directory, process=dict(process or {}, workers=workers), spool=spool, listeners=(dict({
             "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]}, **(listener or {})),)))
     return directory, port, conf
 
@@ -282,14 +286,14 @@ class CPUAffinityTests(unittest.TestCase):
     that the tests hold on a machine of any size.
     """
 
-    def cpus(self, workers, process=None, given=None):
+    def cpus(self, workers, process=None, given=None, spool=None):
         """
         Start the gateway, relay a few messages, and give each process's
         CPUs: {pid: (its main thread's, {each other thread's})}.
         """
         from relaygw.workers import CPUS_ENV
 
-        directory, port, conf = _gatewayConfig(self, workers, process=process)
+        directory, port, conf = _gatewayConfig(self, workers, process=process, spool=spool)
         env = dict(os.environ, **({CPUS_ENV: ",".join(map(str, given))} if given else {}))
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=env)
@@ -311,7 +315,8 @@ class CPUAffinityTests(unittest.TestCase):
         """
         Each process's main thread on its CPU (C{kept}: {pid: CPU}), its
         other threads there too or on the C{shared} CPUs, and a disk thread
-        on those (one worker at least has relayed a message).
+        on those (one worker at least has relayed a message; with
+        L{DISK_THREAD}).
         """
         for pid, cpu in kept.items():
             main, others = cpus[pid]
@@ -323,7 +328,7 @@ class CPUAffinityTests(unittest.TestCase):
         """Two workers for (at most) two CPUs: worker N on the Nth."""
         def run():
             allowed = sorted(os.sched_getaffinity(0))[:2]
-            (main, worker), cpus = self.cpus(2, given=allowed)
+            (main, worker), cpus = self.cpus(2, given=allowed, spool=DISK_THREAD)
             self.assertKept(cpus, {main: allowed[0], worker: allowed[1 % len(allowed)]}, allowed)
 
         return inThread(run)
@@ -333,7 +338,8 @@ class CPUAffinityTests(unittest.TestCase):
         def run():
             allowed = sorted(os.sched_getaffinity(0))
             listed = [allowed[-1], allowed[0]]
-            (main, worker), cpus = self.cpus(2, {"cpu_affinity": listed}, given=allowed + [max(allowed) + 1])
+            (main, worker), cpus = self.cpus(2, {"cpu_affinity": listed}, given=allowed + [max(allowed) + 1],
+                                             spool=DISK_THREAD)
             self.assertKept(cpus, {main: listed[0], worker: listed[1]}, listed)
 
         return inThread(run)

@@ -17,13 +17,15 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from relaygw import durable, workers
+from relaygw.ring import Ring
+from relaygw.ringcommit import RingCommitter
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.processes import waitUntil
 from tests.relaysetup import RelayTestCase
 
 BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
-SMALL = 20 * 1024  # written by the disk thread at commit
+SMALL = 20 * 1024  # written at commit
 
 
 def content(size, tag="x"):
@@ -79,26 +81,52 @@ def get(port, path):
         return e.code, e.read().decode()
 
 
-class FaultInjectionTests(RelayTestCase):
-    """Each spool write path fails with ENOSPC or EIO in turn."""
+def ringFailing(error):
+    """L{Ring.completions}, except that every result is C{-error} while armed."""
+    real = Ring.completions
+
+    def completions(ring):
+        results = real(ring)
+        if completions.armed and results:
+            completions.calls.append(results)
+            return [(tag, -error) for tag, _ in results]
+        return results
+
+    completions.armed, completions.calls = True, []
+    return completions
+
+
+class FaultCase(RelayTestCase):
+    """A gateway whose spool's write paths fail with ENOSPC or EIO in turn (L{check})."""
+
+    #: Whether the spool syncs through io_uring (the default) or in a disk thread.
+    ring = True
 
     @defer.inlineCallbacks
     def setUp(self):
         self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
                           relay={"defer_all": True}, admin={"endpoint": "tcp:0:interface=127.0.0.1"},
-                          spool={"min_free_space": 0})
+                          spool={"min_free_space": 0, "io_uring": self.ring})
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
         self.spool = self.gw.service.spool
+        self.assertIsInstance(self.spool.committer, RingCommitter if self.ring else durable.Committer)
 
     def leftovers(self):
         return {area: sorted(os.listdir(self.spool.path(area))) for area in ("tmp", "queue")}
 
     @defer.inlineCallbacks
-    def check(self, size, name, error, obj=durable):
-        """Inject C{error} into C{obj.name}; a message of C{size} gets 452 4.3.1, then one goes through."""
+    def check(self, size, name, error, obj=durable, fault=None):
+        """
+        Inject C{error} into C{obj.name} (or make C{fault}, with its
+        C{calls}, C{obj.name}); a message of C{size} gets 452 4.3.1, then
+        one goes through.
+        """
         calls = []
-        fault = failing(getattr(obj, name), error, calls)
+        if fault is None:
+            fault = failing(getattr(obj, name), error, calls)
+        else:
+            calls = fault.calls
         self.patch(obj, name, fault)
         mail, end = yield inThread(transaction, self.gw.port, size)
         self.assertEqual(mail[0], 250)
@@ -123,29 +151,9 @@ class FaultInjectionTests(RelayTestCase):
         self.assertEqual(self.leftovers()["tmp"], [])
         self.assertEqual(len(self.flushLoggedErrors()), 0)  # logged as one line each, no traceback
 
-    def test_spillWriteENOSPC(self):
-        """A message over 256 KB (which once got no reply at all) while the disk fills as it streams."""
-        return self.check(BIG, "writeAll", errno.ENOSPC)
-
-    def test_spillWriteEIO(self):
-        return self.check(BIG, "writeAll", errno.EIO)
-
-    def test_spillOpenENOSPC(self):
-        """Creating tmp/ID for the streamed content fails."""
-        return self.check(BIG, "open", errno.ENOSPC, obj=os)
-
-    def test_commitHeaderEIO(self):
-        """Writing the content's size into the envelope line at commit fails."""
-        return self.check(BIG, "pwrite", errno.EIO, obj=os)
-
     def test_commitWriteENOSPC(self):
-        """A small message is written by the disk thread at commit: that fails."""
+        """A small message is written at commit: that fails."""
         return self.check(SMALL, "write", errno.ENOSPC, obj=durable.quick)
-
-    def test_commitSyncEIO(self):
-        """The sync that makes the batch durable fails."""
-        self.patch(durable, "_syncfs", lambda fd: False)  # one fsync per file
-        return self.check(SMALL, "fsync", errno.EIO, obj=os)
 
     def test_commitRenameEIO(self):
         """Renaming the durable file into queue/ fails."""
@@ -154,9 +162,9 @@ class FaultInjectionTests(RelayTestCase):
     @defer.inlineCallbacks
     def test_commitOutOfDescriptors(self):
         """
-        The process is out of descriptors when its disk thread opens the
-        file at commit: 451 4.3.0 with one error line (no critical
-        traceback), nothing left behind, and the next message goes through.
+        The process is out of descriptors when it opens the file at commit:
+        451 4.3.0 with one error line (no critical traceback), nothing left
+        behind, and the next message goes through.
         """
         calls = []
         fault = failing(durable.quick.open, errno.EMFILE, calls)
@@ -179,6 +187,40 @@ class FaultInjectionTests(RelayTestCase):
         self.spool._spent.append("0000000000000000SPENT")
         yield self.check(SMALL, "write", errno.ENOSPC, obj=durable.quick)
         self.assertFalse(os.path.exists(spent))
+
+
+class DiskThreadFaultTests(FaultCase):
+    """The commit's write paths failing with the spool synced in a disk thread (C{io_uring = false})."""
+
+    ring = False
+
+    def test_commitSyncEIO(self):
+        """The sync that makes the batch durable fails."""
+        self.patch(durable, "_syncfs", lambda fd: False)  # one fsync per file
+        return self.check(SMALL, "fsync", errno.EIO, obj=os)
+
+
+class FaultInjectionTests(FaultCase):
+    """Each spool write path fails with ENOSPC or EIO in turn (the spool synced through io_uring)."""
+
+    def test_commitSyncEIO(self):
+        """The kernel's sync of the batch (through the ring) fails."""
+        return self.check(SMALL, "completions", errno.EIO, obj=Ring, fault=ringFailing(errno.EIO))
+
+    def test_spillWriteENOSPC(self):
+        """A message over 256 KB (which once got no reply at all) while the disk fills as it streams."""
+        return self.check(BIG, "writeAll", errno.ENOSPC)
+
+    def test_spillWriteEIO(self):
+        return self.check(BIG, "writeAll", errno.EIO)
+
+    def test_spillOpenENOSPC(self):
+        """Creating tmp/ID for the streamed content fails."""
+        return self.check(BIG, "open", errno.ENOSPC, obj=os)
+
+    def test_commitHeaderEIO(self):
+        """Writing the content's size into the envelope line at commit fails."""
+        return self.check(BIG, "pwrite", errno.EIO, obj=os)
 
     @defer.inlineCallbacks
     def test_belowMinFreeSpace(self):

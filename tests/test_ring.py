@@ -1,0 +1,218 @@
+"""
+The spool's syncs through io_uring: the ring itself (real kernel results),
+and L{RingCommitter}'s order (data synced, then named, then the name
+synced, then the 250), its batches, its failures and its stop.
+"""
+
+import errno
+import os
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from relaygw import durable, ringcommit
+from relaygw.durable import CommitJob, Committer
+from relaygw.ring import Ring
+from relaygw.ringcommit import RingCommitter, committer
+from relaygw.spool import Spool
+
+
+class RingTests(unittest.TestCase):
+    def setUp(self):
+        self.ring = Ring(entries=4)
+        self.addCleanup(self.ring.close)
+
+    def wait(self, count):
+        results = []
+        while len(results) < count:
+            results += self.ring.completions()
+        return results
+
+    def test_fsyncResults(self):
+        """A file's sync succeeds; a pipe's fails with EINVAL, from the kernel; each comes back with its tag."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            r, w = os.pipe()
+            self.addCleanup(os.close, r)
+            self.addCleanup(os.close, w)
+            self.assertEqual(self.ring.completions(), [])
+            self.ring.fsync(f.fileno(), 7, dataOnly=True)
+            self.ring.fsync(r, 8)
+            self.ring.submit()
+            self.assertEqual(sorted(self.wait(2)), [(7, 0), (8, -errno.EINVAL)])
+
+    def test_full(self):
+        """No more requests than the submission queue holds wait for L{Ring.submit}."""
+        for tag in range(self.ring.capacity):
+            self.ring.fsync(0, tag)
+        with self.assertRaises(OSError) as cm:
+            self.ring.fsync(0, 99)
+        self.assertEqual(cm.exception.errno, errno.ENOBUFS)
+        self.ring.submit()
+        self.assertEqual(len(self.wait(self.ring.capacity)), self.ring.capacity)
+
+
+class RingCommitterTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.committer = RingCommitter(reactor)
+        self.addCleanup(self.committer.stop)
+        self.spool = Spool(self.dir, self.committer)
+        self.spool.open()
+        self.calls = []
+        fsync, rename = Ring.fsync, durable.quick.rename
+
+        def recordSync(ring, fd, tag, dataOnly=False):
+            path = os.readlink("/proc/self/fd/%d" % fd)  # (a directory, or a file in one)
+            self.calls.append(("sync", os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))))
+            return fsync(ring, fd, tag, dataOnly)
+
+        def recordRename(source, destination):
+            self.calls.append(("rename", os.path.basename(os.path.dirname(destination))))
+            return rename(source, destination)
+
+        self.patch(Ring, "fsync", recordSync)
+        self.patch(durable.quick, "rename", recordRename)
+
+    def message(self, body=b"body\r\n"):
+        w = self.spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
+        w.write(b"Subject: x\r\n\r\n" + body)
+        return w.commit().addCallback(self.fired)
+
+    def fired(self, qid):
+        self.calls.append(("fired", None))
+        return qid
+
+    @defer.inlineCallbacks
+    def test_syncedThenNamedThenFired(self):
+        """The content is synced in tmp/, then named in queue/, then queue/ is synced, then the commit fires."""
+        qid = yield self.message()
+        self.assertEqual(self.calls, [("sync", "tmp"), ("rename", "queue"), ("sync", "queue"), ("fired", None)])
+        self.assertEqual(self.spool.load(qid).size, 20)
+        self.assertEqual(os.listdir(self.spool.path("tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_oneBatchATurn(self):
+        """Commits handed in during one reactor turn are synced together: one directory sync for them all."""
+        qids = yield defer.gatherResults([self.message(b"%d\r\n" % i) for i in range(50)])
+        self.assertEqual(len(set(qids)), 50)
+        self.assertEqual((self.committer.jobs, self.committer.batches), (50, 1))
+        self.assertEqual(self.calls.count(("sync", "queue")), 1)
+        self.assertEqual(self.calls.index(("fired", None)), 101)  # 50 syncs, 50 renames, one directory sync
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids))
+
+    @defer.inlineCallbacks
+    def test_failedSyncLeavesNothingQueued(self):
+        """The kernel refuses the sync (here of a pipe instead of the file): the commit fails, nothing is named."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        fsync = Ring.fsync
+        self.patch(Ring, "fsync", lambda ring, fd, tag, dataOnly=False: fsync(ring, r, tag, dataOnly))
+        with self.assertRaises(OSError) as cm:
+            yield self.message()
+        self.assertEqual(cm.exception.errno, errno.EINVAL)
+        self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
+        self.patch(Ring, "fsync", fsync)
+        qid = yield self.message()
+        self.assertEqual(self.spool.queueIds(), [qid])
+
+    @defer.inlineCallbacks
+    def test_directoryNotOpened(self):
+        """
+        Out of descriptors for the directory's sync: the commit fails (its
+        name is not known durable) and the ring is let go; the next commit
+        opens a new one and goes through.
+        """
+        real = durable.quick.open
+
+        def noDirectory(path, flags, mode=0o777):
+            if flags & os.O_DIRECTORY:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real(path, flags, mode)
+
+        self.patch(durable.quick, "open", noDirectory)
+        ring = None
+        with self.assertRaises(OSError) as cm:
+            d = self.message()
+            yield task.deferLater(reactor, 0, lambda: None)
+            ring = self.committer.ring
+            yield d
+        self.assertEqual(cm.exception.errno, errno.EMFILE)
+        self.assertIsNotNone(ring)
+        self.assertIsNone(self.committer.ring)
+        self.assertNotIn(self.committer, reactor.getReaders())
+        self.patch(durable.quick, "open", real)
+        qid = yield self.message()
+        self.assertIn(qid, self.spool.queueIds())
+        self.assertIsNot(self.committer.ring, ring)
+
+    @defer.inlineCallbacks
+    def test_removalAndReuse(self):
+        """A delivered message's file becomes a spent file at once, and the next message is written over it."""
+        first = yield self.message()
+        yield self.spool.remove(first, progress=False)
+        self.assertEqual(os.listdir(self.spool.path("spent")), [first])
+        second = yield self.message()
+        self.assertEqual(os.listdir(self.spool.path("spent")), [])
+        self.assertEqual(os.stat(self.spool.path("queue", second)).st_nlink, 1)
+
+    @defer.inlineCallbacks
+    def test_stopClosesTheRingOnceDone(self):
+        """A stop with a batch in flight lets it finish, then closes the ring; a later commit opens a new one."""
+        d = self.message()
+        self.committer.stop()
+        yield d
+        yield task.deferLater(reactor, 0, lambda: None)  # (the commits fire first)
+        self.assertIsNone(self.committer.ring)
+        self.assertNotIn(self.committer, reactor.getReaders())
+        yield self.message()
+        self.assertIn(self.committer, reactor.getReaders())
+        self.committer.stop()
+        self.assertIsNone(self.committer.ring)
+
+
+class ChoiceTests(unittest.TestCase):
+    """L{committer}: io_uring where asked for and offered, the disk thread otherwise."""
+
+    def test_ring(self):
+        c = committer(reactor)
+        self.addCleanup(c.stop)
+        self.assertIsInstance(c, RingCommitter)
+        self.assertTrue(c.dataOnly)
+        self.assertFalse(committer(reactor, "each").dataOnly)
+
+    def test_notAskedFor(self):
+        self.assertIsInstance(committer(reactor, ring=False), Committer)
+
+    def test_unavailable(self):
+        def noRing():
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        self.patch(ringcommit, "Ring", noRing)
+        events = []
+        self.patch(ringcommit.log, "info", lambda fmt, **kw: events.append(fmt.format(**kw)))
+        self.assertIsInstance(committer(reactor, cpus=frozenset([0])), Committer)
+        self.assertEqual(events, ["syncing the spool in a disk thread: no io_uring (Function not implemented)"])
+
+    def test_otherArchitectures(self):
+        """The ring's reads of shared memory carry no fences: x86-64's memory order only."""
+        self.patch(ringcommit.platform, "machine", lambda: "aarch64")
+        self.assertIsInstance(committer(reactor), Committer)
+
+    @defer.inlineCallbacks
+    def test_jobInterface(self):
+        """Both take the same jobs (a Maildir's commit, say) and give the same counters."""
+        for c in (RingCommitter(reactor), Committer(reactor)):
+            self.addCleanup(c.stop)
+            d = os.path.abspath(self.mktemp())
+            os.makedirs(os.path.join(d, "tmp"))
+            os.makedirs(os.path.join(d, "new"))
+            job = CommitJob(os.path.join(d, "tmp", "m"), os.path.join(d, "new", "m"), data=b"delivered\n")
+            self.assertEqual((c.jobs, c.batches), (0, 0))
+            yield c.commit(job)
+            with open(os.path.join(d, "new", "m"), "rb") as f:
+                self.assertEqual(f.read(), b"delivered\n")
+            self.assertEqual((c.jobs, c.batches), (1, 1))
