@@ -782,7 +782,8 @@ def report(table, extras, opts, seconds):
            "at 80%% of the slower server's rate in the cell's first run (the same rate for both, runs 2 on). "
            "CPU: user + system time per message of all of the server's processes "
            "(relaygw's workers; Postfix's master and every daemon it ran). Every 250 follows a completed "
-           "sync of the message (relaygw's batch of fdatasyncs through io_uring and its directory's fsync, Postfix's fsync)." % (
+           "sync of the message (relaygw's batch of fdatasyncs through io_uring, then its directory's fsync; "
+           "Postfix's fsync)." % (
                " ".join(sys.argv[1:]), WORKERS,
                "bench/smtpload.c" if SMTPLOAD else "bench/loadgen.py (no C compiler here for bench/smtpload.c)",
                " (no session resumption)" if not opts.resume else " (resuming the TLS session)"),
