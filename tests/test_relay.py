@@ -68,7 +68,7 @@ class SmarthostTests(RelayTestCase):
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         qid = yield self.send(rcpts=("now@example.net", "later@example.net"))
         queue = self.gw.service.queue
-        self.assertIn(qid, queue.active)
+        yield self.until(lambda: qid in queue.active)  # (its attempt starts after the 250)
         queue.enqueue(qid, self.gw.service.spool.load(qid))
         yield self.until(self.spoolEmpty)
         self.assertEqual(sorted(hop.recipients()), ["later@example.net", "now@example.net"])
