@@ -140,6 +140,25 @@ def removeFiles(paths):
             pass
 
 
+def removeOrKeep(paths, keep):
+    """
+    One removal request: C{paths} removed, the first renamed to C{keep}
+    instead if given; returns the error (EIO, EROFS...), if any, for the
+    caller to hear of.
+    """
+    try:
+        if keep is not None:
+            try:
+                quick.rename(paths[0], keep)
+            except FileNotFoundError:  # gone already: the next user creates it afresh
+                pass
+            paths = paths[1:]
+        removeFiles(paths)
+    except OSError as e:
+        return e
+    return None
+
+
 def discardFile(fd, path):
     """Close C{fd} (if open) and remove the unfinished file C{path}."""
     if fd is not None:
@@ -321,7 +340,7 @@ class Committer:
                 return
             batch, unlinks = work
             started = time.monotonic()
-            unlinks = [(request, d, self._unlinkNow(*request)) for request, d in unlinks]
+            unlinks = [(request, d, removeOrKeep(*request)) for request, d in unlinks]
             settled = []
             synced = set()
             big = sum(job.size for job, _ in batch) >= self.BIG_BATCH
@@ -404,21 +423,6 @@ class Committer:
         except OSError as e:
             return [(d, e) for _, d in renamed]
         return [(d, None) for _, d in renamed]
-
-    @staticmethod
-    def _unlinkNow(paths, keep):
-        """Runs in the disk thread: one unlink request; returns the error, if any, for its Deferred."""
-        try:
-            if keep is not None:
-                try:
-                    quick.rename(paths[0], keep)
-                except FileNotFoundError:  # gone already: the next user creates it afresh
-                    pass
-                paths = paths[1:]
-            removeFiles(paths)
-        except OSError as e:  # EIO, EROFS...: the caller hears of it; the disk thread goes on
-            return e
-        return None
 
     def _done(self, count, unlinks, settled, seconds):
         if count:

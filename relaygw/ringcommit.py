@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
-from relaygw.durable import Committer, quick, removeFiles
+from relaygw.durable import Committer, quick, removeOrKeep
 from relaygw.logs import Logger
 from relaygw.ring import Ring
 
@@ -77,18 +77,9 @@ class RingCommitter:
         return d
 
     def unlink(self, paths, keep=None):
-        """Remove files (no sync needed), the first renamed to C{keep} instead if given."""
-        try:
-            if keep is not None:
-                try:
-                    quick.rename(paths[0], keep)
-                except FileNotFoundError:  # gone already: the next user creates it afresh
-                    pass
-                paths = paths[1:]
-            removeFiles(paths)
-        except OSError as e:
-            return defer.fail(e)
-        return defer.succeed(None)
+        """Remove files at once (no sync needed), the first renamed to C{keep} instead if given."""
+        error = removeOrKeep(paths, keep)
+        return defer.succeed(None) if error is None else defer.fail(error)
 
     def stop(self):
         """Close the ring once everything handed in is done (at shutdown); a commit after that opens a new one."""
