@@ -23,8 +23,8 @@ log = Logger(namespace="relaygw.reload")
 #: Listener keys that shape the listening socket: a restart applies them.
 LISTENER_RESTART_KEYS = ("endpoint", "implicit_tls", "proxy_protocol")
 #: Section keys a restart applies (the spool layout, processes, admin socket).
-SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("process", "workers"), ("process", "cpu_affinity"),
-                        ("admin", "endpoint"))
+SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("spool", "io_uring"), ("process", "workers"),
+                        ("process", "cpu_affinity"), ("admin", "endpoint"))
 
 
 def reloadConfig(service, path, text=None, share=None):

@@ -18,6 +18,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw import config, logs
+from relaygw.ringcommit import RingCommitter
 from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning,
                              waitForPort)
 from relaygw.tls import generateSelfSigned
@@ -42,13 +43,13 @@ class ReloadTests(unittest.TestCase):
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
 
-    def rewrite(self, listener=None, relay=None, routes=(), log=None):
+    def rewrite(self, listener=None, relay=None, routes=(), log=None, spool=None):
         table = {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:0:interface=127.0.0.1"}
         table.update(listener or {})
         hop = {"smarthosts": [self.hops[0][1]], "tls": "none"}
         hop.update(relay or {})
         with open(self.gw.path, "w") as f:
-            f.write(configText(self.gw.directory, listeners=(table,), relay=hop, routes=routes, log=log))
+            f.write(configText(self.gw.directory, listeners=(table,), relay=hop, routes=routes, log=log, spool=spool))
 
     def messages(self, level):
         return [logs.escape(e["log_format"].format(**e)) for e in self.events
@@ -162,6 +163,18 @@ class ReloadTests(unittest.TestCase):
         self.gw.service.reload()
         self.assertEqual(self.messages("warn"), ["reload: process.workers changes only with a restart",
                                                  "reload: listener l0: endpoint changes only with a restart"])
+
+
+    @defer.inlineCallbacks
+    def test_spoolSyncsChangeWithARestart(self):
+        """The committer is the process's: C{io_uring} (as C{fsync}) changes only with a restart."""
+        committer = self.gw.service.committer
+        self.rewrite(spool={"io_uring": not isinstance(committer, RingCommitter)})
+        self.gw.service.reload()
+        self.assertEqual(self.messages("warn"), ["reload: spool.io_uring changes only with a restart"])
+        self.assertIs(self.gw.service.committer, committer)
+        yield self.send("b@example.net")
+        self.assertEqual(self.hops[0][0].recipients(), ["b@example.net"])
 
 
 class ListenerSetReloadTests(unittest.TestCase):
