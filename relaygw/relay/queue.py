@@ -153,7 +153,7 @@ class QueueManager(Service):
                 t.cancel()
         self.timers.clear()
         self.attempts.progress.stop()
-        for router in [self.router] + self._retired:
+        for router in self._routers():
             router.wrapUp()
         idle = self.whenIdle()
         timers = []
@@ -183,7 +183,7 @@ class QueueManager(Service):
             timers.append(self.reactor.callLater(self.cutGrace, idle.callback, None))
 
     def _cutAll(self):
-        for router in [self.router] + self._retired:
+        for router in self._routers():
             router.cutShort()
 
     def _closeIdle(self, _, timers):
@@ -192,14 +192,22 @@ class QueueManager(Service):
         replaced keeps its own); those whose next hop has not answered
         within C{cutGrace} are cut.
         """
-        closed = defer.gatherResults([router.closeIdle() for router in [self.router] + self._retired])
+        closed = defer.gatherResults([router.closeIdle() for router in self._routers()])
         if not closed.called:
             timers.append(self.reactor.callLater(self.cutGrace, self._cutAll))
         return closed
 
+    def _routers(self):
+        """The current router, and those a reload replaced while they had work or a connection open."""
+        return [self.router] + self._retired
+
+    def _isIdle(self):
+        """No delivery in progress, nor about to start for a message just accepted."""
+        return not self.active and self._pumpCall is None
+
     def whenIdle(self):
-        """Fires when no delivery is in progress, nor about to start for a message just accepted."""
-        if not self.active and self._pumpCall is None:
+        """Fires when L{_isIdle}."""
+        if self._isIdle():
             return defer.succeed(None)
         d = defer.Deferred()
         self._idle.append(d)
@@ -320,7 +328,7 @@ class QueueManager(Service):
 
     def _idleNow(self):
         """Fire L{whenIdle}'s Deferreds if nothing is in progress."""
-        if not self.active and self._pumpCall is None:
+        if self._isIdle():
             waiting, self._idle = self._idle, []
             for d in waiting:
                 if not d.called:  # a stop may have given up waiting already
