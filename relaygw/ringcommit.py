@@ -89,7 +89,6 @@ class RingCommitter:
 
     def _close(self):
         if self.ring is not None:
-            self.reactor.removeReader(self)
             self._abandonRing(None)
 
     # -- IReadDescriptor: the ring's results -------------------------------
@@ -116,6 +115,7 @@ class RingCommitter:
     def _abandonRing(self, error):
         """Close the ring with whatever it holds; the batch in flight (if any) fails with C{error}."""
         if self.ring is not None:
+            self.reactor.removeReader(self)  # (nothing, if the reactor dropped it already)
             self.ring.close()  # (the kernel waits for what was in flight, for nobody)
             self.ring = None
             self._directories, directories = {}, self._directories
@@ -169,7 +169,6 @@ class RingCommitter:
         try:
             self.ring.submit()
         except OSError as e:  # (what the kernel did not take would go with a later batch: a new ring)
-            self.reactor.removeReader(self)
             self._abandonRing(e)
 
     def _completed(self, tag, result):
@@ -199,7 +198,6 @@ class RingCommitter:
                     for directory in sorted(directories):
                         self.ring.fsync(self._directory(directory), 0)
                 except OSError as e:  # (out of descriptors, say: the names are not known durable)
-                    self.reactor.removeReader(self)
                     return self._abandonRing(e)
                 return self._submit()
         self._batch = None
