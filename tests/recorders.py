@@ -1,6 +1,14 @@
-"""What a test records of a running gateway: every log event, and the envelopes of the messages it accepts."""
+"""
+What a test records of a running gateway: every log event, the envelopes
+of the messages it accepts, and what a next hop in memory is handed.
+"""
 
+from twisted.internet import defer
 from twisted.logger import globalLogPublisher
+
+from relaygw.relay.nexthop import Result
+
+OK = Result(250, "2.0.0", "ok")
 
 
 class LogCapture:
@@ -33,3 +41,21 @@ def recordEnvelopes(gateway):
 
     factory.onQueued = onQueued
     return envelopes
+
+
+class RecordingHop:
+    """A next hop in memory: C{calls} has the messages of each delivery, and every recipient gets C{result}."""
+
+    def __init__(self, result=OK):
+        self.result = result
+        self.calls = []
+
+    def describe(self):
+        return "test"
+
+    def deliver(self, messages, progress=None):
+        self.calls.append(messages)
+        return [{r: self.result for r in m.recipients} for m in messages]
+
+    def closeIdle(self):
+        return defer.succeed(None)

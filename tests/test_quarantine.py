@@ -14,27 +14,15 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw.metrics import Metrics
-from relaygw.relay.nexthop import Result
 from relaygw.relay.queue import QueueManager
 from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import MessageWriter, Spool
 from relaygw.spoolapi import CorruptMessage
+from tests.recorders import RecordingHop
 from tests.relaysetup import RelayTestCase
 
 BODY = b"Subject: q\r\n\r\n" + b"line of the body\r\n" * 40
-
-
-class Hop:
-    def __init__(self):
-        self.calls = []
-
-    def describe(self):
-        return "test"
-
-    def deliver(self, messages, progress=None):
-        self.calls.append(messages)
-        return [{r: Result(250, "2.0.0", "ok") for r in m.recipients} for m in messages]
 
 
 def cut(path, keep):
@@ -115,7 +103,7 @@ class QuarantineTests(unittest.TestCase):
     def quarantined(self, kind):
         path, reason = self.corrupt(kind)
         clock = task.Clock()
-        hop = Hop()
+        hop = RecordingHop()
         metrics = Metrics()
         q = QueueManager(self.spool, lambda m, r: hop, clock, retryMin=30, metrics=metrics)
         q.recovered = self.spool.open()  # as at a start: the message is recovered
@@ -190,7 +178,7 @@ class QuarantineTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_intactMessageDelivered(self):
         """The same path with nothing damaged delivers (the tests above can fail)."""
-        hop = Hop()
+        hop = RecordingHop()
         q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=30)
         q.recovered = self.spool.open()
         q.startService()

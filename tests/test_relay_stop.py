@@ -14,11 +14,10 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw.durable import Committer
-from relaygw.relay.nexthop import Result
 from relaygw.relay.queue import QueueManager
 from relaygw.spool import Spool
 from relaygw.testing import Gateway, configText
-from tests.recorders import LogCapture
+from tests.recorders import LogCapture, RecordingHop
 from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory
 
 
@@ -236,18 +235,9 @@ class IdleTests(unittest.TestCase):
         w = spool.newMessage({"mailfrom": "", "recipients": ["b@example.net"]})
         w.write(b"Subject: x\r\n\r\nx\r\n")
         qid = yield w.commit()
-        delivered = []
-
-        class Hop:
-            def describe(self):
-                return "test"
-
-            def deliver(self, messages, progress=None):
-                delivered.extend(m.queueId for m in messages)
-                return [{"b@example.net": Result(250, "2.0.0", "ok")}]
-
+        hop = RecordingHop()
         clock = task.Clock()
-        q = QueueManager(spool, lambda m, r: Hop(), clock)
+        q = QueueManager(spool, lambda m, r: hop, clock)
         q.startService()
         self.addCleanup(q.stopService)
         q.enqueue(qid, w.message)
@@ -255,4 +245,4 @@ class IdleTests(unittest.TestCase):
         self.assertFalse(idle.called)
         clock.advance(0)
         yield idle
-        self.assertEqual(delivered, [qid])
+        self.assertEqual([[m.queueId for m in messages] for messages in hop.calls], [[qid]])

@@ -23,6 +23,7 @@ from relaygw.spool import Spool
 from relaygw.spoolapi import CorruptMessage, Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 from tests.outside import OutsideFiles
+from tests.recorders import RecordingHop
 
 
 class SpoolCase(unittest.TestCase):
@@ -812,7 +813,6 @@ class AttemptFailureTests(unittest.TestCase):
     def test_retriedAfterError(self):
         from twisted.internet import task as _task
 
-        from relaygw.relay.nexthop import Result
         from relaygw.relay.queue import QueueManager
 
         clock = _task.Clock()
@@ -821,23 +821,14 @@ class AttemptFailureTests(unittest.TestCase):
         w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"],
                               "context": {"connection": {}}})
         qid = yield w.commit()
-        calls = []
-
-        class Hop:
-            def describe(self):
-                return "test"
-
-            def deliver(self, messages, progress=None):
-                calls.append(messages)
-                return [{"b@example.net": Result(250, "2.0.0", "ok")}]
-
+        hop = RecordingHop()
         routed = []
 
         def router(message, rcpt):
             routed.append(rcpt)
             if len(routed) == 1:
                 raise OSError("disk full")  # raised inside the attempt itself
-            return Hop()
+            return hop
 
         q = QueueManager(spool, router, clock, retryMin=30)
         q.startService()
@@ -847,7 +838,7 @@ class AttemptFailureTests(unittest.TestCase):
         clock.advance(30)
         yield q.whenIdle()
         yield spool.committer.unlink([])  # let the removal reach the disk thread
-        self.assertEqual(len(calls), 1)
+        self.assertEqual(len(hop.calls), 1)
         self.assertEqual(len(routed), 2)
         self.assertEqual(spool.queueIds(), [])
         yield q.stopService()
