@@ -190,14 +190,24 @@ class CommitJob:
     its old name as well; the owner of the reused files must recognise
     that name before it hands the file out again (the spool does, from
     the queue id in the content).
+
+    With C{early}, the owner checks what it reads back (a checksum of the
+    content, the queue id), so a committer may give the file its final
+    name before its data is durable and sync both at once (the ring does):
+    after a crash before the sync, the file can be there under that name
+    but cut short or stale, and its owner must recognise it as such.
     """
 
-    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False, size=None):
+    #: The file has its final name (L{name}).
+    named = False
+
+    def __init__(self, tmpPath, finalPath, fd=None, data=None, reuse=False, size=None, early=False):
         self.tmpPath = tmpPath
         self.finalPath = finalPath
         self.fd = fd
         self.data = data
         self.reuse = reuse
+        self.early = early
         if size is None:  # (unknown for a callable: counted as nothing)
             size = len(data) if isinstance(data, bytes) else sum(map(len, data)) if isinstance(data, list) else 0
         #: Octets of content the sync makes durable.
@@ -218,8 +228,14 @@ class CommitJob:
             self.fd = quick.open(self.tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             quick.write(self.fd, data)
 
+    def name(self):
+        """Give the file its final name (its descriptor stays open)."""
+        quick.rename(self.tmpPath, self.finalPath)
+        self.named = True
+
     def abandon(self):
-        discardFile(self.fd, self.tmpPath)
+        """Close and remove the file, under whichever name it has: a failed commit names nothing."""
+        discardFile(self.fd, self.finalPath if self.named else self.tmpPath)
         self.fd = None
 
 
@@ -406,7 +422,7 @@ class Committer:
         for job in jobs:
             quick.close(job.fd)
             job.fd = None
-            quick.rename(job.tmpPath, job.finalPath)
+            job.name()
 
     def _settle(self, renamed, synced):
         """

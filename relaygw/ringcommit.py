@@ -41,16 +41,39 @@ def committer(reactor, mode="grouped", ring=True, cpus=None):
     return Committer(reactor, mode, cpus=cpus)
 
 
+class _Batch:
+    """
+    The jobs in flight, with their Deferreds, and where they are: C{"data"}
+    (the files' syncs, and the directory syncs of the jobs named early) or
+    C{"names"} (the directory syncs of the jobs named after it).
+    """
+
+    def __init__(self, jobs, started):
+        self.jobs = jobs
+        self.started = started
+        self.phase = "data"
+        self.outstanding = 0
+        #: Failures: by a job's index, L{NAMES} for a directory's sync, C{None} for all.
+        self.errors = {}
+
+
+#: The key of a directory sync's failure in L{_Batch.errors}.
+NAMES = "names"
+
+
 @implementer(IReadDescriptor)
 class RingCommitter:
     """
     L{relaygw.durable.Committer}'s interface, with group commit through
     io_uring.  Jobs handed in during a reactor turn, or while a batch is
     being synced, make the next batch.  A batch's files are created and
-    written, then synced together (one C{fdatasync} each, C{fsync} in mode
-    C{"each"}, all in flight at once: one journal commit between them);
-    then renamed and their directories synced; then its Deferreds fire.
-    Removals are done at once, as they need no sync.
+    written, those whose owner checks them (C{early}) are renamed at once,
+    then every file is synced (one C{fdatasync} each, C{fsync} in mode
+    C{"each"}) together with the directories of the early names, all in
+    flight at once: one journal commit between them.  The other files are
+    renamed only once their data is durable, and their directories synced
+    in turn.  Each job's Deferred fires once its file and its name are
+    durable.  Removals are done at once, as they need no sync.
     """
 
     def __init__(self, reactor, mode="grouped"):
@@ -59,7 +82,7 @@ class RingCommitter:
         self.ring = None  # (opened with the first batch, closed by stop)
         self._stopping = False
         self._pending = []
-        self._batch = None  # [jobs and Deferreds, phase, results outstanding, {index: error}]
+        self._batch = None
         self._scheduled = False
         self._directories = {}
         self.batches = 0
@@ -121,10 +144,11 @@ class RingCommitter:
             self._directories, directories = {}, self._directories
             for fd in directories.values():
                 quick.close(fd)
-        if self._batch is not None:
-            self._batch[2] = 0
-            self._batch[3] = {None: error}
-            self._batch[1] = "names"  # (nothing more to name)
+        batch = self._batch
+        if batch is not None:
+            batch.outstanding = 0
+            batch.errors = {None: error}
+            batch.phase = "names"  # (nothing more to name)
             self._finish()
 
     # -- batches --------------------------------------------------------
@@ -147,12 +171,16 @@ class RingCommitter:
                     d.errback(e)
                 return
             self.reactor.addReader(self)
-        batch, self._pending = self._pending[:self.ring.capacity], self._pending[self.ring.capacity:]
+        # (Half the submission queue: room for as many directories as files.)
+        room = self.ring.capacity // 2
+        batch, self._pending = self._pending[:room], self._pending[room:]
         started = self.reactor.seconds()
         ready = []
         for job, d in batch:
             try:
                 job.prepare()
+                if job.early:
+                    job.name()
             except BaseException as e:
                 job.abandon()
                 d.errback(e)
@@ -160,58 +188,91 @@ class RingCommitter:
                 ready.append((job, d))
         if not ready:
             return self._startNext()
+        self._batch = _Batch(ready, started)
         for index, (job, _) in enumerate(ready):
             self.ring.fsync(job.fd, index, self.dataOnly)
-        self._batch = [ready, "data", len(ready), {}, started]
-        self._submit()
+        self._syncDirectories({os.path.dirname(job.finalPath) for job, _ in ready if job.early}, len(ready))
 
-    def _submit(self):
+    def _syncDirectories(self, directories, tags):
+        """Sync C{directories} with the files already queued (C{tags} of them), and hand the lot to the kernel."""
+        batch = self._batch
+        batch.outstanding = tags + len(directories)
         try:
+            for directory in sorted(directories):
+                self.ring.fsync(self._directory(directory), tags)
             self.ring.submit()
-        except OSError as e:  # (what the kernel did not take would go with a later batch: a new ring)
+        except OSError as e:  # (out of descriptors; what the kernel did not take would go with a later batch)
             self._abandonRing(e)
 
     def _completed(self, tag, result):
         batch = self._batch
         if result < 0:
-            batch[3].setdefault(tag if batch[1] == "data" else None, OSError(-result, os.strerror(-result)))
-        batch[2] -= 1
-        if batch[2] == 0:
+            key = None if batch.phase == "names" else tag if tag < len(batch.jobs) else NAMES
+            batch.errors.setdefault(key, OSError(-result, os.strerror(-result)))
+        batch.outstanding -= 1
+        if batch.outstanding == 0:
             self._finish()
 
     def _finish(self):
-        jobs, phase, _, errors, started = self._batch
-        if phase == "data":
-            directories = set()
-            for index, (job, d) in enumerate(jobs):
+        """The batch's phase is over: settle its jobs, then name those that wait for their data's sync."""
+        batch = self._batch
+        errors = batch.errors
+        settled, late = [], []
+        for index, (job, d) in enumerate(batch.jobs):
+            error = errors.get(index) or errors.get(None) or (errors.get(NAMES) if job.early else None)
+            if batch.phase == "data":
+                fd, job.fd = job.fd, None
                 try:
-                    fd, job.fd = job.fd, None
                     quick.close(fd)
-                    if index not in errors and None not in errors:
-                        quick.rename(job.tmpPath, job.finalPath)
-                        directories.add(os.path.dirname(job.finalPath))
                 except OSError as e:
-                    errors.setdefault(index, e)
-            if directories:
-                self._batch = [jobs, "names", len(directories), errors, started]
-                try:
-                    for directory in sorted(directories):
-                        self.ring.fsync(self._directory(directory), 0)
-                except OSError as e:  # (out of descriptors, say: the names are not known durable)
-                    return self._abandonRing(e)
-                return self._submit()
+                    error = error or e
+                if not (job.early or error):
+                    late.append((job, d))
+                    continue
+            settled.append((job, d, error))
+        if not late:
+            self._over(batch)
+        self._settle(settled)  # (a commit handed in meanwhile waits for the batch's end)
+        if late:
+            self._nameLate(late, batch)
+        elif self._batch is None:
+            self._startNext()
+
+    def _nameLate(self, jobs, batch):
+        """Name the files synced in C{batch}'s first phase, and sync their directories."""
+        named, failed, directories = [], [], set()
+        for job, d in jobs:
+            try:
+                job.name()
+            except OSError as e:
+                failed.append((job, d, e))
+            else:
+                named.append((job, d))
+                directories.add(os.path.dirname(job.finalPath))
+        if not named:
+            self._over(batch)
+        self._settle(failed)
+        if named:
+            self._batch = _Batch(named, batch.started)
+            self._batch.phase = "names"
+            self._syncDirectories(directories, 0)
+        else:
+            self._startNext()
+
+    def _over(self, batch):
         self._batch = None
         self.batches += 1
-        self.jobs += len(jobs)
-        self.syncSeconds += self.reactor.seconds() - started
-        for index, (job, d) in enumerate(jobs):
-            error = errors.get(index) or errors.get(None)
+        self.syncSeconds += self.reactor.seconds() - batch.started
+
+    def _settle(self, outcomes):
+        """Fire the Deferreds of C{[(job, Deferred, error or None)]}."""
+        self.jobs += len(outcomes)
+        for job, d, error in outcomes:
             if error is None:
                 d.callback(None)
             else:
                 job.abandon()
                 d.errback(error)
-        self._startNext()
 
     def _directory(self, path):
         """A descriptor of directory C{path} to sync, kept open."""

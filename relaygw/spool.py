@@ -7,8 +7,11 @@ everything else goes through L{relaygw.spoolapi.ISpool}.
 A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the
 file joins the committer's next batch (L{relaygw.ringcommit.committer}:
 through io_uring, or the disk thread): every message that finished in the
-meantime is synced together, then each file is renamed into C{queue/}, and
-the renames are synced in turn.  Only then is the 250 sent.
+meantime is synced together, with its name in C{queue/}.  Only then is the
+250 sent.  Through io_uring the file is renamed into C{queue/} before the
+sync (one journal commit for the data and the name): a crash before the
+sync can leave it there cut short or stale, which reading it back tells
+from the checksum of its content and the queue id it holds.
 """
 
 import errno
@@ -19,6 +22,7 @@ import os
 import re
 import stat
 import time
+import zlib
 
 from twisted.internet import defer
 from twisted.python import failure
@@ -289,9 +293,9 @@ def _stored(envelope, queueId):
                             context=stored.get("context", {}), queue_id=queueId)
 
 
-#: The envelope line starts with the content's size, written when the
-#: content is complete (padded, so the line keeps its length).
-_SIZE_HEAD = b'{"body_size":%20d,'
+#: The envelope line starts with the content's size and CRC-32, written
+#: when the content is complete (padded, so the line keeps its length).
+_SIZE_HEAD = b'{"body_size":%20d,"body_crc32":%10d,'
 
 class MessageWriter:
     """
@@ -320,7 +324,8 @@ class MessageWriter:
         self.failed = None
         stored, self.envelope = _stored(envelope, queueId)
         line = json.dumps(stored, separators=(",", ":")).encode("utf-8")
-        self._chunks = [(_SIZE_HEAD % 0) + line[1:] + b"\n"]
+        self._chunks = [(_SIZE_HEAD % (0, 0)) + line[1:] + b"\n"]
+        self._crc = 0
         self._buffered = self.bodyOffset = len(self._chunks[0])
 
     def write(self, data):
@@ -328,6 +333,7 @@ class MessageWriter:
         self.size += len(data)
         if self.failed is not None:
             return
+        self._crc = zlib.crc32(data, self._crc)
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= self.SPILL:
@@ -354,12 +360,12 @@ class MessageWriter:
         if self.failed is not None:
             return defer.fail(self.failed)
         final = self.spool.path("queue", self.queueId)
-        head = _SIZE_HEAD % self.size
+        head = _SIZE_HEAD % (self.size, self._crc)
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
             retain = self._chunks[1:]
             spent = self.spool.takeSpent()
-            job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None)
+            job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None, early=True)
         else:
             try:
                 self._flush()
@@ -367,7 +373,7 @@ class MessageWriter:
             except OSError as e:
                 self._fail(e)
                 return defer.fail(e)
-            job = CommitJob(self.tmpPath, final, fd=self.fd, size=self.size)
+            job = CommitJob(self.tmpPath, final, fd=self.fd, size=self.size, early=True)
             retain = None
         self.fd = None
         self._chunks = []
@@ -534,13 +540,17 @@ class Spool:
         """
         Read a committed message's envelope (L{SpooledMessage}).  Raises
         L{CorruptMessage} when the file cannot be read back whole:
-        empty, garbled, an envelope without what every message has, or
-        content whose size is not the one recorded before the 250.
+        empty, garbled, an envelope without what every message has,
+        another message's, or content whose size or CRC-32 is not the one
+        recorded before the 250.
         """
         path = self.path("queue", queueId)
         f, total = _openRegular(path, "queue file")
         with f:
             line = f.readline(self.MAX_ENVELOPE)
+            crc = 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                crc = zlib.crc32(chunk, crc)
         try:
             if not line:
                 raise CorruptMessage("empty queue file")
@@ -553,9 +563,13 @@ class Spool:
             envelope = Envelope.fromDict(stored)
             actual = total - len(line)
             declared = stored.get("body_size")
-            # (A message queued before the size was recorded has none.)
             if declared is not None and declared != actual:
                 raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
+            # (Messages queued before these were recorded have neither.)
+            if stored.get("queue_id", queueId) != queueId:
+                raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
+            if stored.get("body_crc32", crc) != crc:
+                raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
         except CorruptMessage as e:
             e.path = path
             raise
@@ -894,14 +908,18 @@ class SpoolRecovery:
         its own removal can leave it under both names; a crash after it
         was reused for a new message can leave its old name here as well
         as the new one in C{queue/}, as a commit syncs only C{queue/}.
-        The content then names the new message: it was synced before the
-        rename, so a file that is queued holds its own queue id.
+        The content then names the new message if it was synced before the
+        rename; named first (through io_uring), the file can still hold its
+        old content under both names, so a spent file with another name
+        (a link count above one) is not reused either.
         """
         if name in kept:
             return False
         try:
             f, _ = _openRegular(self.spool.path("spent", name), "spent file")
             with f:
+                if os.fstat(f.fileno()).st_nlink > 1:
+                    return False
                 envelope = json.loads(f.readline(self.spool.MAX_ENVELOPE))
             return envelope.get("queue_id") not in kept
         except (OSError, CorruptMessage, ValueError, RecursionError, AttributeError):

@@ -8,6 +8,8 @@ C{size} is the octets sent onward for fresh and recovered messages alike.
 import io
 import json
 import os
+import re
+import zlib
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, globalLogPublisher
@@ -44,6 +46,11 @@ KINDS = {
     "truncatedEnvelope": ("queue", lambda d: d[:40], "truncated envelope (40 octets without an end of line)"),
     "bodyCutMidway": ("queue", lambda d: d[:len(envelopeLine(d)) + 100],
                       "content is 100 octets, the envelope says %d" % len(BODY)),
+    "staleContent": ("queue", lambda d: d[:-6] + b"stale\n",
+                     "content's CRC-32 is %d, the envelope says %d" % (zlib.crc32(BODY[:-6] + b"stale\n"),
+                                                                      zlib.crc32(BODY))),
+    "anotherMessage": ("queue", lambda d: re.sub(rb'"queue_id":"\w+"', b'"queue_id":"0123ABC"', d, count=1),
+                       "the file holds message 0123ABC"),
     "wrongType": ("queue", lambda d: b'{"mailfrom":"a@example.org","recipients":"b@example.net"}\n' + BODY,
                   "envelope 'recipients' has the wrong type"),
     "emptyStateFile": ("state", lambda d: b"", "empty state file"),
@@ -73,10 +80,10 @@ class QuarantineTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
     def test_sizeRecordedBeforeTheAck(self):
-        """The envelope line starts with the content's size (small and streamed messages)."""
+        """The envelope line starts with the content's size and CRC-32 (small and streamed messages)."""
         with open(self.spool.path("queue", self.qid), "rb") as f:
             stored = json.loads(f.readline())
-        self.assertEqual(stored["body_size"], len(BODY))
+        self.assertEqual((stored["body_size"], stored["body_crc32"]), (len(BODY), zlib.crc32(BODY)))
         self.assertEqual(self.spool.load(self.qid).size, len(BODY))
 
     @defer.inlineCallbacks
@@ -89,7 +96,9 @@ class QuarantineTests(unittest.TestCase):
         with open(self.spool.path("queue", qid), "rb") as f:
             line = f.readline()
             self.assertEqual(json.loads(line)["body_size"], 6 * 65536)
+            self.assertEqual(json.loads(line)["body_crc32"], zlib.crc32(b"y" * 6 * 65536))
             self.assertEqual(len(f.read()), 6 * 65536)
+        self.assertEqual(self.spool.load(qid).size, 6 * 65536)
         self.assertEqual(len(line), MessageWriter(self.spool, qid, {"mailfrom": "", "recipients": ["r@example.net"],
                                                                      "queue_id": qid}).bodyOffset)
 
@@ -162,6 +171,17 @@ class QuarantineTests(unittest.TestCase):
     def test_bodyCutMidway(self):
         """A queue file cut mid-body is never delivered truncated."""
         return self.quarantined("bodyCutMidway")
+
+    def test_staleContent(self):
+        """
+        Content of the size recorded but not the content (a file named before
+        its sync and cut short by a crash, or one it was written over).
+        """
+        return self.quarantined("staleContent")
+
+    def test_anotherMessage(self):
+        """A file that holds another message than its name says (a reused file whose new content was lost)."""
+        return self.quarantined("anotherMessage")
 
     def test_wrongType(self):
         return self.quarantined("wrongType")

@@ -1,7 +1,8 @@
 """
 The spool's syncs through io_uring: the ring itself (real kernel results),
-and L{RingCommitter}'s order (data synced, then named, then the name
-synced, then the 250), its batches, its failures and its stop.
+and L{RingCommitter}'s order (a queue file named, then it and its name
+synced at once, then the 250; a file whose owner does not check it synced,
+then named, then the name synced), its batches, its failures and its stop.
 """
 
 import errno
@@ -66,7 +67,10 @@ class RingCommitterTests(unittest.TestCase):
 
         def recordSync(ring, fd, tag, dataOnly=False):
             path = os.readlink("/proc/self/fd/%d" % fd)  # (a directory, or a file in one)
-            self.calls.append(("sync", os.path.basename(path if os.path.isdir(path) else os.path.dirname(path))))
+            if os.path.isdir(path):
+                self.calls.append(("sync", os.path.basename(path) + "/"))
+            else:
+                self.calls.append(("sync", os.path.basename(os.path.dirname(path))))
             return fsync(ring, fd, tag, dataOnly)
 
         def recordRename(source, destination):
@@ -85,13 +89,35 @@ class RingCommitterTests(unittest.TestCase):
         self.calls.append(("fired", None))
         return qid
 
+    def stateFile(self, name):
+        """A job whose owner does not check what it reads back (a progress record's, a Maildir's)."""
+        job = CommitJob(self.spool.path("tmp", name), self.spool.path("state", name), data=b"{}")
+        return self.committer.commit(job).addCallback(self.fired)
+
     @defer.inlineCallbacks
-    def test_syncedThenNamedThenFired(self):
-        """The content is synced in tmp/, then named in queue/, then queue/ is synced, then the commit fires."""
+    def test_namedThenSyncedThenFired(self):
+        """A queue file is named in queue/, then it and queue/ are synced at once, then the commit fires."""
         qid = yield self.message()
-        self.assertEqual(self.calls, [("sync", "tmp"), ("rename", "queue"), ("sync", "queue"), ("fired", None)])
+        self.assertEqual(self.calls, [("rename", "queue"), ("sync", "queue"), ("sync", "queue/"), ("fired", None)])
         self.assertEqual(self.spool.load(qid).size, 20)
         self.assertEqual(os.listdir(self.spool.path("tmp")), [])
+        self.assertEqual(self.committer.batches, 1)
+
+    @defer.inlineCallbacks
+    def test_uncheckedSyncedThenNamedThenFired(self):
+        """A file whose owner does not check it is synced in tmp/, then named, then its directory synced."""
+        yield self.stateFile("s")
+        self.assertEqual(self.calls, [("sync", "tmp"), ("rename", "state"), ("sync", "state/"), ("fired", None)])
+        self.assertEqual(os.listdir(self.spool.path("state")), ["s"])
+        self.assertEqual((self.committer.jobs, self.committer.batches), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_mixedBatch(self):
+        """In one batch, the queue file's commit fires once its sync is done, before the other file is named."""
+        yield defer.gatherResults([self.message(), self.stateFile("s")])
+        self.assertEqual(self.calls, [("rename", "queue"), ("sync", "queue"), ("sync", "tmp"), ("sync", "queue/"),
+                                      ("fired", None), ("rename", "state"), ("sync", "state/"), ("fired", None)])
+        self.assertEqual((self.committer.jobs, self.committer.batches), (2, 1))
 
     @defer.inlineCallbacks
     def test_oneBatchATurn(self):
@@ -99,13 +125,16 @@ class RingCommitterTests(unittest.TestCase):
         qids = yield defer.gatherResults([self.message(b"%d\r\n" % i) for i in range(50)])
         self.assertEqual(len(set(qids)), 50)
         self.assertEqual((self.committer.jobs, self.committer.batches), (50, 1))
-        self.assertEqual(self.calls.count(("sync", "queue")), 1)
-        self.assertEqual(self.calls.index(("fired", None)), 101)  # 50 syncs, 50 renames, one directory sync
+        self.assertEqual(self.calls.count(("sync", "queue/")), 1)
+        self.assertEqual(self.calls.index(("fired", None)), 101)  # 50 renames, 50 syncs, one directory sync
         self.assertEqual(sorted(self.spool.queueIds()), sorted(qids))
 
     @defer.inlineCallbacks
     def test_failedSyncLeavesNothingQueued(self):
-        """The kernel refuses the sync (here of a pipe instead of the file): the commit fails, nothing is named."""
+        """
+        The kernel refuses the sync (here of a pipe instead of the file): the
+        commit fails, and the name the file was given is taken back.
+        """
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
@@ -134,20 +163,26 @@ class RingCommitterTests(unittest.TestCase):
             return real(path, flags, mode)
 
         self.patch(durable.quick, "open", noDirectory)
-        ring = None
+        rings = []
+
+        class Recorded(Ring):
+            def __init__(self):
+                Ring.__init__(self)
+                rings.append(self)
+
+        self.patch(ringcommit, "Ring", Recorded)
         with self.assertRaises(OSError) as cm:
-            d = self.message()
-            yield task.deferLater(reactor, 0, lambda: None)
-            ring = self.committer.ring
-            yield d
+            yield self.message()
         self.assertEqual(cm.exception.errno, errno.EMFILE)
-        self.assertIsNotNone(ring)
+        self.assertEqual(os.listdir(self.spool.path("queue")), [])
+        self.assertEqual(len(rings), 1)
         self.assertIsNone(self.committer.ring)
         self.assertNotIn(self.committer, reactor.getReaders())
         self.patch(durable.quick, "open", real)
         qid = yield self.message()
         self.assertIn(qid, self.spool.queueIds())
-        self.assertIsNot(self.committer.ring, ring)
+        self.assertEqual(len(rings), 2)
+        self.assertIs(self.committer.ring, rings[1])
 
     @defer.inlineCallbacks
     def test_removalAndReuse(self):
