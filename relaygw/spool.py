@@ -546,33 +546,38 @@ class Spool:
         """
         path = self.path("queue", queueId)
         f, total = _openRegular(path, "queue file")
-        with f:
-            line = f.readline(self.MAX_ENVELOPE)
-            crc = 0
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                crc = zlib.crc32(chunk, crc)
         try:
-            if not line:
-                raise CorruptMessage("empty queue file")
-            if not line.endswith(b"\n"):
-                raise CorruptMessage("truncated envelope (%d octets without an end of line)" % len(line))
-            try:
-                stored = json.loads(line)
-            except (ValueError, RecursionError):
-                raise CorruptMessage("garbled envelope")
-            envelope = Envelope.fromDict(stored)
-            actual = total - len(line)
-            declared = stored.get("body_size")
-            if declared is not None and declared != actual:
-                raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
-            # (Messages queued before these were recorded have neither.)
-            if stored.get("queue_id", queueId) != queueId:
-                raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
-            if stored.get("body_crc32", crc) != crc:
-                raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
+            with f:
+                return self._loaded(queueId, f, total)
         except CorruptMessage as e:
             e.path = path
             raise
+
+    def _loaded(self, queueId, f, total):
+        """L{load}'s reading of the queue file C{f} (C{total} octets)."""
+        line = f.readline(self.MAX_ENVELOPE)
+        if not line:
+            raise CorruptMessage("empty queue file")
+        if not line.endswith(b"\n"):
+            raise CorruptMessage("truncated envelope (%d octets without an end of line)" % len(line))
+        try:
+            stored = json.loads(line)
+        except (ValueError, RecursionError):
+            raise CorruptMessage("garbled envelope")
+        envelope = Envelope.fromDict(stored)
+        actual = total - len(line)
+        declared = stored.get("body_size")
+        if declared is not None and declared != actual:
+            raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
+        # (Messages queued before these were recorded have neither.)
+        if stored.get("queue_id", queueId) != queueId:
+            raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
+        if "body_crc32" in stored:
+            crc = 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                crc = zlib.crc32(chunk, crc)
+            if crc != stored["body_crc32"]:
+                raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
         envelope.size = actual
         return SpooledMessage(self, queueId, envelope, len(line))
 
