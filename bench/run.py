@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -646,7 +647,8 @@ def recovery(n):
     content = b"Subject: recover\r\n\r\n" + b"z" * 1000 + b"\r\n"
     for i in range(n):
         qid = newQueueId()
-        env = {"mailfrom": "a@example.org", "mail_params": {}, "recipients": ["b@example.net"],
+        env = {"body_size": len(content), "body_crc32": zlib.crc32(content),  # (as relaygw writes them)
+               "mailfrom": "a@example.org", "mail_params": {}, "recipients": ["b@example.net"],
                "arrival": time.time(), "context": {"connection": {}, "message": {}}, "queue_id": qid}
         with open(os.path.join(queue, qid), "wb") as f:
             f.write(json.dumps(env).encode() + b"\n" + content)
