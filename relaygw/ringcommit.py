@@ -235,7 +235,7 @@ class RingCommitter:
         self._settle(settled)  # (a commit handed in meanwhile waits for the batch's end)
         if late:
             self._nameLate(late, batch)
-        elif self._batch is None:
+        else:
             self._startNext()
 
     def _nameLate(self, jobs, batch):
@@ -253,8 +253,7 @@ class RingCommitter:
             self._over(batch)
         self._settle(failed)
         if named:
-            self._batch = _Batch(named, batch.started)
-            self._batch.phase = "names"
+            batch.jobs, batch.phase, batch.errors = named, "names", {}
             self._syncDirectories(directories, 0)
         else:
             self._startNext()
