@@ -86,6 +86,23 @@ class QuarantineTests(unittest.TestCase):
         self.assertEqual((stored["body_size"], stored["body_crc32"]), (len(BODY), zlib.crc32(BODY)))
         self.assertEqual(self.spool.load(self.qid).size, len(BODY))
 
+    def test_recordedBeforeTheChecksum(self):
+        """A queue file from before the CRC-32 (or the size) was recorded still loads, whole."""
+        path = self.spool.path("queue", self.qid)
+        for dropped in ("body_crc32", "body_size"):
+            def older(data):
+                stored = json.loads(envelopeLine(data))
+                del stored[dropped]
+                return json.dumps(stored).encode() + b"\n" + data[len(envelopeLine(data)):]
+
+            cut(path, older)
+            reopened = Spool(self.dir, self.spool.committer)  # (nothing kept in memory: read from the file)
+            self.assertEqual(reopened.open(), [self.qid])
+            message = reopened.load(self.qid)
+            self.assertEqual(message.size, len(BODY))
+            with message.openBody() as f:
+                self.assertEqual(f.read(), BODY)
+
     @defer.inlineCallbacks
     def test_sizeRecordedStreamed(self):
         w = self.spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
