@@ -536,24 +536,25 @@ class Spool:
         except OSError:
             return None
 
-    def load(self, queueId):
+    def load(self, queueId, content=True):
         """
         Read a committed message's envelope (L{SpooledMessage}).  Raises
         L{CorruptMessage} when the file cannot be read back whole:
         empty, garbled, an envelope without what every message has,
         another message's, or content whose size or CRC-32 is not the one
-        recorded before the 250.
+        recorded before the 250.  Unless C{content}, the content is not
+        read, so its CRC-32 is not checked (a listing of a large queue).
         """
         path = self.path("queue", queueId)
         f, total = _openRegular(path, "queue file")
         try:
             with f:
-                return self._loaded(queueId, f, total)
+                return self._loaded(queueId, f, total, content)
         except CorruptMessage as e:
             e.path = path
             raise
 
-    def _loaded(self, queueId, f, total):
+    def _loaded(self, queueId, f, total, content=True):
         """L{load}'s reading of the queue file C{f} (C{total} octets)."""
         line = f.readline(self.MAX_ENVELOPE)
         if not line:
@@ -572,7 +573,7 @@ class Spool:
         # (Messages queued before these were recorded have neither.)
         if stored.get("queue_id", queueId) != queueId:
             raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
-        if "body_crc32" in stored:
+        if content and "body_crc32" in stored:
             crc = 0
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 crc = zlib.crc32(chunk, crc)

@@ -161,8 +161,12 @@ class ISpool(Interface):
     def committedAt(queueId):
         """When C{queueId} was made durable (a time stamp), or C{None} if it is gone."""
 
-    def load(queueId):
-        """The L{ISpooledMessage}; raises L{CorruptMessage} or C{FileNotFoundError}."""
+    def load(queueId, content=True):
+        """
+        The L{ISpooledMessage}; raises L{CorruptMessage} or
+        C{FileNotFoundError}.  Unless C{content}, only the envelope is read
+        back (the content's checksum is not checked).
+        """
 
     def readState(queueId):
         """The per-recipient progress (C{{}} when none); raises L{CorruptMessage}."""

@@ -212,6 +212,27 @@ class QuarantineTests(unittest.TestCase):
     def test_stateNotARecord(self):
         return self.quarantined("stateNotARecord")
 
+    def test_listReadsEnvelopesOnly(self):
+        """
+        relaygw-queue list reads each envelope, not the content (a large
+        queue's listing would read all of it): content that does not match
+        its CRC-32 lists as queued, and show, which reads it, names why.
+        """
+        path, reason = self.corrupt("staleContent")
+        out = io.StringIO()
+        self.assertEqual(tool.main(["--spool", self.dir, "list"], out=out), 0)
+        self.assertTrue(out.getvalue().endswith("-- 1 message, %d bytes: 1 active, 0 deferred, 0 held; 0 corrupt\n"
+                                                % len(BODY)), out.getvalue())
+        self.assertIn("%s*" % self.qid, out.getvalue())
+        err = io.StringIO()
+        self.patch(tool.sys, "stderr", err)
+        out = io.StringIO()
+        self.assertEqual(tool.main(["--spool", self.dir, "show", self.qid], out=out), 1)
+        self.assertEqual(err.getvalue(), "relaygw-queue: %s is unreadable: %s\n" % (self.qid, reason))
+        with self.assertRaises(CorruptMessage):
+            self.spool.load(self.qid)
+        self.assertEqual(self.spool.load(self.qid, content=False).size, len(BODY))
+
     @defer.inlineCallbacks
     def test_intactMessageDelivered(self):
         """The same path with nothing damaged delivers (the tests above can fail)."""

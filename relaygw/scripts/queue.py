@@ -87,14 +87,16 @@ class _Unreadable(Exception):
     """A message the tool can't read: shown as a row, not a traceback."""
 
 
-def _summary(spool, qid, now):
+def _summary(spool, qid, now, content=False):
     """
     One message as C{list} and C{show} print it.  Raises
     C{FileNotFoundError} when it has gone, L{_Unreadable} when it can't be
-    read back.
+    read back.  Unless C{content}, the message's content is not read (a
+    listing reads envelopes only, as C{postqueue -p} does), so a checksum
+    that does not match shows when the message is shown or tried.
     """
     try:
-        m = spool.load(qid)
+        m = spool.load(qid, content=content)
         state = spool.readState(qid)
     except CorruptMessage as e:
         raise _Unreadable(e.reason)
@@ -169,7 +171,7 @@ def _select(spools, args, err):
         for spool in spools:
             for qid in spool.queueIds():
                 try:
-                    m = spool.load(qid)
+                    m = spool.load(qid, content=False)
                 except (OSError, CorruptMessage):
                     continue
                 if any(r.rpartition("@")[2].lower() == domain for r in m.recipients):
@@ -239,8 +241,8 @@ def _run(argv, out):
             err("no such message: %s" % _clean(args.id))
             return 1
         try:
-            summary = _summary(spool, args.id, now)
-            m = spool.load(args.id)
+            summary = _summary(spool, args.id, now, content=True)
+            m = spool.load(args.id, content=False)  # (read whole just now)
             shown = {"summary": summary, "envelope": m.envelope.asDict(), "state": spool.readState(args.id)}
         except FileNotFoundError:  # delivered (and removed) since we looked
             err("no such message: %s" % args.id)
