@@ -170,27 +170,53 @@ class CommandCounts:
 
 
 class MessageIdScanner:
-    """The Message-ID of a message whose content arrives in chunks; it stops looking at the end of the header."""
+    """
+    The Message-ID of a message whose content arrives in chunks; it stops
+    looking at the end of the header (or after L{LIMIT} octets of it).
+    Each octet is looked at once, whatever the chunks: a header sent a few
+    octets a segment costs no more than one sent whole.
+    """
 
     LIMIT = 65536
-    _ID = re.compile(rb"(?:^|\r?\n)Message-ID:[ \t]*(<[^>\r\n]{1,500}>)", re.I)
+    #: At most this much of an unfinished line is kept (a Message-ID line is
+    #: shorter); a longer line is not looked at.
+    LINE = 1024
+    _ID = re.compile(rb"Message-ID:[ \t]*(<[^>\r\n]{1,500}>)", re.I)
 
     def __init__(self):
-        self.buf = b""
+        self.partial = b""  # the start of the line under way
+        self.overlong = False  # the line under way is longer than LINE
+        self.seen = 0
         self.done = False
         self.messageId = None
 
     def feed(self, chunk):
         if self.done:
             return
-        self.buf += chunk
-        end = self.buf.find(b"\r\n\r\n") if not self.buf.startswith(b"\r\n") else 0
-        if end == -1:
-            end = self.buf.find(b"\n\n")
-        header = self.buf if end == -1 else self.buf[:end]
-        m = self._ID.search(header)
-        if m is not None:
-            self.messageId = m.group(1).decode("latin-1")
-        if m is not None or end != -1 or len(self.buf) > self.LIMIT:
-            self.done = True
-            self.buf = b""
+        data = self.partial + chunk if self.partial else chunk
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end == -1:
+                break
+            line, start = data[start:end], end + 1
+            if self.overlong:  # (the end of a line too long to be looked at)
+                self.overlong = False
+                continue
+            if line == b"" or line == b"\r":  # the end of the header
+                return self._stop(None)
+            if line[:11].lower() == b"message-id:":
+                m = self._ID.match(line)
+                if m is not None:
+                    return self._stop(m.group(1).decode("latin-1"))
+        self.seen += len(chunk)
+        rest = len(data) - start
+        self.overlong = self.overlong or rest > self.LINE
+        self.partial = b"" if self.overlong else data[start:]
+        if self.seen > self.LIMIT:
+            self._stop(None)
+
+    def _stop(self, messageId):
+        self.messageId = messageId
+        self.done = True
+        self.partial = b""
