@@ -92,10 +92,12 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
         raise CommandError(badReply)
     else:
         address = path
+    if address == "" and allowEmpty:
+        return ""
+    # A source route is dropped (RFC 5321 section 4.1.1.3); one with no
+    # mailbox after it (<@relay.example:>) is not the null path.
     address = _SOURCE_ROUTE.sub("", address)
     if address == "":
-        if allowEmpty:
-            return ""
         raise CommandError(badReply)
     if allowPostmaster and address.lower() == "postmaster":
         return address

@@ -46,6 +46,20 @@ class AddressLiteralTests(unittest.TestCase):
         self.assertEqual(refusal(parseRcpt, "TO:<a@[>]>"), (501, "5.1.3"))
 
 
+class SourceRouteTests(unittest.TestCase):
+    """A source route is dropped (RFC 5321 section 4.1.1.3); with no mailbox after it, the path is refused."""
+
+    def test_routeDropped(self):
+        self.assertEqual(parseMail("FROM:<@a.example,@b.example:u@c.example>", 0)[0], "u@c.example")
+        self.assertEqual(parseRcpt("TO:<@a.example:u@c.example>")[0], "u@c.example")
+
+    def test_routeWithoutMailboxIsNotTheNullPath(self):
+        self.assertEqual(parseMail("FROM:<>", 0)[0], "")
+        for path in ("<@relay.example:>", "<@a.example,@b.example:>"):
+            self.assertEqual(refusal(parseMail, "FROM:" + path, 0), (501, "5.1.7"))
+            self.assertEqual(refusal(parseRcpt, "TO:" + path), (501, "5.1.3"))
+
+
 class SplitTests(unittest.TestCase):
     def test_spaceOnly(self):
         self.assertEqual(splitWords("a\tb  c\xa0d \x1ce"), ["a\tb", "c\xa0d", "\x1ce"])
