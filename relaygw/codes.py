@@ -171,6 +171,7 @@ NON_ASCII_ADDRESS = _r(553, "5.6.7", "Error: non-ASCII address not supported (no
 # HELO / EHLO
 HELO_OK = _r(250, None, "{host}")
 HELO_SYNTAX = _r(501, "5.5.4", "Syntax: {verb} hostname")
+HELO_TOO_LONG = _r(501, "5.5.4", "Syntax: {verb} hostname of at most 255 octets")
 
 # MAIL
 SENDER_OK = _r(250, "2.1.0", "Ok")

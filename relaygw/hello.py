@@ -9,6 +9,11 @@ C{helo}, C{tlsActive} and C{trusted}.
 from relaygw import codes
 from relaygw.commands import parseHelo
 
+#: A domain is at most 255 octets (RFC 5321 section 4.5.3.1.2), as
+#: XCLIENT's HELO= is: a longer name would go into the Received header
+#: and onward in XCLIENT, where the next hop refuses it.
+MAX_NAME = 255
+
 
 class Hello:
     """C{do_HELO}, C{do_EHLO} and C{extensions}."""
@@ -41,6 +46,8 @@ class Hello:
         name, args = parseHelo(args)
         if name is None:
             return self.reply(codes.HELO_SYNTAX.format(verb=verb))
+        if len(name) > MAX_NAME:
+            return self.reply(codes.HELO_TOO_LONG.format(verb=verb))
         self.resetTransaction()
         self.helo = (verb, args)
         self.context.update(

@@ -7,9 +7,14 @@ import re
 from email.utils import formatdate
 
 
+#: The most of one value a Received header shows (a domain's 255 octets):
+#: with it, no line of the header is longer than RFC 5322's 998.
+_MAX_VALUE = 255
+
+
 def _clean(value):
     """Context values are client-influenced: never let one break the header."""
-    text = str(value)
+    text = str(value)[:_MAX_VALUE]
     if text.isascii() and text.isprintable():  # printable ASCII: " " to "~"
         return text
     return "".join(c if " " <= c <= "~" else "?" for c in text)
@@ -19,13 +24,17 @@ _LITERAL = re.compile(r"\[[^][()\\;]*\]\Z")
 _DELIMITERS = str.maketrans({c: "?" for c in "()[];\\"})
 
 
+def _inComment(value):
+    """
+    A client-given value for Received: no parenthesis, bracket or
+    semicolon, so that none can close its comment and pass for another
+    host's (C{(mx.example [192.0.2.1])}) or for the header's date.
+    """
+    return _clean(value).translate(_DELIMITERS)
+
+
 def _heloName(value):
-    """
-    The client's greeting name for Received: an address literal as it is,
-    and otherwise no parenthesis, bracket or semicolon, so that no greeting
-    can pass for a comment naming another host (C{(mx.example [192.0.2.1])})
-    or for the header's date.
-    """
+    """The client's greeting name for Received: an address literal as it is, else L{_inComment}."""
     text = _clean(value)
     if _LITERAL.match(text):
         return text
@@ -58,7 +67,7 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
     Logs and XDUMPCONTEXT always have them.
     """
     helo = _heloName(context.get("ehlo_domain") or context.get("helo_name") or "unknown")
-    name = _clean(context.get("remote_name") or "unknown")
+    name = _inComment(context.get("remote_name") or "unknown")
     ip = _clean(context.get("remote_ip", "unknown"))
     lines = ["Received: from %s (%s [%s])" % (helo, name, _addressLiteral(ip))]
     if showPeer:
@@ -75,7 +84,7 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
         detail = " (%s %s)" % (_clean(context.get("tls")), _clean(context.get("tls_cipher", "")))
     auth = ""
     if showLogin and context.get("auth_user"):
-        auth = " (authenticated as %s)" % (_clean(context.get("auth_user")),)
+        auth = " (authenticated as %s)" % (_inComment(context.get("auth_user")),)
     lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
     date = formatdate(now, localtime=False, usegmt=True)
     if len(recipients) == 1:

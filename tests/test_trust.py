@@ -371,6 +371,9 @@ class OnwardAttributesTests(unittest.TestCase):
             {"remote_ip": "2001:db8::1", "remote_name": "c.example", "remote_port": 25, "protocol": "ESMTPSA",
              "auth_user": "u+x@example.org", "auth_name": "XCLIENT"},
             {"remote_ip": "unknown", "protocol": "ESMTP"},
+            # Values whose encoding is over 255 octets ("+" and "=" go as three).
+            {"remote_ip": "192.0.2.7", "ehlo_domain": "a" * 255, "auth_user": "u" + "+" * 100 + "@example.org"},
+            {"remote_ip": "192.0.2.7", "ehlo_domain": "a" + "+" * 100, "auth_user": "=" * 90},
         ]
         for connection in contexts:
             attrs = self.attributes(**connection)
