@@ -61,6 +61,32 @@ class FlowControl:
         self.transport.resumeProducing()
         self._lingerTimer = reactor.callLater(LINGER, self.transport.loseConnection)
 
+    #: The client has shut its write side (L{readConnectionLost}).
+    inputEnded = False
+
+    def readConnectionLost(self):
+        """
+        The client shut its write side (a half-close, on plain TCP): what it
+        sent before is still answered, in order, and then the connection
+        closes, as Postfix reads the end of input only when it looks for the
+        next command.  After a closing reply, this is the end the lingering
+        close waits for.
+        """
+        self.inputEnded = True
+        if self.mode == CLOSED or (self.waiting is None and not self.writePaused):
+            self._process()  # (it ends with L{_endOfInput})
+
+    def writeConnectionLost(self):
+        """Our write side is shut (after a closing reply): input is still read until the client closes."""
+
+    def _endOfInput(self):
+        """
+        Once the input has ended and all of it that was whole is answered:
+        close (a command or message cut short goes as at a disconnect).
+        """
+        if self.mode == CLOSED or (self.waiting is None and not self.writePaused):
+            self.transport.loseConnection()
+
     def cancelCloseTimers(self):
         """The connection is gone: the closing timers have nothing left to do."""
         for timer in (self._abortTimer, self._lingerTimer):

@@ -44,7 +44,7 @@ from relaygw.verbsession import TrustedVerbs
 log = Logger(namespace="relaygw.smtp")
 
 
-@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer)
+@implementer(interfaces.IHandshakeListener, interfaces.IPushProducer, interfaces.IHalfCloseableProtocol)
 class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, FlowControl, AuthCommand, Protocol,
                   TimeoutMixin):
     """
@@ -215,6 +215,11 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
 
     def _process(self):
         """Consume buffered input until it runs dry or a reply is pending."""
+        self._consume()
+        if self.inputEnded:
+            self._endOfInput()
+
+    def _consume(self):
         lines = self.lineReader
         while self.waiting is None and not self.writePaused and self.mode != CLOSED and self.greeted:
             if self.mode == DATA:

@@ -19,9 +19,10 @@ import ipaddress
 import struct
 
 import attr
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -239,6 +240,7 @@ def findProxyInfo(transport):
     return None
 
 
+@implementer(IHalfCloseableProtocol)
 class ProxyProtocolWrapper(ProtocolWrapper):
     """
     Reads the PROXY header, then connects the wrapped protocol and gets out
@@ -344,6 +346,28 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if self.proxyInfo is not None and self.proxyInfo.destination is not None:
             return self.proxyInfo.destination
         return self.transport.getHost()
+
+    def _halfCloseable(self):
+        """
+        The session, if it is connected and takes half-closes itself; by its
+        class, as a wrapper between (a TLS layer) claims the interfaces of
+        its transport (this wrapper) and forwards what it lacks back to it.
+        """
+        wrapped = self.wrappedProtocol if self._connected else None
+        return wrapped if IHalfCloseableProtocol.implementedBy(type(wrapped)) else None
+
+    def readConnectionLost(self):
+        """The peer shut its write side: the session answers what it sent, or (no session yet, TLS) close."""
+        session = self._halfCloseable()
+        if session is None:
+            self.transport.loseConnection()
+        else:
+            session.readConnectionLost()
+
+    def writeConnectionLost(self):
+        session = self._halfCloseable()
+        if session is not None:
+            session.writeConnectionLost()
 
     def connectionLost(self, reason):
         """
