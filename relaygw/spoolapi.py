@@ -6,6 +6,7 @@ how messages, progress, hold markers and requests are laid out on disk.
 
 import copy
 import dataclasses
+import math
 import errno
 
 from zope.interface import Attribute, Interface
@@ -75,8 +76,14 @@ class Envelope:
         if not stored["recipients"] or not all(isinstance(r, str) for r in stored["recipients"]):
             raise CorruptMessage("envelope recipients are not a list of addresses")
         size = stored.get("size", stored.get("body_size", 0))
+        try:
+            arrival = float(stored.get("arrival", 0.0))
+        except OverflowError:  # (a JSON integer past a float's range)
+            arrival = math.inf
+        if not math.isfinite(arrival):  # (NaN and Infinity parse too: an age that never grows old)
+            raise CorruptMessage("envelope 'arrival' is not a time")
         return cls(mailfrom=stored["mailfrom"], recipients=list(stored["recipients"]),
-                   mail_params=dict(stored.get("mail_params", {})), arrival=float(stored.get("arrival", 0.0)),
+                   mail_params=dict(stored.get("mail_params", {})), arrival=arrival,
                    context=dict(stored.get("context", {})), queue_id=stored.get("queue_id", ""),
                    size=size if isinstance(size, int) else 0)
 

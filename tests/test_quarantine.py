@@ -51,6 +51,10 @@ KINDS = {
                                                                       zlib.crc32(BODY))),
     "anotherMessage": ("queue", lambda d: re.sub(rb'"queue_id":"\w+"', b'"queue_id":"0123ABC"', d, count=1),
                        "the file holds message 0123ABC"),
+    "hugeArrival": ("queue", lambda d: re.sub(rb'"arrival":[0-9.e+]+', b'"arrival":1' + b"0" * 400, d, count=1),
+                    "envelope 'arrival' is not a time"),
+    "nanArrival": ("queue", lambda d: re.sub(rb'"arrival":[0-9.e+]+', b'"arrival":NaN', d, count=1),
+                   "envelope 'arrival' is not a time"),
     "wrongType": ("queue", lambda d: b'{"mailfrom":"a@example.org","recipients":"b@example.net"}\n' + BODY,
                   "envelope 'recipients' has the wrong type"),
     "emptyStateFile": ("state", lambda d: b"", "empty state file"),
@@ -202,6 +206,14 @@ class QuarantineTests(unittest.TestCase):
 
     def test_wrongType(self):
         return self.quarantined("wrongType")
+
+    def test_hugeArrival(self):
+        """An arrival past a float's range (it raised OverflowError, which nothing expected)."""
+        return self.quarantined("hugeArrival")
+
+    def test_nanArrival(self):
+        """NaN (or Infinity) parses as JSON, but is no time: the message would never grow old enough to bounce."""
+        return self.quarantined("nanArrival")
 
     def test_emptyStateFile(self):
         return self.quarantined("emptyStateFile")
