@@ -428,7 +428,9 @@ class Committer:
         """
         Runs in the disk thread: make the renames of C{renamed} durable
         (syncing each directory on a file system not in C{synced}); their
-        Deferreds' outcomes.
+        Deferreds' outcomes.  When a directory cannot be synced, the names
+        are taken back (as the ring committer does): a client told 452 must
+        not find its message queued, and delivered, after all.
         """
         if not renamed:
             return []
@@ -437,7 +439,7 @@ class Committer:
                 if self._device(directory) not in synced:
                     fsyncDirectory(directory)
         except OSError as e:
-            return [(d, e) for _, d in renamed]
+            return self._abandon(renamed, e)
         return [(d, None) for _, d in renamed]
 
     def _done(self, count, unlinks, settled, seconds):

@@ -199,6 +199,13 @@ class DiskThreadFaultTests(FaultCase):
         self.patch(durable, "_syncfs", lambda fd: False)  # one fsync per file
         return self.check(SMALL, "fsync", errno.EIO, obj=os)
 
+    def test_directorySyncEIO(self):
+        """
+        The sync of queue/ after the renames fails: the name is taken back,
+        so the message answered 452 is not queued (and delivered) after all.
+        """
+        return self.check(SMALL, "fsyncDirectory", errno.EIO)
+
 
 class FaultInjectionTests(FaultCase):
     """Each spool write path fails with ENOSPC or EIO in turn (the spool synced through io_uring)."""
