@@ -378,16 +378,19 @@ class MessageWriter:
         self.fd = None
         self._chunks = []
         self.envelope.size = self.size
+        self.spool._committing.add(self.queueId)
         d = self.spool.committer.commit(job)
         d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(retain,))
         return d
 
     def _committed(self, _, retain):
+        self.spool._committing.discard(self.queueId)
         if retain is not None:
             self.spool._retain(self.queueId, retain, self.size)
         return self.queueId
 
     def _commitFailed(self, failure):
+        self.spool._committing.discard(self.queueId)
         if isStorageError(failure.value):
             self.spool.storageFailed(failure.value)
         return failure
@@ -463,6 +466,10 @@ class Spool:
         self._retained = {}
         self._retainedSize = 0
         self._leftAlone = set()
+        #: Messages named in queue/ whose commit is not done yet (through
+        #: io_uring a queue file takes its name before its sync): not queued
+        #: until then, for a flush or a poll as for anyone else.
+        self._committing = set()
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)
         self.requests = OperatorRequests(self)
@@ -522,9 +529,12 @@ class Spool:
 
     def queueIds(self):
         try:
-            return sorted(os.listdir(self.path("queue")))
+            names = os.listdir(self.path("queue"))
         except FileNotFoundError:
             return []
+        if self._committing:
+            names = [n for n in names if n not in self._committing]
+        return sorted(names)
 
     def exists(self, queueId):
         return durable.quick.exists(self.path("queue", queueId))

@@ -251,3 +251,64 @@ class ChoiceTests(unittest.TestCase):
             with open(os.path.join(d, "new", "m"), "rb") as f:
                 self.assertEqual(f.read(), b"delivered\n")
             self.assertEqual((c.jobs, c.batches), (1, 1))
+
+
+class CommitWindowTests(unittest.TestCase):
+    """
+    Through io_uring a new message takes its name in queue/ before its
+    sync: until that sync is done it is not queued.  A flush the queue
+    manager runs in that window (relaygw-queue flush, seen at its poll)
+    must not start delivering it: when the sync then fails, the client is
+    told 452 and sends the message again, so it must not go out as well.
+    """
+
+    @defer.inlineCallbacks
+    def test_failedCommitNotDeliveredByAFlush(self):
+        from relaygw.testing import Client, Gateway, inThread
+
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                     spool={"min_free_space": 0, "io_uring": True})
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        spool = gw.service.spool
+        if not isinstance(spool.committer, RingCommitter):
+            raise unittest.SkipTest("no io_uring here")
+        queueDir = spool.path("queue")
+        realName = durable.CommitJob.name
+        flushed = []
+
+        def name(job):
+            realName(job)
+            if os.path.dirname(job.finalPath) == queueDir and not flushed:
+                # The flush runs while this batch's sync is in flight.
+                flushed.append(job.finalPath)
+                reactor.callLater(0, gw.service.queue.flush)
+
+        self.patch(durable.CommitJob, "name", name)
+        realCompletions = Ring.completions
+        failed = []
+
+        def completions(ring):
+            results = realCompletions(ring)
+            if results and not failed:  # the first batch's sync fails, later ones succeed
+                failed.append(results)
+                return [(tag, -errno.EIO) for tag, _ in results]
+            return results
+
+        self.patch(Ring, "completions", completions)
+
+        def send():
+            c = Client(gw.port, timeout=20)
+            try:
+                return c.transaction(["b@example.net"], "Subject: once\r\n\r\nbody\r\n")[-1]
+            finally:
+                c.close()
+
+        end = yield inThread(send)
+        self.assertTrue(flushed and failed, "the window was not reached")
+        self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
+        yield task.deferLater(reactor, 0.5, lambda: None)  # (a delivery under way would finish)
+        yield gw.service.queue.whenIdle()
+        new = os.path.join(gw.directory, "outbox", "new")
+        self.assertEqual(sorted(os.listdir(new)) if os.path.isdir(new) else [], [])
+        self.assertEqual(spool.queueIds(), [])
