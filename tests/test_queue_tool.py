@@ -357,6 +357,10 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertIn("x\\x1b[31m\\nforged line", listing)
         self.assertIn("BAD#", listing)
         self.assertTrue(all(l.isascii() for l in listing.splitlines()))
+        # What hold, release and delete say of each message is escaped too.
+        for argv, out in zip(("hold", "release", "delete"), (seen[6], seen[7], seen[11])):
+            self.assertIn(" na\\xefve\\nname\n", out, argv)
+            self.assertTrue(all(" " <= c <= "~" for l in out.splitlines() for c in l), (argv, out))
 
     def test_directoriesWhereFilesBelong(self):
         """A directory in queue/ or corrupt/ is named and left alone; the other messages go on."""

@@ -245,7 +245,7 @@ def _run(argv, out):
             m = spool.load(args.id, content=False)  # (read whole just now)
             shown = {"summary": summary, "envelope": m.envelope.asDict(), "state": spool.readState(args.id)}
         except FileNotFoundError:  # delivered (and removed) since we looked
-            err("no such message: %s" % args.id)
+            err("no such message: %s" % _clean(args.id))
             return 1
         except _Unreadable as e:
             err("%s is unreadable: %s" % (args.id, _clean(e)))
@@ -284,7 +284,7 @@ def _run(argv, out):
         try:
             ok = _act(cmd, spool, qid, out, err) and ok
         except OSError as e:  # (junk where a message's file belongs: left alone, the others go on)
-            err("cannot %s %s: %s" % (cmd, qid, _why(e)))
+            err("cannot %s %s: %s" % (cmd, _clean(qid), _why(e)))
             ok = False
     if not chosen and ok:
         out.write("no messages\n")
@@ -295,20 +295,20 @@ def _act(cmd, spool, qid, out, err):
     """Apply C{cmd} to one message; whether it did."""
     if cmd == "delete":
         spool.remove(qid)
-        out.write("deleted %s\n" % qid)
+        out.write("deleted %s\n" % _clean(qid))
     elif cmd == "hold":
         if not spool.hold(qid):
-            err("no such message: %s" % qid)
+            err("no such message: %s" % _clean(qid))
             return False
-        out.write("held %s\n" % qid)
+        out.write("held %s\n" % _clean(qid))
     elif cmd == "release":
         if not spool.release(qid):
-            err("%s is not held; nothing changed" % qid)
+            err("%s is not held; nothing changed" % _clean(qid))
             return False
-        out.write("released %s\n" % qid)
+        out.write("released %s\n" % _clean(qid))
     elif cmd == "flush":
         spool.requestFlush(qid)
-        out.write("flush requested for %s\n" % qid)
+        out.write("flush requested for %s\n" % _clean(qid))
     return True
 
 
