@@ -586,6 +586,11 @@ def parse(text, path="<config>", base=None, environment=False):
             report.add("listener[%d].proxy_trusted" % i, "required with proxy_protocol (expected the balancers' CIDRs)")
         if l.tls_client_identities and l.tls_client_ca is None:
             report.add("listener[%d].tls_client_identities" % i, "needs tls_client_ca (expected both set)")
+        if l.tls_certificate is None:
+            # Without a certificate the listener offers no TLS: these would be silently ignored.
+            for key in ("tls_self_signed", "tls_client_ca", "tls_ciphers"):
+                if getattr(l, key) not in (None, False):
+                    report.add("listener[%d].%s" % (i, key), "needs tls_certificate and tls_key (expected both set)")
     _portsDistinct(report, listeners, built["admin"])
     listeners = _sharedSelfSigned(listeners)
     rawRoutes = data.get("route", [])
