@@ -21,7 +21,7 @@ from relaygw.logs import makeObserver
 from relaygw.testing import (
     Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
-from relaygw.relay.nexthop import WAITED, Result
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, WITHDRAWN, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
 from tests.messages import sendOne
 from tests.processes import runTwistd
@@ -922,6 +922,80 @@ class SmarthostTests(RelayTestCase):
         self.assertIn("535", state["last_error"])
         self.assertNotIn("MAIL", hop.verbs())
         self.assertEqual(hop.transactions, [])  # no mail, and no bounce
+
+
+class ReplyLikeAnUntriedResultTests(RelayTestCase):
+    """
+    A next hop's refusal is an attempt, whatever it says: counted, backed
+    off, and in the end bounced, even when its code, enhanced code and text
+    equal those of one of the gateway's own "no attempt was made" results
+    (L{NOT_SENT}, L{STOPPED}, L{WITHDRAWN}, L{WAITED}).  Taken for one, it
+    would have the message sent again at once without end, or left queued
+    with no retry.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def _oneAttempt(self, rcptReply):
+        hop, port = self.hop(rcpt={"b@example.net": rcptReply})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 60, "retry_max": 120})
+        qid = yield self.send()
+        yield self.until(lambda: "RCPT" in hop.verbs(), timeout=10)
+        # Bounded observation: 1.5 s of wall time.
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        return hop, qid
+
+    @defer.inlineCallbacks
+    def _assertOneAttempt(self, rcptReply):
+        hop, qid = yield self._oneAttempt(rcptReply)
+        rcpts = hop.verbs().count("RCPT")
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(rcpts, 1, "%d RCPTs in 1.5 s with retry_min = 60 s" % (rcpts,))
+        self.assertEqual(state.get("attempts"), 1, state)
+        self.assertIn(qid, self.gw.service.queue.waitingForRetry())
+
+    def test_ordinaryDeferralIsAnAttempt(self):
+        """Any other 451 is one attempt, then the retry_min (60 s) back-off."""
+        return self._assertOneAttempt("451 4.4.2 not sent: try again later")
+
+    def test_replyLikeNotSentIsAnAttempt(self):
+        """
+        RCPT answered like L{NOT_SENT}: one attempt, then the back-off,
+        not the message handed straight back to go again at once.
+        """
+        return self._assertOneAttempt(NOT_SENT.describe())
+
+    def test_replyLikeWithdrawnIsAnAttempt(self):
+        """
+        RCPT answered like L{WITHDRAWN}: one attempt recorded, then the
+        back-off, not the message scheduled again at once.
+        """
+        return self._assertOneAttempt(WITHDRAWN.describe())
+
+    @defer.inlineCallbacks
+    def test_replyLikeStoppedIsAnAttempt(self):
+        """
+        RCPT answered like L{STOPPED}: one attempt recorded and a retry
+        scheduled, not the attempt taken as cut short by a stop that never
+        happened, leaving the message queued, never tried again and never
+        bounced.
+        """
+        hop, qid = yield self._oneAttempt(STOPPED.describe())
+        state = self.gw.service.spool.readState(qid)
+        self.assertEqual(self.gw.service.spool.queueIds(), [qid])
+        self.assertEqual(state.get("attempts"), 1, state)
+        self.assertIn(qid, self.gw.service.queue.waitingForRetry())
+
+    def test_replyLikeWaitedIsAnAttempt(self):
+        """
+        RCPT answered like L{WAITED}: one attempt, then the back-off, not
+        the message parked as if no connection had come free, told at once
+        that one has, and sent again and again until retry_min has passed.
+        """
+        return self._assertOneAttempt(WAITED.describe())
 
 
 class TLSTests(RelayTestCase):

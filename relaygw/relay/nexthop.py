@@ -22,6 +22,10 @@ class Result:
     relay: object = field(default=None, compare=False)
     setup: float = field(default=0.0, compare=False)
     transmit: float = field(default=0.0, compare=False)
+    #: No attempt to count: set only on the gateway's own results below
+    #: (L{WITHDRAWN}, L{STOPPED}, L{NOT_SENT}, L{WAITED}), never on a reply,
+    #: so that no reply equals one of them, whatever its code and text.
+    untried: bool = False
 
     @property
     def ok(self):
@@ -35,21 +39,12 @@ class Result:
     def temporary(self):
         return 400 <= self.code < 500
 
-    @property
-    def untried(self):
-        """
-        No attempt to count: L{WITHDRAWN}, cut short by the gateway's stop
-        (L{STOPPED}), never reached by its connection (L{NOT_SENT}), or
-        never given one (L{WAITED}).
-        """
-        return self.code in _UNTRIED_CODES and self in _UNTRIED
-
     def describe(self):
         return " ".join(str(part) for part in (self.code, self.enhanced, self.text) if part)
 
     def located(self, relay, setup, transmit):
         """This outcome with where it came from and how long it took (no C{dataclasses.replace}: once per reply)."""
-        return Result(self.code, self.enhanced, self.text, relay, setup, transmit)
+        return Result(self.code, self.enhanced, self.text, relay, setup, transmit, self.untried)
 
     __str__ = describe
 
@@ -61,12 +56,12 @@ def temporary(text):
 #: The result for each recipient of a message whose content a next hop
 #: found withdrawn (L{relaygw.spoolapi.Withdrawn}) as it was about to send
 #: it: no attempt was made, on this host or any other.
-WITHDRAWN = Result(451, "4.3.0", "held or deleted before it went out")
+WITHDRAWN = Result(451, "4.3.0", "held or deleted before it went out", untried=True)
 
 #: The result for each recipient whose delivery was still waiting or under
 #: way when the gateway stopped (L{relaygw.relay.smtp.SMTPNextHop.cutShort}):
 #: not an attempt; the message stays queued as it was, for the next start.
-STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop")
+STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop", untried=True)
 
 #: The result for each recipient of a message its connection never got to
 #: (at most its envelope went out ahead): the session broke down over an
@@ -74,17 +69,14 @@ STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop")
 #: end of data, say.  Not an attempt: the message is tried again at once,
 #: without the one that broke the session, instead of being deferred with
 #: it, retried with it and in the end bounced with it.
-NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an earlier message")
+NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an earlier message", untried=True)
 
 
 #: The result for each recipient of a message that waited too long for a
 #: connection to its next hop (every one busy, or stuck): not an attempt;
 #: the queue manager tries it again once that next hop has room for it
 #: (L{INextHop.whenRoom}).
-WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time")
-
-_UNTRIED = (WITHDRAWN, STOPPED, NOT_SENT, WAITED)
-_UNTRIED_CODES = frozenset(result.code for result in _UNTRIED)  # (a delivered message's 250 is none of them)
+WAITED = Result(451, "4.4.5", "not sent: no connection to the next hop came free in time", untried=True)
 
 
 class INextHop(Interface):
