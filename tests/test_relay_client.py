@@ -451,6 +451,42 @@ class DeliveryTests(_DeliveryTestCase):
         self.assertEqual(self.successResultOf(d), [])
 
 
+class OddSizeExtensionTests(_DeliveryTestCase):
+    """
+    EHLO's SIZE parameter is the next hop's text: whatever it says, the
+    message goes (RFC 1870 gives SIZE a decimal number; anything else
+    means no usable limit), and nothing raises.
+    """
+
+    @defer.inlineCallbacks
+    def _deliverWithSize(self, value):
+        factory = _ScriptedFactory(extensions=["SIZE " + value])
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        return factory, results[0]["rcpt@example.test"]
+
+    @defer.inlineCallbacks
+    def test_hugeSizeAdvertised(self):
+        """
+        A SIZE of 5,000 digits (a huge limit: far above any message) is no
+        reason to refuse delivery.  Python 3.11 refuses int() of a string of
+        more than 4,300 digits, and str.isdigit() does not protect that call.
+        """
+        factory, result = yield self._deliverWithSize("9" * 5000)
+        self.assertTrue(result.ok, result)
+        self.assertEqual(factory.messages, [CONTENT])
+
+    @defer.inlineCallbacks
+    def test_nonDecimalDigitSizeAdvertised(self):
+        """
+        A SIZE of "\u00b2" (SUPERSCRIPT TWO: str.isdigit() says yes, int()
+        raises ValueError) is garbage, not a reason never to deliver.
+        """
+        factory, result = yield self._deliverWithSize("\u00b2")
+        self.assertTrue(result.ok, result)
+        self.assertEqual(factory.messages, [CONTENT])
+
+
 class PipeliningTests(_DeliveryTestCase):
     def transactionChunk(self, factory):
         return [chunk for chunk in factory.chunks if chunk.startswith(b"MAIL ")]

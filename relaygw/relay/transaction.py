@@ -4,8 +4,13 @@ DATA and the body, pipelined when the next hop offers PIPELINING, and the
 next message's envelope sent right behind the end of data.
 """
 
+import re
+
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
 from relaygw.relay.nexthop import NOT_SENT
+
+
+_SIZE_LIMIT = re.compile(r"[0-9]{1,20}\Z")
 
 
 def _rcptCommands(message):
@@ -33,7 +38,9 @@ class Transaction:
         parameters = []
         if "SIZE" in self.extensions:
             limit = self.extensions["SIZE"]
-            if limit.isdigit() and int(limit) > 0 and size > int(limit):
+            # ASCII digits only, and few enough for int(): "SIZE ²" or a limit
+            # of thousands of digits is no limit (RFC 1870's is 20 digits).
+            if _SIZE_LIMIT.match(limit) and int(limit) > 0 and size > int(limit):
                 raise _MessageFailure(
                     RecipientResult(
                         552, "5.3.4", "message size %d exceeds the limit %s of %s" % (size, limit, self.where)
