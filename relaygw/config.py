@@ -521,6 +521,26 @@ def _sharedSelfSigned(listeners):
                  for l in listeners)
 
 
+def listenerErrors(l):
+    """What is wrong with listener C{l}'s keys taken together: C{[(key, what is wrong)]}."""
+    errors = []
+    if (l.tls_certificate is None) != (l.tls_key is None):
+        errors.append(("tls_key", "tls_certificate and tls_key go together (expected both or none)"))
+    if (l.implicit_tls or l.require_tls) and l.tls_certificate is None:
+        errors.append(("implicit_tls" if l.implicit_tls else "require_tls",
+                       "needs tls_certificate and tls_key (expected both set)"))
+    if l.proxy_protocol and not l.proxy_trusted:
+        errors.append(("proxy_trusted", "required with proxy_protocol (expected the balancers' CIDRs)"))
+    if l.tls_client_identities and l.tls_client_ca is None:
+        errors.append(("tls_client_identities", "needs tls_client_ca (expected both set)"))
+    if l.tls_certificate is None:
+        # Without a certificate the listener offers no TLS: these would be silently ignored.
+        for key in ("tls_self_signed", "tls_client_ca", "tls_ciphers"):
+            if getattr(l, key) not in (None, False):
+                errors.append((key, "needs tls_certificate and tls_key (expected both set)"))
+    return errors
+
+
 def _portsDistinct(report, listeners, admin):
     """No two listening sockets (listeners, admin) on the same TCP port and address."""
     seen = []
@@ -577,20 +597,8 @@ def parse(text, path="<config>", base=None, environment=False):
         if n is not None and n in names[:i]:
             report.add("listener[%d].name" % i, "duplicate listener name %r (expected a name of its own)" % (n,))
     for i, l in enumerate(listeners):
-        if (l.tls_certificate is None) != (l.tls_key is None):
-            report.add("listener[%d].tls_key" % i, "tls_certificate and tls_key go together (expected both or none)")
-        if (l.implicit_tls or l.require_tls) and l.tls_certificate is None:
-            key = "implicit_tls" if l.implicit_tls else "require_tls"
-            report.add("listener[%d].%s" % (i, key), "needs tls_certificate and tls_key (expected both set)")
-        if l.proxy_protocol and not l.proxy_trusted:
-            report.add("listener[%d].proxy_trusted" % i, "required with proxy_protocol (expected the balancers' CIDRs)")
-        if l.tls_client_identities and l.tls_client_ca is None:
-            report.add("listener[%d].tls_client_identities" % i, "needs tls_client_ca (expected both set)")
-        if l.tls_certificate is None:
-            # Without a certificate the listener offers no TLS: these would be silently ignored.
-            for key in ("tls_self_signed", "tls_client_ca", "tls_ciphers"):
-                if getattr(l, key) not in (None, False):
-                    report.add("listener[%d].%s" % (i, key), "needs tls_certificate and tls_key (expected both set)")
+        for key, what in listenerErrors(l):
+            report.add("listener[%d].%s" % (i, key), what)
     _portsDistinct(report, listeners, built["admin"])
     listeners = _sharedSelfSigned(listeners)
     rawRoutes = data.get("route", [])

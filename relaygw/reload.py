@@ -9,13 +9,15 @@ the router) before anything running is touched; only if that succeeds is
 it swapped in.  Listener settings, trust, policy, certificates, C{[relay]},
 C{[[route]]} and C{[log]} apply to new sessions and new deliveries; keys
 that shape a listening socket or the spool need a restart, and are named in
-a warning.
+a warning.  A listener whose new settings do not hold with the keys it runs
+with until a restart (no C{proxy_trusted} while it still expects PROXY
+headers) keeps its running settings whole, with a warning saying why.
 """
 
 import dataclasses
 
 from relaygw import logs
-from relaygw.config import ConfigError, parse, read
+from relaygw.config import ConfigError, listenerErrors, parse, read
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.reload")
@@ -50,6 +52,10 @@ def reloadConfig(service, path, text=None, share=None):
     restart = _restartKeys(old, new)
     for key in restart:
         log.warn("reload: {key} changes only with a restart", key=key)
+    for name, keys, errors in _heldBack(old, new):
+        log.warn("reload: listener {name} keeps its running settings until a restart, as the new ones do not hold "
+                 "with its running {keys}: {errors}", name=name, keys=", ".join(keys),
+                 errors="; ".join("%s: %s" % e for e in errors))
     applied = applicable(old, new)
     try:
         plan = _Plan(service, applied)
@@ -72,17 +78,40 @@ def applicable(old, new):
     What of config C{new} a reload applies to a gateway running on C{old}:
     C{new}, with the keys that need a restart as they are in C{old}.  The
     listeners are C{old}'s, which a restart alone changes: one C{new} adds
-    is not there, one it removes stays as it was (it still listens).
+    is not there, one it removes stays as it was (it still listens), and
+    so does one of L{_heldBack}.
     """
     fresh = {l.name: l for l in new.listeners}
     listeners = []
     for l in old.listeners:
         updated = fresh.get(l.name)
-        if updated is not None:
-            l = dataclasses.replace(updated, **{k: getattr(l, k) for k in LISTENER_RESTART_KEYS})
+        if updated is not None and not listenerErrors(_mixed(l, updated)):
+            l = _mixed(l, updated)
         listeners.append(l)
     return dataclasses.replace(new, listeners=tuple(listeners), spool=old.spool, process=old.process,
                                admin=old.admin)
+
+
+def _mixed(running, updated):
+    """Listener C{updated} with the keys a restart applies as in C{running}."""
+    return dataclasses.replace(updated, **{k: getattr(running, k) for k in LISTENER_RESTART_KEYS})
+
+
+def _heldBack(old, new):
+    """
+    C{[(name, [restart key, ...], [(key, what is wrong), ...])]}: the
+    listeners whose settings in C{new} fail the checks a file's listener
+    passes (L{listenerErrors}) once mixed with the restart keys they run
+    with in C{old}.  They keep their settings in C{old}, whole.
+    """
+    fresh = {l.name: l for l in new.listeners}
+    out = []
+    for l in old.listeners:
+        updated = fresh.get(l.name)
+        errors = listenerErrors(_mixed(l, updated)) if updated is not None else []
+        if errors:
+            out.append((l.name, [k for k in LISTENER_RESTART_KEYS if getattr(l, k) != getattr(updated, k)], errors))
+    return out
 
 
 def _restartKeys(old, new):

@@ -215,6 +215,58 @@ class ListenerSetReloadTests(unittest.TestCase):
         self.assertEqual((yield reload(base, dict(base, hostname="two.test"))), "two.test ESMTP relaygw")
 
 
+class HeldBackListenerReloadTests(unittest.TestCase):
+    """
+    A listener whose new settings do not hold with the keys it runs with
+    until a restart keeps its running settings whole, with one warning
+    naming it and why: turning proxy_protocol off and dropping
+    proxy_trusted (a valid file for the next start) leaves it speaking
+    PROXY and trusting its balancers, not refusing every connection.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["192.0.2.0/24"], "proxy_protocol": True,
+                                                     "proxy_trusted": ["127.0.0.0/8"]},))
+        self.gw.service.configPath = self.gw.path
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    def greeting(self):
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.send(b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n")
+                try:
+                    return c.reply()
+                except (EOFError, ConnectionError) as e:
+                    return repr(e)
+            finally:
+                c.sock.close()
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def test_balancerStillServedAfterReload(self):
+        before = yield self.greeting()
+        self.assertEqual(before[0], 220)
+        with open(self.gw.path, "w") as f:
+            f.write(configText(self.gw.directory, listeners=({"relay_networks": ["192.0.2.0/24"],
+                                                              "hostname": "new.test",
+                                                              "endpoint": "tcp:0:interface=127.0.0.1"},)))
+        self.gw.service.reload()
+        warnings = [logs.escape(e["log_format"].format(**e)) for e in self.events
+                    if e.get("log_namespace") == "relaygw.reload" and e["log_level"].name == "warn"]
+        self.assertEqual(warnings, [
+            "reload: listener l0: proxy_protocol changes only with a restart",
+            "reload: listener l0 keeps its running settings until a restart, as the new ones do not hold with its"
+            " running proxy_protocol: proxy_trusted: required with proxy_protocol (expected the balancers' CIDRs)"])
+        self.assertEqual((yield self.greeting()), before)
+
+
 class WorkersReloadTests(unittest.TestCase):
     """SIGHUP to the main process of two workers reaches both."""
 
