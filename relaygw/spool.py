@@ -168,14 +168,18 @@ def partitionDirectory(base, worker):
     return os.path.join(base, "w%d" % worker)
 
 
-def partitions(base):
-    """The partitions under C{base}: C{{worker index: directory}}, in index order."""
+def _partitionPaths(base):
+    """Every C{wN} under C{base}, whatever it is."""
     try:
         names = os.listdir(base)
     except OSError:
-        return {}
-    found = {int(n[1:]): os.path.join(base, n) for n in names
-             if _PARTITION.fullmatch(n) and _isDirectory(os.path.join(base, n))}
+        return []
+    return [os.path.join(base, n) for n in names if _PARTITION.fullmatch(n)]
+
+
+def partitions(base):
+    """The partitions under C{base}: C{{worker index: directory}}, in index order."""
+    found = {int(os.path.basename(path)[1:]): path for path in _partitionPaths(base) if _isDirectory(path)}
     return dict(sorted(found.items()))
 
 
@@ -183,10 +187,14 @@ def spoolsAt(base, workers):
     """
     The spools under C{base} for a tool (no disk thread): C{base} itself,
     or with several workers (or only partitions found) each C{wN}
-    partition under it.
+    partition under it.  Raises L{UnsafeSpool} when one of those is a
+    symbolic link, as the gateway refuses its own.
     """
     found = list(partitions(base).values())
-    if workers > 1 or (found and not _isDirectory(os.path.join(base, "queue"))):
+    linked = sorted(path for path in _partitionPaths(base) if os.path.islink(path))
+    if workers > 1 or ((found or linked) and not _isDirectory(os.path.join(base, "queue"))):
+        if linked:
+            raise UnsafeSpool(linked[0], "a symbolic link, not a directory")
         return [Spool(path, None) for path in found]
     return [Spool(base, None)]
 

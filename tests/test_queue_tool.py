@@ -190,7 +190,8 @@ class QueueToolTests(RelayTestCase):
 class WorkerPartitionTests(unittest.TestCase):
     """
     With [process] workers = N each worker has its own spool partition
-    (spool/wK): the tool sees, and steers, every partition.
+    (spool/wK): the tool sees, and steers, every partition, and refuses to
+    run when one is a symbolic link, as the gateway refuses to start.
     """
 
     @defer.inlineCallbacks
@@ -246,6 +247,19 @@ class WorkerPartitionTests(unittest.TestCase):
         # Each worker's queue manager polls for the marker in its own partition.
         for spool in self.spools:
             self.assertTrue(os.path.exists(os.path.join(spool.directory, "flush")), spool.directory)
+
+    def test_linkedPartitionRefused(self):
+        """One line naming the link, exit 1, and nothing done in any partition."""
+        link, moved = self.spools[1].directory, os.path.abspath(self.mktemp())
+        os.rename(link, moved)
+        os.symlink(moved, link)
+        for argv in (["list"], ["hold", "ALL"], ["flush"]):
+            self.assertEqual(runTool("--config", self.config, *argv),
+                             (1, "", "relaygw-queue: spool: %s is a symbolic link, not a directory; "
+                                     "refusing to use the spool\n" % (link,)), argv)
+        for directory in (self.spools[0].directory, moved):
+            self.assertEqual(os.listdir(os.path.join(directory, "hold")), [])
+            self.assertFalse(os.path.exists(os.path.join(directory, "flush")))
 
 
 def runTool(*argv, stdin=None):
