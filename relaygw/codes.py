@@ -177,6 +177,7 @@ HELO_TOO_LONG = _r(501, "5.5.4", "Syntax: {verb} hostname of at most 255 octets"
 SENDER_OK = _r(250, "2.1.0", "Ok")
 NESTED_MAIL = _r(503, "5.5.1", "Error: nested MAIL command")
 BAD_SENDER = _r(501, "5.1.7", "Bad sender address syntax")
+TOO_MANY_HOPS = _r(554, "5.4.6", "Error: too many hops (a mail loop?)")
 BAD_PARAMETER = _r(555, "5.5.4", "Unsupported option: {param}")
 SIZE_SYNTAX = _r(501, "5.5.4", "Bad SIZE parameter")
 MESSAGE_TOO_BIG_DECLARED = _r(552, "5.3.4", "Message size exceeds fixed limit")

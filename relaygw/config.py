@@ -305,6 +305,7 @@ class ListenerConfig:
     hostname: str = _opt("relaygw.localdomain", str, _hostname)
     max_message_size: int = _opt(26214400, int, _nonNegative)
     max_recipients: int = _opt(100, int, _positive)
+    hopcount_limit: int = _opt(50, int, _positive)
     max_connections: int = _opt(1000, int, _positive)
     max_connections_per_ip: int = _opt(0, int, _nonNegative)
     connection_rate_per_ip: int = _opt(0, int, _nonNegative)

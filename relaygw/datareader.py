@@ -98,3 +98,57 @@ class DataReader:
             self.sawBareLF = True
             chunk = _BARE_LF.sub(b"\r\n", chunk)
         return chunk
+
+
+class HeaderScanner:
+    """
+    What the log and the hop limit need of a message's header, as its
+    content arrives in chunks: its Message-ID (the first) and how many
+    C{Received:} lines it has (the hops it made).  It stops looking at the
+    end of the header (or after L{LIMIT} octets of it).  Each octet is
+    looked at once, whatever the chunks: a header sent a few octets a
+    segment costs no more than one sent whole.
+    """
+
+    LIMIT = 65536
+    #: At most this much of a line is kept: its start says what it is.
+    LINE = 1024
+    _ID = re.compile(rb"Message-ID:[ \t]*(<[^>\r\n]{1,500}>)", re.I)
+
+    def __init__(self):
+        self.partial = b""  # the start of the line under way
+        self.overlong = False  # the line under way is longer than LINE (its Message-ID is not looked at)
+        self.seen = 0
+        self.done = False
+        self.messageId = None
+        self.received = 0
+
+    def feed(self, chunk):
+        if self.done:
+            return
+        data = self.partial + chunk if self.partial else chunk
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end == -1:
+                break
+            line, start = data[start:end], end + 1
+            overlong, self.overlong = self.overlong, False
+            if line == b"" or line == b"\r":  # the end of the header
+                return self._stop()
+            first = line[:11].lower()
+            if first[:9] == b"received:":
+                self.received += 1
+            elif first == b"message-id:" and self.messageId is None and not overlong:
+                m = self._ID.match(line)
+                if m is not None:
+                    self.messageId = m.group(1).decode("latin-1")
+        self.seen += len(chunk)
+        self.partial = data[start:start + self.LINE]
+        self.overlong = self.overlong or len(data) - start > self.LINE
+        if self.seen > self.LIMIT:
+            self._stop()
+
+    def _stop(self):
+        self.done = True
+        self.partial = b""

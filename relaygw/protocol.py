@@ -106,7 +106,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         self.writePaused = False
         self.commandCounts = maillog.CommandCounts()
         self.lastCommand = (None, None)
-        self.messageIds = None
+        self.headers = None
 
     # -- output --------------------------------------------------------
 

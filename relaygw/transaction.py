@@ -12,7 +12,7 @@ import time
 
 from relaygw import codes, maillog
 from relaygw.commands import CommandError, parseMail, parseRcpt
-from relaygw.datareader import DataReader
+from relaygw.datareader import DataReader, HeaderScanner
 from relaygw.logs import Logger
 from relaygw.modes import COMMAND, DATA
 from relaygw.spoolapi import Envelope, isStorageError
@@ -108,7 +108,7 @@ class MailTransaction:
         self.setTimeout(self.listener.data_timeout)
         self._dataDeadline = self.factory.reactor.seconds() + self.listener.data_timeout
         self.dataReader = DataReader()
-        self.messageIds = maillog.MessageIdScanner()
+        self.headers = HeaderScanner()
         self.reply(codes.START_DATA)
 
     def _dataInput(self):
@@ -144,7 +144,7 @@ class MailTransaction:
             return
         self.writer.write(chunk)
         if not self.writer.tooBig:
-            self.messageIds.feed(chunk)
+            self.headers.feed(chunk)
 
     def _endOfData(self):
         self.mode = COMMAND
@@ -155,6 +155,10 @@ class MailTransaction:
         writer, self.writer = self.writer, None
         if writer.tooBig:
             return self._refuseMessage(writer, codes.MESSAGE_TOO_BIG)
+        if self.headers.received + 1 >= self.listener.hopcount_limit:
+            # A mail loop (two relays, or a next hop that routes back here):
+            # as Postfix's cleanup, the Received header this hop adds counts.
+            return self._refuseMessage(writer, codes.TOO_MANY_HOPS)
         if self.dataReader.sawBareLF and self.listener.bare_lf == "reject":
             return self._refuseMessage(writer, codes.BARE_LF_DATA)
         if writer.failed is not None:
@@ -175,7 +179,7 @@ class MailTransaction:
         def queued(qid, started):
             seconds = time.monotonic() - started
             maillog.queued(self.sessionId, self.context, qid, self.mailfrom, self.rcpts, writer.size,
-                           self.messageIds.messageId)
+                           self.headers.messageId)
             self.context.update(connection_message_count=self.context["connection_message_count"] + 1)
             if self.junkCommands:
                 self.junkCommands = 0

@@ -7,7 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from relaygw.datareader import DataReader
+from relaygw.datareader import DataReader, HeaderScanner
 from tests.streamcuts import chunked
 
 
@@ -127,3 +127,74 @@ class DataReaderTests(unittest.TestCase):
         self.assertIsNotNone(rest)
         self.assertEqual(body.count(b"\n"), body.count(b"\r\n"))
         self.assertEqual((body, rest), model(stream + b"\r\n.\r\n")[:2])
+
+
+class HeaderScannerTests(unittest.TestCase):
+    def test_messageIdAcrossChunks(self):
+        scanner = HeaderScanner()
+        for chunk in (b"Subject: x\r\nMessage-", b"Id: <a@b>\r\n", b"\r\nbody Message-ID: <no@no>\r\n"):
+            scanner.feed(chunk)
+        self.assertEqual(scanner.messageId, "<a@b>")
+        none = HeaderScanner()
+        none.feed(b"Subject: x\r\n\r\nMessage-ID: <body@x>\r\n")
+        self.assertIsNone(none.messageId)
+
+    def test_messageIdAnySplit(self):
+        """
+        The same header split at every octet gives the same answer: a
+        Message-ID after folded and bare-LF lines, none after the header's
+        end (CRLF or bare LF), none inside a line too long to look at (and
+        that line's end is not taken for the header's).
+        """
+        cases = [
+            (b"Subject: x\r\n\tfolded\nX: y\r\nmessage-id:\t<a@b>\r\n\r\nbody", "<a@b>"),
+            (b"Subject: x\n\nMessage-ID: <a@b>\n", None),
+            (b"\r\nMessage-ID: <a@b>\r\n", None),
+            (b"X-Long: " + b"x" * 2000 + b"\nMessage-ID: <after@long>\r\n", "<after@long>"),
+            (b"X-Long: " + b"x" * 2000 + b" Message-ID: <in@long>\r\n\r\n", None),
+            (b"X: " + b"y" * 1100 + b"\r\n\r\nMessage-ID: <body@x>\r\n", None),
+        ]
+        for data, expected in cases:
+            for size in (1, 2, 7, 1000, len(data)):
+                scanner = HeaderScanner()
+                for i in range(0, len(data), size):
+                    scanner.feed(data[i:i + size])
+                self.assertEqual(scanner.messageId, expected, (data[:40], size))
+
+    def test_messageIdScanIsLinear(self):
+        """
+        A 64 KB header fed a line at a time is looked at once: the scanner
+        keeps no more than a line of it (each chunk used to be added to
+        what came before and the whole searched again).
+        """
+        scanner = HeaderScanner()
+        kept = 0
+        for _ in range(9000):
+            scanner.feed(b"X-A: b\r\n")
+            kept = max(kept, len(scanner.partial))
+            scanner.feed(b"X-B: ")
+            kept = max(kept, len(scanner.partial))
+        self.assertTrue(scanner.done)  # (past LIMIT: it stopped looking)
+        self.assertIsNone(scanner.messageId)
+        self.assertLessEqual(kept, len(b"X-B: "))
+        # A line longer than LINE: only its start is kept, a chunk at a time.
+        long = HeaderScanner()
+        for _ in range(5000):
+            long.feed(b"x" * 13)
+            kept = max(kept, len(long.partial))
+        self.assertLessEqual(kept, HeaderScanner.LINE)
+
+    def test_receivedCounted(self):
+        """
+        The Received lines of the header, however split and however long
+        (a folded one is one), and none after the header's end; the first
+        Message-ID, wherever it is.
+        """
+        data = (b"Received: from a\r\n\tby b; date\r\nMessage-ID: <first@x>\r\nRECEIVED: from c\r\n"
+                b"received:" + b"y" * 3000 + b"\r\nMessage-ID: <second@x>\r\nX-Received: no\r\n"
+                b"Received: from d\n\r\nReceived: in the body\r\n")
+        for size in (1, 5, 64, len(data)):
+            scanner = HeaderScanner()
+            for i in range(0, len(data), size):
+                scanner.feed(data[i:i + size])
+            self.assertEqual((scanner.received, scanner.messageId), (4, "<first@x>"), size)

@@ -310,54 +310,6 @@ class CommandCountTests(unittest.TestCase):
         counts.replied(250)  # the end of data's reply belongs to DATA
         self.assertEqual(counts.summary(), "ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6")
 
-    def test_messageIdAcrossChunks(self):
-        scanner = maillog.MessageIdScanner()
-        for chunk in (b"Subject: x\r\nMessage-", b"Id: <a@b>\r\n", b"\r\nbody Message-ID: <no@no>\r\n"):
-            scanner.feed(chunk)
-        self.assertEqual(scanner.messageId, "<a@b>")
-        none = maillog.MessageIdScanner()
-        none.feed(b"Subject: x\r\n\r\nMessage-ID: <body@x>\r\n")
-        self.assertIsNone(none.messageId)
-
-    def test_messageIdAnySplit(self):
-        """
-        The same header split at every octet gives the same answer: a
-        Message-ID after folded and bare-LF lines, none after the header's
-        end (CRLF or bare LF), none inside a line too long to look at (and
-        that line's end is not taken for the header's).
-        """
-        cases = [
-            (b"Subject: x\r\n\tfolded\nX: y\r\nmessage-id:\t<a@b>\r\n\r\nbody", "<a@b>"),
-            (b"Subject: x\n\nMessage-ID: <a@b>\n", None),
-            (b"\r\nMessage-ID: <a@b>\r\n", None),
-            (b"X-Long: " + b"x" * 2000 + b"\nMessage-ID: <after@long>\r\n", "<after@long>"),
-            (b"X-Long: " + b"x" * 2000 + b" Message-ID: <in@long>\r\n\r\n", None),
-            (b"X: " + b"y" * 1100 + b"\r\n\r\nMessage-ID: <body@x>\r\n", None),
-        ]
-        for data, expected in cases:
-            for size in (1, 2, 7, 1000, len(data)):
-                scanner = maillog.MessageIdScanner()
-                for i in range(0, len(data), size):
-                    scanner.feed(data[i:i + size])
-                self.assertEqual(scanner.messageId, expected, (data[:40], size))
-
-    def test_messageIdScanIsLinear(self):
-        """
-        A 64 KB header fed a line at a time is looked at once: the scanner
-        keeps no more than a line of it (each chunk used to be added to
-        what came before and the whole searched again).
-        """
-        scanner = maillog.MessageIdScanner()
-        kept = 0
-        for _ in range(9000):
-            scanner.feed(b"X-A: b\r\n")
-            kept = max(kept, len(scanner.partial))
-            scanner.feed(b"X-B: ")
-            kept = max(kept, len(scanner.partial))
-        self.assertTrue(scanner.done)  # (past LIMIT: it stopped looking)
-        self.assertIsNone(scanner.messageId)
-        self.assertLessEqual(kept, len(b"X-B: "))
-
     def test_dsnAndSeconds(self):
         from relaygw.relay.nexthop import Result
 

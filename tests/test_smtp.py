@@ -386,3 +386,43 @@ class SmtplibTests(GatewayTestCase):
             self.assertIn(b"by relay.test (relaygw) with ESMTP id", msgs[0])
 
         return d.addCallback(check)
+
+
+class HopCountTests(GatewayTestCase):
+    """
+    A message whose Received headers, with the one this hop adds, reach
+    hopcount_limit (50, Postfix's) is refused 554 5.4.6 at its end: a mail
+    loop (two relays sending to each other) ends there instead of going
+    round for ever.
+    """
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_loopRefused(self):
+        def message(hops):
+            header = "".join("Received: from h%d.example\r\n\tby h%d.example; date\r\n" % (n, n + 1)
+                             for n in range(hops))
+            return header + "Subject: hops\r\n\r\nReceived: in the body is no hop\r\n"
+
+        def run(c):
+            replies = []
+            self.assertEqual(c.cmd("EHLO x")[0], 250)
+            for hops in (49, 48):
+                self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
+                self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
+                self.assertEqual(c.cmd("DATA")[0], 354)
+                c.send(message(hops).encode() + b".\r\n")
+                replies.append(c.reply())
+            deadline = time.monotonic() + 10
+            while self.gw.service.spool.queueIds() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return replies, self.gw.delivered()
+
+        def check(result):
+            replies, delivered = result
+            self.assertEqual(replies[0], (554, ["5.4.6 Error: too many hops (a mail loop?)"]))
+            self.assertEqual(replies[1][0], 250)
+            [message] = delivered  # the one with 48
+            self.assertEqual(message.count(b"\nReceived: from h"), 48)
+
+        return self.session(run).addCallback(check)
