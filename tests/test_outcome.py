@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from relaygw.relay import outcome
 from relaygw.relay.client import DeliveryOptions
-from relaygw.relay.nexthop import Result
+from relaygw.relay.nexthop import Result, temporary
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.smtp import SMTPNextHop, smarthostList
 from relaygw.durable import Committer
@@ -422,3 +422,28 @@ class JustAcceptedTests(_SpoolMixin, unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(self.hop.calls, [])
         self.assertTrue(self.spool.exists(qid))
+
+
+class BackoffOverflowTests(unittest.TestCase):
+    """
+    A message retried for days with a float retry_min: the doubling of its
+    wait once overflowed a float (past about 1,024 attempts), the attempt
+    failed, and the message was retried for ever, never expired.
+    """
+
+    policy = outcome.RetryPolicy(retryMin=1.5, retryMax=60.0, lifetime=5 * 86400, bounceLifetime=5 * 86400)
+
+    def test_manyAttemptsStillScheduled(self):
+        state = {"rcpts": {"r@example.net": {"status": "deferred", "result": "451", "hop": "h"}},
+                 "attempts": 1100, "backoff": 1100}
+        recorded = outcome.record(state, ["r@example.net"], [("h", {"r@example.net": temporary("later")})],
+                                  now=1000.0, policy=self.policy, mailfrom="s@example.org", arrival=900.0)
+        self.assertEqual(recorded.nextAttempt, 1060.0)
+
+    def test_expiredAfterManyAttemptsBounces(self):
+        state = {"rcpts": {"r@example.net": {"status": "deferred", "result": "451", "hop": "h"}},
+                 "attempts": 7000, "backoff": 7000}
+        now = 1000.0 + 5 * 86400
+        recorded = outcome.record(state, ["r@example.net"], [("h", {"r@example.net": temporary("later")})],
+                                  now=now, policy=self.policy, mailfrom="s@example.org", arrival=1000.0)
+        self.assertEqual(list(recorded.bounces), ["r@example.net"])

@@ -37,7 +37,8 @@ class RetryPolicy:
 
     def delay(self, attempts):
         """The wait after the C{attempts}-th attempt: doubling from C{retryMin}, capped at C{retryMax}."""
-        return min(self.retryMax, self.retryMin * (2 ** max(0, attempts - 1)))
+        # (The doubling stops long before a float overflows: past 2**60 the cap is reached for any retryMin.)
+        return min(self.retryMax, self.retryMin * (2 ** min(max(0, attempts - 1), 60)))
 
 
 @dataclass(frozen=True)
