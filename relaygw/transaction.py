@@ -82,8 +82,9 @@ class MailTransaction:
         def answer(refusal):
             if refusal is not None:
                 return self.reply(refusal)
-            self.rcpts.append(address)
-            self.context.addRecipient(address)
+            if address not in self.rcpts:  # (a recipient given twice gets the message once, as Postfix's cleanup does)
+                self.rcpts.append(address)
+                self.context.addRecipient(address)
             return self.reply(codes.RECIPIENT_OK)
 
         return self._ask(self.settings.policy.rcpt(self.context, address), answer)

@@ -1524,3 +1524,34 @@ class CrashDuringDeliveryTests(RelayTestCase):
                 raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), log.read()[-5000:]))
 
         return inThread(run).addCallbacks(check, failed)
+
+
+class DuplicateRecipientTests(RelayTestCase):
+    """
+    One recipient given twice in RCPT is one recipient (Postfix's cleanup
+    drops duplicates): sent once, and when the next hop accepted one copy
+    and deferred the other, not deferred and delivered again.
+    """
+
+    @defer.inlineCallbacks
+    def test_duplicateRecipientSentOnce(self):
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("x@example.net", "x@example.net"))
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(hop.lines.count("RCPT TO:<x@example.net>"), 1)
+
+    @defer.inlineCallbacks
+    def test_acceptedDuplicateNotDeliveredAgain(self):
+        """
+        The next hop accepts the first RCPT and defers the second copy: the
+        message went out to x, so x must not be deferred and sent again.
+        """
+        hop, port = self.hop(rcpt={"x@example.net": ["250 2.1.5 Ok", "452 4.5.3 too many recipients",
+                                                     "250 2.1.5 Ok"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("x@example.net", "x@example.net"))
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(len(hop.transactions), 1,
+                         "x@example.net delivered %d times: %r" % (len(hop.transactions),
+                                                                 [t["rcpts"] for t in hop.transactions]))
