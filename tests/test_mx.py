@@ -353,3 +353,31 @@ class StrictResolverTests(unittest.TestCase):
         for connection in resolver.connections:  # (twisted.names keeps them open)
             connection.transport.loseConnection()
         yield task.deferLater(reactor, 0.1, lambda: None)
+
+
+class LongCNAMEChainTests(unittest.TestCase):
+    """
+    L{mx._owned} on an answer holding a long CNAME chain (records in
+    reverse order, as a hostile zone may serve them over TCP) runs in the
+    reactor thread: it must not take seconds.
+    """
+
+    def test_longChainIsCheap(self):
+        import time
+
+        from twisted.names import dns
+
+        from relaygw.relay import mx
+
+        n = 3000
+        records = [dns.RRHeader(b"c%d.example" % i if i else b"example", dns.CNAME,
+                                payload=dns.Record_CNAME(b"c%d.example" % (i + 1))) for i in range(n)]
+        records.reverse()
+        started = time.process_time()
+        owned = mx._owned(records, "example")
+        took = time.process_time() - started
+        self.assertEqual(len(owned), n)
+        self.assertLess(took, 0.25, "%d CNAME records took %.2fs of CPU in the reactor thread" % (n, took))
+        # The same chain closed into a loop at its far end is still found.
+        looped = records + [dns.RRHeader(b"c%d.example" % n, dns.CNAME, payload=dns.Record_CNAME(b"c7.example"))]
+        self.assertRaises(mx.TemporaryLookupFailure, mx._owned, looped, "example")

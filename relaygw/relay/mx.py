@@ -145,22 +145,25 @@ def _owned(records, name):
     @raise TemporaryLookupFailure: those CNAMEs loop (a resolver answers
         SERVFAIL for a loop; this reply came without one).
     """
-    names = {name}
-    cnames = {(_name(rr.name), _name(rr.payload.name)) for rr in records if rr.type == dns.CNAME}
-    grown = True
-    while grown:
-        grown = False
-        for owner, target in cnames:
-            if owner in names and target not in names:
-                names.add(target)
-                grown = True
-    # A loop is what is left once names with no CNAME onward are peeled off.
-    onward = {(owner, target) for owner, target in cnames if owner in names}
-    while onward:
-        ends = {target for owner, target in onward} - {owner for owner, target in onward}
-        if not ends:
+    onward = {}
+    for rr in records:
+        if rr.type == dns.CNAME:
+            onward.setdefault(_name(rr.name), set()).add(_name(rr.payload.name))
+    # The names reached from C{name}, each looked at once (a depth-first walk
+    # that meets a name still on its path has found a loop).
+    names, onPath, stack = {name}, {name}, [(name, iter(onward.get(name, ())))]
+    while stack:
+        owner, targets = stack[-1]
+        target = next(targets, None)
+        if target is None:
+            stack.pop()
+            onPath.discard(owner)
+        elif target in onPath:
             raise TemporaryLookupFailure("%s: CNAME loop" % (name,))
-        onward = {(owner, target) for owner, target in onward if target not in ends}
+        elif target not in names:
+            names.add(target)
+            onPath.add(target)
+            stack.append((target, iter(onward.get(target, ()))))
     return [rr for rr in records if _name(rr.name) in names]
 
 
