@@ -176,10 +176,13 @@ SERVER_SNDBUF = 8 * 1024
 def boundBuffers(transport, size=SERVER_BUFFER):
     """
     Set the read size and the write-pause threshold of the plain TCP
-    transport under C{transport} (through pass-through wrappers) to
-    C{size}, so that a peer that sends but never reads holds at most about
-    twice that in the gateway (and a bounded send buffer in the kernel).
+    transport under C{transport} (through pass-through wrappers, and the
+    TLS layer of an implicit-TLS listener) to C{size}, so that a peer that
+    sends but never reads holds at most about twice that in the gateway
+    (and a bounded send buffer in the kernel).
     """
+    while isinstance(transport, TLSMemoryBIOProtocol):  # (its records go to the TCP transport below)
+        transport = transport.transport
     transport = _plainTCP(transport)
     if transport is not None:
         transport.bufferSize = size

@@ -6,8 +6,11 @@ not take its closing reply is cut off.  Unit tests on StringTransport with
 a task.Clock, and one bounded load test over real loopback sockets.
 """
 
+import fcntl
 import os
 import socket
+import ssl
+import struct
 import sys
 import time
 
@@ -17,7 +20,8 @@ from twisted.trial import unittest
 from relaygw import flow, wire
 from relaygw.modes import DATA
 from relaygw.testing import Client, Gateway, SessionHarness, inThread
-from tests.sessions import overASocket
+from tests.sessions import TLSGatewayTestCase, overASocket
+from tests.tlsmaterial import clientContext
 
 
 class FlowControlTests(unittest.TestCase):
@@ -395,3 +399,81 @@ class IdleSessionMemoryTests(unittest.TestCase):
         for session in sessions:
             self.assertLessEqual(len(vars(session)), 30)
             self.assertLess(sys.getsizeof(vars(session)), 1024)  # (296 shared; 1,584 a table of its own)
+
+
+#: ioctl(2): the octets a socket has not had acknowledged yet (Linux).
+SIOCOUTQ = 0x5411
+
+
+def _tcpUnder(transport):
+    """The plain TCP transport under a session's transport (through TLS)."""
+    while not hasattr(transport, "socket"):
+        transport = transport.transport
+    return transport
+
+
+def heldFor(session):
+    """
+    What the gateway holds for one client that sends and never reads:
+    Twisted's write buffer, the unread input, and the replies queued in
+    the kernel for the connection.
+    """
+    tcp = _tcpUnder(session.transport)
+    queued = struct.unpack("i", fcntl.ioctl(tcp.socket.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen + session.lineReader.pending + queued
+
+
+class ImplicitTLSBurstTests(TLSGatewayTestCase):
+    """
+    A client that pipelines commands and never reads its replies: on a
+    plain listener the gateway holds about 70 KB for it (a 16 KB write
+    buffer, SO_SNDBUF 8 KB).  An implicit-TLS listener holds it to the same
+    bound: the bounds are set on the TCP transport under the TLS layer
+    (they were not, and the kernel grew the send buffer to megabytes and
+    answered tens of thousands of commands into it).
+    """
+
+    tlsListener = {"implicit_tls": True}
+    timeout = 60
+
+    #: The most the gateway may hold for one such client (plain: ~70 KB).
+    BOUND = 256 * 1024
+
+    @defer.inlineCallbacks
+    def test_neverReadingClientBounded(self):
+        factory = self.gw.service.factories[0]
+
+        def flood():
+            raw = socket.create_connection(("127.0.0.1", self.gw.port), timeout=5)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            if not self.tlsListener.get("implicit_tls"):
+                c = Client.__new__(Client)
+                c.sock, c.buf = raw, b""
+                self.assertEqual(c.reply()[0], 220)
+                self.assertEqual(c.cmd("STARTTLS")[0], 220)
+            sock = clientContext().wrap_socket(raw, server_hostname="relay.test")
+            sock.settimeout(2)
+            line = b"EHLO pipelining.example\r\n" * 2000
+            sent, deadline = 0, time.monotonic() + 10
+            try:
+                while sent < 8 << 20 and time.monotonic() < deadline:
+                    sent += sock.send(line)
+            except (socket.timeout, ssl.SSLError, OSError):
+                pass
+            return sock, sent
+
+        sock, sent = yield inThread(flood)
+        self.addCleanup(sock.close)
+        yield task.deferLater(reactor, 1, lambda: None)
+        [session] = factory.sessions
+        held = heldFor(session)
+        sndbuf = _tcpUnder(session.transport).socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        answered = session.commandCounts.counts.get("ehlo", [0])[0]
+        self.assertLessEqual(held, self.BOUND, "the gateway holds %d octets for one client that never reads "
+                             "(SO_SNDBUF %d, %d EHLOs answered; it sent %d)" % (held, sndbuf, answered, sent))
+
+
+class StartTLSBurstTests(ImplicitTLSBurstTests):
+    """The same client after STARTTLS on a plain listener."""
+
+    tlsListener = {}
