@@ -1555,3 +1555,22 @@ class DuplicateRecipientTests(RelayTestCase):
         self.assertEqual(len(hop.transactions), 1,
                          "x@example.net delivered %d times: %r" % (len(hop.transactions),
                                                                  [t["rcpts"] for t in hop.transactions]))
+
+
+class GatewayPlaintextCredentialTests(RelayTestCase):
+    """
+    End to end with the default [relay] tls = "may" and auth_user /
+    auth_password set: a next hop whose EHLO reply lacks STARTTLS (deleted
+    by a man in the middle) gets no AUTH, and no mail, in the clear.
+    """
+
+    @defer.inlineCallbacks
+    def test_strippedSTARTTLSNoPlaintextCredentials(self):
+        hop, port = self.hop(extensions=["AUTH PLAIN LOGIN"])  # (STARTTLS stripped by a man in the middle)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "command_timeout": 1,
+                            "auth_user": "relay", "auth_password": "s3cret-smarthost-password"})
+        qid = yield self.send()
+        yield self.until(lambda: hop.transactions or
+                         self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        self.assertNotIn("AUTH", hop.verbs(), "password sent in the clear: %r" % (hop.lines,))
+        self.assertEqual(hop.transactions, [])

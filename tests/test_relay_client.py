@@ -677,7 +677,8 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         """AUTH PLAIN carries the credentials as the initial response."""
         factory = _ScriptedFactory(extensions=["AUTH LOGIN PLAIN"])
         port = self.listen(factory)
-        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "s3cret")))
+        options = _options(auth=("relay", "s3cret"), tls="none")  # (this next hop offers no STARTTLS)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
         self.assertTrue(results[0]["rcpt@example.test"].ok)
         self.assertEqual(factory.lines[1], "AUTH PLAIN " + base64.b64encode(b"\0relay\0s3cret").decode())
         self.assertEqual(factory.verbs()[2], "MAIL")
@@ -687,7 +688,8 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         """AUTH LOGIN is used when PLAIN is not offered."""
         factory = _ScriptedFactory(extensions=["AUTH LOGIN"])
         port = self.listen(factory)
-        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "s3cret")))
+        options = _options(auth=("relay", "s3cret"), tls="none")  # (this next hop offers no STARTTLS)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
         self.assertTrue(results[0]["rcpt@example.test"].ok)
         self.assertEqual(factory.lines[1:4], ["AUTH LOGIN", "cmVsYXk=", "czNjcmV0"])
 
@@ -696,7 +698,8 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         """A refused AUTH defers the mail instead of sending it unauthenticated."""
         factory = _ScriptedFactory(extensions=["AUTH PLAIN"], authReply="535 5.7.8 bad credentials")
         port = self.listen(factory)
-        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(auth=("relay", "wrong")))
+        options = _options(auth=("relay", "wrong"), tls="none")  # (this next hop offers no STARTTLS)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
         result = results[0]["rcpt@example.test"]
         self.assertTemporary(result, "bad credentials")
         self.assertEqual(result.enhanced, "4.7.8")
@@ -954,3 +957,56 @@ class ReplyTimerTests(unittest.TestCase):
         self.assertTrue(self.transport.disconnecting)
         self.clock.advance(3.1)
         self.assertTrue(self.proto.timedOut)
+
+
+PASSWORD = "s3cret-smarthost-password"
+SECRET_B64 = (base64.b64encode(b"\0relay\0" + PASSWORD.encode()).decode(),
+              base64.b64encode(PASSWORD.encode()).decode())
+
+
+class PlaintextCredentialTests(_DeliveryTestCase):
+    """
+    With tls = "may" the smarthost password never goes over a plaintext
+    connection (tls = "none" alone sends it in the clear): a man in the
+    middle who deletes STARTTLS from the EHLO reply, or answers it 454,
+    gets no more than one who breaks the handshake (which is not retried
+    in plaintext with AUTH either).  The mail is deferred, not sent
+    unauthenticated.
+    """
+
+    def assertNoCredentials(self, factory, results):
+        sent = "\n".join(factory.lines)
+        self.assertNotIn("AUTH", factory.verbs(), "AUTH sent in plaintext: %r" % (factory.lines,))
+        for secret in SECRET_B64:
+            self.assertNotIn(secret, sent)
+        # And the mail is deferred, not sent unauthenticated either.
+        self.assertNotIn("MAIL", factory.verbs())
+        self.assertTemporary(results[0]["rcpt@example.test"])
+
+    @defer.inlineCallbacks
+    def test_mayStrippedSTARTTLSKeepsPassword(self):
+        """tls=may, AUTH configured, STARTTLS stripped from EHLO: no AUTH PLAIN in the clear."""
+        factory = _ScriptedFactory(extensions=["AUTH PLAIN LOGIN"])  # (STARTTLS stripped)
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()],
+                                _options(tls="may", auth=("relay", PASSWORD)))
+        self.assertNoCredentials(factory, results)
+
+    @defer.inlineCallbacks
+    def test_mayStrippedSTARTTLSKeepsPasswordLogin(self):
+        """The same with AUTH LOGIN only: the password is not sent base64'd in the clear."""
+        factory = _ScriptedFactory(extensions=["AUTH LOGIN"])
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()],
+                                _options(tls="may", auth=("relay", PASSWORD)))
+        self.assertNoCredentials(factory, results)
+
+    @defer.inlineCallbacks
+    def test_mayRefusedSTARTTLSKeepsPassword(self):
+        """tls=may, AUTH configured, STARTTLS offered but answered 454: no AUTH in the clear."""
+        factory = _ScriptedFactory(extensions=["STARTTLS", "AUTH PLAIN LOGIN"],
+                                      replies={"STARTTLS": "454 4.7.0 TLS not available due to local problem"})
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()],
+                                _options(tls="may", auth=("relay", PASSWORD)))
+        self.assertNoCredentials(factory, results)

@@ -120,6 +120,14 @@ class Negotiation:
     async def _authenticate(self):
         if not self.options.auth:
             return
+        if not self.proto.tlsEstablished and self.options.tls != "none":
+            # STARTTLS missing from the EHLO reply, or refused: as a man in
+            # the middle would make it.  The password goes out in the clear
+            # only where the config says there is no TLS (tls = "none"), as
+            # Postfix's smtp_sasl_security_options = noplaintext.
+            raise _SessionFailure(
+                _temporary("not sending AUTH credentials to %s without TLS" % (self.where,), "4.7.4")
+            )
         mechanisms = self.extensions.get("AUTH", "").upper().split()
         user, password = self.options.auth
 
