@@ -331,7 +331,19 @@ class WorkerSupervisor(Service):
             delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, self.restartDelay / 2) * 2)
         log.warn("worker {index} exited ({why}); restarting it in {delay}s", index=index,
                  why=reason.getErrorMessage(), delay=delay)
-        self.restarts[index] = self.reactor.callLater(delay, lambda: self.running and self.spawn(index))
+        self.restarts[index] = self.reactor.callLater(delay, self._restart, index)
+
+    def _restart(self, index):
+        """Start worker C{index} again; a start that fails (no descriptor, no process) is tried again later."""
+        if not self.running:
+            return
+        try:
+            self.spawn(index)
+        except Exception as e:
+            delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, self.restartDelay) * 2)
+            log.error("cannot start worker {index}: {error}; trying again in {delay}s", index=index, error=e,
+                      delay=delay)
+            self.restarts[index] = self.reactor.callLater(delay, self._restart, index)
 
     def signalWorkers(self, signal):
         """Send C{signal} ("HUP" ...) to every running worker."""

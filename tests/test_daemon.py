@@ -3,6 +3,7 @@ Daemon mode: C{twistd --logfile=X --pidfile=P relaygw} without C{-n}
 detaches, writes its pid file, and logs to X, every worker included.
 """
 
+import errno
 import os
 import smtplib
 import signal
@@ -10,10 +11,12 @@ import socket
 import subprocess
 import time
 
+from twisted.internet import task
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from relaygw.testing import Client, configText, freePort, inThread, waitForPort
-from relaygw.workers import twistdArgv
+from relaygw.workers import WorkerSupervisor, twistdArgv
 from tests.processes import childPids, spoolPids, waitUntil
 from tests.recorders import LogCapture
 
@@ -446,3 +449,53 @@ class ClockStepTests(unittest.TestCase):
             self.assertGreater(time.monotonic() - started, 2)
 
         return inThread(run)
+
+
+class _FakeTransport:
+    def __init__(self, pid):
+        self.pid = pid
+
+    def signalProcess(self, name):
+        pass
+
+
+class _SpawningClock(task.Clock):
+    """A clock whose spawnProcess fails while C{failing} is set (fork's EAGAIN, a full descriptor table)."""
+
+    def __init__(self):
+        task.Clock.__init__(self)
+        self.spawned = []
+        self.failing = False
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, childFDs=None):
+        if self.failing:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.spawned.append(proto)
+        return _FakeTransport(1000 + len(self.spawned))
+
+
+class RestartAfterAFailedSpawnTests(unittest.TestCase):
+    """
+    A worker that died is started again after a delay; when that start
+    fails (fork refused: EAGAIN, ENOMEM; the main process out of
+    descriptors), it is tried again later, with the back-off (it was
+    never tried again: the worker was gone for good, and with it the
+    delivery of its partition's messages).
+    """
+
+    def test_restartTriedAgain(self):
+        clock = _SpawningClock()
+        supervisor = WorkerSupervisor(clock, 2, ["/bin/true"])
+        supervisor.startService()
+        self.assertEqual(len(clock.spawned), 1)
+        first = clock.spawned[0]
+        first.processEnded(Failure(Exception("process ended by signal 9")))
+        clock.failing = True
+        logs = LogCapture(self)
+        clock.advance(supervisor.restartDelay)
+        self.assertEqual(len(logs.find("cannot start worker {index}: {error}; trying again in {delay}s")), 1)
+        clock.failing = False
+        for _ in range(120):  # two minutes, far past the longest back-off
+            clock.advance(1)
+        self.assertEqual(len(clock.spawned), 2, "worker 1 never started again after one failed start; "
+                         "running workers: %r" % (sorted(supervisor.children),))
