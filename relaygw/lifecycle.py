@@ -120,8 +120,20 @@ class Lifecycle:
         if self.mode == COMMAND and not self.inTransaction and self.waiting is None:
             self.reply(codes.SHUTTING_DOWN.format(host=self.hostname), unasked=True)
 
+    #: A message's commit is under way (L{relaygw.transaction}): its reply comes before a shutdown's.
+    committing = False
+    _shutDownAfterCommit = False
+
     def shutDown(self):
-        """The drain timeout ran out: 421 4.3.2 and close, whatever the state."""
+        """
+        The drain timeout ran out: 421 4.3.2 and close, whatever the state;
+        but a message whose commit is under way gets its own reply first (a
+        421 now, and the message queued after all, would have the client
+        send it again).
+        """
+        if self.committing:
+            self._shutDownAfterCommit = True
+            return
         if self.mode != CLOSED:
             if self.writer is not None:
                 self.writer.abort()

@@ -230,9 +230,10 @@ class GatewayService(MultiService):
         self.queue.stopTimeout = min(self.queue.stopTimeout, self.QUEUE_GRACE)
         queueStopped = defer.maybeDeferred(self.queue.stopService)
         # Meanwhile, closed sessions whose peer is still taking the last
-        # reply (a lingering close ends within a few seconds).
+        # reply (a lingering close ends within a few seconds), and those
+        # whose message's commit was under way (its reply first).
         lingering = self.reactor.seconds() + self.QUEUE_GRACE
-        while self.listeners.sessionsClosing and self.reactor.seconds() < lingering:
+        while (self.listeners.sessionsClosing or self.listeners.sessionsOpen) and self.reactor.seconds() < lingering:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         yield queueStopped
         if children is not None:

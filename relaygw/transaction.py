@@ -173,9 +173,16 @@ class MailTransaction:
             if refusal is not None:
                 return self._refuseMessage(writer, refusal)
             started = time.monotonic()
+            self.committing = True
             d = writer.commit()
             d.addCallbacks(lambda qid: queued(qid, started), failed)
-            return d
+            return d.addBoth(committed)
+
+        def committed(result):
+            self.committing = False
+            if self._shutDownAfterCommit:
+                self.shutDown()
+            return result
 
         def queued(qid, started):
             seconds = time.monotonic() - started

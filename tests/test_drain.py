@@ -21,6 +21,7 @@ from relaygw import config
 from relaygw.listeners import closeListeningPort, refuseNewHandshakes
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
 from tests.processes import childPids, portRefused, processAlive, runTwistd, spoolPids, waitUntil
+from tests.sessions import GatewayTestCase
 
 
 def health(port):
@@ -364,3 +365,53 @@ class TwistdDrainTests(unittest.TestCase):
                     p.wait()
 
         return inThread(run)
+
+
+class CommitAtTheDrainTimeoutTests(GatewayTestCase):
+    """
+    The drain timeout runs out while a message's commit is under way (its
+    final dot read, the disk slow to sync): the session gets the commit's
+    reply, then 421 4.3.2 and the close.  (It was told 421 at once while
+    the commit went on and queued the message: the client sent it again.)
+    """
+
+    listener = {"relay_networks": ["127.0.0.0/8"], "drain_timeout": 0.5}
+    relay = {"defer_all": True}
+
+    @defer.inlineCallbacks
+    def test_commitAnsweredBeforeTheShutdown(self):
+        spool = self.gw.service.spool
+        real = spool.committer.commit
+        started = []
+
+        def slowCommit(job):
+            # The file is named and synced at once; its result reaches the
+            # session 1.5 s later (a slow sync).
+            d = real(job)
+            started.append(reactor.seconds())
+            late = defer.Deferred()
+            d.addBoth(lambda r: task.deferLater(reactor, 1.5, lambda: r)).chainDeferred(late)
+            return late
+
+        spool.committer.commit = slowCommit
+
+        def begin():
+            c = Client(self.gw.port, timeout=10)
+            self.addCleanup(c.close)
+            c.reply()
+            c.cmd("EHLO x")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            assert c.cmd("DATA")[0] == 354
+            c.send("Subject: at the timeout\r\n\r\nbody\r\n.\r\n")
+            return c
+
+        c = yield inThread(begin)
+        while not started:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.gw.service.stopService()
+        self.gw.stop = lambda: None
+        code, lines = yield inThread(c.reply)
+        queued = spool.queueIds()
+        self.assertEqual((code, queued), (250, [lines[0].rsplit(" ", 1)[1]]), lines)
+        self.assertEqual((yield inThread(c.reply))[0], 421)
