@@ -3,6 +3,7 @@ The twistd plugin's options and service maker (C{twistd relaygw}).
 """
 
 import os
+import signal
 import sys
 
 from twisted.python import usage
@@ -84,6 +85,11 @@ def makeService(options):
         # lifetime: a second gateway on the same spool stops here.
         service.acquireSpool()
         service.installSignals = True
+        # twistd writes the pid file before the service starts, and the
+        # service's SIGHUP handler (reload) is in place only once it has:
+        # a SIGHUP in between (logrotate's postrotate) would kill the
+        # process.  Until then it is ignored, as the workers' is.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         _tuneCollector()
         return service
     except (_config.ConfigError, PartitionLocked, UnsafeSpool) as e:

@@ -117,6 +117,38 @@ class DaemonTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_hangUpWhileStarting(self):
+        """
+        SIGHUP as soon as the pid file exists (logrotate's postrotate while
+        the gateway starts): twistd writes the pid file before the service
+        starts, and the signal's default action killed the gateway, leaving
+        the launcher waiting for ever.  It is ignored until the reload
+        handler is in place: the gateway starts and serves mail.
+        """
+        def run():
+            directory, port, conf = _gatewayConfig(self, 1)
+            logfile, pidfile = os.path.join(directory, "relaygw.log"), os.path.join(directory, "relaygw.pid")
+            argv = [a for a in twistdArgv(conf) if a not in ("--nodaemon", "--pidfile=")]
+            argv[1:1] = ["--logfile=" + logfile, "--pidfile=" + pidfile]
+            launcher = subprocess.Popen(argv, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(lambda: launcher.poll() is None and launcher.kill())
+            pid, deadline = None, time.monotonic() + 30
+            while pid is None and time.monotonic() < deadline:
+                try:
+                    with open(pidfile) as f:
+                        pid = int(f.read().strip())
+                except (OSError, ValueError):
+                    time.sleep(0.0005)
+            self.assertIsNotNone(pid)
+            self.addCleanup(lambda: _alive(pid) and os.kill(pid, signal.SIGKILL))
+            os.kill(pid, signal.SIGHUP)
+            self.assertEqual(launcher.wait(30), 0)
+            waitForPort(port)
+            self.session(port)
+            self.stop(pid, pidfile)
+
+        return inThread(run)
+
     def test_logFileOpenedAgainOnHangUp(self):
         """logrotate moves the log away and sends SIGHUP: every worker writes to a new file."""
         return self.hangUpAfterRotation(breakConfig=False)
