@@ -203,6 +203,8 @@ class GatewayService(MultiService):
         drain takes at most C{drain_delay} + C{drain_timeout} + 5 seconds.
         """
         log.info("draining")
+        if self._adoptTimer is not None and self._adoptTimer.active():
+            self._adoptTimer.cancel()
         if self.installSignals and self.worker == 0:
             sdnotify.notify("STOPPING=1")
         self.stopping = True
@@ -326,11 +328,33 @@ class GatewayService(MultiService):
         """
         self.role.acquire(self.spool)
 
+    #: Seconds between tries at a partition another process held at start.
+    ADOPT_RETRY = 30.0
+    _adoptTimer = None
+
+    def _adoptLater(self):
+        """
+        A partition to adopt was held at start (a worker of an earlier run,
+        still draining its sessions): tried again until it is free, and
+        what moves is delivered at once.
+        """
+        def again():
+            self._adoptTimer = None
+            moved, held = self.role.adoptStranded(self.spool, quiet=True)
+            if moved:
+                self.queue.flush()
+            if held:
+                self._adoptLater()
+
+        self._adoptTimer = self.reactor.callLater(self.ADOPT_RETRY, again)
+
     def startService(self):
         # The spool is locked and opened (and what was never acknowledged
         # discarded) before any listener accepts a connection.
         self.acquireSpool()
-        self.role.adoptStranded(self.spool)
+        _, held = self.role.adoptStranded(self.spool)
+        if held:
+            self._adoptLater()
         self.queue.recovered = self.spool.open()
         if self.queue.recovered:
             log.info("recovered {n} queued messages", n=len(self.queue.recovered))

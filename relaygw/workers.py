@@ -502,16 +502,19 @@ class WorkerRole:
             lock.release()
         self._locks = []
 
-    def adoptStranded(self, spool):
+    def adoptStranded(self, spool, quiet=False):
         """
         Worker 0 takes over into C{spool} the messages left in a spool
         layout the current C{[process] workers} no longer uses: the
         partitions of workers that no longer exist, the unpartitioned spool
         after a switch to several workers, and every partition after a
-        switch back to one process.
+        switch back to one process.  Returns how many it moved, and whether
+        a partition was left because another process still holds it (a
+        worker of an earlier run, still draining): try again later.
         """
+        moved, held = 0, False
         if self.worker != 0:
-            return
+            return moved, held
         base = self.base
         sources = [path for index, path in partitions(base).items() if self.workers == 1 or index >= self.workers]
         if self.workers > 1:
@@ -520,18 +523,26 @@ class WorkerRole:
             if source != base:  # (the base directory is ours already)
                 try:
                     lock = PartitionLock(source)
-                except (PartitionLocked, UnsafeSpool) as e:
+                except PartitionLocked as e:
+                    held = True
+                    if not quiet:
+                        _roleLog.warn("not adopting the messages in {source} yet: {error}", source=source,
+                                      error=str(e))
+                    continue
+                except UnsafeSpool as e:
                     _roleLog.warn("not adopting the messages in {source}: {error}", source=source, error=str(e))
                     continue
             else:
                 lock = None
             try:
-                moved = spool.adopt(source)
+                n = spool.adopt(source)
             finally:
                 if lock is not None:
                     lock.release()
-            if moved:
-                _roleLog.info("adopted {n} queued messages from {source}", n=moved, source=source)
+            if n:
+                moved += n
+                _roleLog.info("adopted {n} queued messages from {source}", n=n, source=source)
+        return moved, held
 
     def shareConfig(self, text):
         """

@@ -187,3 +187,51 @@ class TwistdOwnershipTests(unittest.TestCase):
             self.assertFalse(processAlive(spoolPids(self.directory)["w1"]))
 
         return inThread(run)
+
+
+class HeldPartitionAdoptedLaterTests(unittest.TestCase):
+    """
+    A partition to adopt (here w1/, left by a run with two workers) that
+    another process still holds at start (that run's worker, still
+    draining its sessions) is tried again until it is free, and its
+    messages are delivered then; it was skipped once, at start, and its
+    acknowledged messages waited for the next restart.
+    """
+
+    @defer.inlineCallbacks
+    def test_adoptedOnceFree(self):
+        import zlib
+
+        from twisted.internet import reactor, task
+
+        from relaygw.service import GatewayService
+        from relaygw.spool import Spool, newQueueId
+        from tests.recorders import LogCapture
+
+        self.patch(GatewayService, "ADOPT_RETRY", 0.2)
+        directory = os.path.abspath(self.mktemp())
+        partition = os.path.join(directory, "spool", "w1")
+        Spool(partition, None).open()
+        body = b"Subject: stranded\r\n\r\nleft in w1\r\n"
+        qid = newQueueId()
+        with open(os.path.join(partition, "queue", qid), "wb") as f:
+            f.write(('{"body_size":%d,"body_crc32":%d,"mailfrom":"a@example.org","recipients":["b@example.net"],'
+                     '"arrival":%f,"queue_id":"%s"}\n' % (len(body), zlib.crc32(body), time.time(), qid)).encode()
+                    + body)
+        held = PartitionLock(partition)  # (the earlier run's worker 1, still draining)
+        logs = LogCapture(self)
+        gw = Gateway(directory)
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        self.assertEqual(len(logs.find("not adopting the messages in {source} yet: {error}")), 1)
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        self.assertEqual(gw.delivered(), [])
+        self.assertEqual(os.listdir(os.path.join(partition, "queue")), [qid])
+        held.release()
+        deadline = time.monotonic() + 10
+        while not gw.delivered() and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        [message] = gw.delivered()
+        self.assertTrue(message.endswith(body))
+        self.assertEqual(os.listdir(os.path.join(partition, "queue")), [])
+        self.assertEqual(len(logs.find("not adopting the messages in {source} yet: {error}")), 1)  # (said once)
