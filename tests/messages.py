@@ -30,6 +30,15 @@ def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="r
         c.close()
 
 
+def startData(c, mailfrom="a@example.org", rcpt="b@example.net"):
+    """EHLO, MAIL, RCPT and DATA on a greeted raw client C{c}: its content may follow."""
+    for line in ("EHLO x", "MAIL FROM:<%s>" % mailfrom, "RCPT TO:<%s>" % rcpt):
+        code = c.cmd(line)[0]
+        assert code == 250, (line, code)
+    code = c.cmd("DATA")[0]
+    assert code == 354, code
+
+
 def _transaction(c, mailfrom, rcpt, subject):
     """MAIL, RCPT, DATA and the content on client C{c} (asserts every step up to the content)."""
     code, lines = c.cmd("MAIL FROM:<%s>" % mailfrom)

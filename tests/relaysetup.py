@@ -58,6 +58,32 @@ class TrackingHopFactory(ScriptedSMTPFactory):
         self.greetDelay = greetDelay
 
 
+@defer.inlineCallbacks
+def forwardingChain(test, listeners=None, retry=(0.3, 0.6)):
+    """
+    Two gateways on loopback sockets for C{test}: a next hop that takes
+    XCLIENT from the first and relays for 192.0.2.0/24 and for the first
+    gateway (127.0.0.1), and the first, with C{forward_identity}, trusting
+    127.0.0.0/8 with XCLIENT on its first listener (C{listeners}, else one
+    relaying for 192.0.2.0/24).  Sets C{test.hop}, C{test.gw} and
+    C{test.arrived} (the envelopes the next hop queues).
+    """
+    from tests.recorders import recordEnvelopes
+
+    test.hop = Gateway(test.mktemp(), listeners=({
+        "trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
+        "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
+    yield test.hop.start()
+    test.addCleanup(test.hop.stop)
+    test.arrived = recordEnvelopes(test.hop)
+    test.gw = Gateway(test.mktemp(), listeners=listeners or (
+        {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"], "relay_networks": ["192.0.2.0/24"]},),
+        relay={"smarthosts": ["[127.0.0.1]:%d" % test.hop.port], "forward_identity": True, "tls": "none",
+               "retry_min": retry[0], "retry_max": retry[1]})
+    yield test.gw.start()
+    test.addCleanup(test.gw.stop)
+
+
 def deliveryStatus(data):
     """The blocks (field groups) of the message/delivery-status part of a DSN, parsed."""
     report = email.message_from_bytes(data)

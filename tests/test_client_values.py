@@ -14,7 +14,8 @@ from twisted.trial import unittest
 
 from relaygw.testing import Client, inThread, receivedHeader
 from tests.messages import queueMessage, sendMessage
-from tests.recorders import recordEnvelopes
+from tests.recorders import LogCapture
+from tests.relaysetup import forwardingChain
 from tests.sessions import SessionTestCase
 
 
@@ -112,22 +113,7 @@ class OnwardXclientAcceptedTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from relaygw.testing import Gateway
-
-        self.hop = Gateway(self.mktemp(), listeners=({
-            "trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
-            "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
-        yield self.hop.start()
-        self.addCleanup(self.hop.stop)
-        self.arrived = recordEnvelopes(self.hop)
-        self.gw = Gateway(self.mktemp(), listeners=(
-            {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"], "relay_networks": ["192.0.2.0/24"]},),
-            relay={"smarthosts": ["[127.0.0.1]:%d" % self.hop.port], "forward_identity": True, "tls": "none",
-                   "retry_min": 0.3, "retry_max": 0.6})
-        yield self.gw.start()
-        self.addCleanup(self.gw.stop)
-        from tests.recorders import LogCapture
-
+        yield forwardingChain(self)
         self.logs = LogCapture(self)
 
     def refusals(self):
@@ -197,22 +183,8 @@ class OnwardXclientRefusalSuspendsHopTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from relaygw.testing import Gateway
-        from tests.recorders import LogCapture
-
         self.logs = LogCapture(self)
-        self.hop = Gateway(self.mktemp(), listeners=({
-            "trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
-            "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
-        yield self.hop.start()
-        self.addCleanup(self.hop.stop)
-        self.arrived = recordEnvelopes(self.hop)
-        self.gw = Gateway(self.mktemp(), listeners=(
-            {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"], "relay_networks": ["192.0.2.0/24"]},),
-            relay={"smarthosts": ["[127.0.0.1]:%d" % self.hop.port], "forward_identity": True, "tls": "none",
-                   "retry_min": 30, "retry_max": 60})
-        yield self.gw.start()
-        self.addCleanup(self.gw.stop)
+        yield forwardingChain(self, retry=(30, 60))
 
     def send(self, addr, helo, subject):
         def run():

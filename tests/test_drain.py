@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from relaygw import config
 from relaygw.listeners import closeListeningPort, refuseNewHandshakes
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
+from tests.messages import startData
 from tests.processes import childPids, portRefused, processAlive, runTwistd, spoolPids, waitUntil
 from tests.sessions import GatewayTestCase
 
@@ -399,10 +400,7 @@ class CommitAtTheDrainTimeoutTests(GatewayTestCase):
             c = Client(self.gw.port, timeout=10)
             self.addCleanup(c.close)
             c.reply()
-            c.cmd("EHLO x")
-            c.cmd("MAIL FROM:<a@example.org>")
-            c.cmd("RCPT TO:<b@example.net>")
-            assert c.cmd("DATA")[0] == 354
+            startData(c)
             c.send("Subject: at the timeout\r\n\r\nbody\r\n.\r\n")
             return c
 

@@ -8,6 +8,7 @@ sockets, on a plain listener and behind a trusted PROXY balancer.
 import socket
 import time
 
+from tests.messages import startData
 from tests.proxyheaders import rawSession, v2
 from tests.sessions import GatewayTestCase
 
@@ -51,10 +52,7 @@ class HalfCloseTests(GatewayTestCase):
         """
 
         def run(c):
-            self.assertEqual(c.cmd("EHLO x")[0], 250)
-            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
-            self.assertEqual(c.cmd("DATA")[0], 354)
+            startData(c)
             c.send(b"Subject: half\r\n\r\nbody\r\n.\r\nQUIT\r\n")
             c.sock.shutdown(socket.SHUT_WR)
             return c.buf + (readAll(c.sock) or b"<still open>"), self.waitDelivered(1)
@@ -84,10 +82,7 @@ class HalfCloseTests(GatewayTestCase):
         """Input that ends inside DATA: no 250, nothing queued, and the connection closes."""
 
         def run(c):
-            self.assertEqual(c.cmd("EHLO x")[0], 250)
-            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
-            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 250)
-            self.assertEqual(c.cmd("DATA")[0], 354)
+            startData(c)
             c.send(b"Subject: cut\r\n\r\nno end of data\r\n")
             c.sock.shutdown(socket.SHUT_WR)
             data = readAll(c.sock)

@@ -19,7 +19,7 @@ import relaygw
 from relaygw.lifecycle import newSessionId
 
 from relaygw.testing import Client, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning, waitForPort
-from tests.messages import sendOne
+from tests.messages import sendOne, startData
 from tests.processes import processState, spoolPids, waitUntil
 from tests.sessions import GatewayTestCase, SessionTestCase
 from tests.tlsmaterial import clientContext
@@ -68,10 +68,7 @@ class DrainTests(GatewayTestCase):
         c = Client(self.gw.port)
         self.addCleanup(c.close)
         c.reply()
-        c.cmd("EHLO x")
-        c.cmd("MAIL FROM:<a@example.org>")
-        c.cmd("RCPT TO:<b@example.net>")
-        assert c.cmd("DATA")[0] == 354
+        startData(c)
         return c
 
     def _idle(self):

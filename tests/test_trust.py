@@ -23,7 +23,8 @@ from tests.authexchange import authReply, b64
 from tests.contextdump import conn
 from tests.messages import queueMessage, sendMessage
 from tests.proxyheaders import v2
-from tests.recorders import LogCapture, recordEnvelopes
+from tests.recorders import LogCapture
+from tests.relaysetup import forwardingChain
 from tests.sessions import SessionTestCase, TLSSessionTestCase
 
 ALL = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
@@ -424,24 +425,12 @@ class RelaygwToRelaygwTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        from relaygw.testing import Gateway
-
-        # The next hop: XCLIENT from the first gateway; relays for 192.0.2.0/24
-        # and for the first gateway itself (127.0.0.1), not for 198.51.100.0/24.
-        self.hop = Gateway(self.mktemp(), listeners=({
-            "trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
-            "relay_networks": ["192.0.2.0/24", "127.0.0.1/32"]},))
-        yield self.hop.start()
-        self.addCleanup(self.hop.stop)
-        self.arrived = recordEnvelopes(self.hop)
-        self.gw = Gateway(self.mktemp(), listeners=(
+        # The next hop relays for 192.0.2.0/24 and for the first gateway
+        # itself (127.0.0.1), not for 198.51.100.0/24.
+        yield forwardingChain(self, listeners=(
             {"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
              "relay_networks": ["192.0.2.0/24", "198.51.100.0/24"]},
-            {"name": "anon", "always_allow": True}),
-            relay={"smarthosts": ["[127.0.0.1]:%d" % self.hop.port], "forward_identity": True, "tls": "none",
-                   "retry_min": 0.3, "retry_max": 0.6})
-        yield self.gw.start()
-        self.addCleanup(self.gw.stop)
+            {"name": "anon", "always_allow": True}))
 
     @defer.inlineCallbacks
     def arrivals(self, n, timeout=20):
