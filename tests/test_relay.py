@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -1574,3 +1575,63 @@ class GatewayPlaintextCredentialTests(RelayTestCase):
                          self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
         self.assertNotIn("AUTH", hop.verbs(), "password sent in the clear: %r" % (hop.lines,))
         self.assertEqual(hop.transactions, [])
+
+
+def _freePort25():
+    """A 127.0.0.x address whose port 25 is free (nothing listening), or skip."""
+    for last in range(120, 160):
+        address = "127.0.0.%d" % last
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((address, 25))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return address
+    raise unittest.SkipTest("cannot bind port 25 of any 127.0.0.120-159 address")
+
+
+class MXLoopTests(RelayTestCase):
+    """
+    An MX that leads back to the gateway itself: the message goes round
+    until its Received headers reach hopcount_limit, where the gateway
+    refuses it 554 5.4.6, and the sender gets a bounce saying so.  (No
+    "loops back to myself" check ends it sooner, as Postfix's does.)
+    """
+
+    dns = MXTests.dns
+
+    @defer.inlineCallbacks
+    def test_loopEndsAtTheHopLimit(self):
+        from twisted.names import dns
+
+        address = _freePort25()
+        sink, sport = self.hop()
+        dnsPort = self.dns([("loop.example", dns.MX, dns.Record_MX(10, b"mx.loop.example")),
+                            ("mx.loop.example", dns.A, dns.Record_A(address))])
+        # Two listeners: the test's (port 0) and the one the MX names (port 25).
+        gw = Gateway(self.mktemp(),
+                     listeners=({"relay_networks": ["127.0.0.0/8"]},
+                                {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:25:interface=%s" % address}),
+                     relay=dict(FAST, mx=True, resolver="127.0.0.1:%d" % dnsPort),
+                     routes=[{"name": "senders", "domains": ["example.org"],
+                              "smarthosts": ["[127.0.0.1]:%d" % sport]}])
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        self.gw = gw
+        envelopes = []
+        for factory in gw.service.factories:  # (both listeners)
+            def onQueued(queueId, message, original=factory.onQueued):
+                envelopes.append(message.envelope)
+                return original(queueId, message)
+            factory.onQueued = onQueued
+        yield self.send(rcpts=("x@loop.example",))
+        yield self.until(lambda: sink.transactions, timeout=60)
+        # The first copy, then one a round until the 49th (with this hop's
+        # own Received, the 50th) is refused.
+        self.assertEqual(len(envelopes), 49)
+        [block] = deliveryStatus(sink.transactions[0]["data"])[1:]
+        self.assertEqual(block["Status"], "5.4.6")
+        yield self.until(lambda: not gw.service.spool.queueIds(), timeout=10)
