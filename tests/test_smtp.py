@@ -426,3 +426,30 @@ class HopCountTests(GatewayTestCase):
             self.assertEqual(message.count(b"\nReceived: from h"), 48)
 
         return self.session(run).addCallback(check)
+
+
+class ClientValueRefusalsTests(GatewayTestCase):
+    """The refusals of a greeting name over 255 octets and of a path that is a source route alone, over a socket."""
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_exactReplies(self):
+        name = ("b" * 62 + ".") * 4 + "abcd"  # 256 octets
+
+        def run(c):
+            return [c.cmd("EHLO " + name), c.cmd("HELO " + name), c.cmd("EHLO " + name[:-1]),
+                    c.cmd("MAIL FROM:<@relay.example:>"), c.cmd("MAIL FROM:<a@example.org>"),
+                    c.cmd("RCPT TO:<@relay.example,@b.example:>")]
+
+        def check(replies):
+            self.assertEqual(replies, [
+                (501, ["5.5.4 Syntax: EHLO hostname of at most 255 octets"]),
+                (501, ["5.5.4 Syntax: HELO hostname of at most 255 octets"]),
+                (250, replies[2][1]),
+                (501, ["5.1.7 Bad sender address syntax"]),
+                (250, ["2.1.0 Ok"]),
+                (501, replies[5][1]),
+            ])
+            self.assertTrue(replies[5][1][0].startswith("5.1.3 "), replies[5])
+
+        return self.session(run).addCallback(check)
