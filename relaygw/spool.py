@@ -421,6 +421,39 @@ FLUSH_MARKER = "flush"
 RELEASE_MARKER = "release."
 
 
+def _readBack(queueId, f, total, content, maxEnvelope):
+    """
+    L{Spool.load}'s reading of the queue file C{f} (C{total} octets) of
+    C{queueId}: C{(envelope, where its content starts)}, or
+    L{CorruptMessage}.
+    """
+    line = f.readline(maxEnvelope)
+    if not line:
+        raise CorruptMessage("empty queue file")
+    if not line.endswith(b"\n"):
+        raise CorruptMessage("truncated envelope (%d octets without an end of line)" % len(line))
+    try:
+        stored = json.loads(line)
+    except (ValueError, RecursionError):
+        raise CorruptMessage("garbled envelope")
+    envelope = Envelope.fromDict(stored)
+    actual = total - len(line)
+    declared = stored.get("body_size")
+    if declared is not None and declared != actual:
+        raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
+    # (Messages queued before these were recorded have neither.)
+    if stored.get("queue_id", queueId) != queueId:
+        raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
+    if content and "body_crc32" in stored:
+        crc = 0
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+        if crc != stored["body_crc32"]:
+            raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
+    envelope.size = actual
+    return envelope, len(line)
+
+
 @implementer(ISpool)
 class Spool:
     """
@@ -567,38 +600,11 @@ class Spool:
         f, total = _openRegular(path, "queue file")
         try:
             with f:
-                return self._loaded(queueId, f, total, content)
+                envelope, offset = _readBack(queueId, f, total, content, self.MAX_ENVELOPE)
+            return SpooledMessage(self, queueId, envelope, offset)
         except CorruptMessage as e:
             e.path = path
             raise
-
-    def _loaded(self, queueId, f, total, content=True):
-        """L{load}'s reading of the queue file C{f} (C{total} octets)."""
-        line = f.readline(self.MAX_ENVELOPE)
-        if not line:
-            raise CorruptMessage("empty queue file")
-        if not line.endswith(b"\n"):
-            raise CorruptMessage("truncated envelope (%d octets without an end of line)" % len(line))
-        try:
-            stored = json.loads(line)
-        except (ValueError, RecursionError):
-            raise CorruptMessage("garbled envelope")
-        envelope = Envelope.fromDict(stored)
-        actual = total - len(line)
-        declared = stored.get("body_size")
-        if declared is not None and declared != actual:
-            raise CorruptMessage("content is %d octets, the envelope says %s" % (actual, declared))
-        # (Messages queued before these were recorded have neither.)
-        if stored.get("queue_id", queueId) != queueId:
-            raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
-        if content and "body_crc32" in stored:
-            crc = 0
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                crc = zlib.crc32(chunk, crc)
-            if crc != stored["body_crc32"]:
-                raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
-        envelope.size = actual
-        return SpooledMessage(self, queueId, envelope, len(line))
 
     # -- progress, recovery and the operator's requests -----------------
 
