@@ -73,8 +73,7 @@ class FlowControl:
         close waits for.
         """
         self.inputEnded = True
-        if self.mode == CLOSED or (self.waiting is None and not self.writePaused):
-            self._process()  # (it ends with L{_endOfInput})
+        self._process()  # (what it can answer now, then L{_endOfInput})
 
     def writeConnectionLost(self):
         """Our write side is shut (after a closing reply): input is still read until the client closes."""
