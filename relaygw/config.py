@@ -623,6 +623,9 @@ def parse(text, path="<config>", base=None, environment=False):
             report.add("%s.mx" % where, "smarthosts and mx exclude each other (expected one of them)")
         if (hop.auth_user is None) != (hop.auth_password is None):
             report.add("%s.auth_password" % where, "auth_user and auth_password go together (expected both)")
+        if hop.mx and hop.auth_user is not None:
+            report.add("%s.auth_user" % where, "with mx = true the credentials would go to every recipient "
+                       "domain's MX host (expected them with smarthosts only)")
     relay = built["relay"]
     if relay.resolver is not None:
         try:
