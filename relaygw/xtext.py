@@ -13,6 +13,10 @@ class XtextError(ValueError):
     """The value is not valid xtext."""
 
 
+#: The longest attribute value, as sent (xtext), that XCLIENT and XFORWARD
+#: take: Postfix's limit, and relaygw's own in both directions.
+MAX_ATTRIBUTE = 255
+
 _HEX = b"0123456789ABCDEFabcdef"
 _ESCAPE = re.compile(rb"\+([0-9A-Fa-f]{2})")
 

@@ -13,11 +13,6 @@ from relaygw.context import FORWARDED_ATTRIBUTES, identityValue
 from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporary
 
 _MAX_COMMAND = 510
-#: The longest attribute value (xtext-encoded) XCLIENT and XFORWARD take,
-#: Postfix's and relaygw's own: a longer one (a login or greeting name
-#: full of "+" or "=", each sent as three octets) goes as [UNAVAILABLE]
-#: rather than have the next hop refuse the command, and so the message.
-_MAX_VALUE = 255
 
 
 def _identityAttributes(context, advertised, xclient):
@@ -51,7 +46,10 @@ def _identityAttributes(context, advertised, xclient):
                 # XCLIENT accepts only these two.
                 value = "ESMTP" if value.upper().startswith(("ESMTP", "LMTP")) else "SMTP"
             value = xtext.encode(value)
-            if len(value) > _MAX_VALUE:
+            if len(value) > xtext.MAX_ATTRIBUTE:
+                # (A login or greeting name full of "+" or "=", each sent as
+                # three octets: the next hop would refuse the command, and so
+                # the message.)
                 value = "[UNAVAILABLE]"
         attributes.append("%s=%s" % (name, value))
     return tuple(attributes)

@@ -62,7 +62,7 @@ def _port(value):
 
 
 def _decode(raw):
-    if len(raw) > 255:
+    if len(raw) > xtext.MAX_ATTRIBUTE:
         raise _bad("attribute value too long")
     try:
         value = xtext.decode(raw, lenient=True).decode("ascii")
