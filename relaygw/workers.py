@@ -328,10 +328,15 @@ class WorkerSupervisor(Service):
         if self.reactor.seconds() - proto.started >= self.stableAfter:
             delay = self.delays[index] = self.restartDelay
         else:
-            delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, self.restartDelay / 2) * 2)
+            delay = self._longerDelay(index, self.restartDelay / 2)
         log.warn("worker {index} exited ({why}); restarting it in {delay}s", index=index,
                  why=reason.getErrorMessage(), delay=delay)
         self.restarts[index] = self.reactor.callLater(delay, self._restart, index)
+
+    def _longerDelay(self, index, first):
+        """Worker C{index}'s restart delay doubled (from C{first}), up to C{maxRestartDelay}."""
+        delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, first) * 2)
+        return delay
 
     def _restart(self, index):
         """Start worker C{index} again; a start that fails (no descriptor, no process) is tried again later."""
@@ -340,7 +345,7 @@ class WorkerSupervisor(Service):
         try:
             self.spawn(index)
         except Exception as e:
-            delay = self.delays[index] = min(self.maxRestartDelay, self.delays.get(index, self.restartDelay) * 2)
+            delay = self._longerDelay(index, self.restartDelay)
             log.error("cannot start worker {index}: {error}; trying again in {delay}s", index=index, error=e,
                       delay=delay)
             self.restarts[index] = self.reactor.callLater(delay, self._restart, index)
