@@ -9,7 +9,7 @@ from twisted.names import authority, client, common, dns, error, server
 from twisted.trial import unittest
 
 from relaygw.relay import mx
-from relaygw.relay.mx import NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops
+from relaygw.relay.mx import LoopsToSelf, NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops, ownAddresses
 
 
 def _zone(origin, records):
@@ -186,6 +186,27 @@ class LookupNextHopsTests(unittest.TestCase):
         """A domain without MX records is its own next hop."""
         hops = yield lookupNextHops(self.resolver, "implicit.example.test")
         self.assertEqual(hops, [("192.0.2.10", 25), ("2001:db8::10", 25)])
+
+    @defer.inlineCallbacks
+    def test_selfEndsTheList(self):
+        """
+        An MX host that is the gateway itself is left out with every host of
+        the same or a worse preference; only better ones stay.
+        """
+        hops = yield lookupNextHops(self.resolver, "example.test", isSelf=lambda ip: ip == "192.0.2.2")
+        self.assertEqual(hops, [("192.0.2.1", 25), ("2001:db8::1", 25)])
+
+    def test_bestMXIsSelf(self):
+        """The best MX host is the gateway: L{LoopsToSelf}, whatever worse hosts there are."""
+        d = lookupNextHops(self.resolver, "example.test", isSelf=lambda ip: ip == "2001:db8::1")
+        d = self.assertFailure(d, LoopsToSelf)
+        d.addCallback(lambda e: self.assertEqual(str(e), "mail for example.test loops back to myself"))
+        return d
+
+    def test_implicitMXIsSelf(self):
+        """A domain without MX records whose address is the gateway's: L{LoopsToSelf}."""
+        d = lookupNextHops(self.resolver, "implicit.example.test", isSelf=lambda ip: ip == "192.0.2.10")
+        return self.assertFailure(d, LoopsToSelf)
 
     def test_nullMX(self):
         """A single MX "." of preference 0 fails with L{NullMX}."""
@@ -381,3 +402,32 @@ class LongCNAMEChainTests(unittest.TestCase):
         # The same chain closed into a loop at its far end is still found.
         looped = records + [dns.RRHeader(b"c%d.example" % n, dns.CNAME, payload=dns.Record_CNAME(b"c7.example"))]
         self.assertRaises(mx.TemporaryLookupFailure, mx._owned, looped, "example")
+
+
+class OwnAddressesTests(unittest.TestCase):
+    """L{ownAddresses}: which addresses are the gateway's own port 25, from what its listeners bind."""
+
+    def test_explicitInterface(self):
+        isSelf = ownAddresses([("192.0.2.1", 25), ("2001:db8::5", 25)])
+        self.assertTrue(isSelf("192.0.2.1"))
+        self.assertTrue(isSelf("::ffff:192.0.2.1"))
+        self.assertTrue(isSelf("2001:DB8::5"))
+        self.assertFalse(isSelf("192.0.2.2"))
+        self.assertFalse(isSelf("127.0.0.1"))
+        self.assertFalse(isSelf("not an address"))
+
+    def test_otherPortsAreNotSelf(self):
+        """MX delivery goes to port 25: a listener on another port (or a UNIX socket) is not in its way."""
+        isSelf = ownAddresses([("192.0.2.1", 2525), ("", 587), ("unix", "/run/relaygw.sock"), None])
+        self.assertFalse(isSelf("192.0.2.1"))
+        self.assertFalse(isSelf("127.0.0.1"))
+
+    def test_everyAddress(self):
+        """Bound to every address: each of the machine's own (loopback among them) is the gateway's."""
+        for interface in ("", "0.0.0.0", "::"):
+            isSelf = ownAddresses([(interface, 25)])
+            self.assertTrue(isSelf("127.0.0.1"), interface)
+            self.assertTrue(isSelf("127.0.0.53"), interface)
+            self.assertTrue(isSelf("::1"), interface)
+            self.assertFalse(isSelf("192.0.2.1"), interface)  # (documentation range: no machine's)
+            self.assertFalse(isSelf("2001:db8::1"), interface)

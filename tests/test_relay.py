@@ -1595,23 +1595,25 @@ def _freePort25():
 
 class MXLoopTests(RelayTestCase):
     """
-    An MX that leads back to the gateway itself: the message goes round
-    until its Received headers reach hopcount_limit, where the gateway
-    refuses it 554 5.4.6, and the sender gets a bounce saying so.  (No
-    "loops back to myself" check ends it sooner, as Postfix's does.)
+    An MX host that is the gateway itself (an address its own port 25
+    listener accepts on) ends the MX list, as Postfix's smtp_truncate_self
+    does: it and every host of the same or a worse preference are left
+    out, and when none is left the mail "loops back to myself" and bounces
+    5.4.6 at once, instead of going round until hopcount_limit.
     """
 
     dns = MXTests.dns
 
     @defer.inlineCallbacks
-    def test_loopEndsAtTheHopLimit(self):
-        from twisted.names import dns
-
-        address = _freePort25()
+    def loopingGateway(self, records, address):
+        """
+        A gateway relaying for 127.0.0.0/8 on a test port and on port 25 of
+        C{address}, with MX delivery through a DNS server holding C{records},
+        bounces to example.org going to a sink; returns the sink and the
+        envelopes either listener queued.
+        """
         sink, sport = self.hop()
-        dnsPort = self.dns([("loop.example", dns.MX, dns.Record_MX(10, b"mx.loop.example")),
-                            ("mx.loop.example", dns.A, dns.Record_A(address))])
-        # Two listeners: the test's (port 0) and the one the MX names (port 25).
+        dnsPort = self.dns(records)
         gw = Gateway(self.mktemp(),
                      listeners=({"relay_networks": ["127.0.0.0/8"]},
                                 {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:25:interface=%s" % address}),
@@ -1627,11 +1629,57 @@ class MXLoopTests(RelayTestCase):
                 envelopes.append(message.envelope)
                 return original(queueId, message)
             factory.onQueued = onQueued
-        yield self.send(rcpts=("x@loop.example",))
-        yield self.until(lambda: sink.transactions, timeout=60)
-        # The first copy, then one a round until the 49th (with this hop's
-        # own Received, the 50th) is refused.
-        self.assertEqual(len(envelopes), 49)
+        return sink, envelopes
+
+    @defer.inlineCallbacks
+    def assertLoopBounced(self, records, address, domain):
+        sink, envelopes = yield self.loopingGateway(records, address)
+        yield self.send(rcpts=("x@%s" % domain,))
+        yield self.until(lambda: sink.transactions and self.spoolEmpty(), timeout=30)
+        self.assertEqual(len(envelopes), 1)  # the client's copy only: none came back through port 25
         [block] = deliveryStatus(sink.transactions[0]["data"])[1:]
         self.assertEqual(block["Status"], "5.4.6")
-        yield self.until(lambda: not gw.service.spool.queueIds(), timeout=10)
+        self.assertIn("mail for %s loops back to myself" % (domain,), block["Diagnostic-Code"])
+
+    def test_bestMXIsSelf(self):
+        """The best MX host is the gateway: the other, worse one is not tried either."""
+        from twisted.names import dns
+
+        address = _freePort25()
+        other, otherAddress = MXTests.port25(self, exclude=[address])
+        return self.assertLoopBounced([
+            ("loop.example", dns.MX, dns.Record_MX(10, b"mx.loop.example")),
+            ("loop.example", dns.MX, dns.Record_MX(20, b"backup.loop.example")),
+            ("mx.loop.example", dns.A, dns.Record_A(address)),
+            ("backup.loop.example", dns.A, dns.Record_A(otherAddress))], address, "loop.example") \
+            .addCallback(lambda _: self.assertEqual(other.transactions, []))
+
+    def test_implicitMXIsSelf(self):
+        """No MX record, and the domain's own address is the gateway's."""
+        from twisted.names import dns
+
+        address = _freePort25()
+        return self.assertLoopBounced([("self.example", dns.A, dns.Record_A(address))], address, "self.example")
+
+    @defer.inlineCallbacks
+    def test_selfAsBackupMXIsLeftOut(self):
+        """
+        The gateway is a worse MX than another host: that host gets the
+        mail, and when it defers, the message waits for it rather than
+        going to the gateway's own port 25.
+        """
+        from twisted.names import dns
+
+        address = _freePort25()
+        primary, primaryAddress = MXTests.port25(self, exclude=[address])
+        primary.rcpt = {"x@backup.example": "451 4.3.0 try later"}
+        sink, envelopes = yield self.loopingGateway([
+            ("backup.example", dns.MX, dns.Record_MX(10, b"mx.backup.example")),
+            ("backup.example", dns.MX, dns.Record_MX(20, b"me.backup.example")),
+            ("mx.backup.example", dns.A, dns.Record_A(primaryAddress)),
+            ("me.backup.example", dns.A, dns.Record_A(address))], address)
+        yield self.send(rcpts=("x@backup.example",))
+        yield self.until(lambda: sum(line.startswith("RCPT TO:<x@backup.example>") for line in primary.lines) >= 2, timeout=30)
+        self.assertEqual(len(envelopes), 1)
+        self.assertEqual(sink.transactions, [])  # no bounce: it waits
+        self.assertEqual(len(self.gw.service.spool.queueIds()), 1)

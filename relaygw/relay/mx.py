@@ -15,8 +15,14 @@ mail elsewhere; a CNAME loop is a temporary failure.  At most
 C{MX_HOST_LIMIT} MX hosts are looked up, together; once one has addresses,
 the others get C{HOST_GRACE_SECONDS} more, and the whole lookup takes at
 most C{LOOKUP_SECONDS}.
+
+An MX host that is the gateway itself (an address one of its own port 25
+listeners accepts on, L{ownAddresses}) ends the list: it and every MX host
+of the same or a worse preference are left out, as Postfix does, and when
+that leaves none the mail "loops back to myself" (L{LoopsToSelf}).
 """
 
+import ipaddress
 import random
 import socket
 import struct
@@ -52,6 +58,10 @@ class NullMX(Exception):
 
 class NoSuchDomain(Exception):
     """The domain does not exist, or has neither MX nor address records."""
+
+
+class LoopsToSelf(Exception):
+    """The domain's best MX host (or its own address) is the gateway itself."""
 
 
 class TemporaryLookupFailure(Exception):
@@ -221,12 +231,85 @@ async def _hostAddresses(resolver, host):
     _classify(failures[0], host)
 
 
+def _nonlocalBind(family):
+    """Whether the kernel lets a socket bind an address that is not the machine's (so binding proves nothing)."""
+    path = "/proc/sys/net/ipv4/ip_nonlocal_bind" if family == socket.AF_INET else "/proc/sys/net/ipv6/ip_nonlocal_bind"
+    try:
+        with open(path) as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
+def _local(address):
+    """Whether C{address} (an L{ipaddress} address) is one of this machine's: it can be bound."""
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    if _nonlocalBind(family):
+        return False
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.bind((str(address), 0))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def _address(text):
+    """C{text} as an L{ipaddress} address, an IPv4-mapped IPv6 one as IPv4; C{None} if it is none."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def ownAddresses(bound):
+    """
+    A predicate: whether mail sent to an address on port 25 would come back
+    to this gateway, given what its listeners are bound to (C{bound}: the
+    C{(interface, port)} pairs of L{relaygw.config.endpointPort}, C{""} for
+    every address).  A listener bound to every address makes each of the
+    machine's own addresses (loopback included) the gateway's.
+    """
+    interfaces = {interface for interface, port in filter(None, bound) if port == SMTP_PORT and interface != "unix"}
+    explicit = {_address(interface) for interface in interfaces if interface}
+    everywhere = "" in interfaces or any(address.is_unspecified for address in explicit if address is not None)
+
+    def isSelf(ip):
+        address = _address(ip)
+        return address is not None and (address in explicit or (everywhere and _local(address)))
+
+    return isSelf
+
+
+def _beforeSelf(addresses, preferences, isSelf, domain):
+    """
+    C{addresses} (C{(ip, host)}, best first) up to the first MX host that
+    is the gateway: only hosts of a better preference than it stay.
+
+    @raise LoopsToSelf: when none does.
+    """
+    own = [preferences[host] for ip, host in addresses if isSelf(ip)]
+    if not own:
+        return addresses
+    kept = [(ip, host) for ip, host in addresses if preferences[host] < min(own)]
+    if not kept:
+        raise LoopsToSelf("mail for %s loops back to myself" % (domain,))
+    log.info("{domain}: MX hosts of preference {preference} or worse left out: the gateway is one of them",
+             domain=domain, preference=min(own))
+    return kept
+
+
 def _sortMX(records):
     """MX RRHeaders sorted by preference, equal preferences in random order."""
     return sorted(records, key=lambda rr: (rr.payload.preference, random.random()))
 
 
-async def _lookupNextHops(resolver, domain, clock):
+async def _lookupNextHops(resolver, domain, clock, isSelf):
     domain = _name(domain)
     try:
         answers, authority, additional = await resolver.lookupMailExchange(domain)
@@ -243,11 +326,15 @@ async def _lookupNextHops(resolver, domain, clock):
         if not addresses:
             raise NoSuchDomain("%s: no MX and no address records" % (domain,))
         log.debug("{domain}: implicit MX {addresses}", domain=domain, addresses=addresses)
-        return _unique([(ip, domain) for ip in addresses])
+        return _unique(_beforeSelf([(ip, domain) for ip in addresses], {domain: 0}, isSelf, domain))
 
-    hosts = [_name(rr.payload.name) for rr in _sortMX(mxs)]
+    mxs = _sortMX(mxs)
+    hosts = [_name(rr.payload.name) for rr in mxs]
     if len(mxs) == 1 and mxs[0].payload.preference == 0 and hosts == [""]:
         raise NullMX("%s does not accept mail (null MX)" % (domain,))
+    preferences = {}
+    for host, rr in zip(hosts, mxs):
+        preferences.setdefault(host, rr.payload.preference)
     hosts = [host for host in hosts if host][:MX_HOST_LIMIT]  # (a "." among others, or not preference 0: no host)
 
     async def resolve(host):
@@ -279,7 +366,7 @@ async def _lookupNextHops(resolver, domain, clock):
             "%s: no address for any MX host%s" % (domain, ": %s" % (temporary,) if temporary else "")
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
-    return _unique(addresses)
+    return _unique(_beforeSelf(addresses, preferences, isSelf, domain))
 
 
 def _settled(lookups, clock):
@@ -337,7 +424,11 @@ def _unique(addresses):
     return hops
 
 
-def lookupNextHops(resolver, domain, withNames=False, clock=None):
+def _nobody(ip):
+    return False
+
+
+def lookupNextHops(resolver, domain, withNames=False, clock=None, isSelf=_nobody):
     """
     Find the next hops for mail to C{domain}.
 
@@ -345,14 +436,15 @@ def lookupNextHops(resolver, domain, withNames=False, clock=None):
     @param domain: the recipient domain (str).
     @param withNames: also give each address's host name (the MX host, or
         the domain for an implicit MX), which TLS verification checks.
+    @param isSelf: whether an address is the gateway's own (L{ownAddresses}).
     @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples
         (C{(ip, 25, name)} with C{withNames}), best first, or failing with
-        L{NullMX}, L{NoSuchDomain} (both permanent) or L{TemporaryLookupFailure}
+        L{NullMX}, L{NoSuchDomain}, L{LoopsToSelf} (permanent) or L{TemporaryLookupFailure}
         (also after C{LOOKUP_SECONDS}).  Cancelling it ends the lookup.
     """
     if clock is None:
         from twisted.internet import reactor as clock
-    d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain, clock))
+    d = defer.Deferred.fromCoroutine(_lookupNextHops(resolver, domain, clock, isSelf))
     d.addTimeout(LOOKUP_SECONDS, clock, onTimeoutCancel=lambda result, timeout: Failure(
         TemporaryLookupFailure("%s: DNS lookup timed out after %gs" % (domain, timeout))))
     return d if withNames else d.addCallback(lambda hops: [hop[:2] for hop in hops])

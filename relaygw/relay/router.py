@@ -39,8 +39,11 @@ class HopSpec:
 
     MAX_CACHED = 1000
 
-    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None):
+    def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None,
+                 isSelf=None):
         self.name = name
+        #: Whether an MX host's address is the gateway's own (L{mx.ownAddresses}).
+        self.isSelf = isSelf or mx.ownAddresses(())
         #: Connections to each of its next hops this process may open (its share of destination_concurrency).
         self.connections = hop.destination_concurrency if connections is None else connections
         self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
@@ -78,8 +81,9 @@ class HopSpec:
                     self._sweep()
                 options = _options(hop, self.heloName)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
-                self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, mxHosts(self.resolver(), domain),
-                                                 options, self.connections, deadFor=self.deadFor)
+                hosts = mxHosts(self.resolver(), domain, self.isSelf)
+                self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, hosts, options, self.connections,
+                                                 deadFor=self.deadFor)
             return self.cache[domain]
         return self.fallback
 
@@ -102,10 +106,13 @@ class Router:
         heloName = relay.helo_name or config.listeners[0].hostname
         self._resolver = None
         self.relay = relay
+        isSelf = mx.ownAddresses([_config.endpointPort(listener.endpoint) for listener in config.listeners])
         self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
-                               deadFor=relay.retry_min, connections=share(relay.destination_concurrency))
+                               deadFor=relay.retry_min, connections=share(relay.destination_concurrency),
+                               isSelf=isSelf)
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
-                                   deadFor=relay.retry_min, connections=share(r.destination_concurrency)))
+                                   deadFor=relay.retry_min, connections=share(r.destination_concurrency),
+                                   isSelf=isSelf))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):

@@ -268,6 +268,9 @@ class SMTPNextHop(WaitingLine):
         except mx.NoSuchDomain:
             result = Result(550, "5.1.2", "recipient domain does not exist")
             candidates = None
+        except mx.LoopsToSelf as e:
+            result = Result(554, "5.4.6", str(e))
+            candidates = None
         except Exception as e:
             result = STOPPED if self.stopping else temporary("next hop lookup failed: %s" % (e,))
             candidates = None
@@ -456,6 +459,6 @@ def smarthostList(hosts):
     return lambda: defer.succeed(list(hosts))
 
 
-def mxHosts(resolver, domain):
-    """A C{hosts} provider that looks up the MX hosts of C{domain}."""
-    return lambda: mx.lookupNextHops(resolver, domain, withNames=True)
+def mxHosts(resolver, domain, isSelf):
+    """A C{hosts} provider that looks up the MX hosts of C{domain} (those before the gateway itself, C{isSelf})."""
+    return lambda: mx.lookupNextHops(resolver, domain, withNames=True, isSelf=isSelf)
