@@ -22,7 +22,7 @@ import attr
 from zope.interface import directlyProvides, implementer, providedBy
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -240,7 +240,7 @@ def findProxyInfo(transport):
     return None
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ProxyProtocolWrapper(ProtocolWrapper):
     """
     Reads the PROXY header, then connects the wrapped protocol and gets out
@@ -368,6 +368,15 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         session = self._halfCloseable()
         if session is not None:
             session.writeConnectionLost()
+
+    def handshakeCompleted(self):
+        """
+        A TLS layer started under this wrapper (STARTTLS) finished its
+        handshake: tell the session, which the layer does not see.
+        """
+        wrapped = self.wrappedProtocol if self._connected else None
+        if IHandshakeListener.providedBy(wrapped):
+            wrapped.handshakeCompleted()
 
     def connectionLost(self, reason):
         """

@@ -35,7 +35,7 @@ from relaygw.proxy import (
 )
 from relaygw.testing import Client, inThread
 from tests.proxyheaders import SIG, rawSession, v2
-from tests.sessions import GatewayTestCase, SessionTestCase
+from tests.sessions import GatewayTestCase, SessionTestCase, TLSGatewayTestCase
 from tests.tlsmaterial import altNames, certificate, clientContext, commonName, newKey, pem
 
 V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 4567 25\r\n"
@@ -628,6 +628,32 @@ class ProxyThenTLSTests(GatewayTestCase):
             self.assertEqual(code, 250)
             self.assertIn("2.0.0 [connection] remote_ip 192.0.2.44", lines)
             self.assertIn("2.0.0 [connection] proxy_peer_ip 127.0.0.1", lines)
+            self.assertTrue(any(l.startswith("2.0.0 [connection] tls TLSv1.") for l in lines), lines)
+
+        return inThread(run)
+
+
+class ProxyStartTLSTests(TLSGatewayTestCase):
+    """STARTTLS on a PROXY listener, over a loopback socket: the TLS layer goes in under the PROXY wrapper."""
+
+    tlsListener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"], "require_tls": True,
+                   "trusted_peers": ["192.0.2.0/24"], "extensions": ["xdumpcontext"]}
+
+    def test_handshakeReachesSession(self):
+        def run():
+            c = Client.__new__(Client)
+            c.sock, c.buf = rawSession(self.gw.port, V1), b""
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            self.assertEqual(c.cmd("EHLO x")[0], 250)
+            self.starttls(c)
+            code, lines = c.cmd("EHLO x")
+            self.assertEqual(code, 250)
+            self.assertNotIn("STARTTLS", lines)
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)  # require_tls is met
+            self.assertEqual(c.cmd("STARTTLS")[0], 503)
+            code, lines = c.cmd("XDUMPCONTEXT")
+            self.assertIn("2.0.0 [connection] remote_ip 192.0.2.7", lines)
             self.assertTrue(any(l.startswith("2.0.0 [connection] tls TLSv1.") for l in lines), lines)
 
         return inThread(run)
