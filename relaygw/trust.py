@@ -188,7 +188,15 @@ class TrustPolicy:
         return cls(listener.trusted_peers, listener.proxy_trusted, listener.tls_client_identities, tls)
 
     def balancer(self, ip):
-        """Whether socket peer C{ip} may open a connection with a PROXY header."""
+        """
+        Whether socket peer C{ip} may open a connection with a PROXY header.
+        A link-local peer's zone is not part of its address (L{peerIP}), as
+        for C{trusted_peers}.
+        """
+        try:
+            ip = peerIP(ip)
+        except (TypeError, ValueError):
+            return False
         return ip in self.balancers
 
     def forConnection(self, peer, proxied=None):

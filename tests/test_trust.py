@@ -132,6 +132,18 @@ class TrustPolicyTests(unittest.TestCase):
         self.assertFalse(policy.balancer("127.0.0.5"))
         self.assertEqual(policy.forConnection("10.0.0.1"), trust.UNTRUSTED)
 
+    def test_linkLocalBalancer(self):
+        """
+        A balancer on a link-local address is known by its address, as a
+        trusted peer is: the socket's zone (its interface) is not part of it.
+        """
+        policy = trust.TrustPolicy(["fe80::/10"], ["fe80::1/128"])
+        self.assertTrue(policy.balancer("fe80::1%eth0"))
+        self.assertFalse(policy.balancer("fe80::2%eth0"))
+        self.assertFalse(policy.balancer(None))  # (a UNIX socket's peer)
+        self.assertFalse(policy.balancer("not an address"))
+        self.assertEqual(policy.forConnection(trust.peerIP("fe80::2%eth0")), trust.Verdict(True, "peer"))
+
     def test_noCertificateTrustWithoutClientCA(self):
         policy = trust.TrustPolicy(clientIdentities=["dns:lb1.example.net"])
         self.assertIs(policy.afterHandshake(object()), trust.UNTRUSTED)
