@@ -387,6 +387,8 @@ class ProxyProtocolWrapper(ProtocolWrapper):
             self._timer.cancel()
             self._timer = None
         self.factory.unregisterProtocol(self)
+        # The session's transport is gone (as TLSMemoryBIOProtocol says of itself).
+        self.connected = False
         if self._connected:
             self.wrappedProtocol.connectionLost(reason)
         else:

@@ -657,3 +657,38 @@ class ProxyStartTLSTests(TLSGatewayTestCase):
             self.assertTrue(any(l.startswith("2.0.0 [connection] tls TLSv1.") for l in lines), lines)
 
         return inThread(run)
+
+
+class ProxyConnectionEndTests(GatewayTestCase):
+    """A session behind PROXY is let go once its connection has gone, however it ends."""
+
+    listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"], "relay_networks": ["192.0.2.0/24"]}
+
+    def test_droppedAndClosedSessionsLetGo(self):
+        factory = self.gw.service.factories[0]
+
+        def run():
+            for quit in (False, True):
+                c = Client(self.gw.port)
+                self.addCleanup(c.close)
+                c.send(V1)
+                self.assertEqual(c.reply()[0], 220)
+                c.cmd("EHLO x")
+                if quit:
+                    self.assertEqual(c.cmd("QUIT")[0], 221)
+                    self.assertTrue(c.closed())
+                c.close()
+
+        def held():
+            return factory.connectionsHeld(), len(factory.closing)
+
+        @defer.inlineCallbacks
+        def check(_):
+            for _ in range(50):  # (at most 5 seconds)
+                if held() == (0, 0):
+                    break
+                yield task.deferLater(reactor, 0.1, lambda: None)
+            # Neither the dropped session nor the one that quit is held as closing for ever.
+            self.assertEqual(held(), (0, 0))
+
+        return inThread(run).addCallback(check)
