@@ -457,6 +457,7 @@ class FailureTracker:
         self.maxDelay = maxDelay
         self._failures = {}
         self._inflight = {}
+        self._prunedAt = float("-inf")
 
     def _recent(self, peer):
         times = self._failures.get(peer)
@@ -471,12 +472,22 @@ class FailureTracker:
 
     def record(self, peer):
         """
-        Count a failure for C{peer} now.
+        Count a failure for C{peer} now.  At most C{maxPeers} addresses are
+        remembered: past that, those whose failures have all expired go (a
+        walk of the table, at most once a tenth of the window), then the
+        longest remembered.  A client with that many addresses has that
+        many times C{limit} tries anyway.
         """
-        if peer not in self._failures and len(self._failures) >= self.maxPeers:
-            for other in list(self._failures):
-                self._recent(other)
-        self._failures.setdefault(peer, deque(maxlen=max(self.limit, 32))).append(self._clock.seconds())
+        failures = self._failures
+        if peer not in failures and len(failures) >= self.maxPeers:
+            now = self._clock.seconds()
+            if now >= self._prunedAt + self.window / 10:
+                self._prunedAt = now
+                for other in list(failures):
+                    self._recent(other)
+            while len(failures) >= self.maxPeers:
+                del failures[next(iter(failures))]
+        failures.setdefault(peer, deque(maxlen=max(self.limit, 32))).append(self._clock.seconds())
 
     def delay(self, peer):
         """

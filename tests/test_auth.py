@@ -4,6 +4,7 @@ Tests for L{relaygw.auth} and C{relaygw-passwd}.
 
 import io
 import os
+import time
 
 from twisted.cred import checkers, credentials, error
 from twisted.internet import defer, task
@@ -236,6 +237,28 @@ class FailureTrackerTests(unittest.TestCase):
         self.assertEqual(tracker.delay("peer"), 4)
         clock.advance(600)
         self.assertEqual(tracker.delay("peer"), 0)
+
+    def test_boundedTable(self):
+        """
+        Failed logins from more addresses than C{maxPeers} (a client with
+        many IPv6 addresses) keep the table at that size, without a walk of
+        it for every new address (that made each failure cost the reactor
+        thread a pass over ten thousand entries); expired ones go first.
+        """
+        clock = task.Clock()
+        tracker = auth.FailureTracker(clock)
+        tracker.maxPeers = 10000
+        for n in range(5000):
+            tracker.record("2001:db8::%x" % n)
+        clock.advance(601)  # those have expired
+        started = time.process_time()
+        for n in range(5000, 17000):
+            tracker.record("2001:db8::%x" % n)
+        self.assertLess(time.process_time() - started, 2.0)
+        self.assertEqual(len(tracker._failures), 10000)
+        self.assertEqual(tracker.delay("2001:db8::0"), 0)  # expired, and gone
+        self.assertEqual(tracker.delay("2001:db8::%x" % 16999), 0.5)
+        self.assertTrue(all(tracker.delay("2001:db8::%x" % n) == 0 for n in range(5000, 7000)))  # the oldest, evicted
 
 
 class PasswdScriptTests(unittest.TestCase):
