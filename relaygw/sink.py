@@ -5,6 +5,12 @@ C{handle_DATA}, Postfix's cleanup): the session hands over the envelope
 and the client's content, and learns the queue id once the message is
 stored.  The sink adds the C{Received} header and keeps the size, as
 Postfix's cleanup does; the session only speaks SMTP.
+
+Content whose first line starts with a space or a tab (a continuation
+line, which no message can start with) would continue the Received header
+above it: as Postfix's cleanup does, an empty line then ends the header
+section first, so the client's octets all reach the next hop unchanged,
+as the body, and the Received header stays the gateway's own.
 """
 
 from zope.interface import Attribute, Interface, implementer
@@ -76,6 +82,7 @@ class IncomingMessage:
         self.limit = limit
         self.traceOctets = 0
         self.tooBig = False
+        self.started = False
 
     @property
     def queueId(self):
@@ -96,6 +103,11 @@ class IncomingMessage:
     def write(self, chunk):
         if self.tooBig or not chunk:
             return
+        if not self.started:
+            self.started = True
+            if chunk[:1] in (b" ", b"\t"):  # (it would continue the Received header: an empty line ends it)
+                self.writer.write(b"\r\n")
+                self.traceOctets += 2
         if self.limit and self.writer.size - self.traceOctets + len(chunk) > self.limit:
             # Refused at its end whatever follows: what was stored goes now,
             # not when the client has sent the rest.

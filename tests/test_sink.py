@@ -55,6 +55,45 @@ class SpoolSinkTests(unittest.TestCase):
         self.assertTrue(content.endswith(b"y" * 80 + b"\r\n"))
         self.assertEqual(message.size, len(content))
 
+    @defer.inlineCallbacks
+    def test_contentStartingWithWhitespaceIsNotPartOfReceived(self):
+        """
+        Content whose first line starts with a space or tab (no header can)
+        is not let continue the Received header: as Postfix's cleanup does,
+        an empty line ends the header section before it, so that line and
+        all that follows reach the next hop unchanged, as the body.
+        """
+        client = b"\t(authenticated as postmaster)\r\nSubject: x\r\n\r\nbody\r\n"
+        incoming = self.sink.begin(self.envelope(), self.context, self.listener)
+        received = incoming.size
+        incoming.write(client[:1])
+        incoming.write(client[1:])
+        qid = yield incoming.commit()
+        message = self.spool.load(qid)
+        with message.openBody() as body:
+            content = body.read()
+        self.assertEqual(content[received:], b"\r\n" + client)
+        self.assertTrue(content[:received].endswith(b" GMT\r\n"))
+        self.assertEqual(message.size, len(content))
+
+    def test_emptyLineNotCountedAgainstTheLimit(self):
+        """The empty line before content starting with a space counts with the Received header, not the client's."""
+        incoming = self.sink.begin(self.envelope(), self.context, self.listener)
+        incoming.write(b" " + b"x" * 97 + b"\r\n")
+        self.assertFalse(incoming.tooBig)
+        incoming.write(b"z")
+        self.assertTrue(incoming.tooBig)
+        incoming.abort()
+
+    def test_whitespaceAfterTheStartIsContent(self):
+        """Only the content's very first octet is looked at: later lines starting with a space are the client's."""
+        incoming = self.sink.begin(self.envelope(), self.context, self.listener)
+        received = incoming.size
+        client = b"Subject: x\r\n folded\r\n\r\n body\r\n"
+        incoming.write(client)
+        self.assertEqual(incoming.size, received + len(client))
+        incoming.abort()
+
     def test_limitCountsClientOctetsOnly(self):
         incoming = self.sink.begin(self.envelope(), self.context, self.listener)
         incoming.write(b"x" * 98 + b"\r\n")
