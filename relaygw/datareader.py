@@ -126,6 +126,10 @@ class HeaderScanner:
     def feed(self, chunk):
         if self.done:
             return
+        if not self.seen and not self.partial and chunk[:1] in (b" ", b"\t"):
+            # A continuation line first: no header at all, the content is
+            # all body (the sink ends the gateway's header before it).
+            return self._stop()
         data = self.partial + chunk if self.partial else chunk
         start = 0
         while True:

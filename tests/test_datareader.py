@@ -153,6 +153,9 @@ class HeaderScannerTests(unittest.TestCase):
             (b"X-Long: " + b"x" * 2000 + b"\nMessage-ID: <after@long>\r\n", "<after@long>"),
             (b"X-Long: " + b"x" * 2000 + b" Message-ID: <in@long>\r\n\r\n", None),
             (b"X: " + b"y" * 1100 + b"\r\n\r\nMessage-ID: <body@x>\r\n", None),
+            # A continuation line first: all of it is body (the sink ends the gateway's header before it).
+            (b"\tfolded\r\nMessage-ID: <body@x>\r\n\r\n", None),
+            (b" x\r\nMessage-ID: <body@x>\r\n\r\n", None),
         ]
         for data, expected in cases:
             for size in (1, 2, 7, 1000, len(data)):
@@ -160,6 +163,15 @@ class HeaderScannerTests(unittest.TestCase):
                 for i in range(0, len(data), size):
                     scanner.feed(data[i:i + size])
                 self.assertEqual(scanner.messageId, expected, (data[:40], size))
+
+    def test_noHeaderNoHops(self):
+        """Received lines after a first continuation line are body: they are no hops."""
+        scanner = HeaderScanner()
+        scanner.feed(b" x\r\n" + b"Received: from a by b; date\r\n" * 60)
+        self.assertEqual(scanner.received, 0)
+        counted = HeaderScanner()
+        counted.feed(b"Received: from a by b; date\r\n" * 60)
+        self.assertEqual(counted.received, 60)
 
     def test_messageIdScanIsLinear(self):
         """
