@@ -706,6 +706,44 @@ class SmarthostTests(RelayTestCase):
         self.assertIn(b"Status: 5.4.1", bounce["data"])
 
     @defer.inlineCallbacks
+    def test_bounceNamesTheRemoteMTA(self):
+        """
+        A recipient refused by the next hop: its group in the report names
+        that next hop (Remote-MTA) and quotes its reply as an SMTP
+        diagnostic, as Postfix's bounces do (RFC 3464 sections 2.3.5, 2.3.6).
+        """
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("bad@example.net",))
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        blocks = deliveryStatus(bounce["data"])
+        self.assertEqual(blocks[1]["Remote-MTA"], "dns; 127.0.0.1")
+        self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
+
+    @defer.inlineCallbacks
+    def test_localFailureIsNoSMTPReply(self):
+        """
+        A recipient that expires without any next hop having answered (the
+        connection refused each time) bounces with the gateway's own
+        diagnostic: no SMTP reply code it never got, and no Remote-MTA
+        (RFC 3464 section 2.3.5: not when no remote MTA was involved).
+        """
+        sink, sport = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % freePort()], "max_lifetime": 0.5},
+                           routes=[{"name": "senders", "domains": ["example.org"],
+                                    "smarthosts": ["[127.0.0.1]:%d" % sport]}])
+        yield self.send(rcpts=("far@example.net",))
+        yield self.until(lambda: sink.transactions and self.spoolEmpty())
+        [bounce] = sink.transactions
+        blocks = deliveryStatus(bounce["data"])
+        self.assertEqual(blocks[1]["Final-Recipient"], "rfc822; far@example.net")
+        self.assertNotIn("Remote-MTA", blocks[1])
+        diagnostic = blocks[1]["Diagnostic-Code"]
+        self.assertTrue(diagnostic.startswith("X-relaygw; connection to "), diagnostic)
+        self.assertNotIn("451", diagnostic)
+
+    @defer.inlineCallbacks
     def test_authToSmarthost(self):
         hop, port = self.hop(extensions=["AUTH PLAIN LOGIN"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none",

@@ -67,7 +67,7 @@ class _Reply:
         return " ".join(line.strip() for line in lines).strip()
 
     def result(self):
-        return RecipientResult(self.code, self.enhanced, self.text)
+        return RecipientResult(self.code, self.enhanced, self.text, reply=True)
 
     def __str__(self):
         return "%d %s" % (self.code, " / ".join(self.lines))

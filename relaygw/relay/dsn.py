@@ -91,9 +91,15 @@ def buildBounce(message, failures, hostname, now=None):
         status = result.enhanced if result.enhanced and result.enhanced[0] in "45" else "5.0.0"
         if status[0] == "4":  # the queue lifetime ran out on a temporary failure
             status = "5" + status[1:]
+        if result.reply:  # (the next hop's reply, and its name: RFC 3464 sections 2.3.5, 2.3.6)
+            diagnostic = _cut("Diagnostic-Code: smtp; " + reply)
+            if result.relay:
+                diagnostic = "Remote-MTA: dns; %s\r\n%s" % (_clean(result.relay.split("[", 1)[0]), diagnostic)
+        else:  # (no SMTP reply says so: the gateway's own diagnostic, no code it never got)
+            diagnostic = _cut("Diagnostic-Code: X-relaygw; " + _clean(result.text))
         blocks.append(
             "Final-Recipient: rfc822; %s\r\nAction: failed\r\nStatus: %s\r\n"
-            "%s\r\n" % (_clean(rcpt), status, _cut("Diagnostic-Code: smtp; " + reply))
+            "%s\r\n" % (_clean(rcpt), status, diagnostic)
         )
     parts = [
         "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,

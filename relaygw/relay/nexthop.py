@@ -26,6 +26,9 @@ class Result:
     #: (L{WITHDRAWN}, L{STOPPED}, L{NOT_SENT}, L{WAITED}), never on a reply,
     #: so that no reply equals one of them, whatever its code and text.
     untried: bool = False
+    #: The text is the next hop's own reply (at C{relay}), not one made up
+    #: locally: a bounce quotes it as an SMTP diagnostic and names the MTA.
+    reply: bool = field(default=False, compare=False)
 
     @property
     def ok(self):
@@ -44,7 +47,7 @@ class Result:
 
     def located(self, relay, setup, transmit):
         """This outcome with where it came from and how long it took (no C{dataclasses.replace}: once per reply)."""
-        return Result(self.code, self.enhanced, self.text, relay, setup, transmit, self.untried)
+        return Result(self.code, self.enhanced, self.text, relay, setup, transmit, self.untried, self.reply)
 
     __str__ = describe
 
