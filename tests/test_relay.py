@@ -722,6 +722,22 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
 
     @defer.inlineCallbacks
+    def test_malformedEnhancedCodeNotReported(self):
+        """
+        A reply whose enhanced code has leading zeros (5.01.001) is no
+        RFC 3463 code: the bounce's Status is the one its reply code gives
+        (5.0.0), as Postfix's, never a malformed one; the reply is quoted whole.
+        """
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.01.001 bad address"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(rcpts=("bad@example.net",))
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        blocks = deliveryStatus(bounce["data"])
+        self.assertEqual(blocks[1]["Status"], "5.0.0")
+        self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.01.001 bad address")
+
+    @defer.inlineCallbacks
     def test_localFailureIsNoSMTPReply(self):
         """
         A recipient that expires without any next hop having answered (the

@@ -37,7 +37,9 @@ def _temporary(text, enhanced="4.4.2", code=451):
     return RecipientResult(code, enhanced, text)
 
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+#: RFC 3463's class.subject.detail: no leading zero in a sub-field (as
+#: Postfix's dsn_valid), so a malformed code is never reported onward.
+_ENHANCED = re.compile(r"^([245])\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})(?:\s+|$)")
 
 
 @dataclass(frozen=True)
