@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from relaygw.logs import makeObserver
 from relaygw.testing import (
-    Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
+    Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
 )
 from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, WITHDRAWN, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
@@ -736,6 +736,31 @@ class SmarthostTests(RelayTestCase):
         blocks = deliveryStatus(bounce["data"])
         self.assertEqual(blocks[1]["Status"], "5.0.0")
         self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.01.001 bad address")
+
+    @defer.inlineCallbacks
+    def test_bounceReturnsNoBodyLines(self):
+        """
+        A message whose header section runs straight into its body (no
+        blank line in between): its bounce returns the header fields only,
+        not the body's lines as if they were headers.
+        """
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+
+        def send():
+            c = Client(self.gw.port)
+            try:
+                replies = c.transaction(["bad@example.net"], "Subject: hi\r\nsecret body line\r\nmore body\r\n")
+                assert replies[-1][0] == 250, replies
+            finally:
+                c.close()
+
+        yield inThread(send)
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        self.assertNotIn(b"secret body line", bounce["data"])
+        self.assertNotIn(b"more body", bounce["data"])
+        self.assertIn(b"\r\nSubject: hi\r\n", bounce["data"])
 
     @defer.inlineCallbacks
     def test_localFailureIsNoSMTPReply(self):

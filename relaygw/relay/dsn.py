@@ -4,6 +4,7 @@ building one, and queueing it for the sender.
 """
 
 import os
+import re
 import time
 from email.utils import formatdate
 
@@ -18,6 +19,10 @@ log = Logger(namespace="relaygw.queue")
 #: RFC 5322's limit on a line's length, its CRLF not counted.
 RFC5322_LINE = 998
 
+#: The start of a header field: a name (printable, no colon), then the
+#: colon (white space before it: RFC 5322's obsolete syntax).
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
 
 def _headers(message, limit=65536):
     """
@@ -25,7 +30,10 @@ def _headers(message, limit=65536):
     text/rfc822-headers part: at most C{limit} octets, in whole lines, a
     line longer than RFC 5322 allows continued on the next (a space first,
     a UTF-8 character kept whole), NUL and bare CR (which no 7bit or 8bit
-    part may hold, RFC 2045) as "?".
+    part may hold, RFC 2045) as "?".  The section ends at the first line
+    that is neither a header field nor a field's continuation, blank or
+    not: a body that follows the headers without a blank line is not
+    returned.
     """
     with message.openBody() as f:
         data = f.read(limit)
@@ -34,8 +42,13 @@ def _headers(message, limit=65536):
         end = data.rfind(b"\r\n")  # (no end of the headers in the first C{limit} octets)
     if end != -1:
         data = data[: end + 2]
+    fields = data.split(b"\r\n")
+    for n, line in enumerate(fields):
+        if not (_FIELD.match(line) or (n and line[:1] in (b" ", b"\t"))):
+            del fields[n:]
+            break
     lines = []
-    for line in data.split(b"\r\n"):
+    for line in fields:
         line = line.replace(b"\x00", b"?").replace(b"\r", b"?")
         while len(line) > RFC5322_LINE:
             cut = RFC5322_LINE
@@ -44,8 +57,6 @@ def _headers(message, limit=65536):
             lines.append(line[:cut])
             line = b" " + line[cut:]
         lines.append(line)
-    if not lines[-1]:
-        lines.pop()
     return b"".join(line + b"\r\n" for line in lines)
 
 
