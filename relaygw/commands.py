@@ -119,8 +119,8 @@ def parseParams(words):
     """
     params = {}
     for word in words:
-        if not word.isascii():
-            raise CommandError(codes.NON_ASCII_ADDRESS)
+        if not word.isascii():  # (RFC 5321's esmtp-value is ASCII: a syntax error, not a non-ASCII address)
+            raise CommandError(codes.SYNTAX.format(what="non-ASCII parameter"))
         m = _PARAM.match(word)
         if not m:
             raise CommandError(codes.SYNTAX.format(what="bad parameter %s" % word))

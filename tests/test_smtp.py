@@ -176,6 +176,22 @@ class TransactionTests(SessionTestCase):
 
         return self.session(run)
 
+    def test_nonAsciiParameter(self):
+        """
+        A non-ASCII octet in an ESMTP parameter (a DSN ENVID or ORCPT the
+        gateway does not offer) is a syntax error, 501 5.5.4 (RFC 5321's
+        esmtp-value is ASCII): not 553 5.6.7, which says the address is
+        non-ASCII when it is not.
+        """
+        def run(c):
+            code, lines = c.cmd("MAIL FROM:<a@example.org> ENVID=caf\xe9")
+            self.assertEqual((code, lines[0][:6]), (501, "5.5.4 "))
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org>")[0], 250)
+            code, lines = c.cmd("RCPT TO:<b@example.net> ORCPT=rfc822;\xfc@example.net")
+            self.assertEqual((code, lines[0][:6]), (501, "5.5.4 "))
+
+        return self.session(run)
+
     def test_everyReplyHasEnhancedCode(self):
         commands = ["EHLO x", "MAIL FROM:<a@example.org>", "MAIL FROM:<a@example.org>", "RCPT TO:<>",
                     "RCPT TO:<b@example.net>", "VRFY x", "NOOP", "RSET", "HELP", "BOGUS", "DATA", "QUIT"]
