@@ -17,16 +17,17 @@ headers) keeps its running settings whole, with a warning saying why.
 import dataclasses
 
 from relaygw import logs
-from relaygw.config import ConfigError, listenerErrors, parse, read
+from relaygw.config import AdminConfig, ConfigError, ProcessConfig, SpoolConfig, listenerErrors, parse, read
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.reload")
 
 #: Listener keys that shape the listening socket: a restart applies them.
 LISTENER_RESTART_KEYS = ("endpoint", "implicit_tls", "proxy_protocol")
-#: Section keys a restart applies (the spool layout, processes, admin socket).
-SECTION_RESTART_KEYS = (("spool", "directory"), ("spool", "fsync"), ("spool", "io_uring"), ("process", "workers"),
-                        ("process", "cpu_affinity"), ("admin", "endpoint"))
+#: Section keys a restart applies: all of C{[spool]}, C{[process]} and C{[admin]} (L{applicable} keeps them).
+SECTION_RESTART_KEYS = tuple((section, f.name) for section, cls in (("spool", SpoolConfig), ("process", ProcessConfig),
+                                                                     ("admin", AdminConfig))
+                             for f in dataclasses.fields(cls))
 
 
 def reloadConfig(service, path, text=None, share=None):

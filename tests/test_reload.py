@@ -176,6 +176,17 @@ class ReloadTests(unittest.TestCase):
         yield self.send("b@example.net")
         self.assertEqual(self.hops[0][0].recipients(), ["b@example.net"])
 
+    def test_everySpoolKeyNamed(self):
+        """
+        C{min_free_space}, a spool key as the others, is named in the warning
+        (before: not applied, and not said either).
+        """
+        minFree = self.gw.service.spool.minFree
+        self.rewrite(spool={"min_free_space": minFree + 1})
+        self.gw.service.reload()
+        self.assertEqual(self.messages("warn"), ["reload: spool.min_free_space changes only with a restart"])
+        self.assertEqual(self.gw.service.spool.minFree, minFree)
+
 
 class ListenerSetReloadTests(unittest.TestCase):
     """
