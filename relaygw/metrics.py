@@ -230,7 +230,12 @@ class Metrics:
 
     @_safe
     def delivery(self, hop, result):
-        """One recipient's delivery attempt via C{hop} ended with C{result}."""
+        """
+        One recipient's delivery attempt via C{hop} ended with C{result}.
+        MX delivery's hops (C{mx:DOMAIN}, one per recipient domain a client
+        names) count as one, C{mx}.
+        """
+        hop = "mx" if hop.startswith("mx:") else hop
         self._labelled(self.deliveries, hop, _capped(result, DELIVERY_RESULTS)).inc()
 
     @_safe

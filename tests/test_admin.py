@@ -12,7 +12,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from relaygw import admin
 from relaygw.admin import makeAdminSite
 from relaygw.metrics import Metrics
-from relaygw.testing import Gateway, inThread
+from relaygw.testing import Client, Gateway, inThread
 from tests.sessions import GatewayTestCase
 
 
@@ -431,3 +431,53 @@ class GatewayAdminTests(GatewayTestCase):
             f.draining = True
         code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/healthz")
         self.assertEqual((code, body), (503, b"draining\n"))
+
+
+class MXMetricsTests(unittest.TestCase):
+    """With MX delivery, the next hop's metrics label does not follow the recipient's domain."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from twisted.names import authority, dns, server
+
+        zone = authority.FileAuthority(None)
+        zone.soa = (b"test", dns.Record_SOA(mname=b"ns.test", rname=b"hostmaster.test", serial=1, refresh=3600,
+                                            retry=600, expire=86400, minimum=60, ttl=60))
+        zone.records = {}
+        factory = server.DNSServerFactory(authorities=[zone])
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"mx": True, "resolver": "127.0.0.1:%d" % udp.getHost().port},
+                          admin={"endpoint": "tcp:0:interface=127.0.0.1"})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        self.fetcher = Fetcher(self)
+
+    @defer.inlineCallbacks
+    def test_nexthopSeriesBounded(self):
+        """
+        Recipients in 20 domains (none exists: each is bounced) make one
+        series per result, not one per domain, which a client would grow
+        without end (before: C{nexthop="mx:d0.test"} ... C{"mx:d19.test"}).
+        """
+        recipients = ["r@d%d.test" % i for i in range(20)]
+
+        def run():
+            c = Client(self.gw.port)
+            try:
+                replies = c.transaction(recipients, "Subject: m\r\n\r\nx\r\n", mailfrom="s@sender.test")
+                return [code for code, _ in replies[3:]]
+            finally:
+                c.close()
+
+        self.assertEqual(set((yield inThread(run))), {250, 354})
+        for _ in range(100):
+            yield self.gw.service.queue.whenIdle()
+            _, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/metrics")
+            lines = [line for line in body.decode().splitlines() if line.startswith("relaygw_delivery_attempts_total")]
+            if sum(float(line.split()[-1]) for line in lines) >= 20:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        hops = {line.split('nexthop="')[1].split('"')[0] for line in lines}
+        self.assertEqual(len(hops), 1, hops)
