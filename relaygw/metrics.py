@@ -182,6 +182,8 @@ class Metrics:
                                         buckets=ATTEMPT_BUCKETS, registry=r)
         self._queue = _QueueCollector()
         r.register(self._queue)
+        #: Each peer snapshot's L{_Restarts}, by path.
+        self._restarts = {}
         if registry is None:
             ProcessCollector(registry=r)
 
@@ -272,7 +274,7 @@ class Metrics:
         try:
             if not self.peers:
                 return generate_latest(self.registry)
-            return generate_latest(_Merged(self.registry, self.peers))
+            return generate_latest(_Merged(self.registry, self.peers, self._restarts))
         except Exception:
             log.failure("metrics: render failed")
             return b""
@@ -289,9 +291,10 @@ class _Merged:
     LARGEST = frozenset(["relaygw_spool_oldest_age_seconds", "relaygw_spool_free_bytes",
                          "process_start_time_seconds", "process_max_fds"])
 
-    def __init__(self, registry, peers):
+    def __init__(self, registry, peers, restarts=None):
         self.registry = registry
         self.peers = peers
+        self.restarts = {} if restarts is None else restarts
 
     def collect(self):
         families, values = {}, {}
@@ -319,8 +322,58 @@ class _Merged:
                     text = f.read()
             except OSError:
                 continue
-            for family in text_string_to_metric_families(text):
+            restarts = self.restarts.setdefault(path, _Restarts())
+            for family in restarts.carried(list(text_string_to_metric_families(text))):
                 add(family, False)
         for (name, sample, labels), value in values.items():
             families[name].add_sample(sample, dict(labels), value)
         return list(families.values())
+
+
+class _Restarts:
+    """
+    One peer worker's counters across its restarts: a worker started again
+    (its C{process_start_time_seconds} changed, or a counter fell) counts
+    from zero, so what its last snapshot had counted is carried on, and the
+    merged counters never go back.
+    """
+
+    MONOTONIC = frozenset(["counter", "histogram", "summary"])
+
+    def __init__(self):
+        self.start = None
+        self.last = {}  # (family, sample, labels): value in the last snapshot read
+        self.offset = {}  # (family, sample, labels): counted by the worker's earlier processes
+        self.described = {}  # family: (documentation, type)
+
+    def carried(self, families):
+        """C{families} of a snapshot, their counters plus what earlier processes counted."""
+        current, start = {}, None
+        for family in families:
+            if family.name == "process_start_time_seconds" and family.samples:
+                start = family.samples[0].value
+            if family.type in self.MONOTONIC:
+                self.described[family.name] = (family.documentation, family.type)
+                for sample in family.samples:
+                    if not sample.name.endswith("_created"):
+                        current[family.name, sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+        fell = any(value < self.last[key] for key, value in current.items()
+                   if key in self.last and self.described[key[0]][1] == "counter")
+        if fell or (start is not None and self.start is not None and start != self.start):
+            for key, value in self.last.items():
+                self.offset[key] = self.offset.get(key, 0) + value
+            self.last = current
+        else:
+            self.last.update(current)
+        if start is not None:
+            self.start = start
+        if not self.offset:
+            return families
+        out = [family for family in families if family.type not in self.MONOTONIC]
+        carried = {}
+        for key in list(current) + [key for key in self.offset if key not in current]:  # (buckets in order)
+            name = key[0]
+            if name not in carried:
+                carried[name] = Metric(name, *self.described[name])
+            carried[name].add_sample(key[1], dict(key[2]), current.get(key, 0) + self.offset.get(key, 0))
+        return out + list(carried.values())

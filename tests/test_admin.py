@@ -1,6 +1,9 @@
 """Metrics and the admin endpoint: unit tests, then /healthz and /metrics over real loopback HTTP."""
 
+import os
 import socket
+import subprocess
+import sys
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -187,6 +190,34 @@ class WorkerMetricsTests(unittest.TestCase):
         described = [line.split()[2] for line in lines if line.startswith(("# HELP ", "# TYPE "))]
         self.assertIn("relaygw_connections_created", described)
         self.assertEqual([n for n in set(described) if described.count(n) != 2], [])
+
+
+    def workerSnapshot(self, path, connections):
+        """A worker process counting C{connections} connections writes its snapshot to C{path}, then ends."""
+        script = ("import sys\nfrom relaygw.metrics import Metrics\nm = Metrics()\n"
+                  "for _ in range(int(sys.argv[2])): m.connection('in', +1)\n"
+                  "open(sys.argv[1], 'wb').write(m.render())\n")
+        subprocess.run([sys.executable, "-c", script, path, str(connections)], check=True, timeout=60)
+
+    def test_countersGoOnWhenAWorkerRestarts(self):
+        """
+        A worker started again counts from zero; the merged counters go on
+        from where its last snapshot left them (before: they fell back, or
+        lost what the worker had counted before).
+        """
+        own = Metrics()
+        own.peers = [os.path.abspath(self.mktemp())]
+
+        def merged():
+            for line in own.render().decode().splitlines():
+                if line.startswith('relaygw_connections_total{listener="in"}'):
+                    return float(line.split()[-1])
+
+        seen = []
+        for connections in (3, 1, 5):
+            self.workerSnapshot(own.peers[0], connections)
+            seen.append(merged())
+        self.assertEqual(seen, [3, 4, 9])
 
 
 class Fetcher:
