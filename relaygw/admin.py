@@ -17,6 +17,7 @@ a large or chunked one to a temporary file without limit.
 """
 
 import io
+import re
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.http import HTTPChannel
@@ -108,8 +109,23 @@ class _OneRequestChannel(HTTPChannel):
         return False
 
 
+#: The scheme and authority of a request target in absolute form (RFC 9112, 3.2.2).
+_ABSOLUTE = re.compile(rb"(?i)https?://[^/?#]*")
+
+
 class _BoundedRequest(Request):
-    """A request whose body stays in memory, up to L{MAX_BODY} octets."""
+    """
+    A request whose body stays in memory, up to L{MAX_BODY} octets; a
+    target in absolute form (C{http://host/healthz}) names the page its
+    path does, as a server must accept it.
+    """
+
+    def requestReceived(self, command, path, version):
+        absolute = _ABSOLUTE.match(path)
+        if absolute is not None:
+            path = path[absolute.end():]
+            path = path if path.startswith(b"/") else b"/" + path
+        Request.requestReceived(self, command, path, version)
 
     def gotLength(self, length):
         self.content = io.BytesIO()

@@ -289,6 +289,19 @@ class AdminSiteTests(unittest.TestCase):
             code, _, _ = yield self.fetcher.get(self.port, path)
             self.assertEqual(code, 404, path)
 
+    @defer.inlineCallbacks
+    def test_absoluteForm(self):
+        """
+        A request target in absolute form names the same page, as a server
+        must accept it (RFC 9112, 3.2.2); before: every such request was a 404.
+        """
+        for target, status in ((b"http://127.0.0.1/healthz", b"200"), (b"HTTP://admin.example:80/healthz?x", b"200"),
+                               (b"http://127.0.0.1", b"404"), (b"http://127.0.0.1/nothing", b"404")):
+            received, _ = yield inThread(_readAll, self.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+            self.assertEqual(received.split(b" ", 2)[1], status, target)
+            if status == b"200":
+                self.assertTrue(received.endswith(b"\r\n\r\nok\n"), received)
+
 
 def _readAll(port, request, timeout=10, pace=None):
     """
