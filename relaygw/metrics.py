@@ -285,7 +285,7 @@ class _Merged:
     A registry's families plus the same families from other workers'
     snapshots: values of the same sample and labels are added up (the
     oldest-message age takes the largest); C{_created} samples are this
-    process's own.  A snapshot that can't be read is left out.
+    process's own.  A snapshot that can't be read or parsed is left out.
     """
 
     LARGEST = frozenset(["relaygw_spool_oldest_age_seconds", "relaygw_spool_free_bytes",
@@ -318,12 +318,12 @@ class _Merged:
             add(family, True)
         for path in self.peers:
             try:
-                with open(path) as f:
-                    text = f.read()
-            except OSError:
+                with open(path, encoding="utf-8") as f:
+                    peer = list(text_string_to_metric_families(f.read()))
+            except (OSError, ValueError):  # (a UnicodeDecodeError among them)
                 continue
             restarts = self.restarts.setdefault(path, _Restarts())
-            for family in restarts.carried(list(text_string_to_metric_families(text))):
+            for family in restarts.carried(peer):
                 add(family, False)
         for (name, sample, labels), value in values.items():
             families[name].add_sample(sample, dict(labels), value)

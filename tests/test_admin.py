@@ -192,6 +192,23 @@ class WorkerMetricsTests(unittest.TestCase):
         self.assertEqual([n for n in set(described) if described.count(n) != 2], [])
 
 
+    def test_garbledSnapshotLeftOut(self):
+        """
+        A snapshot cut short or not text (a crash before its blocks reached
+        the disk) is left out, and the rest is served (before: nothing was).
+        """
+        own, other = Metrics(), Metrics()
+        own.connection("in", +1)
+        other.connection("in", +1)
+        garbled = []
+        for content in (other.render()[:-10], b"\xff\xfe\x00", b"x{"):
+            garbled.append(self.mktemp())
+            with open(garbled[-1], "wb") as f:
+                f.write(content)
+        own.peers = garbled + [self.snapshot(other)]
+        self.assertIn(b'relaygw_connections_total{listener="in"} 2.0\n', own.render())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def workerSnapshot(self, path, connections):
         """A worker process counting C{connections} connections writes its snapshot to C{path}, then ends."""
         script = ("import sys\nfrom relaygw.metrics import Metrics\nm = Metrics()\n"
