@@ -672,14 +672,23 @@ def load(path, environment=False):
     return parse(read(path), path, environment=environment)
 
 
+#: Octets a config file may have: many times any real one, little to read and parse on a worker's reactor.
+MAX_SIZE = 1024 * 1024
+
+
 def read(path):
     """The text of the config file at C{path}; raises L{ConfigError} when it cannot be read."""
     try:
         # (Not a FIFO or a device, which could block the reader for ever.)
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
                 raise ConfigError("%s: not a regular file (expected a TOML file)" % (os.path.basename(path),))
-            return f.read().decode("utf-8")
+            data = f.read(MAX_SIZE + 1)  # (the file may grow after the fstat)
+            if len(data) > MAX_SIZE:
+                raise ConfigError("%s: %d octets, over the %d a config may have (expected a TOML file)" % (
+                    os.path.basename(path), max(status.st_size, len(data)), MAX_SIZE))
+            return data.decode("utf-8")
     except OSError as e:
         raise ConfigError("%s: cannot read: %s (expected a readable file)" % (os.path.basename(path), e.strerror))
     except UnicodeDecodeError:

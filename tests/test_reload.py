@@ -90,6 +90,21 @@ class ReloadTests(unittest.TestCase):
         self.assertIn("listener[0].policy", cm.exception.errors[0])
 
     @defer.inlineCallbacks
+    def test_hugeFileRefusedUnread(self):
+        """
+        A config file far larger than any config (here 1 TiB, sparse) is
+        refused at once and the gateway goes on as it ran (before: reading
+        it raised MemoryError out of the reload; a few GiB stalled every
+        session while it was read).
+        """
+        os.truncate(self.gw.path, 1 << 40)
+        self.gw.service.reload()
+        self.assertEqual(self.messages("error"), [
+            "reload refused, keeping the running config: relaygw.toml: 1099511627776 octets, over the %d a config "
+            "may have (expected a TOML file)" % config.MAX_SIZE])
+        self.assertEqual((yield self.recipientsAccepted("b@example.net")), [250])
+
+    @defer.inlineCallbacks
     def test_listenerTrustAndPolicySettingsApply(self):
         self.rewrite({"max_recipients": 1, "relay_networks": ["192.0.2.0/24"]})
         self.gw.service.reload()
