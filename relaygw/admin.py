@@ -66,8 +66,13 @@ class _Metrics(Resource):
         self.metrics = metrics
 
     def render_GET(self, request):
+        body = self.metrics.render()
+        if not body:  # (the render failed, and logged why: a failed scrape, not every series gone at once)
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"metrics unavailable\n"
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.metrics.render()
+        return body
 
 
 class AdminResource(Resource):

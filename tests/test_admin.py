@@ -288,6 +288,19 @@ class AdminSiteTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     @defer.inlineCallbacks
+    def test_metricsRaising(self):
+        """A render that fails is a failed scrape (500), not a page without series (200 and nothing)."""
+        class Broken:
+            def collect(self):
+                raise RuntimeError("boom")
+
+        self.metrics.registry.register(Broken())
+        code, body, ctype = yield self.fetcher.get(self.port, b"/metrics")
+        self.assertEqual((code, body), (500, b"metrics unavailable\n"))
+        self.assertTrue(ctype.startswith(b"text/plain"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
     def test_metrics(self):
         self.metrics.event("in", "command", "EHLO")
         self.metrics.setSpoolProbe(lambda: (3, 1.5))
