@@ -688,7 +688,9 @@ def read(path):
             if len(data) > MAX_SIZE:
                 raise ConfigError("%s: %d octets, over the %d a config may have (expected a TOML file)" % (
                     os.path.basename(path), max(status.st_size, len(data)), MAX_SIZE))
-            return data.decode("utf-8")
+            # A byte-order mark first (some editors write one): not TOML's, but
+            # no more than a mark that the text is UTF-8, which it must be.
+            return data.decode("utf-8").removeprefix("\ufeff")
     except OSError as e:
         raise ConfigError("%s: cannot read: %s (expected a readable file)" % (os.path.basename(path), e.strerror))
     except UnicodeDecodeError:

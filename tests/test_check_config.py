@@ -278,6 +278,17 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", out)
         self.assertNotIn("Traceback", out + err)
 
+    def test_byteOrderMarkTaken(self):
+        """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
+        d, path = self.write(configText(os.path.abspath(self.mktemp())))
+        with open(path, "rb") as f:
+            text = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + text)
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("ok", out)
+
     def test_fifoRefusedAtOnce(self):
         """A FIFO (or a device) for a config file is refused, not read: reading it could wait for ever."""
         d = os.path.abspath(self.mktemp())
