@@ -420,8 +420,8 @@ class Committer:
     @staticmethod
     def _rename(jobs):
         for job in jobs:
-            quick.close(job.fd)
-            job.fd = None
+            fd, job.fd = job.fd, None  # (gone even if close fails: not closed again by abandon)
+            quick.close(fd)
             job.name()
 
     def _settle(self, renamed, synced):

@@ -501,6 +501,30 @@ class CommitOrderTests(unittest.TestCase):
             yield self.message()
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
 
+    @defer.inlineCallbacks
+    def test_failedCloseAnswered(self):
+        """
+        Closing a synced file fails (EIO, as NFS or FUSE can report it:
+        the descriptor is gone all the same): that commit fails and its
+        file is removed, and the disk thread goes on with the next commit.
+        """
+        close = durable.quick.close
+        failed = []
+
+        def eio(fd):
+            close(fd)
+            if not failed:
+                failed.append(fd)
+                raise OSError(5, "Input/output error")
+
+        self.patch(durable.quick, "close", eio)
+        with self.assertRaises(OSError):
+            yield self.message().addTimeout(10, reactor)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
+        qid = yield self.message().addTimeout(10, reactor)
+        self.assertEqual(self.spool.queueIds(), [qid])
+
 
 class QuickCallsTests(unittest.TestCase):
     """
