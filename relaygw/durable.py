@@ -160,9 +160,16 @@ def removeOrKeep(paths, keep):
 
 
 def discardFile(fd, path):
-    """Close C{fd} (if open) and remove the unfinished file C{path}."""
+    """
+    Close C{fd} (if open) and remove the unfinished file C{path}.  A close
+    that fails (EIO, reporting a write's error again) has let the
+    descriptor go all the same, and the file still goes.
+    """
     if fd is not None:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     try:
         os.unlink(path)
     except OSError:

@@ -16,6 +16,7 @@ from relaygw.durable import CommitJob, Committer
 from relaygw.ring import Ring
 from relaygw.ringcommit import RingCommitter, committer
 from relaygw.spool import Spool
+from tests.test_spool import failedCloseOfAnUnfinishedFile
 
 
 class RingTests(unittest.TestCase):
@@ -147,6 +148,11 @@ class RingCommitterTests(unittest.TestCase):
         self.patch(Ring, "fsync", fsync)
         qid = yield self.message()
         self.assertEqual(self.spool.queueIds(), [qid])
+
+    @defer.inlineCallbacks
+    def test_failedCloseOfAnUnfinishedFile(self):
+        """A queue file's write and then its close fail: the commit is answered, and the next goes through."""
+        self.assertEqual((yield failedCloseOfAnUnfinishedFile(self, self.message)), [])
 
     @defer.inlineCallbacks
     def test_directoryNotOpened(self):

@@ -525,6 +525,53 @@ class CommitOrderTests(unittest.TestCase):
         qid = yield self.message().addTimeout(10, reactor)
         self.assertEqual(self.spool.queueIds(), [qid])
 
+    @defer.inlineCallbacks
+    def test_failedCloseOfAnUnfinishedFile(self):
+        """
+        A file being written fails (ENOSPC) and its close fails too (as
+        NFS reports the write's error again there): the commit fails with
+        the write's error, the file is removed, and the disk thread goes on.
+        """
+        self.assertEqual((yield failedCloseOfAnUnfinishedFile(self, self.message)), [])
+
+
+@defer.inlineCallbacks
+def failedCloseOfAnUnfinishedFile(case, message):
+    """
+    Commit C{message()} with its write failing with ENOSPC and the close of
+    that file with EIO (the descriptor released all the same), then again;
+    fires with the spool's queue ids after the first commit failed.
+    """
+    write, close = durable.quick.write, os.close
+    failed = []
+
+    def enospc(fd, data):
+        failed.append(fd)
+        raise OSError(28, "No space left on device")
+
+    class OS:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def close(fd):
+            close(fd)
+            if fd in failed:
+                raise OSError(5, "Input/output error")
+
+    case.patch(durable.quick, "write", enospc)
+    case.patch(durable, "os", OS())
+    with case.assertRaises(OSError) as cm:
+        yield message().addTimeout(10, reactor)
+    case.assertEqual((cm.exception.errno, len(failed)), (28, 1))
+    spool = case.spool
+    case.assertEqual((os.listdir(spool.path("queue")), os.listdir(spool.path("tmp"))), ([], []))
+    queued = spool.queueIds()
+    case.patch(durable.quick, "write", write)
+    qid = yield message().addTimeout(10, reactor)
+    case.assertEqual(spool.queueIds(), [qid])
+    return queued
+
 
 class QuickCallsTests(unittest.TestCase):
     """
