@@ -398,7 +398,8 @@ class MessageWriter:
         return self.queueId
 
     def _commitFailed(self, failure):
-        self.spool._committing.discard(self.queueId)
+        if not self.spool.exists(self.queueId):  # (else not removed, as on a file system gone read-only)
+            self.spool._committing.discard(self.queueId)
         if isStorageError(failure.value):
             self.spool.storageFailed(failure.value)
         return failure
@@ -509,7 +510,9 @@ class Spool:
         self._leftAlone = set()
         #: Messages named in queue/ whose commit is not done yet (through
         #: io_uring a queue file takes its name before its sync): not queued
-        #: until then, for a flush or a poll as for anyone else.
+        #: until then, for a flush or a poll as for anyone else.  One whose
+        #: commit failed but whose file could not be removed stays here: its
+        #: client was told 4xx, so it is never queued by this process.
         self._committing = set()
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)

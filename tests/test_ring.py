@@ -318,3 +318,64 @@ class CommitWindowTests(unittest.TestCase):
         new = os.path.join(gw.directory, "outbox", "new")
         self.assertEqual(sorted(os.listdir(new)) if os.path.isdir(new) else [], [])
         self.assertEqual(spool.queueIds(), [])
+
+    @defer.inlineCallbacks
+    def test_unremovableFailedCommitNotDelivered(self):
+        """
+        The sync fails and the file system goes read-only (ext4 after an
+        aborted journal), so the queue file named before the sync cannot be
+        removed: the client is told 452, and the file is not queued for
+        delivery in this process, by a flush or otherwise.
+        """
+        from relaygw.testing import Client, Gateway, inThread
+
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                     spool={"min_free_space": 0, "io_uring": True})
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        spool = gw.service.spool
+        if not isinstance(spool.committer, RingCommitter):
+            raise unittest.SkipTest("no io_uring here")
+        queueDir = spool.path("queue")
+        realCompletions = Ring.completions
+        failed = []
+
+        def completions(ring):
+            results = realCompletions(ring)
+            if results and not failed:  # the message's sync fails, a delivery's later would not
+                failed.append(results)
+                return [(tag, -errno.EIO) for tag, _ in results]
+            return results
+
+        self.patch(Ring, "completions", completions)
+        kept = []
+
+        class ReadOnly:
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            @staticmethod
+            def unlink(path):
+                if os.path.dirname(path) == queueDir:
+                    kept.append(path)
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+                return os.unlink(path)
+
+        self.patch(durable, "os", ReadOnly())
+
+        def send():
+            c = Client(gw.port, timeout=20)
+            try:
+                return c.transaction(["b@example.net"], "Subject: once\r\n\r\nbody\r\n")[-1]
+            finally:
+                c.close()
+
+        end = yield inThread(send)
+        self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
+        self.assertEqual([os.path.basename(p) for p in kept], os.listdir(queueDir))
+        self.assertEqual(spool.queueIds(), [])
+        gw.service.queue.flush()
+        yield task.deferLater(reactor, 0.5, lambda: None)  # (a delivery under way would finish)
+        yield gw.service.queue.whenIdle()
+        new = os.path.join(gw.directory, "outbox", "new")
+        self.assertEqual(sorted(os.listdir(new)) if os.path.isdir(new) else [], [])
