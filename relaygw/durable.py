@@ -369,6 +369,8 @@ class Committer:
             big = sum(job.size for job, _ in batch) >= self.BIG_BATCH
             if big:
                 self._schedule(os.SCHED_OTHER)
+            batch, failed = self._prepare(batch)
+            settled += failed
             if batch:
                 try:
                     synced = self._syncData([job for job, _ in batch])
@@ -406,14 +408,31 @@ class Committer:
             device = self._devices[directory] = os.stat(directory).st_dev
         return device
 
+    @staticmethod
+    def _prepare(batch):
+        """
+        Runs in the disk thread: create and fill the files.  Returns the
+        jobs ready to sync, and the outcomes of those that failed: each
+        fails alone (a full file system of a Maildir next hop's fails no
+        message of the spool's).
+        """
+        ready, failed = [], []
+        for job, d in batch:
+            try:
+                job.prepare()
+            except BaseException as e:  # reported on the reactor thread
+                job.abandon()
+                failed.append((d, e))
+            else:
+                ready.append((job, d))
+        return ready, failed
+
     def _syncData(self, jobs):
         """
-        Runs in the disk thread: create the files and sync their data.
-        Returns the file systems synced whole (C{syncfs}, one call each),
-        whose earlier renames are durable too; empty after C{fsync}s.
+        Runs in the disk thread: sync the files' data.  Returns the file
+        systems synced whole (C{syncfs}, one call each), whose earlier
+        renames are durable too; empty after C{fsync}s.
         """
-        for job in jobs:
-            job.prepare()
         if self.mode == "grouped":
             onePerDevice = {}
             for job in jobs:

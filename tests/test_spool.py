@@ -502,6 +502,31 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
 
     @defer.inlineCallbacks
+    def test_unwritableJobFailsAlone(self):
+        """
+        One job of a batch cannot be written (a Maildir next hop's own file
+        system is full): that commit fails with ENOSPC, and the messages
+        of the same batch, on the spool's file system, are queued.
+        """
+        elsewhere = os.path.abspath(self.mktemp())
+        os.makedirs(elsewhere)
+
+        def full():
+            raise OSError(28, "No space left on device")
+
+        first = self.held("one")
+        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
+                                                        data=full))
+        messages = [self.message() for _ in range(3)]
+        self.gate.set()
+        with self.assertRaises(OSError) as cm:
+            yield maildir
+        self.assertEqual(cm.exception.errno, 28)
+        qids = yield defer.gatherResults(messages + [first])
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        self.assertEqual((os.listdir(elsewhere), os.listdir(self.spool.path("tmp"))), ([], []))
+
+    @defer.inlineCallbacks
     def test_failedCloseAnswered(self):
         """
         Closing a synced file fails (EIO, as NFS or FUSE can report it:
