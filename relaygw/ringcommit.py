@@ -274,8 +274,17 @@ class RingCommitter:
                 d.errback(error)
 
     def _directory(self, path):
-        """A descriptor of directory C{path} to sync, kept open."""
+        """
+        A descriptor of directory C{path} to sync, kept open while C{path}
+        still names that directory (one replaced, as a Maildir made afresh,
+        is opened again: syncing the old one would make no new name durable).
+        """
         fd = self._directories.get(path)
-        if fd is None:
-            fd = self._directories[path] = quick.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if fd is not None:
+            now, kept = os.stat(path), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (kept.st_dev, kept.st_ino):
+                return fd
+            del self._directories[path]
+            quick.close(fd)
+        fd = self._directories[path] = quick.open(path, os.O_RDONLY | os.O_DIRECTORY)
         return fd

@@ -191,6 +191,32 @@ class RingCommitterTests(unittest.TestCase):
         self.assertIs(self.committer.ring, rings[1])
 
     @defer.inlineCallbacks
+    def test_replacedDirectorySynced(self):
+        """
+        A Maildir next hop's directory is replaced while the ring stays
+        open (moved aside, made afresh, the configuration reloaded): the
+        next delivery's name is made durable by a sync of the new directory.
+        """
+        maildir = os.path.abspath(self.mktemp())
+        synced = []
+        fsync = Ring.fsync
+
+        def record(ring, fd, tag, dataOnly=False):
+            synced.append(os.fstat(fd).st_ino)
+            return fsync(ring, fd, tag, dataOnly)
+
+        self.patch(Ring, "fsync", record)
+        for name in ("1", "2"):
+            if os.path.isdir(maildir):
+                os.rename(maildir, maildir + ".old")
+            for sub in ("tmp", "new"):
+                os.makedirs(os.path.join(maildir, sub))
+            job = CommitJob(os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name), data=b"x\n")
+            yield self.committer.commit(job)
+            self.assertEqual(os.listdir(os.path.join(maildir, "new")), [name])
+            self.assertEqual(synced[-1], os.stat(os.path.join(maildir, "new")).st_ino)
+
+    @defer.inlineCallbacks
     def test_removalAndReuse(self):
         """A delivered message's file becomes a spent file at once, and the next message is written over it."""
         first = yield self.message()
