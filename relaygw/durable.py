@@ -365,32 +365,24 @@ class Committer:
             started = time.monotonic()
             unlinks = [(request, d, removeOrKeep(*request)) for request, d in unlinks]
             settled = []
-            synced = set()
             big = sum(job.size for job, _ in batch) >= self.BIG_BATCH
             if big:
                 self._schedule(os.SCHED_OTHER)
             batch, failed = self._prepare(batch)
             settled += failed
-            if batch:
-                try:
-                    synced = self._syncData([job for job, _ in batch])
-                except BaseException as e:  # reported on the reactor thread
-                    settled += self._abandon(batch, e)
-                    batch = []
+            batch, failed, synced = self._syncData(batch)
+            settled += failed
             settled += self._settle(renamed, synced)
             renamed = []
+            batch, failed = self._rename(batch)
+            settled += failed
             if batch:
-                try:
-                    self._rename([job for job, _ in batch])
-                except BaseException as e:
-                    settled += self._abandon(batch, e)
+                with self._wake:
+                    chain = synced and bool(self._pending)
+                if chain:
+                    renamed = batch
                 else:
-                    with self._wake:
-                        chain = synced and bool(self._pending)
-                    if chain:
-                        renamed = batch
-                    else:
-                        settled += self._settle(batch, set())
+                    settled += self._settle(batch, set())
             if big:
                 self._schedule(os.SCHED_BATCH)
             self.reactor.callFromThread(self._done, len(batch), unlinks, settled, time.monotonic() - started)
@@ -427,28 +419,61 @@ class Committer:
                 ready.append((job, d))
         return ready, failed
 
-    def _syncData(self, jobs):
+    def _syncData(self, batch):
         """
-        Runs in the disk thread: sync the files' data.  Returns the file
-        systems synced whole (C{syncfs}, one call each), whose earlier
-        renames are durable too; empty after C{fsync}s.
+        Runs in the disk thread: sync the files' data.  Returns the jobs
+        synced, the outcomes of those that failed (each file system's,
+        or each file's, fail alone), and the file systems synced whole
+        (C{syncfs}, one call each), whose earlier renames are durable too.
         """
+        errors = {}  # (by index in batch)
+        synced = set()
+        each = range(len(batch))
         if self.mode == "grouped":
-            onePerDevice = {}
-            for job in jobs:
-                onePerDevice.setdefault(self._device(os.path.dirname(job.finalPath)), job.fd)
-            if all(_syncfs(fd) for fd in onePerDevice.values()):
-                return set(onePerDevice)
-        for job in jobs:
-            os.fsync(job.fd)
-        return set()
+            byDevice = {}
+            for index, (job, _) in enumerate(batch):
+                try:
+                    byDevice.setdefault(self._device(os.path.dirname(job.finalPath)), []).append(index)
+                except BaseException as e:  # reported on the reactor thread
+                    errors[index] = e
+            each = []
+            for device, indexes in byDevice.items():
+                try:
+                    whole = _syncfs(batch[indexes[0]][0].fd)
+                except BaseException as e:
+                    errors.update(dict.fromkeys(indexes, e))
+                else:
+                    if whole:
+                        synced.add(device)
+                    else:  # (no syncfs here)
+                        each += indexes
+        for index in each:
+            try:
+                os.fsync(batch[index][0].fd)
+            except BaseException as e:
+                errors[index] = e
+        ready, failed = [], []
+        for index, (job, d) in enumerate(batch):
+            if index in errors:
+                failed += self._abandon([(job, d)], errors[index])
+            else:
+                ready.append((job, d))
+        return ready, failed, synced
 
-    @staticmethod
-    def _rename(jobs):
-        for job in jobs:
+    @classmethod
+    def _rename(cls, batch):
+        """Runs in the disk thread: close and name each file.  Returns the jobs named, and the failures' outcomes."""
+        named, failed = [], []
+        for job, d in batch:
             fd, job.fd = job.fd, None  # (gone even if close fails: not closed again by abandon)
-            quick.close(fd)
-            job.name()
+            try:
+                quick.close(fd)
+                job.name()
+            except BaseException as e:
+                failed += cls._abandon([(job, d)], e)
+            else:
+                named.append((job, d))
+        return named, failed
 
     def _settle(self, renamed, synced):
         """

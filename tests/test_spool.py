@@ -527,6 +527,59 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual((os.listdir(elsewhere), os.listdir(self.spool.path("tmp"))), ([], []))
 
     @defer.inlineCallbacks
+    def test_unnamableJobFailsAlone(self):
+        """
+        One job of a batch cannot be named (a Maildir next hop's new/ was
+        removed): that commit fails, and the messages of the same batch
+        are queued.
+        """
+        elsewhere = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(elsewhere, "tmp"))
+        first = self.held("one")
+        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "tmp", "m"),
+                                                        os.path.join(elsewhere, "new", "m"), data=b"delivered\n"))
+        messages = [self.message() for _ in range(3)]
+        self.gate.set()
+        with self.assertRaises(OSError) as cm:
+            yield maildir
+        self.assertEqual(cm.exception.errno, 2)
+        qids = yield defer.gatherResults(messages + [first])
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        self.assertEqual(os.listdir(os.path.join(elsewhere, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_failedFileSystemFailsItsJobsAlone(self):
+        """
+        A batch writes to two file systems (the spool's, and a Maildir
+        next hop's on a tmpfs) and the sync of the Maildir's fails with
+        EIO: its delivery fails, and the messages of the same batch, on
+        the spool's file system, are queued.
+        """
+        elsewhere = tempfile.mkdtemp(dir="/dev/shm")
+        self.addCleanup(shutil.rmtree, elsewhere)
+        failing = os.stat(elsewhere).st_dev
+        self.assertNotEqual(failing, os.stat(self.dir).st_dev, "/dev/shm is not a file system of its own here")
+        syncfs = durable._syncfs
+
+        def eio(fd):
+            if os.fstat(fd).st_dev == failing:
+                raise OSError(5, "Input/output error")
+            return syncfs(fd)
+
+        self.patch(durable, "_syncfs", eio)
+        first = self.held("one")
+        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
+                                                        data=b"delivered\n"))
+        messages = [self.message() for _ in range(3)]
+        self.gate.set()
+        with self.assertRaises(OSError) as cm:
+            yield maildir
+        self.assertEqual(cm.exception.errno, 5)
+        qids = yield defer.gatherResults(messages + [first])
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        self.assertEqual(os.listdir(elsewhere), [])
+
+    @defer.inlineCallbacks
     def test_failedCloseAnswered(self):
         """
         Closing a synced file fails (EIO, as NFS or FUSE can report it:
