@@ -480,18 +480,21 @@ class Committer:
         Runs in the disk thread: make the renames of C{renamed} durable
         (syncing each directory on a file system not in C{synced}); their
         Deferreds' outcomes.  When a directory cannot be synced, the names
-        are taken back (as the ring committer does): a client told 452 must
-        not find its message queued, and delivered, after all.
+        in it are taken back (as the ring committer does): a client told
+        452 must not find its message queued, and delivered, after all.
         """
-        if not renamed:
-            return []
-        try:
-            for directory in sorted({os.path.dirname(job.finalPath) for job, _ in renamed}):
+        errors = {}
+        for directory in sorted({os.path.dirname(job.finalPath) for job, _ in renamed}):
+            try:
                 if self._device(directory) not in synced:
                     fsyncDirectory(directory)
-        except OSError as e:
-            return self._abandon(renamed, e)
-        return [(d, None) for _, d in renamed]
+            except OSError as e:
+                errors[directory] = e
+        outcomes = []
+        for job, d in renamed:
+            error = errors.get(os.path.dirname(job.finalPath))
+            outcomes += [(d, None)] if error is None else self._abandon([(job, d)], error)
+        return outcomes
 
     def _done(self, count, unlinks, settled, seconds):
         if count:

@@ -580,6 +580,36 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual(os.listdir(elsewhere), [])
 
     @defer.inlineCallbacks
+    def test_failedDirectoryFailsItsJobsAlone(self):
+        """
+        The sync of a Maildir next hop's new/ fails after the renames: its
+        delivery fails (its name taken back), and the messages named in
+        queue/ in the same batch, whose directory was synced, are queued.
+        """
+        elsewhere = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(elsewhere, "tmp"))
+        os.makedirs(os.path.join(elsewhere, "new"))
+        sync = durable.fsyncDirectory
+
+        def eio(path):
+            if path.startswith(elsewhere):
+                raise OSError(5, "Input/output error")
+            return sync(path)
+
+        self.patch(durable, "fsyncDirectory", eio)
+        first = self.held("one")
+        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "tmp", "m"),
+                                                        os.path.join(elsewhere, "new", "m"), data=b"delivered\n"))
+        messages = [self.message() for _ in range(3)]
+        self.gate.set()
+        with self.assertRaises(OSError) as cm:
+            yield maildir
+        self.assertEqual(cm.exception.errno, 5)
+        qids = yield defer.gatherResults(messages + [first])
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        self.assertEqual(os.listdir(os.path.join(elsewhere, "new")), [])
+
+    @defer.inlineCallbacks
     def test_failedCloseAnswered(self):
         """
         Closing a synced file fails (EIO, as NFS or FUSE can report it:
