@@ -53,12 +53,12 @@ class _Batch:
         self.started = started
         self.phase = "data"
         self.outstanding = 0
-        #: Failures: by a job's index, L{NAMES} for a directory's sync, C{None} for all.
+        #: The directories synced in this phase, by their tag less C{files}.
+        self.directories = []
+        #: The tags below this are the files' (a job's index), the others the directories'.
+        self.files = 0
+        #: Failures: by a job's index, by a directory's path, C{None} for all.
         self.errors = {}
-
-
-#: The key of a directory sync's failure in L{_Batch.errors}.
-NAMES = "names"
 
 
 @implementer(IReadDescriptor)
@@ -197,9 +197,10 @@ class RingCommitter:
         """Sync C{directories} with the files already queued (C{tags} of them), and hand the lot to the kernel."""
         batch = self._batch
         batch.outstanding = tags + len(directories)
+        batch.files, batch.directories = tags, sorted(directories)
         try:
-            for directory in sorted(directories):
-                self.ring.fsync(self._directory(directory), tags)
+            for offset, directory in enumerate(batch.directories):
+                self.ring.fsync(self._directory(directory), tags + offset)
             self.ring.submit()
         except OSError as e:  # (out of descriptors; what the kernel did not take would go with a later batch)
             self._abandonRing(e)
@@ -207,7 +208,7 @@ class RingCommitter:
     def _completed(self, tag, result):
         batch = self._batch
         if result < 0:
-            key = None if batch.phase == "names" else tag if tag < len(batch.jobs) else NAMES
+            key = tag if tag < batch.files else batch.directories[tag - batch.files]
             batch.errors.setdefault(key, OSError(-result, os.strerror(-result)))
         batch.outstanding -= 1
         if batch.outstanding == 0:
@@ -219,7 +220,9 @@ class RingCommitter:
         errors = batch.errors
         settled, late = [], []
         for index, (job, d) in enumerate(batch.jobs):
-            error = errors.get(index) or errors.get(None) or (errors.get(NAMES) if job.early else None)
+            error = errors.get(None) or (errors.get(index) if batch.phase == "data" else None)
+            if job.named:  # (its name's durability: its directory's sync)
+                error = error or errors.get(os.path.dirname(job.finalPath))
             if batch.phase == "data":
                 fd, job.fd = job.fd, None
                 try:

@@ -191,6 +191,45 @@ class RingCommitterTests(unittest.TestCase):
         self.assertIs(self.committer.ring, rings[1])
 
     @defer.inlineCallbacks
+    def test_failedDirectoryFailsItsJobsAlone(self):
+        """
+        The sync of a Maildir next hop's new/ fails (here the kernel is
+        handed a pipe instead): that delivery fails and its name is taken
+        back, while a progress record and a message of the same batch, whose
+        directories were synced, go through.
+        """
+        maildir = os.path.abspath(self.mktemp())
+        for sub in ("tmp", "new"):
+            os.makedirs(os.path.join(maildir, sub))
+        qid = yield self.message()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        fsync = Ring.fsync
+        newDir = os.stat(os.path.join(maildir, "new"))
+
+        def failing(ring, fd, tag, dataOnly=False):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (newDir.st_dev, newDir.st_ino):
+                fd = r
+            return fsync(ring, fd, tag, dataOnly)
+
+        self.patch(Ring, "fsync", failing)
+        delivery = self.committer.commit(CommitJob(os.path.join(maildir, "tmp", "m"),
+                                                   os.path.join(maildir, "new", "m"), data=b"delivered\n"))
+        record = self.spool.writeState(qid, {"rcpts": {}, "attempts": 1})
+        another = self.message()
+        with self.assertRaises(OSError) as cm:
+            yield delivery
+        self.assertEqual(cm.exception.errno, errno.EINVAL)
+        yield record
+        second = yield another
+        self.assertEqual(self.spool.readState(qid)["attempts"], 1)
+        self.assertEqual(sorted(self.spool.queueIds()), sorted([qid, second]))
+        self.assertEqual(os.listdir(os.path.join(maildir, "new")), [])
+        self.assertEqual(self.committer.batches, 2)
+
+    @defer.inlineCallbacks
     def test_replacedDirectorySynced(self):
         """
         A Maildir next hop's directory is replaced while the ring stays
