@@ -398,7 +398,7 @@ class MessageWriter:
         return self.queueId
 
     def _commitFailed(self, failure):
-        if not self.spool.exists(self.queueId):  # (else not removed, as on a file system gone read-only)
+        if not durable.quick.exists(self.spool.path("queue", self.queueId)):  # (else not removed: gone read-only)
             self.spool._committing.discard(self.queueId)
         if isStorageError(failure.value):
             self.spool.storageFailed(failure.value)
@@ -581,7 +581,7 @@ class Spool:
         return sorted(names)
 
     def exists(self, queueId):
-        return durable.quick.exists(self.path("queue", queueId))
+        return queueId not in self._committing and durable.quick.exists(self.path("queue", queueId))
 
     def committedAt(self, queueId):
         """When the message was made durable (its queue file's time); None if it is gone."""

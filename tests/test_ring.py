@@ -384,7 +384,6 @@ class CommitWindowTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(new)) if os.path.isdir(new) else [], [])
         self.assertEqual(spool.queueIds(), [])
 
-    @defer.inlineCallbacks
     def test_unremovableFailedCommitNotDelivered(self):
         """
         The sync fails and the file system goes read-only (ext4 after an
@@ -392,6 +391,18 @@ class CommitWindowTests(unittest.TestCase):
         removed: the client is told 452, and the file is not queued for
         delivery in this process, by a flush or otherwise.
         """
+        return self.refusedButKept(lambda gw, qid: gw.service.queue.flush(), 0.5)
+
+    def test_unremovableFailedCommitNotReleased(self):
+        """
+        As above, and relaygw-queue (which lists the file left in queue/)
+        asks for an attempt of that message: it is not delivered either.
+        """
+        return self.refusedButKept(lambda gw, qid: gw.service.spool.requestFlush(qid), 3)
+
+    @defer.inlineCallbacks
+    def refusedButKept(self, request, seconds):
+        """A message refused 452 whose queue file stays; C{request(gw, qid)}, and after C{seconds} no delivery."""
         from relaygw.testing import Client, Gateway, inThread
 
         gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
@@ -439,8 +450,8 @@ class CommitWindowTests(unittest.TestCase):
         self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
         self.assertEqual([os.path.basename(p) for p in kept], os.listdir(queueDir))
         self.assertEqual(spool.queueIds(), [])
-        gw.service.queue.flush()
-        yield task.deferLater(reactor, 0.5, lambda: None)  # (a delivery under way would finish)
+        request(gw, os.path.basename(kept[0]))
+        yield task.deferLater(reactor, seconds, lambda: None)  # (the poll, and a delivery under way would finish)
         yield gw.service.queue.whenIdle()
         new = os.path.join(gw.directory, "outbox", "new")
         self.assertEqual(sorted(os.listdir(new)) if os.path.isdir(new) else [], [])
