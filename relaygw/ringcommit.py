@@ -31,13 +31,18 @@ def committer(reactor, mode="grouped", ring=True, cpus=None):
     offers it (on x86-64, whose memory order the ring's unfenced reads rely
     on), the disk thread otherwise.
     """
-    if ring and platform.machine().lower() in ("x86_64", "amd64"):
-        try:
-            Ring().close()
-        except OSError as e:
-            log.info("syncing the spool in a disk thread: no io_uring ({error})", error=e.strerror)
+    if ring:
+        machine = platform.machine()
+        if machine.lower() not in ("x86_64", "amd64"):
+            why = "not on %s" % (machine,)
         else:
-            return RingCommitter(reactor, mode)
+            try:
+                Ring().close()
+            except OSError as e:
+                why = e.strerror
+            else:
+                return RingCommitter(reactor, mode)
+        log.info("syncing the spool in a disk thread: no io_uring ({error})", error=why)
     return Committer(reactor, mode, cpus=cpus)
 
 

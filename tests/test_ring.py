@@ -304,9 +304,14 @@ class ChoiceTests(unittest.TestCase):
         self.assertEqual(events, ["syncing the spool in a disk thread: no io_uring (Function not implemented)"])
 
     def test_otherArchitectures(self):
-        """The ring's reads of shared memory carry no fences: x86-64's memory order only."""
+        """The ring's reads of shared memory carry no fences: x86-64's memory order only, and a line says so."""
         self.patch(ringcommit.platform, "machine", lambda: "aarch64")
+        events = []
+        self.patch(ringcommit.log, "info", lambda fmt, **kw: events.append(fmt.format(**kw)))
         self.assertIsInstance(committer(reactor), Committer)
+        self.assertEqual(events, ["syncing the spool in a disk thread: no io_uring (not on aarch64)"])
+        self.assertIsInstance(committer(reactor, ring=False), Committer)
+        self.assertEqual(len(events), 1)
 
     @defer.inlineCallbacks
     def test_jobInterface(self):
