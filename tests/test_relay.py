@@ -1762,3 +1762,62 @@ class MXLoopTests(RelayTestCase):
         self.assertEqual(len(envelopes), 1)
         self.assertEqual(sink.transactions, [])  # no bounce: it waits
         self.assertEqual(len(self.gw.service.spool.queueIds()), 1)
+
+
+class SilentDNS:
+    """A DNS server on loopback UDP that never answers; notes the names each query asks about."""
+
+    def __init__(self, test):
+        from twisted.internet.protocol import DatagramProtocol
+        from twisted.names import dns
+
+        self.names = []
+        names = self.names
+
+        class Silent(DatagramProtocol):
+            def datagramReceived(self, data, address):
+                message = dns.Message()
+                message.fromStr(data)
+                names.extend((q.name.name.decode(), q.type) for q in message.queries)
+
+        self.udp = reactor.listenUDP(0, Silent(), interface="127.0.0.1")
+        test.addCleanup(self._settled)  # (after the gateway's stop: cleanups run last first)
+        test.addCleanup(self.udp.stopListening)
+        self.port = self.udp.getHost().port
+
+    @defer.inlineCallbacks
+    def _settled(self):
+        """Wait (5 s at most) for the query timers a cancelled lookup leaves to run out."""
+        for _ in range(100):
+            if not any(getattr(call.func, "__name__", "") == "_clearFailed" for call in reactor.getDelayedCalls()):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def asked(self, qtype):
+        """The distinct names asked about with C{qtype}."""
+        return {name for name, t in self.names if t == qtype}
+
+
+class FanOutTests(RelayTestCase):
+    """How many next-hop deliveries messages to many recipient domains start at once."""
+
+    @defer.inlineCallbacks
+    def test_deliveriesInProgressBoundedByConcurrency(self):
+        """
+        Messages each to 20 recipient domains, with concurrency = 3 and a
+        DNS server that never answers: the deliveries in progress (a lookup
+        each) stay within concurrency, plus the next hops of the one message
+        that went past it, rather than three messages' worth of them.
+        """
+        from twisted.names import dns
+
+        server = SilentDNS(self)
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % server.port, "concurrency": 3})
+        self.gw.service.queue.stopTimeout = 0.5
+        fds = len(os.listdir("/proc/self/fd"))
+        for m in range(4):
+            yield self.send(rcpts=["r@d%d-%d.example" % (m, n) for n in range(20)])
+        yield task.deferLater(reactor, 1.5, lambda: None)
+        asked = server.asked(dns.MX)
+        self.assertLessEqual(len(asked), 3 - 1 + 20, sorted(asked))
+        self.assertLessEqual(len(os.listdir("/proc/self/fd")) - fds, 3 - 1 + 20 + 5)

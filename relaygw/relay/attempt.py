@@ -89,6 +89,7 @@ class Attempts:
             groups.setdefault(router(message, r), []).append(r)
         attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
         attempt.started = time.time()
+        self.manager.waitingFor(qid, len(groups))
         ds = []
         for hop, recipients in groups.items():
             d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)],
@@ -126,6 +127,7 @@ class Attempts:
             attempt.waitedOn = hop
         attempt.waiting -= 1
         if attempt.waiting:
+            self.manager.waitingFor(attempt.qid, attempt.waiting)
             return self._keep(attempt, hop, results)
         return self._record(attempt)
 

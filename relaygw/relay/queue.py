@@ -3,7 +3,10 @@ The queue manager: a service that delivers what the spool holds.
 
 It picks up recovered and newly queued messages and decides when each
 delivery attempt runs: at once for a new message or an operator's request,
-after a retry timer otherwise, never more than C{concurrency} at a time.
+after a retry timer otherwise, never more than C{concurrency} deliveries at
+a time: an attempt counts once for each next hop its message goes to, so a
+message to many recipient domains does not open as many lookups and
+connections for each of C{concurrency} messages.
 What one attempt does (next hops, recording the outcome per recipient,
 bounces, removal) is L{relaygw.relay.attempt}'s: 2xx done, 5xx bounced, 4xx
 retried with exponential backoff until the queue lifetime runs out.
@@ -51,6 +54,7 @@ class QueueManager(Service):
         self.ready = collections.deque()
         self.queued = set()
         self.active = set()
+        self.fanOut = {}  # qid: the next hops an active attempt still waits for, past its first
         self.timers = {}
         self.recovered = []
         self.fresh = {}
@@ -294,7 +298,7 @@ class QueueManager(Service):
             return  # (an attempt that ended at once, inside the loop below: it goes on)
         self._pumping = True
         try:
-            while self.running and self.ready and len(self.active) < self.concurrency:
+            while self.running and self.ready and self.deliveries() < self.concurrency:
                 qid = self.ready.popleft()
                 self.queued.discard(qid)
                 self.active.add(qid)
@@ -302,6 +306,24 @@ class QueueManager(Service):
                 d.addCallbacks(self._finished, self._attemptFailed, callbackArgs=(qid,), errbackArgs=(qid,))
         finally:
             self._pumping = False
+
+    def deliveries(self):
+        """The next-hop deliveries in progress: one for each next hop an active attempt waits for."""
+        return len(self.active) + sum(self.fanOut.values())
+
+    def waitingFor(self, queueId, hops):
+        """
+        The attempt for C{queueId} waits for C{hops} next hops: it counts as
+        that many deliveries (L{deliveries}).  Fewer than before leaves room
+        for other messages.
+        """
+        if queueId not in self.active:
+            return
+        before = self.fanOut.pop(queueId, 0)
+        if hops > 1:
+            self.fanOut[queueId] = hops - 1
+        if hops - 1 < before:
+            self._pump()
 
     def _attempt(self, qid):
         forced = qid in self.forced
@@ -323,6 +345,7 @@ class QueueManager(Service):
 
     def _finished(self, _, qid):
         self.active.discard(qid)
+        self.fanOut.pop(qid, None)
         self._idleNow()
         self._pump()
 
