@@ -129,6 +129,10 @@ EXAMPLE_TEST = {
     b"silentbest.example.test": [dns.Record_MX(10, b"hang.hostile.test"), dns.Record_MX(20, b"mx2.example.test")],
     b"many.example.test": [dns.Record_MX(i, b"m%d.example.test" % i) for i in range(1, 9)],
     **{b"m%d.example.test" % i: [dns.Record_A("192.0.2.%d" % (100 + i))] for i in range(1, 9)},
+    b"wide.example.test": [dns.Record_MX(10, b"w1.example.test"), dns.Record_MX(20, b"w2.example.test")],
+    b"w1.example.test": [dns.Record_A("198.18.1.%d" % i) for i in range(1, 26)],
+    b"w2.example.test": [dns.Record_A("198.18.2.%d" % i) for i in range(1, 26)],
+    b"widehost.example.test": [dns.Record_A("198.18.3.%d" % i) for i in range(1, 26)],
 }
 
 EXAMPLE_NET = {
@@ -268,6 +272,18 @@ class LookupNextHopsTests(unittest.TestCase):
         """Of eight MX hosts, the best five are tried, in preference order."""
         hops = yield lookupNextHops(self.resolver, "many.example.test")
         self.assertEqual(hops, [("192.0.2.%d" % (100 + i), 25) for i in range(1, 6)])
+
+    @defer.inlineCallbacks
+    def test_addressesLimited(self):
+        """
+        MX hosts (or a domain without MX) with 25 addresses each: the best
+        MX_ADDRESS_LIMIT addresses are tried, in order, rather than one
+        connection timeout after another for each of them.
+        """
+        hops = yield lookupNextHops(self.resolver, "wide.example.test")
+        self.assertEqual(hops, [("198.18.1.%d" % i, 25) for i in range(1, mx.MX_ADDRESS_LIMIT + 1)])
+        hops = yield lookupNextHops(self.resolver, "widehost.example.test")
+        self.assertEqual(hops, [("198.18.3.%d" % i, 25) for i in range(1, mx.MX_ADDRESS_LIMIT + 1)])
 
     @defer.inlineCallbacks
     def test_lookupTimeBounded(self):

@@ -12,7 +12,8 @@ bounce or defer.
 Only records owned by the name asked for (or by a name its CNAME records in
 the same answer lead to) count, so an answer about another name cannot send
 mail elsewhere; a CNAME loop is a temporary failure.  At most
-C{MX_HOST_LIMIT} MX hosts are looked up, together; once one has addresses,
+C{MX_HOST_LIMIT} MX hosts are looked up, together, and at most
+C{MX_ADDRESS_LIMIT} of their addresses tried; once one has addresses,
 the others get C{HOST_GRACE_SECONDS} more, and the whole lookup takes at
 most C{LOOKUP_SECONDS}.
 
@@ -41,6 +42,12 @@ SMTP_PORT = 25
 #: counts 5 addresses): a domain publishing hundreds cannot hold a delivery
 #: for hours of address lookups.
 MX_HOST_LIMIT = 5
+
+#: The addresses tried, best first, of those hosts (or of a domain without
+#: MX): a host publishing hundreds of addresses cannot hold a delivery for
+#: one connection timeout after another; room for an IPv4 and an IPv6
+#: address of each host.
+MX_ADDRESS_LIMIT = 2 * MX_HOST_LIMIT
 
 #: Seconds a whole lookup may take (the MX query, then the hosts'
 #: addresses, each of which the resolver may retry for up to a minute).
@@ -326,7 +333,7 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
         if not addresses:
             raise NoSuchDomain("%s: no MX and no address records" % (domain,))
         log.debug("{domain}: implicit MX {addresses}", domain=domain, addresses=addresses)
-        return _unique(_beforeSelf([(ip, domain) for ip in addresses], {domain: 0}, isSelf, domain))
+        return _unique(_beforeSelf([(ip, domain) for ip in addresses], {domain: 0}, isSelf, domain))[:MX_ADDRESS_LIMIT]
 
     mxs = _sortMX(mxs)
     hosts = [_name(rr.payload.name) for rr in mxs]
@@ -366,7 +373,7 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
             "%s: no address for any MX host%s" % (domain, ": %s" % (temporary,) if temporary else "")
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
-    return _unique(_beforeSelf(addresses, preferences, isSelf, domain))
+    return _unique(_beforeSelf(addresses, preferences, isSelf, domain))[:MX_ADDRESS_LIMIT]
 
 
 def _settled(lookups, clock):
