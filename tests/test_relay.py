@@ -1821,3 +1821,50 @@ class FanOutTests(RelayTestCase):
         asked = server.asked(dns.MX)
         self.assertLessEqual(len(asked), 3 - 1 + 20, sorted(asked))
         self.assertLessEqual(len(os.listdir("/proc/self/fd")) - fds, 3 - 1 + 20 + 5)
+
+
+class SilentAtQuitServer(ScriptedSMTPServer):
+    """A next hop that never answers QUIT; counts the connections it has open at once."""
+
+    def connectionMade(self):
+        ScriptedSMTPServer.connectionMade(self)
+        self.factory.open += 1
+        self.factory.most = max(self.factory.most, self.factory.open)
+
+    def connectionLost(self, reason):
+        self.factory.open -= 1
+        ScriptedSMTPServer.connectionLost(self, reason)
+
+    def lineReceived(self, line):
+        if line.strip().upper() != b"QUIT":
+            ScriptedSMTPServer.lineReceived(self, line)
+
+
+class SilentAtQuitFactory(ScriptedSMTPFactory):
+    protocol = SilentAtQuitServer
+    open = most = 0
+
+
+class ClosingConnectionsTests(RelayTestCase):
+    """Connections saying QUIT are connections to the next hop too."""
+
+    @defer.inlineCallbacks
+    def test_quitUnansweredStaysWithinDestinationConcurrency(self):
+        """
+        A next hop that never answers QUIT, messages coming one at a time,
+        each after the connection kept for the last has been closed: the
+        next hop never has more than destination_concurrency connections
+        from the gateway (those still waiting for the answer to QUIT are
+        cut for new ones) and every message goes out.
+        """
+        self.patch(SMTPNextHop, "IDLE_SECONDS", 0.05)
+        hop, port = self.hop(factory=SilentAtQuitFactory())
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 2,
+                            "command_timeout": 30, "tls": "none"})
+        self.gw.service.queue.stopTimeout = 0.5
+        for n in range(6):
+            yield self.send(rcpts=("r%d@example.net" % n,))
+            yield self.until(lambda: len(hop.transactions) == n + 1, timeout=5)
+            yield task.deferLater(reactor, 0.2, lambda: None)
+        yield self.until(self.spoolEmpty, timeout=5)
+        self.assertLessEqual(hop.most, 2)

@@ -147,9 +147,30 @@ class SMTPNextHop(WaitingLine):
         self._close(conn)
 
     def _close(self, conn):
-        """Say QUIT on C{conn}, which carries nothing now, and close it."""
+        """
+        Say QUIT on C{conn}, which carries nothing now, and close it.  Until
+        it is closed it counts as one of the destination's connections
+        (L{_pump}).
+        """
         d = self.closing[conn] = defer.ensureDeferred(conn.close())
-        d.addBoth(lambda result: (self.closing.pop(conn, None), result)[1])
+        d.addBoth(self._closed, conn)
+
+    def _closed(self, result, conn):
+        if self.closing.pop(conn, None) is not None and self.waiting:
+            self._pump()
+        return result
+
+    def _makeRoom(self):
+        """
+        Messages wait, and only connections saying QUIT keep them from a
+        connection of their own: those are cut (they carry nothing; a next
+        hop slow to answer QUIT would otherwise have more connections from
+        the gateway than C{maxConnections}).
+        """
+        excess = self.active + len(self.closing) - self.maxConnections + 1
+        if self.waiting and not self.stopping and self.active < self.maxConnections and excess > 0:
+            for conn in list(self.closing)[:excess]:
+                conn.cut(None)
 
     def closeIdle(self):
         """Close every kept-open connection (on shutdown); fires when they, and those closing, are closed."""
@@ -205,8 +226,9 @@ class SMTPNextHop(WaitingLine):
             self._empty(suspended)
             self._watch(dead=True)
             return
+        self._makeRoom()
         congested = self._congested()
-        while self.waiting and not self.stopping and self.active < self.maxConnections \
+        while self.waiting and not self.stopping and self.active + len(self.closing) < self.maxConnections \
                 and (freed or congested or len(self.waiting) > self.active) and self._startsNext(congested):
             freed = False
             batch = self._take()
