@@ -1239,10 +1239,12 @@ class MXHopCacheTests(unittest.TestCase):
         self.patch(HopSpec, "MAX_CACHED", 3)
         cfg = _config.parse(configText(os.path.abspath(self.mktemp()),
                                        relay={"mx": True, "resolver": "127.0.0.1:5353"}))
-        router = Router(cfg, reactor, maildir=None)
+        clock = task.Clock()
+        router = Router(cfg, clock, maildir=None)
         msg = types.SimpleNamespace(context={})
         hops = [router(msg, "a@d%d.example" % i) for i in range(3)]
         self.assertIs(router(msg, "b@D1.example"), hops[1])
+        clock.advance(0)  # (those handed out in this turn are kept)
         hops[0].waiting.append((msg, defer.Deferred()))  # busy
         router(msg, "a@d3.example")
         self.assertEqual(sorted(router.default.cache), ["d0.example", "d3.example"])
@@ -1868,3 +1870,36 @@ class ClosingConnectionsTests(RelayTestCase):
             yield task.deferLater(reactor, 0.2, lambda: None)
         yield self.until(self.spoolEmpty, timeout=5)
         self.assertLessEqual(hop.most, 2)
+
+
+class HopCacheSweepTests(RelayTestCase):
+    """The per-domain next hops dropped from a full cache are none a delivery still uses."""
+
+    @defer.inlineCallbacks
+    def test_sweepKeepsTheHopsOfTheMessageBeingRouted(self):
+        """
+        The cache fills up while one message's recipients are routed
+        (r@a, r@b, r@c, s@a with room for two): the hop already chosen for
+        a.example is not dropped for being idle, so both its recipients go
+        on one delivery, every lookup is that of a cached hop, and the stop
+        cuts every lookup short (no query goes out after it).
+        """
+        from twisted.names import dns
+        from relaygw.relay.router import HopSpec
+
+        self.patch(HopSpec, "MAX_CACHED", 2)
+        server = SilentDNS(self)
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % server.port})
+        self.gw.service.queue.stopTimeout = 0.2
+        self.gw.service.queue.cutGrace = 0.2
+        yield self.send(rcpts=("r@a.example", "r@b.example", "r@c.example", "s@a.example"))
+        yield self.until(lambda: server.asked(dns.MX) == {"a.example", "b.example", "c.example"}, timeout=5)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        cache = self.gw.service.queue.router.default.cache
+        self.assertEqual({domain: len(hop.lookups) for domain, hop in cache.items()},
+                         {"a.example": 1, "b.example": 1, "c.example": 1})
+        yield self.gw.stop()
+        asked = len(server.names)
+        yield task.deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual(server.names[asked:], [])
+

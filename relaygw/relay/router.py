@@ -34,7 +34,11 @@ class HopSpec:
     One configured destination: builds (and caches) its next-hop objects.
     With MX delivery there is one per recipient domain; once C{MAX_CACHED}
     of them exist, those with nothing in flight and no connection kept
-    open are dropped before another is added.
+    open are dropped before another is added, but none handed out in the
+    reactor's current turn: the message being routed has been given it
+    and is about to hand it its recipients (dropped, a later recipient of
+    the same domain would get a second one, and the gateway's stop would
+    not reach the first).
     """
 
     MAX_CACHED = 1000
@@ -54,10 +58,11 @@ class HopSpec:
         self.fallback = fallback
         self.cache = {}
         self._sweepAt = self.MAX_CACHED
+        self._handedOut = set()  # the domains whose hop was handed out in this turn of the reactor
 
     def _sweep(self):
         for domain, hop in list(self.cache.items()):
-            if hop.unused:
+            if hop.unused and domain not in self._handedOut:
                 del self.cache[domain]
         # Everything still busy: don't sweep again at every new domain.
         self._sweepAt = max(self.MAX_CACHED, 2 * len(self.cache))
@@ -84,6 +89,9 @@ class HopSpec:
                 hosts = mxHosts(self.resolver(), domain, self.isSelf)
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, hosts, options, self.connections,
                                                  deadFor=self.deadFor)
+            if not self._handedOut:
+                self.reactor.callLater(0, self._handedOut.clear)
+            self._handedOut.add(domain)
             return self.cache[domain]
         return self.fallback
 
