@@ -1903,3 +1903,39 @@ class HopCacheSweepTests(RelayTestCase):
         yield task.deferLater(reactor, 1.5, lambda: None)
         self.assertEqual(server.names[asked:], [])
 
+
+class CountingServer(SilentAtQuitServer):
+    """A next hop that answers QUIT; counts the connections it has open at once."""
+
+    def lineReceived(self, line):
+        ScriptedSMTPServer.lineReceived(self, line)
+
+
+class CountingFactory(SilentAtQuitFactory):
+    protocol = CountingServer
+
+
+class KeptConnectionsTests(RelayTestCase):
+    """Connections kept open for reuse are connections to the next hop too."""
+
+    @defer.inlineCallbacks
+    def test_keptForOtherClientsWithinDestinationConcurrency(self):
+        """
+        With the client identity forwarded, a connection kept open speaks
+        for one original client; messages from four clients one after the
+        other: the next hop never has more than destination_concurrency
+        connections from the gateway (one kept for another client is closed
+        for a new one) and every message goes out.
+        """
+        self.patch(SMTPNextHop, "IDLE_SECONDS", 5.0)
+        hop, port = self.hop(factory=CountingFactory(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN"]))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "forward_identity": True, "tls": "none",
+                            "destination_concurrency": 2},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
+        for n in range(4):
+            yield self.send(rcpts=("r%d@example.net" % n,),
+                            before=["XCLIENT ADDR=192.0.2.%d" % (10 + n), "EHLO helo.example.net"])
+            yield self.until(lambda: len(hop.transactions) == n + 1, timeout=5)
+        yield self.until(self.spoolEmpty, timeout=5)
+        self.assertLessEqual(hop.most, 2)

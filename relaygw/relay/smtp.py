@@ -116,6 +116,24 @@ class SMTPNextHop(WaitingLine):
                     return conn
         return smtpclient.Connection(self.reactor, key[0], key[1], options)
 
+    def _roomFor(self, key):
+        """
+        Before a connection for C{key} opens: when none is kept open for it
+        and the destination's connections (the batches under way, this
+        one's among them, those kept open and those closing) are already
+        C{maxConnections}, the oldest kept open for other keys (another
+        original client's, another smarthost's) are cut.  A Deferred that
+        fires once they are closed, or None.
+        """
+        if any(k == key for _, k, _ in self.idle):
+            return None
+        excess = self.active + len(self.idle) + len(self.closing) - self.maxConnections
+        cut, self.idle = self.idle[:max(0, excess)], self.idle[max(0, excess):]
+        for conn, _, timer in cut:
+            timer.cancel()
+            conn.cut(None)  # (it carries nothing)
+        return defer.gatherResults([conn.proto.closed for conn, _, _ in cut]) if cut else None
+
     def _reusableOrClosed(self, conn):
         """
         Whether C{conn} may carry another batch: open, younger than
@@ -343,6 +361,11 @@ class SMTPNextHop(WaitingLine):
                     report(index, final[index])
 
             while True:
+                room = self._roomFor(key)
+                if room is not None:
+                    yield room
+                    if self.stopping:
+                        break
                 conn = self._connection(key, options)
                 notSent.clear()
                 self.carrying.add(conn)
