@@ -572,6 +572,37 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 4)  # no attempt counted
 
     @defer.inlineCallbacks
+    def test_messagesBehindAStuckOneOnItsConnectionGoBack(self):
+        """
+        Messages a connection has taken behind one whose end of data its
+        next hop never answers (three connections to the stuck destination,
+        its six messages in batches of one, two and three) go back to the
+        queue manager untried after WAIT_SECONDS, as those waiting for a
+        connection do, unless their envelope has gone out: they held every
+        delivery slot, and a message for another destination waited for the
+        stuck one's command timeout.
+        """
+        self.patch(SMTPNextHop, "WAIT_SECONDS", 1.0)
+        stuck, sport = self.hop(extensions=["PIPELINING"], silentAtEndFor="s@slow.example")
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 6, "command_timeout": 30,
+                            "retry_min": 60, "retry_max": 60},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                    "destination_concurrency": 3}])
+        self.gw.service.queue.stopTimeout = 0.5
+        slow = []
+        for n in range(6):
+            slow.append((yield self.send(subject="slow %d" % n, rcpts=("s@slow.example",))))
+        yield self.until(lambda: len(stuck.connections) == 3, timeout=5)
+        started = time.monotonic()
+        yield self.send(subject="other", rcpts=("b@example.net",))
+        yield self.until(lambda: good.transactions, timeout=10)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(good.recipients(), ["b@example.net"])
+        spool = self.gw.service.spool
+        self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 6)  # no attempt counted
+
+    @defer.inlineCallbacks
     def test_handedBackForRetryMinIsDeferred(self):
         """
         A message its next hop keeps handing back untried (no connection

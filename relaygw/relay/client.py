@@ -147,6 +147,23 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     #: Set by L{wrapUp}: no transaction starts after the one under way.
     wrappedUp = False
 
+    #: The messages of the batch given back before they began (L{takeBack}).
+    takenBack = frozenset()
+
+    def takeBack(self, index, result):
+        """
+        Message C{index} of the batch is not sent on this connection, and
+        its recipients get C{result} at once, unless it has begun or its
+        envelope may have gone out behind the message under way.  Whether
+        it was taken back.
+        """
+        begun = 0 if self.current is None else self.current + 1  # (the first: the connection is its own)
+        if index <= begun or index in self.reported:
+            return False
+        self.takenBack = self.takenBack | {index}
+        self._settle(index, self.messages[index].recipients, result)
+        return True
+
     def wrapUp(self):
         """
         The gateway is stopping: finish the transaction under way and start
@@ -183,7 +200,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             is done with.
         """
         self.messages, self.results = messages, [{} for _ in messages]
-        self.settled, self.reported = settled, set()
+        self.settled, self.reported, self.takenBack = settled, set(), frozenset()
         self.brokeDown = False
         self.current = None
         kept = self.proto
@@ -198,6 +215,8 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
                 for index, message in enumerate(messages):
                     if self.wrappedUp:
                         break
+                    if index in self.takenBack:
+                        continue
                     try:
                         await self._transaction(index, message)
                     except _MessageFailure as e:

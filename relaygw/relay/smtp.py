@@ -30,7 +30,7 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, INextHop, Result, temporary
 from relaygw.relay.waitingline import WaitingLine
 
 log = Logger(namespace="relaygw.relay")
@@ -369,11 +369,14 @@ class SMTPNextHop(WaitingLine):
                 conn = self._connection(key, options)
                 notSent.clear()
                 self.carrying.add(conn)
+                watch = self._takeBackLater(conn, carried[0], batch)
                 try:
                     results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in carried[0]],
                                                                     keepOpen=True, settled=settled))
                 finally:
                     self.carrying.discard(conn)
+                    if watch[0] is not None and watch[0].active():
+                        watch[0].cancel()
                 if self.stopping:
                     break
                 if conn.stale or conn.retryPlain:  # (what that carry said is void: it goes again)
@@ -418,6 +421,46 @@ class SMTPNextHop(WaitingLine):
                 self.health.failed(failure)
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
+
+
+    def _takeBackLater(self, conn, carried, batch):
+        """
+        While C{conn} carries C{carried} (C{(index in batch, message)}): a
+        message of it that has not begun once it has waited C{WAIT_SECONDS}
+        since it joined the line goes back to the queue manager untried
+        (L{WAITED}), as one still waiting for a connection does, and the
+        destination is congested: behind a message the next hop does not
+        answer, a batch held the delivery slots of all of it.  Returns a
+        list holding the timer (cancel it when the carry ends).
+        """
+        timer = [None]
+
+        def due(index):
+            return batch[index][3] + self.WAIT_SECONDS
+
+        def check():
+            timer[0] = None
+            if self.stopping:
+                return
+            now, later, taken = self.reactor.seconds(), None, 0
+            for position, (index, _) in enumerate(carried):
+                if batch[index][1].called:
+                    continue
+                if due(index) > now:
+                    later = due(index) if later is None else min(later, due(index))
+                elif conn.takeBack(position, WAITED):
+                    taken += 1
+            if taken:
+                log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection; back in the queue",
+                         hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
+                self.congestedUntil = now + self.WAIT_SECONDS
+            if later is not None:
+                timer[0] = self.reactor.callLater(max(0, later - now), check)
+
+        if len(carried) > 1:
+            first = min(due(index) for index, _ in carried[1:])
+            timer[0] = self.reactor.callLater(max(0, first - self.reactor.seconds()), check)
+        return timer
 
 
 class Health:

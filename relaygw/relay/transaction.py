@@ -65,7 +65,8 @@ class Transaction:
         message must wait for the reply (no PIPELINING, an identity to
         forward first, a message that cannot go out).
         """
-        if index >= len(self.messages) or "PIPELINING" not in self.extensions or self.wrappedUp:
+        if index >= len(self.messages) or "PIPELINING" not in self.extensions or self.wrappedUp \
+                or index in self.takenBack:
             return b""
         message = self.messages[index]
         if not self._identityForwarded(message):
