@@ -1970,3 +1970,36 @@ class KeptConnectionsTests(RelayTestCase):
             yield self.until(lambda: len(hop.transactions) == n + 1, timeout=5)
         yield self.until(self.spoolEmpty, timeout=5)
         self.assertLessEqual(hop.most, 2)
+
+
+class SilentDNSSlotsTests(RelayTestCase):
+    """Messages for a domain whose DNS never answers hold no more delivery slots than its connections."""
+
+    @defer.inlineCallbacks
+    def test_messagesBatchedBehindALookupGoBack(self):
+        """
+        Six messages for a domain whose DNS server never answers, in
+        batches of one, two and three each waiting for its lookup, held
+        every delivery slot (concurrency = 6) for the lookup's time: those
+        but the first of each batch go back to the queue manager untried
+        after WAIT_SECONDS, and a message for another destination goes out.
+        """
+        from relaygw.relay import mx
+
+        self.patch(SMTPNextHop, "WAIT_SECONDS", 1.0)
+        self.patch(mx, "LOOKUP_SECONDS", 20.0)
+        server = SilentDNS(self)
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % server.port, "concurrency": 6,
+                            "destination_concurrency": 3, "retry_min": 60, "retry_max": 60},
+                           routes=[{"domains": ["example.net"], "smarthosts": ["[127.0.0.1]:%d" % gport]}])
+        self.gw.service.queue.stopTimeout = 0.5
+        slow = []
+        for n in range(6):
+            slow.append((yield self.send(subject="slow %d" % n, rcpts=("s@silent.example",))))
+        started = time.monotonic()
+        yield self.send(subject="other", rcpts=("b@example.net",))
+        yield self.until(lambda: good.transactions, timeout=10)
+        self.assertLess(time.monotonic() - started, 5)
+        spool = self.gw.service.spool
+        self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 6)  # no attempt counted

@@ -300,6 +300,7 @@ class SMTPNextHop(WaitingLine):
 
         lookup = self.hosts()
         self.lookups.add(lookup)
+        watch = self._takeBackLater(None, list(enumerate(messages)), batch)
         try:
             candidates = yield lookup
         except mx.NullMX:
@@ -316,13 +317,15 @@ class SMTPNextHop(WaitingLine):
             candidates = None
         finally:
             self.lookups.discard(lookup)
+            if watch[0] is not None and watch[0].active():
+                watch[0].cancel()
         if candidates is None:
             for index, m in enumerate(messages):
                 report(index, {r: result for r in m.recipients})
             return
         last = {}
         failure, answered = None, False  # (the last session failure that answered nothing; whether a carry answered)
-        pending = list(enumerate(messages))
+        pending = [(index, m) for index, m in enumerate(messages) if not batch[index][1].called]  # (not taken back)
         for n, candidate in enumerate(candidates):
             if not pending or self.stopping:
                 break
@@ -422,16 +425,17 @@ class SMTPNextHop(WaitingLine):
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
 
-
     def _takeBackLater(self, conn, carried, batch):
         """
-        While C{conn} carries C{carried} (C{(index in batch, message)}): a
-        message of it that has not begun once it has waited C{WAIT_SECONDS}
-        since it joined the line goes back to the queue manager untried
-        (L{WAITED}), as one still waiting for a connection does, and the
-        destination is congested: behind a message the next hop does not
+        While C{conn} carries C{carried} (C{(index in batch, message)}), or
+        while the batch waits for the lookup of the next hop's hosts (C{conn}
+        None): a message of it that has not begun (each but the first,
+        during the lookup) once it has waited C{WAIT_SECONDS} since it
+        joined the line goes back to the queue manager untried (L{WAITED}),
+        as one still waiting for a connection does, and the destination is
+        congested: behind a message the next hop, or its DNS, does not
         answer, a batch held the delivery slots of all of it.  Returns a
-        list holding the timer (cancel it when the carry ends).
+        list holding the timer (cancel it when the carry or lookup ends).
         """
         timer = [None]
 
@@ -448,11 +452,14 @@ class SMTPNextHop(WaitingLine):
                     continue
                 if due(index) > now:
                     later = due(index) if later is None else min(later, due(index))
-                elif conn.takeBack(position, WAITED):
+                elif conn is None and position > 0:
+                    batch[index][1].callback({r: WAITED for r in carried[position][1].recipients})
+                    taken += 1
+                elif conn is not None and conn.takeBack(position, WAITED):
                     taken += 1
             if taken:
-                log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection; back in the queue",
-                         hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
+                log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection or lookup; "
+                         "back in the queue", hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
                 self.congestedUntil = now + self.WAIT_SECONDS
             if later is not None:
                 timer[0] = self.reactor.callLater(max(0, later - now), check)
