@@ -1791,7 +1791,8 @@ class MXLoopTests(RelayTestCase):
             ("mx.backup.example", dns.A, dns.Record_A(primaryAddress)),
             ("me.backup.example", dns.A, dns.Record_A(address))], address)
         yield self.send(rcpts=("x@backup.example",))
-        yield self.until(lambda: sum(line.startswith("RCPT TO:<x@backup.example>") for line in primary.lines) >= 2, timeout=30)
+        tried = lambda: sum(line.startswith("RCPT TO:<x@backup.example>") for line in primary.lines)  # noqa: E731
+        yield self.until(lambda: tried() >= 2, timeout=30)
         self.assertEqual(len(envelopes), 1)
         self.assertEqual(sink.transactions, [])  # no bounce: it waits
         self.assertEqual(len(self.gw.service.spool.queueIds()), 1)
