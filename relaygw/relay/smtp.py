@@ -78,6 +78,7 @@ class SMTPNextHop(WaitingLine):
         self.carrying = set()  # connections carrying a batch now
         self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
         self.lookups = set()  # next-hop lookups under way
+        self.watched = {}  # batches under way with messages not begun: token -> (connection or None, carried, batch)
         self.stopping = False
         self.health = Health(reactor, name, deadFor)
 
@@ -300,7 +301,7 @@ class SMTPNextHop(WaitingLine):
 
         lookup = self.hosts()
         self.lookups.add(lookup)
-        watch = self._takeBackLater(None, list(enumerate(messages)), batch)
+        watch = self._watchBatch(None, list(enumerate(messages)), batch)
         try:
             candidates = yield lookup
         except mx.NullMX:
@@ -317,8 +318,7 @@ class SMTPNextHop(WaitingLine):
             candidates = None
         finally:
             self.lookups.discard(lookup)
-            if watch[0] is not None and watch[0].active():
-                watch[0].cancel()
+            self._unwatch(watch)
         if candidates is None:
             for index, m in enumerate(messages):
                 report(index, {r: result for r in m.recipients})
@@ -372,14 +372,13 @@ class SMTPNextHop(WaitingLine):
                 conn = self._connection(key, options)
                 notSent.clear()
                 self.carrying.add(conn)
-                watch = self._takeBackLater(conn, carried[0], batch)
+                watch = self._watchBatch(conn, carried[0], batch)
                 try:
                     results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in carried[0]],
                                                                     keepOpen=True, settled=settled))
                 finally:
                     self.carrying.discard(conn)
-                    if watch[0] is not None and watch[0].active():
-                        watch[0].cancel()
+                    self._unwatch(watch)
                 if self.stopping:
                     break
                 if conn.stale or conn.retryPlain:  # (what that carry said is void: it goes again)
@@ -425,7 +424,9 @@ class SMTPNextHop(WaitingLine):
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
 
-    def _takeBackLater(self, conn, carried, batch):
+    takeBackTimer = None  # (see L{_watchBatch})
+
+    def _watchBatch(self, conn, carried, batch):
         """
         While C{conn} carries C{carried} (C{(index in batch, message)}), or
         while the batch waits for the lookup of the next hop's hosts (C{conn}
@@ -435,39 +436,52 @@ class SMTPNextHop(WaitingLine):
         as one still waiting for a connection does, and the destination is
         congested: behind a message the next hop, or its DNS, does not
         answer, a batch held the delivery slots of all of it.  Returns a
-        list holding the timer (cancel it when the carry or lookup ends).
+        token to drop from C{watched} when the carry or lookup ends (None
+        for a batch of one).  One timer serves every batch of the hop.
         """
-        timer = [None]
+        if len(carried) < 2:
+            return None
+        token = object()
+        self.watched[token] = (conn, carried, batch)
+        due = min(batch[index][3] for index, _ in carried[1:]) + self.WAIT_SECONDS
+        timer = self.takeBackTimer
+        if timer is None or timer.getTime() > due:
+            if timer is not None:
+                timer.cancel()
+            self.takeBackTimer = self.reactor.callLater(max(0, due - self.reactor.seconds()), self._takeBack)
+        return token
 
-        def due(index):
-            return batch[index][3] + self.WAIT_SECONDS
+    def _unwatch(self, token):
+        """The batch of C{token} (L{_watchBatch}) is no longer under way; the timer goes with the last one."""
+        self.watched.pop(token, None)
+        if not self.watched and self.takeBackTimer is not None:
+            self.takeBackTimer.cancel()
+            self.takeBackTimer = None
 
-        def check():
-            timer[0] = None
-            if self.stopping:
-                return
-            now, later, taken = self.reactor.seconds(), None, 0
-            for position, (index, _) in enumerate(carried):
+    def _takeBack(self):
+        """The messages of watched batches (L{_watchBatch}) that have waited long enough go back."""
+        self.takeBackTimer = None
+        if self.stopping:
+            return
+        now, later, taken = self.reactor.seconds(), None, 0
+        for conn, carried, batch in list(self.watched.values()):
+            for position, (index, message) in enumerate(carried):
                 if batch[index][1].called:
                     continue
-                if due(index) > now:
-                    later = due(index) if later is None else min(later, due(index))
+                due = batch[index][3] + self.WAIT_SECONDS
+                if due > now:
+                    later = due if later is None else min(later, due)
                 elif conn is None and position > 0:
-                    batch[index][1].callback({r: WAITED for r in carried[position][1].recipients})
+                    batch[index][1].callback({r: WAITED for r in message.recipients})
                     taken += 1
                 elif conn is not None and conn.takeBack(position, WAITED):
                     taken += 1
-            if taken:
-                log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection or lookup; "
-                         "back in the queue", hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
-                self.congestedUntil = now + self.WAIT_SECONDS
-            if later is not None:
-                timer[0] = self.reactor.callLater(max(0, later - now), check)
-
-        if len(carried) > 1:
-            first = min(due(index) for index, _ in carried[1:])
-            timer[0] = self.reactor.callLater(max(0, first - self.reactor.seconds()), check)
-        return timer
+        if taken:
+            log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection or lookup; "
+                     "back in the queue", hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
+            self.congestedUntil = now + self.WAIT_SECONDS
+        if later is not None:
+            self.takeBackTimer = self.reactor.callLater(later - now, self._takeBack)
 
 
 class Health:
