@@ -339,16 +339,24 @@ class CommitWindowTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def test_failedCommitNotDeliveredByAFlush(self):
-        from relaygw.testing import Client, Gateway, inThread
+    def ringGateway(self):
+        """A started gateway whose spool commits through io_uring (or skip, where there is none)."""
+        from relaygw.testing import Gateway
 
         gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
                      spool={"min_free_space": 0, "io_uring": True})
         yield gw.start()
         self.addCleanup(gw.stop)
-        spool = gw.service.spool
-        if not isinstance(spool.committer, RingCommitter):
+        if not isinstance(gw.service.spool.committer, RingCommitter):
             raise unittest.SkipTest("no io_uring here")
+        return gw
+
+    @defer.inlineCallbacks
+    def test_failedCommitNotDeliveredByAFlush(self):
+        from relaygw.testing import Client, inThread
+
+        gw = yield self.ringGateway()
+        spool = gw.service.spool
         queueDir = spool.path("queue")
         realName = durable.CommitJob.name
         flushed = []
@@ -408,15 +416,10 @@ class CommitWindowTests(unittest.TestCase):
     @defer.inlineCallbacks
     def refusedButKept(self, request, seconds):
         """A message refused 452 whose queue file stays; C{request(gw, qid)}, and after C{seconds} no delivery."""
-        from relaygw.testing import Client, Gateway, inThread
+        from relaygw.testing import Client, inThread
 
-        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
-                     spool={"min_free_space": 0, "io_uring": True})
-        yield gw.start()
-        self.addCleanup(gw.stop)
+        gw = yield self.ringGateway()
         spool = gw.service.spool
-        if not isinstance(spool.committer, RingCommitter):
-            raise unittest.SkipTest("no io_uring here")
         queueDir = spool.path("queue")
         realCompletions = Ring.completions
         failed = []

@@ -502,6 +502,23 @@ class CommitOrderTests(unittest.TestCase):
         self.assertEqual((os.listdir(self.spool.path("queue")), os.listdir(self.spool.path("tmp"))), ([], []))
 
     @defer.inlineCallbacks
+    def assertFailsAlone(self, job, errno):
+        """
+        C{job} (a Maildir next hop's delivery, say) is committed in one
+        batch with a held message and three more: it fails with C{errno},
+        and the messages, on the spool's file system, are queued.
+        """
+        first = self.held("one")
+        failing = self.spool.committer.commit(job)
+        messages = [self.message() for _ in range(3)]
+        self.gate.set()
+        with self.assertRaises(OSError) as cm:
+            yield failing
+        self.assertEqual(cm.exception.errno, errno)
+        qids = yield defer.gatherResults(messages + [first])
+        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+
+    @defer.inlineCallbacks
     def test_unwritableJobFailsAlone(self):
         """
         One job of a batch cannot be written (a Maildir next hop's own file
@@ -514,16 +531,8 @@ class CommitOrderTests(unittest.TestCase):
         def full():
             raise OSError(28, "No space left on device")
 
-        first = self.held("one")
-        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
-                                                        data=full))
-        messages = [self.message() for _ in range(3)]
-        self.gate.set()
-        with self.assertRaises(OSError) as cm:
-            yield maildir
-        self.assertEqual(cm.exception.errno, 28)
-        qids = yield defer.gatherResults(messages + [first])
-        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        yield self.assertFailsAlone(CommitJob(os.path.join(elsewhere, "t"),
+                                              os.path.join(elsewhere, "m"), data=full), 28)
         self.assertEqual((os.listdir(elsewhere), os.listdir(self.spool.path("tmp"))), ([], []))
 
     @defer.inlineCallbacks
@@ -535,16 +544,8 @@ class CommitOrderTests(unittest.TestCase):
         """
         elsewhere = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(elsewhere, "tmp"))
-        first = self.held("one")
-        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "tmp", "m"),
-                                                        os.path.join(elsewhere, "new", "m"), data=b"delivered\n"))
-        messages = [self.message() for _ in range(3)]
-        self.gate.set()
-        with self.assertRaises(OSError) as cm:
-            yield maildir
-        self.assertEqual(cm.exception.errno, 2)
-        qids = yield defer.gatherResults(messages + [first])
-        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        yield self.assertFailsAlone(CommitJob(os.path.join(elsewhere, "tmp", "m"),
+                                              os.path.join(elsewhere, "new", "m"), data=b"delivered\n"), 2)
         self.assertEqual(os.listdir(os.path.join(elsewhere, "tmp")), [])
 
     @defer.inlineCallbacks
@@ -567,16 +568,8 @@ class CommitOrderTests(unittest.TestCase):
             return syncfs(fd)
 
         self.patch(durable, "_syncfs", eio)
-        first = self.held("one")
-        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "t"), os.path.join(elsewhere, "m"),
-                                                        data=b"delivered\n"))
-        messages = [self.message() for _ in range(3)]
-        self.gate.set()
-        with self.assertRaises(OSError) as cm:
-            yield maildir
-        self.assertEqual(cm.exception.errno, 5)
-        qids = yield defer.gatherResults(messages + [first])
-        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        yield self.assertFailsAlone(CommitJob(os.path.join(elsewhere, "t"),
+                                              os.path.join(elsewhere, "m"), data=b"delivered\n"), 5)
         self.assertEqual(os.listdir(elsewhere), [])
 
     @defer.inlineCallbacks
@@ -597,16 +590,8 @@ class CommitOrderTests(unittest.TestCase):
             return sync(path)
 
         self.patch(durable, "fsyncDirectory", eio)
-        first = self.held("one")
-        maildir = self.spool.committer.commit(CommitJob(os.path.join(elsewhere, "tmp", "m"),
-                                                        os.path.join(elsewhere, "new", "m"), data=b"delivered\n"))
-        messages = [self.message() for _ in range(3)]
-        self.gate.set()
-        with self.assertRaises(OSError) as cm:
-            yield maildir
-        self.assertEqual(cm.exception.errno, 5)
-        qids = yield defer.gatherResults(messages + [first])
-        self.assertEqual(sorted(self.spool.queueIds()), sorted(qids[:3] + ["one"]))
+        yield self.assertFailsAlone(CommitJob(os.path.join(elsewhere, "tmp", "m"),
+                                              os.path.join(elsewhere, "new", "m"), data=b"delivered\n"), 5)
         self.assertEqual(os.listdir(os.path.join(elsewhere, "new")), [])
 
     @defer.inlineCallbacks
