@@ -6,12 +6,8 @@ Messages handed in while every connection to the destination is busy wait
 and go out together on the next free connection, so under load one
 connection carries many messages (the client pipelines them when the next
 hop offers PIPELINING).  The number of connections per destination is
-capped.  A connection that finished its batch stays open for a moment
-(C{IDLE_SECONDS}, Postfix's connection cache time) and carries the next
-batch without a new connect, greeting, EHLO and TLS handshake, for up to
-C{REUSE_SECONDS} after it opened.  One that fell back to plaintext after a
-failed opportunistic handshake is never kept: the next batch tries TLS
-again.
+capped; the connections kept open for the next batch, and those saying
+QUIT, are L{KeptOpen}'s.
 
 A destination found dead (L{Health}) has what waits for it, and what comes
 meanwhile, deferred at once with the reason ("delivery temporarily
@@ -30,7 +26,8 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
+from relaygw.relay.keptopen import KeptOpen
 from relaygw.relay.waitingline import WaitingLine
 
 log = Logger(namespace="relaygw.relay")
@@ -53,20 +50,15 @@ def _identity(message):
 
 
 @implementer(INextHop)
-class SMTPNextHop(WaitingLine):
+class SMTPNextHop(WaitingLine, KeptOpen):
     """
     @ivar hosts: C{hosts() -> Deferred[list[(host, port)]]}, the candidates
         in order (a fixed smarthost list, or an MX lookup).
     """
 
-    #: How long a connection with nothing to carry stays open for reuse.
-    IDLE_SECONDS = 2.0
-    #: How long after it opened a connection may still be reused (Postfix's
-    #: C{smtp_connection_reuse_time_limit}).
-    REUSE_SECONDS = 300.0
-
     def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
         WaitingLine.__init__(self)
+        KeptOpen.__init__(self)
         self.reactor = reactor
         self.name = name
         self.hosts = hosts
@@ -74,11 +66,8 @@ class SMTPNextHop(WaitingLine):
         self.maxConnections = maxConnections
         self.batch = batch
         self.active = 0
-        self.idle = []  # [(connection, key, timer)], most recently used last
         self.carrying = set()  # connections carrying a batch now
-        self.closing = {}  # connections saying QUIT: the Deferred that fires when each is closed
         self.lookups = set()  # next-hop lookups under way
-        self.watched = {}  # batches under way with messages not begun: token -> (connection or None, carried, batch)
         self.stopping = False
         self.health = Health(reactor, name, deadFor)
 
@@ -105,99 +94,6 @@ class SMTPNextHop(WaitingLine):
         connection, and a message from another client would be deferred).
         """
         return (host, port, _identity(message) if self.options.forwardIdentity else None)
-
-    def _connection(self, key, options):
-        """A kept-open connection for C{key}, or a new one."""
-        for i in range(len(self.idle) - 1, -1, -1):
-            conn, k, timer = self.idle[i]
-            if k == key:
-                del self.idle[i]
-                timer.cancel()
-                if self._reusableOrClosed(conn):
-                    return conn
-        return smtpclient.Connection(self.reactor, key[0], key[1], options)
-
-    def _roomFor(self, key):
-        """
-        Before a connection for C{key} opens: when none is kept open for it
-        and the destination's connections (the batches under way, this
-        one's among them, those kept open and those closing) are already
-        C{maxConnections}, the oldest kept open for other keys (another
-        original client's, another smarthost's) are cut.  A Deferred that
-        fires once they are closed, or None.
-        """
-        if any(k == key for _, k, _ in self.idle):
-            return None
-        excess = self.active + len(self.idle) + len(self.closing) - self.maxConnections
-        cut, self.idle = self.idle[:max(0, excess)], self.idle[max(0, excess):]
-        for conn, _, timer in cut:
-            timer.cancel()
-            conn.cut(None)  # (it carries nothing)
-        return defer.gatherResults([conn.proto.closed for conn, _, _ in cut]) if cut else None
-
-    def _reusableOrClosed(self, conn):
-        """
-        Whether C{conn} may carry another batch: open, younger than
-        C{REUSE_SECONDS}, and not one that gave up the TLS the next hop's
-        policy asks for (reused, one failed handshake would send all later
-        mail in plaintext for as long as mail kept coming).  One still open
-        that may not is closed.
-        """
-        if conn.usable and conn.options.tls == self.options.tls \
-                and self.reactor.seconds() - conn.opened < self.REUSE_SECONDS:
-            return True
-        if conn.usable:
-            self._close(conn)
-        return False
-
-    def _park(self, conn, key):
-        """Keep C{conn} open for the next batch, for a moment (if it may carry one)."""
-        if not self._reusableOrClosed(conn):
-            return
-        timer = self.reactor.callLater(self.IDLE_SECONDS, self._expire, conn)
-        self.idle.append((conn, key, timer))
-        while len(self.idle) > self.maxConnections:
-            old, _, oldTimer = self.idle.pop(0)
-            oldTimer.cancel()
-            self._close(old)
-
-    def _expire(self, conn):
-        self.idle = [entry for entry in self.idle if entry[0] is not conn]
-        self._close(conn)
-
-    def _close(self, conn):
-        """
-        Say QUIT on C{conn}, which carries nothing now, and close it.  Until
-        it is closed it counts as one of the destination's connections
-        (L{_pump}).
-        """
-        d = self.closing[conn] = defer.ensureDeferred(conn.close())
-        d.addBoth(self._closed, conn)
-
-    def _closed(self, result, conn):
-        if self.closing.pop(conn, None) is not None and self.waiting:
-            self._pump()
-        return result
-
-    def _makeRoom(self):
-        """
-        Messages wait, and only connections saying QUIT keep them from a
-        connection of their own: those are cut (they carry nothing; a next
-        hop slow to answer QUIT would otherwise have more connections from
-        the gateway than C{maxConnections}).
-        """
-        excess = self.active + len(self.closing) - self.maxConnections + 1
-        if self.waiting and not self.stopping and self.active < self.maxConnections and excess > 0:
-            for conn in list(self.closing)[:excess]:
-                conn.cut(None)
-
-    def closeIdle(self):
-        """Close every kept-open connection (on shutdown); fires when they, and those closing, are closed."""
-        idle, self.idle = self.idle, []
-        for conn, _, timer in idle:
-            timer.cancel()
-            self._close(conn)
-        return defer.gatherResults([_whenDone(d) for d in self.closing.values()])
 
     def wrapUp(self):
         """
@@ -424,66 +320,6 @@ class SMTPNextHop(WaitingLine):
             self.waiting[:0] = [batch[index] for index in sorted(requeued)]
             return requeued
 
-    takeBackTimer = None  # (see L{_watchBatch})
-
-    def _watchBatch(self, conn, carried, batch):
-        """
-        While C{conn} carries C{carried} (C{(index in batch, message)}), or
-        while the batch waits for the lookup of the next hop's hosts (C{conn}
-        None): a message of it that has not begun (each but the first,
-        during the lookup) once it has waited C{WAIT_SECONDS} since it
-        joined the line goes back to the queue manager untried (L{WAITED}),
-        as one still waiting for a connection does, and the destination is
-        congested: behind a message the next hop, or its DNS, does not
-        answer, a batch held the delivery slots of all of it.  Returns a
-        token to drop from C{watched} when the carry or lookup ends (None
-        for a batch of one).  One timer serves every batch of the hop.
-        """
-        if len(carried) < 2:
-            return None
-        token = object()
-        self.watched[token] = (conn, carried, batch)
-        due = min(batch[index][3] for index, _ in carried[1:]) + self.WAIT_SECONDS
-        timer = self.takeBackTimer
-        if timer is None or timer.getTime() > due:
-            if timer is not None:
-                timer.cancel()
-            self.takeBackTimer = self.reactor.callLater(max(0, due - self.reactor.seconds()), self._takeBack)
-        return token
-
-    def _unwatch(self, token):
-        """The batch of C{token} (L{_watchBatch}) is no longer under way; the timer goes with the last one."""
-        self.watched.pop(token, None)
-        if not self.watched and self.takeBackTimer is not None:
-            self.takeBackTimer.cancel()
-            self.takeBackTimer = None
-
-    def _takeBack(self):
-        """The messages of watched batches (L{_watchBatch}) that have waited long enough go back."""
-        self.takeBackTimer = None
-        if self.stopping:
-            return
-        now, later, taken = self.reactor.seconds(), None, 0
-        for conn, carried, batch in list(self.watched.values()):
-            for position, (index, message) in enumerate(carried):
-                if batch[index][1].called:
-                    continue
-                due = batch[index][3] + self.WAIT_SECONDS
-                if due > now:
-                    later = due if later is None else min(later, due)
-                elif conn is None and position > 0:
-                    batch[index][1].callback({r: WAITED for r in message.recipients})
-                    taken += 1
-                elif conn is not None and conn.takeBack(position, WAITED):
-                    taken += 1
-        if taken:
-            log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection or lookup; "
-                     "back in the queue", hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
-            self.congestedUntil = now + self.WAIT_SECONDS
-        if later is not None:
-            self.takeBackTimer = self.reactor.callLater(later - now, self._takeBack)
-
-
 class Health:
     """
     Whether a destination is dead, as Postfix throttles one: once
@@ -554,13 +390,6 @@ def _verdict(conn, results):
             if reason is None and not r.untried:
                 reason = r
     return True if not conn.brokeDown else reason
-
-
-def _whenDone(d):
-    """A Deferred that fires (with C{None}) once C{d} has, C{d}'s own result left alone."""
-    done = defer.Deferred()
-    d.addBoth(lambda result: (done.callback(None), result)[1])
-    return done
 
 
 def smarthostList(hosts):

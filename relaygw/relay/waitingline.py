@@ -13,6 +13,10 @@ time (a batch behind a message the next hop never answers would hold the
 slots of all of it), a message that cannot start at once goes back at
 once, and one goes out on a connection of its own, up to the cap.
 
+A message of a batch under way that has not begun (behind one the next
+hop, or its DNS, does not answer) goes back the same way once it has
+waited C{WAIT_SECONDS} since it joined the line (L{_watchBatch}).
+
 A message that went back is parked with the queue manager (L{whenRoom})
 until the destination has room for it: no read of its queue file, no
 attempt, until a connection comes free.  Messages wait and are parked in
@@ -61,6 +65,7 @@ class WaitingLine:
         self.waiting = []
         self.parked = []
         self.released = set()
+        self.watched = {}  # batches under way with messages not begun: token -> (connection or None, carried, batch)
 
     def whenRoom(self, message):
         """
@@ -194,6 +199,65 @@ class WaitingLine:
         if qid in self.released:
             self.released.discard(qid)
             self._pump()
+
+    takeBackTimer = None  # (see L{_watchBatch})
+
+    def _watchBatch(self, conn, carried, batch):
+        """
+        While C{conn} carries C{carried} (C{(index in batch, message)}), or
+        while the batch waits for the lookup of the next hop's hosts (C{conn}
+        None): a message of it that has not begun (each but the first,
+        during the lookup) once it has waited C{WAIT_SECONDS} since it
+        joined the line goes back to the queue manager untried (L{WAITED}),
+        as one still waiting for a connection does, and the destination is
+        congested: behind a message the next hop, or its DNS, does not
+        answer, a batch held the delivery slots of all of it.  Returns a
+        token to drop from C{watched} when the carry or lookup ends (None
+        for a batch of one).  One timer serves every batch of the hop.
+        """
+        if len(carried) < 2:
+            return None
+        token = object()
+        self.watched[token] = (conn, carried, batch)
+        due = min(batch[index][3] for index, _ in carried[1:]) + self.WAIT_SECONDS
+        timer = self.takeBackTimer
+        if timer is None or timer.getTime() > due:
+            if timer is not None:
+                timer.cancel()
+            self.takeBackTimer = self.reactor.callLater(max(0, due - self.reactor.seconds()), self._takeBack)
+        return token
+
+    def _unwatch(self, token):
+        """The batch of C{token} (L{_watchBatch}) is no longer under way; the timer goes with the last one."""
+        self.watched.pop(token, None)
+        if not self.watched and self.takeBackTimer is not None:
+            self.takeBackTimer.cancel()
+            self.takeBackTimer = None
+
+    def _takeBack(self):
+        """The messages of watched batches (L{_watchBatch}) that have waited long enough go back."""
+        self.takeBackTimer = None
+        if self.stopping:
+            return
+        now, later, taken = self.reactor.seconds(), None, 0
+        for conn, carried, batch in list(self.watched.values()):
+            for position, (index, message) in enumerate(carried):
+                if batch[index][1].called:
+                    continue
+                due = batch[index][3] + self.WAIT_SECONDS
+                if due > now:
+                    later = due if later is None else min(later, due)
+                elif conn is None and position > 0:
+                    batch[index][1].callback({r: WAITED for r in message.recipients})
+                    taken += 1
+                elif conn is not None and conn.takeBack(position, WAITED):
+                    taken += 1
+        if taken:
+            log.info("{hop}: {n} messages waited {seconds:g}s behind another on a connection or lookup; "
+                     "back in the queue", hop=self.name, n=taken, seconds=self.WAIT_SECONDS)
+            self.congestedUntil = now + self.WAIT_SECONDS
+        if later is not None:
+            self.takeBackTimer = self.reactor.callLater(later - now, self._takeBack)
 
     def _giveBack(self, waiting):
         """C{waiting}'s messages go back to the queue manager (L{WAITED}); the destination is congested."""
