@@ -351,10 +351,36 @@ class CommitWindowTests(unittest.TestCase):
             raise unittest.SkipTest("no io_uring here")
         return gw
 
-    @defer.inlineCallbacks
-    def test_failedCommitNotDeliveredByAFlush(self):
+    def failFirstSync(self):
+        """The ring's first batch of completions fails with EIO, later ones succeed; returns the list it is noted in."""
+        realCompletions = Ring.completions
+        failed = []
+
+        def completions(ring):
+            results = realCompletions(ring)
+            if results and not failed:
+                failed.append(results)
+                return [(tag, -errno.EIO) for tag, _ in results]
+            return results
+
+        self.patch(Ring, "completions", completions)
+        return failed
+
+    def sendOnce(self, gw):
+        """One message to C{gw} over a loopback socket; fires with the end of data's reply."""
         from relaygw.testing import Client, inThread
 
+        def send():
+            c = Client(gw.port, timeout=20)
+            try:
+                return c.transaction(["b@example.net"], "Subject: once\r\n\r\nbody\r\n")[-1]
+            finally:
+                c.close()
+
+        return inThread(send)
+
+    @defer.inlineCallbacks
+    def test_failedCommitNotDeliveredByAFlush(self):
         gw = yield self.ringGateway()
         spool = gw.service.spool
         queueDir = spool.path("queue")
@@ -369,26 +395,9 @@ class CommitWindowTests(unittest.TestCase):
                 reactor.callLater(0, gw.service.queue.flush)
 
         self.patch(durable.CommitJob, "name", name)
-        realCompletions = Ring.completions
-        failed = []
+        failed = self.failFirstSync()
 
-        def completions(ring):
-            results = realCompletions(ring)
-            if results and not failed:  # the first batch's sync fails, later ones succeed
-                failed.append(results)
-                return [(tag, -errno.EIO) for tag, _ in results]
-            return results
-
-        self.patch(Ring, "completions", completions)
-
-        def send():
-            c = Client(gw.port, timeout=20)
-            try:
-                return c.transaction(["b@example.net"], "Subject: once\r\n\r\nbody\r\n")[-1]
-            finally:
-                c.close()
-
-        end = yield inThread(send)
+        end = yield self.sendOnce(gw)
         self.assertTrue(flushed and failed, "the window was not reached")
         self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
         yield task.deferLater(reactor, 0.5, lambda: None)  # (a delivery under way would finish)
@@ -416,22 +425,10 @@ class CommitWindowTests(unittest.TestCase):
     @defer.inlineCallbacks
     def refusedButKept(self, request, seconds):
         """A message refused 452 whose queue file stays; C{request(gw, qid)}, and after C{seconds} no delivery."""
-        from relaygw.testing import Client, inThread
-
         gw = yield self.ringGateway()
         spool = gw.service.spool
         queueDir = spool.path("queue")
-        realCompletions = Ring.completions
-        failed = []
-
-        def completions(ring):
-            results = realCompletions(ring)
-            if results and not failed:  # the message's sync fails, a delivery's later would not
-                failed.append(results)
-                return [(tag, -errno.EIO) for tag, _ in results]
-            return results
-
-        self.patch(Ring, "completions", completions)
+        self.failFirstSync()
         kept = []
 
         class ReadOnly:
@@ -447,14 +444,7 @@ class CommitWindowTests(unittest.TestCase):
 
         self.patch(durable, "os", ReadOnly())
 
-        def send():
-            c = Client(gw.port, timeout=20)
-            try:
-                return c.transaction(["b@example.net"], "Subject: once\r\n\r\nbody\r\n")[-1]
-            finally:
-                c.close()
-
-        end = yield inThread(send)
+        end = yield self.sendOnce(gw)
         self.assertEqual(end, (452, ["4.3.1 Insufficient system storage"]))
         self.assertEqual([os.path.basename(p) for p in kept], os.listdir(queueDir))
         self.assertEqual(spool.queueIds(), [])
