@@ -41,19 +41,19 @@ def canonicalIP(text):
     Parse an IP address (optionally C{IPv6:}-prefixed) into its canonical
     text, IPv4-mapped IPv6 as IPv4.  Raises C{ValueError} if it is not one.
     """
-    return str(_address(text))
+    return str(parseIP(text))
 
 
 def clientIP(text):
     """L{canonicalIP}, refusing (C{ValueError}) an address no client connects from (L{isEndpoint})."""
-    addr = _address(text)
+    addr = parseIP(text)
     if not isEndpoint(addr):
         raise ValueError("not a client address")
     return str(addr)
 
 
-def _address(text):
-    """The C{ipaddress} address of L{canonicalIP}'s text."""
+def parseIP(text):
+    """The C{ipaddress} address of L{canonicalIP}'s text (C{ValueError} if it is none)."""
     if text[:5].lower() == "ipv6:":
         addr = ipaddress.IPv6Address(text[5:])
     else:
@@ -103,7 +103,7 @@ class Networks:
 
     def _lookup(self, ip):
         try:
-            addr = _address(ip)
+            addr = parseIP(ip)
         except ValueError:
             return False
         return any(addr.version == n.version and addr in n for n in self._nets)
@@ -118,7 +118,7 @@ class Networks:
 def isLocalAddress(ip):
     """Whether C{ip} is loopback or private (used for start-up warnings)."""
     try:
-        addr = _address(ip)
+        addr = parseIP(ip)
     except ValueError:
         return False
     if addr.is_unspecified:

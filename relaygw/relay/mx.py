@@ -23,7 +23,6 @@ of the same or a worse preference are left out, as Postfix does, and when
 that leaves none the mail "loops back to myself" (L{LoopsToSelf}).
 """
 
-import ipaddress
 import random
 import socket
 import struct
@@ -33,6 +32,7 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
+from relaygw.trust import parseIP
 
 log = Logger()
 
@@ -266,12 +266,11 @@ def _local(address):
 
 
 def _address(text):
-    """C{text} as an L{ipaddress} address, an IPv4-mapped IPv6 one as IPv4; C{None} if it is none."""
+    """L{parseIP}, or C{None} for text that is no address."""
     try:
-        address = ipaddress.ip_address(text)
+        return parseIP(text)
     except ValueError:
         return None
-    return getattr(address, "ipv4_mapped", None) or address
 
 
 def ownAddresses(bound):
