@@ -100,6 +100,15 @@ class DataReader:
         return chunk
 
 
+def startsAsContinuation(chunk):
+    """
+    Whether message content beginning with C{chunk} starts with a
+    continuation line (a space or a tab first): it has no header, it is
+    all body (L{relaygw.sink} ends the gateway's own header before it).
+    """
+    return chunk[:1] in (b" ", b"\t")
+
+
 class HeaderScanner:
     """
     What the log and the hop limit need of a message's header, as its
@@ -126,9 +135,7 @@ class HeaderScanner:
     def feed(self, chunk):
         if self.done:
             return
-        if not self.seen and not self.partial and chunk[:1] in (b" ", b"\t"):
-            # A continuation line first: no header at all, the content is
-            # all body (the sink ends the gateway's header before it).
+        if not self.seen and not self.partial and startsAsContinuation(chunk):
             return self._stop()
         data = self.partial + chunk if self.partial else chunk
         start = 0
