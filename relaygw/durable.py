@@ -368,13 +368,13 @@ class Committer:
             big = sum(job.size for job, _ in batch) >= self.BIG_BATCH
             if big:
                 self._schedule(os.SCHED_OTHER)
-            batch, failed = self._prepare(batch)
+            batch, failed = self._each(batch, lambda job: job.prepare())
             settled += failed
             batch, failed, synced = self._syncData(batch)
             settled += failed
             settled += self._settle(renamed, synced)
             renamed = []
-            batch, failed = self._rename(batch)
+            batch, failed = self._each(batch, self._name)
             settled += failed
             if batch:
                 with self._wake:
@@ -400,24 +400,23 @@ class Committer:
             device = self._devices[directory] = os.stat(directory).st_dev
         return device
 
-    @staticmethod
-    def _prepare(batch):
+    @classmethod
+    def _each(cls, batch, step):
         """
-        Runs in the disk thread: create and fill the files.  Returns the
-        jobs ready to sync, and the outcomes of those that failed: each
-        fails alone (a full file system of a Maildir next hop's fails no
-        message of the spool's).
+        Runs in the disk thread: C{step(job)} for each job of C{batch}.
+        Returns the jobs it did, and the outcomes of those it failed: each
+        fails alone, abandoned (a full file system of a Maildir next hop's
+        fails no message of the spool's).
         """
-        ready, failed = [], []
+        done, failed = [], []
         for job, d in batch:
             try:
-                job.prepare()
+                step(job)
             except BaseException as e:  # reported on the reactor thread
-                job.abandon()
-                failed.append((d, e))
+                failed += cls._abandon([(job, d)], e)
             else:
-                ready.append((job, d))
-        return ready, failed
+                done.append((job, d))
+        return done, failed
 
     def _syncData(self, batch):
         """
@@ -460,20 +459,12 @@ class Committer:
                 ready.append((job, d))
         return ready, failed, synced
 
-    @classmethod
-    def _rename(cls, batch):
-        """Runs in the disk thread: close and name each file.  Returns the jobs named, and the failures' outcomes."""
-        named, failed = [], []
-        for job, d in batch:
-            fd, job.fd = job.fd, None  # (gone even if close fails: not closed again by abandon)
-            try:
-                quick.close(fd)
-                job.name()
-            except BaseException as e:
-                failed += cls._abandon([(job, d)], e)
-            else:
-                named.append((job, d))
-        return named, failed
+    @staticmethod
+    def _name(job):
+        """Runs in the disk thread: close the file and give it its name."""
+        fd, job.fd = job.fd, None  # (gone even if close fails: not closed again by abandon)
+        quick.close(fd)
+        job.name()
 
     def _settle(self, renamed, synced):
         """
