@@ -100,13 +100,14 @@ class DataReader:
         return chunk
 
 
-def startsAsContinuation(chunk):
+def isContinuation(line):
     """
-    Whether message content beginning with C{chunk} starts with a
-    continuation line (a space or a tab first): it has no header, it is
-    all body (L{relaygw.sink} ends the gateway's own header before it).
+    Whether C{line} (or a chunk's first line) continues a header field: a
+    space or a tab first.  Message content that starts with one has no
+    header, it is all body (L{relaygw.sink} ends the gateway's own header
+    before it).
     """
-    return chunk[:1] in (b" ", b"\t")
+    return line[:1] in (b" ", b"\t")
 
 
 class HeaderScanner:
@@ -135,7 +136,7 @@ class HeaderScanner:
     def feed(self, chunk):
         if self.done:
             return
-        if not self.seen and not self.partial and startsAsContinuation(chunk):
+        if not self.seen and not self.partial and isContinuation(chunk):
             return self._stop()
         data = self.partial + chunk if self.partial else chunk
         start = 0

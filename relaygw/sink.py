@@ -16,7 +16,7 @@ as the body, and the Received header stays the gateway's own.
 from zope.interface import Attribute, Interface, implementer
 
 from relaygw import trace
-from relaygw.datareader import startsAsContinuation
+from relaygw.datareader import isContinuation
 
 
 class IMessageSink(Interface):
@@ -106,7 +106,7 @@ class IncomingMessage:
             return
         if not self.started:
             self.started = True
-            if startsAsContinuation(chunk):  # (it would continue the Received header: an empty line ends it)
+            if isContinuation(chunk):  # (it would continue the Received header: an empty line ends it)
                 self.writer.write(b"\r\n")
                 self.traceOctets += 2
         if self.limit and self.writer.size - self.traceOctets + len(chunk) > self.limit:

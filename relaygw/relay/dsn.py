@@ -10,6 +10,7 @@ from email.utils import formatdate
 
 from twisted.internet import defer
 
+from relaygw.datareader import isContinuation
 from relaygw.logs import Logger
 from relaygw.spoolapi import Envelope
 
@@ -44,7 +45,7 @@ def _headers(message, limit=65536):
         data = data[: end + 2]
     fields = data.split(b"\r\n")
     for n, line in enumerate(fields):
-        if not (_FIELD.match(line) or (n and line[:1] in (b" ", b"\t"))):
+        if not (_FIELD.match(line) or (n and isContinuation(line))):
             del fields[n:]
             break
     lines = []
