@@ -4,7 +4,11 @@ The client side over loopback: a raw blocking SMTP line client
 serving, and the port helpers (L{freePort}, L{waitForPort}).
 """
 
+import itertools
+import os
+import random
 import socket
+import threading
 import time
 
 from twisted.internet import threads
@@ -93,9 +97,41 @@ def waitForPort(port, host="127.0.0.1", timeout=15.0):
     raise TimeoutError("nothing listens on %s:%d" % (host, port))
 
 
+# Ports handed out by freePort: below the kernel's ephemeral range (32768 and up
+# on Linux), so no port it picks for bind(0) or an outgoing connection can be one
+# of them, and a block of its own for each trial worker (its working directory
+# is named after its number), so two test processes never hand out the same port
+# between one's choice and its server's bind.
+_PORT_BASE, _PORT_BLOCK, _WORKER_BLOCKS, _OTHER_BLOCKS = 10000, 2000, 8, 3
+_ports = None
+_portsLock = threading.Lock()
+
+
+def _portCycle():
+    name = os.path.basename(os.getcwd())
+    if name.isdigit() and int(name) < _WORKER_BLOCKS:
+        block = int(name)
+    else:
+        block = _WORKER_BLOCKS + os.getpid() % _OTHER_BLOCKS
+    first = _PORT_BASE + block * _PORT_BLOCK
+    start = random.randrange(_PORT_BLOCK)
+    return itertools.cycle([first + (start + i) % _PORT_BLOCK for i in range(_PORT_BLOCK)])
+
+
 def freePort():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A loopback port nothing listens on, not handed out again until its block has been."""
+    global _ports
+    with _portsLock:
+        if _ports is None:
+            _ports = _portCycle()
+        for _ in range(_PORT_BLOCK):
+            port = next(_ports)
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            finally:
+                s.close()
+            return port
+    raise OSError("no free port in this process's block")
