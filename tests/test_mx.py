@@ -50,6 +50,7 @@ class _Hostile(common.ResolverBase):
     def __init__(self):
         common.ResolverBase.__init__(self)
         self.hanging = []
+        self.hangingTypes = []  # (the query type of each of C{hanging})
 
     def _lookup(self, name, cls, type, timeout):
         name = name.lower()
@@ -67,6 +68,7 @@ class _Hostile(common.ResolverBase):
         if name == b"hang.hostile.test":
             d = defer.Deferred()
             self.hanging.append(d)
+            self.hangingTypes.append(type)
             return d
         return defer.fail(error.DomainError(name))
 
@@ -127,6 +129,7 @@ EXAMPLE_TEST = {
     b"notnull.example.test": [dns.Record_MX(10, b"")],
     b"silentbackup.example.test": [dns.Record_MX(10, b"mx2.example.test"), dns.Record_MX(20, b"hang.hostile.test")],
     b"silentbest.example.test": [dns.Record_MX(10, b"hang.hostile.test"), dns.Record_MX(20, b"mx2.example.test")],
+    b"slowonly.example.test": [dns.Record_MX(10, b"hang.hostile.test")],
     b"many.example.test": [dns.Record_MX(i, b"m%d.example.test" % i) for i in range(1, 9)],
     **{b"m%d.example.test" % i: [dns.Record_A("192.0.2.%d" % (100 + i))] for i in range(1, 9)},
     b"wide.example.test": [dns.Record_MX(10, b"w1.example.test"), dns.Record_MX(20, b"w2.example.test")],
@@ -151,7 +154,7 @@ class LookupNextHopsTests(unittest.TestCase):
                 _Broken(),
             ]
         )
-        port = _listenDNS(self, factory, dns.DNSDatagramProtocol(factory))
+        self.port = port = _listenDNS(self, factory, dns.DNSDatagramProtocol(factory))
         self.resolver = _Recording(client.Resolver(servers=[("127.0.0.1", port)], reactor=reactor))
 
     @defer.inlineCallbacks
@@ -323,6 +326,52 @@ class LookupNextHopsTests(unittest.TestCase):
             d.callback(([found] if d is self.hostile.hanging[0] else [], [], []))
         hops = yield pending
         self.assertEqual(hops, [("192.0.2.77", 25), ("192.0.2.2", 25)])
+
+    @defer.inlineCallbacks
+    def test_sharedQueryOutlivesAnotherLookup(self):
+        """
+        Two domains share an MX host whose DNS is slow: the lookup of the
+        first, which has another host, leaves it out after the grace; the
+        second, which has no other, still gets its address when the answer
+        comes.  (The resolver asks a question once for every lookup waiting
+        on it: the first's giving up failed the second's at once, and its
+        mail was deferred.)
+        """
+        self.patch(mx, "HOST_GRACE_SECONDS", 0.2)
+        resolver = mx.makeResolver(("127.0.0.1", self.port))
+        first = lookupNextHops(resolver, "silentbackup.example.test")
+        while len(self.hostile.hanging) < 2:  # (the A and AAAA queries of its silent host)
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        second = lookupNextHops(resolver, "slowonly.example.test")
+        second.addErrback(lambda failure: failure)  # (held: it may fail before it is waited for)
+        hops = yield first
+        self.assertEqual(hops, [("192.0.2.2", 25)])
+        self.assertEqual(len(self.hostile.hanging), 2)  # (the second asked nothing again: it waits on those)
+        found = dns.RRHeader(b"hang.hostile.test", dns.A, payload=dns.Record_A("192.0.2.77"), ttl=60)
+        for d, qtype in zip(self.hostile.hanging, self.hostile.hangingTypes):
+            d.callback(([found] if qtype == dns.A else [], [], []))
+        hops = yield second
+        self.assertEqual(hops, [("192.0.2.77", 25)])
+        yield task.deferLater(reactor, 1.2, lambda: None)  # (the resolver forgets the query after its first timeout)
+
+    @defer.inlineCallbacks
+    def test_sharedQueryCancelledWithTheLast(self):
+        """
+        A question two lookups wait for is still asked once the first is
+        cancelled, and no longer (not asked again at the resolver's next
+        timeout) once the second is too, also after it has been asked again.
+        """
+        resolver = mx.StrictResolver(servers=[("127.0.0.1", self.port)], timeout=(0.2, 0.5, 5))
+        lookups = [lookupNextHops(resolver, "hang.hostile.test") for _ in range(2)]
+        while len(self.hostile.hanging) < 2:  # (asked, and asked again after 0.2 s)
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        lookups[0].cancel()
+        yield self.assertFailure(lookups[0], TemporaryLookupFailure)
+        self.assertFalse(lookups[1].called)
+        lookups[1].cancel()
+        yield self.assertFailure(lookups[1], TemporaryLookupFailure)
+        yield task.deferLater(reactor, 0.8, lambda: None)
+        self.assertEqual(len(self.hostile.hanging), 2)
 
     def test_cnameLoop(self):
         """A CNAME loop in a NOERROR answer is a temporary failure (a resolver's SERVFAIL), not "no MX"."""

@@ -84,7 +84,34 @@ class StrictResolver(client.Resolver):
     about that name (an NXDOMAIN read from such a packet bounced mail at
     once).  Refused, the lookup fails as if the server had: a temporary
     failure.  A UDP reply cut short is asked again over TCP.
+
+    A question already being asked is not asked again: every lookup of it
+    waits for the one query (as twisted.names does), and that query is
+    cancelled only once every lookup waiting for it has been (twisted.names
+    cancels it with the first lookup, whichever it is, failing all the
+    others: the grace or time limit of one domain's lookup deferred the
+    mail of another domain sharing an MX host).
     """
+
+    def __init__(self, *args, **kwargs):
+        client.Resolver.__init__(self, *args, **kwargs)
+        self._asking = {}  # (name, type, class) -> its _Question
+
+    def _lookup(self, name, cls, type, timeout):
+        key = (name, type, cls)
+        question = self._asking.get(key)
+        if question is not None:
+            return question.wait()
+        question = self._asking[key] = _Question()
+        d = question.wait()
+        question.query = client.Resolver._lookup(self, name, cls, type, timeout)
+        question.query.addBoth(self._answered, key, question)
+        return d
+
+    def _answered(self, result, key, question):
+        if self._asking.get(key) is question:
+            del self._asking[key]
+        question.answer(result)
 
     def _connectedProtocol(self, interface=""):
         protocol = client.Resolver._connectedProtocol(self, interface)
@@ -106,6 +133,37 @@ class StrictResolver(client.Resolver):
         if not message.answer or message.opCode != dns.OP_QUERY or _questions(message.queries) != _questions(queries):
             raise error.DNSServerError(message)
         return message
+
+
+class _Question:
+    """
+    One question being asked (L{StrictResolver}): its query, and the
+    lookups waiting for its answer.  The query is cancelled with the last
+    of them; each other lookup cancelled just stops waiting.
+    """
+
+    query = None
+
+    def __init__(self):
+        self.waiting = []
+
+    def wait(self):
+        """A lookup waits for the answer: a Deferred that fires with it."""
+        d = defer.Deferred(self._cancel)
+        self.waiting.append(d)
+        return d
+
+    def answer(self, result):
+        """The query's result (a Failure too) for every lookup still waiting."""
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(result)
+
+    def _cancel(self, d):
+        if d in self.waiting:
+            self.waiting.remove(d)
+        if not self.waiting and self.query is not None:
+            self.query.cancel()  # (called already, it may still wait for a query asked again: that goes)
 
 
 def _truncatedIfCut(data):
