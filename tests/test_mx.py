@@ -373,6 +373,33 @@ class LookupNextHopsTests(unittest.TestCase):
         yield task.deferLater(reactor, 0.8, lambda: None)
         self.assertEqual(len(self.hostile.hanging), 2)
 
+    @defer.inlineCallbacks
+    def test_addressLiteral(self):
+        """
+        A domain literal (RFC 5321 section 4.1.3) is its own next hop, no
+        DNS asked (a query for the name "[192.0.2.5]" got NXDOMAIN: its
+        mail bounced 5.1.2 as if the domain did not exist).
+        """
+        hops = yield lookupNextHops(_Recording(None), "[192.0.2.5]", withNames=True)
+        self.assertEqual(hops, [("192.0.2.5", 25, "192.0.2.5")])
+        hops = yield lookupNextHops(_Recording(None), "[IPv6:2001:DB8::5]")
+        self.assertEqual(hops, [("2001:db8::5", 25)])
+
+    def test_addressLiteralIsSelf(self):
+        """A domain literal that is the gateway's own address: L{LoopsToSelf}."""
+        d = lookupNextHops(_Recording(None), "[192.0.2.5]", isSelf=lambda ip: ip == "192.0.2.5")
+        return self.assertFailure(d, LoopsToSelf)
+
+    @defer.inlineCallbacks
+    def test_addressLiteralUnusable(self):
+        """
+        A domain literal that is no address the gateway can connect to (a
+        tag other than IPv6, the unspecified or a multicast address) is
+        L{NoSuchDomain}.
+        """
+        for literal in ("[x-tag:abc]", "[0.0.0.0]", "[IPv6:::]", "[224.0.0.1]", "[IPv6:ff02::1]", "[1.2.3]"):
+            yield self.assertFailure(lookupNextHops(_Recording(None), literal), NoSuchDomain)
+
     def test_cnameLoop(self):
         """A CNAME loop in a NOERROR answer is a temporary failure (a resolver's SERVFAIL), not "no MX"."""
         d = self.assertFailure(lookupNextHops(self.resolver, "loop.hostile.test"), TemporaryLookupFailure)

@@ -1541,6 +1541,22 @@ class MXTests(RelayTestCase):
         self.assertEqual({t["mailfrom"] for t in hop.transactions}, {"a@example.org"})
 
     @defer.inlineCallbacks
+    def test_addressLiteralDelivery(self):
+        """
+        A recipient at a domain literal (x@[127.0.0.N]) is delivered to that
+        address, port 25, as Postfix does, without asking the DNS (which
+        answered NXDOMAIN for the name "[127.0.0.N]": a 5.1.2 bounce).
+        """
+        from twisted.names import dns
+
+        hop, address = self.port25()
+        dnsPort = self.dns([("relay.example", dns.MX, dns.Record_MX(10, b"mx.relay.example"))])
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
+        yield self.send(rcpts=("x@[%s]" % address,))
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        self.assertEqual(hop.recipients(), ["x@[%s]" % address])
+
+    @defer.inlineCallbacks
     def test_mxHostWithoutAddressIsTemporary(self):
         """An MX pointing at a name with no address is deferred, not bounced."""
         from twisted.names import dns
@@ -1772,6 +1788,11 @@ class MXLoopTests(RelayTestCase):
 
         address = _freePort25()
         return self.assertLoopBounced([("self.example", dns.A, dns.Record_A(address))], address, "self.example")
+
+    def test_addressLiteralIsSelf(self):
+        """A recipient at a domain literal that is the gateway's own port 25."""
+        address = _freePort25()
+        return self.assertLoopBounced([], address, "[%s]" % address)
 
     @defer.inlineCallbacks
     def test_selfAsBackupMXIsLeftOut(self):

@@ -5,9 +5,10 @@ L{lookupNextHops} turns a domain into an ordered list of C{(ip, 25)} next
 hops: MX records sorted by preference (equal preferences shuffled), each MX
 host's IPv4 then IPv6 addresses (taken from the additional section when the
 server supplied them), or the domain's own addresses when it has no MX
-("implicit MX").  Failures are split into permanent (L{NoSuchDomain},
-L{NullMX}) and temporary (L{TemporaryLookupFailure}) so that the caller can
-bounce or defer.
+("implicit MX"); a domain literal (C{[192.0.2.1]}) is its own next hop.
+Failures are split into permanent (L{NoSuchDomain}, L{NullMX}) and
+temporary (L{TemporaryLookupFailure}) so that the caller can bounce or
+defer.
 
 Only records owned by the name asked for (or by a name its CNAME records in
 the same answer lead to) count, so an answer about another name cannot send
@@ -32,7 +33,7 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
-from relaygw.trust import parseIP
+from relaygw.trust import isEndpoint, parseIP
 
 log = Logger()
 
@@ -331,6 +332,23 @@ def _address(text):
         return None
 
 
+def _literal(domain):
+    """
+    The address (text) of the domain literal C{domain} (RFC 5321 section
+    4.1.3: C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}), or C{None} for a domain
+    name.
+
+    @raise NoSuchDomain: a literal that is no address a connection can go
+        to (another tag, the unspecified or a multicast address).
+    """
+    if not domain.startswith("["):
+        return None
+    address = _address(domain[1:-1]) if domain.endswith("]") else None
+    if address is None or not isEndpoint(address):
+        raise NoSuchDomain("%s: not an address mail can go to" % (domain,))
+    return str(address)
+
+
 def ownAddresses(bound):
     """
     A predicate: whether mail sent to an address on port 25 would come back
@@ -375,6 +393,9 @@ def _sortMX(records):
 
 async def _lookupNextHops(resolver, domain, clock, isSelf):
     domain = _name(domain)
+    address = _literal(domain)
+    if address is not None:  # (its own next hop, as Postfix has it; no DNS name to ask about)
+        return _unique(_beforeSelf([(address, address)], {address: 0}, isSelf, domain))
     try:
         answers, authority, additional = await resolver.lookupMailExchange(domain)
     except Exception:
