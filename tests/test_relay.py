@@ -1455,6 +1455,8 @@ class MXTests(RelayTestCase):
         class Zone(ResolverBase):
             def _lookup(self, name, cls, type, timeout):
                 name = name.decode() if isinstance(name, bytes) else name
+                if name.endswith("servfail.example"):
+                    return defer.fail(RuntimeError("backend down"))  # (the server answers SERVFAIL)
                 answers = [dns.RRHeader(name=name, type=t, payload=p, ttl=60, auth=True)
                            for (n, t, p) in records if n == name and t == type]
                 if not answers and not any(n == name for (n, _, _) in records):
@@ -1557,6 +1559,23 @@ class MXTests(RelayTestCase):
         self.assertEqual(hop.recipients(), ["x@[%s]" % address])
 
     @defer.inlineCallbacks
+    def test_dnsFailureIsTemporary(self):
+        """
+        A SERVFAIL for the MX query defers the mail with 4.4.3 (RFC 3463:
+        directory server failure), as Postfix does, the reason in the text
+        (not the repr of the whole DNS reply).
+        """
+        dnsPort = self.dns([])
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
+        qid = yield self.send(rcpts=("x@servfail.example",))
+        yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
+        rcpt = self.gw.service.spool.readState(qid)["rcpts"]["x@servfail.example"]
+        self.assertEqual(rcpt["status"], "deferred")
+        self.assertEqual(rcpt["result"],
+                         "451 4.4.3 next hop lookup failed: servfail.example: DNS lookup failed: server failure")
+        self.flushLoggedErrors(RuntimeError)
+
+    @defer.inlineCallbacks
     def test_mxHostWithoutAddressIsTemporary(self):
         """An MX pointing at a name with no address is deferred, not bounced."""
         from twisted.names import dns
@@ -1568,6 +1587,7 @@ class MXTests(RelayTestCase):
         yield self.until(lambda: self.gw.service.spool.readState(qid).get("attempts", 0) >= 1)
         state = self.gw.service.spool.readState(qid)
         self.assertEqual(state["rcpts"]["x@broken.example"]["status"], "deferred")
+        self.assertTrue(state["rcpts"]["x@broken.example"]["result"].startswith("451 4.4.4 "), state)
         self.assertEqual(self.gw.service.spool.queueIds(), [qid])
         # Its queries (MX, A, AAAA), each on a UDP port of its own, make no
         # lines of their own in the gateway's log.

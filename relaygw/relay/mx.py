@@ -73,7 +73,18 @@ class LoopsToSelf(Exception):
 
 
 class TemporaryLookupFailure(Exception):
-    """The DNS could not give an answer now (timeout, SERVFAIL, refusal...)."""
+    """
+    The DNS could not give an answer now (timeout, SERVFAIL, refusal...),
+    or gave no address to send to.
+
+    @ivar enhanced: the enhanced status code of the deferral (RFC 3463, as
+        Postfix has them): 4.4.3, the DNS failed; 4.4.4, it answered, but
+        with no next hop mail can go to.
+    """
+
+    def __init__(self, message, enhanced="4.4.3"):
+        Exception.__init__(self, message)
+        self.enhanced = enhanced
 
 
 class StrictResolver(client.Resolver):
@@ -270,8 +281,24 @@ def _classify(failure, what):
     """
     if _nxdomain(failure):
         raise NoSuchDomain("%s: no such domain" % (what,))
-    reason = failure.getErrorMessage() or failure.type.__name__
+    for kind, reason in _REASONS:
+        if failure.check(kind):
+            break
+    else:  # (the text of a DNS error is the repr of the whole reply: not for a log line or a bounce)
+        reason = failure.getErrorMessage() or failure.type.__name__
     raise TemporaryLookupFailure("%s: DNS lookup failed: %s" % (what, reason))
+
+
+#: What a DNS failure says, for logs and the deferral's text.
+_REASONS = (
+    (error.DNSServerError, "server failure"),
+    (error.DNSQueryRefusedError, "query refused"),
+    (error.DNSFormatError, "format error"),
+    (error.DNSNotImplementedError, "query not implemented"),
+    (error.DNSUnknownError, "unknown error"),
+    (defer.TimeoutError, "timed out"),
+    (defer.CancelledError, "cancelled"),
+)
 
 
 async def _hostAddresses(resolver, host):
@@ -448,7 +475,8 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
         # An MX pointing nowhere is usually a transient misconfiguration:
         # defer rather than bounce, and let the queue lifetime decide.
         raise TemporaryLookupFailure(
-            "%s: no address for any MX host%s" % (domain, ": %s" % (temporary,) if temporary else "")
+            "%s: no address for any MX host%s" % (domain, ": %s" % (temporary,) if temporary else ""),
+            "4.4.3" if temporary else "4.4.4",
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
     return _unique(_beforeSelf(addresses, preferences, isSelf, domain))[:MX_ADDRESS_LIMIT]

@@ -209,6 +209,9 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         except mx.LoopsToSelf as e:
             result = Result(554, "5.4.6", str(e))
             candidates = None
+        except mx.TemporaryLookupFailure as e:
+            result = STOPPED if self.stopping else Result(451, e.enhanced, "next hop lookup failed: %s" % (e,))
+            candidates = None
         except Exception as e:
             result = STOPPED if self.stopping else temporary("next hop lookup failed: %s" % (e,))
             candidates = None
