@@ -437,6 +437,19 @@ class _CutReply(protocol.DatagramProtocol):
         self.transport.write(reply.toStr()[:whole], address)
 
 
+class _AlwaysTruncated(protocol.Protocol):
+    """A DNS server over TCP answering each query with an empty reply, its TC bit set; counts the queries."""
+
+    def dataReceived(self, data):
+        self.factory.queries += 1
+        query = dns.Message()
+        query.fromStr(data[2:])
+        reply = dns.Message(id=query.id, answer=1, trunc=1)
+        reply.queries = query.queries
+        reply = reply.toStr()
+        self.transport.write(len(reply).to_bytes(2, "big") + reply)
+
+
 class StrictResolverTests(unittest.TestCase):
     """A reply that is not the server's word about the name asked is not believed: a temporary failure."""
 
@@ -463,6 +476,25 @@ class StrictResolverTests(unittest.TestCase):
         resolver = mx.makeResolver(("127.0.0.1", _listenDNS(self, factory, _CutReply())))
         hops = yield lookupNextHops(resolver, "example.test")
         self.assertEqual(hops[0], ("192.0.2.1", 25))
+        for connection in resolver.connections:  # (twisted.names keeps them open)
+            connection.transport.loseConnection()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+
+
+    @defer.inlineCallbacks
+    def test_truncatedOverTCPIsNotAskedAgain(self):
+        """
+        A reply over TCP with its TC bit set (it cannot be cut short: a
+        server saying so is broken, or hostile) is a temporary failure, not
+        a reason to ask again: twisted.names asked again over TCP at each
+        reply, as fast as the server answered, until the lookup's time ran out.
+        """
+        self.patch(mx, "LOOKUP_SECONDS", 0.5)
+        factory = protocol.ServerFactory.forProtocol(_AlwaysTruncated)
+        factory.queries = 0
+        resolver = mx.makeResolver(("127.0.0.1", _listenDNS(self, factory, _CutReply())))
+        yield self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)
+        self.assertEqual(factory.queries, 1)
         for connection in resolver.connections:  # (twisted.names keeps them open)
             connection.transport.loseConnection()
         yield task.deferLater(reactor, 0.1, lambda: None)

@@ -95,7 +95,8 @@ class StrictResolver(client.Resolver):
     (RFC 5452 section 9.1): its RCODE and records are not a server's word
     about that name (an NXDOMAIN read from such a packet bounced mail at
     once).  Refused, the lookup fails as if the server had: a temporary
-    failure.  A UDP reply cut short is asked again over TCP.
+    failure.  A UDP reply cut short is asked again over TCP; a TCP reply
+    saying it was cut short (TC) is refused too.
 
     A question already being asked is not asked again: every lookup of it
     waits for the one query (as twisted.names does), and that query is
@@ -139,10 +140,12 @@ class StrictResolver(client.Resolver):
         return client.Resolver.queryUDP(self, queries, timeout).addCallback(self._answers, queries)
 
     def queryTCP(self, queries, timeout=10):
-        return client.Resolver.queryTCP(self, queries, timeout).addCallback(self._answers, queries)
+        return client.Resolver.queryTCP(self, queries, timeout).addCallback(self._answers, queries, overTCP=True)
 
-    def _answers(self, message, queries):
+    def _answers(self, message, queries, overTCP=False):
         if not message.answer or message.opCode != dns.OP_QUERY or _questions(message.queries) != _questions(queries):
+            raise error.DNSServerError(message)
+        if overTCP and message.trunc:  # (twisted.names would ask again over TCP, at once, without end)
             raise error.DNSServerError(message)
         return message
 
