@@ -1447,7 +1447,12 @@ class ParkingTests(unittest.TestCase):
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""
 
-    def dns(self, records):
+    def dns(self, records, slow=()):
+        """
+        A DNS server on loopback UDP holding C{records} (C{(name, type,
+        payload)}); names under servfail.example get SERVFAIL, and those in
+        C{slow} their answer after 0.6 s.
+        """
         from twisted.names import dns, server
         from twisted.names.authority import PySourceAuthority  # noqa: F401 (for the record types)
         from twisted.names.common import ResolverBase
@@ -1461,6 +1466,8 @@ class MXTests(RelayTestCase):
                            for (n, t, p) in records if n == name and t == type]
                 if not answers and not any(n == name for (n, _, _) in records):
                     return defer.fail(dns.AuthoritativeDomainError(name))
+                if name in slow:
+                    return task.deferLater(reactor, 0.6, lambda: (answers, [], []))
                 return defer.succeed((answers, [], []))
 
         factory = server.DNSServerFactory(authorities=[Zone()])
@@ -1557,6 +1564,33 @@ class MXTests(RelayTestCase):
         yield self.send(rcpts=("x@[%s]" % address,))
         yield self.until(lambda: hop.transactions and self.spoolEmpty())
         self.assertEqual(hop.recipients(), ["x@[%s]" % address])
+
+    @defer.inlineCallbacks
+    def test_sharedSlowMXHost(self):
+        """
+        One message to two domains whose MX hosts include one with slow DNS:
+        a.example, which has another host, leaves it out after the grace;
+        b.example, which has only that one, waits for its answer, and both
+        recipients are delivered at once (b's used to be deferred, its
+        lookup failing with a's: CancelledError).
+        """
+        from twisted.names import dns
+
+        from relaygw.relay import mx
+
+        self.patch(mx, "HOST_GRACE_SECONDS", 0.2)
+        hop, address = self.port25()
+        dnsPort = self.dns([
+            ("a.example", dns.MX, dns.Record_MX(10, b"mx.a.example")),
+            ("a.example", dns.MX, dns.Record_MX(20, b"mx.shared.example")),
+            ("b.example", dns.MX, dns.Record_MX(10, b"mx.shared.example")),
+            ("mx.a.example", dns.A, dns.Record_A(address)),
+            ("mx.shared.example", dns.A, dns.Record_A(address)),
+        ], slow=("mx.shared.example",))
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort, "retry_min": 60, "retry_max": 60})
+        yield self.send(rcpts=("x@a.example", "y@b.example"))
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty(), timeout=5)
+        self.assertEqual(sorted(hop.recipients()), ["x@a.example", "y@b.example"])
 
     @defer.inlineCallbacks
     def test_dnsFailureIsTemporary(self):
