@@ -397,9 +397,9 @@ class DeliveryTests(_DeliveryTestCase):
 
     def test_floodOfRepliesNotAskedFor(self):
         """
-        Replies nobody asked for (answers to pipelined commands arrive so,
-        a flood too) are kept up to 1 MB in all; past that the connection
-        is cut and what is waiting for a reply hears of it.
+        Replies nobody asked for yet (answers to pipelined commands arrive
+        so, a flood too) are kept up to 1 MB in all; past that the
+        connection is cut and what is waiting for a reply hears of it.
         """
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
@@ -409,6 +409,7 @@ class DeliveryTests(_DeliveryTestCase):
         wire = _SMTPClientProtocol(5, Clock(), "hop")
         transport = StringTransport()
         wire.makeConnection(transport)
+        wire.send(*["NOOP"] * 1000)
         flood = (b"250 " + b"x" * 996 + b"\r\n") * 40  # 40 replies of 1,000 octets (1,256 counted) a read
         for _ in range(20):  # 1,004,800 counted
             wire.dataReceived(flood)
@@ -428,6 +429,7 @@ class DeliveryTests(_DeliveryTestCase):
 
         wire = _SMTPClientProtocol(5, Clock(), "hop")
         wire.makeConnection(StringTransport())
+        wire.send(*["NOOP"] * 5000)
         wire.dataReceived(b"250\r\n" * 3800)
         self.assertIsNone(wire.violation)
         wire.dataReceived(b"250\r\n" * 300)
@@ -444,6 +446,65 @@ class DeliveryTests(_DeliveryTestCase):
         port = self.listen(factory)
         results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
         self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
+
+    @defer.inlineCallbacks
+    def test_repliesBeforeTheirCommand(self):
+        """
+        Replies the next hop sends before the command they would answer (a
+        second reply to DATA, extra replies behind the greeting) answer no
+        command: they are a protocol error, never taken for the reply to a
+        later command, so a message is not counted as accepted when the
+        next hop never took it, or refused it.
+        """
+        factory = _ScriptedFactory(replies={"DATA": "354 go ahead\n250 2.0.0 queued early"})
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
+        self.assertEqual(factory.transactions, [])
+        factory = _ScriptedFactory(greeting=b"220 hi\r\n250 one\r\n250 two\r\n250 three\r\n354 four",
+                                   endOfData="451 4.3.0 not now")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTemporary(results[0]["rcpt@example.test"], "protocol error")
+        self.assertEqual(factory.verbs(), [])
+
+    @defer.inlineCallbacks
+    def test_keptConnectionWithAReplyNotAskedFor(self):
+        """
+        A kept-open connection that reads a reply while nothing is due is
+        no longer usable at once, before the cut connection is gone: the
+        next batch does not go out on it.
+        """
+        factory = _ScriptedFactory()
+        port = self.listen(factory)
+        conn = client.Connection(reactor, "127.0.0.1", port, _options())
+        results = yield defer.ensureDeferred(conn.carry([self.message()], keepOpen=True))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        yield task.deferLater(reactor, 0, lambda: None)  # (out of the read that answered the end of data)
+        self.assertTrue(conn.usable)
+        conn.proto.dataReceived(b"421 4.4.2 closing\r\n")
+        self.assertFalse(conn.usable)
+        yield conn.proto.closed
+
+    def test_replyWhileNothingIsDue(self):
+        """
+        A reply read while no command awaits one (the greeting answered,
+        nothing sent since) is a protocol error at once, not a reply kept
+        for the next command.
+        """
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from relaygw.relay.clientwire import _SMTPClientProtocol
+
+        wire = _SMTPClientProtocol(5, Clock(), "hop")
+        transport = StringTransport()
+        wire.makeConnection(transport)
+        wire.dataReceived(b"220 hello\r\n")
+        self.assertEqual(self.successResultOf(wire.reply()).code, 220)
+        wire.dataReceived(b"250 2.0.0 stray\r\n")
+        self.assertIn("not asked for", wire.violation)
+        self.assertTrue(transport.disconnecting)
 
     def test_emptyList(self):
         """No messages: nothing to do, no connection."""

@@ -132,7 +132,8 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     @property
     def usable(self):
         """Whether the connection is open and may carry another batch."""
-        return self.proto is not None and self.proto.lostReason is None and not self.broken
+        proto = self.proto
+        return proto is not None and proto.lostReason is None and proto.violation is None and not self.broken
 
     broken = False
 

@@ -3,7 +3,9 @@ The SMTP client's wire protocol: command lines out, replies in.
 
 L{_SMTPClientProtocol} is a line receiver that parses replies and hands
 them, in order, to whoever asked for them (so pipelined commands are just
-several requests for replies).  It knows nothing about the conversation
+several requests for replies).  It counts the replies due, one per command
+sent: a reply read while none is due answers nothing, and ends the
+connection as a protocol violation.  It knows nothing about the conversation
 (L{relaygw.relay.client}), only lines, replies, time-outs and protocol
 violations.
 """
@@ -16,6 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relaygw import wire
@@ -121,6 +124,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._lines = []
         self._lineOctets = 0
         self._queuedOctets = 0
+        self._due = 1  # (the greeting)
         self.replyCount = 0
         self.lastCode = None
 
@@ -128,7 +132,18 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     def send(self, *lines, secret=False):
         """Write command lines (str) in one write."""
+        self._expect(len(lines))
         wire.send(self.transport, self.encode(*lines, secret=secret))
+
+    def _expect(self, count):
+        """
+        C{count} more replies are due: commands are going out.  Input read
+        while no reply was due (and not yet parsed when they go) came before
+        them, and answers none of them.
+        """
+        if not self._due and (self._buffer or self._lines):  # (LineReceiver's unparsed input, a reply begun)
+            self._violate("reply not asked for, read before the command it would answer")
+        self._due += count
 
     def encode(self, *lines, secret=False):
         """Command lines (str) as they go on the wire (and into the trace)."""
@@ -192,19 +207,21 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         # a new one for the next command cost two calls per reply.
         d.callback(reply)
 
-    def sendBody(self, file, after=b""):
+    def sendBody(self, file, after=()):
         """
-        Stream a message body, then C{after} (commands pipelined behind it);
-        the Deferred fires once it is all written.
+        Stream a message body, then C{after} (command lines pipelined behind
+        it); the Deferred fires once it is all written.
         """
         self._sending = True
         self.setTimeout(self.timeout)
 
         def written(result):
             self._sending = False
+            if not isinstance(result, Failure):
+                self._expect(1 + len(after))  # (the end of data's reply, and those of the commands behind it)
             return result
 
-        return _BodyProducer(file, self.transport, self.resetTimeout, after).start().addBoth(written)
+        return _BodyProducer(file, self.transport, self.resetTimeout, self.encode(*after)).start().addBoth(written)
 
     def startTLS(self, contextFactory):
         """
@@ -250,6 +267,10 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._lines.append((code, text.decode("utf-8", "replace")))
         if separator == b"-":
             return
+        if not self._due:
+            self._violate("reply not asked for: %r" % (line[:100],))
+            return
+        self._due -= 1
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
         octets, self._lines, self._lineOctets = self._lineOctets + self.REPLY_COST, [], 0
         self.replyCount += 1

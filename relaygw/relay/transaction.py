@@ -59,29 +59,29 @@ class Transaction:
 
     def _envelopeAhead(self, index):
         """
-        The envelope of message C{index} (MAIL, RCPT, DATA) as bytes to send
+        The envelope of message C{index} (MAIL, RCPT, DATA) as lines to send
         right behind the previous message's end of data, which RFC 2920
-        allows, so the next hop answers both in one go; C{b""} when that
+        allows, so the next hop answers both in one go; C{()} when that
         message must wait for the reply (no PIPELINING, an identity to
         forward first, a message that cannot go out).
         """
         if index >= len(self.messages) or "PIPELINING" not in self.extensions or self.wrappedUp \
                 or index in self.takenBack:
-            return b""
+            return ()
         message = self.messages[index]
         if not self._identityForwarded(message):
-            return b""
+            return ()
         try:
             body, size = self._openBody(message, report=False)
         except _MessageFailure:
-            return b""  # its own transaction reports it
+            return ()  # its own transaction reports it
         try:
             mail = self._mailCommand(message, size)
         except _MessageFailure:
             body.close()
-            return b""
+            return ()
         self.ahead = (body, size)
-        return self.proto.encode(mail, *_rcptCommands(message), "DATA")
+        return (mail, *_rcptCommands(message), "DATA")
 
     async def _send(self, index, message, body, size, sent=False):
         """
