@@ -699,7 +699,7 @@ class SmarthostTests(RelayTestCase):
         the connection that came free, and only it: the destination is
         still congested.
         """
-        stuck, routeHop, handed = yield self.fourParked(waitSeconds=2, commandTimeout=3)
+        stuck, routeHop, handed = yield self.fourParked(waitSeconds=2, commandTimeout=1.5)  # (end of data: 3 s)
         yield self.until(lambda: len(stuck.connections) == 2)  # (the first timed out)
         yield task.deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(handed, ["s1@example.org"])

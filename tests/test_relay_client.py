@@ -721,6 +721,21 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertEqual(results[1]["b@example.test"], NOT_SENT)
 
     @defer.inlineCallbacks
+    def test_endOfDataReplyWaitedForLonger(self):
+        """
+        The reply to an end of data is waited for twice the command timeout
+        (RFC 5321 4.5.3.2.6: 10 minutes there, 5 for a command): a next hop
+        still busy with the message when a command would have timed out has
+        it accepted, not sent again (silence beyond that times out:
+        L{test_silentAfterEndOfData}).
+        """
+        factory = _ScriptedFactory(endOfDataDelay=0.6)
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(timeout=0.4))
+        self.assertTrue(results[0]["rcpt@example.test"].ok, results)
+        self.assertEqual(len(factory.transactions), 1)
+
+    @defer.inlineCallbacks
     def test_failedSessionFailsEveryMessage(self):
         """A session that fails before any message (its greeting refused) is an attempt for each message."""
         factory = _ScriptedFactory(greeting=b"421 4.3.2 busy")

@@ -83,7 +83,8 @@ class DeliveryOptions:
     @ivar auth: C{(user, password)} for AUTH PLAIN (or LOGIN) when offered.
     @ivar forwardIdentity: pass the original client's identity on with
         XCLIENT (preferred) or XFORWARD when the next hop offers them.
-    @ivar timeout: seconds to wait for each reply (and for body progress).
+    @ivar timeout: seconds to wait for each reply (twice that for the reply
+        to an end of data) and for body progress.
     """
 
     heloName: str

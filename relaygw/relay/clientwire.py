@@ -159,9 +159,12 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.send(line, secret=secret)
         return self.reply()
 
-    def reply(self):
-        """A Deferred firing with the next reply not yet asked for."""
-        return self._ask(None)
+    def reply(self, timeout=None):
+        """
+        A Deferred firing with the next reply not yet asked for, within
+        C{timeout} seconds (default: the command timeout).
+        """
+        return self._ask(None, timeout)
 
     def replies(self, count):
         """
@@ -170,7 +173,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         """
         return self._ask(count)
 
-    def _ask(self, count):
+    def _ask(self, count, timeout=None):
         if not self._waiting and len(self._replies) >= (count or 1):
             if count is None:
                 return succeed(self._queued())
@@ -179,7 +182,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             return fail(self.lostReason)
         d = Deferred()
         self._waiting.append((d, count, []))
-        self.setTimeout(self.timeout)
+        self.setTimeout(timeout or self.timeout)
         while self._replies and self._waiting[0][0] is d:
             self._answer(self._queued())
         return d

@@ -20,6 +20,12 @@ def _rcptCommands(message):
 class Transaction:
     """The part of a L{relaygw.relay.client.Connection} that carries one message."""
 
+    #: The reply to an end of data is waited for this many command timeouts:
+    #: RFC 5321 (4.5.3.2.6) asks for 10 minutes there against 5 for a command,
+    #: as Postfix's smtp_data_done_timeout (600 s) and smtp_rcpt_timeout (300
+    #: s).  The next hop is delivering the message: cut off, it has it twice.
+    END_OF_DATA_TIMEOUTS = 2
+
     #: Transactions the connection has completed (their end of data answered).
     transactions = 0
 
@@ -149,7 +155,7 @@ class Transaction:
         self.stage = "message body"
         await proto.sendBody(body, self._envelopeAhead(index + 1))
         self.stage = "end of data"
-        final = await proto.reply()
+        final = await proto.reply(self.options.timeout * self.END_OF_DATA_TIMEOUTS)
         self.transactions += 1
         self._settle(index, accepted, _outcome(final, "end of data"))
 
