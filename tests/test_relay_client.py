@@ -266,6 +266,25 @@ class DeliveryTests(_DeliveryTestCase):
         self.assertEqual(factory.lines[2], "MAIL FROM:<sender@example.net>")
 
     @defer.inlineCallbacks
+    def test_heloFallbackAfter4xx(self):
+        """Any refusal of EHLO but 421 falls back to HELO, as Postfix's client does."""
+        factory = _ScriptedFactory(ehloReply="454 4.3.0 no ESMTP now")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.verbs()[:3], ["EHLO", "HELO", "MAIL"])
+
+    @defer.inlineCallbacks
+    def test_ehlo421EndsTheSession(self):
+        """A 421 to EHLO ends the session: no HELO, every recipient deferred."""
+        factory = _ScriptedFactory(ehloReply="421 4.3.2 closing")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
+        result = results[0]["rcpt@example.test"]
+        self.assertTrue(result.temporary)
+        self.assertNotIn("HELO", factory.verbs())
+
+    @defer.inlineCallbacks
     def test_perRecipientResults(self):
         """Each recipient gets its RCPT reply when refused, else the end-of-data reply."""
         mailbox = _Mailbox(

@@ -59,7 +59,7 @@ class Negotiation:
         if reply.positive:
             self.extensions = _extensions(reply)
             return
-        if reply.code // 100 == 5:
+        if reply.code != 421:  # (any other refusal: the old protocol may do, as Postfix's client tries)
             self.stage = "HELO"
             reply = await self.proto.command("HELO " + name)
             if reply.positive:
