@@ -209,9 +209,9 @@ class SMTPFactory(ServerFactory):
         """
         A refusal (421) when the session is over a limit, else C{None} (or
         a Deferred of one, when another worker keeps the per-IP counts).  A
-        trusted peer that may claim client identities (a balancer; Postfix
-        exempts C{$mynetworks} from its client limits) is counted only under
-        the addresses it claims (L{clientClaimed}).
+        trusted peer that may claim client identities is counted only under
+        the addresses it claims (L{relaygw.trust.countedAddress},
+        L{clientClaimed}).
         """
         listener = session.listener
         host = listener.hostname
@@ -219,8 +219,7 @@ class SMTPFactory(ServerFactory):
             return codes.SHUTTING_DOWN.format(host=host)
         if len(self.sessions) > listener.max_connections or (self.descriptors and self.descriptors.full()):
             return codes.TOO_MANY_CONNECTIONS.format(host=host)
-        claims = session.trusted and {"xclient", "xremoteip"} & set(listener.extensions)
-        return self._count(session, None if claims else session.context["remote_ip"])
+        return self._count(session, trust.countedAddress(session.context, session.trusted, listener.extensions))
 
     def _count(self, session, ip):
         """
@@ -268,14 +267,12 @@ class SMTPFactory(ServerFactory):
 
     def clientClaimed(self, session):
         """
-        XCLIENT or XREMOTEIP changed the session's client address: count it
-        against the claimed one, as if it had connected from there.  Returns
-        the 421 refusal when that address is over its limits (or a Deferred
-        of it, or of C{None}).
+        XCLIENT or XREMOTEIP changed the session's client identity: count it
+        against the claimed address (L{relaygw.trust.countedAddress}), as if
+        it had connected from there.  Returns the 421 refusal when that
+        address is over its limits (or a Deferred of it, or of C{None}).
         """
-        ip = session.context.get("remote_ip")
-        if ip == "unknown":
-            ip = None
+        ip = trust.countedAddress(session.context, session.trusted, session.listener.extensions)
         if ip is not None and ip == session.countedIP:
             return None
         return self._count(session, ip)

@@ -126,6 +126,27 @@ def isLocalAddress(ip):
     return addr.is_loopback or addr.is_private
 
 
+#: The trusted verbs that claim a client address.
+CLAIMING_VERBS = frozenset(("xclient", "xremoteip"))
+
+
+def countedAddress(context, trusted, extensions):
+    """
+    The client address the per-IP limits count a session against, or
+    C{None} for none.  That is the claimed client's C{remote_ip}; but a
+    trusted peer that may claim client identities (a balancer, with
+    XCLIENT or XREMOTEIP among C{extensions}) is counted only under the
+    addresses it claims for its clients, never under its own (Postfix
+    exempts C{$mynetworks} from its client limits): an XCLIENT without
+    C{ADDR=} (only C{LOGIN=}, or a line split before its C{ADDR=}) leaves
+    it uncounted.
+    """
+    ip = context.get("remote_ip")
+    if ip == "unknown" or (trusted and CLAIMING_VERBS & set(extensions) and ip == context.get("peer_ip")):
+        return None
+    return ip
+
+
 def parseClientIdentity(text):
     """
     Parse C{dns:NAME} or C{uri:URI} into C{("dns", DNS_ID)} or

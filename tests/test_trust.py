@@ -290,6 +290,23 @@ class PerClaimedIPTests(SessionTestCase):
             for h, _ in held[1:] + [(c, None)]:
                 self.quit(h)
 
+    def test_attributesWithoutAnAddress(self):
+        """
+        An XCLIENT without ADDR (a line split before its ADDR, or only a
+        LOGIN or NAME) claims no client address: the balancer is not counted
+        under its own, so more of its sessions than the per-IP limit go on.
+        """
+        sessions = []
+        for n in (1, 2, 3):
+            c = self.client()
+            self.assertEqual(c.reply()[0], 220)
+            self.assertEqual(c.cmd("XCLIENT HELO=client%d.example LOGIN=user%d" % (n, n))[0], 220)
+            sessions.append(c)
+        for n, c in enumerate(sessions, 1):
+            self.assertEqual(c.cmd("XCLIENT NAME=mx%d.example" % (n,))[0], 220)
+            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.%d" % (n,))[0], 220)
+        self.assertEqual(dict(self.harness.factory.clients.perIP), {"192.0.2.1": 1, "192.0.2.2": 1, "192.0.2.3": 1})
+
     def test_untrustedPeerIsCountedAtConnect(self):
         factory = self.harness.factory
         factory.applyListener(dataclasses.replace(factory.listener, trusted_peers=()))
