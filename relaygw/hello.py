@@ -49,6 +49,10 @@ class Hello:
         if len(name) > MAX_NAME:
             return self.reply(codes.HELO_TOO_LONG.format(verb=verb))
         self.resetTransaction()
+        # The policy judges the new name in the context; a name it refuses
+        # gives way to the earlier greeting again, as Postfix's helo check
+        # does, so that Received and onward XCLIENT never name it.
+        earlier = self.helo, {k: self.context.get(k) for k in ("ehlo_domain", "ehlo_string", "protocol")}
         self.helo = (verb, args)
         self.context.update(
             ehlo_domain=name,
@@ -58,7 +62,8 @@ class Hello:
 
         def answer(refusal):
             if refusal is not None:
-                self.helo = None
+                self.helo = earlier[0]
+                self.context.update(**earlier[1])
                 return self.reply(refusal)
             if verb == "HELO":
                 return self.reply(codes.HELO_OK.format(host=self.hostname))

@@ -1,13 +1,16 @@
 """
 The SMTP session on StringTransport: ordering with an asynchronous policy
-(twisted#8126), DATA framing, the bounded command buffer, and the STARTTLS
-injection fix, without sockets.
+(twisted#8126), a greeting the policy refuses, DATA framing, the bounded
+command buffer, and the STARTTLS injection fix, without sockets.
 """
 
 import dataclasses
 
 from twisted.internet import defer
 
+from relaygw import codes
+from relaygw.testing import receivedHeader
+from tests.messages import queueMessage
 from tests.sessions import SessionTestCase
 
 
@@ -61,6 +64,41 @@ class OrderingTests(UnitTestCase):
         self.assertEqual(self.take(), b"")
         policy.pending.callback(None)
         self.assertEqual(self.take(), b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n")
+
+
+class RefusingHeloPolicy(AsyncPolicy):
+    """Refuses the greeting name C{bad.example}; accepts everything else at once."""
+
+    def helo(self, ctx):
+        if ctx.get("ehlo_domain") == "bad.example":
+            return codes.SYNTAX.format(what="EHLO hostname")
+        return None
+
+    def mail(self, ctx):
+        return None
+
+
+class RefusedHeloTests(UnitTestCase):
+    @defer.inlineCallbacks
+    def test_refusedNameIsNotTheClients(self):
+        """
+        A greeting the policy refuses leaves the client's earlier one, as
+        Postfix's helo check does: the Received header and onward XCLIENT
+        never name a HELO the gateway refused.
+        """
+        self.session.settings = dataclasses.replace(self.session.settings, policy=RefusingHeloPolicy())
+        self.take()
+        self.assertEqual(self.c.cmd("EHLO good.example")[0], 250)
+        for verb in ("EHLO", "HELO"):
+            self.assertEqual(self.c.cmd(verb + " bad.example")[0], 501)
+        self.assertEqual([self.session.context.get(k) for k in ("ehlo_domain", "ehlo_string", "protocol")],
+                         ["good.example", "ehlo good.example", "ESMTP"])
+        yield queueMessage(self.c)
+        [queueId] = self.harness.queued
+        _, content = self.harness.spooled(queueId)
+        self.assertTrue(receivedHeader(content).startswith(b"Received: from good.example (unknown [127.0.0.1])\r\n"
+                                                           b"\tby relay.test (relaygw) with ESMTP id "),
+                        content)
 
 
 class DataTests(UnitTestCase):
