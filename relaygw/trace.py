@@ -6,6 +6,8 @@ The trace header a gateway adds to every accepted message (RFC 5321 section
 import re
 from email.utils import formatdate
 
+from relaygw.context import identityValue
+
 
 #: The most of one value a Received header shows (a domain's 255 octets):
 #: with it, no line of the header is longer than RFC 5322's 998.
@@ -45,12 +47,21 @@ def _addressLiteral(ip):
     return "IPv6:" + ip if ":" in ip else ip
 
 
+def _login(context):
+    """
+    The client's login (AUTH, XCLIENT C{LOGIN=}), or C{None}: an
+    ALWAYS-ALLOW session logged in nobody, as onward XCLIENT says too.
+    """
+    return identityValue(context, "LOGIN")
+
+
 def withProtocol(context):
-    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA, as RFC 3848 names them."""
+    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA, as RFC 3848 names them (A: SMTP AUTH succeeded)."""
     proto = context.get("protocol", "ESMTP")
-    if proto == "SMTP" and not (context.get("tls") or context.get("auth_user")):
+    login = _login(context)
+    if proto == "SMTP" and not (context.get("tls") or login):
         return "SMTP"
-    suffix = ("S" if context.get("tls") else "") + ("A" if context.get("auth_user") else "")
+    suffix = ("S" if context.get("tls") else "") + ("A" if login else "")
     return "ESMTP" + suffix
 
 
@@ -83,8 +94,8 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
     if context.get("tls"):
         detail = " (%s %s)" % (_clean(context.get("tls")), _clean(context.get("tls_cipher", "")))
     auth = ""
-    if showLogin and context.get("auth_user"):
-        auth = " (authenticated as %s)" % (_inComment(context.get("auth_user")),)
+    if showLogin and _login(context):
+        auth = " (authenticated as %s)" % (_inComment(_login(context)),)
     lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
     date = formatdate(now, localtime=False, usegmt=True)
     if len(recipients) == 1:

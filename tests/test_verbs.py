@@ -1524,6 +1524,19 @@ class ReceivedHeaderTests(unittest.TestCase):
         self.assertIn(b"with ESMTPA (authenticated as u@example.org) id",
                       self.header(remote_ip="192.0.2.1", auth_user="u@example.org", protocol="ESMTP", showLogin=True))
 
+    def test_alwaysAllowIsNoLogin(self):
+        """
+        An ALWAYS-ALLOW session logged in nobody (protocol.md section 9):
+        RFC 3848's A says SMTP AUTH succeeded, so it is not written, nor is
+        a login name, as onward XCLIENT says LOGIN=[UNAVAILABLE].
+        """
+        anonymous = dict(remote_ip="192.0.2.1", protocol="ESMTP", auth_user="anonymous", auth_name="ALWAYS-ALLOW",
+                         auth_status="pass", showLogin=True)
+        self.assertIn(b" with ESMTP id ", self.header(**anonymous))
+        self.assertIn(b" with ESMTPS (TLSv1.3 X) id ", self.header(tls="TLSv1.3", tls_cipher="X", **anonymous))
+        self.assertIn(b" with ESMTPA (authenticated as bob) id ",
+                      self.header(**dict(anonymous, auth_user="bob", auth_name="XCLIENT")))
+
     def test_clientValuesCannotBreakTheHeader(self):
         h = self.header(ehlo_domain="a\r\nX-Injected: 1", remote_name="n\x00", remote_ip="192.0.2.1",
                         auth_user="u\nv", recipients=("b\r\n@example.net",), peer_ip="127.0.0.1\r\nX: 1",
