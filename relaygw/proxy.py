@@ -27,6 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from relaygw.logs import Logger
+from relaygw.trust import isEndpoint
 
 log = Logger()
 
@@ -74,13 +75,18 @@ class ProxyInfo:
     peer = attr.ib(default=None)
 
 
-def _twistedAddress(addr, port):
+def _twistedAddress(addr, port, version):
     """
     A Twisted TCP address for an L{ipaddress} address, IPv4-mapped IPv6
-    turned into IPv4.
+    turned into IPv4.  An address no connection has (L{isEndpoint}: the
+    unspecified, multicast and broadcast addresses) is a balancer's
+    mistake, refused as XCLIENT C{ADDR=} refuses it, not a client's
+    identity for relaying, per-IP limits and Received.
     """
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
+    if not isEndpoint(addr):
+        raise ProxyError("v%d: %s is not an address a connection has" % (version, addr))
     if addr.version == 4:
         return IPv4Address("TCP", str(addr), port)
     return IPv6Address("TCP", str(addr), port)
@@ -140,8 +146,8 @@ def _parseV1(data):
     info = ProxyInfo(
         command="PROXY",
         version=1,
-        source=_twistedAddress(_v1Address(src, family), _v1Port(sport)),
-        destination=_twistedAddress(_v1Address(dst, family), _v1Port(dport)),
+        source=_twistedAddress(_v1Address(src, family), _v1Port(sport), 1),
+        destination=_twistedAddress(_v1Address(dst, family), _v1Port(dport), 1),
     )
     return info, end + 2
 
@@ -195,8 +201,8 @@ def _parseV2(data):
     info = ProxyInfo(
         command="PROXY",
         version=2,
-        source=_twistedAddress(src, sport),
-        destination=_twistedAddress(dst, dport),
+        source=_twistedAddress(src, sport, 2),
+        destination=_twistedAddress(dst, dport, 2),
     )
     return info, total
 

@@ -34,6 +34,7 @@ from relaygw.proxy import (
     parseHeader,
 )
 from relaygw.testing import Client, inThread
+from relaygw.trust import isEndpoint
 from tests.proxyheaders import SIG, rawSession, v2
 from tests.sessions import GatewayTestCase, SessionTestCase, TLSGatewayTestCase
 from tests.tlsmaterial import altNames, certificate, clientContext, commonName, newKey, pem
@@ -149,6 +150,15 @@ class ParserTests(unittest.TestCase):
             "v1 UNKNOWN with addresses": b"PROXY UNKNOWN 192.0.2.7 198.51.100.1 1 25\r\n",
             "v1 TCP5": b"PROXY TCP5 192.0.2.7 198.51.100.1 1 25\r\n",
             "v1 no protocol": b"PROXY \r\n",
+            # Addresses no connection has, refused as XCLIENT ADDR= refuses them.
+            "v1 unspecified source": b"PROXY TCP4 0.0.0.0 198.51.100.1 1 25\r\n",
+            "v1 broadcast source": b"PROXY TCP4 255.255.255.255 198.51.100.1 1 25\r\n",
+            "v1 multicast destination": b"PROXY TCP4 192.0.2.7 224.0.0.1 1 25\r\n",
+            "v1 unspecified IPv6 source": b"PROXY TCP6 :: 2001:db8::1 1 25\r\n",
+            "v1 mapped unspecified source": b"PROXY TCP6 ::ffff:0.0.0.0 2001:db8::1 1 25\r\n",
+            "v2 multicast source": v2(src="239.1.2.3"),
+            "v2 unspecified destination": v2(dst="0.0.0.0"),
+            "v2 multicast IPv6 source": v2(family=2, src="ff02::1", dst="2001:db8::2"),
         }
         for name, data in bad.items():
             try:
@@ -166,9 +176,14 @@ class ParserTests(unittest.TestCase):
             self.assertRaises(ProxyError, parseHeader, data)
 
 
+def connectionEnds(v):
+    """Addresses a connection can have (L{relaygw.trust.isEndpoint}), of IP version C{v}."""
+    return st.ip_addresses(v=v).filter(lambda a: isEndpoint(a.ipv4_mapped or a if v == 6 else a))
+
+
 addressPairs = st.one_of(
-    st.tuples(st.just("TCP4"), st.ip_addresses(v=4), st.ip_addresses(v=4)),
-    st.tuples(st.just("TCP6"), st.ip_addresses(v=6), st.ip_addresses(v=6)),
+    st.tuples(st.just("TCP4"), connectionEnds(4), connectionEnds(4)),
+    st.tuples(st.just("TCP6"), connectionEnds(6), connectionEnds(6)),
 )
 ports = st.integers(0, 65535)
 
@@ -193,8 +208,8 @@ class ParserPropertyTests(unittest.TestCase):
             self.assertEqual(parseHeader(header[:i]), (None, 0))
 
     @settings(max_examples=300, deadline=None)
-    @given(st.one_of(st.tuples(st.just(1), st.ip_addresses(v=4), st.ip_addresses(v=4)),
-                     st.tuples(st.just(2), st.ip_addresses(v=6), st.ip_addresses(v=6))),
+    @given(st.one_of(st.tuples(st.just(1), connectionEnds(4), connectionEnds(4)),
+                     st.tuples(st.just(2), connectionEnds(6), connectionEnds(6))),
            ports, ports, st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4))
     def test_v2RoundTrip(self, triple, sport, dport, tlvs):
         family, src, dst = triple
