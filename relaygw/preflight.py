@@ -15,6 +15,7 @@ import os
 def check(report, built, listeners, routes):
     """Add every problem of the validated sections to C{report}."""
     _writableDirectory(report, "spool.directory", built["spool"].directory)
+    _spoolOwned(report, "spool.directory", built["spool"].directory)
     _writableDirectory(report, "relay.maildir", built["relay"].maildir)
     _caFile(report, "relay.tls_ca", built["relay"].tls_ca)
     for i, route in enumerate(routes):
@@ -128,6 +129,24 @@ def _writableDirectory(report, key, path):
     elif not os.access(probe, os.W_OK | os.X_OK):
         report.add(key, "%s is not writable (expected a directory the gateway may write%s)" % (
             probe, "" if probe == path else " to create %s in" % (path,)))
+
+
+def _spoolOwned(report, key, path):
+    """
+    The areas and lock files of a spool that exists can be written too: a
+    spool a first start as another user (root) laid out would otherwise
+    pass, and then refuse every message 451.
+    """
+    from relaygw.spool import LOCK_FILE, Spool, partitions
+
+    for directory in [path] + list(partitions(path).values()):
+        for area in Spool.AREAS:
+            area = os.path.join(directory, area)
+            if os.path.isdir(area) and not os.access(area, os.W_OK | os.X_OK):
+                report.add(key, "%s is not writable (expected a directory the gateway may write)" % (area,))
+        lock = os.path.join(directory, LOCK_FILE)
+        if os.path.isfile(lock) and not os.access(lock, os.R_OK | os.W_OK):
+            report.add(key, "%s is not writable (expected a lock file the gateway may write)" % (lock,))
 
 
 def _oneLine(e):

@@ -33,10 +33,15 @@ def runTwistd(configPath, cwd):
         return testing.runTwistd(configPath, cwd, stdout=log, env=sourceEnv())
 
 
-def twistdCommand(*args, cwd=None):
-    """Run this Python's C{twistd} with C{args} to its end (60 s at most): C{(returncode, stdout, stderr)}."""
+def twistdCommand(*args, cwd=None, user=None):
+    """
+    Run this Python's C{twistd} with C{args} to its end (60 s at most),
+    as C{user} (a uid, the same for the group) when given: C{(returncode,
+    stdout, stderr)}.
+    """
     exe = os.path.join(os.path.dirname(sys.executable), "twistd")
-    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60)
+    ids = {} if user is None else {"user": user, "group": user, "extra_groups": []}
+    p = subprocess.run([exe] + list(args), capture_output=True, text=True, cwd=cwd, timeout=60, **ids)
     return p.returncode, p.stdout, p.stderr
 
 

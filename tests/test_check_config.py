@@ -278,6 +278,49 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", out)
         self.assertNotIn("Traceback", out + err)
 
+    def test_spoolLeftByAnotherUser(self):
+        """
+        A spool whose areas and lock file another user made (a first start
+        as root, then the service's own user) is refused by the check and
+        at start with one line naming the spool, not accepted and then
+        answering every message 451 (or ending start with a traceback).
+        """
+        d = os.path.abspath(self.mktemp())
+        spool, outbox = os.path.join(d, "spool"), os.path.join(d, "outbox")
+        os.makedirs(os.path.join(spool, "queue"))
+        os.makedirs(outbox)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        with open(os.path.join(spool, "lock"), "w"):
+            pass
+        if os.getuid() == 0:
+            # Root may write anywhere: the check and the start run as another user, for whom the areas are not
+            # writable (the spool directory itself is).
+            user = 65534
+            os.chown(spool, user, user)
+            os.chown(outbox, user, user)
+            for top in (os.path.dirname(d), d):
+                os.chmod(top, 0o755)
+            if twistdCommand("--help", cwd=d, user=user)[0] != 0:
+                raise unittest.SkipTest("uid %d cannot run twistd from here" % (user,))
+        else:
+            user = None
+            os.chmod(os.path.join(spool, "queue"), 0o555)
+            os.chmod(os.path.join(spool, "lock"), 0o444)
+        self.addCleanup(os.chmod, os.path.join(spool, "queue"), 0o755)
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d, user=user)
+        self.assertEqual(code, 1, out + err)
+        lines = err.splitlines()
+        self.assertEqual(lines, [
+            "relaygw.toml: spool.directory: %s is not writable (expected a directory the gateway may write)"
+            % (os.path.join(spool, "queue"),),
+            "relaygw.toml: spool.directory: %s is not writable (expected a lock file the gateway may write)"
+            % (os.path.join(spool, "lock"),)])
+        startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d, user=user)
+        self.assertEqual((startCode, startErr.splitlines()), (1, lines))
+        self.assertNotIn("Traceback", startOut + startErr)
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
