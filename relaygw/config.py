@@ -47,9 +47,15 @@ class Invalid(ValueError):
 def _cidrs(value):
     for c in value:
         try:
-            ipaddress.ip_network(c, strict=False)
+            network = ipaddress.ip_network(c, strict=False)
         except ValueError:
             raise Invalid("%r is not a network" % (c,), "CIDRs such as 192.0.2.0/24 or 2001:db8::/32")
+        address = ipaddress.ip_interface(c).ip
+        if address != network.network_address:
+            # 10.0.0.1/8 would grant all of 10.0.0.0/8, where one address may have been meant (Postfix skips such
+            # a rule, with a warning).
+            raise Invalid("%r has host bits set" % (c,), "%s, or %s/%d for the one address" % (
+                network, address, network.max_prefixlen))
     return tuple(value)
 
 
