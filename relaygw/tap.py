@@ -63,6 +63,7 @@ def makeService(options):
     from relaygw.spool import PartitionLocked, UnsafeSpool
     from relaygw.workers import dieWithParent, keepToOneCPU
 
+    _refuseSwitchingUser(getattr(options, "parent", None))
     worker = int(options["worker"])
     if worker and not dieWithParent():
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
@@ -94,6 +95,22 @@ def makeService(options):
         return service
     except (_config.ConfigError, PartitionLocked, UnsafeSpool) as e:
         sys.stderr.write("%s\n" % (e,))
+        raise SystemExit(1)
+
+
+def _refuseSwitchingUser(twistdOptions):
+    """
+    Exit with one line if twistd was asked to switch user or group
+    (C{--uid}, C{--gid}): it does so only once the service is made, when
+    the spool, its lock and the log file already belong to the starting
+    user, and the first spool write as the other user would fail.
+    """
+    if twistdOptions is None:
+        return
+    uid, gid = twistdOptions.get("uid"), twistdOptions.get("gid")
+    if uid not in (None, os.getuid()) or gid not in (None, os.getgid()):
+        sys.stderr.write("relaygw: twistd --uid and --gid are not supported (expected twistd started as the user "
+                         "the gateway runs as, e.g. systemd's User=)\n")
         raise SystemExit(1)
 
 

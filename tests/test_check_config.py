@@ -326,6 +326,26 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
         self.assertNotIn("Traceback", startOut + startErr)
 
+    def test_twistdSwitchingUserRefused(self):
+        """
+        C{twistd --uid/--gid} switches user after the service is made: the
+        spool, its lock and the log file would be the starting user's
+        (root's), and the first write as the other user a traceback.  Start
+        refuses them with one line instead, before it touches the spool.
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        other = 65534 if os.getuid() != 65534 else 65533
+        for option in ("--uid=%d" % (other,), "--gid=%d" % (other,)):
+            code, out, err = twistdCommand("-n", "--pidfile=", option, "relaygw", "--config", path, cwd=d)
+            self.assertEqual((code, err), (1, "relaygw: twistd --uid and --gid are not supported (expected twistd "
+                                              "started as the user the gateway runs as, e.g. systemd's User=)\n"))
+            self.assertNotIn("Traceback", out)
+            self.assertFalse(os.path.exists(os.path.join(d, "spool")))
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
