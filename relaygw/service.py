@@ -28,6 +28,22 @@ from relaygw.workers import WorkerRole, parentGone, sharedCPUs, twistdArgv
 log = Logger(namespace="relaygw.service")
 
 
+class StartFailed(SystemExit, Exception):
+    """
+    Start cannot go on, for C{why} (already logged): the process exits 1
+    without a traceback, as for C{SystemExit}.  Being an C{Exception} too,
+    it is what twistd reports to the launcher waiting on a daemon's start
+    (which otherwise waits for ever) and what makes it remove the pid file.
+    """
+
+    def __init__(self, why):
+        SystemExit.__init__(self, 1)
+        self.why = why
+
+    def __str__(self):
+        return self.why
+
+
 class Delivery:
     """
     The delivering side of the gateway: the default Maildir next hop, the
@@ -312,10 +328,11 @@ class GatewayService(MultiService):
                 svc.privilegedStartService()
             except (CannotListenError, OSError) as e:
                 why = e.socketError if isinstance(e, CannotListenError) else e
-                log.error("{file}: {key}: cannot listen: {why} (expected a free port this user may bind)",
-                          file=os.path.basename(self.configPath or "default.toml"),
-                          key=keys.get(svc.name, svc.name), why=getattr(why, "strerror", None) or why)
-                raise SystemExit(1)
+                fields = dict(file=os.path.basename(self.configPath or "default.toml"),
+                              key=keys.get(svc.name, svc.name), why=getattr(why, "strerror", None) or why)
+                text = "{file}: {key}: cannot listen: {why} (expected a free port this user may bind)"
+                log.error(text, **fields)
+                raise StartFailed(text.format(**fields))
         if self.listeners.shared is not None:
             self.listeners.shared.closeUnused()
 

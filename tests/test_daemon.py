@@ -117,6 +117,40 @@ class DaemonTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_portInUseEndsTheLauncher(self):
+        """
+        A port in use ends a daemon's start: the launcher twistd leaves
+        waiting for the daemon's word exits 1 saying why, and the pid file
+        is removed.  It waited for ever (start ended with SystemExit, which
+        twistd reports to neither).
+        """
+        def run():
+            busy = socket.socket()
+            self.addCleanup(busy.close)
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            directory, port, conf = _gatewayConfig(
+                self, 1, listener={"endpoint": "tcp:%d:interface=127.0.0.1" % (busy.getsockname()[1],)})
+            logfile, pidfile = os.path.join(directory, "relaygw.log"), os.path.join(directory, "relaygw.pid")
+            argv = [a for a in twistdArgv(conf) if a not in ("--nodaemon", "--pidfile=")]
+            argv[1:1] = ["--logfile=" + logfile, "--pidfile=" + pidfile]
+            launcher = subprocess.Popen(argv, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+            self.addCleanup(lambda: launcher.poll() is None and launcher.kill())
+            try:
+                err = launcher.communicate(timeout=30)[1]
+            except subprocess.TimeoutExpired:
+                self.fail("the launcher still waits for the daemon")
+            self.assertEqual(launcher.returncode, 1)
+            self.assertIn("listener[0].endpoint: cannot listen", err)  # (twistd keeps 100 octets of it)
+            self.assertFalse(os.path.exists(pidfile))
+            with open(logfile) as f:
+                log = f.read()
+            self.assertIn("relaygw.toml: listener[0].endpoint: cannot listen: Address already in use", log)
+            self.assertNotIn("Traceback", log)
+
+        return inThread(run)
+
     def test_hangUpWhileStarting(self):
         """
         SIGHUP as soon as the pid file exists (logrotate's postrotate while
