@@ -149,6 +149,9 @@ class Lifecycle:
         if reason.check(SSL.Error):
             log.info("[{session}] " + ("TLS error: {why}" if self.tlsActive else "TLS handshake failed: {why}"),
                      session=self.sessionId, why=reason.getErrorMessage())
+        if self.mode != CLOSED:
+            # Neither QUIT nor a closing reply of ours ended it: the client went away.
+            maillog.closed(self.sessionId, self.context, "lost connection", self.lastCommand[0])
         if self.writer is not None:
             self.writer.abort()
             self.writer = None

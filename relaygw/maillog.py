@@ -6,7 +6,7 @@ Postfix's maillog, each carrying the queue id where there is one.
     reject       [S] QID|NOQUEUE: reject: VERB from NAME[IP]: REPLY; from=<..> to=<..> proto=.. helo=<..>
     queued       [S] QID: queued from=<..>, size=N, nrcpt=N, message-id=<..>, client=NAME[IP]
     disconnect   [S] disconnect from NAME[IP] ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6
-    closed       [S] timeout|shutting down after VERB from NAME[IP]
+    closed       [S] timeout|shutting down|lost connection after VERB from NAME[IP]
     delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
     bounce       QID: sender non-delivery notification: BOUNCE-QID
     removed      QID: removed
@@ -75,9 +75,10 @@ def reject(session, ctx, verb, args, reply, sender, helo, qid=None, recipients=(
 
 def closed(session, ctx, why, verb):
     """
-    The gateway ends a session unasked (C{why}: an idle timeout, the drain
-    running out), after C{verb}, the last command (Postfix's "timeout after
-    END-OF-MESSAGE"); not a reject of that command.
+    A session ends unasked (C{why}: an idle timeout, the drain running out,
+    or the client gone without QUIT), after C{verb}, the last command
+    (Postfix's "timeout after END-OF-MESSAGE", "lost connection after
+    DATA"); not a reject of that command.
     """
     smtpd.info("[{session}] {why} after {verb} from {client}", event="closed", session=session, why=why,
                verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"))
@@ -149,7 +150,9 @@ class CommandCounts:
             self.code = code
 
     def _settle(self):
-        if self.current is not None and self.code is not None and self.code < 400:
+        # (A 3xx reply asks for more, DATA's content or an AUTH response: the command succeeds only with its
+        # final reply, never if the client leaves before it.)
+        if self.current is not None and self.code is not None and self.code < 300:
             self.counts[self.current][0] += 1
         self.current, self.code = None, None
 

@@ -186,6 +186,35 @@ class MailLogTests(unittest.TestCase):
                          ["ehlo=1 mail=1 commands=2", "noop=1 commands=1"])
 
     @defer.inlineCallbacks
+    def test_lostConnection(self):
+        """
+        A client gone without QUIT gets Postfix's "lost connection after
+        DATA" line, and a DATA whose content was cut short is not counted
+        a success: its 354 only asked for the content.
+        """
+        def cutShort(c):
+            for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
+                c.cmd(line)
+            c.send(b"Subject: cut\r\n\r\nhalf a bo")
+
+        yield overASocket(self, cutShort, relay_networks=["127.0.0.0/8"])
+        yield self.waitFor("disconnect")
+        [closed] = self.lines("closed")
+        self.assertRegex(closed, r"^\[\w+\] lost connection after DATA from unknown\[127\.0\.0\.1\]$")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith(" ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4"), disconnect)
+        self.assertEqual(self.lines("queued"), [])
+        del self.events[:]
+
+        def quits(c):
+            c.cmd("EHLO x")
+            c.cmd("QUIT")
+
+        yield overASocket(self, quits, relay_networks=["127.0.0.0/8"])
+        yield self.waitFor("disconnect")
+        self.assertEqual(self.lines("closed"), [])
+
+    @defer.inlineCallbacks
     def test_jsonCarriesTypedEvents(self):
         qid = yield self.session(["b@example.net", "later@example.net"])
         yield self.gw.service.queue.whenIdle()
@@ -303,12 +332,23 @@ class DelaysTests(unittest.TestCase):
 class CommandCountTests(unittest.TestCase):
     def test_postfixStyle(self):
         counts = maillog.CommandCounts()
-        for verb, code in (("EHLO", 250), ("MAIL", 250), ("RCPT", 554), ("RCPT", 250), ("DATA", 354),
-                           ("QUIT", 221)):
+        for verb, codes in (("EHLO", [250]), ("MAIL", [250]), ("RCPT", [554]), ("RCPT", [250]),
+                            ("DATA", [354, 250]), ("QUIT", [221])):  # (the end of data's reply belongs to DATA)
             counts.command(verb)
-            counts.replied(code)
-        counts.replied(250)  # the end of data's reply belongs to DATA
+            for code in codes:
+                counts.replied(code)
         self.assertEqual(counts.summary(), "ehlo=1 mail=1 rcpt=1/2 data=1 quit=1 commands=5/6")
+
+    def test_intermediateReplyIsNoSuccess(self):
+        """DATA answered 354 or AUTH answered 334, then nothing more (the client left): it did not succeed."""
+        for commands, summary in (((("EHLO", 250), ("MAIL", 250), ("RCPT", 250), ("DATA", 354)),
+                                   "ehlo=1 mail=1 rcpt=1 data=0/1 commands=3/4"),
+                                  ((("EHLO", 250), ("AUTH", 334)), "ehlo=1 auth=0/1 commands=1/2")):
+            counts = maillog.CommandCounts()
+            for verb, code in commands:
+                counts.command(verb)
+                counts.replied(code)
+            self.assertEqual(counts.summary(), summary)
 
     def test_dsnAndSeconds(self):
         from relaygw.relay.nexthop import Result
