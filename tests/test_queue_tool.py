@@ -301,6 +301,20 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(runTool("--spool", self.dir, "release", self.ids[0])[:2], (0, "released %s\n" % self.ids[0]))
         self.assertFalse(self.spool.isHeld(self.ids[0]))
 
+    def test_releaseAllReleasesTheHeld(self):
+        """
+        release ALL (or --domain) lets every held message among them go, as
+        postsuper -H ALL, and says nothing of those that were not held: a
+        queue of deferred mail with a few held messages is no error.
+        """
+        for q in (self.ids[1], self.ids[3]):
+            self.assertEqual(runTool("--spool", self.dir, "hold", q)[0], 0)
+        self.assertEqual(runTool("--spool", self.dir, "release", "--domain", "three.example"),
+                         (0, "released %s\n" % (self.ids[3],), ""))
+        self.assertEqual(runTool("--spool", self.dir, "release", "ALL"), (0, "released %s\n" % (self.ids[1],), ""))
+        self.assertEqual(runTool("--spool", self.dir, "release", "ALL"), (0, "no messages\n", ""))
+        self.assertFalse(any(self.spool.isHeld(q) for q in self.ids))
+
     def test_noSpoolThere(self):
         """A spool directory that does not exist is an error for every command alike, and nothing is created."""
         missing = os.path.join(self.dir, "nonexistent")

@@ -163,9 +163,17 @@ def _list(spools, out, now):
 def _select(spools, args, err):
     """
     The messages C{args} name: C{[(spool, qid)]}, and whether every named
-    one was found.
+    one was found.  For C{release}, ALL and C{--domain} stand for the
+    held messages among them (as C{postsuper -H ALL}); only a message
+    named by its id is one to complain of when it is not held.
     """
     chosen, ok = [], True
+    if args.command == "release":
+        def wanted(spool, qid):
+            return spool.isHeld(qid)
+    else:
+        def wanted(spool, qid):
+            return True
     if args.domain:
         domain = args.domain.lower().lstrip("@")
         for spool in spools:
@@ -174,13 +182,13 @@ def _select(spools, args, err):
                     m = spool.load(qid, content=False)
                 except (OSError, CorruptMessage):
                     continue
-                if any(r.rpartition("@")[2].lower() == domain for r in m.recipients):
+                if any(r.rpartition("@")[2].lower() == domain for r in m.recipients) and wanted(spool, qid):
                     chosen.append((spool, qid))
         return chosen, ok
     ids = []
     for word in args.ids:
         if word == "ALL":
-            chosen.extend((spool, qid) for spool in spools for qid in spool.queueIds())
+            chosen.extend((spool, qid) for spool in spools for qid in spool.queueIds() if wanted(spool, qid))
         elif word == "-":
             ids.extend(line.strip() for line in sys.stdin if line.strip())
         else:
@@ -205,7 +213,7 @@ def _parser():
     sub.add_parser("show", help="one message: envelope, context and progress").add_argument("id")
     for name, what in (("delete", "remove messages from the queue (or from corrupt/)"),
                        ("hold", "keep messages from being delivered"),
-                       ("release", "let held messages be delivered again, now"),
+                       ("release", "let held messages be delivered again, now (ALL: every held one)"),
                        ("flush", "try messages now (all of them when none are named)")):
         s = sub.add_parser(name, help=what, epilog=EPILOG)
         s.add_argument("ids", nargs="*", metavar="ID")
