@@ -10,12 +10,13 @@ configurations with the same words.  Nothing here changes the file system.
 """
 
 import os
+import stat
 
 
 def check(report, built, listeners, routes):
     """Add every problem of the validated sections to C{report}."""
     _writableDirectory(report, "spool.directory", built["spool"].directory)
-    _spoolOwned(report, "spool.directory", built["spool"].directory)
+    _spoolLayout(report, "spool.directory", built["spool"].directory)
     _writableDirectory(report, "relay.maildir", built["relay"].maildir)
     _caFile(report, "relay.tls_ca", built["relay"].tls_ca)
     for i, route in enumerate(routes):
@@ -131,22 +132,44 @@ def _writableDirectory(report, key, path):
             probe, "" if probe == path else " to create %s in" % (path,)))
 
 
-def _spoolOwned(report, key, path):
+def _spoolLayout(report, key, path):
     """
-    The areas and lock files of a spool that exists can be written too: a
-    spool a first start as another user (root) laid out would otherwise
-    pass, and then refuse every message 451.
+    What start would refuse, or fail on, in a spool that exists (and in
+    each worker's partition of it): an area that is not a real directory
+    or cannot be written, a lock file that is a link or a directory or
+    cannot be written.  A spool a first start as another user (root) laid
+    out would otherwise pass, and then refuse every message 451.
     """
     from relaygw.spool import LOCK_FILE, Spool, partitions
 
     for directory in [path] + list(partitions(path).values()):
         for area in Spool.AREAS:
             area = os.path.join(directory, area)
-            if os.path.isdir(area) and not os.access(area, os.W_OK | os.X_OK):
+            mode = _lmode(area)
+            if mode is None:
+                continue
+            if not stat.S_ISDIR(mode):
+                report.add(key, "%s is %s (expected the spool's own directory)" % (
+                    area, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory"))
+            elif not os.access(area, os.W_OK | os.X_OK):
                 report.add(key, "%s is not writable (expected a directory the gateway may write)" % (area,))
         lock = os.path.join(directory, LOCK_FILE)
-        if os.path.isfile(lock) and not os.access(lock, os.R_OK | os.W_OK):
+        mode = _lmode(lock)
+        if mode is None:
+            continue
+        if stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+            report.add(key, "%s is %s, not a lock file (expected the spool's lock file)" % (
+                lock, "a symbolic link" if stat.S_ISLNK(mode) else "a directory"))
+        elif not os.access(lock, os.R_OK | os.W_OK):
             report.add(key, "%s is not writable (expected a lock file the gateway may write)" % (lock,))
+
+
+def _lmode(path):
+    """The mode of C{path} itself (a symbolic link not followed), or C{None} if there is nothing there."""
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return None
 
 
 def _oneLine(e):

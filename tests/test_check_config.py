@@ -326,6 +326,35 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
         self.assertNotIn("Traceback", startOut + startErr)
 
+    def test_spoolLayoutRefusedByTheCheck(self):
+        """
+        A spool area that is a symbolic link or a file, or a lock file that
+        is a directory, which start refuses, is refused by the check too,
+        with the same line at start: the check said ok before.
+        """
+        d = os.path.abspath(self.mktemp())
+        spool = os.path.join(d, "spool")
+        os.makedirs(os.path.join(d, "elsewhere"))
+        os.makedirs(os.path.join(spool, "lock"))
+        os.symlink(os.path.join(d, "elsewhere"), os.path.join(spool, "queue"))
+        with open(os.path.join(spool, "state"), "w"):
+            pass
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)
+        self.assertEqual(code, 1, out + err)
+        lines = err.splitlines()
+        self.assertEqual(lines, [
+            "relaygw.toml: spool.directory: %s is a symbolic link, not a directory (expected the spool's own "
+            "directory)" % (os.path.join(spool, "queue"),),
+            "relaygw.toml: spool.directory: %s is not a directory (expected the spool's own directory)"
+            % (os.path.join(spool, "state"),),
+            "relaygw.toml: spool.directory: %s is a directory, not a lock file (expected the spool's lock file)"
+            % (os.path.join(spool, "lock"),)])
+        startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual((startCode, startErr.splitlines()), (1, lines))
+
     def test_twistdSwitchingUserRefused(self):
         """
         C{twistd --uid/--gid} switches user after the service is made: the
