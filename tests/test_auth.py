@@ -298,6 +298,17 @@ class PasswdScriptTests(unittest.TestCase):
         self.assertEqual(self.stderr.getvalue().count("relaygw-passwd: "), 4)
         self.assertFalse(os.path.exists(self.path))
 
+    def test_fileInAMissingDirectory(self):
+        """
+        FILE in a directory that does not exist: the line names FILE and
+        says what is wrong in words (before: an errno and the lock file's
+        name, C{[Errno 2] No such file or directory: '.../users.lock'}).
+        """
+        path = os.path.join(self.path, "missing-dir", "users")
+        self.assertEqual(self.runScript(path, "alice", stdin="pw\n"), 1)
+        self.assertEqual(self.stderr.getvalue(),
+                         "relaygw-passwd: cannot change %s: No such file or directory\n" % (path,))
+
     def test_unreadableFileIsOneLine(self):
         """A directory, or a file that is not UTF-8, for FILE: exit 1 with one line (before: a traceback)."""
         os.makedirs(self.path)

@@ -54,7 +54,10 @@ def main(argv=None):
                 raise ValueError("no user %r in %s" % (args.user, args.file))
         else:
             passwords.set(args.user, _readPassword())
-    except (_Usage, ValueError, OSError, PasswordFileError, EOFError, KeyboardInterrupt) as e:
+    except OSError as e:  # (creating, locking or replacing it)
+        print("relaygw-passwd: cannot change %s: %s" % (args.file, e.strerror or e), file=sys.stderr)
+        return 1
+    except (_Usage, ValueError, PasswordFileError, EOFError, KeyboardInterrupt) as e:
         print("relaygw-passwd: %s" % (e or type(e).__name__,), file=sys.stderr)
         return 1
     return 0
