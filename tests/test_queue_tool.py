@@ -315,6 +315,16 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(runTool("--spool", self.dir, "release", "ALL"), (0, "no messages\n", ""))
         self.assertFalse(any(self.spool.isHeld(q) for q in self.ids))
 
+    def test_configAndSpoolExcludeEachOther(self):
+        """--config and --spool both given: a usage error, not one of them silently ignored."""
+        config = os.path.join(self.dir, "relaygw.toml")
+        with open(config, "w") as f:
+            f.write(configText(os.path.join(self.dir, "other")))
+        with self.assertRaises(SystemExit) as e:
+            runTool("--config", config, "--spool", self.dir, "hold", "ALL")
+        self.assertEqual(e.exception.code, 2)
+        self.assertFalse(any(self.spool.isHeld(q) for q in self.ids))
+
     def test_noSpoolThere(self):
         """A spool directory that does not exist is an error for every command alike, and nothing is created."""
         missing = os.path.join(self.dir, "nonexistent")

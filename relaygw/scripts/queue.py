@@ -206,8 +206,9 @@ def _select(spools, args, err):
 def _parser():
     p = argparse.ArgumentParser(prog="relaygw-queue", description=__doc__.strip().splitlines()[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="the gateway's config file (default: the embedded default config)")
-    p.add_argument("--spool", help="the spool directory (instead of --config)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="the gateway's config file (default: the embedded default config)")
+    where.add_argument("--spool", help="the spool directory (instead of --config)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="each message: id, arrival, size, sender, each recipient's state and last reply")
     sub.add_parser("show", help="one message: envelope, context and progress").add_argument("id")
