@@ -18,6 +18,7 @@ def check(report, built, listeners, routes):
     _writableDirectory(report, "spool.directory", built["spool"].directory)
     _spoolLayout(report, "spool.directory", built["spool"].directory)
     _writableDirectory(report, "relay.maildir", built["relay"].maildir)
+    _maildir(report, "relay.maildir", built["relay"].maildir)
     _caFile(report, "relay.tls_ca", built["relay"].tls_ca)
     for i, route in enumerate(routes):
         _caFile(report, "route[%d].tls_ca" % i, route.tls_ca)
@@ -162,6 +163,18 @@ def _spoolLayout(report, key, path):
                 lock, "a symbolic link" if stat.S_ISLNK(mode) else "a directory"))
         elif not os.access(lock, os.R_OK | os.W_OK):
             report.add(key, "%s is not writable (expected a lock file the gateway may write)" % (lock,))
+
+
+def _maildir(report, key, path):
+    """The Maildir's C{tmp/}, C{new/} and C{cur/} that exist are directories the gateway may write."""
+    for sub in ("tmp", "new", "cur"):
+        sub = os.path.join(path, sub)
+        if not os.path.lexists(sub):
+            continue  # (start makes it)
+        if not os.path.isdir(sub):
+            report.add(key, "%s is not a directory (expected a Maildir's tmp, new and cur directories)" % (sub,))
+        elif not os.access(sub, os.W_OK | os.X_OK):
+            report.add(key, "%s is not writable (expected a directory the gateway may write)" % (sub,))
 
 
 def _lmode(path):

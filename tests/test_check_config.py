@@ -31,6 +31,10 @@ class BrokenConfigTests(unittest.TestCase):
         with open(self.afile, "w") as f:
             f.write("not PEM\n")
         self.tls = {"tls_certificate": self.cert, "tls_key": self.key}
+        self.maildirWithNewAFile = os.path.join(d, "outbox-new-a-file")
+        os.makedirs(os.path.join(self.maildirWithNewAFile, "tmp"))
+        with open(os.path.join(self.maildirWithNewAFile, "new"), "w"):
+            pass
         self.latin1 = os.path.join(d, "passwd-latin1")
         with open(self.latin1, "wb") as f:
             f.write(b"j\xf6rg:$scrypt$x\n")
@@ -103,6 +107,9 @@ class BrokenConfigTests(unittest.TestCase):
             ("spool is a file", {"spool": {"directory": self.afile}}, "spool.directory", "is not a directory"),
             ("spool read-only", {"spool": {"directory": "/proc/sys/relaygw-spool"}}, "spool.directory", "not writable"),
             ("maildir is a file", {"relay": {"maildir": self.afile}}, "relay.maildir", "is not a directory"),
+            ("maildir's new/ is a file", {"relay": {"maildir": self.maildirWithNewAFile}}, "relay.maildir",
+             "%s/new is not a directory (expected a Maildir's tmp, new and cur directories)"
+             % (self.maildirWithNewAFile,)),
             ("retry_min above retry_max", {"relay": {"retry_min": 5000, "retry_max": 4000}},
              "relay.retry_min", "retry_min <= retry_max"),
             ("hostname with spaces", {"listeners": ({"hostname": "bad host name!"},)},
@@ -287,13 +294,14 @@ class CommandLineTests(unittest.TestCase):
         """
         A spool whose areas and lock file another user made (a first start
         as root, then the service's own user) is refused by the check and
-        at start with one line naming the spool, not accepted and then
-        answering every message 451 (or ending start with a traceback).
+        at start with one line naming each, not accepted and then
+        answering every message 451 (or ending start with a traceback);
+        so is a Maildir whose new/ the gateway cannot write.
         """
         d = os.path.abspath(self.mktemp())
         spool, outbox = os.path.join(d, "spool"), os.path.join(d, "outbox")
         os.makedirs(os.path.join(spool, "queue"))
-        os.makedirs(outbox)
+        os.makedirs(os.path.join(outbox, "new"))
         path = os.path.join(d, "relaygw.toml")
         with open(path, "w") as f:
             f.write(configText(d))
@@ -313,7 +321,9 @@ class CommandLineTests(unittest.TestCase):
             user = None
             os.chmod(os.path.join(spool, "queue"), 0o555)
             os.chmod(os.path.join(spool, "lock"), 0o444)
-        self.addCleanup(os.chmod, os.path.join(spool, "queue"), 0o755)
+            os.chmod(os.path.join(outbox, "new"), 0o555)
+        for area in (os.path.join(spool, "queue"), os.path.join(outbox, "new")):
+            self.addCleanup(os.chmod, area, 0o755)
         code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d, user=user)
         self.assertEqual(code, 1, out + err)
         lines = err.splitlines()
@@ -321,7 +331,9 @@ class CommandLineTests(unittest.TestCase):
             "relaygw.toml: spool.directory: %s is not writable (expected a directory the gateway may write)"
             % (os.path.join(spool, "queue"),),
             "relaygw.toml: spool.directory: %s is not writable (expected a lock file the gateway may write)"
-            % (os.path.join(spool, "lock"),)])
+            % (os.path.join(spool, "lock"),),
+            "relaygw.toml: relay.maildir: %s is not writable (expected a directory the gateway may write)"
+            % (os.path.join(outbox, "new"),)])
         startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d, user=user)
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
         self.assertNotIn("Traceback", startOut + startErr)
