@@ -4,14 +4,17 @@ so that a delivery repeated after a crash replaces its own copy.
 """
 
 import os
+import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.nexthop import WITHDRAWN
 from relaygw.durable import Committer
 from relaygw.spool import Spool
+from relaygw.testing import Gateway, inThread
+from tests.messages import sendOne
 
 BODY = b"Subject: once\r\n\r\nbody\r\n"
 
@@ -74,3 +77,27 @@ class MaildirTests(unittest.TestCase):
         self.spool.release(self.qid)
         [results] = yield self.hop.deliver([message])
         self.assertEqual({r.code for r in results.values()}, {250})
+
+
+class MaildirFailureTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_failureIsOneLine(self):
+        """
+        A Maildir that cannot take a message defers it with the error in
+        one line, in the log, the queue and the next attempt's reply: not
+        the repr of the Deferred list that gathered it, traceback and all.
+        """
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        tmp = os.path.join(gw.directory, "outbox", "tmp")
+        os.rmdir(tmp)
+        with open(tmp, "w"):  # (a file where tmp/ belongs: the write fails)
+            pass
+        qid = yield inThread(lambda: sendOne(gw.port))
+        spool, deadline = gw.service.spool, time.monotonic() + 15
+        while not spool.readState(qid).get("attempts") and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        [reply] = [r["result"] for r in spool.readState(qid)["rcpts"].values()]
+        self.assertRegex(reply, r"^451 4\.4\.0 next hop failure: \[Errno 20\] Not a directory: "
+                                r"'%s/%s\.[^']*'$" % (tmp, qid))

@@ -111,7 +111,13 @@ class Attempts:
             self.manager.metrics.corrupt()
 
     def _hopFailed(self, failure, attempt, recipients, hop):
-        log.failure("next hop {hop} failed", failure, hop=hop.describe())
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure  # (what failed, not the list of Deferreds that gathered it)
+        if failure.check(OSError):
+            # The disk or the system said no (a Maildir not writable, say): a line says it, not a traceback.
+            log.error("next hop {hop} failed: {why}", hop=hop.describe(), why=failure.getErrorMessage())
+        else:
+            log.failure("next hop {hop} failed", failure, hop=hop.describe())
         result = temporary("next hop failure: %s" % (failure.getErrorMessage(),))
         return self._replied([{r: result for r in recipients}], attempt, hop)
 
