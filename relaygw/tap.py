@@ -64,6 +64,7 @@ def makeService(options):
     from relaygw.workers import dieWithParent, keepToOneCPU
 
     _refuseSwitchingUser(getattr(options, "parent", None))
+    _refuseOtherLogs(getattr(options, "parent", None))
     worker = int(options["worker"])
     if worker and not dieWithParent():
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
@@ -111,6 +112,20 @@ def _refuseSwitchingUser(twistdOptions):
     if uid not in (None, os.getuid()) or gid not in (None, os.getgid()):
         sys.stderr.write("relaygw: twistd --uid and --gid are not supported (expected twistd started as the user "
                          "the gateway runs as, e.g. systemd's User=)\n")
+        raise SystemExit(1)
+
+
+def _refuseOtherLogs(twistdOptions):
+    """
+    Exit with one line if twistd was asked to log elsewhere than a file
+    (C{--syslog}, C{--logger}): the gateway installs its own observer
+    (L{_logFile}), and twistd would pass those over without a word.
+    """
+    if twistdOptions is None:
+        return
+    if twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        sys.stderr.write("relaygw: twistd --syslog and --logger are not supported (expected --logfile, or standard "
+                         "output with -n)\n")
         raise SystemExit(1)
 
 

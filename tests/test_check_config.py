@@ -387,6 +387,25 @@ class CommandLineTests(unittest.TestCase):
             self.assertNotIn("Traceback", out)
             self.assertFalse(os.path.exists(os.path.join(d, "spool")))
 
+    def test_twistdLogDestinationsRefused(self):
+        """
+        The gateway writes its own log (C{--logfile}, else standard output
+        with C{-n}, else C{twistd.log}): twistd's C{--syslog} and
+        C{--logger} would be passed over without a word, the lines going to
+        a file in the working directory, so start refuses them.
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        for option in ("--syslog", "--logger=twisted.logger.textFileLogObserver"):
+            code, out, err = twistdCommand("-n", "--pidfile=", option, "relaygw", "--config", path, cwd=d)
+            self.assertEqual((code, err), (1, "relaygw: twistd --syslog and --logger are not supported (expected "
+                                              "--logfile, or standard output with -n)\n"), option)
+            self.assertFalse(os.path.exists(os.path.join(d, "spool")))
+            self.assertFalse(os.path.exists(os.path.join(d, "twistd.log")))
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
