@@ -548,6 +548,22 @@ def listenerErrors(l):
     return errors
 
 
+def _overlap(a, b):
+    """
+    Whether one port on the addresses C{a} and C{b} (as L{endpointPort}
+    gives them) is one socket for the kernel: the same address, or a
+    wildcard covering the other.  The IPv6 wildcard takes every address
+    (dual-stack); the IPv4 one only IPv4 addresses, so it and one IPv6
+    address listen side by side.
+    """
+    if a == b or "::" in (a, b):
+        return True
+    if a in ("", "0.0.0.0") or b in ("", "0.0.0.0"):
+        other = b if a in ("", "0.0.0.0") else a
+        return other in ("", "0.0.0.0") or ":" not in other
+    return False
+
+
 def _portsDistinct(report, listeners, admin):
     """No two listening sockets (listeners, admin) on the same TCP port and address."""
     seen = []
@@ -563,8 +579,7 @@ def _portsDistinct(report, listeners, admin):
             continue
         interface, port = bound
         for otherKey, (otherInterface, otherPort) in seen:
-            wildcard = interface in ("", "0.0.0.0", "::") or otherInterface in ("", "0.0.0.0", "::")
-            if port == otherPort and (wildcard or interface == otherInterface):
+            if port == otherPort and _overlap(interface, otherInterface):
                 what = "socket %s" % (port,) if interface == "unix" else "port %d" % (port,)
                 report.add(key, "%s is also %s's (expected one of its own)" % (what, otherKey))
                 break

@@ -232,6 +232,21 @@ class BrokenConfigTests(unittest.TestCase):
         self.assertEqual(c.listeners[1].hostname, "a-b.example.")
         self.assertEqual(c.process.cpu_affinity, (1, 0))
 
+    def test_portSharedAcrossAddressFamilies(self):
+        """
+        The IPv4 wildcard (tcp:PORT) and one IPv6 address can listen on one
+        port, as the kernel binds them; the IPv6 wildcard (dual-stack) takes
+        the port on every address, IPv4 ones included.
+        """
+        self.assertEqual(self.check({"listeners": ({"endpoint": "tcp:2525"},
+                                                   {"endpoint": r"tcp6:2525:interface=\:\:1"})}), [])
+        self.assertEqual(self.check({"listeners": ({"endpoint": r"tcp6:2525:interface=\:\:1"},
+                                                   {"endpoint": "tcp:2525:interface=127.0.0.1"})}), [])
+        for second in ("tcp:2525:interface=127.0.0.1", r"tcp6:2525:interface=\:\:1"):
+            errors = self.check({"listeners": ({"endpoint": "tcp6:2525"}, {"endpoint": second})})
+            self.assertEqual(len(errors), 1, errors)
+            self.assertIn("listener[1].endpoint: port 2525 is also listener[0].endpoint's", errors[0])
+
     def test_everyErrorAtOnce(self):
         errors = self.check({"listeners": ({"hostname": "bad host", "max_recipients": 0, "policy": "no.such"},),
                              "relay": {"retry_min": 10, "retry_max": 5},
