@@ -9,7 +9,7 @@ Postfix's maillog, each carrying the queue id where there is one.
     closed       [S] timeout|shutting down|lost connection after VERB from NAME[IP]
     delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
     bounce       QID: sender non-delivery notification: BOUNCE-QID
-    removed      QID: removed
+    removed      QID: removed, or QID: removed (relaygw-queue delete)
 
 Every event also carries its fields typed (C{event}, C{qid}, C{recipients}
 as a list, C{delays} as a list of numbers ...), which the JSON log writes
@@ -120,8 +120,10 @@ def bounce(qid, bounceId, sender):
               sender=sender)
 
 
-def removed(qid):
-    qmgr.info("{qid}: removed", event="removed", qid=qid)
+def removed(qid, operator=False):
+    """C{qid} has left the queue: delivered or bounced, or (C{operator}) deleted with relaygw-queue."""
+    qmgr.info("{qid}: removed" + (" (relaygw-queue delete)" if operator else ""), event="removed", qid=qid,
+              operator=operator)
 
 
 class CommandCounts:

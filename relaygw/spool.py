@@ -420,6 +420,7 @@ class MessageWriter:
 #: Files relaygw-queue leaves in a spool directory for its queue manager.
 FLUSH_MARKER = "flush"
 RELEASE_MARKER = "release."
+DELETED_MARKER = "deleted."
 
 
 def _readBack(queueId, f, total, content, maxEnvelope):
@@ -662,6 +663,14 @@ class Spool:
     def takeRequests(self):
         """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
         return self.requests.take()
+
+    def noteDeleted(self, queueId):
+        """The operator deleted C{queueId} (relaygw-queue): the running queue manager is told."""
+        self.requests.noteDeleted(queueId)
+
+    def takeDeleted(self):
+        """The messages the operator deleted since the last call."""
+        return self.requests.takeDeleted()
 
     # -- room ------------------------------------------------------------
 
@@ -1090,12 +1099,26 @@ class OperatorRequests:
 
     def requestFlush(self, queueId=None):
         """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
-        marker = FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId
+        self._mark(FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId)
+
+    def noteDeleted(self, queueId):
+        """Tell the queue manager that C{queueId} was deleted: it logs the removal and forgets the message."""
+        self._mark(DELETED_MARKER + queueId)
+
+    def _mark(self, marker):
         try:
             os.close(os.open(os.path.join(self.spool.directory, marker), _CREATE, 0o640))
         except OSError as e:
             if e.errno != errno.ELOOP:  # (a symbolic link there is a request already, never written through)
                 raise
+
+    def takeDeleted(self):
+        """The messages deleted since the last call (L{noteDeleted}; their markers removed)."""
+        directory, ids = self.spool.directory, []
+        for name in os.listdir(directory):
+            if name.startswith(DELETED_MARKER) and self.spool.discard([os.path.join(directory, name)]):
+                ids.append(name[len(DELETED_MARKER):])
+        return ids
 
     def take(self):
         """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""

@@ -10,7 +10,7 @@ import sys
 import time
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
 
 from relaygw.scripts import queue as tool
@@ -133,6 +133,24 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.run_("delete", "../etc")[0], 1)
         self.assertEqual(self.gw.service.spool.queueIds(), [self.q2])
         self.assertFalse(os.path.exists(self.gw.service.spool.path("state", self.q1)))
+
+    @defer.inlineCallbacks
+    def test_deleteIsLogged(self):
+        """
+        A message deleted with the tool leaves the mail log with a line
+        (Postfix's postsuper logs "removed" too), within a poll of the
+        running gateway, and its retry is forgotten: before, its story
+        ended at its last "deferred" line.
+        """
+        logs = LogCapture(self)
+        self.assertEqual(self.run_("delete", self.q1)[0], 0)
+        yield self.until(lambda: logs.find("removed", qid=self.q1))
+        [line] = logs.find("removed", qid=self.q1)
+        self.assertEqual(formatEvent(line), "%s: removed (relaygw-queue delete)" % (self.q1,))
+        self.assertNotIn(self.q1, self.gw.service.queue.timers)
+        self.assertIn(self.q2, self.gw.service.queue.timers)
+        self.assertEqual(logs.find("removed", qid=self.q2), [])
+        self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
 
     def test_consoleScript(self):
         exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")

@@ -21,6 +21,7 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 
+from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.attempt import Attempts
@@ -128,6 +129,9 @@ class QueueManager(Service):
             for qid in ids:
                 if self.spool.exists(qid):
                     self.enqueue(qid, forced=True)
+            for qid in self.spool.takeDeleted():
+                self.cancelRetry(qid)
+                maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
         except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
             log.error("queue poll failed: {error}", error=e)

@@ -304,6 +304,7 @@ def _act(cmd, spool, qid, out, err):
     """Apply C{cmd} to one message; whether it did."""
     if cmd == "delete":
         spool.remove(qid)
+        spool.noteDeleted(qid)  # (for the mail log of the running gateway, or of the next start)
         out.write("deleted %s\n" % _clean(qid))
     elif cmd == "hold":
         if not spool.hold(qid):
