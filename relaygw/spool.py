@@ -661,16 +661,16 @@ class Spool:
         self.requests.requestFlush(queueId)
 
     def takeRequests(self):
-        """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
+        """
+        The requests left since the last call (and removed): C{(flushAll,
+        [released queueIds], [queueIds deleted with relaygw-queue])}.
+        """
         return self.requests.take()
 
     def noteDeleted(self, queueId):
         """The operator deleted C{queueId} (relaygw-queue): the running queue manager is told."""
         self.requests.noteDeleted(queueId)
 
-    def takeDeleted(self):
-        """The messages the operator deleted since the last call."""
-        return self.requests.takeDeleted()
 
     # -- room ------------------------------------------------------------
 
@@ -1112,23 +1112,25 @@ class OperatorRequests:
             if e.errno != errno.ELOOP:  # (a symbolic link there is a request already, never written through)
                 raise
 
-    def takeDeleted(self):
-        """The messages deleted since the last call (L{noteDeleted}; their markers removed)."""
-        directory, ids = self.spool.directory, []
-        for name in os.listdir(directory):
-            if name.startswith(DELETED_MARKER) and self.spool.discard([os.path.join(directory, name)]):
-                ids.append(name[len(DELETED_MARKER):])
-        return ids
-
     def take(self):
-        """The requests left since the last call (and removed): C{(flushAll, [queueIds])}."""
-        flushAll, ids = False, []
+        """
+        The requests left since the last call (and removed):
+        C{(flushAll, [released queueIds], [deleted queueIds])}.
+        """
+        flushAll, released, deleted = False, [], []
         directory = self.spool.directory
         for name in os.listdir(directory):
-            if (name == FLUSH_MARKER or name.startswith(RELEASE_MARKER)) \
-                    and self.spool.discard([os.path.join(directory, name)]):
-                if name == FLUSH_MARKER:
+            if name == FLUSH_MARKER:
+                into = None
+            elif name.startswith(RELEASE_MARKER):
+                into, qid = released, name[len(RELEASE_MARKER):]
+            elif name.startswith(DELETED_MARKER):
+                into, qid = deleted, name[len(DELETED_MARKER):]
+            else:
+                continue
+            if self.spool.discard([os.path.join(directory, name)]):
+                if into is None:
                     flushAll = True
                 else:
-                    ids.append(name[len(RELEASE_MARKER):])
-        return flushAll, ids
+                    into.append(qid)
+        return flushAll, released, deleted

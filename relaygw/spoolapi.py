@@ -202,8 +202,11 @@ class ISpool(Interface):
     def requestFlush(queueId=None):
         """Ask the running queue manager to retry everything (or C{queueId}) now."""
 
+    def noteDeleted(queueId):
+        """Tell the running queue manager that C{queueId} was deleted (it logs the removal)."""
+
     def takeRequests():
-        """The requests left since the last call: C{(flushAll, [queueIds])}."""
+        """The requests left since the last call: C{(flushAll, [released queueIds], [deleted queueIds])}."""
 
     def freeSpace():
         """Octets free for the spool on its file system."""

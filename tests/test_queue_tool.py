@@ -376,7 +376,7 @@ class BulkAndRobustnessTests(unittest.TestCase):
     def test_flushSome(self):
         code, out, _ = runTool("--spool", self.dir, "flush", self.ids[2])
         self.assertEqual((code, out), (0, "flush requested for %s\n" % self.ids[2]))
-        self.assertEqual(self.spool.takeRequests(), (False, [self.ids[2]]))
+        self.assertEqual(self.spool.takeRequests(), (False, [self.ids[2]], []))
 
     def test_anySpoolContent(self):
         """Garbage in every file and name: every command answers without a traceback."""

@@ -117,10 +117,11 @@ class QueueManager(Service):
     def _poll(self):
         """
         Pick up requests from relaygw-queue: a flush retries everything, a
-        release one message; clear stray hold markers.  Never raises.
+        release one message, a deletion is logged and its retry forgotten;
+        clear stray hold markers.  Never raises.
         """
         try:
-            flushAll, ids = self.spool.takeRequests()
+            flushAll, ids, deleted = self.spool.takeRequests()
             if ids:
                 self.router.revive()  # (a flush does too)
             if flushAll:
@@ -129,7 +130,7 @@ class QueueManager(Service):
             for qid in ids:
                 if self.spool.exists(qid):
                     self.enqueue(qid, forced=True)
-            for qid in self.spool.takeDeleted():
+            for qid in deleted:
                 self.cancelRetry(qid)
                 maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
