@@ -18,6 +18,7 @@ as they are.
 
 import re
 
+from relaygw.context import identityValue
 from relaygw.logs import Logger
 
 smtpd = Logger(namespace="relaygw.smtpd")
@@ -84,11 +85,20 @@ def closed(session, ctx, why, verb):
                verb=verb or "CONNECT", client=client(ctx), ip=ctx.get("remote_ip"))
 
 
+_QUEUED = "[{session}] {qid}: queued from=<{sender}>, size={size}, nrcpt={nrcpt}, message-id={message_id}, " \
+    "client={client}"
+
+
 def queued(session, ctx, qid, sender, recipients, size, messageId):
-    smtpd.info("[{session}] {qid}: queued from=<{sender}>, size={size}, nrcpt={nrcpt}, message-id={message_id}, "
-               "client={client}", event="queued", session=session, qid=qid, sender=sender,
-               recipients=list(recipients), nrcpt=len(recipients), size=size, message_id=messageId or "",
-               client=client(ctx), ip=ctx.get("remote_ip"))
+    """
+    A message accepted: its client, and its login (AUTH, XCLIENT C{LOGIN=}) when it has one,
+    as Postfix's C{sasl_username=}.
+    """
+    login = identityValue(ctx, "LOGIN")
+    smtpd.info(_QUEUED if login is None else _QUEUED + ", sasl_username={sasl_username}", event="queued",
+               session=session, qid=qid, sender=sender, recipients=list(recipients), nrcpt=len(recipients),
+               size=size, message_id=messageId or "", client=client(ctx), ip=ctx.get("remote_ip"),
+               sasl_username=login)
 
 
 def delivery(qid, recipient, relay, delay, delays, status, result):

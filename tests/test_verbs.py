@@ -17,6 +17,7 @@ import re
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -666,6 +667,8 @@ class XclientTests(VerbTestCase):
         qid = yield self.session(run)
         [queued] = logs.find("queued from=", event="queued", qid=qid)
         self.assertEqual((queued["client"], queued["ip"]), ("client.example.net[192.0.2.7]", "192.0.2.7"))
+        self.assertIsNone(queued["sasl_username"])
+        self.assertNotIn("sasl_username", formatEvent(queued))
         self.assertEqual(queued["session"], sessions[1])
         # One line: the real peer, what changed, and the session id that follows.
         [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
@@ -676,7 +679,8 @@ class XclientTests(VerbTestCase):
 
     @defer.inlineCallbacks
     def test_loginAuthenticates(self):
-        """Checklist 71: LOGIN=user authenticates as user."""
+        """Checklist 71: LOGIN=user authenticates as user; the mail log's queued line names the login."""
+        logs = LogCapture(self)
 
         @defer.inlineCallbacks
         def run(c):
@@ -685,9 +689,11 @@ class XclientTests(VerbTestCase):
             self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["auth_status"]),
                              ("user@example.org", "XCLIENT", "pass"))
             c.cmd("EHLO e.example")
-            yield queueMessage(c)
+            return (yield queueMessage(c))
 
-        yield self.session(run)
+        qid = yield self.session(run)
+        [queued] = logs.find("queued from=", event="queued", qid=qid)
+        self.assertTrue(formatEvent(queued).endswith(", sasl_username=user@example.org"), formatEvent(queued))
         header = self.queuedReceived()
         # ESMTPA (RFC 3848), but no login name: Postfix's default.
         self.assertIn(b"with ESMTPA id ", header)
