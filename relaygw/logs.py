@@ -363,8 +363,13 @@ class _Switchable:
 
 
 def openLogFile(path):
-    """A log file opened for appending lines (unencodable characters escaped)."""
-    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    """
+    A log file opened for appending lines (unencodable characters escaped);
+    created readable by its owner and group only, as a mail log usually is:
+    its lines name senders, recipients and logins.
+    """
+    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace",
+                opener=lambda name, flags: os.open(name, flags, 0o640))
 
 
 _installed = None

@@ -193,6 +193,33 @@ class ReopenTests(unittest.TestCase):
         switch.outFile.close()
 
 
+class LogFileModeTests(unittest.TestCase):
+    def test_notReadableByOthers(self):
+        """A log file the gateway creates is not world-readable (its lines name senders, recipients and logins)."""
+        import os
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "relaygw.log")
+        old = os.umask(0o022)
+        try:
+            logs.openLogFile(path).close()
+        finally:
+            os.umask(old)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+
+    def test_existingModeKept(self):
+        """An existing file keeps the mode its administrator gave it."""
+        import os
+
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w"):
+            pass
+        os.chmod(path, 0o644)
+        logs.openLogFile(path).close()
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
+
+
 class _Writes(io.StringIO):
     """A log file that records each write it is given."""
 
