@@ -728,6 +728,8 @@ class SmarthostTests(RelayTestCase):
 
     @defer.inlineCallbacks
     def test_lifetimeExpiryBounces(self):
+        """A recipient still deferred at the end of its lifetime bounces; the mail log says expired, as Postfix's."""
+        logs = LogCapture(self)
         hop, port = self.hop(rcpt={"slow@example.net": "451 4.4.1 come back later"})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})
         yield self.send(rcpts=("slow@example.net",))
@@ -735,6 +737,9 @@ class SmarthostTests(RelayTestCase):
         [bounce] = hop.transactions
         self.assertEqual(bounce["rcpts"], ["a@example.org"])
         self.assertIn(b"Status: 5.4.1", bounce["data"])
+        statuses = [e["status"] for e in logs.events if e.get("event") == "delivery" and e["to"] == "slow@example.net"]
+        self.assertEqual(statuses[-1], "expired")
+        self.assertEqual(set(statuses[:-1]), {"deferred"})
 
     @defer.inlineCallbacks
     def test_bounceNamesTheRemoteMTA(self):

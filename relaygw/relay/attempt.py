@@ -263,8 +263,10 @@ class Attempts:
             relay = result.relay or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
             setup, transmit = result.setup, result.transmit
             inQueue = max(0.0, now - arrival - beforeQueue - setup - transmit)
+            # (a temporary failure bounced at the end of the message's lifetime: Postfix's "expired")
+            status = "expired" if event.status == outcome.BOUNCED and not result.permanent else event.status
             maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
-                             (beforeQueue, inQueue, setup, transmit), event.status, result)
+                             (beforeQueue, inQueue, setup, transmit), status, result)
             if metrics:
                 metrics.deliveryTimes(maillog.STATUS.get(event.status, event.status), now - arrival,
                                       setup + transmit)
