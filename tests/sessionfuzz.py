@@ -611,11 +611,13 @@ def spoolEmpty(gw):
 
 def main(argv):
     import argparse
-    import sys
+    import os
     import tempfile
 
-    from twisted.internet import reactor, threads, task
-    from twisted.logger import globalLogPublisher
+    from twisted.internet import reactor, task, threads
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from tests.fuzzmain import runMain
 
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=int)
@@ -630,60 +632,46 @@ def main(argv):
             bad.append(event)
 
     globalLogPublisher.addObserver(observe)
-    result = {"rc": 0}
 
-    def go():
-        d = startGateway(tempfile.mkdtemp(prefix="sessionfuzz-"))
+    def work(started):
+        gw, hop, hopPort, ports = started
+        outcome = Outcome()
+        violations = []
 
-        def started(started):
-            gw, hop, hopPort, ports = started
-            outcome = Outcome()
+        def run():
+            for seed in args.seeds:
+                before = outcome.sessions
+                t0 = time.monotonic()
+                try:
+                    runSessions(ports, seed, args.sessions, args.seconds, outcome)
+                except Violation as e:
+                    print("VIOLATION seed %d: %s" % (seed, e), flush=True)
+                    violations.append(e)
+                print("seed %d: %d sessions in %.0f s" % (seed, outcome.sessions - before,
+                                                          time.monotonic() - t0), flush=True)
+            return outcome
 
-            def run():
-                for seed in args.seeds:
-                    before = outcome.sessions
-                    t0 = time.monotonic()
-                    try:
-                        runSessions(ports, seed, args.sessions, args.seconds, outcome)
-                    except Violation as e:
-                        print("VIOLATION seed %d: %s" % (seed, e), flush=True)
-                        result["rc"] = 1
-                    print("seed %d: %d sessions in %.0f s" % (seed, outcome.sessions - before,
-                                                              time.monotonic() - t0), flush=True)
-                return outcome
+        def settle(outcome, waited=0):
+            if not spoolEmpty(gw) and waited < 60:
+                return task.deferLater(reactor, 0.5, settle, outcome, waited + 0.5)
+            problems = outcome.check(hop.transactions)
+            root = os.path.dirname(gw.service.spool.path("state"))
+            for dirpath, dirnames, filenames in os.walk(root):
+                if filenames:
+                    print("SPOOL", dirpath, len(filenames), filenames[:3])
+            for p in problems[:30]:
+                print("PROBLEM", p)
+            for e in bad[:10]:
+                print("LOG", formatEvent(e), e.get("log_failure"))
+            print("sessions %d commands %d replies %d accepted %d maybe %d refused %d delivered %d "
+                  "problems %d bad-log %d" % (outcome.sessions, outcome.commands, outcome.replies,
+                                              len(outcome.expected), len(outcome.maybe), len(outcome.never),
+                                              len(hop.transactions), len(problems), len(bad)))
+            return gw.stop().addCallback(lambda _: 1 if problems or bad or violations else 0)
 
-            def settle(outcome, waited=0):
-                if not spoolEmpty(gw) and waited < 60:
-                    return task.deferLater(reactor, 0.5, settle, outcome, waited + 0.5)
-                problems = outcome.check(hop.transactions)
-                import os
-                root = gw.service.spool.path("state")
-                root = os.path.dirname(root)
-                for dirpath, dirnames, filenames in os.walk(root):
-                    if filenames:
-                        print("SPOOL", dirpath, len(filenames), filenames[:3])
-                for p in problems[:30]:
-                    print("PROBLEM", p)
-                for e in bad[:10]:
-                    from twisted.logger import formatEvent
-                    print("LOG", formatEvent(e), e.get("log_failure"))
-                print("sessions %d commands %d replies %d accepted %d maybe %d refused %d delivered %d "
-                      "problems %d bad-log %d" % (outcome.sessions, outcome.commands, outcome.replies,
-                                                  len(outcome.expected), len(outcome.maybe), len(outcome.never),
-                                                  len(hop.transactions), len(problems), len(bad)))
-                if problems or bad:
-                    result["rc"] = 1
-                return gw.stop()
+        return threads.deferToThread(run).addCallback(settle)
 
-            return threads.deferToThread(run).addCallback(settle)
-
-        d.addCallback(started)
-        d.addErrback(lambda f: (f.printTraceback(), result.update(rc=2)))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run()
-    sys.exit(result["rc"])
+    runMain(lambda: startGateway(tempfile.mkdtemp(prefix="sessionfuzz-")), work)
 
 
 if __name__ == "__main__":

@@ -683,12 +683,13 @@ def runSessions(ports, seed, sessions, outcome, steps=(3, 16)):
 
 def main(argv):
     import argparse
-    import sys
     import tempfile
     import time
 
     from twisted.internet import reactor, task, threads
     from twisted.logger import globalLogPublisher
+
+    from tests.fuzzmain import runMain
 
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=int)
@@ -696,44 +697,33 @@ def main(argv):
     args = parser.parse_args(argv)
     events = []
     globalLogPublisher.addObserver(events.append)
-    result = {"rc": 0}
 
-    def go():
-        d = startGateway(tempfile.mkdtemp(prefix="trustfuzz-"))
+    def work(started):
+        gw, hops, hopPorts, ports = started
+        outcome = Outcome()
 
-        def started(started):
-            gw, hops, hopPorts, ports = started
-            outcome = Outcome()
+        def run():
+            t0 = time.monotonic()
+            for seed in args.seeds:
+                runSessions(ports, seed, args.sessions, outcome)
+            print("ran in %.1f s" % (time.monotonic() - t0))
+            return outcome
 
-            def run():
-                t0 = time.monotonic()
-                for seed in args.seeds:
-                    runSessions(ports, seed, args.sessions, outcome)
-                print("ran in %.1f s" % (time.monotonic() - t0))
-                return outcome
+        def settle(outcome, waited=0):
+            got = sum(len(t["rcpts"]) for h in hops for t in h.transactions)
+            if got < len(outcome.expected) and waited < 30:
+                return task.deferLater(reactor, 0.5, settle, outcome, waited + 0.5)
+            problems = outcome.check([t for h in hops for t in h.transactions], queuedClients(events))
+            for p in problems[:30]:
+                print("PROBLEM", p)
+            print("seeds %s sessions %d commands %d checks %d messages-to %d problems %d" % (
+                args.seeds, outcome.sessions, outcome.commands, outcome.checks, len(outcome.expected),
+                len(problems)))
+            return gw.stop().addCallback(lambda _: 1 if problems else 0)
 
-            def settle(outcome, waited=0):
-                got = sum(len(t["rcpts"]) for h in hops for t in h.transactions)
-                if got < len(outcome.expected) and waited < 30:
-                    return task.deferLater(reactor, 0.5, settle, outcome, waited + 0.5)
-                problems = outcome.check([t for h in hops for t in h.transactions], queuedClients(events))
-                for p in problems[:30]:
-                    print("PROBLEM", p)
-                print("seeds %s sessions %d commands %d checks %d messages-to %d problems %d" % (
-                    args.seeds, outcome.sessions, outcome.commands, outcome.checks, len(outcome.expected),
-                    len(problems)))
-                result["rc"] = 1 if problems else 0
-                return gw.stop()
+        return threads.deferToThread(run).addCallback(settle)
 
-            return threads.deferToThread(run).addCallback(settle)
-
-        d.addCallback(started)
-        d.addErrback(lambda f: (f.printTraceback(), result.update(rc=2)))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run()
-    sys.exit(result["rc"])
+    runMain(lambda: startGateway(tempfile.mkdtemp(prefix="trustfuzz-")), work)
 
 
 if __name__ == "__main__":
