@@ -567,18 +567,12 @@ def startGateway(directory, reactor=None):
 
     from twisted.internet import defer
 
-    from relaygw.auth import PasswordFile
     from relaygw.testing import Gateway, ScriptedSMTPFactory
+    from tests.fuzzing import material
 
     if reactor is None:
         from twisted.internet import reactor
-    os.makedirs(directory, exist_ok=True)
-    from tests.tlsmaterial import generateSelfSigned
-
-    users = os.path.join(os.path.abspath(directory), "users")
-    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    generateSelfSigned(cert, key, "relay.test")
-    PasswordFile(users).set("alice", "s3cret")
+    users, cert, key = material(directory)
     hop = ScriptedSMTPFactory(extensions=["PIPELINING", "8BITMIME", "SIZE 100000000"])
     hopPort = reactor.listenTCP(0, hop, interface="127.0.0.1")
     common = {"relay_networks": ["127.0.0.0/8"], "extensions": ["xclient", "xremoteip", "xsetcontext",
@@ -586,11 +580,10 @@ def startGateway(directory, reactor=None):
               "credentials": users, "auth_plaintext": True, "max_message_size": 200000, "max_recipients": 5}
     gw = Gateway(os.path.join(directory, "gw"), reactor=reactor,
                  listeners=(dict(common, trusted_peers=["127.0.0.0/8"]), dict(common, trusted_peers=["10.9.9.0/24"]),
-                            dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=os.path.abspath(cert),
-                                 tls_key=os.path.abspath(key)),
+                            dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=cert, tls_key=key),
                             dict(common, trusted_peers=[], always_allow=True),
-                            dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=os.path.abspath(cert),
-                                 tls_key=os.path.abspath(key), require_tls=True)),
+                            dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=cert, tls_key=key,
+                                 require_tls=True)),
                  relay={"smarthosts": ["[127.0.0.1]:%d" % hopPort.getHost().port], "retry_min": 0.3,
                         "retry_max": 0.6})
 
@@ -617,7 +610,7 @@ def main(argv):
     from twisted.internet import reactor, task, threads
     from twisted.logger import formatEvent, globalLogPublisher
 
-    from tests.fuzzmain import runMain
+    from tests.fuzzing import runMain
 
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=int)

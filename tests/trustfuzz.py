@@ -287,24 +287,18 @@ def startGateway(directory, reactor=None):
 
     from twisted.internet import defer
 
-    from relaygw.auth import PasswordFile
     from relaygw.testing import Gateway
-    from tests.tlsmaterial import generateSelfSigned
+    from tests.fuzzing import material
 
     if reactor is None:
         from twisted.internet import reactor
-    os.makedirs(directory, exist_ok=True)
-    users = os.path.join(os.path.abspath(directory), "users")
-    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    generateSelfSigned(cert, key, "relay.test")
-    PasswordFile(users).set("alice", "s3cret")
+    users, cert, key = material(directory)
     hops = [IdentityHopFactory("xclient"), IdentityHopFactory("xforward")]
     hopPorts = [reactor.listenTCP(0, h, interface="127.0.0.1") for h in hops]
     verbs = ["xclient", "xremoteip", "xsetcontext", "xdumpcontext"]
     common = {"relay_networks": RELAY, "extensions": verbs, "credentials": users, "auth_plaintext": True}
     listeners = (
-        dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=os.path.abspath(cert),
-             tls_key=os.path.abspath(key)),
+        dict(common, trusted_peers=["127.0.0.0/8"], tls_certificate=cert, tls_key=key),
         dict(common, trusted_peers=["10.9.9.0/24"], relay_networks=RELAY + ["127.0.0.0/8"]),
         dict(common, trusted_peers=PROXY_TRUSTED_CLIENTS, proxy_protocol=True, proxy_trusted=["127.0.0.0/8"]),
         # One connection per client address: the balancer's own sessions are not counted.
@@ -689,7 +683,7 @@ def main(argv):
     from twisted.internet import reactor, task, threads
     from twisted.logger import globalLogPublisher
 
-    from tests.fuzzmain import runMain
+    from tests.fuzzing import runMain
 
     parser = argparse.ArgumentParser()
     parser.add_argument("seeds", nargs="+", type=int)
