@@ -203,6 +203,12 @@ class TrustPolicy:
         self.balancers = Networks(proxyTrusted)
         self.identities = tuple(parseClientIdentity(i) for i in clientIdentities)
         self.tls = tls
+        # The client CA these identities go with.  The listener's TLS
+        # settings are one object that a reload naming another CA changes
+        # in place: a session pinned to this policy then has no CA to check
+        # its certificate against (neither the new CA with these identities,
+        # nor the new identities, make it trusted).
+        self.clientCA = tls.clientCA if tls is not None else None
 
     @classmethod
     def fromListener(cls, listener, tls=None):
@@ -239,10 +245,16 @@ class TrustPolicy:
         the listener's client CA and names an allowed identity makes the
         connection trusted; otherwise C{verdict} stands.
         """
-        if verdict.trusted or self.tls is None or self.tls.clientCAStore is None:
+        if verdict.trusted or self._clientCAStore() is None:
             return verdict
         ok, subject = self.verifyCertificate(transport)
         return Verdict(True, "certificate", subject) if ok else verdict
+
+    def _clientCAStore(self):
+        """The store of the client CA this policy was built with, or C{None} (none, or no longer the listener's)."""
+        if self.tls is None or self.tls.clientCA != self.clientCA:
+            return None
+        return self.tls.clientCAStore
 
     def verifyCertificate(self, transport):
         """
@@ -261,7 +273,7 @@ class TrustPolicy:
             return False, None
         leaf = peer.to_cryptography()
         subject = leaf.subject.rfc4514_string()
-        store = self.tls.clientCAStore if self.tls is not None else None
+        store = self._clientCAStore()
         if store is None or not self.identities:
             return False, subject
         leafDER = leaf.public_bytes(serialization.Encoding.DER)

@@ -13,7 +13,7 @@ import stat
 import time
 
 from twisted.application.service import Application
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial import unittest
 
@@ -23,6 +23,7 @@ from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, f
                              waitForPort)
 from relaygw.tls import generateSelfSigned
 from tests.processes import childPids, processState, spoolPids
+from tests.tlsmaterial import clientContext, makeCA
 
 
 class ReloadTests(unittest.TestCase):
@@ -523,3 +524,57 @@ class WorkersReloadTests(unittest.TestCase):
                 self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.directory, "spool", name)).st_mode), 0o600)
 
         return inThread(run)
+
+
+class ClientCertificateTrustReloadTests(unittest.TestCase):
+    """
+    Trust by client certificate is the pinned bundle's, whole: a session
+    open across a reload that names another client CA and other identities
+    is judged at its STARTTLS by neither a mix of the two (the new CA with
+    the identities its own bundle allows) nor the new settings.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        d = os.path.abspath(self.mktemp())
+        self.oldCA, _ = makeCA(os.path.join(d, "old"), "Old CA")
+        self.newCA, issue = makeCA(os.path.join(d, "new"), "New CA")
+        # Allowed by the old identities, issued by the new CA.
+        self.mixed = issue("lb1", "lb1.example.net")
+        self.allowed = issue("lb2", "lb2.example.net")
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        generateSelfSigned(cert, key, "relay.test")
+        self.tls = {"tls_certificate": cert, "tls_key": key, "extensions": ["xclient"], "trusted_peers": []}
+        self.gw = Gateway(d, listeners=(dict(self.tls, tls_client_ca=self.oldCA,
+                                             tls_client_identities=["dns:lb1.example.net"]),))
+        self.gw.service.configPath = self.gw.path
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    def xclientAfterStartTLS(self, cert, during=lambda: None):
+        """The reply to XCLIENT once STARTTLS presented C{cert}, C{during()} called after the first EHLO."""
+        c = Client(self.gw.port)
+        try:
+            c.reply()
+            c.cmd("EHLO x")
+            during()
+            self.assertEqual(c.cmd("STARTTLS")[0], 220)
+            c.sock = clientContext(cert).wrap_socket(c.sock, server_hostname="relay.test")
+            c.cmd("EHLO x")
+            return c.cmd("XCLIENT ADDR=192.0.2.9")[0]
+        finally:
+            c.close()
+
+    def test_openSessionKeepsItsClientCA(self):
+        def reload():
+            with open(self.gw.path, "w") as f:
+                f.write(configText(self.gw.directory, listeners=(dict(
+                    self.tls, tls_client_ca=self.newCA, tls_client_identities=["dns:lb2.example.net"],
+                    endpoint="tcp:0:interface=127.0.0.1"),)))
+            threads.blockingCallFromThread(reactor, self.gw.service.reload)
+
+        def run():
+            # (and a new session is judged by the new settings)
+            return self.xclientAfterStartTLS(self.mixed, reload), self.xclientAfterStartTLS(self.allowed)
+
+        return inThread(run).addCallback(self.assertEqual, (550, 220))
