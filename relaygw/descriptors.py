@@ -53,15 +53,29 @@ class ConnectionBudget:
     def __init__(self, listeners, concurrency, ports=(), limit=None):
         if limit is None:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        wanted = sum(l.max_connections for l in listeners)
-        fits = self.connections = max(1, (limit - concurrency - self.RESERVE) // 2)
+        self.limit = limit
         self.factories = []
         self.ports = ports
         self.paused = False
-        if fits < wanted:
+        self.connections = None
+        self.configure(listeners, concurrency)
+
+    def configure(self, listeners, concurrency):
+        """
+        Size the budget for C{listeners} and C{concurrency} deliveries: at
+        start, and again when a reload changes them (saying so, as at
+        start, when the limit holds fewer connections than they allow).
+        """
+        before = self.connections
+        wanted = sum(l.max_connections for l in listeners)
+        fits = self.connections = max(1, (self.limit - concurrency - self.RESERVE) // 2)
+        if fits < wanted and fits != before:
             log.warn("the open-file limit is {limit}: this process can hold {fits} connections at once, fewer "
                      "than max_connections allows ({wanted}); past them it stops accepting for a while (raise "
-                     "the hard limit, LimitNOFILE=, or lower max_connections)", limit=limit, fits=fits, wanted=wanted)
+                     "the hard limit, LimitNOFILE=, or lower max_connections)", limit=self.limit, fits=fits,
+                     wanted=wanted)
+        if before is not None:
+            self.changed()
 
     def held(self):
         """The connections this process's listeners hold now."""

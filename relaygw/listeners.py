@@ -316,6 +316,7 @@ class Listeners:
     @ivar tlsSettings: the L{ServerTLS} of each listener that has one.
     @ivar listeningPorts: the ports opened (for L{closeListeningPort}).
     @ivar shared: with several workers, the L{SharedSockets} they accept from.
+    @ivar budget: the L{ConnectionBudget} the listeners share.
 
     With several workers, C{clients} (an L{relaygw.anvil.Anvil} or
     L{relaygw.anvil.AnvilClient}) keeps each listener's per-IP counts and
@@ -332,7 +333,7 @@ class Listeners:
         # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
-        budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts)
+        budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -389,8 +390,13 @@ class Listeners:
                 prepared.append((factory, listener, factory.prepare(listener)))
         return prepared
 
-    def apply(self, prepared):
-        """Swap in L{prepare}'s result: new sessions use it."""
+    def apply(self, prepared, config):
+        """
+        Swap in L{prepare}'s result for C{config}: new sessions use it, and
+        the connections held within the open-file limit leave room for its
+        deliveries.
+        """
+        self.budget.configure(config.listeners, config.relay.concurrency)
         for factory, listener, settings in prepared:
             factory.apply(listener, settings)
             wrapper = self.proxyFactories.get(listener.name)

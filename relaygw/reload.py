@@ -159,7 +159,7 @@ class _Plan:
 
     def commit(self):
         service = self.service
-        service.listeners.apply(self.listeners)
+        service.listeners.apply(self.listeners, self.config)
         service.delivery.apply(self.queueSettings)
         logs.reconfigure(self.config.log.format, self.config.log.level)
         service.config = self.config

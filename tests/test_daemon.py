@@ -33,19 +33,21 @@ def _alive(pid):
 DISK_THREAD = {"io_uring": False}
 
 
-def _gatewayConfig(test, workers, listener=None, process=None, spool=None):
+def _gatewayConfig(test, workers, listener=None, process=None, spool=None, relay=None):
     """
     A directory with a config of C{workers} workers (and C{process}'s other
-    settings, and C{spool}'s) listening on a free loopback port (with
+    settings, C{spool}'s and C{relay}'s) listening on a free loopback port (with
     C{listener}'s settings): (directory, port, config path).
     """
     directory = os.path.abspath(test.mktemp())
     os.makedirs(directory)
     port = freePort()
     conf = os.path.join(directory, "relaygw.toml")
+    listener = dict({"endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]},
+                    **(listener or {}))
     with open(conf, "w") as f:
-        f.write(configText(directory, process=dict(process or {}, workers=workers), spool=spool, listeners=(dict({
-            "endpoint": "tcp:%d:interface=127.0.0.1" % port, "relay_networks": ["127.0.0.0/8"]}, **(listener or {})),)))
+        f.write(configText(directory, process=dict(process or {}, workers=workers), spool=spool, relay=relay,
+                           listeners=(listener,)))
     return directory, port, conf
 
 
@@ -231,10 +233,11 @@ class DaemonTests(unittest.TestCase):
 class FileLimitTests(unittest.TestCase):
     """The gateway raises its soft limit on open files to the hard one, and says when even that is too low."""
 
-    def start(self, soft, hard, workers=1, listener=None):
+    def start(self, soft, hard, workers=1, listener=None, relay=None):
         import resource
 
-        directory, port, conf = _gatewayConfig(self, workers, listener)
+        directory, port, conf = _gatewayConfig(self, workers, listener, relay=relay)
+        self.conf = conf
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
         self.addCleanup(lambda: p.poll() is None and p.kill())
@@ -316,6 +319,39 @@ class FileLimitTests(unittest.TestCase):
             self.assertIn("accepting connections again", output)
             self.assertNotIn("Traceback", output)
             self.assertNotIn("EMFILE", output)
+
+        return inThread(run)
+
+    def test_budgetFollowsReloadedConcurrency(self):
+        """
+        A reload that raises C{[relay] concurrency} leaves room for its
+        deliveries: within a hard limit of 200, 63 connections fit beside
+        10 deliveries, and 18 beside 100, so once that reload is applied
+        the 19th client waits (before: the budget stayed the one the
+        gateway started with, and the deliveries ran it out of descriptors).
+        """
+        def run():
+            p = self.start(200, 200, relay={"concurrency": 10})
+            directory = os.path.dirname(self.conf)
+            with open(self.conf, "w") as f:
+                f.write(configText(directory, relay={"concurrency": 100}, listeners=({
+                    "endpoint": "tcp:%d:interface=127.0.0.1" % self.port, "relay_networks": ["127.0.0.0/8"]},)))
+            p.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            held = [Client(self.port) for _ in range(18)]
+            try:
+                self.assertEqual([c.reply()[0] for c in held], [220] * 18)
+                time.sleep(0.3)
+                waiting = Client(self.port)
+                held.append(waiting)
+                waiting.sock.settimeout(1)
+                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+            finally:
+                for c in held:
+                    c.close()
+            output = self.stopped(p)
+            self.assertIn("can hold 18 connections at once", output)
+            self.assertIn("holding 18 connections, all the open-file limit allows", output)
 
         return inThread(run)
 
