@@ -216,13 +216,16 @@ class SpooledMessage:
 
     @ivar envelope: its L{Envelope} (C{size}: the octets of content).
     @ivar bodyOffset: where the content starts in C{path}.
+    @ivar crc: the content's CRC-32 recorded before the 250 (C{None} for a
+        message queued before it was recorded).
     """
 
-    def __init__(self, spool, queueId, envelope, bodyOffset):
+    def __init__(self, spool, queueId, envelope, bodyOffset, crc=None):
         self.spool = spool
         self.queueId = queueId
         self.envelope = envelope
         self.bodyOffset = bodyOffset
+        self.crc = crc
 
     @property
     def path(self):
@@ -249,7 +252,7 @@ class SpooledMessage:
 
     def narrowed(self, recipients):
         """A view of this message for only C{recipients}."""
-        m = SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset)
+        m = SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset, self.crc)
         m._recipients = list(recipients)
         return m
 
@@ -266,9 +269,10 @@ class SpooledMessage:
         if self.spool.isHeld(self.queueId):
             raise Withdrawn("held")
         try:
-            return self.openBody()
+            body = self.openBody()
         except FileNotFoundError:
             raise Withdrawn("deleted")
+        return body if isinstance(body, io.BytesIO) else _CheckedContent(body, self.size, self.crc, self.path)
 
     def openBody(self):
         """The content: a binary file positioned at its start (unbuffered; read big chunks)."""
@@ -282,6 +286,55 @@ class SpooledMessage:
             f.close()
             raise
         return f
+
+
+class _CheckedContent:
+    """
+    A queue file's content as a next hop reads it: no more than the size
+    recorded before the 250, and checked against that size and CRC-32 as
+    its last octets are read.  The file was checked when its attempt read
+    it back; one cut short or changed since then ends in an C{OSError}, not
+    in an early end: a next hop that cannot read a message never terminates
+    it, and the next attempt's reading back quarantines it.
+    """
+
+    def __init__(self, f, size, crc, path):
+        self.f = f
+        self.left = size
+        self.crc = crc
+        self.path = path
+        self._crc = 0
+
+    def read(self, n=-1):
+        want = self.left if n is None or n < 0 else min(n, self.left)
+        chunks, got = [], 0
+        while got < want:
+            chunk = self.f.read(want - got)
+            if not chunk:
+                raise OSError("%s: content cut short since it was read back (%d octets missing)" % (
+                    self.path, self.left - got))
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
+        self.left -= got
+        if self.crc is not None:
+            self._crc = zlib.crc32(data, self._crc)
+            if not self.left and self._crc != self.crc:
+                raise OSError("%s: content changed since it was read back (CRC-32 %d, the envelope says %d)" % (
+                    self.path, self._crc, self.crc))
+        return data
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _stored(envelope, queueId):
@@ -407,7 +460,7 @@ class MessageWriter:
     @property
     def message(self):
         """The committed message, without reading it back from disk."""
-        return SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset)
+        return SpooledMessage(self.spool, self.queueId, self.envelope, self.bodyOffset, self._crc)
 
     def abort(self):
         """Throw the partial message away."""
@@ -426,8 +479,8 @@ DELETED_MARKER = "deleted."
 def _readBack(queueId, f, total, content, maxEnvelope):
     """
     L{Spool.load}'s reading of the queue file C{f} (C{total} octets) of
-    C{queueId}: C{(envelope, where its content starts)}, or
-    L{CorruptMessage}.
+    C{queueId}: C{(envelope, where its content starts, its recorded CRC-32
+    or None)}, or L{CorruptMessage}.
     """
     line = f.readline(maxEnvelope)
     if not line:
@@ -453,7 +506,8 @@ def _readBack(queueId, f, total, content, maxEnvelope):
         if crc != stored["body_crc32"]:
             raise CorruptMessage("content's CRC-32 is %d, the envelope says %s" % (crc, stored["body_crc32"]))
     envelope.size = actual
-    return envelope, len(line)
+    crc = stored.get("body_crc32")
+    return envelope, len(line), crc if isinstance(crc, int) and not isinstance(crc, bool) else None
 
 
 @implementer(ISpool)
@@ -604,8 +658,8 @@ class Spool:
         f, total = _openRegular(path, "queue file")
         try:
             with f:
-                envelope, offset = _readBack(queueId, f, total, content, self.MAX_ENVELOPE)
-            return SpooledMessage(self, queueId, envelope, offset)
+                envelope, offset, crc = _readBack(queueId, f, total, content, self.MAX_ENVELOPE)
+            return SpooledMessage(self, queueId, envelope, offset, crc)
         except CorruptMessage as e:
             e.path = path
             raise

@@ -258,6 +258,77 @@ class QuarantineTests(unittest.TestCase):
         yield q.stopService()
 
 
+class DamagedWhileQueuedTests(unittest.TestCase):
+    """
+    A queue file damaged after its attempt read it back (cut short, changed,
+    grown) never goes out as if it were whole: the content a next hop reads
+    ends with an error instead of an early or a late end.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        writer = Spool(self.dir, Committer(reactor))
+        writer.open()
+        w = writer.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"], "arrival": 1.7e9})
+        w.write(BODY)
+        qid = yield w.commit()
+        self.spool = Spool(self.dir, Committer(reactor))  # (nothing kept in memory: read from the file)
+        self.spool.open()
+        self.message = self.spool.load(qid)
+        self.path = self.spool.path("queue", qid)
+
+    def readAll(self):
+        with self.message.openForDelivery() as f:
+            return b"".join(iter(lambda: f.read(100), b""))
+
+    def test_whole(self):
+        """Undamaged, the content reads back whole, in chunks of any size."""
+        self.assertEqual(self.readAll(), BODY)
+        with self.message.openForDelivery() as f:
+            self.assertEqual(f.read(), BODY)
+
+    def test_cutShort(self):
+        cut(self.path, lambda d: d[:-100])
+        self.assertRaises(OSError, self.readAll)
+
+    def test_changed(self):
+        cut(self.path, lambda d: d[:-5] + b"XXX\r\n")
+        self.assertRaises(OSError, self.readAll)
+
+    def test_grown(self):
+        """Octets past the recorded size are never sent."""
+        cut(self.path, lambda d: d + b"appended\r\n")
+        self.assertEqual(self.readAll(), BODY)
+
+
+class CutDuringDeliveryTests(RelayTestCase):
+    """A queue file cut short while its message waits for the next hop's greeting."""
+
+    @defer.inlineCallbacks
+    def test_notSentCutShort(self):
+        from tests.relaysetup import TrackingHopFactory
+
+        hop, port = self.hop(factory=TrackingHopFactory(greetDelay=1.0))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none", "retry_min": 0.5,
+                            "retry_max": 0.5})
+        retain, Spool.RETAIN_EACH = Spool.RETAIN_EACH, 0  # (read from the file, as after a restart)
+        self.addCleanup(setattr, Spool, "RETAIN_EACH", retain)
+        qid = yield self.send()
+        yield self.until(lambda: hop.connections)
+        content = []
+        cut(self.gw.service.spool.path("queue", qid),
+            lambda d: content.append(d[len(envelopeLine(d)):]) or d[:-10])
+        [content] = content
+        yield self.until(lambda: os.path.exists(self.gw.service.spool.path("corrupt", qid)))
+        self.assertEqual(hop.transactions, [])  # (its DATA began, and was never ended)
+        self.assertEqual(self.gw.service.spool.queueIds(), [])
+        self.assertEqual([(qid, "%s: content is %d octets, the envelope says %d" % (
+            self.gw.service.spool.path("queue", qid), len(content) - 10, len(content)))],
+            [(q, reason) for q, reason, _ in self.gw.service.spool.corrupt()])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # (the read that found it cut short)
+
+
 class SizeTests(RelayTestCase):
     """size is the octets sent onward, on the first attempt and after a restart alike."""
 
