@@ -889,6 +889,7 @@ class ProgressRecords:
         if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
                 or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())
                 or not isinstance(state.get("attempts", 0), int)
+                or not isinstance(state.get("backoff", 0), (int, float))
                 or not isinstance(state.get("next_attempt", 0), (int, float, type(None)))):
             raise CorruptMessage("state file is not a progress record", path)
         return state

@@ -59,6 +59,8 @@ KINDS = {
                   "envelope 'recipients' has the wrong type"),
     "emptyStateFile": ("state", lambda d: b"", "empty state file"),
     "garbledStateFile": ("state", lambda d: b'{"rcpts": [1, 2', "garbled state file"),
+    "backoffNotANumber": ("state", lambda d: b'{"rcpts": {}, "attempts": 1, "backoff": "2"}',
+                          "state file is not a progress record"),
     "stateNotARecord": ("state", lambda d: b'{"rcpts": {"b@example.net": "done"}}', "state file is not a progress record"),
 }
 
@@ -223,6 +225,13 @@ class QuarantineTests(unittest.TestCase):
 
     def test_stateNotARecord(self):
         return self.quarantined("stateNotARecord")
+
+    def test_backoffNotANumber(self):
+        """
+        A back-off level that is not a number would fail the recording of
+        every attempt's outcome after its delivery (sent again at each retry).
+        """
+        return self.quarantined("backoffNotANumber")
 
     def test_listReadsEnvelopesOnly(self):
         """
