@@ -1170,7 +1170,10 @@ class OperatorRequests:
     def take(self):
         """
         The requests left since the last call (and removed):
-        C{(flushAll, [released queueIds], [deleted queueIds])}.
+        C{(flushAll, [released queueIds], [deleted queueIds])}.  A marker
+        whose id is no file name (empty, C{.} or C{..}: C{queue/} itself or
+        the spool above it) names no message: it is removed and asks for
+        nothing.
         """
         flushAll, released, deleted = False, [], []
         directory = self.spool.directory
@@ -1186,6 +1189,6 @@ class OperatorRequests:
             if self.spool.discard([os.path.join(directory, name)]):
                 if into is None:
                     flushAll = True
-                else:
+                elif qid not in ("", ".", ".."):
                     into.append(qid)
         return flushAll, released, deleted

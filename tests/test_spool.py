@@ -1222,3 +1222,40 @@ class JunkDirectoryTests(SpoolCase):
         self.assertTrue(os.path.isdir(os.path.join(spool, "hold", "HDIR")))
         self.assertIn("%s is a directory, not a spool file: left alone" % os.path.join(spool, "hold", "HDIR"),
                       self.warnings)
+
+
+class ReleaseMarkerTests(SpoolCase):
+    """A release or deletion marker is for a message: one whose name names none is removed and does nothing."""
+
+    MARKERS = ("release.", "release..", "release...", "deleted.", "deleted..")
+
+    def setUp(self):
+        SpoolCase.setUp(self)
+        for name in self.MARKERS:
+            open(os.path.join(self.dir, name), "w").close()
+
+    def test_taken(self):
+        self.assertEqual(self.spool.takeRequests(), (False, [], []))
+        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(("release.", "deleted."))], [])
+
+    @defer.inlineCallbacks
+    def test_areasLeftAlone(self):
+        """
+        The empty name and the directory entries are no queue ids: the
+        queue manager never takes C{queue/} itself for a message, and sets
+        no area (C{state/} with every progress record) aside as corrupt.
+        """
+        from relaygw.relay.queue import QueueManager
+
+        qid = yield self.commitContent(b"Subject: x\r\n\r\nbody\r\n")
+        yield self.spool.writeState(qid, {"rcpts": {}, "attempts": 1, "next_attempt": time.time() + 3600})
+        hop = RecordingHop()
+        q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=3600)
+        q.startService()
+        q._poll()
+        yield q.whenIdle()
+        self.assertEqual(sorted(os.listdir(self.spool.path("state"))), [qid])
+        self.assertEqual(os.listdir(self.spool.path("corrupt")), [])
+        self.assertEqual(self.spool.queueIds(), [qid])
+        self.assertEqual(hop.calls, [])
+        yield q.stopService()
