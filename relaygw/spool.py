@@ -1028,9 +1028,16 @@ class SpoolRecovery:
         partition no longer used, or the unpartitioned spool): progress
         and hold markers move before the message they belong to; spent
         files are only ever overwritten by their own partition, so they
-        go.  Returns how many messages moved.
+        go.  A message whose id this spool has already (queued or set
+        aside: a copy, or junk under its name) is left where it is, with a
+        warning, as is anything whose name is taken here: nothing of this
+        spool is replaced.  Returns how many messages moved.
         """
         moved = 0
+        taken = set()
+        for area in ("queue", "corrupt"):
+            if _isDirectory(self.spool.path(area)):
+                taken.update(name.partition(".")[0] for name in os.listdir(self.spool.path(area)))
         for area in ("state", "hold", "corrupt", "queue"):
             src = os.path.join(source, area)
             if os.path.islink(src):
@@ -1040,6 +1047,11 @@ class SpoolRecovery:
             if entries:
                 os.makedirs(self.spool.path(area), exist_ok=True)
             for entry in entries:
+                qid = entry.partition(".")[0]
+                if qid in taken or os.path.lexists(self.spool.path(area, entry)):
+                    log.warn("not adopting {path}: the spool has a message {qid} already",
+                             path=os.path.join(src, entry), qid=qid)
+                    continue
                 os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                 moved += area == "queue"
         spent = os.path.join(source, "spent")

@@ -1074,6 +1074,45 @@ class WorkerCountChangeTests(unittest.TestCase):
         self.assertEqual(spool.queueIds(), sorted(ids))
         self.assertTrue(all(spool.isHeld(qid) for qid in ids))
 
+    @defer.inlineCallbacks
+    def test_nameTakenAlready(self):
+        """
+        A message in the layout no longer used whose id the spool has
+        already (a copy of one queued there, a directory) is left where it
+        is, with a warning: it neither stops the start nor replaces what
+        is there.  The others are adopted.
+        """
+        directory = os.path.abspath(self.mktemp())
+        base, stranded = os.path.join(directory, "spool"), os.path.join(directory, "spool", "w1")
+        qid = yield self.queueOne(base, "base")
+        done = b'{"rcpts":{"r@example.net":{"status":"done"}}}'
+        with open(os.path.join(base, "state", qid), "wb") as f:
+            f.write(done)
+        os.makedirs(os.path.join(base, "queue", "JUNK"))
+        other = yield self.queueOne(stranded, "stranded")
+        shutil.copy(os.path.join(base, "queue", qid), os.path.join(stranded, "queue", qid))
+        shutil.copy(os.path.join(base, "queue", qid), os.path.join(stranded, "queue", "JUNK"))
+        with open(os.path.join(stranded, "state", qid), "w") as f:
+            f.write("{}")
+        warnings = []
+
+        def observe(event):
+            if event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        spool = yield self.start(directory, 1)
+        self.assertEqual(spool.queueIds(), sorted(["JUNK", qid, other]))
+        with open(spool.path("state", qid), "rb") as f:
+            self.assertEqual(f.read(), done)  # (its own progress, not the copy's)
+        self.assertTrue(os.path.isdir(spool.path("queue", "JUNK")))
+        self.assertEqual(sorted(os.listdir(os.path.join(stranded, "queue"))), sorted(["JUNK", qid]))
+        self.assertEqual(os.listdir(os.path.join(stranded, "state")), [qid])
+        for area, name in (("state", qid), ("queue", "JUNK"), ("queue", qid)):
+            self.assertIn("not adopting %s: the spool has a message %s already" % (
+                os.path.join(stranded, area, name), name), warnings)
+
 
 class LinkedOutsideTests(OutsideFiles, SpoolCase):
     """The gateway never follows a symbolic link planted in the spool."""
