@@ -143,16 +143,19 @@ def removeFiles(paths):
 def removeOrKeep(paths, keep):
     """
     One removal request: C{paths} removed, the first renamed to C{keep}
-    instead if given; returns the error (EIO, EROFS...), if any, for the
-    caller to hear of.
+    instead if given (or removed, when a directory has that name); returns
+    the error (EIO, EROFS...), if any, for the caller to hear of.
     """
     try:
         if keep is not None:
             try:
                 quick.rename(paths[0], keep)
+                paths = paths[1:]
             except FileNotFoundError:  # gone already: the next user creates it afresh
-                pass
-            paths = paths[1:]
+                paths = paths[1:]
+            except OSError as e:
+                if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
         removeFiles(paths)
     except OSError as e:
         return e

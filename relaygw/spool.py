@@ -804,8 +804,8 @@ class Spool:
             return None
         if self.progress.writing(queueId):  # its progress file must not appear after the removal
             return self.progress.whenWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
-        if self._short or len(self._spent) >= self.SPENT:
-            return self.committer.unlink(paths)
+        if self._short or len(self._spent) >= self.SPENT or self.path("spent", queueId) in self._leftAlone:
+            return self.committer.unlink(paths)  # (not kept where a directory left alone has its name)
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))
         d.addCallback(lambda _: self._spent.append(queueId))
         return d

@@ -1298,3 +1298,42 @@ class ReleaseMarkerTests(SpoolCase):
         self.assertEqual(self.spool.queueIds(), [qid])
         self.assertEqual(hop.calls, [])
         yield q.stopService()
+
+
+class SpentDirectoryTests(SpoolCase):
+    """A directory in spent/ under a queued message's name: the message leaves the spool once all the same."""
+
+    @defer.inlineCallbacks
+    def test_deliveredOnce(self):
+        from relaygw.relay.queue import QueueManager
+
+        qid = yield self.commitContent(b"Subject: x\r\n\r\nbody\r\n")
+        os.makedirs(self.spool.path("spent", qid + "/inner"))
+        spool = Spool(self.dir, self.spool.committer)  # (as at a start: what spent/ holds is read)
+        hop, clock = RecordingHop(), task.Clock()
+        q = QueueManager(spool, lambda m, r: hop, clock, retryMin=30)
+        q.recovered = spool.open()
+        q.startService()
+        self.addCleanup(q.stopService)
+        yield q.whenIdle()
+        for _ in range(3):
+            clock.advance(30)
+            yield q.whenIdle()
+        self.assertEqual(len(hop.calls), 1)
+        self.assertEqual(spool.queueIds(), [])
+        self.assertTrue(os.path.isdir(spool.path("spent", qid + "/inner")))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        w = spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})  # (not written over the directory)
+        w.write(b"Subject: y\r\n\r\nbody\r\n")
+        yield w.commit()
+
+    def test_removeOrKeep(self):
+        """A file to keep under a name a directory has is removed instead."""
+        from relaygw.durable import removeOrKeep
+
+        path, keep = self.spool.path("queue", "Q"), self.spool.path("spent", "Q")
+        open(path, "w").close()
+        os.makedirs(os.path.join(keep, "inner"))
+        self.assertIsNone(removeOrKeep([path], keep))
+        self.assertFalse(os.path.exists(path))
+        self.assertTrue(os.path.isdir(os.path.join(keep, "inner")))
