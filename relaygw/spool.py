@@ -355,8 +355,10 @@ def _stored(envelope, queueId):
 
 
 #: The envelope line starts with the content's size and CRC-32, written
-#: when the content is complete (padded, so the line keeps its length).
-_SIZE_HEAD = b'{"body_size":%20d,"body_crc32":%10d,'
+#: when the content is complete (padded, so the line keeps its length), and
+#: the CRC-32 of the rest of the line (the envelope proper).
+_SIZE_HEAD = b'{"body_size":%20d,"body_crc32":%10d,"envelope_crc32":%10d,'
+_HEAD_SIZE = len(_SIZE_HEAD % (0, 0, 0))
 
 class MessageWriter:
     """
@@ -385,7 +387,8 @@ class MessageWriter:
         self.failed = None
         stored, self.envelope = _stored(envelope, queueId)
         line = json.dumps(stored, separators=(",", ":")).encode("utf-8")
-        self._chunks = [(_SIZE_HEAD % (0, 0)) + line[1:] + b"\n"]
+        self._envelopeCrc = zlib.crc32(line[1:])
+        self._chunks = [(_SIZE_HEAD % (0, 0, self._envelopeCrc)) + line[1:] + b"\n"]
         self._crc = 0
         self._buffered = self.bodyOffset = len(self._chunks[0])
 
@@ -421,7 +424,7 @@ class MessageWriter:
         if self.failed is not None:
             return defer.fail(self.failed)
         final = self.spool.path("queue", self.queueId)
-        head = _SIZE_HEAD % (self.size, self._crc)
+        head = _SIZE_HEAD % (self.size, self._crc, self._envelopeCrc)
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
             retain = self._chunks[1:]
@@ -499,6 +502,10 @@ def _readBack(queueId, f, total, content, maxEnvelope):
     # (Messages queued before these were recorded have neither.)
     if stored.get("queue_id", queueId) != queueId:
         raise CorruptMessage("the file holds message %s" % (stored["queue_id"],))
+    if "envelope_crc32" in stored:
+        crc = zlib.crc32(line[_HEAD_SIZE:-1])
+        if crc != stored["envelope_crc32"]:
+            raise CorruptMessage("envelope's CRC-32 is %d, the envelope says %s" % (crc, stored["envelope_crc32"]))
     if content and "body_crc32" in stored:
         crc = 0
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -99,6 +99,7 @@ class QuarantineTests(unittest.TestCase):
             def older(data):
                 stored = json.loads(envelopeLine(data))
                 del stored[dropped]
+                stored.pop("envelope_crc32", None)  # (recorded later still)
                 return json.dumps(stored).encode() + b"\n" + data[len(envelopeLine(data)):]
 
             cut(path, older)
@@ -222,6 +223,23 @@ class QuarantineTests(unittest.TestCase):
 
     def test_garbledStateFile(self):
         return self.quarantined("garbledStateFile")
+
+    @defer.inlineCallbacks
+    def test_recipientChanged(self):
+        """An envelope changed since its 250 (a recipient's address) is set aside, never delivered to."""
+        cut(self.spool.path("queue", self.qid), lambda d: d.replace(b"b@example.net", b"b@example.nes", 1))
+        with self.assertRaises(CorruptMessage) as caught:
+            self.spool.load(self.qid, content=False)
+        self.assertTrue(caught.exception.reason.startswith("envelope's CRC-32 is "), caught.exception.reason)
+        hop = RecordingHop()
+        q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=30)
+        q.recovered = self.spool.open()
+        q.startService()
+        yield q.whenIdle()
+        self.assertEqual(hop.calls, [])
+        self.assertEqual([qid for qid, _, _ in self.spool.corrupt()], [self.qid])
+        self.assertEqual(len(self.errors), 1)
+        yield q.stopService()
 
     def test_stateNotARecord(self):
         return self.quarantined("stateNotARecord")
