@@ -360,6 +360,7 @@ def _stored(envelope, queueId):
 _SIZE_HEAD = b'{"body_size":%20d,"body_crc32":%10d,"envelope_crc32":%10d,'
 _HEAD_SIZE = len(_SIZE_HEAD % (0, 0, 0))
 
+
 class MessageWriter:
     """
     Receives one incoming message: the envelope line first (all of it is
