@@ -141,18 +141,18 @@ def _spoolLayout(report, key, path):
     cannot be written.  A spool a first start as another user (root) laid
     out would otherwise pass, and then refuse every message 451.
     """
-    from relaygw.spool import LOCK_FILE, Spool, partitions
+    from relaygw.spool import LOCK_FILE, Spool, areaProblems, partitions
 
     for directory in [path] + list(partitions(path).values()):
+        try:
+            unfit = dict(areaProblems(directory))
+        except OSError:  # (a spool that cannot be searched: _writableDirectory says so)
+            unfit = {}
         for area in Spool.AREAS:
-            area = os.path.join(directory, area)
-            mode = _lmode(area)
-            if mode is None:
-                continue
-            if not stat.S_ISDIR(mode):
-                report.add(key, "%s is %s (expected the spool's own directory)" % (
-                    area, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory"))
-            elif not os.access(area, os.W_OK | os.X_OK):
+            area = directory + os.sep + area
+            if area in unfit:
+                report.add(key, "%s is %s (expected the spool's own directory)" % (area, unfit[area]))
+            elif os.path.isdir(area) and not os.access(area, os.W_OK | os.X_OK):
                 report.add(key, "%s is not writable (expected a directory the gateway may write)" % (area,))
         lock = os.path.join(directory, LOCK_FILE)
         mode = _lmode(lock)

@@ -518,6 +518,23 @@ def _readBack(queueId, f, total, content, maxEnvelope):
     return envelope, len(line), crc if isinstance(crc, int) and not isinstance(crc, bool) else None
 
 
+def areaProblems(directory):
+    """
+    C{(path, what it is)} for each area of the spool layout in
+    C{directory} that exists but is no real directory: a symbolic link
+    there would take every file operation outside the spool.  One C{lstat}
+    per area; start refuses such a spool, the config check names them all.
+    """
+    for area in Spool.AREAS:
+        path = directory + os.sep + area
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(mode):
+            yield path, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory"
+
+
 @implementer(ISpool)
 class Spool:
     """
@@ -597,19 +614,9 @@ class Spool:
                 raise
 
     def checkLayout(self):
-        """
-        Raise L{UnsafeSpool} unless each area of the layout that exists is
-        a real directory: a symbolic link there would take every file
-        operation outside the spool.  One C{lstat} per area.
-        """
-        for area in self.AREAS:
-            path = self.path(area)
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISDIR(mode):
-                raise UnsafeSpool(path, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory")
+        """Raise L{UnsafeSpool} for the first area of the layout that is no real directory (L{areaProblems})."""
+        for path, what in areaProblems(self.directory):
+            raise UnsafeSpool(path, what)
 
     def releaseLock(self):
         if self.lock is not None:
