@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import smtplib
+import ssl
 import stat
 import time
 
@@ -171,6 +172,37 @@ class ReloadTests(unittest.TestCase):
         self.rewrite({"tls_certificate": cert, "tls_key": key})
         self.gw.service.reload()
         self.assertIn("STARTTLS", (yield inThread(ehlo)))
+
+    def test_replacedCertificateNeverOfferedAgain(self):
+        """
+        A session open across a reload that replaces the certificate and key
+        gets the new ones at its STARTTLS: a replaced key (one that leaked)
+        is not used for another handshake.
+        """
+        d = os.path.abspath(self.mktemp())
+        old, new = os.path.join(d, "old"), os.path.join(d, "new")
+        for where, name in ((old, "old.test"), (new, "new.test")):
+            os.makedirs(where)
+            generateSelfSigned(os.path.join(where, "cert.pem"), os.path.join(where, "key.pem"), name)
+        self.rewrite({"tls_certificate": os.path.join(old, "cert.pem"), "tls_key": os.path.join(old, "key.pem")})
+        self.gw.service.reload()
+
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO x")
+                self.rewrite({"tls_certificate": os.path.join(new, "cert.pem"),
+                              "tls_key": os.path.join(new, "key.pem")})
+                threads.blockingCallFromThread(reactor, self.gw.service.reload)
+                self.assertEqual(c.cmd("STARTTLS")[0], 220)
+                context = ssl.create_default_context(cafile=os.path.join(new, "cert.pem"))
+                c.sock = context.wrap_socket(c.sock, server_hostname="new.test")
+                return c.cmd("EHLO x")[0]
+            finally:
+                c.close()
+
+        return inThread(run).addCallback(self.assertEqual, 250)
 
     def test_restartKeysNamed(self):
         self.rewrite({"endpoint": "tcp:0:interface=127.0.0.2"})
