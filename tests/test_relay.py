@@ -1452,11 +1452,11 @@ class ParkingTests(unittest.TestCase):
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""
 
-    def dns(self, records, slow=()):
+    def dns(self, records, slow=(), asked=None):
         """
         A DNS server on loopback UDP holding C{records} (C{(name, type,
         payload)}); names under servfail.example get SERVFAIL, and those in
-        C{slow} their answer after 0.6 s.
+        C{slow} their answer after 0.6 s; each name asked is added to C{asked}.
         """
         from twisted.names import dns, server
         from twisted.names.authority import PySourceAuthority  # noqa: F401 (for the record types)
@@ -1465,6 +1465,8 @@ class MXTests(RelayTestCase):
         class Zone(ResolverBase):
             def _lookup(self, name, cls, type, timeout):
                 name = name.decode() if isinstance(name, bytes) else name
+                if asked is not None:
+                    asked.append(name)
                 if name.endswith("servfail.example"):
                     return defer.fail(RuntimeError("backend down"))  # (the server answers SERVFAIL)
                 answers = [dns.RRHeader(name=name, type=t, payload=p, ttl=60, auth=True)
@@ -1612,6 +1614,37 @@ class MXTests(RelayTestCase):
         self.assertEqual(rcpt["status"], "deferred")
         self.assertEqual(rcpt["result"],
                          "451 4.4.3 next hop lookup failed: servfail.example: DNS lookup failed: server failure")
+        self.flushLoggedErrors(RuntimeError)
+
+    @defer.inlineCallbacks
+    def test_failingDNSMakesTheDestinationDead(self):
+        """
+        A domain whose MX lookup fails three times in a row is dead, as
+        Postfix throttles a site failure: what comes for it meanwhile is
+        deferred at once without a lookup; other domains are not.
+        """
+        sink, sport = self.hop()
+        asked = []
+        dnsPort = self.dns([], asked=asked)
+        yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort, "retry_min": 60, "retry_max": 60},
+                           routes=[{"name": "fine", "domains": ["fine.example"],
+                                    "smarthosts": ["[127.0.0.1]:%d" % sport]}])
+        state = self.gw.service.spool.readState
+        qids = []
+        for n in range(5):
+            qids.append((yield self.send(rcpts=("x%d@servfail.example" % n,))))
+            yield self.until(lambda: state(qids[-1]).get("attempts", 0) >= 1)
+        errors = [state(qid)["last_error"] for qid in qids]
+        for error in errors[:3]:
+            self.assertEqual(error, "451 4.4.3 next hop lookup failed: servfail.example: DNS lookup failed: "
+                                    "server failure")
+        for error in errors[3:]:
+            self.assertEqual(error, "451 4.4.3 delivery temporarily suspended: next hop lookup failed: "
+                                    "servfail.example: DNS lookup failed: server failure")
+        self.assertEqual(asked.count("servfail.example"), 3)
+        yield self.send(rcpts=("y@fine.example",))
+        yield self.until(lambda: sink.transactions)
+        self.assertEqual(sink.recipients(), ["y@fine.example"])
         self.flushLoggedErrors(RuntimeError)
 
     @defer.inlineCallbacks

@@ -212,6 +212,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         except mx.TemporaryLookupFailure as e:
             result = STOPPED if self.stopping else Result(451, e.enhanced, "next hop lookup failed: %s" % (e,))
             candidates = None
+            if not self.stopping:  # (a site failure, as Postfix's: a DNS that fails or never answers)
+                self.health.failed(result)
         except Exception as e:
             result = STOPPED if self.stopping else temporary("next hop lookup failed: %s" % (e,))
             candidates = None
@@ -328,7 +330,8 @@ class Health:
     Whether a destination is dead, as Postfix throttles one: once
     C{DEAD_AFTER} batches in a row found every host failing before it
     answered any of their messages (no connection, a refused greeting, a
-    421, silence), for C{deadFor} seconds ([relay] retry_min, Postfix's
+    421, silence), or found no hosts because their lookup failed for now
+    (a DNS server failing or silent), for C{deadFor} seconds ([relay] retry_min, Postfix's
     minimal_backoff_time).  A message it answers, or an operator's flush
     (L{revive}), ends that.  One message that breaks its session (a
     content filter dropping the connection) does not: the batches around
