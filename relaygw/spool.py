@@ -552,7 +552,8 @@ class Spool:
         state/ID      per-recipient delivery progress
         hold/ID       an empty marker: the message is held
         corrupt/ID    a queue file that could not be read back, with
-                      ID.state (its progress, if any) and ID.reason
+                      ID.state (its progress, if any) and ID.reason; a
+                      later one under the same id as ID.1, ID.2 ...
         spent/ID      delivered messages' files, overwritten by new ones
         flush, release.ID   requests from relaygw-queue
 
@@ -699,7 +700,7 @@ class Spool:
         self.recovery.quarantine(queueId, reason)
 
     def corrupt(self):
-        """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
+        """C{[(name, reason, when)]} of the quarantined messages, oldest first (L{SpoolRecovery.corrupt})."""
         return self.recovery.corrupt()
 
     def discardCorrupt(self, queueId):
@@ -978,6 +979,24 @@ class ProgressRecords:
         return defer.succeed(None)
 
 
+def _corruptQueueId(name):
+    """The queue id of a file in C{corrupt/}: ID, ID.state and ID.reason, and for later ones ID.1, ID.1.state ..."""
+    return name.partition(".")[0]
+
+
+def _corruptEntry(name):
+    """What C{corrupt/name} belongs to, as it is listed: NAME for NAME.state and NAME.reason."""
+    for end in (".state", ".reason"):
+        if name.endswith(end):
+            return name[:-len(end)]
+    return name
+
+
+def _corruptOrder(name):
+    """Sorts what C{corrupt/} holds by queue id, then in the order it was set aside (ID, ID.1, ID.2 ... ID.10)."""
+    return _corruptQueueId(name), len(name), name
+
+
 class SpoolRecovery:
     """
     What is already on disk: the scan at start (what was never
@@ -1000,7 +1019,7 @@ class SpoolRecovery:
             os.makedirs(spool.path(area), exist_ok=True)
         spool.discard([spool.path("tmp", name) for name in os.listdir(spool.path("tmp"))])
         queued = set(os.listdir(spool.path("queue")))
-        kept = queued.union(os.listdir(spool.path("corrupt")))
+        kept = queued.union(_corruptQueueId(name) for name in os.listdir(spool.path("corrupt")))
         spent = []
         for name in os.listdir(spool.path("spent")):
             if len(spent) < spool.SPENT and self._reusable(name, kept):
@@ -1076,37 +1095,55 @@ class SpoolRecovery:
 
     def quarantine(self, queueId, reason):
         """
-        Move the message's files to C{corrupt/} (the queue file as ID, its
-        progress as ID.state) next to ID.reason, so it is never tried
-        again and an operator can look at it.  Never raises.
+        Move the message's files to C{corrupt/} (the queue file as NAME,
+        its progress as NAME.state) next to NAME.reason, so it is never
+        tried again and an operator can look at it.  NAME is the queue id,
+        or for a later quarantine under the same id (the id used again, or
+        a progress record that turned up after its queue file was set
+        aside) the next free ID.1, ID.2 ...: nothing already there is
+        replaced.  Never raises.
         """
         spool = self.spool
         area = spool.path("corrupt")
-        try:
-            os.makedirs(area, exist_ok=True)
-            with open(os.open(os.path.join(area, queueId + ".reason"), _CREATE | os.O_TRUNC, 0o640), "w") as f:
-                json.dump({"reason": str(reason), "time": time.time()}, f)
-        except OSError:
-            pass  # the files still move; the reason is then unknown
-        for src, dst in (("state", queueId + ".state"), ("queue", queueId)):
+        name = self._freeName(queueId)
+        moved = False
+        for src, dst in (("state", name + ".state"), ("queue", name)):
             try:
+                os.makedirs(area, exist_ok=True)
                 os.rename(spool.path(src, queueId), os.path.join(area, dst))
+                moved = True
             except FileNotFoundError:
                 pass
             except OSError as e:
                 log.error("cannot quarantine {path}: {error}", path=spool.path(src, queueId), error=e)
+        if moved:  # (else nothing is there for the reason to explain: deleted meanwhile)
+            try:
+                with open(os.open(os.path.join(area, name + ".reason"), _CREATE | os.O_EXCL, 0o640), "w") as f:
+                    json.dump({"reason": str(reason), "time": time.time()}, f)
+            except OSError:
+                pass  # the files are set aside all the same; the reason is then unknown
         spool.discard([spool.path("hold", queueId)])
 
+    def _freeName(self, queueId):
+        """The first of ID, ID.1, ID.2 ... with none of its files (NAME, NAME.state, NAME.reason) in corrupt/."""
+        area = self.spool.path("corrupt")
+        name, n = queueId, 0
+        while any(os.path.lexists(os.path.join(area, name + end)) for end in ("", ".state", ".reason")):
+            n += 1
+            name = "%s.%d" % (queueId, n)
+        return name
+
     def corrupt(self):
-        """C{[(queueId, reason, when)]} of the quarantined messages, oldest first."""
+        """
+        C{[(name, reason, when)]} of the quarantined messages, oldest first:
+        each under its queue id, a later one under the same id as ID.1, ID.2 ...
+        """
         try:
             names = os.listdir(self.spool.path("corrupt"))
         except FileNotFoundError:
             return []
         found = []
-        for name in sorted(names):
-            if "." in name:
-                continue
+        for name in sorted({_corruptEntry(name) for name in names}, key=_corruptOrder):
             reason, when = "unknown", None
             try:
                 f, _ = _openRegular(self.spool.path("corrupt", name + ".reason"), "reason file")

@@ -188,7 +188,7 @@ class ISpool(Interface):
         """Move the message's files to the corrupt area, with the reason."""
 
     def corrupt():
-        """C{[(queueId, reason, when)]} of the quarantined messages."""
+        """C{[(name, reason, when)]} of the quarantined messages: the name is the queue id, or ID.1, ID.2 ..."""
 
     def hold(queueId):
         """Keep C{queueId} from being delivered; False when it is not queued."""

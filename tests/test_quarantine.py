@@ -285,6 +285,75 @@ class QuarantineTests(unittest.TestCase):
         yield q.stopService()
 
 
+class QuarantinedAgainTests(unittest.TestCase):
+    """
+    A second quarantine under a queue id already in corrupt/ (the id used
+    again, or a progress record set aside after its queue file) replaces
+    nothing: it gets the next free name, ID.1, with its own reason.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net"], "arrival": 1.7e9})
+        w.write(BODY)
+        self.qid = yield w.commit()
+        yield self.spool.writeState(self.qid, {"rcpts": {}, "attempts": 1})
+
+    def read(self, name):
+        with open(self.spool.path("corrupt", name), "rb") as f:
+            return f.read()
+
+    def test_idUsedAgain(self):
+        with open(self.spool.path("queue", self.qid), "rb") as f:
+            first = f.read()
+        self.spool.quarantine(self.qid, "first reason")
+        second = b"another file under the same name\n"
+        with open(self.spool.path("queue", self.qid), "wb") as f:
+            f.write(second)
+        self.spool.quarantine(self.qid, "second reason")
+        self.assertEqual((self.read(self.qid), self.read(self.qid + ".1")), (first, second))
+        self.assertEqual([(name, reason) for name, reason, _ in self.spool.corrupt()],
+                         [(self.qid, "first reason"), (self.qid + ".1", "second reason")])
+        self.assertEqual(self.spool.queueIds(), [])
+        # A third goes to .2; and relaygw-queue lists each under its own name.
+        with open(self.spool.path("queue", self.qid), "wb") as f:
+            f.write(b"third\n")
+        self.spool.quarantine(self.qid, "third reason")
+        self.assertEqual(self.read(self.qid + ".2"), b"third\n")
+        out = io.StringIO()
+        self.assertEqual(tool.main(["--spool", self.dir, "list"], out=out), 0)
+        rows = [l for l in out.getvalue().splitlines() if l.startswith(self.qid)]
+        self.assertEqual([(row.split()[0], row.split("corrupt: ")[1]) for row in rows],
+                         [(self.qid + "#", "first reason"), (self.qid + ".1#", "second reason"),
+                          (self.qid + ".2#", "third reason")])
+        self.assertTrue(out.getvalue().endswith("; 3 corrupt\n"), out.getvalue())
+
+    def test_progressAfterItsQueueFile(self):
+        """A progress record that turns up after its message was set aside keeps the first one's evidence."""
+        with open(self.spool.path("state", self.qid), "rb") as f:
+            first = f.read()
+        self.spool.quarantine(self.qid, "garbled envelope")
+        with open(self.spool.path("state", self.qid), "wb") as f:
+            f.write(b"{garbled")
+        self.spool.quarantine(self.qid, "garbled state file")
+        self.assertEqual((self.read(self.qid + ".state"), self.read(self.qid + ".1.state")), (first, b"{garbled"))
+        self.assertTrue(os.path.exists(self.spool.path("corrupt", self.qid)))
+        self.assertEqual([(name, reason) for name, reason, _ in self.spool.corrupt()],
+                         [(self.qid, "garbled envelope"), (self.qid + ".1", "garbled state file")])
+
+    def test_reasonFileInTheWay(self):
+        """Only a reason left there (the files never moved): the quarantine takes the next name, not its place."""
+        with open(self.spool.path("corrupt", self.qid + ".reason"), "w") as f:
+            f.write('{"reason": "older", "time": 1}')
+        self.spool.quarantine(self.qid, "newer")
+        self.assertEqual(json.loads(self.read(self.qid + ".reason"))["reason"], "older")
+        self.assertEqual(json.loads(self.read(self.qid + ".1.reason"))["reason"], "newer")
+        self.assertTrue(os.path.exists(self.spool.path("corrupt", self.qid + ".1")))
+
+
 class DamagedWhileQueuedTests(unittest.TestCase):
     """
     A queue file damaged after its attempt read it back (cut short, changed,

@@ -259,6 +259,18 @@ class SpoolTests(SpoolCase):
         self.assertEqual(os.listdir(self.spool.path("spent")), [])
 
     @defer.inlineCallbacks
+    def test_spentFileOfASecondQuarantineNotReused(self):
+        """A message set aside under a later name (ID.1) keeps its spent file from reuse, as one under ID does."""
+        first = yield self.commitContent(b"one\r\n")
+        yield self.spool.remove(first, progress=False)
+        self.assertEqual(os.listdir(self.spool.path("spent")), [first])
+        with open(self.spool.path("corrupt", first + ".1"), "wb") as f:
+            f.write(b"a copy of what was queued\n")
+        reopened = Spool(self.dir, self.spool.committer)
+        self.assertEqual(reopened.open(), [])
+        self.assertEqual((os.listdir(self.spool.path("spent")), reopened._spent), ([], []))
+
+    @defer.inlineCallbacks
     def test_unreadableSpentFileNotReused(self):
         """A spent file whose envelope cannot be read back (a crash mid-write) is removed, not reused."""
         first = yield self.commitContent(b"one\r\n")
@@ -1153,8 +1165,11 @@ class LinkedOutsideTests(OutsideFiles, SpoolCase):
         self.assertRaises(CorruptMessage, self.spool.readState, qid)
         reason = self.outsideFile("reason", b"precious")
         os.symlink(reason, self.spool.path("corrupt", "LINK.reason"))
-        self.spool.quarantine("LINK", "a symbolic link")
-        self.assertTrue(os.path.islink(self.spool.path("corrupt", "LINK")))
+        self.spool.quarantine("LINK", "a symbolic link")  # (set aside as LINK.1: LINK.reason is taken)
+        self.assertTrue(os.path.islink(self.spool.path("corrupt", "LINK.1")))
+        self.assertFalse(os.path.islink(self.spool.path("corrupt", "LINK.1.reason")))
+        self.assertEqual([(name, why) for name, why, _ in self.spool.corrupt()], [("LINK", "unknown"),
+                                                                                  ("LINK.1", "a symbolic link")])
         self.assertContent(target, message)
         self.assertContent(reason, b"precious")
 
