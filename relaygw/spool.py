@@ -703,9 +703,9 @@ class Spool:
         """C{[(name, reason, when)]} of the quarantined messages, oldest first (L{SpoolRecovery.corrupt})."""
         return self.recovery.corrupt()
 
-    def discardCorrupt(self, queueId):
-        """Remove a quarantined message; False when there is none."""
-        return self.recovery.discardCorrupt(queueId)
+    def discardCorrupt(self, name):
+        """Remove a quarantined message, named as L{corrupt} lists it; False when there is none."""
+        return self.recovery.discardCorrupt(name)
 
     def adopt(self, source):
         """Take over the messages of the spool layout at C{source}; how many moved."""
@@ -985,9 +985,13 @@ def _corruptQueueId(name):
 
 
 def _corruptEntry(name):
-    """What C{corrupt/name} belongs to, as it is listed: NAME for NAME.state and NAME.reason."""
+    """
+    What C{corrupt/name} belongs to, as it is listed: NAME for NAME.state
+    and NAME.reason (but C{.reason} or C{..state} for itself: no file name
+    is left, or C{corrupt/} itself or the spool above it).
+    """
     for end in (".state", ".reason"):
-        if name.endswith(end):
+        if name.endswith(end) and name[:-len(end)] not in ("", ".", ".."):
             return name[:-len(end)]
     return name
 
@@ -1148,19 +1152,31 @@ class SpoolRecovery:
             try:
                 f, _ = _openRegular(self.spool.path("corrupt", name + ".reason"), "reason file")
                 with f:
-                    recorded = json.loads(f.read())
-                reason, when = str(recorded["reason"]), float(recorded["time"])
-            except (OSError, CorruptMessage, ValueError, KeyError, TypeError, RecursionError):
-                pass
+                    recorded = json.loads(f.read(self.REASON_SIZE))
+                reason = str(recorded["reason"])
+                when = float(recorded["time"])
+            except (OSError, CorruptMessage, ValueError, KeyError, TypeError, RecursionError, OverflowError):
+                pass  # (what is not a reason written here: unknown, or a reason without its time)
             found.append((name, reason, when))
         return found
 
-    def discardCorrupt(self, queueId):
-        """Remove a quarantined message; False when there is none, C{OSError} when it is a directory."""
-        path = self.spool.path("corrupt", queueId)
-        if not os.path.lexists(path):
+    #: A reason file is read up to this size (one written here is a line).
+    REASON_SIZE = 64 << 10
+
+    def discardCorrupt(self, name):
+        """
+        Remove a quarantined message's files, C{name} as L{corrupt} lists
+        it; False when there is none, C{OSError} when its file is a directory.
+        """
+        try:
+            files = [n for n in os.listdir(self.spool.path("corrupt")) if _corruptEntry(n) == name]
+        except FileNotFoundError:
             return False
-        removeFiles([path])
+        if not files:
+            return False
+        path = self.spool.path("corrupt", name)
+        if name in files:
+            removeFiles([path])
         self.spool.discard([path + ".state", path + ".reason"])
         return True
 

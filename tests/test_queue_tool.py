@@ -418,6 +418,45 @@ class BulkAndRobustnessTests(unittest.TestCase):
             self.assertIn(" na\\xefve\\nname\n", out, argv)
             self.assertTrue(all(" " <= c <= "~" for l in out.splitlines() for c in l), (argv, out))
 
+    def test_everythingInCorruptListed(self):
+        """
+        Whatever corrupt/ holds is listed, once per name with its reason
+        when it has one (a later quarantine's ID.1, a progress record or a
+        reason alone, names that are no queue ids), can be shown and
+        deleted by the name listed, and never ends the tool with an error.
+        """
+        files = {"Q1": b"x", "Q1.reason": b'{"reason": "first", "time": 1}',
+                 "Q1.1": b"y", "Q1.1.reason": b'{"reason": "second", "time": 2}',
+                 "Q2.state": b"{}", "Q2.reason": b'{"reason": "progress only", "time": 3}',
+                 "Q3.reason": b'{"reason": "reason only", "time": 4}',
+                 "Q4": b"z", "Q4.reason": b'{"reason": "far future", "time": 1%s}' % (b"0" * 400),
+                 "note.txt": b"", "na\xefve\nname": b"", ".reason": b"", "..state": b"", "ALL": b""}
+        for name, content in files.items():
+            with open(self.spool.path("corrupt", name), "wb") as f:
+                f.write(content)
+        os.makedirs(self.spool.path("corrupt", "Q5.reason"))
+        listed = ["..state", ".reason", "ALL", "Q1", "Q1.1", "Q2", "Q3", "Q4", "Q5", "na\\xefve\\nname", "note.txt"]
+        code, out, err = runTool("--spool", self.dir, "list")
+        self.assertEqual((code, err), (0, ""))
+        rows = {l.split("#")[0]: l.split("corrupt: ")[1] for l in out.splitlines() if "  corrupt: " in l}
+        self.assertEqual(sorted(rows), listed)
+        self.assertEqual((rows["Q1"], rows["Q1.1"], rows["Q2"], rows["Q3"], rows["Q4"], rows["Q5"], rows["note.txt"]),
+                         ("first", "second", "progress only", "reason only", "far future", "unknown", "unknown"))
+        self.assertTrue(out.endswith("; %d corrupt\n" % len(listed)), out)
+        code, out, err = runTool("--spool", self.dir, "show", "Q1.1")
+        self.assertEqual((code, json.loads(out)["corrupt"], err), (0, "second", ""))
+        # delete ALL is for the queued messages, whatever corrupt/ holds.
+        self.assertEqual(runTool("--spool", self.dir, "delete", "ALL")[:2],
+                         (0, "".join("deleted %s\n" % q for q in self.ids)))
+        code, out, err = runTool("--spool", self.dir, "delete", "Q1.1", "Q2", "Q3", "note.txt", ".reason", "..state")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, "".join("deleted %s (corrupt)\n" % n for n in ("Q1.1", "Q2", "Q3", "note.txt", ".reason",
+                                                                              "..state")))
+        self.assertEqual(sorted(os.listdir(self.spool.path("corrupt"))),
+                         ["ALL", "Q1", "Q1.reason", "Q4", "Q4.reason", "Q5.reason", "na\xefve\nname"])
+        self.assertEqual(runTool("--spool", self.dir, "delete", "../queue", "Q1.reason")[0], 1)
+        self.assertEqual(len(os.listdir(self.spool.path("corrupt"))), 7)
+
     def test_directoriesWhereFilesBelong(self):
         """A directory in queue/ or corrupt/ is named and left alone; the other messages go on."""
         os.makedirs(self.spool.path("queue", "DIRX"))

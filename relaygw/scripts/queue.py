@@ -271,17 +271,17 @@ def _run(argv, out):
         return 2
     failed = False
     if cmd == "delete":
-        # A quarantined message is named by its id too.
+        # A quarantined message is named as list shows it (ALL and - are for the queue).
         done = []
         for w in args.ids:
-            if not _QUEUE_ID.fullmatch(w) or _find(spools, w) is not None:
+            if w in ("ALL", "-") or _find(spools, w) is not None:
                 continue
             try:
                 if any(s.discardCorrupt(w) for s in spools):
-                    out.write("deleted %s (corrupt)\n" % w)
+                    out.write("deleted %s (corrupt)\n" % _clean(w))
                     done.append(w)
             except OSError as e:  # (a directory in corrupt/: left alone)
-                err("cannot delete %s: %s" % (w, _why(e)))
+                err("cannot delete %s: %s" % (_clean(w), _why(e)))
                 done.append(w)
                 failed = True
         args.ids = [w for w in args.ids if w not in done]
