@@ -10,6 +10,8 @@ Postfix's maillog, each carrying the queue id where there is one.
     delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
     bounce       QID: sender non-delivery notification: BOUNCE-QID
     removed      QID: removed, or QID: removed (relaygw-queue delete)
+    held         QID: placed on hold
+    released     QID: released from hold
 
 Every event also carries its fields typed (C{event}, C{qid}, C{recipients}
 as a list, C{delays} as a list of numbers ...), which the JSON log writes
@@ -134,6 +136,16 @@ def removed(qid, operator=False):
     """C{qid} has left the queue: delivered or bounced, or (C{operator}) deleted with relaygw-queue."""
     qmgr.info("{qid}: removed" + (" (relaygw-queue delete)" if operator else ""), event="removed", qid=qid,
               operator=operator)
+
+
+def held(qid):
+    """The operator held C{qid} with relaygw-queue (Postfix's postsuper -h logs the same line)."""
+    qmgr.info("{qid}: placed on hold", event="held", qid=qid)
+
+
+def released(qid):
+    """The operator released C{qid} from hold with relaygw-queue (as postsuper -H)."""
+    qmgr.info("{qid}: released from hold", event="released", qid=qid)
 
 
 class CommandCounts:

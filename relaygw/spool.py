@@ -31,7 +31,7 @@ from zope.interface import implementer
 from relaygw import durable
 from relaygw.durable import CommitJob, discardFile, fsyncDirectory, removeFiles
 from relaygw.logs import Logger
-from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, Withdrawn, isStorageError
+from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, Requests, Withdrawn, isStorageError
 
 log = Logger()
 
@@ -474,9 +474,13 @@ class MessageWriter:
             self.fd = None
 
 
-#: Files relaygw-queue leaves in a spool directory for its queue manager.
+#: Files relaygw-queue leaves in a spool directory for its queue manager:
+#: retry everything, try one message now (C{flush ID}), and what was held,
+#: released and deleted (for the mail log; a release is an attempt now too).
 FLUSH_MARKER = "flush"
 RELEASE_MARKER = "release."
+HELD_MARKER = "held."
+RELEASED_MARKER = "released."
 DELETED_MARKER = "deleted."
 
 
@@ -555,7 +559,8 @@ class Spool:
                       ID.state (its progress, if any) and ID.reason; a
                       later one under the same id as ID.1, ID.2 ...
         spent/ID      delivered messages' files, overwritten by new ones
-        flush, release.ID   requests from relaygw-queue
+        flush, release.ID, held.ID, released.ID, deleted.ID
+                      requests from relaygw-queue
 
     A delivered message's file is not unlinked but moved to C{spent/}, up
     to C{SPENT} of them, and the next message overwrites it: creating a
@@ -731,10 +736,7 @@ class Spool:
         self.requests.requestFlush(queueId)
 
     def takeRequests(self):
-        """
-        The requests left since the last call (and removed): C{(flushAll,
-        [released queueIds], [queueIds deleted with relaygw-queue])}.
-        """
+        """The requests left since the last call (and removed): a L{Requests}."""
         return self.requests.take()
 
     def noteDeleted(self, queueId):
@@ -1191,10 +1193,15 @@ class OperatorRequests:
         self.spool = spool
 
     def hold(self, queueId):
-        """Keep C{queueId} from being delivered; False when it is not queued."""
+        """
+        Keep C{queueId} from being delivered; False when it is not queued.
+        The queue manager is told of a message held now (not of one held
+        already), for the mail log.
+        """
         spool = self.spool
         if not spool.exists(queueId):
             return False
+        fresh = not self.isHeld(queueId)
         path = spool.path("hold", queueId)
         try:
             os.close(os.open(path, _CREATE, 0o640))
@@ -1207,15 +1214,20 @@ class OperatorRequests:
             # Delivered meanwhile: leave no stray marker behind.
             spool.discard([spool.path("hold", queueId)])
             return False
+        if fresh:
+            self._mark(HELD_MARKER + queueId)
         return True
 
     def release(self, queueId):
-        """Let a held message go and ask for an attempt now; False (and nothing done) when it was not held."""
+        """
+        Let a held message go and ask for an attempt now (and its line in
+        the mail log); False (and nothing done) when it was not held.
+        """
         try:
             os.unlink(self.spool.path("hold", queueId))
         except FileNotFoundError:
             return False
-        self.requestFlush(queueId)
+        self._mark(RELEASED_MARKER + queueId)
         return True
 
     def isHeld(self, queueId):
@@ -1249,19 +1261,22 @@ class OperatorRequests:
 
     def take(self):
         """
-        The requests left since the last call (and removed):
-        C{(flushAll, [released queueIds], [deleted queueIds])}.  A marker
-        whose id is no file name (empty, C{.} or C{..}: C{queue/} itself or
-        the spool above it) names no message: it is removed and asks for
-        nothing.
+        The requests left since the last call (and removed), a
+        L{Requests}.  A marker whose id is no file name (empty, C{.} or
+        C{..}: C{queue/} itself or the spool above it) names no message:
+        it is removed and asks for nothing.
         """
-        flushAll, released, deleted = False, [], []
+        flushAll, flushed, held, released, deleted = False, [], [], [], []
         directory = self.spool.directory
         for name in os.listdir(directory):
             if name == FLUSH_MARKER:
                 into = None
             elif name.startswith(RELEASE_MARKER):
-                into, qid = released, name[len(RELEASE_MARKER):]
+                into, qid = flushed, name[len(RELEASE_MARKER):]
+            elif name.startswith(HELD_MARKER):
+                into, qid = held, name[len(HELD_MARKER):]
+            elif name.startswith(RELEASED_MARKER):
+                into, qid = released, name[len(RELEASED_MARKER):]
             elif name.startswith(DELETED_MARKER):
                 into, qid = deleted, name[len(DELETED_MARKER):]
             else:
@@ -1271,4 +1286,4 @@ class OperatorRequests:
                     flushAll = True
                 elif qid not in ("", ".", ".."):
                     into.append(qid)
-        return flushAll, released, deleted
+        return Requests(flushAll, flushed, held, released, deleted)

@@ -4,6 +4,7 @@ queued message and the spool's operations.  Only L{relaygw.spool} knows
 how messages, progress, hold markers and requests are laid out on disk.
 """
 
+import collections
 import copy
 import dataclasses
 import math
@@ -23,6 +24,13 @@ class CorruptMessage(Exception):
         Exception.__init__(self, reason)
         self.reason = reason
         self.path = path
+
+
+#: What relaygw-queue asked of the running queue manager since its last
+#: look (L{ISpool.takeRequests}): retry everything (a bool); try these
+#: messages now; these were held; these released (to be tried now); these
+#: deleted.  Each a list of queue ids.
+Requests = collections.namedtuple("Requests", "flushAll flushed held released deleted")
 
 
 class Withdrawn(Exception):
@@ -206,7 +214,7 @@ class ISpool(Interface):
         """Tell the running queue manager that C{queueId} was deleted (it logs the removal)."""
 
     def takeRequests():
-        """The requests left since the last call: C{(flushAll, [released queueIds], [deleted queueIds])}."""
+        """The requests left since the last call, a L{Requests}."""
 
     def freeSpace():
         """Octets free for the spool on its file system."""

@@ -152,6 +152,30 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(logs.find("removed", qid=self.q2), [])
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
 
+    @defer.inlineCallbacks
+    def test_holdAndReleaseAreLogged(self):
+        """
+        hold and release leave a line each in the mail log, as postsuper -h
+        and -H log theirs, within a poll of the running gateway; holding a
+        message that is held already logs nothing more.  The release still
+        tries the message at once.
+        """
+        logs = LogCapture(self)
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        yield self.until(lambda: logs.find("placed on hold", qid=self.q1))
+        self.assertEqual(self.run_("release", self.q1)[0], 0)
+        yield self.until(lambda: logs.find("released from hold", qid=self.q1))
+        yield self.until(lambda: self.hop_.lines.count("RCPT TO:<b@example.net>") == 2)
+        yield task.deferLater(reactor, 0.5, lambda: None)  # (polls after: nothing logged twice)
+        lines = [formatEvent(e) for e in logs.events if e.get("event") in ("held", "released")]
+        self.assertEqual(lines, ["%s: placed on hold" % self.q1, "%s: released from hold" % self.q1])
+        [held] = logs.find("placed on hold")
+        self.assertEqual((held["log_namespace"], held["log_level"]), ("relaygw.qmgr", LogLevel.info))
+        self.assertEqual(self.hop_.lines.count("RCPT TO:<c@example.net>"), 1)  # (only the released one tried)
+        self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith(("held", "rel"))],
+                         [])
+
     def test_consoleScript(self):
         exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
 
@@ -376,7 +400,7 @@ class BulkAndRobustnessTests(unittest.TestCase):
     def test_flushSome(self):
         code, out, _ = runTool("--spool", self.dir, "flush", self.ids[2])
         self.assertEqual((code, out), (0, "flush requested for %s\n" % self.ids[2]))
-        self.assertEqual(self.spool.takeRequests(), (False, [self.ids[2]], []))
+        self.assertEqual(self.spool.takeRequests(), (False, [self.ids[2]], [], [], []))
 
     def test_anySpoolContent(self):
         """Garbage in every file and name: every command answers without a traceback."""

@@ -1281,7 +1281,7 @@ class JunkDirectoryTests(SpoolCase):
 class ReleaseMarkerTests(SpoolCase):
     """A release or deletion marker is for a message: one whose name names none is removed and does nothing."""
 
-    MARKERS = ("release.", "release..", "release...", "deleted.", "deleted..")
+    MARKERS = ("release.", "release..", "release...", "deleted.", "deleted..", "held.", "held..", "released...")
 
     def setUp(self):
         SpoolCase.setUp(self)
@@ -1289,8 +1289,29 @@ class ReleaseMarkerTests(SpoolCase):
             open(os.path.join(self.dir, name), "w").close()
 
     def test_taken(self):
-        self.assertEqual(self.spool.takeRequests(), (False, [], []))
-        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(("release.", "deleted."))], [])
+        self.assertEqual(self.spool.takeRequests(), (False, [], [], [], []))
+        self.assertEqual([name for name in os.listdir(self.dir) if name.startswith(("release", "deleted.", "held."))],
+                         [])
+
+    @defer.inlineCallbacks
+    def test_holdAndReleaseTold(self):
+        """
+        A hold and a release are told to the queue manager (for the mail
+        log), once each: a message held already is not held again; a
+        release is an attempt now as well, a flush of one message only that.
+        """
+        qid = yield self.commitContent(b"x\r\n")
+        other = yield self.commitContent(b"y\r\n")
+        self.assertTrue(self.spool.hold(qid))
+        self.assertTrue(self.spool.hold(qid))
+        self.spool.requestFlush(other)
+        requests = self.spool.takeRequests()
+        self.assertEqual((requests.flushAll, requests.flushed, requests.held, requests.released, requests.deleted),
+                         (False, [other], [qid], [], []))
+        self.assertTrue(self.spool.release(qid))
+        self.assertFalse(self.spool.release(qid))
+        self.assertEqual(self.spool.takeRequests(), (False, [], [], [qid], []))
+        self.assertEqual(self.spool.takeRequests(), (False, [], [], [], []))
 
     @defer.inlineCallbacks
     def test_areasLeftAlone(self):

@@ -117,20 +117,26 @@ class QueueManager(Service):
     def _poll(self):
         """
         Pick up requests from relaygw-queue: a flush retries everything, a
-        release one message, a deletion is logged and its retry forgotten;
-        clear stray hold markers.  Never raises.
+        release or a flush of one message tries it now; a hold and a release
+        are logged, a deletion is logged and its retry forgotten; clear
+        stray hold markers.  Never raises.
         """
         try:
-            flushAll, ids, deleted = self.spool.takeRequests()
+            requests = self.spool.takeRequests()
+            for qid in requests.held:
+                maillog.held(qid)
+            for qid in requests.released:
+                maillog.released(qid)
+            ids = requests.flushed + requests.released
             if ids:
                 self.router.revive()  # (a flush does too)
-            if flushAll:
+            if requests.flushAll:
                 log.info("flush requested")
                 self.flush()
             for qid in ids:
                 if self.spool.exists(qid):
                     self.enqueue(qid, forced=True)
-            for qid in deleted:
+            for qid in requests.deleted:
                 self.cancelRetry(qid)
                 maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
