@@ -182,11 +182,30 @@ class LookupNextHopsTests(unittest.TestCase):
     def test_namesForTLSVerification(self):
         """With names, each address carries the host its certificate must match."""
         hops = yield lookupNextHops(self.resolver, "Example.Test", withNames=True)
-        names = {ip: name for ip, port, name in hops}
+        names = {ip: name for ip, port, name, best in hops}
         self.assertEqual(names["198.51.100.7"], "mx.example.net")
         self.assertNotIn("example.test", names.values())
         implicit = yield lookupNextHops(self.resolver, "implicit.example.test", withNames=True)
-        self.assertEqual(implicit[0], ("192.0.2.10", 25, "implicit.example.test"))
+        self.assertEqual(implicit[0][:3], ("192.0.2.10", 25, "implicit.example.test"))
+
+    @defer.inlineCallbacks
+    def test_bestMX(self):
+        """
+        With names, each address says whether its host is of the best
+        preference left (Postfix's best MX), which decides whether a loop
+        through it bounces; every address of a domain without MX is.
+        """
+        hops = yield lookupNextHops(self.resolver, "Example.Test", withNames=True)
+        self.assertEqual([(ip, best) for ip, port, name, best in hops], [
+            ("192.0.2.1", True), ("2001:db8::1", True), ("192.0.2.2", False), ("198.51.100.7", False),
+            ("2001:db8::7", False)])
+        hops = yield lookupNextHops(self.resolver, "example.test", withNames=True, isSelf=lambda ip: ip == "192.0.2.2")
+        self.assertEqual([(ip, best) for ip, port, name, best in hops], [("192.0.2.1", True), ("2001:db8::1", True)])
+        hops = yield lookupNextHops(self.resolver, "example.test", withNames=True,
+                                    isSelf=lambda ip: ip == "2001:db8::7")
+        self.assertEqual([best for ip, port, name, best in hops], [True, True, False])
+        implicit = yield lookupNextHops(self.resolver, "implicit.example.test", withNames=True)
+        self.assertEqual([best for ip, port, name, best in implicit], [True, True])
 
     @defer.inlineCallbacks
     def test_implicitMX(self):
@@ -262,7 +281,7 @@ class LookupNextHopsTests(unittest.TestCase):
         the answer leads to its target's records.
         """
         hops = yield lookupNextHops(self.resolver, "wrongowner.hostile.test", withNames=True)
-        self.assertEqual(hops, [("192.0.2.66", 25, "mx2.example.test")])
+        self.assertEqual(hops, [("192.0.2.66", 25, "mx2.example.test", True)])
         hops = yield lookupNextHops(self.resolver, "alias.hostile.test")
         self.assertEqual(hops, [("192.0.2.2", 25)])
 
@@ -381,7 +400,7 @@ class LookupNextHopsTests(unittest.TestCase):
         mail bounced 5.1.2 as if the domain did not exist).
         """
         hops = yield lookupNextHops(_Recording(None), "[192.0.2.5]", withNames=True)
-        self.assertEqual(hops, [("192.0.2.5", 25, "192.0.2.5")])
+        self.assertEqual(hops, [("192.0.2.5", 25, "192.0.2.5", True)])
         hops = yield lookupNextHops(_Recording(None), "[IPv6:2001:DB8::5]")
         self.assertEqual(hops, [("2001:db8::5", 25)])
 

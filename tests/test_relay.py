@@ -16,6 +16,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from relaygw.logs import makeObserver
@@ -1909,6 +1910,115 @@ class MXLoopTests(RelayTestCase):
         self.assertEqual(len(envelopes), 1)
         self.assertEqual(sink.transactions, [])  # no bounce: it waits
         self.assertEqual(len(self.gw.service.spool.queueIds()), 1)
+
+
+class OwnNameLoopTests(RelayTestCase):
+    """
+    A next hop on port 25 that answers EHLO with the gateway's own hostname
+    is the gateway (a loop the address check cannot see: NAT, a wrong DNS
+    record, a second address), as Postfix's smtp_helo judges it: no mail
+    goes to it; when it is the best MX host (or a smarthost, or an implicit
+    MX) the mail bounces 554 5.4.6 at once, when a better host may take it
+    the mail is deferred 451 4.4.6; a warning names the host.
+    """
+
+    dns = MXTests.dns
+
+    @defer.inlineCallbacks
+    def loopingGateway(self, relay, looping):
+        """
+        A gateway named gw.example.test delivering by C{relay}, its bounces
+        to example.org going to a sink; C{looping} next hops answer EHLO
+        with that name.  Returns the sink and a L{LogCapture}.
+        """
+        for hop in looping:
+            hop.ehloReply = "250-GW.example.test Hello\n250 PIPELINING"
+        sink, sport = self.hop()
+        logs = LogCapture(self)
+        yield self.gateway(relay, listener={"hostname": "gw.example.test"},
+                           routes=[{"name": "senders", "domains": ["example.org"],
+                                    "smarthosts": ["[127.0.0.1]:%d" % sport]}])
+        return sink, logs
+
+    def deliveries(self, logs, rcpt):
+        return [formatEvent(e) for e in logs.events if e.get("event") == "delivery" and e.get("to") == rcpt]
+
+    @defer.inlineCallbacks
+    def assertBounced(self, sink, logs, rcpt, destination, hops):
+        yield self.until(lambda: sink.transactions and self.spoolEmpty(), timeout=30)
+        [block] = deliveryStatus(sink.transactions[0]["data"])[1:]
+        self.assertEqual(block["Status"], "5.4.6")
+        self.assertIn("mail for %s loops back to myself" % (destination,), block["Diagnostic-Code"])
+        [line] = self.deliveries(logs, rcpt)
+        self.assertTrue(line.endswith("dsn=5.4.6, status=bounced (554 5.4.6 mail for %s loops back to myself)"
+                                      % (destination,)), line)
+        self.assertTrue(logs.find("replied to HELO/EHLO with my own hostname", name="GW.example.test"))
+        for hop in hops:
+            self.assertNotIn("MAIL", hop.verbs())
+
+    @defer.inlineCallbacks
+    def test_bestMXAnswersWithOwnName(self):
+        """The best MX host answers with the gateway's name: bounced at once, the worse host not tried."""
+        from twisted.names import dns
+
+        best, address = MXTests.port25(self)
+        backup, backupAddress = MXTests.port25(self, exclude=[address])
+        dnsPort = self.dns([
+            ("loop.example", dns.MX, dns.Record_MX(10, b"mx.loop.example")),
+            ("loop.example", dns.MX, dns.Record_MX(20, b"backup.loop.example")),
+            ("mx.loop.example", dns.A, dns.Record_A(address)),
+            ("backup.loop.example", dns.A, dns.Record_A(backupAddress))])
+        sink, logs = yield self.loopingGateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort}, [best])
+        yield self.send(rcpts=("x@loop.example",))
+        yield self.assertBounced(sink, logs, "x@loop.example", "loop.example", [best])
+        self.assertEqual(backup.lines, [])
+
+    @defer.inlineCallbacks
+    def test_backupMXAnswersWithOwnName(self):
+        """
+        A worse MX host answers with the gateway's name (the best one is
+        down): the mail is deferred, not bounced, and waits for the best.
+        """
+        from twisted.names import dns
+
+        backup, address = MXTests.port25(self)
+        dead = MXTests.freeAddress(self, [address])
+        dnsPort = self.dns([
+            ("backup.example", dns.MX, dns.Record_MX(10, b"mx.backup.example")),
+            ("backup.example", dns.MX, dns.Record_MX(20, b"me.backup.example")),
+            ("mx.backup.example", dns.A, dns.Record_A(dead)),
+            ("me.backup.example", dns.A, dns.Record_A(address))])
+        sink, logs = yield self.loopingGateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort}, [backup])
+        yield self.send(rcpts=("x@backup.example",))
+        yield self.until(lambda: len(self.deliveries(logs, "x@backup.example")) >= 2, timeout=30)
+        for line in self.deliveries(logs, "x@backup.example"):
+            self.assertTrue(line.endswith("dsn=4.4.6, status=deferred (451 4.4.6 mail for backup.example loops "
+                                          "back to myself)"), line)
+        self.assertNotIn("MAIL", backup.verbs())
+        self.assertEqual(sink.transactions, [])  # no bounce: it waits
+        self.assertEqual(len(self.gw.service.spool.queueIds()), 1)
+
+    @defer.inlineCallbacks
+    def test_smarthostAnswersWithOwnName(self):
+        """A smarthost on port 25 answering with the gateway's name bounces, as Postfix's [relayhost] does."""
+        hop, address = MXTests.port25(self)
+        sink, logs = yield self.loopingGateway({"smarthosts": ["[%s]:25" % address]}, [hop])
+        yield self.send(rcpts=("x@example.net",))
+        yield self.assertBounced(sink, logs, "x@example.net", address, [hop])
+
+    @defer.inlineCallbacks
+    def test_otherNameDelivered(self):
+        """An MX host whose name only begins like the gateway's gets the mail."""
+        from twisted.names import dns
+
+        hop, address = MXTests.port25(self)
+        dnsPort = self.dns([("other.example", dns.A, dns.Record_A(address))])
+        sink, logs = yield self.loopingGateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort}, [])
+        hop.ehloReply = "250-gw.example.test.other.example\n250 PIPELINING"
+        yield self.send(rcpts=("x@other.example",))
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        self.assertEqual(hop.recipients(), ["x@other.example"])
+        self.assertEqual(logs.find("replied to HELO/EHLO with my own hostname"), [])
 
 
 class SilentDNS:

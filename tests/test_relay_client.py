@@ -9,12 +9,15 @@ from cryptography import x509
 from zope.interface import implementer
 
 from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet.error import CannotListenError
+from twisted.logger import formatEvent
 from twisted.mail import smtp
 from twisted.trial import unittest
 
 from relaygw.relay import body, client
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
 from relaygw.relay.nexthop import NOT_SENT, STOPPED
+from tests.recorders import LogCapture
 from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem
 
 CONTENT = (
@@ -1105,3 +1108,86 @@ class PlaintextCredentialTests(_DeliveryTestCase):
         results = yield deliver(reactor, "127.0.0.1", port, [self.message()],
                                 _options(tls="may", auth=("relay", PASSWORD)))
         self.assertNoCredentials(factory, results)
+
+
+class OwnNameTests(_DeliveryTestCase):
+    """
+    A next hop on port 25 whose reply to EHLO (or HELO) begins with one of
+    the gateway's own names is the gateway itself, as Postfix's smtp_helo
+    judges it against myhostname: no mail goes to it, and the mail "loops
+    back to myself", bounced (554 5.4.6) when that host is the best one for
+    the destination, deferred (451 4.4.6) when a better one may take it.
+    """
+
+    def listen25(self, factory):
+        """Listen on port 25 of some 127.0.0.x (the port Postfix checks); that address."""
+        for last in range(161, 181):
+            address = "127.0.0.%d" % last
+            try:
+                port = reactor.listenTCP(25, factory, interface=address)
+            except CannotListenError:
+                continue
+            self.addCleanup(port.stopListening)
+            return address
+        raise unittest.SkipTest("cannot listen on port 25 of any 127.0.0.161-180 address")
+
+    def send(self, address, port=25, **kw):
+        options = _options(ownNames=frozenset({"relay.example.net", "other.example.net"}), **kw)
+        return deliver(reactor, address, port, [self.message()], options)
+
+    @defer.inlineCallbacks
+    def test_bestHostBounces(self):
+        """The best host answers EHLO with an own name (in another case): 554 5.4.6, no MAIL, a warning."""
+        logs = LogCapture(self)
+        factory = _ScriptedFactory(ehloReply="250-Relay.Example.NET at your service\n250 PIPELINING")
+        address = self.listen25(factory)
+        results = yield self.send(address, destination="example.test")
+        result = results[0]["rcpt@example.test"]
+        self.assertEqual(result, RecipientResult(554, "5.4.6", "mail for example.test loops back to myself"))
+        self.assertTrue(result.permanent)
+        self.assertEqual(factory.verbs(), ["EHLO", "QUIT"])
+        [warning] = logs.find("replied to HELO/EHLO with my own hostname")
+        self.assertEqual(formatEvent(warning), "host %s:25 replied to HELO/EHLO with my own hostname Relay.Example.NET"
+                         % (address,))
+
+    @defer.inlineCallbacks
+    def test_worseHostDefers(self):
+        """A host that is not the best answers with an own name: 451 4.4.6, a better one may take the mail."""
+        factory = _ScriptedFactory(ehloReply="250 other.example.net")
+        address = self.listen25(factory)
+        results = yield self.send(address, destination="example.test", bestMX=False)
+        result = results[0]["rcpt@example.test"]
+        self.assertEqual(result, RecipientResult(451, "4.4.6", "mail for example.test loops back to myself"))
+        self.assertNotIn("MAIL", factory.verbs())
+
+    @defer.inlineCallbacks
+    def test_heloReply(self):
+        """After a refused EHLO, the HELO reply is judged the same; the mail is for the host connected to."""
+        factory = _ScriptedFactory(ehloReply="502 5.5.2 no ESMTP", replies={"HELO relay.example.net":
+                                                                            "250 relay.example.net"})
+        address = self.listen25(factory)
+        results = yield self.send(address)
+        self.assertEqual(results[0]["rcpt@example.test"],
+                         RecipientResult(554, "5.4.6", "mail for %s loops back to myself" % (address,)))
+        self.assertEqual(factory.verbs(), ["EHLO", "HELO", "QUIT"])
+
+    @defer.inlineCallbacks
+    def test_otherNameDelivered(self):
+        """Only the first word counts, whole: a host naming itself otherwise gets the mail."""
+        for reply in ("250-relay.example.net.example.org relay.example.net\n250 PIPELINING", "250 scripted.test"):
+            factory = _ScriptedFactory(ehloReply=reply)
+            address = self.listen25(factory)
+            results = yield self.send(address, destination="example.test")
+            self.assertTrue(results[0]["rcpt@example.test"].ok, results)
+            self.assertEqual(len(factory.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_otherPortNotJudged(self):
+        """
+        On another port than 25 the name is not judged, as Postfix does not:
+        there a content filter on the same machine answers with its name.
+        """
+        factory = _ScriptedFactory(ehloReply="250 relay.example.net")
+        results = yield self.send("127.0.0.1", self.listen(factory), destination="example.test")
+        self.assertTrue(results[0]["rcpt@example.test"].ok, results)
+        self.assertEqual(len(factory.messages), 1)

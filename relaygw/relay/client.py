@@ -85,6 +85,15 @@ class DeliveryOptions:
         XCLIENT (preferred) or XFORWARD when the next hop offers them.
     @ivar timeout: seconds to wait for each reply (twice that for the reply
         to an end of data) and for body progress.
+    @ivar ownNames: the gateway's own host names, lower case: a next hop on
+        port 25 answering EHLO/HELO with one of them is the gateway itself
+        (L{relaygw.relay.negotiation}).
+    @ivar destination: what the mail is for, in the outcome of such a loop
+        (C{"mail for DESTINATION loops back to myself"}): the recipient
+        domain of MX delivery (default: the host connected to).
+    @ivar bestMX: the host is of the destination's best MX preference, or
+        the only kind there is (a smarthost, a domain without MX): a loop
+        through it bounces, through a worse one it is deferred.
     """
 
     heloName: str
@@ -94,6 +103,9 @@ class DeliveryOptions:
     auth: Optional[tuple] = None
     forwardIdentity: bool = False
     timeout: float = 300
+    ownNames: frozenset = frozenset()
+    destination: Optional[str] = None
+    bestMX: bool = True
 
 
 class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):

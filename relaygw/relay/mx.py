@@ -21,7 +21,10 @@ most C{LOOKUP_SECONDS}.
 An MX host that is the gateway itself (an address one of its own port 25
 listeners accepts on, L{ownAddresses}) ends the list: it and every MX host
 of the same or a worse preference are left out, as Postfix does, and when
-that leaves none the mail "loops back to myself" (L{LoopsToSelf}).
+that leaves none the mail "loops back to myself" (L{LoopsToSelf}).  Each
+next hop also says whether its host is of the best preference left
+(Postfix's best MX): mail that loops through it (its EHLO reply names the
+gateway) bounces, through a worse one it is deferred.
 """
 
 import random
@@ -33,6 +36,7 @@ from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
+from relaygw.relay.nexthop import loopsBack
 from relaygw.trust import isEndpoint, parseIP
 
 log = Logger()
@@ -69,7 +73,15 @@ class NoSuchDomain(Exception):
 
 
 class LoopsToSelf(Exception):
-    """The domain's best MX host (or its own address) is the gateway itself."""
+    """
+    The domain's best MX host (or its own address) is the gateway itself.
+
+    @ivar result: the mail's outcome (L{loopsBack}).
+    """
+
+    def __init__(self, domain):
+        self.result = loopsBack(domain)
+        Exception.__init__(self, self.result.text)
 
 
 class TemporaryLookupFailure(Exception):
@@ -410,7 +422,7 @@ def _beforeSelf(addresses, preferences, isSelf, domain):
         return addresses
     kept = [(ip, host) for ip, host in addresses if preferences[host] < min(own)]
     if not kept:
-        raise LoopsToSelf("mail for %s loops back to myself" % (domain,))
+        raise LoopsToSelf(domain)
     log.info("{domain}: MX hosts of preference {preference} or worse left out: the gateway is one of them",
              domain=domain, preference=min(own))
     return kept
@@ -425,7 +437,8 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
     domain = _name(domain)
     address = _literal(domain)
     if address is not None:  # (its own next hop, as Postfix has it; no DNS name to ask about)
-        return _unique(_beforeSelf([(address, address)], {address: 0}, isSelf, domain))
+        preferences = {address: 0}
+        return _unique(_beforeSelf([(address, address)], preferences, isSelf, domain), preferences)
     try:
         answers, authority, additional = await resolver.lookupMailExchange(domain)
     except Exception:
@@ -441,7 +454,9 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
         if not addresses:
             raise NoSuchDomain("%s: no MX and no address records" % (domain,))
         log.debug("{domain}: implicit MX {addresses}", domain=domain, addresses=addresses)
-        return _unique(_beforeSelf([(ip, domain) for ip in addresses], {domain: 0}, isSelf, domain))[:MX_ADDRESS_LIMIT]
+        preferences = {domain: 0}
+        hops = _beforeSelf([(ip, domain) for ip in addresses], preferences, isSelf, domain)
+        return _unique(hops, preferences)[:MX_ADDRESS_LIMIT]
 
     mxs = _sortMX(mxs)
     hosts = [_name(rr.payload.name) for rr in mxs]
@@ -482,7 +497,7 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
             "4.4.3" if temporary else "4.4.4",
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
-    return _unique(_beforeSelf(addresses, preferences, isSelf, domain))[:MX_ADDRESS_LIMIT]
+    return _unique(_beforeSelf(addresses, preferences, isSelf, domain), preferences)[:MX_ADDRESS_LIMIT]
 
 
 def _settled(lookups, clock):
@@ -530,13 +545,16 @@ def _settled(lookups, clock):
     return done
 
 
-def _unique(addresses):
-    """C{(ip, 25, name)} tuples in order, each address once."""
-    seen, hops = set(), []
+def _unique(addresses, preferences):
+    """
+    C{(ip, 25, name, best)} tuples in order, each address once; C{best}:
+    its host (C{name}) is of the first one's preference (C{preferences}).
+    """
+    seen, hops, best = set(), [], preferences[addresses[0][1]]
     for ip, name in addresses:
         if ip not in seen:
             seen.add(ip)
-            hops.append((ip, SMTP_PORT, name))
+            hops.append((ip, SMTP_PORT, name, preferences[name] == best))
     return hops
 
 
@@ -551,10 +569,12 @@ def lookupNextHops(resolver, domain, withNames=False, clock=None, isSelf=_nobody
     @param resolver: a L{twisted.names} L{IResolver<twisted.internet.interfaces.IResolver>}.
     @param domain: the recipient domain (str).
     @param withNames: also give each address's host name (the MX host, or
-        the domain for an implicit MX), which TLS verification checks.
+        the domain for an implicit MX), which TLS verification checks, and
+        whether that host is of the best preference left (Postfix's best
+        MX; every host of a domain without MX is).
     @param isSelf: whether an address is the gateway's own (L{ownAddresses}).
     @return: a L{Deferred} firing with a list of C{(ip, 25)} tuples
-        (C{(ip, 25, name)} with C{withNames}), best first, or failing with
+        (C{(ip, 25, name, best)} with C{withNames}), best first, or failing with
         L{NullMX}, L{NoSuchDomain}, L{LoopsToSelf} (permanent) or L{TemporaryLookupFailure}
         (also after C{LOOKUP_SECONDS}).  Cancelling it ends the lookup.
     """

@@ -1,6 +1,7 @@
 """
-Opening a session with a next hop: connect, greeting, EHLO/HELO, STARTTLS
-(by the C{tls} policy) and AUTH.
+Opening a session with a next hop: connect, greeting, EHLO/HELO (and
+whether the next hop is the gateway itself), STARTTLS (by the C{tls}
+policy) and AUTH.
 """
 
 import base64
@@ -13,6 +14,8 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from relaygw import wire
 from relaygw.logs import Logger
 from relaygw.relay.clientwire import _extensions, _SessionFailure, _SMTPClientProtocol, _temporary
+from relaygw.relay.mx import SMTP_PORT
+from relaygw.relay.nexthop import loopsBack
 
 log = Logger(namespace="relaygw.relay.client")
 
@@ -57,15 +60,30 @@ class Negotiation:
         self.stage = "EHLO"
         reply = await self.proto.command("EHLO " + name)
         if reply.positive:
+            self._notMyself(reply)
             self.extensions = _extensions(reply)
             return
         if reply.code != 421:  # (any other refusal: the old protocol may do, as Postfix's client tries)
             self.stage = "HELO"
             reply = await self.proto.command("HELO " + name)
             if reply.positive:
+                self._notMyself(reply)
                 self.extensions = {}
                 return
         raise _SessionFailure(self._refused(reply, self.stage, permanentAllowed=True))
+
+    def _notMyself(self, reply):
+        """
+        A next hop on port 25 whose EHLO/HELO reply begins with one of the
+        gateway's own names is the gateway: the mail would loop (Postfix's
+        smtp_helo, against myhostname).  On another port it is no loop: a
+        content filter on the same machine may answer with the same name.
+        """
+        name = (reply.lines[0].split() or [""])[0]
+        if self.port != SMTP_PORT or name.lower() not in self.options.ownNames:
+            return
+        log.warn("host {where} replied to HELO/EHLO with my own hostname {name}", where=self.where, name=name)
+        raise _SessionFailure(loopsBack(self.options.destination or self.host, self.options.bestMX))
 
     def _tlsOptions(self):
         if self.options.tls != "verify":

@@ -56,6 +56,17 @@ def temporary(text):
     return Result(451, "4.4.0", text)
 
 
+def loopsBack(destination, best=True):
+    """
+    The outcome for mail to C{destination} that would come back to the
+    gateway, as Postfix's: bounced (554 5.4.6) when the host it would go
+    to is the best (or only) one, deferred (451 4.4.6) when a better host
+    may take it later.
+    """
+    text = "mail for %s loops back to myself" % (destination,)
+    return Result(554, "5.4.6", text) if best else Result(451, "4.4.6", text)
+
+
 #: The result for each recipient of a message whose content a next hop
 #: found withdrawn (L{relaygw.spoolapi.Withdrawn}) as it was about to send
 #: it: no attempt was made, on this host or any other.

@@ -15,11 +15,13 @@ from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
 
 
-def _options(hop, heloName):
+def _options(hop, heloName, ownNames, destination=None):
     from relaygw.relay.client import DeliveryOptions
 
     return DeliveryOptions(
         heloName=heloName,
+        ownNames=ownNames,
+        destination=destination,
         tls=hop.tls,
         tlsHostname=None,
         caFile=hop.tls_ca,
@@ -44,10 +46,12 @@ class HopSpec:
     MAX_CACHED = 1000
 
     def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None,
-                 isSelf=None):
+                 isSelf=None, ownNames=frozenset()):
         self.name = name
         #: Whether an MX host's address is the gateway's own (L{mx.ownAddresses}).
         self.isSelf = isSelf or mx.ownAddresses(())
+        #: The gateway's own host names (lower case): a next hop answering with one is the gateway.
+        self.ownNames = ownNames
         #: Connections to each of its next hops this process may open (its share of destination_concurrency).
         self.connections = hop.destination_concurrency if connections is None else connections
         self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
@@ -72,7 +76,7 @@ class HopSpec:
         if hop.smarthosts:
             if None not in self.cache:
                 hosts = [_config.parseHostPort(h) for h in hop.smarthosts]
-                options = _options(hop, self.heloName)
+                options = _options(hop, self.heloName, self.ownNames)
                 # tlsHostname stays None: each smarthost's certificate is
                 # verified against the name that smarthost was configured
                 # with (the host the client connects to), not the first one's.
@@ -84,7 +88,7 @@ class HopSpec:
             if domain not in self.cache:
                 if len(self.cache) >= self._sweepAt:
                     self._sweep()
-                options = _options(hop, self.heloName)
+                options = _options(hop, self.heloName, self.ownNames, domain)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 hosts = mxHosts(self.resolver(), domain, self.isSelf)
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, hosts, options, self.connections,
@@ -98,6 +102,14 @@ class HopSpec:
     def smtpHops(self):
         """The next hops built so far (SMTP destinations; the fallback is not cached)."""
         return list(self.cache.values())
+
+
+def ownHostnames(config):
+    """
+    The names the gateway's listeners greet and answer EHLO with (Postfix's
+    myhostname), lower case: a next hop answering with one is the gateway.
+    """
+    return frozenset(listener.hostname.lower() for listener in config.listeners)
 
 
 @implementer(IRouter)
@@ -115,12 +127,13 @@ class Router:
         self._resolver = None
         self.relay = relay
         isSelf = mx.ownAddresses([_config.endpointPort(listener.endpoint) for listener in config.listeners])
+        ownNames = ownHostnames(config)
         self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
                                deadFor=relay.retry_min, connections=share(relay.destination_concurrency),
-                               isSelf=isSelf)
+                               isSelf=isSelf, ownNames=ownNames)
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
                                    deadFor=relay.retry_min, connections=share(r.destination_concurrency),
-                                   isSelf=isSelf))
+                                   isSelf=isSelf, ownNames=ownNames))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):

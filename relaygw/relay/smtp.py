@@ -207,7 +207,7 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             result = Result(550, "5.1.2", "recipient domain does not exist")
             candidates = None
         except mx.LoopsToSelf as e:
-            result = Result(554, "5.4.6", str(e))
+            result = e.result
             candidates = None
         except mx.TemporaryLookupFailure as e:
             result = STOPPED if self.stopping else Result(451, e.enhanced, "next hop lookup failed: %s" % (e,))
@@ -233,8 +233,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             lastCandidate = n == len(candidates) - 1
             host, port = candidate[:2]
             options = self.options
-            if len(candidate) > 2:  # an MX host: TLS verification checks its name
-                options = dataclasses.replace(options, tlsHostname=candidate[2])
+            if len(candidate) > 2:  # an MX host: TLS checks its name; a loop bounces if it is a best one
+                options = dataclasses.replace(options, tlsHostname=candidate[2], bestMX=candidate[3])
             key = self._key(host, port, pending[0][1])
             still, notSent, carried = {}, set(), [pending]
 
