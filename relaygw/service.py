@@ -20,7 +20,7 @@ from relaygw.listeners import Listeners, NullMetrics
 from relaygw.logs import Logger
 from relaygw.relay.maildir import MaildirNextHop
 from relaygw.relay.queue import QueueManager
-from relaygw.relay.router import Router
+from relaygw.relay.router import Router, ownHostnames
 from relaygw.ringcommit import committer
 from relaygw.spool import Spool
 from relaygw.workers import WorkerRole, parentGone, sharedCPUs, twistdArgv
@@ -70,7 +70,8 @@ class Delivery:
         """The queue manager's settings and router for C{config}, reloaded over C{old} (nothing changes yet)."""
         relay = config.relay
         router = self.router
-        if (old.relay, old.routes, old.listeners[0].hostname) != (relay, config.routes, config.listeners[0].hostname):
+        before = (old.relay, old.routes, old.listeners[0].hostname, ownHostnames(old))
+        if before != (relay, config.routes, config.listeners[0].hostname, ownHostnames(config)):
             maildir = self.maildir
             if relay.maildir != old.relay.maildir:
                 maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)

@@ -273,6 +273,29 @@ class ListenerSetReloadTests(unittest.TestCase):
         self.assertEqual([l.name for l in gw.service.config.listeners], ["l0", "l1"])
         self.assertEqual((yield reload(base, dict(base, hostname="two.test"))), "two.test ESMTP relaygw")
 
+    @defer.inlineCallbacks
+    def test_hostnamesJudgedAfterAReload(self):
+        """
+        Every listener's hostname is one a next hop answering EHLO with is
+        the gateway (a loop): a reload renaming any listener, not only the
+        first, gives new deliveries next hops that know the new names.
+        """
+        base = {"relay_networks": ["127.0.0.0/8"], "endpoint": "tcp:0:interface=127.0.0.1"}
+        gw = Gateway(self.mktemp(), listeners=(base, dict(base, hostname="One.test")),
+                     relay={"smarthosts": ["[127.0.0.1]:25"]})
+        gw.service.configPath = gw.path
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        before = gw.service.queue.router
+        self.assertEqual(before.default.nextHop("example.net").options.ownNames, {"relay.test", "one.test"})
+        with open(gw.path, "w") as f:
+            f.write(configText(gw.directory, listeners=(base, dict(base, hostname="two.test")),
+                               relay={"smarthosts": ["[127.0.0.1]:25"]}))
+        gw.service.reload()
+        self.assertIsNot(gw.service.queue.router, before)
+        self.assertEqual(gw.service.queue.router.default.nextHop("example.net").options.ownNames,
+                         {"relay.test", "two.test"})
+
 
 class HeldBackListenerReloadTests(unittest.TestCase):
     """
