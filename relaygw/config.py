@@ -219,6 +219,22 @@ def _hostname(value):
     return checkHostname(value)
 
 
+def defaultHostname():
+    """
+    The machine's host name, as Postfix's myhostname defaults to it (with
+    C{.localdomain} when it has no dot), so that gateways on different
+    machines greet with different names (the outbound loop check compares
+    them); C{relaygw.localdomain} when it is no host name to put on the wire.
+    """
+    name = socket.gethostname().rstrip(".").lower()
+    if "." not in name:
+        name += ".localdomain"
+    try:
+        return checkHostname(name)
+    except Invalid:
+        return "relaygw.localdomain"
+
+
 def _smarthostHost(host):
     try:
         ipaddress.ip_address(host)
@@ -308,7 +324,7 @@ def _opt(default, kind, check=None, path=False):
 class ListenerConfig:
     name: str = _opt(None, str)
     endpoint: str = _opt(None, str, _endpoint)
-    hostname: str = _opt("relaygw.localdomain", str, _hostname)
+    hostname: str = _opt(defaultHostname(), str, _hostname)
     max_message_size: int = _opt(26214400, int, _nonNegative)
     max_recipients: int = _opt(100, int, _positive)
     hopcount_limit: int = _opt(50, int, _positive)

@@ -85,6 +85,19 @@ class ParseTests(unittest.TestCase):
         self.assertConfigError(MINIMAL + second, "relaygw.toml: listener[1].name: duplicate listener name 'in' "
                                                  "(expected a name of its own)")
 
+    def test_defaultHostnameIsTheMachines(self):
+        """
+        A listener greets with the machine's host name unless it says
+        otherwise, as Postfix's myhostname: with .localdomain when it has no
+        dot, and a fixed name when it is none that may go on the wire.
+        """
+        for machine, expected in (("vm", "vm.localdomain"), ("Mail.Example.NET.", "mail.example.net"),
+                                  ("bad_name", "relaygw.localdomain"), ("", "relaygw.localdomain")):
+            self.patch(config.socket, "gethostname", lambda machine=machine: machine)
+            self.assertEqual(config.defaultHostname(), expected)
+        self.assertEqual(config.parse(MINIMAL, "/x/relaygw.toml").listeners[0].hostname,
+                         config.ListenerConfig.hostname)
+
     def test_contractKeysAccepted(self):
         text = MINIMAL + (
             'hostname = "relaygw.localdomain"\nmax_message_size = 1\nmax_recipients = 1\n'
