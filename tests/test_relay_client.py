@@ -360,6 +360,43 @@ class DeliveryTests(_DeliveryTestCase):
         self.assertEqual(results[1]["c@example.test"], NOT_SENT)
         self.assertEqual(factory.messages, [])
 
+    def bigMessages(self):
+        """A message larger than the socket buffers can take at once, and a small one behind it."""
+        content = (b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n") * 4000
+        return [self.message(["a@example.test", "b@example.test"], content=content), self.message(["c@example.test"])]
+
+    @defer.inlineCallbacks
+    def test_refusedMidData(self):
+        """
+        A next hop that refuses the content before its end and closes the
+        connection: its reply is the message's outcome (a 5xx bounces, a
+        4xx defers, quoting it), not a lost connection; the next message
+        was not sent.
+        """
+        for reply, expected in [("552 5.3.4 message too big", RecipientResult(552, "5.3.4", "message too big")),
+                                ("451 4.3.0 try again later", RecipientResult(451, "4.3.0", "try again later"))]:
+            factory = _ScriptedFactory(bodyReply=reply)
+            port = self.listen(factory)
+            results = yield deliver(reactor, "127.0.0.1", port, self.bigMessages(), _options())
+            for rcpt in ("a@example.test", "b@example.test"):
+                self.assertEqual(results[0][rcpt], expected)
+                self.assertTrue(results[0][rcpt].reply)
+            self.assertEqual(results[1]["c@example.test"], NOT_SENT)
+            self.assertEqual(factory.messages, [])
+
+    @defer.inlineCallbacks
+    def test_acceptedMidData(self):
+        """
+        A 250 before the end of data answers nothing sent: a protocol
+        error, the message deferred, never taken as delivered.
+        """
+        factory = _ScriptedFactory(bodyReply="250 2.0.0 Ok: queued as 4ABC")
+        port = self.listen(factory)
+        results = yield deliver(reactor, "127.0.0.1", port, self.bigMessages(), _options())
+        for rcpt in ("a@example.test", "b@example.test"):
+            self.assertTemporary(results[0][rcpt], "protocol error", "not asked for")
+        self.assertEqual(results[1]["c@example.test"], NOT_SENT)
+
     @defer.inlineCallbacks
     def test_droppedAfterData(self):
         """A connection closed instead of the end-of-data reply is temporary too."""

@@ -5,7 +5,9 @@ L{_SMTPClientProtocol} is a line receiver that parses replies and hands
 them, in order, to whoever asked for them (so pipelined commands are just
 several requests for replies).  It counts the replies due, one per command
 sent: a reply read while none is due answers nothing, and ends the
-connection as a protocol violation.  It knows nothing about the conversation
+connection as a protocol violation, except a refusal (4xx, 5xx) read while
+the message body is going out: the next hop's early answer to the content,
+which ends the connection too.  It knows nothing about the conversation
 (L{relaygw.relay.client}), only lines, replies, time-outs and protocol
 violations.
 """
@@ -92,6 +94,9 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     @ivar lostReason: why the connection went away, once it has.
     @ivar timedOut: whether it went away because a reply took too long.
     @ivar violation: a description of a protocol violation, if one ended it.
+    @ivar early: the refusal (4xx, 5xx) the next hop sent while the body was
+        going out, before its end (as Postfix's client, which reads it once
+        the connection breaks), if one ended it.
     """
 
     delimiter = b"\n"
@@ -115,6 +120,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.lostReason = None
         self.timedOut = False
         self.violation = None
+        self.early = None
         self.tlsStarted = False
         self.tlsEstablished = False
         self._replies = deque()
@@ -250,8 +256,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     # Receiving
 
     def lineReceived(self, line):
-        if self.violation is not None:
-            return  # lines already read behind a violation are not replies
+        if self.violation is not None or self.early is not None:
+            return  # lines already read behind a violation or an early refusal are not replies
         line = line.rstrip(b"\r")
         code, separator, text = line[:3], line[3:4], line[4:]
         if (
@@ -270,12 +276,19 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._lines.append((code, text.decode("utf-8", "replace")))
         if separator == b"-":
             return
-        if not self._due:
+        if not self._due and not (self._sending and code[:1] in b"45"):
             self._violate("reply not asked for: %r" % (line[:100],))
             return
-        self._due -= 1
         reply = _Reply(int(code), tuple(text for _, text in self._lines))
         octets, self._lines, self._lineOctets = self._lineOctets + self.REPLY_COST, [], 0
+        if not self._due:
+            # The body is not all sent, and the next hop has refused it:
+            # what would follow would be read as commands.
+            log.info("{where}: {reply} before the end of data", where=self.where, reply=reply)
+            self.early = reply
+            self.abort()
+            return
+        self._due -= 1
         self.replyCount += 1
         self.lastCode = reply.code
         if TRACE:

@@ -68,7 +68,10 @@ class Settlement:
         return _temporary(text, "4" + enhanced[1:] if enhanced else "4.0.0")
 
     async def _describe(self, failure):
-        """A temporary result describing why the session broke down."""
+        """
+        The result describing why the session broke down: a temporary one,
+        or the next hop's refusal of the body before its end (the wire's C{early}).
+        """
         if self.cutResult is not None:  # (the connection was cut on purpose: the failure says nothing)
             if self.proto is not None:
                 await self.proto.closed
@@ -87,6 +90,8 @@ class Settlement:
         proto.abort()
         await proto.closed
         reason = proto.lostReason
+        if proto.early is not None:
+            return proto.early.result()
         if proto.timedOut:
             return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
         if proto.violation:

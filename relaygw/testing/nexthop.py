@@ -66,6 +66,11 @@ class ScriptedSMTPServer(LineReceiver):
         if self.dropped:
             return  # aborted: lines already buffered are not processed
         if self.inData:
+            if f.bodyReply is not None:  # (answered before the end of data, and closed)
+                self.dropped = True
+                self.reply(f.bodyReply)
+                self.transport.loseConnection()
+                return
             if f.drop == "body" and f.dropsLeft:
                 f.dropsLeft -= 1
                 self.dropped = True
@@ -181,6 +186,8 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         C{"end"} closes it instead of answering the final dot; C{"reused"}
         closes a connection that already carried a message at its next MAIL
         (C{drops} times).
+    @param bodyReply: a reply sent at the first line of a message's
+        content, before its end, the connection closed right after it.
     @param dropAtEndFor: a recipient whose messages get C{"end"}'s close.
     @param silentAtEndFor: a recipient whose messages' end of data is never
         answered (nor anything after it).
@@ -205,6 +212,7 @@ class ScriptedSMTPFactory(protocol.ServerFactory):
         self.endOfData = kw.pop("endOfData", "250 2.0.0 Ok: queued as 4ABC")  # (None: no reply)
         self.authReply = kw.pop("authReply", "235 2.7.0 Authentication successful")
         self.drop = kw.pop("drop", None)
+        self.bodyReply = kw.pop("bodyReply", None)
         self.dropAtEndFor = kw.pop("dropAtEndFor", None)
         self.silentAtEndFor = kw.pop("silentAtEndFor", None)
         self.perConnection = kw.pop("perConnection", None)
