@@ -770,6 +770,59 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertEqual(results[0]["a@example.test"].code, 421)
 
     @defer.inlineCallbacks
+    def test_421EndsTheConnection(self):
+        """
+        A 421 to the MAIL, a RCPT, the DATA or the end of data of a fresh
+        connection's first message says the next hop is closing the
+        connection (RFC 5321 3.8), even one that has not closed it yet:
+        that message is deferred with the reply, nothing more goes out on
+        the connection (no QUIT either), and the messages behind it were
+        not sent.
+        """
+        closing = "421 4.3.2 shutting down"
+        scripts = [{"replies": {"MAIL FROM:<first@example.net>": closing}}, {"rcpt": {"b@example.test": closing}},
+                   {"replies": {"DATA": closing}}, {"endOfData": closing}, {"mailLimit": 0}]
+        for extensions in (["PIPELINING"], []):
+            for script in scripts:
+                factory = _ScriptedFactory(extensions=extensions, **script)
+                port = self.listen(factory)
+                messages = [self.message(["a@example.test", "b@example.test"], mailfrom="first@example.net"),
+                            self.message(["c@example.test"]), self.message(["d@example.test"])]
+                results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+                for rcpt in ("a@example.test", "b@example.test"):
+                    self.assertEqual(results[0][rcpt], RecipientResult(421, "4.3.2", "shutting down") if
+                                     "mailLimit" not in script else
+                                     RecipientResult(421, "4.7.0", "too many messages on this connection"),
+                                     (extensions, script))
+                    self.assertTrue(results[0][rcpt].reply)
+                self.assertEqual([results[1]["c@example.test"], results[2]["d@example.test"]], [NOT_SENT] * 2)
+                ahead = extensions and "endOfData" in script  # (the next envelope went out before the reply)
+                self.assertEqual(factory.verbs().count("MAIL"), 2 if ahead else 1, (extensions, script))
+                self.assertNotIn("QUIT", factory.verbs())
+                self.assertEqual(len(factory.transactions), 1 if "endOfData" in script else 0)
+
+    @defer.inlineCallbacks
+    def test_421EndsAKeptConnection(self):
+        """
+        A 421 to a RCPT on a kept-open connection: that message is deferred
+        with the reply, the one behind it was not sent, and the connection
+        is not kept.
+        """
+        factory = _ScriptedFactory(extensions=["PIPELINING"], rcpt={"b@example.test": "421 4.3.2 shutting down"})
+        port = self.listen(factory)
+        conn = client.Connection(reactor, "127.0.0.1", port, _options())
+        results = yield defer.ensureDeferred(conn.carry([self.message(["a@example.test"])], keepOpen=True))
+        self.assertTrue(results[0]["a@example.test"].ok)
+        self.assertTrue(conn.usable)
+        results = yield defer.ensureDeferred(conn.carry([self.message(["b@example.test"]),
+                                                         self.message(["c@example.test"])], keepOpen=True))
+        self.assertEqual(results[0]["b@example.test"], RecipientResult(421, "4.3.2", "shutting down"))
+        self.assertEqual(results[1]["c@example.test"], NOT_SENT)
+        self.assertFalse(conn.usable)
+        self.assertEqual(factory.verbs().count("MAIL"), 2)
+        yield conn.proto.closed
+
+    @defer.inlineCallbacks
     def test_silentAfterEndOfData(self):
         """A next hop that never answers an end of data: that message times out, the next one is not sent."""
         factory = _ScriptedFactory(endOfData=None)

@@ -276,7 +276,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         current, proto = self.current, self.proto
         if current is not None and proto is not None:
             answered = proto.replyCount - self.currentFrom
-            if answered == 1 and self._doneCarrying(proto.lastCode):  # (with the envelope sent ahead)
+            if answered == 1 and self._doneCarrying(proto.last.code):  # (with the envelope sent ahead)
                 current -= 1  # (-1: a used connection that reached none)
             elif not answered:
                 current = current - 1 if current > 0 else None
@@ -326,7 +326,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         proto = self.proto
         if proto is None:
             return
-        if proto.lostReason is None:
+        if proto.lostReason is None and not (proto.last and proto.last.closing):  # (no one to say QUIT to)
             self.stage = "QUIT"
             try:
                 await proto.command("QUIT")

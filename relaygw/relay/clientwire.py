@@ -59,6 +59,11 @@ class _Reply:
         return 200 <= self.code < 300
 
     @property
+    def closing(self):
+        """A 421: the next hop is closing the connection (RFC 5321 3.8, 4.2.2)."""
+        return self.code == 421
+
+    @property
     def enhanced(self):
         m = _ENHANCED.match(self.lines[0])
         if m and m.group(1) == str(self.code)[0]:
@@ -132,7 +137,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._queuedOctets = 0
         self._due = 1  # (the greeting)
         self.replyCount = 0
-        self.lastCode = None
+        self.last = None  # (the last reply read)
 
     # Sending
 
@@ -290,7 +295,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
             return
         self._due -= 1
         self.replyCount += 1
-        self.lastCode = reply.code
+        self.last = reply
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:

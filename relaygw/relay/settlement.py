@@ -70,7 +70,8 @@ class Settlement:
     async def _describe(self, failure):
         """
         The result describing why the session broke down: a temporary one,
-        or the next hop's refusal of the body before its end (the wire's C{early}).
+        the next hop's refusal of the body before its end (the wire's
+        C{early}), or the 421 it said it was closing with.
         """
         if self.cutResult is not None:  # (the connection was cut on purpose: the failure says nothing)
             if self.proto is not None:
@@ -92,6 +93,8 @@ class Settlement:
         reason = proto.lostReason
         if proto.early is not None:
             return proto.early.result()
+        if proto.last and proto.last.closing:
+            return proto.last.result()
         if proto.timedOut:
             return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
         if proto.violation:

@@ -37,6 +37,18 @@ class Transaction:
         """
         return code == 421 and self.transactions > 0
 
+    @staticmethod
+    def _closing(*replies):
+        """
+        Stop at a 421 among C{replies}: the next hop is closing the
+        connection (RFC 5321 3.8), and nothing more goes out on it.  The
+        message under way is deferred with that reply, those behind it go
+        on another connection (L{relaygw.relay.client.Connection._brokenDown}).
+        """
+        for reply in replies:
+            if reply is not None and reply.closing:
+                raise _SessionFailure(reply.result())
+
     def _mailCommand(self, message, size):
         addresses = [message.mailfrom] + list(message.recipients)
         if any(c in address for address in addresses for c in "\r\n<>"):
@@ -119,9 +131,11 @@ class Transaction:
                 self.stage = "RCPT"
                 for rcpt in rcpts:
                     rcptReplies.append(await proto.command(rcpt))
+                    self._closing(rcptReplies[-1])
 
         if self._doneCarrying(mailReply.code):
             raise _SessionFailure(NOT_SENT)
+        self._closing(mailReply, *rcptReplies, dataReply)
         if not mailReply.positive:
             self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
             if dataReply is not None and dataReply.code == 354:
@@ -144,6 +158,7 @@ class Transaction:
         if dataReply is None:
             self.stage = "DATA"
             dataReply = await proto.command("DATA")
+            self._closing(dataReply)
         if dataReply.code != 354:
             self.needReset = True
             result = _outcome(dataReply, "DATA")
@@ -156,6 +171,7 @@ class Transaction:
         await proto.sendBody(body, self._envelopeAhead(index + 1))
         self.stage = "end of data"
         final = await proto.reply(self.options.timeout * self.END_OF_DATA_TIMEOUTS)
+        self._closing(final)
         self.transactions += 1
         self._settle(index, accepted, _outcome(final, "end of data"))
 
@@ -163,5 +179,5 @@ class Transaction:
         """The next hop said 354 with no valid recipient: end an empty DATA."""
         self.stage = "end of data"
         self.proto.send(".")
-        await self.proto.reply()
+        self._closing(await self.proto.reply())
         self.needReset = True
