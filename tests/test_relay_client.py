@@ -802,6 +802,30 @@ class PipeliningTests(_DeliveryTestCase):
                 self.assertEqual(len(factory.transactions), 1 if "endOfData" in script else 0)
 
     @defer.inlineCallbacks
+    def test_421BeforeTheTransaction(self):
+        """
+        A 421 to STARTTLS (with C{tls = "may"}, which goes on in plaintext
+        after another refusal) or to XFORWARD ends the connection too: the
+        message is deferred with the reply (after STARTTLS, every message),
+        nothing is sent in plaintext or for the next message, and no QUIT.
+        """
+        closing = "421 4.3.2 shutting down"
+        xforward = ("XFORWARD HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTPSA PORT=54321"
+                    " NAME=client.example.net ADDR=IPV6:2001:db8::5")
+        for extensions, line, options in ((["STARTTLS"], "STARTTLS", _options(tls="may")),
+                                          (["XFORWARD NAME ADDR PORT PROTO HELO"], xforward,
+                                           _options(forwardIdentity=True))):
+            factory = _ScriptedFactory(extensions=extensions, replies={line: closing})
+            port = self.listen(factory)
+            messages = [self.message(context=AuthAndForwardingTests.CONTEXT), self.message(["c@example.test"])]
+            results = yield deliver(reactor, "127.0.0.1", port, messages, options)
+            self.assertEqual(results[0]["rcpt@example.test"], RecipientResult(421, "4.3.2", "shutting down"))
+            # (before any message, as a refused greeting: each is told the reply)
+            self.assertEqual(results[1]["c@example.test"], NOT_SENT if line == xforward else
+                             RecipientResult(421, "4.3.2", "shutting down"))
+            self.assertEqual(factory.verbs(), ["EHLO", line.split()[0]])
+
+    @defer.inlineCallbacks
     def test_421EndsAKeptConnection(self):
         """
         A 421 to a RCPT on a kept-open connection: that message is deferred

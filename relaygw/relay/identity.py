@@ -127,5 +127,6 @@ class IdentityForwarding:
             self.stage = "XFORWARD"
             for line in _commandLines("XFORWARD", _identityAttributes(message.context, advertised, xclient=False)):
                 reply = await self.proto.command(line)
+                self._closing(reply)
                 if not reply.positive:
                     raise _MessageFailure(self._refused(reply, "XFORWARD"))

@@ -115,6 +115,7 @@ class Negotiation:
             raise _SessionFailure(_temporary("cannot set up TLS for %s: %s" % (self.where, e), "4.7.5"))
         self.stage = "STARTTLS"
         reply = await self.proto.command("STARTTLS")
+        self._closing(reply)
         if not reply.positive:
             if policy == "verify":
                 raise _SessionFailure(self._refused(reply, "STARTTLS"))

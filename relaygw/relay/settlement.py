@@ -10,7 +10,7 @@ from service_identity import VerificationError
 
 from relaygw.logs import Logger
 from relaygw.relay.body import _BodyInterrupted
-from relaygw.relay.clientwire import RecipientResult, _temporary
+from relaygw.relay.clientwire import RecipientResult, _SessionFailure, _temporary
 
 log = Logger(namespace="relaygw.relay.client")
 
@@ -54,6 +54,19 @@ class Settlement:
     def _settleAll(self, result):
         for index, message in enumerate(self.messages):
             self._settle(index, message.recipients, result)
+
+    @staticmethod
+    def _closing(*replies):
+        """
+        Stop at a 421 among C{replies}, whatever command it answers: the
+        next hop is closing the connection (RFC 5321 3.8), and nothing more
+        goes out on it.  The message under way is deferred with that reply,
+        those behind it go on another connection
+        (L{relaygw.relay.client.Connection._brokenDown}).
+        """
+        for reply in replies:
+            if reply is not None and reply.closing:
+                raise _SessionFailure(reply.result())
 
     def _refused(self, reply, what, permanentAllowed=False):
         """

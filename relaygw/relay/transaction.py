@@ -37,18 +37,6 @@ class Transaction:
         """
         return code == 421 and self.transactions > 0
 
-    @staticmethod
-    def _closing(*replies):
-        """
-        Stop at a 421 among C{replies}: the next hop is closing the
-        connection (RFC 5321 3.8), and nothing more goes out on it.  The
-        message under way is deferred with that reply, those behind it go
-        on another connection (L{relaygw.relay.client.Connection._brokenDown}).
-        """
-        for reply in replies:
-            if reply is not None and reply.closing:
-                raise _SessionFailure(reply.result())
-
     def _mailCommand(self, message, size):
         addresses = [message.mailfrom] + list(message.recipients)
         if any(c in address for address in addresses for c in "\r\n<>"):
