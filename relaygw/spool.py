@@ -341,17 +341,21 @@ def _stored(envelope, queueId):
     """
     The stored form of a new message's envelope (an L{Envelope}, or its
     stored form as a dict) and its L{Envelope}, which shares nothing with
-    the caller's.  The keys keep the order the queue file has always had.
+    the caller's.  The keys keep the order the queue file has always had
+    (C{rcpt_params} last, and only when there are any).
     """
     if isinstance(envelope, Envelope):
         stored = envelope.asDict()  # (a copy)
         del stored["size"]
+        if not stored["rcpt_params"]:  # (no DSN parameters: stored as before they were kept)
+            del stored["rcpt_params"]
         stored["queue_id"] = queueId
     else:
         stored = dict(envelope, queue_id=queueId)
     return stored, Envelope(mailfrom=stored["mailfrom"], recipients=stored["recipients"],
                             mail_params=stored.get("mail_params", {}), arrival=stored.get("arrival", 0.0),
-                            context=stored.get("context", {}), queue_id=queueId)
+                            context=stored.get("context", {}), queue_id=queueId,
+                            rcpt_params=stored.get("rcpt_params", {}))
 
 
 #: The envelope line starts with the content's size and CRC-32, written

@@ -56,6 +56,11 @@ class Envelope:
 
     @ivar size: the content's size in octets as it is sent onward (the
         Received header included); 0 until the content is complete.
+    @ivar rcpt_params: the DSN parameters (RFC 3461) given with RCPT, for
+        the recipients that had any: C{{recipient: {"NOTIFY": "SUCCESS,DELAY",
+        "ORCPT": "rfc822;a+2Bb@example.org"}}} (NOTIFY uppercased, ORCPT as
+        xtext).  Empty, and left out of the stored form, when none had any;
+        C{mail_params} holds MAIL's C{RET} and C{ENVID} (xtext) alike.
     """
 
     mailfrom: str
@@ -65,10 +70,12 @@ class Envelope:
     context: dict = dataclasses.field(default_factory=dict)
     queue_id: str = ""
     size: int = 0
+    rcpt_params: dict = dataclasses.field(default_factory=dict)
 
     #: (key, accepted types, required) of the stored form.
     _SHAPE = (("mailfrom", (str,), True), ("recipients", (list,), True), ("mail_params", (dict,), False),
-              ("arrival", (int, float), False), ("context", (dict,), False), ("queue_id", (str,), False))
+              ("arrival", (int, float), False), ("context", (dict,), False), ("queue_id", (str,), False),
+              ("rcpt_params", (dict,), False))
 
     @classmethod
     def fromDict(cls, stored):
@@ -83,6 +90,9 @@ class Envelope:
                 raise CorruptMessage("envelope %r has the wrong type" % (key,))
         if not stored["recipients"] or not all(isinstance(r, str) for r in stored["recipients"]):
             raise CorruptMessage("envelope recipients are not a list of addresses")
+        rcptParams = stored.get("rcpt_params", {})
+        if not all(isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in rcptParams.values()):
+            raise CorruptMessage("envelope rcpt_params are not parameters by recipient")
         size = stored.get("size", stored.get("body_size", 0))
         try:
             arrival = float(stored.get("arrival", 0.0))
@@ -93,7 +103,7 @@ class Envelope:
         return cls(mailfrom=stored["mailfrom"], recipients=list(stored["recipients"]),
                    mail_params=dict(stored.get("mail_params", {})), arrival=arrival,
                    context=dict(stored.get("context", {})), queue_id=stored.get("queue_id", ""),
-                   size=size if isinstance(size, int) else 0)
+                   size=size if isinstance(size, int) else 0, rcpt_params=dict(rcptParams))
 
     def asDict(self):
         """

@@ -3,6 +3,7 @@ The spool: grouped commits, recovery, and crash safety of a real twistd
 process killed mid-DATA and right after the 250.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from relaygw.durable import CommitJob, Committer
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import Result
 from relaygw.spool import Spool
-from relaygw.spoolapi import CorruptMessage, Withdrawn
+from relaygw.spoolapi import CorruptMessage, Envelope, Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 from tests.outside import OutsideFiles
 from tests.recorders import RecordingHop
@@ -129,6 +130,60 @@ class SpoolTests(SpoolCase):
         os.unlink(self.spool.path("queue", qid))  # the tool's delete, before the record lands
         yield self.spool.writeState(qid, {"rcpts": {"r@example.net": {"status": "deferred"}}})
         self.assertEqual(os.listdir(self.spool.path("state")), [])
+
+    #: A queue file as relaygw wrote it before DSN parameters were kept:
+    #: the envelope line (its CRC-32 over what follows the head) and content.
+    WRITTEN_BEFORE_DSN = (
+        b'{"body_size":                  22,"body_crc32":3048348511,"envelope_crc32":1871771768,'
+        b'"mailfrom":"a@example.org","recipients":["b@example.net"],"mail_params":{"SIZE":"20"},'
+        b'"arrival":1700000000.0,"context":{"connection":{}},"queue_id":"1A24CC1E522679F000001"}\n'
+        b"Subject: old\r\n\r\nbody\r\n")
+
+    def test_queueFileWrittenBeforeDSNLoads(self):
+        """A queue file written before DSN parameters were kept loads, checksums and all, without any."""
+        qid = "1A24CC1E522679F000001"
+        with open(self.spool.path("queue", qid), "wb") as f:
+            f.write(self.WRITTEN_BEFORE_DSN)
+        m = self.spool.load(qid)
+        self.assertEqual((m.mailfrom, m.recipients, m.envelope.mail_params), ("a@example.org", ["b@example.net"],
+                                                                              {"SIZE": "20"}))
+        self.assertEqual(m.envelope.rcpt_params, {})
+        self.assertEqual(m.size, 22)
+        with m.openForDelivery() as f:
+            self.assertEqual(f.read(), b"Subject: old\r\n\r\nbody\r\n")
+
+    @defer.inlineCallbacks
+    def test_dsnParametersKeptWithTheMessage(self):
+        """
+        RET and ENVID (with MAIL's parameters) and each recipient's NOTIFY
+        and ORCPT are written with the message and read back by another
+        spool on the same directory (a restart).
+        """
+        params = {"b@example.net": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;B+2Bx@example.net"}}
+        w = self.spool.newMessage(Envelope(mailfrom="a@example.org", recipients=["b@example.net", "c@example.net"],
+                                           mail_params={"RET": "HDRS", "ENVID": "id+2B1"}, rcpt_params=params))
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        again = Spool(self.dir, self.spool.committer)
+        m = again.load(qid)
+        self.assertEqual(m.envelope.mail_params, {"RET": "HDRS", "ENVID": "id+2B1"})
+        self.assertEqual(m.envelope.rcpt_params,
+                         {"b@example.net": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;B+2Bx@example.net"}})
+
+    @defer.inlineCallbacks
+    def test_envelopeWithoutDSNParametersAsBefore(self):
+        """Without DSN parameters the envelope line has the keys it always had: nothing more to write or read."""
+        w = self.spool.newMessage(Envelope(mailfrom="a@example.org", recipients=["b@example.net"]))
+        qid = yield w.commit()
+        with open(self.spool.path("queue", qid), "rb") as f:
+            stored = json.loads(f.readline())
+        self.assertEqual(list(stored), ["body_size", "body_crc32", "envelope_crc32", "mailfrom", "recipients",
+                                        "mail_params", "arrival", "context", "queue_id"])
+
+    def test_badDSNParametersAreCorrupt(self):
+        """Stored DSN parameters that are not parameters by recipient: the envelope is corrupt, not half read."""
+        with self.assertRaises(CorruptMessage):
+            Envelope.fromDict({"mailfrom": "", "recipients": ["b@example.net"], "rcpt_params": {"b@example.net": 1}})
 
     @defer.inlineCallbacks
     def test_stateRoundTrip(self):
