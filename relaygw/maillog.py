@@ -132,6 +132,12 @@ def bounce(qid, bounceId, sender):
               sender=sender)
 
 
+def success(qid, noticeId, sender):
+    """A success notice (RFC 3461 C{NOTIFY=SUCCESS}) for C{qid} was queued for its sender, as Postfix logs it."""
+    qmgr.info("{qid}: sender delivery status notification: {notice}", event="notice", qid=qid, notice=noticeId,
+              sender=sender)
+
+
 def removed(qid, operator=False):
     """C{qid} has left the queue: delivered or bounced, or (C{operator}) deleted with relaygw-queue."""
     qmgr.info("{qid}: removed" + (" (relaygw-queue delete)" if operator else ""), event="removed", qid=qid,

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
-from relaygw.relay.dsn import queueBounce
+from relaygw.relay.dsn import queueBounce, queueSuccess
 from relaygw.relay.nexthop import STOPPED, WAITED, Result, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
@@ -201,6 +201,12 @@ class Attempts:
             if d is None:
                 d = defer.succeed(None)
             d.addCallback(lambda written: self._bounce(message, recorded.bounces) if written is not False else None)
+        if message.envelope.rcpt_params:  # (DSN parameters: a recipient may have asked for a success notice)
+            done = {e.recipient: e.result for e in recorded.events if e.status == outcome.DONE and e.result.action}
+            if done:
+                # Before the message may leave the spool: the notice returns its headers.
+                d = (d or defer.succeed(None)).addCallback(
+                    lambda written: self._notifySuccess(message, done).addCallback(lambda _: written))
 
         def settle(written):
             if written is False:  # the provisional record is not durable: no bounce yet
@@ -290,3 +296,12 @@ class Attempts:
                 self.manager.enqueue(bounceId)
 
         return queueBounce(self.spool, message, failures, self.manager.hostname).addCallback(queued)
+
+    def _notifySuccess(self, message, done):
+        """Queue the success notice for those of C{done} that asked for one (L{queueSuccess}), and hand it on."""
+        def queued(noticeId):
+            if noticeId is not None:
+                maillog.success(message.queueId, noticeId, message.mailfrom)
+                self.manager.enqueue(noticeId)
+
+        return queueSuccess(self.spool, message, done, self.manager.hostname).addCallback(queued)

@@ -58,6 +58,10 @@ class OutboundMessage:
         (C{remote_ip}, C{remote_port}, C{remote_name}, C{ehlo_domain},
         C{protocol}, C{auth_user} are forwarded with XCLIENT/XFORWARD).
     @ivar size: the content size, or C{None} to take it from the file.
+    @ivar mailParams: the parameters MAIL was given (C{RET} and C{ENVID}
+        go on to a next hop that offers DSN), or C{None}.
+    @ivar rcptParams: C{{recipient: {"NOTIFY": ..., "ORCPT": ...}}} for the
+        recipients given DSN parameters (RFC 3461), or C{None} when none was.
     """
 
     mailfrom: str
@@ -67,6 +71,8 @@ class OutboundMessage:
     context: dict = field(default_factory=dict)
     size: Optional[int] = None
     openBody: Optional[Callable] = None
+    mailParams: Optional[dict] = None
+    rcptParams: Optional[dict] = None
 
 
 @dataclass

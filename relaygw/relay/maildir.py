@@ -77,7 +77,7 @@ class MaildirNextHop:
                             data=lambda: self._content(message, src))
             d = self.committer.commit(job)
             d.addBoth(lambda result: (src.close(), result)[1])
-            d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name)
+            d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name, action="delivered")
                                      for r in message.recipients})
             return d
 

@@ -29,6 +29,11 @@ class Result:
     #: The text is the next hop's own reply (at C{relay}), not one made up
     #: locally: a bounce quotes it as an SMTP diagnostic and names the MTA.
     reply: bool = field(default=False, compare=False)
+    #: For a success the gateway is the last to report (RFC 3461): the
+    #: Action of the success notice a recipient with C{NOTIFY=SUCCESS} gets,
+    #: C{"relayed"} (a next hop that offers no DSN took it) or
+    #: C{"delivered"} (a Maildir); C{None}: any notice is the next hop's.
+    action: object = field(default=None, compare=False)
 
     @property
     def ok(self):
@@ -47,7 +52,13 @@ class Result:
 
     def located(self, relay, setup, transmit):
         """This outcome with where it came from and how long it took (no C{dataclasses.replace}: once per reply)."""
-        return Result(self.code, self.enhanced, self.text, relay, setup, transmit, self.untried, self.reply)
+        return Result(self.code, self.enhanced, self.text, relay, setup, transmit, self.untried, self.reply,
+                      self.action)
+
+    def withAction(self, action):
+        """This outcome, with the C{action} of the success notice the gateway owes (see L{action})."""
+        return Result(self.code, self.enhanced, self.text, self.relay, self.setup, self.transmit, self.untried,
+                      self.reply, action)
 
     __str__ = describe
 

@@ -41,6 +41,8 @@ def outbound(message):
         openBody=message.openForDelivery,
         context=message.context,
         size=message.size,
+        mailParams=message.envelope.mail_params,
+        rcptParams=message.envelope.rcpt_params or None,
     )
 
 

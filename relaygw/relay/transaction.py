@@ -13,8 +13,19 @@ from relaygw.relay.nexthop import NOT_SENT
 _SIZE_LIMIT = re.compile(r"[0-9]{1,20}\Z")
 
 
-def _rcptCommands(message):
-    return ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+def _rcptCommands(message, dsn):
+    """
+    The RCPT commands of C{message}; to a next hop that offers DSN
+    (C{dsn}), with each recipient's NOTIFY and ORCPT (RFC 3461), as given.
+    """
+    if not (dsn and message.rcptParams):
+        return ["RCPT TO:<%s>" % (recipient,) for recipient in message.recipients]
+    commands = []
+    for recipient in message.recipients:
+        params = message.rcptParams.get(recipient, {})
+        words = ["%s=%s" % (key, params[key]) for key in ("NOTIFY", "ORCPT") if key in params]
+        commands.append(" ".join(["RCPT TO:<%s>" % (recipient,)] + words))
+    return commands
 
 
 class Transaction:
@@ -61,6 +72,9 @@ class Transaction:
                     RecipientResult(553, "5.6.7", "%s does not support SMTPUTF8 addresses" % (self.where,))
                 )
             parameters.append("SMTPUTF8")
+        if "DSN" in self.extensions and message.mailParams:
+            parameters.extend("%s=%s" % (key, message.mailParams[key]) for key in ("RET", "ENVID")
+                              if key in message.mailParams)
         return " ".join(["MAIL FROM:<%s>" % (message.mailfrom,)] + parameters)
 
     def _envelopeAhead(self, index):
@@ -87,7 +101,7 @@ class Transaction:
             body.close()
             return ()
         self.ahead = (body, size)
-        return (mail, *_rcptCommands(message), "DATA")
+        return (mail, *_rcptCommands(message, "DSN" in self.extensions), "DATA")
 
     async def _send(self, index, message, body, size, sent=False):
         """
@@ -95,7 +109,7 @@ class Transaction:
         previous message (L{_envelopeAhead}).
         """
         proto = self.proto
-        rcpts = _rcptCommands(message)
+        rcpts = _rcptCommands(message, "DSN" in self.extensions)
         if not sent:
             if self.needReset:
                 self.stage = "RSET"
@@ -161,7 +175,11 @@ class Transaction:
         final = await proto.reply(self.options.timeout * self.END_OF_DATA_TIMEOUTS)
         self._closing(final)
         self.transactions += 1
-        self._settle(index, accepted, _outcome(final, "end of data"))
+        result = _outcome(final, "end of data")
+        if result.ok and message.rcptParams and "DSN" not in self.extensions:
+            # Postfix's "relayed": no one further on will tell a sender who asked that it arrived.
+            result = result.withAction("relayed")
+        self._settle(index, accepted, result)
 
     async def _abandonData(self):
         """The next hop said 354 with no valid recipient: end an empty DATA."""
