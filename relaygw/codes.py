@@ -182,6 +182,8 @@ BAD_PARAMETER = _r(555, "5.5.4", "Unsupported option: {param}")
 SIZE_SYNTAX = _r(501, "5.5.4", "Bad SIZE parameter")
 MESSAGE_TOO_BIG_DECLARED = _r(552, "5.3.4", "Message size exceeds fixed limit")
 NO_ROOM = _r(452, "4.3.1", "Insufficient system storage")
+RET_SYNTAX = _r(501, "5.5.4", "Bad RET parameter syntax")
+ENVID_SYNTAX = _r(501, "5.5.4", "Bad ENVID parameter syntax")
 
 # RCPT
 RECIPIENT_OK = _r(250, "2.1.5", "Ok")
@@ -189,6 +191,8 @@ NEED_MAIL = _r(503, "5.5.1", "Error: need MAIL command")
 BAD_RECIPIENT = _r(501, "5.1.3", "Bad recipient address syntax")
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "Error: too many recipients")
 RELAY_DENIED = _r(554, "5.7.1", "<{rcpt}>: Relay access denied")
+NOTIFY_SYNTAX = _r(501, "5.5.4", "Bad NOTIFY parameter syntax")
+ORCPT_SYNTAX = _r(501, "5.5.4", "Bad ORCPT parameter syntax")
 
 # DATA
 START_DATA = _r(354, None, "End data with <CR><LF>.<CR><LF>")

@@ -7,7 +7,7 @@ Each failure carries the reply the protocol should send.
 import ipaddress
 import re
 
-from relaygw import codes
+from relaygw import codes, xtext
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_STRING = r"%s(?:\.%s)*" % (_ATOM, _ATOM)
@@ -21,6 +21,13 @@ _GENERAL_LITERAL = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?):([\x
 _MAILBOX = re.compile(r"^(%s|%s)@(%s|%s)$" % (_DOT_STRING, _QUOTED, _DOMAIN, _LITERAL))
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
+_ADDRESS_TYPE = re.compile(r"^%s\Z" % _ATOM)
+
+#: RFC 3461's limits on ENVID (section 4.4) and ORCPT (section 4.2), as sent (xtext).
+MAX_ENVID = 100
+MAX_ORCPT = 500
+#: NOTIFY's words (RFC 3461 section 4.1) in the order they are kept and sent on.
+_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
 
 
 class CommandError(Exception):
@@ -131,10 +138,48 @@ def parseParams(words):
     return params
 
 
+def _xtext(value, limit, refusal):
+    """
+    A DSN parameter's xtext, checked as Postfix does (each octet decoded
+    printable ASCII) and at most C{limit} characters: its canonical form
+    (uppercase escapes, each octet that needs one escaped), which is what
+    is kept and sent on; else C{refusal}.
+    """
+    if value is None or len(value) > limit:
+        raise CommandError(refusal)
+    try:
+        decoded = xtext.decode(value)
+    except xtext.XtextError:
+        raise CommandError(refusal)
+    if not all(0x20 <= b <= 0x7E for b in decoded):
+        raise CommandError(refusal)
+    return xtext.encode(decoded)
+
+
+def parseNotify(value):
+    """RCPT's NOTIFY (RFC 3461 section 4.1): C{NEVER}, or SUCCESS, FAILURE, DELAY in order, comma-separated."""
+    words = (value or "").upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not all(word in _NOTIFY for word in words):
+        raise CommandError(codes.NOTIFY_SYNTAX)
+    return ",".join(word for word in _NOTIFY if word in words)
+
+
+def parseOrcpt(value):
+    """RCPT's ORCPT (RFC 3461 section 4.2): C{addr-type;xtext}, the xtext in its canonical form."""
+    kind, semicolon, address = (value or "").partition(";")
+    if not semicolon or not address or not _ADDRESS_TYPE.match(kind) or len(value) > MAX_ORCPT:
+        raise CommandError(codes.ORCPT_SYNTAX)
+    return "%s;%s" % (kind, _xtext(address, MAX_ORCPT, codes.ORCPT_SYNTAX))
+
+
 def parseMail(args, maxSize):
     """
     C{MAIL} arguments -> C{(address, params)}.  Knows SIZE (RFC 1870),
-    BODY (RFC 6152) and AUTH (RFC 4954); anything else is 555 5.5.4.
+    BODY (RFC 6152), AUTH (RFC 4954), and RET and ENVID (RFC 3461, their
+    values kept uppercased and as canonical xtext); anything else is
+    555 5.5.4.
     """
     path, words = _split(args, "FROM:")
     address = parsePath(path, codes.BAD_SENDER, allowEmpty=True)
@@ -151,18 +196,33 @@ def parseMail(args, maxSize):
         elif key == "AUTH":
             if value is None:
                 raise CommandError(codes.SYNTAX.format(what="AUTH=<mailbox>"))
+        elif key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                raise CommandError(codes.RET_SYNTAX)
+            params[key] = value.upper()
+        elif key == "ENVID":
+            params[key] = _xtext(value, MAX_ENVID, codes.ENVID_SYNTAX)
         else:
             raise CommandError(codes.BAD_PARAMETER.format(param=key))
     return address, params
 
 
 def parseRcpt(args):
-    """C{RCPT} arguments -> C{(address, params)}; no RCPT parameters are offered."""
+    """
+    C{RCPT} arguments -> C{(address, params)}.  Knows NOTIFY and ORCPT
+    (RFC 3461; kept as L{parseNotify} and L{parseOrcpt} give them);
+    anything else is 555 5.5.4.
+    """
     path, words = _split(args, "TO:")
     address = parsePath(path, codes.BAD_RECIPIENT, allowPostmaster=True)
     params = parseParams(words)
-    for key in params:
-        raise CommandError(codes.BAD_PARAMETER.format(param=key))
+    for key, value in params.items():
+        if key == "NOTIFY":
+            params[key] = parseNotify(value)
+        elif key == "ORCPT":
+            params[key] = parseOrcpt(value)
+        else:
+            raise CommandError(codes.BAD_PARAMETER.format(param=key))
     return address, params
 
 

@@ -29,6 +29,7 @@ class Hello:
             ext["AUTH"] = "PLAIN LOGIN"
         ext["ENHANCEDSTATUSCODES"] = None
         ext["8BITMIME"] = None
+        ext["DSN"] = None
         if self.trusted:
             for name in self.listener.extensions:
                 ext[name.upper()] = self.factory.verbs[name.upper()].keyword

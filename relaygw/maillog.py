@@ -9,6 +9,7 @@ Postfix's maillog, each carrying the queue id where there is one.
     closed       [S] timeout|shutting down|lost connection after VERB from NAME[IP]
     delivery     QID: to=<..>, relay=HOST[IP]:PORT, delay=T, delays=a/b/c/d, dsn=X.Y.Z, status=sent (REPLY)
     bounce       QID: sender non-delivery notification: BOUNCE-QID
+    notice       QID: sender delivery status notification: NOTICE-QID
     removed      QID: removed, or QID: removed (relaygw-queue delete)
     held         QID: placed on hold
     released     QID: released from hold

@@ -30,10 +30,16 @@ class MailTransaction:
     def inTransaction(self):
         return self.mailfrom is not None
 
+    #: C{{recipient: {"NOTIFY": ..., "ORCPT": ...}}} of this transaction's
+    #: recipients given DSN parameters (RFC 3461); C{None} while none was.
+    rcptParams = None
+
     def resetTransaction(self):
         self.mailfrom = None
         self.mailParams = None
         self.rcpts = []
+        if self.rcptParams is not None:
+            self.rcptParams = None
         if self.excessRecipients:
             self.excessRecipients = 0
         self.context.endMessage()
@@ -71,7 +77,7 @@ class MailTransaction:
         if not self.inTransaction:
             return self.reply(codes.NEED_MAIL)
         try:
-            address, _ = parseRcpt(args)
+            address, params = parseRcpt(args)
         except CommandError as e:
             return self.reply(e.reply)
         if len(self.rcpts) >= self.listener.max_recipients:
@@ -85,6 +91,10 @@ class MailTransaction:
             if address not in self.rcpts:  # (a recipient given twice gets the message once, as Postfix's cleanup does)
                 self.rcpts.append(address)
                 self.context.addRecipient(address)
+                if params:  # (its first RCPT's DSN parameters count)
+                    if self.rcptParams is None:
+                        self.rcptParams = {}
+                    self.rcptParams[address] = params
             return self.reply(codes.RECIPIENT_OK)
 
         return self._ask(self.settings.policy.rcpt(self.context, address), answer)
@@ -99,6 +109,8 @@ class MailTransaction:
         envelope = Envelope(mailfrom=self.mailfrom, recipients=list(self.rcpts),
                             mail_params=dict(self.mailParams or {}), arrival=time.time(),
                             context=self.context.snapshot())
+        if self.rcptParams is not None:
+            envelope.rcpt_params = self.rcptParams
         try:
             self.writer = self.factory.sink.begin(envelope, self.context, self.listener)
         except OSError as e:

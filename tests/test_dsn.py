@@ -1,15 +1,24 @@
-"""Tests for L{relaygw.relay.dsn}: the bounce's returned header section."""
+"""
+DSN (RFC 3461, 3464): the parameters taken with MAIL and RCPT over a
+socket, kept in the queue, passed on or honoured by the gateway's own
+reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
+"""
 
 import email
 import email.policy
 import io
+import smtplib
 
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
 from relaygw.spoolapi import Envelope
+from relaygw.testing import Gateway, freePort, inThread
+from tests.relaysetup import FAST, RelayTestCase, deliveryStatus
+from tests.sessions import GatewayTestCase
 
 
 class _Spooled:
@@ -189,3 +198,204 @@ class WantedTests(unittest.TestCase):
     def test_successTheNextHopReports(self):
         """A success whose next hop offered DSN (no action for the gateway): not the gateway's to report."""
         self.assertEqual(self.results("SUCCESS", action=None)[1], {})
+
+
+class InboundTests(GatewayTestCase):
+    """RFC 3461's parameters over a socket: offered, accepted, each bad value refused as Postfix does."""
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def expect(self, c, line, code, text=None):
+        got, lines = c.cmd(line)
+        self.assertEqual(got, code, (line, lines))
+        if text is not None:
+            self.assertEqual(lines[0], text, line)
+        return lines
+
+    def test_offered(self):
+        """EHLO lists DSN; smtplib sees it."""
+        def run():
+            s = smtplib.SMTP("127.0.0.1", self.gw.port, timeout=10)
+            try:
+                s.ehlo("client.example")
+                return s.has_extn("dsn")
+            finally:
+                s.quit()
+
+        return inThread(run).addCallback(self.assertTrue)
+
+    def test_mailParameters(self):
+        """RET=FULL|HDRS (any case), ENVID of xtext up to 100 characters; bad values refused 501 5.5.4."""
+        def run(c):
+            c.cmd("EHLO x")
+            for good in ("RET=FULL", "RET=hdrs", "ENVID=QID+2B1", "ENVID=" + "e" * 100, "RET=HDRS ENVID=a+2b"):
+                self.expect(c, "MAIL FROM:<a@example.org> " + good, 250)
+                self.expect(c, "RSET", 250)
+            for bad in ("RET=ALL", "RET", "RET=FULL,HDRS"):
+                self.expect(c, "MAIL FROM:<a@example.org> " + bad, 501, "5.5.4 Bad RET parameter syntax")
+            for bad in ("ENVID", "ENVID=a+zz", "ENVID=a+", "ENVID=a+0Ab", "ENVID=a+00", "ENVID=" + "e" * 101):
+                self.expect(c, "MAIL FROM:<a@example.org> " + bad, 501, "5.5.4 Bad ENVID parameter syntax")
+            self.expect(c, "MAIL FROM:<a@example.org> RET=FULL RET=HDRS", 501)
+            self.expect(c, "MAIL FROM:<a@example.org> RET=", 501)
+            self.expect(c, "MAIL FROM:<a@example.org> BY=120;R", 555, "5.5.4 Unsupported option: BY")
+
+        return self.session(run)
+
+    def test_rcptParameters(self):
+        """NOTIFY=NEVER or a list of SUCCESS, FAILURE, DELAY; ORCPT=addr-type;xtext; bad values 501 5.5.4."""
+        def run(c):
+            c.cmd("EHLO x")
+            self.expect(c, "MAIL FROM:<a@example.org>", 250)
+            for n, good in enumerate(("NOTIFY=NEVER", "NOTIFY=success,FAILURE,DELAY", "NOTIFY=DELAY",
+                                      "ORCPT=rfc822;b+2Bx@example.net", "NOTIFY=FAILURE ORCPT=RFC822;b@example.net")):
+                self.expect(c, "RCPT TO:<b%d@example.net> %s" % (n, good), 250, "2.1.5 Ok")
+            for bad in ("NOTIFY", "NOTIFY=NEVER,SUCCESS", "NOTIFY=SUCCESS,,FAILURE", "NOTIFY=ALWAYS", "NOTIFY=,"):
+                self.expect(c, "RCPT TO:<c@example.net> " + bad, 501, "5.5.4 Bad NOTIFY parameter syntax")
+            for bad in ("ORCPT", "ORCPT=b@example.net", "ORCPT=;b@example.net", "ORCPT=rfc822;", "ORCPT=rfc822;b+0A",
+                        "ORCPT=rfc822;b+zz", "ORCPT=rfc822;" + "b" * 494, "ORCPT=rfc(822);b@example.net"):
+                self.expect(c, "RCPT TO:<c@example.net> " + bad, 501, "5.5.4 Bad ORCPT parameter syntax")
+            self.expect(c, "RCPT TO:<c@example.net> NOTIFY=NEVER NOTIFY=NEVER", 501)
+            self.expect(c, "RCPT TO:<c@example.net> FOO=1", 555, "5.5.4 Unsupported option: FOO")
+            self.expect(c, "RCPT TO:<c@example.net> RET=FULL", 555, "5.5.4 Unsupported option: RET")
+
+        return self.session(run)
+
+
+def _sendWithDSN(port, rcpts, mail_options=("RET=HDRS", "ENVID=QID+2B1"), content=None):
+    """One message through smtplib with DSN parameters: C{rcpts} maps recipient -> its RCPT options."""
+    s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    try:
+        s.ehlo("client.example")
+        s.mail("a@example.org", list(mail_options))
+        for rcpt, options in rcpts.items():
+            code, text = s.rcpt(rcpt, list(options))
+            assert code == 250, (rcpt, code, text)
+        code, text = s.data(content or b"Subject: dsn\r\n\r\nthe body\r\n")
+        assert code == 250, (code, text)
+    finally:
+        s.quit()
+
+
+class RelayedTests(RelayTestCase):
+    """What the parameters do on the way out: passed on, or honoured by the gateway's own reports."""
+
+    def send(self, rcpts, **kw):
+        return inThread(_sendWithDSN, self.gw.port, rcpts, **kw)
+
+    @defer.inlineCallbacks
+    def test_passedOnWhenOffered(self):
+        """A next hop that offers DSN gets NOTIFY, ORCPT, RET and ENVID as xtext, and the gateway reports nothing."""
+        hop, port = self.hop(extensions=["PIPELINING", "DSN"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"b@example.net": ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;B+2Bx@example.net"],
+                         "c@example.net": []}, mail_options=["RET=hdrs", "ENVID=QID+2b1"])
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        self.assertIn("MAIL FROM:<a@example.org> RET=HDRS ENVID=QID+2B1", hop.lines)
+        self.assertIn("RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B+2Bx@example.net", hop.lines)
+        self.assertIn("RCPT TO:<c@example.net>", hop.lines)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(hop.transactions), 1)  # (no success notice: the next hop's to send)
+
+    @defer.inlineCallbacks
+    def test_relayedNoticeWhenNotOffered(self):
+        """
+        A next hop without DSN gets none of the parameters; a recipient that
+        asked for NOTIFY=SUCCESS gets a success notice, Action relayed, as
+        Postfix sends one, with the ENVID and ORCPT given; the others none.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"b@example.net": ["NOTIFY=SUCCESS", "ORCPT=rfc822;B+2Bx@example.net"],
+                         "c@example.net": ["NOTIFY=FAILURE"], "d@example.net": []})
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
+        self.assertIn("MAIL FROM:<a@example.org>", hop.lines)
+        self.assertIn("RCPT TO:<b@example.net>", hop.lines)
+        self.assertFalse([line for line in hop.lines if "NOTIFY" in line or "RET=" in line], hop.lines)
+        notice = hop.transactions[1]
+        self.assertEqual((notice["mailfrom"], notice["rcpts"]), ("", ["a@example.org"]))
+        self.assertIn(b"Subject: Successful Mail Delivery Report\r\n", notice["data"])
+        blocks = deliveryStatus(notice["data"])
+        self.assertEqual(blocks[0]["Original-Envelope-Id"], "QID+1")
+        self.assertEqual(len(blocks), 2, blocks)
+        self.assertEqual(blocks[1]["Final-Recipient"], "rfc822; b@example.net")
+        self.assertEqual(blocks[1]["Original-Recipient"], "rfc822;B+x@example.net")
+        self.assertEqual((blocks[1]["Action"], blocks[1]["Status"]), ("relayed", "2.0.0"))
+        self.assertEqual(blocks[1]["Remote-MTA"], "dns; 127.0.0.1")
+        self.assertNotIn(b"the body", notice["data"])
+
+    @defer.inlineCallbacks
+    def test_notifyDecidesTheBounce(self):
+        """
+        Failed for good: NOTIFY=NEVER, or a NOTIFY without FAILURE, is not
+        bounced; NOTIFY=FAILURE and no NOTIFY are, in one bounce.
+        """
+        refused = "550 5.1.1 no such user"
+        hop, port = self.hop(rcpt={r: refused for r in ("never@example.net", "success@example.net",
+                                                        "failure@example.net", "plain@example.net")})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"never@example.net": ["NOTIFY=NEVER"], "success@example.net": ["NOTIFY=SUCCESS,DELAY"],
+                         "failure@example.net": ["NOTIFY=FAILURE"], "plain@example.net": []})
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        blocks = deliveryStatus(bounce["data"])
+        self.assertEqual([b["Final-Recipient"] for b in blocks[1:]],
+                         ["rfc822; failure@example.net", "rfc822; plain@example.net"])
+        self.assertEqual(blocks[0]["Original-Envelope-Id"], "QID+1")
+
+    @defer.inlineCallbacks
+    def test_neverBouncedAtAll(self):
+        """Every failed recipient asked for NOTIFY=NEVER: no bounce, and the message leaves the queue."""
+        hop, port = self.hop(rcpt={"never@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"never@example.net": ["NOTIFY=NEVER"]})
+        yield self.until(self.spoolEmpty)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(hop.transactions, [])
+        self.assertIn("RCPT TO:<never@example.net>", hop.lines)
+
+    @defer.inlineCallbacks
+    def test_retFullReturnsTheMessage(self):
+        """RET=FULL: the bounce returns the whole message (message/rfc822), body and all."""
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"bad@example.net": []}, mail_options=["RET=FULL"])
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        self.assertIn(b"Content-Type: message/rfc822\r\n", bounce["data"])
+        self.assertIn(b"\r\nthe body\r\n", bounce["data"])
+        self.assertNotIn("Original-Envelope-Id", deliveryStatus(bounce["data"])[0])
+
+    @defer.inlineCallbacks
+    def test_retHdrsReturnsHeaders(self):
+        hop, port = self.hop(rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send({"bad@example.net": []}, mail_options=["RET=HDRS"])
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        self.assertIn(b"Content-Type: text/rfc822-headers\r\n", bounce["data"])
+        self.assertIn(b"Subject: dsn\r\n", bounce["data"])
+        self.assertNotIn(b"the body", bounce["data"])
+
+    @defer.inlineCallbacks
+    def test_keptAcrossARestart(self):
+        """
+        Queued while the next hop is down, the parameters survive the
+        gateway's restart and go on to the next hop once it is up.
+        """
+        directory = self.mktemp()
+        first = Gateway(directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                        relay={"smarthosts": ["[127.0.0.1]:%d" % freePort()], "retry_min": 60, "retry_max": 60})
+        yield first.start()
+        self.gw = first
+        yield self.send({"b@example.net": ["NOTIFY=DELAY,FAILURE", "ORCPT=rfc822;b@example.net"]})
+        yield self.until(lambda: first.service.spool.readState(first.service.spool.queueIds()[0]).get("attempts"))
+        yield first.stop()
+        hop, port = self.hop(extensions=["DSN"])
+        second = Gateway(directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                         relay=dict(FAST, smarthosts=["[127.0.0.1]:%d" % port]))
+        yield second.start()
+        self.addCleanup(second.stop)
+        self.gw = second
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        self.assertIn("MAIL FROM:<a@example.org> RET=HDRS ENVID=QID+2B1", hop.lines)
+        self.assertIn("RCPT TO:<b@example.net> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@example.net", hop.lines)
