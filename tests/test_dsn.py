@@ -7,6 +7,7 @@ reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
 import email
 import email.policy
 import io
+import os
 import smtplib
 
 from twisted.internet import defer, reactor, task
@@ -399,3 +400,20 @@ class RelayedTests(RelayTestCase):
         yield self.until(lambda: hop.transactions and self.spoolEmpty())
         self.assertIn("MAIL FROM:<a@example.org> RET=HDRS ENVID=QID+2B1", hop.lines)
         self.assertIn("RCPT TO:<b@example.net> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@example.net", hop.lines)
+
+    @defer.inlineCallbacks
+    def test_deliveredNoticeFromAMaildir(self):
+        """Delivered to the local Maildir, a NOTIFY=SUCCESS recipient gets a notice with Action delivered."""
+        gw = yield self.gateway({})
+        outbox = os.path.join(gw.directory, "outbox", "new")
+        yield self.send({"b@example.net": ["NOTIFY=SUCCESS"], "c@example.net": ["NOTIFY=NEVER"]})
+        yield self.until(lambda: os.path.isdir(outbox) and len(os.listdir(outbox)) == 2 and self.spoolEmpty())
+        contents = []
+        for name in os.listdir(outbox):
+            with open(os.path.join(outbox, name), "rb") as f:
+                contents.append(f.read())
+        [notice] = [c for c in contents if b"Successful Mail Delivery Report" in c]
+        blocks = deliveryStatus(notice[notice.index(b"From: Mail Delivery System"):])
+        self.assertEqual([(b["Final-Recipient"], b["Action"]) for b in blocks[1:]],
+                         [("rfc822; b@example.net", "delivered")])
+        self.assertEqual(blocks[1]["Diagnostic-Code"].split(";")[0], "X-relaygw")
