@@ -324,6 +324,43 @@ class NextHopWriteTests(RelayTestCase):
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
+    def test_provisionalRecordENOSPCKeepsTheBounce(self):
+        """
+        One recipient delivered, one refused for good: the progress record
+        that must be durable before the bounce is queued can't be written.
+        The message stays (it is not removed with its bounce never queued),
+        and once the disk has room the bounce goes out, once, and the
+        delivered recipient is not sent to again.
+        """
+        hop, port = self.hop(rcpt={"b@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        queue = self.gw.service.queue
+        self.patch(queue, "retryMin", 0.3)
+        spool = self.gw.service.spool
+        faults = []
+        fault = failing(durable.quick.write, errno.ENOSPC, faults)
+        fault.armed = False
+        self.patch(durable.quick, "write", fault)
+        factory = self.gw.service.factories[0]
+        original = factory.onQueued
+
+        def armThenEnqueue(qid, message):
+            fault.armed = True  # accepted; what is written next is the progress record
+            return original(qid, message)
+
+        self.patch(factory, "onQueued", armThenEnqueue)
+        qid = yield self.send(rcpts=("c@example.net", "b@example.net"))
+        yield self.until(lambda: faults and not queue.active)
+        self.assertIn(qid, spool.queueIds())
+        self.assertEqual([t for t in hop.transactions if t["mailfrom"] == ""], [])
+        fault.armed = False
+        yield self.until(lambda: not spool.queueIds(), timeout=10)
+        bounces = [t for t in hop.transactions if t["mailfrom"] == ""]
+        self.assertEqual([t["rcpts"] for t in bounces], [["a@example.org"]])
+        self.assertEqual(hop.lines.count("RCPT TO:<c@example.net>"), 1)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
     def test_bounceWriteENOSPC(self):
         """The bounce can't be queued: the original stays, and bounces once the disk has room."""
         hop, port = self.hop(rcpt={"b@example.net": "550 5.1.1 no such user"})

@@ -197,16 +197,19 @@ class Attempts:
             # and bounced again, after a restart).
             fresh = False
             d = self.progress.persist(qid, recorded.provisional)
+        # What must be queued before the message may leave the spool (a
+        # bounce, success notices: each returns its headers), once the
+        # record above is durable; its outcome (C{written}) goes on to settle.
+        notices = []
         if recorded.bounces:
-            if d is None:
-                d = defer.succeed(None)
-            d.addCallback(lambda written: self._bounce(message, recorded.bounces) if written is not False else None)
+            notices.append(lambda: self._bounce(message, recorded.bounces))
         if message.envelope.rcpt_params:  # (DSN parameters: a recipient may have asked for a success notice)
             done = {e.recipient: e.result for e in recorded.events if e.status == outcome.DONE and e.result.action}
             if done:
-                # Before the message may leave the spool: the notice returns its headers.
-                d = (d or defer.succeed(None)).addCallback(
-                    lambda written: self._notifySuccess(message, done).addCallback(lambda _: written))
+                notices.append(lambda: self._notifySuccess(message, done))
+        for notice in notices:
+            d = (d or defer.succeed(None)).addCallback(
+                lambda written, notice=notice: written if written is False else notice().addCallback(lambda _: written))
 
         def settle(written):
             if written is False:  # the provisional record is not durable: no bounce yet
