@@ -875,6 +875,34 @@ class Spool:
         return gone
 
 
+#: A progress record starts with the CRC-32 of the rest of it (padded, as
+#: the envelope line's), and names its message: read back, one changed
+#: since (a bit flipped) or another message's is told from its own.
+_RECORD_HEAD = b'{"crc32":%10d,'
+_RECORD_HEAD_SIZE = len(_RECORD_HEAD % 0)
+
+
+def _record(queueId, state):
+    """The stored form of the progress record C{state} of C{queueId}."""
+    rest = json.dumps(dict(state, queue_id=queueId), separators=(",", ":")).encode("utf-8")[1:]
+    return (_RECORD_HEAD % zlib.crc32(rest)) + rest
+
+
+def _checkRecord(queueId, data, state, path):
+    """
+    Raise L{CorruptMessage} unless C{data}, read back as C{state}, is the
+    progress record of C{queueId} as it was written; the record keeps
+    neither its CRC-32 nor its queue id.  (Records written before these
+    were recorded have neither, and are not checked.)
+    """
+    recorded, qid = state.pop("crc32", None), state.pop("queue_id", None)
+    crc = zlib.crc32(data[_RECORD_HEAD_SIZE:])
+    if not data.startswith(b'{"crc32":') or crc != recorded:
+        raise CorruptMessage("progress record's CRC-32 is %d, the record says %s" % (crc, recorded), path)
+    if qid != queueId:
+        raise CorruptMessage("the record is message %s's" % (qid,), path)
+
+
 class _StateWrite:
     """A progress write in progress: who waits for it, and the state to write after it."""
 
@@ -908,6 +936,8 @@ class ProgressRecords:
             raise CorruptMessage("garbled state file", path)
         if state is None:
             raise CorruptMessage("empty state file", path)
+        if isinstance(state, dict) and ("crc32" in state or "queue_id" in state):
+            _checkRecord(queueId, data, state, path)
         if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
                 or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())
                 or not isinstance(state.get("attempts", 0), int)
@@ -918,7 +948,8 @@ class ProgressRecords:
 
     def write(self, queueId, state):
         """
-        Durably replace the progress record.  Through the committer when
+        Durably replace the progress record (L{_record}: it names its
+        message, and carries its own CRC-32).  Through the committer when
         there is one: the record joins the next grouped commit (one sync
         for it and every message accepted meanwhile), so the reactor thread
         never waits on the disk; returns a Deferred firing once it is
@@ -927,7 +958,7 @@ class ProgressRecords:
         meanwhile (only the latest matters).  Without a committer (the
         relaygw-queue tool) it is written at once.
         """
-        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        data = _record(queueId, state)
         if self.spool.committer is None:
             return self._writeNow(queueId, data)
         d = defer.Deferred()

@@ -354,6 +354,79 @@ class QuarantinedAgainTests(unittest.TestCase):
         self.assertTrue(os.path.exists(self.spool.path("corrupt", self.qid + ".1")))
 
 
+class ProgressDamagedTests(unittest.TestCase):
+    """
+    A progress record changed since it was written (a bit flipped, another
+    message's record in its place) sets its message aside: read as it is, it
+    would send the message again to a recipient it was delivered to, or
+    never to one marked done by a record that is not its own.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.spool = Spool(self.dir, Committer(reactor))
+        self.spool.open()
+        self.qids = []
+        for done in ("b@example.net", "c@example.net"):
+            w = self.spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net", "c@example.net"],
+                                       "arrival": 1.7e9})
+            w.write(BODY)
+            qid = yield w.commit()
+            yield self.spool.writeState(qid, {"rcpts": {done: {"status": "done", "result": "250 Ok", "hop": "h"}},
+                                              "attempts": 1})
+            self.qids.append(qid)
+
+    @defer.inlineCallbacks
+    def delivered(self):
+        """C{{qid: recipients}} a queue manager delivers to after a restart."""
+        hop = RecordingHop()
+        q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=30)
+        q.recovered = self.spool.open()
+        q.startService()
+        yield q.whenIdle()
+        yield q.stopService()
+        return {m.queueId: m.recipients for call in hop.calls for m in call}
+
+    @defer.inlineCallbacks
+    def test_bitFlipped(self):
+        def flip(data):
+            at = data.index(b'"done"') + 2
+            return data[:at] + bytes([data[at] ^ 8]) + data[at + 1:]  # ("dgne": no longer done)
+
+        cut(self.spool.path("state", self.qids[0]), flip)
+        self.assertEqual((yield self.delivered()), {self.qids[1]: ["b@example.net"]})
+        [(name, reason, _)] = self.spool.corrupt()
+        self.assertEqual(name, self.qids[0])
+        self.assertIn("CRC-32", reason)
+
+    @defer.inlineCallbacks
+    def test_anotherMessagesRecord(self):
+        with open(self.spool.path("state", self.qids[1]), "rb") as f:
+            other = f.read()
+        cut(self.spool.path("state", self.qids[0]), lambda d: other)
+        self.assertEqual((yield self.delivered()), {self.qids[1]: ["b@example.net"]})
+        self.assertEqual([(name, reason) for name, reason, _ in self.spool.corrupt()],
+                         [(self.qids[0], "%s: the record is message %s's" % (
+                             self.spool.path("state", self.qids[0]), self.qids[1]))])
+
+    @defer.inlineCallbacks
+    def test_recordedBeforeTheChecksum(self):
+        """A progress record from before its CRC-32 and queue id were recorded is read as it always was."""
+        for qid, done in zip(self.qids, ("b@example.net", "c@example.net")):
+            cut(self.spool.path("state", qid), lambda d: json.dumps({"rcpts": {done: {"status": "done"}}}).encode())
+        self.assertEqual((yield self.delivered()), {self.qids[0]: ["c@example.net"], self.qids[1]: ["b@example.net"]})
+        self.assertEqual(self.spool.corrupt(), [])
+
+    @defer.inlineCallbacks
+    def test_intact(self):
+        """Undamaged, each record reads back as written, and keeps its done recipient from a second delivery."""
+        self.assertEqual(self.spool.readState(self.qids[0]),
+                         {"rcpts": {"b@example.net": {"status": "done", "result": "250 Ok", "hop": "h"}},
+                          "attempts": 1})
+        self.assertEqual((yield self.delivered()), {self.qids[0]: ["c@example.net"], self.qids[1]: ["b@example.net"]})
+
+
 class DamagedWhileQueuedTests(unittest.TestCase):
     """
     A queue file damaged after its attempt read it back (cut short, changed,
