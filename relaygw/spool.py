@@ -363,6 +363,12 @@ def _stored(envelope, queueId):
 #: the CRC-32 of the rest of the line (the envelope proper).
 _SIZE_HEAD = b'{"body_size":%20d,"body_crc32":%10d,"envelope_crc32":%10d,'
 _HEAD_SIZE = len(_SIZE_HEAD % (0, 0, 0))
+#: The shape of that head, whatever its keys say (and of the shorter ones
+#: written before the CRC-32s were recorded): a line of this shape whose
+#: keys are not the head's was damaged, and is no older envelope whose
+#: size or CRC-32s need not be checked.
+_HEAD_SHAPE = re.compile(rb'\{"[^"]{9}":[ 0-9]{20},(?:"[^"]{10}":[ 0-9]{10},(?:"[^"]{14}":[ 0-9]{10},)?)?')
+_HEAD_KEYS = [b"body_size", b"body_crc32", b"envelope_crc32"]
 
 
 class MessageWriter:
@@ -503,6 +509,11 @@ def _readBack(queueId, f, total, content, maxEnvelope):
         stored = json.loads(line)
     except (ValueError, RecursionError):
         raise CorruptMessage("garbled envelope")
+    head = _HEAD_SHAPE.match(line)
+    if head is not None:
+        keys = re.findall(rb'"([^"]*)":', head.group(0))
+        if keys != _HEAD_KEYS[:len(keys)]:
+            raise CorruptMessage("envelope's head is damaged")
     envelope = Envelope.fromDict(stored)
     actual = total - len(line)
     declared = stored.get("body_size")
@@ -557,7 +568,8 @@ class Spool:
         tmp/ID        a message being received
         queue/ID      a committed message: one JSON envelope line (starting
                       with the content's size), then the content
-        state/ID      per-recipient delivery progress
+        state/ID      per-recipient delivery progress: one JSON object,
+                      starting with its CRC-32, that names its message
         hold/ID       an empty marker: the message is held
         corrupt/ID    a queue file that could not be read back, with
                       ID.state (its progress, if any) and ID.reason; a
@@ -880,6 +892,8 @@ class Spool:
 #: since (a bit flipped) or another message's is told from its own.
 _RECORD_HEAD = b'{"crc32":%10d,'
 _RECORD_HEAD_SIZE = len(_RECORD_HEAD % 0)
+#: Its shape, whatever its key says (a record from before it starts otherwise).
+_RECORD_SHAPE = re.compile(rb'\{"[^"]{5}":[ 0-9]{10},')
 
 
 def _record(queueId, state):
@@ -895,9 +909,11 @@ def _checkRecord(queueId, data, state, path):
     neither its CRC-32 nor its queue id.  (Records written before these
     were recorded have neither, and are not checked.)
     """
+    if not data.startswith(b'{"crc32":') or not isinstance(state, dict):
+        raise CorruptMessage("progress record's head is damaged", path)
     recorded, qid = state.pop("crc32", None), state.pop("queue_id", None)
     crc = zlib.crc32(data[_RECORD_HEAD_SIZE:])
-    if not data.startswith(b'{"crc32":') or crc != recorded:
+    if crc != recorded:
         raise CorruptMessage("progress record's CRC-32 is %d, the record says %s" % (crc, recorded), path)
     if qid != queueId:
         raise CorruptMessage("the record is message %s's" % (qid,), path)
@@ -936,7 +952,7 @@ class ProgressRecords:
             raise CorruptMessage("garbled state file", path)
         if state is None:
             raise CorruptMessage("empty state file", path)
-        if isinstance(state, dict) and ("crc32" in state or "queue_id" in state):
+        if _RECORD_SHAPE.match(data) or (isinstance(state, dict) and ("crc32" in state or "queue_id" in state)):
             _checkRecord(queueId, data, state, path)
         if (not isinstance(state, dict) or not isinstance(state.get("rcpts", {}), dict)
                 or not all(isinstance(e, dict) for e in state.get("rcpts", {}).values())

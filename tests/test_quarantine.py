@@ -57,6 +57,10 @@ KINDS = {
                    "envelope 'arrival' is not a time"),
     "wrongType": ("queue", lambda d: b'{"mailfrom":"a@example.org","recipients":"b@example.net"}\n' + BODY,
                   "envelope 'recipients' has the wrong type"),
+    "envelopeCrcKeyChanged": ("queue", lambda d: d.replace(b'"envelope_crc32"', b'"ejvelope_crc32"', 1).replace(
+        b"b@example.net", b"b@exampla.net", 1), "envelope's head is damaged"),
+    "bodyCrcKeyChanged": ("queue", lambda d: d.replace(b'"body_crc32"', b'"body_crc33"', 1)[:-6] + b"stale\n",
+                          "envelope's head is damaged"),
     "emptyStateFile": ("state", lambda d: b"", "empty state file"),
     "garbledStateFile": ("state", lambda d: b'{"rcpts": [1, 2', "garbled state file"),
     "backoffNotANumber": ("state", lambda d: b'{"rcpts": {}, "attempts": 1, "backoff": "2"}',
@@ -241,6 +245,17 @@ class QuarantineTests(unittest.TestCase):
         self.assertEqual(len(self.errors), 1)
         yield q.stopService()
 
+    def test_envelopeCrcKeyChanged(self):
+        """
+        A bit flipped in the name of the envelope's CRC-32 is no envelope from
+        before it was recorded: the recipient changed with it is never sent to.
+        """
+        return self.quarantined("envelopeCrcKeyChanged")
+
+    def test_bodyCrcKeyChanged(self):
+        """A bit flipped in the name of the content's CRC-32: changed content is never sent."""
+        return self.quarantined("bodyCrcKeyChanged")
+
     def test_stateNotARecord(self):
         return self.quarantined("stateNotARecord")
 
@@ -399,6 +414,19 @@ class ProgressDamagedTests(unittest.TestCase):
         [(name, reason, _)] = self.spool.corrupt()
         self.assertEqual(name, self.qids[0])
         self.assertIn("CRC-32", reason)
+
+    @defer.inlineCallbacks
+    def test_headFlipped(self):
+        """Bits flipped in the names of the record's CRC-32 and queue id too: no record from before them."""
+        def flip(data):
+            data = data.replace(b'{"crc32":', b'{"crc22":', 1).replace(b'"queue_id"', b'"queue_ie"', 1)
+            return data.replace(b'"done"', b'"dgne"', 1)
+
+        cut(self.spool.path("state", self.qids[0]), flip)
+        self.assertEqual((yield self.delivered()), {self.qids[1]: ["b@example.net"]})
+        path = self.spool.path("state", self.qids[0])
+        self.assertEqual([(name, reason) for name, reason, _ in self.spool.corrupt()],
+                         [(self.qids[0], "%s: progress record's head is damaged" % path)])
 
     @defer.inlineCallbacks
     def test_anotherMessagesRecord(self):
