@@ -36,7 +36,7 @@ def runMain(start, work):
         d = start()
         d.addCallback(work)
         d.addCallback(lambda rc: result.update(rc=rc))
-        d.addErrback(lambda f: (f.printTraceback(), result.update(rc=2)))
+        d.addErrback(lambda f: (f.printTraceback(sys.stderr), result.update(rc=2)))
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(go)
