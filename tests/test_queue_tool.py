@@ -153,6 +153,22 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
 
     @defer.inlineCallbacks
+    def test_deletedMarkerForAQueuedMessage(self):
+        """
+        A deletion marker for a message still queued (left by hand, or a
+        stale one) deleted nothing: no "removed" line, and the message
+        keeps its retry (it was left waiting until a restart or a flush).
+        """
+        logs = LogCapture(self)
+        spool = self.gw.service.spool
+        with open(os.path.join(spool.directory, "deleted." + self.q1), "w"):
+            pass
+        yield self.until(lambda: not os.path.exists(os.path.join(spool.directory, "deleted." + self.q1)))
+        self.assertEqual(logs.find("removed", qid=self.q1), [])
+        self.assertIn(self.q1, self.gw.service.queue.timers)
+        self.assertIn(self.q1, spool.queueIds())
+
+    @defer.inlineCallbacks
     def test_holdAndReleaseAreLogged(self):
         """
         hold and release leave a line each in the mail log, as postsuper -h

@@ -137,6 +137,8 @@ class QueueManager(Service):
                 if self.spool.exists(qid):
                     self.enqueue(qid, forced=True)
             for qid in requests.deleted:
+                if self.spool.exists(qid):  # (a marker for a message still queued deleted nothing)
+                    continue
                 self.cancelRetry(qid)
                 maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
