@@ -260,15 +260,11 @@ class FaultInjectionTests(FaultCase):
 class NextHopWriteTests(RelayTestCase):
     """The write paths behind the queue manager: the Maildir next hop and a bounce."""
 
-    @defer.inlineCallbacks
-    def test_maildirWriteENOSPC(self):
-        """The Maildir can't be written: the message stays queued, deferred, and arrives once later."""
-        yield self.gateway({})
-        fault = failing(durable.quick.write, errno.ENOSPC)
-        self.patch(durable.quick, "write", fault)
-        self.patch(self.gw.service.queue, "retryMin", 0.2)
-        self.patch(self.gw.service.queue, "retryMax", 0.2)
-        # Accepting needs the disk thread's writes too: let the message in, then arm the fault.
+    def armOnceAccepted(self, fault):
+        """
+        Arm C{fault} once a message is accepted (accepting needs the disk's
+        writes too): what is written next is the queue manager's.
+        """
         fault.armed = False
         factory = self.gw.service.factories[0]
         original = factory.onQueued
@@ -278,6 +274,16 @@ class NextHopWriteTests(RelayTestCase):
             return original(qid, message)
 
         self.patch(factory, "onQueued", armThenEnqueue)
+
+    @defer.inlineCallbacks
+    def test_maildirWriteENOSPC(self):
+        """The Maildir can't be written: the message stays queued, deferred, and arrives once later."""
+        yield self.gateway({})
+        fault = failing(durable.quick.write, errno.ENOSPC)
+        self.patch(durable.quick, "write", fault)
+        self.patch(self.gw.service.queue, "retryMin", 0.2)
+        self.patch(self.gw.service.queue, "retryMax", 0.2)
+        self.armOnceAccepted(fault)
         qid = yield self.send()
         spool = self.gw.service.spool
         # The progress record can't be written either: the queue manager
@@ -300,16 +306,8 @@ class NextHopWriteTests(RelayTestCase):
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
         calls = []
         fault = failing(durable.quick.write, errno.ENOSPC, calls)
-        fault.armed = False
         self.patch(durable.quick, "write", fault)
-        factory = self.gw.service.factories[0]
-        original = factory.onQueued
-
-        def armThenEnqueue(qid, message):
-            fault.armed = True  # accepted; what is written next is the progress record
-            return original(qid, message)
-
-        self.patch(factory, "onQueued", armThenEnqueue)
+        self.armOnceAccepted(fault)
         qid = yield self.send()
         spool = self.gw.service.spool
         yield self.until(lambda: calls and not self.gw.service.queue.active)
@@ -339,16 +337,8 @@ class NextHopWriteTests(RelayTestCase):
         spool = self.gw.service.spool
         faults = []
         fault = failing(durable.quick.write, errno.ENOSPC, faults)
-        fault.armed = False
         self.patch(durable.quick, "write", fault)
-        factory = self.gw.service.factories[0]
-        original = factory.onQueued
-
-        def armThenEnqueue(qid, message):
-            fault.armed = True  # accepted; what is written next is the progress record
-            return original(qid, message)
-
-        self.patch(factory, "onQueued", armThenEnqueue)
+        self.armOnceAccepted(fault)
         qid = yield self.send(rcpts=("c@example.net", "b@example.net"))
         yield self.until(lambda: faults and not queue.active)
         self.assertIn(qid, spool.queueIds())
