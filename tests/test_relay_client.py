@@ -802,6 +802,33 @@ class PipeliningTests(_DeliveryTestCase):
                 self.assertEqual(len(factory.transactions), 1 if "endOfData" in script else 0)
 
     @defer.inlineCallbacks
+    def test_pipelined421WithoutTheRest(self):
+        """
+        A next hop that answers a pipelined MAIL with 421 and then neither
+        closes nor answers the RCPT and DATA behind it: the message is
+        deferred with the 421 at once, not after the command timeout.
+        """
+        from twisted.protocols.basic import LineReceiver
+
+        class Closing(LineReceiver):
+            def connectionMade(self):
+                self.sendLine(b"220 closing.example.test ESMTP")
+
+            def lineReceived(self, line):
+                if line.startswith(b"EHLO"):
+                    self.sendLine(b"250-closing.example.test\r\n250 PIPELINING")
+                elif line.startswith(b"MAIL"):
+                    self.sendLine(b"421 4.3.2 shutting down")
+
+        port = self.listen(protocol.Factory.forProtocol(Closing))
+        started = reactor.seconds()
+        messages = [self.message(["a@example.test"]), self.message(["b@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options(timeout=3))
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual(results[0]["a@example.test"], RecipientResult(421, "4.3.2", "shutting down"))
+        self.assertEqual(results[1]["b@example.test"], NOT_SENT)
+
+    @defer.inlineCallbacks
     def test_421BeforeTheTransaction(self):
         """
         A 421 to STARTTLS (with C{tls = "may"}, which goes on in plaintext

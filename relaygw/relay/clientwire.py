@@ -180,7 +180,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
     def replies(self, count):
         """
         A Deferred firing with a list of the next C{count} replies once all
-        of them are in: the answers to pipelined commands, for one wake-up.
+        of them are in: the answers to pipelined commands, for one wake-up;
+        at a 421 (the next hop is closing) with those up to it.
         """
         return self._ask(count)
 
@@ -209,10 +210,10 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         d, count, collected = self._waiting[0]
         if count is not None:
             collected.append(reply)
-            if len(collected) < count:
+            if len(collected) < count and not reply.closing:
                 self.resetTimeout()
                 return
-            reply = collected
+            reply = collected  # (fewer after a 421: the next hop closes, the rest may never come)
         self._waiting.popleft()
         if self._waiting:
             self.resetTimeout()

@@ -125,6 +125,7 @@ class Transaction:
             if not sent:
                 proto.send(mail, *rcpts, "DATA")
             replies = await proto.replies(len(rcpts) + 2)
+            replies += [None] * (len(rcpts) + 2 - len(replies))  # (none after a 421: judged below)
             mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
         else:
             mailReply = await proto.command(mail)
