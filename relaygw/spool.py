@@ -1032,8 +1032,12 @@ class ProgressRecords:
         return defer.succeed(None)
 
 
-def _corruptQueueId(name):
-    """The queue id of a file in C{corrupt/}: ID, ID.state and ID.reason, and for later ones ID.1, ID.1.state ..."""
+def _queueIdOf(name):
+    """
+    The queue id a spool file belongs to, by its name: ID in C{queue/},
+    C{state/} and C{hold/}; in C{corrupt/} ID, ID.state and ID.reason, and
+    for later ones ID.1, ID.1.state ...
+    """
     return name.partition(".")[0]
 
 
@@ -1051,7 +1055,7 @@ def _corruptEntry(name):
 
 def _corruptOrder(name):
     """Sorts what C{corrupt/} holds by queue id, then in the order it was set aside (ID, ID.1, ID.2 ... ID.10)."""
-    return _corruptQueueId(name), len(name), name
+    return _queueIdOf(name), len(name), name
 
 
 class SpoolRecovery:
@@ -1076,7 +1080,7 @@ class SpoolRecovery:
             os.makedirs(spool.path(area), exist_ok=True)
         spool.discard([spool.path("tmp", name) for name in os.listdir(spool.path("tmp"))])
         queued = set(os.listdir(spool.path("queue")))
-        kept = queued.union(_corruptQueueId(name) for name in os.listdir(spool.path("corrupt")))
+        kept = queued.union(_queueIdOf(name) for name in os.listdir(spool.path("corrupt")))
         spent = []
         for name in os.listdir(spool.path("spent")):
             if len(spent) < spool.SPENT and self._reusable(name, kept):
@@ -1128,7 +1132,7 @@ class SpoolRecovery:
         taken = set()
         for area in ("queue", "corrupt"):
             if _isDirectory(self.spool.path(area)):
-                taken.update(name.partition(".")[0] for name in os.listdir(self.spool.path(area)))
+                taken.update(_queueIdOf(name) for name in os.listdir(self.spool.path(area)))
         for area in ("state", "hold", "corrupt", "queue"):
             src = os.path.join(source, area)
             if os.path.islink(src):
@@ -1138,7 +1142,7 @@ class SpoolRecovery:
             if entries:
                 os.makedirs(self.spool.path(area), exist_ok=True)
             for entry in entries:
-                qid = entry.partition(".")[0]
+                qid = _queueIdOf(entry)
                 if qid in taken or os.path.lexists(self.spool.path(area, entry)):
                     log.warn("not adopting {path}: the spool has a message {qid} already",
                              path=os.path.join(src, entry), qid=qid)
