@@ -89,16 +89,32 @@ class Attempts:
             groups.setdefault(router(message, r), []).append(r)
         attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
         attempt.started = time.time()
+        # The delivery slots the other attempts leave (this one holds one):
+        # a message to many domains takes its next hops that many at a time.
+        room = max(1, self.manager.concurrency - self.manager.deliveries() + 1)
         self.manager.waitingFor(qid, len(groups))
-        ds = []
-        for hop, recipients in groups.items():
-            d = defer.maybeDeferred(hop.deliver, [message.narrowed(recipients)],
-                                    progress=lambda _, results, hop=hop: self._keep(attempt, hop, results))
-            ds.append(d.addCallbacks(self._replied, self._hopFailed, callbackArgs=(attempt, hop),
-                                     errbackArgs=(attempt, recipients, hop)))
-        if len(ds) == 1:
-            return ds[0]  # (the usual case: one next hop, no DeferredList to wait through)
+        if len(groups) == 1:  # (the usual case: one next hop, no DeferredList to wait through)
+            [(hop, recipients)] = groups.items()
+            return self._deliver(attempt, hop, recipients)
+        if len(groups) <= room:
+            ds = [self._deliver(attempt, hop, recipients) for hop, recipients in groups.items()]
+        else:
+            turns = defer.DeferredSemaphore(room)
+            ds = [turns.run(self._deliver, attempt, hop, recipients) for hop, recipients in groups.items()]
         return defer.gatherResults(ds, consumeErrors=True)
+
+    def _deliver(self, attempt, hop, recipients):
+        """
+        Hand C{recipients} to C{hop}; fires once their replies are taken.  A
+        next hop whose turn comes after the stop began is not started: its
+        recipients stay as they were (L{STOPPED}).
+        """
+        if not self.manager.running:
+            return defer.maybeDeferred(self._replied, [{r: STOPPED for r in recipients}], attempt, hop)
+        d = defer.maybeDeferred(hop.deliver, [attempt.message.narrowed(recipients)],
+                                progress=lambda _, results: self._keep(attempt, hop, results))
+        return d.addCallbacks(self._replied, self._hopFailed, callbackArgs=(attempt, hop),
+                              errbackArgs=(attempt, recipients, hop))
 
     def _quarantine(self, qid, error):
         """A queue or state file that can't be read back: set it aside once, never retry it."""

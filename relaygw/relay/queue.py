@@ -6,7 +6,9 @@ delivery attempt runs: at once for a new message or an operator's request,
 after a retry timer otherwise, never more than C{concurrency} deliveries at
 a time: an attempt counts once for each next hop its message goes to, so a
 message to many recipient domains does not open as many lookups and
-connections for each of C{concurrency} messages.
+connections for each of C{concurrency} messages, and it takes its next
+hops only as many at a time as the other attempts leave room for (at
+least one).
 What one attempt does (next hops, recording the outcome per recipient,
 bounces, removal) is L{relaygw.relay.attempt}'s: 2xx done, 5xx bounced, 4xx
 retried with exponential backoff until the queue lifetime runs out.
