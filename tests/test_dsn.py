@@ -7,8 +7,11 @@ reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
 import email
 import email.policy
 import io
+import json
 import os
+import signal
 import smtplib
+import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -17,7 +20,8 @@ from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
 from relaygw.spoolapi import Envelope
-from relaygw.testing import Gateway, freePort, inThread
+from relaygw.testing import Gateway, configText, freePort, inThread, waitForPort
+from tests.processes import runTwistd
 from tests.relaysetup import FAST, RelayTestCase, deliveryStatus
 from tests.sessions import GatewayTestCase
 
@@ -417,3 +421,86 @@ class RelayedTests(RelayTestCase):
         self.assertEqual([(b["Final-Recipient"], b["Action"]) for b in blocks[1:]],
                          [("rfc822; b@example.net", "delivered")])
         self.assertEqual(blocks[1]["Diagnostic-Code"].split(";")[0], "X-relaygw")
+
+
+class SuccessNoticeCrashTests(RelayTestCase):
+    """A success notice owed survives a crash (kill -9) of the gateway before it is queued."""
+
+    timeout = 90
+
+    def test_owedNoticeQueuedAfterRestart(self):
+        """
+        r@a.example (NOTIFY=SUCCESS) is relayed by a next hop without DSN
+        while the message's other next hop sits on r@b.example's end of
+        data; the progress record says r@a.example is done, and the gateway
+        is killed.  After the restart the sender gets the success notice
+        for r@a.example, which is not sent again; r@b.example is delivered.
+        """
+        hop, aport = self.hop(extensions=["PIPELINING"])
+        slow, bport = self.hop(extensions=["PIPELINING"], silentAtEndFor="r@b.example")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = freePort()
+        conf = os.path.join(directory, "relaygw.toml")
+        with open(conf, "w") as f:
+            f.write(configText(directory, relay={"smarthosts": ["[127.0.0.1]:%d" % aport], "retry_min": 1,
+                                                 "retry_max": 1, "tls": "none"},
+                               routes=[{"domains": ["b.example"], "smarthosts": ["[127.0.0.1]:%d" % bport]}],
+                               listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port,
+                                           "relay_networks": ["127.0.0.0/8"]},)))
+        procs = []
+
+        def start():
+            p = runTwistd(conf, directory)
+            procs.append(p)
+            waitForPort(port)
+            return p
+
+        def waitFor(predicate, what, timeout=30):
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                if time.monotonic() > deadline:
+                    raise AssertionError("timed out waiting for %s" % (what,))
+                time.sleep(0.05)
+
+        def done(path, rcpt):
+            try:
+                with open(path) as f:
+                    return json.load(f)["rcpts"][rcpt]["status"] == "done"
+            except (OSError, ValueError, KeyError):
+                return False
+
+        def run():
+            try:
+                p = start()
+                _sendWithDSN(port, {"r@a.example": ["NOTIFY=SUCCESS"], "r@b.example": []})
+                queue = os.path.join(directory, "spool", "queue")
+                [qid] = os.listdir(queue)
+                state = os.path.join(directory, "spool", "state", qid)
+                waitFor(lambda: done(state, "r@a.example"), "r@a.example recorded done")
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(10)
+                slow.silentAtEndFor = None
+                start()
+                waitFor(lambda: not os.listdir(queue) and len(hop.transactions) == 2, "the notice after the restart")
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                        p.wait(20)
+
+        def check(_):
+            message, notice = hop.transactions
+            self.assertEqual(message["rcpts"], ["r@a.example"])
+            self.assertEqual(hop.lines.count("RCPT TO:<r@a.example>"), 1)
+            self.assertEqual((notice["mailfrom"], notice["rcpts"]), ("", ["a@example.org"]))
+            blocks = deliveryStatus(notice["data"])
+            self.assertEqual([(b["Final-Recipient"], b["Action"]) for b in blocks[1:]],
+                             [("rfc822; r@a.example", "relayed")])
+            self.assertIn("r@b.example", slow.recipients())
+
+        def failed(f):
+            with open(os.path.join(directory, "twistd.log"), errors="replace") as log:
+                raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), log.read()[-5000:]))
+
+        return inThread(run).addCallbacks(check, failed)

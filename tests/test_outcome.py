@@ -447,3 +447,31 @@ class BackoffOverflowTests(unittest.TestCase):
         recorded = outcome.record(state, ["r@example.net"], [("h", {"r@example.net": temporary("later")})],
                                   now=now, policy=self.policy, mailfrom="s@example.org", arrival=1000.0)
         self.assertEqual(list(recorded.bounces), ["r@example.net"])
+
+
+class OwedNoticeTests(unittest.TestCase):
+    """The success notices a progress record says are owed (L{outcome.owe}, L{outcome.owed}, L{outcome.paid})."""
+
+    def test_roundTripThroughTheRecord(self):
+        """What is owed reads back as the same results after a JSON round trip, for done recipients only."""
+        import json
+
+        relayed = Result(250, "2.0.0", "Ok: queued as 4ABC", "mx.example[192.0.2.1]:25", reply=True,
+                         action="relayed")
+        state = outcome.record({}, ["a@x", "b@x"], [("smtp:x", {"a@x": relayed, "b@x": temporary("later")})],
+                               1000.0, outcome.RetryPolicy()).state
+        outcome.owe(state, {"a@x": relayed})
+        back = outcome.owed(json.loads(json.dumps(state)))
+        self.assertEqual(list(back), ["a@x"])
+        got = back["a@x"]
+        self.assertEqual((got.code, got.enhanced, got.text, got.relay, got.reply, got.action),
+                         (250, "2.0.0", "Ok: queued as 4ABC", "mx.example[192.0.2.1]:25", True, "relayed"))
+
+    def test_paidLeavesTheOriginal(self):
+        """C{paid} gives a record owing nothing, and leaves the one it was given as it was."""
+        done = Result(250, "2.0.0", "Ok", action="delivered")
+        state = outcome.record({}, ["a@x"], [("maildir", {"a@x": done})], 1000.0, outcome.RetryPolicy()).state
+        outcome.owe(state, {"a@x": done})
+        self.assertEqual(outcome.owed(outcome.paid(state)), {})
+        self.assertEqual(list(outcome.owed(state)), ["a@x"])
+        self.assertEqual(outcome.paid(outcome.paid(state))["rcpts"]["a@x"]["status"], outcome.DONE)

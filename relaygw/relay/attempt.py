@@ -17,7 +17,7 @@ from twisted.internet import defer
 from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
-from relaygw.relay.dsn import queueBounce, queueSuccess
+from relaygw.relay.dsn import queueBounce, queueSuccess, wanted
 from relaygw.relay.nexthop import STOPPED, WAITED, Result, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
@@ -82,6 +82,9 @@ class Attempts:
             return None  # (a message held as it was accepted: its next hop finds it withdrawn)
         todo = outcome.pending(state, message.recipients)
         if not todo:
+            owed = outcome.owed(state)  # (a crash came between a success and its notice)
+            if owed:
+                return self._notifySuccess(message, owed).addCallback(lambda _: self._remove(qid, fresh))
             return self._remove(qid, fresh)
         groups = collections.OrderedDict()
         router = self.manager.router
@@ -165,9 +168,18 @@ class Attempts:
                                   time.time(), self.manager.policy, attempt.message.mailfrom, ended=False)
         if recorded.events:
             attempt.state, attempt.fresh = recorded.state, False
+            outcome.owe(recorded.state, self._noticesDue(attempt.message, recorded.events))
             self._logged(attempt, recorded.events)
             return self.progress.persist(attempt.qid, recorded.state)
         return None
+
+    @staticmethod
+    def _noticesDue(message, events):
+        """C{{recipient: result}} of those done in C{events} that are owed a success notice (RFC 3461)."""
+        if not message.envelope.rcpt_params:  # (the usual case: no DSN parameters, no notice)
+            return {}
+        done = {e.recipient: e.result for e in events if e.status == outcome.DONE and e.result.action}
+        return wanted(message, done, success=True)
 
     def _record(self, attempt):
         """The attempt has ended: write down what its replies say."""
@@ -204,6 +216,12 @@ class Attempts:
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
         self._logged(attempt, recorded.events)
+        # Success notices owed: this attempt's, and any a crash left owed.
+        # The records written before they are queued say so (L{outcome.owe}).
+        done = dict(outcome.owed(attempt.state), **self._noticesDue(message, recorded.events))
+        for state in (recorded.state, recorded.provisional):
+            if done and state is not None:
+                outcome.owe(state, done)
         fresh = attempt.fresh
         d = None
         if recorded.provisional is not None and self.spool.exists(qid):
@@ -219,10 +237,8 @@ class Attempts:
         notices = []
         if recorded.bounces:
             notices.append(lambda: self._bounce(message, recorded.bounces))
-        if message.envelope.rcpt_params:  # (DSN parameters: a recipient may have asked for a success notice)
-            done = {e.recipient: e.result for e in recorded.events if e.status == outcome.DONE and e.result.action}
-            if done:
-                notices.append(lambda: self._notifySuccess(message, done))
+        if done:
+            notices.append(lambda: self._notifySuccess(message, done))
         for notice in notices:
             d = (d or defer.succeed(None)).addCallback(
                 lambda written, notice=notice: written if written is False else notice().addCallback(lambda _: written))
@@ -236,7 +252,7 @@ class Attempts:
             if not self.spool.exists(qid):
                 return self._forget(qid)
             self.manager.retryLater(qid, recorded.nextAttempt)
-            return self.progress.persist(qid, recorded.state)
+            return self.progress.persist(qid, outcome.paid(recorded.state))
 
         if d is None:  # (the usual case: nothing to make durable first)
             return settle(None)

@@ -14,11 +14,16 @@ The progress record (the spool's C{state/ID}) is a JSON object::
      "attempts": 2, "backoff": 2, "next_attempt": 1700000000.0, "last_error": "451 ..."}
 
 C{backoff} is the back-off level: the attempts, less those an operator
-forced (which must not push the next retry further out).
+forced (which must not push the next retry further out).  A recipient done
+whose success notice the gateway owes (RFC 3461: it asked for one, and the
+next hop took no DSN) has its result in a C{"notice"} object too, from the
+moment its success is written until the notice is queued (L{owe}, L{owed}).
 """
 
 import copy
 from dataclasses import dataclass, field
+
+from relaygw.relay.nexthop import Result
 
 DONE, BOUNCED, DEFERRED = "done", "bounced", "deferred"
 
@@ -80,6 +85,34 @@ def pending(state, recipients):
     """The recipients of C{recipients} that the record C{state} does not mark done or bounced."""
     rcpts = (state or {}).get("rcpts", {})
     return [r for r in recipients if rcpts.get(r, {}).get("status") not in FINAL]
+
+
+def owe(state, results):
+    """Note in C{state} (a progress record) the success notices owed for C{results} (C{{rcpt: Result}})."""
+    for rcpt, r in results.items():
+        state["rcpts"][rcpt]["notice"] = {"code": r.code, "enhanced": r.enhanced, "text": r.text,
+                                          "relay": r.relay, "reply": r.reply, "action": r.action}
+
+
+def owed(state):
+    """The success notices C{state} says are owed: C{{rcpt: Result}}."""
+    notices = {}
+    for rcpt, entry in (state or {}).get("rcpts", {}).items():
+        n = entry.get("notice")
+        if isinstance(n, dict) and entry.get("status") == DONE:
+            notices[rcpt] = Result(n.get("code", 250), n.get("enhanced", ""), n.get("text", ""), n.get("relay"),
+                                   reply=bool(n.get("reply")), action=n.get("action") or "relayed")
+    return notices
+
+
+def paid(state):
+    """C{state} with no success notice owed any more (they are queued)."""
+    if not any("notice" in entry for entry in state.get("rcpts", {}).values()):
+        return state
+    new = copy.deepcopy(state)
+    for entry in new["rcpts"].values():
+        entry.pop("notice", None)
+    return new
 
 
 def record(state, recipients, outcomes, now, policy, mailfrom="", arrival=None, ended=True, forced=False):
