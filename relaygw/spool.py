@@ -14,6 +14,7 @@ sync can leave it there cut short or stale, which reading it back tells
 from the checksum of its content and the queue id it holds.
 """
 
+import collections
 import errno
 import fcntl
 import io
@@ -1126,7 +1127,8 @@ class SpoolRecovery:
         go.  A message whose id this spool has already (queued or set
         aside: a copy, or junk under its name) is left where it is, with a
         warning, as is anything whose name is taken here: nothing of this
-        spool is replaced.  Returns how many messages moved.
+        spool is replaced.  Messages set aside there stay set aside here
+        (L{_adoptCorrupt}).  Returns how many messages moved.
         """
         moved = 0
         taken = set()
@@ -1141,6 +1143,9 @@ class SpoolRecovery:
             entries = sorted(os.listdir(src)) if os.path.isdir(src) else ()
             if entries:
                 os.makedirs(self.spool.path(area), exist_ok=True)
+            if area == "corrupt":
+                self._adoptCorrupt(src, entries)
+                continue
             for entry in entries:
                 qid = _queueIdOf(entry)
                 if qid in taken or os.path.lexists(self.spool.path(area, entry)):
@@ -1153,6 +1158,21 @@ class SpoolRecovery:
         if _isDirectory(spent):
             self.spool.discard([os.path.join(spent, name) for name in os.listdir(spent)])
         return moved
+
+    def _adoptCorrupt(self, src, entries):
+        """
+        Messages set aside in C{src} (another layout's C{corrupt/}) stay set
+        aside here, each with its progress record and reason, under the
+        next free name for its queue id (L{_freeName}): nothing here is
+        replaced, and nothing is left behind.
+        """
+        groups = collections.defaultdict(list)
+        for entry in entries:
+            groups[_corruptEntry(entry)].append(entry)
+        for name in sorted(groups, key=_corruptOrder):
+            new = self._freeName(_queueIdOf(name))
+            for entry in groups[name]:
+                os.rename(os.path.join(src, entry), self.spool.path("corrupt", new + entry[len(name):]))
 
     def quarantine(self, queueId, reason):
         """

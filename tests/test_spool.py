@@ -1181,6 +1181,42 @@ class WorkerCountChangeTests(unittest.TestCase):
                 os.path.join(stranded, area, name), name), warnings)
 
 
+    @defer.inlineCallbacks
+    def test_quarantinedUnderATakenNameAdoptedUnderAFreeOne(self):
+        """
+        What the layout no longer used set aside under a queue id this
+        spool has set aside too (or under ID.1 ...) is adopted under the
+        next free name, each with its progress record and reason, and
+        nothing of this spool's own is replaced: all of it is listed.
+        """
+        directory = os.path.abspath(self.mktemp())
+        base, stranded = os.path.join(directory, "spool"), os.path.join(directory, "spool", "w1")
+        qid = yield self.queueOne(base, "base")
+        yield self.queueOne(stranded, "stranded")
+        files = {(base, qid): b"own", (base, qid + ".reason"): b'{"reason": "own", "time": 1}',
+                 (stranded, qid): b"first", (stranded, qid + ".state"): b"first state",
+                 (stranded, qid + ".reason"): b'{"reason": "first", "time": 2}',
+                 (stranded, qid + ".1"): b"second", (stranded, qid + ".1.reason"): b'{"reason": "second", "time": 3}'}
+        for (where, name), content in files.items():
+            os.makedirs(os.path.join(where, "corrupt"), exist_ok=True)
+            with open(os.path.join(where, "corrupt", name), "wb") as f:
+                f.write(content)
+        spool = yield self.start(directory, 1)
+
+        def read(name):
+            with open(spool.path("corrupt", name), "rb") as f:
+                return f.read()
+
+        self.assertEqual(os.listdir(os.path.join(stranded, "corrupt")), [])
+        self.assertEqual({name: read(name) for name in os.listdir(spool.path("corrupt"))},
+                         {qid: b"own", qid + ".reason": files[base, qid + ".reason"],
+                          qid + ".1": b"first", qid + ".1.state": b"first state",
+                          qid + ".1.reason": files[stranded, qid + ".reason"],
+                          qid + ".2": b"second", qid + ".2.reason": files[stranded, qid + ".1.reason"]})
+        self.assertEqual([(name, reason) for name, reason, _ in spool.corrupt()],
+                         [(qid, "own"), (qid + ".1", "first"), (qid + ".2", "second")])
+
+
 class LinkedOutsideTests(OutsideFiles, SpoolCase):
     """The gateway never follows a symbolic link planted in the spool."""
 
