@@ -105,7 +105,7 @@ class SMTPFactory(ServerFactory):
         self.reactor = reactor
         self.onQueued = onQueued
         self.metrics = metrics or NullMetrics()
-        if metrics is None:
+        if isinstance(self.metrics, NullMetrics):
             # Nothing reads the session's events: one call a command and a reply, not three.
             self.stats = _uncounted
         self.settings = ListenerSettings.build(listener, tls, portal)

@@ -78,3 +78,17 @@ class OperatorMetricsTests(unittest.TestCase):
         states = {state: m["relaygw_queue_messages", (("state", state),)]
                   for state in ("active", "deferred", "held", "corrupt")}
         self.assertEqual(states, {"active": 0, "deferred": 0, "held": 1, "corrupt": 1})
+
+
+class WithoutAdminTests(unittest.TestCase):
+    """Without an admin endpoint nothing reads the session's events: counting them costs one empty call."""
+
+    @defer.inlineCallbacks
+    def test_sessionEventsUncounted(self):
+        from relaygw import listeners
+
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        [factory] = gw.service.listeners.factories
+        self.assertIs(factory.stats, listeners._uncounted)
