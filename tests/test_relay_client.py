@@ -158,6 +158,19 @@ class _ServerFactory(protocol.ServerFactory):
 
 
 from relaygw.testing import ScriptedSMTPFactory as _ScriptedFactory  # noqa: E402
+from relaygw.testing import ScriptedSMTPServer  # noqa: E402
+
+
+class _ResettingServer(ScriptedSMTPServer):
+    """At the first line of content: the C{bodyReply} straight to the socket, then a reset."""
+
+    def lineReceived(self, line):
+        if self.inData and not self.dropped:
+            self.dropped = True
+            self.transport.socket.sendall(self.factory.bodyReply.encode() + b"\r\n")
+            self.transport.abortConnection()
+            return
+        ScriptedSMTPServer.lineReceived(self, line)
 
 
 class DeliveryTests(_DeliveryTestCase):
@@ -383,6 +396,21 @@ class DeliveryTests(_DeliveryTestCase):
                 self.assertTrue(results[0][rcpt].reply)
             self.assertEqual(results[1]["c@example.test"], NOT_SENT)
             self.assertEqual(factory.messages, [])
+
+    @defer.inlineCallbacks
+    def test_refusedMidDataThenReset(self):
+        """
+        A next hop that refuses the content and resets the connection at
+        once (its socket closed with our body unread): the refusal is read
+        before the reset is acted on, and is the message's outcome.
+        """
+        for _ in range(3):
+            factory = _ScriptedFactory(bodyReply="552 5.3.4 message too big")
+            factory.protocol = _ResettingServer
+            port = self.listen(factory)
+            results = yield deliver(reactor, "127.0.0.1", port, self.bigMessages(), _options())
+            self.assertEqual(results[0]["a@example.test"], RecipientResult(552, "5.3.4", "message too big"))
+            self.assertEqual(results[1]["c@example.test"], NOT_SENT)
 
     @defer.inlineCallbacks
     def test_acceptedMidData(self):
