@@ -1,0 +1,517 @@
+"""
+A seeded fuzzer of the delivery client (L{relaygw.relay.client.deliver})
+against a next hop that misbehaves at random over loopback sockets: each
+reply may be positive, a 4xx or 5xx, a 421 (the connection closed after it,
+or not), a close or silence instead, a malformed or unasked-for line, a
+multi-line reply, a reply cut into pieces sent apart, an enhanced code that
+is missing or malformed, a refusal (or a 250) during the body; its EHLO
+offers a random set of extensions (PIPELINING, SIZE, 8BITMIME, DSN ...).
+
+The next hop records what it did, and the client's results are checked
+against it (L{Case.check}): a recipient is reported delivered only if the
+next hop took it in a transaction whose end of data it answered 2xx, with
+the content whole; a permanent failure only after a 5xx from the next hop
+(or a message over its SIZE); every result is an SMTP outcome; the client
+never sends a command while a reply is due without PIPELINING, never sends
+the content before the 354, never goes on after a 421, never uses an
+extension the next hop did not offer; every delivery ends, and nothing is
+logged as a failure.
+
+Run from the command line for long runs:
+
+    python -m tests.hopfuzz SEED [SEED...] --cases N
+"""
+
+import os
+import random
+import re
+import tempfile
+import time
+
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import LogLevel, globalLogPublisher
+
+from relaygw.relay.client import DeliveryOptions, OutboundMessage, deliver
+
+#: Seconds the client waits for a reply (twice that for an end of data).
+TIMEOUT = 1.0
+
+_EXTENSIONS = ["PIPELINING", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "SIZE"]
+
+#: What a reply may be (with their weights).
+_ACTIONS = [("ok", 88), ("temp", 3), ("perm", 3), ("421", 1), ("421open", 1), ("close", 1), ("garbage", 1),
+            ("extra", 1), ("silent", 0.3)]
+
+_POSITIVE = {"greeting": "220 hop.test ESMTP", "HELO": "250 hop.test", "MAIL": "250 2.1.0 Ok",
+             "RCPT": "250 2.1.5 Ok", "DATA": "354 End data with <CR><LF>.<CR><LF>", "end": "250 2.0.0 Ok: queued",
+             "RSET": "250 2.0.0 Ok", "NOOP": "250 2.0.0 Ok", "QUIT": "221 2.0.0 Bye"}
+_TEMPORARY = {"greeting": "421 4.3.2 not now", "DATA": "451 4.3.0 not now", "end": "451 4.3.0 try later",
+              "RCPT": "450 4.2.0 mailbox busy", "MAIL": "452 4.3.1 insufficient storage"}
+_PERMANENT = {"greeting": "554 5.3.2 no service", "DATA": "554 5.5.1 no valid recipients",
+              "end": "552 5.3.4 message too big", "RCPT": "550 5.1.1 no such user", "MAIL": "553 5.7.1 sender refused"}
+#: Lines that are no reply (a 2xx reply, however odd, is a success: RFC 5321 section 4.2.1).
+_GARBAGE = ["hello", "2500 x", "25", "abc 250 ok", "\x00\x01\x02", "999 9.9.9 what", "250-", "1xx ok", "250\tok"]
+
+
+class Transaction:
+    """What the next hop saw of one message, and what it answered."""
+
+    def __init__(self, mailfrom, params):
+        self.mailfrom = mailfrom
+        self.params = params
+        self.rcpts = []  # those answered 2xx
+        self.dataCode = None
+        self.body = []
+        self.endCode = None
+        self.endWritten = False
+        self.early = False  # (answered 250 before the end of the content)
+
+
+class Connection:
+    """One connection's record: the extensions offered, transactions, 5xx replies sent, violations."""
+
+    def __init__(self):
+        self.offered = set()
+        self.size = None
+        self.transactions = []
+        self.permanent = []  # (mailfrom of the transaction then, or None)
+        self.violations = []
+
+
+class FuzzHop(protocol.Protocol):
+    """A next hop whose every reply is chosen at random (see the module docstring)."""
+
+    def connectionMade(self):
+        f = self.factory
+        self.rng = random.Random(f.rng.random())
+        self.record = Connection()
+        f.connections.append(self.record)
+        self.buffer = b""
+        self.owed = False  # a reply is due (or being sent)
+        self.mode = "command"
+        self.txn = None
+        self.after421 = False
+        self.gone = False
+        self.calls = []
+        self.nextMode = "command"
+        self.misled = False
+        f.protocols.append(self)
+        self.reply("greeting")
+
+    # -- input ------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self.after421:
+            self.record.violations.append("sent %r after a 421" % (data[:60],))
+            self.after421 = False  # (said once)
+        if self.gone:
+            return
+        if self.misled:
+            pass  # (an unasked-for line was sent: the client counts its replies one off, rightly)
+        elif self.owed and self.mode == "command" and "PIPELINING" not in self.record.offered:
+            self.record.violations.append("sent %r while a reply was due, without PIPELINING" % (data[:60],))
+        elif self.owed and self.mode == "awaiting354":
+            self.record.violations.append("sent %r before the reply to DATA" % (data[:60],))
+        self.buffer += data
+        self.process()
+
+    def process(self):
+        while not self.owed and not self.gone:
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+            if self.mode == "data":
+                self.bodyLine(line)
+            else:
+                self.command(line)
+
+    def bodyLine(self, line):
+        txn = self.txn
+        if line == b".":
+            self.mode = "command"
+            self.reply("end")
+            return
+        if not txn.body and self.rng.random() < 0.03:
+            # An answer before the end of the content, and a close (or a 250: a protocol error).
+            text = self.rng.choice(["552 5.3.4 message too big", "451 4.3.0 try later", "250 2.0.0 queued early"])
+            if text[0] == "5":
+                self.record.permanent.append(txn.mailfrom)
+            elif text[0] == "2":
+                # A client that has sent the whole content by now can't tell
+                # this from the answer to its end of data: the next hop took it.
+                txn.endCode, txn.endWritten, txn.early = 250, True, True
+                self.record.transactions.append(txn)
+            self.write(text + "\r\n")
+            self.close()
+            return
+        txn.body.append(line[1:] if line.startswith(b".") else line)
+
+    def command(self, raw):
+        if len(raw) > 998 or b"\n" in raw or b"\r" in raw:
+            self.record.violations.append("bad command line %r" % (raw[:80],))
+        text = raw.decode("utf-8", "replace")
+        verb = text.split(" ", 1)[0].upper()
+        if verb in ("EHLO", "HELO"):
+            self.txn = None
+            return self.reply("EHLO" if verb == "EHLO" else "HELO")
+        if verb == "MAIL":
+            params = text.split(">", 1)[1].split() if ">" in text else []
+            self.checkParams(params, {"SIZE": "SIZE", "BODY": "8BITMIME", "RET": "DSN", "ENVID": "DSN",
+                                      "SMTPUTF8": "SMTPUTF8"})
+            mailfrom = text.split("<", 1)[1].split(">", 1)[0] if "<" in text else ""
+            self.txn = Transaction(mailfrom, params)
+            return self.reply("MAIL")
+        if verb == "RCPT":
+            params = text.split(">", 1)[1].split() if ">" in text else []
+            self.checkParams(params, {"NOTIFY": "DSN", "ORCPT": "DSN"})
+            rcpt = text.split("<", 1)[1].split(">", 1)[0] if "<" in text else ""
+            if self.txn is None:  # (MAIL refused, its RCPTs pipelined behind it)
+                return self.send("503 5.5.1 need MAIL")
+            return self.reply("RCPT", rcpt)
+        if verb == "DATA":
+            if self.txn is None or not self.txn.rcpts:
+                return self.send("503 5.5.1 no valid recipients")
+            self.mode = "awaiting354"
+            return self.reply("DATA")
+        if verb in ("RSET", "NOOP", "QUIT"):
+            if verb == "RSET":
+                self.txn = None
+            return self.reply(verb)
+        self.record.violations.append("unexpected command %r" % (text[:80],))
+        self.send("502 5.5.2 command not recognized")
+
+    def checkParams(self, params, needs):
+        for p in params:
+            name = p.split("=", 1)[0].upper()
+            need = needs.get(name)
+            if need is None or need not in self.record.offered:
+                self.record.violations.append("parameter %s without %s offered" % (p, need or "an extension"))
+
+    # -- output -----------------------------------------------------------
+
+    def reply(self, phase, rcpt=None):
+        """Answer C{phase} as chosen at random; positive replies move the transaction on."""
+        rng = self.rng
+        action = rng.choices([a for a, _ in _ACTIONS], [w for _, w in _ACTIONS])[0] if phase != "QUIT" else "ok"
+        if action == "silent" and phase in ("EHLO", "HELO"):
+            action = "ok"
+        self.nextMode = "command"
+        if action == "ok" or action == "extra":
+            text = self.positive(phase)
+            if phase == "RCPT":
+                self.txn.rcpts.append(rcpt)
+            elif phase == "DATA":
+                self.txn.dataCode = 354
+                self.nextMode = "data"
+            elif phase == "end":
+                self.txn.endCode = 250
+                self.record.transactions.append(self.txn)
+            if action == "extra":  # (pipelined, it is the answer to the next command: the client can't tell)
+                self.misled = True
+                extra = rng.choice(["250 2.0.0 and another", "550 5.0.0 surprise", "221 bye"])
+                if extra[0] == "5":  # (whichever command it is read as answering)
+                    self.record.permanent.append(None)
+                return self.send(text, transaction=self.txn if phase == "end" else None, extra=extra)
+            self.send(text, transaction=self.txn if phase == "end" else None)
+            if phase == "QUIT":
+                self.close()
+            return
+        if action in ("temp", "perm"):
+            table = _TEMPORARY if action == "temp" else _PERMANENT
+            text = table.get(phase, ("451 4.3.0 not now" if action == "temp" else "500 5.5.2 refused"))
+            if phase == "EHLO" or phase == "HELO":
+                text = "%s %s" % ("421 4.3.2" if action == "temp" else "502 5.5.1", "not here")
+            if action == "perm":
+                self.record.permanent.append(self.txn.mailfrom if self.txn else None)
+            if phase == "end":
+                self.txn.endCode = int(text[:3])
+            if phase in ("MAIL", "end"):
+                self.txn = None  # (no transaction: RCPT and DATA get 503)
+            if text.startswith("421"):
+                return self.fourTwentyOne(phase, close=True)
+            return self.send(self.variant(text))
+        if action in ("421", "421open"):
+            return self.fourTwentyOne(phase, close=action == "421")
+        if action == "close":
+            return self.close()
+        if action == "garbage":
+            self.misled = True
+            if phase == "MAIL":
+                self.txn = None
+            return self.send(rng.choice(_GARBAGE))
+        # silent: the client's timer must end it
+        self.owed = True
+
+    def positive(self, phase):
+        if phase == "EHLO":
+            offered = [e for e in _EXTENSIONS if self.rng.random() < 0.5]
+            self.record.offered = set(offered)
+            lines = ["hop.test"]
+            for e in offered:
+                if e == "SIZE":
+                    self.record.size = self.rng.choice([0, 100, 2000, 10 ** 6])
+                    lines.append("SIZE %d" % self.record.size if self.record.size else "SIZE")
+                else:
+                    lines.append(e)
+            return "\r\n".join(("250-" if i < len(lines) - 1 else "250 ") + line for i, line in enumerate(lines))
+        if phase == "HELO":
+            self.record.offered = set()
+            return _POSITIVE["HELO"]
+        return self.variant(_POSITIVE[phase])
+
+    def variant(self, text):
+        """The same reply, sometimes multi-line, without its enhanced code, or with a malformed one."""
+        rng = self.rng
+        r = rng.random()
+        if r < 0.1:
+            return "%s-first line\r\n%s" % (text[:3], text)
+        if r < 0.15:
+            return re.sub(r"^(\d\d\d) \d\.\d+\.\d+ ", r"\1 ", text)
+        if r < 0.2:
+            return re.sub(r"^(\d\d\d) (\d)\.\d+\.\d+ ", r"\1 \2.01.999 ", text)
+        if r < 0.23:
+            return text[:3]  # (the code alone)
+        return text
+
+    def fourTwentyOne(self, phase, close):
+        if phase == "end":
+            self.txn.endCode = 421
+        self.send("421 4.4.2 hop.test closing")
+        self.after421 = not close
+        if close:
+            self.close()
+        else:
+            self.gone = True  # (what comes after it is a violation: L{dataReceived})
+
+    def send(self, text, transaction=None, extra=None):
+        """
+        Write C{text} and its CRLF, at once or in pieces a few ms apart; the
+        next command waits for it.  C{extra}: a line no command asked for,
+        right behind it.
+        """
+        data = (text + "\r\n").encode("utf-8", "replace")
+        self.owed = True
+        if self.rng.random() < 0.15 and len(data) > 2:
+            cut = self.rng.randrange(1, len(data))
+            self.write(data[:cut])
+            self.later(self.rng.uniform(0.001, 0.02), self.sent, data[cut:], transaction, extra)
+        else:
+            self.sent(data, transaction, extra)
+
+    def sent(self, data, transaction, extra=None):
+        self.write(data + (b"" if extra is None else extra.encode() + b"\r\n"))
+        if transaction is not None:
+            transaction.endWritten = not self.gone
+        self.owed = False
+        if self.mode == "awaiting354":
+            self.mode = self.nextMode
+        self.process()
+
+    def later(self, seconds, f, *args):
+        self.calls.append(reactor.callLater(seconds, f, *args))
+
+    def write(self, data):
+        if not self.gone and self.transport is not None:
+            self.transport.write(data if isinstance(data, bytes) else data.encode())
+
+    def close(self):
+        self.gone = True
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.gone = True
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+
+
+class FuzzHopFactory(protocol.ServerFactory):
+    protocol = FuzzHop
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.connections = []
+        self.protocols = []
+
+
+def _content(rng, i):
+    lines = [b"From: s%d@fuzz.test" % i, b"Subject: case %d" % i, b""]
+    for _ in range(rng.randrange(1, 30)):
+        kind = rng.randrange(6)
+        if kind == 0:
+            lines.append(b"." * rng.randrange(1, 3) + b"dot")
+        elif kind == 1:
+            lines.append(bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randrange(1, 20))))
+        elif kind == 2:
+            lines.append(b"x" * rng.choice([0, 1, 500, 998]))
+        else:
+            lines.append(b"line %d" % rng.randrange(10 ** 6))
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class Figures:
+    def __init__(self):
+        self.cases = self.messages = self.recipients = self.delivered = 0
+        self.deferred = self.bounced = self.unclaimed = 0
+        self.problems = []
+
+    def __str__(self):
+        return ("%d cases, %d messages, %d recipients: %d delivered, %d deferred, %d bounced; "
+                "%d answered 250 at the end of data but not taken as delivered; %d problems"
+                % (self.cases, self.messages, self.recipients, self.delivered, self.deferred, self.bounced,
+                   self.unclaimed, len(self.problems)))
+
+
+class Case:
+    """One connection's worth of messages to one fuzzing next hop, and the checks of their results."""
+
+    def __init__(self, directory, rng, figures, label):
+        self.directory = directory
+        self.rng = rng
+        self.figures = figures
+        self.label = label
+
+    @defer.inlineCallbacks
+    def run(self):
+        rng = self.rng
+        os.makedirs(self.directory, exist_ok=True)
+        factory = FuzzHopFactory(random.Random(rng.random()))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        failures = []
+
+        def observe(event):
+            if event.get("log_failure") is not None or event.get("log_level") in (LogLevel.error, LogLevel.critical):
+                failures.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            messages, contents = [], []
+            for i in range(rng.randrange(1, 5)):
+                content = _content(rng, i)
+                path = os.path.join(self.directory, "m%d" % i)
+                with open(path, "wb") as f:
+                    f.write(content)
+                rcpts = ["r%d-%d@dest.test" % (i, j) for j in range(rng.randrange(1, 4))]
+                dsn = {r: {"NOTIFY": "SUCCESS,FAILURE"} for r in rcpts} if rng.random() < 0.3 else None
+                messages.append(OutboundMessage(mailfrom="s%d@fuzz.test" % i, recipients=rcpts, bodyPath=path,
+                                                rcptParams=dsn, mailParams={"RET": "HDRS"} if dsn else None))
+                contents.append(content)
+            options = DeliveryOptions(heloName="relay.fuzz.test", tls="none", timeout=TIMEOUT)
+            started = time.monotonic()
+            results = yield deliver(reactor, "127.0.0.1", port.getHost().port, messages, options)
+            took = time.monotonic() - started
+        finally:
+            globalLogPublisher.removeObserver(observe)
+            yield port.stopListening()
+        # (the next hop's last writes and closes)
+        yield deferLater(0.05)
+        left = [p for p in factory.protocols if p.transport is not None and p.transport.connected]
+        for p in left:
+            p.transport.abortConnection()
+        if left:
+            yield deferLater(0.01)
+        self.check(factory, messages, contents, results, took, failures, len(left))
+
+    def check(self, factory, messages, contents, results, took, failures, left=0):
+        fig = self.figures
+        fig.cases += 1
+        problem = lambda text: fig.problems.append("case %s: %s" % (self.label, text))  # noqa: E731
+        if left:
+            problem("%d connections left open after the delivery ended" % left)
+        if took > 20 * TIMEOUT + 5:
+            problem("delivery took %.1f s" % took)
+        for event in failures:
+            problem("logged: %s" % (event.get("log_format") or event,))
+        for conn in factory.connections:
+            for v in conn.violations:
+                problem("next hop saw: %s" % v)
+        if len(results) != len(messages):
+            problem("%d results for %d messages" % (len(results), len(messages)))
+            return
+        for message, content, result in zip(messages, contents, results):
+            fig.messages += 1
+            body = content[:-2].split(b"\r\n")
+            taken = [t for c in factory.connections for t in c.transactions
+                     if t.mailfrom == message.mailfrom and t.endCode == 250 and t.endWritten]
+            fives = [m for c in factory.connections for m in c.permanent if m in (message.mailfrom, None)]
+            sizes = [c.size for c in factory.connections if "SIZE" in c.offered and c.size]
+            if sorted(result) != sorted(message.recipients):
+                problem("%s: results for %s" % (message.mailfrom, sorted(result)))
+            for rcpt in message.recipients:
+                fig.recipients += 1
+                r = result.get(rcpt)
+                if r is None or not isinstance(r.code, int) or not 200 <= r.code < 600:
+                    problem("%s: %r" % (rcpt, r))
+                    continue
+                mine = [t for t in taken if rcpt in t.rcpts]
+                if r.ok:
+                    fig.delivered += 1
+                    if not mine:
+                        problem("%s reported delivered (%s) with no transaction answered 250" % (rcpt, r))
+                    elif all(t.body != body and not t.early for t in mine):
+                        problem("%s: content altered" % (rcpt,))
+                else:
+                    if mine:
+                        fig.unclaimed += 1
+                    if r.permanent:
+                        fig.bounced += 1
+                        if not fives and not any(len(content) > s for s in sizes):
+                            problem("%s failed for good (%s) without a 5xx from the next hop" % (rcpt, r))
+                    else:
+                        fig.deferred += 1
+
+
+def deferLater(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
+    """C{cases} cases for each seed (or until C{minutes} have passed); the figures."""
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    for seed in seeds:
+        rng = random.Random(seed)
+        for n in range(cases):
+            if deadline is not None and time.monotonic() > deadline:
+                return figures
+            label = "%d-%d" % (seed, n)
+            yield Case(os.path.join(base, label), random.Random(rng.random()), figures, label).run()
+            if done is not None:
+                done(label)
+    return figures
+
+
+def main(argv):
+    import argparse
+
+    from tests.fuzzing import runMain
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("seeds", nargs="+", type=int)
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--minutes", type=float, default=None)
+    args = parser.parse_args(argv)
+    base = tempfile.mkdtemp(prefix="hopfuzz-")
+
+    def work(_):
+        figures = Figures()
+        t0 = time.monotonic()
+
+        def report(figures):
+            for p in figures.problems[:50]:
+                print("PROBLEM", p)
+            print("%s in %.0f s (%s)" % (figures, time.monotonic() - t0, base), flush=True)
+            return 1 if figures.problems else 0
+
+        return runSeeds(base, args.seeds, args.cases, figures, args.minutes).addCallback(report)
+
+    runMain(lambda: defer.succeed(None), work)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
