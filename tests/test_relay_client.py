@@ -640,6 +640,31 @@ class PipeliningTests(_DeliveryTestCase):
         return [chunk for chunk in factory.chunks if chunk.startswith(b"MAIL ")]
 
     @defer.inlineCallbacks
+    def test_rcptRefusalStandsWhenTheSessionBreaksDown(self):
+        """
+        A recipient refused at RCPT keeps that refusal as its outcome when
+        the session then breaks down (DATA never answered, or a 421 to a
+        later RCPT), pipelined or not, as Postfix's: b@ bounces with the
+        next hop's 550 rather than being deferred with the breakdown.
+        """
+        refused = RecipientResult(550, "5.1.1", "no such user")
+        for extensions, rcpt, replies in [
+                (["PIPELINING"], {"b@example.test": "550 5.1.1 no such user"}, {"DATA": None}),
+                ([], {"b@example.test": "550 5.1.1 no such user"}, {"DATA": None}),
+                (["PIPELINING"], {"b@example.test": "550 5.1.1 no such user",
+                                  "c@example.test": "421 4.4.2 closing"}, {}),
+        ]:
+            factory = _ScriptedFactory(extensions=extensions, rcpt=rcpt, replies=replies)
+            port = self.listen(factory)
+            results = yield deliver(reactor, "127.0.0.1", port,
+                                    [self.message(["a@example.test", "b@example.test", "c@example.test"])],
+                                    _options(timeout=0.5))
+            self.assertEqual(results[0]["b@example.test"], refused, extensions)
+            self.assertTrue(results[0]["b@example.test"].reply)
+            self.assertTrue(results[0]["a@example.test"].temporary, results[0]["a@example.test"])
+            self.assertTrue(results[0]["c@example.test"].temporary, results[0]["c@example.test"])
+
+    @defer.inlineCallbacks
     def test_pipelined(self):
         """With PIPELINING, MAIL, every RCPT and DATA go in one write."""
         factory = _ScriptedFactory(extensions=["PIPELINING"], rcpt={"b@example.test": "550 5.1.1 no"})

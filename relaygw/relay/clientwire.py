@@ -97,6 +97,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
 
     @ivar closed: fires (with C{None}) when the connection is gone.
     @ivar lostReason: why the connection went away, once it has.
+    @ivar partial: the replies read of the pipelined group being waited
+        for when it went away (its RCPT refusals stand).
     @ivar timedOut: whether it went away because a reply took too long.
     @ivar violation: a description of a protocol violation, if one ended it.
     @ivar early: the refusal (4xx, 5xx) the next hop sent while the body was
@@ -123,6 +125,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.where = where
         self.closed = Deferred()
         self.lostReason = None
+        self.partial = []
         self.timedOut = False
         self.violation = None
         self.early = None
@@ -341,6 +344,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self.lostReason = reason
         waiting, self._waiting = self._waiting, deque()
+        self.partial = waiting[0][2] if waiting else []
         for d, _, _ in waiting:
             d.errback(reason)
         self.closed.callback(None)

@@ -103,6 +103,19 @@ class Transaction:
         self.ahead = (body, size)
         return (mail, *_rcptCommands(message, "DSN" in self.extensions), "DATA")
 
+    def _refusedAtRcpt(self, index, message, replies):
+        """
+        Each recipient refused at RCPT (C{replies}: MAIL's, then the RCPTs'
+        read so far) has that refusal as its outcome, whatever happens to
+        the session after it (as Postfix's); not after a refused MAIL,
+        whose RCPT replies answer no transaction, nor a 421.
+        """
+        if not replies or not replies[0].positive:
+            return
+        for recipient, reply in zip(message.recipients, replies[1:]):
+            if reply is not None and not reply.positive and not reply.closing:
+                self._settle(index, [recipient], _outcome(reply, "RCPT"))
+
     async def _send(self, index, message, body, size, sent=False):
         """
         One transaction.  C{sent}: its envelope already went out behind the
@@ -124,7 +137,11 @@ class Transaction:
         if sent or "PIPELINING" in self.extensions:
             if not sent:
                 proto.send(mail, *rcpts, "DATA")
-            replies = await proto.replies(len(rcpts) + 2)
+            try:
+                replies = await proto.replies(len(rcpts) + 2)
+            except Exception:
+                self._refusedAtRcpt(index, message, proto.partial)
+                raise
             replies += [None] * (len(rcpts) + 2 - len(replies))  # (none after a 421: judged below)
             mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
         else:
@@ -132,12 +149,17 @@ class Transaction:
             rcptReplies = []
             if mailReply.positive:
                 self.stage = "RCPT"
-                for rcpt in rcpts:
-                    rcptReplies.append(await proto.command(rcpt))
-                    self._closing(rcptReplies[-1])
+                try:
+                    for rcpt in rcpts:
+                        rcptReplies.append(await proto.command(rcpt))
+                        self._closing(rcptReplies[-1])
+                except Exception:
+                    self._refusedAtRcpt(index, message, [mailReply, *rcptReplies])
+                    raise
 
         if self._doneCarrying(mailReply.code):
             raise _SessionFailure(NOT_SENT)
+        self._refusedAtRcpt(index, message, [mailReply, *rcptReplies])
         self._closing(mailReply, *rcptReplies, dataReply)
         if not mailReply.positive:
             self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
@@ -145,12 +167,7 @@ class Transaction:
                 await self._abandonData()
             return
 
-        accepted = []
-        for recipient, reply in zip(message.recipients, rcptReplies):
-            if reply.positive:
-                accepted.append(recipient)
-            else:
-                self._settle(index, [recipient], _outcome(reply, "RCPT"))
+        accepted = [recipient for recipient, reply in zip(message.recipients, rcptReplies) if reply.positive]
         if not accepted:
             # MAIL opened a transaction that will not complete.
             self.needReset = True
