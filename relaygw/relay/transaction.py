@@ -140,6 +140,8 @@ class Transaction:
             try:
                 replies = await proto.replies(len(rcpts) + 2)
             except Exception:
+                read = len(proto.partial)  # (the breakdown is told as that of the first unanswered command)
+                self.stage = "MAIL" if not read else "RCPT" if read <= len(rcpts) else "DATA"
                 self._refusedAtRcpt(index, message, proto.partial)
                 raise
             replies += [None] * (len(rcpts) + 2 - len(replies))  # (none after a 421: judged below)
