@@ -5,7 +5,10 @@ reply may be positive, a 4xx or 5xx, a 421 (the connection closed after it,
 or not), a close or silence instead, a malformed or unasked-for line, a
 multi-line reply, a reply cut into pieces sent apart, an enhanced code that
 is missing or malformed, a refusal (or a 250) during the body; its EHLO
-offers a random set of extensions (PIPELINING, SIZE, 8BITMIME, DSN ...).
+offers a random set of extensions (PIPELINING, SIZE, 8BITMIME, DSN,
+STARTTLS, AUTH, XCLIENT, XFORWARD ...), and a TLS handshake may be reset.
+The client runs with tls = none or may, with or without credentials and
+identity forwarding.
 
 The next hop records what it did, and the client's results are checked
 against it (L{Case.check}): a recipient is reported delivered only if the
@@ -14,7 +17,9 @@ the content whole; a permanent failure only after a 5xx from the next hop
 (or a message over its SIZE); every result is an SMTP outcome; the client
 never sends a command while a reply is due without PIPELINING, never sends
 the content before the 354, never goes on after a 421, never uses an
-extension the next hop did not offer; every delivery ends, and nothing is
+extension the next hop did not offer, never sends its password in
+plaintext under tls = may nor MAIL without the AUTH it was given, says
+EHLO first after STARTTLS and XCLIENT; every delivery ends, and nothing is
 logged as a failure.
 
 Run from the command line for long runs:
@@ -36,7 +41,8 @@ from relaygw.relay.client import DeliveryOptions, OutboundMessage, deliver
 #: Seconds the client waits for a reply (twice that for an end of data).
 TIMEOUT = 1.0
 
-_EXTENSIONS = ["PIPELINING", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "SIZE"]
+_EXTENSIONS = ["PIPELINING", "8BITMIME", "DSN", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "SIZE", "STARTTLS",
+               "AUTH PLAIN LOGIN", "XCLIENT NAME ADDR PORT PROTO HELO LOGIN", "XFORWARD NAME ADDR PROTO HELO"]
 
 #: What a reply may be (with their weights).
 _ACTIONS = [("ok", 88), ("temp", 3), ("perm", 3), ("421", 1), ("421open", 1), ("close", 1), ("garbage", 1),
@@ -44,7 +50,9 @@ _ACTIONS = [("ok", 88), ("temp", 3), ("perm", 3), ("421", 1), ("421open", 1), ("
 
 _POSITIVE = {"greeting": "220 hop.test ESMTP", "HELO": "250 hop.test", "MAIL": "250 2.1.0 Ok",
              "RCPT": "250 2.1.5 Ok", "DATA": "354 End data with <CR><LF>.<CR><LF>", "end": "250 2.0.0 Ok: queued",
-             "RSET": "250 2.0.0 Ok", "NOOP": "250 2.0.0 Ok", "QUIT": "221 2.0.0 Bye"}
+             "RSET": "250 2.0.0 Ok", "NOOP": "250 2.0.0 Ok", "QUIT": "221 2.0.0 Bye",
+             "STARTTLS": "220 2.0.0 Ready to start TLS", "AUTH": "235 2.7.0 Authentication successful",
+             "XCLIENT": "220 hop.test ESMTP", "XFORWARD": "250 2.0.0 Ok"}
 _TEMPORARY = {"greeting": "421 4.3.2 not now", "DATA": "451 4.3.0 not now", "end": "451 4.3.0 try later",
               "RCPT": "450 4.2.0 mailbox busy", "MAIL": "452 4.3.1 insufficient storage"}
 _PERMANENT = {"greeting": "554 5.3.2 no service", "DATA": "554 5.5.1 no valid recipients",
@@ -73,6 +81,7 @@ class Connection:
     def __init__(self):
         self.offered = set()
         self.size = None
+        self.tls = False
         self.transactions = []
         self.permanent = []  # (mailfrom of the transaction then, or None)
         self.violations = []
@@ -95,6 +104,9 @@ class FuzzHop(protocol.Protocol):
         self.calls = []
         self.nextMode = "command"
         self.misled = False
+        self.authStep = 0
+        self.authed = False
+        self.needHello = None  # (after STARTTLS or XCLIENT: the command that asks for a new EHLO)
         f.protocols.append(self)
         self.reply("greeting")
 
@@ -152,10 +164,20 @@ class FuzzHop(protocol.Protocol):
             self.record.violations.append("bad command line %r" % (raw[:80],))
         text = raw.decode("utf-8", "replace")
         verb = text.split(" ", 1)[0].upper()
+        if self.authStep:
+            return self.authLine()
+        if self.needHello and verb not in ("EHLO", "HELO", "QUIT"):
+            self.record.violations.append("%s before EHLO after %s" % (verb, self.needHello))
         if verb in ("EHLO", "HELO"):
             self.txn = None
+            self.needHello = None
             return self.reply("EHLO" if verb == "EHLO" else "HELO")
+        if verb in ("STARTTLS", "AUTH", "XCLIENT", "XFORWARD"):
+            return self.negotiation(verb, text)
         if verb == "MAIL":
+            f = self.factory
+            if f.options.auth and "AUTH" in self.record.offered and not self.authed:
+                self.record.violations.append("MAIL without the AUTH configured")
             params = text.split(">", 1)[1].split() if ">" in text else []
             self.checkParams(params, {"SIZE": "SIZE", "BODY": "8BITMIME", "RET": "DSN", "ENVID": "DSN",
                                       "SMTPUTF8": "SMTPUTF8"})
@@ -180,6 +202,30 @@ class FuzzHop(protocol.Protocol):
             return self.reply(verb)
         self.record.violations.append("unexpected command %r" % (text[:80],))
         self.send("502 5.5.2 command not recognized")
+
+    def negotiation(self, verb, text):
+        """STARTTLS, AUTH, XCLIENT and XFORWARD: only when offered, and AUTH never in plaintext with tls = may."""
+        f = self.factory
+        if verb not in {e.split()[0] for e in self.record.offered}:
+            self.record.violations.append("%s without it offered" % (verb,))
+        if verb == "STARTTLS" and self.record.tls:
+            self.record.violations.append("STARTTLS again under TLS")
+        if verb == "AUTH" and not self.record.tls and f.options.tls != "none":
+            self.record.violations.append("AUTH in plaintext with tls = %s" % (f.options.tls,))
+        if verb == "AUTH":
+            words = text.split()
+            if len(words) == 2 and words[1].upper() in ("PLAIN", "LOGIN"):
+                self.authStep = 1
+                return self.send("334 " + ("VXNlcm5hbWU6" if words[1].upper() == "LOGIN" else ""))
+        return self.reply(verb)
+
+    def authLine(self):
+        """The next line of an AUTH exchange: a prompt for LOGIN's password, or the outcome."""
+        if self.authStep == 1 and self.rng.random() < 0.5:
+            self.authStep = 2
+            return self.send("334 UGFzc3dvcmQ6")
+        self.authStep = 0
+        return self.reply("AUTH")
 
     def checkParams(self, params, needs):
         for p in params:
@@ -207,6 +253,14 @@ class FuzzHop(protocol.Protocol):
             elif phase == "end":
                 self.txn.endCode = 250
                 self.record.transactions.append(self.txn)
+            elif phase == "STARTTLS":
+                self.send(text)
+                self.startTLS()
+                return
+            elif phase == "XCLIENT":
+                self.needHello = "XCLIENT"
+            elif phase == "AUTH":
+                self.authed = True
             if action == "extra":  # (pipelined, it is the answer to the next command: the client can't tell)
                 self.misled = True
                 extra = rng.choice(["250 2.0.0 and another", "550 5.0.0 surprise", "221 bye"])
@@ -243,10 +297,23 @@ class FuzzHop(protocol.Protocol):
         # silent: the client's timer must end it
         self.owed = True
 
+    def startTLS(self):
+        """After the 220: the handshake, or (now and then) a reset instead of one."""
+        if self.rng.random() < 0.15:
+            self.transport.abortConnection()
+            self.gone = True
+            return
+        self.transport.startTLS(self.factory.tls)
+        self.authed = False  # (a new session: RFC 3207 section 4.2)
+        self.record = Connection()
+        self.record.tls = True
+        self.factory.connections.append(self.record)
+        self.needHello = "STARTTLS"
+
     def positive(self, phase):
         if phase == "EHLO":
-            offered = [e for e in _EXTENSIONS if self.rng.random() < 0.5]
-            self.record.offered = set(offered)
+            offered = [e for e in _EXTENSIONS if self.rng.random() < 0.5 and not (e == "STARTTLS" and self.record.tls)]
+            self.record.offered = {e.split()[0] for e in offered} | set(offered)
             lines = ["hop.test"]
             for e in offered:
                 if e == "SIZE":
@@ -329,8 +396,10 @@ class FuzzHop(protocol.Protocol):
 class FuzzHopFactory(protocol.ServerFactory):
     protocol = FuzzHop
 
-    def __init__(self, rng):
+    def __init__(self, rng, tls, options):
         self.rng = rng
+        self.tls = tls
+        self.options = options
         self.connections = []
         self.protocols = []
 
@@ -376,7 +445,10 @@ class Case:
     def run(self):
         rng = self.rng
         os.makedirs(self.directory, exist_ok=True)
-        factory = FuzzHopFactory(random.Random(rng.random()))
+        options = DeliveryOptions(heloName="relay.fuzz.test", tls=rng.choice(["none", "may"]), timeout=TIMEOUT,
+                                  auth=("relay", "s3cret") if rng.random() < 0.3 else None,
+                                  forwardIdentity=rng.random() < 0.3)
+        factory = FuzzHopFactory(random.Random(rng.random()), serverTLS(self.directory), options)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         failures = []
 
@@ -395,9 +467,10 @@ class Case:
                 rcpts = ["r%d-%d@dest.test" % (i, j) for j in range(rng.randrange(1, 4))]
                 dsn = {r: {"NOTIFY": "SUCCESS,FAILURE"} for r in rcpts} if rng.random() < 0.3 else None
                 messages.append(OutboundMessage(mailfrom="s%d@fuzz.test" % i, recipients=rcpts, bodyPath=path,
-                                                rcptParams=dsn, mailParams={"RET": "HDRS"} if dsn else None))
+                                                rcptParams=dsn, mailParams={"RET": "HDRS"} if dsn else None,
+                                                context={"remote_ip": "192.0.2.%d" % (i + 1),
+                                                         "remote_name": "c%d.example" % i, "protocol": "ESMTP"}))
                 contents.append(content)
-            options = DeliveryOptions(heloName="relay.fuzz.test", tls="none", timeout=TIMEOUT)
             started = time.monotonic()
             results = yield deliver(reactor, "127.0.0.1", port.getHost().port, messages, options)
             took = time.monotonic() - started
@@ -460,6 +533,23 @@ class Case:
                             problem("%s failed for good (%s) without a 5xx from the next hop" % (rcpt, r))
                     else:
                         fig.deferred += 1
+
+
+_TLS = {}
+
+
+def serverTLS(directory):
+    """The next hop's TLS context: a self-signed certificate made once per process."""
+    if "options" not in _TLS:
+        from twisted.internet import ssl
+
+        from relaygw.tls import generateSelfSigned
+
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        generateSelfSigned(cert, key, "hop.test")
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            _TLS["options"] = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+    return _TLS["options"]
 
 
 def deferLater(seconds):

@@ -4,7 +4,9 @@ seeds (L{tests.hopfuzz}): each recipient reported delivered was taken in a
 transaction the next hop answered 250 at its end of data, with the content
 whole; one failed for good only after a 5xx (or over the next hop's SIZE);
 the client never pipelines without PIPELINING, sends content before the
-354, goes on after a 421 or uses an extension not offered; every delivery
+354, goes on after a 421 or uses an extension not offered, never sends
+its password in plaintext under tls = may nor MAIL without the AUTH it
+was given, says EHLO first after STARTTLS and XCLIENT; every delivery
 ends, no connection is left open, nothing is logged as a failure.
 """
 
