@@ -30,7 +30,6 @@ Run from the command line for long runs:
 import os
 import random
 import re
-import tempfile
 import time
 
 from twisted.internet import defer, protocol, reactor
@@ -558,47 +557,17 @@ def deferLater(seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-@defer.inlineCallbacks
 def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
-    """C{cases} cases for each seed (or until C{minutes} have passed); the figures."""
-    deadline = time.monotonic() + minutes * 60 if minutes else None
-    for seed in seeds:
-        rng = random.Random(seed)
-        for n in range(cases):
-            if deadline is not None and time.monotonic() > deadline:
-                return figures
-            label = "%d-%d" % (seed, n)
-            yield Case(os.path.join(base, label), random.Random(rng.random()), figures, label).run()
-            if done is not None:
-                done(label)
-    return figures
+    """L{Case}s: C{cases} for each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}."""
+    from tests.fuzzing import runCases
+
+    return runCases(Case, base, seeds, cases, figures, minutes, done)
 
 
 def main(argv):
-    import argparse
+    from tests.fuzzing import casesMain
 
-    from tests.fuzzing import runMain
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("seeds", nargs="+", type=int)
-    parser.add_argument("--cases", type=int, default=100)
-    parser.add_argument("--minutes", type=float, default=None)
-    args = parser.parse_args(argv)
-    base = tempfile.mkdtemp(prefix="hopfuzz-")
-
-    def work(_):
-        figures = Figures()
-        t0 = time.monotonic()
-
-        def report(figures):
-            for p in figures.problems[:50]:
-                print("PROBLEM", p)
-            print("%s in %.0f s (%s)" % (figures, time.monotonic() - t0, base), flush=True)
-            return 1 if figures.problems else 0
-
-        return runSeeds(base, args.seeds, args.cases, figures, args.minutes).addCallback(report)
-
-    runMain(lambda: defer.succeed(None), work)
+    casesMain(argv, runSeeds, Figures(), "hopfuzz", 100)
 
 
 if __name__ == "__main__":

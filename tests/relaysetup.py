@@ -6,13 +6,18 @@ which connection carried each transaction, and the DSN reader.
 
 import email
 import os
+import signal
+import subprocess
 import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from relaygw.testing import Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, inThread
+from relaygw.testing import (
+    Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
+)
 from tests.messages import sendOne
+from tests.processes import runTwistd
 
 #: Retry times short enough for a test to see a retry.
 FAST = {"retry_min": 0.3, "retry_max": 0.6}
@@ -150,3 +155,77 @@ class RelayTestCase(unittest.TestCase):
         spool = self.gw.service.spool
         return (not spool.queueIds() and not self.gw.service.queue.active
                 and not os.listdir(spool.path("state")) and not os.listdir(spool.path("hold")))
+
+
+class CrashingGateway:
+    """
+    relaygw under twistd as a child process, to be killed (kill -9) and
+    started again on the same spool: for the tests of what a crash leaves.
+    Its methods block: call them from a thread (L{crashTest}).
+    """
+
+    def __init__(self, directory, relay, routes=()):
+        self.directory = directory
+        os.makedirs(directory)
+        self.port = freePort()
+        self.conf = os.path.join(directory, "relaygw.toml")
+        with open(self.conf, "w") as f:
+            f.write(configText(directory, relay=relay, routes=routes,
+                               listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % self.port,
+                                           "relay_networks": ["127.0.0.0/8"]},)))
+        self.procs = []
+
+    def path(self, area, name=""):
+        return os.path.join(self.directory, "spool", area, name)
+
+    def start(self):
+        p = runTwistd(self.conf, self.directory)
+        self.procs.append(p)
+        waitForPort(self.port)
+        return p
+
+    def kill(self):
+        """kill -9 the running gateway."""
+        p = self.procs[-1]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+
+    def log(self):
+        with open(os.path.join(self.directory, "twistd.log"), errors="replace") as f:
+            return f.read()[-5000:]
+
+
+def waitFor(predicate, what, timeout=30):
+    """Block until C{predicate()}, at most C{timeout} seconds, else fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % (what,))
+        time.sleep(0.05)
+
+
+def crashTest(gateway, run, check):
+    """
+    C{run(gateway)} in a thread (the gateway stopped after it, however it
+    ends), then C{check} of its result; a failure quotes the gateway's log.
+    """
+    def running():
+        try:
+            return run(gateway)
+        finally:
+            gateway.stop()
+
+    def failed(f):
+        raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), gateway.log()))
+
+    return inThread(running).addCallbacks(check, failed)

@@ -19,7 +19,6 @@ Run from the command line for long runs:
 """
 
 import os
-import random
 import re
 import time
 
@@ -514,53 +513,17 @@ class Case:
                 self.problem("%s outside the spool changed%s" % (path, where))
 
 
-@defer.inlineCallbacks
-def runSeeds(base, seeds, cases, figures, minutes=None, done=lambda label: None):
-    """
-    C{cases} cases for each seed, in directories under C{base} (stopping
-    after C{minutes}, if given); C{done} is called with each case's label.
-    """
-    deadline = None if minutes is None else time.monotonic() + minutes * 60
-    for seed in seeds:
-        rng = random.Random(seed)
-        for n in range(cases):
-            if deadline is not None and time.monotonic() > deadline:
-                return figures
-            label = "%d.%d" % (seed, n)
-            yield Case(os.path.join(base, label), random.Random(rng.random()), figures, label).run()
-            done(label)
-    return figures
+def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
+    """L{Case}s: C{cases} for each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}."""
+    from tests.fuzzing import runCases
+
+    return runCases(Case, base, seeds, cases, figures, minutes, done)
 
 
 def main(argv):
-    import argparse
-    import tempfile
+    from tests.fuzzing import casesMain
 
-    from tests.fuzzing import runMain
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("seeds", nargs="+", type=int)
-    parser.add_argument("--cases", type=int, default=50)
-    parser.add_argument("--minutes", type=float, default=None)
-    args = parser.parse_args(argv)
-    base = tempfile.mkdtemp(prefix="spoolfuzz-")
-
-    def work(_):
-        figures = Figures()
-        t0 = time.monotonic()
-
-        def report(figures):
-            for p in figures.problems[:50]:
-                print("PROBLEM", p)
-            print("%s in %.0f s (%s)" % (figures, time.monotonic() - t0, base), flush=True)
-            return 1 if figures.problems else 0
-
-        def done(label):
-            print("case %s: %s" % (label, figures), flush=True)
-
-        return runSeeds(base, args.seeds, args.cases, figures, args.minutes, done).addCallback(report)
-
-    runMain(lambda: defer.succeed(None), work)
+    casesMain(argv, runSeeds, Figures(), "spoolfuzz", 50)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ import email.policy
 import io
 import json
 import os
-import signal
 import smtplib
-import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -20,9 +18,8 @@ from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
 from relaygw.spoolapi import Envelope
-from relaygw.testing import Gateway, configText, freePort, inThread, waitForPort
-from tests.processes import runTwistd
-from tests.relaysetup import FAST, RelayTestCase, deliveryStatus
+from relaygw.testing import Gateway, freePort, inThread
+from tests.relaysetup import FAST, CrashingGateway, RelayTestCase, crashTest, deliveryStatus, waitFor
 from tests.sessions import GatewayTestCase
 
 
@@ -438,30 +435,10 @@ class SuccessNoticeCrashTests(RelayTestCase):
         """
         hop, aport = self.hop(extensions=["PIPELINING"])
         slow, bport = self.hop(extensions=["PIPELINING"], silentAtEndFor="r@b.example")
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, relay={"smarthosts": ["[127.0.0.1]:%d" % aport], "retry_min": 1,
-                                                 "retry_max": 1, "tls": "none"},
-                               routes=[{"domains": ["b.example"], "smarthosts": ["[127.0.0.1]:%d" % bport]}],
-                               listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port,
-                                           "relay_networks": ["127.0.0.0/8"]},)))
-        procs = []
-
-        def start():
-            p = runTwistd(conf, directory)
-            procs.append(p)
-            waitForPort(port)
-            return p
-
-        def waitFor(predicate, what, timeout=30):
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > deadline:
-                    raise AssertionError("timed out waiting for %s" % (what,))
-                time.sleep(0.05)
+        gateway = CrashingGateway(os.path.abspath(self.mktemp()),
+                                  {"smarthosts": ["[127.0.0.1]:%d" % aport], "retry_min": 1, "retry_max": 1,
+                                   "tls": "none"},
+                                  routes=[{"domains": ["b.example"], "smarthosts": ["[127.0.0.1]:%d" % bport]}])
 
         def done(path, rcpt):
             try:
@@ -470,24 +447,16 @@ class SuccessNoticeCrashTests(RelayTestCase):
             except (OSError, ValueError, KeyError):
                 return False
 
-        def run():
-            try:
-                p = start()
-                _sendWithDSN(port, {"r@a.example": ["NOTIFY=SUCCESS"], "r@b.example": []})
-                queue = os.path.join(directory, "spool", "queue")
-                [qid] = os.listdir(queue)
-                state = os.path.join(directory, "spool", "state", qid)
-                waitFor(lambda: done(state, "r@a.example"), "r@a.example recorded done")
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(10)
-                slow.silentAtEndFor = None
-                start()
-                waitFor(lambda: not os.listdir(queue) and len(hop.transactions) == 2, "the notice after the restart")
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                        p.wait(20)
+        def run(gw):
+            gw.start()
+            _sendWithDSN(gw.port, {"r@a.example": ["NOTIFY=SUCCESS"], "r@b.example": []})
+            [qid] = os.listdir(gw.path("queue"))
+            waitFor(lambda: done(gw.path("state", qid), "r@a.example"), "r@a.example recorded done")
+            gw.kill()
+            slow.silentAtEndFor = None
+            gw.start()
+            waitFor(lambda: not os.listdir(gw.path("queue")) and len(hop.transactions) == 2,
+                    "the notice after the restart")
 
         def check(_):
             message, notice = hop.transactions
@@ -499,8 +468,4 @@ class SuccessNoticeCrashTests(RelayTestCase):
                              [("rfc822; r@a.example", "relayed")])
             self.assertIn("r@b.example", slow.recipients())
 
-        def failed(f):
-            with open(os.path.join(directory, "twistd.log"), errors="replace") as log:
-                raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), log.read()[-5000:]))
-
-        return inThread(run).addCallbacks(check, failed)
+        return crashTest(gateway, run, check)

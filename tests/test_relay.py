@@ -8,9 +8,7 @@ import io
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import time
 
 from twisted.internet import defer, reactor, task
@@ -21,14 +19,15 @@ from twisted.trial import unittest
 
 from relaygw.logs import makeObserver
 from relaygw.testing import (
-    Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread, waitForPort,
+    Client, Gateway, ScriptedSMTPFactory, ScriptedSMTPServer, configText, freePort, inThread,
 )
 from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, WITHDRAWN, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
 from tests.messages import sendOne
-from tests.processes import runTwistd
 from tests.recorders import LogCapture
-from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory, deliveryStatus
+from tests.relaysetup import (
+    FAST, CrashingGateway, RelayTestCase, TrackingHopFactory, crashTest, deliveryStatus, waitFor,
+)
 from tests.tlsmaterial import makeCA
 
 
@@ -1705,56 +1704,23 @@ class CrashDuringDeliveryTests(RelayTestCase):
     def test_noResendAfterRestart(self):
         hop, hport = self.hop(rcpt={"later@example.net": ["451 4.3.0 not now", "451 4.3.0 not now",
                                                             "250 2.1.5 Ok"]})
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        port = freePort()
-        conf = os.path.join(directory, "relaygw.toml")
-        with open(conf, "w") as f:
-            f.write(configText(directory, relay={"smarthosts": ["[127.0.0.1]:%d" % hport], "retry_min": 2,
-                                                 "retry_max": 2},
-                               listeners=({"endpoint": "tcp:%d:interface=127.0.0.1" % port,
-                                           "relay_networks": ["127.0.0.0/8"]},)))
-        procs = []
+        gateway = CrashingGateway(os.path.abspath(self.mktemp()),
+                                  {"smarthosts": ["[127.0.0.1]:%d" % hport], "retry_min": 2, "retry_max": 2})
 
-        def start():
-            p = runTwistd(conf, directory)
-            procs.append(p)
-            waitForPort(port)
-            return p
-
-        def waitFor(predicate, timeout, what):
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > deadline:
-                    raise AssertionError("timed out waiting for %s" % (what,))
-                time.sleep(0.05)
-
-        def run():
-            try:
-                p = start()
-                qid = sendOne(port, rcpts=("now@example.net", "later@example.net"))
-                statePath = os.path.join(directory, "spool", "state", qid)
-                waitFor(lambda: os.path.exists(statePath), 20, "the first attempt's progress")
-                with open(statePath) as f:
-                    state = json.load(f)
-                assert state["rcpts"]["now@example.net"]["status"] == "done", state
-                assert state["rcpts"]["later@example.net"]["status"] == "deferred", state
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(10)
-                start()
-                queued = os.path.join(directory, "spool", "queue", qid)
-                waitFor(lambda: "later@example.net" in hop.recipients() and not os.path.exists(queued), 30,
-                        "delivery after the restart")
-                return qid
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                        try:
-                            p.wait(20)
-                        except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.wait(10)
+        def run(gw):
+            gw.start()
+            qid = sendOne(gw.port, rcpts=("now@example.net", "later@example.net"))
+            statePath = gw.path("state", qid)
+            waitFor(lambda: os.path.exists(statePath), "the first attempt's progress", 20)
+            with open(statePath) as f:
+                state = json.load(f)
+            assert state["rcpts"]["now@example.net"]["status"] == "done", state
+            assert state["rcpts"]["later@example.net"]["status"] == "deferred", state
+            gw.kill()
+            gw.start()
+            waitFor(lambda: "later@example.net" in hop.recipients() and not os.path.exists(gw.path("queue", qid)),
+                    "delivery after the restart")
+            return qid
 
         def check(qid):
             # Each recipient reached the next hop in a completed transaction
@@ -1765,11 +1731,7 @@ class CrashDuringDeliveryTests(RelayTestCase):
             self.assertEqual(hop.lines.count("RCPT TO:<later@example.net>"), 3)
             self.assertEqual(len(hop.transactions), 2)
 
-        def failed(f):
-            with open(os.path.join(directory, "twistd.log"), errors="replace") as log:
-                raise AssertionError("%s\n--- twistd.log ---\n%s" % (f.getErrorMessage(), log.read()[-5000:]))
-
-        return inThread(run).addCallbacks(check, failed)
+        return crashTest(gateway, run, check)
 
 
 class DuplicateRecipientTests(RelayTestCase):
