@@ -180,6 +180,10 @@ class FuzzHop(protocol.Protocol):
             params = text.split(">", 1)[1].split() if ">" in text else []
             self.checkParams(params, {"SIZE": "SIZE", "BODY": "8BITMIME", "RET": "DSN", "ENVID": "DSN",
                                       "SMTPUTF8": "SMTPUTF8"})
+            for p in params:
+                if p.upper().startswith("SIZE=") and self.record.size and int(p[5:]) > self.record.size:
+                    self.record.violations.append("a message of %s octets over the SIZE %d offered"
+                                                  % (p[5:], self.record.size))
             mailfrom = text.split("<", 1)[1].split(">", 1)[0] if "<" in text else ""
             self.txn = Transaction(mailfrom, params)
             return self.reply("MAIL")
