@@ -173,6 +173,17 @@ class _ResettingServer(ScriptedSMTPServer):
         ScriptedSMTPServer.lineReceived(self, line)
 
 
+class _ForgetfulAfterXclient(ScriptedSMTPServer):
+    """A next hop whose EHLO after XCLIENT offers nothing but ENHANCEDSTATUSCODES."""
+
+    def lineReceived(self, line):
+        if self.xclientUsed and not self.inData and line.upper().startswith(b"EHLO"):
+            self.factory.lines.append(line.decode())
+            self.reply("250-scripted.example.test\n250 ENHANCEDSTATUSCODES")
+            return
+        ScriptedSMTPServer.lineReceived(self, line)
+
+
 class DeliveryTests(_DeliveryTestCase):
     @defer.inlineCallbacks
     def test_byteForByte(self):
@@ -1043,6 +1054,24 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         self.assertTemporary(result, "identity")
         self.assertEqual(result.enhanced, "4.4.3")
         self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
+
+    @defer.inlineCallbacks
+    def test_xclientThenExtensionsOfTheNewGreeting(self):
+        """
+        The EHLO after XCLIENT says what the session offers from then on:
+        a DSN offered before it and not after is not used (no NOTIFY,
+        ORCPT, RET, ENVID), nor a SIZE limit offered only before it.
+        """
+        factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR", "DSN", "SIZE 10"])
+        factory.protocol = _ForgetfulAfterXclient
+        port = self.listen(factory)
+        message = self.message(context=self.CONTEXT, rcptParams={"rcpt@example.test": {"NOTIFY": "SUCCESS"}},
+                               mailParams={"RET": "HDRS"})
+        results = yield deliver(reactor, "127.0.0.1", port, [message], _options(forwardIdentity=True))
+        self.assertTrue(results[0]["rcpt@example.test"].ok, results[0])
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
+        self.assertIn("MAIL FROM:<sender@example.net>", factory.lines)
+        self.assertIn("RCPT TO:<rcpt@example.test>", factory.lines)
 
     @defer.inlineCallbacks
     def test_xclientAdvertisedOnly(self):

@@ -122,7 +122,6 @@ class Transaction:
         previous message (L{_envelopeAhead}).
         """
         proto = self.proto
-        rcpts = _rcptCommands(message, "DSN" in self.extensions)
         if not sent:
             if self.needReset:
                 self.stage = "RSET"
@@ -132,6 +131,8 @@ class Transaction:
                 self.needReset = False
             await self._forwardIdentity(message)
             mail = self._mailCommand(message, size)
+        # (after XCLIENT's new EHLO, whose extensions are the session's from then on)
+        rcpts = _rcptCommands(message, "DSN" in self.extensions)
         self.stage = "MAIL"
         dataReply = None
         if sent or "PIPELINING" in self.extensions:
