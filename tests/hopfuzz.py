@@ -79,8 +79,12 @@ class Connection:
 
     def __init__(self):
         self.offered = set()
-        self.size = None
+        self.sizes = []  # (every SIZE limit its EHLOs offered)
         self.tls = False
+        #: The senders of the transactions under way or begun once the next
+        #: hop had sent a line no command asked for (or an incomplete one):
+        #: the client can take any reply after it for another command's.
+        self.misled = set()
         self.transactions = []
         self.permanent = []  # (mailfrom of the transaction then, or None)
         self.violations = []
@@ -105,6 +109,7 @@ class FuzzHop(protocol.Protocol):
         self.misled = False
         self.authStep = 0
         self.authed = False
+        self.xclient = False
         self.needHello = None  # (after STARTTLS or XCLIENT: the command that asks for a new EHLO)
         f.protocols.append(self)
         self.reply("greeting")
@@ -175,17 +180,19 @@ class FuzzHop(protocol.Protocol):
             return self.negotiation(verb, text)
         if verb == "MAIL":
             f = self.factory
-            if f.options.auth and "AUTH" in self.record.offered and not self.authed:
+            if f.options.auth and "AUTH" in self.record.offered and not self.authed and not self.xclient:
                 self.record.violations.append("MAIL without the AUTH configured")
             params = text.split(">", 1)[1].split() if ">" in text else []
             self.checkParams(params, {"SIZE": "SIZE", "BODY": "8BITMIME", "RET": "DSN", "ENVID": "DSN",
                                       "SMTPUTF8": "SMTPUTF8"})
+            limit = self.record.sizes[-1] if "SIZE" in self.record.offered else 0
             for p in params:
-                if p.upper().startswith("SIZE=") and self.record.size and int(p[5:]) > self.record.size:
-                    self.record.violations.append("a message of %s octets over the SIZE %d offered"
-                                                  % (p[5:], self.record.size))
+                if p.upper().startswith("SIZE=") and limit and int(p[5:]) > limit:
+                    self.record.violations.append("a message of %s octets over the SIZE %d offered" % (p[5:], limit))
             mailfrom = text.split("<", 1)[1].split(">", 1)[0] if "<" in text else ""
             self.txn = Transaction(mailfrom, params)
+            if self.misled:
+                self.record.misled.add(mailfrom)
             return self.reply("MAIL")
         if verb == "RCPT":
             params = text.split(">", 1)[1].split() if ">" in text else []
@@ -262,10 +269,11 @@ class FuzzHop(protocol.Protocol):
                 return
             elif phase == "XCLIENT":
                 self.needHello = "XCLIENT"
+                self.xclient = True  # (the client's AUTH belongs to the greeting before it)
             elif phase == "AUTH":
                 self.authed = True
             if action == "extra":  # (pipelined, it is the answer to the next command: the client can't tell)
-                self.misled = True
+                self.mislead()
                 extra = rng.choice(["250 2.0.0 and another", "550 5.0.0 surprise", "221 bye"])
                 if extra[0] == "5":  # (whichever command it is read as answering)
                     self.record.permanent.append(None)
@@ -293,12 +301,17 @@ class FuzzHop(protocol.Protocol):
         if action == "close":
             return self.close()
         if action == "garbage":
-            self.misled = True
+            self.mislead()
             if phase == "MAIL":
                 self.txn = None
             return self.send(rng.choice(_GARBAGE))
         # silent: the client's timer must end it
         self.owed = True
+
+    def mislead(self):
+        """A line no command asked for is going out: see L{Connection.misled}."""
+        self.misled = True
+        self.record.misled.add(self.txn.mailfrom if self.txn else None)
 
     def startTLS(self):
         """After the 220: the handshake, or (now and then) a reset instead of one."""
@@ -320,8 +333,9 @@ class FuzzHop(protocol.Protocol):
             lines = ["hop.test"]
             for e in offered:
                 if e == "SIZE":
-                    self.record.size = self.rng.choice([0, 100, 2000, 10 ** 6])
-                    lines.append("SIZE %d" % self.record.size if self.record.size else "SIZE")
+                    size = self.rng.choice([0, 100, 2000, 10 ** 6])
+                    self.record.sizes.append(size)
+                    lines.append("SIZE %d" % size if size else "SIZE")
                 else:
                     lines.append(e)
             return "\r\n".join(("250-" if i < len(lines) - 1 else "250 ") + line for i, line in enumerate(lines))
@@ -511,7 +525,8 @@ class Case:
             taken = [t for c in factory.connections for t in c.transactions
                      if t.mailfrom == message.mailfrom and t.endCode == 250 and t.endWritten]
             fives = [m for c in factory.connections for m in c.permanent if m in (message.mailfrom, None)]
-            sizes = [c.size for c in factory.connections if "SIZE" in c.offered and c.size]
+            sizes = [size for c in factory.connections for size in c.sizes if size]
+            misled = any(message.mailfrom in c.misled for c in factory.connections)
             if sorted(result) != sorted(message.recipients):
                 problem("%s: results for %s" % (message.mailfrom, sorted(result)))
             for rcpt in message.recipients:
@@ -523,7 +538,9 @@ class Case:
                 mine = [t for t in taken if rcpt in t.rcpts]
                 if r.ok:
                     fig.delivered += 1
-                    if not mine:
+                    if misled:
+                        pass  # (which reply answered which command, neither side can tell)
+                    elif not mine:
                         problem("%s reported delivered (%s) with no transaction answered 250" % (rcpt, r))
                     elif all(t.body != body and not t.early for t in mine):
                         problem("%s: content altered" % (rcpt,))
