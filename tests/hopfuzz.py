@@ -117,7 +117,7 @@ class FuzzHop(protocol.Protocol):
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data):
-        if self.after421:
+        if self.after421 and not self.misled:  # (misled, the client may not have read that far yet)
             self.record.violations.append("sent %r after a 421" % (data[:60],))
             self.after421 = False  # (said once)
         if self.gone:
