@@ -32,7 +32,7 @@ import random
 import re
 import time
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.logger import LogLevel, globalLogPublisher
 
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, deliver
@@ -495,12 +495,12 @@ class Case:
             globalLogPublisher.removeObserver(observe)
             yield port.stopListening()
         # (the next hop's last writes and closes)
-        yield deferLater(0.05)
+        yield task.deferLater(reactor, 0.05, lambda: None)
         left = [p for p in factory.protocols if p.transport is not None and p.transport.connected]
         for p in left:
             p.transport.abortConnection()
         if left:
-            yield deferLater(0.01)
+            yield task.deferLater(reactor, 0.01, lambda: None)
         self.check(factory, messages, contents, results, took, failures, len(left))
 
     def check(self, factory, messages, contents, results, took, failures, left=0):
@@ -570,12 +570,6 @@ def serverTLS(directory):
         with open(cert, "rb") as c, open(key, "rb") as k:
             _TLS["options"] = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
     return _TLS["options"]
-
-
-def deferLater(seconds):
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def runSeeds(base, seeds, cases, figures, minutes=None, done=None):

@@ -92,13 +92,14 @@ class Attempts:
             groups.setdefault(router(message, r), []).append(r)
         attempt = _Attempt(qid, message, state, fresh, len(groups), forced)
         attempt.started = time.time()
+        if len(groups) == 1:  # (the usual case: one next hop, no DeferredList to wait through)
+            self.manager.waitingFor(qid, 1)
+            [(hop, recipients)] = groups.items()
+            return self._deliver(attempt, hop, recipients)
         # The delivery slots the other attempts leave (this one holds one):
         # a message to many domains takes its next hops that many at a time.
         room = max(1, self.manager.concurrency - self.manager.deliveries() + 1)
         self.manager.waitingFor(qid, len(groups))
-        if len(groups) == 1:  # (the usual case: one next hop, no DeferredList to wait through)
-            [(hop, recipients)] = groups.items()
-            return self._deliver(attempt, hop, recipients)
         if len(groups) <= room:
             ds = [self._deliver(attempt, hop, recipients) for hop, recipients in groups.items()]
         else:
