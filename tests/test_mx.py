@@ -4,12 +4,12 @@ Tests for L{relaygw.relay.mx} against a real L{twisted.names} server on
 """
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.error import CannotListenError
 from twisted.names import authority, client, common, dns, error, server
 from twisted.trial import unittest
 
 from relaygw.relay import mx
 from relaygw.relay.mx import LoopsToSelf, NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops, ownAddresses
+from tests.dnsfuzz import listenDNS
 
 
 def _zone(origin, records):
@@ -62,6 +62,9 @@ class _Hostile(common.ResolverBase):
         if name == b"alias.hostile.test" and type == dns.MX:
             return defer.succeed(([rr(b"alias.hostile.test", dns.Record_CNAME(b"target.hostile.test")),
                                    rr(b"target.hostile.test", dns.Record_MX(10, b"mx2.example.test"))], [], []))
+        if name == b"chaos.hostile.test" and type == dns.MX:  # (a record of another class: no answer to an IN question)
+            return defer.succeed(([dns.RRHeader(name, dns.MX, dns.CH, 60, dns.Record_MX(0, b"mx.example.net")),
+                                   rr(name, dns.Record_MX(10, b"mx2.example.test"))], [], []))
         if name == b"loop.hostile.test":
             return defer.succeed(([rr(b"loop.hostile.test", dns.Record_CNAME(b"loop2.hostile.test")),
                                    rr(b"loop2.hostile.test", dns.Record_CNAME(b"loop.hostile.test"))], [], []))
@@ -75,14 +78,7 @@ class _Hostile(common.ResolverBase):
 
 def _listenDNS(case, factory, datagrams):
     """A DNS server on 127.0.0.1, TCP C{factory} and UDP C{datagrams} on one port (stopped at C{case}'s end): the port."""
-    for attempt in range(20):  # (a TCP port whose UDP twin is free)
-        tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        try:
-            udp = reactor.listenUDP(tcp.getHost().port, datagrams, interface="127.0.0.1")
-        except CannotListenError:
-            tcp.stopListening()
-            continue
-        break
+    tcp, udp = listenDNS(factory, datagrams)
     case.addCleanup(tcp.stopListening)
     case.addCleanup(udp.stopListening)
     return tcp.getHost().port
@@ -285,6 +281,12 @@ class LookupNextHopsTests(unittest.TestCase):
         hops = yield lookupNextHops(self.resolver, "alias.hostile.test")
         self.assertEqual(hops, [("192.0.2.2", 25)])
 
+    @defer.inlineCallbacks
+    def test_recordsOfAnotherClassIgnored(self):
+        """An MX record of the CHAOS class in the answer to an Internet-class question is not used."""
+        hops = yield lookupNextHops(self.resolver, "chaos.hostile.test")
+        self.assertEqual(hops, [("192.0.2.2", 25)])
+
     def test_nullMXIsPreferenceZero(self):
         """An MX "." of another preference is no null MX (RFC 7505): no host, a temporary failure."""
         return self.assertFailure(lookupNextHops(self.resolver, "notnull.example.test"), TemporaryLookupFailure)
@@ -456,6 +458,26 @@ class _CutReply(protocol.DatagramProtocol):
         self.transport.write(reply.toStr()[:whole], address)
 
 
+class _CutOverTCP(protocol.Protocol):
+    """A DNS server over TCP answering each query as L{_CutReply} does, the cut message length-prefixed whole."""
+
+    buffer = b""
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while len(self.buffer) >= 2 and len(self.buffer) >= 2 + int.from_bytes(self.buffer[:2], "big"):
+            length = int.from_bytes(self.buffer[:2], "big")
+            query = dns.Message()
+            query.fromStr(self.buffer[2:2 + length])
+            self.buffer = self.buffer[2 + length:]
+            reply = dns.Message(id=query.id, answer=1)
+            reply.queries = query.queries
+            whole = len(reply.toStr())
+            reply.answers = [dns.RRHeader(query.queries[0].name.name, payload=dns.Record_A("192.0.2.99"))]
+            reply = reply.toStr()[:whole]
+            self.transport.write(len(reply).to_bytes(2, "big") + reply)
+
+
 class _AlwaysTruncated(protocol.Protocol):
     """A DNS server over TCP answering each query with an empty reply, its TC bit set; counts the queries."""
 
@@ -499,6 +521,20 @@ class StrictResolverTests(unittest.TestCase):
             connection.transport.loseConnection()
         yield task.deferLater(reactor, 0.1, lambda: None)
 
+
+    @defer.inlineCallbacks
+    def test_cutReplyOverTCPRefused(self):
+        """
+        A TCP reply missing the records its header counts is refused, a
+        temporary failure: read as it was, the domain had neither MX nor
+        address records, and its mail bounced.
+        """
+        factory = protocol.ServerFactory.forProtocol(_CutOverTCP)
+        resolver = mx.makeResolver(("127.0.0.1", _listenDNS(self, factory, _CutReply())))
+        yield self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)
+        for connection in resolver.connections:  # (twisted.names keeps them open)
+            connection.transport.loseConnection()
+        yield task.deferLater(reactor, 0.1, lambda: None)
 
     @defer.inlineCallbacks
     def test_truncatedOverTCPIsNotAskedAgain(self):

@@ -108,7 +108,8 @@ class StrictResolver(client.Resolver):
     about that name (an NXDOMAIN read from such a packet bounced mail at
     once).  Refused, the lookup fails as if the server had: a temporary
     failure.  A UDP reply cut short is asked again over TCP; a TCP reply
-    saying it was cut short (TC) is refused too.
+    cut short, or saying it was (TC), is refused too (read as it was, a
+    domain's address records cut off bounced its mail as having none).
 
     A question already being asked is not asked again: every lookup of it
     waits for the one query (as twisted.names does), and that query is
@@ -121,6 +122,15 @@ class StrictResolver(client.Resolver):
     def __init__(self, *args, **kwargs):
         client.Resolver.__init__(self, *args, **kwargs)
         self._asking = {}  # (name, type, class) -> its _Question
+        build = self.factory.buildProtocol
+
+        def buildProtocol(addr):  # (TCP: one message per length-prefixed string)
+            protocol = build(addr)
+            received = protocol.stringReceived
+            protocol.stringReceived = lambda packet: received(_truncatedIfCut(packet))
+            return protocol
+
+        self.factory.buildProtocol = buildProtocol
 
     def _lookup(self, name, cls, type, timeout):
         key = (name, type, cls)
@@ -195,11 +205,11 @@ class _Question:
 
 def _truncatedIfCut(data):
     """
-    A UDP reply with fewer records than its header counts (cut short on its
+    A reply with fewer records than its header counts (cut short on its
     way, the TC bit not set; twisted.names reads what is there), marked
-    truncated, so that it is asked again over TCP (RFC 2181 section 9):
-    read as it is, its missing MX records made the domain's own address
-    its next hop.
+    truncated, so that over UDP it is asked again over TCP (RFC 2181
+    section 9), and over TCP refused: read as it is, its missing MX records
+    made the domain's own address its next hop.
     """
     message = dns.Message()
     try:
@@ -241,12 +251,15 @@ def _name(value):
 
 def _owned(records, name):
     """
-    The records in C{records} (RRHeaders) owned by C{name}, or by a name
-    the CNAME records among them lead to from it.
+    The Internet-class records in C{records} (RRHeaders) owned by C{name},
+    or by a name the CNAME records among them lead to from it (a record of
+    another class answers no question the gateway asks: RFC 1035 section
+    4.1.1).
 
     @raise TemporaryLookupFailure: those CNAMEs loop (a resolver answers
         SERVFAIL for a loop; this reply came without one).
     """
+    records = [rr for rr in records if rr.cls == dns.IN]
     onward = {}
     for rr in records:
         if rr.type == dns.CNAME:
