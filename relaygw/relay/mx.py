@@ -229,15 +229,16 @@ def _questions(queries):
 def makeResolver(server=None):
     """
     The resolver MX delivery uses: the DNS server C{server} (C{(host,
-    port)}) alone, else the system's (the hosts file, a cache, then the
-    servers of resolv.conf, as L{client.createResolver} builds it).
+    port)}) alone, else the system's (the hosts file, then the servers of
+    resolv.conf).  No cache of its own, as Postfix has none: the one
+    L{client.createResolver} puts in its chain is filled only by a DNS
+    server's factory, never by lookups through the chain.
     """
     if server is not None:
         return StrictResolver(servers=[server])
-    from twisted.names import cache, hosts, resolve
+    from twisted.names import hosts, resolve
 
-    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(),
-                                  StrictResolver(b"/etc/resolv.conf")])
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), StrictResolver(b"/etc/resolv.conf")])
 
 
 def _name(value):
