@@ -301,10 +301,20 @@ class _CheckedContent:
 
     def __init__(self, f, size, crc, path):
         self.f = f
-        self.left = size
+        self.size = self.left = size
         self.crc = crc
         self.path = path
         self._crc = 0
+
+    def tell(self):
+        return self.f.tell()
+
+    def seek(self, offset):
+        """Back to the content's start (C{offset}, as L{tell} gave it there), to read and check it again."""
+        if offset != self.f.tell() - (self.size - self.left):
+            raise ValueError("only the start of the content can be sought")
+        self.f.seek(offset)
+        self.left, self._crc = self.size, 0
 
     def read(self, n=-1):
         want = self.left if n is None or n < 0 else min(n, self.left)

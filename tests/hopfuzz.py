@@ -72,6 +72,7 @@ class Transaction:
         self.endCode = None
         self.endWritten = False
         self.early = False  # (answered 250 before the end of the content)
+        self.sevenBit = False  # (8BITMIME not offered: 8-bit content must come converted)
 
 
 class Connection:
@@ -191,6 +192,7 @@ class FuzzHop(protocol.Protocol):
                     self.record.violations.append("a message of %s octets over the SIZE %d offered" % (p[5:], limit))
             mailfrom = text.split("<", 1)[1].split(">", 1)[0] if "<" in text else ""
             self.txn = Transaction(mailfrom, params)
+            self.txn.sevenBit = "8BITMIME" not in self.record.offered
             if self.misled:
                 self.record.misled.add(mailfrom)
             return self.reply("MAIL")
@@ -542,7 +544,7 @@ class Case:
                         pass  # (which reply answered which command, neither side can tell)
                     elif not mine:
                         problem("%s reported delivered (%s) with no transaction answered 250" % (rcpt, r))
-                    elif all(t.body != body and not t.early for t in mine):
+                    elif all(not _same(t, body) and not t.early for t in mine):
                         problem("%s: content altered" % (rcpt,))
                 else:
                     if mine:
@@ -553,6 +555,24 @@ class Case:
                             problem("%s failed for good (%s) without a 5xx from the next hop" % (rcpt, r))
                     else:
                         fig.deferred += 1
+
+
+def _same(transaction, body):
+    """
+    Whether C{transaction} received C{body} (lines): as it is, or, without
+    8BITMIME, 8-bit content converted to 7 bits with the same content
+    (RFC 6152).
+    """
+    if transaction.body == body:
+        return True
+    if not transaction.sevenBit or all(line.isascii() for line in body):
+        return False
+    import email
+
+    received = b"".join(line + b"\r\n" for line in transaction.body)
+    original = b"".join(line + b"\r\n" for line in body)
+    return received.isascii() and (email.message_from_bytes(received).get_payload(decode=True)
+                                    == email.message_from_bytes(original).get_payload(decode=True))
 
 
 _TLS = {}

@@ -45,6 +45,35 @@ class SmarthostTests(RelayTestCase):
         self.assertTrue(t["data"].endswith(b"body of relay\r\n"))
 
     @defer.inlineCallbacks
+    def relayEightBit(self, extensions):
+        """A message with 8-bit (Latin-1) octets in its Subject and body, to a next hop offering C{extensions}."""
+        hop, port = self.hop(extensions=extensions)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(subject="caf\u00e9")
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(len(hop.transactions), 1)
+        return hop.transactions[0]["data"]
+
+    @defer.inlineCallbacks
+    def test_eightBitConvertedWithout8BITMIME(self):
+        """
+        8-bit content to a next hop that does not offer 8BITMIME arrives
+        quoted-printable (RFC 6152, as Postfix converts it), read from the
+        queue file twice with its checksum checked each time; the header
+        field keeps its octets (no charset to encode them with).
+        """
+        data = yield self.relayEightBit(["PIPELINING", "SIZE 10000000"])
+        self.assertIn(b"Subject: caf\xe9\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
+                      data)
+        self.assertTrue(data.endswith(b"\r\n\r\nbody of caf=E9\r\n"), data)
+
+    @defer.inlineCallbacks
+    def test_eightBitAsItCameWith8BITMIME(self):
+        """To a next hop that offers 8BITMIME, 8-bit content goes as it came."""
+        data = yield self.relayEightBit(["PIPELINING", "8BITMIME"])
+        self.assertTrue(data.endswith(b"Subject: caf\xe9\r\n\r\nbody of caf\xe9\r\n"), data)
+
+    @defer.inlineCallbacks
     def test_temporaryThenSuccess(self):
         hop, port = self.hop(rcpt={"b@example.net": ["451 4.3.0 try again later", "250 2.1.5 Ok"]})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})

@@ -34,6 +34,23 @@ CONTENT = (
     b"last line\r\n"
 )
 
+#: L{CONTENT} as it goes to a next hop without 8BITMIME (RFC 6152): quoted-printable, as Postfix converts it.
+CONTENT_7BIT = (
+    b"From: sender@example.net\r\n"
+    b"To: rcpt@example.test\r\n"
+    b"Subject: dots and 8 bits\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"\r\n"
+    b".leading dot\r\n"
+    b"..two leading dots\r\n"
+    b"=2E\r\n"
+    b"a line . with a dot\r\n"
+    b"caf=C3=A9 =FF=FE raw 8-bit\r\n"
+    b"\r\n"
+    b"last line\r\n"
+)
+
 
 def _options(**kw):
     kw.setdefault("heloName", "relay.example.net")
@@ -633,7 +650,7 @@ class OddSizeExtensionTests(_DeliveryTestCase):
         """
         factory, result = yield self._deliverWithSize("9" * 5000)
         self.assertTrue(result.ok, result)
-        self.assertEqual(factory.messages, [CONTENT])
+        self.assertEqual(factory.messages, [CONTENT_7BIT])
 
     @defer.inlineCallbacks
     def test_nonDecimalDigitSizeAdvertised(self):
@@ -643,7 +660,7 @@ class OddSizeExtensionTests(_DeliveryTestCase):
         """
         factory, result = yield self._deliverWithSize("\u00b2")
         self.assertTrue(result.ok, result)
-        self.assertEqual(factory.messages, [CONTENT])
+        self.assertEqual(factory.messages, [CONTENT_7BIT])
 
 
 class PipeliningTests(_DeliveryTestCase):
@@ -689,7 +706,7 @@ class PipeliningTests(_DeliveryTestCase):
         )
         self.assertTrue(results[0]["a@example.test"].ok)
         self.assertTrue(results[0]["b@example.test"].permanent)
-        self.assertEqual(factory.messages, [CONTENT])
+        self.assertEqual(factory.messages, [CONTENT_7BIT])
 
     @defer.inlineCallbacks
     def test_notPipelined(self):
@@ -715,7 +732,7 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertEqual(
             factory.verbs(), ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
         )
-        self.assertEqual(factory.messages, [CONTENT])
+        self.assertEqual(factory.messages, [CONTENT_7BIT])
 
 
     def aheadOfReply(self, factory):
@@ -738,7 +755,7 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertEqual(factory.verbs(), ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"])
         for result, rcpt in zip(results, ["a@example.test", "b@example.test", "c@example.test"]):
             self.assertEqual(result[rcpt], RecipientResult(554, "5.7.1", "refused"))
-        self.assertEqual(factory.messages, [CONTENT, CONTENT, CONTENT.replace(b"last", b"third")])
+        self.assertEqual(factory.messages, [CONTENT_7BIT, CONTENT_7BIT, CONTENT_7BIT.replace(b"last", b"third")])
 
     @defer.inlineCallbacks
     def test_unreadableMessageNotAhead(self):

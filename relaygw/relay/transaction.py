@@ -6,7 +6,10 @@ next message's envelope sent right behind the end of data.
 
 import re
 
+from twisted.internet.threads import deferToThread
+
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
+from relaygw.relay.downgrade import forSevenBit
 from relaygw.relay.nexthop import NOT_SENT
 
 
@@ -133,6 +136,8 @@ class Transaction:
             mail = self._mailCommand(message, size)
         # (after XCLIENT's new EHLO, whose extensions are the session's from then on)
         rcpts = _rcptCommands(message, "DSN" in self.extensions)
+        if "8BITMIME" not in self.extensions:  # (8-bit content converted; read in a thread, it may be megabytes)
+            body = await deferToThread(forSevenBit, body)
         self.stage = "MAIL"
         dataReply = None
         if sent or "PIPELINING" in self.extensions:

@@ -1,0 +1,201 @@
+"""
+8-bit content for a next hop that does not offer 8BITMIME (RFC 6152
+section 3): converted to 7 bits with MIME, as Postfix does by default
+(C{disable_mime_output_conversion = no}), rather than sent as it came.
+
+Each MIME leaf part whose body holds 8-bit octets and whose declared
+encoding is 7bit, 8bit, binary or none gets C{Content-Transfer-Encoding:
+quoted-printable} and its body is encoded so; multipart bodies and
+C{message/rfc822} parts are walked into, the latter's own encoding header
+made 7bit when it said 8bit.  A message without C{MIME-Version} gets one.
+Header fields are left as they are (8-bit octets there have no charset to
+encode them with), as are a multipart's preamble and epilogue.
+
+The content is read twice from its file, never held whole: once to find
+which parts hold 8-bit octets, once to write it out converted.
+"""
+
+import binascii
+from email.message import Message
+
+#: Encodings whose parts are converted; base64 and quoted-printable are 7-bit already.
+_CONVERTIBLE = (None, "7bit", "8bit", "binary")
+
+_QP = b"Content-Transfer-Encoding: quoted-printable\r\n"
+
+
+def forSevenBit(file):
+    """
+    C{file} (the content, binary, positioned at its start) as it may go to
+    a next hop without 8BITMIME: itself when it is all ASCII, else a
+    reader of the converted content (C{read(n)}: C{n} octets, fewer only
+    at the end).  If C{file} cannot be read, a reader failing as it did:
+    the message is never sent in part.
+    """
+    try:
+        start = file.tell()
+        while True:
+            chunk = file.read(1 << 16)
+            if not chunk:
+                file.seek(start)
+                return file
+            if not chunk.isascii():
+                break
+        file.seek(start)
+        walk = _Walk(None)
+        for line in _lines(file):
+            walk.line(line)
+        file.seek(start)
+    except OSError as e:
+        return _Unreadable(e)
+    return _Reader(file, walk.eightBit)
+
+
+class _Unreadable:
+    """Content that could not be read: each read raises the error."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def read(self, size):
+        raise self.error
+
+
+def _lines(file):
+    """The lines of C{file} (binary, perhaps unbuffered), each with its line end, read 64 KB at a time."""
+    rest = b""
+    while True:
+        chunk = file.read(1 << 16)
+        if not chunk:
+            break
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+class _Reader:
+    """The converted content of C{file}, read in pieces."""
+
+    def __init__(self, file, eightBit):
+        self._lines = _lines(file)
+        self._walk = _Walk(eightBit)
+        self._buffer = bytearray()
+
+    def read(self, size):
+        while len(self._buffer) < size:
+            line = next(self._lines, None)
+            if line is None:
+                break
+            self._buffer += b"".join(self._walk.line(line))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+
+def _contentType(fields):
+    """C{(type, boundary, encoding)} of an entity from its header fields (each a list of physical lines)."""
+    message = Message()
+    for lines in fields:
+        name, _, value = b"".join(lines).partition(b":")
+        name = name.strip().lower()
+        if name in (b"content-type", b"content-transfer-encoding"):
+            message[name.decode("ascii", "replace")] = " ".join(value.decode("ascii", "replace").split())
+    encoding = str(message.get("content-transfer-encoding") or "").strip().lower() or None
+    try:
+        boundary = message.get_param("boundary") if message.get_content_maintype() == "multipart" else None
+        if isinstance(boundary, tuple):  # (an RFC 2231 value)
+            boundary = boundary[2]
+        return message.get_content_type(), boundary, encoding
+    except Exception:  # (a header the email package cannot read: the part is taken as text/plain)
+        return "text/plain", None, encoding
+
+
+def _field(lines, name):
+    head = lines[0]
+    return head[:len(name)].lower() == name and head[len(name):].lstrip(b" \t")[:1] == b":"
+
+
+class _Walk:
+    """
+    The MIME structure of the content, line by line.  Without C{eightBit}
+    it notes which leaf parts hold 8-bit octets (C{eightBit}, in the order
+    they come); with it, each L{line} returns the lines to write instead.
+    """
+
+    def __init__(self, eightBit):
+        self.converting = eightBit is not None
+        self.eightBit = eightBit if self.converting else []
+        self.boundaries = []  # the multiparts open, innermost last
+        self.fields = []  # the header fields of the entity being read
+        self.state = "headers"  # or "leaf", "between" (a preamble or epilogue)
+        self.top = True  # (the message's own header section)
+        self.leaf = None  # the index of the leaf part being read
+        self.leaves = 0  # the leaf parts met so far
+        self.encoding = False  # the leaf part being read is quoted-printable encoded here
+
+    def line(self, line):
+        if self.boundaries and line.startswith(b"--"):
+            delimiter = line.rstrip()
+            for depth in range(len(self.boundaries) - 1, -1, -1):
+                boundary = b"--" + self.boundaries[depth]
+                if delimiter == boundary or delimiter == boundary + b"--":
+                    return self._delimiter(depth, delimiter != boundary, line)
+        if self.state == "headers":
+            if line[:1] in (b" ", b"\t") and self.fields:
+                self.fields[-1].append(line)
+                return []
+            if b":" in line and line.strip():
+                self.fields.append([line])
+                return []
+            out = self._headersEnd()
+            return out + self.line(line) if line.strip() else out + [line]
+        if self.state == "leaf":
+            if not self.converting:
+                if not self.eightBit[self.leaf] and not line.isascii():
+                    self.eightBit[self.leaf] = True
+                return []
+            if self.encoding:
+                return [_encoded(line)]
+        return [line]
+
+    def _delimiter(self, depth, closing, line):
+        out = self._headersEnd() if self.state == "headers" else []
+        del self.boundaries[depth + (not closing):]
+        self.state, self.fields = ("between", []) if closing else ("headers", [])
+        return out + [line]
+
+    def _headersEnd(self):
+        """The entity's header section is complete: how to read its body, and the header lines to write."""
+        fields, top = self.fields, self.top
+        self.fields, self.top = [], False
+        ctype, boundary, encoding = _contentType(fields)
+        if boundary:
+            self.boundaries.append(boundary.encode("ascii", "replace"))
+            self.state = "between"
+            return [line for lines in fields for line in lines]
+        if ctype == "message/rfc822" and encoding in _CONVERTIBLE:
+            self.state = "headers"  # (the message it holds follows)
+            if self.converting and encoding in ("8bit", "binary"):
+                fields = [f for f in fields if not _field(f, b"content-transfer-encoding")]
+                fields.append([b"Content-Transfer-Encoding: 7bit\r\n"])
+            return [line for lines in fields for line in lines]
+        self.state, self.leaf, self.leaves = "leaf", self.leaves, self.leaves + 1
+        if not self.converting:
+            self.eightBit.append(False)
+            return []
+        self.encoding = self.leaf < len(self.eightBit) and self.eightBit[self.leaf] and encoding in _CONVERTIBLE
+        if self.encoding:
+            fields = [f for f in fields if not _field(f, b"content-transfer-encoding")]
+            if top and not any(_field(f, b"mime-version") for f in fields):
+                fields.append([b"MIME-Version: 1.0\r\n"])
+            fields.append([_QP])
+        return [line for lines in fields for line in lines]
+
+
+def _encoded(line):
+    """One body line quoted-printable encoded (RFC 2045 section 6.7), soft line breaks as CRLF."""
+    text = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+    return binascii.b2a_qp(text, quotetabs=False, istext=False, header=False).replace(b"\n", b"\r\n") + b"\r\n"
