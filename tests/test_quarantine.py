@@ -498,6 +498,22 @@ class DamagedWhileQueuedTests(unittest.TestCase):
         cut(self.path, lambda d: d + b"appended\r\n")
         self.assertEqual(self.readAll(), BODY)
 
+    def test_readAgainCheckedAgain(self):
+        """
+        Read again from its start (the 7-bit conversion reads it twice), the
+        content is checked again: changed between the two reads, the second
+        ends with an error.  Only its start can be sought.
+        """
+        with self.message.openForDelivery() as f:
+            start = f.tell()
+            self.assertEqual(f.read(), BODY)
+            f.seek(start)
+            self.assertEqual(f.read(), BODY)
+            self.assertRaises(ValueError, f.seek, start + 1)
+            f.seek(start)
+            cut(self.path, lambda d: d[:-5] + b"XXX\r\n")
+            self.assertRaises(OSError, f.read)
+
 
 class CutDuringDeliveryTests(RelayTestCase):
     """A queue file cut short while its message waits for the next hop's greeting."""
