@@ -40,10 +40,10 @@ import struct
 import time
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.logger import LogLevel, globalLogPublisher
 from twisted.names import dns
 
 from relaygw.relay import mx
+from tests.fuzzing import LoggedFailures
 
 #: The resolver's timeouts, one per try (twisted.names' default is 1, 3, 11 and 45 s).
 TIMEOUTS = (0.2, 0.4, 0.6)
@@ -333,13 +333,7 @@ class Case:
         zone = Zone(random.Random(rng.random()))
         server = Server(zone, random.Random(rng.random()))
         port, udp = _listen(server)
-        failures = []
-
-        def observe(event):
-            if event.get("log_failure") is not None or event.get("log_level") in (LogLevel.error, LogLevel.critical):
-                failures.append(event)
-
-        globalLogPublisher.addObserver(observe)
+        failures = LoggedFailures().start()
         saved = mx.LOOKUP_SECONDS, mx.HOST_GRACE_SECONDS
         mx.LOOKUP_SECONDS, mx.HOST_GRACE_SECONDS = LOOKUP_SECONDS, HOST_GRACE_SECONDS
         try:
@@ -350,7 +344,7 @@ class Case:
             took = time.monotonic() - started
         finally:
             mx.LOOKUP_SECONDS, mx.HOST_GRACE_SECONDS = saved
-            globalLogPublisher.removeObserver(observe)
+            failures.stop()
             for call in server.late:
                 if call.active():
                     call.cancel()
@@ -364,7 +358,7 @@ class Case:
             if not any(getattr(c.func, "__name__", "") == "_clearFailed" for c in reactor.getDelayedCalls()):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
-        self.check(zone, server, outcomes, took, failures)
+        self.check(zone, server, outcomes, took, failures.events)
 
     def check(self, zone, server, outcomes, took, failures):
         fig = self.figures

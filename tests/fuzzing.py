@@ -1,4 +1,8 @@
-"""What the fuzzers (L{tests.sessionfuzz}, L{tests.trustfuzz}) share: their gateways' material, and the command line."""
+"""
+What the fuzzers share: their gateways' material (L{tests.sessionfuzz},
+L{tests.trustfuzz}), the failures a case logs, the seed loop and the
+command line.
+"""
 
 import os
 import sys
@@ -20,6 +24,30 @@ def material(directory):
     generateSelfSigned(cert, key, "relay.test")
     PasswordFile(users).set("alice", "s3cret")
     return users, cert, key
+
+
+class LoggedFailures:
+    """The events logged as failures or errors from L{start} to L{stop} (C{events}): a fuzz case must cause none."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        from twisted.logger import LogLevel
+
+        if event.get("log_failure") is not None or event.get("log_level") in (LogLevel.error, LogLevel.critical):
+            self.events.append(event)
+
+    def start(self):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def stop(self):
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self)
 
 
 def runMain(start, work):

@@ -33,9 +33,9 @@ import re
 import time
 
 from twisted.internet import defer, protocol, reactor, task
-from twisted.logger import LogLevel, globalLogPublisher
 
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, deliver
+from tests.fuzzing import LoggedFailures
 
 #: Seconds the client waits for a reply (twice that for an end of data).
 TIMEOUT = 1.0
@@ -469,13 +469,7 @@ class Case:
                                   forwardIdentity=rng.random() < 0.3)
         factory = FuzzHopFactory(random.Random(rng.random()), serverTLS(self.directory), options)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        failures = []
-
-        def observe(event):
-            if event.get("log_failure") is not None or event.get("log_level") in (LogLevel.error, LogLevel.critical):
-                failures.append(event)
-
-        globalLogPublisher.addObserver(observe)
+        failures = LoggedFailures().start()
         try:
             messages, contents = [], []
             for i in range(rng.randrange(1, 5)):
@@ -494,7 +488,7 @@ class Case:
             results = yield deliver(reactor, "127.0.0.1", port.getHost().port, messages, options)
             took = time.monotonic() - started
         finally:
-            globalLogPublisher.removeObserver(observe)
+            failures.stop()
             yield port.stopListening()
         # (the next hop's last writes and closes)
         yield task.deferLater(reactor, 0.05, lambda: None)
@@ -503,7 +497,7 @@ class Case:
             p.transport.abortConnection()
         if left:
             yield task.deferLater(reactor, 0.01, lambda: None)
-        self.check(factory, messages, contents, results, took, failures, len(left))
+        self.check(factory, messages, contents, results, took, failures.events, len(left))
 
     def check(self, factory, messages, contents, results, took, failures, left=0):
         fig = self.figures
