@@ -1,6 +1,7 @@
 """
 A real Postfix (Debian's package, a throwaway instance) as the gateway's
-next hop: it gets the mail and the client identity forwarded with XCLIENT.
+next hop: it gets the mail and the client identity forwarded with XCLIENT,
+and, when it does not offer 8BITMIME, 8-bit content converted to 7 bits.
 """
 
 import os
@@ -15,19 +16,23 @@ from relaygw.testing import PostfixInstance, freePort, inThread
 from tests.relaysetup import RelayTestCase
 
 
-class PostfixNextHopTests(RelayTestCase):
+class _PostfixNextHop(RelayTestCase):
+    """A Postfix instance (its main.cf with C{settings}) relaying to a scripted sink offering C{sinkExtensions}."""
+
     timeout = 120
+    settings = None
+    sinkExtensions = ()
 
     @defer.inlineCallbacks
     def setUp(self):
         if not os.path.exists("/usr/sbin/postfix"):
             raise AssertionError("postfix is not installed (/usr/sbin/postfix missing; make test installs it)")
-        self.sink, sinkPort = self.hop()
+        self.sink, sinkPort = self.hop(extensions=list(self.sinkExtensions))
         self.postfixPort = freePort()
         # Postfix's queue holds UNIX sockets: keep the path short (108 octets).
         directory = tempfile.mkdtemp(prefix="relaygw-pf-")
         self.addCleanup(shutil.rmtree, directory, True)
-        self.postfix = PostfixInstance(directory, self.postfixPort, "[127.0.0.1]:%d" % sinkPort)
+        self.postfix = PostfixInstance(directory, self.postfixPort, "[127.0.0.1]:%d" % sinkPort, self.settings)
         # Registered before starting, so a half-started instance is stopped too.
         self.addCleanup(inThread, self._stopPostfix)
         yield inThread(self._startPostfix)
@@ -59,6 +64,9 @@ class PostfixNextHopTests(RelayTestCase):
         except ProcessLookupError:
             pass
 
+
+
+class PostfixNextHopTests(_PostfixNextHop):
     @defer.inlineCallbacks
     def test_postfixGetsMailAndForwardedIdentity(self):
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
@@ -92,3 +100,21 @@ class PostfixNextHopTests(RelayTestCase):
         log = self.postfix.log()
         self.assertIn("client.example.net[192.0.2.7]", log)
         self.assertIn("other.example.net[192.0.2.8]", log)
+
+
+class PostfixWithout8BITMIMETests(_PostfixNextHop):
+    """Postfix not offering 8BITMIME (C{smtpd_discard_ehlo_keywords}); its own next hop does, so it converts nothing."""
+
+    settings = {"smtpd_discard_ehlo_keywords": "8bitmime"}
+    sinkExtensions = ("8BITMIME",)
+
+    @defer.inlineCallbacks
+    def test_eightBitContentConverted(self):
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none"})
+        yield self.send(subject="caf\u00e9")
+        yield self.until(self.spoolEmpty, timeout=30)
+        yield self.until(lambda: len(self.sink.transactions) == 1, timeout=60)
+        data = self.sink.transactions[0]["data"]
+        self.assertIn(b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n", data)
+        self.assertTrue(data.endswith(b"\r\n\r\nbody of caf=E9\r\n"), data)
+        self.assertIn(b"by postfix.test", data.split(b"Received: ", 2)[1])
