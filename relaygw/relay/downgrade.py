@@ -114,6 +114,7 @@ def _contentType(fields):
 
 
 def _field(lines, name):
+    """Whether the header field C{lines} (its physical lines) is named C{name} (lower-case bytes)."""
     head = lines[0]
     return head[:len(name)].lower() == name and head[len(name):].lstrip(b" \t")[:1] == b":"
 
