@@ -115,6 +115,19 @@ class DowngradeTests(unittest.TestCase):
         self.assertLessEqual(max(len(line) for line in out.split(b"\r\n")), 78)
         self.assertTrue(out.endswith(b"--outer--\r\nepilogue\r\n"))
 
+    def test_linesLongerThanAChunk(self):
+        """
+        Lines longer than a read (64 KB), 8-bit or not, come back whole, in
+        lines of at most 76 octets; a last line without its line end gets
+        none (the end of data adds it).
+        """
+        content = (b"Subject: x\r\n\r\n" + b"\xe9" * 200000 + b"\r\nshort\r\n" + b"a" * 150000 + b"\r\n"
+                   + b"\xff" * 70000)
+        out = _converted(content)
+        self.assertEqual(_leaves(out), _leaves(content))
+        self.assertLessEqual(max(map(len, out.split(b"\r\n"))), 76)
+        self.assertTrue(out.endswith(b"=FF=FF"), out[-20:])
+
     def test_eightBitHeadersOnly(self):
         """8-bit octets in header fields alone (no charset to encode them with) leave the content as it was."""
         content = b"Subject: caf\xc3\xa9\r\n\r\nplain body\r\n"

@@ -63,15 +63,21 @@ class _Unreadable:
 
 def _lines(file):
     """The lines of C{file} (binary, perhaps unbuffered), each with its line end, read 64 KB at a time."""
-    rest = b""
+    rest = []  # (the start of a line longer than a chunk, in pieces: joined once, not once a chunk)
     while True:
         chunk = file.read(1 << 16)
         if not chunk:
             break
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:
+            rest.append(chunk)
+            continue
+        rest.append(lines[0])
+        lines[0] = b"".join(rest)
+        rest = [lines.pop()]
         for line in lines:
             yield line + b"\n"
+    rest = b"".join(rest)
     if rest:
         yield rest
 
@@ -197,6 +203,9 @@ class _Walk:
 
 
 def _encoded(line):
-    """One body line quoted-printable encoded (RFC 2045 section 6.7), soft line breaks as CRLF."""
-    text = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
-    return binascii.b2a_qp(text, quotetabs=False, istext=False, header=False).replace(b"\n", b"\r\n") + b"\r\n"
+    """
+    One body line quoted-printable encoded (RFC 2045 section 6.7), soft
+    line breaks as CRLF; the content's last line may have no line end.
+    """
+    text, end = (line[:-1].removesuffix(b"\r"), b"\r\n") if line.endswith(b"\n") else (line, b"")
+    return binascii.b2a_qp(text, quotetabs=False, istext=False, header=False).replace(b"\n", b"\r\n") + end
