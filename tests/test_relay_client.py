@@ -178,6 +178,27 @@ from relaygw.testing import ScriptedSMTPFactory as _ScriptedFactory  # noqa: E40
 from relaygw.testing import ScriptedSMTPServer  # noqa: E402
 
 
+class _OneWriteAfterEndOfData(protocol.Protocol):
+    """
+    A next hop with PIPELINING that answers the first message's end of data
+    and the envelope sent ahead of it in one write: 250, then 250 to MAIL,
+    421 to the first RCPT, and (not closing) 250 and 354 to the rest.
+    """
+
+    def connectionMade(self):
+        self.transport.write(b"220 hop.test ESMTP\r\n")
+
+    def dataReceived(self, data):
+        self.factory.received.append(data)
+        if data.startswith(b"EHLO"):
+            self.transport.write(b"250-hop.test\r\n250 PIPELINING\r\n")
+        elif data.startswith(b"MAIL"):
+            self.transport.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+        elif b"\r\n.\r\nMAIL" in b"".join(self.factory.received) and data.endswith(b"DATA\r\n"):
+            self.transport.write(b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n421 4.3.2 shutting down\r\n"
+                                 b"250 2.1.5 Ok\r\n354 go ahead\r\n")
+
+
 class _ResettingServer(ScriptedSMTPServer):
     """At the first line of content: the C{bodyReply} straight to the socket, then a reset."""
 
@@ -955,6 +976,30 @@ class PipeliningTests(_DeliveryTestCase):
         self.assertFalse(conn.usable)
         self.assertEqual(factory.verbs().count("MAIL"), 2)
         yield conn.proto.closed
+
+    @defer.inlineCallbacks
+    def test_421AmongRepliesAlreadyRead(self):
+        """
+        A 421 among replies read before they were asked for (the next
+        hop's answer to an end of data and to the envelope sent ahead of
+        it, in one write), with the next hop answering the commands behind
+        it (250, 354) instead of closing: the message is deferred with the
+        421, none of its recipients taken by a reply after it; no content
+        and no QUIT go out.
+        """
+        factory = protocol.ServerFactory.forProtocol(_OneWriteAfterEndOfData)
+        factory.received = []
+        port = self.listen(factory)
+        messages = [self.message(["a@example.test"]), self.message(["b@example.test", "c@example.test"]),
+                    self.message(["d@example.test"])]
+        results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
+        self.assertTrue(results[0]["a@example.test"].ok)
+        for rcpt in ("b@example.test", "c@example.test"):
+            self.assertEqual(results[1][rcpt], RecipientResult(421, "4.3.2", "shutting down"))
+        self.assertEqual(results[2]["d@example.test"], NOT_SENT)
+        received = b"".join(factory.received)
+        self.assertTrue(received.endswith(b".\r\nMAIL FROM:<sender@example.net>\r\nRCPT TO:<b@example.test>\r\n"
+                                          b"RCPT TO:<c@example.test>\r\nDATA\r\n"), received[-200:])
 
     @defer.inlineCallbacks
     def test_silentAfterEndOfData(self):

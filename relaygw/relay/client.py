@@ -332,7 +332,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         proto = self.proto
         if proto is None:
             return
-        if proto.lostReason is None and not (proto.last and proto.last.closing):  # (no one to say QUIT to)
+        if proto.lostReason is None and proto.closingReply is None:  # (no one to say QUIT to)
             self.stage = "QUIT"
             try:
                 await proto.command("QUIT")

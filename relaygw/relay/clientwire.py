@@ -141,6 +141,7 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._due = 1  # (the greeting)
         self.replyCount = 0
         self.last = None  # (the last reply read)
+        self.closingReply = None  # (the 421 read, if any: the next hop is closing, nothing more goes to it)
 
     # Sending
 
@@ -192,7 +193,10 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         if not self._waiting and len(self._replies) >= (count or 1):
             if count is None:
                 return succeed(self._queued())
-            return succeed([self._queued() for _ in range(count)])
+            replies = [self._queued()]
+            while len(replies) < count and not replies[-1].closing:  # (as L{_answer}: none after a 421)
+                replies.append(self._queued())
+            return succeed(replies)
         if self.lostReason is not None:
             return fail(self.lostReason)
         d = Deferred()
@@ -300,6 +304,8 @@ class _SMTPClientProtocol(LineReceiver, TimeoutMixin):
         self._due -= 1
         self.replyCount += 1
         self.last = reply
+        if reply.closing and self.closingReply is None:
+            self.closingReply = reply
         if TRACE:
             log.debug("{where} >>> {reply}", where=self.where, reply=reply)
         if self._waiting:

@@ -106,8 +106,8 @@ class Settlement:
         reason = proto.lostReason
         if proto.early is not None:
             return proto.early.result()
-        if proto.last and proto.last.closing:
-            return proto.last.result()
+        if proto.closingReply is not None:
+            return proto.closingReply.result()
         if proto.timedOut:
             return _temporary("timeout waiting for %s from %s" % (self.stage, self.where), "4.4.2")
         if proto.violation:
