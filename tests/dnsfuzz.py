@@ -38,12 +38,13 @@ import random
 import socket
 import struct
 import time
+from functools import partial
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.names import dns
 
 from relaygw.relay import mx
-from tests.fuzzing import LoggedFailures
+from tests.fuzzing import LoggedFailures, casesMain, runCases
 
 #: The resolver's timeouts, one per try (twisted.names' default is 1, 3, 11 and 45 s).
 TIMEOUTS = (0.2, 0.4, 0.6)
@@ -450,20 +451,12 @@ def listenDNS(factory, datagrams):
     raise CannotListenError("127.0.0.1", 0, "no port free for both TCP and UDP")
 
 
-def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
-    """L{Case}s: C{cases} for each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}."""
-    from tests.fuzzing import runCases
-
-    return runCases(Case, base, seeds, cases, figures, minutes, done)
-
-
-def main(argv):
-    from tests.fuzzing import casesMain
-
-    casesMain(argv, runSeeds, Figures(), "dnsfuzz", 200)
+#: C{runSeeds(base, seeds, cases, figures, minutes=None, done=None)}: C{cases} L{Case}s for
+#: each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}.
+runSeeds = partial(runCases, Case)
 
 
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1:])
+    casesMain(sys.argv[1:], runSeeds, Figures(), "dnsfuzz", 200)

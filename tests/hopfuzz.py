@@ -31,11 +31,12 @@ import os
 import random
 import re
 import time
+from functools import partial
 
 from twisted.internet import defer, protocol, reactor, task
 
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, deliver
-from tests.fuzzing import LoggedFailures
+from tests.fuzzing import LoggedFailures, casesMain, runCases
 
 #: Seconds the client waits for a reply (twice that for an end of data).
 TIMEOUT = 1.0
@@ -586,20 +587,12 @@ def serverTLS(directory):
     return _TLS["options"]
 
 
-def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
-    """L{Case}s: C{cases} for each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}."""
-    from tests.fuzzing import runCases
-
-    return runCases(Case, base, seeds, cases, figures, minutes, done)
-
-
-def main(argv):
-    from tests.fuzzing import casesMain
-
-    casesMain(argv, runSeeds, Figures(), "hopfuzz", 100)
+#: C{runSeeds(base, seeds, cases, figures, minutes=None, done=None)}: C{cases} L{Case}s for
+#: each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}.
+runSeeds = partial(runCases, Case)
 
 
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1:])
+    casesMain(sys.argv[1:], runSeeds, Figures(), "hopfuzz", 100)

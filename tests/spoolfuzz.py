@@ -21,12 +21,14 @@ Run from the command line for long runs:
 import os
 import re
 import time
+from functools import partial
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 
 from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
+from tests.fuzzing import casesMain, runCases
 
 _TAG = re.compile(rb"^Message-ID: <(fuzz[^>]*)>\r$", re.M)
 _QUEUED = re.compile(r"queued as (\S+)")
@@ -513,20 +515,12 @@ class Case:
                 self.problem("%s outside the spool changed%s" % (path, where))
 
 
-def runSeeds(base, seeds, cases, figures, minutes=None, done=None):
-    """L{Case}s: C{cases} for each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}."""
-    from tests.fuzzing import runCases
-
-    return runCases(Case, base, seeds, cases, figures, minutes, done)
-
-
-def main(argv):
-    from tests.fuzzing import casesMain
-
-    casesMain(argv, runSeeds, Figures(), "spoolfuzz", 50)
+#: C{runSeeds(base, seeds, cases, figures, minutes=None, done=None)}: C{cases} L{Case}s for
+#: each seed (L{tests.fuzzing.runCases}); a Deferred of C{figures}.
+runSeeds = partial(runCases, Case)
 
 
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1:])
+    casesMain(sys.argv[1:], runSeeds, Figures(), "spoolfuzz", 50)
