@@ -985,13 +985,17 @@ class PipeliningTests(_DeliveryTestCase):
         it, in one write), with the next hop answering the commands behind
         it (250, 354) instead of closing: the message is deferred with the
         421, none of its recipients taken by a reply after it; no content
-        and no QUIT go out.
+        and no QUIT go out.  (The messages are large enough for their
+        check for 8-bit octets to be made in a thread, while the replies
+        are read.)
         """
         factory = protocol.ServerFactory.forProtocol(_OneWriteAfterEndOfData)
         factory.received = []
         port = self.listen(factory)
-        messages = [self.message(["a@example.test"]), self.message(["b@example.test", "c@example.test"]),
-                    self.message(["d@example.test"])]
+        large = b"Subject: large\r\n\r\n" + (b"y" * 998 + b"\r\n") * 70
+        messages = [self.message(["a@example.test"], content=large),
+                    self.message(["b@example.test", "c@example.test"], content=large),
+                    self.message(["d@example.test"], content=large)]
         results = yield deliver(reactor, "127.0.0.1", port, messages, _options())
         self.assertTrue(results[0]["a@example.test"].ok)
         for rcpt in ("b@example.test", "c@example.test"):

@@ -6,10 +6,8 @@ next message's envelope sent right behind the end of data.
 
 import re
 
-from twisted.internet.threads import deferToThread
-
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
-from relaygw.relay.downgrade import forSevenBit
+from relaygw.relay.downgrade import sevenBit
 from relaygw.relay.nexthop import NOT_SENT
 
 
@@ -136,8 +134,8 @@ class Transaction:
             mail = self._mailCommand(message, size)
         # (after XCLIENT's new EHLO, whose extensions are the session's from then on)
         rcpts = _rcptCommands(message, "DSN" in self.extensions)
-        if "8BITMIME" not in self.extensions:  # (8-bit content converted; read in a thread, it may be megabytes)
-            body = await deferToThread(forSevenBit, body)
+        if "8BITMIME" not in self.extensions:  # (8-bit content converted to 7 bits)
+            body = await sevenBit(body, size)
         self.stage = "MAIL"
         dataReply = None
         if sent or "PIPELINING" in self.extensions:
