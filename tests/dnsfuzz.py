@@ -185,7 +185,7 @@ class Server:
         self.replies = 0
         self.late, self.connections = [], []
 
-    def reply(self, data, overTCP):
+    def reply(self, data):
         """The bytes to send back for the query C{data} (C{None}: nothing)."""
         query = dns.Message()
         try:
@@ -250,6 +250,11 @@ class Server:
             return ("late", out)
         return out
 
+    def replyAtOnce(self, data):
+        """L{reply}, a late one at once (over TCP, where the lateness would only hold the connection)."""
+        out = self.reply(data)
+        return out[1] if isinstance(out, tuple) else out
+
     def _poisoned(self, name, rtype, answers, additional):
         """C{answers} and C{additional} with records owned by other names: none of them may count."""
         rng = self.rng
@@ -274,7 +279,7 @@ class _UDP(protocol.DatagramProtocol):
         self.server = server
 
     def datagramReceived(self, data, address):
-        out = self.server.reply(data, False)
+        out = self.server.reply(data)
         if isinstance(out, tuple):
             self.server.late.append(reactor.callLater(TIMEOUTS[0] * 1.5, self._send, out[1], address))
         elif out is not None:
@@ -285,13 +290,17 @@ class _UDP(protocol.DatagramProtocol):
             self.transport.write(out, address)
 
 
-class _TCP(protocol.Protocol):
-    """Queries over TCP (length-prefixed, RFC 1035 section 4.2.2); no reply closes the connection."""
+class DNSOverTCP(protocol.Protocol):
+    """
+    Queries over TCP (length-prefixed, RFC 1035 section 4.2.2), each
+    answered with C{factory.answer(query)} (C{None}: no answer, the
+    connection closed); the factory's C{connections} lists them.
+    """
 
     buffer = b""
 
     def connectionMade(self):
-        self.factory.server.connections.append(self)
+        self.factory.connections.append(self)
 
     def dataReceived(self, data):
         self.buffer += data
@@ -300,9 +309,7 @@ class _TCP(protocol.Protocol):
             if len(self.buffer) < 2 + length:
                 return
             data, self.buffer = self.buffer[2:2 + length], self.buffer[2 + length:]
-            out = self.factory.server.reply(data, True)
-            if isinstance(out, tuple):
-                out = out[1]
+            out = self.factory.answer(data)
             if out is None:
                 self.transport.loseConnection()
                 return
@@ -431,8 +438,9 @@ class Case:
 
 def _listen(server):
     """The server on one port of 127.0.0.1, TCP and UDP: C{(tcpPort, udpPort)}."""
-    factory = protocol.ServerFactory.forProtocol(_TCP)
-    factory.server = server
+    factory = protocol.ServerFactory.forProtocol(DNSOverTCP)
+    factory.connections = server.connections
+    factory.answer = server.replyAtOnce
     return listenDNS(factory, _UDP(server))
 
 

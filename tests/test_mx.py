@@ -9,7 +9,7 @@ from twisted.trial import unittest
 
 from relaygw.relay import mx
 from relaygw.relay.mx import LoopsToSelf, NoSuchDomain, NullMX, TemporaryLookupFailure, lookupNextHops, ownAddresses
-from tests.dnsfuzz import listenDNS
+from tests.dnsfuzz import DNSOverTCP, listenDNS
 
 
 def _zone(origin, records):
@@ -445,37 +445,22 @@ class _BadReply(protocol.DatagramProtocol):
         self.transport.write(reply.toStr(), address)
 
 
+def _cutReply(data):
+    """The reply to the query C{data}: one A record, cut off after the question (its header still counts the record)."""
+    query = dns.Message()
+    query.fromStr(data)
+    reply = dns.Message(id=query.id, answer=1)
+    reply.queries = query.queries
+    whole = len(reply.toStr())
+    reply.answers = [dns.RRHeader(query.queries[0].name.name, payload=dns.Record_A("192.0.2.99"))]
+    return reply.toStr()[:whole]
+
+
 class _CutReply(protocol.DatagramProtocol):
-    """Answers each query with one A record, cut off after the question (its header still counts the record)."""
+    """Answers each query over UDP with L{_cutReply}."""
 
     def datagramReceived(self, data, address):
-        query = dns.Message()
-        query.fromStr(data)
-        reply = dns.Message(id=query.id, answer=1)
-        reply.queries = query.queries
-        whole = len(reply.toStr())
-        reply.answers = [dns.RRHeader(query.queries[0].name.name, payload=dns.Record_A("192.0.2.99"))]
-        self.transport.write(reply.toStr()[:whole], address)
-
-
-class _CutOverTCP(protocol.Protocol):
-    """A DNS server over TCP answering each query as L{_CutReply} does, the cut message length-prefixed whole."""
-
-    buffer = b""
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while len(self.buffer) >= 2 and len(self.buffer) >= 2 + int.from_bytes(self.buffer[:2], "big"):
-            length = int.from_bytes(self.buffer[:2], "big")
-            query = dns.Message()
-            query.fromStr(self.buffer[2:2 + length])
-            self.buffer = self.buffer[2 + length:]
-            reply = dns.Message(id=query.id, answer=1)
-            reply.queries = query.queries
-            whole = len(reply.toStr())
-            reply.answers = [dns.RRHeader(query.queries[0].name.name, payload=dns.Record_A("192.0.2.99"))]
-            reply = reply.toStr()[:whole]
-            self.transport.write(len(reply).to_bytes(2, "big") + reply)
+        self.transport.write(_cutReply(data), address)
 
 
 class _AlwaysTruncated(protocol.Protocol):
@@ -529,7 +514,8 @@ class StrictResolverTests(unittest.TestCase):
         temporary failure: read as it was, the domain had neither MX nor
         address records, and its mail bounced.
         """
-        factory = protocol.ServerFactory.forProtocol(_CutOverTCP)
+        factory = protocol.ServerFactory.forProtocol(DNSOverTCP)
+        factory.answer, factory.connections = _cutReply, []
         resolver = mx.makeResolver(("127.0.0.1", _listenDNS(self, factory, _CutReply())))
         yield self.assertFailure(lookupNextHops(resolver, "example.test"), TemporaryLookupFailure)
         for connection in resolver.connections:  # (twisted.names keeps them open)
