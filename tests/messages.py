@@ -9,8 +9,12 @@ from twisted.internet import defer
 from relaygw.testing import Client
 
 
-def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=()):
-    """One message to the gateway on C{port} after EHLO and the C{before} commands; returns its queue id."""
+def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="relay", before=(), content=None):
+    """
+    One message to the gateway on C{port} after EHLO and the C{before}
+    commands (its C{content} up to the end of data, by default a Subject and
+    a body); returns its queue id.
+    """
     c = Client(port)
     try:
         c.reply()
@@ -22,7 +26,7 @@ def sendOne(port, mailfrom="a@example.org", rcpts=("b@example.net",), subject="r
         for r in rcpts:
             assert c.cmd("RCPT TO:<%s>" % r)[0] == 250
         assert c.cmd("DATA")[0] == 354
-        c.send("Subject: %s\r\n\r\nbody of %s\r\n.\r\n" % (subject, subject))
+        c.send(("Subject: %s\r\n\r\nbody of %s\r\n" % (subject, subject) if content is None else content) + ".\r\n")
         code, lines = c.reply()
         assert code == 250, (code, lines)
         return lines[0].rsplit(" ", 1)[1]

@@ -68,6 +68,20 @@ class SmarthostTests(RelayTestCase):
         self.assertTrue(data.endswith(b"\r\n\r\nbody of caf=E9\r\n"), data)
 
     @defer.inlineCallbacks
+    def test_eightBitHeaderFieldsAlone(self):
+        """
+        A message of header fields alone, one of them 8-bit, to a next hop
+        without 8BITMIME arrives with every field (no body to encode).
+        """
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(content="Subject: caf\u00e9\r\nX-Last: yes\r\n")
+        yield self.until(self.spoolEmpty)
+        data = hop.transactions[0]["data"]
+        self.assertTrue(data.startswith(b"Received: from client.example"), data)
+        self.assertTrue(data.endswith(b"\r\nSubject: caf\xe9\r\nX-Last: yes\r\n"), data)
+
+    @defer.inlineCallbacks
     def test_eightBitAsItCameWith8BITMIME(self):
         """To a next hop that offers 8BITMIME, 8-bit content goes as it came."""
         data = yield self.relayEightBit(["PIPELINING", "8BITMIME"])

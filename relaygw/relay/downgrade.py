@@ -108,6 +108,7 @@ class _Reader:
         while len(self._buffer) < size:
             line = next(self._lines, None)
             if line is None:
+                self._buffer += b"".join(self._walk.end())
                 break
             self._buffer += b"".join(self._walk.line(line))
         data = bytes(self._buffer[:size])
@@ -181,6 +182,15 @@ class _Walk:
             if self.encoding:
                 return [_encoded(line)]
         return [line]
+
+    def end(self):
+        """
+        The content has ended: the lines still held, those of a header
+        section it ends in (a message of header fields alone, or one cut
+        short), as they came (the entity has no body to encode).
+        """
+        fields, self.fields = self.fields, []
+        return [line for lines in fields for line in lines]
 
     def _delimiter(self, depth, closing, line):
         out = self._headersEnd() if self.state == "headers" else []
