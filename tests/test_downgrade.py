@@ -15,6 +15,7 @@ MULTIPART = (
     b"From: a@example.net\r\n"
     b"MIME-Version: 1.0\r\n"
     b'Content-Type: multipart/mixed; boundary="outer"\r\n'
+    b"Content-Transfer-Encoding: 8bit\r\n"
     b"\r\n"
     b"preamble\r\n"
     b"--outer\r\n"
@@ -104,7 +105,8 @@ class DowngradeTests(unittest.TestCase):
     def test_multipart(self):
         """
         Each 8-bit leaf part is encoded, in nested multiparts and inside a
-        message/rfc822 part (whose own 8bit label becomes 7bit); an ASCII
+        message/rfc822 part (the multipart's and that part's own 8bit label
+        becomes 7bit); an ASCII
         part, a base64 part, the preamble and the epilogue are left as
         they are; every line fits in 78 octets.
         """
@@ -117,6 +119,7 @@ class DowngradeTests(unittest.TestCase):
         self.assertIn(b"Content-Type: text/plain\r\n\r\nplain ASCII\r\n", out)
         self.assertIn(b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n", out)
         self.assertIn(b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n", out)
+        self.assertIn(b'boundary="outer"\r\nContent-Transfer-Encoding: 7bit\r\n\r\npreamble', out)
         self.assertEqual(out.count(b"Content-Transfer-Encoding: quoted-printable"), 3)
         self.assertNotIn(b"8bit", out)
         self.assertLessEqual(max(len(line) for line in out.split(b"\r\n")), 78)
@@ -189,7 +192,9 @@ def _randomContent(rng):
         if depth < 3 and kind < 0.3:
             boundary = b"b%d" % (len(boundaries) + 1)
             boundaries.append(boundary)
-            lines = [b'Content-Type: multipart/mixed; boundary="' + boundary + b'"', b""] + text()
+            lines = [b'Content-Type: multipart/mixed; boundary="' + boundary + b'"']
+            lines += [b"Content-Transfer-Encoding: 8bit"] if rng.random() < 0.3 else []
+            lines += [b""] + text()
             for _ in range(rng.randrange(0, 4)):
                 lines += [b"--" + boundary] + entity(depth + 1)
             return lines + ([b"--" + boundary + b"--"] if rng.random() < 0.8 else []) + text()

@@ -6,8 +6,8 @@ section 3): converted to 7 bits with MIME, as Postfix does by default
 Each MIME leaf part whose body holds 8-bit octets and whose declared
 encoding is 7bit, 8bit, binary or none gets C{Content-Transfer-Encoding:
 quoted-printable} and its body is encoded so; multipart bodies and
-C{message/rfc822} parts are walked into, the latter's own encoding header
-made 7bit when it said 8bit.  A message without C{MIME-Version} gets one.
+C{message/rfc822} parts are walked into, their own encoding header made
+7bit when it said 8bit or binary.  A message without C{MIME-Version} gets one.
 Header fields are left as they are (8-bit octets there have no charset to
 encode them with), as are a multipart's preamble and epilogue.
 
@@ -203,12 +203,11 @@ class _Walk:
         fields, top = self.fields, self.top
         self.fields, self.top = [], False
         ctype, boundary, encoding = _contentType(fields)
-        if boundary:
-            self.boundaries.append(boundary.encode("ascii", "replace"))
-            self.state = "between"
-            return [line for lines in fields for line in lines]
-        if ctype == "message/rfc822" and encoding in _CONVERTIBLE:
-            self.state = "headers"  # (the message it holds follows)
+        if boundary or (ctype == "message/rfc822" and encoding in _CONVERTIBLE):
+            # A composite entity: its parts follow, 7-bit once converted (so labelled 7bit, RFC 2045 section 6.4).
+            if boundary:
+                self.boundaries.append(boundary.encode("ascii", "replace"))
+            self.state = "between" if boundary else "headers"
             if self.converting and encoding in ("8bit", "binary"):
                 fields = [f for f in fields if not _field(f, b"content-transfer-encoding")]
                 fields.append([b"Content-Transfer-Encoding: 7bit\r\n"])
