@@ -4,6 +4,8 @@ transaction on a client that is already past EHLO (L{sendMessage} on a raw
 client, L{queueMessage} on a harness session).
 """
 
+import email
+
 from twisted.internet import defer
 
 from relaygw.testing import Client
@@ -74,3 +76,19 @@ def queueMessage(c, mailfrom="a@example.org", rcpt="b@example.net", subject="ver
     """
     _transaction(c, mailfrom, rcpt, subject)
     return _queueId((yield c.whenReply()))
+
+
+def mimeLeaves(content):
+    """Each leaf part of C{content} (octets): its content type and decoded payload."""
+    return [(part.get_content_type(), part.get_payload(decode=True))
+            for part in email.message_from_bytes(content).walk() if not part.is_multipart()]
+
+
+def mimeFields(content):
+    """
+    Each entity's header fields in C{content} (octets), less those a 7-bit
+    conversion may set (the encoding, MIME-Version).
+    """
+    return [[(name, value) for name, value in part.items()
+             if name.lower() not in ("content-transfer-encoding", "mime-version")]
+            for part in email.message_from_bytes(content).walk()]

@@ -4,12 +4,12 @@ without 8BITMIME, each part's decoded content unchanged (read back with
 the standard library's email parser).
 """
 
-import email
 import io
 
 from twisted.trial import unittest
 
 from relaygw.relay.downgrade import forSevenBit
+from tests.messages import mimeFields, mimeLeaves
 
 MULTIPART = (
     b"From: a@example.net\r\n"
@@ -68,19 +68,6 @@ def _converted(content, prefix=b"envelope\n"):
             return b"".join(out)
 
 
-def _leaves(content):
-    """Each leaf part's content type and decoded payload."""
-    return [(part.get_content_type(), part.get_payload(decode=True))
-            for part in email.message_from_bytes(content).walk() if not part.is_multipart()]
-
-
-def _fields(content):
-    """Each entity's header fields, less those the conversion may set (the encoding, MIME-Version)."""
-    return [[(name, value) for name, value in part.items()
-             if name.lower() not in ("content-transfer-encoding", "mime-version")]
-            for part in email.message_from_bytes(content).walk()]
-
-
 class DowngradeTests(unittest.TestCase):
     def test_asciiContentUnchanged(self):
         """All-ASCII content goes as it is: the file itself, where it was."""
@@ -100,7 +87,7 @@ class DowngradeTests(unittest.TestCase):
         self.assertTrue(out.isascii())
         self.assertEqual(out.split(b"\r\n\r\n")[0],
                          b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable")
-        self.assertEqual(_leaves(out), [("text/plain", content.split(b"\r\n\r\n", 1)[1])])
+        self.assertEqual(mimeLeaves(out), [("text/plain", content.split(b"\r\n\r\n", 1)[1])])
 
     def test_multipart(self):
         """
@@ -112,8 +99,8 @@ class DowngradeTests(unittest.TestCase):
         """
         out = _converted(MULTIPART)
         self.assertTrue(out.isascii(), out)
-        self.assertEqual(_leaves(out), _leaves(MULTIPART))
-        self.assertEqual(len(_leaves(out)), 5)
+        self.assertEqual(mimeLeaves(out), mimeLeaves(MULTIPART))
+        self.assertEqual(len(mimeLeaves(out)), 5)
         self.assertIn(b"\r\npreamble\r\n", out)
         self.assertIn(b"\r\nepilogue\r\n", out)
         self.assertIn(b"Content-Type: text/plain\r\n\r\nplain ASCII\r\n", out)
@@ -134,7 +121,7 @@ class DowngradeTests(unittest.TestCase):
         content = (b"Subject: x\r\n\r\n" + b"\xe9" * 200000 + b"\r\nshort\r\n" + b"a" * 150000 + b"\r\n"
                    + b"\xff" * 70000)
         out = _converted(content)
-        self.assertEqual(_leaves(out), _leaves(content))
+        self.assertEqual(mimeLeaves(out), mimeLeaves(content))
         self.assertLessEqual(max(map(len, out.split(b"\r\n"))), 76)
         self.assertTrue(out.endswith(b"=FF=FF"), out[-20:])
 
@@ -235,7 +222,7 @@ class RandomStructureTests(unittest.TestCase):
                 self.assertTrue(content.isascii())
                 continue
             converted += 1
-            self.assertEqual(_leaves(out), _leaves(content), content)
-            self.assertEqual(_fields(out), _fields(content), content)
+            self.assertEqual(mimeLeaves(out), mimeLeaves(content), content)
+            self.assertEqual(mimeFields(out), mimeFields(content), content)
             self.assertLessEqual(max(map(len, out.split(b"\r\n"))), max(998, *map(len, content.split(b"\r\n"))))
         self.assertGreater(converted, 150)
