@@ -8,7 +8,7 @@ import io
 
 from twisted.trial import unittest
 
-from relaygw.relay.downgrade import forSevenBit
+from relaygw.relay.downgrade import FIELD_LIMIT, NESTING_LIMIT, forSevenBit
 from tests.messages import mimeFields, mimeLeaves
 
 MULTIPART = (
@@ -144,6 +144,36 @@ class DowngradeTests(unittest.TestCase):
                b"--b\r\nContent-Type: text/plain\r\nX-Last: \xc3\xa9")
         out = _converted(cut)
         self.assertTrue(out.endswith(b"\r\ncaf=C3=A9\r\n--b\r\nContent-Type: text/plain\r\nX-Last: \xc3\xa9"), out)
+
+    def test_nestingLimit(self):
+        """
+        Multiparts nested up to NESTING_LIMIT deep are walked into; what a
+        deeper one holds goes as it is (as Postfix's mime_nesting_limit),
+        so that each line is compared with at most that many boundaries.
+        """
+
+        def nested(depth):
+            heads = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (n, n)
+                             for n in range(depth))
+            return b"From: a@example.net\r\n" + heads + b"Content-Type: text/plain\r\n\r\ncaf\xc3\xa9\r\n"
+
+        self.assertTrue(_converted(nested(NESTING_LIMIT)).endswith(b"\r\n\r\ncaf=C3=A9\r\n"))
+        deep = nested(NESTING_LIMIT + 1)
+        self.assertEqual(_converted(deep), deep)
+
+    def test_longContentType(self):
+        """
+        A Content-Type field is read up to FIELD_LIMIT octets: a boundary
+        within them is found whatever follows; one beyond is not, and the
+        multipart is taken as one part (its 8-bit content encoded whole).
+        """
+        params = b"".join(b"\r\n p%d=v%d;" % (n, n) for n in range(FIELD_LIMIT // 8))
+        body = b"\r\n--x\r\n\r\ncaf\xc3\xa9\r\n--x--\r\n"
+        early = b"Content-Type: multipart/mixed; boundary=x;" + params + b" p=v\r\n" + body
+        self.assertTrue(_converted(early).endswith(b"\r\n--x\r\nContent-Transfer-Encoding: quoted-printable"
+                                                   b"\r\n\r\ncaf=C3=A9\r\n--x--\r\n"))
+        late = b"Content-Type: multipart/mixed;" + params + b" boundary=x\r\n" + body
+        self.assertTrue(_converted(late).endswith(b"\r\n\r\n--x\r\n\r\ncaf=C3=A9\r\n--x--\r\n"))
 
     def test_unreadable(self):
         """Content that cannot be read fails at the first read of what would go out: never sent in part."""

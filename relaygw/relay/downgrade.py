@@ -9,7 +9,8 @@ quoted-printable} and its body is encoded so; multipart bodies and
 C{message/rfc822} parts are walked into, their own encoding header made
 7bit when it said 8bit or binary.  A message without C{MIME-Version} gets one.
 Header fields are left as they are (8-bit octets there have no charset to
-encode them with), as are a multipart's preamble and epilogue.
+encode them with), as are a multipart's preamble and epilogue, and what a
+multipart nested deeper than L{NESTING_LIMIT} holds.
 
 The content is read twice from its file, never held whole: once to find
 which parts hold 8-bit octets, once to write it out converted.
@@ -25,6 +26,13 @@ from twisted.internet.threads import deferToThread
 _CONVERTIBLE = (None, "7bit", "8bit", "binary")
 
 _QP = b"Content-Transfer-Encoding: quoted-printable\r\n"
+
+#: Multiparts nested deeper than this are not walked into (Postfix's
+#: C{mime_nesting_limit}): their content goes as it is.  Each line that
+#: starts with "--" is compared with every boundary open, so without a
+#: bound a message of nested multiparts costs time in the square of its
+#: size (1 MB: 50 s, in the reactor's thread up to L{INLINE_SIZE}).
+NESTING_LIMIT = 100
 
 #: Content up to this size is read for L{forSevenBit} in the reactor's
 #: thread (a few microseconds), larger content in a thread of its own: a
@@ -116,6 +124,13 @@ class _Reader:
         return data
 
 
+#: The most of a Content-Type or Content-Transfer-Encoding field read: the
+#: email package parses parameters in time that grows with the square of
+#: their length (a 800 KB field: 2 s), and a real field is a few hundred
+#: octets.  A boundary further in is not seen (that multipart is one part).
+FIELD_LIMIT = 16384
+
+
 def _contentType(fields):
     """C{(type, boundary, encoding)} of an entity from its header fields (each a list of physical lines)."""
     message = Message()
@@ -123,7 +138,7 @@ def _contentType(fields):
         name, _, value = b"".join(lines).partition(b":")
         name = name.strip().lower()
         if name in (b"content-type", b"content-transfer-encoding"):
-            message[name.decode("ascii", "replace")] = " ".join(value.decode("ascii", "replace").split())
+            message[name.decode("ascii", "replace")] = " ".join(value[:FIELD_LIMIT].decode("ascii", "replace").split())
     encoding = str(message.get("content-transfer-encoding") or "").strip().lower() or None
     try:
         boundary = message.get_param("boundary") if message.get_content_maintype() == "multipart" else None
@@ -203,6 +218,9 @@ class _Walk:
         fields, top = self.fields, self.top
         self.fields, self.top = [], False
         ctype, boundary, encoding = _contentType(fields)
+        if boundary and len(self.boundaries) >= NESTING_LIMIT:
+            self.state = "between"  # (too deep: what it holds goes as it is, up to its parent's next delimiter)
+            return [line for lines in fields for line in lines]
         if boundary or (ctype == "message/rfc822" and encoding in _CONVERTIBLE):
             # A composite entity: its parts follow, 7-bit once converted (so labelled 7bit, RFC 2045 section 6.4).
             if boundary:
