@@ -125,6 +125,29 @@ class DowngradeTests(unittest.TestCase):
         self.assertLessEqual(max(map(len, out.split(b"\r\n"))), 76)
         self.assertTrue(out.endswith(b"=FF=FF"), out[-20:])
 
+    def test_longLineEncodedInPieces(self):
+        """
+        A long 8-bit line is encoded a piece at a time: converting a 4 MB
+        one allocates about the line twice (its chunks as read, then
+        joined), not also its encoding, three times its size, over again.
+        """
+        import tracemalloc
+
+        f = io.BytesIO(b"Subject: x\r\n\r\n" + b"\xe9" * (4 << 20) + b"\r\n")
+        tracemalloc.start()
+        try:
+            reader, out = forSevenBit(f), 0
+            while True:
+                chunk = len(reader.read(1 << 16))
+                out += chunk
+                if chunk < 1 << 16:
+                    break
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertGreater(out, 12 << 20)
+        self.assertLess(peak, 3 * (4 << 20))
+
     def test_eightBitHeadersOnly(self):
         """8-bit octets in header fields alone (no charset to encode them with) leave the content as it was."""
         content = b"Subject: caf\xc3\xa9\r\n\r\nplain body\r\n"

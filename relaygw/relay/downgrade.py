@@ -111,14 +111,19 @@ class _Reader:
         self._lines = _lines(file)
         self._walk = _Walk(eightBit)
         self._buffer = bytearray()
+        self._pending = iter(())  # (what the last line read becomes, taken as it is needed)
 
     def read(self, size):
         while len(self._buffer) < size:
+            piece = next(self._pending, None)
+            if piece is not None:
+                self._buffer += piece
+                continue
             line = next(self._lines, None)
             if line is None:
                 self._buffer += b"".join(self._walk.end())
                 break
-            self._buffer += b"".join(self._walk.line(line))
+            self._pending = iter(self._walk.line(line))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
@@ -188,14 +193,14 @@ class _Walk:
                 self.fields.append([line])
                 return []
             out = self._headersEnd()
-            return out + self.line(line) if line.strip() else out + [line]
+            return out + list(self.line(line)) if line.strip() else out + [line]
         if self.state == "leaf":
             if not self.converting:
                 if not self.eightBit[self.leaf] and not line.isascii():
                     self.eightBit[self.leaf] = True
                 return []
             if self.encoding:
-                return [_encoded(line)]
+                return _encoded(line)
         return [line]
 
     def end(self):
@@ -243,10 +248,42 @@ class _Walk:
         return [line for lines in fields for line in lines]
 
 
+#: A body line is encoded this many octets at a time, soft line breaks
+#: between, so that a long one is held once and its encoding a piece at a
+#: time (one 25 MB line held whole, and its encoding several times over,
+#: cost 231 MB).
+PIECE = 1 << 15
+
+
 def _encoded(line):
     """
     One body line quoted-printable encoded (RFC 2045 section 6.7), soft
-    line breaks as CRLF; the content's last line may have no line end.
+    line breaks as CRLF, in pieces; the content's last line may have no
+    line end.
     """
-    text, end = (line[:-1].removesuffix(b"\r"), b"\r\n") if line.endswith(b"\n") else (line, b"")
-    return binascii.b2a_qp(text, quotetabs=False, istext=False, header=False).replace(b"\n", b"\r\n") + end
+    size = len(line)
+    end = b"\r\n" if line.endswith(b"\n") else b""
+    if end:
+        size -= 2 if line[size - 2:size - 1] == b"\r" else 1
+    text = memoryview(line)[:size]
+    if size <= PIECE:
+        return [_qp(text) + end]
+    return (_qp(text[start:start + PIECE]) + (end if start + PIECE >= size else _SOFT)
+            for start in range(0, size, PIECE))
+
+
+def _qp(text):
+    """
+    C{text} quoted-printable encoded, in lines of at most 76 octets before
+    their CRLF, the last one at most 75: a piece of a line is followed by a
+    soft line break (C{=}), which makes 76.
+    """
+    out = binascii.b2a_qp(text, quotetabs=False, istext=False, header=False)
+    head, newline, last = out.rpartition(b"\n")
+    if len(last) > 75:  # (cut where no "=XX" is cut in two)
+        cut = 73 - (last[72:73] == b"=") - 2 * (last[71:72] == b"=")
+        out = head + newline + last[:cut] + b"=\n" + last[cut:]
+    return out.replace(b"\n", b"\r\n")
+
+
+_SOFT = b"=\r\n"
