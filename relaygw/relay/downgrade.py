@@ -12,8 +12,9 @@ Header fields are left as they are (8-bit octets there have no charset to
 encode them with), as are a multipart's preamble and epilogue, and what a
 multipart nested deeper than L{NESTING_LIMIT} holds.
 
-The content is read twice from its file, never held whole: once to find
-which parts hold 8-bit octets, once to write it out converted.
+The content is read twice from its file, never held whole (one line at a
+time, its encoding a piece at a time): once to find which parts hold 8-bit
+octets, once to write it out converted.
 """
 
 import binascii
@@ -154,6 +155,11 @@ def _contentType(fields):
         return "text/plain", None, encoding
 
 
+def _physical(fields):
+    """The physical lines of header C{fields} (each a list of them), as they go out."""
+    return [line for lines in fields for line in lines]
+
+
 def _field(lines, name):
     """Whether the header field C{lines} (its physical lines) is named C{name} (lower-case bytes)."""
     head = lines[0]
@@ -210,7 +216,7 @@ class _Walk:
         short), as they came (the entity has no body to encode).
         """
         fields, self.fields = self.fields, []
-        return [line for lines in fields for line in lines]
+        return _physical(fields)
 
     def _delimiter(self, depth, closing, line):
         out = self._headersEnd() if self.state == "headers" else []
@@ -225,7 +231,7 @@ class _Walk:
         ctype, boundary, encoding = _contentType(fields)
         if boundary and len(self.boundaries) >= NESTING_LIMIT:
             self.state = "between"  # (too deep: what it holds goes as it is, up to its parent's next delimiter)
-            return [line for lines in fields for line in lines]
+            return _physical(fields)
         if boundary or (ctype == "message/rfc822" and encoding in _CONVERTIBLE):
             # A composite entity: its parts follow, 7-bit once converted (so labelled 7bit, RFC 2045 section 6.4).
             if boundary:
@@ -234,7 +240,7 @@ class _Walk:
             if self.converting and encoding in ("8bit", "binary"):
                 fields = [f for f in fields if not _field(f, b"content-transfer-encoding")]
                 fields.append([b"Content-Transfer-Encoding: 7bit\r\n"])
-            return [line for lines in fields for line in lines]
+            return _physical(fields)
         self.state, self.leaf, self.leaves = "leaf", self.leaves, self.leaves + 1
         if not self.converting:
             self.eightBit.append(False)
@@ -245,7 +251,7 @@ class _Walk:
             if top and not any(_field(f, b"mime-version") for f in fields):
                 fields.append([b"MIME-Version: 1.0\r\n"])
             fields.append([_QP])
-        return [line for lines in fields for line in lines]
+        return _physical(fields)
 
 
 #: A body line is encoded this many octets at a time, soft line breaks
