@@ -825,20 +825,34 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
 
     @defer.inlineCallbacks
-    def test_malformedEnhancedCodeNotReported(self):
+    def assertBouncedWithoutCode(self, reply, quoted):
         """
-        A reply whose enhanced code has leading zeros (5.01.001) is no
-        RFC 3463 code: the bounce's Status is the one its reply code gives
-        (5.0.0), as Postfix's, never a malformed one; the reply is quoted whole.
+        A refusal C{reply} whose enhanced code is none of RFC 3463's: the
+        bounce's Status is the one its reply code gives (5.0.0), as
+        Postfix's, never a malformed one; the reply is quoted whole, as
+        C{quoted}.
         """
-        hop, port = self.hop(rcpt={"bad@example.net": "550 5.01.001 bad address"})
+        hop, port = self.hop(rcpt={"bad@example.net": reply})
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         yield self.send(rcpts=("bad@example.net",))
         yield self.until(lambda: hop.transactions and self.spoolEmpty())
         [bounce] = hop.transactions
         blocks = deliveryStatus(bounce["data"])
         self.assertEqual(blocks[1]["Status"], "5.0.0")
-        self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; 550 5.01.001 bad address")
+        self.assertEqual(blocks[1]["Diagnostic-Code"], "smtp; " + quoted)
+
+    def test_malformedEnhancedCodeNotReported(self):
+        """An enhanced code with leading zeros (5.01.001)."""
+        return self.assertBouncedWithoutCode("550 5.01.001 bad address", "550 5.01.001 bad address")
+
+    def test_nonAsciiDigitsNoEnhancedCode(self):
+        """
+        An enhanced code ending in another script's digit (U+0661 ARABIC-INDIC
+        DIGIT ONE, sent as UTF-8): before, it was taken as the code, the
+        bounce could not be built (its Status field is ASCII), and the
+        recipient was tried again every retry without end, never bounced.
+        """
+        return self.assertBouncedWithoutCode("550 5.1.1\u0661 no such user", "550 5.1.1? no such user")
 
     @defer.inlineCallbacks
     def test_bounceReturnsNoBodyLines(self):

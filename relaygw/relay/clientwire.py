@@ -42,9 +42,11 @@ def _temporary(text, enhanced="4.4.2", code=451):
     return RecipientResult(code, enhanced, text)
 
 
-#: RFC 3463's class.subject.detail: no leading zero in a sub-field (as
-#: Postfix's dsn_valid), so a malformed code is never reported onward.
-_ENHANCED = re.compile(r"^([245])\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})(?:\s+|$)")
+#: RFC 3463's class.subject.detail: ASCII digits, no leading zero in a
+#: sub-field (as Postfix's dsn_valid), so a malformed code is never
+#: reported onward (a reply is read as UTF-8: C{\\d} alone would take any
+#: script's digits, which no report's ASCII Status field can carry).
+_ENHANCED = re.compile(r"^([245])\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})(?:\s+|$)", re.ASCII)
 
 
 @dataclass(frozen=True)
