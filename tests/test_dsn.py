@@ -5,6 +5,7 @@ reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
 """
 
 import email
+import errno
 import email.policy
 import io
 import json
@@ -14,6 +15,7 @@ import smtplib
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from relaygw import durable
 from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
@@ -21,6 +23,7 @@ from relaygw.spoolapi import Envelope
 from relaygw.testing import Gateway, freePort, inThread
 from tests.relaysetup import FAST, CrashingGateway, RelayTestCase, crashTest, deliveryStatus, waitFor
 from tests.sessions import GatewayTestCase
+from tests.test_diskfull import failing
 
 
 class _Spooled:
@@ -324,6 +327,40 @@ class RelayedTests(RelayTestCase):
         self.assertEqual((blocks[1]["Action"], blocks[1]["Status"]), ("relayed", "2.0.0"))
         self.assertEqual(blocks[1]["Remote-MTA"], "dns; 127.0.0.1")
         self.assertNotIn(b"the body", notice["data"])
+
+    @defer.inlineCallbacks
+    def test_noticeWriteENOSPC(self):
+        """
+        The success notice cannot be queued (ENOSPC, once): the message is
+        not sent again, its success was recorded first; the notice is
+        queued at the retry, and the message leaves the queue.  Before, the
+        retry found no record of the delivery and sent the message again.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        self.patch(self.gw.service.queue, "retryMin", 0.3)
+        spool = self.gw.service.spool
+        faults = []
+        fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
+        fault.armed = False
+        self.patch(durable.quick, "write", fault)
+        newMessage = spool.newMessage
+
+        def failingNotice(envelope):
+            if envelope.mailfrom == "" and not faults:
+                fault.armed = True  # the notice's commit fails once
+            return newMessage(envelope)
+
+        self.patch(spool, "newMessage", failingNotice)
+        yield self.send({"b@example.net": ["NOTIFY=SUCCESS"]})
+        yield self.until(lambda: faults)
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty(), timeout=10)
+        message, notice = hop.transactions
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)
+        self.assertEqual((notice["mailfrom"], notice["rcpts"]), ("", ["a@example.org"]))
+        self.assertEqual(deliveryStatus(notice["data"])[1]["Action"], "relayed")
+        self.assertEqual(len(faults), 1)
+        self.flushLoggedErrors()
 
     @defer.inlineCallbacks
     def test_notifyDecidesTheBounce(self):

@@ -225,13 +225,14 @@ class Attempts:
                 outcome.owe(state, done)
         fresh = attempt.fresh
         d = None
-        if recorded.provisional is not None and self.spool.exists(qid):
-            # Until the bounce is durable a crash must neither re-send to the
-            # recipients that succeeded nor lose the bounce: record the
-            # progress with the bounced recipients still to do (tried again,
-            # and bounced again, after a restart).
+        if (recorded.provisional is not None or done) and self.spool.exists(qid):
+            # Until the bounce and the notices are durable, neither a crash
+            # nor a failure to queue them may re-send to the recipients that
+            # succeeded or lose a report: record the progress first, with the
+            # notices owed and the bounced recipients still to do (tried
+            # again, and bounced again, after a restart).
             fresh = False
-            d = self.progress.persist(qid, recorded.provisional)
+            d = self.progress.persist(qid, recorded.state if recorded.provisional is None else recorded.provisional)
         # What must be queued before the message may leave the spool (a
         # bounce, success notices: each returns its headers), once the
         # record above is durable; its outcome (C{written}) goes on to settle.
@@ -245,7 +246,7 @@ class Attempts:
                 lambda written, notice=notice: written if written is False else notice().addCallback(lambda _: written))
 
         def settle(written):
-            if written is False:  # the provisional record is not durable: no bounce yet
+            if written is False:  # the record is not durable: no bounce or notice yet
                 self.manager.retryLater(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
                 return None
             if not recorded.pending:
