@@ -77,6 +77,8 @@ def _split(args, keyword):
     rest = args[len(keyword):].lstrip(" ")
     if rest.startswith("<"):
         end = rest.find(">")
+        if '"' in rest[:end]:
+            end = _quotedPathEnd(rest)
         if end == -1:
             return rest, []
         path, params = rest[: end + 1], rest[end + 1:]
@@ -87,6 +89,21 @@ def _split(args, keyword):
     if not words:
         raise CommandError(codes.SYNTAX.format(what="%s<address>" % keyword))
     return words[0], words[1:]
+
+
+def _quotedPathEnd(rest):
+    """The index of the C{>} that ends the path C{rest} starts with, past a quoted local part's C{>}s; -1 if none."""
+    quoted = escaped = False
+    for i, c in enumerate(rest):
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+    return -1
 
 
 def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
@@ -191,7 +208,9 @@ def parseMail(args, maxSize):
             if maxSize and int(value) > maxSize:
                 raise CommandError(codes.MESSAGE_TOO_BIG_DECLARED)
         elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if value is None:
+                raise CommandError(codes.SYNTAX.format(what="BODY=7BIT or BODY=8BITMIME"))
+            if value.upper() not in ("7BIT", "8BITMIME"):
                 raise CommandError(codes.BAD_PARAMETER.format(param="BODY=%s" % (value,)))
         elif key == "AUTH":
             if value is None:

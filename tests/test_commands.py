@@ -67,6 +67,23 @@ class SplitTests(unittest.TestCase):
     def test_tabInParametersRefused(self):
         self.assertEqual(refusal(parseMail, "FROM:<a@b.example> SIZE=10\tBODY=7BIT", 0), (501, "5.5.4"))
 
+    def test_quotedGreaterThan(self):
+        """
+        A quoted local part may hold C{>} (RFC 5321 section 4.1.2): the path
+        ends at the first C{>} outside the quotes, with parameters after it
+        or not (before, any parameter made such a path a syntax error).
+        """
+        self.assertEqual(parseMail('FROM:<"a>b"@b.example> SIZE=10 BODY=8BITMIME', 0),
+                         ('"a>b"@b.example', {"SIZE": "10", "BODY": "8BITMIME"}))
+        self.assertEqual(parseMail('FROM:<"a\\">b"@b.example> SIZE=10', 0)[0], '"a\\">b"@b.example')
+        self.assertEqual(parseRcpt('TO:<"x>y"@y.example> NOTIFY=NEVER'), ('"x>y"@y.example', {"NOTIFY": "NEVER"}))
+        self.assertEqual(refusal(parseMail, 'FROM:<"a@b.example> SIZE=10', 0), (501, "5.1.7"))
+
+    def test_bodyWithoutValue(self):
+        """C{BODY} alone is a syntax error, as C{BODY=} is (before: 555 naming C{BODY=None})."""
+        for args in ("FROM:<a@b.example> BODY", "FROM:<a@b.example> BODY="):
+            self.assertEqual(refusal(parseMail, args, 0), (501, "5.5.4"))
+
     def test_runsOfSpaces(self):
         self.assertEqual(parseMail("FROM:<a@b.example>  SIZE=10   BODY=7BIT", 0)[1],
                          {"SIZE": "10", "BODY": "7BIT"})

@@ -280,6 +280,15 @@ class SizeTests(SessionTestCase):
             self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY=7BIT")[0], 250)
             c.cmd("RSET")
             self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY=BINARYMIME")[0:1], (555,))
+            self.assertEqual(c.cmd("MAIL FROM:<a@example.org> BODY"), (501, ["5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME"]))
+
+        return self.session(run)
+
+    def test_quotedGreaterThanWithParameters(self):
+        """A quoted local part holding C{>}, parameters after the path: accepted (was 501 5.1.7 and 5.1.3)."""
+        def run(c):
+            self.assertEqual(c.cmd('MAIL FROM:<"a>b"@example.org> SIZE=10 BODY=8BITMIME')[0], 250)
+            self.assertEqual(c.cmd('RCPT TO:<"x>y"@example.net> NOTIFY=NEVER')[0], 250)
 
         return self.session(run)
 
