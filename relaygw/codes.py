@@ -153,6 +153,7 @@ TOO_MANY_ERRORS = _r(421, "4.7.0", "{host} too many errors, closing connection",
 SHUTTING_DOWN = _r(421, "4.3.2", "{host} service shutting down, closing connection", close=True)
 TOO_MANY_CONNECTIONS = _r(421, "4.7.0", "{host} too many connections, try again later", close=True)
 RATE_LIMITED = _r(421, "4.7.0", "{host} connection rate limit exceeded, try again later", close=True)
+UNAVAILABLE = _r(421, "4.3.0", "{host} service temporarily unavailable, closing connection", close=True)
 BARE_LF_COMMAND = _r(550, "5.5.2", "bare <LF> received in a command", close=True)
 
 # Generic

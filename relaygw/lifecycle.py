@@ -14,6 +14,7 @@ import itertools
 import os
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from relaygw import codes, maillog, wire
 from relaygw.context import connectionContext
@@ -72,8 +73,29 @@ class Lifecycle:
             return None
         if self.settings.portal is not None and self.listener.always_allow:
             d = self._loginAnonymous()
-            return d.addCallback(lambda _: self._ask(self.settings.policy.connect(self.context), self._greet))
-        return self._ask(self.settings.policy.connect(self.context), self._greet)
+            return d.addCallback(lambda _: self._ask(self.connectPolicy(), self._greet))
+        return self._ask(self.connectPolicy(), self._greet)
+
+    def connectPolicy(self):
+        """
+        The connect policy's answer for the client as the session now
+        knows it: a refusal, C{None}, or a Deferred of one.  A policy that
+        fails (its lookup backend down, say) refuses the session for now,
+        421 4.3.0 and close: a failed check never lets a client in, and
+        never leaves one waiting for a greeting (Postfix fails such checks
+        closed too).
+        """
+        try:
+            result = self.settings.policy.connect(self.context)
+        except Exception:
+            return self._policyFailed(Failure())
+        if isinstance(result, defer.Deferred):
+            return result.addErrback(self._policyFailed)
+        return result
+
+    def _policyFailed(self, failure):
+        log.failure("[{session}] the connect policy failed", failure, session=self.sessionId)
+        return codes.UNAVAILABLE.format(host=self.hostname)
 
     def _greet(self, refusal):
         if refusal is not None:

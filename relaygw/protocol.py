@@ -211,7 +211,8 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
-        self.reply(codes.LOCAL_ERROR)
+        # (before the greeting no command would ever be read: close, not wait for the idle timeout)
+        self.reply(codes.LOCAL_ERROR if self.greeted else codes.UNAVAILABLE.format(host=self.hostname))
 
     def _process(self):
         """Consume buffered input until it runs dry or a reply is pending."""

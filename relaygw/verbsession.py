@@ -65,7 +65,7 @@ class TrustedVerbs:
         connect policy's refusal or C{None} (or a Deferred of one).
         """
         def then(refusal):
-            return refusal if refusal is not None else self.settings.policy.connect(self.context)
+            return refusal if refusal is not None else self.connectPolicy()
 
         return self._ask(self.factory.clientClaimed(self), then)
 

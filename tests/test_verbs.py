@@ -24,7 +24,7 @@ from zope.interface import implementer
 from relaygw import codes
 from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
-from relaygw.testing import ScriptedSMTPFactory, receivedHeader
+from relaygw.testing import ScriptedSMTPFactory, SessionHarness, receivedHeader
 from relaygw.verbs import VerbError, xclient, xdumpcontext, xremoteip, xsetcontext
 from tests.contextdump import conn
 from tests.messages import queueMessage, sendMessage
@@ -51,6 +51,19 @@ class RefuseTestNet2(AcceptAll):
     def connect(self, context):
         if context.get("remote_ip", "").startswith("198.51.100."):
             return codes.Reply(554, "5.7.1", "access denied")
+        return None
+
+
+@implementer(IPolicy)
+class FailForTestNet2(AcceptAll):
+    """Fails for clients from 198.51.100.0/24: its Deferred fails for .7, it raises for the others."""
+
+    def connect(self, context):
+        ip = context.get("remote_ip", "")
+        if ip == "198.51.100.7":
+            return defer.fail(RuntimeError("the policy's lookup backend timed out"))
+        if ip.startswith("198.51.100."):
+            raise RuntimeError("the policy's lookup backend is down")
         return None
 
 
@@ -1048,6 +1061,47 @@ class ConnectPolicyRefusalTests(VerbTestCase):
             self.assertEqual(c.cmd("QUIT")[0], 221)
 
         return self.session(run)
+
+
+class ConnectPolicyFailureTests(VerbTestCase):
+    """
+    A connect policy that fails refuses the session for now, 421 4.3.0 and
+    close: before, XCLIENT and XREMOTEIP got 451 and the session went on
+    under the identity the policy never passed; at connect, 451 came in
+    place of a greeting, and no command was read until the idle timeout.
+    """
+
+    listener = dict(TRUSTED, policy="tests.test_verbs.FailForTestNet2")
+    UNAVAILABLE = (421, ["4.3.0 relay.test service temporarily unavailable, closing connection"])
+
+    def assertRefusedFor(self, command):
+        def run(c):
+            self.assertEqual(c.cmd(command), self.UNAVAILABLE)
+            self.assertTrue(c.closed())
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+        return self.session(run)
+
+    def test_xclientPolicyFails(self):
+        return self.assertRefusedFor("XCLIENT ADDR=198.51.100.7")
+
+    def test_xclientPolicyRaises(self):
+        return self.assertRefusedFor("XCLIENT ADDR=198.51.100.8")
+
+    def test_xremoteipPolicyFails(self):
+        return self.assertRefusedFor("XREMOTEIP 198.51.100.7")
+
+    def test_xremoteipPolicyRaises(self):
+        return self.assertRefusedFor("XREMOTEIP 198.51.100.8")
+
+    def test_atConnect(self):
+        harness = SessionHarness(self.mktemp(), self.listener, policy=FailForTestNet2(None))
+        for ip in ("198.51.100.7", "198.51.100.8"):
+            c = harness.connect(ip)
+            self.addCleanup(c.lose)
+            self.assertEqual(c.replies(), [self.UNAVAILABLE])
+            self.assertTrue(c.closed(), ip)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
 
 class OnwardXclientTests(GatewayTestCase):
