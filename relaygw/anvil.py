@@ -20,7 +20,7 @@ import json
 import os
 import socket
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import Interface, implementer
@@ -266,8 +266,9 @@ class AnvilClient(LineOnlyReceiver):
 
     @staticmethod
     def _unanswered(failure, otherwise):
-        failure.trap(defer.TimeoutError, defer.CancelledError, ValueError)
-        log.warn("no usable answer from worker 0 to a client-count request in time: going on without it")
+        failure.trap(defer.TimeoutError, defer.CancelledError, ValueError, error.ConnectionClosed)
+        log.warn("no usable answer from worker 0 to a client-count request ({why}): going on without it",
+                 why=failure.getErrorMessage())
         return otherwise
 
     def lineReceived(self, line):
@@ -285,7 +286,7 @@ class AnvilClient(LineOnlyReceiver):
         waiting, self.waiting = self.waiting, collections.deque()
         for d in waiting:
             if not d.called:
-                d.callback(None)
+                d.errback(reason)  # (each request's own default, as with no channel: L{_unanswered})
 
 
 @implementer(IClientCounts)

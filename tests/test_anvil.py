@@ -157,6 +157,25 @@ class AnvilTests(unittest.TestCase):
         self.assertEqual(((yield acquired), (yield begun)), (None, 0))
 
     @defer.inlineCallbacks
+    def test_channelLostWhileAskingLetsIn(self):
+        """
+        Worker 0's channel goes while requests wait for its answers: each
+        gets what it would without a channel, the connection let in and the
+        login tried (before, every one got None, which AUTH read as locked
+        out: 454 4.7.0 to a right password).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = AnvilClient.fromEnvironment(reactor, {anvil.ENV: str(theirs.detach())})
+        acquired = client.countsFor("inbound").acquire("192.0.2.1", 1, 0)
+        locked = client.authFailures.lockedOut("192.0.2.1")
+        begun = client.authFailures.begin("192.0.2.1")
+        ended = client.authFailures.end("192.0.2.1", True)
+        ours.close()
+        answers = yield defer.gatherResults([acquired, locked, begun, ended])
+        self.assertEqual(answers, [None, False, 0, False])
+        self.assertFalse(client.connected)
+
+    @defer.inlineCallbacks
     def test_badRequestDropsTheChannel(self):
         """A garbled line drops that worker's channel, and what it counted, and nothing else."""
         w = _Workers(self, 2)
