@@ -14,7 +14,7 @@ from twisted.logger import formatEvent
 from twisted.mail import smtp
 from twisted.trial import unittest
 
-from relaygw.relay import body, client
+from relaygw.relay import body, client, clientwire
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
 from relaygw.relay.nexthop import NOT_SENT, STOPPED
 from tests.recorders import LogCapture
@@ -1288,6 +1288,27 @@ class STARTTLSTests(_DeliveryTestCase):
         port = self.listen(factory)
         results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options(tls="may"))
         self.assertTemporary(results[0]["rcpt@example.test"], "protocol error", "STARTTLS")
+
+
+class EhloKeywordTests(unittest.TestCase):
+    """The next hop's EHLO keywords, as the client reads them."""
+
+    def test_authLinesJoined(self):
+        """Every AUTH line's mechanisms, the obsolete C{AUTH=} form's too, in the order given."""
+        reply = clientwire._Reply(250, ("relay.example", "PIPELINING", "AUTH LOGIN", "auth=PLAIN CRAM-MD5",
+                                        "AUTH XOAUTH2", "size 1000"))
+        self.assertEqual(clientwire._extensions(reply), {"PIPELINING": "", "AUTH": "LOGIN PLAIN CRAM-MD5 XOAUTH2",
+                                                         "SIZE": "1000"})
+
+    def test_manyAuthLines(self):
+        """
+        An EHLO reply of 6,000 AUTH lines (under 64 KB): all its mechanisms,
+        read in time linear in the reply (each line used to join all the
+        lines before it again).
+        """
+        mechanisms = ["M%d" % i for i in range(6000)]
+        reply = clientwire._Reply(250, ("relay.example",) + tuple("AUTH " + m for m in mechanisms))
+        self.assertEqual(clientwire._extensions(reply)["AUTH"].split(), mechanisms)
 
 
 class ReplyTimerTests(unittest.TestCase):
