@@ -22,6 +22,7 @@ from relaygw.relay.nexthop import Result
 from relaygw.spoolapi import Envelope
 from relaygw.testing import Gateway, freePort, inThread
 from tests.relaysetup import FAST, CrashingGateway, RelayTestCase, crashTest, deliveryStatus, waitFor
+from tests.recorders import LogCapture
 from tests.sessions import GatewayTestCase
 from tests.test_diskfull import failing
 
@@ -360,6 +361,42 @@ class RelayedTests(RelayTestCase):
         self.assertEqual((notice["mailfrom"], notice["rcpts"]), ("", ["a@example.org"]))
         self.assertEqual(deliveryStatus(notice["data"])[1]["Action"], "relayed")
         self.assertEqual(len(faults), 1)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_failingAttemptsBackOff(self):
+        """
+        The notice cannot be queued four times in a row: each attempt
+        fails, and the next waits retry_min, then twice as long each time,
+        up to retry_max (before: retry_min each time, without end); the
+        message is sent once, and leaves with its notice once the disk has
+        room.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        queue = self.gw.service.queue
+        self.patch(queue, "retryMin", 0.2)
+        self.patch(queue, "retryMax", 0.5)
+        spool = self.gw.service.spool
+        faults = []
+        fault = failing(durable.quick.write, errno.ENOSPC, faults)
+        fault.armed = False
+        self.patch(durable.quick, "write", fault)
+        newMessage = spool.newMessage
+
+        def failingNotice(envelope):
+            if envelope.mailfrom == "":
+                fault.armed = len(faults) < 4  # the notice's commit fails four times
+            return newMessage(envelope)
+
+        self.patch(spool, "newMessage", failingNotice)
+        logged = LogCapture(self)
+        yield self.send({"b@example.net": ["NOTIFY=SUCCESS"]})
+        yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty(), timeout=10)
+        delays = [e["delay"] for e in logged.find("delivery attempt for {qid} failed")]
+        self.assertEqual(delays, [0.2, 0.4, 0.5, 0.5])
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)
+        self.assertEqual(queue.failedAttempts, {})
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks

@@ -62,6 +62,7 @@ class QueueManager(Service):
         self.recovered = []
         self.fresh = {}
         self.forced = set()
+        self.failedAttempts = {}  # qid: attempts in a row that raised (L{_attemptFailed})
         self._idle = []
         self._retired = []
 
@@ -318,7 +319,7 @@ class QueueManager(Service):
                 self.queued.discard(qid)
                 self.active.add(qid)
                 d = defer.maybeDeferred(self._attempt, qid)
-                d.addCallbacks(self._finished, self._attemptFailed, callbackArgs=(qid,), errbackArgs=(qid,))
+                d.addCallbacks(self._attempted, self._attemptFailed, callbackArgs=(qid,), errbackArgs=(qid,))
         finally:
             self._pumping = False
 
@@ -347,16 +348,26 @@ class QueueManager(Service):
 
     def _attemptFailed(self, failure, qid):
         """
-        An attempt raised (a corrupt queue file, a full disk writing
-        progress): log it and try again later rather than forget it.
+        An attempt raised (a full disk queueing its bounce, a bug): log it
+        and try again later rather than forget it, after retry_min, then
+        twice as long each time it fails again, up to retry_max, so that a
+        failure that lasts costs a few attempts a day, not one every retry_min.
         """
         try:
-            log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid,
-                        delay=self.retryMin)
+            n = self.failedAttempts[qid] = self.failedAttempts.get(qid, 0) + 1
+            delay = min(self.retryMax, self.retryMin * 2 ** min(n - 1, 32))
+            log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid, delay=delay)
             if self.running and self.spool.exists(qid):
-                self.timers[qid] = self.reactor.callLater(self.retryMin, self.enqueue, qid)
+                self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
+            else:
+                del self.failedAttempts[qid]
         finally:
             self._finished(None, qid)
+
+    def _attempted(self, _, qid):
+        if self.failedAttempts:
+            self.failedAttempts.pop(qid, None)
+        self._finished(None, qid)
 
     def _finished(self, _, qid):
         self.active.discard(qid)
