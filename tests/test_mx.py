@@ -120,6 +120,7 @@ EXAMPLE_TEST = {
         dns.Record_MX(20, b"mx2.example.test"),
     ],
     b"tempmx.example.test": [dns.Record_MX(10, b"mx.broken.test")],
+    b"deadprimary.example.test": [dns.Record_MX(10, b"gone.example.test"), dns.Record_MX(20, b"mx2.example.test")],
     b"badname.example.test": [dns.Record_MX(10, b"\xc3\xa9t\xc3\xa9.example.test"),
                               dns.Record_MX(20, b"mx2.example.test")],
     b"notnull.example.test": [dns.Record_MX(10, b"")],
@@ -224,6 +225,21 @@ class LookupNextHopsTests(unittest.TestCase):
         d = self.assertFailure(d, LoopsToSelf)
         d.addCallback(lambda e: self.assertEqual(str(e), "mail for example.test loops back to myself"))
         return d
+
+    @defer.inlineCallbacks
+    def test_backupWithoutPrimary(self):
+        """
+        The gateway is a backup MX (192.0.2.2, preference 20) and no address
+        of the better host is found (its lookup fails for now, or it does
+        not exist): deferred 4.4.4, as Postfix's "unable to find primary
+        relay"; it used to bounce as a loop (5.4.6).
+        """
+        for domain in ("partial.example.test", "deadprimary.example.test"):
+            d = lookupNextHops(self.resolver, domain, isSelf=lambda ip: ip == "192.0.2.2")
+            e = yield self.assertFailure(d, TemporaryLookupFailure)
+            self.assertEqual(e.enhanced, "4.4.4")
+            self.assertIn("unable to find primary relay", str(e))
+        self.assertTrue(self.flushLoggedErrors(RuntimeError))  # (mx.broken.test's resolver)
 
     def test_implicitMXIsSelf(self):
         """A domain without MX records whose address is the gateway's: L{LoopsToSelf}."""

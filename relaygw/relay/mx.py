@@ -424,18 +424,26 @@ def ownAddresses(bound):
     return isSelf
 
 
-def _beforeSelf(addresses, preferences, isSelf, domain):
+def _beforeSelf(addresses, preferences, isSelf, domain, best=None):
     """
     C{addresses} (C{(ip, host)}, best first) up to the first MX host that
     is the gateway: only hosts of a better preference than it stay.
 
-    @raise LoopsToSelf: when none does.
+    @param best: the best preference the domain publishes.
+    @raise LoopsToSelf: when none stays, and the gateway is of the best
+        preference; L{TemporaryLookupFailure} when none stays because no
+        address of a better host was found (Postfix's "unable to find
+        primary relay": the gateway as a backup MX waits for the primary's
+        DNS rather than bounce the mail).
     """
     own = [preferences[host] for ip, host in addresses if isSelf(ip)]
     if not own:
         return addresses
     kept = [(ip, host) for ip, host in addresses if preferences[host] < min(own)]
     if not kept:
+        if best is not None and best < min(own):
+            raise TemporaryLookupFailure("%s: unable to find primary relay (no address of an MX host better "
+                                         "than this gateway)" % (domain,), "4.4.4")
         raise LoopsToSelf(domain)
     log.info("{domain}: MX hosts of preference {preference} or worse left out: the gateway is one of them",
              domain=domain, preference=min(own))
@@ -511,7 +519,8 @@ async def _lookupNextHops(resolver, domain, clock, isSelf):
             "4.4.3" if temporary else "4.4.4",
         )
     log.debug("{domain}: MX {hosts} -> {addresses}", domain=domain, hosts=hosts, addresses=addresses)
-    return _unique(_beforeSelf(addresses, preferences, isSelf, domain), preferences)[:MX_ADDRESS_LIMIT]
+    best = min(preferences[host] for host in hosts)
+    return _unique(_beforeSelf(addresses, preferences, isSelf, domain, best), preferences)[:MX_ADDRESS_LIMIT]
 
 
 def _settled(lookups, clock):
