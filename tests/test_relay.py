@@ -1632,10 +1632,15 @@ class MXTests(RelayTestCase):
             ("implicit.example", dns.A, dns.Record_A(address)),
         ])
         yield self.gateway({"mx": True, "resolver": "127.0.0.1:%d" % dnsPort})
+        logged = LogCapture(self)
         yield self.send(rcpts=("x@relay.example", "y@implicit.example"))
         yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty())
         self.assertEqual(sorted(hop.recipients()), ["x@relay.example", "y@implicit.example"])
         self.assertEqual({t["mailfrom"] for t in hop.transactions}, {"a@example.org"})
+        # The mail log names the host as Postfix does, relay=NAME[IP]:PORT (it named the address twice).
+        self.assertEqual(sorted((e["to"], e["relay"]) for e in logged.find("to=<{to}>", status="sent")),
+                         [("x@relay.example", "mx2.relay.example[%s]:25" % address),
+                          ("y@implicit.example", "implicit.example[%s]:25" % address)])
 
     @defer.inlineCallbacks
     def test_addressLiteralDelivery(self):

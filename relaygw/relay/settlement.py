@@ -25,7 +25,9 @@ class Settlement:
         if setup is None:
             setup = now - self.setupStarted if self.setupStarted is not None else 0.0
         started = self.sendStarted.get(index)
-        relay = "%s[%s]:%d" % (self.host, self.peerIP, self.port) if self.peerIP else None
+        # (an MX host is connected to by address: its name is the one its certificate is checked against)
+        name = self.options.tlsHostname or self.host
+        relay = "%s[%s]:%d" % (name, self.peerIP, self.port) if self.peerIP else None
         return result.located(relay, max(0.0, setup), max(0.0, now - started) if started is not None else 0.0)
 
     def _settle(self, index, recipients, result):
