@@ -110,11 +110,17 @@ def _listeningAddress(interface):
     return str(address)
 
 
+#: The octets of a UNIX socket's path that Linux takes (its sun_path, less the terminating NUL).
+_UNIX_PATH_MAX = 107
+
+
 def _unixPath(path):
-    """A UNIX socket endpoint's path, absolute: not empty, in a directory that exists."""
+    """A UNIX socket endpoint's path, absolute: not empty, short enough to bind, in a directory that exists."""
     if not path:
         raise Invalid("empty socket path", "unix:PATH")
     path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise Invalid("socket path %s too long" % (path,), "an absolute path of at most %d octets" % _UNIX_PATH_MAX)
     if not os.path.isdir(os.path.dirname(path)):
         raise Invalid("%s is not a directory" % (os.path.dirname(path),), "unix:PATH in an existing directory")
     return path

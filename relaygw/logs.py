@@ -368,8 +368,17 @@ def openLogFile(path):
     created readable by its owner and group only, as a mail log usually is:
     its lines name senders, recipients and logins.
     """
-    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace",
-                opener=lambda name, flags: os.open(name, flags, 0o640))
+    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace", opener=_logOpener)
+
+
+def _logOpener(name, flags):
+    """Open C{name}; one created is 0640 whatever the umask (twistd's daemon runs under 077: 0600)."""
+    try:
+        fd = os.open(name, flags | os.O_EXCL, 0o640)
+    except FileExistsError:
+        return os.open(name, flags)
+    os.fchmod(fd, 0o640)
+    return fd
 
 
 _installed = None

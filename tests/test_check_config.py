@@ -6,6 +6,8 @@ same configurations with the same words and no traceback.
 
 import os
 import re
+import shutil
+import tempfile
 
 from twisted.trial import unittest
 
@@ -27,6 +29,9 @@ class BrokenConfigTests(unittest.TestCase):
         generateSelfSigned(self.cert, self.key, "relay.test")
         self.otherCert, self.otherKey = os.path.join(d, "o-cert.pem"), os.path.join(d, "o-key.pem")
         generateSelfSigned(self.otherCert, self.otherKey, "other.test")
+        # (sockets in a short directory: one under _trial_temp may pass the 107 octets a socket path can have)
+        self.socketDir = tempfile.mkdtemp(prefix="rgw-")
+        self.addCleanup(shutil.rmtree, self.socketDir, True)
         self.afile = os.path.join(d, "a-file")
         with open(self.afile, "w") as f:
             f.write("not PEM\n")
@@ -41,7 +46,7 @@ class BrokenConfigTests(unittest.TestCase):
 
     def rows(self):
         """(what, config keyword arguments or raw TOML, key the error names, words it uses)."""
-        d, tls = self.dir, self.tls
+        d, sd, tls = self.dir, self.socketDir, self.tls
         missing = os.path.join(d, "missing.pem")
         return [
             ("missing certificate", {"listeners": (dict(tls, tls_certificate=missing),)},
@@ -141,7 +146,7 @@ class BrokenConfigTests(unittest.TestCase):
             ("smarthost bad name", {"relay": {"smarthosts": ["bad host"]}}, "relay.smarthosts", "host name"),
             ("bad resolver", {"relay": {"resolver": "127.0.0.1:0"}}, "relay.resolver", "bad port"),
             ("workers with a unix endpoint", {"process": {"workers": 2},
-                                              "listeners": ({"endpoint": "unix:%s/s.sock" % d},)},
+                                              "listeners": ({"endpoint": "unix:%s/s.sock" % sd},)},
              "listener[0].endpoint", "plain TCP"),
             ("bad fsync", {"spool": {"fsync": "never"}}, "spool.fsync", "one of grouped, each"),
             ("bad log level", {"log": {"level": "loud"}}, "log.level", "one of debug"),
@@ -156,15 +161,17 @@ class BrokenConfigTests(unittest.TestCase):
             ("socket in a missing directory", {"listeners": ({"endpoint": "unix:/nonexistent-dir-for-test/s"},)},
              "listener[0].endpoint", "is not a directory"),
             ("empty socket path", {"listeners": ({"endpoint": "unix:"},)}, "listener[0].endpoint", "empty socket path"),
+            ("socket path too long to bind", {"listeners": ({"endpoint": "unix:%s/%s.sock" % (d, "s" * 108)},)},
+             "listener[0].endpoint", "at most 107 octets"),
             ("one address written two ways", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1"},
                                                            {"endpoint": "tcp:2525:interface=127.000.000.001"})},
              "listener[1].endpoint", "port 2525"),
             ("an IPv4-mapped address", {"listeners": ({"endpoint": "tcp:2525:interface=127.0.0.1"},
                                                      {"endpoint": r"tcp6:2525:interface=\:\:ffff\:127.0.0.1"})},
              "listener[1].endpoint", "port 2525"),
-            ("one socket twice", {"listeners": ({"endpoint": "unix:%s/s.sock" % d},
-                                                {"endpoint": "unix:%s/../%s/s.sock" % (d, os.path.basename(d))})},
-             "listener[1].endpoint", "socket %s/s.sock" % d),
+            ("one socket twice", {"listeners": ({"endpoint": "unix:%s/s.sock" % sd},
+                                                {"endpoint": "unix:%s/../%s/s.sock" % (sd, os.path.basename(sd))})},
+             "listener[1].endpoint", "socket %s/s.sock" % sd),
             ("workers past the bound", {"process": {"workers": 1000}}, "process.workers", "1 to 256"),
             ("cpu_affinity a word", {"process": {"cpu_affinity": "auto"}}, "process.cpu_affinity",
              "true, false or a list"),

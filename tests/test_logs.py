@@ -208,6 +208,22 @@ class LogFileModeTests(unittest.TestCase):
             os.umask(old)
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
 
+    def test_createdModeWhateverTheUmask(self):
+        """
+        Created under a daemon's umask (twistd sets 077), a new log file is
+        still 0640, so the log group can read the mail log after logrotate
+        moved the old one away (it was 0600).
+        """
+        import os
+
+        path = os.path.abspath(self.mktemp())
+        old = os.umask(0o077)
+        try:
+            logs.openLogFile(path).close()
+        finally:
+            os.umask(old)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+
     def test_existingModeKept(self):
         """An existing file keeps the mode its administrator gave it."""
         import os
