@@ -22,6 +22,7 @@ from relaygw.ringcommit import RingCommitter
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.processes import waitUntil
+from tests.recorders import LogCapture
 from tests.relaysetup import RelayTestCase
 
 BIG = 300 * 1024  # over MessageWriter.SPILL: streamed to tmp/ as it arrives
@@ -349,6 +350,40 @@ class NextHopWriteTests(RelayTestCase):
         self.assertEqual([t["rcpts"] for t in bounces], [["a@example.org"]])
         self.assertEqual(hop.lines.count("RCPT TO:<c@example.net>"), 1)
         self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_removalFailsAfterDelivery(self):
+        """
+        The message is delivered, then its queue file cannot be removed
+        (EROFS, three times: the spool gone read-only): it is not sent
+        again at the retries, which remove it once the spool lets them.
+        Before, the retry read the record on disk, which did not say the
+        recipients were done, and sent the message again at every retry.
+        """
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        self.patch(self.gw.service.queue, "retryMin", 0.2)
+        spool = self.gw.service.spool
+        faults = []
+
+        def refusing(original):
+            def call(path, *args):
+                if "%squeue%s" % (os.sep, os.sep) in path and len(faults) < 3:
+                    faults.append(path)
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+                return original(path, *args)
+            return call
+
+        self.patch(durable.quick, "rename", refusing(durable.quick.rename))
+        self.patch(os, "unlink", refusing(os.unlink))
+        logged = LogCapture(self)
+        qid = yield self.send(rcpts=("b@example.net", "c@example.net"))
+        yield self.until(lambda: len(faults) == 3 and not spool.queueIds(), timeout=10)
+        self.assertEqual(len(hop.transactions), 1)
+        self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)
+        self.assertEqual(len(logged.find("delivery attempt for {qid} failed: {error}", qid=qid)), 3)
+        self.assertEqual(len(logged.find("{qid}: removed", qid=qid)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
     def test_bounceWriteENOSPC(self):

@@ -74,6 +74,7 @@ class Attempts:
             if state is None:
                 state = {} if fresh else self.spool.readState(qid)  # just accepted: no progress yet
         except FileNotFoundError:
+            self._forget(qid)
             return None  # deleted meanwhile (relaygw-queue delete)
         except CorruptMessage as e:
             return self._quarantine(qid, e)
@@ -84,8 +85,9 @@ class Attempts:
         if not todo:
             owed = outcome.owed(state)  # (a crash came between a success and its notice)
             if owed:
-                return self._notifySuccess(message, owed).addCallback(lambda _: self._remove(qid, fresh))
-            return self._remove(qid, fresh)
+                return self._notifySuccess(message, owed).addCallback(
+                    lambda _: self._remove(qid, fresh, outcome.paid(state)))
+            return self._remove(qid, fresh, state)
         groups = collections.OrderedDict()
         router = self.manager.router
         for r in todo:
@@ -250,7 +252,7 @@ class Attempts:
                 self.manager.retryLater(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
                 return None
             if not recorded.pending:
-                return self._remove(qid, fresh)
+                return self._remove(qid, fresh, outcome.paid(recorded.state))
             if not self.spool.exists(qid):
                 return self._forget(qid)
             self.manager.retryLater(qid, recorded.nextAttempt)
@@ -314,12 +316,23 @@ class Attempts:
                 metrics.deliveryTimes(maillog.STATUS.get(event.status, event.status), now - arrival,
                                       setup + transmit)
 
-    def _remove(self, qid, fresh):
-        """Every recipient is done or bounced: the message leaves the spool."""
-        self.progress.finished(qid)
-        self.queuedAt.pop(qid, None)
-        maillog.removed(qid)
-        return self.spool.remove(qid, progress=not fresh)
+    def _remove(self, qid, fresh, state):
+        """
+        Every recipient is done or bounced (C{state}): the message leaves
+        the spool.  A removal that fails (the spool gone read-only, EIO)
+        keeps C{state} in memory, so the retry sends to nobody and tries
+        the removal again (the record on disk may still say to send).
+        """
+        def removed(_):
+            self.progress.finished(qid)
+            self.queuedAt.pop(qid, None)
+            maillog.removed(qid)
+
+        def failed(failure):
+            self.progress.keep(qid, state)
+            return failure
+
+        return defer.maybeDeferred(self.spool.remove, qid, progress=not fresh).addCallbacks(removed, failed)
 
     def _bounce(self, message, failures):
         """

@@ -76,6 +76,11 @@ class ProgressWriter:
         """Forget the record kept in memory for C{qid} (the message has gone, or is set aside)."""
         self.unwritten.pop(qid, None)
 
+    def keep(self, qid, state):
+        """C{state} is C{qid}'s progress, in memory only: a retry reads it (L{unwritten}), nothing writes it."""
+        self._cancelRewrite(qid)
+        self.unwritten[qid] = state
+
     def finished(self, qid):
         """C{qid} leaves the spool: nothing of its progress is to be written any more."""
         self.unwritten.pop(qid, None)

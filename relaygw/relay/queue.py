@@ -356,7 +356,11 @@ class QueueManager(Service):
         try:
             n = self.failedAttempts[qid] = self.failedAttempts.get(qid, 0) + 1
             delay = min(self.retryMax, self.retryMin * 2 ** min(n - 1, 32))
-            log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid, delay=delay)
+            if failure.check(OSError):  # (the disk or the system said no: a line says it, not a traceback)
+                log.error("delivery attempt for {qid} failed: {error}; retrying in {delay}s", qid=qid,
+                          error=failure.getErrorMessage(), delay=delay)
+            else:
+                log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid, delay=delay)
             if self.running and self.spool.exists(qid):
                 self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
             else:
