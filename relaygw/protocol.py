@@ -238,8 +238,10 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
                 self.reply(codes.BARE_LF_COMMAND)
                 return
             self.resetTimeout()
-            if self.factory.draining and not self.inTransaction and self.mode == COMMAND:
-                self.reply(codes.SHUTTING_DOWN.format(host=self.hostname))
+            if self.factory.draining and not self.inTransaction and self.mode == COMMAND \
+                    and line.split(b" ", 1)[0].upper() != b"QUIT":
+                # (the session ends with this 421: it answers no command it ran, and is no reject of the last)
+                self.reply(codes.SHUTTING_DOWN.format(host=self.hostname), unasked=True)
                 return
             if self.mode == AUTH:
                 self._wait(self._authStep(line))

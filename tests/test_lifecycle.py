@@ -21,6 +21,7 @@ from relaygw.lifecycle import newSessionId
 from relaygw.testing import Client, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.messages import sendOne, startData
 from tests.processes import processState, spoolPids, waitUntil
+from tests.recorders import LogCapture
 from tests.sessions import GatewayTestCase, SessionTestCase
 from tests.tlsmaterial import clientContext
 
@@ -62,6 +63,30 @@ class DrainTests(GatewayTestCase):
         spool = self.gw.service.spool
         delivered = len(os.listdir(self.gw.outbox))
         self.assertEqual(delivered + len(spool.queueIds()), 1)
+        self.gw.stop = lambda: None
+
+    @defer.inlineCallbacks
+    def test_quitAfterTheMessageDuringADrain(self):
+        """
+        A message finished during the drain, then QUIT: 221, as RFC 5321
+        has QUIT answered (it was 421 4.3.2, and the mail log called the
+        accepted message's end of data rejected).
+        """
+        busy = yield inThread(self._startData)
+        logged = LogCapture(self)
+        stopping = self.gw.service.stopService()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+
+        def check():
+            busy.send("Subject: drain\r\n\r\nfinished during drain\r\n.\r\n")
+            self.assertEqual(busy.reply()[0], 250)
+            self.assertEqual(busy.cmd("QUIT")[0], 221)
+            self.assertTrue(busy.closed())
+
+        yield inThread(check)
+        yield stopping
+        self.assertEqual(logged.find("reject:"), [])
+        self.assertEqual(len(logged.find("queued from=")), 1)
         self.gw.stop = lambda: None
 
     def _startData(self):
