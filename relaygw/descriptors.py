@@ -40,9 +40,11 @@ class ConnectionBudget:
     How many connections this process's listeners may hold at once within
     its open-file limit: two descriptors each (the connection, and its
     spool file while content comes in), past a reserve for the relay's
-    deliveries (C{concurrency}) and C{RESERVE} more.  Every accepted
-    connection counts until it has gone: sessions, those still closing,
-    and those a PROXY listener holds before their header.
+    deliveries (C{concurrency}), the admin endpoint's connections
+    (C{others}) and C{RESERVE} more (the spool's, the log's, the workers'
+    channels, DNS sockets).  Every accepted connection counts until it has
+    gone: sessions, those still closing, and those a PROXY listener holds
+    before their header.
 
     @ivar connections: that number.
     @ivar ports: the listening ports to pause while it is reached.
@@ -50,10 +52,11 @@ class ConnectionBudget:
 
     RESERVE = 64
 
-    def __init__(self, listeners, concurrency, ports=(), limit=None):
+    def __init__(self, listeners, concurrency, ports=(), limit=None, others=0):
         if limit is None:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.limit = limit
+        self.others = others
         self.factories = []
         self.ports = ports
         self.paused = False
@@ -68,7 +71,7 @@ class ConnectionBudget:
         """
         before = self.connections
         wanted = sum(l.max_connections for l in listeners)
-        fits = self.connections = max(1, (self.limit - concurrency - self.RESERVE) // 2)
+        fits = self.connections = max(1, (self.limit - concurrency - self.others - self.RESERVE) // 2)
         if fits < wanted and fits != before:
             log.warn("the open-file limit is {limit}: this process can hold {fits} connections at once, fewer "
                      "than max_connections allows ({wanted}); past them it stops accepting for a while (raise "

@@ -333,7 +333,11 @@ class Listeners:
         # its environment); the main process inherits none.
         self.shared = SharedSockets(None if parentPid() is not None else {}) if workers > 1 else None
         self.authFailures = clients.authFailures if clients is not None else FailureTracker(clock=reactor)
-        budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts)
+        others = 0
+        if config.admin.endpoint and parentPid() is None:  # (worker 0 serves it: its connections take descriptors)
+            from relaygw.admin import MAX_CONNECTIONS as others
+        budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts,
+                                                others=others)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None

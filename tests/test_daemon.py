@@ -33,11 +33,11 @@ def _alive(pid):
 DISK_THREAD = {"io_uring": False}
 
 
-def _gatewayConfig(test, workers, listener=None, process=None, spool=None, relay=None):
+def _gatewayConfig(test, workers, listener=None, process=None, spool=None, relay=None, admin=None):
     """
     A directory with a config of C{workers} workers (and C{process}'s other
-    settings, C{spool}'s and C{relay}'s) listening on a free loopback port (with
-    C{listener}'s settings): (directory, port, config path).
+    settings, C{spool}'s, C{relay}'s and C{admin}'s) listening on a free
+    loopback port (with C{listener}'s settings): (directory, port, config path).
     """
     directory = os.path.abspath(test.mktemp())
     os.makedirs(directory)
@@ -47,7 +47,7 @@ def _gatewayConfig(test, workers, listener=None, process=None, spool=None, relay
                     **(listener or {}))
     with open(conf, "w") as f:
         f.write(configText(directory, process=dict(process or {}, workers=workers), spool=spool, relay=relay,
-                           listeners=(listener,)))
+                           listeners=(listener,), admin=admin))
     return directory, port, conf
 
 
@@ -233,10 +233,10 @@ class DaemonTests(unittest.TestCase):
 class FileLimitTests(unittest.TestCase):
     """The gateway raises its soft limit on open files to the hard one, and says when even that is too low."""
 
-    def start(self, soft, hard, workers=1, listener=None, relay=None):
+    def start(self, soft, hard, workers=1, listener=None, relay=None, admin=None):
         import resource
 
-        directory, port, conf = _gatewayConfig(self, workers, listener, relay=relay)
+        directory, port, conf = _gatewayConfig(self, workers, listener, relay=relay, admin=admin)
         self.conf = conf
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
@@ -276,6 +276,20 @@ class FileLimitTests(unittest.TestCase):
             # (512 - 100 deliveries - 64) / 2 descriptors a session, against the default max_connections.
             self.assertIn("the open-file limit is 512: this process can hold 174 connections at once, fewer "
                           "than max_connections allows (1000)", output)
+
+        return inThread(run)
+
+    def test_adminConnectionsInTheBudget(self):
+        """
+        With an admin endpoint, its 64 connections come out of the budget
+        of the process serving it (they took descriptors the budget had
+        counted for sessions: 451s at end of data with a low limit).
+        """
+        def run():
+            p = self.start(512, 512, admin={"endpoint": "tcp:%d:interface=127.0.0.1" % freePort()})
+            output = self.stopped(p)
+            # (512 - 100 deliveries - 64 admin connections - 64) / 2
+            self.assertIn("the open-file limit is 512: this process can hold 142 connections at once", output)
 
         return inThread(run)
 
