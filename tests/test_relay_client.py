@@ -941,7 +941,7 @@ class PipeliningTests(_DeliveryTestCase):
         nothing is sent in plaintext or for the next message, and no QUIT.
         """
         closing = "421 4.3.2 shutting down"
-        xforward = ("XFORWARD HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTPSA PORT=54321"
+        xforward = ("XFORWARD HELO=helo?with?space+2Beq+3D? PROTO=ESMTPSA PORT=54321"
                     " NAME=client.example.net ADDR=IPV6:2001:db8::5")
         for extensions, line, options in ((["STARTTLS"], "STARTTLS", _options(tls="may")),
                                           (["XFORWARD NAME ADDR PORT PROTO HELO"], xforward,
@@ -1089,7 +1089,9 @@ class AuthAndForwardingTests(_DeliveryTestCase):
     def test_xclient(self):
         """
         XCLIENT passes the identity on, xtext-encoded, IPv6 as IPV6:, NAME
-        and ADDR last, then EHLO is sent again.
+        and ADDR last; a greeting name no command line can carry is not
+        replayed (nor the gateway's own sent in its place), and nothing the
+        first EHLO offered is used any more (no PIPELINING).
         """
         factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR PORT HELO PROTO LOGIN", "PIPELINING"])
         port = self.listen(factory)
@@ -1102,7 +1104,28 @@ class AuthAndForwardingTests(_DeliveryTestCase):
             "XCLIENT HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTP LOGIN=jo@example.net"
             " PORT=54321 NAME=client.example.net ADDR=IPV6:2001:db8::5",
         )
-        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO"] + ["MAIL", "RCPT", "DATA"] * 2 + ["QUIT"])
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT"] + ["MAIL", "RCPT", "DATA"] * 2 + ["QUIT"])
+        self.assertEqual(factory.lines[2], "MAIL FROM:<sender@example.net>")
+
+    @defer.inlineCallbacks
+    def test_xclientReplaysTheClientsGreeting(self):
+        """
+        After XCLIENT the next hop is greeted as the client greeted; a client
+        that gave no greeting is given none (it was greeted in the
+        gateway's name, which the next hop then took for the client's HELO).
+        """
+        for helo, after in (("helo.example", ["EHLO"]), (None, [])):
+            factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR HELO"])
+            port = self.listen(factory)
+            context = {"remote_ip": "192.0.2.9", "remote_port": 1, "ehlo_domain": helo}
+            results = yield deliver(reactor, "127.0.0.1", port, [self.message(context=context)],
+                                    _options(forwardIdentity=True))
+            self.assertTrue(results[0]["rcpt@example.test"].ok)
+            self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT"] + after + ["MAIL", "RCPT", "DATA", "QUIT"])
+            self.assertEqual(factory.lines[1], "XCLIENT HELO=%s NAME=[UNAVAILABLE] ADDR=192.0.2.9"
+                             % (helo or "[UNAVAILABLE]"))
+            if helo:
+                self.assertEqual(factory.lines[2], "EHLO helo.example")
 
     @defer.inlineCallbacks
     def test_xclientOtherIdentity(self):
@@ -1119,7 +1142,7 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         result = results[1]["x@example.test"]
         self.assertTemporary(result, "identity")
         self.assertEqual(result.enhanced, "4.4.3")
-        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "MAIL", "RCPT", "DATA", "QUIT"])
 
     @defer.inlineCallbacks
     def test_xclientThenExtensionsOfTheNewGreeting(self):
@@ -1131,13 +1154,24 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR", "DSN", "SIZE 10"])
         factory.protocol = _ForgetfulAfterXclient
         port = self.listen(factory)
-        message = self.message(context=self.CONTEXT, rcptParams={"rcpt@example.test": {"NOTIFY": "SUCCESS"}},
-                               mailParams={"RET": "HDRS"})
+        message = self.message(context=dict(self.CONTEXT, ehlo_domain="helo.example"),
+                               rcptParams={"rcpt@example.test": {"NOTIFY": "SUCCESS"}}, mailParams={"RET": "HDRS"})
         results = yield deliver(reactor, "127.0.0.1", port, [message], _options(forwardIdentity=True))
         self.assertTrue(results[0]["rcpt@example.test"].ok, results[0])
         self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
         self.assertIn("MAIL FROM:<sender@example.net>", factory.lines)
         self.assertIn("RCPT TO:<rcpt@example.test>", factory.lines)
+
+    @defer.inlineCallbacks
+    def test_xforwardNameTemporarilyUnknown(self):
+        """A name not looked up for now is XCLIENT's [TEMPUNAVAIL], XFORWARD's [UNAVAILABLE] (it has no other)."""
+        context = {"remote_ip": "192.0.2.9", "remote_port": 1, "remote_name_status": "temporary"}
+        for extension, line in (("XCLIENT NAME ADDR", "XCLIENT NAME=[TEMPUNAVAIL] ADDR=192.0.2.9"),
+                                ("XFORWARD NAME ADDR", "XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.9")):
+            factory = _ScriptedFactory(extensions=[extension])
+            port = self.listen(factory)
+            yield deliver(reactor, "127.0.0.1", port, [self.message(context=context)], _options(forwardIdentity=True))
+            self.assertEqual(factory.lines[1], line)
 
     @defer.inlineCallbacks
     def test_xclientAdvertisedOnly(self):
@@ -1158,7 +1192,11 @@ class AuthAndForwardingTests(_DeliveryTestCase):
 
     @defer.inlineCallbacks
     def test_xforward(self):
-        """XFORWARD (no XCLIENT) goes before each MAIL, without a new EHLO."""
+        """
+        XFORWARD (no XCLIENT) goes before each MAIL, without a new EHLO; its
+        values hold no whitespace, control or header-special character
+        (XFORWARD_README: each is C{?}, as Postfix's smtpd makes them).
+        """
         factory = _ScriptedFactory(extensions=["XFORWARD NAME ADDR PORT PROTO HELO"])
         port = self.listen(factory)
         other = dict(self.CONTEXT, remote_ip="192.0.2.7")
@@ -1170,7 +1208,7 @@ class AuthAndForwardingTests(_DeliveryTestCase):
         )
         self.assertEqual(
             factory.lines[1],
-            "XFORWARD HELO=helo+20with+20space+2Beq+3D+7F PROTO=ESMTPSA PORT=54321"
+            "XFORWARD HELO=helo?with?space+2Beq+3D? PROTO=ESMTPSA PORT=54321"
             " NAME=client.example.net ADDR=IPV6:2001:db8::5",
         )
         self.assertTrue(factory.lines[5].endswith(" ADDR=192.0.2.7"))

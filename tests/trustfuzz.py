@@ -212,6 +212,10 @@ def checkDelivered(ident, t):
     if t["hop"] == "xforward":
         expected["PROTO"] = ident.proto
         del expected["LOGIN"]  # (XFORWARD has no LOGIN)
+        if not ident.name:  # ([TEMPUNAVAIL] is XCLIENT's only)
+            expected["NAME"] = "[UNAVAILABLE]"
+        if ident.helo:  # (no character special in headers: XFORWARD_README)
+            expected["HELO"] = "".join(c if "!" <= c <= "~" and c not in '<>()\\";@' else "?" for c in ident.helo)
     if onward != expected:
         problems.append("onward %s %r, expected %r" % (t["hop"].upper(), onward, expected))
     return problems

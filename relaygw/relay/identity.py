@@ -14,6 +14,11 @@ from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporar
 
 _MAX_COMMAND = 510
 
+#: What an XFORWARD value may not hold (XFORWARD_README): controls,
+#: whitespace and non-ASCII, and the characters special in message headers
+#: that Postfix's smtpd replaces in them (its NEUTER_CHARACTERS).
+_HEADER_SPECIALS = re.compile(r'[^\x21-\x7e]|[<>()\\";@]')
+
 
 def _identityAttributes(context, advertised, xclient):
     """
@@ -33,8 +38,10 @@ def _identityAttributes(context, advertised, xclient):
         if value is None:
             if name == "PROTO" and xclient:
                 continue
+            # ([TEMPUNAVAIL] is XCLIENT's only: XFORWARD has [UNAVAILABLE] alone.)
             status = str(context.get("remote_name_status") or "").lower()
-            value = "[TEMPUNAVAIL]" if name == "NAME" and status.startswith("temp") else "[UNAVAILABLE]"
+            temporary = xclient and name == "NAME" and status.startswith("temp")
+            value = "[TEMPUNAVAIL]" if temporary else "[UNAVAILABLE]"
         else:
             value = str(value)
             if name == "ADDR":
@@ -45,6 +52,11 @@ def _identityAttributes(context, advertised, xclient):
             elif name == "PROTO" and xclient:
                 # XCLIENT accepts only these two.
                 value = "ESMTP" if value.upper().startswith(("ESMTP", "LMTP")) else "SMTP"
+            elif not xclient:
+                # XFORWARD_README: no whitespace or characters special in
+                # message headers (the next hop may put them in one): as
+                # Postfix's smtpd neuters them.
+                value = _HEADER_SPECIALS.sub("?", value)
             value = xtext.encode(value)
             if len(value) > xtext.MAX_ATTRIBUTE:
                 # (A login or greeting name full of "+" or "=", each sent as
@@ -119,9 +131,17 @@ class IdentityForwarding:
                     raise _SessionFailure(self._refused(reply, "XCLIENT"))
             self.forwarded, self.xclientNames = attributes, names
             # Greet again as the original client did (as nginx replays the
-            # client's EHLO), so the next hop's HELO is the client's.
+            # client's EHLO), so the next hop's HELO is the client's.  A
+            # client that gave none (or none a command line can carry) is
+            # not given one: greeting in the gateway's name would tell the
+            # next hop a HELO the client never sent (and pass its HELO
+            # checks).  The next hop's reset forgot the EHLO before, so then
+            # no extension is used.
             helo = message.context.get("ehlo_domain") or ""
-            await self._hello(helo if re.match(r"^[\x21-\x7e]{1,255}$", helo) else None)
+            if re.match(r"^[\x21-\x7e]{1,255}$", helo):
+                await self._hello(helo)
+            else:
+                self.extensions = {}
         elif "XFORWARD" in self.extensions:
             advertised = self.extensions["XFORWARD"].upper().split()
             self.stage = "XFORWARD"
