@@ -60,6 +60,7 @@ class ConnectionBudget:
         self.factories = []
         self.ports = ports
         self.paused = False
+        self._stopped = set()  # the ports not accepting now
         self.connections = None
         self.configure(listeners, concurrency)
 
@@ -89,21 +90,32 @@ class ConnectionBudget:
         return self.held() > self.connections
 
     def changed(self):
-        """A connection came or went: stop accepting at the budget, accept again below it."""
+        """
+        A connection came or went: stop accepting at the budget, accept
+        again below it.  A listener that says it is full (with several
+        workers, one holding its C{max_connections}: L{SMTPFactory.full})
+        stops accepting on its own ports, so that another worker, waiting
+        on the same socket, takes the next client instead of this one
+        refusing it.
+        """
         full = self.held() >= self.connections
-        if full == self.paused:
-            return
-        self.paused = full
+        if full != self.paused:
+            self.paused = full
+            if full:
+                log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
+                         n=self.connections)
+            else:
+                log.info("accepting connections again")
+        stopped = set(self.ports) if full else {port for f in self.factories if f.full() for port in f.ports}
         for port in self.ports:
-            if getattr(port, "connected", False) and not port.disconnecting:
-                if full:
-                    port.stopReading()
-                else:
-                    port.startReading()
-                    # (The reactor registers it afresh, without the flag.)
-                    acceptExclusively(getattr(port, "reactor", None), port)
-        if full:
-            log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
-                     n=self.connections)
-        else:
-            log.info("accepting connections again")
+            if (port in stopped) == (port in self._stopped) or not getattr(port, "connected", False) \
+                    or port.disconnecting:
+                continue
+            if port in stopped:
+                port.stopReading()
+                self._stopped.add(port)
+            else:
+                port.startReading()
+                self._stopped.discard(port)
+                # (The reactor registers it afresh, without the flag.)
+                acceptExclusively(getattr(port, "reactor", None), port)

@@ -119,6 +119,12 @@ class SMTPFactory(ServerFactory):
         self.descriptors = descriptors
         if descriptors is not None:
             descriptors.factories.append(self)
+        #: The ports this listener accepts on (in this process).
+        self.ports = []
+        #: Whether it stops accepting while it holds C{max_connections}
+        #: (with several workers: another takes the client), rather than
+        #: answering 421.
+        self.yieldsWhenFull = False
         self.authFailures = authFailures
         if portal is not None and authFailures is None:
             from relaygw.auth import FailureTracker
@@ -261,6 +267,10 @@ class SMTPFactory(ServerFactory):
         """The connections this listener holds: sessions, closing ones, and PROXY ones before their header."""
         return len(self.sessions) + len(self.closing) + (self.proxy.waiting if self.proxy is not None else 0)
 
+    def full(self):
+        """Whether this listener stops accepting for now (L{yieldsWhenFull}, at its C{max_connections})."""
+        return self.yieldsWhenFull and len(self.sessions) >= self.listener.max_connections
+
     def connectionsChanged(self):
         if self.descriptors is not None:
             self.descriptors.changed()
@@ -348,6 +358,7 @@ class Listeners:
                                   clients=clients.countsFor(listener.name) if clients is not None else None,
                                   descriptors=budget)
             self.factories.append(factory)
+            factory.yieldsWhenFull = workers > 1
             if workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint), shared=self.shared)
             else:
@@ -362,7 +373,7 @@ class Listeners:
                                                onChange=factory.connectionsChanged)
                 factory.proxy = wrapped
                 self.proxyFactories[listener.name] = wrapped
-            svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts), wrapped)
+            svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts, factory.ports), wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)
             svc.setServiceParent(parent)
@@ -463,17 +474,18 @@ class Listeners:
 
 @implementer(IStreamServerEndpoint)
 class _RecordingEndpoint:
-    """A server endpoint that notes the ports it opens (for L{closeListeningPort})."""
+    """A server endpoint that notes the ports it opens in lists (for L{closeListeningPort}, and its listener's)."""
 
-    def __init__(self, endpoint, ports):
+    def __init__(self, endpoint, *lists):
         self.endpoint = endpoint
-        self.ports = ports
+        self.lists = lists
 
     def listen(self, factory):
         return self.endpoint.listen(factory).addCallback(self._opened)
 
     def _opened(self, port):
-        self.ports.append(port)
+        for ports in self.lists:
+            ports.append(port)
         return port
 
 

@@ -336,6 +336,43 @@ class FileLimitTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_fullWorkerLeavesClientsToTheOther(self):
+        """
+        Two workers, max_connections = 3 each: six clients are greeted,
+        whichever worker the kernel woke for them (a worker holding its 3
+        stops accepting, and the other takes the client: before, the full
+        one answered 421 while the other had room); the seventh waits in
+        the listen queue, and is greeted once a session ends.
+        """
+        def run():
+            p = self.start(4096, 4096, workers=2, listener={"max_connections": 3})
+            port = self.port
+            deadline = time.monotonic() + 15
+            while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # (the probe of the port has gone, the worker listens)
+            held = []
+            try:
+                for _ in range(6):
+                    held.append(Client(port))
+                    self.assertEqual(held[-1].reply()[0], 220)
+                time.sleep(0.3)
+                waiting = Client(port)
+                held.append(waiting)
+                waiting.sock.settimeout(1)
+                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+                self.assertEqual(held[0].cmd("QUIT")[0], 221)
+                waiting.sock.settimeout(10)
+                self.assertEqual(waiting.reply()[0], 220)
+            finally:
+                for c in held:
+                    c.close()
+            output = self.stopped(p)
+            self.assertNotIn("too many connections", output)
+            self.assertNotIn("Traceback", output)
+
+        return inThread(run)
+
     def test_budgetFollowsReloadedConcurrency(self):
         """
         A reload that raises C{[relay] concurrency} leaves room for its

@@ -200,7 +200,7 @@ class ExclusiveWakeupTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         held = SimpleNamespace(n=0)
         budget = ConnectionBudget([SimpleNamespace(max_connections=10)], 0, ports=[port], limit=2 * 10 + 64)
-        budget.factories.append(SimpleNamespace(connectionsHeld=lambda: held.n))
+        budget.factories.append(SimpleNamespace(connectionsHeld=lambda: held.n, full=lambda: False, ports=[port]))
         self.assertEqual(budget.connections, 10)
         held.n = 10
         budget.changed()
