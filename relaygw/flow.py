@@ -118,16 +118,18 @@ class FlowControl:
     def _updateReading(self):
         """
         Read from the transport unless unanswered input piles up: more
-        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up, or
-        L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
+        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up or
+        before the greeting, or L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
         only replies are backed up: a TLS layer pauses us while its
         handshake runs, and needs to read to finish it.)
         """
         if self.mode == CLOSED:
             return
         held = self.lineReader.pending
+        # (Input before the greeting is refused whole, 554: hold no more of it than of backed-up replies.)
+        pauseAt = _PAUSE_AT if self.greeted else _HOLD_WHILE_PAUSED
         want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
-                    or (self.waiting is not None and held > _PAUSE_AT))
+                    or (self.waiting is not None and held > pauseAt))
         if want != self._reading:
             self._reading = want
             if want:
