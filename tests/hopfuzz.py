@@ -114,6 +114,7 @@ class FuzzHop(protocol.Protocol):
         self.authed = False
         self.xclient = False
         self.needHello = None  # (after STARTTLS or XCLIENT: the command that asks for a new EHLO)
+        self.xclientHelo = None  # (the HELO= of the last XCLIENT line)
         f.protocols.append(self)
         self.reply("greeting")
 
@@ -176,6 +177,8 @@ class FuzzHop(protocol.Protocol):
         if self.needHello and verb not in ("EHLO", "HELO", "QUIT"):
             self.record.violations.append("%s before EHLO after %s" % (verb, self.needHello))
         if verb in ("EHLO", "HELO"):
+            if self.xclientHelo == "[UNAVAILABLE]" and self.xclient:
+                self.record.violations.append("%s for a client that gave no greeting" % (verb,))
             self.txn = None
             self.needHello = None
             return self.reply("EHLO" if verb == "EHLO" else "HELO")
@@ -222,6 +225,9 @@ class FuzzHop(protocol.Protocol):
         f = self.factory
         if verb not in {e.split()[0] for e in self.record.offered}:
             self.record.violations.append("%s without it offered" % (verb,))
+        if verb == "XCLIENT":
+            self.xclientHelo = next((w[5:] for w in text.split()[1:] if w.upper().startswith("HELO=")),
+                                    self.xclientHelo)
         if verb == "STARTTLS" and self.record.tls:
             self.record.violations.append("STARTTLS again under TLS")
         if verb == "AUTH" and not self.record.tls and f.options.tls != "none":
@@ -272,7 +278,12 @@ class FuzzHop(protocol.Protocol):
                 self.startTLS()
                 return
             elif phase == "XCLIENT":
-                self.needHello = "XCLIENT"
+                if self.xclientHelo == "[UNAVAILABLE]":
+                    # A client that gave no greeting is greeted for by nobody; the
+                    # reset forgot the EHLO, so nothing it offered may be used.
+                    self.record.offered = set()
+                else:
+                    self.needHello = "XCLIENT"
                 self.xclient = True  # (the client's AUTH belongs to the greeting before it)
             elif phase == "AUTH":
                 self.authed = True
@@ -487,7 +498,9 @@ class Case:
                 messages.append(OutboundMessage(mailfrom="s%d@fuzz.test" % i, recipients=rcpts, bodyPath=path,
                                                 rcptParams=dsn, mailParams={"RET": "HDRS"} if dsn else None,
                                                 context={"remote_ip": "192.0.2.%d" % (i + 1),
-                                                         "remote_name": "c%d.example" % i, "protocol": "ESMTP"}))
+                                                         "remote_name": "c%d.example" % i, "protocol": "ESMTP",
+                                                         "ehlo_domain": "h%d.example" % i if rng.random() < 0.8
+                                                         else None}))
                 contents.append(content)
             started = time.monotonic()
             results = yield deliver(reactor, "127.0.0.1", port.getHost().port, messages, options)
