@@ -52,11 +52,13 @@ class ConnectionBudget:
 
     RESERVE = 64
 
-    def __init__(self, listeners, concurrency, ports=(), limit=None, others=0):
+    def __init__(self, listeners, concurrency, ports=(), limit=None, others=0, yielding=False):
         if limit is None:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.limit = limit
         self.others = others
+        #: Whether a listener at its max_connections stops accepting (with several workers: L{changed}).
+        self.yielding = yielding
         self.factories = []
         self.ports = ports
         self.paused = False
@@ -92,11 +94,10 @@ class ConnectionBudget:
     def changed(self):
         """
         A connection came or went: stop accepting at the budget, accept
-        again below it.  A listener that says it is full (with several
-        workers, one holding its C{max_connections}: L{SMTPFactory.full})
-        stops accepting on its own ports, so that another worker, waiting
-        on the same socket, takes the next client instead of this one
-        refusing it.
+        again below it.  With C{yielding} (several workers), a listener
+        holding its C{max_connections} (C{full()}) stops accepting on its
+        own ports, so that another worker, waiting on the same socket,
+        takes the next client instead of this one refusing it.
         """
         full = self.held() >= self.connections
         if full != self.paused:
@@ -106,7 +107,14 @@ class ConnectionBudget:
                          n=self.connections)
             else:
                 log.info("accepting connections again")
-        stopped = set(self.ports) if full else {port for f in self.factories if f.full() for port in f.ports}
+        if full:
+            stopped = set(self.ports)
+        elif self.yielding:
+            stopped = {port for f in self.factories if f.full() for port in f.ports}
+        elif not self._stopped:
+            return
+        else:
+            stopped = set()
         for port in self.ports:
             if (port in stopped) == (port in self._stopped) or not getattr(port, "connected", False) \
                     or port.disconnecting:

@@ -121,10 +121,6 @@ class SMTPFactory(ServerFactory):
             descriptors.factories.append(self)
         #: The ports this listener accepts on (in this process).
         self.ports = []
-        #: Whether it stops accepting while it holds C{max_connections}
-        #: (with several workers: another takes the client), rather than
-        #: answering 421.
-        self.yieldsWhenFull = False
         self.authFailures = authFailures
         if portal is not None and authFailures is None:
             from relaygw.auth import FailureTracker
@@ -268,8 +264,8 @@ class SMTPFactory(ServerFactory):
         return len(self.sessions) + len(self.closing) + (self.proxy.waiting if self.proxy is not None else 0)
 
     def full(self):
-        """Whether this listener stops accepting for now (L{yieldsWhenFull}, at its C{max_connections})."""
-        return self.yieldsWhenFull and len(self.sessions) >= self.listener.max_connections
+        """Whether this listener holds its C{max_connections} (another worker may take the next client)."""
+        return len(self.sessions) >= self.listener.max_connections
 
     def connectionsChanged(self):
         if self.descriptors is not None:
@@ -347,7 +343,7 @@ class Listeners:
         if config.admin.endpoint and parentPid() is None:  # (worker 0 serves it: its connections take descriptors)
             from relaygw.admin import MAX_CONNECTIONS as others
         budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts,
-                                                others=others)
+                                                others=others, yielding=workers > 1)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -358,7 +354,6 @@ class Listeners:
                                   clients=clients.countsFor(listener.name) if clients is not None else None,
                                   descriptors=budget)
             self.factories.append(factory)
-            factory.yieldsWhenFull = workers > 1
             if workers > 1:
                 endpoint = ReusePortEndpoint(reactor, *parseTCP(listener.endpoint), shared=self.shared)
             else:

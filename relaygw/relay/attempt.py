@@ -85,8 +85,7 @@ class Attempts:
         if not todo:
             owed = outcome.owed(state)  # (a crash came between a success and its notice)
             if owed:
-                return self._notifySuccess(message, owed).addCallback(
-                    lambda _: self._remove(qid, fresh, outcome.paid(state)))
+                return self._notifySuccess(message, owed).addCallback(lambda _: self._remove(qid, fresh, state))
             return self._remove(qid, fresh, state)
         groups = collections.OrderedDict()
         router = self.manager.router
@@ -252,7 +251,7 @@ class Attempts:
                 self.manager.retryLater(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
                 return None
             if not recorded.pending:
-                return self._remove(qid, fresh, outcome.paid(recorded.state))
+                return self._remove(qid, fresh, recorded.state)
             if not self.spool.exists(qid):
                 return self._forget(qid)
             self.manager.retryLater(qid, recorded.nextAttempt)
@@ -318,10 +317,11 @@ class Attempts:
 
     def _remove(self, qid, fresh, state):
         """
-        Every recipient is done or bounced (C{state}): the message leaves
-        the spool.  A removal that fails (the spool gone read-only, EIO)
-        keeps C{state} in memory, so the retry sends to nobody and tries
-        the removal again (the record on disk may still say to send).
+        Every recipient is done or bounced (C{state}, its notices queued):
+        the message leaves the spool.  A removal that fails (the spool gone
+        read-only, EIO) keeps C{state} in memory, so the retry sends to
+        nobody and tries the removal again (the record on disk may still
+        say to send).
         """
         def removed(_):
             self.progress.finished(qid)
@@ -329,7 +329,7 @@ class Attempts:
             maillog.removed(qid)
 
         def failed(failure):
-            self.progress.keep(qid, state)
+            self.progress.keep(qid, outcome.paid(state))
             return failure
 
         return defer.maybeDeferred(self.spool.remove, qid, progress=not fresh).addCallbacks(removed, failed)
