@@ -498,7 +498,7 @@ class Outcome:
         self.maybe = {}
         self.never = set()
         self.untrusted = set()
-        self.sessions = self.commands = self.replies = 0
+        self.sessions = self.commands = self.replies = self.reports = 0
         self._n = 0
 
     def next(self):
@@ -510,6 +510,11 @@ class Outcome:
         got = {}
         problems = []
         for t in transactions:
+            if t["mailfrom"] == "" and t["data"].startswith(b"From: Mail Delivery System <MAILER-DAEMON@"):
+                # The gateway's own success notice (a NOTIFY=SUCCESS recipient,
+                # the next hop offering no DSN): no message a session sent.
+                self.reports += 1
+                continue
             data = withoutReceived(t["data"])
             m = re.match(rb"^\r?\n?X-Fuzz: (\S+)\r\n", data)
             if m is None:
@@ -657,9 +662,10 @@ def main(argv):
             for e in bad[:10]:
                 print("LOG", formatEvent(e), e.get("log_failure"))
             print("sessions %d commands %d replies %d accepted %d maybe %d refused %d delivered %d "
-                  "problems %d bad-log %d" % (outcome.sessions, outcome.commands, outcome.replies,
-                                              len(outcome.expected), len(outcome.maybe), len(outcome.never),
-                                              len(hop.transactions), len(problems), len(bad)))
+                  "(notices %d) problems %d bad-log %d" % (
+                      outcome.sessions, outcome.commands, outcome.replies, len(outcome.expected),
+                      len(outcome.maybe), len(outcome.never), len(hop.transactions), outcome.reports,
+                      len(problems), len(bad)))
             return gw.stop().addCallback(lambda _: 1 if problems or bad or violations else 0)
 
         return threads.deferToThread(run).addCallback(settle)
