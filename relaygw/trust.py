@@ -15,6 +15,7 @@ import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 from service_identity.cryptography import extract_patterns
 from service_identity.hazmat import DNS_ID
@@ -164,6 +165,31 @@ def parseClientIdentity(text):
     raise ValueError("client identity %r: expected dns:NAME or uri:URI" % (text,))
 
 
+
+def _notForClients(cert):
+    """
+    Why C{cert} may not authenticate a TLS client, or C{None}: as OpenSSL's
+    SSL client purpose (RFC 5280 sections 4.2.1.3, 4.2.1.12), an extended
+    key usage, if any, must name clientAuth, and a key usage, if any,
+    digitalSignature or keyAgreement (a web server's or an S/MIME
+    certificate from the same CA is no balancer's).
+    """
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            return "its extended key usage does not allow TLS client authentication"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if not (usage.digital_signature or usage.key_agreement):
+            return "its key usage allows neither digital signatures nor key agreement"
+    return None
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """
@@ -286,6 +312,10 @@ class TrustPolicy:
             crypto.X509StoreContext(store, peer, untrusted).verify_certificate()
         except crypto.X509StoreContextError as e:
             log.info("client certificate {subject} not verified: {error}", subject=subject, error=e)
+            return False, subject
+        unfit = _notForClients(leaf)
+        if unfit:
+            log.info("client certificate {subject} not verified: {error}", subject=subject, error=unfit)
             return False, subject
         return self._matches(leaf), subject
 

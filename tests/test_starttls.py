@@ -290,9 +290,9 @@ class ClientCertificateTrustTests(TLSGatewayTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         cadir = os.path.abspath(self.mktemp())
-        self.ca, issue = makeCA(cadir)
-        self.good = issue("lb1", "lb1.example.net")
-        self.other = issue("lb9", "lb9.example.net")
+        self.ca, self.issue = makeCA(cadir)
+        self.good = self.issue("lb1", "lb1.example.net")
+        self.other = self.issue("lb9", "lb9.example.net")
         _, foreignIssue = makeCA(os.path.join(cadir, "foreign"), "Foreign CA")
         self.foreign = foreignIssue("lbx", "lb1.example.net")
         self.tlsListener = {"tls_client_ca": self.ca, "tls_client_identities": ["dns:lb1.example.net"],
@@ -316,3 +316,27 @@ class ClientCertificateTrustTests(TLSGatewayTestCase):
         self.assertEqual((yield self.trustedWith(self.other)), (False, 550))
         self.assertEqual((yield self.trustedWith(self.foreign)), (False, 550))
         self.assertEqual((yield self.trustedWith(None)), (False, 550))
+
+    @defer.inlineCallbacks
+    def test_certificateForAnotherPurposeNotTrusted(self):
+        """
+        A certificate from the client CA for the allowed name, but issued for
+        another purpose (a web server's, an S/MIME one, a key for signing
+        certificates): no trust (before, each was trusted, and with XCLIENT
+        LOGIN= could relay).  One for TLS clients is.
+        """
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+
+        def usages(*oids):
+            return (x509.ExtendedKeyUsage(list(oids)), False)
+
+        signing = (x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                 data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                 encipher_only=False, decipher_only=False), True)
+        for label, extension, trusted in (("web", usages(EKU.SERVER_AUTH), False),
+                                          ("mail", usages(EKU.EMAIL_PROTECTION), False),
+                                          ("signing", signing, False),
+                                          ("client", usages(EKU.SERVER_AUTH, EKU.CLIENT_AUTH), True)):
+            cert = self.issue(label, "lb1.example.net", extension)
+            self.assertEqual((yield self.trustedWith(cert)), (trusted, 220 if trusted else 550), label)

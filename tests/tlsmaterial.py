@@ -70,17 +70,18 @@ def writePEM(path, *items):
 def makeCA(directory, name="Test CA"):
     """
     A CA in C{directory}: the path of its certificate, and a function
-    C{issue(label, dns)} that issues a leaf certificate for C{dns} from it
-    (written as C{label}.pem and C{label}.key; returns their paths).
+    C{issue(label, dns, *extensions)} that issues a leaf certificate for
+    C{dns} from it, with C{extensions} too (C{(extension, critical)}),
+    written as C{label}.pem and C{label}.key; returns their paths.
     """
     os.makedirs(directory, exist_ok=True)
     caKey = newKey()
     caName = commonName(name)
     caPath = writePEM(os.path.join(directory, "ca.pem"), certificate(caName, caName, caKey, caKey, 30, CA))
 
-    def issue(label, dns):
+    def issue(label, dns, *extensions):
         key = newKey()
-        cert = certificate(commonName(dns), caName, key, caKey, 30, altNames(x509.DNSName(dns)))
+        cert = certificate(commonName(dns), caName, key, caKey, 30, altNames(x509.DNSName(dns)), *extensions)
         return (writePEM(os.path.join(directory, label + ".pem"), cert),
                 writePEM(os.path.join(directory, label + ".key"), key))
 
