@@ -66,8 +66,11 @@ def generateSelfSigned(certPath, keyPath, hostname="localhost"):
     key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName("localhost")]
     ips = {ipaddress.ip_address("127.0.0.1")}
-    if _isIP(hostname):
-        ips.add(ipaddress.ip_address(hostname))
+    # (an address literal, as a listener's hostname may be: "[192.0.2.1]", "[IPv6:2001:db8::1]")
+    address = hostname[1:-1] if hostname.startswith("[") and hostname.endswith("]") else hostname
+    address = address[5:] if address[:5].lower() == "ipv6:" else address
+    if _isIP(address):
+        ips.add(ipaddress.ip_address(address))
     elif hostname != "localhost":
         names.insert(0, x509.DNSName(hostname))
     names += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]

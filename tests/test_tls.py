@@ -120,6 +120,18 @@ class GenerateSelfSignedTests(_Fixture, unittest.TestCase):
         self.assertEqual([str(ip) for ip in san.get_values_for_type(x509.IPAddress)], ["127.0.0.1"])
         self.assertEqual(os.stat(key).st_mode & 0o777, 0o600)
 
+    def test_addressLiteralHostname(self):
+        """A host name that is an address literal is named as that address, not as a DNS name "[...]"."""
+        for hostname, address in (("[192.0.2.1]", "192.0.2.1"), ("[IPv6:2001:db8::1]", "2001:db8::1")):
+            directory = self.mktemp()
+            cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
+            self.assertTrue(tls.generateSelfSigned(cert, key, hostname=hostname))
+            san = tls.ServerTLS(cert, key).certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value
+            self.assertEqual(san.get_values_for_type(x509.DNSName), ["localhost"])
+            self.assertEqual(sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+                             sorted([address, "127.0.0.1"]))
+
     def test_doesNotOverwrite(self):
         """
         Existing files are kept and C{False} is returned.
