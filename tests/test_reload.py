@@ -14,7 +14,7 @@ import stat
 import time
 
 from twisted.application.service import Application
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial import unittest
 
@@ -129,6 +129,43 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual([h.recipients() for h, _ in self.hops],
                          [["b@example.net"], ["c@example.net"], ["d@partner.example"]])
         self.assertIn("reload: [relay]: changed smarthosts", self.messages("info"))
+
+    @defer.inlineCallbacks
+    def test_deferAllStopsWhatWaits(self):
+        """
+        defer_all turned on by a reload: messages waiting for a delivery
+        slot are not sent (before, all of them went out after the reload);
+        turned off again, each goes out once.  (The first message holds the
+        one slot: its next hop never answers its end of data.)
+        """
+        relay = {"concurrency": 1, "command_timeout": 1}
+        self.rewrite(relay=relay)
+        self.gw.service.reload()
+        hop = self.hops[0][0]
+        hop.silentAtEndFor = "r0@example.net"
+
+        def run():
+            for i in range(5):
+                c = Client(self.gw.port)
+                try:
+                    assert c.transaction(["r%d@example.net" % i], "Subject: %d\r\n\r\nx\r\n" % i)[-1][0] == 250
+                finally:
+                    c.close()
+
+        yield inThread(run)
+        queue = self.gw.service.queue
+        self.assertEqual(len(queue.ready), 4)
+        self.rewrite(relay=dict(relay, defer_all=True))
+        self.gw.service.reload()
+        yield task.deferLater(reactor, 3, lambda: None)  # (the first one's attempt ends: its slot is free)
+        self.assertEqual(hop.recipients(), [])
+        self.assertEqual((len(queue.ready), len(self.gw.service.spool.queueIds())), (0, 5))
+        self.rewrite(relay=relay)
+        self.gw.service.reload()
+        deadline = reactor.seconds() + 15
+        while len(hop.recipients()) < 4 and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(sorted(hop.recipients()), ["r%d@example.net" % i for i in range(1, 5)])
 
     @defer.inlineCallbacks
     def test_retriesApply(self):

@@ -88,6 +88,14 @@ class QueueManager(Service):
             for qid in [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]:
                 self.enqueue(qid)
         wasDeferring, self.deferAll = self.deferAll, deferAll
+        if deferAll and not wasDeferring:
+            # What waits for a delivery slot stays queued too (attempts under
+            # way go on): the flush when defer_all goes off brings it back.
+            self.queued.difference_update(self.ready)
+            for qid in self.ready:
+                self.fresh.pop(qid, None)
+                self.forced.discard(qid)
+            self.ready.clear()
         if wasDeferring and not deferAll and self.running:
             self.flush()
         self._pump()
