@@ -74,6 +74,27 @@ def failing(original, error, calls=None, once=False):
     return wrapper
 
 
+def failReportCommits(testcase, spool, times=1):
+    """
+    The commits of the gateway's own reports (bounces and success notices,
+    a null sender) fail with ENOSPC: the first write of each of the first
+    C{times} of them.  Returns the list of the failed writes.
+    """
+    faults = []
+    fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
+    fault.armed = False
+    testcase.patch(durable.quick, "write", fault)
+    newMessage = spool.newMessage
+
+    def failingReport(envelope):
+        if envelope.mailfrom == "":
+            fault.armed = len(faults) < times
+        return newMessage(envelope)
+
+    testcase.patch(spool, "newMessage", failingReport)
+    return faults
+
+
 def get(port, path):
     try:
         with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
@@ -393,18 +414,7 @@ class NextHopWriteTests(RelayTestCase):
         queue = self.gw.service.queue
         self.patch(queue, "retryMin", 0.3)
         spool = self.gw.service.spool
-        faults = []
-        fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
-        fault.armed = False
-        self.patch(durable.quick, "write", fault)
-        newMessage = spool.newMessage
-
-        def failingBounce(envelope):
-            if envelope.mailfrom == "" and not faults:
-                fault.armed = True  # the bounce's commit (in the disk thread) fails once
-            return newMessage(envelope)
-
-        self.patch(spool, "newMessage", failingBounce)
+        faults = failReportCommits(self, spool)
         qid = yield self.send()
         yield self.until(lambda: faults)
         self.assertIn(qid, spool.queueIds())  # kept: its bounce is not durable yet

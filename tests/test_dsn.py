@@ -5,7 +5,6 @@ reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
 """
 
 import email
-import errno
 import email.policy
 import io
 import json
@@ -15,7 +14,6 @@ import smtplib
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from relaygw import durable
 from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
@@ -24,7 +22,7 @@ from relaygw.testing import Gateway, freePort, inThread
 from tests.relaysetup import FAST, CrashingGateway, RelayTestCase, crashTest, deliveryStatus, waitFor
 from tests.recorders import LogCapture
 from tests.sessions import GatewayTestCase
-from tests.test_diskfull import failing
+from tests.test_diskfull import failReportCommits
 
 
 class _Spooled:
@@ -340,19 +338,7 @@ class RelayedTests(RelayTestCase):
         hop, port = self.hop(extensions=["PIPELINING"])
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         self.patch(self.gw.service.queue, "retryMin", 0.3)
-        spool = self.gw.service.spool
-        faults = []
-        fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
-        fault.armed = False
-        self.patch(durable.quick, "write", fault)
-        newMessage = spool.newMessage
-
-        def failingNotice(envelope):
-            if envelope.mailfrom == "" and not faults:
-                fault.armed = True  # the notice's commit fails once
-            return newMessage(envelope)
-
-        self.patch(spool, "newMessage", failingNotice)
+        faults = failReportCommits(self, self.gw.service.spool)
         yield self.send({"b@example.net": ["NOTIFY=SUCCESS"]})
         yield self.until(lambda: faults)
         yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty(), timeout=10)
@@ -377,19 +363,7 @@ class RelayedTests(RelayTestCase):
         queue = self.gw.service.queue
         self.patch(queue, "retryMin", 0.2)
         self.patch(queue, "retryMax", 0.5)
-        spool = self.gw.service.spool
-        faults = []
-        fault = failing(durable.quick.write, errno.ENOSPC, faults)
-        fault.armed = False
-        self.patch(durable.quick, "write", fault)
-        newMessage = spool.newMessage
-
-        def failingNotice(envelope):
-            if envelope.mailfrom == "":
-                fault.armed = len(faults) < 4  # the notice's commit fails four times
-            return newMessage(envelope)
-
-        self.patch(spool, "newMessage", failingNotice)
+        failReportCommits(self, self.gw.service.spool, times=4)
         logged = LogCapture(self)
         yield self.send({"b@example.net": ["NOTIFY=SUCCESS"]})
         yield self.until(lambda: len(hop.transactions) == 2 and self.spoolEmpty(), timeout=10)
