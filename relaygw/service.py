@@ -280,7 +280,7 @@ class GatewayService(MultiService):
         """This worker's messages by state, for /metrics: what relaygw-queue list's summary counts."""
         ids = self.spool.queueIds()
         held = sum(1 for qid in ids if self.spool.isHeld(qid))
-        deferred = len(self.queue.waitingForRetry())
+        deferred = len(self.queue.retries.waiting())
         return {"active": max(0, len(ids) - held - deferred), "deferred": deferred, "held": held,
                 "corrupt": len(self.spool.corrupt())}
 

@@ -1152,7 +1152,7 @@ class ReplyLikeAnUntriedResultTests(RelayTestCase):
         state = self.gw.service.spool.readState(qid)
         self.assertEqual(rcpts, 1, "%d RCPTs in 1.5 s with retry_min = 60 s" % (rcpts,))
         self.assertEqual(state.get("attempts"), 1, state)
-        self.assertIn(qid, self.gw.service.queue.waitingForRetry())
+        self.assertIn(qid, self.gw.service.queue.retries.waiting())
 
     def test_ordinaryDeferralIsAnAttempt(self):
         """Any other 451 is one attempt, then the retry_min (60 s) back-off."""
@@ -1184,7 +1184,7 @@ class ReplyLikeAnUntriedResultTests(RelayTestCase):
         state = self.gw.service.spool.readState(qid)
         self.assertEqual(self.gw.service.spool.queueIds(), [qid])
         self.assertEqual(state.get("attempts"), 1, state)
-        self.assertIn(qid, self.gw.service.queue.waitingForRetry())
+        self.assertIn(qid, self.gw.service.queue.retries.waiting())
 
     def test_replyLikeWaitedIsAnAttempt(self):
         """

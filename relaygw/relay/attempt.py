@@ -125,7 +125,7 @@ class Attempts:
         """A queue or state file that can't be read back: set it aside once, never retry it."""
         log.error("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qid, path=error.path,
                   reason=error.reason)
-        self.manager.cancelRetry(qid)
+        self.manager.retries.cancel(qid)
         self._forget(qid)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.manager.metrics:
@@ -205,10 +205,10 @@ class Attempts:
                 why = "held"  # (its release brings it back)
             elif attempt.waitedOn is not None:  # (no connection came free: parked until one does)
                 since = self.waitedSince.setdefault(qid, time.time())
-                self.manager.retryWhen(qid, attempt.waitedOn.whenRoom(message), since + self.manager.retryMin)
+                self.manager.retries.when(qid, attempt.waitedOn.whenRoom(message), since + self.manager.retryMin)
                 return None
             else:  # held, and released while this attempt was under way (which kept the release waiting)
-                self.manager.retryLater(qid, time.time())
+                self.manager.retries.later(qid, time.time())
                 return None
             self.waitedSince.pop(qid, None)
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)
@@ -248,13 +248,13 @@ class Attempts:
 
         def settle(written):
             if written is False:  # the record is not durable: no bounce or notice yet
-                self.manager.retryLater(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
+                self.manager.retries.later(qid, recorded.nextAttempt or time.time() + self.manager.retryMin)
                 return None
             if not recorded.pending:
                 return self._remove(qid, fresh, recorded.state)
             if not self.spool.exists(qid):
                 return self._forget(qid)
-            self.manager.retryLater(qid, recorded.nextAttempt)
+            self.manager.retries.later(qid, recorded.nextAttempt)
             return self.progress.persist(qid, outcome.paid(recorded.state))
 
         if d is None:  # (the usual case: nothing to make durable first)

@@ -58,7 +58,8 @@ class QueueManager(Service):
         self.queued = set()
         self.active = set()
         self.fanOut = {}  # qid: the next hops an active attempt still waits for, past its first
-        self.timers = {}
+        self.retries = RetryTimers(reactor, self.enqueue, lambda: self.running)
+        self.timers = self.retries.timers  # (C{{qid: timer}}: what waits for its retry)
         self.recovered = []
         self.fresh = {}
         self.forced = set()
@@ -85,7 +86,7 @@ class QueueManager(Service):
             # with, until they end: a stop cuts those short too.  Messages
             # parked with its next hops go again at once, through the new one.
             self._retired = [r for r in self._retired + [replaced] if not r.unused]
-            for qid in [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]:
+            for qid in self.retries.parked():
                 self.enqueue(qid)
         wasDeferring, self.deferAll = self.deferAll, deferAll
         if deferAll and not wasDeferring:
@@ -150,7 +151,7 @@ class QueueManager(Service):
             for qid in requests.deleted:
                 if self.spool.exists(qid):  # (a marker for a message still queued deleted nothing)
                     continue
-                self.cancelRetry(qid)
+                self.retries.cancel(qid)
                 maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
         except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
@@ -176,10 +177,7 @@ class QueueManager(Service):
             if call is not None and call.active():
                 call.cancel()
         self._pumpCall = None
-        for t in self.timers.values():
-            if t.active():
-                t.cancel()
-        self.timers.clear()
+        self.retries.cancelAll()
         self.attempts.progress.stop()
         for router in self._routers():
             router.wrapUp()
@@ -260,7 +258,7 @@ class QueueManager(Service):
             # there first) progress is on disk, and the next attempt must
             # read it rather than start from no progress at all.
             self.fresh[queueId] = message
-        self.cancelRetry(queueId)
+        self.retries.cancel(queueId)
         if queueId in self.queued or queueId in self.active:
             return
         self.queued.add(queueId)
@@ -280,34 +278,6 @@ class QueueManager(Service):
         self._pumpCall = None
         self._pump()
         self._idleNow()
-
-    def retryLater(self, queueId, when):
-        """The next attempt for C{queueId} at C{when} (seconds since the epoch), while running."""
-        if self.running:
-            self.timers[queueId] = self.reactor.callLater(max(0, when - time.time()), self.enqueue, queueId)
-
-    def retryWhen(self, queueId, ready, latest):
-        """
-        The next attempt for C{queueId} once C{ready} fires (its next hop
-        has room for it: L{relaygw.relay.nexthop.INextHop.whenRoom}), or at
-        C{latest} (seconds since the epoch), whichever comes first.
-        """
-        if self.running:
-            self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue,
-                                                                  queueId), ready)
-        ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
-        if not self.running:
-            ready.cancel()
-
-    def cancelRetry(self, queueId):
-        """Forget the retry timer of C{queueId}, if any."""
-        timer = self.timers.pop(queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def waitingForRetry(self):
-        """The messages whose next attempt waits for its retry time."""
-        return [qid for qid, timer in self.timers.items() if timer.active()]
 
     def flush(self):
         """Retry everything that waits for a retry (relaygw-queue flush), dead destinations too."""
@@ -370,7 +340,7 @@ class QueueManager(Service):
             else:
                 log.failure("delivery attempt for {qid} failed; retrying in {delay}s", failure, qid=qid, delay=delay)
             if self.running and self.spool.exists(qid):
-                self.timers[qid] = self.reactor.callLater(delay, self.enqueue, qid)
+                self.retries.after(qid, delay)
             else:
                 del self.failedAttempts[qid]
         finally:
@@ -396,9 +366,67 @@ class QueueManager(Service):
                     d.callback(None)
 
 
+class RetryTimers:
+    """
+    When each queued message is tried again: at a time (L{later}), or once
+    its next hop has room for it (L{when}); each calls C{enqueue(queueId)}.
+    None is set while the queue manager is not C{running()}.
+
+    @ivar timers: C{{queueId: timer}} (an C{IDelayedCall}, or L{_Parked}).
+    """
+
+    def __init__(self, reactor, enqueue, running):
+        self.reactor = reactor
+        self.enqueue = enqueue
+        self.running = running
+        self.timers = {}
+
+    def later(self, queueId, when):
+        """The next attempt for C{queueId} at C{when} (seconds since the epoch)."""
+        self.after(queueId, max(0, when - time.time()))
+
+    def after(self, queueId, delay):
+        """The next attempt for C{queueId} in C{delay} seconds."""
+        if self.running():
+            self.timers[queueId] = self.reactor.callLater(delay, self.enqueue, queueId)
+
+    def when(self, queueId, ready, latest):
+        """
+        The next attempt for C{queueId} once C{ready} fires (its next hop
+        has room for it: L{relaygw.relay.nexthop.INextHop.whenRoom}), or at
+        C{latest} (seconds since the epoch), whichever comes first.
+        """
+        if self.running():
+            self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue,
+                                                                  queueId), ready)
+        ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
+        if not self.running():
+            ready.cancel()
+
+    def cancel(self, queueId):
+        """Forget the retry timer of C{queueId}, if any."""
+        timer = self.timers.pop(queueId, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def cancelAll(self):
+        for timer in self.timers.values():
+            if timer.active():
+                timer.cancel()
+        self.timers.clear()
+
+    def waiting(self):
+        """The messages whose next attempt waits for its retry time."""
+        return [qid for qid, timer in self.timers.items() if timer.active()]
+
+    def parked(self):
+        """The messages parked with their next hop (L{when})."""
+        return [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]
+
+
 class _Parked:
     """
-    The retry of a message parked with its next hop (L{QueueManager.retryWhen}):
+    The retry of a message parked with its next hop (L{RetryTimers.when}):
     a timer, as far as the queue manager's other retries go.
     """
 
