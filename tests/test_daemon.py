@@ -358,7 +358,9 @@ class FileLimitTests(unittest.TestCase):
                 for _ in range(6):
                     held.append(Client(port))
                     self.assertEqual(held[-1].reply()[0], 220)
-                time.sleep(0.3)
+                    # (Twisted's accept loop goes on after a greeting until the listen queue is empty: a
+                    # client that connects in that instant is accepted past the maximum and refused 421.)
+                    time.sleep(0.3)
                 waiting = Client(port)
                 held.append(waiting)
                 waiting.sock.settimeout(1)
