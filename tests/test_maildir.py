@@ -56,6 +56,22 @@ class MaildirTests(unittest.TestCase):
         self.assertEqual(len(self.stored()), 1)
 
     @defer.inlineCallbacks
+    def test_otherRecipientsAddTheirOwnCopy(self):
+        """
+        The same message delivered here to some recipients, later to the
+        others (deferred at first by another next hop, then routed here):
+        two copies, each naming its recipients.  The second replaced the
+        first (lost mail: the first recipients' copy, already logged sent).
+        """
+        message = self.spool.load(self.qid)
+        yield self.hop.deliver([message.narrowed(message.recipients[:1])])
+        yield self.hop.deliver([message.narrowed(message.recipients[1:])])
+        stored = self.stored()
+        self.assertEqual(len(stored), 2)
+        self.assertEqual(sorted(c.split(b"\r\n")[1] for c in stored.values()),
+                         sorted(b"X-Envelope-To: <%s>" % r.encode() for r in message.recipients))
+
+    @defer.inlineCallbacks
     def test_leftoverTmpFileDoesNotBlock(self):
         """A crash mid-write leaves a file in tmp/; the repeated delivery still succeeds."""
         yield self.hop.deliver([self.spool.load(self.qid)])

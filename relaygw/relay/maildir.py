@@ -5,13 +5,16 @@ Each message is written once, with C{Return-Path} and C{X-Envelope-To}
 headers naming the envelope, made durable through the spool's committer
 (so fsyncs are grouped with everything else) and renamed into C{new/}.
 
-The file name is the message's queue id (unique per accepted message), so
-a delivery repeated after a crash, between the rename and the record of
-the outcome, replaces its own earlier copy in C{new/} instead of adding a
-second one.  The name in C{tmp/} is unique to each attempt, so a file
-that a crash left there never blocks the next.
+The file name is the message's queue id (unique per accepted message) and
+a digest of the recipients delivered, so a delivery repeated after a
+crash, between the rename and the record of the outcome, replaces its own
+earlier copy in C{new/} instead of adding a second one, while a delivery
+of the same message to other recipients (some deferred at first, then
+routed here) adds its own.  The name in C{tmp/} is unique to each attempt,
+so a file that a crash left there never blocks the next.
 """
 
+import hashlib
 import os
 import socket
 
@@ -46,8 +49,9 @@ class MaildirNextHop:
     def whenRoom(self, message):
         return succeed(None)  # (it never hands a message back)
 
-    def _name(self, queueId):
-        return "%s.%s" % (queueId, socket.gethostname().replace("/", "_").replace(":", "_"))
+    def _name(self, message):
+        recipients = hashlib.sha256("\n".join(sorted(message.recipients)).encode("utf-8", "replace")).hexdigest()
+        return "%s.%s.%s" % (message.queueId, recipients[:12], socket.gethostname().replace("/", "_").replace(":", "_"))
 
     def _content(self, message, src):
         """Runs in the disk thread: the envelope headers, then the message's content from C{src}, streamed."""
@@ -67,7 +71,7 @@ class MaildirNextHop:
         def one(message):
             global _attempts
             _attempts += 1
-            name = self._name(message.queueId)
+            name = self._name(message)
             tmp = "%s.%d_%d" % (name, os.getpid(), _attempts)
             try:
                 src = message.openForDelivery()  # (here, not in the disk thread: a withdrawn message fails no batch)
