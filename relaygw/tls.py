@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
 )
 
 from relaygw.logs import Logger
+from relaygw.trust import parseIP
 
 log = Logger()
 
@@ -67,12 +68,11 @@ def generateSelfSigned(certPath, keyPath, hostname="localhost"):
     names = [x509.DNSName("localhost")]
     ips = {ipaddress.ip_address("127.0.0.1")}
     # (an address literal, as a listener's hostname may be: "[192.0.2.1]", "[IPv6:2001:db8::1]")
-    address = hostname[1:-1] if hostname.startswith("[") and hostname.endswith("]") else hostname
-    address = address[5:] if address[:5].lower() == "ipv6:" else address
-    if _isIP(address):
-        ips.add(ipaddress.ip_address(address))
-    elif hostname != "localhost":
-        names.insert(0, x509.DNSName(hostname))
+    try:
+        ips.add(parseIP(hostname[1:-1] if hostname.startswith("[") and hostname.endswith("]") else hostname))
+    except ValueError:
+        if hostname != "localhost":
+            names.insert(0, x509.DNSName(hostname))
     names += [x509.IPAddress(ip) for ip in sorted(ips, key=str)]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
