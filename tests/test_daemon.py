@@ -259,12 +259,25 @@ class FileLimitTests(unittest.TestCase):
         p.send_signal(signal.SIGTERM)
         return p.communicate(timeout=30)[0].decode()
 
+    @staticmethod
+    def workerStarted(p):
+        """Wait (up to 15 s) for the worker C{p} starts."""
+        deadline = time.monotonic() + 15
+        while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def waitingClient(self, port, held):
+        """A client that connects now, and is not greeted within 1 s: it waits in the listen queue (in C{held})."""
+        waiting = Client(port)
+        held.append(waiting)
+        waiting.sock.settimeout(1)
+        self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+        return waiting
+
     def test_softRaisedToHard(self):
         def run():
             p = self.start(256, 4096, workers=2)
-            deadline = time.monotonic() + 15
-            while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            self.workerStarted(p)
             self.assertEqual([self.softLimit(pid) for pid in [p.pid] + childPids(p.pid)], [4096, 4096])
             self.assertNotIn("open-file limit", self.stopped(p))
 
@@ -314,10 +327,7 @@ class FileLimitTests(unittest.TestCase):
                 # the listen queue is empty: a client that connects in that
                 # instant is accepted past the budget and refused 421.)
                 time.sleep(0.3)
-                waiting = Client(port)
-                held.append(waiting)
-                waiting.sock.settimeout(1)
-                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+                waiting = self.waitingClient(port, held)
                 c = held[0]
                 for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
                     self.assertEqual(c.cmd(line)[0], 250)
@@ -349,9 +359,7 @@ class FileLimitTests(unittest.TestCase):
         def run():
             p = self.start(4096, 4096, workers=2, listener={"max_connections": 3})
             port = self.port
-            deadline = time.monotonic() + 15
-            while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            self.workerStarted(p)
             time.sleep(0.5)  # (the probe of the port has gone, the worker listens)
             held = []
             try:
@@ -361,10 +369,7 @@ class FileLimitTests(unittest.TestCase):
                     # (Twisted's accept loop goes on after a greeting until the listen queue is empty: a
                     # client that connects in that instant is accepted past the maximum and refused 421.)
                     time.sleep(0.3)
-                waiting = Client(port)
-                held.append(waiting)
-                waiting.sock.settimeout(1)
-                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+                waiting = self.waitingClient(port, held)
                 self.assertEqual(held[0].cmd("QUIT")[0], 221)
                 waiting.sock.settimeout(10)
                 self.assertEqual(waiting.reply()[0], 220)
@@ -397,10 +402,7 @@ class FileLimitTests(unittest.TestCase):
             try:
                 self.assertEqual([c.reply()[0] for c in held], [220] * 18)
                 time.sleep(0.3)
-                waiting = Client(self.port)
-                held.append(waiting)
-                waiting.sock.settimeout(1)
-                self.assertRaises(TimeoutError, waiting.sock.recv, 100)
+                self.waitingClient(self.port, held)
             finally:
                 for c in held:
                     c.close()

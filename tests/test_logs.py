@@ -194,19 +194,23 @@ class ReopenTests(unittest.TestCase):
 
 
 class LogFileModeTests(unittest.TestCase):
-    def test_notReadableByOthers(self):
-        """A log file the gateway creates is not world-readable (its lines name senders, recipients and logins)."""
+    def createdUnder(self, umask):
+        """The mode of a log file the gateway creates under C{umask}."""
         import os
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         path = os.path.join(directory, "relaygw.log")
-        old = os.umask(0o022)
+        old = os.umask(umask)
         try:
             logs.openLogFile(path).close()
         finally:
             os.umask(old)
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+        return os.stat(path).st_mode & 0o777
+
+    def test_notReadableByOthers(self):
+        """A log file the gateway creates is not world-readable (its lines name senders, recipients and logins)."""
+        self.assertEqual(self.createdUnder(0o022), 0o640)
 
     def test_createdModeWhateverTheUmask(self):
         """
@@ -214,15 +218,7 @@ class LogFileModeTests(unittest.TestCase):
         still 0640, so the log group can read the mail log after logrotate
         moved the old one away (it was 0600).
         """
-        import os
-
-        path = os.path.abspath(self.mktemp())
-        old = os.umask(0o077)
-        try:
-            logs.openLogFile(path).close()
-        finally:
-            os.umask(old)
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+        self.assertEqual(self.createdUnder(0o077), 0o640)
 
     def test_existingModeKept(self):
         """An existing file keeps the mode its administrator gave it."""
