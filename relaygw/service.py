@@ -59,12 +59,16 @@ class Delivery:
 
         clientwire.TRACE = config.log.level == "debug"
         self.maildir = MaildirNextHop(relay.maildir, committer, reactor)
-        self.router = Router(config, reactor, self.maildir, share)
+        self.router = Router(config, reactor, self.maildir, share, self._contended)
         self.queue = QueueManager(spool, self.router, reactor, concurrency=relay.concurrency,
                                   retryMin=relay.retry_min, retryMax=relay.retry_max,
                                   lifetime=relay.max_lifetime, bounceLifetime=relay.bounce_lifetime,
                                   hostname=relay.helo_name or config.listeners[0].hostname,
                                   deferAll=relay.defer_all)
+
+    def _contended(self):
+        """Whether messages wait for a delivery slot (a next hop then keeps to its share of them)."""
+        return self.queue.slotsWanted()
 
     def prepare(self, old, config):
         """The queue manager's settings and router for C{config}, reloaded over C{old} (nothing changes yet)."""
@@ -75,7 +79,7 @@ class Delivery:
             maildir = self.maildir
             if relay.maildir != old.relay.maildir:
                 maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)
-            router = Router(config, self.reactor, maildir, self.share)
+            router = Router(config, self.reactor, maildir, self.share, self._contended)
         return {"router": router, "concurrency": relay.concurrency, "retryMin": relay.retry_min,
                 "retryMax": relay.retry_max, "lifetime": relay.max_lifetime,
                 "bounceLifetime": relay.bounce_lifetime, "deferAll": relay.defer_all,

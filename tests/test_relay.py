@@ -23,7 +23,7 @@ from relaygw.testing import (
 )
 from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, WITHDRAWN, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
-from tests.messages import sendOne
+from tests.messages import sendMessage, sendOne
 from tests.recorders import LogCapture
 from tests.relaysetup import (
     FAST, CrashingGateway, RelayTestCase, TrackingHopFactory, crashTest, deliveryStatus, waitFor,
@@ -1529,6 +1529,107 @@ class ParkingTests(unittest.TestCase):
             self.assertIn("suspended", str(self.results[name]["%s@example.net" % name]))
         self.hop.wrapUp()
 
+
+
+class ShareTests(unittest.TestCase):
+    """A destination holds at most its share of the delivery slots (L{SMTPNextHop.maxHeld})."""
+
+    def test_pastTheShareGoesBackAndWaitsForRoom(self):
+        """
+        With 3 messages held (on two connections whose lookups never end),
+        the fourth goes back at once, untried, and is parked; when one of
+        the three is answered it is told, and a newer message that comes
+        meanwhile does not take its room.  Back, it goes out on the
+        connection that came free.
+        """
+        import types
+
+        clock = task.Clock()
+        lookups, results, told = [], {}, []
+
+        def hosts():
+            lookups.append(defer.Deferred())
+            return lookups[-1]
+
+        def deliver(m):
+            hop.deliver([m]).addCallback(lambda r: results.__setitem__(m.name, r[0]))
+
+        hop = SMTPNextHop(clock, "smtp:test", hosts, types.SimpleNamespace(forwardIdentity=False),
+                          maxConnections=2, maxHeld=3)
+        logs = LogCapture(self)
+        for name, arrival in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)):
+            deliver(_message(name, arrival))
+        self.assertEqual((hop.held, len(lookups)), (3, 2))  # (a alone, then b and c together)
+        self.assertEqual(results, {"d": {"d@example.net": WAITED}})
+        self.assertEqual(len(logs.find("its share of the delivery slots")), 1)
+        hop.whenRoom(_message("d", 4.0)).addCallback(lambda _: (told.append("d"), deliver(_message("d", 4.0))))
+        clock.advance(0)
+        self.assertEqual(told, [])  # (no room: parked, not read again)
+        results.clear()
+        lookups[0].errback(RuntimeError("no DNS"))  # a is answered: room for one
+        deliver(_message("e", 5.0))  # newer, before d is back: the room is d's
+        self.assertEqual(results.pop("e"), {"e@example.net": WAITED})
+        self.assertIn("lookup failed", str(results.pop("a")["a@example.net"]))
+        clock.advance(0)
+        self.assertEqual(told, ["d"])
+        self.assertEqual((results, hop.held, len(lookups)), ({}, 3, 3))  # d back, on the free connection
+        hop.cutShort()
+        self.assertEqual(hop.held, 0)
+
+    def test_noShareWhileNothingWaitsForASlot(self):
+        """While no other message waits for a delivery slot, a destination may hold more than its share."""
+        import types
+
+        clock = task.Clock()
+        hop = SMTPNextHop(clock, "smtp:test", lambda: defer.Deferred(), types.SimpleNamespace(forwardIdentity=False),
+                          maxConnections=2, maxHeld=3, contended=lambda: False)
+        results = {}
+        for name, arrival in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)):
+            hop.deliver([_message(name, arrival)]).addCallback(lambda r, name=name: results.__setitem__(name, r[0]))
+        self.assertEqual((hop.held, results), (4, {}))
+        hop.cutShort()
+        self.assertEqual(hop.held, 0)
+
+
+class FairShareTests(RelayTestCase):
+    @defer.inlineCallbacks
+    def test_backlogToOneDestinationLeavesSlotsToOthers(self):
+        """
+        60 messages for a destination that answers each end of data after
+        0.2 s on its two connections: none waits WAIT_SECONDS, and they held
+        every one of the 10 delivery slots, so a message for another
+        destination waited behind most of the backlog (about 4 s).  The
+        destination holds half the slots now: the other message goes at
+        once, and the backlog goes on over both connections, each message
+        delivered once.
+        """
+        slow, sport = self.hop(endOfDataDelay=0.2, extensions=["PIPELINING"])
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "concurrency": 10, "retry_min": 60,
+                            "retry_max": 120},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % sport],
+                                    "destination_concurrency": 2}])
+        backlog = ["s%d@slow.example" % n for n in range(60)]
+
+        def sendBacklog():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                c.cmd("EHLO client.example")
+                for rcpt in backlog:
+                    sendMessage(c, rcpt=rcpt, subject=rcpt)
+            finally:
+                c.close()
+
+        started = time.monotonic()
+        yield inThread(sendBacklog)
+        sent = time.monotonic()
+        yield self.send(subject="other", rcpts=("b@example.net",))
+        yield self.until(lambda: good.transactions)
+        self.assertLess(time.monotonic() - sent, 1.5)
+        yield self.until(self.spoolEmpty, timeout=30)
+        self.assertLess(time.monotonic() - started, 10)  # (one connection: 12 s; two: 6 s)
+        self.assertEqual(sorted(r for t in slow.transactions for r in t["rcpts"]), sorted(backlog))
 
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""

@@ -305,6 +305,10 @@ class QueueManager(Service):
         """The next-hop deliveries in progress: one for each next hop an active attempt waits for."""
         return len(self.active) + sum(self.fanOut.values())
 
+    def slotsWanted(self):
+        """Whether messages wait for a delivery slot (every one taken)."""
+        return bool(self.ready) and self.deliveries() >= self.concurrency
+
     def waitingFor(self, queueId, hops):
         """
         The attempt for C{queueId} waits for C{hops} next hops: it counts as

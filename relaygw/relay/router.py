@@ -46,8 +46,11 @@ class HopSpec:
     MAX_CACHED = 1000
 
     def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None,
-                 isSelf=None, ownNames=frozenset()):
+                 isSelf=None, ownNames=frozenset(), held=None, contended=None):
         self.name = name
+        #: Messages each of its next hops may hold at once while C{contended()} (L{WaitingLine.maxHeld}).
+        self.held = held
+        self.contended = contended
         #: Whether an MX host's address is the gateway's own (L{mx.ownAddresses}).
         self.isSelf = isSelf or mx.ownAddresses(())
         #: The gateway's own host names (lower case): a next hop answering with one is the gateway.
@@ -82,7 +85,8 @@ class HopSpec:
                 # with (the host the client connects to), not the first one's.
                 self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
                                                smarthostList(hosts), options, self.connections,
-                                               deadFor=self.deadFor)
+                                               deadFor=self.deadFor, maxHeld=self.held,
+                                               contended=self.contended)
             return self.cache[None]
         if hop.mx:
             if domain not in self.cache:
@@ -92,7 +96,8 @@ class HopSpec:
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 hosts = mxHosts(self.resolver(), domain, self.isSelf)
                 self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, hosts, options, self.connections,
-                                                 deadFor=self.deadFor)
+                                                 deadFor=self.deadFor, maxHeld=self.held,
+                                                 contended=self.contended)
             if not self._handedOut:
                 self.reactor.callLater(0, self._handedOut.clear)
             self._handedOut.add(domain)
@@ -116,10 +121,12 @@ def ownHostnames(config):
 class Router:
     """C{router(message, recipient) -> INextHop}."""
 
-    def __init__(self, config, reactor, maildir, share=None):
+    def __init__(self, config, reactor, maildir, share=None, contended=None):
         """
         @param share: this process's part of a gateway-wide limit
             (L{relaygw.workers.WorkerRole.share}); by default all of it.
+        @param contended: C{() -> bool}, whether messages wait for one of the
+            queue manager's delivery slots (by default, always so taken).
         """
         share = share or (lambda total: total)
         relay = config.relay
@@ -128,12 +135,15 @@ class Router:
         self.relay = relay
         isSelf = mx.ownAddresses([_config.endpointPort(listener.endpoint) for listener in config.listeners])
         ownNames = ownHostnames(config)
+        # Half the queue manager's delivery slots at most for one destination:
+        # the rest stay for mail to the others (L{WaitingLine.maxHeld}).
+        held = max(1, relay.concurrency // 2)
         self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
                                deadFor=relay.retry_min, connections=share(relay.destination_concurrency),
-                               isSelf=isSelf, ownNames=ownNames)
+                               isSelf=isSelf, ownNames=ownNames, held=held, contended=contended)
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
                                    deadFor=relay.retry_min, connections=share(r.destination_concurrency),
-                                   isSelf=isSelf, ownNames=ownNames))
+                                   isSelf=isSelf, ownNames=ownNames, held=held, contended=contended))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):

@@ -58,8 +58,12 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         in order (a fixed smarthost list, or an MX lookup).
     """
 
-    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300):
+    def __init__(self, reactor, name, hosts, options, maxConnections=10, batch=50, deadFor=300, maxHeld=None,
+                 contended=None):
         WaitingLine.__init__(self)
+        self.maxHeld = maxHeld
+        if contended is not None:
+            self.contended = contended
         KeptOpen.__init__(self)
         self.reactor = reactor
         self.name = name
@@ -132,8 +136,10 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         """
         Start batches.  A message that comes while connections are busy
         waits for one of them (its next batch pipelines it behind the
-        others) unless more messages wait than connections are busy; then
-        another connection opens, up to the cap.  A connection that has
+        others) unless more messages wait than connections are busy, or
+        the destination holds its share of the delivery slots (more
+        connections are then what makes it go faster); then another
+        connection opens, up to the cap.  A connection that has
         just C{freed} itself takes what waits at once.  While the
         destination is congested a message starts on a connection of its
         own, or not at all (L{WaitingLine._startsNext}).
@@ -146,7 +152,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         self._makeRoom()
         congested = self._congested()
         while self.waiting and not self.stopping and self.active + len(self.closing) < self.maxConnections \
-                and (freed or congested or len(self.waiting) > self.active) and self._startsNext(congested):
+                and (freed or congested or self._atShare or len(self.waiting) > self.active) \
+                and self._startsNext(congested):
             freed = False
             batch = self._take()
             self.active += 1

@@ -17,6 +17,16 @@ A message of a batch under way that has not begun (behind one the next
 hop, or its DNS, does not answer) goes back the same way once it has
 waited C{WAIT_SECONDS} since it joined the line (L{_watchBatch}).
 
+While other messages wait for one of the queue manager's delivery slots
+(C{contended}), a destination holds at most C{maxHeld} messages, waiting
+or on a connection: its share of the slots.  Past it, a message goes
+back at once, untried, as one that waited too long does;
+a backlog to a destination that answers each message in a fraction of
+C{WAIT_SECONDS} would otherwise hold every slot (each of its messages
+waiting less than that), and mail for other destinations would wait
+behind all of it, where Postfix's queue manager serves each destination
+in turn.
+
 A message that went back is parked with the queue manager (L{whenRoom})
 until the destination has room for it: no read of its queue file, no
 attempt, until a connection comes free.  Messages wait and are parked in
@@ -56,6 +66,14 @@ class WaitingLine:
 
     #: How long a message waits for a connection before it goes back to the queue manager.
     WAIT_SECONDS = 5.0
+
+    #: How many messages the destination may hold at once, waiting or on a
+    #: connection (None: no limit), while C{contended()} (other messages wait
+    #: for a delivery slot); those past it go back to the queue manager.
+    maxHeld = None
+    contended = staticmethod(lambda: True)
+    held = 0  # messages joined and not answered yet
+    _roomCall = None  # (see L{_left})
 
     handBack = None  # the timer of L{_handBack}
     congestedUntil = 0.0  # (see L{_giveBack})
@@ -104,7 +122,12 @@ class WaitingLine:
         now = self.reactor.seconds()
         for index, m in enumerate(messages):
             self.released.discard(m.queueId)
-            d = defer.Deferred()
+            if self.maxHeld is not None and self.held + len(self.released) >= self.maxHeld and self.contended():
+                self._overShare()
+                ds.append(defer.succeed({r: WAITED for r in m.recipients}))
+                continue
+            self.held += 1
+            d = defer.Deferred().addBoth(self._left)
             entry = (m, d, None if progress is None else (progress, index), now)
             if self.waiting and _accepted(self.waiting[-1]) > _accepted(entry):
                 bisect.insort(self.waiting, entry, key=_accepted)  # (back from the queue manager, say)
@@ -113,14 +136,37 @@ class WaitingLine:
             ds.append(d)
         return ds
 
+    _atShare = False
+
+    def _overShare(self):
+        """A message goes back: the destination holds its share of the delivery slots (logged once a spell)."""
+        if not self._atShare:
+            self._atShare = True
+            log.info("{hop}: {n} messages held, its share of the delivery slots; the next wait in the queue "
+                     "until it has room", hop=self.name, n=self.held)
+
+    def _left(self, result):
+        """A message of the line has its answer: room for a parked one, told at the end of the reactor's turn."""
+        self.held -= 1
+        if self.parked and self._roomCall is None:
+            self._roomCall = self.reactor.callLater(0, self._room)
+        return result
+
+    def _room(self):
+        self._roomCall = None
+        self._pump()
+
     def _take(self):
         """
         The next batch of waiting messages for one connection: one while
-        the destination is congested; when the client identity is
+        the destination is congested, no more than its connections' part
+        of the share of delivery slots (L{maxHeld}) otherwise; when the client identity is
         forwarded, only messages from the same original client (see
         L{relaygw.relay.smtp.SMTPNextHop._key}).
         """
         size = 1 if self._congested() else self.batch
+        if self.maxHeld is not None:  # (each connection a part of the share: not all of it on the first)
+            size = min(size, -(-self.maxHeld // self.maxConnections))
         if not self.options.forwardIdentity:
             batch, self.waiting = self.waiting[:size], self.waiting[size:]
             return batch
@@ -149,15 +195,22 @@ class WaitingLine:
         if self.waiting and not self.stopping and congested:
             waiting, self.waiting = self.waiting, []
             self._giveBack(waiting)
-        if self.parked and not self.stopping and (dead or self.active < self.maxConnections):
+        # (Room in the destination's share of the slots, if it has one.)
+        room = None if self.maxHeld is None or dead else self.maxHeld - self.held - len(self.released)
+        if self.parked and not self.stopping and (dead or self.active < self.maxConnections
+                                                  or (room and not congested)):
             promise = congested and not dead  # (each told keeps its connection until it is back)
             n = self.maxConnections - self.active - len(self.waiting) - len(self.released) if promise \
                 else len(self.parked)
+            if room is not None:  # (each told keeps its room in the share until it is back)
+                n, promise = min(n, room), True
             released, self.parked = self.parked[:max(0, n)], self.parked[max(0, n):]
             for _, _, qid, d in released:
                 if promise:
                     self.released.add(qid)
                 self.reactor.callLater(0, self._tell, qid, d)  # (the queue manager reads it again: never from here)
+        if self._atShare and not self.parked and (room is None or room > 0):
+            self._atShare = False
         if self.waiting and not self.stopping:
             if self.handBack is None:
                 delay = min(item[3] for item in self.waiting) + self.WAIT_SECONDS - now
