@@ -15,6 +15,7 @@ import os
 import platform
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IReadDescriptor
 from zope.interface import implementer
 
@@ -129,10 +130,13 @@ class RingCommitter:
 
     def connectionLost(self, reason):
         """
-        The reactor dropped the ring after an error escaped L{doRead} (a
-        bug): the batch in flight fails, and the next commit opens a new ring.
+        The reactor dropped the ring: at its shutdown (every reader is
+        dropped so when the reactor stops before the spool has), or after an
+        error escaped L{doRead} (a bug, logged).  The batch in flight fails,
+        and the next commit opens a new ring.
         """
-        log.failure("the spool's io_uring failed", reason)
+        if not reason.check(ConnectionLost):
+            log.failure("the spool's io_uring failed", reason)
         self._abandonRing(reason.value)
 
     def doRead(self):

@@ -279,6 +279,29 @@ class RingCommitterTests(unittest.TestCase):
         self.committer.stop()
         self.assertIsNone(self.committer.ring)
 
+    @defer.inlineCallbacks
+    def test_droppedByTheReactor(self):
+        """
+        The ring dropped at the reactor's shutdown (which drops every reader
+        with ConnectionLost) is closed without a word; dropped after an error
+        in its reading (a bug), it is logged.  A commit after either opens a
+        new ring.
+        """
+        from twisted.internet import main
+        from twisted.python.failure import Failure
+        from tests.recorders import LogCapture
+
+        logs = LogCapture(self)
+        for reason, logged in ((main.CONNECTION_LOST, 0), (RuntimeError("bug"), 1)):
+            yield self.message()
+            reactor.removeReader(self.committer)  # (as the reactor does before it tells the reader)
+            self.committer.connectionLost(Failure(reason))
+            self.assertIsNone(self.committer.ring)
+            self.assertEqual(len(logs.find("io_uring failed")), logged)
+        self.flushLoggedErrors(RuntimeError)
+        yield self.message()
+        self.assertIn(self.committer, reactor.getReaders())
+
 
 class ChoiceTests(unittest.TestCase):
     """L{committer}: io_uring where asked for and offered, the disk thread otherwise."""
