@@ -16,12 +16,12 @@ from twisted.trial import unittest
 from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import Spool
-from relaygw.testing import configText, inThread
+from relaygw.testing import Gateway, configText, inThread
 from tests.messages import sendOne
 from tests.outside import OutsideFiles
 from tests.processes import sourceEnv
 from tests.recorders import LogCapture
-from tests.relaysetup import RelayTestCase, TrackingHopFactory
+from tests.relaysetup import FAST, RelayTestCase, TrackingHopFactory
 
 
 def block(out, qid):
@@ -44,6 +44,7 @@ class QueueToolTests(RelayTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.hop_, port = self.hop(rcpt={"b@example.net": "451 4.3.0 not now", "c@example.net": "451 4.3.0 not now"})
+        self.hopPort = port
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
         self.gw.service.queue.pollInterval = 0.2
         self.q1 = yield self.send(rcpts=("b@example.net",))
@@ -191,6 +192,28 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.hop_.lines.count("RCPT TO:<c@example.net>"), 1)  # (only the released one tried)
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith(("held", "rel"))],
                          [])
+
+    @defer.inlineCallbacks
+    def test_releaseWhileStoppedLoggedBeforeTheDelivery(self):
+        """
+        A message released while the gateway is stopped has its release
+        logged at the next start before its delivery (the first poll came
+        after the delivery it let go).
+        """
+        self.assertEqual(self.run_("hold", self.q1)[0], 0)
+        logs = LogCapture(self)
+        yield self.until(lambda: logs.find("placed on hold", qid=self.q1))
+        yield self.gw.stop()
+        self.assertEqual(self.run_("release", self.q1)[0], 0)
+        self.hop_.rcpt.clear()  # the next hop recovers
+        self.gw = Gateway(self.gw.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay=dict(FAST, smarthosts=["[127.0.0.1]:%d" % self.hopPort], retry_min=300, retry_max=300))
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        yield self.until(lambda: logs.find("status=", qid=self.q1))
+        order = [e.get("event") for e in logs.events if e.get("qid") == self.q1 and e.get("event") in
+                 ("released", "delivery")]
+        self.assertEqual(order, ["released", "delivery"])
 
     def test_consoleScript(self):
         exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")

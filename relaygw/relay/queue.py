@@ -121,10 +121,13 @@ class QueueManager(Service):
     def startService(self):
         Service.startService(self)
         self.attempts.progress.start()
+        # Requests made while the gateway was stopped (a hold, a release, a
+        # deletion) are taken first, so that each is logged before the
+        # delivery of the message it concerns; the poll then goes on by itself.
+        self._poll()
         for qid in self.recovered:
             self.enqueue(qid)
         self.recovered = []
-        self._poller = self.reactor.callLater(self.pollInterval, self._poll)
 
     def _poll(self):
         """
