@@ -20,12 +20,11 @@ waited C{WAIT_SECONDS} since it joined the line (L{_watchBatch}).
 While other messages wait for one of the queue manager's delivery slots
 (C{contended}), a destination holds at most C{maxHeld} messages, waiting
 or on a connection: its share of the slots.  Past it, a message goes
-back at once, untried, as one that waited too long does;
-a backlog to a destination that answers each message in a fraction of
-C{WAIT_SECONDS} would otherwise hold every slot (each of its messages
-waiting less than that), and mail for other destinations would wait
-behind all of it, where Postfix's queue manager serves each destination
-in turn.
+back at once, untried, as one that waited too long does.  A backlog to a
+destination that answers each message in a fraction of C{WAIT_SECONDS}
+would otherwise hold every slot (none of its messages waiting that
+long), and mail for other destinations would wait behind all of it,
+where Postfix's queue manager serves each destination in turn.
 
 A message that went back is parked with the queue manager (L{whenRoom})
 until the destination has room for it: no read of its queue file, no
@@ -159,9 +158,10 @@ class WaitingLine:
     def _take(self):
         """
         The next batch of waiting messages for one connection: one while
-        the destination is congested, no more than its connections' part
-        of the share of delivery slots (L{maxHeld}) otherwise; when the client identity is
-        forwarded, only messages from the same original client (see
+        the destination is congested, otherwise no more than a
+        connection's part of the destination's share of the delivery
+        slots (L{maxHeld}); when the client identity is forwarded, only
+        messages from the same original client (see
         L{relaygw.relay.smtp.SMTPNextHop._key}).
         """
         size = 1 if self._congested() else self.batch
@@ -198,7 +198,7 @@ class WaitingLine:
         # (Room in the destination's share of the slots, if it has one.)
         room = None if self.maxHeld is None or dead else self.maxHeld - self.held - len(self.released)
         if self.parked and not self.stopping and (dead or self.active < self.maxConnections
-                                                  or (room and not congested)):
+                                                  or (room is not None and room > 0 and not congested)):
             promise = congested and not dead  # (each told keeps its connection until it is back)
             n = self.maxConnections - self.active - len(self.waiting) - len(self.released) if promise \
                 else len(self.parked)
