@@ -416,10 +416,9 @@ class Listeners:
         self.tlsSettings = [f.tls for f in self.factories if f.tls is not None]
 
     def reloadCertificates(self):
-        """Re-read every listener's certificate; new connections use it."""
+        """Re-read every listener's certificate (each logs what it loaded); new connections use it."""
         for tls in self.tlsSettings:
-            if tls.reload():
-                log.info("reloaded certificate {path}", path=tls.certPath)
+            tls.reload()
 
     def watchCertificates(self):
         """Reload a certificate whose files changed."""

@@ -572,7 +572,9 @@ class TwistdReloadTests(_TwistdTestCase):
                     self.assertEqual(der2, ssl.PEM_cert_to_DER_cert(f.read()))
             out = p.output
             self.assertIn("reload: listener l0: changed hostname", out)
-            self.assertIn("reloaded certificate", out)
+            # One line for the certificate's reload (there were two), with what was loaded.
+            [line] = [line for line in out.splitlines() if cert in line and "reloaded" in line]
+            self.assertIn("TLS certificate %s reloaded: " % cert, line)
 
         return inThread(run)
 
