@@ -1631,6 +1631,34 @@ class FairShareTests(RelayTestCase):
         self.assertLess(time.monotonic() - started, 10)  # (one connection: 12 s; two: 6 s)
         self.assertEqual(sorted(r for t in slow.transactions for r in t["rcpts"]), sorted(backlog))
 
+    @defer.inlineCallbacks
+    def test_recipientsHandedBackWaitForRoomNotTheRetry(self):
+        """
+        A message to two destinations, one of which hands its recipient back
+        untried (at its share, or congested) while the other delivers: that
+        recipient is parked with its next hop and goes when it has room,
+        not at the next retry (retry_min, 60 s here), and each recipient is
+        delivered once.
+        """
+        routed, rport = self.hop(extensions=["PIPELINING"])
+        good, gport = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % gport], "retry_min": 60, "retry_max": 120},
+                           routes=[{"domains": ["slow.example"], "smarthosts": ["[127.0.0.1]:%d" % rport]}])
+        deliver, handedBack = SMTPNextHop.deliver, []
+
+        def handBackOnce(hop, messages, progress=None):
+            if str(rport) in hop.name and not handedBack:
+                handedBack.append(messages[0].recipients)
+                return defer.succeed([{r: WAITED for r in messages[0].recipients}])
+            return deliver(hop, messages, progress)
+
+        self.patch(SMTPNextHop, "deliver", handBackOnce)
+        yield self.send(rcpts=("s@slow.example", "b@example.net"))
+        yield self.until(lambda: routed.transactions and good.transactions, timeout=5)
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(handedBack, [["s@slow.example"]])
+        self.assertEqual((routed.recipients(), good.recipients()), (["s@slow.example"], ["b@example.net"]))
+
 class MXTests(RelayTestCase):
     """MX delivery through a DNS server on loopback."""
 

@@ -255,11 +255,38 @@ class Attempts:
             if not self.spool.exists(qid):
                 return self._forget(qid)
             self.manager.retries.later(qid, recorded.nextAttempt)
-            return self.progress.persist(qid, outcome.paid(recorded.state))
+            persisted = self.progress.persist(qid, outcome.paid(recorded.state))
+            if self._handedBack(attempt, recorded):
+                # (Parked once the record is made and the attempt over: room told
+                # while it is still active would be lost.)
+                persisted.addCallback(self._park, attempt, recorded.nextAttempt)
+            return persisted
 
         if d is None:  # (the usual case: nothing to make durable first)
             return settle(None)
         return d.addCallback(settle)
+
+    @staticmethod
+    def _handedBack(attempt, recorded):
+        """
+        Whether every recipient still pending was handed back untried
+        (L{WAITED}: its destination at its share of the delivery slots, or
+        congested) while the others' outcomes were recorded.
+        """
+        waited = {r for _, results in attempt.outcomes for r, result in results.items() if result == WAITED}
+        return attempt.waitedOn is not None and set(recorded.pending) <= waited
+
+    def _park(self, written, attempt, latest):
+        """
+        The recipients handed back go again once their next hop has room
+        (or at C{latest}, their retry time), not only at their retry time,
+        unless something else (a flush) has already queued the message.
+        """
+        retries = self.manager.retries
+        if attempt.qid in retries.timers:
+            retries.cancel(attempt.qid)
+            retries.when(attempt.qid, attempt.waitedOn.whenRoom(attempt.message), latest)
+        return written
 
     def _waitedTooLong(self, attempt):
         """
