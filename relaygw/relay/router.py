@@ -83,10 +83,7 @@ class HopSpec:
                 # tlsHostname stays None: each smarthost's certificate is
                 # verified against the name that smarthost was configured
                 # with (the host the client connects to), not the first one's.
-                self.cache[None] = SMTPNextHop(self.reactor, "smtp:%s" % ",".join(hop.smarthosts),
-                                               smarthostList(hosts), options, self.connections,
-                                               deadFor=self.deadFor, maxHeld=self.held,
-                                               contended=self.contended)
+                self.cache[None] = self._smtpHop("smtp:%s" % ",".join(hop.smarthosts), smarthostList(hosts), options)
             return self.cache[None]
         if hop.mx:
             if domain not in self.cache:
@@ -95,14 +92,17 @@ class HopSpec:
                 options = _options(hop, self.heloName, self.ownNames, domain)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 hosts = mxHosts(self.resolver(), domain, self.isSelf)
-                self.cache[domain] = SMTPNextHop(self.reactor, "mx:%s" % domain, hosts, options, self.connections,
-                                                 deadFor=self.deadFor, maxHeld=self.held,
-                                                 contended=self.contended)
+                self.cache[domain] = self._smtpHop("mx:%s" % domain, hosts, options)
             if not self._handedOut:
                 self.reactor.callLater(0, self._handedOut.clear)
             self._handedOut.add(domain)
             return self.cache[domain]
         return self.fallback
+
+    def _smtpHop(self, name, hosts, options):
+        """An SMTP next hop with this spec's limits: its connections, its share of the slots, its dead time."""
+        return SMTPNextHop(self.reactor, name, hosts, options, self.connections, deadFor=self.deadFor,
+                           maxHeld=self.held, contended=self.contended)
 
     def smtpHops(self):
         """The next hops built so far (SMTP destinations; the fallback is not cached)."""
