@@ -415,10 +415,10 @@ class Listeners:
                 wrapper.timeout = listener.proxy_timeout
         self.tlsSettings = [f.tls for f in self.factories if f.tls is not None]
 
-    def reloadCertificates(self):
+    def reloadCertificates(self, failures=None):
         """Re-read every listener's certificate (each logs what it loaded); new connections use it."""
         for tls in self.tlsSettings:
-            tls.reload()
+            tls.reload(failures)
 
     def watchCertificates(self):
         """Reload a certificate whose files changed."""

@@ -173,13 +173,20 @@ class GatewayService(MultiService):
         from relaygw import logs
 
         logs.reopen()
-        self.reloadCertificates()
-        if self.configPath:
+        if not self.configPath:
+            self.listeners.reloadCertificates()
+        else:
             from relaygw.reload import reloadConfig
 
+            # A certificate that fails to load fails the config's checks too:
+            # worker 0's refusal names it, once for the gateway.
+            failures = []
+            self.listeners.reloadCertificates(failures)
             if self.worker == 0:
-                reloadConfig(self, self.configPath,
-                             share=self.role.shareConfig if self.supervisor is not None else None)
+                if reloadConfig(self, self.configPath,
+                                share=self.role.shareConfig if self.supervisor is not None else None) is not None:
+                    for report in failures:
+                        report()
             else:
                 self._followMainProcess()
         if self.supervisor is not None:
@@ -192,10 +199,6 @@ class GatewayService(MultiService):
         shared = self.role.newReload()
         if shared is not None:
             reloadConfig(self, self.configPath, shared)
-
-    def reloadCertificates(self):
-        """SIGHUP: re-read every listener's certificate; new connections use it."""
-        self.listeners.reloadCertificates()
 
     def _watchCertificates(self):
         self.listeners.watchCertificates()

@@ -12,6 +12,7 @@ effect without a restart.
 """
 
 import datetime
+import functools
 import ipaddress
 import os
 
@@ -242,10 +243,12 @@ class ServerTLS:
         self._files, self._context, self.certificate, self._caStore = (
             other._files, other._context, other.certificate, other._caStore)
 
-    def reload(self):
+    def reload(self, failures=None):
         """
         Re-read the certificate, key and client CA files.  New connections use
-        the new settings; on error the old ones stay and the error is logged.
+        the new settings; on error the old ones stay and the error is logged,
+        or its log call added to the list C{failures}, for a caller that
+        decides later whether it is worth a line.
 
         @return: C{True} if the settings changed.
         """
@@ -253,11 +256,12 @@ class ServerTLS:
         try:
             loaded = self._load()
         except Exception as e:
-            log.error(
-                "TLS reload of {cert} failed, keeping the current certificate: {error}",
-                cert=self.certPath,
-                error=repr(e),
-            )
+            report = functools.partial(log.error, "TLS reload of {cert} failed, keeping the current certificate: "
+                                       "{error}", cert=self.certPath, error=repr(e))
+            if failures is None:
+                report()
+            else:
+                failures.append(report)
             return False
         if loaded[0] == self._files:
             return False

@@ -210,6 +210,27 @@ class ReloadTests(unittest.TestCase):
         self.gw.service.reload()
         self.assertIn("STARTTLS", (yield inThread(ehlo)))
 
+    def test_brokenCertificateReportedOnce(self):
+        """
+        A certificate file broken in place at a SIGHUP: one error line, the
+        config's refusal naming it (not also the certificate reload's), and
+        the running certificate stays.
+        """
+        d = os.path.abspath(self.mktemp())
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        generateSelfSigned(cert, key, "relay.test")
+        self.rewrite({"tls_certificate": cert, "tls_key": key})
+        self.gw.service.reload()
+        before = self.gw.service.factories[0].tls.certificate
+        with open(cert, "w") as f:
+            f.write("garbage")
+        self.gw.service.reload()
+        errors = [logs.escape(e["log_format"].format(**e)) for e in self.events if e["log_level"].name == "error"]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("reload refused, keeping the running config: ", errors[0])
+        self.assertIn(cert, errors[0])
+        self.assertIs(self.gw.service.factories[0].tls.certificate, before)
+
     def test_replacedCertificateNeverOfferedAgain(self):
         """
         A session open across a reload that replaces the certificate and key

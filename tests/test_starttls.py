@@ -277,7 +277,7 @@ class ReloadTests(TLSGatewayTestCase):
         os.unlink(self.cert)
         os.unlink(self.key)
         generateSelfSigned(self.cert, self.key, "relay.test")
-        self.gw.service.reloadCertificates()
+        self.gw.service.reload()
         after = yield self.peerCertificate()
         self.assertNotEqual(before, after)
         with open(self.cert, "rb") as f:
