@@ -191,11 +191,14 @@ class XclientParseTests(unittest.TestCase):
             self.refused("PROTO=" + value)
 
     def test_names(self):
-        for value in ("mx.example.net", "mx.example.net.", "x_y.example", "a" * 63 + ".example", "localhost",
-                      "1host.example", "host-1"):
+        for value in ("mx.example.net", "x_y.example", "a" * 63 + ".example", "localhost",
+                      "1host.example", "host-1", "a-b--c.example"):
             self.assertEqual(xclient.parse("NAME=" + value)["NAME"], value)
+        # The root's dot is dropped, as no next hop takes it (Postfix: "Bad NAME syntax").
+        self.assertEqual(xclient.parse("NAME=mx.example.net.")["NAME"], "mx.example.net")
         for value in ("bad!name", "-bad..name", "a..b", ".example", "1234", "1.2.3.4", "a" * 64 + ".example",
-                      "[TEMPUNAVAIL]x", "host name", "host+2Fname", "caf+C3+A9.example"):
+                      "[TEMPUNAVAIL]x", "host name", "host+2Fname", "caf+C3+A9.example", "-a.example",
+                      "a-.example", "a.-b", "a.example..", "a.example-", ".", "1234."):
             self.refused("NAME=" + value)
 
     def test_controlCharactersAndBadXtextRefused(self):
@@ -1157,6 +1160,25 @@ class OnwardXclientTests(GatewayTestCase):
         line = yield self.relayed(["XCLIENT NAME=[UNAVAILABLE] ADDR=[UNAVAILABLE] LOGIN=u"])
         attrs = dict(a.split("=", 1) for a in line.split()[1:])
         self.assertEqual((attrs["NAME"], attrs["ADDR"]), ("[UNAVAILABLE]", "[UNAVAILABLE]"))
+
+    @defer.inlineCallbacks
+    def test_onwardNameIsOneAPostfixNextHopTakes(self):
+        """
+        Checklist 64: a NAME Postfix's valid_hostname refuses (a label
+        starting or ending in a hyphen, an empty label) is refused here too,
+        and a fully qualified name's root dot is dropped: the onward XCLIENT
+        to a Postfix next hop would be refused (501 5.5.4 Bad NAME syntax)
+        and the message deferred again and again (differential test).
+        """
+
+        def refused(c):
+            for name in ("-a.example", "a-.example", "a.-b.example", "a.example..", "a.example.-"):
+                self.assertEqual(c.cmd("XCLIENT NAME=%s ADDR=192.0.2.7" % name)[0], 501, name)
+
+        yield self.session(refused)
+        line = yield self.relayed(["XCLIENT NAME=mx.example.net. ADDR=192.0.2.7"])
+        attrs = dict(a.split("=", 1) for a in line.split()[1:])
+        self.assertEqual((attrs["NAME"], attrs["ADDR"]), ("mx.example.net", "192.0.2.7"))
 
 
 class IPv6PeerTests(VerbTestCase):

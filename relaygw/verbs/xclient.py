@@ -19,7 +19,8 @@ KEYWORD = " ".join(ATTRIBUTES)
 UNAVAILABLE = "[UNAVAILABLE]"
 TEMPUNAVAIL = "[TEMPUNAVAIL]"
 
-_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
+# As Postfix's valid_hostname: no label starts or ends with a hyphen.
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def _bad(why):
@@ -47,12 +48,17 @@ def parseAddress(value):
 
 
 def _hostname(value):
+    """
+    A host name Postfix's C{valid_hostname} takes, so that onward XCLIENT
+    to a Postfix next hop takes it too; a fully qualified name's root dot
+    is dropped (Postfix refuses it).
+    """
     if len(value) > 255:
         raise _bad("bad hostname")
-    labels = value.rstrip(".").split(".")
-    if not all(_LABEL.match(l) for l in labels) or value.replace(".", "").isdigit():
+    name = value[:-1] if value.endswith(".") else value
+    if not all(_LABEL.fullmatch(l) for l in name.split(".")) or name.replace(".", "").isdigit():
         raise _bad("bad hostname %s" % (value,))
-    return value
+    return name
 
 
 def _port(value):
