@@ -855,6 +855,20 @@ class Spool:
         d.addCallback(lambda _: self._spent.append(queueId))
         return d
 
+    def delete(self, queueId):
+        """
+        The operator's delete (relaygw-queue): the message leaves the spool
+        at once.  False (and nothing done) when its queue file had gone
+        already: delivered, or deleted, since it was looked up.
+        """
+        try:
+            os.unlink(self.path("queue", queueId))
+        except FileNotFoundError:
+            return False
+        self._forget(queueId)
+        self.discard([self.path("state", queueId), self.path("hold", queueId)])
+        return True
+
     def _retain(self, queueId, chunks, size):
         if size <= self.RETAIN_EACH and self._retainedSize + size <= self.RETAIN:
             self._retained[queueId] = b"".join(chunks)

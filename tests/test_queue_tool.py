@@ -135,6 +135,26 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.gw.service.spool.queueIds(), [self.q2])
         self.assertFalse(os.path.exists(self.gw.service.spool.path("state", self.q1)))
 
+    def test_deleteOfAMessageDeliveredMeanwhile(self):
+        """
+        The message leaves the spool (its delivery ended) between the tool
+        finding it and removing it: the tool says it has no such message
+        and exits 1, and leaves no deletion for the gateway to log (before:
+        "deleted ID", exit 0, and "removed (relaygw-queue delete)" in the
+        mail log for a message that was delivered, not deleted).
+        """
+        spool = self.gw.service.spool
+        act = tool._act
+
+        def deliveredFirst(cmd, found, qid, out, err):
+            os.rename(spool.path("queue", qid), spool.path("spent", qid))  # (as the gateway's removal)
+            return act(cmd, found, qid, out, err)
+
+        self.patch(tool, "_act", deliveredFirst)
+        self.assertEqual(self.run_("delete", self.q1), (1, ""))
+        self.assertEqual(self.stderr.getvalue(), "relaygw-queue: no such message: %s\n" % self.q1)
+        self.assertEqual([n for n in os.listdir(spool.directory) if n.startswith("deleted")], [])
+
     @defer.inlineCallbacks
     def test_deleteIsLogged(self):
         """

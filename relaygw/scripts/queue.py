@@ -303,7 +303,9 @@ def _run(argv, out):
 def _act(cmd, spool, qid, out, err):
     """Apply C{cmd} to one message; whether it did."""
     if cmd == "delete":
-        spool.remove(qid)
+        if not spool.delete(qid):  # (delivered since it was looked up: nothing was deleted)
+            err("no such message: %s" % _clean(qid))
+            return False
         spool.noteDeleted(qid)  # (for the mail log of the running gateway, or of the next start)
         out.write("deleted %s\n" % _clean(qid))
     elif cmd == "hold":
