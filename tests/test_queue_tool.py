@@ -699,10 +699,10 @@ class WithdrawnTests(RelayTestCase):
     """
 
     @defer.inlineCallbacks
-    def waitingBehindSlowHop(self):
+    def waitingBehindSlowHop(self, greetDelay=1.5):
         """m0 on the one connection, slow to greet; m1's attempt waits for it."""
         self.logs = LogCapture(self)
-        self.hop_, port = self.hop(factory=TrackingHopFactory(greetDelay=1.5, extensions=["PIPELINING"]))
+        self.hop_, port = self.hop(factory=TrackingHopFactory(greetDelay=greetDelay, extensions=["PIPELINING"]))
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "destination_concurrency": 1,
                             "retry_min": 300, "retry_max": 300})
         self.gw.service.queue.pollInterval = 0.2
@@ -741,6 +741,23 @@ class WithdrawnTests(RelayTestCase):
         self.assertEqual(len(self.logs.find("not sent: {why}", qid=qid, why="deleted")), 1)
         self.assertEqual([e for e in self.logs.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
         self.assertEqual(self.logs.find("status=", qid=qid), [])
+
+    @defer.inlineCallbacks
+    def test_deletionIsTheLastLine(self):
+        """
+        A deletion the gateway notices while the message's attempt still
+        waits (its poll comes before the slow next hop's greeting) is its
+        last line in the mail log, after the attempt's own "not sent" line
+        (before: "removed (relaygw-queue delete)", then "not sent: deleted
+        before it went out").
+        """
+        qid = yield self.waitingBehindSlowHop(greetDelay=4)
+        self.assertEqual(self.runTool("delete", qid)[0], 0)
+        yield self.until(lambda: self.logs.find("removed", qid=qid) and qid not in self.gw.service.queue.active)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        lines = [formatEvent(e) for e in self.logs.events if e.get("qid") == qid and e.get("log_format")]
+        self.assertEqual(lines[-2:], ["%s: not sent: deleted before it went out" % qid,
+                                      "%s: removed (relaygw-queue delete)" % qid])
 
     @defer.inlineCallbacks
     def test_heldAndReleasedWhileWaiting(self):

@@ -64,6 +64,7 @@ class QueueManager(Service):
         self.fresh = {}
         self.forced = set()
         self.failedAttempts = {}  # qid: attempts in a row that raised (L{_attemptFailed})
+        self.deletedWhileActive = set()  # deleted with relaygw-queue during its attempt: logged as that ends
         self._idle = []
         self._retired = []
 
@@ -155,7 +156,10 @@ class QueueManager(Service):
                 if self.spool.exists(qid):  # (a marker for a message still queued deleted nothing)
                     continue
                 self.retries.cancel(qid)
-                maillog.removed(qid, operator=True)
+                if qid in self.active:  # (its attempt's lines come first: this one is its last)
+                    self.deletedWhileActive.add(qid)
+                else:
+                    maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
         except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
             log.error("queue poll failed: {error}", error=e)
@@ -360,6 +364,9 @@ class QueueManager(Service):
 
     def _finished(self, _, qid):
         self.active.discard(qid)
+        if qid in self.deletedWhileActive:
+            self.deletedWhileActive.discard(qid)
+            maillog.removed(qid, operator=True)
         self.fanOut.pop(qid, None)
         self._idleNow()
         self._pump()
