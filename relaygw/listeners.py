@@ -406,7 +406,6 @@ class Listeners:
         the connections held within the open-file limit leave room for its
         deliveries.
         """
-        self.budget.configure(config.listeners, config.relay.concurrency)
         for factory, listener, settings in prepared:
             factory.apply(listener, settings)
             wrapper = self.proxyFactories.get(listener.name)
@@ -414,6 +413,8 @@ class Listeners:
                 wrapper.isTrusted = factory.settings.trust.balancer
                 wrapper.timeout = listener.proxy_timeout
         self.tlsSettings = [f.tls for f in self.factories if f.tls is not None]
+        # (after the listeners: whether each accepts is judged by its new max_connections)
+        self.budget.configure(config.listeners, config.relay.concurrency)
 
     def reloadCertificates(self, failures=None):
         """Re-read every listener's certificate (each logs what it loaded); new connections use it."""

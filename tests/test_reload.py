@@ -544,6 +544,42 @@ class WorkersReloadTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_raisedMaxConnectionsTakesTheWaitingClient(self):
+        """
+        Both workers hold their max_connections (1), so neither accepts and
+        a third client waits in the listen queue; a reload raising the limit
+        lets them accept again at once (before: not until a session ended,
+        up to idle_timeout later, the workers judging it by the old limit).
+        """
+        def write(limit):
+            self.replace(configText(self.directory, process={"workers": 2}, listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % self.port, "max_connections": limit,
+                "relay_networks": ["127.0.0.0/8"]},)))
+
+        def run():
+            write(1)
+            with twistdRunning(self.conf, self.directory) as p:
+                self.bothWorkersUp()
+                held = []
+                try:
+                    for _ in range(2):
+                        time.sleep(0.5)  # (the worker that took the last one has stopped accepting)
+                        held.append(Client(self.port))
+                        self.assertEqual(held[-1].reply()[0], 220)
+                    time.sleep(0.5)
+                    waiting = Client(self.port, timeout=1)
+                    held.append(waiting)
+                    self.assertRaises(TimeoutError, waiting.reply)  # (both workers full)
+                    write(10)
+                    p.send_signal(signal.SIGHUP)
+                    waiting.sock.settimeout(5)
+                    return waiting.reply()[0]
+                finally:
+                    for c in held:
+                        c.close()
+
+        return inThread(run).addCallback(self.assertEqual, 220)
+
     def restartWorker(self, process, edit=lambda: None):
         """Call C{edit()}, kill worker 1 and wait until the main process has started it again: its pid."""
         [old] = childPids(process.pid)
