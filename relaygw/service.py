@@ -79,7 +79,7 @@ class Delivery:
             maildir = self.maildir
             if relay.maildir != old.relay.maildir:
                 maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)
-            router = Router(config, self.reactor, maildir, self.share, self._contended)
+            router = Router(config, self.reactor, maildir, self.share, self._contended, replaces=self.router)
         return {"router": router, "concurrency": relay.concurrency, "retryMin": relay.retry_min,
                 "retryMax": relay.retry_max, "lifetime": relay.max_lifetime,
                 "bounceLifetime": relay.bounce_lifetime, "deferAll": relay.defer_all,

@@ -131,6 +131,53 @@ class ReloadTests(unittest.TestCase):
         self.assertIn("reload: [relay]: changed smarthosts", self.messages("info"))
 
     @defer.inlineCallbacks
+    def test_destinationConcurrencyHeldAcrossAReload(self):
+        """
+        A reload that rebuilds the router (here retry_min changes) while a
+        message is on the one connection destination_concurrency allows:
+        the messages that come next wait for that connection to end rather
+        than open more (before: the new router opened its own connections
+        beside those of the one it replaced, so the next hop saw more than
+        the config says).
+        """
+        hop = self.hops[0][0]
+
+        class Counting(type(hop).protocol):
+            def connectionMade(self):
+                super().connectionMade()
+                self.factory.open += 1
+                self.factory.most = max(self.factory.most, self.factory.open)
+
+            def connectionLost(self, reason):
+                super().connectionLost(reason)
+                self.factory.open -= 1
+
+        hop.protocol, hop.open, hop.most = Counting, 0, 0
+        hop.endOfDataDelay = 1.0
+        self.rewrite(relay={"destination_concurrency": 1, "retry_min": 30})
+        self.gw.service.reload()
+
+        def send(n):
+            c = Client(self.gw.port)
+            try:
+                return c.transaction(["r%d@example.net" % n], "Subject: %d\r\n\r\nx\r\n" % n)[-1][0]
+            finally:
+                c.close()
+
+        self.assertEqual((yield inThread(send, 0)), 250)
+        deadline = reactor.seconds() + 5
+        while not hop.open and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.rewrite(relay={"destination_concurrency": 1, "retry_min": 31})
+        self.gw.service.reload()
+        self.assertEqual((yield inThread(lambda: [send(1), send(2)])), [250, 250])
+        deadline = reactor.seconds() + 15
+        while len(hop.recipients()) < 3 and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(sorted(hop.recipients()), ["r0@example.net", "r1@example.net", "r2@example.net"])
+        self.assertEqual(hop.most, 1)
+
+    @defer.inlineCallbacks
     def test_deferAllStopsWhatWaits(self):
         """
         defer_all turned on by a reload: messages waiting for a delivery

@@ -32,6 +32,9 @@ class KeptOpen:
     #: C{smtp_connection_reuse_time_limit}).
     REUSE_SECONDS = 300.0
 
+    #: The next hop that replaced this one (a reload rebuilt the router): this one keeps no connection open.
+    successor = None
+
     def __init__(self):
         self.idle = []
         self.closing = {}
@@ -84,6 +87,9 @@ class KeptOpen:
         """Keep C{conn} open for the next batch, for a moment (if it may carry one)."""
         if not self._reusableOrClosed(conn):
             return
+        if self.successor is not None:
+            self._close(conn)
+            return
         timer = self.reactor.callLater(self.IDLE_SECONDS, self._expire, conn)
         self.idle.append((conn, key, timer))
         while len(self.idle) > self.maxConnections:
@@ -105,7 +111,7 @@ class KeptOpen:
         d.addBoth(self._closed, conn)
 
     def _closed(self, result, conn):
-        if self.closing.pop(conn, None) is not None and self.waiting:
+        if self.closing.pop(conn, None) is not None and (self.waiting or self.successor is not None):
             self._pump()
         return result
 

@@ -46,8 +46,10 @@ class HopSpec:
     MAX_CACHED = 1000
 
     def __init__(self, name, hop, reactor, heloName, resolver, fallback=None, deadFor=300, connections=None,
-                 isSelf=None, ownNames=frozenset(), held=None, contended=None):
+                 isSelf=None, ownNames=frozenset(), held=None, contended=None, replaced=None):
         self.name = name
+        #: C{{name: next hop}} of the router a reload replaced, still with connections open (L{SMTPNextHop.follow}).
+        self.replaced = replaced if replaced is not None else {}
         #: Messages each of its next hops may hold at once while C{contended()} (L{WaitingLine.maxHeld}).
         self.held = held
         self.contended = contended
@@ -101,8 +103,12 @@ class HopSpec:
 
     def _smtpHop(self, name, hosts, options):
         """An SMTP next hop with this spec's limits: its connections, its share of the slots, its dead time."""
-        return SMTPNextHop(self.reactor, name, hosts, options, self.connections, deadFor=self.deadFor,
-                           maxHeld=self.held, contended=self.contended)
+        hop = SMTPNextHop(self.reactor, name, hosts, options, self.connections, deadFor=self.deadFor,
+                          maxHeld=self.held, contended=self.contended)
+        before = self.replaced.pop(name, None)
+        if before is not None:
+            hop.follow(before)
+        return hop
 
     def smtpHops(self):
         """The next hops built so far (SMTP destinations; the fallback is not cached)."""
@@ -121,13 +127,22 @@ def ownHostnames(config):
 class Router:
     """C{router(message, recipient) -> INextHop}."""
 
-    def __init__(self, config, reactor, maildir, share=None, contended=None):
+    def __init__(self, config, reactor, maildir, share=None, contended=None, replaces=None):
         """
         @param share: this process's part of a gateway-wide limit
             (L{relaygw.workers.WorkerRole.share}); by default all of it.
         @param contended: C{() -> bool}, whether messages wait for one of the
             queue manager's delivery slots (by default, always so taken).
+        @param replaces: the router this one replaces at a reload: a next hop
+            of its with connections still open counts them against the
+            destination's limit in the new one of the same name.
         """
+        #: C{{name: next hop}} of the routers replaced, with connections open, not yet followed by one of this one's.
+        self.replaced = replaced = {}
+        if replaces is not None:
+            for hop in list(replaces.replaced.values()) + replaces._smtpHops():
+                if not hop.unused or hop._inherited():
+                    replaced[hop.name] = hop
         share = share or (lambda total: total)
         relay = config.relay
         heloName = relay.helo_name or config.listeners[0].hostname
@@ -140,10 +155,11 @@ class Router:
         held = max(1, relay.concurrency // 2)
         self.default = HopSpec("relay", relay, reactor, heloName, self.resolver, fallback=maildir,
                                deadFor=relay.retry_min, connections=share(relay.destination_concurrency),
-                               isSelf=isSelf, ownNames=ownNames, held=held, contended=contended)
+                               isSelf=isSelf, ownNames=ownNames, held=held, contended=contended, replaced=replaced)
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
                                    deadFor=relay.retry_min, connections=share(r.destination_concurrency),
-                                   isSelf=isSelf, ownNames=ownNames, held=held, contended=contended))
+                                   isSelf=isSelf, ownNames=ownNames, held=held, contended=contended,
+                                   replaced=replaced))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):

@@ -76,6 +76,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
         self.health = Health(reactor, name, deadFor)
+        #: The same destination's next hop in the router a reload replaced, while it has connections open.
+        self.predecessor = None
 
     def describe(self):
         return self.name
@@ -128,6 +130,32 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         for conn in list(self.carrying) + list(self.closing):
             conn.cut(STOPPED)
 
+    def follow(self, predecessor):
+        """
+        This next hop replaces C{predecessor} (a reload rebuilt the router):
+        the connections it still has open count against C{maxConnections}
+        here too, and it keeps none open once its batches are done.
+        """
+        if not predecessor.unused:
+            self.predecessor, predecessor.successor = predecessor, self
+
+    def _inherited(self):
+        """The connections the next hops this one replaced still have open (carrying, kept or closing)."""
+        before = self.predecessor
+        if before is None:
+            return 0
+        n = before.active + len(before.idle) + len(before.closing) + before._inherited()
+        if not n and before.unused:
+            self.predecessor = before.successor = None
+        return n
+
+    def _succeeding(self):
+        """The connections the next hops that replaced this one have open (carrying, kept or closing)."""
+        n, after = 0, self.successor
+        while after is not None:
+            n, after = n + after.active + len(after.idle) + len(after.closing), after.successor
+        return n
+
     def revive(self):
         """An operator's flush: a destination found dead is tried again with the next message."""
         self.health.revive()
@@ -151,7 +179,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             return
         self._makeRoom()
         congested = self._congested()
-        while self.waiting and not self.stopping and self.active + len(self.closing) < self.maxConnections \
+        while self.waiting and not self.stopping \
+                and self.active + len(self.closing) + self._inherited() + self._succeeding() < self.maxConnections \
                 and (freed or congested or self._atShare or len(self.waiting) > self.active) \
                 and self._startsNext(congested):
             freed = False
@@ -160,6 +189,8 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             d = self._send(batch)
             d.addBoth(self._sent, batch)
         self._watch()
+        if self.successor is not None:  # (a connection of this one may have ended: room for it)
+            self.successor._pump()
 
     def _sent(self, results, batch):
         self.active -= 1
