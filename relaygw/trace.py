@@ -4,7 +4,9 @@ The trace header a gateway adds to every accepted message (RFC 5321 section
 """
 
 import re
-from email.utils import formatdate
+import time
+from datetime import datetime, timezone
+from email.utils import format_datetime
 
 from relaygw.context import identityValue
 
@@ -97,7 +99,8 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
     if showLogin and _login(context):
         auth = " (authenticated as %s)" % (_inComment(_login(context)),)
     lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
-    date = formatdate(now, localtime=False, usegmt=True)
+    # "+0000", not "GMT": that is RFC 5322's obs-zone, which must not be generated (its section 4).
+    date = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, timezone.utc))
     if len(recipients) == 1:
         lines.append("\tfor <%s>; %s" % (_clean(recipients[0]), date))
     else:

@@ -73,7 +73,7 @@ class SpoolSinkTests(unittest.TestCase):
         with message.openBody() as body:
             content = body.read()
         self.assertEqual(content[received:], b"\r\n" + client)
-        self.assertTrue(content[:received].endswith(b" GMT\r\n"))
+        self.assertTrue(content[:received].endswith(b" +0000\r\n"))
         self.assertEqual(message.size, len(content))
 
     def test_emptyLineNotCountedAgainstTheLimit(self):

@@ -490,3 +490,28 @@ class ClientValueRefusalsTests(GatewayTestCase):
             self.assertTrue(replies[5][1][0].startswith("5.1.3 "), replies[5])
 
         return self.session(run).addCallback(check)
+
+
+class ReceivedDateTests(GatewayTestCase):
+    """
+    The Received header's date-time (RFC 5321 section 4.4) has RFC 5322's
+    numeric zone: "GMT" is obs-zone, which RFC 5322 section 4 says MUST NOT
+    be generated.
+    """
+
+    listener = {"relay_networks": ["127.0.0.0/8"]}
+
+    def test_numericZone(self):
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.gw.port) as s:
+                s.sendmail("a@example.org", ["b@example.net"], b"Subject: date\r\n\r\nbody\r\n")
+
+        def check(_):
+            [message] = self.gw.delivered()
+            header = message[:message.index(b"Subject: date")]
+            self.assertRegex(header, rb"for <b@example\.net>; [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} "
+                                     rb"\d\d:\d\d:\d\d \+0000\r\n\Z")
+
+        d = inThread(run)
+        d.addCallback(lambda _: self.gw.service.queue.whenIdle())
+        return d.addCallback(check)

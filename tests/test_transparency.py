@@ -87,9 +87,9 @@ def delivered(stored):
 
 
 def withoutReceived(data):
-    """The content the next hop got, less the gateway's Received header (up to its date, in GMT)."""
+    """The content the next hop got, less the gateway's Received header (up to its date, in UTC)."""
     assert data.startswith(b"Received: from "), data[:100]
-    return data[data.index(b" GMT\r\n") + 6:]
+    return data[data.index(b" +0000\r\n") + 8:]
 
 
 class RawSender:
@@ -412,7 +412,7 @@ class BouncedTransparencyTests(RelayTestCase):
             rcpt = re.search(rb"Final-Recipient: rfc822; (\S+)\r\n", data).group(1).decode()
             self.assertNotIn(rcpt, bounced)
             bounced[rcpt] = withoutReceived(returned)
-        received = b"Received: from fuzz.example; Sun, 6 Dec 2026 00:00:00 GMT\r\n"
+        received = b"Received: from fuzz.example; Sun, 6 Dec 2026 00:00:00 +0000\r\n"
         expected = {rcpt: withoutReceived(returnedHeaders(received + delivered(stored)))
                     for _, rcpt, _, stored in cases}
         self.assertEqual(sorted(bounced), sorted(expected))

@@ -1563,7 +1563,7 @@ class ReceivedHeaderTests(unittest.TestCase):
             self.header(**ctx),
             b"Received: from helo.example.net (client.example.net [192.0.2.7])\r\n"
             b"\tby relay.test (relaygw) with ESMTP id QID1\r\n"
-            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 GMT\r\n")
+            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 +0000\r\n")
         # received_shows_peer: the real peer and the balancer too.
         self.assertEqual(
             self.header(showPeer=True, **ctx),
@@ -1571,7 +1571,7 @@ class ReceivedHeaderTests(unittest.TestCase):
             b"\t(via [127.0.0.1] port 4711)\r\n"
             b"\t(proxied by [127.0.0.2])\r\n"
             b"\tby relay.test (relaygw) with ESMTP id QID1\r\n"
-            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 GMT\r\n")
+            b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 +0000\r\n")
 
     def test_ipv6Literals(self):
         h = self.header(remote_ip="2001:db8::11", peer_ip="::1", peer_port=25, overridden=True, showPeer=True)
@@ -1629,5 +1629,5 @@ class ReceivedHeaderTests(unittest.TestCase):
 
     def test_severalRecipients(self):
         h = self.header(remote_ip="192.0.2.1", recipients=("b@example.net", "c@example.net"))
-        self.assertTrue(h.endswith(b" id QID1;\r\n\tThu, 01 Jan 1970 00:00:00 GMT\r\n"), h)
+        self.assertTrue(h.endswith(b" id QID1;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"), h)
         self.assertNotIn(b"for <", h)
