@@ -118,7 +118,9 @@ class Exchange:
             try:
                 authzid, user, password = decodePlain(decoded)
             except ValueError:
-                return Refused(codes.AUTH_BAD_BASE64)
+                # Decoded, but no RFC 4616 message: the authentication fails
+                # (RFC 4954 section 4 keeps 501 5.5.2 for what cannot be decoded).
+                return Refused(codes.AUTH_FAILED)
             return Credentials(user, password, authzid)
         if self.user is None:
             self.user = decoded.decode("utf-8", "replace")

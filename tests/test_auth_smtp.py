@@ -264,3 +264,30 @@ class SASLResponseLimitTests(AuthTestCase):
         # The exchange over, commands are limited to 512 again.
         self.assertEqual(c.cmd("NOOP " + "x" * 600), (500, ["5.5.2 Error: line too long"]))
         self.assertEqual((yield self.auth(c, "AUTH PLAIN " + b64("\0alice\0s3cret")))[0], 235)
+
+
+class MalformedPlainSocketTests(unittest.TestCase):
+    """
+    RFC 4954 section 4: 501 5.5.2 is for a response that cannot be base64
+    decoded; a PLAIN response that decodes but is no valid RFC 4616
+    message (an empty one, "=", a missing part, an empty password) fails
+    the authentication, 535 5.7.8, as Postfix (Cyrus SASL) answers it.
+    """
+
+    @defer.inlineCallbacks
+    def test_decodedButMalformed(self):
+        def talk(c):
+            c.cmd("EHLO x")
+            replies = [c.cmd("AUTH PLAIN " + response) for response in
+                       ("=", b64("alice\0s3cret"), b64("\0alice\0"), b64("a\0b\0c\0d"))]
+            c.cmd("AUTH PLAIN")
+            replies.append(c.cmd("="))
+            replies.append(c.cmd("AUTH PLAIN !!!notbase64"))
+            replies.append(c.cmd("AUTH PLAIN " + b64("\0alice\0s3cret")))
+            return replies
+
+        replies, _ = yield overASocket(self, talk, credentials=passwordFile(self), auth_plaintext=True)
+        self.assertEqual(replies[:5], [(535, ["5.7.8 Error: authentication failed"])] * 5)
+        self.assertEqual(replies[5], (501, ["5.5.2 Cannot decode response"]))
+        # No password was tried: the right one still logs in.
+        self.assertEqual(replies[6], (235, ["2.7.0 Authentication successful"]))
