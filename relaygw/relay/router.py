@@ -141,7 +141,7 @@ class Router:
         self.replaced = replaced = {}
         if replaces is not None:
             for hop in list(replaces.replaced.values()) + replaces._smtpHops():
-                if not hop.unused or hop._inherited():
+                if not hop.unused or hop.inheritedConnections():
                     replaced[hop.name] = hop
         share = share or (lambda total: total)
         relay = config.relay

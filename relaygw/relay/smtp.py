@@ -139,21 +139,25 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         if not predecessor.unused:
             self.predecessor, predecessor.successor = predecessor, self
 
-    def _inherited(self):
-        """The connections the next hops this one replaced still have open (carrying, kept or closing)."""
+    def openConnections(self):
+        """The connections this next hop has open: carrying, kept or closing."""
+        return self.active + len(self.idle) + len(self.closing)
+
+    def inheritedConnections(self):
+        """The connections the next hops this one replaced still have open."""
         before = self.predecessor
         if before is None:
             return 0
-        n = before.active + len(before.idle) + len(before.closing) + before._inherited()
+        n = before.openConnections() + before.inheritedConnections()
         if not n and before.unused:
             self.predecessor = before.successor = None
         return n
 
     def _succeeding(self):
-        """The connections the next hops that replaced this one have open (carrying, kept or closing)."""
+        """The connections the next hops that replaced this one have open."""
         n, after = 0, self.successor
         while after is not None:
-            n, after = n + after.active + len(after.idle) + len(after.closing), after.successor
+            n, after = n + after.openConnections(), after.successor
         return n
 
     def revive(self):
@@ -180,7 +184,7 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         self._makeRoom()
         congested = self._congested()
         while self.waiting and not self.stopping \
-                and self.active + len(self.closing) + self._inherited() + self._succeeding() < self.maxConnections \
+                and self.active + len(self.closing) + self.inheritedConnections() + self._succeeding() < self.maxConnections \
                 and (freed or congested or self._atShare or len(self.waiting) > self.active) \
                 and self._startsNext(congested):
             freed = False
