@@ -5,6 +5,7 @@ reports (L{relaygw.relay.dsn}), and the bounce's returned header section.
 """
 
 import email
+import errno
 import email.policy
 import io
 import json
@@ -14,6 +15,7 @@ import smtplib
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from relaygw import durable
 from relaygw.relay import dsn
 from relaygw.relay.dsn import buildBounce, buildReport
 from relaygw.relay.nexthop import Result
@@ -22,7 +24,7 @@ from relaygw.testing import Gateway, freePort, inThread
 from tests.relaysetup import FAST, CrashingGateway, RelayTestCase, crashTest, deliveryStatus, waitFor
 from tests.recorders import LogCapture
 from tests.sessions import GatewayTestCase
-from tests.test_diskfull import failReportCommits
+from tests.test_diskfull import failing, failReportCommits
 
 
 class _Spooled:
@@ -371,6 +373,41 @@ class RelayedTests(RelayTestCase):
         self.assertEqual(delays, [0.2, 0.4, 0.5, 0.5])
         self.assertEqual(hop.lines.count("RCPT TO:<b@example.net>"), 1)
         self.assertEqual(queue.failedAttempts, {})
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_noticeFailsAfterTheBounce(self):
+        """
+        One attempt owes a bounce and a success notice; the bounce is
+        queued, the notice cannot be (ENOSPC, once).  The retry queues the
+        notice only: the refused recipient is not tried again and the
+        sender gets one bounce, not two.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"], rcpt={"bad@example.net": "550 5.1.1 no such user"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        self.patch(self.gw.service.queue, "retryMin", 0.3)
+        spool = self.gw.service.spool
+        faults = []
+        fault = failing(durable.quick.write, errno.ENOSPC, faults, once=True)
+        fault.armed = False
+        self.patch(durable.quick, "write", fault)
+        newMessage = spool.newMessage
+        reports = []
+
+        def secondReportFails(envelope):
+            if envelope.mailfrom == "":
+                reports.append(envelope)
+                fault.armed = len(reports) == 2
+            return newMessage(envelope)
+
+        self.patch(spool, "newMessage", secondReportFails)
+        yield self.send({"good@example.net": ["NOTIFY=SUCCESS,FAILURE"], "bad@example.net": ["NOTIFY=FAILURE"]})
+        yield self.until(lambda: len(hop.transactions) == 3 and self.spoolEmpty(), timeout=10)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(len(faults), 1)
+        self.assertEqual(hop.lines.count("RCPT TO:<bad@example.net>"), 1)
+        reports = [deliveryStatus(t["data"])[1]["Action"] for t in hop.transactions if t["mailfrom"] == ""]
+        self.assertEqual(sorted(reports), ["failed", "relayed"])
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks

@@ -240,6 +240,10 @@ class Attempts:
         notices = []
         if recorded.bounces:
             notices.append(lambda: self._bounce(message, recorded.bounces))
+            if done and recorded.provisional is not None and d is not None:
+                # The bounce is queued: the record says so before the notices
+                # are, so a notice that cannot be queued does not bounce them again.
+                notices.append(lambda: self.progress.persist(qid, recorded.state))
         if done:
             notices.append(lambda: self._notifySuccess(message, done))
         for notice in notices:
