@@ -67,6 +67,14 @@ def withProtocol(context):
     return "ESMTP" + suffix
 
 
+def dateTime(now=None):
+    """
+    RFC 5322's date-time of C{now} (the time now by default) in UTC, as
+    "+0000": "GMT" is its obs-zone, which must not be generated (its section 4).
+    """
+    return format_datetime(datetime.fromtimestamp(time.time() if now is None else now, timezone.utc))
+
+
 def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=False, showLogin=False):
     """
     The C{Received:} header for a message, folded, ending in CRLF.
@@ -99,8 +107,7 @@ def receivedHeader(context, hostname, queueId, recipients, now=None, showPeer=Fa
     if showLogin and _login(context):
         auth = " (authenticated as %s)" % (_inComment(_login(context)),)
     lines.append("\tby %s (relaygw) with %s%s%s id %s" % (hostname, with_, detail, auth, queueId))
-    # "+0000", not "GMT": that is RFC 5322's obs-zone, which must not be generated (its section 4).
-    date = format_datetime(datetime.fromtimestamp(time.time() if now is None else now, timezone.utc))
+    date = dateTime(now)
     if len(recipients) == 1:
         lines.append("\tfor <%s>; %s" % (_clean(recipients[0]), date))
     else:

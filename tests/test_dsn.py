@@ -133,6 +133,16 @@ class DSNParameterTests(unittest.TestCase):
         self.assertEqual(blocks[1]["Original-Recipient"], "rfc822;R+x@example.test")
         self.assertEqual(blocks[1]["Final-Recipient"], "rfc822; r@example.test")
 
+    def test_datesWithANumericZone(self):
+        """
+        The report's Date and Arrival-Date end in "+0000": "GMT" is RFC 5322's
+        obs-zone, which must not be generated (RFC 3464 takes its date-time).
+        """
+        bounce = buildBounce(_dsnMessage(), self.failed, "relay.test")
+        parsed = email.message_from_bytes(bounce, policy=email.policy.SMTP)
+        self.assertRegex(parsed["Date"], r"^[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d \+0000$")
+        self.assertEqual(_status(bounce)[0]["Arrival-Date"], "Tue, 14 Nov 2023 22:13:20 +0000")
+
     def test_withoutParametersNoSuchFields(self):
         blocks = _status(buildBounce(_dsnMessage(), self.failed, "relay.test"))
         self.assertNotIn("Original-Envelope-Id", blocks[0])

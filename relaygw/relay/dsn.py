@@ -11,13 +11,13 @@ C{ORCPT} the C{Original-Recipient}.
 import os
 import re
 import time
-from email.utils import formatdate
 
 from twisted.internet import defer
 
 from relaygw.datareader import isContinuation
 from relaygw.logs import Logger
 from relaygw.spoolapi import Envelope
+from relaygw.trace import dateTime
 from relaygw.xtext import XtextError, decode
 
 log = Logger(namespace="relaygw.queue")
@@ -165,8 +165,8 @@ def buildReport(message, results, hostname, success=False, now=None):
     encoding = [] if returned.isascii() else ["Content-Transfer-Encoding: 8bit"]  # (the report's and the part's)
     token = os.urandom(4).hex()
     boundary = "relaygw-%s-%s" % (message.queueId, token)
-    date = formatdate(now, usegmt=True)
-    arrival = formatdate(message.arrival, usegmt=True)
+    date = dateTime(now)
+    arrival = dateTime(message.arrival)
     if success:
         subject = "Successful Mail Delivery Report"
         human = ["This is the mail system at host %s." % hostname, "",
