@@ -139,9 +139,25 @@ def _changedKeys(old, new):
         if before is not None:
             out.append(("listener %s" % (l.name,), _differ(before, l)))
     out += [("[relay]", _differ(old.relay, new.relay)), ("[log]", _differ(old.log, new.log))]
-    if old.routes != new.routes:
-        out.append(("[[route]]", ["%d routes" % len(new.routes)]))
+    out.append(("[[route]]", _routeChanges(old.routes, new.routes)))
     return [(where, keys) for where, keys in out if keys]
+
+
+def _routeChanges(old, new):
+    """The routes added, removed or changed (by name, or C{route[N]}), or their order."""
+    def named(routes):
+        return {r.name or "route[%d]" % i: r for i, r in enumerate(routes)}
+
+    before, after = named(old), named(new)
+    keys = ["%s (removed)" % name for name in before if name not in after]
+    for name, route in after.items():
+        if name not in before:
+            keys.append("%s (added)" % name)
+        else:
+            keys += ["%s: %s" % (name, key) for key in _differ(before[name], route)]
+    if not keys and old != new:
+        keys.append("their order")
+    return keys
 
 
 def _differ(a, b):

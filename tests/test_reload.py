@@ -128,6 +128,15 @@ class ReloadTests(unittest.TestCase):
         yield self.send("d@partner.example")
         self.assertEqual([h.recipients() for h, _ in self.hops],
                          [["b@example.net"], ["c@example.net"], ["d@partner.example"]])
+        self.assertIn("reload: [[route]]: changed partner (added)", self.messages("info"))
+        self.rewrite(relay={"smarthosts": [self.hops[1][1]]},
+                     routes=({"name": "partner", "domains": ["partner.example"], "smarthosts": [self.hops[0][1]],
+                              "tls": "none"},))
+        self.gw.service.reload()
+        self.assertIn("reload: [[route]]: changed partner: smarthosts", self.messages("info"))
+        self.rewrite(relay={"smarthosts": [self.hops[1][1]]})
+        self.gw.service.reload()
+        self.assertIn("reload: [[route]]: changed partner (removed)", self.messages("info"))
         self.assertIn("reload: [relay]: changed smarthosts", self.messages("info"))
 
     @defer.inlineCallbacks
