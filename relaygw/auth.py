@@ -300,6 +300,18 @@ class PasswordFile:
 # Checkers.
 
 
+class SessionPassword(credentials.UsernamePassword):
+    """
+    A username and password a session asks about, with C{wanted()}: whether
+    its client is still there for the answer (a checker need not verify
+    them once it has gone).
+    """
+
+    def __init__(self, username, password, wanted):
+        credentials.UsernamePassword.__init__(self, username, password)
+        self.wanted = wanted
+
+
 @implementer(checkers.ICredentialsChecker)
 class HashedPasswordChecker:
     """
@@ -342,8 +354,14 @@ class HashedPasswordChecker:
             log.info("{count} users from {path}", count=len(self._users), path=self._file.path)
         return self._users
 
-    def _inThread(self, f, *args):
-        return self._hashing.run(self._toThread, f, *args)
+    def _inThread(self, f, *args, wanted=None):
+        def turn():
+            # A client that has gone while its guess waited for a turn gets no hash.
+            if wanted is not None and not wanted():
+                raise defer.CancelledError()
+            return self._toThread(f, *args)
+
+        return self._hashing.run(turn)
 
     def _toThread(self, f, *args):
         if self._threadpool is None:
@@ -371,7 +389,8 @@ class HashedPasswordChecker:
             except UnicodeDecodeError:
                 username = None
         encoded = users.get(username) if username is not None else None
-        d = self._inThread(verifyPassword, credentials.password, encoded or _DUMMY)
+        d = self._inThread(verifyPassword, credentials.password, encoded or _DUMMY,
+                           wanted=getattr(credentials, "wanted", None))
 
         def checked(ok):
             if ok and encoded is not None:

@@ -5,14 +5,14 @@ asked (L{relaygw.auth.FailureTracker}), and the login through the cred
 portal.  A mixin of L{relaygw.protocol.SMTPSession}.
 """
 
-from twisted.cred.credentials import Anonymous, UsernamePassword
+from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from relaygw import codes, sasl
 from relaygw.auth import PasswordFileError
 from relaygw.logs import Logger
-from relaygw.modes import AUTH, COMMAND
+from relaygw.modes import AUTH, CLOSED, COMMAND
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -85,12 +85,13 @@ class AuthCommand:
         password is hashed at all); after recent failures the verification
         waits first.
         """
-        from relaygw.auth import IRelayUser
+        from relaygw.auth import IRelayUser, SessionPassword
 
         f = self.factory
         tracker = f.authFailures
         who = self.context["remote_ip"]
-        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        # A guess queued behind others is not hashed once its client has gone.
+        credentials = SessionPassword(user.encode("utf-8"), password.encode("utf-8"), lambda: self.mode != CLOSED)
 
         def verify(wait):
             if wait is None:
@@ -113,6 +114,9 @@ class AuthCommand:
             self.reply(codes.AUTH_OK)
 
         def bad(failure):
+            if failure.check(defer.CancelledError):  # (the client went away: nothing verified, no one to answer)
+                tracker.end(who, failed=False)
+                return None
             if not failure.check(UnauthorizedLogin):
                 tracker.end(who, failed=False)
                 if failure.check(PasswordFileError):

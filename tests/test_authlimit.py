@@ -6,17 +6,21 @@ with a task.Clock, and a recording credentials checker.
 """
 
 import base64
+import os
+import socket
+import struct
+import time
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from relaygw import auth
-from relaygw.testing import SessionHarness
+from relaygw.testing import Gateway, SessionHarness, inThread
 
 
 def plain(user, password):
@@ -163,3 +167,61 @@ class HashingCapTests(unittest.TestCase):
             self.assertEqual(checker._hashing.tokens, checker.concurrency)
 
         return results.addCallback(check)
+
+
+class GoneClientTests(unittest.TestCase):
+    """Real sockets: a guess whose client has gone while it waited for a hashing turn is not verified."""
+
+    @defer.inlineCallbacks
+    def test_goneClientsGetNoHash(self):
+        users = os.path.abspath(self.mktemp())
+        auth.PasswordFile(users).set("alice", "s3cret")
+        gw = Gateway(self.mktemp(), listeners=({"credentials": users, "auth_plaintext": True},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        hashed = []
+        verify = auth.verifyPassword
+
+        def slow(password, encoded):  # (in a hashing thread)
+            hashed.append(password)
+            time.sleep(0.2)
+            return verify(password, encoded)
+
+        self.patch(auth, "verifyPassword", slow)
+        guesses = 12
+
+        def guessAndLeave():
+            # Each guess from an address of its own (no lock-out), then a reset.
+            for i in range(guesses):
+                s = socket.socket()
+                s.bind(("127.0.5.%d" % (i + 1), 0))
+                s.connect(("127.0.0.1", gw.port))
+                s.settimeout(5)
+                s.recv(1024)
+                s.sendall((plain("alice", "guess%d" % i) + "\r\n").encode())
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+
+        yield inThread(guessAndLeave)
+        factory = gw.service.factories[0]
+        deadline = time.monotonic() + guesses * 0.2 + 5
+        while (factory.sessions or factory.closing) and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(factory.sessions, set())
+
+        def login():
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            try:
+                s.recv(1024)
+                started = time.monotonic()
+                s.sendall((plain("alice", "s3cret") + "\r\n").encode())
+                return s.recv(1024)[:3], time.monotonic() - started
+            finally:
+                s.close()
+
+        code, seconds = yield inThread(login)
+        self.assertEqual(code, b"235")
+        # Only the guesses that got a turn while their clients were there were hashed
+        # (two at once), not one for each client long gone.
+        self.assertLessEqual(len(hashed), 5, len(hashed))
+        self.assertLess(seconds, 1.0)
