@@ -13,9 +13,7 @@ from relaygw.modes import CLOSED
 
 log = Logger(namespace="relaygw.smtp")
 
-#: How much input is buffered while a reply is pending before reading pauses.
-_PAUSE_AT = 256 * 1024
-#: How much unanswered input is buffered while replies are backed up.
+#: How much unanswered input is buffered while replies are backed up or a reply is pending.
 _HOLD_WHILE_PAUSED = 4096
 #: After a closing reply: seconds before a peer that has not taken it is cut off.
 CLOSE_TIMEOUT = 2.0
@@ -118,18 +116,16 @@ class FlowControl:
     def _updateReading(self):
         """
         Read from the transport unless unanswered input piles up: more
-        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up or
-        before the greeting, or L{_PAUSE_AT} while a reply is pending.  (Reading goes on while
-        only replies are backed up: a TLS layer pauses us while its
-        handshake runs, and needs to read to finish it.)
+        than L{_HOLD_WHILE_PAUSED} octets while replies are backed up, or
+        while a reply is pending (the greeting, a policy check, a password
+        being verified, a message being committed): the rest waits in the
+        kernel, not in the gateway's memory.  (Reading goes on while only
+        replies are backed up: a TLS layer pauses us while its handshake
+        runs, and needs to read to finish it.)
         """
         if self.mode == CLOSED:
             return
-        held = self.lineReader.pending
-        # (Input before the greeting is refused whole, 554: hold no more of it than of backed-up replies.)
-        pauseAt = _PAUSE_AT if self.greeted else _HOLD_WHILE_PAUSED
-        want = not ((self.writePaused and held > _HOLD_WHILE_PAUSED)
-                    or (self.waiting is not None and held > pauseAt))
+        want = not ((self.writePaused or self.waiting is not None) and self.lineReader.pending > _HOLD_WHILE_PAUSED)
         if want != self._reading:
             self._reading = want
             if want:

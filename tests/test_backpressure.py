@@ -6,6 +6,7 @@ not take its closing reply is cut off.  Unit tests on StringTransport with
 a task.Clock, and one bounded load test over real loopback sockets.
 """
 
+import dataclasses
 import fcntl
 import os
 import socket
@@ -477,3 +478,63 @@ class StartTLSBurstTests(ImplicitTLSBurstTests):
     """The same client after STARTTLS on a plain listener."""
 
     tlsListener = {}
+
+
+class HeldMailPolicy:
+    """MAIL waits on a Deferred the test fires; everything else accepts at once."""
+
+    def __init__(self):
+        self.pending = defer.Deferred()
+
+    def connect(self, ctx):
+        return None
+
+    helo = rcpt = data = lambda self, *args: None
+
+    def mail(self, ctx):
+        return self.pending
+
+
+class PendingReplyTests(unittest.TestCase):
+    """
+    Real sockets: a client that keeps sending while a reply is pending (a
+    slow policy check) and never reads holds no more of the gateway's memory
+    than one whose replies are backed up.
+    """
+
+    @defer.inlineCallbacks
+    def test_inputWhileReplyPendingBounded(self):
+        gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"], "junk_command_limit": 100000},))
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        factory = gw.service.factories[0]
+        policy = HeldMailPolicy()
+        factory.settings = dataclasses.replace(factory.settings, policy=policy)
+
+        def flood():
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.recv(1024)
+            s.sendall(b"MAIL FROM:<a@example.org>\r\n")
+            s.setblocking(False)
+            line = b"NOOP\r\n" * 10000
+            sent, stalled, deadline = 0, 0.0, time.monotonic() + 10
+            while sent < 2 << 20 and stalled < 1.0 and time.monotonic() < deadline:
+                try:
+                    sent += s.send(line)
+                    stalled = 0.0
+                except BlockingIOError:
+                    stalled += 0.01
+                    time.sleep(0.01)
+            return s, sent
+
+        sock, sent = yield inThread(flood)
+        self.addCleanup(sock.close)
+        yield task.deferLater(reactor, 0.5, lambda: None)  # (what the gateway reads, it has read)
+        [session] = factory.sessions
+        self.assertIsNotNone(session.waiting)
+        held = heldFor(session)
+        # (A client whose replies are backed up: about 70 KB.)
+        self.assertLessEqual(held, 96 * 1024, "the gateway holds %d octets while MAIL's check is pending "
+                             "(the client sent %d)" % (held, sent))
+        policy.pending.callback(None)
