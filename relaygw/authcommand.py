@@ -45,6 +45,8 @@ class AuthCommand:
         return self._ask(f.authFailures.lockedOut(self.context["remote_ip"]), lambda locked: self._begin(args, locked))
 
     def _begin(self, args, locked):
+        if self.mode == CLOSED:  # (the client went while worker 0 was asked: no exchange to begin)
+            return None
         if locked:
             self.factory.stats("auth", "locked")
             return self.reply(codes.AUTH_LOCKED)

@@ -169,16 +169,37 @@ class HashingCapTests(unittest.TestCase):
         return results.addCallback(check)
 
 
+class AnsweredLater:
+    """A failure tracker answering each question a moment later, as worker 0 answers another worker."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def __getattr__(self, name):
+        call = getattr(self.tracker, name)
+        return lambda *args, **kw: task.deferLater(reactor, 0.05, call, *args, **kw)
+
+
 class GoneClientTests(unittest.TestCase):
     """Real sockets: a guess whose client has gone while it waited for a hashing turn is not verified."""
 
-    @defer.inlineCallbacks
     def test_goneClientsGetNoHash(self):
+        return self.guessAndLeave(askLater=False)
+
+    def test_goneClientsGetNoHashAskingWorkerZero(self):
+        """Nor when the lock-out is asked of worker 0, answering after the client has gone."""
+        return self.guessAndLeave(askLater=True)
+
+    @defer.inlineCallbacks
+    def guessAndLeave(self, askLater):
         users = os.path.abspath(self.mktemp())
         auth.PasswordFile(users).set("alice", "s3cret")
         gw = Gateway(self.mktemp(), listeners=({"credentials": users, "auth_plaintext": True},))
         yield gw.start()
         self.addCleanup(gw.stop)
+        factory = gw.service.factories[0]
+        if askLater:
+            factory.authFailures = AnsweredLater(factory.authFailures)
         hashed = []
         verify = auth.verifyPassword
 
@@ -203,11 +224,11 @@ class GoneClientTests(unittest.TestCase):
                 s.close()
 
         yield inThread(guessAndLeave)
-        factory = gw.service.factories[0]
         deadline = time.monotonic() + guesses * 0.2 + 5
         while (factory.sessions or factory.closing) and time.monotonic() < deadline:
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(factory.sessions, set())
+        yield task.deferLater(reactor, 0.2, lambda: None)  # (the last answers of the tracker)
 
         def login():
             s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
