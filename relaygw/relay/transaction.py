@@ -200,6 +200,10 @@ class Transaction:
         self._closing(final)
         self.transactions += 1
         result = _outcome(final, "end of data")
+        if not result.ok:
+            # Postfix refusing a message from its smtpd_end_of_data_restrictions
+            # keeps the transaction open: the next MAIL would get "503 nested MAIL".
+            self.needReset = True
         if result.ok and message.rcptParams and "DSN" not in self.extensions:
             # Postfix's "relayed": no one further on will tell a sender who asked that it arrived.
             result = result.withAction("relayed")
