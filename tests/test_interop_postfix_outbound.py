@@ -252,3 +252,41 @@ class EndOfDataDeferTests(_PostfixNextHop):
         self.assertEqual([t["rcpts"] for t in self.arrived()], [["d@example.net"]])
         self.assertEqual(withoutTrace(self.arrived()[0]["data"]), b"Subject: later\r\n\r\nlater\r\n")
         self.assertEqual(self.bounces(), [])
+
+
+class XclientRefusedTests(_PostfixNextHop):
+    """
+    Postfix (C{inet_protocols = ipv4}) refusing the IPv6 address of one
+    client forwarded with XCLIENT: that client's message waits, and the
+    other clients' mail goes on.
+    """
+
+    def sendAs(self, xclient):
+        c = Client(self.gw.port)
+        try:
+            c.reply()
+            c.cmd("EHLO x")
+            for line in (xclient, "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
+                code, lines = c.cmd(line)
+                assert code in (220, 250, 354), (line, code, lines)
+            c.send(b"Subject: xc\r\n\r\nxc\r\n.\r\n")
+            assert c.reply()[0] == 250
+        finally:
+            c.close()
+
+    @defer.inlineCallbacks
+    def test_otherClientsDelivered(self):
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
+                            "forward_identity": True},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24", "2001:db8::/32"]})
+        yield inThread(self.sendAs, "XCLIENT ADDR=IPV6:2001:db8::7 HELO=six.example.net")
+        yield self.until(lambda: len(self.deliveries("deferred")) >= 4, timeout=30)
+        refused = self.deliveries("deferred")
+        self.assertEqual({e["dsn"] for e in refused}, {"4.5.4"})
+        self.assertIn("refused XCLIENT: 501 5.5.4 Bad ADDR syntax", refused[0]["reply"])
+        for i in range(3):
+            yield inThread(self.sendAs, "XCLIENT ADDR=192.0.2.%d HELO=four.example.net" % (i + 1))
+        yield self.until(lambda: len(self.arrived()) == 3, timeout=30)
+        others = [e for e in self.deliveries() if e["qid"] != refused[0]["qid"]]
+        self.assertEqual([e["status"] for e in others], ["sent"] * 3)

@@ -125,10 +125,16 @@ class IdentityForwarding:
                     )
                 )
             self.stage = "XCLIENT"
-            for line in _commandLines("XCLIENT", attributes):
+            for number, line in enumerate(_commandLines("XCLIENT", attributes)):
                 reply = await self.proto.command(line)
+                self._closing(reply)
                 if not reply.positive:
-                    raise _SessionFailure(self._refused(reply, "XCLIENT"))
+                    # A refused first line changed nothing: the refusal is of
+                    # this client's identity, not of the next hop's session
+                    # (which carries other clients' messages, and must not
+                    # be found dead for it).
+                    failure = _MessageFailure if number == 0 else _SessionFailure
+                    raise failure(self._refused(reply, "XCLIENT"))
             self.forwarded, self.xclientNames = attributes, names
             # Greet again as the original client did (as nginx replays the
             # client's EHLO), so the next hop's HELO is the client's.  A
