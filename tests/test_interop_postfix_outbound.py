@@ -290,3 +290,31 @@ class XclientRefusedTests(_PostfixNextHop):
         yield self.until(lambda: len(self.arrived()) == 3, timeout=30)
         others = [e for e in self.deliveries() if e["qid"] != refused[0]["qid"]]
         self.assertEqual([e["status"] for e in others], ["sent"] * 3)
+
+
+class EndOfDataDeferPipelinedTests(_PostfixNextHop):
+    """
+    As L{EndOfDataDeferTests}, with the next message's envelope pipelined
+    behind the refused end of data: its MAIL gets "503 5.5.1 nested MAIL
+    command", which says nothing of that message.
+    """
+
+    def configure(self, directory):
+        senders = os.path.join(directory, "senders")
+        with open(senders, "w") as f:
+            f.write("slow@example.org sleep 3, permit\nd@example.org DEFER try later\n")
+        return {"smtpd_end_of_data_restrictions": "check_sender_access texthash:" + senders}
+
+    @defer.inlineCallbacks
+    def test_nextMessageDelivered(self):
+        yield self.relayTo(destination_concurrency=1, retry_min=1, retry_max=1)
+        yield self.sendRaw(b"Subject: slow\r\n\r\nslow\r\n", rcpts=("s@example.net",), mailfrom="slow@example.org")
+        yield self.sendRaw(b"Subject: later\r\n\r\nlater\r\n", rcpts=("d@example.net",), mailfrom="d@example.org")
+        yield self.sendRaw(b"Subject: fine\r\n\r\nfine\r\n", rcpts=("f@example.net",))
+        yield self.until(lambda: len(self.arrived()) == 2, timeout=60)
+        self.assertEqual(sorted(t["rcpts"][0] for t in self.arrived()), ["f@example.net", "s@example.net"])
+        self.assertEqual({e["status"] for e in self.deliveries() if e["to"] == "d@example.net"}, {"deferred"})
+        self.assertEqual(self.bounces(), [])
+        # (its envelope went out behind the refused end of data, and got the 503: it waited)
+        self.assertEqual([(e["status"], e["dsn"]) for e in self.deliveries() if e["to"] == "f@example.net"],
+                         [("deferred", "4.5.0"), ("sent", "2.0.0")])

@@ -167,6 +167,17 @@ class Transaction:
             raise _SessionFailure(NOT_SENT)
         self._refusedAtRcpt(index, message, [mailReply, *rcptReplies])
         self._closing(mailReply, *rcptReplies, dataReply)
+        if mailReply.code == 503:
+            # "Nested MAIL command": the next hop still holds a transaction (one it refused at its end of
+            # data, pipelined behind), which says nothing of this message: it waits for another attempt.
+            result = _temporary("%s refused MAIL: %s" % (self.where, mailReply), "4.5.0")
+            if dataReply is not None and dataReply.code == 354:
+                # Ending that DATA would complete the other transaction, with these recipients: cut it off.
+                proto.abort()
+                raise _SessionFailure(result)
+            self.needReset = True
+            self._settle(index, message.recipients, result)
+            return
         if not mailReply.positive:
             self._settle(index, message.recipients, _outcome(mailReply, "MAIL"))
             if dataReply is not None and dataReply.code == 354:
