@@ -19,6 +19,7 @@ from twisted.trial import unittest
 from relaygw import durable, workers
 from relaygw.ring import Ring
 from relaygw.ringcommit import RingCommitter
+from relaygw.relay import outcome
 from relaygw.scripts import queue as tool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.processes import waitUntil
@@ -405,6 +406,40 @@ class NextHopWriteTests(RelayTestCase):
         self.assertEqual(len(logged.find("delivery attempt for {qid} failed: {error}", qid=qid)), 3)
         self.assertEqual(len(logged.find("{qid}: removed", qid=qid)), 1)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_removalFailsThenStop(self):
+        """
+        The message is delivered at its first attempt, then its queue file
+        cannot be removed (EIO), and the gateway stops before the retry: the
+        stop writes down that its recipient is done, so the next start
+        removes it rather than send it again.  Before, the record stayed in
+        memory only, and the next start sent the message a second time.
+        """
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        queue = self.gw.service.queue
+        self.patch(queue, "retryMin", 60)
+        spool = self.gw.service.spool
+        faults = []
+
+        def refusing(original):
+            def call(path, *args):
+                if "%squeue%s" % (os.sep, os.sep) in path and not faults:
+                    faults.append(path)
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                return original(path, *args)
+            return call
+
+        self.patch(durable.quick, "rename", refusing(durable.quick.rename))
+        self.patch(os, "unlink", refusing(os.unlink))
+        qid = yield self.send()
+        yield self.until(lambda: faults and not queue.active)
+        self.assertEqual(spool.queueIds(), [qid])
+        yield self.gw.stop()
+        self.assertEqual(len(hop.transactions), 1)
+        self.assertEqual(outcome.pending(spool.readState(qid), ["b@example.net"]), [])
+        self.flushLoggedErrors()
 
     @defer.inlineCallbacks
     def test_bounceWriteENOSPC(self):

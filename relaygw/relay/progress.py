@@ -4,6 +4,8 @@ through the spool): which record is in use for each message, and writing
 it again, with a growing back-off, when a write fails.
 """
 
+from twisted.internet import defer
+
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.queue")
@@ -91,10 +93,26 @@ class ProgressWriter:
         self.running = True
 
     def stop(self):
-        """No more rewrites; says how many records were never written."""
+        """No more rewrites (L{flush} makes the last try)."""
         self.running = False
         for qid in list(self._rewrites):
             self._cancelRewrite(qid)
-        if self._failures:
-            log.warn("stopped with the delivery progress of {n} messages not written; their recipients "
-                     "may be sent to again", n=len(self._failures))
+
+    def flush(self):
+        """
+        At a stop, once no attempt is under way: each record still in memory
+        only (its write failed, or its message's removal did) is written once
+        more, so that the next start sends to none of the recipients it marks
+        done when the fault has cleared meanwhile; says how many could not be
+        written.  Fires once done; never fails.
+        """
+        qids = [qid for qid in self.unwritten if self.spool.exists(qid)]
+        ds = [self.persist(qid, self.unwritten[qid]) for qid in qids]
+
+        def warn(_):
+            left = [qid for qid in qids if qid in self.unwritten]
+            if left:
+                log.warn("stopped with the delivery progress of {n} messages not written; their recipients "
+                         "may be sent to again", n=len(left))
+
+        return defer.gatherResults(ds).addCallback(warn)

@@ -193,6 +193,7 @@ class QueueManager(Service):
         if not idle.called:
             timers.append(self.reactor.callLater(self.stopTimeout, self._cutShort, idle, timers))
         idle.addCallback(self._closeIdle, timers)
+        idle.addCallback(lambda result: self.attempts.progress.flush().addCallback(lambda _: result))
 
         def done(result):
             for timer in timers:
