@@ -94,9 +94,16 @@ class _Quick:
         _libcCall(self._libc.ftruncate, fd, length)
 
     def close(self, fd):
-        if self._libc is None:
-            return os.close(fd)
-        _libcCall(self._libc.close, fd, again=False)
+        """
+        Close C{fd}.  EINTR is no error: Linux has let the descriptor go all
+        the same (it is not closed again), and what was synced stays synced.
+        """
+        try:
+            if self._libc is None:
+                return os.close(fd)
+            _libcCall(self._libc.close, fd, again=False)
+        except InterruptedError:
+            pass
 
     def rename(self, source, destination):
         if self._libc is None:
