@@ -380,7 +380,12 @@ class GatewayService(MultiService):
         _, held = self.role.adoptStranded(self.spool)
         if held:
             self._adoptLater()
-        self.queue.recovered = self.spool.open()
+        try:
+            self.queue.recovered = self.spool.open()
+        except OSError as e:  # (the disk failing, or gone read-only): one line, not a traceback
+            text = "cannot open the spool {directory}: {why}"
+            log.error(text, directory=self.spool.directory, why=e)
+            raise StartFailed(text.format(directory=self.spool.directory, why=e))
         if self.queue.recovered:
             log.info("recovered {n} queued messages", n=len(self.queue.recovered))
         MultiService.startService(self)

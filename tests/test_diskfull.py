@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
 
 from relaygw import durable, workers
@@ -22,6 +23,8 @@ from relaygw.ring import Ring
 from relaygw.ringcommit import RingCommitter
 from relaygw.relay import outcome
 from relaygw.scripts import queue as tool
+from relaygw.service import StartFailed
+from relaygw.spool import Spool
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, twistdRunning, waitForPort
 from tests.processes import waitUntil
 from tests.recorders import LogCapture
@@ -708,3 +711,25 @@ class SpentFilesTests(unittest.TestCase):
         free[0] = 10 ** 9
         self.assertTrue(spool.hasRoom(0))
         self.assertEqual(len((yield delivered())), 1)
+
+
+class SpoolOpenFailsTests(unittest.TestCase):
+    """The spool cannot be read at start (EIO): start ends with one line naming why, not a traceback."""
+
+    def test_openEIO(self):
+        gw = Gateway(self.mktemp())
+
+        def fail(spool):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), spool.path("hold"))
+
+        self.patch(Spool, "open", fail)
+        logged = LogCapture(self)
+        self.addCleanup(gw.service.spool.releaseLock)
+        e = self.assertRaises(StartFailed, gw.service.startService)
+        self.assertEqual(e.code, 1)
+        self.assertEqual(str(e), "cannot open the spool %s: [Errno 5] Input/output error: %r" % (
+            gw.service.spool.directory, gw.service.spool.path("hold")))
+        [event] = logged.find("cannot open the spool")
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertEqual(formatEvent(event), str(e))
+        self.assertEqual(self.flushLoggedErrors(), [])
