@@ -17,8 +17,9 @@ from relaygw.logs import Logger
 from relaygw.modes import COMMAND, DATA
 from relaygw.spoolapi import Envelope, isStorageError
 
-#: Errors of a process out of descriptors or memory (451 4.3.0, as any local error, but no traceback).
-_OUT_OF_RESOURCES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+#: Errors of a process out of descriptors or memory, or of a kernel that cannot take the spool's io_uring
+#: requests for now (EAGAIN, EBUSY): 451 4.3.0, as any local error, but no traceback.
+_OUT_OF_RESOURCES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY])
 
 log = Logger(namespace="relaygw.smtp")
 

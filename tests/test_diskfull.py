@@ -270,6 +270,33 @@ class FaultInjectionTests(FaultCase):
         """The kernel's sync of the batch (through the ring) fails."""
         return self.check(SMALL, "completions", errno.EIO, obj=Ring, fault=ringFailing(errno.EIO))
 
+    @defer.inlineCallbacks
+    def checkSubmitRefused(self, error):
+        """
+        The kernel cannot take the batch's syncs for now (io_uring_enter
+        says C{error}): 451 4.3.0 with one error line, as when out of memory
+        (it was a critical traceback), nothing left behind, and the next
+        message goes through on a new ring.
+        """
+        calls = []
+        fault = failing(Ring.submit, error, calls, once=True)
+        self.patch(Ring, "submit", fault)
+        mail, end = yield inThread(transaction, self.gw.port, SMALL)
+        self.assertEqual(end, (451, ["4.3.0 Error: local error in processing"]))
+        self.assertTrue(calls)
+        self.assertEqual(self.leftovers(), {"tmp": [], "queue": []})
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        mail, end = yield inThread(transaction, self.gw.port, SMALL, "y")
+        self.assertEqual(end[0], 250, end)
+
+    def test_submitEAGAIN(self):
+        """Out of resources for the requests."""
+        return self.checkSubmitRefused(errno.EAGAIN)
+
+    def test_submitEBUSY(self):
+        """Completions not reaped yet."""
+        return self.checkSubmitRefused(errno.EBUSY)
+
     def test_spillWriteENOSPC(self):
         """A message over 256 KB (which once got no reply at all) while the disk fills as it streams."""
         return self.check(BIG, "writeAll", errno.ENOSPC)
