@@ -395,7 +395,10 @@ class Committer:
                     settled += self._settle(batch, set())
             if big:
                 self._schedule(os.SCHED_BATCH)
-            self.reactor.callFromThread(self._done, len(batch), unlinks, settled, time.monotonic() - started)
+            try:
+                self.reactor.callFromThread(self._done, len(batch), unlinks, settled, time.monotonic() - started)
+            except OSError:
+                pass  # (only the wake-up failed: the call is queued, for the reactor's next turn)
 
     @staticmethod
     def _abandon(batch, error):

@@ -3,6 +3,7 @@ The spool: grouped commits, recovery, and crash safety of a real twistd
 process killed mid-DATA and right after the 250.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -902,6 +903,36 @@ class CommitterHandInTests(unittest.TestCase):
         gate.set()
         yield defer.gatherResults([first, removal, commit])
         self.assertEqual(order, ["commit", "removal"])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_wakeUpFails(self):
+        """
+        The disk thread cannot wake the reactor once (the waker's write
+        fails, ENOSPC injected): its batch is answered all the same (the call
+        was queued before the wake-up), and the disk thread goes on with the
+        next.  Before, it died there, and every later commit (each 250, each
+        progress record) waited for ever.
+        """
+        failed = []
+        real = reactor.wakeUp
+
+        def wakeUp():
+            if not failed and threading.current_thread().name == "relaygw-disk":
+                failed.append(True)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real()
+
+        self.patch(reactor, "wakeUp", wakeUp)
+        ticks = task.LoopingCall(lambda: None)  # (the reactor's next turn, as the gateway's own timers give it)
+        ticks.start(0.1)
+        self.addCleanup(ticks.stop)
+        yield self.committer.commit(self.job("a"))
+        second = self.committer.commit(self.job("b"))
+        timer = reactor.callLater(5, second.cancel)
+        yield second
+        timer.cancel()
+        self.assertEqual(failed, [True])
         self.assertEqual(sorted(os.listdir(self.directory)), ["a", "b"])
 
 
