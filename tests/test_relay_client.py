@@ -4,6 +4,8 @@ L{twisted.mail.smtp} servers or a scripted server giving exact replies.
 """
 
 import base64
+import errno
+import os
 
 from cryptography import x509
 from zope.interface import implementer
@@ -272,6 +274,32 @@ class DeliveryTests(_DeliveryTestCase):
         self.assertTrue(results[0]["rcpt@example.test"].ok)
         self.assertEqual(factory.messages, [content + b"\r\n"])
         self.assertIn(b"\r\n..a\r\n...\r\nb.\r\n..\r\n..\r\n...c\r\n.\r\n", b"".join(factory.chunks))
+
+    @defer.inlineCallbacks
+    def test_bodyCloseFails(self):
+        """
+        Closing the message's file once it is sent fails (EIO or EINTR, the
+        file only read): nothing of it is lost, so the message stays
+        delivered and the next one goes out on the same connection, without
+        a critical traceback (the connection was torn down with one).
+        """
+        for error in (errno.EIO, errno.EINTR):
+            class Closing(_FailingFile):
+                def close(self):
+                    self.f.close()
+                    raise OSError(error, os.strerror(error))
+
+                __exit__ = lambda self, *exc: self.close()
+
+            client.open = lambda path, mode, **kw: Closing(open(path, mode, **kw), 1000)
+            self.addCleanup(vars(client).pop, "open", None)
+            factory = _ScriptedFactory()
+            port = self.listen(factory)
+            results = yield deliver(reactor, "127.0.0.1", port, [self.message(), self.message(content=b"two\r\n")],
+                                    _options())
+            self.assertTrue(all(r["rcpt@example.test"].ok for r in results), results)
+            self.assertEqual(len(factory.messages), 2)
+            self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
     def test_unreadableBodyIsNeverTerminated(self):

@@ -324,8 +324,13 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         self.sendStarted[index] = self.reactor.seconds()
         ahead, self.ahead = self.ahead, None
         body, size = ahead or self._openBody(message)
-        with body:
+        try:
             await self._send(index, message, body, size, sent=ahead is not None)
+        finally:
+            try:
+                body.close()
+            except OSError:
+                pass  # (EIO, EINTR: a file only read loses nothing, and its descriptor is gone all the same)
 
     async def _quit(self):
         """Say QUIT (if the connection is still up) and wait for it to close."""
