@@ -176,10 +176,11 @@ class MailTransaction:
         if self.dataReader.sawBareLF and self.listener.bare_lf == "reject":
             return self._refuseMessage(writer, codes.BARE_LF_DATA)
         if writer.failed is not None:
-            # The disk filled (or failed) while the content came in: what
-            # was written is gone, and the client may try again later.
+            # The disk filled (or failed), or the process ran out of
+            # descriptors, while the content came in: what was written is
+            # gone, and the client may try again later.
             log.error("[{session}] spool write failed: {error}", session=self.sessionId, error=writer.failed)
-            return self._refuseMessage(writer, codes.NO_ROOM)
+            return self._refuseMessage(writer, codes.NO_ROOM if isStorageError(writer.failed) else codes.LOCAL_ERROR)
         self.context.message["size"] = writer.size
 
         def queue(refusal):

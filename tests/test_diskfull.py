@@ -206,6 +206,27 @@ class FaultCase(RelayTestCase):
         self.assertEqual(end[0], 250, end)
 
     @defer.inlineCallbacks
+    def test_spillOpenOutOfDescriptors(self):
+        """
+        The process is out of descriptors when a large message's content
+        is to be streamed to tmp/: 451 4.3.0, as at commit (it was 452 4.3.1
+        Insufficient system storage, which the disk was not), with one
+        error line, nothing left behind, and the next message goes through.
+        """
+        calls = []
+        fault = failing(os.open, errno.EMFILE, calls)
+        self.patch(os, "open", fault)
+        mail, end = yield inThread(transaction, self.gw.port, BIG)
+        self.assertEqual(end, (451, ["4.3.0 Error: local error in processing"]))
+        self.assertTrue(calls)
+        self.assertEqual(self.leftovers(), {"tmp": [], "queue": []})
+        self.assertIsNone(self.spool.recentStorageError(30))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        fault.armed = False
+        mail, end = yield inThread(transaction, self.gw.port, BIG, "y")
+        self.assertEqual(end[0], 250, end)
+
+    @defer.inlineCallbacks
     def test_reusedSpentFileENOSPC(self):
         """A small message overwriting a spent file fails: the spent file goes, nothing is queued."""
         spent = self.spool.path("spent", "0000000000000000SPENT")
