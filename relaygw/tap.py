@@ -85,7 +85,11 @@ def makeService(options):
                         logFile=_logFile(getattr(options, "parent", None)), configText=options.configText)
         # Exclusive ownership of the spool partition, for the process's
         # lifetime: a second gateway on the same spool stops here.
-        service.acquireSpool()
+        try:
+            service.acquireSpool()
+        except OSError as e:  # (its lock file cannot be made or opened: the disk failing or full)
+            sys.stderr.write("cannot take the spool %s: %s\n" % (service.spool.directory, e))
+            raise SystemExit(1)
         service.installSignals = True
         # twistd writes the pid file before the service starts, and the
         # service's SIGHUP handler (reload) is in place only once it has:

@@ -5,6 +5,7 @@ die with the main process, and a main process that restarts a dead worker.
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -114,6 +115,25 @@ class TwistdOwnershipTests(unittest.TestCase):
             sendOne(self.port)  # the first one still serves
             first.send_signal(signal.SIGTERM)
             first.wait(30)
+
+        return inThread(run)
+
+    def test_lockCannotBeOpened(self):
+        """
+        The spool's lock file cannot be opened (a socket has its name: ENXIO,
+        as a failing or full disk's EIO or ENOSPC): start ends with exit
+        status 1 and one line naming the spool and the error, not a traceback.
+        """
+        spool = os.path.join(self.directory, "spool")
+        os.makedirs(spool)
+        os.mknod(os.path.join(spool, "lock"), stat.S_IFSOCK | 0o600)
+
+        def run():
+            p = self.start()
+            self.assertEqual(p.wait(30), 1)
+            self.assertIn("cannot take the spool %s: [Errno 6] No such device or address: '%s'" % (
+                spool, os.path.join(spool, "lock")), self.log())
+            self.assertNotIn("Traceback", self.log())
 
         return inThread(run)
 
