@@ -100,6 +100,26 @@ def failReportCommits(testcase, spool, times=1):
     return faults
 
 
+def refuseQueueRemovals(testcase, error, times):
+    """
+    A queue file's removal (its rename to spent/, or an unlink) fails with
+    C{error} C{times} times; returns the list of the paths refused so far.
+    """
+    faults = []
+
+    def refusing(original):
+        def call(path, *args):
+            if "%squeue%s" % (os.sep, os.sep) in path and len(faults) < times:
+                faults.append(path)
+                raise OSError(error, os.strerror(error))
+            return original(path, *args)
+        return call
+
+    testcase.patch(durable.quick, "rename", refusing(durable.quick.rename))
+    testcase.patch(os, "unlink", refusing(os.unlink))
+    return faults
+
+
 def get(port, path):
     try:
         with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
@@ -467,18 +487,7 @@ class NextHopWriteTests(RelayTestCase):
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
         self.patch(self.gw.service.queue, "retryMin", 0.2)
         spool = self.gw.service.spool
-        faults = []
-
-        def refusing(original):
-            def call(path, *args):
-                if "%squeue%s" % (os.sep, os.sep) in path and len(faults) < 3:
-                    faults.append(path)
-                    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-                return original(path, *args)
-            return call
-
-        self.patch(durable.quick, "rename", refusing(durable.quick.rename))
-        self.patch(os, "unlink", refusing(os.unlink))
+        faults = refuseQueueRemovals(self, errno.EROFS, 3)
         logged = LogCapture(self)
         qid = yield self.send(rcpts=("b@example.net", "c@example.net"))
         yield self.until(lambda: len(faults) == 3 and not spool.queueIds(), timeout=10)
@@ -502,18 +511,7 @@ class NextHopWriteTests(RelayTestCase):
         queue = self.gw.service.queue
         self.patch(queue, "retryMin", 60)
         spool = self.gw.service.spool
-        faults = []
-
-        def refusing(original):
-            def call(path, *args):
-                if "%squeue%s" % (os.sep, os.sep) in path and not faults:
-                    faults.append(path)
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-                return original(path, *args)
-            return call
-
-        self.patch(durable.quick, "rename", refusing(durable.quick.rename))
-        self.patch(os, "unlink", refusing(os.unlink))
+        faults = refuseQueueRemovals(self, errno.EIO, 1)
         qid = yield self.send()
         yield self.until(lambda: faults and not queue.active)
         self.assertEqual(spool.queueIds(), [qid])

@@ -6,7 +6,6 @@ and, when it does not offer 8BITMIME, 8-bit content converted to 7 bits.
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 
@@ -34,7 +33,7 @@ class _PostfixNextHop(RelayTestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         self.postfix = PostfixInstance(directory, self.postfixPort, "[127.0.0.1]:%d" % sinkPort, self.settings)
         # Registered before starting, so a half-started instance is stopped too.
-        self.addCleanup(inThread, self._stopPostfix)
+        self.addCleanup(inThread, self.postfix.stop)
         yield inThread(self._startPostfix)
 
     def _startPostfix(self):
@@ -49,21 +48,6 @@ class _PostfixNextHop(RelayTestCase):
         except TimeoutError as e:
             raise AssertionError("postfix did not listen on port %d: %s\nmaillog:\n%s" % (
                 self.postfixPort, e, self.postfix.log()))
-
-    def _stopPostfix(self):
-        self.postfix.stop()
-        pidfile = os.path.join(self.postfix.settings["queue_directory"], "pid", "master.pid")
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError):
-            return
-        # Still there after "postfix stop": end our own master (and so its children).
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
 
 
 class PostfixNextHopTests(_PostfixNextHop):

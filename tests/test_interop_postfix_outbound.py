@@ -8,7 +8,6 @@ import binascii
 import email
 import os
 import shutil
-import signal
 import tempfile
 
 from twisted.internet import defer
@@ -72,24 +71,11 @@ class _PostfixNextHop(RelayTestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         self.postfix = PostfixInstance(directory, self.postfixPort, "[127.0.0.1]:%d" % sinkPort,
                                        dict(QUIET, **self.configure(directory)))
-        self.addCleanup(inThread, self._stopPostfix)
+        self.addCleanup(inThread, self.postfix.stop)
         yield inThread(self.postfix.start)
 
     def configure(self, directory):
         return dict(self.settings or {})
-
-    def _stopPostfix(self):
-        self.postfix.stop()
-        pidfile = os.path.join(self.postfix.settings["queue_directory"], "pid", "master.pid")
-        try:
-            with open(pidfile) as f:
-                pid = int(f.read().strip())
-        except (OSError, ValueError):
-            return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def relayTo(self, **relay):
         return self.gateway(dict({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none"}, **relay))
