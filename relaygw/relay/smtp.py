@@ -153,9 +153,12 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             self.predecessor = before.successor = None
         return n
 
-    def _succeeding(self):
-        """The connections the next hops that replaced this one have open."""
-        n, after = 0, self.successor
+    def _reloadedConnections(self):
+        """
+        The connections the same destination's next hops in other routers
+        (those this one replaced, and those that replaced it) have open.
+        """
+        n, after = self.inheritedConnections(), self.successor
         while after is not None:
             n, after = n + after.openConnections(), after.successor
         return n
@@ -184,7 +187,7 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         self._makeRoom()
         congested = self._congested()
         while self.waiting and not self.stopping \
-                and self.active + len(self.closing) + self.inheritedConnections() + self._succeeding() < self.maxConnections \
+                and self.active + len(self.closing) + self._reloadedConnections() < self.maxConnections \
                 and (freed or congested or self._atShare or len(self.waiting) > self.active) \
                 and self._startsNext(congested):
             freed = False
