@@ -4,6 +4,7 @@ so that a delivery repeated after a crash replaces its own copy.
 """
 
 import os
+import shutil
 import time
 
 from twisted.internet import defer, reactor, task
@@ -81,6 +82,23 @@ class MaildirTests(unittest.TestCase):
         [results] = yield self.hop.deliver([self.spool.load(self.qid)])
         self.assertEqual({r.code for r in results.values()}, {250})
         self.assertEqual(list(self.stored()), [name])
+
+    @defer.inlineCallbacks
+    def test_removedMaildirMadeAgain(self):
+        """
+        A Maildir removed while the gateway runs (or only its C{new/}) is
+        made again at the next delivery, which succeeds: not deferred until
+        a restart makes it.
+        """
+        shutil.rmtree(self.maildir)
+        [results] = yield self.hop.deliver([self.spool.load(self.qid)])
+        self.assertEqual({r.code for r in results.values()}, {250})
+        self.assertEqual(len(self.stored()), 1)
+        self.assertEqual(sorted(os.listdir(self.maildir)), ["cur", "new", "tmp"])
+        shutil.rmtree(os.path.join(self.maildir, "new"))
+        [results] = yield self.hop.deliver([self.spool.load(self.qid)])
+        self.assertEqual({r.code for r in results.values()}, {250})
+        self.assertEqual(len(self.stored()), 1)
 
     @defer.inlineCallbacks
     def test_heldMessageNotStored(self):

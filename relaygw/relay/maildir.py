@@ -34,8 +34,11 @@ class MaildirNextHop:
         self.directory = directory
         self.committer = committer
         self.reactor = reactor
+        self._makeDirectories()
+
+    def _makeDirectories(self):
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(directory, sub), exist_ok=True)
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
 
     def describe(self):
         return "maildir:%s" % (self.directory,)
@@ -68,7 +71,7 @@ class MaildirNextHop:
     def deliver(self, messages, progress=None):
         """Deliver each message; results are per recipient, all 250 on success."""
 
-        def one(message):
+        def one(message, again=True):
             global _attempts
             _attempts += 1
             name = self._name(message)
@@ -83,6 +86,17 @@ class MaildirNextHop:
             d.addBoth(lambda result: (src.close(), result)[1])
             d.addCallback(lambda _: {r: Result(250, "2.0.0", "delivered to maildir as " + name, action="delivered")
                                      for r in message.recipients})
+            if again:
+                d.addErrback(missing, message)
             return d
+
+        def missing(failure, message):
+            """
+            The Maildir, or a part of it, was removed since: made again (as
+            Postfix's local delivery makes a missing one) and tried once more.
+            """
+            failure.trap(FileNotFoundError)
+            self._makeDirectories()
+            return one(message, again=False)
 
         return gatherResults([one(m) for m in messages], consumeErrors=True)
