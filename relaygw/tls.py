@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
 )
 
 from relaygw.logs import Logger
-from relaygw.trust import parseIP
+from relaygw.trust import UNPARSABLE, parseIP
 
 log = Logger()
 
@@ -307,7 +307,8 @@ def tlsInfo(transport):
     @param transport: a TLS transport (with C{getHandle}).
     @return: C{{"tls": "TLSv1.3", "tls_cipher": ...}} plus
         C{"tls_client_cert_subject"} if the client presented a certificate
-        (verified or not).  Empty if there is no TLS yet.
+        (verified or not, and one cryptography can parse).  Empty if there
+        is no TLS yet.
     """
     try:
         connection = transport.getHandle()
@@ -320,7 +321,10 @@ def tlsInfo(transport):
     info = {"tls": version, "tls_cipher": cipher}
     peer = connection.get_peer_certificate()
     if peer is not None:
-        info["tls_client_cert_subject"] = _subject(peer.to_cryptography())
+        try:
+            info["tls_client_cert_subject"] = _subject(peer.to_cryptography())
+        except UNPARSABLE:
+            pass  # (OpenSSL took it, cryptography cannot read it: no subject to show)
     return info
 
 

@@ -14,7 +14,6 @@ import functools
 import ipaddress
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 from service_identity.cryptography import extract_patterns
@@ -166,6 +165,13 @@ def parseClientIdentity(text):
 
 
 
+#: What cryptography raises for a certificate that OpenSSL accepted but it
+#: cannot parse (a PrintableString holding an underscore, as some CAs issue
+#: them; an unknown version; a malformed or repeated extension): a client
+#: asked for a certificate may present anything.
+UNPARSABLE = (ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
 def _notForClients(cert):
     """
     Why C{cert} may not authenticate a TLS client, or C{None}: as OpenSSL's
@@ -297,27 +303,36 @@ class TrustPolicy:
         peer = connection.get_peer_certificate()
         if peer is None:
             return False, None
-        leaf = peer.to_cryptography()
-        subject = leaf.subject.rfc4514_string()
+        try:
+            leaf = peer.to_cryptography()
+            subject = leaf.subject.rfc4514_string()
+        except UNPARSABLE as e:
+            log.info("client certificate not verified: it cannot be parsed: {error}", error=e)
+            return False, None
         store = self._clientCAStore()
         if store is None or not self.identities:
             return False, subject
-        leafDER = leaf.public_bytes(serialization.Encoding.DER)
+        # (compared as OpenSSL has them: the chain is never parsed here)
+        leafDER = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)
         untrusted = [
             c
             for c in connection.get_peer_cert_chain() or []
-            if c.to_cryptography().public_bytes(serialization.Encoding.DER) != leafDER
+            if crypto.dump_certificate(crypto.FILETYPE_ASN1, c) != leafDER
         ]
         try:
             crypto.X509StoreContext(store, peer, untrusted).verify_certificate()
         except crypto.X509StoreContextError as e:
             log.info("client certificate {subject} not verified: {error}", subject=subject, error=e)
             return False, subject
-        unfit = _notForClients(leaf)
+        try:
+            unfit = _notForClients(leaf)
+            matches = unfit is None and self._matches(leaf)
+        except UNPARSABLE as e:
+            unfit = "its extensions cannot be parsed: %s" % (e,)
         if unfit:
             log.info("client certificate {subject} not verified: {error}", subject=subject, error=unfit)
             return False, subject
-        return self._matches(leaf), subject
+        return matches, subject
 
     def _matches(self, cert):
         patterns = extract_patterns(cert)

@@ -318,6 +318,20 @@ class ClientCertificateTrustTests(TLSGatewayTestCase):
         self.assertEqual((yield self.trustedWith(None)), (False, 550))
 
     @defer.inlineCallbacks
+    def test_certificateCryptographyCannotParse(self):
+        """
+        A client certificate that OpenSSL accepts but cryptography cannot
+        parse (an underscore in a PrintableString subject), from the client
+        CA for the allowed name: the session goes on, untrusted, and the
+        refusal is logged.  Before, the end of the handshake raised, and the
+        connection was dropped without a reply.
+        """
+        log = LogCapture(self)
+        cert = self.issue.unreadable("odd", "lb1.example.net")
+        self.assertEqual((yield self.trustedWith(cert)), (False, 550))
+        self.assertEqual(len(log.find("client certificate not verified: it cannot be parsed")), 1)
+
+    @defer.inlineCallbacks
     def test_certificateForAnotherPurposeNotTrusted(self):
         """
         A certificate from the client CA for the allowed name, but issued for

@@ -12,6 +12,7 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from relaygw.tls import generateSelfSigned
@@ -85,7 +86,55 @@ def makeCA(directory, name="Test CA"):
         return (writePEM(os.path.join(directory, label + ".pem"), cert),
                 writePEM(os.path.join(directory, label + ".key"), key))
 
+    def issueUnreadable(label, dns):
+        """
+        As C{issue}, but the subject's common name is a PrintableString
+        holding an underscore: OpenSSL reads it (some CAs issue such names),
+        cryptography refuses to parse the certificate.
+        """
+        key = newKey()
+        placeholder = "lb" + "X" * 8
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _ASN1Type.PrintableString)])
+        cert = certificate(name, caName, key, caKey, 30, altNames(x509.DNSName(dns)))
+        der = _resigned(cert, caKey, placeholder.encode(), b"lb_" + b"X" * 7)
+        path = os.path.join(directory, label + ".pem")
+        with open(path, "w") as f:
+            f.write(ssl.DER_cert_to_PEM_cert(der))
+        return path, writePEM(os.path.join(directory, label + ".key"), key)
+
+    issue.unreadable = issueUnreadable
     return caPath, issue
+
+
+def _derLength(n):
+    if n < 0x80:
+        return bytes([n])
+    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _derContent(data, offset):
+    """Where the content of the DER element at C{offset} starts and ends."""
+    first = data[offset + 1]
+    if first < 0x80:
+        return offset + 2, offset + 2 + first
+    n = first & 0x7F
+    start = offset + 2 + n
+    return start, start + int.from_bytes(data[offset + 2:start], "big")
+
+
+def _resigned(cert, signer, old, new):
+    """The DER of C{cert} with C{old} replaced by C{new} (as long) in its to-be-signed part, signed again."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    tbsStart, _ = _derContent(der, 0)
+    _, tbsEnd = _derContent(der, tbsStart)
+    _, algorithmEnd = _derContent(der, tbsEnd)
+    tbs = der[tbsStart:tbsEnd]
+    assert len(old) == len(new) and tbs.count(old) == 1
+    tbs = tbs.replace(old, new)
+    signature = signer.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    body = tbs + der[tbsEnd:algorithmEnd] + b"\x03" + _derLength(len(signature) + 1) + b"\x00" + signature
+    return b"\x30" + _derLength(len(body)) + body
 
 
 def clientContext(cert=None, maximum=None):
