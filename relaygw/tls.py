@@ -21,14 +21,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from zope.interface import implementer
 
 from twisted.internet import ssl
+from twisted.internet._idna import _idnaBytes
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
 from relaygw.trust import UNPARSABLE, parseIP
@@ -349,6 +354,58 @@ class _OpportunisticClientTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _NameChecked:
+    """
+    Twisted's client options (L{ssl.optionsForClientTLS}), whose check of the
+    server's name fails closed.  Twisted's own check fails the handshake
+    only on a L{VerificationError}: on any other error (cryptography cannot
+    parse a certificate that OpenSSL accepted, a PrintableString holding an
+    underscore say; service_identity refuses a name pattern such as
+    C{*.*.example}) it logs the error and lets the chain's result stand, so
+    such a certificate from a trusted CA passed for any name.
+    """
+
+    def __init__(self, options, hostname):
+        self._options = options
+        # (the name as Twisted's options have it, for SNI too)
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            self._service = IPAddress_ID(hostname)
+        else:
+            self._service = DNS_ID(_idnaBytes(hostname).decode("ascii"))
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        protocols = [tlsProtocol]  # (let go of at the leaf: no cycle through the connection)
+        service = self._service
+
+        def verify(conn, cert, errno, depth, ok):
+            if depth != 0:
+                return ok
+            protocol = protocols.pop() if protocols else None
+            if not ok:
+                return False
+            try:
+                verify_service_identity(extract_patterns(cert), [service], [])
+            except Exception:  # (a wrong name, or a certificate cryptography cannot parse)
+                if protocol is not None:
+                    protocol.failVerification(Failure())
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
+def nameChecked(hostname, trustRoot=None, **options):
+    """
+    L{ssl.optionsForClientTLS} for C{hostname}, verifying the certificate's
+    chain against C{trustRoot} and its name against C{hostname} (failing
+    closed where Twisted does not: L{_NameChecked}).
+    """
+    return _NameChecked(ssl.optionsForClientTLS(hostname, trustRoot=trustRoot, **options), hostname)
+
+
 def clientCreator(hostname, verify, caFile=None):
     """
     Outbound TLS options for the delivery client, for C{startTLS}.
@@ -368,8 +425,4 @@ def clientCreator(hostname, verify, caFile=None):
         trustRoot = ssl.trustRootFromCertificates(
             [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas]
         )
-    return ssl.optionsForClientTLS(
-        hostname,
-        trustRoot=trustRoot,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-    )
+    return nameChecked(hostname, trustRoot, extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})

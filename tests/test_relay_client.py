@@ -6,6 +6,7 @@ L{twisted.mail.smtp} servers or a scripted server giving exact replies.
 import base64
 import errno
 import os
+from ssl import DER_cert_to_PEM_cert
 
 from cryptography import x509
 from zope.interface import implementer
@@ -20,7 +21,7 @@ from relaygw.relay import body, client, clientwire
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
 from relaygw.relay.nexthop import NOT_SENT, STOPPED
 from tests.recorders import LogCapture
-from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem
+from tests.tlsmaterial import altNames, certificate, commonName, newKey, pem, unreadableCertificate
 
 CONTENT = (
     b"From: sender@example.net\r\n"
@@ -1299,6 +1300,46 @@ class STARTTLSTests(_DeliveryTestCase):
         result = results[0]["rcpt@example.test"]
         self.assertTemporary(result, "TLS handshake")
         self.assertEqual(result.enhanced, "4.7.5")
+        self.assertEqual(self.mailbox.messages, [])
+
+    @defer.inlineCallbacks
+    def test_verifyUnparsableCertificateForAnotherName(self):
+        """
+        "verify" against a certificate from the right CA, for another name,
+        that cryptography cannot parse (OpenSSL can): a temporary failure,
+        as for any wrong name.  Twisted's check of the name logged the parse
+        error and let the chain's result stand, so the message went to a
+        server that never proved to be the next hop.
+        """
+        caKey, key = newKey(), newKey()
+        ca = _certificate("Odd CA", "Odd CA", caKey, caKey, True)
+        der = unreadableCertificate(commonName("Odd CA"), caKey, key, x509.DNSName("other.example.test"))
+        server = ssl.PrivateCertificate.loadPEM(DER_cert_to_PEM_cert(der).encode() + pem(key))
+        factory = _ServerFactory(self.mailbox, server.options())
+        port = self.listen(factory)
+        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.body(pem(ca)))
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
+        result = results[0]["rcpt@example.test"]
+        self.assertTemporary(result, "TLS handshake")
+        self.assertEqual(result.enhanced, "4.7.5")
+        self.assertEqual(self.mailbox.messages, [])
+
+    @defer.inlineCallbacks
+    def test_verifyMalformedNamePattern(self):
+        """
+        "verify" against a certificate from the right CA whose only name is
+        a pattern service_identity refuses to match (two wildcards): a
+        temporary failure.  Twisted's check raised CertificateError, logged
+        it and let the chain's result stand.
+        """
+        caKey, key = newKey(), newKey()
+        ca = _certificate("Wild CA", "Wild CA", caKey, caKey, True)
+        cert = _certificate("wild", "Wild CA", caKey, key, False, ["*.*.example.test"])
+        factory = _ServerFactory(self.mailbox, ssl.PrivateCertificate.loadPEM(pem(cert) + pem(key)).options())
+        port = self.listen(factory)
+        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.body(pem(ca)))
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
+        self.assertTemporary(results[0]["rcpt@example.test"], "TLS handshake")
         self.assertEqual(self.mailbox.messages, [])
 
     @defer.inlineCallbacks

@@ -87,23 +87,28 @@ def makeCA(directory, name="Test CA"):
                 writePEM(os.path.join(directory, label + ".key"), key))
 
     def issueUnreadable(label, dns):
-        """
-        As C{issue}, but the subject's common name is a PrintableString
-        holding an underscore: OpenSSL reads it (some CAs issue such names),
-        cryptography refuses to parse the certificate.
-        """
+        """As C{issue}, but the certificate is an L{unreadableCertificate}."""
         key = newKey()
-        placeholder = "lb" + "X" * 8
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _ASN1Type.PrintableString)])
-        cert = certificate(name, caName, key, caKey, 30, altNames(x509.DNSName(dns)))
-        der = _resigned(cert, caKey, placeholder.encode(), b"lb_" + b"X" * 7)
         path = os.path.join(directory, label + ".pem")
         with open(path, "w") as f:
-            f.write(ssl.DER_cert_to_PEM_cert(der))
+            f.write(ssl.DER_cert_to_PEM_cert(unreadableCertificate(caName, caKey, key, x509.DNSName(dns))))
         return path, writePEM(os.path.join(directory, label + ".key"), key)
 
     issue.unreadable = issueUnreadable
     return caPath, issue
+
+
+def unreadableCertificate(issuer, signer, key, *names):
+    """
+    The DER of a certificate of C{key} for C{names} (x509 GeneralNames),
+    issued by C{issuer} and signed with C{signer}, whose subject common name
+    is a PrintableString holding an underscore: OpenSSL reads it (some CAs
+    issue such names), cryptography refuses to parse the certificate.
+    """
+    placeholder = "lb" + "X" * 8
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, placeholder, _ASN1Type.PrintableString)])
+    cert = certificate(name, issuer, key, signer, 30, altNames(*names))
+    return _resigned(cert, signer, placeholder.encode(), b"lb_" + b"X" * 7)
 
 
 def _derLength(n):

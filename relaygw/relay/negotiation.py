@@ -11,7 +11,7 @@ from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 
-from relaygw import wire
+from relaygw import tls, wire
 from relaygw.logs import Logger
 from relaygw.relay.clientwire import _extensions, _SessionFailure, _SMTPClientProtocol, _temporary
 from relaygw.relay.mx import SMTP_PORT
@@ -95,7 +95,7 @@ class Negotiation:
             if not pems:
                 raise ValueError("no certificate in %s" % (self.options.caFile,))
             trustRoot = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
-        return ssl.optionsForClientTLS(self.options.tlsHostname or self.host, trustRoot=trustRoot)
+        return tls.nameChecked(self.options.tlsHostname or self.host, trustRoot)
 
     async def _startTLS(self):
         policy = self.options.tls
