@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 from service_identity.cryptography import extract_patterns
+from service_identity.exceptions import CertificateError
 from service_identity.hazmat import DNS_ID
 
 from relaygw.logs import Logger
@@ -329,6 +330,8 @@ class TrustPolicy:
             matches = unfit is None and self._matches(leaf)
         except UNPARSABLE as e:
             unfit = "its extensions cannot be parsed: %s" % (e,)
+        except CertificateError as e:  # (a name pattern service_identity will not match: "*.*.example")
+            unfit = "its names cannot be matched: %s" % (e,)
         if unfit:
             log.info("client certificate {subject} not verified: {error}", subject=subject, error=unfit)
             return False, subject

@@ -332,6 +332,20 @@ class ClientCertificateTrustTests(TLSGatewayTestCase):
         self.assertEqual(len(log.find("client certificate not verified: it cannot be parsed")), 1)
 
     @defer.inlineCallbacks
+    def test_certificateWithMalformedNamePattern(self):
+        """
+        A certificate from the client CA whose subjectAltName holds a
+        pattern service_identity refuses to match (two wildcards, or a
+        wildcard beyond the left-most label): no trust, and the session goes
+        on.  Before, the match raised at the end of the handshake and the
+        connection was dropped without a reply.
+        """
+        log = LogCapture(self)
+        for dns in ("*.*.example.net", "lb1.*.example.net"):
+            self.assertEqual((yield self.trustedWith(self.issue("odd", dns))), (False, 550), dns)
+        self.assertEqual(len(log.find("not verified")), 2)
+
+    @defer.inlineCallbacks
     def test_certificateForAnotherPurposeNotTrusted(self):
         """
         A certificate from the client CA for the allowed name, but issued for
