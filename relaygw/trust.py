@@ -140,10 +140,16 @@ def countedAddress(context, trusted, extensions):
     addresses it claims for its clients, never under its own (Postfix
     exempts C{$mynetworks} from its client limits): an XCLIENT without
     C{ADDR=} (only C{LOGIN=}, or a line split before its C{ADDR=}) leaves
-    it uncounted.
+    it uncounted.  So is a PROXY balancer: its own connections (a version
+    2 C{LOCAL} header, or a header naming the balancer itself as the
+    client, as HAProxy's health checks over C{send-proxy} do) are not a
+    client's, and counting them would have a rate limit refuse the checks
+    and the balancer take the server out of its rotation.
     """
     ip = context.get("remote_ip")
     if ip == "unknown" or (trusted and CLAIMING_VERBS & set(extensions) and ip == context.get("peer_ip")):
+        return None
+    if ip == context.get("proxy_peer_ip"):
         return None
     return ip
 

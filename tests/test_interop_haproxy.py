@@ -205,3 +205,87 @@ class HAProxyRelayTests(unittest.TestCase):
             self.assertEqual(ok[0], 250)
 
         return inThread(run).addCallback(check)
+
+
+HAPROXY_SMTPCHK = """
+global
+    maxconn 200
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout check 2s
+frontend v2
+    bind 127.0.0.1:%(front2)d
+    default_backend checked_v2
+frontend v1
+    bind 127.0.0.1:%(front1)d
+    default_backend checked_v1
+backend checked_v2
+    option smtpchk EHLO lb.test
+    default-server inter 100ms fall 1 rise 1
+    server gw 127.0.0.1:%(gw)d send-proxy-v2 check
+backend checked_v1
+    option smtpchk EHLO lb.test
+    default-server inter 100ms fall 1 rise 1
+    server gw 127.0.0.1:%(gw)d send-proxy check
+"""
+
+
+class HAProxyHealthCheckTests(unittest.TestCase):
+    """
+    HAProxy's health checks on the mail port itself (`option smtpchk`,
+    over the server's send-proxy or send-proxy-v2): the balancer's own
+    connections (a version 2 LOCAL header, or a version 1 header naming
+    the balancer itself) are not counted as a client's by the per-IP
+    limits, so checks every 100 ms keep the server up under a rate limit
+    of 5 a minute, while the clients it speaks for are still limited.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(haproxy):
+            raise AssertionError("haproxy is not installed (make test installs it)")
+        listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "relay_networks": ["127.0.0.0/8"],
+                    "connection_rate_per_ip": 5, "max_connections_per_ip": 1}
+        self.gw = Gateway(self.mktemp(), listeners=(listener,))
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        self.fronts = {"v1": freePort(), "v2": freePort()}
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cfg = os.path.join(directory, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(HAPROXY_SMTPCHK % {"front1": self.fronts["v1"], "front2": self.fronts["v2"], "gw": self.gw.port})
+        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(HAProxyTests._stopHAProxy, self)
+        for port in self.fronts.values():
+            yield inThread(waitForPort, port)
+
+    @defer.inlineCallbacks
+    def test_checksAreNotCountedAsClients(self):
+        # About 25 checks of each kind, from the balancer's own address.
+        yield inThread(time.sleep, 2.5)
+        for version, port in sorted(self.fronts.items()):
+            yield inThread(send, port, "through-" + version)
+        yield self.gw.service.queue.whenIdle()
+        self.assertEqual(len(self.gw.delivered()), 2)
+
+        def rateLimited():
+            for _ in range(5):
+                s = smtplib.SMTP(timeout=20, source_address=("127.0.0.5", 0))
+                try:
+                    code, text = s.connect("127.0.0.1", self.fronts["v2"])
+                finally:
+                    s.close()
+                if code != 220:
+                    return code, text
+            return None
+
+        # The client behind the balancer is still counted: 2 connections above, the 6th within the minute is refused.
+        refused = yield inThread(rateLimited)
+        self.assertEqual(refused, (421, b"4.7.0 relay.test connection rate limit exceeded, try again later"))

@@ -340,6 +340,25 @@ class PerProxySourceTests(SessionTestCase):
                                                        b"\t(proxied by [127.0.0.1])\r\n"), msg)
 
 
+    def test_balancersOwnConnectionsNotCounted(self):
+        """
+        The balancer's own connections (HAProxy's health checks: a version 2
+        LOCAL header, or a version 1 header naming the balancer itself) are
+        not counted under its address, however many are open at once.
+        """
+        headers = [v2(command=0), v2(command=0), b"PROXY TCP4 127.0.0.1 127.0.0.1 40001 25\r\n",
+                   v2(src="127.0.0.1", dst="127.0.0.1")]
+        sessions = [self.harness.connect(proxy=header) for header in headers]
+        for c in sessions:
+            self.addCleanup(c.lose)
+            self.assertEqual(c.reply()[0], 220)
+        self.assertEqual(dict(self.harness.factory.clients.perIP), {})
+        # A client is still counted.
+        first = proxied(self, "192.0.2.7")
+        self.assertEqual(first.reply()[0], 220)
+        self.assertEqual(proxied(self, "192.0.2.7").reply(), TOO_MANY)
+
+
 class SettingsBundleTests(SessionTestCase):
     """Item 9: a session pins its listener's settings, policy and trust whole at connect."""
 
