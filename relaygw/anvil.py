@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import Interface, implementer
 
+from relaygw import wire
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.anvil")
@@ -65,14 +66,19 @@ class ClientCounts:
     #: Seconds between sweeps of the per-address connection times.
     PRUNE_EVERY = 60
 
-    def __init__(self, clock):
+    def __init__(self, clock, catchUp=None):
         self.clock = clock
         self.perIP = collections.Counter()
         self.recentConnects = collections.defaultdict(collections.deque)
         self._prunedAt = 0.0
+        #: Called before a connection is refused over C{limit}: takes in
+        #: the releases other processes have already sent (L{Anvil.catchUp}).
+        self.catchUp = catchUp
 
     def acquire(self, ip, limit, rate):
         self.perIP[ip] += 1
+        if limit and self.perIP[ip] > limit and self.catchUp is not None:
+            self.catchUp()
         if limit and self.perIP[ip] > limit:
             return TOO_MANY
         if rate:
@@ -115,13 +121,39 @@ class Anvil:
         self.clock = clock
         self.listeners = {}
         self.authFailures = FailureTracker(clock)
+        self.channels = set()
+        self._catchingUp = False
 
     def countsFor(self, name):
         """Listener C{name}'s L{ClientCounts}."""
         counts = self.listeners.get(name)
         if counts is None:
-            counts = self.listeners[name] = ClientCounts(self.clock)
+            counts = self.listeners[name] = ClientCounts(self.clock, catchUp=self.catchUp)
         return counts
+
+    def catchUp(self):
+        """
+        Take in now what the other workers have sent and not been read
+        yet, before a connection is refused over a limit.  A worker
+        releases a slot before its session's connection closes, so the
+        client may connect again at once; the reactor here may take that
+        connection (accepted in the same turn as the one before) ahead of
+        the release waiting in a channel, and would refuse it 421 for a
+        slot already given back.  A channel whose requests are being
+        handled (one of them asked) is read in its own order.
+        """
+        if self._catchingUp:
+            return
+        self._catchingUp = True
+        try:
+            for channel in list(self.channels):
+                while not channel.dispatching:
+                    data = wire.receiveNow(channel.transport)
+                    if not data:
+                        break
+                    channel.dataReceived(data)
+        finally:
+            self._catchingUp = False
 
     def attach(self, reactor, sock):
         """
@@ -143,10 +175,23 @@ class _Channel(LineOnlyReceiver):
 
     delimiter = b"\n"
 
+    #: Whether its requests are being handled now (L{Anvil.catchUp} leaves it alone then).
+    dispatching = False
+
     def __init__(self, anvil):
         self.anvil = anvil
         self.held = collections.Counter()
         self.logins = collections.Counter()
+
+    def connectionMade(self):
+        self.anvil.channels.add(self)
+
+    def dataReceived(self, data):
+        self.dispatching = True
+        try:
+            LineOnlyReceiver.dataReceived(self, data)
+        finally:
+            self.dispatching = False
 
     def lineReceived(self, line):
         try:
@@ -186,6 +231,7 @@ class _Channel(LineOnlyReceiver):
         return self.anvil.authFailures.end(ip, bool(failed))
 
     def connectionLost(self, reason):
+        self.anvil.channels.discard(self)
         for (name, ip), n in self.held.items():
             counts = self.anvil.countsFor(name)
             for _ in range(n):
@@ -260,9 +306,15 @@ class AnvilClient(LineOnlyReceiver):
         return d.addTimeout(self.TIMEOUT, self.reactor).addErrback(self._unanswered, otherwise)
 
     def tell(self, *request):
-        """Send worker 0 C{request}, which has no answer."""
+        """
+        Send worker 0 C{request}, which has no answer.  It leaves at once,
+        not at the reactor's next turn: a release must reach worker 0
+        before the client, told 221 and shut out right after it, can
+        connect again, or its next connection could be counted against a
+        slot still held and refused 421.
+        """
         if self.connected:
-            self.sendLine(json.dumps(request).encode())
+            wire.sendNow(self.transport, json.dumps(request).encode() + self.delimiter)
 
     @staticmethod
     def _unanswered(failure, otherwise):

@@ -101,6 +101,38 @@ def send(transport, data):
     transport.write(data)
 
 
+def receiveNow(transport):
+    """
+    What the stream socket under C{transport} (TCP, or a UNIX socket pair
+    between processes; no TLS) holds now, read at once rather than at the
+    reactor's next turn: C{b""} when nothing is waiting, at the end of the
+    stream or on an error (the socket stays readable, so the reactor sees
+    those at its next turn).
+    """
+    if not isinstance(transport, tcp.Connection) or transport.TLS or not transport.connected \
+            or transport.disconnecting:
+        return b""
+    try:
+        return transport.socket.recv(transport.bufferSize)
+    except OSError:
+        return b""
+
+
+def sendNow(transport, data):
+    """
+    Write C{data} to a stream socket transport of any family (TCP, or a
+    UNIX socket pair between processes) at once when nothing is queued
+    before it, else queued as usual: for a message that must leave before
+    what this process writes next to another socket (L{send} takes only
+    plain TCP, through the SMTP server's wrappers).
+    """
+    if isinstance(transport, tcp.Connection) and not transport.TLS and _nothingQueued(transport):
+        data = _sendNow(transport, data)
+        if not data:
+            return
+    transport.write(data)
+
+
 def tlsWritesAtOnce(transport):
     """
     After C{startTLS} on the plain TCP transport under C{transport}: what

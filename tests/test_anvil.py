@@ -91,6 +91,42 @@ class AnvilTests(unittest.TestCase):
         local.release("192.0.2.1")
         self.assertEqual(w.counts(), {})
 
+    def test_requestLeavesAtOnce(self):
+        """
+        A worker's release is in worker 0's socket when the call returns,
+        not at the reactor's next turn: the session that released it shuts
+        its connection right after, and the client may connect again (to
+        worker 0) before that turn.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        client = AnvilClient.fromEnvironment(reactor, {anvil.ENV: str(theirs.detach())})
+        self.addCleanup(client.transport.loseConnection)
+        client.countsFor("inbound").release("192.0.2.1")
+        ours.setblocking(False)
+        self.assertEqual(ours.recv(4096), b'["release", "inbound", "192.0.2.1"]\n')
+
+    @defer.inlineCallbacks
+    def test_releaseSentIsTakenBeforeARefusal(self):
+        """
+        Worker 0 takes in a release another worker has sent (and its
+        reactor not read yet) before it refuses one of its own connections
+        over the limit: the client whose session that worker closed may
+        connect again, to worker 0, in the same reactor turn.
+        """
+        w = _Workers(self, 2)
+        a = w.clients[0].countsFor("inbound")
+        local = w.anvil.countsFor("inbound")
+        self.assertIsNone((yield a.acquire("192.0.2.1", 1, 0)))
+        a.release("192.0.2.1")
+        # (No reactor turn in between.)
+        self.assertIsNone(local.acquire("192.0.2.1", 1, 0))
+        self.assertEqual(local.acquire("192.0.2.1", 1, 0), TOO_MANY)
+        local.release("192.0.2.1")
+        local.release("192.0.2.1")
+        yield settle()
+        self.assertEqual(w.counts(), {})
+
     @defer.inlineCallbacks
     def test_rateCountsEveryWorker(self):
         w = _Workers(self, 2)
