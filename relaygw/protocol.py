@@ -267,7 +267,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         verb = verb.upper()
         self.factory.stats("command", verb)
         self.commandCounts.command(verb)
-        self.lastCommand = (verb, args)
+        self.lastCommand = (verb or "UNKNOWN", args)  # (a blank line: no command, and not the connect stage)
         if self.refusedSession is not None and verb != "QUIT":
             return self.reply(codes.POLICY_REFUSED_SESSION)
         if verb not in self.BEFORE_TLS and self._needsTLS():

@@ -148,6 +148,25 @@ class MailLogTests(unittest.TestCase):
         self.assertTrue(disconnect.endswith("noop=1 unknown=0/1 quit=1 commands=2/3"), disconnect)
 
     @defer.inlineCallbacks
+    def test_blankLineIsUnknown(self):
+        """A blank command line is logged as an unknown command (as Postfix does), not as the connect stage."""
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                self.assertEqual(c.cmd("   ")[0], 500)
+                c.cmd("QUIT")
+            finally:
+                c.close()
+
+        yield inThread(run)
+        yield self.waitFor("disconnect")
+        [reject] = self.lines("reject")
+        self.assertRegex(reject, r"reject: UNKNOWN from unknown\[127\.0\.0\.1\]: 500 5\.5\.2 [^;]*; proto=SMTP$")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith("unknown=0/1 quit=1 commands=1/2"), disconnect)
+
+    @defer.inlineCallbacks
     def test_sessionsEndedUnasked(self):
         """
         An idle timeout and the drain end sessions unasked: a line in
