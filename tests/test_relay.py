@@ -45,6 +45,22 @@ class SmarthostTests(RelayTestCase):
         self.assertTrue(t["data"].endswith(b"body of relay\r\n"))
 
     @defer.inlineCallbacks
+    def test_quotedLocalPartsWithAngleBrackets(self):
+        """
+        Paths whose quoted local parts hold C{<} or C{>} (RFC 5321 allows
+        them; the session accepts them) go on as they came, with the other
+        recipients of the message: they were bounced 553 5.1.3, all of them.
+        """
+        hop, port = self.hop(extensions=["PIPELINING"])
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        yield self.send(mailfrom='"s>x"@example.org', rcpts=('"a<b>"@example.net', "c@example.net"))
+        yield self.until(self.spoolEmpty)
+        self.assertEqual(len(hop.transactions), 1)
+        self.assertIn('MAIL FROM:<"s>x"@example.org>', hop.lines)
+        self.assertIn('RCPT TO:<"a<b>"@example.net>', hop.lines)
+        self.assertIn("RCPT TO:<c@example.net>", hop.lines)
+
+    @defer.inlineCallbacks
     def relayEightBit(self, extensions):
         """A message with 8-bit (Latin-1) octets in its Subject and body, to a next hop offering C{extensions}."""
         hop, port = self.hop(extensions=extensions)

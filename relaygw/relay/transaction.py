@@ -51,7 +51,9 @@ class Transaction:
 
     def _mailCommand(self, message, size):
         addresses = [message.mailfrom] + list(message.recipients)
-        if any(c in address for address in addresses for c in "\r\n<>"):
+        # Only a line break or a NUL could not go on: a quoted local part may hold
+        # "<" and ">" (RFC 5321 section 4.1.2), and the session accepts them.
+        if any(c in address for address in addresses for c in "\r\n\0"):
             raise _MessageFailure(RecipientResult(553, "5.1.3", "invalid character in envelope address"))
         parameters = []
         if "SIZE" in self.extensions:
