@@ -1358,6 +1358,27 @@ class RouteTests(RelayTestCase):
         self.assertIn(b"Final-Recipient: rfc822; bad@partner.example", bounce["data"])
 
 
+    @defer.inlineCallbacks
+    def test_addressLiteralRouteTakesEveryFormOfTheAddress(self):
+        """
+        A route for an address literal takes the recipients at that address
+        however they write it (case, zeros, IPv4-mapped IPv6): those not
+        written as in the route went to the default next hop.
+        """
+        default, dport = self.hop()
+        literal, lport = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % dport]},
+                           routes=[{"name": "literal", "domains": ["[IPv6:2001:db8::1]", "[192.0.2.1]"],
+                                    "smarthosts": ["[127.0.0.1]:%d" % lport]}])
+        rcpts = ("a@[IPv6:2001:db8::1]", "b@[ipv6:2001:DB8::1]", "c@[IPv6:2001:db8:0:0:0:0:0:1]",
+                 "d@[IPv6:2001:0db8::0001]", "e@[192.0.2.1]", "f@[IPv6:::ffff:192.0.2.1]",
+                 "g@[IPv6:2001:db8::2]", "h@[192.0.2.10]")
+        yield self.send(rcpts=rcpts)
+        yield self.until(lambda: len(default.transactions) == 1 and len(literal.transactions) == 1
+                         and self.spoolEmpty())
+        self.assertEqual(literal.recipients(), list(rcpts[:6]))
+        self.assertEqual(default.recipients(), list(rcpts[6:]))
+
 class MXHopCacheTests(unittest.TestCase):
     def test_unusedHopsDropped(self):
         """

@@ -13,6 +13,24 @@ from relaygw import config as _config
 from relaygw.relay import mx
 from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
+from relaygw.trust import parseIP
+
+
+def routingDomain(domain):
+    """
+    C{domain} as routes and next hops know it: lower case, without the
+    root's dot, and an address literal in its canonical form
+    (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}; IPv4-mapped IPv6 as IPv4), so
+    that each destination has one name however a recipient writes it.
+    """
+    domain = domain.lower().rstrip(".")
+    if domain.startswith("[") and domain.endswith("]"):
+        try:
+            address = parseIP(domain[1:-1])
+        except ValueError:
+            return domain  # (another tag: no next hop takes it)
+        return "[%s]" % (address,) if address.version == 4 else "[IPv6:%s]" % (address,)
+    return domain
 
 
 def _options(hop, heloName, ownNames, destination=None):
@@ -159,7 +177,7 @@ class Router:
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
                                    deadFor=relay.retry_min, connections=share(r.destination_concurrency),
                                    isSelf=isSelf, ownNames=ownNames, held=held, contended=contended,
-                                   replaced=replaced))
+                                   replaced=replaced), tuple(routingDomain(d) for d in r.domains))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):
@@ -176,7 +194,7 @@ class Router:
         return defer.gatherResults([hop.closeIdle() for hop in hops])
 
     def _smtpHops(self):
-        return [hop for spec in [self.default] + [spec for _, spec in self.routes] for hop in spec.smtpHops()]
+        return [hop for spec in [self.default] + [spec for _, spec, _ in self.routes] for hop in spec.smtpHops()]
 
     @property
     def unused(self):
@@ -199,13 +217,12 @@ class Router:
             hop.cutShort()
 
     def __call__(self, message, recipient):
-        domain = recipient.rpartition("@")[2].lower().rstrip(".")
+        domain = routingDomain(recipient.rpartition("@")[2])
         context = message.context
-        for route, spec in self.routes:
+        for route, spec, domains in self.routes:
             if route.context_key is not None and context.get(route.context_key) == route.context_value:
                 return spec.nextHop(domain)
-            for d in route.domains:
-                d = d.lower().rstrip(".")
+            for d in domains:
                 if domain == d or domain.endswith("." + d):
                     return spec.nextHop(domain)
         return self.default.nextHop(domain)
