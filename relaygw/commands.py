@@ -131,6 +131,10 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
     domain = m.group(2)
     if domain.startswith("[") and not validLiteral(domain[1:-1]):
         raise CommandError(badReply)
+    # Digits and dots alone (192.0.2.1 without its brackets) name no host:
+    # RFC 1123 section 2.1, and Postfix's "numeric hostname".
+    if domain.replace(".", "").isdigit():
+        raise CommandError(badReply)
     return address
 
 

@@ -109,6 +109,24 @@ class TransactionTests(SessionTestCase):
 
         return self.session(run)
 
+    def test_numericDomainRefused(self):
+        """
+        A domain of digits and dots (an IPv4 address without its brackets)
+        names no host (RFC 1123 section 2.1): refused as Postfix refuses it,
+        not accepted to bounce after a DNS lookup; a numeric label beside
+        letters is fine.
+        """
+        def run(c):
+            for domain in ("192.0.2.1", "123.", "1.2.3.4.5"):
+                self.assertEqual(c.cmd("MAIL FROM:<a@%s>" % domain), (501, ["5.1.7 Bad sender address syntax"]))
+            self.assertEqual(c.cmd("MAIL FROM:<a@123.example>")[0], 250)
+            for domain in ("192.0.2.1", "123.", "1.2.3.4.5"):
+                self.assertEqual(c.cmd("RCPT TO:<b@%s>" % domain), (501, ["5.1.3 Bad recipient address syntax"]))
+            self.assertEqual(c.cmd("RCPT TO:<b@example.123>")[0], 250)
+            self.assertEqual(c.cmd("RCPT TO:<b@[192.0.2.1]>")[0], 250)
+
+        return self.session(run)
+
     def test_dataWithoutRecipients(self):
         def run(c):
             self.assertEqual(c.cmd("DATA"), (503, ["5.5.1 Error: need MAIL command"]))
