@@ -21,6 +21,7 @@ _GENERAL_LITERAL = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?):([\x
 _MAILBOX = re.compile(r"^(%s|%s)@(%s|%s)$" % (_DOT_STRING, _QUOTED, _DOMAIN, _LITERAL))
 _SOURCE_ROUTE = re.compile(r"^@[^:,]+(?:,@[^:,]+)*:")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _ADDRESS_TYPE = re.compile(r"^%s\Z" % _ATOM)
 
 #: RFC 3461's limits on ENVID (section 4.4) and ORCPT (section 4.2), as sent (xtext).
@@ -135,7 +136,18 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
     # RFC 1123 section 2.1, and Postfix's "numeric hostname".
     if domain.replace(".", "").isdigit():
         raise CommandError(badReply)
+    # A mailbox that begins with "-", quoted or not, reads as an option where
+    # a command takes it: Postfix refuses it (allow_min_user = no).
+    if _unquoted(m.group(1)).startswith("-"):
+        raise CommandError(badReply)
     return address
+
+
+def _unquoted(local):
+    """A local part as it reads without its quotes and backslash escapes."""
+    if local.startswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return local
 
 
 def parseParams(words):

@@ -127,6 +127,24 @@ class TransactionTests(SessionTestCase):
 
         return self.session(run)
 
+    def test_localPartBeginningWithHyphenRefused(self):
+        """
+        A local part that begins with C{-}, quoted or not, after a source
+        route or not, is refused as Postfix refuses it (C{allow_min_user =
+        no}): a Postfix next hop would refuse it after the gateway had taken
+        the message (a sender's refusal bounces every recipient), and such an
+        address passed to a command downstream reads as an option.
+        """
+        def run(c):
+            for path in ("-a@example.org", '"-a"@example.org', '"\\-a"@example.org', "@r.example:-a@example.org"):
+                self.assertEqual(c.cmd("MAIL FROM:<%s>" % path), (501, ["5.1.7 Bad sender address syntax"]), path)
+            self.assertEqual(c.cmd("MAIL FROM:<a-b@example.org>")[0], 250)
+            for path in ("-@example.net", '"-x"@example.net', "@r.example,@s.example:-x@example.net"):
+                self.assertEqual(c.cmd("RCPT TO:<%s>" % path), (501, ["5.1.3 Bad recipient address syntax"]), path)
+            self.assertEqual(c.cmd('RCPT TO:<"a -x"@example.net>')[0], 250)
+
+        return self.session(run)
+
     def test_dataWithoutRecipients(self):
         def run(c):
             self.assertEqual(c.cmd("DATA"), (503, ["5.5.1 Error: need MAIL command"]))
