@@ -44,12 +44,21 @@ class Invalid(ValueError):
         ValueError.__init__(self, what if expected is None else "%s (expected %s)" % (what, expected))
 
 
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def _cidrs(value):
     for c in value:
         try:
             network = ipaddress.ip_network(c, strict=False)
         except ValueError:
             raise Invalid("%r is not a network" % (c,), "CIDRs such as 192.0.2.0/24 or 2001:db8::/32")
+        if network.version == 6 and network.subnet_of(_IPV4_MAPPED):
+            # Clients are judged by their IPv4 address (trust.parseIP), as Postfix judges them: written
+            # mapped, the network would match none of them.
+            mapped = network.network_address.ipv4_mapped
+            raise Invalid("%r is IPv4-mapped: it would match no client" % (c,), "%s/%d" % (
+                mapped, network.prefixlen - 96))
         address = ipaddress.ip_interface(c).ip
         if address != network.network_address:
             # 10.0.0.1/8 would grant all of 10.0.0.0/8, where one address may have been meant (Postfix skips such

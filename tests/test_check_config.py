@@ -139,6 +139,11 @@ class BrokenConfigTests(unittest.TestCase):
             ("IPv6 CIDR with host bits",
              {"listeners": ({"proxy_protocol": True, "proxy_trusted": ["2001:db8::1/32"]},)},
              "listener[0].proxy_trusted", "(expected 2001:db8::/32, or 2001:db8::1/128"),
+            ("IPv4-mapped CIDR", {"listeners": ({"trusted_peers": ["::ffff:127.0.0.5/128"]},)},
+             "listener[0].trusted_peers", "'::ffff:127.0.0.5/128' is IPv4-mapped: it would match no client "
+             "(expected 127.0.0.5/32"),
+            ("IPv4-mapped network", {"listeners": ({"relay_networks": ["::ffff:10.0.0.0/104"]},)},
+             "listener[0].relay_networks", "(expected 10.0.0.0/8"),
             ("smarthost port out of range", {"relay": {"smarthosts": ["[127.0.0.1]:99999"]}},
              "relay.smarthosts", "a port from 1 to 65535"),
             ("smarthost port not a number", {"relay": {"smarthosts": ["mx.example:abc"]}},
