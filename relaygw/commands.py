@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from relaygw import codes, xtext
+from relaygw.trust import parseIP
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_STRING = r"%s(?:\.%s)*" % (_ATOM, _ATOM)
@@ -148,6 +149,34 @@ def _unquoted(local):
     if local.startswith('"'):
         return _QUOTED_PAIR.sub(r"\1", local[1:-1])
     return local
+
+
+def canonicalDomain(domain):
+    """
+    C{domain} as routes, next hops and the queue tool name it: lower case,
+    without the root's dot, and an address literal in its canonical form
+    (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}; IPv4-mapped IPv6 as IPv4), so
+    that each destination has one name however a recipient writes it.
+    """
+    domain = domain.lower().rstrip(".")
+    if domain.startswith("[") and domain.endswith("]"):
+        try:
+            address = parseIP(domain[1:-1])
+        except ValueError:
+            return domain  # (another tag: no next hop takes it)
+        return "[%s]" % (address,) if address.version == 4 else "[IPv6:%s]" % (address,)
+    return domain
+
+
+def addressDomain(address):
+    """
+    The L{canonicalDomain} of an accepted address's domain: what follows its
+    last C{@}, or for an address literal (which may hold C{@}, never C{[}) its
+    last C{@[}; an address without C{@} (C{postmaster}) is taken whole.
+    """
+    if address.endswith("]") and "@[" in address:
+        return canonicalDomain(address[address.rindex("@[") + 1:])
+    return canonicalDomain(address.rpartition("@")[2])
 
 
 def parseParams(words):

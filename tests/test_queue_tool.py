@@ -449,6 +449,24 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(out, "deleted %s\ndeleted %s\n" % (self.ids[1], self.ids[2]))
         self.assertEqual(self.spool.queueIds(), [self.ids[0], self.ids[3]])
 
+    @defer.inlineCallbacks
+    def test_byDomainAsTheRouterNamesIt(self):
+        """
+        --domain matches a recipient's domain as the router names it: with a
+        root dot, or an address literal written another way, it is the same
+        destination (they were left out).
+        """
+        ids = []
+        for rcpt in ("e@two.example.", "f@[IPv6:2001:db8:0:0::1]", "g@[tag:x@two.example]"):
+            w = self.spool.newMessage({"mailfrom": "s@example.org", "recipients": [rcpt], "arrival": time.time(),
+                                       "context": {"connection": {}, "message": {}}})
+            w.write(b"Subject: x\r\n\r\nbody\r\n")
+            ids.append((yield w.commit()))
+        code, out, _ = runTool("--spool", self.dir, "hold", "--domain", "Two.Example.")
+        self.assertEqual((code, out), (0, "".join("held %s\n" % q for q in (self.ids[1], self.ids[2], ids[0]))))
+        code, out, _ = runTool("--spool", self.dir, "hold", "--domain", "[ipv6:2001:db8::1]")
+        self.assertEqual((code, out), (0, "held %s\n" % (ids[1],)))
+
     def test_idsFromStdin(self):
         code, out, err = runTool("--spool", self.dir, "hold", "-", stdin="%s\n\n%s\nnosuch\n" % (self.ids[0], self.ids[3]))
         self.assertEqual(code, 1)  # one id was not found; the others were held

@@ -10,27 +10,10 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from relaygw import config as _config
+from relaygw.commands import addressDomain, canonicalDomain
 from relaygw.relay import mx
 from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
-from relaygw.trust import parseIP
-
-
-def routingDomain(domain):
-    """
-    C{domain} as routes and next hops know it: lower case, without the
-    root's dot, and an address literal in its canonical form
-    (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}; IPv4-mapped IPv6 as IPv4), so
-    that each destination has one name however a recipient writes it.
-    """
-    domain = domain.lower().rstrip(".")
-    if domain.startswith("[") and domain.endswith("]"):
-        try:
-            address = parseIP(domain[1:-1])
-        except ValueError:
-            return domain  # (another tag: no next hop takes it)
-        return "[%s]" % (address,) if address.version == 4 else "[IPv6:%s]" % (address,)
-    return domain
 
 
 def _options(hop, heloName, ownNames, destination=None):
@@ -177,7 +160,7 @@ class Router:
         self.routes = [(r, HopSpec(r.name or "route[%d]" % i, r, reactor, heloName, self.resolver,
                                    deadFor=relay.retry_min, connections=share(r.destination_concurrency),
                                    isSelf=isSelf, ownNames=ownNames, held=held, contended=contended,
-                                   replaced=replaced), tuple(routingDomain(d) for d in r.domains))
+                                   replaced=replaced), tuple(canonicalDomain(d) for d in r.domains))
                        for i, r in enumerate(config.routes)]
 
     def resolver(self):
@@ -217,7 +200,7 @@ class Router:
             hop.cutShort()
 
     def __call__(self, message, recipient):
-        domain = routingDomain(recipient.rpartition("@")[2])
+        domain = addressDomain(recipient)
         context = message.context
         for route, spec, domains in self.routes:
             if route.context_key is not None and context.get(route.context_key) == route.context_value:

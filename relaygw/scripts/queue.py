@@ -18,6 +18,7 @@ import time
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from relaygw import config as _config
+from relaygw.commands import addressDomain, canonicalDomain
 from relaygw.spool import UnsafeSpool, spoolsAt
 from relaygw.spoolapi import CorruptMessage
 
@@ -175,14 +176,14 @@ def _select(spools, args, err):
         def wanted(spool, qid):
             return True
     if args.domain:
-        domain = args.domain.lower().lstrip("@")
+        domain = canonicalDomain(args.domain.lstrip("@"))
         for spool in spools:
             for qid in spool.queueIds():
                 try:
                     m = spool.load(qid, content=False)
                 except (OSError, CorruptMessage):
                     continue
-                if any(r.rpartition("@")[2].lower() == domain for r in m.recipients) and wanted(spool, qid):
+                if any(addressDomain(r) == domain for r in m.recipients) and wanted(spool, qid):
                     chosen.append((spool, qid))
         return chosen, ok
     ids = []
