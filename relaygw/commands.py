@@ -127,8 +127,12 @@ def parsePath(path, badReply, allowEmpty=False, allowPostmaster=False):
         raise CommandError(badReply)
     if allowPostmaster and address.lower() == "postmaster":
         return address
+    # No limit on the local part or the path but the command line's: RFC
+    # 5321 section 4.5.3.1 asks for none where possible, SRS and VERP
+    # senders run past its 64 octets, and Postfix takes them.  A domain
+    # past 255 octets names nothing (RFC 1035).
     m = _MAILBOX.match(address)
-    if not m or len(address) > 254 or len(m.group(1)) > 64 or len(m.group(2)) > 255:
+    if not m or len(m.group(2)) > 255:
         raise CommandError(badReply)
     domain = m.group(2)
     if domain.startswith("[") and not validLiteral(domain[1:-1]):

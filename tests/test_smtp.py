@@ -109,6 +109,22 @@ class TransactionTests(SessionTestCase):
 
         return self.session(run)
 
+    def test_longLocalPartTaken(self):
+        """
+        A local part past RFC 5321's 64 octets (SRS and VERP senders run
+        past it) is taken, as Postfix takes it: the RFC asks for no limit
+        where possible.  A domain past 255 octets names no host.
+        """
+        srs = "SRS0=HHH=TT=example.org=" + "bounces+" + "a1b2c3d4" * 12
+        long = "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".example"
+
+        def run(c):
+            self.assertEqual(c.cmd("MAIL FROM:<%s@example.org>" % srs), (250, ["2.1.0 Ok"]))
+            self.assertEqual(c.cmd("RCPT TO:<%s@example.net>" % ("r" * 200)), (250, ["2.1.5 Ok"]))
+            self.assertEqual(c.cmd("RCPT TO:<b@%s>" % long), (501, ["5.1.3 Bad recipient address syntax"]))
+
+        return self.session(run)
+
     def test_numericDomainRefused(self):
         """
         A domain of digits and dots (an IPv4 address without its brackets)
