@@ -120,12 +120,15 @@ def _policy(report, key, l):
 def _writableDirectory(report, key, path):
     """A directory that exists and can be written, or can be created (start creates it)."""
     probe = path
-    while not os.path.exists(probe):
+    while not os.path.lexists(probe):  # (a symbolic link to nothing is no directory to create the rest in)
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
-    if not os.path.isdir(probe):
+    if os.path.islink(probe) and not os.path.exists(probe):
+        report.add(key, "%s is a symbolic link to nothing (expected a directory%s)" % (
+            probe, "" if probe == path else " to create %s in" % (path,)))
+    elif not os.path.isdir(probe):
         report.add(key, "%s is not a directory (expected a directory%s)" % (
             probe, "" if probe == path else " to create %s in" % (path,)))
     elif not os.access(probe, os.W_OK | os.X_OK):

@@ -394,6 +394,39 @@ class CommandLineTests(unittest.TestCase):
         startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
 
+    def test_danglingLinksRefusedByTheCheck(self):
+        """
+        A spool, Maildir or self-signed certificate directory that is a
+        symbolic link to nothing (its target not mounted, say), which start
+        cannot create, is refused by the check with a line naming it, and
+        start says the same lines: the check said ok before, and start
+        ended with a traceback.
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        for name in ("spool", "outbox", "tls"):
+            os.symlink(os.path.join(d, "unmounted-" + name), os.path.join(d, name))
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d, listeners=({"tls_certificate": os.path.join(d, "tls", "cert.pem"),
+                                              "tls_key": os.path.join(d, "tls", "key.pem"),
+                                              "tls_self_signed": True},)))
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)
+        self.assertEqual(code, 1, out + err)
+        lines = err.splitlines()
+        tls = os.path.join(d, "tls")
+        self.assertEqual(lines, [
+            "relaygw.toml: spool.directory: %s is a symbolic link to nothing (expected a directory)"
+            % (os.path.join(d, "spool"),),
+            "relaygw.toml: relay.maildir: %s is a symbolic link to nothing (expected a directory)"
+            % (os.path.join(d, "outbox"),),
+            "relaygw.toml: listener[0].tls_certificate: %s is a symbolic link to nothing (expected a directory)"
+            % (tls,),
+            "relaygw.toml: listener[0].tls_key: %s is a symbolic link to nothing (expected a directory)" % (tls,)])
+        startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual((startCode, startErr.splitlines()), (1, lines))
+        self.assertNotIn("Traceback", startOut + startErr)
+
     def test_twistdSwitchingUserRefused(self):
         """
         C{twistd --uid/--gid} switches user after the service is made: the
