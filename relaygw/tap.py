@@ -65,6 +65,7 @@ def makeService(options):
 
     _refuseSwitchingUser(getattr(options, "parent", None))
     _refuseOtherLogs(getattr(options, "parent", None))
+    _checkPidFile(getattr(options, "parent", None))
     worker = int(options["worker"])
     if worker and not dieWithParent():
         sys.stderr.write("relaygw worker %d: the main process has gone; not starting\n" % (worker,))
@@ -130,6 +131,32 @@ def _refuseOtherLogs(twistdOptions):
     if twistdOptions.get("syslog") or twistdOptions.get("logger"):
         sys.stderr.write("relaygw: twistd --syslog and --logger are not supported (expected --logfile, or standard "
                          "output with -n)\n")
+        raise SystemExit(1)
+
+
+def _checkPidFile(twistdOptions):
+    """
+    Exit with one line if twistd could not write its C{--pidfile}: it
+    writes it only once the service is made and the spool taken, and a
+    failure there is a traceback (in the log file when daemonizing).
+    Nothing is left behind: a pid file made to try is removed (twistd would
+    refuse to start next time on an empty one).
+    """
+    if twistdOptions is None:
+        return
+    path = twistdOptions.get("pidfile")
+    if not path or twistdOptions.get("chroot"):  # (after a chroot the path names another file)
+        return
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK, 0o644)
+        except FileExistsError:  # (a stale one, say: twistd writes it over)
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        else:
+            os.close(fd)
+            os.unlink(path)
+    except OSError as e:
+        sys.stderr.write("%s: cannot write the pid file: %s\n" % (path, e.strerror))
         raise SystemExit(1)
 
 

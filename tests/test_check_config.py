@@ -466,6 +466,28 @@ class CommandLineTests(unittest.TestCase):
             self.assertFalse(os.path.exists(os.path.join(d, "spool")))
             self.assertFalse(os.path.exists(os.path.join(d, "twistd.log")))
 
+    def test_pidFileNotWritableIsOneLine(self):
+        """
+        A C{--pidfile} twistd cannot write (its directory missing, or a
+        file) ends start with one line, before the spool
+        is taken, not with a traceback once the service is made; nothing
+        is left where it was tried.
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        for name, why in (("missing/twistd.pid", "No such file or directory"), ("relaygw.toml/twistd.pid", "Not a directory")):
+            pidfile = os.path.join(d, name)
+            for daemon in ((), ("-n",)):
+                code, out, err = twistdCommand(*daemon, "--pidfile=" + pidfile, "--logfile=" + os.path.join(d, "log"),
+                                               "relaygw", "--config", path, cwd=d)
+                self.assertEqual((code, err), (1, "%s: cannot write the pid file: %s\n" % (pidfile, why)))
+                self.assertNotIn("Traceback", out)
+                self.assertFalse(os.path.exists(os.path.join(d, "spool")))
+        self.assertEqual(os.listdir(d), ["relaygw.toml"])
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
