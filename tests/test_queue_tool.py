@@ -435,6 +435,24 @@ class BulkAndRobustnessTests(unittest.TestCase):
                              (1, "", "relaygw-queue: error: no spool at %s\n" % (missing,)), argv)
         self.assertFalse(os.path.exists(missing))
 
+    def test_notASpool(self):
+        """
+        A directory that holds no spool (a mistyped --spool: no queue/ in
+        it, nor in any partition) is an error for every command alike, as
+        one that does not exist: not "0 messages", nor a flush marker left
+        in it and "flush requested".
+        """
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(other, "w0"))
+        with open(os.path.join(other, "notes"), "w"):
+            pass
+        for argv in (["list"], ["show", self.ids[0]], ["hold", "ALL"], ["release", "ALL"], ["flush"],
+                     ["flush", self.ids[0]], ["delete", "--domain", "example.net"], ["delete", "ALL"]):
+            self.assertEqual(runTool("--spool", other, *argv),
+                             (1, "", "relaygw-queue: error: no spool at %s\n" % (other,)), argv)
+        self.assertEqual(sorted(os.listdir(other)), ["notes", "w0"])
+        self.assertEqual(os.listdir(os.path.join(other, "w0")), [])
+
     def test_holdAll(self):
         code, out, _ = runTool("--spool", self.dir, "hold", "ALL")
         self.assertEqual(code, 0)

@@ -32,7 +32,7 @@ given); or --domain example.net for every message with a recipient there.
 
 
 class _NoSpool(Exception):
-    """The spool directory named does not exist."""
+    """The spool directory named does not exist, or holds no spool."""
 
 
 def _spools(args):
@@ -52,6 +52,10 @@ def _spools(args):
     spools = spoolsAt(directory, workers)
     for spool in spools:
         spool.checkLayout()
+    if not any(os.path.isdir(spool.path("queue")) for spool in spools):
+        # A directory no gateway has laid out (a mistyped --spool, /tmp): nothing to list, and no place for
+        # flush's marker or anything else this tool would write.
+        raise _NoSpool("no spool at %s" % (directory,))
     return spools
 
 
