@@ -43,10 +43,17 @@ def _listener(report, where, l):
 
 
 def _readable(report, key, path, what):
-    """The file's bytes, or C{None} after reporting why it cannot be read."""
+    """
+    The file's bytes, or C{None} after reporting why it cannot be read.
+    Only a regular file is read: a FIFO would hold the check (and a
+    reload, which runs it on the reactor) until something writes to it,
+    and a device such as /dev/zero would never end.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return f.read()
+            report.add(key, "%s is not a regular file (expected %s)" % (path, what))
     except IsADirectoryError:
         report.add(key, "%s is a directory (expected %s)" % (path, what))
     except OSError as e:

@@ -11,6 +11,7 @@ import signal
 import smtplib
 import ssl
 import stat
+import threading
 import time
 
 from twisted.application.service import Application
@@ -104,6 +105,41 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(self.messages("error"), [
             "reload refused, keeping the running config: relaygw.toml: 1099511627776 octets, over the %d a config "
             "may have (expected a TOML file)" % config.MAX_SIZE])
+        self.assertEqual((yield self.recipientsAccepted("b@example.net")), [250])
+
+    @defer.inlineCallbacks
+    def test_fifoRefusedUnread(self):
+        """
+        A FIFO named for a file the config reads (a CA bundle, a password
+        file) is refused at once, unread, and the gateway goes on as it
+        ran (before: the reload read it on the reactor, and no session was
+        greeted and no health check answered until something wrote to it).
+        """
+        fifo = os.path.join(self.gw.directory, "pipe")
+        os.mkfifo(fifo)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def writer():
+            # (were it read, each read would wait for a writer: one comes after 10 s, for the test to end)
+            if done.wait(10):
+                return
+            while not done.wait(0.1):
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+        threading.Thread(target=writer, daemon=True).start()
+        self.rewrite(listener={"credentials": fifo}, relay={"tls_ca": fifo})
+        started = time.monotonic()
+        self.gw.service.reload()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(self.messages("error"), [
+            "reload refused, keeping the running config: relaygw.toml: relay.tls_ca: %s is not a regular file "
+            "(expected a readable PEM CA bundle)" % (fifo,),
+            "reload refused, keeping the running config: relaygw.toml: listener[0].credentials: %s is not a regular "
+            "file (expected a password file (relaygw-passwd))" % (fifo,)])
         self.assertEqual((yield self.recipientsAccepted("b@example.net")), [250])
 
     @defer.inlineCallbacks
