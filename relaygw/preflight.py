@@ -141,6 +141,14 @@ def _writableDirectory(report, key, path):
     elif not os.access(probe, os.W_OK | os.X_OK):
         report.add(key, "%s is not writable (expected a directory the gateway may write%s)" % (
             probe, "" if probe == path else " to create %s in" % (path,)))
+    elif probe != path:
+        # (to create: a name longer than the file system takes is ENAMETOOLONG only when start makes it)
+        try:
+            limit = os.pathconf(probe, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        if any(len(os.fsencode(name)) > limit for name in os.path.relpath(path, probe).split(os.sep)):
+            report.add(key, "cannot create %s: a name over %d octets (expected shorter names)" % (path, limit))
 
 
 def _spoolLayout(report, key, path):

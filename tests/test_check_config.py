@@ -427,6 +427,32 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
         self.assertNotIn("Traceback", startOut + startErr)
 
+    def test_namesTooLongRefusedByTheCheck(self):
+        """
+        A spool or Maildir to create with a name longer than the file
+        system takes is refused by the check, and start says the same line:
+        the check said ok before, and start ended with one line of its own
+        (the spool) or a traceback (the Maildir).
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        spool, outbox = os.path.join(d, "s" * 256), os.path.join(d, "outbox", "o" * 256, "box")
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d, spool={"directory": spool}, relay={"maildir": outbox}))
+        code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)
+        self.assertEqual(code, 1, out + err)
+        lines = err.splitlines()
+        self.assertEqual(lines, [
+            "relaygw.toml: spool.directory: cannot create %s: a name over 255 octets (expected shorter names)"
+            % (spool,),
+            "relaygw.toml: relay.maildir: cannot create %s: a name over 255 octets (expected shorter names)"
+            % (outbox,)])
+        startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual((startCode, startErr.splitlines()), (1, lines))
+        self.assertNotIn("Traceback", startOut + startErr)
+        self.assertEqual(os.listdir(d), ["relaygw.toml"])
+
     def test_twistdSwitchingUserRefused(self):
         """
         C{twistd --uid/--gid} switches user after the service is made: the
