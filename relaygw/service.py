@@ -15,7 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import AbstractDatagramProtocol, Factory
 
 from relaygw import sdnotify, trust
-from relaygw.config import drainDelay
+from relaygw.config import ConfigError, drainDelay
 from relaygw.listeners import Listeners, NullMetrics
 from relaygw.logs import Logger
 from relaygw.relay.maildir import MaildirNextHop
@@ -58,13 +58,27 @@ class Delivery:
         from relaygw.relay import clientwire
 
         clientwire.TRACE = config.log.level == "debug"
-        self.maildir = MaildirNextHop(relay.maildir, committer, reactor)
+        self.maildir = self._maildir(config)
         self.router = Router(config, reactor, self.maildir, share, self._contended)
         self.queue = QueueManager(spool, self.router, reactor, concurrency=relay.concurrency,
                                   retryMin=relay.retry_min, retryMax=relay.retry_max,
                                   lifetime=relay.max_lifetime, bounceLifetime=relay.bounce_lifetime,
                                   hostname=relay.helo_name or config.listeners[0].hostname,
                                   deferAll=relay.defer_all)
+
+    def _maildir(self, config):
+        """
+        The Maildir next hop of C{config}, its directories made.  One the
+        file system will not make (full, read-only, or not one that takes
+        directories, though the start checks passed) is a L{ConfigError}
+        line naming the key, at start as on a reload, not a traceback.
+        """
+        try:
+            return MaildirNextHop(config.relay.maildir, self.committer, self.reactor)
+        except OSError as e:
+            raise ConfigError("%s: relay.maildir: cannot create %s: %s (expected a directory the gateway may write)"
+                              % (os.path.basename(config.path), e.filename or config.relay.maildir,
+                                 e.strerror or e))
 
     def _contended(self):
         """Whether messages wait for a delivery slot (a next hop then keeps to its share of them)."""
@@ -78,7 +92,7 @@ class Delivery:
         if before != (relay, config.routes, config.listeners[0].hostname, ownHostnames(config)):
             maildir = self.maildir
             if relay.maildir != old.relay.maildir:
-                maildir = MaildirNextHop(relay.maildir, self.committer, self.reactor)
+                maildir = self._maildir(config)
             router = Router(config, self.reactor, maildir, self.share, self._contended, replaces=self.router)
         return {"router": router, "concurrency": relay.concurrency, "retryMin": relay.retry_min,
                 "retryMax": relay.retry_max, "lifetime": relay.max_lifetime,

@@ -453,6 +453,48 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("Traceback", startOut + startErr)
         self.assertEqual(os.listdir(d), ["relaygw.toml"])
 
+    def test_maildirStartCannotMakeIsOneLine(self):
+        """
+        A Maildir the checks pass but the file system will not make (as
+        root, where /proc passes for writable) ends start with one line
+        naming the key, not a traceback.
+        """
+        if os.getuid() != 0:
+            raise unittest.SkipTest("only root finds /proc writable")
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        outbox = "/proc/relaygw-test-%d/outbox" % (os.getpid(),)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d, relay={"maildir": outbox}))
+        self.assertEqual(twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)[::2], (0, ""))
+        code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual((code, err), (1, "relaygw.toml: relay.maildir: cannot create %s: No such file or directory "
+                                          "(expected a directory the gateway may write)\n" % (os.path.dirname(outbox),)))
+        self.assertNotIn("Traceback", out)
+
+    def test_maildirThatCannotBeMadeIsAConfigError(self):
+        """
+        Making the gateway with a Maildir that cannot be made (past the
+        checks: the disk full, a race) raises the config error line that
+        start prints and a reload logs.
+        """
+        from relaygw.service import makeService
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        with open(os.path.join(d, "a-file"), "w"):
+            pass
+        outbox = os.path.join(d, "a-file", "outbox")
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d, relay={"maildir": outbox}))
+        with self.assertRaises(config.ConfigError) as e:
+            makeService(config.load(path))
+        self.assertEqual(e.exception.errors, [
+            "relaygw.toml: relay.maildir: cannot create %s: Not a directory (expected a directory the gateway may "
+            "write)" % (outbox,)])
+
     def test_twistdSwitchingUserRefused(self):
         """
         C{twistd --uid/--gid} switches user after the service is made: the
