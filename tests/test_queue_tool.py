@@ -453,6 +453,16 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(other)), ["notes", "w0"])
         self.assertEqual(os.listdir(os.path.join(other, "w0")), [])
 
+    def test_everyConfigErrorALine(self):
+        """A config with several errors: each its own line, named as the tool's, as the check prints them."""
+        path = os.path.join(os.path.abspath(self.mktemp()) + ".toml")
+        with open(path, "w") as f:
+            f.write("[spool]\ndirectory = 5\nbogus = 1\n\n[[listener]]\nname = \"a\"\n")
+        self.assertEqual(runTool("--config", path, "list"), (1, "", "".join("relaygw-queue: %s\n" % line for line in (
+            "%s: spool.bogus: unknown key (expected one of the keys etc/relaygw.toml lists)",
+            "%s: spool.directory: wrong type integer (expected a string)",
+            "%s: listener[0].endpoint: missing required key (expected a string)")) % ((os.path.basename(path),) * 3)))
+
     def test_holdAll(self):
         code, out, _ = runTool("--spool", self.dir, "hold", "ALL")
         self.assertEqual(code, 0)

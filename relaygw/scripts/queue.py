@@ -236,7 +236,8 @@ def _run(argv, out):
     try:
         spools = _spools(args)
     except (_config.ConfigError, UnsafeSpool) as e:
-        err(e)
+        for line in str(e).splitlines():  # (every error of a config, each a line of its own)
+            err(line)
         return 1
     now = time.time()
     cmd = args.command
