@@ -633,6 +633,37 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertTrue(p.stdout.startswith("QUEUE ID"))
 
 
+    @defer.inlineCallbacks
+    def test_changesIntoHead(self):
+        """
+        hold ALL | head -1, delete ALL | head -1: every message is acted on
+        all the same, and none is said to have failed (before: each one
+        after the reader went away got "cannot hold ID: Broken pipe", though
+        it was held).
+        """
+        for i in range(600):
+            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"],
+                                       "context": {}})
+            w.write(b"x\r\n")
+            yield w.commit()
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+
+        def run(command):
+            return subprocess.run("%s --spool %s %s ALL | head -1" % (exe, self.dir, command), shell=True,
+                                  capture_output=True, text=True, timeout=60, env=sourceEnv())
+
+        p = yield inThread(run, "hold")
+        self.assertEqual(p.stderr, "")
+        self.assertRegex(p.stdout, r"^held \S+\n$")
+        ids = self.spool.queueIds()
+        self.assertEqual(len(ids), 604)
+        self.assertEqual([q for q in ids if not self.spool.isHeld(q)], [])
+        p = yield inThread(run, "delete")
+        self.assertEqual(p.stderr, "")
+        self.assertRegex(p.stdout, r"^deleted \S+\n$")
+        self.assertEqual(self.spool.queueIds(), [])
+
+
 class BackoffTests(unittest.TestCase):
     """A flush or release tries at once and leaves the retry backoff as it was."""
 

@@ -275,6 +275,35 @@ def _run(argv, out):
     if not args.ids and not args.domain:
         err("%s: name messages (queue ids, ALL, - or --domain)" % cmd)
         return 2
+    out = _Report(out)
+    code = _change(spools, args, out, err)
+    if out.gone:
+        raise BrokenPipeError()  # (every message acted on; main ends quietly, as for list | head)
+    return code
+
+
+class _Report:
+    """
+    Standard output for the commands that change messages: a reader that
+    goes away (C{hold ALL | head -1}) does not stop them half way, nor make
+    each message after look failed; what they would say is dropped.
+    """
+
+    def __init__(self, out):
+        self.out = out
+        self.gone = False
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                self.out.write(text)
+            except BrokenPipeError:
+                self.gone = True
+
+
+def _change(spools, args, out, err):
+    """delete, hold, release or flush of the messages C{args} name; the exit code."""
+    cmd = args.command
     failed = False
     if cmd == "delete":
         # A quarantined message is named as list shows it (ALL and - are for the queue).
