@@ -76,7 +76,7 @@ def endpointPort(description):
 
     @raise Invalid: if the string does not parse or the port is out of range.
     """
-    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
     from twisted.internet.testing import MemoryReactor
 
     expected = "a Twisted server endpoint such as tcp:2525:interface=127.0.0.1"
@@ -96,14 +96,17 @@ def endpointPort(description):
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise Invalid("port %s out of range" % (port,), "a port from 0 to 65535")
     interface = getattr(endpoint, "_interface", "")
-    return _listeningAddress(interface), port
+    return _listeningAddress(interface, socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint)
+                             else socket.AF_INET), port
 
 
-def _listeningAddress(interface):
+def _listeningAddress(interface, family=socket.AF_INET):
     """
     The address C{interface} names, as the kernel will bind it (an IPv4
-    address for an IPv4-mapped one); a host name is looked up, as binding
-    would.  C{""} (every address) stays C{""}.
+    address for an IPv4-mapped one); a host name is looked up in the
+    endpoint's address C{family}, as binding does (C{localhost} is
+    127.0.0.1 for a tcp: endpoint, though the resolver may give ::1
+    first).  C{""} (every address) stays C{""}.
     """
     if not interface:
         return ""
@@ -111,7 +114,7 @@ def _listeningAddress(interface):
         address = ipaddress.ip_address(interface)
     except ValueError:
         try:
-            address = ipaddress.ip_address(socket.getaddrinfo(interface, None)[0][4][0])
+            address = ipaddress.ip_address(socket.getaddrinfo(interface, None, family)[0][4][0])
         except (OSError, UnicodeError, ValueError):
             raise Invalid("interface %r is not an address" % (interface,), "an IP address such as 127.0.0.1")
     if getattr(address, "ipv4_mapped", None) is not None:

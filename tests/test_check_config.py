@@ -259,6 +259,33 @@ class BrokenConfigTests(unittest.TestCase):
             self.assertEqual(len(errors), 1, errors)
             self.assertIn("listener[1].endpoint: port 2525 is also listener[0].endpoint's", errors[0])
 
+    def test_hostNameInterfaceInTheEndpointsFamily(self):
+        """
+        A host name for the interface is looked up in the endpoint's
+        family, as binding does: tcp:PORT:interface=localhost binds
+        127.0.0.1, and shares its port with a listener on 127.0.0.1, though
+        the resolver gives ::1 first (as with Debian's /etc/hosts), which
+        the check took before and so passed what start could not bind.
+        """
+        import socket
+
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, family=0, *args, **kw):
+            if host != "localhost":
+                return real(host, port, family, *args, **kw)
+            answers = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+                       (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+            return [a for a in answers if family in (0, a[0])]
+
+        self.patch(socket, "getaddrinfo", getaddrinfo)
+        errors = self.check({"listeners": ({"endpoint": "tcp:2525:interface=localhost"},
+                                           {"endpoint": "tcp:2525:interface=127.0.0.1"})})
+        self.assertEqual(errors, ["relaygw.toml: listener[1].endpoint: port 2525 is also listener[0].endpoint's "
+                                  "(expected one of its own)"])
+        self.assertEqual(self.check({"listeners": ({"endpoint": "tcp:2525:interface=localhost"},
+                                                   {"endpoint": r"tcp6:2525:interface=\:\:1"})}), [])
+
     def test_everyErrorAtOnce(self):
         errors = self.check({"listeners": ({"hostname": "bad host", "max_recipients": 0, "policy": "no.such"},),
                              "relay": {"retry_min": 10, "retry_max": 5},
