@@ -65,6 +65,7 @@ def makeService(options):
 
     _refuseSwitchingUser(getattr(options, "parent", None))
     _refuseOtherLogs(getattr(options, "parent", None))
+    _refuseChroot(getattr(options, "parent", None))
     _checkPidFile(getattr(options, "parent", None))
     worker = int(options["worker"])
     if worker and not dieWithParent():
@@ -134,6 +135,20 @@ def _refuseOtherLogs(twistdOptions):
         raise SystemExit(1)
 
 
+def _refuseChroot(twistdOptions):
+    """
+    Exit with one line if twistd was asked to C{--chroot}: it changes root
+    only once the service is made, when the config, the spool and the
+    certificates have been found by their paths outside it and the modules
+    a listener imports as it starts are left behind (start then ended with
+    "cannot listen: No such file or directory").
+    """
+    if twistdOptions is not None and twistdOptions.get("chroot"):
+        sys.stderr.write("relaygw: twistd --chroot is not supported (expected the gateway started in the root it "
+                         "runs in, e.g. systemd's RootDirectory=)\n")
+        raise SystemExit(1)
+
+
 def _checkPidFile(twistdOptions):
     """
     Exit with one line if twistd could not write its C{--pidfile}: it
@@ -145,7 +160,7 @@ def _checkPidFile(twistdOptions):
     if twistdOptions is None:
         return
     path = twistdOptions.get("pidfile")
-    if not path or twistdOptions.get("chroot"):  # (after a chroot the path names another file)
+    if not path:
         return
     try:
         try:

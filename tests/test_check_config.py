@@ -583,6 +583,23 @@ class CommandLineTests(unittest.TestCase):
                 self.assertFalse(os.path.exists(os.path.join(d, "spool")))
         self.assertEqual(os.listdir(d), ["relaygw.toml"])
 
+    def test_twistdChrootRefused(self):
+        """
+        C{twistd --chroot} changes root after the service is made: start
+        refuses it with one line, before it touches the spool, where it
+        ended with a misleading "cannot listen: No such file or directory".
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d))
+        code, out, err = twistdCommand("-n", "--pidfile=", "--chroot=" + d, "relaygw", "--config", path, cwd=d)
+        self.assertEqual((code, err), (1, "relaygw: twistd --chroot is not supported (expected the gateway started "
+                                          "in the root it runs in, e.g. systemd's RootDirectory=)\n"))
+        self.assertNotIn("cannot listen", out)
+        self.assertEqual(os.listdir(d), ["relaygw.toml"])
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
