@@ -188,12 +188,15 @@ def spoolsAt(base, workers):
     """
     The spools under C{base} for a tool (no disk thread): C{base} itself,
     or with several workers (or only partitions found) each C{wN}
-    partition under it.  Raises L{UnsafeSpool} when one of those is a
-    symbolic link, as the gateway refuses its own.
+    partition under it; C{base} itself when it has no partition yet (a
+    config given more workers, the gateway not yet started on it).
+    Raises L{UnsafeSpool} when one of those is a symbolic link, as the
+    gateway refuses its own.
     """
     found = list(partitions(base).values())
     linked = sorted(path for path in _partitionPaths(base) if os.path.islink(path))
-    if workers > 1 or ((found or linked) and not _isDirectory(os.path.join(base, "queue"))):
+    single = _isDirectory(os.path.join(base, "queue"))
+    if (found or linked) and (workers > 1 or not single) or (workers > 1 and not single):
         if linked:
             raise UnsafeSpool(linked[0], "a symbolic link, not a directory")
         return [Spool(path, None) for path in found]

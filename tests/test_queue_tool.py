@@ -453,6 +453,23 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(sorted(os.listdir(other)), ["notes", "w0"])
         self.assertEqual(os.listdir(os.path.join(other, "w0")), [])
 
+    def test_moreWorkersNotYetStarted(self):
+        """
+        A config given more workers than the gateway runs with (not yet
+        restarted, so no partitions): the tool still sees the spool it
+        has, not "no spool" (nor, before, "0 messages").
+        """
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(other)
+        config = os.path.join(other, "relaygw.toml")
+        with open(config, "w") as f:
+            f.write(configText(other, spool={"directory": self.dir}, process={"workers": 2}))
+        code, out, err = runTool("--config", config, "list")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("-- 4 messages", out)
+        self.assertEqual(runTool("--config", config, "hold", self.ids[0]), (0, "held %s\n" % self.ids[0], ""))
+        self.assertTrue(self.spool.isHeld(self.ids[0]))
+
     def test_everyConfigErrorALine(self):
         """A config with several errors: each its own line, named as the tool's, as the check prints them."""
         path = os.path.join(os.path.abspath(self.mktemp()) + ".toml")
