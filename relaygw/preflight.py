@@ -84,8 +84,11 @@ def _serverTLS(report, where, l):
 
     if l.tls_self_signed and not os.path.exists(l.tls_certificate) and not os.path.exists(l.tls_key):
         # Start generates the pair: the directories must take the files.
-        _writableDirectory(report, where + ".tls_certificate", os.path.dirname(l.tls_certificate))
-        _writableDirectory(report, where + ".tls_key", os.path.dirname(l.tls_key))
+        for key, path in (("tls_certificate", l.tls_certificate), ("tls_key", l.tls_key)):
+            before = len(report.errors)
+            _writableDirectory(report, where + "." + key, os.path.dirname(path))
+            if len(report.errors) == before:
+                _namesFit(report, where + "." + key, path, _existing(path))
         return
     chain = _certificates(report, where + ".tls_certificate", l.tls_certificate,
                           "a readable PEM certificate, leaf first")
@@ -126,12 +129,7 @@ def _policy(report, key, l):
 
 def _writableDirectory(report, key, path):
     """A directory that exists and can be written, or can be created (start creates it)."""
-    probe = path
-    while not os.path.lexists(probe):  # (a symbolic link to nothing is no directory to create the rest in)
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+    probe = _existing(path)
     if os.path.islink(probe) and not os.path.exists(probe):
         report.add(key, "%s is a symbolic link to nothing (expected a directory%s)" % (
             probe, "" if probe == path else " to create %s in" % (path,)))
@@ -142,13 +140,35 @@ def _writableDirectory(report, key, path):
         report.add(key, "%s is not writable (expected a directory the gateway may write%s)" % (
             probe, "" if probe == path else " to create %s in" % (path,)))
     elif probe != path:
-        # (to create: a name longer than the file system takes is ENAMETOOLONG only when start makes it)
-        try:
-            limit = os.pathconf(probe, "PC_NAME_MAX")
-        except (OSError, ValueError):
-            limit = 255
-        if any(len(os.fsencode(name)) > limit for name in os.path.relpath(path, probe).split(os.sep)):
-            report.add(key, "cannot create %s: a name over %d octets (expected shorter names)" % (path, limit))
+        _namesFit(report, key, path, probe)
+
+
+def _existing(path):
+    """
+    C{path}, or the nearest of its parents that exists (a symbolic link to
+    nothing is no directory to create the rest in).
+    """
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return probe
+
+
+def _namesFit(report, key, path, probe):
+    """
+    The names of C{path} still to create under C{probe} (a directory that
+    exists) are no longer than its file system takes: one that is would
+    fail with ENAMETOOLONG only when start makes it.
+    """
+    try:
+        limit = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if any(len(os.fsencode(name)) > limit for name in os.path.relpath(path, probe).split(os.sep)):
+        report.add(key, "cannot create %s: a name over %d octets (expected shorter names)" % (path, limit))
 
 
 def _spoolLayout(report, key, path):

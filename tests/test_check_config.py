@@ -456,17 +456,20 @@ class CommandLineTests(unittest.TestCase):
 
     def test_namesTooLongRefusedByTheCheck(self):
         """
-        A spool or Maildir to create with a name longer than the file
-        system takes is refused by the check, and start says the same line:
-        the check said ok before, and start ended with one line of its own
-        (the spool) or a traceback (the Maildir).
+        A spool, Maildir or self-signed certificate to create with a name
+        longer than the file system takes is refused by the check, and
+        start says the same lines: the check said ok before, and start
+        ended with one line of its own (the spool) or a traceback (the
+        Maildir, the certificate).
         """
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
         spool, outbox = os.path.join(d, "s" * 256), os.path.join(d, "outbox", "o" * 256, "box")
+        cert = os.path.join(d, "tls", "c" * 256)
         path = os.path.join(d, "relaygw.toml")
         with open(path, "w") as f:
-            f.write(configText(d, spool={"directory": spool}, relay={"maildir": outbox}))
+            f.write(configText(d, spool={"directory": spool}, relay={"maildir": outbox}, listeners=(
+                {"tls_certificate": cert, "tls_key": os.path.join(d, "tls", "key.pem"), "tls_self_signed": True},)))
         code, out, err = twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)
         self.assertEqual(code, 1, out + err)
         lines = err.splitlines()
@@ -474,7 +477,9 @@ class CommandLineTests(unittest.TestCase):
             "relaygw.toml: spool.directory: cannot create %s: a name over 255 octets (expected shorter names)"
             % (spool,),
             "relaygw.toml: relay.maildir: cannot create %s: a name over 255 octets (expected shorter names)"
-            % (outbox,)])
+            % (outbox,),
+            "relaygw.toml: listener[0].tls_certificate: cannot create %s: a name over 255 octets (expected shorter "
+            "names)" % (cert,)])
         startCode, startOut, startErr = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual((startCode, startErr.splitlines()), (1, lines))
         self.assertNotIn("Traceback", startOut + startErr)
