@@ -48,7 +48,7 @@ LINE = re.compile(r"^relaygw\.toml: [^\r\n]+ \(expected [^\r\n]+\)$")
 
 #: Files of the scratch directory a path key may name (made by L{prepare}).
 FILES = ("tls/cert.pem", "tls/key.pem", "tls/other-key.pem", "ca.pem", "passwd", "latin1", "a-file", "fifo", "dangling",
-         "tls", "empty", "/dev/null", "/dev/zero", "/nonexistent/x.pem", NAME)
+         "tls", "empty", "/dev/null", "/dev/zero", "/nonexistent/x.pem", "gen/" + "c" * 256, NAME)
 DIRECTORIES = ("spool", "outbox", "sub/spool", "sub/outbox", "a-file", "a-file/under", "dangling", "dangling/under",
                "fifo", "x" * 256, "/nonexistent/spool", "/dev/null", "ro/spool")
 PATH_KEYS = ("tls_certificate", "tls_key", "tls_client_ca", "tls_ca", "credentials")
@@ -490,10 +490,10 @@ class Fuzzer:
     """
     Cases in C{directory}/start (judged in process, and with
     C{processes} by twistd: check, start, reload on a gateway running in
-    C{directory}/reload).
+    C{directory}/reload, with C{workers} worker processes).
     """
 
-    def __init__(self, directory, processes=False):
+    def __init__(self, directory, processes=False, workers=1):
         self.directory = directory = os.path.abspath(directory)
         self.start = os.path.join(directory, "start")
         self.reloading = os.path.join(directory, "reload")
@@ -503,6 +503,7 @@ class Fuzzer:
         self.ports = freePorts(4)
         self.docs = examples(self.ports[:2])
         self.reloadDocs = examples(self.ports[2:])
+        self.reloadDocs[0]["process"]["workers"] = workers
         self.gateway = None
         if processes:
             self.gateway = ReloadingGateway(self.reloading, dumps(self.reloadDocs[0]).encode("utf-8"), self.ports[2])
@@ -563,9 +564,10 @@ def main(argv):
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--processes", action="store_true", help="check, start and reload with twistd too")
     parser.add_argument("--every", type=int, default=1, help="with --processes: twistd for every Nth case")
+    parser.add_argument("--workers", type=int, default=1, help="with --processes: the reloading gateway's workers")
     args = parser.parse_args(argv)
     directory = tempfile.mkdtemp(prefix="configfuzz-")
-    fuzzer = Fuzzer(directory, args.processes)
+    fuzzer = Fuzzer(directory, args.processes, args.workers)
     found = []
     try:
         for seed in args.seeds:
