@@ -159,8 +159,12 @@ class PasswordFile:
 
     def _lines(self):
         try:
-            with open(self.path, encoding="utf-8", newline="") as f:
-                text = f.read()
+            # (a regular file only: a FIFO would block the reader, the reactor's at a login, until written to,
+            # and a device such as /dev/zero never end)
+            with open(self.path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise PasswordFileError("%s is not a regular file" % (self.path,))
+                text = f.read().decode("utf-8")
         except FileNotFoundError:
             return []
         except UnicodeDecodeError:

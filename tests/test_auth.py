@@ -4,6 +4,7 @@ Tests for L{relaygw.auth} and C{relaygw-passwd}.
 
 import io
 import os
+import sys
 import time
 
 from twisted.cred import checkers, credentials, error
@@ -308,6 +309,24 @@ class PasswdScriptTests(unittest.TestCase):
         self.assertEqual(self.runScript(path, "alice", stdin="pw\n"), 1)
         self.assertEqual(self.stderr.getvalue(),
                          "relaygw-passwd: cannot change %s: No such file or directory\n" % (path,))
+
+    def test_fifoIsOneLine(self):
+        """
+        A FIFO for FILE: exit 1 at once with one line (before: the read
+        waited for a writer for ever; a device such as /dev/zero was read
+        until memory ran out).
+        """
+        import subprocess
+
+        from tests.processes import sourceEnv
+
+        os.mkfifo(self.path)
+        p = subprocess.run([sys.executable, "-m", "relaygw.scripts.passwd", self.path, "alice"], input="pw\n",
+                           capture_output=True, text=True, timeout=20, env=sourceEnv())
+        self.assertEqual((p.returncode, p.stderr), (1, "relaygw-passwd: %s is not a regular file\n" % (self.path,)))
+        with self.assertRaises(auth.PasswordFileError) as e:
+            auth.PasswordFile("/dev/zero").users()
+        self.assertEqual(str(e.exception), "/dev/zero is not a regular file")
 
     def test_unreadableFileIsOneLine(self):
         """A directory, or a file that is not UTF-8, for FILE: exit 1 with one line (before: a traceback)."""
