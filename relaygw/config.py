@@ -7,6 +7,7 @@ whole file is valid.
 
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -492,6 +493,18 @@ class _Report:
         self.errors.append("%s: %s: %s" % (self.fname, key, what))
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def _keyName(name):
+    """
+    A key of the file as an error names it: bare, or quoted as TOML
+    writes it, escapes and all, so that a line break, NUL or terminal
+    escape in a quoted key cannot break the error's line.
+    """
+    return name if _BARE_KEY.match(name) else json.dumps(name)
+
+
 def _build(cls, table, where, report, base, defaults=None):
     """
     Validate C{table} into a C{cls}.  Every problem goes to C{report}, and
@@ -506,7 +519,7 @@ def _build(cls, table, where, report, base, defaults=None):
         table = {}
     for name in sorted(set(table) - set(known)):
         close = difflib.get_close_matches(name, known, 1)
-        report.add("%s.%s" % (where, name), "unknown key (expected %s)" % (
+        report.add("%s.%s" % (where, _keyName(name)), "unknown key (expected %s)" % (
             "%s?" % close[0] if close else "one of the keys etc/relaygw.toml lists"))
     values = {}
     for name, f in known.items():
@@ -640,7 +653,7 @@ def parse(text, path="<config>", base=None, environment=False):
     sections = {"spool": SpoolConfig, "relay": RelayConfig, "admin": AdminConfig, "log": LogConfig,
                 "process": ProcessConfig}
     for name in sorted(set(data) - set(sections) - {"listener", "route"}):
-        report.add(name, "unknown key (expected one of %s, listener, route)" % ", ".join(sections))
+        report.add(_keyName(name), "unknown key (expected one of %s, listener, route)" % ", ".join(sections))
     built = {name: _build(cls, data.get(name, {}), name, report, base) for name, cls in sections.items()}
     raw = data.get("listener", [])
     listeners = ()

@@ -286,6 +286,26 @@ class BrokenConfigTests(unittest.TestCase):
         self.assertEqual(self.check({"listeners": ({"endpoint": "tcp:2525:interface=localhost"},
                                                    {"endpoint": r"tcp6:2525:interface=\:\:1"})}), [])
 
+    def test_quotedKeysNamedOnOneLine(self):
+        """
+        Unknown keys quoted with a line break, a terminal escape or a NUL
+        in them are named as TOML writes them: each error stays one line,
+        with nothing a terminal would act on (before: the line broke in
+        two, or carried the escape).
+        """
+        path = os.path.join(self.dir, "relaygw.toml")
+        with open(path, "w") as f:
+            f.write('"\\u001b[2J" = 1\n' + configText(self.dir).replace(
+                "[spool]\n", '[spool]\n"a\\nb" = 1\n"dot.ted" = 2\n"\\u0000" = 3\n'))
+        with self.assertRaises(config.ConfigError) as e:
+            config.load(path)
+        self.assertEqual(e.exception.errors, [
+            "relaygw.toml: \"\\u001b[2J\": unknown key (expected one of spool, relay, admin, log, process, listener, "
+            "route)",
+            "relaygw.toml: spool.\"\\u0000\": unknown key (expected one of the keys etc/relaygw.toml lists)",
+            "relaygw.toml: spool.\"a\\nb\": unknown key (expected one of the keys etc/relaygw.toml lists)",
+            "relaygw.toml: spool.\"dot.ted\": unknown key (expected one of the keys etc/relaygw.toml lists)"])
+
     def test_everyErrorAtOnce(self):
         errors = self.check({"listeners": ({"hostname": "bad host", "max_recipients": 0, "policy": "no.such"},),
                              "relay": {"retry_min": 10, "retry_max": 5},
