@@ -44,7 +44,7 @@ EXAMPLES = ("etc/relaygw.toml", "etc/haproxy/relaygw-1.toml", "etc/haproxy/relay
             "etc/systemd/relaygw.toml", "relaygw/default.toml")
 NAME = "relaygw.toml"
 #: A line a refused config must be made of: the file, what is wrong, what was expected.
-LINE = re.compile(r"^relaygw\.toml: [^\r\n]+ \(expected [^\r\n]+\)$")
+LINE = re.compile(r"^relaygw\.toml: [^\x00-\x1f\x7f]+ \(expected [^\x00-\x1f\x7f]+\)$")
 
 #: Files of the scratch directory a path key may name (made by L{prepare}).
 FILES = ("tls/cert.pem", "tls/key.pem", "tls/other-key.pem", "ca.pem", "passwd", "latin1", "a-file", "fifo", "dangling",
@@ -228,7 +228,8 @@ def mutate(rng, doc, ports):
         elif op == 1:
             t[rng.choice(keys)] = copy.deepcopy(rng.choice(VALUES))
         elif op == 2:
-            t[rng.choice(["bogus", "Name", "listeners", "relay", "route", "listener", "spool", "ENDPOINT"])] = \
+            t[rng.choice(["bogus", "Name", "listeners", "relay", "route", "listener", "spool", "ENDPOINT", "a\nb",
+                          "\x1b[2J", "\x00", "dot.ted", "sp ace", "\u00e9"])] = \
                 copy.deepcopy(rng.choice(VALUES))
         elif op == 3 and t:
             del t[rng.choice(sorted(t))]
