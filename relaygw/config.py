@@ -28,14 +28,20 @@ class ConfigError(Exception):
     """
     The configuration is not valid.  C{errors} lists every problem found,
     each as C{file: key: what is wrong (expected ...)}; the message is
-    those lines.
+    those lines.  A control character in one (from a path or a file name
+    in the file, say) is escaped: each stays one line, with nothing a
+    terminal would act on.
     """
 
     def __init__(self, errors):
         if isinstance(errors, str):
             errors = [errors]
-        self.errors = list(errors)
+        self.errors = [e.translate(_CONTROLS) for e in errors]
         Exception.__init__(self, "\n".join(self.errors))
+
+
+#: C0 and C1 control characters (and DEL), as \xNN.
+_CONTROLS = {c: "\\x%02x" % c for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
 
 
 class Invalid(ValueError):

@@ -625,6 +625,25 @@ class CommandLineTests(unittest.TestCase):
         self.assertNotIn("cannot listen", out)
         self.assertEqual(os.listdir(d), ["relaygw.toml"])
 
+    def test_controlCharactersEscaped(self):
+        """
+        A path with a terminal escape in the file, and a file name with a
+        line break: the check and start print each error on one line, the
+        characters escaped (before: raw, the escape acted on by the
+        terminal and the line broken in two).
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "relay\ngw.toml")
+        with open(path, "w") as f:
+            f.write(configText(d, listeners=({"credentials": "CREDENTIALS"},)).replace(
+                '"CREDENTIALS"', '"/nonexistent\\u001b[2J/passwd"'))
+        line = ("relay\\x0agw.toml: listener[0].credentials: cannot read /nonexistent\\x1b[2J/passwd: No such file or "
+                "directory (expected a password file (relaygw-passwd))\n")
+        self.assertEqual(twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)[::2], (1, line))
+        code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
+        self.assertEqual((code, err), (1, line))
+
     def test_byteOrderMarkTaken(self):
         """A config saved with a UTF-8 byte-order mark (some editors add one) is read as without it."""
         d, path = self.write(configText(os.path.abspath(self.mktemp())))
