@@ -522,7 +522,8 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(twistdCommand("relaygw", "--config", path, "--check-config", cwd=d)[::2], (0, ""))
         code, out, err = twistdCommand("-n", "--pidfile=", "relaygw", "--config", path, cwd=d)
         self.assertEqual((code, err), (1, "relaygw.toml: relay.maildir: cannot create %s: No such file or directory "
-                                          "(expected a directory the gateway may write)\n" % (os.path.dirname(outbox),)))
+                                          "(expected a directory the gateway may write)\n"
+                                          % (os.path.dirname(outbox),)))
         self.assertNotIn("Traceback", out)
 
     def test_maildirThatCannotBeMadeIsAConfigError(self):
@@ -598,7 +599,8 @@ class CommandLineTests(unittest.TestCase):
         path = os.path.join(d, "relaygw.toml")
         with open(path, "w") as f:
             f.write(configText(d))
-        for name, why in (("missing/twistd.pid", "No such file or directory"), ("relaygw.toml/twistd.pid", "Not a directory")):
+        for name, why in (("missing/twistd.pid", "No such file or directory"),
+                          ("relaygw.toml/twistd.pid", "Not a directory")):
             pidfile = os.path.join(d, name)
             for daemon in ((), ("-n",)):
                 code, out, err = twistdCommand(*daemon, "--pidfile=" + pidfile, "--logfile=" + os.path.join(d, "log"),
