@@ -210,8 +210,7 @@ class _Channel(LineOnlyReceiver):
         return self.anvil.countsFor(name).acquire(ip, limit, rate)
 
     def op_release(self, name, ip):
-        if self.held[(name, ip)] > 0:
-            self.held[(name, ip)] -= 1
+        if _take(self.held, (name, ip)):
             self.anvil.countsFor(name).release(ip)
         return _NOTHING
 
@@ -225,9 +224,8 @@ class _Channel(LineOnlyReceiver):
         return wait
 
     def op_auth_end(self, ip, failed):
-        if self.logins[ip] <= 0:
+        if not _take(self.logins, ip):
             return self.anvil.authFailures.tooMany(ip)
-        self.logins[ip] -= 1
         return self.anvil.authFailures.end(ip, bool(failed))
 
     def connectionLost(self, reason):
@@ -245,6 +243,22 @@ class _Channel(LineOnlyReceiver):
 
 #: (A request without an answer.)
 _NOTHING = object()
+
+
+def _take(counter, key):
+    """
+    Take one off C{counter[key]}, if it holds any; whether it did.  A key
+    down to none goes, so that a channel holds only what its worker holds
+    now, not every address it has ever served.
+    """
+    n = counter.get(key, 0)
+    if n <= 0:
+        return False
+    if n == 1:
+        del counter[key]
+    else:
+        counter[key] = n - 1
+    return True
 
 
 class AnvilClient(LineOnlyReceiver):

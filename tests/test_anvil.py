@@ -152,6 +152,37 @@ class AnvilTests(unittest.TestCase):
         self.assertIsNone((yield b.acquire("192.0.2.1", 3, 0)))
 
     @defer.inlineCallbacks
+    def test_channelForgetsAddressesReleased(self):
+        """
+        Worker 0's end of a channel holds only what its worker holds now:
+        once the connections and logins of many client addresses have
+        ended, nothing of them stays (it would grow with every address the
+        worker ever served, for as long as it runs).
+        """
+        channels = []
+        Channel = anvil._Channel
+
+        class Recorded(Channel):
+            def __init__(self, *args):
+                Channel.__init__(self, *args)
+                channels.append(self)
+
+        self.patch(anvil, "_Channel", Recorded)
+        w = _Workers(self, 1)
+        counts, failures = w.clients[0].countsFor("inbound"), w.clients[0].authFailures
+        for i in range(1, 51):
+            ip = "192.0.2.%d" % i
+            self.assertIsNone((yield counts.acquire(ip, 10, 0)))
+            self.assertEqual((yield failures.begin(ip)), 0)
+            self.assertIsNone((yield counts.acquire(ip, 10, 0)))
+            self.assertFalse((yield failures.end(ip, i % 2)))
+            counts.release(ip)
+            counts.release(ip)
+        yield settle()
+        [channel] = channels
+        self.assertEqual((dict(channel.held), dict(channel.logins), w.counts()), ({}, {}, {}))
+
+    @defer.inlineCallbacks
     def test_noChannelLetsIn(self):
         """With worker 0 gone, a worker lets connections in (and says so once)."""
         w = _Workers(self, 1)
