@@ -854,6 +854,24 @@ class WithdrawnTests(RelayTestCase):
                                       "%s: removed (relaygw-queue delete)" % qid])
 
     @defer.inlineCallbacks
+    def test_flushWhileUnderWayLeavesNothing(self):
+        """
+        A flush that finds messages with their attempts under way marks
+        nothing that outlives them: once both are delivered (and gone),
+        the queue manager holds nothing of either (before, each stayed
+        marked as forced for as long as the gateway ran, one more for
+        every message a flush found in flight).
+        """
+        qid = yield self.waitingBehindSlowHop(greetDelay=4)
+        self.assertEqual(self.runTool("flush")[0], 0)
+        queue = self.gw.service.queue
+        yield self.until(lambda: self.logs.find("flush requested"))
+        yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 2 and not queue.active)
+        self.assertEqual(self.hop_.recipients(), ["r0@example.net", "r1@example.net"])
+        self.assertEqual((queue.forced, queue.fresh, queue.timers), (set(), {}, {}))
+        self.assertNotIn(qid, queue.attempts.queuedAt)
+
+    @defer.inlineCallbacks
     def test_heldAndReleasedWhileWaiting(self):
         """Released again before its turn came: it goes out then, at once."""
         qid = yield self.waitingBehindSlowHop()

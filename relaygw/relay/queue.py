@@ -257,8 +257,6 @@ class QueueManager(Service):
         """
         if self.deferAll:
             return  # [relay] defer_all: everything stays queued
-        if forced:
-            self.forced.add(queueId)
         if message is not None:
             self.attempts.queuedAt.setdefault(queueId, time.time())
         if message is not None and queueId not in self.active:
@@ -267,7 +265,14 @@ class QueueManager(Service):
             # read it rather than start from no progress at all.
             self.fresh[queueId] = message
         self.retries.cancel(queueId)
-        if queueId in self.queued or queueId in self.active:
+        if queueId in self.active:
+            # The attempt under way is the one asked for: nothing is marked
+            # for a next one (it would stay marked for good once the message
+            # has gone, and make a retry long after look like an operator's).
+            return
+        if forced:
+            self.forced.add(queueId)
+        if queueId in self.queued:
             return
         self.queued.add(queueId)
         self.ready.append(queueId)
