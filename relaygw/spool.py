@@ -731,7 +731,7 @@ class Spool:
 
     def quarantine(self, queueId, reason):
         """Set the message aside in C{corrupt/} (L{SpoolRecovery.quarantine}); never raises."""
-        self._forget(queueId)
+        self.forget(queueId)
         self.recovery.quarantine(queueId, reason)
 
     def corrupt(self):
@@ -844,7 +844,7 @@ class Spool:
         the queue file goes; a hold file that appeared meanwhile is cleared
         at the next start.
         """
-        self._forget(queueId)
+        self.forget(queueId)
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
             removeFiles(paths[:1])  # (a directory there is no message: an error, and nothing goes)
@@ -868,7 +868,7 @@ class Spool:
             os.unlink(self.path("queue", queueId))
         except FileNotFoundError:
             return False
-        self._forget(queueId)
+        self.forget(queueId)
         self.discard([self.path("state", queueId), self.path("hold", queueId)])
         return True
 
@@ -885,7 +885,8 @@ class Spool:
         content = self._retained.get(queueId)
         return content if content is not None and self.exists(queueId) else None
 
-    def _forget(self, queueId):
+    def forget(self, queueId):
+        """Drop what is kept in memory of C{queueId} (its content, L{retained}): it has left the spool."""
         content = self._retained.pop(queueId, None)
         if content is not None:
             self._retainedSize -= len(content)

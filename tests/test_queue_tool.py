@@ -172,6 +172,11 @@ class QueueToolTests(RelayTestCase):
         self.assertIn(self.q2, self.gw.service.queue.timers)
         self.assertEqual(logs.find("removed", qid=self.q2), [])
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
+        # Nothing of it stays in the queue manager (it would for as long as the gateway runs).
+        attempts = self.gw.service.queue.attempts
+        self.assertEqual([self.q1 in held for held in (attempts.queuedAt, attempts.waitedSince,
+                                                        attempts.progress.unwritten)], [False] * 3)
+        self.assertIn(self.q2, attempts.queuedAt)
 
     @defer.inlineCallbacks
     def test_deletedMarkerForAQueuedMessage(self):

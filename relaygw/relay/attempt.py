@@ -74,7 +74,7 @@ class Attempts:
             if state is None:
                 state = {} if fresh else self.spool.readState(qid)  # just accepted: no progress yet
         except FileNotFoundError:
-            self._forget(qid)
+            self.forget(qid)
             return None  # deleted meanwhile (relaygw-queue delete)
         except CorruptMessage as e:
             return self._quarantine(qid, e)
@@ -126,7 +126,7 @@ class Attempts:
         log.error("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qid, path=error.path,
                   reason=error.reason)
         self.manager.retries.cancel(qid)
-        self._forget(qid)
+        self.forget(qid)
         self.spool.quarantine(qid, "%s: %s" % (error.path, error.reason))
         if self.manager.metrics:
             self.manager.metrics.corrupt()
@@ -200,7 +200,7 @@ class Attempts:
                 return None
             if not self.spool.exists(qid):
                 why = "deleted"
-                self._forget(qid)
+                self.forget(qid)
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
             elif attempt.waitedOn is not None:  # (no connection came free: parked until one does)
@@ -257,7 +257,7 @@ class Attempts:
             if not recorded.pending:
                 return self._remove(qid, fresh, recorded.state)
             if not self.spool.exists(qid):
-                return self._forget(qid)
+                return self.forget(qid)
             self.manager.retries.later(qid, recorded.nextAttempt)
             persisted = self.progress.persist(qid, outcome.paid(recorded.state))
             if self._handedBack(attempt, recorded):
@@ -307,11 +307,15 @@ class Attempts:
         attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
                             for hop, results in attempt.outcomes]
 
-    def _forget(self, qid):
-        """C{qid} has gone (deleted with relaygw-queue while its attempt went on, or quarantined)."""
+    def forget(self, qid):
+        """
+        C{qid} has gone (deleted with relaygw-queue, or quarantined): nothing
+        of it stays in memory, here or in the spool.
+        """
         self.progress.drop(qid)
         self.waitedSince.pop(qid, None)
         self.queuedAt.pop(qid, None)
+        self.spool.forget(qid)
 
     def _logged(self, attempt, events):
         """

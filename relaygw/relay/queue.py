@@ -159,6 +159,7 @@ class QueueManager(Service):
                 if qid in self.active:  # (its attempt's lines come first: this one is its last)
                     self.deletedWhileActive.add(qid)
                 else:
+                    self.attempts.forget(qid)
                     maillog.removed(qid, operator=True)
             self.spool.clearStrayHolds()
         except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
