@@ -164,6 +164,7 @@ class ServerTLS:
         self.keyPath = keyPath
         self.clientCA = clientCA
         self._minVersion = _VERSIONS[minVersion]
+        self._cipherString = ciphers
         self._ciphers = None
         if ciphers is not None:
             self._ciphers = ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers)
@@ -240,13 +241,18 @@ class ServerTLS:
         Take the settings of C{other}, a L{ServerTLS} built from a reloaded
         config (other files, versions, ciphers or client CA): this object
         stays the one listening ports and sessions hold.  (Allowed client
-        identities belong to the listener's trust policy.)
+        identities belong to the listener's trust policy.)  When that
+        changes nothing (the same files' contents, versions and ciphers),
+        the context stays: with it, the sessions clients may resume.
         """
+        same = (other._files, other._minVersion, other._cipherString) == (
+            self._files, self._minVersion, self._cipherString)
         self.certPath, self.keyPath, self.clientCA = other.certPath, other.keyPath, other.clientCA
-        self._minVersion, self._ciphers = other._minVersion, other._ciphers
+        self._minVersion, self._cipherString, self._ciphers = other._minVersion, other._cipherString, other._ciphers
         self._stamps = other._stamps
-        self._files, self._context, self.certificate, self._caStore = (
-            other._files, other._context, other.certificate, other._caStore)
+        if not same:
+            self._files, self._context, self.certificate, self._caStore = (
+                other._files, other._context, other.certificate, other._caStore)
 
     def reload(self, failures=None):
         """

@@ -7,6 +7,7 @@ over a real STARTTLS on loopback with Python's C{ssl} client.
 
 import os
 import ssl
+import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -62,6 +63,33 @@ class ResumptionTests(GatewayTestCase):
     def test_tls12Session(self):
         first, again, code1, code2 = yield self.resumes(ssl.TLSVersion.TLSv1_2)
         self.assertEqual((first, again, code1, code2), (False, self.resumed, 250, 250))
+
+    def resumesAcrossReload(self, maximum):
+        """A session from before a reload (SIGHUP) that changed nothing of TLS, offered after it."""
+        self.gw.service.configPath = self.gw.path
+        context = clientContext(maximum=maximum)
+
+        def run():
+            first, session, _ = self.starttls(context)
+            self.gw.service.reactor.callFromThread(self.gw.service.reload)
+            time.sleep(0.2)
+            again, _, code = self.starttls(context, session)
+            return first, again, code
+
+        return inThread(run)
+
+    @defer.inlineCallbacks
+    def test_tls13SessionAcrossReload(self):
+        """
+        A reload that leaves the certificate, key and TLS settings as they
+        were keeps the sessions it could resume (before, every SIGHUP, a
+        log rotation's say, cost each client a full handshake).
+        """
+        self.assertEqual((yield self.resumesAcrossReload(None)), (False, self.resumed, 250))
+
+    @defer.inlineCallbacks
+    def test_tls12SessionAcrossReload(self):
+        self.assertEqual((yield self.resumesAcrossReload(ssl.TLSVersion.TLSv1_2)), (False, self.resumed, 250))
 
     def test_selfSignedKeyIsP256(self):
         with open(self.cert, "rb") as f:
