@@ -223,6 +223,37 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(hop.most, 1)
 
     @defer.inlineCallbacks
+    def test_waitingMessageFollowsTheNewSmarthost(self):
+        """
+        A reload that gives the destination another smarthost while a
+        message waits for the one connection to the old one (busy with a
+        message whose end of data it answers late): the waiting message
+        goes to the new smarthost at once (before: it stayed in the old next
+        hop's line and went to the old smarthost once its connection came
+        free, after the reload).
+        """
+        old, new = self.hops[0][0], self.hops[1][0]
+        old.endOfDataDelay = 2.0
+        self.rewrite(relay={"destination_concurrency": 1})
+        self.gw.service.reload()
+
+        def send(n):
+            c = Client(self.gw.port)
+            try:
+                return c.transaction(["r%d@example.net" % n], "Subject: %d\r\n\r\nx\r\n" % n)[-1][0]
+            finally:
+                c.close()
+
+        self.assertEqual((yield inThread(lambda: [send(0), send(1)])), [250, 250])
+        yield task.deferLater(reactor, 0.5, lambda: None)  # (r0 on the connection, r1 waiting for it)
+        self.rewrite(relay={"destination_concurrency": 1, "smarthosts": [self.hops[1][1]]})
+        self.gw.service.reload()
+        deadline = reactor.seconds() + 10
+        while len(old.recipients() + new.recipients()) < 2 and reactor.seconds() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((old.recipients(), new.recipients()), (["r0@example.net"], ["r1@example.net"]))
+
+    @defer.inlineCallbacks
     def test_deferAllStopsWhatWaits(self):
         """
         defer_all turned on by a reload: messages waiting for a delivery

@@ -207,7 +207,7 @@ class Attempts:
                 since = self.waitedSince.setdefault(qid, time.time())
                 self.manager.retries.when(qid, attempt.waitedOn.whenRoom(message), since + self.manager.retryMin)
                 return None
-            else:  # held, and released while this attempt was under way (which kept the release waiting)
+            else:  # held and released while this attempt was under way, or its next hop's router replaced
                 self.manager.retries.later(qid, time.time())
                 return None
             self.waitedSince.pop(qid, None)

@@ -97,6 +97,13 @@ STOPPED = Result(451, "4.3.2", "cut short by the gateway's stop", untried=True)
 NOT_SENT = Result(451, "4.4.2", "not sent: the connection broke down over an earlier message", untried=True)
 
 
+#: The result for each recipient of a message still waiting for a
+#: connection (or behind another on one) when a reload replaced the router
+#: its next hop belongs to: not an attempt; the queue manager tries it again
+#: at once, through the new router (the route may name another next hop).
+REROUTED = Result(451, "4.3.0", "not sent: the next hop was replaced by a reload", untried=True)
+
+
 #: The result for each recipient of a message that waited too long for a
 #: connection to its next hop (every one busy, or stuck): not an attempt;
 #: the queue manager tries it again once that next hop has room for it
@@ -173,6 +180,12 @@ class IRouter(Interface):
         messages are deferred at once for a while) are tried again.
         """
 
+    def retire():
+        """
+        A reload replaced this router: deliveries under way go on, but
+        nothing new begins; what has not gone out gets L{REROUTED}.
+        """
+
 
 @implementer(IRouter)
 class FunctionRouter:
@@ -196,4 +209,7 @@ class FunctionRouter:
         pass
 
     def revive(self):
+        pass
+
+    def retire(self):
         pass

@@ -86,6 +86,7 @@ class QueueManager(Service):
             # Deliveries under way go on through the router they started
             # with, until they end: a stop cuts those short too.  Messages
             # parked with its next hops go again at once, through the new one.
+            replaced.retire()  # (what waited with its next hops comes back: L{REROUTED})
             self._retired = [r for r in self._retired + [replaced] if not r.unused]
             for qid in self.retries.parked():
                 self.enqueue(qid)

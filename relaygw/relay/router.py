@@ -194,6 +194,11 @@ class Router:
         for hop in self._smtpHops():
             hop.revive()
 
+    def retire(self):
+        """A reload replaced this router: no SMTP next hop of it begins anything new (L{SMTPNextHop.retire})."""
+        for hop in self._smtpHops():
+            hop.retire()
+
     def cutShort(self):
         """The gateway is stopping: every SMTP next hop cuts its deliveries short (L{SMTPNextHop.cutShort})."""
         for hop in self._smtpHops():

@@ -26,7 +26,7 @@ from relaygw.context import identityOf
 from relaygw.logs import Logger
 from relaygw.relay import client as smtpclient
 from relaygw.relay import mx
-from relaygw.relay.nexthop import NOT_SENT, STOPPED, INextHop, Result, temporary
+from relaygw.relay.nexthop import NOT_SENT, REROUTED, STOPPED, INextHop, Result, temporary
 from relaygw.relay.keptopen import KeptOpen
 from relaygw.relay.waitingline import WaitingLine
 
@@ -75,6 +75,7 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         self.carrying = set()  # connections carrying a batch now
         self.lookups = set()  # next-hop lookups under way
         self.stopping = False
+        self.retired = False  # (a reload replaced its router: L{retire})
         self.health = Health(reactor, name, deadFor)
         #: The same destination's next hop in the router a reload replaced, while it has connections open.
         self.predecessor = None
@@ -163,6 +164,18 @@ class SMTPNextHop(WaitingLine, KeptOpen):
             n, after = n + after.openConnections(), after.successor
         return n
 
+    def retire(self):
+        """
+        A reload replaced the router this next hop belongs to: the batches
+        under way finish, but nothing else goes out here.  What waits for a
+        connection or behind another message on one, and what comes later,
+        gets L{REROUTED} (the queue manager tries it again at once, through
+        the new router: the route may name another next hop); parked
+        messages are told to go again.
+        """
+        self.retired = True
+        self._pump()
+
     def revive(self):
         """An operator's flush: a destination found dead is tried again with the next message."""
         self.health.revive()
@@ -179,6 +192,11 @@ class SMTPNextHop(WaitingLine, KeptOpen):
         destination is congested a message starts on a connection of its
         own, or not at all (L{WaitingLine._startsNext}).
         """
+        if self.retired and not self.stopping:
+            self._withdrawAll(REROUTED)
+            if self.successor is not None:
+                self.successor._pump()
+            return
         suspended = self.health.suspended() if (self.waiting or self.parked) and not self.stopping else None
         if suspended is not None:
             self._empty(suspended)

@@ -227,6 +227,25 @@ class WaitingLine:
         waiting, self.waiting = self.waiting, []
         _answer(waiting, result)
 
+    def _withdrawAll(self, result):
+        """
+        Nothing goes out here any more: each message waiting, and each not
+        begun behind another on a connection or lookup, gets C{result};
+        parked messages are told to go again (the queue manager reads them).
+        """
+        self._empty(result)
+        for conn, carried, batch in list(self.watched.values()):
+            for position, (index, message) in enumerate(carried):
+                if position == 0 or batch[index][1].called:
+                    continue
+                if conn is None:
+                    batch[index][1].callback({r: result for r in message.recipients})
+                else:
+                    conn.takeBack(position, result)
+        parked, self.parked = self.parked, []
+        for _, _, qid, d in parked:
+            self.reactor.callLater(0, self._tell, qid, d)
+
     def _handBack(self):
         """Messages that waited C{WAIT_SECONDS} for a connection go back to the queue manager."""
         self.handBack = None
