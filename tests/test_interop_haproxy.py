@@ -44,14 +44,38 @@ def send(port, subject, source="127.0.0.5"):
         s.sendmail("a@example.org", ["b@example.net"], ("Subject: %s\r\n\r\nx\r\n" % subject).encode())
 
 
+def startHAProxy(testCase, config):
+    """
+    Run a real HAProxy on C{config} (its text) for C{testCase}, stopped at
+    its clean-up.
+    """
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(haproxy):
+        raise AssertionError("haproxy is not installed (make test installs it)")
+    directory = os.path.abspath(testCase.mktemp())
+    os.makedirs(directory)
+    cfg = os.path.join(directory, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(config)
+    proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    testCase.addCleanup(stopHAProxy, proc)
+
+
+def stopHAProxy(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
 class HAProxyTests(unittest.TestCase):
     timeout = 90
 
     @defer.inlineCallbacks
     def setUp(self):
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.path.exists(haproxy):
-            raise AssertionError("haproxy is not installed (make test installs it)")
         listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "relay_networks": ["127.0.0.0/8"],
                     "drain_timeout": 1}
         self.gws = []
@@ -63,14 +87,8 @@ class HAProxyTests(unittest.TestCase):
         self.stopped = set()
         self.addCleanup(self._stopGateways)
         self.front = freePort()
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        cfg = os.path.join(self.dir, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(HAPROXY_CFG % {"front": self.front, "gw1": self.gws[0].port, "gw2": self.gws[1].port,
-                                   "admin1": self.gws[0].adminPort, "admin2": self.gws[1].adminPort})
-        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.addCleanup(self._stopHAProxy)
+        startHAProxy(self, HAPROXY_CFG % {"front": self.front, "gw1": self.gws[0].port, "gw2": self.gws[1].port,
+                                          "admin1": self.gws[0].adminPort, "admin2": self.gws[1].adminPort})
         yield inThread(waitForPort, self.front)
         yield inThread(time.sleep, 1.0)  # first health checks
 
@@ -79,15 +97,6 @@ class HAProxyTests(unittest.TestCase):
         for i, gw in enumerate(self.gws):
             if i not in self.stopped:
                 yield gw.stop()
-
-    def _stopHAProxy(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
 
     @defer.inlineCallbacks
     def delivered(self):
@@ -137,9 +146,6 @@ class HAProxyRelayTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.path.exists(haproxy):
-            raise AssertionError("haproxy is not installed (make test installs it)")
         # 127.0.0.66 is a trusted peer (XCLIENT) outside relay_networks.
         listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "trusted_peers": ["127.0.0.64/26"],
                     "extensions": ["xclient"], "relay_networks": ["127.0.0.0/26"], "max_connections_per_ip": 2}
@@ -147,13 +153,7 @@ class HAProxyRelayTests(unittest.TestCase):
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
         self.front = freePort()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        cfg = os.path.join(directory, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(HAPROXY_ONE % {"front": self.front, "gw": self.gw.port})
-        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.addCleanup(HAProxyTests._stopHAProxy, self)
+        startHAProxy(self, HAPROXY_ONE % {"front": self.front, "gw": self.gw.port})
         yield inThread(waitForPort, self.front)
 
     def client(self, source):
@@ -247,22 +247,14 @@ class HAProxyHealthCheckTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.path.exists(haproxy):
-            raise AssertionError("haproxy is not installed (make test installs it)")
         listener = {"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "relay_networks": ["127.0.0.0/8"],
                     "connection_rate_per_ip": 5, "max_connections_per_ip": 1}
         self.gw = Gateway(self.mktemp(), listeners=(listener,))
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
         self.fronts = {"v1": freePort(), "v2": freePort()}
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        cfg = os.path.join(directory, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(HAPROXY_SMTPCHK % {"front1": self.fronts["v1"], "front2": self.fronts["v2"], "gw": self.gw.port})
-        self.proc = subprocess.Popen([haproxy, "-f", cfg, "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.addCleanup(HAProxyTests._stopHAProxy, self)
+        startHAProxy(self, HAPROXY_SMTPCHK % {"front1": self.fronts["v1"], "front2": self.fronts["v2"],
+                                              "gw": self.gw.port})
         for port in self.fronts.values():
             yield inThread(waitForPort, port)
 

@@ -28,6 +28,15 @@ from tests.processes import childPids, processState, spoolPids
 from tests.tlsmaterial import clientContext, makeCA
 
 
+def sendNumbered(port, n):
+    """Send message C{n} to C{rN@example.net}; the reply to its end of data."""
+    c = Client(port)
+    try:
+        return c.transaction(["r%d@example.net" % n], "Subject: %d\r\n\r\nx\r\n" % n)[-1][0]
+    finally:
+        c.close()
+
+
 class ReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
@@ -203,11 +212,7 @@ class ReloadTests(unittest.TestCase):
         self.gw.service.reload()
 
         def send(n):
-            c = Client(self.gw.port)
-            try:
-                return c.transaction(["r%d@example.net" % n], "Subject: %d\r\n\r\nx\r\n" % n)[-1][0]
-            finally:
-                c.close()
+            return sendNumbered(self.gw.port, n)
 
         self.assertEqual((yield inThread(send, 0)), 250)
         deadline = reactor.seconds() + 5
@@ -238,11 +243,7 @@ class ReloadTests(unittest.TestCase):
         self.gw.service.reload()
 
         def send(n):
-            c = Client(self.gw.port)
-            try:
-                return c.transaction(["r%d@example.net" % n], "Subject: %d\r\n\r\nx\r\n" % n)[-1][0]
-            finally:
-                c.close()
+            return sendNumbered(self.gw.port, n)
 
         self.assertEqual((yield inThread(lambda: [send(0), send(1)])), [250, 250])
         yield task.deferLater(reactor, 0.5, lambda: None)  # (r0 on the connection, r1 waiting for it)
