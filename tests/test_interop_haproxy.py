@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from relaygw.testing import Gateway, freePort, inThread, receivedHeader, waitForPort
 
-HAPROXY_FRONT = """
+HAPROXY_DEFAULTS = """
 global
     maxconn 200
 defaults
@@ -23,6 +23,9 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
+"""
+
+HAPROXY_FRONT = HAPROXY_DEFAULTS + """\
 frontend smtp
     bind 127.0.0.1:%(front)d
     default_backend relaygw
@@ -207,14 +210,7 @@ class HAProxyRelayTests(unittest.TestCase):
         return inThread(run).addCallback(check)
 
 
-HAPROXY_SMTPCHK = """
-global
-    maxconn 200
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
+HAPROXY_SMTPCHK = HAPROXY_DEFAULTS + """\
     timeout check 2s
 frontend v2
     bind 127.0.0.1:%(front2)d

@@ -268,10 +268,7 @@ class QueueManager(Service):
             self.fresh[queueId] = message
         self.retries.cancel(queueId)
         if queueId in self.active:
-            # The attempt under way is the one asked for: nothing is marked
-            # for a next one (it would stay marked for good once the message
-            # has gone, and make a retry long after look like an operator's).
-            return
+            return  # (the attempt under way is the one asked for: none marked forced, to stay so once it has gone)
         if forced:
             self.forced.add(queueId)
         if queueId in self.queued:
