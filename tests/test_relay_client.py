@@ -1303,6 +1303,21 @@ class STARTTLSTests(_DeliveryTestCase):
         self.assertEqual(self.mailbox.messages, [])
 
     @defer.inlineCallbacks
+    def refusedBy(self, server, ca):
+        """
+        Deliver with "verify" for mx.example.test, trusting C{ca}, to a next
+        hop serving C{server}: the handshake must fail temporarily and
+        nothing be delivered; the recipient's result.
+        """
+        port = self.listen(_ServerFactory(self.mailbox, server.options()))
+        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.body(pem(ca)))
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
+        result = results[0]["rcpt@example.test"]
+        self.assertTemporary(result, "TLS handshake")
+        self.assertEqual(self.mailbox.messages, [])
+        return result
+
+    @defer.inlineCallbacks
     def test_verifyUnparsableCertificateForAnotherName(self):
         """
         "verify" against a certificate from the right CA, for another name,
@@ -1315,14 +1330,8 @@ class STARTTLSTests(_DeliveryTestCase):
         ca = _certificate("Odd CA", "Odd CA", caKey, caKey, True)
         der = unreadableCertificate(commonName("Odd CA"), caKey, key, x509.DNSName("other.example.test"))
         server = ssl.PrivateCertificate.loadPEM(DER_cert_to_PEM_cert(der).encode() + pem(key))
-        factory = _ServerFactory(self.mailbox, server.options())
-        port = self.listen(factory)
-        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.body(pem(ca)))
-        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
-        result = results[0]["rcpt@example.test"]
-        self.assertTemporary(result, "TLS handshake")
+        result = yield self.refusedBy(server, ca)
         self.assertEqual(result.enhanced, "4.7.5")
-        self.assertEqual(self.mailbox.messages, [])
 
     @defer.inlineCallbacks
     def test_verifyMalformedNamePattern(self):
@@ -1335,12 +1344,7 @@ class STARTTLSTests(_DeliveryTestCase):
         caKey, key = newKey(), newKey()
         ca = _certificate("Wild CA", "Wild CA", caKey, caKey, True)
         cert = _certificate("wild", "Wild CA", caKey, key, False, ["*.*.example.test"])
-        factory = _ServerFactory(self.mailbox, ssl.PrivateCertificate.loadPEM(pem(cert) + pem(key)).options())
-        port = self.listen(factory)
-        options = _options(tls="verify", tlsHostname="mx.example.test", caFile=self.body(pem(ca)))
-        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
-        self.assertTemporary(results[0]["rcpt@example.test"], "TLS handshake")
-        self.assertEqual(self.mailbox.messages, [])
+        yield self.refusedBy(ssl.PrivateCertificate.loadPEM(pem(cert) + pem(key)), ca)
 
     @defer.inlineCallbacks
     def test_verifyOtherCA(self):
