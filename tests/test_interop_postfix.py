@@ -12,6 +12,7 @@ import tempfile
 from twisted.internet import defer
 
 from relaygw.testing import PostfixInstance, freePort, inThread
+from tests.recorders import LogCapture
 from tests.relaysetup import RelayTestCase
 
 
@@ -102,3 +103,39 @@ class PostfixWithout8BITMIMETests(_PostfixNextHop):
         self.assertIn(b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n", data)
         self.assertTrue(data.endswith(b"\r\n\r\nbody of caf=E9\r\n"), data)
         self.assertIn(b"by postfix.test", data.split(b"Received: ", 2)[1])
+
+
+class PostfixRefusingXforwardTests(_PostfixNextHop):
+    """
+    A Postfix next hop that offers XFORWARD but not XCLIENT, and speaks IPv4
+    only: it refuses an IPv6 client address in XFORWARD (501 5.5.4).
+    """
+
+    settings = {"smtpd_authorized_xclient_hosts": "", "smtpd_authorized_xforward_hosts": "127.0.0.0/8"}
+
+    @defer.inlineCallbacks
+    def test_refusedXforwardDoesNotHoldTheMessage(self):
+        """
+        XFORWARD is for the next hop's logs: a refusal of it is logged and
+        the message goes on (as Postfix's smtp client does), not deferred
+        until its lifetime ends.
+        """
+        logs = LogCapture(self)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
+                            "forward_identity": True},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["2001:db8::/32"]})
+        yield self.send(subject="v6-client",
+                        before=["XCLIENT NAME=client.example.net ADDR=IPV6:2001:db8::5 HELO=v6.example.net",
+                                "EHLO v6.example.net"])
+        yield self.until(lambda: len(self.sink.transactions) == 1, timeout=30)
+        yield self.until(self.spoolEmpty, timeout=30)
+        data = self.sink.transactions[0]["data"].decode()
+        self.assertIn("Subject: v6-client", data)
+        # relaygw's own Received header names the client; Postfix's names relaygw.
+        self.assertIn("from v6.example.net (client.example.net [IPv6:2001:db8::5])", data)
+        self.assertIn("501 5.5.4 Bad ADDR syntax: IPV6:2001:db8::5",
+                      " ".join(e.get("log_format", "").format(**e) for e in logs.events
+                               if "refused XFORWARD" in e.get("log_format", "")))
+        # (Postfix logged the message as the gateway's.)
+        self.assertIn(": client=localhost[127.0.0.1]", self.postfix.log())

@@ -10,7 +10,10 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from relaygw import xtext
 from relaygw.context import FORWARDED_ATTRIBUTES, identityValue
+from relaygw.logs import Logger
 from relaygw.relay.clientwire import _MessageFailure, _SessionFailure, _temporary
+
+log = Logger(namespace="relaygw.relay.client")
 
 _MAX_COMMAND = 510
 
@@ -155,4 +158,11 @@ class IdentityForwarding:
                 reply = await self.proto.command(line)
                 self._closing(reply)
                 if not reply.positive:
-                    raise _MessageFailure(self._refused(reply, "XFORWARD"))
+                    # XFORWARD is for the next hop's logs only, and grants
+                    # nothing: a refusal (an IPv6 ADDR at an IPv4-only
+                    # Postfix: 501 5.5.4) leaves the message to be logged
+                    # as the gateway's, as Postfix's smtp client goes on
+                    # to MAIL with a warning.  Deferring it would retry a
+                    # refusal that recurs until the message bounces.
+                    log.warn("{where} refused XFORWARD: {reply}; going on without it",
+                             where=self.where, reply=reply)
