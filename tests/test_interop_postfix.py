@@ -87,6 +87,35 @@ class PostfixNextHopTests(_PostfixNextHop):
         self.assertIn("other.example.net[192.0.2.8]", log)
 
 
+    @defer.inlineCallbacks
+    def test_postfixGetsTheClientsProtocol(self):
+        """
+        A client that greeted with HELO behind a balancer (nginx replays its
+        HELO after XCLIENT) spoke SMTP, and Postfix hears it so: its
+        Received header says "with SMTP" as relaygw's does, not "with
+        ESMTP" (an EHLO after XCLIENT PROTO=SMTP makes it ESMTP there).  A
+        client that greeted with EHLO stays ESMTP.
+        """
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
+                            "forward_identity": True},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
+        for verb, subject, addr in (("HELO", "plain", "192.0.2.7"), ("EHLO", "extended", "192.0.2.8")):
+            yield self.send(subject=subject, before=["XCLIENT NAME=client.example.net ADDR=%s" % (addr,),
+                                                     "%s helo.example.net" % (verb,)])
+        yield self.until(self.spoolEmpty, timeout=30)
+        yield self.until(lambda: len(self.sink.transactions) == 2, timeout=60)
+        received = {}
+        for t in self.sink.transactions:
+            data = t["data"].decode()
+            received[data.split("Subject: ", 1)[1].split("\r\n", 1)[0]] = data.split("\r\nSubject: ", 1)[0]
+        for subject, proto in (("plain", "SMTP"), ("extended", "ESMTP")):
+            postfix, relaygw = received[subject].split("Received: ")[1:3]
+            self.assertIn("from helo.example.net (client.example.net", postfix)
+            self.assertIn("by postfix.test (Postfix) with %s id" % (proto,), postfix, received[subject])
+            self.assertIn("by relay.test (relaygw) with %s id" % (proto,), relaygw, received[subject])
+
+
 class PostfixWithout8BITMIMETests(_PostfixNextHop):
     """Postfix not offering 8BITMIME (C{smtpd_discard_ehlo_keywords}); its own next hop does, so it converts nothing."""
 

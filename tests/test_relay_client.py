@@ -1157,6 +1157,23 @@ class AuthAndForwardingTests(_DeliveryTestCase):
                 self.assertEqual(factory.lines[2], "EHLO helo.example")
 
     @defer.inlineCallbacks
+    def test_xclientReplaysAPlainSMTPGreetingWithHELO(self):
+        """
+        A client that spoke plain SMTP (PROTO=SMTP: it sent HELO) is replayed
+        with HELO, not EHLO (which would make it ESMTP at the next hop); the
+        session then has no extensions, so nothing offered before is used.
+        """
+        factory = _ScriptedFactory(extensions=["XCLIENT NAME ADDR PROTO HELO", "8BITMIME", "PIPELINING"])
+        port = self.listen(factory)
+        context = {"remote_ip": "192.0.2.9", "ehlo_domain": "helo.example", "protocol": "SMTP"}
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message(context=context)],
+                                _options(forwardIdentity=True))
+        self.assertTrue(results[0]["rcpt@example.test"].ok)
+        self.assertEqual(factory.verbs(), ["EHLO", "XCLIENT", "HELO", "MAIL", "RCPT", "DATA", "QUIT"])
+        self.assertEqual(factory.lines[1], "XCLIENT HELO=helo.example PROTO=SMTP NAME=[UNAVAILABLE] ADDR=192.0.2.9")
+        self.assertEqual(factory.lines[2:4], ["HELO helo.example", "MAIL FROM:<sender@example.net>"])
+
+    @defer.inlineCallbacks
     def test_xclientOtherIdentity(self):
         """
         A message from another client, once the next hop no longer offers

@@ -140,15 +140,18 @@ class IdentityForwarding:
                     raise failure(self._refused(reply, "XCLIENT"))
             self.forwarded, self.xclientNames = attributes, names
             # Greet again as the original client did (as nginx replays the
-            # client's EHLO), so the next hop's HELO is the client's.  A
-            # client that gave none (or none a command line can carry) is
-            # not given one: greeting in the gateway's name would tell the
-            # next hop a HELO the client never sent (and pass its HELO
-            # checks).  The next hop's reset forgot the EHLO before, so then
-            # no extension is used.
+            # client's EHLO or HELO), so the next hop's HELO is the client's.
+            # A client that spoke plain SMTP (PROTO=SMTP) is replayed with
+            # HELO: an EHLO would make it ESMTP again at the next hop (its
+            # Received header, log and policy), as Postfix's EHLO does after
+            # XCLIENT PROTO=SMTP.  A client that gave none (or none a
+            # command line can carry) is not given one: greeting in the
+            # gateway's name would tell the next hop a HELO the client never
+            # sent (and pass its HELO checks).  The next hop's reset forgot
+            # the EHLO before, so without EHLO no extension is used.
             helo = message.context.get("ehlo_domain") or ""
             if re.match(r"^[\x21-\x7e]{1,255}$", helo):
-                await self._hello(helo)
+                await self._hello(helo, extended=identityValue(message.context, "PROTO") != "SMTP")
             else:
                 self.extensions = {}
         elif "XFORWARD" in self.extensions:

@@ -55,15 +55,22 @@ class Negotiation:
         await self._authenticate()
         self.setupTime = self.reactor.seconds() - self.setupStarted
 
-    async def _hello(self, name=None):
+    async def _hello(self, name=None, extended=True):
+        """
+        EHLO, or HELO if it is refused (or, without C{extended}, HELO only:
+        a session with no extensions).
+        """
         name = name or self.options.heloName
-        self.stage = "EHLO"
-        reply = await self.proto.command("EHLO " + name)
-        if reply.positive:
-            self._notMyself(reply)
-            self.extensions = _extensions(reply)
-            return
-        if reply.code != 421:  # (any other refusal: the old protocol may do, as Postfix's client tries)
+        reply = None
+        if extended:
+            self.stage = "EHLO"
+            reply = await self.proto.command("EHLO " + name)
+            if reply.positive:
+                self._notMyself(reply)
+                self.extensions = _extensions(reply)
+                return
+        # (any other refusal of EHLO: the old protocol may do, as Postfix's client tries)
+        if reply is None or reply.code != 421:
             self.stage = "HELO"
             reply = await self.proto.command("HELO " + name)
             if reply.positive:
