@@ -170,6 +170,24 @@ class OnwardXclientAcceptedTests(unittest.TestCase):
         self.assertEqual(self.refusals(), [])
 
 
+    @defer.inlineCallbacks
+    def test_utf8LoginRelayed(self):
+        # A SASL login is UTF-8 (RFC 4616): it goes onward as the xtext of
+        # its UTF-8 octets, which the next hop takes as the same login.
+        def run():
+            c = Client(self.gw.ports[0])
+            self.addCleanup(c.close)
+            self.assertEqual(c.reply()[0], 220)
+            self.assertEqual(c.cmd("XCLIENT ADDR=203.0.113.7 LOGIN=j+C3+B6rg@example.org")[0], 220)
+            self.assertEqual(c.cmd("EHLO client.example")[0], 250)
+            return sendMessage(c, subject="utf8-login")
+
+        yield inThread(run)
+        [arrived] = yield self.arrivals(1)
+        self.assertEqual(arrived.context["connection"]["auth_user"], "j\xf6rg@example.org")
+        self.assertEqual(arrived.context["connection"]["remote_ip"], "203.0.113.7")
+        self.assertEqual(self.refusals(), [])
+
 class OnwardXclientRefusalSuspendsHopTests(unittest.TestCase):
     """
     A refused onward XCLIENT breaks the delivery session before any message

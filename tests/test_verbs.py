@@ -21,7 +21,7 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from relaygw import codes
+from relaygw import codes, xtext
 from relaygw.context import ValidationContext
 from relaygw.policy import AcceptAll, IPolicy
 from relaygw.testing import ScriptedSMTPFactory, SessionHarness, receivedHeader
@@ -202,8 +202,26 @@ class XclientParseTests(unittest.TestCase):
             self.refused("NAME=" + value)
 
     def test_controlCharactersAndBadXtextRefused(self):
-        for args in ("HELO=a+0Db", "HELO=a+0Ab", "HELO=a+00b", "LOGIN=a+7Fb", "LOGIN=caf+C3+A9", "HELO=a+09b"):
+        for args in ("HELO=a+0Db", "HELO=a+0Ab", "HELO=a+00b", "LOGIN=a+7Fb", "HELO=a+09b", "HELO=a+7Fb",
+                     # A C1 control in a UTF-8 login; a login that is not UTF-8; raw 8-bit octets (not xtext).
+                     "LOGIN=a+C2+85b", "LOGIN=caf+E9", "LOGIN=caf\xc3\xa9", "HELO=caf\xc3\xa9"):
             self.refused(args)
+        for args in ("NAME=caf+C3+A9.example", "ADDR=+D9+A1.2.3.4", "PORT=+D9+A2+D9+A5", "PROTO=+C5+BFmtp"):
+            self.refused(args)
+
+    def test_utf8LoginAndEightBitHelo(self):
+        """
+        A login is UTF-8 (SASL's; relaygw forwards an AUTH login so); a
+        greeting name's 8-bit octets become "?", as in an EHLO argument.
+        """
+        self.assertEqual(xclient.parse("LOGIN=j+C3+B6rg@example.org")["LOGIN"], "j\xf6rg@example.org")
+        self.assertEqual(xclient.parse("HELO=caf+C3+A9.example")["HELO"], "caf??.example")
+        # (No special value by Unicode case mapping: "ı".upper() is "I".)
+        self.assertEqual(xclient.parse("LOGIN=+5Bunava+C4+B1lable+5D")["LOGIN"], "[unava\u0131lable]")
+
+    def test_forwardedLoginParsesBack(self):
+        """What the delivery client forwards for a UTF-8 AUTH login (xtext of its UTF-8), a relaygw next hop takes."""
+        self.assertEqual(xclient.parse("LOGIN=" + xtext.encode("j\xf6rg"))["LOGIN"], "j\xf6rg")
 
     def test_refusalNamesTheProblem(self):
         e = self.refused("ADDR=999.0.2.300")
@@ -981,6 +999,14 @@ class ClaimedIdentityPolicyTests(VerbTestCase):
         code, lines = c.cmd("RCPT TO:<b@example.net>")
         c.cmd("RSET")
         return code, lines[0][:6]
+
+    def test_utf8LoginLetsTheSessionRelay(self):
+        """An XCLIENT LOGIN= in UTF-8, xtext-encoded, as relaygw forwards an AUTH login, authenticates."""
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT LOGIN=j+C3+B6rg")[:1], (220,))
+            self.assertEqual(self.rcpt(c), (250, "2.1.5 "))
+
+        return self.session(run)
 
     def test_loginLetsTheSessionRelay(self):
         def run(c):

@@ -67,14 +67,22 @@ def _port(value):
     return int(value)
 
 
-def _decode(raw):
+def _decode(name, raw):
+    """
+    The value of attribute C{name}, xtext-decoded.  A login is UTF-8 (as
+    SASL's, RFC 4616, and so what relaygw forwards after an AUTH); a
+    greeting name's 8-bit octets are left for L{parseHelo} to make C{?}, as
+    in an EHLO argument; every other attribute is ASCII.  No value may hold
+    a control character.
+    """
     if len(raw) > xtext.MAX_ATTRIBUTE:
         raise _bad("attribute value too long")
     try:
-        value = xtext.decode(raw, lenient=True).decode("ascii")
+        octets = xtext.decode(raw, lenient=True)
+        value = octets.decode("latin-1" if name == "HELO" else "utf-8" if name == "LOGIN" else "ascii")
     except (xtext.XtextError, UnicodeDecodeError):
         raise _bad("bad attribute value")
-    if not value.isprintable():  # ASCII by now: printable is 0x20-0x7E
+    if any(c < " " or c == "\x7f" for c in value) or (name == "LOGIN" and not value.isprintable()):
         raise _bad("bad attribute value")
     return value
 
@@ -96,8 +104,8 @@ def parse(args):
             raise _bad("bad attribute %s" % (word,))
         if name not in ATTRIBUTES:
             raise _bad("unknown attribute %s" % (name,))
-        value = _decode(raw)
-        special = value.upper()
+        value = _decode(name, raw)
+        special = value.upper() if value.isascii() else value  # (no "ı".upper() == "I")
         if special in (UNAVAILABLE, TEMPUNAVAIL):
             # PROTO has no special value; [TEMPUNAVAIL] is for NAME only.
             if name == "PROTO" or (special == TEMPUNAVAIL and name != "NAME"):
