@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 
 from twisted.internet import defer
+from twisted.logger import formatEvent
 
 from relaygw.testing import PostfixInstance, freePort, inThread
 from tests.recorders import LogCapture
@@ -168,3 +169,38 @@ class PostfixRefusingXforwardTests(_PostfixNextHop):
                                if "refused XFORWARD" in e.get("log_format", "")))
         # (Postfix logged the message as the gateway's.)
         self.assertIn(": client=localhost[127.0.0.1]", self.postfix.log())
+
+
+class PostfixRefusingAHeloTests(_PostfixNextHop):
+    """A Postfix next hop whose HELO policy refuses one client's greeting name for now (450)."""
+
+    settings = {"smtpd_delay_reject": "no",
+                "smtpd_helo_restrictions": "check_helo_access inline:{ { bad.example = 450 4.7.1 go away } }"}
+
+    @defer.inlineCallbacks
+    def test_refusedClientGreetingDefersOnlyThatClient(self):
+        """
+        The next hop refusing the greeting relaygw replays for a client
+        after XCLIENT refuses that client's mail, not the next hop: however
+        many of its messages come, other clients' mail goes on at once
+        (before, three of them had the next hop suspended for everybody).
+        """
+        logs = LogCapture(self)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % self.postfixPort], "tls": "none",
+                            "forward_identity": True, "retry_min": 300, "retry_max": 600},
+                           listener={"trusted_peers": ["127.0.0.0/8"], "extensions": ["xclient"],
+                                     "relay_networks": ["192.0.2.0/24"]})
+        for n in range(4):  # (one batch each: every client its own address)
+            yield self.send(subject="bad%d" % n, rcpts=("bad%d@example.net" % n,),
+                            before=["XCLIENT ADDR=192.0.2.%d" % (10 + n,), "EHLO bad.example"])
+            yield self.until(lambda: len([e for e in logs.events if e.get("status") == "deferred"]) > n,
+                             timeout=30)
+        yield self.send(subject="good", rcpts=("good@example.net",),
+                        before=["XCLIENT ADDR=192.0.2.20", "EHLO good.example"])
+        yield self.until(lambda: len(self.sink.transactions) == 1, timeout=30)
+        self.assertEqual(self.sink.transactions[0]["rcpts"], ["good@example.net"])
+        deferred = [e for e in logs.events if e.get("status") == "deferred"]
+        self.assertEqual(len(deferred), 4)
+        for e in deferred:
+            self.assertIn("450 4.7.1 <bad.example>: Helo command rejected: go away", formatEvent(e))
+        self.assertEqual([e for e in logs.events if "suspended" in e.get("log_format", "")], [])

@@ -91,6 +91,8 @@ class IdentityForwarding:
 
     forwarded = None
     xclientNames = None
+    #: C{(attributes, result)}: the identity whose greeting the next hop refused, and its refusal.
+    refusedGreeting = None
 
     def _xclientNames(self):
         """The XCLIENT attribute names the next hop takes (or took)."""
@@ -117,6 +119,8 @@ class IdentityForwarding:
             attributes = _identityAttributes(message.context, names, xclient=True)
             if attributes == self.forwarded:
                 return
+            if self.refusedGreeting is not None and self.refusedGreeting[0] == attributes:
+                raise _MessageFailure(self.refusedGreeting[1])
             if "XCLIENT" not in self.extensions:
                 # The next hop now takes us for the previous client and no
                 # longer lets us change that: this message needs a
@@ -151,7 +155,18 @@ class IdentityForwarding:
             # the EHLO before, so without EHLO no extension is used.
             helo = message.context.get("ehlo_domain") or ""
             if re.match(r"^[\x21-\x7e]{1,255}$", helo):
-                await self._hello(helo, extended=identityValue(message.context, "PROTO") != "SMTP")
+                try:
+                    await self._hello(helo, extended=identityValue(message.context, "PROTO") != "SMTP",
+                                      refusal=_MessageFailure)
+                except _MessageFailure as e:
+                    # The next hop refused this client's greeting (its HELO
+                    # policy, say): a refusal of this client's messages, as a
+                    # refused XCLIENT is, not of the next hop, which answered
+                    # and must not be found dead for it (with the mail of
+                    # every other client).  Nothing goes out under this
+                    # identity without its greeting.
+                    self.forwarded, self.refusedGreeting = None, (attributes, e.result)
+                    raise
             else:
                 self.extensions = {}
         elif "XFORWARD" in self.extensions:

@@ -55,10 +55,11 @@ class Negotiation:
         await self._authenticate()
         self.setupTime = self.reactor.seconds() - self.setupStarted
 
-    async def _hello(self, name=None, extended=True):
+    async def _hello(self, name=None, extended=True, refusal=_SessionFailure):
         """
         EHLO, or HELO if it is refused (or, without C{extended}, HELO only:
-        a session with no extensions).
+        a session with no extensions).  A refusal other than a 421 raises
+        C{refusal} with the next hop's reply.
         """
         name = name or self.options.heloName
         reply = None
@@ -77,7 +78,8 @@ class Negotiation:
                 self._notMyself(reply)
                 self.extensions = {}
                 return
-        raise _SessionFailure(self._refused(reply, self.stage, permanentAllowed=True))
+        failure = _SessionFailure if reply.code == 421 else refusal
+        raise failure(self._refused(reply, self.stage, permanentAllowed=True))
 
     def _notMyself(self, reply):
         """
