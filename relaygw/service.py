@@ -99,6 +99,13 @@ class Delivery:
                 "bounceLifetime": relay.bounce_lifetime, "deferAll": relay.defer_all,
                 "hostname": relay.helo_name or config.listeners[0].hostname, "trace": config.log.level == "debug"}
 
+    def reloadCertificates(self, failures=None):
+        """Re-read the next hops' CA bundles (L{Router.reloadCertificates})."""
+        self.router.reloadCertificates(failures)
+
+    def watchCertificates(self):
+        self.router.watchCertificates()
+
     def apply(self, settings):
         """Swap in L{prepare}'s result: new deliveries use it; the old router's idle connections close."""
         from relaygw.relay import clientwire
@@ -189,6 +196,7 @@ class GatewayService(MultiService):
         logs.reopen()
         if not self.configPath:
             self.listeners.reloadCertificates()
+            self.delivery.reloadCertificates()
         else:
             from relaygw.reload import reloadConfig
 
@@ -196,6 +204,7 @@ class GatewayService(MultiService):
             # worker 0's refusal names it, once for the gateway.
             failures = []
             self.listeners.reloadCertificates(failures)
+            self.delivery.reloadCertificates(failures)
             if self.worker == 0:
                 if reloadConfig(self, self.configPath,
                                 share=self.role.shareConfig if self.supervisor is not None else None) is not None:
@@ -216,6 +225,7 @@ class GatewayService(MultiService):
 
     def _watchCertificates(self):
         self.listeners.watchCertificates()
+        self.delivery.watchCertificates()
 
     @defer.inlineCallbacks
     def stopService(self):

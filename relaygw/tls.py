@@ -1,7 +1,7 @@
 """
 TLS for the gateway: server settings per listener (with certificate reload and
 optional client certificates), connection details for the validation context,
-and outbound options for the delivery client.
+and the delivery client's TLS (L{ClientTLS}).
 
 A listener builds one L{ServerTLS} and passes its C{contextFactory} to
 C{transport.startTLS} (STARTTLS) or to
@@ -15,6 +15,7 @@ import datetime
 import functools
 import ipaddress
 import os
+import stat
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,14 +42,6 @@ from relaygw.trust import UNPARSABLE, parseIP
 log = Logger()
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-def _isIP(name):
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def generateSelfSigned(certPath, keyPath, hostname="localhost"):
@@ -339,49 +332,170 @@ def tlsInfo(transport):
     return info
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _OpportunisticClientTLS:
+#: The oldest TLS version the delivery client speaks, under every policy.
+CLIENT_MIN_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+def _readRegular(path):
     """
-    Client TLS that does not verify the server (SMTP "may" policy), but sends
-    SNI and uses Twisted's defaults: TLS 1.2 or later, its cipher list.
+    The bytes of C{path}, which must be a regular file: a FIFO would hold
+    the reactor until something wrote to it, a device such as /dev/zero
+    would never end.
+    """
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("%s is not a regular file" % (path,))
+        return f.read()
+
+
+def _serverName(hostname):
+    """The SNI name for C{hostname} (IDNA bytes), or C{None} for an address literal or an unencodable name."""
+    if not hostname or isIPAddress(hostname) or isIPv6Address(hostname):
+        return None
+    try:
+        return _idnaBytes(hostname)
+    except (UnicodeError, ValueError):
+        return None
+
+
+class ClientTLS:
+    """
+    The delivery client's TLS for one next hop's settings: one context that
+    verifies (against the CA bundle C{caFile}, or the platform's trust) and
+    one that does not (C{tls = "may"}), both TLS 1.2 or later, made once
+    and shared by every connection.  The CA bundle is read when the object
+    is made (at start, or for a reloaded config) and by L{reload}, never
+    per connection.
     """
 
-    def __init__(self, hostname):
-        self._hostname = hostname
-        self._options = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    def __init__(self, caFile=None):
+        """
+        @param caFile: a PEM bundle of trusted CAs instead of the platform's.
+        @raise Exception: if the bundle cannot be read or holds no certificate.
+        """
+        self.caFile = caFile
+        self._stamp = self._stat()
+        self._pem, self._verifying = self._load()
+        self._opportunistic = ssl.CertificateOptions(verify=False, raiseMinimumTo=CLIENT_MIN_VERSION).getContext()
+
+    def _stat(self):
+        if self.caFile is None:
+            return None
+        try:
+            st = os.stat(self.caFile)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _load(self):
+        """@return: C{(the bundle's bytes or None, the verifying context)}."""
+        pem = None
+        trustRoot = ssl.platformTrust()
+        if self.caFile is not None:
+            pem = _readRegular(self.caFile)
+            cas = x509.load_pem_x509_certificates(pem)
+            trustRoot = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas])
+        return pem, ssl.CertificateOptions(trustRoot=trustRoot, raiseMinimumTo=CLIENT_MIN_VERSION).getContext()
+
+    def reload(self, failures=None):
+        """
+        Re-read the CA bundle.  New connections use it; on error the old one
+        stays and the error is logged (or its log call added to
+        C{failures}, as L{ServerTLS.reload} does).
+
+        @return: C{True} if the bundle changed.
+        """
+        if self.caFile is None:
+            return False
+        self._stamp = self._stat()
+        try:
+            pem, context = self._load()
+        except Exception as e:
+            report = functools.partial(log.error, "TLS reload of CA bundle {ca} failed, keeping the current one: "
+                                       "{error}", ca=self.caFile, error=" ".join(repr(e).split()))
+            if failures is None:
+                report()
+            else:
+                failures.append(report)
+            return False
+        if pem == self._pem:
+            return False
+        self._pem, self._verifying = pem, context
+        log.info("TLS CA bundle {ca} reloaded", ca=self.caFile)
+        return True
+
+    def checkForChanges(self):
+        """Reload if the bundle's modification time, size or inode changed.  Never raises."""
+        try:
+            if self._stat() != self._stamp:
+                self.reload()
+        except Exception:
+            log.failure("TLS CA bundle reload check failed")
+
+    def creator(self, hostname, verify):
+        """
+        Options for C{startTLS} to C{hostname} (sent as SNI).
+
+        @param verify: C{True} to verify the chain and the name (failing
+            closed: L{_NameChecked}); C{False} for opportunistic TLS.
+        @return: an L{IOpenSSLClientConnectionCreator}.
+        @raise ValueError: if C{verify} and C{hostname} is no name to check.
+        """
+        if verify:
+            return _NameChecked(self._verifying, hostname)
+        return _Opportunistic(self._opportunistic, hostname)
+
+
+_platform = []
+
+
+def platformClientTLS():
+    """A L{ClientTLS} trusting the platform's CAs, made once for the process."""
+    if not _platform:
+        _platform.append(ClientTLS())
+    return _platform[0]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Opportunistic:
+    """Client TLS that does not verify the server (SMTP "may" policy), but sends SNI."""
+
+    def __init__(self, context, hostname):
+        self._context = context
+        self._serverName = _serverName(hostname)
 
     def clientConnectionForTLS(self, tlsProtocol):
-        connection = SSL.Connection(self._options.getContext(), None)
-        if self._hostname and not _isIP(self._hostname):
-            try:
-                connection.set_tlsext_host_name(self._hostname.encode("idna"))
-            except UnicodeError:
-                pass
+        connection = SSL.Connection(self._context, None)
+        if self._serverName is not None:
+            connection.set_tlsext_host_name(self._serverName)
         return connection
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _NameChecked:
     """
-    Twisted's client options (L{ssl.optionsForClientTLS}), whose check of the
-    server's name fails closed.  Twisted's own check fails the handshake
-    only on a L{VerificationError}: on any other error (cryptography cannot
-    parse a certificate that OpenSSL accepted, a PrintableString holding an
-    underscore say; service_identity refuses a name pattern such as
-    C{*.*.example}) it logs the error and lets the chain's result stand, so
-    such a certificate from a trusted CA passed for any name.
+    Client TLS that verifies the chain with C{context} and the server's name,
+    failing closed.  (Twisted's own check, in L{ssl.optionsForClientTLS},
+    fails the handshake only on a L{VerificationError}: on any other error,
+    cryptography cannot parse a certificate that OpenSSL accepted, a
+    PrintableString holding an underscore say, or service_identity refuses a
+    name pattern such as C{*.*.example}, it logs the error and lets the
+    chain's result stand, so such a certificate from a trusted CA passed for
+    any name.)
     """
 
-    def __init__(self, options, hostname):
-        self._options = options
-        # (the name as Twisted's options have it, for SNI too)
+    def __init__(self, context, hostname):
+        self._context = context
         if isIPAddress(hostname) or isIPv6Address(hostname):
             self._service = IPAddress_ID(hostname)
         else:
             self._service = DNS_ID(_idnaBytes(hostname).decode("ascii"))
+        self._serverName = _serverName(hostname)
 
     def clientConnectionForTLS(self, tlsProtocol):
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        connection = SSL.Connection(self._context, None)
+        if self._serverName is not None:
+            connection.set_tlsext_host_name(self._serverName)
         protocols = [tlsProtocol]  # (let go of at the leaf: no cycle through the connection)
         service = self._service
 
@@ -401,34 +515,3 @@ class _NameChecked:
 
         connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
-
-
-def nameChecked(hostname, trustRoot=None, **options):
-    """
-    L{ssl.optionsForClientTLS} for C{hostname}, verifying the certificate's
-    chain against C{trustRoot} and its name against C{hostname} (failing
-    closed where Twisted does not: L{_NameChecked}).
-    """
-    return _NameChecked(ssl.optionsForClientTLS(hostname, trustRoot=trustRoot, **options), hostname)
-
-
-def clientCreator(hostname, verify, caFile=None):
-    """
-    Outbound TLS options for the delivery client, for C{startTLS}.
-
-    @param hostname: the server's name (SNI, and the name verified).
-    @param verify: C{True} to verify the certificate and the name; C{False}
-        for opportunistic TLS without verification (still TLS 1.2 or later).
-    @param caFile: a PEM bundle of trusted CAs instead of the platform's.
-    @return: an L{IOpenSSLClientConnectionCreator}.
-    """
-    if not verify:
-        return _OpportunisticClientTLS(hostname)
-    trustRoot = None
-    if caFile is not None:
-        with open(caFile, "rb") as f:
-            cas = x509.load_pem_x509_certificates(f.read())
-        trustRoot = ssl.trustRootFromCertificates(
-            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in cas]
-        )
-    return nameChecked(hostname, trustRoot, extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})

@@ -17,6 +17,7 @@ from twisted.logger import formatEvent
 from twisted.mail import smtp
 from twisted.trial import unittest
 
+from relaygw import tls
 from relaygw.relay import body, client, clientwire
 from relaygw.relay.client import DeliveryOptions, OutboundMessage, RecipientResult, deliver
 from relaygw.relay.nexthop import NOT_SENT, STOPPED
@@ -55,7 +56,9 @@ CONTENT_7BIT = (
 )
 
 
-def _options(**kw):
+def _options(caFile=None, **kw):
+    if caFile is not None:
+        kw["clientTLS"] = tls.ClientTLS(caFile)
     kw.setdefault("heloName", "relay.example.net")
     kw.setdefault("timeout", 5)
     return DeliveryOptions(**kw)

@@ -9,6 +9,7 @@ import socket
 import ssl
 
 from cryptography import x509
+from OpenSSL import SSL
 from cryptography.hazmat.primitives import hashes
 from zope.interface import implementer
 
@@ -413,26 +414,54 @@ class ClientCertificateTests(_Fixture, unittest.TestCase):
         self.assertEqual(verified, (True, "CN=lb1"))
 
 
-class ClientCreatorTests(_Fixture, unittest.TestCase):
+class ClientTLSTests(_Fixture, unittest.TestCase):
     def test_verify(self):
         """
-        C{verify=True} gives Twisted's verifying client options, with a CA
-        file if given.
+        C{creator(name, True)} verifies the peer, and sends the name as SNI.
         """
         self.setUpFiles()
-        creator = tls.clientCreator("localhost", True, caFile=self.cert)
+        creator = tls.ClientTLS(self.cert).creator("localhost", True)
         self.assertTrue(IOpenSSLClientConnectionCreator.providedBy(creator))
-        self.assertNotIsInstance(creator, tls._OpportunisticClientTLS)
+        connection = creator.clientConnectionForTLS(None)
+        self.assertEqual(connection.get_servername(), b"localhost")
+        self.assertTrue(connection.get_verify_mode() & SSL.VERIFY_PEER)
 
     def test_noVerify(self):
         """
-        C{verify=False} does not verify but sends SNI.
+        C{creator(name, False)} does not verify but sends SNI; an address
+        literal is sent as no SNI.
         """
-        creator = tls.clientCreator("mx.example.com", False)
+        creator = tls.ClientTLS().creator("mx.example.com", False)
         self.assertTrue(IOpenSSLClientConnectionCreator.providedBy(creator))
         connection = creator.clientConnectionForTLS(None)
         self.assertEqual(connection.get_servername(), b"mx.example.com")
-        self.assertEqual(connection.get_context().get_verify_mode(), 0)
+        self.assertEqual(connection.get_verify_mode(), 0)
+        self.assertIsNone(tls.ClientTLS().creator("192.0.2.1", False).clientConnectionForTLS(None).get_servername())
+
+    def test_minimumVersion(self):
+        """Both kinds of connection refuse TLS below 1.2 (the delivery client used Twisted's TLS 1.0 for "may")."""
+        from OpenSSL._util import lib
+
+        client = tls.ClientTLS()
+        for verify in (False, True):
+            context = client.creator("mx.example.com", verify).clientConnectionForTLS(None).get_context()
+            options = lib.SSL_CTX_get_options(context._context)
+            self.assertTrue(options & SSL.OP_NO_TLSv1 and options & SSL.OP_NO_TLSv1_1, verify)
+
+    def test_oneContextPerSettings(self):
+        """Every connection shares the settings' contexts: nothing is built or read per connection."""
+        self.setUpFiles()
+        client = tls.ClientTLS(self.cert)
+        contexts = {client.creator(name, verify).clientConnectionForTLS(None).get_context()
+                    for name in ("a.example", "b.example") for verify in (True, True)}
+        self.assertEqual(len(contexts), 1)
+
+    def test_caRefusedIfNotRegular(self):
+        """A CA bundle that is a FIFO is refused at once, unread."""
+        self.setUpFiles()
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        self.assertRaises(ValueError, tls.ClientTLS, fifo)
 
     @defer.inlineCallbacks
     def handshake(self, creator):
@@ -473,12 +502,66 @@ class ClientCreatorTests(_Fixture, unittest.TestCase):
         server = tls.ServerTLS(self.cert, self.key)
         ServerTLSTests.listen(self, server)
         serial = server.certificate.serial_number
-        cert = yield self.handshake(tls.clientCreator("localhost", False))
+        cert = yield self.handshake(tls.ClientTLS().creator("localhost", False))
         self.assertEqual(cert.to_cryptography().serial_number, serial)
-        cert = yield self.handshake(tls.clientCreator("localhost", True, self.cert))
+        cert = yield self.handshake(tls.ClientTLS(self.cert).creator("localhost", True))
         self.assertEqual(cert.to_cryptography().serial_number, serial)
-        cert = yield self.handshake(tls.clientCreator("mx.example.com", True, self.cert))
+        cert = yield self.handshake(tls.ClientTLS(self.cert).creator("mx.example.com", True))
         self.assertIsNone(cert)
         _, otherCA = makeCA("Other CA")
-        cert = yield self.handshake(tls.clientCreator("localhost", True, writePEM(self.path("o.pem"), otherCA)))
+        cert = yield self.handshake(tls.ClientTLS(writePEM(self.path("o.pem"), otherCA)).creator("localhost", True))
         self.assertIsNone(cert)
+
+    @defer.inlineCallbacks
+    def test_caReadOnce(self):
+        """
+        The CA bundle is read when the settings are made, not per
+        connection: replaced by a FIFO (which a read would wait on) or by
+        another CA, handshakes still verify against the bundle as it was.
+        """
+        self.setUpFiles()
+        server = tls.ServerTLS(self.cert, self.key)
+        ServerTLSTests.listen(self, server)
+        ca = self.path("ca.pem")
+        shutil.copy(self.cert, ca)
+        client = tls.ClientTLS(ca)
+        _, otherCA = makeCA("Other CA")
+        writePEM(ca, otherCA)
+        cert = yield self.handshake(client.creator("localhost", True))
+        self.assertEqual(cert.to_cryptography().serial_number, server.certificate.serial_number)
+        os.unlink(ca)
+        os.mkfifo(ca)
+        cert = yield self.handshake(client.creator("localhost", True))
+        self.assertEqual(cert.to_cryptography().serial_number, server.certificate.serial_number)
+
+    @defer.inlineCallbacks
+    def test_reload(self):
+        """
+        L{ClientTLS.reload} takes a new CA bundle; one it cannot read (not
+        a regular file, no certificate) leaves the current one, with one
+        error line each.
+        """
+        self.setUpFiles()
+        server = tls.ServerTLS(self.cert, self.key)
+        ServerTLSTests.listen(self, server)
+        ca = self.path("ca.pem")
+        _, otherCA = makeCA("Other CA")
+        writePEM(ca, otherCA)
+        client = tls.ClientTLS(ca)
+        self.assertIsNone((yield self.handshake(client.creator("localhost", True))))
+        shutil.copy(self.cert, ca)
+        self.assertTrue(client.reload())
+        self.assertIsNotNone((yield self.handshake(client.creator("localhost", True))))
+        errors = []
+        self.patch(tls.log, "error", lambda fmt, **kw: errors.append(fmt.format(**kw)))
+        with open(ca, "w") as f:
+            f.write("not a certificate\n")
+        self.assertFalse(client.reload())
+        os.unlink(ca)
+        os.mkfifo(ca)
+        self.assertFalse(client.reload())
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(all(e.startswith("TLS reload of CA bundle %s failed, keeping the current one: " % ca)
+                            and "\n" not in e for e in errors), errors)
+        self.assertIn("not a regular file", errors[1])
+        self.assertIsNotNone((yield self.handshake(client.creator("localhost", True))))

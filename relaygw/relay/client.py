@@ -85,7 +85,8 @@ class DeliveryOptions:
         check) or C{"verify"} (STARTTLS required, certificate verified).
     @ivar tlsHostname: the name the certificate must match under
         C{"verify"} (default: the host given to L{deliver}).
-    @ivar caFile: a PEM CA bundle for C{"verify"} (C{None}: platform trust).
+    @ivar clientTLS: the next hop's L{relaygw.tls.ClientTLS} (its CA bundle
+        for C{"verify"}; C{None}: the platform's trust).
     @ivar auth: C{(user, password)} for AUTH PLAIN (or LOGIN) when offered.
     @ivar forwardIdentity: pass the original client's identity on with
         XCLIENT (preferred) or XFORWARD when the next hop offers them.
@@ -105,7 +106,7 @@ class DeliveryOptions:
     heloName: str
     tls: str = "may"
     tlsHostname: Optional[str] = None
-    caFile: Optional[str] = None
+    clientTLS: Optional[object] = None
     auth: Optional[tuple] = None
     forwardIdentity: bool = False
     timeout: float = 300

@@ -5,9 +5,7 @@ policy) and AUTH.
 """
 
 import base64
-import re
 
-from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 
@@ -18,8 +16,6 @@ from relaygw.relay.mx import SMTP_PORT
 from relaygw.relay.nexthop import loopsBack
 
 log = Logger(namespace="relaygw.relay.client")
-
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 class Negotiation:
@@ -95,16 +91,8 @@ class Negotiation:
         raise _SessionFailure(loopsBack(self.options.destination or self.host, self.options.bestMX))
 
     def _tlsOptions(self):
-        if self.options.tls != "verify":
-            return ssl.CertificateOptions()
-        trustRoot = None
-        if self.options.caFile:
-            with open(self.options.caFile, "rb") as f:
-                pems = _PEM_CERTIFICATE.findall(f.read())
-            if not pems:
-                raise ValueError("no certificate in %s" % (self.options.caFile,))
-            trustRoot = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
-        return tls.nameChecked(self.options.tlsHostname or self.host, trustRoot)
+        settings = self.options.clientTLS or tls.platformClientTLS()
+        return settings.creator(self.options.tlsHostname or self.host, self.options.tls == "verify")
 
     async def _startTLS(self):
         policy = self.options.tls

@@ -11,12 +11,13 @@ from zope.interface import implementer
 
 from relaygw import config as _config
 from relaygw.commands import addressDomain, canonicalDomain
+from relaygw.tls import ClientTLS
 from relaygw.relay import mx
 from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
 
 
-def _options(hop, heloName, ownNames, destination=None):
+def _options(hop, heloName, ownNames, clientTLS, destination=None):
     from relaygw.relay.client import DeliveryOptions
 
     return DeliveryOptions(
@@ -25,7 +26,7 @@ def _options(hop, heloName, ownNames, destination=None):
         destination=destination,
         tls=hop.tls,
         tlsHostname=None,
-        caFile=hop.tls_ca,
+        clientTLS=clientTLS,
         auth=(hop.auth_user, hop.auth_password) if hop.auth_user else None,
         forwardIdentity=hop.forward_identity,
         timeout=hop.command_timeout,
@@ -62,6 +63,8 @@ class HopSpec:
         self.connections = hop.destination_concurrency if connections is None else connections
         self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
         self.hop = hop
+        #: Its outbound TLS (the CA bundle read here, once, and at a reload), shared by its next hops.
+        self.clientTLS = ClientTLS(hop.tls_ca) if hop.tls != "none" and (hop.smarthosts or hop.mx) else None
         self.reactor = reactor
         self.heloName = heloName
         self.resolver = resolver
@@ -82,7 +85,7 @@ class HopSpec:
         if hop.smarthosts:
             if None not in self.cache:
                 hosts = [_config.parseHostPort(h) for h in hop.smarthosts]
-                options = _options(hop, self.heloName, self.ownNames)
+                options = _options(hop, self.heloName, self.ownNames, self.clientTLS)
                 # tlsHostname stays None: each smarthost's certificate is
                 # verified against the name that smarthost was configured
                 # with (the host the client connects to), not the first one's.
@@ -92,7 +95,7 @@ class HopSpec:
             if domain not in self.cache:
                 if len(self.cache) >= self._sweepAt:
                     self._sweep()
-                options = _options(hop, self.heloName, self.ownNames, domain)
+                options = _options(hop, self.heloName, self.ownNames, self.clientTLS, domain)
                 # tlsHostname stays None: each MX host's certificate is checked against its own name.
                 hosts = mxHosts(self.resolver(), domain, self.isSelf)
                 self.cache[domain] = self._smtpHop("mx:%s" % domain, hosts, options)
@@ -163,6 +166,21 @@ class Router:
                                    replaced=replaced), tuple(canonicalDomain(d) for d in r.domains))
                        for i, r in enumerate(config.routes)]
 
+    def _specs(self):
+        return [self.default] + [spec for _, spec, _ in self.routes]
+
+    def reloadCertificates(self, failures=None):
+        """Re-read every next hop's CA bundle (L{ClientTLS.reload}): new connections use it."""
+        for spec in self._specs():
+            if spec.clientTLS is not None:
+                spec.clientTLS.reload(failures)
+
+    def watchCertificates(self):
+        """Reload a CA bundle whose file changed."""
+        for spec in self._specs():
+            if spec.clientTLS is not None:
+                spec.clientTLS.checkForChanges()
+
     def resolver(self):
         if self._resolver is None:
             server = _config.parseHostPort(self.relay.resolver, 53) if self.relay.resolver else None
@@ -177,7 +195,7 @@ class Router:
         return defer.gatherResults([hop.closeIdle() for hop in hops])
 
     def _smtpHops(self):
-        return [hop for spec in [self.default] + [spec for _, spec, _ in self.routes] for hop in spec.smtpHops()]
+        return [hop for spec in self._specs() for hop in spec.smtpHops()]
 
     @property
     def unused(self):
