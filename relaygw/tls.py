@@ -348,12 +348,21 @@ def _readRegular(path):
         return f.read()
 
 
+def _dnsName(hostname):
+    """
+    C{hostname} as the name a certificate holds and SNI sends: without the
+    final dot of an absolute name (C{relay.example.net.}), which neither
+    has (RFC 6066 section 3, RFC 6125 section 6.2.1).
+    """
+    return hostname[:-1] if hostname.endswith(".") and not hostname.endswith("..") else hostname
+
+
 def _serverName(hostname):
     """The SNI name for C{hostname} (IDNA bytes), or C{None} for an address literal or an unencodable name."""
     if not hostname or isIPAddress(hostname) or isIPv6Address(hostname):
         return None
     try:
-        return _idnaBytes(hostname)
+        return _idnaBytes(_dnsName(hostname))
     except (UnicodeError, ValueError):
         return None
 
@@ -489,7 +498,7 @@ class _NameChecked:
         if isIPAddress(hostname) or isIPv6Address(hostname):
             self._service = IPAddress_ID(hostname)
         else:
-            self._service = DNS_ID(_idnaBytes(hostname).decode("ascii"))
+            self._service = DNS_ID(_idnaBytes(_dnsName(hostname)).decode("ascii"))
         self._serverName = _serverName(hostname)
 
     def clientConnectionForTLS(self, tlsProtocol):

@@ -1314,6 +1314,19 @@ class STARTTLSTests(_DeliveryTestCase):
         self.assertEqual([m[2] for m in self.mailbox.messages], [content])
 
     @defer.inlineCallbacks
+    def test_verifyAbsoluteName(self):
+        """
+        "verify" for a name written with the root's final dot (a smarthost
+        configured as C{[mx.example.test.]}) checks and sends the name
+        without it, as certificates and SNI hold names: before, the check
+        compared C{mx.example.test.} with the certificate's
+        C{mx.example.test} and every delivery was deferred.
+        """
+        results = yield self.send(tls="verify", tlsHostname="mx.example.test.", caFile=self.caFile)
+        self.assertTrue(results[0]["rcpt@example.test"].ok, results)
+        self.assertEqual(self.factory.connections[0].transport.getHandle().get_servername(), b"mx.example.test")
+
+    @defer.inlineCallbacks
     def test_verifyWrongName(self):
         """"verify" against another name fails, temporarily, before MAIL."""
         results = yield self.send(tls="verify", tlsHostname="wrong.example.test", caFile=self.caFile)
