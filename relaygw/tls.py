@@ -44,6 +44,18 @@ log = Logger()
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+def _readRegular(path):
+    """
+    The bytes of C{path}, which must be a regular file: a FIFO would hold
+    the reactor until something wrote to it, a device such as /dev/zero
+    would never end.
+    """
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError("%s is not a regular file" % (path,))
+        return f.read()
+
+
 def generateSelfSigned(certPath, keyPath, hostname="localhost"):
     """
     Create a self-signed certificate and its ECDSA P-256 key, valid for
@@ -193,10 +205,7 @@ class ServerTLS:
 
         @return: C{(file contents, context, leaf certificate, CA store)}.
         """
-        files = []
-        for path in self._paths():
-            with open(path, "rb") as f:
-                files.append(f.read())
+        files = [_readRegular(path) for path in self._paths()]
         certPEM, keyPEM = files[0], files[1]
         chain = x509.load_pem_x509_certificates(certPEM)
         key = serialization.load_pem_private_key(keyPEM, password=None)
@@ -334,18 +343,6 @@ def tlsInfo(transport):
 
 #: The oldest TLS version the delivery client speaks, under every policy.
 CLIENT_MIN_VERSION = ssl.TLSVersion.TLSv1_2
-
-
-def _readRegular(path):
-    """
-    The bytes of C{path}, which must be a regular file: a FIFO would hold
-    the reactor until something wrote to it, a device such as /dev/zero
-    would never end.
-    """
-    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError("%s is not a regular file" % (path,))
-        return f.read()
 
 
 def _dnsName(hostname):

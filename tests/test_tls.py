@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import ssl
+import threading
+import time
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -280,6 +282,40 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         self.assertFalse(server.reload())
         server.checkForChanges()
         self.assertIs(server.certificate, before)
+
+    def test_reloadRefusesFIFO(self):
+        """
+        A key file replaced by a FIFO is refused at once, unread, and the
+        current certificate stays (before: the watch that reloads a changed
+        file opened it on the reactor, and every session and delivery
+        waited until something wrote to it).
+        """
+        server = tls.ServerTLS(self.cert, self.key)
+        before = server.certificate
+        os.unlink(self.key)
+        os.mkfifo(self.key)
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def writer():
+            # (were it read, each read would wait for a writer: one comes after 10 s, for the test to end)
+            if done.wait(10):
+                return
+            while not done.wait(0.1):
+                try:
+                    os.close(os.open(self.key, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
+        threading.Thread(target=writer, daemon=True).start()
+        errors = []
+        self.patch(tls.log, "error", lambda fmt, **kw: errors.append(fmt.format(**kw)))
+        started = time.monotonic()
+        server.checkForChanges()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIs(server.certificate, before)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("not a regular file", errors[0])
 
     def test_checkForChanges(self):
         """
