@@ -42,16 +42,25 @@ def _listener(report, where, l):
     _policy(report, where + ".policy", l)
 
 
-def _readable(report, key, path, what):
+def _readable(report, key, path, what, pem=False):
     """
     The file's bytes, or C{None} after reporting why it cannot be read.
     Only a regular file is read: a FIFO would hold the check (and a
     reload, which runs it on the reactor) until something writes to it,
-    and a device such as /dev/zero would never end.
+    and a device such as /dev/zero would never end.  A C{pem} file
+    (certificate, key, CA bundle) larger than L{relaygw.tls.MAX_PEM_SIZE}
+    is refused unread.
     """
     try:
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                if pem:
+                    from relaygw import tls
+
+                    if st.st_size > tls.MAX_PEM_SIZE:
+                        report.add(key, "%s (expected %s)" % (tls.oversized(path, st.st_size), what))
+                        return None
                 return f.read()
             report.add(key, "%s is not a regular file (expected %s)" % (path, what))
     except IsADirectoryError:
@@ -64,7 +73,7 @@ def _readable(report, key, path, what):
 def _certificates(report, key, path, what):
     from cryptography import x509
 
-    data = _readable(report, key, path, what)
+    data = _readable(report, key, path, what, pem=True)
     if data is None:
         return None
     try:
@@ -92,7 +101,7 @@ def _serverTLS(report, where, l):
         return
     chain = _certificates(report, where + ".tls_certificate", l.tls_certificate,
                           "a readable PEM certificate, leaf first")
-    keyPEM = _readable(report, where + ".tls_key", l.tls_key, "a readable PEM private key")
+    keyPEM = _readable(report, where + ".tls_key", l.tls_key, "a readable PEM private key", pem=True)
     if keyPEM is None:
         return
     try:

@@ -44,16 +44,30 @@ log = Logger()
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+#: The most octets a certificate, key or CA bundle file may have (the
+#: platform's whole CA bundle is about 0.2 MiB): a larger one is refused
+#: unread, not read into memory on the reactor.
+MAX_PEM_SIZE = 16 * 1024 * 1024
+
+
 def _readRegular(path):
     """
     The bytes of C{path}, which must be a regular file: a FIFO would hold
     the reactor until something wrote to it, a device such as /dev/zero
-    would never end.
+    would never end; and of at most L{MAX_PEM_SIZE} octets.
     """
     with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError("%s is not a regular file" % (path,))
-        return f.read()
+        if st.st_size > MAX_PEM_SIZE:
+            raise ValueError(oversized(path, st.st_size))
+        return f.read(MAX_PEM_SIZE + 1)
+
+
+def oversized(path, size):
+    """Why the PEM file C{path} of C{size} octets is refused."""
+    return "%s is %d octets, over the %d a PEM file may have" % (path, size, MAX_PEM_SIZE)
 
 
 def generateSelfSigned(certPath, keyPath, hostname="localhost"):

@@ -40,6 +40,9 @@ class BrokenConfigTests(unittest.TestCase):
         os.makedirs(os.path.join(self.maildirWithNewAFile, "tmp"))
         with open(os.path.join(self.maildirWithNewAFile, "new"), "w"):
             pass
+        self.huge = os.path.join(d, "huge.pem")  # (1 TiB, sparse)
+        with open(self.huge, "wb") as f:
+            f.truncate(1 << 40)
         self.latin1 = os.path.join(d, "passwd-latin1")
         with open(self.latin1, "wb") as f:
             f.write(b"j\xf6rg:$scrypt$x\n")
@@ -85,6 +88,10 @@ class BrokenConfigTests(unittest.TestCase):
             ("missing credentials", {"listeners": ({"credentials": missing},)},
              "listener[0].credentials", "cannot read"),
             ("missing relay CA", {"relay": {"tls_ca": missing}}, "relay.tls_ca", "cannot read"),
+            ("huge relay CA", {"relay": {"tls_ca": self.huge}}, "relay.tls_ca",
+             "1099511627776 octets, over the 16777216 a PEM file may have"),
+            ("huge key", {"listeners": (dict(tls, tls_key=self.huge),)}, "listener[0].tls_key",
+             "1099511627776 octets, over the 16777216 a PEM file may have"),
             ("AUTH credentials with MX delivery", {"relay": {"mx": True, "auth_user": "u", "auth_password": "p"}},
              "relay.auth_user", "every recipient domain's MX host"),
             ("a route's AUTH credentials with MX delivery", {"routes": ({"domains": ["x.example"], "mx": True,

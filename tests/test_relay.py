@@ -1314,6 +1314,32 @@ class TLSTests(RelayTestCase):
         self.assertTrue(hop.transactions[0]["tls"])
 
     @defer.inlineCallbacks
+    def test_reloadWithHugeCAKeepsTheOld(self):
+        """
+        A CA bundle file grown to 1 TiB (sparse) is refused unread, at a
+        reload and by the watch for changed files, with one error line
+        each; deliveries still verify with the one loaded.  (Before, the
+        checks of a reload read it: MemoryError, a traceback and no line
+        naming the key; a few GiB were read on the reactor.)
+        """
+        hop, port = self.hop(tls=self.serverTLS)
+        ca = self.copyCA(self.ca)
+        yield self.gateway({"smarthosts": ["[localhost]:%d" % port], "tls": "verify", "tls_ca": ca})
+        self.gw.service.configPath = self.gw.path
+        os.truncate(ca, 1 << 40)
+        logs = LogCapture(self)
+        self.gw.service.delivery.watchCertificates()
+        self.gw.service.reload()
+        errors = [formatEvent(e) for e in logs.events if e["log_level"].name in ("error", "critical")]
+        tooBig = "%s is 1099511627776 octets, over the 16777216 a PEM file may have" % (ca,)
+        self.assertEqual(errors, [
+            "TLS reload of CA bundle %s failed, keeping the current one: ValueError('%s')" % (ca, tooBig),
+            "reload refused, keeping the running config: relaygw.toml: relay.tls_ca: %s (expected a readable PEM "
+            "CA bundle)" % (tooBig,)])
+        yield self.send()
+        yield self.delivered(hop, 1)
+
+    @defer.inlineCallbacks
     def test_verifyWithWrongCAStaysQueued(self):
         hop, port = self.hop(tls=self.serverTLS)
         yield self.gateway({"smarthosts": ["[localhost]:%d" % port], "tls": "verify", "tls_ca": self.otherCA})
