@@ -368,12 +368,26 @@ def _dnsName(hostname):
     return hostname[:-1] if hostname.endswith(".") and not hostname.endswith("..") else hostname
 
 
+def _asciiName(hostname):
+    """
+    C{hostname} (without a final dot) as ASCII bytes: as written if it is
+    ASCII (IDNA's strict rules would refuse an underscore, which DNS and
+    private CAs' certificates hold), else IDNA-encoded.
+
+    @raise ValueError: for a name IDNA cannot encode.
+    """
+    name = _dnsName(hostname)
+    if name.isascii():
+        return name.encode("ascii")
+    return _idnaBytes(name)
+
+
 def _serverName(hostname):
-    """The SNI name for C{hostname} (IDNA bytes), or C{None} for an address literal or an unencodable name."""
+    """The SNI name for C{hostname}, or C{None} for an address literal or an unencodable name."""
     if not hostname or isIPAddress(hostname) or isIPv6Address(hostname):
         return None
     try:
-        return _idnaBytes(_dnsName(hostname))
+        return _asciiName(hostname)
     except (UnicodeError, ValueError):
         return None
 
@@ -509,7 +523,7 @@ class _NameChecked:
         if isIPAddress(hostname) or isIPv6Address(hostname):
             self._service = IPAddress_ID(hostname)
         else:
-            self._service = DNS_ID(_idnaBytes(_dnsName(hostname)).decode("ascii"))
+            self._service = DNS_ID(_asciiName(hostname).decode("ascii"))
         self._serverName = _serverName(hostname)
 
     def clientConnectionForTLS(self, tlsProtocol):

@@ -1327,6 +1327,24 @@ class STARTTLSTests(_DeliveryTestCase):
         self.assertEqual(self.factory.connections[0].transport.getHandle().get_servername(), b"mx.example.test")
 
     @defer.inlineCallbacks
+    def test_verifyNameWithUnderscore(self):
+        """
+        "verify" for a host name with an underscore (C{mx_1.example.test}:
+        in DNS and in a private CA's certificates, though no host name
+        RFC 1123 allows) checks it as written and delivers.  Before, the
+        strict IDNA encoding of the name raised before STARTTLS: every
+        delivery deferred 4.7.5 "cannot set up TLS", with a traceback.
+        """
+        caKey, key = newKey(), newKey()
+        ca = _certificate("Underscore CA", "Underscore CA", caKey, caKey, True)
+        cert = _certificate("mx_1.example.test", "Underscore CA", caKey, key, False, ["mx_1.example.test"])
+        port = self.listen(_ServerFactory(self.mailbox, ssl.PrivateCertificate.loadPEM(pem(cert) + pem(key)).options()))
+        options = _options(tls="verify", tlsHostname="mx_1.example.test", caFile=self.body(pem(ca)))
+        results = yield deliver(reactor, "127.0.0.1", port, [self.message()], options)
+        self.assertTrue(results[0]["rcpt@example.test"].ok, results)
+        self.assertEqual(len(self.mailbox.messages), 1)
+
+    @defer.inlineCallbacks
     def test_verifyWrongName(self):
         """"verify" against another name fails, temporarily, before MAIL."""
         results = yield self.send(tls="verify", tlsHostname="wrong.example.test", caFile=self.caFile)
