@@ -11,7 +11,7 @@ from zope.interface import implementer
 
 from relaygw import config as _config
 from relaygw.commands import addressDomain, canonicalDomain
-from relaygw.tls import ClientTLS
+from relaygw.tls import ClientTLS, platformClientTLS
 from relaygw.relay import mx
 from relaygw.relay.nexthop import IRouter
 from relaygw.relay.smtp import SMTPNextHop, mxHosts, smarthostList
@@ -64,7 +64,9 @@ class HopSpec:
         self.deadFor = deadFor  # (how long a destination found dead stays so: [relay] retry_min)
         self.hop = hop
         #: Its outbound TLS (the CA bundle read here, once, and at a reload), shared by its next hops.
-        self.clientTLS = ClientTLS(hop.tls_ca) if hop.tls != "none" and (hop.smarthosts or hop.mx) else None
+        self.clientTLS = None
+        if hop.tls != "none" and (hop.smarthosts or hop.mx):
+            self.clientTLS = ClientTLS(hop.tls_ca) if hop.tls_ca else platformClientTLS()
         self.reactor = reactor
         self.heloName = heloName
         self.resolver = resolver
