@@ -820,10 +820,25 @@ class SmarthostTests(RelayTestCase):
         yield self.until(lambda: hop.transactions and self.spoolEmpty())
         [bounce] = hop.transactions
         self.assertEqual(bounce["rcpts"], ["a@example.org"])
-        self.assertIn(b"Status: 5.4.1", bounce["data"])
         statuses = [e["status"] for e in logs.events if e.get("event") == "delivery" and e["to"] == "slow@example.net"]
         self.assertEqual(statuses[-1], "expired")
         self.assertEqual(set(statuses[:-1]), {"deferred"})
+        # The report keeps the last temporary status, as Postfix's: nothing said the failure was permanent.
+        block = deliveryStatus(bounce["data"])[1]
+        self.assertEqual((block["Action"], block["Status"]), ("failed", "4.4.1"))
+        self.assertEqual(block["Diagnostic-Code"], "smtp; 451 4.4.1 come back later")
+
+    @defer.inlineCallbacks
+    def test_lifetimeExpiryWithoutEnhancedCode(self):
+        """A recipient that expires after a 4xx with no enhanced code: its Status is the reply's class, 4.0.0."""
+        hop, port = self.hop(rcpt={"slow@example.net": "450 mailbox busy"})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "max_lifetime": 0.5})
+        yield self.send(rcpts=("slow@example.net",))
+        yield self.until(lambda: hop.transactions and self.spoolEmpty())
+        [bounce] = hop.transactions
+        block = deliveryStatus(bounce["data"])[1]
+        self.assertEqual((block["Action"], block["Status"]), ("failed", "4.0.0"))
+        self.assertEqual(block["Diagnostic-Code"], "smtp; 450 mailbox busy")
 
     @defer.inlineCallbacks
     def test_bounceNamesTheRemoteMTA(self):

@@ -186,9 +186,14 @@ def buildReport(message, results, hostname, success=False, now=None):
             status = result.enhanced if result.enhanced and result.enhanced[0] == "2" else "2.0.0"
         else:
             action = "failed"
-            status = result.enhanced if result.enhanced and result.enhanced[0] in "45" else "5.0.0"
-            if status[0] == "4":  # the queue lifetime ran out on a temporary failure
-                status = "5" + status[1:]
+            # A recipient whose lifetime ran out on temporary failures keeps
+            # their last status (4.x.x, Action: failed), as Postfix's bounces
+            # do: RFC 3464 section 2.3.4 has the Status say what went wrong,
+            # and nothing ever said it was permanent.
+            if result.enhanced and result.enhanced[0] in "45":
+                status = result.enhanced
+            else:
+                status = "4.0.0" if result.temporary else "5.0.0"
         if result.reply:  # (the next hop's reply, and its name: RFC 3464 sections 2.3.5, 2.3.6)
             diagnostic = _cut("Diagnostic-Code: smtp; " + reply)
             if result.relay:
