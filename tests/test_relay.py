@@ -2633,3 +2633,116 @@ class SilentDNSSlotsTests(RelayTestCase):
         self.assertLess(time.monotonic() - started, 5)
         spool = self.gw.service.spool
         self.assertEqual([spool.readState(qid).get("attempts") for qid in slow], [None] * 6)  # no attempt counted
+
+
+class RecipientLimitServer(ScriptedSMTPServer):
+    """A next hop that takes C{factory.limit} recipients per transaction, "452 4.5.3 too many recipients" after."""
+
+    def lineReceived(self, line):
+        if not self.inData and line.upper().startswith(b"RCPT ") and len(self.accepted) >= self.factory.limit:
+            self.factory.lines.append(line.decode())
+            self.reply("452 4.5.3 Error: too many recipients")
+            return
+        ScriptedSMTPServer.lineReceived(self, line)
+
+
+class RecipientLimitFactory(ScriptedSMTPFactory):
+    protocol = RecipientLimitServer
+
+    def __init__(self, limit, **kw):
+        ScriptedSMTPFactory.__init__(self, **kw)
+        self.limit = limit
+
+
+class TooManyRecipientsTests(RelayTestCase):
+    """
+    A next hop that takes only so many recipients per transaction (452
+    4.5.3 for the others): the rest go at once in new transactions, in
+    chunks as RFC 5321 section 4.5.3.1.10 has a client send them, not at
+    the retry intervals.
+    """
+
+    @defer.inlineCallbacks
+    def limitedGateway(self, limit, extensions=("PIPELINING",)):
+        hop, port = self.hop(factory=RecipientLimitFactory(limit, extensions=list(extensions)))
+        # (a retry long after the test's end: only the first attempt delivers)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        return hop
+
+    @defer.inlineCallbacks
+    def assertDeliveredInTransactionsOf(self, extensions):
+        hop = yield self.limitedGateway(10, extensions)
+        rcpts = ["r%02d@example.net" % n for n in range(35)]
+        yield self.send(rcpts=rcpts)
+        yield self.until(lambda: self.spoolEmpty(), timeout=10)
+        self.assertEqual([len(t["rcpts"]) for t in hop.transactions], [10, 10, 10, 5])
+        self.assertEqual(hop.recipients(), rcpts)
+        self.assertEqual(len(hop.connections), 1)
+        self.assertEqual(len({t["data"] for t in hop.transactions}), 1)
+
+    def test_restGoAtOncePipelined(self):
+        return self.assertDeliveredInTransactionsOf(["PIPELINING"])
+
+    def test_restGoAtOnceWithoutPipelining(self):
+        return self.assertDeliveredInTransactionsOf([])
+
+    @defer.inlineCallbacks
+    def test_refusedFromTheFirstIsADeferral(self):
+        """
+        A next hop that answers 452 to every RCPT, the first one too: an
+        ordinary deferral, one transaction per attempt, no loop.
+        """
+        hop = yield self.limitedGateway(0)
+        yield self.send(rcpts=("a@example.net", "b@example.net"))
+        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(hop.verbs().count("MAIL"), 1)
+        self.assertEqual(hop.transactions, [])
+        [qid] = self.gw.service.spool.queueIds()
+        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
+        self.assertEqual({r["status"] for r in rcpts.values()}, {"deferred"})
+
+    @defer.inlineCallbacks
+    def test_restDeferredWhenDataRefused(self):
+        """
+        A transaction that does not deliver (DATA refused) leads to no
+        other: the recipients left over are deferred with the 452 each got.
+        """
+        hop, port = self.hop(factory=RecipientLimitFactory(2, extensions=["PIPELINING"],
+                                                           replies={"DATA": "451 4.3.0 try later"}))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        yield self.send(rcpts=["r%d@example.net" % n for n in range(5)])
+        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        self.assertEqual(hop.verbs().count("MAIL"), 1)
+        [qid] = self.gw.service.spool.queueIds()
+        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
+        self.assertEqual([rcpts["r%d@example.net" % n]["result"] for n in range(5)],
+                         ["451 4.3.0 try later"] * 2 + ["452 4.5.3 Error: too many recipients"] * 3)
+
+    def test_closingAtTheRestSendsNoneAgain(self):
+        """
+        A next hop that closes (421 to the next MAIL: its messages per
+        connection) before the new transaction for the recipients left
+        over: those recipients are deferred with that reply, and those it
+        took are not sent again (as a message the connection never got to
+        would be, whole: again and again, before).
+        """
+        return self.assertClosedAtTheRest("421 4.7.0", mailLimit=1)
+
+    def test_closedBeforeTheRestSendsNoneAgain(self):
+        """The same, with the connection closed right after the end-of-data reply."""
+        return self.assertClosedAtTheRest("451 4.4.2 connection to", perConnection=1)
+
+    @defer.inlineCallbacks
+    def assertClosedAtTheRest(self, reply, **kw):
+        hop, port = self.hop(factory=RecipientLimitFactory(2, extensions=["PIPELINING"], **kw))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        yield self.send(rcpts=["r%d@example.net" % n for n in range(5)])
+        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
+        [qid] = self.gw.service.spool.queueIds()
+        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
+        self.assertEqual([rcpts["r%d@example.net" % n]["status"] for n in range(5)],
+                         ["done"] * 2 + ["deferred"] * 3)
+        self.assertTrue(rcpts["r4@example.net"]["result"].startswith(reply), rcpts)

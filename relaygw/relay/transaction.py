@@ -4,6 +4,7 @@ DATA and the body, pipelined when the next hop offers PIPELINING, and the
 next message's envelope sent right behind the end of data.
 """
 
+import dataclasses
 import re
 
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
@@ -106,23 +107,41 @@ class Transaction:
         self.ahead = (body, size)
         return (mail, *_rcptCommands(message, "DSN" in self.extensions), "DATA")
 
-    def _refusedAtRcpt(self, index, message, replies):
+    def _refusedAtRcpt(self, index, message, replies, later=()):
         """
         Each recipient refused at RCPT (C{replies}: MAIL's, then the RCPTs'
         read so far) has that refusal as its outcome, whatever happens to
         the session after it (as Postfix's); not after a refused MAIL,
-        whose RCPT replies answer no transaction, nor a 421.
+        whose RCPT replies answer no transaction, nor a 421, nor for those
+        of C{later}, kept for another transaction (L{_overLimit}).
         """
         if not replies or not replies[0].positive:
             return
         for recipient, reply in zip(message.recipients, replies[1:]):
-            if reply is not None and not reply.positive and not reply.closing:
+            if reply is not None and not reply.positive and not reply.closing and recipient not in later:
                 self._settle(index, [recipient], _outcome(reply, "RCPT"))
 
-    async def _send(self, index, message, body, size, sent=False):
+    @staticmethod
+    def _overLimit(message, rcptReplies):
+        """
+        The recipients the next hop had no room for in this transaction
+        (452: too many recipients) although it took others: they go in a
+        new transaction once this one has ended, in chunks as RFC 5321
+        section 4.5.3.1.10 has a client send them, rather than waiting for
+        a retry (Postfix 3.7 defers them, with its usual back-off).  Each
+        such transaction takes at least one recipient, so they end; a next
+        hop that takes none has deferred them all, the usual way.
+        """
+        if not any(reply is not None and reply.positive for reply in rcptReplies):
+            return []
+        return [recipient for recipient, reply in zip(message.recipients, rcptReplies)
+                if reply is not None and reply.code == 452]
+
+    async def _send(self, index, message, body, size, sent=False, rest=False):
         """
         One transaction.  C{sent}: its envelope already went out behind the
-        previous message (L{_envelopeAhead}).
+        previous message (L{_envelopeAhead}).  C{rest}: it carries the
+        recipients another transaction of the message left over (L{_sendRest}).
         """
         proto = self.proto
         if not sent:
@@ -165,9 +184,11 @@ class Transaction:
                     self._refusedAtRcpt(index, message, [mailReply, *rcptReplies])
                     raise
 
-        if self._doneCarrying(mailReply.code):
+        if self._doneCarrying(mailReply.code) and not rest:
+            # (not when the message went to some of its recipients already: whole, it would go to them again)
             raise _SessionFailure(NOT_SENT)
-        self._refusedAtRcpt(index, message, [mailReply, *rcptReplies])
+        later = self._overLimit(message, rcptReplies) if mailReply.positive else []
+        self._refusedAtRcpt(index, message, [mailReply, *rcptReplies], later)
         self._closing(mailReply, *rcptReplies, dataReply)
         if mailReply.code == 503:
             # "Nested MAIL command": the next hop still holds a transaction (one it refused at its end of
@@ -204,10 +225,12 @@ class Transaction:
             if result.ok:
                 result = _temporary("unexpected reply to DATA: %s" % (dataReply,), "4.5.0")
             self._settle(index, accepted, result)
+            await self._sendRest(index, message, later, rcptReplies, False)
             return
 
         self.stage = "message body"
-        await proto.sendBody(body, self._envelopeAhead(index + 1))
+        # (the next message's envelope waits behind the new transaction for the recipients left over)
+        await proto.sendBody(body, () if later else self._envelopeAhead(index + 1))
         self.stage = "end of data"
         final = await proto.reply(self.options.timeout * self.END_OF_DATA_TIMEOUTS)
         self._closing(final)
@@ -221,6 +244,29 @@ class Transaction:
             # Postfix's "relayed": no one further on will tell a sender who asked that it arrived.
             result = result.withAction("relayed")
         self._settle(index, accepted, result)
+        if later:
+            await self._sendRest(index, message, later, rcptReplies, result.ok)
+
+    async def _sendRest(self, index, message, later, rcptReplies, delivered):
+        """
+        The recipients of C{message} left over by its transaction (L{_overLimit}):
+        in a new one on the same connection once that one delivered,
+        else deferred with the reply each got.
+        """
+        if not delivered:
+            for recipient, reply in zip(message.recipients, rcptReplies):
+                if recipient in later:
+                    self._settle(index, [recipient], _outcome(reply, "RCPT"))
+            return
+        remaining = dataclasses.replace(message, recipients=later)
+        body, size = self._openBody(remaining)
+        try:
+            await self._send(index, remaining, body, size, rest=True)
+        finally:
+            try:
+                body.close()
+            except OSError:
+                pass
 
     async def _abandonData(self):
         """The next hop said 354 with no valid recipient: end an empty DATA."""
