@@ -300,6 +300,8 @@ class FuzzHop(protocol.Protocol):
         if action in ("temp", "perm"):
             table = _TEMPORARY if action == "temp" else _PERMANENT
             text = table.get(phase, ("451 4.3.0 not now" if action == "temp" else "500 5.5.2 refused"))
+            if phase == "RCPT" and action == "temp" and self.txn and self.txn.rcpts and rng.random() < 0.5:
+                text = "452 4.5.3 Error: too many recipients"  # (the rest go in another transaction)
             if phase == "EHLO" or phase == "HELO":
                 text = "%s %s" % ("421 4.3.2" if action == "temp" else "502 5.5.1", "not here")
             if action == "perm":
@@ -550,6 +552,8 @@ class Case:
                     problem("%s: %r" % (rcpt, r))
                     continue
                 mine = [t for t in taken if rcpt in t.rcpts]
+                if len(mine) > 1 and not misled:
+                    problem("%s taken in %d transactions" % (rcpt, len(mine)))
                 if r.ok:
                     fig.delivered += 1
                     if misled:
