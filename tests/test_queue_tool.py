@@ -990,3 +990,33 @@ class SymlinkTests(OutsideFiles, unittest.TestCase):
             self.assertEqual(os.listdir(self.outside), [])
 
         return inThread(run).addCallback(check)
+
+
+class PartlyDeliveredTests(RelayTestCase):
+    """relaygw-queue and a message the gateway has delivered to some of its recipients only."""
+
+    @defer.inlineCallbacks
+    def test_domainMeansRecipientsStillToDeliver(self):
+        """
+        --domain picks the messages with a recipient still to deliver in
+        that domain, as Postfix's queue tools see only those: one whose
+        recipient there is delivered (or bounced) is not deleted with the
+        recipients it still has for elsewhere.
+        """
+        from relaygw.testing import ScriptedSMTPFactory
+
+        hop, port = self.hop(factory=ScriptedSMTPFactory(rcpt={
+            "stuck@example.org": "451 4.4.1 come back later", "bad@example.com": "550 5.1.1 no such user"}))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        yield self.send(rcpts=("done@example.net", "bad@example.com", "stuck@example.org"))
+        queue = self.gw.service.queue
+        yield self.until(lambda: queue.timers and not queue.active)
+        spool = self.gw.service.spool
+        [qid] = spool.queueIds()
+        for domain in ("example.net", "example.com"):
+            code, out, _ = yield inThread(runTool, "--spool", spool.directory, "delete", "--domain", domain)
+            self.assertEqual((code, out), (0, "no messages\n"))
+        self.assertEqual(spool.queueIds(), [qid])
+        code, out, _ = yield inThread(runTool, "--spool", spool.directory, "delete", "--domain", "example.org")
+        self.assertEqual((code, out), (0, "deleted %s\n" % (qid,)))
+        self.assertEqual(spool.queueIds(), [])

@@ -19,6 +19,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from relaygw import config as _config
 from relaygw.commands import addressDomain, canonicalDomain
+from relaygw.relay.outcome import pending
 from relaygw.spool import UnsafeSpool, spoolsAt
 from relaygw.spoolapi import CorruptMessage
 
@@ -27,7 +28,8 @@ _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
 EPILOG = """\
 Messages to act on (hold, release, delete, flush): queue ids; ALL for every
 queued message; - to read ids from standard input (one a line, as many as
-given); or --domain example.net for every message with a recipient there.
+given); or --domain example.net for every message with a recipient there
+still to deliver.
 """
 
 
@@ -187,7 +189,14 @@ def _select(spools, args, err):
                     m = spool.load(qid, content=False)
                 except (OSError, CorruptMessage):
                     continue
-                if any(addressDomain(r) == domain for r in m.recipients) and wanted(spool, qid):
+                try:
+                    state = spool.readState(qid)
+                except (OSError, CorruptMessage):
+                    state = {}  # (which are done, it cannot say: every recipient counts)
+                # Only the recipients still to deliver, as Postfix's queue tools see them: not a
+                # message whose recipient there is done, for the others it still has.
+                todo = pending(state, m.recipients)
+                if any(addressDomain(r) == domain for r in todo) and wanted(spool, qid):
                     chosen.append((spool, qid))
         return chosen, ok
     ids = []
@@ -223,7 +232,7 @@ def _parser():
                        ("flush", "try messages now (all of them when none are named)")):
         s = sub.add_parser(name, help=what, epilog=EPILOG)
         s.add_argument("ids", nargs="*", metavar="ID")
-        s.add_argument("--domain", help="every message with a recipient in this domain")
+        s.add_argument("--domain", help="every message with a recipient in this domain still to deliver")
     return p
 
 
