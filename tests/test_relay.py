@@ -2670,6 +2670,18 @@ class TooManyRecipientsTests(RelayTestCase):
         return hop
 
     @defer.inlineCallbacks
+    def recorded(self, count):
+        """The progress record of the one message queued, once it has an outcome for C{count} recipients."""
+        spool = self.gw.service.spool
+
+        def rcpts():
+            ids = spool.queueIds()
+            return ids and spool.readState(ids[0]).get("rcpts", {})
+
+        yield self.until(lambda: rcpts() and len(rcpts()) == count, timeout=10)
+        return rcpts()
+
+    @defer.inlineCallbacks
     def assertDeliveredInTransactionsOf(self, extensions):
         hop = yield self.limitedGateway(10, extensions)
         rcpts = ["r%02d@example.net" % n for n in range(35)]
@@ -2694,12 +2706,10 @@ class TooManyRecipientsTests(RelayTestCase):
         """
         hop = yield self.limitedGateway(0)
         yield self.send(rcpts=("a@example.net", "b@example.net"))
-        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        rcpts = yield self.recorded(2)
         yield task.deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(hop.verbs().count("MAIL"), 1)
         self.assertEqual(hop.transactions, [])
-        [qid] = self.gw.service.spool.queueIds()
-        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
         self.assertEqual({r["status"] for r in rcpts.values()}, {"deferred"})
 
     @defer.inlineCallbacks
@@ -2712,10 +2722,8 @@ class TooManyRecipientsTests(RelayTestCase):
                                                            replies={"DATA": "451 4.3.0 try later"}))
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
         yield self.send(rcpts=["r%d@example.net" % n for n in range(5)])
-        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        rcpts = yield self.recorded(5)
         self.assertEqual(hop.verbs().count("MAIL"), 1)
-        [qid] = self.gw.service.spool.queueIds()
-        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
         self.assertEqual([rcpts["r%d@example.net" % n]["result"] for n in range(5)],
                          ["451 4.3.0 try later"] * 2 + ["452 4.5.3 Error: too many recipients"] * 3)
 
@@ -2738,11 +2746,32 @@ class TooManyRecipientsTests(RelayTestCase):
         hop, port = self.hop(factory=RecipientLimitFactory(2, extensions=["PIPELINING"], **kw))
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
         yield self.send(rcpts=["r%d@example.net" % n for n in range(5)])
-        yield self.until(lambda: self.gw.service.queue.timers, timeout=10)
+        rcpts = yield self.recorded(5)
         yield task.deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
-        [qid] = self.gw.service.spool.queueIds()
-        rcpts = self.gw.service.spool.readState(qid)["rcpts"]
         self.assertEqual([rcpts["r%d@example.net" % n]["status"] for n in range(5)],
                          ["done"] * 2 + ["deferred"] * 3)
         self.assertTrue(rcpts["r4@example.net"]["result"].startswith(reply), rcpts)
+
+    @defer.inlineCallbacks
+    def test_deliveredMadeDurableBeforeTheRest(self):
+        """
+        The recipients a transaction delivered are written down as done
+        before the new transaction for the rest: a crash during it (here,
+        its end of data never answered) does not send to them again, as
+        Postfix marks each one done once its transaction is.
+        """
+        hop, port = self.hop(factory=RecipientLimitFactory(2, extensions=["PIPELINING"],
+                                                           silentAtEndFor="r2@example.net"))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        yield self.send(rcpts=["r%d@example.net" % n for n in range(5)])
+        spool = self.gw.service.spool
+
+        def written():
+            ids = spool.queueIds()
+            return ids and {r: e["status"] for r, e in spool.readState(ids[0]).get("rcpts", {}).items()}
+
+        yield self.until(lambda: hop.verbs().count("MAIL") == 2, timeout=10)
+        yield self.until(written, timeout=10)
+        self.assertEqual(written(), {"r0@example.net": "done", "r1@example.net": "done"})
+        self.assertEqual(len(hop.transactions), 1)  # (the second one's end of data still unanswered)

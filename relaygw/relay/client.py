@@ -158,6 +158,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
     broken = False
 
     settled = None
+    settledSome = None
 
     #: What every recipient not yet settled gets once L{cut} has ended the connection.
     cutResult = None
@@ -207,7 +208,7 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
         if self.proto is not None:
             self.proto.abort()
 
-    async def carry(self, messages, keepOpen=False, settled=None):
+    async def carry(self, messages, keepOpen=False, settled=None, settledSome=None):
         """
         Deliver C{messages}; returns one dict per message mapping each
         recipient to its L{RecipientResult}.  The connection is closed
@@ -219,9 +220,14 @@ class Connection(Negotiation, IdentityForwarding, Transaction, Settlement):
             recipient of message C{index} has its outcome (typically when
             the reply to its end of data is read), before the next message
             is done with.
+        @param settledSome: called with C{(index, results)}: the final
+            results (accepted, refused for good) of some of message
+            C{index}'s recipients, when the others go on in a transaction
+            of their own (L{relaygw.relay.transaction}).
         """
         self.messages, self.results = messages, [{} for _ in messages]
         self.settled, self.reported, self.takenBack = settled, set(), frozenset()
+        self.settledSome = settledSome
         self.brokeDown = False
         self.current = None
         kept = self.proto

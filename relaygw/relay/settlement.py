@@ -53,6 +53,20 @@ class Settlement:
             except Exception:
                 log.failure("{where}: reporting an outcome failed", where=self.where)
 
+    def _settledSome(self, index):
+        """
+        The final results message C{index} has so far (accepted, refused for
+        good), reported while its other recipients go on in another
+        transaction, so that they are made durable now: a crash during that
+        transaction does not send to them again.
+        """
+        final = {rcpt: r for rcpt, r in self.results[index].items() if r.ok or r.permanent}
+        if self.settledSome is not None and final and index not in self.reported:
+            try:
+                self.settledSome(index, final)
+            except Exception:
+                log.failure("{where}: reporting an outcome failed", where=self.where)
+
     def _settleAll(self, result):
         for index, message in enumerate(self.messages):
             self._settle(index, message.recipients, result)

@@ -253,7 +253,7 @@ class SMTPNextHop(WaitingLine, KeptOpen):
                 d.callback(results)
 
         def reportSome(index, results):
-            """Final results for some of a message's recipients, the others going on to the next host."""
+            """Final results for some of a message's recipients, the others going on (next host, new transaction)."""
             progress = batch[index][2]
             if progress is not None and results:
                 callback, position = progress  # (its position among the messages given to deliver)
@@ -340,8 +340,9 @@ class SMTPNextHop(WaitingLine, KeptOpen):
                 self.carrying.add(conn)
                 watch = self._watchBatch(conn, carried[0], batch)
                 try:
-                    results = yield defer.ensureDeferred(conn.carry([outbound(m) for _, m in carried[0]],
-                                                                    keepOpen=True, settled=settled))
+                    results = yield defer.ensureDeferred(conn.carry(
+                        [outbound(m) for _, m in carried[0]], keepOpen=True, settled=settled,
+                        settledSome=lambda position, res, carried=carried: reportSome(carried[0][position][0], res)))
                 finally:
                     self.carrying.discard(conn)
                     self._unwatch(watch)

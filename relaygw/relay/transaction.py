@@ -258,6 +258,7 @@ class Transaction:
                 if recipient in later:
                     self._settle(index, [recipient], _outcome(reply, "RCPT"))
             return
+        self._settledSome(index)
         remaining = dataclasses.replace(message, recipients=later)
         body, size = self._openBody(remaining)
         try:
