@@ -2775,3 +2775,26 @@ class TooManyRecipientsTests(RelayTestCase):
         yield self.until(written, timeout=10)
         self.assertEqual(written(), {"r0@example.net": "done", "r1@example.net": "done"})
         self.assertEqual(len(hop.transactions), 1)  # (the second one's end of data still unanswered)
+
+    @defer.inlineCallbacks
+    def test_noNewTransactionAfterTheStop(self):
+        """
+        The gateway stops while a transaction of the message is under way:
+        it ends, and no new one starts for the recipients it left over
+        (they stay queued), as no other message's would.
+        """
+        hop, port = self.hop(factory=RecipientLimitFactory(2, extensions=["PIPELINING"], endOfDataDelay=0.5))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600})
+        yield self.send(rcpts=["r%d@example.net" % n for n in range(10)])
+        yield self.until(lambda: hop.verbs().count("MAIL") == 1, timeout=10)
+        spool = self.gw.service.spool
+        [qid] = spool.queueIds()
+        started = time.monotonic()
+        yield self.gw.stop()
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(hop.verbs().count("MAIL"), 1)
+        self.assertEqual(hop.recipients(), ["r0@example.net", "r1@example.net"])
+        self.assertEqual(spool.queueIds(), [qid])
+        rcpts = spool.readState(qid)["rcpts"]
+        self.assertEqual({r: e["status"] for r, e in rcpts.items()},
+                         {"r0@example.net": "done", "r1@example.net": "done"})

@@ -9,7 +9,7 @@ import re
 
 from relaygw.relay.clientwire import RecipientResult, _MessageFailure, _outcome, _SessionFailure, _temporary
 from relaygw.relay.downgrade import sevenBit
-from relaygw.relay.nexthop import NOT_SENT
+from relaygw.relay.nexthop import NOT_SENT, STOPPED
 
 
 _SIZE_LIMIT = re.compile(r"[0-9]{1,20}\Z")
@@ -250,13 +250,17 @@ class Transaction:
     async def _sendRest(self, index, message, later, rcptReplies, delivered):
         """
         The recipients of C{message} left over by its transaction (L{_overLimit}):
-        in a new one on the same connection once that one delivered,
-        else deferred with the reply each got.
+        in a new one on the same connection once that one delivered (unless
+        the gateway is stopping: they stay as they were), else deferred with
+        the reply each got.
         """
         if not delivered:
             for recipient, reply in zip(message.recipients, rcptReplies):
                 if recipient in later:
                     self._settle(index, [recipient], _outcome(reply, "RCPT"))
+            return
+        if self.wrappedUp:  # (the gateway is stopping: no transaction starts after the one under way)
+            self._settle(index, later, STOPPED)
             return
         self._settledSome(index)
         remaining = dataclasses.replace(message, recipients=later)
