@@ -2699,6 +2699,22 @@ class TooManyRecipientsTests(RelayTestCase):
         return self.assertDeliveredInTransactionsOf([])
 
     @defer.inlineCallbacks
+    def test_oneRecipientATransaction(self):
+        """
+        A next hop that takes one recipient a transaction, for a message of
+        1,500: 1,500 transactions one after the other, none nested in the
+        one before (no recursion limit is reached).
+        """
+        hop, port = self.hop(factory=RecipientLimitFactory(1, extensions=["PIPELINING"]))
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 600, "retry_max": 600},
+                           listener={"max_recipients": 1500})
+        rcpts = ["r%04d@example.net" % n for n in range(1500)]
+        yield self.send(rcpts=rcpts)
+        yield self.until(lambda: self.spoolEmpty(), timeout=60)
+        self.assertEqual(len(hop.transactions), 1500)
+        self.assertEqual(hop.recipients(), rcpts)
+
+    @defer.inlineCallbacks
     def test_refusedFromTheFirstIsADeferral(self):
         """
         A next hop that answers 452 to every RCPT, the first one too: an

@@ -137,11 +137,23 @@ class Transaction:
         return [recipient for recipient, reply in zip(message.recipients, rcptReplies)
                 if reply is not None and reply.code == 452]
 
-    async def _send(self, index, message, body, size, sent=False, rest=False):
+    async def _send(self, index, message, body, size, sent=False):
+        """
+        One message: its transaction, then one after the other (a loop, not
+        nested: there may be as many as recipients) a transaction for the
+        recipients each left over (L{_overLimit}, L{_sendRest}).
+        """
+        left = await self._oneTransaction(index, message, body, size, sent)
+        while left is not None:
+            left = await self._sendRest(index, *left)
+
+    async def _oneTransaction(self, index, message, body, size, sent=False, rest=False):
         """
         One transaction.  C{sent}: its envelope already went out behind the
         previous message (L{_envelopeAhead}).  C{rest}: it carries the
-        recipients another transaction of the message left over (L{_sendRest}).
+        recipients another transaction of the message left over.  Returns
+        what L{_sendRest} needs for the recipients this one left over, or
+        C{None}.
         """
         proto = self.proto
         if not sent:
@@ -188,7 +200,7 @@ class Transaction:
             # (not when the message went to some of its recipients already: whole, it would go to them again)
             raise _SessionFailure(NOT_SENT)
         later = self._overLimit(message, rcptReplies) if mailReply.positive else []
-        self._refusedAtRcpt(index, message, [mailReply, *rcptReplies], later)
+        self._refusedAtRcpt(index, message, [mailReply, *rcptReplies], frozenset(later))
         self._closing(mailReply, *rcptReplies, dataReply)
         if mailReply.code == 503:
             # "Nested MAIL command": the next hop still holds a transaction (one it refused at its end of
@@ -225,8 +237,7 @@ class Transaction:
             if result.ok:
                 result = _temporary("unexpected reply to DATA: %s" % (dataReply,), "4.5.0")
             self._settle(index, accepted, result)
-            await self._sendRest(index, message, later, rcptReplies, False)
-            return
+            return (message, later, rcptReplies, False) if later else None
 
         self.stage = "message body"
         # (the next message's envelope waits behind the new transaction for the recipients left over)
@@ -244,29 +255,29 @@ class Transaction:
             # Postfix's "relayed": no one further on will tell a sender who asked that it arrived.
             result = result.withAction("relayed")
         self._settle(index, accepted, result)
-        if later:
-            await self._sendRest(index, message, later, rcptReplies, result.ok)
+        return (message, later, rcptReplies, result.ok) if later else None
 
     async def _sendRest(self, index, message, later, rcptReplies, delivered):
         """
         The recipients of C{message} left over by its transaction (L{_overLimit}):
         in a new one on the same connection once that one delivered (unless
         the gateway is stopping: they stay as they were), else deferred with
-        the reply each got.
+        the reply each got.  Returns what the new transaction left over in turn.
         """
         if not delivered:
+            left = frozenset(later)
             for recipient, reply in zip(message.recipients, rcptReplies):
-                if recipient in later:
+                if recipient in left:
                     self._settle(index, [recipient], _outcome(reply, "RCPT"))
-            return
+            return None
         if self.wrappedUp:  # (the gateway is stopping: no transaction starts after the one under way)
             self._settle(index, later, STOPPED)
-            return
+            return None
         self._settledSome(index)
         remaining = dataclasses.replace(message, recipients=later)
         body, size = self._openBody(remaining)
         try:
-            await self._send(index, remaining, body, size, rest=True)
+            return await self._oneTransaction(index, remaining, body, size, rest=True)
         finally:
             try:
                 body.close()
