@@ -9,10 +9,16 @@ So, as Postfix's master, the gateway raises its soft limit to the hard one
 at start (L{raiseLimit}; workers inherit it), and stops accepting while its
 listeners hold all the connections the limit allows (L{ConnectionBudget}), as
 the master stops at its process limit: later clients wait in the kernel's
-listen queue instead of taking descriptors.  A connection accepted past
-the budget anyway (one burst is accepted in a batch) is told C{421 4.7.0}.
+listen queue instead of taking descriptors.  Twisted accepts what the
+queue holds in one batch, so each listening socket takes no more than the
+budget has room for (L{ConnectionBudget.guard}); a connection accepted
+past it anyway is told C{421 4.7.0}.  When C{accept} itself finds the
+process (or the system) out of descriptors, the listeners stop accepting
+for a while instead of closing what waits in the queue, as stock Twisted
+does, unanswered.
 """
 
+import errno
 import resource
 
 from relaygw.logs import Logger
@@ -52,7 +58,10 @@ class ConnectionBudget:
 
     RESERVE = 64
 
-    def __init__(self, listeners, concurrency, ports=(), limit=None, others=0, yielding=False):
+    #: Seconds the listeners stop accepting when C{accept} finds no descriptor (sooner once a connection ends).
+    BACKOFF = 1.0
+
+    def __init__(self, listeners, concurrency, ports=(), limit=None, others=0, yielding=False, reactor=None):
         if limit is None:
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.limit = limit
@@ -63,6 +72,9 @@ class ConnectionBudget:
         self.ports = ports
         self.paused = False
         self._stopped = set()  # the ports not accepting now
+        self.reactor = reactor
+        self._backoff = None  # (the timer ending a pause after accept found no descriptor, and what was held then)
+        self._short = False  # (said so, and no connection accepted since)
         self.connections = None
         self.configure(listeners, concurrency)
 
@@ -91,6 +103,53 @@ class ConnectionBudget:
         """Whether the connections held are past the budget (the last one accepted must be refused)."""
         return self.held() > self.connections
 
+    def guard(self, port, factory):
+        """
+        Have the listening C{port} of C{factory} take from its queue only
+        the connections the budget has room for (and, with C{yielding},
+        its listener too): Twisted's accept loop goes on until the queue is
+        empty, and would accept a burst past the budget only for it to be
+        refused 421.  Also keep Twisted from closing what waits in the
+        queue when C{accept} finds no descriptor (L{_outOfDescriptors}).
+        Ports without a socket of their own are left alone.
+        """
+        sock = getattr(port, "socket", None)
+        if sock is not None and hasattr(sock, "accept") and not isinstance(sock, _GuardedSocket):
+            port.socket = _GuardedSocket(sock, self, factory)
+            if self.reactor is None:
+                self.reactor = getattr(port, "reactor", None)
+
+    def _room(self, factory):
+        """Whether a listening socket of C{factory} may accept one more connection now."""
+        if factory.draining:
+            return True  # (each is told 421 4.3.2 and closed: drain takes what the queue holds)
+        if self._backoff is not None or self.held() >= self.connections:
+            return False
+        return not (self.yielding and factory.full())
+
+    def _outOfDescriptors(self, error):
+        """
+        C{accept} failed for want of descriptors or memory: stop accepting
+        for L{BACKOFF} seconds, or until a connection ends, and leave the
+        clients in the listen queue (the kernel keeps them) rather than
+        close them unanswered as Twisted does to recover.
+        """
+        if self._backoff is not None or self.reactor is None:
+            return
+        if not self._short:
+            self._short = True
+            log.warn("no descriptor to accept a connection ({error}): clients wait in the listen queue until one "
+                     "is free", error=errno.errorcode.get(error, error))
+        self._backoff = (self.reactor.callLater(self.BACKOFF, self._endBackoff), self.held())
+        self._pause(set(self.ports))
+
+    def _endBackoff(self):
+        timer, _ = self._backoff
+        if timer.active():
+            timer.cancel()
+        self._backoff = None
+        self.changed()
+
     def changed(self):
         """
         A connection came or went: stop accepting at the budget, accept
@@ -99,7 +158,13 @@ class ConnectionBudget:
         own ports, so that another worker, waiting on the same socket,
         takes the next client instead of this one refusing it.
         """
-        full = self.held() >= self.connections
+        held = self.held()
+        if self._backoff is not None:
+            if held >= self._backoff[1]:
+                return
+            self._endBackoff()  # (a connection ended: its descriptor is free again)
+            return
+        full = held >= self.connections
         if full != self.paused:
             self.paused = full
             if full:
@@ -115,6 +180,10 @@ class ConnectionBudget:
             return
         else:
             stopped = set()
+        self._pause(stopped)
+
+    def _pause(self, stopped):
+        """Stop accepting on the ports in C{stopped}, accept again on the others."""
         for port in self.ports:
             if (port in stopped) == (port in self._stopped) or not getattr(port, "connected", False) \
                     or port.disconnecting:
@@ -127,3 +196,37 @@ class ConnectionBudget:
                 self._stopped.discard(port)
                 # (The reactor registers it afresh, without the flag.)
                 acceptExclusively(getattr(port, "reactor", None), port)
+
+
+#: What C{accept} fails with when the process or the system has no descriptor (or memory) for a connection.
+_EXHAUSTED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class _GuardedSocket:
+    """
+    A listening socket as L{ConnectionBudget.guard} leaves it on its port:
+    C{accept} says "nothing waits" (C{EAGAIN}, which ends Twisted's accept
+    loop) when the budget has no room, and when the process has no
+    descriptor left; everything else is the socket's.
+    """
+
+    def __init__(self, sock, budget, factory):
+        self._sock = sock
+        self._budget = budget
+        self._factory = factory
+
+    def accept(self):
+        if not self._budget._room(self._factory):
+            raise BlockingIOError(errno.EAGAIN, "no room in the connection budget")
+        try:
+            accepted = self._sock.accept()
+        except OSError as e:
+            if e.errno not in _EXHAUSTED:
+                raise
+            self._budget._outOfDescriptors(e.errno)
+            raise BlockingIOError(errno.EAGAIN, "no descriptor for a connection") from None
+        self._budget._short = False
+        return accepted
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)

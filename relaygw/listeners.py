@@ -343,7 +343,7 @@ class Listeners:
         if config.admin.endpoint and parentPid() is None:  # (worker 0 serves it: its connections take descriptors)
             from relaygw.admin import MAX_CONNECTIONS as others
         budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts,
-                                                others=others, yielding=workers > 1)
+                                                others=others, yielding=workers > 1, reactor=reactor)
         for listener in config.listeners:
             tls = self._serverTLS(listener)
             portal = None
@@ -368,7 +368,9 @@ class Listeners:
                                                onChange=factory.connectionsChanged)
                 factory.proxy = wrapped
                 self.proxyFactories[listener.name] = wrapped
-            svc = StreamServerEndpointService(_RecordingEndpoint(endpoint, self.listeningPorts, factory.ports), wrapped)
+            recording = _RecordingEndpoint(endpoint, self.listeningPorts, factory.ports,
+                                           opened=lambda port, factory=factory: budget.guard(port, factory))
+            svc = StreamServerEndpointService(recording, wrapped)
             svc._raiseSynchronously = True
             svc.setName("listener:" + listener.name)
             svc.setServiceParent(parent)
@@ -469,11 +471,16 @@ class Listeners:
 
 @implementer(IStreamServerEndpoint)
 class _RecordingEndpoint:
-    """A server endpoint that notes the ports it opens in lists (for L{closeListeningPort}, and its listener's)."""
+    """
+    A server endpoint that notes the ports it opens in lists (for
+    L{closeListeningPort}, and its listener's), and hands each to
+    C{opened} (the connection budget's guard).
+    """
 
-    def __init__(self, endpoint, *lists):
+    def __init__(self, endpoint, *lists, opened=None):
         self.endpoint = endpoint
         self.lists = lists
+        self.opened = opened
 
     def listen(self, factory):
         return self.endpoint.listen(factory).addCallback(self._opened)
@@ -481,6 +488,8 @@ class _RecordingEndpoint:
     def _opened(self, port):
         for ports in self.lists:
             ports.append(port)
+        if self.opened is not None:
+            self.opened(port)
         return port
 
 

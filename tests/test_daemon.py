@@ -323,9 +323,7 @@ class FileLimitTests(unittest.TestCase):
             held = [Client(port) for _ in range(18)]
             try:
                 self.assertEqual([c.reply()[0] for c in held], [220] * 18)
-                # (Twisted's accept loop goes on after the 18th greeting until
-                # the listen queue is empty: a client that connects in that
-                # instant is accepted past the budget and refused 421.)
+                # (the port stops accepting once the 18th is held)
                 time.sleep(0.3)
                 waiting = self.waitingClient(port, held)
                 c = held[0]
@@ -348,6 +346,105 @@ class FileLimitTests(unittest.TestCase):
 
         return inThread(run)
 
+    def burst(self, clients, greeted):
+        """
+        C{clients} connect at once: C{greeted} of them are greeted, the
+        others wait in the listen queue, and are greeted once the first
+        ones have ended.
+        """
+        socks = [socket.create_connection(("127.0.0.1", self.port), timeout=10) for _ in range(clients)]
+        try:
+            time.sleep(1.0)
+            first = []
+            for c in socks:
+                c.settimeout(0.2)
+                try:
+                    first.append(c.recv(100)[:3])
+                except TimeoutError:
+                    first.append(None)
+            self.assertEqual((first.count(b"220"), first.count(None)), (greeted, clients - greeted), first)
+            for c, greeting in zip(socks, first):
+                if greeting is not None:
+                    c.sendall(b"QUIT\r\n")
+            later = []
+            for c, greeting in zip(socks, first):
+                if greeting is None:
+                    c.settimeout(10)
+                    later.append(c.recv(100)[:3])
+            self.assertEqual(later, [b"220"] * (clients - greeted))
+        finally:
+            for c in socks:
+                c.close()
+
+    def test_aBurstPastTheBudgetWaits(self):
+        """
+        Within a hard limit of 200, 18 connections fit: of 30 clients that
+        connect at once, 18 are greeted and the other 12 wait in the
+        listen queue, each greeted once a session ends (before: Twisted
+        accepted the whole burst in one go, and the gateway refused the
+        12 with 421 4.7.0).
+        """
+        def run():
+            p = self.start(200, 200)
+            time.sleep(0.5)  # (the probe of the port has gone)
+            self.burst(30, 18)
+            output = self.stopped(p)
+            self.assertNotIn("too many connections", output)
+            self.assertNotIn("Traceback", output)
+
+        return inThread(run)
+
+    def test_aBurstFillsBothWorkers(self):
+        """
+        Two workers, max_connections = 3 each: of 10 clients that connect
+        at once, 6 are greeted, whichever worker woke first, and 4 wait
+        (before: the worker woken took the whole burst from the shared
+        queue and refused all but 3 with 421 4.7.0).
+        """
+        def run():
+            p = self.start(4096, 4096, workers=2, listener={"max_connections": 3})
+            self.workerStarted(p)
+            time.sleep(0.5)
+            self.burst(10, 6)
+            output = self.stopped(p)
+            self.assertNotIn("too many connections", output)
+            self.assertNotIn("Traceback", output)
+
+        return inThread(run)
+
+    def test_noDescriptorToAcceptLeavesClientsWaiting(self):
+        """
+        When C{accept} finds the process out of descriptors (its limit
+        lowered under it), clients stay in the listen queue, and are
+        greeted once descriptors are free again (before: Twisted closed
+        every one waiting, unanswered, to recover).
+        """
+        import resource
+
+        def run():
+            p = self.start(200, 200)
+            time.sleep(0.5)
+            used = len(os.listdir("/proc/%d/fd" % p.pid))
+            resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (used, 200))
+            clients = [socket.create_connection(("127.0.0.1", self.port), timeout=10) for _ in range(10)]
+            try:
+                for c in clients:
+                    c.settimeout(0.3)
+                    self.assertRaises(TimeoutError, c.recv, 100)  # (not closed: b"")
+                resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (200, 200))
+                for c in clients:
+                    c.settimeout(10)
+                    self.assertEqual(c.recv(100)[:3], b"220")
+            finally:
+                for c in clients:
+                    c.close()
+            output = self.stopped(p)
+            self.assertIn("no descriptor to accept a connection (EMFILE)", output)
+            self.assertNotIn("EMFILE recovery", output)
+            self.assertNotIn("Traceback", output)
+
+        return inThread(run)
+
     def test_fullWorkerLeavesClientsToTheOther(self):
         """
         Two workers, max_connections = 3 each: six clients are greeted,
@@ -366,8 +463,7 @@ class FileLimitTests(unittest.TestCase):
                 for _ in range(6):
                     held.append(Client(port))
                     self.assertEqual(held[-1].reply()[0], 220)
-                    # (Twisted's accept loop goes on after a greeting until the listen queue is empty: a
-                    # client that connects in that instant is accepted past the maximum and refused 421.)
+                    # (the worker that greeted it may now hold its 3: the next one goes to the other)
                     time.sleep(0.3)
                 waiting = self.waitingClient(port, held)
                 self.assertEqual(held[0].cmd("QUIT")[0], 221)
