@@ -1,11 +1,16 @@
 """
 What the gateway changes in the reactor it runs on, before it builds its
-services: its timers on the monotonic clock, and its I/O events handed to
-the connections without Twisted's legacy log context around each one.
+services: its timers on the monotonic clock, its I/O events handed to
+the connections without Twisted's legacy log context around each one, and
+a connection the kernel will not watch (epoll out of memory) closed with
+one log line.
 """
 
+import errno
 import time
 import types
+
+from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
 
@@ -13,9 +18,10 @@ log = Logger(namespace="relaygw.eventloop")
 
 
 def tune(reactor):
-    """Both changes, on C{reactor} (the one installed)."""
+    """The three changes, on C{reactor} (the one installed)."""
     onMonotonicClock(reactor)
     dispatchDirectly(reactor)
+    closeUnwatchable(reactor)
 
 
 def onMonotonicClock(reactor):
@@ -78,3 +84,67 @@ def _doPoll(reactor, timeout):
             raise
         except BaseException:
             log.failure("handling an I/O event of {selectable!r}", selectable=selectable)
+
+
+#: What C{epoll_ctl} fails with when the kernel has no memory (or watch) left for a descriptor.
+_NO_WATCH = frozenset((errno.ENOMEM, errno.ENOSPC))
+
+
+def closeUnwatchable(reactor):
+    """
+    When the kernel cannot watch a connection's descriptor (C{epoll_ctl}
+    fails with C{ENOMEM}, or C{ENOSPC} past C{max_user_watches}), close
+    that connection with one log line, as its peer had gone, instead of
+    the traceback Twisted logs from wherever it was asked to read or write
+    (a new connection's accept, a reply), which left the connection to
+    the garbage collector.  Only TCP connections: anything else (a
+    listening port) raises as before.  Any other reactor, or an epoll
+    reactor without the parts this relies on, is left as it is; returns
+    whether the change was made.
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # (no epoll on this platform)
+        return False
+    if not isinstance(reactor, EPollReactor):
+        return False
+    from twisted.internet import tcp
+
+    closing = set()
+
+    def watching(add):
+        def watch(selectable):
+            try:
+                return add(selectable)
+            except OSError as e:
+                if e.errno not in _NO_WATCH or not isinstance(selectable, tcp.Connection):
+                    raise
+                error = e
+            if selectable not in closing:
+                closing.add(selectable)
+                log.error("cannot watch the connection from {peer} ({error}): closing it",
+                          peer=_peer(selectable), error=errno.errorcode.get(error.errno, error.errno))
+                reactor.callLater(0, close, selectable, error)
+
+        return watch
+
+    def close(selectable, error):
+        closing.discard(selectable)
+        reactor.removeReader(selectable)
+        reactor.removeWriter(selectable)
+        if selectable.connected:
+            selectable.connectionLost(Failure(error))
+        elif hasattr(selectable, "failIfNotConnected"):  # (a connection of ours not made yet)
+            selectable.failIfNotConnected(error)
+
+    reactor.addReader = watching(reactor.addReader)
+    reactor.addWriter = watching(reactor.addWriter)
+    return True
+
+
+def _peer(selectable):
+    try:
+        address = selectable.getPeer()
+        return "[%s]:%d" % (address.host, address.port)
+    except Exception:
+        return "an unknown peer"

@@ -1,8 +1,10 @@
 """The gateway's changes to its reactor (L{relaygw.eventloop}), on reactors of their own."""
 
+import errno
 import socket
 import time
 
+from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import globalLogPublisher
@@ -106,6 +108,75 @@ class DispatchTests(unittest.TestCase):
         before = other.doIteration
         self.assertFalse(eventloop.dispatchDirectly(other))
         self.assertEqual(other.doIteration, before)
+
+
+class _NoWatchPoller:
+    """An epoll object that cannot register descriptors other than C{allowed} (the kernel out of memory)."""
+
+    def __init__(self, poller, allowed):
+        self.poller = poller
+        self.allowed = allowed
+        self.refused = 0
+
+    def register(self, fd, *args):
+        if fd not in self.allowed:
+            self.refused += 1
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return self.poller.register(fd, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.poller, name)
+
+
+class _Greeter(protocol.Protocol):
+    lost = None
+
+    def connectionMade(self):
+        self.transport.write(b"220 hello\r\n")
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class UnwatchableTests(unittest.TestCase):
+    def test_connectionClosedWithOneLine(self):
+        """
+        A connection the kernel will not watch (C{epoll_ctl} failing
+        with C{ENOMEM}) is closed, its protocol told, with one log line
+        and no traceback; the listening port goes on accepting (before:
+        Twisted logged a traceback from its accept loop, and the
+        connection was left to the garbage collector, its protocol never
+        told).
+        """
+        reactor = EPollReactor()
+        self.addCleanup(DispatchTests._close, reactor)
+        eventloop.dispatchDirectly(reactor)
+        self.assertTrue(eventloop.closeUnwatchable(reactor))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        greeters = []
+        factory = protocol.Factory.forProtocol(_Greeter)
+        factory.buildProtocol = lambda addr: greeters.append(_Greeter()) or greeters[-1]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(lambda: port.stopListening() and reactor.runUntilCurrent())
+        poller = reactor._poller = _NoWatchPoller(reactor._poller, {port.fileno(), reactor.waker.fileno()})
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        for _ in range(5):
+            reactor.doIteration(0.1)
+            reactor.runUntilCurrent()
+        self.assertEqual(len(greeters), 1)
+        self.assertGreater(poller.refused, 0)
+        self.assertIsNotNone(greeters[0].lost)
+        self.assertEqual(greeters[0].lost.value.errno, errno.ENOMEM)
+        client.settimeout(5)
+        self.assertEqual(client.recv(100), b"")  # (closed, not left open)
+        said = [e for e in events if e.get("log_namespace") == "relaygw.eventloop"]
+        self.assertEqual([e["log_level"].name for e in said], ["error"])
+        self.assertIn("ENOMEM", said[0]["log_format"].format(**said[0]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertIn(port, reactor.getReaders())
 
 
 class MonotonicClockTests(unittest.TestCase):
