@@ -46,9 +46,9 @@ class ConnectionBudget:
     How many connections this process's listeners may hold at once within
     its open-file limit: two descriptors each (the connection, and its
     spool file while content comes in), past a reserve for the relay's
-    deliveries (C{concurrency}), the admin endpoint's connections
-    (C{others}) and C{RESERVE} more (the spool's, the log's, the workers'
-    channels, DNS sockets).  Every accepted connection counts until it has
+    deliveries (C{concurrency}), the admin endpoint's connections and, in
+    the main process, those it holds for each other worker (C{others}),
+    and C{RESERVE} more (the spool's, the log's, DNS sockets).  Every accepted connection counts until it has
     gone: sessions, those still closing, and those a PROXY listener holds
     before their header.
 

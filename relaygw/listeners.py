@@ -31,7 +31,7 @@ from relaygw.sink import SpoolSink
 from relaygw.tls import ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.sharedports import SharedSockets
-from relaygw.workers import ReusePortEndpoint, parentPid, parseTCP
+from relaygw.workers import DESCRIPTORS_PER_WORKER, ReusePortEndpoint, parentPid, parseTCP
 
 #: (Its lines keep the namespace operators know them by.)
 log = Logger(namespace="relaygw.service")
@@ -342,6 +342,8 @@ class Listeners:
         others = 0
         if config.admin.endpoint and parentPid() is None:  # (worker 0 serves it: its connections take descriptors)
             from relaygw.admin import MAX_CONNECTIONS as others
+        if workers > 1 and parentPid() is None:  # (worker 0 is the main process, holding the others' descriptors)
+            others += DESCRIPTORS_PER_WORKER * (workers - 1)
         budget = self.budget = ConnectionBudget(config.listeners, config.relay.concurrency, ports=self.listeningPorts,
                                                 others=others, yielding=workers > 1, reactor=reactor)
         for listener in config.listeners:

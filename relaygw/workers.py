@@ -94,6 +94,10 @@ class ReusePortEndpoint:
         return defer.succeed(port)
 
 
+#: Descriptors the main process holds for each worker it starts: the write
+#: end of the worker's stdin, and its end of the worker's client-count channel.
+DESCRIPTORS_PER_WORKER = 2
+
 #: The environment variable naming the main process to a worker it started.
 PARENT_ENV = "RELAYGW_MAIN_PID"
 

@@ -308,6 +308,26 @@ class FileLimitTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_mainProcessCountsItsWorkers(self):
+        """
+        The main process, worker 0 of four, holds two descriptors for each
+        other worker (its stdin pipe and its client-count channel), so it
+        can hold 3 connections fewer within a hard limit of 200: 15, each
+        other worker 18 (before: 18 for every one, and at 256 workers the
+        main process was some 500 descriptors short of what it counted on).
+        """
+        def run():
+            p = self.start(200, 200, workers=4)
+            deadline = time.monotonic() + 20
+            while len(childPids(p.pid)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(2.0)  # (each worker has said what it can hold)
+            output = self.stopped(p)
+            self.assertEqual(output.count("this process can hold 15 connections at once"), 1, output)
+            self.assertEqual(output.count("this process can hold 18 connections at once"), 3, output)
+
+        return inThread(run)
+
     def test_pastTheLimitClientsWait(self):
         """
         Within a hard limit of 200, 18 connections fit: then the gateway
