@@ -20,6 +20,7 @@ does, unanswered.
 
 import errno
 import resource
+import time
 
 from relaygw.logs import Logger
 from relaygw.sharedports import acceptExclusively
@@ -58,6 +59,9 @@ class ConnectionBudget:
 
     RESERVE = 64
 
+    #: Seconds between two warnings that the listeners stopped accepting at the budget.
+    WARN_EVERY = 1000
+
     #: Seconds the listeners stop accepting when C{accept} finds no descriptor (sooner once a connection ends).
     BACKOFF = 1.0
 
@@ -75,6 +79,8 @@ class ConnectionBudget:
         self.reactor = reactor
         self._backoff = None  # (the timer ending a pause after accept found no descriptor, and what was held then)
         self._short = False  # (said so, and no connection accepted since)
+        self._warnedAt = None  # (when the listeners' pause at the budget was last said)
+        self._said = False  # (and they have not been said to accept again since)
         self.connections = None
         self.configure(listeners, concurrency)
 
@@ -167,11 +173,7 @@ class ConnectionBudget:
         full = held >= self.connections
         if full != self.paused:
             self.paused = full
-            if full:
-                log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
-                         n=self.connections)
-            else:
-                log.info("accepting connections again")
+            self._sayPaused(full)
         if full:
             stopped = set(self.ports)
         elif self.yielding:
@@ -181,6 +183,24 @@ class ConnectionBudget:
         else:
             stopped = set()
         self._pause(stopped)
+
+    def _sayPaused(self, full):
+        """
+        Say that the listeners stopped accepting at the budget, at most
+        once every L{WARN_EVERY} seconds (as Postfix's master says a
+        service reached its process limit), and that they accept again
+        after a pause it said: at the budget they stop and start again
+        with each connection that ends, two lines a session.
+        """
+        now = time.monotonic()
+        if full and (self._warnedAt is None or now - self._warnedAt >= self.WARN_EVERY):
+            self._warnedAt = now
+            self._said = True
+            log.warn("holding {n} connections, all the open-file limit allows: not accepting until one ends",
+                     n=self.connections)
+        elif not full and self._said:
+            self._said = False
+            log.info("accepting connections again")
 
     def _pause(self, stopped):
         """Stop accepting on the ports in C{stopped}, accept again on the others."""

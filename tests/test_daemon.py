@@ -414,6 +414,25 @@ class FileLimitTests(unittest.TestCase):
 
         return inThread(run)
 
+    def test_pauseAtTheBudgetSaidOnce(self):
+        """
+        At the budget the listeners stop and start accepting again with
+        each session that ends: the gateway says so once (as Postfix's
+        master says a service reached its process limit at most every
+        1000 s), not each time (before: 3 pairs of lines here, 134 pairs
+        for 900 short sessions).
+        """
+        def run():
+            p = self.start(200, 200)
+            time.sleep(0.5)
+            self.burst(30, 18)
+            self.burst(30, 18)
+            output = self.stopped(p)
+            self.assertEqual(output.count("holding 18 connections, all the open-file limit allows"), 1, output)
+            self.assertEqual(output.count("accepting connections again"), 1, output)
+
+        return inThread(run)
+
     def test_aBurstFillsBothWorkers(self):
         """
         Two workers, max_connections = 3 each: of 10 clients that connect
