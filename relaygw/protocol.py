@@ -110,12 +110,13 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
 
     # -- output --------------------------------------------------------
 
-    def reply(self, r, lines=None, unasked=False, counted=True):
+    def reply(self, r, lines=None, unasked=False, counted=True, logged=True):
         """
         Send reply C{r} (a L{codes.Reply}); close after it if it says so.
         C{unasked}: it answers no command (an idle timeout, a drain), so it
-        is not logged as a reject of the last one.  A 4xx or 5xx counts
-        toward C{max_errors} unless not C{counted}.
+        is not logged as a reject of the last one, nor is a refusal not
+        C{logged}.  A 4xx or 5xx counts toward C{max_errors} unless not
+        C{counted}.
         """
         if self.mode == CLOSED:
             return
@@ -123,7 +124,7 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         self.factory.stats("reply", r.code)
         if not unasked:
             self.commandCounts.replied(r.code)
-        if r.code >= 400 and not unasked:
+        if r.code >= 400 and not unasked and logged:
             verb, args = self.lastCommand
             maillog.reject(self.sessionId, self.context, verb, args, r, self.mailfrom, self.helo,
                            (self.context.message or {}).get("queue_id"), self.rcpts)

@@ -49,6 +49,9 @@ class MailTransaction:
     #: transaction before each counts as an error (Postfix's
     #: C{smtpd_recipient_overshoot_limit}): a client that pipelines all its
     #: recipients is told which to send again, not cut off at C{max_errors}.
+    #: Only the first of them in a transaction is logged (Postfix logs none),
+    #: and those that count: one line a recipient would let a client write
+    #: the log some five times faster than it sends.
     RECIPIENT_OVERSHOOT = 1000
 
     def do_MAIL(self, args):
@@ -84,7 +87,8 @@ class MailTransaction:
         if len(self.rcpts) >= self.listener.max_recipients:
             self.excessRecipients += 1
             overshoot = self.excessRecipients > self.RECIPIENT_OVERSHOOT
-            return self.reply(codes.TOO_MANY_RECIPIENTS, counted=overshoot)
+            return self.reply(codes.TOO_MANY_RECIPIENTS, counted=overshoot,
+                              logged=overshoot or self.excessRecipients == 1)
 
         def answer(refusal):
             if refusal is not None:
