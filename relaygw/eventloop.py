@@ -98,9 +98,8 @@ def closeUnwatchable(reactor):
     the traceback Twisted logs from wherever it was asked to read or write
     (a new connection's accept, a reply), which left the connection to
     the garbage collector.  Only TCP connections: anything else (a
-    listening port) raises as before.  Any other reactor, or an epoll
-    reactor without the parts this relies on, is left as it is; returns
-    whether the change was made.
+    listening port) raises as before.  Any other reactor is left as it
+    is; returns whether the change was made.
     """
     try:
         from twisted.internet.epollreactor import EPollReactor
