@@ -489,6 +489,10 @@ class WorkerRole:
             # the text this process started on (also one started again while
             # the file has been edited but not reloaded).
             removeFiles([_reloadedPath(self.base)])
+            # Nor are the metrics snapshots the last run's workers left: read
+            # before this run's workers replace them, their counts would be
+            # carried on in /metrics as those of restarted workers.
+            removeFiles(self.peerSnapshots())
             if self.supervisor is not None and self.configText is not None \
                     and _replaceWhole(_startedPath(self.base), self.configText.encode("utf-8")):
                 self.supervisor.env[STARTED_ENV] = _startedPath(self.base)

@@ -251,6 +251,64 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    def test_lastRunsCountsLeftOut(self):
+        """
+        Started again, the gateway's /metrics counts this run's messages
+        only: the snapshot worker 1 left at the last run's end is not this
+        run's (worker 0 read it before the new worker 1 had written its
+        own, and carried its counts on as a worker restarted's).
+        """
+        adminPort = freePort()
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2},
+                                                 admin={"endpoint": "tcp:%d:interface=127.0.0.1" % adminPort})
+        snapshot = os.path.join(directory, "spool", "w1", "metrics.prom")
+
+        def accepted(text):
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("relaygw_messages_accepted_total{"))
+
+        def scrape():
+            import urllib.request
+
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % adminPort, timeout=5) as r:
+                return accepted(r.read().decode())
+
+        def lastRun(p):
+            self.waitForWorker(directory)
+            for n in range(200):  # (until worker 1 has taken some)
+                sendOne(port, subject="m%d" % n)
+                if n % 10 == 9:
+                    time.sleep(1.2)
+                    with open(snapshot) as f:
+                        if accepted(f.read()):
+                            break
+            p.send_signal(signal.SIGTERM)
+
+        scraped = []
+
+        def thisRun(p):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    scraped.append(scrape())
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            self.waitForWorker(directory)
+            time.sleep(1.5)  # (worker 1's first snapshots written)
+            scraped.append(scrape())
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            self.runTwistd(directory, port, conf, lastRun)
+            with open(snapshot) as f:
+                self.assertTrue(accepted(f.read()))
+            out = self.runTwistd(directory, port, conf, thisRun)
+            self.assertNotIn("Traceback", out)
+            self.assertEqual(scraped, [0, 0])
+
+        return inThread(run)
+
     def waitForWorker(self, directory):
         """Worker 1 listens once it has opened its spool partition (a second or two after worker 0)."""
         waitUntil(lambda: os.path.isdir(os.path.join(directory, "spool", "w1", "queue")), 20)
