@@ -859,6 +859,40 @@ class WithdrawnTests(RelayTestCase):
                                       "%s: removed (relaygw-queue delete)" % qid])
 
     @defer.inlineCallbacks
+    def deletedAtTheNextHop(self, pollInterval):
+        """
+        A message deleted with the tool while the next hop has its content
+        and has not answered the end of data yet (it goes on, and is sent):
+        its lines in the mail log.  The gateway notices the deletion with a
+        poll every C{pollInterval} seconds.
+        """
+        self.logs = LogCapture(self)
+        self.hop_, port = self.hop(endOfDataDelay=1.5)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 300, "retry_max": 300})
+        self.gw.service.queue.pollInterval = pollInterval
+        qid = yield self.send(subject="m", rcpts=("r@example.net",))
+        yield self.until(lambda: self.hop_.messages)  # (the end of data sent, its reply not yet)
+        self.assertEqual(self.runTool("delete", qid), (0, "deleted %s\n" % qid))
+        yield self.until(lambda: self.spoolEmpty() and qid not in self.gw.service.queue.active)
+        yield task.deferLater(reactor, pollInterval + 0.5, lambda: None)
+        return qid, [formatEvent(e) for e in self.logs.events if e.get("qid") == qid and e.get("log_format")]
+
+    @defer.inlineCallbacks
+    def test_deletedOnceSentRemovedOnce(self):
+        """
+        A message deleted while its content is with the next hop, which
+        then takes it: "sent", then one "removed" line, the deletion's
+        (before, its delivery's "removed" and then the deletion's: two
+        removals of one message), whether the gateway notices the deletion
+        before the end of the attempt or after.
+        """
+        for pollInterval in (0.2, 3):
+            qid, lines = yield self.deletedAtTheNextHop(pollInterval)
+            self.assertIn("status=sent", lines[-2])
+            self.assertEqual([line for line in lines if "removed" in line],
+                             ["%s: removed (relaygw-queue delete)" % qid], pollInterval)
+
+    @defer.inlineCallbacks
     def test_flushWhileUnderWayLeavesNothing(self):
         """
         A flush that finds messages with their attempts under way marks

@@ -59,6 +59,7 @@ class Attempts:
         self.progress = ProgressWriter(spool, reactor)
         self.queuedAt = {}
         self.waitedSince = {}  # qid: when its next hop first handed it back untried (WAITED), since its last outcome
+        self.unremoved = set()  # qids whose removal failed (their queue file may have gone with it)
 
     def run(self, qid, message, forced):
         """
@@ -315,6 +316,7 @@ class Attempts:
         self.progress.drop(qid)
         self.waitedSince.pop(qid, None)
         self.queuedAt.pop(qid, None)
+        self.unremoved.discard(qid)
         self.spool.forget(qid)
 
     def _logged(self, attempt, events):
@@ -358,13 +360,21 @@ class Attempts:
         nobody and tries the removal again (the record on disk may still
         say to send).
         """
+        # Deleted with relaygw-queue while its content was with the next hop: the deletion's line
+        # ("removed (relaygw-queue delete)", the queue manager's) is its removal, not a second one.
+        # As with Postfix, "removed" is logged by whoever removed the queue file.
+        deleted = qid not in self.unremoved and not self.spool.exists(qid)
+
         def removed(_):
             self.progress.finished(qid)
             self.queuedAt.pop(qid, None)
-            maillog.removed(qid)
+            self.unremoved.discard(qid)
+            if not deleted:
+                maillog.removed(qid)
 
         def failed(failure):
             self.progress.keep(qid, outcome.paid(state))
+            self.unremoved.add(qid)
             return failure
 
         return defer.maybeDeferred(self.spool.remove, qid, progress=not fresh).addCallbacks(removed, failed)
