@@ -155,6 +155,32 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual(self.stderr.getvalue(), "relaygw-queue: no such message: %s\n" % self.q1)
         self.assertEqual([n for n in os.listdir(spool.directory) if n.startswith("deleted")], [])
 
+    def test_allOrDomainPassOverMessagesDeliveredMeanwhile(self):
+        """
+        A message that ALL or --domain chose, delivered (gone) before the
+        tool acts on it, is passed over as postsuper passes over one: the
+        others are acted on, exit 0, nothing on standard error (before:
+        "no such message" for each, and exit 1, for a command that did
+        what it was asked, as a busy gateway delivers).
+        """
+        spool = self.gw.service.spool
+        act = tool._act
+
+        def q1DeliveredFirst(cmd, found, qid, out, err):
+            if qid == self.q1 and spool.exists(qid):
+                os.rename(spool.path("queue", qid), spool.path("spent", qid))  # (as the gateway's removal)
+            return act(cmd, found, qid, out, err)
+
+        self.patch(tool, "_act", q1DeliveredFirst)
+        self.assertEqual(self.run_("hold", "--domain", "example.net"), (0, "held %s\n" % self.q2))
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertEqual(self.run_("release", "ALL"), (0, "released %s\n" % self.q2))
+        self.assertEqual(self.stderr.getvalue(), "")
+        os.rename(spool.path("spent", self.q1), spool.path("queue", self.q1))
+        self.assertEqual(self.run_("delete", "ALL"), (0, "deleted %s\n" % self.q2))
+        self.assertEqual(self.stderr.getvalue(), "")
+        self.assertEqual(spool.queueIds(), [])
+
     @defer.inlineCallbacks
     def test_deleteIsLogged(self):
         """

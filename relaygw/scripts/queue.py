@@ -169,10 +169,11 @@ def _list(spools, out, now):
 
 def _select(spools, args, err):
     """
-    The messages C{args} name: C{[(spool, qid)]}, and whether every named
-    one was found.  For C{release}, ALL and C{--domain} stand for the
+    The messages C{args} name: C{[(spool, qid, named)]}, and whether every
+    named one was found.  For C{release}, ALL and C{--domain} stand for the
     held messages among them (as C{postsuper -H ALL}); only a message
-    named by its id is one to complain of when it is not held.
+    named by its id (C{named}) is one to complain of when it is not held,
+    or has gone by the time it is acted on.
     """
     chosen, ok = [], True
     if args.command == "release":
@@ -197,12 +198,12 @@ def _select(spools, args, err):
                 # message whose recipient there is done, for the others it still has.
                 todo = pending(state, m.recipients)
                 if any(addressDomain(r) == domain for r in todo) and wanted(spool, qid):
-                    chosen.append((spool, qid))
+                    chosen.append((spool, qid, False))
         return chosen, ok
     ids = []
     for word in args.ids:
         if word == "ALL":
-            chosen.extend((spool, qid) for spool in spools for qid in spool.queueIds() if wanted(spool, qid))
+            chosen.extend((spool, qid, False) for spool in spools for qid in spool.queueIds() if wanted(spool, qid))
         elif word == "-":
             ids.extend(line.strip() for line in sys.stdin if line.strip())
         else:
@@ -213,7 +214,7 @@ def _select(spools, args, err):
             err("no such message: %s" % _clean(qid))
             ok = False
         else:
-            chosen.append((spool, qid))
+            chosen.append((spool, qid, True))
     return chosen, ok
 
 
@@ -333,9 +334,10 @@ def _change(spools, args, out, err):
             return 1 if failed else 0
     chosen, ok = _select(spools, args, err)
     ok = ok and not failed
-    for spool, qid in chosen:
+    for spool, qid, named in chosen:
         try:
-            ok = _act(cmd, spool, qid, out, err) and ok
+            # (One of ALL or --domain delivered, or released, since it was chosen: passed over, as postsuper does.)
+            ok = (_act(cmd, spool, qid, out, err if named else lambda text: None) or not named) and ok
         except OSError as e:  # (junk where a message's file belongs: left alone, the others go on)
             err("cannot %s %s: %s" % (cmd, _clean(qid), _why(e)))
             ok = False
