@@ -1153,6 +1153,36 @@ class SmarthostTests(RelayTestCase):
         self.assertEqual(hop.transactions, [])  # no mail, and no bounce
 
 
+class LongReplyTests(RelayTestCase):
+    """What a next hop's reply puts in the mail log and the queue: its text, within bounds."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_longMultilineReplyKeptShort(self):
+        """
+        A refusal of 120 lines of 400 octets (within the 64 KiB a reply may
+        run to): its text is kept to 2048 characters, as Postfix's client
+        keeps a multi-line reply's text to line_length_limit, in the mail
+        log's delivery line and the recipient's last reply in the queue
+        (before: a line of 50,000 characters in the mail log, and in the
+        state file, for each attempt of each recipient).
+        """
+        logs = LogCapture(self)
+        reply = "\n".join(["451-4.3.0 " + "z" * 400] * 120 + ["451 4.3.0 end"])
+        hop, port = self.hop(rcpt={"b@example.net": reply})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 60, "retry_max": 120})
+        qid = yield self.send()
+        yield self.until(lambda: logs.find("status=", qid=qid))
+        [line] = logs.find("status=", qid=qid)
+        self.assertEqual(line["status"], "deferred")
+        self.assertTrue(line["reply"].startswith("451 4.3.0 zzz"), line["reply"][:50])
+        self.assertEqual(len(line["reply"]), len("451 4.3.0 ") + 2048)
+        spool = self.gw.service.spool
+        yield self.until(lambda: spool.readState(qid).get("rcpts"))
+        self.assertEqual(spool.readState(qid)["rcpts"]["b@example.net"]["result"], line["reply"])
+
+
 class ReplyLikeAnUntriedResultTests(RelayTestCase):
     """
     A next hop's refusal is an attempt, whatever it says: counted, backed

@@ -72,13 +72,17 @@ class _Reply:
             return "%s.%s.%s" % m.groups()
         return None
 
+    #: Characters of text kept: what the mail log, the queue's last reply and a bounce say of a reply (a
+    #: multi-line one runs to 64 KiB); Postfix's client keeps as much as its line_length_limit.
+    TEXT_LIMIT = 2048
+
     @property
     def text(self):
         enhanced = self.enhanced
         lines = self.lines
         if enhanced:
             lines = [_ENHANCED.sub("", line, count=1) if _ENHANCED.match(line) else line for line in lines]
-        return " ".join(line.strip() for line in lines).strip()
+        return " ".join(line.strip() for line in lines).strip()[:self.TEXT_LIMIT]
 
     def result(self):
         return RecipientResult(self.code, self.enhanced, self.text, reply=True)
