@@ -124,6 +124,8 @@ class HeaderScanner:
     #: At most this much of a line is kept: its start says what it is.
     LINE = 1024
     _ID = re.compile(rb"Message-ID:[ \t]*(<[^>\r\n]{1,500}>)", re.I)
+    #: The value on the line after a Message-ID field's name (a folded field, as mailers write a long one).
+    _FOLDED_ID = re.compile(rb"[ \t]+(<[^>\r\n]{1,500}>)")
 
     def __init__(self):
         self.partial = b""  # the start of the line under way
@@ -131,6 +133,7 @@ class HeaderScanner:
         self.seen = 0
         self.done = False
         self.messageId = None
+        self.idFolded = False  # the last line was a Message-ID field's name alone: its value may follow
         self.received = 0
 
     def feed(self, chunk):
@@ -146,6 +149,7 @@ class HeaderScanner:
                 break
             line, start = data[start:end], end + 1
             overlong, self.overlong = self.overlong, False
+            folded, self.idFolded = self.idFolded, False
             if line == b"" or line == b"\r":  # the end of the header
                 return self._stop()
             first = line[:11].lower()
@@ -153,6 +157,12 @@ class HeaderScanner:
                 self.received += 1
             elif first == b"message-id:" and self.messageId is None and not overlong:
                 m = self._ID.match(line)
+                if m is not None:
+                    self.messageId = m.group(1).decode("latin-1")
+                else:
+                    self.idFolded = not line[11:].strip()
+            elif folded and not overlong:
+                m = self._FOLDED_ID.match(line)
                 if m is not None:
                     self.messageId = m.group(1).decode("latin-1")
         self.seen += len(chunk)

@@ -34,12 +34,11 @@ class MailLogTests(unittest.TestCase):
         yield self.gw.start()
         self.addCleanup(self.gw.stop)
 
-    def session(self, rcpts):
+    def session(self, rcpts, content="Message-ID: <m1@example.org>\r\nSubject: log\r\n\r\nbody\r\n"):
         def run():
             c = Client(self.gw.port)
             try:
-                *_, (code, lines) = c.transaction(
-                    rcpts, "Message-ID: <m1@example.org>\r\nSubject: log\r\n\r\nbody\r\n", helo="client.example")
+                *_, (code, lines) = c.transaction(rcpts, content, helo="client.example")
                 self.assertEqual(code, 250)
                 c.cmd("QUIT")
                 return lines[0].rsplit(" ", 1)[1]
@@ -88,6 +87,24 @@ class MailLogTests(unittest.TestCase):
         self.assertEqual(len(named), 1, self.text.getvalue())
         ours = [line for line in self.text.getvalue().splitlines() if "ScriptedSMTPFactory" not in line]
         self.assertFalse([line for line in ours if "ing factory" in line])
+
+    @defer.inlineCallbacks
+    def test_foldedMessageIdLogged(self):
+        """
+        A Message-ID field whose value is folded onto the next line (as
+        mailers write a long one) is logged, as Postfix logs it (before:
+        "message-id=", as for a message without one).
+        """
+        ids = []
+        for fold in ("\r\n ", "\r\n\t", " \r\n  "):
+            yield self.session(["b@example.net"], "Message-ID:%s<folded@example.org>\r\nSubject: log\r\n\r\nbody\r\n"
+                               % fold)
+            ids.append([e for e in self.events if e.get("event") == "queued"][-1]["message_id"])
+        self.assertEqual(ids, ["<folded@example.org>"] * 3)
+        # A continuation line of another field, or past the header, is no Message-ID.
+        yield self.session(["b@example.net"], "Message-ID:\r\nSubject: log\r\n <other@example.org>\r\n\r\nbody\r\n")
+        yield self.session(["b@example.net"], "Message-ID:\r\n\r\n <body@example.org>\r\n")
+        self.assertEqual([e["message_id"] for e in self.events if e.get("event") == "queued"][-2:], ["", ""])
 
     @defer.inlineCallbacks
     def test_queuedSizeIsTheSpoolsAndRemovedFollows(self):
