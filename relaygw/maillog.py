@@ -158,11 +158,13 @@ def released(qid):
 class CommandCounts:
     """
     Commands per verb and how many succeeded, for the disconnect line:
-    C{ehlo=1 mail=1 rcpt=1/2 ... commands=5/6} (C{ok/total} when some failed).
+    C{ehlo=1 mail=1 rcpt=1/2 ... commands=5/6} (C{ok/total} when some failed), in
+    Postfix's order (its command table's, the gateway's own verbs among them), C{unknown} last.
     """
 
-    KNOWN = ("helo", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "etrn",
-             "quit", "xclient", "xforward", "xremoteip", "xsetcontext", "xdumpcontext", "help", "expn")
+    KNOWN = ("helo", "ehlo", "xclient", "xforward", "xremoteip", "xsetcontext", "xdumpcontext", "starttls", "auth",
+             "mail", "rcpt", "data", "bdat", "rset", "noop", "vrfy", "etrn", "expn", "help", "quit")
+    _ORDER = {verb: n for n, verb in enumerate(KNOWN + ("unknown",))}
 
     def __init__(self):
         self.counts = {}
@@ -187,9 +189,12 @@ class CommandCounts:
             self.counts[self.current][0] += 1
         self.current, self.code = None, None
 
+    def _ordered(self):
+        return sorted(self.counts.items(), key=lambda item: self._ORDER[item[0]])
+
     def asDict(self):
         self._settle()
-        return {verb: {"ok": ok, "total": total} for verb, (ok, total) in self.counts.items()}
+        return {verb: {"ok": ok, "total": total} for verb, (ok, total) in self._ordered()}
 
     def summary(self):
         self._settle()
@@ -197,7 +202,7 @@ class CommandCounts:
         def one(ok, total):
             return "%d" % total if ok == total else "%d/%d" % (ok, total)
 
-        parts = ["%s=%s" % (verb, one(*n)) for verb, n in self.counts.items()]
+        parts = ["%s=%s" % (verb, one(*n)) for verb, n in self._ordered()]
         ok = sum(n[0] for n in self.counts.values())
         total = sum(n[1] for n in self.counts.values())
         return " ".join(parts + ["commands=%s" % one(ok, total)])

@@ -142,7 +142,7 @@ class MailLogTests(unittest.TestCase):
         self.assertRegex(rejects[1], r"reject: BOGUS from unknown\[127\.0\.0\.1\]: 50\d .*; "
                                      r"from=<a@example\.org> proto=ESMTP helo=<client\.example>$")
         [disconnect] = self.lines("disconnect")
-        self.assertTrue(disconnect.endswith("ehlo=1 mail=1 rcpt=0/1 unknown=0/1 quit=1 commands=3/5"), disconnect)
+        self.assertTrue(disconnect.endswith("ehlo=1 mail=1 rcpt=0/1 quit=1 unknown=0/1 commands=3/5"), disconnect)
 
     @defer.inlineCallbacks
     def test_lineRefusedBeforeItsVerbIsUnknown(self):
@@ -169,7 +169,7 @@ class MailLogTests(unittest.TestCase):
         for reject in rejects:
             self.assertRegex(reject, r"reject: UNKNOWN from unknown\[127\.0\.0\.1\]: 500 5\.5\.2 [^;]*; proto=SMTP$")
         [disconnect] = self.lines("disconnect")
-        self.assertTrue(disconnect.endswith("noop=1 unknown=0/2 quit=1 commands=2/4"), disconnect)
+        self.assertTrue(disconnect.endswith("noop=1 quit=1 unknown=0/2 commands=2/4"), disconnect)
 
     @defer.inlineCallbacks
     def test_sessionsEndedUnasked(self):
@@ -208,6 +208,29 @@ class MailLogTests(unittest.TestCase):
         self.assertEqual(self.lines("reject"), [])
         self.assertEqual(sorted(line.split(" ", 4)[-1] for line in self.lines("disconnect")),
                          ["ehlo=1 mail=1 commands=2", "noop=1 commands=1"])
+
+    @defer.inlineCallbacks
+    def test_disconnectCountsInPostfixOrder(self):
+        """
+        The disconnect line names the commands in Postfix's order, unknown
+        ones last, whatever order the client used them in, as Postfix 3.7
+        logs the same session: "ehlo=1 mail=1 rcpt=1 data=1 rset=1 noop=1
+        vrfy=1 quit=1 unknown=0/3" (before: in the order of their first
+        use, "noop=1 unknown=0/1 vrfy=1 help=1 expn=0/1 rset=1 ehlo=1 ...").
+        """
+        def outOfOrder(c):
+            for line in ("NOOP", "BOGUS", "VRFY x", "HELP", "EXPN x", "RSET", "EHLO x", "MAIL FROM:<a@example.org>",
+                         "RCPT TO:<b@example.net>", "DATA"):
+                c.cmd(line)
+            c.send(b"Subject: order\r\n\r\nbody\r\n.\r\n")
+            c.reply()
+            c.cmd("QUIT")
+
+        yield overASocket(self, outOfOrder, relay_networks=["127.0.0.0/8"])
+        yield self.waitFor("disconnect")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith(" ehlo=1 mail=1 rcpt=1 data=1 rset=1 noop=1 vrfy=1 expn=0/1 help=1 "
+                                            "quit=1 unknown=0/1 commands=9/11"), disconnect)
 
     @defer.inlineCallbacks
     def test_lostConnection(self):
