@@ -712,6 +712,37 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertEqual(self.spool.queueIds(), [])
 
 
+    @defer.inlineCallbacks
+    def test_changesWithNoWayToReport(self):
+        """
+        hold ALL, then release ALL, with standard output closed or a full
+        device: every message is acted on all the same, and one line says
+        the output failed, exit 1 (before: with it closed, the first message
+        only, and "error: 'NoneType' object has no attribute 'write'"; on a
+        full device "cannot release ID: No space left on device" for each
+        one past the first block of output, though it was released).
+        """
+        for i in range(600):
+            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"],
+                                       "context": {}})
+            w.write(b"x\r\n")
+            yield w.commit()
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+
+        def run(command, redirection):
+            return subprocess.run("%s --spool %s %s ALL %s" % (exe, self.dir, command, redirection), shell=True,
+                                  capture_output=True, text=True, timeout=60, env=sourceEnv())
+
+        for redirection, why in ((">&-", "standard output is closed"), (">/dev/full", "No space left on device")):
+            p = yield inThread(run, "hold", redirection)
+            self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s\n" % why))
+            self.assertEqual([q for q in self.spool.queueIds() if not self.spool.isHeld(q)], [], redirection)
+            p = yield inThread(run, "release", redirection)
+            self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s\n" % why))
+            self.assertEqual([q for q in self.spool.queueIds() if self.spool.isHeld(q)], [], redirection)
+        self.assertEqual(len(self.spool.queueIds()), 604)
+
+
 class BackoffTests(unittest.TestCase):
     """A flush or release tries at once and leaves the retry backoff as it was."""
 

@@ -9,6 +9,7 @@ tool answers with a line, never a traceback.
 """
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -287,6 +288,8 @@ def _run(argv, out):
         return 2
     out = _Report(out)
     code = _change(spools, args, out, err)
+    if out.error is not None:
+        raise out.error  # (every message acted on; main says why the output failed)
     if out.gone:
         raise BrokenPipeError()  # (every message acted on; main ends quietly, as for list | head)
     return code
@@ -295,13 +298,16 @@ def _run(argv, out):
 class _Report:
     """
     Standard output for the commands that change messages: a reader that
-    goes away (C{hold ALL | head -1}) does not stop them half way, nor make
-    each message after look failed; what they would say is dropped.
+    goes away (C{hold ALL | head -1}), or an output that fails (closed, a
+    full disk), does not stop them half way, nor make each message after
+    look failed; what they would say is dropped, and the failure (other
+    than the reader gone) reported once they are done.
     """
 
     def __init__(self, out):
         self.out = out
         self.gone = False
+        self.error = None
 
     def write(self, text):
         if not self.gone:
@@ -309,6 +315,18 @@ class _Report:
                 self.out.write(text)
             except BrokenPipeError:
                 self.gone = True
+            except OSError as e:
+                self.gone, self.error = True, e
+
+
+class _ClosedOutput:
+    """Standard output of a process started with its descriptor closed (C{>&-}): every write fails."""
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self):
+        pass
 
 
 def _change(spools, args, out, err):
@@ -378,6 +396,8 @@ def _warnings(event):
 
 def main(argv=None, out=None):
     out = sys.stdout if out is None else out
+    if out is None:  # (Python's sys.stdout, with the descriptor closed)
+        out = _ClosedOutput()
     globalLogPublisher.addObserver(_warnings)
     try:
         code = _run(argv, out)
@@ -394,6 +414,9 @@ def main(argv=None, out=None):
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        print("relaygw-queue: error: %s" % _why(e), file=sys.stderr)
+        return 1
     except Exception as e:  # never a traceback, whatever the spool holds
         print("relaygw-queue: error: %s" % _clean(e), file=sys.stderr)
         return 1
