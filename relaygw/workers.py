@@ -492,7 +492,11 @@ class WorkerRole:
             # Nor are the metrics snapshots the last run's workers left: read
             # before this run's workers replace them, their counts would be
             # carried on in /metrics as those of restarted workers.
-            removeFiles(self.peerSnapshots())
+            for path in self.peerSnapshots():
+                try:
+                    removeFiles([path])
+                except OSError as e:  # (a directory there: its worker says it cannot write its own)
+                    _roleLog.warn("cannot remove {path}: {error}", path=path, error=e)
             if self.supervisor is not None and self.configText is not None \
                     and _replaceWhole(_startedPath(self.base), self.configText.encode("utf-8")):
                 self.supervisor.env[STARTED_ENV] = _startedPath(self.base)
@@ -591,12 +595,19 @@ class WorkerRole:
         """The other workers' snapshots, for worker 0's C{/metrics}."""
         return [self.snapshotPath(i) for i in range(1, self.workers)]
 
+    #: Whether the last snapshot could not be written (said once, and once when one can be again).
+    _snapshotFailing = False
+
     def writeSnapshot(self, metrics):
         """This worker's metrics, for worker 0's /metrics (replaced whole; never raises)."""
-        _replaceWhole(self.snapshotPath(self.worker), metrics.render())
+        path = self.snapshotPath(self.worker)
+        written = _replaceWhole(path, metrics.render(), quiet=self._snapshotFailing)
+        if written and self._snapshotFailing:
+            _roleLog.info("writing {path} again", path=path)
+        self._snapshotFailing = not written
 
 
-def _replaceWhole(path, data):
+def _replaceWhole(path, data, quiet=False):
     """
     Write C{data} to C{path} whole (a new file renamed over it) for another
     process of this user to read, and no one else (a config's text can hold
@@ -609,7 +620,8 @@ def _replaceWhole(path, data):
         os.rename(path + ".tmp", path)
         return True
     except OSError as e:
-        _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
+        if not quiet:
+            _roleLog.warn("cannot write {path}: {error}", path=path, error=e)
         try:
             removeFiles([path + ".tmp"])  # (an empty one, on a full disk)
         except OSError:

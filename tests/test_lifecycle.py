@@ -309,6 +309,38 @@ class TwistdWorkersTests(_TwistdTestCase):
 
         return inThread(run)
 
+    def test_snapshotThatCannotBeWrittenSaidOnce(self):
+        """
+        A worker that cannot write its metrics snapshot (a full disk; here a
+        directory in its place, there at the start too) says so once, and
+        once that it can again, not every second (before: a warning each
+        second for as long as it lasted, and a directory there at the start
+        was no cause for worker 0 to fail).
+        """
+        adminPort = freePort()
+        directory, port, conf = self.writeConfig(relay={"defer_all": True}, process={"workers": 2},
+                                                 admin={"endpoint": "tcp:%d:interface=127.0.0.1" % adminPort})
+        snapshot = os.path.join(directory, "spool", "w1", "metrics.prom")
+        os.makedirs(os.path.join(snapshot, "junk"))
+
+        def session(p):
+            self.waitForWorker(directory)
+            time.sleep(4)
+            import shutil
+
+            shutil.rmtree(snapshot)
+            waitUntil(lambda: os.path.isfile(snapshot), 10)
+            time.sleep(1)
+            p.send_signal(signal.SIGTERM)
+
+        def run():
+            out = self.runTwistd(directory, port, conf, session)
+            self.assertNotIn("Traceback", out)
+            self.assertEqual(out.count("cannot write %s" % snapshot), 1, out)
+            self.assertEqual(out.count("writing %s again" % snapshot), 1, out)
+
+        return inThread(run)
+
     def waitForWorker(self, directory):
         """Worker 1 listens once it has opened its spool partition (a second or two after worker 0)."""
         waitUntil(lambda: os.path.isdir(os.path.join(directory, "spool", "w1", "queue")), 20)
