@@ -423,6 +423,33 @@ class BulkAndRobustnessTests(unittest.TestCase):
             w.write(b"Subject: x\r\n\r\nbody\r\n")
             self.ids.append((yield w.commit()))
 
+    def test_listWithoutTheRightToRead(self):
+        """
+        list or show by a user who may not read the queue files: an error
+        naming the file and why, exit 1 (before: every message listed as
+        "unreadable: Permission denied" and counted corrupt, "0 messages
+        ...; 4 corrupt", exit 0, a false alarm for a check run as another
+        user).
+        """
+        kw = {}
+        if os.getuid() == 0:
+            # Root may read anything: the tool runs as another user, who may enter the spool's directories.
+            kw = {"user": 65534, "group": 65534, "extra_groups": []}
+            for top in (os.path.dirname(self.dir), self.dir):
+                os.chmod(top, 0o755)
+        else:
+            for qid in self.ids:
+                os.chmod(self.spool.path("queue", qid), 0)
+                self.addCleanup(os.chmod, self.spool.path("queue", qid), 0o640)
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+        first = self.spool.path("queue", self.ids[0])
+        for argv in (["list"], ["show", self.ids[0]]):
+            p = subprocess.run([exe, "--spool", self.dir] + argv, capture_output=True, text=True, timeout=60,
+                               env=sourceEnv(), **kw)
+            self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s: Permission denied\n" % first),
+                             argv)
+            self.assertNotIn("corrupt", p.stdout)
+
     def test_releaseNotHeld(self):
         """release of a message that is not held says so, exits 1 and changes nothing."""
         before = sorted(os.listdir(self.dir))

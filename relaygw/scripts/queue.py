@@ -98,18 +98,19 @@ class _Unreadable(Exception):
 def _summary(spool, qid, now, content=False):
     """
     One message as C{list} and C{show} print it.  Raises
-    C{FileNotFoundError} when it has gone, L{_Unreadable} when it can't be
-    read back.  Unless C{content}, the message's content is not read (a
-    listing reads envelopes only, as C{postqueue -p} does), so a checksum
-    that does not match shows when the message is shown or tried.
+    C{FileNotFoundError} when it has gone, C{PermissionError} when this
+    user may not read it, L{_Unreadable} when it can't be read back.
+    Unless C{content}, the message's content is not read (a listing reads
+    envelopes only, as C{postqueue -p} does), so a checksum that does not
+    match shows when the message is shown or tried.
     """
     try:
         m = spool.load(qid, content=content)
         state = spool.readState(qid)
     except CorruptMessage as e:
         raise _Unreadable(e.reason)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, PermissionError):
+        raise  # (gone; or not for this user to read, which says nothing of the message)
     except OSError as e:
         raise _Unreadable(e.strerror or str(e))
     rcpts = state.get("rcpts", {})
@@ -189,6 +190,8 @@ def _select(spools, args, err):
             for qid in spool.queueIds():
                 try:
                     m = spool.load(qid, content=False)
+                except PermissionError:
+                    raise  # (not for this user to read: none would be found)
                 except (OSError, CorruptMessage):
                     continue
                 try:
