@@ -450,6 +450,23 @@ class BulkAndRobustnessTests(unittest.TestCase):
                              argv)
             self.assertNotIn("corrupt", p.stdout)
 
+    def test_changesWithoutTheRight(self):
+        """
+        hold ALL by a user who may not change the spool: one error line,
+        exit 1 (before: "cannot hold ID: ... Permission denied" for each
+        message, 5,000 lines for 5,000 messages, all saying the same).
+        """
+        if os.getuid() != 0:
+            raise unittest.SkipTest("needs root, to run the tool as another user")
+        for top in (os.path.dirname(self.dir), self.dir):
+            os.chmod(top, 0o755)
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+        p = subprocess.run([exe, "--spool", self.dir, "hold", "ALL"], capture_output=True, text=True, timeout=60,
+                           env=sourceEnv(), user=65534, group=65534, extra_groups=[])
+        self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s: Permission denied\n"
+                                                    % self.spool.path("hold", self.ids[0])))
+        self.assertEqual([q for q in self.ids if self.spool.isHeld(q)], [])
+
     def test_releaseNotHeld(self):
         """release of a message that is not held says so, exits 1 and changes nothing."""
         before = sorted(os.listdir(self.dir))

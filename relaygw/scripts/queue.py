@@ -359,6 +359,8 @@ def _change(spools, args, out, err):
         try:
             # (One of ALL or --domain delivered, or released, since it was chosen: passed over, as postsuper does.)
             ok = (_act(cmd, spool, qid, out, err if named else lambda text: None) or not named) and ok
+        except PermissionError:
+            raise  # (not this user's to change: nor are the others, in the same directories)
         except OSError as e:  # (junk where a message's file belongs: left alone, the others go on)
             err("cannot %s %s: %s" % (cmd, _clean(qid), _why(e)))
             ok = False
