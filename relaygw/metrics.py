@@ -25,7 +25,7 @@ KNOWN_COMMANDS = frozenset(
     "XCLIENT XREMOTEIP XSETCONTEXT XDUMPCONTEXT".split()
 )
 REPLY_CLASSES = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-AUTH_RESULTS = frozenset(["success", "failure"])
+AUTH_RESULTS = frozenset(["success", "failure", "locked"])  # (locked: refused unverified, its address locked out)
 DELIVERY_RESULTS = frozenset(["ok", "defer", "bounce"])
 FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: Arrival to a recipient's final outcome: seconds to days (the queue lifetime is 5 days).

@@ -1,5 +1,6 @@
 """Metrics and the admin endpoint: unit tests, then /healthz and /metrics over real loopback HTTP."""
 
+import base64
 import os
 import socket
 import subprocess
@@ -505,6 +506,45 @@ class GatewayAdminTests(GatewayTestCase):
             f.draining = True
         code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/healthz")
         self.assertEqual((code, body), (503, b"draining\n"))
+
+
+class AuthMetricsTests(GatewayTestCase):
+    """AUTH outcomes in /metrics, from real sessions over loopback."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from relaygw.auth import PasswordFile
+
+        users = os.path.abspath(self.mktemp())
+        PasswordFile(users).set("alice", "s3cret")
+        self.gw = Gateway(self.mktemp(), listeners=({"credentials": users, "auth_plaintext": True},),
+                          admin={"endpoint": "tcp:0:interface=127.0.0.1"})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        for f in self.gw.service.factories:
+            f.authFailures.limit = 1  # (locked out after one failure)
+        self.fetcher = Fetcher(self)
+
+    @defer.inlineCallbacks
+    def test_lockedOutCounted(self):
+        """
+        An AUTH refused because its address is locked out is counted as
+        such, relaygw_auth_total{result="locked"} (before: "other", the
+        label for a value from the network outside the known set).
+        """
+        def login(password):
+            def talk(c):
+                c.cmd("EHLO x")
+                return c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0" + password).decode())[0]
+
+            return self.session(talk)
+
+        self.assertEqual((yield login(b"wrong")), 421)  # (failed, and now locked out)
+        self.assertEqual((yield login(b"s3cret")), 454)
+        code, body, _ = yield self.fetcher.get(self.gw.adminPort, b"/metrics")
+        self.assertIn(b'relaygw_auth_total{listener="l0",result="failure"} 1.0\n', body)
+        self.assertIn(b'relaygw_auth_total{listener="l0",result="locked"} 1.0\n', body)
+        self.assertNotIn(b'result="other"', body)
 
 
 class MXMetricsTests(unittest.TestCase):
