@@ -12,7 +12,7 @@ import re
 import zlib
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from relaygw.metrics import Metrics
@@ -21,7 +21,7 @@ from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import MessageWriter, Spool
 from relaygw.spoolapi import CorruptMessage
-from tests.recorders import RecordingHop
+from tests.recorders import LogCapture, RecordingHop
 from tests.relaysetup import RelayTestCase
 
 BODY = b"Subject: q\r\n\r\n" + b"line of the body\r\n" * 40
@@ -523,6 +523,7 @@ class CutDuringDeliveryTests(RelayTestCase):
         from tests.relaysetup import TrackingHopFactory
 
         hop, port = self.hop(factory=TrackingHopFactory(greetDelay=1.0))
+        logged = LogCapture(self)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none", "retry_min": 0.5,
                             "retry_max": 0.5})
         retain, Spool.RETAIN_EACH = Spool.RETAIN_EACH, 0  # (read from the file, as after a restart)
@@ -539,7 +540,14 @@ class CutDuringDeliveryTests(RelayTestCase):
         self.assertEqual([(qid, "%s: content is %d octets, the envelope says %d" % (
             self.gw.service.spool.path("queue", qid), len(content) - 10, len(content)))],
             [(q, reason) for q, reason, _ in self.gw.service.spool.corrupt()])
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # (the read that found it cut short)
+        # The read that found it cut short: one line, the message deferred (and set aside at its next attempt).
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [event] = logged.find("cannot read the message")
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertIn("content cut short since it was read back (10 octets missing)", str(event["error"]))
+        [deferred] = [e for e in logged.find("status=") if e.get("qid") == qid]
+        self.assertIn("dsn=4.3.0, status=deferred (451 4.3.0 cannot read the message: %s: content cut short" % (
+            self.gw.service.spool.path("queue", qid),), formatEvent(deferred))
 
 
 class SizeTests(RelayTestCase):

@@ -308,21 +308,32 @@ class DeliveryTests(_DeliveryTestCase):
     @defer.inlineCallbacks
     def test_unreadableBodyIsNeverTerminated(self):
         """
-        A read error in the body (on the first chunk, and on a later one)
-        fails the message temporarily; the next hop never gets an end of
-        data for it.
+        A read error in the body (on the first chunk, and on a later one;
+        to a next hop with 8BITMIME, and to one without, where the content
+        is read to be converted) fails the message temporarily, 4.3.0 with
+        the error, and is logged as one line naming it, not as a traceback
+        nor as a lost connection; the next hop never gets an end of data
+        for it.
         """
-        for chunkSize, goodReads in ((65536, 0), (3, 2)):
+        for extensions, chunkSize, goodReads in (
+                (["8BITMIME"], 65536, 0), (["8BITMIME"], 3, 2), ([], 65536, 0), ([], 3, 2)):
             self.patch(body._BodyProducer, "CHUNK_SIZE", chunkSize)
             client.open = lambda path, mode, n=goodReads, **kw: _FailingFile(open(path, mode, **kw), n)
             self.addCleanup(vars(client).pop, "open", None)
-            factory = _ScriptedFactory()
+            logged = LogCapture(self)
+            factory = _ScriptedFactory(extensions=extensions)
             port = self.listen(factory)
             results = yield deliver(reactor, "127.0.0.1", port, [self.message()], _options())
-            self.assertTemporary(results[0]["rcpt@example.test"])
+            result = results[0]["rcpt@example.test"]
+            self.assertTemporary(result)
+            self.assertEqual((result.code, result.enhanced, result.text),
+                             (451, "4.3.0", "cannot read the message: Input/output error"))
             self.assertEqual(factory.messages, [])
             self.assertIn(b"DATA", b"".join(factory.chunks))  # the body had begun
-            self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # a disk error is worth a traceback
+            self.assertEqual(self.flushLoggedErrors(), [])  # one line, no traceback
+            [event] = logged.find("cannot read the message")
+            self.assertEqual(formatEvent(event), "127.0.0.1:%d: cannot read the message: [Errno 5] Input/output error"
+                             % (port,))
 
     @defer.inlineCallbacks
     def test_mailParameters(self):

@@ -15,6 +15,22 @@ class _BodyInterrupted(Exception):
     """The transport stopped the body producer (the connection went away)."""
 
 
+class UnreadableBody(Exception):
+    """
+    The message's content could not be read (C{error}: the C{OSError}, a
+    failing disk or a queue file cut short since it was read back): the
+    connection is dropped without an end of data, and the message waits
+    for its next attempt.
+    """
+
+    def __init__(self, error):
+        Exception.__init__(self, error)
+        self.error = error
+
+    def __str__(self):
+        return "cannot read the message: %s" % (self.error.strerror or self.error,)
+
+
 @implementer(IPullProducer)
 class _BodyProducer:
     """
@@ -65,8 +81,8 @@ class _BodyProducer:
         """
         try:
             chunk = self.file.read(self.CHUNK_SIZE)
-        except OSError:
-            return Failure()
+        except OSError as e:
+            return Failure(UnreadableBody(e))
         self.progress()
         return chunk
 

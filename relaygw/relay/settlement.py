@@ -9,7 +9,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 
 from relaygw.logs import Logger
-from relaygw.relay.body import _BodyInterrupted
+from relaygw.relay.body import UnreadableBody, _BodyInterrupted
 from relaygw.relay.clientwire import RecipientResult, _SessionFailure, _temporary
 
 log = Logger(namespace="relaygw.relay.client")
@@ -112,6 +112,13 @@ class Settlement:
                 "4.4.1",
             )
         proto = self.proto
+        if failure.check(UnreadableBody):
+            # The spool failed, not the next hop: one line (as a message that
+            # cannot be opened gets), and the connection goes without an end of data.
+            log.error("{where}: cannot read the message: {error}", where=self.where, error=failure.value.error)
+            proto.abort()
+            await proto.closed
+            return _temporary(str(failure.value), "4.3.0")
         expected = failure.check(_BodyInterrupted) or (
             proto.lostReason is not None and failure.value is proto.lostReason.value
         )
