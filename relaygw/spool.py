@@ -784,18 +784,33 @@ class Spool:
     def hasRoom(self, size=0):
         """
         Whether C{size} more octets still leave C{minFree} free (True when
-        that cannot be told).  When they don't, the spent files give their
-        blocks back, for the messages that come after.
+        that cannot be told), counting what the spent files hold as free.
+        When they don't, the spent files give their blocks back, for this
+        message and those that come after.
         """
         try:
-            if self.freeSpace() >= self.minFree + size:
-                self._short = False
-                return True
+            free = self.freeSpace()
         except OSError:
             return True
+        if free >= self.minFree + size:
+            self._short = False
+            return True
+        # What the spent files hold is the spool's own to give back: room
+        # for this message once they have gone, not a reason to refuse it.
+        free += self._spentSize()
         self._short = True
         self.releaseSpent()
-        return False
+        return free >= self.minFree + size
+
+    def _spentSize(self):
+        """Octets the spent files hold on disk (looked at only when room runs short)."""
+        held = 0
+        for name in self._spent:
+            try:
+                held += os.lstat(self.path("spent", name)).st_blocks * 512
+            except OSError:
+                pass
+        return held
 
     def storageFailed(self, error):
         """A write failed for want of room (or an I/O error): remembered for /healthz; spent files go."""

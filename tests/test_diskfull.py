@@ -671,6 +671,36 @@ class TmpfsTests(unittest.TestCase):
         print(self.report)
 
     @defer.inlineCallbacks
+    def test_spentFilesAreRoom(self):
+        """
+        The files of delivered messages kept in spent/ for reuse are room
+        the spool can give back at once: when they alone bring the free
+        space below min_free_space, MAIL is accepted (they go) rather than
+        refused 452 4.3.1 for want of room the queue itself does not use.
+        """
+        from twisted.internet import reactor, task
+
+        outbox = os.path.abspath(self.mktemp())
+        gw = Gateway(self.mount, listeners=({"relay_networks": ["127.0.0.0/8"]},), relay={"maildir": outbox},
+                     spool={"min_free_space": 1024 * 1024})
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        spool = gw.service.spool
+        replies, spent = [], []
+        for i in range(8):
+            mail, end = yield inThread(transaction, gw.port, BIG, "s%d" % i)
+            replies.append((mail[0], end and end[0]))
+            for _ in range(200):  # (delivered to the Maildir, its file moved to spent/: at most 10 s)
+                if not spool.queueIds() and len(os.listdir(os.path.join(outbox, "new"))) == replies.count((250, 250)):
+                    break
+                yield task.deferLater(reactor, 0.05, lambda: None)
+            spent.append(len(os.listdir(spool.path("spent"))))
+        self.assertEqual(replies, [(250, 250)] * 8, spent)
+        self.assertEqual(len(os.listdir(os.path.join(outbox, "new"))), 8)
+        self.assertLess(min(spent), max(spent))  # (they went, when they alone held the room)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
     def test_minFreeRefusesMail(self):
         """min_free_space = 512 KB: MAIL gets 452 4.3.1 before the disk is full; /healthz turns 503."""
         gw = yield self.gateway(512 * 1024)
@@ -719,10 +749,11 @@ class SpentFilesTests(unittest.TestCase):
         self.assertTrue(spool.hasRoom(0))
         self.assertEqual(len(os.listdir(spool.path("spent"))), 3)  # room enough: kept
         self.patch(spool, "freeSpace", lambda: 999)
-        self.assertFalse(spool.hasRoom(0))
+        self.assertTrue(spool.hasRoom(0))  # (what they hold is room: given back for this message)
         yield spool.committer.unlink([])  # the removal goes through the disk thread
         self.assertEqual(os.listdir(spool.path("spent")), [])
         self.assertIsNone(spool.takeSpent())
+        self.assertFalse(spool.hasRoom(0))  # (none left to give back)
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
