@@ -789,7 +789,9 @@ class Spool:
         message and those that come after.
         """
         try:
-            free = self.freeSpace()
+            # (Spent files being removed are room already: the disk thread
+            # has not got to them yet.)
+            free = self.freeSpace() + self._releasing[0]
         except OSError:
             return True
         if free >= self.minFree + size:
@@ -797,20 +799,9 @@ class Spool:
             return True
         # What the spent files hold is the spool's own to give back: room
         # for this message once they have gone, not a reason to refuse it.
-        free += self._spentSize()
         self._short = True
-        self.releaseSpent()
-        return free >= self.minFree + size
-
-    def _spentSize(self):
-        """Octets the spent files hold on disk (looked at only when room runs short)."""
-        held = 0
-        for name in self._spent:
-            try:
-                held += os.lstat(self.path("spent", name)).st_blocks * 512
-            except OSError:
-                pass
-        return held
+        held, _ = self.releaseSpent()
+        return free + held >= self.minFree + size
 
     def storageFailed(self, error):
         """A write failed for want of room (or an I/O error): remembered for /healthz; spent files go."""
@@ -826,17 +817,37 @@ class Spool:
         return (ago, self.lastStorageError[1]) if ago <= seconds else None
 
     def releaseSpent(self):
-        """The file system is short of room: delivered messages' files give their blocks back."""
+        """
+        The file system is short of room: delivered messages' files give
+        their blocks back.  Returns the octets and the files given back.
+        """
         if not self._spent:
-            return
+            return 0, 0
         paths = [self.path("spent", name) for name in self._spent]
         self._spent = []
+        held = 0
+        for path in paths:
+            try:
+                held += os.lstat(path).st_blocks * 512
+            except OSError:
+                pass
         log.warn("spool short of room: removing {n} spent files", n=len(paths))
         if self.committer is None:
             removeFiles(paths)
         else:
-            self.committer.unlink(paths).addErrback(
+            releasing = (held, len(paths))
+            self._releasing = (self._releasing[0] + held, self._releasing[1] + len(paths))
+
+            def released(result):
+                self._releasing = (self._releasing[0] - releasing[0], self._releasing[1] - releasing[1])
+                return result
+
+            self.committer.unlink(paths).addBoth(released).addErrback(
                 lambda f: log.failure("could not remove spent files", f))
+        return held, len(paths)
+
+    #: Octets and files of the spent files whose removal is under way.
+    _releasing = (0, 0)
 
     def oldestAge(self, now):
         """(depth, age of the oldest message in seconds)."""

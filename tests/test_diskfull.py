@@ -757,6 +757,50 @@ class SpentFilesTests(unittest.TestCase):
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
+    def test_roomWhileTheirRemovalWaits(self):
+        """
+        The spent files given back are room from then on, while the disk
+        thread has yet to remove them (behind a batch's sync): the MAILs
+        that come meanwhile are not refused for the room they still hold.
+        """
+        from twisted.internet import reactor
+
+        from relaygw.durable import Committer
+        from relaygw.spool import Spool
+
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=10000)
+        spool.open()
+        ids = []
+        for n in range(3):
+            w = spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
+            w.write(b"x" * 5000)
+            ids.append((yield w.commit()))
+        for qid in ids:
+            yield spool.remove(qid)
+        held = sum(os.lstat(spool.path("spent", n)).st_blocks * 512 for n in os.listdir(spool.path("spent")))
+        free = [9000]
+        self.patch(spool, "freeSpace", lambda: free[0])
+        removals = []
+        unlink = spool.committer.unlink
+
+        def waiting(paths):
+            removals.append((paths, defer.Deferred()))
+            return removals[-1][1]
+
+        self.patch(spool.committer, "unlink", waiting)
+        self.assertTrue(spool.hasRoom(0))
+        self.assertTrue(spool.hasRoom(0))  # (their removal has not run yet)
+        self.assertFalse(spool.hasRoom(held))
+        [(paths, removed)] = removals
+        free[0] += held
+        yield unlink(paths)
+        removed.callback(None)
+        self.assertEqual(os.listdir(spool.path("spent")), [])
+        self.assertTrue(spool.hasRoom(0))
+        self.assertFalse(spool.hasRoom(held))
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
     def test_notKeptWhileShort(self):
         """
         While room is short, a delivered message's file goes at once instead
