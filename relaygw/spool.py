@@ -781,27 +781,43 @@ class Spool:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
 
+    def _freeFiles(self):
+        """
+        Inodes free to unprivileged writers on the spool's file system, or
+        None where it counts none (btrfs: no inode can run out).
+        """
+        st = os.statvfs(self.directory)
+        return st.f_favail if st.f_files else None
+
     def hasRoom(self, size=0):
         """
-        Whether C{size} more octets still leave C{minFree} free (True when
-        that cannot be told), counting what the spent files hold as free.
-        When they don't, the spent files give their blocks back, for this
-        message and those that come after.
+        Whether C{size} more octets still leave C{minFree} free, and a new
+        file can be made (True when that cannot be told), counting what the
+        spent files hold as free.  No octet or no inode free is never room,
+        whatever C{minFree} says: no message could be queued (Postfix's
+        smtpd refuses MAIL when no block is free, even with C{queue_minfree}
+        0).  When there is no room, the spent files give their blocks and
+        inodes back, for this message and those that come after.
         """
         try:
             # (Spent files being removed are room already: the disk thread
             # has not got to them yet.)
-            free = self.freeSpace() + self._releasing[0]
+            free, files = self.freeSpace() + self._releasing[0], self._freeFiles()
         except OSError:
             return True
-        if free >= self.minFree + size:
+        if files is not None:
+            files += self._releasing[1]
+        if self._enough(free, files, size):
             self._short = False
             return True
         # What the spent files hold is the spool's own to give back: room
         # for this message once they have gone, not a reason to refuse it.
         self._short = True
-        held, _ = self.releaseSpent()
-        return free + held >= self.minFree + size
+        held, count = self.releaseSpent()
+        return self._enough(free + held, None if files is None else files + count, size)
+
+    def _enough(self, free, files, size):
+        return free > 0 and free >= self.minFree + size and (files is None or files > 0)
 
     def storageFailed(self, error):
         """A write failed for want of room (or an I/O error): remembered for /healthz; spent files go."""

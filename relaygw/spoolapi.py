@@ -230,7 +230,7 @@ class ISpool(Interface):
         """Octets free for the spool on its file system."""
 
     def hasRoom(size=0):
-        """Whether C{size} more octets leave at least the configured minimum free."""
+        """Whether C{size} more octets leave at least the configured minimum free, and an inode is free."""
 
     def oldestAge(now):
         """(depth, age in seconds of the oldest message)."""

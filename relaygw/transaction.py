@@ -63,7 +63,7 @@ class MailTransaction:
             return self.reply(e.reply)
         declared = int(params.get("SIZE") or 0)
         if not self.factory.spool.hasRoom(declared):
-            log.warn("[{session}] MAIL refused: the spool is below min_free_space (SIZE={size})",
+            log.warn("[{session}] MAIL refused: the spool is below min_free_space, or out of inodes (SIZE={size})",
                      session=self.sessionId, size=declared)
             return self.reply(codes.NO_ROOM)
         self.context.beginMessage(address)

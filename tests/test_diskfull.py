@@ -548,9 +548,9 @@ def isRoot():
 
 class TmpfsTests(unittest.TestCase):
     """
-    A real 2 MB tmpfs as the spool: it fills up, every message gets a
-    reply (250 or 452 4.3.1), nothing crashes, and every queued message
-    reads back whole.
+    A real 2 MB tmpfs (1,024 inodes) as the spool: it fills up, every
+    message gets a reply (250 or 452 4.3.1), nothing crashes, and every
+    queued message reads back whole.
     """
 
     timeout = 120
@@ -560,7 +560,8 @@ class TmpfsTests(unittest.TestCase):
             raise unittest.SkipTest("mounting a tmpfs needs root")
         self.mount = os.path.abspath(self.mktemp())
         os.makedirs(self.mount)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", self.mount], check=True, timeout=30)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=1024", "tmpfs", self.mount], check=True,
+                       timeout=30)
         self.addCleanup(subprocess.run, ["umount", "-l", self.mount], timeout=30)
 
     @defer.inlineCallbacks
@@ -602,9 +603,9 @@ class TmpfsTests(unittest.TestCase):
     def test_startsOnAFullDisk(self):
         """
         A gateway started on a full spool (its lock files new and empty, as
-        after a kill -9 during a first start) starts and answers the end of
-        data with 452 4.3.1, in both of two workers, instead of ending in a
-        traceback at the lock file's pid.
+        after a kill -9 during a first start) starts and answers MAIL with
+        452 4.3.1 (no octet is free), in both of two workers, instead of
+        ending in a traceback at the lock file's pid.
         """
         port = freePort()
         conf = os.path.join(self.mktemp() + ".toml")
@@ -621,7 +622,7 @@ class TmpfsTests(unittest.TestCase):
             with twistdRunning(conf, os.path.dirname(conf)) as p:
                 waitForPort(port)
                 waitUntil(lambda: os.path.isdir(os.path.join(self.mount, "spool", "w1", "queue")), 20)
-                replies = [transaction(port, 2000, "full%d" % n)[1][0] for n in range(6)]
+                replies = [transaction(port, 2000, "full%d" % n)[0][0] for n in range(6)]
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
             return replies, p.output
@@ -669,6 +670,43 @@ class TmpfsTests(unittest.TestCase):
         self.report = ("tmpfs 2 MB, min_free_space 0: %d messages, %d accepted (%d octets), %d refused 452 4.3.1"
                        % (len(replies), len(accepted), sum(r[0] for r in accepted), len(refused)))
         print(self.report)
+
+    @defer.inlineCallbacks
+    def test_noRoomAtAllRefusesMail(self):
+        """
+        min_free_space = 0: with no octet free, or no inode (octets to
+        spare), MAIL gets 452 4.3.1, as Postfix's smtpd answers with no block
+        free whatever its queue_minfree, instead of 250 and a 452 once the
+        client has sent the whole message; once room comes back, mail is
+        accepted again.
+        """
+        gw = yield self.gateway(0)
+        filler = os.path.join(self.mount, "filler")
+        self.fillUp()
+        inodes = os.path.join(self.mount, "inodes")
+        os.makedirs(inodes)
+
+        def fillInodes():
+            try:
+                for n in range(100000):
+                    os.close(os.open(os.path.join(inodes, str(n)), os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as e:
+                self.assertEqual(e.errno, errno.ENOSPC)
+
+        replies = []
+        for fill, free in ((lambda: None, lambda: os.unlink(filler)), (fillInodes, lambda: None)):
+            fill()
+            mail, end = yield inThread(transaction, gw.port, SMALL, "full")
+            replies.append((mail, end))
+            free()
+        self.assertEqual(replies, [((452, ["4.3.1 Insufficient system storage"]), None)] * 2)
+        self.assertGreater(gw.service.spool.freeSpace(), SMALL)  # (the second had octets to spare)
+        for name in os.listdir(inodes):
+            os.unlink(os.path.join(inodes, name))
+        mail, end = yield inThread(transaction, gw.port, SMALL, "again")
+        self.assertEqual((mail[0], end[0]), (250, 250))
+        self.checkSpool(gw, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
     def test_spentFilesAreRoom(self):
