@@ -150,20 +150,26 @@ def removeFiles(paths):
 def removeOrKeep(paths, keep):
     """
     One removal request: C{paths} removed, the first renamed to C{keep}
-    instead if given (or removed, when a directory has that name); returns
-    the error (EIO, EROFS...), if any, for the caller to hear of.
+    instead if given (or removed, when a directory has that name, or
+    C{keep}'s directory is missing); returns the error (EIO, EROFS...), if
+    any, for the caller to hear of: ENOENT when the first one's directory
+    is missing, for a file not found there has not been removed.
     """
+    first = paths[0] if paths else None
     try:
         if keep is not None:
             try:
                 quick.rename(paths[0], keep)
-                paths = paths[1:]
-            except FileNotFoundError:  # gone already: the next user creates it afresh
-                paths = paths[1:]
+                paths, first = paths[1:], None
+            except FileNotFoundError:  # gone already (the next user creates it afresh), or no directory for keep
+                pass
             except OSError as e:
                 if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
                     raise
         removeFiles(paths)
+        if first is not None and not quick.exists(os.path.dirname(first)):
+            # Its directory is out of reach (renamed, say): nothing was removed.
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.path.dirname(first))
     except OSError as e:
         return e
     return None

@@ -32,7 +32,8 @@ from zope.interface import implementer
 from relaygw import durable
 from relaygw.durable import CommitJob, discardFile, fsyncDirectory, removeFiles
 from relaygw.logs import Logger
-from relaygw.spoolapi import CorruptMessage, Envelope, ISpool, ISpooledMessage, Requests, Withdrawn, isStorageError
+from relaygw.spoolapi import (CorruptMessage, Envelope, ISpool, ISpooledMessage, Requests, SpoolUnavailable,
+                              Withdrawn, isStorageError)
 
 log = Logger()
 
@@ -275,6 +276,7 @@ class SpooledMessage:
         try:
             body = self.openBody()
         except FileNotFoundError:
+            self.spool.checkAvailable()
             raise Withdrawn("deleted")
         return body if isinstance(body, io.BytesIO) else _CheckedContent(body, self.size, self.crc, self.path)
 
@@ -687,7 +689,18 @@ class Spool:
         return sorted(names)
 
     def exists(self, queueId):
-        return queueId not in self._committing and durable.quick.exists(self.path("queue", queueId))
+        """
+        Whether C{queueId} is queued: its file is there, or the queue
+        directory itself is not (L{checkAvailable}), so it has not gone.
+        """
+        if queueId in self._committing:
+            return False
+        return durable.quick.exists(self.path("queue", queueId)) or not durable.quick.exists(self.path("queue"))
+
+    def checkAvailable(self):
+        """Raise L{SpoolUnavailable} when the queue directory is not there (a message not found has not gone)."""
+        if not _isDirectory(self.path("queue")):
+            raise SpoolUnavailable(errno.ENOENT, "spool queue directory not found", self.path("queue"))
 
     def committedAt(self, queueId):
         """When the message was made durable (its queue file's time); None if it is gone."""
@@ -699,14 +712,20 @@ class Spool:
     def load(self, queueId, content=True):
         """
         Read a committed message's envelope (L{SpooledMessage}).  Raises
-        L{CorruptMessage} when the file cannot be read back whole:
+        C{FileNotFoundError} when it has gone, L{SpoolUnavailable} when the
+        queue directory is not there, L{CorruptMessage} when the file cannot
+        be read back whole:
         empty, garbled, an envelope without what every message has,
         another message's, or content whose size or CRC-32 is not the one
         recorded before the 250.  Unless C{content}, the content is not
         read, so its CRC-32 is not checked (a listing of a large queue).
         """
         path = self.path("queue", queueId)
-        f, total = _openRegular(path, "queue file")
+        try:
+            f, total = _openRegular(path, "queue file")
+        except FileNotFoundError:
+            self.checkAvailable()
+            raise
         try:
             with f:
                 envelope, offset, crc = _readBack(queueId, f, total, content, self.MAX_ENVELOPE)

@@ -26,6 +26,13 @@ class CorruptMessage(Exception):
         self.path = path
 
 
+class SpoolUnavailable(OSError):
+    """
+    The spool's queue directory is not there (renamed or removed while the
+    gateway runs): a message not found in it has not gone, and waits.
+    """
+
+
 #: What relaygw-queue asked of the running queue manager since its last
 #: look (L{ISpool.takeRequests}): retry everything (a bool); try these
 #: messages now; these were held; these released (to be tried now); these

@@ -542,6 +542,65 @@ class NextHopWriteTests(RelayTestCase):
         self.flushLoggedErrors()
 
 
+class SpoolMovedTests(RelayTestCase):
+    """
+    The spool directory renamed away while the gateway runs, and back: a
+    message not found then has not gone.  It is neither taken as removed
+    nor as deleted by the operator, and goes out once, when it is back.
+    """
+
+    def moveAway(self):
+        spool = self.gw.service.spool.directory
+        os.rename(spool, spool + ".moved")
+        return lambda: os.rename(spool + ".moved", spool)
+
+    @defer.inlineCallbacks
+    def test_removedWhileAway(self):
+        """
+        Delivered while the spool is away, the message's removal fails
+        (one line, retried), rather than being taken as done with its file
+        left in queue/: it is removed once the spool is back, and not sent
+        again.
+        """
+        hop, port = self.hop(endOfDataDelay=0.5)
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        spool = self.gw.service.spool
+        logged = LogCapture(self)
+        qid = yield self.send()
+        yield self.until(lambda: hop.transactions)
+        back = self.moveAway()
+        yield self.until(lambda: logged.find("delivery attempt for {qid} failed: {error}", qid=qid))
+        self.assertEqual(logged.find("{qid}: removed", qid=qid), [])
+        back()
+        yield self.until(lambda: not spool.queueIds())
+        yield self.until(lambda: logged.find("{qid}: removed", qid=qid))
+        self.assertEqual(os.listdir(spool.path("state")), [])
+        self.assertEqual(len(hop.transactions), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
+    def test_retriedWhileAway(self):
+        """
+        A deferred message whose retry comes while the spool is away is
+        not forgotten as deleted: it waits (one line), and is delivered
+        once the spool is back.
+        """
+        hop, port = self.hop(rcpt={"b@example.net": ["451 4.3.0 not yet", "250 2.1.5 Ok"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        spool = self.gw.service.spool
+        logged = LogCapture(self)
+        qid = yield self.send()
+        yield self.until(lambda: spool.readState(qid).get("attempts") == 1)
+        back = self.moveAway()
+        yield self.until(lambda: logged.find("delivery attempt for {qid} failed: {error}", qid=qid))
+        back()
+        yield self.until(lambda: hop.transactions, timeout=10)
+        yield self.until(lambda: not spool.queueIds())
+        self.assertEqual([t["rcpts"] for t in hop.transactions], [["b@example.net"]])
+        self.assertEqual(len(logged.find("{qid}: removed", qid=qid)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 def isRoot():
     return os.geteuid() == 0
 
