@@ -7,7 +7,6 @@ L{relaygw.protocol.SMTPSession}, which keeps the input (C{lineReader}),
 C{mode}, C{writer} and the replies.
 """
 
-import errno
 import time
 
 from relaygw import codes, maillog
@@ -17,9 +16,6 @@ from relaygw.logs import Logger
 from relaygw.modes import COMMAND, DATA
 from relaygw.spoolapi import Envelope, isStorageError
 
-#: Errors of a process out of descriptors or memory, or of a kernel that cannot take the spool's io_uring
-#: requests for now (EAGAIN, EBUSY): 451 4.3.0, as any local error, but no traceback.
-_OUT_OF_RESOURCES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY])
 
 log = Logger(namespace="relaygw.smtp")
 
@@ -218,8 +214,9 @@ class MailTransaction:
         def failed(failure):
             error = failure.value
             storage = isStorageError(error)
-            if storage or isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES:
-                # The disk, or the process's descriptors or memory: one line, no traceback.
+            if isinstance(error, OSError):
+                # The disk, the spool's directories (moved away, say), or the
+                # process's descriptors or memory: one line, no traceback.
                 log.error("[{session}] spool commit failed: {error}", session=self.sessionId, error=error)
             else:
                 log.failure("[{session}] spool commit failed", failure, session=self.sessionId)

@@ -555,6 +555,33 @@ class SpoolMovedTests(RelayTestCase):
         return lambda: os.rename(spool + ".moved", spool)
 
     @defer.inlineCallbacks
+    def test_acceptedWhileAway(self):
+        """
+        A message that ends while the spool is away cannot be queued: 451
+        4.3.0 (its commit fails with ENOENT, a small message's as a large
+        one's), logged as one line naming the error, not as a critical
+        traceback; once the spool is back, mail is queued again.
+        """
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        logged = LogCapture(self)
+        back = self.moveAway()
+        ends = []
+        for size in (SMALL, BIG):
+            mail, end = yield inThread(transaction, self.gw.port, size)
+            ends.append(end)
+        back()
+        self.assertEqual(ends, [(451, ["4.3.0 Error: local error in processing"])] * 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        failed = [formatEvent(e) for e in logged.find("spool ")]
+        self.assertEqual(len(failed), 2, failed)
+        for line in failed:
+            self.assertIn("[Errno 2] No such file or directory: ", line)
+        mail, end = yield inThread(transaction, self.gw.port, SMALL)
+        self.assertEqual(end[0], 250)
+        yield self.until(lambda: len(hop.transactions) == 1)
+
+    @defer.inlineCallbacks
     def test_removedWhileAway(self):
         """
         Delivered while the spool is away, the message's removal fails
