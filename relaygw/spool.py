@@ -1095,7 +1095,9 @@ class ProgressRecords:
             for d in waiters:
                 d.errback(result) if isinstance(result, failure.Failure) else d.callback(None)
 
-        self.spool.committer.commit(CommitJob(final + ".tmp", final, data=data)).addBoth(written)
+        # (Written over whatever a write that could not remove it left at
+        # that name: writes for one message never overlap.)
+        self.spool.committer.commit(CommitJob(final + ".tmp", final, data=data, reuse=True)).addBoth(written)
 
     def writing(self, queueId):
         """Whether a progress write for C{queueId} is in progress."""

@@ -582,6 +582,26 @@ class SpoolMovedTests(RelayTestCase):
         yield self.until(lambda: len(hop.transactions) == 1)
 
     @defer.inlineCallbacks
+    def test_progressOverAStaleTemporaryFile(self):
+        """
+        A progress record's temporary file left behind (a write that failed
+        while the spool was away could not remove it) does not stop every
+        later record of that message: it is written over.
+        """
+        hop, port = self.hop(rcpt={"b@example.net": ["451 4.3.0 not yet", "451 4.3.0 not yet", "250 2.1.5 Ok"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "retry_min": 1, "retry_max": 1})
+        spool = self.gw.service.spool
+        logged = LogCapture(self)
+        qid = yield self.send()
+        yield self.until(lambda: spool.readState(qid).get("attempts") == 1)
+        with open(spool.path("state", qid) + ".tmp", "wb") as f:
+            f.write(b"left behind" * 100)
+        yield self.until(lambda: spool.readState(qid).get("attempts") == 2)
+        yield self.until(lambda: not spool.queueIds())
+        self.assertEqual(logged.find("cannot write delivery progress"), [])
+        self.assertEqual(len(hop.transactions), 1)
+
+    @defer.inlineCallbacks
     def test_removedWhileAway(self):
         """
         Delivered while the spool is away, the message's removal fails
