@@ -325,8 +325,16 @@ class GatewayService(MultiService):
             free = self.spool.freeSpace()
         except OSError as e:
             return False, "spool file system unreadable: %s" % (e.strerror,)
-        if free < max(1, self.spool.minFree):
-            return False, "spool low on space: %d bytes free, min_free_space %d" % (free, self.spool.minFree)
+        if not self.spool.hasRoom():
+            # Judged as MAIL judges it: the spent files kept for reuse give
+            # their room back first, rather than keep the gateway unhealthy
+            # (and so without the MAIL that would have given it back).
+            try:
+                files = self.spool.freeFiles()
+            except OSError:
+                files = None
+            return False, "spool low on space: %d bytes free%s, min_free_space %d" % (
+                free, ", no inode free" if files == 0 else "", self.spool.minFree)
         failed = self.spool.recentStorageError(self.STORAGE_ERROR_SECONDS)
         if failed is not None:
             return False, "spool write failed %ds ago: %s" % (failed[0], failed[1])

@@ -800,7 +800,7 @@ class Spool:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
 
-    def _freeFiles(self):
+    def freeFiles(self):
         """
         Inodes free to unprivileged writers on the spool's file system, or
         None where it counts none (btrfs: no inode can run out).
@@ -821,7 +821,7 @@ class Spool:
         try:
             # (Spent files being removed are room already: the disk thread
             # has not got to them yet.)
-            free, files = self.freeSpace() + self._releasing[0], self._freeFiles()
+            free, files = self.freeSpace() + self._releasing[0], self.freeFiles()
         except OSError:
             return True
         if files is not None:

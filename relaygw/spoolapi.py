@@ -236,6 +236,9 @@ class ISpool(Interface):
     def freeSpace():
         """Octets free for the spool on its file system."""
 
+    def freeFiles():
+        """Inodes free for the spool on its file system, or None where it counts none."""
+
     def hasRoom(size=0):
         """Whether C{size} more octets leave at least the configured minimum free, and an inode is free."""
 

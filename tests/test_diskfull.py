@@ -845,6 +845,39 @@ class TmpfsTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @defer.inlineCallbacks
+    def test_healthyWhenSpentFilesHoldTheRoom(self):
+        """
+        Once deliveries have left the free space below min_free_space only
+        in files kept in spent/ for reuse, /healthz gives them back and
+        says 200, as MAIL would accept, rather than 503: behind a balancer
+        that heeds it no MAIL would come to give them back, and the
+        gateway would stay unhealthy for room the queue does not use.
+        """
+        from twisted.internet import reactor, task
+
+        outbox = os.path.abspath(self.mktemp())
+        gw = Gateway(self.mount, listeners=({"relay_networks": ["127.0.0.0/8"]},), relay={"maildir": outbox},
+                     admin={"endpoint": "tcp:0:interface=127.0.0.1"}, spool={"min_free_space": 1024 * 1024})
+        yield gw.start()
+        self.addCleanup(gw.stop)
+        spool = gw.service.spool
+        for i in range(8):
+            mail, end = yield inThread(transaction, gw.port, BIG, "h%d" % i)
+            self.assertEqual((mail[0], end[0]), (250, 250))
+            for _ in range(200):  # (delivered, its file moved to spent/: at most 10 s)
+                if not spool.queueIds() and len(os.listdir(spool.path("spent"))) == i + 1:
+                    break
+                yield task.deferLater(reactor, 0.05, lambda: None)
+            if spool.freeSpace() < spool.minFree:
+                break
+        self.assertLess(spool.freeSpace(), spool.minFree)
+        self.assertTrue(os.listdir(spool.path("spent")))
+        self.assertEqual((yield inThread(get, gw.adminPort, "/healthz")), (200, "ok\n"))
+        self.assertEqual(os.listdir(spool.path("spent")), [])
+        self.assertGreaterEqual(spool.freeSpace(), spool.minFree)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
     def test_minFreeRefusesMail(self):
         """min_free_space = 512 KB: MAIL gets 452 4.3.1 before the disk is full; /healthz turns 503."""
         gw = yield self.gateway(512 * 1024)
