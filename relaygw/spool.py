@@ -1028,11 +1028,18 @@ class ProgressRecords:
         self._writes = {}
 
     def read(self, queueId):
-        """The per-recipient progress, C{{}} when there is none yet; L{CorruptMessage} if unreadable."""
+        """
+        The per-recipient progress, C{{}} when there is none yet;
+        L{CorruptMessage} if unreadable, L{SpoolUnavailable} when C{state/}
+        itself is not there.
+        """
         path = self.spool.path("state", queueId)
         try:
             f, _ = _openRegular(path, "state file")
         except FileNotFoundError:
+            if not _isDirectory(self.spool.path("state")):
+                # (moved away: the record may be there still, and say who is done)
+                raise SpoolUnavailable(errno.ENOENT, "spool state directory not found", self.spool.path("state"))
             return {}
         with f:
             data = f.read()

@@ -582,6 +582,26 @@ class SpoolMovedTests(RelayTestCase):
         yield self.until(lambda: len(hop.transactions) == 1)
 
     @defer.inlineCallbacks
+    def test_progressAwayWhenRetried(self):
+        """
+        A retry that finds the progress records' directory away does not
+        take the message for one without progress (and send again to the
+        recipients already done): it waits, and goes on once it is back.
+        """
+        hop, port = self.hop(rcpt={"c@example.net": ["451 4.3.0 not yet", "250 2.1.5 Ok"]})
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        spool = self.gw.service.spool
+        logged = LogCapture(self)
+        qid = yield self.send(rcpts=("b@example.net", "c@example.net"))
+        yield self.until(lambda: spool.readState(qid).get("attempts") == 1)
+        os.rename(spool.path("state"), spool.path("state") + ".moved")
+        yield self.until(lambda: logged.find("delivery attempt for {qid} failed: {error}", qid=qid))
+        os.rename(spool.path("state") + ".moved", spool.path("state"))
+        yield self.until(lambda: not spool.queueIds())
+        self.assertEqual([t["rcpts"] for t in hop.transactions], [["b@example.net"], ["c@example.net"]])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
     def test_progressOverAStaleTemporaryFile(self):
         """
         A progress record's temporary file left behind (a write that failed
