@@ -452,6 +452,7 @@ class MessageWriter:
             return defer.fail(self.failed)
         final = self.spool.path("queue", self.queueId)
         head = _SIZE_HEAD % (self.size, self._crc, self._envelopeCrc)
+        spent = None
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
             retain = self._chunks[1:]
@@ -467,12 +468,26 @@ class MessageWriter:
             job = CommitJob(self.tmpPath, final, fd=self.fd, size=self.size, early=True)
             retain = None
         self.fd = None
-        self._chunks = []
+        chunks, self._chunks = self._chunks, []
         self.envelope.size = self.size
         self.spool._committing.add(self.queueId)
         d = self.spool.committer.commit(job)
+        if spent is not None:
+            d.addErrback(self._spentGone, chunks, final)
         d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(retain,))
         return d
+
+    def _spentGone(self, failure, chunks, final):
+        """
+        The spent file taken for the message could not be opened: C{spent/}
+        itself has gone (removed by hand).  None of the spent files can be
+        reused then; the message gets a new file instead.
+        """
+        failure.trap(FileNotFoundError)
+        if _isDirectory(self.spool.path("spent")):
+            return failure
+        self.spool.forgetSpent()
+        return self.spool.committer.commit(CommitJob(self.tmpPath, final, data=chunks, early=True))
 
     def _committed(self, _, retain):
         self.spool._committing.discard(self.queueId)
@@ -913,7 +928,8 @@ class Spool:
             return None
         if self.progress.writing(queueId):  # its progress file must not appear after the removal
             return self.progress.whenWritten(queueId).addCallback(lambda _: self.remove(queueId, True))
-        if self._short or len(self._spent) >= self.SPENT or self.path("spent", queueId) in self._leftAlone:
+        if self._short or self._spentGone or len(self._spent) >= self.SPENT \
+                or self.path("spent", queueId) in self._leftAlone:
             return self.committer.unlink(paths)  # (not kept where a directory left alone has its name)
         d = self.committer.unlink(paths, keep=self.path("spent", queueId))
         d.addCallback(lambda _: self._spent.append(queueId))
@@ -951,6 +967,20 @@ class Spool:
         content = self._retained.pop(queueId, None)
         if content is not None:
             self._retainedSize -= len(content)
+
+    def forgetSpent(self):
+        """
+        C{spent/} has gone (removed by hand): the files it held are not
+        reused, and delivered messages' files are not kept until a restart
+        makes it again.
+        """
+        if not self._spentGone:
+            log.warn("{path} has gone: delivered messages' files are not kept for reuse until a restart",
+                     path=self.path("spent"))
+        self._spentGone = True
+        self._spent = []
+
+    _spentGone = False
 
     def takeSpent(self):
         """A spent file's path to overwrite with a new message, or None."""

@@ -582,6 +582,28 @@ class SpoolMovedTests(RelayTestCase):
         yield self.until(lambda: len(hop.transactions) == 1)
 
     @defer.inlineCallbacks
+    def test_spentRemovedByHand(self):
+        """
+        spent/ removed by hand while the gateway runs: the messages that
+        come next are queued in new files, rather than each refused 451
+        4.3.0 for a spent file it could not open, until none was left.
+        """
+        import shutil
+
+        hop, port = self.hop()
+        yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port]})
+        spool = self.gw.service.spool
+        for i in range(3):
+            yield self.send(subject="s%d" % i)
+            yield self.until(lambda: not spool.queueIds() and len(os.listdir(spool.path("spent"))) == 1)
+        shutil.rmtree(spool.path("spent"))
+        for i in range(3):
+            mail, end = yield inThread(transaction, self.gw.port, SMALL, "t%d" % i)
+            self.assertEqual(end[0], 250, end)
+        yield self.until(lambda: len(hop.transactions) == 6 and not spool.queueIds())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @defer.inlineCallbacks
     def test_progressAwayWhenRetried(self):
         """
         A retry that finds the progress records' directory away does not
