@@ -949,13 +949,14 @@ class SpentFilesTests(unittest.TestCase):
     """Delivered messages' files kept for reuse give their blocks back when room runs short."""
 
     @defer.inlineCallbacks
-    def test_releasedWhenShort(self):
+    def spoolWithSpentFiles(self, minFree):
+        """A spool keeping C{minFree} octets free, with three delivered messages' files of 5,000 octets in spent/."""
         from twisted.internet import reactor
 
         from relaygw.durable import Committer
         from relaygw.spool import Spool
 
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=1000)
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=minFree)
         spool.open()
         ids = []
         for n in range(3):
@@ -964,6 +965,11 @@ class SpentFilesTests(unittest.TestCase):
             ids.append((yield w.commit()))
         for qid in ids:
             yield spool.remove(qid)
+        return spool
+
+    @defer.inlineCallbacks
+    def test_releasedWhenShort(self):
+        spool = yield self.spoolWithSpentFiles(1000)
         self.assertEqual(len(os.listdir(spool.path("spent"))), 3)
         self.assertTrue(spool.hasRoom(0))
         self.assertEqual(len(os.listdir(spool.path("spent"))), 3)  # room enough: kept
@@ -982,20 +988,7 @@ class SpentFilesTests(unittest.TestCase):
         thread has yet to remove them (behind a batch's sync): the MAILs
         that come meanwhile are not refused for the room they still hold.
         """
-        from twisted.internet import reactor
-
-        from relaygw.durable import Committer
-        from relaygw.spool import Spool
-
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor), minFree=10000)
-        spool.open()
-        ids = []
-        for n in range(3):
-            w = spool.newMessage({"mailfrom": "", "recipients": ["r@example.net"]})
-            w.write(b"x" * 5000)
-            ids.append((yield w.commit()))
-        for qid in ids:
-            yield spool.remove(qid)
+        spool = yield self.spoolWithSpentFiles(10000)
         held = sum(os.lstat(spool.path("spent", n)).st_blocks * 512 for n in os.listdir(spool.path("spent")))
         free = [9000]
         self.patch(spool, "freeSpace", lambda: free[0])

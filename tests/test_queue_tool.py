@@ -423,6 +423,21 @@ class BulkAndRobustnessTests(unittest.TestCase):
             w.write(b"Subject: x\r\n\r\nbody\r\n")
             self.ids.append((yield w.commit()))
 
+    @defer.inlineCallbacks
+    def queueMany(self, recipients=1):
+        """600 more messages: more output than a pipe's reader takes before it goes."""
+        for i in range(600):
+            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"] * recipients,
+                                       "context": {}})
+            w.write(b"x\r\n")
+            yield w.commit()
+
+    def shellTool(self, line, timeout=60):
+        """Run C{relaygw-queue --spool DIR LINE} through the shell (in a thread): its C{CompletedProcess}."""
+        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
+        return inThread(subprocess.run, "%s --spool %s %s" % (exe, self.dir, line), shell=True, capture_output=True,
+                        text=True, timeout=timeout, env=sourceEnv())
+
     def test_listWithoutTheRightToRead(self):
         """
         list or show by a user who may not read the queue files: an error
@@ -708,22 +723,11 @@ class BulkAndRobustnessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_listIntoHead(self):
         """list | head: no BrokenPipeError traceback, however long the listing."""
-        for i in range(600):
-            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"] * 3,
-                                       "context": {}})
-            w.write(b"x\r\n")
-            yield w.commit()
-        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
-
-        def run():
-            return subprocess.run("%s --spool %s list | head -2" % (exe, self.dir), shell=True, capture_output=True,
-                                  text=True, timeout=30, env=sourceEnv())
-
-        p = yield inThread(run)
+        yield self.queueMany(recipients=3)
+        p = yield self.shellTool("list | head -2", timeout=30)
         self.assertEqual(p.stderr, "")
         self.assertEqual(len(p.stdout.splitlines()), 2)
         self.assertTrue(p.stdout.startswith("QUEUE ID"))
-
 
     @defer.inlineCallbacks
     def test_changesIntoHead(self):
@@ -733,28 +737,17 @@ class BulkAndRobustnessTests(unittest.TestCase):
         after the reader went away got "cannot hold ID: Broken pipe", though
         it was held).
         """
-        for i in range(600):
-            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"],
-                                       "context": {}})
-            w.write(b"x\r\n")
-            yield w.commit()
-        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
-
-        def run(command):
-            return subprocess.run("%s --spool %s %s ALL | head -1" % (exe, self.dir, command), shell=True,
-                                  capture_output=True, text=True, timeout=60, env=sourceEnv())
-
-        p = yield inThread(run, "hold")
+        yield self.queueMany()
+        p = yield self.shellTool("hold ALL | head -1")
         self.assertEqual(p.stderr, "")
         self.assertRegex(p.stdout, r"^held \S+\n$")
         ids = self.spool.queueIds()
         self.assertEqual(len(ids), 604)
         self.assertEqual([q for q in ids if not self.spool.isHeld(q)], [])
-        p = yield inThread(run, "delete")
+        p = yield self.shellTool("delete ALL | head -1")
         self.assertEqual(p.stderr, "")
         self.assertRegex(p.stdout, r"^deleted \S+\n$")
         self.assertEqual(self.spool.queueIds(), [])
-
 
     @defer.inlineCallbacks
     def test_changesWithNoWayToReport(self):
@@ -766,22 +759,12 @@ class BulkAndRobustnessTests(unittest.TestCase):
         full device "cannot release ID: No space left on device" for each
         one past the first block of output, though it was released).
         """
-        for i in range(600):
-            w = self.spool.newMessage({"mailfrom": "s%d@example.org" % i, "recipients": ["r@example.net"],
-                                       "context": {}})
-            w.write(b"x\r\n")
-            yield w.commit()
-        exe = os.path.join(os.path.dirname(sys.executable), "relaygw-queue")
-
-        def run(command, redirection):
-            return subprocess.run("%s --spool %s %s ALL %s" % (exe, self.dir, command, redirection), shell=True,
-                                  capture_output=True, text=True, timeout=60, env=sourceEnv())
-
+        yield self.queueMany()
         for redirection, why in ((">&-", "standard output is closed"), (">/dev/full", "No space left on device")):
-            p = yield inThread(run, "hold", redirection)
+            p = yield self.shellTool("hold ALL " + redirection)
             self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s\n" % why))
             self.assertEqual([q for q in self.spool.queueIds() if not self.spool.isHeld(q)], [], redirection)
-            p = yield inThread(run, "release", redirection)
+            p = yield self.shellTool("release ALL " + redirection)
             self.assertEqual((p.returncode, p.stderr), (1, "relaygw-queue: error: %s\n" % why))
             self.assertEqual([q for q in self.spool.queueIds() if self.spool.isHeld(q)], [], redirection)
         self.assertEqual(len(self.spool.queueIds()), 604)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 
 from twisted.internet import defer, reactor, task
@@ -25,6 +24,7 @@ from relaygw.testing import (
 from relaygw.relay.nexthop import NOT_SENT, STOPPED, WAITED, WITHDRAWN, Result
 from relaygw.relay.smtp import Health, SMTPNextHop
 from tests.messages import sendMessage, sendOne
+from tests.outside import plantFIFO
 from tests.recorders import LogCapture
 from tests.relaysetup import (
     FAST, CrashingGateway, RelayTestCase, TrackingHopFactory, crashTest, deliveryStatus, waitFor,
@@ -1301,21 +1301,7 @@ class TLSTests(RelayTestCase):
         yield self.delivered(hop, 1)
         yield self.gw.service.delivery.router.closeIdle()  # (the next delivery opens a connection of its own)
         os.unlink(ca)
-        os.mkfifo(ca)
-        done = threading.Event()
-        self.addCleanup(done.set)
-
-        def writer():
-            # (were it read, each read would wait for a writer: one comes after 10 s, for the test to end)
-            if done.wait(10):
-                return
-            while not done.wait(0.1):
-                try:
-                    os.close(os.open(ca, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    pass
-
-        threading.Thread(target=writer, daemon=True).start()
+        plantFIFO(self, ca)
         started = time.monotonic()
         yield self.send()
         yield self.delivered(hop, 2)

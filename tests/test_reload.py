@@ -11,7 +11,6 @@ import signal
 import smtplib
 import ssl
 import stat
-import threading
 import time
 
 from twisted.application.service import Application
@@ -24,6 +23,7 @@ from relaygw.ringcommit import RingCommitter
 from relaygw.testing import (Client, Gateway, ScriptedSMTPFactory, configText, freePort, inThread, twistdRunning,
                              waitForPort)
 from relaygw.tls import generateSelfSigned
+from tests.outside import plantFIFO
 from tests.processes import childPids, processState, spoolPids
 from tests.tlsmaterial import clientContext, makeCA
 
@@ -125,21 +125,7 @@ class ReloadTests(unittest.TestCase):
         greeted and no health check answered until something wrote to it).
         """
         fifo = os.path.join(self.gw.directory, "pipe")
-        os.mkfifo(fifo)
-        done = threading.Event()
-        self.addCleanup(done.set)
-
-        def writer():
-            # (were it read, each read would wait for a writer: one comes after 10 s, for the test to end)
-            if done.wait(10):
-                return
-            while not done.wait(0.1):
-                try:
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    pass
-
-        threading.Thread(target=writer, daemon=True).start()
+        plantFIFO(self, fifo)
         self.rewrite(listener={"credentials": fifo}, relay={"tls_ca": fifo})
         started = time.monotonic()
         self.gw.service.reload()

@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import ssl
-import threading
 import time
 
 from cryptography import x509
@@ -24,6 +23,7 @@ from twisted.trial import unittest
 
 from relaygw import tls
 from relaygw.trust import TrustPolicy
+from tests.outside import plantFIFO
 from tests.tlsmaterial import CA, altNames, certificate, clientContext, commonName, newKey, writePEM
 
 
@@ -293,21 +293,7 @@ class ServerTLSTests(_Fixture, unittest.TestCase):
         server = tls.ServerTLS(self.cert, self.key)
         before = server.certificate
         os.unlink(self.key)
-        os.mkfifo(self.key)
-        done = threading.Event()
-        self.addCleanup(done.set)
-
-        def writer():
-            # (were it read, each read would wait for a writer: one comes after 10 s, for the test to end)
-            if done.wait(10):
-                return
-            while not done.wait(0.1):
-                try:
-                    os.close(os.open(self.key, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    pass
-
-        threading.Thread(target=writer, daemon=True).start()
+        plantFIFO(self, self.key)
         errors = []
         self.patch(tls.log, "error", lambda fmt, **kw: errors.append(fmt.format(**kw)))
         started = time.monotonic()
