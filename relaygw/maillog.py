@@ -190,7 +190,7 @@ class CommandCounts:
         self.current, self.code = None, None
 
     def _ordered(self):
-        return sorted(self.counts.items(), key=lambda item: self._ORDER[item[0]])
+        return [(verb, self.counts[verb]) for verb in sorted(self.counts, key=self._ORDER.__getitem__)]
 
     def asDict(self):
         self._settle()
