@@ -37,7 +37,7 @@ def encode(value):
     return "".join(out)
 
 
-def decode(value, lenient=False):
+def decode(value, lenient=False, raw8bit=False):
     """
     Decode xtext to bytes.
 
@@ -47,6 +47,10 @@ def decode(value, lenient=False):
 
     Lenient mode (XCLIENT): a C{+HH} escape is decoded and any other C{+} is
     kept as sent, because nginx sends LOGIN unencoded (C{nginx+user@...}).
+
+    With C{raw8bit} (XCLIENT LOGIN), octets from 0x80 on are kept as sent
+    too, as nginx forwards a UTF-8 login's octets unencoded; whether they
+    make valid UTF-8 is the caller's to judge.
     """
     if isinstance(value, str):
         try:
@@ -54,7 +58,7 @@ def decode(value, lenient=False):
         except UnicodeEncodeError:
             raise XtextError("non-ASCII octet in xtext")
     for b in value:
-        if b < 0x21 or b > 0x7E:
+        if b < 0x21 or b == 0x7F or (b > 0x7F and not raw8bit):
             raise XtextError("invalid octet 0x%02X in xtext" % b)
     if not lenient:
         i = value.find(b"+")

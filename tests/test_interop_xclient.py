@@ -6,6 +6,7 @@ endpoint is served by the test itself.  Both come from Debian packages that
 test, it is never skipped.
 """
 
+import base64
 import os
 import re
 import smtplib
@@ -140,7 +141,7 @@ mail {
     server_name relay-proxy.test;
     auth_http 127.0.0.1:%(auth)d/auth;
     xclient on;
-    smtp_auth none;
+    smtp_auth %(smtpAuth)s;
     proxy on;
     proxy_pass_error_message on;
     server {
@@ -191,6 +192,8 @@ class NginxProcess(protocol.ProcessProtocol):
 class NginxCase(InteropTestCase):
     """nginx with the mail module in front of the gateway, its auth endpoint served here."""
 
+    smtpAuth = "none"
+
     @defer.inlineCallbacks
     def startNginx(self):
         nginx = need(NGINX)
@@ -206,7 +209,7 @@ class NginxCase(InteropTestCase):
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
             f.write(NGINX_CONF % {"module": NGINX_MAIL_MODULE, "dir": self.dir, "smtp": self.smtpPort,
-                                  "auth": authPort.getHost().port})
+                                  "auth": authPort.getHost().port, "smtpAuth": self.smtpAuth})
         self.nginx = NginxProcess()
         reactor.spawnProcess(self.nginx, nginx, [nginx, "-e", os.path.join(self.dir, "error.log"), "-c", conf,
                                                  "-p", self.dir + "/"], env=dict(os.environ))
@@ -289,6 +292,44 @@ class NginxTests(NginxCase):
         self.assertNotIn("auth_user", ctx)  # no LOGIN with smtp_auth none
         self.assertNotIn("[crit]", self.errorLog())
         self.assertNotIn("[emerg]", self.errorLog())
+
+
+class NginxLoginTests(NginxCase):
+    """
+    nginx with C{smtp_auth}: the client logs in at nginx, and nginx forwards
+    the login it took in XCLIENT C{LOGIN=}, as the client gave it (nginx
+    does not xtext-encode it).  The client relays on that login only.
+    """
+
+    smtpAuth = "plain login"
+    listener = {"trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
+                "relay_networks": ["192.0.2.0/24"], "received_shows_login": True}
+
+    @defer.inlineCallbacks
+    def test_utf8LoginRelays(self):
+        yield self.startNginx()
+        user = "j\u00fcrgen+tag@example.org"
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.smtpPort, timeout=20) as s:
+                s.ehlo("client.example")
+                token = base64.b64encode(b"\0" + user.encode("utf-8") + b"\0secret").decode("ascii")
+                auth = s.docmd("AUTH", "PLAIN " + token)
+                mail = s.mail("a@example.org")
+                rcpt = s.rcpt("b@example.net")
+                data = s.data(b"Subject: utf-8 login\r\n\r\nhello\r\n") if rcpt[0] == 250 else None
+                return auth, mail, rcpt, data
+
+        auth, mail, rcpt, data = yield inThread(send)
+        self.assertEqual((auth[0], mail[0], rcpt[0], data and data[0]), (235, 250, 250, 250),
+                         (auth, mail, rcpt, data, self.errorLog()))
+        msg = yield self.delivered()
+        ctx = self.envelopes[0].context["connection"]
+        self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["remote_ip"]), (user, "XCLIENT", "127.0.0.1"))
+        # Received shows the login, each non-ASCII character as "?" (as any client-given value).
+        self.assertIn(b"(authenticated as j?rgen+tag@example.org)", receivedHeader(msg))
+        headers = self.auth.requests[0][1]
+        self.assertEqual(headers["auth-method"], "plain")
 
 
 # -- nginx in front is no open relay, and limits count its clients --------------

@@ -203,8 +203,11 @@ class XclientParseTests(unittest.TestCase):
 
     def test_controlCharactersAndBadXtextRefused(self):
         for args in ("HELO=a+0Db", "HELO=a+0Ab", "HELO=a+00b", "LOGIN=a+7Fb", "HELO=a+09b", "HELO=a+7Fb",
-                     # A C1 control in a UTF-8 login; a login that is not UTF-8; raw 8-bit octets (not xtext).
-                     "LOGIN=a+C2+85b", "LOGIN=caf+E9", "LOGIN=caf\xc3\xa9", "HELO=caf\xc3\xa9"):
+                     # A C1 control in a UTF-8 login; a login that is not UTF-8, encoded or raw; a raw
+                     # control in a login; raw 8-bit octets in any other attribute (not xtext).
+                     "LOGIN=a+C2+85b", "LOGIN=caf+E9", "LOGIN=caf\xe9", "LOGIN=a\xc2\x85b", "LOGIN=a\x7fb",
+                     "LOGIN=a\xe2\x80\xa8b", "LOGIN=\xc3", "LOGIN=\xc3\xa9+C3", "HELO=caf\xc3\xa9",
+                     "NAME=caf\xc3\xa9.example", "PROTO=\xc5\xbfmtp", "ADDR=192.0.2.\xd9\xa1"):
             self.refused(args)
         for args in ("NAME=caf+C3+A9.example", "ADDR=+D9+A1.2.3.4", "PORT=+D9+A2+D9+A5", "PROTO=+C5+BFmtp"):
             self.refused(args)
@@ -215,6 +218,9 @@ class XclientParseTests(unittest.TestCase):
         greeting name's 8-bit octets become "?", as in an EHLO argument.
         """
         self.assertEqual(xclient.parse("LOGIN=j+C3+B6rg@example.org")["LOGIN"], "j\xf6rg@example.org")
+        # As nginx forwards a login: its UTF-8 octets raw, "+" and "=" as given.
+        self.assertEqual(xclient.parse("LOGIN=j\xc3\xb6rg+tag=x@example.org")["LOGIN"], "j\xf6rg+tag=x@example.org")
+        self.assertEqual(xclient.parse("LOGIN=j\xc3+B6rg")["LOGIN"], "j\xf6rg")
         self.assertEqual(xclient.parse("HELO=caf+C3+A9.example")["HELO"], "caf??.example")
         # (No special value by Unicode case mapping: "ı".upper() is "I".)
         self.assertEqual(xclient.parse("LOGIN=+5Bunava+C4+B1lable+5D")["LOGIN"], "[unava\u0131lable]")
@@ -364,6 +370,15 @@ class UntrustedRelayTests(VerbTestCase):
             c.cmd("MAIL FROM:<a@example.org>")
             code, lines = c.cmd("RCPT TO:<b@example.net>")
             self.assertEqual((code, lines[0][:6]), (554, "5.7.1 "))
+
+        return self.session(run)
+
+    def test_untrustedRawLoginRefused(self):
+        """A login as nginx forwards it (raw UTF-8) is trusted peers' only: 550, nothing changes."""
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT LOGIN=j\xc3\xb6rg@example.org")[0], 550)
+            c.cmd("MAIL FROM:<a@example.org>")
+            self.assertEqual(c.cmd("RCPT TO:<b@example.net>")[0], 554)
 
         return self.session(run)
 
@@ -599,6 +614,35 @@ class XclientTests(VerbTestCase):
             self.assertNotIn("b", ctx)
 
         return self.session(run)
+
+    @defer.inlineCallbacks
+    def test_rawUtf8LoginAsNginxSendsIt(self):
+        """
+        nginx forwards the login a client gave it as it is, UTF-8 octets
+        included: taken as the login; XDUMPCONTEXT and Received show it
+        escaped, the log decoded (its UTF-8 octets never as Latin-1).
+        """
+        logs = LogCapture(self)
+
+        @defer.inlineCallbacks
+        def run(c):
+            self.assertEqual(c.cmd("XCLIENT ADDR=192.0.2.7 LOGIN=j\xc3\xb6rg@example.org")[0], 220)
+            code, lines = c.cmd("XDUMPCONTEXT")
+            [line] = [l for l in lines if " auth_user " in l]
+            self.assertTrue(line.isascii() and line.isprintable(), line)
+            self.assertEqual(conn(c)["auth_name"], "XCLIENT")
+            self.assertEqual(c.cmd("XCLIENT LOGIN=caf\xc3\xa9\xc2\x85")[0], 501)
+            c.cmd("EHLO e.example")
+            return (yield queueMessage(c))
+
+        qid = yield self.session(run)
+        [queued] = logs.find("queued from=", event="queued", qid=qid)
+        self.assertEqual(queued["sasl_username"], "j\xf6rg@example.org")
+        [audit] = logs.find("accepted: {changes}", verb="XCLIENT")
+        self.assertIn("'j\xf6rg@example.org'", formatEvent(audit))
+        header = self.queuedReceived()
+        self.assertIn(b"with ESMTPA id ", header)
+        self.assertTrue(header.isascii(), header)
 
     @defer.inlineCallbacks
     def test_ipv6AddressInReceived(self):

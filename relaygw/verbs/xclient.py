@@ -70,7 +70,9 @@ def _port(value):
 def _decode(name, raw):
     """
     The value of attribute C{name}, xtext-decoded.  A login is UTF-8 (as
-    SASL's, RFC 4616, and so what relaygw forwards after an AUTH); a
+    SASL's, RFC 4616, and so what relaygw forwards after an AUTH), taken
+    raw as well as encoded, since nginx forwards the login a client gave it
+    unencoded (as Postfix takes it); a
     greeting name's 8-bit octets are left for L{parseHelo} to make C{?}, as
     in an EHLO argument; every other attribute is ASCII.  No value may hold
     a control character.
@@ -78,9 +80,10 @@ def _decode(name, raw):
     if len(raw) > xtext.MAX_ATTRIBUTE:
         raise _bad("attribute value too long")
     try:
-        octets = xtext.decode(raw, lenient=True)
+        # The line was read as latin-1: one character per octet sent.
+        octets = xtext.decode(raw.encode("latin-1"), lenient=True, raw8bit=name == "LOGIN")
         value = octets.decode("latin-1" if name == "HELO" else "utf-8" if name == "LOGIN" else "ascii")
-    except (xtext.XtextError, UnicodeDecodeError):
+    except (xtext.XtextError, UnicodeError):
         raise _bad("bad attribute value")
     if any(c < " " or c == "\x7f" for c in value) or (name == "LOGIN" and not value.isprintable()):
         raise _bad("bad attribute value")
