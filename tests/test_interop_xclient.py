@@ -305,10 +305,8 @@ class NginxLoginTests(NginxCase):
     listener = {"trusted_peers": ["127.0.0.1/32"], "extensions": ["xclient"],
                 "relay_networks": ["192.0.2.0/24"], "received_shows_login": True}
 
-    @defer.inlineCallbacks
-    def test_utf8LoginRelays(self):
-        yield self.startNginx()
-        user = "j\u00fcrgen+tag@example.org"
+    def loginAndSend(self, user):
+        """Log in at nginx as C{user} (AUTH PLAIN) and send one message: the replies."""
 
         def send():
             with smtplib.SMTP("127.0.0.1", self.smtpPort, timeout=20) as s:
@@ -317,19 +315,35 @@ class NginxLoginTests(NginxCase):
                 auth = s.docmd("AUTH", "PLAIN " + token)
                 mail = s.mail("a@example.org")
                 rcpt = s.rcpt("b@example.net")
-                data = s.data(b"Subject: utf-8 login\r\n\r\nhello\r\n") if rcpt[0] == 250 else None
+                data = s.data(b"Subject: login\r\n\r\nhello\r\n") if rcpt[0] == 250 else None
                 return auth, mail, rcpt, data
 
-        auth, mail, rcpt, data = yield inThread(send)
+        return inThread(send)
+
+    @defer.inlineCallbacks
+    def assertRelayedAs(self, user):
+        auth, mail, rcpt, data = yield self.loginAndSend(user)
         self.assertEqual((auth[0], mail[0], rcpt[0], data and data[0]), (235, 250, 250, 250),
                          (auth, mail, rcpt, data, self.errorLog()))
         msg = yield self.delivered()
         ctx = self.envelopes[0].context["connection"]
         self.assertEqual((ctx["auth_user"], ctx["auth_name"], ctx["remote_ip"]), (user, "XCLIENT", "127.0.0.1"))
+        self.assertEqual(self.auth.requests[0][1]["auth-method"], "plain")
+        return msg
+
+    @defer.inlineCallbacks
+    def test_utf8LoginRelays(self):
+        yield self.startNginx()
+        msg = yield self.assertRelayedAs("j\u00fcrgen+tag@example.org")
         # Received shows the login, each non-ASCII character as "?" (as any client-given value).
         self.assertIn(b"(authenticated as j?rgen+tag@example.org)", receivedHeader(msg))
-        headers = self.auth.requests[0][1]
-        self.assertEqual(headers["auth-method"], "plain")
+
+    @defer.inlineCallbacks
+    def test_plusTagLoginRelays(self):
+        """A login whose "+de" would decode to no UTF-8 (0xDE "v") is the login as nginx sent it."""
+        yield self.startNginx()
+        msg = yield self.assertRelayedAs("bob+dev@example.org")
+        self.assertIn(b"(authenticated as bob+dev@example.org)", receivedHeader(msg))
 
 
 # -- nginx in front is no open relay, and limits count its clients --------------

@@ -67,12 +67,27 @@ def _port(value):
     return int(value)
 
 
+def _text(name, octets):
+    """
+    C{octets} as the text of attribute C{name}, or C{None} if they are not
+    text of its kind or hold a control character.
+    """
+    try:
+        value = octets.decode("latin-1" if name == "HELO" else "utf-8" if name == "LOGIN" else "ascii")
+    except UnicodeDecodeError:
+        return None
+    if any(c < " " or c == "\x7f" for c in value) or (name == "LOGIN" and not value.isprintable()):
+        return None
+    return value
+
+
 def _decode(name, raw):
     """
     The value of attribute C{name}, xtext-decoded.  A login is UTF-8 (as
     SASL's, RFC 4616, and so what relaygw forwards after an AUTH), taken
     raw as well as encoded, since nginx forwards the login a client gave it
-    unencoded (as Postfix takes it); a
+    unencoded (as Postfix takes it): a login whose decoding is no login
+    (C{bob+dev}, where C{+de} would be octet 0xDE) is taken as sent.  A
     greeting name's 8-bit octets are left for L{parseHelo} to make C{?}, as
     in an EHLO argument; every other attribute is ASCII.  No value may hold
     a control character.
@@ -81,11 +96,16 @@ def _decode(name, raw):
         raise _bad("attribute value too long")
     try:
         # The line was read as latin-1: one character per octet sent.
-        octets = xtext.decode(raw.encode("latin-1"), lenient=True, raw8bit=name == "LOGIN")
-        value = octets.decode("latin-1" if name == "HELO" else "utf-8" if name == "LOGIN" else "ascii")
-    except (xtext.XtextError, UnicodeError):
+        sent = raw.encode("latin-1")
+    except UnicodeEncodeError:
         raise _bad("bad attribute value")
-    if any(c < " " or c == "\x7f" for c in value) or (name == "LOGIN" and not value.isprintable()):
+    try:
+        value = _text(name, xtext.decode(sent, lenient=True, raw8bit=name == "LOGIN"))
+    except xtext.XtextError:
+        value = None
+    if value is None and name == "LOGIN":
+        value = _text(name, sent)
+    if value is None:
         raise _bad("bad attribute value")
     return value
 
