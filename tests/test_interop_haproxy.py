@@ -10,7 +10,7 @@ import smtplib
 import subprocess
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from relaygw.testing import Gateway, freePort, inThread, receivedHeader, waitForPort
@@ -263,17 +263,24 @@ class HAProxyHealthCheckTests(unittest.TestCase):
         yield self.gw.service.queue.whenIdle()
         self.assertEqual(len(self.gw.delivered()), 2)
 
-        def rateLimited():
-            for _ in range(5):
-                s = smtplib.SMTP(timeout=20, source_address=("127.0.0.5", 0))
-                try:
-                    code, text = s.connect("127.0.0.1", self.fronts["v2"])
-                finally:
-                    s.close()
-                if code != 220:
-                    return code, text
-            return None
+        def connectOnce():
+            s = smtplib.SMTP(timeout=20, source_address=("127.0.0.5", 0))
+            try:
+                return s.connect("127.0.0.1", self.fronts["v2"])
+            finally:
+                s.close()
 
         # The client behind the balancer is still counted: 2 connections above, the 6th within the minute is refused.
-        refused = yield inThread(rateLimited)
+        # Each connection is closed at once; the next waits until the gateway has seen it go (through HAProxy), so
+        # that max_connections_per_ip (1) cannot refuse it first.
+        perIP = self.gw.service.factories[0].clients.perIP
+        refused = None
+        for _ in range(5):
+            deadline = time.monotonic() + 10
+            while perIP.get("127.0.0.5") and time.monotonic() < deadline:
+                yield task.deferLater(reactor, 0.02, lambda: None)
+            code, text = yield inThread(connectOnce)
+            if code != 220:
+                refused = (code, text)
+                break
         self.assertEqual(refused, (421, b"4.7.0 relay.test connection rate limit exceeded, try again later"))
