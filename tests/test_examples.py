@@ -8,6 +8,7 @@ import subprocess
 from twisted.trial import unittest
 
 from relaygw import config
+from relaygw.testing import freePort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,33 @@ class ExampleTests(unittest.TestCase):
         p = subprocess.run([haproxy, "-c", "-f", os.path.join(ROOT, "etc", "haproxy", "haproxy.cfg")],
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+    def test_haproxyStarts(self):
+        """
+        HAProxy runs the example (its ports moved to free ones) within this
+        machine's open-file hard limit (before: its maxconn 20000 wanted
+        40,021 descriptors, and HAProxy would not start where the limit is
+        20,000).
+        """
+        with open(os.path.join(ROOT, "etc", "haproxy", "haproxy.cfg")) as f:
+            text = f.read()
+        for port in ("2525", "2601", "2602", "8081", "8082"):
+            text = text.replace(":%s" % port, ":%d" % freePort()).replace("port %s" % port, "port %d" % freePort())
+        cfg = os.path.join(os.path.abspath(self.mktemp()))
+        with open(cfg, "w") as f:
+            f.write(text)
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        p = subprocess.Popen([haproxy, "-f", cfg], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            code = p.wait(2)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if p.poll() is None:
+                p.kill()
+            output = p.communicate()[0]
+        self.assertIsNone(code, output)
+        self.assertNotIn("Cannot raise FD limit", output)
 
     def test_nginxConfig(self):
         self.assertTrue(os.path.exists("/usr/sbin/nginx"), "nginx is not installed (make test installs it)")
