@@ -6,6 +6,7 @@ fails.
 
 import errno
 import os
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,6 +70,21 @@ class RecordTests(unittest.TestCase):
         r = outcome.record(r.state, ["b"], [("h", {"b": LATER})], 1100.0, POLICY, "s@example.org", 1000.0)
         self.assertEqual((r.state["attempts"], r.state["backoff"]), (3, 2))
         self.assertEqual(r.nextAttempt, 1220.0)
+
+    def test_dueAtTheRecordedTime(self):
+        """L{outcome.due}: the recorded next attempt, now without one, never beyond its back-off's delay."""
+        self.assertEqual(outcome.due({}, 1000.0, POLICY), 1000.0)  # never tried
+        self.assertEqual(outcome.due({"rcpts": {}, "next_attempt": None}, 1000.0, POLICY), 1000.0)  # underway
+        self.assertEqual(outcome.due({"next_attempt": 900.0, "backoff": 1}, 1000.0, POLICY), 1000.0)
+        self.assertEqual(outcome.due({"next_attempt": 1050.0, "backoff": 1}, 1000.0, POLICY), 1050.0)
+        # Written before the clock was set back: no longer than its delay from now.
+        self.assertEqual(outcome.due({"next_attempt": 90000.0, "backoff": 2}, 1000.0, POLICY), 1120.0)
+        self.assertEqual(outcome.due({"next_attempt": 90000.0, "attempts": 9}, 1000.0, POLICY), 2000.0)
+
+    def test_underwayNamesNoNextAttempt(self):
+        state = {"rcpts": {"a": {"status": "done"}}, "next_attempt": 1060.0, "backoff": 1}
+        self.assertIsNone(outcome.underway(state)["next_attempt"])
+        self.assertEqual(state["next_attempt"], 1060.0)  # the input is not touched
 
     def test_expiredDeferralBounces(self):
         r = outcome.record({}, ["b"], [("h", {"b": LATER})], 5000.0, POLICY, "s@example.org", arrival=1000.0)
@@ -301,6 +317,37 @@ class SeveralNextHopsTests(unittest.TestCase):
         state = spool.readState(qid)
         self.assertEqual((state["rcpts"]["fast@a.example"]["status"], state["rcpts"]["slow@b.example"]["status"],
                           state["attempts"]), ("done", "deferred", 1))
+        yield q.stopService()
+
+    @defer.inlineCallbacks
+    def test_recordWrittenDuringAForcedAttemptNamesNoRetryTime(self):
+        """
+        A forced attempt's record written while it goes on names no next
+        attempt (a crash then has the next start make it again at once); at
+        its end the record keeps the retry time it had.
+        """
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
+                              "context": {"connection": {}}, "arrival": 0})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        later = time.time() + 1000
+        yield spool.writeState(qid, {"rcpts": {}, "attempts": 1, "backoff": 1, "next_attempt": later})
+        fast, slow = _Hop({"fast@a.example": OK}), _PendingHop({})
+        q = QueueManager(spool, lambda m, r: fast if r.endswith("a.example") else slow, task.Clock(),
+                         retryMin=30, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid, forced=True)
+        yield spool.whenStateWritten(qid)
+        state = spool.readState(qid)
+        self.assertEqual(state["rcpts"]["fast@a.example"]["status"], "done")
+        self.assertIsNone(state["next_attempt"])
+        slow.answer.callback([{"slow@b.example": LATER}])
+        yield q.whenIdle()
+        yield spool.whenStateWritten(qid)
+        state = spool.readState(qid)
+        self.assertEqual((state["next_attempt"], state["backoff"], state["attempts"]), (later, 1, 2))
         yield q.stopService()
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -1058,10 +1059,76 @@ class CrashTests(unittest.TestCase):
     def test_killMidDataAndAfterAck(self):
         return inThread(self.scenario)
 
-    def test_recoveryDeliversSpooledMessages(self):
-        """Messages still spooled at the kill (next hop broken) arrive after restart."""
+    def configure(self, **relay):
+        with open(self.conf, "w") as f:
+            f.write(configText(self.dir, relay=dict(relay), listeners=({
+                "endpoint": "tcp:%d:interface=127.0.0.1" % self.port,
+                "relay_networks": ["127.0.0.0/8"]},)))
+
+    def blockOutbox(self):
+        os.rmdir(self.outbox)
+        with open(self.outbox, "w") as f:  # "new" is a file: every delivery fails
+            f.write("blocked")
+
+    def unblockOutbox(self):
+        os.unlink(self.outbox)
+        os.mkdir(self.outbox)
+
+    def waitDeferred(self, n, timeout=20):
+        """Wait until C{n} progress records name a next attempt (each message deferred once)."""
+        state = os.path.join(self.dir, "spool", "state")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = []
+            for name in os.listdir(state):
+                try:
+                    with open(os.path.join(state, name)) as f:
+                        records.append(json.load(f))
+                except (OSError, ValueError):
+                    pass
+            if sum(1 for r in records if r.get("next_attempt")) >= n:
+                return
+            time.sleep(0.05)
+        self.fail("%d messages not deferred within %ss" % (n, timeout))
+
+    def test_restartKeepsRetryTimes(self):
+        """
+        Deferred mail waits for its recorded next attempt after a kill -9
+        and restart, as Postfix's queue manager leaves deferred mail whose
+        time has not come: a restart does not retry the whole queue at
+        once.  A message accepted after the restart goes at once, and
+        relaygw-queue flush sends the deferred ones at once.
+        """
 
         def run():
+            self.configure(retry_min=120, retry_max=120)
+            p = self.start()
+            self.blockOutbox()
+            for i in range(3):
+                send(self.port, "deferred-%d" % i)
+            self.waitDeferred(3)
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+            self.unblockOutbox()
+            p2 = self.start()
+            send(self.port, "new")
+            self.waitDelivered(1)
+            time.sleep(2)
+            self.assertEqual(self.subjects(), ["new"])
+            subprocess.run([sys.executable, "-m", "relaygw.scripts.queue", "--config", self.conf, "flush"],
+                           check=True, capture_output=True, timeout=30)
+            self.waitDelivered(4)
+            self.assertEqual(self.subjects(), ["deferred-0", "deferred-1", "deferred-2", "new"])
+            p2.send_signal(signal.SIGTERM)
+            p2.wait(20)
+
+        return inThread(run)
+
+    def test_recoveryDeliversSpooledMessages(self):
+        """Messages still spooled at the kill (next hop broken) arrive after restart, at their retry time."""
+
+        def run():
+            self.configure(retry_min=1, retry_max=1)
             p = self.start()
             os.rmdir(self.outbox)
             with open(self.outbox, "w") as f:  # "new" is a file: every delivery fails
@@ -1122,6 +1189,61 @@ class AttemptFailureTests(unittest.TestCase):
         self.assertEqual(len(hop.calls), 1)
         self.assertEqual(len(routed), 2)
         self.assertEqual(spool.queueIds(), [])
+        yield q.stopService()
+
+
+class RecoveredRetryTimeTests(unittest.TestCase):
+    """
+    What a start does with each message already queued: it waits for the
+    next attempt its progress record names, and goes at once when it was
+    never tried, was in the middle of an attempt, or its record is garbled.
+    """
+
+    @defer.inlineCallbacks
+    def test_eachRecoveredMessageAtItsTime(self):
+        from relaygw.relay.queue import QueueManager
+
+        clock = task.Clock()
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        qids = {}
+        for tag in ("fresh", "deferred", "underway", "garbled", "stepped"):
+            w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["b@example.net", "c@example.net"],
+                                  "arrival": time.time(), "context": {"connection": {}}})
+            w.write(b"Subject: " + tag.encode() + b"\r\n\r\nbody\r\n")
+            qids[tag] = yield w.commit()
+        now = time.time()
+        done = {"b@example.net": {"status": "done", "result": "250 ok", "hop": "test"}}
+        yield spool.writeState(qids["deferred"], {"rcpts": {}, "attempts": 1, "backoff": 1, "next_attempt": now + 100})
+        yield spool.writeState(qids["underway"], {"rcpts": done, "attempts": 1, "backoff": 1, "next_attempt": None})
+        # Written before the clock was set back by a day: held no longer than its back-off (300 s).
+        yield spool.writeState(qids["stepped"], {"rcpts": {}, "attempts": 1, "backoff": 1,
+                                                 "next_attempt": now + 86400})
+        with open(spool.path("state", qids["garbled"]), "w") as f:
+            f.write("{garbled")
+        hop = RecordingHop()
+        q = QueueManager(spool, lambda message, rcpt: hop, clock, retryMin=300)
+        q.recovered = spool.open()
+        logged = LogCapture(self)
+        q.startService()
+        yield q.whenIdle()
+
+        def sent():
+            return sorted(m.queueId for call in hop.calls for m in call)
+
+        self.assertEqual(sent(), sorted([qids["fresh"], qids["underway"]]))
+        self.assertEqual([m.recipients for call in hop.calls for m in call if m.queueId == qids["underway"]],
+                         [["c@example.net"]])
+        self.assertEqual(len(logged.find("{qid}: corrupt {path}: {reason}; moved to corrupt/", qid=qids["garbled"])),
+                         1)
+        clock.advance(99)
+        self.assertEqual(len(hop.calls), 2)
+        clock.advance(1)
+        yield q.whenIdle()
+        self.assertEqual(sent(), sorted([qids["fresh"], qids["underway"], qids["deferred"]]))
+        clock.advance(200)
+        yield q.whenIdle()
+        self.assertEqual(sent(), sorted([qids["fresh"], qids["underway"], qids["deferred"], qids["stepped"]]))
         yield q.stopService()
 
 

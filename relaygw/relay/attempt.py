@@ -173,7 +173,7 @@ class Attempts:
             attempt.state, attempt.fresh = recorded.state, False
             outcome.owe(recorded.state, self._noticesDue(attempt.message, recorded.events))
             self._logged(attempt, recorded.events)
-            return self.progress.persist(attempt.qid, recorded.state)
+            return self.progress.persist(attempt.qid, outcome.underway(recorded.state))
         return None
 
     @staticmethod

@@ -87,6 +87,29 @@ def pending(state, recipients):
     return [r for r in recipients if rcpts.get(r, {}).get("status") not in FINAL]
 
 
+def due(state, now, policy):
+    """
+    When the next attempt recorded in C{state} (a progress record) is due
+    (seconds since the epoch): C{now} for a message never tried, or whose
+    record names no time; never further ahead than its back-off level's
+    delay from C{now}, so that a record written before the clock was set
+    back does not hold its message for the length of the step.
+    """
+    when = (state or {}).get("next_attempt")
+    if when is None or when <= now:
+        return now
+    return min(when, now + policy.delay(state.get("backoff", state.get("attempts", 0))))
+
+
+def underway(state):
+    """
+    C{state} as written while its attempt goes on: no next attempt time,
+    so that an attempt a crash cuts short is made again at once at the
+    next start (L{due}), even one an operator forced before that time.
+    """
+    return dict(state, next_attempt=None) if state.get("next_attempt") is not None else state
+
+
 def owe(state, results):
     """Note in C{state} (a progress record) the success notices owed for C{results} (C{{rcpt: Result}})."""
     for rcpt, r in results.items():

@@ -128,8 +128,28 @@ class QueueManager(Service):
         # delivery of the message it concerns; the poll then goes on by itself.
         self._poll()
         for qid in self.recovered:
-            self.enqueue(qid)
+            self._recover(qid)
         self.recovered = []
+
+    def _recover(self, qid):
+        """
+        A message queued before this start goes when its progress record
+        says its next attempt is due, as Postfix's queue manager takes from
+        its deferred queue only the messages whose time has come: a restart
+        does not retry a large deferred queue at once.  One never tried, or
+        whose record cannot be read (its attempt sets it aside), goes at once.
+        """
+        if qid in self.queued or qid in self.active:
+            return  # (a flush asked for while the gateway was stopped: L{_poll})
+        now = time.time()
+        try:
+            when = outcome.due(self.spool.readState(qid), now, self.policy)
+        except Exception:
+            when = now
+        if when > now:
+            self.retries.later(qid, when)
+        else:
+            self.enqueue(qid)
 
     def _poll(self):
         """
