@@ -351,6 +351,35 @@ class SeveralNextHopsTests(unittest.TestCase):
         yield q.stopService()
 
 
+class StoppedAttemptTests(unittest.TestCase):
+    """An attempt the gateway's stop cuts short leaves its message to go again at once at the next start."""
+
+    @defer.inlineCallbacks
+    def test_cutShortAttemptLeavesNoRetryTime(self):
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
+                              "context": {"connection": {}}, "arrival": 0})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        first, second = _PendingHop({}), _Hop({"slow@b.example": OK})
+        # One delivery slot: the second next hop's turn comes once the first has answered.
+        q = QueueManager(spool, lambda m, r: first if r.endswith("a.example") else second, task.Clock(),
+                         concurrency=1, retryMin=30, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid)
+        stopped = q.stopService()
+        first.answer.callback([{"fast@a.example": OK}])  # then the stop leaves the second untried
+        yield stopped
+        yield spool.whenStateWritten(qid)
+        self.assertEqual(second.calls, [])
+        state = spool.readState(qid)
+        self.assertEqual(state["rcpts"]["fast@a.example"]["status"], "done")
+        self.assertNotIn("slow@b.example", state["rcpts"])
+        self.assertIsNone(state["next_attempt"])
+        self.assertEqual(outcome.due(state, 1000.0, q.policy), 1000.0)
+
+
 class _BrokenHop(_Hop):
     """A next hop whose C{deliver} raises (a bug in it, say)."""
 

@@ -260,7 +260,10 @@ class Attempts:
             if not self.spool.exists(qid):
                 return self.forget(qid)
             self.manager.retries.later(qid, recorded.nextAttempt)
-            persisted = self.progress.persist(qid, outcome.paid(recorded.state))
+            state = outcome.paid(recorded.state)
+            # Cut short by the stop: no retry time, so that the next start
+            # makes the attempt again at once for those it left untried.
+            persisted = self.progress.persist(qid, outcome.underway(state) if stopped else state)
             if self._handedBack(attempt, recorded):
                 # (Parked once the record is made and the attempt over: room told
                 # while it is still active would be lost.)
