@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from relaygw.relay import outcome
 from relaygw.relay.client import DeliveryOptions
-from relaygw.relay.nexthop import Result, temporary
+from relaygw.relay.nexthop import WAITED, Result, temporary
 from relaygw.relay.queue import QueueManager
 from relaygw.relay.smtp import SMTPNextHop, smarthostList
 from relaygw.durable import Committer
@@ -378,6 +378,85 @@ class StoppedAttemptTests(unittest.TestCase):
         self.assertNotIn("slow@b.example", state["rcpts"])
         self.assertIsNone(state["next_attempt"])
         self.assertEqual(outcome.due(state, 1000.0, q.policy), 1000.0)
+
+
+class _FullHop(_Hop):
+    """A next hop that hands every message back untried (no connection came free) until the test makes room."""
+
+    def __init__(self):
+        _Hop.__init__(self, {})
+        self.rooms = []
+
+    def deliver(self, messages, progress=None):
+        self.calls.append(list(messages[0].recipients))
+        return [{r: WAITED for r in messages[0].recipients}]
+
+    def whenRoom(self, message):
+        d = defer.Deferred()
+        self.rooms.append(d)
+        return d
+
+
+class HandedBackClockStepTests(unittest.TestCase):
+    """
+    How long a message has been handed back untried is measured on the
+    reactor's clock (monotonic under the gateway), not the wall clock: a
+    step of the system time neither counts it as waited too long at once
+    nor holds it for the length of the step.
+    """
+
+    @defer.inlineCallbacks
+    def test_stepForwardCountsNoAttempt(self):
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
+                              "context": {"connection": {}}, "arrival": time.time()})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        hop, clock, step = _FullHop(), task.Clock(), [0]
+        real = time.time
+        self.patch(time, "time", lambda: real() + step[0])
+        q = QueueManager(spool, lambda m, r: hop, clock, retryMin=300, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid)
+        yield q.whenIdle()
+        self.assertEqual(len(hop.calls), 1)
+        step[0] = 3600  # the system clock set an hour on
+        clock.advance(1)
+        hop.rooms[-1].callback(None)  # room for it a second later: handed back again
+        yield q.whenIdle()
+        yield spool.whenStateWritten(qid)
+        self.assertEqual(len(hop.calls), 2)
+        self.assertEqual(spool.readState(qid), {})  # not deferred: it has waited one second, not an hour
+        self.assertIn(qid, q.retries.parked())
+        yield q.stopService()
+
+    @defer.inlineCallbacks
+    def test_stepBackwardHoldsNoLonger(self):
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
+                              "context": {"connection": {}}, "arrival": time.time()})
+        w.write(b"Subject: x\r\n\r\nbody\r\n")
+        qid = yield w.commit()
+        hop, clock, step = _FullHop(), task.Clock(), [0]
+        real = time.time
+        self.patch(time, "time", lambda: real() + step[0])
+        q = QueueManager(spool, lambda m, r: hop, clock, retryMin=300, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qid)
+        yield q.whenIdle()
+        step[0] = -3600  # the system clock set an hour back
+        clock.advance(1)
+        hop.rooms[-1].callback(None)  # handed back again: parked until retry_min from the first time at most
+        yield q.whenIdle()
+        self.assertEqual(len(hop.calls), 2)
+        clock.advance(299)
+        yield q.whenIdle()
+        yield spool.whenStateWritten(qid)
+        self.assertEqual(len(hop.calls), 3)
+        self.assertEqual(spool.readState(qid)["attempts"], 1)  # waited retry_min: deferred as any other
+        yield q.stopService()
 
 
 class _BrokenHop(_Hop):

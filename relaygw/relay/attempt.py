@@ -56,9 +56,12 @@ class Attempts:
     def __init__(self, manager, spool, reactor):
         self.manager = manager
         self.spool = spool
+        self.reactor = reactor
         self.progress = ProgressWriter(spool, reactor)
         self.queuedAt = {}
-        self.waitedSince = {}  # qid: when its next hop first handed it back untried (WAITED), since its last outcome
+        # qid: when its next hop first handed it back untried (WAITED), since its last outcome: the
+        # reactor's time, monotonic under the gateway (a step of the system clock does not count)
+        self.waitedSince = {}
         self.unremoved = set()  # qids whose removal failed (their queue file may have gone with it)
 
     def run(self, qid, message, forced):
@@ -205,8 +208,9 @@ class Attempts:
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
             elif attempt.waitedOn is not None:  # (no connection came free: parked until one does)
-                since = self.waitedSince.setdefault(qid, time.time())
-                self.manager.retries.when(qid, attempt.waitedOn.whenRoom(message), since + self.manager.retryMin)
+                since = self.waitedSince.setdefault(qid, self.reactor.seconds())
+                latest = time.time() + max(0.0, since + self.manager.retryMin - self.reactor.seconds())
+                self.manager.retries.when(qid, attempt.waitedOn.whenRoom(message), latest)
                 return None
             else:  # held and released while this attempt was under way, or its next hop's router replaced
                 self.manager.retries.later(qid, time.time())
@@ -305,7 +309,7 @@ class Attempts:
         while newer messages get the connections.
         """
         since = self.waitedSince.get(attempt.qid)
-        if since is None or time.time() - since < self.manager.retryMin:
+        if since is None or self.reactor.seconds() - since < self.manager.retryMin:
             return
         deferral = Result(WAITED.code, WAITED.enhanced, "no connection to the next hop came free")
         attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
