@@ -112,6 +112,14 @@ class RecordTests(unittest.TestCase):
         self.assertEqual(r.pending, ())
         self.assertIsNone(r.nextAttempt)
         self.assertEqual(r.state["attempts"], 3)
+        self.assertIsNone(r.state["next_attempt"])  # (a crash before its removal: the next start goes on at once)
+
+    def test_allBouncedNamesNoRetryTime(self):
+        """The record made durable before the bounce is queued: a crash before it is queues it at the next start."""
+        r = outcome.record({}, ["a"], [("h", {"a": NEVER})], 1000.0, POLICY, "s@example.org")
+        self.assertEqual(r.provisional["rcpts"]["a"]["status"], "deferred")
+        self.assertIsNone(r.provisional["next_attempt"])
+        self.assertEqual(outcome.due(r.provisional, 1000.0, POLICY), 1000.0)
 
     @settings(max_examples=200, deadline=None)
     @given(st.dictionaries(st.sampled_from("abcdef"), st.sampled_from([OK, LATER, NEVER]), min_size=1),

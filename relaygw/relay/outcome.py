@@ -190,7 +190,10 @@ def record(state, recipients, outcomes, now, policy, mailfrom="", arrival=None, 
     delay = policy.delay(level)
     if forced and previous is not None and previous > now:
         delay = previous - now
-    new["next_attempt"] = now + delay
+    # None when nothing is left to deliver: a record written before the
+    # message's bounce or success notices are queued (a crash may come
+    # before they are, and the removal) holds it for no retry at the next start.
+    new["next_attempt"] = (now + delay) if left else None
     new["last_error"] = errors[-1] if errors else ""
     provisional = None
     if bounces and mailfrom != "":
