@@ -308,12 +308,16 @@ class GatewayService(MultiService):
         return depth, age, free
 
     def queueProbe(self):
-        """This worker's messages by state, for /metrics: what relaygw-queue list's summary counts."""
-        ids = self.spool.queueIds()
-        held = sum(1 for qid in ids if self.spool.isHeld(qid))
+        """
+        This worker's messages by state, for /metrics: what relaygw-queue
+        list's summary counts, from what the spool and the queue manager
+        keep as messages come and go (no scan of a large queue at each scrape).
+        """
+        depth = self.spool.depth()
+        held = self.spool.heldCount()
         deferred = len(self.queue.retries.waiting())
-        return {"active": max(0, len(ids) - held - deferred), "deferred": deferred, "held": held,
-                "corrupt": len(self.spool.corrupt())}
+        return {"active": max(0, depth - held - deferred), "deferred": deferred, "held": held,
+                "corrupt": self.spool.corruptCount()}
 
     def health(self):
         """For /healthz: (ok, reason)."""

@@ -17,6 +17,7 @@ from the checksum of its content and the queue id it holds.
 import collections
 import errno
 import fcntl
+import heapq
 import io
 import json
 import os
@@ -491,6 +492,7 @@ class MessageWriter:
 
     def _committed(self, _, retain):
         self.spool._committing.discard(self.queueId)
+        self.spool._indexed(self.queueId)
         if retain is not None:
             self.spool._retain(self.queueId, retain, self.size)
         return self.queueId
@@ -647,6 +649,13 @@ class Spool:
         #: commit failed but whose file could not be removed stays here: its
         #: client was told 4xx, so it is never queued by this process.
         self._committing = set()
+        #: What the running gateway knows is queued (from the scan at
+        #: L{open}, then as messages come and go), for /metrics: the ids,
+        #: a heap of them for the oldest (ids sort by the time they were
+        #: made; one gone is popped as it comes up), and the held ones.
+        self._queued = set()
+        self._byAge = []
+        self._held = set()
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)
         self.requests = OperatorRequests(self)
@@ -688,7 +697,15 @@ class Spool:
         Returns the queue ids of the committed messages, oldest first.
         """
         queued, self._spent = self.recovery.open()
+        self._queued, self._byAge = set(queued), list(queued)  # (sorted: a heap already)
+        self._held = set(os.listdir(self.path("hold"))) & self._queued
         return queued
+
+    def _indexed(self, queueId):
+        """C{queueId} is queued now (committed, or adopted): counted by L{depth}."""
+        if queueId not in self._queued:
+            self._queued.add(queueId)
+            heapq.heappush(self._byAge, queueId)
 
     def newMessage(self, envelope):
         """A L{MessageWriter} for a new message with C{envelope} (an L{Envelope}, or its stored form)."""
@@ -772,6 +789,13 @@ class Spool:
         """C{[(name, reason, when)]} of the quarantined messages, oldest first (L{SpoolRecovery.corrupt})."""
         return self.recovery.corrupt()
 
+    def corruptCount(self):
+        """How many messages L{corrupt} lists, without reading their reasons."""
+        try:
+            return len({_corruptEntry(name) for name in os.listdir(self.path("corrupt"))})
+        except FileNotFoundError:
+            return 0
+
     def discardCorrupt(self, name):
         """Remove a quarantined message, named as L{corrupt} lists it; False when there is none."""
         return self.recovery.discardCorrupt(name)
@@ -782,7 +806,10 @@ class Spool:
 
     def hold(self, queueId):
         """Keep C{queueId} from being delivered; False when it is not queued."""
-        return self.requests.hold(queueId)
+        held = self.requests.hold(queueId)
+        if held and queueId in self._queued:
+            self._held.add(queueId)
+        return held
 
     def release(self, queueId):
         """Let a held message go and ask for an attempt now; False (and nothing done) when it was not held."""
@@ -801,7 +828,15 @@ class Spool:
 
     def takeRequests(self):
         """The requests left since the last call (and removed): a L{Requests}."""
-        return self.requests.take()
+        requests = self.requests.take()
+        for qid in requests.held:
+            if qid in self._queued:
+                self._held.add(qid)
+        self._held.difference_update(requests.released)
+        for qid in requests.deleted:
+            if not self.exists(qid):
+                self.forget(qid)
+        return requests
 
     def noteDeleted(self, queueId):
         """The operator deleted C{queueId} (relaygw-queue): the running queue manager is told."""
@@ -900,15 +935,35 @@ class Spool:
     _releasing = (0, 0)
 
     def oldestAge(self, now):
-        """(depth, age of the oldest message in seconds)."""
-        ids = self.queueIds()
-        if not ids:
-            return 0, 0.0
-        try:
-            oldest = os.stat(self.path("queue", ids[0])).st_mtime
-        except OSError:
-            return len(ids), 0.0
-        return len(ids), max(0.0, now - oldest)
+        """
+        (depth, age of the oldest message in seconds), from what the running
+        gateway knows is queued (L{open} and since): no scan of C{queue/},
+        one stat.  An oldest message whose file has gone behind its back
+        (removed by hand) is forgotten here.
+        """
+        byAge = self._byAge
+        while byAge:
+            if byAge[0] not in self._queued:
+                heapq.heappop(byAge)
+                continue
+            try:
+                oldest = os.stat(self.path("queue", byAge[0])).st_mtime
+            except FileNotFoundError:
+                self._queued.discard(heapq.heappop(byAge))
+                continue
+            except OSError:
+                return len(self._queued), 0.0
+            return len(self._queued), max(0.0, now - oldest)
+        return 0, 0.0
+
+    def depth(self):
+        """How many messages are queued, as the running gateway knows (L{oldestAge}'s depth, without a stat)."""
+        return len(self._queued)
+
+    def heldCount(self):
+        """How many of the queued messages are held (markers seen at L{open} and through L{takeRequests})."""
+        self._held = {qid for qid in self._held if qid in self._queued and self.isHeld(qid)}
+        return len(self._held)
 
     # -- removal and reuse ---------------------------------------------
 
@@ -967,6 +1022,8 @@ class Spool:
         content = self._retained.pop(queueId, None)
         if content is not None:
             self._retainedSize -= len(content)
+        self._queued.discard(queueId)
+        self._held.discard(queueId)
 
     def forgetSpent(self):
         """
@@ -1281,7 +1338,11 @@ class SpoolRecovery:
                              path=os.path.join(src, entry), qid=qid)
                     continue
                 os.rename(os.path.join(src, entry), self.spool.path(area, entry))
-                moved += area == "queue"
+                if area == "queue":
+                    moved += 1
+                    self.spool._indexed(entry)
+                    if os.path.lexists(self.spool.path("hold", entry)):
+                        self.spool._held.add(entry)
         spent = os.path.join(source, "spent")
         if _isDirectory(spent):
             self.spool.discard([os.path.join(spent, name) for name in os.listdir(spent)])

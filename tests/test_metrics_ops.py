@@ -92,3 +92,78 @@ class WithoutAdminTests(unittest.TestCase):
         self.addCleanup(gw.stop)
         [factory] = gw.service.listeners.factories
         self.assertIs(factory.stats, listeners._uncounted)
+
+
+class LargeQueueScrapeTests(unittest.TestCase):
+    """
+    A scrape with many messages queued costs what the spool and the queue
+    manager keep as messages come and go, not a look at every queue file:
+    each scrape runs on the reactor thread, between the SMTP sessions.
+    """
+
+    MESSAGES = 40
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"defer_all": True}, admin={"endpoint": "tcp:0:interface=127.0.0.1"})
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+        def send():
+            c = Client(self.gw.port)
+            try:
+                replies = c.transaction(["b@example.net"], "Subject: m\r\n\r\nx\r\n")
+                for _ in range(self.MESSAGES - 1):
+                    replies += [c.cmd("MAIL FROM:<a@example.org>"), c.cmd("RCPT TO:<b@example.net>"), c.cmd("DATA")]
+                    c.send("Subject: m\r\n\r\nx\r\n.\r\n")
+                    replies.append(c.reply())
+                c.cmd("QUIT")
+            finally:
+                c.close()
+            self.assertEqual([r[0] for r in replies].count(250), 1 + 3 * self.MESSAGES)
+
+        yield inThread(send)
+
+    scrape = OperatorMetricsTests.scrape
+
+    @defer.inlineCallbacks
+    def test_scrapeLooksAtNoQueueFile(self):
+        import os
+
+        from relaygw import durable
+
+        spool = self.gw.service.spool
+        looked = []
+        for owner, name in ((os, "listdir"), (os, "stat"), (os, "lstat"), (durable.quick, "exists")):
+            def counting(*args, _real=getattr(owner, name), **kw):
+                if str(args[0]).startswith(spool.path("queue")) or str(args[0]).startswith(spool.path("hold")):
+                    looked.append(args[0])
+                return _real(*args, **kw)
+            self.patch(owner, name, counting)
+        m = yield self.scrape()
+        self.assertEqual(m["relaygw_spool_messages", ()], self.MESSAGES)
+        self.assertEqual(m["relaygw_queue_messages", (("state", "active"),)], self.MESSAGES)
+        self.assertLessEqual(len(looked), 1, looked)  # (the oldest message's file, for its age)
+
+    @defer.inlineCallbacks
+    def test_countsFollowOperatorAndHand(self):
+        import contextlib
+        import io
+        import os
+
+        from relaygw.scripts import queue as tool
+
+        spool = self.gw.service.spool
+        ids = spool.queueIds()
+        with contextlib.redirect_stderr(io.StringIO()):
+            for verb, qid in (("delete", ids[1]), ("hold", ids[2])):
+                self.assertEqual(tool.main(["--config", self.gw.path, verb, qid], out=io.StringIO()), 0)
+        os.unlink(spool.path("queue", ids[0]))  # (by hand: the oldest)
+        queue = self.gw.service.queue
+        queue._poller.cancel()
+        queue._poll()  # (the poll that takes relaygw-queue's requests, now rather than within two seconds)
+        m = yield self.scrape()
+        self.assertEqual(m["relaygw_spool_messages", ()], self.MESSAGES - 2)
+        self.assertEqual(m["relaygw_queue_messages", (("state", "held"),)], 1)
+        self.assertEqual(m["relaygw_queue_messages", (("state", "active"),)], self.MESSAGES - 3)
