@@ -207,6 +207,17 @@ def spoolsAt(base, workers):
 
 _counter = 0
 
+#: A queue id: what L{newQueueId} makes, and what relaygw-queue takes as one.
+#: A file in C{queue/} named otherwise (put there by hand: C{x y}, a control
+#: character) is no message: never listed, counted or delivered, and left
+#: alone, with a warning at start (as Postfix skips a queue file with a bad name).
+_QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def isQueueId(name):
+    """Whether C{name} is a queue id (L{_QUEUE_ID})."""
+    return _QUEUE_ID.fullmatch(name) is not None
+
 
 def newQueueId():
     """A unique, sortable, file-name-safe queue id."""
@@ -712,13 +723,20 @@ class Spool:
         return MessageWriter(self, newQueueId(), envelope)
 
     def queueIds(self):
+        """The queued messages' ids, oldest first (a file whose name is no queue id is none: L{strays})."""
         try:
             names = os.listdir(self.path("queue"))
         except FileNotFoundError:
             return []
-        if self._committing:
-            names = [n for n in names if n not in self._committing]
-        return sorted(names)
+        committing = self._committing
+        return sorted(n for n in names if n not in committing and isQueueId(n))
+
+    def strays(self):
+        """The names in C{queue/} that are no queue id (L{isQueueId}): left alone."""
+        try:
+            return sorted(n for n in os.listdir(self.path("queue")) if not isQueueId(n))
+        except FileNotFoundError:
+            return []
 
     def exists(self, queueId):
         """
@@ -1266,6 +1284,12 @@ class SpoolRecovery:
             os.makedirs(spool.path(area), exist_ok=True)
         spool.discard([spool.path("tmp", name) for name in os.listdir(spool.path("tmp"))])
         queued = set(os.listdir(spool.path("queue")))
+        strays = sorted(name for name in queued if not isQueueId(name))
+        if strays:
+            log.warn("{path}: {n} files whose names are no queue ids, left alone (never delivered): {names}",
+                     path=spool.path("queue"), n=len(strays), names=", ".join(ascii(n) for n in strays[:10])
+                     + (" ..." if len(strays) > 10 else ""))
+            queued.difference_update(strays)
         kept = queued.union(_queueIdOf(name) for name in os.listdir(spool.path("corrupt")))
         spent = []
         for name in os.listdir(spool.path("spent")):

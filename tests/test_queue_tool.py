@@ -633,7 +633,7 @@ class BulkAndRobustnessTests(unittest.TestCase):
             f.write(b"")
         with open(self.spool.path("corrupt", "BAD.reason"), "wb") as f:
             f.write(b"\x00not json")
-        seen = []
+        seen, errors = [], []
         for argv in (["list"], ["show", q[0]], ["show", q[1]], ["show", q[2]], ["show", q[3]], ["show", "ADIRECTORY"],
                      ["hold", "ALL"], ["release", "ALL"], ["flush", "--domain", "x"], ["delete", "--domain", "x"],
                      ["delete", "BAD"], ["delete", "ALL"]):
@@ -641,6 +641,7 @@ class BulkAndRobustnessTests(unittest.TestCase):
             self.assertNotIn("Traceback", out + err, argv)
             self.assertIn(code, (0, 1), (argv, err))
             seen.append(out)
+            errors.append(err)
         listing = seen[0]
         self.assertNotIn("\x1b", listing)
         self.assertNotIn("\nforged line", listing)
@@ -649,9 +650,13 @@ class BulkAndRobustnessTests(unittest.TestCase):
         self.assertIn("x\\x1b[31m\\nforged line", listing)
         self.assertIn("BAD#", listing)
         self.assertTrue(all(l.isascii() for l in listing.splitlines()))
+        # A name that is no queue id is no message: not listed (a warning, escaped, says so), nor acted on by ALL.
+        self.assertIn("1 files whose names are no queue ids, not listed: 'na\\xefve\\nname'", errors[0])
+        self.assertTrue(errors[0].isascii())
+        self.assertTrue(os.path.exists(os.path.join(self.spool.path("queue"), "na\xefve\nname")))
         # What hold, release and delete say of each message is escaped too.
         for argv, out in zip(("hold", "release", "delete"), (seen[6], seen[7], seen[11])):
-            self.assertIn(" na\\xefve\\nname\n", out, argv)
+            self.assertNotIn("xefve", out, argv)
             self.assertTrue(all(" " <= c <= "~" for l in out.splitlines() for c in l), (argv, out))
 
     def test_everythingInCorruptListed(self):
@@ -1138,3 +1143,53 @@ class PartlyDeliveredTests(RelayTestCase):
         code, out, _ = yield inThread(runTool, "--spool", spool.directory, "delete", "--domain", "example.org")
         self.assertEqual((code, out), (0, "deleted %s\n" % (qid,)))
         self.assertEqual(spool.queueIds(), [])
+
+
+class StrayNameTests(RelayTestCase):
+    """
+    A file in queue/ whose name is no queue id (put there by hand) is no
+    message: the gateway leaves it alone, delivers and quarantines nothing
+    of it, and says so once at start; list does not show it as a message
+    (which show, hold and delete could not name), and warns of it instead.
+    """
+
+    STRAYS = ["x y", "a\x01b", "x.y"]
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.hop_, port = self.hop()
+        self.gw = Gateway(self.mktemp(), listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay=dict(FAST, smarthosts=["[127.0.0.1]:%d" % port], tls="none"))
+        self.queue = os.path.join(self.gw.directory, "spool", "queue")
+        os.makedirs(self.queue)
+        for name in self.STRAYS:
+            with open(os.path.join(self.queue, name), "wb") as f:
+                f.write(b"junk\n")
+        self.logs = LogCapture(self)
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+        self.gw.service.queue.pollInterval = 0.2
+
+    def run_(self, *argv):
+        return QueueToolTests.run_(self, *argv)
+
+    @defer.inlineCallbacks
+    def test_leftAloneNotListed(self):
+        [warning] = self.logs.find("no queue ids")
+        self.assertEqual(warning["n"], 3)
+        yield self.send()
+        self.assertEqual(self.run_("flush"), (0, "flush requested\n"))
+        spool = self.gw.service.spool
+        yield self.until(lambda: not os.path.exists(os.path.join(self.gw.directory, "spool", "flush"))
+                         and not spool.queueIds() and not self.gw.service.queue.active)
+        self.assertEqual(sorted(os.listdir(self.queue)), sorted(self.STRAYS))
+        self.assertEqual(os.listdir(spool.path("corrupt")), [])
+        self.assertEqual(spool.depth(), 0)
+        code, out = self.run_("list")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[1:], ["-- 0 messages, 0 bytes: 0 active, 0 deferred, 0 held; 0 corrupt"])
+        self.assertEqual(self.stderr.getvalue(),
+                         "relaygw-queue: warning: %s: 3 files whose names are no queue ids, not listed: "
+                         "'a\\x01b', 'x y', 'x.y'\n" % self.queue)
+        self.assertEqual(self.run_("show", "x y"), (1, ""))
+        self.assertEqual(self.stderr.getvalue(), "relaygw-queue: no such message: x y\n")

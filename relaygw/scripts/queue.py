@@ -12,7 +12,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import sys
 import time
 
@@ -21,10 +20,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from relaygw import config as _config
 from relaygw.commands import addressDomain, canonicalDomain
 from relaygw.relay.outcome import pending
-from relaygw.spool import UnsafeSpool, spoolsAt
+from relaygw.spool import UnsafeSpool, isQueueId, spoolsAt
 from relaygw.spoolapi import CorruptMessage
-
-_QUEUE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 EPILOG = """\
 Messages to act on (hold, release, delete, flush): queue ids; ALL for every
@@ -83,7 +80,7 @@ def _when(t, never="-"):
 
 def _find(spools, qid):
     """The partition holding message C{qid}, or C{None}."""
-    if not _QUEUE_ID.fullmatch(qid):
+    if not isQueueId(qid):
         return None
     for spool in spools:
         if spool.exists(qid):
@@ -163,6 +160,11 @@ def _list(spools, out, now):
         for qid, reason, when in spool.corrupt():
             counts["corrupt"] += 1
             out.write("%-24s %-19s %10s  corrupt: %s\n" % (_clean(qid) + "#", _when(when), "-", _clean(reason)))
+        strays = spool.strays()
+        if strays:  # (no message: neither listed nor delivered, as Postfix's mailq skips a bad name)
+            print("relaygw-queue: warning: %s: %d files whose names are no queue ids, not listed: %s%s" % (
+                _clean(spool.path("queue")), len(strays), ", ".join(_clean(ascii(n)) for n in strays[:10]),
+                " ..." if len(strays) > 10 else ""), file=sys.stderr)
     total = counts["active"] + counts["deferred"] + counts["held"]
     out.write("-- %d message%s, %d bytes: %d active, %d deferred, %d held; %d corrupt\n" % (
         total, "" if total == 1 else "s", octets, counts["active"], counts["deferred"], counts["held"],
