@@ -667,6 +667,9 @@ class Spool:
         self._queued = set()
         self._byAge = []
         self._held = set()
+        #: Held messages that left the spool with their hold marker perhaps
+        #: still there (L{remove} without progress): for L{clearStrayHolds}.
+        self._holdsGone = set()
         self.recovery = SpoolRecovery(self)
         self.progress = ProgressRecords(self)
         self.requests = OperatorRequests(self)
@@ -837,8 +840,9 @@ class Spool:
         return self.requests.isHeld(queueId)
 
     def clearStrayHolds(self):
-        """Remove hold markers whose message has gone."""
-        self.requests.clearStrayHolds()
+        """Remove hold markers whose message has gone (L{OperatorRequests.clearStrayHolds})."""
+        gone, self._holdsGone = self._holdsGone, set()
+        self.requests.clearStrayHolds(gone)
 
     def requestFlush(self, queueId=None):
         """Ask the running queue manager to retry everything, or only C{queueId}."""
@@ -850,6 +854,8 @@ class Spool:
         for qid in requests.held:
             if qid in self._queued:
                 self._held.add(qid)
+            else:  # (delivered as it was held, perhaps: its marker may stay behind)
+                self._holdsGone.add(qid)
         self._held.difference_update(requests.released)
         for qid in requests.deleted:
             if not self.exists(qid):
@@ -980,7 +986,6 @@ class Spool:
 
     def heldCount(self):
         """How many of the queued messages are held (markers seen at L{open} and through L{takeRequests})."""
-        self._held = {qid for qid in self._held if qid in self._queued and self.isHeld(qid)}
         return len(self._held)
 
     # -- removal and reuse ---------------------------------------------
@@ -993,6 +998,8 @@ class Spool:
         the queue file goes; a hold file that appeared meanwhile is cleared
         at the next start.
         """
+        if not progress and queueId in self._held:
+            self._holdsGone.add(queueId)
         self.forget(queueId)
         paths = [self.path(area, queueId) for area in (("queue", "state", "hold") if progress else ("queue",))]
         if self.committer is None:
@@ -1522,14 +1529,28 @@ class OperatorRequests:
         """Whatever is at C{hold/ID} (never followed) holds the message."""
         return durable.quick.exists(self.spool.path("hold", queueId), follow=False)
 
-    def clearStrayHolds(self):
+    #: C{hold/}'s modification time when L{clearStrayHolds} last looked at all of it.
+    _holdSeen = None
+
+    def clearStrayHolds(self, gone=()):
         """
         Remove hold markers whose message has gone: one held just as its
-        first attempt delivered it (which removes only the queue file).
+        first attempt delivered it (which removes only the queue file),
+        named in C{gone}, or one put in C{hold/} by hand.  C{hold/} is read
+        whole only when it has changed since it was last read, and only a
+        marker whose message the spool does not know as queued costs a
+        look at C{queue/}: with many messages held, a poll stays cheap.
         """
         spool = self.spool
-        for queueId in os.listdir(spool.path("hold")):
-            if not os.path.exists(spool.path("queue", queueId)):
+        path = spool.path("hold")
+        changed = os.stat(path).st_mtime_ns
+        names = set(gone)
+        if changed != self._holdSeen:
+            names.update(os.listdir(path))
+            # (A time this recent may not have moved on yet for a marker made just after the listing.)
+            self._holdSeen = changed if time.time() - changed / 1e9 > 2 else None
+        for queueId in names:
+            if queueId not in spool._queued and not os.path.exists(spool.path("queue", queueId)):
                 spool.discard([spool.path("hold", queueId)])
 
     def requestFlush(self, queueId=None):
