@@ -862,6 +862,10 @@ class Spool:
                 self.forget(qid)
         return requests
 
+    def requestsPending(self):
+        """Whether requests the last L{takeRequests} left for later wait (L{OperatorRequests.take})."""
+        return bool(self.requests.pending)
+
     def noteDeleted(self, queueId):
         """The operator deleted C{queueId} (relaygw-queue): the running queue manager is told."""
         self.requests.noteDeleted(queueId)
@@ -1484,8 +1488,15 @@ class OperatorRequests:
     spool directory: hold markers, and flush and release requests.
     """
 
+    #: Markers one L{take} acts on at most: C{hold ALL} of a large queue
+    #: leaves one for each message, and acting on 50,000 at once (removing
+    #: each, a line in the mail log) held the reactor thread over a second.
+    TAKE = 1000
+
     def __init__(self, spool):
         self.spool = spool
+        #: Markers found by the last reading of the spool directory and not taken yet.
+        self.pending = []
 
     def hold(self, queueId):
         """
@@ -1577,7 +1588,11 @@ class OperatorRequests:
         """
         flushAll, flushed, held, released, deleted = False, [], [], [], []
         directory = self.spool.directory
-        for name in os.listdir(directory):
+        if not self.pending:
+            self.pending = [name for name in os.listdir(directory) if name == FLUSH_MARKER or name.startswith(
+                (RELEASE_MARKER, HELD_MARKER, RELEASED_MARKER, DELETED_MARKER))]
+        names, self.pending = self.pending[:self.TAKE], self.pending[self.TAKE:]
+        for name in names:
             if name == FLUSH_MARKER:
                 into = None
             elif name.startswith(RELEASE_MARKER):

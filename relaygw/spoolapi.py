@@ -231,7 +231,13 @@ class ISpool(Interface):
         """Tell the running queue manager that C{queueId} was deleted (it logs the removal)."""
 
     def takeRequests():
-        """The requests left since the last call, a L{Requests}."""
+        """
+        The requests left since the last call, a L{Requests}: a bounded
+        share of them when there are many (L{requestsPending} says more wait).
+        """
+
+    def requestsPending():
+        """Whether requests that the last L{takeRequests} left for later are waiting."""
 
     def freeSpace():
         """Octets free for the spool on its file system."""

@@ -1236,3 +1236,25 @@ class ManyHeldTests(RelayTestCase):
         self.queue._poller.cancel()
         self.assertEqual(looked, [])
         self.assertTrue(all(spool.isHeld(qid) for qid in spool.queueIds()))
+
+    @defer.inlineCallbacks
+    def test_manyRequestsTakenAShareAtATime(self):
+        """
+        hold ALL leaves a marker per message: a poll acts on a bounded share
+        of them (with 50,000 at once the poll held the reactor 1.2 s), and
+        the next share is taken at the reactor's next turn, not a poll later.
+        """
+        from relaygw.spool import OperatorRequests
+
+        self.patch(OperatorRequests, "TAKE", 7)
+        logs = LogCapture(self)
+        self.assertEqual(self.run_("hold", "ALL")[0], 0)
+        self.queue._poll()
+        self.assertEqual(len(logs.find("placed on hold")), 7)
+        self.assertLess(self.queue._poller.getTime() - reactor.seconds(), 0.1)
+        yield self.until(lambda: len(logs.find("placed on hold")) == self.MESSAGES, timeout=2)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(logs.find("placed on hold")), self.MESSAGES)
+        self.assertEqual(self.gw.service.spool.heldCount(), self.MESSAGES)
+        self.assertFalse(self.gw.service.spool.requestsPending())
+        self.assertGreater(self.queue._poller.getTime() - reactor.seconds(), 1)

@@ -188,7 +188,9 @@ class QueueManager(Service):
         except Exception:
             log.failure("queue poll failed")
         if self.running:
-            self._poller = self.reactor.callLater(self.pollInterval, self._poll)
+            # (Many requests at once, hold ALL of a large queue: taken a share at a time, each turn.)
+            delay = 0 if self.spool.requestsPending() else self.pollInterval
+            self._poller = self.reactor.callLater(delay, self._poll)
 
     stopTimeout = 10.0
 
