@@ -414,7 +414,12 @@ class HandedBackClockStepTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def test_stepForwardCountsNoAttempt(self):
+    def handedBack(self):
+        """
+        A message handed back untried by a next hop with no room, once: its
+        spool, id, hop, the queue manager's clock and the step added to the
+        system time (C{step[0]}), and the queue manager.
+        """
         spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
         spool.open()
         w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
@@ -428,6 +433,11 @@ class HandedBackClockStepTests(unittest.TestCase):
         q.startService()
         q.enqueue(qid)
         yield q.whenIdle()
+        return spool, qid, hop, clock, step, q
+
+    @defer.inlineCallbacks
+    def test_stepForwardCountsNoAttempt(self):
+        spool, qid, hop, clock, step, q = yield self.handedBack()
         self.assertEqual(len(hop.calls), 1)
         step[0] = 3600  # the system clock set an hour on
         clock.advance(1)
@@ -441,19 +451,7 @@ class HandedBackClockStepTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_stepBackwardHoldsNoLonger(self):
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
-        spool.open()
-        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
-                              "context": {"connection": {}}, "arrival": time.time()})
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        qid = yield w.commit()
-        hop, clock, step = _FullHop(), task.Clock(), [0]
-        real = time.time
-        self.patch(time, "time", lambda: real() + step[0])
-        q = QueueManager(spool, lambda m, r: hop, clock, retryMin=300, lifetime=10 ** 12)
-        q.startService()
-        q.enqueue(qid)
-        yield q.whenIdle()
+        spool, qid, hop, clock, step, q = yield self.handedBack()
         step[0] = -3600  # the system clock set an hour back
         clock.advance(1)
         hop.rooms[-1].callback(None)  # handed back again: parked until retry_min from the first time at most
