@@ -28,6 +28,17 @@ NEVER = Result(550, "5.1.1", "no such user")
 POLICY = outcome.RetryPolicy(retryMin=60, retryMax=1000, lifetime=3600, bounceLifetime=600)
 
 
+@defer.inlineCallbacks
+def queuedMessage(case, recipients, arrival):
+    """A new spool (in C{case}'s temporary directory) holding one committed message to C{recipients}."""
+    spool = Spool(os.path.abspath(case.mktemp()), Committer(reactor))
+    spool.open()
+    w = spool.newMessage({"mailfrom": "a@example.org", "recipients": recipients,
+                          "context": {"connection": {}}, "arrival": arrival})
+    w.write(b"Subject: x\r\n\r\nbody\r\n")
+    return spool, (yield w.commit())
+
+
 class RecordTests(unittest.TestCase):
     """L{outcome.record}: (state, outcomes, time) -> (new state, bounces, next attempt)."""
 
@@ -305,12 +316,7 @@ class SeveralNextHopsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_firstHopsSuccessRecordedAtOnce(self):
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
-        spool.open()
-        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
-                              "context": {"connection": {}}, "arrival": 0})
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        qid = yield w.commit()
+        spool, qid = yield queuedMessage(self, ["fast@a.example", "slow@b.example"], 0)
         fast, slow = _Hop({"fast@a.example": OK}), _PendingHop({})
         q = QueueManager(spool, lambda m, r: fast if r.endswith("a.example") else slow, task.Clock(),
                          retryMin=30, lifetime=10 ** 12)
@@ -334,12 +340,7 @@ class SeveralNextHopsTests(unittest.TestCase):
         attempt (a crash then has the next start make it again at once); at
         its end the record keeps the retry time it had.
         """
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
-        spool.open()
-        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
-                              "context": {"connection": {}}, "arrival": 0})
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        qid = yield w.commit()
+        spool, qid = yield queuedMessage(self, ["fast@a.example", "slow@b.example"], 0)
         later = time.time() + 1000
         yield spool.writeState(qid, {"rcpts": {}, "attempts": 1, "backoff": 1, "next_attempt": later})
         fast, slow = _Hop({"fast@a.example": OK}), _PendingHop({})
@@ -364,12 +365,7 @@ class StoppedAttemptTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_cutShortAttemptLeavesNoRetryTime(self):
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
-        spool.open()
-        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["fast@a.example", "slow@b.example"],
-                              "context": {"connection": {}}, "arrival": 0})
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        qid = yield w.commit()
+        spool, qid = yield queuedMessage(self, ["fast@a.example", "slow@b.example"], 0)
         first, second = _PendingHop({}), _Hop({"slow@b.example": OK})
         # One delivery slot: the second next hop's turn comes once the first has answered.
         q = QueueManager(spool, lambda m, r: first if r.endswith("a.example") else second, task.Clock(),
@@ -420,12 +416,7 @@ class HandedBackClockStepTests(unittest.TestCase):
         spool, id, hop, the queue manager's clock and the step added to the
         system time (C{step[0]}), and the queue manager.
         """
-        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
-        spool.open()
-        w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r@example.net"],
-                              "context": {"connection": {}}, "arrival": time.time()})
-        w.write(b"Subject: x\r\n\r\nbody\r\n")
-        qid = yield w.commit()
+        spool, qid = yield queuedMessage(self, ["r@example.net"], time.time())
         hop, clock, step = _FullHop(), task.Clock(), [0]
         real = time.time
         self.patch(time, "time", lambda: real() + step[0])
