@@ -11,7 +11,7 @@ import re
 import socket
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, error, tcp
+from twisted.internet import defer, error, task, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ServerFactory
@@ -330,6 +330,7 @@ class Listeners:
     """
 
     def __init__(self, config, reactor, parent, spool, onQueued, metrics, workers=1, clients=None):
+        self.reactor = reactor
         self.factories = []
         self.services = []
         self.proxyFactories = {}
@@ -436,18 +437,28 @@ class Listeners:
     def draining(self):
         return any(f.draining for f in self.factories)
 
+    @defer.inlineCallbacks
     def stopAccepting(self, refuseNew=True):
         """
-        Stop listening without resetting anybody (L{closeListeningPort}):
-        what the kernel has already queued is accepted and told 421 4.3.2.
-        Fires once every endpoint service has stopped.  C{refuseNew}: see
-        L{closeListeningPort}.
+        Stop listening without resetting anybody: first let no new handshake
+        complete (L{refuseNewHandshakes}) and those under way settle, then
+        accept what the kernel has queued, told 421 4.3.2, and close
+        (L{closeListeningPort}).  Without the first step, a connection
+        completed between the last accept and the close, here or in another
+        worker sharing the socket, was reset.  Not with C{refuseNew} false:
+        a worker stopping while the main process that owns the shared socket
+        goes on (and restarts the worker) leaves it open to new clients.
+        Fires once every endpoint service has stopped.
         """
         for f in self.factories:
             f.draining = True
+        ports = [p for p in self.listeningPorts if isinstance(p, tcp.Port) and p.connected]
+        refused = [refuseNewHandshakes(p.socket) for p in ports] if refuseNew else []
+        if any(refused):
+            yield task.deferLater(self.reactor, HANDSHAKE_SETTLE, lambda: None)
         for port in self.listeningPorts:
-            closeListeningPort(port, refuseNew)
-        return defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in self.services])
+            closeListeningPort(port)
+        yield defer.gatherResults([defer.maybeDeferred(svc.stopService) for svc in self.services])
 
     def drainSessions(self):
         """Idle sessions get 421 4.3.2; those in a transaction may finish it."""
@@ -503,46 +514,52 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-#: A classic BPF program of one instruction, C{ret #0}: drop every packet.
-_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))  # BPF_RET | BPF_K
+#: A classic BPF program dropping a TCP segment that has SYN set and ACK not
+#: (a new handshake's first segment) and keeping every other: the filter of a
+#: listening socket sees each segment from the TCP header on, whose flags are
+#: its 14th octet.
+_DROP_SYN = (_SockFilter * 5)(
+    _SockFilter(0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: A = flags
+    _SockFilter(0x54, 0, 0, 0x12),  # BPF_ALU | BPF_AND | BPF_K: A &= SYN | ACK
+    _SockFilter(0x15, 0, 1, 0x02),  # BPF_JMP | BPF_JEQ | BPF_K: SYN alone?
+    _SockFilter(0x06, 0, 0, 0),  # BPF_RET | BPF_K: drop
+    _SockFilter(0x06, 0, 0, 0xFFFFFFFF))  # keep
 _SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+#: Seconds a listening socket keeps accepting after L{refuseNewHandshakes},
+#: for handshakes already answered to complete (their client's ACK is one
+#: round trip away) and be told 421 4.3.2 rather than reset by the close.
+HANDSHAKE_SETTLE = 0.1
 
 
 def refuseNewHandshakes(sock):
     """
-    On Linux, drop every packet a listening socket is handed from now on:
-    no new handshake completes (a client's SYN goes unanswered and is sent
-    again a second later, when the closed port refuses it), while the
-    connections already in its accept queue stay there to be accepted.
-    The filter is the socket's, so it also holds for the other workers
-    sharing it.  Returns whether it was attached.
+    On Linux, drop every new handshake's SYN a listening socket is handed
+    from now on (the client sends it again a second later, when the closed
+    port refuses it), while a handshake already answered still completes
+    (dropping its ACK too would leave its client waiting for a greeting
+    that never comes) and the connections in the accept queue stay there to
+    be accepted.  The filter is the socket's, so it also holds for the
+    other workers sharing it.  Returns whether it was attached.
     """
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(_SockFprog(1, _DROP_ALL)))
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(_SockFprog(len(_DROP_SYN), _DROP_SYN)))
     except (OSError, ValueError):
         return False
     return True
 
 
-def closeListeningPort(port, refuseNew=True):
+def closeListeningPort(port):
     """
-    Stop listening without resetting anybody: first let no new handshake
-    complete (L{refuseNewHandshakes}), then accept every connection the
-    kernel has already completed (the factory answers each with 421 4.3.2
-    while draining), then close the socket in the same breath, so that
-    later attempts are refused (a balancer retries another server) rather
-    than reset: without the first step, a connection completed between the
-    last accept and the close, here or in another worker sharing the
-    socket, was reset.  Not with C{refuseNew} false: a worker stopping
-    while the main process that owns the shared socket goes on (and
-    restarts the worker) leaves it open to new clients.  Ports that are
-    not plain TCP are left to C{stopListening}.
+    Accept every connection the kernel has already completed (the factory
+    answers each with 421 4.3.2 while draining), then close the socket in
+    the same breath, so that later attempts are refused (a balancer retries
+    another server) rather than reset.  Ports that are not plain TCP are
+    left to C{stopListening}.
     """
     if not isinstance(port, tcp.Port) or not port.connected:
         return
     port.stopReading()
-    if refuseNew:
-        refuseNewHandshakes(port.socket)
     for _ in range(1000):  # (bounded: a flood cannot keep us here)
         before = port.sessionno
         port.numberAccepts = 1000

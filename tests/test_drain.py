@@ -6,6 +6,8 @@ gone within drain_delay + drain_timeout + 5 s, every worker in parallel.
 """
 
 import collections
+import ctypes
+import errno
 import os
 import signal
 import socket
@@ -157,6 +159,51 @@ class DrainOrderTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, listening.accept)  # the late one never got in
         listening.close()
         self.assertTrue(portRefused(port))
+
+
+    def test_aHandshakeAlreadyAnsweredCompletes(self):
+        """
+        A client whose SYN was answered just before the filter went on gets
+        its handshake completed and accepted: dropping its ACK too left it
+        connected, as far as it knew, waiting for a greeting that never came.
+        (Its SYN-ACK is held back by a filter on the client's socket until
+        the listener refuses new handshakes; the listener sends it again a
+        second later.)
+        """
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        client = socket.socket()
+        self.addCleanup(client.close)
+        dropAll = (_Instruction * 1)(_Instruction(0x06, 0, 0, 0))
+        client.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(_Program(1, dropAll)))
+        client.setblocking(False)
+        self.assertEqual(client.connect_ex(("127.0.0.1", port)), errno.EINPROGRESS)
+        time.sleep(0.1)  # (the SYN answered, the answer dropped at the client)
+        self.assertTrue(refuseNewHandshakes(listening))
+        client.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        listening.settimeout(4)
+        accepted, _ = listening.accept()
+        accepted.sendall(b"421 4.3.2 closing\r\n")
+        client.setblocking(True)
+        client.settimeout(5)
+        self.assertEqual(client.recv(100), b"421 4.3.2 closing\r\n")
+        accepted.close()
+
+
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27  # (Linux's; the socket module names neither)
+
+
+class _Instruction(ctypes.Structure):
+    """A classic BPF instruction (C{struct sock_filter})."""
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _Program(ctypes.Structure):
+    """C{struct sock_fprog}."""
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Instruction))]
 
 
 def ended(process, directory):
