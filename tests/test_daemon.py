@@ -239,7 +239,7 @@ class FileLimitTests(unittest.TestCase):
         import resource
 
         directory, port, conf = _gatewayConfig(self, workers, listener, relay=relay, admin=admin)
-        self.conf = conf
+        self.conf, self.directory = conf, directory
         p = subprocess.Popen(twistdArgv(conf), cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
         self.addCleanup(lambda: p.poll() is None and p.kill())
@@ -318,10 +318,9 @@ class FileLimitTests(unittest.TestCase):
         """
         def run():
             p = self.start(200, 200, workers=4)
-            deadline = time.monotonic() + 20
-            while len(childPids(p.pid)) < 3 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(2.0)  # (each worker has said what it can hold)
+            # (each worker says what it can hold before it locks its spool)
+            self.assertTrue(waitUntil(lambda: {"w1", "w2", "w3"} <= set(spoolPids(self.directory)), 30))
+            time.sleep(1.0)
             output = self.stopped(p)
             self.assertEqual(output.count("this process can hold 15 connections at once"), 1, output)
             self.assertEqual(output.count("this process can hold 18 connections at once"), 3, output)
