@@ -2,7 +2,7 @@
 Durable low-level writing for the spool and the Maildir next hop: the disk
 thread with group commit (L{Committer}), the job it runs (L{CommitJob}), and
 the small file helpers they share.  It knows nothing of the queue file's
-layout, which is L{relaygw.spool.Spool}'s alone.
+layout, which is L{relaygw.spool}'s alone.
 """
 
 import ctypes

@@ -1,0 +1,155 @@
+"""
+What relaygw-queue asks of the running queue manager: hold markers, and
+flush and release requests.
+"""
+
+import errno
+import os
+import time
+
+from relaygw import durable
+from relaygw.logs import Logger
+from relaygw.spool.layout import CREATE
+from relaygw.spoolapi import Requests
+
+log = Logger(namespace="relaygw.spool")
+
+#: Files relaygw-queue leaves in a spool directory for its queue manager:
+#: retry everything, try one message now (C{flush ID}), and what was held,
+#: released and deleted (for the mail log; a release is an attempt now too).
+FLUSH_MARKER = "flush"
+RELEASE_MARKER = "release."
+HELD_MARKER = "held."
+RELEASED_MARKER = "released."
+DELETED_MARKER = "deleted."
+
+
+class OperatorRequests:
+    """
+    What relaygw-queue asks of the running queue manager through the
+    spool directory: hold markers, and flush and release requests.
+    """
+
+    #: Markers one L{take} acts on at most: C{hold ALL} of a large queue
+    #: leaves one for each message, and acting on 50,000 at once (removing
+    #: each, a line in the mail log) held the reactor thread over a second.
+    TAKE = 1000
+
+    def __init__(self, spool):
+        self.spool = spool
+        #: Markers found by the last reading of the spool directory and not taken yet.
+        self.pending = []
+
+    def hold(self, queueId):
+        """
+        Keep C{queueId} from being delivered; False when it is not queued.
+        The queue manager is told of a message held now (not of one held
+        already), for the mail log.
+        """
+        spool = self.spool
+        if not spool.exists(queueId):
+            return False
+        fresh = not self.isHeld(queueId)
+        path = spool.path("hold", queueId)
+        try:
+            os.close(os.open(path, CREATE, 0o640))
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            # Something else is there: not written through, and it holds the message already.
+            log.warn("{path} is not a hold marker: left alone", path=path)
+        if not spool.exists(queueId):
+            # Delivered meanwhile: leave no stray marker behind.
+            spool.discard([spool.path("hold", queueId)])
+            return False
+        if fresh:
+            self._mark(HELD_MARKER + queueId)
+        return True
+
+    def release(self, queueId):
+        """
+        Let a held message go and ask for an attempt now (and its line in
+        the mail log); False (and nothing done) when it was not held.
+        """
+        try:
+            os.unlink(self.spool.path("hold", queueId))
+        except FileNotFoundError:
+            return False
+        self._mark(RELEASED_MARKER + queueId)
+        return True
+
+    def isHeld(self, queueId):
+        """Whatever is at C{hold/ID} (never followed) holds the message."""
+        return durable.quick.exists(self.spool.path("hold", queueId), follow=False)
+
+    #: C{hold/}'s modification time when L{clearStrayHolds} last looked at all of it.
+    _holdSeen = None
+
+    def clearStrayHolds(self, gone=()):
+        """
+        Remove hold markers whose message has gone: one held just as its
+        first attempt delivered it (which removes only the queue file),
+        named in C{gone}, or one put in C{hold/} by hand.  C{hold/} is read
+        whole only when it has changed since it was last read, and only a
+        marker whose message the spool does not know as queued costs a
+        look at C{queue/}: with many messages held, a poll stays cheap.
+        """
+        spool = self.spool
+        path = spool.path("hold")
+        changed = os.stat(path).st_mtime_ns
+        names = set(gone)
+        if changed != self._holdSeen:
+            names.update(os.listdir(path))
+            # (A time this recent may not have moved on yet for a marker made just after the listing.)
+            self._holdSeen = changed if time.time() - changed / 1e9 > 2 else None
+        for queueId in names:
+            if queueId not in spool._queued and not os.path.exists(spool.path("queue", queueId)):
+                spool.discard([spool.path("hold", queueId)])
+
+    def requestFlush(self, queueId=None):
+        """Leave the marker the queue manager polls for: retry everything, or only C{queueId}."""
+        self._mark(FLUSH_MARKER if queueId is None else RELEASE_MARKER + queueId)
+
+    def noteDeleted(self, queueId):
+        """Tell the queue manager that C{queueId} was deleted: it logs the removal and forgets the message."""
+        self._mark(DELETED_MARKER + queueId)
+
+    def _mark(self, marker):
+        try:
+            os.close(os.open(os.path.join(self.spool.directory, marker), CREATE, 0o640))
+        except OSError as e:
+            if e.errno != errno.ELOOP:  # (a symbolic link there is a request already, never written through)
+                raise
+
+    def take(self):
+        """
+        The requests left since the last call (and removed), a
+        L{Requests}.  A marker whose id is no file name (empty, C{.} or
+        C{..}: C{queue/} itself or the spool above it) names no message:
+        it is removed and asks for nothing.
+        """
+        flushAll, flushed, held, released, deleted = False, [], [], [], []
+        directory = self.spool.directory
+        if not self.pending:
+            self.pending = [name for name in os.listdir(directory) if name == FLUSH_MARKER or name.startswith(
+                (RELEASE_MARKER, HELD_MARKER, RELEASED_MARKER, DELETED_MARKER))]
+        names, self.pending = self.pending[:self.TAKE], self.pending[self.TAKE:]
+        for name in names:
+            if name == FLUSH_MARKER:
+                into = None
+            elif name.startswith(RELEASE_MARKER):
+                into, qid = flushed, name[len(RELEASE_MARKER):]
+            elif name.startswith(HELD_MARKER):
+                into, qid = held, name[len(HELD_MARKER):]
+            elif name.startswith(RELEASED_MARKER):
+                into, qid = released, name[len(RELEASED_MARKER):]
+            elif name.startswith(DELETED_MARKER):
+                into, qid = deleted, name[len(DELETED_MARKER):]
+            else:
+                continue
+            if self.spool.discard([os.path.join(directory, name)]):
+                if into is None:
+                    flushAll = True
+                elif qid not in ("", ".", ".."):
+                    into.append(qid)
+        return Requests(flushAll, flushed, held, released, deleted)
