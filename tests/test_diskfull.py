@@ -183,7 +183,8 @@ class FaultCase(RelayTestCase):
         status, body = yield inThread(get, self.gw.adminPort, "/healthz")
         self.assertEqual(status, 503)
         self.assertTrue(body.startswith("spool write failed 0s ago: [Errno %d] " % error), body)
-        self.spool.lastStorageError = (self.spool.lastStorageError[0] - 31, self.spool.lastStorageError[1])
+        room = self.spool.room
+        room.lastStorageError = (room.lastStorageError[0] - 31, room.lastStorageError[1])
         self.assertEqual((yield inThread(get, self.gw.adminPort, "/healthz")), (200, "ok\n"))
         fault.armed = False
         mail, end = yield inThread(transaction, self.gw.port, size, "y")
@@ -252,7 +253,7 @@ class FaultCase(RelayTestCase):
         spent = self.spool.path("spent", "0000000000000000SPENT")
         with open(spent, "wb") as f:
             f.write(b"old content")
-        self.spool._spent.append("0000000000000000SPENT")
+        self.spool.spent.names.append("0000000000000000SPENT")
         yield self.check(SMALL, "write", errno.ENOSPC, obj=durable.quick)
         self.assertFalse(os.path.exists(spent))
 
@@ -360,7 +361,7 @@ class FaultInjectionTests(FaultCase):
         says 503 with the reason; /metrics has the free bytes.
         """
         free = 10 * 1024 * 1024
-        self.patch(self.spool, "freeSpace", lambda: free)
+        self.patch(self.spool.room, "freeSpace", lambda: free)
         self.spool.minFree = free - 5000
         mail, end = yield inThread(transaction, self.gw.port, SMALL, mailArgs=" SIZE=4000")
         self.assertEqual(mail[0], 250)
@@ -973,11 +974,11 @@ class SpentFilesTests(unittest.TestCase):
         self.assertEqual(len(os.listdir(spool.path("spent"))), 3)
         self.assertTrue(spool.hasRoom(0))
         self.assertEqual(len(os.listdir(spool.path("spent"))), 3)  # room enough: kept
-        self.patch(spool, "freeSpace", lambda: 999)
+        self.patch(spool.room, "freeSpace", lambda: 999)
         self.assertTrue(spool.hasRoom(0))  # (what they hold is room: given back for this message)
         yield spool.committer.unlink([])  # the removal goes through the disk thread
         self.assertEqual(os.listdir(spool.path("spent")), [])
-        self.assertIsNone(spool.takeSpent())
+        self.assertIsNone(spool.spent.take())
         self.assertFalse(spool.hasRoom(0))  # (none left to give back)
         self.flushLoggedErrors()
 
@@ -991,7 +992,7 @@ class SpentFilesTests(unittest.TestCase):
         spool = yield self.spoolWithSpentFiles(10000)
         held = sum(os.lstat(spool.path("spent", n)).st_blocks * 512 for n in os.listdir(spool.path("spent")))
         free = [9000]
-        self.patch(spool, "freeSpace", lambda: free[0])
+        self.patch(spool.room, "freeSpace", lambda: free[0])
         removals = []
         unlink = spool.committer.unlink
 
@@ -1035,11 +1036,11 @@ class SpentFilesTests(unittest.TestCase):
             return sorted(os.listdir(spool.path("spent")))
 
         free = [10 ** 9]
-        self.patch(spool, "freeSpace", lambda: free[0])
+        self.patch(spool.room, "freeSpace", lambda: free[0])
         free[0] = 999
         self.assertFalse(spool.hasRoom(0))
         self.assertEqual((yield delivered()), [])
-        spool.storageFailed(OSError(errno.ENOSPC, "No space left on device"))
+        spool.room.storageFailed(OSError(errno.ENOSPC, "No space left on device"))
         self.assertEqual((yield delivered()), [])
         free[0] = 10 ** 9
         self.assertTrue(spool.hasRoom(0))

@@ -20,6 +20,7 @@ from relaygw.relay.queue import QueueManager
 from relaygw.scripts import queue as tool
 from relaygw.durable import Committer
 from relaygw.spool import MessageWriter, Spool
+from relaygw.spool.retained import RetainedContent
 from relaygw.spoolapi import CorruptMessage
 from tests.recorders import LogCapture, RecordingHop
 from tests.relaysetup import RelayTestCase
@@ -526,8 +527,8 @@ class CutDuringDeliveryTests(RelayTestCase):
         logged = LogCapture(self)
         yield self.gateway({"smarthosts": ["[127.0.0.1]:%d" % port], "tls": "none", "retry_min": 0.5,
                             "retry_max": 0.5})
-        retain, Spool.RETAIN_EACH = Spool.RETAIN_EACH, 0  # (read from the file, as after a restart)
-        self.addCleanup(setattr, Spool, "RETAIN_EACH", retain)
+        retain, RetainedContent.RETAIN_EACH = RetainedContent.RETAIN_EACH, 0  # (read from the file, as after a restart)
+        self.addCleanup(setattr, RetainedContent, "RETAIN_EACH", retain)
         qid = yield self.send()
         yield self.until(lambda: hop.connections)
         content = []

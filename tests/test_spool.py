@@ -23,6 +23,8 @@ from relaygw.durable import CommitJob, Committer
 from relaygw.relay.dsn import buildBounce
 from relaygw.relay.nexthop import Result
 from relaygw.spool import Spool
+from relaygw.spool.retained import RetainedContent
+from relaygw.spool.spent import SpentFiles
 from relaygw.spoolapi import CorruptMessage, Envelope, Withdrawn
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, runTwistd, waitForPort
 from tests.outside import OutsideFiles
@@ -248,7 +250,7 @@ class SpoolTests(SpoolCase):
         At most SPENT files are kept; at start, one that is still queued
         under its own name (a crash mid-removal) is never handed out.
         """
-        self.patch(Spool, "SPENT", 2)
+        self.patch(SpentFiles, "SPENT", 2)
         qids = []
         for i in range(4):
             qids.append((yield self.commitContent(b"m%d\r\n" % i)))
@@ -259,7 +261,7 @@ class SpoolTests(SpoolCase):
         reopened = Spool(self.dir, self.spool.committer)
         self.assertEqual(reopened.open(), [qids[3]])
         self.assertEqual(sorted(os.listdir(self.spool.path("spent"))), sorted(qids[:2]))
-        self.assertNotIn(qids[3], reopened._spent)
+        self.assertNotIn(qids[3], reopened.spent.names)
 
 
     @defer.inlineCallbacks
@@ -298,7 +300,7 @@ class SpoolTests(SpoolCase):
         os.link(self.spool.path("spent", first), self.spool.path("queue", second))  # what the crash left
         reopened = Spool(self.dir, self.spool.committer)
         self.assertEqual(reopened.open(), [second])
-        self.assertEqual((os.listdir(self.spool.path("spent")), reopened._spent), ([], []))
+        self.assertEqual((os.listdir(self.spool.path("spent")), reopened.spent.names), ([], []))
         with self.assertRaises(CorruptMessage) as cm:
             reopened.load(second)
         self.assertEqual(cm.exception.reason, "the file holds message %s" % (first,))
@@ -325,7 +327,7 @@ class SpoolTests(SpoolCase):
             f.write(b"a copy of what was queued\n")
         reopened = Spool(self.dir, self.spool.committer)
         self.assertEqual(reopened.open(), [])
-        self.assertEqual((os.listdir(self.spool.path("spent")), reopened._spent), ([], []))
+        self.assertEqual((os.listdir(self.spool.path("spent")), reopened.spent.names), ([], []))
 
     @defer.inlineCallbacks
     def test_unreadableSpentFileNotReused(self):
@@ -394,14 +396,14 @@ class RetainedContentTests(SpoolCase):
 
     @defer.inlineCallbacks
     def test_largeMessageReadFromItsFile(self):
-        self.patch(Spool, "RETAIN_EACH", 100)
+        self.patch(RetainedContent, "RETAIN_EACH", 100)
         qid = yield self.commitContent(b"x" * 101)
         self.assertEqual(self.scribbled(qid), b"#" * 101)
 
     @defer.inlineCallbacks
     def test_memoryBoundedAndGivenBackOnRemoval(self):
         """At most RETAIN octets are kept; a removed or quarantined message gives its share back."""
-        self.patch(Spool, "RETAIN", 150)
+        self.patch(RetainedContent, "RETAIN", 150)
         first = yield self.commitContent(b"a" * 100)
         second = yield self.commitContent(b"b" * 100)
         self.assertEqual(self.scribbled(second), b"#" * 100)  # over the budget: read from the file

@@ -44,7 +44,7 @@ class SpoolRecovery:
         kept = queued.union(queueIdOf(name) for name in os.listdir(spool.path("corrupt")))
         spent = []
         for name in os.listdir(spool.path("spent")):
-            if len(spent) < spool.SPENT and self._reusable(name, kept):
+            if len(spent) < spool.spent.SPENT and self._reusable(name, kept):
                 spent.append(name)
             else:
                 spool.discard([spool.path("spent", name)])
@@ -115,9 +115,9 @@ class SpoolRecovery:
                 os.rename(os.path.join(src, entry), self.spool.path(area, entry))
                 if area == "queue":
                     moved += 1
-                    self.spool._indexed(entry)
+                    self.spool.index.add(entry)
                     if os.path.lexists(self.spool.path("hold", entry)):
-                        self.spool._held.add(entry)
+                        self.spool.index.noteHeld(entry)
         spent = os.path.join(source, "spent")
         if isDirectory(spent):
             self.spool.discard([os.path.join(spent, name) for name in os.listdir(spent)])

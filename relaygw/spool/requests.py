@@ -103,7 +103,7 @@ class OperatorRequests:
             # (A time this recent may not have moved on yet for a marker made just after the listing.)
             self._holdSeen = changed if time.time() - changed / 1e9 > 2 else None
         for queueId in names:
-            if queueId not in spool._queued and not os.path.exists(spool.path("queue", queueId)):
+            if queueId not in spool.index.queued and not os.path.exists(spool.path("queue", queueId)):
                 spool.discard([spool.path("hold", queueId)])
 
     def requestFlush(self, queueId=None):

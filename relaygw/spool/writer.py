@@ -67,7 +67,7 @@ class MessageWriter:
         self.failed = error
         self.abort()
         if isStorageError(error):
-            self.spool.storageFailed(error)
+            self.spool.room.storageFailed(error)
 
     def _flush(self):
         data = b"".join(self._chunks)
@@ -84,7 +84,7 @@ class MessageWriter:
         if self.fd is None:
             self._chunks[0] = head + self._chunks[0][len(head):]
             retain = self._chunks[1:]
-            spent = self.spool.takeSpent()
+            spent = self.spool.spent.take()
             job = CommitJob(spent or self.tmpPath, final, data=self._chunks, reuse=spent is not None, early=True)
         else:
             try:
@@ -114,21 +114,21 @@ class MessageWriter:
         failure.trap(FileNotFoundError)
         if isDirectory(self.spool.path("spent")):
             return failure
-        self.spool.forgetSpent()
+        self.spool.spent.forget()
         return self.spool.committer.commit(CommitJob(self.tmpPath, final, data=chunks, early=True))
 
     def _committed(self, _, retain):
         self.spool._committing.discard(self.queueId)
-        self.spool._indexed(self.queueId)
+        self.spool.index.add(self.queueId)
         if retain is not None:
-            self.spool._retain(self.queueId, retain, self.size)
+            self.spool.retainedContent.keep(self.queueId, retain, self.size)
         return self.queueId
 
     def _commitFailed(self, failure):
         if not durable.quick.exists(self.spool.path("queue", self.queueId)):  # (else not removed: gone read-only)
             self.spool._committing.discard(self.queueId)
         if isStorageError(failure.value):
-            self.spool.storageFailed(failure.value)
+            self.spool.room.storageFailed(failure.value)
         return failure
 
     @property
