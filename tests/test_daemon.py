@@ -259,12 +259,13 @@ class FileLimitTests(unittest.TestCase):
         p.send_signal(signal.SIGTERM)
         return p.communicate(timeout=30)[0].decode()
 
-    @staticmethod
-    def workerStarted(p):
-        """Wait (up to 15 s) for the worker C{p} starts."""
-        deadline = time.monotonic() + 15
-        while len(childPids(p.pid)) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def workersStarted(self, workers=2):
+        """
+        Wait (up to 30 s) for the other workers to lock their spool
+        partitions, which each does just before it listens.
+        """
+        wanted = {"w%d" % n for n in range(1, workers)}
+        self.assertTrue(waitUntil(lambda: wanted <= set(spoolPids(self.directory)), 30))
 
     def waitingClient(self, port, held):
         """A client that connects now, and is not greeted within 1 s: it waits in the listen queue (in C{held})."""
@@ -277,7 +278,7 @@ class FileLimitTests(unittest.TestCase):
     def test_softRaisedToHard(self):
         def run():
             p = self.start(256, 4096, workers=2)
-            self.workerStarted(p)
+            self.workersStarted()
             self.assertEqual([self.softLimit(pid) for pid in [p.pid] + childPids(p.pid)], [4096, 4096])
             self.assertNotIn("open-file limit", self.stopped(p))
 
@@ -318,8 +319,7 @@ class FileLimitTests(unittest.TestCase):
         """
         def run():
             p = self.start(200, 200, workers=4)
-            # (each worker says what it can hold before it locks its spool)
-            self.assertTrue(waitUntil(lambda: {"w1", "w2", "w3"} <= set(spoolPids(self.directory)), 30))
+            self.workersStarted(4)  # (each says what it can hold before)
             time.sleep(1.0)
             output = self.stopped(p)
             self.assertEqual(output.count("this process can hold 15 connections at once"), 1, output)
@@ -441,7 +441,7 @@ class FileLimitTests(unittest.TestCase):
         """
         def run():
             p = self.start(4096, 4096, workers=2, listener={"max_connections": 3})
-            self.workerStarted(p)
+            self.workersStarted()
             time.sleep(0.5)
             self.burst(10, 6)
             output = self.stopped(p)
@@ -494,7 +494,7 @@ class FileLimitTests(unittest.TestCase):
         def run():
             p = self.start(4096, 4096, workers=2, listener={"max_connections": 3})
             port = self.port
-            self.workerStarted(p)
+            self.workersStarted()
             time.sleep(0.5)  # (the probe of the port has gone, the worker listens)
             held = []
             try:
