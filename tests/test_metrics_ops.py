@@ -161,8 +161,8 @@ class LargeQueueScrapeTests(unittest.TestCase):
                 self.assertEqual(tool.main(["--config", self.gw.path, verb, qid], out=io.StringIO()), 0)
         os.unlink(spool.path("queue", ids[0]))  # (by hand: the oldest)
         queue = self.gw.service.queue
-        queue._poller.cancel()
-        queue._poll()  # (the poll that takes relaygw-queue's requests, now rather than within two seconds)
+        queue.requests.call.cancel()
+        queue.requests.poll()  # (the poll that takes relaygw-queue's requests, now rather than within two seconds)
         m = yield self.scrape()
         self.assertEqual(m["relaygw_spool_messages", ()], self.MESSAGES - 2)
         self.assertEqual(m["relaygw_queue_messages", (("state", "held"),)], 1)

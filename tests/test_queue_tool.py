@@ -1211,7 +1211,7 @@ class ManyHeldTests(RelayTestCase):
         for _ in range(self.MESSAGES):
             yield self.send()
         self.queue = self.gw.service.queue
-        self.queue._poller.cancel()
+        self.queue.requests.call.cancel()
 
     def run_(self, *argv):
         return QueueToolTests.run_(self, *argv)
@@ -1221,8 +1221,8 @@ class ManyHeldTests(RelayTestCase):
         self.assertEqual(self.run_("hold", "ALL")[0], 0)
         with open(spool.path("hold", "0123456789ABCDEF"), "w"):  # (by hand, for a message that has gone)
             pass
-        self.queue._poll()
-        self.queue._poller.cancel()
+        self.queue.requests.poll()
+        self.queue.requests.call.cancel()
         self.assertFalse(os.path.exists(spool.path("hold", "0123456789ABCDEF")))
         self.assertEqual(spool.heldCount(), self.MESSAGES)
         looked = []
@@ -1232,8 +1232,8 @@ class ManyHeldTests(RelayTestCase):
                     looked.append(path)
                 return _real(path, *args, **kw)
             self.patch(owner, name, counting)
-        self.queue._poll()
-        self.queue._poller.cancel()
+        self.queue.requests.poll()
+        self.queue.requests.call.cancel()
         self.assertEqual(looked, [])
         self.assertTrue(all(spool.isHeld(qid) for qid in spool.queueIds()))
 
@@ -1249,12 +1249,12 @@ class ManyHeldTests(RelayTestCase):
         self.patch(OperatorRequests, "TAKE", 7)
         logs = LogCapture(self)
         self.assertEqual(self.run_("hold", "ALL")[0], 0)
-        self.queue._poll()
+        self.queue.requests.poll()
         self.assertEqual(len(logs.find("placed on hold")), 7)
-        self.assertLess(self.queue._poller.getTime() - reactor.seconds(), 0.1)
+        self.assertLess(self.queue.requests.call.getTime() - reactor.seconds(), 0.1)
         yield self.until(lambda: len(logs.find("placed on hold")) == self.MESSAGES, timeout=2)
         yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(len(logs.find("placed on hold")), self.MESSAGES)
         self.assertEqual(self.gw.service.spool.heldCount(), self.MESSAGES)
         self.assertFalse(self.gw.service.spool.requestsPending())
-        self.assertGreater(self.queue._poller.getTime() - reactor.seconds(), 1)
+        self.assertGreater(self.queue.requests.call.getTime() - reactor.seconds(), 1)

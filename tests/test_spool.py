@@ -1576,7 +1576,7 @@ class ReleaseMarkerTests(SpoolCase):
         hop = RecordingHop()
         q = QueueManager(self.spool, lambda m, r: hop, task.Clock(), retryMin=3600)
         q.startService()
-        q._poll()
+        q.requests.poll()
         yield q.whenIdle()
         self.assertEqual(sorted(os.listdir(self.spool.path("state"))), [qid])
         self.assertEqual(os.listdir(self.spool.path("corrupt")), [])

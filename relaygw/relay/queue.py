@@ -11,7 +11,8 @@ hops only as many at a time as the other attempts leave room for (at
 least one).
 What one attempt does (next hops, recording the outcome per recipient,
 bounces, removal) is L{relaygw.relay.attempt}'s: 2xx done, 5xx bounced, 4xx
-retried with exponential backoff until the queue lifetime runs out.
+retried with exponential backoff until the queue lifetime runs out;
+taking relaygw-queue's requests is L{relaygw.relay.requestpoll}'s.
 Progress is written to disk before anything is forgotten, so a restart
 never re-sends to a recipient that already succeeded.  A message leaves the
 spool only when every recipient is done or bounced.
@@ -23,11 +24,11 @@ import time
 from twisted.application.service import Service
 from twisted.internet import defer
 
-from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.attempt import Attempts
 from relaygw.relay.nexthop import FunctionRouter, IRouter
+from relaygw.relay.requestpoll import RequestPoll
 
 log = Logger(namespace="relaygw.queue")
 
@@ -39,6 +40,7 @@ class QueueManager(Service):
     @ivar router: an L{IRouter} (a plain C{(message, recipient) -> INextHop}
         function is taken as one).
     @ivar attempts: the L{Attempts} that run each delivery attempt.
+    @ivar requests: the L{RequestPoll} that takes relaygw-queue's requests.
     """
 
     name = "queue"
@@ -53,7 +55,7 @@ class QueueManager(Service):
         self._configure(router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname)
         self.deferAll = deferAll
         self.attempts = Attempts(self, spool, reactor)
-        self._poller = None
+        self.requests = RequestPoll(self)
         self.ready = collections.deque()
         self.queued = set()
         self.active = set()
@@ -64,7 +66,6 @@ class QueueManager(Service):
         self.fresh = {}
         self.forced = set()
         self.failedAttempts = {}  # qid: attempts in a row that raised (L{_attemptFailed})
-        self.deletedWhileActive = set()  # deleted with relaygw-queue during its attempt: logged as that ends
         self._idle = []
         self._retired = []
 
@@ -126,7 +127,7 @@ class QueueManager(Service):
         # Requests made while the gateway was stopped (a hold, a release, a
         # deletion) are taken first, so that each is logged before the
         # delivery of the message it concerns; the poll then goes on by itself.
-        self._poll()
+        self.requests.poll()
         for qid in self.recovered:
             self._recover(qid)
         self.recovered = []
@@ -140,7 +141,7 @@ class QueueManager(Service):
         whose record cannot be read (its attempt sets it aside), goes at once.
         """
         if qid in self.queued or qid in self.active:
-            return  # (a flush asked for while the gateway was stopped: L{_poll})
+            return  # (a flush asked for while the gateway was stopped: L{RequestPoll.poll})
         now = time.time()
         try:
             when = outcome.due(self.spool.readState(qid), now, self.policy)
@@ -150,47 +151,6 @@ class QueueManager(Service):
             self.retries.later(qid, when)
         else:
             self.enqueue(qid)
-
-    def _poll(self):
-        """
-        Pick up requests from relaygw-queue: a flush retries everything, a
-        release or a flush of one message tries it now; a hold and a release
-        are logged, a deletion is logged and its retry forgotten; clear
-        stray hold markers.  Never raises.
-        """
-        try:
-            requests = self.spool.takeRequests()
-            for qid in requests.held:
-                maillog.held(qid)
-            for qid in requests.released:
-                maillog.released(qid)
-            ids = requests.flushed + requests.released
-            if ids:
-                self.router.revive()  # (a flush does too)
-            if requests.flushAll:
-                log.info("flush requested")
-                self.flush()
-            for qid in ids:
-                if self.spool.exists(qid):
-                    self.enqueue(qid, forced=True)
-            for qid in requests.deleted:
-                if self.spool.exists(qid):  # (a marker for a message still queued deleted nothing)
-                    continue
-                self.retries.cancel(qid)
-                if qid in self.active:  # (its attempt's lines come first: this one is its last)
-                    self.deletedWhileActive.add(qid)
-                else:
-                    self.attempts.forget(qid)
-                    maillog.removed(qid, operator=True)
-            self.spool.clearStrayHolds()
-        except OSError as e:  # out of descriptors, a failing disk: a line, not a traceback; tried again
-            log.error("queue poll failed: {error}", error=e)
-        except Exception:
-            log.failure("queue poll failed")
-        if self.running:
-            # (Many requests at once, hold ALL of a large queue: taken a share at a time, each turn.)
-            delay = 0 if self.spool.requestsPending() else self.pollInterval
-            self._poller = self.reactor.callLater(delay, self._poll)
 
     stopTimeout = 10.0
 
@@ -204,9 +164,9 @@ class QueueManager(Service):
         after the stop.
         """
         Service.stopService(self)
-        for call in (self._poller, self._pumpCall):
-            if call is not None and call.active():
-                call.cancel()
+        self.requests.stop()
+        if self._pumpCall is not None and self._pumpCall.active():
+            self._pumpCall.cancel()
         self._pumpCall = None
         self.retries.cancelAll()
         self.attempts.progress.stop()
@@ -391,9 +351,7 @@ class QueueManager(Service):
 
     def _finished(self, _, qid):
         self.active.discard(qid)
-        if qid in self.deletedWhileActive:
-            self.deletedWhileActive.discard(qid)
-            maillog.removed(qid, operator=True)
+        self.requests.attemptEnded(qid)
         self.fanOut.pop(qid, None)
         self._idleNow()
         self._pump()
