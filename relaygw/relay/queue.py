@@ -12,7 +12,9 @@ least one).
 What one attempt does (next hops, recording the outcome per recipient,
 bounces, removal) is L{relaygw.relay.attempt}'s: 2xx done, 5xx bounced, 4xx
 retried with exponential backoff until the queue lifetime runs out;
-taking relaygw-queue's requests is L{relaygw.relay.requestpoll}'s.
+taking relaygw-queue's requests is L{relaygw.relay.requestpoll}'s, and
+the timers of the messages that wait for a retry (and of those recovered
+at a start) are L{relaygw.relay.retries}'.
 Progress is written to disk before anything is forgotten, so a restart
 never re-sends to a recipient that already succeeded.  A message leaves the
 spool only when every recipient is done or bounced.
@@ -29,6 +31,7 @@ from relaygw.relay import outcome
 from relaygw.relay.attempt import Attempts
 from relaygw.relay.nexthop import FunctionRouter, IRouter
 from relaygw.relay.requestpoll import RequestPoll
+from relaygw.relay.retries import RetryTimers
 
 log = Logger(namespace="relaygw.queue")
 
@@ -129,28 +132,9 @@ class QueueManager(Service):
         # delivery of the message it concerns; the poll then goes on by itself.
         self.requests.poll()
         for qid in self.recovered:
-            self._recover(qid)
+            if qid not in self.queued and qid not in self.active:  # (a flush asked for while the gateway was stopped)
+                self.retries.resume(qid, self.spool.readState, self.policy)
         self.recovered = []
-
-    def _recover(self, qid):
-        """
-        A message queued before this start goes when its progress record
-        says its next attempt is due, as Postfix's queue manager takes from
-        its deferred queue only the messages whose time has come: a restart
-        does not retry a large deferred queue at once.  One never tried, or
-        whose record cannot be read (its attempt sets it aside), goes at once.
-        """
-        if qid in self.queued or qid in self.active:
-            return  # (a flush asked for while the gateway was stopped: L{RequestPoll.poll})
-        now = time.time()
-        try:
-            when = outcome.due(self.spool.readState(qid), now, self.policy)
-        except Exception:
-            when = now
-        if when > now:
-            self.retries.later(qid, when)
-        else:
-            self.enqueue(qid)
 
     stopTimeout = 10.0
 
@@ -363,80 +347,3 @@ class QueueManager(Service):
             for d in waiting:
                 if not d.called:  # a stop may have given up waiting already
                     d.callback(None)
-
-
-class RetryTimers:
-    """
-    When each queued message is tried again: at a time (L{later}), or once
-    its next hop has room for it (L{when}); each calls C{enqueue(queueId)}.
-    None is set while the queue manager is not C{running()}.
-
-    @ivar timers: C{{queueId: timer}} (an C{IDelayedCall}, or L{_Parked}).
-    """
-
-    def __init__(self, reactor, enqueue, running):
-        self.reactor = reactor
-        self.enqueue = enqueue
-        self.running = running
-        self.timers = {}
-
-    def later(self, queueId, when):
-        """The next attempt for C{queueId} at C{when} (seconds since the epoch)."""
-        self.after(queueId, max(0, when - time.time()))
-
-    def after(self, queueId, delay):
-        """The next attempt for C{queueId} in C{delay} seconds."""
-        if self.running():
-            self.timers[queueId] = self.reactor.callLater(delay, self.enqueue, queueId)
-
-    def when(self, queueId, ready, latest):
-        """
-        The next attempt for C{queueId} once C{ready} fires (its next hop
-        has room for it: L{relaygw.relay.nexthop.INextHop.whenRoom}), or at
-        C{latest} (seconds since the epoch), whichever comes first.
-        """
-        if self.running():
-            self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue,
-                                                                  queueId), ready)
-        ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
-        if not self.running():
-            ready.cancel()
-
-    def cancel(self, queueId):
-        """Forget the retry timer of C{queueId}, if any."""
-        timer = self.timers.pop(queueId, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def cancelAll(self):
-        for timer in self.timers.values():
-            if timer.active():
-                timer.cancel()
-        self.timers.clear()
-
-    def waiting(self):
-        """The messages whose next attempt waits for its retry time."""
-        return [qid for qid, timer in self.timers.items() if timer.active()]
-
-    def parked(self):
-        """The messages parked with their next hop (L{when})."""
-        return [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]
-
-
-class _Parked:
-    """
-    The retry of a message parked with its next hop (L{RetryTimers.when}):
-    a timer, as far as the queue manager's other retries go.
-    """
-
-    def __init__(self, timer, ready):
-        self.timer = timer
-        self.ready = ready
-
-    def active(self):
-        return self.timer.active() or not self.ready.called
-
-    def cancel(self):
-        if self.timer.active():
-            self.timer.cancel()
-        self.ready.cancel()  # (the next hop forgets it; nothing once it has fired)
