@@ -200,7 +200,7 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
         # Nothing of it stays in the queue manager (it would for as long as the gateway runs).
         attempts = self.gw.service.queue.attempts
-        self.assertEqual([self.q1 in held for held in (attempts.queuedAt, attempts.waitedSince,
+        self.assertEqual([self.q1 in held for held in (attempts.queuedAt, attempts.handBacks.waitedSince,
                                                         attempts.progress.unwritten)], [False] * 3)
         self.assertIn(self.q2, attempts.queuedAt)
 

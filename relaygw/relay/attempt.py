@@ -4,9 +4,10 @@ to its recorded outcome: the router groups the recipients by next hop;
 each next hop's replies are recorded as they come in
 (L{relaygw.relay.outcome}); the mail log and the metrics hear of every
 recipient; failures for good are bounced; then the message leaves the
-spool or waits for its retry, and one that cannot be read back is set
-aside.  The queue manager (L{relaygw.relay.queue}) decides when attempts
-run.
+spool or waits for its retry (or, handed back untried, for room at its
+next hop: L{relaygw.relay.handback}), and one that cannot be read back is
+set aside.  The queue manager (L{relaygw.relay.queue}) decides when
+attempts run.
 """
 
 import collections
@@ -18,7 +19,8 @@ from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.dsn import queueBounce, queueSuccess, wanted
-from relaygw.relay.nexthop import STOPPED, WAITED, Result, temporary
+from relaygw.relay.handback import HandBacks
+from relaygw.relay.nexthop import STOPPED, WAITED, temporary
 from relaygw.relay.progress import ProgressWriter
 from relaygw.spoolapi import CorruptMessage
 
@@ -49,6 +51,7 @@ class Attempts:
     time, and whose timers they ask for a retry.
 
     @ivar progress: the L{ProgressWriter} of the messages' progress records.
+    @ivar handBacks: the L{HandBacks} of the messages handed back untried.
     @ivar queuedAt: C{{qid: when}} a message was queued (for the mail log's
         delays): when this process accepted it, or its queue file's time.
     """
@@ -56,12 +59,9 @@ class Attempts:
     def __init__(self, manager, spool, reactor):
         self.manager = manager
         self.spool = spool
-        self.reactor = reactor
         self.progress = ProgressWriter(spool, reactor)
         self.queuedAt = {}
-        # qid: when its next hop first handed it back untried (WAITED), since its last outcome: the
-        # reactor's time, monotonic under the gateway (a step of the system clock does not count)
-        self.waitedSince = {}
+        self.handBacks = HandBacks(manager, reactor)
         self.unremoved = set()  # qids whose removal failed (their queue file may have gone with it)
 
     def run(self, qid, message, forced):
@@ -83,7 +83,7 @@ class Attempts:
         except CorruptMessage as e:
             return self._quarantine(qid, e)
         if not fresh and self.spool.isHeld(qid):
-            self.waitedSince.pop(qid, None)  # (held, it waits for no connection)
+            self.handBacks.forget(qid)  # (held, it waits for no connection)
             return None  # (a message held as it was accepted: its next hop finds it withdrawn)
         todo = outcome.pending(state, message.recipients)
         if not todo:
@@ -190,7 +190,7 @@ class Attempts:
     def _record(self, attempt):
         """The attempt has ended: write down what its replies say."""
         qid, message = attempt.qid, attempt.message
-        self._waitedTooLong(attempt)
+        self.handBacks.waitedTooLong(attempt)
         # Recipients whose message was withdrawn (held or deleted before it
         # went out), or whose delivery the gateway's stop cut short, were
         # not attempted: they stay as they were.
@@ -208,17 +208,15 @@ class Attempts:
             elif self.spool.isHeld(qid):
                 why = "held"  # (its release brings it back)
             elif attempt.waitedOn is not None:  # (no connection came free: parked until one does)
-                since = self.waitedSince.setdefault(qid, self.reactor.seconds())
-                latest = time.time() + max(0.0, since + self.manager.retryMin - self.reactor.seconds())
-                self.manager.retries.when(qid, attempt.waitedOn.whenRoom(message), latest)
+                self.handBacks.untried(attempt)
                 return None
             else:  # held and released while this attempt was under way, or its next hop's router replaced
                 self.manager.retries.later(qid, time.time())
                 return None
-            self.waitedSince.pop(qid, None)
+            self.handBacks.forget(qid)
             log.info("{qid}: not sent: {why} before it went out", qid=qid, why=why)
             return None
-        self.waitedSince.pop(qid, None)
+        self.handBacks.forget(qid)
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
@@ -268,52 +266,15 @@ class Attempts:
             # Cut short by the stop: no retry time, so that the next start
             # makes the attempt again at once for those it left untried.
             persisted = self.progress.persist(qid, outcome.underway(state) if stopped else state)
-            if self._handedBack(attempt, recorded):
+            if self.handBacks.handedBack(attempt, recorded):
                 # (Parked once the record is made and the attempt over: room told
                 # while it is still active would be lost.)
-                persisted.addCallback(self._park, attempt, recorded.nextAttempt)
+                persisted.addCallback(self.handBacks.park, attempt, recorded.nextAttempt)
             return persisted
 
         if d is None:  # (the usual case: nothing to make durable first)
             return settle(None)
         return d.addCallback(settle)
-
-    @staticmethod
-    def _handedBack(attempt, recorded):
-        """
-        Whether every recipient still pending was handed back untried
-        (L{WAITED}: its destination at its share of the delivery slots, or
-        congested) while the others' outcomes were recorded.
-        """
-        waited = {r for _, results in attempt.outcomes for r, result in results.items() if result == WAITED}
-        return attempt.waitedOn is not None and set(recorded.pending) <= waited
-
-    def _park(self, written, attempt, latest):
-        """
-        The recipients handed back go again once their next hop has room
-        (or at C{latest}, their retry time), not only at their retry time,
-        unless something else (a flush) has already queued the message.
-        """
-        retries = self.manager.retries
-        if attempt.qid in retries.timers:
-            retries.cancel(attempt.qid)
-            retries.when(attempt.qid, attempt.waitedOn.whenRoom(attempt.message), latest)
-        return written
-
-    def _waitedTooLong(self, attempt):
-        """
-        A message its next hop has handed back untried (L{WAITED}: no
-        connection came free, the destination congested) for C{retryMin}
-        is deferred like any other: an attempt counted, the usual backoff,
-        and in the end its lifetime, rather than handed back without end
-        while newer messages get the connections.
-        """
-        since = self.waitedSince.get(attempt.qid)
-        if since is None or self.reactor.seconds() - since < self.manager.retryMin:
-            return
-        deferral = Result(WAITED.code, WAITED.enhanced, "no connection to the next hop came free")
-        attempt.outcomes = [(hop, {r: deferral if result == WAITED else result for r, result in results.items()})
-                            for hop, results in attempt.outcomes]
 
     def forget(self, qid):
         """
@@ -321,7 +282,7 @@ class Attempts:
         of it stays in memory, here or in the spool.
         """
         self.progress.drop(qid)
-        self.waitedSince.pop(qid, None)
+        self.handBacks.forget(qid)
         self.queuedAt.pop(qid, None)
         self.unremoved.discard(qid)
         self.spool.forget(qid)
