@@ -200,9 +200,9 @@ class QueueToolTests(RelayTestCase):
         self.assertEqual([n for n in os.listdir(self.gw.service.spool.directory) if n.startswith("deleted")], [])
         # Nothing of it stays in the queue manager (it would for as long as the gateway runs).
         attempts = self.gw.service.queue.attempts
-        self.assertEqual([self.q1 in held for held in (attempts.queuedAt, attempts.handBacks.waitedSince,
+        self.assertEqual([self.q1 in held for held in (attempts.mailLog.queuedAt, attempts.handBacks.waitedSince,
                                                         attempts.progress.unwritten)], [False] * 3)
-        self.assertIn(self.q2, attempts.queuedAt)
+        self.assertIn(self.q2, attempts.mailLog.queuedAt)
 
     @defer.inlineCallbacks
     def test_deletedMarkerForAQueuedMessage(self):
@@ -997,7 +997,7 @@ class WithdrawnTests(RelayTestCase):
         yield self.until(lambda: self.spoolEmpty() and len(self.hop_.transactions) == 2 and not queue.active)
         self.assertEqual(self.hop_.recipients(), ["r0@example.net", "r1@example.net"])
         self.assertEqual((queue.forced, queue.fresh, queue.timers), (set(), {}, {}))
-        self.assertNotIn(qid, queue.attempts.queuedAt)
+        self.assertNotIn(qid, queue.attempts.mailLog.queuedAt)
 
     @defer.inlineCallbacks
     def test_heldAndReleasedWhileWaiting(self):

@@ -3,11 +3,11 @@ What one delivery attempt of one queued message does, from reading it back
 to its recorded outcome: the router groups the recipients by next hop;
 each next hop's replies are recorded as they come in
 (L{relaygw.relay.outcome}); the mail log and the metrics hear of every
-recipient; failures for good are bounced; then the message leaves the
-spool or waits for its retry (or, handed back untried, for room at its
-next hop: L{relaygw.relay.handback}), and one that cannot be read back is
-set aside.  The queue manager (L{relaygw.relay.queue}) decides when
-attempts run.
+recipient (L{relaygw.relay.deliverylog}); failures for good are bounced;
+then the message leaves the spool or waits for its retry (or, handed back
+untried, for room at its next hop: L{relaygw.relay.handback}), and one
+that cannot be read back is set aside.  The queue manager
+(L{relaygw.relay.queue}) decides when attempts run.
 """
 
 import collections
@@ -18,6 +18,7 @@ from twisted.internet import defer
 from relaygw import maillog
 from relaygw.logs import Logger
 from relaygw.relay import outcome
+from relaygw.relay.deliverylog import DeliveryLog
 from relaygw.relay.dsn import queueBounce, queueSuccess, wanted
 from relaygw.relay.handback import HandBacks
 from relaygw.relay.nexthop import STOPPED, WAITED, temporary
@@ -52,15 +53,14 @@ class Attempts:
 
     @ivar progress: the L{ProgressWriter} of the messages' progress records.
     @ivar handBacks: the L{HandBacks} of the messages handed back untried.
-    @ivar queuedAt: C{{qid: when}} a message was queued (for the mail log's
-        delays): when this process accepted it, or its queue file's time.
+    @ivar mailLog: the L{DeliveryLog} that tells each recipient's outcome.
     """
 
     def __init__(self, manager, spool, reactor):
         self.manager = manager
         self.spool = spool
         self.progress = ProgressWriter(spool, reactor)
-        self.queuedAt = {}
+        self.mailLog = DeliveryLog(manager, spool)
         self.handBacks = HandBacks(manager, reactor)
         self.unremoved = set()  # qids whose removal failed (their queue file may have gone with it)
 
@@ -175,7 +175,7 @@ class Attempts:
         if recorded.events:
             attempt.state, attempt.fresh = recorded.state, False
             outcome.owe(recorded.state, self._noticesDue(attempt.message, recorded.events))
-            self._logged(attempt, recorded.events)
+            self.mailLog.tell(attempt, recorded.events)
             return self.progress.persist(attempt.qid, outcome.underway(recorded.state))
         return None
 
@@ -220,7 +220,7 @@ class Attempts:
         recorded = outcome.record(attempt.state, message.recipients, outcomes, time.time(),
                                   self.manager.policy, message.mailfrom, message.arrival or None,
                                   forced=attempt.forced)
-        self._logged(attempt, recorded.events)
+        self.mailLog.tell(attempt, recorded.events)
         # Success notices owed: this attempt's, and any a crash left owed.
         # The records written before they are queued say so (L{outcome.owe}).
         done = dict(outcome.owed(attempt.state), **self._noticesDue(message, recorded.events))
@@ -283,42 +283,9 @@ class Attempts:
         """
         self.progress.drop(qid)
         self.handBacks.forget(qid)
-        self.queuedAt.pop(qid, None)
+        self.mailLog.forget(qid)
         self.unremoved.discard(qid)
         self.spool.forget(qid)
-
-    def _logged(self, attempt, events):
-        """
-        Each recipient's outcome to the mail log and the metrics; a delivery
-        already told while the attempt went on (L{_keep}) is not told again.
-        """
-        events = [event for event in events if not (event.status == outcome.DONE and event.recipient in attempt.logged)]
-        attempt.logged.update(event.recipient for event in events if event.status == outcome.DONE)
-        qid, message, metrics = attempt.qid, attempt.message, self.manager.metrics
-        now = time.time()
-        arrival = message.arrival or attempt.started
-        queuedAt = self.queuedAt.get(qid)
-        if queuedAt is None:  # queued before a restart: the queue file says when
-            queuedAt = self.queuedAt[qid] = self.spool.committedAt(qid)
-        # Postfix's delays=a/b/c/d: before the queue, in the queue manager
-        # (waiting for the next attempt, and for a connection to the next
-        # hop: the rest of the delay), connection set-up, transmission.
-        beforeQueue = max(0.0, queuedAt - arrival) if queuedAt else 0.0
-        for event in events:
-            result = event.result
-            if metrics:
-                metrics.delivery(event.hop, {outcome.DONE: "ok", outcome.BOUNCED: "bounce"}.get(
-                    event.status, "defer"))
-            relay = result.relay or ("none" if event.hop.startswith(("smtp", "mx")) else event.hop)
-            setup, transmit = result.setup, result.transmit
-            inQueue = max(0.0, now - arrival - beforeQueue - setup - transmit)
-            # (a temporary failure bounced at the end of the message's lifetime: Postfix's "expired")
-            status = "expired" if event.status == outcome.BOUNCED and not result.permanent else event.status
-            maillog.delivery(qid, event.recipient, relay, max(0.0, now - arrival),
-                             (beforeQueue, inQueue, setup, transmit), status, result)
-            if metrics:
-                metrics.deliveryTimes(maillog.STATUS.get(event.status, event.status), now - arrival,
-                                      setup + transmit)
 
     def _remove(self, qid, fresh, state):
         """
@@ -335,7 +302,7 @@ class Attempts:
 
         def removed(_):
             self.progress.finished(qid)
-            self.queuedAt.pop(qid, None)
+            self.mailLog.forget(qid)
             self.unremoved.discard(qid)
             if not deleted:
                 maillog.removed(qid)

@@ -21,7 +21,6 @@ spool only when every recipient is done or bounced.
 """
 
 import collections
-import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -226,7 +225,7 @@ class QueueManager(Service):
         if self.deferAll:
             return  # [relay] defer_all: everything stays queued
         if message is not None:
-            self.attempts.queuedAt.setdefault(queueId, time.time())
+            self.attempts.mailLog.accepted(queueId)
         if message is not None and queueId not in self.active:
             # Only for a first attempt: once one is in flight (a flush got
             # there first) progress is on disk, and the next attempt must
