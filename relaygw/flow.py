@@ -80,8 +80,11 @@ class FlowControl:
         """
         Once the input has ended and all of it that was whole is answered:
         close (a command or message cut short goes as at a disconnect).
+        The session produces nothing more: a TLS layer sends its
+        close_notify only once no producer is left.
         """
         if self.mode == CLOSED or (self.waiting is None and not self.writePaused):
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def cancelCloseTimers(self):

@@ -15,7 +15,6 @@ from twisted.internet import defer, error, task, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import ServerFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import failure
 from zope.interface import implementer
 
@@ -28,7 +27,7 @@ from relaygw.policy import loadPolicy
 from relaygw.protocol import SMTPSession
 from relaygw.proxy import ProxyProtocolFactory
 from relaygw.sink import SpoolSink
-from relaygw.tls import ServerTLS, generateSelfSigned
+from relaygw.tls import HalfCloseableTLSFactory, ServerTLS, generateSelfSigned
 from relaygw.verbs import registry
 from relaygw.sharedports import SharedSockets
 from relaygw.workers import DESCRIPTORS_PER_WORKER, ReusePortEndpoint, parentPid, parseTCP
@@ -363,7 +362,7 @@ class Listeners:
                 endpoint = serverFromString(reactor, withBacklog(listener.endpoint))
             wrapped = factory
             if listener.implicit_tls:
-                wrapped = TLSMemoryBIOFactory(tls.contextFactory, False, wrapped)
+                wrapped = HalfCloseableTLSFactory(tls.contextFactory, False, wrapped)
             if listener.proxy_protocol:
                 # The PROXY header comes first, then (implicit) TLS, then SMTP.
                 wrapped = ProxyProtocolFactory(wrapped, factory.settings.trust.balancer,

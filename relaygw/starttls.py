@@ -8,7 +8,7 @@ L{relaygw.protocol.SMTPSession}, which keeps C{lineReader}, C{tlsActive},
 C{verdict} and C{trusted}.
 """
 
-from relaygw import codes, wire
+from relaygw import codes, tls, wire
 from relaygw.logs import Logger
 
 log = Logger(namespace="relaygw.smtp")
@@ -34,7 +34,7 @@ class StartTLS:
             log.warn("[{session}] discarded {n} octets of plaintext pipelined after STARTTLS",
                      session=self.sessionId, n=len(discarded))
         self.resetSession()
-        self.transport.startTLS(self.settings.tls.contextFactory)
+        tls.startTLS(self.transport, self.settings.tls.contextFactory)
         wire.tlsWritesAtOnce(self.transport)
 
     def handshakeCompleted(self):

@@ -4,11 +4,12 @@ optional client certificates), connection details for the validation context,
 and the delivery client's TLS (L{ClientTLS}).
 
 A listener builds one L{ServerTLS} and passes its C{contextFactory} to
-C{transport.startTLS} (STARTTLS) or to
-L{twisted.protocols.tls.TLSMemoryBIOFactory} (implicit TLS).  That object
-stays the same for the life of the listener; every new connection uses the
-certificate that is current when it is accepted, so L{ServerTLS.reload} takes
-effect without a restart.
+L{startTLS} (STARTTLS) or to L{HalfCloseableTLSFactory} (implicit TLS).
+That object stays the same for the life of the listener; every new
+connection uses the certificate that is current when it is accepted, so
+L{ServerTLS.reload} takes effect without a restart.  Both put a
+L{HalfCloseableTLS} layer under the session, which takes the end of the
+client's input as a half-close, as plain TCP does.
 """
 
 import datetime
@@ -24,16 +25,21 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
-from twisted.internet import ssl
+from twisted.internet import ssl, tcp
 from twisted.internet._idna import _idnaBytes
-from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet._newtls import _BypassTLS
+from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IOpenSSLClientConnectionCreator,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    ISSLTransport,
 )
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from relaygw.logs import Logger
@@ -324,6 +330,136 @@ class ServerTLS:
         @see: L{IOpenSSLServerConnectionCreator}
         """
         return SSL.Connection(self._context, None)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseableTLS(BufferingTLSTransport):
+    """
+    A server's TLS layer that takes the end of the client's input as a
+    half-close, as Twisted's plain TCP transport does: the client's
+    close_notify, or the end of the TCP stream, comes to the protocol above
+    (when it is an L{IHalfCloseableProtocol}) as C{readConnectionLost}
+    after all the records before it, and that protocol may still write
+    until it closes, which sends the gateway's close_notify.  Twisted's own
+    layer answers a close_notify with its own and closes at once, and
+    takes the end of the TCP stream for a lost connection: a pipelining
+    client that ends its input after its last commands lost the replies
+    still to come (Postfix sends them).
+
+    The end of the TCP stream without a close_notify ends the input just
+    the same: SMTP's own framing says what was whole (a message cut short
+    is dropped as at a disconnect).  No close_notify can follow it, so the
+    connection closes as soon as the gateway's is out.
+    """
+
+    #: The client's input has ended (its close_notify, or the end of the TCP stream after the handshake).
+    _inputEnded = False
+    #: The TCP stream from the client has ended.
+    _streamEnded = False
+
+    def dataReceived(self, octets):
+        """
+        Records for OpenSSL; but nothing may follow a close_notify, and
+        what does is dropped as it comes, not held until the session
+        closes.
+        """
+        if not self._inputEnded:
+            BufferingTLSTransport.dataReceived(self, octets)
+
+    def _flushReceiveBIO(self):
+        """Twisted's loop, but a close_notify ends the input, not the connection."""
+        while not self._lostTLSConnection and not self._inputEnded:
+            try:
+                octets = self._tlsConnection.recv(2**15)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._endOfInput()
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, octets)
+        self._flushSendBIO()
+
+    def _endOfInput(self):
+        """
+        Tell the protocol above that the input has ended; one that takes
+        no half-close, or a connection already closing (this is the answer
+        to the gateway's close_notify), ends as in Twisted's layer.
+        """
+        wrapped = self.wrappedProtocol
+        if self.disconnecting or not IHalfCloseableProtocol.providedBy(wrapped):
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+            return
+        self._inputEnded = True
+        wrapped.readConnectionLost()
+
+    def readConnectionLost(self):
+        """
+        The TCP stream from the client ended.  Every whole record it held
+        has been read (L{dataReceived} reads them as they come); OpenSSL is
+        not told of the end, as it would take it for an attack and refuse
+        to write the replies.
+        """
+        self._streamEnded = True
+        if self._lostTLSConnection or self._inputEnded:
+            if self.disconnecting:
+                self.transport.loseConnection()
+            return
+        if not self._handshakeDone:
+            # (no TLS session to end, and no handshake can finish now: close, as Twisted's layer does)
+            self.transport.loseConnection()
+            return
+        self._endOfInput()
+
+    def writeConnectionLost(self):
+        """(The TCP write side is shut only by closing the connection.)"""
+
+    def _shutdownTLS(self):
+        """
+        Send the close_notify; once the client's stream has ended, none can
+        come back, and the connection closes when it is out.
+        """
+        BufferingTLSTransport._shutdownTLS(self)
+        if self._streamEnded:
+            self.transport.loseConnection()
+
+
+class HalfCloseableTLSFactory(TLSMemoryBIOFactory):
+    """A L{TLSMemoryBIOFactory} of L{HalfCloseableTLS} layers (implicit TLS)."""
+
+    protocol = HalfCloseableTLS
+
+
+def startTLS(transport, contextFactory):
+    """
+    Start TLS as the server on the session's C{transport} (a TCP
+    connection, or a wrapper over one that passes writes through, as the
+    PROXY protocol's does), as C{transport.startTLS(contextFactory)} does
+    (Twisted's C{_newtls.startTLS}), but with a L{HalfCloseableTLS} layer.
+    A transport that is no TCP connection (a test's) starts its own.
+    """
+    connection = transport
+    while connection is not None and not isinstance(connection, tcp.Connection):
+        connection = getattr(connection, "transport", None)
+    if connection is None or connection.TLS:
+        transport.startTLS(contextFactory)
+        return
+    producer, streaming = connection.producer, connection.streamingProducer
+    if producer is not None:
+        connection.unregisterProducer()
+    factory = HalfCloseableTLSFactory(contextFactory, False, None)
+    layer = factory.protocol(factory, connection.protocol, False)
+    connection.protocol = layer
+    connection.getHandle = layer.getHandle
+    connection.getPeerCertificate = layer.getPeerCertificate
+    directlyProvides(connection, ISSLTransport)
+    connection.TLS = True
+    layer.makeConnection(_BypassTLS(FileDescriptor, connection))
+    if producer is not None:
+        connection.registerProducer(producer, streaming)
 
 
 def tlsInfo(transport):

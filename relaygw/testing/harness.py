@@ -129,8 +129,8 @@ class HarnessTransport(StringTransport):
     C{protocol} is the protocol the octets from the client go to (the
     session, or a wrapper around it).  C{startTLS} only records the context
     factory; L{insertTLS} (which L{SessionClient.starttls} calls when the
-    client begins its handshake) then puts Twisted's TLS layer below
-    C{protocol}, as Twisted's TCP transport does in its C{startTLS}: the
+    client begins its handshake) then puts the gateway's TLS layer below
+    C{protocol}, as L{relaygw.tls.startTLS} does on a TCP transport: the
     session's writes are encrypted and its handshake notification is the
     real one.  That layer gathers small writes until the next turn of
     C{clock} (the harness's), as it does until the reactor's next turn.
@@ -155,11 +155,11 @@ class HarnessTransport(StringTransport):
         from zope.interface import directlyProvides
 
         from twisted.internet.interfaces import ISSLTransport
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from relaygw.tls import HalfCloseableTLSFactory
 
         if self.tlsStarted is None:
             raise AssertionError("the session did not start TLS")
-        tlsFactory = TLSMemoryBIOFactory(self.tlsStarted, False, None, clock=self.clock)
+        tlsFactory = HalfCloseableTLSFactory(self.tlsStarted, False, None, clock=self.clock)
         tls = tlsFactory.protocol(tlsFactory, self.protocol, False)
         self.protocol = self.tls = tls
         self.getHandle = tls.getHandle
