@@ -419,12 +419,15 @@ class HalfCloseableTLS(BufferingTLSTransport):
 
     def _shutdownTLS(self):
         """
-        Send the close_notify; once the client's stream has ended, none can
-        come back, and the connection closes when it is out.
+        Send the close_notify, and close the connection once it is out,
+        as Postfix does: Twisted's layer then waits for the client's
+        close_notify, which a client that waits for the end of the stream
+        after its 221 never sends (it was reset 2 s later, logged as a
+        peer that had not taken its closing reply), and which cannot come
+        at all once the client's stream has ended.
         """
         BufferingTLSTransport._shutdownTLS(self)
-        if self._streamEnded:
-            self.transport.loseConnection()
+        self.transport.loseConnection()
 
 
 class HalfCloseableTLSFactory(TLSMemoryBIOFactory):

@@ -252,6 +252,32 @@ class TLSHalfCloseTests(TLSGatewayTestCase):
 
         return inThread(run).addCallback(check)
 
+    def test_quitWithoutCloseNotify(self):
+        """
+        A client that reads the 221 and the gateway's close_notify and
+        then waits for the gateway to close, without a close_notify of its
+        own: the connection closes at once after them (an end of stream,
+        as Postfix closes), where it waited for the client's close_notify
+        and was reset after 2 s, logged as a peer that did not take its
+        closing reply.
+        """
+
+        def run():
+            c = self.tlsClient()
+            c.send(b"QUIT\r\n")
+            started = time.monotonic()
+            data, how = c.readAll(timeout=5)
+            return data, how, c.closeNotified, time.monotonic() - started
+
+        def check(result):
+            data, how, closeNotified, seconds = result
+            self.assertEqual(codes(data), [221], data)
+            self.assertTrue(closeNotified)
+            self.assertEqual(how, "eof")
+            self.assertLess(seconds, 1.0)
+
+        return inThread(run).addCallback(check)
+
     def test_endDuringHandshake(self):
         """
         A client that shuts its write side after its ClientHello: no
