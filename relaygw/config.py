@@ -150,6 +150,18 @@ def _endpoint(value):
     return value
 
 
+def _listenerEndpoint(value):
+    """
+    A listener's endpoint: not Twisted's C{ssl:}, whose TLS takes none of
+    the listener's C{tls_*} settings (nor its certificate reloads, and it
+    ends a session at the client's close_notify, replies still due).
+    """
+    if re.match(r"\s*ssl\s*:", value, re.IGNORECASE):
+        raise Invalid("ssl: endpoints have none of the listener's TLS settings",
+                      "tcp:PORT with implicit_tls = true and tls_certificate")
+    return _endpoint(value)
+
+
 def _choice(*options):
     def check(value):
         if value not in options:
@@ -348,7 +360,7 @@ def _opt(default, kind, check=None, path=False):
 @dataclass(frozen=True)
 class ListenerConfig:
     name: str = _opt(None, str)
-    endpoint: str = _opt(None, str, _endpoint)
+    endpoint: str = _opt(None, str, _listenerEndpoint)
     hostname: str = _opt(defaultHostname(), str, _hostname)
     max_message_size: int = _opt(26214400, int, _nonNegative)
     max_recipients: int = _opt(100, int, _positive)

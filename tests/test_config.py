@@ -70,6 +70,18 @@ class ParseTests(unittest.TestCase):
             config.parse('[[listener]]\nname = "x"\nendpoint = "nosuch:1"\n', "relaygw.toml")
         self.assertTrue(str(cm.exception).startswith("relaygw.toml: listener[0].endpoint: "))
 
+    def test_sslEndpointRefused(self):
+        """
+        Twisted's ssl: endpoint takes none of the listener's TLS settings
+        and ends a session at the client's close_notify, replies still due:
+        refused, pointing at implicit_tls.
+        """
+        for endpoint in ("ssl:2465:privateKey=k.pem:certKey=c.pem", "SSL:2465"):
+            self.assertConfigError(
+                '[[listener]]\nname = "x"\nendpoint = "%s"\n' % endpoint,
+                "relaygw.toml: listener[0].endpoint: ssl: endpoints have none of the listener's TLS settings "
+                "(expected tcp:PORT with implicit_tls = true and tls_certificate)")
+
     def test_badExtension(self):
         self.assertConfigError(MINIMAL + 'extensions = ["xbogus"]\n',
                                "relaygw.toml: listener[0].extensions: 'xbogus' is not allowed "
