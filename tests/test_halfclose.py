@@ -17,6 +17,7 @@ from relaygw.testing import Client, inThread
 from tests.messages import startData
 from tests.proxyheaders import rawSession, v2
 from tests.sessions import GatewayTestCase, TLSGatewayTestCase
+from tests.test_backpressure import HeldMailPolicy
 from tests.tlsclient import RecordClient, clientHello
 
 
@@ -338,21 +339,6 @@ class ProxyImplicitTLSHalfCloseTests(TLSHalfCloseTests):
         raw = rawSession(self.gw.port, v2(src="192.0.2.7"))
         self.addCleanup(raw.close)
         return raw
-
-
-class HeldMailPolicy:
-    """MAIL waits on a Deferred the test fires; everything else accepts at once."""
-
-    def __init__(self):
-        self.pending = defer.Deferred()
-
-    def connect(self, ctx):
-        return None
-
-    helo = rcpt = data = lambda self, *args: None
-
-    def mail(self, ctx):
-        return self.pending
 
 
 def residentKB():
