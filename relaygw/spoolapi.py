@@ -187,6 +187,9 @@ class ISpool(Interface):
     def queueIds():
         """The ids of the queued messages, oldest first."""
 
+    def scanQueueIds():
+        """The ids of the queued messages, in no order, an iterator reading the queue as it is taken."""
+
     def exists(queueId):
         """Whether C{queueId} is (still) queued."""
 
@@ -238,6 +241,14 @@ class ISpool(Interface):
 
     def requestsPending():
         """Whether requests that the last L{takeRequests} left for later are waiting."""
+
+    def flushDone(queueId=None):
+        """
+        The flush of everything a L{takeRequests} handed out (C{flushAll}),
+        or of C{queueId} (one of C{flushed}), has been carried out.  Until
+        then a stop or a crash leaves it asked for: the first
+        L{takeRequests} after the next start hands it out again.
+        """
 
     def freeSpace():
         """Octets free for the spool on its file system."""

@@ -865,10 +865,12 @@ class AttemptsEndingAtOnceTests(unittest.TestCase):
                 assert messages[0].queueId == first, "a held message went out"
                 return busy
 
-        q = QueueManager(spool, lambda m, r: Hop(), task.Clock(), concurrency=1)
+        clock = task.Clock()
+        q = QueueManager(spool, lambda m, r: Hop(), clock, concurrency=1)
         q.enqueue(first)
         q.startService()
         q.flush()  # (the slot is busy: all wait)
+        clock.advance(0)  # (the flush's second slice)
         self.assertEqual(len(q.ready), 600)
         busy.callback([{"b@example.net": Result(250, "2.0.0", "ok")}])
         yield q.whenIdle()

@@ -21,6 +21,7 @@ spool only when every recipient is done or bounced.
 """
 
 import collections
+import itertools
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -28,6 +29,7 @@ from twisted.internet import defer
 from relaygw.logs import Logger
 from relaygw.relay import outcome
 from relaygw.relay.attempt import Attempts
+from relaygw.relay.flushing import Flush
 from relaygw.relay.nexthop import FunctionRouter, IRouter
 from relaygw.relay.requestpoll import RequestPoll
 from relaygw.relay.retries import RetryTimers
@@ -70,6 +72,7 @@ class QueueManager(Service):
         self.failedAttempts = {}  # qid: attempts in a row that raised (L{_attemptFailed})
         self._idle = []
         self._retired = []
+        self._flush = None  # the L{Flush} under way
 
     def _configure(self, router, concurrency, retryMin, retryMax, lifetime, bounceLifetime, hostname):
         """The settings a reload may change (see L{reconfigure})."""
@@ -151,6 +154,9 @@ class QueueManager(Service):
         if self._pumpCall is not None and self._pumpCall.active():
             self._pumpCall.cancel()
         self._pumpCall = None
+        if self._flush is not None:  # (not carried out: the spool keeps it asked for)
+            self._flush.stop()
+            self._flush = None
         self.retries.cancelAll()
         self.attempts.progress.stop()
         for router in self._routers():
@@ -257,10 +263,21 @@ class QueueManager(Service):
         self._idleNow()
 
     def flush(self):
-        """Retry everything that waits for a retry (relaygw-queue flush), dead destinations too."""
+        """
+        Retry everything that waits for a retry (relaygw-queue flush), dead
+        destinations too: a slice at a time (L{Flush}), and one under way
+        starts over.
+        """
         self.router.revive()
-        for qid in sorted(set(self.timers) | set(self.spool.queueIds())):
-            self.enqueue(qid, forced=True)
+        if self._flush is not None:
+            self._flush.stop()
+        self._flush = Flush(self, self.reactor, itertools.chain(list(self.timers), self.spool.scanQueueIds()),
+                            self._flushed)
+        self._flush.start()
+
+    def _flushed(self):
+        self._flush = None
+        self.requests.flushDone()
 
     _pumping = False
 
@@ -334,6 +351,8 @@ class QueueManager(Service):
 
     def _finished(self, _, qid):
         self.active.discard(qid)
+        if self._flush is not None:
+            self._flush.finished(qid)
         self.requests.attemptEnded(qid)
         self.fanOut.pop(qid, None)
         self._idleNow()

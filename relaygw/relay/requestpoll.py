@@ -27,6 +27,7 @@ class RequestPoll:
         self.manager = manager
         self.call = None
         self.deletedWhileActive = set()
+        self.flushing = set()  # messages flushed by id (relaygw-queue flush ID) whose attempt has not ended
 
     def poll(self):
         """
@@ -52,6 +53,11 @@ class RequestPoll:
             for qid in ids:
                 if spool.exists(qid):
                     manager.enqueue(qid, forced=True)
+            for qid in requests.flushed:
+                if qid in manager.queued or qid in manager.active:
+                    self.flushing.add(qid)
+                elif not manager.deferAll:  # (gone, or tried at once: its request is done)
+                    self.flushDone(qid)
             for qid in requests.deleted:
                 if spool.exists(qid):  # (a marker for a message still queued deleted nothing)
                     continue
@@ -77,7 +83,21 @@ class RequestPoll:
             self.call.cancel()
 
     def attemptEnded(self, qid):
-        """The attempt for C{qid} has ended: a deletion during it is logged now, its last line."""
+        """
+        The attempt for C{qid} has ended: a deletion during it is logged
+        now, its last line; a flush of it by id is carried out, unless it
+        was handed back untried (parked until its next hop has room).
+        """
         if qid in self.deletedWhileActive:
             self.deletedWhileActive.discard(qid)
             maillog.removed(qid, operator=True)
+        if qid in self.flushing and not self.manager.retries.isParked(qid):
+            self.flushing.discard(qid)
+            self.flushDone(qid)
+
+    def flushDone(self, qid=None):
+        """The flush of everything (or of C{qid}) has been carried out: the spool asks for it no more."""
+        try:
+            self.manager.spool.flushDone(qid)
+        except OSError as e:  # (asked for still: the next start flushes again)
+            log.error("cannot remove the flush request: {error}", error=e)

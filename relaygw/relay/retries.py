@@ -89,6 +89,10 @@ class RetryTimers:
         """The messages parked with their next hop (L{when})."""
         return [qid for qid, timer in self.timers.items() if isinstance(timer, _Parked)]
 
+    def isParked(self, queueId):
+        """Whether C{queueId} is parked with its next hop (L{when})."""
+        return isinstance(self.timers.get(queueId), _Parked)
+
 
 class _Parked:
     """

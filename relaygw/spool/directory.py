@@ -127,6 +127,22 @@ class Spool:
         committing = self._committing
         return sorted(n for n in names if n not in committing and isQueueId(n))
 
+    def scanQueueIds(self):
+        """
+        The queued messages' ids as L{queueIds} has them, but in no order,
+        read from the directory as they are taken: a large queue is gone
+        through a part at a time, not listed and sorted at once.
+        """
+        try:
+            entries = os.scandir(self.path("queue"))
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name not in self._committing and isQueueId(name):
+                    yield name
+
     def strays(self):
         """The names in C{queue/} that are no queue id (L{isQueueId}): left alone."""
         try:
@@ -249,6 +265,10 @@ class Spool:
     def requestsPending(self):
         """Whether requests the last L{takeRequests} left for later wait (L{OperatorRequests.take})."""
         return bool(self.requests.pending)
+
+    def flushDone(self, queueId=None):
+        """The flush that L{takeRequests} handed out has been carried out (L{ISpool.flushDone})."""
+        self.requests.flushDone(queueId)
 
     def noteDeleted(self, queueId):
         """The operator deleted C{queueId} (relaygw-queue): the running queue manager is told."""

@@ -5,6 +5,7 @@ flush and release requests.
 
 import errno
 import os
+import stat
 import time
 
 from relaygw import durable
@@ -22,6 +23,10 @@ RELEASE_MARKER = "release."
 HELD_MARKER = "held."
 RELEASED_MARKER = "released."
 DELETED_MARKER = "deleted."
+#: A flush of everything (C{flushing}) or of one message (C{flushing.ID})
+#: taken by the queue manager and not carried out yet (L{OperatorRequests.flushDone}):
+#: a stop or crash leaves it for the next start.
+FLUSH_TAKEN = "flushing"
 
 
 class OperatorRequests:
@@ -39,6 +44,8 @@ class OperatorRequests:
         self.spool = spool
         #: Markers found by the last reading of the spool directory and not taken yet.
         self.pending = []
+        #: Whether L{take} has looked for flushes taken before this start and not carried out.
+        self._resumed = False
 
     def hold(self, queueId):
         """
@@ -130,15 +137,29 @@ class OperatorRequests:
         """
         flushAll, flushed, held, released, deleted = False, [], [], [], []
         directory = self.spool.directory
+        if not self._resumed:  # (the first take since the start: a flush a stop or crash cut short goes on)
+            self._resumed = True
+            try:
+                flushAll = not stat.S_ISDIR(os.lstat(os.path.join(directory, FLUSH_TAKEN)).st_mode)
+            except FileNotFoundError:
+                pass
+            flushed.extend(name[len(FLUSH_TAKEN) + 1:] for name in os.listdir(directory)
+                           if name.startswith(FLUSH_TAKEN + ".") and name[len(FLUSH_TAKEN) + 1:] not in ("", ".", ".."))
         if not self.pending:
             self.pending = [name for name in os.listdir(directory) if name == FLUSH_MARKER or name.startswith(
                 (RELEASE_MARKER, HELD_MARKER, RELEASED_MARKER, DELETED_MARKER))]
         names, self.pending = self.pending[:self.TAKE], self.pending[self.TAKE:]
         for name in names:
             if name == FLUSH_MARKER:
-                into = None
+                if self._takeFlush():
+                    flushAll = True
+                continue
             elif name.startswith(RELEASE_MARKER):
-                into, qid = flushed, name[len(RELEASE_MARKER):]
+                qid = name[len(RELEASE_MARKER):]
+                if qid not in ("", ".", "..") and self._takeFlush(name, FLUSH_TAKEN + "." + qid):
+                    flushed.append(qid)
+                    continue
+                into = flushed
             elif name.startswith(HELD_MARKER):
                 into, qid = held, name[len(HELD_MARKER):]
             elif name.startswith(RELEASED_MARKER):
@@ -147,9 +168,32 @@ class OperatorRequests:
                 into, qid = deleted, name[len(DELETED_MARKER):]
             else:
                 continue
-            if self.spool.discard([os.path.join(directory, name)]):
-                if into is None:
-                    flushAll = True
-                elif qid not in ("", ".", ".."):
-                    into.append(qid)
+            if self.spool.discard([os.path.join(directory, name)]) and qid not in ("", ".", ".."):
+                into.append(qid)
         return Requests(flushAll, flushed, held, released, deleted)
+
+    def _takeFlush(self, name=FLUSH_MARKER, taken=FLUSH_TAKEN):
+        """
+        Take a request to flush everything (or one message: C{release.ID},
+        C{flushing.ID}): its marker C{name} becomes C{taken} (replacing one
+        taken before, whose flush starts over) until L{flushDone}, so that
+        a flush cut short by a stop or a crash is carried out after the
+        next start.  Whether there was one.
+        """
+        directory = self.spool.directory
+        marker = os.path.join(directory, name)
+        try:
+            if stat.S_ISDIR(os.lstat(marker).st_mode):
+                return self.spool.discard([marker])  # (junk: left alone, with a warning)
+            os.replace(marker, os.path.join(directory, taken))
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # (a directory where the taken one goes: junk, the marker is removed as before)
+            log.warn("cannot keep the flush request {path}: {error}", path=marker, error=e)
+            return self.spool.discard([marker])
+        return True
+
+    def flushDone(self, queueId=None):
+        """The flush of everything taken (or of C{queueId}) has been carried out: it is asked for no more."""
+        name = FLUSH_TAKEN if queueId is None else FLUSH_TAKEN + "." + queueId
+        self.spool.discard([os.path.join(self.spool.directory, name)])
