@@ -627,3 +627,55 @@ class OwedNoticeTests(unittest.TestCase):
         self.assertEqual(outcome.owed(outcome.paid(state)), {})
         self.assertEqual(list(outcome.owed(state)), ["a@x"])
         self.assertEqual(outcome.paid(outcome.paid(state))["rcpts"]["a@x"]["status"], outcome.DONE)
+
+
+class TurnBoundTests(unittest.TestCase):
+    """The queue manager starts a bounded number of attempts in one turn of the reactor, the rest at the next."""
+
+    @defer.inlineCallbacks
+    def test_backlogHandedBackAtOnceSpreadOverTurns(self):
+        """
+        A backlog due together (a flush) to a destination that hands each
+        message back at once (at its share of the delivery slots): each
+        handed back frees its slot for the next, but no more than
+        C{startsPerTurn} attempts start in one turn (before: all 60 in the
+        turn of the flush, and every SMTP session waited for them).  Each
+        is tried once, and all of them in the end.
+        """
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        qids = []
+        for i in range(60):
+            w = spool.newMessage({"mailfrom": "a@example.org", "recipients": ["r%d@example.net" % i],
+                                  "context": {"connection": {}}, "arrival": i})
+            w.write(b"Subject: x\r\n\r\nbody\r\n")
+            qids.append((yield w.commit()))
+        hop, clock = _FullHop(), task.Clock()
+        q = QueueManager(spool, lambda m, r: hop, clock, concurrency=5, retryMin=300, lifetime=10 ** 12)
+        q.startsPerTurn = 10
+        q.startService()
+        q.flush()
+        self.assertEqual(len(hop.calls), q.startsPerTurn)
+        turns = 1
+        while len(hop.calls) < len(qids) and turns < 100:
+            _oneTurn(clock)
+            self.assertLessEqual(len(hop.calls), q.startsPerTurn * (turns + 1))
+            turns += 1
+        self.assertEqual(turns, 6)
+        yield q.whenIdle()
+        self.assertEqual(sorted(tuple(c) for c in hop.calls), sorted(("r%d@example.net" % i,) for i in range(60)))
+        self.assertEqual(sorted(q.retries.parked()), sorted(qids))
+        yield q.stopService()
+
+
+def _oneTurn(clock):
+    """
+    The calls of C{clock} due now, as a turn of the reactor runs them:
+    those they make run at the next turn (C{Clock.advance} runs them too).
+    """
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        if call.active():
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)

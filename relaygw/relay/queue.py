@@ -259,6 +259,7 @@ class QueueManager(Service):
 
     def _pumpNow(self):
         self._pumpCall = None
+        self._started = 0
         self._pump()
         self._idleNow()
 
@@ -281,12 +282,27 @@ class QueueManager(Service):
 
     _pumping = False
 
+    #: Attempts started at most between two turns of the reactor that run
+    #: L{_pumpNow}: more go on at the next turn.  Each start reads a queue
+    #: file and runs a next hop, and one that comes straight back untried
+    #: (its destination at its share of the delivery slots) frees its slot
+    #: for the next at once: a backlog due together was otherwise all
+    #: started, handed back and parked in one turn, and every SMTP session
+    #: of the gateway waited for it.
+    startsPerTurn = 10
+    _started = 0
+
     def _pump(self):
         if self._pumping:
             return  # (an attempt that ended at once, inside the loop below: it goes on)
         self._pumping = True
         try:
             while self.running and self.ready and self.deliveries() < self.concurrency:
+                if self._started >= self.startsPerTurn:
+                    if self._pumpCall is None:  # (the rest at the next turn)
+                        self._pumpCall = self.reactor.callLater(0, self._pumpNow)
+                    break
+                self._started += 1
                 qid = self.ready.popleft()
                 self.queued.discard(qid)
                 self.active.add(qid)
