@@ -667,6 +667,40 @@ class TurnBoundTests(unittest.TestCase):
         self.assertEqual(sorted(q.retries.parked()), sorted(qids))
         yield q.stopService()
 
+    @defer.inlineCallbacks
+    def test_roomForAParkedMessageGoesFirst(self):
+        """
+        A parked message its next hop has room for goes before messages
+        waiting for a delivery slot: started a few a turn, a backlog of
+        them handed back one after another would otherwise keep the
+        destination's connections kept for the parked ones idle.
+        """
+        spool = Spool(os.path.abspath(self.mktemp()), Committer(reactor))
+        spool.open()
+        qids = {}
+        for rcpt in ("a@full.example", "x@busy.example", "b@full.example"):
+            w = spool.newMessage({"mailfrom": "s@example.org", "recipients": [rcpt], "context": {"connection": {}},
+                                  "arrival": 0})
+            w.write(b"Subject: x\r\n\r\nbody\r\n")
+            qids[rcpt[0]] = yield w.commit()
+        full, busy = _FullHop(), _PendingHop({})
+        q = QueueManager(spool, lambda m, r: busy if r.endswith("busy.example") else full, task.Clock(),
+                         concurrency=1, retryMin=300, lifetime=10 ** 12)
+        q.startService()
+        q.enqueue(qids["a"])
+        yield q.whenIdle()  # (handed back: parked)
+        q.enqueue(qids["x"])  # (the one delivery slot busy)
+        q.enqueue(qids["b"])
+        full.rooms[0].callback(None)
+        self.assertEqual(list(q.ready), [qids["a"], qids["b"]])
+        busy.answer.callback([{"x@busy.example": OK}])
+        for _ in range(500):  # (the progress of the busy one is written first: bounded wait)
+            if len(full.calls) == 3 and not q.active:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(full.calls, [["a@full.example"], ["a@full.example"], ["b@full.example"]])
+        yield q.stopService()
+
 
 def _oneTurn(clock):
     """

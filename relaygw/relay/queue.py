@@ -220,13 +220,16 @@ class QueueManager(Service):
         self._idle.append(d)
         return d
 
-    def enqueue(self, queueId, message=None, forced=False):
+    def enqueue(self, queueId, message=None, forced=False, roomFor=False):
         """
         Schedule a delivery attempt for C{queueId} now.  A message just
         accepted is handed in as well, so it needn't be read back (its
         attempt starts at the end of the reactor's turn).
         C{forced}: an operator asked for it (flush, release); such an
         attempt leaves the retry backoff as it was.
+        C{roomFor}: a parked message its next hop has room for now (kept
+        for it): it goes before what waits for a delivery slot, which
+        would take that room, or be handed back untried, first.
         """
         if self.deferAll:
             return  # [relay] defer_all: everything stays queued
@@ -245,7 +248,10 @@ class QueueManager(Service):
         if queueId in self.queued:
             return
         self.queued.add(queueId)
-        self.ready.append(queueId)
+        if roomFor:
+            self.ready.appendleft(queueId)
+        else:
+            self.ready.append(queueId)
         if message is None:
             self._pump()
         elif self._pumpCall is None:

@@ -65,7 +65,7 @@ class RetryTimers:
         if self.running():
             self.timers[queueId] = _Parked(self.reactor.callLater(max(0, latest - time.time()), self.enqueue,
                                                                   queueId), ready)
-        ready.addCallbacks(lambda _: self.enqueue(queueId), lambda f: f.trap(defer.CancelledError))
+        ready.addCallbacks(lambda _: self.enqueue(queueId, roomFor=True), lambda f: f.trap(defer.CancelledError))
         if not self.running():
             ready.cancel()
 
