@@ -48,16 +48,20 @@ class SlicedFlushTests(RelayTestCase):
         self.dead, self.deadSocket = deadPort()
         self.addCleanup(self.deadSocket.close)
         self.directory = self.mktemp()
-        self.gw = Gateway(self.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
-                          relay={"smarthosts": ["[127.0.0.1]:%d" % self.dead], "tls": "none",
-                                 "retry_min": 3600, "retry_max": 3600})
-        yield self.gw.start()
+        yield self.started()
         self.addCleanup(lambda: self.gw.stop())
         self.logs = LogCapture(self)
         for n in range(self.MESSAGES):
             yield self.send(subject="m%d" % n)
         yield self.until(lambda: len(self.logs.find("status={status}", status="deferred")) == self.MESSAGES
                          and not self.gw.service.queue.active)
+
+    def started(self):
+        """(Re)start the gateway in C{directory}, relaying to the dead port with an hour's retry time."""
+        self.gw = Gateway(self.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
+                          relay={"smarthosts": ["[127.0.0.1]:%d" % self.dead], "tls": "none",
+                                 "retry_min": 3600, "retry_max": 3600})
+        return self.gw.start()
 
     def sink(self):
         """A next hop that takes every message, on the dead port (no longer dead)."""
@@ -104,10 +108,7 @@ class SlicedFlushTests(RelayTestCase):
         yield self.gw.stop()
         hop = self.sink()
         flush(self.gw.path)
-        self.gw = Gateway(self.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
-                          relay={"smarthosts": ["[127.0.0.1]:%d" % self.dead], "tls": "none",
-                                 "retry_min": 3600, "retry_max": 3600})
-        yield self.gw.start()
+        yield self.started()
         yield self.until(lambda: len(hop.recipients()) == self.MESSAGES)
         yield self.until(lambda: not self.gw.service.spool.queueIds())
         self.assertEqual(len(hop.recipients()), self.MESSAGES)
@@ -124,10 +125,7 @@ class SlicedFlushTests(RelayTestCase):
         yield self.gw.stop()
         self.assertTrue(os.path.exists(os.path.join(self.gw.service.spool.directory, "flushing")))
         hop = self.sink()
-        self.gw = Gateway(self.directory, listeners=({"relay_networks": ["127.0.0.0/8"]},),
-                          relay={"smarthosts": ["[127.0.0.1]:%d" % self.dead], "tls": "none",
-                                 "retry_min": 3600, "retry_max": 3600})
-        yield self.gw.start()
+        yield self.started()
         yield self.until(lambda: len(hop.recipients()) == self.MESSAGES)
         yield self.until(lambda: not self.gw.service.spool.queueIds())
         yield task.deferLater(reactor, 0.1, lambda: None)
