@@ -76,3 +76,12 @@ def areaProblems(directory):
             continue
         if not stat.S_ISDIR(mode):
             yield path, "a symbolic link, not a directory" if stat.S_ISLNK(mode) else "not a directory"
+
+
+def namesMessage(qid):
+    """
+    Whether an id taken from a file name (a marker's, a quarantined
+    file's) can name a message: empty, C{.} and C{..} name an area itself
+    or the spool above it.
+    """
+    return qid not in ("", ".", "..")

@@ -10,7 +10,7 @@ import time
 
 from relaygw.durable import removeFiles
 from relaygw.logs import Logger
-from relaygw.spool.layout import CREATE, openRegular
+from relaygw.spool.layout import CREATE, namesMessage, openRegular
 from relaygw.spool.queueid import queueIdOf
 from relaygw.spoolapi import CorruptMessage
 
@@ -24,7 +24,7 @@ def corruptEntry(name):
     is left, or C{corrupt/} itself or the spool above it).
     """
     for end in (".state", ".reason"):
-        if name.endswith(end) and name[:-len(end)] not in ("", ".", ".."):
+        if name.endswith(end) and namesMessage(name[:-len(end)]):
             return name[:-len(end)]
     return name
 

@@ -10,7 +10,7 @@ import time
 
 from relaygw import durable
 from relaygw.logs import Logger
-from relaygw.spool.layout import CREATE
+from relaygw.spool.layout import CREATE, namesMessage
 from relaygw.spoolapi import Requests
 
 log = Logger(namespace="relaygw.spool")
@@ -144,7 +144,7 @@ class OperatorRequests:
             except FileNotFoundError:
                 pass
             flushed.extend(name[len(FLUSH_TAKEN) + 1:] for name in os.listdir(directory)
-                           if name.startswith(FLUSH_TAKEN + ".") and name[len(FLUSH_TAKEN) + 1:] not in ("", ".", ".."))
+                           if name.startswith(FLUSH_TAKEN + ".") and namesMessage(name[len(FLUSH_TAKEN) + 1:]))
         if not self.pending:
             self.pending = [name for name in os.listdir(directory) if name == FLUSH_MARKER or name.startswith(
                 (RELEASE_MARKER, HELD_MARKER, RELEASED_MARKER, DELETED_MARKER))]
@@ -156,7 +156,7 @@ class OperatorRequests:
                 continue
             elif name.startswith(RELEASE_MARKER):
                 qid = name[len(RELEASE_MARKER):]
-                if qid not in ("", ".", "..") and self._takeFlush(name, FLUSH_TAKEN + "." + qid):
+                if namesMessage(qid) and self._takeFlush(name, FLUSH_TAKEN + "." + qid):
                     flushed.append(qid)
                     continue
                 into = flushed
@@ -168,7 +168,7 @@ class OperatorRequests:
                 into, qid = deleted, name[len(DELETED_MARKER):]
             else:
                 continue
-            if self.spool.discard([os.path.join(directory, name)]) and qid not in ("", ".", ".."):
+            if self.spool.discard([os.path.join(directory, name)]) and namesMessage(qid):
                 into.append(qid)
         return Requests(flushAll, flushed, held, released, deleted)
 
