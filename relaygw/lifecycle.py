@@ -145,6 +145,8 @@ class Lifecycle:
     #: A message's commit is under way (L{relaygw.transaction}): its reply comes before a shutdown's.
     committing = False
     _shutDownAfterCommit = False
+    #: Whether the client was lost, when the connection ended during a commit.
+    _endAfterCommit = None
 
     def shutDown(self):
         """
@@ -171,9 +173,8 @@ class Lifecycle:
         if reason.check(SSL.Error):
             log.info("[{session}] " + ("TLS error: {why}" if self.tlsActive else "TLS handshake failed: {why}"),
                      session=self.sessionId, why=reason.getErrorMessage())
-        if self.mode != CLOSED:
-            # Neither QUIT nor a closing reply of ours ended it: the client went away.
-            maillog.closed(self.sessionId, self.context, "lost connection", self.lastCommand[0])
+        # Neither QUIT nor a closing reply of ours ended it: the client went away.
+        lost = self.mode != CLOSED
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -183,5 +184,16 @@ class Lifecycle:
         self.cancelCloseTimers()
         if self.avatar is not None:
             self.avatar = None
+        if self.committing:
+            # The client left after its final dot: the message is queued
+            # (or refused) first, and the session ends after it, logged as
+            # Postfix logs it (its queued line, then data=1).
+            self._endAfterCommit = lost
+        else:
+            self._ended(lost)
+
+    def _ended(self, lost):
+        if lost:
+            maillog.closed(self.sessionId, self.context, "lost connection", self.lastCommand[0])
         self.factory.sessionEnded(self)
         maillog.disconnect(self.sessionId, self.context, self.commandCounts)

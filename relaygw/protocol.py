@@ -119,6 +119,9 @@ class SMTPSession(Lifecycle, Hello, MailTransaction, StartTLS, TrustedVerbs, Flo
         C{counted}.
         """
         if self.mode == CLOSED:
+            if not unasked:
+                # (The client left before it: the command's outcome still counts, as a 250 after a commit.)
+                self.commandCounts.replied(r.code)
             return
         wire.send(self.transport, codes.render(r.code, r.enhanced, lines if lines is not None else r.text))
         self.factory.stats("reply", r.code)

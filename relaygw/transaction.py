@@ -194,7 +194,9 @@ class MailTransaction:
 
         def committed(result):
             self.committing = False
-            if self._shutDownAfterCommit:
+            if self._endAfterCommit is not None:
+                self._ended(self._endAfterCommit)
+            elif self._shutDownAfterCommit:
                 self.shutDown()
             return result
 

@@ -7,6 +7,8 @@ disconnect with command counts; the JSON log carries the same events typed.
 
 import io
 import json
+import socket
+import struct
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
@@ -231,6 +233,53 @@ class MailLogTests(unittest.TestCase):
         [disconnect] = self.lines("disconnect")
         self.assertTrue(disconnect.endswith(" ehlo=1 mail=1 rcpt=1 data=1 rset=1 noop=1 vrfy=1 expn=0/1 help=1 "
                                             "quit=1 unknown=0/1 commands=9/11"), disconnect)
+
+    @defer.inlineCallbacks
+    def test_lostAfterTheFinalDot(self):
+        """
+        A client that resets the connection right after its final dot,
+        while the commit is under way, has its message queued and the
+        session logged as Postfix logs it: the queued line, then "lost
+        connection after END-OF-MESSAGE" and data=1 (the session was logged
+        as ended before the commit did, with data=0/1, though the message
+        went on).
+        """
+        spool = self.gw.service.spool
+        real = spool.committer.commit
+        started = []
+
+        def slowCommit(job):
+            # The file is named and synced at once; its result reaches the session 0.3 s later (a slow sync).
+            d = real(job)
+            started.append(True)
+            return d.addBoth(lambda r: task.deferLater(reactor, 0.3, lambda: r))
+
+        spool.committer.commit = slowCommit
+        self.addCleanup(setattr, spool.committer, "commit", real)
+
+        def leaves(c):
+            for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
+                c.cmd(line)
+            c.send(b"Subject: gone\r\n\r\nbody\r\n.\r\n")
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # (a reset)
+
+        def run():
+            c = Client(self.gw.port)
+            try:
+                c.reply()
+                leaves(c)
+            finally:
+                c.close()
+
+        yield inThread(run)
+        yield self.waitFor("disconnect")
+        self.assertEqual(started, [True])
+        order = [e["event"] for e in self.events if e.get("event") in ("queued", "closed", "disconnect")]
+        self.assertEqual(order, ["queued", "closed", "disconnect"])
+        [closed] = self.lines("closed")
+        self.assertRegex(closed, r"^\[\w+\] lost connection after END-OF-MESSAGE from unknown\[127\.0\.0\.1\]$")
+        [disconnect] = self.lines("disconnect")
+        self.assertTrue(disconnect.endswith(" ehlo=1 mail=1 rcpt=1 data=1 commands=4"), disconnect)
 
     @defer.inlineCallbacks
     def test_lostConnection(self):
