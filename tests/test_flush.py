@@ -148,9 +148,17 @@ class KilledMidFlushTests(RelayTestCase):
 
     def test_killedMidFlushOfIds(self):
         """The same for a flush of each message by its id (flush ID..., flush --domain)."""
-        return self.killedMidFlush(byId=True)
+        return self.killedMidFlush("ids")
 
-    def killedMidFlush(self, byId=False):
+    def test_killedAfterRelease(self):
+        """
+        The same for messages held, then released (a release is an attempt
+        now): the release was taken and forgotten before the attempt was
+        made, so they waited for their retry time.
+        """
+        return self.killedMidFlush("release")
+
+    def killedMidFlush(self, how="all"):
         dead, s = deadPort()
         self.addCleanup(s.close)
         relay = {"smarthosts": ["[127.0.0.1]:%d" % dead], "tls": "none", "retry_min": 3600, "retry_max": 3600}
@@ -167,10 +175,17 @@ class KilledMidFlushTests(RelayTestCase):
                 sendOne(gateway.port, subject="m%d" % n)
             waitFor(lambda: logged("status=deferred") >= self.MESSAGES, "the messages deferred")
             s.listen(64)  # (connections now wait for a greeting that never comes)
-            if byId:
-                flush(gateway.conf, *os.listdir(gateway.path("queue")))
+            if how != "all":
+                ids = os.listdir(gateway.path("queue"))
+                if how == "release":
+                    tool.main(["--config", gateway.conf, "hold"] + ids, out=io.StringIO())
+                    markers = "released."
+                    tool.main(["--config", gateway.conf, "release"] + ids, out=io.StringIO())
+                else:
+                    markers = "release."
+                    flush(gateway.conf, *ids)
                 waitFor(lambda: not [n for n in os.listdir(os.path.join(gateway.directory, "spool"))
-                                     if n.startswith("release.")], "the flush taken")
+                                     if n.startswith(markers)], "the requests taken")
             else:
                 flush(gateway.conf)
                 waitFor(lambda: logged("flush requested"), "the flush taken")

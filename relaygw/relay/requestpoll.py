@@ -27,7 +27,7 @@ class RequestPoll:
         self.manager = manager
         self.call = None
         self.deletedWhileActive = set()
-        self.flushing = set()  # messages flushed by id (relaygw-queue flush ID) whose attempt has not ended
+        self.flushing = set()  # messages flushed by id (or released) whose attempt has not ended
 
     def poll(self):
         """
@@ -53,7 +53,7 @@ class RequestPoll:
             for qid in ids:
                 if spool.exists(qid):
                     manager.enqueue(qid, forced=True)
-            for qid in requests.flushed:
+            for qid in ids:
                 if qid in manager.queued or qid in manager.active:
                     self.flushing.add(qid)
                 elif not manager.deferAll:  # (gone, or tried at once: its request is done)

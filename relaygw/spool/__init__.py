@@ -17,7 +17,7 @@ else goes through L{relaygw.spoolapi.ISpool} (L{Spool})::
     flush, release.ID, held.ID, released.ID, deleted.ID
                   requests from relaygw-queue
     flushing, flushing.ID
-                  a flush (of ID) taken and not carried out yet
+                  a flush (of ID, or its release) taken and not carried out yet
     lock          the partition's owner (L{PartitionLock})
 
 A body is streamed into C{tmp/ID} as it arrives.  At the end of DATA the

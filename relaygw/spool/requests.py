@@ -163,7 +163,12 @@ class OperatorRequests:
             elif name.startswith(HELD_MARKER):
                 into, qid = held, name[len(HELD_MARKER):]
             elif name.startswith(RELEASED_MARKER):
-                into, qid = released, name[len(RELEASED_MARKER):]
+                # (An attempt now, kept asked for until it is made, as a flush of the message.)
+                qid = name[len(RELEASED_MARKER):]
+                if namesMessage(qid) and self._takeFlush(name, FLUSH_TAKEN + "." + qid):
+                    released.append(qid)
+                    continue
+                into = released
             elif name.startswith(DELETED_MARKER):
                 into, qid = deleted, name[len(DELETED_MARKER):]
             else:
@@ -175,7 +180,7 @@ class OperatorRequests:
     def _takeFlush(self, name=FLUSH_MARKER, taken=FLUSH_TAKEN):
         """
         Take a request to flush everything (or one message: C{release.ID},
-        C{flushing.ID}): its marker C{name} becomes C{taken} (replacing one
+        C{released.ID}, C{flushing.ID}): its marker C{name} becomes C{taken} (replacing one
         taken before, whose flush starts over) until L{flushDone}, so that
         a flush cut short by a stop or a crash is carried out after the
         next start.  Whether there was one.
