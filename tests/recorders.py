@@ -3,7 +3,7 @@ What a test records of a running gateway: every log event, the envelopes
 of the messages it accepts, and what a next hop in memory is handed.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
 from relaygw.relay.nexthop import Result
@@ -41,6 +41,25 @@ def recordEnvelopes(gateway):
 
     factory.onQueued = onQueued
     return envelopes
+
+
+def slowCommits(testcase, spool, seconds):
+    """
+    Each of C{spool}'s commits is made at once, and its result reaches the
+    session C{seconds} later (a slow sync); a list that gets the reactor's
+    time at the start of each commit.
+    """
+    real = spool.committer.commit
+    started = []
+
+    def slowCommit(job):
+        d = real(job)
+        started.append(reactor.seconds())
+        return d.addBoth(lambda r: task.deferLater(reactor, seconds, lambda: r))
+
+    spool.committer.commit = slowCommit
+    testcase.addCleanup(setattr, spool.committer, "commit", real)
+    return started
 
 
 class RecordingHop:

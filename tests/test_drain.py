@@ -24,6 +24,7 @@ from relaygw.listeners import closeListeningPort, refuseNewHandshakes
 from relaygw.testing import Client, Gateway, configText, freePort, inThread, waitForPort
 from tests.messages import startData
 from tests.processes import childPids, portRefused, processAlive, runTwistd, spoolPids, waitUntil
+from tests.recorders import slowCommits
 from tests.sessions import GatewayTestCase
 
 
@@ -429,19 +430,7 @@ class CommitAtTheDrainTimeoutTests(GatewayTestCase):
     @defer.inlineCallbacks
     def test_commitAnsweredBeforeTheShutdown(self):
         spool = self.gw.service.spool
-        real = spool.committer.commit
-        started = []
-
-        def slowCommit(job):
-            # The file is named and synced at once; its result reaches the
-            # session 1.5 s later (a slow sync).
-            d = real(job)
-            started.append(reactor.seconds())
-            late = defer.Deferred()
-            d.addBoth(lambda r: task.deferLater(reactor, 1.5, lambda: r)).chainDeferred(late)
-            return late
-
-        spool.committer.commit = slowCommit
+        started = slowCommits(self, spool, 1.5)
 
         def begin():
             c = Client(self.gw.port, timeout=10)

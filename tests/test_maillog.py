@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from relaygw import logs, maillog
 from relaygw.testing import Client, Gateway, ScriptedSMTPFactory, inThread
+from tests.recorders import slowCommits
 from tests.sessions import SessionTestCase, overASocket
 
 
@@ -244,18 +245,7 @@ class MailLogTests(unittest.TestCase):
         as ended before the commit did, with data=0/1, though the message
         went on).
         """
-        spool = self.gw.service.spool
-        real = spool.committer.commit
-        started = []
-
-        def slowCommit(job):
-            # The file is named and synced at once; its result reaches the session 0.3 s later (a slow sync).
-            d = real(job)
-            started.append(True)
-            return d.addBoth(lambda r: task.deferLater(reactor, 0.3, lambda: r))
-
-        spool.committer.commit = slowCommit
-        self.addCleanup(setattr, spool.committer, "commit", real)
+        started = slowCommits(self, self.gw.service.spool, 0.3)
 
         def leaves(c):
             for line in ("EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>", "DATA"):
@@ -273,7 +263,7 @@ class MailLogTests(unittest.TestCase):
 
         yield inThread(run)
         yield self.waitFor("disconnect")
-        self.assertEqual(started, [True])
+        self.assertEqual(len(started), 1)
         order = [e["event"] for e in self.events if e.get("event") in ("queued", "closed", "disconnect")]
         self.assertEqual(order, ["queued", "closed", "disconnect"])
         [closed] = self.lines("closed")
