@@ -1695,6 +1695,28 @@ class ParkingTests(unittest.TestCase):
         self.assertEqual(len(self.lookups), 2)  # (both back: the first on a connection, the other waiting)
         self.hop.wrapUp()
 
+    def test_givenBackWhileCongestedDoesNotProlongIt(self):
+        """
+        A message given back at once because the destination is congested
+        does not make it congested for longer: WAIT_SECONDS after a message
+        last had to wait that long, a second message waits for the
+        connection the first is on.  (Each one given back made it congested
+        for another WAIT_SECONDS: with a backlog retried every second, a
+        kill -9 loop's whole queue waited for minutes, the next hop idle.)
+        """
+        self.clock.advance(self.hop.WAIT_SECONDS - 1)  # (still congested; the one connection stuck)
+        self.deliver(_message("e", 5.0))
+        self.assertEqual(self.results["e"]["e@example.net"], WAITED)
+        self.clock.advance(2)
+        self.lookups[0].errback(RuntimeError("no DNS"))  # the stuck connection ends
+        self.results.clear()
+        self.deliver(_message("f", 6.0))
+        self.deliver(_message("g", 7.0))
+        self.clock.advance(0)
+        self.assertEqual(len(self.lookups), 2)  # f went out
+        self.assertNotIn("g", self.results)  # g waits behind it, not handed back
+        self.hop.wrapUp()
+
     def test_allToldWhenTheDestinationIsDead(self):
         """A destination found dead tells every parked message: each is then deferred at once."""
         told = self.park(("b", 3.0), ("c", 4.0))

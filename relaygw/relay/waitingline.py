@@ -193,8 +193,12 @@ class WaitingLine:
         now = self.reactor.seconds()
         congested = self._congested()
         if self.waiting and not self.stopping and congested:
+            # (Not congested for longer for it: only a message that waited
+            # WAIT_SECONDS is.  Messages coming back more often than that, a
+            # backlog retried every second, kept it congested for good, and
+            # no connection was opened again while older ones were parked.)
             waiting, self.waiting = self.waiting, []
-            self._giveBack(waiting)
+            _answer(waiting, WAITED)
         # (Room in the destination's share of the slots, if it has one.)
         room = None if self.maxHeld is None or dead else self.maxHeld - self.held - len(self.released)
         if self.parked and not self.stopping and (dead or self.active < self.maxConnections
